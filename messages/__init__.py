@@ -1,0 +1,1 @@
+"""sessionlane's messages: wire models, the msgpack codec, error codes, actor envelopes."""

@@ -1,0 +1,145 @@
+"""The msgpack codec and the length-prefixed framing of the gateway protocol.
+
+A frame is a 4-byte big-endian length followed by one msgpack map. ``encode`` turns a model
+into a frame body, ``decode_request``/``decode_reply`` turn a body back into a model of the
+matching union. Decoding never executes anything: msgpack maps only, no ext types, bounded
+sizes. Every failure is a ``BadFrame`` (or ``TooLarge``) carrying the request id when one
+could be read, so the gateway can answer the request it belongs to.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from messages.errors import BadFrame, TooLarge
+from messages.wire import PROTOCOL_VERSION, Reply, Request
+
+__all__ = [
+    "HEADER",
+    "FrameDecodeError",
+    "FrameReader",
+    "decode_reply",
+    "decode_request",
+    "encode",
+    "frame",
+]
+
+HEADER = struct.Struct(">I")
+
+_REQUEST: TypeAdapter[Request] = TypeAdapter(Request)
+_REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
+
+
+class FrameDecodeError(BadFrame):
+    """A body that is not a valid message; ``request_id`` is set when the map had a usable id."""
+
+    def __init__(self, detail: str, request_id: str | int | None = None):
+        super().__init__(detail)
+        self.request_id = request_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (FrameDecodeError, (self.detail, self.request_id))
+
+
+def encode(message: BaseModel) -> bytes:
+    """The msgpack body of ``message`` (unset optional fields are left out)."""
+    data = message.model_dump(mode="python", exclude_none=True)
+    out: bytes = msgpack.packb(data, use_bin_type=True)
+    return out
+
+
+def frame(message: BaseModel) -> bytes:
+    """``encode`` plus the 4-byte length prefix."""
+    body = encode(message)
+    return HEADER.pack(len(body)) + body
+
+
+def _unpack(body: bytes) -> dict[str, Any]:
+    try:
+        data = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+        )
+    except FrameDecodeError:
+        raise
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise FrameDecodeError(f"not msgpack: {type(exc).__name__}") from None
+    if not isinstance(data, dict):
+        raise FrameDecodeError(f"a frame must be a map, not {type(data).__name__}")
+    return data
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise FrameDecodeError(f"msgpack extension type {code} is not allowed")
+
+
+def _usable_id(data: dict[str, Any]) -> str | int | None:
+    rid = data.get("id")
+    if isinstance(rid, bool):
+        return None
+    if isinstance(rid, int | str):
+        return rid
+    return None
+
+
+def _decode(body: bytes, adapter: TypeAdapter[Any]) -> Any:
+    data = _unpack(body)
+    if data.get("v") != PROTOCOL_VERSION:
+        raise FrameDecodeError(
+            f"unsupported protocol version {data.get('v')!r} (this is {PROTOCOL_VERSION})",
+            _usable_id(data),
+        )
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "frame"
+        raise FrameDecodeError(f"{where}: {first['msg']}", _usable_id(data)) from None
+
+
+def decode_request(body: bytes) -> Request:
+    """A client-to-service message; raises ``FrameDecodeError`` on anything else."""
+    result: Request = _decode(body, _REQUEST)
+    return result
+
+
+def decode_reply(body: bytes) -> Reply:
+    """A service-to-client message; raises ``FrameDecodeError`` on anything else."""
+    result: Reply = _decode(body, _REPLY)
+    return result
+
+
+class FrameReader:
+    """Incremental splitter of a byte stream into frame bodies.
+
+    ``feed`` returns the complete bodies received so far. A length over ``max_frame_bytes``
+    raises ``TooLarge`` before any of that body is buffered: the caller answers and closes.
+    """
+
+    def __init__(self, max_frame_bytes: int):
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        bodies: list[bytes] = []
+        while len(self._buf) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buf)
+            if length > self.max_frame_bytes:
+                raise TooLarge(f"frame of {length} bytes exceeds max_frame_bytes")
+            if len(self._buf) < HEADER.size + length:
+                break
+            bodies.append(bytes(self._buf[HEADER.size : HEADER.size + length]))
+            del self._buf[: HEADER.size + length]
+        return bodies
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered that do not yet make a whole frame."""
+        return len(self._buf)

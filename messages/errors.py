@@ -1,0 +1,177 @@
+"""Error codes and the exception hierarchy shared by the service and its clients.
+
+Between actors a failure travels as an ``Error`` message carrying one of the codes below; the
+clients turn that message into the matching exception. Exceptions carry structured fields and
+survive pickling (thespian pickles what crosses an actor boundary).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+__all__ = [
+    "ERROR_CODES",
+    "BadFrame",
+    "Contended",
+    "ErrorCode",
+    "InvalidRecord",
+    "LeaseRevoked",
+    "LeaseTimeout",
+    "NotHolder",
+    "PathNotAllowed",
+    "QueueFull",
+    "SessionLaneError",
+    "ShuttingDown",
+    "StaleFence",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "error_for",
+]
+
+ErrorCode = Literal[
+    "lease_timeout",
+    "contended",
+    "stale_fence",
+    "not_holder",
+    "path_not_allowed",
+    "invalid_record",
+    "too_large",
+    "unauthorized",
+    "bad_frame",
+    "queue_full",
+    "unavailable",
+    "shutting_down",
+    "internal",
+]
+ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
+
+
+class SessionLaneError(Exception):
+    """Base of every sessionlane failure.
+
+    ``code`` is the wire error code, ``path`` the canonical path concerned (if any) and
+    ``detail`` a human-readable explanation.
+    """
+
+    code: ErrorCode = "internal"
+
+    def __init__(self, detail: str = "", *, path: str | None = None, code: str | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.path = path
+        if code is not None:
+            self.code = code  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.detail, self.path, self.code))
+
+    def __str__(self) -> str:
+        where = f" [{self.path}]" if self.path else ""
+        return f"{self.code}: {self.detail}{where}"
+
+
+def _rebuild(
+    cls: type[SessionLaneError], detail: str, path: str | None, code: str
+) -> SessionLaneError:
+    return cls(detail, path=path, code=code)
+
+
+class LeaseTimeout(SessionLaneError):
+    """A waiting acquire was not granted within its wait timeout."""
+
+    code = "lease_timeout"
+
+
+class Contended(SessionLaneError):
+    """``on_contention="fail"`` met a holder or a queue, or a recovery is already pending."""
+
+    code = "contended"
+
+
+class LeaseRevoked(SessionLaneError):
+    """The lease was revoked (max hold, recovery, abandon, actor restart, lost connection)."""
+
+    code = "stale_fence"
+
+
+class StaleFence(LeaseRevoked):
+    """A write carried a fence that is no longer current; nothing was written."""
+
+    code = "stale_fence"
+
+
+class NotHolder(SessionLaneError):
+    """A release came from a lane that does not hold the lease."""
+
+    code = "not_holder"
+
+
+class PathNotAllowed(SessionLaneError):
+    """The path resolves outside the roots, is not a regular file, or has a wrong suffix."""
+
+    code = "path_not_allowed"
+
+
+class InvalidRecord(SessionLaneError):
+    """A record is not a JSON object, not serialisable, or over ``max_record_bytes``."""
+
+    code = "invalid_record"
+
+
+class TooLarge(SessionLaneError):
+    """A frame exceeded ``max_frame_bytes``."""
+
+    code = "too_large"
+
+
+class Unauthorized(SessionLaneError):
+    """The connection did not present the configured token."""
+
+    code = "unauthorized"
+
+
+class BadFrame(SessionLaneError):
+    """A frame could not be decoded or did not match the protocol."""
+
+    code = "bad_frame"
+
+
+class QueueFull(SessionLaneError):
+    """The path's queue already holds ``max_queue`` waiters."""
+
+    code = "queue_full"
+
+
+class Unavailable(SessionLaneError):
+    """The service (or the member owning the path) cannot be reached."""
+
+    code = "unavailable"
+
+
+class ShuttingDown(SessionLaneError):
+    """The service is stopping; queued requests are answered with this."""
+
+    code = "shutting_down"
+
+
+_BY_CODE: dict[str, type[SessionLaneError]] = {
+    "lease_timeout": LeaseTimeout,
+    "contended": Contended,
+    "stale_fence": StaleFence,
+    "not_holder": NotHolder,
+    "path_not_allowed": PathNotAllowed,
+    "invalid_record": InvalidRecord,
+    "too_large": TooLarge,
+    "unauthorized": Unauthorized,
+    "bad_frame": BadFrame,
+    "queue_full": QueueFull,
+    "unavailable": Unavailable,
+    "shutting_down": ShuttingDown,
+    "internal": SessionLaneError,
+}
+
+
+def error_for(code: str, detail: str = "", path: str | None = None) -> SessionLaneError:
+    """The exception for a wire error code (unknown codes map to the base class)."""
+    return _BY_CODE.get(code, SessionLaneError)(detail, path=path, code=code)

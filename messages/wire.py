@@ -1,0 +1,327 @@
+"""The wire protocol's messages: what crosses the gateway, as frozen pydantic models.
+
+Every message has ``v`` (the protocol version) and a ``type`` tag. Requests carry an ``id`` that
+their replies echo; events carry none. Two discriminated unions, one per direction, because
+``status`` names both a request and its reply: ``Request`` (client to service) and ``Reply``
+(service to client, replies and events). The codec in ``messages.codec`` decodes into them.
+
+Inside the actor system the same models travel between actors (pickled by thespian), wrapped
+in the envelopes of ``messages.internal``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from messages.errors import ErrorCode
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Abandon",
+    "Abandoned",
+    "AbortRequested",
+    "Acquire",
+    "Alive",
+    "Append",
+    "Appended",
+    "Durability",
+    "Error",
+    "ExternalChange",
+    "ExternalChangeKind",
+    "FileStatus",
+    "Granted",
+    "Hello",
+    "HolderStatus",
+    "Keepalive",
+    "OnContention",
+    "Priority",
+    "Purpose",
+    "Queued",
+    "QueueEntry",
+    "Recover",
+    "Release",
+    "Released",
+    "Reply",
+    "Request",
+    "RequestId",
+    "Revoked",
+    "RevokeReason",
+    "Rewrite",
+    "Rewritten",
+    "Skipped",
+    "Status",
+    "StatusReply",
+    "Welcome",
+]
+
+PROTOCOL_VERSION = 1
+
+Purpose = Literal["prompt", "write", "compaction", "recovery"]
+Priority = Literal["recovery", "interactive", "background"]
+OnContention = Literal["wait", "fail", "skip"]
+Durability = Literal["fsync", "flush"]
+RevokeReason = Literal["max_hold", "recovery", "abandoned", "actor_restart", "shutdown"]
+ExternalChangeKind = Literal["append", "truncate", "replace"]
+RequestId = Annotated[str | int, Field(union_mode="left_to_right")]
+Record = dict[str, Any]
+
+_NAME = Field(min_length=1, max_length=256)
+_PATH = Field(min_length=1, max_length=4096)
+_LEASE = Field(min_length=1, max_length=128)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    v: Literal[1] = 1
+    """Protocol version."""
+
+
+class _Req(_Message):
+    id: RequestId | None = None
+    """Request id, unique per connection; echoed on every reply to this request."""
+
+
+class _Rep(_Message):
+    id: RequestId | None = None
+    """The id of the request this answers."""
+
+
+# Requests ---------------------------------------------------------------------------------
+
+
+class Hello(_Req):
+    """First request on a connection."""
+
+    type: Literal["hello"] = "hello"
+    client: str = Field(max_length=256)
+    """Free-form client name, for diagnostics."""
+    token: str | None = Field(default=None, max_length=4096)
+    """Shared secret from ``token_file``; required when the service listens beyond loopback."""
+
+
+class Acquire(_Req):
+    """Ask for a lease on ``path`` for ``lane``."""
+
+    type: Literal["acquire"] = "acquire"
+    lane: str = _NAME
+    path: str = _PATH
+    purpose: Purpose
+    priority: Priority | None = None
+    """Defaults to the lane's priority (``recovery`` for recovery leases)."""
+    wait_timeout_ms: int | None = Field(default=None, ge=0)
+    max_hold_ms: int | None = Field(default=None, gt=0)
+    on_contention: OnContention = "wait"
+
+
+class Release(_Req):
+    """Release one level of a held lease (the last level frees the path)."""
+
+    type: Literal["release"] = "release"
+    lease: str = _LEASE
+
+
+class Abandon(_Req):
+    """Drop every lease and queued request of ``lane`` (on ``path`` only, if given) at once."""
+
+    type: Literal["abandon"] = "abandon"
+    lane: str = _NAME
+    path: str | None = Field(default=None, max_length=4096)
+    reason: str | None = Field(default=None, max_length=512)
+
+
+class Append(_Req):
+    """Append records, under ``lease`` + ``fence`` or as a queued short write of ``lane``."""
+
+    type: Literal["append"] = "append"
+    records: list[Record]
+    lease: str | None = Field(default=None, max_length=128)
+    fence: int | None = None
+    lane: str | None = Field(default=None, max_length=256)
+    path: str | None = Field(default=None, max_length=4096)
+    durability: Durability | None = None
+
+    @model_validator(mode="after")
+    def _lease_or_lane(self) -> Append:
+        by_lease = self.lease is not None and self.fence is not None
+        by_lane = self.lane is not None and self.path is not None
+        if by_lease == by_lane:
+            raise ValueError("append needs either lease and fence, or lane and path")
+        return self
+
+
+class Rewrite(_Req):
+    """Replace the whole transcript atomically (compaction leases only)."""
+
+    type: Literal["rewrite"] = "rewrite"
+    lease: str = _LEASE
+    fence: int
+    records: list[Record]
+
+
+class Recover(_Req):
+    """Take a recovery lease: the holder is asked to abort, then revoked after the grace."""
+
+    type: Literal["recover"] = "recover"
+    lane: str = _NAME
+    path: str = _PATH
+    reason: str = Field(max_length=512)
+    grace_ms: int = Field(ge=0)
+
+
+class Status(_Req):
+    """Holders, queues, fences and counters, for one path or all active ones."""
+
+    type: Literal["status"] = "status"
+    path: str | None = Field(default=None, max_length=4096)
+
+
+class Keepalive(_Req):
+    """Liveness probe; also proves the client is still there."""
+
+    type: Literal["keepalive"] = "keepalive"
+
+
+Request = Annotated[
+    Hello | Acquire | Release | Abandon | Append | Rewrite | Recover | Status | Keepalive,
+    Field(discriminator="type"),
+]
+
+
+# Replies ----------------------------------------------------------------------------------
+
+
+class Welcome(_Rep):
+    type: Literal["welcome"] = "welcome"
+    server: str
+    protocol: int
+
+
+class Queued(_Rep):
+    type: Literal["queued"] = "queued"
+    position: int
+    """1-based place in the path's queue when the request was queued."""
+
+
+class Granted(_Rep):
+    type: Literal["granted"] = "granted"
+    lease: str
+    fence: int
+    path: str
+    purpose: Purpose
+
+
+class Skipped(_Rep):
+    type: Literal["skipped"] = "skipped"
+    path: str | None = None
+
+
+class Error(_Rep):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    detail: str = ""
+    path: str | None = None
+
+
+class Released(_Rep):
+    type: Literal["released"] = "released"
+    lease: str
+
+
+class Abandoned(_Rep):
+    type: Literal["abandoned"] = "abandoned"
+    leases: list[str]
+
+
+class Appended(_Rep):
+    type: Literal["appended"] = "appended"
+    offset: int
+    """Byte offset of the first appended line."""
+    lines: int
+    """Number of lines written."""
+    fence: int
+
+
+class Rewritten(_Rep):
+    type: Literal["rewritten"] = "rewritten"
+    lines: int
+    fence: int
+
+
+class HolderStatus(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    lane: str
+    lease: str
+    purpose: Purpose
+    held_ms: int
+
+
+class QueueEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    lane: str
+    purpose: Purpose
+    priority: Priority
+    waited_ms: int
+
+
+class FileStatus(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    path: str
+    fence: int
+    holder: HolderStatus | None
+    queue: list[QueueEntry]
+    counters: dict[str, int]
+
+
+class StatusReply(_Rep):
+    type: Literal["status"] = "status"
+    files: list[FileStatus]
+
+
+class Alive(_Rep):
+    type: Literal["alive"] = "alive"
+
+
+# Events (no id) ----------------------------------------------------------------------------
+
+
+class Revoked(_Rep):
+    type: Literal["revoked"] = "revoked"
+    lease: str
+    path: str
+    reason: RevokeReason
+
+
+class AbortRequested(_Rep):
+    type: Literal["abort_requested"] = "abort_requested"
+    lease: str
+    path: str
+    grace_ms: int
+
+
+class ExternalChange(_Rep):
+    type: Literal["external_change"] = "external_change"
+    lease: str
+    path: str
+    kind: ExternalChangeKind
+
+
+Reply = Annotated[
+    Welcome
+    | Queued
+    | Granted
+    | Skipped
+    | Error
+    | Released
+    | Abandoned
+    | Appended
+    | Rewritten
+    | StatusReply
+    | Alive
+    | Revoked
+    | AbortRequested
+    | ExternalChange,
+    Field(discriminator="type"),
+]
