@@ -42,6 +42,7 @@ ErrorCode = Literal[
     "queue_full",
     "unavailable",
     "shutting_down",
+    "abandoned",
     "internal",
 ]
 ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
@@ -168,6 +169,7 @@ _BY_CODE: dict[str, type[SessionLaneError]] = {
     "queue_full": QueueFull,
     "unavailable": Unavailable,
     "shutting_down": ShuttingDown,
+    "abandoned": LeaseRevoked,
     "internal": SessionLaneError,
 }
 

@@ -1,0 +1,530 @@
+"""The lease state machine of one path: holder, queue, fences, timers. Pure: no I/O, no clock.
+
+Every input is a method call that takes ``now`` (milliseconds on a monotonic clock the caller
+owns) and returns a list of effects for the caller (the SessionFile actor) to perform in order:
+replies to send, events to deliver, fences to reserve durably before a grant goes out. The
+table never sleeps and never reads a clock; ``next_deadline()`` says when the caller should
+call ``tick`` again.
+
+Invariants (checked by the Hypothesis model in ``tests/test_lease_table_model.py``):
+
+- at most one holder; when there is no holder the queue is empty (a free path is granted at
+  once);
+- fences strictly increase with every fresh grant, and a write is accepted only with the
+  current holder's lease and fence;
+- every request is answered exactly once: granted, skipped, or rejected with a code;
+- FIFO within a priority class; a waiter is promoted one class per ``aging_ms`` waited, so a
+  later arrival of the same or a lower class is never served first, and after
+  ``2 * aging_ms`` no later arrival is;
+- a recovery request is served before any other waiter, never beside a holder: the holder is
+  asked to abort and is revoked after the grace.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from messages.wire import OnContention, Priority, Purpose, RevokeReason
+
+__all__ = [
+    "AbortRequest",
+    "Abandoned",
+    "Diagnostic",
+    "Effect",
+    "Grant",
+    "Holder",
+    "LeasePolicy",
+    "LeaseTable",
+    "Queue",
+    "Reject",
+    "RejectCode",
+    "Released",
+    "ReserveFences",
+    "Revoke",
+    "Skip",
+    "Waiter",
+]
+
+Lane = Hashable
+"""A lane's identity: unique per lane instance (never just its name)."""
+ReqKey = Hashable
+"""An opaque request key chosen by the caller; effects echo it."""
+RejectCode = Literal[
+    "lease_timeout",
+    "contended",
+    "stale_fence",
+    "not_holder",
+    "queue_full",
+    "shutting_down",
+    "abandoned",
+]
+
+_RANK: dict[Priority, int] = {"background": 0, "interactive": 1, "recovery": 2}
+_RECOVERY_RANK = 3  # recovery requests go before every waiter, aged or not
+_MAX_AGED_RANK = _RANK["recovery"]
+
+
+@dataclass(frozen=True)
+class LeasePolicy:
+    """The limits a table enforces; ``None`` disables a limit."""
+
+    max_hold_ms: int | None = 300_000
+    wait_timeout_ms: int | None = 600_000
+    aging_ms: int = 10_000
+    max_queue: int = 256
+    fence_block: int = 1024
+    """How many fences one durable reservation covers."""
+
+
+# Effects -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Answer ``req``: ``lane`` holds ``lease`` with ``fence`` (``reentrant``: nesting +1)."""
+
+    req: ReqKey
+    lane: Lane
+    lease: str
+    fence: int
+    purpose: Purpose
+    reentrant: bool = False
+
+
+@dataclass(frozen=True)
+class Queue:
+    """Tell ``req`` it waits at ``position`` (1-based); its final answer comes later."""
+
+    req: ReqKey
+    lane: Lane
+    position: int
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Answer ``req``: contended with ``on_contention="skip"``; no lease, no error."""
+
+    req: ReqKey
+    lane: Lane
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Answer ``req`` with an error code."""
+
+    req: ReqKey
+    lane: Lane
+    code: RejectCode
+    detail: str
+
+
+@dataclass(frozen=True)
+class Released:
+    """Answer a release: one nesting level of ``lease`` dropped (``freed``: the last one)."""
+
+    req: ReqKey
+    lane: Lane
+    lease: str
+    freed: bool
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """Answer an abandon: the leases dropped (at most one per path) and waiters cancelled."""
+
+    req: ReqKey
+    lane: Lane
+    leases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Revoke:
+    """Event for ``lane``: ``lease`` is no longer held, for ``reason``."""
+
+    lane: Lane
+    lease: str
+    reason: RevokeReason
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    """Event for ``lane``: a recovery wants the path; release within ``grace_ms``."""
+
+    lane: Lane
+    lease: str
+    grace_ms: int
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One line for the log (abandons and revocations, with held time and reason)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class ReserveFences:
+    """Persist ``ceiling`` durably BEFORE performing any effect that follows it."""
+
+    ceiling: int
+
+
+Effect = (
+    Grant | Queue | Skip | Reject | Released | Abandoned | Revoke | AbortRequest | Diagnostic
+) | ReserveFences
+
+
+# State -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Holder:
+    lease: str
+    fence: int
+    lane: Lane
+    priority: Priority
+    granted_at: float
+    hold_deadline: float | None
+    purposes: list[Purpose] = field(default_factory=list)
+    """One entry per nesting level; the lease is freed when the last is released."""
+    abort_deadline: float | None = None
+    """Set while a recovery waits for this holder to release."""
+
+    @property
+    def purpose(self) -> Purpose:
+        return self.purposes[0]
+
+
+@dataclass
+class Waiter:
+    req: ReqKey
+    lane: Lane
+    purpose: Purpose
+    priority: Priority
+    seq: int
+    enqueued_at: float
+    deadline: float | None
+    max_hold_ms: int | None
+
+    def rank(self, now: float, aging_ms: int) -> int:
+        if self.purpose == "recovery":
+            return _RECOVERY_RANK
+        base = _RANK[self.priority]
+        if base >= _MAX_AGED_RANK or aging_ms <= 0:
+            return base
+        return min(_MAX_AGED_RANK, base + int((now - self.enqueued_at) // aging_ms))
+
+
+class LeaseTable:
+    """Holder, queue and fence counter of one path.
+
+    ``fence_floor`` is the highest fence that may have been handed out before (the persisted
+    reservation ceiling): every fence this table grants is above it. Lease ids are
+    ``<lease_prefix><fence>``: unique per path because fences are, and across paths when the
+    prefix names the path.
+    """
+
+    def __init__(
+        self, path: str, policy: LeasePolicy, fence_floor: int = 0, *, lease_prefix: str = ""
+    ):
+        self.path = path
+        self.lease_prefix = lease_prefix
+        self.policy = policy
+        self.fence = fence_floor
+        self.fence_ceiling = fence_floor
+        self.holder: Holder | None = None
+        self.waiters: list[Waiter] = []
+        self.closed = False
+        self._seq = itertools.count()
+        self.counters: dict[str, int] = {
+            "grants": 0,
+            "reentrant_grants": 0,
+            "queued": 0,
+            "releases": 0,
+            "skips": 0,
+            "timeouts": 0,
+            "contended": 0,
+            "queue_full": 0,
+            "revocations": 0,
+            "abandons": 0,
+            "recoveries": 0,
+            "recoveries_coalesced": 0,
+            "stale_fence": 0,
+        }
+
+    # Inputs --------------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        req: ReqKey,
+        lane: Lane,
+        purpose: Purpose,
+        now: float,
+        *,
+        priority: Priority = "interactive",
+        on_contention: OnContention = "wait",
+        wait_timeout_ms: int | None = None,
+        max_hold_ms: int | None = None,
+    ) -> list[Effect]:
+        """A lease request. Recovery goes through ``recover``, which adds the abort protocol."""
+        if self.closed:
+            return [Reject(req, lane, "shutting_down", "the service is stopping")]
+        holder = self.holder
+        if holder is not None and holder.lane == lane and purpose != "recovery":
+            holder.purposes.append(purpose)
+            self.counters["reentrant_grants"] += 1
+            return [Grant(req, lane, holder.lease, holder.fence, purpose, reentrant=True)]
+        if holder is None:
+            return self._grant_new(req, lane, purpose, priority, now, max_hold_ms)
+        if on_contention == "fail":
+            self.counters["contended"] += 1
+            return [Reject(req, lane, "contended", self._busy_detail(now))]
+        if on_contention == "skip":
+            self.counters["skips"] += 1
+            return [Skip(req, lane)]
+        return self._enqueue(req, lane, purpose, priority, now, wait_timeout_ms, max_hold_ms)
+
+    def recover(
+        self, req: ReqKey, lane: Lane, grace_ms: int, now: float, *, reason: str = ""
+    ) -> list[Effect]:
+        """A recovery lease: never beside a holder, coalesced with one already pending."""
+        if self.closed:
+            return [Reject(req, lane, "shutting_down", "the service is stopping")]
+        pending = any(w.purpose == "recovery" for w in self.waiters)
+        running = self.holder is not None and "recovery" in self.holder.purposes
+        if pending or running:
+            self.counters["recoveries_coalesced"] += 1
+            what = "pending" if pending else "in progress"
+            return [Reject(req, lane, "contended", f"a recovery is already {what}")]
+        self.counters["recoveries"] += 1
+        holder = self.holder
+        if holder is None:
+            return self._grant_new(req, lane, "recovery", "recovery", now, None)
+        effects = self._enqueue(req, lane, "recovery", "recovery", now, None, None, bound=False)
+        holder.abort_deadline = now + grace_ms
+        effects.append(AbortRequest(holder.lane, holder.lease, grace_ms))
+        effects.append(
+            Diagnostic(
+                f"recovery requested path={self.path} holder_lane={holder.lane} "
+                f"lease={holder.lease} held_ms={int(now - holder.granted_at)} "
+                f"grace_ms={grace_ms} reason={reason or 'unspecified'}"
+            )
+        )
+        if grace_ms == 0:
+            effects += self.tick(now)
+        return effects
+
+    def release(self, req: ReqKey, lane: Lane, lease: str, now: float) -> list[Effect]:
+        """Drop one nesting level of ``lease``; only its holder may."""
+        holder = self.holder
+        if holder is None or holder.lease != lease or holder.lane != lane:
+            return [Reject(req, lane, "not_holder", f"lease {lease} is not held by this lane")]
+        holder.purposes.pop()
+        self.counters["releases"] += 1
+        if holder.purposes:
+            return [Released(req, lane, lease, freed=False)]
+        self.holder = None
+        return [Released(req, lane, lease, freed=True), *self._promote(now)]
+
+    def abandon(self, req: ReqKey, lane: Lane, now: float, *, reason: str) -> list[Effect]:
+        """Drop the lane's lease (all nesting) and cancel its waiters, at once."""
+        effects: list[Effect] = []
+        leases: tuple[str, ...] = ()
+        holder = self.holder
+        if holder is not None and holder.lane == lane:
+            leases = (holder.lease,)
+            self.holder = None
+            self.counters["abandons"] += 1
+            effects.append(self._diagnostic("abandon", holder, now, reason))
+        cancelled = [w for w in self.waiters if w.lane == lane]
+        self.waiters = [w for w in self.waiters if w.lane != lane]
+        effects += [
+            Reject(w.req, w.lane, "abandoned", f"lane abandoned its requests: {reason}")
+            for w in cancelled
+        ]
+        effects.append(Abandoned(req, lane, leases))
+        return effects + self._promote(now)
+
+    def tick(self, now: float) -> list[Effect]:
+        """Apply every deadline that is due: wait timeouts, max hold, recovery grace."""
+        effects: list[Effect] = []
+        expired = [w for w in self.waiters if w.deadline is not None and w.deadline <= now]
+        for w in expired:
+            self.waiters.remove(w)
+            self.counters["timeouts"] += 1
+            effects.append(
+                Reject(
+                    w.req,
+                    w.lane,
+                    "lease_timeout",
+                    f"not granted within {int(now - w.enqueued_at)} ms; {self._busy_detail(now)}",
+                )
+            )
+        holder = self.holder
+        if holder is not None:
+            reason: RevokeReason | None = None
+            if holder.abort_deadline is not None and holder.abort_deadline <= now:
+                reason = "recovery"
+            elif holder.hold_deadline is not None and holder.hold_deadline <= now:
+                reason = "max_hold"
+            if reason is not None:
+                effects += self._revoke(holder, reason, now)
+        return effects + self._promote(now)
+
+    def shutdown(self, now: float) -> list[Effect]:
+        """Answer every waiter with ``shutting_down``, revoke the holder, refuse what follows."""
+        self.closed = True
+        effects: list[Effect] = [
+            Reject(w.req, w.lane, "shutting_down", "the service is stopping")
+            for w in self.waiters
+        ]
+        self.waiters = []
+        if self.holder is not None:
+            effects += self._revoke(self.holder, "shutdown", now)
+        return effects
+
+    # Queries -------------------------------------------------------------------------------
+
+    def check_write(
+        self, lane: Lane, lease: str, fence: int, *, purpose: Purpose | None = None
+    ) -> tuple[RejectCode, str] | None:
+        """Why a write under (``lease``, ``fence``) must be refused, or None to accept it.
+
+        ``purpose="compaction"`` additionally requires a compaction level in the lease.
+        """
+        holder = self.holder
+        if holder is None or holder.lease != lease or holder.fence != fence:
+            self.counters["stale_fence"] += 1
+            current = f"current fence is {holder.fence}" if holder else "the path is free"
+            return ("stale_fence", f"lease {lease} fence {fence} is not current; {current}")
+        if holder.lane != lane:
+            return ("not_holder", f"lease {lease} belongs to another lane")
+        if purpose == "compaction" and "compaction" not in holder.purposes:
+            return ("not_holder", "rewrite needs a compaction lease")
+        return None
+
+    def held_by(self, lane: Lane) -> Holder | None:
+        holder = self.holder
+        return holder if holder is not None and holder.lane == lane else None
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which ``tick`` has something to do."""
+        times = [w.deadline for w in self.waiters if w.deadline is not None]
+        holder = self.holder
+        if holder is not None:
+            times += [t for t in (holder.abort_deadline, holder.hold_deadline) if t is not None]
+        return min(times, default=None)
+
+    def order(self, now: float) -> list[Waiter]:
+        """Waiters in the order they would be granted at ``now``."""
+        aging = self.policy.aging_ms
+        return sorted(self.waiters, key=lambda w: (-w.rank(now, aging), w.seq))
+
+    def idle(self) -> bool:
+        return self.holder is None and not self.waiters
+
+    # Internals -----------------------------------------------------------------------------
+
+    def _grant_new(
+        self,
+        req: ReqKey,
+        lane: Lane,
+        purpose: Purpose,
+        priority: Priority,
+        now: float,
+        max_hold_ms: int | None,
+    ) -> list[Effect]:
+        effects: list[Effect] = []
+        self.fence += 1
+        if self.fence > self.fence_ceiling:
+            self.fence_ceiling = self.fence + self.policy.fence_block - 1
+            effects.append(ReserveFences(self.fence_ceiling))
+        limit = _min_limit(max_hold_ms, self.policy.max_hold_ms)
+        lease = f"{self.lease_prefix}{self.fence}"
+        self.holder = Holder(
+            lease=lease,
+            fence=self.fence,
+            lane=lane,
+            priority=priority,
+            granted_at=now,
+            hold_deadline=None if limit is None else now + limit,
+            purposes=[purpose],
+        )
+        self.counters["grants"] += 1
+        effects.append(Grant(req, lane, lease, self.fence, purpose))
+        return effects
+
+    def _enqueue(
+        self,
+        req: ReqKey,
+        lane: Lane,
+        purpose: Purpose,
+        priority: Priority,
+        now: float,
+        wait_timeout_ms: int | None,
+        max_hold_ms: int | None,
+        *,
+        bound: bool = True,
+    ) -> list[Effect]:
+        if bound and len(self.waiters) >= self.policy.max_queue:
+            self.counters["queue_full"] += 1
+            return [Reject(req, lane, "queue_full", f"{len(self.waiters)} requests are queued")]
+        timeout = wait_timeout_ms if wait_timeout_ms is not None else self.policy.wait_timeout_ms
+        waiter = Waiter(
+            req=req,
+            lane=lane,
+            purpose=purpose,
+            priority=priority,
+            seq=next(self._seq),
+            enqueued_at=now,
+            deadline=None if timeout is None else now + timeout,
+            max_hold_ms=max_hold_ms,
+        )
+        self.waiters.append(waiter)
+        self.counters["queued"] += 1
+        position = self.order(now).index(waiter) + 1
+        return [Queue(req, lane, position)]
+
+    def _promote(self, now: float) -> list[Effect]:
+        if self.holder is not None or not self.waiters:
+            return []
+        best = self.order(now)[0]
+        self.waiters.remove(best)
+        return self._grant_new(
+            best.req, best.lane, best.purpose, best.priority, now, best.max_hold_ms
+        )
+
+    def _revoke(self, holder: Holder, reason: RevokeReason, now: float) -> list[Effect]:
+        self.holder = None
+        self.counters["revocations"] += 1
+        return [
+            Revoke(holder.lane, holder.lease, reason),
+            self._diagnostic("revoke", holder, now, reason),
+        ]
+
+    def _diagnostic(self, what: str, holder: Holder, now: float, reason: str) -> Diagnostic:
+        return Diagnostic(
+            f"{what} path={self.path} lane={holder.lane} lease={holder.lease} "
+            f"fence={holder.fence} purpose={holder.purpose} "
+            f"held_ms={int(now - holder.granted_at)} reason={reason}"
+        )
+
+    def _busy_detail(self, now: float) -> str:
+        holder = self.holder
+        if holder is None:
+            return f"{len(self.waiters)} waiting"
+        return (
+            f"held by lane {holder.lane} ({holder.purpose}) for "
+            f"{int(now - holder.granted_at)} ms, {len(self.waiters)} waiting"
+        )
+
+
+def _min_limit(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)

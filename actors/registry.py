@@ -1,0 +1,260 @@
+"""Registry: one per actor system. Maps canonical paths to their SessionFile actors.
+
+Every ``LaneCall`` comes through here: the path is resolved and confined to the roots
+(``path_not_allowed`` otherwise, nothing created), the SessionFile is created on first use as
+this actor's child (so a crash reaches us as ``ChildActorExited``), and the call is forwarded.
+Because all calls pass through the Registry, passivation is race-free: a SessionFile that has
+been idle reports how many calls it received, and is retired only if that equals the number
+forwarded to it, so no call can be in flight to an actor that exits.
+
+A SessionFile that dies otherwise is restarted at once; the lanes that used it are told
+(``FileRestarted``) so they report their leases on it as revoked (``actor_restart``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from thespian.actors import ActorExitRequest, ChildActorExited, WakeupMessage
+
+from actors._shell import Handler, ShellActor, addr_key, monotonic_ms
+from actors.session_file import SessionFile
+from messages.errors import PathNotAllowed
+from messages.internal import (
+    Configure,
+    Configured,
+    Drain,
+    Drained,
+    FileInit,
+    FileReply,
+    FileRestarted,
+    FileStatusAnswer,
+    FileStatusQuery,
+    IdleNotice,
+    LaneCall,
+    LaneClosed,
+    StatusQuery,
+)
+from messages.wire import Error, FileStatus, StatusReply
+from system.paths import canonicalize
+
+__all__ = ["REGISTRY_NAME", "Registry"]
+
+log = logging.getLogger(__name__)
+
+REGISTRY_NAME = "sessionlane-registry"
+_STATUS_TIMEOUT_S = 2.0
+_DRAIN_TIMEOUT_S = 3.0
+_RESTART_WINDOW_MS = 60_000.0
+_RESTART_BURST = 5
+
+
+@dataclass
+class _File:
+    path: str
+    address: Any
+    incarnation: int
+    forwarded: int = 0
+    lanes: dict[str, Any] = field(default_factory=dict)
+    restarts: deque[float] = field(default_factory=deque)
+
+
+@dataclass
+class _Gather:
+    """A fan-out waiting for answers (status or drain)."""
+
+    reply_to: Any
+    request_id: Any
+    waiting: set[str]
+    answers: list[FileStatus] = field(default_factory=list)
+    kind: str = "status"
+
+
+class Registry(ShellActor):
+    log = log
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config: Configure | None = None
+        self.files: dict[str, _File] = {}
+        self.by_address: dict[str, str] = {}  # SessionFile address key -> path
+        self.retiring: set[str] = set()
+        self.incarnations: dict[str, int] = {}
+        self.gathers: dict[int, _Gather] = {}
+        self.query_ids = itertools.count(1)
+        self.draining = False
+
+    def handlers(self) -> dict[type, Handler]:
+        return {
+            Configure: self.on_configure,
+            LaneCall: self.on_call,
+            IdleNotice: self.on_idle,
+            ChildActorExited: self.on_child_exited,
+            LaneClosed: self.on_lane_closed,
+            StatusQuery: self.on_status,
+            FileStatusAnswer: self.on_status_answer,
+            Drain: self.on_drain,
+            Drained: self.on_drained,
+            WakeupMessage: self.on_wakeup,
+        }
+
+    def on_configure(self, msg: Configure, sender: Any) -> None:
+        self.config = msg
+        self.send(sender, Configured())
+
+    # Routing -------------------------------------------------------------------------------
+
+    def on_call(self, call: LaneCall, sender: Any) -> None:
+        rid = call.request.id
+        if self.config is None or self.draining:
+            code = "shutting_down" if self.draining else "unavailable"
+            self.refuse(call, Error(id=rid, code=code, detail="the registry is not serving"))
+            return
+        path = call.path
+        if not call.canonical:
+            try:
+                path = canonicalize(call.path, self.config.roots, self.config.suffixes)
+            except PathNotAllowed as exc:
+                err = Error(id=rid, code="path_not_allowed", detail=exc.detail, path=call.path)
+                self.refuse(call, err)
+                return
+        entry = self.files.get(path) or self.activate(path)
+        entry.forwarded += 1
+        entry.lanes[addr_key(call.lane.address)] = call.lane.address
+        self.send(entry.address, call.model_copy(update={"path": path, "canonical": True}))
+
+    def refuse(self, call: LaneCall, error: Error) -> None:
+        self.send(call.lane.address, FileReply(path=call.path, message=error))
+
+    def activate(self, path: str, restarts: deque[float] | None = None) -> _File:
+        assert self.config is not None
+        incarnation = self.incarnations.get(path, 0) + 1
+        self.incarnations[path] = incarnation
+        address = self.createActor(SessionFile)
+        entry = _File(path=path, address=address, incarnation=incarnation)
+        if restarts is not None:
+            entry.restarts = restarts
+        self.files[path] = entry
+        self.by_address[addr_key(address)] = path
+        self.send(address, FileInit(path=path, settings=self.config.file, incarnation=incarnation))
+        return entry
+
+    # Passivation and restarts --------------------------------------------------------------
+
+    def on_idle(self, msg: IdleNotice, sender: Any) -> None:
+        entry = self.files.get(msg.path)
+        if entry is None or addr_key(entry.address) != addr_key(sender):
+            return
+        if entry.forwarded != msg.received:
+            return  # a call is in flight to it: it is not idle after all
+        key = addr_key(sender)
+        del self.files[msg.path]
+        self.by_address.pop(key, None)
+        self.retiring.add(key)
+        log.info("passivating %s after %d calls", msg.path, msg.received)
+        self.send(sender, ActorExitRequest())
+
+    def on_child_exited(self, msg: ChildActorExited, sender: Any) -> None:
+        key = addr_key(msg.childAddress)
+        if key in self.retiring:
+            self.retiring.discard(key)
+            return
+        path = self.by_address.pop(key, None)
+        if path is None or self.draining:
+            return
+        old = self.files.pop(path)
+        now = monotonic_ms()
+        restarts = old.restarts
+        restarts.append(now)
+        while restarts and now - restarts[0] > _RESTART_WINDOW_MS:
+            restarts.popleft()
+        log.error(
+            "SessionFile for %s died (incarnation %d, %d restarts in the last minute); "
+            "restarting, its leases are lost",
+            path,
+            old.incarnation,
+            len(restarts),
+        )
+        self.fail_gathers(key)
+        if len(restarts) > _RESTART_BURST:
+            log.error("not restarting %s: it keeps dying; the next call will try again", path)
+        else:
+            entry = self.activate(path, restarts)
+            entry.lanes = old.lanes
+        for lane in old.lanes.values():
+            self.send(lane, FileRestarted(path=path))
+
+    def on_lane_closed(self, msg: LaneClosed, sender: Any) -> None:
+        key = addr_key(msg.address)
+        for entry in self.files.values():
+            entry.lanes.pop(key, None)
+
+    # Status and drain ----------------------------------------------------------------------
+
+    def on_status(self, msg: StatusQuery, sender: Any) -> None:
+        entries = list(self.files.values())
+        if msg.request.path is not None and self.config is not None:
+            try:
+                path = canonicalize(msg.request.path, self.config.roots, self.config.suffixes)
+            except PathNotAllowed as exc:
+                self.send(sender, Error(id=msg.request.id, code="path_not_allowed",
+                                        detail=exc.detail, path=msg.request.path))
+                return
+            entries = [e for e in entries if e.path == path]
+        qid = next(self.query_ids)
+        gather = _Gather(sender, msg.request.id, {addr_key(e.address) for e in entries})
+        self.gathers[qid] = gather
+        for entry in entries:
+            entry.forwarded += 1
+            self.send(entry.address, FileStatusQuery(query=qid))
+        self.wakeupAfter(_STATUS_TIMEOUT_S, payload=("gather", qid))
+        self.maybe_finish(qid)
+
+    def on_status_answer(self, msg: FileStatusAnswer, sender: Any) -> None:
+        gather = self.gathers.get(msg.query)
+        if gather is None:
+            return
+        gather.waiting.discard(addr_key(sender))
+        gather.answers.append(msg.status)
+        self.maybe_finish(msg.query)
+
+    def on_drain(self, msg: Drain, sender: Any) -> None:
+        self.draining = True
+        qid = next(self.query_ids)
+        targets = {addr_key(e.address): e.address for e in self.files.values()}
+        self.gathers[qid] = _Gather(sender, None, set(targets), kind="drain")
+        for address in targets.values():
+            self.send(address, Drain())
+        self.wakeupAfter(_DRAIN_TIMEOUT_S, payload=("gather", qid))
+        self.maybe_finish(qid)
+
+    def on_drained(self, msg: Drained, sender: Any) -> None:
+        for qid, gather in list(self.gathers.items()):
+            if gather.kind == "drain" and addr_key(sender) in gather.waiting:
+                gather.waiting.discard(addr_key(sender))
+                self.maybe_finish(qid)
+
+    def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
+        if isinstance(msg.payload, tuple) and msg.payload[0] == "gather":
+            self.maybe_finish(msg.payload[1], force=True)
+
+    def fail_gathers(self, key: str) -> None:
+        for qid, gather in list(self.gathers.items()):
+            if key in gather.waiting:
+                gather.waiting.discard(key)
+                self.maybe_finish(qid)
+
+    def maybe_finish(self, qid: int, force: bool = False) -> None:
+        gather = self.gathers.get(qid)
+        if gather is None or (gather.waiting and not force):
+            return
+        del self.gathers[qid]
+        if gather.kind == "drain":
+            self.send(gather.reply_to, Drained(files=len(self.files)))
+            return
+        files = sorted(gather.answers, key=lambda f: f.path)
+        self.send(gather.reply_to, StatusReply(id=gather.request_id, files=files))

@@ -1,0 +1,236 @@
+"""Messages between sessionlane's actors (never on the wire; pickled by thespian).
+
+Flow: an agent (the gateway, or a Python test driving actors) talks to its Lane actor with the
+wire requests of ``messages.wire``. The Lane wraps each in a ``LaneCall`` to the Registry,
+which resolves the path and forwards it to the path's SessionFile. The SessionFile answers the
+Lane directly with ``FileReply``; the Lane tracks its leases and hands the wire reply to its
+agent inside ``LaneOutput``.
+
+Actor addresses are opaque thespian objects, typed ``Any`` here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from messages.wire import (
+    Abandon,
+    Acquire,
+    Append,
+    FileStatus,
+    Priority,
+    Recover,
+    Release,
+    Reply,
+    Rewrite,
+    Status,
+)
+
+__all__ = [
+    "AgentGone",
+    "Configure",
+    "Configured",
+    "Drain",
+    "Drained",
+    "FileInit",
+    "FileReply",
+    "FileSettings",
+    "FileRestarted",
+    "FileStatusAnswer",
+    "FileStatusQuery",
+    "IdleNotice",
+    "InternalMessage",
+    "LaneCall",
+    "LaneClosed",
+    "LaneOutput",
+    "LaneRef",
+    "LaneRequest",
+    "OpenLane",
+    "Opened",
+    "StatusQuery",
+]
+
+LaneRequest = Annotated[
+    Acquire | Release | Abandon | Append | Rewrite | Recover, Field(discriminator="type")
+]
+
+
+class _Internal(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+
+class LaneRef(_Internal):
+    """Who a request comes from: a lane instance, never just its name."""
+
+    uid: str
+    """Unique per Lane actor; the lease table's lane identity."""
+    name: str
+    """The lane name the agent chose (shown in status and diagnostics)."""
+    address: Any
+    """The Lane actor, where the SessionFile sends replies and events."""
+    priority: Priority = "interactive"
+    """The lane's class, used for its lease-less writes."""
+
+
+class FileSettings(_Internal):
+    """What a SessionFile needs to know, handed down by the Registry."""
+
+    max_hold_ms: int | None
+    wait_timeout_ms: int | None
+    aging_ms: int
+    max_queue: int
+    idle_ms: int
+    durability: Literal["fsync", "flush"]
+    max_record_bytes: int
+    legacy_lock: bool
+
+
+class Configure(_Internal):
+    """To the Registry, once, before any call: roots and per-file settings."""
+
+    kind: Literal["configure"] = "configure"
+    roots: list[str]
+    suffixes: list[str]
+    file: FileSettings
+
+
+class Configured(_Internal):
+    kind: Literal["configured"] = "configured"
+
+
+class OpenLane(_Internal):
+    """To a new Lane actor: who it is, where the Registry is, who its agent is."""
+
+    kind: Literal["open_lane"] = "open_lane"
+    name: str
+    priority: Priority
+    registry: Any
+    uid: str
+
+
+class Opened(_Internal):
+    """From a Lane to its agent: ready."""
+
+    kind: Literal["opened"] = "opened"
+    uid: str
+
+
+class LaneCall(_Internal):
+    """From a Lane, through the Registry, to the SessionFile of ``path``."""
+
+    kind: Literal["lane_call"] = "lane_call"
+    lane: LaneRef
+    path: str
+    canonical: bool
+    """True when ``path`` came from a grant (already canonical): the Registry skips resolving."""
+    request: LaneRequest
+
+
+class FileReply(_Internal):
+    """From a SessionFile (or the Registry, for refusals) to a Lane."""
+
+    kind: Literal["file_reply"] = "file_reply"
+    path: str
+    message: Reply
+    held: str | None = None
+    """The lease the lane still holds on ``path`` after this message, if any."""
+
+
+class LaneOutput(_Internal):
+    """From a Lane to its agent: a wire reply or event."""
+
+    kind: Literal["lane_output"] = "lane_output"
+    uid: str
+    name: str
+    message: Reply
+
+
+class AgentGone(_Internal):
+    """To a Lane: its agent disappeared (connection closed, keepalive missed); abandon all."""
+
+    kind: Literal["agent_gone"] = "agent_gone"
+    reason: str
+
+
+class LaneClosed(_Internal):
+    """From a Lane to the Registry: forget me."""
+
+    kind: Literal["lane_closed"] = "lane_closed"
+    address: Any
+
+
+class FileInit(_Internal):
+    """From the Registry to a new SessionFile."""
+
+    kind: Literal["file_init"] = "file_init"
+    path: str
+    settings: FileSettings
+    incarnation: int
+    """How many times this path's actor was started by this Registry (1 = first)."""
+
+
+class IdleNotice(_Internal):
+    """From a SessionFile to the Registry: idle for ``idle_ms`` after ``received`` calls."""
+
+    kind: Literal["idle_notice"] = "idle_notice"
+    path: str
+    received: int
+
+
+class FileRestarted(_Internal):
+    """From the Registry to the lanes that used ``path``: its actor died and was restarted."""
+
+    kind: Literal["file_restarted"] = "file_restarted"
+    path: str
+
+
+class StatusQuery(_Internal):
+    """To the Registry: status of one path or of every active one."""
+
+    kind: Literal["status_query"] = "status_query"
+    request: Status
+
+
+class FileStatusQuery(_Internal):
+    kind: Literal["file_status_query"] = "file_status_query"
+    query: int
+
+
+class FileStatusAnswer(_Internal):
+    kind: Literal["file_status_answer"] = "file_status_answer"
+    query: int
+    status: FileStatus
+
+
+class Drain(_Internal):
+    """To the Registry, then to every SessionFile: answer waiters ``shutting_down``, stop."""
+
+    kind: Literal["drain"] = "drain"
+
+
+class Drained(_Internal):
+    kind: Literal["drained"] = "drained"
+    files: int
+
+
+InternalMessage = (
+    Configure
+    | Configured
+    | OpenLane
+    | Opened
+    | LaneCall
+    | FileReply
+    | LaneOutput
+    | AgentGone
+    | LaneClosed
+    | FileInit
+    | IdleNotice
+    | FileRestarted
+    | StatusQuery
+    | FileStatusQuery
+    | FileStatusAnswer
+    | Drain
+    | Drained
+)
