@@ -1,0 +1,426 @@
+"""Service settings: one frozen model, loaded from defaults, a TOML file, the environment, flags.
+
+Precedence, lowest first: the defaults below < the TOML file < ``SESSIONLANE_<KEY>``
+environment variables < overrides (CLI flags; ``None`` means "flag not given"). Every value
+is validated once, at load; a bad one raises :class:`ConfigError` naming the key, so a service
+never starts half-configured. Risky but legal combinations come back as warnings for the
+caller to print.
+
+Environment values are strings: integers are parsed as such, booleans accept
+``true/false/1/0/yes/no``, lists are either a JSON array or ``os.pathsep``-separated, and an
+empty value for an optional key (``token_file``, ``admin_port``) means "unset". Relative
+``roots`` and ``token_file`` in the TOML file are relative to the file's directory; from the
+environment or flags they are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import logging
+import os
+import stat
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ENV_PREFIX",
+    "NON_CONFIG_ENV",
+    "ConfigError",
+    "Listen",
+    "Settings",
+    "load_settings",
+    "parse_listen",
+    "read_token",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "SESSIONLANE_"
+NON_CONFIG_ENV = frozenset({"SESSIONLANE_CONFIG", "SESSIONLANE_TEST_TAG"})
+"""``SESSIONLANE_*`` variables that are not config keys and therefore not refused.
+
+``SESSIONLANE_CONFIG`` names the TOML file when ``load_settings`` gets none;
+``SESSIONLANE_TEST_TAG`` marks the processes of a test run (``system.leftovers``).
+"""
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# AF_UNIX sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_UNIX_PATH = 107
+
+Listen = tuple[Literal["tcp"], str, int] | tuple[Literal["unix"], str]
+
+
+class ConfigError(ValueError):
+    """A config value was refused. ``key`` is the config key, ``message`` says why."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(key, message)
+        self.key = key
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"config key {self.key}: {self.message}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.message))
+
+
+def parse_listen(listen: str) -> Listen:
+    """Split a listen address into ``("tcp", host, port)`` or ``("unix", path)``.
+
+    Accepted forms: ``tcp://HOST:PORT`` (an IPv6 host in brackets, ``tcp://[::1]:7420``; port
+    0 asks the kernel for a free one) and ``unix:///absolute/path``. Anything else raises
+    :class:`ConfigError` on key ``listen``.
+    """
+    if listen.startswith("unix://"):
+        path = listen[len("unix://") :]
+        if not path.startswith("/"):
+            raise ConfigError("listen", f"a unix socket path must be absolute (got {listen!r})")
+        if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+            raise ConfigError(
+                "listen", f"unix socket path longer than {_MAX_UNIX_PATH} bytes (got {listen!r})"
+            )
+        return ("unix", path)
+    if not listen.startswith("tcp://"):
+        raise ConfigError(
+            "listen", f"expected tcp://HOST:PORT or unix:///abs/path (got {listen!r})"
+        )
+    rest = listen[len("tcp://") :]
+    host, sep, port_text = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError("listen", f"an IPv6 host must be in brackets (got {listen!r})")
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError("listen", f"expected tcp://HOST:PORT (got {listen!r})")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError("listen", f"port must be 0..65535 (got {port})")
+    return ("tcp", host, port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        # A host name other than localhost: we do not resolve names at load, so it counts
+        # as reachable from elsewhere.
+        return False
+
+
+class Settings(BaseModel):
+    """Validated service settings. Frozen: share it freely, never patch it at run time."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    roots: list[str] = []
+    """Directories whose transcripts may be served; each is stored as its realpath."""
+    listen: str = "tcp://127.0.0.1:7420"
+    """Gateway address: ``tcp://HOST:PORT`` or ``unix:///abs/path``."""
+    token_file: str | None = None
+    """File whose (stripped) content clients must present in ``hello``."""
+    max_hold_ms: int = 300_000
+    """A lease held longer is revoked (reason ``max_hold``)."""
+    wait_timeout_ms: int = 600_000
+    """Default time a waiting acquire queues before ``lease_timeout``."""
+    aging_ms: int = 10_000
+    """A lower-priority waiter is promoted after waiting this long."""
+    idle_ms: int = 60_000
+    """A SessionFile actor with no holder, queue or traffic this long is passivated."""
+    durability: Literal["fsync", "flush"] = "fsync"
+    """``fsync``: fdatasync before acknowledging an append; ``flush``: handed to the OS only."""
+    max_record_bytes: int = 1_048_576
+    """Largest single JSONL record accepted."""
+    max_frame_bytes: int = 8_388_608
+    """Largest wire frame accepted."""
+    max_queue: int = 256
+    """Most waiters per path; one more gets ``queue_full``."""
+    legacy_lock: bool = False
+    """Also take the runtime's ``<file>.lock`` around each write."""
+    keepalive_ms: int = 10_000
+    """Keepalive period; a connection silent for three periods is dead and its lanes go."""
+    suffixes: list[str] = [".jsonl"]
+    """Allowed transcript file suffixes."""
+    admin_port: int | None = None
+    """thespian admin port; ``None`` picks a fresh free port at each start."""
+    trusted_network: bool = False
+    """Allow thespian's ports beyond loopback (they unpickle what arrives: trust required)."""
+    log_level: str = "INFO"
+    """Level of sessionlane's own loggers."""
+
+    @field_validator("roots")
+    @classmethod
+    def _roots_are_directories(cls, roots: list[str]) -> list[str]:
+        canonical: list[str] = []
+        for root in roots:
+            if not root:
+                raise ValueError("an empty root is not a directory")
+            real = os.path.realpath(root)
+            if not os.path.isdir(real):
+                raise ValueError(f"{root!r} is not an existing directory")
+            if real not in canonical:
+                canonical.append(real)
+        return canonical
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_parses(cls, listen: str) -> str:
+        try:
+            parse_listen(listen)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return listen
+
+    @field_validator(
+        "max_hold_ms",
+        "wait_timeout_ms",
+        "aging_ms",
+        "idle_ms",
+        "max_record_bytes",
+        "max_frame_bytes",
+        "max_queue",
+        "keepalive_ms",
+    )
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"must be > 0 (got {value})")
+        return value
+
+    @field_validator("admin_port")
+    @classmethod
+    def _port(cls, value: int | None) -> int | None:
+        if value is not None and not 0 < value <= 65535:
+            raise ValueError(f"must be 1..65535 (got {value})")
+        return value
+
+    @field_validator("suffixes")
+    @classmethod
+    def _suffixes(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one suffix is required")
+        for suffix in value:
+            if not suffix.startswith(".") or len(suffix) < 2 or "/" in suffix:
+                raise ValueError(f"a suffix looks like '.jsonl' (got {suffix!r})")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)} (got {value!r})")
+        return level
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_file_readable(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _read_token_file(value)
+        return os.path.abspath(value)
+
+    @model_validator(mode="after")
+    def _remote_listen_needs_token(self) -> Settings:
+        parsed = parse_listen(self.listen)
+        if parsed[0] == "tcp" and not _is_loopback(parsed[1]) and self.token_file is None:
+            # pydantic wraps this in a ValidationError; load_settings unwraps it (loc is empty).
+            raise ConfigError(
+                "listen",
+                f"{self.listen} is reachable beyond this machine: set token_file"
+                " (clients must then present the token) or listen on 127.0.0.1",
+            )
+        return self
+
+
+def read_token(settings: Settings) -> str | None:
+    """The token clients must present, or ``None`` when ``token_file`` is unset.
+
+    Re-read at each call so a rotated token takes effect without a restart. Raises
+    :class:`ConfigError` (key ``token_file``) if the file became unreadable or empty.
+    """
+    if settings.token_file is None:
+        return None
+    return _read_token_file(settings.token_file)
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError("token_file", f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("token_file", f"{path} is not UTF-8 text") from None
+    if not token:
+        raise ConfigError("token_file", f"{path} is empty")
+    return token
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> tuple[Settings, list[str]]:
+    """Load and validate settings; return them with human-readable warnings.
+
+    ``config_file`` defaults to ``$SESSIONLANE_CONFIG`` (none if unset); ``env`` defaults to
+    ``os.environ``. Unknown keys in the file, unknown ``SESSIONLANE_*`` variables (other than
+    :data:`NON_CONFIG_ENV`) and unknown override names are refused. Every failure raises
+    :class:`ConfigError`.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    merged: dict[str, object] = {}
+    origin: dict[str, str] = {}
+
+    if config_file is None:
+        config_file = environ.get("SESSIONLANE_CONFIG") or None
+    if config_file is not None:
+        for key, value in _read_toml(Path(config_file)).items():
+            merged[key] = value
+            origin[key] = f"in {config_file}"
+
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in Settings.model_fields or name != ENV_PREFIX + key.upper():
+            raise ConfigError(key, f"unknown environment variable {name}{_suggest(key)}")
+        merged[key] = _parse_env(key, text)
+        origin[key] = f"from {name}"
+
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in Settings.model_fields:
+            raise ConfigError(key, f"unknown setting{_suggest(key)}")
+        merged[key] = list(value) if isinstance(value, tuple) else value
+        origin[key] = "from the command line"
+
+    settings = _validate(merged, origin)
+    return settings, _warnings(settings)
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("config_file", f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config_file", f"{path} is not valid TOML: {exc}") from None
+    for key in data:
+        if key not in Settings.model_fields:
+            raise ConfigError(key, f"unknown key in {path}{_suggest(key)}")
+    # Paths in a config file are relative to the file, as a reader of the file expects.
+    base = path.resolve().parent
+    roots = data.get("roots")
+    if isinstance(roots, list):
+        data["roots"] = [
+            str(base / r) if isinstance(r, str) and r and not os.path.isabs(r) else r for r in roots
+        ]
+    token_file = data.get("token_file")
+    if isinstance(token_file, str) and token_file and not os.path.isabs(token_file):
+        data["token_file"] = str(base / token_file)
+    return data
+
+
+def _parse_env(key: str, text: str) -> object:
+    """Turn one environment string into the type the key's field expects."""
+    annotation = Settings.model_fields[key].annotation
+    raw = text.strip()
+    if annotation in (int | None, str | None) and raw == "":
+        return None
+    if annotation is bool:
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(key, f"expected true/false/1/0/yes/no (got {text!r}) [from {_env(key)}]")
+    if annotation in (int, int | None):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(
+                key, f"expected an integer (got {text!r}) [from {_env(key)}]"
+            ) from None
+    if annotation == list[str]:
+        if raw.startswith("["):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(key, f"bad JSON array: {exc} [from {_env(key)}]") from None
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(key, f"expected a JSON array of strings [from {_env(key)}]")
+            return value
+        return [part for part in raw.split(os.pathsep) if part]
+    return text
+
+
+def _env(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(Settings.model_fields), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _validate(merged: dict[str, object], origin: Mapping[str, str]) -> Settings:
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigError):
+            key, message = cause.key, cause.message
+        else:
+            key = str(first["loc"][0]) if first["loc"] else "settings"
+            message = str(cause) if isinstance(cause, ValueError) else first["msg"]
+            if not isinstance(cause, ValueError) and "input" in first:
+                message = f"{message} (got {first['input']!r})"
+        where = origin.get(key)
+        raise ConfigError(key, f"{message} [{where}]" if where else message) from None
+
+
+def _warnings(settings: Settings) -> list[str]:
+    warnings: list[str] = []
+    if settings.wait_timeout_ms < settings.max_hold_ms:
+        warnings.append(
+            f"wait_timeout_ms ({settings.wait_timeout_ms}) is shorter than max_hold_ms"
+            f" ({settings.max_hold_ms}): a waiter can give up before a holder is revoked,"
+            " and its reply is then lost. This is how OpenClaw lost messages."
+        )
+    if settings.durability == "flush":
+        warnings.append(
+            "durability = flush: appends are acknowledged before they reach the disk;"
+            " a machine crash can lose acknowledged records."
+        )
+    if settings.max_record_bytes > settings.max_frame_bytes:
+        warnings.append(
+            f"max_record_bytes ({settings.max_record_bytes}) exceeds max_frame_bytes"
+            f" ({settings.max_frame_bytes}): such a record can never arrive over the wire."
+        )
+    if settings.trusted_network:
+        warnings.append(
+            "trusted_network = true: thespian's ports may listen beyond loopback and they"
+            " unpickle whatever arrives; anyone who reaches them can run code here."
+        )
+    if settings.token_file is not None:
+        mode = os.stat(settings.token_file).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            warnings.append(
+                f"token_file {settings.token_file} is accessible to other users"
+                f" (mode {stat.S_IMODE(mode):04o}); chmod 600 it."
+            )
+    for warning in warnings:
+        log.debug("config warning: %s", warning)
+    return warnings

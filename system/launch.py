@@ -1,0 +1,401 @@
+"""Start and stop real thespian actor systems without leaking processes or open ports.
+
+A ``multiprocTCPBase`` system outlives the process that started it: the admin ``setsid()``s,
+double-forks, and forks the logger and every actor into its own process group, and none of
+them exits unless told to (``notes/thespian.md`` sections 0 and 3). So a started system is
+tracked by that process group, and :meth:`TcpSystem.stop` ends with ``killpg(SIGKILL)`` and a
+bounded wait until no member is left, whatever state the admin is in.
+
+Every listener is pinned to loopback by :func:`system.loopback.install` before the system is
+created. Linux only: the process bookkeeping reads ``/proc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thespian.actors import Actor, ActorSystem
+
+from system import loopback
+
+__all__ = [
+    "LOGGER_PACKAGES",
+    "PingActor",
+    "TcpSystem",
+    "free_port",
+    "log_config",
+    "simple_system",
+    "start_tcp_system",
+    "tcp_system",
+]
+
+log = logging.getLogger(__name__)
+
+LOGGER_PACKAGES = ("actors", "messages", "system")
+"""Top-level packages whose module loggers are sessionlane's own (set to ``log_level``)."""
+
+_TCP_LISTEN = "0A"  # st column of /proc/net/tcp{,6} for a LISTEN socket
+_STOP_WAIT_S = 5.0  # bound on waiting for killed members to disappear
+_GRACE_S = 1.0  # after a clean shutdown, how long members may take to exit on their own
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the kernel reports free on ``host`` right now (another process may take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def simple_system() -> Any:
+    """An in-process ``simpleSystemBase`` system for tests (no processes, no sockets).
+
+    ``logDefs=False`` keeps thespian from reconfiguring the root logger under pytest; it is
+    only safe on this base (on multiproc bases it hangs every ``createActor``).
+    """
+    return ActorSystem("simpleSystemBase", logDefs=False, transientUnique=True)
+
+
+def log_config(log_file: str | Path, log_level: str = "INFO") -> dict[str, Any]:
+    """The ``logDefs`` dictConfig for a multiproc system: everything into ``log_file``.
+
+    sessionlane's loggers (:data:`LOGGER_PACKAGES`) log at ``log_level``; everything else
+    (thespian included) at WARNING. Levels are explicit because thespian forwards every record
+    at or above the lowest level named here from each actor to the logger process.
+    """
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {
+                "format": "%(asctime)s p%(process)d %(levelname)s %(name)s: %(message)s",
+            },
+        },
+        "handlers": {
+            "file": {
+                "class": "logging.FileHandler",
+                "filename": str(log_file),
+                "formatter": "plain",
+                "level": "DEBUG",
+            },
+        },
+        "loggers": {name: {"level": log_level.upper()} for name in LOGGER_PACKAGES},
+        "root": {"level": "WARNING", "handlers": ["file"]},
+    }
+
+
+@dataclass
+class TcpSystem:
+    """A running ``multiprocTCPBase`` system and the process group that holds it.
+
+    ``pgid`` is the admin's process group: the admin, its logger and every actor. ``stop()``
+    must be called (or use :func:`tcp_system`); nothing else ends these processes.
+    """
+
+    asys: Any
+    admin_port: int
+    admin_pid: int
+    pgid: int
+    log_file: Path
+    _admin_start: str = field(default="", repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    def members(self) -> list[int]:
+        """Pids of the live (non-zombie) processes in the system's process group."""
+        return [pid for pid, stat in _proc_stats() if stat.pgrp == self.pgid and stat.live]
+
+    def alive(self) -> bool:
+        """Whether the admin process is still running (a recycled pid does not count)."""
+        stat = _proc_stat(self.admin_pid)
+        if stat is None or not stat.live:
+            return False
+        return not self._admin_start or stat.start == self._admin_start
+
+    def listening_addresses(self) -> list[tuple[str, int, int]]:
+        """``(host, port, pid)`` of every LISTEN TCP socket held by a member of the group.
+
+        Forked children inherit their parent's listening sockets (thespian closes none), so
+        a socket held by several members is reported once, for the member whose parent does
+        not hold it: the one that opened it or the first to inherit it.
+        """
+        sockets = _listening_sockets()
+        holders: dict[str, list[int]] = {}
+        for pid in self.members():
+            for inode in _socket_inodes(pid) & sockets.keys():
+                holders.setdefault(inode, []).append(pid)
+        found = []
+        for inode, pids in holders.items():
+            parents = {pid: (_proc_stat(pid) or _GONE).ppid for pid in pids}
+            owner = min((p for p in pids if parents[p] not in pids), default=min(pids))
+            host, port = sockets[inode]
+            found.append((host, port, owner))
+        return sorted(found)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the system and make sure no process of its group is left. Idempotent.
+
+        A clean ``shutdown()`` is tried first (in a daemon thread, abandoned after
+        ``timeout`` s: thespian's can hang 10 s on a stuck handler or a dead admin); then the
+        group is SIGKILLed and waited for (at most ~5 s). Raises ``RuntimeError`` if members
+        still remain after that.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.alive():
+            done = threading.Thread(
+                target=self._shutdown_quietly, name="sessionlane-shutdown", daemon=True
+            )
+            done.start()
+            done.join(timeout)
+            if done.is_alive():
+                log.warning("actor system on port %d: shutdown() hung, killing", self.admin_port)
+            else:
+                # Give the members a moment to exit on their own (and flush their logs).
+                self._wait_for_no_members(_GRACE_S)
+        else:
+            log.warning("actor system on port %d: admin already dead", self.admin_port)
+            # Without an admin, shutdown() would only wait 10 s: just close our endpoint.
+            _close_external_endpoint(self.asys)
+        if self.members():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pgid, signal.SIGKILL)
+        left = self._wait_for_no_members(_STOP_WAIT_S)
+        if left:
+            raise RuntimeError(f"actor system processes survived SIGKILL: {left}")
+        log.info("actor system on port %d stopped", self.admin_port)
+
+    def _shutdown_quietly(self) -> None:
+        try:
+            self.asys.shutdown()
+        except Exception:
+            log.exception("actor system on port %d: shutdown() failed", self.admin_port)
+
+    def _wait_for_no_members(self, seconds: float) -> list[int]:
+        deadline = time.monotonic() + seconds
+        while (left := self.members()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return left
+
+
+def start_tcp_system(
+    admin_port: int | None = None,
+    *,
+    log_file: str | Path,
+    bind_host: str = "127.0.0.1",
+    capabilities: dict[str, Any] | None = None,
+    log_level: str = "INFO",
+) -> TcpSystem:
+    """Start a fresh ``multiprocTCPBase`` system whose every port listens on ``bind_host``.
+
+    ``admin_port`` ``None`` picks a free port. A port something already listens on is refused
+    (``RuntimeError``) rather than attached to: an old admin would run old code. Logs go to
+    ``log_file`` (see :func:`log_config`), thespian's internal log beside it
+    (``<stem>.thespian.log``). ``capabilities`` are added to the system's; ``"Admin Port"``
+    is set here and may not be passed in them.
+
+    The caller owns the result and must :meth:`~TcpSystem.stop` it.
+    """
+    caps = dict(capabilities or {})
+    if "Admin Port" in caps:
+        raise ValueError("pass admin_port, not an 'Admin Port' capability")
+    loopback.install(bind_host)
+    log_path = Path(log_file).resolve()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    _set_thespian_log(log_path.with_name(log_path.stem + ".thespian.log"))
+
+    port = free_port(bind_host) if admin_port is None else admin_port
+    if _listener_inode(port) is not None:
+        raise RuntimeError(f"port {port} is already in use: refusing to attach to it")
+    try:
+        asys = ActorSystem(
+            "multiprocTCPBase",
+            {"Admin Port": port, **caps},
+            logDefs=log_config(log_path, log_level),
+            transientUnique=True,
+        )
+    except BaseException:
+        # The admin may have been forked before the failure: nobody else would ever stop it.
+        _kill_admin_group(port)
+        raise
+    admin_pid = _admin_pid(port)
+    if admin_pid is None:
+        _close_external_endpoint(asys)
+        raise RuntimeError(f"actor system admin on port {port} not found after start")
+    stat = _proc_stat(admin_pid) or _GONE
+    system = TcpSystem(
+        asys=asys,
+        admin_port=port,
+        admin_pid=admin_pid,
+        pgid=stat.pgrp,
+        log_file=log_path,
+        _admin_start=stat.start,
+    )
+    log.info("actor system up: admin port %d, pid %d, pgid %d", port, admin_pid, stat.pgrp)
+    return system
+
+
+@contextlib.contextmanager
+def tcp_system(
+    admin_port: int | None = None,
+    *,
+    log_file: str | Path,
+    bind_host: str = "127.0.0.1",
+    capabilities: dict[str, Any] | None = None,
+    log_level: str = "INFO",
+) -> Iterator[TcpSystem]:
+    """:func:`start_tcp_system` as a context manager that always stops the system."""
+    system = start_tcp_system(
+        admin_port,
+        log_file=log_file,
+        bind_host=bind_host,
+        capabilities=capabilities,
+        log_level=log_level,
+    )
+    try:
+        yield system
+    finally:
+        system.stop()
+
+
+class PingActor(Actor):  # type: ignore[misc]
+    """Answers any message with ``("pong", message, pid)``: a liveness probe and test actor."""
+
+    def receiveMessage(self, message: Any, sender: Any) -> None:
+        if isinstance(message, str | int | tuple):
+            self.send(sender, ("pong", message, os.getpid()))
+
+
+# ---- thespian and /proc plumbing -----------------------------------------------------------
+
+
+def _set_thespian_log(path: Path) -> None:
+    os.environ["THESPLOG_FILE"] = str(path)
+    # thesplog caches the file name on first use in a process, and forks inherit the cache:
+    # reset it so the admin forked next reads the variable just set.
+    from thespian.system import utilis
+
+    utilis._thesplog_file = None
+    utilis._thesplog_old_file = None
+
+
+def _close_external_endpoint(asys: Any) -> None:
+    """Close this process's thespian endpoint without asking a (dead) admin anything."""
+    transport = getattr(getattr(asys, "_systemBase", None), "transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
+
+
+@dataclass(frozen=True)
+class _Stat:
+    ppid: int
+    pgrp: int
+    state: str
+    start: str  # start time in clock ticks since boot: tells a recycled pid apart
+
+    @property
+    def live(self) -> bool:
+        return self.state not in ("Z", "X")
+
+
+_GONE = _Stat(ppid=0, pgrp=0, state="X", start="")
+
+
+def _proc_stat(pid: int) -> _Stat | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    # comm (field 2) is parenthesised and may hold spaces or parentheses: split after the last.
+    fields = text[text.rindex(")") + 2 :].split()
+    return _Stat(ppid=int(fields[1]), pgrp=int(fields[2]), state=fields[0], start=fields[19])
+
+
+def _proc_stats() -> Iterator[tuple[int, _Stat]]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _proc_stat(int(entry))
+            if stat is not None:
+                yield int(entry), stat
+
+
+def _listening_sockets() -> dict[str, tuple[str, int]]:
+    """inode -> (host, port) of every LISTEN TCP socket on this machine (IPv4 and IPv6)."""
+    found: dict[str, tuple[str, int]] = {}
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            with open(table, encoding="ascii") as fh:
+                lines = fh.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) > 9 and cols[3] == _TCP_LISTEN:
+                hex_host, hex_port = cols[1].split(":")
+                found[cols[9]] = (_decode_host(hex_host, family), int(hex_port, 16))
+    return found
+
+
+def _decode_host(hex_host: str, family: int) -> str:
+    # /proc/net/tcp prints each 32-bit word of the address in host (little-endian) order.
+    raw = b"".join(
+        int(hex_host[i : i + 8], 16).to_bytes(4, "little") for i in range(0, len(hex_host), 8)
+    )
+    return socket.inet_ntop(family, raw)
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes: set[str] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def _listener_inode(port: int) -> str | None:
+    return next((inode for inode, (_, p) in _listening_sockets().items() if p == port), None)
+
+
+def _admin_pid(port: int) -> int | None:
+    """The pid of the admin listening on ``port``.
+
+    The logger and every actor inherit the admin's listening socket, so several processes
+    hold it: the admin is the holder whose parent does not hold it.
+    """
+    inode = _listener_inode(port)
+    if inode is None:
+        return None
+    holders = {pid for pid, stat in _proc_stats() if stat.live and inode in _socket_inodes(pid)}
+    roots = [pid for pid in holders if (_proc_stat(pid) or _GONE).ppid not in holders]
+    return min(roots) if roots else None
+
+
+def _kill_admin_group(port: int) -> None:
+    """Kill the group of an admin on ``port`` that this process started (and no other)."""
+    admin = _admin_pid(port)
+    if admin is None:
+        return
+    with contextlib.suppress(OSError):
+        pgid = os.getpgid(admin)
+        # thespian's group leader is the intermediate process forked from us (the admin is
+        # its child): a group led by anyone else on that port is not ours to kill.
+        if (_proc_stat(pgid) or _GONE).ppid == os.getpid():
+            os.killpg(pgid, signal.SIGKILL)

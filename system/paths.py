@@ -1,0 +1,116 @@
+"""Canonical transcript paths: one name per file, always inside a configured root.
+
+A SessionFile actor is keyed by the canonical path, so two spellings of one file (a symlinked
+directory, a relative path, ``a/../b``) must give the same key, and no spelling may reach a
+file outside the roots. Every check is made *after* resolution, which is what defeats ``..``
+and symlink escapes. Nothing here creates, opens or modifies anything.
+
+The checks are a snapshot: a path can change after it was canonicalised (a symlink swapped
+in). The SessionFile re-verifies what it opens; this module decides admission.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+
+from messages.errors import PathNotAllowed
+
+__all__ = ["MAX_PATH_CHARS", "canonicalize", "root_of"]
+
+MAX_PATH_CHARS = 4096
+"""Longest raw path accepted (Linux PATH_MAX)."""
+
+
+def canonicalize(raw: str, roots: Sequence[str], suffixes: Sequence[str] = (".jsonl",)) -> str:
+    """The canonical path of transcript ``raw``, or :class:`PathNotAllowed` (``path=raw``).
+
+    * ``raw`` must be a non-empty string of at most :data:`MAX_PATH_CHARS` characters with no
+      NUL byte; a relative path is taken relative to ``roots[0]``.
+    * An existing path resolves to its ``realpath`` and must then be a regular file;
+      directories, FIFOs, sockets, devices and dangling (or looping) symlinks are refused.
+    * A path that does not exist yet resolves to ``realpath(parent) + basename``; the parent
+      must be an existing directory.
+    * The result must lie inside one of ``roots`` (themselves compared by realpath) and its
+      basename must end with one of ``suffixes``.
+    """
+    if not isinstance(raw, str):
+        raise PathNotAllowed(f"a path must be a string, not {type(raw).__name__}", path=None)
+    if not raw:
+        raise PathNotAllowed("empty path", path=raw)
+    if "\x00" in raw:
+        raise PathNotAllowed("path contains a NUL byte", path=raw)
+    if len(raw) > MAX_PATH_CHARS:
+        raise PathNotAllowed(f"path longer than {MAX_PATH_CHARS} characters", path=raw)
+    real_roots = _real_roots(roots, raw)
+
+    path = raw if os.path.isabs(raw) else os.path.join(real_roots[0], raw)
+    canonical = _resolve(path, raw)
+    if _containing_root(canonical, real_roots) is None:
+        raise PathNotAllowed("path resolves outside the configured roots", path=raw)
+    if not any(os.path.basename(canonical).endswith(suffix) for suffix in suffixes):
+        raise PathNotAllowed(
+            f"file name must end with {' or '.join(suffixes) or '(no suffix allowed)'}",
+            path=raw,
+        )
+    return canonical
+
+
+def root_of(canonical: str, roots: Sequence[str]) -> str:
+    """The (realpath'd) root that contains ``canonical``; the innermost if roots nest.
+
+    Raises :class:`PathNotAllowed` if no root contains it.
+    """
+    root = _containing_root(canonical, _real_roots(roots, canonical))
+    if root is None:
+        raise PathNotAllowed("path lies outside the configured roots", path=canonical)
+    return root
+
+
+def _real_roots(roots: Sequence[str], raw: str) -> list[str]:
+    if not roots:
+        raise PathNotAllowed("no roots are configured", path=raw)
+    return [os.path.realpath(root) for root in roots]
+
+
+def _resolve(path: str, raw: str) -> str:
+    if os.path.lexists(path):
+        # lexists but not exists: a symlink whose target is missing (or a loop). Refused:
+        # creating "it" would create the target, wherever the link points.
+        if not os.path.exists(path):
+            raise PathNotAllowed("dangling symlink", path=raw)
+        canonical = os.path.realpath(path)
+        try:
+            mode = os.stat(canonical).st_mode
+        except OSError as exc:
+            raise PathNotAllowed(f"cannot stat: {exc.strerror}", path=raw) from None
+        if not stat.S_ISREG(mode):
+            raise PathNotAllowed(f"not a regular file ({_kind(mode)})", path=raw)
+        return canonical
+
+    parent, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        raise PathNotAllowed("path does not name a file", path=raw)
+    real_parent = os.path.realpath(parent or ".")
+    if not os.path.isdir(real_parent):
+        raise PathNotAllowed("parent directory does not exist", path=raw)
+    return os.path.join(real_parent, name)
+
+
+def _containing_root(canonical: str, real_roots: Sequence[str]) -> str | None:
+    # commonpath, not a string prefix: /srv/root-evil is not inside /srv/root.
+    inside = [root for root in real_roots if os.path.commonpath([root, canonical]) == root]
+    return max(inside, key=len) if inside else None
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
