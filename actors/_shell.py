@@ -45,7 +45,7 @@ class ShellActor(Actor):  # type: ignore[misc]
     def handlers(self) -> dict[type, Handler]:
         raise NotImplementedError
 
-    def receiveMessage(self, msg: Any, sender: Any) -> None:  # noqa: N802 (thespian's name)
+    def receiveMessage(self, msg: Any, sender: Any) -> None:
         handler = self._table.get(type(msg))
         if handler is None:
             self.log.debug("%s dropped unexpected %s", type(self).__name__, type(msg).__name__)

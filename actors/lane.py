@@ -30,8 +30,8 @@ from messages.internal import (
     LaneOutput,
     LaneRef,
     LaneRequest,
-    OpenLane,
     Opened,
+    OpenLane,
 )
 from messages.wire import (
     Abandon,
@@ -227,8 +227,12 @@ class Lane(ShellActor):
             return
         self.closing = msg.reason
         if self.leases:
-            log.warning("lane %s: agent gone (%s), abandoning %s", self.name, msg.reason,
-                        sorted(self.leases))
+            log.warning(
+                "lane %s: agent gone (%s), abandoning %s",
+                self.name,
+                msg.reason,
+                sorted(self.leases),
+            )
         if not self.paths:
             self.finish_close()
             return
@@ -249,8 +253,7 @@ class Lane(ShellActor):
 
     def to_agent(self, message: Reply) -> None:
         if self.agent is not None and self.ref is not None:
-            self.send(self.agent, LaneOutput(uid=self.ref.uid, name=self.ref.name,
-                                             message=message))
+            self.send(self.agent, LaneOutput(uid=self.ref.uid, name=self.ref.name, message=message))
 
     @property
     def name(self) -> str:

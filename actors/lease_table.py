@@ -30,8 +30,8 @@ from typing import Literal
 from messages.wire import OnContention, Priority, Purpose, RevokeReason
 
 __all__ = [
-    "AbortRequest",
     "Abandoned",
+    "AbortRequest",
     "Diagnostic",
     "Effect",
     "Grant",
@@ -378,8 +378,7 @@ class LeaseTable:
         """Answer every waiter with ``shutting_down``, revoke the holder, refuse what follows."""
         self.closed = True
         effects: list[Effect] = [
-            Reject(w.req, w.lane, "shutting_down", "the service is stopping")
-            for w in self.waiters
+            Reject(w.req, w.lane, "shutting_down", "the service is stopping") for w in self.waiters
         ]
         self.waiters = []
         if self.holder is not None:

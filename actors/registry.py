@@ -23,7 +23,7 @@ from thespian.actors import ActorExitRequest, ChildActorExited, WakeupMessage
 
 from actors._shell import Handler, ShellActor, addr_key, monotonic_ms
 from actors.session_file import SessionFile
-from messages.errors import PathNotAllowed
+from messages.errors import ErrorCode, PathNotAllowed
 from messages.internal import (
     Configure,
     Configured,
@@ -111,7 +111,7 @@ class Registry(ShellActor):
     def on_call(self, call: LaneCall, sender: Any) -> None:
         rid = call.request.id
         if self.config is None or self.draining:
-            code = "shutting_down" if self.draining else "unavailable"
+            code: ErrorCode = "shutting_down" if self.draining else "unavailable"
             self.refuse(call, Error(id=rid, code=code, detail="the registry is not serving"))
             return
         path = call.path
@@ -201,8 +201,15 @@ class Registry(ShellActor):
             try:
                 path = canonicalize(msg.request.path, self.config.roots, self.config.suffixes)
             except PathNotAllowed as exc:
-                self.send(sender, Error(id=msg.request.id, code="path_not_allowed",
-                                        detail=exc.detail, path=msg.request.path))
+                self.send(
+                    sender,
+                    Error(
+                        id=msg.request.id,
+                        code="path_not_allowed",
+                        detail=exc.detail,
+                        path=msg.request.path,
+                    ),
+                )
                 return
             entries = [e for e in entries if e.path == path]
         qid = next(self.query_ids)

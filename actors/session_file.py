@@ -52,7 +52,6 @@ from messages.internal import (
 )
 from messages.wire import (
     Abandon,
-    Abandoned as AbandonedReply,
     AbortRequested,
     Acquire,
     Append,
@@ -67,12 +66,17 @@ from messages.wire import (
     QueueEntry,
     Recover,
     Release,
-    Released as ReleasedReply,
     Reply,
     Revoked,
     Rewrite,
     Rewritten,
     Skipped,
+)
+from messages.wire import (
+    Abandoned as AbandonedReply,
+)
+from messages.wire import (
+    Released as ReleasedReply,
 )
 
 __all__ = ["SessionFile"]
@@ -288,9 +292,7 @@ class SessionFile(ShellActor):
 
     def rewrite(self, call: LaneCall, req: Rewrite) -> None:
         assert self.table is not None and self.transcript is not None
-        refusal = self.table.check_write(
-            call.lane.uid, req.lease, req.fence, purpose="compaction"
-        )
+        refusal = self.table.check_write(call.lane.uid, req.lease, req.fence, purpose="compaction")
         if refusal is not None:
             code, detail = refusal
             self.reply(call, Error(id=req.id, code=code, detail=detail, path=self.path))
@@ -335,8 +337,11 @@ class SessionFile(ShellActor):
                 case Grant() if fx.req in self.pending_writes:
                     self.perform_queued_write(fx)
                 case Grant():
-                    self.answer(fx.req, fx.lane, Granted(lease=fx.lease, fence=fx.fence,
-                                                         path=self.path, purpose=fx.purpose))
+                    self.answer(
+                        fx.req,
+                        fx.lane,
+                        Granted(lease=fx.lease, fence=fx.fence, path=self.path, purpose=fx.purpose),
+                    )
                 case Queue() if fx.req in self.pending_writes:
                     pass  # a short write answers once, with `appended`
                 case Queue():
@@ -359,9 +364,7 @@ class SessionFile(ShellActor):
                     self.send_lane(fx.lane, FileReply(path=self.path, message=event))
                 case AbortRequest():
                     event = AbortRequested(lease=fx.lease, path=self.path, grace_ms=fx.grace_ms)
-                    self.send_lane(
-                        fx.lane, FileReply(path=self.path, message=event, held=fx.lease)
-                    )
+                    self.send_lane(fx.lane, FileReply(path=self.path, message=event, held=fx.lease))
                 case Diagnostic(message=message):
                     log.warning(message)
         self.schedule()
@@ -371,7 +374,11 @@ class SessionFile(ShellActor):
         pending = self.pending_writes.pop(grant.req)
         try:
             reply = self.write(
-                pending.call, grant.lease, pending.data, pending.lines, grant.fence,
+                pending.call,
+                grant.lease,
+                pending.data,
+                pending.lines,
+                grant.fence,
                 pending.durability,
             )
         except Exception as exc:
@@ -386,9 +393,15 @@ class SessionFile(ShellActor):
         self.reply(pending.call, reply)
 
     def answer(self, req: Any, lane_uid: Any, message: Reply) -> None:
-        lane, rid = req
-        self.send_lane(lane_uid, FileReply(path=self.path, message=message.model_copy(
-            update={"id": rid}), held=self.held(lane_uid)))
+        _, rid = req
+        self.send_lane(
+            lane_uid,
+            FileReply(
+                path=self.path,
+                message=message.model_copy(update={"id": rid}),
+                held=self.held(lane_uid),
+            ),
+        )
 
     def reply(self, call: LaneCall, message: Reply) -> None:
         self.send(
@@ -439,26 +452,35 @@ class SessionFile(ShellActor):
 
     def status(self) -> FileStatus:
         if self.table is None:
-            return FileStatus(path=self.path, fence=0, holder=None, queue=[],
-                              counters={"broken": 1})
+            return FileStatus(
+                path=self.path, fence=0, holder=None, queue=[], counters={"broken": 1}
+            )
         now = monotonic_ms()
         t = self.table
         holder = None
         if t.holder is not None:
-            holder = HolderStatus(lane=self.lane_name(t.holder.lane), lease=t.holder.lease,
-                                  purpose=t.holder.purpose,
-                                  held_ms=int(now - t.holder.granted_at))
+            holder = HolderStatus(
+                lane=self.lane_name(t.holder.lane),
+                lease=t.holder.lease,
+                purpose=t.holder.purpose,
+                held_ms=int(now - t.holder.granted_at),
+            )
         queue = [
-            QueueEntry(lane=self.lane_name(w.lane), purpose=w.purpose, priority=w.priority,
-                       waited_ms=int(now - w.enqueued_at))
+            QueueEntry(
+                lane=self.lane_name(w.lane),
+                purpose=w.purpose,
+                priority=w.priority,
+                waited_ms=int(now - w.enqueued_at),
+            )
             for w in t.order(now)
         ]
         counters = {**t.counters, **self.counters}
         if self.transcript is not None:
             counters["syncs"] = self.transcript.sync_count
             counters["size"] = self.transcript.size
-        return FileStatus(path=self.path, fence=t.fence, holder=holder, queue=queue,
-                          counters=counters)
+        return FileStatus(
+            path=self.path, fence=t.fence, holder=holder, queue=queue, counters=counters
+        )
 
     def lane_name(self, uid: Any) -> str:
         return self.lane_names.get(uid, str(uid))

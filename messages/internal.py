@@ -36,10 +36,12 @@ __all__ = [
     "Drained",
     "FileInit",
     "FileReply",
-    "FileSettings",
     "FileRestarted",
+    "FileSettings",
     "FileStatusAnswer",
     "FileStatusQuery",
+    "GatewayFailed",
+    "GatewayStarted",
     "IdleNotice",
     "InternalMessage",
     "LaneCall",
@@ -49,6 +51,9 @@ __all__ = [
     "LaneRequest",
     "OpenLane",
     "Opened",
+    "Ping",
+    "Pong",
+    "StartGateway",
     "StatusQuery",
 ]
 
@@ -204,6 +209,42 @@ class FileStatusAnswer(_Internal):
     status: FileStatus
 
 
+class StartGateway(_Internal):
+    """To the Gateway actor: bind these listeners and serve them."""
+
+    kind: Literal["start_gateway"] = "start_gateway"
+    listen: list[str]
+    """``tcp://HOST:PORT`` (port 0: any free port) and/or ``unix:///path``."""
+    registry: Any
+    token: str | None
+    max_frame_bytes: int
+    keepalive_ms: int
+
+
+class GatewayStarted(_Internal):
+    kind: Literal["gateway_started"] = "gateway_started"
+    addresses: list[str]
+    """What was actually bound (the real port when 0 was asked)."""
+
+
+class GatewayFailed(_Internal):
+    kind: Literal["gateway_failed"] = "gateway_failed"
+    reason: str
+
+
+class Ping(_Internal):
+    """Liveness probe for supervision; answered with ``Pong`` carrying the same nonce."""
+
+    kind: Literal["ping"] = "ping"
+    nonce: int
+
+
+class Pong(_Internal):
+    kind: Literal["pong"] = "pong"
+    nonce: int
+    connections: int = 0
+
+
 class Drain(_Internal):
     """To the Registry, then to every SessionFile: answer waiters ``shutting_down``, stop."""
 
@@ -231,6 +272,11 @@ InternalMessage = (
     | StatusQuery
     | FileStatusQuery
     | FileStatusAnswer
+    | StartGateway
+    | GatewayStarted
+    | GatewayFailed
+    | Ping
+    | Pong
     | Drain
     | Drained
 )

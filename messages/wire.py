@@ -38,16 +38,16 @@ __all__ = [
     "OnContention",
     "Priority",
     "Purpose",
-    "Queued",
     "QueueEntry",
+    "Queued",
     "Recover",
     "Release",
     "Released",
     "Reply",
     "Request",
     "RequestId",
-    "Revoked",
     "RevokeReason",
+    "Revoked",
     "Rewrite",
     "Rewritten",
     "Skipped",
@@ -270,7 +270,7 @@ class FileStatus(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
     path: str
     fence: int
-    holder: HolderStatus | None
+    holder: HolderStatus | None = None
     queue: list[QueueEntry]
     counters: dict[str, int]
 

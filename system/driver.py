@@ -29,8 +29,8 @@ from messages.internal import (
     Drained,
     FileSettings,
     LaneOutput,
-    OpenLane,
     Opened,
+    OpenLane,
     StatusQuery,
 )
 from messages.wire import Priority, Reply, Status, StatusReply
@@ -76,7 +76,9 @@ class ActorDriver:
         self._ids = itertools.count(1)
 
     def start(
-        self, roots: Sequence[str], settings: FileSettings | None = None,
+        self,
+        roots: Sequence[str],
+        settings: FileSettings | None = None,
         suffixes: Sequence[str] = (".jsonl",),
     ) -> ActorDriver:
         self.registry = self.asys.createActor(Registry, globalName=REGISTRY_NAME)
@@ -97,8 +99,9 @@ class ActorDriver:
         address = self.asys.createActor(Lane)
         handle = LaneHandle(name, uid, address)
         self.lanes[uid] = handle
-        self.asys.tell(address, OpenLane(name=name, priority=priority, registry=self.registry,
-                                         uid=uid))
+        self.asys.tell(
+            address, OpenLane(name=name, priority=priority, registry=self.registry, uid=uid)
+        )
         self.wait_for(lambda m: isinstance(m, Opened) and m.uid == uid, f"lane {name} to open")
         return handle
 
@@ -110,19 +113,25 @@ class ActorDriver:
         return request.id
 
     def call(self, lane: LaneHandle, request: Any, timeout: float | None = None) -> Reply:
-        """Send and wait for the final reply to this request (``queued`` notes stay in the inbox)."""
+        """Send; wait for the final reply (``queued`` notes stay in the inbox)."""
         rid = self.send(lane, request)
         return self.reply_to(lane, rid, timeout)
 
     def reply_to(self, lane: LaneHandle, rid: Any, timeout: float | None = None) -> Reply:
         return self.expect(
-            lane, lambda r: r.id == rid and r.type not in _FINAL_EXCLUDES, timeout,
+            lane,
+            lambda r: r.id == rid and r.type not in _FINAL_EXCLUDES,
+            timeout,
             what=f"the reply to request {rid}",
         )
 
     def expect(
-        self, lane: LaneHandle, match: Callable[[Reply], bool], timeout: float | None = None,
-        *, what: str = "a message",
+        self,
+        lane: LaneHandle,
+        match: Callable[[Reply], bool],
+        timeout: float | None = None,
+        *,
+        what: str = "a message",
     ) -> Reply:
         """Take the first message in ``lane``'s inbox matching ``match``, listening as needed."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -132,8 +141,10 @@ class ActorDriver:
                     return lane.inbox.pop(i)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Unavailable(f"timed out waiting for {what} on lane {lane.name}; "
-                                  f"inbox: {[m.type for m in lane.inbox]}")
+                raise Unavailable(
+                    f"timed out waiting for {what} on lane {lane.name}; "
+                    f"inbox: {[m.type for m in lane.inbox]}"
+                )
             self._pump(remaining)
 
     def events(self, lane: LaneHandle, kind: str) -> list[Reply]:
@@ -157,7 +168,9 @@ class ActorDriver:
         assert isinstance(found, Drained)
         return found
 
-    def wait_for(self, match: Callable[[Any], bool], what: str, timeout: float | None = None) -> Any:
+    def wait_for(
+        self, match: Callable[[Any], bool], what: str, timeout: float | None = None
+    ) -> Any:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             for i, message in enumerate(self.other):

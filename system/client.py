@@ -1,0 +1,511 @@
+"""The public Python client (synchronous). ``connect_async`` is the asyncio twin, same shape.
+
+    from system.client import connect
+
+    with connect("tcp://127.0.0.1:7420") as sl:
+        lane = sl.lane("agent:main:heartbeat", priority="background")
+        with lane.lease(path, purpose="prompt", on_contention="skip") as lease:
+            if lease is not None:
+                lease.append({"type": "message", "text": "hi"})
+
+A background thread reads replies and events and sends keepalives while the connection is
+idle. If the connection breaks, every lease on it is reported lost: its next use raises
+``LeaseRevoked`` and writes nothing. The next call reconnects, with bounded retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from messages.codec import FrameReader, decode_reply, frame
+from messages.errors import (
+    BadFrame,
+    Contended,
+    InvalidRecord,
+    LeaseRevoked,
+    LeaseTimeout,
+    NotHolder,
+    PathNotAllowed,
+    QueueFull,
+    SessionLaneError,
+    ShuttingDown,
+    StaleFence,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+from messages.wire import (
+    Abandon,
+    Abandoned,
+    Acquire,
+    Append,
+    Appended,
+    Durability,
+    Granted,
+    Hello,
+    Keepalive,
+    OnContention,
+    Priority,
+    Purpose,
+    Recover,
+    Release,
+    Reply,
+    Rewrite,
+    Rewritten,
+    Skipped,
+    Status,
+    StatusReply,
+)
+from system._client_core import (
+    DEFAULT_ADDRESS,
+    AppendResult,
+    ClientCore,
+    LeaseState,
+    client_name,
+    parse_address,
+    raise_if_error,
+)
+
+__all__ = [
+    "AppendResult",
+    "BadFrame",
+    "Contended",
+    "InvalidRecord",
+    "Lane",
+    "Lease",
+    "LeaseRevoked",
+    "LeaseTimeout",
+    "NotHolder",
+    "PathNotAllowed",
+    "QueueFull",
+    "SessionLane",
+    "SessionLaneError",
+    "ShuttingDown",
+    "StaleFence",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "connect",
+    "connect_async",
+]
+
+log = logging.getLogger(__name__)
+
+_REPLY_MARGIN_S = 10.0
+"""How much longer than its own timeout a request may take before the service is deemed gone."""
+
+
+def connect(
+    address: str = DEFAULT_ADDRESS,
+    token: str | None = None,
+    *,
+    timeout: float = 30.0,
+    keepalive: float = 5.0,
+    reconnect_for: float = 10.0,
+) -> SessionLane:
+    """Open a connection (retrying for up to ``reconnect_for`` seconds while refused)."""
+    sl = SessionLane(
+        address, token, timeout=timeout, keepalive=keepalive, reconnect_for=reconnect_for
+    )
+    sl.reconnect()
+    return sl
+
+
+def connect_async(address: str = DEFAULT_ADDRESS, token: str | None = None, **kwargs: Any) -> Any:
+    """The asyncio client: ``async with connect_async(addr) as sl`` or ``await connect_async``."""
+    from system.client_async import connect_async as _connect_async
+
+    return _connect_async(address, token, **kwargs)
+
+
+class _Waiter:
+    __slots__ = ("event", "replies")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.replies: list[Reply] = []
+
+
+class SessionLane:
+    """One connection to a sessionlane service. Thread-safe; usable as a context manager."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None,
+        *,
+        timeout: float,
+        keepalive: float,
+        reconnect_for: float,
+    ):
+        self.address = address
+        self.token = token
+        self.timeout = timeout
+        self.keepalive = keepalive
+        self.reconnect_for = reconnect_for
+        self.core = ClientCore()
+        self.server: str | None = None
+        self._lock = threading.Lock()  # sends, id allocation, waiters
+        self._sock: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        self._waiters: dict[Any, _Waiter] = {}
+        self._closed = False
+        self._generation = 0
+
+    # Connection ----------------------------------------------------------------------------
+
+    def reconnect(self) -> None:
+        """(Re)open the connection, with bounded retries on refusal."""
+        retrying = Retrying(
+            stop=stop_after_delay(self.reconnect_for),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            retry=retry_if_exception_type(
+                (ConnectionRefusedError, FileNotFoundError, ConnectionResetError)
+            ),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self._open()
+        except OSError as exc:
+            raise Unavailable(f"cannot reach sessionlane at {self.address}: {exc}") from exc
+
+    def _open(self) -> None:
+        kind, where = parse_address(self.address)
+        family = (
+            socket.AF_UNIX
+            if kind == "unix"
+            else (socket.AF_INET6 if ":" in where[0] else socket.AF_INET)
+        )
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(where)
+        except OSError:
+            sock.close()
+            raise
+        if kind == "tcp":
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self._generation += 1
+            self._sock = sock
+            generation = self._generation
+        self._reader = threading.Thread(
+            target=self._read_loop, args=(sock, generation), name="sessionlane-client", daemon=True
+        )
+        self._reader.start()
+        welcome = self._request(Hello(client=client_name(), token=self.token))
+        self.server = getattr(welcome, "server", None)
+
+    def close(self) -> None:
+        """Close the connection: the service abandons this connection's leases."""
+        self._closed = True
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.core.lost("connection_closed")
+
+    def __enter__(self) -> SessionLane:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read_loop(self, sock: socket.socket, generation: int) -> None:
+        reader = FrameReader(64 * 1024 * 1024)
+        sock.settimeout(self.keepalive)
+        reason = "connection closed by the service"
+        try:
+            while True:
+                try:
+                    data = sock.recv(256 * 1024)
+                except TimeoutError:
+                    self._send_quietly(sock, Keepalive(id=f"ka{generation}"))
+                    continue
+                if not data:
+                    break
+                for body in reader.feed(data):
+                    self._deliver(decode_reply(body))
+        except (OSError, SessionLaneError) as exc:
+            reason = f"connection lost: {exc}"
+        self._lost(generation, reason)
+
+    def _send_quietly(self, sock: socket.socket, message: Any) -> None:
+        with self._lock, contextlib.suppress(OSError):
+            sock.sendall(frame(message))
+
+    def _deliver(self, reply: Reply) -> None:
+        if reply.id is None:
+            with self._lock:
+                self.core.on_event(reply)
+            return
+        with self._lock:
+            waiter = self._waiters.get(reply.id)
+            if waiter is not None:
+                waiter.replies.append(reply)
+                waiter.event.set()
+
+    def _lost(self, generation: int, reason: str) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._sock = None
+            self.core.lost()
+            for waiter in self._waiters.values():
+                waiter.event.set()
+        if not self._closed:
+            log.warning("sessionlane %s: %s", self.address, reason)
+
+    # Requests ------------------------------------------------------------------------------
+
+    def _request(self, message: Any, *, timeout: float | None = None, final: bool = True) -> Reply:
+        """Send ``message`` with a fresh id; wait for its final reply (``queued`` skipped)."""
+        if self._closed:
+            raise Unavailable("the connection was closed")
+        if self._sock is None:
+            self.reconnect()
+        with self._lock:
+            rid = self.core.next_id()
+            waiter = self._waiters[rid] = _Waiter()
+            sock = self._sock
+        try:
+            if sock is None:
+                raise Unavailable("not connected")
+            try:
+                with self._lock:
+                    sock.sendall(frame(message.model_copy(update={"id": rid})))
+            except OSError as exc:
+                raise Unavailable(f"send failed: {exc}") from exc
+            limit = (timeout if timeout is not None else self.timeout) + _REPLY_MARGIN_S
+            while True:
+                if not waiter.event.wait(limit):
+                    raise Unavailable(f"no reply to {message.type} within {limit:.0f} s")
+                with self._lock:
+                    waiter.event.clear()
+                    replies, waiter.replies = waiter.replies, []
+                    gone = self._sock is not sock
+                for reply in replies:
+                    if reply.type != "queued" or not final:
+                        return reply
+                if gone:
+                    raise Unavailable("connection lost before the reply arrived")
+        finally:
+            with self._lock:
+                self._waiters.pop(rid, None)
+
+    # Public API ----------------------------------------------------------------------------
+
+    def lane(self, name: str, priority: Priority = "interactive") -> Lane:
+        """A lane of this connection (created on the service at its first request)."""
+        return Lane(self, name, priority)
+
+    def recover(
+        self, path: str, reason: str = "stuck", grace: float = 5.0, *, lane: str = "recovery"
+    ) -> Lease:
+        """Take a recovery lease on ``path``: the holder is asked to abort, then revoked."""
+        path = _abs(path)
+        reply = raise_if_error(
+            self._request(
+                Recover(lane=lane, path=path, reason=reason, grace_ms=int(grace * 1000)),
+                timeout=grace + self.timeout,
+            ),
+            path,
+        )
+        assert isinstance(reply, Granted)
+        return self._lease(reply, lane)
+
+    def status(self, path: str | None = None) -> StatusReply:
+        reply = raise_if_error(self._request(Status(path=_abs(path) if path else None)), path)
+        assert isinstance(reply, StatusReply)
+        return reply
+
+    def _lease(self, granted: Granted, lane: str) -> Lease:
+        state = LeaseState(granted.lease, granted.path, granted.fence, granted.purpose)
+        with self._lock:
+            self.core.track(state)
+        return Lease(self, state, lane)
+
+
+class Lane:
+    """A named lane on one connection. The same name on two connections is two lanes."""
+
+    def __init__(self, sl: SessionLane, name: str, priority: Priority):
+        self.sl = sl
+        self.name = name
+        self.priority = priority
+
+    @contextlib.contextmanager
+    def lease(
+        self,
+        path: str,
+        purpose: Purpose = "prompt",
+        wait_timeout: float | None = 60.0,
+        max_hold: float | None = None,
+        on_contention: OnContention = "wait",
+    ) -> Iterator[Lease | None]:
+        """Hold ``path`` for the ``with`` block; yields None when skipped."""
+        lease = self.acquire(
+            path, purpose, wait_timeout=wait_timeout, max_hold=max_hold, on_contention=on_contention
+        )
+        try:
+            yield lease
+        finally:
+            if lease is not None:
+                lease.release(quiet=True)
+
+    def acquire(
+        self,
+        path: str,
+        purpose: Purpose = "prompt",
+        *,
+        wait_timeout: float | None = 60.0,
+        max_hold: float | None = None,
+        on_contention: OnContention = "wait",
+    ) -> Lease | None:
+        """Acquire without a ``with`` block; release the lease yourself."""
+        path = _abs(path)
+        request = Acquire(
+            lane=self.name,
+            path=path,
+            purpose=purpose,
+            priority=self.priority,
+            wait_timeout_ms=None if wait_timeout is None else int(wait_timeout * 1000),
+            max_hold_ms=None if max_hold is None else max(1, int(max_hold * 1000)),
+            on_contention=on_contention,
+        )
+        wait = wait_timeout if wait_timeout is not None else 24 * 3600.0
+        reply = raise_if_error(self.sl._request(request, timeout=wait), path)
+        if isinstance(reply, Skipped):
+            return None
+        assert isinstance(reply, Granted), reply
+        return self.sl._lease(reply, self.name)
+
+    def append(
+        self, path: str, *records: dict[str, Any], durability: Durability | None = None
+    ) -> AppendResult:
+        """A short write without a lease: queued like a ``write`` lease, never interleaved."""
+        path = _abs(path)
+        reply = raise_if_error(
+            self.sl._request(
+                Append(lane=self.name, path=path, records=list(records), durability=durability)
+            ),
+            path,
+        )
+        assert isinstance(reply, Appended)
+        return AppendResult(reply.offset, reply.lines, reply.fence)
+
+    def abandon(self, path: str | None = None, reason: str | None = None) -> list[str]:
+        """Drop this lane's leases and queued requests (on ``path`` only, if given)."""
+        reply = raise_if_error(
+            self.sl._request(
+                Abandon(lane=self.name, path=_abs(path) if path else None, reason=reason)
+            ),
+            path,
+        )
+        assert isinstance(reply, Abandoned)
+        with self.sl._lock:
+            for lease in reply.leases:
+                state = self.sl.core.leases.pop(lease, None)
+                if state is not None:
+                    state.revoked = "abandoned"
+        return reply.leases
+
+
+class Lease:
+    """A granted lease. Writes carry its fence; a revoked lease refuses to write."""
+
+    def __init__(self, sl: SessionLane, state: LeaseState, lane: str):
+        self.sl = sl
+        self.state = state
+        self.lane = lane
+
+    id = property(lambda self: self.state.lease, doc="The lease id.")
+    fence = property(lambda self: self.state.fence, doc="The fence every write carries.")
+    path = property(lambda self: self.state.path, doc="The canonical path.")
+    purpose = property(lambda self: self.state.purpose)
+    abort_requested = property(
+        lambda self: self.state.abort_requested,
+        doc="A recovery asked this holder to finish or release.",
+    )
+    revoked = property(
+        lambda self: self.state.revoked,
+        doc="The revocation reason, or None while the lease is held.",
+    )
+    external_changes = property(lambda self: list(self.state.external_changes))
+
+    def append(
+        self, *records: dict[str, Any], durability: Durability | None = None
+    ) -> AppendResult:
+        """Append records durably under this lease; all or nothing."""
+        self.state.check_usable()
+        reply = self._call(
+            Append(lease=self.id, fence=self.fence, records=list(records), durability=durability)
+        )
+        assert isinstance(reply, Appended)
+        return AppendResult(reply.offset, reply.lines, reply.fence)
+
+    def rewrite(self, records: Sequence[dict[str, Any]]) -> int:
+        """Replace the whole file atomically (compaction leases); returns the line count."""
+        self.state.check_usable()
+        reply = self._call(Rewrite(lease=self.id, fence=self.fence, records=list(records)))
+        assert isinstance(reply, Rewritten)
+        return reply.lines
+
+    def release(self, *, quiet: bool = False) -> None:
+        """Release one level of the lease. ``quiet``: a lease already gone is not an error."""
+        if self.state.released or (quiet and self.state.revoked is not None):
+            return
+        try:
+            self.state.check_usable()
+            self._call(Release(lease=self.id))
+        except (NotHolder, LeaseRevoked, Unavailable):
+            if not quiet:
+                raise
+        finally:
+            self.state.released = True
+            with self.sl._lock:
+                self.sl.core.forget(self.id)
+
+    def _call(self, message: Any) -> Reply:
+        try:
+            reply = self.sl._request(message)
+        except Unavailable as exc:
+            if self.state.revoked is not None:
+                raise LeaseRevoked(f"lease {self.id} lost: {exc.detail}", path=self.path) from exc
+            raise
+        if isinstance(reply, Skipped):  # pragma: no cover - not a reply to writes
+            raise Unavailable("unexpected reply")
+        try:
+            return raise_if_error(reply, self.path)
+        except StaleFence:
+            if self.state.revoked is None:
+                self.state.revoked = "stale_fence"
+            raise
+
+    def __repr__(self) -> str:
+        return f"Lease({self.id!r}, path={self.path!r}, fence={self.fence}, purpose={self.purpose})"
+
+
+def _abs(path: str) -> str:
+    """Relative paths are the caller's: anchor them at the caller's directory.
+
+    No lexical ``..`` folding: the service resolves symlinks first, as the OS would.
+    """
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)

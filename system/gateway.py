@@ -1,0 +1,433 @@
+"""The gateway: a thespian actor that owns the listening sockets and speaks the wire protocol.
+
+Clients of any language connect over TCP or a Unix socket and exchange length-prefixed msgpack
+frames (``messages.codec``). No pickle crosses this boundary. The actor returns a
+``ThespianWatch`` with every socket it owns from each ``receiveMessage``, so thespian's own
+select loop wakes it with a ``WatchMessage`` when one is readable: everything happens in one
+single-threaded process, and nothing blocks (sockets are non-blocking, output is buffered).
+
+Per connection: the first request must be ``hello`` (with the token when one is configured);
+each lane name used on the connection gets its own Lane actor, created on first use; replies
+and events from those lanes are framed back. When the connection closes, breaks, sends a frame
+over the size limit, or stays silent for three keepalive periods, its lanes are told
+``AgentGone`` and abandon everything they hold or wait for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hmac
+import itertools
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
+
+from actors._shell import Handler, ShellActor, monotonic_ms
+from actors.lane import Lane
+from messages.codec import FrameDecodeError, FrameReader, decode_request, frame
+from messages.errors import ErrorCode, TooLarge
+from messages.internal import (
+    AgentGone,
+    GatewayFailed,
+    GatewayStarted,
+    LaneOutput,
+    Opened,
+    OpenLane,
+    Ping,
+    Pong,
+    StartGateway,
+    StatusQuery,
+)
+from messages.wire import (
+    PROTOCOL_VERSION,
+    Abandon,
+    Acquire,
+    Alive,
+    Append,
+    Error,
+    Granted,
+    Hello,
+    Keepalive,
+    Priority,
+    Recover,
+    Release,
+    Reply,
+    Revoked,
+    Rewrite,
+    Status,
+    StatusReply,
+    Welcome,
+)
+from system.config import parse_listen
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "sessionlane/0.1"
+_RECV_BYTES = 256 * 1024
+_MAX_OUTBUF = 32 * 1024 * 1024
+_MAX_LEASES_PER_CONN = 4096
+_FLUSH_RETRY_S = 0.005
+
+
+@dataclass
+class _LaneSlot:
+    uid: str
+    address: Any
+
+
+@dataclass
+class _Conn:
+    id: int
+    sock: socket.socket
+    peer: str
+    reader: FrameReader
+    last_seen: float
+    out: bytearray = field(default_factory=bytearray)
+    hello: bool = False
+    lanes: dict[str, _LaneSlot] = field(default_factory=dict)
+    leases: dict[str, str] = field(default_factory=dict)  # lease -> lane name
+    closing: bool = False
+
+
+class Gateway(ShellActor):
+    log = log
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.listeners: dict[int, tuple[socket.socket, str]] = {}  # fd -> (socket, address)
+        self.conns: dict[int, _Conn] = {}  # fd -> connection
+        self.by_uid: dict[str, tuple[_Conn, str]] = {}  # lane uid -> (connection, lane name)
+        self.statuses: dict[str, tuple[int, Any]] = {}  # gateway status id -> (conn id, id)
+        self.registry: Any = None
+        self.token: str | None = None
+        self.max_frame_bytes = 8 * 1024 * 1024
+        self.keepalive_ms = 10_000
+        self.ids = itertools.count(1)
+        self.unix_paths: list[str] = []
+        self.flush_scheduled = False
+
+    def handlers(self) -> dict[type, Handler]:
+        return {
+            StartGateway: self.on_start,
+            WatchMessage: self.on_watch,
+            LaneOutput: self.on_lane_output,
+            Opened: self.on_opened,
+            StatusReply: self.on_status_reply,
+            WakeupMessage: self.on_wakeup,
+            Ping: self.on_ping,
+            ActorExitRequest: self.on_exit,
+        }
+
+    def receiveMessage(self, msg: Any, sender: Any) -> Any:
+        super().receiveMessage(msg, sender)
+        fds = list(self.listeners) + list(self.conns)
+        return ThespianWatch(fds) if fds else None
+
+    # Listeners -----------------------------------------------------------------------------
+
+    def on_start(self, msg: StartGateway, sender: Any) -> None:
+        self.registry = msg.registry
+        self.token = msg.token
+        self.max_frame_bytes = msg.max_frame_bytes
+        self.keepalive_ms = msg.keepalive_ms
+        bound: list[str] = []
+        try:
+            for address in msg.listen:
+                sock, actual = self.bind(address)
+                sock.setblocking(False)
+                self.listeners[sock.fileno()] = (sock, actual)
+                bound.append(actual)
+        except OSError as exc:
+            self.close_listeners()
+            self.send(sender, GatewayFailed(reason=f"cannot listen: {exc}"))
+            return
+        log.info("gateway listening on %s", ", ".join(bound))
+        self.wakeupAfter(self.keepalive_ms / 1000.0, payload="keepalive")
+        self.send(sender, GatewayStarted(addresses=bound))
+
+    def bind(self, address: str) -> tuple[socket.socket, str]:
+        parsed = parse_listen(address)
+        if parsed[0] == "unix":
+            path = parsed[1]
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.exists(path) and not _is_socket(path):
+                    raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+                os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)  # created 0600: only our user may connect
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+            sock.listen(128)
+            self.unix_paths.append(path)
+            return sock, f"unix://{path}"
+        _, host, port = parsed
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        real_port = sock.getsockname()[1]
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        return sock, f"tcp://{shown}:{real_port}"
+
+    def close_listeners(self) -> None:
+        for sock, _ in self.listeners.values():
+            sock.close()
+        self.listeners.clear()
+        for path in self.unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.unix_paths.clear()
+
+    def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
+        for conn in list(self.conns.values()):
+            self.close(conn, "gateway stopping")
+        self.close_listeners()
+
+    # Socket activity -----------------------------------------------------------------------
+
+    def on_watch(self, msg: WatchMessage, sender: Any) -> None:
+        for fd in msg.ready:
+            if fd in self.listeners:
+                self.accept(self.listeners[fd][0])
+            elif (conn := self.conns.get(fd)) is not None:
+                self.read(conn)
+
+    def accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(
+                id=next(self.ids),
+                sock=sock,
+                peer=str(peer) or "unix",
+                reader=FrameReader(self.max_frame_bytes),
+                last_seen=monotonic_ms(),
+            )
+            self.conns[sock.fileno()] = conn
+
+    def read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(conn, f"connection error: {exc}")
+            return
+        if not data:
+            self.close(conn, "connection closed")
+            return
+        conn.last_seen = monotonic_ms()
+        try:
+            bodies = conn.reader.feed(data)
+        except TooLarge as exc:
+            self.write(conn, Error(code="too_large", detail=exc.detail))
+            self.close(conn, "frame too large", flush=True)
+            return
+        for body in bodies:
+            if conn.closing:
+                return
+            self.handle_frame(conn, body)
+
+    def handle_frame(self, conn: _Conn, body: bytes) -> None:
+        try:
+            request = decode_request(body)
+        except FrameDecodeError as exc:
+            self.write(conn, Error(id=exc.request_id, code="bad_frame", detail=exc.detail))
+            if not conn.hello:
+                self.close(conn, "bad frame before hello", flush=True)
+            return
+        if not conn.hello:
+            self.greet(conn, request)
+            return
+        self.dispatch(conn, request)
+
+    def greet(self, conn: _Conn, request: Any) -> None:
+        if not isinstance(request, Hello):
+            detail = "the first request on a connection must be hello"
+            code: ErrorCode = "unauthorized" if self.token else "bad_frame"
+            self.write(conn, Error(id=request.id, code=code, detail=detail))
+            self.close(conn, "no hello", flush=True)
+            return
+        if self.token is not None and not hmac.compare_digest(
+            (request.token or "").encode(), self.token.encode()
+        ):
+            self.write(conn, Error(id=request.id, code="unauthorized", detail="bad or no token"))
+            self.close(conn, "unauthorized", flush=True)
+            log.warning("refused connection from %s: bad token", conn.peer)
+            return
+        conn.hello = True
+        self.write(conn, Welcome(id=request.id, server=SERVER_NAME, protocol=PROTOCOL_VERSION))
+
+    def dispatch(self, conn: _Conn, request: Any) -> None:
+        match request:
+            case Hello():
+                self.write(
+                    conn, Welcome(id=request.id, server=SERVER_NAME, protocol=PROTOCOL_VERSION)
+                )
+            case Keepalive():
+                self.write(conn, Alive(id=request.id))
+            case Status():
+                sid = f"g{next(self.ids)}"
+                self.statuses[sid] = (conn.id, request.id)
+                self.send(
+                    self.registry, StatusQuery(request=request.model_copy(update={"id": sid}))
+                )
+            case Acquire() | Recover() | Abandon():
+                priority = request.priority if isinstance(request, Acquire) else None
+                self.to_lane(conn, request.lane, request, priority)
+            case Append() if request.lane is not None:
+                self.to_lane(conn, request.lane, request, None)
+            case Release() | Append() | Rewrite():
+                assert request.lease is not None
+                lane = conn.leases.get(request.lease)
+                if lane is not None and lane in conn.lanes:
+                    self.to_lane(conn, lane, request, None)
+                elif isinstance(request, Release):
+                    self.write(
+                        conn,
+                        Error(
+                            id=request.id,
+                            code="not_holder",
+                            detail=f"lease {request.lease} is not held here",
+                        ),
+                    )
+                else:
+                    self.write(
+                        conn,
+                        Error(
+                            id=request.id,
+                            code="stale_fence",
+                            detail=f"lease {request.lease} is not held here",
+                        ),
+                    )
+
+    def to_lane(self, conn: _Conn, name: str, request: Any, priority: Priority | None) -> None:
+        slot = conn.lanes.get(name)
+        if slot is None:
+            uid = f"{name}#{conn.id}.{uuid.uuid4().hex[:6]}"
+            address = self.createActor(Lane)
+            slot = conn.lanes[name] = _LaneSlot(uid, address)
+            self.by_uid[uid] = (conn, name)
+            # Messages to a new actor queue until it is up; thespian keeps their order.
+            self.send(
+                address,
+                OpenLane(
+                    name=name, priority=priority or "interactive", registry=self.registry, uid=uid
+                ),
+            )
+        self.send(slot.address, request)
+
+    # From the actors -----------------------------------------------------------------------
+
+    def on_opened(self, msg: Opened, sender: Any) -> None:
+        pass  # lanes are used before they confirm; order is kept per sender/target pair
+
+    def on_lane_output(self, msg: LaneOutput, sender: Any) -> None:
+        found = self.by_uid.get(msg.uid)
+        if found is None:
+            return
+        conn, name = found
+        reply = msg.message
+        if isinstance(reply, Granted):
+            conn.leases[reply.lease] = name
+            while len(conn.leases) > _MAX_LEASES_PER_CONN:
+                conn.leases.pop(next(iter(conn.leases)))
+        elif isinstance(reply, Revoked):
+            conn.leases.pop(reply.lease, None)
+        self.write(conn, reply)
+
+    def on_status_reply(self, msg: StatusReply, sender: Any) -> None:
+        found = self.statuses.pop(str(msg.id), None)
+        if found is None:
+            return
+        conn_id, rid = found
+        conn = next((c for c in self.conns.values() if c.id == conn_id), None)
+        if conn is not None:
+            self.write(conn, msg.model_copy(update={"id": rid}))
+
+    def on_ping(self, msg: Ping, sender: Any) -> None:
+        self.send(sender, Pong(nonce=msg.nonce, connections=len(self.conns)))
+
+    # Output and closing --------------------------------------------------------------------
+
+    def write(self, conn: _Conn, message: Reply) -> None:
+        if conn.closing and not conn.out:
+            return
+        conn.out += frame(message)
+        self.flush(conn)
+        if len(conn.out) > _MAX_OUTBUF:
+            self.close(conn, "client does not read its replies")
+
+    def flush(self, conn: _Conn) -> None:
+        while conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                conn.out.clear()
+                self.close(conn, f"connection error: {exc}")
+                return
+            del conn.out[:sent]
+        if conn.out and not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.wakeupAfter(_FLUSH_RETRY_S, payload="flush")
+
+    def close(self, conn: _Conn, reason: str, *, flush: bool = False) -> None:
+        if flush and conn.out:
+            with contextlib.suppress(OSError):
+                conn.sock.setblocking(True)
+                conn.sock.settimeout(0.2)
+                conn.sock.sendall(bytes(conn.out))
+        conn.closing = True
+        fd = conn.sock.fileno()
+        self.conns.pop(fd, None)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+        for name, slot in conn.lanes.items():
+            self.by_uid.pop(slot.uid, None)
+            self.send(slot.address, AgentGone(reason=f"{reason} ({conn.peer}, lane {name})"))
+        if conn.lanes:
+            log.info(
+                "connection %d closed (%s); %d lanes released", conn.id, reason, len(conn.lanes)
+            )
+
+    def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
+        if msg.payload == "flush":
+            self.flush_scheduled = False
+            for conn in list(self.conns.values()):
+                if conn.out:
+                    self.flush(conn)
+        elif msg.payload == "keepalive":
+            limit = 3 * self.keepalive_ms
+            now = monotonic_ms()
+            for conn in list(self.conns.values()):
+                if now - conn.last_seen > limit:
+                    self.close(conn, f"silent for more than {limit} ms (keepalive missed)")
+            self.wakeupAfter(self.keepalive_ms / 1000.0, payload="keepalive")
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(os.lstat(path).st_mode)

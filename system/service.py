@@ -1,0 +1,286 @@
+"""The running service: actor system + Registry + Gateway, supervised, always stopped.
+
+``Service`` is what ``sessionlane serve`` runs in the foreground and what ``race``, ``bench``
+and the tests embed. The process that creates it is the supervisor: it checks every second
+that the admin is alive and that the gateway answers a ping, and if not, kills the whole actor
+process group and starts again on a fresh admin port (fences continue upward: they are
+persisted per path). ``stop()`` drains first (queued requests are answered
+``shutting_down``), then shuts the system down with a process-group kill as the backstop.
+
+Only the supervisor thread may call into the actor system (thespian's external endpoint is not
+thread-safe); signal handlers just set a flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from actors.registry import REGISTRY_NAME, Registry
+from messages.internal import (
+    Configure,
+    Configured,
+    Drain,
+    Drained,
+    FileSettings,
+    GatewayFailed,
+    GatewayStarted,
+    Ping,
+    Pong,
+    StartGateway,
+)
+from system.config import Settings, load_settings, read_token
+from system.gateway import Gateway
+from system.launch import TcpSystem, start_tcp_system
+
+__all__ = ["Service", "ServiceError", "embedded_service", "state_dir", "state_file"]
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 15.0
+_PING_TIMEOUT_S = 3.0
+_PING_FAILURES = 3
+
+
+class ServiceError(RuntimeError):
+    """The service could not start (a bound port, a bad root, an actor that would not come up)."""
+
+
+def state_dir() -> Path:
+    """Where running services leave their state file: per user, private."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = Path(base) / f"sessionlane-{os.getuid()}"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def state_file(listen: str) -> Path:
+    digest = hashlib.sha256(listen.encode()).hexdigest()[:12]
+    return state_dir() / f"serve-{digest}.json"
+
+
+def file_settings_from(settings: Settings) -> FileSettings:
+    return FileSettings(
+        max_hold_ms=settings.max_hold_ms,
+        wait_timeout_ms=settings.wait_timeout_ms,
+        aging_ms=settings.aging_ms,
+        max_queue=settings.max_queue,
+        idle_ms=settings.idle_ms,
+        durability=settings.durability,
+        max_record_bytes=settings.max_record_bytes,
+        legacy_lock=settings.legacy_lock,
+    )
+
+
+@dataclass
+class _Running:
+    system: TcpSystem
+    registry: Any
+    gateway: Any
+    addresses: list[str]
+
+
+class Service:
+    """One sessionlane service. Not thread-safe: drive it from one thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        log_file: str | Path | None = None,
+        extra_listen: list[str] | None = None,
+    ):
+        if not settings.roots:
+            raise ServiceError("no roots configured: pass --root DIR (or roots in the config)")
+        self.settings = settings
+        self.listen = [settings.listen, *(extra_listen or [])]
+        self.log_file = Path(log_file) if log_file else state_dir() / f"serve-{os.getpid()}.log"
+        self.running: _Running | None = None
+        self.restarts = 0
+        self._nonce = itertools.count(1)
+        self._failures = 0
+        self._stop = threading.Event()
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """The first address the gateway listens on (the real port, if 0 was asked)."""
+        assert self.running is not None, "the service is not running"
+        return self.running.addresses[0]
+
+    def start(self) -> Service:
+        system = start_tcp_system(
+            self.settings.admin_port, log_file=self.log_file, log_level=self.settings.log_level
+        )
+        try:
+            self.running = self._bring_up(system)
+        except BaseException:
+            system.stop()
+            raise
+        log.info(
+            "sessionlane serving %s (admin port %d, pgid %d)",
+            ", ".join(self.running.addresses),
+            system.admin_port,
+            system.pgid,
+        )
+        return self
+
+    def _bring_up(self, system: TcpSystem) -> _Running:
+        asys = system.asys
+        registry = asys.createActor(Registry, globalName=REGISTRY_NAME)
+        asys.tell(
+            registry,
+            Configure(
+                roots=list(self.settings.roots),
+                suffixes=list(self.settings.suffixes),
+                file=file_settings_from(self.settings),
+            ),
+        )
+        self._expect(asys, Configured, "the registry")
+        gateway = asys.createActor(Gateway)
+        asys.tell(
+            gateway,
+            StartGateway(
+                listen=self.listen,
+                registry=registry,
+                token=read_token(self.settings),
+                max_frame_bytes=self.settings.max_frame_bytes,
+                keepalive_ms=self.settings.keepalive_ms,
+            ),
+        )
+        answer = self._expect(asys, (GatewayStarted, GatewayFailed), "the gateway")
+        if isinstance(answer, GatewayFailed):
+            raise ServiceError(answer.reason)
+        return _Running(system, registry, gateway, answer.addresses)
+
+    def _expect(self, asys: Any, kinds: Any, what: str, timeout: float = _START_TIMEOUT_S) -> Any:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            message = asys.listen(left)
+            if isinstance(message, kinds):
+                return message
+        raise ServiceError(f"{what} did not answer within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Drain, shut down, kill what is left. Idempotent."""
+        running, self.running = self.running, None
+        if running is None:
+            return
+        try:
+            if running.system.alive():
+                running.system.asys.tell(running.registry, Drain())
+                with contextlib.suppress(ServiceError):
+                    self._expect(running.system.asys, Drained, "the drain", timeout=5.0)
+        finally:
+            running.system.stop()
+
+    def healthy(self) -> bool:
+        """Is the admin alive and does the gateway answer a ping?"""
+        running = self.running
+        if running is None or not running.system.alive():
+            return False
+        nonce = next(self._nonce)
+        running.system.asys.tell(running.gateway, Ping(nonce=nonce))
+        deadline = time.monotonic() + _PING_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            message = running.system.asys.listen(left)
+            if isinstance(message, Pong) and message.nonce == nonce:
+                return True
+        return False
+
+    def supervise_once(self) -> None:
+        """One supervision check: restart everything after repeated failures."""
+        if self.healthy():
+            self._failures = 0
+            return
+        self._failures += 1
+        dead_admin = self.running is None or not self.running.system.alive()
+        if not dead_admin and self._failures < _PING_FAILURES:
+            return
+        log.error(
+            "actor system unhealthy (%s); restarting it",
+            "admin dead" if dead_admin else "gateway not answering",
+        )
+        old = self.running
+        self.running = None
+        if old is not None:
+            old.system.stop()
+        self.restarts += 1
+        self._failures = 0
+        self.start()
+
+    def request_stop(self) -> None:
+        """Ask ``serve_forever`` to return (safe from a signal handler or another thread)."""
+        self._stop.set()
+
+    def serve_forever(self, interval: float = 1.0) -> None:
+        """Supervise until ``request_stop``; then stop. The caller installs signal handlers."""
+        try:
+            while not self._stop.wait(interval):
+                self.supervise_once()
+        finally:
+            self.stop()
+
+    def write_state(self) -> Path:
+        running = self.running
+        assert running is not None
+        path = state_file(self.settings.listen)
+        data = {
+            "pid": os.getpid(),
+            "listen": self.settings.listen,
+            "addresses": running.addresses,
+            "admin_port": running.system.admin_port,
+            "pgid": running.system.pgid,
+            "log_file": str(self.log_file),
+            "roots": list(self.settings.roots),
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+        return path
+
+
+@contextlib.contextmanager
+def embedded_service(
+    roots: list[str],
+    *,
+    listen: str = "tcp://127.0.0.1:0",
+    log_file: str | Path | None = None,
+    **overrides: Any,
+) -> Iterator[Service]:
+    """A service in this process, on a free loopback port, stopped on exit whatever happens."""
+    settings, warnings = load_settings(
+        None, env={}, overrides={"roots": roots, "listen": listen, **overrides}
+    )
+    for warning in warnings:
+        log.warning("config: %s", warning)
+    service = Service(settings, log_file=log_file)
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def install_signal_handlers(service: Service) -> None:
+    """SIGINT/SIGTERM/SIGHUP stop the service cleanly (the supervisor loop notices)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        service.request_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
