@@ -1,0 +1,92 @@
+"""Shared fixtures: real actor systems, real services, and a leftover-process check.
+
+Every fixture that starts something stops it in its teardown, ending with a process-group
+kill (``TcpSystem.stop``): a leaked thespian admin keeps CI's output pipe open forever.
+At the end of the session, any process still carrying this run's ``SESSIONLANE_TEST_TAG``
+fails the run (and is killed).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from system.driver import ActorDriver, file_settings
+from system.launch import TcpSystem, simple_system, start_tcp_system
+from system.leftovers import find_leftovers, kill_leftovers
+
+_THESPLOG = Path(tempfile.mkdtemp(prefix="sessionlane-thesplog-"))
+os.environ.setdefault("THESPLOG_FILE", str(_THESPLOG / "thespian.log"))
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A configured root directory for transcripts."""
+    path = tmp_path / "sessions"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def simple_asys() -> Iterator[Any]:
+    asys = simple_system()
+    try:
+        yield asys
+    finally:
+        asys.shutdown()
+
+
+@pytest.fixture
+def tcp_system(tmp_path: Path) -> Iterator[TcpSystem]:
+    system = start_tcp_system(log_file=tmp_path / "actors.log")
+    try:
+        yield system
+    finally:
+        system.stop()
+
+
+@pytest.fixture(params=["simple", "tcp"])
+def base(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """The same scenario on ``simpleSystemBase`` and on ``multiprocTCPBase`` (real processes).
+
+    Yields ``(name, asys)``; for "tcp" the log file is ``tmp_path / "actors.log"``.
+    """
+    if request.param == "simple":
+        asys = simple_system()
+        try:
+            yield "simple", asys
+        finally:
+            asys.shutdown()
+        return
+    system = start_tcp_system(log_file=tmp_path / "actors.log")
+    try:
+        yield "tcp", system.asys
+    finally:
+        system.stop()
+
+
+@pytest.fixture
+def driver_factory(root: Path) -> Any:
+    """``make(asys, **file_settings) -> ActorDriver`` started on ``root``."""
+
+    def make(asys: Any, **settings: Any) -> ActorDriver:
+        return ActorDriver(asys).start([str(root)], file_settings(**settings))
+
+    return make
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    tag = os.environ.get("SESSIONLANE_TEST_TAG")
+    if not tag:
+        return
+    left = find_leftovers(tag)
+    if left:
+        kill_leftovers(left)
+        lines = "\n".join(f"  {pid} {cmd}" for pid, cmd in left)
+        print(f"\nprocesses left behind by the test run (killed):\n{lines}")
+        session.exitstatus = 1
