@@ -218,12 +218,13 @@ def start_tcp_system(
     if _listener_inode(port) is not None:
         raise RuntimeError(f"port {port} is already in use: refusing to attach to it")
     try:
-        asys = ActorSystem(
-            "multiprocTCPBase",
-            {"Admin Port": port, **caps},
-            logDefs=log_config(log_path, log_level),
-            transientUnique=True,
-        )
+        with _no_inherited_log_handlers():
+            asys = ActorSystem(
+                "multiprocTCPBase",
+                {"Admin Port": port, **caps},
+                logDefs=log_config(log_path, log_level),
+                transientUnique=True,
+            )
     except BaseException:
         # The admin may have been forked before the failure: nobody else would ever stop it.
         _kill_admin_group(port)
@@ -277,6 +278,23 @@ class PingActor(Actor):  # type: ignore[misc]
 
 
 # ---- thespian and /proc plumbing -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _no_inherited_log_handlers() -> Iterator[None]:
+    """Fork the admin without the caller's root log handlers.
+
+    The admin and every actor are forked while ``ActorSystem()`` runs; a handler the caller
+    installed (a CLI's stderr handler, pytest's capture) would be inherited and print the
+    actors' log lines on the caller's terminal besides sending them to the log file.
+    """
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
 
 
 def _set_thespian_log(path: Path) -> None:

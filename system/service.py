@@ -112,6 +112,8 @@ class Service:
         self._nonce = itertools.count(1)
         self._failures = 0
         self._stop = threading.Event()
+        self.state_path: Path | None = None
+        """The state file ``write_state`` wrote, kept current across restarts."""
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -221,6 +223,8 @@ class Service:
         self.restarts += 1
         self._failures = 0
         self.start()
+        if self.state_path is not None:
+            self.write_state()  # new admin port and process group: `stop` must find them
 
     def request_stop(self) -> None:
         """Ask ``serve_forever`` to return (safe from a signal handler or another thread)."""
@@ -250,6 +254,7 @@ class Service:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, path)
+        self.state_path = path
         return path
 
 
