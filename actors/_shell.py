@@ -18,6 +18,37 @@ __all__ = ["Handler", "ShellActor", "addr_key", "monotonic_ms"]
 
 Handler = Callable[[Any, Any], None]
 
+_OUR_PACKAGES = ("actors", "messages", "system")
+_AT_IMPORT = logging.getLogger(__name__)  # created before any fork: holds the original manager
+_rehomed_root: object = None
+
+
+def _rehome_loggers() -> None:
+    """Point our module loggers at the log forwarder of this actor process.
+
+    In a multiproc actor process thespian replaces ``logging.root`` (with a forwarder to its
+    logger process) and ``Logger.manager``, but the loggers our modules created at import,
+    before the fork, still hang off the old root: their records would never reach the log
+    file (they went to whatever handler the starting process had). Done once per process; a
+    no-op where the root was not replaced (simpleSystemBase).
+    """
+    global _rehomed_root
+    root = logging.root
+    manager = logging.Logger.manager
+    if _rehomed_root is root or _AT_IMPORT.manager is manager:
+        _rehomed_root = root
+        return
+    _rehomed_root = root
+    for logger in list(_AT_IMPORT.manager.loggerDict.values()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        if logger.name.split(".")[0] not in _OUR_PACKAGES:
+            continue
+        logger.parent = root
+        logger.manager = manager
+        manager.loggerDict[logger.name] = logger
+        logger._cache.clear()  # type: ignore[attr-defined]  # levels cached for the old root
+
 
 def monotonic_ms() -> float:
     """The actors' clock: milliseconds on the monotonic clock (never inside a state machine)."""
@@ -40,6 +71,7 @@ class ShellActor(Actor):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        _rehome_loggers()
         self._table: dict[type, Handler] = self.handlers()
 
     def handlers(self) -> dict[type, Handler]:

@@ -67,6 +67,8 @@ class _Fanout:
     """An abandon sent to several files, answered once all have answered."""
 
     remaining: int
+    reply_id: Any
+    """The agent's request id (None when it sent none), for the one ``abandoned`` reply."""
     leases: list[str] = field(default_factory=list)
 
 
@@ -153,7 +155,11 @@ class Lane(ShellActor):
         if not targets:
             self.to_agent(Abandoned(id=req.id, leases=[]))
             return
-        self.fanouts[req.id] = _Fanout(remaining=len(targets))
+        fan = _Fanout(remaining=len(targets), reply_id=req.id)
+        if req.id is None:  # the fan-in counts the answers by id: give it one
+            self.internal_ids += 1
+            req = req.model_copy(update={"id": f"_abandon{self.internal_ids}"})
+        self.fanouts[req.id] = fan
         for path in targets:
             canonical = self.paths.get(path, False)
             self.call(req.model_copy(update={"path": path}), path, canonical=canonical)
@@ -201,7 +207,7 @@ class Lane(ShellActor):
         del self.fanouts[rid]
         self.pending.pop(rid, None)
         if self.closing is None:
-            self.to_agent(Abandoned(id=rid, leases=sorted(set(fan.leases))))
+            self.to_agent(Abandoned(id=fan.reply_id, leases=sorted(set(fan.leases))))
         elif not self.fanouts:
             self.finish_close()
 

@@ -58,6 +58,8 @@ class _File:
     path: str
     address: Any
     incarnation: int
+    key: str
+    """Stable key of this child actor (see ``Registry.child_key``)."""
     forwarded: int = 0
     lanes: dict[str, Any] = field(default_factory=dict)
     restarts: deque[float] = field(default_factory=deque)
@@ -81,7 +83,8 @@ class Registry(ShellActor):
         super().__init__(*args, **kwargs)
         self.config: Configure | None = None
         self.files: dict[str, _File] = {}
-        self.by_address: dict[str, str] = {}  # SessionFile address key -> path
+        self.children: dict[str, Any] = {}  # child key -> address, live or retiring
+        self.by_address: dict[str, str] = {}  # child key -> path (live children only)
         self.retiring: set[str] = set()
         self.incarnations: dict[str, int] = {}
         self.gathers: dict[int, _Gather] = {}
@@ -100,7 +103,13 @@ class Registry(ShellActor):
             Drain: self.on_drain,
             Drained: self.on_drained,
             WakeupMessage: self.on_wakeup,
+            ActorExitRequest: self.on_exit,
         }
+
+    def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
+        # thespian tells the children to exit after this handler: their ChildActorExited must
+        # not restart them (a SessionFile started now would outlive the system's shutdown).
+        self.draining = True
 
     def on_configure(self, msg: Configure, sender: Any) -> None:
         self.config = msg
@@ -135,23 +144,37 @@ class Registry(ShellActor):
         incarnation = self.incarnations.get(path, 0) + 1
         self.incarnations[path] = incarnation
         address = self.createActor(SessionFile)
-        entry = _File(path=path, address=address, incarnation=incarnation)
+        key = f"{incarnation}:{path}"
+        entry = _File(path=path, address=address, incarnation=incarnation, key=key)
         if restarts is not None:
             entry.restarts = restarts
         self.files[path] = entry
-        self.by_address[addr_key(address)] = path
+        self.children[key] = address
+        self.by_address[key] = path
         self.send(address, FileInit(path=path, settings=self.config.file, incarnation=incarnation))
         return entry
+
+    def child_key(self, address: Any) -> str | None:
+        """The key of the SessionFile child at ``address``, or None if it is not one.
+
+        Not ``addr_key``: on multiproc bases ``createActor`` returns a local placeholder whose
+        ``str()`` changes once the child is up and never equals the ``str()`` of the address
+        the child later sends from (or exits with). thespian's ``==`` knows they are one actor.
+        """
+        for key, known in self.children.items():
+            if known == address:
+                return key
+        return None
 
     # Passivation and restarts --------------------------------------------------------------
 
     def on_idle(self, msg: IdleNotice, sender: Any) -> None:
         entry = self.files.get(msg.path)
-        if entry is None or addr_key(entry.address) != addr_key(sender):
+        if entry is None or self.child_key(sender) != entry.key:
             return
         if entry.forwarded != msg.received:
             return  # a call is in flight to it: it is not idle after all
-        key = addr_key(sender)
+        key = entry.key
         del self.files[msg.path]
         self.by_address.pop(key, None)
         self.retiring.add(key)
@@ -159,7 +182,10 @@ class Registry(ShellActor):
         self.send(sender, ActorExitRequest())
 
     def on_child_exited(self, msg: ChildActorExited, sender: Any) -> None:
-        key = addr_key(msg.childAddress)
+        key = self.child_key(msg.childAddress)
+        if key is None:
+            return
+        del self.children[key]
         if key in self.retiring:
             self.retiring.discard(key)
             return
@@ -213,7 +239,7 @@ class Registry(ShellActor):
                 return
             entries = [e for e in entries if e.path == path]
         qid = next(self.query_ids)
-        gather = _Gather(sender, msg.request.id, {addr_key(e.address) for e in entries})
+        gather = _Gather(sender, msg.request.id, {e.key for e in entries})
         self.gathers[qid] = gather
         for entry in entries:
             entry.forwarded += 1
@@ -225,14 +251,16 @@ class Registry(ShellActor):
         gather = self.gathers.get(msg.query)
         if gather is None:
             return
-        gather.waiting.discard(addr_key(sender))
+        key = self.child_key(sender)
+        if key is not None:
+            gather.waiting.discard(key)
         gather.answers.append(msg.status)
         self.maybe_finish(msg.query)
 
     def on_drain(self, msg: Drain, sender: Any) -> None:
         self.draining = True
         qid = next(self.query_ids)
-        targets = {addr_key(e.address): e.address for e in self.files.values()}
+        targets = {e.key: e.address for e in self.files.values()}
         self.gathers[qid] = _Gather(sender, None, set(targets), kind="drain")
         for address in targets.values():
             self.send(address, Drain())
@@ -240,9 +268,10 @@ class Registry(ShellActor):
         self.maybe_finish(qid)
 
     def on_drained(self, msg: Drained, sender: Any) -> None:
+        key = self.child_key(sender)
         for qid, gather in list(self.gathers.items()):
-            if gather.kind == "drain" and addr_key(sender) in gather.waiting:
-                gather.waiting.discard(addr_key(sender))
+            if gather.kind == "drain" and key in gather.waiting:
+                gather.waiting.discard(key)
                 self.maybe_finish(qid)
 
     def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:

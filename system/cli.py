@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from messages.errors import SessionLaneError
@@ -120,6 +121,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "admin_port": args.admin_port,
     }
     settings, warnings = load_settings(args.config, overrides=overrides)
+    if not settings.roots:
+        raise ConfigError("roots", "no roots configured: pass --root DIR (or roots in the config)")
     for warning in warnings:
         print(f"sessionlane: warning: {warning}", file=sys.stderr)
     service = Service(settings, log_file=args.log_file)
@@ -147,6 +150,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from system.client import connect
 
     address = args.connect or _default_address()
+    if not args.connect and "SESSIONLANE_LISTEN" not in os.environ:
+        running = _running_states()
+        if len(running) == 1:  # the one service running here, whatever it listens on
+            address = running[0][1]["addresses"][0]
     token = None
     if args.token_file:
         with open(args.token_file) as fh:
@@ -178,45 +185,105 @@ def _default_address() -> str:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from system.service import state_dir, state_file
+    from system.service import state_file
 
-    listen = args.listen or _default_address()
-    path = state_file(listen)
+    explicit = args.listen or os.environ.get("SESSIONLANE_LISTEN")
+    running = _running_states()
+    if explicit:
+        path = state_file(explicit)
+    elif len(running) == 1:  # the one service running here, whatever it listens on
+        path = running[0][0]
+    elif running:
+        listens = ", ".join(str(state.get("listen")) for _, state in running)
+        print(f"sessionlane: several services are running ({listens}): pass --listen")
+        return 2
+    elif stale := _running_states(live=False):
+        # Services whose serve process died without cleaning up (e.g. SIGKILLed).
+        for stale_path, state in stale:
+            _kill_actor_group(state)
+            stale_path.unlink(missing_ok=True)
+            print(f"sessionlane: service pid {state.get('pid')} was not running; cleaned up")
+        return 0
+    else:
+        path = state_file(_default_address())
     if not path.exists():
-        running = sorted(state_dir().glob("serve-*.json"))
         print(
-            f"sessionlane: no service started with --listen {listen} is running"
-            + (f" (state files: {', '.join(map(str, running))})" if running else ""),
+            f"sessionlane: no service started with --listen {explicit or _default_address()}"
+            " is running",
             file=sys.stderr,
         )
         return 1
     state = json.loads(path.read_text())
     pid = int(state["pid"])
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    if not _is_serve_process(pid):
+        _kill_actor_group(state)
         path.unlink(missing_ok=True)
         print(f"sessionlane: service pid {pid} was not running; removed its state file")
         return 0
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _is_serve_process(pid):
+            _kill_actor_group(state)  # normally already gone: serve stops its actors
             print(f"sessionlane: stopped service pid {pid}")
             return 0
         time.sleep(0.05)
     print(
         f"sessionlane: service pid {pid} did not stop within {args.timeout:.0f} s; "
-        f"killing its actor group {state.get('pgid')}",
+        f"killing it and its actor group {state.get('pgid')}",
         file=sys.stderr,
     )
     with contextlib.suppress(ProcessLookupError):
-        if state.get("pgid"):
-            os.killpg(int(state["pgid"]), signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    _kill_actor_group(state)
     return 1
+
+
+def _running_states(*, live: bool = True) -> list[tuple[Path, dict[str, Any]]]:
+    """State files (this user's) of the services running here; with ``live=False``, of
+    the services whose serve process is gone."""
+    from system.service import state_dir
+
+    found = []
+    for path in sorted(state_dir().glob("serve-*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and _is_serve_process(int(state.get("pid", 0))) == live:
+            found.append((path, state))
+    return found
+
+
+def _is_serve_process(pid: int) -> bool:
+    """Whether ``pid`` is alive and is a ``serve`` (a recycled pid must not be signalled)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            zombie = fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False
+    return not zombie and b"serve" in argv
+
+
+def _kill_actor_group(state: dict[str, Any]) -> None:
+    """SIGKILL the actor group of a service whose serve process is gone (e.g. SIGKILLed).
+
+    Only if the group is still that service's: its admin still listens on the recorded port.
+    """
+    from system.launch import _admin_pid
+
+    pgid, port = state.get("pgid"), state.get("admin_port")
+    if not pgid or not port:
+        return
+    admin = _admin_pid(int(port))
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if admin is not None and os.getpgid(admin) == int(pgid):
+            os.killpg(int(pgid), signal.SIGKILL)
+            print(f"sessionlane: killed the actor group {pgid} left behind", file=sys.stderr)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

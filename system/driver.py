@@ -20,7 +20,7 @@ from typing import Any
 
 from actors.lane import Lane
 from actors.registry import REGISTRY_NAME, Registry
-from messages.errors import Unavailable
+from messages.errors import Unavailable, error_for
 from messages.internal import (
     AgentGone,
     Configure,
@@ -33,7 +33,7 @@ from messages.internal import (
     OpenLane,
     StatusQuery,
 )
-from messages.wire import Priority, Reply, Status, StatusReply
+from messages.wire import Error, Priority, Reply, Status, StatusReply
 
 __all__ = ["ActorDriver", "LaneHandle", "file_settings"]
 
@@ -156,9 +156,17 @@ class ActorDriver:
     # Service-wide --------------------------------------------------------------------------
 
     def status(self, path: str | None = None) -> StatusReply:
+        """Status of ``path`` (any spelling) or of every active file.
+
+        Raises the refusal's ``SessionLaneError`` (e.g. ``PathNotAllowed``) if there is one.
+        """
         rid = f"status{self.next_id()}"
         self.asys.tell(self.registry, StatusQuery(request=Status(id=rid, path=path)))
-        found = self.wait_for(lambda m: isinstance(m, StatusReply) and m.id == rid, "status")
+        found = self.wait_for(
+            lambda m: isinstance(m, StatusReply | Error) and m.id == rid, "status"
+        )
+        if isinstance(found, Error):
+            raise error_for(found.code, found.detail, found.path)
         assert isinstance(found, StatusReply)
         return found
 
@@ -186,7 +194,12 @@ class ActorDriver:
         self._pump(seconds)
 
     def _pump(self, timeout: float) -> None:
-        message = self.asys.listen(min(timeout, 0.5))
+        # What has already arrived comes first: on simpleSystemBase, listen(t) fires every
+        # wakeup due within t before it hands back a reply that is already waiting, so a timer
+        # (max hold, grace) would take effect before the replies that preceded it.
+        message = self.asys.listen(0)
+        if message is None:
+            message = self.asys.listen(min(timeout, 0.5))
         if message is None:
             return
         if isinstance(message, LaneOutput):

@@ -26,7 +26,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
+from thespian.actors import (
+    ActorExitRequest,
+    PoisonMessage,
+    ThespianWatch,
+    WakeupMessage,
+    WatchMessage,
+)
 
 from actors._shell import Handler, ShellActor, monotonic_ms
 from actors.lane import Lane
@@ -75,6 +81,13 @@ _RECV_BYTES = 256 * 1024
 _MAX_OUTBUF = 32 * 1024 * 1024
 _MAX_LEASES_PER_CONN = 4096
 _FLUSH_RETRY_S = 0.005
+_MAX_RECORD_DEPTH = 100
+"""Deepest nesting of maps and lists accepted in a record.
+
+A record travels pickled through three actors; pickling a record nested about 500 deep
+exceeds the recursion limit, and thespian then drops the message (the request would never be
+answered). Real transcript records nest a dozen levels at most.
+"""
 
 
 @dataclass
@@ -123,6 +136,7 @@ class Gateway(ShellActor):
             StatusReply: self.on_status_reply,
             WakeupMessage: self.on_wakeup,
             Ping: self.on_ping,
+            PoisonMessage: self.on_poison,
             ActorExitRequest: self.on_exit,
         }
 
@@ -295,6 +309,8 @@ class Gateway(ShellActor):
             case Acquire() | Recover() | Abandon():
                 priority = request.priority if isinstance(request, Acquire) else None
                 self.to_lane(conn, request.lane, request, priority)
+            case Append() | Rewrite() if (refusal := _too_deep(request.records)) is not None:
+                self.write(conn, Error(id=request.id, code="invalid_record", detail=refusal))
             case Append() if request.lane is not None:
                 self.to_lane(conn, request.lane, request, None)
             case Release() | Append() | Rewrite():
@@ -365,6 +381,22 @@ class Gateway(ShellActor):
         if conn is not None:
             self.write(conn, msg.model_copy(update={"id": rid}))
 
+    def on_poison(self, msg: PoisonMessage, sender: Any) -> None:
+        """A request this gateway sent could not be delivered: answer it, never leave it hanging.
+
+        thespian returns a message it could not send (e.g. one that would not pickle) to its
+        sender as ``PoisonMessage``, with ``sender`` set to the intended target: the lane.
+        """
+        request = msg.poisonMessage
+        log.error("undeliverable %s to a lane: %s", type(request).__name__, msg.details)
+        rid = getattr(request, "id", None)
+        for conn in list(self.conns.values()):
+            if any(slot.address == sender for slot in conn.lanes.values()):
+                if rid is not None:
+                    detail = "the request could not be delivered inside the service"
+                    self.write(conn, Error(id=rid, code="internal", detail=detail))
+                return
+
     def on_ping(self, msg: Ping, sender: Any) -> None:
         self.send(sender, Pong(nonce=msg.nonce, connections=len(self.conns)))
 
@@ -425,6 +457,21 @@ class Gateway(ShellActor):
                 if now - conn.last_seen > limit:
                     self.close(conn, f"silent for more than {limit} ms (keepalive missed)")
             self.wakeupAfter(self.keepalive_ms / 1000.0, payload="keepalive")
+
+
+def _too_deep(records: list[Any]) -> str | None:
+    """Why ``records`` nest deeper than :data:`_MAX_RECORD_DEPTH`, or None (iterative)."""
+    for index, record in enumerate(records):
+        stack: list[tuple[Any, int]] = [(record, 1)]
+        while stack:
+            value, depth = stack.pop()
+            if depth > _MAX_RECORD_DEPTH:
+                return f"record {index}: nested deeper than {_MAX_RECORD_DEPTH} levels"
+            if isinstance(value, dict):
+                stack.extend((v, depth + 1) for v in value.values())
+            elif isinstance(value, list):
+                stack.extend((v, depth + 1) for v in value)
+    return None
 
 
 def _is_socket(path: str) -> bool:

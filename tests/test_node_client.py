@@ -1,0 +1,259 @@
+"""The wire format outside Python: the Node.js client (``clients/node``) against a real serve.
+
+Two ``node demo.js`` processes contend on one file through a ``sessionlane serve``
+subprocess; what counts is the file on disk. Skipped, with the reason, when ``node`` or ``npm``
+is missing or ``npm ci`` cannot fetch the dependency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_serve import Serve, queued_lanes, tcp_serve, wait_for
+
+from system.client import connect
+from system.service import embedded_service
+
+pytestmark = [pytest.mark.tcp, pytest.mark.timeout(180)]
+
+NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
+DEMO_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The ``node`` executable, with the client's dependencies installed."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed for the Node.js client test")
+    if not (NODE_DIR / "node_modules" / "@msgpack" / "msgpack").is_dir():
+        try:
+            result = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                cwd=NODE_DIR,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                start_new_session=True,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.skip("npm ci timed out (no network to the npm registry?)")
+        if result.returncode != 0:
+            pytest.skip(f"npm ci failed (no network to the npm registry?): {result.stderr[-500:]}")
+    return node
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
+    """``start(*serve_args)``: a serve subprocess (see ``test_serve``), always killed."""
+    started: list[Serve] = []
+
+    def make(*args: str) -> Serve:
+        started.append(Serve(tmp_path, *args))
+        return started[-1]
+
+    yield make
+    for serve in started:
+        serve.kill()
+
+
+class Demo:
+    """One ``node demo.js ADDR PATH LANE N`` process, in its own session."""
+
+    def __init__(self, node: str, address: str, path: Path, lane: str, count: int, **env: str):
+        self.lane = lane
+        self.proc = subprocess.Popen(
+            [node, str(NODE_DIR / "demo.js"), address, str(path), lane, str(count)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+
+    def result(self) -> tuple[int, list[dict[str, Any]], str]:
+        """Exit code, the JSON lines it printed, its stderr."""
+        out, err = self.proc.communicate(timeout=DEMO_TIMEOUT_S)
+        return self.proc.returncode, [json.loads(line) for line in out.splitlines()], err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def demos() -> Iterator[list[Demo]]:
+    made: list[Demo] = []
+    yield made
+    for demo in made:
+        demo.kill()
+
+
+def runs_by_lane(path: Path) -> list[tuple[str, list[int]]]:
+    """The file as runs of consecutive records of one lane: ``(lane, seqs)``."""
+    runs: list[tuple[str, list[int]]] = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        assert record["type"] == "demo"
+        if runs and runs[-1][0] == record["lane"]:
+            runs[-1][1].append(record["seq"])
+        else:
+            runs.append((record["lane"], [record["seq"]]))
+    return runs
+
+
+def test_two_node_clients_contend_on_one_file_through_a_real_serve(
+    node: str,
+    start: Callable[..., Serve],
+    demos: list[Demo],
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "sessions"
+    root.mkdir()
+    serve = tcp_serve(start, root, tmp_path)
+    path = root / "node.jsonl"
+    count = 15
+    with connect(serve.address) as sl:
+        gate = sl.lane("gate").acquire(str(path))  # both demos must queue, in a known order
+        assert gate is not None
+        demos.append(Demo(node, serve.address, path, "node-a", count, SESSIONLANE_DEMO_PINGS="200"))
+        wait_for(lambda: queued_lanes(sl, path) == ["node-a"], 30, "node-a to queue")
+        demos.append(Demo(node, serve.address, path, "node-b", count))
+        wait_for(lambda: queued_lanes(sl, path) == ["node-a", "node-b"], 30, "node-b to queue")
+        gate.release()
+
+        results = [demo.result() for demo in demos]
+    for code, _, err in results:
+        assert code == 0, err
+    fences = []
+    for (_, lines, _), demo in zip(results, demos, strict=True):
+        steps = [line["step"] for line in lines if line["step"] != "pinged"]
+        assert steps == ["granted"] + ["appended"] * count + ["released"]
+        granted = next(line for line in lines if line["step"] == "granted")
+        appended = [line for line in lines if line["step"] == "appended"]
+        assert [a["seq"] for a in appended] == list(range(count))
+        assert {a["fence"] for a in appended} == {granted["fence"]}
+        assert [a["offset"] for a in appended] == sorted({a["offset"] for a in appended})
+        assert all(line["lane"] == demo.lane for line in lines if "lane" in line)
+        fences.append(granted["fence"])
+    assert gate.fence < fences[0] < fences[1], "fences increase in the printed (grant) order"
+    assert runs_by_lane(path) == [("node-a", list(range(count))), ("node-b", list(range(count)))]
+
+    pinged = next(line for line in results[0][1] if line["step"] == "pinged")
+    rtts = [line["rtt_ms"] for _, lines, _ in results for line in lines if "rtt_ms" in line]
+    print(
+        f"node client: keepalive round trip p50 {pinged['p50_ms']:.2f} ms,"
+        f" p99 {pinged['p99_ms']:.2f} ms; durable append p50 {sorted(rtts)[len(rtts) // 2]:.2f} ms"
+    )
+    assert serve.terminate() == 0
+
+
+def test_the_node_client_reports_path_not_allowed_for_a_path_outside_the_root(
+    node: str, demos: list[Demo], tmp_path: Path
+) -> None:
+    root = tmp_path / "sessions"
+    root.mkdir()
+    outside = tmp_path / "outside.jsonl"
+    with embedded_service([str(root)], log_file=tmp_path / "actors.log") as svc:
+        for path in (outside, root / ".." / "escape.jsonl", root / "wrong-suffix.txt"):
+            demo = Demo(node, svc.address, path, "node-x", 1)
+            demos.append(demo)
+            code, lines, err = demo.result()
+            assert code == 1, err
+            assert [line["step"] for line in lines] == ["error"]
+            assert lines[0]["code"] == "path_not_allowed"
+            assert lines[0]["detail"]
+            assert not path.exists()
+
+
+EVENTS_SCRIPT = """
+const { connect, SessionLaneError } = require(process.argv[1]);
+const [address, path, token] = process.argv.slice(2);
+(async () => {
+  const refused = await connect(address, { token: 'wrong' }).then(
+    () => null,
+    (err) => ({ code: err.code, isSessionLaneError: err instanceof SessionLaneError }),
+  );
+  const sl = await connect(address, { token });
+  const event = new Promise((resolve) => sl.on('event', resolve));
+  const granted = await sl.acquire({ lane: 'ev', path, maxHoldMs: 100 });
+  const revoked = await event;
+  const late = await sl
+    .append({ lease: granted.lease, fence: granted.fence, records: [{ late: true }] })
+    .then(() => null, (err) => ({ code: err.code, detail: err.detail }));
+  console.log(JSON.stringify({ refused, granted, revoked, late }));
+  sl.close();
+})().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
+"""
+
+
+def test_the_node_client_presents_a_token_and_dispatches_events(node: str, tmp_path: Path) -> None:
+    root = tmp_path / "sessions"
+    root.mkdir()
+    token_file = tmp_path / "token"
+    token_file.write_text("node-token")
+    token_file.chmod(0o600)
+    path = root / "events.jsonl"
+    with embedded_service(
+        [str(root)], log_file=tmp_path / "actors.log", token_file=str(token_file)
+    ) as svc:
+        index = str(NODE_DIR / "index.js")
+        proc = subprocess.Popen(
+            [node, "-e", EVENTS_SCRIPT, index, svc.address, str(path), "node-token"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=DEMO_TIMEOUT_S)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["refused"] == {"code": "unauthorized", "isSessionLaneError": True}
+    assert result["revoked"]["type"] == "revoked"
+    assert result["revoked"]["reason"] == "max_hold"
+    assert result["revoked"]["lease"] == result["granted"]["lease"]
+    assert "id" not in result["revoked"], "events carry no id"
+    assert result["late"]["code"] == "stale_fence"
+    assert not path.exists() or path.read_text() == ""
+
+
+def test_the_node_client_works_over_a_unix_socket(
+    node: str, demos: list[Demo], tmp_path: Path
+) -> None:
+    root = tmp_path / "sessions"
+    root.mkdir()
+    sock_dir = Path(tempfile.mkdtemp(prefix="sl-", dir="/tmp"))  # short: sun_path is 108 bytes
+    try:
+        listen = f"unix://{sock_dir / 'sl.sock'}"
+        with embedded_service([str(root)], listen=listen, log_file=tmp_path / "a.log") as svc:
+            demo = Demo(node, svc.address, root / "u.jsonl", "node-unix", 3)
+            demos.append(demo)
+            started = time.monotonic()
+            code, lines, err = demo.result()
+            assert code == 0, err
+            assert lines[-1]["step"] == "released"
+            assert time.monotonic() - started < DEMO_TIMEOUT_S
+        assert runs_by_lane(root / "u.jsonl") == [("node-unix", [0, 1, 2])]
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
