@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tenacity import (
     Retrying,
@@ -50,9 +51,7 @@ from messages.errors import (
 from messages.wire import (
     Abandon,
     Abandoned,
-    Acquire,
     Append,
-    Appended,
     Durability,
     Granted,
     Hello,
@@ -74,10 +73,18 @@ from system._client_core import (
     AppendResult,
     ClientCore,
     LeaseState,
+    LeaseView,
+    acquire_request,
+    acquire_wait,
+    anchor,
+    append_result,
     client_name,
     parse_address,
     raise_if_error,
 )
+
+if TYPE_CHECKING:
+    from system.client_async import AsyncSessionLane
 
 __all__ = [
     "AppendResult",
@@ -124,7 +131,9 @@ def connect(
     return sl
 
 
-def connect_async(address: str = DEFAULT_ADDRESS, token: str | None = None, **kwargs: Any) -> Any:
+def connect_async(
+    address: str = DEFAULT_ADDRESS, token: str | None = None, **kwargs: Any
+) -> AsyncSessionLane:
     """The asyncio client: ``async with connect_async(addr) as sl`` or ``await connect_async``."""
     from system.client_async import connect_async as _connect_async
 
@@ -159,7 +168,9 @@ class SessionLane:
         self.core = ClientCore()
         self.server: str | None = None
         self._lock = threading.Lock()  # sends, id allocation, waiters
+        self._connecting = threading.Lock()  # one reconnect at a time
         self._sock: socket.socket | None = None
+        self._last_sent = time.monotonic()
         self._reader: threading.Thread | None = None
         self._waiters: dict[Any, _Waiter] = {}
         self._closed = False
@@ -169,6 +180,11 @@ class SessionLane:
 
     def reconnect(self) -> None:
         """(Re)open the connection, with bounded retries on refusal."""
+        with self._connecting:
+            if self._sock is None:  # another thread may have reconnected meanwhile
+                self._reconnect()
+
+    def _reconnect(self) -> None:
         retrying = Retrying(
             stop=stop_after_delay(self.reconnect_for),
             wait=wait_exponential(multiplier=0.05, max=1.0),
@@ -208,7 +224,12 @@ class SessionLane:
             target=self._read_loop, args=(sock, generation), name="sessionlane-client", daemon=True
         )
         self._reader.start()
-        welcome = self._request(Hello(client=client_name(), token=self.token))
+        try:
+            hello = Hello(client=client_name(), token=self.token)
+            welcome = raise_if_error(self._request(hello, connect=False))
+        except BaseException:
+            self._drop(sock, generation, "hello failed")
+            raise
         self.server = getattr(welcome, "server", None)
 
     def close(self) -> None:
@@ -216,11 +237,12 @@ class SessionLane:
         self._closed = True
         with self._lock:
             sock, self._sock = self._sock, None
+            # Before the socket goes: the reader would report the close as a lost connection.
+            self.core.lost("connection_closed")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
-        self.core.lost("connection_closed")
 
     def __enter__(self) -> SessionLane:
         return self
@@ -230,26 +252,46 @@ class SessionLane:
 
     def _read_loop(self, sock: socket.socket, generation: int) -> None:
         reader = FrameReader(64 * 1024 * 1024)
-        sock.settimeout(self.keepalive)
         reason = "connection closed by the service"
+        # Wait for input with a selector, not a socket timeout: the timeout would also cut
+        # sends short (a large append would fail mid-frame after ``keepalive`` seconds).
+        selector = selectors.DefaultSelector()
+        selector.register(sock, selectors.EVENT_READ)
         try:
-            while True:
-                try:
-                    data = sock.recv(256 * 1024)
-                except TimeoutError:
-                    self._send_quietly(sock, Keepalive(id=f"ka{generation}"))
-                    continue
-                if not data:
+            while sock.fileno() >= 0:  # ``close()`` may close it under us
+                data = sock.recv(256 * 1024) if selector.select(self.keepalive) else None
+                if data == b"":
                     break
-                for body in reader.feed(data):
+                # The service hears from us only when we send: keep alive by what we sent,
+                # not by what we received (a holder fed events may send nothing for long).
+                if time.monotonic() - self._last_sent >= self.keepalive:
+                    self._send_quietly(sock, Keepalive(id=f"ka{generation}"))
+                for body in reader.feed(data or b""):
                     self._deliver(decode_reply(body))
-        except (OSError, SessionLaneError) as exc:
+        except (OSError, ValueError, SessionLaneError) as exc:  # ValueError: a closed socket
             reason = f"connection lost: {exc}"
-        self._lost(generation, reason)
+        except Exception as exc:  # a bug must not leave requests waiting on a dead reader
+            log.exception("sessionlane client reader failed")
+            reason = f"reader failed: {exc!r}"
+        finally:
+            selector.close()
+        self._drop(sock, generation, reason)
+        sock.close()
 
     def _send_quietly(self, sock: socket.socket, message: Any) -> None:
         with self._lock, contextlib.suppress(OSError):
+            self._last_sent = time.monotonic()
             sock.sendall(frame(message))
+
+    def _drop(self, sock: socket.socket, generation: int, reason: str) -> None:
+        """Shut ``sock`` down for good and report its connection lost.
+
+        Shut down, not closed: that wakes the reader thread, which closes the socket when it
+        leaves (closing it here could leave the reader waiting on a vanished descriptor).
+        """
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        self._lost(generation, reason)
 
     def _deliver(self, reply: Reply) -> None:
         if reply.id is None:
@@ -266,32 +308,49 @@ class SessionLane:
         with self._lock:
             if generation != self._generation:
                 return
+            first = self._sock is not None
             self._sock = None
             self.core.lost()
             for waiter in self._waiters.values():
                 waiter.event.set()
-        if not self._closed:
+        if first and not self._closed:
             log.warning("sessionlane %s: %s", self.address, reason)
 
     # Requests ------------------------------------------------------------------------------
 
-    def _request(self, message: Any, *, timeout: float | None = None, final: bool = True) -> Reply:
-        """Send ``message`` with a fresh id; wait for its final reply (``queued`` skipped)."""
+    def _request(
+        self,
+        message: Any,
+        *,
+        timeout: float | None = None,
+        final: bool = True,
+        connect: bool = True,
+    ) -> Reply:
+        """Send ``message`` with a fresh id; wait for its final reply (``queued`` skipped).
+
+        ``connect``: reconnect first if the connection is down (not for ``hello`` itself,
+        which runs inside a reconnect).
+        """
         if self._closed:
             raise Unavailable("the connection was closed")
-        if self._sock is None:
+        if self._sock is None and connect:
             self.reconnect()
         with self._lock:
             rid = self.core.next_id()
             waiter = self._waiters[rid] = _Waiter()
             sock = self._sock
+            generation = self._generation
         try:
             if sock is None:
                 raise Unavailable("not connected")
             try:
                 with self._lock:
+                    self._last_sent = time.monotonic()
                     sock.sendall(frame(message.model_copy(update={"id": rid})))
             except OSError as exc:
+                # The connection is unusable (and a partly sent frame would corrupt it):
+                # report it lost now, so its leases are revoked before this error surfaces.
+                self._drop(sock, generation, f"send failed: {exc}")
                 raise Unavailable(f"send failed: {exc}") from exc
             limit = (timeout if timeout is not None else self.timeout) + _REPLY_MARGIN_S
             while True:
@@ -320,7 +379,7 @@ class SessionLane:
         self, path: str, reason: str = "stuck", grace: float = 5.0, *, lane: str = "recovery"
     ) -> Lease:
         """Take a recovery lease on ``path``: the holder is asked to abort, then revoked."""
-        path = _abs(path)
+        path = anchor(path)
         reply = raise_if_error(
             self._request(
                 Recover(lane=lane, path=path, reason=reason, grace_ms=int(grace * 1000)),
@@ -332,14 +391,14 @@ class SessionLane:
         return self._lease(reply, lane)
 
     def status(self, path: str | None = None) -> StatusReply:
-        reply = raise_if_error(self._request(Status(path=_abs(path) if path else None)), path)
+        reply = raise_if_error(self._request(Status(path=anchor(path) if path else None)), path)
         assert isinstance(reply, StatusReply)
         return reply
 
     def _lease(self, granted: Granted, lane: str) -> Lease:
         state = LeaseState(granted.lease, granted.path, granted.fence, granted.purpose)
         with self._lock:
-            self.core.track(state)
+            state = self.core.track(state)
         return Lease(self, state, lane)
 
 
@@ -380,18 +439,17 @@ class Lane:
         on_contention: OnContention = "wait",
     ) -> Lease | None:
         """Acquire without a ``with`` block; release the lease yourself."""
-        path = _abs(path)
-        request = Acquire(
-            lane=self.name,
-            path=path,
-            purpose=purpose,
-            priority=self.priority,
-            wait_timeout_ms=None if wait_timeout is None else int(wait_timeout * 1000),
-            max_hold_ms=None if max_hold is None else max(1, int(max_hold * 1000)),
+        path = anchor(path)
+        request = acquire_request(
+            self.name,
+            self.priority,
+            path,
+            purpose,
+            wait_timeout=wait_timeout,
+            max_hold=max_hold,
             on_contention=on_contention,
         )
-        wait = wait_timeout if wait_timeout is not None else 24 * 3600.0
-        reply = raise_if_error(self.sl._request(request, timeout=wait), path)
+        reply = raise_if_error(self.sl._request(request, timeout=acquire_wait(wait_timeout)), path)
         if isinstance(reply, Skipped):
             return None
         assert isinstance(reply, Granted), reply
@@ -401,111 +459,86 @@ class Lane:
         self, path: str, *records: dict[str, Any], durability: Durability | None = None
     ) -> AppendResult:
         """A short write without a lease: queued like a ``write`` lease, never interleaved."""
-        path = _abs(path)
+        path = anchor(path)
         reply = raise_if_error(
             self.sl._request(
                 Append(lane=self.name, path=path, records=list(records), durability=durability)
             ),
             path,
         )
-        assert isinstance(reply, Appended)
-        return AppendResult(reply.offset, reply.lines, reply.fence)
+        return append_result(reply)
 
     def abandon(self, path: str | None = None, reason: str | None = None) -> list[str]:
         """Drop this lane's leases and queued requests (on ``path`` only, if given)."""
         reply = raise_if_error(
             self.sl._request(
-                Abandon(lane=self.name, path=_abs(path) if path else None, reason=reason)
+                Abandon(lane=self.name, path=anchor(path) if path else None, reason=reason)
             ),
             path,
         )
         assert isinstance(reply, Abandoned)
         with self.sl._lock:
-            for lease in reply.leases:
-                state = self.sl.core.leases.pop(lease, None)
-                if state is not None:
-                    state.revoked = "abandoned"
+            self.sl.core.abandoned(reply.leases)
         return reply.leases
 
 
-class Lease:
-    """A granted lease. Writes carry its fence; a revoked lease refuses to write."""
+class Lease(LeaseView):
+    """A granted lease. Writes carry its fence; a revoked lease refuses to write.
+
+    ``id``, ``fence``, ``path``, ``purpose``, ``abort_requested``, ``revoked`` and
+    ``external_changes`` come from ``LeaseView``; events update them as they arrive.
+    """
 
     def __init__(self, sl: SessionLane, state: LeaseState, lane: str):
+        super().__init__(state, lane)
         self.sl = sl
-        self.state = state
-        self.lane = lane
-
-    id = property(lambda self: self.state.lease, doc="The lease id.")
-    fence = property(lambda self: self.state.fence, doc="The fence every write carries.")
-    path = property(lambda self: self.state.path, doc="The canonical path.")
-    purpose = property(lambda self: self.state.purpose)
-    abort_requested = property(
-        lambda self: self.state.abort_requested,
-        doc="A recovery asked this holder to finish or release.",
-    )
-    revoked = property(
-        lambda self: self.state.revoked,
-        doc="The revocation reason, or None while the lease is held.",
-    )
-    external_changes = property(lambda self: list(self.state.external_changes))
 
     def append(
         self, *records: dict[str, Any], durability: Durability | None = None
     ) -> AppendResult:
         """Append records durably under this lease; all or nothing."""
-        self.state.check_usable()
-        reply = self._call(
-            Append(lease=self.id, fence=self.fence, records=list(records), durability=durability)
+        self.check_usable()
+        return append_result(
+            self._call(
+                Append(
+                    lease=self.id, fence=self.fence, records=list(records), durability=durability
+                )
+            )
         )
-        assert isinstance(reply, Appended)
-        return AppendResult(reply.offset, reply.lines, reply.fence)
 
     def rewrite(self, records: Sequence[dict[str, Any]]) -> int:
         """Replace the whole file atomically (compaction leases); returns the line count."""
-        self.state.check_usable()
+        self.check_usable()
         reply = self._call(Rewrite(lease=self.id, fence=self.fence, records=list(records)))
         assert isinstance(reply, Rewritten)
         return reply.lines
 
     def release(self, *, quiet: bool = False) -> None:
         """Release one level of the lease. ``quiet``: a lease already gone is not an error."""
-        if self.state.released or (quiet and self.state.revoked is not None):
+        if self.level_released:
             return
         try:
-            self.state.check_usable()
+            if quiet and self.state.revoked is not None:
+                return
+            self.check_usable()
             self._call(Release(lease=self.id))
         except (NotHolder, LeaseRevoked, Unavailable):
             if not quiet:
                 raise
         finally:
-            self.state.released = True
+            self.level_released = True
             with self.sl._lock:
-                self.sl.core.forget(self.id)
+                self.sl.core.untrack(self.state)
 
     def _call(self, message: Any) -> Reply:
         try:
-            reply = self.sl._request(message)
+            # Never on a new connection: the lease died with the one that granted it.
+            reply = self.sl._request(message, connect=False)
         except Unavailable as exc:
-            if self.state.revoked is not None:
-                raise LeaseRevoked(f"lease {self.id} lost: {exc.detail}", path=self.path) from exc
-            raise
+            error = self.unreachable(exc)
+            if error is exc:
+                raise
+            raise error from exc
         if isinstance(reply, Skipped):  # pragma: no cover - not a reply to writes
             raise Unavailable("unexpected reply")
-        try:
-            return raise_if_error(reply, self.path)
-        except StaleFence:
-            if self.state.revoked is None:
-                self.state.revoked = "stale_fence"
-            raise
-
-    def __repr__(self) -> str:
-        return f"Lease({self.id!r}, path={self.path!r}, fence={self.fence}, purpose={self.purpose})"
-
-
-def _abs(path: str) -> str:
-    """Relative paths are the caller's: anchor them at the caller's directory.
-
-    No lexical ``..`` folding: the service resolves symlinks first, as the OS would.
-    """
-    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+        return self.checked(reply)
