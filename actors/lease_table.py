@@ -77,6 +77,12 @@ class LeasePolicy:
     max_queue: int = 256
     fence_block: int = 1024
     """How many fences one durable reservation covers."""
+    recovery_grace_ms: int = 5_000
+    """The grace of a recovery asked for through ``acquire(purpose="recovery")``."""
+
+    def __post_init__(self) -> None:
+        if self.fence_block < 1:
+            raise ValueError("fence_block must be >= 1")
 
 
 # Effects -----------------------------------------------------------------------------------
@@ -272,8 +278,10 @@ class LeaseTable:
         """A lease request. Recovery goes through ``recover``, which adds the abort protocol."""
         if self.closed:
             return [Reject(req, lane, "shutting_down", "the service is stopping")]
+        if purpose == "recovery":  # same rules whichever door it came through
+            return self.recover(req, lane, self.policy.recovery_grace_ms, now, reason="acquire")
         holder = self.holder
-        if holder is not None and holder.lane == lane and purpose != "recovery":
+        if holder is not None and holder.lane == lane:
             holder.purposes.append(purpose)
             self.counters["reentrant_grants"] += 1
             return [Grant(req, lane, holder.lease, holder.fence, purpose, reentrant=True)]
@@ -346,6 +354,7 @@ class LeaseTable:
             for w in cancelled
         ]
         effects.append(Abandoned(req, lane, leases))
+        self._forget_orphaned_abort()
         return effects + self._promote(now)
 
     def tick(self, now: float) -> list[Effect]:
@@ -472,6 +481,8 @@ class LeaseTable:
             self.counters["queue_full"] += 1
             return [Reject(req, lane, "queue_full", f"{len(self.waiters)} requests are queued")]
         timeout = wait_timeout_ms if wait_timeout_ms is not None else self.policy.wait_timeout_ms
+        if purpose == "recovery":
+            timeout = None  # the holder's grace bounds this wait
         waiter = Waiter(
             req=req,
             lane=lane,
@@ -486,6 +497,12 @@ class LeaseTable:
         self.counters["queued"] += 1
         position = self.order(now).index(waiter) + 1
         return [Queue(req, lane, position)]
+
+    def _forget_orphaned_abort(self) -> None:
+        """No recovery waits any more: the holder's abort deadline no longer applies."""
+        holder = self.holder
+        if holder is not None and not any(w.purpose == "recovery" for w in self.waiters):
+            holder.abort_deadline = None
 
     def _promote(self, now: float) -> list[Effect]:
         if self.holder is not None or not self.waiters:
