@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from actors.transcript import replace_file
+from actors.transcript import remove_leftover_temps, replace_file
 from messages.errors import SessionLaneError
 
 __all__ = [
@@ -114,8 +114,12 @@ class FenceStore:
         """Read the ceiling from disk (0 when there is no sidecar) and return it.
 
         Raises ``CorruptFenceFile`` when the sidecar is unreadable, corrupt or of an unknown
-        version. Fences issued by ``next_fence`` continue above the loaded ceiling.
+        version. Fences issued by ``next_fence`` continue above the loaded ceiling. Temp files
+        of a ``reserve`` that a crash interrupted are removed (the sidecar is intact: the rename
+        never happened).
         """
+        for leftover in remove_leftover_temps(self.path):
+            _log.info("removed leftover fence temp file %s", leftover)
         try:
             with open(self.path, "rb") as f:
                 data = f.read()

@@ -60,6 +60,8 @@ class _Pending:
     request: LaneRequest
     path: str | None
     """The canonical path, once a reply has named it."""
+    raw: str = ""
+    """The path as the agent wrote it."""
 
 
 @dataclass
@@ -146,7 +148,7 @@ class Lane(ShellActor):
         assert self.ref is not None
         self.paths.setdefault(path, canonical)
         if req.id is not None:
-            self.pending[req.id] = _Pending(req, path if canonical else None)
+            self.pending[req.id] = _Pending(req, path if canonical else None, raw=path)
         call = LaneCall(lane=self.ref, path=path, canonical=canonical, request=req)
         self.send(self.registry, call)
 
@@ -217,7 +219,8 @@ class Lane(ShellActor):
         for lease in lost:
             self.to_agent(Revoked(lease=lease, path=msg.path, reason="actor_restart"))
         for rid, pending in list(self.pending.items()):
-            if pending.path != msg.path:
+            unanswered_here = pending.path is None and pending.raw in msg.aliases
+            if pending.path != msg.path and not unanswered_here:
                 continue
             if isinstance(pending.request, Acquire | Recover):
                 self.call(pending.request, msg.path, canonical=True)  # queue again

@@ -35,7 +35,9 @@ __all__ = [
     "Transcript",
     "encode_records",
     "fsync_directory",
+    "leftover_temps",
     "quarantine_path",
+    "remove_leftover_temps",
     "replace_file",
 ]
 
@@ -160,6 +162,58 @@ def replace_file(path: str, data: bytes, *, mode: int = 0o600) -> int:
 def _leftover_temp_pattern(path: str) -> re.Pattern[str]:
     base = os.path.basename(path)
     return re.compile(rf"\.{re.escape(base)}\.[0-9a-f]{{12}}{re.escape(_TEMP_SUFFIX)}")
+
+
+def leftover_temps(path: str) -> list[str]:
+    """Temp files of an interrupted ``replace_file(path, ...)`` (a crash before its rename)."""
+    directory = os.path.dirname(path) or "."
+    pattern = _leftover_temp_pattern(path)
+    with os.scandir(directory) as entries:
+        return [entry.path for entry in entries if pattern.fullmatch(entry.name)]
+
+
+def remove_leftover_temps(path: str) -> list[str]:
+    """Remove the ``leftover_temps`` of ``path``; return what was removed.
+
+    Only for the one process that owns ``path`` (a temp file is never in use by anybody else
+    once its writer is gone, and the owner is the only writer).
+    """
+    leftovers = leftover_temps(path)
+    for leftover in leftovers:
+        _unlink_quietly(leftover)
+    return leftovers
+
+
+_REPAIR_CHECK_MAX = 16 << 20  # torn tails larger than this are always quarantined again
+
+
+def _already_quarantined(qfd: int, fd: int, keep: int, size: int) -> int:
+    """How much of the torn tail ``fd[keep:size]`` an interrupted repair already quarantined.
+
+    ``size - keep + 1`` when the quarantine's last tear is exactly this one (then nothing is
+    written again); the length of an unterminated fragment at the end of the quarantine when
+    it is a prefix of this tear (an interrupted write: only the rest is written); else 0 (an
+    unrelated fragment is first terminated, so that it stays a tear of its own). Two
+    independent tears with identical bytes in a row are recorded once.
+    """
+    torn = size - keep
+    qsize = os.fstat(qfd).st_size
+    if qsize == 0 or torn > _REPAIR_CHECK_MAX:
+        return 0
+    tail = os.pread(qfd, min(qsize, torn + 2), qsize - min(qsize, torn + 2))
+    ours = os.pread(fd, torn, keep)
+    if tail.endswith(b"\n"):
+        last = tail[:-1].rsplit(b"\n", 1)
+        complete = len(last) == 2 or qsize <= torn + 1
+        if last[-1] == ours and complete:
+            return torn + 1
+        return 0
+    fragment = tail.rsplit(b"\n", 1)[-1]
+    whole = b"\n" in tail or qsize == len(tail)  # the fragment is all in ``tail``
+    if whole and ours.startswith(fragment):
+        return len(fragment)
+    _write_all(qfd, b"\n")
+    return 0
 
 
 def _unlink_quietly(path: str) -> None:
@@ -391,16 +445,19 @@ class Transcript:
         keep = self._last_line_end(fd, size)
         torn = size - keep
         quarantine = quarantine_path(self.path)
-        qfd = os.open(quarantine, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        qfd = os.open(quarantine, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            offset = keep
+            # A repair interrupted by a crash (after the quarantine write, before the truncate
+            # below) is finished, not repeated: the same tear is never quarantined twice.
+            offset = keep + _already_quarantined(qfd, fd, keep, size)
             while offset < size:
                 chunk = os.pread(fd, min(_CHUNK, size - offset), offset)
                 if not chunk:
                     break
                 _write_all(qfd, chunk)
                 offset += len(chunk)
-            _write_all(qfd, b"\n")
+            if offset <= size:
+                _write_all(qfd, b"\n")
             os.fsync(qfd)
         finally:
             os.close(qfd)
@@ -442,10 +499,5 @@ class Transcript:
 
     def _remove_leftover_temps(self) -> None:
         """Remove temp files that an interrupted ``rewrite`` of this path left behind."""
-        directory = os.path.dirname(self.path) or "."
-        pattern = _leftover_temp_pattern(self.path)
-        with os.scandir(directory) as entries:
-            leftovers = [entry.path for entry in entries if pattern.fullmatch(entry.name)]
-        for leftover in leftovers:
-            _unlink_quietly(leftover)
+        for leftover in remove_leftover_temps(self.path):
             self._log.info("removed leftover rewrite temp file %s", leftover)

@@ -189,6 +189,8 @@ class FileRestarted(_Internal):
 
     kind: Literal["file_restarted"] = "file_restarted"
     path: str
+    aliases: list[str] = []
+    """The spellings of ``path`` lanes used (a lane's first request names no canonical path)."""
 
 
 class StatusQuery(_Internal):
