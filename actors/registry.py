@@ -9,6 +9,11 @@ forwarded to it, so no call can be in flight to an actor that exits.
 
 A SessionFile that dies otherwise is restarted at once; the lanes that used it are told
 (``FileRestarted``) so they report their leases on it as revoked (``actor_restart``).
+
+In a convention (``Join``, sent by the Service) the Registry also routes: a call for a path
+under another member's root is forwarded to that member's Registry, and calls forwarded to us
+are served here and never forwarded again. That part, and why no path ever gets two
+SessionFiles across the convention, is ``system.convention.Federation``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from thespian.actors import ActorExitRequest, ChildActorExited, WakeupMessage
+from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
 from actors._shell import Handler, ShellActor, addr_key, monotonic_ms
 from actors.session_file import SessionFile
@@ -39,7 +44,8 @@ from messages.internal import (
     LaneClosed,
     StatusQuery,
 )
-from messages.wire import Error, FileStatus, StatusReply
+from messages.wire import Error, FileStatus, Status, StatusReply
+from system.convention import Federation, Join, Member
 from system.paths import canonicalize
 
 __all__ = ["REGISTRY_NAME", "Registry"]
@@ -51,6 +57,7 @@ _STATUS_TIMEOUT_S = 2.0
 _DRAIN_TIMEOUT_S = 3.0
 _RESTART_WINDOW_MS = 60_000.0
 _RESTART_BURST = 5
+_MAX_ALIASES = 64
 
 
 @dataclass
@@ -62,6 +69,8 @@ class _File:
     """Stable key of this child actor (see ``Registry.child_key``)."""
     forwarded: int = 0
     lanes: dict[str, Any] = field(default_factory=dict)
+    aliases: set[str] = field(default_factory=set)
+    """Raw spellings routed here (bounded), so lanes can match requests still unanswered."""
     restarts: deque[float] = field(default_factory=deque)
 
 
@@ -90,9 +99,14 @@ class Registry(ShellActor):
         self.gathers: dict[int, _Gather] = {}
         self.query_ids = itertools.count(1)
         self.draining = False
+        self.federation: Federation | None = None
 
     def handlers(self) -> dict[type, Handler]:
+        federated: dict[type, Handler] = {t: self.on_federated for t in Federation.message_types()}
         return {
+            **federated,
+            Join: self.on_join,
+            PoisonMessage: self.on_poison,
             Configure: self.on_configure,
             LaneCall: self.on_call,
             IdleNotice: self.on_idle,
@@ -118,11 +132,23 @@ class Registry(ShellActor):
     # Routing -------------------------------------------------------------------------------
 
     def on_call(self, call: LaneCall, sender: Any) -> None:
+        if self.federation is not None and self.serving() and self.federation.route(call):
+            return
+        self.serve(call)
+
+    def serving(self) -> bool:
+        return self.config is not None and not self.draining
+
+    def serve(self, call: LaneCall) -> str | None:
+        """Serve ``call`` on this member (never forward it): resolve, activate, pass it on.
+
+        Returns the canonical path, or None when the call was refused (and answered).
+        """
         rid = call.request.id
         if self.config is None or self.draining:
             code: ErrorCode = "shutting_down" if self.draining else "unavailable"
             self.refuse(call, Error(id=rid, code=code, detail="the registry is not serving"))
-            return
+            return None
         path = call.path
         if not call.canonical:
             try:
@@ -130,11 +156,17 @@ class Registry(ShellActor):
             except PathNotAllowed as exc:
                 err = Error(id=rid, code="path_not_allowed", detail=exc.detail, path=call.path)
                 self.refuse(call, err)
-                return
+                return None
         entry = self.files.get(path) or self.activate(path)
         entry.forwarded += 1
         entry.lanes[addr_key(call.lane.address)] = call.lane.address
+        if not call.canonical and len(entry.aliases) < _MAX_ALIASES:
+            entry.aliases.add(call.path)
         self.send(entry.address, call.model_copy(update={"path": path, "canonical": True}))
+        return path
+
+    def is_active(self, path: str) -> bool:
+        return path in self.files
 
     def refuse(self, call: LaneCall, error: Error) -> None:
         self.send(call.lane.address, FileReply(path=call.path, message=error))
@@ -184,6 +216,8 @@ class Registry(ShellActor):
     def on_child_exited(self, msg: ChildActorExited, sender: Any) -> None:
         key = self.child_key(msg.childAddress)
         if key is None:
+            if self.federation is not None:
+                self.federation.on_child_exited(msg.childAddress)
             return
         del self.children[key]
         if key in self.retiring:
@@ -211,35 +245,74 @@ class Registry(ShellActor):
         else:
             entry = self.activate(path, restarts)
             entry.lanes = old.lanes
+            entry.aliases = old.aliases
         for lane in old.lanes.values():
-            self.send(lane, FileRestarted(path=path))
+            self.send(lane, FileRestarted(path=path, aliases=sorted(old.aliases)))
 
     def on_lane_closed(self, msg: LaneClosed, sender: Any) -> None:
-        key = addr_key(msg.address)
+        self.lane_closed(msg.address)
+        if self.federation is not None:
+            self.federation.lane_closed(msg.address)
+
+    def lane_closed(self, address: Any) -> None:
+        key = addr_key(address)
         for entry in self.files.values():
             entry.lanes.pop(key, None)
+
+    # Convention ----------------------------------------------------------------------------
+
+    def on_join(self, msg: Join, sender: Any) -> None:
+        if self.config is None or self.federation is not None:
+            log.error("ignoring a Join %s", "before Configure" if self.config is None else "again")
+            return
+        me = Member(
+            key=msg.key,
+            incarnation=msg.incarnation,
+            roots=list(self.config.roots),
+            registry=self.myAddress,
+        )
+        self.federation = Federation(self, me, msg.member_timeout_ms)
+        self.federation.join(sender)
+
+    def on_federated(self, msg: Any, sender: Any) -> None:
+        if self.federation is None:
+            log.warning("dropped %s: this registry is in no convention", type(msg).__name__)
+            return
+        self.federation.handle(msg, sender)
+
+    def on_poison(self, msg: PoisonMessage, sender: Any) -> None:
+        if self.federation is not None and self.federation.on_poison(msg.poisonMessage):
+            return
+        log.warning("undeliverable %s: %s", type(msg.poisonMessage).__name__, msg.details)
 
     # Status and drain ----------------------------------------------------------------------
 
     def on_status(self, msg: StatusQuery, sender: Any) -> None:
+        request, federation = msg.request, self.federation
+        if request.path is not None and federation and federation.route_status(request, sender):
+            return  # the path's owner is another member: it answers the gateway directly
+        self.status_to(request, sender)
+
+    def status_to(self, request: Status, reply_to: Any) -> None:
+        """Answer ``reply_to`` with the status of ``request.path`` here (or of every file)."""
         entries = list(self.files.values())
-        if msg.request.path is not None and self.config is not None:
+        if request.path is not None and self.config is not None:
             try:
-                path = canonicalize(msg.request.path, self.config.roots, self.config.suffixes)
+                path = canonicalize(request.path, self.config.roots, self.config.suffixes)
             except PathNotAllowed as exc:
                 self.send(
-                    sender,
+                    reply_to,
                     Error(
-                        id=msg.request.id,
+                        id=request.id,
                         code="path_not_allowed",
                         detail=exc.detail,
-                        path=msg.request.path,
+                        path=request.path,
                     ),
                 )
                 return
             entries = [e for e in entries if e.path == path]
         qid = next(self.query_ids)
-        gather = _Gather(sender, msg.request.id, {e.key for e in entries})
+        gather = _Gather(reply_to, request.id, {e.key for e in entries})
         self.gathers[qid] = gather
         for entry in entries:
             entry.forwarded += 1
@@ -277,6 +350,8 @@ class Registry(ShellActor):
     def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
         if isinstance(msg.payload, tuple) and msg.payload[0] == "gather":
             self.maybe_finish(msg.payload[1], force=True)
+        elif self.federation is not None and Federation.is_tick(msg.payload):
+            self.federation.tick()
 
     def fail_gathers(self, key: str) -> None:
         for qid, gather in list(self.gathers.items()):

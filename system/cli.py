@@ -72,7 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-port",
         type=int,
         metavar="P",
-        help="thespian admin port (default: a fresh free port)",
+        help="thespian admin port (default: a fresh free port); fixed, it lets members join",
+    )
+    serve.add_argument(
+        "--leader",
+        metavar="HOST:PORT",
+        help="join the convention whose leader's admin port is HOST:PORT",
+    )
+    serve.add_argument(
+        "--bind",
+        dest="bind_host",
+        metavar="ADDR",
+        help="IPv4 address every thespian port (and by default the gateway) listens on"
+        " (default 127.0.0.1; anything else needs trusted_network = true)",
     )
     serve.add_argument("--log-file", metavar="FILE", help="where the actors log")
     serve.add_argument("-v", "--verbose", action="store_true")
@@ -119,6 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "roots": args.roots,
         "listen": args.listen,
         "admin_port": args.admin_port,
+        "leader": args.leader,
+        "bind_host": args.bind_host,
     }
     settings, warnings = load_settings(args.config, overrides=overrides)
     if not settings.roots:

@@ -35,6 +35,7 @@ __all__ = [
     "Listen",
     "Settings",
     "load_settings",
+    "parse_leader",
     "parse_listen",
     "read_token",
 ]
@@ -50,6 +51,7 @@ NON_CONFIG_ENV = frozenset({"SESSIONLANE_CONFIG", "SESSIONLANE_TEST_TAG"})
 """
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_DEFAULT_PORT = 7420
 # AF_UNIX sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_UNIX_PATH = 107
 
@@ -105,6 +107,17 @@ def parse_listen(listen: str) -> Listen:
     return ("tcp", host, port)
 
 
+def parse_leader(leader: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (an IPv4 literal or a host name); raise ``ValueError`` if malformed."""
+    host, sep, port_text = leader.rpartition(":")
+    if not sep or not host or ":" in host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, an IPv4 address or host name (got {leader!r})")
+    port = int(port_text)
+    if not 0 < port <= 65535:
+        raise ValueError(f"port must be 1..65535 (got {port})")
+    return host, port
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -150,9 +163,20 @@ class Settings(BaseModel):
     suffixes: list[str] = [".jsonl"]
     """Allowed transcript file suffixes."""
     admin_port: int | None = None
-    """thespian admin port; ``None`` picks a fresh free port at each start."""
+    """thespian admin port; ``None`` picks a fresh free port at each start. Required to join a
+    convention (``leader``), and what other members join when this one leads."""
+    bind_host: str = "127.0.0.1"
+    """The IPv4 address every thespian port listens on (and the gateway, unless ``listen`` is
+    set). Anything but loopback needs ``trusted_network = true``."""
+    leader: str | None = None
+    """``HOST:PORT`` of the convention leader's admin to join; ``None``: lead (or stand alone)."""
+    member_timeout_ms: int = 2_000
+    """A convention member silent this long is declared lost: its paths answer
+    ``unavailable`` and the leases held there are reported revoked."""
     trusted_network: bool = False
-    """Allow thespian's ports beyond loopback (they unpickle what arrives: trust required)."""
+    """Allow thespian's ports beyond loopback. They unpickle whatever arrives: anyone who can
+    reach them can run code as this service's user, so the network must be as trusted as the
+    user account."""
     log_level: str = "INFO"
     """Level of sessionlane's own loggers."""
 
@@ -195,11 +219,35 @@ class Settings(BaseModel):
             raise ValueError(f"must be > 0 (got {value})")
         return value
 
+    @field_validator("member_timeout_ms")
+    @classmethod
+    def _member_timeout(cls, value: int) -> int:
+        # Members beat every quarter of it: below this the beats would be a busy loop.
+        if value < 200:
+            raise ValueError(f"must be >= 200 (got {value})")
+        return value
+
     @field_validator("admin_port")
     @classmethod
     def _port(cls, value: int | None) -> int | None:
         if value is not None and not 0 < value <= 65535:
             raise ValueError(f"must be 1..65535 (got {value})")
+        return value
+
+    @field_validator("bind_host")
+    @classmethod
+    def _bind_host(cls, value: str) -> str:
+        try:
+            return str(ipaddress.IPv4Address(value))
+        except ValueError:
+            raise ValueError(f"must be an IPv4 address literal (got {value!r})") from None
+
+    @field_validator("leader")
+    @classmethod
+    def _leader(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parse_leader(value)
         return value
 
     @field_validator("suffixes")
@@ -227,6 +275,50 @@ class Settings(BaseModel):
             return None
         _read_token_file(value)
         return os.path.abspath(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _listen_follows_bind_host(cls, data: Any) -> Any:
+        """The gateway listens on ``bind_host`` unless ``listen`` names another address."""
+        if isinstance(data, dict) and "listen" not in data and data.get("bind_host"):
+            host = data["bind_host"]
+            if isinstance(host, str) and not _is_loopback(host):
+                return {**data, "listen": f"tcp://{host}:{_DEFAULT_PORT}"}
+        return data
+
+    @model_validator(mode="after")
+    def _thespian_ports_need_a_trusted_network(self) -> Settings:
+        # pydantic wraps these in a ValidationError; load_settings unwraps them (loc is empty).
+        if not _is_loopback(self.bind_host) and not self.trusted_network:
+            raise ConfigError(
+                "bind_host",
+                f"{self.bind_host} is not a loopback address. thespian's ports speak pickle"
+                " over TCP: anyone who can reach them can run code as this user. Set"
+                " trusted_network = true only if that network is as trusted as this account.",
+            )
+        if self.leader is None:
+            return self
+        host, _ = parse_leader(self.leader)
+        if not _is_loopback(host) and not self.trusted_network:
+            raise ConfigError(
+                "leader",
+                f"{self.leader} is beyond this machine. thespian's ports speak pickle over"
+                " TCP: anyone who can reach them can run code as this user. Set"
+                " trusted_network = true only if that network is as trusted as this account.",
+            )
+        if not _is_loopback(host) and _is_loopback(self.bind_host):
+            raise ConfigError(
+                "bind_host",
+                f"a leader at {self.leader} cannot reach ports on {self.bind_host}: set"
+                " bind_host to this machine's address on the leader's network",
+            )
+        if self.admin_port is None:
+            raise ConfigError(
+                "admin_port",
+                "a convention member needs a fixed admin port: bind_host:admin_port is its"
+                " identity, and a restarted member takes its roots back only under the same one",
+            )
+        return self
 
     @model_validator(mode="after")
     def _remote_listen_needs_token(self) -> Settings:

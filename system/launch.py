@@ -6,8 +6,9 @@ them exits unless told to (``notes/thespian.md`` sections 0 and 3). So a started
 tracked by that process group, and :meth:`TcpSystem.stop` ends with ``killpg(SIGKILL)`` and a
 bounded wait until no member is left, whatever state the admin is in.
 
-Every listener is pinned to loopback by :func:`system.loopback.install` before the system is
-created. Linux only: the process bookkeeping reads ``/proc``.
+Every listener is pinned to ``bind_host`` (loopback unless the operator says otherwise) by
+:func:`system.loopback.install` before the system is created. Linux only: the process
+bookkeeping reads ``/proc``.
 """
 
 from __future__ import annotations

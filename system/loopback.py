@@ -1,4 +1,4 @@
-"""Keep every thespian listener on loopback.
+"""Keep every thespian listener on one address: loopback, or the operator's ``bind_host``.
 
 thespian 4.0.1's TCP (and UDP) transport binds the admin port and every actor port to all
 interfaces (``IPActorAddress.__init__`` ends with ``self.bindname = ('', sa[1]) if external
@@ -7,7 +7,9 @@ reach those ports. ``THESPIAN_BASE_IPADDR`` changes only the *advertised* addres
 
 :func:`install` replaces ``IPActorAddress.bindArgs`` (the only thing the transports pass to
 ``socket.bind``) so that a wildcard host becomes ``bind_host``, and sets
-``THESPIAN_BASE_IPADDR`` so the advertised address names the same interface.
+``THESPIAN_BASE_IPADDR`` so the advertised address names the same interface. The default is
+``127.0.0.1``; a convention member spanning machines pins its address on the members' network
+instead, which ``system.config`` allows only with ``trusted_network = true``.
 
 Contract:
 

@@ -9,6 +9,11 @@ persisted per path). ``stop()`` drains first (queued requests are answered
 
 Only the supervisor thread may call into the actor system (thespian's external endpoint is not
 thread-safe); signal handlers just set a flag.
+
+Conventions (``system.convention``): a service with ``leader`` set joins the convention led by
+that admin; a service with a fixed ``admin_port`` and no ``leader`` can lead one (it runs the
+Directory). Either way every thespian port listens on ``bind_host``, and the service does not
+open its gateway until the directory has admitted its roots; a refusal is a ``ServiceError``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import signal
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +47,15 @@ from messages.internal import (
     Pong,
     StartGateway,
 )
-from system.config import Settings, load_settings, read_token
+from system.config import Settings, load_settings, parse_leader, read_token
+from system.convention import (
+    DIRECTORY_NAME,
+    Directory,
+    Join,
+    Joined,
+    JoinRefused,
+    member_capabilities,
+)
 from system.gateway import Gateway
 from system.launch import TcpSystem, start_tcp_system
 
@@ -50,6 +64,7 @@ __all__ = ["Service", "ServiceError", "embedded_service", "state_dir", "state_fi
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 15.0
+_JOIN_TIMEOUT_S = 15.0
 _PING_TIMEOUT_S = 3.0
 _PING_FAILURES = 3
 
@@ -114,6 +129,8 @@ class Service:
         self._stop = threading.Event()
         self.state_path: Path | None = None
         """The state file ``write_state`` wrote, kept current across restarts."""
+        self.incarnation = ""
+        """This start's id in the convention (a fresh one at every (re)start)."""
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -123,9 +140,35 @@ class Service:
         assert self.running is not None, "the service is not running"
         return self.running.addresses[0]
 
+    @property
+    def convention(self) -> bool:
+        """Whether this service joins (``leader``) or may lead (a fixed ``admin_port``) one."""
+        return self.settings.leader is not None or self.settings.admin_port is not None
+
+    @property
+    def member_key(self) -> str:
+        """This member's identity in a convention: ``bind_host:admin_port``."""
+        return f"{self.settings.bind_host}:{self.settings.admin_port}"
+
+    def capabilities(self) -> dict[str, Any]:
+        if not self.convention:
+            return {}
+        settings = self.settings
+        caps = member_capabilities(
+            self.member_key, self.incarnation, settings.roots, leader=settings.leader is None
+        )
+        if settings.leader is not None:
+            caps["Convention Address.IPv4"] = parse_leader(settings.leader)
+        return caps
+
     def start(self) -> Service:
+        self.incarnation = uuid.uuid4().hex
         system = start_tcp_system(
-            self.settings.admin_port, log_file=self.log_file, log_level=self.settings.log_level
+            self.settings.admin_port,
+            log_file=self.log_file,
+            bind_host=self.settings.bind_host,
+            capabilities=self.capabilities(),
+            log_level=self.settings.log_level,
         )
         try:
             self.running = self._bring_up(system)
@@ -142,6 +185,8 @@ class Service:
 
     def _bring_up(self, system: TcpSystem) -> _Running:
         asys = system.asys
+        if self.convention and self.settings.leader is None:
+            asys.createActor(Directory, globalName=DIRECTORY_NAME)
         registry = asys.createActor(Registry, globalName=REGISTRY_NAME)
         asys.tell(
             registry,
@@ -152,6 +197,8 @@ class Service:
             ),
         )
         self._expect(asys, Configured, "the registry")
+        if self.convention:
+            self._join(asys, registry)
         gateway = asys.createActor(Gateway)
         asys.tell(
             gateway,
@@ -167,6 +214,22 @@ class Service:
         if isinstance(answer, GatewayFailed):
             raise ServiceError(answer.reason)
         return _Running(system, registry, gateway, answer.addresses)
+
+    def _join(self, asys: Any, registry: Any) -> None:
+        """Have the leader's directory admit our roots; a refusal stops the start."""
+        join = Join(
+            key=self.member_key,
+            incarnation=self.incarnation,
+            member_timeout_ms=self.settings.member_timeout_ms,
+        )
+        asys.tell(registry, join)
+        leader = self.settings.leader or "this member (the leader)"
+        answer = self._expect(
+            asys, (Joined, JoinRefused), f"the convention leader at {leader}", _JOIN_TIMEOUT_S
+        )
+        if isinstance(answer, JoinRefused):
+            raise ServiceError(f"the convention refused this member: {answer.reason}")
+        log.info("member %s admitted to a convention of %d", self.member_key, answer.members)
 
     def _expect(self, asys: Any, kinds: Any, what: str, timeout: float = _START_TIMEOUT_S) -> Any:
         deadline = time.monotonic() + timeout
@@ -222,7 +285,11 @@ class Service:
             old.system.stop()
         self.restarts += 1
         self._failures = 0
-        self.start()
+        try:
+            self.start()
+        except (ServiceError, RuntimeError, OSError) as exc:
+            log.error("restart failed (%s); trying again at the next check", exc)
+            return
         if self.state_path is not None:
             self.write_state()  # new admin port and process group: `stop` must find them
 
@@ -250,6 +317,9 @@ class Service:
             "pgid": running.system.pgid,
             "log_file": str(self.log_file),
             "roots": list(self.settings.roots),
+            "bind_host": self.settings.bind_host,
+            "leader": self.settings.leader,
+            "member": self.member_key if self.convention else None,
         }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
