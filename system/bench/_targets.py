@@ -1,0 +1,120 @@
+"""The issue's targets, checked against one run's results: reported, never asserted.
+
+Each target names the figure it reads; a figure the run did not measure (a suite not selected,
+``--quick`` without K = 8 or 500 files) is reported with ``met`` None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.table import Table
+
+from system.bench._report import fmt, table
+
+__all__ = ["render", "targets"]
+
+
+def _get(results: dict[str, Any], *keys: str) -> Any:
+    value: Any = results
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def _min(*values: float | None) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _gb(mb: float | None) -> float | None:
+    return None if mb is None else round(mb / 1024.0, 2)
+
+
+_TARGETS: list[tuple[str, str, str, Callable[[dict[str, Any]], Any], Callable[[float], bool]]] = [
+    (
+        "hand-off p50 at K=8",
+        "< 1 ms",
+        "ms",
+        lambda r: _get(r, "handoff", "sessionlane", "k8", "handoff_ms_p50"),
+        lambda v: v < 1.0,
+    ),
+    (
+        "hand-off p50 vs the polling locks at K=8 (slower peer / sessionlane)",
+        ">= 20x",
+        "x",
+        lambda r: _min(
+            _get(r, "handoff", "ratios", "k8", "filelock", "handoff_p50"),
+            _get(r, "handoff", "ratios", "k8", "lockfile", "handoff_p50"),
+        ),
+        lambda v: v >= 20.0,
+    ),
+    (
+        "uncontended turn overhead over the direct write (p50)",
+        "< 5 ms",
+        "ms",
+        lambda r: _get(r, "turn", "sessionlane", "overhead_ms_p50"),
+        lambda v: v < 5.0,
+    ),
+    (
+        "lease cycles/s summed over 8 files",
+        ">= 1500/s",
+        "/s",
+        lambda r: _get(r, "handoff", "sessionlane", "files8", "cycles_per_s"),
+        lambda v: v >= 1500.0,
+    ),
+    (
+        "durable appends, 1 file, of the batched ceiling",
+        ">= 0.5",
+        "x",
+        lambda r: _get(r, "append", "ratios", "sessionlane_1_file", "of_ceiling"),
+        lambda v: v >= 0.5,
+    ),
+    (
+        "durable appends, 16 files, of the batched ceiling",
+        ">= 0.5",
+        "x",
+        lambda r: _get(r, "append", "ratios", "sessionlane_16_files", "of_ceiling"),
+        lambda v: v >= 0.5,
+    ),
+    (
+        "memory of 500 live SessionFiles (actor group USS)",
+        "< 3 GB",
+        "GB",
+        lambda r: _gb(_get(r, "scale", "files500", "group_uss_mb")),
+        lambda v: v < 3.0,
+    ),
+]
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per target: what it is, the goal, the measured value and whether it is met."""
+    out = []
+    for name, goal, unit, read, check in _TARGETS:
+        value = read(results)
+        out.append(
+            {
+                "target": name,
+                "goal": goal,
+                "measured": value,
+                "unit": unit,
+                "met": None if value is None else check(value),
+            }
+        )
+    return out
+
+
+def render(entries: list[dict[str, Any]]) -> Table:
+    rows = [
+        [
+            e["target"],
+            e["goal"],
+            "-" if e["measured"] is None else f"{fmt(e['measured'], 2)} {e['unit']}",
+            "not measured" if e["met"] is None else ("met" if e["met"] else "NOT met"),
+        ]
+        for e in entries
+    ]
+    return table("targets (issue 6): where we stand", ["target", "goal", "measured", ""], rows)
