@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-import pytest
-
 from actors.lease_table import (
     Abandoned,
     AbortRequest,
