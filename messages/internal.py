@@ -65,6 +65,11 @@ LaneRequest = Annotated[
 class _Internal(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
+    def __str__(self) -> str:
+        # Cheap on purpose: thespian formats str(message) on every send and receive (see
+        # messages.wire._Message.__str__); repr() still shows every field.
+        return type(self).__name__
+
 
 class LaneRef(_Internal):
     """Who a request comes from: a lane instance, never just its name."""

@@ -207,7 +207,7 @@ def test_a_hello_without_or_with_a_wrong_token_gets_unauthorized_and_nothing_els
             reply = conn.hello(token)
             assert reply["type"] == "error", token
             assert reply["code"] == "unauthorized", token
-            assert "s3cret" not in str(reply), "the token is never echoed"
+            assert "s3cret" not in repr(reply), "the token is never echoed"
             assert conn.closed_by_service(), f"nothing but the refusal for token {token!r}"
 
         conn = RawConn(svc.address)
