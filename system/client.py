@@ -51,6 +51,7 @@ from messages.errors import (
 from messages.wire import (
     Abandon,
     Abandoned,
+    Acquire,
     Append,
     Durability,
     Granted,
@@ -173,6 +174,7 @@ class SessionLane:
         self._last_sent = time.monotonic()
         self._reader: threading.Thread | None = None
         self._waiters: dict[Any, _Waiter] = {}
+        self._orphans: set[Any] = set()  # acquires whose caller stopped waiting
         self._closed = False
         self._generation = 0
 
@@ -298,11 +300,20 @@ class SessionLane:
             with self._lock:
                 self.core.on_event(reply)
             return
+        release: Release | None = None
         with self._lock:
             waiter = self._waiters.get(reply.id)
             if waiter is not None:
                 waiter.replies.append(reply)
                 waiter.event.set()
+            elif reply.id in self._orphans and reply.type != "queued":
+                self._orphans.discard(reply.id)
+                if isinstance(reply, Granted):
+                    release = Release(id=f"orphan{reply.id}", lease=reply.lease)
+            sock = self._sock
+        if release is not None and sock is not None:
+            log.warning("releasing lease %s granted after its caller gave up", release.lease)
+            self._send_quietly(sock, release)
 
     def _lost(self, generation: int, reason: str) -> None:
         with self._lock:
@@ -355,6 +366,9 @@ class SessionLane:
             limit = (timeout if timeout is not None else self.timeout) + _REPLY_MARGIN_S
             while True:
                 if not waiter.event.wait(limit):
+                    if isinstance(message, Acquire | Recover):
+                        with self._lock:  # a grant that still comes must not pin the path
+                            self._orphans.add(rid)
                     raise Unavailable(f"no reply to {message.type} within {limit:.0f} s")
                 with self._lock:
                     waiter.event.clear()

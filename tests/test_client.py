@@ -669,3 +669,30 @@ def test_connecting_to_nothing_raises_unavailable_after_bounded_retries() -> Non
     with pytest.raises(Unavailable):
         connect(f"tcp://127.0.0.1:{free_port()}", reconnect_for=0.3)
     assert time.monotonic() - started < 5.0
+
+
+def test_an_acquire_given_up_on_releases_its_late_grant(
+    clients: Callable[[], SessionLane], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import system.client as client_module
+    from messages.wire import Acquire as AcquireRequest
+
+    sl, other = clients(), clients()
+    holder = sl.lane("channel").acquire(path)
+    assert holder is not None
+    # The service would wait its default (minutes); this caller gives up after 0.2 s.
+    monkeypatch.setattr(client_module, "_REPLY_MARGIN_S", 0.0)
+    impatient = AcquireRequest(lane="impatient", path=path, purpose="prompt")
+    with pytest.raises(Unavailable):
+        other._request(impatient, timeout=0.2)
+    wait_queued(sl, path)
+    holder.release()
+
+    # The grant goes to the request nobody waits for; the client hands it straight back.
+    def free() -> bool:
+        status = file_status(sl, path)
+        return status.holder is None and status.counters["grants"] == 2
+
+    eventually(free, "the orphaned grant to be released")
+    with other.lane("next").lease(path, on_contention="fail") as lease:
+        assert lease is not None
