@@ -462,10 +462,7 @@ class SessionFile(ShellActor):
                 log.exception("%s of %s failed", op.kind, self.path)
                 reply = Error(id=op.call.request.id, code="internal", detail=str(exc))
         if op.auto_release:
-            self.auto_ids += 1
-            release_key = ("auto", self.auto_ids)
-            self.auto_releases.add(release_key)
-            self.perform(self.table.release(release_key, lane, op.lease, monotonic_ms()))
+            self.release_short_write(op)
         self.reply(op.call, reply, needs_sync=needs_sync)
 
     def perform_append(self, op: _WriteOp) -> Reply:
@@ -487,16 +484,20 @@ class SessionFile(ShellActor):
         self.counters["rewrites"] += 1
         return Rewritten(id=op.call.request.id, lines=op.lines, fence=op.fence)
 
+    def release_short_write(self, op: _WriteOp) -> None:
+        """Release the short write lease a lease-less append was granted (no reply for it)."""
+        assert self.table is not None
+        self.auto_ids += 1
+        release_key = ("auto", self.auto_ids)
+        self.auto_releases.add(release_key)
+        self.perform(self.table.release(release_key, op.call.lane.uid, op.lease, monotonic_ms()))
+
     def fail_queued_writes(self, code: ErrorCode, detail: str) -> None:
         while self.write_queue:
             op = self.write_queue.popleft()
             error = Error(id=op.call.request.id, code=code, detail=detail, path=self.path)
             if op.auto_release and self.table is not None:
-                self.auto_ids += 1
-                release_key = ("auto", self.auto_ids)
-                self.auto_releases.add(release_key)
-                now = monotonic_ms()
-                self.perform(self.table.release(release_key, op.call.lane.uid, op.lease, now))
+                self.release_short_write(op)
             self.reply(op.call, error)
 
     def adopt_external_change(self, lease: str, lane_uid: str) -> None:

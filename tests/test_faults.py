@@ -478,7 +478,12 @@ def test_a_request_in_flight_to_a_killed_file_actor_is_answered(root: Path, tmp_
             )
             call.start()
             wait_until(lambda: holders_of(str(path)), "the file actor")
-            time.sleep(0.3)  # the append is queued behind the legacy lock by now
+
+            def blocked_on_legacy_lock() -> bool:
+                files = sl.status(str(path)).files
+                return bool(files) and files[0].counters.get("legacy_lock_waits", 0) > 0
+
+            wait_until(blocked_on_legacy_lock, "the append to wait for the legacy lock")
             kill_file_actor(str(path))
             call.join(timeout=3.0)
             answered = not call.is_alive()
