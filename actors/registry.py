@@ -30,6 +30,7 @@ from actors._shell import Handler, ShellActor, addr_key, monotonic_ms
 from actors.session_file import SessionFile
 from messages.errors import ErrorCode, PathNotAllowed
 from messages.internal import (
+    ChannelOffer,
     Configure,
     Configured,
     Drain,
@@ -42,6 +43,7 @@ from messages.internal import (
     IdleNotice,
     LaneCall,
     LaneClosed,
+    OpenChannel,
     StatusQuery,
 )
 from messages.wire import Error, FileStatus, Status, StatusReply
@@ -109,6 +111,7 @@ class Registry(ShellActor):
             PoisonMessage: self.on_poison,
             Configure: self.on_configure,
             LaneCall: self.on_call,
+            OpenChannel: self.on_open_channel,
             IdleNotice: self.on_idle,
             ChildActorExited: self.on_child_exited,
             LaneClosed: self.on_lane_closed,
@@ -165,11 +168,43 @@ class Registry(ShellActor):
         self.send(entry.address, call.model_copy(update={"path": path, "canonical": True}))
         return path
 
+    def on_open_channel(self, msg: OpenChannel, sender: Any) -> None:
+        """Activate the file of ``msg.path`` and have it offer the gateway a direct channel.
+
+        Refused (an offer without address, so the gateway sends that path's calls here) when
+        this member does not serve the path: not serving, another member's root, or a path
+        outside the roots (the calls then get the same refusal a ``LaneCall`` gets).
+        """
+
+        def refuse(reason: str, canonical: str | None = None) -> None:
+            offer = ChannelOffer(path=msg.path, nonce=msg.nonce, canonical=canonical, reason=reason)
+            self.send(sender, offer)
+
+        if not self.serving():
+            refuse("the registry is not serving")
+            return
+        assert self.config is not None
+        if self.federation is not None and self.federation.remote_owner(msg.path) is not None:
+            refuse("another member serves this path")
+            return
+        try:
+            path = canonicalize(msg.path, self.config.roots, self.config.suffixes)
+        except PathNotAllowed as exc:
+            refuse(exc.detail)
+            return
+        entry = self.files.get(path) or self.activate(path)
+        entry.forwarded += 1
+        entry.lanes[addr_key(sender)] = sender
+        if path != msg.path and len(entry.aliases) < _MAX_ALIASES:
+            entry.aliases.add(msg.path)
+        self.send(entry.address, msg.model_copy(update={"reply_to": sender}))
+
     def is_active(self, path: str) -> bool:
         return path in self.files
 
     def refuse(self, call: LaneCall, error: Error) -> None:
-        self.send(call.lane.address, FileReply(path=call.path, message=error))
+        reply = FileReply(path=call.path, message=error, lane=call.lane.uid)
+        self.send(call.lane.address, reply)
 
     def activate(self, path: str, restarts: deque[float] | None = None) -> _File:
         assert self.config is not None
@@ -247,7 +282,10 @@ class Registry(ShellActor):
             entry.lanes = old.lanes
             entry.aliases = old.aliases
         for lane in old.lanes.values():
-            self.send(lane, FileRestarted(path=path, aliases=sorted(old.aliases)))
+            restarted = FileRestarted(
+                path=path, aliases=sorted(old.aliases), incarnation=old.incarnation
+            )
+            self.send(lane, restarted)
 
     def on_lane_closed(self, msg: LaneClosed, sender: Any) -> None:
         self.lane_closed(msg.address)

@@ -24,6 +24,21 @@ previous one's ACK, so the transport never holds more than one unread call (meas
 zero wakeup runs before the next ``select``; both batch nothing. Bases without watch support
 (``simpleSystemBase``) sync after each message.
 
+Channels. The gateway reaches a file over a direct channel (``messages.channel``) instead of
+the actor chain: it asks through the Registry (``OpenChannel``, counted like a call), and the
+file answers with a ``ChannelOffer`` naming its ``ChannelServer`` (``actors.file_channels``),
+opened on the first such request. Channel calls run through exactly the code of a
+``LaneCall``, with the connection (a ``ChannelRef``) as the lane's address; every message to
+such a lane becomes a reply frame on that connection, queued, and written once at the end of
+the actor's turn. They are not counted in ``received`` (that number is compared with what
+the Registry forwarded), so an open channel keeps the file from asking to be passivated, and
+a channel that closes abandons its lanes' leases and requests. The server's sockets are
+watched always; the always-readable pipe only while a pass is being ended (see above).
+
+Passivation. One idle timer at a time fires ``idle_ms`` after the last call of any route; a
+file quiet with no channel then sends ``IdleNotice`` and refuses new channels until a message
+from the Registry says it is not retired after all.
+
 Legacy interop (``legacy_lock``). Every write (and rewrite) goes through a FIFO write queue;
 with the legacy lock on, draining it first takes ``<file>.lock`` (never waiting: a live legacy
 holder means the queue is retried by ``wakeupAfter`` with backoff), performs the queued writes,
@@ -45,6 +60,7 @@ from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, Watc
 
 from actors._shell import Handler, ShellActor, monotonic_ms
 from actors.fencestore import FenceStore
+from actors.file_channels import ChannelCallEvent, ChannelClosed, ChannelRef, ChannelServer
 from actors.group_commit import CommitPolicy, Outbox, Outgoing
 from actors.lease_table import (
     Abandoned,
@@ -63,8 +79,10 @@ from actors.lease_table import (
 )
 from actors.legacy_lock import LegacyLock
 from actors.transcript import Transcript, encode_records
+from messages.channel import reply_frame
 from messages.errors import ErrorCode, SessionLaneError
 from messages.internal import (
+    ChannelOffer,
     Drain,
     Drained,
     FileInit,
@@ -74,6 +92,8 @@ from messages.internal import (
     FileStatusQuery,
     IdleNotice,
     LaneCall,
+    LaneRef,
+    OpenChannel,
 )
 from messages.wire import (
     Abandon,
@@ -110,6 +130,8 @@ __all__ = ["SessionFile"]
 log = logging.getLogger(__name__)
 
 _DEDUP_SIZE = 1024
+_FLUSH_RETRY_S = 0.002
+"""How soon channel output a full socket buffer refused is written again."""
 _LEGACY_RETRY_MIN_S = 0.002
 _LEGACY_RETRY_MAX_S = 0.05
 """Backoff bounds for retrying a legacy lock held by a live legacy writer."""
@@ -147,6 +169,9 @@ class SessionFile(ShellActor):
 
     group_commit: ClassVar[bool] = True
     """Benchmarks set this to False (before the actor system forks) to sync every append."""
+    channels: ClassVar[bool] = True
+    """Benchmarks set this to False (before the actor system forks) to measure the actor route:
+    every ``OpenChannel`` is then answered without an address."""
 
     def __init__(self, capabilities: dict[str, Any] | None = None, *args: Any, **kwargs: Any):
         # thespian passes ``capabilities`` by name only to a positional-or-keyword parameter.
@@ -160,7 +185,16 @@ class SessionFile(ShellActor):
         self.legacy: LegacyLock | None = None
         self.registry: Any = None
         self.broken: str | None = None
-        self.received = 0
+        self.incarnation = 0
+        self.received = 0  # messages the Registry forwarded (compared in its passivation check)
+        self.activity = 0  # calls of any route, for the idle timer
+        self.last_active = 0.0
+        self.idle_armed = False
+        self.retiring = False  # IdleNotice sent; cleared by the next message from the Registry
+        # Channels: see the module docstring.
+        self.server: ChannelServer | None = None
+        self.flush_armed = False
+        self.closed_channels = 0
         self.lanes: dict[str, Any] = {}  # lane uid -> Lane address
         self.lane_names: dict[str, str] = {}  # lane uid -> the name its agent gave it
         self.pending_writes: dict[Any, _PendingWrite] = {}
@@ -191,15 +225,17 @@ class SessionFile(ShellActor):
             "commits": 0,
             "fence_reservations": 0,
             "legacy_lock_waits": 0,
+            "channel_calls": 0,
         }
 
     def handlers(self) -> dict[type, Handler]:
         return {
             FileInit: self.on_init,
             LaneCall: self.on_call,
+            OpenChannel: self.on_open_channel,
             FileStatusQuery: self.on_status,
             WakeupMessage: self.on_wakeup,
-            WatchMessage: self.on_pass_end,
+            WatchMessage: self.on_watch,
             Drain: self.on_drain,
             ActorExitRequest: self.on_exit,
         }
@@ -208,11 +244,32 @@ class SessionFile(ShellActor):
         super().receiveMessage(msg, sender)
         if isinstance(msg, ActorExitRequest):
             return None
-        try:
-            return self.after_message()
-        except Exception:
-            log.exception("group commit of %s failed", self.path)
-            return None
+        return self.end_turn()
+
+    def end_turn(self) -> ThespianWatch | None:
+        """After every message: group commit, then one write of the channels' output.
+
+        Channels the write found closed are handled here (their lanes abandoned), and the
+        commit logic runs again for what that changed.
+        """
+        while True:
+            try:
+                pass_end = self.after_message()
+            except Exception:
+                log.exception("group commit of %s failed", self.path)
+                pass_end = False
+            closed = self.flush_channels()
+            if not closed:
+                return self.watch(pass_end)
+            for event in closed:
+                self.on_channel_closed(event)
+
+    def watch(self, pass_end: bool) -> ThespianWatch | None:
+        """The fds thespian should watch until the next message: channels, pass end."""
+        fds = self.server.fds() if self.server is not None else []
+        if pass_end and self.ready_fd is not None:
+            fds.append(self.ready_fd)
+        return ThespianWatch(fds) if fds else None
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -220,6 +277,8 @@ class SessionFile(ShellActor):
         self.path = msg.path
         self.settings = s = msg.settings
         self.registry = sender
+        self.incarnation = msg.incarnation
+        self.last_active = monotonic_ms()
         try:
             self.transcript = Transcript(msg.path, log=log)
             report = self.transcript.open()
@@ -254,6 +313,11 @@ class SessionFile(ShellActor):
     def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
         self.fail_queued_writes("unavailable", "the file's actor is exiting")
         self.commit()
+        if self.server is not None:
+            with contextlib.suppress(OSError):
+                self.server.flush()  # best effort: the last replies of a passivated file
+            self.server.close()
+            self.server = None
         if self.transcript is not None:
             self.transcript.close()
         if self.ready_fd is not None:
@@ -271,7 +335,26 @@ class SessionFile(ShellActor):
     # Calls ---------------------------------------------------------------------------------
 
     def on_call(self, call: LaneCall, sender: Any) -> None:
+        self.from_registry()
+        self.serve(call)
+
+    def from_registry(self) -> None:
+        """Count a message the Registry forwarded (and counted); it cancels a retirement."""
         self.received += 1
+        self.touch()
+        if self.retiring:
+            # The Registry now counts more than our IdleNotice said: it will not retire us.
+            self.retiring = False
+            if self.server is not None:
+                self.server.accepting = True
+            self._schedule_idle()
+
+    def touch(self) -> None:
+        self.activity += 1
+        self.last_active = monotonic_ms()
+
+    def serve(self, call: LaneCall) -> None:
+        """One call, from the Registry or from a channel: lease table, writes, replies."""
         self.lanes[call.lane.uid] = call.lane.address
         self.lane_names[call.lane.uid] = call.lane.name
         if self.table is None:
@@ -315,6 +398,104 @@ class SessionFile(ShellActor):
         if isinstance(msg, LaneCall):
             detail = f"{type(exc).__name__}: {exc}"
             self.reply(msg, Error(id=msg.request.id, code="internal", detail=detail))
+
+    # Channels ------------------------------------------------------------------------------
+
+    def on_open_channel(self, msg: OpenChannel, sender: Any) -> None:
+        self.from_registry()
+        reply_to = msg.reply_to if msg.reply_to is not None else sender
+        server, reason = self.channel_server()
+        canonical = self.path or None
+        if server is None:
+            offer = ChannelOffer(path=msg.path, nonce=msg.nonce, canonical=canonical, reason=reason)
+        else:
+            offer = ChannelOffer(
+                path=msg.path,
+                nonce=msg.nonce,
+                canonical=canonical,
+                address=server.address,
+                token=server.token,
+                incarnation=self.incarnation,
+            )
+        self.send(reply_to, offer)
+
+    def channel_server(self) -> tuple[ChannelServer | None, str]:
+        """The channel listener, opened on first use, or None and why there is none."""
+        if self.server is not None:
+            return self.server, ""
+        if self.table is None:
+            return None, self.broken or "the file actor is not initialised"
+        if not self.watch_supported:
+            return None, "this actor system cannot watch sockets"
+        if not self.channels:
+            return None, "channels are turned off"
+        try:
+            self.server = ChannelServer.open(self.path, self.incarnation)
+        except OSError as exc:
+            log.error("cannot open a channel listener for %s: %s", self.path, exc)
+            return None, f"cannot open a channel listener: {exc}"
+        self.server.accepting = not self.retiring
+        return self.server, ""
+
+    def on_watch(self, msg: WatchMessage, sender: Any) -> None:
+        """Channel sockets first (their calls join this pass), then the end of the pass."""
+        if self.server is not None:
+            for event in self.server.on_ready(msg.ready):
+                if isinstance(event, ChannelCallEvent):
+                    self.on_channel_call(event)
+                else:
+                    self.on_channel_closed(event)
+        if self.ready_fd is not None and self.ready_fd in msg.ready:
+            self.on_pass_end()
+
+    def on_channel_call(self, event: ChannelCallEvent) -> None:
+        """A call on a channel: served like a ``LaneCall`` but not counted in ``received``."""
+        c = event.call
+        lane = LaneRef(uid=c.uid, name=c.name, address=event.conn, priority=c.priority)
+        call = LaneCall(lane=lane, path=self.path, canonical=True, request=c.request)
+        self.counters["channel_calls"] += 1
+        self.touch()
+        try:
+            self.serve(call)
+        except Exception as exc:
+            log.exception("channel call to %s failed", self.path)
+            try:
+                self.on_handler_error(call, None, exc)
+            except Exception:
+                log.exception("answering the failed channel call to %s failed", self.path)
+
+    def on_channel_closed(self, event: ChannelClosed) -> None:
+        """Abandon every lane that was reached through the closed channel, and forget it."""
+        gone = [
+            uid
+            for uid, address in self.lanes.items()
+            if isinstance(address, ChannelRef) and address == event.conn
+        ]
+        for uid in gone:
+            try:
+                if self.table is not None:
+                    self.closed_channels += 1
+                    key = ("closed", self.closed_channels)
+                    reason = "the gateway's channel closed"
+                    self.perform(self.table.abandon(key, uid, monotonic_ms(), reason=reason))
+            except Exception:
+                log.exception("abandoning lane %s of %s failed", uid, self.path)
+            self.lanes.pop(uid, None)
+            self.lane_names.pop(uid, None)
+
+    def flush_channels(self) -> list[ChannelClosed]:
+        """Write the channels' output; the connections found closed (for the caller)."""
+        if self.server is None:
+            return []
+        try:
+            left = self.server.flush()
+        except Exception:
+            log.exception("writing the channels of %s failed", self.path)
+            left = True
+        if left and not self.flush_armed:
+            self.flush_armed = True
+            self.wakeupAfter(_FLUSH_RETRY_S, payload=("flush", 0))
+        return self.server.closed_since_last()
 
     def key(self, call: LaneCall) -> Any:
         return (call.lane.uid, call.request.id)
@@ -511,7 +692,8 @@ class SessionFile(ShellActor):
         level = logging.INFO if self.legacy is not None and kind == "append" else logging.WARNING
         log.log(level, "external %s of %s adopted during lease %s", kind, self.path, lease)
         event = ExternalChange(lease=lease, path=self.path, kind=kind)
-        self.send_lane(lane_uid, FileReply(path=self.path, message=event, held=lease))
+        reply = FileReply(path=self.path, message=event, held=lease, lane=lane_uid)
+        self.send_lane(lane_uid, reply)
 
     def remember(self, call: LaneCall, reply: Reply) -> None:
         if call.request.id is None:
@@ -522,24 +704,24 @@ class SessionFile(ShellActor):
 
     # Group commit --------------------------------------------------------------------------
 
-    def after_message(self) -> ThespianWatch | None:
-        """After every message: sync now, watch for the end of the next pass, or keep waiting."""
+    def after_message(self) -> bool:
+        """After every message: sync now, or keep waiting; True: watch for the end of the pass."""
         if not self.outbox:
             self.phase = "idle"
-            return None
+            return False
         if self.ready_fd is None:
             self.commit()
-            return None
+            return False
         if self.phase == "wait":
             if not self.batch.grew():
-                return None  # the commit wakeup or the next append ends the wait
+                return False  # the commit wakeup or the next append ends the wait
             self.phase = "idle"  # an append arrived: give its pass a chance to bring more
         if self.phase == "idle":
             self.phase = "pass"
             self.batch.begin_pass()
-        return ThespianWatch([self.ready_fd])
+        return True
 
-    def on_pass_end(self, msg: WatchMessage, sender: Any) -> None:
+    def on_pass_end(self) -> None:
         """The transport delivered everything it had read: decide what the held batch does."""
         if self.phase == "pass" and self.outbox:
             self.decide()
@@ -585,7 +767,7 @@ class SessionFile(ShellActor):
                 message = message.model_copy(update={"message": error})
                 if out.key is not None:
                     self.done.pop(out.key, None)
-            self.send(out.address, message)
+            self.deliver(out.address, message)
         self.batch.committed()
         self.phase = "idle"
 
@@ -639,10 +821,11 @@ class SessionFile(ShellActor):
                     self.answer(fx.req, fx.lane, AbandonedReply(leases=list(fx.leases)))
                 case Revoke():
                     event = Revoked(lease=fx.lease, path=self.path, reason=fx.reason)
-                    self.send_lane(fx.lane, FileReply(path=self.path, message=event))
+                    self.send_lane(fx.lane, FileReply(path=self.path, message=event, lane=fx.lane))
                 case AbortRequest():
                     abort = AbortRequested(lease=fx.lease, path=self.path, grace_ms=fx.grace_ms)
-                    self.send_lane(fx.lane, FileReply(path=self.path, message=abort, held=fx.lease))
+                    reply = FileReply(path=self.path, message=abort, held=fx.lease, lane=fx.lane)
+                    self.send_lane(fx.lane, reply)
                 case Diagnostic(message=message):
                     log.warning(message)
         self.schedule()
@@ -655,6 +838,7 @@ class SessionFile(ShellActor):
                 path=self.path,
                 message=message.model_copy(update={"id": rid}),
                 held=self.held(lane_uid),
+                lane=lane_uid,
             ),
         )
 
@@ -662,7 +846,12 @@ class SessionFile(ShellActor):
         out = Outgoing(
             lane=call.lane.uid,
             address=call.lane.address,
-            message=FileReply(path=self.path, message=message, held=self.held(call.lane.uid)),
+            message=FileReply(
+                path=self.path,
+                message=message,
+                held=self.held(call.lane.uid),
+                lane=call.lane.uid,
+            ),
             needs_sync=needs_sync,
             key=self.key(call) if needs_sync else None,
         )
@@ -679,7 +868,16 @@ class SessionFile(ShellActor):
 
     def emit(self, out: Outgoing) -> None:
         if self.outbox.put(out):
-            self.send(out.address, out.message)
+            self.deliver(out.address, out.message)
+
+    def deliver(self, address: Any, message: FileReply) -> None:
+        """To a Lane actor, or as a reply frame on a channel (dropped if it closed)."""
+        if isinstance(address, ChannelRef):
+            if self.server is not None:
+                frame = reply_frame(message.lane, message.held, message.message)
+                self.server.send(address, frame)
+        else:
+            self.send(address, message)
 
     # Timers --------------------------------------------------------------------------------
 
@@ -690,13 +888,41 @@ class SessionFile(ShellActor):
             self.next_wakeup = due
             delay_s = max(0.0, due - monotonic_ms()) / 1000.0
             self.wakeupAfter(delay_s, payload=("tick", due))
-        if self.table.idle() and not self.pending_writes:
-            self._schedule_idle()
 
     def _schedule_idle(self) -> None:
-        self.wakeupAfter(self.file_settings.idle_ms / 1000.0, payload=("idle", self.received))
+        """Arm the idle timer, one at a time: due ``idle_ms`` after the last call.
+
+        It stays armed for the actor's life (re-armed each time it fires) except while
+        retiring; a timer per call would pile up in thespian's sorted wakeup list.
+        """
+        if self.idle_armed or self.retiring:
+            return
+        self.idle_armed = True
+        now = monotonic_ms()
+        idle_ms = self.file_settings.idle_ms
+        due = self.last_active + idle_ms
+        if due <= now:
+            due = now + idle_ms  # nothing happened since, but it was not quiet: look again later
+        self.wakeupAfter((due - now) / 1000.0, payload=("idle", self.activity))
+
+    def on_idle(self, seen: int) -> None:
+        """The idle timer fired: ask to be passivated if nothing happened and nothing is open."""
+        self.idle_armed = False
+        if self.retiring:
+            return
+        channels = self.server.connections() if self.server is not None else 0
+        if seen == self.activity and self.quiet() and channels == 0:
+            self.retiring = True
+            if self.server is not None:
+                self.server.accepting = False
+            self.send(self.registry, IdleNotice(path=self.path, received=self.received))
+            return
+        self._schedule_idle()
 
     def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
+        if msg.payload == ("flush", 0):
+            self.flush_armed = False  # end_turn writes what is left
+            return
         if self.table is None or not isinstance(msg.payload, tuple):
             return
         what, value = msg.payload
@@ -712,8 +938,8 @@ class SessionFile(ShellActor):
         elif what == "legacy":
             self.legacy_retry_armed = False
             self.drain_writes()
-        elif what == "idle" and value == self.received and self.quiet():
-            self.send(self.registry, IdleNotice(path=self.path, received=self.received))
+        elif what == "idle":
+            self.on_idle(value)
 
     def quiet(self) -> bool:
         """Nothing held, queued or waiting: the actor may be passivated."""
@@ -723,7 +949,7 @@ class SessionFile(ShellActor):
     # Status --------------------------------------------------------------------------------
 
     def on_status(self, msg: FileStatusQuery, sender: Any) -> None:
-        self.received += 1
+        self.from_registry()
         self.send(sender, FileStatusAnswer(query=msg.query, status=self.status()))
 
     def status(self) -> FileStatus:
@@ -754,6 +980,7 @@ class SessionFile(ShellActor):
         if self.transcript is not None:
             counters["syncs"] = self.transcript.sync_count
             counters["size"] = self.transcript.size
+        counters["channels"] = self.server.connections() if self.server is not None else 0
         return FileStatus(
             path=self.path, fence=t.fence, holder=holder, queue=queue, counters=counters
         )

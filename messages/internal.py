@@ -30,6 +30,7 @@ from messages.wire import (
 
 __all__ = [
     "AgentGone",
+    "ChannelOffer",
     "Configure",
     "Configured",
     "Drain",
@@ -49,6 +50,7 @@ __all__ = [
     "LaneOutput",
     "LaneRef",
     "LaneRequest",
+    "OpenChannel",
     "OpenLane",
     "Opened",
     "Ping",
@@ -146,6 +148,8 @@ class FileReply(_Internal):
     message: Reply
     held: str | None = None
     """The lease the lane still holds on ``path`` after this message, if any."""
+    lane: str = ""
+    """The lane's uid: one actor (the gateway) may host many lanes."""
 
 
 class LaneOutput(_Internal):
@@ -196,6 +200,42 @@ class FileRestarted(_Internal):
     path: str
     aliases: list[str] = []
     """The spellings of ``path`` lanes used (a lane's first request names no canonical path)."""
+    incarnation: int = 0
+    """The incarnation that died (0: unknown), so a gateway that already saw its channel
+    break does not handle the same death twice."""
+
+
+class OpenChannel(_Internal):
+    """From the gateway, through the Registry, to a SessionFile: offer me a direct channel.
+
+    The Registry resolves and confines ``path`` exactly as for a ``LaneCall`` and activates the
+    file; a path it will not serve here (refused, or owned by another convention member) is
+    answered with a ``ChannelOffer`` without an address, and the gateway routes that path's
+    calls through the Registry instead.
+    """
+
+    kind: Literal["open_channel"] = "open_channel"
+    path: str
+    nonce: int
+    """Echoed in the offer: the gateway ignores offers for requests it gave up on."""
+    reply_to: Any = None
+    """Set by the Registry: the gateway that asked."""
+
+
+class ChannelOffer(_Internal):
+    """From a SessionFile (or the Registry, refusing) to the gateway: where to connect."""
+
+    kind: Literal["channel_offer"] = "channel_offer"
+    path: str
+    """The raw path of the ``OpenChannel`` it answers."""
+    nonce: int
+    canonical: str | None = None
+    address: str | None = None
+    """The SessionFile's channel listener (an abstract Unix socket name), or None: no channel,
+    send this path's calls through the Registry."""
+    token: str = ""
+    incarnation: int = 0
+    reason: str = ""
 
 
 class StatusQuery(_Internal):
@@ -226,6 +266,11 @@ class StartGateway(_Internal):
     token: str | None
     max_frame_bytes: int
     keepalive_ms: int
+    roots: list[str] = []
+    suffixes: list[str] = [".jsonl"]
+    """The Registry's: the gateway resolves paths with them to pick a file's channel."""
+    idle_ms: int = 60_000
+    """A channel nobody used for half this long is closed, so its file can be passivated."""
 
 
 class GatewayStarted(_Internal):
@@ -276,6 +321,8 @@ InternalMessage = (
     | FileInit
     | IdleNotice
     | FileRestarted
+    | OpenChannel
+    | ChannelOffer
     | StatusQuery
     | FileStatusQuery
     | FileStatusAnswer

@@ -524,6 +524,7 @@ class _Sent:
 
     path: str
     lane: Any = None
+    lane_uid: str = ""
     request_id: Any = None
     canonical: bool = False
     status: Status | None = None
@@ -700,6 +701,7 @@ class Federation:
             remote.unconfirmed[seq] = _Sent(
                 path=call.path,
                 lane=call.lane.address,
+                lane_uid=call.lane.uid,
                 request_id=call.request.id,
                 canonical=call.canonical,
             )
@@ -878,7 +880,8 @@ class Federation:
                 # The lane learns a path's canonical name from the first reply; until then
                 # FileRestarted cannot find this request, so it is answered here.
                 error = self.unavailable(remote, item.request_id, item.path)
-                self.host.send(item.lane, FileReply(path=item.path, message=error))
+                reply = FileReply(path=item.path, message=error, lane=item.lane_uid)
+                self.host.send(item.lane, reply)
 
     @staticmethod
     def unavailable(remote: _Remote | Member, request_id: Any, path: str) -> Error:
@@ -903,8 +906,9 @@ class Federation:
         canonical = self.host.serve(call)
         if canonical is None:
             return
+        # Keyed by lane, not by address: the gateway hosts many lanes at one address.
         _, paths = self.origin(msg).lanes.setdefault(
-            addr_key(call.lane.address), (call.lane, set())
+            f"{addr_key(call.lane.address)}|{call.lane.uid}", (call.lane, set())
         )
         paths.add(canonical)
         if not call.canonical and canonical != call.path:
@@ -914,7 +918,10 @@ class Federation:
             self.host.send(msg.origin, resolved)
 
     def on_forwarded_close(self, msg: ForwardedClose, sender: Any) -> None:
-        self.origin(msg).lanes.pop(addr_key(msg.lane), None)
+        lanes = self.origin(msg).lanes
+        prefix = f"{addr_key(msg.lane)}|"
+        for key in [k for k in lanes if k.startswith(prefix)]:
+            del lanes[key]
         self.host.lane_closed(msg.lane)
 
     def on_forwarded_status(self, msg: ForwardedStatus, sender: Any) -> None:

@@ -7,10 +7,12 @@ select loop wakes it with a ``WatchMessage`` when one is readable: everything ha
 single-threaded process, and nothing blocks (sockets are non-blocking, output is buffered).
 
 Per connection: the first request must be ``hello`` (with the token when one is configured);
-each lane name used on the connection gets its own Lane actor, created on first use; replies
-and events from those lanes are framed back. When the connection closes, breaks, sends a frame
-over the size limit, or stays silent for three keepalive periods, its lanes are told
-``AgentGone`` and abandon everything they hold or wait for.
+each lane name used on the connection gets its own lane (``actors.lane_state.LaneState``),
+hosted here in the gateway's process; their calls reach the SessionFiles over direct channels
+(``system.links``: one socket hop each way, not five thespian messages), and replies and
+events are framed back. When the connection closes, breaks, sends a frame over the size limit,
+or stays silent for three keepalive periods, its lanes abandon everything they hold or wait
+for.
 """
 
 from __future__ import annotations
@@ -35,16 +37,17 @@ from thespian.actors import (
 )
 
 from actors._shell import Handler, ShellActor, monotonic_ms
-from actors.lane import Lane
+from actors.lane_state import CLOSE_TIMEOUT_S, LaneState
 from messages.codec import FrameDecodeError, FrameReader, decode_request, frame
 from messages.errors import ErrorCode, TooLarge
 from messages.internal import (
-    AgentGone,
+    ChannelOffer,
+    FileReply,
+    FileRestarted,
     GatewayFailed,
     GatewayStarted,
-    LaneOutput,
-    Opened,
-    OpenLane,
+    LaneCall,
+    LaneRef,
     Ping,
     Pong,
     StartGateway,
@@ -71,6 +74,7 @@ from messages.wire import (
     Welcome,
 )
 from system.config import parse_listen
+from system.links import Links
 
 __all__ = ["Gateway"]
 
@@ -84,16 +88,10 @@ _FLUSH_RETRY_S = 0.005
 _MAX_RECORD_DEPTH = 100
 """Deepest nesting of maps and lists accepted in a record.
 
-A record travels pickled through three actors; pickling a record nested about 500 deep
-exceeds the recursion limit, and thespian then drops the message (the request would never be
-answered). Real transcript records nest a dozen levels at most.
+A record may travel pickled through actors (calls routed through the Registry); pickling a
+record nested about 500 deep exceeds the recursion limit, and thespian then drops the message
+(the request would never be answered). Real transcript records nest a dozen levels at most.
 """
-
-
-@dataclass
-class _LaneSlot:
-    uid: str
-    address: Any
 
 
 @dataclass
@@ -105,7 +103,7 @@ class _Conn:
     last_seen: float
     out: bytearray = field(default_factory=bytearray)
     hello: bool = False
-    lanes: dict[str, _LaneSlot] = field(default_factory=dict)
+    lanes: dict[str, LaneState] = field(default_factory=dict)
     leases: dict[str, str] = field(default_factory=dict)  # lease -> lane name
     closing: bool = False
 
@@ -117,7 +115,7 @@ class Gateway(ShellActor):
         super().__init__(*args, **kwargs)
         self.listeners: dict[int, tuple[socket.socket, str]] = {}  # fd -> (socket, address)
         self.conns: dict[int, _Conn] = {}  # fd -> connection
-        self.by_uid: dict[str, tuple[_Conn, str]] = {}  # lane uid -> (connection, lane name)
+        self.by_uid: dict[str, tuple[_Conn, LaneState]] = {}  # lane uid -> its connection, lane
         self.statuses: dict[str, tuple[int, Any]] = {}  # gateway status id -> (conn id, id)
         self.registry: Any = None
         self.token: str | None = None
@@ -126,13 +124,16 @@ class Gateway(ShellActor):
         self.ids = itertools.count(1)
         self.unix_paths: list[str] = []
         self.flush_scheduled = False
+        self.links: Links | None = None
+        self.links_wakeup: float | None = None
 
     def handlers(self) -> dict[type, Handler]:
         return {
             StartGateway: self.on_start,
             WatchMessage: self.on_watch,
-            LaneOutput: self.on_lane_output,
-            Opened: self.on_opened,
+            FileReply: self.on_file_reply,
+            FileRestarted: self.on_file_restarted,
+            ChannelOffer: self.on_channel_offer,
             StatusReply: self.on_status_reply,
             WakeupMessage: self.on_wakeup,
             Ping: self.on_ping,
@@ -143,6 +144,12 @@ class Gateway(ShellActor):
     def receiveMessage(self, msg: Any, sender: Any) -> Any:
         super().receiveMessage(msg, sender)
         fds = list(self.listeners) + list(self.conns)
+        if self.links is not None:
+            if self.links.flush() and not self.flush_scheduled:
+                self.flush_scheduled = True
+                self.wakeupAfter(_FLUSH_RETRY_S, payload="flush")
+            self.schedule_links()
+            fds += self.links.fds()
         return ThespianWatch(fds) if fds else None
 
     # Listeners -----------------------------------------------------------------------------
@@ -152,6 +159,7 @@ class Gateway(ShellActor):
         self.token = msg.token
         self.max_frame_bytes = msg.max_frame_bytes
         self.keepalive_ms = msg.keepalive_ms
+        self.links = Links(self, msg.roots, msg.suffixes, msg.idle_ms / 2, monotonic_ms)
         bound: list[str] = []
         try:
             for address in msg.listen:
@@ -207,6 +215,9 @@ class Gateway(ShellActor):
     def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
         for conn in list(self.conns.values()):
             self.close(conn, "gateway stopping")
+        if self.links is not None:
+            self.links.flush()  # the abandons, before the channels close
+            self.links.close()
         self.close_listeners()
 
     # Socket activity -----------------------------------------------------------------------
@@ -217,6 +228,8 @@ class Gateway(ShellActor):
                 self.accept(self.listeners[fd][0])
             elif (conn := self.conns.get(fd)) is not None:
                 self.read(conn)
+            elif self.links is not None and self.links.owns(fd):
+                self.links.on_ready(fd)
 
     def accept(self, listener: socket.socket) -> None:
         while True:
@@ -338,39 +351,71 @@ class Gateway(ShellActor):
                     )
 
     def to_lane(self, conn: _Conn, name: str, request: Any, priority: Priority | None) -> None:
-        slot = conn.lanes.get(name)
-        if slot is None:
+        lane = conn.lanes.get(name)
+        if lane is None:
             uid = f"{name}#{conn.id}.{uuid.uuid4().hex[:6]}"
-            address = self.createActor(Lane)
-            slot = conn.lanes[name] = _LaneSlot(uid, address)
-            self.by_uid[uid] = (conn, name)
-            # Messages to a new actor queue until it is up; thespian keeps their order.
-            self.send(
-                address,
-                OpenLane(
-                    name=name, priority=priority or "interactive", registry=self.registry, uid=uid
-                ),
+            ref = LaneRef(
+                uid=uid, name=name, address=self.myAddress, priority=priority or "interactive"
             )
-        self.send(slot.address, request)
+            lane = conn.lanes[name] = LaneState(ref, self)
+            self.by_uid[uid] = (conn, lane)
+        lane.request(request)
+
+    # LaneHost: the lanes of our connections ------------------------------------------------
+
+    def call(self, call: LaneCall) -> None:
+        assert self.links is not None
+        self.links.call(call)
+
+    def to_agent(self, lane: LaneState, message: Reply) -> None:
+        found = self.by_uid.get(lane.uid)
+        if found is None:
+            return
+        conn = found[0]
+        if isinstance(message, Granted):
+            conn.leases[message.lease] = lane.name
+            while len(conn.leases) > _MAX_LEASES_PER_CONN:
+                conn.leases.pop(next(iter(conn.leases)))
+        elif isinstance(message, Revoked):
+            conn.leases.pop(message.lease, None)
+        self.write(conn, message)
+
+    def closed(self, lane: LaneState) -> None:
+        self.by_uid.pop(lane.uid, None)
+
+    # LinkHost: what the links report -------------------------------------------------------
+
+    def deliver(self, reply: FileReply) -> None:
+        found = self.by_uid.get(reply.lane)
+        if found is not None:
+            found[1].file_reply(reply)
+
+    def restarted(self, msg: FileRestarted) -> None:
+        for _, lane in list(self.by_uid.values()):
+            lane.file_restarted(msg)
+
+    def in_use(self, path: str) -> bool:
+        return any(lane.uses(path) for _, lane in self.by_uid.values())
 
     # From the actors -----------------------------------------------------------------------
 
-    def on_opened(self, msg: Opened, sender: Any) -> None:
-        pass  # lanes are used before they confirm; order is kept per sender/target pair
+    def on_file_reply(self, msg: FileReply, sender: Any) -> None:
+        self.deliver(msg)
 
-    def on_lane_output(self, msg: LaneOutput, sender: Any) -> None:
-        found = self.by_uid.get(msg.uid)
-        if found is None:
-            return
-        conn, name = found
-        reply = msg.message
-        if isinstance(reply, Granted):
-            conn.leases[reply.lease] = name
-            while len(conn.leases) > _MAX_LEASES_PER_CONN:
-                conn.leases.pop(next(iter(conn.leases)))
-        elif isinstance(reply, Revoked):
-            conn.leases.pop(reply.lease, None)
-        self.write(conn, reply)
+    def on_file_restarted(self, msg: FileRestarted, sender: Any) -> None:
+        if self.links is not None:
+            self.links.on_restarted(msg)
+
+    def on_channel_offer(self, msg: ChannelOffer, sender: Any) -> None:
+        if self.links is not None:
+            self.links.on_offer(msg)
+
+    def schedule_links(self) -> None:
+        assert self.links is not None
+        due = self.links.next_due()
+        if due is not None and (self.links_wakeup is None or due < self.links_wakeup):
+            self.links_wakeup = due
+            self.wakeupAfter(max(0.0, due - monotonic_ms()) / 1000.0, payload=("links", due))
 
     def on_status_reply(self, msg: StatusReply, sender: Any) -> None:
         found = self.statuses.pop(str(msg.id), None)
@@ -382,20 +427,17 @@ class Gateway(ShellActor):
             self.write(conn, msg.model_copy(update={"id": rid}))
 
     def on_poison(self, msg: PoisonMessage, sender: Any) -> None:
-        """A request this gateway sent could not be delivered: answer it, never leave it hanging.
+        """A call this gateway sent could not be delivered: answer it, never leave it hanging.
 
         thespian returns a message it could not send (e.g. one that would not pickle) to its
-        sender as ``PoisonMessage``, with ``sender`` set to the intended target: the lane.
+        sender as ``PoisonMessage``.
         """
-        request = msg.poisonMessage
-        log.error("undeliverable %s to a lane: %s", type(request).__name__, msg.details)
-        rid = getattr(request, "id", None)
-        for conn in list(self.conns.values()):
-            if any(slot.address == sender for slot in conn.lanes.values()):
-                if rid is not None:
-                    detail = "the request could not be delivered inside the service"
-                    self.write(conn, Error(id=rid, code="internal", detail=detail))
-                return
+        call = msg.poisonMessage
+        log.error("undeliverable %s: %s", type(call).__name__, msg.details)
+        if isinstance(call, LaneCall) and call.request.id is not None:
+            detail = "the request could not be delivered inside the service"
+            error = Error(id=call.request.id, code="internal", detail=detail)
+            self.deliver(FileReply(path=call.path, message=error, lane=call.lane.uid))
 
     def on_ping(self, msg: Ping, sender: Any) -> None:
         self.send(sender, Pong(nonce=msg.nonce, connections=len(self.conns)))
@@ -436,9 +478,9 @@ class Gateway(ShellActor):
         self.conns.pop(fd, None)
         with contextlib.suppress(OSError):
             conn.sock.close()
-        for name, slot in conn.lanes.items():
-            self.by_uid.pop(slot.uid, None)
-            self.send(slot.address, AgentGone(reason=f"{reason} ({conn.peer}, lane {name})"))
+        for name, lane in conn.lanes.items():
+            if lane.agent_gone(f"{reason} ({conn.peer}, lane {name})"):
+                self.wakeupAfter(CLOSE_TIMEOUT_S, payload=("close", lane.uid))
         if conn.lanes:
             log.info(
                 "connection %d closed (%s); %d lanes released", conn.id, reason, len(conn.lanes)
@@ -450,6 +492,14 @@ class Gateway(ShellActor):
             for conn in list(self.conns.values()):
                 if conn.out:
                     self.flush(conn)
+        elif isinstance(msg.payload, tuple) and msg.payload[0] == "close":
+            if (found := self.by_uid.get(msg.payload[1])) is not None:
+                found[1].close_timeout()
+        elif isinstance(msg.payload, tuple) and msg.payload[0] == "links":
+            if self.links_wakeup is not None and msg.payload[1] >= self.links_wakeup:
+                self.links_wakeup = None
+            if self.links is not None:
+                self.links.tick()
         elif msg.payload == "keepalive":
             limit = 3 * self.keepalive_ms
             now = monotonic_ms()

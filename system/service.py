@@ -208,6 +208,9 @@ class Service:
                 token=read_token(self.settings),
                 max_frame_bytes=self.settings.max_frame_bytes,
                 keepalive_ms=self.settings.keepalive_ms,
+                roots=list(self.settings.roots),
+                suffixes=list(self.settings.suffixes),
+                idle_ms=self.settings.idle_ms,
             ),
         )
         answer = self._expect(asys, (GatewayStarted, GatewayFailed), "the gateway")

@@ -327,7 +327,7 @@ def actor_handlers() -> dict[str, set[type]]:
 
 def test_actor_classes_can_be_built_outside_an_actor_system() -> None:
     lane = Lane()
-    assert lane.ref is None and lane.leases == {}
+    assert lane.state is None
     assert set(lane.handlers()) == set(lane._table)
 
 

@@ -1,0 +1,345 @@
+"""The SessionFile's end of its direct channels: a non-blocking Unix socket server. No thespian.
+
+The gateway connects to a SessionFile over an ``AF_UNIX`` stream socket in the abstract
+namespace (see ``messages.channel``). ``ChannelServer`` owns the listener and every accepted
+connection; the actor drives it from its own loop, single-threaded and never blocking:
+
+* ``receiveMessage`` watches ``fds()`` (``ThespianWatch``) and hands the ready ones from a
+  ``WatchMessage`` to ``on_ready``, which accepts, reads, checks the hello and returns events:
+  a ``ChannelCallEvent`` per call, a ``ChannelClosed`` per authenticated connection it closed;
+* replies are queued with ``send`` and written by ``flush`` once per actor turn, so a group
+  commit releasing many replies costs one ``send`` per connection;
+* a connection ``flush`` (or ``send``) had to close, because its peer is gone or stopped
+  reading, is reported once by ``closed_since_last()``, which the actor calls after ``flush``.
+  Every close of an authenticated connection is reported exactly once, by one of the two.
+
+A connection must first send a hello with the server's token (``hmac.compare_digest``); it is
+then welcomed, unless the server stopped ``accepting`` (the file is being passivated), in
+which case it is closed without a welcome and the gateway goes back to the Registry. A
+connection closed before its hello lost nothing and is reported to nobody.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hmac
+import logging
+import secrets
+import socket
+from dataclasses import dataclass, field
+from typing import Literal
+
+from messages.channel import ChannelCall, ChannelHello, decode_from_gateway, welcome_frame
+from messages.codec import HEADER, FrameDecodeError, FrameReader
+from messages.errors import TooLarge
+
+__all__ = ["ChannelCallEvent", "ChannelClosed", "ChannelEvent", "ChannelRef", "ChannelServer"]
+
+log = logging.getLogger(__name__)
+
+NAME_PREFIX = "sessionlane-"
+"""Every channel listener's abstract name starts with this (then 16 random hex digits)."""
+MAX_HELLO_BYTES = 4 * 1024
+"""The largest frame accepted before the hello: an unauthenticated peer buffers no more."""
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+"""The largest frame accepted after the hello."""
+MAX_OUTPUT_BYTES = 256 * 1024 * 1024
+"""A connection whose unread output exceeds this is closed: its gateway stopped reading."""
+_BACKLOG = 64
+_RECV_BYTES = 256 * 1024
+_READ_BUDGET = 4 * 1024 * 1024
+"""Bytes read from one connection per ``on_ready``: the rest waits for the next select."""
+_ACCEPT_BUDGET = _BACKLOG
+_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRef:
+    """One accepted connection. Hashable; a serial is never reused within a server."""
+
+    serial: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelCallEvent:
+    """A call frame arrived on an authenticated connection."""
+
+    conn: ChannelRef
+    call: ChannelCall
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelClosed:
+    """An authenticated connection is closed: nothing more comes from it or reaches it."""
+
+    conn: ChannelRef
+
+
+ChannelEvent = ChannelCallEvent | ChannelClosed
+
+_State = Literal["hello", "open"]
+
+
+@dataclass(eq=False)
+class _Conn:
+    ref: ChannelRef
+    sock: socket.socket
+    state: _State = "hello"
+    pre: bytearray = field(default_factory=bytearray)
+    """Bytes received before the hello was complete (framed by hand: see ``_take_hello``)."""
+    reader: FrameReader | None = None
+    """Set once the hello was accepted."""
+    out: bytearray = field(default_factory=bytearray)
+
+
+class ChannelServer:
+    """A file's channel listener and its connections. Not thread-safe; never blocks."""
+
+    def __init__(self, listener: socket.socket, name: str, token: str, path: str, incarnation: int):
+        self._listener = listener
+        self._name = name
+        self._token = token
+        self._path = path
+        self._incarnation = incarnation
+        self._conns: dict[int, _Conn] = {}  # fd -> connection
+        self._by_ref: dict[ChannelRef, _Conn] = {}
+        self._serial = 0
+        self._dirty: set[ChannelRef] = set()  # connections with output to write
+        self._closed: list[ChannelClosed] = []  # closed by send/flush, not reported yet
+        self.accepting = True
+        """False while the file is being passivated: a hello is answered by closing."""
+
+    @classmethod
+    def open(cls, path: str, incarnation: int) -> ChannelServer:
+        """Listen on a fresh abstract name; ``OSError`` if no socket can be made."""
+        name = NAME_PREFIX + secrets.token_hex(8)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind("\0" + name)
+            listener.listen(_BACKLOG)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        return cls(listener, name, secrets.token_urlsafe(24), path, incarnation)
+
+    @property
+    def address(self) -> str:
+        """The abstract name without its leading NUL: peers connect to ``"\\0" + address``."""
+        return self._name
+
+    @property
+    def token(self) -> str:
+        """What a peer's hello must carry."""
+        return self._token
+
+    def fds(self) -> list[int]:
+        """The listener and every connection (to watch for reading)."""
+        if self._listener.fileno() < 0:
+            return []
+        return [self._listener.fileno(), *self._conns]
+
+    def connections(self) -> int:
+        """Authenticated connections (those that said hello and were welcomed)."""
+        return sum(1 for conn in self._conns.values() if conn.state == "open")
+
+    # Input ---------------------------------------------------------------------------------
+
+    def on_ready(self, ready: list[int]) -> list[ChannelEvent]:
+        """Accept and read what ``ready`` (fds from a ``WatchMessage``) says is waiting.
+
+        Fds that are not this server's are ignored. Events are in arrival order per
+        connection; a connection closed while reading ends with its ``ChannelClosed``.
+        """
+        events: list[ChannelEvent] = []
+        readable = [self._conns[fd] for fd in ready if fd in self._conns]
+        for conn in readable:
+            self._read(conn, events)
+        if self._listener.fileno() in ready:
+            for conn in self._accept():
+                self._read(conn, events)  # a hello sent right after connecting: no extra select
+        return events
+
+    def _accept(self) -> list[_Conn]:
+        accepted: list[_Conn] = []
+        for _ in range(_ACCEPT_BUDGET):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # EMFILE and friends: the peer waits in the backlog
+                log.warning("cannot accept a channel to %s: %s", self._path, exc)
+                break
+            sock.setblocking(False)
+            self._serial += 1
+            conn = _Conn(ChannelRef(self._serial), sock)
+            self._conns[sock.fileno()] = conn
+            self._by_ref[conn.ref] = conn
+            accepted.append(conn)
+        return accepted
+
+    def _read(self, conn: _Conn, events: list[ChannelEvent]) -> None:
+        budget = _READ_BUDGET
+        while budget > 0:
+            try:
+                data = conn.sock.recv(_RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._drop(conn, events, f"receive failed: {exc}", _level(exc))
+                return
+            if not data:
+                self._drop(conn, events, "closed by the peer", logging.DEBUG)
+                return
+            budget -= len(data)
+            try:
+                self._frames(conn, data, events)
+            except (FrameDecodeError, TooLarge) as exc:
+                self._drop(conn, events, f"{type(exc).__name__}: {exc}", logging.WARNING)
+                return
+            except _Refused as exc:
+                self._drop(conn, events, exc.reason, exc.level)
+                return
+
+    def _frames(self, conn: _Conn, data: bytes, events: list[ChannelEvent]) -> None:
+        if conn.reader is None:
+            conn.pre += data
+            body = _take_hello(conn.pre)
+            if body is None:
+                return
+            self._hello(conn, decode_from_gateway(body))
+            assert conn.reader is not None
+            data, conn.pre = bytes(conn.pre), bytearray()
+        for body in conn.reader.feed(data):
+            frame = decode_from_gateway(body)
+            if not isinstance(frame, ChannelCall):
+                raise FrameDecodeError("a second hello")
+            events.append(ChannelCallEvent(conn.ref, frame))
+
+    def _hello(self, conn: _Conn, frame: ChannelHello | ChannelCall) -> None:
+        if not isinstance(frame, ChannelHello):
+            raise _Refused("a call before the hello", logging.WARNING)
+        if not hmac.compare_digest(frame.token.encode(), self._token.encode()):
+            raise _Refused("wrong token", logging.WARNING)
+        if not self.accepting:
+            raise _Refused("not accepting: the file is being passivated", logging.DEBUG)
+        conn.state = "open"
+        conn.reader = FrameReader(MAX_FRAME_BYTES)
+        self._queue(conn, welcome_frame(self._path, self._incarnation))
+
+    # Output --------------------------------------------------------------------------------
+
+    def send(self, conn: ChannelRef, data: bytes) -> None:
+        """Queue ``data`` for ``conn``; dropped silently if that connection is gone."""
+        target = self._by_ref.get(conn)
+        if target is not None and target.state == "open":
+            self._queue(target, data)
+
+    def _queue(self, conn: _Conn, data: bytes) -> None:
+        conn.out += data
+        self._dirty.add(conn.ref)
+        if len(conn.out) > MAX_OUTPUT_BYTES:
+            self._close_later(conn, "the peer stopped reading", logging.WARNING)
+
+    def flush(self) -> bool:
+        """Write every buffered output without blocking; True if some is left to write.
+
+        A connection whose peer is gone is closed; ``closed_since_last()`` reports it.
+        """
+        left = False
+        for ref in list(self._dirty):
+            conn = self._by_ref.get(ref)
+            if conn is None:
+                self._dirty.discard(ref)
+                continue
+            while conn.out:
+                try:
+                    sent = conn.sock.send(conn.out, socket.MSG_NOSIGNAL)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    self._close_later(conn, f"send failed: {exc}", _level(exc))
+                    break
+                del conn.out[:sent]
+            if conn.out and ref in self._by_ref:
+                left = True
+            else:
+                self._dirty.discard(ref)
+        return left
+
+    def closed_since_last(self) -> list[ChannelClosed]:
+        """Authenticated connections ``send``/``flush`` closed since the previous call."""
+        closed, self._closed = self._closed, []
+        return closed
+
+    # Closing -------------------------------------------------------------------------------
+
+    def _drop(self, conn: _Conn, events: list[ChannelEvent], reason: str, level: int) -> None:
+        """Close ``conn``; an authenticated one is reported by a ``ChannelClosed`` in ``events``."""
+        closed = self._close(conn, reason, level)
+        if closed is not None:
+            events.append(closed)
+
+    def _close(self, conn: _Conn, reason: str, level: int) -> ChannelClosed | None:
+        """Close ``conn``; the event that reports it, if it was authenticated."""
+        if self._by_ref.pop(conn.ref, None) is None:
+            return None
+        self._dirty.discard(conn.ref)
+        with contextlib.suppress(KeyError, OSError):
+            del self._conns[conn.sock.fileno()]
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+        state = "after its hello" if conn.state == "open" else "before its hello"
+        log.log(level, "channel %d to %s closed %s: %s", conn.ref.serial, self._path, state, reason)
+        return ChannelClosed(conn.ref) if conn.state == "open" else None
+
+    def _close_later(self, conn: _Conn, reason: str, level: int) -> None:
+        """Close ``conn`` outside ``on_ready``: ``closed_since_last()`` reports it."""
+        closed = self._close(conn, reason, level)
+        if closed is not None:
+            self._closed.append(closed)
+
+    def close(self) -> None:
+        """Close the listener and every connection (nothing is reported). Idempotent."""
+        for conn in list(self._conns.values()):
+            with contextlib.suppress(OSError):
+                conn.sock.close()
+        self._conns.clear()
+        self._by_ref.clear()
+        self._dirty.clear()
+        self._closed.clear()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+
+class _Refused(Exception):
+    """A hello that is not accepted: close the connection, logging ``reason`` at ``level``."""
+
+    def __init__(self, reason: str, level: int):
+        super().__init__(reason)
+        self.reason = reason
+        self.level = level
+
+
+def _take_hello(buf: bytearray) -> bytes | None:
+    """The first frame's body, removed from ``buf``, or None while it is incomplete.
+
+    By hand rather than with ``FrameReader``: the hello's small limit applies to the first
+    frame only, and the frames after it (already in ``buf``) must stay unparsed until then.
+    """
+    if len(buf) < HEADER.size:
+        return None
+    (length,) = HEADER.unpack_from(buf)
+    if length > MAX_HELLO_BYTES:
+        raise TooLarge(f"frame of {length} bytes before the hello")
+    if len(buf) < HEADER.size + length:
+        return None
+    body = bytes(buf[HEADER.size : HEADER.size + length])
+    del buf[: HEADER.size + length]
+    return body
+
+
+def _level(exc: OSError) -> int:
+    """A peer that went away is routine; any other socket error is worth a warning."""
+    return logging.DEBUG if exc.errno in _PEER_GONE else logging.WARNING

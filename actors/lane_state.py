@@ -1,0 +1,251 @@
+"""LaneState: what one lane knows, shared by the Lane actor and the gateway. No I/O.
+
+A lane forwards its agent's requests to the files (as ``LaneCall``), tracks the leases it
+holds from the ``held`` field of every reply, and hands replies and events back to its agent.
+When its agent is gone it abandons everything it holds or waits for, then reports itself
+closed. Who carries the calls and the replies is the host's business (``LaneHost``): the Lane
+actor sends them through the Registry; the gateway hosts its connections' lanes in its own
+process and sends their calls straight to the SessionFiles over channels.
+
+Ordering: the host must deliver a lane's calls for one file in the order they are made, so an
+abandon always reaches a file after the lane's earlier requests for it: a request still in
+flight when the agent vanished is granted and then dropped, never leaked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from messages.internal import FileReply, FileRestarted, LaneCall, LaneRef, LaneRequest
+from messages.wire import (
+    Abandon,
+    Abandoned,
+    Acquire,
+    Append,
+    Error,
+    Queued,
+    Recover,
+    Release,
+    Reply,
+    Revoked,
+    Rewrite,
+)
+
+__all__ = ["CLOSE_TIMEOUT_S", "LaneHost", "LaneState"]
+
+log = logging.getLogger(__name__)
+
+_TOMBSTONES = 256
+CLOSE_TIMEOUT_S = 3.0
+"""How long a closing lane waits for its abandons to be answered before it closes anyway."""
+
+
+class LaneHost(Protocol):
+    def call(self, call: LaneCall) -> None:
+        """Deliver ``call`` to the file of ``call.path`` (in order, per lane and file)."""
+
+    def to_agent(self, lane: LaneState, message: Reply) -> None:
+        """Hand a reply or event to the lane's agent."""
+
+    def closed(self, lane: LaneState) -> None:
+        """The lane finished closing: forget it."""
+
+
+@dataclass
+class _Pending:
+    request: LaneRequest
+    path: str | None
+    """The canonical path, once known."""
+    raw: str = ""
+    """The path as the agent wrote it."""
+
+
+@dataclass
+class _Fanout:
+    """An abandon sent to several files, answered once all have answered."""
+
+    remaining: int
+    reply_id: Any
+    """The agent's request id (None when it sent none), for the one ``abandoned`` reply."""
+    leases: list[str] = field(default_factory=list)
+
+
+class LaneState:
+    def __init__(self, ref: LaneRef, host: LaneHost) -> None:
+        self.ref = ref
+        self.host = host
+        self.leases: dict[str, str] = {}  # lease -> canonical path
+        self.tombstones: OrderedDict[str, str] = OrderedDict()  # revoked lease -> path
+        self.pending: dict[Any, _Pending] = {}
+        self.fanouts: dict[Any, _Fanout] = {}
+        self.paths: dict[str, bool] = {}  # every path this lane used -> is it canonical
+        self.internal_ids = 0
+        self.closing: str | None = None
+        self.finished = False
+
+    @property
+    def uid(self) -> str:
+        return self.ref.uid
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    # From the agent ------------------------------------------------------------------------
+
+    def request(self, req: LaneRequest) -> None:
+        if self.closing is not None:
+            self.to_agent(Error(id=req.id, code="unavailable", detail="the lane is closed"))
+            return
+        match req:
+            case Acquire():
+                if req.priority is None:
+                    default = "recovery" if req.purpose == "recovery" else self.ref.priority
+                    req = req.model_copy(update={"priority": default})
+                self.call(req, req.path, canonical=False)
+            case Recover():
+                self.call(req, req.path, canonical=False)
+            case Append() if req.lease is None:
+                assert req.path is not None
+                self.call(req, req.path, canonical=False)
+            case Release() | Append() | Rewrite():
+                assert req.lease is not None
+                path = self.leases.get(req.lease) or self.tombstones.get(req.lease)
+                if path is not None:
+                    self.call(req, path, canonical=True)
+                elif isinstance(req, Release):
+                    detail = f"lease {req.lease} is not held by this lane"
+                    self.to_agent(Error(id=req.id, code="not_holder", detail=detail))
+                else:
+                    detail = f"lease {req.lease} is not (or no longer) held by this lane"
+                    self.to_agent(Error(id=req.id, code="stale_fence", detail=detail))
+            case Abandon():
+                self.abandon(req)
+
+    def call(self, req: LaneRequest, path: str, *, canonical: bool) -> None:
+        self.paths.setdefault(path, canonical)
+        if req.id is not None:
+            self.pending[req.id] = _Pending(req, path if canonical else None, raw=path)
+        self.host.call(LaneCall(lane=self.ref, path=path, canonical=canonical, request=req))
+
+    def abandon(self, req: Abandon) -> None:
+        targets = [req.path] if req.path is not None else list(self.paths)
+        if not targets:
+            self.to_agent(Abandoned(id=req.id, leases=[]))
+            return
+        fan = _Fanout(remaining=len(targets), reply_id=req.id)
+        if req.id is None:  # the fan-in counts the answers by id: give it one
+            self.internal_ids += 1
+            req = req.model_copy(update={"id": f"_abandon{self.internal_ids}"})
+        self.fanouts[req.id] = fan
+        for path in targets:
+            canonical = self.paths.get(path, False)
+            self.call(req.model_copy(update={"path": path}), path, canonical=canonical)
+
+    # From the files ------------------------------------------------------------------------
+
+    def file_reply(self, msg: FileReply) -> None:
+        self.track(msg.path, msg.held)
+        reply = msg.message
+        rid = reply.id
+        if rid is None:  # an event
+            if self.closing is None:
+                self.to_agent(reply)
+            return
+        if (fan := self.fanouts.get(rid)) is not None:
+            self.fan_in(rid, fan, reply)
+            return
+        pending = self.pending.get(rid)
+        if pending is not None:
+            if isinstance(reply, Queued):
+                pending.path = msg.path
+            else:
+                del self.pending[rid]
+        if self.closing is None:
+            self.to_agent(reply)
+
+    def track(self, path: str, held: str | None) -> None:
+        """Make the lease map agree with what the file says this lane holds on ``path``."""
+        for lease, p in list(self.leases.items()):
+            if p == path and lease != held:
+                del self.leases[lease]
+                self.tombstones[lease] = path
+                while len(self.tombstones) > _TOMBSTONES:
+                    self.tombstones.popitem(last=False)
+        if held is not None:
+            self.leases[held] = path
+            self.paths[path] = True
+
+    def fan_in(self, rid: Any, fan: _Fanout, reply: Reply) -> None:
+        fan.remaining -= 1
+        if isinstance(reply, Abandoned):
+            fan.leases += reply.leases
+        if fan.remaining > 0:
+            return
+        del self.fanouts[rid]
+        self.pending.pop(rid, None)
+        if self.closing is None:
+            self.to_agent(Abandoned(id=fan.reply_id, leases=sorted(set(fan.leases))))
+        elif not self.fanouts:
+            self.finish_close()
+
+    def file_restarted(self, msg: FileRestarted) -> None:
+        lost = [lease for lease, path in self.leases.items() if path == msg.path]
+        self.track(msg.path, None)
+        for lease in lost:
+            self.to_agent(Revoked(lease=lease, path=msg.path, reason="actor_restart"))
+        for rid, pending in list(self.pending.items()):
+            unanswered_here = pending.path is None and pending.raw in msg.aliases
+            if pending.path != msg.path and not unanswered_here:
+                continue
+            if rid in self.fanouts:
+                # An abandon the dead actor never answered: it held nothing there any more.
+                self.file_reply(
+                    FileReply(path=msg.path, message=Abandoned(id=rid, leases=[]), lane=self.uid)
+                )
+            elif isinstance(pending.request, Acquire | Recover):
+                self.call(pending.request, msg.path, canonical=True)  # queue again
+            else:
+                del self.pending[rid]
+                detail = "the file's actor restarted before answering; the outcome is unknown"
+                self.to_agent(Error(id=rid, code="unavailable", detail=detail, path=msg.path))
+
+    def uses(self, path: str) -> bool:
+        """Whether this lane holds a lease on ``path`` or waits for an answer from it."""
+        if path in self.leases.values():
+            return True
+        return any(p.path == path or p.path is None for p in self.pending.values())
+
+    # Closing -------------------------------------------------------------------------------
+
+    def agent_gone(self, reason: str) -> bool:
+        """Abandon everything; True when the host must call ``close_timeout`` later."""
+        if self.closing is not None:
+            return False
+        self.closing = reason
+        if self.leases:
+            log.warning(
+                "lane %s: agent gone (%s), abandoning %s", self.name, reason, sorted(self.leases)
+            )
+        if not self.paths:
+            self.finish_close()
+            return False
+        self.internal_ids += 1
+        self.abandon(Abandon(id=f"_gone{self.internal_ids}", lane=self.name, reason=reason))
+        return not self.finished
+
+    def close_timeout(self) -> None:
+        if self.closing is not None:
+            self.finish_close()
+
+    def finish_close(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.host.closed(self)
+
+    def to_agent(self, message: Reply) -> None:
+        self.host.to_agent(self, message)

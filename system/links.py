@@ -1,0 +1,342 @@
+"""Links: how the gateway's lanes reach the SessionFiles. One link per canonical path.
+
+A link starts ``opening``: the gateway asks the Registry for a channel (``OpenChannel``; the
+Registry resolves, confines and activates exactly as for a call) and queues the path's calls
+meanwhile. The SessionFile answers with a ``ChannelOffer``; the gateway connects to it, says
+hello with the offer's token, and once welcomed sends the queued calls and every later one
+straight over the channel (``messages.channel``): one socket hop each way instead of five
+thespian messages. A path the Registry will not give a channel for (another convention
+member's, outside the roots, a base without watch support, the service draining) gets a
+``registry`` link: its calls go through the Registry as ``LaneCall`` and are answered there.
+
+Order per lane and file holds because a path's calls use one route at a time: queued while
+opening, then all on the channel (or all through the Registry). A link changes route only when
+nothing of it is in flight: a channel the gateway closes is idle (no lane holds a lease on
+the path or waits for an answer from it), and a channel that breaks has lost whatever was in
+flight, which the lanes then handle as a restart of the file's actor (``FileRestarted``):
+leases on it are revoked (``actor_restart``), waiting acquires are queued again, other
+unanswered requests are answered ``unavailable``.
+
+Each death of a SessionFile is handled once: the channel breaking and the Registry's
+``FileRestarted`` both name the incarnation, and the later of the two is ignored. A
+connection refused before the welcome (a file being passivated, or already gone) lost
+nothing: the link just asks again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from messages.channel import ChannelReply, ChannelWelcome, call_frame, decode_from_file, hello_frame
+from messages.codec import FrameDecodeError, FrameReader
+from messages.errors import PathNotAllowed, TooLarge
+from messages.internal import ChannelOffer, FileReply, FileRestarted, LaneCall, OpenChannel
+from system.paths import canonicalize
+
+__all__ = ["LinkHost", "Links"]
+
+log = logging.getLogger(__name__)
+
+_RECV_BYTES = 256 * 1024
+_MAX_CHANNEL_FRAME = 64 * 1024 * 1024
+_RETRY_MS = 20.0
+"""Ask the Registry again this long after a refused connection (the file was retiring)."""
+_OPEN_TIMEOUT_MS = 2_000.0
+"""Ask again if no offer came in this long (the request went to an actor that died)."""
+_MAX_RAWS = 64
+
+
+class LinkHost(Protocol):
+    """What links need from the gateway actor."""
+
+    registry: Any
+
+    def send(self, target: Any, message: Any) -> None: ...
+
+    def deliver(self, reply: FileReply) -> None:
+        """Hand a file's reply to the lane ``reply.lane``."""
+
+    def restarted(self, msg: FileRestarted) -> None:
+        """Tell every lane that the file's actor died: what was in flight to it is lost."""
+
+    def in_use(self, path: str) -> bool:
+        """Whether any lane holds a lease on ``path`` or waits for an answer from it."""
+
+
+Mode = Literal["opening", "connecting", "channel", "registry"]
+
+
+@dataclass
+class _Link:
+    path: str
+    """Canonical path (the gateway's resolution; the Registry's must agree)."""
+    mode: Mode
+    nonce: int = 0
+    asked_at: float = 0.0
+    retry_at: float | None = None
+    queue: list[LaneCall] = field(default_factory=list)
+    sock: socket.socket | None = None
+    reader: FrameReader | None = None
+    out: bytearray = field(default_factory=bytearray)
+    incarnation: int = 0
+    handled: int = 0
+    """The latest incarnation whose death the lanes were told of."""
+    raws: set[str] = field(default_factory=set)
+    last_used: float = 0.0
+
+
+class Links:
+    def __init__(
+        self,
+        host: LinkHost,
+        roots: Sequence[str],
+        suffixes: Sequence[str],
+        idle_ms: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.host = host
+        self.roots = list(roots)
+        self.suffixes = list(suffixes)
+        self.idle_ms = idle_ms
+        self.clock = clock
+        self.links: dict[str, _Link] = {}
+        self.by_fd: dict[int, _Link] = {}
+        self.by_nonce: dict[int, _Link] = {}
+        self.nonces = itertools.count(1)
+        self.counters = {"channels_opened": 0, "channels_lost": 0, "registry_routed": 0}
+
+    # Calls from lanes ----------------------------------------------------------------------
+
+    def call(self, call: LaneCall) -> None:
+        path = call.path
+        if not call.canonical:
+            try:
+                path = canonicalize(call.path, self.roots, self.suffixes)
+            except PathNotAllowed:
+                # Not ours to judge alone: it may be another convention member's root. The
+                # Registry answers (or forwards) it; such spellings never get a link.
+                self.via_registry(call)
+                return
+        link = self.links.get(path)
+        if link is None:
+            link = self.links[path] = _Link(path=path, mode="opening")
+            self.ask(link, call.path)
+        if not call.canonical and len(link.raws) < _MAX_RAWS:
+            link.raws.add(call.path)
+        link.last_used = self.clock()
+        match link.mode:
+            case "opening" | "connecting":
+                link.queue.append(call)
+            case "channel":
+                self.send_call(link, call)
+            case "registry":
+                self.via_registry(call)
+
+    def via_registry(self, call: LaneCall) -> None:
+        self.counters["registry_routed"] += 1
+        self.host.send(self.host.registry, call)
+
+    def send_call(self, link: _Link, call: LaneCall) -> None:
+        lane = call.lane
+        link.out += call_frame(lane.uid, lane.name, lane.priority, call.request)
+
+    def ask(self, link: _Link, raw: str | None = None) -> None:
+        """Ask the Registry for a channel to ``link``'s file (again)."""
+        self.by_nonce.pop(link.nonce, None)
+        link.mode, link.retry_at = "opening", None
+        link.nonce = next(self.nonces)
+        link.asked_at = self.clock()
+        self.by_nonce[link.nonce] = link
+        self.host.send(self.host.registry, OpenChannel(path=raw or link.path, nonce=link.nonce))
+
+    # From the Registry and the files -------------------------------------------------------
+
+    def on_offer(self, offer: ChannelOffer) -> None:
+        link = self.by_nonce.pop(offer.nonce, None)
+        if link is None or link.mode != "opening" or self.links.get(link.path) is not link:
+            return  # an answer to a request given up on
+        if offer.address is None or offer.canonical != link.path:
+            if offer.address is not None:
+                log.warning(
+                    "channel offer for %s names %s: routing it through the registry",
+                    link.path,
+                    offer.canonical,
+                )
+            self.to_registry(link)
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(1.0)
+            sock.connect("\0" + offer.address)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            log.debug("channel to %s refused (%s): asking again", link.path, exc)
+            link.retry_at = self.clock() + _RETRY_MS
+            return
+        link.sock = sock
+        link.reader = FrameReader(_MAX_CHANNEL_FRAME)
+        link.incarnation = offer.incarnation
+        link.mode = "connecting"
+        link.out = bytearray(hello_frame(offer.token))
+        self.by_fd[sock.fileno()] = link
+
+    def to_registry(self, link: _Link) -> None:
+        link.mode = "registry"
+        queued, link.queue = link.queue, []
+        for call in queued:
+            self.via_registry(call)
+
+    def on_restarted(self, msg: FileRestarted) -> None:
+        """The Registry restarted ``msg.path``'s actor (or lost its convention member)."""
+        link = self.links.get(msg.path)
+        if link is None or link.mode == "registry":
+            self.host.restarted(msg)
+            return
+        if link.mode == "opening":
+            if msg.incarnation > link.handled:
+                link.handled = msg.incarnation
+            self.ask(link)  # our request may have gone to the actor that died
+            return
+        if msg.incarnation and msg.incarnation < link.incarnation:
+            return  # an older death, handled when it happened
+        self.lost(link, "the registry reports its actor restarted")
+
+    def fds(self) -> list[int]:
+        return list(self.by_fd)
+
+    def owns(self, fd: int) -> bool:
+        return fd in self.by_fd
+
+    def on_ready(self, fd: int) -> None:
+        link = self.by_fd.get(fd)
+        if link is None or link.sock is None or link.reader is None:
+            return
+        try:
+            data = link.sock.recv(_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.lost(link, f"channel error: {exc}")
+            return
+        if not data:
+            self.lost(link, "channel closed by the file's actor")
+            return
+        try:
+            for body in link.reader.feed(data):
+                self.on_frame(link, decode_from_file(body))
+        except (FrameDecodeError, TooLarge) as exc:
+            log.error("bad frame on the channel to %s: %s", link.path, exc)
+            self.lost(link, "bad frame")
+
+    def on_frame(self, link: _Link, frame: ChannelWelcome | ChannelReply) -> None:
+        if isinstance(frame, ChannelWelcome):
+            if link.mode != "connecting" or frame.incarnation != link.incarnation:
+                raise FrameDecodeError("unexpected welcome")
+            link.mode = "channel"
+            self.counters["channels_opened"] += 1
+            queued, link.queue = link.queue, []
+            for call in queued:
+                self.send_call(link, call)
+            return
+        if link.mode != "channel":
+            raise FrameDecodeError("a reply before the welcome")
+        link.last_used = self.clock()
+        reply = FileReply(path=link.path, message=frame.message, held=frame.held, lane=frame.uid)
+        self.host.deliver(reply)
+
+    def lost(self, link: _Link, reason: str) -> None:
+        """The channel broke (or was refused): close it; the lanes learn what was lost."""
+        was = link.mode
+        self.close_socket(link)
+        if was == "connecting":
+            # Refused before the welcome (a retiring file): nothing was sent, ask again.
+            log.debug("channel to %s refused before the welcome: asking again", link.path)
+            link.mode = "opening"
+            link.retry_at = self.clock() + _RETRY_MS
+            return
+        self.counters["channels_lost"] += 1
+        incarnation = link.incarnation
+        log.warning("channel to %s (incarnation %d) lost: %s", link.path, incarnation, reason)
+        link.handled = max(link.handled, incarnation)
+        self.ask(link)
+        restarted = FileRestarted(
+            path=link.path, aliases=sorted(link.raws), incarnation=incarnation
+        )
+        self.host.restarted(restarted)
+
+    def close_socket(self, link: _Link) -> None:
+        if link.sock is not None:
+            self.by_fd.pop(link.sock.fileno(), None)
+            with contextlib.suppress(OSError):
+                link.sock.close()
+        link.sock = None
+        link.reader = None
+        link.out = bytearray()
+
+    # Output and timers ---------------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Write what the channels have buffered; True when some output is left."""
+        left = False
+        for link in list(self.by_fd.values()):
+            while link.out and link.sock is not None:
+                try:
+                    sent = link.sock.send(link.out)
+                except (BlockingIOError, InterruptedError):
+                    left = True
+                    break
+                except OSError as exc:
+                    self.lost(link, f"channel error: {exc}")
+                    break
+                del link.out[:sent]
+        return left
+
+    def tick(self) -> None:
+        """Retry what is due; close channels nobody used for ``idle_ms`` (so files can retire)."""
+        now = self.clock()
+        for link in list(self.links.values()):
+            if link.mode == "opening":
+                due = link.retry_at is not None and now >= link.retry_at
+                if due or now - link.asked_at > _OPEN_TIMEOUT_MS:
+                    self.ask(link)
+            elif link.mode == "connecting":
+                if now - link.asked_at > _OPEN_TIMEOUT_MS:
+                    self.lost(link, "no welcome")
+            elif now - link.last_used > self.idle_ms and not self.host.in_use(link.path):
+                self.forget(link)
+
+    def forget(self, link: _Link) -> None:
+        if link.queue:
+            return
+        log.debug("closing the idle %s link to %s", link.mode, link.path)
+        self.close_socket(link)
+        self.by_nonce.pop(link.nonce, None)
+        del self.links[link.path]
+
+    def next_due(self) -> float | None:
+        """When ``tick`` has something to do next (monotonic ms), or None."""
+        dues: list[float] = []
+        for link in self.links.values():
+            if link.mode == "opening":
+                dues.append(link.retry_at or link.asked_at + _OPEN_TIMEOUT_MS)
+            elif link.mode == "connecting":
+                dues.append(link.asked_at + _OPEN_TIMEOUT_MS)
+            else:
+                dues.append(link.last_used + self.idle_ms)
+        return min(dues) if dues else None
+
+    def close(self) -> None:
+        for link in list(self.links.values()):
+            self.close_socket(link)
+        self.links.clear()
+        self.by_nonce.clear()
+
+    def __iter__(self) -> Iterator[_Link]:
+        return iter(self.links.values())

@@ -1,0 +1,308 @@
+"""The gateway's links to SessionFiles (``system.links``), against a fake file on a real socket.
+
+The "file" here is a real abstract Unix socket the test accepts and speaks the channel frames
+on; the Registry and the lanes are recorded by a fake host; time is a fake clock. So every
+interleaving below is chosen by the test, never by timing.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from messages.channel import (
+    ChannelCall,
+    ChannelHello,
+    decode_from_gateway,
+    reply_frame,
+    welcome_frame,
+)
+from messages.codec import FrameReader
+from messages.internal import ChannelOffer, FileReply, FileRestarted, LaneCall, LaneRef, OpenChannel
+from messages.wire import Acquire, Error, Granted, Release
+from system.links import Links
+
+
+class FakeHost:
+    registry = "registry"
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.delivered: list[FileReply] = []
+        self.restarts: list[FileRestarted] = []
+        self.busy: set[str] = set()
+
+    def send(self, target: Any, message: Any) -> None:
+        assert target == "registry"
+        self.sent.append(message)
+
+    def deliver(self, reply: FileReply) -> None:
+        self.delivered.append(reply)
+
+    def restarted(self, msg: FileRestarted) -> None:
+        self.restarts.append(msg)
+
+    def in_use(self, path: str) -> bool:
+        return path in self.busy
+
+    def opens(self) -> list[OpenChannel]:
+        return [m for m in self.sent if isinstance(m, OpenChannel)]
+
+
+class FakeFile:
+    """A listening abstract socket that plays a SessionFile's side of one channel."""
+
+    def __init__(self) -> None:
+        self.address = "sessionlane-test-" + secrets.token_hex(6)
+        self.token = secrets.token_hex(8)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind("\0" + self.address)
+        self.listener.listen(8)
+        self.conn: socket.socket | None = None
+        self.reader = FrameReader(1 << 20)
+        self.frames: list[Any] = []
+
+    def offer(self, nonce: int, path: str, canonical: str, incarnation: int = 1) -> ChannelOffer:
+        return ChannelOffer(
+            path=path,
+            nonce=nonce,
+            canonical=canonical,
+            address=self.address,
+            token=self.token,
+            incarnation=incarnation,
+        )
+
+    def accept(self) -> None:
+        self.listener.settimeout(5)
+        self.conn, _ = self.listener.accept()
+        self.conn.settimeout(5)
+
+    def read(self, count: int) -> list[Any]:
+        assert self.conn is not None
+        while len(self.frames) < count:
+            data = self.conn.recv(65536)
+            assert data, "the gateway closed the channel"
+            self.frames += [decode_from_gateway(b) for b in self.reader.feed(data)]
+        taken, self.frames = self.frames[:count], self.frames[count:]
+        return taken
+
+    def send(self, data: bytes) -> None:
+        assert self.conn is not None
+        self.conn.sendall(data)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def transcript(tmp_path: Path) -> str:
+    path = tmp_path / "s.jsonl"
+    path.write_text("")
+    return str(path)
+
+
+@pytest.fixture
+def fake_file() -> Any:
+    file = FakeFile()
+    yield file
+    file.close()
+
+
+def lane(uid: str = "a#1") -> LaneRef:
+    return LaneRef(uid=uid, name=uid.split("#")[0], address="gateway")
+
+
+def acquire(path: str, rid: int, uid: str = "a#1") -> LaneCall:
+    req = Acquire(id=rid, lane=uid.split("#")[0], path=path, purpose="prompt")
+    return LaneCall(lane=lane(uid), path=path, canonical=False, request=req)
+
+
+def pump(links: Links, fd_owner: Links) -> None:
+    """Deliver what is readable on the links' sockets (what the gateway's select loop does)."""
+    for fd in list(fd_owner.fds()):
+        links.on_ready(fd)
+
+
+def make(tmp_path: Path, clock: Clock | None = None) -> tuple[Links, FakeHost]:
+    host = FakeHost()
+    links = Links(host, [str(tmp_path)], [".jsonl"], idle_ms=500, clock=clock or Clock())
+    return links, host
+
+
+def open_channel(
+    links: Links, host: FakeHost, file: FakeFile, transcript: str, incarnation: int = 1
+) -> None:
+    ask = host.opens()[-1]
+    links.on_offer(file.offer(ask.nonce, ask.path, transcript, incarnation))
+    links.flush()
+    file.accept()
+    (hello,) = file.read(1)
+    assert isinstance(hello, ChannelHello) and hello.token == file.token
+    file.send(welcome_frame(transcript, incarnation))
+    wait_readable(links)
+    pump(links, links)
+
+
+def wait_readable(links: Links) -> None:
+    import select
+
+    readable, _, _ = select.select(links.fds(), [], [], 5)
+    assert readable, "nothing arrived on the channel"
+
+
+def test_calls_queue_while_the_channel_opens_then_go_over_it_in_order(
+    tmp_path: Path, transcript: str, fake_file: FakeFile
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    links.call(acquire(transcript, 2, uid="b#1"))
+    assert len(host.opens()) == 1, "one OpenChannel per path, not per call"
+    assert not [m for m in host.sent if isinstance(m, LaneCall)], "nothing goes the slow way"
+    open_channel(links, host, fake_file, transcript)
+    links.call(acquire(transcript, 3))
+    links.flush()
+    calls = fake_file.read(3)
+    assert [(c.uid, c.request.id) for c in calls] == [("a#1", 1), ("b#1", 2), ("a#1", 3)]
+    assert all(isinstance(c, ChannelCall) for c in calls)
+
+    fake_file.send(reply_frame("b#1", None, Error(id=2, code="queue_full", detail="x")))
+    fake_file.send(
+        reply_frame(
+            "a#1", "L-1", Granted(id=1, lease="L-1", fence=1, path=transcript, purpose="prompt")
+        )
+    )
+    wait_readable(links)
+    pump(links, links)
+    while len(host.delivered) < 2:
+        wait_readable(links)
+        pump(links, links)
+    first, second = host.delivered
+    assert (first.lane, first.message.id, first.path) == ("b#1", 2, transcript)
+    assert (second.lane, second.held) == ("a#1", "L-1")
+
+
+def test_a_channel_that_breaks_is_one_restart_however_many_times_it_is_reported(
+    tmp_path: Path, transcript: str, fake_file: FakeFile
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    open_channel(links, host, fake_file, transcript, incarnation=3)
+    links.flush()
+    fake_file.read(1)
+    assert fake_file.conn is not None
+    fake_file.conn.close()
+    fake_file.conn = None
+    wait_readable(links)
+    pump(links, links)
+    assert [(r.path, r.incarnation) for r in host.restarts] == [(transcript, 3)]
+    asked = len(host.opens())
+    assert asked == 2, "the link asks the registry again at once"
+
+    # The Registry's report of the same death comes later: the lanes are not told twice.
+    links.on_restarted(FileRestarted(path=transcript, incarnation=3))
+    assert len(host.restarts) == 1
+    assert len(host.opens()) == asked + 1, "the request may have gone to the dead actor"
+
+
+def test_a_connection_refused_before_the_welcome_loses_nothing_and_is_retried(
+    tmp_path: Path, transcript: str, fake_file: FakeFile
+) -> None:
+    clock = Clock()
+    links, host = make(tmp_path, clock)
+    links.call(acquire(transcript, 1))
+    ask = host.opens()[-1]
+    links.on_offer(fake_file.offer(ask.nonce, ask.path, transcript))
+    links.flush()
+    fake_file.accept()
+    fake_file.read(1)
+    assert fake_file.conn is not None
+    fake_file.conn.close()  # a retiring file refuses: no welcome
+    fake_file.conn = None
+    wait_readable(links)
+    pump(links, links)
+    assert host.restarts == [], "nothing was sent, nothing is lost"
+    assert len(host.opens()) == 1
+    clock.now += 25
+    links.tick()
+    assert len(host.opens()) == 2, "asked again after the retry delay"
+    open_channel(links, host, fake_file, transcript)
+    links.flush()
+    (call,) = fake_file.read(1)
+    assert call.request.id == 1, "the queued call went out once the channel opened"
+
+
+def test_an_offer_without_an_address_routes_the_path_through_the_registry(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    links.call(acquire(transcript, 2))
+    ask = host.opens()[-1]
+    links.on_offer(ChannelOffer(path=ask.path, nonce=ask.nonce, reason="another member"))
+    links.call(acquire(transcript, 3))
+    routed = [m.request.id for m in host.sent if isinstance(m, LaneCall)]
+    assert routed == [1, 2, 3]
+    links.on_restarted(FileRestarted(path=transcript, incarnation=2))
+    assert len(host.restarts) == 1, "a registry-routed path's lanes hear of restarts"
+
+
+def test_a_path_outside_the_roots_goes_to_the_registry_which_gives_the_answer(
+    tmp_path: Path,
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire("/etc/passwd.jsonl", 1))
+    assert [type(m) for m in host.sent] == [LaneCall]
+    assert links.links == {}
+
+
+def test_an_idle_channel_is_closed_only_when_no_lane_uses_the_path(
+    tmp_path: Path, transcript: str, fake_file: FakeFile
+) -> None:
+    clock = Clock()
+    links, host = make(tmp_path, clock)
+    links.call(acquire(transcript, 1))
+    open_channel(links, host, fake_file, transcript)
+    links.flush()
+    fake_file.read(1)
+    host.busy.add(transcript)  # a lane holds a lease there
+    clock.now += 10_000
+    links.tick()
+    assert transcript in links.links
+    host.busy.clear()
+    links.tick()
+    assert transcript not in links.links
+    assert fake_file.conn is not None and fake_file.conn.recv(10) == b"", "channel closed"
+    assert host.restarts == [], "closing an idle channel is not a restart"
+
+    release = Release(id=9, lease="L-1")
+    links.call(LaneCall(lane=lane(), path=transcript, canonical=True, request=release))
+    assert len(host.opens()) == 2, "the next call opens a new channel"
+
+
+def test_a_stale_offer_is_ignored(tmp_path: Path, transcript: str, fake_file: FakeFile) -> None:
+    clock = Clock()
+    links, host = make(tmp_path, clock)
+    links.call(acquire(transcript, 1))
+    first = host.opens()[-1]
+    clock.now += 5_000
+    links.tick()  # no offer in time: asked again
+    second = host.opens()[-1]
+    assert second.nonce != first.nonce
+    links.on_offer(fake_file.offer(first.nonce, first.path, transcript))
+    assert links.fds() == [], "the answer to the abandoned request is not used"
+    open_channel(links, host, fake_file, transcript)
+    assert links.fds() != []
