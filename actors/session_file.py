@@ -727,9 +727,7 @@ class SessionFile(ShellActor):
             self.decide()
 
     def decide(self) -> None:
-        holder = self.table.holder if self.table is not None else None
-        others_may_write = holder is None or holder.purpose == "write"
-        decision = self.batch.decide(monotonic_ms(), others_may_write=others_may_write)
+        decision = self.batch.decide(monotonic_ms(), others_may_write=self.others_may_write())
         if decision == "sync":
             self.commit()
             return
@@ -740,6 +738,19 @@ class SessionFile(ShellActor):
             if self.commit_wakeup is None or due < self.commit_wakeup:
                 self.commit_wakeup = due
                 self.wakeupAfter(max(0.0, due - monotonic_ms()) / 1000.0, payload=("commit", due))
+
+    def others_may_write(self) -> bool:
+        """Could a lane other than the holder append before the holder's acks are released?
+
+        Not while a lane holds a lease it asked for: the others queue until it releases, and
+        it releases only once its appends are acknowledged, so waiting for them would only
+        delay the hand-off. A lease-less append's short write lease is released as soon as it
+        is written, so behind one (or none) the next writer may join the batch.
+        """
+        holder = self.table.holder if self.table is not None else None
+        if holder is None:
+            return True
+        return any(op.auto_release and op.lease == holder.lease for op in self.write_queue)
 
     def sync_now(self) -> None:
         """fdatasync if an fsync append is not covered yet; a failure is kept for ``commit``."""

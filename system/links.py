@@ -309,12 +309,13 @@ class Links:
             elif link.mode == "connecting":
                 if now - link.asked_at > _OPEN_TIMEOUT_MS:
                     self.lost(link, "no welcome")
-            elif now - link.last_used > self.idle_ms and not self.host.in_use(link.path):
-                self.forget(link)
+            elif now - link.last_used > self.idle_ms:
+                if self.host.in_use(link.path) or link.queue:
+                    link.last_used = now  # still in use: look again in idle_ms, not at once
+                else:
+                    self.forget(link)
 
     def forget(self, link: _Link) -> None:
-        if link.queue:
-            return
         log.debug("closing the idle %s link to %s", link.mode, link.path)
         self.close_socket(link)
         self.by_nonce.pop(link.nonce, None)

@@ -231,6 +231,25 @@ def test_a_waiting_batch_is_synced_when_its_commit_timer_fires(shell: Shell) -> 
     assert shell.sent() == [("sync", ""), ("lane:a", "appended")]
 
 
+def test_a_batch_under_a_held_write_lease_never_waits_for_lanes_queued_behind_it(
+    shell: Shell,
+) -> None:
+    # a and b both wrote recently: each is the other's expected sibling...
+    shell.append("a")
+    shell.append("b")
+    shell.settle()
+    shell.events.clear()
+    # ... but now a holds a write lease it asked for: b can only queue until a releases,
+    # and a releases only once its append is acknowledged. Waiting for b would stall both.
+    shell.call("a", Acquire(lane="a", path=shell.path, purpose="write"))
+    granted = shell.events[-1][1]
+    assert isinstance(granted, Granted)
+    shell.call("a", Append(lease=granted.lease, fence=granted.fence, records=[{"x": 1}]))
+    assert shell.end_of_pass() is None
+    assert shell.sent()[-2:] == [("sync", ""), ("lane:a", "appended")]
+    assert not [w for w in shell.wakeups if w[1][0] == "commit"]
+
+
 def test_every_message_to_a_lane_queues_behind_its_held_acknowledgement(shell: Shell) -> None:
     shell.call("a", Acquire(lane="a", path=shell.path, purpose="prompt"))
     granted = shell.events[-1][1]

@@ -282,7 +282,10 @@ def test_an_idle_channel_is_closed_only_when_no_lane_uses_the_path(
     clock.now += 10_000
     links.tick()
     assert transcript in links.links
+    due = links.next_due()
+    assert due is not None and due > clock.now, "a link in use is looked at again later, not now"
     host.busy.clear()
+    clock.now += 10_000
     links.tick()
     assert transcript not in links.links
     assert fake_file.conn is not None and fake_file.conn.recv(10) == b"", "channel closed"
