@@ -14,6 +14,7 @@ bookkeeping reads ``/proc``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -218,6 +219,10 @@ def start_tcp_system(
     port = free_port(bind_host) if admin_port is None else admin_port
     if _listener_inode(port) is not None:
         raise RuntimeError(f"port {port} is already in use: refusing to attach to it")
+    # Every actor is a fork of the admin, itself a fork of this process. Freezing what is
+    # loaded by now keeps the cyclic GC from writing to those objects in each child, so their
+    # pages stay shared instead of being copied into every actor process.
+    gc.freeze()
     try:
         with _no_inherited_log_handlers():
             asys = ActorSystem(
