@@ -86,7 +86,10 @@ class CommitPolicy:
       but has no append in this batch, when other lanes may write at all (the path is free or
       held by a short write). The wait ends with the next append (which re-decides), once
       every sibling has joined, or when no append came for ``wait_ms()``: twice the usual
-      gap between appends (an EWMA), within ``[min_wait_ms, max_wait_ms]``;
+      gap between appends (an EWMA), within ``[min_wait_ms, max_wait_ms]``, and never longer
+      than an fdatasync usually takes (an EWMA of the measured ones): waiting longer than a
+      sync costs more than the sync it saves, so on a disk that syncs in under
+      ``min_wait_ms`` a batch never waits (it still gathers whatever one pass brings);
     * otherwise synced at once: a lone writer never waits.
 
     This is PostgreSQL's ``commit_delay`` with ``commit_siblings``, with the delay scaled to
@@ -113,6 +116,7 @@ class CommitPolicy:
         self.recent: dict[Any, float] = {}  # lane -> when it last appended
         self.last: float | None = None  # when the last append (of any lane) was written
         self.gap_ms = min_wait_ms  # EWMA of the time between appends while writers are active
+        self.sync_ms = max_wait_ms  # EWMA of fdatasync durations (until measured: assume slow)
         self.mark = 0  # ``writes`` when the current pass began
 
     def wrote(self, lane: Any, now: float) -> None:
@@ -126,6 +130,10 @@ class CommitPolicy:
         self.lanes.add(lane)
         self.recent[lane] = now
 
+    def synced(self, duration_ms: float) -> None:
+        """An fdatasync took ``duration_ms``."""
+        self.sync_ms += 0.25 * (duration_ms - self.sync_ms)
+
     def begin_pass(self) -> None:
         self.mark = self.writes
 
@@ -134,7 +142,7 @@ class CommitPolicy:
         return self.writes > self.mark
 
     def wait_ms(self) -> float:
-        return min(max(2.0 * self.gap_ms, self.min_wait_ms), self.max_wait_ms)
+        return min(max(2.0 * self.gap_ms, self.min_wait_ms), self.max_wait_ms, self.sync_ms)
 
     def deadline(self) -> float:
         """When a waiting batch is synced if nothing else happens."""
@@ -149,7 +157,8 @@ class CommitPolicy:
             return "sync"
         if self.grew():
             return "pass"
-        if others_may_write and now < self.deadline() and self.siblings(now):
+        worth_it = self.sync_ms >= self.min_wait_ms
+        if others_may_write and worth_it and now < self.deadline() and self.siblings(now):
             return "wait"
         return "sync"
 

@@ -757,8 +757,10 @@ class SessionFile(ShellActor):
         if not self.unsynced or self.transcript is None:
             return
         self.unsynced = False
+        started = monotonic_ms()
         try:
             self.transcript.sync("fsync")
+            self.batch.synced(monotonic_ms() - started)
         except OSError as exc:
             self.sync_error = f"fdatasync failed: {exc}"
             log.error("%s: %s", self.path, self.sync_error)

@@ -77,6 +77,24 @@ def test_no_wait_when_only_the_holder_can_write_or_siblings_went_quiet() -> None
     assert policy.decide(150.1, others_may_write=True) == "sync"  # b last wrote 150 ms ago
 
 
+def test_a_batch_never_waits_longer_than_a_sync_takes() -> None:
+    policy = CommitPolicy(sibling_ms=100.0)
+    policy.wrote("b", 0.0)
+    policy.committed()
+    for _ in range(20):
+        policy.synced(4.0)  # a disk that syncs in 4 ms
+    policy.wrote("a", 10.0)
+    policy.begin_pass()
+    assert policy.decide(10.1, others_may_write=True) == "wait"
+    assert policy.deadline() <= 10.0 + 4.0 + 0.1
+    policy.committed()
+    for _ in range(20):
+        policy.synced(0.2)  # a disk that syncs faster than the shortest wait: never wait
+    policy.wrote("a", 20.0)
+    policy.begin_pass()
+    assert policy.decide(20.1, others_may_write=True) == "sync"
+
+
 def test_a_batch_is_bounded_in_age_and_size() -> None:
     policy = CommitPolicy(max_batch_ms=50.0, max_writes=3)
     policy.wrote("x", 0.0)
