@@ -10,15 +10,19 @@ passivates the SessionFile; the Registry still resolves and confines every path.
 Every frame is ``messages.codec``'s length prefix plus a msgpack map with a kind ``k``:
 
 gateway -> SessionFile
-    ``{"k": "hello", "token": T}``   first frame: the token from the ``ChannelOffer``
+    ``{"k": "hello", "v": 1, "token": T}``   first frame: the token from the ``ChannelOffer``
     ``{"k": "call", "u": uid, "n": lane name, "pr": priority, "rq": request}``
 SessionFile -> gateway
-    ``{"k": "welcome", "path": P, "inc": incarnation}``   or the connection closes (refused)
+    ``{"k": "welcome", "v": 1, "path": P, "inc": incarnation}``   or the connection closes
     ``{"k": "reply", "u": uid, "h": held lease or nil, "m": reply}``
 
 ``rq`` and ``m`` are wire messages as a map (``messages.wire``), validated on arrival with the
 same models as a client's frames: both processes are ours, but a frame that does not validate
 is a bug to report, never something to act on. No pickle crosses a channel.
+
+``v`` is the channel's version (:data:`CHANNEL_VERSION`), in the hello and the welcome: a
+gateway and a SessionFile of different versions refuse each other at the handshake instead of
+misreading each other's frames.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from messages.internal import LaneRequest
 from messages.wire import Priority, Reply
 
 __all__ = [
+    "CHANNEL_VERSION",
     "ChannelCall",
     "ChannelHello",
     "ChannelReply",
@@ -49,6 +54,7 @@ __all__ = [
 _LANE_REQUEST: TypeAdapter[Any] = TypeAdapter(LaneRequest)
 _REPLY: TypeAdapter[Any] = TypeAdapter(Reply)
 _PRIORITIES = ("recovery", "interactive", "background")
+CHANNEL_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +96,7 @@ def _dump(message: Any) -> dict[str, Any]:
 
 
 def hello_frame(token: str) -> bytes:
-    return _pack({"k": "hello", "token": token})
+    return _pack({"k": "hello", "v": CHANNEL_VERSION, "token": token})
 
 
 def call_frame(uid: str, name: str, priority: Priority, request: Any) -> bytes:
@@ -98,7 +104,7 @@ def call_frame(uid: str, name: str, priority: Priority, request: Any) -> bytes:
 
 
 def welcome_frame(path: str, incarnation: int) -> bytes:
-    return _pack({"k": "welcome", "path": path, "inc": incarnation})
+    return _pack({"k": "welcome", "v": CHANNEL_VERSION, "path": path, "inc": incarnation})
 
 
 def reply_frame(uid: str, held: str | None, message: Any) -> bytes:
@@ -117,6 +123,12 @@ def _unpack(body: bytes) -> dict[str, Any]:
     return data
 
 
+def _check_version(data: dict[str, Any]) -> None:
+    if data.get("v") != CHANNEL_VERSION:
+        version = data.get("v")
+        raise FrameDecodeError(f"channel version {version!r} (this is {CHANNEL_VERSION})")
+
+
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise FrameDecodeError(f"msgpack extension type {code} is not allowed on a channel")
 
@@ -133,6 +145,7 @@ def decode_from_gateway(body: bytes) -> ChannelHello | ChannelCall:
     data = _unpack(body)
     kind = data.get("k")
     if kind == "hello":
+        _check_version(data)
         return ChannelHello(token=_str(data, "token"))
     if kind != "call":
         raise FrameDecodeError(f"unexpected channel frame kind {kind!r}")
@@ -153,6 +166,7 @@ def decode_from_file(body: bytes) -> ChannelWelcome | ChannelReply:
     data = _unpack(body)
     kind = data.get("k")
     if kind == "welcome":
+        _check_version(data)
         incarnation = data.get("inc")
         if not isinstance(incarnation, int):
             raise FrameDecodeError("welcome without an incarnation")

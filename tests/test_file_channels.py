@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from actors.file_channels import (
@@ -187,6 +188,17 @@ def test_a_wrong_token_closes_the_connection_and_reports_nothing(
     assert peer.closed_by_server()
     assert server.connections() == 0 and len(server.fds()) == 1
     assert "wrong token" in caplog.text
+
+
+def test_a_hello_of_another_channel_version_closes_the_connection(
+    server: ChannelServer, peers: list[Peer]
+) -> None:
+    peer = connect(server, peers)
+    body = msgpack.packb({"k": "hello", "v": 2, "token": server.token})
+    peer.send(HEADER.pack(len(body)) + body)
+    assert pump(server) == []
+    assert peer.closed_by_server()
+    assert server.connections() == 0
 
 
 def test_a_call_before_the_hello_closes_the_connection(

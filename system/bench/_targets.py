@@ -43,7 +43,7 @@ _TARGETS: list[tuple[str, str, str, Callable[[dict[str, Any]], Any], Callable[[f
         lambda v: v < 1.0,
     ),
     (
-        "hand-off p50 vs the polling locks at K=8 (slower peer / sessionlane)",
+        "hand-off p50 vs the polling locks at K=8 (worse of peer / sessionlane)",
         ">= 20x",
         "x",
         lambda r: _min(
