@@ -127,17 +127,26 @@ class FrameReader:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
+        bodies, error = self.feed_until_error(data)
+        if error is not None:
+            raise error
+        return bodies
+
+    def feed_until_error(self, data: bytes) -> tuple[list[bytes], TooLarge | None]:
+        """Like ``feed``, but the bodies completed before an oversized header are returned
+        with the error instead of being discarded: the frames a peer sent before its bad
+        one deserve their answers."""
         self._buf += data
         bodies: list[bytes] = []
         while len(self._buf) >= HEADER.size:
             (length,) = HEADER.unpack_from(self._buf)
             if length > self.max_frame_bytes:
-                raise TooLarge(f"frame of {length} bytes exceeds max_frame_bytes")
+                return bodies, TooLarge(f"frame of {length} bytes exceeds max_frame_bytes")
             if len(self._buf) < HEADER.size + length:
                 break
             bodies.append(bytes(self._buf[HEADER.size : HEADER.size + length]))
             del self._buf[: HEADER.size + length]
-        return bodies
+        return bodies, None
 
     @property
     def pending(self) -> int:

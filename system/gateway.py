@@ -39,7 +39,7 @@ from thespian.actors import (
 from actors._shell import Handler, ShellActor, monotonic_ms
 from actors.lane_state import CLOSE_TIMEOUT_S, LaneState
 from messages.codec import FrameDecodeError, FrameReader, decode_request, frame
-from messages.errors import ErrorCode, TooLarge
+from messages.errors import ErrorCode
 from messages.internal import (
     ChannelOffer,
     FileReply,
@@ -264,16 +264,14 @@ class Gateway(ShellActor):
             self.close(conn, "connection closed")
             return
         conn.last_seen = monotonic_ms()
-        try:
-            bodies = conn.reader.feed(data)
-        except TooLarge as exc:
-            self.write(conn, Error(code="too_large", detail=exc.detail))
-            self.close(conn, "frame too large", flush=True)
-            return
+        bodies, too_large = conn.reader.feed_until_error(data)
         for body in bodies:
             if conn.closing:
                 return
             self.handle_frame(conn, body)
+        if too_large is not None and not conn.closing:
+            self.write(conn, Error(code="too_large", detail=too_large.detail))
+            self.close(conn, "frame too large", flush=True)
 
     def handle_frame(self, conn: _Conn, body: bytes) -> None:
         try:

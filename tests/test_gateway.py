@@ -241,6 +241,19 @@ def test_a_frame_declared_longer_than_max_frame_bytes_gets_too_large_and_a_close
     assert conn.request({"type": "keepalive"})["type"] == "alive", "the service still serves"
 
 
+def test_requests_before_an_oversized_header_in_the_same_read_are_answered_first(
+    service: Service,
+) -> None:
+    conn = connect(service)
+    before = [{"v": 1, "type": "keepalive", "id": i} for i in (101, 102)]
+    data = b"".join(HEADER.pack(len(b)) + b for b in map(msgpack.packb, before))
+    conn.send_raw(data + HEADER.pack(MAX_FRAME + 1))  # one write: one read on the service
+    replies = [conn.recv(), conn.recv(), conn.recv()]
+    assert [(r["type"], r.get("id")) for r in replies[:2]] == [("alive", 101), ("alive", 102)]
+    assert (replies[2]["type"], replies[2]["code"]) == ("error", "too_large")
+    assert conn.closed_by_service()
+
+
 def test_a_record_over_max_record_bytes_is_refused_and_nothing_is_written(
     service: Service, transcript: Path
 ) -> None:

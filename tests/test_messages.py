@@ -306,6 +306,15 @@ def test_the_frame_reader_refuses_an_oversized_length_before_its_body_arrives() 
     assert huge.pending <= 4 + 16
 
 
+def test_the_frame_reader_returns_the_frames_before_an_oversized_header_with_the_error() -> None:
+    reader = FrameReader(max_frame_bytes=100)
+    bodies, error = reader.feed_until_error(HEADER.pack(2) + b"ok" + HEADER.pack(101))
+    assert bodies == [b"ok"]
+    assert isinstance(error, TooLarge)
+    with pytest.raises(TooLarge):  # ``feed`` raises and keeps nothing
+        FrameReader(max_frame_bytes=100).feed(HEADER.pack(2) + b"ok" + HEADER.pack(101))
+
+
 # Dispatch ---------------------------------------------------------------------------------
 
 CONSUMED_OUTSIDE_ACTORS: dict[type, tuple[Any, ...]] = {
