@@ -249,6 +249,8 @@ class ForwardedClose(_Hop):
 
     kind: Literal["forwarded_close"] = "forwarded_close"
     lane: Any
+    uid: str = ""
+    """One lane of the gateway at ``lane`` (it hosts many); empty: the lane actor ``lane``."""
 
 
 class ForwardedStatus(_Hop):
@@ -729,15 +731,24 @@ class Federation:
         self.host.send(remote.relay, hop)
         return True
 
-    def lane_closed(self, address: Any) -> None:
+    def lane_closed(self, address: Any, uid: str = "") -> None:
+        """A lane of ours closed: the owners it used forget it.
+
+        A gateway's lane (``uid`` set) shares its address with the gateway's other lanes, so
+        the address stays known here (for ``FileRestarted``); only that lane is forgotten.
+        """
         key = addr_key(address)
         for remote in self.remotes.values():
-            if remote.lanes.pop(key, None) is not None and remote.phase in ("starting", "up"):
+            used = remote.lanes.get(key) is not None
+            if used and not uid:
+                del remote.lanes[key]
+            if used and remote.phase in ("starting", "up"):
                 hop = ForwardedClose(
                     origin=self.host.myAddress,
                     link=remote.link,
                     seq=self.next_seq(remote),
                     lane=address,
+                    uid=uid,
                 )
                 self.host.send(remote.relay, hop)
 
@@ -919,6 +930,9 @@ class Federation:
 
     def on_forwarded_close(self, msg: ForwardedClose, sender: Any) -> None:
         lanes = self.origin(msg).lanes
+        if msg.uid:
+            lanes.pop(f"{addr_key(msg.lane)}|{msg.uid}", None)
+            return  # the gateway's other lanes still use its address
         prefix = f"{addr_key(msg.lane)}|"
         for key in [k for k in lanes if k.startswith(prefix)]:
             del lanes[key]

@@ -47,6 +47,7 @@ from messages.internal import (
     GatewayFailed,
     GatewayStarted,
     LaneCall,
+    LaneClosed,
     LaneRef,
     Ping,
     Pong,
@@ -380,6 +381,11 @@ class Gateway(ShellActor):
 
     def closed(self, lane: LaneState) -> None:
         self.by_uid.pop(lane.uid, None)
+        if self.links is not None and lane.uid in self.links.registry_lanes:
+            # Calls through the Registry may have reached another convention member, which
+            # keeps the lane until told (its leases there are abandoned already).
+            self.links.registry_lanes.discard(lane.uid)
+            self.send(self.registry, LaneClosed(address=self.myAddress, uid=lane.uid))
 
     # LinkHost: what the links report -------------------------------------------------------
 

@@ -110,6 +110,8 @@ class Links:
         self.by_nonce: dict[int, _Link] = {}
         self.nonces = itertools.count(1)
         self.counters = {"channels_opened": 0, "channels_lost": 0, "registry_routed": 0}
+        self.registry_lanes: set[str] = set()
+        """Lanes that sent a call through the Registry: it must hear when they close."""
 
     # Calls from lanes ----------------------------------------------------------------------
 
@@ -140,6 +142,7 @@ class Links:
 
     def via_registry(self, call: LaneCall) -> None:
         self.counters["registry_routed"] += 1
+        self.registry_lanes.add(call.lane.uid)
         self.host.send(self.host.registry, call)
 
     def send_call(self, link: _Link, call: LaneCall) -> None:

@@ -59,6 +59,7 @@ from system.convention import (
     BeatAck,
     Federation,
     Forwarded,
+    ForwardedClose,
     Member,
     Members,
     OriginLost,
@@ -378,6 +379,48 @@ def test_an_owner_abandons_what_the_lanes_of_a_lost_origin_hold_or_wait_for() ->
     assert (abandon.path, abandon.lane.uid) == ("/srv/there/a.jsonl", "uid-l1")
     owner.on_origin_lost(OriginLost(origin="reg@a", reason="again"), "relay")
     assert len(host.served) == 1, "reported once"
+
+
+def gateway_call(path: str, uid: str) -> LaneCall:
+    """A call of one of the gateway's lanes: they all share the gateway's address."""
+    ref = LaneRef(uid=uid, name="chat", address="gateway@here")
+    request = Acquire(id=1, lane="chat", path=path, purpose="prompt")
+    return LaneCall(lane=ref, path=path, canonical=False, request=request)
+
+
+def test_an_owner_forgets_one_closed_gateway_lane_and_still_abandons_the_others() -> None:
+    host, clock = FakeHost(), Clock()
+    owner = Federation(host, THERE, 2_000, clock=clock)
+    for uid in ("u1", "u2"):
+        call = gateway_call("/srv/there/a.jsonl", uid)
+        owner.on_forwarded(Forwarded(origin="reg@a", link=1, seq=1, call=call), "relay")
+    host.active = {"/srv/there/a.jsonl"}
+    host.served.clear()
+
+    owner.on_forwarded_close(
+        ForwardedClose(origin="reg@a", link=1, seq=2, lane="gateway@here", uid="u1"), "relay"
+    )
+    owner.on_origin_lost(OriginLost(origin="reg@a", reason="silent"), "relay")
+
+    assert [c.lane.uid for c in host.served] == ["u2"], "u1 closed; u2 still held or waited"
+
+
+def test_a_closed_gateway_lane_is_forwarded_to_its_owners_and_the_gateway_stays_known() -> None:
+    host, clock = FakeHost(), Clock()
+    fed = federation(host, clock)
+    fed.route(gateway_call("/srv/there/a.jsonl", "u1"))
+    fed.route(gateway_call("/srv/there/a.jsonl", "u2"))
+    host.take()
+
+    fed.lane_closed("gateway@here", "u1")
+
+    (close,) = [m for _, m in host.take() if isinstance(m, ForwardedClose)]
+    assert (close.lane, close.uid) == ("gateway@here", "u1")
+    fed.tick()
+    clock.now += 10_000
+    fed.tick()  # the owner went silent: lost
+    told = [(t, m.path) for t, m in host.take() if isinstance(m, FileRestarted)]
+    assert ("gateway@here", "/srv/there/a.jsonl") in told, "u2 still hears of the loss"
 
 
 def test_every_convention_message_has_a_handler_where_it_is_sent_and_survives_pickling() -> None:
