@@ -358,9 +358,42 @@ class LeaseTable:
         return effects + self._promote(now)
 
     def tick(self, now: float) -> list[Effect]:
-        """Apply every deadline that is due: wait timeouts, max hold, recovery grace."""
+        """Apply every deadline that is due, in time order: wait timeouts, max hold, recovery
+        grace.
+
+        A late tick (a delayed wakeup) must not decide differently from punctual ones: a holder
+        whose deadline passed before a waiter's is revoked first, so that waiter is granted, not
+        timed out for a lease that was free before its deadline.
+        """
         effects: list[Effect] = []
-        expired = [w for w in self.waiters if w.deadline is not None and w.deadline <= now]
+        holder = self.holder
+        reason: RevokeReason | None = None
+        revoke_at = now
+        if holder is not None:
+            if holder.abort_deadline is not None and holder.abort_deadline <= now:
+                reason, revoke_at = "recovery", holder.abort_deadline
+            hold_due = holder.hold_deadline
+            earlier = reason is None or (hold_due is not None and hold_due < revoke_at)
+            if hold_due is not None and hold_due <= now and earlier:
+                reason, revoke_at = "max_hold", hold_due
+        if holder is not None and reason is not None:
+            effects += self._expire_waiters(revoke_at, now, strictly_before=True)
+            effects += self._revoke(holder, reason, now)
+            effects += self._promote(now)
+        effects += self._expire_waiters(now, now)
+        return effects + self._promote(now)
+
+    def _expire_waiters(
+        self, due: float, now: float, *, strictly_before: bool = False
+    ) -> list[Effect]:
+        """Time out the waiters whose deadline is ``due`` or earlier (before it, if strict)."""
+        expired = [
+            w
+            for w in self.waiters
+            if w.deadline is not None
+            and (w.deadline < due if strictly_before else w.deadline <= due)
+        ]
+        effects: list[Effect] = []
         for w in expired:
             self.waiters.remove(w)
             self.counters["timeouts"] += 1
@@ -372,16 +405,7 @@ class LeaseTable:
                     f"not granted within {int(now - w.enqueued_at)} ms; {self._busy_detail(now)}",
                 )
             )
-        holder = self.holder
-        if holder is not None:
-            reason: RevokeReason | None = None
-            if holder.abort_deadline is not None and holder.abort_deadline <= now:
-                reason = "recovery"
-            elif holder.hold_deadline is not None and holder.hold_deadline <= now:
-                reason = "max_hold"
-            if reason is not None:
-                effects += self._revoke(holder, reason, now)
-        return effects + self._promote(now)
+        return effects
 
     def shutdown(self, now: float) -> list[Effect]:
         """Answer every waiter with ``shutting_down``, revoke the holder, refuse what follows."""

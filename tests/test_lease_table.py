@@ -249,6 +249,22 @@ def test_max_hold_revokes_the_holder_and_grants_the_next_waiter() -> None:
     assert effects[2:] == [Grant("r2", B, "p-2", 2, "prompt")]
 
 
+def test_a_late_tick_grants_the_waiter_a_punctual_one_would_have_granted() -> None:
+    def run(ticks: list[int]) -> list[Effect]:
+        table = make_table(max_hold_ms=1_000)
+        hold(table, A, now=0)
+        table.acquire("r2", B, "prompt", 10, wait_timeout_ms=1_500)  # due at 1,510
+        table.acquire("r3", C, "prompt", 20, wait_timeout_ms=500)  # due at 520: before the hold
+        return [e for t in ticks for e in table.tick(t) if not isinstance(e, Diagnostic)]
+
+    punctual = run([520, 1_000])
+    late = run([3_000])  # one wakeup long after every deadline
+    assert [type(e).__name__ for e in punctual] == ["Reject", "Revoke", "Grant"]
+    assert [type(e).__name__ for e in late] == ["Reject", "Revoke", "Grant"]
+    assert punctual[2].req == late[2].req == "r2"  # type: ignore[union-attr]
+    assert punctual[0].req == late[0].req == "r3"  # type: ignore[union-attr]
+
+
 def test_a_request_can_shorten_max_hold_but_not_extend_it() -> None:
     table = make_table(max_hold_ms=1_000)
     short = hold(table, A, now=0)
