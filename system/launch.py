@@ -28,7 +28,7 @@ from typing import Any
 
 from thespian.actors import Actor, ActorSystem
 
-from system import loopback
+from system import loopback, poll_loop
 
 __all__ = [
     "LOGGER_PACKAGES",
@@ -212,6 +212,7 @@ def start_tcp_system(
     if "Admin Port" in caps:
         raise ValueError("pass admin_port, not an 'Admin Port' capability")
     loopback.install(bind_host)
+    poll_loop.install()
     log_path = Path(log_file).resolve()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     _set_thespian_log(log_path.with_name(log_path.stem + ".thespian.log"))

@@ -95,6 +95,22 @@ def test_an_actor_of_a_started_system_answers_and_lives_in_its_process_group(
     assert tcp.alive()
 
 
+class SelectorProbe(Actor):  # type: ignore[misc]
+    """Answers with the selector class its own transport builds on each pass."""
+
+    def receiveMessage(self, message: Any, sender: Any) -> None:
+        if message == "selector":
+            from thespian.system.transport import TCPTransport
+
+            self.send(sender, TCPTransport.selectors.DefaultSelector.__name__)
+
+
+@pytest.mark.tcp
+def test_actors_select_with_poll_not_a_fresh_epoll_set_per_pass(tcp: TcpSystem) -> None:
+    actor = tcp.asys.createActor(SelectorProbe)
+    assert tcp.asys.ask(actor, "selector", ASK_TIMEOUT) == "PollSelector"
+
+
 @pytest.mark.tcp
 def test_every_listening_socket_of_the_system_is_on_loopback(tcp: TcpSystem) -> None:
     actors = [tcp.asys.createActor(PingActor) for _ in range(3)]
