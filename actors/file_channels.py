@@ -25,8 +25,10 @@ import contextlib
 import errno
 import hmac
 import logging
+import os
 import secrets
 import socket
+import struct
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,6 +53,11 @@ _RECV_BYTES = 256 * 1024
 _READ_BUDGET = 4 * 1024 * 1024
 """Bytes read from one connection per ``on_ready``: the rest waits for the next select."""
 _ACCEPT_BUDGET = _BACKLOG
+_MAX_UNGREETED = 8
+"""Connections allowed to wait for their hello at once; the oldest goes when one more comes.
+
+The gateway says hello in the same write as it connects, so only a stranger (any local user
+can reach an abstract socket) keeps one waiting: this bounds what it can hold open."""
 _PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 
 
@@ -171,7 +178,14 @@ class ChannelServer:
             except OSError as exc:  # EMFILE and friends: the peer waits in the backlog
                 log.warning("cannot accept a channel to %s: %s", self._path, exc)
                 break
+            if not _same_user(sock):
+                log.warning("refused a channel to %s from another user", self._path)
+                sock.close()
+                continue
             sock.setblocking(False)
+            waiting = [c for c in self._by_ref.values() if c.state == "hello"]
+            if len(waiting) >= _MAX_UNGREETED:
+                self._close(waiting[0], "too many connections without a hello", logging.WARNING)
             self._serial += 1
             conn = _Conn(ChannelRef(self._serial), sock)
             self._conns[sock.fileno()] = conn
@@ -343,3 +357,18 @@ def _take_hello(buf: bytearray) -> bytes | None:
 def _level(exc: OSError) -> int:
     """A peer that went away is routine; any other socket error is worth a warning."""
     return logging.DEBUG if exc.errno in _PEER_GONE else logging.WARNING
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _same_user(sock: socket.socket) -> bool:
+    """Is the peer process running as our user? (Abstract sockets have no file permissions.)"""
+    try:
+        _, uid, _ = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+    except (OSError, AttributeError):  # not Linux: the token alone guards the channel
+        return True
+    same: bool = uid == os.getuid()
+    return same

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import select
 import socket
 from collections import deque
@@ -198,6 +199,54 @@ def test_a_hello_of_another_channel_version_closes_the_connection(
     peer.send(HEADER.pack(len(body)) + body)
     assert pump(server) == []
     assert peer.closed_by_server()
+    assert server.connections() == 0
+
+
+def test_connections_that_never_say_hello_cannot_pile_up(
+    server: ChannelServer, peers: list[Peer]
+) -> None:
+    silent = [connect(server, peers) for _ in range(8)]
+    pump(server)
+    assert len(server.fds()) == 1 + 8
+    late = connect(server, peers)
+    pump(server)
+    assert silent[0].closed_by_server(), "the oldest silent connection made room"
+    assert len(server.fds()) == 1 + 8
+    late.send(hello_frame(server.token))
+    pump(server)
+    assert isinstance(late.next(), ChannelWelcome)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_a_connection_from_another_user_is_refused_even_with_the_token(
+    server: ChannelServer,
+) -> None:
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through its exit status
+        try:
+            os.setuid(65534)  # nobody
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5)
+            sock.connect("\0" + server.address)
+            sock.sendall(hello_frame(server.token))
+            try:
+                answer = sock.recv(16)
+            except ConnectionResetError:
+                answer = b""
+            os._exit(0 if answer == b"" else 1)  # closed without a welcome
+        except BaseException:
+            os._exit(2)
+    for _ in range(500):
+        pump(server)
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            break
+        select.select([], [], [], 0.01)  # poll the child: no ordering depends on it
+    else:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        raise AssertionError("the other user's connection was neither refused nor answered")
+    assert os.waitstatus_to_exitcode(status) == 0
     assert server.connections() == 0
 
 
