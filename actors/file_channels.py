@@ -29,6 +29,7 @@ import os
 import secrets
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -103,7 +104,15 @@ class _Conn:
 class ChannelServer:
     """A file's channel listener and its connections. Not thread-safe; never blocks."""
 
-    def __init__(self, listener: socket.socket, name: str, token: str, path: str, incarnation: int):
+    def __init__(
+        self,
+        listener: socket.socket,
+        name: str,
+        token: str,
+        path: str,
+        incarnation: int,
+        accepting: Callable[[], bool] = lambda: True,
+    ):
         self._listener = listener
         self._name = name
         self._token = token
@@ -114,11 +123,14 @@ class ChannelServer:
         self._serial = 0
         self._dirty: set[ChannelRef] = set()  # connections with output to write
         self._closed: list[ChannelClosed] = []  # closed by send/flush, not reported yet
-        self.accepting = True
-        """False while the file is being passivated: a hello is answered by closing."""
+        self.accepting = accepting
+        """Asked at each hello; False while the file is being passivated: the hello is
+        answered by closing."""
 
     @classmethod
-    def open(cls, path: str, incarnation: int) -> ChannelServer:
+    def open(
+        cls, path: str, incarnation: int, accepting: Callable[[], bool] = lambda: True
+    ) -> ChannelServer:
         """Listen on a fresh abstract name; ``OSError`` if no socket can be made."""
         name = NAME_PREFIX + secrets.token_hex(8)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -129,7 +141,7 @@ class ChannelServer:
         except BaseException:
             listener.close()
             raise
-        return cls(listener, name, secrets.token_urlsafe(24), path, incarnation)
+        return cls(listener, name, secrets.token_urlsafe(24), path, incarnation, accepting)
 
     @property
     def address(self) -> str:
@@ -236,7 +248,7 @@ class ChannelServer:
             raise _Refused("a call before the hello", logging.WARNING)
         if not hmac.compare_digest(frame.token.encode(), self._token.encode()):
             raise _Refused("wrong token", logging.WARNING)
-        if not self.accepting:
+        if not self.accepting():
             raise _Refused("not accepting: the file is being passivated", logging.DEBUG)
         conn.state = "open"
         conn.reader = FrameReader(MAX_FRAME_BYTES)

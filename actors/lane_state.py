@@ -65,7 +65,10 @@ class _Pending:
 
 @dataclass
 class _Fanout:
-    """An abandon sent to several files, answered once all have answered."""
+    """An abandon sent to several files, answered once all have answered.
+
+    Each file gets the abandon under an id of its own (``pending`` then knows which file each
+    one went to), so a file whose actor died before answering is counted as answered."""
 
     remaining: int
     reply_id: Any
@@ -137,13 +140,12 @@ class LaneState:
             self.to_agent(Abandoned(id=req.id, leases=[]))
             return
         fan = _Fanout(remaining=len(targets), reply_id=req.id)
-        if req.id is None:  # the fan-in counts the answers by id: give it one
-            self.internal_ids += 1
-            req = req.model_copy(update={"id": f"_abandon{self.internal_ids}"})
-        self.fanouts[req.id] = fan
-        for path in targets:
+        self.internal_ids += 1
+        for i, path in enumerate(targets):
+            sub = f"_abandon{self.internal_ids}.{i}"
+            self.fanouts[sub] = fan
             canonical = self.paths.get(path, False)
-            self.call(req.model_copy(update={"path": path}), path, canonical=canonical)
+            self.call(req.model_copy(update={"id": sub, "path": path}), path, canonical=canonical)
 
     # From the files ------------------------------------------------------------------------
 
@@ -155,8 +157,9 @@ class LaneState:
             if self.closing is None:
                 self.to_agent(reply)
             return
-        if (fan := self.fanouts.get(rid)) is not None:
-            self.fan_in(rid, fan, reply)
+        if (fan := self.fanouts.pop(rid, None)) is not None:
+            self.pending.pop(rid, None)
+            self.fan_in(fan, reply)
             return
         pending = self.pending.get(rid)
         if pending is not None:
@@ -179,14 +182,12 @@ class LaneState:
             self.leases[held] = path
             self.paths[path] = True
 
-    def fan_in(self, rid: Any, fan: _Fanout, reply: Reply) -> None:
+    def fan_in(self, fan: _Fanout, reply: Reply) -> None:
         fan.remaining -= 1
         if isinstance(reply, Abandoned):
             fan.leases += reply.leases
         if fan.remaining > 0:
             return
-        del self.fanouts[rid]
-        self.pending.pop(rid, None)
         if self.closing is None:
             self.to_agent(Abandoned(id=fan.reply_id, leases=sorted(set(fan.leases))))
         elif not self.fanouts:

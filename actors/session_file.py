@@ -250,8 +250,6 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         if self.retiring:
             # The Registry now counts more than our IdleNotice said: it will not retire us.
             self.retiring = False
-            if self.server is not None:
-                self.server.accepting = True
             self._schedule_idle()
 
     def touch(self) -> None:
@@ -399,8 +397,6 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         channels = self.server.connections() if self.server is not None else 0
         if seen == self.activity and self.quiet() and channels == 0:
             self.retiring = True
-            if self.server is not None:
-                self.server.accepting = False
             self.send(self.registry, IdleNotice(path=self.path, received=self.received))
             return
         self._schedule_idle()

@@ -95,11 +95,12 @@ class ChannelsMixin:
         if not self.channels:
             return None, "channels are turned off"
         try:
-            self.server = ChannelServer.open(self.path, self.incarnation)
+            self.server = ChannelServer.open(
+                self.path, self.incarnation, accepting=lambda: not self.retiring
+            )
         except OSError as exc:
             log.error("cannot open a channel listener for %s: %s", self.path, exc)
             return None, f"cannot open a channel listener: {exc}"
-        self.server.accepting = not self.retiring
         return self.server, ""
 
     def on_channels_ready(self, ready: list[int]) -> None:

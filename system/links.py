@@ -109,7 +109,6 @@ class Links:
         self.by_fd: dict[int, _Link] = {}
         self.by_nonce: dict[int, _Link] = {}
         self.nonces = itertools.count(1)
-        self.counters = {"channels_opened": 0, "channels_lost": 0, "registry_routed": 0}
         self.registry_lanes: set[str] = set()
         """Lanes that sent a call through the Registry: it must hear when they close."""
 
@@ -141,7 +140,6 @@ class Links:
                 self.via_registry(call)
 
     def via_registry(self, call: LaneCall) -> None:
-        self.counters["registry_routed"] += 1
         self.registry_lanes.add(call.lane.uid)
         self.host.send(self.host.registry, call)
 
@@ -243,7 +241,6 @@ class Links:
             if link.mode != "connecting" or frame.incarnation != link.incarnation:
                 raise FrameDecodeError("unexpected welcome")
             link.mode = "channel"
-            self.counters["channels_opened"] += 1
             queued, link.queue = link.queue, []
             for call in queued:
                 self.send_call(link, call)
@@ -264,7 +261,6 @@ class Links:
             link.mode = "opening"
             link.retry_at = self.clock() + _RETRY_MS
             return
-        self.counters["channels_lost"] += 1
         incarnation = link.incarnation
         log.warning("channel to %s (incarnation %d) lost: %s", link.path, incarnation, reason)
         link.handled = max(link.handled, incarnation)

@@ -329,12 +329,12 @@ def test_an_oversized_frame_closes_the_connection(server: ChannelServer, peers: 
 def test_a_server_that_stopped_accepting_closes_a_hello_without_a_welcome(
     server: ChannelServer, peers: list[Peer]
 ) -> None:
-    server.accepting = False
+    server.accepting = lambda: False
     peer = connect(server, peers)
     peer.send(hello_frame(server.token))
     assert pump(server) == []
     assert peer.closed_by_server()
-    server.accepting = True
+    server.accepting = lambda: True
     welcomed(server, peers)
 
 
