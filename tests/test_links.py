@@ -131,9 +131,9 @@ def acquire(path: str, rid: int, uid: str = "a#1") -> LaneCall:
     return LaneCall(lane=lane(uid), path=path, canonical=False, request=req)
 
 
-def pump(links: Links, fd_owner: Links) -> None:
+def pump(links: Links) -> None:
     """Deliver what is readable on the links' sockets (what the gateway's select loop does)."""
-    for fd in list(fd_owner.fds()):
+    for fd in list(links.fds()):
         links.on_ready(fd)
 
 
@@ -154,7 +154,7 @@ def open_channel(
     assert isinstance(hello, ChannelHello) and hello.token == file.token
     file.send(welcome_frame(transcript, incarnation))
     wait_readable(links)
-    pump(links, links)
+    pump(links)
 
 
 def wait_readable(links: Links) -> None:
@@ -186,10 +186,10 @@ def test_calls_queue_while_the_channel_opens_then_go_over_it_in_order(
         )
     )
     wait_readable(links)
-    pump(links, links)
+    pump(links)
     while len(host.delivered) < 2:
         wait_readable(links)
-        pump(links, links)
+        pump(links)
     first, second = host.delivered
     assert (first.lane, first.message.id, first.path) == ("b#1", 2, transcript)
     assert (second.lane, second.held) == ("a#1", "L-1")
@@ -207,7 +207,7 @@ def test_a_channel_that_breaks_is_one_restart_however_many_times_it_is_reported(
     fake_file.conn.close()
     fake_file.conn = None
     wait_readable(links)
-    pump(links, links)
+    pump(links)
     assert [(r.path, r.incarnation) for r in host.restarts] == [(transcript, 3)]
     asked = len(host.opens())
     assert asked == 2, "the link asks the registry again at once"
@@ -233,7 +233,7 @@ def test_a_connection_refused_before_the_welcome_loses_nothing_and_is_retried(
     fake_file.conn.close()  # a retiring file refuses: no welcome
     fake_file.conn = None
     wait_readable(links)
-    pump(links, links)
+    pump(links)
     assert host.restarts == [], "nothing was sent, nothing is lost"
     assert len(host.opens()) == 1
     clock.now += 25
