@@ -24,6 +24,7 @@ __all__ = [
     "ShuttingDown",
     "StaleFence",
     "TooLarge",
+    "TooManyFiles",
     "Unauthorized",
     "Unavailable",
     "error_for",
@@ -43,6 +44,7 @@ ErrorCode = Literal[
     "unavailable",
     "shutting_down",
     "abandoned",
+    "too_many_files",
     "internal",
 ]
 ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
@@ -156,6 +158,15 @@ class ShuttingDown(SessionLaneError):
     code = "shutting_down"
 
 
+class TooManyFiles(SessionLaneError):
+    """The service already keeps ``max_files`` transcripts live; files already live still work.
+
+    Retry later (idle files are passivated after ``idle_ms``) or raise ``max_files``.
+    """
+
+    code = "too_many_files"
+
+
 _BY_CODE: dict[str, type[SessionLaneError]] = {
     "lease_timeout": LeaseTimeout,
     "contended": Contended,
@@ -170,6 +181,7 @@ _BY_CODE: dict[str, type[SessionLaneError]] = {
     "unavailable": Unavailable,
     "shutting_down": ShuttingDown,
     "abandoned": LeaseRevoked,
+    "too_many_files": TooManyFiles,
     "internal": SessionLaneError,
 }
 

@@ -179,6 +179,24 @@ class Settings(BaseModel):
     user account."""
     log_level: str = "INFO"
     """Level of sessionlane's own loggers."""
+    max_files: int = 256
+    """Most live SessionFiles (one OS process and a few descriptors each); a request for one
+    more file is refused ``too_many_files`` while the live ones keep working."""
+    max_connections: int = 512
+    """Most open gateway connections; one more is refused and closed."""
+    hello_timeout_ms: int = 5_000
+    """A gateway connection that has not completed its ``hello`` this long after it was
+    accepted is closed."""
+    cluster_key_file: str | None = None
+    """A 0600 file holding the secret every thespian frame is authenticated with, shared by
+    the members of a convention. Unset: a random secret per service start."""
+    allow_other_users: bool = False
+    """Without a ``token_file`` the gateway serves only peers running as the service's own
+    user. ``true`` admits every local user without a token."""
+    allow_overlap: bool = False
+    """Start even if another live service serves a root that equals, contains or lies inside
+    one of ours. Files are still served by one owner at a time (kernel lock): the other
+    service's files answer ``unavailable`` here."""
 
     @field_validator("roots")
     @classmethod
@@ -212,6 +230,9 @@ class Settings(BaseModel):
         "max_frame_bytes",
         "max_queue",
         "keepalive_ms",
+        "max_files",
+        "max_connections",
+        "hello_timeout_ms",
     )
     @classmethod
     def _positive(cls, value: int) -> int:
