@@ -1,4 +1,4 @@
-"""Interop with OpenClaw's ``<file>.lock`` protocol (notes/openclaw-lock.md, 1.1 to 1.3).
+"""Interop with OpenClaw's ``<file>.lock`` protocol (its ``src/agents/session-write-lock.ts``).
 
 With ``legacy_lock = true`` the SessionFile actor takes the runtime's own lock file around each
 write, so processes that still use the lock-file protocol interleave with sessionlane at write

@@ -2,8 +2,8 @@
 
 The SessionFile actor owns exactly one ``Transcript`` per canonical path and calls it from its
 message handlers, so nothing here waits on anything but the local file system: no sleeps, no
-retries, no locks. A transcript is an append-only JSONL file (DESIGN "Transcript semantics"):
-one JSON object per line, UTF-8, ``\\n``-terminated.
+retries, no locks. A transcript is an append-only JSONL file (docs/contract.md, "Transcript
+semantics"): one JSON object per line, UTF-8, ``\\n``-terminated.
 
 * ``encode_records`` turns a batch into bytes, all or nothing.
 * ``Transcript.append`` writes those bytes at the end; ``sync`` makes them durable.

@@ -2,7 +2,7 @@
 
 A ``multiprocTCPBase`` system outlives the process that started it: the admin ``setsid()``s,
 double-forks, and forks the logger and every actor into its own process group, and none of
-them exits unless told to (``notes/thespian.md`` sections 0 and 3). So a started system is
+them exits unless told to (measured on thespian 4.0.1). So a started system is
 tracked by that process group, and :meth:`TcpSystem.stop` ends with ``killpg(SIGKILL)`` and a
 bounded wait until no member is left, whatever state the admin is in.
 

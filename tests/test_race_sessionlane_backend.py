@@ -1,4 +1,4 @@
-"""The race's sessionlane backend, in-process against a fake of the DESIGN client API.
+"""The race's sessionlane backend, in-process against a fake of the public client API.
 
 The real client and service are tested elsewhere; this pins the backend's own logic: one
 lease per turn, skip for heartbeats, error codes mapped to failure reasons, recovery

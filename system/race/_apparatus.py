@@ -57,8 +57,9 @@ class RunningUnit:
 class ActivityBoard:
     """Which units are running, one small JSON file each in a shared directory.
 
-    Stands in for the runtime's diagnostic session state (notes 1.14/1.15), which upstream is
-    in-process; the race's lanes are separate processes, so it lives on disk, for both systems.
+    Stands in for the runtime's diagnostic session state (its active-run index, read by the
+    stuck-session recovery), which upstream is in-process; the race's lanes are separate
+    processes, so it lives on disk, for both systems.
     """
 
     def __init__(self, directory: Path) -> None:

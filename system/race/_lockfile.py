@@ -1,4 +1,5 @@
-"""OpenClaw's cross-process session write lock, ported to Python (notes 1.1-1.7).
+"""OpenClaw's cross-process session write lock, ported to Python (upstream's
+``src/agents/session-write-lock.ts``).
 
 This is the lower layer of the baseline: one ``<session file>.lock`` per transcript, created
 with ``O_CREAT | O_EXCL`` (upstream: ``fs.open(lockPath, "wx")``), carrying a JSON payload
@@ -91,7 +92,7 @@ MALFORMED_STALE_REASONS: frozenset[str] = frozenset({"missing-pid", "invalid-cre
 class LockPolicy:
     """The session write-lock policy, in milliseconds of wall time.
 
-    The defaults are upstream's (notes 1.4): acquire timeout 60 s, ``staleMs`` 30 min,
+    The defaults are upstream's: acquire timeout 60 s, ``staleMs`` 30 min,
     ``maxHoldMs`` 5 min, watchdog every 60 s, retry every 50 ms. ``scaled(speed)`` divides
     every duration by the race's speed factor so the ratios between model time, lock budgets
     and retry delay stay those of the real system.
@@ -700,7 +701,7 @@ def default_manager(
 
 
 def register_cleanup_handlers(manager: SessionWriteLockManager) -> None:
-    """Release every held lock at exit and on SIGINT/SIGTERM/SIGQUIT/SIGABRT (notes 1.6).
+    """Release every held lock at exit and on SIGINT/SIGTERM/SIGQUIT/SIGABRT, as upstream.
 
     Must be called from the main thread. After releasing, the signal is re-raised with the
     previous disposition when that was the default one (upstream re-raises only if it was the

@@ -119,7 +119,7 @@ class BaselineBackend:
 
     def open_lane(self, lane: LaneKind, plan: Plan) -> LaneRunner:
         manager = default_manager(plan.lock_policy.watchdog_interval_ms)
-        register_cleanup_handlers(manager)  # exit/signal release, as upstream (notes 1.6)
+        register_cleanup_handlers(manager)  # exit/signal release, as upstream
         return _BaselineLane(plan, manager, default_owner_registry())
 
 
@@ -129,7 +129,7 @@ class _BaselineLane:
     Each attempt takes the in-process session-file owner (#87159, timeout = maxHoldMs), then a
     controller that acquires the file lock eagerly. Turns release it around every model call
     and reacquire it with the fence; compaction holds it throughout (``session.compact`` is
-    always locked, notes 1.12) and rewrites the file by rename.
+    always locked, as upstream) and rewrites the file by rename.
 
     Simplification in the baseline's favour: upstream keeps the lock while tools execute
     between two model calls (``beforeToolCall`` is always locked); here tool time is part of

@@ -1,11 +1,12 @@
 """The baseline the race measures: OpenClaw's lock file + stat-fingerprint fence, in Python.
 
-Two layers, following ``notes/openclaw-lock.md``:
+Two layers, following OpenClaw's source (``src/agents/session-write-lock.ts`` and
+``attempt.session-lock.ts`` in ``openclaw/openclaw``):
 
-* ``system.race._lockfile`` (re-exported here): the cross-process ``<file>.lock`` (1.1-1.7).
-* This module: the per-attempt controller ``EmbeddedAttemptSessionLockController`` (1.8) with
-  the fingerprint fence (1.9), the takeover error (1.16) and the in-process session-file owner
-  registry (1.13) that serializes whole attempts on one file *within one process*.
+* ``system.race._lockfile`` (re-exported here): the cross-process ``<file>.lock``.
+* This module: the per-attempt controller ``EmbeddedAttemptSessionLockController`` with
+  the fingerprint fence, the takeover error and the in-process session-file owner
+  registry that serializes whole attempts on one file *within one process*.
 
 An attempt acquires the lock eagerly, writes its prompt, calls ``release_for_prompt()`` (which
 snapshots ``(dev, ino, size, mtime_ns, ctime_ns)`` and drops the lock for the model call),
@@ -406,7 +407,7 @@ class EmbeddedAttemptSessionLockController:
         """``acquireForCleanup``: the lock for the attempt's final writes, or a no-op lock.
 
         After a takeover (or when the lock cannot be had, or the fence fails) this returns
-        ``NOOP_LOCK`` so cleanup never releases anything twice (notes 1.8, 1.16).
+        ``NOOP_LOCK`` so cleanup never releases anything twice (as upstream).
         """
         if self._takeover:
             return NOOP_LOCK

@@ -80,7 +80,7 @@ class _Driver:
     # -- recovery watcher -------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Fire one recovery per stuck unit, coalesced per session (notes 1.15)."""
+        """Fire one recovery per stuck unit, coalesced per session (as upstream)."""
         policy = self._plan.recovery
         pools = {session: list(policy.runs_for(session)) for session in self._plan.sessions}
         fired: set[str] = set()

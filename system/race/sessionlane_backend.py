@@ -1,4 +1,4 @@
-"""The race's sessionlane backend, written against the public client (DESIGN.md).
+"""The race's sessionlane backend, written against the public client (docs/contract.md).
 
 ``system.client`` is imported lazily, inside the lane process, so the rest of the race (and
 its tests) work without it. A turn is one ``prompt`` lease held across its model calls: no
@@ -84,7 +84,7 @@ class _SessionlaneLane:
         # OpenClaw's lanes are serial command queues: one turn per (lane, session) at a time.
         # It also keeps the same lane from re-entering its own lease (reentrancy is by lane).
         self._serial: dict[str, threading.Lock] = {s: threading.Lock() for s in plan.sessions}
-        # sessionlane's own guidance: never wait less than a max hold (DESIGN: Config).
+        # sessionlane's own guidance: never wait less than a max hold (docs/contract.md, Config).
         self._wait_timeout_s = (plan.lock_policy.max_hold_ms / 1000.0) + plan.recovery.grace_s
 
     # -- units --------------------------------------------------------------------------------

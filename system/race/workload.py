@@ -6,7 +6,7 @@ sees); the plan holds *wall* seconds of the compressed run, i.e. real seconds di
 ``speed``. Lock budgets are scaled the same way (``LockPolicy.scaled``) so the ratios between
 model time, lock timeouts, max hold and retry delay stay those of the field.
 
-The model (numbers from ``notes/openclaw-lock.md`` and the seed threads):
+The model (numbers from OpenClaw's issue threads, cited by number):
 
 * Model time per call (one prompt window): lognormal, median 2.5 s (#126803: "model p50
   2.5 s"), sigma 1.2 (p90 ~ 12 s, p99 ~ 40 s), capped at the 600 s run timeout (#86816).
