@@ -26,7 +26,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from thespian.actors import ActorExitRequest, ActorTypeDispatcher, ChildActorExited
+from thespian.actors import (
+    ActorExitRequest,
+    ActorTypeDispatcher,
+    ChildActorExited,
+    WakeupMessage,
+)
 
 from actors.lane import Lane
 from messages.internal import AgentGone, LaneOutput, Opened, OpenLane
@@ -88,6 +93,7 @@ class Agent(ActorTypeDispatcher):  # type: ignore[misc]  # thespian ships no typ
     def receiveMsg_Start(self, msg: Start, sender: Any) -> None:
         self.job, self.boss = msg, sender
         self.turn, self.ids = 0, 0
+        self.acquire_id = self.append_id = self.release_id = 0  # our latest of each
         self.lease: str | None = None  # the lease this turn holds, None when it holds none
         self.fence = 0
         self.written = 0
@@ -107,39 +113,44 @@ class Agent(ActorTypeDispatcher):  # type: ignore[misc]  # thespian ships no typ
 
     def receiveMsg_LaneOutput(self, out: LaneOutput, sender: Any) -> None:
         """Every reply (carrying our request's ``id``) and every event (no ``id``)."""
-        msg = out.message
-        if isinstance(msg, Queued):  # contention is a place in line, never an error
-            self.note(f"turn {self.turn}: queued at position {msg.position}")
-        elif isinstance(msg, Granted):
-            self.lease, self.fence, self.written = msg.lease, msg.fence, 0
-            self.note(f"turn {self.turn}: granted, fence {msg.fence}")
-            self.wakeupAfter(self.job.think_s)  # the model call, with the lease held
-        elif isinstance(msg, Appended):
-            self.written += 1
-            self.write_or_release()
-        elif isinstance(msg, Released):
-            self.note(f"turn {self.turn}: released after {self.written} records")
-            self.next_turn()
-        elif isinstance(msg, AbortRequested) and msg.lease == self.lease:
-            # A recovery wants the file: finish now, or be revoked after msg.grace_ms.
-            self.note(f"turn {self.turn}: abort requested, releasing early")
-            self.release()
-        elif isinstance(msg, Revoked) and msg.lease == self.lease:
-            # Gone (max_hold, recovery, actor_restart, shutdown): later writes would get
-            # stale_fence and change nothing. What was acknowledged stays in the file.
-            self.note(f"turn {self.turn}: lease revoked ({msg.reason})")
-            self.lease = None
-            self.next_turn()
-        elif isinstance(msg, ExternalChange):
-            self.note(f"turn {self.turn}: the file changed outside sessionlane ({msg.kind})")
-        elif isinstance(msg, Error):
-            self.note(f"turn {self.turn}: {msg.code}: {msg.detail}")
-            if self.lease is None or msg.code == "stale_fence":  # this turn is over
+        match out.message:
+            case Queued(position=position):  # contention is a place in line, never an error
+                self.note(f"turn {self.turn}: queued at position {position}")
+            case Granted(lease=lease, fence=fence):
+                self.lease, self.fence, self.written = lease, fence, 0
+                self.note(f"turn {self.turn}: granted, fence {fence}")
+                # The model call, with the lease held; its answer is a wakeup for this lease.
+                self.wakeupAfter(self.job.think_s, payload=lease)
+            case Appended():
+                self.written += 1
+                self.write_or_release()
+            case Released():
+                self.note(f"turn {self.turn}: released after {self.written} records")
+                self.next_turn()
+            case AbortRequested(lease=lease) if lease == self.lease:
+                # A recovery wants the file: finish now, or be revoked after its grace_ms.
+                self.note(f"turn {self.turn}: abort requested, releasing early")
+                self.release()
+            case Revoked(lease=lease, reason=reason) if lease == self.lease:
+                # Gone (max_hold, recovery, actor_restart, shutdown): later writes would get
+                # stale_fence and change nothing. What was acknowledged stays in the file.
+                self.note(f"turn {self.turn}: lease revoked ({reason})")
                 self.lease = None
                 self.next_turn()
+            case ExternalChange(kind=kind):
+                self.note(f"turn {self.turn}: the file changed outside sessionlane ({kind})")
+            case Error(id=rid, code=code, detail=detail):
+                self.note(f"turn {self.turn}: {code}: {detail}")
+                if rid in (self.acquire_id, self.release_id):  # no lease, or none left
+                    self.next_turn()
+                elif rid == self.append_id and code == "stale_fence" and self.lease:
+                    self.lease = None  # the lease is gone: nothing was written
+                    self.next_turn()
+                elif rid == self.append_id:
+                    self.release()  # a write refused (nothing written): end the turn
 
-    def receiveMsg_WakeupMessage(self, msg: Any, sender: Any) -> None:
-        if self.lease is not None:  # still ours: the model answered, write the turn
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        if msg.payload == self.lease:  # the model answered and the lease is still ours
             self.write_or_release()
 
     def receiveMsg_ChildActorExited(self, msg: ChildActorExited, sender: Any) -> None:
@@ -153,7 +164,7 @@ class Agent(ActorTypeDispatcher):  # type: ignore[misc]  # thespian ships no typ
             self.send(self.lane, AgentGone(reason="the agent finished"))
             return
         self.turn += 1
-        self.request(
+        self.acquire_id = self.request(
             Acquire(
                 lane=self.job.lane, path=self.job.path, purpose="prompt", wait_timeout_ms=30_000
             )
@@ -170,18 +181,22 @@ class Agent(ActorTypeDispatcher):  # type: ignore[misc]  # thespian ships no typ
                 "fence": self.fence,
             }
             # Every write carries the lease's fence; a stale one writes nothing.
-            self.request(Append(lease=self.lease, fence=self.fence, records=[record]))
+            self.append_id = self.request(
+                Append(lease=self.lease, fence=self.fence, records=[record])
+            )
         else:
             self.release()
 
     def release(self) -> None:
         if self.lease is not None:
-            self.request(Release(lease=self.lease))
+            self.release_id = self.request(Release(lease=self.lease))
             self.lease = None  # a late Appended or wakeup must not write after this
 
-    def request(self, req: Acquire | Append | Release) -> None:
+    def request(self, req: Acquire | Append | Release) -> int:
+        """Send ``req`` to our Lane with a fresh id (replies carry it); return the id."""
         self.ids += 1
         self.send(self.lane, req.model_copy(update={"id": self.ids}))
+        return self.ids
 
     def note(self, text: str) -> None:
         self.send(self.boss, Note(self.job.lane, text))

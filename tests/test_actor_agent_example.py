@@ -2,24 +2,31 @@
 
 The example is a script (``python examples/actor_agent.py``), so it runs here as a subprocess
 on a real ``multiprocTCPBase`` service it starts itself; its thespian processes carry a tag
-of their own, so whatever it might leave behind is found and killed at teardown.
+of their own, so whatever it might leave behind is found and killed at teardown. The events
+its default run does not meet (``revoked``, ``abort_requested``) are driven in-process, with
+its ``Agent`` in an embedded service.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
+from system.client import connect
 from system.leftovers import find_leftovers, kill_leftovers
+from system.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.slow]
 
@@ -116,3 +123,85 @@ def test_the_actor_agent_example_shows_the_two_agents_contending(
     assert "error" not in output.lower(), output
     for agent in AGENTS:
         assert output.count(f"{agent:12} turn") >= 2 * TURNS, output
+
+
+# The example's handlers for the events its default run does not meet, driven in-process.
+
+
+def load_example() -> ModuleType:
+    """Import ``examples/actor_agent.py`` (not a package) under its own name.
+
+    Imported before the service starts: thespian forks the admin, and the agent actors from
+    it, out of this process, and resolves ``actor_agent.Agent`` in the copy of this process.
+    """
+    spec = importlib.util.spec_from_file_location("actor_agent", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["actor_agent"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+example = load_example()
+
+
+def start_agent(service: Service, path: Path, **job: Any) -> Any:
+    """An ``Agent`` in the service's actor system, its lane open, its turns started."""
+    assert service.running is not None
+    asys = service.running.system.asys
+    agent = asys.createActor(example.Agent)
+    start = example.Start(registry=service.running.registry, lane="agent:a", path=str(path), **job)
+    asys.tell(agent, start)
+    assert notes_until(service, "lane open") == ["lane open"]
+    asys.tell(agent, example.Go())
+    return agent
+
+
+def notes_until(service: Service, last: str, timeout: float = 30.0) -> list[str]:
+    """The agent's notes up to and including ``last`` (or its ``Done``), in order."""
+    assert service.running is not None
+    asys = service.running.system.asys
+    notes: list[str] = []
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        msg = asys.listen(left)
+        if isinstance(msg, example.Done):
+            notes.append("done")
+        elif isinstance(msg, example.Note):
+            notes.append(msg.text)
+        if notes and notes[-1] in (last, "done"):
+            return notes
+    raise AssertionError(f"no {last!r} within {timeout} s; notes so far: {notes}")
+
+
+def test_an_agent_whose_model_call_outlasts_the_max_hold_is_told_revoked_and_writes_nothing(
+    root: Path, tmp_path: Path
+) -> None:
+    path = root / "session.jsonl"
+    with embedded_service([str(root)], log_file=tmp_path / "actors.log", max_hold_ms=300) as svc:
+        start_agent(svc, path, turns=1, think_s=3.0)
+        notes = notes_until(svc, "done")
+    assert notes == ["turn 1: granted, fence 1", "turn 1: lease revoked (max_hold)", "done"]
+    assert path.read_text() == ""
+
+
+def test_an_agent_asked_to_abort_releases_at_once_and_the_recovery_is_granted_without_revoking(
+    root: Path, tmp_path: Path
+) -> None:
+    path = root / "session.jsonl"
+    with embedded_service([str(root)], log_file=tmp_path / "actors.log") as svc:
+        start_agent(svc, path, turns=1, think_s=60.0)  # a model call that would never end
+        assert notes_until(svc, "turn 1: granted, fence 1") == ["turn 1: granted, fence 1"]
+        with connect(svc.address) as sl:
+            recovery = sl.recover(str(path), reason="stuck", grace=60.0)
+            assert recovery.fence == 2
+            counters = sl.status(str(path)).files[0].counters
+            recovery.release()
+        notes = notes_until(svc, "done")
+    assert notes == [
+        "turn 1: abort requested, releasing early",
+        "turn 1: released after 0 records",
+        "done",
+    ]
+    assert counters["revocations"] == 0  # the agent released; the grace never ran out
+    assert path.read_text() == ""
