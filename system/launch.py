@@ -35,6 +35,7 @@ __all__ = [
     "PingActor",
     "TcpSystem",
     "free_port",
+    "group_members",
     "log_config",
     "simple_system",
     "start_tcp_system",
@@ -114,7 +115,7 @@ class TcpSystem:
 
     def members(self) -> list[int]:
         """Pids of the live (non-zombie) processes in the system's process group."""
-        return [pid for pid, stat in _proc_stats() if stat.pgrp == self.pgid and stat.live]
+        return group_members(self.pgid)
 
     def alive(self) -> bool:
         """Whether the admin process is still running (a recycled pid does not count)."""
@@ -346,6 +347,11 @@ def _proc_stat(pid: int) -> _Stat | None:
     # comm (field 2) is parenthesised and may hold spaces or parentheses: split after the last.
     fields = text[text.rindex(")") + 2 :].split()
     return _Stat(ppid=int(fields[1]), pgrp=int(fields[2]), state=fields[0], start=fields[19])
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live (non-zombie) processes in process group ``pgid``."""
+    return [pid for pid, stat in _proc_stats() if stat.pgrp == pgid and stat.live]
 
 
 def _proc_stats() -> Iterator[tuple[int, _Stat]]:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from system.launch import group_members
 from system.race._spec import LaneSpec, params_to_dict
 from system.race.backends import Backend, BaselineBackend
 from system.race.verify import METRIC_KEYS, VerifyReport, read_ack_log, summarize, verify
@@ -196,11 +197,23 @@ def _reap(procs: dict[str, subprocess.Popen[bytes]]) -> list[str]:
         # SIGKILL the whole group even if the leader is gone: nothing of a lane may survive.
         _signal_group(proc, signal.SIGKILL)
         proc.wait()
+        _wait_for_group_gone(proc.pid)
         for stream in (proc.stdin, proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
     return stragglers
+
+
+def _wait_for_group_gone(pgid: int, timeout: float = 5.0) -> None:
+    """Wait (bounded) until no live process is left in group ``pgid``.
+
+    SIGKILL is delivered asynchronously: a grandchild may still be running for a moment after
+    ``killpg`` returns, and the caller promises nothing of the lane survives.
+    """
+    deadline = time.monotonic() + timeout
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.005)  # a bounded wait for the kernel to finish the kill
 
 
 def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
