@@ -813,7 +813,7 @@ def test_sessionlane_connect_async_is_entered_with_async_with(service: Service, 
 def test_connecting_to_nothing_fails_at_once_unless_asked_to_keep_trying() -> None:
     async def scenario() -> None:
         started = time.monotonic()
-        with pytest.raises(Unavailable, match="cannot reach sessionlane at 127.0.0.1:"):
+        with pytest.raises(Unavailable, match=r"cannot reach sessionlane at 127\.0\.0\.1:"):
             await connect_async(f"127.0.0.1:{free_port()}")
         assert time.monotonic() - started < 2.0  # one attempt, no retries (was 10.7 s)
 
