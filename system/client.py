@@ -54,6 +54,7 @@ from messages.errors import (
     ShuttingDown,
     StaleFence,
     TooLarge,
+    TooManyFiles,
     Unauthorized,
     Unavailable,
 )
@@ -119,6 +120,7 @@ __all__ = [
     "ShuttingDown",
     "StaleFence",
     "TooLarge",
+    "TooManyFiles",
     "Unauthorized",
     "Unavailable",
     "connect",

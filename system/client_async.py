@@ -46,6 +46,7 @@ from messages.errors import (
     ShuttingDown,
     StaleFence,
     TooLarge,
+    TooManyFiles,
     Unauthorized,
     Unavailable,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "ShuttingDown",
     "StaleFence",
     "TooLarge",
+    "TooManyFiles",
     "Unauthorized",
     "Unavailable",
     "connect_async",

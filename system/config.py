@@ -132,7 +132,9 @@ def normalize_listen(listen: str) -> str:
 
 
 def parse_leader(leader: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (an IPv4 literal or a host name); raise ``ValueError`` if malformed."""
+    """Split ``HOST:PORT`` or ``tcp://HOST:PORT`` (an IPv4 literal or a host name); raise
+    ``ValueError`` if malformed. (A leader is a thespian admin: TCP over IPv4 only.)"""
+    leader = leader.strip().removeprefix("tcp://")
     host, sep, port_text = leader.rpartition(":")
     if not sep or not host or ":" in host or not port_text.isdigit():
         raise ValueError(f"expected HOST:PORT, an IPv4 address or host name (got {leader!r})")
@@ -292,8 +294,8 @@ class Settings(BaseModel):
     def _leader(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parse_leader(value)
-        return value
+        host, port = parse_leader(value)
+        return f"{host}:{port}"  # one spelling, whichever was given
 
     @field_validator("suffixes")
     @classmethod

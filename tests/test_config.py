@@ -286,6 +286,14 @@ def test_every_spelling_of_a_listen_address_is_stored_in_its_canonical_form(
     assert settings.listen == canonical
 
 
+def test_a_leader_is_taken_as_host_port_or_tcp_host_port_and_stored_as_host_port() -> None:
+    for spelling in ("127.0.0.1:7500", "tcp://127.0.0.1:7500"):
+        settings, _ = load_settings(
+            None, env={}, overrides={"leader": spelling, "admin_port": 7501}
+        )
+        assert settings.leader == "127.0.0.1:7500"
+
+
 def test_settings_are_frozen_and_config_errors_survive_pickling() -> None:
     settings = Settings()
     with pytest.raises(ValueError, match="frozen"):
