@@ -37,8 +37,8 @@ from messages.errors import (
     Unauthorized,
     Unavailable,
 )
-from sessionlane._version import __version__
 from system._client_core import AppendResult
+from system._version import __version__
 from system.client import Lane, Lease, SessionLane, connect
 from system.client_async import AsyncLane, AsyncLease, AsyncSessionLane, connect_async
 

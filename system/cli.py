@@ -60,7 +60,7 @@ _VERBOSE_HELP = "log progress (INFO) to stderr"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sessionlane._version import __version__
+    from system._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="sessionlane",
