@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     which = (
         f"the service started with (or listening on) ADDR: {_ADDRESS_HELP}; default"
-        " $SESSIONLANE_LISTEN, else the one service of this user running"
+        " $SESSIONLANE_LISTEN, else the only service of this user that is running"
     )
     status = sub.add_parser("status", help="holders, queues, fences and counters")
     status.add_argument(
