@@ -6,11 +6,24 @@ routing, error mapping and lease bookkeeping live here.
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from messages.errors import LeaseRevoked, SessionLaneError, StaleFence, Unavailable, error_for
+from messages.codec import HEADER
+from messages.errors import (
+    InvalidRecord,
+    LeaseRevoked,
+    SessionLaneError,
+    StaleFence,
+    TooLarge,
+    Unavailable,
+    error_for,
+)
 from messages.wire import (
     AbortRequested,
     Acquire,
@@ -21,9 +34,11 @@ from messages.wire import (
     OnContention,
     Priority,
     Purpose,
+    Record,
     Reply,
     Revoked,
 )
+from system.config import ConfigError, parse_listen
 
 __all__ = [
     "AppendResult",
@@ -34,11 +49,25 @@ __all__ = [
     "acquire_wait",
     "anchor",
     "append_result",
+    "check_frame",
+    "check_records",
+    "default_address",
+    "library_logger",
     "parse_address",
     "raise_if_error",
+    "token_text",
 ]
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7420"
+ADDRESS_ENV = "SESSIONLANE_LISTEN"
+"""The variable the service reads its ``listen`` from; a client without an address uses it too."""
+MAX_RECORD_BYTES = 1_048_576
+"""The service's default ``max_record_bytes``: the clients' default check before sending."""
+MAX_FRAME_BYTES = 8_388_608
+"""The service's default ``max_frame_bytes``: a bigger frame would make it close the connection."""
+MAX_RECORD_DEPTH = 100
+"""The gateway's nesting limit for records (``system.gateway._MAX_RECORD_DEPTH``)."""
+_MSGPACK_INTS = (-(2**63), 2**64 - 1)
 
 
 class AppendResult(NamedTuple):
@@ -49,15 +78,117 @@ class AppendResult(NamedTuple):
     fence: int
 
 
+def library_logger(name: str) -> logging.Logger:
+    """The module logger of a client: silent unless the host application configures logging.
+
+    A library must not write to its host's stderr: without a handler of the host's, Python's
+    last-resort handler would print every warning there. The ``NullHandler`` stops that and
+    nothing else (records still propagate to whatever handlers the host installs).
+    """
+    logger = logging.getLogger(name)
+    logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def default_address() -> str:
+    """``$SESSIONLANE_LISTEN`` (what a service in the same environment listens on), else
+    ``tcp://127.0.0.1:7420``."""
+    return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+
+
 def parse_address(address: str) -> tuple[str, Any]:
-    """``tcp://HOST:PORT`` -> ("tcp", (host, port)); ``unix:///path`` -> ("unix", path)."""
-    if address.startswith("unix://"):
-        return "unix", address[len("unix://") :]
-    if address.startswith("tcp://"):
-        rest = address[len("tcp://") :]
-        host, _, port = rest.rpartition(":")
-        return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
-    raise ValueError(f"not a sessionlane address: {address!r} (tcp://HOST:PORT or unix:///path)")
+    """``HOST:PORT`` or ``tcp://HOST:PORT`` -> ("tcp", (host, port)); ``unix:///path`` ->
+    ("unix", path). The service's own parser (``system.config.parse_listen``): one syntax.
+
+    Raises ``ValueError`` naming the accepted forms.
+    """
+    try:
+        parsed = parse_listen(address)
+    except ConfigError as exc:
+        raise ValueError(f"not a sessionlane address: {exc.message}") from None
+    if parsed[0] == "unix":
+        return "unix", parsed[1]
+    return "tcp", (parsed[1], parsed[2])
+
+
+def token_text(token: str | None) -> str | None:
+    """The token as the service compares it: surrounding whitespace (a file's trailing
+    newline) is not part of it, as the service strips its own ``token_file``."""
+    return None if token is None else token.strip()
+
+
+def check_records(
+    records: Sequence[Any], *, max_record_bytes: int | None, allow_empty: bool = False
+) -> list[Record]:
+    """``records`` as a list, or ``InvalidRecord`` before anything is sent.
+
+    A record must be a JSON object the service can store as one strict JSONL line: string
+    keys; values that are objects, arrays (lists or tuples), strings, finite numbers
+    (integers that msgpack carries), booleans or null; nested at most
+    :data:`MAX_RECORD_DEPTH` levels; at most ``max_record_bytes`` once encoded (``None``:
+    leave the size to the service). Refusing here rather than at the service keeps msgpack's
+    and pydantic's own exceptions out of the caller's way and the connection untouched.
+    """
+    if not records and not allow_empty:
+        raise InvalidRecord("empty batch: at least one record is required")
+    checked: list[Record] = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InvalidRecord(f"record {index}: not a JSON object (got {type(record).__name__})")
+        if (why := _unstorable(record)) is not None:
+            raise InvalidRecord(f"record {index}: {why}")
+        try:
+            text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            size = len(text.encode("utf-8")) + 1
+        except (TypeError, ValueError) as exc:  # e.g. a lone surrogate in a string
+            raise InvalidRecord(f"record {index}: not serialisable as JSON: {exc}") from None
+        if max_record_bytes is not None and size > max_record_bytes:
+            raise InvalidRecord(
+                f"record {index}: {size} bytes encoded, over max_record_bytes ({max_record_bytes})"
+            )
+        checked.append(record)
+    return checked
+
+
+def _unstorable(record: dict[str, Any]) -> str | None:
+    """Why ``record`` is no strict JSON object, or None. Iterative: depth is bounded anyway."""
+    stack: list[tuple[Any, int, str]] = [(record, 1, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_RECORD_DEPTH:
+            return f"nested deeper than {MAX_RECORD_DEPTH} levels"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return f"key {key!r} at {where or 'top level'} is not a string"
+                stack.append((item, depth + 1, f"{where}.{key}" if where else key))
+        elif isinstance(value, list | tuple):
+            stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        elif isinstance(value, int):
+            if not _MSGPACK_INTS[0] <= value <= _MSGPACK_INTS[1]:
+                return f"integer at {where} is out of the 64-bit range"
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return f"{value} at {where} is not a JSON number"
+        else:
+            return f"{type(value).__name__} at {where} is not a JSON value"
+    return None
+
+
+def check_frame(data: bytes, max_frame_bytes: int | None) -> bytes:
+    """``data`` (a whole frame), or ``TooLarge`` if the service would refuse it.
+
+    The service answers an oversized frame by closing the connection; refused here, nothing
+    is sent and the connection and its leases stay as they were.
+    """
+    body = len(data) - HEADER.size
+    if max_frame_bytes is not None and body > max_frame_bytes:
+        raise TooLarge(
+            f"a frame of {body} bytes exceeds max_frame_bytes ({max_frame_bytes}); nothing sent"
+        )
+    return data
 
 
 def anchor(path: str) -> str:

@@ -2,7 +2,13 @@
 
 Every subcommand that starts an actor system stops it before returning, whatever happens
 (``Service.stop`` ends with a process-group kill). Exit codes: 0 success, 1 the job's own
-failure (e.g. ``race`` found sessionlane lost a record), 2 usage or configuration errors.
+failure (e.g. ``race`` found sessionlane lost a record, ``status`` found no service
+answering), 2 usage or configuration errors (including "which service?": ``status`` and
+``stop`` never guess between several, see ``system.running``).
+
+An address is ``HOST:PORT``, ``tcp://HOST:PORT`` or ``unix:///path`` everywhere; the option
+naming the service is ``--listen`` on every command (``status --connect`` is a deprecated
+alias).
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from messages.errors import SessionLaneError
+from messages.errors import SessionLaneError, Unavailable
 from system.config import ConfigError, load_settings
+
+if TYPE_CHECKING:
+    from system.running import Choice
 
 __all__ = ["main"]
 
@@ -47,12 +55,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+_ADDRESS_HELP = "HOST:PORT, tcp://HOST:PORT or unix:///path"
+_VERBOSE_HELP = "log progress (INFO) to stderr"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from system._version import __version__
+
     parser = argparse.ArgumentParser(
         prog="sessionlane",
         description="Actor-model coordination for agent session transcripts.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"sessionlane {__version__}",
+        help="print the version and exit",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the service in the foreground")
     serve.add_argument(
@@ -65,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--listen",
         metavar="ADDR",
-        help="tcp://HOST:PORT or unix:///path (default tcp://127.0.0.1:7420)",
+        help=f"where clients connect: {_ADDRESS_HELP} (default tcp://127.0.0.1:7420)",
     )
     serve.add_argument("--config", metavar="FILE", help="TOML config file")
     serve.add_argument(
@@ -87,30 +107,50 @@ def build_parser() -> argparse.ArgumentParser:
         " (default 127.0.0.1; anything else needs trusted_network = true)",
     )
     serve.add_argument("--log-file", metavar="FILE", help="where the actors log")
-    serve.add_argument("-v", "--verbose", action="store_true")
+    serve.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     serve.set_defaults(func=cmd_serve)
 
+    which = (
+        f"the service started with (or listening on) ADDR: {_ADDRESS_HELP}; default"
+        " $SESSIONLANE_LISTEN, else the only service of this user that is running"
+    )
     status = sub.add_parser("status", help="holders, queues, fences and counters")
-    status.add_argument("path", nargs="?")
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--connect", metavar="ADDR", help="service address")
-    status.add_argument("--token-file", metavar="FILE")
+    status.add_argument(
+        "path", nargs="?", help="one transcript only (default: every active transcript)"
+    )
+    status.add_argument("--json", action="store_true", help="print the files as JSON")
+    status.add_argument("--listen", metavar="ADDR", help=which)
+    status.add_argument(
+        "--connect", metavar="ADDR", help="deprecated alias of --listen", dest="connect"
+    )
+    status.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the service's token (default $SESSIONLANE_TOKEN_FILE, if set)",
+    )
     status.set_defaults(func=cmd_status)
 
     stop = sub.add_parser("stop", help="stop a running service")
+    stop.add_argument("--listen", metavar="ADDR", default=None, help=which)
     stop.add_argument(
-        "--listen",
-        metavar="ADDR",
-        default=None,
-        help="the listen address the service was started with",
+        "--timeout",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="seconds to wait for a clean stop before killing the service (default 20)",
     )
-    stop.add_argument("--timeout", type=float, default=20.0)
     stop.set_defaults(func=cmd_stop)
 
     doctor = sub.add_parser("doctor", help="check config, leftovers, torn files, lock files")
-    doctor.add_argument("--root", action="append", dest="roots", metavar="DIR")
-    doctor.add_argument("--config", metavar="FILE")
-    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument(
+        "--root",
+        action="append",
+        dest="roots",
+        metavar="DIR",
+        help="a directory of transcripts to check (repeatable; default the config's roots)",
+    )
+    doctor.add_argument("--config", metavar="FILE", help="TOML config file to check")
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     doctor.set_defaults(func=cmd_doctor)
 
     race = sub.add_parser("race", help="the multi-lane workload: sessionlane vs lock file")
@@ -162,17 +202,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from system.client import connect
+    from system.config import normalize_listen, read_token_file
 
-    address = args.connect or _default_address()
-    if not args.connect and "SESSIONLANE_LISTEN" not in os.environ:
-        running = _running_states()
-        if len(running) == 1:  # the one service running here, whatever it listens on
-            address = running[0][1]["addresses"][0]
-    token = None
-    if args.token_file:
-        with open(args.token_file) as fh:
-            token = fh.read().strip()
-    with connect(address, token, reconnect_for=2.0) as sl:
+    named = args.listen
+    if args.connect:
+        print("sessionlane: status --connect is deprecated; use --listen", file=sys.stderr)
+        if named and normalize_listen(named) != normalize_listen(args.connect):
+            raise ConfigError("listen", "--listen and --connect name different services")
+        named = named or args.connect
+    choice = _choose(named, live_only=True)
+    if choice.kind == "one":
+        address = (choice.found.addresses or [choice.found.listen])[0]
+    elif named is not None:
+        address = normalize_listen(named)  # not started by `serve` here: ask it directly
+    else:
+        return _refuse_to_guess("status", choice)
+    token_file = args.token_file or os.environ.get("SESSIONLANE_TOKEN_FILE") or None
+    token = read_token_file(token_file) if token_file else None
+    try:
+        sl = connect(address, token)
+    except Unavailable as exc:
+        cause = exc.__cause__
+        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc.detail
+        print(f"sessionlane: no service answers at {address} ({why})", file=sys.stderr)
+        return 1
+    with sl:
         reply = sl.status(args.path)
     if args.json:
         print(json.dumps(reply.model_dump(mode="json")["files"], indent=2))
@@ -193,46 +247,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_address() -> str:
-    env = os.environ.get("SESSIONLANE_LISTEN")
-    return env or "tcp://127.0.0.1:7420"
-
-
 def cmd_stop(args: argparse.Namespace) -> int:
-    from system.service import state_file
-
-    explicit = args.listen or os.environ.get("SESSIONLANE_LISTEN")
-    running = _running_states()
-    if explicit:
-        path = state_file(explicit)
-    elif len(running) == 1:  # the one service running here, whatever it listens on
-        path = running[0][0]
-    elif running:
-        listens = ", ".join(str(state.get("listen")) for _, state in running)
-        print(f"sessionlane: several services are running ({listens}): pass --listen")
-        return 2
-    elif stale := _running_states(live=False):
-        # Services whose serve process died without cleaning up (e.g. SIGKILLed).
-        for stale_path, state in stale:
-            _kill_actor_group(state)
-            stale_path.unlink(missing_ok=True)
-            print(f"sessionlane: service pid {state.get('pid')} was not running; cleaned up")
-        return 0
-    else:
-        path = state_file(_default_address())
-    if not path.exists():
-        print(
-            f"sessionlane: no service started with --listen {explicit or _default_address()}"
-            " is running",
-            file=sys.stderr,
-        )
+    named = args.listen
+    choice = _choose(named, live_only=False)
+    if choice.kind == "none":
+        what = f"started with --listen {named}" if named else "of this user"
+        print(f"sessionlane: no service {what} is running", file=sys.stderr)
         return 1
-    state = json.loads(path.read_text())
-    pid = int(state["pid"])
-    if not _is_serve_process(pid):
+    if choice.kind == "several":
+        return _refuse_to_guess("stop", choice)
+    found = choice.found
+    state, pid = found.state, found.pid
+    if not found.live:  # its serve died without cleaning up (e.g. SIGKILLed)
         _kill_actor_group(state)
-        path.unlink(missing_ok=True)
-        print(f"sessionlane: service pid {pid} was not running; removed its state file")
+        found.path.unlink(missing_ok=True)
+        print(f"sessionlane: service pid {pid} was not running; cleaned up after it")
         return 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
@@ -253,34 +282,43 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 1
 
 
-def _running_states(*, live: bool = True) -> list[tuple[Path, dict[str, Any]]]:
-    """State files (this user's) of the services running here; with ``live=False``, of
-    the services whose serve process is gone."""
+def _choose(named: str | None, *, live_only: bool) -> Choice:
+    """The service a command means (``system.running.choose``); ``$SESSIONLANE_LISTEN``
+    names one when the command line does not. A malformed address is a ``ConfigError``."""
+    from system.config import normalize_listen
+    from system.running import choose, found_services
     from system.service import state_dir
 
-    found = []
-    for path in sorted(state_dir().glob("serve-*.json")):
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(state, dict) and _is_serve_process(int(state.get("pid", 0))) == live:
-            found.append((path, state))
-    return found
+    named = named or os.environ.get("SESSIONLANE_LISTEN") or None
+    if named is not None:
+        normalize_listen(named)
+    return choose(found_services(state_dir()), named, live_only=live_only)
+
+
+def _refuse_to_guess(command: str, choice: Choice) -> int:
+    """Exit 2: no service, or several, could be meant; say which and ask for ``--listen``."""
+    if choice.kind == "none":
+        print(
+            "sessionlane: no service of this user is running (for one started elsewhere,"
+            f" pass {command} --listen ADDR)",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"sessionlane: {len(choice.candidates)} services could be meant; pass --listen ADDR"
+        " to choose one:",
+        file=sys.stderr,
+    )
+    for found in choice.candidates:
+        print(f"  {found.describe()}", file=sys.stderr)
+    return 2
 
 
 def _is_serve_process(pid: int) -> bool:
-    """Whether ``pid`` is alive and is a ``serve`` (a recycled pid must not be signalled)."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv = fh.read().split(b"\0")
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            zombie = fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return False
-    return not zombie and b"serve" in argv
+    """Whether ``pid`` is a live ``serve`` of this user (a recycled pid must not be signalled)."""
+    from system.running import is_serve_process
+
+    return is_serve_process(pid)
 
 
 def _kill_actor_group(state: dict[str, Any]) -> None:
@@ -316,7 +354,7 @@ def _add_race(parser: argparse.ArgumentParser) -> None:
         parser.set_defaults(func=lambda a: _missing("race"))
         return
     add_race_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     parser.set_defaults(func=cmd_race)
 
 
@@ -333,7 +371,7 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
         parser.set_defaults(func=lambda a: _missing("bench"))
         return
     add_bench_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     parser.set_defaults(func=cmd_bench)
 
 

@@ -1,22 +1,31 @@
 """The public Python client (synchronous). ``connect_async`` is the asyncio twin, same shape.
 
-    from system.client import connect
+    import sessionlane
 
-    with connect("tcp://127.0.0.1:7420") as sl:
+    with sessionlane.connect("tcp://127.0.0.1:7420") as sl:
         lane = sl.lane("agent:main:heartbeat", priority="background")
         with lane.lease(path, purpose="prompt", on_contention="skip") as lease:
             if lease is not None:
                 lease.append({"type": "message", "text": "hi"})
 
+Addresses: ``HOST:PORT``, ``tcp://HOST:PORT`` or ``unix:///path``; none given means
+``$SESSIONLANE_LISTEN``, else ``tcp://127.0.0.1:7420``. A refused connection (nothing
+listening) raises ``Unavailable`` at once unless ``reconnect_for`` asks to keep trying.
+
+Every failure is a ``SessionLaneError``. Records that could not be stored (not a JSON object,
+a set, bytes, a non-string key, NaN, over ``max_record_bytes``) raise ``InvalidRecord``, and a
+batch over ``max_frame_bytes`` raises ``TooLarge``, before anything is sent: the connection and
+its leases stay usable.
+
 A background thread reads replies and events and sends keepalives while the connection is
 idle. If the connection breaks, every lease on it is reported lost: its next use raises
-``LeaseRevoked`` and writes nothing. The next call reconnects, with bounded retries.
+``LeaseRevoked`` and writes nothing. The next call reconnects. Warnings go to the module's
+logger (``system.client``) only, never to the host's stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import selectors
 import socket
 import threading
@@ -45,6 +54,7 @@ from messages.errors import (
     ShuttingDown,
     StaleFence,
     TooLarge,
+    TooManyFiles,
     Unauthorized,
     Unavailable,
 )
@@ -70,7 +80,8 @@ from messages.wire import (
     StatusReply,
 )
 from system._client_core import (
-    DEFAULT_ADDRESS,
+    MAX_FRAME_BYTES,
+    MAX_RECORD_BYTES,
     AppendResult,
     ClientCore,
     LeaseState,
@@ -79,9 +90,14 @@ from system._client_core import (
     acquire_wait,
     anchor,
     append_result,
+    check_frame,
+    check_records,
     client_name,
+    default_address,
+    library_logger,
     parse_address,
     raise_if_error,
+    token_text,
 )
 
 if TYPE_CHECKING:
@@ -104,36 +120,55 @@ __all__ = [
     "ShuttingDown",
     "StaleFence",
     "TooLarge",
+    "TooManyFiles",
     "Unauthorized",
     "Unavailable",
     "connect",
     "connect_async",
 ]
 
-log = logging.getLogger(__name__)
+log = library_logger(__name__)
 
 _REPLY_MARGIN_S = 10.0
 """How much longer than its own timeout a request may take before the service is deemed gone."""
 
 
 def connect(
-    address: str = DEFAULT_ADDRESS,
+    address: str | None = None,
     token: str | None = None,
     *,
     timeout: float = 30.0,
     keepalive: float = 5.0,
-    reconnect_for: float = 10.0,
+    reconnect_for: float = 0.0,
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
+    max_frame_bytes: int | None = MAX_FRAME_BYTES,
 ) -> SessionLane:
-    """Open a connection (retrying for up to ``reconnect_for`` seconds while refused)."""
+    """Open a connection to ``address`` (default: ``$SESSIONLANE_LISTEN``, else
+    ``tcp://127.0.0.1:7420``).
+
+    ``token``: the service's token (surrounding whitespace, e.g. a file's trailing newline,
+    is ignored). ``timeout`` bounds the connect and every reply (beyond a request's own wait).
+    ``reconnect_for``: how long a connect (this one, and each reconnect after a lost
+    connection) keeps retrying while refused; 0, the default, raises ``Unavailable`` at once.
+    ``max_record_bytes`` / ``max_frame_bytes``: the limits checked before sending (the
+    service's defaults; set them to the service's values if it raised its own, or None to
+    leave the check to the service). A malformed address raises ``ValueError``.
+    """
     sl = SessionLane(
-        address, token, timeout=timeout, keepalive=keepalive, reconnect_for=reconnect_for
+        default_address() if address is None else address,
+        token,
+        timeout=timeout,
+        keepalive=keepalive,
+        reconnect_for=reconnect_for,
+        max_record_bytes=max_record_bytes,
+        max_frame_bytes=max_frame_bytes,
     )
     sl.reconnect()
     return sl
 
 
 def connect_async(
-    address: str = DEFAULT_ADDRESS, token: str | None = None, **kwargs: Any
+    address: str | None = None, token: str | None = None, **kwargs: Any
 ) -> AsyncSessionLane:
     """The asyncio client: ``async with connect_async(addr) as sl`` or ``await connect_async``."""
     from system.client_async import connect_async as _connect_async
@@ -160,12 +195,17 @@ class SessionLane:
         timeout: float,
         keepalive: float,
         reconnect_for: float,
+        max_record_bytes: int | None = MAX_RECORD_BYTES,
+        max_frame_bytes: int | None = MAX_FRAME_BYTES,
     ):
+        parse_address(address)  # a malformed address fails here, not at the first call
         self.address = address
-        self.token = token
+        self.token = token_text(token)
         self.timeout = timeout
         self.keepalive = keepalive
         self.reconnect_for = reconnect_for
+        self.max_record_bytes = max_record_bytes
+        self.max_frame_bytes = max_frame_bytes
         self.core = ClientCore()
         self.server: str | None = None
         self._lock = threading.Lock()  # sends, id allocation, waiters
@@ -187,6 +227,7 @@ class SessionLane:
                 self._reconnect()
 
     def _reconnect(self) -> None:
+        # With reconnect_for 0 this is one attempt: a refusal raises at once.
         retrying = Retrying(
             stop=stop_after_delay(self.reconnect_for),
             wait=wait_exponential(multiplier=0.05, max=1.0),
@@ -354,10 +395,11 @@ class SessionLane:
         try:
             if sock is None:
                 raise Unavailable("not connected")
+            data = check_frame(frame(message.model_copy(update={"id": rid})), self.max_frame_bytes)
             try:
                 with self._lock:
                     self._last_sent = time.monotonic()
-                    sock.sendall(frame(message.model_copy(update={"id": rid})))
+                    sock.sendall(data)
             except OSError as exc:
                 # The connection is unusable (and a partly sent frame would corrupt it):
                 # report it lost now, so its leases are revoked before this error surfaces.
@@ -408,6 +450,12 @@ class SessionLane:
         reply = raise_if_error(self._request(Status(path=anchor(path) if path else None)), path)
         assert isinstance(reply, StatusReply)
         return reply
+
+    def _records(self, records: Sequence[Any], *, allow_empty: bool = False) -> list[Any]:
+        """``records`` checked before sending (``InvalidRecord``; see ``check_records``)."""
+        return check_records(
+            records, max_record_bytes=self.max_record_bytes, allow_empty=allow_empty
+        )
 
     def _lease(self, granted: Granted, lane: str) -> Lease:
         state = LeaseState(granted.lease, granted.path, granted.fence, granted.purpose)
@@ -476,7 +524,12 @@ class Lane:
         path = anchor(path)
         reply = raise_if_error(
             self.sl._request(
-                Append(lane=self.name, path=path, records=list(records), durability=durability)
+                Append(
+                    lane=self.name,
+                    path=path,
+                    records=self.sl._records(records),
+                    durability=durability,
+                )
             ),
             path,
         )
@@ -512,18 +565,18 @@ class Lease(LeaseView):
     ) -> AppendResult:
         """Append records durably under this lease; all or nothing."""
         self.check_usable()
+        checked = self.sl._records(records)
         return append_result(
             self._call(
-                Append(
-                    lease=self.id, fence=self.fence, records=list(records), durability=durability
-                )
+                Append(lease=self.id, fence=self.fence, records=checked, durability=durability)
             )
         )
 
     def rewrite(self, records: Sequence[dict[str, Any]]) -> int:
         """Replace the whole file atomically (compaction leases); returns the line count."""
         self.check_usable()
-        reply = self._call(Rewrite(lease=self.id, fence=self.fence, records=list(records)))
+        checked = self.sl._records(records, allow_empty=True)
+        reply = self._call(Rewrite(lease=self.id, fence=self.fence, records=checked))
         assert isinstance(reply, Rewritten)
         return reply.lines
 

@@ -1,8 +1,8 @@
 """The asyncio client: the shape of ``system.client``, with every call that does I/O awaited.
 
-    from system.client_async import connect_async
+    import sessionlane
 
-    async with connect_async("tcp://127.0.0.1:7420") as sl:       # or: sl = await connect_async()
+    async with sessionlane.connect_async("tcp://127.0.0.1:7420") as sl:  # or: await connect_async()
         lane = sl.lane("agent:main:heartbeat", priority="background")
         async with lane.lease(path, purpose="prompt", on_contention="skip") as lease:
             if lease is not None:
@@ -16,6 +16,9 @@ leases through the shared ``ClientCore``; it sends a keepalive whenever nothing 
 reconnects, with bounded retries. An acquire abandoned by its caller (cancelled, or no reply in
 time) is released if its grant arrives later, so a cancelled task never pins a path.
 
+Addresses, defaults, the refused-connection rule, the checks before sending (``InvalidRecord``,
+``TooLarge``) and logging are those of the sync client (``system.client``).
+
 One client belongs to one event loop; it is not thread-safe.
 """
 
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +46,7 @@ from messages.errors import (
     ShuttingDown,
     StaleFence,
     TooLarge,
+    TooManyFiles,
     Unauthorized,
     Unavailable,
 )
@@ -69,7 +72,8 @@ from messages.wire import (
     StatusReply,
 )
 from system._client_core import (
-    DEFAULT_ADDRESS,
+    MAX_FRAME_BYTES,
+    MAX_RECORD_BYTES,
     AppendResult,
     ClientCore,
     LeaseState,
@@ -78,9 +82,14 @@ from system._client_core import (
     acquire_wait,
     anchor,
     append_result,
+    check_frame,
+    check_records,
     client_name,
+    default_address,
+    library_logger,
     parse_address,
     raise_if_error,
+    token_text,
 )
 
 __all__ = [
@@ -100,12 +109,13 @@ __all__ = [
     "ShuttingDown",
     "StaleFence",
     "TooLarge",
+    "TooManyFiles",
     "Unauthorized",
     "Unavailable",
     "connect_async",
 ]
 
-log = logging.getLogger(__name__)
+log = library_logger(__name__)
 
 _REPLY_MARGIN_S = 10.0
 """How much longer than its own timeout a request may take before the service is deemed gone."""
@@ -117,20 +127,30 @@ _RETRYABLE = (ConnectionRefusedError, FileNotFoundError, ConnectionResetError)
 
 
 def connect_async(
-    address: str = DEFAULT_ADDRESS,
+    address: str | None = None,
     token: str | None = None,
     *,
     timeout: float = 30.0,
     keepalive: float = 5.0,
-    reconnect_for: float = 10.0,
+    reconnect_for: float = 0.0,
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
+    max_frame_bytes: int | None = MAX_FRAME_BYTES,
 ) -> AsyncSessionLane:
     """A client for ``address``; ``await`` it or enter it with ``async with`` to connect.
 
-    Connecting retries for up to ``reconnect_for`` seconds while refused; ``timeout`` bounds
-    the connect and every reply (beyond a request's own wait timeout).
+    The arguments are ``system.client.connect``'s: no address means ``$SESSIONLANE_LISTEN``,
+    else ``tcp://127.0.0.1:7420``; a refused connect raises ``Unavailable`` at once unless
+    ``reconnect_for`` (seconds) asks to keep trying; ``timeout`` bounds the connect and every
+    reply (beyond a request's own wait timeout).
     """
     return AsyncSessionLane(
-        address, token, timeout=timeout, keepalive=keepalive, reconnect_for=reconnect_for
+        default_address() if address is None else address,
+        token,
+        timeout=timeout,
+        keepalive=keepalive,
+        reconnect_for=reconnect_for,
+        max_record_bytes=max_record_bytes,
+        max_frame_bytes=max_frame_bytes,
     )
 
 
@@ -163,12 +183,17 @@ class AsyncSessionLane:
         timeout: float,
         keepalive: float,
         reconnect_for: float,
+        max_record_bytes: int | None = MAX_RECORD_BYTES,
+        max_frame_bytes: int | None = MAX_FRAME_BYTES,
     ):
+        parse_address(address)  # a malformed address fails here, not at the first call
         self.address = address
-        self.token = token
+        self.token = token_text(token)
         self.timeout = timeout
         self.keepalive = keepalive
         self.reconnect_for = reconnect_for
+        self.max_record_bytes = max_record_bytes
+        self.max_frame_bytes = max_frame_bytes
         self.core = ClientCore()
         self.server: str | None = None
         self._conn: _Connection | None = None
@@ -327,7 +352,9 @@ class AsyncSessionLane:
     # Requests ------------------------------------------------------------------------------
 
     async def _send(self, conn: _Connection, message: Any) -> None:
-        data = frame(message)
+        await self._send_frame(conn, frame(message))
+
+    async def _send_frame(self, conn: _Connection, data: bytes) -> None:
         async with conn.send_lock:
             if conn.lost is not None:
                 raise Unavailable(f"not connected ({conn.lost})")
@@ -348,10 +375,11 @@ class AsyncSessionLane:
     async def _exchange(self, conn: _Connection, message: Any, timeout: float) -> Reply:
         """Send ``message`` on ``conn`` with a fresh id; await its final reply."""
         rid = self.core.next_id()
+        data = check_frame(frame(message.model_copy(update={"id": rid})), self.max_frame_bytes)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         conn.pending[rid] = future
         try:
-            await self._send(conn, message.model_copy(update={"id": rid}))
+            await self._send_frame(conn, data)
             limit = timeout + _REPLY_MARGIN_S
             try:
                 return await asyncio.wait_for(future, limit)
@@ -404,6 +432,12 @@ class AsyncSessionLane:
         reply = raise_if_error(await self._request(request), path)
         assert isinstance(reply, StatusReply), reply
         return reply
+
+    def _records(self, records: Sequence[Any], *, allow_empty: bool = False) -> list[Any]:
+        """``records`` checked before sending (``InvalidRecord``; see ``check_records``)."""
+        return check_records(
+            records, max_record_bytes=self.max_record_bytes, allow_empty=allow_empty
+        )
 
     def _lease(self, granted: Granted, lane: str) -> AsyncLease:
         state = LeaseState(granted.lease, granted.path, granted.fence, granted.purpose)
@@ -469,7 +503,8 @@ class AsyncLane:
     ) -> AppendResult:
         """A short write without a lease: queued like a ``write`` lease, never interleaved."""
         path = anchor(path)
-        request = Append(lane=self.name, path=path, records=list(records), durability=durability)
+        checked = self.sl._records(records)
+        request = Append(lane=self.name, path=path, records=checked, durability=durability)
         return append_result(raise_if_error(await self.sl._request(request), path))
 
     async def abandon(self, path: str | None = None, reason: str | None = None) -> list[str]:
@@ -497,15 +532,15 @@ class AsyncLease(LeaseView):
     ) -> AppendResult:
         """Append records durably under this lease; all or nothing."""
         self.check_usable()
-        request = Append(
-            lease=self.id, fence=self.fence, records=list(records), durability=durability
-        )
+        checked = self.sl._records(records)
+        request = Append(lease=self.id, fence=self.fence, records=checked, durability=durability)
         return append_result(await self._call(request))
 
     async def rewrite(self, records: Sequence[dict[str, Any]]) -> int:
         """Replace the whole file atomically (compaction leases); returns the line count."""
         self.check_usable()
-        reply = await self._call(Rewrite(lease=self.id, fence=self.fence, records=list(records)))
+        checked = self.sl._records(records, allow_empty=True)
+        reply = await self._call(Rewrite(lease=self.id, fence=self.fence, records=checked))
         assert isinstance(reply, Rewritten), reply
         return reply.lines
 

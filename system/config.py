@@ -34,10 +34,13 @@ __all__ = [
     "ConfigError",
     "Listen",
     "Settings",
+    "format_listen",
     "load_settings",
+    "normalize_listen",
     "parse_leader",
     "parse_listen",
     "read_token",
+    "read_token_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,12 +77,14 @@ class ConfigError(ValueError):
 
 
 def parse_listen(listen: str) -> Listen:
-    """Split a listen address into ``("tcp", host, port)`` or ``("unix", path)``.
+    """Split a service address into ``("tcp", host, port)`` or ``("unix", path)``.
 
-    Accepted forms: ``tcp://HOST:PORT`` (an IPv6 host in brackets, ``tcp://[::1]:7420``; port
-    0 asks the kernel for a free one) and ``unix:///absolute/path``. Anything else raises
-    :class:`ConfigError` on key ``listen``.
+    Accepted forms, everywhere an address is taken (config ``listen``, ``--listen``, the
+    clients): ``HOST:PORT`` and ``tcp://HOST:PORT`` (an IPv6 host in brackets,
+    ``[::1]:7420``; port 0 asks the kernel for a free one) and ``unix:///absolute/path``.
+    Anything else raises :class:`ConfigError` on key ``listen``.
     """
+    listen = listen.strip()
     if listen.startswith("unix://"):
         path = listen[len("unix://") :]
         if not path.startswith("/"):
@@ -89,26 +94,47 @@ def parse_listen(listen: str) -> Listen:
                 "listen", f"unix socket path longer than {_MAX_UNIX_PATH} bytes (got {listen!r})"
             )
         return ("unix", path)
-    if not listen.startswith("tcp://"):
+    rest = listen[len("tcp://") :] if listen.startswith("tcp://") else listen
+    if "://" in rest or "/" in rest:
         raise ConfigError(
-            "listen", f"expected tcp://HOST:PORT or unix:///abs/path (got {listen!r})"
+            "listen", f"expected HOST:PORT, tcp://HOST:PORT or unix:///abs/path (got {listen!r})"
         )
-    rest = listen[len("tcp://") :]
     host, sep, port_text = rest.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
         raise ConfigError("listen", f"an IPv6 host must be in brackets (got {listen!r})")
     if not sep or not host or not port_text.isdigit():
-        raise ConfigError("listen", f"expected tcp://HOST:PORT (got {listen!r})")
+        raise ConfigError(
+            "listen", f"expected HOST:PORT, tcp://HOST:PORT or unix:///abs/path (got {listen!r})"
+        )
     port = int(port_text)
     if port > 65535:
         raise ConfigError("listen", f"port must be 0..65535 (got {port})")
     return ("tcp", host, port)
 
 
+def format_listen(parsed: Listen) -> str:
+    """The canonical spelling of a parsed address: ``tcp://HOST:PORT`` or ``unix:///path``."""
+    if parsed[0] == "unix":
+        return f"unix://{parsed[1]}"
+    _, host, port = parsed
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def normalize_listen(listen: str) -> str:
+    """``listen`` in its canonical spelling (``127.0.0.1:7420`` -> ``tcp://127.0.0.1:7420``).
+
+    Two spellings of one address normalise to the same string, so a service started with
+    one is found with the other. Raises :class:`ConfigError` like :func:`parse_listen`.
+    """
+    return format_listen(parse_listen(listen))
+
+
 def parse_leader(leader: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (an IPv4 literal or a host name); raise ``ValueError`` if malformed."""
+    """Split ``HOST:PORT`` or ``tcp://HOST:PORT`` (an IPv4 literal or a host name); raise
+    ``ValueError`` if malformed. (A leader is a thespian admin: TCP over IPv4 only.)"""
+    leader = leader.strip().removeprefix("tcp://")
     host, sep, port_text = leader.rpartition(":")
     if not sep or not host or ":" in host or not port_text.isdigit():
         raise ValueError(f"expected HOST:PORT, an IPv4 address or host name (got {leader!r})")
@@ -137,7 +163,8 @@ class Settings(BaseModel):
     roots: list[str] = []
     """Directories whose transcripts may be served; each is stored as its realpath."""
     listen: str = "tcp://127.0.0.1:7420"
-    """Gateway address: ``tcp://HOST:PORT`` or ``unix:///abs/path``."""
+    """Gateway address: ``HOST:PORT``, ``tcp://HOST:PORT`` or ``unix:///abs/path``; stored in
+    its canonical spelling (``tcp://HOST:PORT``, see :func:`normalize_listen`)."""
     token_file: str | None = None
     """File whose (stripped) content clients must present in ``hello``."""
     max_hold_ms: int = 300_000
@@ -216,10 +243,9 @@ class Settings(BaseModel):
     @classmethod
     def _listen_parses(cls, listen: str) -> str:
         try:
-            parse_listen(listen)
+            return normalize_listen(listen)
         except ConfigError as exc:
             raise ValueError(exc.message) from None
-        return listen
 
     @field_validator(
         "max_hold_ms",
@@ -268,8 +294,8 @@ class Settings(BaseModel):
     def _leader(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parse_leader(value)
-        return value
+        host, port = parse_leader(value)
+        return f"{host}:{port}"  # one spelling, whichever was given
 
     @field_validator("suffixes")
     @classmethod
@@ -294,7 +320,7 @@ class Settings(BaseModel):
     def _token_file_readable(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        _read_token_file(value)
+        read_token_file(value)
         return os.path.abspath(value)
 
     @model_validator(mode="before")
@@ -362,10 +388,14 @@ def read_token(settings: Settings) -> str | None:
     """
     if settings.token_file is None:
         return None
-    return _read_token_file(settings.token_file)
+    return read_token_file(settings.token_file)
 
 
-def _read_token_file(path: str) -> str:
+def read_token_file(path: str) -> str:
+    """The token in ``path``, surrounding whitespace (a trailing newline) stripped.
+
+    Raises :class:`ConfigError` (key ``token_file``) if it is unreadable, not UTF-8 or empty.
+    """
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:

@@ -16,6 +16,8 @@ import os
 import pickle
 import re
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -696,3 +698,178 @@ def test_an_acquire_given_up_on_releases_its_late_grant(
     eventually(free, "the orphaned grant to be released")
     with other.lane("next").lease(path, on_contention="fail") as lease:
         assert lease is not None
+
+
+# What the client refuses before sending; addresses; logging -------------------------------
+
+UNSTORABLE: list[tuple[str, list[Any]]] = [
+    ("a set", [{"tags": {1, 2}}]),
+    ("bytes", [{"blob": b"\x00\x01"}]),
+    ("a list, not an object", [["a"]]),
+    ("a string, not an object", ["text"]),
+    ("a non-string key", [{1: "one"}]),
+    ("a non-string nested key", [{"meta": {("a", "b"): 1}}]),
+    ("NaN", [{"score": float("nan")}]),
+    ("infinity", [{"score": float("-inf")}]),
+    ("an integer msgpack cannot carry", [{"n": 2**70}]),
+    ("a lone surrogate", [{"text": "\ud800"}]),
+    ("an object", [{"when": object()}]),
+    ("nesting past the limit", [{"deep": json.loads("[" * 150 + "]" * 150)}]),
+    ("a record over max_record_bytes", [{"big": "x" * MAX_RECORD_BYTES}]),
+    ("a good record before a bad one", [{"ok": 1}, {"tags": {3}}]),
+    ("an empty batch", []),
+]
+
+
+@pytest.mark.parametrize(
+    "records", [records for _, records in UNSTORABLE], ids=[name for name, _ in UNSTORABLE]
+)
+def test_a_record_that_cannot_be_stored_raises_invalid_record_before_anything_is_sent(
+    service: Service, path: str, records: list[Any]
+) -> None:
+    with connect(service.address, max_record_bytes=MAX_RECORD_BYTES) as sl:
+        lane = sl.lane("agent")
+        with lane.lease(path) as lease:
+            assert lease is not None
+            lease.append({"n": 1})
+            with pytest.raises(InvalidRecord) as on_lease:
+                lease.append(*records)
+            with pytest.raises(InvalidRecord):
+                lease.rewrite(records or [["not an object"]])
+            # Nothing reached the service (it counts the records it refuses) ...
+            assert file_status(sl, path).counters["invalid_records"] == 0
+            # ... and the lease and its connection go on as if nothing happened.
+            assert lease.revoked is None
+            assert lease.append({"n": 2}).lines == 1
+        with pytest.raises(InvalidRecord):
+            lane.append(path, *records)
+        assert lane.append(path, {"n": 3}).lines == 1
+    assert isinstance(on_lease.value, SessionLaneError)
+    assert on_lease.value.code == "invalid_record"
+    assert lines(path) == [{"n": 1}, {"n": 2}, {"n": 3}]
+
+
+def test_a_batch_over_max_frame_bytes_raises_too_large_and_the_lease_keeps_holding(
+    sl: SessionLane, path: str
+) -> None:
+    # Each record is within the service's max_record_bytes; together they exceed its frame
+    # limit (8 MiB), which would make the service drop the connection and with it the lease.
+    record = {"chunk": "x" * (MAX_RECORD_BYTES - 64)}
+    batch = [record] * (8 * 1024 * 1024 // (MAX_RECORD_BYTES - 64) + 16)
+    with sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        with pytest.raises(TooLarge, match="nothing sent"):
+            lease.append(*batch)
+        assert lease.revoked is None
+        assert lease.append({"after": "too large"}).lines == 1
+    assert lines(path) == [{"after": "too large"}]
+
+
+def test_connecting_to_nothing_fails_at_once_unless_asked_to_keep_trying() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="Connection refused"):
+        connect(address)
+    assert time.monotonic() - started < 2.0  # one attempt, no retries (was 10.7 s)
+
+
+def test_reconnect_for_keeps_trying_until_the_service_comes_up(
+    tmp_path: Path, pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listen = f"tcp://127.0.0.1:{free_port()}"
+    refused = threading.Event()
+    real_open = SessionLane._open
+
+    def observed_open(self: SessionLane) -> None:
+        try:
+            real_open(self)
+        except ConnectionRefusedError:
+            refused.set()
+            raise
+
+    monkeypatch.setattr(SessionLane, "_open", observed_open)
+    waiting = pool.submit(connect, listen, reconnect_for=60.0)
+    assert refused.wait(30), "the first attempt was refused"
+    with (
+        embedded_service([str(tmp_path)], listen=listen, log_file=tmp_path / "log"),
+        waiting.result(timeout=60) as sl,
+    ):
+        assert sl.lane("late").append(str(tmp_path / "late.jsonl"), {"n": 1}).lines == 1
+
+
+def test_every_address_spelling_reaches_the_service(service: Service, path: str) -> None:
+    host_port = service.address.removeprefix("tcp://")
+    for spelling in (service.address, host_port, f" {host_port} "):
+        with connect(spelling) as sl:
+            sl.lane("spelling").append(path, {"via": spelling.strip()})
+    assert [r["via"] for r in lines(path)] == [service.address, host_port, host_port]
+
+
+def test_a_malformed_address_raises_value_error_naming_the_accepted_forms() -> None:
+    for address in ("localhost", "http://127.0.0.1:80", "unix:relative.sock"):
+        with pytest.raises(ValueError, match=r"HOST:PORT, tcp://HOST:PORT or unix:///"):
+            connect(address)
+    with pytest.raises(ValueError, match="IPv6 host must be in brackets"):
+        connect("::1:7420")
+
+
+def test_connect_without_an_address_uses_sessionlane_listen(
+    service: Service, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from system._client_core import default_address
+
+    monkeypatch.delenv("SESSIONLANE_LISTEN", raising=False)
+    assert default_address() == "tcp://127.0.0.1:7420"
+    monkeypatch.setenv("SESSIONLANE_LISTEN", service.address.removeprefix("tcp://"))
+    with connect() as sl:
+        assert sl.lane("env").append(path, {"via": "env"}).lines == 1
+
+
+def test_a_token_read_from_a_file_with_its_trailing_newline_is_accepted(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    token_file.chmod(0o600)
+    path = str(tmp_path / "token.jsonl")
+    with embedded_service(
+        [str(tmp_path)], token_file=str(token_file), log_file=tmp_path / "log"
+    ) as svc:
+        with connect(svc.address, token=token_file.read_text()) as sl:
+            assert sl.lane("agent").append(path, {"token": "file"}).lines == 1
+        with pytest.raises(Unauthorized):
+            connect(svc.address, token="s3cret-not")
+    assert lines(path) == [{"token": "file"}]
+
+
+LOST_CONNECTION = """
+import socket, sys, time
+{setup}
+from system.client import connect
+
+sl = connect(sys.argv[1])
+sock = sl._sock
+sock.shutdown(socket.SHUT_RDWR)  # the connection breaks under the client
+deadline = time.monotonic() + 30
+while sl._sock is sock and time.monotonic() < deadline:  # the reader reports it lost
+    time.sleep(0.01)
+print("lost" if sl._sock is not sock else "not lost", flush=True)
+sl.close()
+"""
+
+
+@pytest.mark.parametrize("host_logging", [False, True], ids=["unconfigured", "configured"])
+def test_a_lost_connection_is_logged_never_printed_to_the_hosts_stderr(
+    service: Service, host_logging: bool
+) -> None:
+    setup = "import logging; logging.basicConfig(level=logging.WARNING)" if host_logging else ""
+    result = subprocess.run(
+        [sys.executable, "-c", LOST_CONNECTION.format(setup=setup), service.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "lost"
+    if host_logging:  # the warning exists, as a log record of the client's module logger
+        assert "WARNING:system.client:sessionlane tcp://" in result.stderr
+    else:  # and a host that configured no logging sees nothing on its stderr
+        assert result.stderr == ""

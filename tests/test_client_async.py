@@ -39,6 +39,7 @@ from system.client_async import (
     QueueFull,
     SessionLaneError,
     StaleFence,
+    TooLarge,
     Unauthorized,
     Unavailable,
     connect_async,
@@ -733,3 +734,104 @@ def test_a_closed_client_revokes_its_leases(service: Service, path: str) -> None
             assert after is not None and after.fence > lease.fence
 
     run(scenario())
+
+
+# What the client refuses before sending; connecting ----------------------------------------
+
+UNSTORABLE: list[tuple[str, list[Any]]] = [
+    ("a set", [{"tags": {1, 2}}]),
+    ("bytes", [{"blob": b"\x00"}]),
+    ("a list, not an object", [["a"]]),
+    ("a non-string key", [{1: "one"}]),
+    ("NaN", [{"score": float("nan")}]),
+    ("a record over max_record_bytes", [{"big": "x" * MAX_RECORD_BYTES}]),
+    ("an empty batch", []),
+]
+
+
+@pytest.mark.parametrize(
+    "records", [records for _, records in UNSTORABLE], ids=[name for name, _ in UNSTORABLE]
+)
+def test_a_record_that_cannot_be_stored_raises_invalid_record_before_anything_is_sent(
+    service: Service, path: str, records: list[Any]
+) -> None:
+    async def scenario() -> None:
+        async with connect_async(service.address, max_record_bytes=MAX_RECORD_BYTES) as sl:
+            lane = sl.lane("agent")
+            async with lane.lease(path) as lease:
+                assert lease is not None
+                await lease.append({"n": 1})
+                with pytest.raises(InvalidRecord):
+                    await lease.append(*records)
+                with pytest.raises(InvalidRecord):
+                    await lease.rewrite(records or [["not an object"]])
+                # Nothing reached the service (it counts the records it refuses) ...
+                assert (await file_status(sl, path)).counters["invalid_records"] == 0
+                # ... and the lease and its connection go on as if nothing happened.
+                assert lease.revoked is None
+                assert (await lease.append({"n": 2})).lines == 1
+            with pytest.raises(InvalidRecord):
+                await lane.append(path, *records)
+            assert (await lane.append(path, {"n": 3})).lines == 1
+
+    run(scenario())
+    assert lines(path) == [{"n": 1}, {"n": 2}, {"n": 3}]
+
+
+def test_a_batch_over_max_frame_bytes_raises_too_large_and_the_lease_keeps_holding(
+    service: Service, path: str
+) -> None:
+    async def scenario() -> None:
+        async with connected(service) as (sl,), sl.lane("agent").lease(path) as lease:
+            assert lease is not None
+            with pytest.raises(TooLarge, match="nothing sent"):
+                await lease.append(*batch)
+            assert lease.revoked is None
+            assert (await lease.append({"after": "too large"})).lines == 1
+
+    record = {"chunk": "x" * (MAX_RECORD_BYTES - 64)}
+    batch = [record] * (8 * 1024 * 1024 // (MAX_RECORD_BYTES - 64) + 16)
+    run(scenario())
+    assert lines(path) == [{"after": "too large"}]
+
+
+def test_sessionlane_connect_async_is_entered_with_async_with(service: Service, path: str) -> None:
+    import sessionlane
+
+    async def scenario() -> None:
+        async with sessionlane.connect_async(service.address.removeprefix("tcp://")) as sl:
+            assert sl.connected
+            async with sl.lane("a").lease(path) as lease:
+                assert lease is not None
+                await lease.append({"via": "sessionlane.connect_async"})
+        assert not sl.connected
+
+    run(scenario())
+    assert lines(path) == [{"via": "sessionlane.connect_async"}]
+
+
+def test_connecting_to_nothing_fails_at_once_unless_asked_to_keep_trying() -> None:
+    async def scenario() -> None:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match=r"cannot reach sessionlane at 127\.0\.0\.1:"):
+            await connect_async(f"127.0.0.1:{free_port()}")
+        assert time.monotonic() - started < 2.0  # one attempt, no retries (was 10.7 s)
+
+    run(scenario())
+
+
+def test_a_token_read_from_a_file_with_its_trailing_newline_is_accepted(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    token_file.chmod(0o600)
+    path = str(tmp_path / "token.jsonl")
+
+    async def scenario(address: str) -> None:
+        async with connect_async(address, token=token_file.read_text()) as sl:
+            assert (await sl.lane("agent").append(path, {"token": "file"})).lines == 1
+
+    with embedded_service(
+        [str(tmp_path)], token_file=str(token_file), log_file=tmp_path / "log"
+    ) as svc:
+        run(scenario(svc.address))
+    assert lines(path) == [{"token": "file"}]

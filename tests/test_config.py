@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from system.config import ConfigError, Settings, load_settings, parse_listen, read_token
+from system.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    normalize_listen,
+    parse_listen,
+    read_token,
+)
 
 
 def write_toml(tmp_path: Path, text: str) -> Path:
@@ -232,6 +239,8 @@ def test_an_empty_token_file_is_refused_and_a_shared_one_is_warned_about(
         ("tcp://127.0.0.1:7420", ("tcp", "127.0.0.1", 7420)),
         ("tcp://localhost:0", ("tcp", "localhost", 0)),
         ("tcp://[::1]:9", ("tcp", "::1", 9)),
+        ("127.0.0.1:7420", ("tcp", "127.0.0.1", 7420)),
+        ("[::1]:7421", ("tcp", "::1", 7421)),
         ("unix:///run/sessionlane.sock", ("unix", "/run/sessionlane.sock")),
     ],
 )
@@ -241,13 +250,48 @@ def test_listen_addresses_parse_into_their_parts(listen: str, parsed: tuple[obje
 
 @pytest.mark.parametrize(
     "listen",
-    ["127.0.0.1:7420", "tcp://127.0.0.1", "tcp://:7420", "tcp://::1:7420", "tcp://h:99999"],
+    [
+        "7420",
+        "::1:7420",
+        "tcp://127.0.0.1",
+        "tcp://:7420",
+        "tcp://::1:7420",
+        "tcp://h:99999",
+        "http://h:80",
+        "tcp://h:80/x",
+        "unix:relative.sock",
+    ],
 )
 def test_malformed_listen_addresses_are_refused(listen: str) -> None:
     with pytest.raises(ConfigError) as refused:
         parse_listen(listen)
 
     assert refused.value.key == "listen"
+
+
+@pytest.mark.parametrize(
+    ("spelling", "canonical"),
+    [
+        ("127.0.0.1:7421", "tcp://127.0.0.1:7421"),
+        ("tcp://127.0.0.1:7421", "tcp://127.0.0.1:7421"),
+        ("[::1]:7421", "tcp://[::1]:7421"),
+        ("unix:///run/sl.sock", "unix:///run/sl.sock"),
+    ],
+)
+def test_every_spelling_of_a_listen_address_is_stored_in_its_canonical_form(
+    spelling: str, canonical: str
+) -> None:
+    assert normalize_listen(spelling) == canonical
+    settings, _ = load_settings(None, env={}, overrides={"listen": spelling})
+    assert settings.listen == canonical
+
+
+def test_a_leader_is_taken_as_host_port_or_tcp_host_port_and_stored_as_host_port() -> None:
+    for spelling in ("127.0.0.1:7500", "tcp://127.0.0.1:7500"):
+        settings, _ = load_settings(
+            None, env={}, overrides={"leader": spelling, "admin_port": 7501}
+        )
+        assert settings.leader == "127.0.0.1:7500"
 
 
 def test_settings_are_frozen_and_config_errors_survive_pickling() -> None:

@@ -350,7 +350,7 @@ def test_status_json_shows_the_holder_and_stop_stops_the_service(
         assert lease is not None
         lease.append({"hello": "status"})
 
-        result = serve.cli("status", "--json", "--connect", serve.address)
+        result = serve.cli("status", "--json", "--listen", serve.address)
         assert result.returncode == 0, result.stderr
         (entry,) = json.loads(result.stdout)
         assert entry["path"] == str(path)
@@ -360,7 +360,7 @@ def test_status_json_shows_the_holder_and_stop_stops_the_service(
         assert entry["queue"] == []
         assert entry["counters"]["appends"] == 1
 
-        # Without --connect: the only service running here is found by its state file.
+        # Without --listen: the only service running here is found by its state file.
         result = serve.cli("status", str(path), "--json")
         assert result.returncode == 0, result.stderr
         assert [e["path"] for e in json.loads(result.stdout)] == [str(path)]
@@ -384,6 +384,79 @@ def test_stop_without_listen_finds_the_one_running_service_and_cleans_after_a_ki
     result = serve.cli("stop")
     assert result.returncode == 0, result.stderr
     wait_for(lambda: not live_pids(actor_pgid), 10, "the orphaned actor group to go")
+
+
+def test_serve_takes_host_port_and_status_and_stop_find_it_under_either_spelling(
+    start: Callable[..., Serve], root: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    serve = start("--root", str(root), "--listen", f"127.0.0.1:{port}")
+    state = serve.wait_ready()
+    assert state["listen"] == f"tcp://127.0.0.1:{port}", "stored in its canonical spelling"
+    assert serve.address == f"tcp://127.0.0.1:{port}"
+
+    for which in (["--listen", f"127.0.0.1:{port}"], ["--listen", f"tcp://127.0.0.1:{port}"], []):
+        result = serve.cli("status", "--json", *which)
+        assert result.returncode == 0, (which, result.stderr)
+        assert json.loads(result.stdout) == []
+    result = serve.cli("status", "--connect", f"127.0.0.1:{port}")
+    assert result.returncode == 0, result.stderr
+    assert "no active session files" in result.stdout
+    assert "status --connect is deprecated; use --listen" in result.stderr
+
+    result = serve.cli("stop", "--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 0, result.stderr
+    assert serve.proc.wait(STOP_TIMEOUT_S) == 0
+    wait_for(lambda: not serve.leftovers(), 10, "every process of the service to exit")
+
+    # Stopped: one clear line, exit 1, no traceback.
+    result = serve.cli("status", "--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"sessionlane: no service answers at tcp://127.0.0.1:{port} (Connection refused)"
+    ]
+
+
+def test_with_two_services_running_bare_status_and_stop_list_both_and_act_on_neither(
+    start: Callable[..., Serve], tmp_path: Path
+) -> None:
+    roots = [tmp_path / "one", tmp_path / "two"]
+    listens = [f"tcp://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    serves = []
+    for root, listen in zip(roots, listens, strict=True):
+        root.mkdir()
+        serves.append(start("--root", str(root), "--listen", listen))
+    first, second = serves
+    for serve in serves:
+        wait_for(lambda s=serve: "sessionlane serving" in s.text, READY_TIMEOUT_S, "serve")
+    states = list(first.run_dir.glob("sessionlane-*/serve-*.json"))
+    assert len(states) == 2, states
+    for serve in serves:
+        serve.state = next(
+            json.loads(p.read_text())
+            for p in states
+            if json.loads(p.read_text())["pid"] == serve.proc.pid
+        )
+
+    for command in ("status", "stop"):
+        result = first.cli(command)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "2 services could be meant; pass --listen ADDR" in result.stderr
+        for root, serve in zip(roots, serves, strict=True):
+            assert serve.address in result.stderr and str(root) in result.stderr
+    assert first.proc.poll() is None and second.proc.poll() is None, "neither was stopped"
+
+    result = first.cli("stop", "--listen", listens[1])
+    assert result.returncode == 0, result.stderr
+    assert second.proc.wait(STOP_TIMEOUT_S) == 0
+    assert first.proc.poll() is None
+
+    # Now exactly one runs: a bare stop can tell which is meant.
+    result = first.cli("stop")
+    assert result.returncode == 0, result.stderr
+    assert first.proc.wait(STOP_TIMEOUT_S) == 0
+    for serve in serves:
+        wait_for(lambda s=serve: not s.leftovers(), 10, "every process of the service to exit")
 
 
 @pytest.mark.parametrize(

@@ -38,9 +38,29 @@ def service_overrides(speed: float) -> dict[str, int]:
     }
 
 
+PLOT_EXTRA_MISSING = (
+    "sessionlane: race --plot needs matplotlib, which a plain install leaves out:"
+    " pip install 'sessionlane[plot]'"
+)
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib (the ``plot`` extra) can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     from system.race.report import render_table
     from system.service import embedded_service
+
+    if getattr(args, "plot", None) and not plotting_available():
+        # Checked before the race, not after minutes of it.
+        print(PLOT_EXTRA_MISSING, file=sys.stderr)
+        return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="sessionlane-race-"))
     overrides: dict[str, Any] = service_overrides(args.speed)

@@ -241,7 +241,10 @@ def add_race_arguments(parser: argparse.ArgumentParser) -> None:
         help="time compression: model times and lock budgets are divided by it (default 20)",
     )
     parser.add_argument(
-        "--plot", metavar="FILE.png", default=None, help="write the wait-time distributions"
+        "--plot",
+        metavar="FILE.png",
+        default=None,
+        help="write the wait-time distributions (needs the plot extra: sessionlane[plot])",
     )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 

@@ -1,0 +1,71 @@
+"""sessionlane: coordination of AI-agent session transcripts, one mailbox per file.
+
+The public Python API::
+
+    import sessionlane
+
+    with sessionlane.connect("127.0.0.1:7420") as sl:
+        with sl.lane("agent:main").lease("/data/sessions/a.jsonl") as lease:
+            lease.append({"type": "message", "text": "hi"})
+
+    async with sessionlane.connect_async() as sl:  # or: sl = await sessionlane.connect_async()
+        ...
+
+``connect`` / ``connect_async`` take ``HOST:PORT``, ``tcp://HOST:PORT`` or ``unix:///path``
+(default ``$SESSIONLANE_LISTEN``, else ``tcp://127.0.0.1:7420``). Every failure raised is a
+``SessionLaneError``; its subclasses name the kind (``error.code`` is the wire error code).
+The implementation lives in ``system.client`` and ``system.client_async``; this package is the
+stable import path. ``python -m sessionlane`` runs the command line.
+"""
+
+from __future__ import annotations
+
+from messages.errors import (
+    BadFrame,
+    Contended,
+    InvalidRecord,
+    LeaseRevoked,
+    LeaseTimeout,
+    NotHolder,
+    PathNotAllowed,
+    QueueFull,
+    SessionLaneError,
+    ShuttingDown,
+    StaleFence,
+    TooLarge,
+    TooManyFiles,
+    Unauthorized,
+    Unavailable,
+)
+from system._client_core import AppendResult
+from system._version import __version__
+from system.client import Lane, Lease, SessionLane, connect
+from system.client_async import AsyncLane, AsyncLease, AsyncSessionLane, connect_async
+
+__all__ = [
+    "AppendResult",
+    "AsyncLane",
+    "AsyncLease",
+    "AsyncSessionLane",
+    "BadFrame",
+    "Contended",
+    "InvalidRecord",
+    "Lane",
+    "Lease",
+    "LeaseRevoked",
+    "LeaseTimeout",
+    "NotHolder",
+    "PathNotAllowed",
+    "QueueFull",
+    "SessionLane",
+    "SessionLaneError",
+    "ShuttingDown",
+    "StaleFence",
+    "TooLarge",
+    "TooManyFiles",
+    "Unauthorized",
+    "Unavailable",
+    "__version__",
+    "connect",
+    "connect_async",
+]

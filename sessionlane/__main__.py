@@ -1,0 +1,10 @@
+"""``python -m sessionlane``: the ``sessionlane`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from system.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Which ``sessionlane serve`` a client command (``status``, ``stop``) means.
+
+Every ``serve`` leaves a state file in this user's state directory (``system.service``
+``state_dir()``): its pid, its ``listen`` (canonical spelling), the addresses it bound, its
+roots, its actor group. ``status`` and ``stop`` find services the same way, through these files:
+
+* with ``--listen ADDR`` (or ``$SESSIONLANE_LISTEN``), the service started with that address
+  or bound to it, whichever spelling (``HOST:PORT`` or ``tcp://HOST:PORT``);
+* without, the one service of this user, and only if it can be told apart: exactly one
+  candidate. Anything else is refused with the list of candidates, never guessed.
+
+``choose`` is the pure decision; ``found_services`` reads the files and checks each pid is a
+live ``serve`` of this user (a recycled pid, or another user's process, is not "running").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from system.config import ConfigError, normalize_listen
+
+__all__ = ["Choice", "Found", "choose", "found_services", "is_serve_process"]
+
+
+@dataclass(frozen=True)
+class Found:
+    """One state file and whether its serve process is running."""
+
+    path: Path
+    """The state file."""
+    state: dict[str, Any]
+    """Its contents (``system.service.Service.write_state``)."""
+    live: bool
+    """Its pid is a live ``serve`` process of this user."""
+
+    @property
+    def pid(self) -> int:
+        return int(self.state.get("pid") or 0)
+
+    @property
+    def listen(self) -> str:
+        return str(self.state.get("listen") or "")
+
+    @property
+    def addresses(self) -> list[str]:
+        """The addresses the gateway bound (the real port when ``listen`` asked for 0)."""
+        found = self.state.get("addresses")
+        return [str(a) for a in found] if isinstance(found, list) else []
+
+    def answers_to(self, address: str) -> bool:
+        """Whether ``address`` names this service: its ``listen`` or a bound address."""
+        wanted = _canonical(address)
+        known = {_canonical(a) for a in [self.listen, *self.addresses]}
+        return wanted is not None and wanted in known
+
+    def describe(self) -> str:
+        """One line for a list of candidates."""
+        roots = ", ".join(str(r) for r in self.state.get("roots") or []) or "?"
+        where = ", ".join(self.addresses) or self.listen or "?"
+        alive = "" if self.live else " [not running: `sessionlane stop --listen` cleans up]"
+        return f"{where} (pid {self.pid}, roots {roots}){alive}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The outcome of :func:`choose`."""
+
+    kind: Literal["one", "none", "several"]
+    candidates: tuple[Found, ...]
+    """The chosen one (``one``), or every candidate that could be meant (``several``)."""
+
+    @property
+    def found(self) -> Found:
+        assert self.kind == "one", self
+        return self.candidates[0]
+
+
+def choose(found: Sequence[Found], listen: str | None, *, live_only: bool) -> Choice:
+    """Which of ``found`` a command means.
+
+    ``listen``: the address the user named (``None``: none named). ``live_only``: only a
+    running service will do (``status``); otherwise a dead one's leftovers count too
+    (``stop`` cleans them up). A named address matching a live and a dead state file means
+    the live one.
+    """
+    candidates = [f for f in found if f.live or not live_only]
+    if listen is not None:
+        candidates = [f for f in candidates if f.answers_to(listen)]
+        if len(candidates) > 1 and any(f.live for f in candidates):
+            candidates = [f for f in candidates if f.live]
+    if not candidates:
+        return Choice("none", ())
+    if len(candidates) > 1:
+        return Choice("several", tuple(candidates))
+    return Choice("one", (candidates[0],))
+
+
+def found_services(directory: Path) -> list[Found]:
+    """Every readable state file in ``directory``, with whether its service runs."""
+    found = []
+    for path in sorted(directory.glob("serve-*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict):
+            continue
+        try:
+            pid = int(state.get("pid") or 0)
+        except (TypeError, ValueError):
+            pid = 0
+        found.append(Found(path, state, is_serve_process(pid)))
+    return found
+
+
+def is_serve_process(pid: int) -> bool:
+    """Whether ``pid`` is a live ``serve`` of this user (a recycled pid must not be signalled)."""
+    if pid <= 0:
+        return False
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            zombie = fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False
+    return not zombie and b"serve" in argv
+
+
+def _canonical(address: str) -> str | None:
+    try:
+        return normalize_listen(address)
+    except ConfigError:
+        return None
