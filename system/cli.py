@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         " (default 127.0.0.1; anything else needs trusted_network = true)",
     )
     serve.add_argument("--log-file", metavar="FILE", help="where the actors log")
+    serve.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        default=None,
+        help="start even if a live service serves an equal, containing or nested root"
+        " (each file is still served by one service at a time)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
     serve.set_defaults(func=cmd_serve)
 
@@ -133,12 +140,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "admin_port": args.admin_port,
         "leader": args.leader,
         "bind_host": args.bind_host,
+        "allow_overlap": args.allow_overlap,
     }
     settings, warnings = load_settings(args.config, overrides=overrides)
     if not settings.roots:
         raise ConfigError("roots", "no roots configured: pass --root DIR (or roots in the config)")
     for warning in warnings:
         print(f"sessionlane: warning: {warning}", file=sys.stderr)
+    if not settings.allow_overlap and _refuse_overlap(settings.roots):
+        return 2
     service = Service(settings, log_file=args.log_file)
     install_signal_handlers(service)
     try:
@@ -158,6 +168,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state.unlink(missing_ok=True)
         print("sessionlane stopped", flush=True)
     return 0
+
+
+def _refuse_overlap(roots: Sequence[str]) -> bool:
+    """Print why, and return True, when a live service already serves an overlapping root."""
+    from system.overlap import find_overlaps, live_services
+    from system.service import state_dir
+
+    overlaps = find_overlaps(roots, live_services(state_dir()))
+    for overlap in overlaps:
+        print(f"sessionlane: cannot start: {overlap.describe()}", file=sys.stderr)
+    if overlaps:
+        print(
+            "sessionlane: stop that service first (`sessionlane stop --listen ADDR`), or pass"
+            " --allow-overlap (allow_overlap = true) if the overlap is intended: each file is"
+            " then served by one service at a time and the other answers `unavailable`",
+            file=sys.stderr,
+        )
+    return bool(overlaps)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

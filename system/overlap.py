@@ -1,0 +1,189 @@
+"""Live services on this machine, and the friendly early refusal of overlapping roots.
+
+The guarantee that one file has one owner is the kernel lock of ``actors.ownership``; this
+module only makes a collision visible early. ``sessionlane serve`` writes a state file
+(``system.service.state_dir()``) naming its pid, the pid's start time, its addresses and its
+roots. A service is *live* when its pid runs and started at the recorded time (a recycled pid
+does not count; state files of services written before start times were recorded fall back to
+"the pid runs ``serve``"), so the state file a ``kill -9`` left behind never blocks anything.
+
+Two root sets overlap when a root of one equals, contains or lies inside a root of the other
+(compared after ``realpath``). ``serve`` refuses to start on an overlap with a live service
+unless ``allow_overlap`` says it is intended; ``doctor`` reports overlapping live services.
+Services that write no state file (embedded in ``race``, ``bench`` or a test, or running as
+another user) are not seen here: the kernel lock still keeps them from serving a file twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from system import launch
+from system.config import ConfigError, parse_listen
+
+__all__ = [
+    "LiveService",
+    "Overlap",
+    "Relation",
+    "busy_listener_hint",
+    "find_overlaps",
+    "is_live",
+    "process_start",
+    "read_states",
+    "relation",
+]
+
+Relation = Literal["the same directory as", "inside", "contains"]
+
+
+def process_start(pid: int) -> str | None:
+    """``pid``'s start time (clock ticks since boot), or None if it does not run."""
+    stat = launch._proc_stat(pid)
+    return stat.start if stat is not None and stat.live else None
+
+
+def is_live(state: dict[str, Any]) -> bool:
+    """Whether the service that wrote ``state`` still runs (its pid, started when recorded)."""
+    pid = state.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    start = process_start(pid)
+    if start is None:
+        return False
+    recorded = state.get("pid_start")
+    if recorded is not None:
+        return bool(recorded == start)
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return b"serve" in fh.read().split(b"\0")
+    return False
+
+
+@dataclass(frozen=True)
+class LiveService:
+    """A running ``sessionlane serve``, as its state file describes it."""
+
+    pid: int
+    listen: str
+    addresses: tuple[str, ...]
+    roots: tuple[str, ...]
+    state_path: Path
+
+    @property
+    def address(self) -> str:
+        return self.addresses[0] if self.addresses else self.listen
+
+    @classmethod
+    def from_state(cls, path: Path, state: dict[str, Any]) -> LiveService:
+        return cls(
+            pid=int(state["pid"]),
+            listen=str(state.get("listen", "")),
+            addresses=tuple(str(a) for a in state.get("addresses") or []),
+            roots=tuple(str(r) for r in state.get("roots") or []),
+            state_path=path,
+        )
+
+
+def read_states(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every readable state file in ``directory`` and its content (live or not)."""
+    found = []
+    for path in sorted(directory.glob("serve-*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict):
+            found.append((path, state))
+    return found
+
+
+def live_services(directory: Path) -> list[LiveService]:
+    return [LiveService.from_state(p, s) for p, s in read_states(directory) if is_live(s)]
+
+
+def relation(mine: str, theirs: str) -> Relation | None:
+    """How root ``mine`` relates to root ``theirs`` (both canonical), or None: disjoint."""
+    if mine == theirs:
+        return "the same directory as"
+    if mine.startswith(theirs.rstrip(os.sep) + os.sep):
+        return "inside"
+    if theirs.startswith(mine.rstrip(os.sep) + os.sep):
+        return "contains"
+    return None
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Root ``mine`` is ``relation`` root ``theirs`` of the live ``service``."""
+
+    mine: str
+    relation: Relation
+    theirs: str
+    service: LiveService
+
+    @property
+    def sentence(self) -> str:
+        """``/a/b is inside /a``, ``/a contains /a/b``, ``/a is the same directory as /a``."""
+        verb = self.relation if self.relation == "contains" else f"is {self.relation}"
+        return f"{self.mine} {verb} {self.theirs}"
+
+    def describe(self) -> str:
+        return (
+            f"root {self.sentence}, served by the live sessionlane service pid"
+            f" {self.service.pid} at {self.service.address}"
+        )
+
+
+def find_overlaps(roots: Iterable[str], services: Iterable[LiveService]) -> list[Overlap]:
+    """Every pair of one of ``roots`` and a live service's root that overlap (pure)."""
+    found = []
+    canonical = [os.path.realpath(r) for r in roots]
+    for service in services:
+        for theirs in service.roots:
+            for mine in canonical:
+                rel = relation(mine, os.path.realpath(theirs))
+                if rel is not None:
+                    found.append(Overlap(mine, rel, theirs, service))
+    return found
+
+
+def busy_listener_hint(listen: Sequence[str], directory: Path) -> str:
+    """Why a gateway address is taken, and how to clean up; "" when nothing useful is known.
+
+    A state file naming the address tells whose it is: a live service (stop it or pick another
+    address) or a dead one whose actor processes were left behind (``sessionlane stop``).
+    """
+    for address in listen:
+        try:
+            parsed = parse_listen(address)
+        except ConfigError:
+            continue
+        if parsed[0] != "tcp" or parsed[2] == 0:
+            continue
+        port = parsed[2]
+        if not any(p == port for _, p in launch._listening_sockets().values()):
+            continue
+        for _, state in read_states(directory):
+            if address not in {state.get("listen"), *(state.get("addresses") or [])}:
+                continue
+            if is_live(state):
+                return (
+                    f"; {address} is served by the live sessionlane service pid {state['pid']}:"
+                    f" stop it (`sessionlane stop --listen {address}`) or pick another --listen"
+                )
+            return (
+                f"; {address} is still held by the leftover actor processes of a sessionlane"
+                f" service whose serve process (pid {state.get('pid')}) is gone: clean them up"
+                f" with `sessionlane stop --listen {address}`"
+            )
+        return (
+            f"; something else listens on port {port}: if it is a sessionlane service left"
+            " behind, `sessionlane doctor` finds it and `sessionlane stop --listen"
+            f" {address}` cleans it up"
+        )
+    return ""
