@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_actor_scenarios import MakeDriver, acquire, grant, refused, wait_until
+from test_ownership_unit import Holder
 
 from actors.ownership import owner_path, read_owner
 from messages.errors import PathNotAllowed, SessionLaneError, TooManyFiles, Unavailable
+from messages.wire import Append
 from system.client import connect
+from system.launch import TcpSystem
 from system.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(150)]
@@ -41,7 +45,7 @@ def owner_named(service: Service) -> str:
     return f"{service.address} (admin port {service.running.system.admin_port}"
 
 
-def refused(address: str, path: Path, lane: str = "b") -> SessionLaneError:
+def refusal(address: str, path: Path, lane: str = "b") -> SessionLaneError:
     """Acquire ``path`` through ``address``; the error it must get (never a grant)."""
     with connect(address) as sl:
         try:
@@ -87,7 +91,7 @@ def test_a_second_service_on_the_same_root_gets_unavailable_naming_the_owner_the
             # Twice through the second service: the first refusal retires its file actor, the
             # second request activates a new one, which is refused the same way.
             for _ in range(2):
-                error = refused(two.address, path)
+                error = refusal(two.address, path)
                 assert isinstance(error, Unavailable), error
                 assert error.detail.startswith("served by another sessionlane service: pid ")
                 assert owner_named(one) in error.detail
@@ -116,7 +120,7 @@ def test_a_service_on_a_nested_root_is_refused_until_the_owner_passivates_the_fi
         with connect(outer.address) as sl, sl.lane("a").lease(str(path)) as lease:
             assert lease is not None
             first = lease.fence
-            error = refused(nested.address, path)
+            error = refusal(nested.address, path)
             assert isinstance(error, Unavailable) and owner_named(outer) in error.detail
             owner = read_owner(str(path))
             assert owner is not None and owner.gateway == outer.address
@@ -179,3 +183,37 @@ def test_a_file_that_cannot_be_opened_answers_its_error_and_its_actor_retires(
                     sl.lane("w").append(str(path), {"x": 1})
         wait_for(lambda: len(system.members()) == members, POLL_S, "the broken actors to retire")
         assert not Path(owner_path(str(corrupt))).read_bytes(), "nobody named as the owner"
+
+
+@pytest.mark.parametrize("name", ["simple", "tcp"])
+def test_through_lane_actors_a_file_held_by_another_process_is_refused_and_then_served(
+    name: str, request: pytest.FixtureRequest, driver_factory: MakeDriver, root: Path
+) -> None:
+    system: TcpSystem | None = None
+    if name == "tcp":
+        system = request.getfixturevalue("tcp_system")
+        asys = system.asys
+    else:
+        asys = request.getfixturevalue("simple_asys")
+    paths = [root / f"s{i}.jsonl" for i in range(3)]
+    holders = [Holder(path) for path in paths]  # another process owns each file
+    try:
+        d = driver_factory(asys)
+        lane = d.open_lane("a")
+        members = len(system.members()) if system else 0
+        for path in paths * 2:
+            error = refused(acquire(d, lane, path), "unavailable")
+            assert error.detail.startswith(
+                "served by another sessionlane service: pid 4242, tcp://127.0.0.1:7521"
+            )
+            write = Append(lane="a", path=str(path), records=[{"x": 1}])
+            refused(d.call(lane, write), "unavailable")
+        if system is not None:
+            assert wait_until(lambda: len(system.members()) == members), "refused actors retired"
+        holders[0].release()
+        lease = grant(d, lane, paths[0])
+        assert lease.fence >= 1
+        assert not paths[1].exists(), "a refused file is never opened"
+    finally:
+        for holder in holders:
+            holder.kill()
