@@ -12,8 +12,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from thespian.actors import ChildActorExited
 
 from actors.ownership import (
     OwnedElsewhere,
@@ -25,8 +27,12 @@ from actors.ownership import (
     parse_owner_record,
     read_owner,
 )
+from actors.registry import Registry
 from actors.session_file import Broken, activation_error
 from messages.errors import PathNotAllowed
+from messages.internal import ActivationFailed, Configure, IdleNotice, LaneCall, LaneRef
+from messages.wire import Acquire
+from system.driver import file_settings
 
 HOLDER = """
 import sys, time
@@ -195,3 +201,89 @@ def test_a_failed_activation_maps_to_the_error_its_requests_get() -> None:
     assert activation_error(OSError(23, "Too many open files in system")).code == "too_many_files"
     name = activation_error(OSError(36, "File name too long"))
     assert name.code == "unavailable" and "File name too long" in name.detail
+
+
+# The Registry's side, driven by calling its handlers (no actor system) ----------------------
+
+
+class FakeRegistry(Registry):
+    """A Registry whose sends, creates and timers are recorded instead of performed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[str, Any]] = []
+        self.created: list[str] = []
+        self.timers: list[Any] = []
+
+    def createActor(self, cls: Any, *args: Any, **kwargs: Any) -> str:
+        self.created.append(f"file-{len(self.created) + 1}")
+        return self.created[-1]
+
+    def send(self, target: Any, message: Any) -> None:
+        self.sent.append((target, message))
+
+    def wakeupAfter(self, delay: Any, payload: Any = None) -> None:
+        self.timers.append(payload)
+
+    def to(self, target: str) -> list[str]:
+        """Names of the messages sent to ``target`` (and forget them)."""
+        names = [type(m).__name__ for t, m in self.sent if t == target]
+        self.sent = [(t, m) for t, m in self.sent if t != target]
+        return names
+
+
+def lane_call(path: str, rid: int) -> LaneCall:
+    lane = LaneRef(uid="u1", name="a", address="lane-1")
+    request = Acquire(id=rid, lane="a", path=path, purpose="prompt")
+    return LaneCall(lane=lane, path=path, canonical=True, request=request)
+
+
+def configured(tmp_path: Path) -> FakeRegistry:
+    registry = FakeRegistry()
+    settings = file_settings()
+    registry.on_configure(Configure(roots=[str(tmp_path)], suffixes=[".jsonl"], file=settings), "s")
+    registry.sent.clear()
+    return registry
+
+
+def test_a_path_whose_actor_is_still_exiting_gets_its_next_actor_only_once_the_old_one_is_gone(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "s.jsonl")
+    registry = configured(tmp_path)
+    registry.serve(lane_call(path, 1))
+    assert registry.to("file-1") == ["FileInit", "LaneCall"]
+    registry.on_idle(IdleNotice(path=path, received=1), "file-1")
+    assert registry.to("file-1") == ["ActorExitRequest"]
+
+    registry.serve(lane_call(path, 2))  # the old actor still holds the file's lock
+    assert registry.created == ["file-1"] and not registry.sent
+
+    registry.on_child_exited(ChildActorExited("file-1"), "admin")
+    assert registry.created == ["file-1", "file-2"]
+    assert registry.to("file-2") == ["FileInit", "LaneCall"]
+
+
+def test_an_actor_that_failed_to_activate_is_retired_once_it_answered_all_forwarded_and_not_restarted(  # noqa: E501
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "s.jsonl")
+    registry = configured(tmp_path)
+    registry.serve(lane_call(path, 1))
+    registry.serve(lane_call(path, 2))
+    registry.sent.clear()
+
+    def failed(received: int) -> ActivationFailed:
+        detail = "served by another sessionlane service: pid 1, tcp://h:1"
+        return ActivationFailed(path=path, received=received, code="unavailable", detail=detail)
+
+    registry.on_activation_failed(failed(0), "file-1")  # after FileInit: two calls in flight
+    registry.on_activation_failed(failed(1), "file-1")
+    assert not registry.sent, "not while a forwarded call is unanswered"
+    registry.on_activation_failed(failed(2), "file-1")
+    assert registry.to("file-1") == ["ActorExitRequest"]
+
+    registry.on_child_exited(ChildActorExited("file-1"), "admin")
+    assert registry.created == ["file-1"], "a retired actor is not restarted"
+    registry.serve(lane_call(path, 3))
+    assert registry.created == ["file-1", "file-2"], "the next call tries again"
