@@ -178,11 +178,13 @@ def _refuse_overlap(roots: Sequence[str]) -> bool:
     overlaps = find_overlaps(roots, live_services(state_dir()))
     for overlap in overlaps:
         print(f"sessionlane: cannot start: {overlap.describe()}", file=sys.stderr)
+    listens = sorted({o.service.listen for o in overlaps})
     if overlaps:
+        stops = " or ".join(f"`sessionlane stop --listen {listen}`" for listen in listens)
         print(
-            "sessionlane: stop that service first (`sessionlane stop --listen ADDR`), or pass"
-            " --allow-overlap (allow_overlap = true) if the overlap is intended: each file is"
-            " then served by one service at a time and the other answers `unavailable`",
+            f"sessionlane: stop it first ({stops}), or pass --allow-overlap"
+            " (allow_overlap = true) if the overlap is intended: each file is then served by"
+            " one service at a time and the other answers `unavailable`",
             file=sys.stderr,
         )
     return bool(overlaps)

@@ -221,6 +221,7 @@ def test_serve_on_an_overlapping_root_of_a_live_service_exits_2_naming_it(
     text = serves.refused(serves.start(new_root))
 
     assert f"pid {live.proc.pid} at {live.address}" in text, text
+    assert f"`sessionlane stop --listen {live.state['listen']}`" in text, text
     assert "--allow-overlap" in text
     assert not list(new_root.glob("*.owner")), "nothing was started"
 
