@@ -125,6 +125,8 @@ def describe_owner(record: OwnerRecord | None) -> str:
     """What a refused request is told: ``served by another sessionlane service: pid N, ADDR``."""
     if record is None:
         return "served by another sessionlane service (it has not written its identity yet)"
+    if not record.service_pid or not record.gateway:  # an actor system without a service
+        return f"served by another sessionlane actor system (file actor pid {record.pid})"
     return (
         f"served by another sessionlane service: pid {record.service_pid}, {record.gateway}"
         f" (admin port {record.admin_port}, file actor pid {record.pid})"

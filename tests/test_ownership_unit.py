@@ -186,6 +186,8 @@ def test_a_hard_linked_or_non_regular_sidecar_is_refused(tmp_path: Path) -> None
 
 def test_describing_an_owner_that_has_not_written_its_identity_yet_still_says_who_serves() -> None:
     assert describe_owner(None).startswith("served by another sessionlane service")
+    bare = OwnerRecord(pid=7, service_pid=0, gateway="", admin_port=0, since=0)
+    assert describe_owner(bare) == "served by another sessionlane actor system (file actor pid 7)"
 
 
 def test_a_failed_activation_maps_to_the_error_its_requests_get() -> None:
