@@ -97,6 +97,11 @@ def watchdogs(parent: int) -> list[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    stat = launch._proc_stat(pid)
+    return stat is not None and stat.live
+
+
 def test_kill_9_of_serve_ends_its_actor_system_clients_see_leases_lost_and_serve_restarts_at_once(
     serves: Serves, root: Path
 ) -> None:
@@ -120,7 +125,7 @@ def test_kill_9_of_serve_ends_its_actor_system_clients_see_leases_lost_and_serve
         wait_for(lambda: lease.revoked is not None, GONE_WITHIN_S, "the holder to see it lost")
         with pytest.raises((LeaseRevoked, Unavailable)):
             lease.append({"after": "kill"})
-    wait_for(lambda: not launch._proc_stat(watchdog), GONE_WITHIN_S, "the watchdog to exit")
+    wait_for(lambda: not alive(watchdog), GONE_WITHIN_S, "the watchdog to exit")
     print(
         f"\nkill -9 serve: last of {len(members) + 1} actor processes gone after "
         f"{gone_after * 1000:.0f} ms"
@@ -157,10 +162,11 @@ def test_a_process_embedding_an_actor_system_takes_it_along_when_killed(tmp_path
         assert proc.stdout is not None
         pgid = int(proc.stdout.readline())
         assert live_pids(pgid)
+        [watchdog] = watchdogs(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         wait_for(lambda: not live_pids(pgid), GONE_WITHIN_S, "the embedded system to exit")
-        wait_for(lambda: not watchdogs(proc.pid), GONE_WITHIN_S, "its watchdog to exit")
+        wait_for(lambda: not alive(watchdog), GONE_WITHIN_S, "its watchdog to exit")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -175,7 +181,7 @@ def test_a_clean_stop_disarms_the_watchdog_and_it_exits_with_the_service(
     serve = serves.ready(serves.start(root))
     [watchdog] = watchdogs(serve.proc.pid)
     assert serve.terminate() == 0
-    assert launch._proc_stat(watchdog) is None or not launch._proc_stat(watchdog).live  # type: ignore[union-attr]
+    assert not alive(watchdog)
     assert "killed its process group" not in Path(serve.state["log_file"]).read_text()
 
 
@@ -270,3 +276,28 @@ def test_a_stale_state_file_of_a_dead_or_recycled_service_does_not_block_serve(
 
     serve = serves.ready(serves.start(root))
     assert serve.terminate() == 0
+
+
+def test_after_the_supervisor_restarts_the_actor_system_the_new_one_dies_with_serve_too(
+    serves: Serves, root: Path
+) -> None:
+    serve = serves.ready(serves.start(root))
+    old_pgid, port = serve.state["pgid"], serve.state["admin_port"]
+    admin = launch._admin_pid(port)
+    assert admin is not None
+    os.killpg(old_pgid, signal.SIGKILL)  # the whole actor system dies under the supervisor
+
+    def restarted() -> bool:
+        serves.ready(serve)  # re-read the state file: serve rewrites it after a restart
+        return bool(serve.state["pgid"] != old_pgid and live_pids(serve.state["pgid"]))
+
+    wait_for(restarted, 30, "the supervisor to restart the actor system")
+    new_pgid = serve.state["pgid"]
+    [watchdog] = watchdogs(serve.proc.pid)  # the old system's watchdog is gone
+    with connect(serve.address) as sl, sl.lane("a").lease(str(root / "s.jsonl")) as lease:
+        assert lease is not None
+
+    os.kill(serve.proc.pid, signal.SIGKILL)
+
+    wait_for(lambda: not live_pids(new_pgid), GONE_WITHIN_S, "the new actor system to exit")
+    wait_for(lambda: not alive(watchdog), GONE_WITHIN_S, "its watchdog to exit")
