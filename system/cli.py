@@ -26,6 +26,9 @@ __all__ = ["main"]
 
 log = logging.getLogger("system.cli")
 
+_LEFTOVER_WAIT_S = 5.0
+"""How long ``serve`` waits for the actor processes of a dead service on its address to go."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -149,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"sessionlane: warning: {warning}", file=sys.stderr)
     if not settings.allow_overlap and _refuse_overlap(settings.roots):
         return 2
+    _await_leftovers(settings.listen)
     service = Service(settings, log_file=args.log_file)
     install_signal_handlers(service)
     try:
@@ -188,6 +192,20 @@ def _refuse_overlap(roots: Sequence[str]) -> bool:
             file=sys.stderr,
         )
     return bool(overlaps)
+
+
+def _await_leftovers(listen: str) -> None:
+    """Give a killed service's lifeline a moment to end its actor system (port, file locks)."""
+    from system.overlap import await_leftovers
+    from system.service import state_dir
+
+    left = await_leftovers(listen, state_dir(), _LEFTOVER_WAIT_S)
+    if left:
+        print(
+            f"sessionlane: warning: {len(left)} processes of a dead service that listened on"
+            f" {listen} are still running (pids {', '.join(map(str, left))})",
+            file=sys.stderr,
+        )
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "LiveService",
     "Overlap",
     "Relation",
+    "await_leftovers",
     "busy_listener_hint",
     "find_overlaps",
     "is_live",
@@ -150,6 +152,32 @@ def find_overlaps(roots: Iterable[str], services: Iterable[LiveService]) -> list
                 if rel is not None:
                     found.append(Overlap(mine, rel, theirs, service))
     return found
+
+
+def await_leftovers(listen: str, directory: Path, timeout: float) -> list[int]:
+    """Wait (bounded) for the actor processes of dead services that listened on ``listen``.
+
+    A ``kill -9`` of ``serve`` is followed within milliseconds by its lifeline killing the
+    actor system, but a restart script may be faster: this lets a new ``serve`` on the same
+    address start instead of failing on the port. Returns the pids still alive at the end.
+    """
+    with contextlib.suppress(ConfigError):
+        parsed = parse_listen(listen)
+        if parsed[0] == "tcp" and parsed[2] == 0:
+            return []  # a fresh port each time: nothing to wait for
+    groups = [
+        int(state["pgid"])
+        for _, state in read_states(directory)
+        if state.get("listen") == listen
+        and isinstance(state.get("pgid"), int)
+        and not is_live(state)
+    ]
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid, st in launch._proc_stats() if st.pgrp in groups and st.live]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.02)
 
 
 def busy_listener_hint(listen: Sequence[str], directory: Path) -> str:

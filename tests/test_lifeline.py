@@ -301,3 +301,19 @@ def test_after_the_supervisor_restarts_the_actor_system_the_new_one_dies_with_se
 
     wait_for(lambda: not live_pids(new_pgid), GONE_WITHIN_S, "the new actor system to exit")
     wait_for(lambda: not alive(watchdog), GONE_WITHIN_S, "its watchdog to exit")
+
+
+def test_a_serve_started_right_after_kill_9_on_the_same_root_and_port_comes_up(
+    serves: Serves, root: Path
+) -> None:
+    first = serves.ready(serves.start(root))
+    with connect(first.address) as sl, sl.lane("a").lease(str(root / "s.jsonl")) as lease:
+        assert lease is not None
+        fence = lease.fence
+    os.kill(first.proc.pid, signal.SIGKILL)
+
+    second = serves.ready(serves.start(root, listen=first.state["listen"]))  # no wait first
+
+    with connect(second.address) as sl, sl.lane("b").lease(str(root / "s.jsonl")) as lease:
+        assert lease is not None and lease.fence > fence
+    assert second.terminate() == 0
