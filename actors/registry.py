@@ -10,6 +10,17 @@ forwarded to it, so no call can be in flight to an actor that exits.
 A SessionFile that dies otherwise is restarted at once; the lanes that used it are told
 (``FileRestarted``) so they report their leases on it as revoked (``actor_restart``).
 
+A SessionFile that could not activate (its file is owned by another service, cannot be
+opened, has a corrupt fence sidecar, or descriptors ran out) answers every message it gets
+with its error and says so (``ActivationFailed``); it is retired like an idle one, when it has
+answered everything forwarded to it, and never restarted: the next call for the path activates
+a new one, which tries again (the other owner may have gone).
+
+At most one SessionFile process per path at a time, retiring ones included: a path whose
+previous actor is still exiting (it holds the file's ownership lock until its process ends)
+gets its new actor only once the old one's ``ChildActorExited`` arrives; messages for it wait
+in the Registry meanwhile (bounded by ``_SUCCESSOR_WAIT_S``, after which it starts anyway).
+
 In a convention (``Join``, sent by the Service) the Registry also routes: a call for a path
 under another member's root is forwarded to that member's Registry, and calls forwarded to us
 are served here and never forwarded again. That part, and why no path ever gets two
@@ -30,6 +41,7 @@ from actors._shell import Handler, ShellActor, addr_key, monotonic_ms
 from actors.session_file import SessionFile
 from messages.errors import ErrorCode, PathNotAllowed
 from messages.internal import (
+    ActivationFailed,
     ChannelOffer,
     Configure,
     Configured,
@@ -60,12 +72,15 @@ _DRAIN_TIMEOUT_S = 3.0
 _RESTART_WINDOW_MS = 60_000.0
 _RESTART_BURST = 5
 _MAX_ALIASES = 64
+_SUCCESSOR_WAIT_S = 5.0
+"""How long a new SessionFile waits for its path's retiring predecessor to exit."""
 
 
 @dataclass
 class _File:
     path: str
     address: Any
+    """None while the path's previous actor is still exiting (see ``pending``)."""
     incarnation: int
     key: str
     """Stable key of this child actor (see ``Registry.child_key``)."""
@@ -74,6 +89,8 @@ class _File:
     aliases: set[str] = field(default_factory=set)
     """Raw spellings routed here (bounded), so lanes can match requests still unanswered."""
     restarts: deque[float] = field(default_factory=deque)
+    pending: list[Any] = field(default_factory=list)
+    """Messages for this file held until its actor is started (``address`` is None)."""
 
 
 @dataclass
@@ -96,7 +113,7 @@ class Registry(ShellActor):
         self.files: dict[str, _File] = {}
         self.children: dict[str, Any] = {}  # child key -> address, live or retiring
         self.by_address: dict[str, str] = {}  # child key -> path (live children only)
-        self.retiring: set[str] = set()
+        self.retiring: dict[str, str] = {}  # child key -> path, asked to exit, not yet gone
         self.incarnations: dict[str, int] = {}
         self.gathers: dict[int, _Gather] = {}
         self.query_ids = itertools.count(1)
@@ -113,6 +130,7 @@ class Registry(ShellActor):
             LaneCall: self.on_call,
             OpenChannel: self.on_open_channel,
             IdleNotice: self.on_idle,
+            ActivationFailed: self.on_activation_failed,
             ChildActorExited: self.on_child_exited,
             LaneClosed: self.on_lane_closed,
             StatusQuery: self.on_status,
@@ -165,7 +183,7 @@ class Registry(ShellActor):
         entry.lanes[addr_key(call.lane.address)] = call.lane.address
         if not call.canonical and len(entry.aliases) < _MAX_ALIASES:
             entry.aliases.add(call.path)
-        self.send(entry.address, call.model_copy(update={"path": path, "canonical": True}))
+        self.forward(entry, call.model_copy(update={"path": path, "canonical": True}))
         return path
 
     def on_open_channel(self, msg: OpenChannel, sender: Any) -> None:
@@ -197,7 +215,7 @@ class Registry(ShellActor):
         entry.lanes[addr_key(sender)] = sender
         if path != msg.path and len(entry.aliases) < _MAX_ALIASES:
             entry.aliases.add(msg.path)
-        self.send(entry.address, msg.model_copy(update={"reply_to": sender}))
+        self.forward(entry, msg.model_copy(update={"reply_to": sender}))
 
     def is_active(self, path: str) -> bool:
         return path in self.files
@@ -207,19 +225,45 @@ class Registry(ShellActor):
         self.send(call.lane.address, reply)
 
     def activate(self, path: str, restarts: deque[float] | None = None) -> _File:
-        assert self.config is not None
+        """A new entry for ``path``; its actor starts now, or once its predecessor is gone."""
         incarnation = self.incarnations.get(path, 0) + 1
         self.incarnations[path] = incarnation
-        address = self.createActor(SessionFile)
         key = f"{incarnation}:{path}"
-        entry = _File(path=path, address=address, incarnation=incarnation, key=key)
+        entry = _File(path=path, address=None, incarnation=incarnation, key=key)
         if restarts is not None:
             entry.restarts = restarts
         self.files[path] = entry
-        self.children[key] = address
-        self.by_address[key] = path
-        self.send(address, FileInit(path=path, settings=self.config.file, incarnation=incarnation))
+        if path in self.retiring.values():
+            log.debug("%s: waiting for the previous actor to exit", path)
+            self.wakeupAfter(_SUCCESSOR_WAIT_S, payload=("successor", key))
+        else:
+            self.start_file(entry)
         return entry
+
+    def start_file(self, entry: _File) -> None:
+        """Create ``entry``'s actor, initialise it, and hand it what waited for it."""
+        assert self.config is not None and entry.address is None
+        address = self.createActor(SessionFile)
+        entry.address = address
+        self.children[entry.key] = address
+        self.by_address[entry.key] = entry.path
+        init = FileInit(path=entry.path, settings=self.config.file, incarnation=entry.incarnation)
+        self.send(address, init)
+        pending, entry.pending = entry.pending, []
+        for message in pending:
+            self.send(address, message)
+
+    def forward(self, entry: _File, message: Any) -> None:
+        """To ``entry``'s actor, or held until it starts."""
+        if entry.address is None:
+            entry.pending.append(message)
+        else:
+            self.send(entry.address, message)
+
+    def start_successor(self, path: str) -> None:
+        entry = self.files.get(path)
+        if entry is not None and entry.address is None and not self.draining:
+            self.start_file(entry)
 
     def child_key(self, address: Any) -> str | None:
         """The key of the SessionFile child at ``address``, or None if it is not one.
@@ -236,17 +280,30 @@ class Registry(ShellActor):
     # Passivation and restarts --------------------------------------------------------------
 
     def on_idle(self, msg: IdleNotice, sender: Any) -> None:
-        entry = self.files.get(msg.path)
-        if entry is None or self.child_key(sender) != entry.key:
-            return
-        if entry.forwarded != msg.received:
-            return  # a call is in flight to it: it is not idle after all
+        if self.retire(msg.path, msg.received, sender):
+            log.info("passivating %s after %d calls", msg.path, msg.received)
+
+    def on_activation_failed(self, msg: ActivationFailed, sender: Any) -> None:
+        if self.retire(msg.path, msg.received, sender):
+            log.info("retiring the actor of %s (%s: %s)", msg.path, msg.code, msg.detail)
+
+    def retire(self, path: str, received: int, sender: Any) -> bool:
+        """Ask ``sender``, the actor of ``path``, to exit if every forwarded message reached it.
+
+        False when it is not (or no longer) the path's actor, or a message is still in flight
+        to it (it will ask again after answering it).
+        """
+        entry = self.files.get(path)
+        if entry is None or entry.address is None or self.child_key(sender) != entry.key:
+            return False
+        if entry.forwarded != received:
+            return False
         key = entry.key
-        del self.files[msg.path]
+        del self.files[path]
         self.by_address.pop(key, None)
-        self.retiring.add(key)
-        log.info("passivating %s after %d calls", msg.path, msg.received)
+        self.retiring[key] = path
         self.send(sender, ActorExitRequest())
+        return True
 
     def on_child_exited(self, msg: ChildActorExited, sender: Any) -> None:
         key = self.child_key(msg.childAddress)
@@ -256,7 +313,7 @@ class Registry(ShellActor):
             return
         del self.children[key]
         if key in self.retiring:
-            self.retiring.discard(key)
+            self.start_successor(self.retiring.pop(key))
             return
         path = self.by_address.pop(key, None)
         if path is None or self.draining:
@@ -355,7 +412,7 @@ class Registry(ShellActor):
         self.gathers[qid] = gather
         for entry in entries:
             entry.forwarded += 1
-            self.send(entry.address, FileStatusQuery(query=qid))
+            self.forward(entry, FileStatusQuery(query=qid))
         self.wakeupAfter(_STATUS_TIMEOUT_S, payload=("gather", qid))
         self.maybe_finish(qid)
 
@@ -371,6 +428,8 @@ class Registry(ShellActor):
 
     def on_drain(self, msg: Drain, sender: Any) -> None:
         self.draining = True
+        for entry in [e for e in self.files.values() if e.address is None]:
+            self.abandon_waiting(entry)
         qid = next(self.query_ids)
         targets = {e.key: e.address for e in self.files.values()}
         self.gathers[qid] = _Gather(sender, None, set(targets), kind="drain")
@@ -386,9 +445,33 @@ class Registry(ShellActor):
                 gather.waiting.discard(key)
                 self.maybe_finish(qid)
 
+    def abandon_waiting(self, entry: _File) -> None:
+        """The service drains: answer what waited for a never-started actor, forget it."""
+        del self.files[entry.path]
+        pending, entry.pending = entry.pending, []
+        for message in pending:
+            if isinstance(message, LaneCall):
+                detail = "the service is stopping"
+                error = Error(id=message.request.id, code="shutting_down", detail=detail)
+                self.refuse(message, error)
+            elif isinstance(message, OpenChannel):
+                reason = "the registry is not serving"
+                offer = ChannelOffer(path=message.path, nonce=message.nonce, reason=reason)
+                self.send(message.reply_to, offer)
+        self.fail_gathers(entry.key)
+
     def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
         if isinstance(msg.payload, tuple) and msg.payload[0] == "gather":
             self.maybe_finish(msg.payload[1], force=True)
+        elif isinstance(msg.payload, tuple) and msg.payload[0] == "successor":
+            entry = next((e for e in self.files.values() if e.key == msg.payload[1]), None)
+            if entry is not None and entry.address is None and not self.draining:
+                log.warning(
+                    "%s: the previous actor has not exited within %.0f s; starting anyway",
+                    entry.path,
+                    _SUCCESSOR_WAIT_S,
+                )
+                self.start_file(entry)
         elif self.federation is not None and Federation.is_tick(msg.payload):
             self.federation.tick()
 

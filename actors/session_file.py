@@ -23,8 +23,11 @@ from the Registry says it is not retired after all.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
@@ -47,11 +50,14 @@ from actors.lease_table import (
     Skip,
 )
 from actors.legacy_lock import LegacyLock
+from actors.ownership import OwnedElsewhere, Ownership
 from actors.session_file_channels import ChannelsMixin
 from actors.session_file_commit import GroupCommitMixin
 from actors.session_file_writes import WritesMixin
 from actors.transcript import Transcript
+from messages.errors import ErrorCode, PathNotAllowed
 from messages.internal import (
+    ActivationFailed,
     Drain,
     Drained,
     FileInit,
@@ -87,9 +93,35 @@ from messages.wire import (
     Released as ReleasedReply,
 )
 
-__all__ = ["SessionFile"]
+__all__ = ["Broken", "SessionFile", "activation_error"]
 
 log = logging.getLogger(__name__)
+
+_TOO_MANY_FILES = (errno.EMFILE, errno.ENFILE)
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """Why a SessionFile could not start serving its file: every request gets this error."""
+
+    code: ErrorCode
+    detail: str
+
+
+def activation_error(exc: BaseException) -> Broken:
+    """The error a failed activation answers with (a pure mapping, tested on its own).
+
+    Another owner or an I/O error is ``unavailable`` (the next request tries again: the
+    owner may have gone); a path that confinement refuses is ``path_not_allowed``; running out
+    of descriptors is ``too_many_files``.
+    """
+    if isinstance(exc, OwnedElsewhere):
+        return Broken("unavailable", exc.detail)
+    if isinstance(exc, PathNotAllowed):
+        return Broken("path_not_allowed", exc.detail)
+    if isinstance(exc, OSError) and exc.errno in _TOO_MANY_FILES:
+        return Broken("too_many_files", f"cannot open the file: {exc.strerror}")
+    return Broken("unavailable", f"cannot open the file: {type(exc).__name__}: {exc}")
 
 
 class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
@@ -114,7 +146,9 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         self.fences: FenceStore | None = None
         self.legacy: LegacyLock | None = None
         self.registry: Any = None
-        self.broken: str | None = None
+        self.ownership: Ownership | None = None
+        self.broken: Broken | None = None
+        self.reported = -1  # ``received`` when ActivationFailed was last sent
         self.incarnation = 0
         self.received = 0  # messages the Registry forwarded (compared in its passivation check)
         self.activity = 0  # calls of any route, for the idle timer
@@ -156,7 +190,23 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         super().receiveMessage(msg, sender)
         if isinstance(msg, ActorExitRequest):
             return None
+        if self.broken is not None:
+            self.report_broken()
+            return None
         return self.end_turn()
+
+    def report_broken(self) -> None:
+        """Ask the Registry to retire us, once per count of forwarded messages answered."""
+        if self.broken is None or self.registry is None or self.reported == self.received:
+            return
+        self.reported = self.received
+        failed = ActivationFailed(
+            path=self.path,
+            received=self.received,
+            code=self.broken.code,
+            detail=self.broken.detail,
+        )
+        self.send(self.registry, failed)
 
     def end_turn(self) -> ThespianWatch | None:
         """After every message: group commit, then one write of the channels' output.
@@ -192,13 +242,26 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         self.incarnation = msg.incarnation
         self.last_active = self.now()
         try:
+            # Ownership first: nothing of the file (torn tail, fences) is touched unless we
+            # are its one owner on this machine, and the fence floor read below is the last
+            # owner's final word (it held the lock until its process ended).
+            owner = s.owner
+            self.ownership = Ownership.acquire(
+                msg.path,
+                service_pid=owner.pid if owner else 0,
+                gateway=owner.gateway if owner else "",
+                admin_port=owner.admin_port if owner else 0,
+                now=time.time(),
+            )
             self.transcript = Transcript(msg.path, log=log)
             report = self.transcript.open()
             self.fences = FenceStore(msg.path)
             floor = self.fences.load()
-        except Exception as exc:  # permission, corrupt fence file, full disk...
-            self.broken = f"{type(exc).__name__}: {exc}"
-            log.error("cannot open %s: %s", msg.path, self.broken)
+        except Exception as exc:  # another owner, permission, corrupt fence file, EMFILE...
+            self.broken = activation_error(exc)
+            self.close_after_failure()
+            level = logging.INFO if isinstance(exc, OwnedElsewhere) else logging.ERROR
+            log.log(level, "not serving %s: %s", msg.path, self.broken.detail)
             return
         if s.legacy_lock:
             self.legacy = LegacyLock(msg.path)
@@ -221,6 +284,19 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         )
         self._schedule_idle()
 
+    def close_after_failure(self) -> None:
+        """Let go of what a failed activation had already opened (the lock last)."""
+        if self.transcript is not None:
+            try:
+                self.transcript.close()
+            except Exception:
+                log.exception("closing %s after a failed activation", self.path)
+            self.transcript = None
+        self.fences = None
+        if self.ownership is not None:
+            self.ownership.release()
+            self.ownership = None
+
     def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
         self.fail_queued_writes("unavailable", "the file's actor is exiting")
         self.commit()
@@ -228,6 +304,10 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         if self.transcript is not None:
             self.transcript.close()
         self.close_pass_end()
+        if self.ownership is not None:
+            # Last: until here another service must not open, quarantine or fence the file.
+            self.ownership.release()
+            self.ownership = None
 
     def on_drain(self, msg: Drain, sender: Any) -> None:
         self.commit()
@@ -261,8 +341,11 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         self.lanes[call.lane.uid] = call.lane.address
         self.lane_names[call.lane.uid] = call.lane.name
         if self.table is None:
-            detail = self.broken or "the file actor is not initialised"
-            self.reply(call, Error(id=call.request.id, code="unavailable", detail=detail))
+            broken = self.broken or Broken("unavailable", "the file actor is not initialised")
+            error = Error(
+                id=call.request.id, code=broken.code, detail=broken.detail, path=call.path
+            )
+            self.reply(call, error)
             return
         now = self.now()
         req = call.request

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from actors.file_channels import ChannelCallEvent, ChannelClosed, ChannelRef, ChannelServer
 from actors.lease_table import Effect, LeaseTable
@@ -28,6 +28,16 @@ from messages.channel import reply_frame
 from messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
 
 __all__ = ["ChannelsMixin"]
+
+
+class _Broken(Protocol):
+    """``actors.session_file.Broken`` (not imported: that module imports this one)."""
+
+    @property
+    def code(self) -> Any: ...
+    @property
+    def detail(self) -> str: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +53,7 @@ class ChannelsMixin:
     watch_supported: bool
     path: str
     table: LeaseTable | None
-    broken: str | None
+    broken: _Broken | None
     incarnation: int
     retiring: bool
     lanes: dict[str, Any]
@@ -72,7 +82,10 @@ class ChannelsMixin:
         server, reason = self.channel_server()
         canonical = self.path or None
         if server is None:
-            offer = ChannelOffer(path=msg.path, nonce=msg.nonce, canonical=canonical, reason=reason)
+            code = self.broken.code if self.broken is not None else None
+            offer = ChannelOffer(
+                path=msg.path, nonce=msg.nonce, canonical=canonical, reason=reason, code=code
+            )
         else:
             offer = ChannelOffer(
                 path=msg.path,
@@ -89,7 +102,8 @@ class ChannelsMixin:
         if self.server is not None:
             return self.server, ""
         if self.table is None:
-            return None, self.broken or "the file actor is not initialised"
+            detail = self.broken.detail if self.broken is not None else ""
+            return None, detail or "the file actor is not initialised"
         if not self.watch_supported:
             return None, "this actor system cannot watch sockets"
         if not self.channels:

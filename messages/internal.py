@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from messages.errors import ErrorCode
 from messages.wire import (
     Abandon,
     Acquire,
@@ -29,6 +30,7 @@ from messages.wire import (
 )
 
 __all__ = [
+    "ActivationFailed",
     "AgentGone",
     "ChannelOffer",
     "Configure",
@@ -55,6 +57,7 @@ __all__ = [
     "Opened",
     "Ping",
     "Pong",
+    "ServiceIdentity",
     "StartGateway",
     "StatusQuery",
 ]
@@ -86,6 +89,17 @@ class LaneRef(_Internal):
     """The lane's class, used for its lease-less writes."""
 
 
+class ServiceIdentity(_Internal):
+    """Who a service is, as its SessionFiles name it in their owner sidecars."""
+
+    pid: int
+    """The service's process (``sessionlane serve``, or the process embedding a Service)."""
+    gateway: str
+    """The gateway address its clients connect to."""
+    admin_port: int
+    """Its thespian admin port."""
+
+
 class FileSettings(_Internal):
     """What a SessionFile needs to know, handed down by the Registry."""
 
@@ -97,6 +111,9 @@ class FileSettings(_Internal):
     durability: Literal["fsync", "flush"]
     max_record_bytes: int
     legacy_lock: bool
+    owner: ServiceIdentity | None = None
+    """Written into the file's owner sidecar (``actors.ownership``) while the SessionFile holds
+    it, so a contender can name this service; None: only the actor's own pid is known."""
 
 
 class Configure(_Internal):
@@ -195,6 +212,21 @@ class IdleNotice(_Internal):
     received: int
 
 
+class ActivationFailed(_Internal):
+    """From a SessionFile that could not start serving its file, to the Registry: retire me.
+
+    Sent after the failed ``FileInit`` and again after every later message the Registry
+    forwarded (each answered with ``code``), so the Registry retires it once ``received``
+    equals what it forwarded: nothing can be in flight to it then.
+    """
+
+    kind: Literal["activation_failed"] = "activation_failed"
+    path: str
+    received: int
+    code: ErrorCode
+    detail: str
+
+
 class FileRestarted(_Internal):
     """From the Registry to the lanes that used ``path``: its actor died and was restarted."""
 
@@ -238,6 +270,9 @@ class ChannelOffer(_Internal):
     token: str = ""
     incarnation: int = 0
     reason: str = ""
+    code: ErrorCode | None = None
+    """Set by a SessionFile that failed to activate: the calls waiting for this channel get
+    this error (and ``reason`` as detail), and the next call asks again."""
 
 
 class StatusQuery(_Internal):
@@ -322,6 +357,7 @@ InternalMessage = (
     | LaneClosed
     | FileInit
     | IdleNotice
+    | ActivationFailed
     | FileRestarted
     | OpenChannel
     | ChannelOffer

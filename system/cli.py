@@ -34,6 +34,9 @@ __all__ = ["main"]
 
 log = logging.getLogger("system.cli")
 
+_LEFTOVER_WAIT_S = 5.0
+"""How long ``serve`` waits for the actor processes of a dead service on its address to go."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -107,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         " (default 127.0.0.1; anything else needs trusted_network = true)",
     )
     serve.add_argument("--log-file", metavar="FILE", help="where the actors log")
+    serve.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        default=None,
+        help="start even if a live service serves an equal, containing or nested root"
+        " (each file is still served by one service at a time)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     serve.set_defaults(func=cmd_serve)
 
@@ -173,12 +183,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "admin_port": args.admin_port,
         "leader": args.leader,
         "bind_host": args.bind_host,
+        "allow_overlap": args.allow_overlap,
     }
     settings, warnings = load_settings(args.config, overrides=overrides)
     if not settings.roots:
         raise ConfigError("roots", "no roots configured: pass --root DIR (or roots in the config)")
     for warning in warnings:
         print(f"sessionlane: warning: {warning}", file=sys.stderr)
+    if not settings.allow_overlap and _refuse_overlap(settings.roots):
+        return 2
+    _await_leftovers(settings.listen)
     service = Service(settings, log_file=args.log_file)
     install_signal_handlers(service)
     try:
@@ -198,6 +212,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state.unlink(missing_ok=True)
         print("sessionlane stopped", flush=True)
     return 0
+
+
+def _refuse_overlap(roots: Sequence[str]) -> bool:
+    """Print why, and return True, when a live service already serves an overlapping root."""
+    from system.overlap import find_overlaps, live_services
+    from system.service import state_dir
+
+    overlaps = find_overlaps(roots, live_services(state_dir()))
+    for overlap in overlaps:
+        print(f"sessionlane: cannot start: {overlap.describe()}", file=sys.stderr)
+    listens = sorted({o.service.listen for o in overlaps})
+    if overlaps:
+        stops = " or ".join(f"`sessionlane stop --listen {listen}`" for listen in listens)
+        print(
+            f"sessionlane: stop it first ({stops}), or pass --allow-overlap"
+            " (allow_overlap = true) if the overlap is intended: each file is then served by"
+            " one service at a time and the other answers `unavailable`",
+            file=sys.stderr,
+        )
+    return bool(overlaps)
+
+
+def _await_leftovers(listen: str) -> None:
+    """Give a killed service's lifeline a moment to end its actor system (port, file locks)."""
+    from system.overlap import await_leftovers
+    from system.service import state_dir
+
+    left = await_leftovers(listen, state_dir(), _LEFTOVER_WAIT_S)
+    if left:
+        print(
+            f"sessionlane: warning: {len(left)} processes of a dead service that listened on"
+            f" {listen} are still running (pids {', '.join(map(str, left))})",
+            file=sys.stderr,
+        )
 
 
 def cmd_status(args: argparse.Namespace) -> int:

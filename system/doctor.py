@@ -11,6 +11,8 @@ Reports, and changes nothing:
   (``<transcript>.lock``) with their stale reasons (``actors.legacy_lock.inspect``);
 * state files of ``sessionlane serve`` (``system.service.state_dir()``) whose process is dead,
   and the actor processes of that service still running;
+* live services whose roots overlap (equal, nested or containing: ``system.overlap``); each of
+  their files is served by whichever opens it first, and the other answers ``unavailable``;
 * leftover actor processes of any sessionlane/thespian system whose admin is gone.
 
 How a leftover actor process is recognised (Linux ``/proc``; measured on thespian 4.0.1 and
@@ -45,9 +47,11 @@ from typing import Any, Literal
 
 from actors.fencestore import parse_fence_record
 from actors.legacy_lock import inspect as inspect_lock
-from actors.legacy_lock import parse_lock_payload, pid_alive, reclaimable
+from actors.legacy_lock import parse_lock_payload, reclaimable
 from system.config import ConfigError, load_settings
 from system.launch import _listening_sockets, _socket_inodes
+from system.overlap import find_overlaps, live_services
+from system.running import is_live
 from system.service import state_dir
 
 __all__ = ["Finding", "Report", "diagnose", "leftover_processes", "run_doctor"]
@@ -152,6 +156,7 @@ def diagnose(
     for root in scan_roots:
         findings += check_root(root, suffixes, now)
     findings += check_state_files(state_dir())
+    findings += check_overlaps(state_dir())
     findings += [
         Finding(
             "process",
@@ -261,7 +266,7 @@ def check_state_files(directory: Path) -> list[Finding]:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             findings.append(Finding("state", True, f"{state}: unreadable: {exc}", str(state)))
             continue
-        if pid_alive(pid):
+        if is_live(data):
             detail = f"{state}: service pid {pid} running ({data.get('listen')})"
             findings.append(Finding("state", False, detail, str(state), data))
             continue
@@ -275,6 +280,29 @@ def check_state_files(directory: Path) -> list[Finding]:
             )
             info = {"pgid": pgid, "pids": members}
             findings.append(Finding("process", True, detail, str(state), info))
+    return findings
+
+
+def check_overlaps(directory: Path) -> list[Finding]:
+    """Live services (by their state files) whose roots overlap: a problem each pair."""
+    services = live_services(directory)
+    findings = []
+    for i, first in enumerate(services):
+        for second in services[i + 1 :]:
+            for overlap in find_overlaps(first.roots, [second]):
+                detail = (
+                    f"live services pid {first.pid} ({first.address}) and pid {second.pid}"
+                    f" ({second.address}) serve overlapping roots: {overlap.sentence}; each file"
+                    " there is served by whichever opens it first and the other answers"
+                    " `unavailable`: stop one of them"
+                )
+                data = {
+                    "pids": [first.pid, second.pid],
+                    "addresses": [first.address, second.address],
+                    "roots": [overlap.mine, overlap.theirs],
+                    "relation": overlap.relation,
+                }
+                findings.append(Finding("state", True, detail, data=data))
     return findings
 
 

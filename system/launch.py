@@ -9,6 +9,9 @@ bounded wait until no member is left, whatever state the admin is in.
 Every listener is pinned to ``bind_host`` (loopback unless the operator says otherwise) by
 :func:`system.loopback.install` before the system is created. Linux only: the process
 bookkeeping reads ``/proc``.
+
+Every system also has a lifeline (``system.lifeline``): a watchdog that kills its process group
+if the process that started it dies without stopping it (``kill -9`` of ``serve``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 from thespian.actors import Actor, ActorSystem
 
 from system import loopback, poll_loop
+from system.lifeline import Lifeline
 
 __all__ = [
     "LOGGER_PACKAGES",
@@ -112,6 +116,8 @@ class TcpSystem:
     log_file: Path
     _admin_start: str = field(default="", repr=False)
     _stopped: bool = field(default=False, repr=False)
+    lifeline: Lifeline | None = field(default=None, repr=False)
+    """Kills the group if this process dies first; disarmed by ``stop()``."""
 
     def members(self) -> list[int]:
         """Pids of the live (non-zombie) processes in the system's process group."""
@@ -174,6 +180,7 @@ class TcpSystem:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pgid, signal.SIGKILL)
         left = self._wait_for_no_members(_STOP_WAIT_S)
+        _release_lifeline(self.lifeline, gone=not left)
         if left:
             raise RuntimeError(f"actor system processes survived SIGKILL: {left}")
         log.info("actor system on port %d stopped", self.admin_port)
@@ -225,6 +232,7 @@ def start_tcp_system(
     # loaded by now keeps the cyclic GC from writing to those objects in each child, so their
     # pages stay shared instead of being copied into every actor process.
     gc.freeze()
+    lifeline = Lifeline.spawn(log_path)
     try:
         with _no_inherited_log_handlers():
             asys = ActorSystem(
@@ -236,12 +244,15 @@ def start_tcp_system(
     except BaseException:
         # The admin may have been forked before the failure: nobody else would ever stop it.
         _kill_admin_group(port)
+        lifeline.close()
         raise
     admin_pid = _admin_pid(port)
     if admin_pid is None:
         _close_external_endpoint(asys)
+        lifeline.close()
         raise RuntimeError(f"actor system admin on port {port} not found after start")
     stat = _proc_stat(admin_pid) or _GONE
+    lifeline.arm(stat.pgrp)
     system = TcpSystem(
         asys=asys,
         admin_port=port,
@@ -249,6 +260,7 @@ def start_tcp_system(
         pgid=stat.pgrp,
         log_file=log_path,
         _admin_start=stat.start,
+        lifeline=lifeline,
     )
     log.info("actor system up: admin port %d, pid %d, pgid %d", port, admin_pid, stat.pgrp)
     return system
@@ -286,6 +298,15 @@ class PingActor(Actor):  # type: ignore[misc]
 
 
 # ---- thespian and /proc plumbing -----------------------------------------------------------
+
+
+def _release_lifeline(lifeline: Lifeline | None, *, gone: bool) -> None:
+    """Let the system's watchdog go; still armed if members survived (it tries again)."""
+    if lifeline is not None:
+        try:
+            lifeline.close(disarm=gone)
+        except OSError as exc:
+            log.warning("closing the lifeline failed: %s", exc)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from messages.channel import ChannelReply, ChannelWelcome, call_frame, decode_fr
 from messages.codec import FrameDecodeError, FrameReader
 from messages.errors import PathNotAllowed, TooLarge
 from messages.internal import ChannelOffer, FileReply, FileRestarted, LaneCall, OpenChannel
+from messages.wire import Error
 from system.paths import canonicalize
 
 __all__ = ["LinkHost", "Links"]
@@ -162,6 +163,9 @@ class Links:
         link = self.by_nonce.pop(offer.nonce, None)
         if link is None or link.mode != "opening" or self.links.get(link.path) is not link:
             return  # an answer to a request given up on
+        if offer.code is not None:
+            self.refused(link, offer)
+            return
         if offer.address is None or offer.canonical != link.path:
             if offer.address is not None:
                 log.warning(
@@ -187,6 +191,16 @@ class Links:
         link.mode = "connecting"
         link.out = bytearray(hello_frame(offer.token))
         self.by_fd[sock.fileno()] = link
+
+    def refused(self, link: _Link, offer: ChannelOffer) -> None:
+        """The file's actor could not activate (another owner, an unusable file): answer the
+        calls waiting for it with its error and drop the link, so the next call asks again."""
+        assert offer.code is not None
+        queued, link.queue = link.queue, []
+        self.forget(link)
+        for call in queued:
+            error = Error(id=call.request.id, code=offer.code, detail=offer.reason, path=call.path)
+            self.host.deliver(FileReply(path=call.path, message=error, lane=call.lane.uid))
 
     def to_registry(self, link: _Link) -> None:
         link.mode = "registry"

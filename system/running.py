@@ -22,9 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from system import launch
 from system.config import ConfigError, normalize_listen
 
-__all__ = ["Choice", "Found", "choose", "found_services", "is_serve_process"]
+__all__ = [
+    "Choice",
+    "Found",
+    "choose",
+    "found_services",
+    "is_live",
+    "is_serve_process",
+    "process_start",
+    "read_states",
+]
 
 
 @dataclass(frozen=True)
@@ -100,22 +110,39 @@ def choose(found: Sequence[Found], listen: str | None, *, live_only: bool) -> Ch
     return Choice("one", (candidates[0],))
 
 
-def found_services(directory: Path) -> list[Found]:
-    """Every readable state file in ``directory``, with whether its service runs."""
+def read_states(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every readable state file in ``directory`` and its content (live or not)."""
     found = []
     for path in sorted(directory.glob("serve-*.json")):
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(state, dict):
-            continue
-        try:
-            pid = int(state.get("pid") or 0)
-        except (TypeError, ValueError):
-            pid = 0
-        found.append(Found(path, state, is_serve_process(pid)))
+        if isinstance(state, dict):
+            found.append((path, state))
     return found
+
+
+def found_services(directory: Path) -> list[Found]:
+    """Every readable state file in ``directory``, with whether its service runs."""
+    return [Found(path, state, is_live(state)) for path, state in read_states(directory)]
+
+
+def process_start(pid: int) -> str | None:
+    """``pid``'s start time (clock ticks since boot), or None if it does not run."""
+    stat = launch._proc_stat(pid)
+    return stat.start if stat is not None and stat.live else None
+
+
+def is_live(state: dict[str, Any]) -> bool:
+    """Whether the ``serve`` that wrote ``state`` still runs: its pid, of this user, started
+    at the recorded time (a recycled pid does not count). State files written before start
+    times were recorded fall back to "the pid is a live ``serve`` of this user"."""
+    pid = state.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not is_serve_process(pid):
+        return False
+    recorded = state.get("pid_start")
+    return recorded is None or recorded == process_start(pid)
 
 
 def is_serve_process(pid: int) -> bool:

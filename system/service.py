@@ -45,6 +45,7 @@ from messages.internal import (
     GatewayStarted,
     Ping,
     Pong,
+    ServiceIdentity,
     StartGateway,
 )
 from system.config import Settings, load_settings, parse_leader, read_token
@@ -58,6 +59,8 @@ from system.convention import (
 )
 from system.gateway import Gateway
 from system.launch import TcpSystem, start_tcp_system
+from system.overlap import busy_listener_hint as _busy_listener_hint
+from system.running import process_start
 
 __all__ = ["Service", "ServiceError", "embedded_service", "state_dir", "state_file"]
 
@@ -86,8 +89,14 @@ def state_file(listen: str) -> Path:
     return state_dir() / f"serve-{digest}.json"
 
 
-def file_settings_from(settings: Settings) -> FileSettings:
+def busy_listener_hint(listen: list[str]) -> str:
+    """What is known about who holds a gateway address (see ``system.overlap``)."""
+    return _busy_listener_hint(listen, state_dir())
+
+
+def file_settings_from(settings: Settings, owner: ServiceIdentity | None = None) -> FileSettings:
     return FileSettings(
+        owner=owner,
         max_hold_ms=settings.max_hold_ms,
         wait_timeout_ms=settings.wait_timeout_ms,
         aging_ms=settings.aging_ms,
@@ -188,15 +197,7 @@ class Service:
         if self.convention and self.settings.leader is None:
             asys.createActor(Directory, globalName=DIRECTORY_NAME)
         registry = asys.createActor(Registry, globalName=REGISTRY_NAME)
-        asys.tell(
-            registry,
-            Configure(
-                roots=list(self.settings.roots),
-                suffixes=list(self.settings.suffixes),
-                file=file_settings_from(self.settings),
-            ),
-        )
-        self._expect(asys, Configured, "the registry")
+        self._configure(asys, registry, self.settings.listen, system.admin_port)
         if self.convention:
             self._join(asys, registry)
         gateway = asys.createActor(Gateway)
@@ -215,8 +216,21 @@ class Service:
         )
         answer = self._expect(asys, (GatewayStarted, GatewayFailed), "the gateway")
         if isinstance(answer, GatewayFailed):
-            raise ServiceError(answer.reason)
+            raise ServiceError(answer.reason + busy_listener_hint(self.listen))
+        if answer.addresses[0] != self.settings.listen:  # port 0: name the real one in sidecars
+            self._configure(asys, registry, answer.addresses[0], system.admin_port)
         return _Running(system, registry, gateway, answer.addresses)
+
+    def _configure(self, asys: Any, registry: Any, gateway: str, admin_port: int) -> None:
+        """(Re)configure the Registry; its SessionFiles name this service by ``gateway``."""
+        owner = ServiceIdentity(pid=os.getpid(), gateway=gateway, admin_port=admin_port)
+        configure = Configure(
+            roots=list(self.settings.roots),
+            suffixes=list(self.settings.suffixes),
+            file=file_settings_from(self.settings, owner),
+        )
+        asys.tell(registry, configure)
+        self._expect(asys, Configured, "the registry")
 
     def _join(self, asys: Any, registry: Any) -> None:
         """Have the leader's directory admit our roots; a refusal stops the start."""
@@ -314,6 +328,7 @@ class Service:
         path = state_file(self.settings.listen)
         data = {
             "pid": os.getpid(),
+            "pid_start": process_start(os.getpid()),
             "listen": self.settings.listen,
             "addresses": running.addresses,
             "admin_port": running.system.admin_port,

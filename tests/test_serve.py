@@ -377,6 +377,11 @@ def test_stop_without_listen_finds_the_one_running_service_and_cleans_after_a_ki
 ) -> None:
     serve = tcp_serve(start, root, tmp_path)
     actor_pgid = serve.state["pgid"]
+    # The lifeline would end the actor system with serve (tests/test_lifeline.py): take it
+    # away first, as a kill of the whole session or an older version would.
+    for pid, st in launch._proc_stats():
+        if st.ppid == serve.proc.pid and st.live:
+            os.kill(pid, signal.SIGKILL)
     os.kill(serve.proc.pid, signal.SIGKILL)  # serve cannot clean up after this
     serve.proc.wait(STOP_TIMEOUT_S)
     assert live_pids(actor_pgid), "its actor system is orphaned"

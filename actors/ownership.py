@@ -1,0 +1,265 @@
+"""Kernel-enforced ownership of a transcript: one live SessionFile per file, machine-wide.
+
+A SessionFile serves a file only while it holds an exclusive lock on the file's *owner
+sidecar*, ``<dir>/.<basename>.owner``: a small file beside the transcript that sessionlane
+never renames, replaces or deletes (a lock on the transcript itself would not survive a
+compaction's rename, and one on the fence sidecar would not survive its atomic replace). The
+kernel drops the lock when the holding process dies, however it dies, so ownership needs no
+cooperation between services: two services on one root, on nested roots, or a service started
+while the leftovers of another still run all meet at the same lock.
+
+Why ``flock(LOCK_EX | LOCK_NB)`` and not a classic POSIX ``fcntl`` lock: a POSIX lock belongs
+to the *process* and is dropped as soon as the process closes *any* descriptor of the file
+(reading the sidecar to name the owner, for instance, would silently release it). ``flock``
+belongs to the open file description, so only closing this descriptor (or the death of every
+process that has it) releases it. An OFD lock (``F_OFD_SETLK``) has the same semantics but
+needs a platform-specific ``struct flock`` packing and is Linux only; ``flock`` is portable
+(macOS, the BSDs) and whole-file, which is all we need. The descriptor is ``O_CLOEXEC`` so no
+exec'd program keeps the lock; a SessionFile forks nothing, so no fork inherits it either.
+
+Holding the lock, the owner writes its identity into the sidecar (one versioned JSON line:
+the file actor's pid, the service's pid, gateway address and admin port, and when it took the
+lock) so a refused contender can name it: :class:`OwnedElsewhere`.
+
+The sidecar is opened relative to the transcript's directory with ``O_NOFOLLOW``; a symlink,
+a non-regular file or a file with several hard links at its name is refused
+(:class:`~messages.errors.PathNotAllowed`): writing the identity through it could change a
+file outside the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import stat
+from dataclasses import dataclass
+
+from messages.errors import PathNotAllowed, SessionLaneError
+
+__all__ = [
+    "OWNER_RECORD_VERSION",
+    "OwnedElsewhere",
+    "OwnerRecord",
+    "Ownership",
+    "describe_owner",
+    "encode_owner_record",
+    "owner_path",
+    "parse_owner_record",
+    "read_owner",
+]
+
+OWNER_RECORD_VERSION = 1
+_MAX_RECORD = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRecord:
+    """Who holds a file's ownership lock (the sidecar's content)."""
+
+    pid: int
+    """The SessionFile process that holds the lock."""
+    service_pid: int
+    """The service (``sessionlane serve`` or the embedding process) it belongs to."""
+    gateway: str
+    """The service's gateway address, where its clients connect."""
+    admin_port: int
+    """The service's thespian admin port."""
+    since: float
+    """Unix time the lock was taken."""
+
+
+def owner_path(transcript_path: str) -> str:
+    """The owner sidecar of ``transcript_path``."""
+    directory, base = os.path.split(transcript_path)
+    return os.path.join(directory, f".{base}.owner")
+
+
+def encode_owner_record(record: OwnerRecord) -> bytes:
+    """One JSON line, versioned."""
+    payload = {
+        "v": OWNER_RECORD_VERSION,
+        "pid": record.pid,
+        "service_pid": record.service_pid,
+        "gateway": record.gateway,
+        "admin_port": record.admin_port,
+        "since": record.since,
+    }
+    return (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def parse_owner_record(data: bytes) -> OwnerRecord:
+    """Parse a sidecar's bytes; ``ValueError`` says what is wrong with them."""
+    try:
+        payload = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ValueError("not a JSON object")
+    if payload.get("v") != OWNER_RECORD_VERSION:
+        raise ValueError(f"unknown version {payload.get('v')!r}")
+    try:
+        record = OwnerRecord(
+            pid=_int(payload["pid"]),
+            service_pid=_int(payload["service_pid"]),
+            gateway=str(payload["gateway"]),
+            admin_port=_int(payload["admin_port"]),
+            since=float(payload["since"]),
+        )
+    except KeyError as exc:
+        raise ValueError(f"missing field {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad field: {exc}") from None
+    return record
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a non-negative integer")
+    return value
+
+
+def describe_owner(record: OwnerRecord | None) -> str:
+    """What a refused request is told: ``served by another sessionlane service: pid N, ADDR``."""
+    if record is None:
+        return "served by another sessionlane service (it has not written its identity yet)"
+    if not record.service_pid or not record.gateway:  # an actor system without a service
+        return f"served by another sessionlane actor system (file actor pid {record.pid})"
+    return (
+        f"served by another sessionlane service: pid {record.service_pid}, {record.gateway}"
+        f" (admin port {record.admin_port}, file actor pid {record.pid})"
+    )
+
+
+class OwnedElsewhere(SessionLaneError):
+    """Another live process holds the file's ownership lock; ``owner`` names it if it could."""
+
+    code = "unavailable"
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        path: str | None = None,
+        code: str | None = None,
+        owner: OwnerRecord | None = None,
+    ):
+        super().__init__(detail or describe_owner(owner), path=path, code=code)
+        self.owner = owner
+
+
+class Ownership:
+    """A held ownership lock. Take it with :meth:`acquire`; :meth:`release` once, at the end.
+
+    The process holding it must not fork (a child would inherit the lock).
+    """
+
+    def __init__(self, path: str, fd: int, record: OwnerRecord):
+        self.path = path
+        """The sidecar."""
+        self.record = record
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    @classmethod
+    def acquire(
+        cls,
+        transcript_path: str,
+        *,
+        service_pid: int,
+        gateway: str,
+        admin_port: int,
+        now: float,
+    ) -> Ownership:
+        """Take the lock of ``transcript_path`` without waiting, and write who we are.
+
+        Raises :class:`OwnedElsewhere` when another process holds it,
+        :class:`~messages.errors.PathNotAllowed` when the sidecar's name is a symlink, not a
+        regular file or hard-linked, and ``OSError`` for anything else (EMFILE included).
+        Creates the sidecar (mode 0600) if needed; never follows a symlink.
+        """
+        sidecar = owner_path(transcript_path)
+        fd = _open_sidecar(sidecar, transcript_path)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OwnedElsewhere(path=transcript_path, owner=_read(fd)) from None
+            record = OwnerRecord(
+                pid=os.getpid(),
+                service_pid=service_pid,
+                gateway=gateway,
+                admin_port=admin_port,
+                since=now,
+            )
+            data = encode_owner_record(record)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(sidecar, fd, record)
+
+    def release(self) -> None:
+        """Blank the identity and drop the lock. Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # a contender that reads before the next owner writes: no name
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def read_owner(transcript_path: str) -> OwnerRecord | None:
+    """The identity in ``transcript_path``'s sidecar, if one is written and readable.
+
+    Only meaningful while someone holds the lock (a released lock leaves the sidecar empty).
+    """
+    with contextlib.suppress(OSError, PathNotAllowed):
+        fd = _open_sidecar(owner_path(transcript_path), transcript_path, create=False)
+        try:
+            return _read(fd)
+        finally:
+            os.close(fd)
+    return None
+
+
+def _read(fd: int) -> OwnerRecord | None:
+    try:
+        return parse_owner_record(os.pread(fd, _MAX_RECORD, 0))
+    except (OSError, ValueError):
+        return None
+
+
+def _open_sidecar(sidecar: str, transcript_path: str, *, create: bool = True) -> int:
+    directory, name = os.path.split(sidecar)
+    dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        if create:
+            flags |= os.O_CREAT
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PathNotAllowed(
+                    f"the owner sidecar {sidecar} is a symlink", path=transcript_path
+                ) from None
+            raise
+    finally:
+        os.close(dir_fd)
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_nlink != 1:
+        problem = f"has {st.st_nlink} hard links"
+    if problem is not None:
+        os.close(fd)
+        raise PathNotAllowed(f"the owner sidecar {sidecar} {problem}", path=transcript_path)
+    return fd
