@@ -106,6 +106,11 @@ _RECV_BYTES = 256 * 1024
 _MAX_OUTBUF = 32 * 1024 * 1024
 _MAX_LEASES_PER_CONN = 4096
 _FLUSH_RETRY_S = 0.005
+_BACKLOG = 1024
+"""Connections the kernel holds for us before we accept them (bounded again by somaxconn).
+
+A burst beyond the backlog is not refused but stalls in SYN retransmits for seconds, then
+arrives all at once: better that it waits here, where it is accepted (or refused) at once."""
 _ACCEPT_BUDGET = 64
 """Connections accepted per listener per wakeup: a flood waits its turn behind the clients."""
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -249,7 +254,7 @@ class Gateway(ShellActor):
             finally:
                 os.umask(old)
             os.chmod(path, 0o600)
-            sock.listen(128)
+            sock.listen(_BACKLOG)
             self.unix_paths.append(path)
             return sock, f"unix://{path}"
         _, host, port = parsed
@@ -257,7 +262,7 @@ class Gateway(ShellActor):
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(128)
+        sock.listen(_BACKLOG)
         real_port = sock.getsockname()[1]
         shown = f"[{host}]" if family == socket.AF_INET6 else host
         return sock, f"tcp://{shown}:{real_port}"
