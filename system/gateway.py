@@ -308,7 +308,7 @@ class Gateway(ShellActor):
                     log.warning("accept failed: %s", exc)
                 return
             if ended := self.backoff.succeeded():
-                log.warning("accepting connections again (%d attempts were refused)", ended)
+                self.note("accepting", logging.INFO, "accepting again after %d failures", ended)
             if len(self.conns) >= self.max_connections:
                 self.refuse_full(sock, str(peer) or "unix")
                 continue
@@ -336,7 +336,8 @@ class Gateway(ShellActor):
             self.accept_paused = True
             self.wakeupAfter(delay, payload="accept")
         if first:
-            log.warning(
+            self.warn(
+                "descriptors",
                 "cannot accept connections (%s): pausing, retrying after %.2f s and growing"
                 " intervals; the %d open connections are still served",
                 exc,
@@ -358,13 +359,17 @@ class Gateway(ShellActor):
 
     def warn(self, kind: str, fmt: str, *args: Any) -> None:
         """A warning about what strangers do, at most one per 10 s per ``kind``."""
+        self.note(kind, logging.WARNING, fmt, *args)
+
+    def note(self, kind: str, level: int, fmt: str, *args: Any) -> None:
+        """Log at ``level``, at most once per 10 s per ``kind`` (then saying how many were not)."""
         suppressed = self.warnings.setdefault(kind, RateLimit()).allow(monotonic_ms())
         if suppressed is None:
             return
         if suppressed:
-            fmt += " (and %d more like it since the last warning)"
+            fmt += " (and %d more like it since)"
             args = (*args, suppressed)
-        log.warning(fmt, *args)
+        log.log(level, fmt, *args)
 
     def schedule_sweep(self) -> None:
         """Have one wakeup pending at the earliest hello deadline, never one per connection."""

@@ -651,3 +651,50 @@ def test_1100_idle_connections_under_1024_open_files_neither_break_a_lease_nor_t
         assert "restarting" not in output.read_text(errors="replace"), output
     if cap < max_connections:
         assert f"max_connections {max_connections} lowered to {cap}" in serve.log.read_text()
+
+
+@needs_linux
+def test_a_gateway_out_of_descriptors_pauses_accepting_keeps_serving_and_accepts_again(
+    tmp_path: Path,
+) -> None:
+    """Past its cap's reserve (the open-file limit lowered under the running gateway), ``accept``
+    fails with EMFILE for real: the gateway pauses, serves the lease, and catches up."""
+    with running_service(tmp_path, hello_timeout_ms=500) as (service, _):
+        pid = gateway_pid(service)
+        path = tmp_path / "sessions" / "held.jsonl"
+        flood: list[socket.socket] = []
+        with connect(service.address) as sl:
+            lease = sl.lane("holder").acquire(str(path))
+            assert lease is not None
+            lease.append({"n": 1})
+            hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+            spare = 20
+            soft = len(os.listdir(f"/proc/{pid}/fd")) + spare
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            try:
+                host, _, port = service.address.removeprefix("tcp://").rpartition(":")
+                for _ in range(5 * spare):
+                    flood.append(socket.create_connection((host, int(port)), timeout=20))
+                wait_for(
+                    lambda: log_has(service, "cannot accept connections ([Errno 24]"),
+                    10,
+                    "the gateway to run out of descriptors",
+                )
+                assert lease.append({"n": 2}).lines == 1, "served while out of descriptors"
+                pings = [service.healthy() for _ in range(5)]
+                assert "False, False, False" not in str(pings), f"a restart would follow: {pings}"
+                for sock in flood:  # each is accepted in its turn, then closed by the deadline
+                    sock.settimeout(30)
+                    detail = refusal_of(sock)
+                    assert detail == "unauthorized: no hello within 500 ms of connecting", detail
+            finally:
+                for sock in flood:
+                    sock.close()
+            assert lease.append({"n": 3}).lines == 1
+            lease.release()
+        with connect(service.address) as sl, sl.lane("new").lease(str(path)) as fresh:
+            assert fresh is not None
+            assert fresh.append({"n": 4}).lines == 1
+        wait_for(lambda: log_has(service, "accepting again after"), 10, "the recovery logged")
+        warnings = service.log_file.read_text().count("cannot accept connections")
+        assert warnings <= 2, f"{warnings} warnings: at most one per 10 s"
