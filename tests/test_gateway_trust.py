@@ -9,6 +9,7 @@ connection flood against a ``sessionlane serve`` subprocess held to 1,024 open f
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -29,11 +30,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from system import launch
+from system import launch, peercred
 from system.client import connect
 from system.config import NON_CONFIG_ENV, load_settings
 from system.launch import free_port
-from system.service import Service
+from system.service import Service, ServiceError
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(120)]
 
@@ -179,6 +180,26 @@ def test_the_same_users_client_connects_with_no_token_and_no_arguments_over_tcp_
         wait_for(lambda: log_has(service, "(admits uid"), 10, "the admission rule in the log")
 
 
+def test_where_peers_cannot_be_told_apart_the_service_refuses_to_start_without_a_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The actor processes are forked from this one: they inherit the patched platform.
+    monkeypatch.setattr(peercred, "identifies_peers", lambda: False)
+    with (
+        pytest.raises(ServiceError, match="cannot tell which user a connection comes from"),
+        running_service(tmp_path),
+    ):
+        pass
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n")
+    token_file.chmod(0o600)
+    for opening in ({"token_file": str(token_file)}, {"allow_other_users": True}):
+        with running_service(tmp_path, **opening) as (_, addresses):
+            token = "t0ken" if "token_file" in opening else None
+            with connect(addresses[0], token=token) as sl:
+                assert sl.status().files == []
+
+
 # Strangers (root only) ------------------------------------------------------------------------
 
 
@@ -225,8 +246,7 @@ def as_stranger(fn: Callable[[], dict[str, Any]], seconds: float = 30.0) -> dict
             os.setgroups([])
             os.setgid(STRANGER)
             os.setuid(STRANGER)
-            result = json.dumps(fn()).encode()
-            os.write(write_end, result)
+            os.write(write_end, json.dumps(fn()).encode())
             code = 0
         except BaseException as exc:  # report, never return into pytest
             os.write(write_end, json.dumps({"child_error": repr(exc)}).encode())
@@ -284,7 +304,7 @@ def test_a_stranger_is_refused_at_hello_over_tcp_and_unix_and_writes_nothing(
 
         open_unix_socket_to_everyone(unix)
         for address in (tcp, unix):
-            steps = as_stranger(lambda address=address: stranger_tries(address, path))
+            steps = as_stranger(functools.partial(stranger_tries, address, path))
             hello = steps["hello"]
             assert (hello["type"], hello["code"]) == ("error", "unauthorized"), (address, steps)
             assert hello["detail"] == (
@@ -316,7 +336,7 @@ def test_allow_other_users_admits_the_stranger_without_a_token(tmp_path: Path) -
         open_unix_socket_to_everyone(addresses[1])
         path = owned_transcript(tmp_path, "open.jsonl")
         for address in addresses:
-            steps = as_stranger(lambda address=address: stranger_tries(address, path))
+            steps = as_stranger(functools.partial(stranger_tries, address, path))
             assert steps["hello"]["type"] == "welcome", (address, steps)
             assert steps["acquire"]["type"] == "granted", steps
             assert steps["append"]["type"] == "appended", steps
