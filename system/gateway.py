@@ -12,7 +12,8 @@ as the service's own user (``system.peercred``, read at accept) unless ``allow_o
 Before its hello a connection costs little: one frame of at most ``MAX_HELLO_BYTES`` is
 buffered (a header announcing more is answered ``too_large`` and closed, its body never read),
 the hello must arrive within ``hello_timeout_ms`` of accept (one sweep timer closes the late),
-at most ``max_connections`` are open (one more is answered ``unavailable`` and closed), and
+at most ``max_connections`` are open (one more is answered ``unavailable`` and closed; of
+those the uid check will refuse, only the 8 newest wait for their hello), and
 ``accept`` failing for want of descriptors pauses the listeners with a growing back-off
 instead of spinning or dying.
 
@@ -112,6 +113,9 @@ _BACKLOG = 1024
 A burst beyond the backlog is not refused but stalls in SYN retransmits for seconds, then
 arrives all at once: better that it waits here, where it is accepted (or refused) at once."""
 _ACCEPT_BUDGET = 64
+_MAX_STRANGERS_WAITING = 8
+"""Connections the uid check will refuse, kept for their hello (to tell them why) at once; one
+more closes the oldest. Without it, another local user could fill ``max_connections``."""
 """Connections accepted per listener per wakeup: a flood waits its turn behind the clients."""
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _MAX_RECORD_DEPTH = 100
@@ -166,6 +170,7 @@ class Gateway(ShellActor):
         self.backoff = AcceptBackoff()
         self.accept_paused = False
         self.warnings: dict[str, RateLimit] = {}
+        self.strangers: dict[int, _Conn] = {}  # connection id -> a peer the uid check refuses
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -327,6 +332,20 @@ class Gateway(ShellActor):
             self.conns[sock.fileno()] = conn
             self.hellos.add(conn.id, now)
             self.schedule_sweep()
+            if self.policy.by_peer and conn.peer_uid != self.policy.service_uid:
+                self.hold_stranger(conn)
+
+    def hold_stranger(self, conn: _Conn) -> None:
+        """Keep a few refused-to-be peers for their hello; close the oldest past that."""
+        self.strangers[conn.id] = conn
+        if len(self.strangers) <= _MAX_STRANGERS_WAITING:
+            return
+        oldest = next(iter(self.strangers.values()))
+        refusal = hello_refusal(self.policy, oldest.peer_uid, None)
+        assert refusal is not None
+        self.write(oldest, Error(code="unauthorized", detail=refusal))
+        self.close(oldest, "too many strangers waiting")
+        self.warn("strangers", "closed a connection from %s: %s", oldest.peer, refusal)
 
     def pause_accepting(self, exc: OSError) -> None:
         """Out of descriptors: stop watching the listeners for a while (the backlog waits)."""
@@ -645,6 +664,7 @@ class Gateway(ShellActor):
                 conn.sock.sendall(bytes(conn.out))
         conn.closing = True
         self.hellos.discard(conn.id)
+        self.strangers.pop(conn.id, None)
         fd = conn.sock.fileno()
         self.conns.pop(fd, None)
         with contextlib.suppress(OSError):

@@ -365,6 +365,60 @@ def test_with_a_token_file_the_stranger_with_the_token_is_admitted_and_without_i
         assert path.read_text() == '{"by":"root"}\n{"by":"nobody"}\n'
 
 
+@needs_root
+@needs_linux
+def test_a_stranger_cannot_fill_the_connection_table_and_lock_the_user_out(tmp_path: Path) -> None:
+    with running_service(tmp_path, max_connections=10) as (_, addresses):
+        results_r, results_w = os.pipe()
+        done_r, done_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: nothing of pytest's from here on, only os._exit
+            code = 1
+            try:
+                os.close(results_r)
+                os.close(done_w)
+                os.setgroups([])
+                os.setgid(STRANGER)
+                os.setuid(STRANGER)
+                conns = [Raw(addresses[0]) for _ in range(12)]
+                oldest = [closed_by_service(conn, 10) for conn in conns[:4]]
+                still_open = []
+                for conn in conns[4:]:
+                    conn.sock.setblocking(False)
+                    try:
+                        conn.sock.recv(1)
+                    except BlockingIOError:
+                        still_open.append(True)
+                    else:
+                        still_open.append(False)
+                os.write(results_w, json.dumps([oldest, still_open]).encode() + b"\n")
+                os.read(done_r, 1)  # hold the eight until the user was served
+                code = 0
+            except BaseException as exc:
+                os.write(results_w, json.dumps({"child_error": repr(exc)}).encode() + b"\n")
+            finally:
+                os._exit(code)
+        os.close(results_w)
+        os.close(done_r)
+        try:
+            ready, _, _ = select.select([results_r], [], [], 30)
+            assert ready, "the stranger reported nothing"
+            oldest, still_open = json.loads(os.read(results_r, 65536))
+            assert [frames[0]["code"] for frames in oldest] == ["unauthorized"] * 4
+            assert oldest[0][0]["detail"].startswith(f"peer runs as uid {STRANGER}")
+            assert still_open == [True] * 8
+            with connect(addresses[0]) as sl:
+                assert sl.status().files == [], "our own user is served past 12 strangers"
+        finally:
+            os.write(done_w, b"x")
+            os.close(done_w)
+            os.close(results_r)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
 # Before the hello -----------------------------------------------------------------------------
 
 
