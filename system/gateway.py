@@ -113,10 +113,10 @@ _BACKLOG = 1024
 A burst beyond the backlog is not refused but stalls in SYN retransmits for seconds, then
 arrives all at once: better that it waits here, where it is accepted (or refused) at once."""
 _ACCEPT_BUDGET = 64
+"""Connections accepted per listener per wakeup: a flood waits its turn behind the clients."""
 _MAX_STRANGERS_WAITING = 8
 """Connections the uid check will refuse, kept for their hello (to tell them why) at once; one
 more closes the oldest. Without it, another local user could fill ``max_connections``."""
-"""Connections accepted per listener per wakeup: a flood waits its turn behind the clients."""
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _MAX_RECORD_DEPTH = 100
 """Deepest nesting of maps and lists accepted in a record.
@@ -140,10 +140,14 @@ class _Conn:
     reader: FrameReader | None = None
     """Set once the hello admitted the connection."""
     out: bytearray = field(default_factory=bytearray)
-    hello: bool = False
     lanes: dict[str, LaneState] = field(default_factory=dict)
     leases: dict[str, str] = field(default_factory=dict)  # lease -> lane name
     closing: bool = False
+
+    @property
+    def hello(self) -> bool:
+        """Whether its hello admitted the connection."""
+        return self.reader is not None
 
 
 class Gateway(ShellActor):
@@ -411,11 +415,7 @@ class Gateway(ShellActor):
 
     def read(self, conn: _Conn) -> None:
         # Before the hello, never more than one hello frame's worth is buffered.
-        size = (
-            _RECV_BYTES
-            if conn.reader is not None
-            else HEADER.size + MAX_HELLO_BYTES - len(conn.pre)
-        )
+        size = _RECV_BYTES if conn.hello else HEADER.size + MAX_HELLO_BYTES - len(conn.pre)
         try:
             data = conn.sock.recv(size)
         except (BlockingIOError, InterruptedError):
@@ -484,7 +484,6 @@ class Gateway(ShellActor):
             self.close(conn, "unauthorized", flush=True)
             self.warn("refused", "refused connection from %s: %s", conn.peer, refusal)
             return
-        conn.hello = True
         conn.reader = FrameReader(self.max_frame_bytes)
         self.hellos.discard(conn.id)
         self.write(conn, Welcome(id=request.id, server=SERVER_NAME, protocol=PROTOCOL_VERSION))
