@@ -26,6 +26,7 @@ __all__ = [
     "decode_request",
     "encode",
     "frame",
+    "take_frame",
 ]
 
 HEADER = struct.Struct(">I")
@@ -113,6 +114,25 @@ def decode_reply(body: bytes) -> Reply:
     """A service-to-client message; raises ``FrameDecodeError`` on anything else."""
     result: Reply = _decode(body, _REPLY)
     return result
+
+
+def take_frame(buf: bytearray, max_bytes: int) -> bytes | None:
+    """The first frame's body, removed from ``buf``, or None while it is incomplete.
+
+    A header announcing more than ``max_bytes`` raises ``TooLarge`` at once, before any of
+    that body is awaited. What follows the frame stays in ``buf``, unparsed: the caller may
+    read it under another limit (a hello's small one, then the connection's own).
+    """
+    if len(buf) < HEADER.size:
+        return None
+    (length,) = HEADER.unpack_from(buf)
+    if length > max_bytes:
+        raise TooLarge(f"frame of {length} bytes exceeds the {max_bytes} allowed here")
+    if len(buf) < HEADER.size + length:
+        return None
+    body = bytes(buf[HEADER.size : HEADER.size + length])
+    del buf[: HEADER.size + length]
+    return body
 
 
 class FrameReader:

@@ -308,6 +308,12 @@ class StartGateway(_Internal):
     """The Registry's: the gateway resolves paths with them to pick a file's channel."""
     idle_ms: int = 60_000
     """A channel nobody used for half this long is closed, so its file can be passivated."""
+    max_connections: int = 512
+    """Most open connections (lowered if the open-file limit could not hold them)."""
+    hello_timeout_ms: int = 5_000
+    """A connection that has not completed its hello this long after accept is closed."""
+    allow_other_users: bool = False
+    """Without a token, admit peers of any local user (else only the service's own)."""
 
 
 class GatewayStarted(_Internal):

@@ -6,23 +6,33 @@ frames (``messages.codec``). No pickle crosses this boundary. The actor returns 
 select loop wakes it with a ``WatchMessage`` when one is readable: everything happens in one
 single-threaded process, and nothing blocks (sockets are non-blocking, output is buffered).
 
-Per connection: the first request must be ``hello`` (with the token when one is configured);
-each lane name used on the connection gets its own lane (``actors.lane_state.LaneState``),
-hosted here in the gateway's process; their calls reach the SessionFiles over direct channels
-(``system.links``: one socket hop each way, not five thespian messages), and replies and
-events are framed back. When the connection closes, breaks, sends a frame over the size limit,
-or stays silent for three keepalive periods, its lanes abandon everything they hold or wait
-for.
+Per connection: the first request must be ``hello``, and it admits the connection only as
+``system.admission`` decides: with a ``token_file``, the token; without one, the peer must run
+as the service's own user (``system.peercred``, read at accept) unless ``allow_other_users``.
+Before its hello a connection costs little: one frame of at most ``MAX_HELLO_BYTES`` is
+buffered (a header announcing more is answered ``too_large`` and closed, its body never read),
+the hello must arrive within ``hello_timeout_ms`` of accept (one sweep timer closes the late),
+at most ``max_connections`` are open (one more is answered ``unavailable`` and closed; of
+those the uid check will refuse, only the 8 newest wait for their hello), and
+``accept`` failing for want of descriptors pauses the listeners with a growing back-off
+instead of spinning or dying.
+
+Each lane name used on an admitted connection gets its own lane
+(``actors.lane_state.LaneState``), hosted here in the gateway's process; their calls reach the
+SessionFiles over direct channels (``system.links``: one socket hop each way, not five
+thespian messages), and replies and events are framed back. When the connection closes,
+breaks, sends a frame over the size limit, or stays silent for three keepalive periods, its
+lanes abandon everything they hold or wait for.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hmac
 import itertools
 import logging
 import os
+import resource
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -38,8 +48,8 @@ from thespian.actors import (
 
 from actors._shell import Handler, ShellActor, monotonic_ms
 from actors.lane_state import CLOSE_TIMEOUT_S, LaneState
-from messages.codec import FrameDecodeError, FrameReader, decode_request, frame
-from messages.errors import ErrorCode
+from messages.codec import HEADER, FrameDecodeError, FrameReader, decode_request, frame, take_frame
+from messages.errors import ErrorCode, TooLarge
 from messages.internal import (
     ChannelOffer,
     FileReply,
@@ -74,6 +84,17 @@ from messages.wire import (
     StatusReply,
     Welcome,
 )
+from system import peercred
+from system.admission import (
+    MAX_HELLO_BYTES,
+    AcceptBackoff,
+    HelloDeadlines,
+    Policy,
+    RateLimit,
+    connection_cap,
+    hello_refusal,
+    startup_refusal,
+)
 from system.config import parse_listen
 from system.links import Links
 
@@ -86,6 +107,17 @@ _RECV_BYTES = 256 * 1024
 _MAX_OUTBUF = 32 * 1024 * 1024
 _MAX_LEASES_PER_CONN = 4096
 _FLUSH_RETRY_S = 0.005
+_BACKLOG = 1024
+"""Connections the kernel holds for us before we accept them (bounded again by somaxconn).
+
+A burst beyond the backlog is not refused but stalls in SYN retransmits for seconds, then
+arrives all at once: better that it waits here, where it is accepted (or refused) at once."""
+_ACCEPT_BUDGET = 64
+"""Connections accepted per listener per wakeup: a flood waits its turn behind the clients."""
+_MAX_STRANGERS_WAITING = 8
+"""Connections the uid check will refuse, kept for their hello (to tell them why) at once; one
+more closes the oldest. Without it, another local user could fill ``max_connections``."""
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _MAX_RECORD_DEPTH = 100
 """Deepest nesting of maps and lists accepted in a record.
 
@@ -100,13 +132,22 @@ class _Conn:
     id: int
     sock: socket.socket
     peer: str
-    reader: FrameReader
+    peer_uid: int | None
+    """The peer's user as read at accept (None: unknown, or not needed by the policy)."""
     last_seen: float
+    pre: bytearray = field(default_factory=bytearray)
+    """Bytes received before the hello was handled (at most one hello frame's worth)."""
+    reader: FrameReader | None = None
+    """Set once the hello admitted the connection."""
     out: bytearray = field(default_factory=bytearray)
-    hello: bool = False
     lanes: dict[str, LaneState] = field(default_factory=dict)
     leases: dict[str, str] = field(default_factory=dict)  # lease -> lane name
     closing: bool = False
+
+    @property
+    def hello(self) -> bool:
+        """Whether its hello admitted the connection."""
+        return self.reader is not None
 
 
 class Gateway(ShellActor):
@@ -119,7 +160,7 @@ class Gateway(ShellActor):
         self.by_uid: dict[str, tuple[_Conn, LaneState]] = {}  # lane uid -> its connection, lane
         self.statuses: dict[str, tuple[int, Any]] = {}  # gateway status id -> (conn id, id)
         self.registry: Any = None
-        self.token: str | None = None
+        self.policy = Policy(token=None, allow_other_users=False, service_uid=os.geteuid())
         self.max_frame_bytes = 8 * 1024 * 1024
         self.keepalive_ms = 10_000
         self.ids = itertools.count(1)
@@ -127,6 +168,13 @@ class Gateway(ShellActor):
         self.flush_scheduled = False
         self.links: Links | None = None
         self.links_wakeup: float | None = None
+        self.max_connections = 512
+        self.hellos = HelloDeadlines(5_000)
+        self.sweep_due: float | None = None  # when the one pending hello sweep fires
+        self.backoff = AcceptBackoff()
+        self.accept_paused = False
+        self.warnings: dict[str, RateLimit] = {}
+        self.strangers: dict[int, _Conn] = {}  # connection id -> a peer the uid check refuses
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -144,7 +192,8 @@ class Gateway(ShellActor):
 
     def receiveMessage(self, msg: Any, sender: Any) -> Any:
         super().receiveMessage(msg, sender)
-        fds = list(self.listeners) + list(self.conns)
+        fds = [] if self.accept_paused else list(self.listeners)
+        fds += self.conns
         if self.links is not None:
             if self.links.flush() and not self.flush_scheduled:
                 self.flush_scheduled = True
@@ -157,9 +206,25 @@ class Gateway(ShellActor):
 
     def on_start(self, msg: StartGateway, sender: Any) -> None:
         self.registry = msg.registry
-        self.token = msg.token
+        self.policy = Policy(msg.token, msg.allow_other_users, os.geteuid())
+        refusal = startup_refusal(self.policy, peercred.identifies_peers())
+        if refusal is not None:
+            self.send(sender, GatewayFailed(reason=refusal))
+            return
         self.max_frame_bytes = msg.max_frame_bytes
         self.keepalive_ms = msg.keepalive_ms
+        self.hellos = HelloDeadlines(msg.hello_timeout_ms)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_connections = connection_cap(
+            msg.max_connections, -1 if soft == resource.RLIM_INFINITY else soft
+        )
+        if self.max_connections < msg.max_connections:
+            log.warning(
+                "max_connections %d lowered to %d: the open-file limit is %d",
+                msg.max_connections,
+                self.max_connections,
+                soft,
+            )
         self.links = Links(self, msg.roots, msg.suffixes, msg.idle_ms / 2, monotonic_ms)
         bound: list[str] = []
         try:
@@ -172,7 +237,14 @@ class Gateway(ShellActor):
             self.close_listeners()
             self.send(sender, GatewayFailed(reason=f"cannot listen: {exc}"))
             return
-        log.info("gateway listening on %s", ", ".join(bound))
+        admits = (
+            "token holders"
+            if self.policy.token is not None
+            else "every local user"
+            if self.policy.allow_other_users
+            else f"uid {self.policy.service_uid} only"
+        )
+        log.info("gateway listening on %s (admits %s)", ", ".join(bound), admits)
         self.wakeupAfter(self.keepalive_ms / 1000.0, payload="keepalive")
         self.send(sender, GatewayStarted(addresses=bound))
 
@@ -191,7 +263,7 @@ class Gateway(ShellActor):
             finally:
                 os.umask(old)
             os.chmod(path, 0o600)
-            sock.listen(128)
+            sock.listen(_BACKLOG)
             self.unix_paths.append(path)
             return sock, f"unix://{path}"
         _, host, port = parsed
@@ -199,7 +271,7 @@ class Gateway(ShellActor):
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(128)
+        sock.listen(_BACKLOG)
         real_port = sock.getsockname()[1]
         shown = f"[{host}]" if family == socket.AF_INET6 else host
         return sock, f"tcp://{shown}:{real_port}"
@@ -233,29 +305,119 @@ class Gateway(ShellActor):
                 self.links.on_ready(fd)
 
     def accept(self, listener: socket.socket) -> None:
-        while True:
+        for _ in range(_ACCEPT_BUDGET):
             try:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    self.pause_accepting(exc)
+                else:
+                    log.warning("accept failed: %s", exc)
                 return
+            if ended := self.backoff.succeeded():
+                self.note("accepting", logging.INFO, "accepting again after %d failures", ended)
+            if len(self.conns) >= self.max_connections:
+                self.refuse_full(sock, str(peer) or "unix")
+                continue
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            now = monotonic_ms()
             conn = _Conn(
                 id=next(self.ids),
                 sock=sock,
                 peer=str(peer) or "unix",
-                reader=FrameReader(self.max_frame_bytes),
-                last_seen=monotonic_ms(),
+                # Read now: the peer's socket may be gone by the time it says hello.
+                peer_uid=peercred.peer_uid(sock) if self.policy.by_peer else None,
+                last_seen=now,
             )
             self.conns[sock.fileno()] = conn
+            self.hellos.add(conn.id, now)
+            self.schedule_sweep()
+            if self.policy.by_peer and conn.peer_uid != self.policy.service_uid:
+                self.hold_stranger(conn)
+
+    def hold_stranger(self, conn: _Conn) -> None:
+        """Keep a few refused-to-be peers for their hello; close the oldest past that."""
+        self.strangers[conn.id] = conn
+        if len(self.strangers) <= _MAX_STRANGERS_WAITING:
+            return
+        oldest = next(iter(self.strangers.values()))
+        refusal = hello_refusal(self.policy, oldest.peer_uid, None)
+        assert refusal is not None
+        self.write(oldest, Error(code="unauthorized", detail=refusal))
+        self.close(oldest, "too many strangers waiting")
+        self.warn("strangers", "closed a connection from %s: %s", oldest.peer, refusal)
+
+    def pause_accepting(self, exc: OSError) -> None:
+        """Out of descriptors: stop watching the listeners for a while (the backlog waits)."""
+        first = self.backoff.failures == 0
+        delay = self.backoff.failed()
+        if not self.accept_paused:
+            self.accept_paused = True
+            self.wakeupAfter(delay, payload="accept")
+        if first:
+            self.warn(
+                "descriptors",
+                "cannot accept connections (%s): pausing, retrying after %.2f s and growing"
+                " intervals; the %d open connections are still served",
+                exc,
+                delay,
+                len(self.conns),
+            )
+
+    def refuse_full(self, sock: socket.socket, peer: str) -> None:
+        """One connection too many: say so in one non-blocking write, and close it."""
+        detail = f"too many connections ({self.max_connections})"
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            sock.send(frame(Error(code="unavailable", detail=detail)))
+            # What the peer sent already (its hello), read so the close is not a reset that
+            # could overtake the error frame.
+            sock.recv(HEADER.size + MAX_HELLO_BYTES)
+        sock.close()
+        self.warn("full", "refused a connection from %s: %s", peer, detail)
+
+    def warn(self, kind: str, fmt: str, *args: Any) -> None:
+        """A warning about what strangers do, at most one per 10 s per ``kind``."""
+        self.note(kind, logging.WARNING, fmt, *args)
+
+    def note(self, kind: str, level: int, fmt: str, *args: Any) -> None:
+        """Log at ``level``, at most once per 10 s per ``kind`` (then saying how many were not)."""
+        suppressed = self.warnings.setdefault(kind, RateLimit()).allow(monotonic_ms())
+        if suppressed is None:
+            return
+        if suppressed:
+            fmt += " (and %d more like it since)"
+            args = (*args, suppressed)
+        log.log(level, fmt, *args)
+
+    def schedule_sweep(self) -> None:
+        """Have one wakeup pending at the earliest hello deadline, never one per connection."""
+        due = self.hellos.next_due()
+        if due is not None and self.sweep_due is None:
+            self.sweep_due = due
+            self.wakeupAfter(max(0.0, due - monotonic_ms()) / 1000.0, payload="hellos")
+
+    def sweep_hellos(self) -> None:
+        self.sweep_due = None
+        late = set(self.hellos.expired(monotonic_ms()))
+        if late:
+            timeout = self.hellos.timeout_ms
+            detail = f"no hello within {timeout:.0f} ms of connecting"
+            for conn in [c for c in self.conns.values() if c.id in late]:
+                self.write(conn, Error(code="unauthorized", detail=detail))
+                self.close(conn, detail)
+                self.warn("late", "closed a connection from %s: %s", conn.peer, detail)
+        self.schedule_sweep()
 
     def read(self, conn: _Conn) -> None:
+        # Before the hello, never more than one hello frame's worth is buffered.
+        size = _RECV_BYTES if conn.hello else HEADER.size + MAX_HELLO_BYTES - len(conn.pre)
         try:
-            data = conn.sock.recv(_RECV_BYTES)
+            data = conn.sock.recv(size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -265,6 +427,10 @@ class Gateway(ShellActor):
             self.close(conn, "connection closed")
             return
         conn.last_seen = monotonic_ms()
+        if conn.reader is None:
+            data = self.read_hello(conn, data)
+            if conn.reader is None or conn.closing:
+                return
         bodies, too_large = conn.reader.feed_until_error(data)
         for body in bodies:
             if conn.closing:
@@ -273,6 +439,23 @@ class Gateway(ShellActor):
         if too_large is not None and not conn.closing:
             self.write(conn, Error(code="too_large", detail=too_large.detail))
             self.close(conn, "frame too large", flush=True)
+
+    def read_hello(self, conn: _Conn, data: bytes) -> bytes:
+        """Buffer ``data`` until the first frame is whole and handle it; what follows it."""
+        conn.pre += data
+        try:
+            body = take_frame(conn.pre, MAX_HELLO_BYTES)
+        except TooLarge as exc:
+            detail = f"{exc.detail} before the hello"
+            self.write(conn, Error(code="too_large", detail=detail))
+            self.close(conn, "frame too large before the hello", flush=True)
+            self.warn("large", "closed a connection from %s: %s", conn.peer, detail)
+            return b""
+        if body is None:
+            return b""
+        self.handle_frame(conn, body)
+        rest, conn.pre = bytes(conn.pre), bytearray()
+        return rest
 
     def handle_frame(self, conn: _Conn, body: bytes) -> None:
         try:
@@ -290,18 +473,19 @@ class Gateway(ShellActor):
     def greet(self, conn: _Conn, request: Any) -> None:
         if not isinstance(request, Hello):
             detail = "the first request on a connection must be hello"
-            code: ErrorCode = "unauthorized" if self.token else "bad_frame"
+            admitted = hello_refusal(self.policy, conn.peer_uid, None) is None
+            code: ErrorCode = "bad_frame" if admitted else "unauthorized"
             self.write(conn, Error(id=request.id, code=code, detail=detail))
             self.close(conn, "no hello", flush=True)
             return
-        if self.token is not None and not hmac.compare_digest(
-            (request.token or "").encode(), self.token.encode()
-        ):
-            self.write(conn, Error(id=request.id, code="unauthorized", detail="bad or no token"))
+        refusal = hello_refusal(self.policy, conn.peer_uid, request.token)
+        if refusal is not None:
+            self.write(conn, Error(id=request.id, code="unauthorized", detail=refusal))
             self.close(conn, "unauthorized", flush=True)
-            log.warning("refused connection from %s: bad token", conn.peer)
+            self.warn("refused", "refused connection from %s: %s", conn.peer, refusal)
             return
-        conn.hello = True
+        conn.reader = FrameReader(self.max_frame_bytes)
+        self.hellos.discard(conn.id)
         self.write(conn, Welcome(id=request.id, server=SERVER_NAME, protocol=PROTOCOL_VERSION))
 
     def dispatch(self, conn: _Conn, request: Any) -> None:
@@ -478,6 +662,8 @@ class Gateway(ShellActor):
                 conn.sock.settimeout(0.2)
                 conn.sock.sendall(bytes(conn.out))
         conn.closing = True
+        self.hellos.discard(conn.id)
+        self.strangers.pop(conn.id, None)
         fd = conn.sock.fileno()
         self.conns.pop(fd, None)
         with contextlib.suppress(OSError):
@@ -504,6 +690,13 @@ class Gateway(ShellActor):
                 self.links_wakeup = None
             if self.links is not None:
                 self.links.tick()
+        elif msg.payload == "hellos":
+            self.sweep_hellos()
+        elif msg.payload == "accept":
+            self.accept_paused = False
+            for sock, _ in list(self.listeners.values()):
+                if not self.accept_paused:
+                    self.accept(sock)
         elif msg.payload == "keepalive":
             limit = 3 * self.keepalive_ms
             now = monotonic_ms()

@@ -212,6 +212,9 @@ class Service:
                 roots=list(self.settings.roots),
                 suffixes=list(self.settings.suffixes),
                 idle_ms=self.settings.idle_ms,
+                max_connections=self.settings.max_connections,
+                hello_timeout_ms=self.settings.hello_timeout_ms,
+                allow_other_users=self.settings.allow_other_users,
             ),
         )
         answer = self._expect(asys, (GatewayStarted, GatewayFailed), "the gateway")
