@@ -1,11 +1,12 @@
 """The TypeScript package (``clients/node``) against a real ``sessionlane serve``.
 
 ``npm test`` in the package (its ``node --test`` suites, ``tsc --noEmit`` on the sources and
-on a consumer file) runs against a serve subprocess whose address and root it gets from
-``SESSIONLANE_ADDRESS`` and ``SESSIONLANE_ROOT``; separate ``node demo.js`` processes contend
-on one file, where what counts is the file on disk. Skipped, with the reason, when ``node`` or
-``npm`` is missing or the package's dependencies are not installed (``npm ci`` in
-``clients/node``, as ``.ci/run`` does).
+on consumer files) runs against a serve subprocess whose address and root it gets from
+``NODE_TEST_SESSIONLANE_ADDRESS`` and ``NODE_TEST_SESSIONLANE_ROOT`` (not ``SESSIONLANE_*``:
+those are the service's config keys). Separate ``node`` processes contend on one file, present
+a token, keep an idle connection alive. Skipped, with the reason, when ``node`` or ``npm`` is
+missing or the package's dependencies are not installed (``npm ci`` in ``clients/node``, as
+``.ci/run`` does).
 """
 
 from __future__ import annotations
@@ -123,7 +124,11 @@ def test_the_typescript_package_passes_npm_test_against_a_real_serve(
     root = tmp_path / "sessions"
     root.mkdir()
     serve = tcp_serve(start, root, tmp_path)
-    env = {**os.environ, "SESSIONLANE_ADDRESS": serve.address, "SESSIONLANE_ROOT": str(root)}
+    env = {
+        **os.environ,
+        "NODE_TEST_SESSIONLANE_ADDRESS": serve.address,
+        "NODE_TEST_SESSIONLANE_ROOT": str(root),
+    }
     proc = subprocess.Popen(
         [npm, "test"],
         cwd=NODE_DIR,
@@ -281,3 +286,54 @@ def test_the_node_client_works_over_a_unix_socket(
         assert runs_by_lane(root / "u.jsonl") == [("node-unix", [0, 1, 2])]
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+KEEPALIVE_SCRIPT = """
+const { connect } = require(process.argv[1]);
+const [address, root] = process.argv.slice(2);
+(async () => {
+  // Kept alive: idle for several of the service's dead-connection windows, still the holder.
+  const kept = await connect(address, { keepaliveMs: 100 });
+  const lease = await kept.lane('idle').lease(`${root}/kept.jsonl`);
+  await new Promise((resolve) => setTimeout(resolve, 3000));
+  const holder = (await kept.status(lease.path)).files[0].holder;
+  const held = { revoked: lease.revoked, holder: holder && holder.lease === lease.id };
+  // The control: the same without keepalives is dropped, and its lease revoked.
+  const silent = await connect(address, { keepaliveMs: 0 });
+  const dropped = await silent.lane('idle').lease(`${root}/dropped.jsonl`);
+  const reason = await new Promise((resolve) => silent.once('close', resolve));
+  console.log(JSON.stringify({ held, dropped: { reason, revoked: dropped.revoked } }));
+  await kept.close();
+})().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
+"""
+
+
+def test_the_node_client_keeps_an_idle_connection_alive_and_a_silent_one_is_dropped(
+    node: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "sessions"
+    root.mkdir()
+    with embedded_service([str(root)], log_file=tmp_path / "a.log", keepalive_ms=300) as svc:
+        index = str(NODE_DIR / "dist" / "index.js")
+        proc = subprocess.Popen(
+            [node, "-e", KEEPALIVE_SCRIPT, index, svc.address, str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=DEMO_TIMEOUT_S)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["held"] == {"revoked": None, "holder": True}
+    assert result["dropped"] == {
+        "reason": "connection closed by the service",
+        "revoked": "connection_lost",
+    }

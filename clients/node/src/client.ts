@@ -196,11 +196,12 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     if (period > 0) {
       // The service hears from us only when we send: keep alive by what we sent, not by
       // what we received (a holder fed events may send nothing for long).
+      // Checked twice a period, so the service never hears nothing for more than 1.5.
       this.#keepalive = setInterval(() => {
         if (!this.#closed && Date.now() - this.#lastSent >= period) {
           this.request('keepalive', {}).catch(() => undefined);
         }
-      }, period);
+      }, Math.max(1, Math.floor(period / 2)));
       this.#keepalive.unref();
     }
   }

@@ -76,7 +76,7 @@ export interface LeaseEvents {
 export interface LeaseOptions {
   /** `prompt` (a whole turn, the default), `write`, `compaction` (may rewrite) or `recovery`. */
   purpose?: Purpose;
-  /** How long to wait in the queue before `LeaseTimeout`; `null` waits forever. Default 60 s. */
+  /** How long to wait in the queue before `LeaseTimeout` (default 60 s); `null`: the service's `wait_timeout_ms`. */
   waitTimeoutMs?: number | null;
   /** Revoke the lease (event `revoked`, reason `max_hold`) if held longer; default: the service's. */
   maxHoldMs?: number | null;

@@ -36,6 +36,8 @@ import './dispose.js';
 export const SESSION_WRITE_LOCK_TIMEOUT_CODE = 'OPENCLAW_SESSION_WRITE_LOCK_TIMEOUT';
 /** OpenClaw's default acquire timeout (`session.writeLock.acquireTimeoutMs`). */
 export const DEFAULT_ACQUIRE_TIMEOUT_MS = 60_000;
+/** What `timeoutMs: Infinity` asks the service for (about 24.8 days, not its default). */
+const FOREVER_MS = 2 ** 31 - 1;
 
 /** Options of `createSessionWriteLocks`. */
 export interface SessionWriteLocksOptions {
@@ -204,7 +206,7 @@ export function createSessionWriteLocks(options: SessionWriteLocksOptions = {}):
     try {
       lease = await owner.sl.lane(name, { priority }).lease(file, {
         purpose,
-        waitTimeoutMs: timeoutMs === Infinity ? null : timeoutMs,
+        waitTimeoutMs: Math.min(timeoutMs, FOREVER_MS),
         maxHoldMs: maxHoldMs === 0 ? null : maxHoldMs,
         onContention: 'wait',
       });

@@ -3,21 +3,21 @@ import { randomUUID } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 
 /** The service under test (`tests/test_node_client.py` starts it and sets these). */
-export const ADDRESS = process.env['SESSIONLANE_ADDRESS'];
-export const ROOT = process.env['SESSIONLANE_ROOT'];
+export const ADDRESS = process.env['NODE_TEST_SESSIONLANE_ADDRESS'];
+export const ROOT = process.env['NODE_TEST_SESSIONLANE_ROOT'];
 
 /** For `describe(..., needsService, ...)`: skipped, with the reason, without a service. */
 export const needsService =
-  ADDRESS && ROOT ? {} : { skip: 'SESSIONLANE_ADDRESS and SESSIONLANE_ROOT are not set' };
+  ADDRESS && ROOT ? {} : { skip: 'NODE_TEST_SESSIONLANE_ADDRESS and NODE_TEST_SESSIONLANE_ROOT are not set' };
 
 export function address(): string {
-  if (!ADDRESS) throw new Error('SESSIONLANE_ADDRESS is not set');
+  if (!ADDRESS) throw new Error('NODE_TEST_SESSIONLANE_ADDRESS is not set');
   return ADDRESS;
 }
 
 /** A transcript path inside the root that no other test uses. */
 export function freshPath(name: string): string {
-  if (!ROOT) throw new Error('SESSIONLANE_ROOT is not set');
+  if (!ROOT) throw new Error('NODE_TEST_SESSIONLANE_ROOT is not set');
   return `${ROOT}/${name}-${randomUUID()}.jsonl`;
 }
 
