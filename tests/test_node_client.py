@@ -46,11 +46,11 @@ def node() -> str:
     for needed in ("@msgpack/msgpack", "typescript", "@types/node"):
         if not (NODE_DIR / "node_modules" / needed).is_dir():
             pytest.skip(f"{needed} is not installed: run `npm ci` in {NODE_DIR}")
-    if not (NODE_DIR / "dist" / "index.js").is_file():
-        build = subprocess.run(
-            [npm, "run", "build"], cwd=NODE_DIR, capture_output=True, text=True, timeout=300
-        )
-        assert build.returncode == 0, build.stdout + build.stderr
+    # Build from the sources under test (no network): `npm ci` built them, maybe long ago.
+    build = subprocess.run(
+        [npm, "run", "build"], cwd=NODE_DIR, capture_output=True, text=True, timeout=300
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
     return node
 
 
@@ -333,7 +333,5 @@ def test_the_node_client_keeps_an_idle_connection_alive_and_a_silent_one_is_drop
     assert proc.returncode == 0, err
     result = json.loads(out)
     assert result["held"] == {"revoked": None, "holder": True}
-    assert result["dropped"] == {
-        "reason": "connection closed by the service",
-        "revoked": "connection_lost",
-    }
+    assert result["dropped"]["reason"].startswith("connection closed by the service")
+    assert result["dropped"]["revoked"] == "connection_lost"

@@ -119,13 +119,20 @@ export async function connect(
   options: ConnectOptions = {},
 ): Promise<SessionLane> {
   const target = parseAddress(address);
+  const timeoutMs = options.timeoutMs ?? 30_000;
   const socket = await new Promise<net.Socket>((resolve, reject) => {
     const socket = net.createConnection(target);
     const refused = (err: Error): void => {
+      clearTimeout(timer);
       reject(new Unavailable(`cannot reach sessionlane at ${address}: ${err.message}`));
     };
+    // A host that drops the SYN would otherwise keep us for the kernel's minutes.
+    const timer = setTimeout(() => {
+      socket.destroy(new Error(`no connection within ${timeoutMs} ms`));
+    }, timeoutMs);
     socket.once('error', refused);
     socket.once('connect', () => {
+      clearTimeout(timer);
       socket.off('error', refused);
       resolve(socket);
     });
@@ -168,6 +175,8 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
   #lastSent = Date.now();
   #closed = false;
   #closedPromise: Promise<void>;
+  /** The detail of an `error` the service sent without an id (it closes the connection next). */
+  #farewell = '';
   /** What this connection's lanes and leases use (kept off the public surface). */
   readonly #host: LeaseHost = {
     request: (type, fields, options) => this.request(type, fields, options),
@@ -191,7 +200,9 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     socket.unref();
     socket.on('data', (chunk: Buffer) => this.#onData(chunk));
     socket.on('error', (err) => this.#lost(`connection error: ${err.message}`));
-    socket.on('close', () => this.#lost('connection closed by the service'));
+    socket.on('close', () =>
+      this.#lost(`connection closed by the service${this.#farewell ? `: ${this.#farewell}` : ''}`),
+    );
     const period = options.keepaliveMs ?? 5_000;
     if (period > 0) {
       // The service hears from us only when we send: keep alive by what we sent, not by
@@ -414,6 +425,9 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
         break;
       case 'external_change':
         state?.externalChange(message['kind'] as ExternalChangeKind);
+        break;
+      case 'error':
+        this.#farewell = `${String(message['code'])}: ${String(message['detail'] ?? '')}`;
         break;
       default:
         break;

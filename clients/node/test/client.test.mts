@@ -14,6 +14,7 @@ import {
   PathNotAllowed,
   SessionLaneError,
   StaleFence,
+  TooLarge,
   connect,
   type Lease,
   type SessionLane,
@@ -266,6 +267,37 @@ describe('a connection to a real service', needsService, () => {
     await lease.release();
     assert.deepEqual(lines(path), [{ ok: true }]);
     assert.equal(sl.closed, false);
+  });
+
+  it('rewrites the whole file under a compaction lease, and only under one', async () => {
+    const path = freshPath('rewrite');
+    const lane = sl.lane('compactor');
+    await lane.append(path, { n: 1 }, { n: 2 }, { n: 3 });
+    const prompt = await other.lane('turn').lease(path);
+    assert.ok(prompt !== null);
+    await assert.rejects(prompt.rewrite([{ summary: 'no' }]), NotHolder);
+    await prompt.release();
+    const lease = await lane.lease(path, { purpose: 'compaction' });
+    assert.ok(lease !== null);
+    assert.equal(await lease.rewrite([{ summary: '1-3' }, { n: 4 }]), 2);
+    await lease.append({ n: 5 });
+    await lease.release();
+    assert.deepEqual(lines(path), [{ summary: '1-3' }, { n: 4 }, { n: 5 }]);
+  });
+
+  it('raises TooLarge for a frame over maxFrameBytes before sending; the connection stays', async () => {
+    const small = await connect(address(), { maxFrameBytes: 4096 });
+    try {
+      const path = freshPath('too-large');
+      await using lease = await small.lane('big').lease(path);
+      assert.ok(lease !== null);
+      await assert.rejects(lease.append({ text: 'x'.repeat(5000) }), TooLarge);
+      await lease.append({ text: 'fits' });
+      assert.deepEqual(lines(path), [{ text: 'fits' }]);
+      assert.equal(small.closed, false);
+    } finally {
+      await small.close();
+    }
   });
 
   it('answers a release of a lease this lane does not hold with NotHolder', async () => {
