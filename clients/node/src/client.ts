@@ -52,7 +52,7 @@ export interface ConnectOptions {
   client?: string;
   /** Keepalive period while idle, in ms (default 5000; 0 disables). */
   keepaliveMs?: number;
-  /** How long a reply may take beyond the service's own waits, in ms (default 30000). */
+  /** How long connecting, or a reply beyond the service's own waits, may take, in ms (default 40000). */
   timeoutMs?: number;
   /** Largest frame sent or accepted (default 8 MiB, the service's default). */
   maxFrameBytes?: number;
@@ -100,7 +100,8 @@ export interface SessionLane {
   off<E extends keyof SessionLaneEvents>(event: E, listener: SessionLaneListener<E>): this;
 }
 
-const REPLY_MARGIN_MS = 10_000;
+/** How long a reply may take beyond the service's own waits, unless told otherwise. */
+const DEFAULT_TIMEOUT_MS = 40_000;
 const MAX_TIMER_MS = 2_147_483_647;
 
 interface Pending {
@@ -119,7 +120,7 @@ export async function connect(
   options: ConnectOptions = {},
 ): Promise<SessionLane> {
   const target = parseAddress(address);
-  const timeoutMs = options.timeoutMs ?? 30_000;
+  const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   const socket = await new Promise<net.Socket>((resolve, reject) => {
     const socket = net.createConnection(target);
     const refused = (err: Error): void => {
@@ -195,7 +196,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     this.#socket = socket;
     this.#maxFrameBytes = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
     this.#reader = new FrameReader(Math.max(this.#maxFrameBytes, 64 * 1024 * 1024));
-    this.#timeoutMs = options.timeoutMs ?? 30_000;
+    this.#timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.#closedPromise = new Promise((resolve) => socket.once('close', () => resolve()));
     socket.unref();
     socket.on('data', (chunk: Buffer) => this.#onData(chunk));
@@ -283,7 +284,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       return Promise.reject(err instanceof SessionLaneError ? err : errorFor('invalid_record', String(err)));
     }
     const wait = options.timeoutMs === undefined ? 0 : options.timeoutMs;
-    const limit = wait === null ? null : wait + this.#timeoutMs + REPLY_MARGIN_MS;
+    const limit = wait === null ? null : wait + this.#timeoutMs;
     const path = typeof fields['path'] === 'string' ? fields['path'] : null;
     return new Promise<T>((resolve, reject) => {
       const timer =

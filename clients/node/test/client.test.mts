@@ -219,6 +219,23 @@ describe('a connection to a real service', needsService, () => {
     assert.deepEqual(lines(path), [{ short: 1 }]);
   });
 
+  it("answers a waiting acquire cancelled by its own lane's abandon with LeaseRevoked", async () => {
+    const path = freshPath('abandon-queued');
+    const holder = await sl.lane('holder').lease(path);
+    assert.ok(holder !== null);
+    const lane = other.lane('quitter');
+    const queued = deferred();
+    const waiting = lane
+      .lease(path, { onQueued: () => queued.resolve() })
+      .then(() => null, (err: unknown) => err);
+    await queued.promise;
+    assert.deepEqual(await lane.abandon(path), []);
+    const err = await waiting;
+    assert.ok(err instanceof LeaseRevoked, String(err));
+    assert.equal(err.code, 'abandoned');
+    await holder.release();
+  });
+
   it('refuses a path outside the root with PathNotAllowed and creates nothing', async () => {
     for (const path of [`${ROOT}/../outside.jsonl`, `${ROOT}/wrong-suffix.txt`]) {
       const err = await sl

@@ -114,15 +114,17 @@ describe('record checks', () => {
   });
 });
 
-/** A scripted peer: answers hello and the first acquire, then drops the connection. */
-async function scriptedService(): Promise<{ address: string; server: net.Server }> {
+type Send = (message: object) => void;
+type Script = (request: Record<string, unknown>, send: Send, socket: net.Socket) => void;
+
+/** A scripted peer on a real socket: answers hello, hands every other request to `script`. */
+async function scriptedService(script: Script): Promise<{ address: string; server: net.Server }> {
   const encoder = new Encoder();
   const decoder = new Decoder();
   const server = net.createServer((socket) => {
     let buffer = Buffer.alloc(0);
-    let acquires = 0;
-    const send = (message: object): void => {
-      const body = encoder.encode(message);
+    const send: Send = (message) => {
+      const body = encoder.encode({ v: 1, ...message });
       const header = Buffer.alloc(4);
       header.writeUInt32BE(body.byteLength);
       socket.write(Buffer.concat([header, body]));
@@ -134,12 +136,9 @@ async function scriptedService(): Promise<{ address: string; server: net.Server 
         const request = decoder.decode(buffer.subarray(4, 4 + length)) as Record<string, unknown>;
         buffer = buffer.subarray(4 + length);
         if (request['type'] === 'hello') {
-          send({ v: 1, type: 'welcome', id: request['id'], server: 'scripted', protocol: 1 });
-        } else if (request['type'] === 'acquire' && acquires++ === 0) {
-          send({ v: 1, type: 'granted', id: request['id'], lease: 'L1', fence: 7, path: request['path'], purpose: 'prompt' });
-        } else if (request['type'] === 'acquire') {
-          send({ v: 1, type: 'queued', id: request['id'], position: 1 });
-          socket.destroy(); // the service goes away while a request waits
+          send({ type: 'welcome', id: request['id'], server: 'scripted', protocol: 1 });
+        } else {
+          script(request, send, socket);
         }
       }
     });
@@ -150,9 +149,23 @@ async function scriptedService(): Promise<{ address: string; server: net.Server 
   return { address: `127.0.0.1:${port}`, server };
 }
 
+/** Grants the first acquire, queues the second and then drops the connection. */
+function grantOnceThenDrop(): Script {
+  let acquires = 0;
+  return (request, send, socket) => {
+    if (request['type'] !== 'acquire') return;
+    if (acquires++ === 0) {
+      send({ type: 'granted', id: request['id'], lease: 'L1', fence: 7, path: request['path'], purpose: 'prompt' });
+    } else {
+      send({ type: 'queued', id: request['id'], position: 1 });
+      socket.destroy(); // the service goes away while a request waits
+    }
+  };
+}
+
 describe('connection loss', () => {
   it('rejects pending calls with Unavailable and revokes every lease, aborting its signal', async () => {
-    const { address, server } = await scriptedService();
+    const { address, server } = await scriptedService(grantOnceThenDrop());
     try {
       const sl = await connect(address, { keepaliveMs: 0 });
       assert.equal(sl.server, 'scripted');
@@ -179,6 +192,37 @@ describe('connection loss', () => {
       await assert.rejects(lease.append({ n: 1 }), LeaseRevoked);
       await assert.rejects(sl.status(), Unavailable);
       await lease.release({ quiet: true });
+    } finally {
+      server.close();
+    }
+  });
+
+  it('releases a grant that arrives after its caller gave up waiting', async () => {
+    let waiting: unknown = null;
+    let released: (lease: unknown) => void = () => undefined;
+    const release = new Promise((resolve) => (released = resolve));
+    const { address, server } = await scriptedService((request, send) => {
+      if (request['type'] === 'acquire') {
+        waiting = request['id']; // no answer yet
+      } else if (request['type'] === 'keepalive') {
+        // Only now, after the caller gave up: the grant, then the keepalive's own reply.
+        send({ type: 'granted', id: waiting, lease: 'LATE', fence: 3, path: '/s/late.jsonl', purpose: 'prompt' });
+        send({ type: 'alive', id: request['id'] });
+      } else if (request['type'] === 'release') {
+        released(request['lease']);
+        send({ type: 'released', id: request['id'], lease: request['lease'] });
+      }
+    });
+    try {
+      const sl = await connect(address, { keepaliveMs: 0, timeoutMs: 100 });
+      await assert.rejects(sl.lane('a').lease('/s/late.jsonl', { waitTimeoutMs: 0 }), (err: unknown) => {
+        assert.ok(err instanceof Unavailable);
+        assert.match(err.detail, /no reply to acquire/);
+        return true;
+      });
+      await sl.request('keepalive', {});
+      assert.equal(await release, 'LATE');
+      await sl.close();
     } finally {
       server.close();
     }
