@@ -23,6 +23,7 @@
  */
 
 import { realpathSync } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
 import { basename, dirname, resolve as resolvePath } from 'node:path';
 
 import { DEFAULT_ADDRESS } from './address.js';
@@ -51,6 +52,11 @@ export interface SessionWriteLocksOptions {
   priority?: Priority;
   /** Lease purpose (default `prompt`: a whole turn, model wait included). */
   purpose?: Purpose;
+  /**
+   * Create the session file's directory before acquiring, as OpenClaw's lock does (default
+   * false: the service refuses a file whose directory does not exist, and nothing is created).
+   */
+  createDirectory?: boolean;
   /** Further connection options (`client`, `keepaliveMs`, `timeoutMs`, `maxFrameBytes`). */
   connectOptions?: Omit<ConnectOptions, 'token'>;
 }
@@ -68,8 +74,8 @@ export interface AcquireSessionWriteLockParams {
   allowReentrant?: boolean;
 }
 
-/** A held session write lock. */
-export interface SessionWriteLock {
+/** A held session write lock (`await using lock = ...` releases it too). */
+export interface SessionWriteLock extends AsyncDisposable {
   /** Release (one level of) the lock; a lock already lost or released is not an error. */
   release(): Promise<void>;
   /** The lease behind the lock (fence, appends, events). */
@@ -199,6 +205,9 @@ export function createSessionWriteLocks(options: SessionWriteLocksOptions = {}):
   ): Promise<SessionWriteLock> {
     const timeoutMs = positiveMs(params.timeoutMs, DEFAULT_ACQUIRE_TIMEOUT_MS, true);
     const maxHoldMs = params.maxHoldMs === undefined ? null : positiveMs(params.maxHoldMs, 0, false);
+    if (options.createDirectory === true) {
+      await mkdir(dirname(resolvePath(params.sessionFile)), { recursive: true });
+    }
     const file = normalizeSessionFile(params.sessionFile);
     const owner = await connected();
     const name = owner.take(file, params.allowReentrant === true);
@@ -229,19 +238,16 @@ export function createSessionWriteLocks(options: SessionWriteLocksOptions = {}):
     owner.granted(file, name);
     const held = lease;
     let released = false;
-    return {
-      lease: held,
-      signal: held.signal,
-      async release(): Promise<void> {
-        if (released) return;
-        released = true;
-        try {
-          await held.release({ quiet: true });
-        } finally {
-          owner.done(file, name);
-        }
-      },
+    const release = async (): Promise<void> => {
+      if (released) return;
+      released = true;
+      try {
+        await held.release({ quiet: true });
+      } finally {
+        owner.done(file, name);
+      }
     };
+    return { lease: held, signal: held.signal, release, [Symbol.asyncDispose]: release };
   }
 
   async function close(): Promise<void> {

@@ -1,11 +1,11 @@
 // The OpenClaw drop-in against a real `sessionlane serve`.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { realpathSync } from 'node:fs';
+import { existsSync, realpathSync } from 'node:fs';
 import { basename, dirname } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 
-import { LeaseRevoked, connect, type SessionLane } from 'sessionlane';
+import { LeaseRevoked, PathNotAllowed, connect, type SessionLane } from 'sessionlane';
 import {
   SessionWriteLockTimeoutError,
   createSessionWriteLocks,
@@ -122,6 +122,20 @@ describe('the OpenClaw session write lock drop-in', needsService, () => {
     assert.notEqual(lock.lease.id, first.lease.id);
     assert.ok(lock.lease.fence > first.lease.fence);
     await lock.release();
+  });
+
+  it('creates the session directory only when told to, as OpenClaw did', async () => {
+    const sessionFile = `${dirname(freshPath('oc-dir'))}/new-${process.pid}-${Date.now()}/s.jsonl`;
+    await assert.rejects(locks.acquireSessionWriteLock({ sessionFile }), PathNotAllowed);
+    assert.equal(existsSync(dirname(sessionFile)), false, 'nothing created');
+    const creating = createSessionWriteLocks({ address: address(), createDirectory: true });
+    try {
+      await using lock = await creating.acquireSessionWriteLock({ sessionFile });
+      await lock.lease.append({ first: true });
+    } finally {
+      await creating.close();
+    }
+    assert.deepEqual(lines(sessionFile), [{ first: true }]);
   });
 
   it('keeps serving acquires on its connection, and refuses them once closed', async () => {
