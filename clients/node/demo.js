@@ -44,7 +44,12 @@ async function main(argv) {
         times.push(Number(process.hrtime.bigint() - start) / 1e6);
       }
       times.sort((a, b) => a - b);
-      emit({ step: 'pinged', n: pings, p50_ms: percentile(times, 0.5), p99_ms: percentile(times, 0.99) });
+      emit({
+        step: 'pinged',
+        n: pings,
+        p50_ms: percentile(times, 0.5),
+        p99_ms: percentile(times, 0.99),
+      });
     }
     const lease = await sl.lane(laneName).lease(path, { purpose: 'prompt', waitTimeoutMs: 60000 });
     emit({ step: 'granted', lane: laneName, lease: lease.id, fence: lease.fence });
@@ -52,7 +57,14 @@ async function main(argv) {
       const start = process.hrtime.bigint();
       const appended = await lease.append({ type: 'demo', lane: laneName, seq });
       const rtt = Number(process.hrtime.bigint() - start) / 1e6;
-      emit({ step: 'appended', lane: laneName, seq, offset: appended.offset, fence: appended.fence, rtt_ms: rtt });
+      emit({
+        step: 'appended',
+        lane: laneName,
+        seq,
+        offset: appended.offset,
+        fence: appended.fence,
+        rtt_ms: rtt,
+      });
     }
     await lease.release();
     emit({ step: 'released', lane: laneName, lease: lease.id });

@@ -52,7 +52,7 @@ export interface ConnectOptions {
   client?: string;
   /** Keepalive period while idle, in ms (default 5000; 0 disables). */
   keepaliveMs?: number;
-  /** How long connecting, or a reply beyond the service's own waits, may take, in ms (default 40000). */
+  /** How long connecting, or a reply beyond the service's own waits, may take (ms; 40000). */
   timeoutMs?: number;
   /** Largest frame sent or accepted (default 8 MiB, the service's default). */
   maxFrameBytes?: number;
@@ -91,7 +91,9 @@ export interface SessionLaneEvents {
   close: [reason: string];
 }
 
-type SessionLaneListener<E extends keyof SessionLaneEvents> = (...args: SessionLaneEvents[E]) => void;
+type SessionLaneListener<E extends keyof SessionLaneEvents> = (
+  ...args: SessionLaneEvents[E]
+) => void;
 
 // Typed listeners without relying on a generic EventEmitter in the consumer's @types/node.
 export interface SessionLane {
@@ -147,7 +149,8 @@ export async function connect(
     });
     if (welcome['protocol'] !== PROTOCOL_VERSION) {
       throw new Unavailable(
-        `the service at ${address} speaks protocol ${String(welcome['protocol'])}, not ${PROTOCOL_VERSION}`,
+        `the service at ${address} speaks protocol ${String(welcome['protocol'])},` +
+          ` not ${PROTOCOL_VERSION}`,
       );
     }
     sl.server = typeof welcome['server'] === 'string' ? welcome['server'] : null;
@@ -209,11 +212,14 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       // The service hears from us only when we send: keep alive by what we sent, not by
       // what we received (a holder fed events may send nothing for long).
       // Checked twice a period, so the service never hears nothing for more than 1.5.
-      this.#keepalive = setInterval(() => {
-        if (!this.#closed && Date.now() - this.#lastSent >= period) {
-          this.request('keepalive', {}).catch(() => undefined);
-        }
-      }, Math.max(1, Math.floor(period / 2)));
+      this.#keepalive = setInterval(
+        () => {
+          if (!this.#closed && Date.now() - this.#lastSent >= period) {
+            this.request('keepalive', {}).catch(() => undefined);
+          }
+        },
+        Math.max(1, Math.floor(period / 2)),
+      );
       this.#keepalive.unref();
     }
   }
@@ -281,7 +287,9 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     try {
       bytes = frame({ v: PROTOCOL_VERSION, type, id, ...fields }, this.#maxFrameBytes);
     } catch (err) {
-      return Promise.reject(err instanceof SessionLaneError ? err : errorFor('invalid_record', String(err)));
+      return Promise.reject(
+        err instanceof SessionLaneError ? err : errorFor('invalid_record', String(err)),
+      );
     }
     const wait = options.timeoutMs === undefined ? 0 : options.timeoutMs;
     const limit = wait === null ? null : wait + this.#timeoutMs;

@@ -76,9 +76,9 @@ export interface LeaseEvents {
 export interface LeaseOptions {
   /** `prompt` (a whole turn, the default), `write`, `compaction` (may rewrite) or `recovery`. */
   purpose?: Purpose;
-  /** How long to wait in the queue before `LeaseTimeout` (default 60 s); `null`: the service's `wait_timeout_ms`. */
+  /** Queue this long before `LeaseTimeout` (default 60 s); `null`: the service's default. */
   waitTimeoutMs?: number | null;
-  /** Revoke the lease (event `revoked`, reason `max_hold`) if held longer; default: the service's. */
+  /** Revoked (event `revoked`, reason `max_hold`) if held longer; default: the service's. */
   maxHoldMs?: number | null;
   /** `wait` (queue, the default), `fail` (`Contended` at once) or `skip` (resolve `null`). */
   onContention?: OnContention;
@@ -404,7 +404,8 @@ export class Lease implements AsyncDisposable {
       this.#state.checkUsable();
       await this.#call('release', { lease: this.id });
     } catch (err) {
-      const lost = err instanceof NotHolder || err instanceof LeaseRevoked || err instanceof Unavailable;
+      const lost =
+        err instanceof NotHolder || err instanceof LeaseRevoked || err instanceof Unavailable;
       if (!(quiet && lost)) throw err;
     } finally {
       this.#state.views.delete(this);

@@ -116,8 +116,8 @@ export function isSessionWriteLockTimeoutError(err: unknown): boolean {
     err instanceof SessionWriteLockTimeoutError ||
     Boolean(
       err &&
-        typeof err === 'object' &&
-        (err as { code?: unknown }).code === SESSION_WRITE_LOCK_TIMEOUT_CODE,
+      typeof err === 'object' &&
+      (err as { code?: unknown }).code === SESSION_WRITE_LOCK_TIMEOUT_CODE,
     )
   );
 }
@@ -204,7 +204,8 @@ export function createSessionWriteLocks(options: SessionWriteLocksOptions = {}):
     params: AcquireSessionWriteLockParams,
   ): Promise<SessionWriteLock> {
     const timeoutMs = positiveMs(params.timeoutMs, DEFAULT_ACQUIRE_TIMEOUT_MS, true);
-    const maxHoldMs = params.maxHoldMs === undefined ? null : positiveMs(params.maxHoldMs, 0, false);
+    const maxHoldMs =
+      params.maxHoldMs === undefined ? null : positiveMs(params.maxHoldMs, 0, false);
     if (options.createDirectory === true) {
       await mkdir(dirname(resolvePath(params.sessionFile)), { recursive: true });
     }

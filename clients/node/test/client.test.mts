@@ -120,7 +120,10 @@ describe('a connection to a real service', needsService, () => {
     const err = await other
       .lane('waiter')
       .lease(path, { waitTimeoutMs: 100 })
-      .then(() => null, (e: unknown) => e);
+      .then(
+        () => null,
+        (e: unknown) => e,
+      );
     assert.ok(err instanceof LeaseTimeout);
     assert.equal(err.code, 'lease_timeout');
     assert.equal(err.path, path);
@@ -225,9 +228,10 @@ describe('a connection to a real service', needsService, () => {
     assert.ok(holder !== null);
     const lane = other.lane('quitter');
     const queued = deferred();
-    const waiting = lane
-      .lease(path, { onQueued: () => queued.resolve() })
-      .then(() => null, (err: unknown) => err);
+    const waiting = lane.lease(path, { onQueued: () => queued.resolve() }).then(
+      () => null,
+      (err: unknown) => err,
+    );
     await queued.promise;
     assert.deepEqual(await lane.abandon(path), []);
     const err = await waiting;
@@ -241,7 +245,10 @@ describe('a connection to a real service', needsService, () => {
       const err = await sl
         .lane('bad')
         .lease(path)
-        .then(() => null, (e: unknown) => e);
+        .then(
+          () => null,
+          (e: unknown) => e,
+        );
       assert.ok(err instanceof PathNotAllowed, String(err));
       assert.ok(err instanceof SessionLaneError);
       assert.equal(err.code, 'path_not_allowed');
@@ -274,7 +281,10 @@ describe('a connection to a real service', needsService, () => {
       [[], /empty/],
     ];
     for (const [batch, reason] of batches) {
-      const err: unknown = await lease.append(...(batch as object[])).then(() => null, (e: unknown) => e);
+      const err: unknown = await lease.append(...(batch as object[])).then(
+        () => null,
+        (e: unknown) => e,
+      );
       assert.ok(err instanceof InvalidRecord, `${String(err)} for ${reason}`);
       assert.equal(err.code, 'invalid_record');
       assert.match(err.detail, reason);

@@ -8,7 +8,9 @@ export const ROOT = process.env['NODE_TEST_SESSIONLANE_ROOT'];
 
 /** For `describe(..., needsService, ...)`: skipped, with the reason, without a service. */
 export const needsService =
-  ADDRESS && ROOT ? {} : { skip: 'NODE_TEST_SESSIONLANE_ADDRESS and NODE_TEST_SESSIONLANE_ROOT are not set' };
+  ADDRESS && ROOT
+    ? {}
+    : { skip: 'NODE_TEST_SESSIONLANE_ADDRESS and NODE_TEST_SESSIONLANE_ROOT are not set' };
 
 export function address(): string {
   if (!ADDRESS) throw new Error('NODE_TEST_SESSIONLANE_ADDRESS is not set');

@@ -36,7 +36,10 @@ describe('the OpenClaw session write lock drop-in', needsService, () => {
     const sessionFile = freshPath('oc-basic');
     const lock = await locks.acquireSessionWriteLock({ sessionFile, timeoutMs: 10_000 });
     const held = (await observer.status(sessionFile)).files[0]!.holder!;
-    assert.deepEqual([held.lane, held.purpose, held.lease], ['openclaw:main', 'prompt', lock.lease.id]);
+    assert.deepEqual(
+      [held.lane, held.purpose, held.lease],
+      ['openclaw:main', 'prompt', lock.lease.id],
+    );
     await lock.lease.append({ type: 'message', text: 'hi' });
     await lock.release();
     await lock.release(); // a second release is a no-op, as OpenClaw's
@@ -49,7 +52,10 @@ describe('the OpenClaw session write lock drop-in', needsService, () => {
     const held = await locks.acquireSessionWriteLock({ sessionFile, timeoutMs: 10_000 });
     const err = await rival
       .acquireSessionWriteLock({ sessionFile, timeoutMs: 50, staleMs: 1 })
-      .then(() => null, (e: unknown) => e);
+      .then(
+        () => null,
+        (e: unknown) => e,
+      );
     assert.ok(err instanceof SessionWriteLockTimeoutError);
     assert.ok(isSessionWriteLockTimeoutError(err));
     assert.ok(isSessionWriteLockTimeoutError({ code: 'OPENCLAW_SESSION_WRITE_LOCK_TIMEOUT' }));

@@ -12,7 +12,10 @@ import {
   type SessionLane,
   type StatusReport,
 } from 'sessionlane';
-import { createSessionWriteLocks as fromSubpath, type SessionWriteLock } from 'sessionlane/openclaw';
+import {
+  createSessionWriteLocks as fromSubpath,
+  type SessionWriteLock,
+} from 'sessionlane/openclaw';
 
 interface Message {
   type: 'message';
@@ -23,7 +26,9 @@ interface Message {
 export async function turn(path: string, message: Message): Promise<number | null> {
   await using sl: SessionLane = await connect('127.0.0.1:7420', { token: 'secret', client: 'app' });
   const options: LeaseOptions = { purpose: 'prompt', waitTimeoutMs: 5_000, onContention: 'skip' };
-  await using lease: Lease | null = await sl.lane('agent:main', { priority: 'background' }).lease(path, options);
+  await using lease: Lease | null = await sl
+    .lane('agent:main', { priority: 'background' })
+    .lease(path, options);
   if (lease === null) return null;
   lease.on('external_change', (event) => console.log(event.kind, event.path));
   lease.on('revoked', (event) => console.log(event.reason));
@@ -40,7 +45,13 @@ export async function turn(path: string, message: Message): Promise<number | nul
 export async function dropIn(sessionFile: string): Promise<void> {
   const { acquireSessionWriteLock, close } = createSessionWriteLocks({ lane: 'openclaw' });
   try {
-    const lock: SessionWriteLock = await acquireSessionWriteLock({ sessionFile, timeoutMs: 60_000, staleMs: 1_800_000, maxHoldMs: 300_000, allowReentrant: true });
+    const lock: SessionWriteLock = await acquireSessionWriteLock({
+      sessionFile,
+      timeoutMs: 60_000,
+      staleMs: 1_800_000,
+      maxHoldMs: 300_000,
+      allowReentrant: true,
+    });
     await lock.release();
   } catch (err) {
     if (isSessionWriteLockTimeoutError(err)) return;

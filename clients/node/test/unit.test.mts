@@ -31,8 +31,20 @@ describe('addresses', () => {
   });
 
   it('refuses anything else with a TypeError naming the three forms', () => {
-    for (const bad of ['', 'localhost', 'tcp://:7420', 'tcp://h:0', 'tcp://h:99999', 'h:x', 'unix://rel.sock', 'http://h/x:1']) {
-      assert.throws(() => parseAddress(bad), (err: unknown) => err instanceof TypeError);
+    for (const bad of [
+      '',
+      'localhost',
+      'tcp://:7420',
+      'tcp://h:0',
+      'tcp://h:99999',
+      'h:x',
+      'unix://rel.sock',
+      'http://h/x:1',
+    ]) {
+      assert.throws(
+        () => parseAddress(bad),
+        (err: unknown) => err instanceof TypeError,
+      );
     }
   });
 });
@@ -72,7 +84,11 @@ describe('the error table', () => {
   });
 
   it('gives the OpenClaw timeout error the shape its callers test', () => {
-    const err = new SessionWriteLockTimeoutError({ timeoutMs: 5, owner: 'owner=unknown', lockPath: '/s/a.jsonl.lock' });
+    const err = new SessionWriteLockTimeoutError({
+      timeoutMs: 5,
+      owner: 'owner=unknown',
+      lockPath: '/s/a.jsonl.lock',
+    });
     assert.equal(err.code, 'OPENCLAW_SESSION_WRITE_LOCK_TIMEOUT');
     assert.equal(err.name, 'SessionWriteLockTimeoutError');
     assert.equal(err.message, 'session file locked (timeout 5ms): owner=unknown /s/a.jsonl.lock');
@@ -100,11 +116,14 @@ describe('record checks', () => {
       [[{ m: new Map() }], /Map/],
     ];
     for (const [records, reason] of cases) {
-      assert.throws(() => checkRecords(records as object[]), (err: unknown) => {
-        assert.ok(err instanceof InvalidRecord);
-        assert.match(err.detail, reason);
-        return true;
-      });
+      assert.throws(
+        () => checkRecords(records as object[]),
+        (err: unknown) => {
+          assert.ok(err instanceof InvalidRecord);
+          assert.match(err.detail, reason);
+          return true;
+        },
+      );
     }
   });
 
@@ -155,7 +174,14 @@ function grantOnceThenDrop(): Script {
   return (request, send, socket) => {
     if (request['type'] !== 'acquire') return;
     if (acquires++ === 0) {
-      send({ type: 'granted', id: request['id'], lease: 'L1', fence: 7, path: request['path'], purpose: 'prompt' });
+      send({
+        type: 'granted',
+        id: request['id'],
+        lease: 'L1',
+        fence: 7,
+        path: request['path'],
+        purpose: 'prompt',
+      });
     } else {
       send({ type: 'queued', id: request['id'], position: 1 });
       socket.destroy(); // the service goes away while a request waits
@@ -206,7 +232,14 @@ describe('connection loss', () => {
         waiting = request['id']; // no answer yet
       } else if (request['type'] === 'keepalive') {
         // Only now, after the caller gave up: the grant, then the keepalive's own reply.
-        send({ type: 'granted', id: waiting, lease: 'LATE', fence: 3, path: '/s/late.jsonl', purpose: 'prompt' });
+        send({
+          type: 'granted',
+          id: waiting,
+          lease: 'LATE',
+          fence: 3,
+          path: '/s/late.jsonl',
+          purpose: 'prompt',
+        });
         send({ type: 'alive', id: request['id'] });
       } else if (request['type'] === 'release') {
         released(request['lease']);
@@ -215,11 +248,14 @@ describe('connection loss', () => {
     });
     try {
       const sl = await connect(address, { keepaliveMs: 0, timeoutMs: 100 });
-      await assert.rejects(sl.lane('a').lease('/s/late.jsonl', { waitTimeoutMs: 0 }), (err: unknown) => {
-        assert.ok(err instanceof Unavailable);
-        assert.match(err.detail, /no reply to acquire/);
-        return true;
-      });
+      await assert.rejects(
+        sl.lane('a').lease('/s/late.jsonl', { waitTimeoutMs: 0 }),
+        (err: unknown) => {
+          assert.ok(err instanceof Unavailable);
+          assert.match(err.detail, /no reply to acquire/);
+          return true;
+        },
+      );
       await sl.request('keepalive', {});
       assert.equal(await release, 'LATE');
       await sl.close();
