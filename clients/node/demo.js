@@ -1,9 +1,9 @@
 #!/usr/bin/env node
 'use strict';
 /**
- * One agent turn from Node.js: `node demo.js ADDR PATH LANE N`.
+ * One agent turn from Node.js: `node demo.js ADDR PATH LANE N` (after `npm ci`).
  *
- * Acquires a prompt lease on PATH for LANE, appends N records (`{type: 'demo', lane, seq}`),
+ * Takes a prompt lease on PATH for LANE, appends N records (`{type: 'demo', lane, seq}`),
  * one append per record, releases, and exits 0. Prints one JSON line per step:
  *
  *     {"step":"granted","lane":...,"lease":...,"fence":...}
@@ -12,10 +12,10 @@
  *
  * On a sessionlane error it prints `{"step":"error","code":...,"detail":...,"path":...}` and
  * exits 1. `SESSIONLANE_TOKEN` is sent in hello when set. With `SESSIONLANE_DEMO_PINGS=K`
- * it first times K keepalive round trips and prints `{"step":"pinged","n":K,"p50_ms":...}`.
+ * it first times K status round trips and prints `{"step":"pinged","n":K,"p50_ms":...}`.
  */
 
-const { connect, SessionLaneError } = require('./index.js');
+const { connect, SessionLaneError } = require('sessionlane');
 
 function emit(line) {
   process.stdout.write(`${JSON.stringify(line)}\n`);
@@ -30,39 +30,47 @@ async function main(argv) {
     process.stderr.write('usage: node demo.js ADDR PATH LANE N\n');
     return 2;
   }
-  const [address, path, lane, countText] = argv;
+  const [address, path, laneName, countText] = argv;
   const count = Number(countText);
   const sl = await connect(address, { token: process.env.SESSIONLANE_TOKEN, client: 'node:demo' });
-  sl.on('event', (event) => emit({ step: 'event', lane, event }));
+  sl.on('event', (event) => emit({ step: 'event', lane: laneName, event }));
   try {
     const pings = Number(process.env.SESSIONLANE_DEMO_PINGS || 0);
     if (pings > 0) {
       const times = [];
       for (let i = 0; i < pings; i += 1) {
         const start = process.hrtime.bigint();
-        await sl.keepalive();
+        await sl.request('keepalive', {});
         times.push(Number(process.hrtime.bigint() - start) / 1e6);
       }
       times.sort((a, b) => a - b);
-      emit({ step: 'pinged', n: pings, p50_ms: percentile(times, 0.5), p99_ms: percentile(times, 0.99) });
+      emit({
+        step: 'pinged',
+        n: pings,
+        p50_ms: percentile(times, 0.5),
+        p99_ms: percentile(times, 0.99),
+      });
     }
-    const granted = await sl.acquire({ lane, path, purpose: 'prompt', waitTimeoutMs: 60000 });
-    emit({ step: 'granted', lane, lease: granted.lease, fence: granted.fence });
+    const lease = await sl.lane(laneName).lease(path, { purpose: 'prompt', waitTimeoutMs: 60000 });
+    emit({ step: 'granted', lane: laneName, lease: lease.id, fence: lease.fence });
     for (let seq = 0; seq < count; seq += 1) {
       const start = process.hrtime.bigint();
-      const appended = await sl.append({
-        lease: granted.lease,
-        fence: granted.fence,
-        records: [{ type: 'demo', lane, seq }],
-      });
+      const appended = await lease.append({ type: 'demo', lane: laneName, seq });
       const rtt = Number(process.hrtime.bigint() - start) / 1e6;
-      emit({ step: 'appended', lane, seq, offset: appended.offset, fence: appended.fence, rtt_ms: rtt });
+      emit({
+        step: 'appended',
+        lane: laneName,
+        seq,
+        offset: appended.offset,
+        fence: appended.fence,
+        rtt_ms: rtt,
+      });
     }
-    await sl.release(granted.lease);
-    emit({ step: 'released', lane, lease: granted.lease });
+    await lease.release();
+    emit({ step: 'released', lane: laneName, lease: lease.id });
     return 0;
   } finally {
-    sl.close();
+    await sl.close();
   }
 }
 

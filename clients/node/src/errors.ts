@@ -1,0 +1,182 @@
+/**
+ * The error table: one exception class per wire error code, all under `SessionLaneError`.
+ *
+ * The same hierarchy as the Python client (`messages.errors`): `StaleFence` is a
+ * `LeaseRevoked`, and the `abandoned` code (a queued request cancelled because its own lane
+ * abandoned) maps to `LeaseRevoked`. Unknown codes map to the base class, so a newer service
+ * never breaks an older client.
+ */
+
+/** Every code an `error` reply can carry (see `docs/protocol.md`). */
+export type ErrorCode =
+  | 'lease_timeout'
+  | 'contended'
+  | 'stale_fence'
+  | 'not_holder'
+  | 'path_not_allowed'
+  | 'invalid_record'
+  | 'too_large'
+  | 'unauthorized'
+  | 'bad_frame'
+  | 'queue_full'
+  | 'unavailable'
+  | 'shutting_down'
+  | 'abandoned'
+  | 'too_many_files'
+  | 'internal';
+
+/** The codes of the error table, in its order. */
+export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
+  'lease_timeout',
+  'contended',
+  'stale_fence',
+  'not_holder',
+  'path_not_allowed',
+  'invalid_record',
+  'too_large',
+  'unauthorized',
+  'bad_frame',
+  'queue_full',
+  'unavailable',
+  'shutting_down',
+  'abandoned',
+  'too_many_files',
+  'internal',
+]);
+
+/**
+ * Base of every sessionlane failure: `code` is the wire error code, `detail` a human-readable
+ * explanation, `path` the canonical path concerned (or null).
+ */
+export class SessionLaneError extends Error {
+  readonly code: ErrorCode;
+  readonly detail: string;
+  readonly path: string | null;
+
+  constructor(detail = '', options: { path?: string | null; code?: ErrorCode } = {}) {
+    const code = options.code ?? (new.target as unknown as { defaultCode: ErrorCode }).defaultCode;
+    const path = options.path ?? null;
+    super(`${code}: ${detail}${path ? ` [${path}]` : ''}`);
+    this.name = new.target.name;
+    this.code = code;
+    this.detail = detail;
+    this.path = path;
+  }
+
+  /** The code an instance gets when none is given. */
+  static defaultCode: ErrorCode = 'internal';
+}
+
+/** A waiting acquire was not granted within its wait timeout. */
+export class LeaseTimeout extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'lease_timeout';
+}
+
+/** `onContention: 'fail'` met a holder or a queue, or a recovery is already pending. */
+export class Contended extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'contended';
+}
+
+/** The lease was revoked (max hold, recovery, abandon, actor restart, lost connection). */
+export class LeaseRevoked extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'stale_fence';
+}
+
+/** A write carried a fence that is no longer current; nothing was written. */
+export class StaleFence extends LeaseRevoked {
+  static override defaultCode: ErrorCode = 'stale_fence';
+}
+
+/** A release came from a lane that does not hold the lease. */
+export class NotHolder extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'not_holder';
+}
+
+/** The path resolves outside the roots, is not a regular file, or has a wrong suffix. */
+export class PathNotAllowed extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'path_not_allowed';
+}
+
+/** A record is not a plain JSON object, cannot be encoded, or is over `max_record_bytes`. */
+export class InvalidRecord extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'invalid_record';
+}
+
+/** A frame exceeded `max_frame_bytes`. */
+export class TooLarge extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'too_large';
+}
+
+/** The connection did not present the configured token (or is not admitted). */
+export class Unauthorized extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'unauthorized';
+}
+
+/** A frame could not be decoded or did not match the protocol. */
+export class BadFrame extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'bad_frame';
+}
+
+/** The path's queue already holds `max_queue` waiters. */
+export class QueueFull extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'queue_full';
+}
+
+/** The service cannot be reached, or the connection was lost before the reply. */
+export class Unavailable extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'unavailable';
+}
+
+/** The service is stopping; queued requests are answered with this. */
+export class ShuttingDown extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'shutting_down';
+}
+
+/** The service already keeps `max_files` transcripts live; retry later. */
+export class TooManyFiles extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'too_many_files';
+}
+
+const BY_CODE: Readonly<Record<ErrorCode, typeof SessionLaneError>> = {
+  lease_timeout: LeaseTimeout,
+  contended: Contended,
+  stale_fence: StaleFence,
+  not_holder: NotHolder,
+  path_not_allowed: PathNotAllowed,
+  invalid_record: InvalidRecord,
+  too_large: TooLarge,
+  unauthorized: Unauthorized,
+  bad_frame: BadFrame,
+  queue_full: QueueFull,
+  unavailable: Unavailable,
+  shutting_down: ShuttingDown,
+  abandoned: LeaseRevoked,
+  too_many_files: TooManyFiles,
+  internal: SessionLaneError,
+};
+
+/** The exception for a wire error code (unknown codes map to the base class). */
+export function errorFor(code: string, detail = '', path: string | null = null): SessionLaneError {
+  const cls = Object.prototype.hasOwnProperty.call(BY_CODE, code)
+    ? BY_CODE[code as ErrorCode]
+    : SessionLaneError;
+  return new cls(detail, { path, code: code as ErrorCode });
+}
+
+/**
+ * The reason a lease's `signal` aborts with when a recovery asks its holder to finish:
+ * not a failure yet (the lease still writes), a request to wrap up within `graceMs`.
+ */
+export class AbortRequestedError extends Error {
+  readonly lease: string;
+  readonly path: string;
+  readonly graceMs: number;
+
+  constructor(lease: string, path: string, graceMs: number) {
+    super(`a recovery asked the holder of ${path} to finish within ${graceMs} ms`);
+    this.name = 'AbortRequestedError';
+    this.lease = lease;
+    this.path = path;
+    this.graceMs = graceMs;
+  }
+}

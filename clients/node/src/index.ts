@@ -1,0 +1,79 @@
+/**
+ * sessionlane for TypeScript and Node.js: the client of a `sessionlane serve` (one writer per
+ * agent transcript, fenced writes, FIFO hand-off), in the shape of the Python client, and an
+ * OpenClaw session-write-lock drop-in (`createSessionWriteLocks`, also at `sessionlane/openclaw`).
+ *
+ * The wire protocol is described in the repository's `docs/protocol.md`.
+ */
+
+import './dispose.js';
+
+export { DEFAULT_ADDRESS, parseAddress, type Target } from './address.js';
+export {
+  connect,
+  SessionLane,
+  type ConnectOptions,
+  type FileStatus,
+  type SessionLaneEvents,
+  type StatusReport,
+} from './client.js';
+export {
+  AbortRequestedError,
+  BadFrame,
+  Contended,
+  ERROR_CODES,
+  InvalidRecord,
+  LeaseRevoked,
+  LeaseTimeout,
+  NotHolder,
+  PathNotAllowed,
+  QueueFull,
+  SessionLaneError,
+  ShuttingDown,
+  StaleFence,
+  TooLarge,
+  TooManyFiles,
+  Unauthorized,
+  Unavailable,
+  errorFor,
+  type ErrorCode,
+} from './errors.js';
+export {
+  Lane,
+  Lease,
+  type AbortRequestedEvent,
+  type AppendOptions,
+  type ExternalChangeEvent,
+  type LeaseEvents,
+  type LeaseLossReason,
+  type LeaseOptions,
+  type RequestOptions,
+  type RevokedEvent,
+} from './lease.js';
+export {
+  DEFAULT_ACQUIRE_TIMEOUT_MS,
+  SESSION_WRITE_LOCK_TIMEOUT_CODE,
+  SessionWriteLockTimeoutError,
+  createSessionWriteLocks,
+  isSessionWriteLockTimeoutError,
+  type AcquireSessionWriteLockParams,
+  type SessionWriteLock,
+  type SessionWriteLocks,
+  type SessionWriteLocksOptions,
+} from './openclaw.js';
+export {
+  PROTOCOL_VERSION,
+  checkRecords,
+  type AppendResult,
+  type Durability,
+  type ExternalChangeKind,
+  type OnContention,
+  type Priority,
+  type Purpose,
+  type RevokeReason,
+  type TranscriptRecord,
+  type WireMessage,
+} from './wire.js';
+
+/** The package version (the same as the Python distribution's). */
+export const VERSION = '0.1.0';

@@ -1,0 +1,477 @@
+/**
+ * Lanes and leases: the shape of the Python client (`lane.lease(path)` -> a lease whose writes
+ * carry its fence), with an `AbortSignal` and `Symbol.asyncDispose` for Node.
+ *
+ * One `LeaseState` per lease id on a connection; a reentrant grant (the same lane asking again
+ * for a path it holds) gets its own `Lease` view of the shared state, so each level releases
+ * exactly once and events reach every level.
+ */
+
+import { anchor } from './address.js';
+import {
+  AbortRequestedError,
+  LeaseRevoked,
+  NotHolder,
+  SessionLaneError,
+  StaleFence,
+  Unavailable,
+} from './errors.js';
+import {
+  checkRecords,
+  type AppendResult,
+  type Durability,
+  type ExternalChangeKind,
+  type OnContention,
+  type Priority,
+  type Purpose,
+  type TranscriptRecord,
+  type WireMessage,
+} from './wire.js';
+import './dispose.js';
+
+/** How a `LeaseState` reaches its views' listeners (module-private). */
+const EMIT = Symbol('emit');
+
+/** Why a lease is no longer held: a `revoked` event's reason, or what the client saw. */
+export type LeaseLossReason =
+  | 'max_hold'
+  | 'recovery'
+  | 'abandoned'
+  | 'actor_restart'
+  | 'shutdown'
+  | 'stale_fence'
+  | 'connection_lost'
+  | 'connection_closed'
+  | (string & {});
+
+/** The `revoked` event of a lease. */
+export interface RevokedEvent {
+  readonly lease: string;
+  readonly path: string;
+  readonly reason: LeaseLossReason;
+}
+
+/** The `abort_requested` event: a recovery asks the holder to finish within `graceMs`. */
+export interface AbortRequestedEvent {
+  readonly lease: string;
+  readonly path: string;
+  readonly graceMs: number;
+}
+
+/** The `external_change` event: the file changed outside sessionlane; the turn goes on. */
+export interface ExternalChangeEvent {
+  readonly lease: string;
+  readonly path: string;
+  readonly kind: ExternalChangeKind;
+}
+
+/** The events a `Lease` emits, by name. */
+export interface LeaseEvents {
+  revoked: RevokedEvent;
+  abort_requested: AbortRequestedEvent;
+  external_change: ExternalChangeEvent;
+}
+
+/** Options of `Lane.lease`. */
+export interface LeaseOptions {
+  /** `prompt` (a whole turn, the default), `write`, `compaction` (may rewrite) or `recovery`. */
+  purpose?: Purpose;
+  /** Queue this long before `LeaseTimeout` (default 60 s); `null`: the service's default. */
+  waitTimeoutMs?: number | null;
+  /** Revoked (event `revoked`, reason `max_hold`) if held longer; default: the service's. */
+  maxHoldMs?: number | null;
+  /** `wait` (queue, the default), `fail` (`Contended` at once) or `skip` (resolve `null`). */
+  onContention?: OnContention;
+  /** Called with the 1-based queue position when the request has to wait. */
+  onQueued?: (position: number) => void;
+  /** Called for every `external_change` of the granted lease, from the first one on. */
+  onExternalChange?: (event: ExternalChangeEvent) => void;
+}
+
+/** Options of the append methods. */
+export interface AppendOptions {
+  /** `fsync` (the default: durable before the reply) or `flush` (written to the OS). */
+  durability?: Durability;
+}
+
+/** Options of a low-level request (`SessionLane.request`). */
+export interface RequestOptions<T = WireMessage> {
+  /** How long the service may take on its own (an acquire's wait); `null`: no limit. */
+  timeoutMs?: number | null;
+  /** Called with the queue position for each `queued` note. */
+  onQueued?: (position: number) => void;
+  /**
+   * Turn the final (non-error) reply into the result, synchronously as it arrives: before any
+   * event that follows it on the wire is applied (a grant is tracked before its events).
+   */
+  map?: (reply: WireMessage) => T;
+}
+
+/** What a `Lane` and a `Lease` need from their connection (implemented by `SessionLane`). */
+export interface LeaseHost {
+  request<T = WireMessage>(
+    type: string,
+    fields: Record<string, unknown>,
+    options?: RequestOptions<T>,
+  ): Promise<T>;
+  track(state: LeaseState): LeaseState;
+  untrack(state: LeaseState): void;
+  abandoned(leases: readonly string[]): void;
+}
+
+/** What the client knows about one lease, updated by events as they arrive. */
+export class LeaseState {
+  abortRequested = false;
+  abortGraceMs: number | null = null;
+  revoked: LeaseLossReason | null = null;
+  readonly externalChanges: ExternalChangeKind[] = [];
+  /** Every level of the lease was released. */
+  released = false;
+  /** Nesting depth: a reentrant grant shares this state and adds one. */
+  holds = 0;
+  readonly controller = new AbortController();
+  readonly views = new Set<Lease>();
+
+  constructor(
+    readonly lease: string,
+    readonly path: string,
+    readonly fence: number,
+    readonly purpose: Purpose,
+  ) {}
+
+  /** The lease is gone (first reason wins): abort the signal, tell every view. */
+  revoke(reason: LeaseLossReason): void {
+    if (this.revoked !== null || this.released) return;
+    this.revoked = reason;
+    this.controller.abort(
+      new LeaseRevoked(`lease ${this.lease} was revoked (${reason})`, { path: this.path }),
+    );
+    const event: RevokedEvent = { lease: this.lease, path: this.path, reason };
+    for (const view of this.views) view[EMIT]('revoked', event);
+  }
+
+  requestAbort(graceMs: number): void {
+    this.abortRequested = true;
+    this.abortGraceMs = graceMs;
+    if (!this.controller.signal.aborted) {
+      this.controller.abort(new AbortRequestedError(this.lease, this.path, graceMs));
+    }
+    const event: AbortRequestedEvent = { lease: this.lease, path: this.path, graceMs };
+    for (const view of this.views) view[EMIT]('abort_requested', event);
+  }
+
+  externalChange(kind: ExternalChangeKind): void {
+    this.externalChanges.push(kind);
+    const event: ExternalChangeEvent = { lease: this.lease, path: this.path, kind };
+    for (const view of this.views) view[EMIT]('external_change', event);
+  }
+
+  checkUsable(): void {
+    if (this.revoked !== null) {
+      throw new LeaseRevoked(
+        `lease ${this.lease} was revoked (${this.revoked}); nothing was written`,
+        { path: this.path },
+      );
+    }
+    if (this.released) {
+      throw new LeaseRevoked(`lease ${this.lease} was released`, { path: this.path });
+    }
+  }
+}
+
+/** A named lane on one connection. The same name on two connections is two lanes. */
+export class Lane {
+  readonly #host: LeaseHost;
+
+  /** Not for direct use: `SessionLane.lane(name, { priority })` makes lanes. */
+  constructor(
+    host: LeaseHost,
+    readonly name: string,
+    readonly priority: Priority,
+  ) {
+    this.#host = host;
+  }
+
+  /**
+   * Ask for a lease on `path`. Resolves with the `Lease`, or `null` when `onContention` is
+   * `skip` and the path is busy. Rejects with `LeaseTimeout`, `Contended`, `PathNotAllowed`,
+   * `QueueFull`, `TooManyFiles`, `ShuttingDown`, `Unavailable`... (all `SessionLaneError`).
+   * The same lane asking again for a path it holds gets the same lease (nesting counted).
+   */
+  async lease(path: string, options: LeaseOptions = {}): Promise<Lease | null> {
+    const wait = options.waitTimeoutMs === undefined ? 60_000 : options.waitTimeoutMs;
+    const maxHold = options.maxHoldMs ?? null;
+    return this.#host.request<Lease | null>(
+      'acquire',
+      {
+        lane: this.name,
+        path: anchor(path),
+        purpose: options.purpose ?? 'prompt',
+        priority: this.priority,
+        wait_timeout_ms: wait === null ? undefined : Math.max(0, Math.floor(wait)),
+        max_hold_ms: maxHold === null ? undefined : Math.max(1, Math.floor(maxHold)),
+        on_contention: options.onContention ?? 'wait',
+      },
+      {
+        timeoutMs: wait,
+        onQueued: options.onQueued,
+        map: (reply) => {
+          if (reply.type === 'skipped') return null;
+          const lease = grantedLease(this.#host, reply, this.name);
+          if (options.onExternalChange !== undefined) {
+            lease.on('external_change', options.onExternalChange);
+          }
+          return lease;
+        },
+      },
+    );
+  }
+
+  /** A short write without a lease: queued like a `write` lease, never interleaved. */
+  append(path: string, ...records: TranscriptRecord[]): Promise<AppendResult> {
+    return this.appendRecords(path, records);
+  }
+
+  /** `append` with options. */
+  async appendRecords(
+    path: string,
+    records: readonly TranscriptRecord[],
+    options: AppendOptions = {},
+  ): Promise<AppendResult> {
+    checkRecords(records);
+    const reply = await this.#host.request('append', {
+      lane: this.name,
+      path: anchor(path),
+      records,
+      durability: options.durability,
+    });
+    return appendResult(reply);
+  }
+
+  /** Drop this lane's leases and queued requests (on `path` only, if given); their ids. */
+  async abandon(path?: string | null, options: { reason?: string } = {}): Promise<string[]> {
+    const reply = await this.#host.request('abandon', {
+      lane: this.name,
+      path: path ? anchor(path) : undefined,
+      reason: options.reason,
+    });
+    const leases = (reply['leases'] as string[] | undefined) ?? [];
+    this.#host.abandoned(leases);
+    return leases;
+  }
+}
+
+type Listener<E extends keyof LeaseEvents> = (event: LeaseEvents[E]) => void;
+
+/**
+ * A granted lease. Writes carry its fence; a revoked lease refuses to write (nothing is sent).
+ *
+ * `signal` aborts when a recovery asks the holder to finish (reason: `AbortRequestedError`)
+ * or when the lease is lost (reason: `LeaseRevoked`). `await using lease = await lane.lease(p)`
+ * releases it at the end of the block.
+ */
+export class Lease implements AsyncDisposable {
+  readonly #host: LeaseHost;
+  readonly #state: LeaseState;
+  #levelReleased = false;
+  readonly #listeners = new Map<keyof LeaseEvents, Set<(event: never) => void>>();
+
+  /** Not for direct use: leases come from `Lane.lease` and `SessionLane.recover`. */
+  constructor(
+    host: LeaseHost,
+    state: LeaseState,
+    readonly lane: string,
+  ) {
+    this.#host = host;
+    this.#state = state;
+    state.views.add(this);
+  }
+
+  /** The lease id. */
+  get id(): string {
+    return this.#state.lease;
+  }
+
+  /** The fence every write carries; strictly increasing per path. */
+  get fence(): number {
+    return this.#state.fence;
+  }
+
+  /** The canonical path. */
+  get path(): string {
+    return this.#state.path;
+  }
+
+  get purpose(): Purpose {
+    return this.#state.purpose;
+  }
+
+  /** Aborted on `abort_requested` and when the lease is lost, with the reason. */
+  get signal(): AbortSignal {
+    return this.#state.controller.signal;
+  }
+
+  /** A recovery asked this holder to finish or release. */
+  get abortRequested(): boolean {
+    return this.#state.abortRequested;
+  }
+
+  /** The grace the recovery gave, in ms, once `abortRequested`. */
+  get abortGraceMs(): number | null {
+    return this.#state.abortGraceMs;
+  }
+
+  /** Why the lease was lost (`max_hold`, `recovery`, `connection_lost`, ...), or null. */
+  get revoked(): LeaseLossReason | null {
+    return this.#state.revoked;
+  }
+
+  /** The kinds of the `external_change` events seen so far. */
+  get externalChanges(): readonly ExternalChangeKind[] {
+    return [...this.#state.externalChanges];
+  }
+
+  /** This level was released (other levels of a nested lease may still hold). */
+  get released(): boolean {
+    return this.#levelReleased;
+  }
+
+  /** Listen to `revoked`, `abort_requested` or `external_change`. */
+  on<E extends keyof LeaseEvents>(event: E, listener: Listener<E>): this {
+    let set = this.#listeners.get(event);
+    if (set === undefined) this.#listeners.set(event, (set = new Set()));
+    set.add(listener as (event: never) => void);
+    return this;
+  }
+
+  off<E extends keyof LeaseEvents>(event: E, listener: Listener<E>): this {
+    this.#listeners.get(event)?.delete(listener as (event: never) => void);
+    return this;
+  }
+
+  [EMIT]<E extends keyof LeaseEvents>(event: E, payload: LeaseEvents[E]): void {
+    for (const listener of [...(this.#listeners.get(event) ?? [])]) {
+      try {
+        (listener as Listener<E>)(payload);
+      } catch (err) {
+        // A listener's bug must not stop the connection's reader: report it as Node does.
+        process.nextTick(() => {
+          throw err;
+        });
+      }
+    }
+  }
+
+  /** Append records durably under this lease, all or nothing. */
+  append(...records: TranscriptRecord[]): Promise<AppendResult> {
+    return this.appendRecords(records);
+  }
+
+  /** `append` with options. */
+  async appendRecords(
+    records: readonly TranscriptRecord[],
+    options: AppendOptions = {},
+  ): Promise<AppendResult> {
+    this.#checkUsable();
+    checkRecords(records);
+    const reply = await this.#call('append', {
+      lease: this.id,
+      fence: this.fence,
+      records,
+      durability: options.durability,
+    });
+    return appendResult(reply);
+  }
+
+  /** Replace the whole file atomically (compaction leases); resolves with the line count. */
+  async rewrite(records: readonly TranscriptRecord[]): Promise<number> {
+    this.#checkUsable();
+    checkRecords(records);
+    const reply = await this.#call('rewrite', { lease: this.id, fence: this.fence, records });
+    return reply['lines'] as number;
+  }
+
+  /**
+   * Release one level of the lease. `quiet`: a lease already lost (revoked, connection gone,
+   * not held) is not an error. Releasing twice is a no-op.
+   */
+  async release(options: { quiet?: boolean } = {}): Promise<void> {
+    if (this.#levelReleased) return;
+    this.#levelReleased = true;
+    const quiet = options.quiet ?? false;
+    try {
+      if (quiet && this.#state.revoked !== null) return;
+      this.#state.checkUsable();
+      await this.#call('release', { lease: this.id });
+    } catch (err) {
+      const lost =
+        err instanceof NotHolder || err instanceof LeaseRevoked || err instanceof Unavailable;
+      if (!(quiet && lost)) throw err;
+    } finally {
+      this.#state.views.delete(this);
+      this.#host.untrack(this.#state);
+    }
+  }
+
+  /** `await using`: release quietly at the end of the block. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.release({ quiet: true });
+  }
+
+  toString(): string {
+    return `Lease(${this.id}, path=${this.path}, fence=${this.fence}, purpose=${this.purpose})`;
+  }
+
+  #checkUsable(): void {
+    if (this.#levelReleased) {
+      throw new LeaseRevoked(`lease ${this.id} was released`, { path: this.path });
+    }
+    this.#state.checkUsable();
+  }
+
+  async #call(type: string, fields: Record<string, unknown>): Promise<WireMessage> {
+    try {
+      return await this.#host.request(type, fields);
+    } catch (err) {
+      if (err instanceof StaleFence) {
+        this.#state.revoke('stale_fence');
+      } else if (err instanceof Unavailable && this.#state.revoked !== null) {
+        // The connection went (its lanes die with it): the lease is lost, not just late.
+        throw new LeaseRevoked(`lease ${this.id} lost: ${err.detail}`, { path: this.path });
+      }
+      if (err instanceof SessionLaneError && err.path === null) {
+        throw withPath(err, this.path);
+      }
+      throw err;
+    }
+  }
+}
+
+/** Track a `granted` reply on `host` and return a view of it for `lane`. */
+export function grantedLease(host: LeaseHost, reply: WireMessage, lane: string): Lease {
+  const state = host.track(
+    new LeaseState(
+      reply['lease'] as string,
+      reply['path'] as string,
+      reply['fence'] as number,
+      reply['purpose'] as Purpose,
+    ),
+  );
+  return new Lease(host, state, lane);
+}
+
+function appendResult(reply: WireMessage): AppendResult {
+  return {
+    offset: reply['offset'] as number,
+    lines: reply['lines'] as number,
+    fence: reply['fence'] as number,
+  };
+}
+
+function withPath(err: SessionLaneError, path: string): SessionLaneError {
+  const cls = err.constructor as new (
+    detail: string,
+    options: { path: string; code: SessionLaneError['code'] },
+  ) => SessionLaneError;
+  return new cls(err.detail, { path, code: err.code });
+}

@@ -1,0 +1,280 @@
+// What needs no real service: addresses, the error table, record checks, and connection
+// loss, driven by a scripted peer on a real socket.
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import net from 'node:net';
+import { describe, it } from 'node:test';
+
+import { Decoder, Encoder } from '@msgpack/msgpack';
+import {
+  ERROR_CODES,
+  InvalidRecord,
+  LeaseRevoked,
+  SessionLaneError,
+  StaleFence,
+  TooManyFiles,
+  Unauthorized,
+  Unavailable,
+  checkRecords,
+  connect,
+  errorFor,
+  parseAddress,
+} from 'sessionlane';
+import { SessionWriteLockTimeoutError } from 'sessionlane/openclaw';
+
+describe('addresses', () => {
+  it('accepts HOST:PORT, tcp://HOST:PORT and unix:///path', () => {
+    assert.deepEqual(parseAddress('127.0.0.1:7421'), { host: '127.0.0.1', port: 7421 });
+    assert.deepEqual(parseAddress('tcp://localhost:7420'), { host: 'localhost', port: 7420 });
+    assert.deepEqual(parseAddress('tcp://[::1]:7420'), { host: '::1', port: 7420 });
+    assert.deepEqual(parseAddress('unix:///run/sl.sock'), { path: '/run/sl.sock' });
+  });
+
+  it('refuses anything else with a TypeError naming the three forms', () => {
+    for (const bad of [
+      '',
+      'localhost',
+      'tcp://:7420',
+      'tcp://h:0',
+      'tcp://h:99999',
+      'h:x',
+      'unix://rel.sock',
+      'http://h/x:1',
+    ]) {
+      assert.throws(
+        () => parseAddress(bad),
+        (err: unknown) => err instanceof TypeError,
+      );
+    }
+  });
+});
+
+describe('the error table', () => {
+  it('maps every wire code to its class, with code, detail and path', () => {
+    const expected: Record<string, string> = {
+      lease_timeout: 'LeaseTimeout',
+      contended: 'Contended',
+      stale_fence: 'StaleFence',
+      not_holder: 'NotHolder',
+      path_not_allowed: 'PathNotAllowed',
+      invalid_record: 'InvalidRecord',
+      too_large: 'TooLarge',
+      unauthorized: 'Unauthorized',
+      bad_frame: 'BadFrame',
+      queue_full: 'QueueFull',
+      unavailable: 'Unavailable',
+      shutting_down: 'ShuttingDown',
+      abandoned: 'LeaseRevoked',
+      too_many_files: 'TooManyFiles',
+      internal: 'SessionLaneError',
+    };
+    assert.deepEqual([...ERROR_CODES].sort(), Object.keys(expected).sort());
+    for (const code of ERROR_CODES) {
+      const err = errorFor(code, 'why', '/p.jsonl');
+      assert.equal(err.constructor.name, expected[code]);
+      assert.ok(err instanceof SessionLaneError && err instanceof Error);
+      assert.deepEqual([err.code, err.detail, err.path], [code, 'why', '/p.jsonl']);
+      assert.equal(err.message, `${code}: why [/p.jsonl]`);
+    }
+    assert.ok(errorFor('stale_fence') instanceof LeaseRevoked);
+    assert.ok(new StaleFence('x') instanceof LeaseRevoked);
+    assert.equal(new TooManyFiles('full').code, 'too_many_files');
+    assert.equal(new Unauthorized().code, 'unauthorized');
+    assert.equal(errorFor('from_the_future', 'x').constructor, SessionLaneError);
+  });
+
+  it('gives the OpenClaw timeout error the shape its callers test', () => {
+    const err = new SessionWriteLockTimeoutError({
+      timeoutMs: 5,
+      owner: 'owner=unknown',
+      lockPath: '/s/a.jsonl.lock',
+    });
+    assert.equal(err.code, 'OPENCLAW_SESSION_WRITE_LOCK_TIMEOUT');
+    assert.equal(err.name, 'SessionWriteLockTimeoutError');
+    assert.equal(err.message, 'session file locked (timeout 5ms): owner=unknown /s/a.jsonl.lock');
+  });
+});
+
+describe('record checks', () => {
+  it('accept plain JSON objects, leaving undefined properties out', () => {
+    checkRecords([{ a: 1, b: 'x', c: [1, null, { d: true }], e: undefined, f: 2n ** 63n }]);
+    checkRecords([Object.assign(Object.create(null) as object, { bare: 1 })]);
+  });
+
+  it('refuse the first unencodable record with InvalidRecord naming its index', () => {
+    class Custom {
+      x = 1;
+    }
+    const cases: [unknown[], RegExp][] = [
+      [[{ ok: 1 }, new Custom()], /record 1: not a plain object \(got a Custom\)/],
+      [[{ nested: { deeper: [undefined] } }], /undefined in an array/],
+      [[{ big: -(2n ** 63n) - 1n }], /64 bits/],
+      [[{ inf: Infinity }], /Infinity/],
+      [[{ [Symbol('k')]: 1 }], /symbol key/],
+      [[{ sym: Symbol('v') }], /symbol/],
+      [[{ ['\udc00']: 1 }], /key with a lone surrogate/],
+      [[{ m: new Map() }], /Map/],
+    ];
+    for (const [records, reason] of cases) {
+      assert.throws(
+        () => checkRecords(records as object[]),
+        (err: unknown) => {
+          assert.ok(err instanceof InvalidRecord);
+          assert.match(err.detail, reason);
+          return true;
+        },
+      );
+    }
+  });
+
+  it('allow a shared (non-circular) object twice', () => {
+    const shared = { s: 1 };
+    checkRecords([{ a: shared, b: shared, c: [shared, shared] }]);
+  });
+});
+
+type Send = (message: object) => void;
+type Script = (request: Record<string, unknown>, send: Send, socket: net.Socket) => void;
+
+/** A scripted peer on a real socket: answers hello, hands every other request to `script`. */
+async function scriptedService(script: Script): Promise<{ address: string; server: net.Server }> {
+  const encoder = new Encoder();
+  const decoder = new Decoder();
+  const server = net.createServer((socket) => {
+    let buffer = Buffer.alloc(0);
+    const send: Send = (message) => {
+      const body = encoder.encode({ v: 1, ...message });
+      const header = Buffer.alloc(4);
+      header.writeUInt32BE(body.byteLength);
+      socket.write(Buffer.concat([header, body]));
+    };
+    socket.on('data', (chunk) => {
+      buffer = Buffer.concat([buffer, chunk]);
+      while (buffer.length >= 4 && buffer.length >= 4 + buffer.readUInt32BE(0)) {
+        const length = buffer.readUInt32BE(0);
+        const request = decoder.decode(buffer.subarray(4, 4 + length)) as Record<string, unknown>;
+        buffer = buffer.subarray(4 + length);
+        if (request['type'] === 'hello') {
+          send({ type: 'welcome', id: request['id'], server: 'scripted', protocol: 1 });
+        } else {
+          script(request, send, socket);
+        }
+      }
+    });
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as net.AddressInfo;
+  return { address: `127.0.0.1:${port}`, server };
+}
+
+/** Grants the first acquire, queues the second and then drops the connection. */
+function grantOnceThenDrop(): Script {
+  let acquires = 0;
+  return (request, send, socket) => {
+    if (request['type'] !== 'acquire') return;
+    if (acquires++ === 0) {
+      send({
+        type: 'granted',
+        id: request['id'],
+        lease: 'L1',
+        fence: 7,
+        path: request['path'],
+        purpose: 'prompt',
+      });
+    } else {
+      send({ type: 'queued', id: request['id'], position: 1 });
+      socket.destroy(); // the service goes away while a request waits
+    }
+  };
+}
+
+describe('connection loss', () => {
+  it('rejects pending calls with Unavailable and revokes every lease, aborting its signal', async () => {
+    const { address, server } = await scriptedService(grantOnceThenDrop());
+    try {
+      const sl = await connect(address, { keepaliveMs: 0 });
+      assert.equal(sl.server, 'scripted');
+      const lease = await sl.lane('a').lease('/s/a.jsonl');
+      assert.ok(lease !== null);
+      assert.equal(lease.fence, 7);
+      const closed = once(sl, 'close');
+      let position = 0;
+      let revokedAtRejection: string | null = null;
+      const waiting = sl
+        .lane('b')
+        .lease('/s/b.jsonl', { onQueued: (p) => (position = p) })
+        .catch((err: unknown) => {
+          revokedAtRejection = lease.revoked;
+          throw err;
+        });
+      await assert.rejects(waiting, Unavailable);
+      assert.equal(position, 1);
+      assert.equal(revokedAtRejection, 'connection_lost', 'revoked before the rejection');
+      await closed;
+      assert.equal(sl.closed, true);
+      assert.equal(lease.signal.aborted, true);
+      assert.ok(lease.signal.reason instanceof LeaseRevoked);
+      await assert.rejects(lease.append({ n: 1 }), LeaseRevoked);
+      await assert.rejects(sl.status(), Unavailable);
+      await lease.release({ quiet: true });
+    } finally {
+      server.close();
+    }
+  });
+
+  it('releases a grant that arrives after its caller gave up waiting', async () => {
+    let waiting: unknown = null;
+    let released: (lease: unknown) => void = () => undefined;
+    const release = new Promise((resolve) => (released = resolve));
+    const { address, server } = await scriptedService((request, send) => {
+      if (request['type'] === 'acquire') {
+        waiting = request['id']; // no answer yet
+      } else if (request['type'] === 'keepalive') {
+        // Only now, after the caller gave up: the grant, then the keepalive's own reply.
+        send({
+          type: 'granted',
+          id: waiting,
+          lease: 'LATE',
+          fence: 3,
+          path: '/s/late.jsonl',
+          purpose: 'prompt',
+        });
+        send({ type: 'alive', id: request['id'] });
+      } else if (request['type'] === 'release') {
+        released(request['lease']);
+        send({ type: 'released', id: request['id'], lease: request['lease'] });
+      }
+    });
+    try {
+      const sl = await connect(address, { keepaliveMs: 0, timeoutMs: 100 });
+      await assert.rejects(
+        sl.lane('a').lease('/s/late.jsonl', { waitTimeoutMs: 0 }),
+        (err: unknown) => {
+          assert.ok(err instanceof Unavailable);
+          assert.match(err.detail, /no reply to acquire/);
+          return true;
+        },
+      );
+      await sl.request('keepalive', {});
+      assert.equal(await release, 'LATE');
+      await sl.close();
+    } finally {
+      server.close();
+    }
+  });
+
+  it('fails at once with Unavailable when nothing listens', async () => {
+    const server = net.createServer();
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const { port } = server.address() as net.AddressInfo;
+    server.close();
+    await once(server, 'close');
+    await assert.rejects(connect(`tcp://127.0.0.1:${port}`), (err: unknown) => {
+      assert.ok(err instanceof Unavailable);
+      assert.match(err.detail, /cannot reach sessionlane/);
+      return true;
+    });
+  });
+});
