@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
 from actors._shell import Handler, ShellActor, monotonic_ms
+from actors.confined import failure_code, failure_detail
 from actors.fencestore import FenceStore
 from actors.lease_table import (
     Abandoned,
@@ -51,6 +52,7 @@ from actors.session_file_channels import ChannelsMixin
 from actors.session_file_commit import GroupCommitMixin
 from actors.session_file_writes import WritesMixin
 from actors.transcript import Transcript
+from messages.errors import ErrorCode
 from messages.internal import (
     Drain,
     Drained,
@@ -115,6 +117,8 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         self.legacy: LegacyLock | None = None
         self.registry: Any = None
         self.broken: str | None = None
+        self.broken_code: ErrorCode = "unavailable"
+        """What a broken file answers: ``path_not_allowed``, ``too_many_files``..."""
         self.incarnation = 0
         self.received = 0  # messages the Registry forwarded (compared in its passivation check)
         self.activity = 0  # calls of any route, for the idle timer
@@ -192,12 +196,13 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         self.incarnation = msg.incarnation
         self.last_active = self.now()
         try:
-            self.transcript = Transcript(msg.path, log=log)
+            self.transcript = Transcript(msg.path, root=msg.root, log=log)
             report = self.transcript.open()
-            self.fences = FenceStore(msg.path)
+            self.fences = FenceStore(msg.path, self.transcript.directory)
             floor = self.fences.load()
         except Exception as exc:  # permission, corrupt fence file, full disk...
-            self.broken = f"{type(exc).__name__}: {exc}"
+            self.broken_code = failure_code(exc)
+            self.broken = failure_detail(exc)
             log.error("cannot open %s: %s", msg.path, self.broken)
             return
         if s.legacy_lock:
@@ -262,7 +267,8 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         self.lane_names[call.lane.uid] = call.lane.name
         if self.table is None:
             detail = self.broken or "the file actor is not initialised"
-            self.reply(call, Error(id=call.request.id, code="unavailable", detail=detail))
+            code = self.broken_code if self.broken else "unavailable"
+            self.reply(call, Error(id=call.request.id, code=code, detail=detail, path=self.path))
             return
         now = self.now()
         req = call.request

@@ -24,6 +24,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from actors.confined import failure_detail, is_fd_exhaustion
 from actors.group_commit import CommitPolicy
 from actors.lease_table import Effect, LeaseTable
 from actors.legacy_lock import LegacyLock
@@ -268,9 +269,17 @@ class WritesMixin:
                     if not self.group_commit:
                         self.sync_now()  # the baseline benchmarks compare against
                     self.remember(op.call, reply)
+            except SessionLaneError as exc:
+                # The name became unusable (a symlink, a second hard link...): refused, and
+                # refused again by every later write until the name is a plain file again.
+                log.warning("%s of %s refused: %s", op.kind, self.path, exc.detail)
+                reply = Error(
+                    id=op.call.request.id, code=exc.code, detail=exc.detail, path=self.path
+                )
             except Exception as exc:
+                failed: ErrorCode = "too_many_files" if is_fd_exhaustion(exc) else "internal"
                 log.exception("%s of %s failed", op.kind, self.path)
-                reply = Error(id=op.call.request.id, code="internal", detail=str(exc))
+                reply = Error(id=op.call.request.id, code=failed, detail=failure_detail(exc))
         if op.auto_release:
             self.release_short_write(op)
         self.reply(op.call, reply, needs_sync=needs_sync)
