@@ -45,6 +45,7 @@ from messages.errors import (
     ShuttingDown,
     StaleFence,
     TooLarge,
+    TooManyFiles,
     Unauthorized,
     Unavailable,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "ShuttingDown",
     "StaleFence",
     "TooLarge",
+    "TooManyFiles",
     "Unauthorized",
     "Unavailable",
     "connect",
