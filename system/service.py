@@ -58,6 +58,7 @@ from system.convention import (
 )
 from system.gateway import Gateway
 from system.launch import TcpSystem, start_tcp_system
+from system.limits import fit_max_files
 
 __all__ = ["Service", "ServiceError", "embedded_service", "state_dir", "state_file"]
 
@@ -188,12 +189,16 @@ class Service:
         if self.convention and self.settings.leader is None:
             asys.createActor(Directory, globalName=DIRECTORY_NAME)
         registry = asys.createActor(Registry, globalName=REGISTRY_NAME)
+        cap = fit_max_files(self.settings.max_files, self.settings.max_connections)
+        if cap.lowered:
+            log.warning("%s", cap.warning())
         asys.tell(
             registry,
             Configure(
                 roots=list(self.settings.roots),
                 suffixes=list(self.settings.suffixes),
                 file=file_settings_from(self.settings),
+                max_files=cap.effective,
             ),
         )
         self._expect(asys, Configured, "the registry")
