@@ -85,14 +85,21 @@ def failure_detail(exc: BaseException) -> str:
 class ConfinedDir:
     """An open directory; every operation names an entry of it and follows no symlink.
 
-    Open with :meth:`walk` (or :meth:`open_parent` for a file path). Not thread-safe; one
-    owner closes it (``close`` is idempotent). ``path`` is only for messages: nothing is ever
-    resolved through it.
+    Open with :meth:`walk` (or :meth:`open_parent` for a file path). It also keeps its root
+    open, so that :meth:`revalidate` can walk down again and notice a directory that was moved
+    away (out of the root, perhaps) or replaced. Not thread-safe; one owner closes it
+    (``close`` is idempotent). ``path`` is only for messages: nothing is ever resolved
+    through it.
     """
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(
+        self, fd: int, path: str, *, root: str = "", root_fd: int = -1, parts: Sequence[str] = ()
+    ) -> None:
         self.fd = fd
         self.path = path
+        self._root = root
+        self._root_fd = root_fd
+        self._parts = list(parts)
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -109,23 +116,32 @@ class ConfinedDir:
         parts = [] if relative == "." else relative.split(os.sep)
         if any(part in ("", "..") for part in parts):
             raise PathNotAllowed(f"{directory} is not inside the root {root}", path=directory)
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        here = root
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for part in parts:
-                here = os.path.join(here, part)
-                try:
-                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno == errno.ENOTDIR and _is_symlink(part, fd):
-                        exc = OSError(errno.ELOOP, exc.strerror)  # say what it is
-                    raise _refusal(exc, here, "directory") from None
-                os.close(fd)
-                fd = child
+            fd = _descend(root_fd, root, parts)
         except BaseException:
-            os.close(fd)
+            os.close(root_fd)
             raise
-        return cls(fd, directory)
+        return cls(fd, directory, root=root, root_fd=root_fd, parts=parts)
+
+    def revalidate(self) -> bool:
+        """Walk down from the root again; switch to the directory found there if it is another.
+
+        Returns True when it switched (the directory was moved or replaced: entries are now
+        looked up in the one at the path). Raises ``PathNotAllowed`` when the path no longer
+        leads to a directory without a symlink; the old directory stays in use meanwhile.
+        Costs two system calls per component below the root.
+        """
+        if self._root_fd < 0:
+            return False
+        fd = _descend(self._root_fd, self._root, self._parts)
+        now, before = os.fstat(fd), os.fstat(self.fd)
+        if (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino):
+            os.close(fd)
+            return False
+        os.close(self.fd)
+        self.fd = fd
+        return True
 
     @classmethod
     def open_parent(cls, path: str, root: str | None = None) -> tuple[ConfinedDir, str]:
@@ -142,6 +158,9 @@ class ConfinedDir:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
 
     def __enter__(self) -> Self:
         return self
@@ -218,6 +237,27 @@ class ConfinedDir:
     def fsync(self) -> None:
         """Make creates, renames and unlinks in this directory durable."""
         os.fsync(self.fd)
+
+
+def _descend(root_fd: int, root: str, parts: Sequence[str]) -> int:
+    """Open ``root/parts...`` from ``root_fd``, one component at a time, following no symlink."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+    here = root
+    try:
+        for part in parts:
+            here = os.path.join(here, part)
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno == errno.ENOTDIR and _is_symlink(part, fd):
+                    exc = OSError(errno.ELOOP, exc.strerror)  # say what it is
+                raise _refusal(exc, here, "directory") from None
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def check_regular(st: os.stat_result, where: str) -> None:

@@ -117,6 +117,7 @@ class FenceStore:
     @contextlib.contextmanager
     def _dir(self) -> Iterator[ConfinedDir]:
         if self._directory is not None:
+            self._directory.revalidate()  # moved away or replaced: use what is at the path
             yield self._directory
             return
         directory, _ = ConfinedDir.open_parent(self.path)

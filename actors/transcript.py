@@ -397,13 +397,19 @@ class Transcript:
         quarantined as in ``open``. Returns None when nothing changed. Same-size rewrites
         within one kernel timestamp tick cannot be told apart from no change.
 
-        A name that now is a symlink, a file with several hard links or not a regular file
-        (or a quarantine name that is) raises ``PathNotAllowed``: the change is not adopted,
-        so every later call refuses again, at once, until the name is a plain file again.
+        The directory is looked up again from the root first: if it was moved or replaced,
+        the name is looked up in the directory now at its path (usually a ``"replace"``). A
+        directory path that now crosses a symlink, a name that now is a symlink, a file with
+        several hard links or not a regular file (or a quarantine name that is) raises
+        ``PathNotAllowed``: the change is not adopted, so every later call refuses again, at
+        once, until the path leads to a plain file inside the root again.
         """
         fd = self._require_fd()
         known = self.identity
         kind: ExternalChangeKind | None
+        # The directory itself may have been moved (out of the root, say) or replaced: walk
+        # down from the root again, so the name is looked up where the path leads now.
+        self.directory.revalidate()
         st = self.directory.stat(self._name)
         if st is None or (st.st_dev, st.st_ino) != (known.dev, known.ino):
             kind = "replace"

@@ -227,10 +227,41 @@ def test_the_fence_sidecar_is_written_through_the_transcripts_directory(root: Pa
     store = FenceStore(transcript.path, transcript.directory)
     store.load()
     assert store.next_fence() == 1
-    (root / "team").rename(root / "renamed")  # the directory fd follows the directory
     store.reserve(5000)
     transcript.close()
-    assert FenceStore(str(root / "renamed" / "s.jsonl")).load() == 5000
+    assert FenceStore(str(root / "team" / "s.jsonl")).load() == 5000
+
+
+def test_a_directory_moved_out_of_the_root_and_linked_back_is_refused(
+    root: Path, outside: Path
+) -> None:
+    transcript = opened(root)
+    transcript.append(records(1))
+    store = FenceStore(transcript.path, transcript.directory)
+    store.load()
+    (root / "team").rename(outside / "team")  # our directory fd would follow it out
+    (root / "team").symlink_to(outside / "team", target_is_directory=True)
+
+    with pytest.raises(PathNotAllowed, match="team is a symbolic link"):
+        transcript.check_external()
+    with pytest.raises(PathNotAllowed, match="team is a symbolic link"):
+        store.reserve(5000)
+    assert sorted(os.listdir(outside / "team")) == ["s.jsonl"]
+    assert (outside / "team" / "s.jsonl").read_bytes() == records(1)
+    transcript.close()
+
+
+def test_a_directory_replaced_inside_the_root_is_followed_by_the_path(root: Path) -> None:
+    transcript = opened(root)
+    transcript.append(records(1))
+    (root / "team").rename(root / "archive")
+    (root / "team").mkdir()
+
+    assert transcript.check_external() == "replace"
+    transcript.append(records(2))
+    assert (root / "team" / "s.jsonl").read_bytes() == records(2)
+    assert (root / "archive" / "s.jsonl").read_bytes() == records(1)
+    transcript.close()
 
 
 def test_the_walk_refuses_a_directory_outside_its_root(root: Path, outside: Path) -> None:

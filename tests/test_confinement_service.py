@@ -96,6 +96,22 @@ def test_a_leased_transcript_swapped_for_a_symlink_outside_gets_path_not_allowed
     assert path.read_bytes() == b'{"n":3}\n' and not path.is_symlink()
 
 
+def test_a_leased_transcripts_directory_moved_out_and_linked_back_gets_path_not_allowed(
+    service: Service, root: Path, outside: Path
+) -> None:
+    (root / "team").mkdir()
+    path = root / "team" / "moved-dir.jsonl"
+    with connect(service.address) as sl, sl.lane("turn").lease(str(path)) as lease:
+        lease.append({"n": 1})
+        (root / "team").rename(outside / "team")
+        (root / "team").symlink_to(outside / "team", target_is_directory=True)
+
+        with pytest.raises(PathNotAllowed, match="team is a symbolic link"):
+            lease.append({"n": 2})
+        assert (outside / "team" / "moved-dir.jsonl").read_bytes() == b'{"n":1}\n'
+        (root / "team").unlink()
+
+
 def test_a_symlink_planted_at_the_quarantine_name_creates_nothing_outside(
     service: Service, root: Path, outside: Path
 ) -> None:
