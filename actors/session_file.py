@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
 from actors._shell import Handler, ShellActor, monotonic_ms
-from actors.confined import failure_code, failure_detail
+from actors.confined import failure_code, failure_detail, is_fd_exhaustion
 from actors.fencestore import FenceStore
 from actors.lease_table import (
     Abandoned,
@@ -52,7 +52,7 @@ from actors.session_file_channels import ChannelsMixin
 from actors.session_file_commit import GroupCommitMixin
 from actors.session_file_writes import WritesMixin
 from actors.transcript import Transcript
-from messages.errors import ErrorCode
+from messages.errors import ErrorCode, SessionLaneError
 from messages.internal import (
     Drain,
     Drained,
@@ -305,8 +305,15 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
 
     def on_handler_error(self, msg: Any, sender: Any, exc: Exception) -> None:
         if isinstance(msg, LaneCall):
-            detail = f"{type(exc).__name__}: {exc}"
-            self.reply(msg, Error(id=msg.request.id, code="internal", detail=detail))
+            # A refusal met on the way (a fence sidecar that became a symlink, no descriptor
+            # left) keeps its own code; anything else is a bug: internal.
+            code: ErrorCode = "internal"
+            if isinstance(exc, SessionLaneError):
+                code = exc.code
+            elif is_fd_exhaustion(exc):
+                code = "too_many_files"
+            error = Error(id=msg.request.id, code=code, detail=failure_detail(exc), path=self.path)
+            self.reply(msg, error)
 
     def on_watch(self, msg: WatchMessage, sender: Any) -> None:
         """Channel sockets first (their calls join this pass), then the end of the pass."""
