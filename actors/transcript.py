@@ -222,14 +222,22 @@ class Transcript:
 
     ``path`` is canonical and its parent directory exists. ``root`` is the configured root
     that contains it: the directory is reached from there without following symlinks (None:
-    the parent directory itself is taken as the root). Call ``open()`` before anything else.
+    the parent directory itself is taken as the root). ``directory``, if given, is that
+    directory already open (``ConfinedDir.open_parent``), borrowed and never closed here: the
+    file's actor opens it first when something else (the owner lock) must use it before the
+    transcript is opened. Call ``open()`` before anything else.
     Every method is synchronous and bounded by local disk I/O; none waits on another writer.
     The object keeps the identity (dev, inode, size, times) it last saw or produced, so that
     ``check_external`` can tell its own writes from everybody else's.
     """
 
     def __init__(
-        self, path: str, *, root: str | None = None, log: logging.Logger | None = None
+        self,
+        path: str,
+        *,
+        root: str | None = None,
+        directory: ConfinedDir | None = None,
+        log: logging.Logger | None = None,
     ) -> None:
         self.path = path
         self.root = root
@@ -237,7 +245,8 @@ class Transcript:
         """Number of fdatasyncs performed by ``sync`` (read by tests and benchmarks)."""
         self._log = log or _log
         self._fd: int | None = None
-        self._dir: ConfinedDir | None = None
+        self._dir: ConfinedDir | None = directory
+        self._owns_dir = directory is None
         self._name = os.path.basename(path)
         self._identity: FileIdentity | None = None
 
@@ -255,7 +264,8 @@ class Transcript:
         """
         if self._fd is not None:
             raise RuntimeError(f"transcript already open: {self.path}")
-        self._dir, self._name = ConfinedDir.open_parent(self.path, self.root)
+        if self._owns_dir:
+            self._dir, self._name = ConfinedDir.open_parent(self.path, self.root)
         try:
             self._remove_leftover_temps()
             fd, created = self._open_or_create()
@@ -277,7 +287,7 @@ class Transcript:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._dir is not None:
+        if self._dir is not None and self._owns_dir:
             self._dir.close()
             self._dir = None
 

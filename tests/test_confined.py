@@ -285,3 +285,18 @@ def test_a_transcript_that_fails_to_open_leaves_no_descriptor_open(
         with pytest.raises(PathNotAllowed):
             opened(root)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_directory_opened_first_is_shared_by_the_transcript_and_stays_open_after_it(
+    root: Path,
+) -> None:
+    directory, name = ConfinedDir.open_parent(str(root / "team" / "s.jsonl"), str(root))
+    with directory:
+        transcript = Transcript(str(root / "team" / "s.jsonl"), directory=directory)
+        transcript.open()
+        assert transcript.directory is directory
+        transcript.append(records(1))
+        transcript.close()
+        fd = directory.open(name, os.O_RDONLY)  # still usable: the transcript borrowed it
+        os.close(fd)
+    assert directory.fd == -1
