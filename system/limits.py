@@ -22,7 +22,9 @@ a margin for each process's own base and the Registry's ``FD_RESERVE``.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import resource
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ __all__ = [
     "GATEWAY_FDS_PER_FILE",
     "REGISTRY_FDS_PER_FILE",
     "FileCap",
+    "explain_create_failure",
     "fit_max_files",
     "raise_open_file_limit",
 ]
@@ -100,3 +103,18 @@ def fit_max_files(max_files: int, max_connections: int, limit: int | None = None
     gateway = (limit - BASE_FDS - max_connections) // GATEWAY_FDS_PER_FILE
     fits = max(1, min(registry, gateway))
     return FileCap(max_files, min(max_files, fits), fits, limit)
+
+
+_EXHAUSTED = (os.strerror(errno.EMFILE), os.strerror(errno.ENFILE))
+
+
+def explain_create_failure(exc: BaseException) -> str:
+    """What a failed ``createActor`` means; fd exhaustion said plainly, with the limit."""
+    text = str(exc)
+    if any(reason in text for reason in _EXHAUSTED):
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return (
+            f"out of file descriptors (open-file limit {soft}; thespian reported "
+            f"{type(exc).__name__}: {text})"
+        )
+    return f"{type(exc).__name__}: {text}"

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from thespian.actors import ActorSystemException
+
 from actors.registry import REGISTRY_NAME, Registry
 from messages.internal import (
     Configure,
@@ -58,7 +60,7 @@ from system.convention import (
 )
 from system.gateway import Gateway
 from system.launch import TcpSystem, start_tcp_system
-from system.limits import fit_max_files
+from system.limits import explain_create_failure, fit_max_files
 
 __all__ = ["Service", "ServiceError", "embedded_service", "state_dir", "state_file"]
 
@@ -98,6 +100,19 @@ def file_settings_from(settings: Settings) -> FileSettings:
         max_record_bytes=settings.max_record_bytes,
         legacy_lock=settings.legacy_lock,
     )
+
+
+def create_actor(asys: Any, cls: type, what: str, **kwargs: Any) -> Any:
+    """``asys.createActor``, with thespian's failures turned into a ``ServiceError``.
+
+    Running out of descriptors surfaces from thespian as ``InvalidActorSpecification``
+    (``[Errno 24] Too many open files`` in its text): said plainly here, so that neither a
+    start nor the supervisor's restart mistakes it for a bad actor class.
+    """
+    try:
+        return asys.createActor(cls, **kwargs)
+    except ActorSystemException as exc:
+        raise ServiceError(f"could not start {what}: {explain_create_failure(exc)}") from exc
 
 
 @dataclass
@@ -187,8 +202,8 @@ class Service:
     def _bring_up(self, system: TcpSystem) -> _Running:
         asys = system.asys
         if self.convention and self.settings.leader is None:
-            asys.createActor(Directory, globalName=DIRECTORY_NAME)
-        registry = asys.createActor(Registry, globalName=REGISTRY_NAME)
+            create_actor(asys, Directory, "the directory", globalName=DIRECTORY_NAME)
+        registry = create_actor(asys, Registry, "the registry", globalName=REGISTRY_NAME)
         cap = fit_max_files(self.settings.max_files, self.settings.max_connections)
         if cap.lowered:
             log.warning("%s", cap.warning())
@@ -204,7 +219,7 @@ class Service:
         self._expect(asys, Configured, "the registry")
         if self.convention:
             self._join(asys, registry)
-        gateway = asys.createActor(Gateway)
+        gateway = create_actor(asys, Gateway, "the gateway")
         asys.tell(
             gateway,
             StartGateway(

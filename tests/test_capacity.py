@@ -26,7 +26,7 @@ from actors.capacity import FD_RESERVE, fd_headroom, never_started, open_fds
 from system.client import TooManyFiles, connect
 from system.launch import free_port, tcp_system
 from system.limits import GATEWAY_FDS_PER_FILE, REGISTRY_FDS_PER_FILE, fit_max_files
-from system.service import embedded_service
+from system.service import ServiceError, create_actor, embedded_service
 
 pytestmark = [pytest.mark.tcp]
 
@@ -103,6 +103,21 @@ def test_a_child_that_never_started_is_told_apart_from_one_that_died(tmp_path: P
             system.asys.tell(parent, ask)
             answer = system.asys.listen(30)
             assert answer == ("exited", expected), ask
+
+
+def test_an_admin_out_of_descriptors_is_reported_as_such_not_as_a_bad_actor_class(
+    tmp_path: Path,
+) -> None:
+    with tcp_system(log_file=tmp_path / "actors.log") as system:
+        soft, hard = resource.prlimit(system.admin_pid, resource.RLIMIT_NOFILE)
+        full = len(os.listdir(f"/proc/{system.admin_pid}/fd"))
+        resource.prlimit(system.admin_pid, resource.RLIMIT_NOFILE, (full, hard))
+        try:
+            with pytest.raises(ServiceError, match="could not start the child: out of file"):
+                create_actor(system.asys, _Child, "the child")
+        finally:
+            resource.prlimit(system.admin_pid, resource.RLIMIT_NOFILE, (soft, hard))
+        create_actor(system.asys, _Child, "the child")  # and it recovers once there is room
 
 
 # The cap on a live service -----------------------------------------------------------------
