@@ -45,7 +45,6 @@ from messages.errors import (
     ShuttingDown,
     StaleFence,
     TooLarge,
-    TooManyFiles,
     Unauthorized,
     Unavailable,
 )
@@ -105,7 +104,6 @@ __all__ = [
     "ShuttingDown",
     "StaleFence",
     "TooLarge",
-    "TooManyFiles",
     "Unauthorized",
     "Unavailable",
     "connect",

@@ -23,7 +23,8 @@ from test_serve import Serve, clean_env, sessionlane_command
 from thespian.actors import Actor, ChildActorExited
 
 from actors.capacity import FD_RESERVE, fd_headroom, never_started, open_fds
-from system.client import TooManyFiles, connect
+from messages.errors import TooManyFiles
+from system.client import connect
 from system.launch import free_port, tcp_system
 from system.limits import GATEWAY_FDS_PER_FILE, REGISTRY_FDS_PER_FILE, fit_max_files
 from system.service import ServiceError, create_actor, embedded_service
