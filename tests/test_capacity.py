@@ -132,7 +132,7 @@ def test_past_max_files_a_new_file_is_refused_while_live_ones_work_until_one_pas
     paths = [str(root / f"f{n}.jsonl") for n in range(4)]
     with (
         embedded_service(
-            [str(root)], log_file=tmp_path / "svc.log", max_files=3, idle_ms=1500
+            [str(root)], log_file=tmp_path / "svc.log", max_files=3, idle_ms=4000
         ) as service,
         connect(service.address) as sl,
     ):
@@ -258,23 +258,27 @@ def test_a_service_under_ulimit_1024_refuses_what_does_not_fit_and_never_restart
                 assert lease is not None
                 lease.append({"before": True})
                 lane = sl.lane("many")
-                served, refused = [], []
+                served: list[str] = []
+                refused: dict[str, str] = {}
                 for n in range(400):
                     path = str(root / f"f{n:03}.jsonl")
                     try:
                         lane.append(path, {"n": n})
                         served.append(path)
                     except TooManyFiles as exc:
-                        refused.append(exc.detail)
-                assert len(served) == cap - 1  # the held file is live too
-                assert len(refused) == 400 - len(served)
-                assert all(f"max_files is {cap}" in detail for detail in refused)
+                        refused[path] = exc.detail
+                # All the cap allows (the held file is live too); more only if early files
+                # passivated already, on a machine slower than idle_ms per 400 requests.
+                assert cap - 1 <= len(served) < 400
+                assert len(served) + len(refused) == 400  # every refusal was too_many_files
+                assert all(f"max_files is {cap}" in detail for detail in refused.values())
 
                 lease.append({"after": True})  # the lease taken before still works
+                first_refused = next(iter(refused))
 
                 def served_again() -> bool:
                     try:
-                        lane.append(str(root / "f399.jsonl"), {"n": 399})
+                        lane.append(first_refused, {"later": True})
                     except TooManyFiles:
                         return False
                     return True
