@@ -62,7 +62,14 @@ from system.gateway import Gateway
 from system.launch import TcpSystem, start_tcp_system
 from system.limits import explain_create_failure, fit_max_files
 
-__all__ = ["Service", "ServiceError", "embedded_service", "state_dir", "state_file"]
+__all__ = [
+    "Service",
+    "ServiceError",
+    "create_actor",
+    "embedded_service",
+    "state_dir",
+    "state_file",
+]
 
 log = logging.getLogger(__name__)
 
