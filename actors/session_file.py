@@ -206,7 +206,7 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
             log.error("cannot open %s: %s", msg.path, self.broken)
             return
         if s.legacy_lock:
-            self.legacy = LegacyLock(msg.path)
+            self.legacy = LegacyLock(msg.path, directory=self.transcript.directory)
         self.open_pass_end()
         policy = LeasePolicy(
             max_hold_ms=s.max_hold_ms,

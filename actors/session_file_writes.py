@@ -215,6 +215,10 @@ class WritesMixin:
             if self.legacy is not None:
                 try:
                     locked = self.legacy.try_acquire()
+                except SessionLaneError as exc:  # the directory's path became a symlink...
+                    log.warning("cannot take legacy lock %s: %s", self.legacy.path, exc.detail)
+                    self.fail_queued_writes(exc.code, exc.detail)
+                    return
                 except OSError as exc:
                     log.error("cannot take legacy lock %s: %s", self.legacy.path, exc)
                     self.fail_queued_writes("internal", f"legacy lock: {exc}")

@@ -300,3 +300,23 @@ def test_a_directory_opened_first_is_shared_by_the_transcript_and_stays_open_aft
         fd = directory.open(name, os.O_RDONLY)  # still usable: the transcript borrowed it
         os.close(fd)
     assert directory.fd == -1
+
+
+def test_the_legacy_lock_is_taken_in_the_confined_directory_and_never_outside(
+    root: Path, outside: Path
+) -> None:
+    from actors.legacy_lock import LegacyLock
+
+    transcript = opened(root)
+    lock = LegacyLock(transcript.path, directory=transcript.directory)
+    assert lock.try_acquire()
+    assert (root / "team" / "s.jsonl.lock").exists()
+    lock.release()
+    assert not (root / "team" / "s.jsonl.lock").exists()
+
+    (root / "team").rename(outside / "team")
+    (root / "team").symlink_to(outside / "team", target_is_directory=True)
+    with pytest.raises(PathNotAllowed, match="team is a symbolic link"):
+        lock.try_acquire()
+    assert sorted(os.listdir(outside / "team")) == ["s.jsonl"]
+    transcript.close()
