@@ -8,15 +8,20 @@ numbers after each restart, which nothing relies on.
 
 The ceiling lives in a sidecar ``<dir>/.<basename>.fence`` holding one versioned JSON record,
 ``{"v": 1, "path": <transcript path>, "ceiling": N}``, replaced atomically on every reserve.
+It is read and replaced only through the transcript's ``ConfinedDir`` (``actors.confined``):
+never through a symlink, and only while it is a regular file with one hard link.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from actors.confined import ConfinedDir, is_fd_exhaustion
 from actors.transcript import remove_leftover_temps, replace_file
 from messages.errors import SessionLaneError
 
@@ -95,13 +100,29 @@ class FenceStore:
     Protocol for the actor: ``load()`` once per activation; hand out fences above the loaded
     value; before handing out a fence above ``ceiling``, ``reserve()`` a higher one.
     ``next_fence()`` does exactly that. Not thread-safe; one store per SessionFile actor.
+
+    ``directory`` is the transcript's open directory (``Transcript.directory``), borrowed,
+    never closed here. Without one, each ``load`` and ``reserve`` opens the transcript's
+    parent directory for its own duration (tools and tests).
     """
 
-    def __init__(self, transcript_path: str) -> None:
+    def __init__(self, transcript_path: str, directory: ConfinedDir | None = None) -> None:
         self.transcript_path = transcript_path
         self.path = fence_path(transcript_path)
+        self._name = os.path.basename(self.path)
+        self._directory = directory
         self._ceiling: int | None = None
         self._last_issued = 0
+
+    @contextlib.contextmanager
+    def _dir(self) -> Iterator[ConfinedDir]:
+        if self._directory is not None:
+            self._directory.revalidate()  # moved away or replaced: use what is at the path
+            yield self._directory
+            return
+        directory, _ = ConfinedDir.open_parent(self.path)
+        with directory:
+            yield directory
 
     @property
     def ceiling(self) -> int:
@@ -114,19 +135,24 @@ class FenceStore:
         """Read the ceiling from disk (0 when there is no sidecar) and return it.
 
         Raises ``CorruptFenceFile`` when the sidecar is unreadable, corrupt or of an unknown
-        version. Fences issued by ``next_fence`` continue above the loaded ceiling. Temp files
-        of a ``reserve`` that a crash interrupted are removed (the sidecar is intact: the rename
-        never happened).
+        version, ``PathNotAllowed`` when it is a symlink, not a regular file or has several
+        hard links. Fences issued by ``next_fence`` continue above the loaded ceiling. Temp
+        files of a ``reserve`` that a crash interrupted are removed (the sidecar is intact: the
+        rename never happened).
         """
-        for leftover in remove_leftover_temps(self.path):
-            _log.info("removed leftover fence temp file %s", leftover)
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
+        with self._dir() as directory:
+            for leftover in remove_leftover_temps(directory, self._name):
+                _log.info("removed leftover fence temp file %s", leftover)
+            try:
+                data = _read_all(directory, self._name)
+            except FileNotFoundError:
+                data = None
+            except OSError as exc:
+                if is_fd_exhaustion(exc):
+                    raise  # not the file's fault: the caller refuses with too_many_files
+                raise CorruptFenceFile(f"cannot read fence file: {exc}", path=self.path) from exc
+        if data is None:
             ceiling = 0
-        except OSError as exc:
-            raise CorruptFenceFile(f"cannot read fence file: {exc}", path=self.path) from exc
         else:
             try:
                 record = parse_fence_record(data)
@@ -161,7 +187,8 @@ class FenceStore:
         if ceiling == current:
             return
         data = encode_fence_record(FenceRecord(path=self.transcript_path, ceiling=ceiling))
-        os.close(replace_file(self.path, data))
+        with self._dir() as directory:
+            os.close(replace_file(directory, self._name, data))
         self._ceiling = ceiling
 
     def next_fence(self, block: int = DEFAULT_BLOCK) -> int:
@@ -177,3 +204,14 @@ class FenceStore:
             self.reserve(fence + block - 1)
         self._last_issued = fence
         return fence
+
+
+def _read_all(directory: ConfinedDir, name: str) -> bytes:
+    fd = directory.open(name, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

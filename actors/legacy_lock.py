@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+from actors.confined import ConfinedDir
+
 __all__ = [
     "DEFAULT_STALE_MS",
     "MALFORMED_GRACE_MS",
@@ -210,10 +212,14 @@ class _Snapshot:
     mtime_ns: int
 
 
-def _snapshot(path: str) -> _Snapshot | None:
-    """The lock file's raw bytes and identity, or None when there is no lock file."""
+def _snapshot(path: str, dir_fd: int | None = None) -> _Snapshot | None:
+    """The lock file's raw bytes and identity, or None when there is no lock file.
+
+    ``path`` is relative to ``dir_fd`` when that is given (the transcript's confined
+    directory); a symlink is never followed either way.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     try:
@@ -251,6 +257,9 @@ class LegacyLock:
 
     ``clock`` returns Unix seconds (injectable for tests). Not reentrant: ``try_acquire``
     while held returns True without nesting, and one ``release`` drops the lock.
+    ``directory`` is the transcript's confined directory (borrowed): the lock file is then
+    created, read and removed relative to it, so it is never made outside the root even if
+    the directory's path was swapped for a symlink (``try_acquire`` raises ``PathNotAllowed``).
     """
 
     def __init__(
@@ -259,12 +268,19 @@ class LegacyLock:
         *,
         stale_ms: int = DEFAULT_STALE_MS,
         clock: Callable[[], float] = time.time,
+        directory: ConfinedDir | None = None,
     ) -> None:
         self.transcript_path = transcript_path
         self.path = lock_path(transcript_path)
         self.stale_ms = stale_ms
         self._clock = clock
         self._mine: _Snapshot | None = None
+        self._directory = directory
+        self._name = os.path.basename(self.path) if directory is not None else self.path
+
+    @property
+    def _dir_fd(self) -> int | None:
+        return self._directory.fd if self._directory is not None else None
 
     @property
     def held(self) -> bool:
@@ -279,10 +295,12 @@ class LegacyLock:
         """
         if self._mine is not None:
             return True
+        if self._directory is not None:
+            self._directory.revalidate()
         for _attempt in range(2):
             if self._create():
                 return True
-            snap = _snapshot(self.path)
+            snap = _snapshot(self._name, self._dir_fd)
             if snap is None:
                 continue  # released between our create and our read
             if not self._remove_if_stale(snap):
@@ -294,15 +312,15 @@ class LegacyLock:
         mine, self._mine = self._mine, None
         if mine is None:
             return
-        if _same_lock(_snapshot(self.path), mine):
-            os.unlink(self.path)
+        if _same_lock(_snapshot(self._name, self._dir_fd), mine):
+            os.unlink(self._name, dir_fd=self._dir_fd)
         else:
             _log.warning("legacy lock %s is no longer ours; left in place", self.path)
 
     def _create(self) -> bool:
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, flags, 0o600)
+            fd = os.open(self._name, flags, 0o600, dir_fd=self._dir_fd)
         except FileExistsError:
             return False
         pid = os.getpid()
@@ -315,7 +333,7 @@ class LegacyLock:
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
-            os.unlink(self.path)
+            os.unlink(self._name, dir_fd=self._dir_fd)
             raise
         os.close(fd)
         self._mine = _Snapshot(raw, st.st_dev, st.st_ino, st.st_mtime_ns)
@@ -332,13 +350,13 @@ class LegacyLock:
         if not reclaimable(reasons, file_age_ms, stale_ms=self.stale_ms):
             _log.debug("legacy lock %s stale (%s) but not removable", self.path, reasons)
             return False
-        again = _snapshot(self.path)
+        again = _snapshot(self._name, self._dir_fd)
         if again is None:
             return True
         if not _same_lock(again, snap):
             return False
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            os.unlink(self._name, dir_fd=self._dir_fd)
         _log.warning(
             "removed stale legacy lock %s (%s): %s",
             self.path,

@@ -37,6 +37,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from actors.confined import ConfinedDir
 from messages.errors import PathNotAllowed, SessionLaneError
 
 __all__ = [
@@ -175,16 +176,22 @@ class Ownership:
         gateway: str,
         admin_port: int,
         now: float,
+        directory: ConfinedDir | None = None,
     ) -> Ownership:
         """Take the lock of ``transcript_path`` without waiting, and write who we are.
 
         Raises :class:`OwnedElsewhere` when another process holds it,
         :class:`~messages.errors.PathNotAllowed` when the sidecar's name is a symlink, not a
         regular file or hard-linked, and ``OSError`` for anything else (EMFILE included).
-        Creates the sidecar (mode 0600) if needed; never follows a symlink.
+        Creates the sidecar (mode 0600) if needed; never follows a symlink. ``directory``, the
+        transcript's directory already walked from its root (``actors.confined``), is where the
+        sidecar is opened when given (borrowed, not closed here).
         """
         sidecar = owner_path(transcript_path)
-        fd = _open_sidecar(sidecar, transcript_path)
+        if directory is not None:
+            fd = directory.open(os.path.basename(sidecar), os.O_RDWR | os.O_CREAT)
+        else:
+            fd = _open_sidecar(sidecar, transcript_path)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

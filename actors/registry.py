@@ -21,6 +21,12 @@ previous actor is still exiting (it holds the file's ownership lock until its pr
 gets its new actor only once the old one's ``ChildActorExited`` arrives; messages for it wait
 in the Registry meanwhile (bounded by ``_SUCCESSOR_WAIT_S``, after which it starts anyway).
 
+Capacity. At most ``Configure.max_files`` SessionFiles live at once (retiring ones count until
+they are gone: they still hold a process and its descriptors); a call or channel request for
+one more file is refused ``too_many_files`` and the live files go on. Running out of
+descriptors here is a refusal too (``actors.capacity``): a file is activated only with
+descriptors to spare, and a child thespian could not start is never restarted in a loop.
+
 In a convention (``Join``, sent by the Service) the Registry also routes: a call for a path
 under another member's root is forwarded to that member's Registry, and calls forwarded to us
 are served here and never forwarded again. That part, and why no path ever gets two
@@ -38,6 +44,8 @@ from typing import Any
 from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
 from actors._shell import Handler, ShellActor, addr_key, monotonic_ms
+from actors.capacity import fd_headroom, never_started
+from actors.confined import containing_root
 from actors.session_file import SessionFile
 from messages.errors import ErrorCode, PathNotAllowed
 from messages.internal import (
@@ -58,7 +66,7 @@ from messages.internal import (
     OpenChannel,
     StatusQuery,
 )
-from messages.wire import Error, FileStatus, Status, StatusReply
+from messages.wire import Abandon, Abandoned, Error, FileStatus, Status, StatusReply
 from system.convention import Federation, Join, Member
 from system.paths import canonicalize
 
@@ -74,6 +82,8 @@ _RESTART_BURST = 5
 _MAX_ALIASES = 64
 _SUCCESSOR_WAIT_S = 5.0
 """How long a new SessionFile waits for its path's retiring predecessor to exit."""
+_START_BACKOFF_MS = 1_000.0
+"""After a SessionFile could not be started, new files are refused this long (no retry loop)."""
 
 
 @dataclass
@@ -119,6 +129,7 @@ class Registry(ShellActor):
         self.query_ids = itertools.count(1)
         self.draining = False
         self.federation: Federation | None = None
+        self.start_failed_at: float | None = None
 
     def handlers(self) -> dict[type, Handler]:
         federated: dict[type, Handler] = {t: self.on_federated for t in Federation.message_types()}
@@ -178,7 +189,18 @@ class Registry(ShellActor):
                 err = Error(id=rid, code="path_not_allowed", detail=exc.detail, path=call.path)
                 self.refuse(call, err)
                 return None
-        entry = self.files.get(path) or self.activate(path)
+        entry = self.files.get(path)
+        if entry is None and isinstance(call.request, Abandon):
+            # Nothing is held on a file without a live actor: never start (or create) a file
+            # just to abandon nothing (a closing lane abandons every path it ever named).
+            done = FileReply(path=path, message=Abandoned(id=rid, leases=[]), lane=call.lane.uid)
+            self.send(call.lane.address, done)
+            return None
+        if entry is None:
+            if (full := self.capacity_refusal(path)) is not None:
+                self.refuse(call, Error(id=rid, code="too_many_files", detail=full, path=path))
+                return None
+            entry = self.activate(path)
         entry.forwarded += 1
         entry.lanes[addr_key(call.lane.address)] = call.lane.address
         if not call.canonical and len(entry.aliases) < _MAX_ALIASES:
@@ -210,7 +232,12 @@ class Registry(ShellActor):
         except PathNotAllowed as exc:
             refuse(exc.detail)
             return
-        entry = self.files.get(path) or self.activate(path)
+        entry = self.files.get(path)
+        if entry is None:
+            if (full := self.capacity_refusal(path)) is not None:
+                refuse(full)  # its calls come through here and get too_many_files
+                return
+            entry = self.activate(path)
         entry.forwarded += 1
         entry.lanes[addr_key(sender)] = sender
         if path != msg.path and len(entry.aliases) < _MAX_ALIASES:
@@ -219,6 +246,23 @@ class Registry(ShellActor):
 
     def is_active(self, path: str) -> bool:
         return path in self.files
+
+    def capacity_refusal(self, path: str) -> str | None:
+        """Why a new SessionFile for ``path`` may not be started now, or None if it may."""
+        assert self.config is not None
+        live, cap = len(self.children), self.config.max_files
+        if live >= cap:
+            return (
+                f"{live} files are live, max_files is {cap}: retry once idle files are "
+                "passivated (idle_ms), or raise max_files"
+            )
+        failed, now = self.start_failed_at, monotonic_ms()
+        if failed is not None and now - failed < _START_BACKOFF_MS:
+            return (
+                f"a file's actor could not be started {now - failed:.0f} ms ago (out of file "
+                "descriptors or processes): retry in a moment"
+            )
+        return fd_headroom()
 
     def refuse(self, call: LaneCall, error: Error) -> None:
         reply = FileReply(path=call.path, message=error, lane=call.lane.uid)
@@ -247,7 +291,12 @@ class Registry(ShellActor):
         entry.address = address
         self.children[entry.key] = address
         self.by_address[entry.key] = entry.path
-        init = FileInit(path=entry.path, settings=self.config.file, incarnation=entry.incarnation)
+        init = FileInit(
+            path=entry.path,
+            settings=self.config.file,
+            incarnation=entry.incarnation,
+            root=containing_root(entry.path, self.config.roots),
+        )
         self.send(address, init)
         pending, entry.pending = entry.pending, []
         for message in pending:
@@ -319,6 +368,9 @@ class Registry(ShellActor):
         if path is None or self.draining:
             return
         old = self.files.pop(path)
+        if never_started(msg.childAddress):
+            self.not_started(old)
+            return
         now = monotonic_ms()
         restarts = old.restarts
         restarts.append(now)
@@ -342,6 +394,26 @@ class Registry(ShellActor):
             restarted = FileRestarted(
                 path=path, aliases=sorted(old.aliases), incarnation=old.incarnation
             )
+            self.send(lane, restarted)
+
+    def not_started(self, old: _File) -> None:
+        """thespian could not start ``old``'s process (out of descriptors or processes).
+
+        Not restarted: that would fail again at once. What was sent to it is lost, so its
+        lanes are told as for a restart (unanswered requests get ``unavailable``, waiting
+        acquires ask again and meet the capacity check).
+        """
+        log.error(
+            "could not start a SessionFile for %s (thespian reported the child gone before "
+            "it came up; out of file descriptors or processes?)",
+            old.path,
+        )
+        self.start_failed_at = monotonic_ms()
+        self.fail_gathers(old.key)
+        restarted = FileRestarted(
+            path=old.path, aliases=sorted(old.aliases), incarnation=old.incarnation
+        )
+        for lane in old.lanes.values():
             self.send(lane, restarted)
 
     def on_lane_closed(self, msg: LaneClosed, sender: Any) -> None:

@@ -23,7 +23,6 @@ from the Registry says it is not retired after all.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import time
@@ -33,6 +32,7 @@ from typing import Any, ClassVar
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
 from actors._shell import Handler, ShellActor, monotonic_ms
+from actors.confined import ConfinedDir, failure_code, failure_detail, is_fd_exhaustion
 from actors.fencestore import FenceStore
 from actors.lease_table import (
     Abandoned,
@@ -55,7 +55,7 @@ from actors.session_file_channels import ChannelsMixin
 from actors.session_file_commit import GroupCommitMixin
 from actors.session_file_writes import WritesMixin
 from actors.transcript import Transcript
-from messages.errors import ErrorCode, PathNotAllowed
+from messages.errors import ErrorCode, SessionLaneError
 from messages.internal import (
     ActivationFailed,
     Drain,
@@ -97,8 +97,6 @@ __all__ = ["Broken", "SessionFile", "activation_error"]
 
 log = logging.getLogger(__name__)
 
-_TOO_MANY_FILES = (errno.EMFILE, errno.ENFILE)
-
 
 @dataclass(frozen=True, slots=True)
 class Broken:
@@ -115,13 +113,10 @@ def activation_error(exc: BaseException) -> Broken:
     owner may have gone); a path that confinement refuses is ``path_not_allowed``; running out
     of descriptors is ``too_many_files``.
     """
-    if isinstance(exc, OwnedElsewhere):
-        return Broken("unavailable", exc.detail)
-    if isinstance(exc, PathNotAllowed):
-        return Broken("path_not_allowed", exc.detail)
-    if isinstance(exc, OSError) and exc.errno in _TOO_MANY_FILES:
-        return Broken("too_many_files", f"cannot open the file: {exc.strerror}")
-    return Broken("unavailable", f"cannot open the file: {type(exc).__name__}: {exc}")
+    detail = failure_detail(exc)
+    if not isinstance(exc, SessionLaneError):
+        detail = f"cannot open the file: {detail}"
+    return Broken(failure_code(exc), detail)
 
 
 class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
@@ -146,6 +141,9 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         self.fences: FenceStore | None = None
         self.legacy: LegacyLock | None = None
         self.registry: Any = None
+        self.directory: ConfinedDir | None = None
+        """The transcript's directory, walked from its root without symlinks; shared by the
+        owner lock, the transcript, its fence store and the legacy lock."""
         self.ownership: Ownership | None = None
         self.broken: Broken | None = None
         self.reported = -1  # ``received`` when ActivationFailed was last sent
@@ -245,6 +243,7 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
             # Ownership first: nothing of the file (torn tail, fences) is touched unless we
             # are its one owner on this machine, and the fence floor read below is the last
             # owner's final word (it held the lock until its process ended).
+            self.directory, _ = ConfinedDir.open_parent(msg.path, msg.root)
             owner = s.owner
             self.ownership = Ownership.acquire(
                 msg.path,
@@ -252,10 +251,11 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
                 gateway=owner.gateway if owner else "",
                 admin_port=owner.admin_port if owner else 0,
                 now=time.time(),
+                directory=self.directory,
             )
-            self.transcript = Transcript(msg.path, log=log)
+            self.transcript = Transcript(msg.path, root=msg.root, directory=self.directory, log=log)
             report = self.transcript.open()
-            self.fences = FenceStore(msg.path)
+            self.fences = FenceStore(msg.path, self.transcript.directory)
             floor = self.fences.load()
         except Exception as exc:  # another owner, permission, corrupt fence file, EMFILE...
             self.broken = activation_error(exc)
@@ -264,7 +264,7 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
             log.log(level, "not serving %s: %s", msg.path, self.broken.detail)
             return
         if s.legacy_lock:
-            self.legacy = LegacyLock(msg.path)
+            self.legacy = LegacyLock(msg.path, directory=self.transcript.directory)
         self.open_pass_end()
         policy = LeasePolicy(
             max_hold_ms=s.max_hold_ms,
@@ -296,6 +296,9 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         if self.ownership is not None:
             self.ownership.release()
             self.ownership = None
+        if self.directory is not None:
+            self.directory.close()
+            self.directory = None
 
     def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
         self.fail_queued_writes("unavailable", "the file's actor is exiting")
@@ -308,6 +311,9 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
             # Last: until here another service must not open, quarantine or fence the file.
             self.ownership.release()
             self.ownership = None
+        if self.directory is not None:
+            self.directory.close()
+            self.directory = None
 
     def on_drain(self, msg: Drain, sender: Any) -> None:
         self.commit()
@@ -382,8 +388,15 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
 
     def on_handler_error(self, msg: Any, sender: Any, exc: Exception) -> None:
         if isinstance(msg, LaneCall):
-            detail = f"{type(exc).__name__}: {exc}"
-            self.reply(msg, Error(id=msg.request.id, code="internal", detail=detail))
+            # A refusal met on the way (a fence sidecar that became a symlink, no descriptor
+            # left) keeps its own code; anything else is a bug: internal.
+            code: ErrorCode = "internal"
+            if isinstance(exc, SessionLaneError):
+                code = exc.code
+            elif is_fd_exhaustion(exc):
+                code = "too_many_files"
+            error = Error(id=msg.request.id, code=code, detail=failure_detail(exc), path=self.path)
+            self.reply(msg, error)
 
     def on_watch(self, msg: WatchMessage, sender: Any) -> None:
         """Channel sockets first (their calls join this pass), then the end of the pass."""

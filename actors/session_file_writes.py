@@ -24,6 +24,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from actors.confined import failure_detail, is_fd_exhaustion
 from actors.group_commit import CommitPolicy
 from actors.lease_table import Effect, LeaseTable
 from actors.legacy_lock import LegacyLock
@@ -214,6 +215,10 @@ class WritesMixin:
             if self.legacy is not None:
                 try:
                     locked = self.legacy.try_acquire()
+                except SessionLaneError as exc:  # the directory's path became a symlink...
+                    log.warning("cannot take legacy lock %s: %s", self.legacy.path, exc.detail)
+                    self.fail_queued_writes(exc.code, exc.detail)
+                    return
                 except OSError as exc:
                     log.error("cannot take legacy lock %s: %s", self.legacy.path, exc)
                     self.fail_queued_writes("internal", f"legacy lock: {exc}")
@@ -268,9 +273,17 @@ class WritesMixin:
                     if not self.group_commit:
                         self.sync_now()  # the baseline benchmarks compare against
                     self.remember(op.call, reply)
+            except SessionLaneError as exc:
+                # The name became unusable (a symlink, a second hard link...): refused, and
+                # refused again by every later write until the name is a plain file again.
+                log.warning("%s of %s refused: %s", op.kind, self.path, exc.detail)
+                reply = Error(
+                    id=op.call.request.id, code=exc.code, detail=exc.detail, path=self.path
+                )
             except Exception as exc:
+                failed: ErrorCode = "too_many_files" if is_fd_exhaustion(exc) else "internal"
                 log.exception("%s of %s failed", op.kind, self.path)
-                reply = Error(id=op.call.request.id, code="internal", detail=str(exc))
+                reply = Error(id=op.call.request.id, code=failed, detail=failure_detail(exc))
         if op.auto_release:
             self.release_short_write(op)
         self.reply(op.call, reply, needs_sync=needs_sync)

@@ -11,11 +11,16 @@ semantics"): one JSON object per line, UTF-8, ``\\n``-terminated.
 * A torn last line (no final newline) is never extended: its bytes are moved to
   ``<path>.torn`` and the transcript is cut back to its last full line.
 * ``Transcript.check_external`` notices and adopts changes made by other writers.
+
+Confinement: a transcript is opened through a ``ConfinedDir`` walked down from its root and
+kept for its whole life; the file, its quarantine and rewrite temp files are only ever named
+relative to that directory, never through a symlink, and every file opened is checked to be a
+regular file with one hard link (``actors.confined``). A name that became a symlink, a second
+link or anything but a regular file raises ``PathNotAllowed`` and nothing is written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -26,7 +31,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from messages.errors import InvalidRecord
+from actors.confined import ConfinedDir
+from messages.errors import InvalidRecord, Unavailable
 from messages.wire import Durability, ExternalChangeKind
 
 __all__ = [
@@ -34,7 +40,6 @@ __all__ = [
     "OpenReport",
     "Transcript",
     "encode_records",
-    "fsync_directory",
     "leftover_temps",
     "quarantine_path",
     "remove_leftover_temps",
@@ -45,6 +50,8 @@ _log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _TEMP_SUFFIX = ".tmp"
+_OPEN_ATTEMPTS = 3
+"""Create-or-open tries when the name keeps appearing and disappearing (then: unavailable)."""
 
 
 def encode_records(records: Sequence[object], max_record_bytes: int) -> bytes:
@@ -115,15 +122,6 @@ def quarantine_path(path: str) -> str:
     return path + ".torn"
 
 
-def fsync_directory(path: str) -> None:
-    """fsync the directory ``path`` so that a create, rename or unlink in it is durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     """Write all of ``data``, continuing after short writes."""
     view = memoryview(data)
@@ -131,30 +129,30 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def replace_file(path: str, data: bytes, *, mode: int = 0o600) -> int:
-    """Atomically replace ``path`` with ``data``; return an fd (O_RDWR|O_APPEND) on the new file.
+def replace_file(directory: ConfinedDir, name: str, data: bytes, *, mode: int = 0o600) -> int:
+    """Atomically replace entry ``name`` of ``directory`` with ``data``; return an fd
+    (O_RDWR|O_APPEND) on the new file.
 
     Writes a uniquely named temp file in the same directory, fsyncs it, renames it over
-    ``path`` and fsyncs the directory. A crash at any point leaves the old or the new content,
-    never a mix. On failure the temp file is removed, the fd closed and ``path`` is untouched
-    unless the rename already happened (then only the directory fsync failed). The caller
-    owns the returned fd.
+    ``name`` and fsyncs the directory. A crash at any point leaves the old or the new content,
+    never a mix. Nothing is followed: a symlink at ``name`` is replaced, not written through.
+    On failure the temp file is removed, the fd closed and ``name`` is untouched unless the
+    rename already happened (then only the directory fsync failed). The caller owns the fd.
     """
-    directory, base = os.path.split(path)
-    temp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}{_TEMP_SUFFIX}")
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    fd = os.open(temp, flags, mode)
+    temp = f".{name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL
+    fd = directory.open(temp, flags, mode)
     renamed = False
     try:
         _write_all(fd, data)
         os.fsync(fd)
-        os.rename(temp, path)
+        directory.rename(temp, name)
         renamed = True
-        fsync_directory(directory or ".")
+        directory.fsync()
     except BaseException:
         os.close(fd)
         if not renamed:
-            _unlink_quietly(temp)
+            directory.unlink(temp)
         raise
     return fd
 
@@ -165,23 +163,26 @@ def _leftover_temp_pattern(path: str) -> re.Pattern[str]:
 
 
 def leftover_temps(path: str) -> list[str]:
-    """Temp files of an interrupted ``replace_file(path, ...)`` (a crash before its rename)."""
+    """Temp files of an interrupted ``replace_file`` of ``path`` (a crash before its rename)."""
     directory = os.path.dirname(path) or "."
     pattern = _leftover_temp_pattern(path)
     with os.scandir(directory) as entries:
         return [entry.path for entry in entries if pattern.fullmatch(entry.name)]
 
 
-def remove_leftover_temps(path: str) -> list[str]:
-    """Remove the ``leftover_temps`` of ``path``; return what was removed.
+def remove_leftover_temps(directory: ConfinedDir, name: str) -> list[str]:
+    """Remove the leftover temp files of entry ``name``; return their paths.
 
-    Only for the one process that owns ``path`` (a temp file is never in use by anybody else
-    once its writer is gone, and the owner is the only writer).
+    Only for the one process that owns ``name`` (a temp file is never in use by anybody else
+    once its writer is gone, and the owner is the only writer). A symlink with a temp file's
+    name is removed as a link; nothing is followed.
     """
-    leftovers = leftover_temps(path)
-    for leftover in leftovers:
-        _unlink_quietly(leftover)
-    return leftovers
+    pattern = _leftover_temp_pattern(name)
+    removed = []
+    for entry in directory.names():
+        if pattern.fullmatch(entry) and directory.unlink(entry):
+            removed.append(directory.path_of(entry))
+    return removed
 
 
 _REPAIR_CHECK_MAX = 16 << 20  # torn tails larger than this are always quarantined again
@@ -216,26 +217,37 @@ def _already_quarantined(qfd: int, fd: int, keep: int, size: int) -> int:
     return 0
 
 
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 class Transcript:
     """One open transcript file, owned by one SessionFile actor.
 
-    ``path`` is canonical and its parent directory exists. Call ``open()`` before anything
-    else. Every method is synchronous and bounded by local disk I/O; none waits on another
-    writer. The object keeps the identity (dev, inode, size, times) it last saw or produced,
-    so that ``check_external`` can tell its own writes from everybody else's.
+    ``path`` is canonical and its parent directory exists. ``root`` is the configured root
+    that contains it: the directory is reached from there without following symlinks (None:
+    the parent directory itself is taken as the root). ``directory``, if given, is that
+    directory already open (``ConfinedDir.open_parent``), borrowed and never closed here: the
+    file's actor opens it first when something else (the owner lock) must use it before the
+    transcript is opened. Call ``open()`` before anything else.
+    Every method is synchronous and bounded by local disk I/O; none waits on another writer.
+    The object keeps the identity (dev, inode, size, times) it last saw or produced, so that
+    ``check_external`` can tell its own writes from everybody else's.
     """
 
-    def __init__(self, path: str, *, log: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        root: str | None = None,
+        directory: ConfinedDir | None = None,
+        log: logging.Logger | None = None,
+    ) -> None:
         self.path = path
+        self.root = root
         self.sync_count = 0
         """Number of fdatasyncs performed by ``sync`` (read by tests and benchmarks)."""
         self._log = log or _log
         self._fd: int | None = None
+        self._dir: ConfinedDir | None = directory
+        self._owns_dir = directory is None
+        self._name = os.path.basename(path)
         self._identity: FileIdentity | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -246,15 +258,23 @@ class Transcript:
         A torn tail is appended to ``<path>.torn`` (followed by ``\\n``) and fsynced, then the
         transcript is truncated to its last full line and fsynced; one WARNING is logged.
         Leftover temp files of an interrupted ``rewrite`` are removed (this scans the
-        directory: about 7 ms per 10,000 entries).
+        directory: about 7 ms per 10,000 entries). Raises ``PathNotAllowed`` when the
+        directory or the file cannot be reached within the root without following a symlink,
+        or is not a regular file with one hard link; then nothing stays open.
         """
         if self._fd is not None:
             raise RuntimeError(f"transcript already open: {self.path}")
-        self._remove_leftover_temps()
-        fd, created = self._open_or_create()
-        self._fd = fd
-        self._identity = FileIdentity.of(os.fstat(fd))
-        torn = self._repair_torn_tail()
+        if self._owns_dir:
+            self._dir, self._name = ConfinedDir.open_parent(self.path, self.root)
+        try:
+            self._remove_leftover_temps()
+            fd, created = self._open_or_create()
+            self._fd = fd
+            self._identity = FileIdentity.of(os.fstat(fd))
+            torn = self._repair_torn_tail()
+        except BaseException:
+            self.close()
+            raise
         return OpenReport(
             created=created,
             torn_bytes=torn,
@@ -263,10 +283,20 @@ class Transcript:
         )
 
     def close(self) -> None:
-        """Close the file; safe to call twice."""
+        """Close the file and its directory; safe to call twice."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._dir is not None and self._owns_dir:
+            self._dir.close()
+            self._dir = None
+
+    @property
+    def directory(self) -> ConfinedDir:
+        """The transcript's open directory (for its sidecars: fence, owner lock)."""
+        if self._dir is None:
+            raise RuntimeError(f"transcript not open: {self.path}")
+        return self._dir
 
     def __enter__(self) -> Self:
         if self._fd is None:
@@ -358,7 +388,7 @@ class Transcript:
         if data and not data.endswith(b"\n"):
             raise ValueError("rewrite data must be empty or end with a newline")
         old = self._require_fd()
-        new = replace_file(self.path, data)
+        new = replace_file(self.directory, self._name, data)
         self._fd = new
         self._identity = FileIdentity.of(os.fstat(new))
         os.close(old)
@@ -376,14 +406,21 @@ class Transcript:
         The new state becomes the known identity; if it ends with a torn line, the tail is
         quarantined as in ``open``. Returns None when nothing changed. Same-size rewrites
         within one kernel timestamp tick cannot be told apart from no change.
+
+        The directory is looked up again from the root first: if it was moved or replaced,
+        the name is looked up in the directory now at its path (usually a ``"replace"``). A
+        directory path that now crosses a symlink, a name that now is a symlink, a file with
+        several hard links or not a regular file (or a quarantine name that is) raises
+        ``PathNotAllowed``: the change is not adopted, so every later call refuses again, at
+        once, until the path leads to a plain file inside the root again.
         """
         fd = self._require_fd()
         known = self.identity
         kind: ExternalChangeKind | None
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            st = None
+        # The directory itself may have been moved (out of the root, say) or replaced: walk
+        # down from the root again, so the name is looked up where the path leads now.
+        self.directory.revalidate()
+        st = self.directory.stat(self._name)
         if st is None or (st.st_dev, st.st_ino) != (known.dev, known.ino):
             kind = "replace"
             new, _ = self._open_or_create()
@@ -398,7 +435,6 @@ class Transcript:
             kind = "replace"
         else:
             return None
-        self._identity = FileIdentity.of(st)
         self._log.info(
             "external change to %s: %s (size %d -> %d, inode %d -> %d)",
             self.path,
@@ -408,7 +444,10 @@ class Transcript:
             known.ino,
             st.st_ino,
         )
-        self._repair_torn_tail()
+        # Adopted only once repaired: a repair that fails leaves the change to be seen (and
+        # refused) again by the next call, so nothing is ever appended to a torn line.
+        if not self._repair_torn_tail():
+            self._identity = FileIdentity.of(st)
         return kind
 
     # -- internals ------------------------------------------------------------------------
@@ -419,22 +458,32 @@ class Transcript:
         return self._fd
 
     def _open_or_create(self) -> tuple[int, bool]:
-        """Open the path read-write in append mode, creating it if needed; durable create."""
-        base = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
-        while True:
+        """Open the name read-write in append mode, creating it if needed; durable create.
+
+        A symlink at the name (dangling or not) is refused at once (``PathNotAllowed``):
+        ``O_EXCL`` sees it as existing and ``O_NOFOLLOW`` will not open it. A name that keeps
+        being deleted between the two opens is given up after a few tries (``Unavailable``).
+        """
+        directory = self.directory
+        base = os.O_RDWR | os.O_APPEND
+        for _ in range(_OPEN_ATTEMPTS):
             try:
-                fd = os.open(self.path, base | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = directory.open(self._name, base | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
                 try:
-                    return os.open(self.path, base), False
+                    return directory.open(self._name, base), False
                 except FileNotFoundError:
                     continue  # deleted between the two opens: create it after all
             try:
-                fsync_directory(os.path.dirname(self.path) or ".")
+                directory.fsync()
             except BaseException:
                 os.close(fd)
                 raise
             return fd, True
+        raise Unavailable(
+            f"{self.path} was deleted {_OPEN_ATTEMPTS} times between create and open",
+            path=self.path,
+        )
 
     def _repair_torn_tail(self) -> int:
         """Quarantine the bytes after the last newline and truncate them; return their count."""
@@ -445,7 +494,10 @@ class Transcript:
         keep = self._last_line_end(fd, size)
         torn = size - keep
         quarantine = quarantine_path(self.path)
-        qfd = os.open(quarantine, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        directory = self.directory
+        qfd = directory.open(
+            quarantine_path(self._name), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600
+        )
         try:
             # A repair interrupted by a crash (after the quarantine write, before the truncate
             # below) is finished, not repeated: the same tear is never quarantined twice.
@@ -461,7 +513,7 @@ class Transcript:
             os.fsync(qfd)
         finally:
             os.close(qfd)
-        fsync_directory(os.path.dirname(quarantine) or ".")
+        directory.fsync()
         os.ftruncate(fd, keep)
         os.fsync(fd)
         self._identity = FileIdentity.of(os.fstat(fd))
@@ -499,5 +551,5 @@ class Transcript:
 
     def _remove_leftover_temps(self) -> None:
         """Remove temp files that an interrupted ``rewrite`` of this path left behind."""
-        for leftover in remove_leftover_temps(self.path):
+        for leftover in remove_leftover_temps(self.directory, self._name):
             self._log.info("removed leftover rewrite temp file %s", leftover)

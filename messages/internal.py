@@ -123,6 +123,9 @@ class Configure(_Internal):
     roots: list[str]
     suffixes: list[str]
     file: FileSettings
+    max_files: int = 256
+    """Live SessionFiles at most (the service's effective cap, see ``system.limits``); a
+    request for one more file is refused ``too_many_files``."""
 
 
 class Configured(_Internal):
@@ -202,6 +205,9 @@ class FileInit(_Internal):
     settings: FileSettings
     incarnation: int
     """How many times this path's actor was started by this Registry (1 = first)."""
+    root: str | None = None
+    """The configured root containing ``path`` (realpath): the file's directory is reached
+    from it without following symlinks. None: the parent directory is taken as the root."""
 
 
 class IdleNotice(_Internal):

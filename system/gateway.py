@@ -184,6 +184,7 @@ class Gateway(ShellActor):
             FileRestarted: self.on_file_restarted,
             ChannelOffer: self.on_channel_offer,
             StatusReply: self.on_status_reply,
+            Error: self.on_status_reply,  # a status refused (e.g. a path outside the roots)
             WakeupMessage: self.on_wakeup,
             Ping: self.on_ping,
             PoisonMessage: self.on_poison,
@@ -605,7 +606,8 @@ class Gateway(ShellActor):
             self.links_wakeup = due
             self.wakeupAfter(max(0.0, due - monotonic_ms()) / 1000.0, payload=("links", due))
 
-    def on_status_reply(self, msg: StatusReply, sender: Any) -> None:
+    def on_status_reply(self, msg: StatusReply | Error, sender: Any) -> None:
+        """The Registry's answer to a ``status``: the files, or the refusal (``error``)."""
         found = self.statuses.pop(str(msg.id), None)
         if found is None:
             return

@@ -31,7 +31,7 @@ from typing import Any
 
 from thespian.actors import Actor, ActorSystem
 
-from system import loopback, poll_loop
+from system import limits, loopback, poll_loop
 from system.lifeline import Lifeline
 
 __all__ = [
@@ -212,7 +212,8 @@ def start_tcp_system(
     (``RuntimeError``) rather than attached to: an old admin would run old code. Logs go to
     ``log_file`` (see :func:`log_config`), thespian's internal log beside it
     (``<stem>.thespian.log``). ``capabilities`` are added to the system's; ``"Admin Port"``
-    is set here and may not be passed in them.
+    is set here and may not be passed in them. This process's soft open-file limit is raised
+    to its hard limit first (:func:`system.limits.raise_open_file_limit`).
 
     The caller owns the result and must :meth:`~TcpSystem.stop` it.
     """
@@ -221,6 +222,7 @@ def start_tcp_system(
         raise ValueError("pass admin_port, not an 'Admin Port' capability")
     loopback.install(bind_host)
     poll_loop.install()
+    limits.raise_open_file_limit()  # inherited by the admin and every actor forked from it
     log_path = Path(log_file).resolve()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     _set_thespian_log(log_path.with_name(log_path.stem + ".thespian.log"))

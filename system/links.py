@@ -37,7 +37,7 @@ from messages.channel import ChannelReply, ChannelWelcome, call_frame, decode_fr
 from messages.codec import FrameDecodeError, FrameReader
 from messages.errors import PathNotAllowed, TooLarge
 from messages.internal import ChannelOffer, FileReply, FileRestarted, LaneCall, OpenChannel
-from messages.wire import Error
+from messages.wire import Abandon, Error
 from system.paths import canonicalize
 
 __all__ = ["LinkHost", "Links"]
@@ -126,6 +126,11 @@ class Links:
                 self.via_registry(call)
                 return
         link = self.links.get(path)
+        if link is None and isinstance(call.request, Abandon):
+            # No link: nothing of this lane is in flight to the file. The Registry answers at
+            # once when the file is not live, and no channel is opened just for this.
+            self.via_registry(call)
+            return
         if link is None:
             link = self.links[path] = _Link(path=path, mode="opening")
             self.ask(link, call.path)
@@ -175,7 +180,13 @@ class Links:
                 )
             self.to_registry(link)
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            # Out of descriptors: the Registry route needs none of our own per file.
+            log.warning("no channel to %s (%s): routing it through the registry", link.path, exc)
+            self.to_registry(link)
+            return
         try:
             sock.settimeout(1.0)
             sock.connect("\0" + offer.address)

@@ -6,7 +6,8 @@ file outside the roots. Every check is made *after* resolution, which is what de
 and symlink escapes. Nothing here creates, opens or modifies anything.
 
 The checks are a snapshot: a path can change after it was canonicalised (a symlink swapped
-in). The SessionFile re-verifies what it opens; this module decides admission.
+in). This module decides admission; the SessionFile then reaches the file from its root
+without following symlinks for the file's whole life (``actors.confined``).
 """
 
 from __future__ import annotations
@@ -15,21 +16,32 @@ import os
 import stat
 from collections.abc import Sequence
 
+from actors.confined import check_regular, containing_root
 from messages.errors import PathNotAllowed
 
-__all__ = ["MAX_PATH_CHARS", "canonicalize", "root_of"]
+__all__ = ["MAX_FILE_NAME", "MAX_PATH_CHARS", "NAME_MAX", "canonicalize", "root_of"]
 
 MAX_PATH_CHARS = 4096
 """Longest raw path accepted (Linux PATH_MAX)."""
+NAME_MAX = 255
+"""Longest component accepted, in bytes of the file system encoding (Linux NAME_MAX)."""
+SIDECAR_OVERHEAD = 25
+"""Bytes the longest name sessionlane keeps beside a transcript adds to the transcript's name:
+a fence reservation's temp file, ``.<name>.fence.<12 hex>.tmp`` (the owner lock
+``.<name>.owner`` adds 7, a rewrite's temp file 18, ``.torn`` and ``.lock`` 5)."""
+MAX_FILE_NAME = NAME_MAX - SIDECAR_OVERHEAD
+"""Longest transcript file name accepted, in bytes: its sidecars must fit in NAME_MAX too."""
 
 
 def canonicalize(raw: str, roots: Sequence[str], suffixes: Sequence[str] = (".jsonl",)) -> str:
     """The canonical path of transcript ``raw``, or :class:`PathNotAllowed` (``path=raw``).
 
     * ``raw`` must be a non-empty string of at most :data:`MAX_PATH_CHARS` characters with no
-      NUL byte; a relative path is taken relative to ``roots[0]``.
-    * An existing path resolves to its ``realpath`` and must then be a regular file;
-      directories, FIFOs, sockets, devices and dangling (or looping) symlinks are refused.
+      NUL byte and no component longer than :data:`NAME_MAX` bytes (such a name could never
+      be opened); a relative path is taken relative to ``roots[0]``.
+    * An existing path resolves to its ``realpath`` and must then be a regular file with one
+      hard link; directories, FIFOs, sockets, devices, dangling (or looping) symlinks and
+      files with several hard links are refused.
     * A path that does not exist yet resolves to ``realpath(parent) + basename``; the parent
       must be an existing directory.
     * The result must lie inside one of ``roots`` (themselves compared by realpath) and its
@@ -43,11 +55,27 @@ def canonicalize(raw: str, roots: Sequence[str], suffixes: Sequence[str] = (".js
         raise PathNotAllowed("path contains a NUL byte", path=raw)
     if len(raw) > MAX_PATH_CHARS:
         raise PathNotAllowed(f"path longer than {MAX_PATH_CHARS} characters", path=raw)
+    try:
+        longest = max(len(os.fsencode(part)) for part in raw.split("/"))
+    except UnicodeEncodeError:
+        raise PathNotAllowed("path is not encodable as a file name", path=raw) from None
+    if longest > NAME_MAX:
+        raise PathNotAllowed(
+            f"a path component is {longest} bytes long, over NAME_MAX ({NAME_MAX} bytes)",
+            path=raw,
+        )
+    name_bytes = len(os.fsencode(os.path.basename(raw)))
+    if name_bytes > MAX_FILE_NAME:
+        raise PathNotAllowed(
+            f"the file name is {name_bytes} bytes long; at most {MAX_FILE_NAME} are allowed, so"
+            f" that the files kept beside it (its owner lock and fence) fit in NAME_MAX",
+            path=raw,
+        )
     real_roots = _real_roots(roots, raw)
 
     path = raw if os.path.isabs(raw) else os.path.join(real_roots[0], raw)
     canonical = _resolve(path, raw)
-    if _containing_root(canonical, real_roots) is None:
+    if containing_root(canonical, real_roots) is None:
         raise PathNotAllowed("path resolves outside the configured roots", path=raw)
     if not any(os.path.basename(canonical).endswith(suffix) for suffix in suffixes):
         raise PathNotAllowed(
@@ -62,7 +90,9 @@ def root_of(canonical: str, roots: Sequence[str]) -> str:
 
     Raises :class:`PathNotAllowed` if no root contains it.
     """
-    root = _containing_root(canonical, _real_roots(roots, canonical))
+    if not roots:
+        raise PathNotAllowed("no roots are configured", path=canonical)
+    root = containing_root(canonical, roots)
     if root is None:
         raise PathNotAllowed("path lies outside the configured roots", path=canonical)
     return root
@@ -82,11 +112,12 @@ def _resolve(path: str, raw: str) -> str:
             raise PathNotAllowed("dangling symlink", path=raw)
         canonical = os.path.realpath(path)
         try:
-            mode = os.stat(canonical).st_mode
+            st = os.stat(canonical)
         except OSError as exc:
             raise PathNotAllowed(f"cannot stat: {exc.strerror}", path=raw) from None
-        if not stat.S_ISREG(mode):
-            raise PathNotAllowed(f"not a regular file ({_kind(mode)})", path=raw)
+        if not stat.S_ISREG(st.st_mode):
+            raise PathNotAllowed(f"not a regular file ({_kind(st.st_mode)})", path=raw)
+        check_regular(st, canonical)  # one hard link only
         return canonical
 
     parent, name = os.path.split(path)
@@ -96,12 +127,6 @@ def _resolve(path: str, raw: str) -> str:
     if not os.path.isdir(real_parent):
         raise PathNotAllowed("parent directory does not exist", path=raw)
     return os.path.join(real_parent, name)
-
-
-def _containing_root(canonical: str, real_roots: Sequence[str]) -> str | None:
-    # commonpath, not a string prefix: /srv/root-evil is not inside /srv/root.
-    inside = [root for root in real_roots if os.path.commonpath([root, canonical]) == root]
-    return max(inside, key=len) if inside else None
 
 
 def _kind(mode: int) -> str:

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from thespian.actors import ActorSystemException
+
 from actors.registry import REGISTRY_NAME, Registry
 from messages.internal import (
     Configure,
@@ -59,10 +61,18 @@ from system.convention import (
 )
 from system.gateway import Gateway
 from system.launch import TcpSystem, start_tcp_system
+from system.limits import explain_create_failure, fit_max_files
 from system.overlap import busy_listener_hint as _busy_listener_hint
 from system.running import process_start
 
-__all__ = ["Service", "ServiceError", "embedded_service", "state_dir", "state_file"]
+__all__ = [
+    "Service",
+    "ServiceError",
+    "create_actor",
+    "embedded_service",
+    "state_dir",
+    "state_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +118,19 @@ def file_settings_from(settings: Settings, owner: ServiceIdentity | None = None)
     )
 
 
+def create_actor(asys: Any, cls: type, what: str, **kwargs: Any) -> Any:
+    """``asys.createActor``, with thespian's failures turned into a ``ServiceError``.
+
+    Running out of descriptors surfaces from thespian as ``InvalidActorSpecification``
+    (``[Errno 24] Too many open files`` in its text): said plainly here, so that neither a
+    start nor the supervisor's restart mistakes it for a bad actor class.
+    """
+    try:
+        return asys.createActor(cls, **kwargs)
+    except ActorSystemException as exc:
+        raise ServiceError(f"could not start {what}: {explain_create_failure(exc)}") from exc
+
+
 @dataclass
 class _Running:
     system: TcpSystem
@@ -133,6 +156,7 @@ class Service:
         self.log_file = Path(log_file) if log_file else state_dir() / f"serve-{os.getpid()}.log"
         self.running: _Running | None = None
         self.restarts = 0
+        self._cap_warned = False
         self._nonce = itertools.count(1)
         self._failures = 0
         self._stop = threading.Event()
@@ -195,12 +219,12 @@ class Service:
     def _bring_up(self, system: TcpSystem) -> _Running:
         asys = system.asys
         if self.convention and self.settings.leader is None:
-            asys.createActor(Directory, globalName=DIRECTORY_NAME)
-        registry = asys.createActor(Registry, globalName=REGISTRY_NAME)
+            create_actor(asys, Directory, "the directory", globalName=DIRECTORY_NAME)
+        registry = create_actor(asys, Registry, "the registry", globalName=REGISTRY_NAME)
         self._configure(asys, registry, self.settings.listen, system.admin_port)
         if self.convention:
             self._join(asys, registry)
-        gateway = asys.createActor(Gateway)
+        gateway = create_actor(asys, Gateway, "the gateway")
         asys.tell(
             gateway,
             StartGateway(
@@ -227,10 +251,15 @@ class Service:
     def _configure(self, asys: Any, registry: Any, gateway: str, admin_port: int) -> None:
         """(Re)configure the Registry; its SessionFiles name this service by ``gateway``."""
         owner = ServiceIdentity(pid=os.getpid(), gateway=gateway, admin_port=admin_port)
+        cap = fit_max_files(self.settings.max_files, self.settings.max_connections)
+        if cap.lowered and not self._cap_warned:
+            self._cap_warned = True
+            log.warning("%s", cap.warning())
         configure = Configure(
             roots=list(self.settings.roots),
             suffixes=list(self.settings.suffixes),
             file=file_settings_from(self.settings, owner),
+            max_files=cap.effective,
         )
         asys.tell(registry, configure)
         self._expect(asys, Configured, "the registry")

@@ -12,6 +12,7 @@ import pytest
 
 from actors import fencestore
 from actors import transcript as transcript_io
+from actors.confined import ConfinedDir
 from actors.fencestore import (
     CorruptFenceFile,
     FenceRecord,
@@ -31,9 +32,9 @@ def count_durable_writes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     writes: list[str] = []
     real = transcript_io.replace_file
 
-    def counting(path: str, data: bytes, *, mode: int = 0o600) -> int:
-        writes.append(path)
-        return real(path, data, mode=mode)
+    def counting(directory: ConfinedDir, name: str, data: bytes, *, mode: int = 0o600) -> int:
+        writes.append(directory.path_of(name))
+        return real(directory, name, data, mode=mode)
 
     monkeypatch.setattr(fencestore, "replace_file", counting)
     return writes
@@ -186,7 +187,7 @@ def test_a_failed_reserve_hands_out_no_fence(
     store = FenceStore(transcript)
     store.load()
 
-    def failing(path: str, data: bytes, *, mode: int = 0o600) -> int:
+    def failing(directory: ConfinedDir, name: str, data: bytes, *, mode: int = 0o600) -> int:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(fencestore, "replace_file", failing)

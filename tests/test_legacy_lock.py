@@ -245,14 +245,14 @@ def test_a_stale_lock_that_changes_before_removal_is_left_alone(
     real_snapshot = legacy_lock._snapshot
     calls = 0
 
-    def snapshot_with_takeover(p: str) -> object:
+    def snapshot_with_takeover(p: str, dir_fd: int | None = None) -> object:
         nonlocal calls
         calls += 1
         if calls == 2:  # between the staleness verdict and the unlink, someone took over
             replacement = path.with_name("takeover")
             replacement.write_text(fresh)
             os.replace(replacement, path)
-        return real_snapshot(p)
+        return real_snapshot(p, dir_fd)
 
     monkeypatch.setattr(legacy_lock, "_snapshot", snapshot_with_takeover)
     lock = LegacyLock(transcript)

@@ -165,7 +165,6 @@ def test_refusing_a_file_owned_elsewhere_is_quick_and_leaves_no_process_behind(
 def test_a_file_that_cannot_be_opened_answers_its_error_and_its_actor_retires(
     root: Path, tmp_path: Path
 ) -> None:
-    long_name = root / ("x" * 250 + ".jsonl")  # the sidecar's name (".<name>.owner") too long
     corrupt = root / "c.jsonl"
     Path(str(corrupt.parent / ".c.jsonl.fence")).write_text("not a fence record")
     with embedded_service([str(root)], log_file=tmp_path / "one.log") as one:
@@ -173,16 +172,32 @@ def test_a_file_that_cannot_be_opened_answers_its_error_and_its_actor_retires(
         system = one.running.system
         members = len(system.members())
         with connect(one.address) as sl:
-            for path in (long_name, corrupt, long_name, corrupt):
+            for _ in range(3):
                 with pytest.raises(SessionLaneError) as failed:
-                    sl.lane("a").acquire(str(path), wait_timeout=5.0)
+                    sl.lane("a").acquire(str(corrupt), wait_timeout=5.0)
                 assert not isinstance(failed.value, PathNotAllowed | TooManyFiles)
                 assert failed.value.code == "unavailable", failed.value
-            for path in (long_name, corrupt):  # lease-less appends and status too
-                with pytest.raises(Unavailable):
-                    sl.lane("w").append(str(path), {"x": 1})
+            with pytest.raises(Unavailable):  # lease-less appends too
+                sl.lane("w").append(str(corrupt), {"x": 1})
         wait_for(lambda: len(system.members()) == members, POLL_S, "the broken actors to retire")
         assert not Path(owner_path(str(corrupt))).read_bytes(), "nobody named as the owner"
+
+
+def test_a_name_too_long_for_its_sidecars_is_refused_at_admission_and_starts_no_actor(
+    root: Path, tmp_path: Path
+) -> None:
+    # 249 bytes fit in NAME_MAX, but the owner lock ".<name>.owner" would not.
+    long_name = root / ("x" * 243 + ".jsonl")
+    with embedded_service([str(root)], log_file=tmp_path / "one.log") as one:
+        assert one.running is not None
+        system = one.running.system
+        members = len(system.members())
+        with connect(one.address) as sl:
+            for _ in range(3):
+                with pytest.raises(PathNotAllowed, match="NAME_MAX"):
+                    sl.lane("a").acquire(str(long_name), wait_timeout=5.0)
+            assert len(system.members()) == members
+    assert not list(root.iterdir()), "nothing created beside a refused name"
 
 
 @pytest.mark.parametrize("name", ["simple", "tcp"])

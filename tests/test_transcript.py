@@ -390,7 +390,7 @@ def test_a_failed_rewrite_leaves_the_old_file_intact_and_no_temp_file(
     transcript.append(encode_records([{"n": 1}, {"n": 2}], 100))
     before = path.read_bytes()
 
-    def fail(*args: object) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, failing, fail)
@@ -433,9 +433,9 @@ def fsync(fd):
     checkpoint("fsync")
     real_fsync(fd)
 
-def rename(src, dst):
+def rename(src, dst, **dir_fds):
     checkpoint("rename")
-    real_rename(src, dst)
+    real_rename(src, dst, **dir_fds)
     checkpoint("renamed")
 
 t = Transcript(path)
