@@ -7,7 +7,9 @@ tracked by that process group, and :meth:`TcpSystem.stop` ends with ``killpg(SIG
 bounded wait until no member is left, whatever state the admin is in.
 
 Every listener is pinned to ``bind_host`` (loopback unless the operator says otherwise) by
-:func:`system.loopback.install` before the system is created. Linux only: the process
+:func:`system.loopback.install`, every frame is authenticated by
+:func:`system.transport_auth.install`, and the admin is forked without this process's sockets
+(:func:`system.admin_fork.install`), all before the system is created. Linux only: the process
 bookkeeping reads ``/proc``.
 """
 
@@ -28,7 +30,7 @@ from typing import Any
 
 from thespian.actors import Actor, ActorSystem
 
-from system import loopback, poll_loop
+from system import admin_fork, loopback, poll_loop, transport_auth
 
 __all__ = [
     "LOGGER_PACKAGES",
@@ -36,6 +38,7 @@ __all__ = [
     "TcpSystem",
     "free_port",
     "log_config",
+    "secure_transport",
     "simple_system",
     "start_tcp_system",
     "tcp_system",
@@ -197,6 +200,8 @@ def start_tcp_system(
     bind_host: str = "127.0.0.1",
     capabilities: dict[str, Any] | None = None,
     log_level: str = "INFO",
+    secret: bytes | None = None,
+    authenticate: bool = True,
 ) -> TcpSystem:
     """Start a fresh ``multiprocTCPBase`` system whose every port listens on ``bind_host``.
 
@@ -204,14 +209,15 @@ def start_tcp_system(
     (``RuntimeError``) rather than attached to: an old admin would run old code. Logs go to
     ``log_file`` (see :func:`log_config`), thespian's internal log beside it
     (``<stem>.thespian.log``). ``capabilities`` are added to the system's; ``"Admin Port"``
-    is set here and may not be passed in them.
+    is set here and may not be passed in them. ``secret``, ``authenticate``: see
+    :func:`secure_transport`.
 
     The caller owns the result and must :meth:`~TcpSystem.stop` it.
     """
     caps = dict(capabilities or {})
     if "Admin Port" in caps:
         raise ValueError("pass admin_port, not an 'Admin Port' capability")
-    loopback.install(bind_host)
+    secure_transport(bind_host, secret=secret, authenticate=authenticate)
     poll_loop.install()
     log_path = Path(log_file).resolve()
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,6 +259,25 @@ def start_tcp_system(
     return system
 
 
+def secure_transport(
+    bind_host: str, *, secret: bytes | None = None, authenticate: bool = True
+) -> None:
+    """Patch thespian in this process before it forks a system: listeners on ``bind_host``,
+    frames authenticated with ``secret`` (``None``: this process's random secret), the admin
+    forked without our sockets.
+
+    ``authenticate=False`` (``trusted_network`` without a key) leaves frames unauthenticated,
+    unless an earlier system of this process installed the authentication: it is process-wide
+    and stays. Raises ``RuntimeError`` (fail closed) if a patch does not apply.
+    """
+    loopback.install(bind_host)
+    if authenticate:
+        transport_auth.install(secret)
+    elif transport_auth.installed():
+        log.info("thespian frames stay authenticated: an earlier system of this process uses it")
+    admin_fork.install()
+
+
 @contextlib.contextmanager
 def tcp_system(
     admin_port: int | None = None,
@@ -261,6 +286,7 @@ def tcp_system(
     bind_host: str = "127.0.0.1",
     capabilities: dict[str, Any] | None = None,
     log_level: str = "INFO",
+    secret: bytes | None = None,
 ) -> Iterator[TcpSystem]:
     """:func:`start_tcp_system` as a context manager that always stops the system."""
     system = start_tcp_system(
@@ -269,6 +295,7 @@ def tcp_system(
         bind_host=bind_host,
         capabilities=capabilities,
         log_level=log_level,
+        secret=secret,
     )
     try:
         yield system
