@@ -140,7 +140,7 @@ def authenticated_frame(obj: Any, secret: bytes, *, sender: bytes, seq: int) -> 
     For tests and tools: a receiver with the same secret accepts it once.
     """
     key = hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest()
-    return _frame(_seal(key, sender, seq, pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)))
+    return _sealed_frame(_hmac(key), sender, seq, pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
 
 
 # The patch -----------------------------------------------------------------------------------
@@ -188,11 +188,12 @@ def _patchable() -> tuple[Any, Any]:
 def _apply(modules: tuple[Any, Any], key: bytes) -> None:
     tcp, stream = modules
     original_add = tcp.TCPIncoming_Common.addData
+    keyed = _hmac(key)
 
     def serializer(self: Any, intent: Any) -> bytes:
         body = pickle.dumps((self.myAddress, intent.message), pickle.HIGHEST_PROTOCOL)
         sender, seq = _next_counter(self)
-        return _frame(_seal(key, sender, seq, body))
+        return _sealed_frame(keyed, sender, seq, body)
 
     def add_data(self: Any, data: bytes) -> None:
         original_add(self, data)
@@ -202,7 +203,7 @@ def _apply(modules: tuple[Any, Any], key: bytes) -> None:
             # thespian closes the connection (no reply) on an exception here.
             raise FrameRejected(reason)
 
-    tcp.ReceiveBuffer = _buffer_class(stream.ReceiveBuffer, key)
+    tcp.ReceiveBuffer = _buffer_class(stream.ReceiveBuffer, keyed)
     tcp.ackMsg = _control_frame(key, stream.ackPacket)
     tcp.ackDataErrMsg = _control_frame(key, stream.ackDataErrPacket)
     tcp.TCPTransport.serializer = serializer
@@ -210,17 +211,21 @@ def _apply(modules: tuple[Any, Any], key: bytes) -> None:
 
 
 def _control_frame(key: bytes, packet: str) -> bytes:
-    return _frame(_seal(key, _CONTROL_SENDER, 0, pickle.dumps(packet)))
+    return _sealed_frame(_hmac(key), _CONTROL_SENDER, 0, pickle.dumps(packet))
 
 
-def _frame(payload: bytes) -> bytes:
-    return b"%d>" % len(payload) + payload
+def _hmac(key: bytes) -> Any:
+    """A keyed HMAC to ``copy()`` per frame (cheaper than keying a new one each time)."""
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
-def _seal(key: bytes, sender: bytes, seq: int, body: bytes) -> bytes:
+def _sealed_frame(keyed: Any, sender: bytes, seq: int, body: bytes) -> bytes:
+    """``<len>>`` + mac + sender + seq + body, with one copy of ``body``."""
     head = _HEAD.pack(sender, seq)
-    mac = hmac.new(key, head + body, hashlib.sha256).digest()
-    return mac + head + body
+    mac = keyed.copy()
+    mac.update(head)
+    mac.update(body)
+    return b"".join((b"%d>" % (_PREFIX + len(body)), mac.digest(), head, body))
 
 
 def _next_counter(transport: Any) -> tuple[bytes, int]:
@@ -233,30 +238,32 @@ def _next_counter(transport: Any) -> tuple[bytes, int]:
     return state[1], state[2]
 
 
-def _buffer_class(base: type, key: bytes) -> type:
+def _buffer_class(base: type, keyed: Any) -> type:
     class AuthenticatedReceiveBuffer(base):  # type: ignore[misc]
         """thespian's frame parser; the payload is verified before it may be unpickled."""
 
         def __init__(self, serializer: Callable[[bytes], Any] = pickle.loads) -> None:
             super().__init__(serializer)
             self.rejected: Reason | None = None
-            self._verified: bytes | None = None
+            self._verified: memoryview | None = None
             self._told = False
 
         def addMore(self, buf: bytes) -> None:
             super().addMore(buf)
             if self._size is not None and self._blen == self._size and self._unchecked():
-                self._check(bytes(self._buf))
+                self._check(memoryview(self._buf))
 
         def _unchecked(self) -> bool:
             return self._verified is None and self.rejected is None
 
-        def _check(self, payload: bytes) -> None:
+        def _check(self, payload: memoryview) -> None:
             if len(payload) < _PREFIX:
                 self.rejected = "too short"
                 return
-            mac, rest = payload[:_MAC_BYTES], payload[_MAC_BYTES:]
-            if not hmac.compare_digest(mac, hmac.new(key, rest, hashlib.sha256).digest()):
+            rest = payload[_MAC_BYTES:]
+            mac = keyed.copy()
+            mac.update(rest)
+            if not hmac.compare_digest(payload[:_MAC_BYTES], mac.digest()):
                 self.rejected = "bad mac"
                 return
             sender, seq = _HEAD.unpack_from(rest)
