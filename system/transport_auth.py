@@ -77,12 +77,13 @@ REPLAY_WINDOW = 4096
 _MAC_BYTES = 32
 _HEAD = struct.Struct(">8sQ")  # sender id, frame counter
 _PREFIX = _MAC_BYTES + _HEAD.size
+_MAX_HEADER = 20  # digits of a frame length, at most
 _CONTROL_SENDER = bytes(8)  # the fixed ACK frames: authenticated, no counter
 _KEY_LABEL = b"sessionlane thespian frame v1"
 _MAX_SENDERS = 4096  # remembered per receiving process; the oldest is forgotten first
 _LOG_EVERY_S = 60.0
 
-Reason = Literal["too short", "bad mac", "replayed or too old"]
+Reason = Literal["not a frame", "too short", "bad mac", "replayed or too old"]
 
 _lock = threading.Lock()
 _mac_key: bytes | None = None
@@ -250,7 +251,13 @@ def _buffer_class(base: type, keyed: Any) -> type:
 
         def addMore(self, buf: bytes) -> None:
             super().addMore(buf)
-            if self._size is not None and self._blen == self._size and self._unchecked():
+            if not self._unchecked():
+                return
+            if self._size is None and len(self._buf) > _MAX_HEADER:
+                # No length header: thespian would buffer it forever (its own check for this
+                # never fires, ``_blen`` stays 1) or answer it.
+                self.rejected = "not a frame"
+            elif self._size is not None and self._blen == self._size:
                 self._check(memoryview(self._buf))
 
         def _unchecked(self) -> bool:

@@ -988,7 +988,8 @@ def test_a_member_without_the_conventions_key_cannot_join_and_the_leader_acts_on
     assert f"the convention leader at {leader}" in b.text and "cluster_key_file" in b.text
     assert "Traceback" not in b.text
     leader_log = (tmp_path / "a.log").read_text()
-    assert f"member {convention.network.hosts['b']}" not in leader_log, "no claim reached it"
+    intruder = f"{convention.network.hosts['b']}:{convention.ports['b']}"
+    assert f"member {intruder}" not in leader_log, "no claim of it reached the directory"
     dropped = (tmp_path / "a.thespian.log").read_text()
     assert "dropped an unauthenticated thespian frame" in dropped
 

@@ -231,6 +231,7 @@ def test_a_wrong_or_truncated_mac_or_another_services_secret_is_dropped_and_a_re
         thespian_frame(flipped),  # valid length, wrong MAC
         thespian_frame(payload[16:]),  # MAC truncated to half
         thespian_frame(payload[:20]),  # shorter than a MAC
+        b"x" * 64,  # no length header at all
         transport_auth.authenticated_frame(
             (None, Marker(str(marker))), os.urandom(32), sender=sender, seq=1
         ),  # another service's secret
