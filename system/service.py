@@ -47,7 +47,14 @@ from messages.internal import (
     Pong,
     StartGateway,
 )
-from system.config import Settings, load_settings, parse_leader, read_cluster_key, read_token
+from system.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_leader,
+    read_cluster_key,
+    read_token,
+)
 from system.convention import (
     DIRECTORY_NAME,
     Directory,
@@ -165,10 +172,14 @@ class Service:
         """How thespian's frames are authenticated: with ``cluster_key_file``'s key; without
         one, with this process's random secret, unless ``trusted_network`` asks for none.
 
-        The key is read at each (re)start and only held in memory.
+        The key is read at each (re)start and only held in memory; a key file that became
+        unusable is a ``ServiceError`` (a restart then tries again at the next check).
         """
         settings = self.settings
-        key = read_cluster_key(settings)
+        try:
+            key = read_cluster_key(settings)
+        except ConfigError as exc:
+            raise ServiceError(str(exc)) from None
         return {"secret": key, "authenticate": key is not None or not settings.trusted_network}
 
     def start(self) -> Service:

@@ -8,6 +8,7 @@ up root (``setuid(65534)``) first, so the attacker is another local user.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import pickle
@@ -23,8 +24,9 @@ import pytest
 
 from system import admin_fork, launch, transport_auth
 from system.client import connect
+from system.config import load_settings
 from system.launch import PingActor, TcpSystem
-from system.service import Service, embedded_service
+from system.service import Service, ServiceError, embedded_service
 
 ASK_TIMEOUT = 10.0
 REPLY_TIMEOUT_S = 10.0
@@ -341,3 +343,28 @@ def test_a_second_secret_in_one_process_is_refused_and_a_short_one_too() -> None
     with pytest.raises(ValueError, match="at least 32 bytes"):
         transport_auth.install(b"short")
     transport_auth.install()  # the one installed: harmless
+
+
+def test_a_service_authenticates_with_its_key_file_and_a_key_that_became_unusable_stops_it(
+    tmp_path: Path,
+) -> None:
+    key = tmp_path / "cluster.key"
+    secret = os.urandom(32)
+    key.write_text(base64.b64encode(secret).decode())
+    key.chmod(0o600)
+    settings, _ = load_settings(
+        env={}, overrides={"roots": [str(tmp_path)], "cluster_key_file": str(key)}
+    )
+    service = Service(settings)
+    assert service.transport_secret() == {"secret": secret, "authenticate": True}
+
+    key.chmod(0o644)  # before a restart
+    with pytest.raises(ServiceError, match="cluster_key_file"):
+        service.transport_secret()
+
+    trusted, _ = load_settings(
+        env={}, overrides={"roots": [str(tmp_path)], "trusted_network": True}
+    )
+    assert Service(trusted).transport_secret() == {"secret": None, "authenticate": False}
+    default, _ = load_settings(env={}, overrides={"roots": [str(tmp_path)]})
+    assert Service(default).transport_secret() == {"secret": None, "authenticate": True}
