@@ -213,7 +213,7 @@ def sealed(marker: Path, actor: Any, *, sender: bytes, seq: int) -> bytes:
     key = transport_auth._mac_key
     assert key is not None
     body = malicious_pickle(marker, actor)
-    return bytes(transport_auth._sealed_frame(transport_auth._hmac(key), sender, seq, body))
+    return transport_auth._sealed_frame(transport_auth._Hmac(key), sender, seq, body)
 
 
 @pytest.mark.tcp
