@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bind_host",
         metavar="ADDR",
         help="IPv4 address every thespian port (and by default the gateway) listens on"
-        " (default 127.0.0.1; anything else needs trusted_network = true)",
+        " (default 127.0.0.1; anything else needs cluster_key_file or trusted_network = true)",
     )
     serve.add_argument("--log-file", metavar="FILE", help="where the actors log")
     serve.add_argument(

@@ -9,12 +9,18 @@ caller to print.
 Environment values are strings: integers are parsed as such, booleans accept
 ``true/false/1/0/yes/no``, lists are either a JSON array or ``os.pathsep``-separated, and an
 empty value for an optional key (``token_file``, ``admin_port``) means "unset". Relative
-``roots`` and ``token_file`` in the TOML file are relative to the file's directory; from the
-environment or flags they are relative to the working directory.
+``roots``, ``token_file`` and ``cluster_key_file`` in the TOML file are relative to the file's
+directory; from the environment or flags they are relative to the working directory.
+
+A ``cluster_key_file`` holds one base64 text line (standard alphabet, padding as usual; the
+output of ``openssl rand -base64 32``) decoding to at least 32 bytes, and must not be readable,
+writable or executable by group or others (``chmod 600``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import ipaddress
 import json
@@ -39,6 +45,7 @@ __all__ = [
     "normalize_listen",
     "parse_leader",
     "parse_listen",
+    "read_cluster_key",
     "read_token",
     "read_token_file",
 ]
@@ -57,8 +64,17 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _DEFAULT_PORT = 7420
 # AF_UNIX sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_UNIX_PATH = 107
+CLUSTER_KEY_BYTES = 32
+"""Least key material a ``cluster_key_file`` must hold (after base64 decoding)."""
 
 Listen = tuple[Literal["tcp"], str, int] | tuple[Literal["unix"], str]
+
+
+_SHARE_A_KEY = (
+    "members must share a secret. Set cluster_key_file (the leader's key file), or"
+    " trusted_network = true only if the network and this machine are as trusted as this"
+    " account (frames are then not authenticated: anyone who reaches a port can run code here)."
+)
 
 
 class ConfigError(ValueError):
@@ -194,16 +210,18 @@ class Settings(BaseModel):
     convention (``leader``), and what other members join when this one leads."""
     bind_host: str = "127.0.0.1"
     """The IPv4 address every thespian port listens on (and the gateway, unless ``listen`` is
-    set). Anything but loopback needs ``trusted_network = true``."""
+    set). Anything but loopback needs ``cluster_key_file`` or ``trusted_network = true``."""
     leader: str | None = None
     """``HOST:PORT`` of the convention leader's admin to join; ``None``: lead (or stand alone)."""
     member_timeout_ms: int = 2_000
     """A convention member silent this long is declared lost: its paths answer
     ``unavailable`` and the leases held there are reported revoked."""
     trusted_network: bool = False
-    """Allow thespian's ports beyond loopback. They unpickle whatever arrives: anyone who can
-    reach them can run code as this service's user, so the network must be as trusted as the
-    user account."""
+    """Without ``cluster_key_file``: send thespian's frames unauthenticated (so conventions work
+    without a key) and allow its ports beyond loopback. They then unpickle whatever arrives:
+    anyone who can reach them, every local user included, can run code as this service's user,
+    so the network and the machine must be as trusted as the user account. With a key it
+    changes nothing."""
     log_level: str = "INFO"
     """Level of sessionlane's own loggers."""
     max_files: int = 256
@@ -215,8 +233,9 @@ class Settings(BaseModel):
     """A gateway connection that has not completed its ``hello`` this long after it was
     accepted is closed."""
     cluster_key_file: str | None = None
-    """A 0600 file holding the secret every thespian frame is authenticated with, shared by
-    the members of a convention. Unset: a random secret per service start."""
+    """A 0600 file holding the secret every thespian frame is authenticated with (base64 text
+    of at least 32 bytes), shared by the members of a convention. Unset: a random secret per
+    service start, which no other process knows."""
     allow_other_users: bool = False
     """Without a ``token_file`` the gateway serves only peers running as the service's own
     user. ``true`` admits every local user without a token."""
@@ -323,6 +342,14 @@ class Settings(BaseModel):
         read_token_file(value)
         return os.path.abspath(value)
 
+    @field_validator("cluster_key_file")
+    @classmethod
+    def _cluster_key_usable(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _read_cluster_key_file(value)
+        return os.path.abspath(value)
+
     @model_validator(mode="before")
     @classmethod
     def _listen_follows_bind_host(cls, data: Any) -> Any:
@@ -335,24 +362,22 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _thespian_ports_need_a_trusted_network(self) -> Settings:
+        """Ports beyond loopback, and a convention, need a shared key or a trusted network."""
         # pydantic wraps these in a ValidationError; load_settings unwraps them (loc is empty).
-        if not _is_loopback(self.bind_host) and not self.trusted_network:
+        keyed = self.cluster_key_file is not None or self.trusted_network
+        if not _is_loopback(self.bind_host) and not keyed:
             raise ConfigError(
                 "bind_host",
-                f"{self.bind_host} is not a loopback address. thespian's ports speak pickle"
-                " over TCP: anyone who can reach them can run code as this user. Set"
-                " trusted_network = true only if that network is as trusted as this account.",
+                f"{self.bind_host} is not a loopback address: set cluster_key_file (a 0600 key"
+                " file shared by the members, which authenticates every frame), or"
+                " trusted_network = true only if that network is as trusted as this account"
+                " (thespian's ports then unpickle whatever reaches them).",
             )
         if self.leader is None:
             return self
         host, _ = parse_leader(self.leader)
-        if not _is_loopback(host) and not self.trusted_network:
-            raise ConfigError(
-                "leader",
-                f"{self.leader} is beyond this machine. thespian's ports speak pickle over"
-                " TCP: anyone who can reach them can run code as this user. Set"
-                " trusted_network = true only if that network is as trusted as this account.",
-            )
+        if not _is_loopback(host) and not keyed:
+            raise ConfigError("leader", f"{self.leader} is beyond this machine: {_SHARE_A_KEY}")
         if not _is_loopback(host) and _is_loopback(self.bind_host):
             raise ConfigError(
                 "bind_host",
@@ -365,6 +390,9 @@ class Settings(BaseModel):
                 "a convention member needs a fixed admin port: bind_host:admin_port is its"
                 " identity, and a restarted member takes its roots back only under the same one",
             )
+        if not keyed:
+            # Each service's frames carry a MAC under its own random secret otherwise.
+            raise ConfigError("leader", f"{self.leader} is another service: {_SHARE_A_KEY}")
         return self
 
     @model_validator(mode="after")
@@ -389,6 +417,44 @@ def read_token(settings: Settings) -> str | None:
     if settings.token_file is None:
         return None
     return read_token_file(settings.token_file)
+
+
+def read_cluster_key(settings: Settings) -> bytes | None:
+    """The secret thespian frames are authenticated with, or ``None`` when
+    ``cluster_key_file`` is unset. Raises :class:`ConfigError` (key ``cluster_key_file``) if
+    the file became unusable since the settings were loaded."""
+    if settings.cluster_key_file is None:
+        return None
+    return _read_cluster_key_file(settings.cluster_key_file)
+
+
+def _read_cluster_key_file(path: str) -> bytes:
+    def refuse(why: str) -> ConfigError:
+        return ConfigError("cluster_key_file", f"{path} {why}")
+
+    try:
+        with open(path, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            text = fh.read()
+    except OSError as exc:
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise refuse("is not a regular file")
+    if mode & 0o077:
+        raise refuse(
+            f"is accessible to other users (mode {stat.S_IMODE(mode):04o}): whoever reads the"
+            " key can run code as this service's user; chmod 600 it"
+        )
+    try:
+        key = base64.b64decode(b"".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise refuse("is not base64 text (make one with: openssl rand -base64 32 > FILE)") from None
+    if len(key) < CLUSTER_KEY_BYTES:
+        raise refuse(
+            f"holds {len(key)} bytes of key material; at least {CLUSTER_KEY_BYTES} are needed"
+            " (openssl rand -base64 32 > FILE)"
+        )
+    return key
 
 
 def read_token_file(path: str) -> str:
@@ -469,9 +535,10 @@ def _read_toml(path: Path) -> dict[str, object]:
         data["roots"] = [
             str(base / r) if isinstance(r, str) and r and not os.path.isabs(r) else r for r in roots
         ]
-    token_file = data.get("token_file")
-    if isinstance(token_file, str) and token_file and not os.path.isabs(token_file):
-        data["token_file"] = str(base / token_file)
+    for key in ("token_file", "cluster_key_file"):
+        value = data.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            data[key] = str(base / value)
     return data
 
 
@@ -552,10 +619,23 @@ def _warnings(settings: Settings) -> list[str]:
             f"max_record_bytes ({settings.max_record_bytes}) exceeds max_frame_bytes"
             f" ({settings.max_frame_bytes}): such a record can never arrive over the wire."
         )
-    if settings.trusted_network:
+    if settings.cluster_key_file is not None:
         warnings.append(
-            "trusted_network = true: thespian's ports may listen beyond loopback and they"
-            " unpickle whatever arrives; anyone who reaches them can run code here."
+            f"cluster_key_file {settings.cluster_key_file}: every thespian frame is"
+            " authenticated with it (HMAC-SHA256), so only holders of the key can make this"
+            " service act; frames are not encrypted: whoever can watch the network reads them"
+            " (transcript records included)."
+        )
+    elif settings.trusted_network:
+        warnings.append(
+            "trusted_network = true without cluster_key_file: thespian's frames are not"
+            " authenticated and its ports unpickle whatever arrives; anyone who reaches them"
+            " (every local user, and the network beyond loopback) can run code here."
+        )
+    elif settings.admin_port is not None and settings.leader is None:
+        warnings.append(
+            "admin_port is fixed but cluster_key_file is unset: this service authenticates its"
+            " frames with a secret of its own, so no convention member can join it."
         )
     if settings.token_file is not None:
         mode = os.stat(settings.token_file).st_mode

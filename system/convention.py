@@ -63,9 +63,13 @@ directory lives there. If the leader dies, relays already in place keep working,
 members cannot join and first contacts fail ``unavailable``; a restarted leader starts with an
 empty directory, so restart the members after it.
 
-**Trust.** Every message between members is pickled by thespian and unpickled by the receiver:
-anyone who can reach a member's ports can run code as the service's user. That is why
-``bind_host`` and ``leader`` beyond loopback need ``trusted_network = true`` (``system.config``).
+**Trust.** Every message between members is pickled by thespian and unpickled by the receiver,
+so every frame carries a MAC under the members' shared secret (``cluster_key_file``,
+``system.transport_auth``): a frame from anyone without the key is dropped before it is
+unpickled, and a member with another key cannot join (its claim never reaches the directory).
+Without a key, members must set ``trusted_network = true``, which sends frames unauthenticated:
+then anyone who can reach a member's ports can run code as the service's user
+(``system.config``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ tracked by that process group, and :meth:`TcpSystem.stop` ends with ``killpg(SIG
 bounded wait until no member is left, whatever state the admin is in.
 
 Every listener is pinned to ``bind_host`` (loopback unless the operator says otherwise) by
-:func:`system.loopback.install` before the system is created. Linux only: the process
+:func:`system.loopback.install`, every frame is authenticated by
+:func:`system.transport_auth.install`, and the admin is forked without this process's sockets
+(:func:`system.admin_fork.install`), all before the system is created. Linux only: the process
 bookkeeping reads ``/proc``.
 
 Every system also has a lifeline (``system.lifeline``): a watchdog that kills its process group
@@ -31,7 +33,7 @@ from typing import Any
 
 from thespian.actors import Actor, ActorSystem
 
-from system import limits, loopback, poll_loop
+from system import admin_fork, limits, loopback, poll_loop, transport_auth
 from system.lifeline import Lifeline
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "free_port",
     "group_members",
     "log_config",
+    "secure_transport",
     "simple_system",
     "start_tcp_system",
     "tcp_system",
@@ -205,6 +208,8 @@ def start_tcp_system(
     bind_host: str = "127.0.0.1",
     capabilities: dict[str, Any] | None = None,
     log_level: str = "INFO",
+    secret: bytes | None = None,
+    authenticate: bool = True,
 ) -> TcpSystem:
     """Start a fresh ``multiprocTCPBase`` system whose every port listens on ``bind_host``.
 
@@ -213,14 +218,15 @@ def start_tcp_system(
     ``log_file`` (see :func:`log_config`), thespian's internal log beside it
     (``<stem>.thespian.log``). ``capabilities`` are added to the system's; ``"Admin Port"``
     is set here and may not be passed in them. This process's soft open-file limit is raised
-    to its hard limit first (:func:`system.limits.raise_open_file_limit`).
+    to its hard limit first (:func:`system.limits.raise_open_file_limit`). ``secret``,
+    ``authenticate``: see :func:`secure_transport`.
 
     The caller owns the result and must :meth:`~TcpSystem.stop` it.
     """
     caps = dict(capabilities or {})
     if "Admin Port" in caps:
         raise ValueError("pass admin_port, not an 'Admin Port' capability")
-    loopback.install(bind_host)
+    secure_transport(bind_host, secret=secret, authenticate=authenticate)
     poll_loop.install()
     limits.raise_open_file_limit()  # inherited by the admin and every actor forked from it
     log_path = Path(log_file).resolve()
@@ -268,6 +274,25 @@ def start_tcp_system(
     return system
 
 
+def secure_transport(
+    bind_host: str, *, secret: bytes | None = None, authenticate: bool = True
+) -> None:
+    """Patch thespian in this process before it forks a system: listeners on ``bind_host``,
+    frames authenticated with ``secret`` (``None``: this process's random secret), the admin
+    forked without our sockets.
+
+    ``authenticate=False`` (``trusted_network`` without a key) leaves frames unauthenticated,
+    unless an earlier system of this process installed the authentication: it is process-wide
+    and stays. Raises ``RuntimeError`` (fail closed) if a patch does not apply.
+    """
+    loopback.install(bind_host)
+    if authenticate:
+        transport_auth.install(secret)
+    elif transport_auth.installed():
+        log.info("thespian frames stay authenticated: an earlier system of this process uses it")
+    admin_fork.install()
+
+
 @contextlib.contextmanager
 def tcp_system(
     admin_port: int | None = None,
@@ -276,6 +301,7 @@ def tcp_system(
     bind_host: str = "127.0.0.1",
     capabilities: dict[str, Any] | None = None,
     log_level: str = "INFO",
+    secret: bytes | None = None,
 ) -> Iterator[TcpSystem]:
     """:func:`start_tcp_system` as a context manager that always stops the system."""
     system = start_tcp_system(
@@ -284,6 +310,7 @@ def tcp_system(
         bind_host=bind_host,
         capabilities=capabilities,
         log_level=log_level,
+        secret=secret,
     )
     try:
         yield system

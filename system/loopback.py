@@ -9,7 +9,8 @@ reach those ports. ``THESPIAN_BASE_IPADDR`` changes only the *advertised* addres
 ``socket.bind``) so that a wildcard host becomes ``bind_host``, and sets
 ``THESPIAN_BASE_IPADDR`` so the advertised address names the same interface. The default is
 ``127.0.0.1``; a convention member spanning machines pins its address on the members' network
-instead, which ``system.config`` allows only with ``trusted_network = true``.
+instead, which ``system.config`` allows only with ``cluster_key_file`` (frames authenticated,
+``system.transport_auth``) or ``trusted_network = true``.
 
 Contract:
 

@@ -50,7 +50,14 @@ from messages.internal import (
     ServiceIdentity,
     StartGateway,
 )
-from system.config import Settings, load_settings, parse_leader, read_token
+from system.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_leader,
+    read_cluster_key,
+    read_token,
+)
 from system.convention import (
     DIRECTORY_NAME,
     Directory,
@@ -194,6 +201,20 @@ class Service:
             caps["Convention Address.IPv4"] = parse_leader(settings.leader)
         return caps
 
+    def transport_secret(self) -> dict[str, Any]:
+        """How thespian's frames are authenticated: with ``cluster_key_file``'s key; without
+        one, with this process's random secret, unless ``trusted_network`` asks for none.
+
+        The key is read at each (re)start and only held in memory; a key file that became
+        unusable is a ``ServiceError`` (a restart then tries again at the next check).
+        """
+        settings = self.settings
+        try:
+            key = read_cluster_key(settings)
+        except ConfigError as exc:
+            raise ServiceError(str(exc)) from None
+        return {"secret": key, "authenticate": key is not None or not settings.trusted_network}
+
     def start(self) -> Service:
         self.incarnation = uuid.uuid4().hex
         system = start_tcp_system(
@@ -202,6 +223,7 @@ class Service:
             bind_host=self.settings.bind_host,
             capabilities=self.capabilities(),
             log_level=self.settings.log_level,
+            **self.transport_secret(),
         )
         try:
             self.running = self._bring_up(system)
@@ -273,9 +295,14 @@ class Service:
         )
         asys.tell(registry, join)
         leader = self.settings.leader or "this member (the leader)"
-        answer = self._expect(
-            asys, (Joined, JoinRefused), f"the convention leader at {leader}", _JOIN_TIMEOUT_S
-        )
+        what = f"the convention leader at {leader}"
+        if self.settings.leader is not None:
+            # A leader that drops our frames looks exactly like one that is not there.
+            what += (
+                " (is it running, with the same cluster_key_file? frames authenticated with"
+                " another key are dropped)"
+            )
+        answer = self._expect(asys, (Joined, JoinRefused), what, _JOIN_TIMEOUT_S)
         if isinstance(answer, JoinRefused):
             raise ServiceError(f"the convention refused this member: {answer.reason}")
         log.info("member %s admitted to a convention of %d", self.member_key, answer.members)

@@ -288,9 +288,8 @@ def test_every_spelling_of_a_listen_address_is_stored_in_its_canonical_form(
 
 def test_a_leader_is_taken_as_host_port_or_tcp_host_port_and_stored_as_host_port() -> None:
     for spelling in ("127.0.0.1:7500", "tcp://127.0.0.1:7500"):
-        settings, _ = load_settings(
-            None, env={}, overrides={"leader": spelling, "admin_port": 7501}
-        )
+        overrides = {"leader": spelling, "admin_port": 7501, "trusted_network": True}
+        settings, _ = load_settings(None, env={}, overrides=overrides)
         assert settings.leader == "127.0.0.1:7500"
 
 

@@ -14,6 +14,7 @@ the test orders them through the service's own queue (``status``), never with sl
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -50,7 +51,7 @@ from messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
 from messages.wire import Abandon, Acquire, Error, Release, Status
 from system import convention as conv
 from system import launch
-from system.config import ConfigError, load_settings
+from system.config import ConfigError, load_settings, read_cluster_key
 from system.convention import (
     CAP_INCARNATION,
     CAP_ROOT,
@@ -197,6 +198,83 @@ def test_ports_beyond_loopback_need_trusted_network_and_the_gateway_follows_bind
     )
     assert settings.listen == "tcp://10.1.2.3:7420"
     assert any("trusted_network" in w for w in warnings)
+
+
+def test_ports_beyond_loopback_need_no_trusted_network_with_a_cluster_key(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t")
+    token.chmod(0o600)
+    key = write_key(tmp_path / "cluster.key")
+
+    settings, warnings = load_settings(
+        env={},
+        overrides={
+            "bind_host": "10.1.2.3",
+            "leader": "10.1.2.4:1900",
+            "admin_port": 1900,
+            "cluster_key_file": str(key),
+            "token_file": str(token),
+        },
+    )
+
+    assert settings.cluster_key_file == str(key) and not settings.trusted_network
+    assert read_cluster_key(settings) == base64.b64decode(key.read_text())
+    assert any("authenticated" in w and "not encrypted" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_a_cluster_key_file_other_users_can_touch_is_refused_naming_the_key(
+    tmp_path: Path, mode: int
+) -> None:
+    key = write_key(tmp_path / "cluster.key", mode=mode)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env={}, overrides={"cluster_key_file": str(key)})
+    assert refused.value.key == "cluster_key_file"
+    assert str(key) in refused.value.message and f"{mode:04o}" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (base64.b64encode(bytes(31)).decode(), "31 bytes of key material"),
+        ("not base64!", "not base64"),
+        ("", "0 bytes of key material"),
+    ],
+)
+def test_a_short_or_malformed_or_missing_cluster_key_is_refused(
+    tmp_path: Path, content: str, why: str
+) -> None:
+    key = tmp_path / "cluster.key"
+    key.write_text(content)
+    key.chmod(0o600)
+    for path in (key, tmp_path / "missing.key"):
+        with pytest.raises(ConfigError) as refused:
+            load_settings(env={}, overrides={"cluster_key_file": str(path)})
+        assert refused.value.key == "cluster_key_file" and str(path) in refused.value.message
+        assert (why if path == key else "cannot be read") in refused.value.message
+
+
+def test_a_cluster_key_file_in_a_config_file_is_relative_to_it(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    write_key(conf / "cluster.key")
+    (conf / "sessionlane.toml").write_text('cluster_key_file = "cluster.key"\n')
+
+    settings, _ = load_settings(conf / "sessionlane.toml", env={})
+
+    assert settings.cluster_key_file == str(conf / "cluster.key")
+
+
+def test_a_member_needs_the_leaders_key_or_trusted_network_even_on_loopback(
+    tmp_path: Path,
+) -> None:
+    member = {"leader": "127.0.0.1:1900", "admin_port": 1901}
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env={}, overrides=member)
+    assert refused.value.key == "leader" and "cluster_key_file" in refused.value.message
+    load_settings(env={}, overrides={**member, "cluster_key_file": str(write_key(tmp_path / "k"))})
+    _, warnings = load_settings(env={}, overrides={**member, "trusted_network": True})
+    assert any("not authenticated" in w for w in warnings), warnings
 
 
 # Federation without thespian: a fake Registry and a fake clock ----------------------------------
@@ -612,17 +690,34 @@ class Convention:
     members: list[MemberServe] = field(default_factory=list)
     agents: list[Agent] = field(default_factory=list)
     token_file: Path = Path()
+    key_file: Path = Path()
+    """The members' shared ``cluster_key_file``."""
     roots: dict[str, Path] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     leader: str = ""
 
-    def serve(self, name: str, root: Path, *, admin_port: int, leader: str | None, run: str) -> Any:
-        """Start member ``name`` serving ``root`` (not waiting for it); returns it."""
+    def serve(
+        self,
+        name: str,
+        root: Path,
+        *,
+        admin_port: int,
+        leader: str | None,
+        run: str,
+        key: str | None = None,
+    ) -> Any:
+        """Start member ``name`` serving ``root`` (not waiting for it); returns it.
+
+        ``key`` is the TOML line that decides how its frames are authenticated: by default the
+        convention's shared ``cluster_key_file``.
+        """
         host = self.network.hosts[name]
         config = self.tmp / f"{run}.toml"
+        if key is None:
+            key = f'cluster_key_file = "{self.key_file}"'
         config.write_text(
             f'bind_host = "{host}"\n'
-            f"trusted_network = {'true' if self.network.kind == 'netns' else 'false'}\n"
+            f"{key}\n"
             f'token_file = "{self.token_file}"\n'
             f'listen = "tcp://{host}:{self.network.port(7420)}"\n'
         )
@@ -667,6 +762,7 @@ def convention(tmp_path: Path) -> Iterator[Convention]:
         made.token_file = tmp_path / "token"
         made.token_file.write_text(TOKEN)
         made.token_file.chmod(0o600)
+        made.key_file = write_key(tmp_path / "cluster.key")
         try:
             yield made
         finally:
@@ -676,6 +772,13 @@ def convention(tmp_path: Path) -> Iterator[Convention]:
                 serve.kill()
             for serve in made.members:
                 wait_for(stopped(serve), 10, "a member's processes to exit")
+
+
+def write_key(path: Path, key: bytes | None = None, mode: int = 0o600) -> Path:
+    """A ``cluster_key_file``: base64 of 32 random bytes (or ``key``), with ``mode``."""
+    path.write_text(base64.b64encode(key if key is not None else os.urandom(32)).decode() + "\n")
+    path.chmod(mode)
+    return path
 
 
 def stopped(serve: Serve) -> Callable[[], bool]:
@@ -852,6 +955,52 @@ def test_a_member_that_dies_gives_up_its_lanes_leases_elsewhere_and_an_owner_tha
     assert revoked_at - stopping_at < FAIL_FAST_S
     new = probe.do("acquire", "error", timeout=15, path=str(path))
     assert new["code"] == "unavailable" and new["took"] < 1.0, new
+
+
+@pytest.mark.tcp
+@pytest.mark.parametrize("without", ["another key", "no key (trusted_network)"])
+def test_a_member_without_the_conventions_key_cannot_join_and_the_leader_acts_on_nothing(
+    convention: Convention, tmp_path: Path, without: str
+) -> None:
+    for name in "ab":
+        convention.roots[name] = tmp_path / f"root-{name}"
+        convention.roots[name].mkdir()
+        convention.ports[name] = convention.network.port(1900)
+    leader = f"{convention.network.hosts['a']}:{convention.ports['a']}"
+    a = convention.serve(
+        "a", convention.roots["a"], admin_port=convention.ports["a"], leader=None, run="a"
+    )
+    a.wait_ready()
+    if without == "another key":
+        key = f'cluster_key_file = "{write_key(tmp_path / "other.key")}"'
+    else:
+        key = "trusted_network = true"
+    b = convention.serve(
+        "b",
+        convention.roots["b"],
+        admin_port=convention.ports["b"],
+        leader=leader,
+        run="b",
+        key=key,
+    )
+
+    assert b.proc.wait(READY_TIMEOUT_S + 30) == 2, b.text
+    assert f"the convention leader at {leader}" in b.text and "cluster_key_file" in b.text
+    assert "Traceback" not in b.text
+    leader_log = (tmp_path / "a.log").read_text()
+    intruder = f"{convention.network.hosts['b']}:{convention.ports['b']}"
+    assert f"member {intruder}" not in leader_log, "no claim of it reached the directory"
+    dropped = (tmp_path / "a.thespian.log").read_text()
+    assert "dropped an unauthenticated thespian frame" in dropped
+
+    # The leader still serves, and a member with the key joins it.
+    agent = convention.agent(a, "after")
+    agent.expect("ready")
+    agent.do("acquire", "granted", path=str(convention.roots["a"] / "s.jsonl"))
+    c = convention.serve(
+        "b", convention.roots["b"], admin_port=convention.network.port(1902), leader=leader, run="c"
+    )
+    c.wait_ready()
 
 
 def _acquire(agent: Agent, path: Path) -> dict[str, Any]:
