@@ -86,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="IPv4 address every thespian port (and by default the gateway) listens on"
         " (default 127.0.0.1; anything else needs trusted_network = true)",
     )
-    serve.add_argument("--log-file", metavar="FILE", help="where the actors log")
+    serve.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="where the actors log: FILE, or - for stderr (default: stderr under systemd,"
+        " else serve-<listen>.log in $XDG_STATE_HOME/sessionlane, rotated)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
     serve.set_defaults(func=cmd_serve)
 
@@ -141,6 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"sessionlane: warning: {warning}", file=sys.stderr)
     service = Service(settings, log_file=args.log_file)
     install_signal_handlers(service)
+    print(f"sessionlane: logging to {service.log_file or 'stderr'}", flush=True)
     try:
         service.start()
     except ServiceError as exc:
@@ -188,7 +194,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{f.path}\n  fence {f.fence}; holder: {holder}")
         for i, q in enumerate(f.queue, 1):
             print(f"  {i}. {q.lane} {q.purpose}/{q.priority} waiting {q.waited_ms} ms")
-        shown = {k: v for k, v in f.counters.items() if v}
+        shown = {k: v for k, v in f.counters.items() if v and not k.startswith("hist:")}
         print("  " + ", ".join(f"{k}={v}" for k, v in sorted(shown.items())))
     return 0
 

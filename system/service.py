@@ -47,6 +47,7 @@ from messages.internal import (
     Pong,
     StartGateway,
 )
+from system import logs
 from system.config import Settings, load_settings, parse_leader, read_token
 from system.convention import (
     DIRECTORY_NAME,
@@ -121,7 +122,8 @@ class Service:
             raise ServiceError("no roots configured: pass --root DIR (or roots in the config)")
         self.settings = settings
         self.listen = [settings.listen, *(extra_listen or [])]
-        self.log_file = Path(log_file) if log_file else state_dir() / f"serve-{os.getpid()}.log"
+        self.log_file = logs.log_target(log_file, settings.listen)
+        """Where the actors log (``None``: stderr); see :mod:`system.logs`."""
         self.running: _Running | None = None
         self.restarts = 0
         self._nonce = itertools.count(1)
@@ -165,7 +167,7 @@ class Service:
         self.incarnation = uuid.uuid4().hex
         system = start_tcp_system(
             self.settings.admin_port,
-            log_file=self.log_file,
+            log_file=self.log_file or logs.STDERR,
             bind_host=self.settings.bind_host,
             capabilities=self.capabilities(),
             log_level=self.settings.log_level,
@@ -318,7 +320,7 @@ class Service:
             "addresses": running.addresses,
             "admin_port": running.system.admin_port,
             "pgid": running.system.pgid,
-            "log_file": str(self.log_file),
+            "log_file": str(self.log_file) if self.log_file else None,
             "roots": list(self.settings.roots),
             "bind_host": self.settings.bind_host,
             "leader": self.settings.leader,
