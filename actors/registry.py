@@ -218,7 +218,13 @@ class Registry(ShellActor):
         self.files[path] = entry
         self.children[key] = address
         self.by_address[key] = path
-        self.send(address, FileInit(path=path, settings=self.config.file, incarnation=incarnation))
+        init = FileInit(
+            path=path,
+            settings=self.config.file,
+            incarnation=incarnation,
+            restarted=restarts is not None,  # only a restart after a death passes them
+        )
+        self.send(address, init)
         return entry
 
     def child_key(self, address: Any) -> str | None:

@@ -185,6 +185,8 @@ class FileInit(_Internal):
     settings: FileSettings
     incarnation: int
     """How many times this path's actor was started by this Registry (1 = first)."""
+    restarted: bool = False
+    """This start replaces an actor of the path that died (not a passivated one)."""
 
 
 class IdleNotice(_Internal):
