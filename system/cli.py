@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the actors log: FILE, or - for stderr (default: stderr under systemd,"
         " else serve-<listen>.log in $XDG_STATE_HOME/sessionlane, rotated)",
     )
+    serve.add_argument(
+        "--metrics",
+        dest="metrics_listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (a bare PORT: on"
+        " 127.0.0.1; default: off)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
     serve.set_defaults(func=cmd_serve)
 
@@ -138,6 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "admin_port": args.admin_port,
         "leader": args.leader,
         "bind_host": args.bind_host,
+        "metrics_listen": args.metrics_listen,
     }
     settings, warnings = load_settings(args.config, overrides=overrides)
     if not settings.roots:
@@ -152,6 +160,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ServiceError as exc:
         print(f"sessionlane: cannot start: {exc}", file=sys.stderr)
         return 2
+    try:
+        metrics = _start_metrics(service)
+    except OSError as exc:
+        service.stop()
+        print(
+            f"sessionlane: cannot serve metrics on {settings.metrics_listen}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
     state = service.write_state()
     print(
         f"sessionlane serving {', '.join(service.running.addresses if service.running else [])}"
@@ -161,9 +178,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         service.serve_forever()
     finally:
+        if metrics is not None:
+            metrics.stop()
         state.unlink(missing_ok=True)
         print("sessionlane stopped", flush=True)
     return 0
+
+
+def _start_metrics(service: Any) -> Any:
+    """The metrics endpoint if ``metrics_listen`` is set (prints where), else ``None``."""
+    if service.settings.metrics_listen is None:
+        return None
+    from system.metrics import serve_metrics
+
+    server = serve_metrics(service)
+    print(f"sessionlane: metrics at {server.url}", flush=True)
+    return server
 
 
 def cmd_status(args: argparse.Namespace) -> int:
