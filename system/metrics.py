@@ -313,6 +313,17 @@ class MetricsServer:
             self._fetch.close()
 
 
+def _reachable(address: str) -> str:
+    """The address to dial for a gateway that listens on every interface: loopback."""
+    for wildcard, loopback in (
+        ("tcp://0.0.0.0:", "tcp://127.0.0.1:"),
+        ("tcp://[::]:", "tcp://[::1]:"),
+    ):
+        if address.startswith(wildcard):
+            return loopback + address[len(wildcard) :]
+    return address
+
+
 def serve_metrics(service: Service, *, timeout: float = SCRAPE_TIMEOUT_S) -> MetricsServer:
     """Serve ``service``'s metrics on its ``metrics_listen`` (which must be set)."""
     from system.config import parse_metrics_listen, read_token
@@ -326,7 +337,7 @@ def serve_metrics(service: Service, *, timeout: float = SCRAPE_TIMEOUT_S) -> Met
         running = service.running  # read, never called into: it belongs to the supervisor
         if running is None:
             raise ConnectionError("the service is restarting")
-        return running.addresses[0]
+        return _reachable(running.addresses[0])
 
     fetch = ClientFetch(address, lambda: read_token(service.settings), timeout)
     collector = ServiceCollector(fetch, lambda: service.restarts, timeout=timeout)
