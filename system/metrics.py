@@ -19,8 +19,9 @@ answer. At most one query is in flight: scrapes that arrive meanwhile wait for t
 Monotonic. A file's counters start from zero with each actor of the path (a passivated file
 comes back as a new one, a dead one is restarted, a restarted system starts them all again).
 :class:`Totals` keeps the last counters seen of every (system start, path, incarnation) and
-folds them into a running sum when that actor no longer answers, so the exported counters
-only grow. What a file counted between the last scrape and its end is not seen.
+folds them into a running sum once a later actor of the path (or a later system start) shows
+that actor is gone, so the exported counters only grow. What a file counted between the last
+scrape and its end is not seen.
 """
 
 from __future__ import annotations
@@ -116,16 +117,28 @@ class Totals:
         self._live = 0
 
     def update(self, generation: int, files: Iterable[FileStatus]) -> None:
-        """Take one status answer of the system started ``generation`` times before."""
+        """Take one status answer of the system started ``generation`` times before.
+
+        A file missing from an answer is not taken for gone (the Registry answers without a
+        file that is slow to answer): its last counters stay until a later actor of its path,
+        or a later system, shows it cannot come back.
+        """
         seen: dict[tuple[int, str, int], dict[str, int]] = {}
+        newest: dict[str, int] = {}
         for f in files:
-            key = (generation, f.path, f.counters.get("incarnation", 0))
-            seen[key] = dict(f.counters)
-        for key, last in self._last.items():
+            incarnation = f.counters.get("incarnation", 0)
+            seen[(generation, f.path, incarnation)] = dict(f.counters)
+            newest[f.path] = max(newest.get(f.path, 0), incarnation)
+        for key, last in list(self._last.items()):
             now = seen.get(key)
-            if now is None or any(now.get(k, 0) < v for k, v in last.items() if _summed(k)):
-                _add(self._gone, last)  # that actor is gone (or started again from zero)
-        self._last = seen
+            _, path, incarnation = key
+            if now is not None:
+                if any(now.get(k, 0) < v for k, v in last.items() if _summed(k)):
+                    _add(self._gone, last)  # the same key started again from zero
+            elif key[0] < generation or incarnation < newest.get(path, 0):
+                _add(self._gone, last)  # that actor is gone for good
+                del self._last[key]
+        self._last.update(seen)
         self._live = len(seen)
 
     def snapshot(self) -> _Snapshot:

@@ -44,6 +44,15 @@ def test_totals_keep_what_a_passivated_file_counted_when_it_comes_back_from_zero
     assert snap.live_files == 2
 
 
+def test_a_file_missing_from_one_answer_is_not_counted_twice_when_it_answers_again() -> None:
+    totals = Totals()
+    totals.update(0, [status("/a", grants=3), status("/b", grants=1)])
+    totals.update(0, [status("/b", grants=1)])  # /a was slow: the Registry answered without it
+    assert totals.snapshot().counters["grants"] == 4
+    totals.update(0, [status("/a", grants=5), status("/b", grants=1)])
+    assert totals.snapshot().counters["grants"] == 6
+
+
 def test_totals_keep_the_counts_of_a_system_the_supervisor_restarted() -> None:
     totals = Totals()
     totals.update(0, [status("/a", grants=4)])
@@ -245,3 +254,25 @@ def test_a_scrape_of_a_real_service_shows_turns_waits_fsyncs_and_a_revocation_by
     assert samples[("sessionlane_fsyncs_total", ())] >= fsyncs
     assert samples[("sessionlane_fsync_seconds_sum", ())] > 0
     assert samples[("sessionlane_restarts_total", ())] == 0
+
+
+@pytest.mark.tcp
+def test_a_scraper_polling_status_faster_than_idle_ms_does_not_keep_a_file_alive(
+    root: Path, tmp_path: Path
+) -> None:
+    from system.client import connect
+
+    with (
+        embedded_service([str(root)], log_file=tmp_path / "svc.log", idle_ms=500) as svc,
+        connect(svc.address) as sl,
+    ):
+        with sl.lane("writer").lease(str(root / "idle.jsonl")) as lease:
+            assert lease is not None
+            lease.append({"turn": 1})
+        deadline = time.monotonic() + SCRAPE_WAIT_S
+        polls = 0
+        while sl.status().files:  # every 50 ms: ten times per idle period
+            polls += 1
+            assert time.monotonic() < deadline, f"still alive after {polls} status queries"
+            time.sleep(0.05)
+        assert polls >= 1
