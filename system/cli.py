@@ -176,10 +176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        service.serve_forever()
+        service.serve_forever(before_stop=metrics.stop if metrics is not None else None)
     finally:
-        if metrics is not None:
-            metrics.stop()
         state.unlink(missing_ok=True)
         print("sessionlane stopped", flush=True)
     return 0

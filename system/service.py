@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,13 +302,23 @@ class Service:
         """Ask ``serve_forever`` to return (safe from a signal handler or another thread)."""
         self._stop.set()
 
-    def serve_forever(self, interval: float = 1.0) -> None:
-        """Supervise until ``request_stop``; then stop. The caller installs signal handlers."""
+    def serve_forever(
+        self, interval: float = 1.0, *, before_stop: Callable[[], None] | None = None
+    ) -> None:
+        """Supervise until ``request_stop``; then stop. The caller installs signal handlers.
+
+        ``before_stop`` runs first, while the service still answers (the metrics endpoint
+        closes its connection to the gateway there).
+        """
         try:
             while not self._stop.wait(interval):
                 self.supervise_once()
         finally:
-            self.stop()
+            try:
+                if before_stop is not None:
+                    before_stop()
+            finally:
+                self.stop()
 
     def write_state(self) -> Path:
         running = self.running
