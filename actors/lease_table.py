@@ -98,6 +98,8 @@ class Grant:
     fence: int
     purpose: Purpose
     reentrant: bool = False
+    waited_ms: float | None = field(default=None, compare=False)
+    """How long the request queued before this grant; ``None``: granted at once."""
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,9 @@ class LeaseTable:
             "recoveries": 0,
             "recoveries_coalesced": 0,
             "stale_fence": 0,
+            "revoked_max_hold": 0,
+            "revoked_recovery": 0,
+            "revoked_shutdown": 0,
         }
 
     # Inputs --------------------------------------------------------------------------------
@@ -468,6 +473,7 @@ class LeaseTable:
         priority: Priority,
         now: float,
         max_hold_ms: int | None,
+        waited_ms: float | None = None,
     ) -> list[Effect]:
         effects: list[Effect] = []
         self.fence += 1
@@ -486,7 +492,7 @@ class LeaseTable:
             purposes=[purpose],
         )
         self.counters["grants"] += 1
-        effects.append(Grant(req, lane, lease, self.fence, purpose))
+        effects.append(Grant(req, lane, lease, self.fence, purpose, waited_ms=waited_ms))
         return effects
 
     def _enqueue(
@@ -534,12 +540,19 @@ class LeaseTable:
         best = self.order(now)[0]
         self.waiters.remove(best)
         return self._grant_new(
-            best.req, best.lane, best.purpose, best.priority, now, best.max_hold_ms
+            best.req,
+            best.lane,
+            best.purpose,
+            best.priority,
+            now,
+            best.max_hold_ms,
+            waited_ms=now - best.enqueued_at,
         )
 
     def _revoke(self, holder: Holder, reason: RevokeReason, now: float) -> list[Effect]:
         self.holder = None
         self.counters["revocations"] += 1
+        self.counters[f"revoked_{reason}"] = self.counters.get(f"revoked_{reason}", 0) + 1
         return [
             Revoke(holder.lane, holder.lease, reason),
             self._diagnostic("revoke", holder, now, reason),

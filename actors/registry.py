@@ -296,6 +296,7 @@ class Registry(ShellActor):
             settings=self.config.file,
             incarnation=entry.incarnation,
             root=containing_root(entry.path, self.config.roots),
+            restarted=bool(entry.restarts),  # only a restart after a death passes them
         )
         self.send(address, init)
         pending, entry.pending = entry.pending, []

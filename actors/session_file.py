@@ -34,6 +34,7 @@ from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, Watc
 from actors._shell import Handler, ShellActor, monotonic_ms
 from actors.confined import ConfinedDir, failure_code, failure_detail, is_fd_exhaustion
 from actors.fencestore import FenceStore
+from actors.histogram import FileMetrics
 from actors.lease_table import (
     Abandoned,
     AbortRequest,
@@ -148,6 +149,8 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         self.broken: Broken | None = None
         self.reported = -1  # ``received`` when ActivationFailed was last sent
         self.incarnation = 0
+        self.restarted = False  # this incarnation replaced one that died (FileInit)
+        self.metrics = FileMetrics()  # latency histograms, reported in the status counters
         self.received = 0  # messages the Registry forwarded (compared in its passivation check)
         self.activity = 0  # calls of any route, for the idle timer
         self.last_active = 0.0
@@ -238,6 +241,7 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         self.settings = s = msg.settings
         self.registry = sender
         self.incarnation = msg.incarnation
+        self.restarted = msg.restarted
         self.last_active = self.now()
         try:
             # Ownership first: nothing of the file (torn tail, fences) is touched unless we
@@ -329,10 +333,15 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         self.from_registry()
         self.serve(call)
 
-    def from_registry(self) -> None:
-        """Count a message the Registry forwarded (and counted); it cancels a retirement."""
+    def from_registry(self, *, activity: bool = True) -> None:
+        """Count a message the Registry forwarded (and counted); it cancels a retirement.
+
+        ``activity=False`` (a status query): it does not keep the file from going idle, or a
+        metrics scraper polling every few seconds would keep every file alive forever.
+        """
         self.received += 1
-        self.touch()
+        if activity:
+            self.touch()
         if self.retiring:
             # The Registry now counts more than our IdleNotice said: it will not retire us.
             self.retiring = False
@@ -412,7 +421,11 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
     def perform(self, effects: list[Effect]) -> None:
         """Carry out the table's effects, in order (a fence reservation before its grant)."""
         assert self.table is not None
+        started = self.now()
         for fx in effects:
+            if isinstance(fx, Grant) and fx.waited_ms is not None:  # a hand-off to a waiter
+                self.metrics.observe("grant_wait", fx.waited_ms)
+                self.metrics.observe("handoff", self.now() - started)
             match fx:
                 case ReserveFences(ceiling=ceiling):
                     assert self.fences is not None
@@ -527,7 +540,7 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
     # Status --------------------------------------------------------------------------------
 
     def on_status(self, msg: FileStatusQuery, sender: Any) -> None:
-        self.from_registry()
+        self.from_registry(activity=False)
         self.send(sender, FileStatusAnswer(query=msg.query, status=self.status()))
 
     def status(self) -> FileStatus:
@@ -559,6 +572,9 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
             counters["syncs"] = self.transcript.sync_count
             counters["size"] = self.transcript.size
         counters["channels"] = self.server.connections() if self.server is not None else 0
+        counters["incarnation"] = self.incarnation
+        counters["restarted"] = int(self.restarted)
+        counters.update(self.metrics.counters())
         return FileStatus(
             path=self.path, fence=t.fence, holder=holder, queue=queue, counters=counters
         )

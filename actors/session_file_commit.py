@@ -30,6 +30,7 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from actors.group_commit import CommitPolicy, Outbox, Outgoing
+from actors.histogram import FileMetrics
 from actors.lease_table import LeaseTable
 from actors.transcript import Transcript
 from messages.internal import FileReply, LaneCall
@@ -53,6 +54,7 @@ class GroupCommitMixin:
     table: LeaseTable | None
     transcript: Transcript | None
     counters: dict[str, int]
+    metrics: FileMetrics
     lanes: dict[str, Any]
     done: OrderedDict[Any, Reply]
     write_queue: deque[_WriteOp]
@@ -184,7 +186,9 @@ class GroupCommitMixin:
         started = self.now()
         try:
             self.transcript.sync("fsync")
-            self.batch.synced(self.now() - started)
+            elapsed = self.now() - started
+            self.batch.synced(elapsed)
+            self.metrics.observe("fsync", elapsed)
         except OSError as exc:
             self.sync_error = f"fdatasync failed: {exc}"
             log.error("%s: %s", self.path, self.sync_error)

@@ -208,6 +208,8 @@ class FileInit(_Internal):
     root: str | None = None
     """The configured root containing ``path`` (realpath): the file's directory is reached
     from it without following symlinks. None: the parent directory is taken as the root."""
+    restarted: bool = False
+    """This start replaces an actor of the path that died (not a passivated one)."""
 
 
 class IdleNotice(_Internal):

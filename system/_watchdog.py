@@ -38,9 +38,15 @@ def _members(pgid: int) -> list[int]:
 
 
 def _log(path: str, line: str) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    """Append ``line`` to the service's log file, or to stderr when ``path`` is ``-``."""
+    text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} p{os.getpid()} WARNING system.lifeline: {line}\n"
+    if path == "-":
+        with contextlib.suppress(OSError):
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        return
     with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as fh:
-        fh.write(f"{stamp} p{os.getpid()} WARNING system.lifeline: {line}\n")
+        fh.write(text)
 
 
 def main(argv: list[str]) -> int:

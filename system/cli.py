@@ -109,7 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="IPv4 address every thespian port (and by default the gateway) listens on"
         " (default 127.0.0.1; anything else needs cluster_key_file or trusted_network = true)",
     )
-    serve.add_argument("--log-file", metavar="FILE", help="where the actors log")
+    serve.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="where the actors log: FILE, or - for stderr (default: stderr under systemd,"
+        " else serve-<listen>.log in $XDG_STATE_HOME/sessionlane, rotated)",
+    )
+    serve.add_argument(
+        "--metrics",
+        dest="metrics_listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (a bare PORT: on"
+        " 127.0.0.1; default: off)",
+    )
     serve.add_argument(
         "--allow-overlap",
         action="store_true",
@@ -184,6 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "leader": args.leader,
         "bind_host": args.bind_host,
         "allow_overlap": args.allow_overlap,
+        "metrics_listen": args.metrics_listen,
     }
     settings, warnings = load_settings(args.config, overrides=overrides)
     if not settings.roots:
@@ -195,10 +208,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _await_leftovers(settings.listen)
     service = Service(settings, log_file=args.log_file)
     install_signal_handlers(service)
+    print(f"sessionlane: logging to {service.log_file or 'stderr'}", flush=True)
     try:
         service.start()
     except ServiceError as exc:
         print(f"sessionlane: cannot start: {exc}", file=sys.stderr)
+        return 2
+    try:
+        metrics = _start_metrics(service)
+    except OSError as exc:
+        service.stop()
+        print(
+            f"sessionlane: cannot serve metrics on {settings.metrics_listen}: {exc}",
+            file=sys.stderr,
+        )
         return 2
     state = service.write_state()
     print(
@@ -207,7 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        service.serve_forever()
+        service.serve_forever(before_stop=metrics.stop if metrics is not None else None)
     finally:
         state.unlink(missing_ok=True)
         print("sessionlane stopped", flush=True)
@@ -246,6 +269,17 @@ def _await_leftovers(listen: str) -> None:
             f" {listen} are still running (pids {', '.join(map(str, left))})",
             file=sys.stderr,
         )
+
+
+def _start_metrics(service: Any) -> Any:
+    """The metrics endpoint if ``metrics_listen`` is set (prints where), else ``None``."""
+    if service.settings.metrics_listen is None:
+        return None
+    from system.metrics import serve_metrics
+
+    server = serve_metrics(service)
+    print(f"sessionlane: metrics at {server.url}", flush=True)
+    return server
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -290,7 +324,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{f.path}\n  fence {f.fence}; holder: {holder}")
         for i, q in enumerate(f.queue, 1):
             print(f"  {i}. {q.lane} {q.purpose}/{q.priority} waiting {q.waited_ms} ms")
-        shown = {k: v for k, v in f.counters.items() if v}
+        shown = {k: v for k, v in f.counters.items() if v and not k.startswith("hist:")}
         print("  " + ", ".join(f"{k}={v}" for k, v in sorted(shown.items())))
     return 0
 

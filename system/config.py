@@ -45,6 +45,7 @@ __all__ = [
     "normalize_listen",
     "parse_leader",
     "parse_listen",
+    "parse_metrics_listen",
     "read_cluster_key",
     "read_token",
     "read_token_file",
@@ -243,6 +244,9 @@ class Settings(BaseModel):
     """Start even if another live service serves a root that equals, contains or lies inside
     one of ours. Files are still served by one owner at a time (kernel lock): the other
     service's files answer ``unavailable`` here."""
+    metrics_listen: str | None = None
+    """``HOST:PORT`` (or ``tcp://HOST:PORT``, or a bare port on 127.0.0.1) where the
+    supervisor serves Prometheus metrics at ``/metrics``; ``None``: no metrics endpoint."""
 
     @field_validator("roots")
     @classmethod
@@ -326,6 +330,13 @@ class Settings(BaseModel):
                 raise ValueError(f"a suffix looks like '.jsonl' (got {suffix!r})")
         return value
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_metrics_listen(value)
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
@@ -406,6 +417,30 @@ class Settings(BaseModel):
                 " (clients must then present the token) or listen on 127.0.0.1",
             )
         return self
+
+
+def parse_metrics_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``tcp://HOST:PORT`` (IPv6 in brackets) or ``PORT`` -> ``(host, port)``.
+
+    A bare port means 127.0.0.1; port 0 asks the kernel for a free one. Raises
+    ``ValueError`` if malformed.
+    """
+    text = value.strip()
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    if text.startswith("tcp://"):
+        text = text[len("tcp://") :]
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 host must be in brackets (got {value!r})")
+    if not sep or not host or not port_text.isdigit() or "/" in host:
+        raise ValueError(f"expected HOST:PORT, tcp://HOST:PORT or PORT (got {value!r})")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port must be 0..65535 (got {port})")
+    return host, port
 
 
 def read_token(settings: Settings) -> str | None:
@@ -637,6 +672,13 @@ def _warnings(settings: Settings) -> list[str]:
             "admin_port is fixed but cluster_key_file is unset: this service authenticates its"
             " frames with a secret of its own, so no convention member can join it."
         )
+    if settings.metrics_listen is not None:
+        host, _ = parse_metrics_listen(settings.metrics_listen)
+        if not _is_loopback(host):
+            warnings.append(
+                f"metrics_listen {settings.metrics_listen} is reachable beyond this machine:"
+                " the metrics endpoint has no authentication (it shows counts, never paths)."
+            )
     if settings.token_file is not None:
         mode = os.stat(settings.token_file).st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):

@@ -33,7 +33,7 @@ from typing import Any
 
 from thespian.actors import Actor, ActorSystem
 
-from system import admin_fork, limits, loopback, poll_loop, transport_auth
+from system import admin_fork, limits, logs, loopback, poll_loop, transport_auth
 from system.lifeline import Lifeline
 
 __all__ = [
@@ -76,13 +76,17 @@ def simple_system() -> Any:
     return ActorSystem("simpleSystemBase", logDefs=False, transientUnique=True)
 
 
-def log_config(log_file: str | Path, log_level: str = "INFO") -> dict[str, Any]:
+def log_config(log_file: str | Path | None, log_level: str = "INFO") -> dict[str, Any]:
     """The ``logDefs`` dictConfig for a multiproc system: everything into ``log_file``.
 
+    ``log_file`` ``None`` or ``"-"`` means stderr; a file is rotated (:mod:`system.logs`).
     sessionlane's loggers (:data:`LOGGER_PACKAGES`) log at ``log_level``; everything else
     (thespian included) at WARNING. Levels are explicit because thespian forwards every record
-    at or above the lowest level named here from each actor to the logger process.
+    at or above the lowest level named here from each actor to the logger process, which
+    hands it to the handler without looking at logger levels: the handler's filter decides.
     """
+    level = log_level.upper()
+    target = None if log_file is None or str(log_file) == logs.STDERR else Path(log_file)
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -91,15 +95,9 @@ def log_config(log_file: str | Path, log_level: str = "INFO") -> dict[str, Any]:
                 "format": "%(asctime)s p%(process)d %(levelname)s %(name)s: %(message)s",
             },
         },
-        "handlers": {
-            "file": {
-                "class": "logging.FileHandler",
-                "filename": str(log_file),
-                "formatter": "plain",
-                "level": "DEBUG",
-            },
-        },
-        "loggers": {name: {"level": log_level.upper()} for name in LOGGER_PACKAGES},
+        "filters": {"levels": logs.filter_config(level)},
+        "handlers": {"file": {**logs.handler_config(target, level), "level": level}},
+        "loggers": {name: {"level": level} for name in LOGGER_PACKAGES},
         "root": {"level": "WARNING", "handlers": ["file"]},
     }
 
@@ -116,7 +114,8 @@ class TcpSystem:
     admin_port: int
     admin_pid: int
     pgid: int
-    log_file: Path
+    log_file: Path | None
+    """The actors' log file; ``None``: they log to stderr."""
     _admin_start: str = field(default="", repr=False)
     _stopped: bool = field(default=False, repr=False)
     lifeline: Lifeline | None = field(default=None, repr=False)
@@ -215,11 +214,12 @@ def start_tcp_system(
 
     ``admin_port`` ``None`` picks a free port. A port something already listens on is refused
     (``RuntimeError``) rather than attached to: an old admin would run old code. Logs go to
-    ``log_file`` (see :func:`log_config`), thespian's internal log beside it
-    (``<stem>.thespian.log``). ``capabilities`` are added to the system's; ``"Admin Port"``
-    is set here and may not be passed in them. This process's soft open-file limit is raised
-    to its hard limit first (:func:`system.limits.raise_open_file_limit`). ``secret``,
-    ``authenticate``: see :func:`secure_transport`.
+    ``log_file`` (see :func:`log_config`; ``"-"``: stderr), thespian's internal log beside it
+    (``<stem>.thespian.log``; for stderr, ``thespian.log`` in :func:`system.logs.log_dir`).
+    ``capabilities`` are added to the system's; ``"Admin Port"`` is set here and may not be
+    passed in them. This process's soft open-file limit is raised to its hard limit first
+    (:func:`system.limits.raise_open_file_limit`). ``secret``, ``authenticate``: see
+    :func:`secure_transport`.
 
     The caller owns the result and must :meth:`~TcpSystem.stop` it.
     """
@@ -229,9 +229,12 @@ def start_tcp_system(
     secure_transport(bind_host, secret=secret, authenticate=authenticate)
     poll_loop.install()
     limits.raise_open_file_limit()  # inherited by the admin and every actor forked from it
-    log_path = Path(log_file).resolve()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    _set_thespian_log(log_path.with_name(log_path.stem + ".thespian.log"))
+    log_path = None if str(log_file) == logs.STDERR else Path(log_file).resolve()
+    if log_path is None:
+        _set_thespian_log(logs.log_dir() / "thespian.log")
+    else:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        _set_thespian_log(log_path.with_name(log_path.stem + ".thespian.log"))
 
     port = free_port(bind_host) if admin_port is None else admin_port
     if _listener_inode(port) is not None:
@@ -261,6 +264,7 @@ def start_tcp_system(
         raise RuntimeError(f"actor system admin on port {port} not found after start")
     stat = _proc_stat(admin_pid) or _GONE
     lifeline.arm(stat.pgrp)
+    _reap_intermediate(stat.pgrp)
     system = TcpSystem(
         asys=asys,
         admin_port=port,
@@ -467,6 +471,30 @@ def _admin_pid(port: int) -> int | None:
     holders = {pid for pid, stat in _proc_stats() if stat.live and inode in _socket_inodes(pid)}
     roots = [pid for pid in holders if (_proc_stat(pid) or _GONE).ppid not in holders]
     return min(roots) if roots else None
+
+
+def _reap_intermediate(pgid: int) -> None:
+    """Reap thespian's daemonising process, so no ``<defunct>`` child stays beside the system.
+
+    ``startAdmin`` runs in a child of ours that ``setsid()``s (so its pid is the system's
+    pgid), forks the admin and exits; thespian detaches it from multiprocessing, so nobody
+    waits for it and it stays a zombie for as long as this process lives. Reaping it does not
+    free the pgid for reuse while a member of the group lives (Linux keeps a pid allocated
+    while it names a group), so ``killpg(pgid)`` stays aimed at the system.
+    """
+    stat = _proc_stat(pgid)
+    if stat is None or stat.ppid != os.getpid():
+        return  # not our child (someone else started this system)
+    deadline = time.monotonic() + _STOP_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pgid, os.WNOHANG)
+        except ChildProcessError:
+            return  # already reaped (or SIGCHLD is ignored here)
+        if done:
+            return
+        time.sleep(0.01)  # it exits right after forking the admin: a bounded poll
+    log.warning("thespian's intermediate process %d did not exit; left unreaped", pgid)
 
 
 def _kill_admin_group(port: int) -> None:

@@ -62,8 +62,13 @@ class Lifeline:
         self._fd: int | None = write_end
 
     @classmethod
-    def spawn(cls, log_file: str | Path) -> Lifeline:
-        """Start a watchdog (disarmed). Call before the actor system is forked."""
+    def spawn(cls, log_file: str | Path | None) -> Lifeline:
+        """Start a watchdog (disarmed). Call before the actor system is forked.
+
+        ``log_file`` ``None``: the service logs to stderr, and so does the watchdog's one line
+        (it then shares the starter's stderr until it exits: disarmed at a clean stop, or
+        within a few seconds of killing the group).
+        """
         read_end, write_end = os.pipe()  # both close-on-exec; the watchdog gets read_end
         _write_ends.add(write_end)
         try:
@@ -74,13 +79,13 @@ class Lifeline:
                     "-S",
                     str(_WATCHDOG),
                     str(read_end),
-                    str(log_file),
+                    "-" if log_file is None else str(log_file),
                     str(os.getpid()),
                 ],
                 pass_fds=(read_end,),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=None if log_file is None else subprocess.DEVNULL,
                 process_group=0,  # a killpg of the starter's group must not take it first
             )
         except BaseException:

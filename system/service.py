@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from messages.internal import (
     ServiceIdentity,
     StartGateway,
 )
+from system import logs
 from system.config import (
     ConfigError,
     Settings,
@@ -160,7 +161,8 @@ class Service:
             raise ServiceError("no roots configured: pass --root DIR (or roots in the config)")
         self.settings = settings
         self.listen = [settings.listen, *(extra_listen or [])]
-        self.log_file = Path(log_file) if log_file else state_dir() / f"serve-{os.getpid()}.log"
+        self.log_file = logs.log_target(log_file, settings.listen)
+        """Where the actors log (``None``: stderr); see :mod:`system.logs`."""
         self.running: _Running | None = None
         self.restarts = 0
         self._cap_warned = False
@@ -219,7 +221,7 @@ class Service:
         self.incarnation = uuid.uuid4().hex
         system = start_tcp_system(
             self.settings.admin_port,
-            log_file=self.log_file,
+            log_file=self.log_file or logs.STDERR,
             bind_host=self.settings.bind_host,
             capabilities=self.capabilities(),
             log_level=self.settings.log_level,
@@ -373,13 +375,23 @@ class Service:
         """Ask ``serve_forever`` to return (safe from a signal handler or another thread)."""
         self._stop.set()
 
-    def serve_forever(self, interval: float = 1.0) -> None:
-        """Supervise until ``request_stop``; then stop. The caller installs signal handlers."""
+    def serve_forever(
+        self, interval: float = 1.0, *, before_stop: Callable[[], None] | None = None
+    ) -> None:
+        """Supervise until ``request_stop``; then stop. The caller installs signal handlers.
+
+        ``before_stop`` runs first, while the service still answers (the metrics endpoint
+        closes its connection to the gateway there).
+        """
         try:
             while not self._stop.wait(interval):
                 self.supervise_once()
         finally:
-            self.stop()
+            try:
+                if before_stop is not None:
+                    before_stop()
+            finally:
+                self.stop()
 
     def write_state(self) -> Path:
         running = self.running
@@ -392,7 +404,7 @@ class Service:
             "addresses": running.addresses,
             "admin_port": running.system.admin_port,
             "pgid": running.system.pgid,
-            "log_file": str(self.log_file),
+            "log_file": str(self.log_file) if self.log_file else None,
             "roots": list(self.settings.roots),
             "bind_host": self.settings.bind_host,
             "leader": self.settings.leader,

@@ -22,6 +22,8 @@ from system.leftovers import find_leftovers, kill_leftovers
 
 _THESPLOG = Path(tempfile.mkdtemp(prefix="sessionlane-thesplog-"))
 os.environ.setdefault("THESPLOG_FILE", str(_THESPLOG / "thespian.log"))
+# Services started without a log file log under $XDG_STATE_HOME: never the developer's own.
+os.environ["XDG_STATE_HOME"] = str(_THESPLOG / "state")
 
 
 @pytest.fixture

@@ -647,3 +647,24 @@ def test_a_recovery_requested_through_acquire_asks_the_holder_to_abort() -> None
     effects = table.acquire("rec", R, "recovery", 1, priority="recovery")
 
     assert any(isinstance(e, AbortRequest) and e.lease == first.lease for e in effects)
+
+
+def test_a_grant_to_a_waiter_says_how_long_it_waited_and_a_grant_at_once_does_not() -> None:
+    table = make_table()
+    first = hold(table, A, now=0)
+    assert first.waited_ms is None
+    table.acquire("r2", B, "prompt", 100)
+    second = grant_of(table.release("rel", A, first.lease, 350))
+    assert second.lane == B and second.waited_ms == 250
+
+
+def test_revocations_are_counted_by_reason() -> None:
+    table = make_table(max_hold_ms=1_000)
+    hold(table, A, now=0)
+    table.tick(1_000)
+    hold(table, B, now=1_000)
+    table.shutdown(1_500)
+    assert table.counters["revocations"] == 2
+    assert table.counters["revoked_max_hold"] == 1
+    assert table.counters["revoked_shutdown"] == 1
+    assert table.counters["revoked_recovery"] == 0

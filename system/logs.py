@@ -1,0 +1,135 @@
+"""Where a service logs, and how: one rotated file per service identity, or stderr.
+
+The actors log through thespian's logger process (every actor forwards its records there), so
+the handler is described in ``logDefs`` (:func:`system.launch.log_config`) and lives in that
+process, the only writer of the file.
+
+Where (:func:`log_target`):
+
+* ``--log-file FILE``: that file;
+* ``--log-file -``, or running under systemd (``$JOURNAL_STREAM`` or ``$INVOCATION_ID`` set):
+  stderr, for the journal or the container runtime to collect;
+* otherwise ``<log_dir()>/serve-<listen address>.log``: the same file for every start of the
+  service on that address, rotated at :data:`MAX_BYTES` with :data:`BACKUPS` old files.
+
+:func:`log_dir` is ``$XDG_STATE_HOME/sessionlane`` (default ``~/.local/state/sessionlane``),
+created private (0700). A file is opened at its first line only: a start that fails before
+logging anything leaves nothing behind.
+
+Levels (:class:`LevelFilter`): sessionlane's own loggers at the configured ``log_level``,
+everything else (thespian's) at WARNING. The filter sits on the handler because the logger
+process hands each forwarded record straight to its logger's handlers, skipping the loggers'
+levels; the actors forward everything down to the lowest level named in ``logDefs``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "BACKUPS",
+    "MAX_BYTES",
+    "STDERR",
+    "LevelFilter",
+    "filter_config",
+    "handler_config",
+    "log_dir",
+    "log_file_for",
+    "log_target",
+    "under_service_manager",
+]
+
+STDERR: Final = "-"
+"""The ``--log-file`` value (and :func:`log_target` result) that means stderr."""
+MAX_BYTES: Final = 10 * 1024 * 1024
+"""A log file is rotated when a line would take it past this size."""
+BACKUPS: Final = 3
+"""Rotated files kept beside the current one (``.1`` newest ... ``.3`` oldest)."""
+
+_OWN_PACKAGES: Final = ("actors", "messages", "system")
+_SLUG_MAX = 80
+
+
+def log_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The per-user state directory for logs, created 0700 if missing."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_STATE_HOME") or ""
+    # The XDG spec says a relative value is invalid and must be ignored.
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "state"
+    path = root / "sessionlane"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def log_file_for(listen: str, env: Mapping[str, str] | None = None) -> Path:
+    """The default log file of the service listening on ``listen``: stable across starts."""
+    return log_dir(env) / f"serve-{_slug(listen)}.log"
+
+
+def under_service_manager(env: Mapping[str, str] | None = None) -> bool:
+    """Whether systemd runs us: its journal collects stderr, so a file would be a second copy."""
+    env = os.environ if env is None else env
+    return bool(env.get("JOURNAL_STREAM") or env.get("INVOCATION_ID"))
+
+
+def log_target(
+    log_file: str | Path | None, listen: str, env: Mapping[str, str] | None = None
+) -> Path | None:
+    """Where to log: a file path, or ``None`` for stderr (see the module docstring)."""
+    if log_file is not None and str(log_file) == STDERR:
+        return None
+    if log_file:
+        return Path(log_file)
+    if under_service_manager(env):
+        return None
+    return log_file_for(listen, env)
+
+
+def handler_config(target: Path | None, level: str) -> dict[str, Any]:
+    """The ``logDefs`` handler for ``target`` (``None``: stderr), with the ``levels`` filter."""
+    common: dict[str, Any] = {"formatter": "plain", "filters": ["levels"]}
+    if target is None:
+        return {**common, "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
+    return {
+        **common,
+        "class": "logging.handlers.RotatingFileHandler",
+        "filename": str(target),
+        "maxBytes": MAX_BYTES,
+        "backupCount": BACKUPS,
+        "encoding": "utf-8",
+        "delay": True,
+    }
+
+
+def filter_config(level: str) -> dict[str, Any]:
+    """The ``logDefs`` entry of the :class:`LevelFilter` at ``level``."""
+    return {"()": f"{__name__}.LevelFilter", "level": level.upper()}
+
+
+class LevelFilter(logging.Filter):
+    """Pass sessionlane's records at ``level`` and above, everyone else's at WARNING and above."""
+
+    def __init__(self, level: str = "INFO") -> None:
+        super().__init__()
+        self.own = logging.getLevelName(level.upper())
+        if not isinstance(self.own, int):
+            raise ValueError(f"unknown log level {level!r}")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name.split(".", 1)[0] in _OWN_PACKAGES
+        return record.levelno >= (self.own if own else logging.WARNING)
+
+
+def _slug(listen: str) -> str:
+    """A file-name-safe rendering of a listen address (``tcp-127.0.0.1-7420``)."""
+    text = re.sub(r"[^A-Za-z0-9.]+", "-", listen.replace("://", "-")).strip("-")
+    if len(text) > _SLUG_MAX:
+        digest = hashlib.sha256(listen.encode()).hexdigest()[:12]
+        text = f"{text[: _SLUG_MAX - 13]}-{digest}"
+    return text or "default"
