@@ -19,14 +19,16 @@ How a leftover actor process is recognised (Linux ``/proc``; measured on thespia
 CPython 3.11). Thespian daemonises a system: an intermediate process calls ``setsid()``,
 forks the admin and exits, and the admin forks its logger and every actor. So all of them
 share one session and process group whose leader (``pid == pgid``) is gone or a zombie, and
-every member holds the admin's listening TCP socket (inherited). While the admin lives every
-other member is its child; when it dies they are re-parented (to PID 1 or a subreaper). The
-signal used is therefore: *a group led by a vanished session leader, whose members are Python
-processes holding a shared listening socket, and in which no member's parent is a member*.
-Neither the cmdline nor "the admin port no longer listens" is enough on its own: forked
-actors keep the argv of whatever started the system (``python -m pytest``, ``sessionlane
-race``; no process titles without ``setproctitle``), and the admin port keeps listening after
-the admin died because every actor still holds the inherited socket.
+every member listens on a TCP port of its own (thespian's transport; sessionlane's forks drop
+every inherited socket, so the admin's port is not shared). While the admin lives every other
+member is its child; when it dies they are re-parented (to PID 1 or a subreaper). The signal
+used is therefore: *a group led by a vanished session leader, whose members are Python
+processes each holding a listening TCP socket, and in which no member's parent is a member*.
+The cmdline is not enough on its own: forked actors keep the argv of whatever started the
+system (``python -m pytest``, ``sessionlane race``; no process titles without
+``setproctitle``). A system started by ``serve`` normally dies with it (``system.lifeline``);
+what is found here outlived its lifeline (a starter killed in the instant before it armed it,
+or a system of an older version).
 
 ``run_doctor`` exits 0 when nothing is a problem and 1 otherwise; ``--json`` prints the report
 as one JSON object (``ok``, ``config``, ``findings``).
@@ -363,8 +365,8 @@ def leftover_processes() -> list[dict[str, Any]]:
         if not all(_is_python(c) for c in commands):
             continue
         held = [_socket_inodes(p.pid) & sockets.keys() for p in members]
-        if not all(held) or not set.intersection(*held):
-            continue  # not the shape of a thespian system: no shared listener
+        if not all(held):
+            continue  # not the shape of a thespian system: every member listens
         ports = sorted({sockets[i][1] for inodes in held for i in inodes})
         found.append(
             {"pgid": pgid, "pids": sorted(pids), "ports": ports, "cmdline": commands[0][:200]}
