@@ -55,7 +55,7 @@ from actors.ownership import OwnedElsewhere, Ownership
 from actors.session_file_channels import ChannelsMixin
 from actors.session_file_commit import GroupCommitMixin
 from actors.session_file_writes import WritesMixin
-from actors.transcript import Transcript
+from actors.transcript import OpenReport, Transcript
 from messages.errors import ErrorCode, SessionLaneError
 from messages.internal import (
     ActivationFailed,
@@ -141,6 +141,9 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
         self.transcript: Transcript | None = None
         self.fences: FenceStore | None = None
         self.legacy: LegacyLock | None = None
+        self.tail_unchecked = False
+        """A torn last line seen at activation was left for the first write under the legacy
+        lock to repair (it may have been a legacy writer's line in progress)."""
         self.registry: Any = None
         self.directory: ConfinedDir | None = None
         """The transcript's directory, walked from its root without symlinks; shared by the
@@ -258,7 +261,7 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
                 directory=self.directory,
             )
             self.transcript = Transcript(msg.path, root=msg.root, directory=self.directory, log=log)
-            report = self.transcript.open()
+            report = self.open_transcript(s.legacy_lock)
             self.fences = FenceStore(msg.path, self.transcript.directory)
             floor = self.fences.load()
         except Exception as exc:  # another owner, permission, corrupt fence file, EMFILE...
@@ -267,8 +270,6 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
             level = logging.INFO if isinstance(exc, OwnedElsewhere) else logging.ERROR
             log.log(level, "not serving %s: %s", msg.path, self.broken.detail)
             return
-        if s.legacy_lock:
-            self.legacy = LegacyLock(msg.path, directory=self.transcript.directory)
         self.open_pass_end()
         policy = LeasePolicy(
             max_hold_ms=s.max_hold_ms,
@@ -287,6 +288,27 @@ class SessionFile(ChannelsMixin, GroupCommitMixin, WritesMixin, ShellActor):
             report.torn_bytes,
         )
         self._schedule_idle()
+
+    def open_transcript(self, legacy_lock: bool) -> OpenReport:
+        """Open the transcript; with legacy interop, repair a torn tail only under the lock.
+
+        A legacy writer writes its line while it holds ``<file>.lock``: an unterminated last
+        line seen without that lock may be its write in progress, and quarantining it would
+        cut the line in two (the test of legacy interop lost a record that way). So the
+        repair happens here only if the lock is free now, else before our first write, which
+        always takes the lock.
+        """
+        assert self.transcript is not None and self.directory is not None
+        if not legacy_lock:
+            return self.transcript.open()
+        self.legacy = LegacyLock(self.path, directory=self.directory)
+        if not self.legacy.try_acquire():
+            self.tail_unchecked = True
+            return self.transcript.open(repair=False)
+        try:
+            return self.transcript.open()
+        finally:
+            self.legacy.release()
 
     def close_after_failure(self) -> None:
         """Let go of what a failed activation had already opened (the lock last)."""

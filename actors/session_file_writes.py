@@ -87,6 +87,7 @@ class WritesMixin:
     table: LeaseTable | None
     transcript: Transcript | None
     legacy: LegacyLock | None
+    tail_unchecked: bool
     counters: dict[str, int]
     unsynced: bool
     batch: CommitPolicy
@@ -327,6 +328,9 @@ class WritesMixin:
         """Before our write: adopt what changed outside sessionlane and tell the holder."""
         assert self.transcript is not None
         kind = self.transcript.check_external()
+        if self.tail_unchecked:  # left at activation: now we hold the legacy lock
+            self.tail_unchecked = False
+            self.transcript.repair_torn_tail()
         if kind is None:
             return
         self.counters["external_changes"] += 1

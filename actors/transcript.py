@@ -252,8 +252,12 @@ class Transcript:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def open(self) -> OpenReport:
+    def open(self, *, repair: bool = True) -> OpenReport:
         """Open (or create, mode 0o600) the file and repair a torn last line.
+
+        ``repair=False`` leaves a torn last line alone (the caller repairs it later with
+        :meth:`repair_torn_tail`): with legacy interop, an unterminated last line while a live
+        legacy writer holds ``<file>.lock`` is a write in progress, not a tear.
 
         A torn tail is appended to ``<path>.torn`` (followed by ``\\n``) and fsynced, then the
         transcript is truncated to its last full line and fsynced; one WARNING is logged.
@@ -271,7 +275,7 @@ class Transcript:
             fd, created = self._open_or_create()
             self._fd = fd
             self._identity = FileIdentity.of(os.fstat(fd))
-            torn = self._repair_torn_tail()
+            torn = self._repair_torn_tail() if repair else 0
         except BaseException:
             self.close()
             raise
@@ -484,6 +488,12 @@ class Transcript:
             f"{self.path} was deleted {_OPEN_ATTEMPTS} times between create and open",
             path=self.path,
         )
+
+    def repair_torn_tail(self) -> int:
+        """Quarantine a torn last line now (see ``open(repair=False)``); return its bytes."""
+        torn = self._repair_torn_tail()
+        self._identity = FileIdentity.of(os.fstat(self._require_fd()))
+        return torn
 
     def _repair_torn_tail(self) -> int:
         """Quarantine the bytes after the last newline and truncate them; return their count."""

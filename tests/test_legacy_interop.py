@@ -23,6 +23,7 @@ from thespian.actors import WakeupMessage
 
 from actors import session_file
 from actors.legacy_lock import encode_lock_payload, lock_path, pid_alive
+from actors.transcript import quarantine_path
 from messages.wire import Abandon, Acquire, Append, Error, Granted
 from system.client import connect
 from system.service import embedded_service
@@ -92,6 +93,70 @@ def test_a_queued_write_whose_lease_was_abandoned_changes_nothing(shell: Shell) 
     assert Path(shell.path).read_bytes() == b""
     replies = [m for who, m in shell.events if who == "lane:a"]
     assert any(isinstance(m, Error) and m.code == "stale_fence" for m in replies)
+
+
+def _half_written(tmp_path: Path) -> tuple[Path, str, str]:
+    """A transcript whose last line a legacy writer has written half of (no newline yet)."""
+    path = tmp_path / "half.jsonl"
+    first = json.dumps({"legacy": 0}) + "\n"
+    second = json.dumps({"legacy": 1, "pad": "y" * 64}) + "\n"
+    path.write_text(first + second[: len(second) // 2])
+    return path, first, second
+
+
+def test_a_legacy_writers_line_in_progress_at_activation_is_not_cut_in_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(session_file, "monotonic_ms", clock)
+    path, first, second = _half_written(tmp_path)
+    lock = hold_legacy_lock(str(path), os.getpid())  # the writer holds it while it writes
+    shell = Shell(path, clock, legacy_lock=True)
+    try:
+        assert path.read_text() == first + second[: len(second) // 2], "left alone"
+        with path.open("a") as out:  # the legacy writer finishes its line and lets go
+            out.write(second[len(second) // 2 :])
+        lock.unlink()
+        shell.append("a")
+        lines = [json.loads(line) for line in path.read_bytes().splitlines()]
+        assert lines == [json.loads(first), json.loads(second), {"lane": "a", "n": 0}]
+        assert not Path(quarantine_path(str(path))).exists()
+    finally:
+        shell.close()
+
+
+def test_a_line_a_dead_legacy_writer_left_unfinished_is_quarantined_before_our_first_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(session_file, "monotonic_ms", clock)
+    path, first, second = _half_written(tmp_path)
+    lock = hold_legacy_lock(str(path), os.getpid())
+    shell = Shell(path, clock, legacy_lock=True)
+    try:
+        lock.unlink()  # the writer died mid-line; its lock was cleaned up
+        shell.append("a")
+        lines = [json.loads(line) for line in path.read_bytes().splitlines()]
+        assert lines == [json.loads(first), {"lane": "a", "n": 0}]
+        torn = Path(quarantine_path(str(path))).read_text()
+        assert torn == second[: len(second) // 2] + "\n"
+    finally:
+        shell.close()
+
+
+def test_a_torn_line_with_no_legacy_writer_around_is_repaired_at_activation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(session_file, "monotonic_ms", clock)
+    path, first, _ = _half_written(tmp_path)
+    shell = Shell(path, clock, legacy_lock=True)
+    try:
+        assert path.read_text() == first
+        assert Path(quarantine_path(str(path))).exists()
+        assert not Path(lock_path(str(path))).exists(), "the lock was taken and given back"
+    finally:
+        shell.close()
 
 
 # A real legacy writer ----------------------------------------------------------------------
