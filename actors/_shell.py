@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from thespian.actors import Actor
+from thespian.actors import Actor, ActorExitRequest
 
 __all__ = ["Handler", "ShellActor", "addr_key", "monotonic_ms"]
 
@@ -81,6 +81,8 @@ class ShellActor(Actor):  # type: ignore[misc]
         handler = self._table.get(type(msg))
         if handler is None:
             self.log.debug("%s dropped unexpected %s", type(self).__name__, type(msg).__name__)
+            if isinstance(msg, ActorExitRequest):
+                self._forget_watches()
             return
         try:
             handler(msg, sender)
@@ -90,6 +92,24 @@ class ShellActor(Actor):  # type: ignore[misc]
                 self.on_handler_error(msg, sender, exc)
             except Exception:
                 self.log.exception("%s error handler failed", type(self).__name__)
+        finally:
+            if isinstance(msg, ActorExitRequest):
+                self._forget_watches()
+
+    def _forget_watches(self) -> None:
+        """Drop thespian's watch list before the exit drain.
+
+        thespian applies a handler's ``ThespianWatch`` for every message but
+        ``ActorExitRequest``, so the list of the message before stays in force while the actor
+        drains its last sends. An exit handler that closed those fds frees their numbers, the
+        transport's next socket takes one, and the drain registers it twice (``KeyError: 'N
+        (FD N) is already registered'``): a traceback, and the messages sent on the way out
+        are lost. Nothing of ours is watched after exit.
+        """
+        transport = getattr(getattr(self, "_myRef", None), "transport", None)
+        set_watch = getattr(transport, "set_watch", None)
+        if set_watch is not None:
+            set_watch([])
 
     def on_handler_error(self, msg: Any, sender: Any, exc: Exception) -> None:
         """Answer the request that failed, if there is one to answer; default: nothing."""
