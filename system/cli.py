@@ -378,7 +378,7 @@ def _choose(named: str | None, *, live_only: bool) -> Choice:
 
 
 def _refuse_to_guess(command: str, choice: Choice) -> int:
-    """Exit 2: no service, or several, could be meant; say which and ask for ``--listen``."""
+    """No service (exit 1) or several (exit 2) could be meant: say which, ask for ``--listen``."""
     if choice.kind == "none":
         print(
             "sessionlane: no service of this user is running (for one started elsewhere,"

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 __all__ = [
     "ENV_PREFIX",
+    "MAX_TOKEN_BYTES",
     "NON_CONFIG_ENV",
     "ConfigError",
     "Listen",
@@ -61,6 +62,8 @@ NON_CONFIG_ENV = frozenset({"SESSIONLANE_CONFIG", "SESSIONLANE_TEST_TAG"})
 ``SESSIONLANE_TEST_TAG`` marks the processes of a test run (``system.leftovers``).
 """
 
+MAX_TOKEN_BYTES = 1024
+"""Longest token accepted from ``token_file``."""
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _DEFAULT_PORT = 7420
 # AF_UNIX sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -495,7 +498,9 @@ def _read_cluster_key_file(path: str) -> bytes:
 def read_token_file(path: str) -> str:
     """The token in ``path``, surrounding whitespace (a trailing newline) stripped.
 
-    Raises :class:`ConfigError` (key ``token_file``) if it is unreadable, not UTF-8 or empty.
+    Raises :class:`ConfigError` (key ``token_file``) if it is unreadable, not UTF-8, empty or
+    longer than :data:`MAX_TOKEN_BYTES` (a client's hello must fit in the few KiB the gateway
+    buffers before it: a longer token would lock every client out).
     """
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
@@ -505,6 +510,13 @@ def read_token_file(path: str) -> str:
         raise ConfigError("token_file", f"{path} is not UTF-8 text") from None
     if not token:
         raise ConfigError("token_file", f"{path} is empty")
+    if len(token.encode()) > MAX_TOKEN_BYTES:
+        raise ConfigError(
+            "token_file",
+            f"{path} holds a {len(token.encode())}-byte token; at most {MAX_TOKEN_BYTES} bytes"
+            " (a hello must fit in the 4 KiB the gateway reads before it): use a shorter one,"
+            " e.g. openssl rand -hex 32",
+        )
     return token
 
 

@@ -27,7 +27,7 @@ NAME_MAX = 255
 """Longest component accepted, in bytes of the file system encoding (Linux NAME_MAX)."""
 SIDECAR_OVERHEAD = 25
 """Bytes the longest name sessionlane keeps beside a transcript adds to the transcript's name:
-a fence reservation's temp file, ``.<name>.fence.<12 hex>.tmp`` (the owner lock
+a fence reservation's temp file, ``..<name>.fence.<12 hex>.tmp`` (the owner lock
 ``.<name>.owner`` adds 7, a rewrite's temp file 18, ``.torn`` and ``.lock`` 5)."""
 MAX_FILE_NAME = NAME_MAX - SIDECAR_OVERHEAD
 """Longest transcript file name accepted, in bytes: its sidecars must fit in NAME_MAX too."""

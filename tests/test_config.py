@@ -300,3 +300,12 @@ def test_settings_are_frozen_and_config_errors_survive_pickling() -> None:
 
     error = pickle.loads(pickle.dumps(ConfigError("max_queue", "must be > 0 (got 0)")))
     assert (error.key, error.message) == ("max_queue", "must be > 0 (got 0)")
+
+
+def test_a_token_too_long_for_a_hello_is_refused_naming_the_key(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t" * 4000 + "\n")
+    token.chmod(0o600)
+    with pytest.raises(ConfigError, match="token_file") as refused:
+        load_settings(None, env={}, overrides={"token_file": str(token)})
+    assert "at most 1024 bytes" in str(refused.value)
