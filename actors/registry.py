@@ -30,7 +30,7 @@ descriptors to spare, and a child thespian could not start is never restarted in
 In a convention (``Join``, sent by the Service) the Registry also routes: a call for a path
 under another member's root is forwarded to that member's Registry, and calls forwarded to us
 are served here and never forwarded again. That part, and why no path ever gets two
-SessionFiles across the convention, is ``actors.convention.Federation``.
+SessionFiles across the convention, is ``actors.federation.Federation``.
 """
 
 from __future__ import annotations
