@@ -1,6 +1,6 @@
 """A directory inside a root, reached and used without ever following a symlink.
 
-Admission (``system.paths.canonicalize``) checks a path once. Afterwards anybody who can write
+Admission (``actors.paths.canonicalize``) checks a path once. Afterwards anybody who can write
 in the root may rename a transcript away and plant a symlink (or a hard link to a file outside
 the root) in its place; any later ``open(path)`` would then write wherever that link points.
 So a file's actor never opens a path again. It opens its root once, walks down to the

@@ -30,7 +30,7 @@ descriptors to spare, and a child thespian could not start is never restarted in
 In a convention (``Join``, sent by the Service) the Registry also routes: a call for a path
 under another member's root is forwarded to that member's Registry, and calls forwarded to us
 are served here and never forwarded again. That part, and why no path ever gets two
-SessionFiles across the convention, is ``system.convention.Federation``.
+SessionFiles across the convention, is ``actors.federation.Federation``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, W
 from actors._shell import Handler, ShellActor, addr_key, monotonic_ms
 from actors.capacity import fd_headroom, never_started
 from actors.confined import containing_root
+from actors.federation import Federation
+from actors.paths import canonicalize
 from actors.session_file import SessionFile
+from messages.convention import Join, Member
 from messages.errors import ErrorCode, PathNotAllowed
 from messages.internal import (
     ActivationFailed,
@@ -67,8 +70,6 @@ from messages.internal import (
     StatusQuery,
 )
 from messages.wire import Abandon, Abandoned, Error, FileStatus, Status, StatusReply
-from system.convention import Federation, Join, Member
-from system.paths import canonicalize
 
 __all__ = ["REGISTRY_NAME", "Registry"]
 

@@ -48,7 +48,7 @@ from messages.wire import (
     Released,
     Revoked,
 )
-from system.service import embedded_service
+from system.runtime.service import embedded_service
 
 # What main() and the agents tell each other (module-level classes: thespian pickles them).
 

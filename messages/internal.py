@@ -124,7 +124,7 @@ class Configure(_Internal):
     suffixes: list[str]
     file: FileSettings
     max_files: int = 256
-    """Live SessionFiles at most (the service's effective cap, see ``system.limits``); a
+    """Live SessionFiles at most (the service's effective cap, see ``system.runtime.limits``); a
     request for one more file is refused ``too_many_files``."""
 
 

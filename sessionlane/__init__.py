@@ -14,7 +14,7 @@ The public Python API::
 ``connect`` / ``connect_async`` take ``HOST:PORT``, ``tcp://HOST:PORT`` or ``unix:///path``
 (default ``$SESSIONLANE_LISTEN``, else ``tcp://127.0.0.1:7420``). Every failure raised is a
 ``SessionLaneError``; its subclasses name the kind (``error.code`` is the wire error code).
-The implementation lives in ``system.client`` and ``system.client_async``; this package is the
+The implementation lives in the ``system.client`` package; this package is the
 stable import path. ``python -m sessionlane`` runs the command line.
 """
 
@@ -37,10 +37,10 @@ from messages.errors import (
     Unauthorized,
     Unavailable,
 )
-from system._client_core import AppendResult
 from system._version import __version__
 from system.client import Lane, Lease, SessionLane, connect
-from system.client_async import AsyncLane, AsyncLease, AsyncSessionLane, connect_async
+from system.client._async import AsyncLane, AsyncLease, AsyncSessionLane, connect_async
+from system.client._core import AppendResult
 
 __all__ = [
     "AppendResult",

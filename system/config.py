@@ -59,7 +59,7 @@ NON_CONFIG_ENV = frozenset({"SESSIONLANE_CONFIG", "SESSIONLANE_TEST_TAG"})
 """``SESSIONLANE_*`` variables that are not config keys and therefore not refused.
 
 ``SESSIONLANE_CONFIG`` names the TOML file when ``load_settings`` gets none;
-``SESSIONLANE_TEST_TAG`` marks the processes of a test run (``system.leftovers``).
+``SESSIONLANE_TEST_TAG`` marks the processes of a test run (``tests/leftovers.py``).
 """
 
 MAX_TOKEN_BYTES = 1024

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from driver import ActorDriver, file_settings
+from leftovers import find_leftovers, kill_leftovers
 
-from system.driver import ActorDriver, file_settings
-from system.launch import TcpSystem, simple_system, start_tcp_system
-from system.leftovers import find_leftovers, kill_leftovers
+from system.runtime.launch import TcpSystem, simple_system, start_tcp_system
 
 _THESPLOG = Path(tempfile.mkdtemp(prefix="sessionlane-thesplog-"))
 os.environ.setdefault("THESPLOG_FILE", str(_THESPLOG / "thespian.log"))

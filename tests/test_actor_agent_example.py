@@ -23,10 +23,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from leftovers import find_leftovers, kill_leftovers
 
 from system.client import connect
-from system.leftovers import find_leftovers, kill_leftovers
-from system.service import Service, embedded_service
+from system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.slow]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from driver import ActorDriver, LaneHandle
 
 from messages.wire import (
     Abandon,
@@ -37,8 +38,7 @@ from messages.wire import (
     Reply,
     Revoked,
 )
-from system import launch
-from system.driver import ActorDriver, LaneHandle
+from system.runtime import launch
 
 Base = tuple[str, Any]
 MakeDriver = Callable[..., ActorDriver]

@@ -1,4 +1,5 @@
-"""``system.admission``: the gateway's admission rules and pre-hello limits, without a socket.
+"""``system.gateway.admission``: the gateway's admission rules and pre-hello limits, without a
+socket.
 
 Plus ``messages.codec.take_frame``, the hello-sized framing the gateway reads a first frame with.
 """
@@ -11,7 +12,7 @@ import pytest
 
 from messages.codec import take_frame
 from messages.errors import TooLarge
-from system.admission import (
+from system.gateway.admission import (
     AcceptBackoff,
     HelloDeadlines,
     Policy,

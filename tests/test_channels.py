@@ -14,11 +14,11 @@ import signal
 from pathlib import Path
 
 import pytest
+from driver import ActorDriver
 
 from messages.wire import Acquire, Granted, Queued
 from system.client import connect
-from system.driver import ActorDriver
-from system.service import embedded_service
+from system.runtime.service import embedded_service
 from tests.test_faults import gone, holders_of, wait_until
 
 pytestmark = pytest.mark.tcp

@@ -31,7 +31,6 @@ import pytest
 from messages.codec import HEADER, encode
 from messages.errors import ERROR_CODES, error_for
 from messages.wire import FileStatus, Hello
-from system._client_core import LeaseState
 from system.client import (
     BadFrame,
     Contended,
@@ -51,8 +50,9 @@ from system.client import (
     Unavailable,
     connect,
 )
-from system.launch import free_port
-from system.service import Service, embedded_service
+from system.client._core import LeaseState
+from system.runtime.launch import free_port
+from system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
 
@@ -676,7 +676,7 @@ def test_connecting_to_nothing_raises_unavailable_after_bounded_retries() -> Non
 def test_an_acquire_given_up_on_releases_its_late_grant(
     clients: Callable[[], SessionLane], path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import system.client as client_module
+    import system.client._sync as client_module
     from messages.wire import Acquire as AcquireRequest
 
     sl, other = clients(), clients()
@@ -816,7 +816,7 @@ def test_a_malformed_address_raises_value_error_naming_the_accepted_forms() -> N
 def test_connect_without_an_address_uses_sessionlane_listen(
     service: Service, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from system._client_core import default_address
+    from system.client._core import default_address
 
     monkeypatch.delenv("SESSIONLANE_LISTEN", raising=False)
     assert default_address() == "tcp://127.0.0.1:7420"

@@ -26,8 +26,7 @@ import pytest
 from messages.codec import HEADER, encode
 from messages.wire import FileStatus, Hello
 from system import client
-from system._client_core import LeaseState
-from system.client_async import (
+from system.client._async import (
     AsyncLease,
     AsyncSessionLane,
     Contended,
@@ -44,8 +43,9 @@ from system.client_async import (
     Unavailable,
     connect_async,
 )
-from system.launch import free_port
-from system.service import Service, embedded_service
+from system.client._core import LeaseState
+from system.runtime.launch import free_port
+from system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
 

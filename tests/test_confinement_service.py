@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from system.client import PathNotAllowed, connect
-from system.service import Service, embedded_service
+from system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(90)]
 

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,31 +47,34 @@ from test_serve import (
 )
 from thespian.actors import ActorExitRequest
 
-from actors.registry import Registry
-from messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
-from messages.wire import Abandon, Acquire, Error, Release, Status
-from system import convention as conv
-from system import launch
-from system.config import ConfigError, load_settings, read_cluster_key
-from system.convention import (
+from actors import convention as conv
+from actors.convention import (
     CAP_INCARNATION,
     CAP_ROOT,
     CAP_ROOTS,
-    Beat,
-    BeatAck,
-    Federation,
-    Forwarded,
-    ForwardedClose,
-    Member,
-    Members,
-    OriginLost,
     Relay,
     admit,
     member_capabilities,
     owner_of,
     roots_overlap,
 )
-from system.launch import free_port
+from actors.federation import Federation
+from actors.registry import Registry
+from messages import convention as cm
+from messages.convention import (
+    Beat,
+    BeatAck,
+    Forwarded,
+    ForwardedClose,
+    Member,
+    Members,
+    OriginLost,
+)
+from messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
+from messages.wire import Abandon, Acquire, Error, Release, Status
+from system.config import ConfigError, load_settings, read_cluster_key
+from system.runtime import launch
+from system.runtime.launch import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -503,34 +507,35 @@ def test_a_closed_gateway_lane_is_forwarded_to_its_owners_and_the_gateway_stays_
 
 def test_every_convention_message_has_a_handler_where_it_is_sent_and_survives_pickling() -> None:
     registry = set(Registry.handlers(Registry.__new__(Registry)))
-    assert {conv.Join, *Federation.message_types()} <= registry
-    hops = {conv.RelayInit, conv.Forwarded, conv.ForwardedClose, conv.ForwardedStatus, Beat}
+    assert {cm.Join, *Federation.message_types()} <= registry
+    hops = {cm.RelayInit, cm.Forwarded, cm.ForwardedClose, cm.ForwardedStatus, Beat}
     assert hops <= set(Relay.handlers(Relay.__new__(Relay)))
-    assert {conv.Claim} <= set(conv.Directory.handlers(conv.Directory.__new__(conv.Directory)))
+    assert {cm.Claim} <= set(conv.Directory.handlers(conv.Directory.__new__(conv.Directory)))
     assert set(Federation.message_types()) == set(Federation(FakeHost(), HERE, 1_000)._table), (
         "the Registry passes the Federation every message it handles"
     )
-    assert {conv.Claim, conv.Admitted, conv.Refused} <= set(
+    assert {cm.Claim, cm.Admitted, cm.Refused} <= set(
         conv.Claimant.handlers(conv.Claimant.__new__(conv.Claimant))
     )
     call = lane_call("/srv/there/a.jsonl", 1)
     samples = [
-        conv.Join(key="h:1", incarnation="i", member_timeout_ms=2_000),
-        conv.Joined(members=3),
-        conv.JoinRefused(reason="r"),
-        conv.Claim(member=HERE),
-        conv.Admitted(version=1, members=[HERE, THERE]),
-        conv.Refused(reason="r"),
+        cm.Join(key="h:1", incarnation="i", member_timeout_ms=2_000),
+        cm.Joined(members=3),
+        cm.JoinRefused(reason="r"),
+        cm.Claim(member=HERE),
+        cm.Admitted(version=1, members=[HERE, THERE]),
+        cm.Refused(reason="r"),
         Members(version=1, members=[HERE]),
-        conv.RelayInit(origin="o", link=1, timeout_ms=2_000),
+        cm.RelayInit(origin="o", link=1, timeout_ms=2_000),
         Forwarded(origin="o", link=1, seq=2, call=call),
-        conv.ForwardedClose(origin="o", link=1, seq=3, lane="lane1"),
-        conv.ForwardedStatus(origin="o", link=1, seq=4, request=Status(path="/p"), reply_to="gw"),
+        cm.ForwardedClose(origin="o", link=1, seq=3, lane="lane1"),
+        cm.ForwardedStatus(origin="o", link=1, seq=4, request=Status(path="/p"), reply_to="gw"),
         Beat(origin="o", link=1, seq=5),
         BeatAck(link=1, seq=5, incarnation="i"),
         OriginLost(origin="o", reason="r"),
-        conv.Resolved(incarnation="i", lane="lane1", path="/p"),
+        cm.Resolved(incarnation="i", lane="lane1", path="/p"),
     ]
+    assert {type(m) for m in samples} == set(typing.get_args(cm.ConventionMessage))
     for message in samples:
         assert pickle.loads(pickle.dumps(message)) == message
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from actors.legacy_lock import encode_lock_payload, pid_alive
-from system import cli, doctor
-from system.launch import PingActor, start_tcp_system
+from system.ops import cli, doctor
+from system.runtime.launch import PingActor, start_tcp_system
 
 
 def dead_pid() -> int:

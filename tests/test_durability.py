@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from driver import file_settings
 from thespian.actors import ThespianWatch, WakeupMessage, WatchMessage
 
 from actors import session_file
@@ -27,8 +28,7 @@ from actors.session_file import SessionFile
 from messages.internal import FileInit, FileReply, LaneCall, LaneRef
 from messages.wire import Acquire, Append, Error, Granted, Release, Released
 from system.client import connect
-from system.driver import file_settings
-from system.service import embedded_service
+from system.runtime.service import embedded_service
 
 # The pure policy ---------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import pytest
 
 from actors.transcript import quarantine_path
 from system.client import connect
-from system.service import embedded_service
+from system.runtime.service import embedded_service
 
 OUTSIDE = r"""
 import json, os, sys

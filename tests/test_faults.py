@@ -31,11 +31,11 @@ import pytest
 from actors.fencestore import FenceStore, fence_path
 from actors.transcript import Transcript, encode_records, leftover_temps, quarantine_path
 from messages.errors import SessionLaneError
-from system._client_core import LeaseState
 from system.client import Lease, StaleFence, connect
+from system.client._core import LeaseState
 from system.config import load_settings
-from system.launch import free_port
-from system.service import Service
+from system.runtime.launch import free_port
+from system.runtime.service import Service
 
 pytestmark = pytest.mark.tcp
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from driver import file_settings
 
 from actors.file_channels import (
     MAX_FRAME_BYTES,
@@ -60,8 +61,7 @@ from messages.wire import (
     Release,
     Released,
 )
-from system.driver import file_settings
-from system.launch import TcpSystem
+from system.runtime.launch import TcpSystem
 
 PATH = "/sessions/s.jsonl"
 TIMEOUT = 10.0

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from test_gateway import Closed, RawConn, connect
 
 from messages.codec import FrameDecodeError, decode_reply, decode_request
-from system.service import Service, embedded_service
+from system.runtime.service import Service, embedded_service
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 1024

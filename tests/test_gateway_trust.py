@@ -30,11 +30,12 @@ from typing import Any
 import msgpack
 import pytest
 
-from system import launch, peercred
 from system.client import connect
 from system.config import NON_CONFIG_ENV, load_settings
-from system.launch import free_port
-from system.service import Service, ServiceError
+from system.gateway import peercred
+from system.runtime import launch
+from system.runtime.launch import free_port
+from system.runtime.service import Service, ServiceError
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(120)]
 
@@ -602,7 +603,7 @@ class Serve:
         }
         full_env.update(env, XDG_RUNTIME_DIR=str(self.run_dir), PYTHONUNBUFFERED="1")
         script = Path(sys.executable).with_name("sessionlane")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "system.cli"]
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "system.ops.cli"]
         args = ["serve", "--root", str(root), "--listen", self.address]
         with self.output.open("wb") as out:
             self.proc = subprocess.Popen(

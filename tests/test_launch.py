@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import leftovers
 import pytest
 from thespian.actors import Actor
 
-from system import launch, leftovers, loopback
-from system.launch import PingActor, TcpSystem
+from system.runtime import launch, loopback
+from system.runtime.launch import PingActor, TcpSystem
 
 ASK_TIMEOUT = 10.0
 

@@ -26,7 +26,7 @@ from actors.legacy_lock import encode_lock_payload, lock_path, pid_alive
 from actors.transcript import quarantine_path
 from messages.wire import Abandon, Acquire, Append, Error, Granted
 from system.client import connect
-from system.service import embedded_service
+from system.runtime.service import embedded_service
 
 # The shell, by hand ------------------------------------------------------------------------
 

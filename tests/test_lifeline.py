@@ -24,9 +24,9 @@ import pytest
 from test_serve import Serve, live_pids, wait_for
 
 from messages.errors import LeaseRevoked, SessionLaneError, Unavailable
-from system import launch
 from system.client import connect
-from system.launch import free_port
+from system.runtime import launch
+from system.runtime.launch import free_port
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(150)]
 
@@ -144,7 +144,7 @@ def test_a_process_embedding_an_actor_system_takes_it_along_when_killed(tmp_path
     script = textwrap.dedent(
         """
         import sys
-        from system.launch import start_tcp_system
+        from system.runtime.launch import start_tcp_system
         system = start_tcp_system(log_file=sys.argv[1])
         print(system.pgid, flush=True)
         sys.stdin.readline()

@@ -1,4 +1,5 @@
-"""The gateway's links to SessionFiles (``system.links``), against a fake file on a real socket.
+"""The gateway's links to SessionFiles (``system.gateway.links``), against a fake file on a real
+socket.
 
 The "file" here is a real abstract Unix socket the test accepts and speaks the channel frames
 on; the Registry and the lanes are recorded by a fake host; time is a fake clock. So every
@@ -24,7 +25,7 @@ from messages.channel import (
 from messages.codec import FrameReader
 from messages.internal import ChannelOffer, FileReply, FileRestarted, LaneCall, LaneRef, OpenChannel
 from messages.wire import Acquire, Error, Granted, Release
-from system.links import Links
+from system.gateway.links import Links
 
 
 class FakeHost:

@@ -1,4 +1,4 @@
-"""``system.logs``: where a service logs, at which level, rotated."""
+"""``system.ops.logs``: where a service logs, at which level, rotated."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from thespian.actors import Actor
 
-from system import logs
-from system.launch import log_config, tcp_system
+from system.ops import logs
+from system.runtime.launch import log_config, tcp_system
 
 WAIT_S = 30.0
 
@@ -76,7 +76,7 @@ def record(name: str, level: int) -> logging.LogRecord:
 def test_the_filter_passes_our_records_from_the_level_and_thespian_s_from_warning() -> None:
     keep = logs.LevelFilter("INFO")
     assert not keep.filter(record("actors.session_file", logging.DEBUG))
-    assert keep.filter(record("system.gateway", logging.INFO))
+    assert keep.filter(record("system.gateway.gateway", logging.INFO))
     assert not keep.filter(record("Thespian.ActorManager", logging.INFO))
     assert keep.filter(record("Thespian.ActorManager", logging.WARNING))
     assert logs.LevelFilter("DEBUG").filter(record("actors.registry", logging.DEBUG))

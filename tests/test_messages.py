@@ -14,18 +14,19 @@ import struct
 import typing
 from typing import Any
 
+import driver
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-import system.driver
-import system.service
+import system.runtime.service
+from actors.convention import Claimant, Directory, Relay
 from actors.lane import Lane
 from actors.registry import Registry
 from actors.session_file import SessionFile
-from messages import internal
+from messages import convention, internal
 from messages.codec import (
     HEADER,
     FrameDecodeError,
@@ -66,7 +67,7 @@ from messages.wire import (
     StatusReply,
     Welcome,
 )
-from system.gateway import Gateway
+from system.gateway.gateway import Gateway
 
 
 def union_members(union: Any) -> set[type]:
@@ -318,13 +319,13 @@ def test_the_frame_reader_returns_the_frames_before_an_oversized_header_with_the
 # Dispatch ---------------------------------------------------------------------------------
 
 CONSUMED_OUTSIDE_ACTORS: dict[type, tuple[Any, ...]] = {
-    internal.Configured: (system.driver, system.service),
-    internal.Opened: (system.driver,),
-    internal.LaneOutput: (system.driver,),
-    internal.Drained: (system.driver, system.service),
-    internal.GatewayStarted: (system.service,),
-    internal.GatewayFailed: (system.service,),
-    internal.Pong: (system.service,),
+    internal.Configured: (driver, system.runtime.service),
+    internal.Opened: (driver,),
+    internal.LaneOutput: (driver,),
+    internal.Drained: (driver, system.runtime.service),
+    internal.GatewayStarted: (system.runtime.service,),
+    internal.GatewayFailed: (system.runtime.service,),
+    internal.Pong: (system.runtime.service,),
 }
 """Replies that end outside the actor system, and the modules that wait for them."""
 
@@ -371,3 +372,34 @@ def test_every_wire_reply_a_lane_may_pass_on_is_a_reply_type() -> None:
     # LaneOutput and FileReply carry any wire reply or event.
     for message in REPLIES:
         assert internal.LaneOutput(uid="u", name="n", message=message).message == message
+
+
+CONVENTION_CONSUMED_OUTSIDE_ACTORS: dict[type, tuple[Any, ...]] = {
+    convention.Joined: (system.runtime.service,),
+    convention.JoinRefused: (system.runtime.service,),
+}
+"""The convention's answers to the Service's ``Join``, which it waits for outside the system."""
+
+
+def test_every_convention_message_class_is_in_the_union() -> None:
+    classes = {
+        obj
+        for obj in vars(convention).values()
+        if isinstance(obj, type)
+        and issubclass(obj, BaseModel)
+        and obj.__module__ == convention.__name__
+        and "kind" in obj.model_fields
+    }
+    assert classes == union_members(convention.ConventionMessage)
+
+
+def test_every_convention_message_is_handled_by_an_actor_or_consumed_by_its_caller() -> None:
+    shells = (Registry, Relay, Directory, Claimant)
+    handled = set().union(*(set(cls.handlers(cls.__new__(cls))) for cls in shells))
+    members = union_members(convention.ConventionMessage)
+    outside = CONVENTION_CONSUMED_OUTSIDE_ACTORS
+    orphans = {m.__name__ for m in members if m not in handled and m not in outside}
+    assert orphans == set()
+    for message, consumers in outside.items():
+        for module in consumers:
+            assert getattr(module, message.__name__, None) is message, (message, module)

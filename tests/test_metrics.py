@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.histogram import FileMetrics
 from messages.wire import FileStatus
 from system.config import ConfigError, load_settings, parse_metrics_listen
-from system.metrics import MetricsServer, ServiceCollector, Totals, serve_metrics
-from system.service import embedded_service
+from system.ops.metrics import MetricsServer, ServiceCollector, Totals, serve_metrics
+from system.runtime.service import embedded_service
 
 SCRAPE_WAIT_S = 30.0  # generous: the machine is shared
 

@@ -28,7 +28,7 @@ import pytest
 from test_serve import Serve, queued_lanes, tcp_serve, wait_for
 
 from system.client import connect
-from system.service import embedded_service
+from system.runtime.service import embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(900)]
 

@@ -20,8 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import Serve, sessionlane_command, start, wait_for
 
-from system import launch
-from system.launch import free_port
+from system.runtime import launch
+from system.runtime.launch import free_port
 
 __all__ = ["start"]  # the fixture, imported for pytest to find
 
@@ -102,7 +102,9 @@ def test_under_systemd_serve_logs_to_stderr_and_writes_no_file(
     serve = start("--root", str(root), "--listen", f"tcp://127.0.0.1:{free_port()}", env=env)
     serve.wait_ready()
     assert logging_line(serve) == "stderr"
-    wait_for(lambda: "INFO system.gateway: gateway listening" in serve.text, WAIT_S, "a log line")
+    wait_for(
+        lambda: "INFO system.gateway.gateway: gateway listening" in serve.text, WAIT_S, "a log line"
+    )
     assert serve_logs(state) == []
 
 

@@ -21,8 +21,8 @@ from actors.ownership import owner_path, read_owner
 from messages.errors import PathNotAllowed, SessionLaneError, TooManyFiles, Unavailable
 from messages.wire import Append
 from system.client import connect
-from system.launch import TcpSystem
-from system.service import Service, embedded_service
+from system.runtime.launch import TcpSystem
+from system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(150)]
 

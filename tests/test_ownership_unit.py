@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from driver import file_settings
 from thespian.actors import ChildActorExited
 
 from actors.ownership import (
@@ -32,7 +33,6 @@ from actors.session_file import Broken, activation_error
 from messages.errors import PathNotAllowed
 from messages.internal import ActivationFailed, Configure, IdleNotice, LaneCall, LaneRef
 from messages.wire import Acquire
-from system.driver import file_settings
 
 HOLDER = """
 import sys, time

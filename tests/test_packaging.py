@@ -18,7 +18,7 @@ import pytest
 
 import messages.errors
 import sessionlane
-from system.cli import build_parser
+from system.ops.cli import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,7 @@ def test_race_plot_without_matplotlib_exits_2_saying_how_to_install_it(tmp_path:
     # matplotlib is installed here (the test extra): hide it the way a plain install lacks it.
     script = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "from system.cli import main\n"
+        "from system.ops.cli import main\n"
         "sys.exit(main(['race', '--duration', '1', '--plot', sys.argv[1]]))\n"
     )
     plot = tmp_path / "waits.png"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from actors.paths import canonicalize, root_of
 from messages.errors import PathNotAllowed
-from system.paths import canonicalize, root_of
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""``system.peercred``: the table parsing on literal text, and real connections of real users.
+"""``system.gateway.peercred``: the table parsing on literal text, and real connections of real
+users.
 
 The root-only tests fork a child that becomes uid 65534 before it opens its socket, so the
 kernel's answer is checked against a peer that really is someone else.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from system import peercred
+from system.gateway import peercred
 
 STRANGER = 65534
 needs_linux = pytest.mark.skipif(sys.platform != "linux", reason="peer owners are Linux-only")

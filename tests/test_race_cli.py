@@ -15,7 +15,7 @@ def test_a_short_race_prints_both_systems_and_sessionlane_loses_nothing() -> Non
         [
             sys.executable,
             "-m",
-            "system.cli",
+            "system.ops.cli",
             "race",
             "--duration",
             "4",

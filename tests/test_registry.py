@@ -32,7 +32,7 @@ from test_actor_scenarios import (
 from actors.fencestore import fence_path, parse_fence_record
 from messages.errors import PathNotAllowed
 from messages.wire import Revoked
-from system.launch import TcpSystem
+from system.runtime.launch import TcpSystem
 
 
 def file_actor_pid(system: TcpSystem, path: Path) -> int | None:

@@ -27,10 +27,10 @@ from typing import Any
 
 import pytest
 
-from system import launch
 from system.client import connect
 from system.config import NON_CONFIG_ENV
-from system.launch import free_port
+from system.runtime import launch
+from system.runtime.launch import free_port
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(120)]
 
@@ -57,7 +57,7 @@ print(json.dumps({"step": "released"}), flush=True)
 
 def sessionlane_command() -> list[str]:
     script = Path(sys.executable).with_name("sessionlane")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "system.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "system.ops.cli"]
 
 
 def clean_env(run_dir: Path) -> dict[str, str]:

@@ -18,7 +18,7 @@ import pytest
 from thespian.actors import Actor, ActorExitRequest, ThespianWatch
 
 from actors._shell import Handler, ShellActor
-from system.launch import start_tcp_system
+from system.runtime.launch import start_tcp_system
 
 
 class Relay(Actor):  # type: ignore[misc]

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from system import admin_fork, launch, transport_auth
 from system.client import connect
 from system.config import load_settings
-from system.launch import PingActor, TcpSystem
-from system.service import Service, ServiceError, embedded_service
+from system.runtime import admin_fork, launch, transport_auth
+from system.runtime.launch import PingActor, TcpSystem
+from system.runtime.service import Service, ServiceError, embedded_service
 
 ASK_TIMEOUT = 10.0
 REPLY_TIMEOUT_S = 10.0

@@ -43,7 +43,7 @@ class BenchContext:
 
         Yields ``(service, root)``.
         """
-        from system.service import embedded_service
+        from system.runtime.service import embedded_service
 
         root = self.dir(name)
         self.progress.step("starting the service")

@@ -21,8 +21,8 @@ from typing import Any, Self
 
 from messages.codec import FrameReader, decode_reply, decode_request, frame
 from messages.wire import Alive, Hello, Keepalive, Reply, Welcome
-from system._client_core import parse_address
 from system.bench._pool import BenchError
+from system.client._core import parse_address
 
 __all__ = ["EchoServer", "FramedClient"]
 

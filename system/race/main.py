@@ -55,7 +55,7 @@ def plotting_available() -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from system.race.report import render_table
-    from system.service import embedded_service
+    from system.runtime.service import embedded_service
 
     if getattr(args, "plot", None) and not plotting_available():
         # Checked before the race, not after minutes of it.

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from system.launch import group_members
 from system.race._spec import LaneSpec, params_to_dict
 from system.race.backends import Backend, BaselineBackend
 from system.race.verify import METRIC_KEYS, VerifyReport, read_ack_log, summarize, verify
 from system.race.workload import LANE_KINDS, LaneKind, Plan, make_plan
+from system.runtime.launch import group_members
 
 __all__ = [
     "EXIT_SLACK_S",

@@ -5,7 +5,7 @@ so neither the starter's death nor ``PR_SET_PDEATHSIG`` reaches it, and a ``kill
 ``sessionlane serve`` used to leave the admin, Registry, gateway and every SessionFile running,
 granting leases nobody supervised and holding the ports.
 
-So every started system gets a small watchdog process (``system/_watchdog.py``, exec'd: it
+So every started system gets a small watchdog process (``system/runtime/_watchdog.py``, exec'd: it
 inherits no threads, locks or descriptors but one) that holds the read end of a pipe whose only
 write end stays in the starter. When the starter dies, however it dies, the kernel closes that
 write end, the watchdog reads end of file and SIGKILLs the system's process group; the gateway's

@@ -66,7 +66,7 @@ MAX_RECORD_BYTES = 1_048_576
 MAX_FRAME_BYTES = 8_388_608
 """The service's default ``max_frame_bytes``: a bigger frame would make it close the connection."""
 MAX_RECORD_DEPTH = 100
-"""The gateway's nesting limit for records (``system.gateway._MAX_RECORD_DEPTH``)."""
+"""The gateway's nesting limit for records (``system.gateway.gateway._MAX_RECORD_DEPTH``)."""
 _MSGPACK_INTS = (-(2**63), 2**64 - 1)
 
 

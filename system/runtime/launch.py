@@ -7,13 +7,13 @@ tracked by that process group, and :meth:`TcpSystem.stop` ends with ``killpg(SIG
 bounded wait until no member is left, whatever state the admin is in.
 
 Every listener is pinned to ``bind_host`` (loopback unless the operator says otherwise) by
-:func:`system.loopback.install`, every frame is authenticated by
-:func:`system.transport_auth.install`, and the admin is forked without this process's sockets
-(:func:`system.admin_fork.install`), all before the system is created. Linux only: the process
-bookkeeping reads ``/proc``.
+:func:`system.runtime.loopback.install`, every frame is authenticated by
+:func:`system.runtime.transport_auth.install`, and the admin is forked without this process's
+sockets (:func:`system.runtime.admin_fork.install`), all before the system is
+created. Linux only: the process bookkeeping reads ``/proc``.
 
-Every system also has a lifeline (``system.lifeline``): a watchdog that kills its process group
-if the process that started it dies without stopping it (``kill -9`` of ``serve``).
+Every system also has a lifeline (``system.runtime.lifeline``): a watchdog that kills its process
+group if the process that started it dies without stopping it (``kill -9`` of ``serve``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from typing import Any
 
 from thespian.actors import Actor, ActorSystem
 
-from system import admin_fork, limits, logs, loopback, poll_loop, transport_auth
-from system.lifeline import Lifeline
+from system.ops import logs
+from system.runtime import admin_fork, limits, loopback, poll_loop, transport_auth
+from system.runtime.lifeline import Lifeline
 
 __all__ = [
     "LOGGER_PACKAGES",
@@ -79,7 +80,7 @@ def simple_system() -> Any:
 def log_config(log_file: str | Path | None, log_level: str = "INFO") -> dict[str, Any]:
     """The ``logDefs`` dictConfig for a multiproc system: everything into ``log_file``.
 
-    ``log_file`` ``None`` or ``"-"`` means stderr; a file is rotated (:mod:`system.logs`).
+    ``log_file`` ``None`` or ``"-"`` means stderr; a file is rotated (:mod:`system.ops.logs`).
     sessionlane's loggers (:data:`LOGGER_PACKAGES`) log at ``log_level``; everything else
     (thespian included) at WARNING. Levels are explicit because thespian forwards every record
     at or above the lowest level named here from each actor to the logger process, which
@@ -215,10 +216,10 @@ def start_tcp_system(
     ``admin_port`` ``None`` picks a free port. A port something already listens on is refused
     (``RuntimeError``) rather than attached to: an old admin would run old code. Logs go to
     ``log_file`` (see :func:`log_config`; ``"-"``: stderr), thespian's internal log beside it
-    (``<stem>.thespian.log``; for stderr, ``thespian.log`` in :func:`system.logs.log_dir`).
+    (``<stem>.thespian.log``; for stderr, ``thespian.log`` in :func:`system.ops.logs.log_dir`).
     ``capabilities`` are added to the system's; ``"Admin Port"`` is set here and may not be
     passed in them. This process's soft open-file limit is raised to its hard limit first
-    (:func:`system.limits.raise_open_file_limit`). ``secret``, ``authenticate``: see
+    (:func:`system.runtime.limits.raise_open_file_limit`). ``secret``, ``authenticate``: see
     :func:`secure_transport`.
 
     The caller owns the result and must :meth:`~TcpSystem.stop` it.

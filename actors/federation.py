@@ -1,75 +1,8 @@
-"""Conventions: several sessionlane services acting as one, each path served where its root is.
+"""The Registry's side of a convention: routing calls to the member that owns their path.
 
-A convention is a thespian convention of sessionlane services ("members"). The leader is a
-service started without ``leader`` (with a fixed ``admin_port``); every other member names it.
-Each member advertises its roots, its identity ``bind_host:admin_port`` (:data:`CAP_MEMBER`) and
-a fresh incarnation id per actor system (:data:`CAP_INCARNATION`) as thespian capabilities.
-A client may connect to any member's gateway; a request for a path is served by the SessionFile
-on the member whose root holds the path.
-
-**Never two SessionFile actors for one path.** Three rules make it so:
-
-1. Only the owner creates. A Registry creates a SessionFile only for a path that canonicalises
-   inside *its own* roots (``Registry.serve``, unchanged from one machine), and on one member
-   there is one Registry (a ``globalName``) with one child per canonical path.
-2. Roots never overlap between admitted members. The leader runs one :class:`Directory` actor
-   that admits members one ``Claim`` at a time (its mailbox serialises them). A claim with a root
-   equal to, inside, or around a root of another admitted member is refused, loudly: the
-   directory logs it, the newcomer's ``serve`` exits 2 with the reason, before its gateway opens.
-   The only exceptions are proofs that the other claimant is gone: the same identity claiming
-   again (``bind_host:admin_port`` cannot be bound twice, so the old incarnation is dead) or
-   thespian reporting its system left the convention (a clean shutdown; for a vanished one,
-   thespian waits three missed check-ins, about 22 minutes). Suspicion is not proof: a silent
-   member keeps its roots until one of those happens.
-3. Calls are forwarded, never served, by non-owners, and forwarded at most once. A Registry
-   that gets a call for a path under another member's root hands it to a :class:`Relay`: an actor
-   it created with ``targetActorRequirements`` naming the owner's incarnation and root, which
-   :meth:`Relay.actorSystemCapabilityCheck` lets only that one actor system host (never a
-   refused newcomer, never a stale registration of a restarted member). The relay, living on
-   the owner, passes the call to the owner's Registry (looked up there by ``globalName``), which
-   serves it or refuses it but never forwards a ``Forwarded`` call again: two Registries that
-   briefly disagree about the table cause a refusal, never a second owner or a loop.
-
-Replies and events go from the SessionFile straight to the Lane, whose address travels in the
-``LaneCall``; order per lane holds because every hop (Lane, Registry, Relay, owner's Registry,
-SessionFile) is one sender/target pair, which thespian keeps in order.
-
-**Member loss.** Each Registry sends a ``Beat`` through every relay it uses every
-``member_timeout_ms / 4``; the owner's Registry answers ``BeatAck`` directly. The owner is lost
-when it stays silent for ``member_timeout_ms``, when the relay exits (``ChildActorExited``: a
-member that shuts down or leaves), when the relay cannot be created or reached
-(``PoisonMessage``), or when the directory's table no longer names that incarnation. Then, at
-once: every lane that used the member gets ``FileRestarted`` for each path it used there (the
-Lane reports its leases there ``revoked``, reason ``actor_restart``, and re-sends its pending
-acquires, which are now answered ``unavailable``); the first requests on a path that the
-member may never have received (sent since its last ``BeatAck``, so the Lane cannot yet match
-them to a canonical path) are answered ``unavailable`` here; and new calls for its roots get
-``unavailable`` at once, with a background probe (a fresh relay, exponential backoff) in case
-the member was only slow. One window is left: a first request the member received and had not
-answered yet when it died (a millisecond or so) is ended by the client's own reply timeout.
-The old relay is told to exit: if the owner was alive after all, the relay's exit makes it
-abandon our lanes' leases, so nothing stays held for a lane that was told it lost it.
-
-The same watchdog runs the other way: a relay whose origin falls silent for
-``member_timeout_ms`` (the origin member died with its lanes) tells its Registry
-``OriginLost``, and the leases and waits of that origin's lanes are abandoned. A member that
-comes back is a new incarnation; once the directory admits it, every Registry gets the new
-table and its next call creates a new relay. Its fences continue upward: they are persisted per
-path in the fence sidecars (``actors.fencestore``), not kept in memory.
-
-The leader is special in two ways, both thespian's: only it knows every member (members know
-only the leader), so a relay to a member not used before is placed through it; and the
-directory lives there. If the leader dies, relays already in place keep working, but new
-members cannot join and first contacts fail ``unavailable``; a restarted leader starts with an
-empty directory, so restart the members after it.
-
-**Trust.** Every message between members is pickled by thespian and unpickled by the receiver,
-so every frame carries a MAC under the members' shared secret (``cluster_key_file``,
-``system.transport_auth``): a frame from anyone without the key is dropped before it is
-unpickled, and a member with another key cannot join (its claim never reaches the directory).
-Without a key, members must set ``trusted_network = true``, which sends frames unauthenticated:
-then anyone who can reach a member's ports can run code as the service's user
-(``system.config``).
+:class:`Federation` is a plain object the Registry holds (its :class:`Host`): it keeps the
+member table, a relay per remote member used, the beats that watch them, and what to answer
+when one is lost. The rules it follows are stated in :mod:`actors.convention`.
 """
 
 from __future__ import annotations
@@ -77,422 +10,50 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeGuard
 
-from pydantic import BaseModel, ConfigDict
-from thespian.actors import ActorExitRequest, ActorSystemConventionUpdate, WakeupMessage
+from thespian.actors import ActorExitRequest
 
-from actors._shell import Handler, ShellActor, addr_key, monotonic_ms
+from actors._shell import addr_key, monotonic_ms
+from actors.convention import (
+    CAP_INCARNATION,
+    CAP_LEADER,
+    CAP_ROOT,
+    Claimant,
+    Relay,
+    owner_of,
+    roots_overlap,
+)
+from messages.convention import (
+    Admitted,
+    Beat,
+    BeatAck,
+    Claim,
+    Forwarded,
+    ForwardedClose,
+    ForwardedStatus,
+    Hop,
+    Joined,
+    JoinRefused,
+    Member,
+    Members,
+    OriginLost,
+    Refused,
+    RelayInit,
+    Resolved,
+)
 from messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
 from messages.wire import Abandon, Error, FileStatus, Status, StatusReply
 
-__all__ = [
-    "CAP_INCARNATION",
-    "CAP_LEADER",
-    "CAP_MEMBER",
-    "CAP_ROOT",
-    "CAP_ROOTS",
-    "DIRECTORY_NAME",
-    "Admission",
-    "Admitted",
-    "Beat",
-    "BeatAck",
-    "Claim",
-    "Claimant",
-    "Directory",
-    "Federation",
-    "Forwarded",
-    "ForwardedClose",
-    "ForwardedStatus",
-    "Join",
-    "JoinRefused",
-    "Joined",
-    "Member",
-    "Members",
-    "OriginLost",
-    "Refused",
-    "Relay",
-    "RelayInit",
-    "Resolved",
-    "admit",
-    "member_capabilities",
-    "owner_of",
-    "roots_overlap",
-]
+__all__ = ["Federation", "Host", "unavailable_status"]
 
 log = logging.getLogger(__name__)
 
-CAP_MEMBER = "sessionlane.member"
-"""Capability: the member's identity, ``bind_host:admin_port``."""
-CAP_INCARNATION = "sessionlane.incarnation"
-"""Capability: a fresh id per actor system start (a restarted member is a new incarnation)."""
-CAP_ROOTS = "sessionlane.roots"
-"""Capability: the roots this member serves (a tuple of canonical directory paths)."""
-CAP_LEADER = "sessionlane.leader"
-"""Capability: True on the member that runs the :class:`Directory`."""
-CAP_ROOT = "sessionlane.root"
-"""Requirement key (with :data:`CAP_INCARNATION`) under which a :class:`Relay` is placed."""
-
-DIRECTORY_NAME = "sessionlane-directory"
-_REGISTRY_CLASS = "actors.registry.Registry"  # by name: actors.registry imports this module
-_REGISTRY_NAME = "sessionlane-registry"  # actors.registry.REGISTRY_NAME
-_DIRECTORY_CLASS = "system.convention.Directory"
 _BACKOFF_MIN_MS = 1_000.0
 _BACKOFF_MAX_MS = 30_000.0
 _BEAT = "federation-beat"
-
-
-def member_capabilities(
-    key: str, incarnation: str, roots: Sequence[str], *, leader: bool
-) -> dict[str, Any]:
-    """The thespian capabilities a convention member advertises."""
-    return {
-        CAP_MEMBER: key,
-        CAP_INCARNATION: incarnation,
-        CAP_ROOTS: tuple(roots),
-        CAP_LEADER: leader,
-    }
-
-
-# Messages -----------------------------------------------------------------------------------
-
-
-class _Msg(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
-
-
-class Member(_Msg):
-    """One admitted member, as the directory and every Registry know it."""
-
-    key: str
-    """``bind_host:admin_port``: stable across restarts of the member."""
-    incarnation: str
-    """Unique per actor system start."""
-    roots: list[str]
-    """Canonical roots, pairwise disjoint from every other admitted member's."""
-    registry: Any
-    """The member's Registry actor."""
-
-
-class Join(_Msg):
-    """From the Service to its Registry: claim our roots with the leader's directory."""
-
-    kind: Literal["join"] = "join"
-    key: str
-    incarnation: str
-    member_timeout_ms: int
-
-
-class Joined(_Msg):
-    """From the Registry to the Service: admitted; ``members`` counts the convention."""
-
-    kind: Literal["joined"] = "joined"
-    members: int
-
-
-class JoinRefused(_Msg):
-    kind: Literal["join_refused"] = "join_refused"
-    reason: str
-
-
-class Claim(_Msg):
-    """From a Registry, through a :class:`Claimant` on the leader, to the :class:`Directory`."""
-
-    kind: Literal["claim"] = "claim"
-    member: Member
-
-
-class Admitted(_Msg):
-    kind: Literal["admitted"] = "admitted"
-    version: int
-    members: list[Member]
-
-
-class Refused(_Msg):
-    kind: Literal["refused"] = "refused"
-    reason: str
-
-
-class Members(_Msg):
-    """From the directory to every admitted Registry, on every change of the table."""
-
-    kind: Literal["members"] = "members"
-    version: int
-    members: list[Member]
-
-
-class RelayInit(_Msg):
-    """First message to a new relay: who its origin is and how long it may stay silent."""
-
-    kind: Literal["relay_init"] = "relay_init"
-    origin: Any
-    link: int
-    timeout_ms: int
-
-
-class _Hop(_Msg):
-    origin: Any
-    """The Registry that sent it (through its relay); answers go straight back there."""
-    link: int
-    """The origin's id for the relay it used (a new relay is a new link)."""
-    seq: int
-    """Increasing per link: a ``BeatAck`` for ``seq`` confirms every earlier message."""
-
-
-class Forwarded(_Hop):
-    """A call for a path the owner serves, from another member's Registry."""
-
-    kind: Literal["forwarded"] = "forwarded"
-    call: LaneCall
-
-
-class ForwardedClose(_Hop):
-    """A lane that used the owner closed."""
-
-    kind: Literal["forwarded_close"] = "forwarded_close"
-    lane: Any
-    uid: str = ""
-    """One lane of the gateway at ``lane`` (it hosts many); empty: the lane actor ``lane``."""
-
-
-class ForwardedStatus(_Hop):
-    """Status of one path the owner serves; the owner answers ``reply_to`` directly."""
-
-    kind: Literal["forwarded_status"] = "forwarded_status"
-    request: Status
-    reply_to: Any
-
-
-class Beat(_Hop):
-    kind: Literal["beat"] = "beat"
-
-
-class BeatAck(_Msg):
-    """From the owner's Registry to the origin: alive, and every message up to ``seq`` came."""
-
-    kind: Literal["beat_ack"] = "beat_ack"
-    link: int
-    seq: int
-    incarnation: str
-
-
-class OriginLost(_Msg):
-    """From a relay to its (owner's) Registry: the origin is gone; abandon its lanes' leases."""
-
-    kind: Literal["origin_lost"] = "origin_lost"
-    origin: Any
-    reason: str
-
-
-class Resolved(_Msg):
-    """From the owner to the origin: the lane's raw path names this canonical one."""
-
-    kind: Literal["resolved"] = "resolved"
-    incarnation: str
-    lane: Any
-    path: str
-
-
-# Pure rules ---------------------------------------------------------------------------------
-
-
-def roots_overlap(a: str, b: str) -> bool:
-    """Whether two absolute roots are equal or one lies inside the other (lexically)."""
-    a, b = os.path.normpath(a), os.path.normpath(b)
-    return os.path.commonpath([a, b]) in (a, b)
-
-
-def owner_of(path: Any, members: Iterable[Member]) -> Member | None:
-    """The member whose root holds ``path`` lexically, or None (relative, odd or unowned)."""
-    if not isinstance(path, str) or "\x00" in path or not os.path.isabs(path):
-        return None
-    normal = os.path.normpath(path)
-    for member in members:
-        for root in member.roots:
-            if os.path.commonpath([normal, root]) == root:
-                return member
-    return None
-
-
-@dataclass(frozen=True)
-class Admission:
-    """What the directory decides about a claim."""
-
-    superseded: tuple[Member, ...] = ()
-    """Earlier incarnations of the claimant (same key): dead, dropped from the table."""
-    refusal: str | None = None
-    """Why the claim is refused, or None when it is admitted."""
-
-
-def admit(members: Iterable[Member], claim: Member) -> Admission:
-    """Admit ``claim`` unless a root of it overlaps a root of another admitted member."""
-    superseded = []
-    for member in members:
-        if member.key == claim.key:
-            if member.incarnation != claim.incarnation:
-                superseded.append(member)
-            continue
-        for mine in claim.roots:
-            for theirs in member.roots:
-                if roots_overlap(mine, theirs):
-                    return Admission(
-                        refusal=f"root {mine} overlaps root {theirs} of member {member.key}"
-                        " (two members must never serve one path)"
-                    )
-    return Admission(superseded=tuple(superseded))
-
-
-# Actors -------------------------------------------------------------------------------------
-
-
-class Directory(ShellActor):
-    """On the leader: the table of admitted members; admits one claim at a time."""
-
-    log = log
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.members: dict[str, Member] = {}  # key -> member
-        self.version = 0
-        self.watching = False
-
-    def handlers(self) -> dict[type, Handler]:
-        return {Claim: self.on_claim, ActorSystemConventionUpdate: self.on_update}
-
-    def on_claim(self, msg: Claim, sender: Any) -> None:
-        if not self.watching:
-            self.watching = True
-            self.notifyOnSystemRegistrationChanges(True)
-        claim = msg.member
-        decision = admit(self.members.values(), claim)
-        if decision.refusal is not None:
-            log.error("refusing member %s: %s", claim.key, decision.refusal)
-            self.send(sender, Refused(reason=decision.refusal))
-            return
-        for old in decision.superseded:
-            log.warning("member %s restarted: incarnation %s replaced", old.key, old.incarnation)
-        known = self.members.get(claim.key)
-        self.members[claim.key] = claim
-        if known != claim:
-            self.version += 1
-            log.info("admitted member %s with roots %s", claim.key, ", ".join(claim.roots))
-            self.publish(exclude=claim.key)
-        self.send(sender, Admitted(version=self.version, members=list(self.members.values())))
-
-    def on_update(self, msg: ActorSystemConventionUpdate, sender: Any) -> None:
-        if msg.remoteAdded:
-            return
-        incarnation = (msg.remoteCapabilities or {}).get(CAP_INCARNATION)
-        gone = [m for m in self.members.values() if m.incarnation == incarnation]
-        for member in gone:
-            log.warning("member %s left the convention", member.key)
-            del self.members[member.key]
-        if gone:
-            self.version += 1
-            self.publish()
-
-    def publish(self, exclude: str | None = None) -> None:
-        table = Members(version=self.version, members=list(self.members.values()))
-        for member in self.members.values():
-            if member.key != exclude:
-                self.send(member.registry, table)
-
-
-class Claimant(ShellActor):
-    """Placed on the leader; carries one claim to the directory and its answer back."""
-
-    log = log
-
-    @staticmethod
-    def actorSystemCapabilityCheck(capabilities: dict[str, Any], requirements: Any) -> bool:
-        return capabilities.get(CAP_LEADER) is True
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.reply_to: Any = None
-
-    def handlers(self) -> dict[type, Handler]:
-        return {Claim: self.on_claim, Admitted: self.on_answer, Refused: self.on_answer}
-
-    def on_claim(self, msg: Claim, sender: Any) -> None:
-        self.reply_to = sender
-        directory = self.createActor(_DIRECTORY_CLASS, globalName=DIRECTORY_NAME)
-        self.send(directory, msg)
-
-    def on_answer(self, msg: Admitted | Refused, sender: Any) -> None:
-        if self.reply_to is not None:
-            self.send(self.reply_to, msg)
-        self.send(self.myAddress, ActorExitRequest())
-
-
-class Relay(ShellActor):
-    """Placed on a path's owner by another member's Registry (its origin); passes its calls to
-    the owner's Registry, and reports the origin lost when its beats stop."""
-
-    log = log
-
-    @staticmethod
-    def actorSystemCapabilityCheck(capabilities: dict[str, Any], requirements: Any) -> bool:
-        wanted = (requirements or {}).get(CAP_INCARNATION)
-        root = (requirements or {}).get(CAP_ROOT)
-        return (
-            wanted is not None
-            and capabilities.get(CAP_INCARNATION) == wanted
-            and root in capabilities.get(CAP_ROOTS, ())
-        )
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.origin: Any = None
-        self.registry: Any = None
-        self.timeout_ms = 0.0
-        self.heard = 0.0
-        self.reported = False
-
-    def handlers(self) -> dict[type, Handler]:
-        return {
-            RelayInit: self.on_init,
-            Forwarded: self.on_hop,
-            ForwardedClose: self.on_hop,
-            ForwardedStatus: self.on_hop,
-            Beat: self.on_hop,
-            WakeupMessage: self.on_wakeup,
-            ActorExitRequest: self.on_exit,
-        }
-
-    def on_init(self, msg: RelayInit, sender: Any) -> None:
-        self.origin = msg.origin
-        self.timeout_ms = float(msg.timeout_ms)
-        self.heard = monotonic_ms()
-        self.registry = self.createActor(_REGISTRY_CLASS, globalName=_REGISTRY_NAME)
-        self.wakeupAfter(self.timeout_ms / 2000.0)
-
-    def on_hop(self, msg: _Hop, sender: Any) -> None:
-        if self.registry is None:
-            return  # RelayInit always comes first from the origin; anything else is a stray
-        self.heard = monotonic_ms()
-        self.send(self.registry, msg)
-
-    def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
-        silent = monotonic_ms() - self.heard
-        if silent <= self.timeout_ms:
-            self.wakeupAfter(self.timeout_ms / 2000.0)
-            return
-        self.report(f"origin silent for {silent:.0f} ms")
-        self.send(self.myAddress, ActorExitRequest())
-
-    def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
-        self.report("relay told to exit")
-
-    def report(self, reason: str) -> None:
-        if not self.reported and self.registry is not None:
-            self.reported = True
-            self.send(self.registry, OriginLost(origin=self.origin, reason=reason))
-
-
-# The Registry's side ------------------------------------------------------------------------
 
 
 class Host(Protocol):
@@ -909,7 +470,7 @@ class Federation:
 
     # Serving (owner side) -------------------------------------------------------------------
 
-    def origin(self, msg: _Hop) -> _Origin:
+    def origin(self, msg: Hop) -> _Origin:
         key = addr_key(msg.origin)
         found = self.origins.get(key)
         if found is None:

@@ -9,9 +9,10 @@ Reports, and changes nothing:
   with their byte and tear counts: torn data waiting for a human), temp files of an interrupted
   compaction or fence reservation, unreadable fence sidecars, and legacy lock files
   (``<transcript>.lock``) with their stale reasons (``actors.legacy_lock.inspect``);
-* state files of ``sessionlane serve`` (``system.service.state_dir()``) whose process is dead,
+* state files of ``sessionlane serve`` (``system.runtime.service.state_dir()``) whose process is
+  dead,
   and the actor processes of that service still running;
-* live services whose roots overlap (equal, nested or containing: ``system.overlap``); each of
+* live services whose roots overlap (equal, nested or containing: ``system.ops.overlap``); each of
   their files is served by whichever opens it first, and the other answers ``unavailable``;
 * leftover actor processes of any sessionlane/thespian system whose admin is gone.
 
@@ -26,7 +27,8 @@ used is therefore: *a group led by a vanished session leader, whose members are 
 processes each holding a listening TCP socket, and in which no member's parent is a member*.
 The cmdline is not enough on its own: forked actors keep the argv of whatever started the
 system (``python -m pytest``, ``sessionlane race``; no process titles without
-``setproctitle``). A system started by ``serve`` normally dies with it (``system.lifeline``);
+``setproctitle``). A system started by ``serve`` normally dies with it
+(``system.runtime.lifeline``);
 what is found here outlived its lifeline (a starter killed in the instant before it armed it,
 or a system of an older version).
 
@@ -51,10 +53,10 @@ from actors.fencestore import parse_fence_record
 from actors.legacy_lock import inspect as inspect_lock
 from actors.legacy_lock import parse_lock_payload, reclaimable
 from system.config import ConfigError, load_settings
-from system.launch import _listening_sockets, _socket_inodes
-from system.overlap import find_overlaps, live_services
-from system.running import is_live
-from system.service import state_dir
+from system.ops.overlap import find_overlaps, live_services
+from system.ops.running import is_live
+from system.runtime.launch import _listening_sockets, _socket_inodes
+from system.runtime.service import state_dir
 
 __all__ = ["Finding", "Report", "diagnose", "leftover_processes", "run_doctor"]
 

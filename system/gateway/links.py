@@ -33,12 +33,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from actors.paths import canonicalize
 from messages.channel import ChannelReply, ChannelWelcome, call_frame, decode_from_file, hello_frame
 from messages.codec import FrameDecodeError, FrameReader
 from messages.errors import PathNotAllowed, TooLarge
 from messages.internal import ChannelOffer, FileReply, FileRestarted, LaneCall, OpenChannel
 from messages.wire import Abandon, Error
-from system.paths import canonicalize
 
 __all__ = ["LinkHost", "Links"]
 

@@ -10,7 +10,7 @@ persisted per path). ``stop()`` drains first (queued requests are answered
 Only the supervisor thread may call into the actor system (thespian's external endpoint is not
 thread-safe); signal handlers just set a flag.
 
-Conventions (``system.convention``): a service with ``leader`` set joins the convention led by
+Conventions (``actors.convention``): a service with ``leader`` set joins the convention led by
 that admin; a service with a fixed ``admin_port`` and no ``leader`` can lead one (it runs the
 Directory). Either way every thespian port listens on ``bind_host``, and the service does not
 open its gateway until the directory has admitted its roots; a refusal is a ``ServiceError``.
@@ -36,7 +36,9 @@ from typing import Any
 
 from thespian.actors import ActorSystemException
 
+from actors.convention import DIRECTORY_NAME, Directory, member_capabilities
 from actors.registry import REGISTRY_NAME, Registry
+from messages.convention import Join, Joined, JoinRefused
 from messages.internal import (
     Configure,
     Configured,
@@ -50,7 +52,6 @@ from messages.internal import (
     ServiceIdentity,
     StartGateway,
 )
-from system import logs
 from system.config import (
     ConfigError,
     Settings,
@@ -59,19 +60,12 @@ from system.config import (
     read_cluster_key,
     read_token,
 )
-from system.convention import (
-    DIRECTORY_NAME,
-    Directory,
-    Join,
-    Joined,
-    JoinRefused,
-    member_capabilities,
-)
-from system.gateway import Gateway
-from system.launch import TcpSystem, start_tcp_system
-from system.limits import explain_create_failure, fit_max_files
-from system.overlap import busy_listener_hint as _busy_listener_hint
-from system.running import process_start
+from system.gateway.gateway import Gateway
+from system.ops import logs
+from system.ops.overlap import busy_listener_hint as _busy_listener_hint
+from system.ops.running import process_start
+from system.runtime.launch import TcpSystem, start_tcp_system
+from system.runtime.limits import explain_create_failure, fit_max_files
 
 __all__ = [
     "Service",
@@ -108,7 +102,7 @@ def state_file(listen: str) -> Path:
 
 
 def busy_listener_hint(listen: list[str]) -> str:
-    """What is known about who holds a gateway address (see ``system.overlap``)."""
+    """What is known about who holds a gateway address (see ``system.ops.overlap``)."""
     return _busy_listener_hint(listen, state_dir())
 
 
@@ -162,7 +156,7 @@ class Service:
         self.settings = settings
         self.listen = [settings.listen, *(extra_listen or [])]
         self.log_file = logs.log_target(log_file, settings.listen)
-        """Where the actors log (``None``: stderr); see :mod:`system.logs`."""
+        """Where the actors log (``None``: stderr); see :mod:`system.ops.logs`."""
         self.running: _Running | None = None
         self.restarts = 0
         self._cap_warned = False

@@ -9,7 +9,7 @@ dozen syscalls per message. ``PollSelector`` registers in a dict and selects wit
 ``poll`` call, so a pass costs one syscall whatever the number of fds (and ``poll`` has no
 1,024-fd limit, unlike ``select``).
 
-:func:`install` swaps the selector class the transport module sees; like ``system.loopback``
+:func:`install` swaps the selector class the transport module sees; like ``system.runtime.loopback``
 it must run before the actor system forks, is idempotent, and applies to thespian 4.0.1 only
 (it checks the transport still builds its selector the way described).
 """
@@ -20,7 +20,7 @@ import inspect
 import selectors
 import types
 
-from system.loopback import SUPPORTED_THESPIAN
+from system.runtime.loopback import SUPPORTED_THESPIAN
 
 __all__ = ["install", "installed"]
 

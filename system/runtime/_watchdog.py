@@ -1,4 +1,5 @@
-"""The lifeline watchdog process (``system.lifeline``): kill an actor system when its starter dies.
+"""The lifeline watchdog process (``system.runtime.lifeline``): kill an actor system when its
+starter dies.
 
 Run as ``python -I -S _watchdog.py FD LOG_FILE STARTER_PID``; standard library only, so it
 starts in milliseconds and inherits nothing of the starter but the pipe's read end ``FD``.
@@ -39,7 +40,8 @@ def _members(pgid: int) -> list[int]:
 
 def _log(path: str, line: str) -> None:
     """Append ``line`` to the service's log file, or to stderr when ``path`` is ``-``."""
-    text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} p{os.getpid()} WARNING system.lifeline: {line}\n"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    text = f"{stamp} p{os.getpid()} WARNING system.runtime.lifeline: {line}\n"
     if path == "-":
         with contextlib.suppress(OSError):
             sys.stderr.write(text)

@@ -1,7 +1,7 @@
 """Where a service logs, and how: one rotated file per service identity, or stderr.
 
 The actors log through thespian's logger process (every actor forwards its records there), so
-the handler is described in ``logDefs`` (:func:`system.launch.log_config`) and lives in that
+the handler is described in ``logDefs`` (:func:`system.runtime.launch.log_config`) and lives in that
 process, the only writer of the file.
 
 Where (:func:`log_target`):

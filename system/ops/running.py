@@ -1,6 +1,6 @@
 """Which ``sessionlane serve`` a client command (``status``, ``stop``) means.
 
-Every ``serve`` leaves a state file in this user's state directory (``system.service``
+Every ``serve`` leaves a state file in this user's state directory (``system.runtime.service``
 ``state_dir()``): its pid, its ``listen`` (canonical spelling), the addresses it bound, its
 roots, its actor group. ``status`` and ``stop`` find services the same way, through these files:
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from system import launch
 from system.config import ConfigError, normalize_listen
+from system.runtime import launch
 
 __all__ = [
     "Choice",
@@ -44,7 +44,7 @@ class Found:
     path: Path
     """The state file."""
     state: dict[str, Any]
-    """Its contents (``system.service.Service.write_state``)."""
+    """Its contents (``system.runtime.service.Service.write_state``)."""
     live: bool
     """Its pid is a live ``serve`` process of this user."""
 

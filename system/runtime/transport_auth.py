@@ -33,9 +33,9 @@ process's own endpoint (``ActorSystem`` attached from here). A process that atta
 elsewhere must install the same key first (a convention's members read it from
 ``cluster_key_file``).
 
-Contract, as for ``system.loopback``: process-global and idempotent; a second, different key
+Contract, as for ``system.runtime.loopback``: process-global and idempotent; a second, different key
 in one process is refused (systems already started could not follow); it fails closed, raising
-on any thespian but :data:`~system.loopback.SUPPORTED_THESPIAN` or if a patched attribute
+on any thespian but :data:`~system.runtime.loopback.SUPPORTED_THESPIAN` or if a patched attribute
 moved, and a self-check proves an unauthenticated frame is refused before it returns.
 """
 
@@ -55,7 +55,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any, Literal
 
-from system.loopback import SUPPORTED_THESPIAN
+from system.runtime.loopback import SUPPORTED_THESPIAN
 
 __all__ = [
     "KEY_BYTES",
@@ -157,9 +157,9 @@ def _patchable() -> tuple[Any, Any]:
     version = metadata.version("thespian")
     if version != SUPPORTED_THESPIAN:
         raise RuntimeError(
-            f"system.transport_auth authenticates thespian {SUPPORTED_THESPIAN}'s TCP frames but"
-            f" thespian {version} is installed: re-verify TCPTransport.py and streamBuffer.py"
-            " before trusting it"
+            f"system.runtime.transport_auth authenticates thespian {SUPPORTED_THESPIAN}'s TCP"
+            f" frames but thespian {version} is installed: re-verify TCPTransport.py and"
+            " streamBuffer.py before trusting it"
         )
     from thespian.system.transport import TCPTransport as tcp
     from thespian.system.transport import streamBuffer

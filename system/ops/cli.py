@@ -4,7 +4,7 @@ Every subcommand that starts an actor system stops it before returning, whatever
 (``Service.stop`` ends with a process-group kill). Exit codes: 0 success, 1 the job's own
 failure (e.g. ``race`` found sessionlane lost a record, ``status`` found no service
 answering), 2 usage or configuration errors (including "which service?": ``status`` and
-``stop`` never guess between several, see ``system.running``).
+``stop`` never guess between several, see ``system.ops.running``).
 
 An address is ``HOST:PORT``, ``tcp://HOST:PORT`` or ``unix:///path`` everywhere; the option
 naming the service is ``--listen`` on every command (``status --connect`` is a deprecated
@@ -28,11 +28,11 @@ from messages.errors import SessionLaneError, Unavailable
 from system.config import ConfigError, load_settings
 
 if TYPE_CHECKING:
-    from system.running import Choice
+    from system.ops.running import Choice
 
 __all__ = ["main"]
 
-log = logging.getLogger("system.cli")
+log = logging.getLogger("system.ops.cli")
 
 _LEFTOVER_WAIT_S = 5.0
 """How long ``serve`` waits for the actor processes of a dead service on its address to go."""
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from system.service import Service, ServiceError, install_signal_handlers
+    from system.runtime.service import Service, ServiceError, install_signal_handlers
 
     overrides: dict[str, Any] = {
         "roots": args.roots,
@@ -239,8 +239,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _refuse_overlap(roots: Sequence[str]) -> bool:
     """Print why, and return True, when a live service already serves an overlapping root."""
-    from system.overlap import find_overlaps, live_services
-    from system.service import state_dir
+    from system.ops.overlap import find_overlaps, live_services
+    from system.runtime.service import state_dir
 
     overlaps = find_overlaps(roots, live_services(state_dir()))
     for overlap in overlaps:
@@ -259,8 +259,8 @@ def _refuse_overlap(roots: Sequence[str]) -> bool:
 
 def _await_leftovers(listen: str) -> None:
     """Give a killed service's lifeline a moment to end its actor system (port, file locks)."""
-    from system.overlap import await_leftovers
-    from system.service import state_dir
+    from system.ops.overlap import await_leftovers
+    from system.runtime.service import state_dir
 
     left = await_leftovers(listen, state_dir(), _LEFTOVER_WAIT_S)
     if left:
@@ -275,7 +275,7 @@ def _start_metrics(service: Any) -> Any:
     """The metrics endpoint if ``metrics_listen`` is set (prints where), else ``None``."""
     if service.settings.metrics_listen is None:
         return None
-    from system.metrics import serve_metrics
+    from system.ops.metrics import serve_metrics
 
     server = serve_metrics(service)
     print(f"sessionlane: metrics at {server.url}", flush=True)
@@ -365,11 +365,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _choose(named: str | None, *, live_only: bool) -> Choice:
-    """The service a command means (``system.running.choose``); ``$SESSIONLANE_LISTEN``
+    """The service a command means (``system.ops.running.choose``); ``$SESSIONLANE_LISTEN``
     names one when the command line does not. A malformed address is a ``ConfigError``."""
     from system.config import normalize_listen
-    from system.running import choose, found_services
-    from system.service import state_dir
+    from system.ops.running import choose, found_services
+    from system.runtime.service import state_dir
 
     named = named or os.environ.get("SESSIONLANE_LISTEN") or None
     if named is not None:
@@ -398,7 +398,7 @@ def _refuse_to_guess(command: str, choice: Choice) -> int:
 
 def _is_serve_process(pid: int) -> bool:
     """Whether ``pid`` is a live ``serve`` of this user (a recycled pid must not be signalled)."""
-    from system.running import is_serve_process
+    from system.ops.running import is_serve_process
 
     return is_serve_process(pid)
 
@@ -408,7 +408,7 @@ def _kill_actor_group(state: dict[str, Any]) -> None:
 
     Only if the group is still that service's: its admin still listens on the recorded port.
     """
-    from system.launch import _admin_pid
+    from system.runtime.launch import _admin_pid
 
     pgid, port = state.get("pgid"), state.get("admin_port")
     if not pgid or not port:
@@ -421,7 +421,7 @@ def _kill_actor_group(state: dict[str, Any]) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from system.doctor import run_doctor
+    from system.ops.doctor import run_doctor
 
     return run_doctor(args)
 

@@ -1,12 +1,13 @@
 """Who the gateway admits, and what a connection may cost before it is admitted. Pure.
 
-The gateway (``system.gateway``) asks these questions; nothing here touches a socket or a
+The gateway (``system.gateway.gateway``) asks these questions; nothing here touches a socket or a
 clock (times are passed in, in milliseconds):
 
 * :class:`Policy` and :func:`hello_refusal`: at ``hello``, with a ``token_file`` the token
-  decides; without one, the peer's uid (read once, at accept, by ``system.peercred``) must be
-  the service's own, unless ``allow_other_users``. :func:`startup_refusal`: where the
-  platform cannot tell who a peer is, a service without a token refuses to start.
+  decides; without one, the peer's uid (read once, at accept, by
+  ``system.gateway.peercred``) must be the service's own, unless ``allow_other_users``.
+  :func:`startup_refusal`: where the platform cannot tell who a peer is, a service without a
+  token refuses to start.
 * :func:`connection_cap`: ``max_connections``, lowered so the gateway's process always keeps
   descriptors for thespian and its channels under its ``RLIMIT_NOFILE``.
 * :class:`HelloDeadlines`: connections that have not said hello, oldest first, so one sweep
@@ -61,7 +62,7 @@ def startup_refusal(
     """Why a gateway with ``policy`` must not listen here, or None.
 
     ``identifies_peers``: whether this platform can tell a peer's uid
-    (``system.peercred.identifies_peers``).
+    (``system.gateway.peercred.identifies_peers``).
     """
     if not policy.by_peer or identifies_peers:
         return None

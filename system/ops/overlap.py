@@ -2,7 +2,7 @@
 
 The guarantee that one file has one owner is the kernel lock of ``actors.ownership``; this
 module only makes a collision visible early. ``sessionlane serve`` writes a state file
-(``system.service.state_dir()``) naming its pid, the pid's start time, its addresses and its
+(``system.runtime.service.state_dir()``) naming its pid, the pid's start time, its addresses and its
 roots. A service is *live* when its pid runs and started at the recorded time (a recycled pid
 does not count; state files of services written before start times were recorded fall back to
 "the pid runs ``serve``"), so the state file a ``kill -9`` left behind never blocks anything.
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from system import launch
 from system.config import ConfigError, parse_listen
-from system.running import found_services, is_live, read_states
+from system.ops.running import found_services, is_live, read_states
+from system.runtime import launch
 
 __all__ = [
     "LiveService",

@@ -71,7 +71,7 @@ from messages.wire import (
     Status,
     StatusReply,
 )
-from system._client_core import (
+from system.client._core import (
     MAX_FRAME_BYTES,
     MAX_RECORD_BYTES,
     AppendResult,
@@ -115,7 +115,7 @@ __all__ = [
     "connect_async",
 ]
 
-log = library_logger(__name__)
+log = library_logger("system.client")  # the public package's name: what users configure
 
 _REPLY_MARGIN_S = 10.0
 """How much longer than its own timeout a request may take before the service is deemed gone."""

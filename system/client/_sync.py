@@ -79,7 +79,7 @@ from messages.wire import (
     Status,
     StatusReply,
 )
-from system._client_core import (
+from system.client._core import (
     MAX_FRAME_BYTES,
     MAX_RECORD_BYTES,
     AppendResult,
@@ -101,7 +101,7 @@ from system._client_core import (
 )
 
 if TYPE_CHECKING:
-    from system.client_async import AsyncSessionLane
+    from system.client._async import AsyncSessionLane
 
 __all__ = [
     "AppendResult",
@@ -127,7 +127,7 @@ __all__ = [
     "connect_async",
 ]
 
-log = library_logger(__name__)
+log = library_logger("system.client")  # the public package's name: what users configure
 
 _REPLY_MARGIN_S = 10.0
 """How much longer than its own timeout a request may take before the service is deemed gone."""
@@ -171,7 +171,7 @@ def connect_async(
     address: str | None = None, token: str | None = None, **kwargs: Any
 ) -> AsyncSessionLane:
     """The asyncio client: ``async with connect_async(addr) as sl`` or ``await connect_async``."""
-    from system.client_async import connect_async as _connect_async
+    from system.client._async import connect_async as _connect_async
 
     return _connect_async(address, token, **kwargs)
 

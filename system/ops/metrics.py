@@ -48,7 +48,7 @@ from messages.wire import FileStatus
 
 if TYPE_CHECKING:
     from system.client import SessionLane
-    from system.service import Service
+    from system.runtime.service import Service
 
 __all__ = [
     "COUNTERS",

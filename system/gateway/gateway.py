@@ -7,8 +7,9 @@ select loop wakes it with a ``WatchMessage`` when one is readable: everything ha
 single-threaded process, and nothing blocks (sockets are non-blocking, output is buffered).
 
 Per connection: the first request must be ``hello``, and it admits the connection only as
-``system.admission`` decides: with a ``token_file``, the token; without one, the peer must run
-as the service's own user (``system.peercred``, read at accept) unless ``allow_other_users``.
+``system.gateway.admission`` decides: with a ``token_file``, the token; without one, the peer
+must run as the service's own user (``system.gateway.peercred``, read at accept) unless
+``allow_other_users``.
 Before its hello a connection costs little: one frame of at most ``MAX_HELLO_BYTES`` is
 buffered (a header announcing more is answered ``too_large`` and closed, its body never read),
 the hello must arrive within ``hello_timeout_ms`` of accept (one sweep timer closes the late),
@@ -19,7 +20,7 @@ instead of spinning or dying.
 
 Each lane name used on an admitted connection gets its own lane
 (``actors.lane_state.LaneState``), hosted here in the gateway's process; their calls reach the
-SessionFiles over direct channels (``system.links``: one socket hop each way, not five
+SessionFiles over direct channels (``system.gateway.links``: one socket hop each way, not five
 thespian messages), and replies and events are framed back. When the connection closes,
 breaks, sends a frame over the size limit, or stays silent for three keepalive periods, its
 lanes abandon everything they hold or wait for.
@@ -84,8 +85,9 @@ from messages.wire import (
     StatusReply,
     Welcome,
 )
-from system import peercred
-from system.admission import (
+from system.config import parse_listen
+from system.gateway import peercred
+from system.gateway.admission import (
     MAX_HELLO_BYTES,
     AcceptBackoff,
     HelloDeadlines,
@@ -95,8 +97,7 @@ from system.admission import (
     hello_refusal,
     startup_refusal,
 )
-from system.config import parse_listen
-from system.links import Links
+from system.gateway.links import Links
 
 __all__ = ["Gateway"]
 

@@ -6,7 +6,7 @@ in its environment, which ``/proc/<pid>/environ`` shows even after a daemon ``se
 away from the test's process tree. A leaked thespian admin keeps CI's output pipe open and
 hangs the run, so CI fails loudly on any such process instead.
 
-Usage: ``python -m system.leftovers [--fail] [--kill]``. Linux only (``/proc``).
+Usage: ``python tests/leftovers.py [--fail] [--kill]``. Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def kill_leftovers(leftovers: Sequence[tuple[int, str]], wait: float = 5.0) -> l
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m system.leftovers",
+        prog="python tests/leftovers.py",
         description=f"List processes left behind by the test run tagged ${TAG_VARIABLE}.",
     )
     parser.add_argument("--fail", action="store_true", help="exit 1 if any were found")

@@ -1,0 +1,344 @@
+"""Conventions: several sessionlane services acting as one, each path served where its root is.
+
+A convention is a thespian convention of sessionlane services ("members"). The leader is a
+service started without ``leader`` (with a fixed ``admin_port``); every other member names it.
+Each member advertises its roots, its identity ``bind_host:admin_port`` (:data:`CAP_MEMBER`) and
+a fresh incarnation id per actor system (:data:`CAP_INCARNATION`) as thespian capabilities.
+A client may connect to any member's gateway; a request for a path is served by the SessionFile
+on the member whose root holds the path.
+
+**Never two SessionFile actors for one path.** Three rules make it so:
+
+1. Only the owner creates. A Registry creates a SessionFile only for a path that canonicalises
+   inside *its own* roots (``Registry.serve``, unchanged from one machine), and on one member
+   there is one Registry (a ``globalName``) with one child per canonical path.
+2. Roots never overlap between admitted members. The leader runs one :class:`Directory` actor
+   that admits members one ``Claim`` at a time (its mailbox serialises them). A claim with a root
+   equal to, inside, or around a root of another admitted member is refused, loudly: the
+   directory logs it, the newcomer's ``serve`` exits 2 with the reason, before its gateway opens.
+   The only exceptions are proofs that the other claimant is gone: the same identity claiming
+   again (``bind_host:admin_port`` cannot be bound twice, so the old incarnation is dead) or
+   thespian reporting its system left the convention (a clean shutdown; for a vanished one,
+   thespian waits three missed check-ins, about 22 minutes). Suspicion is not proof: a silent
+   member keeps its roots until one of those happens.
+3. Calls are forwarded, never served, by non-owners, and forwarded at most once. A Registry
+   that gets a call for a path under another member's root hands it to a :class:`Relay`: an actor
+   it created with ``targetActorRequirements`` naming the owner's incarnation and root, which
+   :meth:`Relay.actorSystemCapabilityCheck` lets only that one actor system host (never a
+   refused newcomer, never a stale registration of a restarted member). The relay, living on
+   the owner, passes the call to the owner's Registry (looked up there by ``globalName``), which
+   serves it or refuses it but never forwards a ``Forwarded`` call again: two Registries that
+   briefly disagree about the table cause a refusal, never a second owner or a loop.
+
+Replies and events go from the SessionFile straight to the Lane, whose address travels in the
+``LaneCall``; order per lane holds because every hop (Lane, Registry, Relay, owner's Registry,
+SessionFile) is one sender/target pair, which thespian keeps in order.
+
+**Member loss.** Each Registry sends a ``Beat`` through every relay it uses every
+``member_timeout_ms / 4``; the owner's Registry answers ``BeatAck`` directly. The owner is lost
+when it stays silent for ``member_timeout_ms``, when the relay exits (``ChildActorExited``: a
+member that shuts down or leaves), when the relay cannot be created or reached
+(``PoisonMessage``), or when the directory's table no longer names that incarnation. Then, at
+once: every lane that used the member gets ``FileRestarted`` for each path it used there (the
+Lane reports its leases there ``revoked``, reason ``actor_restart``, and re-sends its pending
+acquires, which are now answered ``unavailable``); the first requests on a path that the
+member may never have received (sent since its last ``BeatAck``, so the Lane cannot yet match
+them to a canonical path) are answered ``unavailable`` here; and new calls for its roots get
+``unavailable`` at once, with a background probe (a fresh relay, exponential backoff) in case
+the member was only slow. One window is left: a first request the member received and had not
+answered yet when it died (a millisecond or so) is ended by the client's own reply timeout.
+The old relay is told to exit: if the owner was alive after all, the relay's exit makes it
+abandon our lanes' leases, so nothing stays held for a lane that was told it lost it.
+
+The same watchdog runs the other way: a relay whose origin falls silent for
+``member_timeout_ms`` (the origin member died with its lanes) tells its Registry
+``OriginLost``, and the leases and waits of that origin's lanes are abandoned. A member that
+comes back is a new incarnation; once the directory admits it, every Registry gets the new
+table and its next call creates a new relay. Its fences continue upward: they are persisted per
+path in the fence sidecars (``actors.fencestore``), not kept in memory.
+
+The leader is special in two ways, both thespian's: only it knows every member (members know
+only the leader), so a relay to a member not used before is placed through it; and the
+directory lives there. If the leader dies, relays already in place keep working, but new
+members cannot join and first contacts fail ``unavailable``; a restarted leader starts with an
+empty directory, so restart the members after it.
+
+**Trust.** Every message between members is pickled by thespian and unpickled by the receiver,
+so every frame carries a MAC under the members' shared secret (``cluster_key_file``,
+``system.runtime.transport_auth``): a frame from anyone without the key is dropped before it is
+unpickled, and a member with another key cannot join (its claim never reaches the directory).
+Without a key, members must set ``trusted_network = true``, which sends frames unauthenticated:
+then anyone who can reach a member's ports can run code as the service's user
+(``system.config``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from thespian.actors import ActorExitRequest, ActorSystemConventionUpdate, WakeupMessage
+
+from actors._shell import Handler, ShellActor, monotonic_ms
+from messages.convention import (
+    Admitted,
+    Beat,
+    Claim,
+    Forwarded,
+    ForwardedClose,
+    ForwardedStatus,
+    Hop,
+    Member,
+    Members,
+    OriginLost,
+    Refused,
+    RelayInit,
+)
+
+__all__ = [
+    "CAP_INCARNATION",
+    "CAP_LEADER",
+    "CAP_MEMBER",
+    "CAP_ROOT",
+    "CAP_ROOTS",
+    "DIRECTORY_NAME",
+    "Admission",
+    "Claimant",
+    "Directory",
+    "Relay",
+    "admit",
+    "member_capabilities",
+    "owner_of",
+    "roots_overlap",
+]
+
+log = logging.getLogger(__name__)
+
+CAP_MEMBER = "sessionlane.member"
+"""Capability: the member's identity, ``bind_host:admin_port``."""
+CAP_INCARNATION = "sessionlane.incarnation"
+"""Capability: a fresh id per actor system start (a restarted member is a new incarnation)."""
+CAP_ROOTS = "sessionlane.roots"
+"""Capability: the roots this member serves (a tuple of canonical directory paths)."""
+CAP_LEADER = "sessionlane.leader"
+"""Capability: True on the member that runs the :class:`Directory`."""
+CAP_ROOT = "sessionlane.root"
+"""Requirement key (with :data:`CAP_INCARNATION`) under which a :class:`Relay` is placed."""
+
+DIRECTORY_NAME = "sessionlane-directory"
+
+
+def member_capabilities(
+    key: str, incarnation: str, roots: Sequence[str], *, leader: bool
+) -> dict[str, Any]:
+    """The thespian capabilities a convention member advertises."""
+    return {
+        CAP_MEMBER: key,
+        CAP_INCARNATION: incarnation,
+        CAP_ROOTS: tuple(roots),
+        CAP_LEADER: leader,
+    }
+
+
+# Pure rules ---------------------------------------------------------------------------------
+
+
+def roots_overlap(a: str, b: str) -> bool:
+    """Whether two absolute roots are equal or one lies inside the other (lexically)."""
+    a, b = os.path.normpath(a), os.path.normpath(b)
+    return os.path.commonpath([a, b]) in (a, b)
+
+
+def owner_of(path: Any, members: Iterable[Member]) -> Member | None:
+    """The member whose root holds ``path`` lexically, or None (relative, odd or unowned)."""
+    if not isinstance(path, str) or "\x00" in path or not os.path.isabs(path):
+        return None
+    normal = os.path.normpath(path)
+    for member in members:
+        for root in member.roots:
+            if os.path.commonpath([normal, root]) == root:
+                return member
+    return None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the directory decides about a claim."""
+
+    superseded: tuple[Member, ...] = ()
+    """Earlier incarnations of the claimant (same key): dead, dropped from the table."""
+    refusal: str | None = None
+    """Why the claim is refused, or None when it is admitted."""
+
+
+def admit(members: Iterable[Member], claim: Member) -> Admission:
+    """Admit ``claim`` unless a root of it overlaps a root of another admitted member."""
+    superseded = []
+    for member in members:
+        if member.key == claim.key:
+            if member.incarnation != claim.incarnation:
+                superseded.append(member)
+            continue
+        for mine in claim.roots:
+            for theirs in member.roots:
+                if roots_overlap(mine, theirs):
+                    return Admission(
+                        refusal=f"root {mine} overlaps root {theirs} of member {member.key}"
+                        " (two members must never serve one path)"
+                    )
+    return Admission(superseded=tuple(superseded))
+
+
+# Actors -------------------------------------------------------------------------------------
+
+
+class Directory(ShellActor):
+    """On the leader: the table of admitted members; admits one claim at a time."""
+
+    log = log
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.members: dict[str, Member] = {}  # key -> member
+        self.version = 0
+        self.watching = False
+
+    def handlers(self) -> dict[type, Handler]:
+        return {Claim: self.on_claim, ActorSystemConventionUpdate: self.on_update}
+
+    def on_claim(self, msg: Claim, sender: Any) -> None:
+        if not self.watching:
+            self.watching = True
+            self.notifyOnSystemRegistrationChanges(True)
+        claim = msg.member
+        decision = admit(self.members.values(), claim)
+        if decision.refusal is not None:
+            log.error("refusing member %s: %s", claim.key, decision.refusal)
+            self.send(sender, Refused(reason=decision.refusal))
+            return
+        for old in decision.superseded:
+            log.warning("member %s restarted: incarnation %s replaced", old.key, old.incarnation)
+        known = self.members.get(claim.key)
+        self.members[claim.key] = claim
+        if known != claim:
+            self.version += 1
+            log.info("admitted member %s with roots %s", claim.key, ", ".join(claim.roots))
+            self.publish(exclude=claim.key)
+        self.send(sender, Admitted(version=self.version, members=list(self.members.values())))
+
+    def on_update(self, msg: ActorSystemConventionUpdate, sender: Any) -> None:
+        if msg.remoteAdded:
+            return
+        incarnation = (msg.remoteCapabilities or {}).get(CAP_INCARNATION)
+        gone = [m for m in self.members.values() if m.incarnation == incarnation]
+        for member in gone:
+            log.warning("member %s left the convention", member.key)
+            del self.members[member.key]
+        if gone:
+            self.version += 1
+            self.publish()
+
+    def publish(self, exclude: str | None = None) -> None:
+        table = Members(version=self.version, members=list(self.members.values()))
+        for member in self.members.values():
+            if member.key != exclude:
+                self.send(member.registry, table)
+
+
+class Claimant(ShellActor):
+    """Placed on the leader; carries one claim to the directory and its answer back."""
+
+    log = log
+
+    @staticmethod
+    def actorSystemCapabilityCheck(capabilities: dict[str, Any], requirements: Any) -> bool:
+        return capabilities.get(CAP_LEADER) is True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reply_to: Any = None
+
+    def handlers(self) -> dict[type, Handler]:
+        return {Claim: self.on_claim, Admitted: self.on_answer, Refused: self.on_answer}
+
+    def on_claim(self, msg: Claim, sender: Any) -> None:
+        self.reply_to = sender
+        directory = self.createActor(Directory, globalName=DIRECTORY_NAME)
+        self.send(directory, msg)
+
+    def on_answer(self, msg: Admitted | Refused, sender: Any) -> None:
+        if self.reply_to is not None:
+            self.send(self.reply_to, msg)
+        self.send(self.myAddress, ActorExitRequest())
+
+
+class Relay(ShellActor):
+    """Placed on a path's owner by another member's Registry (its origin); passes its calls to
+    the owner's Registry, and reports the origin lost when its beats stop."""
+
+    log = log
+
+    @staticmethod
+    def actorSystemCapabilityCheck(capabilities: dict[str, Any], requirements: Any) -> bool:
+        wanted = (requirements or {}).get(CAP_INCARNATION)
+        root = (requirements or {}).get(CAP_ROOT)
+        return (
+            wanted is not None
+            and capabilities.get(CAP_INCARNATION) == wanted
+            and root in capabilities.get(CAP_ROOTS, ())
+        )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.origin: Any = None
+        self.registry: Any = None
+        self.timeout_ms = 0.0
+        self.heard = 0.0
+        self.reported = False
+
+    def handlers(self) -> dict[type, Handler]:
+        return {
+            RelayInit: self.on_init,
+            Forwarded: self.on_hop,
+            ForwardedClose: self.on_hop,
+            ForwardedStatus: self.on_hop,
+            Beat: self.on_hop,
+            WakeupMessage: self.on_wakeup,
+            ActorExitRequest: self.on_exit,
+        }
+
+    def on_init(self, msg: RelayInit, sender: Any) -> None:
+        self.origin = msg.origin
+        self.timeout_ms = float(msg.timeout_ms)
+        self.heard = monotonic_ms()
+        # Imported here, not at the top: the Registry's module imports this one (through its
+        # Federation), and the relay is the one actor of the convention that creates it.
+        from actors.registry import REGISTRY_NAME, Registry
+
+        self.registry = self.createActor(Registry, globalName=REGISTRY_NAME)
+        self.wakeupAfter(self.timeout_ms / 2000.0)
+
+    def on_hop(self, msg: Hop, sender: Any) -> None:
+        if self.registry is None:
+            return  # RelayInit always comes first from the origin; anything else is a stray
+        self.heard = monotonic_ms()
+        self.send(self.registry, msg)
+
+    def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
+        silent = monotonic_ms() - self.heard
+        if silent <= self.timeout_ms:
+            self.wakeupAfter(self.timeout_ms / 2000.0)
+            return
+        self.report(f"origin silent for {silent:.0f} ms")
+        self.send(self.myAddress, ActorExitRequest())
+
+    def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
+        self.report("relay told to exit")
+
+    def report(self, reason: str) -> None:
+        if not self.reported and self.registry is not None:
+            self.reported = True
+            self.send(self.registry, OriginLost(origin=self.origin, reason=reason))
