@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from actors import legacy_lock
+from actors import openclaw_lock
 from actors.legacy_lock import (
     LegacyLock,
     LockPayload,
@@ -242,19 +242,16 @@ def test_a_stale_lock_that_changes_before_removal_is_left_alone(
 ) -> None:
     path = write_lock(transcript, encode_lock_payload(dead_pid(), now_ms()))
     fresh = encode_lock_payload(os.getpid(), now_ms())
-    real_snapshot = legacy_lock._snapshot
-    calls = 0
+    real_snapshot = openclaw_lock.read_snapshot
 
     def snapshot_with_takeover(p: str, dir_fd: int | None = None) -> object:
-        nonlocal calls
-        calls += 1
-        if calls == 2:  # between the staleness verdict and the unlink, someone took over
-            replacement = path.with_name("takeover")
-            replacement.write_text(fresh)
-            os.replace(replacement, path)
+        # The protocol's re-read just before the unlink: someone took over since the verdict.
+        replacement = path.with_name("takeover")
+        replacement.write_text(fresh)
+        os.replace(replacement, path)
         return real_snapshot(p, dir_fd)
 
-    monkeypatch.setattr(legacy_lock, "_snapshot", snapshot_with_takeover)
+    monkeypatch.setattr(openclaw_lock, "read_snapshot", snapshot_with_takeover)
     lock = LegacyLock(transcript)
     assert not lock.try_acquire()
     assert path.read_text() == fresh

@@ -19,12 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from system.race._lockfile import (
-    LockPolicy,
-    classify_stale,
-    encode_lock_payload,
-    inspect_lock_payload,
-)
+from actors.openclaw_lock import classify_stale, encode_lock_payload, parse_lock_payload
+from system.race._lockfile import LockPolicy, inspect_lock_payload
 from system.race.backends import rewrite_file
 from system.race.baseline import (
     NOOP_LOCK,
@@ -299,9 +295,7 @@ def test_the_watchdog_silently_force_releases_a_lock_held_past_max_hold(transcri
 
 def test_a_live_holder_past_stale_ms_is_reported_not_removed(transcript: Path) -> None:
     lock = Path(lock_path_for(transcript))
-    lock.write_bytes(
-        encode_lock_payload(pid=os.getppid(), created_at_ms=0.0, max_hold_ms=1.0, starttime=None)
-    )
+    lock.write_text(encode_lock_payload(os.getppid(), 0, max_hold_ms=1))
     manager = SessionWriteLockManager(start_watchdog=False)
     with pytest.raises(SessionWriteLockStaleError) as caught:
         manager.acquire(transcript, timeout_ms=1_000)
@@ -315,7 +309,7 @@ def test_stale_reasons_follow_upstream() -> None:
     def inspect(payload: dict[str, object] | None, **extra: bool) -> list[str]:
         return list(
             inspect_lock_payload(
-                payload,
+                None if payload is None else parse_lock_payload(json.dumps(payload)),
                 now_ms=10_000.0,
                 stale_ms=5_000.0,
                 respect_max_hold=extra.get("respect", True),
@@ -348,10 +342,8 @@ def test_stale_reasons_follow_upstream() -> None:
 
 
 def test_the_lock_payload_is_upstreams_json() -> None:
-    raw = encode_lock_payload(
-        pid=32504, created_at_ms=1_779_780_166_211.0, max_hold_ms=1_020_000, starttime=None
-    )
-    assert raw.endswith(b"}\n") and b'\n  "pid": 32504' in raw
+    raw = encode_lock_payload(32504, 1_779_780_166_211, max_hold_ms=1_020_000)
+    assert raw.endswith("}\n") and '\n  "pid": 32504' in raw
     assert json.loads(raw) == {
         "pid": 32504,
         "createdAt": "2026-05-26T07:22:46.211Z",

@@ -1,19 +1,16 @@
-"""OpenClaw's cross-process session write lock, ported to Python (upstream's
-``src/agents/session-write-lock.ts``).
+"""OpenClaw's session write-lock *acquirer*, ported to Python (upstream's
+``src/agents/session-write-lock.ts``): the client of the lock the baseline uses.
 
-This is the lower layer of the baseline: one ``<session file>.lock`` per transcript, created
-with ``O_CREAT | O_EXCL`` (upstream: ``fs.open(lockPath, "wx")``), carrying a JSON payload
-``{pid, createdAt, maxHoldMs, starttime}`` written with ``indent=2`` plus a newline.
-
-Faithful parts:
+The lock itself (the ``<session file>.lock`` path, its JSON payload, liveness, the stale
+reasons and what may be removed, remove-if-unchanged) is ``actors.openclaw_lock``, the module
+the interop uses too, so the race and the interop cannot disagree about it. This module keeps
+what belongs to OpenClaw's acquirer:
 
 * one acquire-timeout budget across retries, a constant retry delay (upstream: fs-safe
   ``retry: {minTimeout: 50, maxTimeout: 1000, factor: 1}``, i.e. 50 ms every time);
-* stale detection with upstream's reason strings (``inspect_lock_payload``), the mtime grace
-  for malformed payloads, report-only reasons (``too-old``, ``hold-exceeded``) that are
-  reported with ``SessionWriteLockStaleError`` but never removed while the holder lives;
-* ``remove-if-unchanged`` stale removal (raw text and file identity compared just before the
-  unlink; the same small TOCTOU window as upstream);
+* the acquirer's view of staleness: ``hold-exceeded`` and ``orphan-self-pid`` are judged, a
+  lock this process holds is never stale, the mtime grace depends on the timeout, and a
+  report-only verdict raises ``SessionWriteLockStaleError`` while the holder lives;
 * no reentrancy by default (a second acquire from the same process contends like a foreign
   process); reentrancy with ``allow_reentrant`` is a refcount;
 * the in-process max-hold watchdog: a thread that *silently* force-releases an entry held past
@@ -25,67 +22,56 @@ Simplifications (each also noted where it happens):
 * ``non-openclaw-owner`` (owner argv inspection) is not implemented: every holder in the race
   is the same program, so the reason could never fire;
 * no event-loop yields: Python threads give the same interleaving freedom;
+* the lock file's descriptor is closed once the payload is written (upstream keeps its handle
+  until release; nothing reads through it);
 * times come from injectable clocks so tests can drive the watchdog and the stale rules.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import json
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import Literal
+
+from actors.openclaw_lock import (
+    LockPayload,
+    LockSnapshot,
+    OwnProcess,
+    StaleReason,
+    StaleVerdict,
+    classify_stale,
+    create_lock,
+    encode_lock_payload,
+    lock_path,
+    lock_path_for,
+    normalize_session_file,
+    pid_alive,
+    process_starttime,
+    read_snapshot,
+    remove_if_unchanged,
+    stale_reasons,
+)
 
 __all__ = [
     "DEFAULT_LOCK_POLICY",
-    "MALFORMED_STALE_REASONS",
-    "REPORT_ONLY_STALE_REASONS",
     "LockPolicy",
-    "LockSnapshot",
     "SessionWriteLock",
     "SessionWriteLockError",
     "SessionWriteLockManager",
     "SessionWriteLockStaleError",
     "SessionWriteLockTimeoutError",
-    "StaleReason",
-    "StaleVerdict",
-    "classify_stale",
     "default_manager",
-    "encode_lock_payload",
     "inspect_lock_payload",
     "lock_path_for",
     "normalize_session_file",
     "orphan_payload_grace_ms",
-    "parse_lock_payload",
-    "pid_alive",
-    "process_start_time",
     "register_cleanup_handlers",
 ]
-
-StaleReason = Literal[
-    "missing-pid",
-    "dead-pid",
-    "recycled-pid",
-    "invalid-createdAt",
-    "too-old",
-    "hold-exceeded",
-    "orphan-self-pid",
-]
-StaleVerdict = Literal["not-stale", "remove", "report-only"]
-
-# A live holder past staleMs or past its own maxHoldMs is reported, never removed (upstream's
-# REPORT_ONLY_STALE_LOCK_REASONS; PRs #96528 and #89673 proposed changing that and were closed).
-REPORT_ONLY_STALE_REASONS: frozenset[str] = frozenset({"too-old", "hold-exceeded"})
-# A payload-less lock may be a holder suspended between open("wx") and the payload write, so
-# these reasons alone only count after the mtime grace.
-MALFORMED_STALE_REASONS: frozenset[str] = frozenset({"missing-pid", "invalid-createdAt"})
 
 
 @dataclass(frozen=True)
@@ -194,96 +180,11 @@ def _rebuild_stale(
 
 
 # ---------------------------------------------------------------------------------------------
-# Paths, payload, process inspection
-
-
-def normalize_session_file(session_file: str | os.PathLike[str]) -> str:
-    """``realpath(dirname)`` + basename, as upstream: symlinked directories share one lock."""
-    resolved = os.path.abspath(os.fspath(session_file))
-    try:
-        directory = os.path.realpath(os.path.dirname(resolved), strict=True)
-    except OSError:
-        return resolved
-    return os.path.join(directory, os.path.basename(resolved))
-
-
-def lock_path_for(session_file: str | os.PathLike[str]) -> str:
-    """The lock file of a transcript: ``<normalized session file>.lock``."""
-    return normalize_session_file(session_file) + ".lock"
-
-
-def encode_lock_payload(
-    *, pid: int, created_at_ms: float, max_hold_ms: float, starttime: int | None
-) -> bytes:
-    """The payload bytes: ``JSON.stringify(payload, null, 2) + "\\n"`` (starttime if known)."""
-    payload: dict[str, object] = {
-        "pid": pid,
-        "createdAt": _iso(created_at_ms),
-        "maxHoldMs": round(max_hold_ms),
-    }
-    if starttime is not None:
-        payload["starttime"] = starttime
-    return (json.dumps(payload, indent=2) + "\n").encode()
-
-
-def parse_lock_payload(raw: bytes) -> dict[str, object] | None:
-    """The payload as a JSON object, or None when it is empty or not an object."""
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _iso(ms: float) -> str:
-    stamp = datetime.fromtimestamp(ms / 1000.0, tz=UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
-
-
-def _parse_created_at(value: object) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp() * 1000.0
-
-
-def pid_alive(pid: int) -> bool:
-    """``isPidAlive``: signal 0 reaches the process (EPERM still means it exists)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of ``/proc/<pid>/stat`` (clock ticks), None off Linux or for a gone pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ")".
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Stale detection (pure)
+# The acquirer's view of staleness
 
 
 def inspect_lock_payload(
-    payload: Mapping[str, object] | None,
+    payload: LockPayload | None,
     *,
     now_ms: float,
     stale_ms: float,
@@ -292,117 +193,34 @@ def inspect_lock_payload(
     own_pid: int,
     own_starttime: int | None,
     alive: Callable[[int], bool] = pid_alive,
-    start_time_of: Callable[[int], int | None] = process_start_time,
+    start_time_of: Callable[[int], int | None] = process_starttime,
     reclaim_lock_without_starttime: bool = True,
 ) -> list[StaleReason]:
-    """Upstream's ``inspectLockPayload``: every reason the lock might be stale, in order.
+    """Upstream's ``inspectLockPayload`` as the acquirer calls it (``stale_reasons``).
 
     A lock held by this process is never reported stale during contention, so it yields no
     reason. ``respect_max_hold`` is ``not held_by_this_process`` during acquisition.
     """
     if held_by_this_process:
         return []
-    reasons: list[StaleReason] = []
-    data = payload or {}
-    pid = data.get("pid")
-    starttime = data.get("starttime")
-    valid_pid = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
-    if not valid_pid:
-        reasons.append("missing-pid")
-    else:
-        assert isinstance(pid, int)
-        if not alive(pid):
-            reasons.append("dead-pid")
-        elif isinstance(starttime, int) and start_time_of(pid) not in (None, starttime):
-            reasons.append("recycled-pid")
-    created_ms = _parse_created_at(data.get("createdAt"))
-    if created_ms is None:
-        reasons.append("invalid-createdAt")
-    else:
-        age_ms = now_ms - created_ms
-        if age_ms > stale_ms:
-            reasons.append("too-old")
-        max_hold = data.get("maxHoldMs")
-        if (
-            respect_max_hold
-            and isinstance(max_hold, int | float)
-            and not isinstance(max_hold, bool)
-            and max_hold > 0
-            and age_ms > max_hold
-        ):
-            reasons.append("hold-exceeded")
-    if valid_pid and pid == own_pid:
-        same_process = (
-            starttime == own_starttime
-            if isinstance(starttime, int)
-            else reclaim_lock_without_starttime
-        )
-        if same_process:
-            reasons.append("orphan-self-pid")
-    return reasons
-
-
-def classify_stale(
-    reasons: Iterable[str], *, mtime_age_ms: float, stale_ms: float, grace_ms: float
-) -> StaleVerdict:
-    """What to do with a lock showing ``reasons``: leave it, remove it, or only report it."""
-    found = set(reasons)
-    if not found:
-        return "not-stale"
-    if found <= REPORT_ONLY_STALE_REASONS:
-        return "report-only"
-    if found <= MALFORMED_STALE_REASONS:
-        # Malformed-only: the owner may be suspended between open("wx") and the payload write.
-        return "remove" if mtime_age_ms > min(stale_ms, grace_ms) else "not-stale"
-    return "remove"
+    return stale_reasons(
+        payload,
+        now_ms,
+        stale_ms=stale_ms,
+        alive=alive,
+        starttime=start_time_of,
+        respect_max_hold=respect_max_hold,
+        own=OwnProcess(own_pid, own_starttime, reclaim_lock_without_starttime),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The lock manager
 
 
-@dataclass(frozen=True)
-class LockSnapshot:
-    """What a lock file looked like: raw bytes, identity and mtime (``lstat``)."""
-
-    raw: bytes
-    dev: int
-    ino: int
-    mtime_ms: float
-
-    @property
-    def payload(self) -> dict[str, object] | None:
-        return parse_lock_payload(self.raw)
-
-
-def _read_snapshot(lock_path: str) -> LockSnapshot | None:
-    try:
-        st = os.lstat(lock_path)
-        with open(lock_path, "rb") as handle:
-            raw = handle.read()
-    except FileNotFoundError:
-        return None
-    return LockSnapshot(raw=raw, dev=st.st_dev, ino=st.st_ino, mtime_ms=st.st_mtime_ns / 1e6)
-
-
-def _remove_if_unchanged(lock_path: str, snapshot: LockSnapshot) -> Literal["removed", "changed"]:
-    current = _read_snapshot(lock_path)
-    if current is None:
-        return "changed"
-    if (current.raw, current.dev, current.ino) != (snapshot.raw, snapshot.dev, snapshot.ino):
-        return "changed"
-    # Same window as upstream between this compare and the unlink; see module docstring.
-    try:
-        os.unlink(lock_path)
-    except FileNotFoundError:
-        return "changed"
-    return "removed"
-
-
 @dataclass
 class _HeldEntry:
     lock_path: str
-    fd: int
     snapshot: LockSnapshot
     acquired_at_ms: float
     max_hold_ms: float
@@ -423,7 +241,7 @@ class SessionWriteLock:
     ) -> None:
         self._manager = manager
         self._key = key
-        self.lock_path = key + ".lock"
+        self.lock_path = lock_path(key)
         self.acquired_at = acquired_at
         self.waited_ms = waited_ms
         self.released_at: float | None = None
@@ -462,7 +280,7 @@ class SessionWriteLockManager:
         self._sleep = sleep
         self._log = log or _stderr
         self._pid = os.getpid()
-        self._starttime = process_start_time(self._pid)
+        self._starttime = process_starttime(self._pid)
         self._held: dict[str, _HeldEntry] = {}
         self._mutex = threading.Lock()
         self._watchdog: threading.Thread | None = None
@@ -487,57 +305,20 @@ class SessionWriteLockManager:
         ``SessionWriteLockStaleError`` when a live holder is only report-only stale.
         """
         key = normalize_session_file(session_file)
-        lock_path = key + ".lock"
         grace = orphan_payload_grace_ms(timeout_ms) if orphan_grace_ms is None else orphan_grace_ms
         started = self._monotonic()
         deadline = started + timeout_ms / 1000.0
         while True:
-            with self._mutex:
-                entry = self._held.get(key)
-                if entry is not None and allow_reentrant:
-                    entry.count += 1
-                    return self._new_handle(key, entry, started)
-                # open + payload + table entry under the mutex: another thread of this process
-                # must never see our fresh lock file while it is not yet in the table, or it
-                # would judge it "orphan-self-pid" and remove it.
-                try:
-                    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    fd = -1
-                if fd >= 0:
-                    handle = self._install(key, fd, max_hold_ms, started)
-            if fd >= 0:
+            handle = self._try_take(key, max_hold_ms, started, allow_reentrant=allow_reentrant)
+            if handle is not None:
                 self._ensure_watchdog()
                 return handle
-            snapshot = _read_snapshot(lock_path)
+            snapshot = read_snapshot(lock_path(key))
             if snapshot is None:
                 continue  # vanished between open and read: retry at once, as upstream
-            with self._mutex:
-                held_by_us = key in self._held
-            verdict, reasons = self._verdict(snapshot, stale_ms, grace, held_by_us)
-            remaining_s = deadline - self._monotonic()
-            # Stale: remove if unchanged, then retry at once ("removed" or "changed"). A lock
-            # that keeps changing under us belongs to live writers: the budget bounds the loop.
-            if verdict == "remove" and (
-                _remove_if_unchanged(lock_path, snapshot) == "removed" or remaining_s > 0
-            ):
-                continue
-            if verdict == "report-only":
-                # file_lock_stale: retry only if the diagnostics no longer agree, else report.
-                again = _read_snapshot(lock_path)
-                cleared = again is None or (
-                    self._verdict(again, stale_ms, grace, held_by_us)[0] == "not-stale"
-                )
-                if cleared and remaining_s > 0:
-                    continue
-                raise SessionWriteLockStaleError(
-                    lock_path=lock_path, owner=self._describe_owner(snapshot), reasons=reasons
-                )
-            if remaining_s <= 0:
-                raise SessionWriteLockTimeoutError(
-                    timeout_ms=timeout_ms, lock_path=lock_path, owner=self._describe_owner(snapshot)
-                )
-            self._sleep(min(retry_delay_ms / 1000.0, remaining_s))
+            remaining_s = self._contend(key, snapshot, stale_ms, grace, deadline, timeout_ms)
+            if remaining_s is not None:
+                self._sleep(min(retry_delay_ms / 1000.0, remaining_s))
 
     def run_watchdog_check(self, now_ms: float | None = None) -> list[str]:
         """One watchdog pass: force-release every entry held past its ``maxHoldMs``.
@@ -582,6 +363,74 @@ class SessionWriteLockManager:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _try_take(
+        self, key: str, max_hold_ms: float, started: float, *, allow_reentrant: bool
+    ) -> SessionWriteLock | None:
+        """One ``O_EXCL`` attempt (or a reentrant count); None when someone else holds it."""
+        with self._mutex:
+            entry = self._held.get(key)
+            if entry is not None and allow_reentrant:
+                entry.count += 1
+                return self._new_handle(key, entry, started)
+            # create + payload + table entry under the mutex: another thread of this process
+            # must never see our fresh lock file while it is not yet in the table, or it would
+            # judge it "orphan-self-pid" and remove it.
+            now_ms = self._wall_ms()
+            text = encode_lock_payload(
+                self._pid, now_ms, max_hold_ms=max_hold_ms, starttime=self._starttime
+            )
+            # No fsync: fs-safe does not sync the payload either.
+            snapshot = create_lock(lock_path(key), text, mode=0o644)
+            if snapshot is None:
+                return None
+            entry = _HeldEntry(
+                lock_path=lock_path(key),
+                snapshot=snapshot,
+                acquired_at_ms=now_ms,
+                max_hold_ms=max_hold_ms,
+            )
+            self._held[key] = entry
+            return self._new_handle(key, entry, started)
+
+    def _contend(
+        self,
+        key: str,
+        snapshot: LockSnapshot,
+        stale_ms: float,
+        grace: float,
+        deadline: float,
+        timeout_ms: float,
+    ) -> float | None:
+        """Deal with the lock someone else holds: None to retry at once, else the seconds
+        left to sleep in; raises when the budget ran out or the holder is report-only stale."""
+        path = lock_path(key)
+        with self._mutex:
+            held_by_us = key in self._held
+        verdict, reasons = self._verdict(snapshot, stale_ms, grace, held_by_us)
+        remaining_s = deadline - self._monotonic()
+        # Stale: remove if unchanged, then retry at once ("removed" or "changed"). A lock that
+        # keeps changing under us belongs to live writers: the budget bounds the loop.
+        if verdict == "remove" and (
+            remove_if_unchanged(path, snapshot) == "removed" or remaining_s > 0
+        ):
+            return None
+        if verdict == "report-only":
+            # file_lock_stale: retry only if the diagnostics no longer agree, else report.
+            again = read_snapshot(path)
+            cleared = again is None or (
+                self._verdict(again, stale_ms, grace, held_by_us)[0] == "not-stale"
+            )
+            if cleared and remaining_s > 0:
+                return None
+            raise SessionWriteLockStaleError(
+                lock_path=path, owner=self._describe_owner(snapshot), reasons=reasons
+            )
+        if remaining_s <= 0:
+            raise SessionWriteLockTimeoutError(
+                timeout_ms=timeout_ms, lock_path=path, owner=self._describe_owner(snapshot)
+            )
+        return remaining_s
+
     def _verdict(
         self, snapshot: LockSnapshot, stale_ms: float, grace_ms: float, held_by_us: bool
     ) -> tuple[StaleVerdict, list[StaleReason]]:
@@ -601,34 +450,13 @@ class SessionWriteLockManager:
         return verdict, reasons
 
     def _describe_owner(self, snapshot: LockSnapshot) -> str:
-        payload = snapshot.payload or {}
-        pid = payload.get("pid")
-        created = _parse_created_at(payload.get("createdAt"))
-        if not isinstance(pid, int) or created is None:
+        payload = snapshot.payload
+        pid = payload.pid if payload else None
+        created = payload.created_at_ms if payload else None
+        if pid is None or created is None:
             return "owner=unknown"
         age = round(self._wall_ms() - created)
         return f"pid={pid} alive={str(pid_alive(pid)).lower()} ageMs={age}"
-
-    def _install(self, key: str, fd: int, max_hold_ms: float, started: float) -> SessionWriteLock:
-        # Called with the mutex held.
-        now_ms = self._wall_ms()
-        raw = encode_lock_payload(
-            pid=self._pid, created_at_ms=now_ms, max_hold_ms=max_hold_ms, starttime=self._starttime
-        )
-        os.write(fd, raw)  # no fsync: fs-safe does not sync the payload either
-        st = os.fstat(fd)
-        snapshot = LockSnapshot(
-            raw=raw, dev=st.st_dev, ino=st.st_ino, mtime_ms=st.st_mtime_ns / 1e6
-        )
-        entry = _HeldEntry(
-            lock_path=key + ".lock",
-            fd=fd,
-            snapshot=snapshot,
-            acquired_at_ms=now_ms,
-            max_hold_ms=max_hold_ms,
-        )
-        self._held[key] = entry
-        return self._new_handle(key, entry, started)
 
     def _new_handle(self, key: str, entry: _HeldEntry, started: float) -> SessionWriteLock:
         now = self._monotonic()
@@ -659,9 +487,7 @@ class SessionWriteLockManager:
                 handle.released_at = now
         entry.handles.clear()
         entry.count = 0
-        with contextlib.suppress(OSError):
-            os.close(entry.fd)
-        _remove_if_unchanged(entry.lock_path, entry.snapshot)
+        remove_if_unchanged(entry.lock_path, entry.snapshot)
 
     def _ensure_watchdog(self) -> None:
         if not self._start_watchdog or self._watchdog is not None:
