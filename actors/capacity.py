@@ -14,12 +14,12 @@ the first line of defence; ``system.runtime.limits`` sizes it to the limit at st
 
 from __future__ import annotations
 
-import os
 import resource
 from typing import Any
 
 from thespian.system.addressManager import ActorLocalAddress
 
+from actors import procfs
 from actors.confined import is_fd_exhaustion
 
 __all__ = ["FD_RESERVE", "fd_headroom", "never_started", "open_fds"]
@@ -31,7 +31,7 @@ connections to lanes, the gateway and the admin, and for logging, which must nev
 
 def open_fds() -> int:
     """How many descriptors this process has open (Linux: entries of ``/proc/self/fd``)."""
-    return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir itself opened
+    return len(procfs.fd_numbers()) - 1  # minus the one the listing itself opened
 
 
 def fd_headroom(reserve: int = FD_RESERVE) -> str | None:

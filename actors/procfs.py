@@ -35,6 +35,7 @@ __all__ = [
     "fd_numbers",
     "fd_targets",
     "listening_tcp",
+    "memory_kb",
     "socket_inodes",
     "start_time",
     "stat",
@@ -156,6 +157,21 @@ def socket_inodes(pid: int) -> set[str]:
     """Inodes of the sockets ``pid`` holds (the keys of ``listening_tcp``)."""
     prefix = "socket:["
     return {t[len(prefix) : -1] for t in fd_targets(pid) if t.startswith(prefix)}
+
+
+def memory_kb(pid: int) -> dict[str, int] | None:
+    """``pid``'s ``/proc/<pid>/smaps_rollup`` (``Rss``, ``Pss``, ``Private_Dirty``...) in
+    KiB, or None when it is gone or unreadable."""
+    fields: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                if rest.strip().endswith("kB"):
+                    fields[name] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return fields
 
 
 def tcp_table(version: int) -> bytes | None:

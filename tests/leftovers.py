@@ -6,7 +6,10 @@ in its environment, which ``/proc/<pid>/environ`` shows even after a daemon ``se
 away from the test's process tree. A leaked thespian admin keeps CI's output pipe open and
 hangs the run, so CI fails loudly on any such process instead.
 
-Usage: ``python tests/leftovers.py [--fail] [--kill]``. Linux only (``/proc``).
+Usage: ``python tests/leftovers.py [--fail] [--kill]``. Linux only (``/proc``). It reads
+``/proc`` itself rather than through ``actors.procfs``: it must run from a clean checkout
+without the package installed (``python tests/leftovers.py`` puts ``tests/``, not the
+repository, on ``sys.path``), with the standard library only.
 """
 
 from __future__ import annotations
@@ -119,22 +122,24 @@ def _self_and_ancestors() -> set[int]:
     return pids
 
 
-def _ppid(pid: int) -> int:
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3 on of ``/proc/<pid>/stat`` (state, ppid, ...), or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
             text = fh.read()
     except OSError:
-        return 0
-    return int(text[text.rindex(")") + 2 :].split()[1])
+        return None
+    return text[text.rindex(")") + 2 :].split()  # comm (field 2) may hold ")"
+
+
+def _ppid(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields is not None else 0
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            text = fh.read()
-    except OSError:
-        return True
-    return text[text.rindex(")") + 2 :].split()[0] in ("Z", "X")
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] in ("Z", "X")
 
 
 def _exists(pid: int) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from driver import ActorDriver, LaneHandle
 
+from actors import procfs
 from messages.wire import (
     Abandon,
     Abandoned,
@@ -147,17 +148,17 @@ def actor_gone(base: Base, lane: LaneHandle) -> Callable[[], bool]:
 
 
 def listener_pid(port: int) -> int | None:
-    sockets = launch._listening_sockets()
+    sockets = procfs.listening_tcp()
     inodes = {inode for inode, (_, p) in sockets.items() if p == port}
     holders = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and launch._socket_inodes(int(entry)) & inodes:
+        if entry.isdigit() and procfs.socket_inodes(int(entry)) & inodes:
             holders.append(int(entry))
     return min(holders) if holders else None
 
 
 def process_running(pid: int) -> bool:
-    stat = launch._proc_stat(pid)
+    stat = procfs.stat(pid)
     return stat is not None and stat.live
 
 

@@ -19,6 +19,7 @@ import leftovers
 import pytest
 from thespian.actors import Actor
 
+from actors import procfs
 from system.runtime import launch, loopback
 from system.runtime.launch import PingActor, TcpSystem
 
@@ -70,7 +71,7 @@ def own_listening_hosts() -> list[str]:
         if os.path.exists(f"/proc/self/fd/{fd}")
         and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:[")
     }
-    return [host for inode, (host, _) in launch._listening_sockets().items() if inode in inodes]
+    return [host for inode, (host, _) in procfs.listening_tcp().items() if inode in inodes]
 
 
 @pytest.fixture

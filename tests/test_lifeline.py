@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from test_serve import Serve, live_pids, wait_for
 
+from actors import procfs
 from messages.errors import LeaseRevoked, SessionLaneError, Unavailable
 from system.client import connect
 from system.runtime import launch
@@ -88,7 +89,7 @@ def root(tmp_path: Path) -> Path:
 def watchdogs(parent: int) -> list[int]:
     """The lifeline watchdogs started by ``parent``."""
     found = []
-    for pid, stat in launch._proc_stats():
+    for pid, stat in procfs.all_stats().items():
         if stat.ppid != parent or not stat.live:
             continue
         with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
@@ -98,7 +99,7 @@ def watchdogs(parent: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    stat = launch._proc_stat(pid)
+    stat = procfs.stat(pid)
     return stat is not None and stat.live
 
 

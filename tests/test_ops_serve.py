@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import Serve, sessionlane_command, start, wait_for
 
+from actors import procfs
 from system.runtime import launch
 from system.runtime.launch import free_port
 
@@ -49,7 +50,7 @@ def children_states(pid: int) -> list[str]:
     """``pid state`` of every child of ``pid`` (a ``Z`` is a zombie nobody reaped)."""
     found = []
     for entry in os.listdir("/proc"):
-        stat_ = launch._proc_stat(int(entry)) if entry.isdigit() else None
+        stat_ = procfs.stat(int(entry)) if entry.isdigit() else None
         if stat_ is not None and stat_.ppid == pid:
             found.append(f"{entry} {stat_.state}")
     return found

@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
+from actors import procfs
 from system.client import connect
 from system.config import NON_CONFIG_ENV
-from system.runtime import launch
 from system.runtime.launch import free_port
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(120)]
@@ -75,11 +75,11 @@ def clean_env(run_dir: Path) -> dict[str, str]:
 
 def live_pids(pgid: int) -> list[int]:
     """Live (non-zombie) members of process group ``pgid``."""
-    return [pid for pid, st in launch._proc_stats() if st.pgrp == pgid and st.live]
+    return [pid for pid, st in procfs.all_stats().items() if st.pgrp == pgid and st.live]
 
 
 def is_alive(pid: int) -> bool:
-    st = launch._proc_stat(pid)
+    st = procfs.stat(pid)
     return st is not None and st.live
 
 
@@ -379,7 +379,7 @@ def test_stop_without_listen_finds_the_one_running_service_and_cleans_after_a_ki
     actor_pgid = serve.state["pgid"]
     # The lifeline would end the actor system with serve (tests/test_lifeline.py): take it
     # away first, as a kill of the whole session or an older version would.
-    for pid, st in launch._proc_stats():
+    for pid, st in procfs.all_stats().items():
         if st.ppid == serve.proc.pid and st.live:
             os.kill(pid, signal.SIGKILL)
     os.kill(serve.proc.pid, signal.SIGKILL)  # serve cannot clean up after this
@@ -518,9 +518,9 @@ def test_every_listening_socket_of_the_service_is_on_loopback(
         assert lease is not None
         lease.append({"x": 1})
         pids = {serve.proc.pid, *live_pids(serve.proc.pid), *live_pids(serve.state["pgid"])}
-        sockets = launch._listening_sockets()
+        sockets = procfs.listening_tcp()
         listening = {
-            sockets[inode] for pid in pids for inode in launch._socket_inodes(pid) & sockets.keys()
+            sockets[inode] for pid in pids for inode in procfs.socket_inodes(pid) & sockets.keys()
         }
     hosts = {host for host, _ in listening}
     ports = {port for _, port in listening}

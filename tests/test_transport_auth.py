@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from actors import procfs
 from system.client import connect
 from system.config import load_settings
 from system.runtime import admin_fork, launch, transport_auth
@@ -66,8 +67,8 @@ def send_frame(host: str, port: int, frame: bytes) -> bytes:
 
 def own_listeners() -> list[tuple[str, int]]:
     """The TCP listeners this process holds: the supervisor's thespian endpoint(s)."""
-    mine = launch._socket_inodes(os.getpid())
-    return sorted(addr for inode, addr in launch._listening_sockets().items() if inode in mine)
+    mine = procfs.socket_inodes(os.getpid())
+    return sorted(addr for inode, addr in procfs.listening_tcp().items() if inode in mine)
 
 
 @pytest.fixture
@@ -270,11 +271,11 @@ def test_no_process_of_the_system_holds_a_socket_of_the_process_that_started_it(
 ) -> None:
     actor = tcp.asys.createActor(PingActor)
     assert tcp.asys.ask(actor, "hello", ASK_TIMEOUT) is not None
-    mine = launch._socket_inodes(os.getpid())
+    mine = procfs.socket_inodes(os.getpid())
     assert own_listeners(), "this process has its own thespian endpoint"
 
     for pid in tcp.members():
-        assert not launch._socket_inodes(pid) & mine, f"member {pid} inherited our sockets"
+        assert not procfs.socket_inodes(pid) & mine, f"member {pid} inherited our sockets"
     own_ports = {port for _, port in own_listeners()}
     assert not own_ports & {port for _, port, _ in tcp.listening_addresses()}
 

@@ -7,11 +7,11 @@ a process group is the group's share of RAM. Both come from ``/proc/<pid>/smaps_
 
 from __future__ import annotations
 
-import contextlib
-import os
 import resource
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from actors import procfs
 
 __all__ = ["Usage", "ensure_limit", "holders", "usage"]
 
@@ -27,14 +27,8 @@ class Usage:
 
 def usage(pid: int) -> Usage | None:
     """The memory of ``pid``, or None if it is gone or unreadable."""
-    fields: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
-            for line in fh:
-                name, _, rest = line.partition(":")
-                if name in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
-                    fields[name] = int(rest.split()[0])
-    except (OSError, ValueError, IndexError):
+    fields = procfs.memory_kb(pid)
+    if fields is None:
         return None
     return Usage(
         uss_kb=fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0),
@@ -48,13 +42,9 @@ def holders(pids: Iterable[int], paths: set[str]) -> dict[int, str]:
     transcript open for its whole life, so this finds the SessionFile actors)."""
     found: dict[int, str] = {}
     for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target in paths:
-                        found[pid] = target
-                        break
+        target = next((t for t in procfs.fd_targets(pid) if t in paths), None)
+        if target is not None:
+            found[pid] = target
     return found
 
 

@@ -25,9 +25,10 @@ import socket
 import struct
 import sys
 
+from actors import procfs
+
 __all__ = ["identifies_peers", "owner_in_table", "peer_uid", "proc_address", "tcp_peer_uid"]
 
-_TABLES = {4: "/proc/net/tcp", 6: "/proc/net/tcp6"}
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _OWNED_STATES = frozenset({1, 4, 5, 8, 9, 11})
 """TCP states of a peer socket whose reported uid is its owner's: ESTABLISHED, FIN_WAIT1,
@@ -84,10 +85,8 @@ def tcp_peer_uid(peer: tuple[str, int], local: tuple[str, int]) -> int | None:
     if answered:
         return None
     for version, peer_ip, local_ip in candidates:
-        try:
-            with open(_TABLES[version], "rb") as fh:
-                table = fh.read()
-        except OSError:
+        table = procfs.tcp_table(version)
+        if table is None:
             continue
         uid = owner_in_table(
             table, proc_address(peer_ip, peer[1]), proc_address(local_ip, local[1])
@@ -196,11 +195,7 @@ def proc_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -
     The kernel prints each 32-bit word of the address as a native-order integer (so on a
     little-endian machine the bytes of each word are reversed) and the port in hex.
     """
-    raw = ip.packed
-    words = b"".join(
-        b"%08X" % int.from_bytes(raw[i : i + 4], sys.byteorder) for i in range(0, len(raw), 4)
-    )
-    return words + b":%04X" % port
+    return procfs.encode_address(ip, port)
 
 
 def owner_in_table(table: bytes, local: bytes, remote: bytes) -> int | None:

@@ -8,7 +8,7 @@ Reports, and changes nothing:
   those bytes to ``<name>.torn`` when it next opens the file), quarantine files (``*.torn``,
   with their byte and tear counts: torn data waiting for a human), temp files of an interrupted
   compaction or fence reservation, unreadable fence sidecars, and legacy lock files
-  (``<transcript>.lock``) with their stale reasons (``actors.legacy_lock.inspect``);
+  (``<transcript>.lock``) with their stale reasons (``actors.openclaw_lock.inspect``);
 * state files of ``sessionlane serve`` (``system.runtime.service.state_dir()``) whose process is
   dead,
   and the actor processes of that service still running;
@@ -39,7 +39,6 @@ as one JSON object (``ok``, ``config``, ``findings``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -49,13 +48,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from actors import procfs
 from actors.fencestore import parse_fence_record
-from actors.legacy_lock import inspect as inspect_lock
-from actors.legacy_lock import parse_lock_payload, reclaimable
+from actors.openclaw_lock import inspect as inspect_lock
+from actors.openclaw_lock import parse_lock_payload, reclaimable
 from system.config import ConfigError, load_settings
 from system.ops.overlap import find_overlaps, live_services
 from system.ops.running import is_live
-from system.runtime.launch import _listening_sockets, _socket_inodes
 from system.runtime.service import state_dir
 
 __all__ = ["Finding", "Report", "diagnose", "leftover_processes", "run_doctor"]
@@ -310,63 +309,33 @@ def check_overlaps(directory: Path) -> list[Finding]:
     return findings
 
 
-@dataclass(frozen=True)
-class _Proc:
-    pid: int
-    ppid: int
-    pgrp: int
-    session: int
-    state: str
-
-
-def _read_proc(pid: int) -> _Proc | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return _Proc(pid, int(fields[1]), int(fields[2]), int(fields[3]), fields[0])
-
-
-def _live_procs() -> dict[int, _Proc]:
-    procs: dict[int, _Proc] = {}
-    for entry in os.listdir("/proc"):
-        proc = _read_proc(int(entry)) if entry.isdigit() else None
-        if proc is not None and proc.state not in ("Z", "X"):
-            procs[proc.pid] = proc
-    return procs
+def _live_procs() -> dict[int, procfs.ProcStat]:
+    return {pid: st for pid, st in procfs.all_stats().items() if st.live}
 
 
 def _group_members(pgid: int) -> list[int]:
     return sorted(p.pid for p in _live_procs().values() if p.pgrp == pgid)
 
 
-def _cmdline(pid: int) -> str:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
-        return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    return ""
-
-
 def leftover_processes() -> list[dict[str, Any]]:
     """Thespian system groups whose admin is gone (see the module docstring for the signal)."""
     procs = _live_procs()
     own = os.getpgid(0)
-    groups: dict[int, list[_Proc]] = {}
+    groups: dict[int, list[procfs.ProcStat]] = {}
     for proc in procs.values():
         leader = procs.get(proc.pgrp)
         if proc.pgrp == proc.session and proc.pgrp != own and leader is None:
             groups.setdefault(proc.pgrp, []).append(proc)
-    sockets = _listening_sockets()
+    sockets = procfs.listening_tcp()
     found = []
     for pgid, members in sorted(groups.items()):
         pids = {p.pid for p in members}
         if any(p.ppid in pids for p in members):
             continue  # a live admin still parents its actors
-        commands = [_cmdline(p.pid) for p in members]
+        commands = [procfs.command_line(p.pid) for p in members]
         if not all(_is_python(c) for c in commands):
             continue
-        held = [_socket_inodes(p.pid) & sockets.keys() for p in members]
+        held = [procfs.socket_inodes(p.pid) & sockets.keys() for p in members]
         if not all(held):
             continue  # not the shape of a thespian system: every member listens
         ports = sorted({sockets[i][1] for inodes in held for i in inodes})

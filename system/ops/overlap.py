@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from actors import procfs
 from system.config import ConfigError, parse_listen
 from system.ops.running import found_services, is_live, read_states
-from system.runtime import launch
 
 __all__ = [
     "LiveService",
@@ -136,7 +136,7 @@ def await_leftovers(listen: str, directory: Path, timeout: float) -> list[int]:
     ]
     deadline = time.monotonic() + timeout
     while True:
-        left = [pid for pid, st in launch._proc_stats() if st.pgrp in groups and st.live]
+        left = [pid for pid, st in procfs.all_stats().items() if st.pgrp in groups and st.live]
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.02)
@@ -156,7 +156,7 @@ def busy_listener_hint(listen: Sequence[str], directory: Path) -> str:
         if parsed[0] != "tcp" or parsed[2] == 0:
             continue
         port = parsed[2]
-        if not any(p == port for _, p in launch._listening_sockets().values()):
+        if not any(p == port for _, p in procfs.listening_tcp().values()):
             continue
         for _, state in read_states(directory):
             if address not in {state.get("listen"), *(state.get("addresses") or [])}:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from actors import procfs
 from system.config import ConfigError, normalize_listen
-from system.runtime import launch
 
 __all__ = [
     "Choice",
@@ -130,8 +130,8 @@ def found_services(directory: Path) -> list[Found]:
 
 def process_start(pid: int) -> str | None:
     """``pid``'s start time (clock ticks since boot), or None if it does not run."""
-    stat = launch._proc_stat(pid)
-    return stat.start if stat is not None and stat.live else None
+    stat = procfs.stat(pid)
+    return str(stat.start) if stat is not None and stat.live else None
 
 
 def is_live(state: dict[str, Any]) -> bool:
@@ -147,18 +147,11 @@ def is_live(state: dict[str, Any]) -> bool:
 
 def is_serve_process(pid: int) -> bool:
     """Whether ``pid`` is a live ``serve`` of this user (a recycled pid must not be signalled)."""
-    if pid <= 0:
+    if pid <= 0 or procfs.uid(pid) != os.getuid():
         return False
-    try:
-        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
-            return False
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv = fh.read().split(b"\0")
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            zombie = fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return False
-    return not zombie and b"serve" in argv
+    argv = procfs.cmdline(pid)
+    stat = procfs.stat(pid)
+    return argv is not None and stat is not None and stat.live and "serve" in argv
 
 
 def _canonical(address: str) -> str | None:

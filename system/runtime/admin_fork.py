@@ -28,6 +28,7 @@ import threading
 from importlib import metadata
 from typing import Any
 
+from actors import procfs
 from system.runtime.loopback import SUPPORTED_THESPIAN
 
 __all__ = ["install", "installed", "release_inherited_sockets"]
@@ -79,8 +80,7 @@ def release_inherited_sockets() -> list[int]:
     released = []
     null = os.open(os.devnull, os.O_RDWR)
     try:
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
+        for fd in procfs.fd_numbers():
             try:
                 is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
             except OSError:

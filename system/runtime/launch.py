@@ -33,6 +33,7 @@ from typing import Any
 
 from thespian.actors import Actor, ActorSystem
 
+from actors import procfs
 from system.ops import logs
 from system.runtime import admin_fork, limits, loopback, poll_loop, transport_auth
 from system.runtime.lifeline import Lifeline
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 LOGGER_PACKAGES = ("actors", "messages", "system")
 """Top-level packages whose module loggers are sessionlane's own (set to ``log_level``)."""
 
-_TCP_LISTEN = "0A"  # st column of /proc/net/tcp{,6} for a LISTEN socket
 _STOP_WAIT_S = 5.0  # bound on waiting for killed members to disappear
 _GRACE_S = 1.0  # after a clean shutdown, how long members may take to exit on their own
 
@@ -117,7 +117,7 @@ class TcpSystem:
     pgid: int
     log_file: Path | None
     """The actors' log file; ``None``: they log to stderr."""
-    _admin_start: str = field(default="", repr=False)
+    _admin_start: int = field(default=0, repr=False)
     _stopped: bool = field(default=False, repr=False)
     lifeline: Lifeline | None = field(default=None, repr=False)
     """Kills the group if this process dies first; disarmed by ``stop()``."""
@@ -128,7 +128,7 @@ class TcpSystem:
 
     def alive(self) -> bool:
         """Whether the admin process is still running (a recycled pid does not count)."""
-        stat = _proc_stat(self.admin_pid)
+        stat = procfs.stat(self.admin_pid)
         if stat is None or not stat.live:
             return False
         return not self._admin_start or stat.start == self._admin_start
@@ -140,14 +140,14 @@ class TcpSystem:
         a socket held by several members is reported once, for the member whose parent does
         not hold it: the one that opened it or the first to inherit it.
         """
-        sockets = _listening_sockets()
+        sockets = procfs.listening_tcp()
         holders: dict[str, list[int]] = {}
         for pid in self.members():
-            for inode in _socket_inodes(pid) & sockets.keys():
+            for inode in procfs.socket_inodes(pid) & sockets.keys():
                 holders.setdefault(inode, []).append(pid)
         found = []
         for inode, pids in holders.items():
-            parents = {pid: (_proc_stat(pid) or _GONE).ppid for pid in pids}
+            parents = {pid: _ppid(pid) for pid in pids}
             owner = min((p for p in pids if parents[p] not in pids), default=min(pids))
             host, port = sockets[inode]
             found.append((host, port, owner))
@@ -230,13 +230,7 @@ def start_tcp_system(
     secure_transport(bind_host, secret=secret, authenticate=authenticate)
     poll_loop.install()
     limits.raise_open_file_limit()  # inherited by the admin and every actor forked from it
-    log_path = None if str(log_file) == logs.STDERR else Path(log_file).resolve()
-    if log_path is None:
-        _set_thespian_log(logs.log_dir() / "thespian.log")
-    else:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        _set_thespian_log(log_path.with_name(log_path.stem + ".thespian.log"))
-
+    log_path = _prepare_logs(log_file)
     port = free_port(bind_host) if admin_port is None else admin_port
     if _listener_inode(port) is not None:
         raise RuntimeError(f"port {port} is already in use: refusing to attach to it")
@@ -258,24 +252,42 @@ def start_tcp_system(
         _kill_admin_group(port)
         lifeline.close()
         raise
+    return _adopt(asys, port, lifeline, log_path)
+
+
+def _prepare_logs(log_file: str | Path) -> Path | None:
+    """The actors' log file (None: stderr), its directory made, thespian's log set beside it."""
+    log_path = None if str(log_file) == logs.STDERR else Path(log_file).resolve()
+    if log_path is None:
+        _set_thespian_log(logs.log_dir() / "thespian.log")
+    else:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        _set_thespian_log(log_path.with_name(log_path.stem + ".thespian.log"))
+    return log_path
+
+
+def _adopt(asys: Any, port: int, lifeline: Lifeline, log_path: Path | None) -> TcpSystem:
+    """Track the system whose admin just started on ``port``: find the admin and its group,
+    arm the lifeline on that group. Closes our endpoint and the lifeline if it is not found."""
     admin_pid = _admin_pid(port)
     if admin_pid is None:
         _close_external_endpoint(asys)
         lifeline.close()
         raise RuntimeError(f"actor system admin on port {port} not found after start")
-    stat = _proc_stat(admin_pid) or _GONE
-    lifeline.arm(stat.pgrp)
-    _reap_intermediate(stat.pgrp)
+    stat = procfs.stat(admin_pid)
+    pgid = stat.pgrp if stat is not None else 0
+    lifeline.arm(pgid)
+    _reap_intermediate(pgid)
     system = TcpSystem(
         asys=asys,
         admin_port=port,
         admin_pid=admin_pid,
-        pgid=stat.pgrp,
+        pgid=pgid,
         log_file=log_path,
-        _admin_start=stat.start,
+        _admin_start=stat.start if stat is not None else 0,
         lifeline=lifeline,
     )
-    log.info("actor system up: admin port %d, pid %d, pgid %d", port, admin_pid, stat.pgrp)
+    log.info("actor system up: admin port %d, pid %d, pgid %d", port, admin_pid, pgid)
     return system
 
 
@@ -378,86 +390,19 @@ def _close_external_endpoint(asys: Any) -> None:
             transport.close()
 
 
-@dataclass(frozen=True)
-class _Stat:
-    ppid: int
-    pgrp: int
-    state: str
-    start: str  # start time in clock ticks since boot: tells a recycled pid apart
-
-    @property
-    def live(self) -> bool:
-        return self.state not in ("Z", "X")
-
-
-_GONE = _Stat(ppid=0, pgrp=0, state="X", start="")
-
-
-def _proc_stat(pid: int) -> _Stat | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    # comm (field 2) is parenthesised and may hold spaces or parentheses: split after the last.
-    fields = text[text.rindex(")") + 2 :].split()
-    return _Stat(ppid=int(fields[1]), pgrp=int(fields[2]), state=fields[0], start=fields[19])
-
-
 def group_members(pgid: int) -> list[int]:
     """Pids of the live (non-zombie) processes in process group ``pgid``."""
-    return [pid for pid, stat in _proc_stats() if stat.pgrp == pgid and stat.live]
+    return [pid for pid, stat in procfs.all_stats().items() if stat.pgrp == pgid and stat.live]
 
 
-def _proc_stats() -> Iterator[tuple[int, _Stat]]:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _proc_stat(int(entry))
-            if stat is not None:
-                yield int(entry), stat
-
-
-def _listening_sockets() -> dict[str, tuple[str, int]]:
-    """inode -> (host, port) of every LISTEN TCP socket on this machine (IPv4 and IPv6)."""
-    found: dict[str, tuple[str, int]] = {}
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        try:
-            with open(table, encoding="ascii") as fh:
-                lines = fh.readlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            cols = line.split()
-            if len(cols) > 9 and cols[3] == _TCP_LISTEN:
-                hex_host, hex_port = cols[1].split(":")
-                found[cols[9]] = (_decode_host(hex_host, family), int(hex_port, 16))
-    return found
-
-
-def _decode_host(hex_host: str, family: int) -> str:
-    # /proc/net/tcp prints each 32-bit word of the address in host (little-endian) order.
-    raw = b"".join(
-        int(hex_host[i : i + 8], 16).to_bytes(4, "little") for i in range(0, len(hex_host), 8)
-    )
-    return socket.inet_ntop(family, raw)
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes: set[str] = set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return inodes
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[len("socket:[") : -1])
-    return inodes
+def _ppid(pid: int) -> int:
+    """``pid``'s parent, or 0 when it is gone."""
+    stat = procfs.stat(pid)
+    return stat.ppid if stat is not None else 0
 
 
 def _listener_inode(port: int) -> str | None:
-    return next((inode for inode, (_, p) in _listening_sockets().items() if p == port), None)
+    return next((inode for inode, (_, p) in procfs.listening_tcp().items() if p == port), None)
 
 
 def _admin_pid(port: int) -> int | None:
@@ -469,8 +414,9 @@ def _admin_pid(port: int) -> int | None:
     inode = _listener_inode(port)
     if inode is None:
         return None
-    holders = {pid for pid, stat in _proc_stats() if stat.live and inode in _socket_inodes(pid)}
-    roots = [pid for pid in holders if (_proc_stat(pid) or _GONE).ppid not in holders]
+    stats = procfs.all_stats()
+    holders = {pid for pid, st in stats.items() if st.live and inode in procfs.socket_inodes(pid)}
+    roots = [pid for pid in holders if _ppid(pid) not in holders]
     return min(roots) if roots else None
 
 
@@ -483,7 +429,7 @@ def _reap_intermediate(pgid: int) -> None:
     free the pgid for reuse while a member of the group lives (Linux keeps a pid allocated
     while it names a group), so ``killpg(pgid)`` stays aimed at the system.
     """
-    stat = _proc_stat(pgid)
+    stat = procfs.stat(pgid)
     if stat is None or stat.ppid != os.getpid():
         return  # not our child (someone else started this system)
     deadline = time.monotonic() + _STOP_WAIT_S
@@ -507,5 +453,5 @@ def _kill_admin_group(port: int) -> None:
         pgid = os.getpgid(admin)
         # thespian's group leader is the intermediate process forked from us (the admin is
         # its child): a group led by anyone else on that port is not ours to kill.
-        if (_proc_stat(pgid) or _GONE).ppid == os.getpid():
+        if _ppid(pgid) == os.getpid():
             os.killpg(pgid, signal.SIGKILL)
