@@ -21,8 +21,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from actors.atomic_file import remove_leftover_temps, replace_file
 from actors.confined import ConfinedDir, is_fd_exhaustion
-from actors.transcript import remove_leftover_temps, replace_file
 from messages.errors import SessionLaneError
 
 __all__ = [

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from actors import procfs
+from actors.atomic_file import write_all
 
 __all__ = [
     "DEFAULT_STALE_MS",
@@ -361,9 +362,7 @@ def create_lock(
         return None
     raw = text.encode("utf-8")
     try:
-        view = memoryview(raw)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, raw)
         st = os.fstat(fd)
     except BaseException:
         os.close(fd)

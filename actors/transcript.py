@@ -24,13 +24,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
+from actors.atomic_file import leftover_temps, remove_leftover_temps, replace_file, write_all
 from actors.confined import ConfinedDir
 from messages.errors import InvalidRecord, Unavailable
 from messages.wire import Durability, ExternalChangeKind
@@ -49,7 +48,6 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-_TEMP_SUFFIX = ".tmp"
 _OPEN_ATTEMPTS = 3
 """Create-or-open tries when the name keeps appearing and disappearing (then: unavailable)."""
 
@@ -122,69 +120,6 @@ def quarantine_path(path: str) -> str:
     return path + ".torn"
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write all of ``data``, continuing after short writes."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def replace_file(directory: ConfinedDir, name: str, data: bytes, *, mode: int = 0o600) -> int:
-    """Atomically replace entry ``name`` of ``directory`` with ``data``; return an fd
-    (O_RDWR|O_APPEND) on the new file.
-
-    Writes a uniquely named temp file in the same directory, fsyncs it, renames it over
-    ``name`` and fsyncs the directory. A crash at any point leaves the old or the new content,
-    never a mix. Nothing is followed: a symlink at ``name`` is replaced, not written through.
-    On failure the temp file is removed, the fd closed and ``name`` is untouched unless the
-    rename already happened (then only the directory fsync failed). The caller owns the fd.
-    """
-    temp = f".{name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL
-    fd = directory.open(temp, flags, mode)
-    renamed = False
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-        directory.rename(temp, name)
-        renamed = True
-        directory.fsync()
-    except BaseException:
-        os.close(fd)
-        if not renamed:
-            directory.unlink(temp)
-        raise
-    return fd
-
-
-def _leftover_temp_pattern(path: str) -> re.Pattern[str]:
-    base = os.path.basename(path)
-    return re.compile(rf"\.{re.escape(base)}\.[0-9a-f]{{12}}{re.escape(_TEMP_SUFFIX)}")
-
-
-def leftover_temps(path: str) -> list[str]:
-    """Temp files of an interrupted ``replace_file`` of ``path`` (a crash before its rename)."""
-    directory = os.path.dirname(path) or "."
-    pattern = _leftover_temp_pattern(path)
-    with os.scandir(directory) as entries:
-        return [entry.path for entry in entries if pattern.fullmatch(entry.name)]
-
-
-def remove_leftover_temps(directory: ConfinedDir, name: str) -> list[str]:
-    """Remove the leftover temp files of entry ``name``; return their paths.
-
-    Only for the one process that owns ``name`` (a temp file is never in use by anybody else
-    once its writer is gone, and the owner is the only writer). A symlink with a temp file's
-    name is removed as a link; nothing is followed.
-    """
-    pattern = _leftover_temp_pattern(name)
-    removed = []
-    for entry in directory.names():
-        if pattern.fullmatch(entry) and directory.unlink(entry):
-            removed.append(directory.path_of(entry))
-    return removed
-
-
 _REPAIR_CHECK_MAX = 16 << 20  # torn tails larger than this are always quarantined again
 
 
@@ -213,7 +148,7 @@ def _already_quarantined(qfd: int, fd: int, keep: int, size: int) -> int:
     whole = b"\n" in tail or qsize == len(tail)  # the fragment is all in ``tail``
     if whole and ours.startswith(fragment):
         return len(fragment)
-    _write_all(qfd, b"\n")
+    write_all(qfd, b"\n")
     return 0
 
 
@@ -356,7 +291,7 @@ class Transcript:
         written = os.write(fd, view)
         start = os.lseek(fd, 0, os.SEEK_CUR) - written
         try:
-            _write_all(fd, view[written:])
+            write_all(fd, view[written:])
         except OSError:
             self._cut_partial(start, start + len(data))
             raise
@@ -516,10 +451,10 @@ class Transcript:
                 chunk = os.pread(fd, min(_CHUNK, size - offset), offset)
                 if not chunk:
                     break
-                _write_all(qfd, chunk)
+                write_all(qfd, chunk)
                 offset += len(chunk)
             if offset <= size:
-                _write_all(qfd, b"\n")
+                write_all(qfd, b"\n")
             os.fsync(qfd)
         finally:
             os.close(qfd)
