@@ -2,7 +2,9 @@
 
 :class:`Federation` is a plain object the Registry holds (its :class:`Host`): it keeps the
 member table, a relay per remote member used, the beats that watch them, and what to answer
-when one is lost. The rules it follows are stated in :mod:`actors.convention`.
+when one is lost. The owner side (other members' lanes using our paths) is its part
+:class:`actors.federation_serving.Serving`. The rules it follows are stated in
+:mod:`actors.convention`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from actors.convention import (
     owner_of,
     roots_overlap,
 )
+from actors.federation_serving import Serving, ServingHost
 from messages.convention import (
     Admitted,
     Beat,
@@ -34,7 +37,6 @@ from messages.convention import (
     Forwarded,
     ForwardedClose,
     ForwardedStatus,
-    Hop,
     Joined,
     JoinRefused,
     Member,
@@ -44,8 +46,8 @@ from messages.convention import (
     RelayInit,
     Resolved,
 )
-from messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
-from messages.wire import Abandon, Error, FileStatus, Status, StatusReply
+from messages.internal import FileReply, FileRestarted, LaneCall
+from messages.wire import Error, FileStatus, Status, StatusReply
 
 __all__ = ["Federation", "Host", "unavailable_status"]
 
@@ -56,13 +58,11 @@ _BACKOFF_MAX_MS = 30_000.0
 _BEAT = "federation-beat"
 
 
-class Host(Protocol):
+class Host(ServingHost, Protocol):
     """What :class:`Federation` needs from the Registry it serves (a thespian actor)."""
 
     @property
     def myAddress(self) -> Any: ...
-
-    def send(self, target: Any, message: Any) -> None: ...
 
     def createActor(
         self, actorClass: Any, targetActorRequirements: Any = None, globalName: Any = None
@@ -70,16 +70,7 @@ class Host(Protocol):
 
     def wakeupAfter(self, timePeriod: Any, payload: Any = None) -> None: ...
 
-    def serve(self, call: LaneCall) -> str | None:
-        """Serve ``call`` here (never forward it); the canonical path, or None if refused."""
-
     def refuse(self, call: LaneCall, error: Error) -> None: ...
-
-    def status_to(self, request: Status, reply_to: Any) -> None: ...
-
-    def lane_closed(self, address: Any) -> None: ...
-
-    def is_active(self, path: str) -> bool: ...
 
 
 Phase = Literal["starting", "up", "probing", "lost"]
@@ -120,14 +111,6 @@ class _Remote:
     backoff_ms: float = _BACKOFF_MIN_MS
 
 
-@dataclass
-class _Origin:
-    """Another member's Registry whose lanes use our paths."""
-
-    address: Any
-    lanes: dict[str, tuple[LaneRef, set[str]]] = field(default_factory=dict)
-
-
 class Federation:
     """A Registry's part in a convention: routing to owners, their liveness, our origins.
 
@@ -147,7 +130,8 @@ class Federation:
         self.departed: dict[str, Member] = {}  # key -> a member that left; its roots unserved
         self.version = -1
         self.remotes: dict[str, _Remote] = {}  # incarnation -> state
-        self.origins: dict[str, _Origin] = {}  # addr_key(origin registry) -> state
+        self.serving = Serving(host, me)
+        """The owner side: other members' lanes that use our paths."""
         self.links = itertools.count(1)
         self.ticking = False
         self.joiner: Any = None
@@ -155,12 +139,12 @@ class Federation:
             Admitted: self.on_admitted,
             Refused: self.on_refused,
             Members: self.on_members,
-            Forwarded: self.on_forwarded,
-            ForwardedClose: self.on_forwarded_close,
-            ForwardedStatus: self.on_forwarded_status,
-            Beat: self.on_beat,
+            Forwarded: self.serving.on_forwarded,
+            ForwardedClose: self.serving.on_forwarded_close,
+            ForwardedStatus: self.serving.on_forwarded_status,
+            Beat: self.serving.on_beat,
             BeatAck: self.on_beat_ack,
-            OriginLost: self.on_origin_lost,
+            OriginLost: self.serving.on_origin_lost,
             Resolved: self.on_resolved,
         }
 
@@ -467,66 +451,6 @@ class Federation:
         else:
             detail = f"the member serving this path ({remote.member.key}) is unreachable"
         return Error(id=request_id, code="unavailable", detail=detail, path=path)
-
-    # Serving (owner side) -------------------------------------------------------------------
-
-    def origin(self, msg: Hop) -> _Origin:
-        key = addr_key(msg.origin)
-        found = self.origins.get(key)
-        if found is None:
-            found = self.origins[key] = _Origin(msg.origin)
-        return found
-
-    def on_forwarded(self, msg: Forwarded, sender: Any) -> None:
-        call = msg.call
-        canonical = self.host.serve(call)
-        if canonical is None:
-            return
-        # Keyed by lane, not by address: the gateway hosts many lanes at one address.
-        _, paths = self.origin(msg).lanes.setdefault(
-            f"{addr_key(call.lane.address)}|{call.lane.uid}", (call.lane, set())
-        )
-        paths.add(canonical)
-        if not call.canonical and canonical != call.path:
-            resolved = Resolved(
-                incarnation=self.me.incarnation, lane=call.lane.address, path=canonical
-            )
-            self.host.send(msg.origin, resolved)
-
-    def on_forwarded_close(self, msg: ForwardedClose, sender: Any) -> None:
-        lanes = self.origin(msg).lanes
-        if msg.uid:
-            lanes.pop(f"{addr_key(msg.lane)}|{msg.uid}", None)
-            return  # the gateway's other lanes still use its address
-        prefix = f"{addr_key(msg.lane)}|"
-        for key in [k for k in lanes if k.startswith(prefix)]:
-            del lanes[key]
-        self.host.lane_closed(msg.lane)
-
-    def on_forwarded_status(self, msg: ForwardedStatus, sender: Any) -> None:
-        self.host.status_to(msg.request, msg.reply_to)
-
-    def on_beat(self, msg: Beat, sender: Any) -> None:
-        self.origin(msg)
-        ack = BeatAck(link=msg.link, seq=msg.seq, incarnation=self.me.incarnation)
-        self.host.send(msg.origin, ack)
-
-    def on_origin_lost(self, msg: OriginLost, sender: Any) -> None:
-        origin = self.origins.pop(addr_key(msg.origin), None)
-        if origin is None or not origin.lanes:
-            return
-        log.warning(
-            "origin %s lost (%s): abandoning what its %d lanes hold or wait for here",
-            msg.origin,
-            msg.reason,
-            len(origin.lanes),
-        )
-        for ref, paths in origin.lanes.values():
-            for path in sorted(paths):
-                if not self.host.is_active(path):
-                    continue  # passivated: it held nothing
-                abandon = Abandon(lane=ref.name, path=path, reason=f"member lost: {msg.reason}")
-                self.host.serve(LaneCall(lane=ref, path=path, canonical=True, request=abandon))
 
 
 def unavailable_status(request: Status, path: str) -> StatusReply:

@@ -48,6 +48,7 @@ from test_serve import (
 from thespian.actors import ActorExitRequest
 
 from actors import convention as conv
+from actors import procfs
 from actors.convention import (
     CAP_INCARNATION,
     CAP_ROOT,
@@ -73,7 +74,6 @@ from messages.convention import (
 from messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
 from messages.wire import Abandon, Acquire, Error, Release, Status
 from system.config import ConfigError, load_settings, read_cluster_key
-from system.runtime import launch
 from system.runtime.launch import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -450,16 +450,16 @@ def test_an_owner_abandons_what_the_lanes_of_a_lost_origin_hold_or_wait_for() ->
     owner = Federation(host, THERE, 2_000, clock=clock)
     for path, lane in (("/srv/there/a.jsonl", "l1"), ("/srv/there/b.jsonl", "l2")):
         call = lane_call(path, 1, lane=lane)
-        owner.on_forwarded(Forwarded(origin="reg@a", link=1, seq=1, call=call), "relay")
+        owner.handle(Forwarded(origin="reg@a", link=1, seq=1, call=call), "relay")
     host.active = {"/srv/there/a.jsonl"}  # b.jsonl was passivated: nothing held there
     host.served.clear()
 
-    owner.on_origin_lost(OriginLost(origin="reg@a", reason="silent"), "relay")
+    owner.handle(OriginLost(origin="reg@a", reason="silent"), "relay")
 
     (abandon,) = host.served
     assert isinstance(abandon.request, Abandon) and abandon.canonical
     assert (abandon.path, abandon.lane.uid) == ("/srv/there/a.jsonl", "uid-l1")
-    owner.on_origin_lost(OriginLost(origin="reg@a", reason="again"), "relay")
+    owner.handle(OriginLost(origin="reg@a", reason="again"), "relay")
     assert len(host.served) == 1, "reported once"
 
 
@@ -475,14 +475,14 @@ def test_an_owner_forgets_one_closed_gateway_lane_and_still_abandons_the_others(
     owner = Federation(host, THERE, 2_000, clock=clock)
     for uid in ("u1", "u2"):
         call = gateway_call("/srv/there/a.jsonl", uid)
-        owner.on_forwarded(Forwarded(origin="reg@a", link=1, seq=1, call=call), "relay")
+        owner.handle(Forwarded(origin="reg@a", link=1, seq=1, call=call), "relay")
     host.active = {"/srv/there/a.jsonl"}
     host.served.clear()
 
-    owner.on_forwarded_close(
+    owner.handle(
         ForwardedClose(origin="reg@a", link=1, seq=2, lane="gateway@here", uid="u1"), "relay"
     )
-    owner.on_origin_lost(OriginLost(origin="reg@a", reason="silent"), "relay")
+    owner.handle(OriginLost(origin="reg@a", reason="silent"), "relay")
 
     assert [c.lane.uid for c in host.served] == ["u2"], "u1 closed; u2 still held or waited"
 
@@ -814,12 +814,12 @@ def listening_hosts(serve: MemberServe) -> set[str]:
     pids = {serve.proc.pid, *live_pids(serve.state["pgid"])}
     hosts: set[str] = set()
     for pid in pids:
-        inodes = launch._socket_inodes(pid)
+        inodes = procfs.socket_inodes(pid)
         with contextlib.suppress(OSError), open(f"/proc/{pid}/net/tcp") as fh:
             for line in fh.readlines()[1:]:
                 cols = line.split()
                 if cols[3] == "0A" and cols[9] in inodes:
-                    hosts.add(launch._decode_host(cols[1].split(":")[0], socket.AF_INET))
+                    hosts.add(procfs.decode_host(cols[1].split(":")[0], socket.AF_INET))
     return hosts
 
 
