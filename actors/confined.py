@@ -35,6 +35,7 @@ __all__ = [
     "containing_root",
     "failure_code",
     "failure_detail",
+    "file_kind",
     "is_fd_exhaustion",
 ]
 
@@ -264,7 +265,7 @@ def _descend(root_fd: int, root: str, parts: Sequence[str]) -> int:
 def check_regular(st: os.stat_result, where: str) -> None:
     """Refuse (``PathNotAllowed``) anything but a regular file with exactly one hard link."""
     if not stat.S_ISREG(st.st_mode):
-        raise PathNotAllowed(f"{where} is {_kind(st.st_mode)}, not a regular file", path=where)
+        raise PathNotAllowed(f"{where} is {file_kind(st.st_mode)}, not a regular file", path=where)
     if st.st_nlink != 1:
         raise PathNotAllowed(
             f"{where} has {st.st_nlink} hard links: refused, because another link may be a "
@@ -293,7 +294,8 @@ def _is_symlink(name: str, dir_fd: int) -> bool:
         return False
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for an error message: ``a directory``, ``a FIFO``..."""
     if stat.S_ISDIR(mode):
         return "a directory"
     if stat.S_ISLNK(mode):

@@ -18,6 +18,12 @@ Invariants (checked by the Hypothesis model in ``tests/test_lease_table_model.py
   ``2 * aging_ms`` no later arrival is;
 - a recovery request is served before any other waiter, never beside a holder: the holder is
   asked to abort and is revoked after the grace.
+
+Why one module of about 580 lines: it is one state machine. The policy is its input, the
+effect types are its output vocabulary, and each transition (a public method) reads top to
+bottom with the private steps it shares (grant, enqueue, promote, revoke) a few lines away;
+the invariants above span all of it and the model test drives it as one unit. Split across
+files, following one transition would mean hopping between them; every function is short.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-from actors.confined import check_regular, containing_root
+from actors.confined import check_regular, containing_root, file_kind
 from messages.errors import PathNotAllowed
 
 __all__ = ["MAX_FILE_NAME", "MAX_PATH_CHARS", "NAME_MAX", "canonicalize", "root_of"]
@@ -116,7 +116,7 @@ def _resolve(path: str, raw: str) -> str:
         except OSError as exc:
             raise PathNotAllowed(f"cannot stat: {exc.strerror}", path=raw) from None
         if not stat.S_ISREG(st.st_mode):
-            raise PathNotAllowed(f"not a regular file ({_kind(st.st_mode)})", path=raw)
+            raise PathNotAllowed(f"not a regular file ({file_kind(st.st_mode)})", path=raw)
         check_regular(st, canonical)  # one hard link only
         return canonical
 
@@ -127,15 +127,3 @@ def _resolve(path: str, raw: str) -> str:
     if not os.path.isdir(real_parent):
         raise PathNotAllowed("parent directory does not exist", path=raw)
     return os.path.join(real_parent, name)
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"

@@ -68,7 +68,6 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run the selected suites; 0 if every one completed, 1 otherwise."""
     from system.bench import _targets
     from system.bench._context import BenchContext
-    from system.bench._peers import lockfile_source
     from system.bench._progress import Progress
 
     selected = [name for name in SUITES if name in (args.suites or SUITES)]
@@ -78,23 +77,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="sessionlane-bench-", dir=args.dir))
     seconds: dict[str, float] = {}
-    results: dict[str, Any] = {
-        "meta": {
-            "command": "sessionlane bench " + " ".join(sys.argv[2:])
-            if len(sys.argv) > 1 and sys.argv[1] == "bench"
-            else None,
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "quick": bool(args.quick),
-            "duration_s": duration,
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "workdir": str(workdir),
-            "lockfile": lockfile_source(),
-            "loadavg_at_start": _loadavg(),
-            "seconds": seconds,
-        }
-    }
+    results: dict[str, Any] = {"meta": _meta(args, duration, workdir, seconds)}
     failed: list[str] = []
     try:
         with Progress(len(selected)) as progress:
@@ -131,6 +114,29 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _meta(
+    args: argparse.Namespace, duration: float, workdir: Path, seconds: dict[str, float]
+) -> dict[str, Any]:
+    """What the results were measured with (``seconds`` fills in as suites finish)."""
+    from system.bench._peers import lockfile_source
+
+    return {
+        "command": "sessionlane bench " + " ".join(sys.argv[2:])
+        if len(sys.argv) > 1 and sys.argv[1] == "bench"
+        else None,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "quick": bool(args.quick),
+        "duration_s": duration,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "workdir": str(workdir),
+        "lockfile": lockfile_source(),
+        "loadavg_at_start": _loadavg(),
+        "seconds": seconds,
+    }
 
 
 def _loadavg() -> list[float]:

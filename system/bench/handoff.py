@@ -160,37 +160,47 @@ def ratios(result: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     return out
 
 
+def _contention_row(name: str, key: str, m: dict[str, Any]) -> list[str]:
+    """One row of the one-file table: ``key`` is ``k<K>``."""
+    return [
+        name,
+        key[1:],
+        fmt(m["cycles_per_s"], 0),
+        fmt(m["handoff_ms_p50"]),
+        fmt(m["handoff_ms_p99"]),
+        fmt(m["wakeup_ms_p50"]),
+        fmt(m["wait_ms_p50"]),
+        fmt(m["wait_ms_p99"]),
+        fmt(m["wait_ms_max"]),
+        fmt(m["regrant_pct"], 0),
+        fmt(m["fairness"], 2),
+    ]
+
+
+def _spread_row(name: str, key: str, m: dict[str, Any]) -> list[str]:
+    """One row of the one-file-each table: ``key`` is ``files<K>``."""
+    return [
+        name,
+        key.removeprefix("files"),
+        fmt(m["cycles_per_s"], 0),
+        fmt(m["cycle_ms_p50"]),
+        fmt(m["cycle_ms_p99"]),
+    ]
+
+
 def render(result: dict[str, Any]) -> list[Table]:
-    rows = []
-    spread_rows = []
-    for name in CONTENDERS:
-        for key, m in result[name].items():
-            if key.startswith("k"):
-                rows.append(
-                    [
-                        name,
-                        key[1:],
-                        fmt(m["cycles_per_s"], 0),
-                        fmt(m["handoff_ms_p50"]),
-                        fmt(m["handoff_ms_p99"]),
-                        fmt(m["wakeup_ms_p50"]),
-                        fmt(m["wait_ms_p50"]),
-                        fmt(m["wait_ms_p99"]),
-                        fmt(m["wait_ms_max"]),
-                        fmt(m["regrant_pct"], 0),
-                        fmt(m["fairness"], 2),
-                    ]
-                )
-            else:
-                spread_rows.append(
-                    [
-                        name,
-                        key.removeprefix("files"),
-                        fmt(m["cycles_per_s"], 0),
-                        fmt(m["cycle_ms_p50"]),
-                        fmt(m["cycle_ms_p99"]),
-                    ]
-                )
+    rows = [
+        _contention_row(name, key, m)
+        for name in CONTENDERS
+        for key, m in result[name].items()
+        if key.startswith("k")
+    ]
+    spread_rows = [
+        _spread_row(name, key, m)
+        for name in CONTENDERS
+        for key, m in result[name].items()
+        if not key.startswith("k")
+    ]
     ratio_rows = [
         [
             key,

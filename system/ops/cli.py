@@ -77,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_serve(sub)
+    _add_status_and_stop(sub)
+    _add_doctor(sub)
+    race = sub.add_parser("race", help="the multi-lane workload: sessionlane vs lock file")
+    _add_race(race)
+
+    bench = sub.add_parser("bench", help="performance against peers, in one run")
+    _add_bench(bench)
+    return parser
+
+
+def _add_serve(sub: Any) -> None:
+    """The ``serve`` subcommand and its options."""
     serve = sub.add_parser("serve", help="run the service in the foreground")
     serve.add_argument(
         "--root",
@@ -132,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     serve.set_defaults(func=cmd_serve)
 
+
+def _add_status_and_stop(sub: Any) -> None:
+    """The ``status`` and ``stop`` subcommands (they find a running service alike)."""
     which = (
         f"the service started with (or listening on) ADDR: {_ADDRESS_HELP}; default"
         " $SESSIONLANE_LISTEN, else the only service of this user that is running"
@@ -163,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stop.set_defaults(func=cmd_stop)
 
+
+def _add_doctor(sub: Any) -> None:
+    """The ``doctor`` subcommand and its options."""
     doctor = sub.add_parser("doctor", help="check config, leftovers, torn files, lock files")
     doctor.add_argument(
         "--root",
@@ -174,13 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", metavar="FILE", help="TOML config file to check")
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     doctor.set_defaults(func=cmd_doctor)
-
-    race = sub.add_parser("race", help="the multi-lane workload: sessionlane vs lock file")
-    _add_race(race)
-
-    bench = sub.add_parser("bench", help="performance against peers, in one run")
-    _add_bench(bench)
-    return parser
 
 
 # serve / status / stop ---------------------------------------------------------------------
