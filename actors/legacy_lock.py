@@ -7,8 +7,6 @@ later with a wakeup. The format, liveness and staleness rules are the protocol m
 race's baseline uses the same module); what is this client's own: it writes no ``maxHoldMs``,
 judges neither ``hold-exceeded`` nor ``orphan-self-pid``, gives a malformed lock the 30 s
 grace, and works relative to the transcript's confined directory.
-
-The protocol's names the tests and ``doctor`` use are re-exported here.
 """
 
 from __future__ import annotations
@@ -21,18 +19,10 @@ from collections.abc import Callable
 from actors.confined import ConfinedDir
 from actors.openclaw_lock import (
     DEFAULT_STALE_MS,
-    MALFORMED_GRACE_MS,
-    LockPayload,
     LockSnapshot,
-    StaleReason,
     create_lock,
     encode_lock_payload,
-    format_created_at,
-    inspect,
     lock_path,
-    parse_created_at,
-    parse_lock_payload,
-    pid_alive,
     process_starttime,
     read_snapshot,
     reclaimable,
@@ -40,23 +30,7 @@ from actors.openclaw_lock import (
     stale_reasons,
 )
 
-__all__ = [
-    "DEFAULT_STALE_MS",
-    "MALFORMED_GRACE_MS",
-    "LegacyLock",
-    "LockPayload",
-    "StaleReason",
-    "encode_lock_payload",
-    "format_created_at",
-    "inspect",
-    "lock_path",
-    "parse_created_at",
-    "parse_lock_payload",
-    "pid_alive",
-    "process_starttime",
-    "reclaimable",
-    "stale_reasons",
-]
+__all__ = ["LegacyLock"]
 
 _log = logging.getLogger(__name__)
 

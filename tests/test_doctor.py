@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from actors.legacy_lock import encode_lock_payload, pid_alive
+from actors.openclaw_lock import encode_lock_payload, pid_alive
 from system.ops import cli, doctor
 from system.runtime.launch import PingActor, start_tcp_system
 

@@ -22,7 +22,7 @@ from test_durability import Clock, Shell  # the hand-driven SessionFile harness
 from thespian.actors import WakeupMessage
 
 from actors import session_file
-from actors.legacy_lock import encode_lock_payload, lock_path, pid_alive
+from actors.openclaw_lock import encode_lock_payload, lock_path, pid_alive
 from actors.transcript import quarantine_path
 from messages.wire import Abandon, Acquire, Append, Error, Granted
 from system.client import connect

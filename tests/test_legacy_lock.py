@@ -1,4 +1,5 @@
-"""Interop with OpenClaw's ``<file>.lock`` protocol, on real files and real processes."""
+"""OpenClaw's ``<file>.lock`` protocol (``actors.openclaw_lock``) and the interop's client of it
+(``actors.legacy_lock``), on real files and real processes."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from actors import openclaw_lock
-from actors.legacy_lock import (
-    LegacyLock,
+from actors.legacy_lock import LegacyLock
+from actors.openclaw_lock import (
     LockPayload,
     encode_lock_payload,
     format_created_at,
