@@ -172,7 +172,6 @@ class LeaseState:
     fence: int
     purpose: str
     abort_requested: bool = False
-    abort_grace_ms: int | None = None
     revoked: str | None = None
     """The revocation reason (``max_hold``, ``recovery``, ``connection_lost``, ...) or None."""
     external_changes: list[ExternalChangeKind] = field(default_factory=list)
@@ -402,7 +401,6 @@ class ClientCore(Generic[W, T]):
             case AbortRequested():
                 if (state := self.leases.get(event.lease)) is not None:
                     state.abort_requested = True
-                    state.abort_grace_ms = event.grace_ms
             case ExternalChange():
                 if (state := self.leases.get(event.lease)) is not None:
                     state.external_changes.append(event.kind)
