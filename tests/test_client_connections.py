@@ -182,14 +182,16 @@ def wait_queued_one(sl: Any, path: str) -> None:
     eventually(lambda: file_status(sl, path).queue, "a queued request")
 
 
-def test_concurrent_calls_after_a_lost_connection_reconnect_once(
+def test_calls_racing_to_reconnect_share_one_connection_and_none_overtakes_its_hello(
     client: Surface, sl: Any, path: str, pool: ThreadPoolExecutor
 ) -> None:
     client.socket_of(sl).shutdown(socket.SHUT_RDWR)
     eventually(lambda: not sl.connected, "the loss noticed by the reader")
+    # A request sent before the new connection's hello would make the service close it.
     results = [pool.submit(sl.lane(f"w{n}").append, path, {"n": n}) for n in range(3)]
     assert sorted(f.result(timeout=20).lines for f in results) == [1, 1, 1]
     assert sorted(r["n"] for r in lines(path)) == [0, 1, 2]
+    assert sl.core.link.generation == 2  # one reconnect for the three of them
 
 
 # What the client refuses before sending ----------------------------------------------------
