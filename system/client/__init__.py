@@ -1,8 +1,12 @@
 """The Python client of the gateway: ``connect`` (sync) and ``connect_async`` (asyncio).
 
 This package's names are the public import path (also re-exported by ``sessionlane``); its
-modules are private: ``_core`` holds the I/O-free logic both surfaces share (addresses, frames,
-replies to results and errors), ``_sync`` the blocking client, ``_async`` the asyncio one.
+modules are private. What both surfaces share is written once and does no I/O: ``_core`` (the
+``ClientCore`` state machine: settings, connections, request ids, replies and events, leases,
+keepalives, reconnect policy), ``_ops`` (each public method as a generator that yields the
+calls it makes and returns its result) and ``_records`` (what is refused before sending).
+``_sync`` (a reader thread, blocking calls) and ``_async`` (a reader task, awaited calls) only
+move bytes and drive the operations.
 """
 
 from __future__ import annotations

@@ -1,93 +1,87 @@
-"""The I/O-free part of the clients: addresses, request ids, reply routing, lease state.
+"""The I/O-free core of the client: one client's settings, connections, requests and leases.
 
-The sync and asyncio clients wrap this core in their own I/O; both behave the same because
-routing, error mapping and lease bookkeeping live here.
+``ClientCore`` is the state both surfaces (``_sync``'s thread, ``_async``'s task) drive with
+what happened on their sockets, passing the time in; it answers with what to do: the bytes of
+a request, the waiter a reply is for, a frame to send on its own (a keepalive, the release of
+a grant nobody waits for), the waiters to fail when a connection is lost. It never touches a
+socket, a thread, an event loop or a clock.
+
+Invariants:
+
+- a request id is used once per client (ids grow across reconnects);
+- a request waits on exactly one connection (``Link``) and gets one final reply (``queued`` is
+  progress, not an answer), or fails when that connection is lost, or is given up by its
+  caller; a grant to an acquire given up is released as soon as it arrives;
+- a lease belongs to the connection that granted it: when that connection ends, every lease
+  is revoked (``connection_lost``, or ``connection_closed`` by ``close()``) and none is carried
+  to the next connection;
+- once closed, a client opens no connection again.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
-from messages.codec import HEADER
-from messages.errors import (
-    InvalidRecord,
-    LeaseRevoked,
-    SessionLaneError,
-    StaleFence,
-    TooLarge,
-    Unavailable,
-    error_for,
-)
+from tenacity import retry_if_exception_type, stop_after_delay, wait_exponential
+
+from messages.codec import frame
+from messages.errors import LeaseRevoked, Unavailable, error_for
 from messages.wire import (
     AbortRequested,
     Acquire,
-    Appended,
     Error,
     ExternalChange,
     ExternalChangeKind,
-    OnContention,
-    Priority,
-    Purpose,
-    Record,
+    Granted,
+    Hello,
+    Keepalive,
+    Recover,
+    Release,
     Reply,
+    RequestId,
     Revoked,
+    Welcome,
 )
+from system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES, check_frame
 from system.config import ConfigError, parse_listen
 
 __all__ = [
+    "Answer",
     "AppendResult",
     "ClientCore",
     "LeaseState",
-    "LeaseView",
-    "acquire_request",
-    "acquire_wait",
+    "Link",
+    "Send",
+    "Settings",
     "anchor",
-    "append_result",
-    "check_frame",
-    "check_records",
     "default_address",
-    "library_logger",
+    "log",
     "parse_address",
-    "raise_if_error",
-    "token_text",
 ]
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7420"
 ADDRESS_ENV = "SESSIONLANE_LISTEN"
 """The variable the service reads its ``listen`` from; a client without an address uses it too."""
-MAX_RECORD_BYTES = 1_048_576
-"""The service's default ``max_record_bytes``: the clients' default check before sending."""
-MAX_FRAME_BYTES = 8_388_608
-"""The service's default ``max_frame_bytes``: a bigger frame would make it close the connection."""
-MAX_RECORD_DEPTH = 100
-"""The gateway's nesting limit for records (``system.gateway.gateway._MAX_RECORD_DEPTH``)."""
-_MSGPACK_INTS = (-(2**63), 2**64 - 1)
+REPLY_MARGIN_S = 10.0
+"""How much longer than its own timeout a request may take before the service is deemed gone."""
+INCOMING_FRAME_BYTES = 64 * 1024 * 1024
+"""The largest reply frame accepted (a status of many files is large; 64 MiB is not sane)."""
+RETRYABLE = (ConnectionRefusedError, FileNotFoundError, ConnectionResetError)
+"""Connect failures worth retrying: nobody listening yet (a service restarting)."""
 
+log = logging.getLogger("system.client")  # the public package's name: what users configure
+# A library must not write to its host's stderr: without a handler of the host's, Python's
+# last-resort handler would print every warning there. The NullHandler stops that and nothing
+# else (records still propagate to whatever handlers the host installs).
+log.addHandler(logging.NullHandler())
 
-class AppendResult(NamedTuple):
-    """Where an append landed: byte offset of its first line, lines written, the fence."""
-
-    offset: int
-    lines: int
-    fence: int
-
-
-def library_logger(name: str) -> logging.Logger:
-    """The module logger of a client: silent unless the host application configures logging.
-
-    A library must not write to its host's stderr: without a handler of the host's, Python's
-    last-resort handler would print every warning there. The ``NullHandler`` stops that and
-    nothing else (records still propagate to whatever handlers the host installs).
-    """
-    logger = logging.getLogger(name)
-    logger.addHandler(logging.NullHandler())
-    return logger
+W = TypeVar("W")
+"""How a surface waits for a reply (a thread's waiter, an asyncio future)."""
+T = TypeVar("T")
+"""A surface's open connection (a socket, a stream pair)."""
 
 
 def default_address() -> str:
@@ -111,86 +105,6 @@ def parse_address(address: str) -> tuple[str, Any]:
     return "tcp", (parsed[1], parsed[2])
 
 
-def token_text(token: str | None) -> str | None:
-    """The token as the service compares it: surrounding whitespace (a file's trailing
-    newline) is not part of it, as the service strips its own ``token_file``."""
-    return None if token is None else token.strip()
-
-
-def check_records(
-    records: Sequence[Any], *, max_record_bytes: int | None, allow_empty: bool = False
-) -> list[Record]:
-    """``records`` as a list, or ``InvalidRecord`` before anything is sent.
-
-    A record must be a JSON object the service can store as one strict JSONL line: string
-    keys; values that are objects, arrays (lists or tuples), strings, finite numbers
-    (integers that msgpack carries), booleans or null; nested at most
-    :data:`MAX_RECORD_DEPTH` levels; at most ``max_record_bytes`` once encoded (``None``:
-    leave the size to the service). Refusing here rather than at the service keeps msgpack's
-    and pydantic's own exceptions out of the caller's way and the connection untouched.
-    """
-    if not records and not allow_empty:
-        raise InvalidRecord("empty batch: at least one record is required")
-    checked: list[Record] = []
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise InvalidRecord(f"record {index}: not a JSON object (got {type(record).__name__})")
-        if (why := _unstorable(record)) is not None:
-            raise InvalidRecord(f"record {index}: {why}")
-        try:
-            text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-            size = len(text.encode("utf-8")) + 1
-        except (TypeError, ValueError) as exc:  # e.g. a lone surrogate in a string
-            raise InvalidRecord(f"record {index}: not serialisable as JSON: {exc}") from None
-        if max_record_bytes is not None and size > max_record_bytes:
-            raise InvalidRecord(
-                f"record {index}: {size} bytes encoded, over max_record_bytes ({max_record_bytes})"
-            )
-        checked.append(record)
-    return checked
-
-
-def _unstorable(record: dict[str, Any]) -> str | None:
-    """Why ``record`` is no strict JSON object, or None. Iterative: depth is bounded anyway."""
-    stack: list[tuple[Any, int, str]] = [(record, 1, "")]
-    while stack:
-        value, depth, where = stack.pop()
-        if depth > MAX_RECORD_DEPTH:
-            return f"nested deeper than {MAX_RECORD_DEPTH} levels"
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if not isinstance(key, str):
-                    return f"key {key!r} at {where or 'top level'} is not a string"
-                stack.append((item, depth + 1, f"{where}.{key}" if where else key))
-        elif isinstance(value, list | tuple):
-            stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value))
-        elif isinstance(value, bool) or value is None or isinstance(value, str):
-            continue
-        elif isinstance(value, int):
-            if not _MSGPACK_INTS[0] <= value <= _MSGPACK_INTS[1]:
-                return f"integer at {where} is out of the 64-bit range"
-        elif isinstance(value, float):
-            if not math.isfinite(value):
-                return f"{value} at {where} is not a JSON number"
-        else:
-            return f"{type(value).__name__} at {where} is not a JSON value"
-    return None
-
-
-def check_frame(data: bytes, max_frame_bytes: int | None) -> bytes:
-    """``data`` (a whole frame), or ``TooLarge`` if the service would refuse it.
-
-    The service answers an oversized frame by closing the connection; refused here, nothing
-    is sent and the connection and its leases stay as they were.
-    """
-    body = len(data) - HEADER.size
-    if max_frame_bytes is not None and body > max_frame_bytes:
-        raise TooLarge(
-            f"a frame of {body} bytes exceeds max_frame_bytes ({max_frame_bytes}); nothing sent"
-        )
-    return data
-
-
 def anchor(path: str) -> str:
     """Relative paths are the caller's: anchor them at the caller's directory.
 
@@ -199,43 +113,54 @@ def anchor(path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
-def acquire_request(
-    lane: str,
-    priority: Priority,
-    path: str,
-    purpose: Purpose,
-    *,
-    wait_timeout: float | None,
-    max_hold: float | None,
-    on_contention: OnContention,
-) -> Acquire:
-    """The ``acquire`` request of ``Lane.acquire`` (``path`` already anchored)."""
-    return Acquire(
-        lane=lane,
-        path=path,
-        purpose=purpose,
-        priority=priority,
-        wait_timeout_ms=None if wait_timeout is None else int(wait_timeout * 1000),
-        max_hold_ms=None if max_hold is None else max(1, int(max_hold * 1000)),
-        on_contention=on_contention,
-    )
+@dataclass(frozen=True)
+class Settings:
+    """What ``connect`` / ``connect_async`` were given (see ``connect`` for each one)."""
+
+    address: str
+    token: str | None
+    timeout: float = 30.0
+    keepalive: float = 5.0
+    reconnect_for: float = 0.0
+    max_record_bytes: int | None = MAX_RECORD_BYTES
+    max_frame_bytes: int | None = MAX_FRAME_BYTES
+
+    @classmethod
+    def of(cls, address: str | None, token: str | None, **options: Any) -> Settings:
+        """The settings of a new client; a malformed address raises ``ValueError`` here, not
+        at the first call. The token is compared as the service compares it: surrounding
+        whitespace (a file's trailing newline) is not part of it."""
+        address = default_address() if address is None else address
+        parse_address(address)
+        return cls(address, None if token is None else token.strip(), **options)
+
+    def retry_policy(self) -> dict[str, Any]:
+        """The arguments of the tenacity ``Retrying`` / ``AsyncRetrying`` of a connect: retry
+        a refusal for ``reconnect_for`` seconds (0: one attempt), backing off to 1 s."""
+        return {
+            "stop": stop_after_delay(self.reconnect_for),
+            "wait": wait_exponential(multiplier=0.05, max=1.0),
+            "retry": retry_if_exception_type(RETRYABLE),
+            "reraise": True,
+        }
+
+    def unreachable(self, exc: OSError) -> Unavailable:
+        """The error of a connect that failed (after its retries)."""
+        # The system's words for the errno: asyncio words its own ("Connect call failed").
+        why = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+        return Unavailable(f"cannot reach sessionlane at {self.address}: {why}")
+
+    def reply_limit(self, timeout: float | None) -> float:
+        """How long to wait for the reply of a request that may itself wait ``timeout``."""
+        return (self.timeout if timeout is None else timeout) + REPLY_MARGIN_S
 
 
-def acquire_wait(wait_timeout: float | None) -> float:
-    """How long an acquire may wait for its grant (no wait timeout: a day)."""
-    return wait_timeout if wait_timeout is not None else 24 * 3600.0
+class AppendResult(NamedTuple):
+    """Where an append landed: byte offset of its first line, lines written, the fence."""
 
-
-def append_result(reply: Reply) -> AppendResult:
-    assert isinstance(reply, Appended), reply
-    return AppendResult(reply.offset, reply.lines, reply.fence)
-
-
-def raise_if_error(reply: Reply, path: str | None = None) -> Reply:
-    """Turn an ``error`` reply into its exception; return anything else."""
-    if isinstance(reply, Error):
-        raise error_for(reply.code, reply.detail, reply.path or path)
-    return reply
+    offset: int
+    lines: int
+    fence: int
 
 
 @dataclass
@@ -247,7 +172,6 @@ class LeaseState:
     fence: int
     purpose: str
     abort_requested: bool = False
-    abort_grace_ms: int | None = None
     revoked: str | None = None
     """The revocation reason (``max_hold``, ``recovery``, ``connection_lost``, ...) or None."""
     external_changes: list[ExternalChangeKind] = field(default_factory=list)
@@ -257,6 +181,7 @@ class LeaseState:
     """Nesting depth: a reentrant grant of a held lease shares this state and adds one."""
 
     def check_usable(self) -> None:
+        """Raise ``LeaseRevoked`` (nothing sent) if this lease may no longer write."""
         if self.revoked is not None:
             raise LeaseRevoked(
                 f"lease {self.lease} was revoked ({self.revoked}); nothing was written",
@@ -266,53 +191,190 @@ class LeaseState:
             raise LeaseRevoked(f"lease {self.lease} was released", path=self.path)
 
 
-class ClientCore:
-    """Request ids, pending requests and leases of one connection."""
+@dataclass(eq=False)
+class Link(Generic[W, T]):
+    """One connection: its transport, its requests in flight, when it last sent."""
 
-    def __init__(self) -> None:
-        self._next = 0
+    transport: T
+    generation: int
+    last_sent: float
+    pending: dict[RequestId, W] = field(default_factory=dict)
+    """The waiter of each request sent on this connection and not answered yet."""
+    orphans: set[RequestId] = field(default_factory=set)
+    """Acquires whose caller stopped waiting: a grant that still comes is released."""
+    lost: str | None = None
+    """Why the connection ended, once it has."""
+
+
+@dataclass(frozen=True)
+class Answer(Generic[W]):
+    """Wake ``waiter`` with ``reply``, the final reply to its request."""
+
+    waiter: W
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``data`` on the connection, expecting no answer (failures are the reader's)."""
+
+    data: bytes
+
+
+class ClientCore(Generic[W, T]):
+    """The state of one client (``SessionLane`` or ``AsyncSessionLane``): see the module.
+
+    Not thread-safe: the sync surface calls it under its lock.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.link: Link[W, T] | None = None
+        """The open connection, or None (never opened, lost, or closed)."""
+        self.closed = False
+        self.server: str | None = None
+        """The service's name and version, from the welcome of the last connection."""
         self.leases: dict[str, LeaseState] = {}
-        self.events: list[Reply] = []
+        """The leases held on ``link``, by lease id."""
+        self._last_id = 0
+        self._generation = 0
 
-    def next_id(self) -> int:
-        self._next += 1
-        return self._next
+    # Connections ---------------------------------------------------------------------------
 
-    def on_event(self, event: Reply) -> None:
-        """Apply an event (a message without id) to the lease it concerns."""
-        self.events.append(event)
-        del self.events[:-256]
-        match event:
-            case Revoked():
-                state = self.leases.pop(event.lease, None)
-                if state is not None:
-                    state.revoked = event.reason
-            case AbortRequested():
-                if (state := self.leases.get(event.lease)) is not None:
-                    state.abort_requested = True
-                    state.abort_grace_ms = event.grace_ms
-            case ExternalChange():
-                if (state := self.leases.get(event.lease)) is not None:
-                    state.external_changes.append(event.kind)
+    def opened(self, transport: T, now: float) -> tuple[Link[W, T], Hello]:
+        """A connection was opened on ``transport``: its link, and the hello to send on it
+        first. The link becomes the client's only once welcomed: no other request may go out
+        before the hello (the service would close the connection)."""
+        if self.closed:
+            raise Unavailable("the connection was closed")
+        self._generation += 1
+        link: Link[W, T] = Link(transport, self._generation, last_sent=now)
+        return link, Hello(client=f"python:{os.getpid()}", token=self.settings.token)
 
-    def lost(self, reason: str = "connection_lost") -> None:
-        """The connection is gone: every lease on it is lost (the server abandons them)."""
-        for state in self.leases.values():
-            state.revoked = reason
-        self.leases.clear()
+    def welcomed(self, link: Link[W, T], reply: Reply) -> None:
+        """The reply to ``link``'s hello arrived: from now on ``link`` carries the requests.
 
-    def track(self, state: LeaseState) -> LeaseState:
+        Raises the error it carries (``Unauthorized``, ...), or ``Unavailable`` if the client
+        was closed meanwhile; the surface then drops the link.
+        """
+        if isinstance(reply, Error):
+            raise error_for(reply.code, reply.detail, reply.path)
+        if self.closed or link.lost is not None:
+            raise Unavailable("the connection was closed")
+        assert isinstance(reply, Welcome), reply
+        self.server = reply.server
+        self.link = link
+
+    def link_for(self, reconnect: bool) -> Link[W, T] | None:
+        """The connection a request goes on, or None: reconnect first (only if ``reconnect``;
+        a lease's requests never go on a connection other than the one that granted it)."""
+        if self.closed:
+            raise Unavailable("the connection was closed")
+        if self.link is None and not reconnect:
+            raise Unavailable("not connected")
+        return self.link
+
+    def keepalive(self, link: Link[W, T], now: float) -> tuple[float, bytes | None]:
+        """Seconds until the next look, and a keepalive to send now if nothing was sent for
+        ``keepalive`` seconds. The service hears from us only when we send: keep alive by what
+        we sent, not by what we received (a holder fed events may send nothing for long)."""
+        if link is not self.link:  # not welcomed yet (nothing goes before the hello), or lost
+            return self.settings.keepalive, None
+        due = link.last_sent + self.settings.keepalive - now
+        if due > 0:
+            return due, None
+        link.last_sent = now
+        return self.settings.keepalive, frame(Keepalive(id=f"ka{link.generation}"))
+
+    def lost(self, link: Link[W, T], reason: str, revoked: str = "connection_lost") -> list[W]:
+        """``link`` is over: its leases are revoked (if it was the client's link) and the
+        returned waiters must fail with :meth:`lost_error`. Idempotent (a second call: [])."""
+        if link.lost is not None:
+            return []
+        link.lost = reason
+        if self.link is link:
+            self.link = None
+            self._revoke_all(revoked)
+        if not self.closed:
+            log.warning("sessionlane %s: %s", self.settings.address, reason)
+        waiters = list(link.pending.values())
+        link.pending.clear()
+        return waiters
+
+    @staticmethod
+    def lost_error(link: Link[W, T]) -> Unavailable:
+        """What a request whose connection ended gets."""
+        return Unavailable(f"connection lost before the reply ({link.lost})")
+
+    @staticmethod
+    def no_reply(request: Any, limit: float) -> Unavailable:
+        """What a request that got no reply within ``limit`` seconds gets."""
+        return Unavailable(f"no reply to {request.type} within {limit:.0f} s")
+
+    def close(self) -> list[W]:
+        """The client is closed: its leases end (``connection_closed``) and no request goes out
+        again. Returns the waiters to fail, as :meth:`lost` does; the surface closes the link
+        it had (``self.link`` before this call)."""
+        self.closed = True
+        if self.link is None:
+            return []
+        return self.lost(self.link, "closed by the client", revoked="connection_closed")
+
+    # Requests and replies ------------------------------------------------------------------
+
+    def request(self, link: Link[W, T], message: Any, waiter: W, now: float) -> tuple[Any, bytes]:
+        """The id and bytes of ``message`` sent on ``link``, its reply awaited by ``waiter``.
+
+        Raises ``TooLarge`` (nothing registered, nothing to send) for a frame the service would
+        refuse, ``Unavailable`` if ``link`` is already lost.
+        """
+        if link.lost is not None:
+            raise Unavailable(f"not connected ({link.lost})")
+        self._last_id += 1
+        rid = self._last_id
+        data = check_frame(
+            frame(message.model_copy(update={"id": rid})), self.settings.max_frame_bytes
+        )
+        link.pending[rid] = waiter
+        link.last_sent = now
+        return rid, data
+
+    def given_up(self, link: Link[W, T], rid: Any, message: Any) -> None:
+        """The caller of request ``rid`` stopped waiting (no reply in time, or cancelled)
+        before its answer: a grant that still comes must not pin the path."""
+        if link.pending.pop(rid, None) is not None and isinstance(message, Acquire | Recover):
+            link.orphans.add(rid)
+
+    def received(self, link: Link[W, T], reply: Reply) -> Answer[W] | Send | None:
+        """A reply or event arrived on ``link``: what to do with it."""
+        if reply.id is None:
+            self._apply_event(reply)
+            return None
+        if reply.type == "queued":
+            return None
+        waiter = link.pending.pop(reply.id, None)
+        if waiter is not None:
+            return Answer(waiter, reply)
+        if reply.id in link.orphans:
+            link.orphans.discard(reply.id)
+            if isinstance(reply, Granted):
+                log.info("releasing lease %s: its acquire was given up", reply.lease)
+                return Send(frame(Release(id=f"orphan{reply.id}", lease=reply.lease)))
+        return None
+
+    # Leases --------------------------------------------------------------------------------
+
+    def track(self, granted: Granted) -> LeaseState:
         """Record a grant; a reentrant grant of a lease already tracked shares its state.
 
         Sharing matters: events and the final release must reach every nesting level, so an
         inner ``with`` block neither hides a later revocation from the outer one nor ends it.
         """
-        known = self.leases.get(state.lease)
-        if known is not None:
-            known.holds += 1
-            return known
-        state.holds = 1
-        self.leases[state.lease] = state
+        state = self.leases.get(granted.lease)
+        if state is None:
+            state = LeaseState(granted.lease, granted.path, granted.fence, granted.purpose)
+            self.leases[granted.lease] = state
+        state.holds += 1
         return state
 
     def untrack(self, state: LeaseState) -> None:
@@ -324,95 +386,28 @@ class ClientCore:
         if self.leases.get(state.lease) is state:
             del self.leases[state.lease]
 
-    def forget(self, lease: str) -> None:
-        self.leases.pop(lease, None)
-
     def abandoned(self, leases: list[str]) -> None:
         """The service confirmed an ``abandon``: those leases are gone."""
         for lease in leases:
-            state = self.leases.pop(lease, None)
-            if state is not None:
+            if (state := self.leases.pop(lease, None)) is not None:
                 state.revoked = "abandoned"
 
+    def _apply_event(self, event: Reply) -> None:
+        """Apply an event (a message without id) to the lease it concerns."""
+        match event:
+            case Revoked():
+                if (state := self.leases.pop(event.lease, None)) is not None:
+                    state.revoked = event.reason
+            case AbortRequested():
+                if (state := self.leases.get(event.lease)) is not None:
+                    state.abort_requested = True
+            case ExternalChange():
+                if (state := self.leases.get(event.lease)) is not None:
+                    state.external_changes.append(event.kind)
+            case _:
+                log.debug("ignored an event of type %s", event.type)
 
-class LeaseView:
-    """What both clients' ``Lease`` objects share: state access, usability and reply checks.
-
-    One object per grant; a reentrant grant gets its own view of the shared state, so each
-    ``with`` level releases exactly once.
-    """
-
-    def __init__(self, state: LeaseState, lane: str):
-        self.state = state
-        self.lane = lane
-        self.level_released = False
-        """This view's level was released (other levels of a nested lease may still hold)."""
-
-    @property
-    def id(self) -> str:
-        """The lease id."""
-        return self.state.lease
-
-    @property
-    def fence(self) -> int:
-        """The fence every write carries."""
-        return self.state.fence
-
-    @property
-    def path(self) -> str:
-        """The canonical path."""
-        return self.state.path
-
-    @property
-    def purpose(self) -> str:
-        return self.state.purpose
-
-    @property
-    def abort_requested(self) -> bool:
-        """A recovery asked this holder to finish or release."""
-        return self.state.abort_requested
-
-    @property
-    def revoked(self) -> str | None:
-        """The revocation reason, or None while the lease is held."""
-        return self.state.revoked
-
-    @property
-    def external_changes(self) -> list[ExternalChangeKind]:
-        return list(self.state.external_changes)
-
-    def check_usable(self) -> None:
-        """Raise ``LeaseRevoked`` (nothing sent) if this lease may no longer write."""
-        if self.level_released:
-            raise LeaseRevoked(f"lease {self.id} was released", path=self.path)
-        self.state.check_usable()
-
-    def checked(self, reply: Reply) -> Reply:
-        """The reply to a write or release of this lease, or its exception."""
-        try:
-            return raise_if_error(reply, self.path)
-        except StaleFence:
-            if self.state.revoked is None:
-                self.state.revoked = "stale_fence"
-            raise
-
-    def unreachable(self, exc: Unavailable) -> SessionLaneError:
-        """The exception for a request of this lease that got no reply.
-
-        A lost connection has already revoked the lease (its lanes die with it): that is a
-        ``LeaseRevoked``; anything else (a reply that is only late) stays ``Unavailable``.
-        """
-        if self.state.revoked is not None:
-            return LeaseRevoked(f"lease {self.id} lost: {exc.detail}", path=self.path)
-        return exc
-
-    def __repr__(self) -> str:
-        return f"Lease({self.id!r}, path={self.path!r}, fence={self.fence}, purpose={self.purpose})"
-
-
-def client_name() -> str:
-    return f"python:{os.getpid()}"
-
-
-def unavailable(detail: str) -> SessionLaneError:
-    return Unavailable(detail)
+    def _revoke_all(self, reason: str) -> None:
+        for state in self.leases.values():
+            state.revoked = reason
+        self.leases.clear()

@@ -21,6 +21,10 @@ A background thread reads replies and events and sends keepalives while the conn
 idle. If the connection breaks, every lease on it is reported lost: its next use raises
 ``LeaseRevoked`` and writes nothing. The next call reconnects. Warnings go to the module's
 logger (``system.client``) only, never to the host's stderr.
+
+This module is the socket and thread half only: what to send and what a reply means are the
+shared ``ClientCore`` (``_core``) and the operations (``_ops``), driven here with blocking
+calls. Every use of the core holds ``SessionLane._lock``.
 """
 
 from __future__ import annotations
@@ -31,16 +35,11 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential,
-)
+from tenacity import Retrying
 
-from messages.codec import FrameReader, decode_reply, frame
+from messages.codec import FrameReader, decode_reply
 from messages.errors import (
     BadFrame,
     Contended,
@@ -58,47 +57,21 @@ from messages.errors import (
     Unauthorized,
     Unavailable,
 )
-from messages.wire import (
-    Abandon,
-    Abandoned,
-    Acquire,
-    Append,
-    Durability,
-    Granted,
-    Hello,
-    Keepalive,
-    OnContention,
-    Priority,
-    Purpose,
-    Recover,
-    Release,
-    Reply,
-    Rewrite,
-    Rewritten,
-    Skipped,
-    Status,
-    StatusReply,
-)
+from messages.wire import Durability, OnContention, Priority, Purpose, Reply, StatusReply
+from system.client import _ops as ops
 from system.client._core import (
-    MAX_FRAME_BYTES,
-    MAX_RECORD_BYTES,
+    INCOMING_FRAME_BYTES,
+    Answer,
     AppendResult,
     ClientCore,
     LeaseState,
-    LeaseView,
-    acquire_request,
-    acquire_wait,
-    anchor,
-    append_result,
-    check_frame,
-    check_records,
-    client_name,
-    default_address,
-    library_logger,
+    Link,
+    Send,
+    Settings,
+    log,
     parse_address,
-    raise_if_error,
-    token_text,
 )
+from system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
 
 if TYPE_CHECKING:
     from system.client._async import AsyncSessionLane
@@ -127,10 +100,8 @@ __all__ = [
     "connect_async",
 ]
 
-log = library_logger("system.client")  # the public package's name: what users configure
-
-_REPLY_MARGIN_S = 10.0
-"""How much longer than its own timeout a request may take before the service is deemed gone."""
+R = TypeVar("R")
+_READ_BYTES = 256 * 1024
 
 
 def connect(
@@ -155,13 +126,15 @@ def connect(
     leave the check to the service). A malformed address raises ``ValueError``.
     """
     sl = SessionLane(
-        default_address() if address is None else address,
-        token,
-        timeout=timeout,
-        keepalive=keepalive,
-        reconnect_for=reconnect_for,
-        max_record_bytes=max_record_bytes,
-        max_frame_bytes=max_frame_bytes,
+        Settings.of(
+            address,
+            token,
+            timeout=timeout,
+            keepalive=keepalive,
+            reconnect_for=reconnect_for,
+            max_record_bytes=max_record_bytes,
+            max_frame_bytes=max_frame_bytes,
+        )
     )
     sl.reconnect()
     return sl
@@ -177,115 +150,102 @@ def connect_async(
 
 
 class _Waiter:
-    __slots__ = ("event", "replies")
+    """A caller blocked on one request: woken with its reply or its error."""
+
+    __slots__ = ("error", "event", "reply")
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.replies: list[Reply] = []
+        self.reply: Reply | None = None
+        self.error: SessionLaneError | None = None
+
+
+_Link = Link[_Waiter, socket.socket]
+
+
+def _dial(settings: Settings) -> socket.socket:
+    """A connected socket to ``settings.address`` (``OSError`` if refused or too slow)."""
+    kind, where = parse_address(settings.address)
+    if kind == "unix":
+        family = socket.AF_UNIX
+    else:
+        family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(settings.timeout)
+    try:
+        sock.connect(where)
+    except OSError:
+        sock.close()
+        raise
+    if kind == "tcp":
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class SessionLane:
     """One connection to a sessionlane service. Thread-safe; usable as a context manager."""
 
-    def __init__(
-        self,
-        address: str,
-        token: str | None,
-        *,
-        timeout: float,
-        keepalive: float,
-        reconnect_for: float,
-        max_record_bytes: int | None = MAX_RECORD_BYTES,
-        max_frame_bytes: int | None = MAX_FRAME_BYTES,
-    ):
-        parse_address(address)  # a malformed address fails here, not at the first call
-        self.address = address
-        self.token = token_text(token)
-        self.timeout = timeout
-        self.keepalive = keepalive
-        self.reconnect_for = reconnect_for
-        self.max_record_bytes = max_record_bytes
-        self.max_frame_bytes = max_frame_bytes
-        self.core = ClientCore()
-        self.server: str | None = None
-        self._lock = threading.Lock()  # sends, id allocation, waiters
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.core: ClientCore[_Waiter, socket.socket] = ClientCore(settings)
+        self._lock = threading.Lock()  # the core, and whole frames on the socket
         self._connecting = threading.Lock()  # one reconnect at a time
-        self._sock: socket.socket | None = None
-        self._last_sent = time.monotonic()
-        self._reader: threading.Thread | None = None
-        self._waiters: dict[Any, _Waiter] = {}
-        self._orphans: set[Any] = set()  # acquires whose caller stopped waiting
-        self._closed = False
-        self._generation = 0
+
+    @property
+    def server(self) -> str | None:
+        """The service's name and version, from its welcome."""
+        return self.core.server
+
+    @property
+    def connected(self) -> bool:
+        """A connection is open (the next call would not need to reconnect)."""
+        return self.core.link is not None
 
     # Connection ----------------------------------------------------------------------------
 
     def reconnect(self) -> None:
-        """(Re)open the connection, with bounded retries on refusal."""
+        """(Re)open the connection if it is down, with bounded retries on refusal."""
         with self._connecting:
-            if self._sock is None:  # another thread may have reconnected meanwhile
-                self._reconnect()
-
-    def _reconnect(self) -> None:
-        # With reconnect_for 0 this is one attempt: a refusal raises at once.
-        retrying = Retrying(
-            stop=stop_after_delay(self.reconnect_for),
-            wait=wait_exponential(multiplier=0.05, max=1.0),
-            retry=retry_if_exception_type(
-                (ConnectionRefusedError, FileNotFoundError, ConnectionResetError)
-            ),
-            reraise=True,
-        )
-        try:
-            for attempt in retrying:
-                with attempt:
-                    self._open()
-        except OSError as exc:
-            raise Unavailable(f"cannot reach sessionlane at {self.address}: {exc}") from exc
+            if self.core.closed:
+                raise Unavailable("the connection was closed")
+            if self.core.link is not None:  # another thread reconnected meanwhile
+                return
+            try:
+                for attempt in Retrying(**self.settings.retry_policy()):
+                    with attempt:
+                        self._open()
+            except OSError as exc:
+                raise self.settings.unreachable(exc) from exc
 
     def _open(self) -> None:
-        kind, where = parse_address(self.address)
-        family = (
-            socket.AF_UNIX
-            if kind == "unix"
-            else (socket.AF_INET6 if ":" in where[0] else socket.AF_INET)
-        )
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        sock = _dial(self.settings)
         try:
-            sock.connect(where)
-        except OSError:
+            with self._lock:
+                link, hello = self.core.opened(sock, time.monotonic())
+        except BaseException:
             sock.close()
             raise
-        if kind == "tcp":
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self._lock:
-            self._generation += 1
-            self._sock = sock
-            generation = self._generation
-        self._reader = threading.Thread(
-            target=self._read_loop, args=(sock, generation), name="sessionlane-client", daemon=True
-        )
-        self._reader.start()
+        threading.Thread(
+            target=self._read_loop, args=(link,), name="sessionlane-client", daemon=True
+        ).start()
         try:
-            hello = Hello(client=client_name(), token=self.token)
-            welcome = raise_if_error(self._request(hello, connect=False))
+            reply = self._exchange(link, ops.Call(hello))
+            with self._lock:
+                self.core.welcomed(link, reply)
         except BaseException:
-            self._drop(sock, generation, "hello failed")
+            self._drop(link, "hello failed")
             raise
-        self.server = getattr(welcome, "server", None)
 
     def close(self) -> None:
         """Close the connection: the service abandons this connection's leases."""
-        self._closed = True
         with self._lock:
-            sock, self._sock = self._sock, None
-            # Before the socket goes: the reader would report the close as a lost connection.
-            self.core.lost("connection_closed")
-        if sock is not None:
+            link = self.core.link
+            waiters = self.core.close()
+        if link is not None:
+            self._fail(waiters, link)
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+                link.transport.shutdown(socket.SHUT_RDWR)
+            link.transport.close()
 
     def __enter__(self) -> SessionLane:
         return self
@@ -293,24 +253,29 @@ class SessionLane:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _read_loop(self, sock: socket.socket, generation: int) -> None:
-        reader = FrameReader(64 * 1024 * 1024)
+    def _read_loop(self, link: _Link) -> None:
+        """The reader thread of ``link``: replies and events in, keepalives out, until lost."""
+        sock = link.transport
+        frames = FrameReader(INCOMING_FRAME_BYTES)
         reason = "connection closed by the service"
         # Wait for input with a selector, not a socket timeout: the timeout would also cut
         # sends short (a large append would fail mid-frame after ``keepalive`` seconds).
         selector = selectors.DefaultSelector()
         selector.register(sock, selectors.EVENT_READ)
         try:
-            while sock.fileno() >= 0:  # ``close()`` may close it under us
-                data = sock.recv(256 * 1024) if selector.select(self.keepalive) else None
-                if data == b"":
+            while link.lost is None:
+                with self._lock:
+                    wait, keepalive = self.core.keepalive(link, time.monotonic())
+                    if keepalive is not None:
+                        with contextlib.suppress(OSError):
+                            sock.sendall(keepalive)
+                if not selector.select(wait):
+                    continue
+                data = sock.recv(_READ_BYTES)
+                if not data:
                     break
-                # The service hears from us only when we send: keep alive by what we sent,
-                # not by what we received (a holder fed events may send nothing for long).
-                if time.monotonic() - self._last_sent >= self.keepalive:
-                    self._send_quietly(sock, Keepalive(id=f"ka{generation}"))
-                for body in reader.feed(data or b""):
-                    self._deliver(decode_reply(body))
+                for body in frames.feed(data):
+                    self._deliver(link, decode_reply(body))
         except (OSError, ValueError, SessionLaneError) as exc:  # ValueError: a closed socket
             reason = f"connection lost: {exc}"
         except Exception as exc:  # a bug must not leave requests waiting on a dead reader
@@ -318,112 +283,87 @@ class SessionLane:
             reason = f"reader failed: {exc!r}"
         finally:
             selector.close()
-        self._drop(sock, generation, reason)
+        self._drop(link, reason)
         sock.close()
 
-    def _send_quietly(self, sock: socket.socket, message: Any) -> None:
-        with self._lock, contextlib.suppress(OSError):
-            self._last_sent = time.monotonic()
-            sock.sendall(frame(message))
+    def _deliver(self, link: _Link, reply: Reply) -> None:
+        with self._lock:
+            action = self.core.received(link, reply)
+            if isinstance(action, Answer):
+                action.waiter.reply = action.reply
+                action.waiter.event.set()
+            elif isinstance(action, Send):
+                with contextlib.suppress(OSError):
+                    link.transport.sendall(action.data)
 
-    def _drop(self, sock: socket.socket, generation: int, reason: str) -> None:
-        """Shut ``sock`` down for good and report its connection lost.
+    def _drop(self, link: _Link, reason: str) -> None:
+        """Shut ``link`` down for good and report it lost.
 
         Shut down, not closed: that wakes the reader thread, which closes the socket when it
         leaves (closing it here could leave the reader waiting on a vanished descriptor).
         """
         with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        self._lost(generation, reason)
-
-    def _deliver(self, reply: Reply) -> None:
-        if reply.id is None:
-            with self._lock:
-                self.core.on_event(reply)
-            return
-        release: Release | None = None
+            link.transport.shutdown(socket.SHUT_RDWR)
         with self._lock:
-            waiter = self._waiters.get(reply.id)
-            if waiter is not None:
-                waiter.replies.append(reply)
-                waiter.event.set()
-            elif reply.id in self._orphans and reply.type != "queued":
-                self._orphans.discard(reply.id)
-                if isinstance(reply, Granted):
-                    release = Release(id=f"orphan{reply.id}", lease=reply.lease)
-            sock = self._sock
-        if release is not None and sock is not None:
-            log.warning("releasing lease %s granted after its caller gave up", release.lease)
-            self._send_quietly(sock, release)
+            self._fail(self.core.lost(link, reason), link)
 
-    def _lost(self, generation: int, reason: str) -> None:
-        with self._lock:
-            if generation != self._generation:
-                return
-            first = self._sock is not None
-            self._sock = None
-            self.core.lost()
-            for waiter in self._waiters.values():
-                waiter.event.set()
-        if first and not self._closed:
-            log.warning("sessionlane %s: %s", self.address, reason)
+    def _fail(self, waiters: list[_Waiter], link: _Link) -> None:
+        """Wake the callers of requests that ``link``, now lost, will never answer."""
+        for waiter in waiters:
+            waiter.error = self.core.lost_error(link)
+            waiter.event.set()
 
     # Requests ------------------------------------------------------------------------------
 
-    def _request(
-        self,
-        message: Any,
-        *,
-        timeout: float | None = None,
-        final: bool = True,
-        connect: bool = True,
-    ) -> Reply:
-        """Send ``message`` with a fresh id; wait for its final reply (``queued`` skipped).
-
-        ``connect``: reconnect first if the connection is down (not for ``hello`` itself,
-        which runs inside a reconnect).
-        """
-        if self._closed:
-            raise Unavailable("the connection was closed")
-        if self._sock is None and connect:
-            self.reconnect()
-        with self._lock:
-            rid = self.core.next_id()
-            waiter = self._waiters[rid] = _Waiter()
-            sock = self._sock
-            generation = self._generation
+    def _run(self, op: ops.Op[R]) -> R:
+        """Drive ``op`` to its result, making each of its calls in turn."""
+        outcome: Reply | SessionLaneError | None = None
         try:
-            if sock is None:
-                raise Unavailable("not connected")
-            data = check_frame(frame(message.model_copy(update={"id": rid})), self.max_frame_bytes)
-            try:
-                with self._lock:
-                    self._last_sent = time.monotonic()
-                    sock.sendall(data)
-            except OSError as exc:
-                # The connection is unusable (and a partly sent frame would corrupt it):
-                # report it lost now, so its leases are revoked before this error surfaces.
-                self._drop(sock, generation, f"send failed: {exc}")
-                raise Unavailable(f"send failed: {exc}") from exc
-            limit = (timeout if timeout is not None else self.timeout) + _REPLY_MARGIN_S
             while True:
-                if not waiter.event.wait(limit):
-                    if isinstance(message, Acquire | Recover):
-                        with self._lock:  # a grant that still comes must not pin the path
-                            self._orphans.add(rid)
-                    raise Unavailable(f"no reply to {message.type} within {limit:.0f} s")
                 with self._lock:
-                    waiter.event.clear()
-                    replies, waiter.replies = waiter.replies, []
-                    gone = self._sock is not sock
-                for reply in replies:
-                    if reply.type != "queued" or not final:
-                        return reply
-                if gone:
-                    raise Unavailable("connection lost before the reply arrived")
+                    step = ops.advance(op, outcome)
+                if isinstance(step, ops.Finished):
+                    return step.value
+                try:
+                    outcome = self._call(step)
+                except SessionLaneError as exc:
+                    outcome = exc
         finally:
             with self._lock:
-                self._waiters.pop(rid, None)
+                op.close()
+
+    def _call(self, call: ops.Call) -> Reply:
+        with self._lock:
+            link = self.core.link_for(call.reconnect)
+        if link is None:
+            self.reconnect()
+            with self._lock:
+                link = self.core.link_for(reconnect=False)
+        assert link is not None
+        return self._exchange(link, call)
+
+    def _exchange(self, link: _Link, call: ops.Call) -> Reply:
+        """Send ``call``'s request on ``link``; wait for its final reply."""
+        waiter = _Waiter()
+        try:
+            with self._lock:
+                rid, data = self.core.request(link, call.request, waiter, time.monotonic())
+                link.transport.sendall(data)
+        except OSError as exc:
+            # The connection is unusable (and a partly sent frame would corrupt it): report
+            # it lost now, so its leases are revoked before this error surfaces.
+            self._drop(link, f"send failed: {exc}")
+            raise Unavailable(f"send failed: {exc}") from exc
+        limit = self.settings.reply_limit(call.timeout)
+        waiter.event.wait(limit)
+        with self._lock:
+            if not waiter.event.is_set():
+                self.core.given_up(link, rid, call.request)
+        if waiter.error is not None:
+            raise waiter.error
+        if waiter.reply is None:
+            raise self.core.no_reply(call.request, limit)
+        return waiter.reply
 
     # Public API ----------------------------------------------------------------------------
 
@@ -435,33 +375,11 @@ class SessionLane:
         self, path: str, reason: str = "stuck", grace: float = 5.0, *, lane: str = "recovery"
     ) -> Lease:
         """Take a recovery lease on ``path``: the holder is asked to abort, then revoked."""
-        path = anchor(path)
-        reply = raise_if_error(
-            self._request(
-                Recover(lane=lane, path=path, reason=reason, grace_ms=int(grace * 1000)),
-                timeout=grace + self.timeout,
-            ),
-            path,
-        )
-        assert isinstance(reply, Granted)
-        return self._lease(reply, lane)
+        return Lease(self, self._run(ops.recover(self.core, path, reason, grace, lane)), lane)
 
     def status(self, path: str | None = None) -> StatusReply:
-        reply = raise_if_error(self._request(Status(path=anchor(path) if path else None)), path)
-        assert isinstance(reply, StatusReply)
-        return reply
-
-    def _records(self, records: Sequence[Any], *, allow_empty: bool = False) -> list[Any]:
-        """``records`` checked before sending (``InvalidRecord``; see ``check_records``)."""
-        return check_records(
-            records, max_record_bytes=self.max_record_bytes, allow_empty=allow_empty
-        )
-
-    def _lease(self, granted: Granted, lane: str) -> Lease:
-        state = LeaseState(granted.lease, granted.path, granted.fence, granted.purpose)
-        with self._lock:
-            state = self.core.track(state)
-        return Lease(self, state, lane)
+        """Holders, queues, fences and counters (of ``path`` only, if given)."""
+        return self._run(ops.status(path))
 
 
 class Lane:
@@ -501,55 +419,32 @@ class Lane:
         on_contention: OnContention = "wait",
     ) -> Lease | None:
         """Acquire without a ``with`` block; release the lease yourself."""
-        path = anchor(path)
-        request = acquire_request(
-            self.name,
-            self.priority,
-            path,
-            purpose,
-            wait_timeout=wait_timeout,
-            max_hold=max_hold,
-            on_contention=on_contention,
+        state = self.sl._run(
+            ops.acquire(
+                self.sl.core,
+                self.name,
+                self.priority,
+                path,
+                purpose,
+                wait_timeout=wait_timeout,
+                max_hold=max_hold,
+                on_contention=on_contention,
+            )
         )
-        reply = raise_if_error(self.sl._request(request, timeout=acquire_wait(wait_timeout)), path)
-        if isinstance(reply, Skipped):
-            return None
-        assert isinstance(reply, Granted), reply
-        return self.sl._lease(reply, self.name)
+        return None if state is None else Lease(self.sl, state, self.name)
 
     def append(
         self, path: str, *records: dict[str, Any], durability: Durability | None = None
     ) -> AppendResult:
         """A short write without a lease: queued like a ``write`` lease, never interleaved."""
-        path = anchor(path)
-        reply = raise_if_error(
-            self.sl._request(
-                Append(
-                    lane=self.name,
-                    path=path,
-                    records=self.sl._records(records),
-                    durability=durability,
-                )
-            ),
-            path,
-        )
-        return append_result(reply)
+        return self.sl._run(ops.lane_append(self.sl.core, self.name, path, records, durability))
 
     def abandon(self, path: str | None = None, reason: str | None = None) -> list[str]:
         """Drop this lane's leases and queued requests (on ``path`` only, if given)."""
-        reply = raise_if_error(
-            self.sl._request(
-                Abandon(lane=self.name, path=anchor(path) if path else None, reason=reason)
-            ),
-            path,
-        )
-        assert isinstance(reply, Abandoned)
-        with self.sl._lock:
-            self.sl.core.abandoned(reply.leases)
-        return reply.leases
+        return self.sl._run(ops.abandon(self.sl.core, self.name, path, reason))
 
 
-class Lease(LeaseView):
+class Lease(ops.LeaseView):
     """A granted lease. Writes carry its fence; a revoked lease refuses to write.
 
     ``id``, ``fence``, ``path``, ``purpose``, ``abort_requested``, ``revoked`` and
@@ -564,48 +459,12 @@ class Lease(LeaseView):
         self, *records: dict[str, Any], durability: Durability | None = None
     ) -> AppendResult:
         """Append records durably under this lease; all or nothing."""
-        self.check_usable()
-        checked = self.sl._records(records)
-        return append_result(
-            self._call(
-                Append(lease=self.id, fence=self.fence, records=checked, durability=durability)
-            )
-        )
+        return self.sl._run(ops.lease_append(self.sl.core, self, records, durability))
 
     def rewrite(self, records: Sequence[dict[str, Any]]) -> int:
         """Replace the whole file atomically (compaction leases); returns the line count."""
-        self.check_usable()
-        checked = self.sl._records(records, allow_empty=True)
-        reply = self._call(Rewrite(lease=self.id, fence=self.fence, records=checked))
-        assert isinstance(reply, Rewritten)
-        return reply.lines
+        return self.sl._run(ops.rewrite(self.sl.core, self, records))
 
     def release(self, *, quiet: bool = False) -> None:
         """Release one level of the lease. ``quiet``: a lease already gone is not an error."""
-        if self.level_released:
-            return
-        try:
-            if quiet and self.state.revoked is not None:
-                return
-            self.check_usable()
-            self._call(Release(lease=self.id))
-        except (NotHolder, LeaseRevoked, Unavailable):
-            if not quiet:
-                raise
-        finally:
-            self.level_released = True
-            with self.sl._lock:
-                self.sl.core.untrack(self.state)
-
-    def _call(self, message: Any) -> Reply:
-        try:
-            # Never on a new connection: the lease died with the one that granted it.
-            reply = self.sl._request(message, connect=False)
-        except Unavailable as exc:
-            error = self.unreachable(exc)
-            if error is exc:
-                raise
-            raise error from exc
-        if isinstance(reply, Skipped):  # pragma: no cover - not a reply to writes
-            raise Unavailable("unexpected reply")
-        return self.checked(reply)
+        self.sl._run(ops.release(self.sl.core, self, quiet))

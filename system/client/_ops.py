@@ -1,0 +1,307 @@
+"""The client's operations, written once for both surfaces as generators of calls.
+
+Each public method (``Lane.acquire``, ``Lease.append``, ...) is one generator here: it checks
+its arguments, builds its request, ``yield``s a :class:`Call` and receives the reply (or, thrown
+in, the ``SessionLaneError`` of a call that got none), and returns the method's result or
+raises its error. It updates the lease bookkeeping of the ``ClientCore`` and never does I/O:
+the sync surface drives it with blocking calls, the asyncio one with awaited calls, and the
+unit tests with replies of their own. A surface must close a generator it stops driving
+(``generator.close()``) so that its ``finally`` clauses run at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from messages.errors import (
+    LeaseRevoked,
+    NotHolder,
+    SessionLaneError,
+    StaleFence,
+    Unavailable,
+    error_for,
+)
+from messages.wire import (
+    Abandon,
+    Abandoned,
+    Acquire,
+    Append,
+    Appended,
+    Durability,
+    Error,
+    ExternalChangeKind,
+    Granted,
+    OnContention,
+    Priority,
+    Purpose,
+    Recover,
+    Release,
+    Reply,
+    Rewrite,
+    Rewritten,
+    Skipped,
+    Status,
+    StatusReply,
+)
+from system.client._core import AppendResult, ClientCore, LeaseState, anchor
+from system.client._records import check_records
+
+__all__ = [
+    "Call",
+    "Finished",
+    "LeaseView",
+    "Op",
+    "abandon",
+    "acquire",
+    "advance",
+    "lane_append",
+    "lease_append",
+    "raise_if_error",
+    "recover",
+    "release",
+    "rewrite",
+    "status",
+]
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Call:
+    """Send ``request`` and return its final reply (or raise the ``SessionLaneError`` of a call
+    that got none: ``Unavailable``, ``TooLarge``)."""
+
+    request: Any
+    timeout: float | None = None
+    """How long the request may wait on the service (``None``: the client's ``timeout``)."""
+    reconnect: bool = True
+    """Reconnect first if the connection is down (never for a lease's own requests)."""
+
+
+Op = Generator[Call, Reply, R]
+"""An operation: yields calls, receives their replies, returns its result."""
+
+Core = ClientCore[Any, Any]
+
+
+def raise_if_error(reply: Reply, path: str | None = None) -> Reply:
+    """Turn an ``error`` reply into its exception; return anything else."""
+    if isinstance(reply, Error):
+        raise error_for(reply.code, reply.detail, reply.path or path)
+    return reply
+
+
+# Lanes and the connection ------------------------------------------------------------------
+
+
+def acquire(
+    core: Core,
+    lane: str,
+    priority: Priority,
+    path: str,
+    purpose: Purpose,
+    *,
+    wait_timeout: float | None,
+    max_hold: float | None,
+    on_contention: OnContention,
+) -> Op[LeaseState | None]:
+    """``Lane.acquire``: the granted lease's state (tracked), or None when skipped."""
+    path = anchor(path)
+    request = Acquire(
+        lane=lane,
+        path=path,
+        purpose=purpose,
+        priority=priority,
+        wait_timeout_ms=None if wait_timeout is None else int(wait_timeout * 1000),
+        max_hold_ms=None if max_hold is None else max(1, int(max_hold * 1000)),
+        on_contention=on_contention,
+    )
+    # No wait timeout: the service's own applies; wait for it up to a day.
+    reply = raise_if_error((yield Call(request, timeout=wait_timeout or 24 * 3600.0)), path)
+    if isinstance(reply, Skipped):
+        return None
+    assert isinstance(reply, Granted), reply
+    return core.track(reply)
+
+
+def lane_append(
+    core: Core, lane: str, path: str, records: Sequence[Any], durability: Durability | None
+) -> Op[AppendResult]:
+    """``Lane.append``: a short write queued like a ``write`` lease."""
+    path = anchor(path)
+    checked = check_records(records, max_record_bytes=core.settings.max_record_bytes)
+    request = Append(lane=lane, path=path, records=checked, durability=durability)
+    return _appended(raise_if_error((yield Call(request)), path))
+
+
+def abandon(core: Core, lane: str, path: str | None, reason: str | None) -> Op[list[str]]:
+    """``Lane.abandon``: the ids of the leases the service dropped (now revoked here)."""
+    request = Abandon(lane=lane, path=anchor(path) if path else None, reason=reason)
+    reply = raise_if_error((yield Call(request)), path)
+    assert isinstance(reply, Abandoned), reply
+    core.abandoned(reply.leases)
+    return reply.leases
+
+
+def recover(core: Core, path: str, reason: str, grace: float, lane: str) -> Op[LeaseState]:
+    """``SessionLane.recover``: the recovery lease's state (tracked)."""
+    path = anchor(path)
+    request = Recover(lane=lane, path=path, reason=reason, grace_ms=int(grace * 1000))
+    timeout = grace + core.settings.timeout
+    reply = raise_if_error((yield Call(request, timeout=timeout)), path)
+    assert isinstance(reply, Granted), reply
+    return core.track(reply)
+
+
+def status(path: str | None) -> Op[StatusReply]:
+    """``SessionLane.status``."""
+    reply = raise_if_error((yield Call(Status(path=anchor(path) if path else None))), path)
+    assert isinstance(reply, StatusReply), reply
+    return reply
+
+
+def _appended(reply: Reply) -> AppendResult:
+    assert isinstance(reply, Appended), reply
+    return AppendResult(reply.offset, reply.lines, reply.fence)
+
+
+# Leases ------------------------------------------------------------------------------------
+
+
+class LeaseView:
+    """What both surfaces' ``Lease`` objects are: one level of a granted lease.
+
+    One object per grant; a reentrant grant gets its own view of the shared state, so each
+    ``with`` level releases exactly once. Events update the state as they arrive.
+    """
+
+    def __init__(self, state: LeaseState, lane: str):
+        self.state = state
+        self.lane = lane
+        self.level_released = False
+        """This view's level was released (other levels of a nested lease may still hold)."""
+
+    @property
+    def id(self) -> str:
+        """The lease id."""
+        return self.state.lease
+
+    @property
+    def fence(self) -> int:
+        """The fence every write carries."""
+        return self.state.fence
+
+    @property
+    def path(self) -> str:
+        """The canonical path."""
+        return self.state.path
+
+    @property
+    def purpose(self) -> str:
+        return self.state.purpose
+
+    @property
+    def abort_requested(self) -> bool:
+        """A recovery asked this holder to finish or release."""
+        return self.state.abort_requested
+
+    @property
+    def revoked(self) -> str | None:
+        """The revocation reason, or None while the lease is held."""
+        return self.state.revoked
+
+    @property
+    def external_changes(self) -> list[ExternalChangeKind]:
+        return list(self.state.external_changes)
+
+    def check_usable(self) -> None:
+        """Raise ``LeaseRevoked`` (nothing sent) if this lease may no longer write."""
+        if self.level_released:
+            raise LeaseRevoked(f"lease {self.id} was released", path=self.path)
+        self.state.check_usable()
+
+    def __repr__(self) -> str:
+        return f"Lease({self.id!r}, path={self.path!r}, fence={self.fence}, purpose={self.purpose})"
+
+
+def lease_append(
+    core: Core, lease: LeaseView, records: Sequence[Any], durability: Durability | None
+) -> Op[AppendResult]:
+    """``Lease.append``: all or nothing, under the lease's fence."""
+    lease.check_usable()
+    checked = check_records(records, max_record_bytes=core.settings.max_record_bytes)
+    request = Append(lease=lease.id, fence=lease.fence, records=checked, durability=durability)
+    return _appended((yield from _lease_call(lease, request)))
+
+
+def rewrite(core: Core, lease: LeaseView, records: Sequence[Any]) -> Op[int]:
+    """``Lease.rewrite``: the line count of the rewritten file."""
+    lease.check_usable()
+    checked = check_records(
+        records, max_record_bytes=core.settings.max_record_bytes, allow_empty=True
+    )
+    reply = yield from _lease_call(
+        lease, Rewrite(lease=lease.id, fence=lease.fence, records=checked)
+    )
+    assert isinstance(reply, Rewritten), reply
+    return reply.lines
+
+
+def release(core: Core, lease: LeaseView, quiet: bool) -> Op[None]:
+    """``Lease.release``: one level, once. ``quiet``: a lease already gone is no error."""
+    if lease.level_released:
+        return
+    try:
+        if quiet and lease.state.revoked is not None:
+            return
+        lease.check_usable()
+        yield from _lease_call(lease, Release(lease=lease.id))
+    except (NotHolder, LeaseRevoked, Unavailable):
+        if not quiet:
+            raise
+    finally:
+        lease.level_released = True
+        core.untrack(lease.state)
+
+
+def _lease_call(lease: LeaseView, request: Any) -> Op[Reply]:
+    """The reply to a request of ``lease``, or its error.
+
+    No reply because the connection was lost: the lease went with it (``LeaseRevoked``); a
+    reply that is only late stays ``Unavailable``. A ``stale_fence`` answer means the lease is
+    gone even if its ``revoked`` event is still on the way.
+    """
+    try:
+        reply = yield Call(request, reconnect=False)
+    except Unavailable as exc:
+        if lease.state.revoked is not None:
+            raise LeaseRevoked(f"lease {lease.id} lost: {exc.detail}", path=lease.path) from exc
+        raise
+    try:
+        return raise_if_error(reply, lease.path)
+    except StaleFence:
+        if lease.state.revoked is None:
+            lease.state.revoked = "stale_fence"
+        raise
+
+
+@dataclass(frozen=True)
+class Finished(Generic[R]):
+    """An operation's result."""
+
+    value: R
+
+
+def advance(op: Op[R], outcome: Reply | SessionLaneError | None) -> Call | Finished[R]:
+    """Resume ``op`` with the outcome of its last call (None: start it): its next call, or
+    its result. Raises what ``op`` raises."""
+    try:
+        if outcome is None:
+            return next(op)
+        if isinstance(outcome, SessionLaneError):
+            return op.throw(outcome)
+        return op.send(outcome)
+    except StopIteration as stop:
+        return Finished(stop.value)

@@ -1,0 +1,107 @@
+"""What the client refuses before sending: records that cannot be stored, frames too large.
+
+Refusing here rather than at the service keeps msgpack's and pydantic's own exceptions out of
+the caller's way, and the connection and its leases untouched: the service answers a bad
+record with an error, and an oversized frame by closing the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from messages.codec import HEADER
+from messages.errors import InvalidRecord, TooLarge
+from messages.wire import Record
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "MAX_RECORD_BYTES",
+    "MAX_RECORD_DEPTH",
+    "check_frame",
+    "check_records",
+]
+
+MAX_RECORD_BYTES = 1_048_576
+"""The service's default ``max_record_bytes``: the client's default check before sending."""
+MAX_FRAME_BYTES = 8_388_608
+"""The service's default ``max_frame_bytes``: a bigger frame would make it close the connection."""
+MAX_RECORD_DEPTH = 100
+"""The gateway's nesting limit for records (``system.gateway.gateway._MAX_RECORD_DEPTH``)."""
+_MSGPACK_INTS = (-(2**63), 2**64 - 1)
+
+
+def check_records(
+    records: Sequence[Any], *, max_record_bytes: int | None, allow_empty: bool = False
+) -> list[Record]:
+    """``records`` as a list, or ``InvalidRecord`` before anything is sent.
+
+    A record must be a JSON object the service can store as one strict JSONL line: string
+    keys; values that are objects, arrays (lists or tuples), strings, finite numbers
+    (integers that msgpack carries), booleans or null; nested at most
+    :data:`MAX_RECORD_DEPTH` levels; at most ``max_record_bytes`` once encoded (``None``:
+    leave the size to the service). An empty batch is refused unless ``allow_empty`` (a
+    rewrite may empty the file).
+    """
+    if not records and not allow_empty:
+        raise InvalidRecord("empty batch: at least one record is required")
+    checked: list[Record] = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InvalidRecord(f"record {index}: not a JSON object (got {type(record).__name__})")
+        if (why := _unstorable(record)) is not None:
+            raise InvalidRecord(f"record {index}: {why}")
+        try:
+            text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            size = len(text.encode("utf-8")) + 1
+        except (TypeError, ValueError) as exc:  # e.g. a lone surrogate in a string
+            raise InvalidRecord(f"record {index}: not serialisable as JSON: {exc}") from None
+        if max_record_bytes is not None and size > max_record_bytes:
+            raise InvalidRecord(
+                f"record {index}: {size} bytes encoded, over max_record_bytes ({max_record_bytes})"
+            )
+        checked.append(record)
+    return checked
+
+
+def _unstorable(record: dict[str, Any]) -> str | None:
+    """Why ``record`` is no strict JSON object, or None. Iterative: depth is bounded anyway."""
+    stack: list[tuple[Any, int, str]] = [(record, 1, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_RECORD_DEPTH:
+            return f"nested deeper than {MAX_RECORD_DEPTH} levels"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return f"key {key!r} at {where or 'top level'} is not a string"
+                stack.append((item, depth + 1, f"{where}.{key}" if where else key))
+        elif isinstance(value, list | tuple):
+            stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        elif isinstance(value, int):
+            if not _MSGPACK_INTS[0] <= value <= _MSGPACK_INTS[1]:
+                return f"integer at {where} is out of the 64-bit range"
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return f"{value} at {where} is not a JSON number"
+        else:
+            return f"{type(value).__name__} at {where} is not a JSON value"
+    return None
+
+
+def check_frame(data: bytes, max_frame_bytes: int | None) -> bytes:
+    """``data`` (a whole frame), or ``TooLarge`` if the service would refuse it.
+
+    The service answers an oversized frame by closing the connection; refused here, nothing
+    is sent and the connection and its leases stay as they were.
+    """
+    body = len(data) - HEADER.size
+    if max_frame_bytes is not None and body > max_frame_bytes:
+        raise TooLarge(
+            f"a frame of {body} bytes exceeds max_frame_bytes ({max_frame_bytes}); nothing sent"
+        )
+    return data
