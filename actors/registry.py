@@ -49,6 +49,7 @@ from actors.confined import containing_root
 from actors.federation import Federation
 from actors.paths import canonicalize
 from actors.session_file import SessionFile
+from actors.timers import GatherTimeout, SuccessorWait
 from messages.convention import Join, Member
 from messages.errors import ErrorCode, PathNotAllowed
 from messages.internal import (
@@ -280,7 +281,7 @@ class Registry(ShellActor):
         self.files[path] = entry
         if path in self.retiring.values():
             log.debug("%s: waiting for the previous actor to exit", path)
-            self.wakeupAfter(_SUCCESSOR_WAIT_S, payload=("successor", key))
+            self.wakeupAfter(_SUCCESSOR_WAIT_S, payload=SuccessorWait(key))
         else:
             self.start_file(entry)
         return entry
@@ -487,7 +488,7 @@ class Registry(ShellActor):
         for entry in entries:
             entry.forwarded += 1
             self.forward(entry, FileStatusQuery(query=qid))
-        self.wakeupAfter(_STATUS_TIMEOUT_S, payload=("gather", qid))
+        self.wakeupAfter(_STATUS_TIMEOUT_S, payload=GatherTimeout(qid))
         self.maybe_finish(qid)
 
     def on_status_answer(self, msg: FileStatusAnswer, sender: Any) -> None:
@@ -509,7 +510,7 @@ class Registry(ShellActor):
         self.gathers[qid] = _Gather(sender, None, set(targets), kind="drain")
         for address in targets.values():
             self.send(address, Drain())
-        self.wakeupAfter(_DRAIN_TIMEOUT_S, payload=("gather", qid))
+        self.wakeupAfter(_DRAIN_TIMEOUT_S, payload=GatherTimeout(qid))
         self.maybe_finish(qid)
 
     def on_drained(self, msg: Drained, sender: Any) -> None:
@@ -535,19 +536,24 @@ class Registry(ShellActor):
         self.fail_gathers(entry.key)
 
     def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
-        if isinstance(msg.payload, tuple) and msg.payload[0] == "gather":
-            self.maybe_finish(msg.payload[1], force=True)
-        elif isinstance(msg.payload, tuple) and msg.payload[0] == "successor":
-            entry = next((e for e in self.files.values() if e.key == msg.payload[1]), None)
-            if entry is not None and entry.address is None and not self.draining:
-                log.warning(
-                    "%s: the previous actor has not exited within %.0f s; starting anyway",
-                    entry.path,
-                    _SUCCESSOR_WAIT_S,
-                )
-                self.start_file(entry)
-        elif self.federation is not None and Federation.is_tick(msg.payload):
-            self.federation.tick()
+        match msg.payload:
+            case GatherTimeout(query=qid):
+                self.maybe_finish(qid, force=True)
+            case SuccessorWait(key=key):
+                self.successor_waited(key)
+            case beat if self.federation is not None and Federation.is_tick(beat):
+                self.federation.tick()
+
+    def successor_waited(self, key: str) -> None:
+        """The predecessor of entry ``key`` did not exit in time: start it anyway."""
+        entry = next((e for e in self.files.values() if e.key == key), None)
+        if entry is not None and entry.address is None and not self.draining:
+            log.warning(
+                "%s: the previous actor has not exited within %.0f s; starting anyway",
+                entry.path,
+                _SUCCESSOR_WAIT_S,
+            )
+            self.start_file(entry)
 
     def fail_gathers(self, key: str) -> None:
         for qid, gather in list(self.gathers.items()):
