@@ -31,7 +31,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from actors.group_commit import CommitPolicy, Outbox, Outgoing
@@ -182,7 +182,7 @@ class GroupCommit:
             if failure is not None and out.needs_sync:
                 rid = out.message.message.id
                 error = Error(id=rid, code="internal", detail=failure, path=self.path)
-                out.message = out.message.model_copy(update={"message": error})
+                out = replace(out, message=out.message.model_copy(update={"message": error}))
                 if out.key is not None:
                     done.failed_keys.append(out.key)
             done.deliveries.append(out)
