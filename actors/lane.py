@@ -18,6 +18,7 @@ from thespian.actors import ActorExitRequest, WakeupMessage
 
 from actors._shell import Handler, ShellActor
 from actors.lane_state import CLOSE_TIMEOUT_S, LaneState
+from actors.timers import CloseTimeout
 from messages.internal import (
     AgentGone,
     FileReply,
@@ -91,10 +92,10 @@ class Lane(ShellActor):
 
     def on_agent_gone(self, msg: AgentGone, sender: Any) -> None:
         if self.state is not None and self.state.agent_gone(msg.reason):
-            self.wakeupAfter(CLOSE_TIMEOUT_S, payload="close")
+            self.wakeupAfter(CLOSE_TIMEOUT_S, payload=CloseTimeout())
 
     def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
-        if msg.payload == "close" and self.state is not None:
+        if isinstance(msg.payload, CloseTimeout) and self.state is not None:
             self.state.close_timeout()
 
     # LaneHost ------------------------------------------------------------------------------

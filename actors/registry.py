@@ -35,10 +35,8 @@ SessionFiles across the convention, is ``actors.federation.Federation``.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
@@ -48,7 +46,9 @@ from actors.capacity import fd_headroom, never_started
 from actors.confined import containing_root
 from actors.federation import Federation
 from actors.paths import canonicalize
+from actors.registry_records import FileEntry, Gather, Gathers
 from actors.session_file import SessionFile
+from actors.timers import GatherTimeout, SuccessorWait
 from messages.convention import Join, Member
 from messages.errors import ErrorCode, PathNotAllowed
 from messages.internal import (
@@ -69,7 +69,7 @@ from messages.internal import (
     OpenChannel,
     StatusQuery,
 )
-from messages.wire import Abandon, Abandoned, Error, FileStatus, Status, StatusReply
+from messages.wire import Abandon, Abandoned, Error, Status, StatusReply
 
 __all__ = ["REGISTRY_NAME", "Registry"]
 
@@ -78,7 +78,6 @@ log = logging.getLogger(__name__)
 REGISTRY_NAME = "sessionlane-registry"
 _STATUS_TIMEOUT_S = 2.0
 _DRAIN_TIMEOUT_S = 3.0
-_RESTART_WINDOW_MS = 60_000.0
 _RESTART_BURST = 5
 _MAX_ALIASES = 64
 _SUCCESSOR_WAIT_S = 5.0
@@ -87,47 +86,18 @@ _START_BACKOFF_MS = 1_000.0
 """After a SessionFile could not be started, new files are refused this long (no retry loop)."""
 
 
-@dataclass
-class _File:
-    path: str
-    address: Any
-    """None while the path's previous actor is still exiting (see ``pending``)."""
-    incarnation: int
-    key: str
-    """Stable key of this child actor (see ``Registry.child_key``)."""
-    forwarded: int = 0
-    lanes: dict[str, Any] = field(default_factory=dict)
-    aliases: set[str] = field(default_factory=set)
-    """Raw spellings routed here (bounded), so lanes can match requests still unanswered."""
-    restarts: deque[float] = field(default_factory=deque)
-    pending: list[Any] = field(default_factory=list)
-    """Messages for this file held until its actor is started (``address`` is None)."""
-
-
-@dataclass
-class _Gather:
-    """A fan-out waiting for answers (status or drain)."""
-
-    reply_to: Any
-    request_id: Any
-    waiting: set[str]
-    answers: list[FileStatus] = field(default_factory=list)
-    kind: str = "status"
-
-
 class Registry(ShellActor):
     log = log
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.config: Configure | None = None
-        self.files: dict[str, _File] = {}
+        self.files: dict[str, FileEntry] = {}
         self.children: dict[str, Any] = {}  # child key -> address, live or retiring
         self.by_address: dict[str, str] = {}  # child key -> path (live children only)
         self.retiring: dict[str, str] = {}  # child key -> path, asked to exit, not yet gone
         self.incarnations: dict[str, int] = {}
-        self.gathers: dict[int, _Gather] = {}
-        self.query_ids = itertools.count(1)
+        self.gathers = Gathers()
         self.draining = False
         self.federation: Federation | None = None
         self.start_failed_at: float | None = None
@@ -269,23 +239,23 @@ class Registry(ShellActor):
         reply = FileReply(path=call.path, message=error, lane=call.lane.uid)
         self.send(call.lane.address, reply)
 
-    def activate(self, path: str, restarts: deque[float] | None = None) -> _File:
+    def activate(self, path: str, restarts: deque[float] | None = None) -> FileEntry:
         """A new entry for ``path``; its actor starts now, or once its predecessor is gone."""
         incarnation = self.incarnations.get(path, 0) + 1
         self.incarnations[path] = incarnation
         key = f"{incarnation}:{path}"
-        entry = _File(path=path, address=None, incarnation=incarnation, key=key)
+        entry = FileEntry(path=path, address=None, incarnation=incarnation, key=key)
         if restarts is not None:
             entry.restarts = restarts
         self.files[path] = entry
         if path in self.retiring.values():
             log.debug("%s: waiting for the previous actor to exit", path)
-            self.wakeupAfter(_SUCCESSOR_WAIT_S, payload=("successor", key))
+            self.wakeupAfter(_SUCCESSOR_WAIT_S, payload=SuccessorWait(key))
         else:
             self.start_file(entry)
         return entry
 
-    def start_file(self, entry: _File) -> None:
+    def start_file(self, entry: FileEntry) -> None:
         """Create ``entry``'s actor, initialise it, and hand it what waited for it."""
         assert self.config is not None and entry.address is None
         address = self.createActor(SessionFile)
@@ -304,7 +274,7 @@ class Registry(ShellActor):
         for message in pending:
             self.send(address, message)
 
-    def forward(self, entry: _File, message: Any) -> None:
+    def forward(self, entry: FileEntry, message: Any) -> None:
         """To ``entry``'s actor, or held until it starts."""
         if entry.address is None:
             entry.pending.append(message)
@@ -373,23 +343,19 @@ class Registry(ShellActor):
         if never_started(msg.childAddress):
             self.not_started(old)
             return
-        now = monotonic_ms()
-        restarts = old.restarts
-        restarts.append(now)
-        while restarts and now - restarts[0] > _RESTART_WINDOW_MS:
-            restarts.popleft()
+        recent = old.died(monotonic_ms())
         log.error(
             "SessionFile for %s died (incarnation %d, %d restarts in the last minute); "
             "restarting, its leases are lost",
             path,
             old.incarnation,
-            len(restarts),
+            recent,
         )
         self.fail_gathers(key)
-        if len(restarts) > _RESTART_BURST:
+        if recent > _RESTART_BURST:
             log.error("not restarting %s: it keeps dying; the next call will try again", path)
         else:
-            entry = self.activate(path, restarts)
+            entry = self.activate(path, old.restarts)
             entry.lanes = old.lanes
             entry.aliases = old.aliases
         for lane in old.lanes.values():
@@ -398,7 +364,7 @@ class Registry(ShellActor):
             )
             self.send(lane, restarted)
 
-    def not_started(self, old: _File) -> None:
+    def not_started(self, old: FileEntry) -> None:
         """thespian could not start ``old``'s process (out of descriptors or processes).
 
         Not restarted: that would fail again at once. What was sent to it is lost, so its
@@ -470,56 +436,37 @@ class Registry(ShellActor):
             try:
                 path = canonicalize(request.path, self.config.roots, self.config.suffixes)
             except PathNotAllowed as exc:
-                self.send(
-                    reply_to,
-                    Error(
-                        id=request.id,
-                        code="path_not_allowed",
-                        detail=exc.detail,
-                        path=request.path,
-                    ),
-                )
+                code: ErrorCode = "path_not_allowed"
+                error = Error(id=request.id, code=code, detail=exc.detail, path=request.path)
+                self.send(reply_to, error)
                 return
             entries = [e for e in entries if e.path == path]
-        qid = next(self.query_ids)
-        gather = _Gather(reply_to, request.id, {e.key for e in entries})
-        self.gathers[qid] = gather
+        qid = self.gathers.start(Gather(reply_to, request.id, {e.key for e in entries}))
         for entry in entries:
             entry.forwarded += 1
             self.forward(entry, FileStatusQuery(query=qid))
-        self.wakeupAfter(_STATUS_TIMEOUT_S, payload=("gather", qid))
-        self.maybe_finish(qid)
+        self.wakeupAfter(_STATUS_TIMEOUT_S, payload=GatherTimeout(qid))
+        self.answer(self.gathers.finish(qid))
 
     def on_status_answer(self, msg: FileStatusAnswer, sender: Any) -> None:
-        gather = self.gathers.get(msg.query)
-        if gather is None:
-            return
-        key = self.child_key(sender)
-        if key is not None:
-            gather.waiting.discard(key)
-        gather.answers.append(msg.status)
-        self.maybe_finish(msg.query)
+        self.answer(self.gathers.status(msg.query, self.child_key(sender), msg.status))
 
     def on_drain(self, msg: Drain, sender: Any) -> None:
         self.draining = True
         for entry in [e for e in self.files.values() if e.address is None]:
             self.abandon_waiting(entry)
-        qid = next(self.query_ids)
         targets = {e.key: e.address for e in self.files.values()}
-        self.gathers[qid] = _Gather(sender, None, set(targets), kind="drain")
+        qid = self.gathers.start(Gather(sender, None, set(targets), kind="drain"))
         for address in targets.values():
             self.send(address, Drain())
-        self.wakeupAfter(_DRAIN_TIMEOUT_S, payload=("gather", qid))
-        self.maybe_finish(qid)
+        self.wakeupAfter(_DRAIN_TIMEOUT_S, payload=GatherTimeout(qid))
+        self.answer(self.gathers.finish(qid))
 
     def on_drained(self, msg: Drained, sender: Any) -> None:
-        key = self.child_key(sender)
-        for qid, gather in list(self.gathers.items()):
-            if gather.kind == "drain" and key in gather.waiting:
-                gather.waiting.discard(key)
-                self.maybe_finish(qid)
+        for gather in self.gathers.drained(self.child_key(sender)):
+            self.answer(gather)
 
-    def abandon_waiting(self, entry: _File) -> None:
+    def abandon_waiting(self, entry: FileEntry) -> None:
         """The service drains: answer what waited for a never-started actor, forget it."""
         del self.files[entry.path]
         pending, entry.pending = entry.pending, []
@@ -535,31 +482,34 @@ class Registry(ShellActor):
         self.fail_gathers(entry.key)
 
     def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
-        if isinstance(msg.payload, tuple) and msg.payload[0] == "gather":
-            self.maybe_finish(msg.payload[1], force=True)
-        elif isinstance(msg.payload, tuple) and msg.payload[0] == "successor":
-            entry = next((e for e in self.files.values() if e.key == msg.payload[1]), None)
-            if entry is not None and entry.address is None and not self.draining:
-                log.warning(
-                    "%s: the previous actor has not exited within %.0f s; starting anyway",
-                    entry.path,
-                    _SUCCESSOR_WAIT_S,
-                )
-                self.start_file(entry)
-        elif self.federation is not None and Federation.is_tick(msg.payload):
-            self.federation.tick()
+        match msg.payload:
+            case GatherTimeout(query=qid):
+                self.answer(self.gathers.finish(qid, force=True))
+            case SuccessorWait(key=key):
+                self.successor_waited(key)
+            case beat if self.federation is not None and Federation.is_tick(beat):
+                self.federation.tick()
+
+    def successor_waited(self, key: str) -> None:
+        """The predecessor of entry ``key`` did not exit in time: start it anyway."""
+        entry = next((e for e in self.files.values() if e.key == key), None)
+        if entry is not None and entry.address is None and not self.draining:
+            log.warning(
+                "%s: the previous actor has not exited within %.0f s; starting anyway",
+                entry.path,
+                _SUCCESSOR_WAIT_S,
+            )
+            self.start_file(entry)
 
     def fail_gathers(self, key: str) -> None:
-        for qid, gather in list(self.gathers.items()):
-            if key in gather.waiting:
-                gather.waiting.discard(key)
-                self.maybe_finish(qid)
+        """The child ``key`` will never answer: complete the fan-outs that waited for it."""
+        for gather in self.gathers.gone(key):
+            self.answer(gather)
 
-    def maybe_finish(self, qid: int, force: bool = False) -> None:
-        gather = self.gathers.get(qid)
-        if gather is None or (gather.waiting and not force):
+    def answer(self, gather: Gather | None) -> None:
+        """Answer a completed fan-out (None: nothing completed)."""
+        if gather is None:
             return
-        del self.gathers[qid]
         if gather.kind == "drain":
             self.send(gather.reply_to, Drained(files=len(self.files)))
             return

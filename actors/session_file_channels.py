@@ -1,8 +1,9 @@
 """The direct channels of a SessionFile: how the gateway reaches a file without the actor chain.
 
-``ChannelsMixin`` is a part of ``actors.session_file.SessionFile``, not used alone: it shares
-the actor's state and reads its clock through ``now()``. The sockets themselves are the
-``ChannelServer`` of ``actors.file_channels``; this part connects it to the actor.
+``FileChannels`` is a part of ``actors.session_file.SessionFile`` that owns the file's
+``ChannelServer`` (``actors.file_channels``, the sockets themselves) and what connects it to
+the actor: the offer, reply frames, the flush retry. The actor serves the calls it reports and
+abandons the lanes of the channels it reports closed.
 
 The gateway reaches a file over a direct channel (``messages.channel``) instead of the actor
 chain: it asks through the Registry (``OpenChannel``, counted like a call), and the file
@@ -20,163 +21,117 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from collections.abc import Callable
+from typing import Any
 
-from actors.file_channels import ChannelCallEvent, ChannelClosed, ChannelRef, ChannelServer
-from actors.lease_table import Effect, LeaseTable
+from actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
 from messages.channel import reply_frame
 from messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
 
-__all__ = ["ChannelsMixin"]
-
-
-class _Broken(Protocol):
-    """``actors.session_file.Broken`` (not imported: that module imports this one)."""
-
-    @property
-    def code(self) -> Any: ...
-    @property
-    def detail(self) -> str: ...
-
+__all__ = ["FLUSH_RETRY_S", "FileChannels", "channel_call", "refused_offer"]
 
 log = logging.getLogger(__name__)
 
-_FLUSH_RETRY_S = 0.002
+FLUSH_RETRY_S = 0.002
 """How soon channel output a full socket buffer refused is written again."""
 
 
-class ChannelsMixin:
-    """The channel end of ``SessionFile``: offers, calls and closes, replies as frames."""
+def refused_offer(msg: OpenChannel, canonical: str | None, reason: str, code: Any) -> ChannelOffer:
+    """The answer to ``msg`` when this file offers no channel (its calls come the actor way)."""
+    return ChannelOffer(
+        path=msg.path, nonce=msg.nonce, canonical=canonical, reason=reason, code=code
+    )
 
-    # What this part uses of the rest of the actor.
-    channels: ClassVar[bool]
-    watch_supported: bool
-    path: str
-    table: LeaseTable | None
-    broken: _Broken | None
-    incarnation: int
-    retiring: bool
-    lanes: dict[str, Any]
-    lane_names: dict[str, str]
-    counters: dict[str, int]
 
-    if TYPE_CHECKING:
+def channel_call(path: str, conn: ChannelRef, call: Any) -> LaneCall:
+    """The ``LaneCall`` a channel call is served as (the connection is the lane's address)."""
+    lane = LaneRef(uid=call.uid, name=call.name, address=conn, priority=call.priority)
+    return LaneCall(lane=lane, path=path, canonical=True, request=call.request)
 
-        def now(self) -> float: ...
-        def from_registry(self) -> None: ...
-        def touch(self) -> None: ...
-        def serve(self, call: LaneCall) -> None: ...
-        def on_handler_error(self, msg: Any, sender: Any, exc: Exception) -> None: ...
-        def perform(self, effects: list[Effect]) -> None: ...
-        def send(self, targetAddr: Any, msg: Any) -> None: ...
-        def wakeupAfter(self, timePeriod: Any, payload: Any = None) -> None: ...
 
-    def init_channels(self) -> None:
+class FileChannels:
+    """The channel listener of one open file, opened on first use, and its output.
+
+    ``enabled`` and ``watch`` say whether channels may be offered at all; ``accepting`` is
+    asked for each new connection (a retiring file accepts none).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        incarnation: int,
+        *,
+        enabled: bool,
+        watch: bool,
+        accepting: Callable[[], bool],
+    ) -> None:
+        self.path = path
+        self.incarnation = incarnation
+        self.enabled = enabled
+        self.watch = watch
+        self.accepting = accepting
         self.server: ChannelServer | None = None
         self.flush_armed = False
-        self.closed_channels = 0
+        self.closed = 0  # channels closed so far (numbers the abandons they cause)
+        self.calls = 0  # calls served from channels (the ``channel_calls`` counter)
 
-    def on_open_channel(self, msg: OpenChannel, sender: Any) -> None:
-        self.from_registry()
-        reply_to = msg.reply_to if msg.reply_to is not None else sender
-        server, reason = self.channel_server()
-        canonical = self.path or None
-        if server is None:
-            code = self.broken.code if self.broken is not None else None
-            offer = ChannelOffer(
-                path=msg.path, nonce=msg.nonce, canonical=canonical, reason=reason, code=code
-            )
-        else:
-            offer = ChannelOffer(
-                path=msg.path,
-                nonce=msg.nonce,
-                canonical=canonical,
-                address=server.address,
-                token=server.token,
-                incarnation=self.incarnation,
-            )
-        self.send(reply_to, offer)
+    def offer(self, msg: OpenChannel) -> ChannelOffer:
+        """The answer to ``msg``: the listener's address (opened now if need be), or why not."""
+        if self.server is None:
+            reason = self.cannot_open()
+            if reason:
+                return refused_offer(msg, self.path, reason, None)
+        assert self.server is not None  # ``cannot_open`` opened it
+        return ChannelOffer(
+            path=msg.path,
+            nonce=msg.nonce,
+            canonical=self.path,
+            address=self.server.address,
+            token=self.server.token,
+            incarnation=self.incarnation,
+        )
 
-    def channel_server(self) -> tuple[ChannelServer | None, str]:
-        """The channel listener, opened on first use, or None and why there is none."""
-        if self.server is not None:
-            return self.server, ""
-        if self.table is None:
-            detail = self.broken.detail if self.broken is not None else ""
-            return None, detail or "the file actor is not initialised"
-        if not self.watch_supported:
-            return None, "this actor system cannot watch sockets"
-        if not self.channels:
-            return None, "channels are turned off"
+    def cannot_open(self) -> str:
+        """Open the listener; why it cannot be opened, or "" once it is."""
+        if not self.watch:
+            return "this actor system cannot watch sockets"
+        if not self.enabled:
+            return "channels are turned off"
         try:
-            self.server = ChannelServer.open(
-                self.path, self.incarnation, accepting=lambda: not self.retiring
-            )
+            self.server = ChannelServer.open(self.path, self.incarnation, accepting=self.accepting)
         except OSError as exc:
             log.error("cannot open a channel listener for %s: %s", self.path, exc)
-            return None, f"cannot open a channel listener: {exc}"
-        return self.server, ""
+            return f"cannot open a channel listener: {exc}"
+        return ""
 
-    def on_channels_ready(self, ready: list[int]) -> None:
-        """Serve what the ready channel sockets brought: calls, and channels that closed."""
+    def on_ready(self, ready: list[int]) -> list[ChannelEvent]:
+        """What the ready channel sockets brought: calls, and channels that closed."""
+        return self.server.on_ready(ready) if self.server is not None else []
+
+    def next_closed(self) -> int:
+        """A fresh number for the abandon a closed channel causes."""
+        self.closed += 1
+        return self.closed
+
+    def flush(self) -> tuple[list[ChannelClosed], bool]:
+        """Write the output: the connections found closed, and whether to arm a flush retry."""
         if self.server is None:
-            return
-        for event in self.server.on_ready(ready):
-            if isinstance(event, ChannelCallEvent):
-                self.on_channel_call(event)
-            else:
-                self.on_channel_closed(event)
-
-    def on_channel_call(self, event: ChannelCallEvent) -> None:
-        """A call on a channel: served like a ``LaneCall`` but not counted in ``received``."""
-        c = event.call
-        lane = LaneRef(uid=c.uid, name=c.name, address=event.conn, priority=c.priority)
-        call = LaneCall(lane=lane, path=self.path, canonical=True, request=c.request)
-        self.counters["channel_calls"] += 1
-        self.touch()
-        try:
-            self.serve(call)
-        except Exception as exc:
-            log.exception("channel call to %s failed", self.path)
-            try:
-                self.on_handler_error(call, None, exc)
-            except Exception:
-                log.exception("answering the failed channel call to %s failed", self.path)
-
-    def on_channel_closed(self, event: ChannelClosed) -> None:
-        """Abandon every lane that was reached through the closed channel, and forget it."""
-        gone = [
-            uid
-            for uid, address in self.lanes.items()
-            if isinstance(address, ChannelRef) and address == event.conn
-        ]
-        for uid in gone:
-            try:
-                if self.table is not None:
-                    self.closed_channels += 1
-                    key = ("closed", self.closed_channels)
-                    reason = "the gateway's channel closed"
-                    self.perform(self.table.abandon(key, uid, self.now(), reason=reason))
-            except Exception:
-                log.exception("abandoning lane %s of %s failed", uid, self.path)
-            self.lanes.pop(uid, None)
-            self.lane_names.pop(uid, None)
-
-    def flush_channels(self) -> list[ChannelClosed]:
-        """Write the channels' output; the connections found closed (for the caller)."""
-        if self.server is None:
-            return []
+            return [], False
         try:
             left = self.server.flush()
         except Exception:
             log.exception("writing the channels of %s failed", self.path)
             left = True
-        if left and not self.flush_armed:
+        arm = left and not self.flush_armed
+        if arm:
             self.flush_armed = True
-            self.wakeupAfter(_FLUSH_RETRY_S, payload=("flush", 0))
-        return self.server.closed_since_last()
+        return list(self.server.closed_since_last()), arm
 
-    def close_channels(self) -> None:
+    def flush_due(self) -> None:
+        """The flush retry fired (the end of the turn writes what is left)."""
+        self.flush_armed = False
+
+    def close(self) -> None:
         """The actor is exiting: write what is left if the sockets take it, then close them."""
         if self.server is not None:
             with contextlib.suppress(OSError):
@@ -184,11 +139,13 @@ class ChannelsMixin:
             self.server.close()
             self.server = None
 
-    def deliver(self, address: Any, message: FileReply) -> None:
-        """To a Lane actor, or as a reply frame on a channel (dropped if it closed)."""
-        if isinstance(address, ChannelRef):
-            if self.server is not None:
-                frame = reply_frame(message.lane, message.held, message.message)
-                self.server.send(address, frame)
-        else:
-            self.send(address, message)
+    def send(self, address: ChannelRef, message: FileReply) -> None:
+        """``message`` as a reply frame on its channel (dropped if it closed)."""
+        if self.server is not None:
+            self.server.send(address, reply_frame(message.lane, message.held, message.message))
+
+    def fds(self) -> list[int]:
+        return self.server.fds() if self.server is not None else []
+
+    def connections(self) -> int:
+        return self.server.connections() if self.server is not None else 0

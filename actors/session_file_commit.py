@@ -1,9 +1,13 @@
 """How a SessionFile's messages reach its lanes: group commit holds acks until they are durable.
 
-``GroupCommitMixin`` is a part of ``actors.session_file.SessionFile``, not used alone: it
-shares the actor's state and reads its clock through ``now()``. Every reply and event to a
-lane leaves through it (``reply``, ``answer``, ``send_lane``, then ``emit``). The decisions are
-the pure ``actors.group_commit`` (``Outbox``, ``CommitPolicy``); this part carries them out.
+Two parts of ``actors.session_file.SessionFile``, each with its own state:
+
+* ``TranscriptSync`` owns whether an fsync append is not covered by an fdatasync yet, and
+  the last sync failure; it syncs (and measures) when asked.
+* ``GroupCommit`` owns the ``Outbox`` of held messages, the ``CommitPolicy`` and the phase of
+  the current pass; it returns what to deliver and which timer to arm, and the actor does it.
+
+The decisions are the pure ``actors.group_commit``; these parts carry them out.
 
 Group commit. An append is written at once but acknowledged only once durable: with
 ``durability="fsync"`` its reply is held in an ``Outbox`` until an fdatasync covers it, and
@@ -26,191 +30,168 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from actors.group_commit import CommitPolicy, Outbox, Outgoing
 from actors.histogram import FileMetrics
-from actors.lease_table import LeaseTable
 from actors.transcript import Transcript
-from messages.internal import FileReply, LaneCall
-from messages.wire import Error, Reply
+from messages.wire import Error
 
-if TYPE_CHECKING:
-    from actors.session_file_writes import _WriteOp
-
-__all__ = ["GroupCommitMixin"]
+__all__ = ["Committed", "GroupCommit", "TranscriptSync"]
 
 log = logging.getLogger(__name__)
 
 
-class GroupCommitMixin:
-    """Replies and group commit for ``SessionFile``: the outbox, the pass, the sync."""
+class TranscriptSync:
+    """Whether the transcript holds fsync appends no fdatasync covers yet; the sync itself."""
 
-    # What this part uses of the rest of the actor.
-    group_commit: ClassVar[bool]
-    watch_supported: bool
-    path: str
-    table: LeaseTable | None
-    transcript: Transcript | None
-    counters: dict[str, int]
-    metrics: FileMetrics
-    lanes: dict[str, Any]
-    done: OrderedDict[Any, Reply]
-    write_queue: deque[_WriteOp]
-
-    if TYPE_CHECKING:
-
-        def now(self) -> float: ...
-        def key(self, call: LaneCall) -> Any: ...
-        def deliver(self, address: Any, message: FileReply) -> None: ...
-        def wakeupAfter(self, timePeriod: Any, payload: Any = None) -> None: ...
-
-    def init_group_commit(self) -> None:
-        self.outbox = Outbox()
+    def __init__(
+        self,
+        path: str,
+        transcript: Transcript,
+        policy: CommitPolicy,
+        metrics: FileMetrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self.path = path
+        self.transcript = transcript
+        self.policy = policy
+        self.metrics = metrics
+        self.clock = clock
         self.unsynced = False  # an fsync append was written and no fdatasync covers it yet
-        self.sync_error: str | None = None
-        self.batch = CommitPolicy()
-        self.commit_wakeup: float | None = None  # the earliest pending ("commit", due) wakeup
+        self.error: str | None = None  # the last failure, until ``take_error``
+
+    def wrote(self) -> None:
+        """An fsync append was written: the next ``sync_now`` must sync."""
+        self.unsynced = True
+
+    def sync_now(self) -> None:
+        """fdatasync if an fsync append is not covered yet; a failure is kept for the commit."""
+        if not self.unsynced:
+            return
+        self.unsynced = False
+        started = self.clock()
+        try:
+            self.transcript.sync("fsync")
+            elapsed = self.clock() - started
+            self.policy.synced(elapsed)
+            self.metrics.observe("fsync", elapsed)
+        except OSError as exc:
+            self.error = f"fdatasync failed: {exc}"
+            log.error("%s: %s", self.path, self.error)
+
+    def take_error(self) -> str | None:
+        error, self.error = self.error, None
+        return error
+
+
+@dataclass
+class Committed:
+    """What a commit sends (in order), and the appends whose acks became errors."""
+
+    deliveries: list[Outgoing] = field(default_factory=list)
+    failed_keys: list[Any] = field(default_factory=list)
+    """De-duplication keys of acks a failed sync turned into errors: forget them."""
+
+
+class GroupCommit:
+    """The outbox, the pass and the commit of one open file.
+
+    ``watch``: the actor system can watch file descriptors and group commit is on; otherwise
+    every message that leaves something held is followed by a commit.
+    """
+
+    def __init__(self, path: str, sync: TranscriptSync, *, watch: bool) -> None:
+        self.path = path
+        self.sync = sync
+        self.policy = sync.policy
+        self.outbox = Outbox()
         self.phase: Literal["idle", "pass", "wait"] = "idle"
-        self.ready_fd: int | None = None
+        self.wakeup: float | None = None  # the earliest pending CommitDue
+        self.ready_fd: int | None = _always_readable_fd() if watch else None
+        self.commits = 0
 
-    # Messages to lanes ---------------------------------------------------------------------
-
-    def answer(self, req: Any, lane_uid: Any, message: Reply) -> None:
-        _, rid = req
-        self.send_lane(
-            lane_uid,
-            FileReply(
-                path=self.path,
-                message=message.model_copy(update={"id": rid}),
-                held=self.held(lane_uid),
-                lane=lane_uid,
-            ),
-        )
-
-    def reply(self, call: LaneCall, message: Reply, *, needs_sync: bool = False) -> None:
-        out = Outgoing(
-            lane=call.lane.uid,
-            address=call.lane.address,
-            message=FileReply(
-                path=self.path,
-                message=message,
-                held=self.held(call.lane.uid),
-                lane=call.lane.uid,
-            ),
-            needs_sync=needs_sync,
-            key=self.key(call) if needs_sync else None,
-        )
-        self.emit(out)
-
-    def held(self, lane_uid: Any) -> str | None:
-        holder = self.table.held_by(lane_uid) if self.table is not None else None
-        return holder.lease if holder is not None else None
-
-    def send_lane(self, lane_uid: Any, message: FileReply) -> None:
-        address = self.lanes.get(lane_uid)
-        if address is not None:
-            self.emit(Outgoing(lane=lane_uid, address=address, message=message, needs_sync=False))
-
-    def emit(self, out: Outgoing) -> None:
-        """Send ``out`` now, or hold it in the outbox until the next commit."""
-        if self.outbox.put(out):
-            self.deliver(out.address, out.message)
-
-    # Group commit --------------------------------------------------------------------------
-
-    def open_pass_end(self) -> None:
-        """The always-readable pipe, where the base can watch it and group commit is on."""
-        if self.watch_supported and self.group_commit:
-            self.ready_fd = _always_readable_fd()
-
-    def close_pass_end(self) -> None:
+    def close(self) -> None:
         if self.ready_fd is not None:
             os.close(self.ready_fd)
             self.ready_fd = None
 
-    def after_message(self) -> bool:
-        """After every message: sync now, or keep waiting; True: watch for the end of the pass."""
+    def hold(self, out: Outgoing) -> bool:
+        """Hold ``out`` until the next commit if it must wait; True: send it now."""
+        return self.outbox.put(out)
+
+    def wrote(self, lane: str, now: float) -> None:
+        """An fsync append of ``lane`` was written (``TranscriptSync`` was told by the writer)."""
+        self.policy.wrote(lane, now)
+
+    def after_message(self) -> bool | None:
+        """After every message: True to watch for the end of the pass, None to commit now."""
         if not self.outbox:
             self.phase = "idle"
             return False
         if self.ready_fd is None:
-            self.commit()
-            return False
+            return None
         if self.phase == "wait":
-            if not self.batch.grew():
+            if not self.policy.grew():
                 return False  # the commit wakeup or the next append ends the wait
             self.phase = "idle"  # an append arrived: give its pass a chance to bring more
         if self.phase == "idle":
             self.phase = "pass"
-            self.batch.begin_pass()
+            self.policy.begin_pass()
         return True
 
-    def on_pass_end(self) -> None:
-        """The transport delivered everything it had read: decide what the held batch does."""
-        if self.phase == "pass" and self.outbox:
-            self.decide()
+    def pass_ended(self) -> bool:
+        """The transport delivered what it had read: does the held batch need a decision?"""
+        return self.phase == "pass" and bool(self.outbox)
 
-    def decide(self) -> None:
-        decision = self.batch.decide(self.now(), others_may_write=self.others_may_write())
-        if decision == "sync":
-            self.commit()
-            return
-        self.batch.begin_pass()
-        if decision == "wait":
-            self.phase = "wait"
-            due = self.batch.deadline()
-            if self.commit_wakeup is None or due < self.commit_wakeup:
-                self.commit_wakeup = due
-                self.wakeupAfter(max(0.0, due - self.now()) / 1000.0, payload=("commit", due))
+    def timer_fired(self, due: float) -> bool:
+        """A ``CommitDue`` armed for ``due`` fired: does the waiting batch need a decision?"""
+        if self.wakeup is not None and due >= self.wakeup:
+            self.wakeup = None
+        return self.phase == "wait" and bool(self.outbox)
 
-    def others_may_write(self) -> bool:
-        """Could a lane other than the holder append before the holder's acks are released?
+    def decide(self, now: float, *, others_may_write: bool) -> float | Literal["sync"] | None:
+        """Sync now (``"sync"``), one more pass (None), or wait: the time to arm a timer for.
 
-        Not while a lane holds a lease it asked for: the others queue until it releases, and
-        it releases only once its appends are acknowledged, so waiting for them would only
-        delay the hand-off. A lease-less append's short write lease is released as soon as it
-        is written, so behind one (or none) the next writer may join the batch.
+        A wait whose timer is already armed early enough returns None too.
         """
-        holder = self.table.holder if self.table is not None else None
-        if holder is None:
-            return True
-        return any(op.auto_release and op.lease == holder.lease for op in self.write_queue)
+        decision = self.policy.decide(now, others_may_write=others_may_write)
+        if decision == "sync":
+            return "sync"
+        self.policy.begin_pass()
+        if decision == "pass":
+            return None
+        self.phase = "wait"
+        due = self.policy.deadline()
+        if self.wakeup is not None and due >= self.wakeup:
+            return None
+        self.wakeup = due
+        return due
 
-    def sync_now(self) -> None:
-        """fdatasync if an fsync append is not covered yet; a failure is kept for ``commit``."""
-        if not self.unsynced or self.transcript is None:
-            return
-        self.unsynced = False
-        started = self.now()
-        try:
-            self.transcript.sync("fsync")
-            elapsed = self.now() - started
-            self.batch.synced(elapsed)
-            self.metrics.observe("fsync", elapsed)
-        except OSError as exc:
-            self.sync_error = f"fdatasync failed: {exc}"
-            log.error("%s: %s", self.path, self.sync_error)
-
-    def commit(self) -> None:
-        """Sync, then send every held message; acks a failed sync covered become errors."""
-        self.sync_now()
+    def commit(self) -> Committed:
+        """Sync, then release every held message; acks a failed sync covered become errors."""
+        self.sync.sync_now()
         held = self.outbox.take_all()
-        failure, self.sync_error = self.sync_error, None
+        failure = self.sync.take_error()
+        done = Committed()
         if held:
-            self.counters["commits"] += 1
+            self.commits += 1
         for out in held:
-            message = out.message
             if failure is not None and out.needs_sync:
-                rid = message.message.id
+                rid = out.message.message.id
                 error = Error(id=rid, code="internal", detail=failure, path=self.path)
-                message = message.model_copy(update={"message": error})
+                out = replace(out, message=out.message.model_copy(update={"message": error}))
                 if out.key is not None:
-                    self.done.pop(out.key, None)
-            self.deliver(out.address, message)
-        self.batch.committed()
+                    done.failed_keys.append(out.key)
+            done.deliveries.append(out)
+        self.policy.committed()
         self.phase = "idle"
+        return done
+
+    def idle(self) -> bool:
+        return not self.outbox
 
 
 def _always_readable_fd() -> int:

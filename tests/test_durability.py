@@ -25,6 +25,8 @@ from thespian.actors import ThespianWatch, WakeupMessage, WatchMessage
 from actors import session_file
 from actors.group_commit import CommitPolicy
 from actors.session_file import SessionFile
+from actors.session_file_serving import Serving
+from actors.timers import CommitDue
 from messages.internal import FileInit, FileReply, LaneCall, LaneRef
 from messages.wire import Acquire, Append, Error, Granted, Release, Released
 from system.client import connect
@@ -135,16 +137,22 @@ class Shell:
         self.actor.wakeupAfter = lambda delay, payload=None: self.wakeups.append((delay, payload))
         init = FileInit(path=self.path, settings=file_settings(**settings), incarnation=1)
         self.deliver(init, sender="registry")
-        assert self.actor.transcript is not None
-        real_sync = self.actor.transcript.sync
+        real_sync = self.serving.transcript.sync
 
         def sync(durability: Any) -> None:
             real_sync(durability)
             if durability == "fsync":
                 self.events.append(("sync", None))
 
-        self.actor.transcript.sync = sync  # type: ignore[method-assign]
+        self.serving.transcript.sync = sync  # type: ignore[method-assign]
         self.ids = 0
+
+    @property
+    def serving(self) -> Serving:
+        """The actor's state once its file is open (what ``FileInit`` built)."""
+        state = self.actor.state
+        assert isinstance(state, Serving)
+        return state
 
     def _send(self, address: Any, message: Any) -> None:
         if isinstance(message, FileReply):
@@ -165,7 +173,7 @@ class Shell:
         return self.call(lane, Append(lane=lane, path=self.path, records=records, **kw))
 
     def end_of_pass(self) -> ThespianWatch | None:
-        return self.deliver(WatchMessage([self.actor.ready_fd]), sender=None)
+        return self.deliver(WatchMessage([self.serving.commit.ready_fd]), sender=None)
 
     def settle(self) -> None:
         """Passes with nothing new until the batch is synced (or waits for a sibling)."""
@@ -197,7 +205,7 @@ def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shell]:
 
 def test_an_append_is_acknowledged_only_after_the_fdatasync_that_covers_it(shell: Shell) -> None:
     watch = shell.append("a")
-    assert isinstance(watch, ThespianWatch) and watch.filenos == [shell.actor.ready_fd]
+    assert isinstance(watch, ThespianWatch) and watch.filenos == [shell.serving.commit.ready_fd]
     assert shell.sent() == []  # written, not acknowledged: the reply waits for the pass end
     assert Path(shell.path).read_bytes().count(b"\n") == 1
     assert shell.end_of_pass() is None
@@ -228,7 +236,7 @@ def test_a_batch_waits_for_an_active_sibling_and_commits_when_it_joins(shell: Sh
     shell.append("a")
     assert shell.end_of_pass() is None  # b is expected: no watch, a timer instead
     assert shell.sent() == []
-    assert shell.wakeups[-1][1][0] == "commit"
+    assert isinstance(shell.wakeups[-1][1], CommitDue)
     shell.clock.now += 1.0
     assert isinstance(shell.append("b"), ThespianWatch)  # b joined: one more pass...
     assert shell.end_of_pass() is None  # ... then one sync for both
@@ -243,7 +251,7 @@ def test_a_waiting_batch_is_synced_when_its_commit_timer_fires(shell: Shell) -> 
     shell.append("a")
     assert shell.end_of_pass() is None
     delay, payload = shell.wakeups[-1]
-    assert payload[0] == "commit" and shell.sent() == []
+    assert isinstance(payload, CommitDue) and shell.sent() == []
     shell.clock.now += delay * 1000.0
     shell.deliver(WakeupMessage(delay, payload), sender=None)
     assert shell.sent() == [("sync", ""), ("lane:a", "appended")]
@@ -265,7 +273,7 @@ def test_a_batch_under_a_held_write_lease_never_waits_for_lanes_queued_behind_it
     shell.call("a", Append(lease=granted.lease, fence=granted.fence, records=[{"x": 1}]))
     assert shell.end_of_pass() is None
     assert shell.sent()[-2:] == [("sync", ""), ("lane:a", "appended")]
-    assert not [w for w in shell.wakeups if w[1][0] == "commit"]
+    assert not [w for w in shell.wakeups if isinstance(w[1], CommitDue)]
 
 
 def test_every_message_to_a_lane_queues_behind_its_held_acknowledgement(shell: Shell) -> None:
@@ -287,15 +295,14 @@ def test_every_message_to_a_lane_queues_behind_its_held_acknowledgement(shell: S
 def test_a_flush_append_is_acknowledged_at_once_without_fdatasync(shell: Shell) -> None:
     assert shell.append("a", durability="flush") is None
     assert shell.sent() == [("lane:a", "appended")]
-    assert shell.actor.transcript is not None and shell.actor.transcript.sync_count == 0
+    assert shell.serving.transcript.sync_count == 0
 
 
 def test_a_failed_fdatasync_turns_the_held_acknowledgements_into_errors(shell: Shell) -> None:
     def broken(durability: Any) -> None:
         raise OSError(5, "Input/output error")
 
-    assert shell.actor.transcript is not None
-    shell.actor.transcript.sync = broken  # type: ignore[method-assign]
+    shell.serving.transcript.sync = broken  # type: ignore[method-assign]
     shell.append("a")
     shell.end_of_pass()
     (who, reply), *_ = shell.events

@@ -23,6 +23,7 @@ from thespian.actors import WakeupMessage
 
 from actors import session_file
 from actors.openclaw_lock import encode_lock_payload, lock_path, pid_alive
+from actors.timers import LegacyRetry
 from actors.transcript import quarantine_path
 from messages.wire import Abandon, Acquire, Append, Error, Granted
 from system.client import connect
@@ -50,7 +51,7 @@ def hold_legacy_lock(transcript: str, pid: int) -> Path:
 
 def legacy_retry(shell: Shell) -> None:
     """Fire the newest pending legacy-lock retry."""
-    delay, payload = next(w for w in reversed(shell.wakeups) if w[1][0] == "legacy")
+    delay, payload = next(w for w in reversed(shell.wakeups) if isinstance(w[1], LegacyRetry))
     shell.deliver(WakeupMessage(delay, payload), sender=None)
 
 
@@ -59,7 +60,7 @@ def test_writes_wait_in_order_while_a_live_legacy_writer_holds_the_lock(shell: S
     shell.append("a")
     shell.append("b", n=2)
     assert Path(shell.path).read_bytes() == b""
-    assert shell.sent() == [] and shell.actor.counters["legacy_lock_waits"] >= 1
+    assert shell.sent() == [] and shell.actor.status().counters["legacy_lock_waits"] >= 1
     legacy_retry(shell)  # still held: nothing happens, another retry is scheduled
     assert Path(shell.path).read_bytes() == b""
     lock.unlink()

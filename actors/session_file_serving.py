@@ -1,0 +1,296 @@
+"""The two states of an activated SessionFile: serving its file, or broken with an error.
+
+``Serving`` is everything that exists only once the file is open, built complete by
+``Serving.open`` when the actor gets its ``FileInit``: the directory, the ownership lock, the
+transcript, the fence store, the legacy lock, the lease table, and the parts that work on them
+(``WritePath``, ``TranscriptSync``, ``GroupCommit``, ``FileChannels``). An activation that
+fails leaves nothing open and gives a ``Broken`` instead (``activation_error``): every request
+then gets its error. So no part of the actor ever holds a half-open file.
+
+Ownership first, released last: nothing of the file (torn tail, fences) is touched unless we
+are its one owner on this machine, and the fence floor read at activation is the last owner's
+final word (it held the lock until its process ended); until ``Serving.close`` releases the
+lock, another service must not open, quarantine or fence the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from actors.confined import ConfinedDir, failure_code, failure_detail
+from actors.fencestore import FenceStore
+from actors.group_commit import CommitPolicy
+from actors.histogram import FileMetrics
+from actors.lease_table import LeasePolicy, LeaseTable
+from actors.legacy_lock import LegacyLock
+from actors.ownership import Ownership
+from actors.session_file_channels import FileChannels
+from actors.session_file_commit import GroupCommit, TranscriptSync
+from actors.session_file_writes import WritePath
+from actors.transcript import OpenReport, Transcript
+from messages.errors import ErrorCode, SessionLaneError
+from messages.internal import FileInit, FileSettings
+from messages.wire import FileStatus, HolderStatus, QueueEntry
+
+__all__ = ["NOT_STARTED", "Broken", "Serving", "Switches", "activation_error"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """Why a SessionFile could not start serving its file: every request gets this error."""
+
+    code: ErrorCode
+    detail: str
+
+
+NOT_STARTED = Broken("unavailable", "the file actor is not initialised")
+"""The state of a SessionFile before its ``FileInit``."""
+
+
+def activation_error(exc: BaseException) -> Broken:
+    """The error a failed activation answers with (a pure mapping, tested on its own).
+
+    Another owner or an I/O error is ``unavailable`` (the next request tries again: the
+    owner may have gone); a path that confinement refuses is ``path_not_allowed``; running out
+    of descriptors is ``too_many_files``.
+    """
+    detail = failure_detail(exc)
+    if not isinstance(exc, SessionLaneError):
+        detail = f"cannot open the file: {detail}"
+    return Broken(failure_code(exc), detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Switches:
+    """What the actor system and the benchmarks allow: watching fds, group commit, channels."""
+
+    watch: bool
+    group_commit: bool
+    channels: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """What ``_open_file`` opened, in the order it opened it."""
+
+    directory: ConfinedDir
+    ownership: Ownership
+    transcript: Transcript
+    legacy: LegacyLock | None
+    tail_unchecked: bool
+    report: OpenReport
+    fences: FenceStore
+    floor: int
+
+
+class Serving:
+    """A SessionFile serving its open file: the file's resources and the parts using them."""
+
+    def __init__(
+        self,
+        msg: FileInit,
+        opened: _Opened,
+        switches: Switches,
+        *,
+        metrics: FileMetrics,
+        clock: Callable[[], float],
+        accepting: Callable[[], bool],
+    ) -> None:
+        s = msg.settings
+        self.path = msg.path
+        self.settings: FileSettings = s
+        self.directory = opened.directory
+        """The transcript's directory, walked from its root without symlinks; shared by the
+        owner lock, the transcript, its fence store and the legacy lock."""
+        self.ownership = opened.ownership
+        self.transcript = opened.transcript
+        self.fences = opened.fences
+        policy = LeasePolicy(
+            max_hold_ms=s.max_hold_ms,
+            wait_timeout_ms=s.wait_timeout_ms,
+            aging_ms=s.aging_ms,
+            max_queue=s.max_queue,
+        )
+        tag = hashlib.sha256(msg.path.encode()).hexdigest()[:8]
+        self.table = LeaseTable(msg.path, policy, fence_floor=opened.floor, lease_prefix=f"{tag}-")
+        self.sync = TranscriptSync(msg.path, self.transcript, CommitPolicy(), metrics, clock)
+        self.commit = GroupCommit(
+            msg.path, self.sync, watch=switches.watch and switches.group_commit
+        )
+        self.writes = WritePath(
+            msg.path,
+            self.table,
+            self.transcript,
+            legacy=opened.legacy,
+            tail_unchecked=opened.tail_unchecked,
+            durability=s.durability,
+            max_record_bytes=s.max_record_bytes,
+            sync=self.sync,
+            clock=clock,
+            sync_each_append=not switches.group_commit,
+        )
+        self.channels = FileChannels(
+            msg.path,
+            msg.incarnation,
+            enabled=switches.channels,
+            watch=switches.watch,
+            accepting=accepting,
+        )
+        self.next_tick: float | None = None  # the earliest pending LeaseTick
+        self.fence_reservations = 0
+
+    @classmethod
+    def open(
+        cls,
+        msg: FileInit,
+        switches: Switches,
+        *,
+        metrics: FileMetrics,
+        clock: Callable[[], float],
+        accepting: Callable[[], bool],
+    ) -> Serving:
+        """Open ``msg.path`` for serving; raises (with nothing left open) when it cannot."""
+        opened = _open_file(msg)
+        serving = cls(msg, opened, switches, metrics=metrics, clock=clock, accepting=accepting)
+        log.info(
+            "opened %s (incarnation %d, fence floor %d, size %d, torn bytes %d)",
+            msg.path,
+            msg.incarnation,
+            opened.floor,
+            opened.report.size,
+            opened.report.torn_bytes,
+        )
+        return serving
+
+    def close(self) -> None:
+        """Close the file's resources; the ownership lock last (see the module docstring)."""
+        self.channels.close()
+        self.transcript.close()
+        self.commit.close()
+        self.ownership.release()
+        self.directory.close()
+
+    def quiet(self) -> bool:
+        """Nothing held, queued or waiting: the actor may be passivated."""
+        return self.table.idle() and self.commit.idle() and not self.writes.queue
+
+    def held(self, lane_uid: str) -> str | None:
+        """The lease ``lane_uid`` holds on this file, if any."""
+        holder = self.table.held_by(lane_uid)
+        return holder.lease if holder is not None else None
+
+    def others_may_write(self) -> bool:
+        """Could a lane other than the holder append before the holder's acks are released?
+
+        Not while a lane holds a lease it asked for: the others queue until it releases, and
+        it releases only once its appends are acknowledged, so waiting for them would only
+        delay the hand-off. A lease-less append's short write lease is released as soon as it
+        is written, so behind one (or none) the next writer may join the batch.
+        """
+        holder = self.table.holder
+        return holder is None or self.writes.others_may_join(holder.lease)
+
+    def status(
+        self, now: float, lane_name: Callable[[Any], str], extra: dict[str, int]
+    ) -> FileStatus:
+        """The file's status: holder, queue, the counters of every part, then ``extra``."""
+        t = self.table
+        holder = None
+        if t.holder is not None:
+            holder = HolderStatus(
+                lane=lane_name(t.holder.lane),
+                lease=t.holder.lease,
+                purpose=t.holder.purpose,
+                held_ms=int(now - t.holder.granted_at),
+            )
+        queue = [
+            QueueEntry(
+                lane=lane_name(w.lane),
+                purpose=w.purpose,
+                priority=w.priority,
+                waited_ms=int(now - w.enqueued_at),
+            )
+            for w in t.order(now)
+        ]
+        counters = {
+            **t.counters,
+            **self.writes.counters,
+            "commits": self.commit.commits,
+            "fence_reservations": self.fence_reservations,
+            "channel_calls": self.channels.calls,
+            "syncs": self.transcript.sync_count,
+            "size": self.transcript.size,
+            "channels": self.channels.connections(),
+            **extra,
+        }
+        return FileStatus(
+            path=self.path, fence=t.fence, holder=holder, queue=queue, counters=counters
+        )
+
+
+def _open_file(msg: FileInit) -> _Opened:
+    """Take ownership, open the transcript and load the fences; on failure close it all."""
+    directory, _ = ConfinedDir.open_parent(msg.path, msg.root)
+    ownership: Ownership | None = None
+    transcript: Transcript | None = None
+    try:
+        owner = msg.settings.owner
+        ownership = Ownership.acquire(
+            msg.path,
+            service_pid=owner.pid if owner else 0,
+            gateway=owner.gateway if owner else "",
+            admin_port=owner.admin_port if owner else 0,
+            now=time.time(),
+            directory=directory,
+        )
+        transcript = Transcript(msg.path, root=msg.root, directory=directory, log=log)
+        legacy, unchecked, report = _open_transcript(transcript, msg, directory)
+        fences = FenceStore(msg.path, transcript.directory)
+        floor = fences.load()
+    except BaseException:  # another owner, permission, corrupt fence file, EMFILE...
+        _close_after_failure(msg.path, directory, ownership, transcript)
+        raise
+    return _Opened(directory, ownership, transcript, legacy, unchecked, report, fences, floor)
+
+
+def _open_transcript(
+    transcript: Transcript, msg: FileInit, directory: ConfinedDir
+) -> tuple[LegacyLock | None, bool, OpenReport]:
+    """Open the transcript; with legacy interop, repair a torn tail only under the lock.
+
+    A legacy writer writes its line while it holds ``<file>.lock``: an unterminated last
+    line seen without that lock may be its write in progress, and quarantining it would
+    cut the line in two (the test of legacy interop lost a record that way). So the
+    repair happens here only if the lock is free now, else before our first write, which
+    always takes the lock (the returned flag: the tail is left unchecked).
+    """
+    if not msg.settings.legacy_lock:
+        return None, False, transcript.open()
+    legacy = LegacyLock(msg.path, directory=directory)
+    if not legacy.try_acquire():
+        return legacy, True, transcript.open(repair=False)
+    try:
+        return legacy, False, transcript.open()
+    finally:
+        legacy.release()
+
+
+def _close_after_failure(
+    path: str, directory: ConfinedDir, ownership: Ownership | None, transcript: Transcript | None
+) -> None:
+    """Let go of what a failed activation had already opened (the lock last)."""
+    if transcript is not None:
+        try:
+            transcript.close()
+        except Exception:
+            log.exception("closing %s after a failed activation", path)
+    if ownership is not None:
+        ownership.release()
+    directory.close()

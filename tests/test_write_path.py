@@ -1,0 +1,305 @@
+"""The SessionFile's write path alone: ``WritePath`` on a real transcript, without an actor.
+
+Each test drives the part the way the actor does (accept, then drain one write at a time) and
+checks the effects it returns, in order, and the file on disk. Time is a plain number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.group_commit import CommitPolicy
+from actors.histogram import FileMetrics
+from actors.lease_table import Grant, LeasePolicy, LeaseTable, Released, ReserveFences
+from actors.legacy_lock import LegacyLock
+from actors.openclaw_lock import encode_lock_payload, lock_path
+from actors.session_file_commit import TranscriptSync
+from actors.session_file_writes import (
+    Commit,
+    Notify,
+    Reply,
+    TableEffects,
+    WriteEffect,
+    WritePath,
+    Wrote,
+    call_key,
+)
+from actors.transcript import Transcript
+from messages.internal import LaneCall, LaneRef
+from messages.wire import Append, Appended, Error, ExternalChange, Rewrite, Rewritten
+
+
+class Rig:
+    """A write path over a real transcript and lease table, with a clock that stands still."""
+
+    def __init__(self, path: Path, *, legacy: bool = False, tail_unchecked: bool = False):
+        self.path = str(path)
+        self.now = 1000.0
+        self.transcript = Transcript(self.path)
+        self.transcript.open(repair=not tail_unchecked)
+        self.table = LeaseTable(self.path, LeasePolicy(), fence_floor=0)
+        self.sync = TranscriptSync(
+            self.path, self.transcript, CommitPolicy(), FileMetrics(), lambda: self.now
+        )
+        self.writes = WritePath(
+            self.path,
+            self.table,
+            self.transcript,
+            legacy=LegacyLock(self.path) if legacy else None,
+            tail_unchecked=tail_unchecked,
+            durability="fsync",
+            max_record_bytes=200,
+            sync=self.sync,
+            clock=lambda: self.now,
+        )
+        self.ids = 0
+
+    def call(self, lane: str, request: Any) -> LaneCall:
+        self.ids += 1
+        ref = LaneRef(uid=lane, name=lane, address=f"lane:{lane}")
+        request = request.model_copy(update={"id": self.ids})
+        return LaneCall(lane=ref, path=self.path, canonical=True, request=request)
+
+    def grant(self, lane: str, purpose: Any = "write") -> Grant:
+        effects = self.table.acquire((lane, "acquire"), lane, purpose, self.now)
+        grant = effects[-1]
+        assert isinstance(grant, Grant)
+        return grant
+
+    def drain(self) -> list[WriteEffect]:
+        """Perform the queue as the actor does; a grant of a queued lease-less append joins."""
+        not_now = self.writes.begin_drain()
+        if not_now is not None:
+            return not_now
+        done: list[WriteEffect] = []
+        while (effects := self.writes.next_write()) is not None:
+            done += effects
+            for fx in effects:
+                if isinstance(fx, TableEffects):
+                    self.grant_pending(fx.effects)
+        return done + self.writes.end_drain()
+
+    def grant_pending(self, effects: list[Any]) -> None:
+        for fx in effects:
+            if isinstance(fx, Grant) and self.writes.is_pending(fx.req):
+                self.writes.granted(fx.req, fx.lease, fx.fence)
+
+    def lines(self) -> list[Any]:
+        return [json.loads(line) for line in Path(self.path).read_bytes().splitlines()]
+
+    def close(self) -> None:
+        self.transcript.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    made = Rig(tmp_path / "t.jsonl")
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def replies(effects: list[WriteEffect]) -> list[Any]:
+    return [fx.message for fx in effects if isinstance(fx, Reply)]
+
+
+def test_an_append_under_the_current_lease_is_written_then_acknowledged_once_synced(
+    rig: Rig,
+) -> None:
+    grant = rig.grant("a")
+    call = rig.call("a", Append(lease=grant.lease, fence=grant.fence, records=[{"n": 1}]))
+    assert rig.writes.append_under_lease(call, call.request) == []  # queued, not yet written
+    assert rig.lines() == []
+    effects = rig.drain()
+    assert effects[0] == Wrote("a")
+    [reply] = [fx for fx in effects if isinstance(fx, Reply)]
+    assert isinstance(reply.message, Appended) and reply.needs_sync
+    assert rig.lines() == [{"n": 1}]
+    assert rig.sync.unsynced  # the actor's commit syncs it before the ack leaves
+
+
+def test_an_append_with_a_stale_fence_is_refused_and_writes_nothing(rig: Rig) -> None:
+    grant = rig.grant("a")
+    call = rig.call("a", Append(lease=grant.lease, fence=grant.fence + 1, records=[{"n": 1}]))
+    [refusal] = rig.writes.append_under_lease(call, call.request)
+    assert isinstance(refusal, Reply) and isinstance(refusal.message, Error)
+    assert refusal.message.code == "stale_fence"
+    assert not rig.writes.may_drain() and rig.lines() == []
+
+
+def test_a_queued_write_whose_lease_was_released_meanwhile_is_refused_when_performed(
+    rig: Rig,
+) -> None:
+    grant = rig.grant("a")
+    call = rig.call("a", Append(lease=grant.lease, fence=grant.fence, records=[{"n": 1}]))
+    rig.writes.append_under_lease(call, call.request)
+    rig.table.release(("a", "release"), "a", grant.lease, rig.now)
+    [error] = replies(rig.drain())
+    assert isinstance(error, Error) and error.code == "stale_fence"
+    assert rig.lines() == []
+
+
+def test_a_redelivered_append_is_answered_with_its_first_reply_and_written_once(
+    rig: Rig,
+) -> None:
+    grant = rig.grant("a")
+    call = rig.call("a", Append(lease=grant.lease, fence=grant.fence, records=[{"n": 1}]))
+    rig.writes.append_under_lease(call, call.request)
+    [first] = replies(rig.drain())
+    [again] = rig.writes.append_under_lease(call, call.request)
+    assert again == Reply(call, first)
+    assert not rig.writes.may_drain()
+    assert rig.lines() == [{"n": 1}] and rig.writes.counters["duplicates"] == 1
+
+
+def test_a_forgotten_acknowledgement_makes_a_redelivered_append_write_again(rig: Rig) -> None:
+    grant = rig.grant("a")
+    call = rig.call("a", Append(lease=grant.lease, fence=grant.fence, records=[{"n": 1}]))
+    rig.writes.append_under_lease(call, call.request)
+    rig.drain()
+    rig.writes.forget(call_key(call))  # its sync failed: the ack became an error
+    assert rig.writes.append_under_lease(call, call.request) == []
+    rig.drain()
+    assert rig.lines() == [{"n": 1}, {"n": 1}]
+
+
+def test_records_too_large_are_refused_before_anything_is_queued(rig: Rig) -> None:
+    grant = rig.grant("a")
+    records = [{"pad": "x" * 300}]
+    call = rig.call("a", Append(lease=grant.lease, fence=grant.fence, records=records))
+    [refusal] = rig.writes.append_under_lease(call, call.request)
+    assert isinstance(refusal, Reply) and isinstance(refusal.message, Error)
+    assert rig.writes.counters["invalid_records"] == 1 and not rig.writes.may_drain()
+
+
+def test_a_lease_less_append_takes_a_short_write_lease_and_releases_it_silently_once_written(
+    rig: Rig,
+) -> None:
+    call = rig.call("a", Append(lane="a", path=rig.path, records=[{"n": 1}, {"n": 2}]))
+    [asked] = rig.writes.append_without_lease(call, call.request, rig.now)
+    assert isinstance(asked, TableEffects)
+    assert [type(fx) for fx in asked.effects] == [ReserveFences, Grant]
+    assert rig.writes.is_pending(call_key(call))
+    rig.grant_pending(asked.effects)
+    effects = rig.drain()
+    assert [type(fx) for fx in effects] == [Wrote, TableEffects, Reply]
+    release = effects[1]
+    assert isinstance(release, TableEffects)
+    [released] = release.effects
+    assert isinstance(released, Released) and rig.writes.released_silently(released.req)
+    assert rig.table.holder is None
+    assert isinstance(replies(effects)[0], Appended) and rig.lines() == [{"n": 1}, {"n": 2}]
+
+
+def test_a_lease_less_append_waits_behind_a_held_lease_and_joins_the_drain_that_frees_it(
+    rig: Rig,
+) -> None:
+    first = rig.call("a", Append(lane="a", path=rig.path, records=[{"lane": "a"}]))
+    second = rig.call("b", Append(lane="b", path=rig.path, records=[{"lane": "b"}]))
+    [asked_a] = rig.writes.append_without_lease(first, first.request, rig.now)
+    assert isinstance(asked_a, TableEffects)
+    rig.grant_pending(asked_a.effects)
+    [asked_b] = rig.writes.append_without_lease(second, second.request, rig.now)
+    assert isinstance(asked_b, TableEffects) and not any(
+        isinstance(fx, Grant) for fx in asked_b.effects
+    )  # b waits for a's short lease
+    effects = rig.drain()  # a's release grants b, which is written in the same drain
+    assert rig.lines() == [{"lane": "a"}, {"lane": "b"}]
+    assert [type(m) for m in replies(effects)] == [Appended, Appended]
+
+
+def test_a_rewrite_syncs_what_was_appended_before_it_replaces_the_file(rig: Rig) -> None:
+    grant = rig.grant("a", "compaction")
+    call = rig.call("a", Append(lease=grant.lease, fence=grant.fence, records=[{"n": 1}]))
+    rig.writes.append_under_lease(call, call.request)
+    rig.drain()
+    assert rig.sync.unsynced and rig.transcript.sync_count == 0
+    rewrite = Rewrite(lease=grant.lease, fence=grant.fence, records=[{"compacted": True}])
+    call = rig.call("a", rewrite)
+    assert rig.writes.rewrite(call, rewrite) == []
+    [done] = replies(rig.drain())
+    assert isinstance(done, Rewritten) and rig.transcript.sync_count >= 1
+    assert not rig.sync.unsynced and rig.lines() == [{"compacted": True}]
+
+
+def test_an_append_outside_sessionlane_is_adopted_and_the_holder_told(rig: Rig) -> None:
+    grant = rig.grant("a")
+    with open(rig.path, "a") as f:
+        f.write(json.dumps({"outside": 1}) + "\n")
+    call = rig.call("a", Append(lease=grant.lease, fence=grant.fence, records=[{"n": 1}]))
+    rig.writes.append_under_lease(call, call.request)
+    effects = rig.drain()
+    [notify] = [fx for fx in effects if isinstance(fx, Notify)]
+    event = notify.message.message
+    assert notify.lane == "a" and isinstance(event, ExternalChange) and event.kind == "append"
+    assert rig.lines() == [{"outside": 1}, {"n": 1}]
+    assert rig.writes.counters["external_changes"] == 1
+
+
+def test_writes_failed_on_exit_are_answered_and_their_short_leases_released(rig: Rig) -> None:
+    call = rig.call("a", Append(lane="a", path=rig.path, records=[{"n": 1}]))
+    [asked] = rig.writes.append_without_lease(call, call.request, rig.now)
+    assert isinstance(asked, TableEffects)
+    rig.grant_pending(asked.effects)
+    effects = rig.writes.fail_queued("unavailable", "the file's actor is exiting")
+    assert [type(fx) for fx in effects] == [TableEffects, Reply]
+    [error] = replies(effects)
+    assert isinstance(error, Error) and error.code == "unavailable"
+    assert rig.table.holder is None and rig.lines() == []
+
+
+# Legacy interop -----------------------------------------------------------------------------
+
+
+def hold_legacy_lock(transcript: str) -> Path:
+    """A live legacy writer (this process) holds ``<file>.lock``."""
+    lock = Path(lock_path(transcript))
+    lock.write_text(encode_lock_payload(os.getpid(), int(time.time() * 1000)))
+    return lock
+
+
+def test_a_live_legacy_holder_keeps_writes_queued_and_retries_back_off(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "t.jsonl", legacy=True)
+    try:
+        lock = hold_legacy_lock(rig.path)
+        grant = rig.grant("a")
+        call = rig.call("a", Append(lease=grant.lease, fence=grant.fence, records=[{"n": 1}]))
+        rig.writes.append_under_lease(call, call.request)
+        assert rig.drain() == [] and rig.lines() == []
+        assert rig.writes.retry_after() == pytest.approx(0.002)
+        assert rig.writes.retry_after() is None  # one retry armed at a time
+        rig.writes.retry_due()
+        assert rig.drain() == [] and rig.writes.retry_after() == pytest.approx(0.004)
+        assert rig.writes.counters["legacy_lock_waits"] == 2
+        lock.unlink()
+        rig.writes.retry_due()
+        effects = rig.drain()
+        assert effects[-1] == Commit()  # synced under the lock: the actor commits at once
+        assert rig.lines() == [{"n": 1}] and not rig.sync.unsynced and not lock.exists()
+    finally:
+        rig.close()
+
+
+def test_a_torn_tail_left_at_activation_is_repaired_by_the_first_write_under_the_lock(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"whole": 1}\n{"torn"')
+    rig = Rig(path, legacy=True, tail_unchecked=True)
+    try:
+        grant = rig.grant("a")
+        call = rig.call("a", Append(lease=grant.lease, fence=grant.fence, records=[{"n": 1}]))
+        rig.writes.append_under_lease(call, call.request)
+        rig.drain()
+        assert rig.lines() == [{"whole": 1}, {"n": 1}]
+        assert Path(f"{path}.torn").read_bytes().startswith(b'{"torn"')
+    finally:
+        rig.close()
