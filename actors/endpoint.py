@@ -27,6 +27,7 @@ import contextlib
 import errno
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,8 @@ class Received:
     """
 
     bodies: list[bytes] = field(default_factory=list)
+    received: int = 0
+    """Bytes received (a peer that sent any is alive, whatever they make)."""
     too_large: TooLarge | None = None
     ended: str | None = None
     error: OSError | None = None
@@ -102,8 +105,11 @@ class FramedSocket:
         """Receive what is waiting, up to the budget (and the first frame's cap)."""
         got = Received()
         budget = self.read_budget
+        capped = self.reader.room is not None
         while budget > 0 and not self.closed:
             room = self.reader.room
+            if capped and room is None:
+                break  # the first frame is whole: nothing more until its owner judged it
             try:
                 data = self.sock.recv(min(budget, RECV_BYTES, room or RECV_BYTES))
             except (BlockingIOError, InterruptedError):
@@ -115,6 +121,7 @@ class FramedSocket:
                 got.ended = "connection closed"
                 break
             budget -= len(data)
+            got.received += len(data)
             bodies, got.too_large = self.reader.feed_until_error(data)
             got.bodies += bodies
             if got.too_large is not None:
@@ -186,15 +193,15 @@ class AcceptBackoff:
 
 @dataclass
 class Accepted:
-    """One ``accept`` round: the new sockets (with their peer addresses), and what went wrong.
+    """One ``accept`` round: how many connections, and what went wrong.
 
     ``pause_s``: accept failed for want of descriptors; the listener is paused (not to be
-    watched) until ``Acceptor.resume`` after this many seconds. ``recovered``: failures the
-    back-off episode this round ended had. ``error``: another accept failure (logged by the
-    owner; the listener stays watched).
+    watched) until ``Acceptor.resume`` after this many seconds (``first_pause``: the first
+    failure of its episode). ``recovered``: failures the back-off episode this round ended
+    had. ``error``: why accepting stopped early (logged by the owner).
     """
 
-    socks: list[tuple[socket.socket, Any]] = field(default_factory=list)
+    count: int = 0
     pause_s: float | None = None
     first_pause: bool = False
     recovered: int = 0
@@ -212,8 +219,10 @@ class Acceptor:
         self.backoff = backoff or AcceptBackoff()
         self.paused = False
 
-    def accept(self) -> Accepted:
-        """Accept what waits, up to the budget; pause on running out of descriptors."""
+    def accept(self, take: Callable[[socket.socket, Any], None]) -> Accepted:
+        """Accept what waits, up to the budget, handing each socket and its peer's address
+        to ``take`` at once (before the next accept uses another descriptor); pause on
+        running out of descriptors."""
         round = Accepted()
         for _ in range(self.budget):
             try:
@@ -228,7 +237,8 @@ class Acceptor:
                 round.error = exc
                 break
             round.recovered += self.backoff.succeeded()
-            round.socks.append((sock, peer))
+            round.count += 1
+            take(sock, peer)
         return round
 
     def resume(self) -> None:

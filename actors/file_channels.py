@@ -173,31 +173,32 @@ class ChannelServer:
 
     def _accept(self) -> list[_Conn]:
         accepted: list[_Conn] = []
-        round = self._acceptor.accept()
+        round = self._acceptor.accept(lambda sock, _: self._take(sock, accepted))
         self._acceptor.resume()  # the peer waits in the backlog; the next select retries
         if round.error is not None:
             log.warning("cannot accept a channel to %s: %s", self._path, round.error)
-        for sock, _ in round.socks:
-            if not _same_user(sock):
-                log.warning("refused a channel to %s from another user", self._path)
-                sock.close()
-                continue
-            waiting = [c for c in self._by_ref.values() if not c.welcomed]
-            if len(waiting) >= _MAX_UNGREETED:
-                self._close(waiting[0], "too many connections without a hello", logging.WARNING)
-            self._serial += 1
-            end = FramedSocket(
-                sock,
-                MAX_FRAME_BYTES,
-                first_frame=MAX_HELLO_BYTES,
-                read_budget=_READ_BUDGET,
-                max_output=MAX_OUTPUT_BYTES,
-            )
-            conn = _Conn(ChannelRef(self._serial), end)
-            self._conns[end.fd] = conn
-            self._by_ref[conn.ref] = conn
-            accepted.append(conn)
         return accepted
+
+    def _take(self, sock: socket.socket, accepted: list[_Conn]) -> None:
+        if not _same_user(sock):
+            log.warning("refused a channel to %s from another user", self._path)
+            sock.close()
+            return
+        waiting = [c for c in self._by_ref.values() if not c.welcomed]
+        if len(waiting) >= _MAX_UNGREETED:
+            self._close(waiting[0], "too many connections without a hello", logging.WARNING)
+        self._serial += 1
+        end = FramedSocket(
+            sock,
+            MAX_FRAME_BYTES,
+            first_frame=MAX_HELLO_BYTES,
+            read_budget=_READ_BUDGET,
+            max_output=MAX_OUTPUT_BYTES,
+        )
+        conn = _Conn(ChannelRef(self._serial), end)
+        self._conns[end.fd] = conn
+        self._by_ref[conn.ref] = conn
+        accepted.append(conn)
 
     def _read(self, conn: _Conn, events: list[ChannelEvent]) -> None:
         got = conn.end.read()

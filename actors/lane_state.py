@@ -214,6 +214,10 @@ class LaneState:
                 detail = "the file's actor restarted before answering; the outcome is unknown"
                 self.to_agent(Error(id=rid, code="unavailable", detail=detail, path=msg.path))
 
+    def knows(self, lease: str) -> bool:
+        """Whether this lane holds ``lease`` or held it lately (a file's reply said so)."""
+        return lease in self.leases or lease in self.tombstones
+
     def uses(self, path: str) -> bool:
         """Whether this lane holds a lease on ``path`` or waits for an answer from it."""
         if path in self.leases.values():
