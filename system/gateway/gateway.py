@@ -37,7 +37,7 @@ from thespian.actors import (
 )
 
 from actors._shell import Handler, ShellActor, monotonic_ms
-from actors.lane_state import CLOSE_TIMEOUT_S, LaneState
+from actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
 from messages.errors import ErrorCode
 from messages.internal import (
     ChannelOffer,
@@ -281,6 +281,10 @@ class Gateway(ShellActor):
     def restarted(self, msg: FileRestarted) -> None:
         for _, lane in list(self.by_uid.values()):
             lane.file_restarted(msg)
+
+    def channel_lost(self, msg: ChannelLost) -> None:
+        for _, lane in list(self.by_uid.values()):
+            lane.channel_lost(msg)
 
     def in_use(self, path: str) -> bool:
         return any(lane.uses(path) for _, lane in self.by_uid.values())

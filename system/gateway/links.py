@@ -13,30 +13,34 @@ Order per lane and file holds because a path's calls use one route at a time: qu
 opening, then all on the channel (or all through the Registry). A link changes route only when
 nothing of it is in flight: a channel the gateway closes is idle (no lane holds a lease on
 the path or waits for an answer from it), and a channel that breaks has lost whatever was in
-flight, which the lanes then handle as a restart of the file's actor (``FileRestarted``):
-leases on it are revoked (``actor_restart``), waiting acquires are queued again, other
-unanswered requests are answered ``unavailable``.
+flight: the lanes are told so (``actors.lane_state.ChannelLost``, its own event): leases on
+it are revoked, waiting acquires are queued again, other unanswered requests are answered
+``unavailable``.
 
 Each death of a SessionFile is handled once: the channel breaking and the Registry's
 ``FileRestarted`` both name the incarnation, and the later of the two is ignored. A
 connection refused before the welcome (a file being passivated, or already gone) lost
 nothing: the link just asks again.
+
+The channel's socket is an ``actors.endpoint.FramedSocket``; nothing here blocks: the
+connect is non-blocking (an ``AF_UNIX`` connect completes at once or fails, a full backlog
+included, and is then asked for again), and output is queued and written by ``flush``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from actors.endpoint import OUT_OF_DESCRIPTORS, FramedSocket, connect_unix
+from actors.lane_state import ChannelLost
 from actors.paths import canonicalize
 from messages.channel import ChannelReply, ChannelWelcome, call_frame, decode_from_file, hello_frame
-from messages.codec import FrameDecodeError, FrameReader
-from messages.errors import PathNotAllowed, TooLarge
+from messages.codec import FrameDecodeError
+from messages.errors import PathNotAllowed
 from messages.internal import ChannelOffer, FileReply, FileRestarted, LaneCall, OpenChannel
 from messages.wire import Abandon, Error
 
@@ -66,6 +70,9 @@ class LinkHost(Protocol):
     def restarted(self, msg: FileRestarted) -> None:
         """Tell every lane that the file's actor died: what was in flight to it is lost."""
 
+    def channel_lost(self, msg: ChannelLost) -> None:
+        """Tell every lane that the channel to a file broke: what was in flight is lost."""
+
     def in_use(self, path: str) -> bool:
         """Whether any lane holds a lease on ``path`` or waits for an answer from it."""
 
@@ -82,9 +89,7 @@ class _Link:
     asked_at: float = 0.0
     retry_at: float | None = None
     queue: list[LaneCall] = field(default_factory=list)
-    sock: socket.socket | None = None
-    reader: FrameReader | None = None
-    out: bytearray = field(default_factory=bytearray)
+    end: FramedSocket | None = None
     incarnation: int = 0
     handled: int = 0
     """The latest incarnation whose death the lanes were told of."""
@@ -151,7 +156,8 @@ class Links:
 
     def send_call(self, link: _Link, call: LaneCall) -> None:
         lane = call.lane
-        link.out += call_frame(lane.uid, lane.name, lane.priority, call.request)
+        assert link.end is not None
+        link.end.queue(call_frame(lane.uid, lane.name, lane.priority, call.request))
 
     def ask(self, link: _Link, raw: str | None = None) -> None:
         """Ask the Registry for a channel to ``link``'s file (again)."""
@@ -181,27 +187,21 @@ class Links:
             self.to_registry(link)
             return
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = connect_unix(offer.address)
         except OSError as exc:
-            # Out of descriptors: the Registry route needs none of our own per file.
-            log.warning("no channel to %s (%s): routing it through the registry", link.path, exc)
-            self.to_registry(link)
-            return
-        try:
-            sock.settimeout(1.0)
-            sock.connect("\0" + offer.address)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
+            if exc.errno in OUT_OF_DESCRIPTORS:
+                # The Registry route needs none of our own descriptors per file.
+                log.warning("no channel to %s (%s): routing it via the registry", link.path, exc)
+                self.to_registry(link)
+                return
             log.debug("channel to %s refused (%s): asking again", link.path, exc)
             link.retry_at = self.clock() + _RETRY_MS
             return
-        link.sock = sock
-        link.reader = FrameReader(_MAX_CHANNEL_FRAME)
+        link.end = FramedSocket(sock, _MAX_CHANNEL_FRAME, read_budget=_RECV_BYTES)
+        link.end.queue(hello_frame(offer.token))
         link.incarnation = offer.incarnation
         link.mode = "connecting"
-        link.out = bytearray(hello_frame(offer.token))
-        self.by_fd[sock.fileno()] = link
+        self.by_fd[link.end.fd] = link
 
     def refused(self, link: _Link, offer: ChannelOffer) -> None:
         """The file's actor could not activate (another owner, an unusable file): answer the
@@ -242,24 +242,26 @@ class Links:
 
     def on_ready(self, fd: int) -> None:
         link = self.by_fd.get(fd)
-        if link is None or link.sock is None or link.reader is None:
+        if link is None or link.end is None:
             return
+        end = link.end
+        got = end.read()
         try:
-            data = link.sock.recv(_RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.lost(link, f"channel error: {exc}")
-            return
-        if not data:
-            self.lost(link, "channel closed by the file's actor")
-            return
-        try:
-            for body in link.reader.feed(data):
+            for body in got.bodies:
+                if link.end is not end:
+                    return  # lost while handling an earlier frame
                 self.on_frame(link, decode_from_file(body))
-        except (FrameDecodeError, TooLarge) as exc:
+        except FrameDecodeError as exc:
             log.error("bad frame on the channel to %s: %s", link.path, exc)
             self.lost(link, "bad frame")
+            return
+        if got.too_large is not None:
+            log.error("bad frame on the channel to %s: %s", link.path, got.too_large)
+            self.lost(link, "bad frame")
+        elif got.error is not None:
+            self.lost(link, f"channel error: {got.error}")
+        elif got.ended is not None:
+            self.lost(link, "channel closed by the file's actor")
 
     def on_frame(self, link: _Link, frame: ChannelWelcome | ChannelReply) -> None:
         if isinstance(frame, ChannelWelcome):
@@ -290,36 +292,30 @@ class Links:
         log.warning("channel to %s (incarnation %d) lost: %s", link.path, incarnation, reason)
         link.handled = max(link.handled, incarnation)
         self.ask(link)
-        restarted = FileRestarted(
-            path=link.path, aliases=sorted(link.raws), incarnation=incarnation
+        lost = ChannelLost(
+            path=link.path, aliases=sorted(link.raws), incarnation=incarnation, reason=reason
         )
-        self.host.restarted(restarted)
+        self.host.channel_lost(lost)
 
     def close_socket(self, link: _Link) -> None:
-        if link.sock is not None:
-            self.by_fd.pop(link.sock.fileno(), None)
-            with contextlib.suppress(OSError):
-                link.sock.close()
-        link.sock = None
-        link.reader = None
-        link.out = bytearray()
+        if link.end is not None:
+            self.by_fd.pop(link.end.fd, None)
+            link.end.close()
+        link.end = None
 
     # Output and timers ---------------------------------------------------------------------
 
     def flush(self) -> bool:
-        """Write what the channels have buffered; True when some output is left."""
+        """Write what the channels have queued; True when some output is left."""
         left = False
         for link in list(self.by_fd.values()):
-            while link.out and link.sock is not None:
-                try:
-                    sent = link.sock.send(link.out)
-                except (BlockingIOError, InterruptedError):
-                    left = True
-                    break
-                except OSError as exc:
-                    self.lost(link, f"channel error: {exc}")
-                    break
-                del link.out[:sent]
+            if link.end is None:
+                continue
+            error = link.end.flush()
+            if error is not None:
+                self.lost(link, f"channel error: {error}")
+            elif link.end.out:
+                left = True
         return left
 
     def tick(self) -> None:
