@@ -145,7 +145,7 @@ def pump(links: Links) -> None:
 
 def make(tmp_path: Path, clock: Clock | None = None) -> tuple[Links, FakeHost]:
     host = FakeHost()
-    links = Links(host, [str(tmp_path)], [".jsonl"], idle_ms=500, clock=clock or Clock())
+    links = Links(host, idle_ms=500, clock=clock or Clock())
     return links, host
 
 
@@ -267,13 +267,36 @@ def test_an_offer_without_an_address_routes_the_path_through_the_registry(
     assert len(host.restarts) == 1, "a registry-routed path's lanes hear of restarts"
 
 
-def test_a_path_outside_the_roots_goes_to_the_registry_which_gives_the_answer(
+def test_a_path_the_registry_will_not_resolve_goes_to_it_which_gives_the_answer(
     tmp_path: Path,
 ) -> None:
     links, host = make(tmp_path)
     links.call(acquire("/etc/passwd.jsonl", 1))
-    assert [type(m) for m in host.sent] == [LaneCall]
-    assert links.links == {}
+    assert [type(m) for m in host.sent] == [OpenChannel], "the gateway resolves nothing itself"
+    ask = host.opens()[-1]
+    links.on_offer(ChannelOffer(path=ask.path, nonce=ask.nonce, reason="outside the roots"))
+    links.call(acquire("/etc/passwd.jsonl", 2))
+    assert [type(m) for m in host.sent] == [OpenChannel, LaneCall, LaneCall]
+    assert links.links == {}, "no canonical path: no link by one"
+
+
+def test_two_spellings_of_one_file_share_the_link_the_registrys_answer_names(
+    tmp_path: Path, transcript: str, fake_file: FakeFile
+) -> None:
+    links, host = make(tmp_path)
+    other = str(tmp_path / "." / "s.jsonl")
+    links.call(acquire(transcript, 1))
+    open_channel(links, host, fake_file, transcript)
+    links.flush()
+    assert [c.request.id for c in fake_file.read(1)] == [1]
+    links.call(acquire(other, 2, uid="b#1"))
+    links.call(acquire(transcript, 3, uid="b#1"))
+    ask = host.opens()[-1]
+    assert ask.path == other, "an unknown spelling is asked about"
+    links.on_offer(fake_file.offer(ask.nonce, ask.path, transcript))
+    links.flush()
+    assert [c.request.id for c in fake_file.read(2)] == [2, 3], "in order, on the one channel"
+    assert list(links.links) == [transcript] and len(links.fds()) == 1
 
 
 def test_an_idle_channel_is_closed_only_when_no_lane_uses_the_path(

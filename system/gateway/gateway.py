@@ -156,7 +156,7 @@ class Gateway(ShellActor):
                 cap,
                 soft,
             )
-        self.links = Links(self, msg.roots, msg.suffixes, msg.idle_ms / 2, monotonic_ms)
+        self.links = Links(self, msg.idle_ms / 2, monotonic_ms)
         try:
             bound = clients.listen(list(msg.listen))
         except OSError as exc:
