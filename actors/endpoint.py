@@ -110,8 +110,9 @@ class FramedSocket:
             room = self.reader.room
             if capped and room is None:
                 break  # the first frame is whole: nothing more until its owner judged it
+            size = min(budget, RECV_BYTES, room or RECV_BYTES)
             try:
-                data = self.sock.recv(min(budget, RECV_BYTES, room or RECV_BYTES))
+                data = self.sock.recv(size)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -124,8 +125,8 @@ class FramedSocket:
             got.received += len(data)
             bodies, got.too_large = self.reader.feed_until_error(data)
             got.bodies += bodies
-            if got.too_large is not None:
-                break
+            if got.too_large is not None or len(data) < size:
+                break  # a short read drained the socket: no failing recv to learn it again
         return got
 
     def queue(self, data: bytes) -> bool:

@@ -75,8 +75,13 @@ def test_the_stream_ending_is_reported_after_the_frames_that_came_before_it(
     end = FramedSocket(ours, 1 << 20)
     theirs.sendall(framed(b"last words"))
     theirs.close()
-    got = end.read()
-    assert got.bodies == [b"last words"]
+    bodies: list[bytes] = []
+    for _ in range(3):  # a short read may end one wake-up; the end is seen by the next
+        got = end.read()
+        bodies += got.bodies
+        if got.ended is not None:
+            break
+    assert bodies == [b"last words"]
     assert (got.ended, got.error) == ("connection closed", None)
 
 
