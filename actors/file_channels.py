@@ -2,7 +2,9 @@
 
 The gateway connects to a SessionFile over an ``AF_UNIX`` stream socket in the abstract
 namespace (see ``messages.channel``). ``ChannelServer`` owns the listener and every accepted
-connection; the actor drives it from its own loop, single-threaded and never blocking:
+connection (each an ``actors.endpoint`` ``Acceptor`` and ``FramedSocket``: the same reading,
+writing and budgets as the gateway's); the actor drives it from its own loop,
+single-threaded and never blocking:
 
 * ``receiveMessage`` watches ``fds()`` (``ThespianWatch``) and hands the ready ones from a
   ``WatchMessage`` to ``on_ready``, which accepts, reads, checks the hello and returns events:
@@ -21,8 +23,6 @@ connection closed before its hello lost nothing and is reported to nobody.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hmac
 import logging
 import os
@@ -30,12 +30,11 @@ import secrets
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
+from actors.endpoint import Acceptor, FramedSocket, close_level
 from messages.channel import ChannelCall, ChannelHello, decode_from_gateway, welcome_frame
-from messages.codec import HEADER, FrameDecodeError, FrameReader
-from messages.errors import TooLarge
+from messages.codec import FrameDecodeError
 
 __all__ = ["ChannelCallEvent", "ChannelClosed", "ChannelEvent", "ChannelRef", "ChannelServer"]
 
@@ -50,7 +49,6 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_OUTPUT_BYTES = 256 * 1024 * 1024
 """A connection whose unread output exceeds this is closed: its gateway stopped reading."""
 _BACKLOG = 64
-_RECV_BYTES = 256 * 1024
 _READ_BUDGET = 4 * 1024 * 1024
 """Bytes read from one connection per ``on_ready``: the rest waits for the next select."""
 _ACCEPT_BUDGET = _BACKLOG
@@ -59,7 +57,6 @@ _MAX_UNGREETED = 8
 
 The gateway says hello in the same write as it connects, so only a stranger (any local user
 can reach an abstract socket) keeps one waiting: this bounds what it can hold open."""
-_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,19 +83,12 @@ class ChannelClosed:
 
 ChannelEvent = ChannelCallEvent | ChannelClosed
 
-_State = Literal["hello", "open"]
-
 
 @dataclass(eq=False)
 class _Conn:
     ref: ChannelRef
-    sock: socket.socket
-    state: _State = "hello"
-    pre: bytearray = field(default_factory=bytearray)
-    """Bytes received before the hello was complete (framed by hand: see ``_take_hello``)."""
-    reader: FrameReader | None = None
-    """Set once the hello was accepted."""
-    out: bytearray = field(default_factory=bytearray)
+    end: FramedSocket
+    welcomed: bool = False
 
 
 class ChannelServer:
@@ -113,7 +103,8 @@ class ChannelServer:
         incarnation: int,
         accepting: Callable[[], bool] = lambda: True,
     ):
-        self._listener = listener
+        self._acceptor = Acceptor(listener, _ACCEPT_BUDGET)
+        self._open = True
         self._name = name
         self._token = token
         self._path = path
@@ -155,13 +146,13 @@ class ChannelServer:
 
     def fds(self) -> list[int]:
         """The listener and every connection (to watch for reading)."""
-        if self._listener.fileno() < 0:
+        if not self._open:
             return []
-        return [self._listener.fileno(), *self._conns]
+        return [self._acceptor.fd, *self._conns]
 
     def connections(self) -> int:
         """Authenticated connections (those that said hello and were welcomed)."""
-        return sum(1 for conn in self._conns.values() if conn.state == "open")
+        return sum(1 for conn in self._conns.values() if conn.welcomed)
 
     # Input ---------------------------------------------------------------------------------
 
@@ -175,73 +166,65 @@ class ChannelServer:
         readable = [self._conns[fd] for fd in ready if fd in self._conns]
         for conn in readable:
             self._read(conn, events)
-        if self._listener.fileno() in ready:
+        if self._open and self._acceptor.fd in ready:
             for conn in self._accept():
                 self._read(conn, events)  # a hello sent right after connecting: no extra select
         return events
 
     def _accept(self) -> list[_Conn]:
         accepted: list[_Conn] = []
-        for _ in range(_ACCEPT_BUDGET):
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # EMFILE and friends: the peer waits in the backlog
-                log.warning("cannot accept a channel to %s: %s", self._path, exc)
-                break
-            if not _same_user(sock):
-                log.warning("refused a channel to %s from another user", self._path)
-                sock.close()
-                continue
-            sock.setblocking(False)
-            waiting = [c for c in self._by_ref.values() if c.state == "hello"]
-            if len(waiting) >= _MAX_UNGREETED:
-                self._close(waiting[0], "too many connections without a hello", logging.WARNING)
-            self._serial += 1
-            conn = _Conn(ChannelRef(self._serial), sock)
-            self._conns[sock.fileno()] = conn
-            self._by_ref[conn.ref] = conn
-            accepted.append(conn)
+        round = self._acceptor.accept(lambda sock, _: self._take(sock, accepted))
+        self._acceptor.resume()  # the peer waits in the backlog; the next select retries
+        if round.error is not None:
+            log.warning("cannot accept a channel to %s: %s", self._path, round.error)
         return accepted
 
-    def _read(self, conn: _Conn, events: list[ChannelEvent]) -> None:
-        budget = _READ_BUDGET
-        while budget > 0:
-            try:
-                data = conn.sock.recv(_RECV_BYTES)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._drop(conn, events, f"receive failed: {exc}", _level(exc))
-                return
-            if not data:
-                self._drop(conn, events, "closed by the peer", logging.DEBUG)
-                return
-            budget -= len(data)
-            try:
-                self._frames(conn, data, events)
-            except (FrameDecodeError, TooLarge) as exc:
-                self._drop(conn, events, f"{type(exc).__name__}: {exc}", logging.WARNING)
-                return
-            except _Refused as exc:
-                self._drop(conn, events, exc.reason, exc.level)
-                return
+    def _take(self, sock: socket.socket, accepted: list[_Conn]) -> None:
+        if not _same_user(sock):
+            log.warning("refused a channel to %s from another user", self._path)
+            sock.close()
+            return
+        waiting = [c for c in self._by_ref.values() if not c.welcomed]
+        if len(waiting) >= _MAX_UNGREETED:
+            self._close(waiting[0], "too many connections without a hello", logging.WARNING)
+        self._serial += 1
+        end = FramedSocket(
+            sock,
+            MAX_FRAME_BYTES,
+            first_frame=MAX_HELLO_BYTES,
+            read_budget=_READ_BUDGET,
+            max_output=MAX_OUTPUT_BYTES,
+        )
+        conn = _Conn(ChannelRef(self._serial), end)
+        self._conns[end.fd] = conn
+        self._by_ref[conn.ref] = conn
+        accepted.append(conn)
 
-    def _frames(self, conn: _Conn, data: bytes, events: list[ChannelEvent]) -> None:
-        if conn.reader is None:
-            conn.pre += data
-            body = _take_hello(conn.pre)
-            if body is None:
-                return
-            self._hello(conn, decode_from_gateway(body))
-            assert conn.reader is not None
-            data, conn.pre = bytes(conn.pre), bytearray()
-        for body in conn.reader.feed(data):
-            frame = decode_from_gateway(body)
-            if not isinstance(frame, ChannelCall):
-                raise FrameDecodeError("a second hello")
+    def _read(self, conn: _Conn, events: list[ChannelEvent]) -> None:
+        got = conn.end.read()
+        try:
+            for body in got.bodies:
+                self._frame(conn, body, events)
+        except FrameDecodeError as exc:
+            self._drop(conn, events, f"FrameDecodeError: {exc}", logging.WARNING)
+            return
+        except _Refused as exc:
+            self._drop(conn, events, exc.reason, exc.level)
+            return
+        if got.too_large is not None:
+            self._drop(conn, events, f"TooLarge: {got.too_large}", logging.WARNING)
+        elif got.ended is not None:
+            reason = "closed by the peer" if got.error is None else got.ended
+            self._drop(conn, events, reason, close_level(got.error))
+
+    def _frame(self, conn: _Conn, body: bytes, events: list[ChannelEvent]) -> None:
+        frame = decode_from_gateway(body)
+        if not conn.welcomed:
+            self._hello(conn, frame)
+        elif isinstance(frame, ChannelCall):
             events.append(ChannelCallEvent(conn.ref, frame))
+        else:
+            raise FrameDecodeError("a second hello")
 
     def _hello(self, conn: _Conn, frame: ChannelHello | ChannelCall) -> None:
         if not isinstance(frame, ChannelHello):
@@ -250,8 +233,7 @@ class ChannelServer:
             raise _Refused("wrong token", logging.WARNING)
         if not self.accepting():
             raise _Refused("not accepting: the file is being passivated", logging.DEBUG)
-        conn.state = "open"
-        conn.reader = FrameReader(MAX_FRAME_BYTES)
+        conn.welcomed = True
         self._queue(conn, welcome_frame(self._path, self._incarnation))
 
     # Output --------------------------------------------------------------------------------
@@ -259,13 +241,12 @@ class ChannelServer:
     def send(self, conn: ChannelRef, data: bytes) -> None:
         """Queue ``data`` for ``conn``; dropped silently if that connection is gone."""
         target = self._by_ref.get(conn)
-        if target is not None and target.state == "open":
+        if target is not None and target.welcomed:
             self._queue(target, data)
 
     def _queue(self, conn: _Conn, data: bytes) -> None:
-        conn.out += data
         self._dirty.add(conn.ref)
-        if len(conn.out) > MAX_OUTPUT_BYTES:
+        if not conn.end.queue(data):
             self._close_later(conn, "the peer stopped reading", logging.WARNING)
 
     def flush(self) -> bool:
@@ -279,16 +260,10 @@ class ChannelServer:
             if conn is None:
                 self._dirty.discard(ref)
                 continue
-            while conn.out:
-                try:
-                    sent = conn.sock.send(conn.out, socket.MSG_NOSIGNAL)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    self._close_later(conn, f"send failed: {exc}", _level(exc))
-                    break
-                del conn.out[:sent]
-            if conn.out and ref in self._by_ref:
+            error = conn.end.flush()
+            if error is not None:
+                self._close_later(conn, f"send failed: {error}", close_level(error))
+            if conn.end.out and ref in self._by_ref:
                 left = True
             else:
                 self._dirty.discard(ref)
@@ -312,13 +287,11 @@ class ChannelServer:
         if self._by_ref.pop(conn.ref, None) is None:
             return None
         self._dirty.discard(conn.ref)
-        with contextlib.suppress(KeyError, OSError):
-            del self._conns[conn.sock.fileno()]
-        with contextlib.suppress(OSError):
-            conn.sock.close()
-        state = "after its hello" if conn.state == "open" else "before its hello"
+        self._conns.pop(conn.end.fd, None)
+        conn.end.close()
+        state = "after its hello" if conn.welcomed else "before its hello"
         log.log(level, "channel %d to %s closed %s: %s", conn.ref.serial, self._path, state, reason)
-        return ChannelClosed(conn.ref) if conn.state == "open" else None
+        return ChannelClosed(conn.ref) if conn.welcomed else None
 
     def _close_later(self, conn: _Conn, reason: str, level: int) -> None:
         """Close ``conn`` outside ``on_ready``: ``closed_since_last()`` reports it."""
@@ -329,14 +302,13 @@ class ChannelServer:
     def close(self) -> None:
         """Close the listener and every connection (nothing is reported). Idempotent."""
         for conn in list(self._conns.values()):
-            with contextlib.suppress(OSError):
-                conn.sock.close()
+            conn.end.close()
         self._conns.clear()
         self._by_ref.clear()
         self._dirty.clear()
         self._closed.clear()
-        with contextlib.suppress(OSError):
-            self._listener.close()
+        self._open = False
+        self._acceptor.close()
 
 
 class _Refused(Exception):
@@ -346,29 +318,6 @@ class _Refused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.level = level
-
-
-def _take_hello(buf: bytearray) -> bytes | None:
-    """The first frame's body, removed from ``buf``, or None while it is incomplete.
-
-    By hand rather than with ``FrameReader``: the hello's small limit applies to the first
-    frame only, and the frames after it (already in ``buf``) must stay unparsed until then.
-    """
-    if len(buf) < HEADER.size:
-        return None
-    (length,) = HEADER.unpack_from(buf)
-    if length > MAX_HELLO_BYTES:
-        raise TooLarge(f"frame of {length} bytes before the hello")
-    if len(buf) < HEADER.size + length:
-        return None
-    body = bytes(buf[HEADER.size : HEADER.size + length])
-    del buf[: HEADER.size + length]
-    return body
-
-
-def _level(exc: OSError) -> int:
-    """A peer that went away is routine; any other socket error is worth a warning."""
-    return logging.DEBUG if exc.errno in _PEER_GONE else logging.WARNING
 
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid

@@ -34,13 +34,30 @@ from messages.wire import (
     Rewrite,
 )
 
-__all__ = ["CLOSE_TIMEOUT_S", "LaneHost", "LaneState"]
+__all__ = ["CLOSE_TIMEOUT_S", "ChannelLost", "LaneHost", "LaneState"]
 
 log = logging.getLogger(__name__)
 
 _TOMBSTONES = 256
 CLOSE_TIMEOUT_S = 3.0
 """How long a closing lane waits for its abandons to be answered before it closes anyway."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelLost:
+    """The gateway's channel to ``path``'s SessionFile broke (never a thespian message).
+
+    Not a restart of the file's actor (it may be alive), but the same loss for a lane: what was
+    in flight on the channel went unanswered, and the file abandoned the channel's lanes."""
+
+    path: str
+    """The canonical path."""
+    aliases: list[str]
+    """The spellings of ``path`` lanes used (a lane's first request names no canonical path)."""
+    incarnation: int
+    """The file's incarnation the channel reached."""
+    reason: str
+    """Why it broke, for the log and the ``unavailable`` answers."""
 
 
 class LaneHost(Protocol):
@@ -194,25 +211,45 @@ class LaneState:
             self.finish_close()
 
     def file_restarted(self, msg: FileRestarted) -> None:
-        lost = [lease for lease, path in self.leases.items() if path == msg.path]
-        self.track(msg.path, None)
+        """The file's actor died: what it held for this lane, or had not answered, is lost."""
+        detail = "the file's actor restarted before answering; the outcome is unknown"
+        self.file_lost(msg.path, msg.aliases, detail)
+
+    def channel_lost(self, msg: ChannelLost) -> None:
+        """The channel to the file broke: what was in flight on it is lost, and the file
+        abandons this lane's leases there (it saw the channel close)."""
+        detail = (
+            f"the channel to the file broke before it answered ({msg.reason});"
+            " the outcome is unknown"
+        )
+        self.file_lost(msg.path, msg.aliases, detail)
+
+    def file_lost(self, path: str, aliases: list[str], detail: str) -> None:
+        """Leases on ``path`` are revoked (``actor_restart``: the agent's remedy is the same),
+        waiting acquires are sent again, other unanswered requests are answered
+        ``unavailable`` with ``detail``; ``aliases``: the spellings of ``path`` used."""
+        lost = [lease for lease, p in self.leases.items() if p == path]
+        self.track(path, None)
         for lease in lost:
-            self.to_agent(Revoked(lease=lease, path=msg.path, reason="actor_restart"))
+            self.to_agent(Revoked(lease=lease, path=path, reason="actor_restart"))
         for rid, pending in list(self.pending.items()):
-            unanswered_here = pending.path is None and pending.raw in msg.aliases
-            if pending.path != msg.path and not unanswered_here:
+            unanswered_here = pending.path is None and pending.raw in aliases
+            if pending.path != path and not unanswered_here:
                 continue
             if rid in self.fanouts:
                 # An abandon the dead actor never answered: it held nothing there any more.
                 self.file_reply(
-                    FileReply(path=msg.path, message=Abandoned(id=rid, leases=[]), lane=self.uid)
+                    FileReply(path=path, message=Abandoned(id=rid, leases=[]), lane=self.uid)
                 )
             elif isinstance(pending.request, Acquire | Recover):
-                self.call(pending.request, msg.path, canonical=True)  # queue again
+                self.call(pending.request, path, canonical=True)  # queue again
             else:
                 del self.pending[rid]
-                detail = "the file's actor restarted before answering; the outcome is unknown"
-                self.to_agent(Error(id=rid, code="unavailable", detail=detail, path=msg.path))
+                self.to_agent(Error(id=rid, code="unavailable", detail=detail, path=path))
+
+    def knows(self, lease: str) -> bool:
+        """Whether this lane holds ``lease`` or held it lately (a file's reply said so)."""
+        return lease in self.leases or lease in self.tombstones
 
     def uses(self, path: str) -> bool:
         """Whether this lane holds a lease on ``path`` or waits for an answer from it."""

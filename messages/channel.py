@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 from pydantic import TypeAdapter, ValidationError
 
-from messages.codec import HEADER, FrameDecodeError
+from messages.codec import HEADER, FrameDecodeError, unpack_map
 from messages.internal import LaneRequest
 from messages.wire import Priority, Reply
 
@@ -111,26 +111,10 @@ def reply_frame(uid: str, held: str | None, message: Any) -> bytes:
     return _pack({"k": "reply", "u": uid, "h": held, "m": _dump(message)})
 
 
-def _unpack(body: bytes) -> dict[str, Any]:
-    try:
-        data = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
-    except FrameDecodeError:
-        raise
-    except Exception as exc:
-        raise FrameDecodeError(f"channel frame is not msgpack: {type(exc).__name__}") from None
-    if not isinstance(data, dict):
-        raise FrameDecodeError("a channel frame must be a map")
-    return data
-
-
 def _check_version(data: dict[str, Any]) -> None:
     if data.get("v") != CHANNEL_VERSION:
         version = data.get("v")
         raise FrameDecodeError(f"channel version {version!r} (this is {CHANNEL_VERSION})")
-
-
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise FrameDecodeError(f"msgpack extension type {code} is not allowed on a channel")
 
 
 def _str(data: dict[str, Any], key: str) -> str:
@@ -142,7 +126,7 @@ def _str(data: dict[str, Any], key: str) -> str:
 
 def decode_from_gateway(body: bytes) -> ChannelHello | ChannelCall:
     """A frame the SessionFile received; ``FrameDecodeError`` on anything else."""
-    data = _unpack(body)
+    data = unpack_map(body, "a channel frame")
     kind = data.get("k")
     if kind == "hello":
         _check_version(data)
@@ -163,7 +147,7 @@ def decode_from_gateway(body: bytes) -> ChannelHello | ChannelCall:
 
 def decode_from_file(body: bytes) -> ChannelWelcome | ChannelReply:
     """A frame the gateway received; ``FrameDecodeError`` on anything else."""
-    data = _unpack(body)
+    data = unpack_map(body, "a channel frame")
     kind = data.get("k")
     if kind == "welcome":
         _check_version(data)

@@ -27,6 +27,7 @@ __all__ = [
     "encode",
     "frame",
     "take_frame",
+    "unpack_map",
 ]
 
 HEADER = struct.Struct(">I")
@@ -59,7 +60,13 @@ def frame(message: BaseModel) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def _unpack(body: bytes) -> dict[str, Any]:
+def unpack_map(body: bytes, what: str = "a frame") -> dict[str, Any]:
+    """The msgpack map in ``body``; ``FrameDecodeError`` on anything else.
+
+    The one msgpack unpack of every frame, the wire's and a channel's (``messages.channel``):
+    string keys only, no extension types (nothing is ever constructed from a frame but plain
+    maps, lists and scalars). ``what`` names the frame in the error's detail.
+    """
     try:
         data = msgpack.unpackb(
             body,
@@ -70,9 +77,9 @@ def _unpack(body: bytes) -> dict[str, Any]:
     except FrameDecodeError:
         raise
     except Exception as exc:  # msgpack raises a zoo of types on garbage
-        raise FrameDecodeError(f"not msgpack: {type(exc).__name__}") from None
+        raise FrameDecodeError(f"{what} is not msgpack: {type(exc).__name__}") from None
     if not isinstance(data, dict):
-        raise FrameDecodeError(f"a frame must be a map, not {type(data).__name__}")
+        raise FrameDecodeError(f"{what} must be a map, not {type(data).__name__}")
     return data
 
 
@@ -90,7 +97,7 @@ def _usable_id(data: dict[str, Any]) -> str | int | None:
 
 
 def _decode(body: bytes, adapter: TypeAdapter[Any]) -> Any:
-    data = _unpack(body)
+    data = unpack_map(body)
     if data.get("v") != PROTOCOL_VERSION:
         raise FrameDecodeError(
             f"unsupported protocol version {data.get('v')!r} (this is {PROTOCOL_VERSION})",
@@ -116,18 +123,19 @@ def decode_reply(body: bytes) -> Reply:
     return result
 
 
-def take_frame(buf: bytearray, max_bytes: int) -> bytes | None:
+def take_frame(buf: bytearray, max_bytes: int, limit_name: str | None = None) -> bytes | None:
     """The first frame's body, removed from ``buf``, or None while it is incomplete.
 
     A header announcing more than ``max_bytes`` raises ``TooLarge`` at once, before any of
-    that body is awaited. What follows the frame stays in ``buf``, unparsed: the caller may
-    read it under another limit (a hello's small one, then the connection's own).
+    that body is awaited (its detail names the limit ``limit_name``, else its value). What
+    follows the frame stays in ``buf``, unparsed.
     """
     if len(buf) < HEADER.size:
         return None
     (length,) = HEADER.unpack_from(buf)
     if length > max_bytes:
-        raise TooLarge(f"frame of {length} bytes exceeds the {max_bytes} allowed here")
+        limit = limit_name or f"the {max_bytes} allowed here"
+        raise TooLarge(f"frame of {length} bytes exceeds {limit}")
     if len(buf) < HEADER.size + length:
         return None
     body = bytes(buf[HEADER.size : HEADER.size + length])
@@ -136,14 +144,20 @@ def take_frame(buf: bytearray, max_bytes: int) -> bytes | None:
 
 
 class FrameReader:
-    """Incremental splitter of a byte stream into frame bodies.
+    """Incremental splitter of a byte stream into frame bodies. Pure: no socket, no clock.
 
     ``feed`` returns the complete bodies received so far. A length over ``max_frame_bytes``
     raises ``TooLarge`` before any of that body is buffered: the caller answers and closes.
+    With ``first_frame_bytes``, the first frame (a hello, from a peer not yet admitted) is
+    held to that smaller limit, and :attr:`room` says how much more may be buffered until it
+    is whole: an unadmitted peer never makes its reader hold more than one hello.
     """
 
-    def __init__(self, max_frame_bytes: int):
+    def __init__(self, max_frame_bytes: int, first_frame_bytes: int | None = None):
         self.max_frame_bytes = max_frame_bytes
+        self.first_frame_bytes = first_frame_bytes
+        self.frames = 0
+        """Bodies taken so far."""
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -158,17 +172,27 @@ class FrameReader:
         one deserve their answers."""
         self._buf += data
         bodies: list[bytes] = []
-        while len(self._buf) >= HEADER.size:
-            (length,) = HEADER.unpack_from(self._buf)
-            if length > self.max_frame_bytes:
-                return bodies, TooLarge(f"frame of {length} bytes exceeds max_frame_bytes")
-            if len(self._buf) < HEADER.size + length:
-                break
-            bodies.append(bytes(self._buf[HEADER.size : HEADER.size + length]))
-            del self._buf[: HEADER.size + length]
-        return bodies, None
+        while True:
+            try:
+                if self.frames == 0 and self.first_frame_bytes is not None:
+                    body = take_frame(self._buf, self.first_frame_bytes)
+                else:
+                    body = take_frame(self._buf, self.max_frame_bytes, "max_frame_bytes")
+            except TooLarge as exc:
+                return bodies, exc
+            if body is None:
+                return bodies, None
+            self.frames += 1
+            bodies.append(body)
 
     @property
     def pending(self) -> int:
         """Bytes buffered that do not yet make a whole frame."""
         return len(self._buf)
+
+    @property
+    def room(self) -> int | None:
+        """Bytes that may still be buffered before the first frame is whole (None: no cap)."""
+        if self.frames or self.first_frame_bytes is None:
+            return None
+        return HEADER.size + self.first_frame_bytes - len(self._buf)

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.lane_state import LaneState
+from actors.lane_state import ChannelLost, LaneState
 from messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
-from messages.wire import Abandon, Abandoned, Acquire, Granted, Reply
+from messages.wire import (
+    Abandon,
+    Abandoned,
+    Acquire,
+    Append,
+    Error,
+    Granted,
+    Released,
+    Reply,
+    Revoked,
+)
 
 A = "/srv/a.jsonl"
 B = "/srv/b.jsonl"
@@ -80,3 +90,27 @@ def test_a_closing_lane_finishes_even_if_a_file_dies_while_it_abandons() -> None
     assert not host.done
     answer(lane, sent[B], [f"lease-{B}"])
     assert host.done, "closed without waiting for the close timeout"
+
+
+def test_a_lost_channel_revokes_the_leases_on_its_file_requeues_acquires_and_answers_the_rest() -> (
+    None
+):
+    lane, host = holding_two_files()
+    lane.request(Acquire(id=3, lane="chat", path=A, purpose="prompt"))
+    lane.request(Append(id=4, lease=f"lease-{A}", fence=1, records=[{"n": 1}]))
+    host.calls.clear()
+    lane.channel_lost(ChannelLost(path=A, aliases=[A], incarnation=1, reason="channel closed"))
+    assert Revoked(lease=f"lease-{A}", path=A, reason="actor_restart") in host.agent
+    assert [c.request.id for c in host.calls] == [3], "the waiting acquire is sent again"
+    (error,) = [m for m in host.agent if isinstance(m, Error)]
+    assert (error.id, error.code) == (4, "unavailable")
+    assert "channel" in error.detail
+    assert lane.knows(f"lease-{B}") and f"lease-{A}" not in lane.leases, "B is untouched"
+
+
+def test_a_lane_knows_the_leases_it_holds_and_those_it_held_lately() -> None:
+    lane, _ = holding_two_files()
+    assert lane.knows(f"lease-{A}") and not lane.knows("lease-other")
+    released = FileReply(path=A, message=Released(id=9, lease=f"lease-{A}"), lane="chat#1")
+    lane.file_reply(released)
+    assert f"lease-{A}" not in lane.leases and lane.knows(f"lease-{A}"), "a tombstone"

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from actors.lane_state import ChannelLost
 from messages.channel import (
     ChannelCall,
     ChannelHello,
@@ -35,6 +36,7 @@ class FakeHost:
         self.sent: list[Any] = []
         self.delivered: list[FileReply] = []
         self.restarts: list[FileRestarted] = []
+        self.losses: list[ChannelLost] = []
         self.busy: set[str] = set()
 
     def send(self, target: Any, message: Any) -> None:
@@ -46,6 +48,9 @@ class FakeHost:
 
     def restarted(self, msg: FileRestarted) -> None:
         self.restarts.append(msg)
+
+    def channel_lost(self, msg: ChannelLost) -> None:
+        self.losses.append(msg)
 
     def in_use(self, path: str) -> bool:
         return path in self.busy
@@ -140,7 +145,7 @@ def pump(links: Links) -> None:
 
 def make(tmp_path: Path, clock: Clock | None = None) -> tuple[Links, FakeHost]:
     host = FakeHost()
-    links = Links(host, [str(tmp_path)], [".jsonl"], idle_ms=500, clock=clock or Clock())
+    links = Links(host, idle_ms=500, clock=clock or Clock())
     return links, host
 
 
@@ -196,7 +201,7 @@ def test_calls_queue_while_the_channel_opens_then_go_over_it_in_order(
     assert (second.lane, second.held) == ("a#1", "L-1")
 
 
-def test_a_channel_that_breaks_is_one_restart_however_many_times_it_is_reported(
+def test_a_channel_that_breaks_is_one_loss_however_many_times_the_death_is_reported(
     tmp_path: Path, transcript: str, fake_file: FakeFile
 ) -> None:
     links, host = make(tmp_path)
@@ -209,13 +214,14 @@ def test_a_channel_that_breaks_is_one_restart_however_many_times_it_is_reported(
     fake_file.conn = None
     wait_readable(links)
     pump(links)
-    assert [(r.path, r.incarnation) for r in host.restarts] == [(transcript, 3)]
+    assert [(r.path, r.incarnation) for r in host.losses] == [(transcript, 3)]
+    assert host.restarts == [], "a lost channel is its own event, not a restart"
     asked = len(host.opens())
     assert asked == 2, "the link asks the registry again at once"
 
     # The Registry's report of the same death comes later: the lanes are not told twice.
     links.on_restarted(FileRestarted(path=transcript, incarnation=3))
-    assert len(host.restarts) == 1
+    assert len(host.losses) == 1 and host.restarts == []
     assert len(host.opens()) == asked + 1, "the request may have gone to the dead actor"
 
 
@@ -235,7 +241,7 @@ def test_a_connection_refused_before_the_welcome_loses_nothing_and_is_retried(
     fake_file.conn = None
     wait_readable(links)
     pump(links)
-    assert host.restarts == [], "nothing was sent, nothing is lost"
+    assert host.restarts == [] and host.losses == [], "nothing was sent, nothing is lost"
     assert len(host.opens()) == 1
     clock.now += 25
     links.tick()
@@ -261,13 +267,36 @@ def test_an_offer_without_an_address_routes_the_path_through_the_registry(
     assert len(host.restarts) == 1, "a registry-routed path's lanes hear of restarts"
 
 
-def test_a_path_outside_the_roots_goes_to_the_registry_which_gives_the_answer(
+def test_a_path_the_registry_will_not_resolve_goes_to_it_which_gives_the_answer(
     tmp_path: Path,
 ) -> None:
     links, host = make(tmp_path)
     links.call(acquire("/etc/passwd.jsonl", 1))
-    assert [type(m) for m in host.sent] == [LaneCall]
-    assert links.links == {}
+    assert [type(m) for m in host.sent] == [OpenChannel], "the gateway resolves nothing itself"
+    ask = host.opens()[-1]
+    links.on_offer(ChannelOffer(path=ask.path, nonce=ask.nonce, reason="outside the roots"))
+    links.call(acquire("/etc/passwd.jsonl", 2))
+    assert [type(m) for m in host.sent] == [OpenChannel, LaneCall, LaneCall]
+    assert links.links == {}, "no canonical path: no link by one"
+
+
+def test_two_spellings_of_one_file_share_the_link_the_registrys_answer_names(
+    tmp_path: Path, transcript: str, fake_file: FakeFile
+) -> None:
+    links, host = make(tmp_path)
+    other = str(tmp_path / "." / "s.jsonl")
+    links.call(acquire(transcript, 1))
+    open_channel(links, host, fake_file, transcript)
+    links.flush()
+    assert [c.request.id for c in fake_file.read(1)] == [1]
+    links.call(acquire(other, 2, uid="b#1"))
+    links.call(acquire(transcript, 3, uid="b#1"))
+    ask = host.opens()[-1]
+    assert ask.path == other, "an unknown spelling is asked about"
+    links.on_offer(fake_file.offer(ask.nonce, ask.path, transcript))
+    links.flush()
+    assert [c.request.id for c in fake_file.read(2)] == [2, 3], "in order, on the one channel"
+    assert list(links.links) == [transcript] and len(links.fds()) == 1
 
 
 def test_an_idle_channel_is_closed_only_when_no_lane_uses_the_path(

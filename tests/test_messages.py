@@ -35,6 +35,7 @@ from messages.codec import (
     decode_request,
     encode,
     frame,
+    unpack_map,
 )
 from messages.errors import TooLarge
 from messages.wire import (
@@ -314,6 +315,32 @@ def test_the_frame_reader_returns_the_frames_before_an_oversized_header_with_the
     assert isinstance(error, TooLarge)
     with pytest.raises(TooLarge):  # ``feed`` raises and keeps nothing
         FrameReader(max_frame_bytes=100).feed(HEADER.pack(2) + b"ok" + HEADER.pack(101))
+
+
+def test_a_reader_holds_only_its_first_frame_to_the_hello_cap_and_says_how_much_room_is_left() -> (
+    None
+):
+    reader = FrameReader(max_frame_bytes=1000, first_frame_bytes=10)
+    assert reader.room == HEADER.size + 10
+    assert reader.feed(HEADER.pack(5)[:2]) == []
+    assert reader.room == HEADER.size + 10 - 2, "never more than one hello is buffered"
+    assert reader.feed(HEADER.pack(5)[2:] + b"hello" + HEADER.pack(500) + b"y" * 500) == [
+        b"hello",
+        b"y" * 500,
+    ], "the frames after the first are held to the frame limit"
+    assert reader.room is None
+    with pytest.raises(TooLarge, match="11 bytes exceeds the 10 allowed here"):
+        FrameReader(max_frame_bytes=1000, first_frame_bytes=10).feed(HEADER.pack(11))
+
+
+def test_one_unpack_reads_every_frame_and_names_what_it_refused() -> None:
+    assert unpack_map(msgpack.packb({"k": 1})) == {"k": 1}
+    with pytest.raises(FrameDecodeError, match="a channel frame must be a map"):
+        unpack_map(msgpack.packb([1]), "a channel frame")
+    with pytest.raises(FrameDecodeError, match="extension type 5"):
+        unpack_map(msgpack.packb({"k": msgpack.ExtType(5, b"x")}))
+    with pytest.raises(FrameDecodeError, match="not msgpack"):
+        unpack_map(b"\xc1")
 
 
 # Dispatch ---------------------------------------------------------------------------------

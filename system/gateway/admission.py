@@ -12,7 +12,8 @@ clock (times are passed in, in milliseconds):
   descriptors for thespian and its channels under its ``RLIMIT_NOFILE``.
 * :class:`HelloDeadlines`: connections that have not said hello, oldest first, so one sweep
   timer closes the late ones.
-* :class:`AcceptBackoff`: after ``accept`` fails for want of descriptors, when to try again.
+* :class:`AcceptBackoff` (from ``actors.endpoint``, where the acceptor uses it): after
+  ``accept`` fails for want of descriptors, when to try again.
 * :class:`RateLimit`: how often a warning about strangers may reach the log.
 """
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 import hmac
 import sys
 from dataclasses import dataclass, field
+
+from actors.endpoint import AcceptBackoff
 
 __all__ = [
     "MAX_HELLO_BYTES",
@@ -140,30 +143,6 @@ class HelloDeadlines:
 
     def __len__(self) -> int:
         return len(self._due)
-
-
-@dataclass
-class AcceptBackoff:
-    """When to watch the listeners again after ``accept`` failed for want of descriptors.
-
-    The first failure of an episode waits ``first_s``, each next one twice as long up to
-    ``max_s``; a successful accept ends the episode.
-    """
-
-    first_s: float = 0.05
-    max_s: float = 2.0
-    failures: int = 0
-
-    def failed(self) -> float:
-        """Record a failure; the pause before the next attempt (seconds)."""
-        self.failures += 1
-        delay: float = min(self.max_s, self.first_s * 2 ** (self.failures - 1))
-        return delay
-
-    def succeeded(self) -> int:
-        """Record a success; how many failures the episode it ends had (0: there was none)."""
-        failures, self.failures = self.failures, 0
-        return failures
 
 
 @dataclass

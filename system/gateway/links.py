@@ -1,5 +1,8 @@
 """Links: how the gateway's lanes reach the SessionFiles. One link per canonical path.
 
+The gateway never resolves a path itself: the Registry does, once, in answer to the link's
+``OpenChannel``, and the link is keyed by that answer (see ``Links``).
+
 A link starts ``opening``: the gateway asks the Registry for a channel (``OpenChannel``; the
 Registry resolves, confines and activates exactly as for a call) and queues the path's calls
 meanwhile. The SessionFile answers with a ``ChannelOffer``; the gateway connects to it, says
@@ -13,30 +16,32 @@ Order per lane and file holds because a path's calls use one route at a time: qu
 opening, then all on the channel (or all through the Registry). A link changes route only when
 nothing of it is in flight: a channel the gateway closes is idle (no lane holds a lease on
 the path or waits for an answer from it), and a channel that breaks has lost whatever was in
-flight, which the lanes then handle as a restart of the file's actor (``FileRestarted``):
-leases on it are revoked (``actor_restart``), waiting acquires are queued again, other
-unanswered requests are answered ``unavailable``.
+flight: the lanes are told so (``actors.lane_state.ChannelLost``, its own event): leases on
+it are revoked, waiting acquires are queued again, other unanswered requests are answered
+``unavailable``.
 
 Each death of a SessionFile is handled once: the channel breaking and the Registry's
 ``FileRestarted`` both name the incarnation, and the later of the two is ignored. A
 connection refused before the welcome (a file being passivated, or already gone) lost
 nothing: the link just asks again.
+
+The channel's socket is an ``actors.endpoint.FramedSocket``; nothing here blocks: the
+connect is non-blocking (an ``AF_UNIX`` connect completes at once or fails, a full backlog
+included, and is then asked for again), and output is queued and written by ``flush``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from actors.paths import canonicalize
+from actors.endpoint import OUT_OF_DESCRIPTORS, FramedSocket, connect_unix
+from actors.lane_state import ChannelLost
 from messages.channel import ChannelReply, ChannelWelcome, call_frame, decode_from_file, hello_frame
-from messages.codec import FrameDecodeError, FrameReader
-from messages.errors import PathNotAllowed, TooLarge
+from messages.codec import FrameDecodeError
 from messages.internal import ChannelOffer, FileReply, FileRestarted, LaneCall, OpenChannel
 from messages.wire import Abandon, Error
 
@@ -50,7 +55,9 @@ _RETRY_MS = 20.0
 """Ask the Registry again this long after a refused connection (the file was retiring)."""
 _OPEN_TIMEOUT_MS = 2_000.0
 """Ask again if no offer came in this long (the request went to an actor that died)."""
-_MAX_RAWS = 64
+_MAX_SPELLINGS = 4096
+"""Spellings remembered (with their links); past it an unknown one's calls go through the
+Registry, which resolves each."""
 
 
 class LinkHost(Protocol):
@@ -66,6 +73,9 @@ class LinkHost(Protocol):
     def restarted(self, msg: FileRestarted) -> None:
         """Tell every lane that the file's actor died: what was in flight to it is lost."""
 
+    def channel_lost(self, msg: ChannelLost) -> None:
+        """Tell every lane that the channel to a file broke: what was in flight is lost."""
+
     def in_use(self, path: str) -> bool:
         """Whether any lane holds a lease on ``path`` or waits for an answer from it."""
 
@@ -73,18 +83,19 @@ class LinkHost(Protocol):
 Mode = Literal["opening", "connecting", "channel", "registry"]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Link:
     path: str
-    """Canonical path (the gateway's resolution; the Registry's must agree)."""
+    """The canonical path, the Registry's answer (until ``resolved``: the spelling asked)."""
     mode: Mode
+    resolved: bool = True
+    """Whether the Registry answered: with the canonical path, or by refusing the spelling
+    (its calls then go through the Registry, which answers each)."""
     nonce: int = 0
     asked_at: float = 0.0
     retry_at: float | None = None
     queue: list[LaneCall] = field(default_factory=list)
-    sock: socket.socket | None = None
-    reader: FrameReader | None = None
-    out: bytearray = field(default_factory=bytearray)
+    end: FramedSocket | None = None
     incarnation: int = 0
     handled: int = 0
     """The latest incarnation whose death the lanes were told of."""
@@ -93,20 +104,25 @@ class _Link:
 
 
 class Links:
-    def __init__(
-        self,
-        host: LinkHost,
-        roots: Sequence[str],
-        suffixes: Sequence[str],
-        idle_ms: float,
-        clock: Callable[[], float],
-    ) -> None:
+    """Every link of the gateway, by the Registry's canonical path and by the spellings used.
+
+    A path is resolved once, by the Registry: a call naming a spelling not seen before opens
+    a link keyed by that spelling, and the ``ChannelOffer`` names the canonical path (two
+    spellings of one file then share one link). Until then the lanes whose calls wait on it
+    are held back (their later calls wait behind, whatever the path), so a lane's calls to
+    one file keep their order even when it names the file two ways.
+    """
+
+    def __init__(self, host: LinkHost, idle_ms: float, clock: Callable[[], float]) -> None:
         self.host = host
-        self.roots = list(roots)
-        self.suffixes = list(suffixes)
         self.idle_ms = idle_ms
         self.clock = clock
         self.links: dict[str, _Link] = {}
+        """Resolved links, by canonical path."""
+        self.spellings: dict[str, _Link] = {}
+        """Every spelling lanes used (bounded), to its link, resolved or not."""
+        self.held: dict[str, list[LaneCall]] = {}
+        """Lanes with a call on a link not yet resolved: their later calls, in order."""
         self.by_fd: dict[int, _Link] = {}
         self.by_nonce: dict[int, _Link] = {}
         self.nonces = itertools.count(1)
@@ -116,27 +132,45 @@ class Links:
     # Calls from lanes ----------------------------------------------------------------------
 
     def call(self, call: LaneCall) -> None:
-        path = call.path
-        if not call.canonical:
-            try:
-                path = canonicalize(call.path, self.roots, self.suffixes)
-            except PathNotAllowed:
-                # Not ours to judge alone: it may be another convention member's root. The
-                # Registry answers (or forwards) it; such spellings never get a link.
-                self.via_registry(call)
-                return
-        link = self.links.get(path)
+        """Route ``call`` (in order per lane and file)."""
+        held = self.held.get(call.lane.uid)
+        if held is not None:
+            held.append(call)
+        else:
+            self.route(call)
+
+    def route(self, call: LaneCall) -> None:
+        link = self.links.get(call.path) if call.canonical else self.spellings.get(call.path)
         if link is None and isinstance(call.request, Abandon):
             # No link: nothing of this lane is in flight to the file. The Registry answers at
             # once when the file is not live, and no channel is opened just for this.
             self.via_registry(call)
             return
         if link is None:
-            link = self.links[path] = _Link(path=path, mode="opening")
-            self.ask(link, call.path)
-        if not call.canonical and len(link.raws) < _MAX_RAWS:
-            link.raws.add(call.path)
+            link = self.open(call)
+            if link is None:
+                self.via_registry(call)  # too many spellings: the Registry resolves each call
+                return
         link.last_used = self.clock()
+        if not link.resolved:
+            link.queue.append(call)
+            self.held.setdefault(call.lane.uid, [])
+            return
+        self.send_on(link, call)
+
+    def open(self, call: LaneCall) -> _Link | None:
+        """A new link for ``call``'s path, asking the Registry for a channel."""
+        if call.canonical:
+            link = self.links[call.path] = _Link(path=call.path, mode="opening")
+        elif len(self.spellings) >= _MAX_SPELLINGS:
+            return None
+        else:
+            link = _Link(path=call.path, mode="opening", resolved=False, raws={call.path})
+            self.spellings[call.path] = link
+        self.ask(link)
+        return link
+
+    def send_on(self, link: _Link, call: LaneCall) -> None:
         match link.mode:
             case "opening" | "connecting":
                 link.queue.append(call)
@@ -145,32 +179,43 @@ class Links:
             case "registry":
                 self.via_registry(call)
 
+    def release(self, calls: list[LaneCall]) -> None:
+        """A link was resolved: ``calls`` went on; their lanes' held-back calls follow."""
+        for uid in dict.fromkeys(call.lane.uid for call in calls):
+            for later in self.held.pop(uid, []):
+                self.call(later)
+
     def via_registry(self, call: LaneCall) -> None:
         self.registry_lanes.add(call.lane.uid)
         self.host.send(self.host.registry, call)
 
     def send_call(self, link: _Link, call: LaneCall) -> None:
         lane = call.lane
-        link.out += call_frame(lane.uid, lane.name, lane.priority, call.request)
+        assert link.end is not None
+        link.end.queue(call_frame(lane.uid, lane.name, lane.priority, call.request))
 
-    def ask(self, link: _Link, raw: str | None = None) -> None:
+    def ask(self, link: _Link) -> None:
         """Ask the Registry for a channel to ``link``'s file (again)."""
         self.by_nonce.pop(link.nonce, None)
         link.mode, link.retry_at = "opening", None
         link.nonce = next(self.nonces)
         link.asked_at = self.clock()
         self.by_nonce[link.nonce] = link
-        self.host.send(self.host.registry, OpenChannel(path=raw or link.path, nonce=link.nonce))
+        self.host.send(self.host.registry, OpenChannel(path=link.path, nonce=link.nonce))
 
     # From the Registry and the files -------------------------------------------------------
 
     def on_offer(self, offer: ChannelOffer) -> None:
         link = self.by_nonce.pop(offer.nonce, None)
-        if link is None or link.mode != "opening" or self.links.get(link.path) is not link:
+        if link is None or link.mode != "opening":
             return  # an answer to a request given up on
         if offer.code is not None:
             self.refused(link, offer)
             return
+        if not link.resolved and offer.canonical is not None:
+            link = self.resolve(link, offer.canonical)
+            if link.mode != "opening":
+                return  # merged into a link that is past this
         if offer.address is None or offer.canonical != link.path:
             if offer.address is not None:
                 log.warning(
@@ -180,28 +225,44 @@ class Links:
                 )
             self.to_registry(link)
             return
+        self.connect(link, offer)
+
+    def resolve(self, link: _Link, canonical: str) -> _Link:
+        """The Registry named ``link``'s canonical path: the link it is (maybe another one's,
+        reached by another spelling, into which it merges); its waiting calls go on."""
+        queued, link.queue = link.queue, []
+        into = self.links.get(canonical)
+        if into is None:
+            link.path, link.resolved = canonical, True
+            self.links[canonical] = into = link
+        else:
+            into.raws |= link.raws
+            for raw in link.raws:
+                self.spellings[raw] = into
+        for call in queued:
+            self.send_on(into, call)
+        self.release(queued)
+        return into
+
+    def connect(self, link: _Link, offer: ChannelOffer) -> None:
+        """Connect to the offered channel (without blocking) and queue the hello."""
+        assert offer.address is not None
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = connect_unix(offer.address)
         except OSError as exc:
-            # Out of descriptors: the Registry route needs none of our own per file.
-            log.warning("no channel to %s (%s): routing it through the registry", link.path, exc)
-            self.to_registry(link)
-            return
-        try:
-            sock.settimeout(1.0)
-            sock.connect("\0" + offer.address)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
+            if exc.errno in OUT_OF_DESCRIPTORS:
+                # The Registry route needs none of our own descriptors per file.
+                log.warning("no channel to %s (%s): routing it via the registry", link.path, exc)
+                self.to_registry(link)
+                return
             log.debug("channel to %s refused (%s): asking again", link.path, exc)
             link.retry_at = self.clock() + _RETRY_MS
             return
-        link.sock = sock
-        link.reader = FrameReader(_MAX_CHANNEL_FRAME)
+        link.end = FramedSocket(sock, _MAX_CHANNEL_FRAME, read_budget=_RECV_BYTES)
+        link.end.queue(hello_frame(offer.token))
         link.incarnation = offer.incarnation
         link.mode = "connecting"
-        link.out = bytearray(hello_frame(offer.token))
-        self.by_fd[sock.fileno()] = link
+        self.by_fd[link.end.fd] = link
 
     def refused(self, link: _Link, offer: ChannelOffer) -> None:
         """The file's actor could not activate (another owner, an unusable file): answer the
@@ -212,16 +273,23 @@ class Links:
         for call in queued:
             error = Error(id=call.request.id, code=offer.code, detail=offer.reason, path=call.path)
             self.host.deliver(FileReply(path=call.path, message=error, lane=call.lane.uid))
+        self.release(queued)
 
     def to_registry(self, link: _Link) -> None:
+        """Route ``link``'s calls through the Registry (unresolved: the Registry refused the
+        spelling before resolving it; it answers each call the same way)."""
         link.mode = "registry"
         queued, link.queue = link.queue, []
+        link.resolved = True  # nothing more to learn: its calls no longer wait
         for call in queued:
             self.via_registry(call)
+        self.release(queued)
 
     def on_restarted(self, msg: FileRestarted) -> None:
         """The Registry restarted ``msg.path``'s actor (or lost its convention member)."""
         link = self.links.get(msg.path)
+        if link is None:  # maybe one still waiting for its offer, by a spelling
+            link = next((self.spellings[a] for a in msg.aliases if a in self.spellings), None)
         if link is None or link.mode == "registry":
             self.host.restarted(msg)
             return
@@ -242,24 +310,26 @@ class Links:
 
     def on_ready(self, fd: int) -> None:
         link = self.by_fd.get(fd)
-        if link is None or link.sock is None or link.reader is None:
+        if link is None or link.end is None:
             return
+        end = link.end
+        got = end.read()
         try:
-            data = link.sock.recv(_RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.lost(link, f"channel error: {exc}")
-            return
-        if not data:
-            self.lost(link, "channel closed by the file's actor")
-            return
-        try:
-            for body in link.reader.feed(data):
+            for body in got.bodies:
+                if link.end is not end:
+                    return  # lost while handling an earlier frame
                 self.on_frame(link, decode_from_file(body))
-        except (FrameDecodeError, TooLarge) as exc:
+        except FrameDecodeError as exc:
             log.error("bad frame on the channel to %s: %s", link.path, exc)
             self.lost(link, "bad frame")
+            return
+        if got.too_large is not None:
+            log.error("bad frame on the channel to %s: %s", link.path, got.too_large)
+            self.lost(link, "bad frame")
+        elif got.error is not None:
+            self.lost(link, f"channel error: {got.error}")
+        elif got.ended is not None:
+            self.lost(link, "channel closed by the file's actor")
 
     def on_frame(self, link: _Link, frame: ChannelWelcome | ChannelReply) -> None:
         if isinstance(frame, ChannelWelcome):
@@ -290,42 +360,36 @@ class Links:
         log.warning("channel to %s (incarnation %d) lost: %s", link.path, incarnation, reason)
         link.handled = max(link.handled, incarnation)
         self.ask(link)
-        restarted = FileRestarted(
-            path=link.path, aliases=sorted(link.raws), incarnation=incarnation
+        lost = ChannelLost(
+            path=link.path, aliases=sorted(link.raws), incarnation=incarnation, reason=reason
         )
-        self.host.restarted(restarted)
+        self.host.channel_lost(lost)
 
     def close_socket(self, link: _Link) -> None:
-        if link.sock is not None:
-            self.by_fd.pop(link.sock.fileno(), None)
-            with contextlib.suppress(OSError):
-                link.sock.close()
-        link.sock = None
-        link.reader = None
-        link.out = bytearray()
+        if link.end is not None:
+            self.by_fd.pop(link.end.fd, None)
+            link.end.close()
+        link.end = None
 
     # Output and timers ---------------------------------------------------------------------
 
     def flush(self) -> bool:
-        """Write what the channels have buffered; True when some output is left."""
+        """Write what the channels have queued; True when some output is left."""
         left = False
         for link in list(self.by_fd.values()):
-            while link.out and link.sock is not None:
-                try:
-                    sent = link.sock.send(link.out)
-                except (BlockingIOError, InterruptedError):
-                    left = True
-                    break
-                except OSError as exc:
-                    self.lost(link, f"channel error: {exc}")
-                    break
-                del link.out[:sent]
+            if link.end is None:
+                continue
+            error = link.end.flush()
+            if error is not None:
+                self.lost(link, f"channel error: {error}")
+            elif link.end.out:
+                left = True
         return left
 
     def tick(self) -> None:
         """Retry what is due; close channels nobody used for ``idle_ms`` (so files can retire)."""
         now = self.clock()
-        for link in list(self.links.values()):
+        for link in self.every():
             if link.mode == "opening":
                 due = link.retry_at is not None and now >= link.retry_at
                 if due or now - link.asked_at > _OPEN_TIMEOUT_MS:
@@ -339,16 +403,26 @@ class Links:
                 else:
                     self.forget(link)
 
+    def every(self) -> list[_Link]:
+        """Every link, resolved or not, once each."""
+        return list(
+            {id(link): link for link in (*self.links.values(), *self.spellings.values())}.values()
+        )
+
     def forget(self, link: _Link) -> None:
         log.debug("closing the idle %s link to %s", link.mode, link.path)
         self.close_socket(link)
         self.by_nonce.pop(link.nonce, None)
-        del self.links[link.path]
+        if self.links.get(link.path) is link:
+            del self.links[link.path]
+        for raw in link.raws:
+            if self.spellings.get(raw) is link:
+                del self.spellings[raw]
 
     def next_due(self) -> float | None:
         """When ``tick`` has something to do next (monotonic ms), or None."""
         dues: list[float] = []
-        for link in self.links.values():
+        for link in self.every():
             if link.mode == "opening":
                 dues.append(link.retry_at or link.asked_at + _OPEN_TIMEOUT_MS)
             elif link.mode == "connecting":
@@ -358,10 +432,11 @@ class Links:
         return min(dues) if dues else None
 
     def close(self) -> None:
-        for link in list(self.links.values()):
+        for link in self.every():
             self.close_socket(link)
         self.links.clear()
+        self.spellings.clear()
         self.by_nonce.clear()
 
     def __iter__(self) -> Iterator[_Link]:
-        return iter(self.links.values())
+        return iter(self.every())
