@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,14 +43,13 @@ def test_a_child_shows_its_argv_and_our_uid_and_a_zombie_is_not_live() -> None:
         [sys.executable, "-c", "import sys; sys.stdin.read()", "two words", ""],
         stdin=subprocess.PIPE,
     )
+    argv = [sys.executable, "-c", "import sys; sys.stdin.read()", "two words", ""]
     try:
-        assert procfs.cmdline(child.pid) == [
-            sys.executable,
-            "-c",
-            "import sys; sys.stdin.read()",
-            "two words",
-            "",
-        ]
+        # Popen returns once the child is forked; its argv is ours until it has exec'd.
+        deadline = time.monotonic() + 10
+        while procfs.cmdline(child.pid) != argv and time.monotonic() < deadline:
+            time.sleep(0.005)  # a bounded wait for the exec, not an ordering
+        assert procfs.cmdline(child.pid) == argv
         assert procfs.uid(child.pid) == os.getuid()
         assert (procfs.memory_kb(child.pid) or {}).get("Rss", 0) > 0
     finally:
