@@ -1,6 +1,6 @@
 """The lifeline: a thespian actor system dies with the process that started it.
 
-thespian's admin ``setsid()``s and double-forks (``notes/thespian.md`` sections 0, 1 and 3),
+thespian's admin ``setsid()``s and double-forks (``thespian/system/multiprocCommon.py``),
 so neither the starter's death nor ``PR_SET_PDEATHSIG`` reaches it, and a ``kill -9`` of
 ``sessionlane serve`` used to leave the admin, Registry, gateway and every SessionFile running,
 granting leases nobody supervised and holding the ports.

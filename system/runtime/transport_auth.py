@@ -2,7 +2,7 @@
 
 thespian 4.0.1 frames each message as ``b"<len>>" + pickle.dumps((sender, message))`` and every
 receiver unpickles what arrives; the sender unpickles the ``ACK`` frame it reads back the same
-way (``notes/thespian.md``, "Where thespian 4.0.1's TCP transport unpickles"). Any process
+way (``thespian/system/transport/streamBuffer.py`` and ``TCPTransport.py``). Any process
 that can reach a port can therefore run code as the service's user. :func:`install` makes the
 payload of every frame, in both directions::
 
