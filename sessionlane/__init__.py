@@ -20,52 +20,10 @@ stable import path. ``python -m sessionlane`` runs the command line.
 
 from __future__ import annotations
 
-from messages.errors import (
-    BadFrame,
-    Contended,
-    InvalidRecord,
-    LeaseRevoked,
-    LeaseTimeout,
-    NotHolder,
-    PathNotAllowed,
-    QueueFull,
-    SessionLaneError,
-    ShuttingDown,
-    StaleFence,
-    TooLarge,
-    TooManyFiles,
-    Unauthorized,
-    Unavailable,
-)
+from system import client
 from system._version import __version__
-from system.client import Lane, Lease, SessionLane, connect
-from system.client._async import AsyncLane, AsyncLease, AsyncSessionLane, connect_async
-from system.client._core import AppendResult
+from system.client import *  # noqa: F403  (the client's public names are this package's)
+from system.client._async import AsyncLane, AsyncLease, AsyncSessionLane
 
-__all__ = [
-    "AppendResult",
-    "AsyncLane",
-    "AsyncLease",
-    "AsyncSessionLane",
-    "BadFrame",
-    "Contended",
-    "InvalidRecord",
-    "Lane",
-    "Lease",
-    "LeaseRevoked",
-    "LeaseTimeout",
-    "NotHolder",
-    "PathNotAllowed",
-    "QueueFull",
-    "SessionLane",
-    "SessionLaneError",
-    "ShuttingDown",
-    "StaleFence",
-    "TooLarge",
-    "TooManyFiles",
-    "Unauthorized",
-    "Unavailable",
-    "__version__",
-    "connect",
-    "connect_async",
-]
+__all__ = ["AsyncLane", "AsyncLease", "AsyncSessionLane", "__version__"]
+__all__ += client.__all__

@@ -11,19 +11,15 @@ move bytes and drive the operations.
 
 from __future__ import annotations
 
-from system.client._sync import (
-    AppendResult,
+from messages.errors import (
     BadFrame,
     Contended,
     InvalidRecord,
-    Lane,
-    Lease,
     LeaseRevoked,
     LeaseTimeout,
     NotHolder,
     PathNotAllowed,
     QueueFull,
-    SessionLane,
     SessionLaneError,
     ShuttingDown,
     StaleFence,
@@ -31,9 +27,9 @@ from system.client._sync import (
     TooManyFiles,
     Unauthorized,
     Unavailable,
-    connect,
-    connect_async,
 )
+from system.client._core import AppendResult
+from system.client._sync import Lane, Lease, SessionLane, connect, connect_async
 
 __all__ = [
     "AppendResult",

@@ -40,23 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tenacity import Retrying
 
 from messages.codec import FrameReader, decode_reply
-from messages.errors import (
-    BadFrame,
-    Contended,
-    InvalidRecord,
-    LeaseRevoked,
-    LeaseTimeout,
-    NotHolder,
-    PathNotAllowed,
-    QueueFull,
-    SessionLaneError,
-    ShuttingDown,
-    StaleFence,
-    TooLarge,
-    TooManyFiles,
-    Unauthorized,
-    Unavailable,
-)
+from messages.errors import SessionLaneError, Unavailable
 from messages.wire import Durability, OnContention, Priority, Purpose, Reply, StatusReply
 from system.client import _ops as ops
 from system.client._core import (
@@ -76,29 +60,7 @@ from system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
 if TYPE_CHECKING:
     from system.client._async import AsyncSessionLane
 
-__all__ = [
-    "AppendResult",
-    "BadFrame",
-    "Contended",
-    "InvalidRecord",
-    "Lane",
-    "Lease",
-    "LeaseRevoked",
-    "LeaseTimeout",
-    "NotHolder",
-    "PathNotAllowed",
-    "QueueFull",
-    "SessionLane",
-    "SessionLaneError",
-    "ShuttingDown",
-    "StaleFence",
-    "TooLarge",
-    "TooManyFiles",
-    "Unauthorized",
-    "Unavailable",
-    "connect",
-    "connect_async",
-]
+__all__ = ["Lane", "Lease", "SessionLane", "connect", "connect_async"]
 
 R = TypeVar("R")
 _READ_BYTES = 256 * 1024
