@@ -33,12 +33,24 @@ class Closed(Exception):
 
 
 class RawConn:
-    """One client connection speaking raw frames: no client library in the way."""
+    """One client connection speaking raw frames over ``tcp://`` or ``unix://``: no client
+    library in the way. ``unaddressed``: a reply without an ``id`` (a refusal before the
+    hello, say) also answers a request."""
 
-    def __init__(self, address: str, timeout: float = 5.0) -> None:
-        host, _, port = address.removeprefix("tcp://").rpartition(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, address: str, timeout: float = 5.0, *, unaddressed: bool = False) -> None:
+        if address.startswith("unix://"):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(address.removeprefix("unix://"))
+            except OSError:
+                self.sock.close()
+                raise
+        else:
+            host, _, port = address.removeprefix("tcp://").rpartition(":")
+            self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.unaddressed = unaddressed
         self.timeout = timeout
         self.buf = bytearray()
         self.ids = iter(range(1, 1 << 30))
@@ -66,7 +78,7 @@ class RawConn:
                     return message
             try:
                 data = self.sock.recv(65536)
-            except ConnectionResetError:
+            except (ConnectionResetError, BrokenPipeError):
                 data = b""
             if not data:
                 raise Closed
@@ -78,7 +90,8 @@ class RawConn:
         self.send({"v": 1, "id": rid, **message})
         while True:
             reply = self.recv()
-            if reply.get("id") == rid and not (skip_queued and reply["type"] == "queued"):
+            ours = reply.get("id") == rid or (self.unaddressed and reply.get("id") is None)
+            if ours and not (skip_queued and reply["type"] == "queued"):
                 return reply
 
     def hello(self, token: str | None = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from test_gateway import Closed, RawConn
 
 from system.client import connect
 from system.config import NON_CONFIG_ENV, load_settings
@@ -45,69 +46,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user
 needs_linux = pytest.mark.skipif(sys.platform != "linux", reason="peer owners are Linux-only")
 
 
-class Closed(Exception):
-    """The service closed the connection."""
-
-
-class Raw:
-    """One connection speaking raw frames, over ``tcp://`` or ``unix://``."""
-
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
-        if address.startswith("unix://"):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            try:
-                self.sock.connect(address.removeprefix("unix://"))
-            except OSError:
-                self.sock.close()
-                raise
-        else:
-            host, _, port = address.removeprefix("tcp://").rpartition(":")
-            self.sock = socket.create_connection((host, int(port)), timeout=timeout)
-        self.timeout = timeout
-        self.buf = bytearray()
-        self.ids = iter(range(1, 1 << 30))
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, message: dict[str, Any]) -> None:
-        body = msgpack.packb(message, use_bin_type=True)
-        self.sock.sendall(HEADER.pack(len(body)) + body)
-
-    def recv(self, timeout: float | None = None) -> dict[str, Any]:
-        """The next frame; ``Closed`` if the service closed the connection first."""
-        self.sock.settimeout(self.timeout if timeout is None else timeout)
-        while True:
-            if len(self.buf) >= HEADER.size:
-                (length,) = HEADER.unpack_from(self.buf)
-                if len(self.buf) >= HEADER.size + length:
-                    body = bytes(self.buf[HEADER.size : HEADER.size + length])
-                    del self.buf[: HEADER.size + length]
-                    message: dict[str, Any] = msgpack.unpackb(body, raw=False)
-                    return message
-            try:
-                data = self.sock.recv(65536)
-            except (ConnectionResetError, BrokenPipeError):
-                data = b""
-            if not data:
-                raise Closed
-            self.buf += data
-
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Send with a fresh id; its first reply other than ``queued``."""
-        rid = next(self.ids)
-        self.send({"v": 1, "id": rid, **message})
-        while True:
-            reply = self.recv()
-            if reply.get("id") in (rid, None) and reply["type"] != "queued":
-                return reply
-
-    def hello(self, token: str | None = None) -> dict[str, Any]:
-        fields: dict[str, Any] = {"type": "hello", "client": "trust-test"}
-        if token is not None:
-            fields["token"] = token
-        return self.request(fields)
+def Raw(address: str, timeout: float = 10.0) -> RawConn:
+    """One raw-frame connection; refusals come without an ``id`` and answer its request."""
+    return RawConn(address, timeout, unaddressed=True)
 
 
 def wait_for(predicate: Callable[[], bool], seconds: float, what: str) -> None:
@@ -423,7 +364,7 @@ def test_a_stranger_cannot_fill_the_connection_table_and_lock_the_user_out(tmp_p
 # Before the hello -----------------------------------------------------------------------------
 
 
-def closed_by_service(conn: Raw, seconds: float) -> list[dict[str, Any]]:
+def closed_by_service(conn: RawConn, seconds: float) -> list[dict[str, Any]]:
     """The frames the service sent before closing ``conn`` (fails if it stays open)."""
     frames: list[dict[str, Any]] = []
     deadline = time.monotonic() + seconds
@@ -458,7 +399,7 @@ def test_forty_strangers_announcing_8_mib_frames_cost_the_gateway_almost_nothing
         conns = [Raw(service.address) for _ in range(40)]
         try:
 
-            def flood(conn: Raw) -> None:
+            def flood(conn: RawConn) -> None:
                 with contextlib.suppress(OSError):
                     conn.sock.sendall(HEADER.pack(len(body)) + body)
 
