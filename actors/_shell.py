@@ -18,7 +18,7 @@ __all__ = ["Handler", "ShellActor", "addr_key", "monotonic_ms"]
 
 Handler = Callable[[Any, Any], None]
 
-_OUR_PACKAGES = ("actors", "messages", "system")
+_OUR_PACKAGES = ("sessionlane",)
 _AT_IMPORT = logging.getLogger(__name__)  # created before any fork: holds the original manager
 _rehomed_root: object = None
 

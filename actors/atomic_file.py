@@ -4,7 +4,8 @@
 over the target and fsyncs the directory: readers see the old content or the new one, never a
 mix. A crash before the rename leaves a temp file (``.<name>.<12 hex>.tmp``) that only the
 target's owner may remove (``remove_leftover_temps``; ``leftover_temps`` lists them). Used
-for transcript compaction (``actors.transcript``) and fence sidecars (``actors.fencestore``).
+for transcript compaction (``sessionlane.actors.transcript``) and fence sidecars
+(``sessionlane.actors.fencestore``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import re
 import secrets
 
-from actors.confined import ConfinedDir
+from sessionlane.actors.confined import ConfinedDir
 
 __all__ = ["leftover_temps", "remove_leftover_temps", "replace_file", "write_all"]
 

@@ -9,7 +9,7 @@ a child fails again at once, a loop that used to end with the whole actor system
 So the Registry asks ``fd_headroom`` before it starts a file (a refusal when fewer than
 ``FD_RESERVE`` descriptors are left under the soft limit), and recognises a child that never
 came up with ``never_started`` (it is then not restarted). The configured ``max_files`` is
-the first line of defence; ``system.runtime.limits`` sizes it to the limit at start.
+the first line of defence; ``sessionlane.system.runtime.limits`` sizes it to the limit at start.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 from thespian.system.addressManager import ActorLocalAddress
 
-from actors import procfs
-from actors.confined import is_fd_exhaustion
+from sessionlane.actors import procfs
+from sessionlane.actors.confined import is_fd_exhaustion
 
 __all__ = ["FD_RESERVE", "fd_headroom", "never_started", "open_fds"]
 

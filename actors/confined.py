@@ -1,8 +1,8 @@
 """A directory inside a root, reached and used without ever following a symlink.
 
-Admission (``actors.paths.canonicalize``) checks a path once. Afterwards anybody who can write
-in the root may rename a transcript away and plant a symlink (or a hard link to a file outside
-the root) in its place; any later ``open(path)`` would then write wherever that link points.
+Admission (``sessionlane.actors.paths.canonicalize``) checks a path once. Afterwards anybody who
+can write in the root may rename a transcript away and plant a symlink (or a hard link to a file
+outside the root) in its place; any later ``open(path)`` would then write wherever that link points.
 So a file's actor never opens a path again. It opens its root once, walks down to the
 transcript's directory one component at a time with ``O_DIRECTORY | O_NOFOLLOW`` (a symlinked
 component is refused), keeps that directory's descriptor for the file's whole life, and does
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
-from messages.errors import ErrorCode, PathNotAllowed
+from sessionlane.messages.errors import ErrorCode, PathNotAllowed
 
 __all__ = [
     "ConfinedDir",

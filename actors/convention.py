@@ -55,7 +55,7 @@ The same watchdog runs the other way: a relay whose origin falls silent for
 ``OriginLost``, and the leases and waits of that origin's lanes are abandoned. A member that
 comes back is a new incarnation; once the directory admits it, every Registry gets the new
 table and its next call creates a new relay. Its fences continue upward: they are persisted per
-path in the fence sidecars (``actors.fencestore``), not kept in memory.
+path in the fence sidecars (``sessionlane.actors.fencestore``), not kept in memory.
 
 The leader is special in two ways, both thespian's: only it knows every member (members know
 only the leader), so a relay to a member not used before is placed through it; and the
@@ -65,11 +65,11 @@ empty directory, so restart the members after it.
 
 **Trust.** Every message between members is pickled by thespian and unpickled by the receiver,
 so every frame carries a MAC under the members' shared secret (``cluster_key_file``,
-``system.runtime.transport_auth``): a frame from anyone without the key is dropped before it is
-unpickled, and a member with another key cannot join (its claim never reaches the directory).
-Without a key, members must set ``trusted_network = true``, which sends frames unauthenticated:
-then anyone who can reach a member's ports can run code as the service's user
-(``system.config``).
+``sessionlane.system.runtime.transport_auth``): a frame from anyone without the key is dropped
+before it is unpickled, and a member with another key cannot join (its claim never reaches the
+directory). Without a key, members must set ``trusted_network = true``, which sends frames
+unauthenticated: then anyone who can reach a member's ports can run code as the service's user
+(``sessionlane.system.config``).
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ActorSystemConventionUpdate, WakeupMessage
 
-from actors._shell import Handler, ShellActor, monotonic_ms
-from messages.convention import (
+from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
+from sessionlane.messages.convention import (
     Admitted,
     Beat,
     Claim,
@@ -316,7 +316,7 @@ class Relay(ShellActor):
         self.heard = monotonic_ms()
         # Imported here, not at the top: the Registry's module imports this one (through its
         # Federation), and the relay is the one actor of the convention that creates it.
-        from actors.registry import REGISTRY_NAME, Registry
+        from sessionlane.actors.registry import REGISTRY_NAME, Registry
 
         self.registry = self.createActor(Registry, globalName=REGISTRY_NAME)
         self.wakeupAfter(self.timeout_ms / 2000.0)

@@ -1,8 +1,9 @@
 """One framed-socket endpoint: every non-blocking length-prefixed stream the service speaks.
 
 The gateway's client connections, its links to SessionFiles and a SessionFile's channel
-server (``actors.file_channels``) all read and write ``messages.codec`` frames on sockets
-watched by thespian's select loop (``ThespianWatch``). What they share lives here, once:
+server (``sessionlane.actors.file_channels``) all read and write ``sessionlane.messages.codec``
+frames on sockets watched by thespian's select loop (``ThespianWatch``). What they share lives
+here, once:
 
 * :class:`FramedSocket`: one connected socket. ``read`` takes at most ``read_budget`` bytes
   per wake-up (the rest waits for the next select, so one peer cannot starve the others)
@@ -17,7 +18,7 @@ watched by thespian's select loop (``ThespianWatch``). What they share lives her
 * :func:`connect_unix`: a non-blocking connect to an abstract Unix name.
 
 Framing itself (frame sizes, the first frame's cap) is pure and lives in
-``messages.codec.FrameReader``; what a frame means is the owner's business. Nothing here
+``sessionlane.messages.codec.FrameReader``; what a frame means is the owner's business. Nothing here
 blocks, and nothing here uses thespian: the owners watch :attr:`FramedSocket.fd`.
 """
 
@@ -31,8 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from messages.codec import FrameReader
-from messages.errors import TooLarge
+from sessionlane.messages.codec import FrameReader
+from sessionlane.messages.errors import TooLarge
 
 __all__ = [
     "OUT_OF_DESCRIPTORS",

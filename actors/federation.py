@@ -3,8 +3,8 @@
 :class:`Federation` is a plain object the Registry holds (its :class:`Host`): it keeps the
 member table, a relay per remote member used, the beats that watch them, and what to answer
 when one is lost. The owner side (other members' lanes using our paths) is its part
-:class:`actors.federation_serving.Serving`. The rules it follows are stated in
-:mod:`actors.convention`.
+:class:`sessionlane.actors.federation_serving.Serving`. The rules it follows are stated in
+:mod:`sessionlane.actors.convention`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any, Literal, Protocol, TypeGuard
 
 from thespian.actors import ActorExitRequest
 
-from actors._shell import addr_key, monotonic_ms
-from actors.convention import (
+from sessionlane.actors._shell import addr_key, monotonic_ms
+from sessionlane.actors.convention import (
     CAP_INCARNATION,
     CAP_LEADER,
     CAP_ROOT,
@@ -28,8 +28,8 @@ from actors.convention import (
     owner_of,
     roots_overlap,
 )
-from actors.federation_serving import Serving, ServingHost
-from messages.convention import (
+from sessionlane.actors.federation_serving import Serving, ServingHost
+from sessionlane.messages.convention import (
     Admitted,
     Beat,
     BeatAck,
@@ -46,8 +46,8 @@ from messages.convention import (
     RelayInit,
     Resolved,
 )
-from messages.internal import FileReply, FileRestarted, LaneCall
-from messages.wire import Error, FileStatus, Status, StatusReply
+from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall
+from sessionlane.messages.wire import Error, FileStatus, Status, StatusReply
 
 __all__ = ["Federation", "Host", "unavailable_status"]
 

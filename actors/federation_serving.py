@@ -1,7 +1,7 @@
 """The owner side of a convention: other members' lanes that use this member's paths.
 
-:class:`Serving` is part of :class:`actors.federation.Federation` (the Registry's side of a
-convention). It serves the calls other members forward here, acknowledges their beats, and
+:class:`Serving` is part of :class:`sessionlane.actors.federation.Federation` (the Registry's side
+of a convention). It serves the calls other members forward here, acknowledges their beats, and
 when one of them is lost (``OriginLost``) abandons what its lanes held or waited for here, so
 a dead member's lanes never keep a path. It owns the table of origins; nothing else reads it.
 """
@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from actors._shell import addr_key
-from messages.convention import (
+from sessionlane.actors._shell import addr_key
+from sessionlane.messages.convention import (
     Beat,
     BeatAck,
     Forwarded,
@@ -24,8 +24,8 @@ from messages.convention import (
     OriginLost,
     Resolved,
 )
-from messages.internal import LaneCall, LaneRef
-from messages.wire import Abandon, Status
+from sessionlane.messages.internal import LaneCall, LaneRef
+from sessionlane.messages.wire import Abandon, Status
 
 __all__ = ["Serving", "ServingHost"]
 

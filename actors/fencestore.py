@@ -8,8 +8,9 @@ numbers after each restart, which nothing relies on.
 
 The ceiling lives in a sidecar ``<dir>/.<basename>.fence`` holding one versioned JSON record,
 ``{"v": 1, "path": <transcript path>, "ceiling": N}``, replaced atomically on every reserve.
-It is read and replaced only through the transcript's ``ConfinedDir`` (``actors.confined``):
-never through a symlink, and only while it is a regular file with one hard link.
+It is read and replaced only through the transcript's ``ConfinedDir``
+(``sessionlane.actors.confined``): never through a symlink, and only while it is a regular file
+with one hard link.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from actors.atomic_file import remove_leftover_temps, replace_file
-from actors.confined import ConfinedDir, is_fd_exhaustion
-from messages.errors import SessionLaneError
+from sessionlane.actors.atomic_file import remove_leftover_temps, replace_file
+from sessionlane.actors.confined import ConfinedDir, is_fd_exhaustion
+from sessionlane.messages.errors import SessionLaneError
 
 __all__ = [
     "DEFAULT_BLOCK",

@@ -1,9 +1,9 @@
 """The SessionFile's end of its direct channels: a non-blocking Unix socket server. No thespian.
 
 The gateway connects to a SessionFile over an ``AF_UNIX`` stream socket in the abstract
-namespace (see ``messages.channel``). ``ChannelServer`` owns the listener and every accepted
-connection (each an ``actors.endpoint`` ``Acceptor`` and ``FramedSocket``: the same reading,
-writing and budgets as the gateway's); the actor drives it from its own loop,
+namespace (see ``sessionlane.messages.channel``). ``ChannelServer`` owns the listener and every
+accepted connection (each an ``sessionlane.actors.endpoint`` ``Acceptor`` and ``FramedSocket``: the
+same reading, writing and budgets as the gateway's); the actor drives it from its own loop,
 single-threaded and never blocking:
 
 * ``receiveMessage`` watches ``fds()`` (``ThespianWatch``) and hands the ready ones from a
@@ -32,9 +32,14 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from actors.endpoint import Acceptor, FramedSocket, close_level
-from messages.channel import ChannelCall, ChannelHello, decode_from_gateway, welcome_frame
-from messages.codec import FrameDecodeError
+from sessionlane.actors.endpoint import Acceptor, FramedSocket, close_level
+from sessionlane.messages.channel import (
+    ChannelCall,
+    ChannelHello,
+    decode_from_gateway,
+    welcome_frame,
+)
+from sessionlane.messages.codec import FrameDecodeError
 
 __all__ = ["ChannelCallEvent", "ChannelClosed", "ChannelEvent", "ChannelRef", "ChannelServer"]
 

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from messages.internal import FileReply
+from sessionlane.messages.internal import FileReply
 
 __all__ = ["CommitPolicy", "Decision", "Outbox", "Outgoing"]
 

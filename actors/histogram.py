@@ -8,9 +8,9 @@ own clock) and exports the histogram as flat integer counters, so it travels in
   (cumulative, as in Prometheus; the ``+Inf`` bucket is ``hist:<name>:count``);
 * ``hist:<name>:count`` and ``hist:<name>:sum_us``.
 
-:func:`read_histograms` parses them back (the metrics endpoint does, in ``system.ops.metrics``).
-Buckets are fixed per histogram name, so the counters of several files, or of several
-incarnations of one, add up bucket by bucket.
+:func:`read_histograms` parses them back (the metrics endpoint does, in
+``sessionlane.system.ops.metrics``). Buckets are fixed per histogram name, so the counters of
+several files, or of several incarnations of one, add up bucket by bucket.
 """
 
 from __future__ import annotations

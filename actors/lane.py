@@ -3,7 +3,7 @@
 A thin shell over ``LaneState`` (see there for what a lane does): its calls go to the
 Registry, which routes them to the path's SessionFile; replies and events go back to its agent
 as ``LaneOutput``. The gateway does not use Lane actors: it hosts its connections' lanes in its
-own process (``system.gateway.links``).
+own process (``sessionlane.system.gateway.links``).
 
 Ordering: every call of a lane goes Lane -> Registry -> SessionFile, and thespian keeps order
 per sender/target pair, so an abandon always reaches a file after the lane's earlier requests.
@@ -16,10 +16,10 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, WakeupMessage
 
-from actors._shell import Handler, ShellActor
-from actors.lane_state import CLOSE_TIMEOUT_S, LaneState
-from actors.timers import CloseTimeout
-from messages.internal import (
+from sessionlane.actors._shell import Handler, ShellActor
+from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, LaneState
+from sessionlane.actors.timers import CloseTimeout
+from sessionlane.messages.internal import (
     AgentGone,
     FileReply,
     FileRestarted,
@@ -31,7 +31,16 @@ from messages.internal import (
     Opened,
     OpenLane,
 )
-from messages.wire import Abandon, Acquire, Append, Error, Recover, Release, Reply, Rewrite
+from sessionlane.messages.wire import (
+    Abandon,
+    Acquire,
+    Append,
+    Error,
+    Recover,
+    Release,
+    Reply,
+    Rewrite,
+)
 
 __all__ = ["Lane"]
 

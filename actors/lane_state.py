@@ -19,8 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from messages.internal import FileReply, FileRestarted, LaneCall, LaneRef, LaneRequest
-from messages.wire import (
+from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall, LaneRef, LaneRequest
+from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
     Acquire,

@@ -33,7 +33,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from messages.wire import OnContention, Priority, Purpose, RevokeReason
+from sessionlane.messages.wire import OnContention, Priority, Purpose, RevokeReason
 
 __all__ = [
     "Abandoned",

@@ -1,4 +1,4 @@
-"""The interop client of OpenClaw's ``<file>.lock`` protocol (``actors.openclaw_lock``).
+"""The interop client of OpenClaw's ``<file>.lock`` protocol (``sessionlane.actors.openclaw_lock``).
 
 With ``legacy_lock = true`` the SessionFile actor takes the runtime's own lock file around each
 write, so processes that still use the lock-file protocol interleave with sessionlane at write
@@ -16,8 +16,8 @@ import os
 import time
 from collections.abc import Callable
 
-from actors.confined import ConfinedDir
-from actors.openclaw_lock import (
+from sessionlane.actors.confined import ConfinedDir
+from sessionlane.actors.openclaw_lock import (
     DEFAULT_STALE_MS,
     LockSnapshot,
     create_lock,

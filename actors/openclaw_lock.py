@@ -1,9 +1,9 @@
 """OpenClaw's ``<file>.lock`` protocol (its ``src/agents/session-write-lock.ts``): the one copy.
 
 Two clients build on it and cannot disagree about the format, liveness or what "stale" means:
-the interop (``actors.legacy_lock.LegacyLock``: the SessionFile takes the lock around each
-write, never waiting) and the race's baseline (``system.race._lockfile``: OpenClaw's own
-acquirer with its retry loop, timeout budget and max-hold watchdog).
+the interop (``sessionlane.actors.legacy_lock.LegacyLock``: the SessionFile takes the lock around
+each write, never waiting) and the race's baseline (``sessionlane.system.race._lockfile``:
+OpenClaw's own acquirer with its retry loop, timeout budget and max-hold watchdog).
 
 The protocol:
 
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from actors import procfs
-from actors.atomic_file import write_all
+from sessionlane.actors import procfs
+from sessionlane.actors.atomic_file import write_all
 
 __all__ = [
     "DEFAULT_STALE_MS",

@@ -23,8 +23,8 @@ lock) so a refused contender can name it: :class:`OwnedElsewhere`.
 
 The sidecar is opened relative to the transcript's directory with ``O_NOFOLLOW``; a symlink,
 a non-regular file or a file with several hard links at its name is refused
-(:class:`~messages.errors.PathNotAllowed`): writing the identity through it could change a
-file outside the root.
+(:class:`~sessionlane.messages.errors.PathNotAllowed`): writing the identity through it could
+change a file outside the root.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from actors.confined import ConfinedDir
-from messages.errors import PathNotAllowed, SessionLaneError
+from sessionlane.actors.confined import ConfinedDir
+from sessionlane.messages.errors import PathNotAllowed, SessionLaneError
 
 __all__ = [
     "OWNER_RECORD_VERSION",
@@ -181,11 +181,11 @@ class Ownership:
         """Take the lock of ``transcript_path`` without waiting, and write who we are.
 
         Raises :class:`OwnedElsewhere` when another process holds it,
-        :class:`~messages.errors.PathNotAllowed` when the sidecar's name is a symlink, not a
-        regular file or hard-linked, and ``OSError`` for anything else (EMFILE included).
+        :class:`~sessionlane.messages.errors.PathNotAllowed` when the sidecar's name is a symlink,
+        not a regular file or hard-linked, and ``OSError`` for anything else (EMFILE included).
         Creates the sidecar (mode 0600) if needed; never follows a symlink. ``directory``, the
-        transcript's directory already walked from its root (``actors.confined``), is where the
-        sidecar is opened when given (borrowed, not closed here).
+        transcript's directory already walked from its root (``sessionlane.actors.confined``), is
+        where the sidecar is opened when given (borrowed, not closed here).
         """
         sidecar = owner_path(transcript_path)
         if directory is not None:

@@ -7,7 +7,7 @@ and symlink escapes. Nothing here creates, opens or modifies anything.
 
 The checks are a snapshot: a path can change after it was canonicalised (a symlink swapped
 in). This module decides admission; the SessionFile then reaches the file from its root
-without following symlinks for the file's whole life (``actors.confined``).
+without following symlinks for the file's whole life (``sessionlane.actors.confined``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import os
 import stat
 from collections.abc import Sequence
 
-from actors.confined import check_regular, containing_root, file_kind
-from messages.errors import PathNotAllowed
+from sessionlane.actors.confined import check_regular, containing_root, file_kind
+from sessionlane.messages.errors import PathNotAllowed
 
 __all__ = ["MAX_FILE_NAME", "MAX_PATH_CHARS", "NAME_MAX", "canonicalize", "root_of"]
 

@@ -24,13 +24,13 @@ in the Registry meanwhile (bounded by ``_SUCCESSOR_WAIT_S``, after which it star
 Capacity. At most ``Configure.max_files`` SessionFiles live at once (retiring ones count until
 they are gone: they still hold a process and its descriptors); a call or channel request for
 one more file is refused ``too_many_files`` and the live files go on. Running out of
-descriptors here is a refusal too (``actors.capacity``): a file is activated only with
+descriptors here is a refusal too (``sessionlane.actors.capacity``): a file is activated only with
 descriptors to spare, and a child thespian could not start is never restarted in a loop.
 
 In a convention (``Join``, sent by the Service) the Registry also routes: a call for a path
 under another member's root is forwarded to that member's Registry, and calls forwarded to us
 are served here and never forwarded again. That part, and why no path ever gets two
-SessionFiles across the convention, is ``actors.federation.Federation``.
+SessionFiles across the convention, is ``sessionlane.actors.federation.Federation``.
 """
 
 from __future__ import annotations
@@ -41,17 +41,17 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
-from actors._shell import Handler, ShellActor, addr_key, monotonic_ms
-from actors.capacity import fd_headroom, never_started
-from actors.confined import containing_root
-from actors.federation import Federation
-from actors.paths import canonicalize
-from actors.registry_records import FileEntry, Gather, Gathers
-from actors.session_file import SessionFile
-from actors.timers import GatherTimeout, SuccessorWait
-from messages.convention import Join, Member
-from messages.errors import ErrorCode, PathNotAllowed
-from messages.internal import (
+from sessionlane.actors._shell import Handler, ShellActor, addr_key, monotonic_ms
+from sessionlane.actors.capacity import fd_headroom, never_started
+from sessionlane.actors.confined import containing_root
+from sessionlane.actors.federation import Federation
+from sessionlane.actors.paths import canonicalize
+from sessionlane.actors.registry_records import FileEntry, Gather, Gathers
+from sessionlane.actors.session_file import SessionFile
+from sessionlane.actors.timers import GatherTimeout, SuccessorWait
+from sessionlane.messages.convention import Join, Member
+from sessionlane.messages.errors import ErrorCode, PathNotAllowed
+from sessionlane.messages.internal import (
     ActivationFailed,
     ChannelOffer,
     Configure,
@@ -69,7 +69,7 @@ from messages.internal import (
     OpenChannel,
     StatusQuery,
 )
-from messages.wire import Abandon, Abandoned, Error, Status, StatusReply
+from sessionlane.messages.wire import Abandon, Abandoned, Error, Status, StatusReply
 
 __all__ = ["REGISTRY_NAME", "Registry"]
 

@@ -4,9 +4,9 @@
 count of forwarded messages, lanes, aliases, recent restarts, messages held until it starts).
 
 A fan-out is a status or drain request sent to every SessionFile, then answered.
-``Gathers`` is a part of ``actors.registry.Registry`` with its own state, pure: it numbers each
-fan-out, records which children it still waits for and what they answered, and returns each
-fan-out once it is complete (every child answered, or is gone, or its timer fired). The
+``Gathers`` is a part of ``sessionlane.actors.registry.Registry`` with its own state, pure: it
+numbers each fan-out, records which children it still waits for and what they answered, and returns
+each fan-out once it is complete (every child answered, or is gone, or its timer fired). The
 Registry sends the requests, arms the ``GatherTimeout`` and answers with what it returns.
 """
 
@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from messages.wire import FileStatus
+from sessionlane.messages.wire import FileStatus
 
 __all__ = ["FileEntry", "Gather", "Gathers"]
 

@@ -5,24 +5,24 @@ they return (durable fence reservations, replies and events to lanes, syncs, wak
 Writes are checked against the current lease and fence when they are performed; a write that
 fails the check changes nothing.
 
-Its state is one of two (``actors.session_file_serving``): ``Serving``, built complete from
-the ``FileInit`` (the open file and the parts working on it), or ``Broken`` (activation
+Its state is one of two (``sessionlane.actors.session_file_serving``): ``Serving``, built complete
+from the ``FileInit`` (the open file and the parts working on it), or ``Broken`` (activation
 failed, or no ``FileInit`` yet), whose error answers every request. The parts of ``Serving``,
 each owning its state:
 
-* ``LeaseTable`` (``actors.lease_table``): leases, waiters, fences; returns effects;
-* ``WritePath`` (``actors.session_file_writes``): accepting and performing writes, the FIFO
-  write queue, de-duplication, legacy interop; returns effects;
-* ``TranscriptSync`` and ``GroupCommit`` (``actors.session_file_commit``): what is not synced
-  yet, and the acknowledgements held until an fdatasync covers them;
-* ``FileChannels`` (``actors.session_file_channels``): the gateway's direct channels.
+* ``LeaseTable`` (``sessionlane.actors.lease_table``): leases, waiters, fences; returns effects;
+* ``WritePath`` (``sessionlane.actors.session_file_writes``): accepting and performing writes, the
+  FIFO write queue, de-duplication, legacy interop; returns effects;
+* ``TranscriptSync`` and ``GroupCommit`` (``sessionlane.actors.session_file_commit``): what is not
+  synced yet, and the acknowledgements held until an fdatasync covers them;
+* ``FileChannels`` (``sessionlane.actors.session_file_channels``): the gateway's direct channels.
 
 This module is the shell: the handler table, lifecycle, calls, effects, timers (typed:
-``actors.timers``), passivation and status. It also holds the one clock every part reads,
-``now()`` (tests replace ``monotonic_ms`` here).
+``sessionlane.actors.timers``), passivation and status. It also holds the one clock every part
+reads, ``now()`` (tests replace ``monotonic_ms`` here).
 
-Passivation (``actors.passivation``). One idle timer at a time fires ``idle_ms`` after the
-last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
+Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires ``idle_ms`` after
+the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
 channels until a message from the Registry says it is not retired after all.
 """
 
@@ -33,17 +33,23 @@ from typing import Any, ClassVar
 
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
-from actors import lease_table as lt
-from actors._shell import Handler, ShellActor, monotonic_ms
-from actors.confined import failure_detail, is_fd_exhaustion
-from actors.file_channels import ChannelCallEvent, ChannelClosed
-from actors.histogram import FileMetrics
-from actors.ownership import OwnedElsewhere
-from actors.passivation import Passivation
-from actors.session_file_channels import FLUSH_RETRY_S, channel_call, refused_offer
-from actors.session_file_outlet import Outlet
-from actors.session_file_serving import NOT_STARTED, Broken, Serving, Switches, activation_error
-from actors.session_file_writes import (
+from sessionlane.actors import lease_table as lt
+from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
+from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
+from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed
+from sessionlane.actors.histogram import FileMetrics
+from sessionlane.actors.ownership import OwnedElsewhere
+from sessionlane.actors.passivation import Passivation
+from sessionlane.actors.session_file_channels import FLUSH_RETRY_S, channel_call, refused_offer
+from sessionlane.actors.session_file_outlet import Outlet
+from sessionlane.actors.session_file_serving import (
+    NOT_STARTED,
+    Broken,
+    Serving,
+    Switches,
+    activation_error,
+)
+from sessionlane.actors.session_file_writes import (
     Commit,
     Notify,
     Reply,
@@ -52,10 +58,10 @@ from actors.session_file_writes import (
     Wrote,
     call_key,
 )
-from actors.timers import ChannelFlush, CommitDue, IdleCheck, LeaseTick, LegacyRetry
-from messages import wire
-from messages.errors import ErrorCode, SessionLaneError
-from messages.internal import (
+from sessionlane.actors.timers import ChannelFlush, CommitDue, IdleCheck, LeaseTick, LegacyRetry
+from sessionlane.messages import wire
+from sessionlane.messages.errors import ErrorCode, SessionLaneError
+from sessionlane.messages.internal import (
     ActivationFailed,
     Drain,
     Drained,
@@ -67,8 +73,17 @@ from messages.internal import (
     LaneCall,
     OpenChannel,
 )
-from messages.wire import Abandon, Acquire, Append, Error, FileStatus, Recover, Release, Rewrite
-from messages.wire import Reply as ReplyMessage
+from sessionlane.messages.wire import (
+    Abandon,
+    Acquire,
+    Append,
+    Error,
+    FileStatus,
+    Recover,
+    Release,
+    Rewrite,
+)
+from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = ["Broken", "SessionFile", "activation_error"]
 

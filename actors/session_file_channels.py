@@ -1,12 +1,12 @@
 """The direct channels of a SessionFile: how the gateway reaches a file without the actor chain.
 
-``FileChannels`` is a part of ``actors.session_file.SessionFile`` that owns the file's
-``ChannelServer`` (``actors.file_channels``, the sockets themselves) and what connects it to
-the actor: the offer, reply frames, the flush retry. The actor serves the calls it reports and
+``FileChannels`` is a part of ``sessionlane.actors.session_file.SessionFile`` that owns the file's
+``ChannelServer`` (``sessionlane.actors.file_channels``, the sockets themselves) and what connects
+it to the actor: the offer, reply frames, the flush retry. The actor serves the calls it reports and
 abandons the lanes of the channels it reports closed.
 
-The gateway reaches a file over a direct channel (``messages.channel``) instead of the actor
-chain: it asks through the Registry (``OpenChannel``, counted like a call), and the file
+The gateway reaches a file over a direct channel (``sessionlane.messages.channel``) instead of the
+actor chain: it asks through the Registry (``OpenChannel``, counted like a call), and the file
 answers with a ``ChannelOffer`` naming its ``ChannelServer``, opened on the first such
 request. Channel calls run through exactly the code of a ``LaneCall``, with the connection (a
 ``ChannelRef``) as the lane's address; every message to such a lane becomes a reply frame on
@@ -14,7 +14,7 @@ that connection, queued, and written once at the end of the actor's turn. They a
 counted in ``received`` (that number is compared with what the Registry forwarded), so an
 open channel keeps the file from asking to be passivated, and a channel that closes abandons
 its lanes' leases and requests. The server's sockets are watched always; the always-readable
-pipe of group commit only while a pass is being ended (``actors.session_file_commit``).
+pipe of group commit only while a pass is being ended (``sessionlane.actors.session_file_commit``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
-from messages.channel import reply_frame
-from messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
+from sessionlane.actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
+from sessionlane.messages.channel import reply_frame
+from sessionlane.messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
 
 __all__ = ["FLUSH_RETRY_S", "FileChannels", "channel_call", "refused_offer"]
 

@@ -1,13 +1,13 @@
 """How a SessionFile's messages reach its lanes: group commit holds acks until they are durable.
 
-Two parts of ``actors.session_file.SessionFile``, each with its own state:
+Two parts of ``sessionlane.actors.session_file.SessionFile``, each with its own state:
 
 * ``TranscriptSync`` owns whether an fsync append is not covered by an fdatasync yet, and
   the last sync failure; it syncs (and measures) when asked.
 * ``GroupCommit`` owns the ``Outbox`` of held messages, the ``CommitPolicy`` and the phase of
   the current pass; it returns what to deliver and which timer to arm, and the actor does it.
 
-The decisions are the pure ``actors.group_commit``; these parts carry them out.
+The decisions are the pure ``sessionlane.actors.group_commit``; these parts carry them out.
 
 Group commit. An append is written at once but acknowledged only once durable: with
 ``durability="fsync"`` its reply is held in an ``Outbox`` until an fdatasync covers it, and
@@ -34,10 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from actors.group_commit import CommitPolicy, Outbox, Outgoing
-from actors.histogram import FileMetrics
-from actors.transcript import Transcript
-from messages.wire import Error
+from sessionlane.actors.group_commit import CommitPolicy, Outbox, Outgoing
+from sessionlane.actors.histogram import FileMetrics
+from sessionlane.actors.transcript import Transcript
+from sessionlane.messages.wire import Error
 
 __all__ = ["Committed", "GroupCommit", "TranscriptSync"]
 

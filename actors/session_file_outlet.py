@@ -1,8 +1,8 @@
 """The way out of a SessionFile: its messages to lanes, held by group commit, then delivered.
 
-``Outlet`` is a part of ``actors.session_file.SessionFile``: it owns the file's directory of
-lanes (uid to address and name, learnt from their calls) and every reply and event leaves
-through it. A message is held while the file's ``GroupCommit`` says it must wait (an ack an
+``Outlet`` is a part of ``sessionlane.actors.session_file.SessionFile``: it owns the file's
+directory of lanes (uid to address and name, learnt from their calls) and every reply and event
+leaves through it. A message is held while the file's ``GroupCommit`` says it must wait (an ack an
 fdatasync does not cover yet, or anything queued behind one for its lane), and delivered to a
 Lane actor (``send``, the actor's) or, for a lane reached over a channel, as a reply frame on
 that channel (``FileChannels``). A broken file holds nothing.
@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from actors.file_channels import ChannelRef
-from actors.group_commit import Outgoing
-from actors.session_file_serving import Broken, Serving
-from actors.session_file_writes import call_key
-from messages.internal import FileReply, LaneCall
-from messages.wire import Reply
+from sessionlane.actors.file_channels import ChannelRef
+from sessionlane.actors.group_commit import Outgoing
+from sessionlane.actors.session_file_serving import Broken, Serving
+from sessionlane.actors.session_file_writes import call_key
+from sessionlane.messages.internal import FileReply, LaneCall
+from sessionlane.messages.wire import Reply
 
 __all__ = ["Outlet"]
 

@@ -22,20 +22,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from actors.confined import ConfinedDir, failure_code, failure_detail
-from actors.fencestore import FenceStore
-from actors.group_commit import CommitPolicy
-from actors.histogram import FileMetrics
-from actors.lease_table import LeasePolicy, LeaseTable
-from actors.legacy_lock import LegacyLock
-from actors.ownership import Ownership
-from actors.session_file_channels import FileChannels
-from actors.session_file_commit import GroupCommit, TranscriptSync
-from actors.session_file_writes import WritePath
-from actors.transcript import OpenReport, Transcript
-from messages.errors import ErrorCode, SessionLaneError
-from messages.internal import FileInit, FileSettings
-from messages.wire import FileStatus, HolderStatus, QueueEntry
+from sessionlane.actors.confined import ConfinedDir, failure_code, failure_detail
+from sessionlane.actors.fencestore import FenceStore
+from sessionlane.actors.group_commit import CommitPolicy
+from sessionlane.actors.histogram import FileMetrics
+from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.legacy_lock import LegacyLock
+from sessionlane.actors.ownership import Ownership
+from sessionlane.actors.session_file_channels import FileChannels
+from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
+from sessionlane.actors.session_file_writes import WritePath
+from sessionlane.actors.transcript import OpenReport, Transcript
+from sessionlane.messages.errors import ErrorCode, SessionLaneError
+from sessionlane.messages.internal import FileInit, FileSettings
+from sessionlane.messages.wire import FileStatus, HolderStatus, QueueEntry
 
 __all__ = ["NOT_STARTED", "Broken", "Serving", "Switches", "activation_error"]
 

@@ -1,6 +1,6 @@
 """The write path of a SessionFile: accepting writes, the write queue, performing them.
 
-``WritePath`` is a part of ``actors.session_file.SessionFile`` with its own state; like
+``WritePath`` is a part of ``sessionlane.actors.session_file.SessionFile`` with its own state; like
 ``LeaseTable`` it returns effects (``Reply``, ``Notify``, ``TableEffects``, ``Wrote``,
 ``Commit``) that the actor performs in order, and it is tested without an actor
 (``tests/test_write_path.py``). It does the transcript I/O itself (appends, rewrites, the
@@ -35,14 +35,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from actors.confined import failure_detail, is_fd_exhaustion
-from actors.lease_table import Effect, LeaseTable
-from actors.legacy_lock import LegacyLock
-from actors.session_file_commit import TranscriptSync
-from actors.transcript import Transcript, encode_records
-from messages.errors import ErrorCode, SessionLaneError
-from messages.internal import FileReply, LaneCall
-from messages.wire import (
+from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
+from sessionlane.actors.lease_table import Effect, LeaseTable
+from sessionlane.actors.legacy_lock import LegacyLock
+from sessionlane.actors.session_file_commit import TranscriptSync
+from sessionlane.actors.transcript import Transcript, encode_records
+from sessionlane.messages.errors import ErrorCode, SessionLaneError
+from sessionlane.messages.internal import FileReply, LaneCall
+from sessionlane.messages.wire import (
     Append,
     Appended,
     Durability,
@@ -52,7 +52,7 @@ from messages.wire import (
     Rewrite,
     Rewritten,
 )
-from messages.wire import Reply as ReplyMessage
+from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = [
     "Commit",

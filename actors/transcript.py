@@ -15,8 +15,8 @@ semantics"): one JSON object per line, UTF-8, ``\\n``-terminated.
 Confinement: a transcript is opened through a ``ConfinedDir`` walked down from its root and
 kept for its whole life; the file, its quarantine and rewrite temp files are only ever named
 relative to that directory, never through a symlink, and every file opened is checked to be a
-regular file with one hard link (``actors.confined``). A name that became a symlink, a second
-link or anything but a regular file raises ``PathNotAllowed`` and nothing is written.
+regular file with one hard link (``sessionlane.actors.confined``). A name that became a symlink, a
+second link or anything but a regular file raises ``PathNotAllowed`` and nothing is written.
 """
 
 from __future__ import annotations
@@ -29,10 +29,15 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from actors.atomic_file import leftover_temps, remove_leftover_temps, replace_file, write_all
-from actors.confined import ConfinedDir
-from messages.errors import InvalidRecord, Unavailable
-from messages.wire import Durability, ExternalChangeKind
+from sessionlane.actors.atomic_file import (
+    leftover_temps,
+    remove_leftover_temps,
+    replace_file,
+    write_all,
+)
+from sessionlane.actors.confined import ConfinedDir
+from sessionlane.messages.errors import InvalidRecord, Unavailable
+from sessionlane.messages.wire import Durability, ExternalChangeKind
 
 __all__ = [
     "FileIdentity",

@@ -1,10 +1,10 @@
 """An agent that is itself a thespian actor, taking turns on a transcript through a Lane actor.
 
-Socket clients (``system.client``, ``clients/node``) reach sessionlane through its gateway.
-An agent that runs *inside* the service's actor system skips the socket: it creates a
+Socket clients (``sessionlane.system.client``, ``clients/node``) reach sessionlane through its
+gateway. An agent that runs *inside* the service's actor system skips the socket: it creates a
 ``Lane`` actor, opens it with the Registry's address, and exchanges the wire messages of
-``messages.wire`` (``Acquire``, ``Append``, ``Release``, ``Abandon``, ``Recover``...) with it.
-Every reply and event comes back wrapped in a ``LaneOutput``.
+``sessionlane.messages.wire`` (``Acquire``, ``Append``, ``Release``, ``Abandon``, ``Recover``...)
+with it. Every reply and event comes back wrapped in a ``LaneOutput``.
 
     python examples/actor_agent.py            # two agents contend for one file, 3 turns each
     python examples/actor_agent.py --root DIR --turns 5
@@ -33,9 +33,9 @@ from thespian.actors import (
     WakeupMessage,
 )
 
-from actors.lane import Lane
-from messages.internal import AgentGone, LaneOutput, Opened, OpenLane
-from messages.wire import (
+from sessionlane.actors.lane import Lane
+from sessionlane.messages.internal import AgentGone, LaneOutput, Opened, OpenLane
+from sessionlane.messages.wire import (
     AbortRequested,
     Acquire,
     Append,
@@ -48,7 +48,7 @@ from messages.wire import (
     Released,
     Revoked,
 )
-from system.runtime.service import embedded_service
+from sessionlane.system.runtime.service import embedded_service
 
 # What main() and the agents tell each other (module-level classes: thespian pickles them).
 

@@ -7,7 +7,7 @@ namespace (no file, nothing on the network) and exchanges these frames: one ``se
 ``select`` wake-up per hop, a few tens of microseconds. thespian still creates, supervises and
 passivates the SessionFile; the Registry still resolves and confines every path.
 
-Every frame is ``messages.codec``'s length prefix plus a msgpack map with a kind ``k``:
+Every frame is ``sessionlane.messages.codec``'s length prefix plus a msgpack map with a kind ``k``:
 
 gateway -> SessionFile
     ``{"k": "hello", "v": 1, "token": T}``   first frame: the token from the ``ChannelOffer``
@@ -16,9 +16,9 @@ SessionFile -> gateway
     ``{"k": "welcome", "v": 1, "path": P, "inc": incarnation}``   or the connection closes
     ``{"k": "reply", "u": uid, "h": held lease or nil, "m": reply}``
 
-``rq`` and ``m`` are wire messages as a map (``messages.wire``), validated on arrival with the
-same models as a client's frames: both processes are ours, but a frame that does not validate
-is a bug to report, never something to act on. No pickle crosses a channel.
+``rq`` and ``m`` are wire messages as a map (``sessionlane.messages.wire``), validated on arrival
+with the same models as a client's frames: both processes are ours, but a frame that does not
+validate is a bug to report, never something to act on. No pickle crosses a channel.
 
 ``v`` is the channel's version (:data:`CHANNEL_VERSION`), in the hello and the welcome: a
 gateway and a SessionFile of different versions refuse each other at the handshake instead of
@@ -33,9 +33,9 @@ from typing import Any
 import msgpack
 from pydantic import TypeAdapter, ValidationError
 
-from messages.codec import HEADER, FrameDecodeError, unpack_map
-from messages.internal import LaneRequest
-from messages.wire import Priority, Reply
+from sessionlane.messages.codec import HEADER, FrameDecodeError, unpack_map
+from sessionlane.messages.internal import LaneRequest
+from sessionlane.messages.wire import Priority, Reply
 
 __all__ = [
     "CHANNEL_VERSION",

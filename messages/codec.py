@@ -15,8 +15,8 @@ from typing import Any
 import msgpack
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from messages.errors import BadFrame, TooLarge
-from messages.wire import PROTOCOL_VERSION, Reply, Request
+from sessionlane.messages.errors import BadFrame, TooLarge
+from sessionlane.messages.wire import PROTOCOL_VERSION, Reply, Request
 
 __all__ = [
     "HEADER",
@@ -63,9 +63,10 @@ def frame(message: BaseModel) -> bytes:
 def unpack_map(body: bytes, what: str = "a frame") -> dict[str, Any]:
     """The msgpack map in ``body``; ``FrameDecodeError`` on anything else.
 
-    The one msgpack unpack of every frame, the wire's and a channel's (``messages.channel``):
-    string keys only, no extension types (nothing is ever constructed from a frame but plain
-    maps, lists and scalars). ``what`` names the frame in the error's detail.
+    The one msgpack unpack of every frame, the wire's and a channel's
+    (``sessionlane.messages.channel``): string keys only, no extension types (nothing is ever
+    constructed from a frame but plain maps, lists and scalars). ``what`` names the frame in the
+    error's detail.
     """
     try:
         data = msgpack.unpackb(

@@ -1,7 +1,7 @@
 """The convention's messages: between members' Registries, their relays and the directory.
 
-What they mean and who sends them is in :mod:`actors.convention`; they are pickled by thespian
-between members (never on the client wire), so they carry actor addresses as ``Any``.
+What they mean and who sends them is in :mod:`sessionlane.actors.convention`; they are pickled by
+thespian between members (never on the client wire), so they carry actor addresses as ``Any``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from messages.internal import LaneCall
-from messages.wire import Status
+from sessionlane.messages.internal import LaneCall
+from sessionlane.messages.wire import Status
 
 __all__ = [
     "Admitted",

@@ -34,6 +34,7 @@ ErrorCode = Literal[
     "lease_timeout",
     "contended",
     "stale_fence",
+    "revoked",
     "not_holder",
     "path_not_allowed",
     "invalid_record",
@@ -80,8 +81,8 @@ def _rebuild(
     return cls(detail, path=path, code=code)
 
 
-class LeaseTimeout(SessionLaneError):
-    """A waiting acquire was not granted within its wait timeout."""
+class LeaseTimeout(SessionLaneError, TimeoutError):
+    """A waiting acquire was not granted within its wait timeout (also a ``TimeoutError``)."""
 
     code = "lease_timeout"
 
@@ -93,9 +94,34 @@ class Contended(SessionLaneError):
 
 
 class LeaseRevoked(SessionLaneError):
-    """The lease was revoked (max hold, recovery, abandon, actor restart, lost connection)."""
+    """The lease ended without its holder's release; nothing more is written under it.
 
-    code = "stale_fence"
+    ``reason`` says how (``max_hold``, ``recovery``, ``abandoned``, ``actor_restart``,
+    ``shutdown``, ``connection_lost``, ``released``, ...), or is None where the client only
+    learned that the lease is gone.
+    """
+
+    code: ErrorCode = "revoked"
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        path: str | None = None,
+        code: str | None = None,
+        reason: str | None = None,
+    ):
+        super().__init__(detail, path=path, code=code)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_revoked, (type(self), self.detail, self.path, self.code, self.reason))
+
+
+def _rebuild_revoked(
+    cls: type[LeaseRevoked], detail: str, path: str | None, code: str, reason: str | None
+) -> LeaseRevoked:
+    return cls(detail, path=path, code=code, reason=reason)
 
 
 class StaleFence(LeaseRevoked):
@@ -146,7 +172,7 @@ class QueueFull(SessionLaneError):
     code = "queue_full"
 
 
-class Unavailable(SessionLaneError):
+class Unavailable(SessionLaneError, ConnectionError):
     """The service (or the member owning the path) cannot be reached."""
 
     code = "unavailable"
@@ -171,6 +197,7 @@ _BY_CODE: dict[str, type[SessionLaneError]] = {
     "lease_timeout": LeaseTimeout,
     "contended": Contended,
     "stale_fence": StaleFence,
+    "revoked": LeaseRevoked,
     "not_holder": NotHolder,
     "path_not_allowed": PathNotAllowed,
     "invalid_record": InvalidRecord,

@@ -1,10 +1,10 @@
 """Messages between sessionlane's actors (never on the wire; pickled by thespian).
 
 Flow: an agent (the gateway, or a Python test driving actors) talks to its Lane actor with the
-wire requests of ``messages.wire``. The Lane wraps each in a ``LaneCall`` to the Registry,
-which resolves the path and forwards it to the path's SessionFile. The SessionFile answers the
-Lane directly with ``FileReply``; the Lane tracks its leases and hands the wire reply to its
-agent inside ``LaneOutput``.
+wire requests of ``sessionlane.messages.wire``. The Lane wraps each in a ``LaneCall`` to the
+Registry, which resolves the path and forwards it to the path's SessionFile. The SessionFile
+answers the Lane directly with ``FileReply``; the Lane tracks its leases and hands the wire reply
+to its agent inside ``LaneOutput``.
 
 Actor addresses are opaque thespian objects, typed ``Any`` here.
 """
@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from messages.errors import ErrorCode
-from messages.wire import (
+from sessionlane.messages.errors import ErrorCode
+from sessionlane.messages.wire import (
     Abandon,
     Acquire,
     Append,
@@ -112,8 +112,9 @@ class FileSettings(_Internal):
     max_record_bytes: int
     legacy_lock: bool
     owner: ServiceIdentity | None = None
-    """Written into the file's owner sidecar (``actors.ownership``) while the SessionFile holds
-    it, so a contender can name this service; None: only the actor's own pid is known."""
+    """Written into the file's owner sidecar (``sessionlane.actors.ownership``) while the
+    SessionFile holds it, so a contender can name this service; None: only the actor's own pid is
+    known."""
 
 
 class Configure(_Internal):
@@ -124,8 +125,9 @@ class Configure(_Internal):
     suffixes: list[str]
     file: FileSettings
     max_files: int = 256
-    """Live SessionFiles at most (the service's effective cap, see ``system.runtime.limits``); a
-    request for one more file is refused ``too_many_files``."""
+    """Live SessionFiles at most (the service's effective cap, see
+    ``sessionlane.system.runtime.limits``); a request for one more file is refused
+    ``too_many_files``."""
 
 
 class Configured(_Internal):

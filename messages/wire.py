@@ -3,10 +3,11 @@
 Every message has ``v`` (the protocol version) and a ``type`` tag. Requests carry an ``id`` that
 their replies echo; events carry none. Two discriminated unions, one per direction, because
 ``status`` names both a request and its reply: ``Request`` (client to service) and ``Reply``
-(service to client, replies and events). The codec in ``messages.codec`` decodes into them.
+(service to client, replies and events). The codec in ``sessionlane.messages.codec`` decodes into
+them.
 
 Inside the actor system the same models travel between actors (pickled by thespian), wrapped
-in the envelopes of ``messages.internal``.
+in the envelopes of ``sessionlane.messages.internal``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from messages.errors import ErrorCode
+from sessionlane.messages.errors import ErrorCode
 
 __all__ = [
     "PROTOCOL_VERSION",

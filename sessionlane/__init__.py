@@ -14,16 +14,16 @@ The public Python API::
 ``connect`` / ``connect_async`` take ``HOST:PORT``, ``tcp://HOST:PORT`` or ``unix:///path``
 (default ``$SESSIONLANE_LISTEN``, else ``tcp://127.0.0.1:7420``). Every failure raised is a
 ``SessionLaneError``; its subclasses name the kind (``error.code`` is the wire error code).
-The implementation lives in the ``system.client`` package; this package is the
+The implementation lives in the ``sessionlane.system.client`` package; this package is the
 stable import path. ``python -m sessionlane`` runs the command line.
 """
 
 from __future__ import annotations
 
-from system import client
-from system._version import __version__
-from system.client import *  # noqa: F403  (the client's public names are this package's)
-from system.client._async import AsyncLane, AsyncLease, AsyncSessionLane
+from sessionlane.system import client
+from sessionlane.system._version import __version__
+from sessionlane.system.client import *  # noqa: F403  (the client's public names are this package's)
+from sessionlane.system.client._async import AsyncLane, AsyncLease, AsyncSessionLane
 
 __all__ = ["AsyncLane", "AsyncLease", "AsyncSessionLane", "__version__"]
 __all__ += client.__all__

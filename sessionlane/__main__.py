@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from system.ops.cli import main
+from sessionlane.system.ops.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,8 +12,9 @@ empty value for an optional key (``token_file``, ``admin_port``) means "unset". 
 ``roots``, ``token_file`` and ``cluster_key_file`` in the TOML file are relative to the file's
 directory; from the environment or flags they are relative to the working directory.
 
-The model and its validation are ``system.settings``'s; the syntax of addresses and secret
-files, and ``ConfigError``, are ``system.config_syntax``'s (both re-exported here).
+The model and its validation are ``sessionlane.system.settings``'s; the syntax of addresses and
+secret files, and ``ConfigError``, are ``sessionlane.system.config_syntax``'s (both re-exported
+here).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from system.config_syntax import (
+from sessionlane.system.config_syntax import (
     MAX_TOKEN_BYTES,
     ConfigError,
     Listen,
@@ -42,7 +43,7 @@ from system.config_syntax import (
     read_cluster_key_file,
     read_token_file,
 )
-from system.settings import Settings
+from sessionlane.system.settings import Settings
 
 __all__ = [
     "ENV_PREFIX",

@@ -1,8 +1,8 @@
 """The syntax of config values that are used beyond the settings model: service addresses
 and secret files, and the error every refused value raises (``ConfigError``).
 
-``system.config`` re-exports every public name here; the clients, the gateway and the CLI
-parse addresses with the same functions the settings are validated with: one syntax.
+``sessionlane.system.config`` re-exports every public name here; the clients, the gateway and the
+CLI parse addresses with the same functions the settings are validated with: one syntax.
 
 A ``cluster_key_file`` holds one base64 text line (standard alphabet, padding as usual; the
 output of ``openssl rand -base64 32``) decoding to at least 32 bytes, and must not be readable,

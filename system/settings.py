@@ -1,9 +1,9 @@
 """The service's settings: one frozen, validated model (``Settings``).
 
-Each field is a config key (``system.config`` loads them from defaults, a TOML file, the
+Each field is a config key (``sessionlane.system.config`` loads them from defaults, a TOML file, the
 environment and flags, and re-exports ``Settings``). Validators refuse a bad value with a
-:class:`~system.config_syntax.ConfigError` naming the key; the cross-key rules (a non-loopback
-address needs a token or a shared cluster key...) run once every field is known.
+:class:`~sessionlane.system.config_syntax.ConfigError` naming the key; the cross-key rules (a
+non-loopback address needs a token or a shared cluster key...) run once every field is known.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from system.config_syntax import (
+from sessionlane.system.config_syntax import (
     DEFAULT_PORT,
     ConfigError,
     is_loopback,

@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
-import system.client as sync_client
-from messages.wire import FileStatus
-from system.client import _async as async_client
-from system.client import _core, _ops
-from system.client._core import LeaseState
-from system.runtime.service import Service, embedded_service
+import sessionlane.system.client as sync_client
+from sessionlane.messages.wire import FileStatus
+from sessionlane.system.client import _async as async_client
+from sessionlane.system.client import _core, _ops
+from sessionlane.system.client._core import LeaseState
+from sessionlane.system.runtime.service import Service, embedded_service
 
 CALL_S = 60.0
 """The bound on one call through the asyncio surface (a hang fails, it does not block)."""

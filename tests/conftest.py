@@ -18,7 +18,7 @@ import pytest
 from driver import ActorDriver, file_settings
 from leftovers import find_leftovers, kill_leftovers
 
-from system.runtime.launch import TcpSystem, simple_system, start_tcp_system
+from sessionlane.system.runtime.launch import TcpSystem, simple_system, start_tcp_system
 
 _THESPLOG = Path(tempfile.mkdtemp(prefix="sessionlane-thesplog-"))
 os.environ.setdefault("THESPLOG_FILE", str(_THESPLOG / "thespian.log"))

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.lane import Lane
-from actors.registry import REGISTRY_NAME, Registry
-from messages.errors import Unavailable, error_for
-from messages.internal import (
+from sessionlane.actors.lane import Lane
+from sessionlane.actors.registry import REGISTRY_NAME, Registry
+from sessionlane.messages.errors import Unavailable, error_for
+from sessionlane.messages.internal import (
     AgentGone,
     Configure,
     Configured,
@@ -33,7 +33,7 @@ from messages.internal import (
     OpenLane,
     StatusQuery,
 )
-from messages.wire import Error, Priority, Reply, Status, StatusReply
+from sessionlane.messages.wire import Error, Priority, Reply, Status, StatusReply
 
 __all__ = ["ActorDriver", "LaneHandle", "file_settings"]
 

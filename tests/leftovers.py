@@ -7,8 +7,8 @@ away from the test's process tree. A leaked thespian admin keeps CI's output pip
 hangs the run, so CI fails loudly on any such process instead.
 
 Usage: ``python tests/leftovers.py [--fail] [--kill]``. Linux only (``/proc``). It reads
-``/proc`` itself rather than through ``actors.procfs``: it must run from a clean checkout
-without the package installed (``python tests/leftovers.py`` puts ``tests/``, not the
+``/proc`` itself rather than through ``sessionlane.actors.procfs``: it must run from a clean
+checkout without the package installed (``python tests/leftovers.py`` puts ``tests/``, not the
 repository, on ``sys.path``), with the standard library only.
 """
 

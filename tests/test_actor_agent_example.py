@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from leftovers import find_leftovers, kill_leftovers
 
-from system.client import connect
-from system.runtime.service import Service, embedded_service
+from sessionlane.system.client import connect
+from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.slow]
 

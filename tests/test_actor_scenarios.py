@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from driver import ActorDriver, LaneHandle
 
-from actors import procfs
-from messages.wire import (
+from sessionlane.actors import procfs
+from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
     AbortRequested,
@@ -39,7 +39,7 @@ from messages.wire import (
     Reply,
     Revoked,
 )
-from system.runtime import launch
+from sessionlane.system.runtime import launch
 
 Base = tuple[str, Any]
 MakeDriver = Callable[..., ActorDriver]
@@ -326,8 +326,8 @@ def test_a_holder_that_releases_within_the_grace_hands_straight_to_the_recovery(
 def abandon_scenario(d: ActorDriver, root: Path, logged: Callable[[], list[str]] | None) -> None:
     """A lane abandons its lease while another waits: freed at once, one diagnostic line.
 
-    ``logged`` returns the ``actors.session_file`` WARNING messages logged so far (None: do
-    not check the log).
+    ``logged`` returns the ``sessionlane.actors.session_file`` WARNING messages logged so far
+    (None: do not check the log).
     """
     a, b = d.open_lane("a"), d.open_lane("b")
     path = root / "s.jsonl"
@@ -362,13 +362,13 @@ def abandon_scenario(d: ActorDriver, root: Path, logged: Callable[[], list[str]]
 def test_an_abandoning_lane_frees_the_file_at_once_and_logs_one_diagnostic_line(
     base: Base, driver_factory: MakeDriver, root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="actors.session_file")
+    caplog.set_level(logging.INFO, logger="sessionlane.actors.session_file")
 
     def logged() -> list[str]:
         return [
             r.getMessage()
             for r in caplog.records
-            if r.name == "actors.session_file" and r.levelno == logging.WARNING
+            if r.name == "sessionlane.actors.session_file" and r.levelno == logging.WARNING
         ]
 
     # On TCP the line is checked in the system's log file, by the test below.
@@ -400,15 +400,16 @@ def test_on_tcp_the_abandon_diagnostic_line_reaches_the_system_log_file(
         if not tcp_system.log_file.exists():
             return []
         text = tcp_system.log_file.read_text("utf-8")
-        # Tolerant of the line format: "WARNING actors.session_file: msg" (launch.log_config)
-        # or "WARNING:actors.session_file:msg" (logging.BASIC_FORMAT).
+        # Tolerant of the line format: "WARNING sessionlane.actors.session_file: msg"
+        # (launch.log_config) or "WARNING:sessionlane.actors.session_file:msg"
+        # (logging.BASIC_FORMAT).
         found = (_LOG_LINE.search(line) for line in text.splitlines())
         return [m.group(1) for m in found if m is not None]
 
     abandon_scenario(driver_factory(tcp_system.asys), root, logged)
 
 
-_LOG_LINE = re.compile(r"\bWARNING\W+actors\.session_file:\s?(.*)$")
+_LOG_LINE = re.compile(r"\bWARNING\W+sessionlane\.actors\.session_file:\s?(.*)$")
 
 
 # 6. Agent gone ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""``system.gateway.admission``: the gateway's admission rules and pre-hello limits, without a
-socket.
+"""``sessionlane.system.gateway.admission``: the gateway's admission rules and pre-hello limits,
+without a socket.
 
-Plus ``messages.codec.take_frame``, the hello-sized framing the gateway reads a first frame with.
+Plus ``sessionlane.messages.codec.take_frame``, the hello-sized framing the gateway reads a first
+frame with.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import struct
 
 import pytest
 
-from messages.codec import take_frame
-from messages.errors import TooLarge
-from system.gateway.admission import (
+from sessionlane.messages.codec import take_frame
+from sessionlane.messages.errors import TooLarge
+from sessionlane.system.gateway.admission import (
     AcceptBackoff,
     HelloDeadlines,
     Policy,

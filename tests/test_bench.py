@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from leftovers import TAG_VARIABLE, find_leftovers, kill_leftovers
 
-from system.bench import SUITES, add_bench_arguments
-from system.bench._stats import percentile, ratio
-from system.bench.handoff import analyse
+from sessionlane.system.bench import SUITES, add_bench_arguments
+from sessionlane.system.bench._stats import percentile, ratio
+from sessionlane.system.bench.handoff import analyse
 
 REPO = Path(__file__).resolve().parent.parent
 CONTENDERS = ("sessionlane", "filelock", "flock", "lockfile")
@@ -101,7 +101,7 @@ def test_a_quick_run_reports_every_contender_and_leaves_nothing_running(tmp_path
             [
                 sys.executable,
                 "-m",
-                "system.ops.cli",
+                "sessionlane.system.ops.cli",
                 "bench",
                 "--quick",
                 "--json",

@@ -1,8 +1,8 @@
 """Capacity: ``max_files`` live files, a refusal past it, descriptors that never run out.
 
 Real services throughout: an embedded one with ``max_files=3``; one whose descriptors are
-counted per process to check the numbers ``system.runtime.limits`` sizes the cap with; and a
-``sessionlane serve`` started under ``ulimit -n 1024`` and asked for more files than fit.
+counted per process to check the numbers ``sessionlane.system.runtime.limits`` sizes the cap with;
+and a ``sessionlane serve`` started under ``ulimit -n 1024`` and asked for more files than fit.
 Waiting for passivation is a bounded poll on what the client sees, never a sleep.
 """
 
@@ -22,12 +22,16 @@ import pytest
 from test_serve import Serve, clean_env, sessionlane_command
 from thespian.actors import Actor, ChildActorExited
 
-from actors.capacity import FD_RESERVE, fd_headroom, never_started, open_fds
-from messages.errors import TooManyFiles
-from system.client import connect
-from system.runtime.launch import free_port, tcp_system
-from system.runtime.limits import GATEWAY_FDS_PER_FILE, REGISTRY_FDS_PER_FILE, fit_max_files
-from system.runtime.service import ServiceError, create_actor, embedded_service
+from sessionlane.actors.capacity import FD_RESERVE, fd_headroom, never_started, open_fds
+from sessionlane.messages.errors import TooManyFiles
+from sessionlane.system.client import connect
+from sessionlane.system.runtime.launch import free_port, tcp_system
+from sessionlane.system.runtime.limits import (
+    GATEWAY_FDS_PER_FILE,
+    REGISTRY_FDS_PER_FILE,
+    fit_max_files,
+)
+from sessionlane.system.runtime.service import ServiceError, create_actor, embedded_service
 
 pytestmark = [pytest.mark.tcp]
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from driver import ActorDriver
 
-from messages.wire import Acquire, Granted, Queued
-from system.client import connect
-from system.runtime.service import embedded_service
+from sessionlane.messages.wire import Acquire, Granted, Queued
+from sessionlane.system.client import connect
+from sessionlane.system.runtime.service import embedded_service
 from tests.test_faults import gone, holders_of, wait_until
 
 pytestmark = pytest.mark.tcp

@@ -1,7 +1,7 @@
 """Which service ``status`` and ``stop`` mean, and how they say so, without a running service.
 
-``system.ops.running.choose`` is the pure decision, tested on made-up state files; the commands
-run as real processes against a private state directory (``XDG_RUNTIME_DIR``). The same
+``sessionlane.system.ops.running.choose`` is the pure decision, tested on made-up state files; the
+commands run as real processes against a private state directory (``XDG_RUNTIME_DIR``). The same
 commands against real ``serve`` processes are in ``tests/test_serve.py``.
 """
 
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from system.ops.running import Found, choose, found_services, is_serve_process
-from system.runtime.launch import free_port
+from sessionlane.system.ops.running import Found, choose, found_services, is_serve_process
+from sessionlane.system.runtime.launch import free_port
 
 
 def found(listen: str, *, live: bool = True, addresses: list[str] | None = None) -> Found:

@@ -42,7 +42,7 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     wait_queued,
 )
 
-from messages.errors import (
+from sessionlane.messages.errors import (
     Contended,
     InvalidRecord,
     LeaseRevoked,

@@ -43,8 +43,8 @@ from client_surfaces import (  # noqa: F401 (fixtures)
 )
 
 import sessionlane
-from messages.codec import HEADER, encode
-from messages.errors import (
+from sessionlane.messages.codec import HEADER, encode
+from sessionlane.messages.errors import (
     InvalidRecord,
     LeaseRevoked,
     SessionLaneError,
@@ -52,12 +52,12 @@ from messages.errors import (
     Unauthorized,
     Unavailable,
 )
-from messages.wire import Acquire, Hello
-from system import client as client_package
-from system.client._async import AsyncSessionLane, connect_async
-from system.client._core import default_address
-from system.runtime.launch import free_port
-from system.runtime.service import Service, embedded_service
+from sessionlane.messages.wire import Acquire, Hello
+from sessionlane.system import client as client_package
+from sessionlane.system.client._async import AsyncSessionLane, connect_async
+from sessionlane.system.client._core import default_address
+from sessionlane.system.runtime.launch import free_port
+from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
 
@@ -363,7 +363,7 @@ def test_a_token_read_from_a_file_with_its_trailing_newline_is_accepted(
 
 LOSE_THE_CONNECTION = {
     "sync": """
-from system.client import connect
+from sessionlane.system.client import connect
 
 sl = connect(sys.argv[1])
 link = sl.core.link
@@ -376,7 +376,7 @@ sl.close()
 """,
     "async": """
 import asyncio
-from system.client import connect_async
+from sessionlane.system.client import connect_async
 
 async def main():
     sl = await connect_async(sys.argv[1])
@@ -408,7 +408,7 @@ def test_a_lost_connection_is_logged_never_printed_to_the_hosts_stderr(
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "lost"
     if host_logging:  # the warning exists, as a log record of the client's module logger
-        assert "WARNING:system.client:sessionlane tcp://" in result.stderr
+        assert "WARNING:sessionlane.client:sessionlane tcp://" in result.stderr
     else:  # and a host that configured no logging sees nothing on its stderr
         assert result.stderr == ""
 
@@ -433,13 +433,13 @@ def test_connect_async_can_be_awaited_or_entered(service: Service, path: str) ->
         async with connect_async(service.address) as entered:
             await entered.lane("a").append(path, {"via": "async with"})
         assert not entered.connected
-        # ``system.client.connect_async`` hands out the same client.
+        # ``sessionlane.system.client.connect_async`` hands out the same client.
         async with client_package.connect_async(service.address) as same:
             assert isinstance(same, AsyncSessionLane)
-            await same.lane("a").append(path, {"via": "system.client"})
+            await same.lane("a").append(path, {"via": "sessionlane.system.client"})
 
     run(scenario())
-    assert [r["via"] for r in lines(path)] == ["await", "async with", "system.client"]
+    assert [r["via"] for r in lines(path)] == ["await", "async with", "sessionlane.system.client"]
 
 
 def test_sessionlane_connect_async_is_entered_with_async_with(service: Service, path: str) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from tenacity import Retrying
 
-from messages.codec import HEADER, decode_request
-from messages.errors import (
+from sessionlane.messages.codec import HEADER, decode_request
+from sessionlane.messages.errors import (
     ERROR_CODES,
     BadFrame,
     Contended,
@@ -34,7 +34,7 @@ from messages.errors import (
     Unavailable,
     error_for,
 )
-from messages.wire import (
+from sessionlane.messages.wire import (
     Abandoned,
     AbortRequested,
     Acquire,
@@ -54,15 +54,15 @@ from messages.wire import (
     StatusReply,
     Welcome,
 )
-from system.client import _ops as ops
-from system.client._core import (
+from sessionlane.system.client import _ops as ops
+from sessionlane.system.client._core import (
     Answer,
     ClientCore,
     Link,
     Send,
     Settings,
 )
-from system.client._records import check_frame, check_records
+from sessionlane.system.client._records import check_frame, check_records
 
 SETTINGS = Settings("tcp://127.0.0.1:7420", None, keepalive=5.0, max_frame_bytes=1024)
 
@@ -190,7 +190,7 @@ def test_a_grant_to_an_acquire_given_up_on_is_released_at_once(
     rid, _ = core.request(link, Acquire(lane="a", path="/s/a.jsonl", purpose="prompt"), "w", 1.0)
     core.given_up(link, rid, Acquire(lane="a", path="/s/a.jsonl", purpose="prompt"))
     assert core.received(link, Queued(id=rid, position=1)) is None
-    with caplog.at_level(logging.INFO, logger="system.client"):
+    with caplog.at_level(logging.INFO, logger="sessionlane.client"):
         action = core.received(link, granted(rid=rid))
     assert isinstance(action, Send)
     assert decode_request(action.data[HEADER.size :]) == Release(id=f"orphan{rid}", lease="L1")
@@ -230,7 +230,7 @@ def test_a_lost_connection_revokes_every_lease_fails_its_waiters_and_warns_once(
     link = welcomed(core)
     state = core.track(granted())
     core.request(link, Status(), "w", now=1.0)
-    with caplog.at_level(logging.WARNING, logger="system.client"):
+    with caplog.at_level(logging.WARNING, logger="sessionlane.client"):
         assert core.lost(link, "connection reset") == ["w"]
         assert core.lost(link, "again") == []
     assert state.revoked == "connection_lost" and core.leases == {} and core.link is None
@@ -248,7 +248,7 @@ def test_a_closed_client_revokes_its_leases_quietly_and_opens_nothing_again(
 ) -> None:
     link = welcomed(core)
     state = core.track(granted())
-    with caplog.at_level(logging.WARNING, logger="system.client"):
+    with caplog.at_level(logging.WARNING, logger="sessionlane.client"):
         assert core.close() == []
     assert link.lost is not None and state.revoked == "connection_closed"
     assert caplog.messages == []
@@ -343,12 +343,14 @@ def test_a_revoked_or_released_lease_refuses_to_write_without_sending(
 ) -> None:
     lease = ops.LeaseView(core.track(granted()), "lane")
     lease.state.revoked = "max_hold"
-    with pytest.raises(LeaseRevoked, match="max_hold"):
+    with pytest.raises(LeaseRevoked, match="max_hold") as revoked:
         run(ops.lease_append(core, lease, [{"n": 1}], None))
+    assert (revoked.value.code, revoked.value.reason) == ("revoked", "max_hold")
     released = ops.LeaseView(core.track(granted("L2")), "lane")
     run(ops.release(core, released, quiet=False), Released(id=1, lease="L2"))
-    with pytest.raises(LeaseRevoked, match="released"):
+    with pytest.raises(LeaseRevoked, match="released") as gone:
         run(ops.rewrite(core, released, [{"n": 1}]))
+    assert (gone.value.code, gone.value.reason) == ("revoked", "released")
 
 
 def test_records_are_checked_before_anything_is_sent(core: ClientCore[str, None]) -> None:
@@ -368,8 +370,9 @@ def test_a_write_whose_connection_was_lost_raises_lease_revoked(
     op = ops.lease_append(core, lease, [{"n": 1}], None)
     assert isinstance(ops.advance(op, None), ops.Call)
     lease.state.revoked = "connection_lost"  # what ``lost`` does before the error arrives
-    with pytest.raises(LeaseRevoked, match="lost"):
+    with pytest.raises(LeaseRevoked, match="lost") as lost:
         ops.advance(op, Unavailable("connection lost before the reply"))
+    assert (lost.value.code, lost.value.reason) == ("revoked", "connection_lost")
 
 
 def test_a_write_that_is_only_late_stays_unavailable(core: ClientCore[str, None]) -> None:

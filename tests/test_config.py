@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from system.config import (
+from sessionlane.system.config import (
     ConfigError,
     Settings,
     load_settings,

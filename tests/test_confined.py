@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.confined import ConfinedDir, failure_code
-from actors.fencestore import FenceStore, fence_path
-from actors.transcript import Transcript, encode_records, quarantine_path
-from messages.errors import PathNotAllowed
+from sessionlane.actors.confined import ConfinedDir, failure_code
+from sessionlane.actors.fencestore import FenceStore, fence_path
+from sessionlane.actors.transcript import Transcript, encode_records, quarantine_path
+from sessionlane.messages.errors import PathNotAllowed
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -198,7 +198,7 @@ def test_a_rewrite_replaces_a_symlink_at_the_name_instead_of_writing_through_it(
     transcript = opened(root)
     transcript.append(records(1))
     directory = transcript.directory
-    from actors.transcript import replace_file
+    from sessionlane.actors.transcript import replace_file
 
     (root / "team" / "s.jsonl").unlink()
     (root / "team" / "s.jsonl").symlink_to(outside / "precious.jsonl")
@@ -305,7 +305,7 @@ def test_a_directory_opened_first_is_shared_by_the_transcript_and_stays_open_aft
 def test_the_legacy_lock_is_taken_in_the_confined_directory_and_never_outside(
     root: Path, outside: Path
 ) -> None:
-    from actors.legacy_lock import LegacyLock
+    from sessionlane.actors.legacy_lock import LegacyLock
 
     transcript = opened(root)
     lock = LegacyLock(transcript.path, directory=transcript.directory)

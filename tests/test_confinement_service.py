@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from system.client import PathNotAllowed, connect
-from system.runtime.service import Service, embedded_service
+from sessionlane.system.client import PathNotAllowed, connect
+from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(90)]
 

@@ -47,9 +47,9 @@ from test_serve import (
 )
 from thespian.actors import ActorExitRequest
 
-from actors import convention as conv
-from actors import procfs
-from actors.convention import (
+from sessionlane.actors import convention as conv
+from sessionlane.actors import procfs
+from sessionlane.actors.convention import (
     CAP_INCARNATION,
     CAP_ROOT,
     CAP_ROOTS,
@@ -59,10 +59,10 @@ from actors.convention import (
     owner_of,
     roots_overlap,
 )
-from actors.federation import Federation
-from actors.registry import Registry
-from messages import convention as cm
-from messages.convention import (
+from sessionlane.actors.federation import Federation
+from sessionlane.actors.registry import Registry
+from sessionlane.messages import convention as cm
+from sessionlane.messages.convention import (
     Beat,
     BeatAck,
     Forwarded,
@@ -71,10 +71,10 @@ from messages.convention import (
     Members,
     OriginLost,
 )
-from messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
-from messages.wire import Abandon, Acquire, Error, Release, Status
-from system.config import ConfigError, load_settings, read_cluster_key
-from system.runtime.launch import free_port
+from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
+from sessionlane.messages.wire import Abandon, Acquire, Error, Release, Status
+from sessionlane.system.config import ConfigError, load_settings, read_cluster_key
+from sessionlane.system.runtime.launch import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,7 +85,7 @@ FAIL_FAST_S = 5.0
 
 AGENT = """
 import json, sys, time
-from system.client import SessionLaneError, connect
+from sessionlane.system.client import SessionLaneError, connect
 
 address, token, name = sys.argv[1:4]
 

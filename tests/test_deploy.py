@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from system.config import load_settings
-from system.ops.cli import build_parser
+from sessionlane.system.config import load_settings
+from sessionlane.system.ops.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "sessionlane.service"

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from actors.openclaw_lock import encode_lock_payload, pid_alive
-from system.ops import cli, doctor
-from system.runtime.launch import PingActor, start_tcp_system
+from sessionlane.actors.openclaw_lock import encode_lock_payload, pid_alive
+from sessionlane.system.ops import cli, doctor
+from sessionlane.system.runtime.launch import PingActor, start_tcp_system
 
 
 def dead_pid() -> int:

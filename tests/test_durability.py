@@ -22,15 +22,15 @@ import pytest
 from driver import file_settings
 from thespian.actors import ThespianWatch, WakeupMessage, WatchMessage
 
-from actors import session_file
-from actors.group_commit import CommitPolicy
-from actors.session_file import SessionFile
-from actors.session_file_serving import Serving
-from actors.timers import CommitDue
-from messages.internal import FileInit, FileReply, LaneCall, LaneRef
-from messages.wire import Acquire, Append, Error, Granted, Release, Released
-from system.client import connect
-from system.runtime.service import embedded_service
+from sessionlane.actors import session_file
+from sessionlane.actors.group_commit import CommitPolicy
+from sessionlane.actors.session_file import SessionFile
+from sessionlane.actors.session_file_serving import Serving
+from sessionlane.actors.timers import CommitDue
+from sessionlane.messages.internal import FileInit, FileReply, LaneCall, LaneRef
+from sessionlane.messages.wire import Acquire, Append, Error, Granted, Release, Released
+from sessionlane.system.client import connect
+from sessionlane.system.runtime.service import embedded_service
 
 # The pure policy ---------------------------------------------------------------------------
 

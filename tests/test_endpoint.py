@@ -1,4 +1,4 @@
-"""The one framed-socket endpoint (``actors.endpoint``), on real Unix socket pairs.
+"""The one framed-socket endpoint (``sessionlane.actors.endpoint``), on real Unix socket pairs.
 
 Unix stream sockets hand data over synchronously: once ``sendall`` returned, the bytes are
 readable on the other end, so nothing here waits on time.
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from actors.endpoint import AcceptBackoff, Acceptor, FramedSocket, connect_unix
-from messages.codec import HEADER
+from sessionlane.actors.endpoint import AcceptBackoff, Acceptor, FramedSocket, connect_unix
+from sessionlane.messages.codec import HEADER
 
 
 def framed(body: bytes) -> bytes:

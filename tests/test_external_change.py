@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.transcript import quarantine_path
-from system.client import connect
-from system.runtime.service import embedded_service
+from sessionlane.actors.transcript import quarantine_path
+from sessionlane.system.client import connect
+from sessionlane.system.runtime.service import embedded_service
 
 OUTSIDE = r"""
 import json, os, sys

@@ -28,14 +28,19 @@ from typing import Any
 
 import pytest
 
-from actors.fencestore import FenceStore, fence_path
-from actors.transcript import Transcript, encode_records, leftover_temps, quarantine_path
-from messages.errors import SessionLaneError
-from system.client import Lease, StaleFence, connect
-from system.client._core import LeaseState
-from system.config import load_settings
-from system.runtime.launch import free_port
-from system.runtime.service import Service
+from sessionlane.actors.fencestore import FenceStore, fence_path
+from sessionlane.actors.transcript import (
+    Transcript,
+    encode_records,
+    leftover_temps,
+    quarantine_path,
+)
+from sessionlane.messages.errors import SessionLaneError
+from sessionlane.system.client import Lease, StaleFence, connect
+from sessionlane.system.client._core import LeaseState
+from sessionlane.system.config import load_settings
+from sessionlane.system.runtime.launch import free_port
+from sessionlane.system.runtime.service import Service
 
 pytestmark = pytest.mark.tcp
 
@@ -251,7 +256,7 @@ CLIENT = (
 
 def client_process(address: str, path: str, log_file: str, stop_file: str, seed: int) -> None:
     """Stream appends until told to stop; log every attempt and acknowledgement."""
-    from system.client import connect as connect_client
+    from sessionlane.system.client import connect as connect_client
 
     rng = random.Random(seed)
     n = 0
@@ -398,7 +403,13 @@ def test_random_sigkills_of_file_actors_and_services_lose_no_acknowledged_record
     )
     assert len(kills) >= 50
     assert len(history.acks) > 200
-    assert set(history.errors) <= {"unavailable", "stale_fence", "lease_timeout", "shutting_down"}
+    assert set(history.errors) <= {
+        "unavailable",
+        "stale_fence",
+        "revoked",
+        "lease_timeout",
+        "shutting_down",
+    }
 
     # Every acknowledged record is in the file exactly once, where it was acknowledged.
     at: dict[str, list[int]] = {}

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from actors import fencestore
-from actors import transcript as transcript_io
-from actors.confined import ConfinedDir
-from actors.fencestore import (
+from sessionlane.actors import fencestore
+from sessionlane.actors import transcript as transcript_io
+from sessionlane.actors.confined import ConfinedDir
+from sessionlane.actors.fencestore import (
     CorruptFenceFile,
     FenceRecord,
     FenceStore,
@@ -149,7 +149,7 @@ def test_a_sidecar_naming_another_path_keeps_its_ceiling_with_a_warning(
     Path(fence_path(transcript)).write_bytes(
         encode_fence_record(FenceRecord(path="/elsewhere/session.jsonl", ceiling=77))
     )
-    with caplog.at_level(logging.WARNING, logger="actors.fencestore"):
+    with caplog.at_level(logging.WARNING, logger="sessionlane.actors.fencestore"):
         assert FenceStore(transcript).load() == 77
     assert "/elsewhere/session.jsonl" in caplog.text
 

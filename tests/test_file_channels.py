@@ -25,7 +25,7 @@ import msgpack
 import pytest
 from driver import file_settings
 
-from actors.file_channels import (
+from sessionlane.actors.file_channels import (
     MAX_FRAME_BYTES,
     MAX_HELLO_BYTES,
     ChannelCallEvent,
@@ -34,8 +34,8 @@ from actors.file_channels import (
     ChannelRef,
     ChannelServer,
 )
-from actors.session_file import SessionFile
-from messages.channel import (
+from sessionlane.actors.session_file import SessionFile
+from sessionlane.messages.channel import (
     ChannelReply,
     ChannelWelcome,
     call_frame,
@@ -43,8 +43,8 @@ from messages.channel import (
     hello_frame,
     reply_frame,
 )
-from messages.codec import HEADER, FrameReader
-from messages.internal import (
+from sessionlane.messages.codec import HEADER, FrameReader
+from sessionlane.messages.internal import (
     ChannelOffer,
     FileInit,
     FileStatusAnswer,
@@ -52,7 +52,7 @@ from messages.internal import (
     IdleNotice,
     OpenChannel,
 )
-from messages.wire import (
+from sessionlane.messages.wire import (
     Acquire,
     Append,
     Appended,
@@ -61,7 +61,7 @@ from messages.wire import (
     Release,
     Released,
 )
-from system.runtime.launch import TcpSystem
+from sessionlane.system.runtime.launch import TcpSystem
 
 PATH = "/sessions/s.jsonl"
 TIMEOUT = 10.0
@@ -184,7 +184,7 @@ def test_a_wrong_token_closes_the_connection_and_reports_nothing(
 ) -> None:
     peer = connect(server, peers)
     peer.send(hello_frame("not-" + server.token))
-    with caplog.at_level(logging.WARNING, logger="actors.file_channels"):
+    with caplog.at_level(logging.WARNING, logger="sessionlane.actors.file_channels"):
         assert pump(server) == []
     assert peer.closed_by_server()
     assert server.connections() == 0 and len(server.fds()) == 1

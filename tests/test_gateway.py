@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from system.runtime.service import Service, embedded_service
+from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
 

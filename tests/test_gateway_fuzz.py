@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_gateway import Closed, RawConn, connect
 
-from messages.codec import FrameDecodeError, decode_reply, decode_request
-from system.runtime.service import Service, embedded_service
+from sessionlane.messages.codec import FrameDecodeError, decode_reply, decode_request
+from sessionlane.system.runtime.service import Service, embedded_service
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 1024

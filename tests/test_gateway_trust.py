@@ -31,12 +31,12 @@ import msgpack
 import pytest
 from test_gateway import Closed, RawConn
 
-from system.client import connect
-from system.config import NON_CONFIG_ENV, load_settings
-from system.gateway import peercred
-from system.runtime import launch
-from system.runtime.launch import free_port
-from system.runtime.service import Service, ServiceError
+from sessionlane.system.client import connect
+from sessionlane.system.config import NON_CONFIG_ENV, load_settings
+from sessionlane.system.gateway import peercred
+from sessionlane.system.runtime import launch
+from sessionlane.system.runtime.launch import free_port
+from sessionlane.system.runtime.service import Service, ServiceError
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(120)]
 
@@ -544,7 +544,11 @@ class Serve:
         }
         full_env.update(env, XDG_RUNTIME_DIR=str(self.run_dir), PYTHONUNBUFFERED="1")
         script = Path(sys.executable).with_name("sessionlane")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "system.ops.cli"]
+        command = (
+            [str(script)]
+            if script.exists()
+            else [sys.executable, "-m", "sessionlane.system.ops.cli"]
+        )
         args = ["serve", "--root", str(root), "--listen", self.address]
         with self.output.open("wb") as out:
             self.proc = subprocess.Popen(

@@ -1,10 +1,10 @@
-"""``actors.histogram``: fixed buckets, flat counters, and reading them back."""
+"""``sessionlane.actors.histogram``: fixed buckets, flat counters, and reading them back."""
 
 from __future__ import annotations
 
 import pytest
 
-from actors.histogram import (
+from sessionlane.actors.histogram import (
     HISTOGRAMS,
     FileMetrics,
     Histogram,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.lane_state import ChannelLost, LaneState
-from messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
-from messages.wire import (
+from sessionlane.actors.lane_state import ChannelLost, LaneState
+from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
+from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
     Acquire,

@@ -19,9 +19,9 @@ import leftovers
 import pytest
 from thespian.actors import Actor
 
-from actors import procfs
-from system.runtime import launch, loopback
-from system.runtime.launch import PingActor, TcpSystem
+from sessionlane.actors import procfs
+from sessionlane.system.runtime import launch, loopback
+from sessionlane.system.runtime.launch import PingActor, TcpSystem
 
 ASK_TIMEOUT = 10.0
 

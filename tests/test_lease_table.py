@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from actors.lease_table import (
+from sessionlane.actors.lease_table import (
     Abandoned,
     AbortRequest,
     Diagnostic,
@@ -24,7 +24,7 @@ from actors.lease_table import (
     Revoke,
     Skip,
 )
-from messages.wire import Priority
+from sessionlane.messages.wire import Priority
 
 PATH = "/sessions/main.jsonl"
 A, B, C, D, R = "lane-a", "lane-b", "lane-c", "lane-d", "lane-recovery"

@@ -34,7 +34,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from actors.lease_table import (
+from sessionlane.actors.lease_table import (
     Abandoned,
     AbortRequest,
     Diagnostic,
@@ -49,7 +49,7 @@ from actors.lease_table import (
     Revoke,
     Skip,
 )
-from messages.wire import OnContention, Priority, Purpose
+from sessionlane.messages.wire import OnContention, Priority, Purpose
 
 LANES = ("a", "b", "c", "d")
 PATHS = ("/sessions/alpha.jsonl", "/sessions/beta.jsonl")

@@ -21,13 +21,13 @@ import pytest
 from test_durability import Clock, Shell  # the hand-driven SessionFile harness
 from thespian.actors import WakeupMessage
 
-from actors import session_file
-from actors.openclaw_lock import encode_lock_payload, lock_path, pid_alive
-from actors.timers import LegacyRetry
-from actors.transcript import quarantine_path
-from messages.wire import Abandon, Acquire, Append, Error, Granted
-from system.client import connect
-from system.runtime.service import embedded_service
+from sessionlane.actors import session_file
+from sessionlane.actors.openclaw_lock import encode_lock_payload, lock_path, pid_alive
+from sessionlane.actors.timers import LegacyRetry
+from sessionlane.actors.transcript import quarantine_path
+from sessionlane.messages.wire import Abandon, Acquire, Append, Error, Granted
+from sessionlane.system.client import connect
+from sessionlane.system.runtime.service import embedded_service
 
 # The shell, by hand ------------------------------------------------------------------------
 

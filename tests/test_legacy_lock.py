@@ -1,5 +1,5 @@
-"""OpenClaw's ``<file>.lock`` protocol (``actors.openclaw_lock``) and the interop's client of it
-(``actors.legacy_lock``), on real files and real processes."""
+"""OpenClaw's ``<file>.lock`` protocol (``sessionlane.actors.openclaw_lock``) and the interop's
+client of it (``sessionlane.actors.legacy_lock``), on real files and real processes."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from actors import openclaw_lock
-from actors.legacy_lock import LegacyLock
-from actors.openclaw_lock import (
+from sessionlane.actors import openclaw_lock
+from sessionlane.actors.legacy_lock import LegacyLock
+from sessionlane.actors.openclaw_lock import (
     LockPayload,
     encode_lock_payload,
     format_created_at,
@@ -282,7 +282,7 @@ def test_release_leaves_a_lock_rewritten_in_place(transcript: str) -> None:
 
 _HOLDER = r"""
 import sys
-from actors.legacy_lock import LegacyLock
+from sessionlane.actors.legacy_lock import LegacyLock
 
 lock = LegacyLock(sys.argv[1])
 print("acquired" if lock.try_acquire() else "busy", flush=True)

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from test_serve import Serve, live_pids, wait_for
 
-from actors import procfs
-from messages.errors import LeaseRevoked, SessionLaneError, Unavailable
-from system.client import connect
-from system.runtime import launch
-from system.runtime.launch import free_port
+from sessionlane.actors import procfs
+from sessionlane.messages.errors import LeaseRevoked, SessionLaneError, Unavailable
+from sessionlane.system.client import connect
+from sessionlane.system.runtime import launch
+from sessionlane.system.runtime.launch import free_port
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(150)]
 
@@ -145,7 +145,7 @@ def test_a_process_embedding_an_actor_system_takes_it_along_when_killed(tmp_path
     script = textwrap.dedent(
         """
         import sys
-        from system.runtime.launch import start_tcp_system
+        from sessionlane.system.runtime.launch import start_tcp_system
         system = start_tcp_system(log_file=sys.argv[1])
         print(system.pgid, flush=True)
         sys.stdin.readline()

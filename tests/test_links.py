@@ -1,5 +1,5 @@
-"""The gateway's links to SessionFiles (``system.gateway.links``), against a fake file on a real
-socket.
+"""The gateway's links to SessionFiles (``sessionlane.system.gateway.links``), against a fake file
+on a real socket.
 
 The "file" here is a real abstract Unix socket the test accepts and speaks the channel frames
 on; the Registry and the lanes are recorded by a fake host; time is a fake clock. So every
@@ -15,18 +15,25 @@ from typing import Any
 
 import pytest
 
-from actors.lane_state import ChannelLost
-from messages.channel import (
+from sessionlane.actors.lane_state import ChannelLost
+from sessionlane.messages.channel import (
     ChannelCall,
     ChannelHello,
     decode_from_gateway,
     reply_frame,
     welcome_frame,
 )
-from messages.codec import FrameReader
-from messages.internal import ChannelOffer, FileReply, FileRestarted, LaneCall, LaneRef, OpenChannel
-from messages.wire import Acquire, Error, Granted, Release
-from system.gateway.links import Links
+from sessionlane.messages.codec import FrameReader
+from sessionlane.messages.internal import (
+    ChannelOffer,
+    FileReply,
+    FileRestarted,
+    LaneCall,
+    LaneRef,
+    OpenChannel,
+)
+from sessionlane.messages.wire import Acquire, Error, Granted, Release
+from sessionlane.system.gateway.links import Links
 
 
 class FakeHost:

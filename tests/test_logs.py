@@ -1,4 +1,4 @@
-"""``system.ops.logs``: where a service logs, at which level, rotated."""
+"""``sessionlane.system.ops.logs``: where a service logs, at which level, rotated."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from thespian.actors import Actor
 
-from system.ops import logs
-from system.runtime.launch import log_config, tcp_system
+from sessionlane.system.ops import logs
+from sessionlane.system.runtime.launch import log_config, tcp_system
 
 WAIT_S = 30.0
 
@@ -75,11 +75,12 @@ def record(name: str, level: int) -> logging.LogRecord:
 
 def test_the_filter_passes_our_records_from_the_level_and_thespian_s_from_warning() -> None:
     keep = logs.LevelFilter("INFO")
-    assert not keep.filter(record("actors.session_file", logging.DEBUG))
-    assert keep.filter(record("system.gateway.gateway", logging.INFO))
+    assert not keep.filter(record("sessionlane.actors.session_file", logging.DEBUG))
+    assert keep.filter(record("sessionlane.system.gateway.gateway", logging.INFO))
     assert not keep.filter(record("Thespian.ActorManager", logging.INFO))
     assert keep.filter(record("Thespian.ActorManager", logging.WARNING))
-    assert logs.LevelFilter("DEBUG").filter(record("actors.registry", logging.DEBUG))
+    assert logs.LevelFilter("DEBUG").filter(record("sessionlane.actors.registry", logging.DEBUG))
+    assert not keep.filter(record("messages", logging.INFO)), "an agent's module of that name"
     with pytest.raises(ValueError, match="unknown log level"):
         logs.LevelFilter("LOUD")
 
@@ -101,7 +102,7 @@ class ChattyActor(Actor):  # type: ignore[misc]
 
     def receiveMessage(self, message: Any, sender: Any) -> None:
         if isinstance(message, str):
-            chat = logging.getLogger("actors.chatty")
+            chat = logging.getLogger("sessionlane.actors.chatty")
             chat.debug("debug-%s", message)
             chat.info("info-%s", message)
             self.send(sender, message)

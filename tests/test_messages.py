@@ -21,13 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-import system.runtime.service
-from actors.convention import Claimant, Directory, Relay
-from actors.lane import Lane
-from actors.registry import Registry
-from actors.session_file import SessionFile
-from messages import convention, internal
-from messages.codec import (
+import sessionlane.system.runtime.service
+from sessionlane.actors.convention import Claimant, Directory, Relay
+from sessionlane.actors.lane import Lane
+from sessionlane.actors.registry import Registry
+from sessionlane.actors.session_file import SessionFile
+from sessionlane.messages import convention, internal
+from sessionlane.messages.codec import (
     HEADER,
     FrameDecodeError,
     FrameReader,
@@ -37,8 +37,14 @@ from messages.codec import (
     frame,
     unpack_map,
 )
-from messages.errors import TooLarge
-from messages.wire import (
+from sessionlane.messages.errors import (
+    LeaseRevoked,
+    LeaseTimeout,
+    TooLarge,
+    Unavailable,
+    error_for,
+)
+from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
     AbortRequested,
@@ -68,7 +74,7 @@ from messages.wire import (
     StatusReply,
     Welcome,
 )
-from system.gateway.gateway import Gateway
+from sessionlane.system.gateway.gateway import Gateway
 
 
 def union_members(union: Any) -> set[type]:
@@ -252,6 +258,28 @@ def test_a_map_with_an_extension_value_is_refused() -> None:
         decode_request(body)
 
 
+def test_the_errors_are_also_the_standard_exceptions_callers_already_catch() -> None:
+    assert isinstance(LeaseTimeout("no grant"), TimeoutError)
+    assert isinstance(Unavailable("down"), ConnectionError)
+    assert not isinstance(LeaseRevoked("gone"), OSError)
+    assert str(Unavailable("down", path="/s/a.jsonl")) == "unavailable: down [/s/a.jsonl]"
+
+
+def test_a_revocation_has_its_own_code_and_keeps_its_reason_through_pickling() -> None:
+    revoked = error_for("revoked", "lease L1 was revoked", "/s/a.jsonl")
+    assert type(revoked) is LeaseRevoked and revoked.code == "revoked"
+    original = LeaseRevoked("gone", path="/s/a.jsonl", reason="max_hold")
+    copy = pickle.loads(pickle.dumps(original))
+    assert (type(copy), copy.code, copy.reason, copy.path) == (
+        LeaseRevoked,
+        "revoked",
+        "max_hold",
+        "/s/a.jsonl",
+    )
+    timeout = pickle.loads(pickle.dumps(LeaseTimeout("late", path="/s/a.jsonl")))
+    assert isinstance(timeout, TimeoutError) and timeout.path == "/s/a.jsonl"
+
+
 def test_frame_decode_errors_survive_pickling() -> None:
     error = FrameDecodeError("bad", request_id="r9")
     copy = pickle.loads(pickle.dumps(error))
@@ -346,13 +374,13 @@ def test_one_unpack_reads_every_frame_and_names_what_it_refused() -> None:
 # Dispatch ---------------------------------------------------------------------------------
 
 CONSUMED_OUTSIDE_ACTORS: dict[type, tuple[Any, ...]] = {
-    internal.Configured: (driver, system.runtime.service),
+    internal.Configured: (driver, sessionlane.system.runtime.service),
     internal.Opened: (driver,),
     internal.LaneOutput: (driver,),
-    internal.Drained: (driver, system.runtime.service),
-    internal.GatewayStarted: (system.runtime.service,),
-    internal.GatewayFailed: (system.runtime.service,),
-    internal.Pong: (system.runtime.service,),
+    internal.Drained: (driver, sessionlane.system.runtime.service),
+    internal.GatewayStarted: (sessionlane.system.runtime.service,),
+    internal.GatewayFailed: (sessionlane.system.runtime.service,),
+    internal.Pong: (sessionlane.system.runtime.service,),
 }
 """Replies that end outside the actor system, and the modules that wait for them."""
 
@@ -402,8 +430,8 @@ def test_every_wire_reply_a_lane_may_pass_on_is_a_reply_type() -> None:
 
 
 CONVENTION_CONSUMED_OUTSIDE_ACTORS: dict[type, tuple[Any, ...]] = {
-    convention.Joined: (system.runtime.service,),
-    convention.JoinRefused: (system.runtime.service,),
+    convention.Joined: (sessionlane.system.runtime.service,),
+    convention.JoinRefused: (sessionlane.system.runtime.service,),
 }
 """The convention's answers to the Service's ``Join``, which it waits for outside the system."""
 

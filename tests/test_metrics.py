@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.histogram import FileMetrics
-from messages.wire import FileStatus
-from system.config import ConfigError, load_settings, parse_metrics_listen
-from system.ops.metrics import MetricsServer, ServiceCollector, Totals, serve_metrics
-from system.runtime.service import embedded_service
+from sessionlane.actors.histogram import FileMetrics
+from sessionlane.messages.wire import FileStatus
+from sessionlane.system.config import ConfigError, load_settings, parse_metrics_listen
+from sessionlane.system.ops.metrics import MetricsServer, ServiceCollector, Totals, serve_metrics
+from sessionlane.system.runtime.service import embedded_service
 
 SCRAPE_WAIT_S = 30.0  # generous: the machine is shared
 
@@ -216,7 +216,7 @@ def scrape_until(
 def test_a_scrape_of_a_real_service_shows_turns_waits_fsyncs_and_a_revocation_by_reason(
     scraped: tuple[Any, MetricsServer], root: Path
 ) -> None:
-    from system.client import connect
+    from sessionlane.system.client import connect
 
     svc, server = scraped
     path = str(root / "turns.jsonl")
@@ -260,7 +260,7 @@ def test_a_scrape_of_a_real_service_shows_turns_waits_fsyncs_and_a_revocation_by
 def test_a_scraper_polling_status_faster_than_idle_ms_does_not_keep_a_file_alive(
     root: Path, tmp_path: Path
 ) -> None:
-    from system.client import connect
+    from sessionlane.system.client import connect
 
     with (
         embedded_service([str(root)], log_file=tmp_path / "svc.log", idle_ms=500) as svc,

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 from test_serve import Serve, queued_lanes, tcp_serve, wait_for
 
-from system.client import connect
-from system.runtime.service import embedded_service
+from sessionlane.system.client import connect
+from sessionlane.system.runtime.service import embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(900)]
 
@@ -266,7 +266,7 @@ def test_the_node_client_presents_a_token_and_reports_a_max_hold_revocation(
     result = json.loads(out)
     assert result["refused"] == {"code": "unauthorized", "typed": True}
     assert result["revoked"] == {"lease": result["lease"], "path": str(path), "reason": "max_hold"}
-    assert result["late"] == {"code": "stale_fence", "revoked": True}, "refused before sending"
+    assert result["late"] == {"code": "revoked", "revoked": True}, "refused before sending"
     assert result["signal"] == {"aborted": True, "reason": "LeaseRevoked"}
     assert not path.exists() or path.read_text() == ""
 

@@ -20,9 +20,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import Serve, sessionlane_command, start, wait_for
 
-from actors import procfs
-from system.runtime import launch
-from system.runtime.launch import free_port
+from sessionlane.actors import procfs
+from sessionlane.system.runtime import launch
+from sessionlane.system.runtime.launch import free_port
 
 __all__ = ["start"]  # the fixture, imported for pytest to find
 
@@ -104,7 +104,9 @@ def test_under_systemd_serve_logs_to_stderr_and_writes_no_file(
     serve.wait_ready()
     assert logging_line(serve) == "stderr"
     wait_for(
-        lambda: "INFO system.gateway.gateway: gateway listening" in serve.text, WAIT_S, "a log line"
+        lambda: "INFO sessionlane.system.gateway.gateway: gateway listening" in serve.text,
+        WAIT_S,
+        "a log line",
     )
     assert serve_logs(state) == []
 

@@ -17,12 +17,12 @@ import pytest
 from test_actor_scenarios import MakeDriver, acquire, grant, refused, wait_until
 from test_ownership_unit import Holder
 
-from actors.ownership import owner_path, read_owner
-from messages.errors import PathNotAllowed, SessionLaneError, TooManyFiles, Unavailable
-from messages.wire import Append
-from system.client import connect
-from system.runtime.launch import TcpSystem
-from system.runtime.service import Service, embedded_service
+from sessionlane.actors.ownership import owner_path, read_owner
+from sessionlane.messages.errors import PathNotAllowed, SessionLaneError, TooManyFiles, Unavailable
+from sessionlane.messages.wire import Append
+from sessionlane.system.client import connect
+from sessionlane.system.runtime.launch import TcpSystem
+from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(150)]
 

@@ -1,4 +1,4 @@
-"""``actors.ownership`` on its own: the lock, the sidecar, the record, the refusals.
+"""``sessionlane.actors.ownership`` on its own: the lock, the sidecar, the record, the refusals.
 
 The contender that must be refused runs in a real separate process (a ``python -c`` child that
 takes the lock and waits on stdin), because ``flock`` between two descriptors of one process
@@ -18,7 +18,7 @@ import pytest
 from driver import file_settings
 from thespian.actors import ChildActorExited
 
-from actors.ownership import (
+from sessionlane.actors.ownership import (
     OwnedElsewhere,
     OwnerRecord,
     Ownership,
@@ -28,15 +28,15 @@ from actors.ownership import (
     parse_owner_record,
     read_owner,
 )
-from actors.registry import Registry
-from actors.session_file import Broken, activation_error
-from messages.errors import PathNotAllowed
-from messages.internal import ActivationFailed, Configure, IdleNotice, LaneCall, LaneRef
-from messages.wire import Acquire
+from sessionlane.actors.registry import Registry
+from sessionlane.actors.session_file import Broken, activation_error
+from sessionlane.messages.errors import PathNotAllowed
+from sessionlane.messages.internal import ActivationFailed, Configure, IdleNotice, LaneCall, LaneRef
+from sessionlane.messages.wire import Acquire
 
 HOLDER = """
 import sys, time
-from actors.ownership import Ownership
+from sessionlane.actors.ownership import Ownership
 held = Ownership.acquire(sys.argv[1], service_pid=4242, gateway="tcp://127.0.0.1:7521",
                          admin_port=40123, now=time.time())
 print("held", flush=True)

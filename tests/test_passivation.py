@@ -1,8 +1,9 @@
-"""When a SessionFile asks to be retired (``actors.passivation``), with time as a plain number."""
+"""When a SessionFile asks to be retired (``sessionlane.actors.passivation``), with time as a plain
+number."""
 
 from __future__ import annotations
 
-from actors.passivation import Passivation
+from sessionlane.actors.passivation import Passivation
 
 
 def test_the_idle_timer_is_due_idle_ms_after_the_last_activity_and_armed_once() -> None:

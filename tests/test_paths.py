@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from actors.paths import canonicalize, root_of
-from messages.errors import PathNotAllowed
+from sessionlane.actors.paths import canonicalize, root_of
+from sessionlane.messages.errors import PathNotAllowed
 
 
 @pytest.fixture

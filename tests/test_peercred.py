@@ -1,5 +1,5 @@
-"""``system.gateway.peercred``: the table parsing on literal text, and real connections of real
-users.
+"""``sessionlane.system.gateway.peercred``: the table parsing on literal text, and real connections
+of real users.
 
 The root-only tests fork a child that becomes uid 65534 before it opens its socket, so the
 kernel's answer is checked against a peer that really is someone else.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from system.gateway import peercred
+from sessionlane.system.gateway import peercred
 
 STRANGER = 65534
 needs_linux = pytest.mark.skipif(sys.platform != "linux", reason="peer owners are Linux-only")

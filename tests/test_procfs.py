@@ -1,4 +1,4 @@
-"""``actors.procfs`` reads process and socket facts from a real ``/proc``."""
+"""``sessionlane.actors.procfs`` reads process and socket facts from a real ``/proc``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from actors import procfs
+from sessionlane.actors import procfs
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc")
 

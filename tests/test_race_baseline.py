@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.openclaw_lock import classify_stale, encode_lock_payload, parse_lock_payload
-from system.race._lockfile import LockPolicy, inspect_lock_payload
-from system.race.backends import rewrite_file
-from system.race.baseline import (
+from sessionlane.actors.openclaw_lock import classify_stale, encode_lock_payload, parse_lock_payload
+from sessionlane.system.race._lockfile import LockPolicy, inspect_lock_payload
+from sessionlane.system.race.backends import rewrite_file
+from sessionlane.system.race.baseline import (
     NOOP_LOCK,
     EmbeddedAttemptSessionFileOwnerTimeoutError,
     EmbeddedAttemptSessionLockController,
@@ -35,8 +35,8 @@ from system.race.baseline import (
     append_records,
     lock_path_for,
 )
-from system.race.verify import AckEntry, verify
-from system.race.workload import compact_transcript
+from sessionlane.system.race.verify import AckEntry, verify
+from sessionlane.system.race.workload import compact_transcript
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # per command ("ok ..." or "error <ExceptionName> <message>").
 CHILD = r"""
 import json, sys
-from system.race._lockfile import LockPolicy, SessionWriteLockManager
-from system.race.baseline import EmbeddedAttemptSessionLockController, append_records
+from sessionlane.system.race._lockfile import LockPolicy, SessionWriteLockManager
+from sessionlane.system.race.baseline import EmbeddedAttemptSessionLockController, append_records
 
 path = sys.argv[1]
 policy = LockPolicy(timeout_ms=float(sys.argv[2]), retry_delay_ms=1.0)

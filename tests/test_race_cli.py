@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from system.race.runner import METRIC_KEYS
+from sessionlane.system.race.runner import METRIC_KEYS
 
 
 def test_a_short_race_prints_both_systems_and_sessionlane_loses_nothing() -> None:
@@ -15,7 +15,7 @@ def test_a_short_race_prints_both_systems_and_sessionlane_loses_nothing() -> Non
         [
             sys.executable,
             "-m",
-            "system.ops.cli",
+            "sessionlane.system.ops.cli",
             "race",
             "--duration",
             "4",

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from system.race import METRIC_KEYS, add_race_arguments, render_table, run_race
-from system.race.runner import LaneStartError, _reap, run_system
-from system.race.verify import read_ack_log
-from system.race.workload import make_plan
+from sessionlane.system.race import METRIC_KEYS, add_race_arguments, render_table, run_race
+from sessionlane.system.race.runner import LaneStartError, _reap, run_system
+from sessionlane.system.race.verify import read_ack_log
+from sessionlane.system.race.workload import make_plan
 
 
 def _processes_mentioning(text: str) -> list[int]:

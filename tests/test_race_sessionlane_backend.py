@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from messages.errors import LeaseTimeout
-from system.race._apparatus import ActivityBoard, UnitContext
-from system.race.backends import rewrite_file
-from system.race.baseline import append_records
-from system.race.sessionlane_backend import _SessionlaneLane
-from system.race.verify import scan_transcript
-from system.race.workload import TurnPlan, Window, make_plan
+from sessionlane.messages.errors import LeaseTimeout
+from sessionlane.system.race._apparatus import ActivityBoard, UnitContext
+from sessionlane.system.race.backends import rewrite_file
+from sessionlane.system.race.baseline import append_records
+from sessionlane.system.race.sessionlane_backend import _SessionlaneLane
+from sessionlane.system.race.verify import scan_transcript
+from sessionlane.system.race.workload import TurnPlan, Window, make_plan
 
 
 class FakeLease:

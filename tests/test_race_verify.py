@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from system.race.verify import (
+from sessionlane.system.race.verify import (
     METRIC_KEYS,
     AckEntry,
     Hold,

@@ -7,9 +7,9 @@ import statistics
 
 import pytest
 
-from system.race._lockfile import LockPolicy
-from system.race.verify import scan_transcript
-from system.race.workload import (
+from sessionlane.system.race._lockfile import LockPolicy
+from sessionlane.system.race.verify import scan_transcript
+from sessionlane.system.race.workload import (
     LANE_KINDS,
     TURN_LANES,
     TurnPlan,

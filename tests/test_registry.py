@@ -29,10 +29,10 @@ from test_actor_scenarios import (
     wait_until,
 )
 
-from actors.fencestore import fence_path, parse_fence_record
-from messages.errors import PathNotAllowed
-from messages.wire import Revoked
-from system.runtime.launch import TcpSystem
+from sessionlane.actors.fencestore import fence_path, parse_fence_record
+from sessionlane.messages.errors import PathNotAllowed
+from sessionlane.messages.wire import Revoked
+from sessionlane.system.runtime.launch import TcpSystem
 
 
 def file_actor_pid(system: TcpSystem, path: Path) -> int | None:

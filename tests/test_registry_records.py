@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from actors.registry_records import RESTART_WINDOW_MS, FileEntry, Gather, Gathers
-from messages.wire import FileStatus
+from sessionlane.actors.registry_records import RESTART_WINDOW_MS, FileEntry, Gather, Gathers
+from sessionlane.messages.wire import FileStatus
 
 
 def status(path: str) -> FileStatus:

@@ -3,7 +3,7 @@
 Every serve runs in its own session (``start_new_session``); teardown sends SIGTERM, waits a
 bounded time, then SIGKILLs the serve's group and the actor system's group (its ``pgid`` is in
 the serve's state file) as a backstop. Client processes run ``CLIENT`` through
-``system.client`` and report each step as a JSON line; the test orders them through the
+``sessionlane.system.client`` and report each step as a JSON line; the test orders them through the
 service's own queue (``status``), never with sleeps.
 """
 
@@ -27,10 +27,10 @@ from typing import Any
 
 import pytest
 
-from actors import procfs
-from system.client import connect
-from system.config import NON_CONFIG_ENV
-from system.runtime.launch import free_port
+from sessionlane.actors import procfs
+from sessionlane.system.client import connect
+from sessionlane.system.config import NON_CONFIG_ENV
+from sessionlane.system.runtime.launch import free_port
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(120)]
 
@@ -40,7 +40,7 @@ LINE_TIMEOUT_S = 30.0
 
 CLIENT = """
 import json, sys
-from system.client import connect
+from sessionlane.system.client import connect
 
 address, path, lane, count, mode = sys.argv[1:6]
 with connect(address) as sl:
@@ -57,7 +57,9 @@ print(json.dumps({"step": "released"}), flush=True)
 
 def sessionlane_command() -> list[str]:
     script = Path(sys.executable).with_name("sessionlane")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "system.ops.cli"]
+    return (
+        [str(script)] if script.exists() else [sys.executable, "-m", "sessionlane.system.ops.cli"]
+    )
 
 
 def clean_env(run_dir: Path) -> dict[str, str]:

@@ -14,10 +14,10 @@ import pytest
 from test_durability import Clock, Shell  # the hand-driven SessionFile harness
 from thespian.actors import WakeupMessage
 
-from actors import session_file
-from actors.timers import IdleCheck, LeaseTick
-from messages.internal import IdleNotice
-from messages.wire import Acquire, Granted, Revoked
+from sessionlane.actors import session_file
+from sessionlane.actors.timers import IdleCheck, LeaseTick
+from sessionlane.messages.internal import IdleNotice
+from sessionlane.messages.wire import Acquire, Granted, Revoked
 
 
 class Recorded(Shell):

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from thespian.actors import Actor, ActorExitRequest, ThespianWatch
 
-from actors._shell import Handler, ShellActor
-from system.runtime.launch import start_tcp_system
+from sessionlane.actors._shell import Handler, ShellActor
+from sessionlane.system.runtime.launch import start_tcp_system
 
 
 class Relay(Actor):  # type: ignore[misc]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from actors import transcript as transcript_module
-from actors.transcript import OpenReport, Transcript, encode_records
-from messages.errors import InvalidRecord
+from sessionlane.actors import transcript as transcript_module
+from sessionlane.actors.transcript import OpenReport, Transcript, encode_records
+from sessionlane.messages.errors import InvalidRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_a_torn_last_line_is_quarantined_and_the_file_cut_to_its_last_full_line(
 ) -> None:
     path.write_bytes(b'{"a":1}\n{"b":2}\n{"c":')
     t = Transcript(str(path))
-    with caplog.at_level(logging.WARNING, logger="actors.transcript"):
+    with caplog.at_level(logging.WARNING, logger="sessionlane.actors.transcript"):
         report = t.open()
     t.close()
     quarantine = Path(str(path) + ".torn")
@@ -258,7 +258,7 @@ def test_an_external_append_is_reported_and_adopted(
     transcript.append(encode_records([{"ours": 1}], 100))
     with path.open("ab") as f:
         f.write(b'{"theirs":1}\n')
-    with caplog.at_level(logging.INFO, logger="actors.transcript"):
+    with caplog.at_level(logging.INFO, logger="sessionlane.actors.transcript"):
         assert transcript.check_external() == "append"
     assert transcript.check_external() is None
     assert transcript.size == path.stat().st_size
@@ -410,7 +410,7 @@ _RECORDS = 2000  # about 90 KB per generation: several short writes per rewrite
 
 _CHILD = r"""
 import json, os, sys
-from actors.transcript import Transcript
+from sessionlane.actors.transcript import Transcript
 
 path, mode, generation = sys.argv[1], sys.argv[2], int(sys.argv[3])
 real_write, real_fsync, real_rename = os.write, os.fsync, os.rename

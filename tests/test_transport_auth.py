@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from actors import procfs
-from system.client import connect
-from system.config import load_settings
-from system.runtime import admin_fork, launch, transport_auth
-from system.runtime.launch import PingActor, TcpSystem
-from system.runtime.service import Service, ServiceError, embedded_service
+from sessionlane.actors import procfs
+from sessionlane.system.client import connect
+from sessionlane.system.config import load_settings
+from sessionlane.system.runtime import admin_fork, launch, transport_auth
+from sessionlane.system.runtime.launch import PingActor, TcpSystem
+from sessionlane.system.runtime.service import Service, ServiceError, embedded_service
 
 ASK_TIMEOUT = 10.0
 REPLY_TIMEOUT_S = 10.0

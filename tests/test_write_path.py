@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from actors.group_commit import CommitPolicy
-from actors.histogram import FileMetrics
-from actors.lease_table import Grant, LeasePolicy, LeaseTable, Released, ReserveFences
-from actors.legacy_lock import LegacyLock
-from actors.openclaw_lock import encode_lock_payload, lock_path
-from actors.session_file_commit import TranscriptSync
-from actors.session_file_writes import (
+from sessionlane.actors.group_commit import CommitPolicy
+from sessionlane.actors.histogram import FileMetrics
+from sessionlane.actors.lease_table import Grant, LeasePolicy, LeaseTable, Released, ReserveFences
+from sessionlane.actors.legacy_lock import LegacyLock
+from sessionlane.actors.openclaw_lock import encode_lock_payload, lock_path
+from sessionlane.actors.session_file_commit import TranscriptSync
+from sessionlane.actors.session_file_writes import (
     Commit,
     Notify,
     Reply,
@@ -31,9 +31,9 @@ from actors.session_file_writes import (
     Wrote,
     call_key,
 )
-from actors.transcript import Transcript
-from messages.internal import LaneCall, LaneRef
-from messages.wire import Append, Appended, Error, ExternalChange, Rewrite, Rewritten
+from sessionlane.actors.transcript import Transcript
+from sessionlane.messages.internal import LaneCall, LaneRef
+from sessionlane.messages.wire import Append, Appended, Error, ExternalChange, Rewrite, Rewritten
 
 
 class Rig:

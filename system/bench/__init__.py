@@ -6,6 +6,6 @@ each in a few seconds, ``--json`` prints machine-readable results, ``--out FILE`
 them to a file.
 """
 
-from system.bench._main import SUITES, add_bench_arguments, run_bench
+from sessionlane.system.bench._main import SUITES, add_bench_arguments, run_bench
 
 __all__ = ["SUITES", "add_bench_arguments", "run_bench"]

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from system.bench._pool import WorkerPool
-from system.bench._progress import Progress
+from sessionlane.system.bench._pool import WorkerPool
+from sessionlane.system.bench._progress import Progress
 
 __all__ = ["BenchContext"]
 
@@ -43,7 +43,7 @@ class BenchContext:
 
         Yields ``(service, root)``.
         """
-        from system.runtime.service import embedded_service
+        from sessionlane.system.runtime.service import embedded_service
 
         root = self.dir(name)
         self.progress.step("starting the service")

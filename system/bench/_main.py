@@ -29,7 +29,7 @@ __all__ = ["SUITES", "add_bench_arguments", "run_bench"]
 log = logging.getLogger(__name__)
 
 SUITES = ("handoff", "turn", "append", "scale", "gateway")
-"""Every suite, in the order they run; each is the module ``system.bench.<name>``."""
+"""Every suite, in the order they run; each is the module ``sessionlane.system.bench.<name>``."""
 
 _DURATION_S = 4.0
 _QUICK_DURATION_S = 0.6
@@ -66,9 +66,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the selected suites; 0 if every one completed, 1 otherwise."""
-    from system.bench import _targets
-    from system.bench._context import BenchContext
-    from system.bench._progress import Progress
+    from sessionlane.system.bench import _targets
+    from sessionlane.system.bench._context import BenchContext
+    from sessionlane.system.bench._progress import Progress
 
     selected = [name for name in SUITES if name in (args.suites or SUITES)]
     duration = args.duration or (_QUICK_DURATION_S if args.quick else _DURATION_S)
@@ -88,7 +88,9 @@ def run_bench(args: argparse.Namespace) -> int:
                 progress.suite(name)
                 began = time.monotonic()
                 try:
-                    results[name] = importlib.import_module(f"system.bench.{name}").run(ctx)
+                    results[name] = importlib.import_module(f"sessionlane.system.bench.{name}").run(
+                        ctx
+                    )
                 except Exception as exc:
                     log.exception("bench suite %s failed", name)
                     results[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -120,7 +122,7 @@ def _meta(
     args: argparse.Namespace, duration: float, workdir: Path, seconds: dict[str, float]
 ) -> dict[str, Any]:
     """What the results were measured with (``seconds`` fills in as suites finish)."""
-    from system.bench._peers import lockfile_source
+    from sessionlane.system.bench._peers import lockfile_source
 
     return {
         "command": "sessionlane bench " + " ".join(sys.argv[2:])
@@ -145,7 +147,7 @@ def _loadavg() -> list[float]:
 
 
 def _print_tables(results: dict[str, Any], selected: list[str]) -> None:
-    from system.bench import _targets
+    from sessionlane.system.bench import _targets
 
     console = Console()
     if not console.is_terminal:
@@ -169,7 +171,9 @@ def _print_tables(results: dict[str, Any], selected: list[str]) -> None:
         if "error" in result:
             console.print(f"[bold red]{name} failed:[/] {result['error']}")
             continue
-        for renderable in importlib.import_module(f"system.bench.{name}").render(result):
+        for renderable in importlib.import_module(f"sessionlane.system.bench.{name}").render(
+            result
+        ):
             console.print(renderable)
             console.print()
     console.print(_targets.render(results["targets"]))

@@ -11,7 +11,7 @@ import resource
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from actors import procfs
+from sessionlane.actors import procfs
 
 __all__ = ["Usage", "ensure_limit", "holders", "usage"]
 

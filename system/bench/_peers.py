@@ -10,8 +10,8 @@ sessionlane's default ``durability="fsync"`` does server-side), release.
 * ``filelock``: py-filelock's ``FileLock`` with its defaults (non-blocking ``flock`` polled
   every 50 ms).
 * ``lockfile``: OpenClaw's ``<file>.lock`` (``O_EXCL`` create, JSON payload, retry every
-  50 ms) from ``system.race.baseline``; if that module is missing or its API differs, a thin
-  adapter with the same algorithm (see :func:`lockfile_source`).
+  50 ms) from ``sessionlane.system.race.baseline``; if that module is missing or its API differs, a
+  thin adapter with the same algorithm (see :func:`lockfile_source`).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class _FileLock(_DirectWriter):
 
 class _Sessionlane:
     def __init__(self, address: str, lane: str, path: str) -> None:
-        from system.client import connect
+        from sessionlane.system.client import connect
 
         self.sl = connect(address)
         self.lane = self.sl.lane(lane)
@@ -150,7 +150,7 @@ def lockfile_source() -> str:
 
 
 def _baseline_manager_class() -> Any:
-    from system.race.baseline import SessionWriteLockManager
+    from sessionlane.system.race.baseline import SessionWriteLockManager
 
     accepted = inspect.signature(SessionWriteLockManager.acquire).parameters
     missing = {"timeout_ms", "retry_delay_ms"} - set(accepted)

@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
-from system.bench._report import fmt, table
+from sessionlane.system.bench._report import fmt, table
 
 __all__ = ["render", "targets"]
 

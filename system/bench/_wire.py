@@ -19,10 +19,10 @@ from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any, Self
 
-from messages.codec import FrameReader, decode_reply, decode_request, frame
-from messages.wire import Alive, Hello, Keepalive, Reply, Welcome
-from system.bench._pool import BenchError
-from system.client._core import parse_address
+from sessionlane.messages.codec import FrameReader, decode_reply, decode_request, frame
+from sessionlane.messages.wire import Alive, Hello, Keepalive, Reply, Welcome
+from sessionlane.system.bench._pool import BenchError
+from sessionlane.system.client._core import parse_address
 
 __all__ = ["EchoServer", "FramedClient"]
 

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from system.bench._pool import Gate
+from sessionlane.system.bench._pool import Gate
 
 __all__ = ["direct_appends", "gateway_requests", "lane_appends", "lock_cycles", "record"]
 
@@ -27,7 +27,7 @@ def record(worker: int, seq: int) -> dict[str, Any]:
 def lock_cycles(params: dict[str, Any], gate: Gate) -> list[tuple[float, float, float, float]]:
     """Loop acquire, append one record, release; one ``(asked, granted, releasing, released)``
     stamp tuple per cycle. ``releasing`` is taken just before the release is sent."""
-    from system.bench._peers import open_contender
+    from sessionlane.system.bench._peers import open_contender
 
     index: int = params["index"]
     contender = open_contender(
@@ -55,7 +55,7 @@ def lock_cycles(params: dict[str, Any], gate: Gate) -> list[tuple[float, float, 
 
 def lane_appends(params: dict[str, Any], gate: Gate) -> dict[str, Any]:
     """Lane-less durable appends of one record each, round-robin over ``paths``."""
-    from system.client import connect
+    from sessionlane.system.client import connect
 
     index: int = params["index"]
     paths: list[str] = params["paths"]
@@ -76,7 +76,7 @@ def lane_appends(params: dict[str, Any], gate: Gate) -> dict[str, Any]:
 
 def direct_appends(params: dict[str, Any], gate: Gate) -> dict[str, Any]:
     """Plain appends: ``batch`` one-record writes, then one ``fdatasync``; repeat."""
-    from system.bench._peers import encode
+    from sessionlane.system.bench._peers import encode
 
     batch: int = params["batch"]
     fd = os.open(params["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -99,9 +99,9 @@ def direct_appends(params: dict[str, Any], gate: Gate) -> dict[str, Any]:
 
 def gateway_requests(params: dict[str, Any], gate: Gate) -> dict[str, Any]:
     """Sequential requests on one connection: ``keepalive`` or a lane-less ``append``."""
-    from messages.wire import Append, Error, Keepalive
-    from system.bench._pool import BenchError
-    from system.bench._wire import FramedClient
+    from sessionlane.messages.wire import Append, Error, Keepalive
+    from sessionlane.system.bench._pool import BenchError
+    from sessionlane.system.bench._wire import FramedClient
 
     index: int = params["index"]
     client = FramedClient(params["address"])

@@ -21,11 +21,11 @@ from typing import Any
 
 from rich.table import Table
 
-from system.bench._context import BenchContext
-from system.bench._pool import WorkerPool
-from system.bench._report import fmt, table
-from system.bench._stats import latency_ms, rate, ratio, rounded
-from system.bench._workers import record
+from sessionlane.system.bench._context import BenchContext
+from sessionlane.system.bench._pool import WorkerPool
+from sessionlane.system.bench._report import fmt, table
+from sessionlane.system.bench._stats import latency_ms, rate, ratio, rounded
+from sessionlane.system.bench._workers import record
 
 __all__ = ["CEILING_BATCH", "FILES", "NAME", "SESSIONLANE_KEYS", "render", "run"]
 
@@ -55,7 +55,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 path = str(root / f"{key}.plain")
                 params = [{"path": path, "duration": ctx.duration, "batch": batch}]
                 (outcome,) = pool.run(
-                    "system.bench._workers:direct_appends", params, timeout=ctx.duration + _SLACK_S
+                    "sessionlane.system.bench._workers:direct_appends",
+                    params,
+                    timeout=ctx.duration + _SLACK_S,
                 )
                 result[key] = {
                     "batch": batch,
@@ -79,7 +81,7 @@ def _lane_appends(
     ctx: BenchContext, pool: WorkerPool, address: str, paths: list[str], writers: int
 ) -> dict[str, Any]:
     """``writers`` processes appending one record at a time, round-robin over ``paths``."""
-    from system.client import connect
+    from sessionlane.system.client import connect
 
     with connect(address) as sl:
         ctx.progress.step(f"opening {len(paths)} file(s)")
@@ -93,7 +95,9 @@ def _lane_appends(
             for i in range(writers)
         ]
         runs = pool.run(
-            "system.bench._workers:lane_appends", params, timeout=ctx.duration + _SLACK_S
+            "sessionlane.system.bench._workers:lane_appends",
+            params,
+            timeout=ctx.duration + _SLACK_S,
         )
         after = _counters(sl, paths)
     return _through_sessionlane(runs, before, after)
@@ -101,7 +105,7 @@ def _lane_appends(
 
 def _group_commit_switch() -> Any:
     """The SessionFile class if it has the ``group_commit`` switch (issue 4), else None."""
-    from actors.session_file import SessionFile
+    from sessionlane.actors.session_file import SessionFile
 
     return SessionFile if isinstance(getattr(SessionFile, "group_commit", None), bool) else None
 
@@ -123,7 +127,7 @@ def _without_group_commit(ctx: BenchContext, pool: WorkerPool, writers: int) -> 
 
 
 def _record_bytes() -> int:
-    from system.bench._peers import encode
+    from sessionlane.system.bench._peers import encode
 
     return len(encode([record(0, 0)]))
 

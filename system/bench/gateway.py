@@ -16,10 +16,10 @@ from typing import Any
 
 from rich.table import Table
 
-from system.bench._context import BenchContext
-from system.bench._report import fmt, table
-from system.bench._stats import latency_ms, rate, ratio
-from system.bench._wire import EchoServer
+from sessionlane.system.bench._context import BenchContext
+from sessionlane.system.bench._report import fmt, table
+from sessionlane.system.bench._stats import latency_ms, rate, ratio
+from sessionlane.system.bench._wire import EchoServer
 
 __all__ = ["KINDS", "NAME", "render", "run"]
 
@@ -49,7 +49,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                         for i in range(c)
                     ]
                     runs = pool.run(
-                        "system.bench._workers:gateway_requests",
+                        "sessionlane.system.bench._workers:gateway_requests",
                         params,
                         timeout=ctx.duration + _SLACK_S,
                     )

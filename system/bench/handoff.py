@@ -27,10 +27,10 @@ from typing import Any, NamedTuple
 
 from rich.table import Table
 
-from system.bench._context import BenchContext
-from system.bench._peers import PEERS, ContenderName
-from system.bench._report import fmt, table
-from system.bench._stats import latency_ms, rate, ratio, rounded
+from sessionlane.system.bench._context import BenchContext
+from sessionlane.system.bench._peers import PEERS, ContenderName
+from sessionlane.system.bench._report import fmt, table
+from sessionlane.system.bench._stats import latency_ms, rate, ratio, rounded
 
 __all__ = ["CONTENDERS", "NAME", "analyse", "render", "run"]
 
@@ -59,14 +59,18 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 path = str(root / f"{name}-k{k}.jsonl")
                 params = [_params(ctx, name, path, service.address, i) for i in range(k)]
                 runs = pool.run(
-                    "system.bench._workers:lock_cycles", params, timeout=ctx.duration + _SLACK_S
+                    "sessionlane.system.bench._workers:lock_cycles",
+                    params,
+                    timeout=ctx.duration + _SLACK_S,
                 )
                 result[name][f"k{k}"] = analyse(runs)
             ctx.progress.step(f"{name}: {spread} processes, one file each")
             paths = [str(root / f"{name}-files{spread}-{i}.jsonl") for i in range(spread)]
             params = [_params(ctx, name, p, service.address, i) for i, p in enumerate(paths)]
             runs = pool.run(
-                "system.bench._workers:lock_cycles", params, timeout=ctx.duration + _SLACK_S
+                "sessionlane.system.bench._workers:lock_cycles",
+                params,
+                timeout=ctx.duration + _SLACK_S,
             )
             result[name][f"files{spread}"] = analyse_spread(runs)
     result["ratios"] = ratios(result, [f"k{k}" for k in ks] + [f"files{spread}"])

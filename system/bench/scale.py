@@ -24,11 +24,11 @@ from typing import Any
 
 from rich.table import Table
 
-from system.bench._context import BenchContext
-from system.bench._memory import ensure_limit, holders, usage
-from system.bench._report import fmt, table
-from system.bench._stats import latency_ms, percentile, rate, rounded
-from system.bench._workers import record
+from sessionlane.system.bench._context import BenchContext
+from sessionlane.system.bench._memory import ensure_limit, holders, usage
+from sessionlane.system.bench._report import fmt, table
+from sessionlane.system.bench._stats import latency_ms, percentile, rate, rounded
+from sessionlane.system.bench._workers import record
 
 __all__ = ["NAME", "render", "run"]
 
@@ -55,7 +55,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
 
 
 def _level(ctx: BenchContext, n: int) -> dict[str, Any]:
-    from system.client import connect
+    from sessionlane.system.client import connect
 
     with (
         ctx.service(f"{NAME}-{n}", idle_ms=_IDLE_MS) as (service, root),

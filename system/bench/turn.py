@@ -22,11 +22,11 @@ from typing import Any
 
 from rich.table import Table
 
-from system.bench._context import BenchContext
-from system.bench._peers import ContenderName, encode, open_contender
-from system.bench._report import fmt, table
-from system.bench._stats import percentile, rounded
-from system.bench._workers import record
+from sessionlane.system.bench._context import BenchContext
+from sessionlane.system.bench._peers import ContenderName, encode, open_contender
+from sessionlane.system.bench._report import fmt, table
+from sessionlane.system.bench._stats import percentile, rounded
+from sessionlane.system.bench._workers import record
 
 __all__ = ["NAME", "RECORDS", "VARIANTS", "render", "run"]
 
@@ -38,7 +38,7 @@ _PEERS: tuple[ContenderName, ...] = ("flock", "lockfile")
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
-    from system.client import connect
+    from sessionlane.system.client import connect
 
     turns = 20 if ctx.quick else 200
     with ctx.service(NAME) as (service, root), connect(service.address) as sl:

@@ -11,7 +11,7 @@ move bytes and drive the operations.
 
 from __future__ import annotations
 
-from messages.errors import (
+from sessionlane.messages.errors import (
     BadFrame,
     Contended,
     InvalidRecord,
@@ -28,8 +28,8 @@ from messages.errors import (
     Unauthorized,
     Unavailable,
 )
-from system.client._core import AppendResult
-from system.client._sync import Lane, Lease, SessionLane, connect, connect_async
+from sessionlane.system.client._core import AppendResult
+from sessionlane.system.client._sync import Lane, Lease, SessionLane, connect, connect_async
 
 __all__ = [
     "AppendResult",

@@ -1,4 +1,5 @@
-"""The asyncio client: the shape of ``system.client``, with every call that does I/O awaited.
+"""The asyncio client: the shape of ``sessionlane.system.client``, with every call that does I/O
+awaited.
 
     import sessionlane
 
@@ -16,9 +17,9 @@ caller (cancelled, or no reply in time) is released if its grant arrives later, 
 task never pins a path.
 
 Addresses, defaults, the refused-connection rule, the checks before sending (``InvalidRecord``,
-``TooLarge``) and logging are those of the sync client (``system.client``): both are the shared
-``ClientCore`` (``_core``) and operations (``_ops``); this module is the stream and task half,
-driving them with awaited calls.
+``TooLarge``) and logging are those of the sync client (``sessionlane.system.client``): both are
+the shared ``ClientCore`` (``_core``) and operations (``_ops``); this module is the stream and task
+half, driving them with awaited calls.
 
 One client belongs to one event loop; it is not thread-safe.
 """
@@ -33,11 +34,18 @@ from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying
 
-from messages.codec import FrameReader, decode_reply
-from messages.errors import SessionLaneError, Unavailable
-from messages.wire import Durability, OnContention, Priority, Purpose, Reply, StatusReply
-from system.client import _ops as ops
-from system.client._core import (
+from sessionlane.messages.codec import FrameReader, decode_reply
+from sessionlane.messages.errors import SessionLaneError, Unavailable
+from sessionlane.messages.wire import (
+    Durability,
+    OnContention,
+    Priority,
+    Purpose,
+    Reply,
+    StatusReply,
+)
+from sessionlane.system.client import _ops as ops
+from sessionlane.system.client._core import (
     INCOMING_FRAME_BYTES,
     Answer,
     AppendResult,
@@ -49,7 +57,7 @@ from system.client._core import (
     log,
     parse_address,
 )
-from system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
+from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
 
 __all__ = ["AsyncLane", "AsyncLease", "AsyncSessionLane", "connect_async"]
 
@@ -70,10 +78,11 @@ def connect_async(
 ) -> AsyncSessionLane:
     """A client for ``address``; ``await`` it or enter it with ``async with`` to connect.
 
-    The arguments are ``system.client.connect``'s: no address means ``$SESSIONLANE_LISTEN``,
-    else ``tcp://127.0.0.1:7420``; a refused connect raises ``Unavailable`` at once unless
-    ``reconnect_for`` (seconds) asks to keep trying; ``timeout`` bounds the connect and every
-    reply (beyond a request's own wait timeout). A malformed address raises ``ValueError``.
+    The arguments are ``sessionlane.system.client.connect``'s: no address means
+    ``$SESSIONLANE_LISTEN``, else ``tcp://127.0.0.1:7420``; a refused connect raises
+    ``Unavailable`` at once unless ``reconnect_for`` (seconds) asks to keep trying; ``timeout``
+    bounds the connect and every reply (beyond a request's own wait timeout). A malformed address
+    raises ``ValueError``.
     """
     return AsyncSessionLane(
         Settings.of(
@@ -112,6 +121,10 @@ class AsyncSessionLane:
         self.settings = settings
         self.core: ClientCore[asyncio.Future[Reply], _Stream] = ClientCore(settings)
         self._connecting = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.core.closed else "connected" if self.connected else "idle"
+        return f"<sessionlane.AsyncSessionLane {self.settings.address} {state}>"
 
     @property
     def server(self) -> str | None:

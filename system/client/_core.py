@@ -27,9 +27,9 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from tenacity import retry_if_exception_type, stop_after_delay, wait_exponential
 
-from messages.codec import frame
-from messages.errors import LeaseRevoked, Unavailable, error_for
-from messages.wire import (
+from sessionlane.messages.codec import frame
+from sessionlane.messages.errors import LeaseRevoked, Unavailable, error_for
+from sessionlane.messages.wire import (
     AbortRequested,
     Acquire,
     Error,
@@ -45,8 +45,8 @@ from messages.wire import (
     Revoked,
     Welcome,
 )
-from system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES, check_frame
-from system.config import ConfigError, parse_listen
+from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES, check_frame
+from sessionlane.system.config import ConfigError, parse_listen
 
 __all__ = [
     "Answer",
@@ -72,7 +72,7 @@ INCOMING_FRAME_BYTES = 64 * 1024 * 1024
 RETRYABLE = (ConnectionRefusedError, FileNotFoundError, ConnectionResetError)
 """Connect failures worth retrying: nobody listening yet (a service restarting)."""
 
-log = logging.getLogger("system.client")  # the public package's name: what users configure
+log = logging.getLogger("sessionlane.client")  # the public package's name: what users configure
 # A library must not write to its host's stderr: without a handler of the host's, Python's
 # last-resort handler would print every warning there. The NullHandler stops that and nothing
 # else (records still propagate to whatever handlers the host installs).
@@ -92,7 +92,8 @@ def default_address() -> str:
 
 def parse_address(address: str) -> tuple[str, Any]:
     """``HOST:PORT`` or ``tcp://HOST:PORT`` -> ("tcp", (host, port)); ``unix:///path`` ->
-    ("unix", path). The service's own parser (``system.config.parse_listen``): one syntax.
+    ("unix", path). The service's own parser (``sessionlane.system.config.parse_listen``): one
+    syntax.
 
     Raises ``ValueError`` naming the accepted forms.
     """
@@ -186,9 +187,12 @@ class LeaseState:
             raise LeaseRevoked(
                 f"lease {self.lease} was revoked ({self.revoked}); nothing was written",
                 path=self.path,
+                reason=self.revoked,
             )
         if self.released:
-            raise LeaseRevoked(f"lease {self.lease} was released", path=self.path)
+            raise LeaseRevoked(
+                f"lease {self.lease} was released", path=self.path, reason="released"
+            )
 
 
 @dataclass(eq=False)

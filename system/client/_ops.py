@@ -15,7 +15,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from messages.errors import (
+from sessionlane.messages.errors import (
     LeaseRevoked,
     NotHolder,
     SessionLaneError,
@@ -23,7 +23,7 @@ from messages.errors import (
     Unavailable,
     error_for,
 )
-from messages.wire import (
+from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
     Acquire,
@@ -45,8 +45,8 @@ from messages.wire import (
     Status,
     StatusReply,
 )
-from system.client._core import AppendResult, ClientCore, LeaseState, anchor
-from system.client._records import check_records
+from sessionlane.system.client._core import AppendResult, ClientCore, LeaseState, anchor
+from sessionlane.system.client._records import check_records
 
 __all__ = [
     "Call",
@@ -219,7 +219,7 @@ class LeaseView:
     def check_usable(self) -> None:
         """Raise ``LeaseRevoked`` (nothing sent) if this lease may no longer write."""
         if self.level_released:
-            raise LeaseRevoked(f"lease {self.id} was released", path=self.path)
+            raise LeaseRevoked(f"lease {self.id} was released", path=self.path, reason="released")
         self.state.check_usable()
 
     def __repr__(self) -> str:
@@ -277,7 +277,9 @@ def _lease_call(lease: LeaseView, request: Any) -> Op[Reply]:
         reply = yield Call(request, reconnect=False)
     except Unavailable as exc:
         if lease.state.revoked is not None:
-            raise LeaseRevoked(f"lease {lease.id} lost: {exc.detail}", path=lease.path) from exc
+            raise LeaseRevoked(
+                f"lease {lease.id} lost: {exc.detail}", path=lease.path, reason=lease.state.revoked
+            ) from exc
         raise
     try:
         return raise_if_error(reply, lease.path)

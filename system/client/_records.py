@@ -12,9 +12,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from messages.codec import HEADER
-from messages.errors import InvalidRecord, TooLarge
-from messages.wire import Record
+from sessionlane.messages.codec import HEADER
+from sessionlane.messages.errors import InvalidRecord, TooLarge
+from sessionlane.messages.wire import Record
 
 __all__ = [
     "MAX_FRAME_BYTES",
@@ -29,7 +29,8 @@ MAX_RECORD_BYTES = 1_048_576
 MAX_FRAME_BYTES = 8_388_608
 """The service's default ``max_frame_bytes``: a bigger frame would make it close the connection."""
 MAX_RECORD_DEPTH = 100
-"""The gateway's nesting limit for records (``system.gateway.gateway._MAX_RECORD_DEPTH``)."""
+"""The gateway's nesting limit for records
+(``sessionlane.system.gateway.gateway._MAX_RECORD_DEPTH``)."""
 _MSGPACK_INTS = (-(2**63), 2**64 - 1)
 
 

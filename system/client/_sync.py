@@ -20,7 +20,7 @@ its leases stay usable.
 A background thread reads replies and events and sends keepalives while the connection is
 idle. If the connection breaks, every lease on it is reported lost: its next use raises
 ``LeaseRevoked`` and writes nothing. The next call reconnects. Warnings go to the module's
-logger (``system.client``) only, never to the host's stderr.
+logger (``sessionlane.system.client``) only, never to the host's stderr.
 
 This module is the socket and thread half only: what to send and what a reply means are the
 shared ``ClientCore`` (``_core``) and the operations (``_ops``), driven here with blocking
@@ -39,11 +39,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenacity import Retrying
 
-from messages.codec import FrameReader, decode_reply
-from messages.errors import SessionLaneError, Unavailable
-from messages.wire import Durability, OnContention, Priority, Purpose, Reply, StatusReply
-from system.client import _ops as ops
-from system.client._core import (
+from sessionlane.messages.codec import FrameReader, decode_reply
+from sessionlane.messages.errors import SessionLaneError, Unavailable
+from sessionlane.messages.wire import (
+    Durability,
+    OnContention,
+    Priority,
+    Purpose,
+    Reply,
+    StatusReply,
+)
+from sessionlane.system.client import _ops as ops
+from sessionlane.system.client._core import (
     INCOMING_FRAME_BYTES,
     Answer,
     AppendResult,
@@ -55,10 +62,10 @@ from system.client._core import (
     log,
     parse_address,
 )
-from system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
+from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
 
 if TYPE_CHECKING:
-    from system.client._async import AsyncSessionLane
+    from sessionlane.system.client._async import AsyncSessionLane
 
 __all__ = ["Lane", "Lease", "SessionLane", "connect", "connect_async"]
 
@@ -106,7 +113,7 @@ def connect_async(
     address: str | None = None, token: str | None = None, **kwargs: Any
 ) -> AsyncSessionLane:
     """The asyncio client: ``async with connect_async(addr) as sl`` or ``await connect_async``."""
-    from system.client._async import connect_async as _connect_async
+    from sessionlane.system.client._async import connect_async as _connect_async
 
     return _connect_async(address, token, **kwargs)
 
@@ -152,6 +159,10 @@ class SessionLane:
         self.core: ClientCore[_Waiter, socket.socket] = ClientCore(settings)
         self._lock = threading.Lock()  # the core, and whole frames on the socket
         self._connecting = threading.Lock()  # one reconnect at a time
+
+    def __repr__(self) -> str:
+        state = "closed" if self.core.closed else "connected" if self.connected else "idle"
+        return f"<sessionlane.SessionLane {self.settings.address} {state}>"
 
     @property
     def server(self) -> str | None:

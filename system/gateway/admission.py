@@ -1,18 +1,18 @@
 """Who the gateway admits, and what a connection may cost before it is admitted. Pure.
 
-The gateway (``system.gateway.gateway``) asks these questions; nothing here touches a socket or a
-clock (times are passed in, in milliseconds):
+The gateway (``sessionlane.system.gateway.gateway``) asks these questions; nothing here touches a
+socket or a clock (times are passed in, in milliseconds):
 
 * :class:`Policy` and :func:`hello_refusal`: at ``hello``, with a ``token_file`` the token
   decides; without one, the peer's uid (read once, at accept, by
-  ``system.gateway.peercred``) must be the service's own, unless ``allow_other_users``.
+  ``sessionlane.system.gateway.peercred``) must be the service's own, unless ``allow_other_users``.
   :func:`startup_refusal`: where the platform cannot tell who a peer is, a service without a
   token refuses to start.
 * :func:`connection_cap`: ``max_connections``, lowered so the gateway's process always keeps
   descriptors for thespian and its channels under its ``RLIMIT_NOFILE``.
 * :class:`HelloDeadlines`: connections that have not said hello, oldest first, so one sweep
   timer closes the late ones.
-* :class:`AcceptBackoff` (from ``actors.endpoint``, where the acceptor uses it): after
+* :class:`AcceptBackoff` (from ``sessionlane.actors.endpoint``, where the acceptor uses it): after
   ``accept`` fails for want of descriptors, when to try again.
 * :class:`RateLimit`: how often a warning about strangers may reach the log.
 """
@@ -23,7 +23,7 @@ import hmac
 import sys
 from dataclasses import dataclass, field
 
-from actors.endpoint import AcceptBackoff
+from sessionlane.actors.endpoint import AcceptBackoff
 
 __all__ = [
     "MAX_HELLO_BYTES",
@@ -65,7 +65,7 @@ def startup_refusal(
     """Why a gateway with ``policy`` must not listen here, or None.
 
     ``identifies_peers``: whether this platform can tell a peer's uid
-    (``system.gateway.peercred.identifies_peers``).
+    (``sessionlane.system.gateway.peercred.identifies_peers``).
     """
     if not policy.by_peer or identifies_peers:
         return None

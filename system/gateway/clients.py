@@ -1,9 +1,9 @@
 """The gateway's client connections: listeners, admission at hello, framed input and output.
 
 ``Clients`` owns every listening socket and every client connection of the gateway (each an
-``actors.endpoint`` ``Acceptor`` or ``FramedSocket``) and answers the connection-level
-protocol itself: ``hello`` (admission, as ``system.gateway.admission`` decides), a repeated
-``hello``, ``keepalive``, frames it cannot decode, frames over the size limits. Every other
+``sessionlane.actors.endpoint`` ``Acceptor`` or ``FramedSocket``) and answers the connection-level
+protocol itself: ``hello`` (admission, as ``sessionlane.system.gateway.admission`` decides), a
+repeated ``hello``, ``keepalive``, frames it cannot decode, frames over the size limits. Every other
 request of an admitted connection goes to its host (the ``Gateway`` actor), which answers it
 through :meth:`Clients.write`. Nothing here blocks: an error frame sent just before a close
 is written by the same non-blocking flushes as any output (the socket lingers, unwatched,
@@ -28,22 +28,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from actors.endpoint import AcceptBackoff, Acceptor, FramedSocket
-from messages.codec import HEADER, FrameDecodeError, decode_request, frame
-from messages.errors import ErrorCode
-from messages.wire import PROTOCOL_VERSION, Alive, Error, Hello, Keepalive, Request, Welcome
-from system.gateway import listeners, peercred
-from system.gateway.admission import (
+from sessionlane.actors.endpoint import AcceptBackoff, Acceptor, FramedSocket
+from sessionlane.messages.codec import HEADER, FrameDecodeError, decode_request, frame
+from sessionlane.messages.errors import ErrorCode
+from sessionlane.messages.wire import (
+    PROTOCOL_VERSION,
+    Alive,
+    Error,
+    Hello,
+    Keepalive,
+    Request,
+    Welcome,
+)
+from sessionlane.system.gateway import listeners, peercred
+from sessionlane.system.gateway.admission import (
     MAX_HELLO_BYTES,
     HelloDeadlines,
     Policy,
     RateLimit,
     hello_refusal,
 )
-from system.gateway.timers import AcceptResume, FlushDue, GatewayTimer, HelloSweep
+from sessionlane.system.gateway.timers import AcceptResume, FlushDue, GatewayTimer, HelloSweep
 
 if TYPE_CHECKING:
-    from actors.lane_state import LaneState
+    from sessionlane.actors.lane_state import LaneState
 
 __all__ = ["SERVER_NAME", "Client", "Clients", "ClientsHost"]
 

@@ -1,22 +1,22 @@
 """The gateway: a thespian actor that owns the listening sockets and speaks the wire protocol.
 
 Clients of any language connect over TCP or a Unix socket and exchange length-prefixed msgpack
-frames (``messages.codec``). No pickle crosses this boundary. The actor returns a
+frames (``sessionlane.messages.codec``). No pickle crosses this boundary. The actor returns a
 ``ThespianWatch`` with every socket it owns from each ``receiveMessage``, so thespian's own
 select loop wakes it with a ``WatchMessage`` when one is readable: everything happens in one
 single-threaded process, and nothing blocks (sockets are non-blocking, output is buffered).
 
 Per connection: the first request must be ``hello``, and it admits the connection only as
-``system.gateway.admission`` decides: with a ``token_file``, the token; without one, the peer
-must run as the service's own user (``system.gateway.peercred``, read at accept) unless
-``allow_other_users``. The connections, their admission and their framing are
-``system.gateway.clients``; this actor routes what admitted connections ask.
+``sessionlane.system.gateway.admission`` decides: with a ``token_file``, the token; without one,
+the peer must run as the service's own user (``sessionlane.system.gateway.peercred``, read at
+accept) unless ``allow_other_users``. The connections, their admission and their framing are
+``sessionlane.system.gateway.clients``; this actor routes what admitted connections ask.
 
 Each lane name used on an admitted connection gets its own lane
-(``actors.lane_state.LaneState``), hosted here in the gateway's process; their calls reach the
-SessionFiles over direct channels (``system.gateway.links``: one socket hop each way, not five
-thespian messages), and replies and events are framed back. When the connection closes,
-breaks, sends a frame over the size limit, or stays silent for three keepalive periods, its
+(``sessionlane.actors.lane_state.LaneState``), hosted here in the gateway's process; their calls
+reach the SessionFiles over direct channels (``sessionlane.system.gateway.links``: one socket hop
+each way, not five thespian messages), and replies and events are framed back. When the connection
+closes, breaks, sends a frame over the size limit, or stays silent for three keepalive periods, its
 lanes abandon everything they hold or wait for.
 """
 
@@ -36,10 +36,10 @@ from thespian.actors import (
     WatchMessage,
 )
 
-from actors._shell import Handler, ShellActor, monotonic_ms
-from actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
-from messages.errors import ErrorCode
-from messages.internal import (
+from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
+from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
+from sessionlane.messages.errors import ErrorCode
+from sessionlane.messages.internal import (
     ChannelOffer,
     FileReply,
     FileRestarted,
@@ -53,7 +53,7 @@ from messages.internal import (
     StartGateway,
     StatusQuery,
 )
-from messages.wire import (
+from sessionlane.messages.wire import (
     Abandon,
     Acquire,
     Append,
@@ -67,11 +67,16 @@ from messages.wire import (
     Status,
     StatusReply,
 )
-from system.gateway import peercred
-from system.gateway.admission import HelloDeadlines, Policy, connection_cap, startup_refusal
-from system.gateway.clients import Client, Clients
-from system.gateway.links import Links
-from system.gateway.timers import (
+from sessionlane.system.gateway import peercred
+from sessionlane.system.gateway.admission import (
+    HelloDeadlines,
+    Policy,
+    connection_cap,
+    startup_refusal,
+)
+from sessionlane.system.gateway.clients import Client, Clients
+from sessionlane.system.gateway.links import Links
+from sessionlane.system.gateway.timers import (
     AcceptResume,
     FlushDue,
     GatewayTimer,

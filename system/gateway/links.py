@@ -7,8 +7,8 @@ A link starts ``opening``: the gateway asks the Registry for a channel (``OpenCh
 Registry resolves, confines and activates exactly as for a call) and queues the path's calls
 meanwhile. The SessionFile answers with a ``ChannelOffer``; the gateway connects to it, says
 hello with the offer's token, and once welcomed sends the queued calls and every later one
-straight over the channel (``messages.channel``): one socket hop each way instead of five
-thespian messages. A path the Registry will not give a channel for (another convention
+straight over the channel (``sessionlane.messages.channel``): one socket hop each way instead of
+five thespian messages. A path the Registry will not give a channel for (another convention
 member's, outside the roots, a base without watch support, the service draining) gets a
 ``registry`` link: its calls go through the Registry as ``LaneCall`` and are answered there.
 
@@ -16,8 +16,8 @@ Order per lane and file holds because a path's calls use one route at a time: qu
 opening, then all on the channel (or all through the Registry). A link changes route only when
 nothing of it is in flight: a channel the gateway closes is idle (no lane holds a lease on
 the path or waits for an answer from it), and a channel that breaks has lost whatever was in
-flight: the lanes are told so (``actors.lane_state.ChannelLost``, its own event): leases on
-it are revoked, waiting acquires are queued again, other unanswered requests are answered
+flight: the lanes are told so (``sessionlane.actors.lane_state.ChannelLost``, its own event):
+leases on it are revoked, waiting acquires are queued again, other unanswered requests are answered
 ``unavailable``.
 
 Each death of a SessionFile is handled once: the channel breaking and the Registry's
@@ -25,7 +25,7 @@ Each death of a SessionFile is handled once: the channel breaking and the Regist
 connection refused before the welcome (a file being passivated, or already gone) lost
 nothing: the link just asks again.
 
-The channel's socket is an ``actors.endpoint.FramedSocket``; nothing here blocks: the
+The channel's socket is an ``sessionlane.actors.endpoint.FramedSocket``; nothing here blocks: the
 connect is non-blocking (an ``AF_UNIX`` connect completes at once or fails, a full backlog
 included, and is then asked for again), and output is queued and written by ``flush``.
 """
@@ -38,12 +38,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from actors.endpoint import OUT_OF_DESCRIPTORS, FramedSocket, connect_unix
-from actors.lane_state import ChannelLost
-from messages.channel import ChannelReply, ChannelWelcome, call_frame, decode_from_file, hello_frame
-from messages.codec import FrameDecodeError
-from messages.internal import ChannelOffer, FileReply, FileRestarted, LaneCall, OpenChannel
-from messages.wire import Abandon, Error
+from sessionlane.actors.endpoint import OUT_OF_DESCRIPTORS, FramedSocket, connect_unix
+from sessionlane.actors.lane_state import ChannelLost
+from sessionlane.messages.channel import (
+    ChannelReply,
+    ChannelWelcome,
+    call_frame,
+    decode_from_file,
+    hello_frame,
+)
+from sessionlane.messages.codec import FrameDecodeError
+from sessionlane.messages.internal import (
+    ChannelOffer,
+    FileReply,
+    FileRestarted,
+    LaneCall,
+    OpenChannel,
+)
+from sessionlane.messages.wire import Abandon, Error
 
 __all__ = ["LinkHost", "Links"]
 

@@ -8,7 +8,7 @@ import os
 import socket
 import stat
 
-from system.config import parse_listen
+from sessionlane.system.config import parse_listen
 
 __all__ = ["BACKLOG", "Bound", "bind", "unlink"]
 

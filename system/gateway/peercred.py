@@ -25,7 +25,7 @@ import socket
 import struct
 import sys
 
-from actors import procfs
+from sessionlane.actors import procfs
 
 __all__ = ["identifies_peers", "owner_in_table", "peer_uid", "proc_address", "tcp_peer_uid"]
 

@@ -4,7 +4,7 @@ Every subcommand that starts an actor system stops it before returning, whatever
 (``Service.stop`` ends with a process-group kill). Exit codes: 0 success, 1 the job's own
 failure (e.g. ``race`` found sessionlane lost a record, ``status`` found no service
 answering), 2 usage or configuration errors (including "which service?": ``status`` and
-``stop`` never guess between several, see ``system.ops.running``).
+``stop`` never guess between several, see ``sessionlane.system.ops.running``).
 
 An address is ``HOST:PORT``, ``tcp://HOST:PORT`` or ``unix:///path`` everywhere; the option
 naming the service is ``--listen`` on every command (``status --connect`` is a deprecated
@@ -24,15 +24,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from messages.errors import SessionLaneError, Unavailable
-from system.config import ConfigError, load_settings
+from sessionlane.messages.errors import SessionLaneError, Unavailable
+from sessionlane.system.config import ConfigError, load_settings
 
 if TYPE_CHECKING:
-    from system.ops.running import Choice
+    from sessionlane.system.ops.running import Choice
 
 __all__ = ["main"]
 
-log = logging.getLogger("system.ops.cli")
+log = logging.getLogger("sessionlane.system.ops.cli")
 
 _LEFTOVER_WAIT_S = 5.0
 """How long ``serve`` waits for the actor processes of a dead service on its address to go."""
@@ -63,7 +63,7 @@ _VERBOSE_HELP = "log progress (INFO) to stderr"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from system._version import __version__
+    from sessionlane.system._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="sessionlane",
@@ -199,7 +199,7 @@ def _add_doctor(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from system.runtime.service import Service, ServiceError, install_signal_handlers
+    from sessionlane.system.runtime.service import Service, ServiceError, install_signal_handlers
 
     overrides: dict[str, Any] = {
         "roots": args.roots,
@@ -251,8 +251,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _refuse_overlap(roots: Sequence[str]) -> bool:
     """Print why, and return True, when a live service already serves an overlapping root."""
-    from system.ops.overlap import find_overlaps, live_services
-    from system.runtime.service import state_dir
+    from sessionlane.system.ops.overlap import find_overlaps, live_services
+    from sessionlane.system.runtime.service import state_dir
 
     overlaps = find_overlaps(roots, live_services(state_dir()))
     for overlap in overlaps:
@@ -271,8 +271,8 @@ def _refuse_overlap(roots: Sequence[str]) -> bool:
 
 def _await_leftovers(listen: str) -> None:
     """Give a killed service's lifeline a moment to end its actor system (port, file locks)."""
-    from system.ops.overlap import await_leftovers
-    from system.runtime.service import state_dir
+    from sessionlane.system.ops.overlap import await_leftovers
+    from sessionlane.system.runtime.service import state_dir
 
     left = await_leftovers(listen, state_dir(), _LEFTOVER_WAIT_S)
     if left:
@@ -287,7 +287,7 @@ def _start_metrics(service: Any) -> Any:
     """The metrics endpoint if ``metrics_listen`` is set (prints where), else ``None``."""
     if service.settings.metrics_listen is None:
         return None
-    from system.ops.metrics import serve_metrics
+    from sessionlane.system.ops.metrics import serve_metrics
 
     server = serve_metrics(service)
     print(f"sessionlane: metrics at {server.url}", flush=True)
@@ -295,8 +295,8 @@ def _start_metrics(service: Any) -> Any:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from system.client import connect
-    from system.config import normalize_listen, read_token_file
+    from sessionlane.system.client import connect
+    from sessionlane.system.config import normalize_listen, read_token_file
 
     named = args.listen
     if args.connect:
@@ -377,11 +377,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _choose(named: str | None, *, live_only: bool) -> Choice:
-    """The service a command means (``system.ops.running.choose``); ``$SESSIONLANE_LISTEN``
-    names one when the command line does not. A malformed address is a ``ConfigError``."""
-    from system.config import normalize_listen
-    from system.ops.running import choose, found_services
-    from system.runtime.service import state_dir
+    """The service a command means (``sessionlane.system.ops.running.choose``);
+    ``$SESSIONLANE_LISTEN`` names one when the command line does not. A malformed address is a
+    ``ConfigError``."""
+    from sessionlane.system.config import normalize_listen
+    from sessionlane.system.ops.running import choose, found_services
+    from sessionlane.system.runtime.service import state_dir
 
     named = named or os.environ.get("SESSIONLANE_LISTEN") or None
     if named is not None:
@@ -410,7 +411,7 @@ def _refuse_to_guess(command: str, choice: Choice) -> int:
 
 def _is_serve_process(pid: int) -> bool:
     """Whether ``pid`` is a live ``serve`` of this user (a recycled pid must not be signalled)."""
-    from system.ops.running import is_serve_process
+    from sessionlane.system.ops.running import is_serve_process
 
     return is_serve_process(pid)
 
@@ -420,7 +421,7 @@ def _kill_actor_group(state: dict[str, Any]) -> None:
 
     Only if the group is still that service's: its admin still listens on the recorded port.
     """
-    from system.runtime.launch import _admin_pid
+    from sessionlane.system.runtime.launch import _admin_pid
 
     pgid, port = state.get("pgid"), state.get("admin_port")
     if not pgid or not port:
@@ -433,7 +434,7 @@ def _kill_actor_group(state: dict[str, Any]) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from system.ops.doctor import run_doctor
+    from sessionlane.system.ops.doctor import run_doctor
 
     return run_doctor(args)
 
@@ -443,7 +444,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _add_race(parser: argparse.ArgumentParser) -> None:
     try:
-        from system.race import add_race_arguments
+        from sessionlane.system.race import add_race_arguments
     except ImportError:  # pragma: no cover - during development only
         parser.set_defaults(func=lambda a: _missing("race"))
         return
@@ -453,14 +454,14 @@ def _add_race(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_race(args: argparse.Namespace) -> int:
-    from system.race.main import run
+    from sessionlane.system.race.main import run
 
     return run(args)
 
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
     try:
-        from system.bench import add_bench_arguments
+        from sessionlane.system.bench import add_bench_arguments
     except ImportError:
         parser.set_defaults(func=lambda a: _missing("bench"))
         return
@@ -470,7 +471,7 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from system.bench import run_bench
+    from sessionlane.system.bench import run_bench
 
     result: int = run_bench(args)
     return result

@@ -8,12 +8,13 @@ Reports, and changes nothing:
   those bytes to ``<name>.torn`` when it next opens the file), quarantine files (``*.torn``,
   with their byte and tear counts: torn data waiting for a human), temp files of an interrupted
   compaction or fence reservation, unreadable fence sidecars, and legacy lock files
-  (``<transcript>.lock``) with their stale reasons (``actors.openclaw_lock.inspect``);
-* state files of ``sessionlane serve`` (``system.runtime.service.state_dir()``) whose process is
-  dead,
+  (``<transcript>.lock``) with their stale reasons (``sessionlane.actors.openclaw_lock.inspect``);
+* state files of ``sessionlane serve`` (``sessionlane.system.runtime.service.state_dir()``) whose
+  process is dead,
   and the actor processes of that service still running;
-* live services whose roots overlap (equal, nested or containing: ``system.ops.overlap``); each of
-  their files is served by whichever opens it first, and the other answers ``unavailable``;
+* live services whose roots overlap (equal, nested or containing:
+  ``sessionlane.system.ops.overlap``); each of their files is served by whichever opens it first,
+  and the other answers ``unavailable``;
 * leftover actor processes of any sessionlane/thespian system whose admin is gone.
 
 How a leftover actor process is recognised (Linux ``/proc``; measured on thespian 4.0.1 and
@@ -28,7 +29,7 @@ processes each holding a listening TCP socket, and in which no member's parent i
 The cmdline is not enough on its own: forked actors keep the argv of whatever started the
 system (``python -m pytest``, ``sessionlane race``; no process titles without
 ``setproctitle``). A system started by ``serve`` normally dies with it
-(``system.runtime.lifeline``);
+(``sessionlane.system.runtime.lifeline``);
 what is found here outlived its lifeline (a starter killed in the instant before it armed it,
 or a system of an older version).
 
@@ -48,14 +49,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from actors import procfs
-from actors.fencestore import parse_fence_record
-from actors.openclaw_lock import inspect as inspect_lock
-from actors.openclaw_lock import parse_lock_payload, reclaimable
-from system.config import ConfigError, load_settings
-from system.ops.overlap import find_overlaps, live_services
-from system.ops.running import is_live
-from system.runtime.service import state_dir
+from sessionlane.actors import procfs
+from sessionlane.actors.fencestore import parse_fence_record
+from sessionlane.actors.openclaw_lock import inspect as inspect_lock
+from sessionlane.actors.openclaw_lock import parse_lock_payload, reclaimable
+from sessionlane.system.config import ConfigError, load_settings
+from sessionlane.system.ops.overlap import find_overlaps, live_services
+from sessionlane.system.ops.running import is_live
+from sessionlane.system.runtime.service import state_dir
 
 __all__ = ["Finding", "Report", "diagnose", "leftover_processes", "run_doctor"]
 

@@ -1,8 +1,8 @@
 """Where a service logs, and how: one rotated file per service identity, or stderr.
 
 The actors log through thespian's logger process (every actor forwards its records there), so
-the handler is described in ``logDefs`` (:func:`system.runtime.launch.log_config`) and lives in that
-process, the only writer of the file.
+the handler is described in ``logDefs`` (:func:`sessionlane.system.runtime.launch.log_config`) and
+lives in that process, the only writer of the file.
 
 Where (:func:`log_target`):
 
@@ -52,7 +52,7 @@ MAX_BYTES: Final = 10 * 1024 * 1024
 BACKUPS: Final = 3
 """Rotated files kept beside the current one (``.1`` newest ... ``.3`` oldest)."""
 
-_OWN_PACKAGES: Final = ("actors", "messages", "system")
+_OWN_PACKAGES: Final = ("sessionlane",)
 _SLUG_MAX = 80
 
 

@@ -5,12 +5,12 @@
 ``prometheus_client``'s HTTP server and a custom collector, :class:`ServiceCollector`.
 
 Where the numbers come from. Each SessionFile counts its own events (grants, waits,
-revocations by reason, appends) and keeps fixed-bucket histograms (``actors.histogram``),
-all in the ``counters`` of its ``status``. On each scrape the collector asks the service for
-``status`` over an ordinary gateway connection (``system.client``), never through the actor
-system: thespian's external endpoint belongs to the supervisor thread and is not
-thread-safe. No handler waits for a scrape: a status query is one more message in each
-file's mailbox.
+revocations by reason, appends) and keeps fixed-bucket histograms
+(``sessionlane.actors.histogram``), all in the ``counters`` of its ``status``. On each scrape the
+collector asks the service for ``status`` over an ordinary gateway connection
+(``sessionlane.system.client``), never through the actor system: thespian's external endpoint
+belongs to the supervisor thread and is not thread-safe. No handler waits for a scrape: a status
+query is one more message in each file's mailbox.
 
 Bounded. The query runs in a worker thread; a scrape waits for it at most ``timeout``
 seconds and otherwise answers at once with ``sessionlane_up 0`` and the totals of the last
@@ -43,12 +43,12 @@ from prometheus_client.core import (
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from actors.histogram import HistogramData, read_histograms
-from messages.wire import FileStatus
+from sessionlane.actors.histogram import HistogramData, read_histograms
+from sessionlane.messages.wire import FileStatus
 
 if TYPE_CHECKING:
-    from system.client import SessionLane
-    from system.runtime.service import Service
+    from sessionlane.system.client import SessionLane
+    from sessionlane.system.runtime.service import Service
 
 __all__ = [
     "COUNTERS",
@@ -276,7 +276,7 @@ class ClientFetch:
         self._client_address = ""
 
     def __call__(self) -> list[FileStatus]:
-        from system.client import connect
+        from sessionlane.system.client import connect
 
         address = self.address()
         if self._client is not None and self._client_address != address:
@@ -339,7 +339,7 @@ def _reachable(address: str) -> str:
 
 def serve_metrics(service: Service, *, timeout: float = SCRAPE_TIMEOUT_S) -> MetricsServer:
     """Serve ``service``'s metrics on its ``metrics_listen`` (which must be set)."""
-    from system.config import parse_metrics_listen, read_token
+    from sessionlane.system.config import parse_metrics_listen, read_token
 
     listen = service.settings.metrics_listen
     if listen is None:

@@ -1,11 +1,12 @@
 """Live services on this machine, and the friendly early refusal of overlapping roots.
 
-The guarantee that one file has one owner is the kernel lock of ``actors.ownership``; this
-module only makes a collision visible early. ``sessionlane serve`` writes a state file
-(``system.runtime.service.state_dir()``) naming its pid, the pid's start time, its addresses and its
-roots. A service is *live* when its pid runs and started at the recorded time (a recycled pid
-does not count; state files of services written before start times were recorded fall back to
-"the pid runs ``serve``"), so the state file a ``kill -9`` left behind never blocks anything.
+The guarantee that one file has one owner is the kernel lock of ``sessionlane.actors.ownership``;
+this module only makes a collision visible early. ``sessionlane serve`` writes a state file
+(``sessionlane.system.runtime.service.state_dir()``) naming its pid, the pid's start time, its
+addresses and its roots. A service is *live* when its pid runs and started at the recorded time (a
+recycled pid does not count; state files of services written before start times were recorded fall
+back to "the pid runs ``serve``"), so the state file a ``kill -9`` left behind never blocks
+anything.
 
 Two root sets overlap when a root of one equals, contains or lies inside a root of the other
 (compared after ``realpath``). ``serve`` refuses to start on an overlap with a live service
@@ -24,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from actors import procfs
-from system.config import ConfigError, parse_listen
-from system.ops.running import found_services, is_live, read_states
+from sessionlane.actors import procfs
+from sessionlane.system.config import ConfigError, parse_listen
+from sessionlane.system.ops.running import found_services, is_live, read_states
 
 __all__ = [
     "LiveService",

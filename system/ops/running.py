@@ -1,8 +1,9 @@
 """Which ``sessionlane serve`` a client command (``status``, ``stop``) means.
 
-Every ``serve`` leaves a state file in this user's state directory (``system.runtime.service``
-``state_dir()``): its pid, its ``listen`` (canonical spelling), the addresses it bound, its
-roots, its actor group. ``status`` and ``stop`` find services the same way, through these files:
+Every ``serve`` leaves a state file in this user's state directory
+(``sessionlane.system.runtime.service`` ``state_dir()``): its pid, its ``listen`` (canonical
+spelling), the addresses it bound, its roots, its actor group. ``status`` and ``stop`` find
+services the same way, through these files:
 
 * with ``--listen ADDR`` (or ``$SESSIONLANE_LISTEN``), the service started with that address
   or bound to it, whichever spelling (``HOST:PORT`` or ``tcp://HOST:PORT``);
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from actors import procfs
-from system.config import ConfigError, normalize_listen
+from sessionlane.actors import procfs
+from sessionlane.system.config import ConfigError, normalize_listen
 
 __all__ = [
     "Choice",
@@ -44,7 +45,7 @@ class Found:
     path: Path
     """The state file."""
     state: dict[str, Any]
-    """Its contents (``system.runtime.service.Service.write_state``)."""
+    """Its contents (``sessionlane.system.runtime.service.Service.write_state``)."""
     live: bool
     """Its pid is a live ``serve`` process of this user."""
 

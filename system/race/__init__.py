@@ -5,19 +5,25 @@ Public surface:
 * ``add_race_arguments(parser)`` and ``run_race(args, service_address)``: the CLI's entry points;
 * ``run_system(backend, plan, workdir)``: one system, one plan (``RunResult``);
 * ``render_table(results)`` and ``plot_waits(results, path)``: presentation;
-* ``make_plan`` (``system.race.workload``), ``verify`` (``system.race.verify``),
-  ``BaselineBackend`` / ``SessionlaneBackend``.
+* ``make_plan`` (``sessionlane.system.race.workload``), ``verify``
+  (``sessionlane.system.race.verify``), ``BaselineBackend`` / ``SessionlaneBackend``.
 
 Importing this package loads neither rich nor matplotlib nor the sessionlane client.
 """
 
 from __future__ import annotations
 
-from system.race.backends import Backend, BaselineBackend, LaneRunner
-from system.race.report import plot_waits, render_table
-from system.race.runner import METRIC_KEYS, RunResult, add_race_arguments, run_race, run_system
-from system.race.sessionlane_backend import SessionlaneBackend
-from system.race.workload import Plan, make_plan
+from sessionlane.system.race.backends import Backend, BaselineBackend, LaneRunner
+from sessionlane.system.race.report import plot_waits, render_table
+from sessionlane.system.race.runner import (
+    METRIC_KEYS,
+    RunResult,
+    add_race_arguments,
+    run_race,
+    run_system,
+)
+from sessionlane.system.race.sessionlane_backend import SessionlaneBackend
+from sessionlane.system.race.workload import Plan, make_plan
 
 __all__ = [
     "METRIC_KEYS",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from system.race.verify import AckEntry, Hold, Result, UnitKind, encode_ack
+from sessionlane.system.race.verify import AckEntry, Hold, Result, UnitKind, encode_ack
 
 __all__ = [
     "MODEL_POLL_S",

@@ -2,9 +2,10 @@
 ``src/agents/session-write-lock.ts``): the client of the lock the baseline uses.
 
 The lock itself (the ``<session file>.lock`` path, its JSON payload, liveness, the stale
-reasons and what may be removed, remove-if-unchanged) is ``actors.openclaw_lock``, the module
-the interop uses too, so the race and the interop cannot disagree about it. This module keeps
-what belongs to OpenClaw's acquirer (its policy and errors are ``system.race._lockpolicy``):
+reasons and what may be removed, remove-if-unchanged) is ``sessionlane.actors.openclaw_lock``, the
+module the interop uses too, so the race and the interop cannot disagree about it. This module keeps
+what belongs to OpenClaw's acquirer (its policy and errors are
+``sessionlane.system.race._lockpolicy``):
 
 * one acquire-timeout budget across retries, a constant retry delay (upstream: fs-safe
   ``retry: {minTimeout: 50, maxTimeout: 1000, factor: 1}``, i.e. 50 ms every time);
@@ -38,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from actors.openclaw_lock import (
+from sessionlane.actors.openclaw_lock import (
     LockPayload,
     LockSnapshot,
     OwnProcess,
@@ -56,7 +57,7 @@ from actors.openclaw_lock import (
     remove_if_unchanged,
     stale_reasons,
 )
-from system.race._lockpolicy import (
+from sessionlane.system.race._lockpolicy import (
     DEFAULT_LOCK_POLICY,
     LockPolicy,
     SessionWriteLockError,

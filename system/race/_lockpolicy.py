@@ -1,4 +1,5 @@
-"""The terms of OpenClaw's lock acquirer (``system.race._lockfile``): its policy and errors.
+"""The terms of OpenClaw's lock acquirer (``sessionlane.system.race._lockfile``): its policy and
+errors.
 
 ``LockPolicy`` holds upstream's budgets (scaled by the race's speed factor); the errors are
 what ``SessionWriteLockManager.acquire`` raises, picklable so the race's worker processes can

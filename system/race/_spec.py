@@ -1,7 +1,8 @@
-"""The lane process specification: what the runner hands each ``system.race.lane`` process.
+"""The lane process specification: what the runner hands each ``sessionlane.system.race.lane``
+process.
 
-Kept apart from ``system.race.lane`` so that importing the package never imports the module
-that ``python -m`` is about to run.
+Kept apart from ``sessionlane.system.race.lane`` so that importing the package never imports the
+module that ``python -m`` is about to run.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from system.race._lockfile import LockPolicy
-from system.race.workload import LANE_KINDS, LaneKind, Plan, WorkloadParams, make_plan
+from sessionlane.system.race._lockfile import LockPolicy
+from sessionlane.system.race.workload import LANE_KINDS, LaneKind, Plan, WorkloadParams, make_plan
 
 __all__ = ["LaneSpec", "params_from_dict", "params_to_dict"]
 

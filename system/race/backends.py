@@ -5,8 +5,8 @@ A ``Backend`` is built in the parent, described by a JSON ``spec()`` and rebuilt
 that executes that lane's units. A runner reports an outcome per unit; records, tenures and
 waits go through the ``UnitContext`` so both systems are measured by the same code.
 
-``BaselineBackend`` runs OpenClaw's protocol (``system.race.baseline``). The sessionlane
-backend lives in ``system.race.sessionlane_backend`` (its client is imported lazily).
+``BaselineBackend`` runs OpenClaw's protocol (``sessionlane.system.race.baseline``). The sessionlane
+backend lives in ``sessionlane.system.race.sessionlane_backend`` (its client is imported lazily).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from system.race._apparatus import UnitContext, UnitOutcome
-from system.race.baseline import (
+from sessionlane.system.race._apparatus import UnitContext, UnitOutcome
+from sessionlane.system.race.baseline import (
     EmbeddedAttemptSessionFileOwnerTimeoutError,
     EmbeddedAttemptSessionLockController,
     EmbeddedAttemptSessionTakeoverError,
@@ -34,7 +34,13 @@ from system.race.baseline import (
     lock_path_for,
     register_cleanup_handlers,
 )
-from system.race.workload import CompactionPlan, LaneKind, Plan, TurnPlan, compact_transcript
+from sessionlane.system.race.workload import (
+    CompactionPlan,
+    LaneKind,
+    Plan,
+    TurnPlan,
+    compact_transcript,
+)
 
 __all__ = [
     "Backend",
@@ -85,7 +91,7 @@ def backend_from_spec(spec: dict[str, Any]) -> Backend:
     if name == "baseline":
         return BaselineBackend()
     if name == "sessionlane":
-        from system.race.sessionlane_backend import SessionlaneBackend
+        from sessionlane.system.race.sessionlane_backend import SessionlaneBackend
 
         return SessionlaneBackend(str(spec["address"]), token=spec.get("token"))
     raise ValueError(f"unknown backend {name!r}")

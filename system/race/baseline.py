@@ -3,7 +3,7 @@
 Two layers, following OpenClaw's source (``src/agents/session-write-lock.ts`` and
 ``attempt.session-lock.ts`` in ``openclaw/openclaw``):
 
-* ``system.race._lockfile`` (re-exported here): the cross-process ``<file>.lock``.
+* ``sessionlane.system.race._lockfile`` (re-exported here): the cross-process ``<file>.lock``.
 * This module: the per-attempt controller ``EmbeddedAttemptSessionLockController`` with
   the fingerprint fence, the takeover error and the in-process session-file owner
   registry that serializes whole attempts on one file *within one process*.
@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from system.race._lockfile import (
+from sessionlane.system.race._lockfile import (
     DEFAULT_LOCK_POLICY,
     LockPolicy,
     SessionWriteLock,

@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
-from system.race._apparatus import AckLog, ActivityBoard, UnitContext, UnitOutcome
-from system.race._spec import LaneSpec
-from system.race.backends import LaneRunner, backend_from_spec
-from system.race.verify import UnitKind
-from system.race.workload import Plan
+from sessionlane.system.race._apparatus import AckLog, ActivityBoard, UnitContext, UnitOutcome
+from sessionlane.system.race._spec import LaneSpec
+from sessionlane.system.race.backends import LaneRunner, backend_from_spec
+from sessionlane.system.race.verify import UnitKind
+from sessionlane.system.race.workload import Plan
 
 __all__ = ["LaneSpec", "main", "run_lane"]
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from system.race.runner import Progress, RunResult, run_race
+from sessionlane.system.race.runner import Progress, RunResult, run_race
 
 __all__ = ["run", "sessionlane_clean"]
 
@@ -54,8 +54,8 @@ def plotting_available() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from system.race.report import render_table
-    from system.runtime.service import embedded_service
+    from sessionlane.system.race.report import render_table
+    from sessionlane.system.runtime.service import embedded_service
 
     if getattr(args, "plot", None) and not plotting_available():
         # Checked before the race, not after minutes of it.

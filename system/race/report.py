@@ -9,8 +9,8 @@ import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from system.race.runner import RunResult
-from system.race.verify import METRIC_KEYS, percentile
+from sessionlane.system.race.runner import RunResult
+from sessionlane.system.race.verify import METRIC_KEYS, percentile
 
 __all__ = ["METRIC_MEANINGS", "plot_waits", "render_table"]
 

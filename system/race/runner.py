@@ -23,11 +23,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from system.race._spec import LaneSpec, params_to_dict
-from system.race.backends import Backend, BaselineBackend
-from system.race.verify import METRIC_KEYS, VerifyReport, read_ack_log, summarize, verify
-from system.race.workload import LANE_KINDS, LaneKind, Plan, make_plan
-from system.runtime.launch import group_members
+from sessionlane.system.race._spec import LaneSpec, params_to_dict
+from sessionlane.system.race.backends import Backend, BaselineBackend
+from sessionlane.system.race.verify import (
+    METRIC_KEYS,
+    VerifyReport,
+    read_ack_log,
+    summarize,
+    verify,
+)
+from sessionlane.system.race.workload import LANE_KINDS, LaneKind, Plan, make_plan
+from sessionlane.system.runtime.launch import group_members
 
 __all__ = [
     "EXIT_SLACK_S",
@@ -136,12 +142,14 @@ def _spawn(backend: Backend, plan: Plan, workdir: Path, lane: LaneKind) -> subpr
     )
     spec_path = workdir / "specs" / f"{lane}.json"
     spec_path.write_text(spec.to_json())
-    root = str(Path(__file__).resolve().parents[2])  # the directory holding `system/`
+    # The directory holding the ``sessionlane`` package (not resolved: in a source checkout
+    # ``sessionlane/system`` is a link to ``system/``, and the link's side is the package's).
+    root = str(Path(__file__).absolute().parents[3])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     with open(workdir / "stderr" / f"{lane}.log", "wb") as stderr:
         return subprocess.Popen(
-            [sys.executable, "-m", "system.race.lane", str(spec_path)],
+            [sys.executable, "-m", "sessionlane.system.race.lane", str(spec_path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -269,7 +277,7 @@ def run_race(
     results: dict[str, RunResult] = {}
     try:
         if service_address is not None:
-            from system.race.sessionlane_backend import SessionlaneBackend
+            from sessionlane.system.race.sessionlane_backend import SessionlaneBackend
 
             backend = SessionlaneBackend(service_address)
             results["sessionlane"] = run_system(
@@ -282,7 +290,7 @@ def run_race(
         if owned:
             shutil.rmtree(base, ignore_errors=True)
     if getattr(args, "plot", None):
-        from system.race.report import plot_waits
+        from sessionlane.system.race.report import plot_waits
 
         plot_waits(results, Path(args.plot))
     return results

@@ -1,7 +1,7 @@
 """The race's sessionlane backend, written against the public client (docs/contract.md).
 
-``system.client`` is imported lazily, inside the lane process, so the rest of the race (and
-its tests) work without it. A turn is one ``prompt`` lease held across its model calls: no
+``sessionlane.system.client`` is imported lazily, inside the lane process, so the rest of the race
+(and its tests) work without it. A turn is one ``prompt`` lease held across its model calls: no
 release window, hence no fence to trip; contention becomes a queue (its cost shows up in
 ``wait_ms``). Heartbeats use ``on_contention="skip"``; compaction rewrites under a
 ``compaction`` lease; recovery goes through ``sl.recover``, which asks the holder to abort and
@@ -16,8 +16,8 @@ Assumptions about the client, to check when it lands (the lead finishes this bac
   ``lease.revoked`` behave as documented;
 * ``sl.recover(path, reason=..., grace=...)`` returns a granted lease with
   ``release(quiet=True)``;
-* errors carry the wire ``code`` (``messages.errors``): ``lease_timeout``, ``contended``,
-  ``stale_fence`` (revoked or stale), others.
+* errors carry the wire ``code`` (``sessionlane.messages.errors``): ``lease_timeout``,
+  ``contended``, ``stale_fence`` (revoked or stale), others.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from system.race._apparatus import UnitContext, UnitOutcome
-from system.race.workload import (
+from sessionlane.system.race._apparatus import UnitContext, UnitOutcome
+from sessionlane.system.race.workload import (
     LANE_PRIORITY,
     CompactionPlan,
     LaneKind,
@@ -62,7 +62,7 @@ class SessionlaneBackend:
         return {"name": self.name, "address": self.address, "token": self.token}
 
     def open_lane(self, lane: LaneKind, plan: Plan) -> _SessionlaneLane:
-        client = importlib.import_module("system.client")
+        client = importlib.import_module("sessionlane.system.client")
         return _SessionlaneLane(client, self.address, self.token, lane, plan)
 
 

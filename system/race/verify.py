@@ -4,7 +4,7 @@ Pure functions over file contents and acknowledgement logs; it imports nothing f
 systems under test or from the workload, only the on-disk contracts below.
 
 Acknowledgement log (one JSONL file per lane process, one line per finished unit, written by
-``system.race.lane``), version 1::
+``sessionlane.system.race.lane``), version 1::
 
     {"v": 1, "kind": "turn" | "compaction", "unit": id, "lane": ..., "session": ...,
      "result": "completed" | "failed" | "skipped" | "cutoff", "reason": str | null,

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from system.race._lockfile import LockPolicy, orphan_payload_grace_ms
+from sessionlane.system.race._lockfile import LockPolicy, orphan_payload_grace_ms
 
 __all__ = [
     "LANE_KINDS",

@@ -1,9 +1,9 @@
-"""The lifeline watchdog process (``system.runtime.lifeline``): kill an actor system when its
-starter dies.
+"""The lifeline watchdog process (``sessionlane.system.runtime.lifeline``): kill an actor system
+when its starter dies.
 
 Run as ``python -I -S _watchdog.py FD LOG_FILE STARTER_PID``; standard library only, so it
 starts in milliseconds and inherits nothing of the starter but the pipe's read end ``FD``.
-That is why ``_members`` reads ``/proc`` itself instead of using ``actors.procfs``.
+That is why ``_members`` reads ``/proc`` itself instead of using ``sessionlane.actors.procfs``.
 
 Protocol on the pipe, one ASCII line each: ``arm PGID`` (the actor system's process group,
 once it is known) and ``disarm`` (the starter stopped the system itself). At end of file (the

@@ -14,8 +14,8 @@ the forked child, every inherited socket descriptor is pointed at ``/dev/null``:
 drops the child's reference to the socket, and the descriptor number stays taken, so a stale
 socket object the child still holds cannot close a descriptor reused for something else. The
 admin needs none of them: it opens its own listener and connects back to the starter by
-address. Like ``system.runtime.loopback`` it runs before the system is created, is idempotent, and
-fails closed on another thespian or if ``startAdmin`` moved.
+address. Like ``sessionlane.system.runtime.loopback`` it runs before the system is created, is
+idempotent, and fails closed on another thespian or if ``startAdmin`` moved.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import threading
 from importlib import metadata
 from typing import Any
 
-from actors import procfs
-from system.runtime.loopback import SUPPORTED_THESPIAN
+from sessionlane.actors import procfs
+from sessionlane.system.runtime.loopback import SUPPORTED_THESPIAN
 
 __all__ = ["install", "installed", "release_inherited_sockets"]
 
@@ -51,7 +51,7 @@ def install() -> None:
         version = metadata.version("thespian")
         if version != SUPPORTED_THESPIAN:
             raise RuntimeError(
-                f"system.runtime.admin_fork patches thespian {SUPPORTED_THESPIAN}'s admin start but"
+                f"{__name__} patches thespian {SUPPORTED_THESPIAN}'s admin start but"
                 f" thespian {version} is installed: re-verify multiprocCommon.py"
             )
         from thespian.system import multiprocCommon

@@ -7,13 +7,14 @@ tracked by that process group, and :meth:`TcpSystem.stop` ends with ``killpg(SIG
 bounded wait until no member is left, whatever state the admin is in.
 
 Every listener is pinned to ``bind_host`` (loopback unless the operator says otherwise) by
-:func:`system.runtime.loopback.install`, every frame is authenticated by
-:func:`system.runtime.transport_auth.install`, and the admin is forked without this process's
-sockets (:func:`system.runtime.admin_fork.install`), all before the system is
+:func:`sessionlane.system.runtime.loopback.install`, every frame is authenticated by
+:func:`sessionlane.system.runtime.transport_auth.install`, and the admin is forked without this
+process's sockets (:func:`sessionlane.system.runtime.admin_fork.install`), all before the system is
 created. Linux only: the process bookkeeping reads ``/proc``.
 
-Every system also has a lifeline (``system.runtime.lifeline``): a watchdog that kills its process
-group if the process that started it dies without stopping it (``kill -9`` of ``serve``).
+Every system also has a lifeline (``sessionlane.system.runtime.lifeline``): a watchdog that kills
+its process group if the process that started it dies without stopping it (``kill -9`` of
+``serve``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from typing import Any
 
 from thespian.actors import Actor, ActorSystem
 
-from actors import procfs
-from system.ops import logs
-from system.runtime import admin_fork, limits, loopback, poll_loop, transport_auth
-from system.runtime.lifeline import Lifeline
+from sessionlane.actors import procfs
+from sessionlane.system.ops import logs
+from sessionlane.system.runtime import admin_fork, limits, loopback, poll_loop, transport_auth
+from sessionlane.system.runtime.lifeline import Lifeline
 
 __all__ = [
     "LOGGER_PACKAGES",
@@ -53,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LOGGER_PACKAGES = ("actors", "messages", "system")
+LOGGER_PACKAGES = ("sessionlane",)
 """Top-level packages whose module loggers are sessionlane's own (set to ``log_level``)."""
 
 _STOP_WAIT_S = 5.0  # bound on waiting for killed members to disappear
@@ -80,11 +81,12 @@ def simple_system() -> Any:
 def log_config(log_file: str | Path | None, log_level: str = "INFO") -> dict[str, Any]:
     """The ``logDefs`` dictConfig for a multiproc system: everything into ``log_file``.
 
-    ``log_file`` ``None`` or ``"-"`` means stderr; a file is rotated (:mod:`system.ops.logs`).
-    sessionlane's loggers (:data:`LOGGER_PACKAGES`) log at ``log_level``; everything else
-    (thespian included) at WARNING. Levels are explicit because thespian forwards every record
-    at or above the lowest level named here from each actor to the logger process, which
-    hands it to the handler without looking at logger levels: the handler's filter decides.
+    ``log_file`` ``None`` or ``"-"`` means stderr; a file is rotated
+    (:mod:`sessionlane.system.ops.logs`). sessionlane's loggers (:data:`LOGGER_PACKAGES`) log at
+    ``log_level``; everything else (thespian included) at WARNING. Levels are explicit because
+    thespian forwards every record at or above the lowest level named here from each actor to the
+    logger process, which hands it to the handler without looking at logger levels: the handler's
+    filter decides.
     """
     level = log_level.upper()
     target = None if log_file is None or str(log_file) == logs.STDERR else Path(log_file)
@@ -216,10 +218,12 @@ def start_tcp_system(
     ``admin_port`` ``None`` picks a free port. A port something already listens on is refused
     (``RuntimeError``) rather than attached to: an old admin would run old code. Logs go to
     ``log_file`` (see :func:`log_config`; ``"-"``: stderr), thespian's internal log beside it
-    (``<stem>.thespian.log``; for stderr, ``thespian.log`` in :func:`system.ops.logs.log_dir`).
-    ``capabilities`` are added to the system's; ``"Admin Port"`` is set here and may not be
-    passed in them. This process's soft open-file limit is raised to its hard limit first
-    (:func:`system.runtime.limits.raise_open_file_limit`). ``secret``, ``authenticate``: see
+    (``<stem>.thespian.log``; for stderr, ``thespian.log`` in
+    :func:`sessionlane.system.ops.logs.log_dir`). ``capabilities`` are added to the system's;
+    ``"Admin Port"`` is set here and may not be passed in them. This process's soft open-file limit
+    is raised to its hard limit first
+    (:func:`sessionlane.system.runtime.limits.raise_open_file_limit`). ``secret``,
+    ``authenticate``: see
     :func:`secure_transport`.
 
     The caller owns the result and must :meth:`~TcpSystem.stop` it.

@@ -10,8 +10,8 @@ inherits no threads, locks or descriptors but one) that holds the read end of a 
 write end stays in the starter. When the starter dies, however it dies, the kernel closes that
 write end, the watchdog reads end of file and SIGKILLs the system's process group; the gateway's
 sockets close with it, so clients see their connections (and leases) lost at once, and the
-kernel releases every file ownership lock (``actors.ownership``). A starter that stops the
-system itself disarms the watchdog first.
+kernel releases every file ownership lock (``sessionlane.actors.ownership``). A starter that stops
+the system itself disarms the watchdog first.
 
 The write end must stay in the starter alone: the admin is forked from the starter and would
 otherwise inherit it (thespian closes no inherited descriptors), keeping the pipe open forever.

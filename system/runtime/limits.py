@@ -28,7 +28,7 @@ import os
 import resource
 from dataclasses import dataclass
 
-from actors.capacity import FD_RESERVE
+from sessionlane.actors.capacity import FD_RESERVE
 
 __all__ = [
     "BASE_FDS",

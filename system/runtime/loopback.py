@@ -9,8 +9,8 @@ reach those ports. ``THESPIAN_BASE_IPADDR`` changes only the *advertised* addres
 ``socket.bind``) so that a wildcard host becomes ``bind_host``, and sets
 ``THESPIAN_BASE_IPADDR`` so the advertised address names the same interface. The default is
 ``127.0.0.1``; a convention member spanning machines pins its address on the members' network
-instead, which ``system.config`` allows only with ``cluster_key_file`` (frames authenticated,
-``system.runtime.transport_auth``) or ``trusted_network = true``.
+instead, which ``sessionlane.system.config`` allows only with ``cluster_key_file`` (frames
+authenticated, ``sessionlane.system.runtime.transport_auth``) or ``trusted_network = true``.
 
 Contract:
 
@@ -73,7 +73,7 @@ def install(bind_host: str = "127.0.0.1") -> None:
         version = metadata.version("thespian")
         if version != SUPPORTED_THESPIAN:
             raise RuntimeError(
-                f"system.runtime.loopback patches thespian {SUPPORTED_THESPIAN}'s bind address but"
+                f"{__name__} patches thespian {SUPPORTED_THESPIAN}'s bind address but"
                 f" thespian {version} is installed: re-verify IPBase.py before trusting it"
             )
         from thespian.system.transport import IPBase

@@ -9,9 +9,10 @@ dozen syscalls per message. ``PollSelector`` registers in a dict and selects wit
 ``poll`` call, so a pass costs one syscall whatever the number of fds (and ``poll`` has no
 1,024-fd limit, unlike ``select``).
 
-:func:`install` swaps the selector class the transport module sees; like ``system.runtime.loopback``
-it must run before the actor system forks, is idempotent, and applies to thespian 4.0.1 only
-(it checks the transport still builds its selector the way described).
+:func:`install` swaps the selector class the transport module sees; like
+``sessionlane.system.runtime.loopback`` it must run before the actor system forks, is idempotent,
+and applies to thespian 4.0.1 only (it checks the transport still builds its selector the way
+described).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import inspect
 import selectors
 import types
 
-from system.runtime.loopback import SUPPORTED_THESPIAN
+from sessionlane.system.runtime.loopback import SUPPORTED_THESPIAN
 
 __all__ = ["install", "installed"]
 

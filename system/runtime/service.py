@@ -10,8 +10,8 @@ persisted per path). ``stop()`` drains first (queued requests are answered
 Only the supervisor thread may call into the actor system (thespian's external endpoint is not
 thread-safe); signal handlers just set a flag.
 
-Conventions (``actors.convention``): a service with ``leader`` set joins the convention led by
-that admin; a service with a fixed ``admin_port`` and no ``leader`` can lead one (it runs the
+Conventions (``sessionlane.actors.convention``): a service with ``leader`` set joins the convention
+led by that admin; a service with a fixed ``admin_port`` and no ``leader`` can lead one (it runs the
 Directory). Either way every thespian port listens on ``bind_host``, and the service does not
 open its gateway until the directory has admitted its roots; a refusal is a ``ServiceError``.
 """
@@ -36,10 +36,10 @@ from typing import Any
 
 from thespian.actors import ActorSystemException
 
-from actors.convention import DIRECTORY_NAME, Directory, member_capabilities
-from actors.registry import REGISTRY_NAME, Registry
-from messages.convention import Join, Joined, JoinRefused
-from messages.internal import (
+from sessionlane.actors.convention import DIRECTORY_NAME, Directory, member_capabilities
+from sessionlane.actors.registry import REGISTRY_NAME, Registry
+from sessionlane.messages.convention import Join, Joined, JoinRefused
+from sessionlane.messages.internal import (
     Configure,
     Configured,
     Drain,
@@ -52,7 +52,7 @@ from messages.internal import (
     ServiceIdentity,
     StartGateway,
 )
-from system.config import (
+from sessionlane.system.config import (
     ConfigError,
     Settings,
     load_settings,
@@ -60,12 +60,12 @@ from system.config import (
     read_cluster_key,
     read_token,
 )
-from system.gateway.gateway import Gateway
-from system.ops import logs
-from system.ops.overlap import busy_listener_hint as _busy_listener_hint
-from system.ops.running import process_start
-from system.runtime.launch import TcpSystem, start_tcp_system
-from system.runtime.limits import explain_create_failure, fit_max_files
+from sessionlane.system.gateway.gateway import Gateway
+from sessionlane.system.ops import logs
+from sessionlane.system.ops.overlap import busy_listener_hint as _busy_listener_hint
+from sessionlane.system.ops.running import process_start
+from sessionlane.system.runtime.launch import TcpSystem, start_tcp_system
+from sessionlane.system.runtime.limits import explain_create_failure, fit_max_files
 
 __all__ = [
     "Service",
@@ -102,7 +102,7 @@ def state_file(listen: str) -> Path:
 
 
 def busy_listener_hint(listen: list[str]) -> str:
-    """What is known about who holds a gateway address (see ``system.ops.overlap``)."""
+    """What is known about who holds a gateway address (see ``sessionlane.system.ops.overlap``)."""
     return _busy_listener_hint(listen, state_dir())
 
 
@@ -156,7 +156,7 @@ class Service:
         self.settings = settings
         self.listen = [settings.listen, *(extra_listen or [])]
         self.log_file = logs.log_target(log_file, settings.listen)
-        """Where the actors log (``None``: stderr); see :mod:`system.ops.logs`."""
+        """Where the actors log (``None``: stderr); see :mod:`sessionlane.system.ops.logs`."""
         self.running: _Running | None = None
         self.restarts = 0
         self._cap_warned = False

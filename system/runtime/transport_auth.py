@@ -33,10 +33,11 @@ process's own endpoint (``ActorSystem`` attached from here). A process that atta
 elsewhere must install the same key first (a convention's members read it from
 ``cluster_key_file``).
 
-Contract, as for ``system.runtime.loopback``: process-global and idempotent; a second, different key
-in one process is refused (systems already started could not follow); it fails closed, raising
-on any thespian but :data:`~system.runtime.loopback.SUPPORTED_THESPIAN` or if a patched attribute
-moved, and a self-check proves an unauthenticated frame is refused before it returns.
+Contract, as for ``sessionlane.system.runtime.loopback``: process-global and idempotent; a second,
+different key in one process is refused (systems already started could not follow); it fails
+closed, raising on any thespian but :data:`~sessionlane.system.runtime.loopback.SUPPORTED_THESPIAN`
+or if a patched attribute moved, and a self-check proves an unauthenticated frame is refused before
+it returns.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any, Literal
 
-from system.runtime.loopback import SUPPORTED_THESPIAN
+from sessionlane.system.runtime.loopback import SUPPORTED_THESPIAN
 
 __all__ = [
     "KEY_BYTES",
@@ -157,7 +158,7 @@ def _patchable() -> tuple[Any, Any]:
     version = metadata.version("thespian")
     if version != SUPPORTED_THESPIAN:
         raise RuntimeError(
-            f"system.runtime.transport_auth authenticates thespian {SUPPORTED_THESPIAN}'s TCP"
+            f"{__name__} authenticates thespian {SUPPORTED_THESPIAN}'s TCP"
             f" frames but thespian {version} is installed: re-verify TCPTransport.py and"
             " streamBuffer.py before trusting it"
         )

@@ -1,7 +1,7 @@
 /**
  * The error table: one exception class per wire error code, all under `SessionLaneError`.
  *
- * The same hierarchy as the Python client (`messages.errors`): `StaleFence` is a
+ * The same hierarchy as the Python client (`sessionlane.messages.errors`): `StaleFence` is a
  * `LeaseRevoked`, and the `abandoned` code (a queued request cancelled because its own lane
  * abandoned) maps to `LeaseRevoked`. Unknown codes map to the base class, so a newer service
  * never breaks an older client.
@@ -12,6 +12,7 @@ export type ErrorCode =
   | 'lease_timeout'
   | 'contended'
   | 'stale_fence'
+  | 'revoked'
   | 'not_holder'
   | 'path_not_allowed'
   | 'invalid_record'
@@ -30,6 +31,7 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
   'lease_timeout',
   'contended',
   'stale_fence',
+  'revoked',
   'not_holder',
   'path_not_allowed',
   'invalid_record',
@@ -77,9 +79,22 @@ export class Contended extends SessionLaneError {
   static override defaultCode: ErrorCode = 'contended';
 }
 
-/** The lease was revoked (max hold, recovery, abandon, actor restart, lost connection). */
+/**
+ * The lease ended without its holder's release; nothing more is written under it. `reason`
+ * says how (`max_hold`, `recovery`, `abandoned`, `actor_restart`, `shutdown`,
+ * `connection_lost`, `released`, ...), or is null where the client only learned that it is gone.
+ */
 export class LeaseRevoked extends SessionLaneError {
-  static override defaultCode: ErrorCode = 'stale_fence';
+  static override defaultCode: ErrorCode = 'revoked';
+  readonly reason: string | null;
+
+  constructor(
+    detail = '',
+    options: { path?: string | null; code?: ErrorCode; reason?: string | null } = {},
+  ) {
+    super(detail, options);
+    this.reason = options.reason ?? null;
+  }
 }
 
 /** A write carried a fence that is no longer current; nothing was written. */
@@ -141,6 +156,7 @@ const BY_CODE: Readonly<Record<ErrorCode, typeof SessionLaneError>> = {
   lease_timeout: LeaseTimeout,
   contended: Contended,
   stale_fence: StaleFence,
+  revoked: LeaseRevoked,
   not_holder: NotHolder,
   path_not_allowed: PathNotAllowed,
   invalid_record: InvalidRecord,

@@ -144,7 +144,7 @@ export class LeaseState {
     if (this.revoked !== null || this.released) return;
     this.revoked = reason;
     this.controller.abort(
-      new LeaseRevoked(`lease ${this.lease} was revoked (${reason})`, { path: this.path }),
+      new LeaseRevoked(`lease ${this.lease} was revoked (${reason})`, { path: this.path, reason }),
     );
     const event: RevokedEvent = { lease: this.lease, path: this.path, reason };
     for (const view of this.views) view[EMIT]('revoked', event);
@@ -170,11 +170,14 @@ export class LeaseState {
     if (this.revoked !== null) {
       throw new LeaseRevoked(
         `lease ${this.lease} was revoked (${this.revoked}); nothing was written`,
-        { path: this.path },
+        { path: this.path, reason: this.revoked },
       );
     }
     if (this.released) {
-      throw new LeaseRevoked(`lease ${this.lease} was released`, { path: this.path });
+      throw new LeaseRevoked(`lease ${this.lease} was released`, {
+        path: this.path,
+        reason: 'released',
+      });
     }
   }
 }
@@ -424,7 +427,10 @@ export class Lease implements AsyncDisposable {
 
   #checkUsable(): void {
     if (this.#levelReleased) {
-      throw new LeaseRevoked(`lease ${this.id} was released`, { path: this.path });
+      throw new LeaseRevoked(`lease ${this.id} was released`, {
+        path: this.path,
+        reason: 'released',
+      });
     }
     this.#state.checkUsable();
   }
@@ -437,7 +443,10 @@ export class Lease implements AsyncDisposable {
         this.#state.revoke('stale_fence');
       } else if (err instanceof Unavailable && this.#state.revoked !== null) {
         // The connection went (its lanes die with it): the lease is lost, not just late.
-        throw new LeaseRevoked(`lease ${this.id} lost: ${err.detail}`, { path: this.path });
+        throw new LeaseRevoked(`lease ${this.id} lost: ${err.detail}`, {
+          path: this.path,
+          reason: this.#state.revoked,
+        });
       }
       if (err instanceof SessionLaneError && err.path === null) {
         throw withPath(err, this.path);

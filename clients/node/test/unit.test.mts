@@ -55,6 +55,7 @@ describe('the error table', () => {
       lease_timeout: 'LeaseTimeout',
       contended: 'Contended',
       stale_fence: 'StaleFence',
+      revoked: 'LeaseRevoked',
       not_holder: 'NotHolder',
       path_not_allowed: 'PathNotAllowed',
       invalid_record: 'InvalidRecord',
