@@ -146,9 +146,7 @@ def check_patchable(tcp: Any) -> list[str]:
     if not inspect.isfunction(accept) or "self.socket.accept" not in inspect.getsource(accept):
         moved.append("TCPTransport._acceptNewIncoming")
     readable = getattr(transport, "_handleReadableIncoming", None)
-    if not inspect.isfunction(readable) or "inc.remainingSize()" not in inspect.getsource(
-        readable
-    ):
+    if not inspect.isfunction(readable) or "inc.remainingSize()" not in inspect.getsource(readable):
         moved.append("TCPTransport._handleReadableIncoming")
     xmit = getattr(transport, "_next_XMIT_1", None)
     if not inspect.isfunction(xmit) or "intent.socket.connect(" not in inspect.getsource(xmit):
@@ -199,7 +197,7 @@ def apply(tcp: Any, secret: bytes, rejected: type[Exception]) -> None:
             return
         want = HELLO_BYTES - len(pending)
         pending += data[:want]
-        if pending[:len(_MAGIC)] != _MAGIC[:len(pending)]:
+        if pending[: len(_MAGIC)] != _MAGIC[: len(pending)]:
             _report(f"refused a connection from {_peer(self.socket)} (no hello)")
             raise rejected("no hello")
         if len(pending) < HELLO_BYTES:
@@ -223,10 +221,8 @@ def apply(tcp: Any, secret: bytes, rejected: type[Exception]) -> None:
     def accept_new_incoming(self: Any) -> None:
         self._check_indicators()
         if os.getpid() not in _spare_fd:
-            try:
+            with contextlib.suppress(OSError):  # out of them already: the next accept retries
                 reserve_descriptor()
-            except OSError:
-                pass  # out of descriptors already: the next accept retries
         try:
             sock, _ = self.socket.accept()
         except OSError as error:
@@ -236,10 +232,8 @@ def apply(tcp: Any, secret: bytes, rejected: type[Exception]) -> None:
                 _report(f"accepting a connection failed: {error}")
             return
         sock.setblocking(False)
-        try:
+        with contextlib.suppress(OSError):  # only slower (Nagle); thespian ignores EINVAL too
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # only slower (Nagle); thespian ignores EINVAL here too
         kind = tcp.TCPIncomingPersistent if hasattr(self, "_openSockets") else tcp.TCPIncoming
         inc = kind(tcp.ActorAddress(None), sock)
         inc.__dict__["_sessionlane_hello"] = bytearray()
@@ -352,4 +346,3 @@ def _report(message: str) -> None:
     from thespian.system.utilis import thesplog
 
     thesplog("%s", text, level=logging.WARNING)
-
