@@ -293,6 +293,21 @@ def test_no_process_of_the_system_holds_a_socket_of_the_process_that_started_it(
     assert not own_ports & {port for _, port, _ in tcp.listening_addresses()}
 
 
+@pytest.mark.tcp
+def test_the_logger_does_not_hold_the_admins_listening_socket(tcp: TcpSystem) -> None:
+    members = tcp.members()
+    assert tcp.admin_pid in members and len(members) == 2, "the admin and its logger only"
+    (logger,) = [pid for pid in members if pid != tcp.admin_pid]
+    admin_listeners = {
+        inode
+        for inode, (_, port) in procfs.listening_tcp().items()
+        if port == tcp.admin_port and inode in procfs.socket_inodes(tcp.admin_pid)
+    }
+    assert admin_listeners, "the admin listens on its port"
+    assert not procfs.socket_inodes(logger) & admin_listeners
+    assert tcp.asys.ask(tcp.asys.createActor(PingActor), "logs", ASK_TIMEOUT) is not None
+
+
 def test_a_sender_counter_is_accepted_once_even_out_of_order_but_not_below_the_window() -> None:
     window = transport_auth._ReplayWindow()
     a, b = b"a" * 8, b"b" * 8
