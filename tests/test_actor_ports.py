@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from sessionlane.actors import procfs
+from sessionlane.messages.errors import LeaseRevoked, ShuttingDown, Unavailable
 from sessionlane.system.client import connect
 from sessionlane.system.config import NON_CONFIG_ENV
 from sessionlane.system.runtime import connection_auth, launch
@@ -400,3 +401,49 @@ def test_a_10_gb_frame_announced_to_the_registry_is_refused_after_a_few_bytes(
         new_file_gets_a_lease(serve, "after.jsonl")
         assert lease.append({"n": 2}).lines == 1
         lease.release()
+
+
+# A Registry that dies anyway -------------------------------------------------------------
+
+
+def test_a_registry_that_dies_is_restarted_and_its_holders_are_told_their_leases_are_lost(
+    serve: Serve,
+) -> None:
+    held_path = serve.root / "held.jsonl"
+    with connect(serve.address) as sl:
+        lease = sl.lane("holder").acquire(str(held_path))
+        assert lease is not None
+        lease.append({"n": 1})
+        registry, _ = serve.registry()
+        files = [pid for pid in serve.members() if (s := procfs.stat(pid)) and s.ppid == registry]
+        assert files, "the held file's actor"
+        old_pgid = serve.state["pgid"]
+        os.kill(registry, signal.SIGKILL)
+        wait_for(
+            lambda: "registry dead" in serve.output.read_text(errors="replace"),
+            WAIT_S,
+            "the supervisor to see the Registry gone",
+        )
+        with pytest.raises(LeaseRevoked):
+            lease.append({"n": 2})
+    wait_for(lambda: not launch.group_members(old_pgid), WAIT_S, "the old system to be gone")
+    for pid in files:
+        stat = procfs.stat(pid)
+        assert stat is None or not stat.live, "the orphaned file actor was retired"
+    new_file_gets_a_lease_eventually(serve, "after.jsonl")
+    with connect(serve.address) as sl, sl.lane("again").lease(str(held_path)) as again:
+        assert again is not None, "the held file is served again, by a new actor"
+        again.append({"n": 3})
+    assert [json.loads(line)["n"] for line in held_path.read_text().splitlines()] == [1, 3]
+
+
+def new_file_gets_a_lease_eventually(serve: Serve, name: str) -> None:
+    """:func:`new_file_gets_a_lease` once the restarted system answers."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            new_file_gets_a_lease(serve, name)
+            return
+        except (Unavailable, ShuttingDown):
+            assert time.monotonic() < deadline, "the restarted service never granted a lease"
+            time.sleep(0.1)
