@@ -315,8 +315,14 @@ def test_1100_idle_connections_to_the_registry_neither_stop_new_files_nor_a_held
         assert lease is not None
         lease.append({"n": 1})
         registry, port = serve.registry()
+        before_kb, before_cpu = rss_kb(registry), cpu_seconds(registry)
         with attacker(flood(port), user) as child:
             opened = child.report()
+            print(
+                f"Registry during the flood: {len(os.listdir(f'/proc/{registry}/fd'))} open"
+                f" files, RSS {before_kb / 1024:.1f} -> {rss_kb(registry) / 1024:.1f} MB,"
+                f" CPU {cpu_seconds(registry) - before_cpu:.2f} s"
+            )
             assert opened["opened"] + len(opened["failed"]) == FLOOD
             assert opened["opened"] >= NOFILE, "more connections than the Registry has files"
 

@@ -151,10 +151,6 @@ def check_patchable(tcp: Any) -> list[str]:
     xmit = getattr(transport, "_next_XMIT_1", None)
     if not inspect.isfunction(xmit) or "intent.socket.connect(" not in inspect.getsource(xmit):
         moved.append("TCPTransport._next_XMIT_1")
-    common = getattr(tcp, "TCPIncoming_Common", None)
-    for name in ("remainingSize", "receivedAllData"):
-        if not inspect.isfunction(getattr(common, name, None)):
-            moved.append(f"TCPIncoming_Common.{name}")
     names = ("TCPIncoming", "TCPIncomingPersistent", "ExpirationTimer", "ActorAddress", "opsKey")
     for name in names:
         if getattr(tcp, name, None) is None:
@@ -164,59 +160,38 @@ def check_patchable(tcp: Any) -> list[str]:
     return moved
 
 
-def apply(tcp: Any, secret: bytes, rejected: type[Exception]) -> None:
-    """Patch thespian's ``TCPTransport`` module ``tcp`` in place (see the module docstring).
-
-    ``rejected`` is the exception raised from ``addData`` for a refused hello: thespian then
-    closes the connection without a reply.
-    """
+def apply(tcp: Any, secret: bytes) -> None:
+    """Patch thespian's ``TCPTransport`` module ``tcp`` in place (see the module docstring)."""
     verifier = _Verifier(secret)
-    common = tcp.TCPIncoming_Common
-    original_remaining = common.remainingSize
-    original_done = common.receivedAllData
-    original_add = common.addData
     original_readable = tcp.TCPTransport._handleReadableIncoming
     original_xmit_1 = tcp.TCPTransport._next_XMIT_1
     proven_period = tcp.MAX_INCOMING_SOCKET_PERIOD
 
-    def remaining_size(self: Any) -> int:
-        pending = self.__dict__.get("_sessionlane_hello")
-        if pending is not None:
-            return HELLO_BYTES - len(pending)
-        return int(original_remaining(self))
-
-    def received_all_data(self: Any) -> bool:
-        if "_sessionlane_hello" in self.__dict__:
-            return False
-        return bool(original_done(self))
-
-    def add_data(self: Any, data: bytes) -> None:
-        pending = self.__dict__.get("_sessionlane_hello")
-        if pending is None:
-            original_add(self, data)
-            return
-        want = HELLO_BYTES - len(pending)
-        pending += data[:want]
-        if pending[: len(_MAGIC)] != _MAGIC[: len(pending)]:
-            _report(f"refused a connection from {_peer(self.socket)} (no hello)")
-            raise rejected("no hello")
-        if len(pending) < HELLO_BYTES:
-            return
-        reason = verifier.check(bytes(pending))
-        if reason is not None:
-            _report(f"refused a connection from {_peer(self.socket)} ({reason})")
-            raise rejected(reason)
-        del self.__dict__["_sessionlane_hello"]
-        self._expires = tcp.ExpirationTimer(proven_period)
-        if data[want:]:
-            original_add(self, data[want:])
-
     def handle_readable(self: Any, inc: Any, has_exclusive_flag: bool = False) -> Any:
-        if "_sessionlane_hello" in inc.__dict__ and inc._expires.view().expired():
+        # thespian calls this when the socket is readable, or when its deadline has passed.
+        pending = inc.__dict__.get("_sessionlane_hello")
+        if pending is None:
+            return original_readable(self, inc, has_exclusive_flag=has_exclusive_flag)
+        if inc._expires.view().expired():
             _report(f"closed a connection from {_peer(inc.socket)}: no hello in time")
             inc.close()
             return None
-        return original_readable(self, inc, has_exclusive_flag=has_exclusive_flag)
+        try:
+            data = inc.socket.recv(HELLO_BYTES - len(pending))
+        except (BlockingIOError, InterruptedError):
+            return inc
+        except OSError:
+            data = b""
+        reason = _hello_read(verifier, pending, data)
+        if reason is not None:
+            if data:  # an empty read is a peer that went away: nothing to report
+                _report(f"refused a connection from {_peer(inc.socket)} ({reason})")
+            inc.close()
+            return None
+        if len(pending) == HELLO_BYTES:
+            del inc.__dict__["_sessionlane_hello"]
+            inc._expires = tcp.ExpirationTimer(proven_period)
+        return inc
 
     def accept_new_incoming(self: Any) -> None:
         self._check_indicators()
@@ -261,9 +236,6 @@ def apply(tcp: Any, secret: bytes, rejected: type[Exception]) -> None:
             intent.__dict__["_sessionlane_sent"] = (intent.serMsg, body)
         return result
 
-    common.remainingSize = remaining_size
-    common.receivedAllData = received_all_data
-    common.addData = add_data
     tcp.TCPTransport._handleReadableIncoming = handle_readable
     tcp.TCPTransport._acceptNewIncoming = accept_new_incoming
     tcp.TCPTransport._next_XMIT_1 = next_xmit_1
@@ -275,6 +247,18 @@ def _unproven(transport: Any) -> list[tuple[int, Any]]:
         for fd, inc in transport._incomingSockets.items()
         if "_sessionlane_hello" in inc.__dict__
     ]
+
+
+def _hello_read(verifier: _Verifier, pending: bytearray, data: bytes) -> str | None:
+    """Add ``data`` to a connection's hello so far; why it is refused, or ``None``."""
+    if not data:
+        return "closed"
+    pending += data
+    if pending[: len(_MAGIC)] != _MAGIC[: len(pending)]:
+        return "no hello"
+    if len(pending) < HELLO_BYTES:
+        return None
+    return verifier.check(bytes(pending))
 
 
 def _make_room(transport: Any, keep: int) -> int:

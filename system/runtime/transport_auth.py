@@ -225,7 +225,7 @@ def _apply(modules: tuple[Any, Any], key: bytes) -> None:
     tcp.ackDataErrMsg = _control_frame(key, stream.ackDataErrPacket)
     tcp.TCPTransport.serializer = serializer
     tcp.TCPIncoming_Common.addData = add_data
-    connection_auth.apply(tcp, key, FrameRejected)
+    connection_auth.apply(tcp, key)
 
 
 def _control_frame(key: bytes, packet: str) -> bytes:
