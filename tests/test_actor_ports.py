@@ -318,6 +318,7 @@ def test_1100_idle_connections_to_the_registry_neither_stop_new_files_nor_a_held
         before_kb, before_cpu = rss_kb(registry), cpu_seconds(registry)
         with attacker(flood(port), user) as child:
             opened = child.report()
+            assert Path(f"/proc/{registry}").exists(), "the Registry died of the flood"
             print(
                 f"Registry during the flood: {len(os.listdir(f'/proc/{registry}/fd'))} open"
                 f" files, RSS {before_kb / 1024:.1f} -> {rss_kb(registry) / 1024:.1f} MB,"
