@@ -454,3 +454,63 @@ def new_file_gets_a_lease_eventually(serve: Serve, name: str) -> None:
         except (Unavailable, ShuttingDown):
             assert time.monotonic() < deadline, "the restarted service never granted a lease"
             time.sleep(0.1)
+
+
+# Out of descriptors in accept ------------------------------------------------------------
+
+
+@pytest.fixture
+def tcp(tmp_path: Path) -> Iterator[launch.TcpSystem]:
+    system = launch.start_tcp_system(log_file=tmp_path / "logs" / "actors.log")
+    try:
+        yield system
+    finally:
+        system.stop()
+
+
+def test_an_actor_out_of_descriptors_refuses_strangers_and_keeps_answering(
+    tcp: launch.TcpSystem,
+) -> None:
+    """The open-file limit lowered under a live actor: ``accept`` fails with EMFILE for real.
+    thespian 4.0.1 then handed the actor a message it died of; now it frees a descriptor."""
+    actor = tcp.asys.createActor(launch.PingActor)
+    pid = tcp.asys.ask(actor, "where", 10)[2]
+    (port,) = [p for _, p, owner in tcp.listening_addresses() if owner == pid]
+    hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 3, hard))
+    flood = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(40)]
+    try:
+        # Our connection queues behind the 40 in the listen backlog: accepted after them.
+        answer = tcp.asys.ask(actor, "still there", 10)
+        assert answer is not None and answer[:2] == ("pong", "still there")
+    finally:
+        for sock in flood:
+            sock.close()
+    log = tcp.log_file.with_name("actors.thespian.log")
+    assert "out of file descriptors" in log.read_text(), "it did run out"
+    assert procfs.stat(pid) is not None and procfs.stat(pid).live  # type: ignore[union-attr]
+    assert "Thespian__UpdateWork" not in log.read_text()
+
+
+# The hello itself ------------------------------------------------------------------------
+
+
+def test_a_hello_is_accepted_once_within_its_freshness_and_never_after_being_forgotten() -> None:
+    key = os.urandom(32)
+    verifier = connection_auth._Verifier(key)
+    now = time.time()
+    fresh = connection_auth.hello(key, now=now)
+    assert verifier.check(fresh) is None
+    assert verifier.check(fresh) == "stale or replayed hello"
+    assert verifier.check(connection_auth.hello(key, now=now - 61)) == "stale or replayed hello"
+    assert verifier.check(connection_auth.hello(key, now=now + 61)) == "stale or replayed hello"
+    assert verifier.check(connection_auth.hello(os.urandom(32), now=now)) == "bad hello"
+    assert verifier.check(b"x" * connection_auth.HELLO_BYTES) == "no hello"
+
+    nonces = connection_auth._Nonces()
+    base = int(now * 1000)
+    seen = ((b"\xff" + i.to_bytes(15, "big"), base + i) for i in range(1 << 16))
+    nonces._seen.update(seen)  # full, none of them "n" * 16 or "m" * 16
+    assert nonces.accept(b"n" * 16, base + 70_000, now + 70), "one more: the oldest forgotten"
+    assert not nonces.accept(b"m" * 16, base, now), "no newer than the forgotten one: refused"
+    assert nonces.accept(b"m" * 16, base + 70_001, now + 70)
