@@ -431,9 +431,11 @@ def test_a_registry_that_dies_is_restarted_and_its_holders_are_told_their_leases
             WAIT_S,
             "the supervisor to see the Registry gone",
         )
+        wait_for(lambda: not launch.group_members(old_pgid), WAIT_S, "the old system to go")
+        wait_for(lambda: lease.revoked is not None, WAIT_S, "the holder to be told")
+        assert lease.revoked == "connection_lost"
         with pytest.raises(LeaseRevoked):
             lease.append({"n": 2})
-    wait_for(lambda: not launch.group_members(old_pgid), WAIT_S, "the old system to be gone")
     for pid in files:
         stat = procfs.stat(pid)
         assert stat is None or not stat.live, "the orphaned file actor was retired"

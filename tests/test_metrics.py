@@ -297,7 +297,8 @@ def answer_of(sock: socket.socket) -> bytes:
 def test_slow_metrics_clients_hold_at_most_the_thread_cap_and_only_until_the_deadline(
     scraped: tuple[Any, MetricsServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(metrics, "REQUEST_DEADLINE_S", 2.0)  # below the 5 s per read
+    monkeypatch.setattr(metrics, "REQUEST_DEADLINE_S", 600.0)  # first: the cap alone
+    monkeypatch.setattr(metrics._Handler, "timeout", 600.0)  # and then the deadline alone
     _, server = scraped
     cap, extra = metrics.MAX_REQUEST_THREADS, 12
     threads_before = threading.active_count()
@@ -314,6 +315,7 @@ def test_slow_metrics_clients_hold_at_most_the_thread_cap_and_only_until_the_dea
         assert server.http.active() <= cap
         assert threading.active_count() - threads_before <= cap
 
+        monkeypatch.setattr(metrics, "REQUEST_DEADLINE_S", 2.0)
         for sock in idle:
             assert answer_of(sock) == b"", "an idle connection is closed by the deadline"
         while server.http.active():

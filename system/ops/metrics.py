@@ -350,7 +350,7 @@ class BoundedServer(ThreadingMixIn, WSGIServer):
         with self._active_lock:
             busy = len(self._active) >= MAX_REQUEST_THREADS
             if not busy:
-                self._active[request] = time.monotonic() + REQUEST_DEADLINE_S
+                self._active[request] = time.monotonic()  # accepted at
         if busy:
             self.refused += 1
             with contextlib.suppress(OSError):
@@ -368,9 +368,9 @@ class BoundedServer(ThreadingMixIn, WSGIServer):
                 self._active.pop(request, None)
 
     def service_actions(self) -> None:
-        now = time.monotonic()
+        oldest = time.monotonic() - REQUEST_DEADLINE_S
         with self._active_lock:
-            overdue = [sock for sock, deadline in self._active.items() if deadline <= now]
+            overdue = [sock for sock, accepted in self._active.items() if accepted <= oldest]
         for sock in overdue:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

@@ -23,6 +23,8 @@ announced frame has arrived. :func:`apply`, called by its ``install``, adds, per
 * **No fatal accept.** Out of descriptors (``EMFILE``/``ENFILE``), the process closes the oldest
   waiting connection and, failing that, accepts the pending one on a reserved descriptor and
   closes it at once (so the listening socket does not spin), logging at most once a minute.
+  A send that cannot get a socket for the same reason is retried after a pause (thespian
+  aborted it: "xmit UNcaught exception", and the message was lost).
 
 Freshness without a round trip: thespian sends a message's bytes as soon as its connection
 is up, so the accepting side cannot send a challenge first without rewriting thespian's
@@ -225,7 +227,18 @@ def apply(tcp: Any, secret: bytes) -> None:
         reused = tcp.opsKey(intent.targetAddr) in open_sockets
         intent.serMsg = body
         intent.__dict__["_sessionlane_sent"] = (body, body)
-        result = original_xmit_1(self, intent)
+        try:
+            result = original_xmit_1(self, intent)
+        except OSError as error:
+            # thespian aborts the send on EMFILE from its new socket (the message is lost):
+            # free what strangers hold, and retry the send after a pause instead.
+            if error.errno not in _OUT_OF_FDS or getattr(intent, "socket", None) is not None:
+                raise
+            _make_room(self, 0)
+            _report(f"out of file descriptors: a send to {intent.targetAddr} will be retried")
+            intent.backoffPause(True)
+            intent.stage = self._XMITStepRetry
+            return self._nextTransmitStep(intent)
         if (
             not reused
             and getattr(intent, "socket", None) is not None
