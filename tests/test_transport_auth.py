@@ -365,6 +365,18 @@ def test_the_authentication_fails_closed_if_thespian_moved_what_it_patches(
         transport_auth.install()
 
 
+@pytest.mark.parametrize("moved", ["_acceptNewIncoming", "_handleReadableIncoming", "_next_XMIT_1"])
+def test_the_connection_hello_fails_closed_if_thespian_moved_what_it_patches(
+    monkeypatch: pytest.MonkeyPatch, moved: str
+) -> None:
+    from thespian.system.transport import TCPTransport
+
+    monkeypatch.setattr(transport_auth, "_mac_key", None)
+    monkeypatch.setattr(TCPTransport.TCPTransport, moved, lambda self, *args: None)
+    with pytest.raises(RuntimeError, match=rf"cannot apply \(.*TCPTransport\.{moved}"):
+        transport_auth.install()
+
+
 def test_a_second_secret_in_one_process_is_refused_and_a_short_one_too() -> None:
     launch.secure_transport("127.0.0.1")
     with pytest.raises(RuntimeError, match="another secret"):
