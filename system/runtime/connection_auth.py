@@ -106,9 +106,11 @@ class _Nonces:
 
     def accept(self, nonce: bytes, millis: int, now: float) -> bool:
         now_ms = int(now * 1000)
-        if abs(now_ms - millis) > HELLO_FRESH_S * 1000 or millis <= self._floor:
+        if abs(now_ms - millis) > HELLO_FRESH_S * 1000:
             return False
         with self._lock:
+            if millis <= self._floor:
+                return False
             horizon = now_ms - int(2 * HELLO_FRESH_S * 1000)
             while self._seen and next(iter(self._seen.values())) < horizon:
                 self._seen.popitem(last=False)
