@@ -23,7 +23,6 @@ import difflib
 import json
 import logging
 import os
-import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -264,13 +263,6 @@ def _warnings(settings: Settings) -> list[str]:
             warnings.append(
                 f"metrics_listen {settings.metrics_listen} is reachable beyond this machine:"
                 " the metrics endpoint has no authentication (it shows counts, never paths)."
-            )
-    if settings.token_file is not None:
-        mode = os.stat(settings.token_file).st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            warnings.append(
-                f"token_file {settings.token_file} is accessible to other users"
-                f" (mode {stat.S_IMODE(mode):04o}); chmod 600 it."
             )
     for warning in warnings:
         log.debug("config warning: %s", warning)

@@ -11,12 +11,16 @@ import struct
 
 import pytest
 
+from sessionlane.messages import handshake
 from sessionlane.messages.codec import take_frame
 from sessionlane.messages.errors import TooLarge
 from sessionlane.system.gateway.admission import (
+    CLEAR_TOKEN_REFUSAL,
+    NO_PROOF_REFUSAL,
     AcceptBackoff,
     HelloDeadlines,
     Policy,
+    ProofDelays,
     RateLimit,
     connection_cap,
     hello_refusal,
@@ -51,16 +55,104 @@ def test_allow_other_users_admits_every_peer_without_a_token() -> None:
         assert hello_refusal(OPEN, uid, None) is None
 
 
-def test_with_a_token_file_the_token_decides_whoever_the_peer_is() -> None:
+def test_with_a_token_file_a_hello_with_a_nonce_is_challenged_and_a_clear_token_refused() -> None:
+    nonce = bytes(handshake.NONCE_BYTES)
     for uid in (US, STRANGER, None):
-        assert hello_refusal(TOKEN, uid, "s3cret") is None
-        for wrong in (None, "", "wrong", "s3cret-and-more"):
-            assert hello_refusal(TOKEN, uid, wrong) == "bad or no token"
+        assert hello_refusal(TOKEN, uid, None, nonce) is None, "challenged: the proof decides"
+        assert hello_refusal(TOKEN, uid, None) == NO_PROOF_REFUSAL
+        for clear in ("s3cret", "", "wrong"):  # even the right token: it crossed the wire
+            assert hello_refusal(TOKEN, uid, clear, nonce) == CLEAR_TOKEN_REFUSAL
+    assert "upgrade the client" in CLEAR_TOKEN_REFUSAL
 
 
 def test_only_the_default_policy_needs_the_peers_uid() -> None:
     assert DEFAULT.by_peer
     assert not OPEN.by_peer and not TOKEN.by_peer
+
+
+def test_with_a_token_a_known_other_user_is_a_stranger_until_it_proved_it() -> None:
+    assert TOKEN.reads_uid and DEFAULT.reads_uid and not OPEN.reads_uid
+    assert TOKEN.is_stranger(STRANGER)
+    assert not TOKEN.is_stranger(US), "the service's own user is never capped"
+    assert not TOKEN.is_stranger(None), "an unknown peer is not a user to cap"
+    assert DEFAULT.is_stranger(STRANGER) and DEFAULT.is_stranger(None)
+    assert not OPEN.is_stranger(STRANGER)
+
+
+def test_the_two_proofs_differ_and_depend_on_the_token_and_both_nonces() -> None:
+    nc, ns = b"c" * 32, b"s" * 32
+    mine = handshake.client_proof("tok-0123456789abcdef", nc, ns)
+    assert mine != handshake.server_proof("tok-0123456789abcdef", nc, ns)
+    assert mine != handshake.client_proof("tok-0123456789abcdeF", nc, ns)
+    assert mine != handshake.client_proof("tok-0123456789abcdef", ns, nc)
+    assert len(mine) == handshake.PROOF_BYTES
+    assert handshake.matches(mine, mine) and not handshake.matches(None, mine)
+
+
+# Wrong proofs are slowed per peer ------------------------------------------------------------
+
+
+def test_a_peers_first_proof_is_checked_at_once_and_each_wrong_one_doubles_the_wait() -> None:
+    delays = ProofDelays(base_ms=250, max_ms=8_000)
+    now = 0.0
+    turns = []
+    for _ in range(8):
+        turn = delays.slot(("uid", STRANGER), now)
+        assert turn is not None
+        turns.append(turn - now)
+        now = turn
+        delays.checked(("uid", STRANGER), right=False, now=now)
+    assert turns == [0, 250, 500, 1_000, 2_000, 4_000, 8_000, 8_000]
+
+
+def test_proofs_sent_at_once_after_a_wrong_one_wait_in_line_and_do_not_guess_faster() -> None:
+    delays = ProofDelays(base_ms=250, max_ms=8_000)
+    assert delays.slot("p", 0.0) == 0.0
+    delays.checked("p", right=False, now=0.0)
+    turns = [delays.slot("p", 1.0) for _ in range(4)]
+    assert turns == [250.0, 500.0, 1_000.0, 2_000.0], "spaced, growing, whoever sent them"
+
+
+def test_a_burst_of_right_proofs_is_not_spaced_and_a_right_proof_forgets_the_peer() -> None:
+    delays = ProofDelays()
+    assert [delays.slot("pool", 5.0) for _ in range(10)] == [5.0] * 10
+    for _ in range(10):
+        delays.checked("pool", right=True, now=5.0)
+    assert len(delays) == 0
+    assert delays.slot("x", 0.0) == 0.0
+    delays.checked("x", right=False, now=0.0)
+    assert delays.slot("x", 1.0) == 250.0
+    delays.checked("x", right=True, now=250.0)
+    assert delays.slot("x", 300.0) == 300.0, "the right proof reset the wait"
+
+
+def test_one_peers_wrong_proofs_never_delay_another_peer() -> None:
+    delays = ProofDelays()
+    for i in range(5):
+        turn = delays.slot(("uid", STRANGER), float(i))
+        assert turn is not None
+        delays.checked(("uid", STRANGER), right=False, now=turn)
+    assert delays.slot(("uid", US), 10.0) == 10.0
+
+
+def test_a_peer_is_forgotten_after_a_quiet_while_and_the_table_stays_bounded() -> None:
+    delays = ProofDelays(forget_ms=60_000, max_peers=100)
+    delays.slot("a", 0.0)
+    delays.checked("a", right=False, now=0.0)
+    assert delays.slot("a", 60_251.0) == 60_251.0, "quiet for a minute: forgotten"
+    for i in range(1_000):
+        delays.slot(("host", str(i)), float(i))
+        delays.checked(("host", str(i)), right=False, now=float(i))
+    assert len(delays) == 100
+
+
+def test_a_proof_that_would_wait_too_long_is_refused_unchecked() -> None:
+    delays = ProofDelays(base_ms=250, max_ms=8_000, max_wait_ms=30_000)
+    delays.slot("p", 0.0)
+    delays.checked("p", right=False, now=0.0)
+    turns = [delays.slot("p", 0.0) for _ in range(10)]
+    assert turns[:8] == [250.0, 500.0, 1_000.0, 2_000.0, 4_000.0, 8_000.0, 16_000.0, 24_000.0]
+    assert turns[8:] == [None, None], "past 30 s of waiting proofs, the next is refused at once"
 
 
 def test_where_peers_cannot_be_told_apart_only_a_token_or_an_explicit_opening_may_start() -> None:
