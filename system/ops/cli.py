@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from sessionlane.messages.errors import SessionLaneError, Unavailable
 from sessionlane.system.config import ConfigError, load_settings
+from sessionlane.system.ops.running import StateDirError
 
 if TYPE_CHECKING:
     from sessionlane.system.ops.running import Choice
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
         return result
-    except ConfigError as exc:
+    except (ConfigError, StateDirError) as exc:
         print(f"sessionlane: {exc}", file=sys.stderr)
         return 2
     except SessionLaneError as exc:
