@@ -89,6 +89,17 @@ def test_the_two_proofs_differ_and_depend_on_the_token_and_both_nonces() -> None
     assert handshake.matches(mine, mine) and not handshake.matches(None, mine)
 
 
+def test_the_proofs_of_the_worked_example_in_protocol_md() -> None:
+    token = "0123456789abcdef0123456789abcdef"
+    nc, ns = bytes(range(32)), bytes(range(32, 64))
+    assert handshake.client_proof(token, nc, ns).hex() == (
+        "1dcff4a3af71ef0485bb9cdff7c324a132690d4e39c3f9b68853a31136cb9b26"
+    )
+    assert handshake.server_proof(token, nc, ns).hex() == (
+        "eae33381ce57c64253d1699c3c908084372f3add8f6f865463fe34f892093ad2"
+    )
+
+
 # Wrong proofs are slowed per peer ------------------------------------------------------------
 
 
