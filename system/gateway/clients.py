@@ -504,8 +504,9 @@ class Clients:
         self.admit(client, rid, server_proof(token, client.nonce, client.challenge))
 
     def schedule_proofs(self) -> None:
-        """Have one wakeup pending at the earliest parked proof's turn."""
-        if self.proofs and self.proof_due is None:
+        """Have a wakeup pending at the earliest parked proof's turn (one more if a new proof
+        of another peer comes before the pending one: one peer's wait never delays another)."""
+        if self.proofs and (self.proof_due is None or self.proofs[0][0] < self.proof_due):
             self.proof_due = self.proofs[0][0]
             self.host.wake(ProofDue(), max(0.0, self.proof_due - self.clock()) / 1000.0)
 
