@@ -530,9 +530,16 @@ def test_a_state_directory_that_is_not_private_is_refused_saying_what_to_do(
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    with pytest.raises(StateDirError, match=r"accessible to other users \(mode 0777\)") as e:
+    with pytest.raises(StateDirError, match=r"writable by other users \(mode 0777\)") as e:
         private_dir(shared)
     assert f"chmod 700 {shared}" in str(e.value)
+    assert shared.stat().st_mode & 0o777 == 0o777, "refused, and left as it was"
+
+    readable = tmp_path / "readable"
+    readable.mkdir()
+    readable.chmod(0o755)  # ours, and nobody else can write in it: made private
+    assert private_dir(readable) == readable
+    assert readable.stat().st_mode & 0o777 == 0o700
 
     link = tmp_path / "link"
     link.symlink_to(fresh)
@@ -552,7 +559,7 @@ def test_status_refuses_a_state_directory_open_to_others(tmp_path: Path) -> None
     planted.chmod(0o777)
     done = cli("status", env={"XDG_RUNTIME_DIR": str(run)})
     assert done.returncode == 2, done
-    assert f"the state directory {planted} is accessible to other users" in done.stderr
+    assert f"the state directory {planted} is writable by other users" in done.stderr
 
 
 @needs_root

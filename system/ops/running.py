@@ -14,8 +14,9 @@ services the same way, through these files:
 live ``serve`` of this user (a recycled pid, or another user's process, is not "running").
 
 The state directory is trusted only if it is this user's own: :func:`private_dir` creates it
-0700 and refuses one that is a symbolic link, not a directory, another user's, or open to
-other users (``StateDirError``, saying what to do). Otherwise another user could pre-create
+0700 and refuses one that is a symbolic link, not a directory, another user's, or writable by
+other users (``StateDirError``, saying what to do); one of ours that others may only read or
+search is made 0700 (nobody else can have put a file in it). Otherwise another user could pre-create
 ``/tmp/sessionlane-<uid>`` and plant a state file naming their own port, and ``status`` would
 talk to them. A state file that is not this user's own is skipped all the same.
 """
@@ -128,7 +129,8 @@ def private_dir(path: Path) -> Path:
     """``path``, created 0700 if missing, once found to be this user's private directory.
 
     Raises :class:`StateDirError` if it is a symbolic link, not a directory, owned by another
-    user, or accessible to other users: its state files could then be anyone's.
+    user, or writable by other users: its state files could then be anyone's. Ours and only
+    readable by others (an older or hand-made 0755): made 0700.
     """
     try:
         path.mkdir(mode=0o700)
@@ -145,6 +147,8 @@ def private_dir(path: Path) -> Path:
         raise StateDirError(f"cannot inspect the state directory {path}: {exc}") from None
     problem = _untrusted(info)
     if problem is None:
+        if info.st_mode & 0o077:
+            os.chmod(path, 0o700, follow_symlinks=False)
         return path
     raise StateDirError(
         f"the state directory {path} {problem}, so its state files could be another user's"
@@ -160,8 +164,8 @@ def _untrusted(info: os.stat_result) -> str | None:
         return "is not a directory"
     if info.st_uid != os.getuid():
         return f"belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
-    if info.st_mode & 0o077:
-        return f"is accessible to other users (mode {stat.S_IMODE(info.st_mode):04o})"
+    if info.st_mode & 0o022:
+        return f"is writable by other users (mode {stat.S_IMODE(info.st_mode):04o})"
     return None
 
 
