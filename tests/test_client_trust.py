@@ -515,6 +515,17 @@ def test_service_user_names_the_user_a_client_expects_instead_of_its_own(
             connect(address, service_user="root")
         with connect(address, service_user="*") as sl:
             assert sl.connected
+        told = cli(
+            "status",
+            "--listen",
+            address,
+            "--service-user",
+            str(STRANGER),
+            env={"XDG_RUNTIME_DIR": str(tmp_path)},
+        )
+        assert (told.returncode, told.stdout.strip()) == (0, "no active session files"), told
+        unknown = cli("status", "--listen", address, "--service-user", "no-such-user-here")
+        assert unknown.returncode == 2 and "config key service_user" in unknown.stderr
 
 
 # The state directory -------------------------------------------------------------------------

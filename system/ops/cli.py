@@ -167,6 +167,12 @@ def _add_status_and_stop(sub: Any) -> None:
         metavar="FILE",
         help="file holding the service's token (default $SESSIONLANE_TOKEN_FILE, if set)",
     )
+    status.add_argument(
+        "--service-user",
+        metavar="USER",
+        help="the user that must run the service (name, uid, or '*' for anyone); default:"
+        " this user without a token, none with one (the service proves the token)",
+    )
     status.set_defaults(func=cmd_status)
 
     stop = sub.add_parser("stop", help="stop a running service")
@@ -297,6 +303,7 @@ def _start_metrics(service: Any) -> Any:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from sessionlane.system.client import connect
+    from sessionlane.system.client._core import resolve_user
     from sessionlane.system.config import normalize_listen, read_token_file
 
     named = args.listen
@@ -315,7 +322,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     token_file = args.token_file or os.environ.get("SESSIONLANE_TOKEN_FILE") or None
     token = read_token_file(token_file) if token_file else None
     try:
-        sl = connect(address, token)
+        service_user = resolve_user(args.service_user)
+    except ValueError as exc:
+        raise ConfigError("service_user", str(exc)) from None
+    try:
+        sl = connect(address, token, service_user=service_user)
     except Unavailable as exc:
         cause = exc.__cause__
         why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc.detail
