@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import select
+import selectors
 import signal
 import socket
 import struct
@@ -276,6 +277,44 @@ def test_wrong_token_proofs_are_answered_later_and_later_and_the_right_one_still
         assert answered - tries[-1][0] >= 2.0
         with connect(addresses[0], token=TOKEN) as sl:  # a right proof forgot the mistakes
             assert sl.status().files == []
+
+
+@needs_linux
+def test_a_peer_sending_wrong_proofs_on_8_connections_at_once_gets_few_of_them_checked(
+    tmp_path: Path,
+) -> None:
+    """As fast as the service answers, for 3 s: the turns of one peer's proofs are 0, 0.25,
+    0.75, 1.75 s... whatever the number of connections, so at most a handful are checked;
+    the others are refused unchecked (their turn would be too far) or still wait."""
+    with running_service(tmp_path, token_file=str(write_token(tmp_path))) as (_, addresses):
+        selector = selectors.DefaultSelector()
+        details: dict[str, int] = {}
+
+        def guess() -> None:
+            conn = RawConn(addresses[0], timeout=30)
+            nonce = os.urandom(handshake.NONCE_BYTES)
+            challenge = conn.request({"type": "hello", "client": "guesser", "nonce": nonce})
+            wrong = handshake.client_proof("not-the-token-0123456789", nonce, challenge["nonce"])
+            conn.send({"v": 1, "id": 99, "type": "proof", "proof": wrong})
+            selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+        for _ in range(8):
+            guess()
+        deadline = time.monotonic() + 3.0
+        while (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(left):
+                conn = key.data
+                selector.unregister(conn.sock)
+                reply = conn.recv()
+                conn.close()
+                details[reply["detail"]] = details.get(reply["detail"], 0) + 1
+                guess()
+        for key in list(selector.get_map().values()):
+            key.data.close()
+        checked = details.pop(WRONG_PROOF_REFUSAL, 0)
+        print(f"wrong proofs in 3 s on 8 connections: {checked} checked, {details} unchecked")
+        assert 1 <= checked <= 5, (checked, details)
+        assert set(details) <= {"too many wrong token proofs from this peer: wait"}, details
 
 
 # Weak token files ----------------------------------------------------------------------------
