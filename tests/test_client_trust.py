@@ -284,8 +284,8 @@ def test_a_peer_sending_wrong_proofs_on_8_connections_at_once_gets_few_of_them_c
     tmp_path: Path,
 ) -> None:
     """As fast as the service answers, for 3 s: the turns of one peer's proofs are 0, 0.25,
-    0.75, 1.75 s... whatever the number of connections, so at most a handful are checked;
-    the others are refused unchecked (their turn would be too far) or still wait."""
+    0.5, 1, 2, 4 s... whatever the number of connections, so at most 5 are checked (6 with a
+    margin); the others are refused unchecked (their turn would be too far) or still wait."""
     with running_service(tmp_path, token_file=str(write_token(tmp_path))) as (_, addresses):
         selector = selectors.DefaultSelector()
         details: dict[str, int] = {}
@@ -313,7 +313,7 @@ def test_a_peer_sending_wrong_proofs_on_8_connections_at_once_gets_few_of_them_c
             key.data.close()
         checked = details.pop(WRONG_PROOF_REFUSAL, 0)
         print(f"wrong proofs in 3 s on 8 connections: {checked} checked, {details} unchecked")
-        assert 1 <= checked <= 5, (checked, details)
+        assert 1 <= checked <= 6, (checked, details)
         assert set(details) <= {"too many wrong token proofs from this peer: wait"}, details
 
 
