@@ -5,7 +5,8 @@ uid 65534 (``nobody``) and plays the stranger: it floods a token-mode service wi
 connections, or takes the service's port while the service is stopped and answers like it
 (an impostor), or plants a state directory for ``sessionlane status`` to trust. What the
 owner's clients (Python sync and asyncio, Node, the CLI) send it is recorded by the child
-and checked here, byte for byte.
+and checked here, byte for byte. (Over 600 lines: the stranger's process and the impostor
+are scaffolding every test here shares.)
 """
 
 from __future__ import annotations
