@@ -199,6 +199,14 @@ def test_a_service_that_does_not_prove_the_token_is_refused_and_not_used(
     assert core.link is None
 
 
+def test_a_service_older_than_the_token_proof_is_named_as_such() -> None:
+    core: ClientCore[str, None] = ClientCore(Settings.of("127.0.0.1:9", TOKEN))
+    link, _ = core.opened(None, 0.0)
+    older = Error(id=1, code="bad_frame", detail="nonce: Extra inputs are not permitted")
+    with pytest.raises(Unauthorized, match=r"older than this client.*upgrade the service"):
+        core.challenged(link, older)
+
+
 def test_a_challenge_to_a_client_without_a_token_says_the_service_needs_one(
     core: ClientCore[str, None],
 ) -> None:

@@ -334,6 +334,12 @@ class ClientCore(Generic[W, T]):
 
         Raises ``Unauthorized`` if the service challenges a client that has no token.
         """
+        if isinstance(reply, Error) and link.nonce is not None and "nonce" in reply.detail:
+            raise Unauthorized(
+                f"the service at {self.settings.address} is older than this client: it does"
+                f" not take the token proof ({reply.code}: {reply.detail}); upgrade the"
+                " service (this client never sends the token itself)"
+            )
         if not isinstance(reply, Challenge):
             return None
         if self.settings.token is None or link.nonce is None:

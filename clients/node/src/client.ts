@@ -178,10 +178,17 @@ export async function connect(
   const sl = new SessionLane(address, socket, options);
   try {
     const nonce = token === undefined ? undefined : newNonce();
-    let welcome = await sl.request('hello', {
-      client: options.client ?? `node:${process.pid}`,
-      nonce,
-    });
+    let welcome = await sl
+      .request('hello', { client: options.client ?? `node:${process.pid}`, nonce })
+      .catch((err: unknown) => {
+        if (nonce !== undefined && err instanceof SessionLaneError && /nonce/.test(err.message)) {
+          throw new Unauthorized(
+            `the service at ${address} is older than this client: it does not take the token` +
+              ` proof (${err.message}); upgrade the service (this client never sends the token)`,
+          );
+        }
+        throw err;
+      });
     let challenge: Uint8Array | undefined;
     if (welcome.type === 'challenge') {
       if (token === undefined || nonce === undefined) {
