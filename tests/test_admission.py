@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sessionlane.messages import handshake
 from sessionlane.messages.codec import take_frame
@@ -227,3 +229,49 @@ def test_take_frame_returns_the_first_frame_and_leaves_the_rest_unparsed() -> No
     assert take_frame(bytearray(buf[:5]), 4096) is None, "incomplete"
     assert take_frame(buf, 4096) == b"abc"
     assert bytes(buf) == big
+
+
+# ProofDelays, any interleaving ---------------------------------------------------------------
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["stranger", "owner", "other"]),  # whose proof
+            st.booleans(),  # right?
+            st.integers(min_value=0, max_value=3_000),  # ms since the previous event
+        ),
+        max_size=60,
+    )
+)
+def test_turns_never_come_sooner_than_the_wrong_proofs_before_them_allow(
+    events: list[tuple[str, bool, int]],
+) -> None:
+    """Proofs arrive and are judged at their turns, in any order across peers: a peer's
+    turns never go back, each comes at least the doubled delay after a wrong proof of the
+    same peer was judged, and a peer that never sent a wrong proof never waits."""
+    delays = ProofDelays(base_ms=250, max_ms=8_000, forget_ms=60_000)
+    now = 0.0
+    waiting: list[tuple[float, str, bool]] = []  # (turn, peer, right)
+    last_turn: dict[str, float] = {}
+    last_judged: dict[str, tuple[bool, float]] = {}  # peer -> (right, when)
+    for peer, right, gap in events:
+        now += gap
+        # Judge what is due by now, in turn order (the gateway's timer).
+        waiting.sort()
+        while waiting and waiting[0][0] <= now:
+            turn, who, ok = waiting.pop(0)
+            delays.checked(who, ok, turn)
+            last_judged[who] = (ok, turn)
+        turn = delays.slot(peer, now)
+        if turn is None:
+            continue  # refused unchecked: too far ahead
+        assert turn >= now
+        assert turn >= last_turn.get(peer, 0.0), "a peer's turns never go back"
+        last_turn[peer] = turn
+        if peer not in last_judged and not any(w == peer for _, w, _ in waiting):
+            assert turn == now, "no proof judged or waiting yet: no wait"
+        ok, when = last_judged.get(peer, (True, 0.0))
+        if not ok and now - when <= 60_000:
+            assert turn >= when + 250, "a wrong proof delays the peer's next one"
+        waiting.append((turn, peer, right))
