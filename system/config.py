@@ -74,7 +74,7 @@ NON_CONFIG_ENV = frozenset({"SESSIONLANE_CONFIG", "SESSIONLANE_TEST_TAG"})
 
 
 def read_token(settings: Settings) -> str | None:
-    """The token clients must present, or ``None`` when ``token_file`` is unset.
+    """The token clients must prove they know, or ``None`` when ``token_file`` is unset.
 
     Re-read at each call so a rotated token takes effect without a restart. Raises
     :class:`ConfigError` (key ``token_file``) if the file became unreadable or empty.

@@ -96,7 +96,7 @@ def startup_refusal(
         return None
     return (
         f"on this platform ({platform}) the gateway cannot tell which user a connection comes"
-        " from, so it would serve every local user: set token_file (clients present its"
+        " from, so it would serve every local user: set token_file (clients prove they know its"
         " content), or allow_other_users = true to admit every local user knowingly"
     )
 
