@@ -633,10 +633,12 @@ def test_a_state_directory_planted_by_another_user_is_refused_and_the_planted_po
 
             with Stranger(plant) as fake:
                 done = cli("status", env={"XDG_RUNTIME_DIR": str(shared)})
+                stopped = cli("stop", env={"XDG_RUNTIME_DIR": str(shared)})
                 report = fake.finish()
-        assert done.returncode == 2, done
-        assert f"the state directory {ours} belongs to uid {STRANGER}" in done.stderr
-        assert "XDG_RUNTIME_DIR" in done.stderr, "says what to do"
+        for refused in (done, stopped):
+            assert refused.returncode == 2, refused
+            assert f"the state directory {ours} belongs to uid {STRANGER}" in refused.stderr
+            assert "XDG_RUNTIME_DIR" in refused.stderr, "says what to do"
         assert report["received"] == [], "status never connected to the planted port"
     finally:
         subprocess.run(["rm", "-rf", str(shared)], check=False)
