@@ -353,17 +353,22 @@ def test_serve_refuses_to_start_with_a_weak_token_file_naming_the_key(
 # An impostor on the service's port -----------------------------------------------------------
 
 
-def impostor(port: int) -> Callable[[Callable[[Any], None], int], Any]:
-    """The stranger's service: on the stopped service's port, it answers like the service
-    would (a challenge, a welcome with a made-up proof, grants, ``appended`` at fence 99) and
-    records every byte each connection sent it."""
+def impostor(where: int | str) -> Callable[[Callable[[Any], None], int], Any]:
+    """The stranger's service: on the stopped service's port (or at a Unix socket path), it
+    answers like the service would (a challenge, a welcome with a made-up proof, grants,
+    ``appended`` at fence 99) and records every byte each connection sent it."""
 
     def work(ready: Callable[[Any], None], done_fd: int) -> Any:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
+        if isinstance(where, str):
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(where)
+            os.chmod(where, 0o777)  # anyone may connect: a trap
+        else:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", where))
         listener.listen(16)
-        ready({"listening": port})
+        ready({"listening": where})
         pending: dict[socket.socket, bytearray] = {}  # bytes not yet parsed, per connection
         received: dict[socket.socket, bytearray] = {}  # every byte, per connection
         while True:
@@ -541,6 +546,27 @@ def test_the_node_client_refuses_an_impostor_and_sends_it_neither_token_nor_reco
     (sent,) = sent_by_owner(report)
     assert TOKEN.encode() not in sent and b"records" not in sent
     assert [m["type"] for m in _all_frames(sent)] == (["hello", "proof"] if with_token else [])
+
+
+@needs_root
+@needs_linux
+def test_an_impostor_on_a_unix_socket_is_refused_by_its_owner_and_gets_nothing(
+    node: str,  # noqa: F811 (the fixture imported above)
+) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="sl-", dir="/tmp"))  # short: sun_path is 108 bytes
+    shared.chmod(0o1777)
+    path = str(shared / "gw.sock")
+    try:
+        with Stranger(impostor(path)) as fake:
+            address = f"unix://{path}"
+            refusals = [python_connects(address, None, flavour) for flavour in ("sync", "async")]
+            refusals.append(node_connects(node, address, None)["message"])
+            report = fake.finish()
+    finally:
+        subprocess.run(["rm", "-rf", str(shared)], check=False)
+    for refusal in refusals:
+        assert f"runs as uid {STRANGER}, not uid 0" in refusal, refusal
+    assert sent_by_owner(report) == [b""] * 3, "nothing at all is sent to it"
 
 
 @needs_root
