@@ -66,6 +66,7 @@ RejectCode = Literal[
     "queue_full",
     "shutting_down",
     "abandoned",
+    "unavailable",
 ]
 
 _RANK: dict[Priority, int] = {"background": 0, "interactive": 1, "recovery": 2}
@@ -427,6 +428,31 @@ class LeaseTable:
         self.waiters = []
         if self.holder is not None:
             effects += self._revoke(self.holder, "shutdown", now)
+        return effects
+
+    def raise_floor(self, floor: int, now: float) -> list[Effect]:
+        """Another owner may have granted fences up to ``floor``: grant only above it now.
+
+        The file's ownership moved to a sidecar whose fence store says ``floor`` (read under
+        the lock). A holder whose fence is not above it is revoked (``ownership_lost``): its
+        lease predates grants another service made, so it is no longer the latest.
+        """
+        if floor <= self.fence:
+            return []
+        self.fence = floor
+        self.fence_ceiling = max(self.fence_ceiling, floor)
+        if self.holder is None:
+            return []
+        return self._revoke(self.holder, "ownership_lost", now) + self._promote(now)
+
+    def lose(self, now: float, detail: str) -> list[Effect]:
+        """The file is served elsewhere now: waiters get ``unavailable``, the holder is revoked
+        (``ownership_lost``), and everything that follows is refused."""
+        self.closed = True
+        effects: list[Effect] = [Reject(w.req, w.lane, "unavailable", detail) for w in self.waiters]
+        self.waiters = []
+        if self.holder is not None:
+            effects += self._revoke(self.holder, "ownership_lost", now)
         return effects
 
     # Queries -------------------------------------------------------------------------------

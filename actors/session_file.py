@@ -244,6 +244,8 @@ class SessionFile(ShellActor):
             error = Error(id=call.request.id, code=s.code, detail=s.detail, path=call.path)
             self.reply(call, error)
             return
+        if not self.own_path(s, call):
+            return
         now, key, lane, req = self.now(), call_key(call), call.lane.uid, call.request
         match req:
             case Acquire():
@@ -286,6 +288,34 @@ class SessionFile(ShellActor):
                 code = "too_many_files"
             error = Error(id=msg.request.id, code=code, detail=failure_detail(exc), path=self.path)
             self.reply(msg, error)
+
+    # Ownership -----------------------------------------------------------------------------
+
+    def own_path(self, s: Serving, call: LaneCall | None = None) -> bool:
+        """Before anything that may grant or write: is the owner lock at the path still ours?
+
+        If it moved and was free, it is ours again (``Serving.keep_ownership``); if another
+        process holds it, the file is lost (``lose_file``) and ``call`` answered with why.
+        """
+        effects, lost = s.keep_ownership(self.now())
+        if lost is None:
+            self.perform(s, effects)
+            return True
+        self.lose_file(s, lost, call)
+        return False
+
+    def lose_file(self, s: Serving, broken: Broken, call: LaneCall | None) -> None:
+        """Stop serving: every lease reported lost, queued writes refused, then ``Broken``."""
+        log.warning("no longer serving %s: %s", self.path, broken.detail)
+        self.perform(s, s.table.lose(self.now(), broken.detail))
+        self.perform_writes(s, s.writes.fail_queued(broken.code, broken.detail))
+        if call is not None:
+            error = Error(id=call.request.id, code=broken.code, detail=broken.detail)
+            self.reply(call, error.model_copy(update={"path": self.path}))
+        self.commit(s)
+        s.channels.flush()  # the revocations go out before the channels close
+        self.state = broken
+        s.close()
 
     # Effects -------------------------------------------------------------------------------
 
@@ -464,13 +494,15 @@ class SessionFile(ShellActor):
             case LeaseTick(due=due):
                 if s.next_tick is not None and due >= s.next_tick:
                     s.next_tick = None
-                self.perform(s, s.table.tick(self.now()))
+                if self.own_path(s):  # a tick may grant the next waiter
+                    self.perform(s, s.table.tick(self.now()))
             case CommitDue(due=due):
                 if s.commit.timer_fired(due):
                     self.decide(s)
             case LegacyRetry():
                 s.writes.retry_due()
-                self.drain_writes(s)
+                if self.own_path(s):
+                    self.drain_writes(s)
             case IdleCheck(activity=seen):
                 self.on_idle(s, seen)
             case ChannelFlush():

@@ -26,14 +26,14 @@ from sessionlane.actors.confined import ConfinedDir, failure_code, failure_detai
 from sessionlane.actors.fencestore import FenceStore
 from sessionlane.actors.group_commit import CommitPolicy
 from sessionlane.actors.histogram import FileMetrics
-from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.lease_table import Effect, LeasePolicy, LeaseTable
 from sessionlane.actors.legacy_lock import LegacyLock
-from sessionlane.actors.ownership import Ownership
+from sessionlane.actors.ownership import OwnedElsewhere, Ownership
 from sessionlane.actors.session_file_channels import FileChannels
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
 from sessionlane.actors.session_file_writes import WritePath
 from sessionlane.actors.transcript import OpenReport, Transcript
-from sessionlane.messages.errors import ErrorCode, SessionLaneError
+from sessionlane.messages.errors import ErrorCode, PathNotAllowed, SessionLaneError
 from sessionlane.messages.internal import FileInit, FileSettings
 from sessionlane.messages.wire import FileStatus, HolderStatus, QueueEntry
 
@@ -176,6 +176,47 @@ class Serving:
         self.commit.close()
         self.ownership.release()
         self.directory.close()
+
+    def keep_ownership(self, now: float) -> tuple[list[Effect], Broken | None]:
+        """Before a grant or a write: make sure the owner lock at the file's path is ours.
+
+        Walks the directory down from the root again. If the sidecar at the path is not the one
+        this file locked (its directory was replaced, as by restoring a backup, or the sidecar
+        deleted), takes the lock there and reads that fence store under it: the lease table's
+        effects follow (new grants go above its fences; a holder below them is revoked). A
+        lock another process holds there, or one that cannot be taken, gives the ``Broken``
+        state to switch to: the file is no longer ours to serve. A path that does not lead to
+        a directory any more is left to the write it precedes (refused ``path_not_allowed``).
+        """
+        try:
+            self.directory.revalidate()
+        except (PathNotAllowed, OSError):
+            return [], None
+        if self.ownership.still_at(self.directory):
+            return [], None
+        try:
+            self.ownership = self.ownership.follow(self.path, self.directory, now=time.time())
+        except OwnedElsewhere as exc:
+            moved = "the file's ownership moved (its directory or owner sidecar was replaced)"
+            detail = f"{moved}; {exc.detail}"
+            return [], Broken("unavailable", detail)
+        except (SessionLaneError, OSError) as exc:
+            detail = f"cannot take the ownership lock at the file's path: {failure_detail(exc)}"
+            return [], Broken(failure_code(exc), detail)
+        log.warning(
+            "the owner sidecar of %s was replaced (directory restored or sidecar deleted): "
+            "ownership taken at the path",
+            self.path,
+        )
+        try:
+            floor = self.fences.load()
+            effects = self.table.raise_floor(floor, now)
+            if self.table.fence_ceiling > self.fences.ceiling:
+                self.fences.reserve(self.table.fence_ceiling)
+        except (SessionLaneError, OSError) as exc:
+            detail = f"cannot carry the fences to the file's path: {failure_detail(exc)}"
+            return [], Broken(failure_code(exc), detail)
+        return effects, None
 
     def quiet(self) -> bool:
         """Nothing held, queued or waiting: the actor may be passivated."""
