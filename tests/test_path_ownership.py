@@ -51,7 +51,7 @@ def writers(path: Path) -> list[str]:
     return [json.loads(line)["by"] for line in path.read_text().splitlines()]
 
 
-def test_a_restored_directory_goes_to_the_service_that_grants_first_and_the_other_holder_is_revoked(  # noqa: E501
+def test_a_restored_directory_goes_to_the_service_that_grants_first_and_the_other_holder_is_revoked(
     services: tuple[Service, Service, Path],
 ) -> None:
     a, b, path = services
