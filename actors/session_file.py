@@ -36,6 +36,7 @@ from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, Watc
 from sessionlane.actors import lease_table as lt
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
+from sessionlane.actors.disk_errors import named_disk_error
 from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.ownership import OwnedElsewhere
@@ -286,6 +287,8 @@ class SessionFile(ShellActor):
                 code = exc.code
             elif is_fd_exhaustion(exc):
                 code = "too_many_files"
+            elif (disk := named_disk_error(exc)) is not None:  # a fence reservation, say
+                code = disk
             error = Error(id=msg.request.id, code=code, detail=failure_detail(exc), path=self.path)
             self.reply(msg, error)
 

@@ -268,6 +268,8 @@ class Serving:
             "channel_calls": self.channels.calls,
             "syncs": self.transcript.sync_count,
             "size": self.transcript.size,
+            "disk_error_episodes": self.sync.disk.episodes,
+            "moved_writes": self.sync.moved,
             "channels": self.channels.connections(),
             **extra,
         }

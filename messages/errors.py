@@ -13,13 +13,18 @@ __all__ = [
     "ERROR_CODES",
     "BadFrame",
     "Contended",
+    "DiskError",
+    "DiskFull",
     "ErrorCode",
+    "FileMoved",
+    "IOFailure",
     "InvalidRecord",
     "LeaseRevoked",
     "LeaseTimeout",
     "NotHolder",
     "PathNotAllowed",
     "QueueFull",
+    "ReadOnly",
     "SessionLaneError",
     "ShuttingDown",
     "StaleFence",
@@ -46,6 +51,10 @@ ErrorCode = Literal[
     "shutting_down",
     "abandoned",
     "too_many_files",
+    "disk_full",
+    "read_only",
+    "io_error",
+    "file_moved",
     "internal",
 ]
 ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
@@ -193,6 +202,43 @@ class TooManyFiles(SessionLaneError):
     code = "too_many_files"
 
 
+class DiskError(SessionLaneError):
+    """The file system refused a write or a sync; nothing was acknowledged.
+
+    One of ``DiskFull``, ``ReadOnly`` or ``IOFailure``. What the failed write had already put
+    in the file is cut off again where possible; it is never counted as written.
+    """
+
+    code: ErrorCode = "io_error"
+
+
+class DiskFull(DiskError):
+    """No space left on the file system, or the user's quota is used up (ENOSPC, EDQUOT)."""
+
+    code = "disk_full"
+
+
+class ReadOnly(DiskError):
+    """The file system is mounted read-only (EROFS)."""
+
+    code = "read_only"
+
+
+class IOFailure(DiskError):
+    """The storage failed to read, write or sync (EIO and other I/O errors)."""
+
+    code = "io_error"
+
+
+class FileMoved(SessionLaneError):
+    """The transcript (or a directory above it) was moved or replaced while a write was on its
+    way: the records went to the moved file, not to the one now at the path, and nothing was
+    acknowledged. The next write goes to the file at the path (or is refused if there is none).
+    """
+
+    code = "file_moved"
+
+
 _BY_CODE: dict[str, type[SessionLaneError]] = {
     "lease_timeout": LeaseTimeout,
     "contended": Contended,
@@ -209,6 +255,10 @@ _BY_CODE: dict[str, type[SessionLaneError]] = {
     "shutting_down": ShuttingDown,
     "abandoned": LeaseRevoked,
     "too_many_files": TooManyFiles,
+    "disk_full": DiskFull,
+    "read_only": ReadOnly,
+    "io_error": IOFailure,
+    "file_moved": FileMoved,
     "internal": SessionLaneError,
 }
 
