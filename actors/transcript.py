@@ -511,8 +511,8 @@ class Transcript:
             size = os.fstat(fd).st_size
             if start < size < expected_end:
                 os.ftruncate(fd, start)
-        except OSError:
-            self._log.exception("could not cut a partial append from %s", self.path)
+        except OSError as exc:  # the next check_external tries again (_after_failed_append)
+            self._log.warning("could not cut a partial append from %s: %s", self.path, exc)
 
     def _after_failed_append(self, known: FileIdentity, start: int) -> None:
         """Our failed append is not somebody else's change: know the file as it is now.
