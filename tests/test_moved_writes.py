@@ -1,17 +1,21 @@
 """No acknowledged record outside the root (issue 19, finding 6): a real rename loop and service.
 
 A client appends under one lease while the test renames the transcript's directory out of the
-root, again and again, and makes a new one in its place. Right after each rename the test notes
-the size of the moved-out file: a record at or past that offset in a moved-out file was written
-after its directory had left the root. Before this fix some of those were acknowledged (492 of
-3,377 moves in the issue's probe); now an append is acknowledged only if, once durable, its file
-is still the one at the path, and the holder gets ``file_moved`` otherwise.
+root, again and again, and makes a new one in its place. Every other move is made as soon as the
+service has created the transcript in the new directory: inside the window the issue found
+between the service's look at the path (and its create and directory fsync) and its write.
+Right after each rename the test notes the size of the moved-out file: a record at or past that
+offset in a moved-out file was written after its directory had left the root. Before this fix
+some of those were acknowledged (492 of 3,377 moves in the issue's probe); now an append is
+acknowledged only if, once durable, its file is still the one at the path, and the holder gets
+``file_moved`` otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +26,9 @@ from sessionlane.system.runtime.service import embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(240)]
 
-MOVES = 150
+MOVES = 200
 PROGRESS_S = 20.0
+CREATED_S = 5.0
 
 
 def lines_of(path: Path) -> list[tuple[int, int]]:
@@ -65,7 +70,8 @@ def test_no_record_acknowledged_while_its_directory_is_renamed_out_of_the_root_l
                         acked[n] = lease.append({"n": n}).offset
                     except SessionLaneError as exc:
                         refused[n] = exc.code
-                    progress.release()
+                    else:
+                        progress.release()  # one acknowledged append between two rounds
             except BaseException as exc:  # reported by the main thread
                 failures.append(exc)
                 progress.release()
@@ -73,15 +79,25 @@ def test_no_record_acknowledged_while_its_directory_is_renamed_out_of_the_root_l
         writer = threading.Thread(target=write, name="appender")
         writer.start()
         moved_at: dict[Path, int] = {}  # moved-out file -> its size right after the rename
+
+        def move_out(i: int) -> None:
+            gone = outside / f"g{i}"
+            team.rename(gone)
+            moved = gone / "z.jsonl"
+            moved_at[moved] = moved.stat().st_size if moved.exists() else 0
+            team.mkdir()
+
         try:
-            for i in range(MOVES):
-                assert progress.acquire(timeout=PROGRESS_S), "the appender made no progress"
+            for i in range(0, MOVES, 2):
+                assert progress.acquire(timeout=PROGRESS_S), "no append acknowledged"
                 assert not failures, failures
-                gone = outside / f"g{i}"
-                team.rename(gone)
-                moved = gone / "z.jsonl"
-                moved_at[moved] = moved.stat().st_size if moved.exists() else 0
-                team.mkdir()
+                move_out(i)
+                # The service recreates the transcript in the new directory, then writes:
+                # move it out again the moment the file appears (bounded; polled, no sleep).
+                deadline = time.monotonic() + CREATED_S
+                while not path.exists() and time.monotonic() < deadline:
+                    pass
+                move_out(i + 1)
             assert progress.acquire(timeout=PROGRESS_S)
         finally:
             done.set()
