@@ -299,13 +299,20 @@ class SessionFile(ShellActor):
 
         If it moved and was free, it is ours again (``Serving.keep_ownership``); if another
         process holds it, the file is lost (``lose_file``) and ``call`` answered with why.
+        A path that kept changing refuses ``call`` only (a timer goes on).
         """
-        effects, lost = s.keep_ownership(self.now())
-        if lost is None:
-            self.perform(s, effects)
-            return True
-        self.lose_file(s, lost, call)
-        return False
+        check = s.keep_ownership(self.now())
+        self.perform(s, check.effects)
+        if check.lost is not None:
+            self.lose_file(s, check.lost, call)
+            return False
+        if check.refused is not None and call is not None:
+            no = check.refused
+            self.reply(
+                call, Error(id=call.request.id, code=no.code, detail=no.detail, path=self.path)
+            )
+            return False
+        return True
 
     def lose_file(self, s: Serving, broken: Broken, call: LaneCall | None) -> None:
         """Stop serving: every lease reported lost, queued writes refused, then ``Broken``."""
@@ -313,8 +320,8 @@ class SessionFile(ShellActor):
         self.perform(s, s.table.lose(self.now(), broken.detail))
         self.perform_writes(s, s.writes.fail_queued(broken.code, broken.detail))
         if call is not None:
-            error = Error(id=call.request.id, code=broken.code, detail=broken.detail)
-            self.reply(call, error.model_copy(update={"path": self.path}))
+            rid = call.request.id
+            self.reply(call, Error(id=rid, code=broken.code, detail=broken.detail, path=self.path))
         self.commit(s)
         s.channels.flush()  # the revocations go out before the channels close
         self.state = broken

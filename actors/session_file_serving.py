@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sessionlane.actors.confined import ConfinedDir, failure_code, failure_detail
@@ -37,7 +37,7 @@ from sessionlane.messages.errors import ErrorCode, PathNotAllowed, SessionLaneEr
 from sessionlane.messages.internal import FileInit, FileSettings
 from sessionlane.messages.wire import FileStatus, HolderStatus, QueueEntry
 
-__all__ = ["NOT_STARTED", "Broken", "Serving", "Switches", "activation_error"]
+__all__ = ["NOT_STARTED", "Broken", "OwnerCheck", "Serving", "Switches", "activation_error"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,22 @@ def activation_error(exc: BaseException) -> Broken:
     if not isinstance(exc, SessionLaneError):
         detail = f"cannot open the file: {detail}"
     return Broken(failure_code(exc), detail)
+
+
+_FOLLOW_ATTEMPTS = 3
+"""Times ownership is moved to the path in one check before the request is refused."""
+
+
+@dataclass(slots=True)
+class OwnerCheck:
+    """What ``Serving.keep_ownership`` found: effects to perform, or why not to go on."""
+
+    effects: list[Effect] = field(default_factory=list)
+    """The lease table's effects of taking the lock at the path (a holder revoked...)."""
+    lost: Broken | None = None
+    """The file is served by another process now: stop serving it, with this error."""
+    refused: Broken | None = None
+    """The path kept changing: refuse the request at hand with this error (and go on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +193,7 @@ class Serving:
         self.ownership.release()
         self.directory.close()
 
-    def keep_ownership(self, now: float) -> tuple[list[Effect], Broken | None]:
+    def keep_ownership(self, now: float) -> OwnerCheck:
         """Before a grant or a write: make sure the owner lock at the file's path is ours.
 
         Walks the directory down from the root again. If the sidecar at the path is not the one
@@ -186,37 +202,44 @@ class Serving:
         effects follow (new grants go above its fences; a holder below them is revoked). A
         lock another process holds there, or one that cannot be taken, gives the ``Broken``
         state to switch to: the file is no longer ours to serve. A path that does not lead to
-        a directory any more is left to the write it precedes (refused ``path_not_allowed``).
+        a directory is left to the write it precedes (refused ``path_not_allowed``); one that
+        keeps changing while the lock is moved refuses the request at hand only.
         """
-        try:
-            self.directory.revalidate()
-        except (PathNotAllowed, OSError):
-            return [], None
-        if self.ownership.still_at(self.directory):
-            return [], None
-        try:
-            self.ownership = self.ownership.follow(self.path, self.directory, now=time.time())
-        except OwnedElsewhere as exc:
-            moved = "the file's ownership moved (its directory or owner sidecar was replaced)"
-            detail = f"{moved}; {exc.detail}"
-            return [], Broken("unavailable", detail)
-        except (SessionLaneError, OSError) as exc:
-            detail = f"cannot take the ownership lock at the file's path: {failure_detail(exc)}"
-            return [], Broken(failure_code(exc), detail)
-        log.warning(
-            "the owner sidecar of %s was replaced (directory restored or sidecar deleted): "
-            "ownership taken at the path",
-            self.path,
+        check = OwnerCheck()
+        for _ in range(_FOLLOW_ATTEMPTS):
+            try:
+                self.directory.revalidate()
+            except (PathNotAllowed, OSError):
+                return check
+            if self.ownership.still_at(self.directory):
+                return check
+            try:
+                self.ownership = self.ownership.follow(self.path, self.directory, now=time.time())
+                log.warning(
+                    "the owner sidecar of %s was replaced (directory restored or sidecar "
+                    "deleted): ownership taken at the path",
+                    self.path,
+                )
+                floor = self.fences.load()  # read under the lock just taken
+                check.effects += self.table.raise_floor(floor, now)
+                if self.table.fence_ceiling > self.fences.ceiling:
+                    self.fences.reserve(self.table.fence_ceiling)
+                return check
+            except OwnedElsewhere as exc:
+                moved = "the file's ownership moved (its directory or owner sidecar was replaced)"
+                check.lost = Broken("unavailable", f"{moved}; {exc.detail}")
+                return check
+            except PathNotAllowed:
+                continue  # moved again meanwhile: look at the path again
+            except (SessionLaneError, OSError) as exc:
+                detail = f"cannot take the file's ownership at its path: {failure_detail(exc)}"
+                check.lost = Broken(failure_code(exc), detail)
+                return check
+        check.refused = Broken(
+            "path_not_allowed",
+            f"{self.directory.path} keeps being moved or replaced; nothing was done, try again",
         )
-        try:
-            floor = self.fences.load()
-            effects = self.table.raise_floor(floor, now)
-            if self.table.fence_ceiling > self.fences.ceiling:
-                self.fences.reserve(self.table.fence_ceiling)
-        except (SessionLaneError, OSError) as exc:
-            detail = f"cannot carry the fences to the file's path: {failure_detail(exc)}"
-            return [], Broken(failure_code(exc), detail)
-        return effects, None
+        return check
 
     def quiet(self) -> bool:
         """Nothing held, queued or waiting: the actor may be passivated."""
