@@ -302,7 +302,7 @@ class Serving:
 
 
 def _open_file(msg: FileInit) -> _Opened:
-    """Take ownership, open the transcript and load the fences; on failure close it all."""
+    """Take ownership, load the fences, open the transcript; on failure close it all."""
     directory, _ = ConfinedDir.open_parent(msg.path, msg.root)
     ownership: Ownership | None = None
     transcript: Transcript | None = None
@@ -316,10 +316,12 @@ def _open_file(msg: FileInit) -> _Opened:
             now=time.time(),
             directory=directory,
         )
+        # The fences before the transcript: a refused fence sidecar (a symlink, a corrupt
+        # record) must not leave behind a new empty transcript created for this request.
+        fences = FenceStore(msg.path, directory)
+        floor = fences.load()
         transcript = Transcript(msg.path, root=msg.root, directory=directory, log=log)
         legacy, unchecked, report = _open_transcript(transcript, msg, directory)
-        fences = FenceStore(msg.path, transcript.directory)
-        floor = fences.load()
     except BaseException:  # another owner, permission, corrupt fence file, EMFILE...
         _close_after_failure(msg.path, directory, ownership, transcript)
         raise
