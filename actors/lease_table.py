@@ -419,24 +419,26 @@ class LeaseTable:
             )
         return effects
 
-    def shutdown(self, now: float) -> list[Effect]:
-        """Answer every waiter with ``shutting_down``, revoke the holder, refuse what follows."""
+    def shutdown(
+        self,
+        now: float,
+        *,
+        code: RejectCode = "shutting_down",
+        detail: str = "the service is stopping",
+        reason: RevokeReason = "shutdown",
+    ) -> list[Effect]:
+        """Answer every waiter with ``code``, revoke the holder (``reason``), refuse what follows.
+        Defaults: the service stops (a file lost to another owner: ``ownership_lost``)."""
         self.closed = True
-        effects: list[Effect] = [
-            Reject(w.req, w.lane, "shutting_down", "the service is stopping") for w in self.waiters
-        ]
+        effects: list[Effect] = [Reject(w.req, w.lane, code, detail) for w in self.waiters]
         self.waiters = []
         if self.holder is not None:
-            effects += self._revoke(self.holder, "shutdown", now)
+            effects += self._revoke(self.holder, reason, now)
         return effects
 
     def raise_floor(self, floor: int, now: float) -> list[Effect]:
-        """Another owner may have granted fences up to ``floor``: grant only above it now.
-
-        The file's ownership moved to a sidecar whose fence store says ``floor`` (read under
-        the lock). A holder whose fence is not above it is revoked (``ownership_lost``): its
-        lease predates grants another service made, so it is no longer the latest.
-        """
+        """Ownership moved to a sidecar whose fence store says ``floor``: grant above it; a
+        holder not above it is revoked (``ownership_lost``: another service granted since)."""
         if floor <= self.fence:
             return []
         self.fence = floor
@@ -444,16 +446,6 @@ class LeaseTable:
         if self.holder is None:
             return []
         return self._revoke(self.holder, "ownership_lost", now) + self._promote(now)
-
-    def lose(self, now: float, detail: str) -> list[Effect]:
-        """The file is served elsewhere now: waiters get ``unavailable``, the holder is revoked
-        (``ownership_lost``), and everything that follows is refused."""
-        self.closed = True
-        effects: list[Effect] = [Reject(w.req, w.lane, "unavailable", detail) for w in self.waiters]
-        self.waiters = []
-        if self.holder is not None:
-            effects += self._revoke(self.holder, "ownership_lost", now)
-        return effects
 
     # Queries -------------------------------------------------------------------------------
 

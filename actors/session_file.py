@@ -317,7 +317,10 @@ class SessionFile(ShellActor):
     def lose_file(self, s: Serving, broken: Broken, call: LaneCall | None) -> None:
         """Stop serving: every lease reported lost, queued writes refused, then ``Broken``."""
         log.warning("no longer serving %s: %s", self.path, broken.detail)
-        self.perform(s, s.table.lose(self.now(), broken.detail))
+        lost = s.table.shutdown(
+            self.now(), code="unavailable", detail=broken.detail, reason="ownership_lost"
+        )
+        self.perform(s, lost)
         self.perform_writes(s, s.writes.fail_queued(broken.code, broken.detail))
         if call is not None:
             rid = call.request.id

@@ -580,7 +580,9 @@ def test_losing_the_file_answers_waiters_unavailable_and_revokes_the_holder() ->
     first = hold(table, A)
     table.acquire("r2", B, "prompt", 1)
 
-    effects = table.lose(3, "served elsewhere")
+    effects = table.shutdown(
+        3, code="unavailable", detail="served elsewhere", reason="ownership_lost"
+    )
 
     assert rejected(effects) == {"r2": "unavailable"}
     assert Revoke(A, first.lease, "ownership_lost") in effects
