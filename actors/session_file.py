@@ -21,6 +21,11 @@ This module is the shell: the handler table, lifecycle, calls, effects, timers (
 ``sessionlane.actors.timers``), passivation and status. It also holds the one clock every part
 reads, ``now()`` (tests replace ``monotonic_ms`` here).
 
+Ownership follows the path: before every call or timer that may grant or write, ``own_path``
+checks that the owner lock at the file's path is still the one held (``Serving.keep_ownership``;
+docs/security-files.md). A lock that moved is taken again; one another process holds ends the
+serving (``lose_file``): leases revoked ``ownership_lost``, the actor retires as a broken one.
+
 Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires ``idle_ms`` after
 the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
 channels until a message from the Registry says it is not retired after all.
