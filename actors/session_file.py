@@ -465,6 +465,8 @@ class SessionFile(ShellActor):
         if not isinstance(s, Serving):
             return
         for event in s.channels.on_ready(msg.ready):
+            if self.state is not s:  # the file was lost to another owner: its channels closed
+                return
             if isinstance(event, ChannelCallEvent):
                 self.on_channel_call(s, event)
             else:
