@@ -229,8 +229,12 @@ class Serving:
                 moved = "the file's ownership moved (its directory or owner sidecar was replaced)"
                 check.lost = Broken("unavailable", f"{moved}; {exc.detail}")
                 return check
-            except PathNotAllowed:
-                continue  # moved again meanwhile: look at the path again
+            except PathNotAllowed as exc:
+                if self._moved_again():
+                    continue  # look at the path again
+                # A sidecar at the path is refused (a symlink...): nobody can own it there.
+                check.lost = Broken(exc.code, f"cannot own the file at its path: {exc.detail}")
+                return check
             except (SessionLaneError, OSError) as exc:
                 detail = f"cannot take the file's ownership at its path: {failure_detail(exc)}"
                 check.lost = Broken(failure_code(exc), detail)
@@ -240,6 +244,13 @@ class Serving:
             f"{self.directory.path} keeps being moved or replaced; nothing was done, try again",
         )
         return check
+
+    def _moved_again(self) -> bool:
+        """Did the file's directory change (or vanish) since the last walk? Switches to it."""
+        try:
+            return self.directory.revalidate()
+        except (PathNotAllowed, OSError):
+            return True
 
     def quiet(self) -> bool:
         """Nothing held, queued or waiting: the actor may be passivated."""

@@ -126,3 +126,28 @@ def test_a_deleted_owner_sidecar_lets_nobody_write_beside_the_owner(
                 lease_a.append({"by": "A"})
             assert lease_a.revoked == "ownership_lost"
     assert writers(path) == ["A", "B"]
+
+
+def test_an_owner_sidecar_replaced_by_a_symlink_ends_the_serving_and_writes_nothing_outside(
+    root: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_bytes(b"keep")
+    path = root / "z.jsonl"
+    with (
+        embedded_service([str(root)], log_file=tmp_path / "a.log") as a,
+        connect(a.address) as sa,
+    ):
+        lease = sa.lane("a").acquire(str(path))
+        assert lease is not None
+        lease.append({"by": "A"})
+        os.unlink(owner_path(str(path)))
+        os.symlink(outside / "precious", owner_path(str(path)))
+        with pytest.raises(SessionLaneError) as refused:
+            lease.append({"by": "A"})
+        assert refused.value.code == "path_not_allowed", refused.value
+        assert "owner is a symbolic link" in refused.value.detail
+        assert lease.revoked == "ownership_lost"
+    assert (outside / "precious").read_bytes() == b"keep"
+    assert writers(path) == ["A"]
