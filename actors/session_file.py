@@ -309,7 +309,7 @@ class SessionFile(ShellActor):
         check = s.keep_ownership(self.now())
         self.perform(s, check.effects)
         if check.lost is not None:
-            self.lose_file(s, check.lost, call)
+            self.lose_file(s, Broken(check.lost.code, check.lost.detail), call)
             return False
         if check.refused is not None and call is not None:
             no = check.refused

@@ -19,25 +19,26 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sessionlane.actors.confined import ConfinedDir, failure_code, failure_detail
 from sessionlane.actors.fencestore import FenceStore
 from sessionlane.actors.group_commit import CommitPolicy
 from sessionlane.actors.histogram import FileMetrics
-from sessionlane.actors.lease_table import Effect, LeasePolicy, LeaseTable
+from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
 from sessionlane.actors.legacy_lock import LegacyLock
-from sessionlane.actors.ownership import OwnedElsewhere, Ownership
+from sessionlane.actors.owner_check import OwnerCheck, keep_ownership
+from sessionlane.actors.ownership import Ownership
 from sessionlane.actors.session_file_channels import FileChannels
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
 from sessionlane.actors.session_file_writes import WritePath
 from sessionlane.actors.transcript import OpenReport, Transcript
-from sessionlane.messages.errors import ErrorCode, PathNotAllowed, SessionLaneError
+from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import FileInit, FileSettings
 from sessionlane.messages.wire import FileStatus, HolderStatus, QueueEntry
 
-__all__ = ["NOT_STARTED", "Broken", "OwnerCheck", "Serving", "Switches", "activation_error"]
+__all__ = ["NOT_STARTED", "Broken", "Serving", "Switches", "activation_error"]
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +66,6 @@ def activation_error(exc: BaseException) -> Broken:
     if not isinstance(exc, SessionLaneError):
         detail = f"cannot open the file: {detail}"
     return Broken(failure_code(exc), detail)
-
-
-_FOLLOW_ATTEMPTS = 3
-"""Times ownership is moved to the path in one check before the request is refused."""
-
-
-@dataclass(slots=True)
-class OwnerCheck:
-    """What ``Serving.keep_ownership`` found: effects to perform, or why not to go on."""
-
-    effects: list[Effect] = field(default_factory=list)
-    """The lease table's effects of taking the lock at the path (a holder revoked...)."""
-    lost: Broken | None = None
-    """The file is served by another process now: stop serving it, with this error."""
-    refused: Broken | None = None
-    """The path kept changing: refuse the request at hand with this error (and go on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,65 +178,6 @@ class Serving:
         self.ownership.release()
         self.directory.close()
 
-    def keep_ownership(self, now: float) -> OwnerCheck:
-        """Before a grant or a write: make sure the owner lock at the file's path is ours.
-
-        Walks the directory down from the root again. If the sidecar at the path is not the one
-        this file locked (its directory was replaced, as by restoring a backup, or the sidecar
-        deleted), takes the lock there and reads that fence store under it: the lease table's
-        effects follow (new grants go above its fences; a holder below them is revoked). A
-        lock another process holds there, or one that cannot be taken, gives the ``Broken``
-        state to switch to: the file is no longer ours to serve. A path that does not lead to
-        a directory is left to the write it precedes (refused ``path_not_allowed``); one that
-        keeps changing while the lock is moved refuses the request at hand only.
-        """
-        check = OwnerCheck()
-        for _ in range(_FOLLOW_ATTEMPTS):
-            try:
-                self.directory.revalidate()
-            except (PathNotAllowed, OSError):
-                return check
-            if self.ownership.still_at(self.directory):
-                return check
-            try:
-                self.ownership = self.ownership.follow(self.path, self.directory, now=time.time())
-                log.warning(
-                    "the owner sidecar of %s was replaced (directory restored or sidecar "
-                    "deleted): ownership taken at the path",
-                    self.path,
-                )
-                floor = self.fences.load()  # read under the lock just taken
-                check.effects += self.table.raise_floor(floor, now)
-                if self.table.fence_ceiling > self.fences.ceiling:
-                    self.fences.reserve(self.table.fence_ceiling)
-                return check
-            except OwnedElsewhere as exc:
-                moved = "the file's ownership moved (its directory or owner sidecar was replaced)"
-                check.lost = Broken("unavailable", f"{moved}; {exc.detail}")
-                return check
-            except PathNotAllowed as exc:
-                if self._moved_again():
-                    continue  # look at the path again
-                # A sidecar at the path is refused (a symlink...): nobody can own it there.
-                check.lost = Broken(exc.code, f"cannot own the file at its path: {exc.detail}")
-                return check
-            except (SessionLaneError, OSError) as exc:
-                detail = f"cannot take the file's ownership at its path: {failure_detail(exc)}"
-                check.lost = Broken(failure_code(exc), detail)
-                return check
-        check.refused = Broken(
-            "path_not_allowed",
-            f"{self.directory.path} keeps being moved or replaced; nothing was done, try again",
-        )
-        return check
-
-    def _moved_again(self) -> bool:
-        """Did the file's directory change (or vanish) since the last walk? Switches to it."""
-        try:
-            return self.directory.revalidate()
-        except (PathNotAllowed, OSError):
-            return True
-
     def quiet(self) -> bool:
         """Nothing held, queued or waiting: the actor may be passivated."""
         return self.table.idle() and self.commit.idle() and not self.writes.queue
@@ -310,6 +236,18 @@ class Serving:
         return FileStatus(
             path=self.path, fence=t.fence, holder=holder, queue=queue, counters=counters
         )
+
+    def keep_ownership(self, now: float) -> OwnerCheck:
+        """Before a grant or a write: is the owner lock at the file's path still ours?
+
+        ``sessionlane.actors.owner_check``: taken again at the path if it moved and is free
+        (the fences carried), or the reason to stop serving (another process holds it).
+        """
+        check = keep_ownership(
+            self.path, self.directory, self.ownership, self.fences, self.table, now
+        )
+        self.ownership = check.ownership
+        return check
 
 
 def _open_file(msg: FileInit) -> _Opened:
