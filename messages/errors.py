@@ -50,11 +50,11 @@ ErrorCode = Literal[
     "unavailable",
     "shutting_down",
     "abandoned",
-    "too_many_files",
     "disk_full",
     "read_only",
     "io_error",
     "file_moved",
+    "too_many_files",
     "internal",
 ]
 ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
@@ -254,11 +254,11 @@ _BY_CODE: dict[str, type[SessionLaneError]] = {
     "unavailable": Unavailable,
     "shutting_down": ShuttingDown,
     "abandoned": LeaseRevoked,
-    "too_many_files": TooManyFiles,
     "disk_full": DiskFull,
     "read_only": ReadOnly,
     "io_error": IOFailure,
     "file_moved": FileMoved,
+    "too_many_files": TooManyFiles,
     "internal": SessionLaneError,
 }
 
