@@ -64,9 +64,9 @@ RejectCode = Literal[
     "stale_fence",
     "not_holder",
     "queue_full",
+    "unavailable",
     "shutting_down",
     "abandoned",
-    "unavailable",
 ]
 
 _RANK: dict[Priority, int] = {"background": 0, "interactive": 1, "recovery": 2}
