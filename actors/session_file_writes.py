@@ -413,6 +413,9 @@ class WritePath:
         effects.extend(self.adopt_external_change(op.lease, op.call.lane.uid))
         self.sync.sync_now()  # what was acknowledged-to-be is durable before the file is replaced
         self.transcript.rewrite(op.data)
+        if not self.transcript.still_at_path():  # the new file must be the one at the path
+            self.sync.moved += 1
+            raise FileMoved(moved_detail(self.path), path=self.path)
         self.counters["rewrites"] += 1
         return Rewritten(id=op.call.request.id, lines=op.lines, fence=op.fence)
 

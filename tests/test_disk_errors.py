@@ -35,7 +35,7 @@ from sessionlane.messages.errors import (
     error_for,
 )
 from sessionlane.messages.internal import LaneCall, LaneRef
-from sessionlane.messages.wire import Append, Appended, Durability, Error
+from sessionlane.messages.wire import Append, Appended, Durability, Error, Rewrite
 
 
 class Rig:
@@ -333,3 +333,35 @@ def test_the_walk_from_the_root_tells_whether_a_file_is_still_at_its_path(
         assert here()
         (root / "a" / "b" / "t.jsonl").rename(root / "a" / "b" / "u.jsonl")
         assert not here()
+
+
+def test_a_rewrite_whose_directory_moved_out_is_answered_file_moved(
+    rig: Rig, root: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    rig.table.release(("a", "rel"), "a", rig.grant.lease, 0.0)
+    grant = rig.table.acquire(("a", "compact"), "a", "compaction", 0.0)[-1]
+    assert isinstance(grant, Grant)
+    real = rig.transcript.rewrite
+
+    def rewrite_then_move(data: bytes) -> None:
+        real(data)
+        (root / "team").rename(outside / "team")
+
+    rig.transcript.rewrite = rewrite_then_move  # type: ignore[method-assign]
+    request = Rewrite(id=1, lease=grant.lease, fence=grant.fence, records=[{"n": 9}])
+    call = LaneCall(
+        lane=LaneRef(uid="a", name="a", address="lane:a"),
+        path=rig.path,
+        canonical=True,
+        request=request,
+    )
+    assert rig.writes.rewrite(call, request) == []
+    assert rig.writes.begin_drain() is None
+    effects = rig.writes.next_write()
+    assert effects is not None
+    failed = reply(effects)
+    assert isinstance(failed, Error) and failed.code == "file_moved"
+    assert rig.writes.counters["rewrites"] == 0
+    assert (outside / "team" / "t.jsonl").read_bytes() == b'{"n":9}\n'
