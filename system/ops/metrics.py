@@ -103,7 +103,7 @@ COUNTERS: Final = {
 }
 """Counters summed over files: status counter key -> (metric name, help)."""
 
-REVOCATION_REASONS: Final = ("max_hold", "recovery", "shutdown")
+REVOCATION_REASONS: Final = ("max_hold", "recovery", "shutdown", "ownership_lost")
 """The reasons a SessionFile revokes a lease for (``revoked_<reason>`` counters)."""
 
 HISTOGRAM_HELP: Final = {
