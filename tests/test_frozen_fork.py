@@ -14,10 +14,11 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from sessionlane.system.runtime import frozen_fork, launch
+from sessionlane.system.runtime import frozen_fork, launch, zygote
 
 # What a file actor never uses: the client (and the asyncio, ssl and tenacity it brings), the
 # command line's table printer, the metrics exporter (off unless asked), the benchmark and race
@@ -38,13 +39,17 @@ STARTER = """
 import json, sys
 from sessionlane.system.ops import cli  # noqa: F401  (what `sessionlane serve` has loaded)
 from sessionlane.system.runtime.service import Service  # noqa: F401
+from sessionlane.system.runtime import zygote
 from sessionlane.system.runtime.frozen_fork import ForkReport
 from sessionlane.system.runtime.launch import tcp_system
 
+# ForkReport stands in for SessionFile: forked from its parent's zygote.
+zygote.FORKED_FROM_ZYGOTE = zygote.FORKED_FROM_ZYGOTE | {ForkReport.__module__ + ".ForkReport"}
+
 with tcp_system(log_file=sys.argv[1]) as system:
     parent = system.asys.createActor(ForkReport)
-    first = system.asys.ask(parent, "report", 10)
     second = system.asys.ask(parent, "spawn", 10)
+    first = system.asys.ask(parent, "report", 10)
 print(json.dumps({"parent": first, "child": second, "starter": sorted(sys.modules)}))
 """
 
@@ -61,6 +66,11 @@ def test_actors_forked_by_actors_start_frozen_without_unused_modules(tmp_path: P
     parent, child = reports["parent"], reports["child"]
     assert isinstance(parent, dict) and isinstance(child, dict), reports
     assert parent["pid"] != child["pid"]
+    # The child was forked by the parent's zygote (through an intermediate that exited), and
+    # re-parented to the parent actor, which reaps it and sees it die.
+    assert parent["zygote"] is not None
+    assert child["ppid"] == parent["pid"]
+    assert child["forked_by"] not in (None, parent["pid"], parent["zygote"], child["pid"])
     for report in (parent, child):
         # The frozen-fork path ran in the process: it froze the heap it inherited.
         assert report["frozen"] is not None and report["frozen"] > 10_000, report["frozen"]
@@ -77,17 +87,18 @@ def test_the_frozen_fork_path_is_not_taken_in_the_starting_process() -> None:
     assert frozen_fork.frozen_at_start() is None  # only forked actors run the wrapper
 
 
-def test_the_frozen_fork_patch_fails_closed_on_another_thespian(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize("patch", [frozen_fork, zygote])
+def test_the_fork_patches_fail_closed_on_another_thespian(
+    monkeypatch: pytest.MonkeyPatch, patch: Any
 ) -> None:
     real = metadata.version
     monkeypatch.setattr(
         metadata, "version", lambda name: "4.0.2" if name == "thespian" else real(name)
     )
-    monkeypatch.setattr(frozen_fork, "_installed", False)
+    monkeypatch.setattr(patch, "_installed", False)
     with pytest.raises(RuntimeError, match=r"thespian 4\.0\.2 is installed"):
-        frozen_fork.install()
-    assert not frozen_fork.installed()
+        patch.install()
+    assert not patch.installed()
 
 
 def test_the_frozen_fork_patch_fails_closed_if_thespian_moved_start_child(
@@ -100,6 +111,18 @@ def test_the_frozen_fork_patch_fails_closed_if_thespian_moved_start_child(
     with pytest.raises(RuntimeError, match=r"startChild moved"):
         frozen_fork.install()
     assert not frozen_fork.installed()
+
+
+def test_the_zygote_patch_fails_closed_if_thespian_changed_how_it_starts_actors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from thespian.system import multiprocCommon
+
+    monkeypatch.setattr(zygote, "_installed", False)
+    monkeypatch.setattr(multiprocCommon, "startChild", lambda *args: None)
+    with pytest.raises(RuntimeError, match=r"no longer starts actors as this module expects"):
+        zygote.install()
+    assert not zygote.installed()
 
 
 def test_a_system_is_not_started_without_the_frozen_fork_patch(

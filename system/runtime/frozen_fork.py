@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import gc
 import inspect
+import multiprocessing
 import os
 import sys
 import threading
@@ -100,10 +101,12 @@ def freeze_inherited() -> int:
 class ForkReport(Actor):  # type: ignore[misc]
     """A probe of how actor processes start, for tests and diagnosis.
 
-    ``"report"`` answers ``{"pid", "frozen", "modules"}``: this process's pid,
-    :func:`frozen_at_start` and the sorted names in ``sys.modules``. ``"spawn"`` creates a child
-    ``ForkReport`` (forked from this actor, as the Registry forks each SessionFile) and has it
-    send its report to the sender.
+    ``"report"`` answers ``{"pid", "ppid", "forked_by", "zygote", "frozen", "modules"}``: this
+    process's pid, its parent's, the pid of the process that forked it (``multiprocessing``'s
+    parent: not the parent when a zygote forked it), the pid of the zygote it started (or
+    None), :func:`frozen_at_start` and the sorted names in ``sys.modules``. ``"spawn"`` creates
+    a child ``ForkReport`` (forked from this actor, as the Registry forks each SessionFile) and
+    has it send its report to the sender.
     """
 
     def receiveMessage(self, message: Any, sender: Any) -> None:
@@ -116,4 +119,14 @@ class ForkReport(Actor):  # type: ignore[misc]
 
 
 def _report() -> dict[str, Any]:
-    return {"pid": os.getpid(), "frozen": frozen_at_start(), "modules": sorted(sys.modules)}
+    from sessionlane.system.runtime import zygote
+
+    forked_by = multiprocessing.parent_process()
+    return {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "forked_by": forked_by.pid if forked_by is not None else None,
+        "zygote": zygote.zygote_pid(),
+        "frozen": frozen_at_start(),
+        "modules": sorted(sys.modules),
+    }

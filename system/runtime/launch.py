@@ -44,6 +44,7 @@ from sessionlane.system.runtime import (
     loopback,
     poll_loop,
     transport_auth,
+    zygote,
 )
 from sessionlane.system.runtime.lifeline import Lifeline
 
@@ -308,7 +309,8 @@ def secure_transport(
 ) -> None:
     """Patch thespian in this process before it forks a system: listeners on ``bind_host``,
     frames authenticated with ``secret`` (``None``: this process's random secret), the admin
-    forked without our sockets, every actor started with its inherited heap frozen.
+    forked without our sockets, every actor started with its inherited heap frozen, every
+    SessionFile forked from a frozen zygote.
 
     ``authenticate=False`` (``trusted_network`` without a key) leaves frames unauthenticated,
     unless an earlier system of this process installed the authentication: it is process-wide
@@ -321,6 +323,7 @@ def secure_transport(
         log.info("thespian frames stay authenticated: an earlier system of this process uses it")
     admin_fork.install()
     frozen_fork.install()
+    zygote.install()
 
 
 @contextlib.contextmanager
