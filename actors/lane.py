@@ -3,7 +3,7 @@
 A thin shell over ``LaneState`` (see there for what a lane does): its calls go to the
 Registry, which routes them to the path's SessionFile; replies and events go back to its agent
 as ``LaneOutput``. The gateway does not use Lane actors: it hosts its connections' lanes in its
-own process (``sessionlane.system.gateway.links``).
+own process (``sessionlane.actors.links``).
 
 Ordering: every call of a lane goes Lane -> Registry -> SessionFile, and thespian keeps order
 per sender/target pair, so an abandon always reaches a file after the lane's earlier requests.

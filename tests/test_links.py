@@ -1,4 +1,4 @@
-"""The gateway's links to SessionFiles (``sessionlane.system.gateway.links``), against a fake file
+"""The links to SessionFiles (``sessionlane.actors.links``), against a fake file
 on a real socket.
 
 The "file" here is a real abstract Unix socket the test accepts and speaks the channel frames
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from sessionlane.actors.lane_state import ChannelLost
+from sessionlane.actors.links import Links
 from sessionlane.messages.channel import (
     ChannelCall,
     ChannelHello,
@@ -32,8 +33,7 @@ from sessionlane.messages.internal import (
     LaneRef,
     OpenChannel,
 )
-from sessionlane.messages.wire import Acquire, Error, Granted, Release
-from sessionlane.system.gateway.links import Links
+from sessionlane.messages.wire import Abandon, Abandoned, Acquire, Error, Granted, Release
 
 
 class FakeHost:
@@ -274,17 +274,36 @@ def test_an_offer_without_an_address_routes_the_path_through_the_registry(
     assert len(host.restarts) == 1, "a registry-routed path's lanes hear of restarts"
 
 
-def test_a_path_the_registry_will_not_resolve_goes_to_it_which_gives_the_answer(
+def test_a_path_the_registry_refuses_is_answered_from_the_refusal_and_asked_again_next_time(
     tmp_path: Path,
 ) -> None:
     links, host = make(tmp_path)
     links.call(acquire("/etc/passwd.jsonl", 1))
     assert [type(m) for m in host.sent] == [OpenChannel], "the gateway resolves nothing itself"
     ask = host.opens()[-1]
-    links.on_offer(ChannelOffer(path=ask.path, nonce=ask.nonce, reason="outside the roots"))
+    refusal = ChannelOffer(
+        path=ask.path, nonce=ask.nonce, reason="outside the roots", code="path_not_allowed"
+    )
+    links.on_offer(refusal)
+    (answer,) = host.delivered
+    assert isinstance(answer.message, Error) and answer.message.code == "path_not_allowed"
+    assert (answer.message.id, answer.message.detail) == (1, "outside the roots")
     links.call(acquire("/etc/passwd.jsonl", 2))
-    assert [type(m) for m in host.sent] == [OpenChannel, LaneCall, LaneCall]
+    assert [type(m) for m in host.sent] == [OpenChannel, OpenChannel], "no route but the offer"
+    assert not any(isinstance(m, LaneCall) for m in host.sent)
     assert links.links == {}, "no canonical path: no link by one"
+
+
+def test_an_abandon_on_a_path_without_a_link_is_answered_at_once_and_opens_nothing(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    ref = LaneRef(uid="a#1", name="a", address="gateway", priority="interactive")
+    abandon = Abandon(id=7, lane="a", path=transcript)
+    links.call(LaneCall(lane=ref, path=transcript, canonical=False, request=abandon))
+    assert host.sent == [], "no channel is opened and no file started to abandon nothing"
+    (answer,) = host.delivered
+    assert answer.message == Abandoned(id=7, leases=[])
 
 
 def test_two_spellings_of_one_file_share_the_link_the_registrys_answer_names(

@@ -14,7 +14,7 @@ accept) unless ``allow_other_users``. The connections, their admission and their
 
 Each lane name used on an admitted connection gets its own lane
 (``sessionlane.actors.lane_state.LaneState``), hosted here in the gateway's process; their calls
-reach the SessionFiles over direct channels (``sessionlane.system.gateway.links``: one socket hop
+reach the SessionFiles over direct channels (``sessionlane.actors.links``: one socket hop
 each way, not five thespian messages), and replies and events are framed back. When the connection
 closes, breaks, sends a frame over the size limit, or stays silent for three keepalive periods, its
 lanes abandon everything they hold or wait for.
@@ -38,6 +38,7 @@ from thespian.actors import (
 
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
 from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
+from sessionlane.actors.links import Links
 from sessionlane.messages.errors import ErrorCode
 from sessionlane.messages.internal import (
     ChannelOffer,
@@ -75,7 +76,6 @@ from sessionlane.system.gateway.admission import (
     startup_refusal,
 )
 from sessionlane.system.gateway.clients import Client, Clients
-from sessionlane.system.gateway.links import Links
 from sessionlane.system.gateway.timers import (
     AcceptResume,
     FlushDue,

@@ -8,9 +8,12 @@ Registry resolves, confines and activates exactly as for a call) and queues the 
 meanwhile. The SessionFile answers with a ``ChannelOffer``; the gateway connects to it, says
 hello with the offer's token, and once welcomed sends the queued calls and every later one
 straight over the channel (``sessionlane.messages.channel``): one socket hop each way instead of
-five thespian messages. A path the Registry will not give a channel for (another convention
-member's, outside the roots, a base without watch support, the service draining) gets a
-``registry`` link: its calls go through the Registry as ``LaneCall`` and are answered there.
+five thespian messages. A path the Registry refuses (outside the roots, no capacity, the
+service draining) or whose file could not activate is answered from the refusal itself (the
+offer's ``code`` and ``reason``), and the next call for it asks again: a refused path has no
+route of its own. Only a path another convention member serves, or a base that cannot watch
+sockets (``simpleSystemBase``), gets a ``registry`` link: its calls go through the Registry as
+``LaneCall``.
 
 Order per lane and file holds because a path's calls use one route at a time: queued while
 opening, then all on the channel (or all through the Registry). A link changes route only when
@@ -55,7 +58,7 @@ from sessionlane.messages.internal import (
     LaneCall,
     OpenChannel,
 )
-from sessionlane.messages.wire import Abandon, Error
+from sessionlane.messages.wire import Abandon, Abandoned, Error
 
 __all__ = ["LinkHost", "Links"]
 
@@ -154,9 +157,10 @@ class Links:
     def route(self, call: LaneCall) -> None:
         link = self.links.get(call.path) if call.canonical else self.spellings.get(call.path)
         if link is None and isinstance(call.request, Abandon):
-            # No link: nothing of this lane is in flight to the file. The Registry answers at
-            # once when the file is not live, and no channel is opened just for this.
-            self.via_registry(call)
+            # No link: this lane holds nothing there and has nothing in flight to it (a link
+            # is kept while its path is in use), so nothing is opened or started for this.
+            done = Abandoned(id=call.request.id, leases=[])
+            self.host.deliver(FileReply(path=call.path, message=done, lane=call.lane.uid))
             return
         if link is None:
             link = self.open(call)
@@ -263,9 +267,11 @@ class Links:
             sock = connect_unix(offer.address)
         except OSError as exc:
             if exc.errno in OUT_OF_DESCRIPTORS:
-                # The Registry route needs none of our own descriptors per file.
-                log.warning("no channel to %s (%s): routing it via the registry", link.path, exc)
-                self.to_registry(link)
+                log.warning("no channel to %s: %s", link.path, exc)
+                detail = f"the gateway is out of file descriptors ({exc}): retry in a moment"
+                self.refused(
+                    link, offer.model_copy(update={"code": "unavailable", "reason": detail})
+                )
                 return
             log.debug("channel to %s refused (%s): asking again", link.path, exc)
             link.retry_at = self.clock() + _RETRY_MS
@@ -277,8 +283,9 @@ class Links:
         self.by_fd[link.end.fd] = link
 
     def refused(self, link: _Link, offer: ChannelOffer) -> None:
-        """The file's actor could not activate (another owner, an unusable file): answer the
-        calls waiting for it with its error and drop the link, so the next call asks again."""
+        """The Registry refused the path, or its file's actor could not activate (another
+        owner, an unusable file): answer the calls waiting for it with the offer's error and
+        drop the link, so the next call asks again."""
         assert offer.code is not None
         queued, link.queue = link.queue, []
         self.forget(link)
