@@ -145,6 +145,14 @@ class LaneState:
             case Abandon():
                 self.abandon(req)
 
+    def path_of(self, req: LaneRequest) -> str | None:
+        """The path ``req`` is for: the one it names, or its lease's; None if unknown."""
+        lease = getattr(req, "lease", None)
+        if lease is not None:
+            return self.leases.get(lease) or self.tombstones.get(lease)
+        path: str | None = getattr(req, "path", None)
+        return path
+
     def call(self, req: LaneRequest, path: str, *, canonical: bool) -> None:
         self.paths.setdefault(path, canonical)
         if req.id is not None:

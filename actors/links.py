@@ -116,6 +116,9 @@ class _Link:
     """The latest incarnation whose death the lanes were told of."""
     raws: set[str] = field(default_factory=set)
     last_used: float = 0.0
+    idle_ms: float | None = None
+    """Close the channel after this long unused: half the file's own idle time, from its
+    offer (None: the links' default)."""
 
 
 class Links:
@@ -279,6 +282,7 @@ class Links:
         link.end = FramedSocket(sock, _MAX_CHANNEL_FRAME, read_budget=_RECV_BYTES)
         link.end.queue(hello_frame(offer.token))
         link.incarnation = offer.incarnation
+        link.idle_ms = offer.idle_ms / 2 if offer.idle_ms else None
         link.mode = "connecting"
         self.by_fd[link.end.fd] = link
 
@@ -416,11 +420,14 @@ class Links:
             elif link.mode == "connecting":
                 if now - link.asked_at > _OPEN_TIMEOUT_MS:
                     self.lost(link, "no welcome")
-            elif now - link.last_used > self.idle_ms:
+            elif now - link.last_used > self.idle_of(link):
                 if self.host.in_use(link.path) or link.queue:
                     link.last_used = now  # still in use: look again in idle_ms, not at once
                 else:
                     self.forget(link)
+
+    def idle_of(self, link: _Link) -> float:
+        return self.idle_ms if link.idle_ms is None else link.idle_ms
 
     def every(self) -> list[_Link]:
         """Every link, resolved or not, once each."""
@@ -447,7 +454,7 @@ class Links:
             elif link.mode == "connecting":
                 dues.append(link.asked_at + _OPEN_TIMEOUT_MS)
             else:
-                dues.append(link.last_used + self.idle_ms)
+                dues.append(link.last_used + self.idle_of(link))
         return min(dues) if dues else None
 
     def close(self) -> None:

@@ -139,6 +139,7 @@ class Serving:
         self.channels = FileChannels(
             msg.path,
             msg.incarnation,
+            idle_ms=s.idle_ms,
             enabled=switches.channels,
             watch=switches.watch,
             accepting=accepting,

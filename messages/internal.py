@@ -279,6 +279,9 @@ class ChannelOffer(_Internal):
     send this path's calls through the Registry."""
     token: str = ""
     incarnation: int = 0
+    idle_ms: int = 0
+    """How long the file stays up without calls: a channel its holder leaves unused for half
+    of it is closed, so the file can be passivated (0: the holder's own default)."""
     reason: str = ""
     code: ErrorCode | None = None
     """Set by a SessionFile that failed to activate: the calls waiting for this channel get
