@@ -135,7 +135,7 @@ class Lane(ShellActor):
                 self.links.on_ready(fd)
 
     def on_file_reply(self, msg: FileReply, sender: Any) -> None:
-        self.deliver(msg)
+        self.links.on_reply(msg)
 
     def on_file_restarted(self, msg: FileRestarted, sender: Any) -> None:
         self.links.on_restarted(msg)
@@ -170,6 +170,9 @@ class Lane(ShellActor):
     def call(self, call: LaneCall) -> None:
         self.links.call(call)
 
+    def route_of(self, lease: str) -> str | None:
+        return self.links.route_of(lease)
+
     def to_agent(self, lane: LaneState, message: Reply) -> None:
         if self.agent is not None:
             self.send(self.agent, LaneOutput(uid=lane.uid, name=lane.name, message=message))
@@ -187,9 +190,9 @@ class Lane(ShellActor):
         if self.state is not None:
             self.state.file_reply(reply)
 
-    def restarted(self, msg: FileRestarted) -> None:
+    def restarted(self, msg: FileRestarted, holder: tuple[str, str] | None) -> None:
         if self.state is not None:
-            self.state.file_restarted(msg)
+            self.state.file_restarted(msg, holder)
 
     def channel_lost(self, msg: ChannelLost) -> None:
         if self.state is not None:

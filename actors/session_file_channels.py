@@ -145,7 +145,7 @@ class FileChannels:
     def send(self, address: ChannelRef, message: FileReply) -> None:
         """``message`` as a reply frame on its channel (dropped if it closed)."""
         if self.server is not None:
-            self.server.send(address, reply_frame(message.lane, message.held, message.message))
+            self.server.send(address, reply_frame(message.lane, message.message))
 
     def fds(self) -> list[int]:
         return self.server.fds() if self.server is not None else []

@@ -168,8 +168,6 @@ class FileReply(_Internal):
     kind: Literal["file_reply"] = "file_reply"
     path: str
     message: Reply
-    held: str | None = None
-    """The lease the lane still holds on ``path`` after this message, if any."""
     lane: str = ""
     """The lane's uid: one actor (the gateway) may host many lanes."""
 

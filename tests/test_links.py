@@ -17,6 +17,7 @@ import pytest
 
 from sessionlane.actors.lane_state import ChannelLost
 from sessionlane.actors.links import Links
+from sessionlane.actors.paths import lease_route
 from sessionlane.messages.channel import (
     ChannelCall,
     ChannelHello,
@@ -43,6 +44,7 @@ class FakeHost:
         self.sent: list[Any] = []
         self.delivered: list[FileReply] = []
         self.restarts: list[FileRestarted] = []
+        self.restart_holders: list[tuple[str, str] | None] = []
         self.losses: list[ChannelLost] = []
         self.busy: set[str] = set()
 
@@ -53,8 +55,9 @@ class FakeHost:
     def deliver(self, reply: FileReply) -> None:
         self.delivered.append(reply)
 
-    def restarted(self, msg: FileRestarted) -> None:
+    def restarted(self, msg: FileRestarted, holder: tuple[str, str] | None) -> None:
         self.restarts.append(msg)
+        self.restart_holders.append(holder)
 
     def channel_lost(self, msg: ChannelLost) -> None:
         self.losses.append(msg)
@@ -192,11 +195,10 @@ def test_calls_queue_while_the_channel_opens_then_go_over_it_in_order(
     assert [(c.uid, c.request.id) for c in calls] == [("a#1", 1), ("b#1", 2), ("a#1", 3)]
     assert all(isinstance(c, ChannelCall) for c in calls)
 
-    fake_file.send(reply_frame("b#1", None, Error(id=2, code="queue_full", detail="x")))
+    lease = f"{lease_route(transcript)}-1"
+    fake_file.send(reply_frame("b#1", Error(id=2, code="queue_full", detail="x")))
     fake_file.send(
-        reply_frame(
-            "a#1", "L-1", Granted(id=1, lease="L-1", fence=1, path=transcript, purpose="prompt")
-        )
+        reply_frame("a#1", Granted(id=1, lease=lease, fence=1, path=transcript, purpose="prompt"))
     )
     wait_readable(links)
     pump(links)
@@ -205,7 +207,9 @@ def test_calls_queue_while_the_channel_opens_then_go_over_it_in_order(
         pump(links)
     first, second = host.delivered
     assert (first.lane, first.message.id, first.path) == ("b#1", 2, transcript)
-    assert (second.lane, second.held) == ("a#1", "L-1")
+    assert (second.lane, second.message.lease) == ("a#1", lease)
+    assert links.route_of(lease) == transcript, "the lease id routes to its file"
+    assert links.route_of("0123456789abcdef-1") is None, "a route no file here has"
 
 
 def test_a_channel_that_breaks_is_one_loss_however_many_times_the_death_is_reported(
@@ -216,12 +220,19 @@ def test_a_channel_that_breaks_is_one_loss_however_many_times_the_death_is_repor
     open_channel(links, host, fake_file, transcript, incarnation=3)
     links.flush()
     fake_file.read(1)
+    lease = f"{lease_route(transcript)}-4"
+    granted = Granted(id=1, lease=lease, fence=4, path=transcript, purpose="prompt")
+    fake_file.send(reply_frame("a#1", granted))
+    while not host.delivered:
+        wait_readable(links)
+        pump(links)
     assert fake_file.conn is not None
     fake_file.conn.close()
     fake_file.conn = None
     wait_readable(links)
     pump(links)
     assert [(r.path, r.incarnation) for r in host.losses] == [(transcript, 3)]
+    assert host.losses[0].holder == ("a#1", lease), "the loss names the lease it took"
     assert host.restarts == [], "a lost channel is its own event, not a restart"
     asked = len(host.opens())
     assert asked == 2, "the link asks the registry again at once"
