@@ -1,11 +1,15 @@
 """Registry: one per actor system. Maps canonical paths to their SessionFile actors.
 
-Every ``LaneCall`` comes through here: the path is resolved and confined to the roots
-(``path_not_allowed`` otherwise, nothing created), the SessionFile is created on first use as
-this actor's child (so a crash reaches us as ``ChildActorExited``), and the call is forwarded.
-Because all calls pass through the Registry, passivation is race-free: a SessionFile that has
-been idle reports how many calls it received, and is retired only if that equals the number
-forwarded to it, so no call can be in flight to an actor that exits.
+It resolves, confines, supervises and hands out channels; it is not a data path. Every first
+contact with a file comes through here (``OpenChannel``): the path is resolved and confined to
+the roots (refused in the ``ChannelOffer`` with ``path_not_allowed`` otherwise, nothing
+created), the SessionFile is created on first use as this actor's child (so a crash reaches us
+as ``ChildActorExited``), and the request is forwarded to it, which offers its channel; the
+lanes' requests then go over that channel. A ``LaneCall`` comes here only for a path another
+convention member serves (``Federation``) or on a base that cannot watch sockets. Passivation
+is race-free: a SessionFile that has been idle (no holder, queue, traffic or open channel)
+reports how many messages it received, and is retired only if that equals the number
+forwarded to it, so nothing can be in flight to an actor that exits.
 
 A SessionFile that dies otherwise is restarted at once; the lanes that used it are told
 (``FileRestarted``) so they report their leases on it as revoked (``actor_restart``).

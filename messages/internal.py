@@ -152,7 +152,9 @@ class Opened(_Internal):
 
 
 class LaneCall(_Internal):
-    """From a Lane, through the Registry, to the SessionFile of ``path``."""
+    """A lane's request for the SessionFile of ``path``: what a channel call frame carries and
+    the file serves; sent as a thespian message (through the Registry) only for a path another
+    convention member serves, or on a base that cannot watch sockets."""
 
     kind: Literal["lane_call"] = "lane_call"
     lane: LaneRef
@@ -250,10 +252,10 @@ class FileRestarted(_Internal):
 class OpenChannel(_Internal):
     """From the gateway, through the Registry, to a SessionFile: offer me a direct channel.
 
-    The Registry resolves and confines ``path`` exactly as for a ``LaneCall`` and activates the
-    file; a path it will not serve here (refused, or owned by another convention member) is
-    answered with a ``ChannelOffer`` without an address, and the gateway routes that path's
-    calls through the Registry instead.
+    The Registry resolves and confines ``path`` and activates the file. A path it refuses is
+    answered with a ``ChannelOffer`` carrying the error ``code`` (the calls that waited get it);
+    one another convention member serves, with an offer without address or code: that path's
+    calls then go through the Registry, to that member.
     """
 
     kind: Literal["open_channel"] = "open_channel"
@@ -273,8 +275,8 @@ class ChannelOffer(_Internal):
     nonce: int
     canonical: str | None = None
     address: str | None = None
-    """The SessionFile's channel listener (an abstract Unix socket name), or None: no channel,
-    send this path's calls through the Registry."""
+    """The SessionFile's channel listener (an abstract Unix socket name), or None: no channel
+    (refused when ``code`` is set; otherwise send this path's calls through the Registry)."""
     token: str = ""
     incarnation: int = 0
     idle_ms: int = 0

@@ -34,7 +34,16 @@ from sessionlane.messages.internal import (
     LaneRef,
     OpenChannel,
 )
-from sessionlane.messages.wire import Abandon, Abandoned, Acquire, Error, Granted, Release
+from sessionlane.messages.wire import (
+    Abandon,
+    Abandoned,
+    Acquire,
+    Error,
+    Granted,
+    Release,
+    Released,
+    Revoked,
+)
 
 
 class FakeHost:
@@ -376,3 +385,39 @@ def test_a_stale_offer_is_ignored(tmp_path: Path, transcript: str, fake_file: Fa
     assert links.fds() == [], "the answer to the abandoned request is not used"
     open_channel(links, host, fake_file, transcript)
     assert links.fds() != []
+
+
+def test_the_links_follow_the_one_lease_held_per_file_and_hand_it_over_when_the_file_is_lost(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    lease = f"{lease_route(transcript)}-1"
+
+    def reply(message: Any, lane: str = "a#1") -> None:
+        links.on_reply(FileReply(path=transcript, message=message, lane=lane))
+
+    granted = Granted(id=1, lease=lease, fence=1, path=transcript, purpose="prompt")
+    reply(granted)
+    reply(granted.model_copy(update={"id": 2}))  # reentrant: one more level
+    assert links.route_of(lease) == transcript
+    reply(Released(id=3, lease=lease), lane="c1.x/")
+    assert links.grants[transcript].lease == lease, "one level is still held"
+    reply(Released(id=4, lease=lease), lane="c1.x/")
+    assert transcript not in links.grants
+    assert len(host.delivered) == 4, "every reply is delivered, whatever it changes"
+
+    for ending in (
+        Revoked(lease=lease, path=transcript, reason="max_hold"),
+        Abandoned(id=5, leases=[lease]),
+    ):
+        reply(granted)
+        reply(ending)
+        assert transcript not in links.grants, ending
+
+    reply(granted)
+    second = f"{lease_route(transcript)}-2"
+    reply(Granted(id=6, lease=second, fence=2, path=transcript, purpose="prompt"), lane="b#1")
+    assert links.grants[transcript].lane == "b#1", "one holder per path: the newer grant"
+    links.on_restarted(FileRestarted(path=transcript, incarnation=1))
+    assert host.restart_holders == [("b#1", second)], "the lost lease goes to its lane"
+    assert transcript not in links.grants
