@@ -264,7 +264,8 @@ class LaneState:
             return False
         self.closing = reason
         if self.paths:
-            log.info(
+            # The files log one diagnostic line per lease they abandon (path, lane, lease).
+            log.debug(
                 "lane %s: agent gone (%s), abandoning %d paths", self.name, reason, len(self.paths)
             )
         if not self.paths:
