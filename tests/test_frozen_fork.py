@@ -36,7 +36,7 @@ FORBIDDEN = (
 FORBIDDEN_TEST_TOOLS = ("pytest", "hypothesis", "_pytest")
 
 STARTER = """
-import json, sys
+import json, os, signal, sys
 from sessionlane.system.ops import cli  # noqa: F401  (what `sessionlane serve` has loaded)
 from sessionlane.system.runtime.service import Service  # noqa: F401
 from sessionlane.system.runtime import zygote
@@ -50,7 +50,12 @@ with tcp_system(log_file=sys.argv[1]) as system:
     parent = system.asys.createActor(ForkReport)
     second = system.asys.ask(parent, "spawn", 10)
     first = system.asys.ask(parent, "report", 10)
-print(json.dumps({"parent": first, "child": second, "starter": sorted(sys.modules)}))
+    exits = []
+    for _ in range(3):  # each killed child is seen to exit (and the next one is forked)
+        child = system.asys.ask(parent, "spawn", 10)
+        os.kill(child["pid"], signal.SIGKILL)
+        exits.append(system.asys.listen(10))
+print(json.dumps({"parent": first, "child": second, "exits": exits}))
 """
 
 
@@ -71,6 +76,7 @@ def test_actors_forked_by_actors_start_frozen_without_unused_modules(tmp_path: P
     assert parent["zygote"] is not None
     assert child["ppid"] == parent["pid"]
     assert child["forked_by"] not in (None, parent["pid"], parent["zygote"], child["pid"])
+    assert reports["exits"] == ["child exited"] * 3  # the parent reaps them, thespian tells it
     for report in (parent, child):
         # The frozen-fork path ran in the process: it froze the heap it inherited.
         assert report["frozen"] is not None and report["frozen"] > 10_000, report["frozen"]

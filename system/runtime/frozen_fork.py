@@ -36,7 +36,7 @@ import threading
 from importlib import metadata
 from typing import Any
 
-from thespian.actors import Actor
+from thespian.actors import Actor, ChildActorExited
 
 from sessionlane.system.runtime.loopback import SUPPORTED_THESPIAN
 
@@ -106,14 +106,18 @@ class ForkReport(Actor):  # type: ignore[misc]
     parent: not the parent when a zygote forked it), the pid of the zygote it started (or
     None), :func:`frozen_at_start` and the sorted names in ``sys.modules``. ``"spawn"`` creates
     a child ``ForkReport`` (forked from this actor, as the Registry forks each SessionFile) and
-    has it send its report to the sender.
+    has it send its report to the sender, who is also told ``"child exited"`` when thespian
+    reports the child gone (``ChildActorExited``).
     """
 
     def receiveMessage(self, message: Any, sender: Any) -> None:
         if message == "report":
             self.send(sender, _report())
         elif message == "spawn":
+            self.watcher = sender
             self.send(self.createActor(ForkReport), ("report to", sender))
+        elif isinstance(message, ChildActorExited):
+            self.send(self.watcher, "child exited")
         elif isinstance(message, tuple) and message[:1] == ("report to",):
             self.send(message[1], _report())
 

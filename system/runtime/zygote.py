@@ -173,7 +173,8 @@ class _ZygoteProcess:
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            self.exitcode = -1  # not our child (any more): reaped elsewhere or never re-parented
+            # Not (or no longer) our child: reaped elsewhere, or never re-parented to us.
+            self.exitcode = -1
             return False
         if pid == 0:
             return True
@@ -254,8 +255,6 @@ class _Zygote:
 
 def _serve(requests: int, replies: int) -> None:
     """The zygote's loop: fork a child per request until the request pipe closes."""
-    from thespian.system import multiprocCommon
-
     for signum in range(1, signal.NSIG):
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             signal.signal(signum, signal.SIG_DFL)
@@ -267,23 +266,39 @@ def _serve(requests: int, replies: int) -> None:
             return  # the Registry closed the pipe: it is gone
         args, name = pickle.loads(_read_exact(requests, _HEADER.unpack(header)[0]))
         args[_CLOSE_ARG] = [requests, replies]  # the child closes what it inherits from us
-        middle = os.fork()
-        if middle == 0:
-            code = 1
-            try:
-                # Fork the child from this intermediate, which exits at once: the child is
-                # re-parented to the nearest subreaper, the Registry.
-                child = multiprocessing.get_context("fork").Process(
-                    target=multiprocCommon.startChild, args=tuple(args), name=name
-                )
-                child.start()
-                os.write(replies, _PID.pack(child.pid or -1))
-                code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(middle, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            os.write(replies, _PID.pack(-1))
+        os.write(replies, _PID.pack(_fork_through_intermediate(args, name)))
+
+
+def _fork_through_intermediate(args: list[Any], name: str) -> int:
+    """Fork a child running ``startChild(*args)`` from an intermediate that exits at once; the
+    child's pid (or -1) once the intermediate is gone, so the child has been re-parented to the
+    nearest subreaper, the Registry, before the Registry knows its pid."""
+    from thespian.system import multiprocCommon
+
+    pid_r, pid_w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        code = 1
+        try:
+            os.close(pid_r)
+            args[_CLOSE_ARG] = [*args[_CLOSE_ARG], pid_w]
+            child = multiprocessing.get_context("fork").Process(
+                target=multiprocCommon.startChild, args=tuple(args), name=name
+            )
+            child.start()
+            os.write(pid_w, _PID.pack(child.pid or -1))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(pid_w)
+    try:
+        reply = _read_exact(pid_r, _PID.size)
+    finally:
+        os.close(pid_r)
+    _, status = os.waitpid(middle, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or len(reply) != _PID.size:
+        return -1
+    return int(_PID.unpack(reply)[0])
 
 
 def _read_exact(fd: int, size: int) -> bytes:
