@@ -8,7 +8,7 @@ freed blocks) is copied into the Registry, and the child is left the only holder
 page, which then counts in that child's private memory (USS). The more files the Registry
 holds, the more of its heap moves between two forks (``docs/cost-model.md``).
 
-:func:`install` makes each process that creates a SessionFile fork, the first time it does, a
+:func:`install` makes the Registry fork, as its process starts, a
 *zygote*: a copy of itself that drops its sockets, freezes its heap (``gc.freeze``) and from
 then on only forks. Each SessionFile is then forked from the zygote (through a short-lived
 intermediate, so that it is re-parented to the Registry, which is made a child subreaper with
@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 
 FORKED_FROM_ZYGOTE = frozenset({"sessionlane.actors.session_file.SessionFile"})
 """Actor classes (``module.Class``) forked from the zygote; any other actor forks as before."""
+
+ZYGOTE_PARENTS = frozenset({"sessionlane.actors.registry.Registry"})
+"""Actor classes whose process forks its zygote as it starts (before its actor exists: the
+zygote is then as small as it can be, and the service's process count does not change when the
+first file opens). Any other process forks one when it first creates such a child."""
 
 _PR_SET_CHILD_SUBREAPER = 36
 _ARGS = 15  # startChild's positional parameters in thespian 4.0.1
@@ -115,7 +120,14 @@ def install() -> None:
             finally:
                 self.mpcontext = saved
 
+        @functools.wraps(start_child)
+        def start_child_with_zygote(*args: Any, **kwargs: Any) -> Any:
+            if args and _class_name(args[0]) in ZYGOTE_PARENTS:
+                _zygote_for_this_process()
+            return start_child(*args, **kwargs)
+
         replicator._startChildActor = start_child_actor  # type: ignore[union-attr]
+        multiprocCommon.startChild = start_child_with_zygote
         _installed = True
 
 
