@@ -46,6 +46,7 @@ ErrorCode = Literal[
     "shutting_down",
     "abandoned",
     "too_many_files",
+    "reclaim_refused",
     "internal",
 ]
 ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
@@ -209,6 +210,7 @@ _BY_CODE: dict[str, type[SessionLaneError]] = {
     "shutting_down": ShuttingDown,
     "abandoned": LeaseRevoked,
     "too_many_files": TooManyFiles,
+    "reclaim_refused": LeaseRevoked,
     "internal": SessionLaneError,
 }
 
