@@ -185,8 +185,12 @@ class AsyncSessionLane:
         )
         try:
             self.core.welcomed(link, await self._exchange(link, ops.Call(hello)))
-        except BaseException:
+        except BaseException as exc:
+            lost = link.lost is not None
             self._drop(link, "hello failed")
+            if lost and isinstance(exc, Unavailable):
+                # Dropped before the welcome: a service still starting, worth a retry.
+                raise ConnectionResetError(exc.detail) from exc
             raise
 
     async def close(self) -> None:

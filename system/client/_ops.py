@@ -11,7 +11,6 @@ unit tests with replies of their own. A surface must close a generator it stops 
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from sessionlane.messages.wire import (
     Status,
     StatusReply,
 )
-from sessionlane.system.client._core import AppendResult, ClientCore, LeaseState, anchor
+from sessionlane.system.client._core import AppendResult, ClientCore, LeaseState, anchor, log
 from sessionlane.system.client._records import check_records
 
 __all__ = [
@@ -405,9 +404,10 @@ def revive_all(core: Core) -> Op[None]:
     """Reclaim every suspended lease (a surface runs this as soon as a connection is lost,
     so a holder that is waiting on its model does not miss the grace)."""
     for state in core.suspended():
-        # A lease not taken back says so itself (revoked): its holder learns at its next call.
-        with contextlib.suppress(LeaseRevoked):
+        try:
             yield from revive(core, state)
+        except LeaseRevoked as exc:  # its holder learns it at its next call (``revoked``)
+            log.warning("sessionlane %s: %s", core.settings.address, exc.detail)
 
 
 @dataclass(frozen=True)

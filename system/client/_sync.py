@@ -205,8 +205,12 @@ class SessionLane:
             reply = self._exchange(link, ops.Call(hello))
             with self._lock:
                 self.core.welcomed(link, reply)
-        except BaseException:
+        except BaseException as exc:
+            lost = link.lost is not None
             self._drop(link, "hello failed")
+            if lost and isinstance(exc, Unavailable):
+                # Dropped before the welcome: a service still starting, worth a retry.
+                raise ConnectionResetError(exc.detail) from exc
             raise
 
     def close(self) -> None:
