@@ -150,7 +150,9 @@ class Serving:
         self.fence_reservations = 0
         self.records = opened.records
         self.book = ReclaimBook()
-        self.await_holder(clock())
+        # Only the path's first actor of this service awaits a holder: a successor of one that
+        # died while the service lives told its lanes ``actor_restart``; nobody will reclaim.
+        self.await_holder(clock(), s.reclaim_until_ms if msg.incarnation == 1 else 0.0)
 
     @classmethod
     def open(
@@ -186,10 +188,10 @@ class Serving:
 
     # Restarts (``sessionlane.actors.reclaim``) ---------------------------------------------
 
-    def await_holder(self, now: float) -> None:
-        """Activation: a holder found in the lease record waits for its reclaim (in the grace),
-        or has lost the file (after it)."""
-        held, lost = self.book.activate(self.records.load(), now, self.settings.reclaim_until_ms)
+    def await_holder(self, now: float, until: float) -> None:
+        """Activation: a holder found in the lease record waits for its reclaim until
+        ``until`` (the end of the service's grace), or has lost the file (after it)."""
+        held, lost = self.book.activate(self.records.load(), now, until)
         if lost:
             self.table.counters["reclaims_expired"] += 1
             log.warning("%s: the lease of the last holder was not reclaimed in time", self.path)
@@ -197,7 +199,6 @@ class Serving:
         if held is None:
             return
         left = None if held.hold_until_ms is None else held.hold_until_ms - time.time() * 1000
-        until = self.settings.reclaim_until_ms
         self.table.await_reclaim(
             held.lease,
             held.fence,

@@ -4,7 +4,8 @@ the turns that completed and were interrupted (by the exception that interrupted
 acknowledged records, and how many of them are lost or duplicated in the files.
 
     python tests/restart_soak.py --restarts 6 --writers 4 --grace-ms 10000
-    python tests/restart_soak.py --restarts 6 --writers 4 --grace-ms 0   # reclaim off: before
+    python tests/restart_soak.py --restarts 6 --writers 4 --grace-ms 0   # reclaim off
+    PYTHONPATH=/path/to/older/checkout python tests/restart_soak.py --grace-ms -1  # before
 
 Not a pytest test (it runs for a minute); ``docs/restarts.md`` reports its numbers.
 """
@@ -96,7 +97,8 @@ def main() -> None:
         root = tmp / "sessions"
         root.mkdir()
         listen = f"tcp://127.0.0.1:{free_port()}"
-        env = {"SESSIONLANE_RECLAIM_GRACE_MS": str(args.grace_ms)}
+        # -1: leave the key unset (a service from before reclaim refuses unknown keys).
+        env = {"SESSIONLANE_RECLAIM_GRACE_MS": str(args.grace_ms)} if args.grace_ms >= 0 else {}
         serves: list[Serve] = []
 
         def start() -> Serve:
