@@ -12,8 +12,11 @@
  * While idle the client sends a `keepalive` (every 5 s by default), so the service does not
  * take it for gone. When the connection is lost, every pending call rejects with
  * `Unavailable` and every lease on it is revoked (its signal aborts, its next write raises
- * `LeaseRevoked` and sends nothing): the service has abandoned them. There is no automatic
- * reconnection; connect again.
+ * `LeaseRevoked` and sends nothing): the service has abandoned them. Unless `reconnectForMs`
+ * asks to ride out a restart of the service: then the client reconnects for that long, takes
+ * its leases back (same lease, same fence: their signals do not abort), and sends again the
+ * acquires still waiting and the appends and releases whose answers were lost (appends carry
+ * an id, so none is written twice); calls made meanwhile wait for it.
  *
  * The socket keeps the process alive only while a call is pending or a lease is held: an idle
  * connection holding nothing does not stop a script from exiting.
@@ -56,6 +59,11 @@ export interface ConnectOptions {
   timeoutMs?: number;
   /** Largest frame sent or accepted (default 8 MiB, the service's default). */
   maxFrameBytes?: number;
+  /**
+   * Ride out a restart of the service: for this long (ms) after the connection is lost,
+   * reconnect and reclaim what was held (default 0: a lost connection ends this SessionLane).
+   */
+  reconnectForMs?: number;
 }
 
 /** One transcript in a `status` report. */
@@ -108,6 +116,12 @@ const MAX_TIMER_MS = 2_147_483_647;
 
 interface Pending {
   readonly type: string;
+  /** The request as sent (sent again after a service restart, when that is safe). */
+  fields: Record<string, unknown>;
+  /** When it was first sent (ms). */
+  readonly sentAt: number;
+  /** A hello or reclaim of a revival: fails with its connection, never sent again. */
+  readonly revival: boolean;
   readonly path: string | null;
   readonly resolve: (value: unknown) => void;
   readonly reject: (error: Error) => void;
@@ -121,26 +135,7 @@ export async function connect(
   address: string = DEFAULT_ADDRESS,
   options: ConnectOptions = {},
 ): Promise<SessionLane> {
-  const target = parseAddress(address);
-  const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-  const socket = await new Promise<net.Socket>((resolve, reject) => {
-    const socket = net.createConnection(target);
-    const refused = (err: Error): void => {
-      clearTimeout(timer);
-      reject(new Unavailable(`cannot reach sessionlane at ${address}: ${err.message}`));
-    };
-    // A host that drops the SYN would otherwise keep us for the kernel's minutes.
-    const timer = setTimeout(() => {
-      socket.destroy(new Error(`no connection within ${timeoutMs} ms`));
-    }, timeoutMs);
-    socket.once('error', refused);
-    socket.once('connect', () => {
-      clearTimeout(timer);
-      socket.off('error', refused);
-      resolve(socket);
-    });
-  });
-  if ('host' in target) socket.setNoDelay(true);
+  const socket = await dial(address, options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
   const sl = new SessionLane(address, socket, options);
   try {
     const welcome = await sl.request('hello', {
@@ -161,12 +156,50 @@ export async function connect(
   return sl;
 }
 
+/** A connected socket to `address` (rejects `Unavailable` if refused or too slow). */
+async function dial(address: string, timeoutMs: number): Promise<net.Socket> {
+  const target = parseAddress(address);
+  const socket = await new Promise<net.Socket>((resolve, reject) => {
+    const socket = net.createConnection(target);
+    const refused = (err: Error): void => {
+      clearTimeout(timer);
+      reject(new Unavailable(`cannot reach sessionlane at ${address}: ${err.message}`));
+    };
+    // A host that drops the SYN would otherwise keep us for the kernel's minutes.
+    const timer = setTimeout(() => {
+      socket.destroy(new Error(`no connection within ${timeoutMs} ms`));
+    }, timeoutMs);
+    socket.once('error', refused);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      socket.off('error', refused);
+      resolve(socket);
+    });
+  });
+  if ('host' in target) socket.setNoDelay(true);
+  return socket;
+}
+
+/** Requests sent again on the next connection after a restart: safe to repeat there. */
+function resendable(pending: Pending): boolean {
+  if (pending.type === 'acquire' || pending.type === 'release' || pending.type === 'status') {
+    return true;
+  }
+  return pending.type === 'append' && typeof pending.fields['aid'] === 'string';
+}
+
+/** A pause between reconnect attempts; it keeps the process alive (a call is waiting). */
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+
 /** One connection to a sessionlane service. Create it with `connect()`. */
 // eslint-disable-next-line @typescript-eslint/no-unsafe-declaration-merging
 export class SessionLane extends EventEmitter implements AsyncDisposable {
   /** The service's name and version, from its `welcome`. */
   server: string | null = null;
-  readonly #socket: net.Socket;
+  #socket: net.Socket;
+  readonly #options: ConnectOptions;
+  /** While the connection is being revived after a loss: what calls made meanwhile await. */
+  #reviving: Promise<void> | null = null;
   readonly #reader: FrameReader;
   readonly #maxFrameBytes: number;
   readonly #timeoutMs: number;
@@ -178,7 +211,6 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
   #nextId = 0;
   #lastSent = Date.now();
   #closed = false;
-  #closedPromise: Promise<void>;
   /** The detail of an `error` the service sent without an id (it closes the connection next). */
   #farewell = '';
   /** What this connection's lanes and leases use (kept off the public surface). */
@@ -196,17 +228,12 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     options: ConnectOptions,
   ) {
     super();
-    this.#socket = socket;
+    this.#options = options;
     this.#maxFrameBytes = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
     this.#reader = new FrameReader(Math.max(this.#maxFrameBytes, 64 * 1024 * 1024));
     this.#timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-    this.#closedPromise = new Promise((resolve) => socket.once('close', () => resolve()));
-    socket.unref();
-    socket.on('data', (chunk: Buffer) => this.#onData(chunk));
-    socket.on('error', (err) => this.#lost(`connection error: ${err.message}`));
-    socket.on('close', () =>
-      this.#lost(`connection closed by the service${this.#farewell ? `: ${this.#farewell}` : ''}`),
-    );
+    this.#socket = socket;
+    this.#attach(socket);
     const period = options.keepaliveMs ?? 5_000;
     if (period > 0) {
       // The service hears from us only when we send: keep alive by what we sent, not by
@@ -214,7 +241,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       // Checked twice a period, so the service never hears nothing for more than 1.5.
       this.#keepalive = setInterval(
         () => {
-          if (!this.#closed && Date.now() - this.#lastSent >= period) {
+          if (!this.#closed && this.#reviving === null && Date.now() - this.#lastSent >= period) {
             this.request('keepalive', {}).catch(() => undefined);
           }
         },
@@ -222,6 +249,19 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       );
       this.#keepalive.unref();
     }
+  }
+
+  /** Read from `socket`; what it reports counts only while it is the current one. */
+  #attach(socket: net.Socket): void {
+    socket.unref();
+    socket.on('data', (chunk: Buffer) => socket === this.#socket && this.#onData(chunk));
+    socket.on('error', (err) => {
+      if (socket === this.#socket) this.#lost(`connection error: ${err.message}`);
+    });
+    socket.on('close', () => {
+      if (socket !== this.#socket) return;
+      this.#lost(`connection closed by the service${this.#farewell ? `: ${this.#farewell}` : ''}`);
+    });
   }
 
   /** The connection is gone (closed by either side or lost). */
@@ -247,7 +287,10 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     return this.request(
       'recover',
       { lane, path: anchor(path), reason: options.reason ?? 'stuck', grace_ms: graceMs },
-      { timeoutMs: graceMs, map: (reply) => grantedLease(this.#host, reply, lane) },
+      {
+        timeoutMs: graceMs,
+        map: (reply) => grantedLease(this.#host, reply, lane, 'recovery'),
+      },
     );
   }
 
@@ -258,10 +301,14 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
 
   /** Close the connection: the service abandons every lease held on it. */
   async close(): Promise<void> {
+    const socket = this.#socket;
+    const closed = new Promise<void>((resolve) =>
+      socket.destroyed ? resolve() : socket.once('close', () => resolve()),
+    );
     this.#lost('closed by the client', 'connection_closed');
-    this.#socket.end();
-    this.#socket.destroySoon();
-    await this.#closedPromise;
+    socket.end();
+    socket.destroySoon();
+    await closed;
   }
 
   /** `await using sl = await connect()`: close at the end of the block. */
@@ -278,6 +325,24 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     type: string,
     fields: Record<string, unknown>,
     options: RequestOptions<T> = {},
+  ): Promise<T> {
+    if (this.#closed) {
+      return Promise.reject(new Unavailable('the connection is closed'));
+    }
+    const reviving = this.#reviving;
+    if (reviving !== null) {
+      // The service restarted: wait for the next connection (and the reclaims) first.
+      return reviving.then(() => this.request(type, fields, options));
+    }
+    return this.#send(type, fields, options);
+  }
+
+  /** Send now, on the current connection (`revival`: a revival's own hello or reclaim). */
+  #send<T = WireMessage>(
+    type: string,
+    fields: Record<string, unknown>,
+    options: RequestOptions<T> = {},
+    revival = false,
   ): Promise<T> {
     if (this.#closed) {
       return Promise.reject(new Unavailable('the connection is closed'));
@@ -301,6 +366,9 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
           : setTimeout(() => this.#noReply(id, type, limit), limit).unref();
       this.#pending.set(id, {
         type,
+        fields,
+        sentAt: Date.now(),
+        revival,
         path,
         resolve: resolve as (value: unknown) => void,
         reject,
@@ -408,6 +476,14 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       pending.onQueued?.(message['position'] as number);
       return;
     }
+    if (
+      message.type === 'error' &&
+      message['code'] === 'shutting_down' &&
+      pending.type === 'acquire' &&
+      this.#reconnectForMs() > 0
+    ) {
+      return; // the service is stopping: sent again to the next one, once this connection ends
+    }
     this.#settled(id);
     if (message.type === 'error') {
       const path = typeof message['path'] === 'string' ? message['path'] : pending.path;
@@ -425,6 +501,10 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     const state = this.#leases.get(message['lease'] as string);
     switch (message.type) {
       case 'revoked':
+        if (message['reason'] === 'shutdown' && state?.secret && this.#reconnectForMs() > 0) {
+          state.suspended = true; // a stopping service keeps it for the next one to give back
+          break;
+        }
         this.#leases.delete(message['lease'] as string);
         state?.revoke(message['reason'] as string);
         this.#refresh();
@@ -444,7 +524,122 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     this.emit('event', message);
   }
 
+  #reconnectForMs(): number {
+    return this.#options.reconnectForMs ?? 0;
+  }
+
   #lost(reason: string, leaseReason = 'connection_lost'): void {
+    if (this.#closed) return;
+    if (this.#reviving !== null) {
+      // The connection of a revival went too: its hello or reclaims fail, the revival retries.
+      for (const [id, pending] of [...this.#pending.entries()]) {
+        if (!pending.revival) continue;
+        this.#settled(id);
+        pending.reject(new Unavailable(`${reason} before the ${pending.type} reply`));
+      }
+      if (leaseReason === 'connection_closed') this.#end(reason, leaseReason);
+      return;
+    }
+    if (leaseReason === 'connection_lost' && this.#reconnectForMs() > 0) {
+      this.#reviving = this.#revive(reason);
+      return;
+    }
+    this.#end(reason, leaseReason);
+  }
+
+  /**
+   * The connection was lost and `reconnectForMs` asks to ride it out: what can be taken back
+   * waits (leases with a reclaim secret, requests safe to send again), the rest fails now;
+   * then reconnect, reclaim, send again. If no service answers in time, end as without it.
+   */
+  async #revive(reason: string): Promise<void> {
+    for (const [id, pending] of [...this.#pending.entries()]) {
+      if (resendable(pending)) continue;
+      this.#settled(id);
+      pending.reject(new Unavailable(`${reason} before the ${pending.type} reply`));
+    }
+    for (const state of [...this.#leases.values()]) {
+      if (state.secret !== null) {
+        state.suspended = true;
+      } else {
+        this.#leases.delete(state.lease);
+        state.revoke('connection_lost');
+      }
+    }
+    const deadline = Date.now() + this.#reconnectForMs();
+    let delay = 50;
+    let why = reason;
+    while (!this.#closed) {
+      try {
+        const socket = await dial(this.address, this.#timeoutMs);
+        if (this.#closed) {
+          socket.destroy();
+          return;
+        }
+        this.#reader.reset();
+        this.#socket = socket;
+        this.#attach(socket);
+        await this.#send(
+          'hello',
+          { client: this.#options.client ?? `node:${process.pid}`, token: this.#options.token },
+          {},
+          true,
+        );
+        await this.#reclaimAll();
+        this.#resendPending();
+        this.#reviving = null;
+        this.#refresh();
+        return;
+      } catch (err) {
+        why = `${reason}; reconnecting: ${(err as Error).message}`;
+        if (this.#closed || Date.now() + delay > deadline) break;
+        await sleep(delay);
+        delay = Math.min(1_000, delay * 2);
+      }
+    }
+    this.#reviving = null;
+    this.#end(why, 'connection_lost');
+  }
+
+  /** Take every suspended lease back (same lease and fence), or revoke it (`restart`). */
+  async #reclaimAll(): Promise<void> {
+    for (const state of [...this.#leases.values()]) {
+      if (!state.suspended || state.secret === null) continue;
+      try {
+        const reclaim = { lease: state.lease, fence: state.fence, secret: state.secret };
+        const fields = { lane: state.lane, path: state.path, purpose: state.purpose, reclaim };
+        await this.#send('acquire', { ...fields, priority: state.priority }, {}, true);
+        state.suspended = false;
+      } catch (err) {
+        if (err instanceof Unavailable) throw err; // the new connection went too: again
+        this.#leases.delete(state.lease);
+        state.suspended = false;
+        state.revoke('restart');
+      }
+    }
+  }
+
+  /** Send again, on the new connection, what was in flight and is safe to repeat. */
+  #resendPending(): void {
+    const now = Date.now();
+    for (const [id, pending] of this.#pending) {
+      if (pending.type === 'acquire') {
+        const waited = now - pending.sentAt;
+        const fields: Record<string, unknown> = { ...pending.fields, waited_ms: waited };
+        const wait = pending.fields['wait_timeout_ms'];
+        if (typeof wait === 'number') fields['wait_timeout_ms'] = Math.max(0, wait - waited);
+        pending.fields = fields;
+      }
+      this.#lastSent = now;
+      const bytes = frame(
+        { v: PROTOCOL_VERSION, type: pending.type, id, ...pending.fields },
+        this.#maxFrameBytes,
+      );
+      this.#socket.write(bytes);
+    }
+  }
+
+  #end(reason: string, leaseReason: string): void {
     if (this.#closed) return;
     this.#closed = true;
     if (this.#keepalive !== undefined) clearInterval(this.#keepalive);

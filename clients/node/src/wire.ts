@@ -72,6 +72,11 @@ export class FrameReader {
 
   constructor(private readonly maxFrameBytes: number) {}
 
+  /** Forget a partial frame (a new connection starts at a frame boundary). */
+  reset(): void {
+    this.#buffer = Buffer.alloc(0);
+  }
+
   /** The messages completed by `chunk`; throws on an oversized or undecodable frame. */
   feed(chunk: Buffer): WireMessage[] {
     this.#buffer = this.#buffer.length ? Buffer.concat([this.#buffer, chunk]) : chunk;
