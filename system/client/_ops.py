@@ -146,21 +146,27 @@ def _ride_out(
 ) -> Op[Reply]:
     """The final reply to ``request``; with ``reconnect_for``, a restart of the service (the
     connection lost, or ``shutting_down``) sends it again to the next one, saying how long it
-    waited so far so that it keeps its place, with what is left of its wait timeout."""
+    waited so far so that it keeps its place, with what is left of its wait timeout.
+
+    Bounded: at most ``MAX_REVIVALS`` lost connections, and ``shutting_down`` answers for at
+    most ``reconnect_for`` seconds."""
     started = core.clock()
+    revivals = 0
     after = 0.0
-    for attempt in range(MAX_REVIVALS + 1):
-        last = attempt == MAX_REVIVALS or not core.reconnects
+    while True:
         try:
             reply = yield Call(request, timeout=timeout, after=after)
         except Unavailable as exc:
-            if last or _unreachable(exc):
+            revivals += 1
+            if not core.reconnects or revivals > MAX_REVIVALS or _unreachable(exc):
                 raise
             after = 0.0
         else:
-            if last or not (isinstance(reply, Error) and reply.code == "shutting_down"):
+            stopping = isinstance(reply, Error) and reply.code == "shutting_down"
+            late = core.clock() - started > core.settings.reconnect_for
+            if not stopping or not core.reconnects or late:
                 return reply
-            after = RETRY_AFTER_S
+            after = RETRY_AFTER_S  # the stopping service answers this until it is gone
         waited = core.clock() - started
         update: dict[str, Any] = {"waited_ms": int(waited * 1000)}
         if wait_timeout is not None:
@@ -172,7 +178,6 @@ def _ride_out(
                 )
             update["wait_timeout_ms"] = int(timeout * 1000)
         request = request.model_copy(update=update)
-    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _unreachable(exc: Unavailable) -> bool:
