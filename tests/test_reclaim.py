@@ -3,9 +3,13 @@ table's awaited holder. No actors, no clock: time is passed in."""
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from sessionlane.actors.lease_table import (
     Diagnostic,
@@ -14,6 +18,7 @@ from sessionlane.actors.lease_table import (
     LeaseTable,
     Queue,
     Reject,
+    Skip,
 )
 from sessionlane.actors.reclaim import (
     FREE,
@@ -212,3 +217,90 @@ def test_a_waiter_that_waited_before_the_restart_keeps_its_place_in_its_class() 
     table.acquire("early", "B", "prompt", 20.0, waited_ms=5_000)  # queued long before C
     table.acquire("bg", "D", "prompt", 5.0, priority="background", waited_ms=9_000)
     assert [w.lane for w in table.order(20.0)] == ["B", "C", "D"]
+
+
+# A stateful model of the grace ---------------------------------------------------------------
+
+
+class GraceModel(RuleBasedStateMachine):
+    """Lanes acquire, release, abandon and try to reclaim while time passes over the grace.
+
+    What must hold whatever the order: nobody but the reclaimer is granted while the holder is
+    awaited; a reclaim gets the awaited lease and fence or a refusal, never a fresh lease;
+    once the grace is over, or the holder released, grants go on with fences above the
+    ceiling, strictly increasing; every request is answered once.
+    """
+
+    GRACE = 1000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = awaiting_table(until=self.GRACE, hold_ms=None)
+        self.now = 0.0
+        self.reclaimer: str | None = None
+        self.fences: list[int] = []
+        self.answers: Counter[object] = Counter()
+        self.reqs = 0
+
+    def effects(self, effects: list[Any]) -> None:
+        for e in effects:
+            if isinstance(e, Grant | Reject | Skip):
+                self.answers[e.req] += 1
+            if isinstance(e, Grant) and not e.reentrant:
+                if e.lease == "ab-7":
+                    assert e.fence == 7 and e.lane == self.reclaimer
+                    continue
+                assert self.table.holder is not None and self.table.holder.state == "held"
+                assert e.fence > 1024 and all(e.fence > f for f in self.fences)
+                self.fences.append(e.fence)
+
+    def req(self) -> str:
+        self.reqs += 1
+        return f"r{self.reqs}"
+
+    @rule(lane=st.sampled_from(["A", "B", "C"]))
+    def acquire(self, lane: str) -> None:
+        awaited = self.table.holder is not None and self.table.holder.state == "awaiting"
+        effects = self.table.acquire(self.req(), lane, "prompt", self.now, wait_timeout_ms=5000)
+        if awaited:
+            assert not any(isinstance(e, Grant) for e in effects)
+        self.effects(effects)
+
+    @rule(lane=st.sampled_from(["A", "B", "C"]), right=st.booleans())
+    def reclaim(self, lane: str, right: bool) -> None:
+        h = self.table.holder
+        will_take = right and h is not None and h.state == "awaiting"
+        if will_take:
+            self.reclaimer = lane
+        effects = self.table.reclaim(self.req(), lane, "ab-7", 7 if right else 6, self.now)
+        first = effects[0]
+        if isinstance(first, Grant):
+            assert (first.lease, first.fence, first.lane) == ("ab-7", 7, self.reclaimer)
+        else:
+            assert isinstance(first, Reject) and first.code == "reclaim_refused"
+        self.effects(effects)
+
+    @rule()
+    def holder_releases(self) -> None:
+        h = self.table.holder
+        if h is not None and h.state == "held":
+            self.effects(self.table.release(self.req(), h.lane, h.lease, self.now))
+
+    @rule(lane=st.sampled_from(["A", "B", "C"]))
+    def abandon(self, lane: str) -> None:
+        self.effects(self.table.abandon(self.req(), lane, self.now, reason="gone"))
+
+    @rule(dt=st.integers(0, 600))
+    def advance(self, dt: int) -> None:
+        self.now += dt
+        self.effects(self.table.tick(self.now))
+
+    @invariant()
+    def nobody_else_while_awaited(self) -> None:
+        h = self.table.holder
+        if h is not None and h.state == "awaiting":
+            assert self.now < self.GRACE and not self.fences
+        assert all(n == 1 for n in self.answers.values())
+
+
+TestGraceModel = GraceModel.TestCase
