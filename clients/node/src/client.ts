@@ -20,12 +20,17 @@
  *
  * The socket keeps the process alive only while a call is pending or a lease is held: an idle
  * connection holding nothing does not stop a script from exiting.
+ *
+ * Why one module of about 680 lines: a `SessionLane` is one connection's state (socket,
+ * pending requests, leases), and the revival after a restart swaps the socket under that
+ * state; what the revival decides without touching it is in `reclaim.ts`.
  */
 
 import net from 'node:net';
 import { EventEmitter } from 'node:events';
 
 import { DEFAULT_ADDRESS, anchor, parseAddress } from './address.js';
+import { reclaimFields, resendable, waitedFields } from './reclaim.js';
 import { SessionLaneError, Unavailable, errorFor } from './errors.js';
 import {
   Lane,
@@ -178,14 +183,6 @@ async function dial(address: string, timeoutMs: number): Promise<net.Socket> {
   });
   if ('host' in target) socket.setNoDelay(true);
   return socket;
-}
-
-/** Requests sent again on the next connection after a restart: safe to repeat there. */
-function resendable(pending: Pending): boolean {
-  if (pending.type === 'acquire' || pending.type === 'release' || pending.type === 'status') {
-    return true;
-  }
-  return pending.type === 'append' && typeof pending.fields['aid'] === 'string';
 }
 
 /** A pause between reconnect attempts; it keeps the process alive (a call is waiting). */
@@ -554,7 +551,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
    */
   async #revive(reason: string): Promise<void> {
     for (const [id, pending] of [...this.#pending.entries()]) {
-      if (resendable(pending)) continue;
+      if (resendable(pending.type, pending.fields)) continue;
       this.#settled(id);
       pending.reject(new Unavailable(`${reason} before the ${pending.type} reply`));
     }
@@ -606,9 +603,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     for (const state of [...this.#leases.values()]) {
       if (!state.suspended || state.secret === null) continue;
       try {
-        const reclaim = { lease: state.lease, fence: state.fence, secret: state.secret };
-        const fields = { lane: state.lane, path: state.path, purpose: state.purpose, reclaim };
-        await this.#send('acquire', { ...fields, priority: state.priority }, {}, true);
+        await this.#send('acquire', reclaimFields(state), {}, true);
         state.suspended = false;
       } catch (err) {
         if (err instanceof Unavailable) throw err; // the new connection went too: again
@@ -624,11 +619,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     const now = Date.now();
     for (const [id, pending] of this.#pending) {
       if (pending.type === 'acquire') {
-        const waited = now - pending.sentAt;
-        const fields: Record<string, unknown> = { ...pending.fields, waited_ms: waited };
-        const wait = pending.fields['wait_timeout_ms'];
-        if (typeof wait === 'number') fields['wait_timeout_ms'] = Math.max(0, wait - waited);
-        pending.fields = fields;
+        pending.fields = waitedFields(pending.fields, now - pending.sentAt);
       }
       this.#lastSent = now;
       const bytes = frame(
