@@ -30,8 +30,8 @@ import net from 'node:net';
 import { EventEmitter } from 'node:events';
 
 import { DEFAULT_ADDRESS, anchor, parseAddress } from './address.js';
+import { SessionLaneError, Unauthorized, Unavailable, errorFor } from './errors.js';
 import { reclaimFields, resendable, waitedFields } from './reclaim.js';
-import { SessionLaneError, Unavailable, errorFor } from './errors.js';
 import {
   Lane,
   grantedLease,
@@ -50,12 +50,30 @@ import {
   type Purpose,
   type WireMessage,
 } from './wire.js';
+import {
+  clientProof,
+  newNonce,
+  resolveServiceUser,
+  serverProofMatches,
+  serviceOwner,
+  serviceRefusal,
+} from './trust.js';
 import './dispose.js';
 
 /** Options of `connect`. */
 export interface ConnectOptions {
-  /** The shared secret from the service's `token_file` (when it requires one). */
+  /**
+   * The shared secret from the service's `token_file` (when it requires one). It is never sent:
+   * the client and the service prove they know it (`docs/protocol.md`, "Token proof").
+   */
   token?: string;
+  /**
+   * Who must run the service: a uid, a user name, or `'*'` for anyone. By default, without a
+   * token, this process's user (checked on the connected socket before anything is sent);
+   * with a token, nobody in particular (the service's proof of the token decides). See
+   * `docs/security-clients.md`.
+   */
+  serviceUser?: number | string;
   /** A name for the service's diagnostics; default `node:<pid>`. */
   client?: string;
   /** Keepalive period while idle, in ms (default 5000; 0 disables). */
@@ -135,25 +153,19 @@ interface Pending {
   readonly timer: NodeJS.Timeout | undefined;
 }
 
-/** Connect and say hello. Rejects with `Unavailable` (refused at once) or `Unauthorized`. */
+/**
+ * Connect, check who runs the service, and say hello. Rejects with `Unavailable` (refused at
+ * once) or `Unauthorized` (the service is not the expected user's, or did not prove the token,
+ * or refused us); nothing is sent to a service that fails its checks.
+ */
 export async function connect(
   address: string = DEFAULT_ADDRESS,
   options: ConnectOptions = {},
 ): Promise<SessionLane> {
-  const socket = await dial(address, options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
+  const socket = await dial(address, options);
   const sl = new SessionLane(address, socket, options);
   try {
-    const welcome = await sl.request('hello', {
-      client: options.client ?? `node:${process.pid}`,
-      token: options.token,
-    });
-    if (welcome['protocol'] !== PROTOCOL_VERSION) {
-      throw new Unavailable(
-        `the service at ${address} speaks protocol ${String(welcome['protocol'])},` +
-          ` not ${PROTOCOL_VERSION}`,
-      );
-    }
-    sl.server = typeof welcome['server'] === 'string' ? welcome['server'] : null;
+    sl.server = await handshake(address, options, (type, fields) => sl.request(type, fields));
   } catch (err) {
     await sl.close();
     throw err;
@@ -161,9 +173,80 @@ export async function connect(
   return sl;
 }
 
-/** A connected socket to `address` (rejects `Unavailable` if refused or too slow). */
-async function dial(address: string, timeoutMs: number): Promise<net.Socket> {
+/** How the handshake sends a request and awaits its reply. */
+type Ask = (type: string, fields: Record<string, unknown>) => Promise<WireMessage>;
+
+/**
+ * Say hello on a connection whose owner was checked (`dial`): with a token, prove it and check
+ * the service's proof; resolves with the service's name (`welcome`'s `server`).
+ */
+async function handshake(
+  address: string,
+  options: ConnectOptions,
+  ask: Ask,
+): Promise<string | null> {
+  const token = options.token === undefined ? undefined : options.token.trim();
+  const nonce = token === undefined ? undefined : newNonce();
+  const hello = { client: options.client ?? `node:${process.pid}`, nonce };
+  let welcome = await ask('hello', hello).catch((err: unknown) => {
+    if (nonce !== undefined && err instanceof SessionLaneError && /nonce/.test(err.message)) {
+      throw new Unauthorized(
+        `the service at ${address} is older than this client: it does not take the token` +
+          ` proof (${err.message}); upgrade the service (this client never sends the token)`,
+      );
+    }
+    throw err;
+  });
+  let challenge: Uint8Array | undefined;
+  if (welcome.type === 'challenge') {
+    if (token === undefined || nonce === undefined) {
+      throw new Unauthorized(
+        `the service at ${address} requires a token (it has a token_file): pass { token }`,
+      );
+    }
+    const theirs = welcome['nonce'];
+    if (!(theirs instanceof Uint8Array)) {
+      throw new Unauthorized(`the service at ${address} sent a malformed challenge`);
+    }
+    challenge = theirs;
+    welcome = await ask('proof', { proof: clientProof(token, nonce, challenge) });
+  }
+  if (welcome.type !== 'welcome') {
+    throw new Unauthorized(`the service at ${address} answered the hello with ${welcome.type}`);
+  }
+  if (token !== undefined && nonce !== undefined) {
+    if (challenge === undefined) {
+      throw new Unauthorized(
+        `the service at ${address} did not ask for the token proof: it has no token_file, or` +
+          ' it is not the service; nothing was sent (connect without the token if the' +
+          ' service has none)',
+      );
+    }
+    if (!serverProofMatches(welcome['proof'], token, nonce, challenge)) {
+      throw new Unauthorized(
+        `the service at ${address} did not prove it knows the token: it is not the service,` +
+          ' or its token_file holds another token; nothing was sent',
+      );
+    }
+  }
+  if (welcome['protocol'] !== PROTOCOL_VERSION) {
+    throw new Unavailable(
+      `the service at ${address} speaks protocol ${String(welcome['protocol'])},` +
+        ` not ${PROTOCOL_VERSION}`,
+    );
+  }
+  return typeof welcome['server'] === 'string' ? welcome['server'] : null;
+}
+
+/**
+ * A connected socket to `address` whose owner is the expected service (rejects `Unavailable`
+ * if refused or too slow, `Unauthorized` if another user's socket answers).
+ */
+async function dial(address: string, options: ConnectOptions): Promise<net.Socket> {
   const target = parseAddress(address);
+  const serviceUser = resolveServiceUser(options.serviceUser);
+  const token = options.token === undefined ? undefined : options.token.trim();
+  const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   const socket = await new Promise<net.Socket>((resolve, reject) => {
     const socket = net.createConnection(target);
     const refused = (err: Error): void => {
@@ -182,6 +265,16 @@ async function dial(address: string, timeoutMs: number): Promise<net.Socket> {
     });
   });
   if ('host' in target) socket.setNoDelay(true);
+  const owner = serviceOwner(
+    target,
+    { address: socket.localAddress, port: socket.localPort },
+    { address: socket.remoteAddress, port: socket.remotePort },
+  );
+  const refusal = serviceRefusal(address, owner, token, serviceUser);
+  if (refusal !== null) {
+    socket.destroy();
+    throw new Unauthorized(refusal);
+  }
   return socket;
 }
 
@@ -568,7 +661,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     let why = reason;
     while (!this.#closed) {
       try {
-        const socket = await dial(this.address, this.#timeoutMs);
+        const socket = await dial(this.address, this.#options);
         if (this.#closed) {
           socket.destroy();
           return;
@@ -576,12 +669,8 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
         this.#reader.reset();
         this.#socket = socket;
         this.#attach(socket);
-        await this.#send(
-          'hello',
-          { client: this.#options.client ?? `node:${process.pid}`, token: this.#options.token },
-          {},
-          true,
-        );
+        const ask: Ask = (type, fields) => this.#send(type, fields, {}, true);
+        this.server = await handshake(this.address, this.#options, ask);
         await this.#reclaimAll();
         this.#resendPending();
         this.#reviving = null;
@@ -589,7 +678,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
         return;
       } catch (err) {
         why = `${reason}; reconnecting: ${(err as Error).message}`;
-        if (this.#closed || Date.now() + delay > deadline) break;
+        if (this.#closed || err instanceof Unauthorized || Date.now() + delay > deadline) break;
         await sleep(delay);
         delay = Math.min(1_000, delay * 2);
       }
