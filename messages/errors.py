@@ -54,8 +54,8 @@ ErrorCode = Literal[
     "read_only",
     "io_error",
     "file_moved",
-    "too_many_files",
     "reclaim_refused",
+    "too_many_files",
     "internal",
 ]
 ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
