@@ -8,7 +8,7 @@
 
 import './dispose.js';
 
-export { DEFAULT_ADDRESS, parseAddress, type Target } from './address.js';
+export { ADDRESS_ENV, DEFAULT_ADDRESS, defaultAddress, parseAddress, type Target } from './address.js';
 export {
   connect,
   SessionLane,
