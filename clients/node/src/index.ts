@@ -75,5 +75,14 @@ export {
   type WireMessage,
 } from './wire.js';
 
-/** The package version (the same as the Python distribution's). */
-export const VERSION = '0.1.0';
+/** The package version, from its `package.json` (the same as the Python distribution's). */
+export const VERSION: string = packageVersion();
+
+function packageVersion(): string {
+  // dist/index.js sits beside package.json's folder in the package, as src/ does here.
+  const meta: unknown = require('../package.json');
+  if (meta !== null && typeof meta === 'object' && 'version' in meta) {
+    if (typeof meta.version === 'string') return meta.version;
+  }
+  throw new Error('sessionlane: its package.json has no version');
+}
