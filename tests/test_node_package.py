@@ -71,7 +71,8 @@ def consumer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     project = tmp_path_factory.mktemp("consumer")
     (project / "package.json").write_text('{"name": "consumer", "private": true}\n')
     tarball = str(out / info["filename"])
-    installed = run([npm, "install", "--prefer-offline", "--no-audit", "--no-fund", tarball], project)
+    install = [npm, "install", "--prefer-offline", "--no-audit", "--no-fund", tarball]
+    installed = run(install, project)
     assert installed.returncode == 0, installed.stderr
     # npm 11 warns when an installed tarball would need its `prepare` build: nothing to build.
     assert "prepare" not in installed.stderr, installed.stderr
@@ -110,9 +111,7 @@ def test_the_package_loads_from_an_es_module_and_from_commonjs(consumer: Path) -
         assert json.loads(result.stdout) == expected, script
 
 
-@pytest.mark.parametrize(
-    ("resolution", "module"), [("node16", "node16"), ("node10", "commonjs")]
-)
+@pytest.mark.parametrize(("resolution", "module"), [("node16", "node16"), ("node10", "commonjs")])
 def test_the_package_type_checks_under_node16_and_node10_resolution(
     consumer: Path, resolution: str, module: str
 ) -> None:
