@@ -21,6 +21,7 @@ import {
   parseAddress,
 } from 'sessionlane';
 import { SessionWriteLockTimeoutError } from 'sessionlane/openclaw';
+import { deferred } from './helpers.mjs';
 
 describe('addresses', () => {
   it('accepts HOST:PORT, tcp://HOST:PORT and unix:///path', () => {
@@ -275,6 +276,95 @@ describe('connection loss', () => {
     await assert.rejects(connect(`tcp://127.0.0.1:${port}`), (err: unknown) => {
       assert.ok(err instanceof Unavailable);
       assert.match(err.detail, /cannot reach sessionlane/);
+      return true;
+    });
+  });
+});
+
+describe('giving up a queued acquire with a signal', () => {
+  it('rejects with the reason at once and releases the grant that comes late', async () => {
+    let waiting: unknown = null;
+    let acquires = 0;
+    let released: (lease: unknown) => void = () => undefined;
+    const release = new Promise((resolve) => (released = resolve));
+    const queued = deferred();
+    const { address, server } = await scriptedService((request, send) => {
+      if (request['type'] === 'acquire') {
+        acquires += 1;
+        waiting = request['id'];
+        send({ type: 'queued', id: waiting, position: 1 });
+      } else if (request['type'] === 'keepalive') {
+        // The holder before us released: the service grants the acquire it still queues.
+        send({
+          type: 'granted',
+          id: waiting,
+          lease: 'LATE',
+          fence: 4,
+          path: '/s/q.jsonl',
+          purpose: 'prompt',
+        });
+        send({ type: 'alive', id: request['id'] });
+      } else if (request['type'] === 'release') {
+        released(request['lease']);
+        send({ type: 'released', id: request['id'], lease: request['lease'] });
+      }
+    });
+    try {
+      const sl = await connect(address, { keepaliveMs: 0 });
+      const controller = new AbortController();
+      const lease = sl.lane('a').lease('/s/q.jsonl', {
+        signal: controller.signal,
+        onQueued: () => queued.resolve(),
+      });
+      await queued.promise;
+      const why = new Error('the turn was cancelled');
+      controller.abort(why);
+      await assert.rejects(lease, (err: unknown) => err === why);
+      await sl.request('keepalive', {});
+      assert.equal(await release, 'LATE');
+      // Aborted already: nothing is sent.
+      await assert.rejects(
+        sl.lane('a').lease('/s/q.jsonl', { signal: AbortSignal.abort() }),
+        (err: unknown) => err instanceof DOMException && err.name === 'AbortError',
+      );
+      assert.equal(acquires, 1);
+      await sl.close();
+    } finally {
+      server.close();
+    }
+  });
+});
+
+describe('the default address', () => {
+  it('is $SESSIONLANE_LISTEN when it is set', async () => {
+    const { address, server } = await scriptedService(() => undefined);
+    const before = process.env['SESSIONLANE_LISTEN'];
+    process.env['SESSIONLANE_LISTEN'] = `tcp://${address}`;
+    try {
+      const sl = await connect();
+      assert.equal(sl.address, `tcp://${address}`);
+      assert.equal(sl.server, 'scripted');
+      await sl.close();
+    } finally {
+      if (before === undefined) delete process.env['SESSIONLANE_LISTEN'];
+      else process.env['SESSIONLANE_LISTEN'] = before;
+      server.close();
+    }
+  });
+});
+
+describe('error causes', () => {
+  it('keep what caused them: the socket error of a refused connect', async () => {
+    const server = net.createServer();
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const { port } = server.address() as net.AddressInfo;
+    server.close();
+    await once(server, 'close');
+    await assert.rejects(connect(`tcp://127.0.0.1:${port}`), (err: unknown) => {
+      assert.ok(err instanceof Unavailable);
+      assert.ok(err.cause instanceof Error);
+      assert.equal((err.cause as NodeJS.ErrnoException).code, 'ECONNREFUSED');
       return true;
     });
   });
