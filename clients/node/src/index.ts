@@ -8,7 +8,13 @@
 
 import './dispose.js';
 
-export { ADDRESS_ENV, DEFAULT_ADDRESS, defaultAddress, parseAddress, type Target } from './address.js';
+export {
+  ADDRESS_ENV,
+  DEFAULT_ADDRESS,
+  defaultAddress,
+  parseAddress,
+  type Target,
+} from './address.js';
 export {
   connect,
   SessionLane,

@@ -79,7 +79,14 @@ export function parseReply(decoded: unknown): Reply {
     case 'alive':
       return { ...base, type };
     case 'revoked':
-      return { ...base, id: null, type, lease: f.str('lease'), path: f.str('path'), reason: f.str('reason') };
+      return {
+        ...base,
+        id: null,
+        type,
+        lease: f.str('lease'),
+        path: f.str('path'),
+        reason: f.str('reason'),
+      };
     case 'abort_requested':
       return {
         ...base,
@@ -154,7 +161,9 @@ class Reader {
   #bad(field: string, expected: string): never {
     const got = this.fields[field];
     const seen = got === undefined ? 'missing' : `a ${Array.isArray(got) ? 'list' : typeof got}`;
-    throw new BadFrame(`the service sent a ${this.what} whose ${field} is ${seen}, not ${expected}`);
+    throw new BadFrame(
+      `the service sent a ${this.what} whose ${field} is ${seen}, not ${expected}`,
+    );
   }
 
   str(field: string): string {

@@ -79,7 +79,10 @@ export type WireFileStatus = {
   readonly counters: Readonly<Record<string, number>>;
 };
 
-export type WelcomeReply = Reply_<'welcome', { server: string; protocol: number; proof: Uint8Array | null }>;
+export type WelcomeReply = Reply_<
+  'welcome',
+  { server: string; protocol: number; proof: Uint8Array | null }
+>;
 export type ChallengeReply = Reply_<'challenge', { nonce: Uint8Array }>;
 export type QueuedReply = Reply_<'queued', { position: number }>;
 export type GrantedReply = Reply_<
