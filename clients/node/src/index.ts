@@ -43,6 +43,7 @@ export {
   Unavailable,
   errorFor,
   type ErrorCode,
+  type SessionLaneErrorOptions,
 } from './errors.js';
 export {
   Lane,
@@ -68,6 +69,7 @@ export {
   type SessionWriteLocksOptions,
 } from './openclaw.js';
 export {
+  MAX_MESSAGE_DEPTH,
   PROTOCOL_VERSION,
   checkRecords,
   type AppendResult,
@@ -76,7 +78,11 @@ export {
   type OnContention,
   type Priority,
   type Purpose,
+  type Reply,
+  type ReplyOf,
+  type RequestId,
   type RevokeReason,
+  type ServiceEvent,
   type TranscriptRecord,
   type WireMessage,
 } from './wire.js';

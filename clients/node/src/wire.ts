@@ -179,6 +179,13 @@ export class FrameReader {
     this.#decoder = new Decoder({ useBigInt64: false });
   }
 
+  /** Forget what is held (a new connection starts a new stream). */
+  reset(): void {
+    this.#chunks.length = 0;
+    this.#buffered = 0;
+    this.#length = null;
+  }
+
   /** Bytes held that do not yet make a whole frame. */
   get pending(): number {
     return this.#buffered;
