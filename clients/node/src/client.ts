@@ -13,7 +13,8 @@
  * take it for gone. When the connection is lost, every pending call rejects with
  * `Unavailable` and every lease on it is revoked (its signal aborts, its next write raises
  * `LeaseRevoked` and sends nothing): the service has abandoned them. There is no automatic
- * reconnection; connect again.
+ * reconnection; connect again (`reconnectForMs` keeps a connect trying while the service is
+ * not listening yet, as the Python client's `reconnect_for` does).
  *
  * The socket keeps the process alive only while a call is pending or a lease is held: an idle
  * connection holding nothing does not stop a script from exiting.
@@ -22,7 +23,7 @@
 import net from 'node:net';
 import { EventEmitter } from 'node:events';
 
-import { anchor, defaultAddress, parseAddress } from './address.js';
+import { anchor, defaultAddress, parseAddress, type Target } from './address.js';
 import { SessionLaneError, Unauthorized, Unavailable, errorFor } from './errors.js';
 import {
   Lane,
@@ -73,6 +74,14 @@ export interface ConnectOptions {
   keepaliveMs?: number;
   /** How long connecting, or a reply beyond the service's own waits, may take (ms; 40000). */
   timeoutMs?: number;
+  /**
+   * How long (ms) a connect keeps trying while nobody listens at the address (a service
+   * starting or restarting: refused, no socket file, reset), backing off from 50 ms to 1 s,
+   * as the Python client's `reconnect_for` (default 0: one attempt).
+   */
+  reconnectForMs?: number;
+  /** Called before each retry of a refused connect, with the refusal and the wait (ms). */
+  onRetry?: (error: Error, delayMs: number) => void;
   /**
    * Largest frame sent or accepted (default 8 MiB, the service's default). A frame from the
    * service announcing more is refused before it is read: the connection closes (`TooLarge`).
@@ -153,24 +162,9 @@ export async function connect(
   const serviceUser = resolveServiceUser(options.serviceUser);
   const token = options.token === undefined ? undefined : options.token.trim();
   const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-  const socket = await new Promise<net.Socket>((resolve, reject) => {
-    const socket = net.createConnection(target);
-    const refused = (err: Error): void => {
-      clearTimeout(timer);
-      reject(
-        new Unavailable(`cannot reach sessionlane at ${address}: ${err.message}`, { cause: err }),
-      );
-    };
-    // A host that drops the SYN would otherwise keep us for the kernel's minutes.
-    const timer = setTimeout(() => {
-      socket.destroy(new Error(`no connection within ${timeoutMs} ms`));
-    }, timeoutMs);
-    socket.once('error', refused);
-    socket.once('connect', () => {
-      clearTimeout(timer);
-      socket.off('error', refused);
-      resolve(socket);
-    });
+  const socket = await dialWithin(target, timeoutMs, options).catch((err: unknown) => {
+    const why = err instanceof Error ? err.message : String(err);
+    throw new Unavailable(`cannot reach sessionlane at ${address}: ${why}`, { cause: err });
   });
   if ('host' in target) socket.setNoDelay(true);
   const owner = serviceOwner(
@@ -236,6 +230,53 @@ export async function connect(
     throw err;
   }
   return sl;
+}
+
+/** Connect failures worth retrying: nobody listening yet (as the Python client's). */
+const RETRYABLE = new Set(['ECONNREFUSED', 'ENOENT', 'ECONNRESET']);
+
+/**
+ * A connected socket to `target`, retrying a refusal for `reconnectForMs` with the Python
+ * client's backoff (50 ms doubling to 1 s); rejects with the last socket error.
+ */
+async function dialWithin(
+  target: Target,
+  timeoutMs: number,
+  options: ConnectOptions,
+): Promise<net.Socket> {
+  const deadline = Date.now() + Math.max(0, options.reconnectForMs ?? 0);
+  for (let delay = 50; ; delay = Math.min(1_000, delay * 2)) {
+    try {
+      return await dial(target, timeoutMs);
+    } catch (err) {
+      const code = err instanceof Error && 'code' in err ? err.code : undefined;
+      const retry = typeof code === 'string' && RETRYABLE.has(code);
+      if (!retry || !(err instanceof Error) || Date.now() + delay > deadline) throw err;
+      options.onRetry?.(err, delay);
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
+}
+
+/** One attempt: a connected socket, or the socket's error. */
+function dial(target: Target, timeoutMs: number): Promise<net.Socket> {
+  return new Promise<net.Socket>((resolve, reject) => {
+    const socket = net.createConnection(target);
+    const refused = (err: Error): void => {
+      clearTimeout(timer);
+      reject(err);
+    };
+    // A host that drops the SYN would otherwise keep us for the kernel's minutes.
+    const timer = setTimeout(() => {
+      socket.destroy(new Error(`no connection within ${timeoutMs} ms`));
+    }, timeoutMs);
+    socket.once('error', refused);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      socket.off('error', refused);
+      resolve(socket);
+    });
+  });
 }
 
 /** One connection to a sessionlane service. Create it with `connect()`. */

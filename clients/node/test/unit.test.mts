@@ -2,7 +2,10 @@
 // loss, driven by a scripted peer on a real socket.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { mkdtempSync, renameSync, rmSync } from 'node:fs';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, it } from 'node:test';
 
 import { Decoder, Encoder } from '@msgpack/msgpack';
@@ -139,7 +142,10 @@ type Send = (message: object) => void;
 type Script = (request: Record<string, unknown>, send: Send, socket: net.Socket) => void;
 
 /** A scripted peer on a real socket: answers hello, hands every other request to `script`. */
-async function scriptedService(script: Script): Promise<{ address: string; server: net.Server }> {
+async function scriptedService(
+  script: Script,
+  unixPath?: string,
+): Promise<{ address: string; server: net.Server }> {
   const encoder = new Encoder();
   const decoder = new Decoder();
   const server = net.createServer((socket) => {
@@ -164,6 +170,11 @@ async function scriptedService(script: Script): Promise<{ address: string; serve
       }
     });
   });
+  if (unixPath !== undefined) {
+    server.listen(unixPath);
+    await once(server, 'listening');
+    return { address: `unix://${unixPath}`, server };
+  }
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   const { port } = server.address() as net.AddressInfo;
@@ -367,5 +378,45 @@ describe('error causes', () => {
       assert.equal((err.cause as NodeJS.ErrnoException).code, 'ECONNREFUSED');
       return true;
     });
+  });
+});
+
+describe('reconnectForMs', () => {
+  it('keeps a connect trying while nobody listens, backing off as the Python client', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'sl-retry-'));
+    const path = join(dir, 'sl.sock');
+    // The service binds elsewhere and appears at the address only after the first refusal.
+    const { server } = await scriptedService(() => undefined, `${path}.starting`);
+    try {
+      const retries: [string | undefined, number][] = [];
+      const sl = await connect(`unix://${path}`, {
+        keepaliveMs: 0,
+        reconnectForMs: 30_000,
+        onRetry: (err, delayMs) => {
+          retries.push([(err as NodeJS.ErrnoException).code, delayMs]);
+          if (retries.length === 2) renameSync(`${path}.starting`, path);
+        },
+      });
+      assert.equal(sl.server, 'scripted');
+      assert.deepEqual(retries, [
+        ['ENOENT', 50],
+        ['ENOENT', 100],
+      ]);
+      await sl.close();
+      // Without it: one attempt, the refusal as the cause.
+      const refusals: unknown[] = [];
+      await assert.rejects(
+        connect(`unix://${path}.gone`, { onRetry: (err) => refusals.push(err) }),
+        (err: unknown) => {
+          assert.ok(err instanceof Unavailable);
+          assert.equal((err.cause as NodeJS.ErrnoException).code, 'ENOENT');
+          return true;
+        },
+      );
+      assert.deepEqual(refusals, []);
+    } finally {
+      server.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
