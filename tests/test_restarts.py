@@ -384,3 +384,85 @@ def test_a_kill_9_of_serve_is_ridden_out_by_a_holder_in_mid_turn(
         for serve in made:
             serve.kill()
     assert lines(path) == [{"n": 1}, {"n": 2}]
+
+
+NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
+
+NODE_HOLDER = """
+const { connect } = require(process.argv[1]);
+const { createSessionWriteLocks } = require(process.argv[1] + '/dist/openclaw.js');
+const [address, path, mode] = process.argv.slice(2);
+const emit = (line) => process.stdout.write(JSON.stringify(line) + '\\n');
+const nextLine = () =>
+  new Promise((resolve) => process.stdin.once('data', () => resolve(process.stdin.destroy())));
+(async () => {
+  if (mode === 'client') {
+    const sl = await connect(address, { reconnectForMs: 60000, keepaliveMs: 1000 });
+    const lease = await sl.lane('node').lease(path);
+    await lease.append({ n: 1 });
+    emit({ step: 'held', lease: lease.id, fence: lease.fence });
+    await nextLine();
+    const after = await lease.append({ n: 2 });
+    emit({ step: 'appended', fence: after.fence, aborted: lease.signal.aborted });
+    await lease.release();
+    await sl.close();
+  } else {
+    const locks = createSessionWriteLocks({ address, connectOptions: { keepaliveMs: 1000 } });
+    const lock = await locks.acquireSessionWriteLock({ sessionFile: path });
+    emit({ step: 'held', lease: lock.lease.id, fence: lock.lease.fence });
+    await nextLine();
+    const after = await lock.lease.append({ n: 2 });
+    emit({ step: 'appended', fence: after.fence, aborted: lock.signal.aborted });
+    await lock.release();
+    await locks.close();
+  }
+  emit({ step: 'done' });
+})().catch((err) => { emit({ step: 'error', error: String(err) }); process.exit(1); });
+"""
+
+
+def node_or_skip() -> str:
+    import shutil
+
+    node = shutil.which("node")
+    if node is None or not (NODE_DIR / "dist" / "index.js").exists():
+        pytest.skip("node and the built package (npm ci in clients/node) are needed")
+    return node
+
+
+@pytest.mark.parametrize("mode", ["client", "openclaw"])
+def test_a_node_holder_rides_out_a_crash_and_under_the_openclaw_drop_in_sees_nothing(
+    restarts: Restarts, mode: str
+) -> None:
+    import subprocess
+
+    node = node_or_skip()
+    path = str(restarts.root / f"node-{mode}.jsonl")
+    first = restarts.start()
+    proc = subprocess.Popen(
+        [node, "-e", NODE_HOLDER, str(NODE_DIR), first.address, path, mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        held = json.loads(proc.stdout.readline())
+        assert held["step"] == "held", held
+        crash(first)
+        restarts.start()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        appended = json.loads(proc.stdout.readline())
+        assert appended == {"step": "appended", "fence": held["fence"], "aborted": False}
+        assert json.loads(proc.stdout.readline()) == {"step": "done"}
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    if mode == "client":
+        assert lines(path) == [{"n": 1}, {"n": 2}]
+    else:
+        assert lines(path) == [{"n": 2}]
