@@ -22,6 +22,10 @@
  *
  * The socket keeps the process alive only while a call is pending or a lease is held: an idle
  * connection holding nothing does not stop a script from exiting.
+ *
+ * Why one module of about 850 lines: a `SessionLane` is one connection's state (socket,
+ * pending requests, leases), and the revival after a restart swaps the socket under that
+ * state; what the revival decides without touching it is in `reclaim.ts`.
  */
 
 import net from 'node:net';
