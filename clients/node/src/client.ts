@@ -13,17 +13,27 @@
  * take it for gone. When the connection is lost, every pending call rejects with
  * `Unavailable` and every lease on it is revoked (its signal aborts, its next write raises
  * `LeaseRevoked` and sends nothing): the service has abandoned them. There is no automatic
- * reconnection; connect again.
+ * reconnection beyond that; connect again (`reconnectForMs` keeps a connect trying while the
+ * service is not listening yet, as the Python client's `reconnect_for` does). With
+ * `reconnectForMs`, a restart of the service is ridden out too: the client reconnects for that
+ * long, takes its leases back (same lease, same fence: their signals do not abort), and sends
+ * again the acquires still waiting and the appends and releases whose answers were lost
+ * (appends carry an id, so none is written twice); calls made meanwhile wait for it.
  *
  * The socket keeps the process alive only while a call is pending or a lease is held: an idle
  * connection holding nothing does not stop a script from exiting.
+ *
+ * Why one module of about 850 lines: a `SessionLane` is one connection's state (socket,
+ * pending requests, leases), and the revival after a restart swaps the socket under that
+ * state; what the revival decides without touching it is in `reclaim.ts`.
  */
 
 import net from 'node:net';
 import { EventEmitter } from 'node:events';
 
-import { DEFAULT_ADDRESS, anchor, parseAddress } from './address.js';
+import { anchor, defaultAddress, parseAddress, type Target } from './address.js';
 import { SessionLaneError, Unauthorized, Unavailable, errorFor } from './errors.js';
+import { reclaimFields, resendable, waitedFields } from './reclaim.js';
 import {
   Lane,
   grantedLease,
@@ -37,10 +47,11 @@ import {
   FrameReader,
   PROTOCOL_VERSION,
   frame,
-  type ExternalChangeKind,
   type Priority,
   type Purpose,
-  type WireMessage,
+  type Reply,
+  type ServiceEvent,
+  type StatusReply,
 } from './wire.js';
 import {
   clientProof,
@@ -72,7 +83,19 @@ export interface ConnectOptions {
   keepaliveMs?: number;
   /** How long connecting, or a reply beyond the service's own waits, may take (ms; 40000). */
   timeoutMs?: number;
-  /** Largest frame sent or accepted (default 8 MiB, the service's default). */
+  /**
+   * How long (ms) a connect keeps trying while nobody listens at the address (a service
+   * starting or restarting: refused, no socket file, reset), backing off from 50 ms to 1 s,
+   * as the Python client's `reconnect_for` (default 0: one attempt). Once connected, how long
+   * a lost connection is ridden out: a restarted service gives the leases back.
+   */
+  reconnectForMs?: number;
+  /** Called before each retry of a refused connect, with the refusal and the wait (ms). */
+  onRetry?: (error: Error, delayMs: number) => void;
+  /**
+   * Largest frame sent or accepted (default 8 MiB, the service's default). A frame from the
+   * service announcing more is refused before it is read: the connection closes (`TooLarge`).
+   */
   maxFrameBytes?: number;
 }
 
@@ -105,7 +128,7 @@ export interface StatusReport {
  * `abort_requested`, `external_change`) and `close` (the connection is gone; the reason).
  */
 export interface SessionLaneEvents {
-  event: [message: WireMessage];
+  event: [message: ServiceEvent];
   close: [reason: string];
 }
 
@@ -122,16 +145,26 @@ export interface SessionLane {
 
 /** How long a reply may take beyond the service's own waits, unless told otherwise. */
 const DEFAULT_TIMEOUT_MS = 40_000;
+/** A pause between reconnect attempts; it keeps the process alive (a call is waiting). */
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 const MAX_TIMER_MS = 2_147_483_647;
 
 interface Pending {
   readonly type: string;
+  /** The request as sent (sent again after a service restart, when that is safe). */
+  fields: Record<string, unknown>;
+  /** When it was first sent (ms). */
+  readonly sentAt: number;
+  /** A hello, proof or reclaim of a revival: fails with its connection, never sent again. */
+  readonly revival: boolean;
   readonly path: string | null;
   readonly resolve: (value: unknown) => void;
   readonly reject: (error: Error) => void;
   readonly onQueued: ((position: number) => void) | undefined;
-  readonly map: ((reply: WireMessage) => unknown) | undefined;
+  readonly map: ((reply: Reply) => unknown) | undefined;
   readonly timer: NodeJS.Timeout | undefined;
+  /** Stops listening to the caller's signal. */
+  readonly unlisten: (() => void) | undefined;
 }
 
 /**
@@ -140,29 +173,32 @@ interface Pending {
  * or refused us); nothing is sent to a service that fails its checks.
  */
 export async function connect(
-  address: string = DEFAULT_ADDRESS,
+  address: string = defaultAddress(),
   options: ConnectOptions = {},
 ): Promise<SessionLane> {
+  const socket = await dialService(address, options);
+  const sl = new SessionLane(address, socket, options);
+  try {
+    sl.server = await handshake(address, options, (type, fields) => sl.request(type, fields));
+  } catch (err) {
+    await sl.close();
+    throw err;
+  }
+  return sl;
+}
+
+/**
+ * A connected socket to the service at `address`, its owner checked: rejects `Unavailable`
+ * (nobody listens, after `reconnectForMs` of retries) or `Unauthorized` (another user's).
+ */
+async function dialService(address: string, options: ConnectOptions): Promise<net.Socket> {
   const target = parseAddress(address);
   const serviceUser = resolveServiceUser(options.serviceUser);
   const token = options.token === undefined ? undefined : options.token.trim();
   const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-  const socket = await new Promise<net.Socket>((resolve, reject) => {
-    const socket = net.createConnection(target);
-    const refused = (err: Error): void => {
-      clearTimeout(timer);
-      reject(new Unavailable(`cannot reach sessionlane at ${address}: ${err.message}`));
-    };
-    // A host that drops the SYN would otherwise keep us for the kernel's minutes.
-    const timer = setTimeout(() => {
-      socket.destroy(new Error(`no connection within ${timeoutMs} ms`));
-    }, timeoutMs);
-    socket.once('error', refused);
-    socket.once('connect', () => {
-      clearTimeout(timer);
-      socket.off('error', refused);
-      resolve(socket);
-    });
+  const socket = await dialWithin(target, timeoutMs, options).catch((err: unknown) => {
+    const why = err instanceof Error ? err.message : String(err);
+    throw new Unavailable(`cannot reach sessionlane at ${address}: ${why}`, { cause: err });
   });
   if ('host' in target) socket.setNoDelay(true);
   const owner = serviceOwner(
@@ -175,64 +211,110 @@ export async function connect(
     socket.destroy();
     throw new Unauthorized(refusal);
   }
-  const sl = new SessionLane(address, socket, options);
-  try {
-    const nonce = token === undefined ? undefined : newNonce();
-    let welcome = await sl
-      .request('hello', { client: options.client ?? `node:${process.pid}`, nonce })
-      .catch((err: unknown) => {
-        if (nonce !== undefined && err instanceof SessionLaneError && /nonce/.test(err.message)) {
-          throw new Unauthorized(
-            `the service at ${address} is older than this client: it does not take the token` +
-              ` proof (${err.message}); upgrade the service (this client never sends the token)`,
-          );
-        }
-        throw err;
-      });
-    let challenge: Uint8Array | undefined;
-    if (welcome.type === 'challenge') {
-      if (token === undefined || nonce === undefined) {
-        throw new Unauthorized(
-          `the service at ${address} requires a token (it has a token_file): pass { token }`,
-        );
-      }
-      const theirs = welcome['nonce'];
-      if (!(theirs instanceof Uint8Array)) {
-        throw new Unauthorized(`the service at ${address} sent a malformed challenge`);
-      }
-      challenge = theirs;
-      welcome = await sl.request('proof', { proof: clientProof(token, nonce, challenge) });
-    }
-    if (welcome.type !== 'welcome') {
-      throw new Unauthorized(`the service at ${address} answered the hello with ${welcome.type}`);
-    }
-    if (token !== undefined && nonce !== undefined) {
-      if (challenge === undefined) {
-        throw new Unauthorized(
-          `the service at ${address} did not ask for the token proof: it has no token_file, or` +
-            ' it is not the service; nothing was sent (connect without the token if the' +
-            ' service has none)',
-        );
-      }
-      if (!serverProofMatches(welcome['proof'], token, nonce, challenge)) {
-        throw new Unauthorized(
-          `the service at ${address} did not prove it knows the token: it is not the service,` +
-            ' or its token_file holds another token; nothing was sent',
-        );
-      }
-    }
-    if (welcome['protocol'] !== PROTOCOL_VERSION) {
-      throw new Unavailable(
-        `the service at ${address} speaks protocol ${String(welcome['protocol'])},` +
-          ` not ${PROTOCOL_VERSION}`,
+  return socket;
+}
+
+/** How the handshake sends a request and awaits its reply. */
+type Ask = (type: string, fields: Record<string, unknown>) => Promise<Reply>;
+
+/**
+ * Say hello on a socket whose owner was checked; with a token, prove it and check the
+ * service's proof. Resolves with the service's name (`welcome`'s `server`).
+ */
+async function handshake(address: string, options: ConnectOptions, ask: Ask): Promise<string> {
+  const token = options.token === undefined ? undefined : options.token.trim();
+  const nonce = token === undefined ? undefined : newNonce();
+  const hello = { client: options.client ?? `node:${process.pid}`, nonce };
+  let welcome = await ask('hello', hello).catch((err: unknown) => {
+    if (nonce !== undefined && err instanceof SessionLaneError && /nonce/.test(err.message)) {
+      throw new Unauthorized(
+        `the service at ${address} is older than this client: it does not take the token` +
+          ` proof (${err.message}); upgrade the service (this client never sends the token)`,
       );
     }
-    sl.server = typeof welcome['server'] === 'string' ? welcome['server'] : null;
-  } catch (err) {
-    await sl.close();
     throw err;
+  });
+  let challenge: Uint8Array | undefined;
+  if (welcome.type === 'challenge') {
+    if (token === undefined || nonce === undefined) {
+      throw new Unauthorized(
+        `the service at ${address} requires a token (it has a token_file): pass { token }`,
+      );
+    }
+    challenge = welcome.nonce;
+    welcome = await ask('proof', { proof: clientProof(token, nonce, challenge) });
   }
-  return sl;
+  if (welcome.type !== 'welcome') {
+    throw new Unauthorized(`the service at ${address} answered the hello with ${welcome.type}`);
+  }
+  if (token !== undefined && nonce !== undefined) {
+    if (challenge === undefined) {
+      throw new Unauthorized(
+        `the service at ${address} did not ask for the token proof: it has no token_file, or` +
+          ' it is not the service; nothing was sent (connect without the token if the' +
+          ' service has none)',
+      );
+    }
+    if (!serverProofMatches(welcome.proof ?? undefined, token, nonce, challenge)) {
+      throw new Unauthorized(
+        `the service at ${address} did not prove it knows the token: it is not the service,` +
+          ' or its token_file holds another token; nothing was sent',
+      );
+    }
+  }
+  if (welcome.protocol !== PROTOCOL_VERSION) {
+    throw new Unavailable(
+      `the service at ${address} speaks protocol ${welcome.protocol}, not ${PROTOCOL_VERSION}`,
+    );
+  }
+  return welcome.server;
+}
+
+/** Connect failures worth retrying: nobody listening yet (as the Python client's). */
+const RETRYABLE = new Set(['ECONNREFUSED', 'ENOENT', 'ECONNRESET']);
+
+/**
+ * A connected socket to `target`, retrying a refusal for `reconnectForMs` with the Python
+ * client's backoff (50 ms doubling to 1 s); rejects with the last socket error.
+ */
+async function dialWithin(
+  target: Target,
+  timeoutMs: number,
+  options: ConnectOptions,
+): Promise<net.Socket> {
+  const deadline = Date.now() + Math.max(0, options.reconnectForMs ?? 0);
+  for (let delay = 50; ; delay = Math.min(1_000, delay * 2)) {
+    try {
+      return await dial(target, timeoutMs);
+    } catch (err) {
+      const code = err instanceof Error && 'code' in err ? err.code : undefined;
+      const retry = typeof code === 'string' && RETRYABLE.has(code);
+      if (!retry || !(err instanceof Error) || Date.now() + delay > deadline) throw err;
+      options.onRetry?.(err, delay);
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
+}
+
+/** One attempt: a connected socket, or the socket's error. */
+function dial(target: Target, timeoutMs: number): Promise<net.Socket> {
+  return new Promise<net.Socket>((resolve, reject) => {
+    const socket = net.createConnection(target);
+    const refused = (err: Error): void => {
+      clearTimeout(timer);
+      reject(err);
+    };
+    // A host that drops the SYN would otherwise keep us for the kernel's minutes.
+    const timer = setTimeout(() => {
+      socket.destroy(new Error(`no connection within ${timeoutMs} ms`));
+    }, timeoutMs);
+    socket.once('error', refused);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      socket.off('error', refused);
+      resolve(socket);
+    });
+  });
 }
 
 /** One connection to a sessionlane service. Create it with `connect()`. */
@@ -240,7 +322,10 @@ export async function connect(
 export class SessionLane extends EventEmitter implements AsyncDisposable {
   /** The service's name and version, from its `welcome`. */
   server: string | null = null;
-  readonly #socket: net.Socket;
+  #socket: net.Socket;
+  readonly #options: ConnectOptions;
+  /** While the connection is being revived after a loss: what calls made meanwhile await. */
+  #reviving: Promise<void> | null = null;
   readonly #reader: FrameReader;
   readonly #maxFrameBytes: number;
   readonly #timeoutMs: number;
@@ -252,7 +337,6 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
   #nextId = 0;
   #lastSent = Date.now();
   #closed = false;
-  #closedPromise: Promise<void>;
   /** The detail of an `error` the service sent without an id (it closes the connection next). */
   #farewell = '';
   /** What this connection's lanes and leases use (kept off the public surface). */
@@ -270,17 +354,12 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     options: ConnectOptions,
   ) {
     super();
+    this.#options = options;
     this.#socket = socket;
     this.#maxFrameBytes = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
-    this.#reader = new FrameReader(Math.max(this.#maxFrameBytes, 64 * 1024 * 1024));
+    this.#reader = new FrameReader(this.#maxFrameBytes);
     this.#timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-    this.#closedPromise = new Promise((resolve) => socket.once('close', () => resolve()));
-    socket.unref();
-    socket.on('data', (chunk: Buffer) => this.#onData(chunk));
-    socket.on('error', (err) => this.#lost(`connection error: ${err.message}`));
-    socket.on('close', () =>
-      this.#lost(`connection closed by the service${this.#farewell ? `: ${this.#farewell}` : ''}`),
-    );
+    this.#attach(socket);
     const period = options.keepaliveMs ?? 5_000;
     if (period > 0) {
       // The service hears from us only when we send: keep alive by what we sent, not by
@@ -288,7 +367,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       // Checked twice a period, so the service never hears nothing for more than 1.5.
       this.#keepalive = setInterval(
         () => {
-          if (!this.#closed && Date.now() - this.#lastSent >= period) {
+          if (!this.#closed && this.#reviving === null && Date.now() - this.#lastSent >= period) {
             this.request('keepalive', {}).catch(() => undefined);
           }
         },
@@ -296,6 +375,19 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       );
       this.#keepalive.unref();
     }
+  }
+
+  /** Read from `socket`; what it reports counts only while it is the current one. */
+  #attach(socket: net.Socket): void {
+    socket.unref();
+    socket.on('data', (chunk: Buffer) => socket === this.#socket && this.#onData(chunk));
+    socket.on('error', (err) => {
+      if (socket === this.#socket) this.#lost(`connection error: ${err.message}`);
+    });
+    socket.on('close', () => {
+      if (socket !== this.#socket) return;
+      this.#lost(`connection closed by the service${this.#farewell ? `: ${this.#farewell}` : ''}`);
+    });
   }
 
   /** The connection is gone (closed by either side or lost). */
@@ -321,7 +413,10 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     return this.request(
       'recover',
       { lane, path: anchor(path), reason: options.reason ?? 'stuck', grace_ms: graceMs },
-      { timeoutMs: graceMs, map: (reply) => grantedLease(this.#host, reply, lane) },
+      {
+        timeoutMs: graceMs,
+        map: (reply) => grantedLease(this.#host, reply, lane, 'recovery'),
+      },
     );
   }
 
@@ -332,10 +427,14 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
 
   /** Close the connection: the service abandons every lease held on it. */
   async close(): Promise<void> {
+    const socket = this.#socket;
+    const closed = new Promise<void>((resolve) =>
+      socket.destroyed ? resolve() : socket.once('close', () => resolve()),
+    );
     this.#lost('closed by the client', 'connection_closed');
-    this.#socket.end();
-    this.#socket.destroySoon();
-    await this.#closedPromise;
+    socket.end();
+    socket.destroySoon();
+    await closed;
   }
 
   /** `await using sl = await connect()`: close at the end of the block. */
@@ -348,7 +447,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
    * (`queued` notes go to `onQueued`); an `error` reply rejects with its `SessionLaneError`
    * subclass. Fields are snake_case, as on the wire (`docs/protocol.md`).
    */
-  request<T = WireMessage>(
+  request<T = Reply>(
     type: string,
     fields: Record<string, unknown>,
     options: RequestOptions<T> = {},
@@ -356,6 +455,26 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     if (this.#closed) {
       return Promise.reject(new Unavailable('the connection is closed'));
     }
+    const reviving = this.#reviving;
+    if (reviving !== null) {
+      // The service restarted: wait for the next connection (and the reclaims) first.
+      return reviving.then(() => this.request(type, fields, options));
+    }
+    return this.#send(type, fields, options);
+  }
+
+  /** Send now, on the current connection (`revival`: a revival's own hello or reclaim). */
+  #send<T = Reply>(
+    type: string,
+    fields: Record<string, unknown>,
+    options: RequestOptions<T> = {},
+    revival = false,
+  ): Promise<T> {
+    if (this.#closed) {
+      return Promise.reject(new Unavailable('the connection is closed'));
+    }
+    const signal = options.signal;
+    if (signal?.aborted) return Promise.reject(abortReason(signal));
     const id = ++this.#nextId;
     let bytes: Buffer;
     try {
@@ -368,19 +487,31 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     const wait = options.timeoutMs === undefined ? 0 : options.timeoutMs;
     const limit = wait === null ? null : wait + this.#timeoutMs;
     const path = typeof fields['path'] === 'string' ? fields['path'] : null;
+    const map = options.map;
     return new Promise<T>((resolve, reject) => {
       const timer =
         limit === null || limit > MAX_TIMER_MS
           ? undefined
           : setTimeout(() => this.#noReply(id, type, limit), limit).unref();
+      let unlisten: (() => void) | undefined;
+      if (signal !== undefined) {
+        const onAbort = (): void => this.#givenUp(id, abortReason(signal));
+        signal.addEventListener('abort', onAbort, { once: true });
+        unlisten = () => signal.removeEventListener('abort', onAbort);
+      }
       this.#pending.set(id, {
         type,
+        fields,
+        sentAt: Date.now(),
+        revival,
         path,
-        resolve: resolve as (value: unknown) => void,
+        // Without `map`, T is the reply itself (the default type argument).
+        resolve: (value) => resolve(value as T),
         reject,
         onQueued: options.onQueued,
-        map: options.map as ((reply: WireMessage) => unknown) | undefined,
+        map,
         timer,
+        unlisten,
       });
       this.#refresh();
       this.#lastSent = Date.now();
@@ -425,17 +556,26 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
   }
 
   #noReply(id: number, type: string, limit: number): void {
+    this.#givenUp(id, new Unavailable(`no reply to ${type} within ${Math.round(limit / 1000)} s`));
+  }
+
+  /**
+   * The caller of request `id` stopped waiting (no reply in time, or its signal aborted):
+   * it rejects with `error` now, and a grant that still comes is released as it arrives.
+   */
+  #givenUp(id: number, error: unknown): void {
     const pending = this.#pending.get(id);
     if (pending === undefined) return;
     this.#settled(id);
-    if (type === 'acquire' || type === 'recover') this.#orphans.add(id);
-    pending.reject(new Unavailable(`no reply to ${type} within ${Math.round(limit / 1000)} s`));
+    if (pending.type === 'acquire' || pending.type === 'recover') this.#orphans.add(id);
+    pending.reject(error instanceof Error ? error : new Error(String(error)));
   }
 
   #settled(id: number): void {
     const pending = this.#pending.get(id);
     if (pending === undefined) return;
     if (pending.timer !== undefined) clearTimeout(pending.timer);
+    pending.unlisten?.();
     this.#pending.delete(id);
     this.#refresh();
   }
@@ -448,12 +588,19 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
   }
 
   #onData(chunk: Buffer): void {
-    let messages: WireMessage[];
+    let messages: Reply[];
+    let failure: unknown = null;
     try {
       messages = this.#reader.feed(chunk);
     } catch (err) {
+      messages = [];
+      failure = err;
+    }
+    if (failure !== null) {
+      // A bad frame ends the connection: the reader is spent, and what follows is unframed.
       this.#socket.destroy();
-      this.#lost(`undecodable data from the service: ${(err as Error).message}`);
+      const why = failure instanceof Error ? failure.message : String(failure);
+      this.#lost(`bad data from the service (${why})`, 'connection_lost', failure);
       return;
     }
     for (const message of messages) {
@@ -462,63 +609,191 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     }
   }
 
-  #deliver(message: WireMessage): void {
-    if (message.id === undefined || message.id === null) {
-      this.#onEvent(message);
-      return;
+  #deliver(message: Reply): void {
+    if (message.id === null) {
+      switch (message.type) {
+        case 'revoked':
+        case 'abort_requested':
+        case 'external_change':
+          this.#onEvent(message);
+          return;
+        case 'error':
+          this.#onEvent({ ...message, id: null });
+          return;
+        default:
+          return; // a reply nobody asked for: nothing to do
+      }
     }
-    const id = message.id as number;
+    const id = message.id;
+    if (typeof id !== 'number') return; // not one of ours: ids are this connection's numbers
     const pending = this.#pending.get(id);
     if (pending === undefined) {
       if (this.#orphans.has(id) && message.type !== 'queued') {
         this.#orphans.delete(id);
         if (message.type === 'granted') {
-          this.request('release', { lease: message['lease'] }).catch(() => undefined);
+          this.request('release', { lease: message.lease }).catch(() => undefined);
         }
       }
       return;
     }
     if (message.type === 'queued') {
-      pending.onQueued?.(message['position'] as number);
+      pending.onQueued?.(message.position);
       return;
+    }
+    if (
+      message.type === 'error' &&
+      message.code === 'shutting_down' &&
+      pending.type === 'acquire' &&
+      this.#reconnectForMs() > 0
+    ) {
+      return; // the service is stopping: sent again to the next one, once this connection ends
     }
     this.#settled(id);
     if (message.type === 'error') {
-      const path = typeof message['path'] === 'string' ? message['path'] : pending.path;
-      pending.reject(errorFor(String(message['code']), String(message['detail'] ?? ''), path));
+      pending.reject(errorFor(message.code, message.detail, message.path ?? pending.path));
       return;
     }
     try {
       pending.resolve(pending.map === undefined ? message : pending.map(message));
     } catch (err) {
-      pending.reject(err as Error);
+      pending.reject(err instanceof Error ? err : new Error(String(err)));
     }
   }
 
-  #onEvent(message: WireMessage): void {
-    const state = this.#leases.get(message['lease'] as string);
+  #onEvent(message: ServiceEvent): void {
     switch (message.type) {
-      case 'revoked':
-        this.#leases.delete(message['lease'] as string);
-        state?.revoke(message['reason'] as string);
+      case 'revoked': {
+        const state = this.#leases.get(message.lease);
+        if (message.reason === 'shutdown' && state?.secret && this.#reconnectForMs() > 0) {
+          state.suspended = true; // a stopping service keeps it for the next one to give back
+          break;
+        }
+        this.#leases.delete(message.lease);
+        state?.revoke(message.reason);
         this.#refresh();
         break;
+      }
       case 'abort_requested':
-        state?.requestAbort(message['grace_ms'] as number);
+        this.#leases.get(message.lease)?.requestAbort(message.grace_ms);
         break;
       case 'external_change':
-        state?.externalChange(message['kind'] as ExternalChangeKind);
+        this.#leases.get(message.lease)?.externalChange(message.kind);
         break;
       case 'error':
-        this.#farewell = `${String(message['code'])}: ${String(message['detail'] ?? '')}`;
-        break;
-      default:
+        this.#farewell = `${message.code}: ${message.detail}`;
         break;
     }
     this.emit('event', message);
   }
 
-  #lost(reason: string, leaseReason = 'connection_lost'): void {
+  #reconnectForMs(): number {
+    return this.#options.reconnectForMs ?? 0;
+  }
+
+  #lost(reason: string, leaseReason = 'connection_lost', cause?: unknown): void {
+    if (this.#closed) return;
+    if (this.#reviving !== null) {
+      // The connection of a revival went too: its hello or reclaims fail, the revival retries.
+      for (const [id, pending] of [...this.#pending.entries()]) {
+        if (!pending.revival) continue;
+        this.#settled(id);
+        pending.reject(new Unavailable(`${reason} before the ${pending.type} reply`, { cause }));
+      }
+      if (leaseReason === 'connection_closed') this.#end(reason, leaseReason, cause);
+      return;
+    }
+    if (leaseReason === 'connection_lost' && this.#reconnectForMs() > 0) {
+      this.#reviving = this.#revive(reason);
+      return;
+    }
+    this.#end(reason, leaseReason, cause);
+  }
+
+  /**
+   * The connection was lost and `reconnectForMs` asks to ride it out: what can be taken back
+   * waits (leases with a reclaim secret, requests safe to send again), the rest fails now;
+   * then reconnect, reclaim, send again. If no service answers in time, end as without it.
+   */
+  async #revive(reason: string): Promise<void> {
+    for (const [id, pending] of [...this.#pending.entries()]) {
+      if (resendable(pending.type, pending.fields)) continue;
+      this.#settled(id);
+      pending.reject(new Unavailable(`${reason} before the ${pending.type} reply`));
+    }
+    for (const state of [...this.#leases.values()]) {
+      if (state.secret !== null) {
+        state.suspended = true;
+      } else {
+        this.#leases.delete(state.lease);
+        state.revoke('connection_lost');
+      }
+    }
+    const deadline = Date.now() + this.#reconnectForMs();
+    let delay = 50;
+    let why = reason;
+    while (!this.#closed) {
+      try {
+        const socket = await dialService(this.address, { ...this.#options, reconnectForMs: 0 });
+        if (this.#closed) {
+          socket.destroy();
+          return;
+        }
+        this.#reader.reset();
+        this.#socket = socket;
+        this.#attach(socket);
+        const ask: Ask = (type, fields) => this.#send(type, fields, {}, true);
+        this.server = await handshake(this.address, this.#options, ask);
+        await this.#reclaimAll();
+        this.#resendPending();
+        this.#reviving = null;
+        this.#refresh();
+        return;
+      } catch (err) {
+        why = `${reason}; reconnecting: ${(err as Error).message}`;
+        // Even a refusal is retried until the deadline: a service still starting may not be
+        // found the owner of its socket yet.
+        if (this.#closed || Date.now() + delay > deadline) break;
+        await sleep(delay);
+        delay = Math.min(1_000, delay * 2);
+      }
+    }
+    this.#reviving = null;
+    this.#end(why, 'connection_lost');
+  }
+
+  /** Take every suspended lease back (same lease and fence), or revoke it (`restart`). */
+  async #reclaimAll(): Promise<void> {
+    for (const state of [...this.#leases.values()]) {
+      if (!state.suspended || state.secret === null) continue;
+      try {
+        await this.#send('acquire', reclaimFields(state), {}, true);
+        state.suspended = false;
+      } catch (err) {
+        if (err instanceof Unavailable) throw err; // the new connection went too: again
+        this.#leases.delete(state.lease);
+        state.suspended = false;
+        state.revoke('restart');
+      }
+    }
+  }
+
+  /** Send again, on the new connection, what was in flight and is safe to repeat. */
+  #resendPending(): void {
+    const now = Date.now();
+    for (const [id, pending] of this.#pending) {
+      if (pending.type === 'acquire') {
+        pending.fields = waitedFields(pending.fields, now - pending.sentAt);
+      }
+      this.#lastSent = now;
+      const bytes = frame(
+        { v: PROTOCOL_VERSION, type: pending.type, id, ...pending.fields },
+        this.#maxFrameBytes,
+      );
+      this.#socket.write(bytes);
+    }
+  }
+
+  #end(reason: string, leaseReason: string, cause?: unknown): void {
     if (this.#closed) return;
     this.#closed = true;
     if (this.#keepalive !== undefined) clearInterval(this.#keepalive);
@@ -530,38 +805,46 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     // Leases first: a caller woken by the rejection must already see its lease revoked.
     for (const state of leases) state.revoke(leaseReason);
     for (const [, waiter] of pending) {
-      waiter.reject(new Unavailable(`${reason} before the ${waiter.type} reply`));
+      waiter.reject(new Unavailable(`${reason} before the ${waiter.type} reply`, { cause }));
     }
     this.emit('close', reason);
   }
 }
 
-function statusReport(reply: WireMessage): StatusReport {
-  const files = (reply['files'] as Record<string, unknown>[] | undefined) ?? [];
+function statusReport(reply: Reply): StatusReport {
+  if (reply.type !== 'status') {
+    throw errorFor('bad_frame', `the service answered a status with ${reply.type}`);
+  }
   return {
-    files: files.map((file) => {
-      const holder = file['holder'] as Record<string, unknown> | null | undefined;
-      const queue = (file['queue'] as Record<string, unknown>[] | undefined) ?? [];
-      return {
-        path: file['path'] as string,
-        fence: file['fence'] as number,
-        holder:
-          holder === null || holder === undefined
-            ? null
-            : {
-                lane: holder['lane'] as string,
-                lease: holder['lease'] as string,
-                purpose: holder['purpose'] as Purpose,
-                heldMs: holder['held_ms'] as number,
-              },
-        queue: queue.map((entry) => ({
-          lane: entry['lane'] as string,
-          purpose: entry['purpose'] as Purpose,
-          priority: entry['priority'] as Priority,
-          waitedMs: entry['waited_ms'] as number,
-        })),
-        counters: (file['counters'] as Record<string, number> | undefined) ?? {},
-      };
-    }),
+    files: reply.files.map((file: StatusReply['files'][number]) => ({
+      path: file.path,
+      fence: file.fence,
+      holder:
+        file.holder === null
+          ? null
+          : {
+              lane: file.holder.lane,
+              lease: file.holder.lease,
+              purpose: file.holder.purpose,
+              heldMs: file.holder.held_ms,
+            },
+      queue: file.queue.map((entry) => ({
+        lane: entry.lane,
+        purpose: entry.purpose,
+        priority: entry.priority,
+        waitedMs: entry.waited_ms,
+      })),
+      counters: file.counters,
+    })),
   };
+}
+
+/** Why `signal` aborted, as an `Error` (an `AbortError` if its reason is none). */
+function abortReason(signal: AbortSignal): Error {
+  const reason: unknown = signal.reason;
+  if (reason instanceof Error) return reason;
+  return new DOMException(
+    reason === undefined ? 'This operation was aborted' : String(reason),
+    'AbortError',
+  );
 }

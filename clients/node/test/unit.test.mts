@@ -2,7 +2,10 @@
 // loss, driven by a scripted peer on a real socket.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { mkdtempSync, renameSync, rmSync } from 'node:fs';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, it } from 'node:test';
 
 import { Decoder, Encoder } from '@msgpack/msgpack';
@@ -23,6 +26,7 @@ import {
   parseAddress,
 } from 'sessionlane';
 import { SessionWriteLockTimeoutError } from 'sessionlane/openclaw';
+import { deferred } from './helpers.mjs';
 
 describe('addresses', () => {
   it('accepts HOST:PORT, tcp://HOST:PORT and unix:///path', () => {
@@ -73,6 +77,7 @@ describe('the error table', () => {
       read_only: 'ReadOnly',
       io_error: 'IOFailure',
       file_moved: 'FileMoved',
+      reclaim_refused: 'LeaseRevoked',
       internal: 'SessionLaneError',
     };
     assert.deepEqual([...ERROR_CODES].sort(), Object.keys(expected).sort());
@@ -145,7 +150,10 @@ type Send = (message: object) => void;
 type Script = (request: Record<string, unknown>, send: Send, socket: net.Socket) => void;
 
 /** A scripted peer on a real socket: answers hello, hands every other request to `script`. */
-async function scriptedService(script: Script): Promise<{ address: string; server: net.Server }> {
+async function scriptedService(
+  script: Script,
+  unixPath?: string,
+): Promise<{ address: string; server: net.Server }> {
   const encoder = new Encoder();
   const decoder = new Decoder();
   const server = net.createServer((socket) => {
@@ -170,6 +178,11 @@ async function scriptedService(script: Script): Promise<{ address: string; serve
       }
     });
   });
+  if (unixPath !== undefined) {
+    server.listen(unixPath);
+    await once(server, 'listening');
+    return { address: `unix://${unixPath}`, server };
+  }
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   const { port } = server.address() as net.AddressInfo;
@@ -196,6 +209,78 @@ function grantOnceThenDrop(): Script {
     }
   };
 }
+
+/**
+ * A service that "restarts" under its client: it grants a lease with a reclaim secret, queues
+ * a second acquire, accepts the first append and drops the connection before answering it;
+ * on the next connection it answers the reclaim, the waiting acquire and the resent append
+ * (recording what it was sent).
+ */
+function restartingService(seen: Record<string, unknown>[]): Script {
+  let connections = 0;
+  let lastSocket: net.Socket | null = null;
+  return (request, send, socket) => {
+    if (socket !== lastSocket) {
+      lastSocket = socket;
+      connections += 1;
+    }
+    seen.push({ connection: connections, ...request });
+    const id = request['id'];
+    if (connections === 1 && request['type'] === 'acquire') {
+      if (request['lane'] === 'a') {
+        send({ type: 'granted', id, lease: 'L1', fence: 7, path: request['path'],
+               purpose: 'prompt', secret: 'S'.repeat(32) });
+      } else {
+        send({ type: 'queued', id, position: 1 });
+      }
+    } else if (connections === 1 && request['type'] === 'append') {
+      socket.destroy(); // the service dies before the append's answer
+    } else if (request['type'] === 'acquire' && request['reclaim'] !== undefined) {
+      send({ type: 'granted', id, lease: 'L1', fence: 7, path: request['path'],
+             purpose: 'prompt', secret: 'S'.repeat(32) });
+    } else if (request['type'] === 'acquire') {
+      send({ type: 'granted', id, lease: 'L2', fence: 8, path: request['path'],
+             purpose: 'prompt', secret: 'T'.repeat(32) });
+    } else if (request['type'] === 'append') {
+      send({ type: 'appended', id, offset: 0, lines: 1, fence: 7 });
+    } else if (request['type'] === 'release') {
+      send({ type: 'released', id, lease: request['lease'] });
+    }
+  };
+}
+
+describe('riding out a restart (reconnectForMs)', () => {
+  it('reclaims the lease, resends the append with its id and the waiting acquire', async () => {
+    const seen: Record<string, unknown>[] = [];
+    const { address, server } = await scriptedService(restartingService(seen));
+    try {
+      const sl = await connect(address, { keepaliveMs: 0, reconnectForMs: 5_000 });
+      const lease = await sl.lane('a').lease('/s/a.jsonl');
+      assert.ok(lease !== null);
+      const waiting = sl.lane('b').lease('/s/a.jsonl', { waitTimeoutMs: 30_000 });
+      const appended = await lease.append({ n: 1 });
+      assert.deepEqual(appended, { offset: 0, lines: 1, fence: 7 });
+      assert.equal(lease.revoked, null);
+      assert.equal(lease.signal.aborted, false);
+      const next = await waiting;
+      assert.equal(next?.fence, 8);
+      const second = seen.filter((r) => r['connection'] === 2);
+      const reclaim = second.find((r) => r['reclaim'] !== undefined);
+      assert.deepEqual(reclaim?.['reclaim'], { lease: 'L1', fence: 7, secret: 'S'.repeat(32) });
+      assert.equal(reclaim?.['lane'], 'a');
+      const [before, after] = seen.filter((r) => r['type'] === 'append');
+      assert.ok(typeof before?.['aid'] === 'string');
+      assert.equal(after?.['aid'], before?.['aid'], 'the append is resent with its id');
+      const resent = second.find((r) => r['type'] === 'acquire' && r['lane'] === 'b');
+      assert.ok(typeof resent?.['waited_ms'] === 'number');
+      await lease.release();
+      await next?.release();
+      await sl.close();
+    } finally {
+      server.close();
+    }
+  });
+});
 
 describe('connection loss', () => {
   it('rejects pending calls with Unavailable and revokes every lease, aborting its signal', async () => {
@@ -284,5 +369,134 @@ describe('connection loss', () => {
       assert.match(err.detail, /cannot reach sessionlane/);
       return true;
     });
+  });
+});
+
+describe('giving up a queued acquire with a signal', () => {
+  it('rejects with the reason at once and releases the grant that comes late', async () => {
+    let waiting: unknown = null;
+    let acquires = 0;
+    let released: (lease: unknown) => void = () => undefined;
+    const release = new Promise((resolve) => (released = resolve));
+    const queued = deferred();
+    const { address, server } = await scriptedService((request, send) => {
+      if (request['type'] === 'acquire') {
+        acquires += 1;
+        waiting = request['id'];
+        send({ type: 'queued', id: waiting, position: 1 });
+      } else if (request['type'] === 'keepalive') {
+        // The holder before us released: the service grants the acquire it still queues.
+        send({
+          type: 'granted',
+          id: waiting,
+          lease: 'LATE',
+          fence: 4,
+          path: '/s/q.jsonl',
+          purpose: 'prompt',
+        });
+        send({ type: 'alive', id: request['id'] });
+      } else if (request['type'] === 'release') {
+        released(request['lease']);
+        send({ type: 'released', id: request['id'], lease: request['lease'] });
+      }
+    });
+    try {
+      const sl = await connect(address, { keepaliveMs: 0 });
+      const controller = new AbortController();
+      const lease = sl.lane('a').lease('/s/q.jsonl', {
+        signal: controller.signal,
+        onQueued: () => queued.resolve(),
+      });
+      await queued.promise;
+      const why = new Error('the turn was cancelled');
+      controller.abort(why);
+      await assert.rejects(lease, (err: unknown) => err === why);
+      await sl.request('keepalive', {});
+      assert.equal(await release, 'LATE');
+      // Aborted already: nothing is sent.
+      await assert.rejects(
+        sl.lane('a').lease('/s/q.jsonl', { signal: AbortSignal.abort() }),
+        (err: unknown) => err instanceof DOMException && err.name === 'AbortError',
+      );
+      assert.equal(acquires, 1);
+      await sl.close();
+    } finally {
+      server.close();
+    }
+  });
+});
+
+describe('the default address', () => {
+  it('is $SESSIONLANE_LISTEN when it is set', async () => {
+    const { address, server } = await scriptedService(() => undefined);
+    const before = process.env['SESSIONLANE_LISTEN'];
+    process.env['SESSIONLANE_LISTEN'] = `tcp://${address}`;
+    try {
+      const sl = await connect();
+      assert.equal(sl.address, `tcp://${address}`);
+      assert.equal(sl.server, 'scripted');
+      await sl.close();
+    } finally {
+      if (before === undefined) delete process.env['SESSIONLANE_LISTEN'];
+      else process.env['SESSIONLANE_LISTEN'] = before;
+      server.close();
+    }
+  });
+});
+
+describe('error causes', () => {
+  it('keep what caused them: the socket error of a refused connect', async () => {
+    const server = net.createServer();
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const { port } = server.address() as net.AddressInfo;
+    server.close();
+    await once(server, 'close');
+    await assert.rejects(connect(`tcp://127.0.0.1:${port}`), (err: unknown) => {
+      assert.ok(err instanceof Unavailable);
+      assert.ok(err.cause instanceof Error);
+      assert.equal((err.cause as NodeJS.ErrnoException).code, 'ECONNREFUSED');
+      return true;
+    });
+  });
+});
+
+describe('reconnectForMs', () => {
+  it('keeps a connect trying while nobody listens, backing off as the Python client', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'sl-retry-'));
+    const path = join(dir, 'sl.sock');
+    // The service binds elsewhere and appears at the address only after the first refusal.
+    const { server } = await scriptedService(() => undefined, `${path}.starting`);
+    try {
+      const retries: [string | undefined, number][] = [];
+      const sl = await connect(`unix://${path}`, {
+        keepaliveMs: 0,
+        reconnectForMs: 30_000,
+        onRetry: (err, delayMs) => {
+          retries.push([(err as NodeJS.ErrnoException).code, delayMs]);
+          if (retries.length === 2) renameSync(`${path}.starting`, path);
+        },
+      });
+      assert.equal(sl.server, 'scripted');
+      assert.deepEqual(retries, [
+        ['ENOENT', 50],
+        ['ENOENT', 100],
+      ]);
+      await sl.close();
+      // Without it: one attempt, the refusal as the cause.
+      const refusals: unknown[] = [];
+      await assert.rejects(
+        connect(`unix://${path}.gone`, { onRetry: (err) => refusals.push(err) }),
+        (err: unknown) => {
+          assert.ok(err instanceof Unavailable);
+          assert.equal((err.cause as NodeJS.ErrnoException).code, 'ENOENT');
+          return true;
+        },
+      );
+      assert.deepEqual(refusals, []);
+    } finally {
+      server.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
