@@ -45,6 +45,7 @@ from sessionlane.messages.wire import (
     Revoked,
     Welcome,
 )
+from sessionlane.system.client._checks import check_options
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES, check_frame
 from sessionlane.system.config import ConfigError, parse_listen
 
@@ -106,11 +107,12 @@ def parse_address(address: str) -> tuple[str, Any]:
     return "tcp", (parsed[1], parsed[2])
 
 
-def anchor(path: str) -> str:
+def anchor(path: str | os.PathLike[str]) -> str:
     """Relative paths are the caller's: anchor them at the caller's directory.
 
     No lexical ``..`` folding: the service resolves symlinks first, as the OS would.
     """
+    path = os.fspath(path)
     return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
@@ -130,9 +132,11 @@ class Settings:
     def of(cls, address: str | None, token: str | None, **options: Any) -> Settings:
         """The settings of a new client; a malformed address raises ``ValueError`` here, not
         at the first call. The token is compared as the service compares it: surrounding
-        whitespace (a file's trailing newline) is not part of it."""
+        whitespace (a file's trailing newline) is not part of it. A bad option raises
+        ``ValueError`` (``sessionlane.system.client._checks``)."""
         address = default_address() if address is None else address
         parse_address(address)
+        check_options(options)
         return cls(address, None if token is None else token.strip(), **options)
 
     def retry_policy(self) -> dict[str, Any]:

@@ -45,6 +45,12 @@ from sessionlane.messages.wire import (
     Status,
     StatusReply,
 )
+from sessionlane.system.client._checks import (
+    check_acquire,
+    check_durability,
+    check_path,
+    check_recover,
+)
 from sessionlane.system.client._core import AppendResult, ClientCore, LeaseState, anchor
 from sessionlane.system.client._records import check_records
 
@@ -108,6 +114,7 @@ def acquire(
     on_contention: OnContention,
 ) -> Op[LeaseState | None]:
     """``Lane.acquire``: the granted lease's state (tracked), or None when skipped."""
+    check_acquire(path, purpose, wait_timeout, max_hold, on_contention)
     path = anchor(path)
     request = Acquire(
         lane=lane,
@@ -130,6 +137,8 @@ def lane_append(
     core: Core, lane: str, path: str, records: Sequence[Any], durability: Durability | None
 ) -> Op[AppendResult]:
     """``Lane.append``: a short write queued like a ``write`` lease."""
+    check_path(path)
+    check_durability(durability)
     path = anchor(path)
     checked = check_records(records, max_record_bytes=core.settings.max_record_bytes)
     request = Append(lane=lane, path=path, records=checked, durability=durability)
@@ -147,6 +156,7 @@ def abandon(core: Core, lane: str, path: str | None, reason: str | None) -> Op[l
 
 def recover(core: Core, path: str, reason: str, grace: float, lane: str) -> Op[LeaseState]:
     """``SessionLane.recover``: the recovery lease's state (tracked)."""
+    check_recover(path, reason, grace, lane)
     path = anchor(path)
     request = Recover(lane=lane, path=path, reason=reason, grace_ms=int(grace * 1000))
     timeout = grace + core.settings.timeout
@@ -230,6 +240,7 @@ def lease_append(
     core: Core, lease: LeaseView, records: Sequence[Any], durability: Durability | None
 ) -> Op[AppendResult]:
     """``Lease.append``: all or nothing, under the lease's fence."""
+    check_durability(durability)
     lease.check_usable()
     checked = check_records(records, max_record_bytes=core.settings.max_record_bytes)
     request = Append(lease=lease.id, fence=lease.fence, records=checked, durability=durability)
