@@ -16,7 +16,7 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, WakeupMessage
 
-from sessionlane.actors._shell import Handler, ShellActor
+from sessionlane.actors._shell import Handler, ShellActor, retitle
 from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, LaneState
 from sessionlane.actors.timers import CloseTimeout
 from sessionlane.messages.internal import (
@@ -74,6 +74,7 @@ class Lane(ShellActor):
     def on_open(self, msg: OpenLane, sender: Any) -> None:
         ref = LaneRef(uid=msg.uid, name=msg.name, address=self.myAddress, priority=msg.priority)
         self.state = LaneState(ref, self)
+        retitle(self, f"lane {msg.name}")
         self.registry = msg.registry
         self.agent = sender
         self.send(sender, Opened(uid=msg.uid))

@@ -5,14 +5,23 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_serve import READY_TIMEOUT_S, STOP_TIMEOUT_S, Serve
 
+from sessionlane.system._version import __version__
+from sessionlane.system.client import connect
 from sessionlane.system.config import load_settings
-from sessionlane.system.ops.cli import build_parser
+from sessionlane.system.ops.cli import build_parser, start_line
+from sessionlane.system.ops.notify import notify
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "sessionlane.service"
@@ -134,3 +143,92 @@ def test_the_container_runs_serve_logging_to_stderr_with_a_config_it_ships(
 def test_the_build_context_leaves_out_the_virtualenv_and_git() -> None:
     ignored = (DEPLOY.parent / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+# Type=notify: the readiness handshake, against a datagram socket of the test's own ----------
+
+
+@pytest.fixture(params=["path", "abstract"])
+def notify_socket(request: pytest.FixtureRequest) -> Iterator[tuple[socket.socket, str]]:
+    """A bound ``AF_UNIX`` datagram socket and its ``$NOTIFY_SOCKET`` spelling."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    short = Path(tempfile.mkdtemp(prefix="sl-notify-", dir="/tmp"))
+    try:
+        if request.param == "path":
+            sock.bind(str(short / "notify"))
+            yield sock, str(short / "notify")
+        else:
+            name = f"sessionlane-test-{uuid.uuid4().hex}"
+            sock.bind(b"\0" + name.encode())
+            yield sock, "@" + name
+    finally:
+        sock.close()
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def received(sock: socket.socket, timeout: float) -> dict[str, str]:
+    """The next notification's assignments."""
+    sock.settimeout(timeout)
+    data = sock.recv(4096).decode()
+    return dict(line.split("=", 1) for line in data.splitlines())
+
+
+@pytest.mark.tcp
+def test_serve_notifies_ready_once_its_gateway_listens_and_stopping_when_it_stops(
+    notify_socket: tuple[socket.socket, str], root: Path, tmp_path: Path
+) -> None:
+    sock, address = notify_socket
+    run = Path(tempfile.mkdtemp(prefix="sl-sock-", dir="/tmp"))
+    listen = f"unix://{run / 'gw.sock'}"
+    serve = Serve(
+        tmp_path,
+        "--root",
+        str(root),
+        "--listen",
+        listen,
+        "--log-file",
+        str(tmp_path / "a.log"),
+        env={"NOTIFY_SOCKET": address},
+    )
+    try:
+        ready = received(sock, READY_TIMEOUT_S)
+        assert ready["READY"] == "1" and ready["STATUS"].startswith("serving unix://"), ready
+        with connect(listen) as sl:  # READY means the gateway answers now, not soon
+            assert sl.status().files == []
+        # One start line, on stdout and in the log file: version, listen, roots, config.
+        started = f"sessionlane {__version__} starting (pid {serve.proc.pid}): listen {listen}"
+        assert f"{started}, roots {root}; no config file" in serve.text, serve.text
+        assert started in (tmp_path / "a.log").read_text()
+        assert serve.proc.poll() is None
+        serve.proc.send_signal(signal.SIGTERM)
+        stopping = received(sock, STOP_TIMEOUT_S)
+        assert stopping["STOPPING"] == "1", stopping
+        assert serve.proc.wait(STOP_TIMEOUT_S) == 0, serve.text
+    finally:
+        serve.kill()
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_the_start_line_names_the_config_file_and_how_it_was_named_and_the_variables(
+    tmp_path: Path,
+) -> None:
+    settings, _ = load_settings(None, env={}, overrides={"roots": [str(tmp_path)]})
+    env = {"SESSIONLANE_CONFIG": "/etc/s.toml", "SESSIONLANE_LOG_LEVEL": "DEBUG"}
+    line = start_line(settings, None, env)
+    assert line.startswith(f"sessionlane {__version__} starting (pid ")
+    assert line.endswith(
+        f"listen tcp://127.0.0.1:7420, roots {tmp_path}; config /etc/s.toml"
+        " ($SESSIONLANE_CONFIG), environment SESSIONLANE_LOG_LEVEL"
+    )
+    assert "config /x.toml (--config)" in start_line(settings, "/x.toml", {})
+
+
+def test_notify_is_quiet_without_a_notify_socket_and_refuses_what_it_cannot_speak(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    assert notify("READY=1", env={}) is False
+    assert notify("READY=1", env={"NOTIFY_SOCKET": "vsock:2:1234"}) is False
+    assert "not a Unix socket path" in caplog.text
+    gone = str(tmp_path / "nobody-listens")
+    assert notify("READY=1", env={"NOTIFY_SOCKET": gone}) is False  # logged, not raised
+    assert "cannot notify the service manager" in caplog.text

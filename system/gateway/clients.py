@@ -203,6 +203,7 @@ class Clients:
         client = Client(id=next(self.ids), end=end, peer=peer, peer_uid=uid, last_seen=now)
         self.conns[end.fd] = client
         self.by_id[client.id] = client
+        log.debug("connection %d opened (%s, uid %s)", client.id, peer, uid)
         self.hellos.add(client.id, now)
         self.schedule_sweep()
         if self.policy.by_peer and client.peer_uid != self.policy.service_uid:

@@ -21,11 +21,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sessionlane.messages.errors import SessionLaneError, Unavailable
 from sessionlane.system.config import ConfigError, load_settings
+from sessionlane.system.ops.notify import notify
 
 if TYPE_CHECKING:
     from sessionlane.system.ops.running import Choice
@@ -199,6 +201,7 @@ def _add_doctor(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from sessionlane.actors._shell import set_title
     from sessionlane.system.runtime.service import Service, ServiceError, install_signal_handlers
 
     overrides: dict[str, Any] = {
@@ -218,9 +221,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.allow_overlap and _refuse_overlap(settings.roots):
         return 2
     _await_leftovers(settings.listen)
+    set_title(f"serve {settings.listen}")  # `ps`; `status`/`stop` know the title (running.py)
     service = Service(settings, log_file=args.log_file)
     install_signal_handlers(service)
+    started = start_line(settings, args.config)
+    print(f"sessionlane: {started}", flush=True)
     print(f"sessionlane: logging to {service.log_file or 'stderr'}", flush=True)
+    if service.log_file is not None:
+        _prepare_log(service.log_file, started)
     try:
         service.start()
     except ServiceError as exc:
@@ -236,17 +244,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     state = service.write_state()
+    serving = ", ".join(service.running.addresses if service.running else [])
     print(
-        f"sessionlane serving {', '.join(service.running.addresses if service.running else [])}"
-        f" for {', '.join(settings.roots)} (pid {os.getpid()})",
+        f"sessionlane serving {serving} for {', '.join(settings.roots)} (pid {os.getpid()})",
         flush=True,
     )
+    notify("READY=1", f"STATUS=serving {serving}")  # Type=notify: the gateway listens now
+
+    def before_stop() -> None:
+        notify("STOPPING=1", "STATUS=stopping: draining")
+        if metrics is not None:
+            metrics.stop()
+
     try:
-        service.serve_forever(before_stop=metrics.stop if metrics is not None else None)
+        service.serve_forever(before_stop=before_stop)
     finally:
         state.unlink(missing_ok=True)
         print("sessionlane stopped", flush=True)
     return 0
+
+
+def start_line(settings: Any, config: str | None, env: Mapping[str, str] | None = None) -> str:
+    """The one line ``serve`` starts with: version, listen address, roots, and where its
+    settings came from (the config file and how it was named, the ``SESSIONLANE_*``
+    variables), so that a log read later says what ran."""
+    from sessionlane.system._version import __version__
+    from sessionlane.system.config import NON_CONFIG_ENV
+
+    env = os.environ if env is None else env
+    if config:
+        source = f"config {config} (--config)"
+    elif env.get("SESSIONLANE_CONFIG"):
+        source = f"config {env['SESSIONLANE_CONFIG']} ($SESSIONLANE_CONFIG)"
+    else:
+        source = "no config file"
+    variables = sorted(k for k in env if k.startswith("SESSIONLANE_") and k not in NON_CONFIG_ENV)
+    if variables:
+        source += ", environment " + " ".join(variables)
+    return (
+        f"sessionlane {__version__} starting (pid {os.getpid()}): listen {settings.listen},"
+        f" roots {', '.join(settings.roots)}; {source}"
+    )
+
+
+def _prepare_log(target: Path, started: str) -> None:
+    """Remove stale log files of other addresses, then write the start line to ours."""
+    from sessionlane.system.ops import logs
+    from sessionlane.system.ops.running import found_services
+    from sessionlane.system.runtime.service import state_dir
+
+    running = [f.state.get("log_file") for f in found_services(state_dir()) if f.live]
+    keep = [target, *(Path(p) for p in running if p)]
+    for path in logs.prune_logs(keep, time.time(), target.parent):
+        log.info("removed the old log file %s", path)
+    try:
+        logs.append_line(target, started)
+    except OSError as exc:
+        print(f"sessionlane: warning: cannot write to {target}: {exc}", file=sys.stderr)
 
 
 def _refuse_overlap(roots: Sequence[str]) -> bool:

@@ -26,10 +26,11 @@ every inherited socket, so the admin's port is not shared). While the admin live
 member is its child; when it dies they are re-parented (to PID 1 or a subreaper). The signal
 used is therefore: *a group led by a vanished session leader, whose members are Python
 processes each holding a listening TCP socket, and in which no member's parent is a member*.
-The cmdline is not enough on its own: forked actors keep the argv of whatever started the
-system (``python -m pytest``, ``sessionlane race``; no process titles without
-``setproctitle``). A system started by ``serve`` normally dies with it
-(``sessionlane.system.runtime.lifeline``);
+The cmdline is not enough on its own: a forked process keeps the argv of whatever started the
+system (``python -m pytest``, ``sessionlane race``) until it is titled (thespian titles its
+admin and logger ``MultiProcAdmin ActorAddr-...``, ``logger ActorAddr-...``; sessionlane's
+actors title themselves ``sessionlane: <role>``). A system started by ``serve`` normally dies
+with it (``sessionlane.system.runtime.lifeline``);
 what is found here outlived its lifeline (a starter killed in the instant before it armed it,
 or a system of an older version).
 
@@ -348,4 +349,5 @@ def leftover_processes() -> list[dict[str, Any]]:
 
 def _is_python(cmdline: str) -> bool:
     argv0 = os.path.basename(cmdline.split(" ", 1)[0]) if cmdline else ""
-    return argv0.startswith("python") or "sessionlane" in cmdline
+    # Titled processes: ours (``sessionlane: file ...``), thespian's (``logger ActorAddr-...``).
+    return argv0.startswith("python") or "sessionlane" in cmdline or "ActorAddr-" in cmdline

@@ -152,7 +152,14 @@ def is_serve_process(pid: int) -> bool:
         return False
     argv = procfs.cmdline(pid)
     stat = procfs.stat(pid)
-    return argv is not None and stat is not None and stat.live and "serve" in argv
+    if argv is None or stat is None or not stat.live:
+        return False
+    # Its argv (``sessionlane serve ...``), or the title ``serve`` gives itself.
+    return "serve" in argv or (bool(argv) and argv[0].startswith(SERVE_TITLE))
+
+
+SERVE_TITLE = "sessionlane: serve "
+"""How ``serve`` titles its process (``sessionlane.system.ops.cli``)."""
 
 
 def _canonical(address: str) -> str | None:
