@@ -166,6 +166,22 @@ def parse_metrics_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
+def access_advice(what: str, path: str, recursive: bool = False) -> str:
+    """``what`` (a refusal of ``path`` to this process) with the owner and mode found and the
+    ``chown`` that lets this process's effective uid in: a file mounted from a host (a
+    container's token) is typically the host user's, 0600, and the service runs as another."""
+    uid = os.geteuid()
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"{what}: {exc.strerror or exc}"
+    return (
+        f"{what}: owned by uid {st.st_uid} mode {stat.S_IMODE(st.st_mode):04o}; this service"
+        f" runs as uid {uid}: chown {'-R ' if recursive else ''}{uid} {path}"
+        f" (or run the service as uid {st.st_uid})"
+    )
+
+
 def read_cluster_key_file(path: str) -> bytes:
     """The key material of a ``cluster_key_file``; raises :class:`ConfigError` (key
     ``cluster_key_file``) when it is unreadable, shared with other users, not base64 or short."""
@@ -177,6 +193,8 @@ def read_cluster_key_file(path: str) -> bytes:
         with open(path, "rb") as fh:
             mode = os.fstat(fh.fileno()).st_mode
             text = fh.read()
+    except PermissionError:
+        raise refuse(access_advice("cannot be read", path)) from None
     except OSError as exc:
         raise refuse(f"cannot be read: {exc.strerror or exc}") from None
     if not stat.S_ISREG(mode):
@@ -207,6 +225,8 @@ def read_token_file(path: str) -> str:
     """
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
+    except PermissionError:
+        raise ConfigError("token_file", access_advice(f"cannot read {path}", path)) from None
     except OSError as exc:
         raise ConfigError("token_file", f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

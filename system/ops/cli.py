@@ -202,6 +202,7 @@ def _add_doctor(sub: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from sessionlane.actors._shell import set_title
+    from sessionlane.system.ops.preflight import check_settings
     from sessionlane.system.runtime.service import Service, ServiceError, install_signal_handlers
 
     overrides: dict[str, Any] = {
@@ -218,6 +219,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("roots", "no roots configured: pass --root DIR (or roots in the config)")
     for warning in warnings:
         print(f"sessionlane: warning: {warning}", file=sys.stderr)
+    problems = check_settings(settings)  # unreadable secrets, unwritable roots: say what to do
+    for problem in problems:
+        print(f"sessionlane: cannot start: {problem.message}", file=sys.stderr)
+    if problems:
+        return 2
     if not settings.allow_overlap and _refuse_overlap(settings.roots):
         return 2
     _await_leftovers(settings.listen)
