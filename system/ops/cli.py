@@ -370,16 +370,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif named is not None:
         address = normalize_listen(named)  # not started by `serve` here: ask it directly
     else:
-        return _refuse_to_guess("status", choice)
+        hint = _other_users_service(None, "status")
+        return 1 if hint else _refuse_to_guess("status", choice)
     token_file = args.token_file or os.environ.get("SESSIONLANE_TOKEN_FILE") or None
     token = read_token_file(token_file) if token_file else None
     try:
         sl = connect(address, token)
     except Unavailable as exc:
+        if _other_users_service(address, "status"):
+            return 1
         cause = exc.__cause__
         why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc.detail
         print(f"sessionlane: no service answers at {address} ({why})", file=sys.stderr)
         return 1
+    except SessionLaneError:  # e.g. refused: it admits its own user only
+        if _other_users_service(address, "status", token_hint=token is None):
+            return 1
+        raise
     with sl:
         reply = sl.status(args.path)
     if args.json:
@@ -402,21 +409,29 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    named = args.listen
-    choice = _choose(named, live_only=False)
-    if choice.kind == "none":
-        what = f"started with --listen {named}" if named else "of this user"
-        print(f"sessionlane: no service {what} is running", file=sys.stderr)
-        return 1
-    if choice.kind == "several":
-        return _refuse_to_guess("stop", choice)
-    found = choice.found
+    """Stop the service meant (see ``running``); idempotent: nothing running is exit 0.
+
+    State files left by dead services (a SIGKILLed serve) are cleaned up on the way: their
+    leftover actor group killed, the file removed. Several live services that could be meant
+    are refused (exit 2), never guessed between. A service of another user, which this user
+    cannot stop, is named with how to stop it (exit 1).
+    """
+    from sessionlane.system.ops.running import Choice, found_services
+    from sessionlane.system.runtime.service import state_dir
+
+    named = _named(args.listen)
+    candidates = [f for f in found_services(state_dir()) if named is None or f.answers_to(named)]
+    live = [f for f in candidates if f.live]
+    if len(live) > 1:
+        return _refuse_to_guess("stop", Choice("several", tuple(live)))
+    for stale in (f for f in candidates if not f.live):  # its serve died without cleaning up
+        _kill_actor_group(stale.state)
+        stale.path.unlink(missing_ok=True)
+        print(f"sessionlane: service pid {stale.pid} was not running; cleaned up after it")
+    if not live:
+        return _nothing_to_stop(named)
+    found = live[0]
     state, pid = found.state, found.pid
-    if not found.live:  # its serve died without cleaning up (e.g. SIGKILLed)
-        _kill_actor_group(state)
-        found.path.unlink(missing_ok=True)
-        print(f"sessionlane: service pid {pid} was not running; cleaned up after it")
-        return 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -436,18 +451,50 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 1
 
 
+def _other_users_service(address: str | None, command: str, *, token_hint: bool = False) -> bool:
+    """If ``address`` (default: the clients' default address) is served by another user's
+    process, print who and how to reach it (``systemctl``, or run as that user); whether so."""
+    from sessionlane.system.client._core import default_address
+    from sessionlane.system.ops.holders import service_hint
+
+    address = address or default_address()
+    hint = service_hint(address, f"{command} --listen {address}")
+    if hint is None:
+        return False
+    if token_hint:
+        hint += "; or pass --token-file with the service's token"
+    print(f"sessionlane: {hint}", file=sys.stderr)
+    return True
+
+
+def _nothing_to_stop(named: str | None) -> int:
+    """No live service of this user is meant: 0, unless another user's serves the address."""
+    if _other_users_service(named, "stop"):
+        return 1
+    what = f"started with --listen {named}" if named else "of this user"
+    print(f"sessionlane: no service {what} is running; nothing to stop")
+    return 0
+
+
+def _named(listen: str | None) -> str | None:
+    """The address the user named: ``--listen``, else ``$SESSIONLANE_LISTEN``; a malformed
+    one is a ``ConfigError``."""
+    from sessionlane.system.config import normalize_listen
+
+    named = listen or os.environ.get("SESSIONLANE_LISTEN") or None
+    if named is not None:
+        normalize_listen(named)
+    return named
+
+
 def _choose(named: str | None, *, live_only: bool) -> Choice:
     """The service a command means (``sessionlane.system.ops.running.choose``);
     ``$SESSIONLANE_LISTEN`` names one when the command line does not. A malformed address is a
     ``ConfigError``."""
-    from sessionlane.system.config import normalize_listen
     from sessionlane.system.ops.running import choose, found_services
     from sessionlane.system.runtime.service import state_dir
 
-    named = named or os.environ.get("SESSIONLANE_LISTEN") or None
-    if named is not None:
-        normalize_listen(named)
-    return choose(found_services(state_dir()), named, live_only=live_only)
+    return choose(found_services(state_dir()), _named(named), live_only=live_only)
 
 
 def _refuse_to_guess(command: str, choice: Choice) -> int:

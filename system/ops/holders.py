@@ -72,6 +72,11 @@ def unit_of(pid: int) -> str | None:
             text = fh.read()
     except OSError:
         return None
+    return unit_from_cgroup(text)
+
+
+def unit_from_cgroup(text: str) -> str | None:
+    """The ``*.service`` a ``/proc/PID/cgroup`` text places its process in (pure)."""
     for line in text.splitlines():
         parts = [p for p in line.rsplit(":", 1)[-1].split("/") if p.endswith(".service")]
         if parts:
