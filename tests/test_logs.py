@@ -188,3 +188,23 @@ def test_the_start_line_is_appended_0600_in_the_actors_format(tmp_path: Path) ->
     assert len(lines) == 2 and lines[0].endswith(" INFO sessionlane: sessionlane 0.1.0 starting")
     assert f" p{os.getpid()} " in lines[0]
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_forgetting_the_start_line_removes_only_a_file_it_created_that_holds_nothing_else(
+    tmp_path: Path,
+) -> None:
+    fresh = tmp_path / "serve-fresh.log"
+    logs.append_line(fresh, "starting")()
+    assert not fresh.exists()  # a failed start leaves no file behind
+
+    used = tmp_path / "serve-used.log"
+    forget = logs.append_line(used, "starting")
+    with used.open("a") as f:
+        f.write("an actor's line\n")
+    forget()
+    assert used.exists()
+
+    old = tmp_path / "serve-old.log"
+    old.write_text("yesterday\n")
+    logs.append_line(old, "starting")()
+    assert old.read_text().startswith("yesterday\n")

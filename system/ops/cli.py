@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -233,12 +233,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     started = start_line(settings, args.config)
     print(f"sessionlane: {started}", flush=True)
     print(f"sessionlane: logging to {service.log_file or 'stderr'}", flush=True)
-    if service.log_file is not None:
-        _prepare_log(service.log_file, started)
+    forget_log = _prepare_log(service.log_file, started) if service.log_file else lambda: None
     try:
         service.start()
     except ServiceError as exc:
         print(f"sessionlane: cannot start: {exc}", file=sys.stderr)
+        forget_log()
         return 2
     try:
         metrics = _start_metrics(service)
@@ -293,8 +293,9 @@ def start_line(settings: Any, config: str | None, env: Mapping[str, str] | None 
     )
 
 
-def _prepare_log(target: Path, started: str) -> None:
-    """Remove stale log files of other addresses, then write the start line to ours."""
+def _prepare_log(target: Path, started: str) -> Callable[[], None]:
+    """Remove stale log files of other addresses, then write the start line to ours; returns
+    what removes the file again if the start fails before anything else is logged."""
     from sessionlane.system.ops import logs
     from sessionlane.system.ops.running import found_services
     from sessionlane.system.runtime.service import state_dir
@@ -304,9 +305,10 @@ def _prepare_log(target: Path, started: str) -> None:
     for path in logs.prune_logs(keep, time.time(), target.parent):
         log.info("removed the old log file %s", path)
     try:
-        logs.append_line(target, started)
+        return logs.append_line(target, started)
     except OSError as exc:
         print(f"sessionlane: warning: cannot write to {target}: {exc}", file=sys.stderr)
+        return lambda: None
 
 
 def _refuse_overlap(roots: Sequence[str]) -> bool:

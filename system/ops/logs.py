@@ -35,7 +35,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -184,16 +184,29 @@ def prune_logs(keep: Iterable[Path], now: float, directory: Path | None = None) 
     return removed
 
 
-def append_line(target: Path, line: str) -> None:
+def append_line(target: Path, line: str) -> Callable[[], None]:
     """Append one line to the log file ``target`` (created 0600), formatted as the actors'
-    lines are; the logger process appends to the same file."""
+    lines are; the logger process appends to the same file.
+
+    Returns ``forget``: if this call created the file and nothing was written after the line,
+    ``forget()`` removes it again (a start that fails before logging leaves no file behind).
+    """
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     text = f"{stamp},{int(time.time() * 1000) % 1000:03d} p{os.getpid()} INFO sessionlane: {line}\n"
+    data = text.encode()
+    created = not target.exists()
     fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, text.encode())
+        os.write(fd, data)
     finally:
         os.close(fd)
+
+    def forget() -> None:
+        with contextlib.suppress(OSError):
+            if created and target.stat().st_size == len(data):
+                target.unlink()
+
+    return forget
 
 
 _LOG_NAME = re.compile(r"serve-.+\.log(\.[0-9]+)?")
