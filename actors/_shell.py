@@ -29,9 +29,16 @@ __all__ = [
 TITLE_PREFIX = "sessionlane: "
 """How every sessionlane process is titled in ``ps`` (``sessionlane: file /a.jsonl``)."""
 
-# Before any title is set, here or by thespian in a forked actor process (which inherits it):
-# see ``set_title``.
-os.environ.setdefault("SPT_NOENV", "1")
+
+def protect_environ() -> None:
+    """Keep setproctitle off the environment block of this process and its future children
+    (``SPT_NOENV``): thespian titles every actor process it forks, and ``/proc/PID/environ``
+    must still show that process's environment (see ``set_title``). Called before any title
+    is set: at this module's import and by ``start_tcp_system`` before it forks."""
+    os.environ.setdefault("SPT_NOENV", "1")
+
+
+protect_environ()
 
 Handler = Callable[[Any, Any], None]
 
