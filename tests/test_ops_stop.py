@@ -13,6 +13,7 @@ import os
 import select
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from test_cli import dead_state
-from test_serve import STOP_TIMEOUT_S, Serve, wait_for
+from test_serve import STOP_TIMEOUT_S, Serve, sessionlane_command, wait_for
 
 from sessionlane.system.ops import cli
 from sessionlane.system.runtime.launch import free_port
@@ -133,3 +134,22 @@ def test_another_users_service_is_explained_by_stop_and_status_not_called_not_ru
     assert serve.proc.poll() is None, "still running: the stranger stopped nothing"
     assert json.loads(serve.cli("status", "--json").stdout) == []
     shutil.rmtree(theirs, ignore_errors=True)
+
+
+def test_doctor_calls_the_address_of_this_users_running_service_served_not_a_problem(
+    serve: Serve,
+) -> None:
+    doctor = subprocess.run(
+        [*sessionlane_command(), "doctor", "--json", "--root", str(serve.state["roots"][0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**serve.env, "SESSIONLANE_LISTEN": serve.address},
+    )
+    findings = [f for f in json.loads(doctor.stdout)["findings"] if f["check"] == "port"]
+    assert [(f["problem"], f["detail"]) for f in findings] == [
+        (
+            False,
+            f"{serve.address} (listen) is served by this user's sessionlane pid {serve.proc.pid}",
+        )
+    ], doctor.stdout
