@@ -182,6 +182,13 @@ def access_advice(what: str, path: str, recursive: bool = False) -> str:
     )
 
 
+def unreadable(what: str, path: str, exc: OSError) -> str:
+    """Why ``path`` could not be opened: for a permission refusal, :func:`access_advice`."""
+    if isinstance(exc, PermissionError):
+        return access_advice(what, path)
+    return f"{what}: {exc.strerror or exc}"
+
+
 def read_cluster_key_file(path: str) -> bytes:
     """The key material of a ``cluster_key_file``; raises :class:`ConfigError` (key
     ``cluster_key_file``) when it is unreadable, shared with other users, not base64 or short."""
@@ -193,10 +200,8 @@ def read_cluster_key_file(path: str) -> bytes:
         with open(path, "rb") as fh:
             mode = os.fstat(fh.fileno()).st_mode
             text = fh.read()
-    except PermissionError:
-        raise refuse(access_advice("cannot be read", path)) from None
     except OSError as exc:
-        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+        raise refuse(unreadable("cannot be read", path, exc)) from None
     if not stat.S_ISREG(mode):
         raise refuse("is not a regular file")
     if mode & 0o077:
@@ -225,10 +230,8 @@ def read_token_file(path: str) -> str:
     """
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
-    except PermissionError:
-        raise ConfigError("token_file", access_advice(f"cannot read {path}", path)) from None
     except OSError as exc:
-        raise ConfigError("token_file", f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ConfigError("token_file", unreadable(f"cannot read {path}", path, exc)) from None
     except UnicodeDecodeError:
         raise ConfigError("token_file", f"{path} is not UTF-8 text") from None
     if not token:

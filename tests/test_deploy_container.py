@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.tcp, pytest.mark.slow]
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UID = 10001
+TOKEN = "6f1c0d7e9a8b4c2d3e5f60718293a4b5"  # as `openssl rand -hex 16` makes one
 SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
 START_S = 30.0
 
@@ -153,7 +154,7 @@ def test_a_host_owned_token_and_volume_are_refused_with_the_chown_that_fixes_the
     secrets = image / "run" / "secrets"
     secrets.mkdir(parents=True)
     token = secrets / "token"
-    token.write_text("s3cret-t0ken\n")  # as the header makes it: 0600, owned by the host user
+    token.write_text(TOKEN + "\n")  # as the header makes it: 0600, owned by the host user
     token.chmod(0o600)
     volume = image / "srv" / "sessionlane"
     volume.mkdir(parents=True)  # a bind mount of a host directory: root's, 0755
@@ -189,7 +190,7 @@ def test_a_host_owned_token_and_volume_are_refused_with_the_chown_that_fixes_the
             assert serve.poll() is None, (tmp_path / "3.out").read_text()
             assert time.monotonic() < deadline, (tmp_path / "3.out").read_text()
             time.sleep(0.05)  # polling for the line serve prints once it listens
-        with connect(f"tcp://127.0.0.1:{port}", "s3cret-t0ken") as sl:
+        with connect(f"tcp://127.0.0.1:{port}", TOKEN) as sl:
             lease = sl.lane("t").acquire(str(volume / "a.jsonl"), "write")
             assert lease is not None
             lease.append({"ok": True})
