@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from thespian.actors import Actor
 
+from sessionlane.system.client import connect
 from sessionlane.system.ops import logs
 from sessionlane.system.runtime.launch import log_config, tcp_system
+from sessionlane.system.runtime.service import embedded_service
 
 WAIT_S = 30.0
 
@@ -208,3 +210,20 @@ def test_forgetting_the_start_line_removes_only_a_file_it_created_that_holds_not
     old.write_text("yesterday\n")
     logs.append_line(old, "starting")()
     assert old.read_text().startswith("yesterday\n")
+
+
+@pytest.mark.tcp
+def test_connection_churn_is_logged_at_debug(root: Path, tmp_path: Path) -> None:
+    log_file = tmp_path / "actors.log"
+    with embedded_service([str(root)], log_file=log_file, log_level="DEBUG") as svc:
+        with connect(svc.address) as sl:
+            sl.lane("churn").append(str(root / "c.jsonl"), {"a": 1})  # a lane: a close to log
+        deadline = time.monotonic() + WAIT_S
+        while " closed (" not in (log_file.read_text() if log_file.exists() else ""):
+            assert time.monotonic() < deadline, "the close never reached the log"
+            time.sleep(0.02)
+    lines = log_file.read_text().splitlines()
+    opened = [line for line in lines if "sessionlane.system.gateway.clients: connection" in line]
+    closed = [line for line in lines if " closed (" in line and "lanes released" in line]
+    assert opened and closed, lines
+    assert all(" DEBUG " in line for line in opened + closed), opened + closed
