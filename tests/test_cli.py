@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sessionlane.system.ops.running import Found, choose, found_services, is_serve_process
+from sessionlane.system.ops.running import (
+    Found,
+    choose,
+    found_services,
+    is_serve_process,
+    plan_stop,
+)
 from sessionlane.system.runtime.launch import free_port
 
 
@@ -105,6 +111,23 @@ def test_unreadable_state_files_are_skipped(tmp_path: Path) -> None:
     (tmp_path / "serve-list.json").write_text("[1, 2]")
     (tmp_path / "serve-ok.json").write_text(json.dumps({"pid": 0, "listen": "tcp://h:1"}))
     assert [f.listen for f in found_services(tmp_path)] == ["tcp://h:1"]
+
+
+def test_stop_plans_the_one_live_service_and_every_dead_one_it_names() -> None:
+    a = found("tcp://127.0.0.1:1")
+    a_dead = found("tcp://127.0.0.1:1", live=False)
+    b_dead = found("tcp://127.0.0.1:2", live=False)
+    plan = plan_stop([a, a_dead, b_dead], None)
+    assert plan.live.kind == "one" and plan.live.found is a
+    assert plan.stale == (a_dead, b_dead)
+    named = plan_stop([a, a_dead, b_dead], "127.0.0.1:2")
+    assert named.live.kind == "none" and named.stale == (b_dead,)
+
+
+def test_stop_plans_nothing_to_clean_when_it_must_refuse_several_live_services() -> None:
+    plan = plan_stop([found("tcp://h:1"), found("tcp://h:2"), found("tcp://h:3", live=False)], None)
+    assert plan.live.kind == "several" and len(plan.live.candidates) == 2
+    assert plan.stale == ()
 
 
 # The commands -------------------------------------------------------------------------------

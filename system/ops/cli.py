@@ -418,22 +418,20 @@ def cmd_stop(args: argparse.Namespace) -> int:
     are refused (exit 2), never guessed between. A service of another user, which this user
     cannot stop, is named with how to stop it (exit 1).
     """
-    from sessionlane.system.ops.running import Choice, found_services
+    from sessionlane.system.ops.running import found_services, plan_stop
     from sessionlane.system.runtime.service import state_dir
 
     named = _named(args.listen)
-    candidates = [f for f in found_services(state_dir()) if named is None or f.answers_to(named)]
-    live = [f for f in candidates if f.live]
-    if len(live) > 1:
-        return _refuse_to_guess("stop", Choice("several", tuple(live)))
-    for stale in (f for f in candidates if not f.live):  # its serve died without cleaning up
+    plan = plan_stop(found_services(state_dir()), named)
+    if plan.live.kind == "several":
+        return _refuse_to_guess("stop", plan.live)
+    for stale in plan.stale:  # its serve died without cleaning up (e.g. SIGKILLed)
         _kill_actor_group(stale.state)
         stale.path.unlink(missing_ok=True)
         print(f"sessionlane: service pid {stale.pid} was not running; cleaned up after it")
-    if not live:
+    if plan.live.kind == "none":
         return _nothing_to_stop(named)
-    found = live[0]
-    state, pid = found.state, found.pid
+    state, pid = plan.live.found.state, plan.live.found.pid
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:

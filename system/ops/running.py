@@ -29,10 +29,12 @@ from sessionlane.system.config import ConfigError, normalize_listen
 __all__ = [
     "Choice",
     "Found",
+    "StopPlan",
     "choose",
     "found_services",
     "is_live",
     "is_serve_process",
+    "plan_stop",
     "process_start",
     "read_states",
 ]
@@ -109,6 +111,27 @@ def choose(found: Sequence[Found], listen: str | None, *, live_only: bool) -> Ch
     if len(candidates) > 1:
         return Choice("several", tuple(candidates))
     return Choice("one", (candidates[0],))
+
+
+@dataclass(frozen=True)
+class StopPlan:
+    """What ``stop`` does (:func:`plan_stop`)."""
+
+    live: Choice
+    """The live service to stop (``one``), none, or several to refuse to guess between."""
+    stale: tuple[Found, ...]
+    """State files of dead services to clean up (none when refusing)."""
+
+
+def plan_stop(found: Sequence[Found], listen: str | None) -> StopPlan:
+    """``stop``'s decision (pure): among the services ``listen`` names (all, if ``None``), the
+    live one to stop and the dead ones to clean up after; several live ones are refused, and
+    nothing is cleaned then. Dead services are no choice to make: cleaning up after every one
+    of them is safe."""
+    meant = [f for f in found if listen is None or f.answers_to(listen)]
+    live = choose([f for f in meant if f.live], listen, live_only=True)
+    stale = () if live.kind == "several" else tuple(f for f in meant if not f.live)
+    return StopPlan(live, stale)
 
 
 def read_states(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
