@@ -22,8 +22,9 @@ from test_serve import READY_TIMEOUT_S, STOP_TIMEOUT_S, Serve, sessionlane_comma
 from sessionlane.system._version import __version__
 from sessionlane.system.client import connect
 from sessionlane.system.config import load_settings
-from sessionlane.system.ops.cli import build_parser, start_line
+from sessionlane.system.ops.cli import build_parser
 from sessionlane.system.ops.notify import notify
+from sessionlane.system.ops.startup import start_line
 from sessionlane.system.runtime.launch import free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

@@ -21,8 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sessionlane.messages.errors import SessionLaneError, Unavailable
@@ -203,6 +202,7 @@ def _add_doctor(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from sessionlane.actors._shell import set_title
     from sessionlane.system.ops.preflight import check_settings
+    from sessionlane.system.ops.startup import prepare_log, start_line
     from sessionlane.system.runtime.service import Service, ServiceError, install_signal_handlers
 
     overrides: dict[str, Any] = {
@@ -233,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     started = start_line(settings, args.config)
     print(f"sessionlane: {started}", flush=True)
     print(f"sessionlane: logging to {service.log_file or 'stderr'}", flush=True)
-    forget_log = _prepare_log(service.log_file, started) if service.log_file else lambda: None
+    forget_log = prepare_log(service.log_file, started) if service.log_file else lambda: None
     try:
         service.start()
     except ServiceError as exc:
@@ -268,47 +268,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state.unlink(missing_ok=True)
         print("sessionlane stopped", flush=True)
     return 0
-
-
-def start_line(settings: Any, config: str | None, env: Mapping[str, str] | None = None) -> str:
-    """The one line ``serve`` starts with: version, listen address, roots, and where its
-    settings came from (the config file and how it was named, the ``SESSIONLANE_*``
-    variables), so that a log read later says what ran."""
-    from sessionlane.system._version import __version__
-    from sessionlane.system.config import NON_CONFIG_ENV
-
-    env = os.environ if env is None else env
-    if config:
-        source = f"config {config} (--config)"
-    elif env.get("SESSIONLANE_CONFIG"):
-        source = f"config {env['SESSIONLANE_CONFIG']} ($SESSIONLANE_CONFIG)"
-    else:
-        source = "no config file"
-    variables = sorted(k for k in env if k.startswith("SESSIONLANE_") and k not in NON_CONFIG_ENV)
-    if variables:
-        source += ", environment " + " ".join(variables)
-    return (
-        f"sessionlane {__version__} starting (pid {os.getpid()}): listen {settings.listen},"
-        f" roots {', '.join(settings.roots)}; {source}"
-    )
-
-
-def _prepare_log(target: Path, started: str) -> Callable[[], None]:
-    """Remove stale log files of other addresses, then write the start line to ours; returns
-    what removes the file again if the start fails before anything else is logged."""
-    from sessionlane.system.ops import logs
-    from sessionlane.system.ops.running import found_services
-    from sessionlane.system.runtime.service import state_dir
-
-    running = [f.state.get("log_file") for f in found_services(state_dir()) if f.live]
-    keep = [target, *(Path(p) for p in running if p)]
-    for path in logs.prune_logs(keep, time.time(), target.parent):
-        log.info("removed the old log file %s", path)
-    try:
-        return logs.append_line(target, started)
-    except OSError as exc:
-        print(f"sessionlane: warning: cannot write to {target}: {exc}", file=sys.stderr)
-        return lambda: None
 
 
 def _refuse_overlap(roots: Sequence[str]) -> bool:
