@@ -77,6 +77,8 @@ BAD_CALLS = [
     pytest.param(lambda lane: lane.acquire("/tmp/x.jsonl", max_hold=0), "max_hold=0", id="hold"),
     pytest.param(lambda lane: lane.lease("/tmp/x.jsonl", "lock"), "purpose='lock'", id="lease"),
     pytest.param(lambda lane: lane.acquire(""), "path must not be empty", id="path"),
+    pytest.param(lambda lane: lane.acquire("/" + "a" * 5000), "at most 4096", id="long"),
+    pytest.param(lambda lane: lane.abandon(reason="x" * 600), "at most 512", id="reason"),
     pytest.param(
         lambda lane: lane.append("/tmp/x.jsonl", {"a": 1}, durability="sync"),
         "durability='sync'",

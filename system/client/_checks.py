@@ -18,6 +18,7 @@ from typing import Any, get_args
 from sessionlane.messages.wire import Durability, OnContention, Priority, Purpose
 
 __all__ = [
+    "check_abandon",
     "check_acquire",
     "check_choice",
     "check_durability",
@@ -25,6 +26,7 @@ __all__ = [
     "check_name",
     "check_options",
     "check_path",
+    "check_reason",
     "check_recover",
     "check_seconds",
 ]
@@ -32,6 +34,7 @@ __all__ = [
 _NAME_MAX = 256
 """The wire's limit on a lane name (``sessionlane.messages.wire._NAME``)."""
 _REASON_MAX = 512
+_PATH_MAX = 4096
 
 
 def check_choice(argument: str, value: Any, allowed: Any) -> None:
@@ -102,10 +105,22 @@ def check_acquire(
 def check_recover(path: Any, reason: Any, grace: Any, lane: Any) -> None:
     """``SessionLane.recover``."""
     check_path(path)
-    if not isinstance(reason, str) or len(reason) > _REASON_MAX:
-        raise ValueError(f"reason must be a str of at most {_REASON_MAX} characters")
+    check_reason(reason)
     check_seconds("grace", grace)
     check_name("lane", lane)
+
+
+def check_abandon(path: Any, reason: Any) -> None:
+    """``Lane.abandon``: an optional path and reason."""
+    if path is not None:
+        check_path(path)
+    if reason is not None:
+        check_reason(reason)
+
+
+def check_reason(reason: Any) -> None:
+    if not isinstance(reason, str) or len(reason) > _REASON_MAX:
+        raise ValueError(f"reason must be a str of at most {_REASON_MAX} characters")
 
 
 def check_durability(durability: Any) -> None:
@@ -122,3 +137,6 @@ def check_path(path: Any) -> None:
         raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
     if not path:
         raise ValueError("path must not be empty")
+    full = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)  # as sent
+    if len(full) > _PATH_MAX:
+        raise ValueError(f"path must be at most {_PATH_MAX} characters (got {len(full)})")

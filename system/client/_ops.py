@@ -46,6 +46,7 @@ from sessionlane.messages.wire import (
     StatusReply,
 )
 from sessionlane.system.client._checks import (
+    check_abandon,
     check_acquire,
     check_durability,
     check_path,
@@ -147,6 +148,7 @@ def lane_append(
 
 def abandon(core: Core, lane: str, path: str | None, reason: str | None) -> Op[list[str]]:
     """``Lane.abandon``: the ids of the leases the service dropped (now revoked here)."""
+    check_abandon(path, reason)
     request = Abandon(lane=lane, path=anchor(path) if path else None, reason=reason)
     reply = raise_if_error((yield Call(request)), path)
     assert isinstance(reply, Abandoned), reply
