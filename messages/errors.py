@@ -155,7 +155,9 @@ class TooLarge(SessionLaneError):
 
 
 class Unauthorized(SessionLaneError):
-    """The connection did not present the configured token."""
+    """The service did not admit the connection (no proof of its token, another user, no hello
+    in time), or the client did not trust the service (another user's socket, no proof of the
+    token): then nothing was sent."""
 
     code = "unauthorized"
 

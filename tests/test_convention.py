@@ -184,7 +184,7 @@ def test_ports_beyond_loopback_need_trusted_network_and_the_gateway_follows_bind
     tmp_path: Path,
 ) -> None:
     token = tmp_path / "token"
-    token.write_text("t")
+    token.write_text("t" * 16)
     token.chmod(0o600)
     with pytest.raises(ConfigError) as refused:
         load_settings(env={}, overrides={"bind_host": "10.1.2.3"})
@@ -206,7 +206,7 @@ def test_ports_beyond_loopback_need_trusted_network_and_the_gateway_follows_bind
 
 def test_ports_beyond_loopback_need_no_trusted_network_with_a_cluster_key(tmp_path: Path) -> None:
     token = tmp_path / "token"
-    token.write_text("t")
+    token.write_text("t" * 16)
     token.chmod(0o600)
     key = write_key(tmp_path / "cluster.key")
 

@@ -66,3 +66,11 @@ def test_another_users_holder_without_a_pid_is_described_by_user() -> None:
     stranger = holders.Holder(uid=0)
     assert stranger.describe() == "a process of user root (this user may not see which)"
     assert holders.Holder(uid=987654).user == "uid 987654"
+
+
+def test_the_advice_is_for_a_sessionlane_service_only() -> None:
+    assert holders._is_sessionlane("sessionlane: serve tcp://127.0.0.1:7420")
+    assert holders._is_sessionlane(
+        "/opt/sessionlane/bin/python /opt/sessionlane/bin/sessionlane serve"
+    )
+    assert not holders._is_sessionlane("nc -l 7420")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sessionlane.messages.errors import SessionLaneError, Unavailable
 from sessionlane.system.config import ConfigError, load_settings
 from sessionlane.system.ops.notify import notify
+from sessionlane.system.ops.running import StateDirError
 
 if TYPE_CHECKING:
     from sessionlane.system.ops.running import Choice
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
         return result
-    except ConfigError as exc:
+    except (ConfigError, StateDirError) as exc:
         print(f"sessionlane: {exc}", file=sys.stderr)
         return 2
     except SessionLaneError as exc:
@@ -166,6 +167,12 @@ def _add_status_and_stop(sub: Any) -> None:
         "--token-file",
         metavar="FILE",
         help="file holding the service's token (default $SESSIONLANE_TOKEN_FILE, if set)",
+    )
+    status.add_argument(
+        "--service-user",
+        metavar="USER",
+        help="the user that must run the service (name, uid, or '*' for anyone); default:"
+        " this user without a token, none with one (the service proves the token)",
     )
     status.set_defaults(func=cmd_status)
 
@@ -317,6 +324,7 @@ def _start_metrics(service: Any) -> Any:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from sessionlane.system.client import connect
+    from sessionlane.system.client._core import resolve_user
     from sessionlane.system.config import normalize_listen, read_token_file
 
     named = args.listen
@@ -336,7 +344,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     token_file = args.token_file or os.environ.get("SESSIONLANE_TOKEN_FILE") or None
     token = read_token_file(token_file) if token_file else None
     try:
-        sl = connect(address, token)
+        service_user = resolve_user(args.service_user)
+    except ValueError as exc:
+        raise ConfigError("service_user", str(exc)) from None
+    try:
+        sl = connect(address, token, service_user=service_user)
     except Unavailable as exc:
         if _other_users_service(address, "status"):
             return 1
@@ -344,10 +356,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc.detail
         print(f"sessionlane: no service answers at {address} ({why})", file=sys.stderr)
         return 1
-    except SessionLaneError:  # e.g. refused: it admits its own user only
-        if _other_users_service(address, "status", token_hint=token is None):
-            return 1
-        raise
+    except SessionLaneError as exc:  # refused, either way: say whose the address is too
+        print(f"sessionlane: {exc}", file=sys.stderr)
+        _other_users_service(address, "status")
+        return 1
     with sl:
         reply = sl.status(args.path)
     if args.json:
@@ -410,7 +422,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 1
 
 
-def _other_users_service(address: str | None, command: str, *, token_hint: bool = False) -> bool:
+def _other_users_service(address: str | None, command: str) -> bool:
     """If ``address`` (default: the clients' default address) is served by another user's
     process, print who and how to reach it (``systemctl``, or run as that user); whether so."""
     from sessionlane.system.client._core import default_address
@@ -420,8 +432,6 @@ def _other_users_service(address: str | None, command: str, *, token_hint: bool 
     hint = service_hint(address, f"{command} --listen {address}")
     if hint is None:
         return False
-    if token_hint:
-        hint += "; or pass --token-file with the service's token"
     print(f"sessionlane: {hint}", file=sys.stderr)
     return True
 

@@ -160,15 +160,29 @@ def describe_holders(found: list[Holder]) -> str:
 
 
 def service_hint(address: str, command: str) -> str | None:
-    """When ``address`` is held by another user's process: who, and how to reach it
-    (``systemctl`` for a systemd unit, else run ``command`` as that user); None otherwise."""
+    """When ``address`` is held by another user's process: who, and, if it is recognisably a
+    sessionlane service (its title, or a systemd unit named for it), how to reach it
+    (``systemctl`` for a unit, else run ``command`` as that user); None otherwise.
+
+    No advice for anything else: a process of another user on the address a client meant may
+    be an impostor, and the client's own refusal (``sessionlane.system.client``) is the answer.
+    """
     others = [h for h in holders(address) if h.uid is not None and h.uid != os.geteuid()]
     if not others:
         return None
     holder = others[0]
-    if holder.unit:
-        how = f"systemctl {'stop' if command.startswith('stop') else 'status'} {holder.unit}"
-        how = f"use `{how}`, or run as {holder.user}: `sudo -u {holder.user} sessionlane {command}`"
-    else:
-        how = f"run as {holder.user}: `sudo -u {holder.user} sessionlane {command}`"
-    return f"{address} is served by {holder.describe()}, not by this user: {how}"
+    said = f"{address} is held by {holder.describe()}, not by this user"
+    run_as = f"run as {holder.user}: `sudo -u {holder.user} sessionlane {command}`"
+    if holder.unit and "sessionlane" in holder.unit:
+        verb = "stop" if command.startswith("stop") else "status"
+        return f"{said}: use `systemctl {verb} {holder.unit}`, or {run_as}"
+    if holder.pid is not None and not _is_sessionlane(holder.command):
+        return said
+    if holder.pid is None:
+        return f"{said}: if it is the sessionlane service you meant, {run_as}"
+    return f"{said}: {run_as}"
+
+
+def _is_sessionlane(command: str) -> bool:
+    """A ``serve`` by its title (``sessionlane: serve ...``) or its command line."""
+    return command.startswith("sessionlane: ") or ("sessionlane" in command and " serve" in command)

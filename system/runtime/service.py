@@ -63,7 +63,7 @@ from sessionlane.system.config import (
 from sessionlane.system.gateway.gateway import Gateway
 from sessionlane.system.ops import logs
 from sessionlane.system.ops.overlap import busy_listener_hint as _busy_listener_hint
-from sessionlane.system.ops.running import process_start
+from sessionlane.system.ops.running import private_dir, process_start
 from sessionlane.system.runtime.launch import TcpSystem, start_tcp_system
 from sessionlane.system.runtime.limits import explain_create_failure, fit_max_files
 
@@ -89,11 +89,13 @@ class ServiceError(RuntimeError):
 
 
 def state_dir() -> Path:
-    """Where running services leave their state file: per user, private."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    path = Path(base) / f"sessionlane-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    """Where running services leave their state file: per user, private
+    (``$XDG_RUNTIME_DIR/sessionlane-<uid>``, else in the temporary directory). Raises
+    ``StateDirError`` (``sessionlane.system.ops.running.private_dir``) if it is not this
+    user's private directory."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return private_dir(base / f"sessionlane-{os.getuid()}")
 
 
 def state_file(listen: str) -> Path:
