@@ -66,7 +66,9 @@ Purpose = Literal["prompt", "write", "compaction", "recovery"]
 Priority = Literal["recovery", "interactive", "background"]
 OnContention = Literal["wait", "fail", "skip"]
 Durability = Literal["fsync", "flush"]
-RevokeReason = Literal["max_hold", "recovery", "abandoned", "actor_restart", "shutdown"]
+RevokeReason = Literal[
+    "max_hold", "recovery", "abandoned", "actor_restart", "shutdown", "ownership_lost"
+]
 ExternalChangeKind = Literal["append", "truncate", "replace"]
 RequestId = Annotated[str | int, Field(union_mode="left_to_right")]
 Record = dict[str, Any]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import logging.handlers
 import os
 import re
 import time
@@ -41,17 +42,20 @@ from typing import Any, Final
 
 __all__ = [
     "BACKUPS",
+    "FILE_MODE",
     "KEEP_DAYS",
     "KEEP_LOGS",
     "MAX_BYTES",
     "STDERR",
     "LevelFilter",
+    "PrivateRotatingFileHandler",
     "append_line",
     "filter_config",
     "handler_config",
     "log_dir",
     "log_file_for",
     "log_target",
+    "open_private",
     "prune_logs",
     "stale_logs",
     "under_service_manager",
@@ -63,6 +67,8 @@ MAX_BYTES: Final = 10 * 1024 * 1024
 """A log file is rotated when a line would take it past this size."""
 BACKUPS: Final = 3
 """Rotated files kept beside the current one (``.1`` newest ... ``.3`` oldest)."""
+FILE_MODE: Final = 0o600
+"""Every log file, and every rotated one, is the owner's only: logs name paths and peers."""
 
 KEEP_LOGS: Final = 20
 """Log files of other addresses kept in the log directory (the most recently written)."""
@@ -115,13 +121,37 @@ def handler_config(target: Path | None, level: str) -> dict[str, Any]:
         return {**common, "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
     return {
         **common,
-        "class": "logging.handlers.RotatingFileHandler",
+        "()": f"{__name__}.PrivateRotatingFileHandler",
         "filename": str(target),
         "maxBytes": MAX_BYTES,
         "backupCount": BACKUPS,
         "encoding": "utf-8",
         "delay": True,
     }
+
+
+def open_private(path: str | os.PathLike[str], mode: str = "a", **kwargs: Any) -> Any:
+    """``open(path, mode)`` for appending to a log: created 0600, and made 0600 if it was not."""
+    if mode not in ("a", "at", "ab"):
+        return open(path, mode, **kwargs)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)  # an older file, from before logs were private
+        return os.fdopen(fd, mode, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """``RotatingFileHandler`` whose files, the current one and each started at a rotation, are
+    created 0600 (the rotated ones keep that mode: a rename does not change it)."""
+
+    def _open(self) -> Any:
+        return open_private(
+            self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors
+        )
 
 
 def filter_config(level: str) -> dict[str, Any]:
@@ -185,8 +215,8 @@ def prune_logs(keep: Iterable[Path], now: float, directory: Path | None = None) 
 
 
 def append_line(target: Path, line: str) -> Callable[[], None]:
-    """Append one line to the log file ``target`` (created 0600), formatted as the actors'
-    lines are; the logger process appends to the same file.
+    """Append one line to the log file ``target`` (:func:`open_private`: the owner's only),
+    formatted as the actors' lines are; the logger process appends to the same file.
 
     Returns ``forget``: if this call created the file and nothing was written after the line,
     ``forget()`` removes it again (a start that fails before logging leaves no file behind).
@@ -195,11 +225,8 @@ def append_line(target: Path, line: str) -> Callable[[], None]:
     text = f"{stamp},{int(time.time() * 1000) % 1000:03d} p{os.getpid()} INFO sessionlane: {line}\n"
     data = text.encode()
     created = not target.exists()
-    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    with open_private(target, "ab") as fh:
+        fh.write(data)
 
     def forget() -> None:
         with contextlib.suppress(OSError):
