@@ -19,12 +19,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from waiting import eventually
 
 from sessionlane.system.client import connect
 from sessionlane.system.runtime.launch import free_port
@@ -185,11 +185,13 @@ def test_a_host_owned_token_and_volume_are_refused_with_the_chown_that_fixes_the
 
     serve = entrypoint(image, tmp_path / "3.out")
     try:
-        deadline = time.monotonic() + START_S
-        while "sessionlane serving" not in (tmp_path / "3.out").read_text():
-            assert serve.poll() is None, (tmp_path / "3.out").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "3.out").read_text()
-            time.sleep(0.05)  # polling for the line serve prints once it listens
+        said = tmp_path / "3.out"
+        eventually(
+            lambda: "sessionlane serving" in said.read_text() or serve.poll() is not None,
+            "serve to listen",
+            timeout=START_S,
+        )
+        assert serve.poll() is None, said.read_text()
         with connect(f"tcp://127.0.0.1:{port}", TOKEN) as sl:
             lease = sl.lane("t").acquire(str(volume / "a.jsonl"), "write")
             assert lease is not None

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from thespian.actors import Actor
+from waiting import eventually
 
 from sessionlane.system.client import connect
 from sessionlane.system.ops import logs
@@ -219,10 +220,11 @@ def test_connection_churn_is_logged_at_debug(root: Path, tmp_path: Path) -> None
     with embedded_service([str(root)], log_file=log_file, log_level="DEBUG") as svc:
         with connect(svc.address) as sl:
             sl.lane("churn").append(str(root / "c.jsonl"), {"a": 1})  # a lane: a close to log
-        deadline = time.monotonic() + WAIT_S
-        while " closed (" not in (log_file.read_text() if log_file.exists() else ""):
-            assert time.monotonic() < deadline, "the close never reached the log"
-            time.sleep(0.02)
+        eventually(
+            lambda: " closed (" in (log_file.read_text() if log_file.exists() else ""),
+            "the close to reach the log",
+            timeout=WAIT_S,
+        )
     lines = log_file.read_text().splitlines()
     opened = [line for line in lines if "sessionlane.system.gateway.clients: connection" in line]
     closed = [line for line in lines if " closed (" in line and "lanes released" in line]

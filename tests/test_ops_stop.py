@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 from test_cli import dead_state
-from test_serve import STOP_TIMEOUT_S, Serve, sessionlane_command, wait_for
+from test_serve import STOP_TIMEOUT_S, Serve, sessionlane_command
+from waiting import eventually
 
 from sessionlane.system.ops import cli
 from sessionlane.system.runtime.launch import free_port
@@ -59,7 +60,7 @@ def test_stop_stops_the_one_live_service_beside_stale_state_files_and_cleans_the
     assert serve.proc.wait(STOP_TIMEOUT_S) == 0
     assert not any(p.exists() for p in stale)
     assert not list(serve.run_dir.glob("sessionlane-*/serve-*.json"))
-    wait_for(lambda: not serve.leftovers(), 10, "every process of the service to exit")
+    eventually(lambda: not serve.leftovers(), "every process of the service to exit")
 
     again = serve.cli("stop")  # idempotent
     assert again.returncode == 0, again.stderr
