@@ -1,0 +1,42 @@
+// One OpenClaw process that has switched to the sessionlane drop-in: it takes the session
+// write lock with `acquireSessionWriteLock` from `sessionlane/openclaw` (the only line that
+// changes in OpenClaw), appends one line to the transcript itself, as OpenClaw's
+// SessionManager does, and releases when told to.
+//
+//     node dropin.mjs ADDRESS SESSION_FILE TIMEOUT_MS LABEL
+//
+// It prints one JSON line per step on stdout: {"event":"held",...} once the lock is held (the
+// lease on the service and OpenClaw's <file>.lock), {"event":"timeout",...} when it gives up,
+// {"event":"released"} after "release" arrives on stdin. SESSIONLANE_OPENCLAW_MODULE names the
+// module when the package is not installed (the repository's tests point it at the build).
+import { appendFile } from 'node:fs/promises';
+import { createInterface } from 'node:readline';
+
+const { createSessionWriteLocks, isSessionWriteLockTimeoutError } = await import(
+  process.env.SESSIONLANE_OPENCLAW_MODULE ?? 'sessionlane/openclaw'
+);
+
+const [address, sessionFile, timeout, label] = process.argv.slice(2);
+const say = (event) => process.stdout.write(`${JSON.stringify(event)}\n`);
+const locks = createSessionWriteLocks({ address, lane: `openclaw:${label}` });
+try {
+  let lock;
+  try {
+    lock = await locks.acquireSessionWriteLock({ sessionFile, timeoutMs: Number(timeout) });
+  } catch (err) {
+    if (!isSessionWriteLockTimeoutError(err)) throw err;
+    say({ event: 'timeout', owner: err.owner, message: err.message });
+    process.exitCode = 3;
+  }
+  if (lock) {
+    say({ event: 'held', pid: process.pid, lockPath: lock.lockPath });
+    await appendFile(sessionFile, `${JSON.stringify({ writer: label, pid: process.pid })}\n`);
+    for await (const line of createInterface({ input: process.stdin })) {
+      if (line.trim() === 'release') break;
+    }
+    await lock.release();
+    say({ event: 'released' });
+  }
+} finally {
+  await locks.close();
+}
