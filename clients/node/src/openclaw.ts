@@ -63,6 +63,13 @@ export const DEFAULT_ACQUIRE_TIMEOUT_MS = 60_000;
 export const ACQUIRE_TIMEOUT_ENV = 'OPENCLAW_SESSION_WRITE_LOCK_ACQUIRE_TIMEOUT_MS';
 /** How a lost lease may be typed: re-exported for callers of this module. */
 export { LeaseRevoked, ShuttingDown, Unavailable };
+/** OpenClaw's lock-file protocol, for tools that read what the drop-in writes. */
+export {
+  describeOwner,
+  parseLockPayload,
+  processStartTime,
+  readSnapshot as readLockSnapshot,
+} from './openclaw-lockfile.js';
 /** What `timeoutMs: Infinity` asks the service for (about 24.8 days, not its default). */
 const FOREVER_MS = 2 ** 31 - 1;
 
