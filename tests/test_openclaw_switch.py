@@ -243,3 +243,35 @@ def test_a_json_session_store_is_locked_when_the_suffix_is_configured(
     assert held["event"] == "held", "the directory is created as OpenClaw does"
     assert held["lockPath"] == f"{store}.lock"
     assert dropin.release()["event"] == "released"
+
+
+def test_a_service_shutdown_reaches_the_drop_in_as_typed_errors(
+    run: Callable[..., Proc], serve: Serve, tmp_path: Path
+) -> None:
+    """The holder is told (``LeaseRevoked``) and keeps the lock file; a waiter retries, then
+    gets OpenClaw's timeout error naming the service; OpenClaw processes keep waiting."""
+    transcript = tmp_path / "sessions" / "shutdown.jsonl"
+    holder = run("dropin", transcript, 60_000, "holder")
+    held = holder.next()
+    assert held["event"] == "held"
+    lock = Path(held["lockPath"])
+    before = lock.read_bytes()
+    waiter = run("dropin", transcript, 10_000, "waiter")
+    with connect(serve.address) as sl:
+        wait_for(
+            lambda: len(sl.status(str(transcript)).files[0].queue) == 1,
+            STEP_TIMEOUT_S,
+            "the waiter to queue",
+        )
+    assert serve.terminate() == 0
+    lost = holder.next()
+    assert lost["event"] == "lost" and lost["error"] == "LeaseRevoked", lost
+    assert lost["reason"] in {"shutdown", "connection_lost", "actor_restart"}, lost
+    assert lock.read_bytes() == before, "the caller has not released: the lock file stays"
+    legacy = run("legacy", transcript, SHORT_BUDGET_MS, "legacy").next()
+    assert legacy["event"] == "timeout", "an un-migrated process still waits"
+    gave_up = waiter.next()
+    assert gave_up["event"] == "timeout"
+    assert "sessionlane service" in gave_up["owner"], gave_up
+    assert holder.release()["event"] == "released"
+    assert not lock.exists()

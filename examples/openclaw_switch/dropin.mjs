@@ -7,7 +7,8 @@
 //
 // It prints one JSON line per step on stdout: {"event":"held",...} once the lock is held (the
 // lease on the service and OpenClaw's <file>.lock), {"event":"timeout",...} when it gives up,
-// {"event":"released"} after "release" arrives on stdin. SESSIONLANE_OPENCLAW_MODULE names the
+// {"event":"lost",...} if the lease is lost before that, {"event":"released"} after "release"
+// arrives on stdin. SESSIONLANE_OPENCLAW_MODULE names the
 // module when the package is not installed (the repository's tests point it at the build).
 import { appendFile } from 'node:fs/promises';
 import { createInterface } from 'node:readline';
@@ -30,6 +31,12 @@ try {
   }
   if (lock) {
     say({ event: 'held', pid: process.pid, lockPath: lock.lockPath });
+    // The lease lost without a release (max hold, recovery, service shutdown or restart): a
+    // typed LeaseRevoked whose reason says how. OpenClaw's lock file stays until release().
+    lock.signal.addEventListener('abort', () => {
+      const why = lock.signal.reason;
+      say({ event: 'lost', error: why?.name, reason: why?.reason ?? null });
+    });
     await appendFile(sessionFile, `${JSON.stringify({ writer: label, pid: process.pid })}\n`);
     for await (const line of createInterface({ input: process.stdin })) {
       if (line.trim() === 'release') break;
