@@ -63,6 +63,13 @@ export const DEFAULT_ACQUIRE_TIMEOUT_MS = 60_000;
 export const ACQUIRE_TIMEOUT_ENV = 'OPENCLAW_SESSION_WRITE_LOCK_ACQUIRE_TIMEOUT_MS';
 /** How a lost lease may be typed: re-exported for callers of this module. */
 export { LeaseRevoked, ShuttingDown, Unavailable };
+/** The prompt-window integration for OpenClaw 2026.7/2026.8's attempt controller. */
+export {
+  holdAcrossPrompt,
+  holdsAcrossPrompt,
+  type PromptControllerParams,
+  type PromptReleasingController,
+} from './openclaw-prompt.js';
 /** OpenClaw's lock-file protocol, for tools that read what the drop-in writes. */
 export {
   describeOwner,
