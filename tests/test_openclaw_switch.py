@@ -55,13 +55,17 @@ def node() -> str:
     return node
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    """A serve over TCP whose root allows ``.jsonl`` transcripts and ``.json`` session stores."""
+@pytest.fixture(params=[False, True], ids=["plain", "legacy_lock"])
+def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Serve]:
+    """A serve over TCP whose root allows ``.jsonl`` transcripts and ``.json`` session stores,
+    without and with ``legacy_lock`` (the service's own writes take ``<file>.lock`` too)."""
     root = tmp_path / "sessions"
     root.mkdir()
     config = tmp_path / "sessionlane.toml"
-    config.write_text(f'roots = ["{root}"]\nsuffixes = [".jsonl", ".json"]\n')
+    legacy = "true" if request.param else "false"
+    config.write_text(
+        f'roots = ["{root}"]\nsuffixes = [".jsonl", ".json"]\nlegacy_lock = {legacy}\n'
+    )
     listen = f"tcp://127.0.0.1:{free_port()}"
     started = Serve(
         tmp_path, "--config", str(config), "--listen", listen, "--log-file", str(tmp_path / "a.log")
@@ -114,19 +118,20 @@ class Proc:
 
 @pytest.fixture
 def run(node: str, serve: Serve) -> Iterator[Callable[..., Proc]]:
-    """``run("dropin"|"legacy", session_file, timeout_ms, label)``: a process, always killed."""
+    """``run("dropin"|"legacy", session_file, timeout_ms, label[, "service"])``: a process,
+    always killed (``service``: the drop-in appends through its lease)."""
     started: list[Proc] = []
     env = {
         **clean_env(serve.run_dir),
         "SESSIONLANE_OPENCLAW_MODULE": (NODE_DIR / "dist" / "openclaw.mjs").as_uri(),
     }
 
-    def make(kind: str, session_file: Path, timeout_ms: int, label: str) -> Proc:
+    def make(kind: str, session_file: Path, timeout_ms: int, label: str, *more: str) -> Proc:
         if kind == "dropin":
             argv = [node, str(EXAMPLE / "dropin.mjs"), serve.address]
         else:
             argv = [sys.executable, str(EXAMPLE / "legacy_openclaw.py")]
-        started.append(Proc([*argv, str(session_file), str(timeout_ms), label], env))
+        started.append(Proc([*argv, str(session_file), str(timeout_ms), label, *more], env))
         return started[-1]
 
     yield make
@@ -274,4 +279,22 @@ def test_a_service_shutdown_reaches_the_drop_in_as_typed_errors(
     assert gave_up["event"] == "timeout"
     assert "sessionlane service" in gave_up["owner"], gave_up
     assert holder.release()["event"] == "released"
+    assert not lock.exists()
+
+
+def test_the_drop_in_writes_through_its_lease_under_its_own_lock_file(
+    run: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """With ``legacy_lock`` on, the service's write under the drop-in's lease goes under the
+    lock file the drop-in holds for that lease (it names it), instead of waiting for it."""
+    transcript = tmp_path / "sessions" / "service.jsonl"
+    dropin = run("dropin", transcript, 60_000, "dropin", "service")
+    held = dropin.next()
+    assert held["event"] == "held"
+    lock = Path(held["lockPath"])
+    assert json.loads(lock.read_text())["sessionlaneLease"]
+    early = run("legacy", transcript, SHORT_BUDGET_MS, "early").next()
+    assert early["event"] == "timeout"
+    assert dropin.release()["event"] == "released"
+    assert writers(transcript) == ["dropin"]
     assert not lock.exists()

@@ -3,7 +3,9 @@
 // changes in OpenClaw), appends one line to the transcript itself, as OpenClaw's
 // SessionManager does, and releases when told to.
 //
-//     node dropin.mjs ADDRESS SESSION_FILE TIMEOUT_MS LABEL
+//     node dropin.mjs ADDRESS SESSION_FILE TIMEOUT_MS LABEL [service]
+//
+// With `service` the line is appended through the lease instead (the service writes it).
 //
 // It prints one JSON line per step on stdout: {"event":"held",...} once the lock is held (the
 // lease on the service and OpenClaw's <file>.lock), {"event":"timeout",...} when it gives up,
@@ -17,7 +19,7 @@ const { createSessionWriteLocks, isSessionWriteLockTimeoutError } = await import
   process.env.SESSIONLANE_OPENCLAW_MODULE ?? 'sessionlane/openclaw'
 );
 
-const [address, sessionFile, timeout, label] = process.argv.slice(2);
+const [address, sessionFile, timeout, label, via] = process.argv.slice(2);
 const say = (event) => process.stdout.write(`${JSON.stringify(event)}\n`);
 const locks = createSessionWriteLocks({ address, lane: `openclaw:${label}` });
 try {
@@ -37,7 +39,9 @@ try {
       const why = lock.signal.reason;
       say({ event: 'lost', error: why?.name, reason: why?.reason ?? null });
     });
-    await appendFile(sessionFile, `${JSON.stringify({ writer: label, pid: process.pid })}\n`);
+    const record = { writer: label, pid: process.pid };
+    if (via === 'service') await lock.lease.append(record);
+    else await appendFile(sessionFile, `${JSON.stringify(record)}\n`);
     for await (const line of createInterface({ input: process.stdin })) {
       if (line.trim() === 'release') break;
     }

@@ -20,7 +20,9 @@
  * process's pid and start time (the drop-in runs inside the OpenClaw process, whose argv is
  * OpenClaw's, so OpenClaw's `non-openclaw-owner` check passes too), `createdAt` now, and
  * `maxHoldMs` only when the caller gave one (OpenClaw reports a lock past it as stale, so
- * writing a default would turn a long turn into stale errors for the others).
+ * writing a default would turn a long turn into stale errors for the others), and
+ * `sessionlaneLease`, the lease it is held for (OpenClaw ignores it; a service with
+ * `legacy_lock` on lets that lease's writes go under this lock instead of waiting for it).
  */
 
 import { closeSync, openSync, readFileSync, unlinkSync } from 'node:fs';
@@ -192,7 +194,11 @@ export async function removeIfUnchanged(
 }
 
 /** The lock text OpenClaw writes for this process. */
-export function encodeLockPayload(createdAtMs: number, maxHoldMs: number | null): string {
+export function encodeLockPayload(
+  createdAtMs: number,
+  maxHoldMs: number | null,
+  lease: string | null = null,
+): string {
   const payload: Record<string, unknown> = {
     pid: process.pid,
     createdAt: new Date(createdAtMs).toISOString(),
@@ -200,6 +206,8 @@ export function encodeLockPayload(createdAtMs: number, maxHoldMs: number | null)
   if (maxHoldMs !== null && Number.isFinite(maxHoldMs)) payload['maxHoldMs'] = Math.round(maxHoldMs);
   const starttime = processStartTime(process.pid);
   if (starttime !== null) payload['starttime'] = starttime;
+  // Ignored by OpenClaw; a service with `legacy_lock` on lets this lease's writes go under it.
+  if (lease !== null) payload['sessionlaneLease'] = lease;
   return `${JSON.stringify(payload, null, 2)}\n`;
 }
 
@@ -269,6 +277,8 @@ export async function acquireLockFile(params: {
   timeoutMs: number;
   maxHoldMs: number | null;
   staleMs?: number;
+  /** The lease this lock file is held for (written as `sessionlaneLease`). */
+  lease?: string;
   signal?: AbortSignal;
 }): Promise<LockFileOutcome> {
   const staleMs = params.staleMs ?? DEFAULT_STALE_MS;
@@ -279,7 +289,7 @@ export async function acquireLockFile(params: {
   let last: LockSnapshot | null = null;
   for (;;) {
     params.signal?.throwIfAborted();
-    const text = encodeLockPayload(Date.now(), params.maxHoldMs);
+    const text = encodeLockPayload(Date.now(), params.maxHoldMs, params.lease ?? null);
     const mine = await create(params.lockPath, text);
     if (mine !== null) {
       if (!exitHookInstalled) {

@@ -288,6 +288,7 @@ export function createSessionWriteLocks(options: SessionWriteLocksOptions = {}):
           timeoutMs,
           maxHoldMs: maxHoldMs === 0 ? null : maxHoldMs,
           staleMs: params.staleMs,
+          lease: lease.id,
         });
       } catch (err) {
         await lease.release({ quiet: true }).catch(() => undefined);
