@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 __all__ = ["SUITES", "add_bench_arguments", "run_bench"]
 
@@ -169,7 +170,7 @@ def _print_tables(results: dict[str, Any], selected: list[str]) -> None:
         result = results[name]
         console.print()
         if "error" in result:
-            console.print(f"[bold red]{name} failed:[/] {result['error']}")
+            console.print(f"[bold red]{name} failed:[/] {escape(str(result['error']))}")
             continue
         for renderable in importlib.import_module(f"sessionlane.system.bench.{name}").render(
             result

@@ -9,6 +9,9 @@ sessionlane's default ``durability="fsync"`` does server-side), release.
   next waiter; the practical floor for a hand-off between processes.
 * ``filelock``: py-filelock's ``FileLock`` with its defaults (non-blocking ``flock`` polled
   every 50 ms).
+* ``redis``: redis-py's ``Lock`` (``SET NX PX`` with a token, polled every 100 ms, its
+  default) on a private ``redis-server`` on loopback; measured only where ``redis-server`` is
+  on ``PATH`` and redis-py is installed (``sessionlane[bench]``), see ``_redis``.
 * ``lockfile``: OpenClaw's ``<file>.lock`` (``O_EXCL`` create, JSON payload, retry every
   50 ms) from ``sessionlane.system.race.baseline``; if that module is missing or its API differs, a
   thin adapter with the same algorithm (see :func:`lockfile_source`).
@@ -33,8 +36,9 @@ __all__ = [
     "open_contender",
 ]
 
-ContenderName = Literal["sessionlane", "filelock", "flock", "lockfile"]
-PEERS: tuple[ContenderName, ...] = ("filelock", "flock", "lockfile")
+ContenderName = Literal["sessionlane", "filelock", "flock", "lockfile", "redis"]
+PEERS: tuple[ContenderName, ...] = ("filelock", "flock", "lockfile", "redis")
+"""Every peer; ``redis`` is left out of a run where it cannot be measured (``_redis``)."""
 
 _LOCKFILE_RETRY_MS = 50.0
 _LONG_TIMEOUT_S = 600.0
@@ -60,9 +64,12 @@ def encode(records: list[dict[str, Any]]) -> bytes:
 
 
 def open_contender(name: ContenderName, path: str, *, address: str = "", lane: str = "") -> Any:
-    """A :class:`Contender` for ``path`` (``address``/``lane`` only matter for sessionlane)."""
+    """A :class:`Contender` for ``path``; ``address`` is the service's (sessionlane) or the
+    Redis URL (redis), ``lane`` the sessionlane lane's name."""
     if name == "sessionlane":
         return _Sessionlane(address, lane, path)
+    if name == "redis":
+        return _Redis(address, path)
     if name == "flock":
         return _Flock(path)
     if name == "filelock":
@@ -112,6 +119,26 @@ class _FileLock(_DirectWriter):
 
     def release(self) -> None:
         self.lock.release()
+
+
+class _Redis(_DirectWriter):
+    def __init__(self, url: str, path: str) -> None:
+        import redis
+
+        super().__init__(path)
+        self.client = redis.Redis.from_url(url)
+        # redis-py's defaults: no expiry, blocking, poll every 0.1 s.
+        self.lock = self.client.lock(f"sessionlane-bench:{path}")
+
+    def acquire(self) -> None:
+        self.lock.acquire()
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def close(self) -> None:
+        self.client.close()
+        super().close()
 
 
 class _Sessionlane:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["fmt", "table"]
@@ -24,10 +25,13 @@ def fmt(value: float | int | None, digits: int = 2, suffix: str = "") -> str:
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
-    """A table whose first column is left-aligned and every other right-aligned."""
-    out = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    """A table whose first column is left-aligned and every other right-aligned.
+
+    Every cell and the title are text, never rich markup: a path in brackets or an error
+    detail prints as it is."""
+    out = Table(title=escape(title), title_justify="left", show_edge=False, pad_edge=False)
     for i, column in enumerate(columns):
-        out.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
+        out.add_column(escape(column), justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:
-        out.add_row(*row)
+        out.add_row(*(escape(cell) for cell in row))
     return out

@@ -1,7 +1,8 @@
-"""The issue's targets, checked against one run's results: reported, never asserted.
+"""The product's performance goals, checked against one run's results: reported, never asserted.
 
-Each target names the figure it reads; a figure the run did not measure (a suite not selected,
-``--quick`` without K = 8 or 500 files) is reported with ``met`` None.
+Each goal names the figure it reads; a figure the run did not measure (a suite not selected,
+``--quick`` without K = 8 or 500 files, a peer that cannot run here) is reported with ``met``
+None.
 """
 
 from __future__ import annotations
@@ -36,21 +37,50 @@ def _gb(mb: float | None) -> float | None:
 
 _TARGETS: list[tuple[str, str, str, Callable[[dict[str, Any]], Any], Callable[[float], bool]]] = [
     (
-        "hand-off p50 at K=8",
+        "hand-off p50, 8 processes on one file",
         "< 1 ms",
         "ms",
         lambda r: _get(r, "handoff", "sessionlane", "k8", "handoff_ms_p50"),
         lambda v: v < 1.0,
     ),
     (
-        "hand-off p50 vs the polling locks at K=8 (worse of peer / sessionlane)",
-        ">= 20x",
+        "fairness, 8 processes on one file (fewest / most cycles)",
+        ">= 0.99",
+        "",
+        lambda r: _get(r, "handoff", "sessionlane", "k8", "fairness"),
+        lambda v: v >= 0.99,
+    ),
+    (
+        "lease cycles/s, 8 processes on one file",
+        ">= 1500/s",
+        "/s",
+        lambda r: _get(r, "handoff", "sessionlane", "k8", "cycles_per_s"),
+        lambda v: v >= 1500.0,
+    ),
+    (
+        "lease cycles/s, 8 processes on 8 files",
+        ">= 3000/s",
+        "/s",
+        lambda r: _get(r, "handoff", "sessionlane", "files8", "cycles_per_s"),
+        lambda v: v >= 3000.0,
+    ),
+    (
+        "worst wait at K=8 vs the polling locks (worse of filelock, lockfile, redis)",
+        ">= 20x lower",
         "x",
         lambda r: _min(
-            _get(r, "handoff", "ratios", "k8", "filelock", "handoff_p50"),
-            _get(r, "handoff", "ratios", "k8", "lockfile", "handoff_p50"),
+            _get(r, "handoff", "ratios", "k8", "filelock", "wait_max"),
+            _get(r, "handoff", "ratios", "k8", "lockfile", "wait_max"),
+            _get(r, "handoff", "ratios", "k8", "redis", "wait_max"),
         ),
         lambda v: v >= 20.0,
+    ),
+    (
+        "lease cycles/s vs a Redis lock, 8 processes on one file",
+        ">= 1x (moonshot)",
+        "x",
+        lambda r: _get(r, "handoff", "ratios", "k8", "redis", "cycles"),
+        lambda v: v >= 1.0,
     ),
     (
         "uncontended turn overhead over the direct write (p50)",
@@ -60,32 +90,25 @@ _TARGETS: list[tuple[str, str, str, Callable[[dict[str, Any]], Any], Callable[[f
         lambda v: v < 5.0,
     ),
     (
-        "lease cycles/s summed over 8 files",
-        ">= 1500/s",
+        "pipelined durable appends, 8 writers on one file",
+        ">= 20000/s",
         "/s",
-        lambda r: _get(r, "handoff", "sessionlane", "files8", "cycles_per_s"),
-        lambda v: v >= 1500.0,
+        lambda r: _get(r, "append", "sessionlane_pipelined", "records_per_s"),
+        lambda v: v >= 20000.0,
     ),
     (
-        "durable appends, 1 file, of the batched ceiling",
-        ">= 0.5",
-        "x",
-        lambda r: _get(r, "append", "ratios", "sessionlane_1_file", "of_ceiling"),
-        lambda v: v >= 0.5,
-    ),
-    (
-        "durable appends, 16 files, of the batched ceiling",
-        ">= 0.5",
-        "x",
-        lambda r: _get(r, "append", "ratios", "sessionlane_16_files", "of_ceiling"),
-        lambda v: v >= 0.5,
-    ),
-    (
-        "memory of 500 live SessionFiles (actor group USS)",
-        "< 3 GB",
+        "private memory (USS) of the service holding 500 live files",
+        "< 1.5 GB",
         "GB",
         lambda r: _gb(_get(r, "scale", "files500", "group_uss_mb")),
-        lambda v: v < 3.0,
+        lambda v: v < 1.5,
+    ),
+    (
+        "activation of a new file (first grant p50, 500 files)",
+        "< 10 ms",
+        "ms",
+        lambda r: _get(r, "scale", "files500", "first_grant_ms_p50"),
+        lambda v: v < 10.0,
     ),
 ]
 
@@ -117,4 +140,4 @@ def render(entries: list[dict[str, Any]]) -> Table:
         ]
         for e in entries
     ]
-    return table("targets (issue 6): where we stand", ["target", "goal", "measured", ""], rows)
+    return table("goals: where sessionlane stands", ["goal", "target", "measured", ""], rows)

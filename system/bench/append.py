@@ -104,7 +104,7 @@ def _lane_appends(
 
 
 def _group_commit_switch() -> Any:
-    """The SessionFile class if it has the ``group_commit`` switch (issue 4), else None."""
+    """The SessionFile class if it has the ``group_commit`` switch, else None."""
     from sessionlane.actors.session_file import SessionFile
 
     return SessionFile if isinstance(getattr(SessionFile, "group_commit", None), bool) else None

@@ -19,6 +19,8 @@ the release is sent), released. From the merged timeline:
 
 ``files{K}``: the same K processes, each on its own file (nothing to hand off): what the
 contender costs per cycle when it does not contend.
+
+The Redis peer runs where it can (``_redis``); where it cannot, ``skipped`` says why.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from rich.table import Table
 
 from sessionlane.system.bench._context import BenchContext
 from sessionlane.system.bench._peers import PEERS, ContenderName
+from sessionlane.system.bench._redis import redis_server
 from sessionlane.system.bench._report import fmt, table
 from sessionlane.system.bench._stats import latency_ms, rate, ratio, rounded
 
@@ -51,13 +54,21 @@ class Cycle(NamedTuple):
 def run(ctx: BenchContext) -> dict[str, Any]:
     ks = (2,) if ctx.quick else (2, 4, 8)
     spread = max(ks)
-    result: dict[str, Any] = {name: {} for name in CONTENDERS}
-    with ctx.service(NAME) as (service, root), ctx.pool(spread) as pool:
-        for name in CONTENDERS:
+    with (
+        ctx.service(NAME) as (service, root),
+        redis_server(ctx.dir("redis")) as redis,
+        ctx.pool(spread) as pool,
+    ):
+        contenders = [c for c in CONTENDERS if c != "redis" or redis.url is not None]
+        result: dict[str, Any] = {name: {} for name in contenders}
+        if redis.missing is not None:
+            result["skipped"] = {"redis": redis.missing}
+        for name in contenders:
+            address = redis.url if name == "redis" else service.address
             for k in ks:
                 ctx.progress.step(f"{name}: {k} processes, one file")
                 path = str(root / f"{name}-k{k}.jsonl")
-                params = [_params(ctx, name, path, service.address, i) for i in range(k)]
+                params = [_params(ctx, name, path, address or "", i) for i in range(k)]
                 runs = pool.run(
                     "sessionlane.system.bench._workers:lock_cycles",
                     params,
@@ -66,7 +77,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 result[name][f"k{k}"] = analyse(runs)
             ctx.progress.step(f"{name}: {spread} processes, one file each")
             paths = [str(root / f"{name}-files{spread}-{i}.jsonl") for i in range(spread)]
-            params = [_params(ctx, name, p, service.address, i) for i, p in enumerate(paths)]
+            params = [_params(ctx, name, p, address or "", i) for i, p in enumerate(paths)]
             runs = pool.run(
                 "sessionlane.system.bench._workers:lock_cycles",
                 params,
@@ -151,7 +162,7 @@ def ratios(result: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     ours = result["sessionlane"]
     for key in keys:
         out[key] = {}
-        for peer in PEERS:
+        for peer in (p for p in PEERS if p in result):
             theirs = result[peer].get(key, {})
             mine = ours.get(key, {})
             entry = {"cycles": ratio(mine.get("cycles_per_s"), theirs.get("cycles_per_s"))}
@@ -193,18 +204,22 @@ def _spread_row(name: str, key: str, m: dict[str, Any]) -> list[str]:
 
 
 def render(result: dict[str, Any]) -> list[Table]:
+    measured = [name for name in CONTENDERS if name in result]
     rows = [
         _contention_row(name, key, m)
-        for name in CONTENDERS
+        for name in measured
         for key, m in result[name].items()
         if key.startswith("k")
     ]
     spread_rows = [
         _spread_row(name, key, m)
-        for name in CONTENDERS
+        for name in measured
         for key, m in result[name].items()
         if not key.startswith("k")
     ]
+    skipped = "".join(
+        f"; {name} not measured: {why}" for name, why in result.get("skipped", {}).items()
+    )
     ratio_rows = [
         [
             key,
@@ -220,7 +235,7 @@ def render(result: dict[str, Any]) -> list[Table]:
     ]
     return [
         table(
-            "handoff: K processes, one file (acquire, append 1 record, release)",
+            f"handoff: K processes, one file (acquire, append 1 record, release){skipped}",
             [
                 "contender",
                 "K",

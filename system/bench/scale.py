@@ -37,6 +37,7 @@ _IDLE_MS = 1000
 _FDS_PER_FILE = 4
 _FD_RESERVE = 512
 _POLL_S = 0.25
+_SPARE_FILES = 8
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
@@ -58,7 +59,11 @@ def _level(ctx: BenchContext, n: int) -> dict[str, Any]:
     from sessionlane.system.client import connect
 
     with (
-        ctx.service(f"{NAME}-{n}", idle_ms=_IDLE_MS) as (service, root),
+        # max_files: every level's files live at once (the default, 256, would refuse 500).
+        ctx.service(f"{NAME}-{n}", idle_ms=_IDLE_MS, max_files=n + _SPARE_FILES) as (
+            service,
+            root,
+        ),
         connect(service.address) as sl,
     ):
         system = service.running.system
