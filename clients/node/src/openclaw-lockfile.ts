@@ -233,25 +233,50 @@ async function create(lockPath: string, text: string): Promise<LockSnapshot | nu
   }
 }
 
-/** Held lock files of this process, removed at exit if still ours (as OpenClaw does). */
-const held = new Map<string, LockSnapshot>();
+/**
+ * Lock files this process holds, with the lease each is held for and how many acquires share
+ * it (a reentrant acquire joins the same lease); removed at exit if still ours, as OpenClaw
+ * does. A lock file in this map is never judged stale by this process.
+ */
+interface HeldEntry {
+  snapshot: LockSnapshot;
+  lease: string | null;
+  count: number;
+}
+const held = new Map<string, HeldEntry>();
 let exitHookInstalled = false;
 
 function releaseAllSync(): void {
-  for (const [lockPath, snapshot] of held) {
+  for (const [lockPath, entry] of held) {
     try {
-      const st = openSync(lockPath, 'r');
+      const fd = openSync(lockPath, 'r');
       try {
-        const raw = readFileSync(st, 'utf8');
-        if (raw === snapshot.raw) unlinkSync(lockPath);
+        if (readFileSync(fd, 'utf8') === entry.snapshot.raw) unlinkSync(lockPath);
       } finally {
-        closeSync(st);
+        closeSync(fd);
       }
     } catch {
       // Gone or unreadable: nothing of ours to remove.
     }
   }
   held.clear();
+}
+
+/** A handle on one level of a held lock file; the file goes with the last level. */
+function handle(lockPath: string, entry: HeldEntry): HeldLockFile {
+  let released = false;
+  return {
+    lockPath,
+    snapshot: entry.snapshot,
+    release: async () => {
+      if (released) return;
+      released = true;
+      entry.count -= 1;
+      if (entry.count > 0 || held.get(lockPath) !== entry) return;
+      held.delete(lockPath);
+      await removeIfUnchanged(lockPath, entry.snapshot);
+    },
+  };
 }
 
 /** The outcome of a bounded wait for the lock file. */
@@ -289,36 +314,33 @@ export async function acquireLockFile(params: {
   let last: LockSnapshot | null = null;
   for (;;) {
     params.signal?.throwIfAborted();
+    const ours = held.get(params.lockPath);
+    if (ours !== undefined && params.lease !== undefined && ours.lease === params.lease) {
+      ours.count += 1; // a reentrant acquire on the same lease
+      return { held: handle(params.lockPath, ours) };
+    }
     const text = encodeLockPayload(Date.now(), params.maxHoldMs, params.lease ?? null);
-    const mine = await create(params.lockPath, text);
+    const mine = ours === undefined ? await create(params.lockPath, text) : null;
     if (mine !== null) {
       if (!exitHookInstalled) {
         exitHookInstalled = true;
         process.once('exit', releaseAllSync);
       }
-      held.set(params.lockPath, mine);
-      let released = false;
-      return {
-        held: {
-          lockPath: params.lockPath,
-          snapshot: mine,
-          release: async () => {
-            if (released) return;
-            released = true;
-            held.delete(params.lockPath);
-            await removeIfUnchanged(params.lockPath, mine);
-          },
-        },
-      };
+      const entry: HeldEntry = { snapshot: mine, lease: params.lease ?? null, count: 1 };
+      held.set(params.lockPath, entry);
+      return { held: handle(params.lockPath, entry) };
     }
     const snapshot = await readSnapshot(params.lockPath);
-    if (snapshot === null) continue; // released between our create and our read
-    last = snapshot;
-    const now = Date.now();
-    const reasons = staleReasons(snapshot.payload, now, staleMs);
-    if (removable(reasons, now - snapshot.mtimeMs, grace)) {
-      await removeIfUnchanged(params.lockPath, snapshot);
-      continue;
+    if (snapshot === null && ours === undefined) continue; // released since our create
+    if (snapshot !== null) {
+      last = snapshot;
+      const now = Date.now();
+      // Held by this process for another lease (another drop-in object): wait, never stale.
+      const reasons = ours !== undefined ? [] : staleReasons(snapshot.payload, now, staleMs);
+      if (removable(reasons, now - snapshot.mtimeMs, grace)) {
+        await removeIfUnchanged(params.lockPath, snapshot);
+        continue;
+      }
     }
     const left = params.deadlineMs - Date.now();
     if (left <= 0) return { timedOut: true, owner: describeOwner(last), snapshot: last };

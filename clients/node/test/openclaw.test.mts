@@ -117,7 +117,9 @@ describe('the OpenClaw session write lock drop-in', needsService, () => {
     await inner.release();
     const holder = (await observer.status(sessionFile)).files[0]!.holder;
     assert.equal(holder?.lease, outer.lease.id, 'the outer level still holds');
+    assert.ok(existsSync(outer.lockPath), 'and so does its lock file');
     await outer.release();
+    assert.equal(existsSync(outer.lockPath), false);
     assert.equal((await observer.status(sessionFile)).files[0]!.holder, null);
   });
 
