@@ -33,7 +33,8 @@
  * polling; `staleMs` only judges un-migrated lock files (the service knows who is alive: a dead
  * holder's connection drops and its lease goes); `maxHoldMs` is the lease's max hold, enforced
  * by the service, which tells the holder (the lock's `signal` aborts with a `LeaseRevoked`,
- * reason `max_hold`) and then lets the lock file go. A lease lost any other way (reason
+ * reason `max_hold`) and then lets the lock file go (so does a recovery that took the lease
+ * once its grace ran out, reason `recovery`). A lease lost any other way (reason
  * `shutdown`, `actor_restart`, `connection_lost`) also aborts `signal` with a `LeaseRevoked`,
  * but the lock file stays until `release()`: the caller still believes it writes, so processes
  * on OpenClaw's lock keep waiting.
