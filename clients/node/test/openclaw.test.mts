@@ -211,6 +211,43 @@ describe('the OpenClaw session write lock drop-in', needsService, () => {
     await lock.release();
   });
 
+  it("judges a foreign lock file by OpenClaw's rules", async () => {
+    const sessionFile = freshPath('oc-rules');
+    const lockPath = `${sessionFile}.lock`;
+    const put = (payload: unknown): string => {
+      const text = typeof payload === 'string' ? payload : `${JSON.stringify(payload, null, 2)}\n`;
+      writeFileSync(lockPath, text, { flag: 'w' });
+      return text;
+    };
+    const timesOut = async (): Promise<void> => {
+      const err = await rival.acquireSessionWriteLock({ sessionFile, timeoutMs: 150 }).then(
+        () => null,
+        (e: unknown) => e,
+      );
+      assert.ok(err instanceof SessionWriteLockTimeoutError, String(err));
+    };
+    const old = new Date(Date.now() - 3 * 3_600_000).toISOString();
+    // A live owner past staleMs and past its own maxHoldMs: reported, never removed.
+    let text = put({ pid: process.ppid, createdAt: old, maxHoldMs: 1000 });
+    await timesOut();
+    assert.equal(readFileSync(lockPath, 'utf8'), text);
+    // A fresh payload-less file: its owner may be between open("wx") and the payload write.
+    text = put('');
+    await timesOut();
+    assert.equal(readFileSync(lockPath, 'utf8'), text);
+    // A live pid whose start time is not the recorded one: recycled, reclaimed.
+    const starttime = processStartTime(process.ppid);
+    if (starttime !== null) {
+      put({ pid: process.ppid, createdAt: new Date().toISOString(), starttime: starttime + 1 });
+      const lock = await rival.acquireSessionWriteLock({ sessionFile, timeoutMs: 10_000 });
+      assert.equal(JSON.parse(readFileSync(lockPath, 'utf8')).pid, process.pid);
+      await lock.release();
+    } else {
+      unlinkSync(lockPath); // no start times on this platform
+    }
+    assert.equal(existsSync(lockPath), false);
+  });
+
   it('retries an unreachable service until timeoutMs, then names it', async () => {
     const server = createServer();
     server.listen(0, '127.0.0.1');
