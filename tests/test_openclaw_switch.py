@@ -163,10 +163,7 @@ def test_the_drop_in_waits_for_an_openclaw_holder_and_is_granted_after(
     dropin = run("dropin", transcript, 60_000, "dropin")
     with connect(serve.address) as sl:
         wait_for(
-            lambda: (
-                (sl.status(str(transcript)).files or [None])[0] is not None
-                and sl.status(str(transcript)).files[0].holder is not None
-            ),
+            lambda: any(f.holder is not None for f in sl.status(str(transcript)).files),
             STEP_TIMEOUT_S,
             "the drop-in to hold its lease",
         )
