@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
+from sessionlane.actors.disk_errors import named_disk_error
 from sessionlane.messages.errors import ErrorCode, PathNotAllowed
 
 __all__ = [
@@ -63,15 +64,17 @@ def failure_code(exc: BaseException) -> ErrorCode:
     """The wire code for a failure to open or use a file: what the client can act on.
 
     A refused path keeps its own code (``path_not_allowed``); running out of descriptors is
-    ``too_many_files`` (retry once files are passivated); anything else, an unreadable fence
-    sidecar included, is ``unavailable``: the file cannot be served as it is.
+    ``too_many_files`` (retry once files are passivated); a full disk, a read-only file system
+    or an I/O error have their names (``disk_full``, ``read_only``, ``io_error``); anything
+    else, an unreadable fence sidecar included, is ``unavailable``: the file cannot be served
+    as it is.
     """
     code: ErrorCode | None = getattr(exc, "code", None)
     if code is not None and code != "internal" and not isinstance(exc, OSError):
         return code
     if is_fd_exhaustion(exc):
         return "too_many_files"
-    return "unavailable"
+    return named_disk_error(exc) or "unavailable"
 
 
 def failure_detail(exc: BaseException) -> str:
@@ -144,6 +147,29 @@ class ConfinedDir:
         os.close(self.fd)
         self.fd = fd
         return True
+
+    def leads_to(self, name: str, dev: int, ino: int) -> bool:
+        """Does the path from the root lead, right now, to the file (``dev``, ``ino``) at ``name``?
+
+        Walks down from the root again without following a symlink (and without switching
+        this directory): False when the file or a directory above it was moved or replaced,
+        or a component became a symlink or went missing. Other errors (EMFILE...) raise.
+        Costs two system calls per component below the root, plus one ``fstatat``.
+        """
+        if self._root_fd < 0:
+            return True  # no root to walk from: only the directory itself is confined
+        try:
+            fd = _descend(self._root_fd, self._root, self._parts) if self._parts else -1
+        except PathNotAllowed:
+            return False
+        try:
+            found = os.stat(name, dir_fd=fd if fd >= 0 else self._root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return (found.st_dev, found.st_ino) == (dev, ino)
 
     @classmethod
     def open_parent(cls, path: str, root: str | None = None) -> tuple[ConfinedDir, str]:

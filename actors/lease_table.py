@@ -64,6 +64,7 @@ RejectCode = Literal[
     "stale_fence",
     "not_holder",
     "queue_full",
+    "unavailable",
     "shutting_down",
     "abandoned",
 ]
@@ -418,16 +419,33 @@ class LeaseTable:
             )
         return effects
 
-    def shutdown(self, now: float) -> list[Effect]:
-        """Answer every waiter with ``shutting_down``, revoke the holder, refuse what follows."""
+    def shutdown(
+        self,
+        now: float,
+        *,
+        code: RejectCode = "shutting_down",
+        detail: str = "the service is stopping",
+        reason: RevokeReason = "shutdown",
+    ) -> list[Effect]:
+        """Answer every waiter with ``code``, revoke the holder (``reason``), refuse what follows.
+        Defaults: the service stops (a file lost to another owner: ``ownership_lost``)."""
         self.closed = True
-        effects: list[Effect] = [
-            Reject(w.req, w.lane, "shutting_down", "the service is stopping") for w in self.waiters
-        ]
+        effects: list[Effect] = [Reject(w.req, w.lane, code, detail) for w in self.waiters]
         self.waiters = []
         if self.holder is not None:
-            effects += self._revoke(self.holder, "shutdown", now)
+            effects += self._revoke(self.holder, reason, now)
         return effects
+
+    def raise_floor(self, floor: int, now: float) -> list[Effect]:
+        """Ownership moved to a sidecar whose fence store says ``floor``: grant above it; a
+        holder not above it is revoked (``ownership_lost``: another service granted since)."""
+        if floor <= self.fence:
+            return []
+        self.fence = floor
+        self.fence_ceiling = max(self.fence_ceiling, floor)
+        if self.holder is None:
+            return []
+        return self._revoke(self.holder, "ownership_lost", now) + self._promote(now)
 
     # Queries -------------------------------------------------------------------------------
 

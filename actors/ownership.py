@@ -21,6 +21,13 @@ Holding the lock, the owner writes its identity into the sidecar (one versioned 
 the file actor's pid, the service's pid, gateway address and admin port, and when it took the
 lock) so a refused contender can name it: :class:`OwnedElsewhere`.
 
+Ownership follows the path, not the directory it was taken in. A directory restored from a
+backup (``mv d d.old; mkdir d; cp d.old/z.jsonl d/``) or a deleted sidecar leaves the lock on a
+file that no longer is the sidecar at the transcript's path, and another service would take the
+one that is. So before it grants or writes, the SessionFile checks :meth:`Ownership.still_at`
+(by device and inode, on the directory freshly walked from the root) and, when the check fails,
+:meth:`Ownership.follow` takes the lock at the path (or learns who holds it).
+
 The sidecar is opened relative to the transcript's directory with ``O_NOFOLLOW``; a symlink,
 a non-regular file or a file with several hard links at its name is refused
 (:class:`~sessionlane.messages.errors.PathNotAllowed`): writing the identity through it could
@@ -162,6 +169,9 @@ class Ownership:
         """The sidecar."""
         self.record = record
         self._fd: int | None = fd
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
+        """Device and inode of the locked sidecar: what ``still_at`` compares."""
 
     @property
     def held(self) -> bool:
@@ -211,6 +221,32 @@ class Ownership:
             os.close(fd)
             raise
         return cls(sidecar, fd, record)
+
+    def still_at(self, directory: ConfinedDir) -> bool:
+        """Is the sidecar at the transcript's path in ``directory`` the one this lock is on?
+
+        ``directory`` is the transcript's directory as walked from the root just now
+        (``ConfinedDir.revalidate``). One ``fstatat``; a missing sidecar is not ours.
+        """
+        st = directory.stat(os.path.basename(self.path))
+        return st is not None and (st.st_dev, st.st_ino) == self.identity
+
+    def follow(self, transcript_path: str, directory: ConfinedDir, *, now: float) -> Ownership:
+        """Take the lock at the sidecar now at the path, then let this one go.
+
+        Raises :class:`OwnedElsewhere` (naming the holder) when another process holds the
+        lock there, and whatever :meth:`acquire` raises; this lock is then still held.
+        """
+        moved = Ownership.acquire(
+            transcript_path,
+            service_pid=self.record.service_pid,
+            gateway=self.record.gateway,
+            admin_port=self.record.admin_port,
+            now=now,
+            directory=directory,
+        )
+        self.release()
+        return moved
 
     def release(self) -> None:
         """Blank the identity and drop the lock. Idempotent."""

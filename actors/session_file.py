@@ -21,6 +21,11 @@ This module is the shell: the handler table, lifecycle, calls, effects, timers (
 ``sessionlane.actors.timers``), passivation and status. It also holds the one clock every part
 reads, ``now()`` (tests replace ``monotonic_ms`` here).
 
+Ownership follows the path: before every call or timer that may grant or write, ``own_path``
+checks that the owner lock at the file's path is still the one held (``Serving.keep_ownership``;
+docs/security-files.md). A lock that moved is taken again; one another process holds ends the
+serving (``lose_file``): leases revoked ``ownership_lost``, the actor retires as a broken one.
+
 Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires ``idle_ms`` after
 the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
 channels until a message from the Registry says it is not retired after all.
@@ -36,6 +41,7 @@ from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, Watc
 from sessionlane.actors import lease_table as lt
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
+from sessionlane.actors.disk_errors import named_disk_error
 from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.ownership import OwnedElsewhere
@@ -244,6 +250,8 @@ class SessionFile(ShellActor):
             error = Error(id=call.request.id, code=s.code, detail=s.detail, path=call.path)
             self.reply(call, error)
             return
+        if not self.own_path(s, call):
+            return
         now, key, lane, req = self.now(), call_key(call), call.lane.uid, call.request
         match req:
             case Acquire():
@@ -284,8 +292,48 @@ class SessionFile(ShellActor):
                 code = exc.code
             elif is_fd_exhaustion(exc):
                 code = "too_many_files"
+            elif (disk := named_disk_error(exc)) is not None:  # a fence reservation, say
+                code = disk
             error = Error(id=msg.request.id, code=code, detail=failure_detail(exc), path=self.path)
             self.reply(msg, error)
+
+    # Ownership -----------------------------------------------------------------------------
+
+    def own_path(self, s: Serving, call: LaneCall | None = None) -> bool:
+        """Before anything that may grant or write: is the owner lock at the path still ours?
+
+        If it moved and was free, it is ours again (``Serving.keep_ownership``); if another
+        process holds it, the file is lost (``lose_file``) and ``call`` answered with why.
+        A path that kept changing refuses ``call`` only (a timer goes on).
+        """
+        check = s.keep_ownership(self.now())
+        self.perform(s, check.effects)
+        if check.lost is not None:
+            self.lose_file(s, Broken(check.lost.code, check.lost.detail), call)
+            return False
+        if check.refused is not None and call is not None:
+            no = check.refused
+            self.reply(
+                call, Error(id=call.request.id, code=no.code, detail=no.detail, path=self.path)
+            )
+            return False
+        return True
+
+    def lose_file(self, s: Serving, broken: Broken, call: LaneCall | None) -> None:
+        """Stop serving: every lease reported lost, queued writes refused, then ``Broken``."""
+        log.warning("no longer serving %s: %s", self.path, broken.detail)
+        lost = s.table.shutdown(
+            self.now(), code="unavailable", detail=broken.detail, reason="ownership_lost"
+        )
+        self.perform(s, lost)
+        self.perform_writes(s, s.writes.fail_queued(broken.code, broken.detail))
+        if call is not None:
+            rid = call.request.id
+            self.reply(call, Error(id=rid, code=broken.code, detail=broken.detail, path=self.path))
+        self.commit(s)
+        s.channels.flush()  # the revocations go out before the channels close
+        self.state = broken
+        s.close()
 
     # Effects -------------------------------------------------------------------------------
 
@@ -417,6 +465,8 @@ class SessionFile(ShellActor):
         if not isinstance(s, Serving):
             return
         for event in s.channels.on_ready(msg.ready):
+            if self.state is not s:  # the file was lost to another owner: its channels closed
+                return
             if isinstance(event, ChannelCallEvent):
                 self.on_channel_call(s, event)
             else:
@@ -464,13 +514,15 @@ class SessionFile(ShellActor):
             case LeaseTick(due=due):
                 if s.next_tick is not None and due >= s.next_tick:
                     s.next_tick = None
-                self.perform(s, s.table.tick(self.now()))
+                if self.own_path(s):  # a tick may grant the next waiter
+                    self.perform(s, s.table.tick(self.now()))
             case CommitDue(due=due):
                 if s.commit.timer_fired(due):
                     self.decide(s)
             case LegacyRetry():
                 s.writes.retry_due()
-                self.drain_writes(s)
+                if self.own_path(s):
+                    self.drain_writes(s)
             case IdleCheck(activity=seen):
                 self.on_idle(s, seen)
             case ChannelFlush():

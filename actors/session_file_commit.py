@@ -34,12 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from sessionlane.actors.disk_errors import DiskEpisodes, disk_error_code
 from sessionlane.actors.group_commit import CommitPolicy, Outbox, Outgoing
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.transcript import Transcript
+from sessionlane.messages.errors import ErrorCode
 from sessionlane.messages.wire import Error
 
-__all__ = ["Committed", "GroupCommit", "TranscriptSync"]
+__all__ = ["Committed", "GroupCommit", "SyncFailure", "TranscriptSync", "moved_detail"]
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +63,23 @@ class TranscriptSync:
         self.metrics = metrics
         self.clock = clock
         self.unsynced = False  # an fsync append was written and no fdatasync covers it yet
-        self.error: str | None = None  # the last failure, until ``take_error``
+        self.error: SyncFailure | None = None  # the last failure, until ``take_error``
+        self.disk = DiskEpisodes(path, log)
+        """The file's disk trouble, logged once per episode (the write path reports too)."""
+        self.moved = 0
+        """Syncs after which the file was no longer the one at the path (acks refused)."""
 
     def wrote(self) -> None:
         """An fsync append was written: the next ``sync_now`` must sync."""
         self.unsynced = True
 
     def sync_now(self) -> None:
-        """fdatasync if an fsync append is not covered yet; a failure is kept for the commit."""
+        """fdatasync if an fsync append is not covered yet; a failure is kept for the commit.
+
+        Once durable, the file must still be the one at the path under the root (walked again):
+        if it was moved or replaced meanwhile, the appends went to the moved file, and the
+        acks this sync covers become ``file_moved`` errors.
+        """
         if not self.unsynced:
             return
         self.unsynced = False
@@ -78,13 +89,43 @@ class TranscriptSync:
             elapsed = self.clock() - started
             self.policy.synced(elapsed)
             self.metrics.observe("fsync", elapsed)
+            at_path = self.transcript.still_at_path()
         except OSError as exc:
-            self.error = f"fdatasync failed: {exc}"
-            log.error("%s: %s", self.path, self.error)
+            detail = f"fdatasync failed: {exc}; nothing was acknowledged"
+            code = disk_error_code(exc)
+            if code is None:  # out of descriptors while walking the path again
+                self.error = SyncFailure("too_many_files", detail)
+                log.error("%s: %s", self.path, detail)
+            else:
+                self.error = SyncFailure(code, detail)
+                self.disk.failed(code, "fdatasync", exc)
+            return
+        self.disk.succeeded()
+        if not at_path:
+            self.moved += 1
+            self.error = SyncFailure("file_moved", moved_detail(self.path))
+            log.warning("%s: %s", self.path, self.error.detail)
 
-    def take_error(self) -> str | None:
+    def take_error(self) -> SyncFailure | None:
         error, self.error = self.error, None
         return error
+
+
+@dataclass(frozen=True, slots=True)
+class SyncFailure:
+    """Why the acks a sync covered are errors: the code and detail they carry instead."""
+
+    code: ErrorCode
+    detail: str
+
+
+def moved_detail(path: str) -> str:
+    """What a holder is told when its records went to a file moved away from ``path``."""
+    return (
+        f"the file or a directory above it was moved or replaced while the write was on its "
+        f"way: the records went to the moved file, not to {path}; nothing was acknowledged "
+        "(a retry writes to the file now at the path)"
+    )
 
 
 @dataclass
@@ -181,7 +222,7 @@ class GroupCommit:
         for out in held:
             if failure is not None and out.needs_sync:
                 rid = out.message.message.id
-                error = Error(id=rid, code="internal", detail=failure, path=self.path)
+                error = Error(id=rid, code=failure.code, detail=failure.detail, path=self.path)
                 out = replace(out, message=out.message.model_copy(update={"message": error}))
                 if out.key is not None:
                     done.failed_keys.append(out.key)

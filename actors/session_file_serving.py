@@ -28,6 +28,7 @@ from sessionlane.actors.group_commit import CommitPolicy
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
 from sessionlane.actors.legacy_lock import LegacyLock
+from sessionlane.actors.owner_check import OwnerCheck, keep_ownership
 from sessionlane.actors.ownership import Ownership
 from sessionlane.actors.session_file_channels import FileChannels
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
@@ -227,6 +228,8 @@ class Serving:
             "channel_calls": self.channels.calls,
             "syncs": self.transcript.sync_count,
             "size": self.transcript.size,
+            "disk_error_episodes": self.sync.disk.episodes,
+            "moved_writes": self.sync.moved,
             "channels": self.channels.connections(),
             **extra,
         }
@@ -234,9 +237,21 @@ class Serving:
             path=self.path, fence=t.fence, holder=holder, queue=queue, counters=counters
         )
 
+    def keep_ownership(self, now: float) -> OwnerCheck:
+        """Before a grant or a write: is the owner lock at the file's path still ours?
+
+        ``sessionlane.actors.owner_check``: taken again at the path if it moved and is free
+        (the fences carried), or the reason to stop serving (another process holds it).
+        """
+        check = keep_ownership(
+            self.path, self.directory, self.ownership, self.fences, self.table, now
+        )
+        self.ownership = check.ownership
+        return check
+
 
 def _open_file(msg: FileInit) -> _Opened:
-    """Take ownership, open the transcript and load the fences; on failure close it all."""
+    """Take ownership, load the fences, open the transcript; on failure close it all."""
     directory, _ = ConfinedDir.open_parent(msg.path, msg.root)
     ownership: Ownership | None = None
     transcript: Transcript | None = None
@@ -250,10 +265,12 @@ def _open_file(msg: FileInit) -> _Opened:
             now=time.time(),
             directory=directory,
         )
+        # The fences before the transcript: a refused fence sidecar (a symlink, a corrupt
+        # record) must not leave behind a new empty transcript created for this request.
+        fences = FenceStore(msg.path, directory)
+        floor = fences.load()
         transcript = Transcript(msg.path, root=msg.root, directory=directory, log=log)
         legacy, unchecked, report = _open_transcript(transcript, msg, directory)
-        fences = FenceStore(msg.path, transcript.directory)
-        floor = fences.load()
     except BaseException:  # another owner, permission, corrupt fence file, EMFILE...
         _close_after_failure(msg.path, directory, ownership, transcript)
         raise

@@ -36,11 +36,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
+from sessionlane.actors.disk_errors import disk_error_code
 from sessionlane.actors.lease_table import Effect, LeaseTable
 from sessionlane.actors.legacy_lock import LegacyLock
-from sessionlane.actors.session_file_commit import TranscriptSync
+from sessionlane.actors.session_file_commit import TranscriptSync, moved_detail
 from sessionlane.actors.transcript import Transcript, encode_records
-from sessionlane.messages.errors import ErrorCode, SessionLaneError
+from sessionlane.messages.errors import ErrorCode, FileMoved, SessionLaneError
 from sessionlane.messages.internal import FileReply, LaneCall
 from sessionlane.messages.wire import (
     Append,
@@ -371,13 +372,26 @@ class WritePath:
                     id=op.call.request.id, code=exc.code, detail=exc.detail, path=self.path
                 )
             except Exception as exc:
-                failed: ErrorCode = "too_many_files" if is_fd_exhaustion(exc) else "internal"
-                log.exception("%s of %s failed", op.kind, self.path)
-                reply = Error(id=op.call.request.id, code=failed, detail=failure_detail(exc))
+                reply = self.failed(op, exc)
         if op.auto_release:
             effects.append(self.release_short_write(op))
         effects.append(Reply(op.call, reply, needs_sync=needs_sync))
         return effects
+
+    def failed(self, op: WriteOp, exc: Exception) -> Error:
+        """The answer to a write that raised: a disk error by name (logged once per episode),
+        ``too_many_files``, or ``internal`` for a bug (logged with its traceback)."""
+        code: ErrorCode
+        disk = disk_error_code(exc)
+        if disk is not None:
+            self.sync.disk.failed(disk, op.kind, exc)
+            code, detail = disk, f"{op.kind} of {self.path} failed: {exc}; nothing was written"
+        elif is_fd_exhaustion(exc):
+            code, detail = "too_many_files", failure_detail(exc)
+        else:
+            log.exception("%s of %s failed", op.kind, self.path)
+            code, detail = "internal", failure_detail(exc)
+        return Error(id=op.call.request.id, code=code, detail=detail, path=self.path)
 
     def perform_append(self, op: WriteOp, effects: list[WriteEffect]) -> ReplyMessage:
         effects.extend(self.adopt_external_change(op.lease, op.call.lane.uid))
@@ -385,6 +399,11 @@ class WritePath:
         if op.durability == "fsync":
             self.sync.wrote()
             effects.append(Wrote(op.call.lane.uid))
+        else:  # acknowledged now: the bytes must have gone to the file at the path
+            if not self.transcript.still_at_path():
+                self.sync.moved += 1
+                raise FileMoved(moved_detail(self.path), path=self.path)
+            self.sync.disk.succeeded()
         if self.sync_each_append:
             self.sync.sync_now()  # the baseline benchmarks compare against
         self.counters["appends"] += 1
@@ -395,6 +414,9 @@ class WritePath:
         effects.extend(self.adopt_external_change(op.lease, op.call.lane.uid))
         self.sync.sync_now()  # what was acknowledged-to-be is durable before the file is replaced
         self.transcript.rewrite(op.data)
+        if not self.transcript.still_at_path():  # the new file must be the one at the path
+            self.sync.moved += 1
+            raise FileMoved(moved_detail(self.path), path=self.path)
         self.counters["rewrites"] += 1
         return Rewritten(id=op.call.request.id, lines=op.lines, fence=op.fence)
 

@@ -189,6 +189,9 @@ class Transcript:
         self._owns_dir = directory is None
         self._name = os.path.basename(path)
         self._identity: FileIdentity | None = None
+        self._cut_to: tuple[int, int] | None = None
+        """A failed append left its partial bytes (offset, end) and the cut failed too: the
+        next ``check_external`` cuts them, as ours, not as somebody else's change."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -299,6 +302,7 @@ class Transcript:
             write_all(fd, view[written:])
         except OSError:
             self._cut_partial(start, start + len(data))
+            self._after_failed_append(known, start)
             raise
         st = os.fstat(fd)
         if start == known.size and st.st_size == start + len(data):
@@ -310,6 +314,15 @@ class Transcript:
                 known.dev, known.ino, known.size + len(data), known.mtime_ns, known.ctime_ns
             )
         return start
+
+    def still_at_path(self) -> bool:
+        """Is the open file still the one at its path under the root (walked again now)?
+
+        An append is acknowledged only if so once it is durable: a rename of the file or of a
+        directory above it between the last look and the write sent the records elsewhere.
+        """
+        known = self.identity
+        return self.directory.leads_to(self._name, known.dev, known.ino)
 
     def sync(self, durability: Durability) -> None:
         """Make appended data durable: ``"fsync"`` fdatasyncs, ``"flush"`` does nothing more.
@@ -359,6 +372,8 @@ class Transcript:
         once, until the path leads to a plain file inside the root again.
         """
         fd = self._require_fd()
+        if self._cut_to is not None:
+            self._cut_own_tail(fd)
         known = self.identity
         kind: ExternalChangeKind | None
         # The directory itself may have been moved (out of the root, say) or replaced: walk
@@ -496,8 +511,39 @@ class Transcript:
             size = os.fstat(fd).st_size
             if start < size < expected_end:
                 os.ftruncate(fd, start)
+        except OSError as exc:  # the next check_external tries again (_after_failed_append)
+            self._log.warning("could not cut a partial append from %s: %s", self.path, exc)
+
+    def _after_failed_append(self, known: FileIdentity, start: int) -> None:
+        """Our failed append is not somebody else's change: know the file as it is now.
+
+        The cut restores the size but not the times, which ``check_external`` would report as
+        a ``replace``; a cut that failed leaves our partial bytes for the next check to cut.
+        """
+        fd = self._require_fd()
+        try:
+            st = os.fstat(fd)
         except OSError:
-            self._log.exception("could not cut a partial append from %s", self.path)
+            return
+        if start != known.size or (st.st_dev, st.st_ino) != (known.dev, known.ino):
+            return  # another writer appended meanwhile: the next check reports it
+        if st.st_size == known.size:
+            self._identity = FileIdentity.of(st)
+        elif st.st_size > known.size:
+            self._cut_to = (known.size, st.st_size)
+
+    def _cut_own_tail(self, fd: int) -> None:
+        """Cut the partial bytes a failed append left (raises while the cut still fails).
+
+        Only while they are still the file's tail: if somebody wrote after them, the change
+        is theirs to report (and the torn line is quarantined like any other).
+        """
+        assert self._cut_to is not None
+        keep, end = self._cut_to
+        if os.fstat(fd).st_size == end:
+            os.ftruncate(fd, keep)
+            self._identity = FileIdentity.of(os.fstat(fd))
+        self._cut_to = None
 
     def _remove_leftover_temps(self) -> None:
         """Remove temp files that an interrupted ``rewrite`` of this path left behind."""

@@ -149,9 +149,10 @@ class FrameReader:
 
     ``feed`` returns the complete bodies received so far. A length over ``max_frame_bytes``
     raises ``TooLarge`` before any of that body is buffered: the caller answers and closes.
-    With ``first_frame_bytes``, the first frame (a hello, from a peer not yet admitted) is
-    held to that smaller limit, and :attr:`room` says how much more may be buffered until it
-    is whole: an unadmitted peer never makes its reader hold more than one hello.
+    With ``first_frame_bytes``, the first frame (a hello, from a peer not yet admitted; the
+    first ``small_frames`` of them) is held to that smaller limit, and :attr:`room` says how
+    much more may be buffered until it is whole: an unadmitted peer never makes its reader
+    hold more than one hello.
     """
 
     def __init__(self, max_frame_bytes: int, first_frame_bytes: int | None = None):
@@ -159,6 +160,9 @@ class FrameReader:
         self.first_frame_bytes = first_frame_bytes
         self.frames = 0
         """Bodies taken so far."""
+        self.small_frames = 1
+        """How many first frames are held to ``first_frame_bytes`` (the owner raises it when
+        the handshake has more than one step before the peer is admitted)."""
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -175,7 +179,7 @@ class FrameReader:
         bodies: list[bytes] = []
         while True:
             try:
-                if self.frames == 0 and self.first_frame_bytes is not None:
+                if self.frames < self.small_frames and self.first_frame_bytes is not None:
                     body = take_frame(self._buf, self.first_frame_bytes)
                 else:
                     body = take_frame(self._buf, self.max_frame_bytes, "max_frame_bytes")
@@ -194,6 +198,6 @@ class FrameReader:
     @property
     def room(self) -> int | None:
         """Bytes that may still be buffered before the first frame is whole (None: no cap)."""
-        if self.frames or self.first_frame_bytes is None:
+        if self.frames >= self.small_frames or self.first_frame_bytes is None:
             return None
         return HEADER.size + self.first_frame_bytes - len(self._buf)

@@ -13,13 +13,18 @@ __all__ = [
     "ERROR_CODES",
     "BadFrame",
     "Contended",
+    "DiskError",
+    "DiskFull",
     "ErrorCode",
+    "FileMoved",
+    "IOFailure",
     "InvalidRecord",
     "LeaseRevoked",
     "LeaseTimeout",
     "NotHolder",
     "PathNotAllowed",
     "QueueFull",
+    "ReadOnly",
     "SessionLaneError",
     "ShuttingDown",
     "StaleFence",
@@ -45,6 +50,10 @@ ErrorCode = Literal[
     "unavailable",
     "shutting_down",
     "abandoned",
+    "disk_full",
+    "read_only",
+    "io_error",
+    "file_moved",
     "too_many_files",
     "internal",
 ]
@@ -155,7 +164,9 @@ class TooLarge(SessionLaneError):
 
 
 class Unauthorized(SessionLaneError):
-    """The connection did not present the configured token."""
+    """The service did not admit the connection (no proof of its token, another user, no hello
+    in time), or the client did not trust the service (another user's socket, no proof of the
+    token): then nothing was sent."""
 
     code = "unauthorized"
 
@@ -193,6 +204,43 @@ class TooManyFiles(SessionLaneError):
     code = "too_many_files"
 
 
+class DiskError(SessionLaneError):
+    """The file system refused a write or a sync; nothing was acknowledged.
+
+    One of ``DiskFull``, ``ReadOnly`` or ``IOFailure``. What the failed write had already put
+    in the file is cut off again where possible; it is never counted as written.
+    """
+
+    code: ErrorCode = "io_error"
+
+
+class DiskFull(DiskError):
+    """No space left on the file system, or the user's quota is used up (ENOSPC, EDQUOT)."""
+
+    code = "disk_full"
+
+
+class ReadOnly(DiskError):
+    """The file system is mounted read-only (EROFS)."""
+
+    code = "read_only"
+
+
+class IOFailure(DiskError):
+    """The storage failed to read, write or sync (EIO and other I/O errors)."""
+
+    code = "io_error"
+
+
+class FileMoved(SessionLaneError):
+    """The transcript (or a directory above it) was moved or replaced while a write was on its
+    way: the records went to the moved file, not to the one now at the path, and nothing was
+    acknowledged. The next write goes to the file at the path (or is refused if there is none).
+    """
+
+    code = "file_moved"
+
+
 _BY_CODE: dict[str, type[SessionLaneError]] = {
     "lease_timeout": LeaseTimeout,
     "contended": Contended,
@@ -208,6 +256,10 @@ _BY_CODE: dict[str, type[SessionLaneError]] = {
     "unavailable": Unavailable,
     "shutting_down": ShuttingDown,
     "abandoned": LeaseRevoked,
+    "disk_full": DiskFull,
+    "read_only": ReadOnly,
+    "io_error": IOFailure,
+    "file_moved": FileMoved,
     "too_many_files": TooManyFiles,
     "internal": SessionLaneError,
 }

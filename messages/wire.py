@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sessionlane.messages.errors import ErrorCode
+from sessionlane.messages.handshake import NONCE_BYTES, PROOF_BYTES
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -27,6 +28,7 @@ __all__ = [
     "Alive",
     "Append",
     "Appended",
+    "Challenge",
     "Durability",
     "Error",
     "ExternalChange",
@@ -38,6 +40,7 @@ __all__ = [
     "Keepalive",
     "OnContention",
     "Priority",
+    "Proof",
     "Purpose",
     "QueueEntry",
     "Queued",
@@ -63,7 +66,9 @@ Purpose = Literal["prompt", "write", "compaction", "recovery"]
 Priority = Literal["recovery", "interactive", "background"]
 OnContention = Literal["wait", "fail", "skip"]
 Durability = Literal["fsync", "flush"]
-RevokeReason = Literal["max_hold", "recovery", "abandoned", "actor_restart", "shutdown"]
+RevokeReason = Literal[
+    "max_hold", "recovery", "abandoned", "actor_restart", "shutdown", "ownership_lost"
+]
 ExternalChangeKind = Literal["append", "truncate", "replace"]
 RequestId = Annotated[str | int, Field(union_mode="left_to_right")]
 Record = dict[str, Any]
@@ -106,7 +111,10 @@ class Hello(_Req):
     client: str = Field(max_length=256)
     """Free-form client name, for diagnostics."""
     token: str | None = Field(default=None, max_length=4096)
-    """Shared secret from ``token_file``; required when the service listens beyond loopback."""
+    """The token in clear: protocol 1's first form, refused by a service with a ``token_file``
+    (it answers ``unauthorized``); clients send ``nonce`` and then a ``proof`` instead."""
+    nonce: bytes | None = Field(default=None, min_length=NONCE_BYTES, max_length=NONCE_BYTES)
+    """The client's fresh random nonce for the token proof (``docs/protocol.md``)."""
 
 
 class Acquire(_Req):
@@ -185,6 +193,13 @@ class Status(_Req):
     path: str | None = Field(default=None, max_length=4096)
 
 
+class Proof(_Req):
+    """The client's token proof, in answer to ``challenge`` (``messages.handshake``)."""
+
+    type: Literal["proof"] = "proof"
+    proof: bytes = Field(min_length=PROOF_BYTES, max_length=PROOF_BYTES)
+
+
 class Keepalive(_Req):
     """Liveness probe; also proves the client is still there."""
 
@@ -192,7 +207,7 @@ class Keepalive(_Req):
 
 
 Request = Annotated[
-    Hello | Acquire | Release | Abandon | Append | Rewrite | Recover | Status | Keepalive,
+    Hello | Proof | Acquire | Release | Abandon | Append | Rewrite | Recover | Status | Keepalive,
     Field(discriminator="type"),
 ]
 
@@ -204,6 +219,15 @@ class Welcome(_Rep):
     type: Literal["welcome"] = "welcome"
     server: str
     protocol: int
+    proof: bytes | None = None
+    """With a ``token_file``: the service's token proof, which the client checks."""
+
+
+class Challenge(_Rep):
+    """The service's answer to a ``hello`` when it has a ``token_file``: prove the token."""
+
+    type: Literal["challenge"] = "challenge"
+    nonce: bytes = Field(min_length=NONCE_BYTES, max_length=NONCE_BYTES)
 
 
 class Queued(_Rep):
@@ -317,6 +341,7 @@ class ExternalChange(_Rep):
 
 Reply = Annotated[
     Welcome
+    | Challenge
     | Queued
     | Granted
     | Skipped

@@ -23,7 +23,6 @@ import difflib
 import json
 import logging
 import os
-import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,7 +74,7 @@ NON_CONFIG_ENV = frozenset({"SESSIONLANE_CONFIG", "SESSIONLANE_TEST_TAG"})
 
 
 def read_token(settings: Settings) -> str | None:
-    """The token clients must present, or ``None`` when ``token_file`` is unset.
+    """The token clients must prove they know, or ``None`` when ``token_file`` is unset.
 
     Re-read at each call so a rotated token takes effect without a restart. Raises
     :class:`ConfigError` (key ``token_file``) if the file became unreadable or empty.
@@ -264,13 +263,6 @@ def _warnings(settings: Settings) -> list[str]:
             warnings.append(
                 f"metrics_listen {settings.metrics_listen} is reachable beyond this machine:"
                 " the metrics endpoint has no authentication (it shows counts, never paths)."
-            )
-    if settings.token_file is not None:
-        mode = os.stat(settings.token_file).st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            warnings.append(
-                f"token_file {settings.token_file} is accessible to other users"
-                f" (mode {stat.S_IMODE(mode):04o}); chmod 600 it."
             )
     for warning in warnings:
         log.debug("config warning: %s", warning)

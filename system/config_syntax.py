@@ -16,13 +16,13 @@ import binascii
 import ipaddress
 import os
 import stat
-from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
     "CLUSTER_KEY_BYTES",
     "DEFAULT_PORT",
     "MAX_TOKEN_BYTES",
+    "MIN_TOKEN_BYTES",
     "ConfigError",
     "Listen",
     "format_listen",
@@ -37,6 +37,8 @@ __all__ = [
 
 MAX_TOKEN_BYTES = 1024
 """Longest token accepted from ``token_file``."""
+MIN_TOKEN_BYTES = 16
+"""Shortest token accepted from ``token_file``: less could be guessed, even slowed down."""
 DEFAULT_PORT = 7420
 """The gateway's TCP port when ``listen`` names none."""
 # AF_UNIX sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -201,23 +203,43 @@ def read_cluster_key_file(path: str) -> bytes:
 def read_token_file(path: str) -> str:
     """The token in ``path``, surrounding whitespace (a trailing newline) stripped.
 
-    Raises :class:`ConfigError` (key ``token_file``) if it is unreadable, not UTF-8, empty or
-    longer than :data:`MAX_TOKEN_BYTES` (a client's hello must fit in the few KiB the gateway
-    buffers before it: a longer token would lock every client out).
+    Raises :class:`ConfigError` (key ``token_file``) if it is unreadable, not a regular file,
+    accessible to other users (group or other bits: whoever reads it is admitted), not UTF-8,
+    shorter than :data:`MIN_TOKEN_BYTES` (guessable) or longer than :data:`MAX_TOKEN_BYTES`.
+    The service (at start) and the client commands (``status``, ``stop``) read it alike.
     """
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError("token_file", f"{path} {why}")
+
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
+        with open(path, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            data = fh.read(MAX_TOKEN_BYTES * 4 + 4096)
     except OSError as exc:
         raise ConfigError("token_file", f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise refuse("is not a regular file")
+    if mode & 0o077:
+        raise refuse(
+            f"is accessible to other users (mode {stat.S_IMODE(mode):04o}): whoever reads the"
+            " token is admitted as any client; chmod 600 it"
+        )
+    try:
+        token = data.decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise ConfigError("token_file", f"{path} is not UTF-8 text") from None
+        raise refuse("is not UTF-8 text") from None
     if not token:
-        raise ConfigError("token_file", f"{path} is empty")
-    if len(token.encode()) > MAX_TOKEN_BYTES:
-        raise ConfigError(
-            "token_file",
-            f"{path} holds a {len(token.encode())}-byte token; at most {MAX_TOKEN_BYTES} bytes"
-            " (a hello must fit in the 4 KiB the gateway reads before it): use a shorter one,"
-            " e.g. openssl rand -hex 32",
+        raise refuse("is empty (make a token with: openssl rand -hex 32 > FILE)")
+    size = len(token.encode())
+    if size < MIN_TOKEN_BYTES:
+        raise refuse(
+            f"holds a {size}-byte token; at least {MIN_TOKEN_BYTES} bytes are needed, a shorter"
+            " one can be guessed (make one with: openssl rand -hex 32 > FILE)"
+        )
+    if size > MAX_TOKEN_BYTES:
+        raise refuse(
+            f"holds a {size}-byte token; at most {MAX_TOKEN_BYTES} bytes: use a shorter one,"
+            " e.g. openssl rand -hex 32"
         )
     return token

@@ -280,6 +280,6 @@ class Settings(BaseModel):
             raise ConfigError(
                 "listen",
                 f"{self.listen} is reachable beyond this machine: set token_file"
-                " (clients must then present the token) or listen on 127.0.0.1",
+                " (clients must then prove the token) or listen on 127.0.0.1",
             )
         return self

@@ -325,7 +325,7 @@ def test_a_unix_socket_with_a_token_refuses_clients_without_it(
     client: Surface, tmp_path: Path
 ) -> None:
     token_file = tmp_path / "token"
-    token_file.write_text("s3cret\n")
+    token_file.write_text("s3cret-0123456789\n")
     token_file.chmod(0o600)
     with tempfile.TemporaryDirectory(prefix="sl-", dir="/tmp") as short:  # sun_path is short
         listen = f"unix://{short}/gw.sock"
@@ -337,7 +337,7 @@ def test_a_unix_socket_with_a_token_refuses_clients_without_it(
                 client.connect(svc.address)
             with pytest.raises(Unauthorized):
                 client.connect(svc.address, token="wrong")
-            with client.connect(svc.address, token="s3cret") as sl:
+            with client.connect(svc.address, token="s3cret-0123456789") as sl:
                 assert sl.lane("agent").append(path, {"via": "unix"}).lines == 1
     assert lines(path) == [{"via": "unix"}]
 
@@ -346,7 +346,7 @@ def test_a_token_read_from_a_file_with_its_trailing_newline_is_accepted(
     client: Surface, tmp_path: Path
 ) -> None:
     token_file = tmp_path / "token"
-    token_file.write_text("s3cret\n")
+    token_file.write_text("s3cret-0123456789\n")
     token_file.chmod(0o600)
     path = str(tmp_path / "token.jsonl")
     with embedded_service(
@@ -355,7 +355,7 @@ def test_a_token_read_from_a_file_with_its_trailing_newline_is_accepted(
         with client.connect(svc.address, token=token_file.read_text()) as sl:
             assert sl.lane("agent").append(path, {"token": "file"}).lines == 1
         with pytest.raises(Unauthorized):
-            client.connect(svc.address, token="s3cret-not")
+            client.connect(svc.address, token="s3cret-0123456789-not")
     assert lines(path) == [{"token": "file"}]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from tenacity import Retrying
 
+from sessionlane.messages import handshake
 from sessionlane.messages.codec import HEADER, decode_request
 from sessionlane.messages.errors import (
     ERROR_CODES,
@@ -40,6 +41,7 @@ from sessionlane.messages.wire import (
     Acquire,
     Append,
     Appended,
+    Challenge,
     Error,
     ExternalChange,
     Granted,
@@ -61,6 +63,7 @@ from sessionlane.system.client._core import (
     Link,
     Send,
     Settings,
+    service_refusal,
 )
 from sessionlane.system.client._records import check_frame, check_records
 
@@ -149,6 +152,90 @@ def test_a_refused_hello_raises_its_error_and_the_link_is_not_used(
     with pytest.raises(Unauthorized):
         core.welcomed(link, Error(id=1, code="unauthorized", detail="token"))
     assert core.link is None
+
+
+# Verifying the service --------------------------------------------------------------------
+
+TOKEN = "client-token-0123456789"
+
+
+def test_with_a_token_the_hello_carries_a_nonce_and_the_service_must_prove_the_token() -> None:
+    core: ClientCore[str, None] = ClientCore(Settings.of("127.0.0.1:9", TOKEN))
+    link, hello = core.opened(None, 0.0)
+    assert hello.token is None and hello.nonce is not None and len(hello.nonce) == 32
+    theirs = os.urandom(32)
+    proof = core.challenged(link, Challenge(id=1, nonce=theirs))
+    assert proof is not None
+    assert proof.proof == handshake.client_proof(TOKEN, hello.nonce, theirs)
+    assert core.link is None, "nothing else goes out before the service proved the token"
+    right = handshake.server_proof(TOKEN, hello.nonce, theirs)
+    core.welcomed(link, Welcome(id=2, server="sessionlane/0.1", protocol=1, proof=right))
+    assert core.link is link
+
+
+@pytest.mark.parametrize(
+    ("challenge", "proof", "why"),
+    [
+        (True, None, "did not prove it knows the token"),
+        (True, b"x" * 32, "did not prove it knows the token"),
+        (True, "client", "did not prove it knows the token"),  # our own proof, sent back
+        (False, None, "did not ask for the token proof"),
+    ],
+)
+def test_a_service_that_does_not_prove_the_token_is_refused_and_not_used(
+    challenge: bool, proof: bytes | str | None, why: str
+) -> None:
+    core: ClientCore[str, None] = ClientCore(Settings.of("127.0.0.1:9", TOKEN))
+    link, _hello = core.opened(None, 0.0)
+    theirs = os.urandom(32)
+    if challenge:
+        sent = core.challenged(link, Challenge(id=1, nonce=theirs))
+        assert sent is not None
+        if proof == "client":
+            proof = sent.proof
+    assert not isinstance(proof, str)
+    with pytest.raises(Unauthorized, match=why):
+        core.welcomed(link, Welcome(id=2, server="impostor", protocol=1, proof=proof))
+    assert core.link is None
+
+
+def test_a_service_older_than_the_token_proof_is_named_as_such() -> None:
+    core: ClientCore[str, None] = ClientCore(Settings.of("127.0.0.1:9", TOKEN))
+    link, _ = core.opened(None, 0.0)
+    older = Error(id=1, code="bad_frame", detail="nonce: Extra inputs are not permitted")
+    with pytest.raises(Unauthorized, match=r"older than this client.*upgrade the service"):
+        core.challenged(link, older)
+
+
+def test_a_challenge_to_a_client_without_a_token_says_the_service_needs_one(
+    core: ClientCore[str, None],
+) -> None:
+    link, hello = core.opened(None, 0.0)
+    assert hello.nonce is None and hello.token is None
+    with pytest.raises(Unauthorized, match="requires a token"):
+        core.challenged(link, Challenge(id=1, nonce=os.urandom(32)))
+
+
+def test_the_owner_of_the_services_socket_must_be_the_expected_user() -> None:
+    me = os.geteuid()
+    other = me + 1
+    plain = Settings.of("127.0.0.1:9", None)
+    assert service_refusal(plain, me) is None
+    refusal = service_refusal(plain, other)
+    assert refusal is not None
+    assert f"runs as uid {other}, not uid {me} (this client's user)" in refusal
+    assert f"pass service_user={other}" in refusal and "nothing was sent" in refusal
+    assert "cannot tell which user" in (service_refusal(plain, None) or "")
+    assert service_refusal(Settings.of("127.0.0.1:9", None, service_user=other), other) is None
+    assert service_refusal(Settings.of("127.0.0.1:9", None, service_user="*"), None) is None
+    with_token = Settings.of("127.0.0.1:9", TOKEN)
+    assert service_refusal(with_token, other) is None, "with a token, the proof decides"
+    assert service_refusal(with_token, None) is None
+    named = Settings.of("127.0.0.1:9", TOKEN, service_user=str(me))
+    assert "runs as uid" in (service_refusal(named, other) or "")
+    assert Settings.of("x:1", None, service_user="root").service_user == 0
+    with pytest.raises(ValueError, match="no such user"):
+        Settings.of("x:1", None, service_user="no-such-user-here")
 
 
 def test_request_ids_are_never_reused_across_connections(core: ClientCore[str, None]) -> None:

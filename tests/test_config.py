@@ -24,7 +24,7 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def write_token(tmp_path: Path, token: str = "s3cret\n", mode: int = 0o600) -> Path:
+def write_token(tmp_path: Path, token: str = "s3cret-0123456789\n", mode: int = 0o600) -> Path:
     path = tmp_path / "token"
     path.write_text(token)
     path.chmod(mode)
@@ -210,7 +210,7 @@ def test_a_tcp_listen_beyond_loopback_is_accepted_with_a_readable_token(tmp_path
     )
 
     assert settings.listen == "tcp://0.0.0.0:7420"
-    assert read_token(settings) == "s3cret"
+    assert read_token(settings) == "s3cret-0123456789"
     assert warnings == []
 
 
@@ -221,16 +221,33 @@ def test_loopback_and_unix_listens_need_no_token() -> None:
     assert read_token(Settings()) is None
 
 
-def test_an_empty_token_file_is_refused_and_a_shared_one_is_warned_about(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("content", "mode", "why"),
+    [
+        (" \n", 0o600, "is empty"),
+        ("t\n", 0o600, "holds a 1-byte token; at least 16 bytes are needed"),
+        ("0123456789abcde\n", 0o600, "holds a 15-byte token; at least 16 bytes are needed"),
+        ("0123456789abcdef\n", 0o644, "is accessible to other users (mode 0644)"),
+        ("0123456789abcdef\n", 0o640, "is accessible to other users (mode 0640)"),
+        ("0123456789abcdef\n", 0o604, "is accessible to other users (mode 0604)"),
+    ],
+)
+def test_a_weak_token_file_is_refused_naming_the_key_and_the_remedy(
+    tmp_path: Path, content: str, mode: int, why: str
 ) -> None:
-    with pytest.raises(ConfigError, match="empty"):
-        load_settings(env={"SESSIONLANE_TOKEN_FILE": str(write_token(tmp_path, " \n"))})
+    token = write_token(tmp_path, content, mode=mode)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env={"SESSIONLANE_TOKEN_FILE": str(token)})
+    assert refused.value.key == "token_file"
+    assert why in refused.value.message
+    assert "chmod 600" in refused.value.message or "openssl rand" in refused.value.message
 
-    _, warnings = load_settings(
-        env={"SESSIONLANE_TOKEN_FILE": str(write_token(tmp_path, "t", mode=0o644))}
-    )
-    assert any("chmod 600" in w for w in warnings)
+
+def test_a_private_token_of_16_bytes_is_accepted_without_a_warning(tmp_path: Path) -> None:
+    token = write_token(tmp_path, "0123456789abcdef\n")
+    settings, warnings = load_settings(env={"SESSIONLANE_TOKEN_FILE": str(token)})
+    assert read_token(settings) == "0123456789abcdef"
+    assert not [w for w in warnings if "token" in w]
 
 
 @pytest.mark.parametrize(

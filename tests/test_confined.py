@@ -273,7 +273,11 @@ def test_failures_map_to_the_codes_a_client_can_act_on() -> None:
     assert failure_code(PathNotAllowed("x")) == "path_not_allowed"
     assert failure_code(OSError(24, "Too many open files")) == "too_many_files"
     assert failure_code(OSError(23, "Too many open files in system")) == "too_many_files"
-    assert failure_code(OSError(28, "No space left on device")) == "unavailable"
+    assert failure_code(OSError(28, "No space left on device")) == "disk_full"
+    assert failure_code(OSError(122, "Disk quota exceeded")) == "disk_full"
+    assert failure_code(OSError(30, "Read-only file system")) == "read_only"
+    assert failure_code(OSError(5, "Input/output error")) == "io_error"
+    assert failure_code(OSError(13, "Permission denied")) == "unavailable"
 
 
 def test_a_transcript_that_fails_to_open_leaves_no_descriptor_open(

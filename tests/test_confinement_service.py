@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from sessionlane.system.client import PathNotAllowed, connect
+from sessionlane.actors.fencestore import fence_path
+from sessionlane.system.client import PathNotAllowed, SessionLaneError, connect
 from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(90)]
@@ -202,3 +203,24 @@ def test_status_of_a_refused_path_answers_its_error_at_once(
             sl.status(where)
         assert time.monotonic() - started < PROMPT_S
         assert sl.status().files is not None  # the connection is still fine
+
+
+@pytest.mark.parametrize("sidecar", ["a symlink", "corrupt"])
+def test_a_refused_fence_sidecar_leaves_no_new_empty_transcript_behind(
+    service: Service, root: Path, outside: Path, sidecar: str
+) -> None:
+    path = root / f"new-{sidecar.replace(' ', '-')}.jsonl"
+    fence = Path(fence_path(str(path)))
+    if sidecar == "a symlink":
+        fence.symlink_to(outside / "precious.jsonl")
+    else:
+        fence.write_text("not a fence record")
+    with connect(service.address) as sl:
+        with pytest.raises(SessionLaneError) as refused:
+            sl.lane("turn").acquire(str(path), wait_timeout=5.0)
+        assert refused.value.code in ("path_not_allowed", "unavailable"), refused.value
+        with pytest.raises(SessionLaneError):
+            sl.lane("turn").append(str(path), {"n": 1})
+    assert not path.exists(), "no empty transcript created for a refused request"
+    assert contents(outside) == {"precious.jsonl": b'{"keep":"me"}\n'}
+    fence.unlink()

@@ -184,7 +184,7 @@ def test_ports_beyond_loopback_need_trusted_network_and_the_gateway_follows_bind
     tmp_path: Path,
 ) -> None:
     token = tmp_path / "token"
-    token.write_text("t")
+    token.write_text("t" * 16)
     token.chmod(0o600)
     with pytest.raises(ConfigError) as refused:
         load_settings(env={}, overrides={"bind_host": "10.1.2.3"})
@@ -206,7 +206,7 @@ def test_ports_beyond_loopback_need_trusted_network_and_the_gateway_follows_bind
 
 def test_ports_beyond_loopback_need_no_trusted_network_with_a_cluster_key(tmp_path: Path) -> None:
     token = tmp_path / "token"
-    token.write_text("t")
+    token.write_text("t" * 16)
     token.chmod(0o600)
     key = write_key(tmp_path / "cluster.key")
 
@@ -996,7 +996,9 @@ def test_a_member_without_the_conventions_key_cannot_join_and_the_leader_acts_on
     intruder = f"{convention.network.hosts['b']}:{convention.ports['b']}"
     assert f"member {intruder}" not in leader_log, "no claim of it reached the directory"
     dropped = (tmp_path / "a.thespian.log").read_text()
-    assert "dropped an unauthenticated thespian frame" in dropped
+    hello = "bad hello" if without == "another key" else "no hello"
+    assert f"sessionlane: refused a connection from {convention.network.hosts['b']}" in dropped
+    assert f"({hello})" in dropped, "refused at its first bytes, before any frame"
 
     # The leader still serves, and a member with the key joins it.
     agent = convention.agent(a, "after")

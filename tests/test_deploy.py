@@ -121,7 +121,7 @@ def test_the_container_runs_serve_logging_to_stderr_with_a_config_it_ships(
     ]
     assert ["deploy/container.toml", args.config] in copied
     token = tmp_path / "token"
-    token.write_text("t0k3n\n")
+    token.write_text("t0k3n-0123456789\n")
     token.chmod(0o600)
     settings, _ = load_settings(
         DEPLOY / "container.toml",

@@ -306,7 +306,7 @@ def test_a_failed_fdatasync_turns_the_held_acknowledgements_into_errors(shell: S
     shell.append("a")
     shell.end_of_pass()
     (who, reply), *_ = shell.events
-    assert who == "lane:a" and isinstance(reply, Error) and reply.code == "internal"
+    assert who == "lane:a" and isinstance(reply, Error) and reply.code == "io_error"
     assert "fdatasync failed" in reply.detail
 
 

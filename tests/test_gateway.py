@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from sessionlane.messages import handshake
 from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
@@ -94,11 +95,23 @@ class RawConn:
             if ours and not (skip_queued and reply["type"] == "queued"):
                 return reply
 
-    def hello(self, token: str | None = None) -> dict[str, Any]:
+    def hello(self, token: str | None = None, *, clear: bool = False) -> dict[str, Any]:
+        """Say hello; with ``token``, prove it (``messages.handshake``), or send it in clear as
+        protocol 1's first clients did (``clear``). A welcome's proof is checked."""
         fields: dict[str, Any] = {"type": "hello", "client": "raw-test"}
-        if token is not None:
-            fields["token"] = token
-        return self.request(fields)
+        if token is None or clear:
+            return self.request(fields if token is None else {**fields, "token": token})
+        nonce = os.urandom(handshake.NONCE_BYTES)
+        reply = self.request({**fields, "nonce": nonce})
+        if reply["type"] != "challenge":
+            return reply
+        theirs = reply["nonce"]
+        reply = self.request(
+            {"type": "proof", "proof": handshake.client_proof(token, nonce, theirs)}
+        )
+        if reply["type"] == "welcome":
+            assert reply["proof"] == handshake.server_proof(token, nonce, theirs)
+        return reply
 
     def acquire(self, lane: str, path: Path, **fields: Any) -> dict[str, Any]:
         return self.request(
@@ -209,15 +222,21 @@ def test_a_hello_without_or_with_a_wrong_token_gets_unauthorized_and_nothing_els
     root = tmp_path / "sessions"
     root.mkdir()
     token_file = tmp_path / "token"
-    token_file.write_text("s3cret-token\n")
+    token_file.write_text("s3cret-token-0123\n")
     token_file.chmod(0o600)
     path = root / "t.jsonl"
     with embedded_service(
         [str(root)], log_file=tmp_path / "actors.log", token_file=str(token_file)
     ) as svc:
-        for token in (None, "wrong", "", "s3cret-token-and-more"):
+        for token, clear in (
+            (None, False),
+            ("wrong", False),
+            ("", False),
+            ("s3cret-token-0123-and-more", False),
+            ("s3cret-token-0123", True),  # the right token, in clear: refused too
+        ):
             conn = RawConn(svc.address)
-            reply = conn.hello(token)
+            reply = conn.hello(token, clear=clear)
             assert reply["type"] == "error", token
             assert reply["code"] == "unauthorized", token
             assert "s3cret" not in repr(reply), "the token is never echoed"
@@ -229,7 +248,7 @@ def test_a_hello_without_or_with_a_wrong_token_gets_unauthorized_and_nothing_els
         assert conn.closed_by_service()
         assert not path.exists()
 
-        conn = connect(svc, token="s3cret-token")
+        conn = connect(svc, token="s3cret-token-0123")
         granted = conn.acquire("a", path)
         assert granted["type"] == "granted"
         assert conn.append(granted, {"n": 1})["type"] == "appended"

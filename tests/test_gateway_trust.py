@@ -31,9 +31,11 @@ import msgpack
 import pytest
 from test_gateway import Closed, RawConn
 
+from sessionlane.messages.errors import Unauthorized
 from sessionlane.system.client import connect
 from sessionlane.system.config import NON_CONFIG_ENV, load_settings
 from sessionlane.system.gateway import peercred
+from sessionlane.system.gateway.admission import NO_PROOF_REFUSAL, WRONG_PROOF_REFUSAL
 from sessionlane.system.runtime import launch
 from sessionlane.system.runtime.launch import free_port
 from sessionlane.system.runtime.service import Service, ServiceError
@@ -133,12 +135,16 @@ def test_where_peers_cannot_be_told_apart_the_service_refuses_to_start_without_a
     ):
         pass
     token_file = tmp_path / "token"
-    token_file.write_text("t0ken\n")
+    token_file.write_text("t0ken-0123456789\n")
     token_file.chmod(0o600)
     for opening in ({"token_file": str(token_file)}, {"allow_other_users": True}):
         with running_service(tmp_path, **opening) as (_, addresses):
-            token = "t0ken" if "token_file" in opening else None
-            with connect(addresses[0], token=token) as sl:
+            token = "t0ken-0123456789" if "token_file" in opening else None
+            # Without a token, a client that cannot tell who listens trusts nobody unless told.
+            with pytest.raises(Unauthorized, match="cannot tell which user runs the service"):
+                connect(addresses[0])
+            trust = {} if token else {"service_user": "*"}
+            with connect(addresses[0], token=token, **trust) as sl:
                 assert sl.status().files == []
 
 
@@ -154,11 +160,12 @@ def stranger_tries(address: str, path: Path, token: str | None = None) -> dict[s
         return {"connect": type(exc).__name__}
     try:
         for name, message in (
-            ("hello", {"type": "hello", "client": "nobody", "token": token}),
+            ("hello", None),
             ("acquire", {"type": "acquire", "lane": "x", "path": str(path), "purpose": "prompt"}),
         ):
             try:
-                steps[name] = conn.request({k: v for k, v in message.items() if v is not None})
+                # The hello proves the token when there is one (never sends it in clear).
+                steps[name] = conn.hello(token) if message is None else conn.request(message)
             except (Closed, OSError) as exc:
                 steps[name] = {"type": "closed", "error": type(exc).__name__}
                 return steps
@@ -188,7 +195,7 @@ def as_stranger(fn: Callable[[], dict[str, Any]], seconds: float = 30.0) -> dict
             os.setgroups([])
             os.setgid(STRANGER)
             os.setuid(STRANGER)
-            os.write(write_end, json.dumps(fn()).encode())
+            os.write(write_end, json.dumps(fn(), default=bytes.hex).encode())  # proofs: hex
             code = 0
         except BaseException as exc:  # report, never return into pytest
             os.write(write_end, json.dumps({"child_error": repr(exc)}).encode())
@@ -291,17 +298,24 @@ def test_with_a_token_file_the_stranger_with_the_token_is_admitted_and_without_i
     tmp_path: Path,
 ) -> None:
     token_file = tmp_path / "token"
-    token_file.write_text("s3cret-token\n")
+    token_file.write_text("s3cret-token-0123\n")
     token_file.chmod(0o600)
     with running_service(tmp_path, token_file=str(token_file)) as (_, addresses):
         path = owned_transcript(tmp_path, "token.jsonl")
         refused = as_stranger(lambda: stranger_tries(addresses[0], path))
         assert (refused["hello"]["code"], refused["hello"]["detail"]) == (
             "unauthorized",
-            "bad or no token",
+            NO_PROOF_REFUSAL,
+        )
+        wrong = as_stranger(lambda: stranger_tries(addresses[0], path, token="s3cret-token-9999"))
+        assert (wrong["hello"]["code"], wrong["hello"]["detail"]) == (
+            "unauthorized",
+            WRONG_PROOF_REFUSAL,
         )
         assert path.read_text() == '{"by":"root"}\n'
-        admitted = as_stranger(lambda: stranger_tries(addresses[0], path, token="s3cret-token"))
+        admitted = as_stranger(
+            lambda: stranger_tries(addresses[0], path, token="s3cret-token-0123")
+        )
         assert admitted["hello"]["type"] == "welcome", admitted
         assert admitted["append"]["type"] == "appended", admitted
         assert path.read_text() == '{"by":"root"}\n{"by":"nobody"}\n'

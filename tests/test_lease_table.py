@@ -572,6 +572,51 @@ def test_shutdown_revokes_the_holder_with_reason_shutdown() -> None:
     assert table.check_write(A, first.lease, first.fence) is not None
 
 
+# Ownership moved (the owner sidecar at the path changed) --------------------------------------
+
+
+def test_losing_the_file_answers_waiters_unavailable_and_revokes_the_holder() -> None:
+    table = make_table()
+    first = hold(table, A)
+    table.acquire("r2", B, "prompt", 1)
+
+    effects = table.shutdown(
+        3, code="unavailable", detail="served elsewhere", reason="ownership_lost"
+    )
+
+    assert rejected(effects) == {"r2": "unavailable"}
+    assert Revoke(A, first.lease, "ownership_lost") in effects
+    assert table.check_write(A, first.lease, first.fence) is not None
+    assert rejected(table.acquire("r3", C, "prompt", 4)) == {"r3": "shutting_down"}
+    assert table.idle()
+
+
+def test_a_floor_found_at_the_new_owner_sidecar_lifts_later_fences_above_it() -> None:
+    table = make_table()
+    first = hold(table, A)
+    assert table.raise_floor(first.fence, 1) == []  # nobody granted above us: nothing changes
+    table.release("rel", A, first.lease, 2)
+
+    assert table.raise_floor(5_000, 3) == []
+    effects = table.acquire("r2", B, "prompt", 4)
+    assert grant_of(effects).fence == 5_001
+    assert ReserveFences(5_000 + BLOCK) in effects
+
+
+def test_a_holder_below_the_floor_at_the_new_owner_sidecar_is_revoked_and_a_waiter_granted() -> (
+    None
+):
+    table = make_table()
+    first = hold(table, A)
+    table.acquire("r2", B, "prompt", 1)
+
+    effects = table.raise_floor(5_000, 2)
+
+    assert effects[0] == Revoke(A, first.lease, "ownership_lost")
+    assert grant_of(effects).req == "r2" and grant_of(effects).fence == 5_001
+    assert table.check_write(A, first.lease, first.fence) is not None
+
+
 # Timers ------------------------------------------------------------------------------------
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +92,7 @@ def test_the_file_handler_rotates_and_opens_the_file_only_at_its_first_line(
 ) -> None:
     config = log_config(tmp_path / "x.log", "info")
     handler = config["handlers"]["file"]
-    assert handler["class"] == "logging.handlers.RotatingFileHandler"
+    assert handler["()"] == "sessionlane.system.ops.logs.PrivateRotatingFileHandler"
     assert handler["maxBytes"] == logs.MAX_BYTES and handler["backupCount"] == logs.BACKUPS
     assert handler["delay"] is True and handler["level"] == "INFO"
     assert config["filters"]["levels"]["level"] == "INFO"
@@ -121,3 +123,49 @@ def test_at_info_an_actor_s_debug_line_stays_out_of_the_log_file(tmp_path: Path)
             assert time.monotonic() < deadline, "the INFO line never reached the log"
             time.sleep(0.02)
         assert "debug-marker" not in log_file.read_text()
+
+
+@pytest.fixture
+def usual_umask() -> Iterator[None]:
+    """The usual umask (022), under which ``open`` creates files 0644, whatever the runner's."""
+    saved = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(saved)
+
+
+@pytest.mark.usefixtures("usual_umask")
+def test_the_log_file_and_every_rotated_one_are_the_owners_only(tmp_path: Path) -> None:
+    old = tmp_path / "x.log"
+    old.write_text("from before logs were private\n")
+    old.chmod(0o644)
+    handler = logs.PrivateRotatingFileHandler(old, maxBytes=64, backupCount=2, delay=True)
+    try:
+        for n in range(10):
+            handler.emit(logging.makeLogRecord({"msg": f"line {n:03d} " + "x" * 40}))
+    finally:
+        handler.close()
+    files = sorted(tmp_path.glob("x.log*"))
+    assert [f.name for f in files] == ["x.log", "x.log.1", "x.log.2"]
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {logs.FILE_MODE}
+
+
+@pytest.mark.tcp
+@pytest.mark.usefixtures("usual_umask")
+def test_a_system_s_log_and_thespian_s_log_beside_it_are_created_0600(tmp_path: Path) -> None:
+    log_file = tmp_path / "actors.log"
+    with tcp_system(log_file=log_file, log_level="INFO") as system:
+        actor = system.asys.createActor(ChattyActor)
+        assert system.asys.ask(actor, "marker", 10) == "marker"
+        deadline = time.monotonic() + WAIT_S
+        while "info-marker" not in (log_file.read_text() if log_file.exists() else ""):
+            assert time.monotonic() < deadline, "the INFO line never reached the log"
+            time.sleep(0.02)
+        from thespian.system.utilis import thesplog
+
+        thesplog("a line of thespian's own", level=logging.WARNING)
+    thespian_log = tmp_path / "actors.thespian.log"
+    assert thespian_log.exists()
+    for path in (log_file, thespian_log):
+        assert stat.S_IMODE(path.stat().st_mode) == logs.FILE_MODE, path

@@ -52,6 +52,7 @@ from sessionlane.messages.wire import (
     Alive,
     Append,
     Appended,
+    Challenge,
     Error,
     ExternalChange,
     FileStatus,
@@ -59,6 +60,7 @@ from sessionlane.messages.wire import (
     Hello,
     HolderStatus,
     Keepalive,
+    Proof,
     Queued,
     QueueEntry,
     Recover,
@@ -86,6 +88,8 @@ def union_members(union: Any) -> set[type]:
 
 REQUESTS: list[BaseModel] = [
     Hello(id=1, client="tests/1.0", token="s3cret"),
+    Hello(id=1, client="tests/1.0", nonce=b"n" * 32),
+    Proof(id=2, proof=b"p" * 32),
     Acquire(
         id="a-1",
         lane="agent:main:chat",
@@ -109,6 +113,8 @@ REQUESTS: list[BaseModel] = [
 
 REPLIES: list[BaseModel] = [
     Welcome(id=1, server="sessionlane/0.1", protocol=1),
+    Welcome(id=2, server="sessionlane/0.1", protocol=1, proof=b"s" * 32),
+    Challenge(id=1, nonce=b"c" * 32),
     Queued(id="a-1", position=3),
     Granted(id=2, lease="ab12cd34-9", fence=9, path="/srv/s.jsonl", purpose="recovery"),
     Skipped(id=3, path="/srv/s.jsonl"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 import urllib.request
@@ -15,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.messages.wire import FileStatus
 from sessionlane.system.config import ConfigError, load_settings, parse_metrics_listen
+from sessionlane.system.ops import metrics
 from sessionlane.system.ops.metrics import MetricsServer, ServiceCollector, Totals, serve_metrics
 from sessionlane.system.runtime.service import embedded_service
 
@@ -276,3 +279,73 @@ def test_a_scraper_polling_status_faster_than_idle_ms_does_not_keep_a_file_alive
             assert time.monotonic() < deadline, f"still alive after {polls} status queries"
             time.sleep(0.05)
         assert polls >= 1
+
+
+def answer_of(sock: socket.socket) -> bytes:
+    """What the endpoint sent before it closed ``sock`` (fails if it stays open)."""
+    data = b""
+    sock.settimeout(SCRAPE_WAIT_S)
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+@pytest.mark.tcp
+def test_slow_metrics_clients_hold_at_most_the_thread_cap_and_only_until_the_deadline(
+    scraped: tuple[Any, MetricsServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "REQUEST_DEADLINE_S", 600.0)  # first: the cap alone
+    monkeypatch.setattr(metrics._Handler, "timeout", 600.0)  # and then the deadline alone
+    _, server = scraped
+    cap, extra = metrics.MAX_REQUEST_THREADS, 12
+    threads_before = threading.active_count()
+    idle = [socket.create_connection((server.host, server.port), timeout=30) for _ in range(cap)]
+    deadline = time.monotonic() + SCRAPE_WAIT_S
+    while server.http.active() < cap:
+        assert time.monotonic() < deadline, "the first connections were never served"
+        time.sleep(0.01)
+    past = [socket.create_connection((server.host, server.port), timeout=30) for _ in range(extra)]
+    try:
+        for sock in past:
+            assert answer_of(sock).startswith(b"HTTP/1.0 503 "), "refused at once, answered"
+        assert server.http.refused == extra
+        assert server.http.active() <= cap
+        assert threading.active_count() - threads_before <= cap
+
+        monkeypatch.setattr(metrics, "REQUEST_DEADLINE_S", 2.0)
+        for sock in idle:
+            assert answer_of(sock) == b"", "an idle connection is closed by the deadline"
+        while server.http.active():
+            assert time.monotonic() < deadline, "a thread still serves a closed connection"
+            time.sleep(0.01)
+
+        stop = threading.Event()
+        trickler = socket.create_connection((server.host, server.port), timeout=30)
+        sent = [0]
+
+        def trickle() -> None:  # one byte of a request line every 0.5 s, never a whole line
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    trickler.send(b"G")
+                    sent[0] += 1
+                    stop.wait(0.5)
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        try:
+            assert answer_of(trickler) == b"", "a trickling one too"
+            assert sent[0] < 20
+        finally:
+            stop.set()
+            thread.join(10)
+            trickler.close()
+        while server.http.active():
+            assert time.monotonic() < deadline, "a thread still serves the trickler"
+            time.sleep(0.01)
+        assert scrape(server)[("sessionlane_up", ())] == 1, "and a scrape is served after them"
+    finally:
+        for sock in idle + past:
+            sock.close()

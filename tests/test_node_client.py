@@ -243,7 +243,7 @@ def test_the_node_client_presents_a_token_and_reports_a_max_hold_revocation(
     root = tmp_path / "sessions"
     root.mkdir()
     token_file = tmp_path / "token"
-    token_file.write_text("node-token")
+    token_file.write_text("node-token-0123456789")
     token_file.chmod(0o600)
     path = root / "events.jsonl"
     with embedded_service(
@@ -251,7 +251,7 @@ def test_the_node_client_presents_a_token_and_reports_a_max_hold_revocation(
     ) as svc:
         index = str(NODE_DIR / "dist" / "index.js")
         proc = subprocess.Popen(
-            [node, "-e", EVENTS_SCRIPT, index, svc.address, str(path), "node-token"],
+            [node, "-e", EVENTS_SCRIPT, index, svc.address, str(path), "node-token-0123456789"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

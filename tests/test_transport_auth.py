@@ -25,7 +25,7 @@ import pytest
 from sessionlane.actors import procfs
 from sessionlane.system.client import connect
 from sessionlane.system.config import load_settings
-from sessionlane.system.runtime import admin_fork, launch, transport_auth
+from sessionlane.system.runtime import admin_fork, connection_auth, launch, transport_auth
 from sessionlane.system.runtime.launch import PingActor, TcpSystem
 from sessionlane.system.runtime.service import Service, ServiceError, embedded_service
 
@@ -217,6 +217,13 @@ def sealed(marker: Path, actor: Any, *, sender: bytes, seq: int) -> bytes:
     return transport_auth._sealed_frame(transport_auth._Hmac(key), sender, seq, body)
 
 
+def our_hello() -> bytes:
+    """What an endpoint of ours opens a connection with (a fresh nonce each call)."""
+    key = transport_auth._mac_key
+    assert key is not None
+    return connection_auth.hello(key)
+
+
 @pytest.mark.tcp
 def test_a_wrong_or_truncated_mac_or_another_services_secret_is_dropped_and_a_replay_too(
     tcp: TcpSystem, markers: Path
@@ -230,14 +237,18 @@ def test_a_wrong_or_truncated_mac_or_another_services_secret_is_dropped_and_a_re
     good = sealed(marker, actor, sender=sender, seq=1)
     payload = good[good.index(b">") + 1 :]
     flipped = payload[:5] + bytes([payload[5] ^ 1]) + payload[6:]
+    other = os.urandom(32)
     forged = [
-        thespian_frame(flipped),  # valid length, wrong MAC
-        thespian_frame(payload[16:]),  # MAC truncated to half
-        thespian_frame(payload[:20]),  # shorter than a MAC
-        b"x" * 64,  # no length header at all
-        transport_auth.authenticated_frame(
-            (None, Marker(str(marker))), os.urandom(32), sender=sender, seq=1
+        our_hello() + thespian_frame(flipped),  # valid length, wrong MAC
+        our_hello() + thespian_frame(payload[16:]),  # MAC truncated to half
+        our_hello() + thespian_frame(payload[:20]),  # shorter than a MAC
+        our_hello() + b"x" * 64,  # no length header at all
+        transport_auth.connection_hello(other)
+        + transport_auth.authenticated_frame(
+            (None, Marker(str(marker))), other, sender=sender, seq=1
         ),  # another service's secret
+        good,  # our frame, but no hello first
+        transport_auth.connection_hello(other) + good,  # our frame after another key's hello
     ]
     for frame in forged:
         assert send_frame("127.0.0.1", port, frame) == b"", "closed without a reply"
@@ -247,11 +258,13 @@ def test_a_wrong_or_truncated_mac_or_another_services_secret_is_dropped_and_a_re
     # The control: the same bytes under our key are accepted (so the MAC is what stopped the
     # others), once. Replayed, on a new connection, they are dropped.
     with socket.create_connection(("127.0.0.1", port), timeout=REPLY_TIMEOUT_S) as sock:
-        sock.sendall(good)
+        opening = our_hello()
+        sock.sendall(opening + good)
         assert sock.recv(4096) != b"", "acknowledged (and the connection kept for reuse)"
     assert marker.exists()
     marker.unlink()
-    assert send_frame("127.0.0.1", port, good) == b""
+    assert send_frame("127.0.0.1", port, our_hello() + good) == b""
+    assert send_frame("127.0.0.1", port, opening) == b"", "a replayed hello is refused"
     assert not marker.exists(), "a replayed frame was unpickled"
     assert tcp.asys.ask(actor, "after", ASK_TIMEOUT)[:2] == ("pong", "after")
 
@@ -278,6 +291,21 @@ def test_no_process_of_the_system_holds_a_socket_of_the_process_that_started_it(
         assert not procfs.socket_inodes(pid) & mine, f"member {pid} inherited our sockets"
     own_ports = {port for _, port in own_listeners()}
     assert not own_ports & {port for _, port, _ in tcp.listening_addresses()}
+
+
+@pytest.mark.tcp
+def test_the_logger_does_not_hold_the_admins_listening_socket(tcp: TcpSystem) -> None:
+    members = tcp.members()
+    assert tcp.admin_pid in members and len(members) == 2, "the admin and its logger only"
+    (logger,) = [pid for pid in members if pid != tcp.admin_pid]
+    admin_listeners = {
+        inode
+        for inode, (_, port) in procfs.listening_tcp().items()
+        if port == tcp.admin_port and inode in procfs.socket_inodes(tcp.admin_pid)
+    }
+    assert admin_listeners, "the admin listens on its port"
+    assert not procfs.socket_inodes(logger) & admin_listeners
+    assert tcp.asys.ask(tcp.asys.createActor(PingActor), "logs", ASK_TIMEOUT) is not None
 
 
 def test_a_sender_counter_is_accepted_once_even_out_of_order_but_not_below_the_window() -> None:
@@ -334,6 +362,18 @@ def test_the_authentication_fails_closed_if_thespian_moved_what_it_patches(
     monkeypatch.setattr(transport_auth, "_mac_key", None)
     monkeypatch.setattr(TCPTransport, "ReceiveBuffer", object)
     with pytest.raises(RuntimeError, match=r"cannot apply \(TCPTransport.ReceiveBuffer"):
+        transport_auth.install()
+
+
+@pytest.mark.parametrize("moved", ["_acceptNewIncoming", "_handleReadableIncoming", "_next_XMIT_1"])
+def test_the_connection_hello_fails_closed_if_thespian_moved_what_it_patches(
+    monkeypatch: pytest.MonkeyPatch, moved: str
+) -> None:
+    from thespian.system.transport import TCPTransport
+
+    monkeypatch.setattr(transport_auth, "_mac_key", None)
+    monkeypatch.setattr(TCPTransport.TCPTransport, moved, lambda self, *args: None)
+    with pytest.raises(RuntimeError, match=rf"cannot apply \(.*TCPTransport\.{moved}"):
         transport_auth.install()
 
 

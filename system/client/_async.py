@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from tenacity import AsyncRetrying
 
 from sessionlane.messages.codec import FrameReader, decode_reply
-from sessionlane.messages.errors import SessionLaneError, Unavailable
+from sessionlane.messages.errors import SessionLaneError, Unauthorized, Unavailable
 from sessionlane.messages.wire import (
     Durability,
     OnContention,
@@ -56,8 +56,10 @@ from sessionlane.system.client._core import (
     Settings,
     log,
     parse_address,
+    service_refusal,
 )
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
+from sessionlane.system.gateway import peercred
 
 __all__ = ["AsyncLane", "AsyncLease", "AsyncSessionLane", "connect_async"]
 
@@ -75,6 +77,7 @@ def connect_async(
     reconnect_for: float = 0.0,
     max_record_bytes: int | None = MAX_RECORD_BYTES,
     max_frame_bytes: int | None = MAX_FRAME_BYTES,
+    service_user: int | str | None = None,
 ) -> AsyncSessionLane:
     """A client for ``address``; ``await`` it or enter it with ``async with`` to connect.
 
@@ -82,7 +85,7 @@ def connect_async(
     ``$SESSIONLANE_LISTEN``, else ``tcp://127.0.0.1:7420``; a refused connect raises
     ``Unavailable`` at once unless ``reconnect_for`` (seconds) asks to keep trying; ``timeout``
     bounds the connect and every reply (beyond a request's own wait timeout). A malformed address
-    raises ``ValueError``.
+    raises ``ValueError``. ``service_user``: who must run the service, as for ``connect``.
     """
     return AsyncSessionLane(
         Settings.of(
@@ -93,6 +96,7 @@ def connect_async(
             reconnect_for=reconnect_for,
             max_record_bytes=max_record_bytes,
             max_frame_bytes=max_frame_bytes,
+            service_user=service_user,
         )
     )
 
@@ -173,6 +177,10 @@ class AsyncSessionLane:
             opening = asyncio.open_connection(*where)
         reader, writer = await asyncio.wait_for(opening, self.settings.timeout)
         try:
+            sock = writer.get_extra_info("socket")
+            refusal = service_refusal(self.settings, peercred.peer_uid(sock))
+            if refusal is not None:
+                raise Unauthorized(refusal)
             link, hello = self.core.opened(
                 _Stream(reader, writer), asyncio.get_running_loop().time()
             )
@@ -183,7 +191,11 @@ class AsyncSessionLane:
             self._read_loop(link), name=f"sessionlane-client-{link.generation}"
         )
         try:
-            self.core.welcomed(link, await self._exchange(link, ops.Call(hello)))
+            reply = await self._exchange(link, ops.Call(hello))
+            proof = self.core.challenged(link, reply)
+            if proof is not None:
+                reply = await self._exchange(link, ops.Call(proof))
+            self.core.welcomed(link, reply)
         except BaseException:
             self._drop(link, "hello failed")
             raise

@@ -15,29 +15,37 @@ Invariants:
 - a lease belongs to the connection that granted it: when that connection ends, every lease
   is revoked (``connection_lost``, or ``connection_closed`` by ``close()``) and none is carried
   to the next connection;
-- once closed, a client opens no connection again.
+- once closed, a client opens no connection again;
+- nothing is sent on a connection before its other end was found to be the expected service:
+  its socket's owner (:func:`service_refusal`; by default this user, unless a token is given)
+  and, with a token, its proof of the token (:meth:`ClientCore.welcomed`). The token itself
+  is never sent (``sessionlane.messages.handshake``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pwd
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from tenacity import retry_if_exception_type, stop_after_delay, wait_exponential
 
 from sessionlane.messages.codec import frame
-from sessionlane.messages.errors import LeaseRevoked, Unavailable, error_for
+from sessionlane.messages.errors import LeaseRevoked, Unauthorized, Unavailable, error_for
+from sessionlane.messages.handshake import NONCE_BYTES, client_proof, matches, server_proof
 from sessionlane.messages.wire import (
     AbortRequested,
     Acquire,
+    Challenge,
     Error,
     ExternalChange,
     ExternalChangeKind,
     Granted,
     Hello,
     Keepalive,
+    Proof,
     Recover,
     Release,
     Reply,
@@ -60,6 +68,8 @@ __all__ = [
     "default_address",
     "log",
     "parse_address",
+    "resolve_user",
+    "service_refusal",
 ]
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7420"
@@ -114,6 +124,57 @@ def anchor(path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
+ANY_USER = "*"
+"""``service_user`` that trusts whoever listens at the address (no owner check)."""
+
+
+def resolve_user(user: int | str | None) -> int | str | None:
+    """``service_user`` as a uid (a name or a number), ``"*"``, or None (the default).
+
+    Raises ``ValueError`` for a name this machine does not know.
+    """
+    if user is None or isinstance(user, int) or user == ANY_USER:
+        return user
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ValueError(f"service_user {user!r}: no such user on this machine") from None
+
+
+def service_refusal(settings: Settings, owner: int | None) -> str | None:
+    """Why the service whose socket belongs to ``owner`` (None: cannot be told) must not be
+    talked to, or None. Checked on the connected socket before anything is sent.
+
+    Without a token, its owner must be ``service_user``, by default this process's user:
+    anyone else listening at the address (another user who took the port while the service
+    was stopped) is refused. With a token, the service's proof of it decides, and the owner
+    is checked only if ``service_user`` names one.
+    """
+    wanted = settings.service_user
+    if wanted == ANY_USER or (wanted is None and settings.token is not None):
+        return None
+    expected = os.geteuid() if wanted is None else int(wanted)
+    where = f"the service at {settings.address}"
+    if owner is None:
+        if settings.token is not None:
+            return None
+        return (
+            f"cannot tell which user runs {where} (not a local connection, or not Linux):"
+            " nothing was sent; give the service a token_file and this client its token,"
+            " or pass service_user='*' to trust whoever listens there"
+        )
+    if owner == expected:
+        return None
+    default = " (this client's user)" if wanted is None else ""
+    return (
+        f"{where} runs as uid {owner}, not uid {expected}{default}: nothing was sent (another"
+        " user may hold the address while the service is stopped); if that user's service is"
+        f" meant, pass service_user={owner}"
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """What ``connect`` / ``connect_async`` were given (see ``connect`` for each one)."""
@@ -125,14 +186,20 @@ class Settings:
     reconnect_for: float = 0.0
     max_record_bytes: int | None = MAX_RECORD_BYTES
     max_frame_bytes: int | None = MAX_FRAME_BYTES
+    service_user: int | str | None = None
+    """Who must own the service's socket: a uid, ``"*"`` (anyone), or None: this process's
+    user without a token, no owner check with one (its proof decides). See
+    :func:`service_refusal`."""
 
     @classmethod
     def of(cls, address: str | None, token: str | None, **options: Any) -> Settings:
-        """The settings of a new client; a malformed address raises ``ValueError`` here, not
-        at the first call. The token is compared as the service compares it: surrounding
-        whitespace (a file's trailing newline) is not part of it."""
+        """The settings of a new client; a malformed address or an unknown ``service_user``
+        raises ``ValueError`` here, not at the first call. The token is compared as the
+        service compares it: surrounding whitespace (a file's trailing newline) is not part
+        of it."""
         address = default_address() if address is None else address
         parse_address(address)
+        options["service_user"] = resolve_user(options.get("service_user"))
         return cls(address, None if token is None else token.strip(), **options)
 
     def retry_policy(self) -> dict[str, Any]:
@@ -208,6 +275,10 @@ class Link(Generic[W, T]):
     """Acquires whose caller stopped waiting: a grant that still comes is released."""
     lost: str | None = None
     """Why the connection ended, once it has."""
+    nonce: bytes | None = None
+    """With a token: this client's nonce of the token proof, sent in the hello."""
+    challenge: bytes | None = None
+    """With a token: the service's nonce, from its ``challenge``."""
 
 
 @dataclass(frozen=True)
@@ -253,19 +324,60 @@ class ClientCore(Generic[W, T]):
             raise Unavailable("the connection was closed")
         self._generation += 1
         link: Link[W, T] = Link(transport, self._generation, last_sent=now)
-        return link, Hello(client=f"python:{os.getpid()}", token=self.settings.token)
+        if self.settings.token is not None:
+            link.nonce = os.urandom(NONCE_BYTES)
+        return link, Hello(client=f"python:{os.getpid()}", nonce=link.nonce)
+
+    def challenged(self, link: Link[W, T], reply: Reply) -> Proof | None:
+        """The proof to send if ``reply`` (to the hello) is the service's ``challenge``; None
+        if it is the final reply (for :meth:`welcomed`).
+
+        Raises ``Unauthorized`` if the service challenges a client that has no token.
+        """
+        if isinstance(reply, Error) and link.nonce is not None and "nonce" in reply.detail:
+            raise Unauthorized(
+                f"the service at {self.settings.address} is older than this client: it does"
+                f" not take the token proof ({reply.code}: {reply.detail}); upgrade the"
+                " service (this client never sends the token itself)"
+            )
+        if not isinstance(reply, Challenge):
+            return None
+        if self.settings.token is None or link.nonce is None:
+            raise Unauthorized(
+                f"the service at {self.settings.address} requires a token (it has a"
+                " token_file): connect with token="
+            )
+        link.challenge = reply.nonce
+        return Proof(proof=client_proof(self.settings.token, link.nonce, reply.nonce))
 
     def welcomed(self, link: Link[W, T], reply: Reply) -> None:
-        """The reply to ``link``'s hello arrived: from now on ``link`` carries the requests.
+        """The final reply to ``link``'s hello arrived: from now on ``link`` carries the
+        requests.
 
-        Raises the error it carries (``Unauthorized``, ...), or ``Unavailable`` if the client
-        was closed meanwhile; the surface then drops the link.
+        Raises the error it carries (``Unauthorized``, ...), ``Unauthorized`` if, with a
+        token, the service did not prove it knows it, or ``Unavailable`` if the client was
+        closed meanwhile; the surface then drops the link.
         """
         if isinstance(reply, Error):
             raise error_for(reply.code, reply.detail, reply.path)
         if self.closed or link.lost is not None:
             raise Unavailable("the connection was closed")
-        assert isinstance(reply, Welcome), reply
+        if not isinstance(reply, Welcome):
+            raise Unauthorized(f"the service answered the hello with {reply.type}")
+        token = self.settings.token
+        if token is not None:
+            where = f"the service at {self.settings.address}"
+            if link.nonce is None or link.challenge is None:
+                raise Unauthorized(
+                    f"{where} did not ask for the token proof: it has no token_file, or it is"
+                    " not the service; nothing was sent (connect without the token if the"
+                    " service has none)"
+                )
+            if not matches(reply.proof, server_proof(token, link.nonce, link.challenge)):
+                raise Unauthorized(
+                    f"{where} did not prove it knows the token: it is not the service, or its"
+                    " token_file holds another token; nothing was sent"
+                )
         self.server = reply.server
         self.link = link
 

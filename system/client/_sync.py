@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tenacity import Retrying
 
 from sessionlane.messages.codec import FrameReader, decode_reply
-from sessionlane.messages.errors import SessionLaneError, Unavailable
+from sessionlane.messages.errors import SessionLaneError, Unauthorized, Unavailable
 from sessionlane.messages.wire import (
     Durability,
     OnContention,
@@ -61,8 +61,10 @@ from sessionlane.system.client._core import (
     Settings,
     log,
     parse_address,
+    service_refusal,
 )
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
+from sessionlane.system.gateway import peercred
 
 if TYPE_CHECKING:
     from sessionlane.system.client._async import AsyncSessionLane
@@ -82,6 +84,7 @@ def connect(
     reconnect_for: float = 0.0,
     max_record_bytes: int | None = MAX_RECORD_BYTES,
     max_frame_bytes: int | None = MAX_FRAME_BYTES,
+    service_user: int | str | None = None,
 ) -> SessionLane:
     """Open a connection to ``address`` (default: ``$SESSIONLANE_LISTEN``, else
     ``tcp://127.0.0.1:7420``).
@@ -92,7 +95,11 @@ def connect(
     connection) keeps retrying while refused; 0, the default, raises ``Unavailable`` at once.
     ``max_record_bytes`` / ``max_frame_bytes``: the limits checked before sending (the
     service's defaults; set them to the service's values if it raised its own, or None to
-    leave the check to the service). A malformed address raises ``ValueError``.
+    leave the check to the service). ``service_user``: who must run the service (a uid, a
+    user name, or ``"*"`` for anyone); by default, without a token, this process's user, and
+    with a token nobody in particular (the service proves the token instead): see
+    ``docs/security-clients.md``. A service that fails the check raises ``Unauthorized``
+    before anything is sent. A malformed address or an unknown user raises ``ValueError``.
     """
     sl = SessionLane(
         Settings.of(
@@ -103,6 +110,7 @@ def connect(
             reconnect_for=reconnect_for,
             max_record_bytes=max_record_bytes,
             max_frame_bytes=max_frame_bytes,
+            service_user=service_user,
         )
     )
     sl.reconnect()
@@ -193,6 +201,9 @@ class SessionLane:
     def _open(self) -> None:
         sock = _dial(self.settings)
         try:
+            refusal = service_refusal(self.settings, peercred.peer_uid(sock))
+            if refusal is not None:
+                raise Unauthorized(refusal)
             with self._lock:
                 link, hello = self.core.opened(sock, time.monotonic())
         except BaseException:
@@ -203,6 +214,10 @@ class SessionLane:
         ).start()
         try:
             reply = self._exchange(link, ops.Call(hello))
+            with self._lock:
+                proof = self.core.challenged(link, reply)
+            if proof is not None:
+                reply = self._exchange(link, ops.Call(proof))
             with self._lock:
                 self.core.welcomed(link, reply)
         except BaseException:

@@ -4,8 +4,12 @@ The gateway (``sessionlane.system.gateway.gateway``) asks these questions; nothi
 socket or a clock (times are passed in, in milliseconds):
 
 * :class:`Policy` and :func:`hello_refusal`: at ``hello``, with a ``token_file`` the token
-  decides; without one, the peer's uid (read once, at accept, by
-  ``sessionlane.system.gateway.peercred``) must be the service's own, unless ``allow_other_users``.
+  proof decides (``sessionlane.messages.handshake``; a token sent in clear is refused); without
+  one, the peer's uid (read once, at accept, by ``sessionlane.system.gateway.peercred``) must
+  be the service's own, unless ``allow_other_users``.
+* :class:`ProofDelays`: a wrong token proof pushes back when the next proof of the same peer
+  (its uid, else its host) is checked, doubling up to 8 s: guessing is slowed per peer, in a
+  table of bounded size.
   :func:`startup_refusal`: where the platform cannot tell who a peer is, a service without a
   token refuses to start.
 * :func:`connection_cap`: ``max_connections``, lowered so the gateway's process always keeps
@@ -19,17 +23,21 @@ socket or a clock (times are passed in, in milliseconds):
 
 from __future__ import annotations
 
-import hmac
 import sys
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from sessionlane.actors.endpoint import AcceptBackoff
 
 __all__ = [
+    "CLEAR_TOKEN_REFUSAL",
     "MAX_HELLO_BYTES",
+    "NO_PROOF_REFUSAL",
+    "WRONG_PROOF_REFUSAL",
     "AcceptBackoff",
     "HelloDeadlines",
     "Policy",
+    "ProofDelays",
     "RateLimit",
     "connection_cap",
     "hello_refusal",
@@ -48,7 +56,7 @@ class Policy:
     """The gateway's admission rule, fixed at start."""
 
     token: str | None
-    """From ``token_file``: when set, a hello must carry it, whoever the peer is."""
+    """From ``token_file``: when set, a client must prove it knows it, whoever the peer is."""
     allow_other_users: bool
     """Without a token, admit peers of any user (else only ``service_uid``'s)."""
     service_uid: int
@@ -57,6 +65,23 @@ class Policy:
     def by_peer(self) -> bool:
         """Whether the peer's uid decides (no token, other users not allowed)."""
         return self.token is None and not self.allow_other_users
+
+    @property
+    def reads_uid(self) -> bool:
+        """Whether the peer's uid is read at accept: it decides, or (with a token) it keeps
+        other users' unadmitted connections under the per-user cap."""
+        return self.by_peer or self.token is not None
+
+    def is_stranger(self, peer_uid: int | None) -> bool:
+        """Whether an unadmitted connection from ``peer_uid`` falls under the strangers' cap.
+
+        Without a token, every peer but the service's user (the uid check will refuse it).
+        With one, a peer whose user is known and is not the service's: it may hold the
+        token, but until it proved it, it must not crowd the service's own user out.
+        """
+        if self.by_peer:
+            return peer_uid != self.service_uid
+        return self.token is not None and peer_uid is not None and peer_uid != self.service_uid
 
 
 def startup_refusal(
@@ -71,22 +96,39 @@ def startup_refusal(
         return None
     return (
         f"on this platform ({platform}) the gateway cannot tell which user a connection comes"
-        " from, so it would serve every local user: set token_file (clients present its"
+        " from, so it would serve every local user: set token_file (clients prove they know its"
         " content), or allow_other_users = true to admit every local user knowingly"
     )
 
 
-def hello_refusal(policy: Policy, peer_uid: int | None, token: str | None) -> str | None:
-    """Why a hello carrying ``token`` from a peer running as ``peer_uid`` is refused, or None.
+CLEAR_TOKEN_REFUSAL = (
+    "the token was sent in clear; this service takes only a proof of it (hello with a nonce,"
+    " then proof: docs/protocol.md): upgrade the client, and replace the token if it may"
+    " have been seen"
+)
+NO_PROOF_REFUSAL = (
+    "this service has a token_file: the client must prove the token (hello with a nonce, then"
+    " proof); give the client the token"
+)
+WRONG_PROOF_REFUSAL = "wrong token proof: the client's token is not the service's"
 
-    ``peer_uid`` None means the peer's user could not be told. The detail is what the
-    ``unauthorized`` error says to the client: why, and what the operator can do.
+
+def hello_refusal(
+    policy: Policy, peer_uid: int | None, token: str | None, nonce: bytes | None = None
+) -> str | None:
+    """Why a hello (carrying ``token`` in clear, or ``nonce`` for the token proof) from a peer
+    running as ``peer_uid`` is refused, or None.
+
+    With a token, None means "challenge it": the proof that follows decides. ``peer_uid``
+    None means the peer's user could not be told. The detail is what the ``unauthorized``
+    error says to the client: why, and what the operator can do.
     """
     if policy.token is not None:
-        given = (token or "").encode()
-        if hmac.compare_digest(given, policy.token.encode()):
-            return None
-        return "bad or no token"
+        if token is not None:
+            return CLEAR_TOKEN_REFUSAL
+        if nonce is None:
+            return NO_PROOF_REFUSAL
+        return None
     if policy.allow_other_users or peer_uid == policy.service_uid:
         return None
     remedy = "configure token_file or allow_other_users"
@@ -161,3 +203,86 @@ class RateLimit:
         self._next = now + self.period_ms
         suppressed, self._suppressed = self._suppressed, 0
         return suppressed
+
+
+@dataclass
+class _Strikes:
+    """One peer's record of wrong proofs."""
+
+    failures: int = 0
+    """Wrong proofs since the last right one (or since it was forgotten)."""
+    pending: int = 0
+    """Proofs waiting for their turn to be checked."""
+    next_at: float = 0.0
+    """When the next proof of this peer may be checked."""
+
+
+@dataclass
+class ProofDelays:
+    """When each peer's next token proof may be checked; wrong proofs push it back.
+
+    A peer is what the gateway can tell apart: a uid where it is known, else a host. Its
+    first proof is checked at once; after ``n`` wrong ones, each next proof waits
+    ``base_ms * 2**(n-1)`` (at most ``max_ms``) after the one before it, whether it turns out
+    right or wrong, so sending many proofs at once does not guess faster. A right proof
+    forgets the peer; so does ``forget_ms`` without a proof. The table keeps the
+    ``max_peers`` most recently active peers (memory stays bounded whatever the peers).
+    A proof that would wait more than ``max_wait_ms`` is refused at once, unchecked.
+    """
+
+    base_ms: float = 250.0
+    max_ms: float = 8_000.0
+    forget_ms: float = 60_000.0
+    max_wait_ms: float = 30_000.0
+    max_peers: int = 4_096
+    _peers: dict[Hashable, _Strikes] = field(default_factory=dict)
+
+    def delay(self, strikes: int) -> float:
+        """The wait after a proof, for a peer with ``strikes`` wrong or pending proofs."""
+        if strikes <= 0:
+            return 0.0
+        return float(min(self.max_ms, self.base_ms * 2 ** min(strikes - 1, 32)))
+
+    def slot(self, peer: Hashable, now: float) -> float | None:
+        """When a proof from ``peer`` that arrived at ``now`` may be checked (the turn is
+        taken); None if it would wait too long (refuse it at once)."""
+        strikes = self._peers.pop(peer, None)
+        if strikes is None or (strikes.pending == 0 and now - strikes.next_at > self.forget_ms):
+            strikes = _Strikes(next_at=now)
+        at = max(now, strikes.next_at)
+        self._peers[peer] = strikes  # most recently active last
+        if at - now > self.max_wait_ms:
+            return None
+        # Without wrong proofs, a burst of proofs (a pool connecting at once) is not spaced.
+        spacing = self.delay(strikes.failures + strikes.pending) if strikes.failures else 0.0
+        strikes.next_at = at + spacing
+        strikes.pending += 1
+        while len(self._peers) > self.max_peers:
+            del self._peers[next(iter(self._peers))]
+        return at
+
+    def checked(self, peer: Hashable, right: bool, now: float) -> None:
+        """A proof of ``peer`` whose turn came was ``right`` or not (``now``: when)."""
+        strikes = self._peers.get(peer)
+        if strikes is None:  # forgotten meanwhile (the table was full)
+            if right:
+                return
+            strikes = self._peers[peer] = _Strikes(next_at=now)
+            strikes.pending = 1
+        strikes.pending = max(0, strikes.pending - 1)
+        if right:
+            strikes.failures = 0
+            if strikes.pending == 0:
+                del self._peers[peer]
+            return
+        strikes.failures += 1
+        strikes.next_at = max(strikes.next_at, now + self.delay(strikes.failures))
+
+    def abandoned(self, peer: Hashable) -> None:
+        """A proof waiting for its turn will not be checked (its connection closed)."""
+        strikes = self._peers.get(peer)
+        if strikes is not None:
+            strikes.pending = max(0, strikes.pending - 1)
+
+    def __len__(self) -> int:
+        return len(self._peers)

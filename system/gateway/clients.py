@@ -12,43 +12,66 @@ until it is written or ``_LINGER_MS`` passed).
 Before its hello a connection costs little: one frame of at most ``MAX_HELLO_BYTES`` is
 buffered (a header announcing more is answered ``too_large`` and closed, its body never read),
 the hello must arrive within ``hello_timeout_ms`` of accept (one sweep timer closes the late),
-at most ``max_connections`` are open (one more is answered ``unavailable`` and closed; of
-those the uid check will refuse, only the 8 newest wait for their hello), and ``accept``
-failing for want of descriptors pauses the listeners with a growing back-off instead of
-spinning or dying.
+at most ``max_connections`` are open (one more is answered ``unavailable`` and closed, unless
+it comes from the service's own user and a connection of another user waits unadmitted: that
+one is closed instead), and ``accept`` failing for want of descriptors pauses the listeners
+with a growing back-off instead of spinning or dying. Of the unadmitted connections of other
+users (those the uid check will refuse; with a token, those of a known other user until they
+proved it), only the 8 newest wait, per user with a token: a stranger cannot crowd the
+service's own user out, whatever the mode.
+
+With a ``token_file``, admission takes two steps (``docs/protocol.md``, "Token proof"):
+``hello`` with the client's nonce is answered ``challenge`` with ours, and the client's
+``proof`` decides; the ``welcome`` carries our own proof. A peer's proofs are checked no
+faster than ``ProofDelays`` allows after wrong ones: the connection waits (parked, reading
+nothing) for its turn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import logging
+import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sessionlane.actors.endpoint import AcceptBackoff, Acceptor, FramedSocket
 from sessionlane.messages.codec import HEADER, FrameDecodeError, decode_request, frame
 from sessionlane.messages.errors import ErrorCode
+from sessionlane.messages.handshake import NONCE_BYTES, client_proof, matches, server_proof
 from sessionlane.messages.wire import (
     PROTOCOL_VERSION,
     Alive,
+    Challenge,
     Error,
     Hello,
     Keepalive,
+    Proof,
     Request,
+    RequestId,
     Welcome,
 )
 from sessionlane.system.gateway import listeners, peercred
 from sessionlane.system.gateway.admission import (
     MAX_HELLO_BYTES,
+    WRONG_PROOF_REFUSAL,
     HelloDeadlines,
     Policy,
+    ProofDelays,
     RateLimit,
     hello_refusal,
 )
-from sessionlane.system.gateway.timers import AcceptResume, FlushDue, GatewayTimer, HelloSweep
+from sessionlane.system.gateway.timers import (
+    AcceptResume,
+    FlushDue,
+    GatewayTimer,
+    HelloSweep,
+    ProofDue,
+)
 
 if TYPE_CHECKING:
     from sessionlane.actors.lane_state import LaneState
@@ -67,8 +90,10 @@ _LINGER_MS = 1_000.0
 _ACCEPT_BUDGET = 64
 """Connections accepted per listener per wakeup: a flood waits its turn behind the clients."""
 _MAX_STRANGERS_WAITING = 8
-"""Connections the uid check will refuse, kept for their hello (to tell them why) at once; one
+"""Unadmitted connections of other users kept at once (without a token: in all, those the uid
+check will refuse, kept to tell them why; with one: per user, until they proved the token); one
 more closes the oldest. Without it, another local user could fill ``max_connections``."""
+_MAKE_ROOM = "closed to make room for the service's own user (too many connections)"
 
 
 class ClientsHost(Protocol):
@@ -94,8 +119,16 @@ class Client:
     peer_uid: int | None
     """The peer's user as read at accept (None: unknown, or not needed by the policy)."""
     last_seen: float
+    host: str = "unix"
+    """The peer's address without its port (who it is, where its uid is unknown)."""
     admitted: bool = False
     """Whether its hello admitted the connection."""
+    nonce: bytes | None = None
+    """With a token: the client's nonce, from its hello."""
+    challenge: bytes | None = None
+    """With a token: our nonce, once the hello was answered ``challenge``."""
+    parked: bool = False
+    """Its proof waits for its turn (``ProofDelays``): nothing more is read from it."""
     closing: bool = False
     lanes: dict[str, LaneState] = field(default_factory=dict)
     """The lanes it opened, by name (the gateway's to manage)."""
@@ -130,7 +163,13 @@ class Clients:
         self.accept_paused = False
         self.flush_scheduled = False
         self.warnings: dict[str, RateLimit] = {}
-        self.strangers: dict[int, Client] = {}  # connection id -> a peer the uid check refuses
+        # The unadmitted connections of other users, oldest first: per uid with a token, all
+        # in one group (None) without.
+        self.strangers: dict[int | None, dict[int, Client]] = {}
+        self.delays = ProofDelays()
+        self.proofs: list[tuple[float, int, bytes]] = []  # heap: (turn, connection id, proof)
+        self.proof_due: float | None = None  # when the one pending ProofDue fires
+        self.parked_ids: dict[int, RequestId | None] = {}  # connection id -> proof request id
 
     # Listeners -----------------------------------------------------------------------------
 
@@ -160,7 +199,8 @@ class Clients:
     def fds(self) -> list[int]:
         """What to watch for reading: the listeners (unless paused) and the connections."""
         fds = [] if self.accept_paused else list(self.listeners)
-        return fds + list(self.conns)
+        # A parked connection is not watched: its input waits in the kernel for its turn.
+        return fds + [fd for fd, client in self.conns.items() if not client.parked]
 
     def on_ready(self, fd: int) -> bool:
         """Serve a readable fd; False if it is none of ours."""
@@ -173,7 +213,11 @@ class Clients:
         return True
 
     def accept(self, acceptor: Acceptor) -> None:
-        accepted = acceptor.accept(lambda sock, peer: self.admit_socket(sock, str(peer) or "unix"))
+        accepted = acceptor.accept(
+            lambda sock, peer: self.admit_socket(
+                sock, str(peer) or "unix", str(peer[0]) if isinstance(peer, tuple) else "unix"
+            )
+        )
         if accepted.recovered:
             self.note(
                 "accepting", logging.INFO, "accepting again after %d failures", accepted.recovered
@@ -183,11 +227,18 @@ class Clients:
         elif accepted.error is not None:
             log.warning("accept failed: %s", accepted.error)
 
-    def admit_socket(self, sock: socket.socket, peer: str) -> None:
+    def admit_socket(self, sock: socket.socket, peer: str, host: str = "unix") -> None:
         """A new connection: counted, timed for its hello, its peer's uid read now."""
+        # The uid is read now: the peer's socket may be gone by the time it says hello.
+        uid = peercred.peer_uid(sock) if self.policy.reads_uid else None
         if len(self.conns) >= self.limits.max_connections:
-            self.refuse_full(sock, peer)
-            return
+            victim = self.make_room_for(uid)
+            if victim is None:
+                self.refuse_full(sock, peer)
+                return
+            self.write(victim, Error(code="unavailable", detail=_MAKE_ROOM))
+            self.close(victim, _MAKE_ROOM, flush=True)
+            self.warn("full", "closed a connection from %s: %s", victim.peer, _MAKE_ROOM)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         end = FramedSocket(
@@ -198,27 +249,56 @@ class Clients:
             max_output=_MAX_OUTBUF,
         )
         now = self.clock()
-        # The uid is read now: the peer's socket may be gone by the time it says hello.
-        uid = peercred.peer_uid(sock) if self.policy.by_peer else None
-        client = Client(id=next(self.ids), end=end, peer=peer, peer_uid=uid, last_seen=now)
+        client = Client(
+            id=next(self.ids), end=end, peer=peer, peer_uid=uid, last_seen=now, host=host
+        )
         self.conns[end.fd] = client
         self.by_id[client.id] = client
         self.hellos.add(client.id, now)
         self.schedule_sweep()
-        if self.policy.by_peer and client.peer_uid != self.policy.service_uid:
+        if self.policy.is_stranger(client.peer_uid):
             self.hold_stranger(client)
 
+    def make_room_for(self, uid: int | None) -> Client | None:
+        """The connection to close so one of the service's own user (``uid``) gets in: the
+        oldest unadmitted one of another (or an unknown) user; None for anyone else."""
+        if uid is None or uid != self.policy.service_uid:
+            return None
+        groups = [group for group in self.strangers.values() if group]
+        if groups:
+            return next(iter(max(groups, key=len).values()))
+        for client in self.conns.values():
+            if not client.admitted and client.peer_uid != self.policy.service_uid:
+                return client
+        return None
+
+    def stranger_group(self, client: Client) -> int | None:
+        """The group of ``client`` under the strangers' cap: its uid with a token, else all."""
+        return client.peer_uid if self.policy.token is not None else None
+
     def hold_stranger(self, client: Client) -> None:
-        """Keep a few refused-to-be peers for their hello; close the oldest past that."""
-        self.strangers[client.id] = client
-        if len(self.strangers) <= _MAX_STRANGERS_WAITING:
+        """Keep a few unadmitted connections of another user; close the oldest past that."""
+        group = self.strangers.setdefault(self.stranger_group(client), {})
+        group[client.id] = client
+        if len(group) <= _MAX_STRANGERS_WAITING:
             return
-        oldest = next(iter(self.strangers.values()))
+        oldest = next(iter(group.values()))
         refusal = hello_refusal(self.policy, oldest.peer_uid, None)
+        if self.policy.token is not None:
+            refusal = (
+                f"too many connections of uid {oldest.peer_uid} waiting to prove the token"
+                f" (at most {_MAX_STRANGERS_WAITING}): this is the oldest"
+            )
         assert refusal is not None
         self.write(oldest, Error(code="unauthorized", detail=refusal))
         self.close(oldest, "too many strangers waiting")
         self.warn("strangers", "closed a connection from %s: %s", oldest.peer, refusal)
+
+    def release_stranger(self, client: Client) -> None:
+        group_key = self.stranger_group(client)
+        group = self.strangers.get(group_key)
+        if group is not None and group.pop(client.id, None) is not None and not group:
+            del self.strangers[group_key]
 
     def pause_accepting(self, exc: OSError | None, delay: float, first: bool) -> None:
         """Out of descriptors: stop watching the listeners for a while (the backlog waits)."""
@@ -300,6 +380,10 @@ class Clients:
     # Input ---------------------------------------------------------------------------------
 
     def read(self, client: Client) -> None:
+        if client.parked:
+            # Its proof waits for its turn: read nothing more until it is judged (the data
+            # waits in the kernel). A close is noticed when the turn comes.
+            return
         got = client.end.read()
         if got.received:
             client.last_seen = self.clock()
@@ -307,7 +391,7 @@ class Clients:
             if client.closing:
                 return
             self.handle_frame(client, body)
-        if client.closing:
+        if client.closing or client.parked:
             return
         if got.too_large is not None:
             detail = got.too_large.detail
@@ -338,26 +422,109 @@ class Clients:
             self.host.on_request(client, request)
 
     def greet(self, client: Client, request: Request) -> None:
+        if client.challenge is not None:
+            self.prove(client, request)
+            return
         if not isinstance(request, Hello):
             detail = "the first request on a connection must be hello"
-            admitted = hello_refusal(self.policy, client.peer_uid, None) is None
+            admitted = self.policy.token is None and (
+                hello_refusal(self.policy, client.peer_uid, None) is None
+            )
             code: ErrorCode = "bad_frame" if admitted else "unauthorized"
             self.write(client, Error(id=request.id, code=code, detail=detail))
             self.close(client, "no hello", flush=True)
             return
-        refusal = hello_refusal(self.policy, client.peer_uid, request.token)
+        refusal = hello_refusal(self.policy, client.peer_uid, request.token, request.nonce)
         if refusal is not None:
-            self.write(client, Error(id=request.id, code="unauthorized", detail=refusal))
-            self.close(client, "unauthorized", flush=True)
-            self.warn("refused", "refused connection from %s: %s", client.peer, refusal)
+            self.refuse(client, request.id, refusal)
             return
+        if self.policy.token is not None:
+            # Step two: our nonce; the client's proof decides. Its frame is held to the
+            # hello's small limit too.
+            client.nonce = request.nonce
+            client.challenge = os.urandom(NONCE_BYTES)
+            client.end.reader.small_frames = 2
+            self.write(client, Challenge(id=request.id, nonce=client.challenge))
+            return
+        self.admit(client, request.id)
+
+    def refuse(self, client: Client, rid: RequestId | None, refusal: str) -> None:
+        self.write(client, Error(id=rid, code="unauthorized", detail=refusal))
+        self.close(client, "unauthorized", flush=True)
+        self.warn("refused", "refused connection from %s: %s", client.peer, refusal)
+
+    def admit(self, client: Client, rid: RequestId | None, proof: bytes | None = None) -> None:
         client.admitted = True
         self.hellos.discard(client.id)
-        self.strangers.pop(client.id, None)
-        self.welcome(client, request)
+        self.release_stranger(client)
+        self.write(
+            client,
+            Welcome(id=rid, server=SERVER_NAME, protocol=PROTOCOL_VERSION, proof=proof),
+        )
 
     def welcome(self, client: Client, request: Hello) -> None:
+        """A repeated hello: welcomed again, nothing checked again."""
         self.write(client, Welcome(id=request.id, server=SERVER_NAME, protocol=PROTOCOL_VERSION))
+
+    # The token proof -----------------------------------------------------------------------
+
+    def peer_key(self, client: Client) -> Hashable:
+        """Who a proof comes from, for ``ProofDelays``: the uid if known, else the host."""
+        return ("uid", client.peer_uid) if client.peer_uid is not None else ("host", client.host)
+
+    def prove(self, client: Client, request: Request) -> None:
+        """The client's answer to our challenge: checked now, or parked until its turn."""
+        if not isinstance(request, Proof):
+            detail = f"expected proof after the challenge, got {request.type}"
+            self.write(client, Error(id=request.id, code="unauthorized", detail=detail))
+            self.close(client, "no proof", flush=True)
+            return
+        now = self.clock()
+        turn = self.delays.slot(self.peer_key(client), now)
+        if turn is None:
+            self.refuse(client, request.id, "too many wrong token proofs from this peer: wait")
+            return
+        if turn <= now:
+            self.judge(client, request.id, request.proof)
+            return
+        client.parked = True
+        self.hellos.discard(client.id)  # its turn, not the hello deadline, decides now
+        heapq.heappush(self.proofs, (turn, client.id, request.proof))
+        self.parked_ids[client.id] = request.id
+        self.schedule_proofs()
+
+    def judge(self, client: Client, rid: RequestId | None, proof: bytes) -> None:
+        assert self.policy.token is not None and client.nonce and client.challenge
+        token = self.policy.token
+        right = matches(proof, client_proof(token, client.nonce, client.challenge))
+        self.delays.checked(self.peer_key(client), right, self.clock())
+        if not right:
+            self.refuse(client, rid, WRONG_PROOF_REFUSAL)
+            return
+        self.admit(client, rid, server_proof(token, client.nonce, client.challenge))
+
+    def schedule_proofs(self) -> None:
+        """Have a wakeup pending at the earliest parked proof's turn (one more if a new proof
+        of another peer comes before the pending one: one peer's wait never delays another)."""
+        if self.proofs and (self.proof_due is None or self.proofs[0][0] < self.proof_due):
+            self.proof_due = self.proofs[0][0]
+            self.host.wake(ProofDue(), max(0.0, self.proof_due - self.clock()) / 1000.0)
+
+    def proofs_due(self) -> None:
+        """The ProofDue timer: judge the parked proofs whose turn came."""
+        self.proof_due = None
+        now = self.clock()
+        while self.proofs and self.proofs[0][0] <= now:
+            _, conn_id, proof = heapq.heappop(self.proofs)
+            client = self.by_id.get(conn_id)
+            rid = self.parked_ids.pop(conn_id, None)
+            if client is None or client.closing:
+                continue
+            client.parked = False
+            self.judge(client, rid, proof)
+            if not client.closing:
+                self.read(client)  # what it sent meanwhile
+        self.schedule_proofs()
 
     # Output and closing --------------------------------------------------------------------
 
@@ -404,7 +571,11 @@ class Clients:
             return
         client.closing = True
         self.hellos.discard(client.id)
-        self.strangers.pop(client.id, None)
+        self.release_stranger(client)
+        if client.parked:
+            client.parked = False
+            self.parked_ids.pop(client.id, None)
+            self.delays.abandoned(self.peer_key(client))
         self.conns.pop(client.end.fd, None)
         self.by_id.pop(client.id, None)
         if flush and not client.end.finish(reason):

@@ -84,6 +84,7 @@ from sessionlane.system.gateway.timers import (
     KeepaliveSweep,
     LaneCloseDue,
     LinksDue,
+    ProofDue,
 )
 
 __all__ = ["Gateway"]
@@ -356,6 +357,8 @@ class Gateway(ShellActor):
                     self.links.tick()
             case HelloSweep():
                 self.clients.sweep_hellos()
+            case ProofDue():
+                self.clients.proofs_due()
             case AcceptResume():
                 self.clients.resume_accepting()
             case KeepaliveSweep():

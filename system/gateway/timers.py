@@ -16,6 +16,7 @@ __all__ = [
     "KeepaliveSweep",
     "LaneCloseDue",
     "LinksDue",
+    "ProofDue",
 ]
 
 
@@ -44,6 +45,11 @@ class HelloSweep:
 
 
 @dataclass(frozen=True, slots=True)
+class ProofDue:
+    """The earliest parked token proof's turn came: judge the proofs that are due."""
+
+
+@dataclass(frozen=True, slots=True)
 class AcceptResume:
     """The pause after running out of descriptors is over: watch the listeners again."""
 
@@ -53,4 +59,6 @@ class KeepaliveSweep:
     """One keepalive period passed: close the connections silent for three of them."""
 
 
-GatewayTimer = FlushDue | LaneCloseDue | LinksDue | HelloSweep | AcceptResume | KeepaliveSweep
+GatewayTimer = (
+    FlushDue | LaneCloseDue | LinksDue | HelloSweep | ProofDue | AcceptResume | KeepaliveSweep
+)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from sessionlane.messages.errors import SessionLaneError, Unavailable
 from sessionlane.system.config import ConfigError, load_settings
+from sessionlane.system.ops.running import StateDirError
 
 if TYPE_CHECKING:
     from sessionlane.system.ops.running import Choice
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
         return result
-    except ConfigError as exc:
+    except (ConfigError, StateDirError) as exc:
         print(f"sessionlane: {exc}", file=sys.stderr)
         return 2
     except SessionLaneError as exc:
@@ -165,6 +166,12 @@ def _add_status_and_stop(sub: Any) -> None:
         "--token-file",
         metavar="FILE",
         help="file holding the service's token (default $SESSIONLANE_TOKEN_FILE, if set)",
+    )
+    status.add_argument(
+        "--service-user",
+        metavar="USER",
+        help="the user that must run the service (name, uid, or '*' for anyone); default:"
+        " this user without a token, none with one (the service proves the token)",
     )
     status.set_defaults(func=cmd_status)
 
@@ -296,6 +303,7 @@ def _start_metrics(service: Any) -> Any:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from sessionlane.system.client import connect
+    from sessionlane.system.client._core import resolve_user
     from sessionlane.system.config import normalize_listen, read_token_file
 
     named = args.listen
@@ -314,7 +322,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     token_file = args.token_file or os.environ.get("SESSIONLANE_TOKEN_FILE") or None
     token = read_token_file(token_file) if token_file else None
     try:
-        sl = connect(address, token)
+        service_user = resolve_user(args.service_user)
+    except ValueError as exc:
+        raise ConfigError("service_user", str(exc)) from None
+    try:
+        sl = connect(address, token, service_user=service_user)
     except Unavailable as exc:
         cause = exc.__cause__
         why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc.detail

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import logging.handlers
 import os
 import re
 from collections.abc import Mapping
@@ -34,14 +35,17 @@ from typing import Any, Final
 
 __all__ = [
     "BACKUPS",
+    "FILE_MODE",
     "MAX_BYTES",
     "STDERR",
     "LevelFilter",
+    "PrivateRotatingFileHandler",
     "filter_config",
     "handler_config",
     "log_dir",
     "log_file_for",
     "log_target",
+    "open_private",
     "under_service_manager",
 ]
 
@@ -51,6 +55,8 @@ MAX_BYTES: Final = 10 * 1024 * 1024
 """A log file is rotated when a line would take it past this size."""
 BACKUPS: Final = 3
 """Rotated files kept beside the current one (``.1`` newest ... ``.3`` oldest)."""
+FILE_MODE: Final = 0o600
+"""Every log file, and every rotated one, is the owner's only: logs name paths and peers."""
 
 _OWN_PACKAGES: Final = ("sessionlane",)
 _SLUG_MAX = 80
@@ -98,13 +104,37 @@ def handler_config(target: Path | None, level: str) -> dict[str, Any]:
         return {**common, "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
     return {
         **common,
-        "class": "logging.handlers.RotatingFileHandler",
+        "()": f"{__name__}.PrivateRotatingFileHandler",
         "filename": str(target),
         "maxBytes": MAX_BYTES,
         "backupCount": BACKUPS,
         "encoding": "utf-8",
         "delay": True,
     }
+
+
+def open_private(path: str | os.PathLike[str], mode: str = "a", **kwargs: Any) -> Any:
+    """``open(path, mode)`` for appending to a log: created 0600, and made 0600 if it was not."""
+    if mode not in ("a", "at", "ab"):
+        return open(path, mode, **kwargs)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)  # an older file, from before logs were private
+        return os.fdopen(fd, mode, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """``RotatingFileHandler`` whose files, the current one and each started at a rotation, are
+    created 0600 (the rotated ones keep that mode: a rename does not change it)."""
+
+    def _open(self) -> Any:
+        return open_private(
+            self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors
+        )
 
 
 def filter_config(level: str) -> dict[str, Any]:

@@ -15,6 +15,11 @@ query is one more message in each file's mailbox.
 Bounded. The query runs in a worker thread; a scrape waits for it at most ``timeout``
 seconds and otherwise answers at once with ``sessionlane_up 0`` and the totals of the last
 answer. At most one query is in flight: scrapes that arrive meanwhile wait for that one.
+The HTTP server (:class:`BoundedServer`) serves each connection in a thread, at most
+:data:`MAX_REQUEST_THREADS` at once (one more is answered ``503`` and closed at once), each
+socket read or write waits at most :data:`REQUEST_IO_TIMEOUT_S`, and a connection still open
+:data:`REQUEST_DEADLINE_S` after it was accepted is shut down: a client that connects and
+sends nothing, or trickles, costs a thread for seconds, not forever.
 
 Monotonic. A file's counters start from zero with each actor of the path (a passivated file
 comes back as a new one, a dead one is restarted, a restarted system starts them all again).
@@ -26,13 +31,18 @@ scrape and its end is not seen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Final
+from wsgiref.simple_server import WSGIServer, make_server
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -40,7 +50,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import _SilentHandler, make_wsgi_app
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from sessionlane.actors.histogram import HistogramData, read_histograms
@@ -53,7 +63,11 @@ if TYPE_CHECKING:
 __all__ = [
     "COUNTERS",
     "HISTOGRAM_HELP",
+    "MAX_REQUEST_THREADS",
+    "REQUEST_DEADLINE_S",
+    "REQUEST_IO_TIMEOUT_S",
     "REVOCATION_REASONS",
+    "BoundedServer",
     "MetricsServer",
     "ServiceCollector",
     "Totals",
@@ -64,6 +78,14 @@ log = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT_S: Final = 3.0
 """How long a scrape waits for the service's status before answering ``sessionlane_up 0``."""
+MAX_REQUEST_THREADS: Final = 8
+"""Connections the metrics endpoint serves at once; one more is answered 503 and closed."""
+REQUEST_IO_TIMEOUT_S: Final = 5.0
+"""How long one read or write of a metrics connection may wait."""
+REQUEST_DEADLINE_S: Final = SCRAPE_TIMEOUT_S + 10.0
+"""How long a metrics connection may stay open in all (a scrape waits for the service up to
+:data:`SCRAPE_TIMEOUT_S`)."""
+_BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 COUNTERS: Final = {
     "grants": ("sessionlane_grants", "Leases granted (a re-entrant grant is not counted)."),
@@ -81,7 +103,7 @@ COUNTERS: Final = {
 }
 """Counters summed over files: status counter key -> (metric name, help)."""
 
-REVOCATION_REASONS: Final = ("max_hold", "recovery", "shutdown")
+REVOCATION_REASONS: Final = ("max_hold", "recovery", "shutdown", "ownership_lost")
 """The reasons a SessionFile revokes a lease for (``revoked_<reason>`` counters)."""
 
 HISTOGRAM_HELP: Final = {
@@ -299,6 +321,82 @@ class ClientFetch:
                 log.debug("metrics: closing the status connection: %s", exc)
 
 
+class _Handler(_SilentHandler):
+    timeout = REQUEST_IO_TIMEOUT_S  # StreamRequestHandler: set on the connection's socket
+
+
+class BoundedServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's threaded WSGI server, with a thread cap and a deadline per connection.
+
+    The deadline is enforced by the serving thread (``service_actions`` runs each pass of
+    ``serve_forever``, every half second): it shuts an overdue socket down, which ends the
+    blocked read or write of the thread serving it.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._active: dict[socket.socket, float] = {}
+        self._active_lock = threading.Lock()
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def active(self) -> int:
+        with self._active_lock:
+            return len(self._active)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            busy = len(self._active) >= MAX_REQUEST_THREADS
+            if not busy:
+                self._active[request] = time.monotonic()  # accepted at
+        if busy:
+            self.refused += 1
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(_BUSY)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active.pop(request, None)
+
+    def service_actions(self) -> None:
+        oldest = time.monotonic() - REQUEST_DEADLINE_S
+        with self._active_lock:
+            overdue = [sock for sock, accepted in self._active.items() if accepted <= oldest]
+        for sock in overdue:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
+    """The address family to bind ``host`` with (IPv6 for an IPv6 host), as prometheus_client
+    picks it."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = next(iter(infos))
+    return family, str(sockaddr[0])
+
+
+def _start_server(
+    host: str, port: int, registry: CollectorRegistry
+) -> tuple[BoundedServer, threading.Thread]:
+    class Server(BoundedServer):
+        pass
+
+    Server.address_family, host = _family(host, port)
+    server = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_Handler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    return server, thread
+
+
 class MetricsServer:
     """The running HTTP endpoint; :meth:`stop` closes its socket."""
 
@@ -309,9 +407,14 @@ class MetricsServer:
         self.registry.register(collector)
         self.collector = collector
         self._fetch = fetch
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server, self._thread = _start_server(host, port, self.registry)
         bound: Any = self._server.server_address
         self.host, self.port = host, int(bound[1])
+
+    @property
+    def http(self) -> BoundedServer:
+        """The HTTP server: its connections in service and how many it refused."""
+        return self._server
 
     @property
     def url(self) -> str:

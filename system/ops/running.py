@@ -12,12 +12,20 @@ services the same way, through these files:
 
 ``choose`` is the pure decision; ``found_services`` reads the files and checks each pid is a
 live ``serve`` of this user (a recycled pid, or another user's process, is not "running").
+
+The state directory is trusted only if it is this user's own: :func:`private_dir` creates it
+0700 and refuses one that is a symbolic link, not a directory, another user's, or writable by
+other users (``StateDirError``, saying what to do); one of ours that others may only read or
+search is made 0700 (nobody else can have put a file in it). Otherwise another user could pre-create
+``/tmp/sessionlane-<uid>`` and plant a state file naming their own port, and ``status`` would
+talk to them. A state file that is not this user's own is skipped all the same.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +37,12 @@ from sessionlane.system.config import ConfigError, normalize_listen
 __all__ = [
     "Choice",
     "Found",
+    "StateDirError",
     "choose",
     "found_services",
     "is_live",
     "is_serve_process",
+    "private_dir",
     "process_start",
     "read_states",
 ]
@@ -111,12 +121,77 @@ def choose(found: Sequence[Found], listen: str | None, *, live_only: bool) -> Ch
     return Choice("one", (candidates[0],))
 
 
+class StateDirError(RuntimeError):
+    """The state directory cannot be trusted; the message says why and what to do."""
+
+
+def private_dir(path: Path) -> Path:
+    """``path``, created 0700 if missing, once found to be this user's private directory.
+
+    Raises :class:`StateDirError` if it is a symbolic link, not a directory, owned by another
+    user, or writable by other users: its state files could then be anyone's. Ours and only
+    readable by others (an older or hand-made 0755): made 0700.
+    """
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StateDirError(
+            f"cannot create the state directory {path}: {exc.strerror or exc}; set"
+            " XDG_RUNTIME_DIR to a directory of your own"
+        ) from None
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise StateDirError(f"cannot inspect the state directory {path}: {exc}") from None
+    problem = _untrusted(info)
+    if problem is None:
+        if info.st_mode & 0o077:
+            os.chmod(path, 0o700, follow_symlinks=False)
+        return path
+    raise StateDirError(
+        f"the state directory {path} {problem}, so its state files could be another user's"
+        f" (one could send status to their port): refusing to use it. {_remedy(path, info)}"
+    )
+
+
+def _untrusted(info: os.stat_result) -> str | None:
+    """What makes a state directory untrustworthy, or None."""
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a directory"
+    if info.st_uid != os.getuid():
+        return f"belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
+    if info.st_mode & 0o022:
+        return f"is writable by other users (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
+
+
+def _remedy(path: Path, info: os.stat_result) -> str:
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+        return (
+            f"Check that every file in it is yours, then chmod 700 {path} (or remove it: it"
+            " holds only state files)."
+        )
+    return (
+        f"Have it removed (it is not yours: ask its owner or root to rm -r {path}), or set"
+        " XDG_RUNTIME_DIR to a private directory of your own."
+    )
+
+
 def read_states(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every readable state file in ``directory`` and its content (live or not)."""
+    """Every readable state file of this user's in ``directory`` and its content (live or
+    not). A file another user owns, or a link, is skipped: it is nobody's state of ours."""
     found = []
     for path in sorted(directory.glob("serve-*.json")):
         try:
-            state = json.loads(path.read_text())
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with open(fd, encoding="utf-8") as fh:
+                if os.fstat(fh.fileno()).st_uid != os.getuid():
+                    continue
+                state = json.loads(fh.read())
         except (OSError, ValueError):
             continue
         if isinstance(state, dict):

@@ -48,8 +48,10 @@ def _log(path: str, line: str) -> None:
             sys.stderr.write(text)
             sys.stderr.flush()
         return
-    with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as fh:
-        fh.write(text)
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:  # the log's mode: owner only
+            fh.write(text)
 
 
 def main(argv: list[str]) -> int:

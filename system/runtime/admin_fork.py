@@ -14,8 +14,11 @@ the forked child, every inherited socket descriptor is pointed at ``/dev/null``:
 drops the child's reference to the socket, and the descriptor number stays taken, so a stale
 socket object the child still holds cannot close a descriptor reused for something else. The
 admin needs none of them: it opens its own listener and connects back to the starter by
-address. Like ``sessionlane.system.runtime.loopback`` it runs before the system is created, is
-idempotent, and fails closed on another thespian or if ``startAdmin`` moved.
+address. The logger, forked from the admin, is started the same way (``startupASLogger``): it
+would otherwise hold the admin's listening socket and its connections, and keep the admin's
+port bound after the admin died. Like ``sessionlane.system.runtime.loopback`` it runs before the
+system is created, is idempotent, and fails closed on another thespian or if ``startAdmin`` or
+``startupASLogger`` moved.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ def installed() -> bool:
 
 
 def install() -> None:
-    """Make every admin forked from this process drop the sockets it inherits. Raises
-    ``RuntimeError`` on a thespian other than the pinned one or if ``startAdmin`` moved."""
+    """Make every admin (and its logger) forked from this process drop the sockets it inherits.
+    Raises ``RuntimeError`` on a thespian other than the pinned one or if what it wraps moved."""
     global _installed
     with _lock:
         if _installed:
@@ -68,7 +71,20 @@ def install() -> None:
             release_inherited_sockets()
             return start_admin(*args, **kwargs)
 
+        start_logger = getattr(multiprocCommon, "startupASLogger", None)
+        spawner = getattr(multiprocCommon, "startASLogger", None)
+        if not inspect.isfunction(start_logger) or not inspect.isfunction(spawner):
+            raise RuntimeError("thespian's multiprocCommon.startupASLogger moved: cannot patch it")
+        if "target=startupASLogger" not in inspect.getsource(spawner):
+            raise RuntimeError("thespian no longer forks its logger with target=startupASLogger")
+
+        @functools.wraps(start_logger)
+        def start_logger_without_inherited_sockets(*args: Any, **kwargs: Any) -> Any:
+            release_inherited_sockets()
+            return start_logger(*args, **kwargs)
+
         multiprocCommon.startAdmin = start_admin_without_inherited_sockets
+        multiprocCommon.startupASLogger = start_logger_without_inherited_sockets
         _installed = True
 
 

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -384,6 +385,26 @@ def _set_thespian_log(path: Path) -> None:
 
     utilis._thesplog_file = None
     utilis._thesplog_old_file = None
+    # thesplog appends with the builtin ``open`` (0644 under the usual umask), looked up in its
+    # module's globals first: there it finds the private one.
+    utilis.open = logs.open_private
+    _pin_tempdir(path.parent)
+
+
+def _pin_tempdir(fallback: Path) -> None:
+    """Decide the temporary directory now, before the system forks, so no actor looks for one.
+
+    thesplog evaluates ``tempfile.gettempdir()`` on its first call in a process even with
+    ``THESPLOG_FILE`` set (a default argument), and that probes each candidate directory by
+    creating a file: out of descriptors, or with a full or unusable ``/tmp``, it raises
+    ``FileNotFoundError("No usable temporary directory")`` inside thespian's transport loop,
+    which kills the actor. Found once here, the answer is cached and inherited by every fork.
+    """
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError:
+        tempfile.tempdir = str(fallback)
+        log.warning("no usable temporary directory: thespian uses %s", fallback)
 
 
 def _close_external_endpoint(asys: Any) -> None:

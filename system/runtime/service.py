@@ -36,6 +36,7 @@ from typing import Any
 
 from thespian.actors import ActorSystemException
 
+from sessionlane.actors import procfs
 from sessionlane.actors.convention import DIRECTORY_NAME, Directory, member_capabilities
 from sessionlane.actors.registry import REGISTRY_NAME, Registry
 from sessionlane.messages.convention import Join, Joined, JoinRefused
@@ -63,7 +64,7 @@ from sessionlane.system.config import (
 from sessionlane.system.gateway.gateway import Gateway
 from sessionlane.system.ops import logs
 from sessionlane.system.ops.overlap import busy_listener_hint as _busy_listener_hint
-from sessionlane.system.ops.running import process_start
+from sessionlane.system.ops.running import private_dir, process_start
 from sessionlane.system.runtime.launch import TcpSystem, start_tcp_system
 from sessionlane.system.runtime.limits import explain_create_failure, fit_max_files
 
@@ -89,11 +90,13 @@ class ServiceError(RuntimeError):
 
 
 def state_dir() -> Path:
-    """Where running services leave their state file: per user, private."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    path = Path(base) / f"sessionlane-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    """Where running services leave their state file: per user, private
+    (``$XDG_RUNTIME_DIR/sessionlane-<uid>``, else in the temporary directory). Raises
+    ``StateDirError`` (``sessionlane.system.ops.running.private_dir``) if it is not this
+    user's private directory."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return private_dir(base / f"sessionlane-{os.getuid()}")
 
 
 def state_file(listen: str) -> Path:
@@ -139,6 +142,27 @@ class _Running:
     registry: Any
     gateway: Any
     addresses: list[str]
+    registry_process: tuple[int, int] | None = None
+    """The Registry's pid and start time, once found: the supervisor watches it."""
+
+    def registry_died(self) -> bool:
+        """Whether the Registry's process is gone (``False`` when it was never found)."""
+        if self.registry_process is None:
+            return False
+        pid, start = self.registry_process
+        stat = procfs.stat(pid)
+        return stat is None or not stat.live or stat.start != start
+
+
+def _find_process(system: TcpSystem, address: Any) -> tuple[int, int] | None:
+    """The pid and start time of the member listening on ``address``'s port, or ``None``."""
+    try:
+        port = int(address.addressDetails.connectArgs[0][1])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    pids = [pid for _, p, pid in system.listening_addresses() if p == port]
+    stat = procfs.stat(pids[0]) if len(pids) == 1 else None
+    return (stat.pid, stat.start) if stat is not None else None
 
 
 class Service:
@@ -264,7 +288,9 @@ class Service:
             raise ServiceError(answer.reason + busy_listener_hint(self.listen))
         if answer.addresses[0] != self.settings.listen:  # port 0: name the real one in sidecars
             self._configure(asys, registry, answer.addresses[0], system.admin_port)
-        return _Running(system, registry, gateway, answer.addresses)
+        return _Running(
+            system, registry, gateway, answer.addresses, _find_process(system, registry)
+        )
 
     def _configure(self, asys: Any, registry: Any, gateway: str, admin_port: int) -> None:
         """(Re)configure the Registry; its SessionFiles name this service by ``gateway``."""
@@ -325,9 +351,17 @@ class Service:
             running.system.stop()
 
     def healthy(self) -> bool:
-        """Is the admin alive and does the gateway answer a ping?"""
+        """Are the admin and the Registry alive, and does the gateway answer a ping?
+
+        A dead Registry stops every new file for good (its SessionFiles serve on, orphaned):
+        the supervisor then restarts the whole system, which retires those SessionFiles, and
+        every holder's connection closes, so each client reports its leases lost.
+        """
         running = self.running
         if running is None or not running.system.alive():
+            return False
+        if running.registry_died():
+            log.error("the registry process died; its files are retired with the system")
             return False
         nonce = next(self._nonce)
         running.system.asys.tell(running.gateway, Ping(nonce=nonce))
@@ -345,12 +379,17 @@ class Service:
             return
         self._failures += 1
         dead_admin = self.running is None or not self.running.system.alive()
-        if not dead_admin and self._failures < _PING_FAILURES:
+        dead_registry = self.running is not None and self.running.registry_died()
+        if not dead_admin and not dead_registry and self._failures < _PING_FAILURES:
             return
-        log.error(
-            "actor system unhealthy (%s); restarting it",
-            "admin dead" if dead_admin else "gateway not answering",
+        why = (
+            "admin dead"
+            if dead_admin
+            else "registry dead"
+            if dead_registry
+            else "gateway not answering"
         )
+        log.error("actor system unhealthy (%s); restarting it", why)
         old = self.running
         self.running = None
         if old is not None:

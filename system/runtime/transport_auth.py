@@ -16,6 +16,11 @@ unpickled: an incoming connection is closed without a reply, a reply to one of o
 treated as a corrupted ACK (thespian closes the socket and retries). Each rejection is logged
 with the peer, at most once a minute per peer host.
 
+Before any frame, a connection must open with a hello proving the same key, and until it has,
+the accepting side reads at most 64 bytes from it, closes it after a deadline, and keeps at most
+a few such connections: :mod:`sessionlane.system.runtime.connection_auth`, applied by
+:func:`install` with the frame patch.
+
 Replay: a receiving process remembers, per sender id, the highest counter and which of the
 :data:`REPLAY_WINDOW` counters below it it has accepted; a frame seen before, or older than the
 window, is refused. So a captured frame cannot be delivered twice to the process it was sent
@@ -56,6 +61,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any, Literal
 
+from sessionlane.system.runtime import connection_auth
 from sessionlane.system.runtime.loopback import SUPPORTED_THESPIAN
 
 __all__ = [
@@ -63,6 +69,7 @@ __all__ = [
     "REPLAY_WINDOW",
     "FrameRejected",
     "authenticated_frame",
+    "connection_hello",
     "install",
     "installed",
 ]
@@ -146,6 +153,12 @@ def authenticated_frame(obj: Any, secret: bytes, *, sender: bytes, seq: int) -> 
     return _sealed_frame(_Hmac(key), sender, seq, pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
 
 
+def connection_hello(secret: bytes) -> bytes:
+    """The bytes a connection to a port patched under ``secret`` must open with (for tests and
+    tools; see :mod:`sessionlane.system.runtime.connection_auth`)."""
+    return connection_auth.hello(hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest())
+
+
 # The patch -----------------------------------------------------------------------------------
 
 
@@ -180,6 +193,7 @@ def _patchable() -> tuple[Any, Any]:
         moved.append("TCPIncoming_Common.addData")
     elif "ReceiveBuffer(serializer.loads)" not in inspect.getsource(vars(common)["__init__"]):
         moved.append("TCPIncoming_Common.__init__")
+    moved.extend(connection_auth.check_patchable(tcp))
     if moved:
         raise RuntimeError(
             "thespian's TCP transport changed where it frames and unpickles: the"
@@ -211,6 +225,7 @@ def _apply(modules: tuple[Any, Any], key: bytes) -> None:
     tcp.ackDataErrMsg = _control_frame(key, stream.ackDataErrPacket)
     tcp.TCPTransport.serializer = serializer
     tcp.TCPIncoming_Common.addData = add_data
+    connection_auth.apply(tcp, key)
 
 
 def _control_frame(key: bytes, packet: str) -> bytes:

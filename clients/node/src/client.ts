@@ -23,7 +23,7 @@ import net from 'node:net';
 import { EventEmitter } from 'node:events';
 
 import { DEFAULT_ADDRESS, anchor, parseAddress } from './address.js';
-import { SessionLaneError, Unavailable, errorFor } from './errors.js';
+import { SessionLaneError, Unauthorized, Unavailable, errorFor } from './errors.js';
 import {
   Lane,
   grantedLease,
@@ -42,12 +42,30 @@ import {
   type Purpose,
   type WireMessage,
 } from './wire.js';
+import {
+  clientProof,
+  newNonce,
+  resolveServiceUser,
+  serverProofMatches,
+  serviceOwner,
+  serviceRefusal,
+} from './trust.js';
 import './dispose.js';
 
 /** Options of `connect`. */
 export interface ConnectOptions {
-  /** The shared secret from the service's `token_file` (when it requires one). */
+  /**
+   * The shared secret from the service's `token_file` (when it requires one). It is never sent:
+   * the client and the service prove they know it (`docs/protocol.md`, "Token proof").
+   */
   token?: string;
+  /**
+   * Who must run the service: a uid, a user name, or `'*'` for anyone. By default, without a
+   * token, this process's user (checked on the connected socket before anything is sent);
+   * with a token, nobody in particular (the service's proof of the token decides). See
+   * `docs/security-clients.md`.
+   */
+  serviceUser?: number | string;
   /** A name for the service's diagnostics; default `node:<pid>`. */
   client?: string;
   /** Keepalive period while idle, in ms (default 5000; 0 disables). */
@@ -116,12 +134,18 @@ interface Pending {
   readonly timer: NodeJS.Timeout | undefined;
 }
 
-/** Connect and say hello. Rejects with `Unavailable` (refused at once) or `Unauthorized`. */
+/**
+ * Connect, check who runs the service, and say hello. Rejects with `Unavailable` (refused at
+ * once) or `Unauthorized` (the service is not the expected user's, or did not prove the token,
+ * or refused us); nothing is sent to a service that fails its checks.
+ */
 export async function connect(
   address: string = DEFAULT_ADDRESS,
   options: ConnectOptions = {},
 ): Promise<SessionLane> {
   const target = parseAddress(address);
+  const serviceUser = resolveServiceUser(options.serviceUser);
+  const token = options.token === undefined ? undefined : options.token.trim();
   const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   const socket = await new Promise<net.Socket>((resolve, reject) => {
     const socket = net.createConnection(target);
@@ -141,12 +165,62 @@ export async function connect(
     });
   });
   if ('host' in target) socket.setNoDelay(true);
+  const owner = serviceOwner(
+    target,
+    { address: socket.localAddress, port: socket.localPort },
+    { address: socket.remoteAddress, port: socket.remotePort },
+  );
+  const refusal = serviceRefusal(address, owner, token, serviceUser);
+  if (refusal !== null) {
+    socket.destroy();
+    throw new Unauthorized(refusal);
+  }
   const sl = new SessionLane(address, socket, options);
   try {
-    const welcome = await sl.request('hello', {
-      client: options.client ?? `node:${process.pid}`,
-      token: options.token,
-    });
+    const nonce = token === undefined ? undefined : newNonce();
+    let welcome = await sl
+      .request('hello', { client: options.client ?? `node:${process.pid}`, nonce })
+      .catch((err: unknown) => {
+        if (nonce !== undefined && err instanceof SessionLaneError && /nonce/.test(err.message)) {
+          throw new Unauthorized(
+            `the service at ${address} is older than this client: it does not take the token` +
+              ` proof (${err.message}); upgrade the service (this client never sends the token)`,
+          );
+        }
+        throw err;
+      });
+    let challenge: Uint8Array | undefined;
+    if (welcome.type === 'challenge') {
+      if (token === undefined || nonce === undefined) {
+        throw new Unauthorized(
+          `the service at ${address} requires a token (it has a token_file): pass { token }`,
+        );
+      }
+      const theirs = welcome['nonce'];
+      if (!(theirs instanceof Uint8Array)) {
+        throw new Unauthorized(`the service at ${address} sent a malformed challenge`);
+      }
+      challenge = theirs;
+      welcome = await sl.request('proof', { proof: clientProof(token, nonce, challenge) });
+    }
+    if (welcome.type !== 'welcome') {
+      throw new Unauthorized(`the service at ${address} answered the hello with ${welcome.type}`);
+    }
+    if (token !== undefined && nonce !== undefined) {
+      if (challenge === undefined) {
+        throw new Unauthorized(
+          `the service at ${address} did not ask for the token proof: it has no token_file, or` +
+            ' it is not the service; nothing was sent (connect without the token if the' +
+            ' service has none)',
+        );
+      }
+      if (!serverProofMatches(welcome['proof'], token, nonce, challenge)) {
+        throw new Unauthorized(
+          `the service at ${address} did not prove it knows the token: it is not the service,` +
+            ' or its token_file holds another token; nothing was sent',
+        );
+      }
+    }
     if (welcome['protocol'] !== PROTOCOL_VERSION) {
       throw new Unavailable(
         `the service at ${address} speaks protocol ${String(welcome['protocol'])},` +

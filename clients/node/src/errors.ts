@@ -24,6 +24,10 @@ export type ErrorCode =
   | 'shutting_down'
   | 'abandoned'
   | 'too_many_files'
+  | 'disk_full'
+  | 'read_only'
+  | 'io_error'
+  | 'file_moved'
   | 'internal';
 
 /** The codes of the error table, in its order. */
@@ -43,6 +47,10 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
   'shutting_down',
   'abandoned',
   'too_many_files',
+  'disk_full',
+  'read_only',
+  'io_error',
+  'file_moved',
   'internal',
 ]);
 
@@ -152,6 +160,38 @@ export class TooManyFiles extends SessionLaneError {
   static override defaultCode: ErrorCode = 'too_many_files';
 }
 
+/**
+ * The file system refused a write or a sync; nothing was acknowledged. One of `DiskFull`,
+ * `ReadOnly` or `IOFailure`.
+ */
+export class DiskError extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'io_error';
+}
+
+/** No space left on the file system, or the quota is used up (ENOSPC, EDQUOT). */
+export class DiskFull extends DiskError {
+  static override defaultCode: ErrorCode = 'disk_full';
+}
+
+/** The file system is mounted read-only (EROFS). */
+export class ReadOnly extends DiskError {
+  static override defaultCode: ErrorCode = 'read_only';
+}
+
+/** The storage failed to read, write or sync (EIO and other I/O errors). */
+export class IOFailure extends DiskError {
+  static override defaultCode: ErrorCode = 'io_error';
+}
+
+/**
+ * The transcript or a directory above it was moved or replaced while the write was on its
+ * way: the records went to the moved file, nothing was acknowledged; a retry writes to the
+ * file now at the path.
+ */
+export class FileMoved extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'file_moved';
+}
+
 const BY_CODE: Readonly<Record<ErrorCode, typeof SessionLaneError>> = {
   lease_timeout: LeaseTimeout,
   contended: Contended,
@@ -168,6 +208,10 @@ const BY_CODE: Readonly<Record<ErrorCode, typeof SessionLaneError>> = {
   shutting_down: ShuttingDown,
   abandoned: LeaseRevoked,
   too_many_files: TooManyFiles,
+  disk_full: DiskFull,
+  read_only: ReadOnly,
+  io_error: IOFailure,
+  file_moved: FileMoved,
   internal: SessionLaneError,
 };
 

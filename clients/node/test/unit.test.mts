@@ -7,9 +7,11 @@ import { describe, it } from 'node:test';
 
 import { Decoder, Encoder } from '@msgpack/msgpack';
 import {
+  DiskError,
   ERROR_CODES,
   InvalidRecord,
   LeaseRevoked,
+  ReadOnly,
   SessionLaneError,
   StaleFence,
   TooManyFiles,
@@ -67,6 +69,10 @@ describe('the error table', () => {
       shutting_down: 'ShuttingDown',
       abandoned: 'LeaseRevoked',
       too_many_files: 'TooManyFiles',
+      disk_full: 'DiskFull',
+      read_only: 'ReadOnly',
+      io_error: 'IOFailure',
+      file_moved: 'FileMoved',
       internal: 'SessionLaneError',
     };
     assert.deepEqual([...ERROR_CODES].sort(), Object.keys(expected).sort());
@@ -80,6 +86,7 @@ describe('the error table', () => {
     assert.ok(errorFor('stale_fence') instanceof LeaseRevoked);
     assert.ok(new StaleFence('x') instanceof LeaseRevoked);
     assert.equal(new TooManyFiles('full').code, 'too_many_files');
+    assert.ok(errorFor('disk_full') instanceof DiskError && new ReadOnly().code === 'read_only');
     assert.equal(new Unauthorized().code, 'unauthorized');
     assert.equal(errorFor('from_the_future', 'x').constructor, SessionLaneError);
   });
