@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_serve import Serve, clean_env, wait_for
+from test_serve import Serve, clean_env
+from waiting import eventually
 
 from sessionlane.actors.openclaw_lock import parse_lock_payload, process_starttime
 from sessionlane.system.client import connect
@@ -162,10 +163,10 @@ def test_the_drop_in_waits_for_an_openclaw_holder_and_is_granted_after(
     # A drop-in with the whole budget waits, and is granted once OpenClaw releases.
     dropin = run("dropin", transcript, 60_000, "dropin")
     with connect(serve.address) as sl:
-        wait_for(
+        eventually(
             lambda: any(f.holder is not None for f in sl.status(str(transcript)).files),
-            STEP_TIMEOUT_S,
             "the drop-in to hold its lease",
+            STEP_TIMEOUT_S,
         )
     assert legacy.release()["event"] == "released"
     granted = dropin.next()
@@ -260,10 +261,10 @@ def test_a_service_shutdown_reaches_the_drop_in_as_typed_errors(
     before = lock.read_bytes()
     waiter = run("dropin", transcript, 10_000, "waiter")
     with connect(serve.address) as sl:
-        wait_for(
+        eventually(
             lambda: len(sl.status(str(transcript)).files[0].queue) == 1,
-            STEP_TIMEOUT_S,
             "the waiter to queue",
+            STEP_TIMEOUT_S,
         )
     assert serve.terminate() == 0
     lost = holder.next()
