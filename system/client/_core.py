@@ -56,6 +56,7 @@ from sessionlane.messages.wire import (
     Revoked,
     Welcome,
 )
+from sessionlane.system.client._checks import check_options
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES, check_frame
 from sessionlane.system.config import ConfigError, parse_listen
 
@@ -119,11 +120,12 @@ def parse_address(address: str) -> tuple[str, Any]:
     return "tcp", (parsed[1], parsed[2])
 
 
-def anchor(path: str) -> str:
+def anchor(path: str | os.PathLike[str]) -> str:
     """Relative paths are the caller's: anchor them at the caller's directory.
 
     No lexical ``..`` folding: the service resolves symlinks first, as the OS would.
     """
+    path = os.fspath(path)
     return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
@@ -196,12 +198,13 @@ class Settings:
 
     @classmethod
     def of(cls, address: str | None, token: str | None, **options: Any) -> Settings:
-        """The settings of a new client; a malformed address or an unknown ``service_user``
-        raises ``ValueError`` here, not at the first call. The token is compared as the
-        service compares it: surrounding whitespace (a file's trailing newline) is not part
-        of it."""
+        """The settings of a new client; a malformed address, an unknown ``service_user`` or a
+        bad option (``sessionlane.system.client._checks``) raises ``ValueError`` here, not at
+        the first call. The token is compared as the service compares it: surrounding
+        whitespace (a file's trailing newline) is not part of it."""
         address = default_address() if address is None else address
         parse_address(address)
+        check_options(options)
         options["service_user"] = resolve_user(options.get("service_user"))
         return cls(address, None if token is None else token.strip(), **options)
 

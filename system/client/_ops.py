@@ -48,6 +48,13 @@ from sessionlane.messages.wire import (
     Status,
     StatusReply,
 )
+from sessionlane.system.client._checks import (
+    check_abandon,
+    check_acquire,
+    check_durability,
+    check_path,
+    check_recover,
+)
 from sessionlane.system.client._core import AppendResult, ClientCore, LeaseState, anchor, log
 from sessionlane.system.client._records import check_records
 
@@ -122,6 +129,7 @@ def acquire(
     on_contention: OnContention,
 ) -> Op[LeaseState | None]:
     """``Lane.acquire``: the granted lease's state (tracked), or None when skipped."""
+    check_acquire(path, purpose, wait_timeout, max_hold, on_contention)
     path = anchor(path)
     request = Acquire(
         lane=lane,
@@ -189,6 +197,8 @@ def lane_append(
     core: Core, lane: str, path: str, records: Sequence[Any], durability: Durability | None
 ) -> Op[AppendResult]:
     """``Lane.append``: a short write queued like a ``write`` lease."""
+    check_path(path)
+    check_durability(durability)
     path = anchor(path)
     checked = check_records(records, max_record_bytes=core.settings.max_record_bytes)
     request = Append(lane=lane, path=path, records=checked, durability=durability)
@@ -197,6 +207,7 @@ def lane_append(
 
 def abandon(core: Core, lane: str, path: str | None, reason: str | None) -> Op[list[str]]:
     """``Lane.abandon``: the ids of the leases the service dropped (now revoked here)."""
+    check_abandon(path, reason)
     request = Abandon(lane=lane, path=anchor(path) if path else None, reason=reason)
     reply = raise_if_error((yield Call(request)), path)
     assert isinstance(reply, Abandoned), reply
@@ -206,6 +217,7 @@ def abandon(core: Core, lane: str, path: str | None, reason: str | None) -> Op[l
 
 def recover(core: Core, path: str, reason: str, grace: float, lane: str) -> Op[LeaseState]:
     """``SessionLane.recover``: the recovery lease's state (tracked)."""
+    check_recover(path, reason, grace, lane)
     path = anchor(path)
     request = Recover(lane=lane, path=path, reason=reason, grace_ms=int(grace * 1000))
     timeout = grace + core.settings.timeout
@@ -289,6 +301,7 @@ def lease_append(
     core: Core, lease: LeaseView, records: Sequence[Any], durability: Durability | None
 ) -> Op[AppendResult]:
     """``Lease.append``: all or nothing, under the lease's fence."""
+    check_durability(durability)
     lease.check_usable()
     checked = check_records(records, max_record_bytes=core.settings.max_record_bytes)
     request = Append(
