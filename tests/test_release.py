@@ -93,8 +93,8 @@ def test_the_wheel_installs_one_package_with_every_module_and_full_metadata(dist
     assert metadata["Description-Content-Type"] == "text/markdown"
     assert metadata["Requires-Python"] == ">=3.11"
     assert metadata["Keywords"] and "lease" in metadata["Keywords"]
-    urls = dict(u.split(", ", 1) for u in metadata.get_all("Project-URL") or [])
-    assert {"Homepage", "Changelog", "Issues"} <= set(urls), urls
+    urls = metadata.get_all("Project-URL") or []
+    assert all("://" in u for u in urls), "a URL, or none until there is a public repository"
     classifiers = metadata.get_all("Classifier") or []
     assert "Typing :: Typed" in classifiers
     assert any(c.startswith("Development Status ::") for c in classifiers)
