@@ -172,7 +172,8 @@ class LaneState:
         rid = reply.id
         if rid is None:  # an event
             if self.closing is None:
-                self.to_agent(reply)
+                for event in self.events(msg.path, reply):
+                    self.to_agent(event)
             return
         if (fan := self.fanouts.pop(rid, None)) is not None:
             self.pending.pop(rid, None)
@@ -186,6 +187,19 @@ class LaneState:
                 del self.pending[rid]
         if self.closing is None:
             self.to_agent(reply)
+
+    @staticmethod
+    def events(path: str, reply: Reply) -> list[Reply]:
+        """What the agent is told of an event from ``path``'s file.
+
+        An ``abandoned`` without id is the owner of a path in a convention dropping this lane's
+        leases because it stopped hearing this lane's member (``member_timeout_ms``): to the
+        agent, each of those leases was revoked (``member_lost``); ``abandoned`` is only ever
+        the answer to the agent's own ``abandon``.
+        """
+        if isinstance(reply, Abandoned):
+            return [Revoked(lease=lease, path=path, reason="member_lost") for lease in reply.leases]
+        return [reply]
 
     def track(self, path: str, held: str | None) -> None:
         """Make the lease map agree with what the file says this lane holds on ``path``."""

@@ -114,3 +114,13 @@ def test_a_lane_knows_the_leases_it_holds_and_those_it_held_lately() -> None:
     released = FileReply(path=A, message=Released(id=9, lease=f"lease-{A}"), lane="chat#1")
     lane.file_reply(released)
     assert f"lease-{A}" not in lane.leases and lane.knows(f"lease-{A}"), "a tombstone"
+
+
+def test_an_owner_abandoning_the_lanes_leases_reaches_the_agent_as_revoked_member_lost() -> None:
+    lane, host = holding_two_files()
+    dropped = Abandoned(id=None, leases=[f"lease-{A}"])
+    lane.file_reply(FileReply(path=A, message=dropped, held=None, lane="chat#1"))
+    assert host.agent == [Revoked(lease=f"lease-{A}", path=A, reason="member_lost")]
+    assert lane.leases == {f"lease-{B}": B}
+    lane.file_restarted(FileRestarted(path=A))
+    assert len(host.agent) == 1, "told once, not again when the route is then lost"
