@@ -54,7 +54,10 @@ __all__ = ["Federation", "Host", "unavailable_status"]
 log = logging.getLogger(__name__)
 
 _BACKOFF_MIN_MS = 1_000.0
-_BACKOFF_MAX_MS = 30_000.0
+_BACKOFF_MAX_MS = 3_000.0
+"""The longest wait between probes of a lost member: a fault of any length heals within it
+(after the fault ends) plus one round trip. A probe is one relay creation, so a member lost
+for long costs one small message every three seconds."""
 _BEAT = "federation-beat"
 
 
@@ -109,6 +112,7 @@ class _Remote:
     lanes: dict[str, _Use] = field(default_factory=dict)
     retry_at: float = 0.0
     backoff_ms: float = _BACKOFF_MIN_MS
+    probed_at: float = float("-inf")
 
 
 class Federation:
@@ -142,7 +146,7 @@ class Federation:
             Forwarded: self.serving.on_forwarded,
             ForwardedClose: self.serving.on_forwarded_close,
             ForwardedStatus: self.serving.on_forwarded_status,
-            Beat: self.serving.on_beat,
+            Beat: self.on_beat,
             BeatAck: self.on_beat_ack,
             OriginLost: self.serving.on_origin_lost,
             Resolved: self.on_resolved,
@@ -312,6 +316,7 @@ class Federation:
     def connect(self, remote: _Remote, phase: Phase) -> None:
         """Create a relay on the member (thespian queues our messages until it is up)."""
         remote.phase = phase
+        remote.probed_at = self.clock()
         remote.link = next(self.links)
         remote.seq = 0
         remote.heard = self.clock()
@@ -366,9 +371,30 @@ class Federation:
         if any(r.phase != "lost" for r in self.remotes.values()):
             self.arm()
 
+    def on_beat(self, msg: Beat, sender: Any) -> None:
+        """A member whose lanes use our paths beats: answer it, and if it is a member we lost,
+        it is alive: probe it at once."""
+        self.serving.on_beat(msg, sender)
+        for remote in self.remotes.values():
+            if remote.member.registry is not None and remote.member.registry == msg.origin:
+                self.sign_of_life(remote)
+
+    def sign_of_life(self, remote: _Remote) -> None:
+        """``remote`` was heard from while lost (a late ack, its own beat): the fault is over,
+        so its backoff restarts and it is probed now rather than when the backoff ends (at
+        most once per ``_BACKOFF_MIN_MS``: a member that beats but cannot host a relay yet is
+        not flooded with them)."""
+        if remote.phase == "lost" and self.clock() - remote.probed_at >= _BACKOFF_MIN_MS:
+            remote.backoff_ms = _BACKOFF_MIN_MS
+            remote.retry_at = self.clock()
+            self.maybe_probe(remote)
+
     def on_beat_ack(self, msg: BeatAck, sender: Any) -> None:
         remote = self.remotes.get(msg.incarnation)
-        if remote is None or remote.link != msg.link or remote.phase == "lost":
+        if remote is not None and remote.phase == "lost":
+            self.sign_of_life(remote)
+            return
+        if remote is None or remote.link != msg.link:
             return
         remote.heard = self.clock()
         for seq in [s for s in remote.unconfirmed if s < msg.seq]:

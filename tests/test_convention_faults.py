@@ -16,11 +16,21 @@ from collections.abc import Iterator
 import pytest
 from test_convention import (
     FAIL_FAST_S,
+    HERE,
+    THERE,
+    Clock,
     Convention,
+    FakeHost,
     MemberServe,
+    acknowledge,
     convention,
+    federation,
+    lane_call,
     queued,
 )
+
+from sessionlane.actors.federation import Federation
+from sessionlane.messages.convention import Beat, BeatAck, Members
 
 __all__ = ["convention"]  # the fixture, re-used
 
@@ -71,3 +81,57 @@ def test_a_holder_whose_member_stalled_past_the_timeout_is_told_its_lease_was_re
     late = holder.do("append", "error", count=1)
     assert late["code"] == "revoked", "refused by the client, nothing sent"
     assert queued(probe, path) == []
+
+
+# Healing, with a fake host and clock (test_convention's) -----------------------------------------
+
+
+def lost_for_long(fed: Federation, host: FakeHost, clock: Clock) -> None:
+    """THERE is used, falls silent, and every probe of it fails for a long time."""
+    fed.route(lane_call("/srv/there/a.jsonl", 1))
+    clock.now += 2_001
+    fed.tick()
+    for _ in range(10):
+        clock.now += 60_000
+        fed.route(lane_call("/srv/there/a.jsonl", None))  # refused; starts a probe
+        clock.now += 2_001
+        fed.tick()  # the probe goes unanswered
+
+
+def test_a_member_lost_for_long_is_probed_again_within_a_few_seconds() -> None:
+    host, clock = FakeHost(), Clock()
+    fed = federation(host, clock)
+    lost_for_long(fed, host, clock)
+    (remote,) = fed.remotes.values()
+    assert remote.phase == "lost"
+    assert remote.retry_at - clock.now <= 3_000, "the backoff is capped at three seconds"
+
+
+def test_a_late_ack_from_a_lost_member_probes_it_at_once() -> None:
+    host, clock = FakeHost(), Clock()
+    fed = federation(host, clock)
+    lost_for_long(fed, host, clock)
+    beats = [m for _, m in host.sent if isinstance(m, Beat)]
+    created = len(host.created)
+    clock.now += 1_000
+    fed.on_beat_ack(BeatAck(link=beats[-1].link, seq=beats[-1].seq, incarnation="there-1"), None)
+    assert len(host.created) == created + 1, "a new relay at once, no wait for the backoff"
+    acknowledge(fed, host)
+    refused = len(host.refused)
+    assert fed.route(lane_call("/srv/there/b.jsonl", 2))
+    assert len(host.refused) == refused, "forwarded, not refused"
+
+
+def test_a_beat_from_a_lost_member_probes_it_at_once_but_not_more_than_once_a_second() -> None:
+    host, clock = FakeHost(), Clock()
+    there = THERE.model_copy(update={"registry": "registry@there"})
+    fed = Federation(host, HERE, 2_000, clock=clock)
+    fed.on_members(Members(version=1, members=[HERE, there]), None)
+    lost_for_long(fed, host, clock)
+    created = len(host.created)
+    clock.now += 1_000
+    beat = Beat(origin="registry@there", link=1, seq=1)
+    fed.handle(beat, None)
+    fed.handle(beat, None)
+    assert len(host.created) == created + 1
+    assert any(isinstance(m, BeatAck) for t, m in host.sent if t == "registry@there")
