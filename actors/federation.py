@@ -50,7 +50,7 @@ from sessionlane.messages.convention import (
     Resolved,
 )
 from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall
-from sessionlane.messages.wire import Error, FileStatus, Status, StatusReply
+from sessionlane.messages.wire import Append, Error, FileStatus, Rewrite, Status, StatusReply
 
 __all__ = ["Federation", "Host", "unavailable_status"]
 
@@ -93,6 +93,7 @@ class _Sent:
     lane_uid: str = ""
     request_id: Any = None
     canonical: bool = False
+    write: bool = False
     status: Status | None = None
     reply_to: Any = None
 
@@ -335,6 +336,7 @@ class Federation:
                 lane_uid=call.lane.uid,
                 request_id=call.request.id,
                 canonical=call.canonical,
+                write=isinstance(call.request, Append | Rewrite),
             )
         hop = Forwarded(origin=self.host.myAddress, link=remote.link, seq=seq, call=call)
         self.host.send(remote.relay, hop)
@@ -547,6 +549,9 @@ class Federation:
                 # The lane learns a path's canonical name from the first reply; until then
                 # FileRestarted cannot find this request, so it is answered here.
                 error = self.unavailable(remote, item.request_id, item.path)
+                if item.write:
+                    detail = f"{error.detail} after the write was sent: read the file to know"
+                    error = error.model_copy(update={"code": "unknown_outcome", "detail": detail})
                 reply = FileReply(path=item.path, message=error, lane=item.lane_uid)
                 self.host.send(item.lane, reply)
 

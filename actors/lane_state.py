@@ -240,8 +240,9 @@ class LaneState:
 
     def file_lost(self, path: str, aliases: list[str], detail: str) -> None:
         """Leases on ``path`` are revoked (``actor_restart``: the agent's remedy is the same),
-        waiting acquires are sent again, other unanswered requests are answered
-        ``unavailable`` with ``detail``; ``aliases``: the spellings of ``path`` used."""
+        waiting acquires are sent again, unanswered writes are answered ``unknown_outcome``
+        and other unanswered requests ``unavailable``, with ``detail``; ``aliases``: the
+        spellings of ``path`` used."""
         lost = [lease for lease, p in self.leases.items() if p == path]
         self.track(path, None)
         for lease in lost:
@@ -257,6 +258,10 @@ class LaneState:
                 )
             elif isinstance(pending.request, Acquire | Recover):
                 self.call(pending.request, path, canonical=True)  # queue again
+            elif isinstance(pending.request, Append | Rewrite):
+                del self.pending[rid]
+                wrote = f"{detail}: the write may be in the file, read it to know"
+                self.to_agent(Error(id=rid, code="unknown_outcome", detail=wrote, path=path))
             else:
                 del self.pending[rid]
                 self.to_agent(Error(id=rid, code="unavailable", detail=detail, path=path))

@@ -21,6 +21,7 @@ from sessionlane.messages.errors import (
     SessionLaneError,
     StaleFence,
     Unavailable,
+    UnknownOutcome,
     error_for,
 )
 from sessionlane.messages.wire import (
@@ -45,7 +46,13 @@ from sessionlane.messages.wire import (
     Status,
     StatusReply,
 )
-from sessionlane.system.client._core import AppendResult, ClientCore, LeaseState, anchor
+from sessionlane.system.client._core import (
+    AppendResult,
+    ClientCore,
+    ConnectionLost,
+    LeaseState,
+    anchor,
+)
 from sessionlane.system.client._records import check_records
 
 __all__ = [
@@ -133,7 +140,19 @@ def lane_append(
     path = anchor(path)
     checked = check_records(records, max_record_bytes=core.settings.max_record_bytes)
     request = Append(lane=lane, path=path, records=checked, durability=durability)
-    return _appended(raise_if_error((yield Call(request)), path))
+    try:
+        reply = yield Call(request)
+    except ConnectionLost as exc:
+        raise _unknown(request, exc, path, None) from exc
+    return _appended(raise_if_error(reply, path))
+
+
+def _unknown(
+    request: Append | Rewrite, exc: ConnectionLost, path: str, reason: str | None
+) -> UnknownOutcome:
+    """A write whose connection ended after it was sent: it may or may not be in the file."""
+    detail = f"{exc.detail}: the {request.type} may or may not be in the file, read it to know"
+    return UnknownOutcome(detail, path=path, reason=reason)
 
 
 def abandon(core: Core, lane: str, path: str | None, reason: str | None) -> Op[list[str]]:
@@ -269,12 +288,19 @@ def release(core: Core, lease: LeaseView, quiet: bool) -> Op[None]:
 def _lease_call(lease: LeaseView, request: Any) -> Op[Reply]:
     """The reply to a request of ``lease``, or its error.
 
-    No reply because the connection was lost: the lease went with it (``LeaseRevoked``); a
-    reply that is only late stays ``Unavailable``. A ``stale_fence`` answer means the lease is
-    gone even if its ``revoked`` event is still on the way.
+    No reply because the connection was lost: the lease went with it (``LeaseRevoked``; for a
+    write, ``UnknownOutcome``: it may be in the file); a reply that is only late stays
+    ``Unavailable``. A ``stale_fence`` answer means the lease is gone even if its ``revoked``
+    event is still on the way.
     """
     try:
         reply = yield Call(request, reconnect=False)
+    except ConnectionLost as exc:
+        if isinstance(request, Append | Rewrite):
+            raise _unknown(request, exc, lease.path, lease.state.revoked) from exc
+        raise LeaseRevoked(
+            f"lease {lease.id} lost: {exc.detail}", path=lease.path, reason=lease.state.revoked
+        ) from exc
     except Unavailable as exc:
         if lease.state.revoked is not None:
             raise LeaseRevoked(

@@ -40,6 +40,7 @@ export {
   TooManyFiles,
   Unauthorized,
   Unavailable,
+  UnknownOutcome,
   errorFor,
   type ErrorCode,
 } from './errors.js';

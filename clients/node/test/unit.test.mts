@@ -73,6 +73,7 @@ describe('the error table', () => {
       read_only: 'ReadOnly',
       io_error: 'IOFailure',
       file_moved: 'FileMoved',
+      unknown_outcome: 'UnknownOutcome',
       internal: 'SessionLaneError',
     };
     assert.deepEqual([...ERROR_CODES].sort(), Object.keys(expected).sort());
