@@ -1,12 +1,17 @@
 """Lane: the actor a Python agent inside the system talks to. One per open lane.
 
-A thin shell over ``LaneState`` (see there for what a lane does): its calls go to the
-Registry, which routes them to the path's SessionFile; replies and events go back to its agent
-as ``LaneOutput``. The gateway does not use Lane actors: it hosts its connections' lanes in its
-own process (``sessionlane.system.gateway.links``).
+A thin shell over ``LaneState`` (see there for what a lane does) and ``Links`` (how calls reach
+files): the lane's calls go to the path's SessionFile over that file's channel, exactly as the
+gateway's lanes' do. The Registry resolves the path and hands out the channel; it carries no
+call, except on a base that cannot watch sockets (``simpleSystemBase``) and for a path another
+convention member serves. Replies and events go back to the agent as ``LaneOutput``.
 
-Ordering: every call of a lane goes Lane -> Registry -> SessionFile, and thespian keeps order
-per sender/target pair, so an abandon always reaches a file after the lane's earlier requests.
+The actor returns a ``ThespianWatch`` on its channel sockets from every ``receiveMessage``, so
+thespian's select loop wakes it when a file answers; nothing blocks (see ``Links``).
+
+Ordering: a lane's calls for one file take one route at a time (queued while its channel
+opens), and a channel, like thespian per sender/target pair, keeps order: an abandon always
+reaches a file after the lane's earlier requests.
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from thespian.actors import ActorExitRequest, WakeupMessage
+from pydantic import ValidationError
+from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
-from sessionlane.actors._shell import Handler, ShellActor
-from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, LaneState
-from sessionlane.actors.timers import CloseTimeout
+from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
+from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
+from sessionlane.actors.links import Links
+from sessionlane.actors.timers import ChannelFlush, CloseTimeout, LinksDue
+from sessionlane.messages.errors import ErrorCode
 from sessionlane.messages.internal import (
     AgentGone,
+    ChannelOffer,
     FileReply,
     FileRestarted,
     LaneCall,
@@ -46,6 +55,11 @@ __all__ = ["Lane"]
 
 log = logging.getLogger(__name__)
 
+_LINK_IDLE_MS = 30_000.0
+"""A channel no call used this long is closed (so its file may be passivated)."""
+_FLUSH_RETRY_S = 0.002
+"""How soon channel output a full socket buffer refused is written again."""
+
 
 class Lane(ShellActor):
     log = log
@@ -55,6 +69,9 @@ class Lane(ShellActor):
         self.state: LaneState | None = None
         self.registry: Any = None
         self.agent: Any = None
+        self.links = Links(self, _LINK_IDLE_MS, monotonic_ms)
+        self.links_wakeup: float | None = None
+        self.flush_armed = False
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -65,11 +82,25 @@ class Lane(ShellActor):
             Append: self.on_request,
             Rewrite: self.on_request,
             Recover: self.on_request,
+            ChannelOffer: self.on_channel_offer,
+            WatchMessage: self.on_watch,
             FileReply: self.on_file_reply,
             FileRestarted: self.on_file_restarted,
             AgentGone: self.on_agent_gone,
             WakeupMessage: self.on_wakeup,
+            ActorExitRequest: self.on_exit,
         }
+
+    def receiveMessage(self, msg: Any, sender: Any) -> ThespianWatch | None:
+        super().receiveMessage(msg, sender)
+        if isinstance(msg, ActorExitRequest):
+            return None
+        if self.links.flush() and not self.flush_armed:
+            self.flush_armed = True
+            self.wakeupAfter(_FLUSH_RETRY_S, payload=ChannelFlush())
+        self.schedule_links()
+        fds = self.links.fds()
+        return ThespianWatch(fds) if fds else None
 
     def on_open(self, msg: OpenLane, sender: Any) -> None:
         ref = LaneRef(uid=msg.uid, name=msg.name, address=self.myAddress, priority=msg.priority)
@@ -80,37 +111,67 @@ class Lane(ShellActor):
 
     def on_request(self, req: LaneRequest, sender: Any) -> None:
         if self.state is None:
-            self.send(
-                sender,
-                LaneOutput(
-                    uid="",
-                    name="?",
-                    message=Error(id=req.id, code="unavailable", detail="the lane is closed"),
-                ),
-            )
+            error = Error(id=req.id, code="unavailable", detail="the lane is closed")
+            self.send(sender, LaneOutput(uid="", name="?", message=error))
             return
-        self.state.request(req)
+        try:
+            # An agent may hand us an unvalidated model (``model_construct``); the file checks
+            # every channel frame and would drop the channel, every lane's leases with it.
+            checked = type(req).model_validate(req.model_dump(mode="python", warnings=False))
+        except ValidationError as exc:
+            bad_records = isinstance(req, Append | Rewrite)
+            code: ErrorCode = "invalid_record" if bad_records else "bad_frame"
+            path = self.state.path_of(req)
+            self.state.to_agent(Error(id=req.id, code=code, detail=_first_error(exc), path=path))
+            return
+        self.state.request(checked)
+
+    def on_channel_offer(self, msg: ChannelOffer, sender: Any) -> None:
+        self.links.on_offer(msg)
+
+    def on_watch(self, msg: WatchMessage, sender: Any) -> None:
+        for fd in msg.ready:
+            if self.links.owns(fd):
+                self.links.on_ready(fd)
 
     def on_file_reply(self, msg: FileReply, sender: Any) -> None:
-        if self.state is not None:
-            self.state.file_reply(msg)
+        self.links.on_reply(msg)
 
     def on_file_restarted(self, msg: FileRestarted, sender: Any) -> None:
-        if self.state is not None:
-            self.state.file_restarted(msg)
+        self.links.on_restarted(msg)
 
     def on_agent_gone(self, msg: AgentGone, sender: Any) -> None:
         if self.state is not None and self.state.agent_gone(msg.reason):
             self.wakeupAfter(CLOSE_TIMEOUT_S, payload=CloseTimeout())
 
     def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
-        if isinstance(msg.payload, CloseTimeout) and self.state is not None:
-            self.state.close_timeout()
+        match msg.payload:
+            case CloseTimeout() if self.state is not None:
+                self.state.close_timeout()
+            case LinksDue(due=due):
+                if self.links_wakeup is not None and due >= self.links_wakeup:
+                    self.links_wakeup = None
+                self.links.tick()
+            case ChannelFlush():
+                self.flush_armed = False
+
+    def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
+        self.links.flush()  # the abandons, before the channels close
+        self.links.close()
+
+    def schedule_links(self) -> None:
+        due = self.links.next_due()
+        if due is not None and (self.links_wakeup is None or due < self.links_wakeup):
+            self.links_wakeup = due
+            self.wakeupAfter(max(0.0, due - monotonic_ms()) / 1000.0, payload=LinksDue(due))
 
     # LaneHost ------------------------------------------------------------------------------
 
     def call(self, call: LaneCall) -> None:
-        self.send(self.registry, call)
+        self.links.call(call)
+
+    def route_of(self, lease: str) -> str | None:
+        return self.links.route_of(lease)
 
     def to_agent(self, lane: LaneState, message: Reply) -> None:
         if self.agent is not None:
@@ -122,3 +183,26 @@ class Lane(ShellActor):
         self.send(self.registry, LaneClosed(address=self.myAddress))
         self.send(self.myAddress, ActorExitRequest())
         self.registry = None
+
+    # LinkHost ------------------------------------------------------------------------------
+
+    def deliver(self, reply: FileReply) -> None:
+        if self.state is not None:
+            self.state.file_reply(reply)
+
+    def restarted(self, msg: FileRestarted, holder: tuple[str, str] | None) -> None:
+        if self.state is not None:
+            self.state.file_restarted(msg, holder)
+
+    def channel_lost(self, msg: ChannelLost) -> None:
+        if self.state is not None:
+            self.state.channel_lost(msg)
+
+    def in_use(self, path: str) -> bool:
+        return self.state is not None and self.state.uses(path)
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else str(first["msg"])

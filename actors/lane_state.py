@@ -1,11 +1,13 @@
 """LaneState: what one lane knows, shared by the Lane actor and the gateway. No I/O.
 
-A lane forwards its agent's requests to the files (as ``LaneCall``), tracks the leases it
-holds from the ``held`` field of every reply, and hands replies and events back to its agent.
-When its agent is gone it abandons everything it holds or waits for, then reports itself
-closed. Who carries the calls and the replies is the host's business (``LaneHost``): the Lane
-actor sends them through the Registry; the gateway hosts its connections' lanes in its own
-process and sends their calls straight to the SessionFiles over channels.
+A lane forwards its agent's requests to the files (as ``LaneCall``) and hands replies and
+events back to its agent. It keeps no map of the leases it holds: a request that names only
+a lease is routed by the lease id itself (``sessionlane.actors.paths.lease_route``), and the
+file checks that the lane holds it. What a lane waits for (its unanswered requests) it does
+keep, so a loss answers them. When its agent is gone it abandons every path it used, then
+reports itself closed. Who carries the calls and the replies is the host's business
+(``LaneHost``): the Lane actor and the gateway both send them over the files' channels
+(``sessionlane.actors.links``), which also know which lease a lost channel took with it.
 
 Ordering: the host must deliver a lane's calls for one file in the order they are made, so an
 abandon always reaches a file after the lane's earlier requests for it: a request still in
@@ -15,7 +17,6 @@ flight when the agent vanished is granted and then dropped, never leaked.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ from sessionlane.messages.wire import (
     Acquire,
     Append,
     Error,
+    Granted,
     Queued,
     Recover,
     Release,
@@ -38,7 +40,6 @@ __all__ = ["CLOSE_TIMEOUT_S", "ChannelLost", "LaneHost", "LaneState"]
 
 log = logging.getLogger(__name__)
 
-_TOMBSTONES = 256
 CLOSE_TIMEOUT_S = 3.0
 """How long a closing lane waits for its abandons to be answered before it closes anyway."""
 
@@ -58,11 +59,17 @@ class ChannelLost:
     """The file's incarnation the channel reached."""
     reason: str
     """Why it broke, for the log and the ``unavailable`` answers."""
+    holder: tuple[str, str] | None = None
+    """(lane uid, lease) of the lease on ``path`` granted over the channel, if one was held."""
 
 
 class LaneHost(Protocol):
     def call(self, call: LaneCall) -> None:
         """Deliver ``call`` to the file of ``call.path`` (in order, per lane and file)."""
+
+    def route_of(self, lease: str) -> str | None:
+        """The canonical path of the file that granted ``lease`` (from the lease id), or None
+        when no file this host reaches has such a lease route."""
 
     def to_agent(self, lane: LaneState, message: Reply) -> None:
         """Hand a reply or event to the lane's agent."""
@@ -97,8 +104,6 @@ class LaneState:
     def __init__(self, ref: LaneRef, host: LaneHost) -> None:
         self.ref = ref
         self.host = host
-        self.leases: dict[str, str] = {}  # lease -> canonical path
-        self.tombstones: OrderedDict[str, str] = OrderedDict()  # revoked lease -> path
         self.pending: dict[Any, _Pending] = {}
         self.fanouts: dict[Any, _Fanout] = {}
         self.paths: dict[str, bool] = {}  # every path this lane used -> is it canonical
@@ -133,7 +138,7 @@ class LaneState:
                 self.call(req, req.path, canonical=False)
             case Release() | Append() | Rewrite():
                 assert req.lease is not None
-                path = self.leases.get(req.lease) or self.tombstones.get(req.lease)
+                path = self.host.route_of(req.lease)
                 if path is not None:
                     self.call(req, path, canonical=True)
                 elif isinstance(req, Release):
@@ -144,6 +149,14 @@ class LaneState:
                     self.to_agent(Error(id=req.id, code="stale_fence", detail=detail))
             case Abandon():
                 self.abandon(req)
+
+    def path_of(self, req: LaneRequest) -> str | None:
+        """The path ``req`` is for: the one it names, or its lease's; None if unknown."""
+        lease = getattr(req, "lease", None)
+        if lease is not None:
+            return self.host.route_of(lease)
+        path: str | None = getattr(req, "path", None)
+        return path
 
     def call(self, req: LaneRequest, path: str, *, canonical: bool) -> None:
         self.paths.setdefault(path, canonical)
@@ -167,8 +180,9 @@ class LaneState:
     # From the files ------------------------------------------------------------------------
 
     def file_reply(self, msg: FileReply) -> None:
-        self.track(msg.path, msg.held)
         reply = msg.message
+        if isinstance(reply, Granted):
+            self.paths[msg.path] = True  # abandoned by its canonical path when the agent goes
         rid = reply.id
         if rid is None:  # an event
             if self.closing is None:
@@ -201,18 +215,6 @@ class LaneState:
             return [Revoked(lease=lease, path=path, reason="member_lost") for lease in reply.leases]
         return [reply]
 
-    def track(self, path: str, held: str | None) -> None:
-        """Make the lease map agree with what the file says this lane holds on ``path``."""
-        for lease, p in list(self.leases.items()):
-            if p == path and lease != held:
-                del self.leases[lease]
-                self.tombstones[lease] = path
-                while len(self.tombstones) > _TOMBSTONES:
-                    self.tombstones.popitem(last=False)
-        if held is not None:
-            self.leases[held] = path
-            self.paths[path] = True
-
     def fan_in(self, fan: _Fanout, reply: Reply) -> None:
         fan.remaining -= 1
         if isinstance(reply, Abandoned):
@@ -224,10 +226,12 @@ class LaneState:
         elif not self.fanouts:
             self.finish_close()
 
-    def file_restarted(self, msg: FileRestarted) -> None:
-        """The file's actor died: what it held for this lane, or had not answered, is lost."""
+    def file_restarted(self, msg: FileRestarted, holder: tuple[str, str] | None = None) -> None:
+        """The file's actor died: what it held for this lane, or had not answered, is lost.
+
+        ``holder``: (lane uid, lease) of the lease on the file the host saw granted, if any."""
         detail = "the file's actor restarted before answering; the outcome is unknown"
-        self.file_lost(msg.path, msg.aliases, detail)
+        self.file_lost(msg.path, msg.aliases, detail, holder)
 
     def channel_lost(self, msg: ChannelLost) -> None:
         """The channel to the file broke: what was in flight on it is lost, and the file
@@ -236,17 +240,17 @@ class LaneState:
             f"the channel to the file broke before it answered ({msg.reason});"
             " the outcome is unknown"
         )
-        self.file_lost(msg.path, msg.aliases, detail)
+        self.file_lost(msg.path, msg.aliases, detail, msg.holder)
 
-    def file_lost(self, path: str, aliases: list[str], detail: str) -> None:
-        """Leases on ``path`` are revoked (``actor_restart``: the agent's remedy is the same),
-        waiting acquires are sent again, unanswered writes are answered ``unknown_outcome``
-        and other unanswered requests ``unavailable``, with ``detail``; ``aliases``: the
-        spellings of ``path`` used."""
-        lost = [lease for lease, p in self.leases.items() if p == path]
-        self.track(path, None)
-        for lease in lost:
-            self.to_agent(Revoked(lease=lease, path=path, reason="actor_restart"))
+    def file_lost(
+        self, path: str, aliases: list[str], detail: str, holder: tuple[str, str] | None
+    ) -> None:
+        """This lane's lease on ``path`` (``holder``, if it is this lane's) is revoked
+        (``actor_restart``: the agent's remedy is the same), waiting acquires are sent again,
+        unanswered writes are answered ``unknown_outcome`` and other unanswered requests
+        ``unavailable``, with ``detail``; ``aliases``: the spellings of ``path`` used."""
+        if holder is not None and holder[0] == self.uid:
+            self.to_agent(Revoked(lease=holder[1], path=path, reason="actor_restart"))
         for rid, pending in list(self.pending.items()):
             unanswered_here = pending.path is None and pending.raw in aliases
             if pending.path != path and not unanswered_here:
@@ -266,14 +270,8 @@ class LaneState:
                 del self.pending[rid]
                 self.to_agent(Error(id=rid, code="unavailable", detail=detail, path=path))
 
-    def knows(self, lease: str) -> bool:
-        """Whether this lane holds ``lease`` or held it lately (a file's reply said so)."""
-        return lease in self.leases or lease in self.tombstones
-
     def uses(self, path: str) -> bool:
-        """Whether this lane holds a lease on ``path`` or waits for an answer from it."""
-        if path in self.leases.values():
-            return True
+        """Whether this lane waits for an answer from ``path`` (held leases: the links know)."""
         return any(p.path == path or p.path is None for p in self.pending.values())
 
     # Closing -------------------------------------------------------------------------------
@@ -283,9 +281,10 @@ class LaneState:
         if self.closing is not None:
             return False
         self.closing = reason
-        if self.leases:
-            log.warning(
-                "lane %s: agent gone (%s), abandoning %s", self.name, reason, sorted(self.leases)
+        if self.paths:
+            # The files log one diagnostic line per lease they abandon (path, lane, lease).
+            log.debug(
+                "lane %s: agent gone (%s), abandoning %d paths", self.name, reason, len(self.paths)
             )
         if not self.paths:
             self.finish_close()

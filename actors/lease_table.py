@@ -17,7 +17,11 @@ Invariants (checked by the Hypothesis model in ``tests/test_lease_table_model.py
   later arrival of the same or a lower class is never served first, and after
   ``2 * aging_ms`` no later arrival is;
 - a recovery request is served before any other waiter, never beside a holder: the holder is
-  asked to abort and is revoked after the grace.
+  asked to abort and is revoked after the grace;
+- only the holder releases or writes under its lease, or the *connection lane* of the
+  holder's connection: a lane id ending in ``/`` acts for every lane whose id it prefixes (a
+  gateway connection's lanes are ``<connection>/<name>``, and a client's ``release`` or
+  ``append`` names only its lease, not its lane: see :func:`acts_for`).
 
 Why one module of about 580 lines: it is one state machine. The policy is its input, the
 effect types are its output vocabulary, and each transition (a public method) reads top to
@@ -52,12 +56,23 @@ __all__ = [
     "Revoke",
     "Skip",
     "Waiter",
+    "acts_for",
 ]
 
 Lane = Hashable
 """A lane's identity: unique per lane instance (never just its name)."""
 ReqKey = Hashable
 """An opaque request key chosen by the caller; effects echo it."""
+
+
+def acts_for(lane: Lane, holder: Lane) -> bool:
+    """Whether ``lane`` may release or write under ``holder``'s lease: it is that lane, or the
+    connection lane (an id ending in ``/``) of the connection ``holder`` belongs to."""
+    if lane == holder:
+        return True
+    return isinstance(lane, str) and lane.endswith("/") and str(holder).startswith(lane)
+
+
 RejectCode = Literal[
     "lease_timeout",
     "contended",
@@ -340,7 +355,7 @@ class LeaseTable:
     def release(self, req: ReqKey, lane: Lane, lease: str, now: float) -> list[Effect]:
         """Drop one nesting level of ``lease``; only its holder may."""
         holder = self.holder
-        if holder is None or holder.lease != lease or holder.lane != lane:
+        if holder is None or holder.lease != lease or not acts_for(lane, holder.lane):
             return [Reject(req, lane, "not_holder", f"lease {lease} is not held by this lane")]
         holder.purposes.pop()
         self.counters["releases"] += 1
@@ -461,7 +476,7 @@ class LeaseTable:
             self.counters["stale_fence"] += 1
             current = f"current fence is {holder.fence}" if holder else "the path is free"
             return ("stale_fence", f"lease {lease} fence {fence} is not current; {current}")
-        if holder.lane != lane:
+        if not acts_for(lane, holder.lane):
             return ("not_holder", f"lease {lease} belongs to another lane")
         if purpose == "compaction" and "compaction" not in holder.purposes:
             return ("not_holder", "rewrite needs a compaction lease")

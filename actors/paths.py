@@ -12,6 +12,7 @@ without following symlinks for the file's whole life (``sessionlane.actors.confi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import Sequence
@@ -19,7 +20,15 @@ from collections.abc import Sequence
 from sessionlane.actors.confined import check_regular, containing_root, file_kind
 from sessionlane.messages.errors import PathNotAllowed
 
-__all__ = ["MAX_FILE_NAME", "MAX_PATH_CHARS", "NAME_MAX", "canonicalize", "root_of"]
+__all__ = [
+    "MAX_FILE_NAME",
+    "MAX_PATH_CHARS",
+    "NAME_MAX",
+    "canonicalize",
+    "lease_route",
+    "root_of",
+    "route_of_lease",
+]
 
 MAX_PATH_CHARS = 4096
 """Longest raw path accepted (Linux PATH_MAX)."""
@@ -127,3 +136,25 @@ def _resolve(path: str, raw: str) -> str:
     if not os.path.isdir(real_parent):
         raise PathNotAllowed("parent directory does not exist", path=raw)
     return os.path.join(real_parent, name)
+
+
+LEASE_ROUTE_CHARS = 16
+"""Hex digits of a path's lease route (64 bits: a collision between two files one gateway
+uses is detected there and refused, never misrouted; see ``sessionlane.actors.links``)."""
+
+
+def lease_route(canonical: str) -> str:
+    """The route a lease id names: a digest of the canonical path of the file that granted it.
+
+    Lease ids are ``<route>-<fence>`` (``sessionlane.actors.lease_table``), so a request naming
+    only a lease carries what routes it: no router keeps a map of who holds what.
+    """
+    return hashlib.sha256(canonical.encode()).hexdigest()[:LEASE_ROUTE_CHARS]
+
+
+def route_of_lease(lease: str) -> str | None:
+    """The route named by ``lease``, or None when it is not a lease id of ours."""
+    route, sep, fence = lease.rpartition("-")
+    if not sep or len(route) != LEASE_ROUTE_CHARS or not fence.isdigit():
+        return None
+    return route

@@ -1,11 +1,15 @@
 """Registry: one per actor system. Maps canonical paths to their SessionFile actors.
 
-Every ``LaneCall`` comes through here: the path is resolved and confined to the roots
-(``path_not_allowed`` otherwise, nothing created), the SessionFile is created on first use as
-this actor's child (so a crash reaches us as ``ChildActorExited``), and the call is forwarded.
-Because all calls pass through the Registry, passivation is race-free: a SessionFile that has
-been idle reports how many calls it received, and is retired only if that equals the number
-forwarded to it, so no call can be in flight to an actor that exits.
+It resolves, confines, supervises and hands out channels; it is not a data path. Every first
+contact with a file comes through here (``OpenChannel``): the path is resolved and confined to
+the roots (refused in the ``ChannelOffer`` with ``path_not_allowed`` otherwise, nothing
+created), the SessionFile is created on first use as this actor's child (so a crash reaches us
+as ``ChildActorExited``), and the request is forwarded to it, which offers its channel; the
+lanes' requests then go over that channel. A ``LaneCall`` comes here only for a path another
+convention member serves (``Federation``) or on a base that cannot watch sockets. Passivation
+is race-free: a SessionFile that has been idle (no holder, queue, traffic or open channel)
+reports how many messages it received, and is retired only if that equals the number
+forwarded to it, so nothing can be in flight to an actor that exits.
 
 A SessionFile that dies otherwise is restarted at once; the lanes that used it are told
 (``FileRestarted``) so they report their leases on it as revoked (``actor_restart``).
@@ -182,31 +186,34 @@ class Registry(ShellActor):
     def on_open_channel(self, msg: OpenChannel, sender: Any) -> None:
         """Activate the file of ``msg.path`` and have it offer the gateway a direct channel.
 
-        Refused (an offer without address, so the gateway sends that path's calls here) when
-        this member does not serve the path: not serving, another member's root, or a path
-        outside the roots (the calls then get the same refusal a ``LaneCall`` gets).
+        Refused when this member does not serve the path: an offer without an address, whose
+        ``code`` and ``reason`` answer the calls that waited for it (not serving, a path outside
+        the roots, no capacity), or, for a path under another convention member's root, an
+        offer without a code: the lanes then reach that member through this Registry.
         """
 
-        def refuse(reason: str, canonical: str | None = None) -> None:
-            offer = ChannelOffer(path=msg.path, nonce=msg.nonce, canonical=canonical, reason=reason)
+        def refuse(reason: str, code: ErrorCode | None) -> None:
+            offer = ChannelOffer(path=msg.path, nonce=msg.nonce, reason=reason, code=code)
             self.send(sender, offer)
 
         if not self.serving():
-            refuse("the registry is not serving")
+            refuse(
+                "the registry is not serving", "shutting_down" if self.draining else "unavailable"
+            )
             return
         assert self.config is not None
         if self.federation is not None and self.federation.remote_owner(msg.path) is not None:
-            refuse("another member serves this path")
+            refuse("another member serves this path", None)
             return
         try:
             path = canonicalize(msg.path, self.config.roots, self.config.suffixes)
         except PathNotAllowed as exc:
-            refuse(exc.detail)
+            refuse(exc.detail, "path_not_allowed")
             return
         entry = self.files.get(path)
         if entry is None:
             if (full := self.capacity_refusal(path)) is not None:
-                refuse(full)  # its calls come through here and get too_many_files
+                refuse(full, "too_many_files")
                 return
             entry = self.activate(path)
         entry.forwarded += 1
@@ -478,8 +485,10 @@ class Registry(ShellActor):
                 error = Error(id=message.request.id, code="shutting_down", detail=detail)
                 self.refuse(message, error)
             elif isinstance(message, OpenChannel):
-                reason = "the registry is not serving"
-                offer = ChannelOffer(path=message.path, nonce=message.nonce, reason=reason)
+                reason, code = "the service is stopping", "shutting_down"
+                offer = ChannelOffer(
+                    path=message.path, nonce=message.nonce, reason=reason, code=code
+                )
                 self.send(message.reply_to, offer)
         self.fail_gathers(entry.key)
 

@@ -382,7 +382,7 @@ class SessionFile(ShellActor):
                     abort = wire.AbortRequested(
                         lease=fx.lease, path=self.path, grace_ms=fx.grace_ms
                     )
-                    reply = FileReply(path=self.path, message=abort, held=fx.lease, lane=fx.lane)
+                    reply = FileReply(path=self.path, message=abort, lane=fx.lane)
                     self.out.event(s, fx.lane, reply)
                 case lt.Diagnostic(message=message):
                     log.warning(message)

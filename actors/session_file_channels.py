@@ -61,12 +61,14 @@ class FileChannels:
         path: str,
         incarnation: int,
         *,
+        idle_ms: int = 0,
         enabled: bool,
         watch: bool,
         accepting: Callable[[], bool],
     ) -> None:
         self.path = path
         self.incarnation = incarnation
+        self.idle_ms = idle_ms
         self.enabled = enabled
         self.watch = watch
         self.accepting = accepting
@@ -89,6 +91,7 @@ class FileChannels:
             address=self.server.address,
             token=self.server.token,
             incarnation=self.incarnation,
+            idle_ms=self.idle_ms,
         )
 
     def cannot_open(self) -> str:
@@ -142,7 +145,7 @@ class FileChannels:
     def send(self, address: ChannelRef, message: FileReply) -> None:
         """``message`` as a reply frame on its channel (dropped if it closed)."""
         if self.server is not None:
-            self.server.send(address, reply_frame(message.lane, message.held, message.message))
+            self.server.send(address, reply_frame(message.lane, message.message))
 
     def fds(self) -> list[int]:
         return self.server.fds() if self.server is not None else []

@@ -52,10 +52,7 @@ class Outlet:
         """Answer the request ``req`` (a table key: lane uid, request id) of ``lane_uid``."""
         _, rid = req
         reply = FileReply(
-            path=self.path,
-            message=message.model_copy(update={"id": rid}),
-            held=s.held(lane_uid),
-            lane=lane_uid,
+            path=self.path, message=message.model_copy(update={"id": rid}), lane=lane_uid
         )
         self.event(s, lane_uid, reply)
 
@@ -64,11 +61,10 @@ class Outlet:
     ) -> None:
         """Answer ``call``; ``needs_sync``: only once an fdatasync covers the append it acks."""
         lane = call.lane.uid
-        held = s.held(lane) if isinstance(s, Serving) else None
         out = Outgoing(
             lane=lane,
             address=call.lane.address,
-            message=FileReply(path=self.path, message=message, held=held, lane=lane),
+            message=FileReply(path=self.path, message=message, lane=lane),
             needs_sync=needs_sync,
             key=call_key(call) if needs_sync else None,
         )

@@ -15,7 +15,6 @@ lock, another service must not open, quarantine or fence the file.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
 from sessionlane.actors.legacy_lock import LegacyLock
 from sessionlane.actors.owner_check import OwnerCheck, keep_ownership
 from sessionlane.actors.ownership import Ownership
+from sessionlane.actors.paths import lease_route
 from sessionlane.actors.session_file_channels import FileChannels
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
 from sessionlane.actors.session_file_writes import WritePath
@@ -119,8 +119,9 @@ class Serving:
             aging_ms=s.aging_ms,
             max_queue=s.max_queue,
         )
-        tag = hashlib.sha256(msg.path.encode()).hexdigest()[:8]
-        self.table = LeaseTable(msg.path, policy, fence_floor=opened.floor, lease_prefix=f"{tag}-")
+        self.table = LeaseTable(
+            msg.path, policy, fence_floor=opened.floor, lease_prefix=f"{lease_route(msg.path)}-"
+        )
         self.sync = TranscriptSync(msg.path, self.transcript, CommitPolicy(), metrics, clock)
         self.commit = GroupCommit(
             msg.path, self.sync, watch=switches.watch and switches.group_commit
@@ -140,6 +141,7 @@ class Serving:
         self.channels = FileChannels(
             msg.path,
             msg.incarnation,
+            idle_ms=s.idle_ms,
             enabled=switches.channels,
             watch=switches.watch,
             accepting=accepting,
@@ -181,11 +183,6 @@ class Serving:
     def quiet(self) -> bool:
         """Nothing held, queued or waiting: the actor may be passivated."""
         return self.table.idle() and self.commit.idle() and not self.writes.queue
-
-    def held(self, lane_uid: str) -> str | None:
-        """The lease ``lane_uid`` holds on this file, if any."""
-        holder = self.table.held_by(lane_uid)
-        return holder.lease if holder is not None else None
 
     def others_may_write(self) -> bool:
         """Could a lane other than the holder append before the holder's acks are released?

@@ -451,9 +451,7 @@ class WritePath:
         level = logging.INFO if self.legacy is not None and kind == "append" else logging.WARNING
         log.log(level, "external %s of %s adopted during lease %s", kind, self.path, lease)
         event = ExternalChange(lease=lease, path=self.path, kind=kind)
-        return [
-            Notify(lane_uid, FileReply(path=self.path, message=event, held=lease, lane=lane_uid))
-        ]
+        return [Notify(lane_uid, FileReply(path=self.path, message=event, lane=lane_uid))]
 
     # Helpers -------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ __all__ = [
     "IdleCheck",
     "LeaseTick",
     "LegacyRetry",
+    "LinksDue",
     "SuccessorWait",
 ]
 
@@ -82,3 +83,11 @@ class SuccessorWait:
 @dataclass(frozen=True, slots=True)
 class CloseTimeout:
     """A lane whose agent went away stops waiting for its abandons to be answered."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinksDue:
+    """The lane's links have something due (a retry, an idle channel to close)."""
+
+    due: float
+    """The actor clock's time (ms) it was armed for: an earlier re-arm supersedes it."""

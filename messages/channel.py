@@ -14,7 +14,7 @@ gateway -> SessionFile
     ``{"k": "call", "u": uid, "n": lane name, "pr": priority, "rq": request}``
 SessionFile -> gateway
     ``{"k": "welcome", "v": 1, "path": P, "inc": incarnation}``   or the connection closes
-    ``{"k": "reply", "u": uid, "h": held lease or nil, "m": reply}``
+    ``{"k": "reply", "u": uid, "m": reply}``
 
 ``rq`` and ``m`` are wire messages as a map (``sessionlane.messages.wire``), validated on arrival
 with the same models as a client's frames: both processes are ours, but a frame that does not
@@ -54,7 +54,7 @@ __all__ = [
 _LANE_REQUEST: TypeAdapter[Any] = TypeAdapter(LaneRequest)
 _REPLY: TypeAdapter[Any] = TypeAdapter(Reply)
 _PRIORITIES = ("recovery", "interactive", "background")
-CHANNEL_VERSION = 1
+CHANNEL_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +80,6 @@ class ChannelWelcome:
 @dataclass(frozen=True, slots=True)
 class ChannelReply:
     uid: str
-    held: str | None
     message: Any
     """A ``Reply``."""
 
@@ -107,8 +106,8 @@ def welcome_frame(path: str, incarnation: int) -> bytes:
     return _pack({"k": "welcome", "v": CHANNEL_VERSION, "path": path, "inc": incarnation})
 
 
-def reply_frame(uid: str, held: str | None, message: Any) -> bytes:
-    return _pack({"k": "reply", "u": uid, "h": held, "m": _dump(message)})
+def reply_frame(uid: str, message: Any) -> bytes:
+    return _pack({"k": "reply", "u": uid, "m": _dump(message)})
 
 
 def _check_version(data: dict[str, Any]) -> None:
@@ -157,11 +156,8 @@ def decode_from_file(body: bytes) -> ChannelWelcome | ChannelReply:
         return ChannelWelcome(path=_str(data, "path"), incarnation=incarnation)
     if kind != "reply":
         raise FrameDecodeError(f"unexpected channel frame kind {kind!r}")
-    held = data.get("h")
-    if held is not None and not isinstance(held, str):
-        raise FrameDecodeError("channel reply field 'h' must be a string or nil")
     try:
         message = _REPLY.validate_python(data.get("m"))
     except ValidationError as exc:
         raise FrameDecodeError(f"bad channel reply: {exc.errors()[0]['msg']}") from None
-    return ChannelReply(uid=_str(data, "u"), held=held, message=message)
+    return ChannelReply(uid=_str(data, "u"), message=message)

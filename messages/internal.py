@@ -152,7 +152,9 @@ class Opened(_Internal):
 
 
 class LaneCall(_Internal):
-    """From a Lane, through the Registry, to the SessionFile of ``path``."""
+    """A lane's request for the SessionFile of ``path``: what a channel call frame carries and
+    the file serves; sent as a thespian message (through the Registry) only for a path another
+    convention member serves, or on a base that cannot watch sockets."""
 
     kind: Literal["lane_call"] = "lane_call"
     lane: LaneRef
@@ -168,8 +170,6 @@ class FileReply(_Internal):
     kind: Literal["file_reply"] = "file_reply"
     path: str
     message: Reply
-    held: str | None = None
-    """The lease the lane still holds on ``path`` after this message, if any."""
     lane: str = ""
     """The lane's uid: one actor (the gateway) may host many lanes."""
 
@@ -252,10 +252,10 @@ class FileRestarted(_Internal):
 class OpenChannel(_Internal):
     """From the gateway, through the Registry, to a SessionFile: offer me a direct channel.
 
-    The Registry resolves and confines ``path`` exactly as for a ``LaneCall`` and activates the
-    file; a path it will not serve here (refused, or owned by another convention member) is
-    answered with a ``ChannelOffer`` without an address, and the gateway routes that path's
-    calls through the Registry instead.
+    The Registry resolves and confines ``path`` and activates the file. A path it refuses is
+    answered with a ``ChannelOffer`` carrying the error ``code`` (the calls that waited get it);
+    one another convention member serves, with an offer without address or code: that path's
+    calls then go through the Registry, to that member.
     """
 
     kind: Literal["open_channel"] = "open_channel"
@@ -275,10 +275,13 @@ class ChannelOffer(_Internal):
     nonce: int
     canonical: str | None = None
     address: str | None = None
-    """The SessionFile's channel listener (an abstract Unix socket name), or None: no channel,
-    send this path's calls through the Registry."""
+    """The SessionFile's channel listener (an abstract Unix socket name), or None: no channel
+    (refused when ``code`` is set; otherwise send this path's calls through the Registry)."""
     token: str = ""
     incarnation: int = 0
+    idle_ms: int = 0
+    """How long the file stays up without calls: a channel its holder leaves unused for half
+    of it is closed, so the file can be passivated (0: the holder's own default)."""
     reason: str = ""
     code: ErrorCode | None = None
     """Set by a SessionFile that failed to activate: the calls waiting for this channel get

@@ -17,13 +17,13 @@ import json
 import re
 import socket
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import eventually
 
 import sessionlane.system.client as sync_client
 from sessionlane.messages.wire import FileStatus
@@ -304,16 +304,6 @@ def sl(clients: Callable[[], Any]) -> Any:
 def other(clients: Callable[[], Any]) -> Any:
     """A second connection: its lanes are other lanes, even under the same names."""
     return clients()
-
-
-def eventually(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll ``check`` until it returns something truthy (bounded; fails after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-    return result
 
 
 def file_status(sl: Any, path: str) -> FileStatus:

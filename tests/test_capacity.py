@@ -13,14 +13,13 @@ import os
 import resource
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_serve import Serve, clean_env, sessionlane_command
 from thespian.actors import Actor, ChildActorExited
+from waiting import eventually
 
 from sessionlane.actors.capacity import FD_RESERVE, fd_headroom, never_started, open_fds
 from sessionlane.messages.errors import TooManyFiles
@@ -34,14 +33,6 @@ from sessionlane.system.runtime.limits import (
 from sessionlane.system.runtime.service import ServiceError, create_actor, embedded_service
 
 pytestmark = [pytest.mark.tcp]
-
-
-def poll(predicate: Callable[[], bool], seconds: float, what: str, every: float = 0.05) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(every)
 
 
 # Sizing the cap ----------------------------------------------------------------------------
@@ -158,7 +149,9 @@ def test_past_max_files_a_new_file_is_refused_while_live_ones_work_until_one_pas
                 return False
             return True
 
-        poll(fourth_served, 30, "the 4th file to be served once one passivated", every=0.2)
+        eventually(
+            fourth_served, "the 4th file to be served once one passivated", timeout=30, every=0.2
+        )
     assert Path(paths[3]).read_text() == '{"n":4}\n'
 
 
@@ -287,7 +280,9 @@ def test_a_service_under_ulimit_1024_refuses_what_does_not_fit_and_never_restart
                         return False
                     return True
 
-                poll(served_again, 40, "files to passivate and free slots", every=0.25)
+                eventually(
+                    served_again, "files to passivate and free slots", timeout=40, every=0.25
+                )
         assert serve.proc.poll() is None
         assert "unhealthy" not in serve.text and "restart" not in serve.text
         now = serve.current_state()  # a restarted actor system gets a new group and admin

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from driver import ActorDriver
+from waiting import eventually
 
 from sessionlane.messages.wire import Acquire, Granted, Queued
 from sessionlane.system.client import connect
 from sessionlane.system.runtime.service import embedded_service
-from tests.test_faults import gone, holders_of, wait_until
+from tests.test_faults import gone, holders_of
 
 pytestmark = pytest.mark.tcp
 
@@ -77,7 +78,7 @@ def test_a_killed_gateway_releases_its_lanes_leases_to_lanes_elsewhere(tmp_path:
         port = int(service.address.rsplit(":", 1)[1])
         pid = listener_pid(port)
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: gone(pid), "the gateway to die")
+        eventually(lambda: gone(pid), "the gateway to die", timeout=30.0)
 
         granted = driver.reply_to(waiter, rid)
         assert isinstance(granted, Granted)
@@ -98,10 +99,10 @@ def test_an_idle_channel_is_closed_its_file_passivated_and_the_next_request_reop
         with lane.lease(str(path)) as lease:
             assert lease is not None
             lease.append({"turn": 1})
-        (pid,) = wait_until(lambda: holders_of(str(path)), "the file's actor")
+        (pid,) = eventually(lambda: holders_of(str(path)), "the file's actor", timeout=30.0)
         # Nothing forces this: the gateway closes the idle channel by itself, then the
         # file, quiet and with no channel, asks to be passivated.
-        wait_until(lambda: gone(pid), "the idle file actor to be passivated", timeout=20)
+        eventually(lambda: gone(pid), "the idle file actor to be passivated", timeout=20)
         with lane.lease(str(path)) as lease:
             assert lease is not None
             lease.append({"turn": 2})

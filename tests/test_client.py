@@ -30,7 +30,6 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     Surface,
     client,
     clients,
-    eventually,
     file_status,
     lines,
     other,
@@ -41,6 +40,7 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     sl,
     wait_queued,
 )
+from waiting import eventually
 
 from sessionlane.messages.errors import (
     Contended,

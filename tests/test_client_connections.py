@@ -30,7 +30,6 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     Surface,
     client,
     clients,
-    eventually,
     file_status,
     lines,
     no_reply_margin,
@@ -41,6 +40,7 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     service,
     sl,
 )
+from waiting import eventually, eventually_async
 
 import sessionlane
 from sessionlane.messages.codec import HEADER, encode
@@ -460,12 +460,6 @@ def test_a_cancelled_acquire_releases_its_late_grant(service: Service, path: str
         (file,) = (await sl.status(path)).files
         return file
 
-    async def until(check: Callable[[], Any], what: str) -> None:
-        deadline = time.monotonic() + 10
-        while not await check():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.01)
-
     async def scenario() -> None:
         async with connect_async(service.address) as sl, connect_async(service.address) as other:
             holder = await sl.lane("channel").acquire(path)
@@ -475,7 +469,7 @@ def test_a_cancelled_acquire_releases_its_late_grant(service: Service, path: str
             async def queued() -> bool:
                 return bool((await status(sl)).queue)
 
-            await until(queued, "the acquire queued")
+            await eventually_async(queued, "the acquire queued")
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiting
@@ -486,7 +480,7 @@ def test_a_cancelled_acquire_releases_its_late_grant(service: Service, path: str
                 file = await status(sl)
                 return file.holder is None and file.counters["grants"] == 2
 
-            await until(free, "the orphaned grant to be released")
+            await eventually_async(free, "the orphaned grant to be released")
             async with other.lane("next").lease(path, on_contention="fail") as lease:
                 assert lease is not None
 

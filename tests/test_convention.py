@@ -43,9 +43,9 @@ from test_serve import (
     live_pids,
     sessionlane_command,
     turns,
-    wait_for,
 )
 from thespian.actors import ActorExitRequest
+from waiting import eventually
 
 from sessionlane.actors import convention as conv
 from sessionlane.actors import procfs
@@ -781,7 +781,7 @@ def convention(tmp_path: Path) -> Iterator[Convention]:
             for serve in made.members:
                 serve.kill()
             for serve in made.members:
-                wait_for(stopped(serve), 10, "a member's processes to exit")
+                eventually(stopped(serve), "a member's processes to exit", timeout=10)
 
 
 def write_key(path: Path, key: bytes | None = None, mode: int = 0o600) -> Path:
@@ -854,9 +854,11 @@ def test_three_members_serve_one_file_from_its_owner_and_a_killed_owner_fails_fa
     # Contention across members: FIFO, fences increasing, whole turns.
     held = gate.do("acquire", "granted", path=str(path))
     first.send("acquire", path=str(path))
-    wait_for(lambda: queued(probe, path) == ["lane-x"], 30, "lane-x (on a) to queue")
+    eventually(lambda: queued(probe, path) == ["lane-x"], "lane-x (on a) to queue", timeout=30)
     second.send("acquire", path=str(path))
-    wait_for(lambda: queued(probe, path) == ["lane-x", "lane-y"], 30, "lane-y (on b) to queue")
+    eventually(
+        lambda: queued(probe, path) == ["lane-x", "lane-y"], "lane-y (on b) to queue", timeout=30
+    )
     (owner_pid,) = processes_with_open(path)  # one SessionFile in the whole convention ...
     assert owner_pid in live_pids(c.state["pgid"]), "... on the member that owns the root"
     gate.do("release", "released")
@@ -871,7 +873,7 @@ def test_three_members_serve_one_file_from_its_owner_and_a_killed_owner_fails_fa
         ("lane-y", fence_y, list(range(count))),
     ], "both turns whole, first come first served"
     waiter.send("acquire", path=str(path))
-    wait_for(lambda: queued(probe, path) == ["lane-z"], 30, "lane-z (on a) to queue")
+    eventually(lambda: queued(probe, path) == ["lane-z"], "lane-z (on a) to queue", timeout=30)
 
     # The owner dies: the holder hears its lease is lost, the waiter and new requests get
     # `unavailable`, fast.
@@ -905,7 +907,7 @@ def test_three_members_serve_one_file_from_its_owner_and_a_killed_owner_fails_fa
         again.update(_acquire(gate, path))
         return bool(again["step"] == "granted")
 
-    wait_for(granted_again, 20, "the restarted owner to serve through member a")
+    eventually(granted_again, "the restarted owner to serve through member a", timeout=20)
     print(f"owner restarted: a lease through a again after {time.monotonic() - restarted_at:.2f} s")
     assert again["fence"] > fence_y, "fences continue upward after the owner's restart"
     gate.do("append", "appended", count=1)
@@ -929,7 +931,7 @@ def test_three_members_serve_one_file_from_its_owner_and_a_killed_owner_fails_fa
         assert agent.proc.wait(LINE_TIMEOUT_S) == 0, agent.name
     for serve in (a, b, c2):
         assert serve.terminate() == 0, serve.text
-        wait_for(stopped(serve), 10, "every process of a member to exit")
+        eventually(stopped(serve), "every process of a member to exit", timeout=10)
 
 
 @pytest.mark.tcp
@@ -945,7 +947,7 @@ def test_a_member_that_dies_gives_up_its_lanes_leases_elsewhere_and_an_owner_tha
         agent.expect("ready")
     held = holder.do("acquire", "granted", path=str(path))
     waiter.send("acquire", path=str(path))
-    wait_for(lambda: queued(probe, path) == ["waiter"], 30, "the waiter (on a) to queue")
+    eventually(lambda: queued(probe, path) == ["waiter"], "the waiter (on a) to queue", timeout=30)
 
     # b dies with its client's lease on c's file: c stops hearing b and abandons it.
     killed_at = time.monotonic()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import eventually
 
 from sessionlane.actors.fencestore import FenceStore, fence_path
 from sessionlane.actors.transcript import (
@@ -72,21 +73,11 @@ def gone(pid: int) -> bool:
         return True
 
 
-def wait_until(predicate: Any, what: str, timeout: float = 30.0, poll: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def kill_file_actor(path: str, timeout: float = 30.0) -> int:
     """SIGKILL the actor process that has ``path`` open; return once it is dead."""
-    (pid,) = wait_until(lambda: holders_of(path), f"an actor holding {path}", timeout)
+    (pid,) = eventually(lambda: holders_of(path), f"an actor holding {path}", timeout=timeout)
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: gone(pid), f"pid {pid} to die")
+    eventually(lambda: gone(pid), f"pid {pid} to die", timeout=30.0)
     return pid
 
 
@@ -109,7 +100,7 @@ def kill_service(service: Service) -> None:
     running = service.running
     assert running is not None
     os.killpg(running.system.pgid, signal.SIGKILL)
-    wait_until(lambda: not running.system.members(), "the actor group to die")
+    eventually(lambda: not running.system.members(), "the actor group to die", timeout=30.0)
 
 
 def restart_service(service: Service) -> None:
@@ -160,7 +151,7 @@ def test_a_killed_file_actor_restarts_revokes_its_holder_and_fences_keep_rising(
             held.append({"turn": "held"})
             kill_file_actor(path)
             # The Registry restarts it at once; the holder is told its lease is gone.
-            wait_until(lambda: held.revoked, "the revocation event")
+            eventually(lambda: held.revoked, "the revocation event", timeout=30.0)
             assert held.revoked == "actor_restart"
             # A write still carrying the old lease and fence is refused and changes nothing.
             size = os.path.getsize(path)
@@ -220,10 +211,11 @@ def test_sigkill_during_a_compaction_leaves_the_complete_old_or_new_file(
             assert lease is not None
             rewrite = threading.Thread(target=_try, args=(lease.rewrite, new_records))
             rewrite.start()
-            wait_until(
+            eventually(
                 lambda: any(temp.fullmatch(n) for n in os.listdir(root)),
                 "the rewrite's temp file",
-                poll=0.0002,
+                timeout=30.0,
+                every=0.0002,
             )
             time.sleep(delay)  # where in the rewrite the crash lands
             kill_file_actor(str(path))
@@ -360,7 +352,7 @@ def test_random_sigkills_of_file_actors_and_services_lose_no_acknowledged_record
             for i, log in enumerate(logs)
         ]
         try:
-            wait_until(lambda: holders_of(path), "the first write", timeout=60)
+            eventually(lambda: holders_of(path), "the first write", timeout=60)
             started = time.monotonic()
             while len(kills) < 60 and time.monotonic() - started < 150:
                 time.sleep(rng.uniform(0.05, 0.6))
@@ -488,13 +480,15 @@ def test_a_request_in_flight_to_a_killed_file_actor_is_answered(root: Path, tmp_
                 target=lambda: outcome.append(_try(sl.lane("w").append, str(path), {"x": 1}))
             )
             call.start()
-            wait_until(lambda: holders_of(str(path)), "the file actor")
+            eventually(lambda: holders_of(str(path)), "the file actor", timeout=30.0)
 
             def blocked_on_legacy_lock() -> bool:
                 files = sl.status(str(path)).files
                 return bool(files) and files[0].counters.get("legacy_lock_waits", 0) > 0
 
-            wait_until(blocked_on_legacy_lock, "the append to wait for the legacy lock")
+            eventually(
+                blocked_on_legacy_lock, "the append to wait for the legacy lock", timeout=30.0
+            )
             kill_file_actor(str(path))
             call.join(timeout=3.0)
             answered = not call.is_alive()

@@ -34,8 +34,10 @@ from sessionlane.actors.file_channels import (
     ChannelRef,
     ChannelServer,
 )
+from sessionlane.actors.paths import lease_route, route_of_lease
 from sessionlane.actors.session_file import SessionFile
 from sessionlane.messages.channel import (
+    CHANNEL_VERSION,
     ChannelReply,
     ChannelWelcome,
     call_frame,
@@ -195,7 +197,7 @@ def test_a_hello_of_another_channel_version_closes_the_connection(
     server: ChannelServer, peers: list[Peer]
 ) -> None:
     peer = connect(server, peers)
-    body = msgpack.packb({"k": "hello", "v": 2, "token": server.token})
+    body = msgpack.packb({"k": "hello", "v": CHANNEL_VERSION + 1, "token": server.token})
     peer.send(HEADER.pack(len(body)) + body)
     assert pump(server) == []
     assert peer.closed_by_server()
@@ -365,7 +367,7 @@ def test_flush_keeps_what_a_slow_peer_cannot_take_yet_and_loses_nothing(
     (call,) = pump(server)
     assert isinstance(call, ChannelCallEvent)
     reply = Released(id=1, lease="l" * 100)
-    frames = [reply_frame(f"lane-{i}", None, reply) for i in range(20_000)]
+    frames = [reply_frame(f"lane-{i}", reply) for i in range(20_000)]
     for frame in frames:
         server.send(call.conn, frame)
     assert server.flush() is True  # several MiB: far more than a socket buffer holds
@@ -396,7 +398,7 @@ def test_a_peer_gone_while_output_is_pending_is_reported_by_closed_since_last(
     (call,) = pump(server)
     assert isinstance(call, ChannelCallEvent)
     peer.close()
-    server.send(call.conn, reply_frame("a", None, Released(id=1, lease="l")))
+    server.send(call.conn, reply_frame("a", Released(id=1, lease="l")))
     server.flush()
     assert server.closed_since_last() == [ChannelClosed(call.conn)]
     assert server.closed_since_last() == []
@@ -469,7 +471,8 @@ def tcp_file(tcp_system: TcpSystem, root: Path) -> Iterator[FileUnderTest]:
 def granted(peer: Peer, uid: str) -> Granted:
     reply = peer.reply()
     assert reply.uid == uid and isinstance(reply.message, Granted), reply
-    assert reply.held == reply.message.lease
+    lease, path = reply.message.lease, reply.message.path
+    assert route_of_lease(lease) == lease_route(path), "the lease id names its file's route"
     return reply.message
 
 
@@ -500,7 +503,7 @@ def test_two_channels_contend_for_a_lease_and_the_waiter_is_granted_on_release(
     assert json.loads(Path(path).read_text()) == {"turn": 1}  # acknowledged once durable
     a.call("a", Release(id=3, lease=held.lease))
     released = a.reply()
-    assert released.message == Released(id=3, lease=held.lease) and released.held is None
+    assert released.message == Released(id=3, lease=held.lease)
 
     then = granted(b, "b")
     assert then.id == 1 and then.fence > held.fence

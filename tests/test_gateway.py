@@ -11,12 +11,13 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
+from waiting import eventually
 
 from sessionlane.messages import handshake
 from sessionlane.system.runtime.service import Service, embedded_service
@@ -146,15 +147,6 @@ def connect(service: Service, token: str | None = None) -> RawConn:
     conn = RawConn(service.address)
     assert conn.hello(token)["type"] == "welcome"
     return conn
-
-
-def wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def queue_length(service: Service, path: Path) -> int:
@@ -469,6 +461,28 @@ def holder_stale_write(service: Service, granted: dict[str, Any]) -> dict[str, A
         conn.close()
 
 
+def test_a_live_lease_used_from_another_connection_is_refused_by_the_file_and_changes_nothing(
+    service: Service, transcript: Path
+) -> None:
+    """The lease id routes the request to its file (no mirror in the gateway); the file
+    accepts it only from the holder's own connection."""
+    holder, thief = connect(service), connect(service)
+    try:
+        granted = holder.acquire("holder", transcript)
+        assert holder.append(granted, {"turn": "holder"})["type"] == "appended"
+        stolen = thief.append(granted, {"turn": "thief"})
+        assert (stolen["type"], stolen["code"]) == ("error", "not_holder")
+        release = thief.request({"type": "release", "lease": granted["lease"]})
+        assert (release["type"], release["code"]) == ("error", "not_holder")
+        made_up = thief.request({"type": "release", "lease": "0123456789abcdef-1"})
+        assert (made_up["type"], made_up["code"]) == ("error", "not_holder")
+        assert holder.append(granted, {"turn": "still holder"})["type"] == "appended"
+    finally:
+        holder.close()
+        thief.close()
+    assert records_of(transcript) == ['{"turn":"holder"}', '{"turn":"still holder"}']
+
+
 def test_a_silent_client_loses_its_lease_after_about_three_keepalive_periods(
     tmp_path: Path,
 ) -> None:
@@ -549,7 +563,7 @@ def test_status_reports_the_holder_and_the_queue(service: Service, transcript: P
             "purpose": "write",
         }
     )
-    assert wait_for(lambda: queue_length(service, transcript) == 1)
+    eventually(lambda: queue_length(service, transcript) == 1, "one request queued", timeout=5.0)
     status = holder.request({"type": "status", "path": str(transcript)})
     (entry,) = status["files"]
     assert entry["path"] == os.path.realpath(transcript)

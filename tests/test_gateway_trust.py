@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 import pytest
 from test_gateway import Closed, RawConn
+from waiting import eventually
 
 from sessionlane.messages.errors import Unauthorized
 from sessionlane.system.client import connect
@@ -51,14 +52,6 @@ needs_linux = pytest.mark.skipif(sys.platform != "linux", reason="peer owners ar
 def Raw(address: str, timeout: float = 10.0) -> RawConn:
     """One raw-frame connection; refusals come without an ``id`` and answer its request."""
     return RawConn(address, timeout, unaddressed=True)
-
-
-def wait_for(predicate: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.01)
 
 
 @contextlib.contextmanager
@@ -121,7 +114,9 @@ def test_the_same_users_client_connects_with_no_token_and_no_arguments_over_tcp_
                 assert lease.append({"over": address[:4]}).lines == 1
         assert (tmp_path / "sessions" / "tcp.jsonl").read_text() == '{"over":"tcp:"}\n'
         assert (tmp_path / "sessions" / "uni.jsonl").read_text() == '{"over":"unix"}\n'
-        wait_for(lambda: log_has(service, "(admits uid"), 10, "the admission rule in the log")
+        eventually(
+            lambda: log_has(service, "(admits uid"), "the admission rule in the log", timeout=10
+        )
 
 
 def test_where_peers_cannot_be_told_apart_the_service_refuses_to_start_without_a_token(
@@ -275,7 +270,9 @@ def test_a_stranger_is_refused_at_hello_over_tcp_and_unix_and_writes_nothing(
         skipped_hello = as_stranger(acquire_first)
         assert (skipped_hello["type"], skipped_hello["code"]) == ("error", "unauthorized")
         assert path.read_bytes() == before
-        wait_for(lambda: log_has(service, f"peer runs as uid {STRANGER}"), 10, "a logged refusal")
+        eventually(
+            lambda: log_has(service, f"peer runs as uid {STRANGER}"), "a logged refusal", timeout=10
+        )
 
 
 @needs_root
@@ -518,10 +515,12 @@ def test_one_connection_past_max_connections_is_answered_unavailable_and_closed(
             finally:
                 conn.close()
 
-        wait_for(served, 10, "a freed slot to be taken by a new client")
+        eventually(served, "a freed slot to be taken by a new client", timeout=10)
         for conn in held:
             conn.close()
-        wait_for(lambda: log_has(service, "too many connections (3)"), 10, "a logged refusal")
+        eventually(
+            lambda: log_has(service, "too many connections (3)"), "a logged refusal", timeout=10
+        )
 
 
 # A flood under 1,024 open files ---------------------------------------------------------------
@@ -578,13 +577,13 @@ class Serve:
         self.state: dict[str, Any] = {}
 
     def wait_ready(self) -> None:
-        wait_for(
+        eventually(
             lambda: (
                 "sessionlane serving" in self.output.read_text(errors="replace")
                 or self.proc.poll() is not None
             ),
-            30,
             "sessionlane serve to start",
+            timeout=30,
         )
         assert self.proc.poll() is None, self.output.read_text(errors="replace")
         (state,) = self.run_dir.glob("sessionlane-*/serve-*.json")
@@ -709,10 +708,10 @@ def test_a_gateway_out_of_descriptors_pauses_accepting_keeps_serving_and_accepts
                 host, _, port = service.address.removeprefix("tcp://").rpartition(":")
                 for _ in range(5 * spare):
                     flood.append(socket.create_connection((host, int(port)), timeout=20))
-                wait_for(
+                eventually(
                     lambda: log_has(service, "cannot accept connections ([Errno 24]"),
-                    10,
                     "the gateway to run out of descriptors",
+                    timeout=10,
                 )
                 assert lease.append({"n": 2}).lines == 1, "served while out of descriptors"
                 pings = [service.healthy() for _ in range(5)]
@@ -729,6 +728,8 @@ def test_a_gateway_out_of_descriptors_pauses_accepting_keeps_serving_and_accepts
         with connect(service.address) as sl, sl.lane("new").lease(str(path)) as fresh:
             assert fresh is not None
             assert fresh.append({"n": 4}).lines == 1
-        wait_for(lambda: log_has(service, "accepting again after"), 10, "the recovery logged")
+        eventually(
+            lambda: log_has(service, "accepting again after"), "the recovery logged", timeout=10
+        )
         warnings = service.log_file.read_text().count("cannot accept connections")
         assert warnings <= 2, f"{warnings} warnings: at most one per 10 s"

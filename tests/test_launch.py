@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import leftovers
 import pytest
 from thespian.actors import Actor
+from waiting import eventually
 
 from sessionlane.actors import procfs
 from sessionlane.system.runtime import launch, loopback
@@ -42,16 +43,6 @@ class WarningActor(Actor):  # type: ignore[misc]
         if isinstance(message, str):
             logging.getLogger("tests.test_launch").warning("actor says %s", message)
             self.send(sender, os.getpid())
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
-    """Poll ``condition`` until it holds or ``seconds`` pass; the result of the last poll."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def is_running(pid: int) -> bool:
@@ -172,7 +163,7 @@ def test_stop_after_the_admin_was_killed_still_leaves_nothing(tcp: TcpSystem) ->
     actor_pid = tcp.asys.ask(actor, "up?", ASK_TIMEOUT)[2]
 
     os.kill(tcp.admin_pid, signal.SIGKILL)
-    assert wait_until(lambda: not tcp.alive())
+    eventually(lambda: not tcp.alive(), "the actor system to stop")
     assert is_running(actor_pid), "thespian leaves the actors running as orphans"
 
     started = time.monotonic()
@@ -188,7 +179,7 @@ def test_stop_kills_an_actor_stuck_in_its_handler(tcp: TcpSystem, tmp_path: Path
     marker = tmp_path / "handler-entered"
     stuck = tcp.asys.createActor(BlockingActor)
     tcp.asys.tell(stuck, str(marker))
-    assert wait_until(marker.exists), "the handler never started"
+    eventually(marker.exists, "the handler never started")
 
     started = time.monotonic()
     tcp.stop(timeout=1.0)
@@ -207,7 +198,7 @@ def test_actor_logs_reach_the_log_file_with_process_and_logger_name(tmp_path: Pa
         def logged() -> bool:
             return log_file.exists() and "actor says hello-log" in log_file.read_text()
 
-        assert wait_until(logged)
+        eventually(logged, "the line in the log")
     line = next(li for li in log_file.read_text().splitlines() if "hello-log" in li)
     assert f"p{pid} WARNING tests.test_launch: actor says hello-log" in line
     assert Path(os.environ["THESPLOG_FILE"]) == log_file.resolve().with_name("sl.thespian.log")
@@ -268,7 +259,10 @@ def tagged_process(tag: str) -> Iterator[subprocess.Popen[bytes]]:
 def test_leftovers_finds_a_tagged_process_and_kills_it_without_killing_us() -> None:
     tag = f"test-{uuid.uuid4().hex}"
     with tagged_process(tag) as child:
-        assert wait_until(lambda: any(pid == child.pid for pid, _ in leftovers.find_leftovers(tag)))
+        eventually(
+            lambda: any(pid == child.pid for pid, _ in leftovers.find_leftovers(tag)),
+            "the tagged child among the leftovers",
+        )
         found = leftovers.find_leftovers(tag)
         assert [pid for pid, _ in found] == [child.pid]
         assert "time.sleep(120)" in found[0][1]
@@ -286,7 +280,7 @@ def test_leftovers_cli_fails_when_a_tagged_process_survives(
     tag = f"test-{uuid.uuid4().hex}"
     monkeypatch.setenv(leftovers.TAG_VARIABLE, tag)
     with tagged_process(tag) as child:
-        assert wait_until(lambda: bool(leftovers.find_leftovers(tag)))
+        eventually(lambda: bool(leftovers.find_leftovers(tag)), "a leftover with the tag")
 
         assert leftovers.main(["--fail"]) == 1
         assert str(child.pid) in capsys.readouterr().out

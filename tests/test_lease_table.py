@@ -132,6 +132,21 @@ def test_release_by_a_non_holder_is_refused_not_holder_and_changes_nothing() -> 
     assert snapshot(table) == before
 
 
+def test_a_connection_lane_may_release_and_write_under_its_own_connections_leases_only() -> None:
+    table = make_table()
+    first = hold(table, "c1.x/chat")
+
+    assert table.check_write("c1.x/", first.lease, first.fence) is None
+    for stranger in ("c1.x", "c1.xy/", "c2.y/", "c1.x/chat/"):
+        refusal = table.check_write(stranger, first.lease, first.fence)
+        assert refusal is not None and refusal[0] == "not_holder", stranger
+    assert rejected(table.release("x", "c2.y/", first.lease, 1)) == {"x": "not_holder"}
+    assert table.release("r", "c1.x/", first.lease, 1) == [
+        Released("r", "c1.x/", first.lease, freed=True)
+    ], "answered to the connection lane that asked"
+    assert table.holder is None
+
+
 def test_a_released_lease_cannot_be_released_again() -> None:
     table = make_table()
     first = hold(table, A)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_serve import Serve, live_pids, wait_for
+from test_serve import Serve, live_pids
+from waiting import eventually
 
 from sessionlane.actors import procfs
 from sessionlane.messages.errors import LeaseRevoked, SessionLaneError, Unavailable
@@ -50,10 +51,10 @@ class Serves:
         return serve
 
     def ready(self, serve: Serve) -> Serve:
-        wait_for(
+        eventually(
             lambda: "sessionlane serving" in serve.text or serve.proc.poll() is not None,
-            30,
             "serve to start",
+            timeout=30,
         )
         assert serve.proc.poll() is None, f"serve exited {serve.proc.returncode}:\n{serve.text}"
         for path in serve.run_dir.glob("sessionlane-*/serve-*.json"):
@@ -121,12 +122,16 @@ def test_kill_9_of_serve_ends_its_actor_system_clients_see_leases_lost_and_serve
         killed_at = time.monotonic()
         os.kill(first.proc.pid, signal.SIGKILL)
 
-        wait_for(lambda: not live_pids(pgid), GONE_WITHIN_S, "every actor process to exit")
+        eventually(
+            lambda: not live_pids(pgid), "every actor process to exit", timeout=GONE_WITHIN_S
+        )
         gone_after = time.monotonic() - killed_at
-        wait_for(lambda: lease.revoked is not None, GONE_WITHIN_S, "the holder to see it lost")
+        eventually(
+            lambda: lease.revoked is not None, "the holder to see it lost", timeout=GONE_WITHIN_S
+        )
         with pytest.raises((LeaseRevoked, Unavailable)):
             lease.append({"after": "kill"})
-    wait_for(lambda: not alive(watchdog), GONE_WITHIN_S, "the watchdog to exit")
+    eventually(lambda: not alive(watchdog), "the watchdog to exit", timeout=GONE_WITHIN_S)
     print(
         f"\nkill -9 serve: last of {len(members) + 1} actor processes gone after "
         f"{gone_after * 1000:.0f} ms"
@@ -166,8 +171,10 @@ def test_a_process_embedding_an_actor_system_takes_it_along_when_killed(tmp_path
         [watchdog] = watchdogs(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        wait_for(lambda: not live_pids(pgid), GONE_WITHIN_S, "the embedded system to exit")
-        wait_for(lambda: not alive(watchdog), GONE_WITHIN_S, "its watchdog to exit")
+        eventually(
+            lambda: not live_pids(pgid), "the embedded system to exit", timeout=GONE_WITHIN_S
+        )
+        eventually(lambda: not alive(watchdog), "its watchdog to exit", timeout=GONE_WITHIN_S)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -204,7 +211,7 @@ def test_leftovers_holding_the_port_make_serve_say_how_to_clean_up(
 
     result = first.cli("stop", "--listen", first.state["listen"])
     assert result.returncode == 0, result.stderr
-    wait_for(lambda: not live_pids(pgid), GONE_WITHIN_S, "the leftovers to go")
+    eventually(lambda: not live_pids(pgid), "the leftovers to go", timeout=GONE_WITHIN_S)
     third = serves.ready(serves.start(root, listen=first.state["listen"]))
     assert third.terminate() == 0
 
@@ -292,7 +299,7 @@ def test_after_the_supervisor_restarts_the_actor_system_the_new_one_dies_with_se
         serves.ready(serve)  # re-read the state file: serve rewrites it after a restart
         return bool(serve.state["pgid"] != old_pgid and live_pids(serve.state["pgid"]))
 
-    wait_for(restarted, 30, "the supervisor to restart the actor system")
+    eventually(restarted, "the supervisor to restart the actor system", timeout=30)
     new_pgid = serve.state["pgid"]
     [watchdog] = watchdogs(serve.proc.pid)  # the old system's watchdog is gone
     with connect(serve.address) as sl, sl.lane("a").lease(str(root / "s.jsonl")) as lease:
@@ -300,8 +307,10 @@ def test_after_the_supervisor_restarts_the_actor_system_the_new_one_dies_with_se
 
     os.kill(serve.proc.pid, signal.SIGKILL)
 
-    wait_for(lambda: not live_pids(new_pgid), GONE_WITHIN_S, "the new actor system to exit")
-    wait_for(lambda: not alive(watchdog), GONE_WITHIN_S, "its watchdog to exit")
+    eventually(
+        lambda: not live_pids(new_pgid), "the new actor system to exit", timeout=GONE_WITHIN_S
+    )
+    eventually(lambda: not alive(watchdog), "its watchdog to exit", timeout=GONE_WITHIN_S)
 
 
 def test_a_serve_started_right_after_kill_9_on_the_same_root_and_port_comes_up(

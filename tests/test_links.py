@@ -1,4 +1,4 @@
-"""The gateway's links to SessionFiles (``sessionlane.system.gateway.links``), against a fake file
+"""The links to SessionFiles (``sessionlane.actors.links``), against a fake file
 on a real socket.
 
 The "file" here is a real abstract Unix socket the test accepts and speaks the channel frames
@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 
 from sessionlane.actors.lane_state import ChannelLost
+from sessionlane.actors.links import Links
+from sessionlane.actors.paths import lease_route
 from sessionlane.messages.channel import (
     ChannelCall,
     ChannelHello,
@@ -32,8 +34,16 @@ from sessionlane.messages.internal import (
     LaneRef,
     OpenChannel,
 )
-from sessionlane.messages.wire import Acquire, Error, Granted, Release
-from sessionlane.system.gateway.links import Links
+from sessionlane.messages.wire import (
+    Abandon,
+    Abandoned,
+    Acquire,
+    Error,
+    Granted,
+    Release,
+    Released,
+    Revoked,
+)
 
 
 class FakeHost:
@@ -43,6 +53,7 @@ class FakeHost:
         self.sent: list[Any] = []
         self.delivered: list[FileReply] = []
         self.restarts: list[FileRestarted] = []
+        self.restart_holders: list[tuple[str, str] | None] = []
         self.losses: list[ChannelLost] = []
         self.busy: set[str] = set()
 
@@ -53,8 +64,9 @@ class FakeHost:
     def deliver(self, reply: FileReply) -> None:
         self.delivered.append(reply)
 
-    def restarted(self, msg: FileRestarted) -> None:
+    def restarted(self, msg: FileRestarted, holder: tuple[str, str] | None) -> None:
         self.restarts.append(msg)
+        self.restart_holders.append(holder)
 
     def channel_lost(self, msg: ChannelLost) -> None:
         self.losses.append(msg)
@@ -192,11 +204,10 @@ def test_calls_queue_while_the_channel_opens_then_go_over_it_in_order(
     assert [(c.uid, c.request.id) for c in calls] == [("a#1", 1), ("b#1", 2), ("a#1", 3)]
     assert all(isinstance(c, ChannelCall) for c in calls)
 
-    fake_file.send(reply_frame("b#1", None, Error(id=2, code="queue_full", detail="x")))
+    lease = f"{lease_route(transcript)}-1"
+    fake_file.send(reply_frame("b#1", Error(id=2, code="queue_full", detail="x")))
     fake_file.send(
-        reply_frame(
-            "a#1", "L-1", Granted(id=1, lease="L-1", fence=1, path=transcript, purpose="prompt")
-        )
+        reply_frame("a#1", Granted(id=1, lease=lease, fence=1, path=transcript, purpose="prompt"))
     )
     wait_readable(links)
     pump(links)
@@ -205,7 +216,9 @@ def test_calls_queue_while_the_channel_opens_then_go_over_it_in_order(
         pump(links)
     first, second = host.delivered
     assert (first.lane, first.message.id, first.path) == ("b#1", 2, transcript)
-    assert (second.lane, second.held) == ("a#1", "L-1")
+    assert (second.lane, second.message.lease) == ("a#1", lease)
+    assert links.route_of(lease) == transcript, "the lease id routes to its file"
+    assert links.route_of("0123456789abcdef-1") is None, "a route no file here has"
 
 
 def test_a_channel_that_breaks_is_one_loss_however_many_times_the_death_is_reported(
@@ -216,12 +229,19 @@ def test_a_channel_that_breaks_is_one_loss_however_many_times_the_death_is_repor
     open_channel(links, host, fake_file, transcript, incarnation=3)
     links.flush()
     fake_file.read(1)
+    lease = f"{lease_route(transcript)}-4"
+    granted = Granted(id=1, lease=lease, fence=4, path=transcript, purpose="prompt")
+    fake_file.send(reply_frame("a#1", granted))
+    while not host.delivered:
+        wait_readable(links)
+        pump(links)
     assert fake_file.conn is not None
     fake_file.conn.close()
     fake_file.conn = None
     wait_readable(links)
     pump(links)
     assert [(r.path, r.incarnation) for r in host.losses] == [(transcript, 3)]
+    assert host.losses[0].holder == ("a#1", lease), "the loss names the lease it took"
     assert host.restarts == [], "a lost channel is its own event, not a restart"
     asked = len(host.opens())
     assert asked == 2, "the link asks the registry again at once"
@@ -274,17 +294,36 @@ def test_an_offer_without_an_address_routes_the_path_through_the_registry(
     assert len(host.restarts) == 1, "a registry-routed path's lanes hear of restarts"
 
 
-def test_a_path_the_registry_will_not_resolve_goes_to_it_which_gives_the_answer(
+def test_a_path_the_registry_refuses_is_answered_from_the_refusal_and_asked_again_next_time(
     tmp_path: Path,
 ) -> None:
     links, host = make(tmp_path)
     links.call(acquire("/etc/passwd.jsonl", 1))
     assert [type(m) for m in host.sent] == [OpenChannel], "the gateway resolves nothing itself"
     ask = host.opens()[-1]
-    links.on_offer(ChannelOffer(path=ask.path, nonce=ask.nonce, reason="outside the roots"))
+    refusal = ChannelOffer(
+        path=ask.path, nonce=ask.nonce, reason="outside the roots", code="path_not_allowed"
+    )
+    links.on_offer(refusal)
+    (answer,) = host.delivered
+    assert isinstance(answer.message, Error) and answer.message.code == "path_not_allowed"
+    assert (answer.message.id, answer.message.detail) == (1, "outside the roots")
     links.call(acquire("/etc/passwd.jsonl", 2))
-    assert [type(m) for m in host.sent] == [OpenChannel, LaneCall, LaneCall]
+    assert [type(m) for m in host.sent] == [OpenChannel, OpenChannel], "no route but the offer"
+    assert not any(isinstance(m, LaneCall) for m in host.sent)
     assert links.links == {}, "no canonical path: no link by one"
+
+
+def test_an_abandon_on_a_path_without_a_link_is_answered_at_once_and_opens_nothing(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    ref = LaneRef(uid="a#1", name="a", address="gateway", priority="interactive")
+    abandon = Abandon(id=7, lane="a", path=transcript)
+    links.call(LaneCall(lane=ref, path=transcript, canonical=False, request=abandon))
+    assert host.sent == [], "no channel is opened and no file started to abandon nothing"
+    (answer,) = host.delivered
+    assert answer.message == Abandoned(id=7, leases=[])
 
 
 def test_two_spellings_of_one_file_share_the_link_the_registrys_answer_names(
@@ -346,3 +385,39 @@ def test_a_stale_offer_is_ignored(tmp_path: Path, transcript: str, fake_file: Fa
     assert links.fds() == [], "the answer to the abandoned request is not used"
     open_channel(links, host, fake_file, transcript)
     assert links.fds() != []
+
+
+def test_the_links_follow_the_one_lease_held_per_file_and_hand_it_over_when_the_file_is_lost(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    lease = f"{lease_route(transcript)}-1"
+
+    def reply(message: Any, lane: str = "a#1") -> None:
+        links.on_reply(FileReply(path=transcript, message=message, lane=lane))
+
+    granted = Granted(id=1, lease=lease, fence=1, path=transcript, purpose="prompt")
+    reply(granted)
+    reply(granted.model_copy(update={"id": 2}))  # reentrant: one more level
+    assert links.route_of(lease) == transcript
+    reply(Released(id=3, lease=lease), lane="c1.x/")
+    assert links.grants[transcript].lease == lease, "one level is still held"
+    reply(Released(id=4, lease=lease), lane="c1.x/")
+    assert transcript not in links.grants
+    assert len(host.delivered) == 4, "every reply is delivered, whatever it changes"
+
+    for ending in (
+        Revoked(lease=lease, path=transcript, reason="max_hold"),
+        Abandoned(id=5, leases=[lease]),
+    ):
+        reply(granted)
+        reply(ending)
+        assert transcript not in links.grants, ending
+
+    reply(granted)
+    second = f"{lease_route(transcript)}-2"
+    reply(Granted(id=6, lease=second, fence=2, path=transcript, purpose="prompt"), lane="b#1")
+    assert links.grants[transcript].lane == "b#1", "one holder per path: the newer grant"
+    links.on_restarted(FileRestarted(path=transcript, incarnation=1))
+    assert host.restart_holders == [("b#1", second)], "the lost lease goes to its lane"
+    assert transcript not in links.grants

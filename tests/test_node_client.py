@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_serve import Serve, queued_lanes, tcp_serve, wait_for
+from test_serve import Serve, queued_lanes, tcp_serve
+from waiting import eventually
 
 from sessionlane.system.client import connect
 from sessionlane.system.runtime.service import embedded_service
@@ -174,9 +175,11 @@ def test_two_node_clients_contend_on_one_file_through_a_real_serve(
         gate = sl.lane("gate").acquire(str(path))  # both demos must queue, in a known order
         assert gate is not None
         demos.append(Demo(node, serve.address, path, "node-a", count, SESSIONLANE_DEMO_PINGS="200"))
-        wait_for(lambda: queued_lanes(sl, path) == ["node-a"], 30, "node-a to queue")
+        eventually(lambda: queued_lanes(sl, path) == ["node-a"], "node-a to queue", timeout=30)
         demos.append(Demo(node, serve.address, path, "node-b", count))
-        wait_for(lambda: queued_lanes(sl, path) == ["node-a", "node-b"], 30, "node-b to queue")
+        eventually(
+            lambda: queued_lanes(sl, path) == ["node-a", "node-b"], "node-b to queue", timeout=30
+        )
         gate.release()
 
         results = [demo.result() for demo in demos]

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_serve import Serve, sessionlane_command, start, wait_for
+from test_serve import Serve, sessionlane_command, start
+from waiting import eventually
 
 from sessionlane.actors import procfs
 from sessionlane.system.runtime import launch
@@ -67,10 +68,10 @@ def test_serve_logs_to_one_file_per_address_in_the_private_state_directory_acros
                       env=not_under_systemd(state))  # fmt: skip
         serve.wait_ready()
         assert logging_line(serve) == str(expected)
-        wait_for(
+        eventually(
             lambda: expected.exists() and "gateway listening" in expected.read_text(),
-            WAIT_S,
             "the gateway's line in the log file",
+            timeout=WAIT_S,
         )
         assert serve.terminate() == 0
         assert expected.read_text().count("gateway listening") == start_no
@@ -103,10 +104,10 @@ def test_under_systemd_serve_logs_to_stderr_and_writes_no_file(
     serve = start("--root", str(root), "--listen", f"tcp://127.0.0.1:{free_port()}", env=env)
     serve.wait_ready()
     assert logging_line(serve) == "stderr"
-    wait_for(
+    eventually(
         lambda: "INFO sessionlane.system.gateway.gateway: gateway listening" in serve.text,
-        WAIT_S,
         "a log line",
+        timeout=WAIT_S,
     )
     assert serve_logs(state) == []
 
@@ -122,10 +123,10 @@ def test_a_running_serve_keeps_no_zombie_child_even_after_its_actor_system_resta
     assert admin is not None
     os.kill(admin, signal.SIGKILL)
     state_file = next(serve.run_dir.glob("sessionlane-*/serve-*.json"))
-    wait_for(
+    eventually(
         lambda: f'"pgid": {first["pgid"]},' not in state_file.read_text(),
-        WAIT_S,
         "the supervisor to restart the actor system",
+        timeout=WAIT_S,
     )
     serve.state["pgid"] = first["pgid"]  # the teardown's backstop covers both groups
     assert not [c for c in children_states(serve.proc.pid) if c.endswith(" Z")]

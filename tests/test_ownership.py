@@ -9,13 +9,12 @@ share the test's pid, so these tests name the owner by its gateway address and a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from test_actor_scenarios import MakeDriver, acquire, grant, refused, wait_until
+from test_actor_scenarios import EVENT_TIMEOUT_S, MakeDriver, acquire, grant, refused
 from test_ownership_unit import Holder
+from waiting import eventually
 
 from sessionlane.actors.ownership import owner_path, read_owner
 from sessionlane.messages.errors import PathNotAllowed, SessionLaneError, TooManyFiles, Unavailable
@@ -27,17 +26,6 @@ from sessionlane.system.runtime.service import Service, embedded_service
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(150)]
 
 POLL_S = 30.0
-
-
-def wait_for(predicate: Callable[[], Any], seconds: float, what: str) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def owner_named(service: Service) -> str:
@@ -68,7 +56,7 @@ def grant_when_free(address: str, path: Path) -> int:
             except Unavailable:
                 return None
 
-    fence: int = wait_for(attempt, POLL_S, f"{address} to serve {path}")
+    fence: int = eventually(attempt, f"{address} to serve {path}", timeout=POLL_S)
     return fence
 
 
@@ -154,7 +142,9 @@ def test_refusing_a_file_owned_elsewhere_is_quick_and_leaves_no_process_behind(
                     other.lane("b").acquire(str(path), wait_timeout=5.0)
                 timings.append(time.perf_counter() - started)
         system = two.running.system
-        wait_for(lambda: len(system.members()) == members, POLL_S, "the refused actors to retire")
+        eventually(
+            lambda: len(system.members()) == members, "the refused actors to retire", timeout=POLL_S
+        )
         timings.sort()
         print(
             f"\nrefusal of a file owned elsewhere: median {timings[len(timings) // 2] * 1000:.1f}"
@@ -179,7 +169,9 @@ def test_a_file_that_cannot_be_opened_answers_its_error_and_its_actor_retires(
                 assert failed.value.code == "unavailable", failed.value
             with pytest.raises(Unavailable):  # lease-less appends too
                 sl.lane("w").append(str(corrupt), {"x": 1})
-        wait_for(lambda: len(system.members()) == members, POLL_S, "the broken actors to retire")
+        eventually(
+            lambda: len(system.members()) == members, "the broken actors to retire", timeout=POLL_S
+        )
         assert not Path(owner_path(str(corrupt))).read_bytes(), "nobody named as the owner"
 
 
@@ -224,7 +216,11 @@ def test_through_lane_actors_a_file_held_by_another_process_is_refused_and_then_
             write = Append(lane="a", path=str(path), records=[{"x": 1}])
             refused(d.call(lane, write), "unavailable")
         if system is not None:
-            assert wait_until(lambda: len(system.members()) == members), "refused actors retired"
+            eventually(
+                lambda: len(system.members()) == members,
+                "refused actors retired",
+                timeout=EVENT_TIMEOUT_S,
+            )
         holders[0].release()
         lease = grant(d, lane, paths[0])
         assert lease.fence >= 1

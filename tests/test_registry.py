@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from test_actor_scenarios import (
+    EVENT_TIMEOUT_S,
     Base,
     MakeDriver,
     append,
@@ -26,8 +27,8 @@ from test_actor_scenarios import (
     records,
     refused,
     release,
-    wait_until,
 )
+from waiting import eventually
 
 from sessionlane.actors.fencestore import fence_path, parse_fence_record
 from sessionlane.messages.errors import PathNotAllowed
@@ -84,7 +85,11 @@ def test_a_killed_session_file_is_restarted_its_leases_are_revoked_and_fences_ke
     assert successor.fence > ceiling
     refused(append(d, a, held, {"after": "crash"}), "stale_fence")
     assert path.read_bytes() == before
-    assert wait_until(lambda: file_actor_pid(tcp_system, path) not in (None, victim))
+    eventually(
+        lambda: file_actor_pid(tcp_system, path) not in (None, victim),
+        "a new file actor after the crash",
+        timeout=EVENT_TIMEOUT_S,
+    )
     assert not process_running(victim)
 
     appended(d, b, successor, {"after": "restart"})
@@ -96,6 +101,21 @@ def test_a_killed_session_file_is_restarted_its_leases_are_revoked_and_fences_ke
     assert status.holder is not None and status.holder.lane == "a"
     release(d, a, again)
     assert records(path) == [{"before": "crash"}, {"after": "restart"}]
+
+
+@pytest.mark.tcp
+def test_an_in_system_lanes_requests_reach_the_file_over_its_channel_not_the_registry(
+    tcp_system: TcpSystem, driver_factory: MakeDriver, root: Path
+) -> None:
+    d = driver_factory(tcp_system.asys)
+    a = d.open_lane("a")
+    path = root / "s.jsonl"
+    held = grant(d, a, path)
+    appended(d, a, held, {"n": 1})
+    release(d, a, held)
+    [status] = d.status(str(path)).files
+    assert status.counters["channel_calls"] == 3, "acquire, append and release"
+    assert status.counters["channels"] == 1, "the lane's one channel to the file"
 
 
 @pytest.mark.tcp
@@ -112,7 +132,11 @@ def test_an_idle_session_file_is_passivated_and_reactivated_on_the_next_request(
     assert actor is not None
     members = len(tcp_system.members())
 
-    assert wait_until(lambda: not process_running(actor)), "the idle file actor did not exit"
+    eventually(
+        lambda: not process_running(actor),
+        "the idle file actor to exit",
+        timeout=EVENT_TIMEOUT_S,
+    )
     assert len(tcp_system.members()) == members - 1
     assert d.status().files == []
     assert d.status(str(path)).files == []

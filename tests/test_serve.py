@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import eventually
 
 from sessionlane.actors import procfs
 from sessionlane.system.client import connect
@@ -85,14 +86,6 @@ def is_alive(pid: int) -> bool:
     return st is not None and st.live
 
 
-def wait_for(predicate: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.01)
-
-
 class Serve:
     """One ``sessionlane serve`` subprocess, in its own session."""
 
@@ -119,10 +112,10 @@ class Serve:
 
     def wait_ready(self) -> dict[str, Any]:
         """Wait for the ``serving`` line; return the state file's contents."""
-        wait_for(
+        eventually(
             lambda: "sessionlane serving" in self.text or self.proc.poll() is not None,
-            READY_TIMEOUT_S,
             "sessionlane serve to start",
+            timeout=READY_TIMEOUT_S,
         )
         assert self.proc.poll() is None, f"serve exited {self.proc.returncode}:\n{self.text}"
         files = list(self.run_dir.glob("sessionlane-*/serve-*.json"))
@@ -295,10 +288,12 @@ def test_two_client_processes_contend_in_fifo_order_a_killed_holder_hands_over_a
         assert gate is not None
         first = Client(serve.address, path, "lane-a", count)
         clients.append(first)
-        wait_for(lambda: queued_lanes(sl, path) == ["lane-a"], 30, "lane-a to queue")
+        eventually(lambda: queued_lanes(sl, path) == ["lane-a"], "lane-a to queue", timeout=30)
         second = Client(serve.address, path, "lane-b", count)
         clients.append(second)
-        wait_for(lambda: queued_lanes(sl, path) == ["lane-a", "lane-b"], 30, "lane-b to queue")
+        eventually(
+            lambda: queued_lanes(sl, path) == ["lane-a", "lane-b"], "lane-b to queue", timeout=30
+        )
         gate.release()
 
         fences = [first.expect("granted")["fence"], second.expect("granted")["fence"]]
@@ -316,7 +311,7 @@ def test_two_client_processes_contend_in_fifo_order_a_killed_holder_hands_over_a
         holder.expect("appended")
         waiter = Client(serve.address, path, "lane-d", 3)
         clients.append(waiter)
-        wait_for(lambda: queued_lanes(sl, path) == ["lane-d"], 30, "lane-d to queue")
+        eventually(lambda: queued_lanes(sl, path) == ["lane-d"], "lane-d to queue", timeout=30)
         killed_at = time.monotonic()
         os.kill(holder.proc.pid, signal.SIGKILL)
         granted = waiter.expect("granted", timeout=10)
@@ -334,7 +329,7 @@ def test_two_client_processes_contend_in_fifo_order_a_killed_holder_hands_over_a
     actor_pgid = serve.state["pgid"]
     assert live_pids(actor_pgid), "the actor system ran in its own group"
     assert serve.terminate() == 0
-    wait_for(lambda: not serve.leftovers(), 10, "every process of the service to exit")
+    eventually(lambda: not serve.leftovers(), "every process of the service to exit", timeout=10)
     assert not live_pids(actor_pgid)
     assert "sessionlane stopped" in serve.text
 
@@ -370,7 +365,7 @@ def test_status_json_shows_the_holder_and_stop_stops_the_service(
     result = serve.cli("stop", "--listen", serve.address)
     assert result.returncode == 0, result.stderr
     assert serve.proc.wait(STOP_TIMEOUT_S) == 0
-    wait_for(lambda: not serve.leftovers(), 10, "every process of the service to exit")
+    eventually(lambda: not serve.leftovers(), "every process of the service to exit", timeout=10)
     assert not list(serve.run_dir.glob("sessionlane-*/serve-*.json")), "state file removed"
 
 
@@ -390,7 +385,7 @@ def test_stop_without_listen_finds_the_one_running_service_and_cleans_after_a_ki
 
     result = serve.cli("stop")
     assert result.returncode == 0, result.stderr
-    wait_for(lambda: not live_pids(actor_pgid), 10, "the orphaned actor group to go")
+    eventually(lambda: not live_pids(actor_pgid), "the orphaned actor group to go", timeout=10)
 
 
 def test_serve_takes_host_port_and_status_and_stop_find_it_under_either_spelling(
@@ -414,7 +409,7 @@ def test_serve_takes_host_port_and_status_and_stop_find_it_under_either_spelling
     result = serve.cli("stop", "--listen", f"127.0.0.1:{port}")
     assert result.returncode == 0, result.stderr
     assert serve.proc.wait(STOP_TIMEOUT_S) == 0
-    wait_for(lambda: not serve.leftovers(), 10, "every process of the service to exit")
+    eventually(lambda: not serve.leftovers(), "every process of the service to exit", timeout=10)
 
     # Stopped: one clear line, exit 1, no traceback.
     result = serve.cli("status", "--listen", f"127.0.0.1:{port}")
@@ -435,7 +430,9 @@ def test_with_two_services_running_bare_status_and_stop_list_both_and_act_on_nei
         serves.append(start("--root", str(root), "--listen", listen))
     first, second = serves
     for serve in serves:
-        wait_for(lambda s=serve: "sessionlane serving" in s.text, READY_TIMEOUT_S, "serve")
+        eventually(
+            lambda s=serve: "sessionlane serving" in s.text, "serve", timeout=READY_TIMEOUT_S
+        )
     states = list(first.run_dir.glob("sessionlane-*/serve-*.json"))
     assert len(states) == 2, states
     for serve in serves:
@@ -463,7 +460,9 @@ def test_with_two_services_running_bare_status_and_stop_list_both_and_act_on_nei
     assert result.returncode == 0, result.stderr
     assert first.proc.wait(STOP_TIMEOUT_S) == 0
     for serve in serves:
-        wait_for(lambda s=serve: not s.leftovers(), 10, "every process of the service to exit")
+        eventually(
+            lambda s=serve: not s.leftovers(), "every process of the service to exit", timeout=10
+        )
 
 
 @pytest.mark.parametrize(
@@ -551,7 +550,9 @@ def test_a_unix_socket_listener_is_created_0600_and_serves_the_python_client(
             assert lease.append({"over": "unix"}).lines == 1
         assert path.read_text() == '{"over":"unix"}\n'
         assert serve.terminate() == 0
-        wait_for(lambda: not serve.leftovers(), 10, "every process of the service to exit")
+        eventually(
+            lambda: not serve.leftovers(), "every process of the service to exit", timeout=10
+        )
         assert not sock.exists(), "the socket file is removed at stop"
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)

@@ -14,7 +14,7 @@ accept) unless ``allow_other_users``. The connections, their admission and their
 
 Each lane name used on an admitted connection gets its own lane
 (``sessionlane.actors.lane_state.LaneState``), hosted here in the gateway's process; their calls
-reach the SessionFiles over direct channels (``sessionlane.system.gateway.links``: one socket hop
+reach the SessionFiles over direct channels (``sessionlane.actors.links``: one socket hop
 each way, not five thespian messages), and replies and events are framed back. When the connection
 closes, breaks, sends a frame over the size limit, or stays silent for three keepalive periods, its
 lanes abandon everything they hold or wait for.
@@ -38,7 +38,7 @@ from thespian.actors import (
 
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
 from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
-from sessionlane.messages.errors import ErrorCode
+from sessionlane.actors.links import Links
 from sessionlane.messages.internal import (
     ChannelOffer,
     FileReply,
@@ -75,7 +75,6 @@ from sessionlane.system.gateway.admission import (
     startup_refusal,
 )
 from sessionlane.system.gateway.clients import Client, Clients
-from sessionlane.system.gateway.links import Links
 from sessionlane.system.gateway.timers import (
     AcceptResume,
     FlushDue,
@@ -107,6 +106,8 @@ class Gateway(ShellActor):
         super().__init__(*args, **kwargs)
         self.clients = Clients(self, monotonic_ms)
         self.by_uid: dict[str, tuple[Client, LaneState]] = {}  # lane uid -> its client, lane
+        self.connection_lanes: dict[int, LaneState] = {}  # client id -> its lease-only lane
+        self.prefixes: dict[int, str] = {}  # client id -> its lanes' uid prefix
         self.statuses: dict[str, tuple[int, Any]] = {}  # gateway status id -> (client id, id)
         self.status_ids = 0
         self.registry: Any = None
@@ -220,24 +221,35 @@ class Gateway(ShellActor):
                 self.by_lease(client, request)
 
     def by_lease(self, client: Client, request: Release | Append | Rewrite) -> None:
-        """A request naming only a lease: to the connection's lane that knows that lease.
+        """A request naming only a lease: sent by the connection's own lane.
 
-        The lanes know which leases they hold (and recently held) from the files' replies;
-        the gateway keeps no lease map of its own. A lease no lane here knows is refused here.
+        The lease id routes it (``LaneState``); the file accepts it from the connection lane
+        when one of the connection's lanes holds the lease (``lease_table.acts_for``). The
+        gateway keeps no map of who holds what.
         """
-        assert request.lease is not None
-        lane = next((lane for lane in client.lanes.values() if lane.knows(request.lease)), None)
-        if lane is not None:
-            lane.request(request)
-            return
-        code: ErrorCode = "not_holder" if isinstance(request, Release) else "stale_fence"
-        detail = f"lease {request.lease} is not held here"
-        self.clients.write(client, Error(id=request.id, code=code, detail=detail))
+        lane = self.connection_lanes.get(client.id)
+        if lane is None:
+            ref = LaneRef(
+                uid=f"{self.connection_id(client)}/",
+                name="(connection)",
+                address=self.myAddress,
+                priority="interactive",
+            )
+            lane = self.connection_lanes[client.id] = LaneState(ref, self)
+            self.by_uid[ref.uid] = (client, lane)
+        lane.request(request)
+
+    def connection_id(self, client: Client) -> str:
+        """The prefix of every lane uid of ``client``'s connection: unique, never reused."""
+        prefix = self.prefixes.get(client.id)
+        if prefix is None:
+            prefix = self.prefixes[client.id] = f"c{client.id}.{uuid.uuid4().hex[:8]}"
+        return prefix
 
     def to_lane(self, client: Client, name: str, request: Any, priority: Priority | None) -> None:
         lane = client.lanes.get(name)
         if lane is None:
-            uid = f"{name}#{client.id}.{uuid.uuid4().hex[:6]}"
+            uid = f"{self.connection_id(client)}/{name}"
             ref = LaneRef(
                 uid=uid, name=name, address=self.myAddress, priority=priority or "interactive"
             )
@@ -247,7 +259,11 @@ class Gateway(ShellActor):
 
     def on_closed(self, client: Client, reason: str) -> None:
         """A connection closed: its lanes abandon everything they hold or wait for."""
-        for name, lane in client.lanes.items():
+        self.prefixes.pop(client.id, None)
+        lanes = dict(client.lanes)
+        if (own := self.connection_lanes.pop(client.id, None)) is not None:
+            lanes["(connection)"] = own
+        for name, lane in lanes.items():
             if lane.agent_gone(f"{reason} ({client.peer}, lane {name})"):
                 self.wake(LaneCloseDue(lane.uid), CLOSE_TIMEOUT_S)
         if client.lanes:
@@ -263,6 +279,9 @@ class Gateway(ShellActor):
     def call(self, call: LaneCall) -> None:
         assert self.links is not None
         self.links.call(call)
+
+    def route_of(self, lease: str) -> str | None:
+        return self.links.route_of(lease) if self.links is not None else None
 
     def to_agent(self, lane: LaneState, message: Reply) -> None:
         found = self.by_uid.get(lane.uid)
@@ -284,9 +303,9 @@ class Gateway(ShellActor):
         if found is not None:
             found[1].file_reply(reply)
 
-    def restarted(self, msg: FileRestarted) -> None:
+    def restarted(self, msg: FileRestarted, holder: tuple[str, str] | None) -> None:
         for _, lane in list(self.by_uid.values()):
-            lane.file_restarted(msg)
+            lane.file_restarted(msg, holder)
 
     def channel_lost(self, msg: ChannelLost) -> None:
         for _, lane in list(self.by_uid.values()):
@@ -298,7 +317,8 @@ class Gateway(ShellActor):
     # From the actors -----------------------------------------------------------------------
 
     def on_file_reply(self, msg: FileReply, sender: Any) -> None:
-        self.deliver(msg)
+        if self.links is not None:
+            self.links.on_reply(msg)
 
     def on_file_restarted(self, msg: FileRestarted, sender: Any) -> None:
         if self.links is not None:

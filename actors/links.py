@@ -1,4 +1,5 @@
-"""Links: how the gateway's lanes reach the SessionFiles. One link per canonical path.
+"""Links: how lanes reach the SessionFiles (the gateway's and the Lane actor's). One link per
+canonical path.
 
 The gateway never resolves a path itself: the Registry does, once, in answer to the link's
 ``OpenChannel``, and the link is keyed by that answer (see ``Links``).
@@ -8,9 +9,12 @@ Registry resolves, confines and activates exactly as for a call) and queues the 
 meanwhile. The SessionFile answers with a ``ChannelOffer``; the gateway connects to it, says
 hello with the offer's token, and once welcomed sends the queued calls and every later one
 straight over the channel (``sessionlane.messages.channel``): one socket hop each way instead of
-five thespian messages. A path the Registry will not give a channel for (another convention
-member's, outside the roots, a base without watch support, the service draining) gets a
-``registry`` link: its calls go through the Registry as ``LaneCall`` and are answered there.
+five thespian messages. A path the Registry refuses (outside the roots, no capacity, the
+service draining) or whose file could not activate is answered from the refusal itself (the
+offer's ``code`` and ``reason``), and the next call for it asks again: a refused path has no
+route of its own. Only a path another convention member serves, or a base that cannot watch
+sockets (``simpleSystemBase``), gets a ``registry`` link: its calls go through the Registry as
+``LaneCall``.
 
 Order per lane and file holds because a path's calls use one route at a time: queued while
 opening, then all on the channel (or all through the Registry). A link changes route only when
@@ -24,6 +28,15 @@ Each death of a SessionFile is handled once: the channel breaking and the Regist
 ``FileRestarted`` both name the incarnation, and the later of the two is ignored. A
 connection refused before the welcome (a file being passivated, or already gone) lost
 nothing: the link just asks again.
+
+Routing is stateless. A request names its path, or a lease whose id names its file's route
+(``sessionlane.actors.paths.lease_route``): ``route_of`` maps a route to the canonical path of
+a file these links reach, and the file itself checks that the lane holds the lease. What the
+links do keep per file is the one lease granted over them that is still held (``_Grant``, seen
+in the replies passing through): what a lost channel or a restarted file takes with it, so
+the holder's lane reports it (``revoked``, ``actor_restart``), and why a channel whose lease
+is held is not closed as idle. A route two files collide on (64 bits: practically never) routes
+nothing: their lease-only requests are refused as not held here, never misrouted.
 
 The channel's socket is an ``sessionlane.actors.endpoint.FramedSocket``; nothing here blocks: the
 connect is non-blocking (an ``AF_UNIX`` connect completes at once or fails, a full backlog
@@ -40,6 +53,7 @@ from typing import Any, Literal, Protocol
 
 from sessionlane.actors.endpoint import OUT_OF_DESCRIPTORS, FramedSocket, connect_unix
 from sessionlane.actors.lane_state import ChannelLost
+from sessionlane.actors.paths import lease_route, route_of_lease
 from sessionlane.messages.channel import (
     ChannelReply,
     ChannelWelcome,
@@ -55,7 +69,14 @@ from sessionlane.messages.internal import (
     LaneCall,
     OpenChannel,
 )
-from sessionlane.messages.wire import Abandon, Error
+from sessionlane.messages.wire import (
+    Abandon,
+    Abandoned,
+    Error,
+    Granted,
+    Released,
+    Revoked,
+)
 
 __all__ = ["LinkHost", "Links"]
 
@@ -82,17 +103,27 @@ class LinkHost(Protocol):
     def deliver(self, reply: FileReply) -> None:
         """Hand a file's reply to the lane ``reply.lane``."""
 
-    def restarted(self, msg: FileRestarted) -> None:
-        """Tell every lane that the file's actor died: what was in flight to it is lost."""
+    def restarted(self, msg: FileRestarted, holder: tuple[str, str] | None) -> None:
+        """Tell every lane that the file's actor died: what was in flight to it is lost, and
+        ``holder`` ((lane uid, lease), if one was held) lost its lease."""
 
     def channel_lost(self, msg: ChannelLost) -> None:
         """Tell every lane that the channel to a file broke: what was in flight is lost."""
 
     def in_use(self, path: str) -> bool:
-        """Whether any lane holds a lease on ``path`` or waits for an answer from it."""
+        """Whether any lane waits for an answer from ``path`` (held leases: ``grants``)."""
 
 
 Mode = Literal["opening", "connecting", "channel", "registry"]
+
+
+@dataclass
+class _Grant:
+    """The lease held on a file, as the replies through the links said: who, which, how deep."""
+
+    lane: str
+    lease: str
+    depth: int = 1
 
 
 @dataclass(eq=False)
@@ -113,6 +144,9 @@ class _Link:
     """The latest incarnation whose death the lanes were told of."""
     raws: set[str] = field(default_factory=set)
     last_used: float = 0.0
+    idle_ms: float | None = None
+    """Close the channel after this long unused: half the file's own idle time, from its
+    offer (None: the links' default)."""
 
 
 class Links:
@@ -140,6 +174,54 @@ class Links:
         self.nonces = itertools.count(1)
         self.registry_lanes: set[str] = set()
         """Lanes that sent a call through the Registry: it must hear when they close."""
+        self.grants: dict[str, _Grant] = {}
+        """Canonical path -> the lease held there, granted through these links."""
+        self.routes: dict[str, str | None] = {}
+        """Lease route -> the canonical path it names (None: two paths collide on it)."""
+
+    # Lease routes and grants ---------------------------------------------------------------
+
+    def route_of(self, lease: str) -> str | None:
+        """The canonical path of the file that granted ``lease``, if these links reach it."""
+        route = route_of_lease(lease)
+        return self.routes.get(route) if route is not None else None
+
+    def learn_route(self, path: str) -> None:
+        route = lease_route(path)
+        known = self.routes.setdefault(route, path)
+        if known is not None and known != path:
+            log.error("lease routes of %s and %s collide: their leases are refused", known, path)
+            self.routes[route] = None
+
+    def observe(self, reply: FileReply) -> None:
+        """Follow the lease held on ``reply.path`` through the replies that pass."""
+        path, message = reply.path, reply.message
+        grant = self.grants.get(path)
+        match message:
+            case Granted(lease=lease):
+                if grant is not None and grant.lease == lease:
+                    grant.depth += 1
+                else:  # one holder per path: any other lease there is gone
+                    self.grants[path] = _Grant(reply.lane, lease)
+                    self.learn_route(path)
+            case Released(lease=lease) if grant is not None and grant.lease == lease:
+                grant.depth -= 1
+                if grant.depth <= 0:
+                    del self.grants[path]
+            case Revoked(lease=lease) if grant is not None and grant.lease == lease:
+                del self.grants[path]
+            case Abandoned(leases=leases) if grant is not None and grant.lease in leases:
+                del self.grants[path]
+
+    def on_reply(self, reply: FileReply) -> None:
+        """A file's reply that came through the Registry route: observed, then delivered."""
+        self.observe(reply)
+        self.host.deliver(reply)
+
+    def lost_holder(self, path: str) -> tuple[str, str] | None:
+        """Forget the lease held on ``path`` (its file or channel is gone): (lane, lease)."""
+        grant = self.grants.pop(path, None)
+        return (grant.lane, grant.lease) if grant is not None else None
 
     # Calls from lanes ----------------------------------------------------------------------
 
@@ -154,9 +236,10 @@ class Links:
     def route(self, call: LaneCall) -> None:
         link = self.links.get(call.path) if call.canonical else self.spellings.get(call.path)
         if link is None and isinstance(call.request, Abandon):
-            # No link: nothing of this lane is in flight to the file. The Registry answers at
-            # once when the file is not live, and no channel is opened just for this.
-            self.via_registry(call)
+            # No link: this lane holds nothing there and has nothing in flight to it (a link
+            # is kept while its path is in use), so nothing is opened or started for this.
+            done = Abandoned(id=call.request.id, leases=[])
+            self.host.deliver(FileReply(path=call.path, message=done, lane=call.lane.uid))
             return
         if link is None:
             link = self.open(call)
@@ -224,6 +307,8 @@ class Links:
         if offer.code is not None:
             self.refused(link, offer)
             return
+        if offer.canonical is not None and offer.address is not None:
+            self.learn_route(offer.canonical)
         if not link.resolved and offer.canonical is not None:
             link = self.resolve(link, offer.canonical)
             if link.mode != "opening":
@@ -263,9 +348,11 @@ class Links:
             sock = connect_unix(offer.address)
         except OSError as exc:
             if exc.errno in OUT_OF_DESCRIPTORS:
-                # The Registry route needs none of our own descriptors per file.
-                log.warning("no channel to %s (%s): routing it via the registry", link.path, exc)
-                self.to_registry(link)
+                log.warning("no channel to %s: %s", link.path, exc)
+                detail = f"the gateway is out of file descriptors ({exc}): retry in a moment"
+                self.refused(
+                    link, offer.model_copy(update={"code": "unavailable", "reason": detail})
+                )
                 return
             log.debug("channel to %s refused (%s): asking again", link.path, exc)
             link.retry_at = self.clock() + _RETRY_MS
@@ -273,12 +360,14 @@ class Links:
         link.end = FramedSocket(sock, _MAX_CHANNEL_FRAME, read_budget=_RECV_BYTES)
         link.end.queue(hello_frame(offer.token))
         link.incarnation = offer.incarnation
+        link.idle_ms = offer.idle_ms / 2 if offer.idle_ms else None
         link.mode = "connecting"
         self.by_fd[link.end.fd] = link
 
     def refused(self, link: _Link, offer: ChannelOffer) -> None:
-        """The file's actor could not activate (another owner, an unusable file): answer the
-        calls waiting for it with its error and drop the link, so the next call asks again."""
+        """The Registry refused the path, or its file's actor could not activate (another
+        owner, an unusable file): answer the calls waiting for it with the offer's error and
+        drop the link, so the next call asks again."""
         assert offer.code is not None
         queued, link.queue = link.queue, []
         self.forget(link)
@@ -303,7 +392,7 @@ class Links:
         if link is None:  # maybe one still waiting for its offer, by a spelling
             link = next((self.spellings[a] for a in msg.aliases if a in self.spellings), None)
         if link is None or link.mode == "registry":
-            self.host.restarted(msg)
+            self.host.restarted(msg, self.lost_holder(msg.path))
             return
         if link.mode == "opening":
             if msg.incarnation > link.handled:
@@ -355,7 +444,8 @@ class Links:
         if link.mode != "channel":
             raise FrameDecodeError("a reply before the welcome")
         link.last_used = self.clock()
-        reply = FileReply(path=link.path, message=frame.message, held=frame.held, lane=frame.uid)
+        reply = FileReply(path=link.path, message=frame.message, lane=frame.uid)
+        self.observe(reply)
         self.host.deliver(reply)
 
     def lost(self, link: _Link, reason: str) -> None:
@@ -373,7 +463,11 @@ class Links:
         link.handled = max(link.handled, incarnation)
         self.ask(link)
         lost = ChannelLost(
-            path=link.path, aliases=sorted(link.raws), incarnation=incarnation, reason=reason
+            path=link.path,
+            aliases=sorted(link.raws),
+            incarnation=incarnation,
+            reason=reason,
+            holder=self.lost_holder(link.path),
         )
         self.host.channel_lost(lost)
 
@@ -409,11 +503,14 @@ class Links:
             elif link.mode == "connecting":
                 if now - link.asked_at > _OPEN_TIMEOUT_MS:
                     self.lost(link, "no welcome")
-            elif now - link.last_used > self.idle_ms:
-                if self.host.in_use(link.path) or link.queue:
+            elif now - link.last_used > self.idle_of(link):
+                if link.path in self.grants or self.host.in_use(link.path) or link.queue:
                     link.last_used = now  # still in use: look again in idle_ms, not at once
                 else:
                     self.forget(link)
+
+    def idle_of(self, link: _Link) -> float:
+        return self.idle_ms if link.idle_ms is None else link.idle_ms
 
     def every(self) -> list[_Link]:
         """Every link, resolved or not, once each."""
@@ -427,6 +524,8 @@ class Links:
         self.by_nonce.pop(link.nonce, None)
         if self.links.get(link.path) is link:
             del self.links[link.path]
+            if self.routes.get(lease_route(link.path)) == link.path:
+                del self.routes[lease_route(link.path)]
         for raw in link.raws:
             if self.spellings.get(raw) is link:
                 del self.spellings[raw]
@@ -440,7 +539,7 @@ class Links:
             elif link.mode == "connecting":
                 dues.append(link.asked_at + _OPEN_TIMEOUT_MS)
             else:
-                dues.append(link.last_used + self.idle_ms)
+                dues.append(link.last_used + self.idle_of(link))
         return min(dues) if dues else None
 
     def close(self) -> None:
