@@ -32,8 +32,8 @@ from test_convention import (
     federation,
     lane_call,
     queued,
-    wait_for,
 )
+from waiting import eventually
 
 from sessionlane.actors.convention import load_table, save_table
 from sessionlane.actors.federation import Federation
@@ -140,7 +140,7 @@ def test_a_restarted_leader_refuses_a_live_members_root_and_routes_to_it_again_o
         assert got["step"] != "granted", "granted while c's client holds the path"
         return got.get("code") == "lease_timeout"
 
-    wait_for(routed, 20, "the restarted leader to route to b")
+    eventually(routed, "the restarted leader to route to b", 20)
     now = time.monotonic()
     print(
         f"leader restarted: routed to b {now - restarted_at:.2f} s after the restart,"
