@@ -7,11 +7,8 @@ SIGSTOP/SIGCONT of a member's process groups, ``kill -9`` of the leader.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +23,13 @@ from test_convention import (
     Clock,
     Convention,
     FakeHost,
-    MemberServe,
     acknowledge,
     convention,
     federation,
     lane_call,
     queued,
 )
+from test_partitions import paused
 from waiting import eventually
 
 from sessionlane.actors.convention import load_table, save_table
@@ -42,21 +39,6 @@ from sessionlane.messages.convention import Admitted, Beat, BeatAck, Claim, Memb
 __all__ = ["convention"]  # the fixture, re-used
 
 pytestmark = pytest.mark.timeout(150)
-
-
-@contextlib.contextmanager
-def paused(serve: MemberServe) -> Iterator[None]:
-    """SIGSTOP every process of ``serve`` (serve and its actor group); SIGCONT on the way out."""
-    groups = serve.groups()
-    for pgid in groups:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pgid in groups:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGCONT)
 
 
 @pytest.mark.tcp
