@@ -15,7 +15,8 @@ clock (all namespaces share this machine's clock). Faults, in order:
 The checker (:func:`check`) reads the logs and the files and counts what must stay at zero:
 records of two turns interleaved in a file (overlapping holders), fences that go back or are
 granted twice, acknowledged records lost or written twice, and holders whose lease was granted
-to another without their being told (a ``revoked`` or an error on their next use). It prints
+to another without their being told (a ``revoked`` or an error on their next use), and
+``path_not_allowed`` answers (every path used is under a member's root). It prints
 the time from each fault to the first ``unavailable`` through another member and to the first
 grant after the fault ended (healed).
 
@@ -170,6 +171,9 @@ def check(history: History, files: dict[str, Path]) -> dict[str, int]:
         "lost acknowledged records": 0,
         "duplicated records": 0,
         "holders never told": 0,
+        "path_not_allowed for a member's path": sum(
+            e.get("code") == "path_not_allowed" for e in history.of("error")
+        ),
     }
     path_of_worker = {e["w"]: e["path"] for e in history.of("start")}
     for key, path in files.items():
@@ -277,6 +281,7 @@ def test_the_checker_counts_every_kind_of_violation(tmp_path: Path) -> None:
         "lost acknowledged records": 1,  # x's n=9 is not in the file
         "duplicated records": 1,  # y's n=1 twice
         "holders never told": 1,  # x was superseded and never saw an error
+        "path_not_allowed for a member's path": 0,
     }
 
 
