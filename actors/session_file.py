@@ -34,6 +34,7 @@ channels until a message from the Registry says it is not retired after all.
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any, ClassVar
 
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
@@ -254,7 +255,10 @@ class SessionFile(ShellActor):
             return
         now, key, lane, req = self.now(), call_key(call), call.lane.uid, call.request
         match req:
+            case Acquire() if req.reclaim is not None:
+                effects = self.reclaim(s, key, lane, req.reclaim, now)
             case Acquire():
+                in_grace = now < s.settings.reclaim_until_ms
                 effects = s.table.acquire(
                     key,
                     lane,
@@ -264,6 +268,7 @@ class SessionFile(ShellActor):
                     on_contention=req.on_contention,
                     wait_timeout_ms=req.wait_timeout_ms,
                     max_hold_ms=req.max_hold_ms,
+                    waited_ms=(req.waited_ms or 0) if in_grace else 0,
                 )
             case Release():
                 effects = s.table.release(key, lane, req.lease, now)
@@ -272,6 +277,9 @@ class SessionFile(ShellActor):
                 effects = s.table.abandon(key, lane, now, reason=reason)
             case Recover():
                 effects = s.table.recover(key, lane, req.grace_ms, now, reason=req.reason)
+            case Append() if (done := self.written_before(s, lane, req)) is not None:
+                self.reply(call, done)
+                effects = []
             case Append() if req.lease is not None:
                 self.write(s, s.writes.append_under_lease(call, req))
                 effects = []
@@ -282,6 +290,27 @@ class SessionFile(ShellActor):
                 self.write(s, s.writes.rewrite(call, req))
                 effects = []
         self.perform(s, effects)
+
+    def reclaim(
+        self, s: Serving, key: Any, lane: str, ticket: wire.ReclaimTicket, now: float
+    ) -> list[lt.Effect]:
+        """A lease held before a restart, asked back: the same lease, or ``reclaim_refused``."""
+        identity = s.transcript.identity
+        why = s.book.refusal(ticket, identity.ino, identity.size)
+        if why is not None:
+            return [s.table.refuse_reclaim(key, lane, why)]
+        s.book.issue(ticket.lease, ticket.secret)
+        return s.table.reclaim(key, lane, ticket.lease, ticket.fence, now)
+
+    def written_before(self, s: Serving, lane: str, req: Append) -> wire.Appended | None:
+        """The first answer of an append resent after a restart (same ``aid``), if written."""
+        if req.lease is None or req.fence is None or req.aid is None:
+            return None
+        done = s.book.answered(req.lease, req.aid)
+        if done is None or s.table.check_write(lane, req.lease, req.fence) is not None:
+            return None
+        s.writes.counters["duplicates"] += 1
+        return wire.Appended(id=req.id, offset=done.offset, lines=done.lines, fence=done.fence)
 
     def on_handler_error(self, msg: Any, sender: Any, exc: Exception) -> None:
         if isinstance(msg, LaneCall):
@@ -353,8 +382,16 @@ class SessionFile(ShellActor):
                     s.writes.granted(fx.req, fx.lease, fx.fence)
                     self.drain_writes(s)
                 case lt.Grant():
+                    secret = s.book.secret_of(fx.lease)
+                    if secret is None:
+                        secret = secrets.token_urlsafe(24)
+                        s.book.issue(fx.lease, secret)
                     granted = wire.Granted(
-                        lease=fx.lease, fence=fx.fence, path=self.path, purpose=fx.purpose
+                        lease=fx.lease,
+                        fence=fx.fence,
+                        path=self.path,
+                        purpose=fx.purpose,
+                        secret=secret,
                     )
                     self.out.answer(s, fx.req, fx.lane, granted)
                 case lt.Queue() if s.writes.is_pending(fx.req):
@@ -386,6 +423,7 @@ class SessionFile(ShellActor):
                     self.out.event(s, fx.lane, reply)
                 case lt.Diagnostic(message=message):
                     log.warning(message)
+        s.note_holder(self.out.name, self.now())
         self.schedule(s)
 
     def write(self, s: Serving, effects: list[WriteEffect]) -> None:
@@ -398,6 +436,8 @@ class SessionFile(ShellActor):
         for fx in effects:
             match fx:
                 case Reply(call=call, message=message, needs_sync=needs_sync):
+                    if isinstance(message, wire.Appended | wire.Rewritten):
+                        s.note_write(call.request, message)
                     self.reply(call, message, needs_sync=needs_sync)
                 case Notify(lane=lane, message=event):
                     self.out.event(s, lane, event)

@@ -55,6 +55,7 @@ ErrorCode = Literal[
     "read_only",
     "io_error",
     "file_moved",
+    "reclaim_refused",
     "too_many_files",
     "unknown_outcome",
     "internal",
@@ -273,6 +274,7 @@ _BY_CODE: dict[str, type[SessionLaneError]] = {
     "file_moved": FileMoved,
     "too_many_files": TooManyFiles,
     "unknown_outcome": UnknownOutcome,
+    "reclaim_refused": LeaseRevoked,
     "internal": SessionLaneError,
 }
 

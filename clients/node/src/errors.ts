@@ -29,6 +29,7 @@ export type ErrorCode =
   | 'io_error'
   | 'file_moved'
   | 'unknown_outcome'
+  | 'reclaim_refused'
   | 'internal';
 
 /** The codes of the error table, in its order. */
@@ -53,6 +54,7 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
   'io_error',
   'file_moved',
   'unknown_outcome',
+  'reclaim_refused',
   'internal',
 ]);
 
@@ -228,6 +230,7 @@ const BY_CODE: Readonly<Record<ErrorCode, typeof SessionLaneError>> = {
   unavailable: Unavailable,
   shutting_down: ShuttingDown,
   abandoned: LeaseRevoked,
+  reclaim_refused: LeaseRevoked,
   too_many_files: TooManyFiles,
   disk_full: DiskFull,
   read_only: ReadOnly,
