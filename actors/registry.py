@@ -415,7 +415,9 @@ class Registry(ShellActor):
             roots=list(self.config.roots),
             registry=self.myAddress,
         )
-        self.federation = Federation(self, me, msg.member_timeout_ms)
+        self.federation = Federation(
+            self, me, msg.member_timeout_ms, directory_file=msg.directory_file
+        )
         self.federation.join(sender)
 
     def on_federated(self, msg: Any, sender: Any) -> None:

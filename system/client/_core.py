@@ -64,6 +64,7 @@ __all__ = [
     "Answer",
     "AppendResult",
     "ClientCore",
+    "ConnectionLost",
     "LeaseState",
     "Link",
     "Send",
@@ -178,6 +179,11 @@ def service_refusal(settings: Settings, owner: int | None) -> str | None:
         " user may hold the address while the service is stopped); if that user's service is"
         f" meant, pass service_user={owner}"
     )
+
+
+class ConnectionLost(Unavailable):
+    """The connection a request was sent on ended before its reply (an ``Unavailable``; a
+    write's outcome is then unknown)."""
 
 
 @dataclass(frozen=True)
@@ -434,8 +440,9 @@ class ClientCore(Generic[W, T]):
 
     @staticmethod
     def lost_error(link: Link[W, T]) -> Unavailable:
-        """What a request whose connection ended gets."""
-        return Unavailable(f"connection lost before the reply ({link.lost})")
+        """What a request whose connection ended gets (a write: ``UnknownOutcome``, see
+        ``_ops``)."""
+        return ConnectionLost(f"connection lost before the reply ({link.lost})")
 
     @staticmethod
     def no_reply(request: Any, limit: float) -> Unavailable:
