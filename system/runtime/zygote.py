@@ -267,6 +267,9 @@ class _Zygote:
 
 def _serve(requests: int, replies: int) -> None:
     """The zygote's loop: fork a child per request until the request pipe closes."""
+    from sessionlane.actors._shell import set_title
+
+    set_title("zygote (forks the file actors)")
     for signum in range(1, signal.NSIG):
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             signal.signal(signum, signal.SIG_DFL)
