@@ -58,9 +58,12 @@ from sessionlane.actors.session_file_serving import (
 from sessionlane.actors.session_file_writes import (
     Commit,
     Notify,
+    ReleaseLegacyLock,
     Reply,
+    Sync,
     TableEffects,
     WriteEffect,
+    WriteOut,
     Wrote,
     call_key,
 )
@@ -214,7 +217,8 @@ class SessionFile(ShellActor):
         s = self.state
         if not isinstance(s, Serving):
             return
-        self.perform_writes(s, s.writes.fail_queued("unavailable", "the file's actor is exiting"))
+        failed = s.writes.fail_queued("unavailable", "the file's actor is exiting", self.now())
+        self.perform_writes(s, failed)
         self.commit(s)
         self.state = Broken("unavailable", "the file's actor is exiting")
         s.close()
@@ -224,7 +228,8 @@ class SessionFile(ShellActor):
         if isinstance(s, Serving):
             self.commit(s)
             self.perform(s, s.table.shutdown(self.now()))
-            self.perform_writes(s, s.writes.fail_queued("shutting_down", "the service is stopping"))
+            stopping = s.writes.fail_queued("shutting_down", "the service is stopping", self.now())
+            self.perform_writes(s, stopping)
             self.commit(s)
         self.send(sender, Drained(files=1))
 
@@ -326,7 +331,7 @@ class SessionFile(ShellActor):
             self.now(), code="unavailable", detail=broken.detail, reason="ownership_lost"
         )
         self.perform(s, lost)
-        self.perform_writes(s, s.writes.fail_queued(broken.code, broken.detail))
+        self.perform_writes(s, s.writes.fail_queued(broken.code, broken.detail, self.now()))
         if call is not None:
             rid = call.request.id
             self.reply(call, Error(id=rid, code=broken.code, detail=broken.detail, path=self.path))
@@ -407,6 +412,14 @@ class SessionFile(ShellActor):
                     s.commit.wrote(lane, self.now())
                 case Commit():
                     self.commit(s)
+                case WriteOut(op=op, repair_tail=repair):
+                    fsync = op.kind == "append" and op.durability == "fsync"
+                    outcome = s.disk.write(op.kind, op.data, fsync, repair)
+                    self.perform_writes(s, s.writes.written(op, outcome, self.now()))
+                case Sync():
+                    s.disk.sync_now()
+                case ReleaseLegacyLock():
+                    s.disk.release_legacy()
 
     def drain_writes(self, s: Serving) -> None:
         """Perform the queued writes in order, under the legacy lock when configured.
@@ -416,14 +429,15 @@ class SessionFile(ShellActor):
         """
         if not s.writes.may_drain():
             return
-        not_now = s.writes.begin_drain()
+        lock = s.disk.take_legacy() if s.writes.wants_lock() else True
+        not_now = s.writes.begin_drain(self.now(), lock)
         if not_now is not None:
             self.perform_writes(s, not_now)
             if (delay := s.writes.retry_after()) is not None:
                 self.wakeupAfter(delay, payload=LegacyRetry())
             return
         try:
-            while (effects := s.writes.next_write()) is not None:
+            while (effects := s.writes.next_write(self.now())) is not None:
                 self.perform_writes(s, effects)
         finally:
             done = s.writes.end_drain()

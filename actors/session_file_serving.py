@@ -3,7 +3,8 @@
 ``Serving`` is everything that exists only once the file is open, built complete by
 ``Serving.open`` when the actor gets its ``FileInit``: the directory, the ownership lock, the
 transcript, the fence store, the legacy lock, the lease table, and the parts that work on them
-(``WritePath``, ``TranscriptSync``, ``GroupCommit``, ``FileChannels``). An activation that
+(``WritePath`` and the ``FileDisk`` performing its writes, ``TranscriptSync``,
+``GroupCommit``, ``FileChannels``). An activation that
 fails leaves nothing open and gives a ``Broken`` instead (``activation_error``): every request
 then gets its error. So no part of the actor ever holds a half-open file.
 
@@ -32,6 +33,7 @@ from sessionlane.actors.ownership import Ownership
 from sessionlane.actors.paths import lease_route
 from sessionlane.actors.session_file_channels import FileChannels
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
+from sessionlane.actors.session_file_disk import FileDisk
 from sessionlane.actors.session_file_writes import WritePath
 from sessionlane.actors.transcript import OpenReport, Transcript
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
@@ -126,16 +128,15 @@ class Serving:
         self.commit = GroupCommit(
             msg.path, self.sync, watch=switches.watch and switches.group_commit
         )
+        self.disk = FileDisk(msg.path, self.transcript, self.sync, opened.legacy)
         self.writes = WritePath(
             msg.path,
             self.table,
-            self.transcript,
-            legacy=opened.legacy,
+            legacy=opened.legacy is not None,
             tail_unchecked=opened.tail_unchecked,
             durability=s.durability,
             max_record_bytes=s.max_record_bytes,
-            sync=self.sync,
-            clock=clock,
+            unsynced=lambda: self.sync.unsynced,
             sync_each_append=not switches.group_commit,
         )
         self.channels = FileChannels(

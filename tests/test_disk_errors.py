@@ -24,7 +24,8 @@ from sessionlane.actors.group_commit import CommitPolicy
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.lease_table import Grant, LeasePolicy, LeaseTable
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
-from sessionlane.actors.session_file_writes import Notify, Reply, WriteEffect, WritePath
+from sessionlane.actors.session_file_disk import FileDisk
+from sessionlane.actors.session_file_writes import Notify, Reply, WriteEffect, WriteOut, WritePath
 from sessionlane.actors.transcript import Transcript
 from sessionlane.messages.errors import (
     DiskError,
@@ -49,16 +50,15 @@ class Rig:
         self.sync = TranscriptSync(
             self.path, self.transcript, CommitPolicy(), FileMetrics(), lambda: 0.0
         )
+        self.disk = FileDisk(self.path, self.transcript, self.sync, None)
         self.writes = WritePath(
             self.path,
             self.table,
-            self.transcript,
-            legacy=None,
+            legacy=False,
             tail_unchecked=False,
             durability="fsync",
             max_record_bytes=1000,
-            sync=self.sync,
-            clock=lambda: 0.0,
+            unsynced=lambda: self.sync.unsynced,
         )
         grant = self.table.acquire(("a", "acquire"), "a", "prompt", 0.0)[-1]
         assert isinstance(grant, Grant)
@@ -81,10 +81,11 @@ class Rig:
             request=request,
         )
         assert self.writes.append_under_lease(call, request) == []
-        assert self.writes.begin_drain() is None
-        effects = self.writes.next_write()
-        assert effects is not None
-        return effects + self.writes.end_drain()
+        assert self.writes.begin_drain(0.0) is None
+        [out] = self.writes.next_write(0.0) or []
+        assert isinstance(out, WriteOut)  # performed by the actor's disk, as here
+        outcome = self.disk.write("append", out.op.data, durability == "fsync", False)
+        return self.writes.written(out.op, outcome, 0.0) + self.writes.end_drain()
 
 
 @pytest.fixture
@@ -358,10 +359,11 @@ def test_a_rewrite_whose_directory_moved_out_is_answered_file_moved(
         request=request,
     )
     assert rig.writes.rewrite(call, request) == []
-    assert rig.writes.begin_drain() is None
-    effects = rig.writes.next_write()
-    assert effects is not None
-    failed = reply(effects)
+    assert rig.writes.begin_drain(0.0) is None
+    [out] = rig.writes.next_write(0.0) or []
+    assert isinstance(out, WriteOut)
+    outcome = rig.disk.write("rewrite", out.op.data, True, False)
+    failed = reply(rig.writes.written(out.op, outcome, 0.0))
     assert isinstance(failed, Error) and failed.code == "file_moved"
     assert rig.writes.counters["rewrites"] == 0
     assert (outside / "team" / "t.jsonl").read_bytes() == b'{"n":9}\n'
