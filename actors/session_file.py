@@ -18,8 +18,10 @@ each owning its state:
 * ``FileChannels`` (``sessionlane.actors.session_file_channels``): the gateway's direct channels.
 
 This module is the shell: the handler table, lifecycle, calls, effects, timers (typed:
-``sessionlane.actors.timers``), passivation and status. It also holds the one clock every part
-reads, ``now()`` (tests replace ``monotonic_ms`` here).
+``sessionlane.actors.timers``), passivation and status. It holds the one clock, ``now()``
+(tests replace ``monotonic_ms`` here): the parts get the time as ``now`` arguments and read
+no clock; only the shell's ``FileDisk``, which performs the disk effects, reads it to time
+the fdatasync it performs.
 
 Ownership follows the path: before every call or timer that may grant or write, ``own_path``
 checks that the owner lock at the file's path is still the one held (``Serving.keep_ownership``;
@@ -449,6 +451,8 @@ class SessionFile(ShellActor):
         self.out.reply(self.state, call, message, needs_sync=needs_sync)
 
     def commit(self, s: Serving) -> None:
+        """Sync, then send what group commit held (acks a failed sync covered are errors)."""
+        s.disk.sync_now()
         self.out.commit(s)
 
     def decide(self, s: Serving) -> None:

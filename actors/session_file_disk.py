@@ -6,7 +6,8 @@ name what to do to the disk, and ``FileDisk`` does it and reports what happened:
 * ``WriteOut``: look for an outside change, repair a torn tail if asked, then append the
   op's bytes (or replace the file with them); the ``WriteOutcome`` goes back to
   ``WritePath.written``;
-* ``Sync``: fdatasync what no sync covers yet (``TranscriptSync.sync_now``);
+* ``Sync`` (and every commit, before the held acks go): fdatasync what no sync covers yet,
+  timed by the shell's clock, reported to ``TranscriptSync``;
 * the legacy lock: ``take_legacy`` before a drain (its ``LockOutcome`` goes to
   ``WritePath.begin_drain``), ``ReleaseLegacyLock`` after it.
 
@@ -17,6 +18,7 @@ logged here once per episode (``DiskEpisodes``); their codes are chosen by the w
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sessionlane.actors.disk_errors import disk_error_code
@@ -61,11 +63,14 @@ class FileDisk:
         transcript: Transcript,
         sync: TranscriptSync,
         legacy: LegacyLock | None,
+        clock: Callable[[], float],
     ) -> None:
         self.path = path
         self.transcript = transcript
         self.sync = sync
         self.legacy = legacy
+        self.clock = clock
+        """The shell's clock (ms), read only to time the fdatasync performed here."""
 
     def write(self, kind: str, data: bytes, fsync: bool, repair_tail: bool) -> WriteOutcome:
         """Adopt an outside change, then append ``data`` (or replace the file with it)."""
@@ -99,7 +104,17 @@ class FileDisk:
 
     def sync_now(self) -> None:
         """fdatasync what no sync covers yet (a failure is kept for the next commit)."""
-        self.sync.sync_now()
+        if not self.sync.begin():
+            return
+        started = self.clock()
+        try:
+            self.transcript.sync("fsync")
+            self.sync.measured(self.clock() - started)
+            at_path = self.transcript.still_at_path()
+        except OSError as exc:
+            self.sync.failed(exc)
+            return
+        self.sync.synced(at_path)
 
     def take_legacy(self) -> LockOutcome:
         """Try ``<file>.lock`` once, never waiting."""

@@ -124,11 +124,11 @@ class Serving:
         self.table = LeaseTable(
             msg.path, policy, fence_floor=opened.floor, lease_prefix=f"{lease_route(msg.path)}-"
         )
-        self.sync = TranscriptSync(msg.path, self.transcript, CommitPolicy(), metrics, clock)
+        self.sync = TranscriptSync(msg.path, CommitPolicy(), metrics)
         self.commit = GroupCommit(
             msg.path, self.sync, watch=switches.watch and switches.group_commit
         )
-        self.disk = FileDisk(msg.path, self.transcript, self.sync, opened.legacy)
+        self.disk = FileDisk(msg.path, self.transcript, self.sync, opened.legacy, clock)
         self.writes = WritePath(
             msg.path,
             self.table,

@@ -47,10 +47,8 @@ class Rig:
         self.transcript = Transcript(self.path, root=str(root))
         self.transcript.open()
         self.table = LeaseTable(self.path, LeasePolicy())
-        self.sync = TranscriptSync(
-            self.path, self.transcript, CommitPolicy(), FileMetrics(), lambda: 0.0
-        )
-        self.disk = FileDisk(self.path, self.transcript, self.sync, None)
+        self.sync = TranscriptSync(self.path, CommitPolicy(), FileMetrics())
+        self.disk = FileDisk(self.path, self.transcript, self.sync, None, lambda: 0.0)
         self.writes = WritePath(
             self.path,
             self.table,
@@ -194,7 +192,7 @@ def test_a_failed_append_answers_its_disk_error_logs_once_and_is_no_external_cha
     code: str,
 ) -> None:
     assert isinstance(reply(rig.append(1)), Appended)
-    rig.sync.sync_now()
+    rig.disk.sync_now()
     before = Path(rig.path).read_bytes()
     disk = FillingDisk(number)
     fill(monkeypatch, disk)
@@ -213,7 +211,7 @@ def test_a_failed_append_answers_its_disk_error_logs_once_and_is_no_external_cha
         effects = rig.append(6)
         assert isinstance(reply(effects), Appended)
         assert not any(isinstance(fx, Notify) for fx in effects)
-        rig.sync.sync_now()
+        rig.disk.sync_now()
     assert rig.sync.take_error() is None
     assert Path(rig.path).read_bytes() == before + b'{"n":6}\n'
     assert rig.writes.counters["external_changes"] == 0
@@ -266,6 +264,7 @@ class GroupCommitProbe:
         message = FileReply(path=self.rig.path, message=ack, lane="a")
         out = Outgoing(lane="a", address="lane:a", message=message, needs_sync=True, key=("a", 1))
         assert self.commit.hold(out) is False
+        self.rig.disk.sync_now()  # the actor syncs, then commits
         done = self.commit.commit()
         assert done.failed_keys == [("a", 1)]
         (delivered,) = done.deliveries

@@ -49,11 +49,9 @@ class Rig:
         self.transcript = Transcript(self.path)
         self.transcript.open(repair=not tail_unchecked)
         self.table = LeaseTable(self.path, LeasePolicy(), fence_floor=0)
-        self.sync = TranscriptSync(
-            self.path, self.transcript, CommitPolicy(), FileMetrics(), lambda: self.now
-        )  # the shell's sync performer, timed by the shell's clock
+        self.sync = TranscriptSync(self.path, CommitPolicy(), FileMetrics())
         lock = LegacyLock(self.path) if legacy else None
-        self.disk = FileDisk(self.path, self.transcript, self.sync, lock)
+        self.disk = FileDisk(self.path, self.transcript, self.sync, lock, lambda: self.now)
         self.writes = WritePath(
             self.path,
             self.table,
