@@ -4,6 +4,15 @@ import { isAbsolute } from 'node:path';
 
 export const DEFAULT_ADDRESS = 'tcp://127.0.0.1:7420';
 
+/** The environment variable a service in the same environment listens on. */
+export const ADDRESS_ENV = 'SESSIONLANE_LISTEN';
+
+/** `$SESSIONLANE_LISTEN` (what a service in the same environment listens on), else
+ * `DEFAULT_ADDRESS`, as the Python client does. Read at each call. */
+export function defaultAddress(): string {
+  return process.env[ADDRESS_ENV] || DEFAULT_ADDRESS;
+}
+
 /** Where to connect: a TCP host and port, or a Unix socket path. */
 export type Target = { host: string; port: number } | { path: string };
 

@@ -13,7 +13,8 @@
  * take it for gone. When the connection is lost, every pending call rejects with
  * `Unavailable` and every lease on it is revoked (its signal aborts, its next write raises
  * `LeaseRevoked` and sends nothing): the service has abandoned them. There is no automatic
- * reconnection; connect again.
+ * reconnection; connect again (`reconnectForMs` keeps a connect trying while the service is
+ * not listening yet, as the Python client's `reconnect_for` does).
  *
  * The socket keeps the process alive only while a call is pending or a lease is held: an idle
  * connection holding nothing does not stop a script from exiting.
@@ -22,7 +23,7 @@
 import net from 'node:net';
 import { EventEmitter } from 'node:events';
 
-import { DEFAULT_ADDRESS, anchor, parseAddress } from './address.js';
+import { anchor, defaultAddress, parseAddress, type Target } from './address.js';
 import { SessionLaneError, Unauthorized, Unavailable, errorFor } from './errors.js';
 import {
   Lane,
@@ -37,10 +38,11 @@ import {
   FrameReader,
   PROTOCOL_VERSION,
   frame,
-  type ExternalChangeKind,
   type Priority,
   type Purpose,
-  type WireMessage,
+  type Reply,
+  type ServiceEvent,
+  type StatusReply,
 } from './wire.js';
 import {
   clientProof,
@@ -72,7 +74,18 @@ export interface ConnectOptions {
   keepaliveMs?: number;
   /** How long connecting, or a reply beyond the service's own waits, may take (ms; 40000). */
   timeoutMs?: number;
-  /** Largest frame sent or accepted (default 8 MiB, the service's default). */
+  /**
+   * How long (ms) a connect keeps trying while nobody listens at the address (a service
+   * starting or restarting: refused, no socket file, reset), backing off from 50 ms to 1 s,
+   * as the Python client's `reconnect_for` (default 0: one attempt).
+   */
+  reconnectForMs?: number;
+  /** Called before each retry of a refused connect, with the refusal and the wait (ms). */
+  onRetry?: (error: Error, delayMs: number) => void;
+  /**
+   * Largest frame sent or accepted (default 8 MiB, the service's default). A frame from the
+   * service announcing more is refused before it is read: the connection closes (`TooLarge`).
+   */
   maxFrameBytes?: number;
 }
 
@@ -105,7 +118,7 @@ export interface StatusReport {
  * `abort_requested`, `external_change`) and `close` (the connection is gone; the reason).
  */
 export interface SessionLaneEvents {
-  event: [message: WireMessage];
+  event: [message: ServiceEvent];
   close: [reason: string];
 }
 
@@ -130,8 +143,10 @@ interface Pending {
   readonly resolve: (value: unknown) => void;
   readonly reject: (error: Error) => void;
   readonly onQueued: ((position: number) => void) | undefined;
-  readonly map: ((reply: WireMessage) => unknown) | undefined;
+  readonly map: ((reply: Reply) => unknown) | undefined;
   readonly timer: NodeJS.Timeout | undefined;
+  /** Stops listening to the caller's signal. */
+  readonly unlisten: (() => void) | undefined;
 }
 
 /**
@@ -140,29 +155,16 @@ interface Pending {
  * or refused us); nothing is sent to a service that fails its checks.
  */
 export async function connect(
-  address: string = DEFAULT_ADDRESS,
+  address: string = defaultAddress(),
   options: ConnectOptions = {},
 ): Promise<SessionLane> {
   const target = parseAddress(address);
   const serviceUser = resolveServiceUser(options.serviceUser);
   const token = options.token === undefined ? undefined : options.token.trim();
   const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-  const socket = await new Promise<net.Socket>((resolve, reject) => {
-    const socket = net.createConnection(target);
-    const refused = (err: Error): void => {
-      clearTimeout(timer);
-      reject(new Unavailable(`cannot reach sessionlane at ${address}: ${err.message}`));
-    };
-    // A host that drops the SYN would otherwise keep us for the kernel's minutes.
-    const timer = setTimeout(() => {
-      socket.destroy(new Error(`no connection within ${timeoutMs} ms`));
-    }, timeoutMs);
-    socket.once('error', refused);
-    socket.once('connect', () => {
-      clearTimeout(timer);
-      socket.off('error', refused);
-      resolve(socket);
-    });
+  const socket = await dialWithin(target, timeoutMs, options).catch((err: unknown) => {
+    const why = err instanceof Error ? err.message : String(err);
+    throw new Unavailable(`cannot reach sessionlane at ${address}: ${why}`, { cause: err });
   });
   if ('host' in target) socket.setNoDelay(true);
   const owner = serviceOwner(
@@ -196,11 +198,7 @@ export async function connect(
           `the service at ${address} requires a token (it has a token_file): pass { token }`,
         );
       }
-      const theirs = welcome['nonce'];
-      if (!(theirs instanceof Uint8Array)) {
-        throw new Unauthorized(`the service at ${address} sent a malformed challenge`);
-      }
-      challenge = theirs;
+      challenge = welcome.nonce;
       welcome = await sl.request('proof', { proof: clientProof(token, nonce, challenge) });
     }
     if (welcome.type !== 'welcome') {
@@ -214,25 +212,71 @@ export async function connect(
             ' service has none)',
         );
       }
-      if (!serverProofMatches(welcome['proof'], token, nonce, challenge)) {
+      if (!serverProofMatches(welcome.proof ?? undefined, token, nonce, challenge)) {
         throw new Unauthorized(
           `the service at ${address} did not prove it knows the token: it is not the service,` +
             ' or its token_file holds another token; nothing was sent',
         );
       }
     }
-    if (welcome['protocol'] !== PROTOCOL_VERSION) {
+    if (welcome.protocol !== PROTOCOL_VERSION) {
       throw new Unavailable(
-        `the service at ${address} speaks protocol ${String(welcome['protocol'])},` +
-          ` not ${PROTOCOL_VERSION}`,
+        `the service at ${address} speaks protocol ${welcome.protocol}, not ${PROTOCOL_VERSION}`,
       );
     }
-    sl.server = typeof welcome['server'] === 'string' ? welcome['server'] : null;
+    sl.server = welcome.server;
   } catch (err) {
     await sl.close();
     throw err;
   }
   return sl;
+}
+
+/** Connect failures worth retrying: nobody listening yet (as the Python client's). */
+const RETRYABLE = new Set(['ECONNREFUSED', 'ENOENT', 'ECONNRESET']);
+
+/**
+ * A connected socket to `target`, retrying a refusal for `reconnectForMs` with the Python
+ * client's backoff (50 ms doubling to 1 s); rejects with the last socket error.
+ */
+async function dialWithin(
+  target: Target,
+  timeoutMs: number,
+  options: ConnectOptions,
+): Promise<net.Socket> {
+  const deadline = Date.now() + Math.max(0, options.reconnectForMs ?? 0);
+  for (let delay = 50; ; delay = Math.min(1_000, delay * 2)) {
+    try {
+      return await dial(target, timeoutMs);
+    } catch (err) {
+      const code = err instanceof Error && 'code' in err ? err.code : undefined;
+      const retry = typeof code === 'string' && RETRYABLE.has(code);
+      if (!retry || !(err instanceof Error) || Date.now() + delay > deadline) throw err;
+      options.onRetry?.(err, delay);
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
+}
+
+/** One attempt: a connected socket, or the socket's error. */
+function dial(target: Target, timeoutMs: number): Promise<net.Socket> {
+  return new Promise<net.Socket>((resolve, reject) => {
+    const socket = net.createConnection(target);
+    const refused = (err: Error): void => {
+      clearTimeout(timer);
+      reject(err);
+    };
+    // A host that drops the SYN would otherwise keep us for the kernel's minutes.
+    const timer = setTimeout(() => {
+      socket.destroy(new Error(`no connection within ${timeoutMs} ms`));
+    }, timeoutMs);
+    socket.once('error', refused);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      socket.off('error', refused);
+      resolve(socket);
+    });
+  });
 }
 
 /** One connection to a sessionlane service. Create it with `connect()`. */
@@ -272,7 +316,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     super();
     this.#socket = socket;
     this.#maxFrameBytes = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
-    this.#reader = new FrameReader(Math.max(this.#maxFrameBytes, 64 * 1024 * 1024));
+    this.#reader = new FrameReader(this.#maxFrameBytes);
     this.#timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.#closedPromise = new Promise((resolve) => socket.once('close', () => resolve()));
     socket.unref();
@@ -348,7 +392,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
    * (`queued` notes go to `onQueued`); an `error` reply rejects with its `SessionLaneError`
    * subclass. Fields are snake_case, as on the wire (`docs/protocol.md`).
    */
-  request<T = WireMessage>(
+  request<T = Reply>(
     type: string,
     fields: Record<string, unknown>,
     options: RequestOptions<T> = {},
@@ -356,6 +400,8 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     if (this.#closed) {
       return Promise.reject(new Unavailable('the connection is closed'));
     }
+    const signal = options.signal;
+    if (signal?.aborted) return Promise.reject(abortReason(signal));
     const id = ++this.#nextId;
     let bytes: Buffer;
     try {
@@ -368,19 +414,28 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     const wait = options.timeoutMs === undefined ? 0 : options.timeoutMs;
     const limit = wait === null ? null : wait + this.#timeoutMs;
     const path = typeof fields['path'] === 'string' ? fields['path'] : null;
+    const map = options.map;
     return new Promise<T>((resolve, reject) => {
       const timer =
         limit === null || limit > MAX_TIMER_MS
           ? undefined
           : setTimeout(() => this.#noReply(id, type, limit), limit).unref();
+      let unlisten: (() => void) | undefined;
+      if (signal !== undefined) {
+        const onAbort = (): void => this.#givenUp(id, abortReason(signal));
+        signal.addEventListener('abort', onAbort, { once: true });
+        unlisten = () => signal.removeEventListener('abort', onAbort);
+      }
       this.#pending.set(id, {
         type,
         path,
-        resolve: resolve as (value: unknown) => void,
+        // Without `map`, T is the reply itself (the default type argument).
+        resolve: (value) => resolve(value as T),
         reject,
         onQueued: options.onQueued,
-        map: options.map as ((reply: WireMessage) => unknown) | undefined,
+        map,
         timer,
+        unlisten,
       });
       this.#refresh();
       this.#lastSent = Date.now();
@@ -425,17 +480,26 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
   }
 
   #noReply(id: number, type: string, limit: number): void {
+    this.#givenUp(id, new Unavailable(`no reply to ${type} within ${Math.round(limit / 1000)} s`));
+  }
+
+  /**
+   * The caller of request `id` stopped waiting (no reply in time, or its signal aborted):
+   * it rejects with `error` now, and a grant that still comes is released as it arrives.
+   */
+  #givenUp(id: number, error: unknown): void {
     const pending = this.#pending.get(id);
     if (pending === undefined) return;
     this.#settled(id);
-    if (type === 'acquire' || type === 'recover') this.#orphans.add(id);
-    pending.reject(new Unavailable(`no reply to ${type} within ${Math.round(limit / 1000)} s`));
+    if (pending.type === 'acquire' || pending.type === 'recover') this.#orphans.add(id);
+    pending.reject(error instanceof Error ? error : new Error(String(error)));
   }
 
   #settled(id: number): void {
     const pending = this.#pending.get(id);
     if (pending === undefined) return;
     if (pending.timer !== undefined) clearTimeout(pending.timer);
+    pending.unlisten?.();
     this.#pending.delete(id);
     this.#refresh();
   }
@@ -448,12 +512,19 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
   }
 
   #onData(chunk: Buffer): void {
-    let messages: WireMessage[];
+    let messages: Reply[];
+    let failure: unknown = null;
     try {
       messages = this.#reader.feed(chunk);
     } catch (err) {
+      messages = [];
+      failure = err;
+    }
+    if (failure !== null) {
+      // A bad frame ends the connection: the reader is spent, and what follows is unframed.
       this.#socket.destroy();
-      this.#lost(`undecodable data from the service: ${(err as Error).message}`);
+      const why = failure instanceof Error ? failure.message : String(failure);
+      this.#lost(`bad data from the service (${why})`, 'connection_lost', failure);
       return;
     }
     for (const message of messages) {
@@ -462,63 +533,72 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     }
   }
 
-  #deliver(message: WireMessage): void {
-    if (message.id === undefined || message.id === null) {
-      this.#onEvent(message);
-      return;
+  #deliver(message: Reply): void {
+    if (message.id === null) {
+      switch (message.type) {
+        case 'revoked':
+        case 'abort_requested':
+        case 'external_change':
+          this.#onEvent(message);
+          return;
+        case 'error':
+          this.#onEvent({ ...message, id: null });
+          return;
+        default:
+          return; // a reply nobody asked for: nothing to do
+      }
     }
-    const id = message.id as number;
+    const id = message.id;
+    if (typeof id !== 'number') return; // not one of ours: ids are this connection's numbers
     const pending = this.#pending.get(id);
     if (pending === undefined) {
       if (this.#orphans.has(id) && message.type !== 'queued') {
         this.#orphans.delete(id);
         if (message.type === 'granted') {
-          this.request('release', { lease: message['lease'] }).catch(() => undefined);
+          this.request('release', { lease: message.lease }).catch(() => undefined);
         }
       }
       return;
     }
     if (message.type === 'queued') {
-      pending.onQueued?.(message['position'] as number);
+      pending.onQueued?.(message.position);
       return;
     }
     this.#settled(id);
     if (message.type === 'error') {
-      const path = typeof message['path'] === 'string' ? message['path'] : pending.path;
-      pending.reject(errorFor(String(message['code']), String(message['detail'] ?? ''), path));
+      pending.reject(errorFor(message.code, message.detail, message.path ?? pending.path));
       return;
     }
     try {
       pending.resolve(pending.map === undefined ? message : pending.map(message));
     } catch (err) {
-      pending.reject(err as Error);
+      pending.reject(err instanceof Error ? err : new Error(String(err)));
     }
   }
 
-  #onEvent(message: WireMessage): void {
-    const state = this.#leases.get(message['lease'] as string);
+  #onEvent(message: ServiceEvent): void {
     switch (message.type) {
-      case 'revoked':
-        this.#leases.delete(message['lease'] as string);
-        state?.revoke(message['reason'] as string);
+      case 'revoked': {
+        const state = this.#leases.get(message.lease);
+        this.#leases.delete(message.lease);
+        state?.revoke(message.reason);
         this.#refresh();
         break;
+      }
       case 'abort_requested':
-        state?.requestAbort(message['grace_ms'] as number);
+        this.#leases.get(message.lease)?.requestAbort(message.grace_ms);
         break;
       case 'external_change':
-        state?.externalChange(message['kind'] as ExternalChangeKind);
+        this.#leases.get(message.lease)?.externalChange(message.kind);
         break;
       case 'error':
-        this.#farewell = `${String(message['code'])}: ${String(message['detail'] ?? '')}`;
-        break;
-      default:
+        this.#farewell = `${message.code}: ${message.detail}`;
         break;
     }
     this.emit('event', message);
   }
 
-  #lost(reason: string, leaseReason = 'connection_lost'): void {
+  #lost(reason: string, leaseReason = 'connection_lost', cause?: unknown): void {
     if (this.#closed) return;
     this.#closed = true;
     if (this.#keepalive !== undefined) clearInterval(this.#keepalive);
@@ -530,38 +610,46 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     // Leases first: a caller woken by the rejection must already see its lease revoked.
     for (const state of leases) state.revoke(leaseReason);
     for (const [, waiter] of pending) {
-      waiter.reject(new Unavailable(`${reason} before the ${waiter.type} reply`));
+      waiter.reject(new Unavailable(`${reason} before the ${waiter.type} reply`, { cause }));
     }
     this.emit('close', reason);
   }
 }
 
-function statusReport(reply: WireMessage): StatusReport {
-  const files = (reply['files'] as Record<string, unknown>[] | undefined) ?? [];
+function statusReport(reply: Reply): StatusReport {
+  if (reply.type !== 'status') {
+    throw errorFor('bad_frame', `the service answered a status with ${reply.type}`);
+  }
   return {
-    files: files.map((file) => {
-      const holder = file['holder'] as Record<string, unknown> | null | undefined;
-      const queue = (file['queue'] as Record<string, unknown>[] | undefined) ?? [];
-      return {
-        path: file['path'] as string,
-        fence: file['fence'] as number,
-        holder:
-          holder === null || holder === undefined
-            ? null
-            : {
-                lane: holder['lane'] as string,
-                lease: holder['lease'] as string,
-                purpose: holder['purpose'] as Purpose,
-                heldMs: holder['held_ms'] as number,
-              },
-        queue: queue.map((entry) => ({
-          lane: entry['lane'] as string,
-          purpose: entry['purpose'] as Purpose,
-          priority: entry['priority'] as Priority,
-          waitedMs: entry['waited_ms'] as number,
-        })),
-        counters: (file['counters'] as Record<string, number> | undefined) ?? {},
-      };
-    }),
+    files: reply.files.map((file: StatusReply['files'][number]) => ({
+      path: file.path,
+      fence: file.fence,
+      holder:
+        file.holder === null
+          ? null
+          : {
+              lane: file.holder.lane,
+              lease: file.holder.lease,
+              purpose: file.holder.purpose,
+              heldMs: file.holder.held_ms,
+            },
+      queue: file.queue.map((entry) => ({
+        lane: entry.lane,
+        purpose: entry.purpose,
+        priority: entry.priority,
+        waitedMs: entry.waited_ms,
+      })),
+      counters: file.counters,
+    })),
   };
+}
+
+/** Why `signal` aborted, as an `Error` (an `AbortError` if its reason is none). */
+function abortReason(signal: AbortSignal): Error {
+  const reason: unknown = signal.reason;
+  if (reason instanceof Error) return reason;
+  return new DOMException(
+    reason === undefined ? 'This operation was aborted' : String(reason),
+    'AbortError',
+  );
 }

@@ -54,6 +54,16 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
   'internal',
 ]);
 
+/** What a `SessionLaneError` is made with besides its detail. */
+export interface SessionLaneErrorOptions {
+  /** The canonical path concerned. */
+  path?: string | null;
+  /** The wire code (default: the class's). */
+  code?: ErrorCode;
+  /** What caused it (a socket error, a bad frame, the error a retry saw last), as `Error.cause`. */
+  cause?: unknown;
+}
+
 /**
  * Base of every sessionlane failure: `code` is the wire error code, `detail` a human-readable
  * explanation, `path` the canonical path concerned (or null).
@@ -63,10 +73,13 @@ export class SessionLaneError extends Error {
   readonly detail: string;
   readonly path: string | null;
 
-  constructor(detail = '', options: { path?: string | null; code?: ErrorCode } = {}) {
+  constructor(detail = '', options: SessionLaneErrorOptions = {}) {
     const code = options.code ?? (new.target as unknown as { defaultCode: ErrorCode }).defaultCode;
     const path = options.path ?? null;
-    super(`${code}: ${detail}${path ? ` [${path}]` : ''}`);
+    super(
+      `${code}: ${detail}${path ? ` [${path}]` : ''}`,
+      options.cause === undefined ? undefined : { cause: options.cause },
+    );
     this.name = new.target.name;
     this.code = code;
     this.detail = detail;
@@ -96,10 +109,7 @@ export class LeaseRevoked extends SessionLaneError {
   static override defaultCode: ErrorCode = 'revoked';
   readonly reason: string | null;
 
-  constructor(
-    detail = '',
-    options: { path?: string | null; code?: ErrorCode; reason?: string | null } = {},
-  ) {
+  constructor(detail = '', options: SessionLaneErrorOptions & { reason?: string | null } = {}) {
     super(detail, options);
     this.reason = options.reason ?? null;
   }
@@ -217,10 +227,10 @@ const BY_CODE: Readonly<Record<ErrorCode, typeof SessionLaneError>> = {
 
 /** The exception for a wire error code (unknown codes map to the base class). */
 export function errorFor(code: string, detail = '', path: string | null = null): SessionLaneError {
-  const cls = Object.prototype.hasOwnProperty.call(BY_CODE, code)
-    ? BY_CODE[code as ErrorCode]
-    : SessionLaneError;
-  return new cls(detail, { path, code: code as ErrorCode });
+  const known = ERROR_CODES.find((item) => item === code);
+  const cls = known === undefined ? SessionLaneError : BY_CODE[known];
+  // An unknown code is kept as the service sent it (a newer service's), on the base class.
+  return new cls(detail, { path, code: known ?? (code as ErrorCode) });
 }
 
 /**

@@ -8,7 +8,13 @@
 
 import './dispose.js';
 
-export { DEFAULT_ADDRESS, parseAddress, type Target } from './address.js';
+export {
+  ADDRESS_ENV,
+  DEFAULT_ADDRESS,
+  defaultAddress,
+  parseAddress,
+  type Target,
+} from './address.js';
 export {
   connect,
   SessionLane,
@@ -42,6 +48,7 @@ export {
   Unavailable,
   errorFor,
   type ErrorCode,
+  type SessionLaneErrorOptions,
 } from './errors.js';
 export {
   Lane,
@@ -67,6 +74,7 @@ export {
   type SessionWriteLocksOptions,
 } from './openclaw.js';
 export {
+  MAX_MESSAGE_DEPTH,
   PROTOCOL_VERSION,
   checkRecords,
   type AppendResult,
@@ -75,10 +83,23 @@ export {
   type OnContention,
   type Priority,
   type Purpose,
+  type Reply,
+  type ReplyOf,
+  type RequestId,
   type RevokeReason,
+  type ServiceEvent,
   type TranscriptRecord,
   type WireMessage,
 } from './wire.js';
 
-/** The package version (the same as the Python distribution's). */
-export const VERSION = '0.1.0';
+/** The package version, from its `package.json` (the same as the Python distribution's). */
+export const VERSION: string = packageVersion();
+
+function packageVersion(): string {
+  // dist/index.js sits beside package.json's folder in the package, as src/ does here.
+  const meta: unknown = require('../package.json');
+  if (meta !== null && typeof meta === 'object' && 'version' in meta) {
+    if (typeof meta.version === 'string') return meta.version;
+  }
+  throw new Error('sessionlane: its package.json has no version');
+}

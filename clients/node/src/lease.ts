@@ -24,9 +24,11 @@ import {
   type OnContention,
   type Priority,
   type Purpose,
+  type GrantedReply,
+  type Reply,
   type TranscriptRecord,
-  type WireMessage,
 } from './wire.js';
+import { expectReply } from './replies.js';
 import './dispose.js';
 
 /** How a `LeaseState` reaches its views' listeners (module-private). */
@@ -86,6 +88,12 @@ export interface LeaseOptions {
   onQueued?: (position: number) => void;
   /** Called for every `external_change` of the granted lease, from the first one on. */
   onExternalChange?: (event: ExternalChangeEvent) => void;
+  /**
+   * Give up waiting when this aborts: the promise rejects with the signal's reason at once,
+   * and a grant that still comes is released as it arrives (as the Python client does for an
+   * acquire its caller gave up). Already aborted: nothing is sent.
+   */
+  signal?: AbortSignal;
 }
 
 /** Options of the append methods. */
@@ -95,7 +103,7 @@ export interface AppendOptions {
 }
 
 /** Options of a low-level request (`SessionLane.request`). */
-export interface RequestOptions<T = WireMessage> {
+export interface RequestOptions<T = Reply> {
   /** How long the service may take on its own (an acquire's wait); `null`: no limit. */
   timeoutMs?: number | null;
   /** Called with the queue position for each `queued` note. */
@@ -104,12 +112,14 @@ export interface RequestOptions<T = WireMessage> {
    * Turn the final (non-error) reply into the result, synchronously as it arrives: before any
    * event that follows it on the wire is applied (a grant is tracked before its events).
    */
-  map?: (reply: WireMessage) => T;
+  map?: (reply: Reply) => T;
+  /** Stop waiting when this aborts (rejects with its reason); a late grant is released. */
+  signal?: AbortSignal | undefined;
 }
 
 /** What a `Lane` and a `Lease` need from their connection (implemented by `SessionLane`). */
 export interface LeaseHost {
-  request<T = WireMessage>(
+  request<T = Reply>(
     type: string,
     fields: Record<string, unknown>,
     options?: RequestOptions<T>,
@@ -218,6 +228,7 @@ export class Lane {
       {
         timeoutMs: wait,
         onQueued: options.onQueued,
+        signal: options.signal,
         map: (reply) => {
           if (reply.type === 'skipped') return null;
           const lease = grantedLease(this.#host, reply, this.name);
@@ -258,9 +269,9 @@ export class Lane {
       path: path ? anchor(path) : undefined,
       reason: options.reason,
     });
-    const leases = (reply['leases'] as string[] | undefined) ?? [];
+    const { leases } = expectReply(reply, 'abandoned');
     this.#host.abandoned(leases);
-    return leases;
+    return [...leases];
   }
 }
 
@@ -277,7 +288,11 @@ export class Lease implements AsyncDisposable {
   readonly #host: LeaseHost;
   readonly #state: LeaseState;
   #levelReleased = false;
-  readonly #listeners = new Map<keyof LeaseEvents, Set<(event: never) => void>>();
+  readonly #listeners: { readonly [E in keyof LeaseEvents]: Set<Listener<E>> } = {
+    revoked: new Set(),
+    abort_requested: new Set(),
+    external_change: new Set(),
+  };
 
   /** Not for direct use: leases come from `Lane.lease` and `SessionLane.recover`. */
   constructor(
@@ -341,21 +356,20 @@ export class Lease implements AsyncDisposable {
 
   /** Listen to `revoked`, `abort_requested` or `external_change`. */
   on<E extends keyof LeaseEvents>(event: E, listener: Listener<E>): this {
-    let set = this.#listeners.get(event);
-    if (set === undefined) this.#listeners.set(event, (set = new Set()));
-    set.add(listener as (event: never) => void);
+    this.#listeners[event].add(listener);
     return this;
   }
 
   off<E extends keyof LeaseEvents>(event: E, listener: Listener<E>): this {
-    this.#listeners.get(event)?.delete(listener as (event: never) => void);
+    this.#listeners[event].delete(listener);
     return this;
   }
 
   [EMIT]<E extends keyof LeaseEvents>(event: E, payload: LeaseEvents[E]): void {
-    for (const listener of [...(this.#listeners.get(event) ?? [])]) {
+    const listeners: Set<Listener<E>> = this.#listeners[event];
+    for (const listener of [...listeners]) {
       try {
-        (listener as Listener<E>)(payload);
+        listener(payload);
       } catch (err) {
         // A listener's bug must not stop the connection's reader: report it as Node does.
         process.nextTick(() => {
@@ -391,7 +405,7 @@ export class Lease implements AsyncDisposable {
     this.#checkUsable();
     checkRecords(records);
     const reply = await this.#call('rewrite', { lease: this.id, fence: this.fence, records });
-    return reply['lines'] as number;
+    return expectReply(reply, 'rewritten').lines;
   }
 
   /**
@@ -435,7 +449,7 @@ export class Lease implements AsyncDisposable {
     this.#state.checkUsable();
   }
 
-  async #call(type: string, fields: Record<string, unknown>): Promise<WireMessage> {
+  async #call(type: string, fields: Record<string, unknown>): Promise<Reply> {
     try {
       return await this.#host.request(type, fields);
     } catch (err) {
@@ -457,30 +471,23 @@ export class Lease implements AsyncDisposable {
 }
 
 /** Track a `granted` reply on `host` and return a view of it for `lane`. */
-export function grantedLease(host: LeaseHost, reply: WireMessage, lane: string): Lease {
+export function grantedLease(host: LeaseHost, reply: Reply, lane: string): Lease {
+  const granted: GrantedReply = expectReply(reply, 'granted');
   const state = host.track(
-    new LeaseState(
-      reply['lease'] as string,
-      reply['path'] as string,
-      reply['fence'] as number,
-      reply['purpose'] as Purpose,
-    ),
+    new LeaseState(granted.lease, granted.path, granted.fence, granted.purpose),
   );
   return new Lease(host, state, lane);
 }
 
-function appendResult(reply: WireMessage): AppendResult {
-  return {
-    offset: reply['offset'] as number,
-    lines: reply['lines'] as number,
-    fence: reply['fence'] as number,
-  };
+function appendResult(reply: Reply): AppendResult {
+  const { offset, lines, fence } = expectReply(reply, 'appended');
+  return { offset, lines, fence };
 }
 
 function withPath(err: SessionLaneError, path: string): SessionLaneError {
   const cls = err.constructor as new (
     detail: string,
-    options: { path: string; code: SessionLaneError['code'] },
+    options: { path: string; code: SessionLaneError['code']; cause: unknown },
   ) => SessionLaneError;
-  return new cls(err.detail, { path, code: err.code });
+  return new cls(err.detail, { path, code: err.code, cause: err.cause });
 }

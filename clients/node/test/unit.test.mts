@@ -2,7 +2,10 @@
 // loss, driven by a scripted peer on a real socket.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { mkdtempSync, renameSync, rmSync } from 'node:fs';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, it } from 'node:test';
 
 import { Decoder, Encoder } from '@msgpack/msgpack';
@@ -23,6 +26,7 @@ import {
   parseAddress,
 } from 'sessionlane';
 import { SessionWriteLockTimeoutError } from 'sessionlane/openclaw';
+import { deferred } from './helpers.mjs';
 
 describe('addresses', () => {
   it('accepts HOST:PORT, tcp://HOST:PORT and unix:///path', () => {
@@ -145,7 +149,10 @@ type Send = (message: object) => void;
 type Script = (request: Record<string, unknown>, send: Send, socket: net.Socket) => void;
 
 /** A scripted peer on a real socket: answers hello, hands every other request to `script`. */
-async function scriptedService(script: Script): Promise<{ address: string; server: net.Server }> {
+async function scriptedService(
+  script: Script,
+  unixPath?: string,
+): Promise<{ address: string; server: net.Server }> {
   const encoder = new Encoder();
   const decoder = new Decoder();
   const server = net.createServer((socket) => {
@@ -170,6 +177,11 @@ async function scriptedService(script: Script): Promise<{ address: string; serve
       }
     });
   });
+  if (unixPath !== undefined) {
+    server.listen(unixPath);
+    await once(server, 'listening');
+    return { address: `unix://${unixPath}`, server };
+  }
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   const { port } = server.address() as net.AddressInfo;
@@ -284,5 +296,134 @@ describe('connection loss', () => {
       assert.match(err.detail, /cannot reach sessionlane/);
       return true;
     });
+  });
+});
+
+describe('giving up a queued acquire with a signal', () => {
+  it('rejects with the reason at once and releases the grant that comes late', async () => {
+    let waiting: unknown = null;
+    let acquires = 0;
+    let released: (lease: unknown) => void = () => undefined;
+    const release = new Promise((resolve) => (released = resolve));
+    const queued = deferred();
+    const { address, server } = await scriptedService((request, send) => {
+      if (request['type'] === 'acquire') {
+        acquires += 1;
+        waiting = request['id'];
+        send({ type: 'queued', id: waiting, position: 1 });
+      } else if (request['type'] === 'keepalive') {
+        // The holder before us released: the service grants the acquire it still queues.
+        send({
+          type: 'granted',
+          id: waiting,
+          lease: 'LATE',
+          fence: 4,
+          path: '/s/q.jsonl',
+          purpose: 'prompt',
+        });
+        send({ type: 'alive', id: request['id'] });
+      } else if (request['type'] === 'release') {
+        released(request['lease']);
+        send({ type: 'released', id: request['id'], lease: request['lease'] });
+      }
+    });
+    try {
+      const sl = await connect(address, { keepaliveMs: 0 });
+      const controller = new AbortController();
+      const lease = sl.lane('a').lease('/s/q.jsonl', {
+        signal: controller.signal,
+        onQueued: () => queued.resolve(),
+      });
+      await queued.promise;
+      const why = new Error('the turn was cancelled');
+      controller.abort(why);
+      await assert.rejects(lease, (err: unknown) => err === why);
+      await sl.request('keepalive', {});
+      assert.equal(await release, 'LATE');
+      // Aborted already: nothing is sent.
+      await assert.rejects(
+        sl.lane('a').lease('/s/q.jsonl', { signal: AbortSignal.abort() }),
+        (err: unknown) => err instanceof DOMException && err.name === 'AbortError',
+      );
+      assert.equal(acquires, 1);
+      await sl.close();
+    } finally {
+      server.close();
+    }
+  });
+});
+
+describe('the default address', () => {
+  it('is $SESSIONLANE_LISTEN when it is set', async () => {
+    const { address, server } = await scriptedService(() => undefined);
+    const before = process.env['SESSIONLANE_LISTEN'];
+    process.env['SESSIONLANE_LISTEN'] = `tcp://${address}`;
+    try {
+      const sl = await connect();
+      assert.equal(sl.address, `tcp://${address}`);
+      assert.equal(sl.server, 'scripted');
+      await sl.close();
+    } finally {
+      if (before === undefined) delete process.env['SESSIONLANE_LISTEN'];
+      else process.env['SESSIONLANE_LISTEN'] = before;
+      server.close();
+    }
+  });
+});
+
+describe('error causes', () => {
+  it('keep what caused them: the socket error of a refused connect', async () => {
+    const server = net.createServer();
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const { port } = server.address() as net.AddressInfo;
+    server.close();
+    await once(server, 'close');
+    await assert.rejects(connect(`tcp://127.0.0.1:${port}`), (err: unknown) => {
+      assert.ok(err instanceof Unavailable);
+      assert.ok(err.cause instanceof Error);
+      assert.equal((err.cause as NodeJS.ErrnoException).code, 'ECONNREFUSED');
+      return true;
+    });
+  });
+});
+
+describe('reconnectForMs', () => {
+  it('keeps a connect trying while nobody listens, backing off as the Python client', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'sl-retry-'));
+    const path = join(dir, 'sl.sock');
+    // The service binds elsewhere and appears at the address only after the first refusal.
+    const { server } = await scriptedService(() => undefined, `${path}.starting`);
+    try {
+      const retries: [string | undefined, number][] = [];
+      const sl = await connect(`unix://${path}`, {
+        keepaliveMs: 0,
+        reconnectForMs: 30_000,
+        onRetry: (err, delayMs) => {
+          retries.push([(err as NodeJS.ErrnoException).code, delayMs]);
+          if (retries.length === 2) renameSync(`${path}.starting`, path);
+        },
+      });
+      assert.equal(sl.server, 'scripted');
+      assert.deepEqual(retries, [
+        ['ENOENT', 50],
+        ['ENOENT', 100],
+      ]);
+      await sl.close();
+      // Without it: one attempt, the refusal as the cause.
+      const refusals: unknown[] = [];
+      await assert.rejects(
+        connect(`unix://${path}.gone`, { onRetry: (err) => refusals.push(err) }),
+        (err: unknown) => {
+          assert.ok(err instanceof Unavailable);
+          assert.equal((err.cause as NodeJS.ErrnoException).code, 'ENOENT');
+          return true;
+        },
+      );
+      assert.deepEqual(refusals, []);
+    } finally {
+      server.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
