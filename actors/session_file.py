@@ -10,9 +10,13 @@ from the ``FileInit`` (the open file and the parts working on it), or ``Broken``
 failed, or no ``FileInit`` yet), whose error answers every request. The parts of ``Serving``,
 each owning its state:
 
+* ``FileCore`` (``sessionlane.actors.session_file_core``): which part a call goes to, and what
+  the lease table's effects mean (replies, events, fence reservations, drains); pure;
 * ``LeaseTable`` (``sessionlane.actors.lease_table``): leases, waiters, fences; returns effects;
-* ``WritePath`` (``sessionlane.actors.session_file_writes``): accepting and performing writes, the
-  FIFO write queue, de-duplication, legacy interop; returns effects;
+* ``WritePath`` (``sessionlane.actors.session_file_writes``): accepting and checking writes, the
+  FIFO write queue, de-duplication, legacy interop; returns effects, does no I/O;
+* ``FileDisk`` (``sessionlane.actors.session_file_disk``): performs the write path's disk
+  effects (writes, fdatasync, the legacy lock) and reports their outcomes;
 * ``TranscriptSync`` and ``GroupCommit`` (``sessionlane.actors.session_file_commit``): what is not
   synced yet, and the acknowledgements held until an fdatasync covers them;
 * ``FileChannels`` (``sessionlane.actors.session_file_channels``): the gateway's direct channels.
@@ -36,6 +40,7 @@ channels until a message from the Registry says it is not retired after all.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
@@ -49,6 +54,14 @@ from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.ownership import OwnedElsewhere
 from sessionlane.actors.passivation import Passivation
 from sessionlane.actors.session_file_channels import FLUSH_RETRY_S, channel_call, refused_offer
+from sessionlane.actors.session_file_core import (
+    Answer,
+    DrainWrites,
+    Event,
+    Handoff,
+    Reserve,
+    Warn,
+)
 from sessionlane.actors.session_file_outlet import Outlet
 from sessionlane.actors.session_file_serving import (
     NOT_STARTED,
@@ -67,17 +80,14 @@ from sessionlane.actors.session_file_writes import (
     WriteEffect,
     WriteOut,
     Wrote,
-    call_key,
 )
 from sessionlane.actors.timers import ChannelFlush, CommitDue, IdleCheck, LeaseTick, LegacyRetry
-from sessionlane.messages import wire
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import (
     ActivationFailed,
     Drain,
     Drained,
     FileInit,
-    FileReply,
     FileStatusAnswer,
     FileStatusQuery,
     IdleNotice,
@@ -85,14 +95,8 @@ from sessionlane.messages.internal import (
     OpenChannel,
 )
 from sessionlane.messages.wire import (
-    Abandon,
-    Acquire,
-    Append,
     Error,
     FileStatus,
-    Recover,
-    Release,
-    Rewrite,
 )
 from sessionlane.messages.wire import Reply as ReplyMessage
 
@@ -259,36 +263,8 @@ class SessionFile(ShellActor):
             return
         if not self.own_path(s, call):
             return
-        now, key, lane, req = self.now(), call_key(call), call.lane.uid, call.request
-        match req:
-            case Acquire():
-                effects = s.table.acquire(
-                    key,
-                    lane,
-                    req.purpose,
-                    now,
-                    priority=req.priority or "interactive",
-                    on_contention=req.on_contention,
-                    wait_timeout_ms=req.wait_timeout_ms,
-                    max_hold_ms=req.max_hold_ms,
-                )
-            case Release():
-                effects = s.table.release(key, lane, req.lease, now)
-            case Abandon():
-                reason = req.reason or "requested by the lane"
-                effects = s.table.abandon(key, lane, now, reason=reason)
-            case Recover():
-                effects = s.table.recover(key, lane, req.grace_ms, now, reason=req.reason)
-            case Append() if req.lease is not None:
-                self.write(s, s.writes.append_under_lease(call, req))
-                effects = []
-            case Append():
-                self.write(s, s.writes.append_without_lease(call, req, now))
-                effects = []
-            case Rewrite():
-                self.write(s, s.writes.rewrite(call, req))
-                effects = []
-        self.perform(s, effects)
+        self.perform_writes(s, s.core.call(call, self.now()))
+        self.schedule(s)
 
     def on_handler_error(self, msg: Any, sender: Any, exc: Exception) -> None:
         if isinstance(msg, LaneCall):
@@ -345,54 +321,27 @@ class SessionFile(ShellActor):
     # Effects -------------------------------------------------------------------------------
 
     def perform(self, s: Serving, effects: list[lt.Effect]) -> None:
-        """Carry out the table's effects, in order (a fence reservation before its grant)."""
+        """Carry out the table's effects, in order, as the core reads them (a fence
+        reservation before its grant: one that fails stops the grant)."""
         started = self.now()
         for fx in effects:
-            if isinstance(fx, lt.Grant) and fx.waited_ms is not None:  # a hand-off to a waiter
-                self.metrics.observe("grant_wait", fx.waited_ms)
-                self.metrics.observe("handoff", self.now() - started)
-            match fx:
-                case lt.ReserveFences(ceiling=ceiling):
-                    if ceiling > s.fences.ceiling:
-                        s.fence_reservations += 1
-                    s.fences.reserve(ceiling)
-                case lt.Grant() if s.writes.is_pending(fx.req):
-                    s.writes.granted(fx.req, fx.lease, fx.fence)
-                    self.drain_writes(s)
-                case lt.Grant():
-                    granted = wire.Granted(
-                        lease=fx.lease, fence=fx.fence, path=self.path, purpose=fx.purpose
-                    )
-                    self.out.answer(s, fx.req, fx.lane, granted)
-                case lt.Queue() if s.writes.is_pending(fx.req):
-                    pass  # a short write answers once, with `appended`
-                case lt.Queue():
-                    self.out.answer(s, fx.req, fx.lane, wire.Queued(position=fx.position))
-                case lt.Skip():
-                    self.out.answer(s, fx.req, fx.lane, wire.Skipped(path=self.path))
-                case lt.Reject():
-                    s.writes.rejected(fx.req)
-                    error = Error(code=fx.code, detail=fx.detail, path=self.path)
-                    self.out.answer(s, fx.req, fx.lane, error)
-                case lt.Released() if s.writes.released_silently(fx.req):
-                    pass
-                case lt.Released():
-                    self.out.answer(s, fx.req, fx.lane, wire.Released(lease=fx.lease))
-                case lt.Abandoned():
-                    self.out.answer(s, fx.req, fx.lane, wire.Abandoned(leases=list(fx.leases)))
-                case lt.Revoke():
-                    event = wire.Revoked(lease=fx.lease, path=self.path, reason=fx.reason)
-                    self.out.event(
-                        s, fx.lane, FileReply(path=self.path, message=event, lane=fx.lane)
-                    )
-                case lt.AbortRequest():
-                    abort = wire.AbortRequested(
-                        lease=fx.lease, path=self.path, grace_ms=fx.grace_ms
-                    )
-                    reply = FileReply(path=self.path, message=abort, lane=fx.lane)
-                    self.out.event(s, fx.lane, reply)
-                case lt.Diagnostic(message=message):
-                    log.warning(message)
+            for out in s.core.meaning(fx):
+                match out:
+                    case Reserve(ceiling=ceiling):
+                        if ceiling > s.fences.ceiling:
+                            s.fence_reservations += 1
+                        s.fences.reserve(ceiling)
+                    case Handoff(waited_ms=waited_ms):
+                        self.metrics.observe("grant_wait", waited_ms)
+                        self.metrics.observe("handoff", self.now() - started)
+                    case DrainWrites():
+                        self.drain_writes(s)
+                    case Answer(req=req, lane=lane, message=message):
+                        self.out.answer(s, req, lane, message)
+                    case Event(lane=lane, message=event):
+                        self.out.event(s, lane, event)
+                    case Warn(message=message):
+                        log.warning(message)
         self.schedule(s)
 
     def write(self, s: Serving, effects: list[WriteEffect]) -> None:
@@ -400,7 +349,7 @@ class SessionFile(ShellActor):
         self.perform_writes(s, effects)
         self.drain_writes(s)
 
-    def perform_writes(self, s: Serving, effects: list[WriteEffect]) -> None:
+    def perform_writes(self, s: Serving, effects: Sequence[WriteEffect | DrainWrites]) -> None:
         """Carry out the write path's effects, in order."""
         for fx in effects:
             match fx:
@@ -422,6 +371,8 @@ class SessionFile(ShellActor):
                     s.disk.sync_now()
                 case ReleaseLegacyLock():
                     s.disk.release_legacy()
+                case DrainWrites():
+                    self.drain_writes(s)
 
     def drain_writes(self, s: Serving) -> None:
         """Perform the queued writes in order, under the legacy lock when configured.

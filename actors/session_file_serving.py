@@ -33,6 +33,7 @@ from sessionlane.actors.ownership import Ownership
 from sessionlane.actors.paths import lease_route
 from sessionlane.actors.session_file_channels import FileChannels
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
+from sessionlane.actors.session_file_core import FileCore
 from sessionlane.actors.session_file_disk import FileDisk
 from sessionlane.actors.session_file_writes import WritePath
 from sessionlane.actors.transcript import OpenReport, Transcript
@@ -139,6 +140,7 @@ class Serving:
             unsynced=lambda: self.sync.unsynced,
             sync_each_append=not switches.group_commit,
         )
+        self.core = FileCore(msg.path, self.table, self.writes)
         self.channels = FileChannels(
             msg.path,
             msg.incarnation,
