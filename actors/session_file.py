@@ -402,9 +402,14 @@ class SessionFile(ShellActor):
         self.out.reply(self.state, call, message, needs_sync=needs_sync)
 
     def commit(self, s: Serving) -> None:
-        """Sync, then send what group commit held (acks a failed sync covered are errors)."""
+        """Sync, then send what group commit held; acks a failed sync covered are errors,
+        and the write path forgets them (a retry must write again)."""
         s.disk.sync_now()
-        self.out.commit(s)
+        done = s.commit.commit()
+        for key in done.failed_keys:
+            s.writes.forget(key)
+        for out in done.deliveries:
+            self.out.deliver(s, out.address, out.message)
 
     def decide(self, s: Serving) -> None:
         """The held batch's pass ended (or its wait timed out): sync, pass again, or wait."""
