@@ -21,13 +21,18 @@ Invariants (checked by the Hypothesis model in ``tests/test_lease_table_model.py
 - only the holder releases or writes under its lease, or the *connection lane* of the
   holder's connection: a lane id ending in ``/`` acts for every lane whose id it prefixes (a
   gateway connection's lanes are ``<connection>/<name>``, and a client's ``release`` or
-  ``append`` names only its lease, not its lane: see :func:`acts_for`).
+  ``append`` names only its lease, not its lane: see :func:`acts_for`);
+- a holder found in the durable lease record after a restart is *awaited*
+  (``await_reclaim``): it holds the path for nobody until a lane reclaims it (same lease,
+  same fence) or its grace ends; nothing else is granted meanwhile, and nobody releases or
+  writes under it before its reclaim.
 
-Why one module of about 580 lines: it is one state machine. The policy is its input, the
-effect types are its output vocabulary, and each transition (a public method) reads top to
-bottom with the private steps it shares (grant, enqueue, promote, revoke) a few lines away;
-the invariants above span all of it and the model test drives it as one unit. Split across
-files, following one transition would mean hopping between them; every function is short.
+Why one module of about 700 lines: it is one state machine (the awaited holder of a restart
+included). The policy is its input, the effect types are its output vocabulary, and each
+transition (a public method) reads top to bottom with the private steps it shares (grant,
+enqueue, promote, revoke) a few lines away; the invariants above span all of it and the model
+test drives it as one unit. Split across files, following one transition would mean hopping
+between them; every function is short.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ RejectCode = Literal[
     "unavailable",
     "shutting_down",
     "abandoned",
+    "reclaim_refused",
 ]
 
 _RANK: dict[Priority, int] = {"background": 0, "interactive": 1, "recovery": 2}
@@ -210,6 +216,20 @@ Effect = (
 # State -------------------------------------------------------------------------------------
 
 
+HolderState = Literal["held", "awaiting"]
+"""``awaiting``: found in the lease record after a restart, not reclaimed yet."""
+
+
+@dataclass(frozen=True)
+class Awaited:
+    """The lane of an awaited holder: nobody yet (``name`` is the lane name it had)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.name} (awaiting reclaim)"
+
+
 @dataclass
 class Holder:
     lease: str
@@ -218,10 +238,14 @@ class Holder:
     priority: Priority
     granted_at: float
     hold_deadline: float | None
+    """When the max hold ends (``awaiting``: when the reclaim grace ends)."""
     purposes: list[Purpose] = field(default_factory=list)
     """One entry per nesting level; the lease is freed when the last is released."""
     abort_deadline: float | None = None
     """Set while a recovery waits for this holder to release."""
+    state: HolderState = "held"
+    reclaim_hold_ms: float | None = None
+    """``awaiting``: what was left of its max hold when the service stopped."""
 
     @property
     def purpose(self) -> Purpose:
@@ -286,6 +310,9 @@ class LeaseTable:
             "revoked_max_hold": 0,
             "revoked_recovery": 0,
             "revoked_shutdown": 0,
+            "reclaims": 0,
+            "reclaims_expired": 0,
+            "reclaims_refused": 0,
         }
 
     # Inputs --------------------------------------------------------------------------------
@@ -301,8 +328,12 @@ class LeaseTable:
         on_contention: OnContention = "wait",
         wait_timeout_ms: int | None = None,
         max_hold_ms: int | None = None,
+        waited_ms: float = 0.0,
     ) -> list[Effect]:
-        """A lease request. Recovery goes through ``recover``, which adds the abort protocol."""
+        """A lease request. Recovery goes through ``recover``, which adds the abort protocol.
+
+        ``waited_ms``: how long the request already waited elsewhere (before a restart): it
+        queues as if it had arrived that long ago."""
         if self.closed:
             return [Reject(req, lane, "shutting_down", "the service is stopping")]
         if purpose == "recovery":  # same rules whichever door it came through
@@ -320,7 +351,77 @@ class LeaseTable:
         if on_contention == "skip":
             self.counters["skips"] += 1
             return [Skip(req, lane)]
-        return self._enqueue(req, lane, purpose, priority, now, wait_timeout_ms, max_hold_ms)
+        return self._enqueue(
+            req, lane, purpose, priority, now, wait_timeout_ms, max_hold_ms, waited_ms=waited_ms
+        )
+
+    def await_reclaim(
+        self,
+        lease: str,
+        fence: int,
+        lane_name: str,
+        purposes: list[Purpose],
+        priority: Priority,
+        now: float,
+        *,
+        until: float,
+        hold_ms: float | None,
+    ) -> None:
+        """Hold the path for the holder found in the lease record until ``until`` (the end of
+        the reclaim grace); ``hold_ms``: what is left of its max hold, once reclaimed."""
+        assert self.holder is None and fence <= self.fence, "await before any grant"
+        self.holder = Holder(
+            lease=lease,
+            fence=fence,
+            lane=Awaited(lane_name),
+            priority=priority,
+            granted_at=now,
+            hold_deadline=until,
+            purposes=list(purposes),
+            state="awaiting",
+            reclaim_hold_ms=hold_ms,
+        )
+
+    def reclaim(self, req: ReqKey, lane: Lane, lease: str, fence: int, now: float) -> list[Effect]:
+        """``lane`` takes back the awaited ``lease``: the same lease, fence and nesting.
+
+        A second reclaim of a lease ``lane`` already took back is granted again (a client
+        that lost the answer asks twice), with no nesting added. Anything else is refused.
+        """
+        holder = self.holder
+        if holder is None or holder.lease != lease or holder.fence != fence:
+            return [
+                self.refuse_reclaim(
+                    req,
+                    lane,
+                    f"lease {lease} fence {fence} is not awaited; "
+                    + (
+                        "the path is free" if holder is None else f"current fence is {holder.fence}"
+                    ),
+                )
+            ]
+        if holder.state == "held":
+            if holder.lane != lane:
+                return [
+                    self.refuse_reclaim(req, lane, f"lease {lease} was reclaimed by another lane")
+                ]
+            return [Grant(req, lane, lease, fence, holder.purpose)]
+        holder.state = "held"
+        holder.lane = lane
+        holder.granted_at = now
+        left = holder.reclaim_hold_ms
+        holder.hold_deadline = None if left is None else now + max(0.0, left)
+        holder.reclaim_hold_ms = None
+        self.counters["reclaims"] += 1
+        return [
+            Grant(req, lane, lease, fence, holder.purpose),
+            Diagnostic(f"reclaimed path={self.path} lane={lane} lease={lease} fence={fence}"),
+        ]
+
+    def refuse_reclaim(self, req: ReqKey, lane: Lane, why: str) -> Reject:
+        """A reclaim that cannot be honoured, counted."""
+        self.counters["reclaims_refused"] += 1
+        return Reject(req, lane, "reclaim_refused", why)
 
     def recover(
         self, req: ReqKey, lane: Lane, grace_ms: int, now: float, *, reason: str = ""
@@ -357,6 +458,8 @@ class LeaseTable:
         holder = self.holder
         if holder is None or holder.lease != lease or not acts_for(lane, holder.lane):
             return [Reject(req, lane, "not_holder", f"lease {lease} is not held by this lane")]
+        if holder.state == "awaiting":  # reclaimed first, by the lane that shows its secret
+            return [Reject(req, lane, "not_holder", f"lease {lease} must be reclaimed first")]
         holder.purposes.pop()
         self.counters["releases"] += 1
         if holder.purposes:
@@ -394,6 +497,14 @@ class LeaseTable:
         """
         effects: list[Effect] = []
         holder = self.holder
+        if holder is not None and holder.state == "awaiting":
+            due = holder.hold_deadline
+            if holder.abort_deadline is not None and holder.abort_deadline <= now:
+                due = holder.abort_deadline  # a recovery does not wait for the grace
+            if due is not None and due <= now:
+                effects += self._expire_waiters(due, now, strictly_before=True)
+                effects += self._expire_awaited(holder, now)
+            return effects + self._expire_waiters(now, now) + self._promote(now)
         reason: RevokeReason | None = None
         revoke_at = now
         if holder is not None:
@@ -409,6 +520,12 @@ class LeaseTable:
             effects += self._promote(now)
         effects += self._expire_waiters(now, now)
         return effects + self._promote(now)
+
+    def _expire_awaited(self, holder: Holder, now: float) -> list[Effect]:
+        """The awaited holder did not come back in time: the path is free again."""
+        self.holder = None
+        self.counters["reclaims_expired"] += 1
+        return [self._diagnostic("reclaim grace ended for", holder, now, "not reclaimed")]
 
     def _expire_waiters(
         self, due: float, now: float, *, strictly_before: bool = False
@@ -476,6 +593,8 @@ class LeaseTable:
             self.counters["stale_fence"] += 1
             current = f"current fence is {holder.fence}" if holder else "the path is free"
             return ("stale_fence", f"lease {lease} fence {fence} is not current; {current}")
+        if holder.state == "awaiting":
+            return ("stale_fence", f"lease {lease} must be reclaimed first (the service restarted)")
         if not acts_for(lane, holder.lane):
             return ("not_holder", f"lease {lease} belongs to another lane")
         if purpose == "compaction" and "compaction" not in holder.purposes:
@@ -497,7 +616,7 @@ class LeaseTable:
     def order(self, now: float) -> list[Waiter]:
         """Waiters in the order they would be granted at ``now``."""
         aging = self.policy.aging_ms
-        return sorted(self.waiters, key=lambda w: (-w.rank(now, aging), w.seq))
+        return sorted(self.waiters, key=lambda w: (-w.rank(now, aging), w.enqueued_at, w.seq))
 
     def idle(self) -> bool:
         return self.holder is None and not self.waiters
@@ -545,6 +664,7 @@ class LeaseTable:
         max_hold_ms: int | None,
         *,
         bound: bool = True,
+        waited_ms: float = 0.0,
     ) -> list[Effect]:
         if bound and len(self.waiters) >= self.policy.max_queue:
             self.counters["queue_full"] += 1
@@ -558,7 +678,7 @@ class LeaseTable:
             purpose=purpose,
             priority=priority,
             seq=next(self._seq),
-            enqueued_at=now,
+            enqueued_at=now - max(0.0, waited_ms),
             deadline=None if timeout is None else now + timeout,
             max_hold_ms=max_hold_ms,
         )

@@ -80,8 +80,10 @@ from sessionlane.actors.session_file_writes import (
     WriteEffect,
     WriteOut,
     Wrote,
+    call_key,
 )
 from sessionlane.actors.timers import ChannelFlush, CommitDue, IdleCheck, LeaseTick, LegacyRetry
+from sessionlane.messages import wire
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import (
     ActivationFailed,
@@ -95,6 +97,8 @@ from sessionlane.messages.internal import (
     OpenChannel,
 )
 from sessionlane.messages.wire import (
+    Acquire,
+    Append,
     Error,
     FileStatus,
 )
@@ -263,8 +267,37 @@ class SessionFile(ShellActor):
             return
         if not self.own_path(s, call):
             return
-        self.perform_writes(s, s.core.call(call, self.now()))
-        self.schedule(s)
+        now, req = self.now(), call.request
+        if isinstance(req, Acquire) and req.reclaim is not None:
+            self.perform(s, self.reclaim(s, call_key(call), call.lane.uid, req.reclaim, now))
+            return
+        done = self.written_before(s, call.lane.uid, req) if isinstance(req, Append) else None
+        if done is not None:
+            self.reply(call, done)
+        else:
+            self.perform_writes(s, s.core.call(call, now))
+        self.perform(s, [])  # the lease record follows the holder; the next tick is armed
+
+    def reclaim(
+        self, s: Serving, key: Any, lane: str, ticket: wire.ReclaimTicket, now: float
+    ) -> list[lt.Effect]:
+        """A lease held before a restart, asked back: the same lease, or ``reclaim_refused``."""
+        identity = s.transcript.identity
+        why = s.book.refusal(ticket, identity.ino, identity.size)
+        if why is not None:
+            return [s.table.refuse_reclaim(key, lane, why)]
+        s.book.issue(ticket.lease, ticket.secret)
+        return s.table.reclaim(key, lane, ticket.lease, ticket.fence, now)
+
+    def written_before(self, s: Serving, lane: str, req: Append) -> wire.Appended | None:
+        """The first answer of an append resent after a restart (same ``aid``), if written."""
+        if req.lease is None or req.fence is None or req.aid is None:
+            return None
+        done = s.book.answered(req.lease, req.aid)
+        if done is None or s.table.check_write(lane, req.lease, req.fence) is not None:
+            return None
+        s.writes.counters["duplicates"] += 1
+        return wire.Appended(id=req.id, offset=done.offset, lines=done.lines, fence=done.fence)
 
     def on_handler_error(self, msg: Any, sender: Any, exc: Exception) -> None:
         if isinstance(msg, LaneCall):
@@ -342,6 +375,7 @@ class SessionFile(ShellActor):
                         self.out.event(s, lane, event)
                     case Warn(message=message):
                         log.warning(message)
+        s.note_holder(self.out.name, self.now())
         self.schedule(s)
 
     def write(self, s: Serving, effects: list[WriteEffect]) -> None:
@@ -354,6 +388,8 @@ class SessionFile(ShellActor):
         for fx in effects:
             match fx:
                 case Reply(call=call, message=message, needs_sync=needs_sync):
+                    if isinstance(message, wire.Appended | wire.Rewritten):
+                        s.note_write(call.request, message)
                     self.reply(call, message, needs_sync=needs_sync)
                 case Notify(lane=lane, message=event):
                     self.out.event(s, lane, event)

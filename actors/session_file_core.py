@@ -4,11 +4,14 @@ Pure: no I/O, no clock (``now`` comes in), no actor. ``FileCore`` owns the file'
 ``LeaseTable`` and ``WritePath`` and answers two questions for the shell
 (``sessionlane.actors.session_file.SessionFile``):
 
-* ``call(call, now)``: which part a lane's request goes to, and the effects it returns
+* ``call(call, now)`` (a reclaim and an append resent after a restart excepted: the shell
+  answers those from the lease record, ``sessionlane.actors.reclaim``): which part a lane's
+  request goes to, and the effects it returns
   (a lease request's table effects wrapped in ``TableEffects``; a write's effects followed by
   ``DrainWrites``, the shell's cue to perform the write queue);
 * ``meaning(effect)``: what one effect of the lease table means, as effects the shell performs:
-  ``Reserve`` (make a fence ceiling durable), ``Answer`` (a table request's reply),
+  ``Reserve`` (make a fence ceiling durable), ``Answer`` (a table request's reply; a grant
+  carries the lease's reclaim secret, issued at its first grant),
   ``Event`` (to a lane), ``Handoff`` (a grant to a waiter, for the metrics),
   ``Warn``, and ``DrainWrites`` when the grant was a lease-less append's short write lease (the
   write path queues it; the shell drains). Translated one effect at a time, as the shell
@@ -20,11 +23,14 @@ The shell performs the effects in order and feeds back what the disk did
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sessionlane.actors import lease_table as lt
 from sessionlane.actors.lease_table import LeaseTable
+from sessionlane.actors.reclaim import ReclaimBook
 from sessionlane.actors.session_file_writes import (
     TableEffects,
     WriteEffect,
@@ -96,16 +102,31 @@ CoreEffect = Reserve | Answer | Event | Handoff | Warn | DrainWrites
 class FileCore:
     """The lease table and the write path of one file, and how a call reaches them."""
 
-    def __init__(self, path: str, table: LeaseTable, writes: WritePath) -> None:
+    def __init__(
+        self,
+        path: str,
+        table: LeaseTable,
+        writes: WritePath,
+        book: ReclaimBook,
+        *,
+        reclaim_until_ms: float = 0.0,
+        new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(24),
+    ) -> None:
         self.path = path
         self.table = table
         self.writes = writes
+        self.book = book
+        """The reclaim secrets of the leases granted (``sessionlane.actors.reclaim``)."""
+        self.reclaim_until_ms = reclaim_until_ms
+        """Until then (the service's restart grace), an acquire keeps the wait it reports."""
+        self.new_secret = new_secret
 
     def call(self, call: LaneCall, now: float) -> list[WriteEffect | DrainWrites]:
         """What ``call`` does: the table's effects (``TableEffects``) or the write path's."""
         key, lane, req = call_key(call), call.lane.uid, call.request
         match req:
             case Acquire():
+                in_grace = now < self.reclaim_until_ms
                 effects = self.table.acquire(
                     key,
                     lane,
@@ -115,6 +136,7 @@ class FileCore:
                     on_contention=req.on_contention,
                     wait_timeout_ms=req.wait_timeout_ms,
                     max_hold_ms=req.max_hold_ms,
+                    waited_ms=(req.waited_ms or 0) if in_grace else 0,
                 )
             case Release():
                 effects = self.table.release(key, lane, req.lease, now)
@@ -141,8 +163,12 @@ class FileCore:
                 self.writes.granted(fx.req, fx.lease, fx.fence)
                 return [*self.handoff(fx), DrainWrites()]
             case lt.Grant():
+                secret = self.book.secret_of(fx.lease)
+                if secret is None:  # its first grant here (a reentrant one carries it too)
+                    secret = self.new_secret()
+                    self.book.issue(fx.lease, secret)
                 granted = wire.Granted(
-                    lease=fx.lease, fence=fx.fence, path=path, purpose=fx.purpose
+                    lease=fx.lease, fence=fx.fence, path=path, purpose=fx.purpose, secret=secret
                 )
                 return [*self.handoff(fx), Answer(fx.req, fx.lane, granted)]
             case lt.Queue() if self.writes.is_pending(fx.req):

@@ -26,11 +26,13 @@ from sessionlane.actors.confined import ConfinedDir, failure_code, failure_detai
 from sessionlane.actors.fencestore import FenceStore
 from sessionlane.actors.group_commit import CommitPolicy
 from sessionlane.actors.histogram import FileMetrics
+from sessionlane.actors.lease_record_file import LeaseRecordFile
 from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
 from sessionlane.actors.legacy_lock import LegacyLock
 from sessionlane.actors.owner_check import OwnerCheck, keep_ownership
 from sessionlane.actors.ownership import Ownership
 from sessionlane.actors.paths import lease_route
+from sessionlane.actors.reclaim import DoneAppend, HeldRecord, ReclaimBook, digest
 from sessionlane.actors.session_file_channels import FileChannels
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
 from sessionlane.actors.session_file_core import FileCore
@@ -39,7 +41,7 @@ from sessionlane.actors.session_file_writes import WritePath
 from sessionlane.actors.transcript import OpenReport, Transcript
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import FileInit, FileSettings
-from sessionlane.messages.wire import FileStatus, HolderStatus, QueueEntry
+from sessionlane.messages.wire import Append, Appended, FileStatus, HolderStatus, QueueEntry
 
 __all__ = ["NOT_STARTED", "Broken", "Serving", "Switches", "activation_error"]
 
@@ -92,6 +94,7 @@ class _Opened:
     report: OpenReport
     fences: FenceStore
     floor: int
+    records: LeaseRecordFile
 
 
 class Serving:
@@ -140,7 +143,6 @@ class Serving:
             unsynced=lambda: self.sync.unsynced,
             sync_each_append=not switches.group_commit,
         )
-        self.core = FileCore(msg.path, self.table, self.writes)
         self.channels = FileChannels(
             msg.path,
             msg.incarnation,
@@ -151,6 +153,14 @@ class Serving:
         )
         self.next_tick: float | None = None  # the earliest pending LeaseTick
         self.fence_reservations = 0
+        self.records = opened.records
+        self.book = ReclaimBook()
+        self.core = FileCore(
+            msg.path, self.table, self.writes, self.book, reclaim_until_ms=s.reclaim_until_ms
+        )
+        # Only the path's first actor of this service awaits a holder: a successor of one that
+        # died while the service lives told its lanes ``actor_restart``; nobody will reclaim.
+        self.await_holder(clock(), s.reclaim_until_ms if msg.incarnation == 1 else 0.0)
 
     @classmethod
     def open(
@@ -178,10 +188,94 @@ class Serving:
     def close(self) -> None:
         """Close the file's resources; the ownership lock last (see the module docstring)."""
         self.channels.close()
+        self.records.close()
         self.transcript.close()
         self.commit.close()
         self.ownership.release()
         self.directory.close()
+
+    # Restarts (``sessionlane.actors.reclaim``) ---------------------------------------------
+
+    def await_holder(self, now: float, until: float) -> None:
+        """Activation: a holder found in the lease record waits for its reclaim until
+        ``until`` (the end of the service's grace), or has lost the file (after it)."""
+        held, lost = self.book.activate(self.records.load(), now, until)
+        if lost:
+            self.table.counters["reclaims_expired"] += 1
+            log.warning("%s: the lease of the last holder was not reclaimed in time", self.path)
+            self.records.write(self.book.record)
+        if held is None:
+            return
+        left = None if held.hold_until_ms is None else held.hold_until_ms - time.time() * 1000
+        self.table.await_reclaim(
+            held.lease,
+            held.fence,
+            held.lane,
+            list(held.purposes),
+            held.priority,
+            now,
+            until=until,
+            hold_ms=left,
+        )
+        log.info(
+            "%s: awaiting the reclaim of lease %s (lane %s, fence %d) for %d ms",
+            self.path,
+            held.lease,
+            held.lane,
+            held.fence,
+            max(0, int(until - now)),
+        )
+
+    def note_holder(self, lane_name: Callable[[Any], str], now: float) -> None:
+        """After the table's effects: make the lease record name the current holder.
+
+        Only leases announced to a lane (they have a reclaim secret) are recorded; a stopping
+        file keeps its record, so a restart lets its holder reclaim.
+        """
+        t = self.table
+        h = t.holder
+        if t.closed or (h is not None and h.state == "awaiting"):
+            return
+        recorded = self.book.record.held
+        if h is None and recorded is None:
+            return  # the common case of a free file: nothing to compare
+        if (
+            h is not None
+            and recorded is not None
+            and (h.lease, tuple(h.purposes)) == (recorded.lease, recorded.purposes)
+            and lane_name(h.lane) == recorded.lane
+        ):
+            return  # the common case of a holder writing: nothing changed
+        held = None
+        if h is not None and (secret := self.book.secret_of(h.lease)) is not None:
+            until = None
+            if h.hold_deadline is not None:
+                until = time.time() * 1000 + (h.hold_deadline - now)
+            held = HeldRecord(
+                lease=h.lease,
+                fence=h.fence,
+                lane=lane_name(h.lane),
+                purposes=tuple(h.purposes),
+                priority=h.priority,
+                secret_digest=digest(secret),
+                hold_until_ms=until,
+            )
+        identity = self.transcript.identity
+        record = self.book.held(held, identity.ino, identity.size)
+        if record is not None:
+            self.records.write(record)
+
+    def note_write(self, request: Any, reply: Any) -> None:
+        """A write was answered: the holder's record learns the new size (and the append id)."""
+        held = self.book.record.held
+        lease = getattr(request, "lease", None)
+        if held is None or lease != held.lease:
+            return
+        done = None
+        if isinstance(request, Append) and isinstance(reply, Appended) and request.aid:
+            done = DoneAppend(request.aid, reply.offset, reply.lines, reply.fence)
+        identity = self.transcript.identity
+        self.records.write(self.book.appended(held.lease, done, identity.ino, identity.size))
 
     def quiet(self) -> bool:
         """Nothing held, queued or waiting: the actor may be passivated."""
@@ -231,6 +325,8 @@ class Serving:
             "disk_error_episodes": self.sync.disk.episodes,
             "moved_writes": self.sync.moved,
             "channels": self.channels.connections(),
+            "in_grace": int(t.holder is not None and t.holder.state == "awaiting"),
+            "lease_record_writes": self.records.writes,
             **extra,
         }
         return FileStatus(
@@ -271,10 +367,13 @@ def _open_file(msg: FileInit) -> _Opened:
         floor = fences.load()
         transcript = Transcript(msg.path, root=msg.root, directory=directory, log=log)
         legacy, unchecked, report = _open_transcript(transcript, msg, directory)
+        records = LeaseRecordFile(msg.path, transcript.directory)
     except BaseException:  # another owner, permission, corrupt fence file, EMFILE...
         _close_after_failure(msg.path, directory, ownership, transcript)
         raise
-    return _Opened(directory, ownership, transcript, legacy, unchecked, report, fences, floor)
+    return _Opened(
+        directory, ownership, transcript, legacy, unchecked, report, fences, floor, records
+    )
 
 
 def _open_transcript(

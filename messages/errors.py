@@ -54,6 +54,7 @@ ErrorCode = Literal[
     "read_only",
     "io_error",
     "file_moved",
+    "reclaim_refused",
     "too_many_files",
     "internal",
 ]
@@ -261,6 +262,7 @@ _BY_CODE: dict[str, type[SessionLaneError]] = {
     "io_error": IOFailure,
     "file_moved": FileMoved,
     "too_many_files": TooManyFiles,
+    "reclaim_refused": LeaseRevoked,
     "internal": SessionLaneError,
 }
 

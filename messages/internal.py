@@ -111,6 +111,9 @@ class FileSettings(_Internal):
     durability: Literal["fsync", "flush"]
     max_record_bytes: int
     legacy_lock: bool
+    reclaim_until_ms: float = 0.0
+    """End of the service's reclaim grace, on the machine's monotonic clock (ms): until then a
+    lease found in the file's lease record waits for its holder (``actors/reclaim.py``)."""
     owner: ServiceIdentity | None = None
     """Written into the file's owner sidecar (``sessionlane.actors.ownership``) while the
     SessionFile holds it, so a contender can name this service; None: only the actor's own pid is

@@ -44,6 +44,7 @@ __all__ = [
     "Purpose",
     "QueueEntry",
     "Queued",
+    "ReclaimTicket",
     "Recover",
     "Release",
     "Released",
@@ -117,6 +118,17 @@ class Hello(_Req):
     """The client's fresh random nonce for the token proof (``docs/protocol.md``)."""
 
 
+class ReclaimTicket(BaseModel):
+    """What a client shows to take back, after a service restart, a lease it held before.
+
+    ``secret`` is the one ``granted`` carried: a lease id alone is not a credential."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    lease: str = _LEASE
+    fence: int = Field(ge=1)
+    secret: str = Field(min_length=16, max_length=128)
+
+
 class Acquire(_Req):
     """Ask for a lease on ``path`` for ``lane``."""
 
@@ -129,6 +141,12 @@ class Acquire(_Req):
     wait_timeout_ms: int | None = Field(default=None, ge=0)
     max_hold_ms: int | None = Field(default=None, gt=0)
     on_contention: OnContention = "wait"
+    reclaim: ReclaimTicket | None = None
+    """Take back a lease held before a service restart (``docs/contract.md``, Restarts):
+    granted the same lease and fence, or refused ``reclaim_refused``; never queued."""
+    waited_ms: int | None = Field(default=None, ge=0)
+    """How long this acquire already waited before a service restart cut it off: it queues as
+    if it had arrived that long ago (honoured only while the file is in its reclaim grace)."""
 
 
 class Release(_Req):
@@ -157,6 +175,9 @@ class Append(_Req):
     lane: str | None = Field(default=None, max_length=256)
     path: str | None = Field(default=None, max_length=4096)
     durability: Durability | None = None
+    aid: str | None = Field(default=None, min_length=8, max_length=64)
+    """Append id, unique per lease: an append resent after a service restart with the ``aid``
+    of one already written is answered as it was, and not written again."""
 
     @model_validator(mode="after")
     def _lease_or_lane(self) -> Append:
@@ -242,6 +263,8 @@ class Granted(_Rep):
     fence: int
     path: str
     purpose: Purpose
+    secret: str | None = None
+    """The lease's reclaim credential (``Acquire.reclaim``); the same on reentrant grants."""
 
 
 class Skipped(_Rep):

@@ -96,6 +96,10 @@ class Settings(BaseModel):
     more file is refused ``too_many_files`` while the live ones keep working."""
     max_connections: int = 512
     """Most open gateway connections; one more is refused and closed."""
+    reclaim_grace_ms: int = 10_000
+    """After a start, how long a client that held a lease before the restart has to reconnect
+    and take it back (same lease, same fence); nobody else is granted that file meanwhile.
+    0: no grace (a restart revokes every lease, as before)."""
     hello_timeout_ms: int = 5_000
     """A gateway connection that has not completed its ``hello`` this long after it was
     accepted is closed."""
@@ -153,6 +157,13 @@ class Settings(BaseModel):
     def _positive(cls, value: int) -> int:
         if value <= 0:
             raise ValueError(f"must be > 0 (got {value})")
+        return value
+
+    @field_validator("reclaim_grace_ms")
+    @classmethod
+    def _grace(cls, value: int) -> int:
+        if not 0 <= value <= 600_000:
+            raise ValueError(f"must be 0..600000 (got {value})")
         return value
 
     @field_validator("member_timeout_ms")

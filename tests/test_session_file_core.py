@@ -10,6 +10,7 @@ from typing import Any
 
 from sessionlane.actors import lease_table as lt
 from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.reclaim import ReclaimBook
 from sessionlane.actors.session_file_core import (
     Answer,
     DrainWrites,
@@ -47,7 +48,7 @@ def core() -> FileCore:
         max_record_bytes=100,
         unsynced=lambda: False,
     )
-    return FileCore(PATH, table, writes)
+    return FileCore(PATH, table, writes, ReclaimBook(), new_secret=lambda: "s3cret")
 
 
 def acquire(purpose: Any, **extra: Any) -> Acquire:
@@ -80,6 +81,7 @@ def test_an_acquire_on_a_free_file_reserves_fences_before_it_is_granted() -> Non
     reserve, answer = effects
     assert isinstance(answer.message, Granted) and answer.message.fence <= reserve.ceiling
     assert answer.req == ("a", 1) and answer.lane == "a"
+    assert answer.message.secret == "s3cret" and c.book.secret_of(answer.message.lease) == "s3cret"
 
 
 def test_a_second_lane_is_queued_or_skipped_as_it_asked() -> None:

@@ -125,6 +125,7 @@ class AsyncSessionLane:
         self.settings = settings
         self.core: ClientCore[asyncio.Future[Reply], _Stream] = ClientCore(settings)
         self._connecting = asyncio.Lock()
+        self._revivals: set[asyncio.Task[None]] = set()  # reclaims running in the background
 
     def __repr__(self) -> str:
         state = "closed" if self.core.closed else "connected" if self.connected else "idle"
@@ -196,8 +197,12 @@ class AsyncSessionLane:
             if proof is not None:
                 reply = await self._exchange(link, ops.Call(proof))
             self.core.welcomed(link, reply)
-        except BaseException:
+        except BaseException as exc:
+            lost = link.lost is not None
             self._drop(link, "hello failed")
+            if lost and isinstance(exc, Unavailable):
+                # Dropped before the welcome: a service still starting, worth a retry.
+                raise ConnectionResetError(exc.detail) from exc
             raise
 
     async def close(self) -> None:
@@ -246,6 +251,22 @@ class AsyncSessionLane:
             self._drop(link, "reader cancelled")
             raise
         self._drop(link, reason)
+        self._revive_soon()
+
+    def _revive_soon(self) -> None:
+        """Leases suspended by a lost connection: reclaim them now, in the background, so a
+        holder busy elsewhere (waiting on its model) does not miss the service's grace."""
+        if self.core.closed or not self.core.suspended():
+            return
+        task = asyncio.create_task(self._revive_all(), name="sessionlane-reclaim")
+        self._revivals.add(task)
+        task.add_done_callback(self._revivals.discard)
+
+    async def _revive_all(self) -> None:
+        try:
+            await self._run(ops.revive_all(self.core))
+        except SessionLaneError as exc:
+            log.warning("sessionlane %s: reclaim failed: %s", self.settings.address, exc)
 
     def _deliver(self, link: _Link, reply: Reply) -> None:
         action = self.core.received(link, reply)
@@ -305,6 +326,8 @@ class AsyncSessionLane:
             op.close()
 
     async def _call(self, call: ops.Call) -> Reply:
+        if call.after:
+            await asyncio.sleep(call.after)
         link = self.core.link_for(call.reconnect)
         if link is None:
             await self.reconnect()

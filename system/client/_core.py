@@ -13,8 +13,9 @@ Invariants:
   progress, not an answer), or fails when that connection is lost, or is given up by its
   caller; a grant to an acquire given up is released as soon as it arrives;
 - a lease belongs to the connection that granted it: when that connection ends, every lease
-  is revoked (``connection_lost``, or ``connection_closed`` by ``close()``) and none is carried
-  to the next connection;
+  is revoked (``connection_lost``, or ``connection_closed`` by ``close()``), except that with
+  ``reconnect_for`` a lease that has a reclaim secret is *suspended* instead: the next
+  connection reclaims it (same lease, same fence) or, refused, revokes it (``restart``);
 - once closed, a client opens no connection again;
 - nothing is sent on a connection before its other end was found to be the expected service:
   its socket's owner (:func:`service_refusal`; by default this user, unless a token is given)
@@ -27,6 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -239,6 +242,13 @@ class LeaseState:
     path: str
     fence: int
     purpose: str
+    lane: str = ""
+    """The lane name that holds it (a reclaim is asked on the same name)."""
+    priority: str = "interactive"
+    secret: str | None = None
+    """The reclaim secret ``granted`` carried (None: an older service; never reclaimed)."""
+    suspended: bool = False
+    """The connection ended (a service restart?): reclaim before the next write."""
     abort_requested: bool = False
     revoked: str | None = None
     """The revocation reason (``max_hold``, ``recovery``, ``connection_lost``, ...) or None."""
@@ -313,6 +323,8 @@ class ClientCore(Generic[W, T]):
         """The leases held on ``link``, by lease id."""
         self._last_id = 0
         self._generation = 0
+        self.clock: Callable[[], float] = time.monotonic
+        """What the operations read the time from (seconds; tests replace it)."""
 
     # Connections ---------------------------------------------------------------------------
 
@@ -410,7 +422,7 @@ class ClientCore(Generic[W, T]):
         link.lost = reason
         if self.link is link:
             self.link = None
-            self._revoke_all(revoked)
+            self._revoke_all(revoked, suspend=not self.closed and self.reconnects)
         if not self.closed:
             log.warning("sessionlane %s: %s", self.settings.address, reason)
         waiters = list(link.pending.values())
@@ -480,7 +492,29 @@ class ClientCore(Generic[W, T]):
 
     # Leases --------------------------------------------------------------------------------
 
-    def track(self, granted: Granted) -> LeaseState:
+    @property
+    def reconnects(self) -> bool:
+        """Whether a lost connection is ridden out (``reconnect_for`` > 0)."""
+        return self.settings.reconnect_for > 0
+
+    def suspended(self) -> list[LeaseState]:
+        """The leases waiting to be reclaimed on the next connection."""
+        return [state for state in self.leases.values() if state.suspended]
+
+    def reclaimed(self, state: LeaseState, granted: Granted) -> None:
+        """The service gave ``state`` back after a restart."""
+        assert granted.lease == state.lease and granted.fence == state.fence, granted
+        state.suspended = False
+        self.leases[state.lease] = state
+
+    def not_reclaimed(self, state: LeaseState) -> None:
+        """The service refused to give ``state`` back (or could not be reached): it is lost."""
+        state.suspended = False
+        state.revoked = "restart"
+        if self.leases.get(state.lease) is state:
+            del self.leases[state.lease]
+
+    def track(self, granted: Granted, lane: str = "", priority: str = "interactive") -> LeaseState:
         """Record a grant; a reentrant grant of a lease already tracked shares its state.
 
         Sharing matters: events and the final release must reach every nesting level, so an
@@ -488,7 +522,15 @@ class ClientCore(Generic[W, T]):
         """
         state = self.leases.get(granted.lease)
         if state is None:
-            state = LeaseState(granted.lease, granted.path, granted.fence, granted.purpose)
+            state = LeaseState(
+                granted.lease,
+                granted.path,
+                granted.fence,
+                granted.purpose,
+                lane=lane,
+                priority=priority,
+                secret=granted.secret,
+            )
             self.leases[granted.lease] = state
         state.holds += 1
         return state
@@ -511,6 +553,14 @@ class ClientCore(Generic[W, T]):
     def _apply_event(self, event: Reply) -> None:
         """Apply an event (a message without id) to the lease it concerns."""
         match event:
+            case Revoked() if event.reason == "shutdown" and self.reconnects:
+                # A stopping service keeps the lease record: reclaim it from the next one.
+                if (state := self.leases.get(event.lease)) is not None:
+                    if state.secret is not None:
+                        state.suspended = True
+                    else:
+                        del self.leases[event.lease]
+                        state.revoked = event.reason
             case Revoked():
                 if (state := self.leases.pop(event.lease, None)) is not None:
                     state.revoked = event.reason
@@ -523,7 +573,11 @@ class ClientCore(Generic[W, T]):
             case _:
                 log.debug("ignored an event of type %s", event.type)
 
-    def _revoke_all(self, reason: str) -> None:
-        for state in self.leases.values():
+    def _revoke_all(self, reason: str, *, suspend: bool = False) -> None:
+        """Every lease ends; with ``suspend``, those that can be reclaimed wait for it."""
+        for lease, state in list(self.leases.items()):
+            if suspend and state.secret is not None:
+                state.suspended = True
+                continue
             state.revoked = reason
-        self.leases.clear()
+            del self.leases[lease]

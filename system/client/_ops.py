@@ -11,12 +11,14 @@ unit tests with replies of their own. A surface must close a generator it stops 
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sessionlane.messages.errors import (
     LeaseRevoked,
+    LeaseTimeout,
     NotHolder,
     SessionLaneError,
     StaleFence,
@@ -36,6 +38,7 @@ from sessionlane.messages.wire import (
     OnContention,
     Priority,
     Purpose,
+    ReclaimTicket,
     Recover,
     Release,
     Reply,
@@ -45,7 +48,7 @@ from sessionlane.messages.wire import (
     Status,
     StatusReply,
 )
-from sessionlane.system.client._core import AppendResult, ClientCore, LeaseState, anchor
+from sessionlane.system.client._core import AppendResult, ClientCore, LeaseState, anchor, log
 from sessionlane.system.client._records import check_records
 
 __all__ = [
@@ -61,6 +64,8 @@ __all__ = [
     "raise_if_error",
     "recover",
     "release",
+    "revive",
+    "revive_all",
     "rewrite",
     "status",
 ]
@@ -78,6 +83,15 @@ class Call:
     """How long the request may wait on the service (``None``: the client's ``timeout``)."""
     reconnect: bool = True
     """Reconnect first if the connection is down (never for a lease's own requests)."""
+    after: float = 0.0
+    """Seconds to let pass before sending (a retry while the service is stopping)."""
+
+
+RETRY_AFTER_S = 0.2
+"""How long a request refused ``shutting_down`` waits before it is sent again (to the next
+service, once this one's connection is gone)."""
+MAX_REVIVALS = 8
+"""How many connections one operation tries in turn before it gives up on a restart."""
 
 
 Op = Generator[Call, Reply, R]
@@ -119,11 +133,56 @@ def acquire(
         on_contention=on_contention,
     )
     # No wait timeout: the service's own applies; wait for it up to a day.
-    reply = raise_if_error((yield Call(request, timeout=wait_timeout or 24 * 3600.0)), path)
+    reply = yield from _ride_out(core, request, wait_timeout or 24 * 3600.0, wait_timeout)
+    reply = raise_if_error(reply, path)
     if isinstance(reply, Skipped):
         return None
     assert isinstance(reply, Granted), reply
-    return core.track(reply)
+    return core.track(reply, lane, priority)
+
+
+def _ride_out(
+    core: Core, request: Acquire, timeout: float, wait_timeout: float | None
+) -> Op[Reply]:
+    """The final reply to ``request``; with ``reconnect_for``, a restart of the service (the
+    connection lost, or ``shutting_down``) sends it again to the next one, saying how long it
+    waited so far so that it keeps its place, with what is left of its wait timeout.
+
+    Bounded: at most ``MAX_REVIVALS`` lost connections, and ``shutting_down`` answers for at
+    most ``reconnect_for`` seconds."""
+    started = core.clock()
+    revivals = 0
+    after = 0.0
+    while True:
+        try:
+            reply = yield Call(request, timeout=timeout, after=after)
+        except Unavailable as exc:
+            revivals += 1
+            if not core.reconnects or revivals > MAX_REVIVALS or _unreachable(exc):
+                raise
+            after = 0.0
+        else:
+            stopping = isinstance(reply, Error) and reply.code == "shutting_down"
+            late = core.clock() - started > core.settings.reconnect_for
+            if not stopping or not core.reconnects or late:
+                return reply
+            after = RETRY_AFTER_S  # the stopping service answers this until it is gone
+        waited = core.clock() - started
+        update: dict[str, Any] = {"waited_ms": int(waited * 1000)}
+        if wait_timeout is not None:
+            timeout = wait_timeout - waited
+            if timeout <= 0:
+                raise LeaseTimeout(
+                    f"not granted within {wait_timeout:.1f} s (the service restarted meanwhile)",
+                    path=request.path,
+                )
+            update["wait_timeout_ms"] = int(timeout * 1000)
+        request = request.model_copy(update=update)
+
+
+def _unreachable(exc: Unavailable) -> bool:
+    """The reconnect itself failed, after retrying for ``reconnect_for``: give up."""
+    return exc.detail.startswith("cannot reach")
 
 
 def lane_append(
@@ -232,8 +291,14 @@ def lease_append(
     """``Lease.append``: all or nothing, under the lease's fence."""
     lease.check_usable()
     checked = check_records(records, max_record_bytes=core.settings.max_record_bytes)
-    request = Append(lease=lease.id, fence=lease.fence, records=checked, durability=durability)
-    return _appended((yield from _lease_call(lease, request)))
+    request = Append(
+        lease=lease.id,
+        fence=lease.fence,
+        records=checked,
+        durability=durability,
+        aid=secrets.token_hex(8),  # resent after a restart, it is not written twice
+    )
+    return _appended((yield from _lease_call(core, lease, request)))
 
 
 def rewrite(core: Core, lease: LeaseView, records: Sequence[Any]) -> Op[int]:
@@ -243,7 +308,7 @@ def rewrite(core: Core, lease: LeaseView, records: Sequence[Any]) -> Op[int]:
         records, max_record_bytes=core.settings.max_record_bytes, allow_empty=True
     )
     reply = yield from _lease_call(
-        lease, Rewrite(lease=lease.id, fence=lease.fence, records=checked)
+        core, lease, Rewrite(lease=lease.id, fence=lease.fence, records=checked)
     )
     assert isinstance(reply, Rewritten), reply
     return reply.lines
@@ -257,7 +322,7 @@ def release(core: Core, lease: LeaseView, quiet: bool) -> Op[None]:
         if quiet and lease.state.revoked is not None:
             return
         lease.check_usable()
-        yield from _lease_call(lease, Release(lease=lease.id))
+        yield from _lease_call(core, lease, Release(lease=lease.id))
     except (NotHolder, LeaseRevoked, Unavailable):
         if not quiet:
             raise
@@ -266,27 +331,88 @@ def release(core: Core, lease: LeaseView, quiet: bool) -> Op[None]:
         core.untrack(lease.state)
 
 
-def _lease_call(lease: LeaseView, request: Any) -> Op[Reply]:
+def _lease_call(core: Core, lease: LeaseView, request: Any) -> Op[Reply]:
     """The reply to a request of ``lease``, or its error.
 
-    No reply because the connection was lost: the lease went with it (``LeaseRevoked``); a
-    reply that is only late stays ``Unavailable``. A ``stale_fence`` answer means the lease is
+    No reply because the connection was lost: the lease went with it (``LeaseRevoked``), unless
+    it is suspended (``reconnect_for``): then it is reclaimed from the restarted service and the
+    request sent again if that cannot write twice (an append with its ``aid``, a release);
+    a reply that is only late stays ``Unavailable``. A ``stale_fence`` answer means the lease is
     gone even if its ``revoked`` event is still on the way.
     """
-    try:
-        reply = yield Call(request, reconnect=False)
-    except Unavailable as exc:
-        if lease.state.revoked is not None:
-            raise LeaseRevoked(
-                f"lease {lease.id} lost: {exc.detail}", path=lease.path, reason=lease.state.revoked
-            ) from exc
-        raise
+    resendable = isinstance(request, Release) or getattr(request, "aid", None) is not None
+    for attempt in range(MAX_REVIVALS + 1):
+        if lease.state.suspended:
+            yield from revive(core, lease.state)
+        try:
+            reply = yield Call(request, reconnect=False)
+        except Unavailable as exc:
+            if lease.state.suspended and resendable and attempt < MAX_REVIVALS:
+                continue  # the service restarted: take the lease back, then send again
+            if lease.state.revoked is not None or lease.state.suspended:
+                reason = lease.state.revoked or "connection_lost"
+                raise LeaseRevoked(
+                    f"lease {lease.id} lost: {exc.detail}", path=lease.path, reason=reason
+                ) from exc
+            raise
+        break
     try:
         return raise_if_error(reply, lease.path)
     except StaleFence:
         if lease.state.revoked is None:
             lease.state.revoked = "stale_fence"
         raise
+
+
+def revive(core: Core, state: LeaseState) -> Op[None]:
+    """Take a suspended lease back from the restarted service: the same lease and fence, or
+    ``LeaseRevoked`` (reason ``restart``) when it is refused or the service is not back in
+    time. Safe to run twice at once: the service grants a second reclaim of a lease again."""
+    assert state.secret is not None
+    ticket = ReclaimTicket(lease=state.lease, fence=state.fence, secret=state.secret)
+    request = Acquire(
+        lane=state.lane,
+        path=state.path,
+        purpose=state.purpose,  # type: ignore[arg-type]
+        priority=state.priority,  # type: ignore[arg-type]
+        reclaim=ticket,
+    )
+    after = 0.0
+    for _ in range(MAX_REVIVALS + 1):
+        if not state.suspended:
+            return
+        try:
+            reply = yield Call(request, after=after)
+        except Unavailable as exc:
+            if _unreachable(exc):
+                core.not_reclaimed(state)
+                raise LeaseRevoked(
+                    f"lease {state.lease} lost: {exc.detail}", path=state.path, reason="restart"
+                ) from exc
+            continue  # the new connection went too: once more
+        if isinstance(reply, Granted):
+            core.reclaimed(state, reply)
+            return
+        assert isinstance(reply, Error), reply
+        if reply.code == "shutting_down":
+            after = RETRY_AFTER_S  # still the stopping service: ask the next one
+            continue
+        core.not_reclaimed(state)
+        raise LeaseRevoked(
+            f"lease {state.lease} not reclaimed: {reply.detail}", path=state.path, reason="restart"
+        )
+    core.not_reclaimed(state)
+    raise LeaseRevoked(f"lease {state.lease} not reclaimed", path=state.path, reason="restart")
+
+
+def revive_all(core: Core) -> Op[None]:
+    """Reclaim every suspended lease (a surface runs this as soon as a connection is lost,
+    so a holder that is waiting on its model does not miss the grace)."""
+    for state in core.suspended():
+        try:
+            yield from revive(core, state)
+        except LeaseRevoked as exc:  # its holder learns it at its next call (``revoked``)
+            log.warning("sessionlane %s: %s", core.settings.address, exc.detail)
 
 
 @dataclass(frozen=True)

@@ -220,8 +220,12 @@ class SessionLane:
                 reply = self._exchange(link, ops.Call(proof))
             with self._lock:
                 self.core.welcomed(link, reply)
-        except BaseException:
+        except BaseException as exc:
+            lost = link.lost is not None
             self._drop(link, "hello failed")
+            if lost and isinstance(exc, Unavailable):
+                # Dropped before the welcome: a service still starting, worth a retry.
+                raise ConnectionResetError(exc.detail) from exc
             raise
 
     def close(self) -> None:
@@ -273,6 +277,21 @@ class SessionLane:
             selector.close()
         self._drop(link, reason)
         sock.close()
+        self._revive_soon()
+
+    def _revive_soon(self) -> None:
+        """Leases suspended by a lost connection: reclaim them now, in the background, so a
+        holder busy elsewhere (waiting on its model) does not miss the service's grace."""
+        with self._lock:
+            if self.core.closed or not self.core.suspended():
+                return
+        threading.Thread(target=self._revive_all, name="sessionlane-reclaim", daemon=True).start()
+
+    def _revive_all(self) -> None:
+        try:
+            self._run(ops.revive_all(self.core))
+        except SessionLaneError as exc:
+            log.warning("sessionlane %s: reclaim failed: %s", self.settings.address, exc)
 
     def _deliver(self, link: _Link, reply: Reply) -> None:
         with self._lock:
@@ -321,6 +340,8 @@ class SessionLane:
                 op.close()
 
     def _call(self, call: ops.Call) -> Reply:
+        if call.after:
+            time.sleep(call.after)  # a retry while the service stops: not in a handler
         with self._lock:
             link = self.core.link_for(call.reconnect)
         if link is None:

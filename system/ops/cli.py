@@ -346,6 +346,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             else "free"
         )
         print(f"{f.path}\n  fence {f.fence}; holder: {holder}")
+        if f.counters.get("in_grace") and f.holder:
+            print(f"  in the restart grace: nobody is granted until {f.holder.lane} is back")
         for i, q in enumerate(f.queue, 1):
             print(f"  {i}. {q.lane} {q.purpose}/{q.priority} waiting {q.waited_ms} ms")
         shown = {k: v for k, v in f.counters.items() if v and not k.startswith("hist:")}

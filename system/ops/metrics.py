@@ -96,6 +96,18 @@ COUNTERS: Final = {
     "appends": ("sessionlane_appends", "Appends written."),
     "records": ("sessionlane_records", "Records written by appends."),
     "syncs": ("sessionlane_fsyncs", "fdatasync calls on transcripts."),
+    "reclaims": (
+        "sessionlane_reclaims",
+        "Leases taken back by their holder after a service restart (same lease and fence).",
+    ),
+    "reclaims_expired": (
+        "sessionlane_reclaims_expired",
+        "Leases held before a restart whose holder did not reclaim them within the grace.",
+    ),
+    "reclaims_refused": (
+        "sessionlane_reclaims_refused",
+        "Reclaims refused (the file changed, the fence moved on, a wrong secret).",
+    ),
     "restarted": (
         "sessionlane_file_restarts",
         "SessionFile actors restarted after dying (their leases were revoked, actor_restart).",
@@ -172,7 +184,7 @@ class Totals:
 
 def _summed(key: str) -> bool:
     """Counters that only grow during an actor's life (not sizes, gauges or ids)."""
-    return key not in ("size", "channels", "incarnation")
+    return key not in ("size", "channels", "incarnation", "in_grace")
 
 
 def _add(into: dict[str, int], counters: Mapping[str, int]) -> None:

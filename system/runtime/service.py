@@ -109,9 +109,13 @@ def busy_listener_hint(listen: list[str]) -> str:
     return _busy_listener_hint(listen, state_dir())
 
 
-def file_settings_from(settings: Settings, owner: ServiceIdentity | None = None) -> FileSettings:
+def file_settings_from(
+    settings: Settings, owner: ServiceIdentity | None = None, started_ms: float = 0.0
+) -> FileSettings:
+    """The SessionFiles' settings; ``started_ms``: when the service started (monotonic ms)."""
     return FileSettings(
         owner=owner,
+        reclaim_until_ms=started_ms + settings.reclaim_grace_ms if started_ms else 0.0,
         max_hold_ms=settings.max_hold_ms,
         wait_timeout_ms=settings.wait_timeout_ms,
         aging_ms=settings.aging_ms,
@@ -184,6 +188,7 @@ class Service:
         self.running: _Running | None = None
         self.restarts = 0
         self._cap_warned = False
+        self._started_ms = 0.0
         self._nonce = itertools.count(1)
         self._failures = 0
         self._stop = threading.Event()
@@ -237,6 +242,7 @@ class Service:
 
     def start(self) -> Service:
         self.incarnation = uuid.uuid4().hex
+        self._started_ms = time.monotonic() * 1000.0  # the reclaim grace counts from here
         system = start_tcp_system(
             self.settings.admin_port,
             log_file=self.log_file or logs.STDERR,
@@ -251,10 +257,11 @@ class Service:
             system.stop()
             raise
         log.info(
-            "sessionlane serving %s (admin port %d, pgid %d)",
+            "sessionlane serving %s (admin port %d, pgid %d, reclaim grace %d ms)",
             ", ".join(self.running.addresses),
             system.admin_port,
             system.pgid,
+            self.settings.reclaim_grace_ms,
         )
         return self
 
@@ -302,7 +309,7 @@ class Service:
         configure = Configure(
             roots=list(self.settings.roots),
             suffixes=list(self.settings.suffixes),
-            file=file_settings_from(self.settings, owner),
+            file=file_settings_from(self.settings, owner, self._started_ms),
             max_files=cap.effective,
         )
         asys.tell(registry, configure)

@@ -13,11 +13,19 @@
  * take it for gone. When the connection is lost, every pending call rejects with
  * `Unavailable` and every lease on it is revoked (its signal aborts, its next write raises
  * `LeaseRevoked` and sends nothing): the service has abandoned them. There is no automatic
- * reconnection; connect again (`reconnectForMs` keeps a connect trying while the service is
- * not listening yet, as the Python client's `reconnect_for` does).
+ * reconnection beyond that; connect again (`reconnectForMs` keeps a connect trying while the
+ * service is not listening yet, as the Python client's `reconnect_for` does). With
+ * `reconnectForMs`, a restart of the service is ridden out too: the client reconnects for that
+ * long, takes its leases back (same lease, same fence: their signals do not abort), and sends
+ * again the acquires still waiting and the appends and releases whose answers were lost
+ * (appends carry an id, so none is written twice); calls made meanwhile wait for it.
  *
  * The socket keeps the process alive only while a call is pending or a lease is held: an idle
  * connection holding nothing does not stop a script from exiting.
+ *
+ * Why one module of about 850 lines: a `SessionLane` is one connection's state (socket,
+ * pending requests, leases), and the revival after a restart swaps the socket under that
+ * state; what the revival decides without touching it is in `reclaim.ts`.
  */
 
 import net from 'node:net';
@@ -25,6 +33,7 @@ import { EventEmitter } from 'node:events';
 
 import { anchor, defaultAddress, parseAddress, type Target } from './address.js';
 import { SessionLaneError, Unauthorized, Unavailable, errorFor } from './errors.js';
+import { reclaimFields, resendable, waitedFields } from './reclaim.js';
 import {
   Lane,
   grantedLease,
@@ -77,7 +86,8 @@ export interface ConnectOptions {
   /**
    * How long (ms) a connect keeps trying while nobody listens at the address (a service
    * starting or restarting: refused, no socket file, reset), backing off from 50 ms to 1 s,
-   * as the Python client's `reconnect_for` (default 0: one attempt).
+   * as the Python client's `reconnect_for` (default 0: one attempt). Once connected, how long
+   * a lost connection is ridden out: a restarted service gives the leases back.
    */
   reconnectForMs?: number;
   /** Called before each retry of a refused connect, with the refusal and the wait (ms). */
@@ -135,10 +145,18 @@ export interface SessionLane {
 
 /** How long a reply may take beyond the service's own waits, unless told otherwise. */
 const DEFAULT_TIMEOUT_MS = 40_000;
+/** A pause between reconnect attempts; it keeps the process alive (a call is waiting). */
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 const MAX_TIMER_MS = 2_147_483_647;
 
 interface Pending {
   readonly type: string;
+  /** The request as sent (sent again after a service restart, when that is safe). */
+  fields: Record<string, unknown>;
+  /** When it was first sent (ms). */
+  readonly sentAt: number;
+  /** A hello, proof or reclaim of a revival: fails with its connection, never sent again. */
+  readonly revival: boolean;
   readonly path: string | null;
   readonly resolve: (value: unknown) => void;
   readonly reject: (error: Error) => void;
@@ -158,6 +176,22 @@ export async function connect(
   address: string = defaultAddress(),
   options: ConnectOptions = {},
 ): Promise<SessionLane> {
+  const socket = await dialService(address, options);
+  const sl = new SessionLane(address, socket, options);
+  try {
+    sl.server = await handshake(address, options, (type, fields) => sl.request(type, fields));
+  } catch (err) {
+    await sl.close();
+    throw err;
+  }
+  return sl;
+}
+
+/**
+ * A connected socket to the service at `address`, its owner checked: rejects `Unavailable`
+ * (nobody listens, after `reconnectForMs` of retries) or `Unauthorized` (another user's).
+ */
+async function dialService(address: string, options: ConnectOptions): Promise<net.Socket> {
   const target = parseAddress(address);
   const serviceUser = resolveServiceUser(options.serviceUser);
   const token = options.token === undefined ? undefined : options.token.trim();
@@ -177,59 +211,63 @@ export async function connect(
     socket.destroy();
     throw new Unauthorized(refusal);
   }
-  const sl = new SessionLane(address, socket, options);
-  try {
-    const nonce = token === undefined ? undefined : newNonce();
-    let welcome = await sl
-      .request('hello', { client: options.client ?? `node:${process.pid}`, nonce })
-      .catch((err: unknown) => {
-        if (nonce !== undefined && err instanceof SessionLaneError && /nonce/.test(err.message)) {
-          throw new Unauthorized(
-            `the service at ${address} is older than this client: it does not take the token` +
-              ` proof (${err.message}); upgrade the service (this client never sends the token)`,
-          );
-        }
-        throw err;
-      });
-    let challenge: Uint8Array | undefined;
-    if (welcome.type === 'challenge') {
-      if (token === undefined || nonce === undefined) {
-        throw new Unauthorized(
-          `the service at ${address} requires a token (it has a token_file): pass { token }`,
-        );
-      }
-      challenge = welcome.nonce;
-      welcome = await sl.request('proof', { proof: clientProof(token, nonce, challenge) });
-    }
-    if (welcome.type !== 'welcome') {
-      throw new Unauthorized(`the service at ${address} answered the hello with ${welcome.type}`);
-    }
-    if (token !== undefined && nonce !== undefined) {
-      if (challenge === undefined) {
-        throw new Unauthorized(
-          `the service at ${address} did not ask for the token proof: it has no token_file, or` +
-            ' it is not the service; nothing was sent (connect without the token if the' +
-            ' service has none)',
-        );
-      }
-      if (!serverProofMatches(welcome.proof ?? undefined, token, nonce, challenge)) {
-        throw new Unauthorized(
-          `the service at ${address} did not prove it knows the token: it is not the service,` +
-            ' or its token_file holds another token; nothing was sent',
-        );
-      }
-    }
-    if (welcome.protocol !== PROTOCOL_VERSION) {
-      throw new Unavailable(
-        `the service at ${address} speaks protocol ${welcome.protocol}, not ${PROTOCOL_VERSION}`,
+  return socket;
+}
+
+/** How the handshake sends a request and awaits its reply. */
+type Ask = (type: string, fields: Record<string, unknown>) => Promise<Reply>;
+
+/**
+ * Say hello on a socket whose owner was checked; with a token, prove it and check the
+ * service's proof. Resolves with the service's name (`welcome`'s `server`).
+ */
+async function handshake(address: string, options: ConnectOptions, ask: Ask): Promise<string> {
+  const token = options.token === undefined ? undefined : options.token.trim();
+  const nonce = token === undefined ? undefined : newNonce();
+  const hello = { client: options.client ?? `node:${process.pid}`, nonce };
+  let welcome = await ask('hello', hello).catch((err: unknown) => {
+    if (nonce !== undefined && err instanceof SessionLaneError && /nonce/.test(err.message)) {
+      throw new Unauthorized(
+        `the service at ${address} is older than this client: it does not take the token` +
+          ` proof (${err.message}); upgrade the service (this client never sends the token)`,
       );
     }
-    sl.server = welcome.server;
-  } catch (err) {
-    await sl.close();
     throw err;
+  });
+  let challenge: Uint8Array | undefined;
+  if (welcome.type === 'challenge') {
+    if (token === undefined || nonce === undefined) {
+      throw new Unauthorized(
+        `the service at ${address} requires a token (it has a token_file): pass { token }`,
+      );
+    }
+    challenge = welcome.nonce;
+    welcome = await ask('proof', { proof: clientProof(token, nonce, challenge) });
   }
-  return sl;
+  if (welcome.type !== 'welcome') {
+    throw new Unauthorized(`the service at ${address} answered the hello with ${welcome.type}`);
+  }
+  if (token !== undefined && nonce !== undefined) {
+    if (challenge === undefined) {
+      throw new Unauthorized(
+        `the service at ${address} did not ask for the token proof: it has no token_file, or` +
+          ' it is not the service; nothing was sent (connect without the token if the' +
+          ' service has none)',
+      );
+    }
+    if (!serverProofMatches(welcome.proof ?? undefined, token, nonce, challenge)) {
+      throw new Unauthorized(
+        `the service at ${address} did not prove it knows the token: it is not the service,` +
+          ' or its token_file holds another token; nothing was sent',
+      );
+    }
+  }
+  if (welcome.protocol !== PROTOCOL_VERSION) {
+    throw new Unavailable(
+      `the service at ${address} speaks protocol ${welcome.protocol}, not ${PROTOCOL_VERSION}`,
+    );
+  }
+  return welcome.server;
 }
 
 /** Connect failures worth retrying: nobody listening yet (as the Python client's). */
@@ -284,7 +322,10 @@ function dial(target: Target, timeoutMs: number): Promise<net.Socket> {
 export class SessionLane extends EventEmitter implements AsyncDisposable {
   /** The service's name and version, from its `welcome`. */
   server: string | null = null;
-  readonly #socket: net.Socket;
+  #socket: net.Socket;
+  readonly #options: ConnectOptions;
+  /** While the connection is being revived after a loss: what calls made meanwhile await. */
+  #reviving: Promise<void> | null = null;
   readonly #reader: FrameReader;
   readonly #maxFrameBytes: number;
   readonly #timeoutMs: number;
@@ -296,7 +337,6 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
   #nextId = 0;
   #lastSent = Date.now();
   #closed = false;
-  #closedPromise: Promise<void>;
   /** The detail of an `error` the service sent without an id (it closes the connection next). */
   #farewell = '';
   /** What this connection's lanes and leases use (kept off the public surface). */
@@ -314,17 +354,12 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     options: ConnectOptions,
   ) {
     super();
+    this.#options = options;
     this.#socket = socket;
     this.#maxFrameBytes = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
     this.#reader = new FrameReader(this.#maxFrameBytes);
     this.#timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-    this.#closedPromise = new Promise((resolve) => socket.once('close', () => resolve()));
-    socket.unref();
-    socket.on('data', (chunk: Buffer) => this.#onData(chunk));
-    socket.on('error', (err) => this.#lost(`connection error: ${err.message}`));
-    socket.on('close', () =>
-      this.#lost(`connection closed by the service${this.#farewell ? `: ${this.#farewell}` : ''}`),
-    );
+    this.#attach(socket);
     const period = options.keepaliveMs ?? 5_000;
     if (period > 0) {
       // The service hears from us only when we send: keep alive by what we sent, not by
@@ -332,7 +367,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       // Checked twice a period, so the service never hears nothing for more than 1.5.
       this.#keepalive = setInterval(
         () => {
-          if (!this.#closed && Date.now() - this.#lastSent >= period) {
+          if (!this.#closed && this.#reviving === null && Date.now() - this.#lastSent >= period) {
             this.request('keepalive', {}).catch(() => undefined);
           }
         },
@@ -340,6 +375,19 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       );
       this.#keepalive.unref();
     }
+  }
+
+  /** Read from `socket`; what it reports counts only while it is the current one. */
+  #attach(socket: net.Socket): void {
+    socket.unref();
+    socket.on('data', (chunk: Buffer) => socket === this.#socket && this.#onData(chunk));
+    socket.on('error', (err) => {
+      if (socket === this.#socket) this.#lost(`connection error: ${err.message}`);
+    });
+    socket.on('close', () => {
+      if (socket !== this.#socket) return;
+      this.#lost(`connection closed by the service${this.#farewell ? `: ${this.#farewell}` : ''}`);
+    });
   }
 
   /** The connection is gone (closed by either side or lost). */
@@ -365,7 +413,10 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     return this.request(
       'recover',
       { lane, path: anchor(path), reason: options.reason ?? 'stuck', grace_ms: graceMs },
-      { timeoutMs: graceMs, map: (reply) => grantedLease(this.#host, reply, lane) },
+      {
+        timeoutMs: graceMs,
+        map: (reply) => grantedLease(this.#host, reply, lane, 'recovery'),
+      },
     );
   }
 
@@ -376,10 +427,14 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
 
   /** Close the connection: the service abandons every lease held on it. */
   async close(): Promise<void> {
+    const socket = this.#socket;
+    const closed = new Promise<void>((resolve) =>
+      socket.destroyed ? resolve() : socket.once('close', () => resolve()),
+    );
     this.#lost('closed by the client', 'connection_closed');
-    this.#socket.end();
-    this.#socket.destroySoon();
-    await this.#closedPromise;
+    socket.end();
+    socket.destroySoon();
+    await closed;
   }
 
   /** `await using sl = await connect()`: close at the end of the block. */
@@ -396,6 +451,24 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     type: string,
     fields: Record<string, unknown>,
     options: RequestOptions<T> = {},
+  ): Promise<T> {
+    if (this.#closed) {
+      return Promise.reject(new Unavailable('the connection is closed'));
+    }
+    const reviving = this.#reviving;
+    if (reviving !== null) {
+      // The service restarted: wait for the next connection (and the reclaims) first.
+      return reviving.then(() => this.request(type, fields, options));
+    }
+    return this.#send(type, fields, options);
+  }
+
+  /** Send now, on the current connection (`revival`: a revival's own hello or reclaim). */
+  #send<T = Reply>(
+    type: string,
+    fields: Record<string, unknown>,
+    options: RequestOptions<T> = {},
+    revival = false,
   ): Promise<T> {
     if (this.#closed) {
       return Promise.reject(new Unavailable('the connection is closed'));
@@ -428,6 +501,9 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       }
       this.#pending.set(id, {
         type,
+        fields,
+        sentAt: Date.now(),
+        revival,
         path,
         // Without `map`, T is the reply itself (the default type argument).
         resolve: (value) => resolve(value as T),
@@ -564,6 +640,14 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       pending.onQueued?.(message.position);
       return;
     }
+    if (
+      message.type === 'error' &&
+      message.code === 'shutting_down' &&
+      pending.type === 'acquire' &&
+      this.#reconnectForMs() > 0
+    ) {
+      return; // the service is stopping: sent again to the next one, once this connection ends
+    }
     this.#settled(id);
     if (message.type === 'error') {
       pending.reject(errorFor(message.code, message.detail, message.path ?? pending.path));
@@ -580,6 +664,10 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     switch (message.type) {
       case 'revoked': {
         const state = this.#leases.get(message.lease);
+        if (message.reason === 'shutdown' && state?.secret && this.#reconnectForMs() > 0) {
+          state.suspended = true; // a stopping service keeps it for the next one to give back
+          break;
+        }
         this.#leases.delete(message.lease);
         state?.revoke(message.reason);
         this.#refresh();
@@ -598,7 +686,114 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     this.emit('event', message);
   }
 
+  #reconnectForMs(): number {
+    return this.#options.reconnectForMs ?? 0;
+  }
+
   #lost(reason: string, leaseReason = 'connection_lost', cause?: unknown): void {
+    if (this.#closed) return;
+    if (this.#reviving !== null) {
+      // The connection of a revival went too: its hello or reclaims fail, the revival retries.
+      for (const [id, pending] of [...this.#pending.entries()]) {
+        if (!pending.revival) continue;
+        this.#settled(id);
+        pending.reject(new Unavailable(`${reason} before the ${pending.type} reply`, { cause }));
+      }
+      if (leaseReason === 'connection_closed') this.#end(reason, leaseReason, cause);
+      return;
+    }
+    if (leaseReason === 'connection_lost' && this.#reconnectForMs() > 0) {
+      this.#reviving = this.#revive(reason);
+      return;
+    }
+    this.#end(reason, leaseReason, cause);
+  }
+
+  /**
+   * The connection was lost and `reconnectForMs` asks to ride it out: what can be taken back
+   * waits (leases with a reclaim secret, requests safe to send again), the rest fails now;
+   * then reconnect, reclaim, send again. If no service answers in time, end as without it.
+   */
+  async #revive(reason: string): Promise<void> {
+    for (const [id, pending] of [...this.#pending.entries()]) {
+      if (resendable(pending.type, pending.fields)) continue;
+      this.#settled(id);
+      pending.reject(new Unavailable(`${reason} before the ${pending.type} reply`));
+    }
+    for (const state of [...this.#leases.values()]) {
+      if (state.secret !== null) {
+        state.suspended = true;
+      } else {
+        this.#leases.delete(state.lease);
+        state.revoke('connection_lost');
+      }
+    }
+    const deadline = Date.now() + this.#reconnectForMs();
+    let delay = 50;
+    let why = reason;
+    while (!this.#closed) {
+      try {
+        const socket = await dialService(this.address, { ...this.#options, reconnectForMs: 0 });
+        if (this.#closed) {
+          socket.destroy();
+          return;
+        }
+        this.#reader.reset();
+        this.#socket = socket;
+        this.#attach(socket);
+        const ask: Ask = (type, fields) => this.#send(type, fields, {}, true);
+        this.server = await handshake(this.address, this.#options, ask);
+        await this.#reclaimAll();
+        this.#resendPending();
+        this.#reviving = null;
+        this.#refresh();
+        return;
+      } catch (err) {
+        why = `${reason}; reconnecting: ${(err as Error).message}`;
+        // Even a refusal is retried until the deadline: a service still starting may not be
+        // found the owner of its socket yet.
+        if (this.#closed || Date.now() + delay > deadline) break;
+        await sleep(delay);
+        delay = Math.min(1_000, delay * 2);
+      }
+    }
+    this.#reviving = null;
+    this.#end(why, 'connection_lost');
+  }
+
+  /** Take every suspended lease back (same lease and fence), or revoke it (`restart`). */
+  async #reclaimAll(): Promise<void> {
+    for (const state of [...this.#leases.values()]) {
+      if (!state.suspended || state.secret === null) continue;
+      try {
+        await this.#send('acquire', reclaimFields(state), {}, true);
+        state.suspended = false;
+      } catch (err) {
+        if (err instanceof Unavailable) throw err; // the new connection went too: again
+        this.#leases.delete(state.lease);
+        state.suspended = false;
+        state.revoke('restart');
+      }
+    }
+  }
+
+  /** Send again, on the new connection, what was in flight and is safe to repeat. */
+  #resendPending(): void {
+    const now = Date.now();
+    for (const [id, pending] of this.#pending) {
+      if (pending.type === 'acquire') {
+        pending.fields = waitedFields(pending.fields, now - pending.sentAt);
+      }
+      this.#lastSent = now;
+      const bytes = frame(
+        { v: PROTOCOL_VERSION, type: pending.type, id, ...pending.fields },
+        this.#maxFrameBytes,
+      );
+      this.#socket.write(bytes);
+    }
+  }
+
+  #end(reason: string, leaseReason: string, cause?: unknown): void {
     if (this.#closed) return;
     this.#closed = true;
     if (this.#keepalive !== undefined) clearInterval(this.#keepalive);

@@ -28,6 +28,7 @@ export type ErrorCode =
   | 'read_only'
   | 'io_error'
   | 'file_moved'
+  | 'reclaim_refused'
   | 'internal';
 
 /** The codes of the error table, in its order. */
@@ -51,6 +52,7 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
   'read_only',
   'io_error',
   'file_moved',
+  'reclaim_refused',
   'internal',
 ]);
 
@@ -217,6 +219,7 @@ const BY_CODE: Readonly<Record<ErrorCode, typeof SessionLaneError>> = {
   unavailable: Unavailable,
   shutting_down: ShuttingDown,
   abandoned: LeaseRevoked,
+  reclaim_refused: LeaseRevoked,
   too_many_files: TooManyFiles,
   disk_full: DiskFull,
   read_only: ReadOnly,

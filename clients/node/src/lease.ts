@@ -7,6 +7,8 @@
  * exactly once and events reach every level.
  */
 
+import { randomBytes } from 'node:crypto';
+
 import { anchor } from './address.js';
 import {
   AbortRequestedError,
@@ -44,6 +46,7 @@ export type LeaseLossReason =
   | 'stale_fence'
   | 'connection_lost'
   | 'connection_closed'
+  | 'restart'
   | (string & {});
 
 /** The `revoked` event of a lease. */
@@ -141,6 +144,13 @@ export class LeaseState {
   holds = 0;
   readonly controller = new AbortController();
   readonly views = new Set<Lease>();
+  /** The lane name holding it and its priority: a reclaim asks on the same name. */
+  lane = '';
+  priority: Priority = 'interactive';
+  /** The reclaim secret of its `granted` (null: an older service; never reclaimed). */
+  secret: string | null = null;
+  /** The connection ended (a service restart?): reclaimed before the next write. */
+  suspended = false;
 
   constructor(
     readonly lease: string,
@@ -231,7 +241,7 @@ export class Lane {
         signal: options.signal,
         map: (reply) => {
           if (reply.type === 'skipped') return null;
-          const lease = grantedLease(this.#host, reply, this.name);
+          const lease = grantedLease(this.#host, reply, this.name, this.priority);
           if (options.onExternalChange !== undefined) {
             lease.on('external_change', options.onExternalChange);
           }
@@ -396,6 +406,8 @@ export class Lease implements AsyncDisposable {
       fence: this.fence,
       records,
       durability: options.durability,
+      // An append id: resent after a service restart, the append is not written twice.
+      aid: randomBytes(8).toString('hex'),
     });
     return appendResult(reply);
   }
@@ -471,11 +483,18 @@ export class Lease implements AsyncDisposable {
 }
 
 /** Track a `granted` reply on `host` and return a view of it for `lane`. */
-export function grantedLease(host: LeaseHost, reply: Reply, lane: string): Lease {
+export function grantedLease(
+  host: LeaseHost,
+  reply: Reply,
+  lane: string,
+  priority: Priority,
+): Lease {
   const granted: GrantedReply = expectReply(reply, 'granted');
-  const state = host.track(
-    new LeaseState(granted.lease, granted.path, granted.fence, granted.purpose),
-  );
+  const fresh = new LeaseState(granted.lease, granted.path, granted.fence, granted.purpose);
+  fresh.lane = lane;
+  fresh.priority = priority;
+  fresh.secret = granted.secret;
+  const state = host.track(fresh);
   return new Lease(host, state, lane);
 }
 

@@ -37,6 +37,8 @@ import './dispose.js';
 export const SESSION_WRITE_LOCK_TIMEOUT_CODE = 'OPENCLAW_SESSION_WRITE_LOCK_TIMEOUT';
 /** OpenClaw's default acquire timeout (`session.writeLock.acquireTimeoutMs`). */
 export const DEFAULT_ACQUIRE_TIMEOUT_MS = 60_000;
+/** How long the locks ride out a restart of the service (`connectOptions.reconnectForMs`). */
+export const DEFAULT_RECONNECT_FOR_MS = 60_000;
 /** What `timeoutMs: Infinity` asks the service for (about 24.8 days, not its default). */
 const FOREVER_MS = 2 ** 31 - 1;
 
@@ -187,6 +189,8 @@ export function createSessionWriteLocks(options: SessionWriteLocksOptions = {}):
     if (slots === null) {
       const opening = connect(address, {
         client: `openclaw:${process.pid}`,
+        // A restart of the service is invisible: locks are reclaimed, waits go on.
+        reconnectForMs: DEFAULT_RECONNECT_FOR_MS,
         ...options.connectOptions,
         token: options.token,
       }).then((sl) => new LaneSlots(sl, base));

@@ -49,6 +49,7 @@ export function parseReply(decoded: unknown): Reply {
         fence: f.int('fence'),
         path: f.str('path'),
         purpose: f.oneOf('purpose', PURPOSES),
+        secret: f.optional('secret', () => f.str('secret')),
       };
     case 'skipped':
       return { ...base, type, path: f.optional('path', () => f.str('path')) };

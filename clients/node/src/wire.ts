@@ -87,7 +87,7 @@ export type ChallengeReply = Reply_<'challenge', { nonce: Uint8Array }>;
 export type QueuedReply = Reply_<'queued', { position: number }>;
 export type GrantedReply = Reply_<
   'granted',
-  { lease: string; fence: number; path: string; purpose: Purpose }
+  { lease: string; fence: number; path: string; purpose: Purpose; secret: string | null }
 >;
 export type SkippedReply = Reply_<'skipped', { path: string | null }>;
 export type ErrorReply = Reply_<'error', { code: string; detail: string; path: string | null }>;

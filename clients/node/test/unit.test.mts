@@ -77,6 +77,7 @@ describe('the error table', () => {
       read_only: 'ReadOnly',
       io_error: 'IOFailure',
       file_moved: 'FileMoved',
+      reclaim_refused: 'LeaseRevoked',
       internal: 'SessionLaneError',
     };
     assert.deepEqual([...ERROR_CODES].sort(), Object.keys(expected).sort());
@@ -208,6 +209,78 @@ function grantOnceThenDrop(): Script {
     }
   };
 }
+
+/**
+ * A service that "restarts" under its client: it grants a lease with a reclaim secret, queues
+ * a second acquire, accepts the first append and drops the connection before answering it;
+ * on the next connection it answers the reclaim, the waiting acquire and the resent append
+ * (recording what it was sent).
+ */
+function restartingService(seen: Record<string, unknown>[]): Script {
+  let connections = 0;
+  let lastSocket: net.Socket | null = null;
+  return (request, send, socket) => {
+    if (socket !== lastSocket) {
+      lastSocket = socket;
+      connections += 1;
+    }
+    seen.push({ connection: connections, ...request });
+    const id = request['id'];
+    if (connections === 1 && request['type'] === 'acquire') {
+      if (request['lane'] === 'a') {
+        send({ type: 'granted', id, lease: 'L1', fence: 7, path: request['path'],
+               purpose: 'prompt', secret: 'S'.repeat(32) });
+      } else {
+        send({ type: 'queued', id, position: 1 });
+      }
+    } else if (connections === 1 && request['type'] === 'append') {
+      socket.destroy(); // the service dies before the append's answer
+    } else if (request['type'] === 'acquire' && request['reclaim'] !== undefined) {
+      send({ type: 'granted', id, lease: 'L1', fence: 7, path: request['path'],
+             purpose: 'prompt', secret: 'S'.repeat(32) });
+    } else if (request['type'] === 'acquire') {
+      send({ type: 'granted', id, lease: 'L2', fence: 8, path: request['path'],
+             purpose: 'prompt', secret: 'T'.repeat(32) });
+    } else if (request['type'] === 'append') {
+      send({ type: 'appended', id, offset: 0, lines: 1, fence: 7 });
+    } else if (request['type'] === 'release') {
+      send({ type: 'released', id, lease: request['lease'] });
+    }
+  };
+}
+
+describe('riding out a restart (reconnectForMs)', () => {
+  it('reclaims the lease, resends the append with its id and the waiting acquire', async () => {
+    const seen: Record<string, unknown>[] = [];
+    const { address, server } = await scriptedService(restartingService(seen));
+    try {
+      const sl = await connect(address, { keepaliveMs: 0, reconnectForMs: 5_000 });
+      const lease = await sl.lane('a').lease('/s/a.jsonl');
+      assert.ok(lease !== null);
+      const waiting = sl.lane('b').lease('/s/a.jsonl', { waitTimeoutMs: 30_000 });
+      const appended = await lease.append({ n: 1 });
+      assert.deepEqual(appended, { offset: 0, lines: 1, fence: 7 });
+      assert.equal(lease.revoked, null);
+      assert.equal(lease.signal.aborted, false);
+      const next = await waiting;
+      assert.equal(next?.fence, 8);
+      const second = seen.filter((r) => r['connection'] === 2);
+      const reclaim = second.find((r) => r['reclaim'] !== undefined);
+      assert.deepEqual(reclaim?.['reclaim'], { lease: 'L1', fence: 7, secret: 'S'.repeat(32) });
+      assert.equal(reclaim?.['lane'], 'a');
+      const [before, after] = seen.filter((r) => r['type'] === 'append');
+      assert.ok(typeof before?.['aid'] === 'string');
+      assert.equal(after?.['aid'], before?.['aid'], 'the append is resent with its id');
+      const resent = second.find((r) => r['type'] === 'acquire' && r['lane'] === 'b');
+      assert.ok(typeof resent?.['waited_ms'] === 'number');
+      await lease.release();
+      await next?.release();
+      await sl.close();
+    } finally {
+      server.close();
+    }
+  });
+});
 
 describe('connection loss', () => {
   it('rejects pending calls with Unavailable and revokes every lease, aborting its signal', async () => {

@@ -1,0 +1,56 @@
+"""The lease record sidecar of a transcript: ``<dir>/.<basename>.lease``, one fixed-size record.
+
+The I/O half of ``sessionlane.actors.reclaim``: it opens the sidecar once per activation
+(through the transcript's ``ConfinedDir``: never through a symlink, only a regular file with
+one hard link), reads the record, and rewrites it in place with one ``pwrite`` of
+``RECORD_BYTES`` (page-sized: a process killed mid-call leaves the old or the new record).
+No fsync: the record must outlive the service's process, which the page cache does; after a
+machine crash an old record is caught by the size check of a reclaim and refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from sessionlane.actors.confined import ConfinedDir
+from sessionlane.actors.reclaim import FREE, LeaseRecord, encode_record, parse_record
+
+__all__ = ["LeaseRecordFile", "lease_record_path"]
+
+log = logging.getLogger(__name__)
+
+
+def lease_record_path(transcript_path: str) -> str:
+    """The sidecar holding the lease record of ``transcript_path``."""
+    directory, base = os.path.split(transcript_path)
+    return os.path.join(directory, f".{base}.lease")
+
+
+class LeaseRecordFile:
+    """The open lease record sidecar of one transcript. Not thread-safe."""
+
+    def __init__(self, transcript_path: str, directory: ConfinedDir) -> None:
+        self.path = lease_record_path(transcript_path)
+        name = os.path.basename(self.path)
+        self.fd = directory.open(name, os.O_RDWR | os.O_CREAT)
+        self.writes = 0
+
+    def load(self) -> LeaseRecord:
+        """The record on disk; an unreadable one is logged and read as free (its lease cannot
+        be reclaimed, which is the honest loss: fences stay safe, they live elsewhere)."""
+        data = os.pread(self.fd, 2 * 4096, 0)
+        try:
+            return parse_record(data)
+        except ValueError as exc:
+            log.warning("ignoring the unreadable lease record %s: %s", self.path, exc)
+            return FREE
+
+    def write(self, record: LeaseRecord) -> None:
+        os.pwrite(self.fd, encode_record(record), 0)
+        self.writes += 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

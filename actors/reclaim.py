@@ -1,0 +1,271 @@
+"""What of a file's lease survives a service restart, and who may take it back. Pure: no I/O.
+
+A SessionFile keeps one durable *lease record* per transcript (written by
+``sessionlane.actors.lease_record_file``): who holds the file (lease, fence, lane name, the
+purposes of each nesting level, priority, when its max hold ends, a digest of its reclaim
+secret), the transcript's inode and size after the last write, and the ids of the holder's
+last appends with their results. It is rewritten when the holder changes or nests, and after
+each write; it is never fsynced (it must survive the death of the process, not of the
+machine; see *Limits* in ``docs/contract.md``).
+
+After a restart the file's new actor loads the record. A holder found there within the
+service's reclaim grace is *awaited*: the lease table keeps it as the holder (nobody else is
+granted), until a client shows the lease, fence and secret (``Acquire.reclaim``) or the grace
+ends. ``ReclaimBook.refusal`` says why a reclaim cannot be honoured; the transcript must be
+the one the record names, with the size it had after the holder's last write, so a change
+made by anyone else (or a record older than the transcript, after a machine crash) refuses
+the reclaim rather than granting it over a file that moved on.
+
+Appends are de-duplicated across the restart by their ``aid``: the record keeps the last
+``MAX_APPENDS`` results of the holder, so an append whose answer was lost is answered as it
+was, not written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sessionlane.messages.wire import Priority, Purpose, ReclaimTicket
+
+__all__ = [
+    "MAX_APPENDS",
+    "RECORD_BYTES",
+    "RECORD_VERSION",
+    "DoneAppend",
+    "HeldRecord",
+    "LeaseRecord",
+    "ReclaimBook",
+    "digest",
+    "encode_record",
+    "parse_record",
+]
+
+RECORD_VERSION = 1
+RECORD_BYTES = 4096
+"""Every record is padded to this size: a rewrite in place never leaves a longer tail."""
+MAX_APPENDS = 16
+"""Appends remembered per holder for de-duplication; a client resends at most this many."""
+
+_PURPOSES: frozenset[str] = frozenset({"prompt", "write", "compaction", "recovery"})
+_PRIORITIES: frozenset[str] = frozenset({"recovery", "interactive", "background"})
+
+
+def digest(secret: str) -> str:
+    """What the record keeps of a reclaim secret (the secret itself never touches the disk)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class DoneAppend:
+    """An append of the holder, as it was answered."""
+
+    aid: str
+    offset: int
+    lines: int
+    fence: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRecord:
+    """The holder of a file, as far as a restarted actor needs to know it."""
+
+    lease: str
+    fence: int
+    lane: str
+    """The lane name (shown in ``status`` while awaited)."""
+    purposes: tuple[Purpose, ...]
+    """One per nesting level, outermost first."""
+    priority: Priority
+    secret_digest: str
+    hold_until_ms: float | None
+    """Wall-clock end of its max hold (epoch ms), or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """The durable record of one file (``held`` None: nobody held it)."""
+
+    held: HeldRecord | None = None
+    ino: int = 0
+    size: int = 0
+    appends: tuple[DoneAppend, ...] = ()
+
+
+FREE = LeaseRecord()
+
+
+def encode_record(record: LeaseRecord) -> bytes:
+    """The record as exactly ``RECORD_BYTES`` bytes (JSON, a newline, space padding)."""
+    held: dict[str, Any] | None = None
+    if record.held is not None:
+        h = record.held
+        held = {
+            "lease": h.lease,
+            "fence": h.fence,
+            "lane": h.lane,
+            "purposes": list(h.purposes),
+            "priority": h.priority,
+            "secret": h.secret_digest,
+            "hold_until": h.hold_until_ms,
+        }
+    payload = {
+        "v": RECORD_VERSION,
+        "held": held,
+        "ino": record.ino,
+        "size": record.size,
+        "appends": [[a.aid, a.offset, a.lines, a.fence] for a in record.appends],
+    }
+    data = (json.dumps(payload, ensure_ascii=False) + "\n").encode()
+    if len(data) > RECORD_BYTES:
+        raise ValueError(f"lease record of {len(data)} bytes exceeds {RECORD_BYTES}")
+    return data.ljust(RECORD_BYTES, b" ")
+
+
+def parse_record(data: bytes) -> LeaseRecord:
+    """Parse a record's bytes (empty: ``FREE``); ``ValueError`` says what is wrong."""
+    if not data.strip():
+        return FREE
+    try:
+        payload = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("v") != RECORD_VERSION:
+        raise ValueError(f"not a version {RECORD_VERSION} lease record")
+    ino, size = _int(payload, "ino"), _int(payload, "size")
+    appends = payload.get("appends")
+    if not isinstance(appends, list):
+        raise ValueError("'appends' is not a list")
+    done = tuple(_append(a) for a in appends[-MAX_APPENDS:])
+    raw = payload.get("held")
+    held = None if raw is None else _held(raw)
+    return LeaseRecord(held=held, ino=ino, size=size, appends=done)
+
+
+def _int(obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{key!r} is not a non-negative integer: {value!r}")
+    return value
+
+
+def _append(raw: Any) -> DoneAppend:
+    ok = isinstance(raw, list) and len(raw) == 4 and isinstance(raw[0], str)
+    if not ok or not all(isinstance(x, int) and not isinstance(x, bool) for x in raw[1:]):
+        raise ValueError(f"not an append entry: {raw!r}")
+    return DoneAppend(raw[0], raw[1], raw[2], raw[3])
+
+
+def _held(raw: Any) -> HeldRecord:
+    if not isinstance(raw, dict):
+        raise ValueError("'held' is not an object")
+    lease, lane, secret = raw.get("lease"), raw.get("lane"), raw.get("secret")
+    purposes, priority, until = raw.get("purposes"), raw.get("priority"), raw.get("hold_until")
+    if not (isinstance(lease, str) and isinstance(lane, str) and isinstance(secret, str)):
+        raise ValueError("'held' lacks lease, lane or secret")
+    if not isinstance(purposes, list) or not purposes or not set(purposes) <= _PURPOSES:
+        raise ValueError(f"bad purposes {purposes!r}")
+    if priority not in _PRIORITIES:
+        raise ValueError(f"bad priority {priority!r}")
+    if until is not None and not isinstance(until, int | float):
+        raise ValueError(f"bad hold_until {until!r}")
+    return HeldRecord(
+        lease=lease,
+        fence=_int(raw, "fence"),
+        lane=lane,
+        purposes=tuple(purposes),
+        priority=priority,
+        secret_digest=secret,
+        hold_until_ms=None if until is None else float(until),
+    )
+
+
+@dataclass
+class ReclaimBook:
+    """The lease record of one open file as this actor knows it, and its reclaim counters.
+
+    ``secrets`` holds the secret of the current holder's lease (issued at its
+    first grant by this actor, or shown by its reclaim), so a reentrant grant carries it too.
+    """
+
+    record: LeaseRecord = FREE
+    secrets: dict[str, str] = field(default_factory=dict)
+
+    def activate(
+        self, record: LeaseRecord, now_ms: float, until_ms: float
+    ) -> tuple[HeldRecord | None, bool]:
+        """The record found at activation: the holder to await (None: the file is free, or
+        the grace is over) and whether a holder lost the file because the grace is over."""
+        self.record = record
+        if record.held is None:
+            return None, False
+        if now_ms < until_ms:
+            return record.held, False
+        self.record = replace(record, held=None, appends=())
+        return None, True
+
+    def refusal(self, ticket: ReclaimTicket, ino: int, size: int) -> str | None:
+        """Why ``ticket`` cannot take its lease back (None: it may, if the table agrees)."""
+        held = self.record.held
+        if held is None or held.lease != ticket.lease:
+            return f"lease {ticket.lease} is no longer held here (grace over, or released)"
+        if held.fence != ticket.fence:
+            return f"fence {ticket.fence} is not the fence of lease {ticket.lease} ({held.fence})"
+        if not hmac.compare_digest(held.secret_digest, digest(ticket.secret)):
+            return f"wrong reclaim secret for lease {ticket.lease}"
+        if self.record.ino != ino or self.record.size != size:
+            return (
+                f"the file changed since the holder's last write (inode {self.record.ino} size "
+                f"{self.record.size}, now inode {ino} size {size})"
+            )
+        return None
+
+    def issue(self, lease: str, secret: str) -> None:
+        """``lease`` was granted with ``secret`` (or reclaimed showing it)."""
+        self.secrets[lease] = secret
+
+    def secret_of(self, lease: str) -> str | None:
+        return self.secrets.get(lease)
+
+    def held(self, held: HeldRecord | None, ino: int, size: int) -> LeaseRecord | None:
+        """The holder is now ``held``: the record to write, or None if nothing changed."""
+        current = self.record
+        if held is not None:
+            self.secrets = (
+                {held.lease: self.secrets[held.lease]} if held.lease in self.secrets else {}
+            )
+        else:
+            self.secrets = {}
+        if _same_holder(current.held, held):
+            return None
+        same_lease = (
+            held is not None and current.held is not None and held.lease == current.held.lease
+        )
+        appends = current.appends if same_lease else ()
+        self.record = LeaseRecord(held=held, ino=ino, size=size, appends=appends)
+        return self.record
+
+    def appended(self, lease: str, done: DoneAppend | None, ino: int, size: int) -> LeaseRecord:
+        """The holder wrote (``done``: an append with an id); the record to write."""
+        current = self.record
+        appends = current.appends
+        if done is not None and current.held is not None and current.held.lease == lease:
+            appends = (*appends, done)[-MAX_APPENDS:]
+        self.record = replace(current, ino=ino, size=size, appends=appends)
+        return self.record
+
+    def answered(self, lease: str, aid: str | None) -> DoneAppend | None:
+        """The earlier answer of the append ``aid`` of ``lease``, if it was written."""
+        held = self.record.held
+        if aid is None or held is None or held.lease != lease:
+            return None
+        return next((a for a in self.record.appends if a.aid == aid), None)
+
+
+def _same_holder(a: HeldRecord | None, b: HeldRecord | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (a.lease, a.purposes, a.lane) == (b.lease, b.purposes, b.lane)
