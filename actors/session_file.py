@@ -418,7 +418,8 @@ class SessionFile(ShellActor):
         """
         if not s.writes.may_drain():
             return
-        lock = s.disk.take_legacy() if s.writes.wants_lock() else True
+        lease = s.writes.lock_for()
+        lock = s.disk.take_legacy(lease) if lease is not None else True
         not_now = s.writes.begin_drain(self.now(), lock)
         if not_now is not None:
             self.perform_writes(s, not_now)

@@ -116,11 +116,12 @@ class FileDisk:
             return
         self.sync.synced(at_path)
 
-    def take_legacy(self) -> LockOutcome:
-        """Try ``<file>.lock`` once, never waiting."""
+    def take_legacy(self, lease: str) -> LockOutcome:
+        """Try ``<file>.lock`` once for the writes under ``lease``, never waiting (a drop-in
+        holder of ``lease`` keeps the lock: its writes go under it)."""
         assert self.legacy is not None  # the write path asks only when configured
         try:
-            return self.legacy.try_acquire()
+            return self.legacy.try_acquire(lease=lease)
         except SessionLaneError as exc:  # the directory's path became a symlink...
             log.warning("cannot take legacy lock %s: %s", self.legacy.path, exc.detail)
             return (exc.code, exc.detail)

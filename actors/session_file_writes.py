@@ -178,7 +178,7 @@ class WritePath:
     """The write path of one open transcript: its queue, its de-duplication, the legacy lock.
 
     Pure: the disk is the shell's (``FileDisk``). ``legacy``: writes take ``<file>.lock``
-    (the shell takes it before ``begin_drain`` when ``wants_lock`` says so); ``unsynced``
+    (the shell takes it, for ``lock_for``'s lease, before ``begin_drain``); ``unsynced``
     is asked whether an fsync append no fdatasync covers yet was written (a rewrite syncs it
     first).
     """
@@ -311,14 +311,16 @@ class WritePath:
         """Are there writes to perform, and no drain in progress (that would take them)?"""
         return bool(self.queue) and not self.draining
 
-    def wants_lock(self) -> bool:
-        """Must the shell try the legacy lock before ``begin_drain``?"""
-        return self.legacy
+    def lock_for(self) -> str | None:
+        """The lease the shell takes the legacy lock for before ``begin_drain`` (the first
+        queued write's: a drop-in holder keeps ``<file>.lock`` for its lease, and its writes
+        go under it), or None when writes take no lock."""
+        return self.queue[0].lease if self.legacy and self.queue else None
 
     def begin_drain(self, now: float, lock: LockOutcome = True) -> list[WriteEffect] | None:
         """Start performing the queue: None when the writes may go.
 
-        ``lock``: the outcome of taking the legacy lock (when ``wants_lock``). Otherwise the
+        ``lock``: the outcome of taking the legacy lock (for ``lock_for``'s lease). Otherwise the
         effects of not draining now (every queued write failed: the lock file cannot be
         used); a live legacy holder leaves the queue as it is, ``retry_after`` says when to
         try again.

@@ -80,7 +80,8 @@ class Rig:
 
         The disk effects are performed here, as the actor's ``FileDisk`` does; the others are
         returned, in order."""
-        lock = self.disk.take_legacy() if self.writes.wants_lock() else True
+        lease = self.writes.lock_for()
+        lock = self.disk.take_legacy(lease) if lease is not None else True
         not_now = self.writes.begin_drain(self.now, lock)
         if not_now is not None:
             return not_now

@@ -202,7 +202,7 @@ class WritePathModel(RuleBasedStateMachine):
             return
         self.outcomes = list(outcomes)
         outcome: Any = True
-        if self.writes.wants_lock():
+        if self.writes.lock_for() is not None:
             outcome = (
                 ("path_not_allowed", "the lock file cannot be used") if lock == "unusable" else lock
             )
