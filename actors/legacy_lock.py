@@ -7,10 +7,17 @@ later with a wakeup. The format, liveness and staleness rules are the protocol m
 race's baseline uses the same module); what is this client's own: it writes no ``maxHoldMs``,
 judges neither ``hold-exceeded`` nor ``orphan-self-pid``, gives a malformed lock the 30 s
 grace, and works relative to the transcript's confined directory.
+
+A lease holder may hold the lock file itself for the whole lease: the OpenClaw drop-in
+(``clients/node/src/openclaw.ts``) does, so that processes still on OpenClaw's lock wait for it.
+Its payload then names the lease (``sessionlaneLease``, a field OpenClaw ignores), and a write
+under that lease goes ahead under the holder's lock (``try_acquire(lease=...)``): borrowed, never
+removed by this client.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,6 +26,7 @@ from collections.abc import Callable
 from sessionlane.actors.confined import ConfinedDir
 from sessionlane.actors.openclaw_lock import (
     DEFAULT_STALE_MS,
+    REPORT_ONLY_STALE_REASONS,
     LockSnapshot,
     create_lock,
     encode_lock_payload,
@@ -58,6 +66,7 @@ class LegacyLock:
         self.stale_ms = stale_ms
         self._clock = clock
         self._mine: LockSnapshot | None = None
+        self._borrowed = False
         self._directory = directory
         self._name = os.path.basename(self.path) if directory is not None else self.path
 
@@ -67,16 +76,18 @@ class LegacyLock:
 
     @property
     def held(self) -> bool:
-        """Whether this object believes it holds the lock."""
-        return self._mine is not None
+        """Whether this object believes it holds the lock (its own, or a lease holder's)."""
+        return self._mine is not None or self._borrowed
 
-    def try_acquire(self) -> bool:
+    def try_acquire(self, *, lease: str | None = None) -> bool:
         """Create the lock file if it is free or stale; False when a live owner holds it.
 
         A stale lock is removed only if it is unchanged since it was read, then creation is
-        tried once more. Never sleeps; the caller retries later.
+        tried once more. A live lock whose payload names ``lease`` (``sessionlaneLease``) is
+        that lease holder's: the write under ``lease`` may go, and the lock is borrowed (left
+        in place at ``release``). Never sleeps; the caller retries later.
         """
-        if self._mine is not None:
+        if self._mine is not None or self._borrowed:
             return True
         if self._directory is not None:
             self._directory.revalidate()
@@ -86,12 +97,19 @@ class LegacyLock:
             snap = read_snapshot(self._name, self._dir_fd)
             if snap is None:
                 continue  # released between our create and our read
+            if lease is not None and self._held_for(snap, lease):
+                self._borrowed = True
+                return True
             if not self._remove_if_stale(snap):
                 return False
         return False
 
     def release(self) -> None:
-        """Remove the lock file if it is still ours (same inode and content); else forget it."""
+        """Remove the lock file if it is still ours (same inode and content); else forget it.
+
+        A borrowed lock (a lease holder's) is only forgotten.
+        """
+        self._borrowed = False
         mine, self._mine = self._mine, None
         if mine is None:
             return
@@ -103,6 +121,18 @@ class LegacyLock:
         text = encode_lock_payload(pid, int(self._clock() * 1000), starttime=process_starttime(pid))
         self._mine = create_lock(self._name, text, dir_fd=self._dir_fd)
         return self._mine is not None
+
+    def _held_for(self, snap: LockSnapshot, lease: str) -> bool:
+        """Whether ``snap`` is a live lock its holder took for ``lease``."""
+        try:
+            named = json.loads(snap.raw).get("sessionlaneLease")
+        except (ValueError, AttributeError):
+            return False
+        if named != lease:
+            return False
+        # Alive: a holder past staleMs or its own maxHoldMs still holds (report-only reasons).
+        reasons = stale_reasons(snap.payload, int(self._clock() * 1000), stale_ms=self.stale_ms)
+        return set(reasons) <= REPORT_ONLY_STALE_REASONS
 
     def _remove_if_stale(self, snap: LockSnapshot) -> bool:
         """Remove the lock of ``snap`` if stale and unchanged; whether it is gone now."""

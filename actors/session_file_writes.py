@@ -298,7 +298,8 @@ class WritePath:
         """
         if self.legacy is not None:
             try:
-                self.locked = self.legacy.try_acquire()
+                # A drop-in holder keeps <file>.lock for its lease: its writes go under it.
+                self.locked = self.legacy.try_acquire(lease=self.queue[0].lease)
             except SessionLaneError as exc:  # the directory's path became a symlink...
                 log.warning("cannot take legacy lock %s: %s", self.legacy.path, exc.detail)
                 return self.fail_queued(exc.code, exc.detail)

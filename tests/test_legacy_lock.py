@@ -198,6 +198,36 @@ def test_a_live_lock_is_not_reclaimed_and_is_left_untouched(transcript: str, liv
     assert path.read_text() == text
 
 
+def with_lease(text: str, lease: str) -> str:
+    """A lock payload as the OpenClaw drop-in writes it: OpenClaw's fields and the lease."""
+    return json.dumps({**json.loads(text), "sessionlaneLease": lease}, indent=2) + "\n"
+
+
+def test_a_live_lock_held_for_the_writing_lease_is_borrowed_not_taken(
+    transcript: str, live_pid: int
+) -> None:
+    text = with_lease(encode_lock_payload(live_pid, now_ms()), "L1")
+    path = write_lock(transcript, text)
+    lock = LegacyLock(transcript)
+    assert not lock.try_acquire(), "a write without the lease waits"
+    assert not lock.try_acquire(lease="L2"), "another lease's write waits"
+    assert lock.try_acquire(lease="L1")
+    assert lock.held
+    lock.release()
+    assert not lock.held
+    assert path.read_text() == text, "borrowed: left to its holder"
+
+
+def test_a_lock_naming_the_lease_but_left_by_a_dead_holder_is_reclaimed(transcript: str) -> None:
+    write_lock(transcript, with_lease(encode_lock_payload(dead_pid(), now_ms()), "L1"))
+    lock = LegacyLock(transcript)
+    assert lock.try_acquire(lease="L1")
+    payload = parse_lock_payload(Path(transcript + ".lock").read_bytes())
+    assert payload is not None and payload.pid == os.getpid(), "ours now"
+    lock.release()
+    assert not Path(transcript + ".lock").exists()
+
+
 def test_a_live_owner_past_stale_ms_is_reported_but_not_reclaimed(
     transcript: str, live_pid: int
 ) -> None:

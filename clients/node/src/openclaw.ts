@@ -1,6 +1,7 @@
 /**
- * A drop-in for OpenClaw's `acquireSessionWriteLock` (`src/agents/session-write-lock.ts`),
- * backed by sessionlane leases instead of `<sessionFile>.lock` files:
+ * A drop-in for OpenClaw's `acquireSessionWriteLock` (`src/agents/session-write-lock.ts`,
+ * OpenClaw up to 2026.8), backed by sessionlane leases and, for processes not yet migrated,
+ * OpenClaw's own `<sessionFile>.lock`:
  *
  *     import { createSessionWriteLocks } from 'sessionlane/openclaw';
  *     const { acquireSessionWriteLock } = createSessionWriteLocks({ lane: 'openclaw' });
@@ -8,14 +9,35 @@
  *     const lock = await acquireSessionWriteLock({ sessionFile, timeoutMs: 60_000 });
  *     try { ... } finally { await lock.release(); }
  *
- * Same parameters, same result (`{ release() }`), and on timeout the same error shape its
- * callers test: `code` `OPENCLAW_SESSION_WRITE_LOCK_TIMEOUT`, name
- * `SessionWriteLockTimeoutError`, message `session file locked (timeout <n>ms): <owner>
- * <lockPath>`. What changes: the lease is a `prompt` lease at `interactive` priority (both
- * configurable); waiters are served in order rather than by polling; `staleMs` is accepted and
- * ignored (the service knows who is alive: a dead holder's connection drops and its lease goes);
- * `maxHoldMs` is the lease's max hold, enforced by the service, which tells the holder (the
- * lock's `signal` aborts) instead of releasing behind its back. No `.lock` file is written.
+ * Same parameters, same result (`{ release() }`), and on timeout the same error its callers
+ * test: `code` `OPENCLAW_SESSION_WRITE_LOCK_TIMEOUT`, name `SessionWriteLockTimeoutError`,
+ * message `session file locked (timeout <n>ms): <owner> <lockPath>`, the owner in OpenClaw's
+ * form `pid=<n> alive=<bool> ageMs=<n>` read from the holder's lock file.
+ *
+ * An acquire, within one `timeoutMs` budget (default: `OPENCLAW_SESSION_WRITE_LOCK_ACQUIRE_TIMEOUT_MS`,
+ * else 60 s):
+ *
+ * 1. creates the session file's directory, as OpenClaw does (`createDirectory: false` to refuse
+ *    a missing one);
+ * 2. takes a lease (a `prompt` lease at `interactive` priority, both configurable) on the
+ *    service, in its queue with every other sessionlane writer. An unreachable or restarting
+ *    service is retried (50 ms, growing to 1 s) until the budget runs out; then the timeout
+ *    error names the service and carries the last error as `cause`;
+ * 3. then takes `<sessionFile>.lock` in OpenClaw's format with this process's pid and start
+ *    time, waiting (50 ms polls) while a live OpenClaw process holds it: processes still on
+ *    OpenClaw's lock wait for the drop-in, and the drop-in waits for them (the module
+ *    `openclaw-lockfile`). Lease first, lock file second: two drop-ins never wait on each other
+ *    crosswise. `lockFile: false` skips this step (a fleet fully migrated).
+ *
+ * What changes for callers: waiters are served in order and by priority rather than by
+ * polling; `staleMs` only judges un-migrated lock files (the service knows who is alive: a dead
+ * holder's connection drops and its lease goes); `maxHoldMs` is the lease's max hold, enforced
+ * by the service, which tells the holder (the lock's `signal` aborts with a `LeaseRevoked`,
+ * reason `max_hold`) and then lets the lock file go (so does a recovery that took the lease
+ * once its grace ran out, reason `recovery`). A lease lost any other way (reason
+ * `shutdown`, `actor_restart`, `connection_lost`) also aborts `signal` with a `LeaseRevoked`,
+ * but the lock file stays until `release()`: the caller still believes it writes, so processes
+ * on OpenClaw's lock keep waiting.
  *
  * Reentrancy is the lane's: with `allowReentrant: true`, an acquire of a file this object
  * already holds gets the same lease (nesting counted; each `release` undoes one level). Without
@@ -23,13 +45,14 @@
  */
 
 import { realpathSync } from 'node:fs';
-import { mkdir } from 'node:fs/promises';
+import { lstat, mkdir, unlink } from 'node:fs/promises';
 import { basename, dirname, resolve as resolvePath } from 'node:path';
 
 import { DEFAULT_ADDRESS } from './address.js';
 import { type ConnectOptions, type SessionLane, connect } from './client.js';
-import { LeaseTimeout, SessionLaneError, Unavailable } from './errors.js';
+import { LeaseRevoked, LeaseTimeout, SessionLaneError, ShuttingDown, Unavailable } from './errors.js';
 import type { Lease } from './lease.js';
+import { acquireLockFile, describeOwner, readSnapshot, type HeldLockFile } from './openclaw-lockfile.js';
 import type { Priority, Purpose } from './wire.js';
 import './dispose.js';
 
@@ -39,6 +62,24 @@ export const SESSION_WRITE_LOCK_TIMEOUT_CODE = 'OPENCLAW_SESSION_WRITE_LOCK_TIME
 export const DEFAULT_ACQUIRE_TIMEOUT_MS = 60_000;
 /** How long the locks ride out a restart of the service (`connectOptions.reconnectForMs`). */
 export const DEFAULT_RECONNECT_FOR_MS = 60_000;
+/** The environment variable OpenClaw reads for its acquire timeout. */
+export const ACQUIRE_TIMEOUT_ENV = 'OPENCLAW_SESSION_WRITE_LOCK_ACQUIRE_TIMEOUT_MS';
+/** How a lost lease may be typed: re-exported for callers of this module. */
+export { LeaseRevoked, ShuttingDown, Unavailable };
+/** The prompt-window integration for OpenClaw 2026.7/2026.8's attempt controller. */
+export {
+  holdAcrossPrompt,
+  holdsAcrossPrompt,
+  type PromptControllerParams,
+  type PromptReleasingController,
+} from './openclaw-prompt.js';
+/** OpenClaw's lock-file protocol, for tools that read what the drop-in writes. */
+export {
+  describeOwner,
+  parseLockPayload,
+  processStartTime,
+  readSnapshot as readLockSnapshot,
+} from './openclaw-lockfile.js';
 /** What `timeoutMs: Infinity` asks the service for (about 24.8 days, not its default). */
 const FOREVER_MS = 2 ** 31 - 1;
 
@@ -56,9 +97,17 @@ export interface SessionWriteLocksOptions {
   purpose?: Purpose;
   /**
    * Create the session file's directory before acquiring, as OpenClaw's lock does (default
-   * false: the service refuses a file whose directory does not exist, and nothing is created).
+   * true; false: the service refuses a file whose directory does not exist).
    */
   createDirectory?: boolean;
+  /**
+   * Also hold OpenClaw's `<sessionFile>.lock` while the lease is held, and wait for a live
+   * OpenClaw holder of it first (default true: safe in a half-migrated fleet). Turn it off
+   * only once no process uses OpenClaw's own lock any more.
+   */
+  lockFile?: boolean;
+  /** The environment the acquire timeout is read from (default `process.env`). */
+  env?: Readonly<Record<string, string | undefined>>;
   /** Further connection options (`client`, `keepaliveMs`, `timeoutMs`, `maxFrameBytes`). */
   connectOptions?: Omit<ConnectOptions, 'token'>;
 }
@@ -66,9 +115,13 @@ export interface SessionWriteLocksOptions {
 /** The parameters of OpenClaw's `acquireSessionWriteLock`. */
 export interface AcquireSessionWriteLockParams {
   sessionFile: string;
-  /** How long to wait (default 60 s; `Infinity` waits forever; non-positive: the default). */
+  /**
+   * How long to wait in all (default: `OPENCLAW_SESSION_WRITE_LOCK_ACQUIRE_TIMEOUT_MS` when it
+   * is a positive integer or `Infinity`, else 60 s; `Infinity` waits forever; non-positive:
+   * the default).
+   */
   timeoutMs?: number;
-  /** Accepted and ignored: the service knows whether the holder is alive. */
+  /** When an un-migrated process's lock file counts as stale (default 30 min, as OpenClaw). */
   staleMs?: number;
   /** The lease's max hold (default: the service's `max_hold_ms`). */
   maxHoldMs?: number;
@@ -82,8 +135,13 @@ export interface SessionWriteLock extends AsyncDisposable {
   release(): Promise<void>;
   /** The lease behind the lock (fence, appends, events). */
   readonly lease: Lease;
-  /** Aborts when a recovery asks the holder to finish, or when the lease is lost. */
+  /**
+   * Aborts when a recovery asks the holder to finish (reason `AbortRequestedError`), or when
+   * the lease is lost (reason `LeaseRevoked`, whose `reason` says how).
+   */
   readonly signal: AbortSignal;
+  /** The `<sessionFile>.lock` path (held while the lock is, unless `lockFile: false`). */
+  readonly lockPath: string;
 }
 
 /** What `createSessionWriteLocks` returns. */
@@ -207,52 +265,140 @@ export function createSessionWriteLocks(options: SessionWriteLocksOptions = {}):
   async function acquireSessionWriteLock(
     params: AcquireSessionWriteLockParams,
   ): Promise<SessionWriteLock> {
-    const timeoutMs = positiveMs(params.timeoutMs, DEFAULT_ACQUIRE_TIMEOUT_MS, true);
+    const timeoutMs = resolveAcquireTimeoutMs(params.timeoutMs, options.env ?? process.env);
+    const deadline = Date.now() + timeoutMs;
     const maxHoldMs =
       params.maxHoldMs === undefined ? null : positiveMs(params.maxHoldMs, 0, false);
-    if (options.createDirectory === true) {
+    if (options.createDirectory !== false) {
       await mkdir(dirname(resolvePath(params.sessionFile)), { recursive: true });
     }
     const file = normalizeSessionFile(params.sessionFile);
-    const owner = await connected();
-    const name = owner.take(file, params.allowReentrant === true);
-    let lease: Lease | null;
-    try {
-      lease = await owner.sl.lane(name, { priority }).lease(file, {
-        purpose,
-        waitTimeoutMs: Math.min(timeoutMs, FOREVER_MS),
-        maxHoldMs: maxHoldMs === 0 ? null : maxHoldMs,
-        onContention: 'wait',
-      });
-    } catch (err) {
-      owner.done(file, name);
-      if (err instanceof LeaseTimeout) {
-        throw new SessionWriteLockTimeoutError({
+    const lockPath = `${file}.lock`;
+    const timedOut = (owner: string, cause: unknown): SessionWriteLockTimeoutError =>
+      new SessionWriteLockTimeoutError({ timeoutMs, owner, lockPath, cause });
+    const existed = await exists(file);
+
+    const { slots, name, lease } = await leaseWithin(file, params, {
+      deadline,
+      maxHoldMs,
+      timedOut,
+    });
+    let lockFile: HeldLockFile | null = null;
+    if (options.lockFile !== false) {
+      let outcome;
+      try {
+        outcome = await acquireLockFile({
+          lockPath,
+          deadlineMs: deadline,
           timeoutMs,
-          owner: await describeHolder(owner.sl, file),
-          lockPath: `${err.path ?? file}.lock`,
-          cause: err,
+          maxHoldMs: maxHoldMs === 0 ? null : maxHoldMs,
+          staleMs: params.staleMs,
+          lease: lease.id,
         });
+      } catch (err) {
+        await lease.release({ quiet: true }).catch(() => undefined);
+        slots.done(file, name);
+        throw err;
       }
-      throw err;
+      if ('timedOut' in outcome) {
+        await lease.release({ quiet: true }).catch(() => undefined);
+        slots.done(file, name);
+        throw timedOut(outcome.owner, null);
+      }
+      lockFile = outcome.held;
     }
-    if (lease === null) {
-      owner.done(file, name); // cannot happen with onContention 'wait'
-      throw new SessionLaneError('the service skipped a waiting acquire');
-    }
-    owner.granted(file, name);
+    if (!existed) await removeCreatedEmpty(file);
+    slots.granted(file, name);
     const held = lease;
+    const heldFile = lockFile;
+    // The service took the lease away for the others' sake: let the lock file go too, as
+    // OpenClaw's max-hold watchdog would. Lost otherwise, the file stays until release().
+    const onLost = (): void => {
+      if (held.revoked === 'max_hold' || held.revoked === 'recovery') void heldFile?.release();
+    };
+    held.signal.addEventListener('abort', onLost);
     let released = false;
     const release = async (): Promise<void> => {
       if (released) return;
       released = true;
+      held.signal.removeEventListener('abort', onLost);
       try {
-        await held.release({ quiet: true });
+        await heldFile?.release();
       } finally {
-        owner.done(file, name);
+        try {
+          await held.release({ quiet: true });
+        } finally {
+          slots.done(file, name);
+        }
       }
     };
-    return { lease: held, signal: held.signal, release, [Symbol.asyncDispose]: release };
+    return { lease: held, signal: held.signal, lockPath, release, [Symbol.asyncDispose]: release };
+  }
+
+  /**
+   * The lease on `file`, retrying an unreachable or restarting service until `deadline`; on
+   * timeout, OpenClaw's error naming the holder (or the unreachable service).
+   */
+  async function leaseWithin(
+    file: string,
+    params: AcquireSessionWriteLockParams,
+    budget: {
+      deadline: number;
+      maxHoldMs: number | null;
+      timedOut: (owner: string, cause: unknown) => SessionWriteLockTimeoutError;
+    },
+  ): Promise<{ slots: LaneSlots; name: string; lease: Lease }> {
+    for (let attempt = 1; ; attempt += 1) {
+      let slots: LaneSlots;
+      try {
+        slots = await connected();
+      } catch (err) {
+        if (closed || !retryable(err)) throw err;
+        await backoff(attempt, budget, err);
+        continue;
+      }
+      const name = slots.take(file, params.allowReentrant === true);
+      const waitMs = Math.max(1, Math.min(budget.deadline - Date.now(), FOREVER_MS));
+      let lease: Lease | null;
+      try {
+        lease = await slots.sl.lane(name, { priority }).lease(file, {
+          purpose,
+          waitTimeoutMs: waitMs,
+          maxHoldMs: budget.maxHoldMs === 0 ? null : budget.maxHoldMs,
+          onContention: 'wait',
+        });
+      } catch (err) {
+        slots.done(file, name);
+        if (err instanceof LeaseTimeout) {
+          throw budget.timedOut(await describeHolder(slots.sl, file), err);
+        }
+        if (closed || !retryable(err)) throw err;
+        await backoff(attempt, budget, err);
+        continue;
+      }
+      if (lease === null) {
+        slots.done(file, name); // cannot happen with onContention 'wait'
+        throw new SessionLaneError('the service skipped a waiting acquire');
+      }
+      return { slots, name, lease };
+    }
+  }
+
+  /** Wait before the next try, or throw the timeout error naming the unreachable service. */
+  async function backoff(
+    attempt: number,
+    budget: {
+      deadline: number;
+      timedOut: (owner: string, cause: unknown) => SessionWriteLockTimeoutError;
+    },
+    err: unknown,
+  ): Promise<void> {
+    const left = budget.deadline - Date.now();
+    if (left <= 0) {
+      const why = err instanceof ShuttingDown ? 'shutting down' : 'unreachable';
+      throw budget.timedOut(`owner=unknown (sessionlane service ${why} at ${address})`, err);
+    }
+    await new Promise((resolve) => setTimeout(resolve, Math.min(1000, 50 * attempt, left)));
   }
 
   async function close(): Promise<void> {
@@ -266,6 +412,56 @@ export function createSessionWriteLocks(options: SessionWriteLocksOptions = {}):
   }
 
   return { acquireSessionWriteLock, close, [Symbol.asyncDispose]: close };
+}
+
+/**
+ * The acquire budget: `timeoutMs` when positive (or Infinity), else the environment's
+ * `OPENCLAW_SESSION_WRITE_LOCK_ACQUIRE_TIMEOUT_MS` (digits, or `Infinity`, as OpenClaw reads
+ * it), else 60 s.
+ */
+export function resolveAcquireTimeoutMs(
+  timeoutMs: number | undefined,
+  env: Readonly<Record<string, string | undefined>> = process.env,
+): number {
+  const given = positiveMs(timeoutMs, 0, true);
+  if (given > 0) return given;
+  const raw = env[ACQUIRE_TIMEOUT_ENV]?.trim();
+  if (raw === 'Infinity') return Infinity;
+  if (raw !== undefined && /^\d+$/.test(raw)) {
+    const value = Number(raw);
+    if (Number.isSafeInteger(value) && value > 0) return value;
+  }
+  return DEFAULT_ACQUIRE_TIMEOUT_MS;
+}
+
+async function exists(file: string): Promise<boolean> {
+  try {
+    await lstat(file);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * A lock-only acquire leaves no transcript behind: the service opens (so creates) the file it
+ * serves, so when the file did not exist before the acquire and is still an empty regular file
+ * now (under the lease and the lock file: nobody else writes it), it is removed again, and
+ * OpenClaw sees what its own lock would have left (`hadSessionFile` false, no session store).
+ * The service adopts the file's absence before its next write (it recreates it then).
+ */
+async function removeCreatedEmpty(file: string): Promise<void> {
+  try {
+    const st = await lstat(file);
+    if (st.isFile() && st.size === 0) await unlink(file);
+  } catch {
+    // Already gone, or not ours to judge: leave it.
+  }
+}
+
+/** A failure the acquire retries within its budget: the service is away or restarting. */
+function retryable(err: unknown): boolean {
+  return err instanceof Unavailable || err instanceof ShuttingDown;
 }
 
 /** OpenClaw's `resolvePositiveMs`: non-positive or not a number gives the fallback. */
@@ -285,12 +481,23 @@ function normalizeSessionFile(sessionFile: string): string {
   }
 }
 
+/**
+ * OpenClaw's owner text for the holder of `file`: every drop-in holder (and every process on
+ * OpenClaw's own lock) keeps `<file>.lock` with its pid, so it is read from there;
+ * `owner=unknown` when the holder is a sessionlane client without one.
+ */
 async function describeHolder(sl: SessionLane, file: string): Promise<string> {
   try {
-    const holder = (await sl.status(file)).files[0]?.holder;
-    if (holder) return `lane=${holder.lane} lease=${holder.lease} heldMs=${holder.heldMs}`;
+    const snapshot = await readSnapshot(`${file}.lock`);
+    if (snapshot?.payload?.pid != null) return describeOwner(snapshot);
   } catch {
     // The owner is only for the message.
+  }
+  try {
+    const holder = (await sl.status(file)).files[0]?.holder;
+    if (holder) return `owner=unknown (lane=${holder.lane} heldMs=${holder.heldMs})`;
+  } catch {
+    // As above.
   }
   return 'owner=unknown';
 }
