@@ -45,7 +45,7 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
-from sessionlane.actors._shell import Handler, ShellActor, addr_key, monotonic_ms
+from sessionlane.actors._shell import Handler, ShellActor, addr_key, monotonic_ms, retitle
 from sessionlane.actors.capacity import fd_headroom, never_started
 from sessionlane.actors.confined import containing_root
 from sessionlane.actors.federation import Federation
@@ -137,6 +137,7 @@ class Registry(ShellActor):
 
     def on_configure(self, msg: Configure, sender: Any) -> None:
         self.config = msg
+        retitle(self, f"registry {msg.file.owner.gateway if msg.file.owner else ''}".rstrip())
         self.send(sender, Configured())
 
     def on_await_holders(self, msg: AwaitHolders, sender: Any) -> None:
@@ -445,7 +446,9 @@ class Registry(ShellActor):
             roots=list(self.config.roots),
             registry=self.myAddress,
         )
-        self.federation = Federation(self, me, msg.member_timeout_ms)
+        self.federation = Federation(
+            self, me, msg.member_timeout_ms, directory_file=msg.directory_file
+        )
         self.federation.join(sender)
 
     def on_federated(self, msg: Any, sender: Any) -> None:

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
 from sessionlane.actors import lease_table as lt
-from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
+from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import named_disk_error
 from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed
@@ -191,6 +191,7 @@ class SessionFile(ShellActor):
 
     def on_init(self, msg: FileInit, sender: Any) -> None:
         self.path = self.out.path = msg.path
+        retitle(self, f"file {msg.path}")
         self.registry = sender
         self.incarnation = msg.incarnation
         self.restarted = msg.restarted

@@ -36,6 +36,7 @@ from typing import Any
 from thespian.actors import Actor, ActorSystem
 
 from sessionlane.actors import procfs
+from sessionlane.actors._shell import protect_environ
 from sessionlane.system.ops import logs
 from sessionlane.system.runtime import admin_fork, limits, loopback, poll_loop, transport_auth
 from sessionlane.system.runtime.lifeline import Lifeline
@@ -235,6 +236,7 @@ def start_tcp_system(
     secure_transport(bind_host, secret=secret, authenticate=authenticate)
     poll_loop.install()
     limits.raise_open_file_limit()  # inherited by the admin and every actor forked from it
+    protect_environ()  # before thespian titles the processes it forks
     log_path = _prepare_logs(log_file)
     port = free_port(bind_host) if admin_port is None else admin_port
     if _listener_inode(port) is not None:

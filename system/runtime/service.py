@@ -352,10 +352,15 @@ class Service:
 
     def _join(self, asys: Any, registry: Any) -> None:
         """Have the leader's directory admit our roots; a refusal stops the start."""
+        directory_file = None
+        if self.settings.leader is None:  # the leader keeps the convention's table
+            digest = hashlib.sha256(self.member_key.encode()).hexdigest()[:12]
+            directory_file = str(state_dir() / f"directory-{digest}.json")
         join = Join(
             key=self.member_key,
             incarnation=self.incarnation,
             member_timeout_ms=self.settings.member_timeout_ms,
+            directory_file=directory_file,
         )
         asys.tell(registry, join)
         leader = self.settings.leader or "this member (the leader)"
