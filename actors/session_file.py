@@ -223,6 +223,7 @@ class SessionFile(ShellActor):
             log.log(level, "not serving %s: %s", msg.path, self.state.detail)
             return
         self.schedule_idle(self.state)
+        self.schedule(self.state)  # an awaited holder's grace ends even if nobody asks
 
     def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
         s = self.state

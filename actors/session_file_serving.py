@@ -325,13 +325,22 @@ class Serving:
             "disk_error_episodes": self.sync.disk.episodes,
             "moved_writes": self.sync.moved,
             "channels": self.channels.connections(),
-            "in_grace": int(t.holder is not None and t.holder.state == "awaiting"),
+            **self.grace_counters(now),
             "lease_record_writes": self.records.writes,
             **extra,
         }
         return FileStatus(
             path=self.path, fence=t.fence, holder=holder, queue=queue, counters=counters
         )
+
+    def grace_counters(self, now: float) -> dict[str, int]:
+        """``in_grace`` 1 while the holder found in the lease record is awaited, with its
+        fence (``awaited_fence``) and what is left of the grace (``grace_left_ms``)."""
+        h = self.table.holder
+        if h is None or h.state != "awaiting":
+            return {"in_grace": 0, "awaited_fence": 0, "grace_left_ms": 0}
+        left = 0 if h.hold_deadline is None else max(0, int(h.hold_deadline - now))
+        return {"in_grace": 1, "awaited_fence": h.fence, "grace_left_ms": left}
 
     def keep_ownership(self, now: float) -> OwnerCheck:
         """Before a grant or a write: is the owner lock at the file's path still ours?
