@@ -375,7 +375,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         print(f"{f.path}\n  fence {f.fence}; holder: {holder}")
         if f.counters.get("in_grace") and f.holder:
-            print(f"  in the restart grace: nobody is granted until {f.holder.lane} is back")
+            awaited = f.holder.lane.removesuffix(" (awaiting reclaim)")
+            print(
+                f"  in the restart grace: awaiting {awaited}"
+                f" (lease {f.holder.lease}, fence {f.counters.get('awaited_fence')},"
+                f" {f.holder.purpose}) for {f.counters.get('grace_left_ms')} ms more;"
+                " nobody else is granted until it is back or the grace ends"
+            )
         for i, q in enumerate(f.queue, 1):
             print(f"  {i}. {q.lane} {q.purpose}/{q.priority} waiting {q.waited_ms} ms")
         shown = {k: v for k, v in f.counters.items() if v and not k.startswith("hist:")}
