@@ -8,13 +8,37 @@ handlers never raise out of ``receiveMessage``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+import setproctitle
 from thespian.actors import Actor, ActorExitRequest
 
-__all__ = ["Handler", "ShellActor", "addr_key", "monotonic_ms"]
+__all__ = [
+    "TITLE_PREFIX",
+    "Handler",
+    "ShellActor",
+    "addr_key",
+    "monotonic_ms",
+    "retitle",
+    "set_title",
+]
+
+TITLE_PREFIX = "sessionlane: "
+"""How every sessionlane process is titled in ``ps`` (``sessionlane: file /a.jsonl``)."""
+
+
+def protect_environ() -> None:
+    """Keep setproctitle off the environment block of this process and its future children
+    (``SPT_NOENV``): thespian titles every actor process it forks, and ``/proc/PID/environ``
+    must still show that process's environment (see ``set_title``). Called before any title
+    is set: at this module's import and by ``start_tcp_system`` before it forks."""
+    os.environ.setdefault("SPT_NOENV", "1")
+
+
+protect_environ()
 
 Handler = Callable[[Any, Any], None]
 
@@ -48,6 +72,53 @@ def _rehome_loggers() -> None:
         logger.manager = manager
         manager.loggerDict[logger.name] = logger
         logger._cache.clear()  # type: ignore[attr-defined]  # levels cached for the old root
+
+
+def retitle(actor: Any, role: str) -> bool:
+    """Title ``actor``'s process ``sessionlane: <role>`` (what ``ps``, ``top`` and ``doctor``
+    show), if the actor has a process of its own; whether it did.
+
+    thespian's multiproc bases title an actor's process with its class name and address when
+    it starts (``SessionFile ActorAddr-(T|:port)``, with setproctitle installed): that title is
+    the sign. An actor in its host's process (``simpleSystemBase``, in tests) leaves the
+    host's title alone.
+    """
+    current = setproctitle.getproctitle()
+    if not current.startswith((f"{type(actor).__name__} ActorAddr", TITLE_PREFIX)):
+        return False
+    set_title(role)
+    return True
+
+
+def set_title(role: str) -> str:
+    """Title this process ``sessionlane: <role>``; the title set.
+
+    ``SPT_NOENV`` (set for this process and its children when this module is imported) keeps
+    setproctitle from writing over the environment block, which ``/proc/PID/environ`` shows
+    (``tests/leftovers.py`` finds a test's processes there): a title then fits in the space
+    of the original command line. A longer one keeps its start and its end (a file's name).
+    """
+    title = TITLE_PREFIX + role
+    room = _title_room()
+    if room is not None and len(title) > room:
+        head = TITLE_PREFIX + role.split(" ", 1)[0] + " ..."
+        title = (
+            head + title[len(title) - max(0, room - len(head)) :]
+            if room > len(head)
+            else title[:room]
+        )
+    setproctitle.setproctitle(title)
+    return title
+
+
+def _title_room() -> int | None:
+    """How long a title may be: the original command line's space (``None``: unknown)."""
+    try:
+        with open(f"/proc/{os.getpid()}/cmdline", "rb") as fh:
+            # The space ends with two NULs that setproctitle keeps: the title's and argv's.
+            return max(0, len(fh.read()) - 2)
+    except OSError:
+        return None
 
 
 def monotonic_ms() -> float:

@@ -60,8 +60,15 @@ path in the fence sidecars (``sessionlane.actors.fencestore``), not kept in memo
 The leader is special in two ways, both thespian's: only it knows every member (members know
 only the leader), so a relay to a member not used before is placed through it; and the
 directory lives there. If the leader dies, relays already in place keep working, but new
-members cannot join and first contacts fail ``unavailable``; a restarted leader starts with an
-empty directory, so restart the members after it.
+members cannot join and first contacts fail ``unavailable``. The directory keeps its table in
+the leader's state directory on every change, and a restarted leader reads it back before it
+answers any claim: a member it names keeps its roots (an overlapping claim is refused) until
+it claims them again or :data:`UNCONFIRMED_TIMEOUT_S` passes. Every member checks in with the
+directory every ``member_timeout_ms / 4``; when it stays silent for ``member_timeout_ms`` the
+member claims its roots again (once per ``member_timeout_ms``) until a directory answers, then
+makes its actor system register with the leader's at once (a capability update), so relays can
+be placed on it again. No member restarts, and no lease is revoked, for a leader restart (but
+the leader's own files' leases, which lived in the leader).
 
 **Trust.** Every message between members is pickled by thespian and unpickled by the receiver,
 so every frame carries a MAC under the members' shared secret (``cluster_key_file``,
@@ -74,6 +81,7 @@ unauthenticated: then anyone who can reach a member's ports can run code as the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -86,6 +94,8 @@ from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
 from sessionlane.messages.convention import (
     Admitted,
     Beat,
+    Checkin,
+    CheckinAck,
     Claim,
     Forwarded,
     ForwardedClose,
@@ -110,9 +120,11 @@ __all__ = [
     "Directory",
     "Relay",
     "admit",
+    "load_table",
     "member_capabilities",
     "owner_of",
     "roots_overlap",
+    "save_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -129,6 +141,9 @@ CAP_ROOT = "sessionlane.root"
 """Requirement key (with :data:`CAP_INCARNATION`) under which a :class:`Relay` is placed."""
 
 DIRECTORY_NAME = "sessionlane-directory"
+UNCONFIRMED_TIMEOUT_S = 3 * (7 * 60 + 22)
+"""How long a member read back from the directory's file keeps its roots without claiming them
+again: thespian's own wait for a vanished member (three missed re-registrations)."""
 
 
 def member_capabilities(
@@ -192,11 +207,59 @@ def admit(members: Iterable[Member], claim: Member) -> Admission:
     return Admission(superseded=tuple(superseded))
 
 
+def load_table(path: str) -> tuple[int, list[Member]]:
+    """The table version and members a directory kept in ``path`` (none if there is no file).
+
+    Members read back carry no Registry address: they are known to have been admitted, not to
+    be alive. An unreadable file is reported and read as empty (a leader that kept nothing).
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        members = [
+            Member(key=m["key"], incarnation=m["incarnation"], roots=m["roots"], registry=None)
+            for m in data["members"]
+        ]
+        return int(data["version"]), members
+    except FileNotFoundError:
+        return 0, []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("the directory's table in %s is unreadable (%s): starting empty", path, exc)
+        return 0, []
+
+
+def save_table(path: str, version: int, members: Iterable[Member]) -> None:
+    """Keep the table in ``path`` (replaced atomically, private to the service's user)."""
+    data = {
+        "version": version,
+        "members": [
+            {"key": m.key, "incarnation": m.incarnation, "roots": m.roots} for m in members
+        ],
+    }
+    partial = f"{path}.partial"
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(partial, path)
+    except OSError as exc:
+        log.error("could not keep the directory's table in %s: %s", path, exc)
+
+
 # Actors -------------------------------------------------------------------------------------
 
 
 class Directory(ShellActor):
-    """On the leader: the table of admitted members; admits one claim at a time."""
+    """On the leader: the table of admitted members; admits one claim at a time.
+
+    The table is kept in the leader's ``directory_file`` on every change. A restarted leader
+    reads it back before it answers any claim: the members it names keep their roots (claims
+    overlapping them are refused) until they claim them again, which they do as soon as the
+    directory answers (they check in, see :class:`sessionlane.actors.federation.Federation`),
+    or until :data:`UNCONFIRMED_TIMEOUT_S` passes without a word from them.
+    """
 
     log = log
 
@@ -205,14 +268,54 @@ class Directory(ShellActor):
         self.members: dict[str, Member] = {}  # key -> member
         self.version = 0
         self.watching = False
+        self.file: str | None = None
+        """Where the table is kept; None until the leader's own claim said where."""
+        self.waiting: list[tuple[Claim, Any]] = []
+        self.unconfirmed: set[str] = set()
+        """Keys read back from the file that have not claimed again."""
 
     def handlers(self) -> dict[type, Handler]:
-        return {Claim: self.on_claim, ActorSystemConventionUpdate: self.on_update}
+        return {
+            Claim: self.on_claim,
+            Checkin: self.on_checkin,
+            ActorSystemConventionUpdate: self.on_update,
+            WakeupMessage: self.on_wakeup,
+        }
 
     def on_claim(self, msg: Claim, sender: Any) -> None:
         if not self.watching:
             self.watching = True
             self.notifyOnSystemRegistrationChanges(True)
+        if self.file is None:
+            if msg.directory_file is None:
+                self.waiting.append((msg, sender))  # answered once the table is read back
+                return
+            self.open(msg.directory_file)
+            waiting, self.waiting = self.waiting, []
+            for claim, claimant in [(msg, sender), *waiting]:
+                self.decide(claim, claimant)
+            return
+        self.decide(msg, sender)
+
+    def open(self, path: str) -> None:
+        self.file = path
+        if not path:
+            return
+        self.version, members = load_table(path)
+        for member in members:
+            self.members[member.key] = member
+            self.unconfirmed.add(member.key)
+        if members:
+            log.warning(
+                "directory restarted: %d members read back from %s keep their roots until"
+                " they claim them again (or for %d s)",
+                len(members),
+                path,
+                UNCONFIRMED_TIMEOUT_S,
+            )
+            self.wakeupAfter(float(UNCONFIRMED_TIMEOUT_S))
+
+    def decide(self, msg: Claim, sender: Any) -> None:
         claim = msg.member
         decision = admit(self.members.values(), claim)
         if decision.refusal is not None:
@@ -223,28 +326,49 @@ class Directory(ShellActor):
             log.warning("member %s restarted: incarnation %s replaced", old.key, old.incarnation)
         known = self.members.get(claim.key)
         self.members[claim.key] = claim
+        self.unconfirmed.discard(claim.key)
         if known != claim:
             self.version += 1
             log.info("admitted member %s with roots %s", claim.key, ", ".join(claim.roots))
-            self.publish(exclude=claim.key)
-        self.send(sender, Admitted(version=self.version, members=list(self.members.values())))
+            self.changed(exclude=claim.key)
+        admitted = Admitted(
+            version=self.version, members=list(self.members.values()), directory=self.myAddress
+        )
+        self.send(sender, admitted)
+
+    def on_checkin(self, msg: Checkin, sender: Any) -> None:
+        known = self.members.get(msg.key)
+        if known is not None and known.incarnation == msg.incarnation:
+            self.send(msg.registry, CheckinAck(seq=msg.seq))
+        # Otherwise no answer: the member claims again (and is admitted or refused).
 
     def on_update(self, msg: ActorSystemConventionUpdate, sender: Any) -> None:
         if msg.remoteAdded:
             return
         incarnation = (msg.remoteCapabilities or {}).get(CAP_INCARNATION)
         gone = [m for m in self.members.values() if m.incarnation == incarnation]
+        self.drop(gone, "left the convention")
+
+    def on_wakeup(self, msg: WakeupMessage, sender: Any) -> None:
+        silent = [self.members[key] for key in sorted(self.unconfirmed) if key in self.members]
+        self.drop(silent, f"dropped: it did not claim its roots again in {UNCONFIRMED_TIMEOUT_S} s")
+
+    def drop(self, gone: list[Member], why: str) -> None:
         for member in gone:
-            log.warning("member %s left the convention", member.key)
+            log.warning("member %s %s", member.key, why)
             del self.members[member.key]
+            self.unconfirmed.discard(member.key)
         if gone:
             self.version += 1
-            self.publish()
+            self.changed()
 
-    def publish(self, exclude: str | None = None) -> None:
+    def changed(self, exclude: str | None = None) -> None:
+        """Keep the new table, then tell every member that can be told (not ``exclude``)."""
+        if self.file:
+            save_table(self.file, self.version, self.members.values())
         table = Members(version=self.version, members=list(self.members.values()))
         for member in self.members.values():
-            if member.key != exclude:
+            if member.key != exclude and member.registry is not None:
                 self.send(member.registry, table)
 
 

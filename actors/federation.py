@@ -22,6 +22,7 @@ from sessionlane.actors._shell import addr_key, monotonic_ms
 from sessionlane.actors.convention import (
     CAP_INCARNATION,
     CAP_LEADER,
+    CAP_MEMBER,
     CAP_ROOT,
     Claimant,
     Relay,
@@ -33,6 +34,8 @@ from sessionlane.messages.convention import (
     Admitted,
     Beat,
     BeatAck,
+    Checkin,
+    CheckinAck,
     Claim,
     Forwarded,
     ForwardedClose,
@@ -47,14 +50,17 @@ from sessionlane.messages.convention import (
     Resolved,
 )
 from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall
-from sessionlane.messages.wire import Error, FileStatus, Status, StatusReply
+from sessionlane.messages.wire import Append, Error, FileStatus, Rewrite, Status, StatusReply
 
 __all__ = ["Federation", "Host", "unavailable_status"]
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_MIN_MS = 1_000.0
-_BACKOFF_MAX_MS = 30_000.0
+_BACKOFF_MAX_MS = 3_000.0
+"""The longest wait between probes of a lost member: a fault of any length heals within it
+(after the fault ends) plus one round trip. A probe is one relay creation, so a member lost
+for long costs one small message every three seconds."""
 _BEAT = "federation-beat"
 
 
@@ -69,6 +75,8 @@ class Host(ServingHost, Protocol):
     ) -> Any: ...
 
     def wakeupAfter(self, timePeriod: Any, payload: Any = None) -> None: ...
+
+    def updateCapability(self, capabilityName: Any, capabilityValue: Any = None) -> None: ...
 
     def refuse(self, call: LaneCall, error: Error) -> None: ...
 
@@ -85,6 +93,7 @@ class _Sent:
     lane_uid: str = ""
     request_id: Any = None
     canonical: bool = False
+    write: bool = False
     status: Status | None = None
     reply_to: Any = None
 
@@ -109,6 +118,7 @@ class _Remote:
     lanes: dict[str, _Use] = field(default_factory=dict)
     retry_at: float = 0.0
     backoff_ms: float = _BACKOFF_MIN_MS
+    probed_at: float = float("-inf")
 
 
 class Federation:
@@ -119,7 +129,12 @@ class Federation:
     """
 
     def __init__(
-        self, host: Host, me: Member, timeout_ms: int, clock: Callable[[], float] = monotonic_ms
+        self,
+        host: Host,
+        me: Member,
+        timeout_ms: int,
+        clock: Callable[[], float] = monotonic_ms,
+        directory_file: str | None = None,
     ) -> None:
         self.host = host
         self.clock = clock
@@ -135,6 +150,15 @@ class Federation:
         self.links = itertools.count(1)
         self.ticking = False
         self.joiner: Any = None
+        self.directory_file = directory_file
+        """Set on the leader: where its directory keeps the table (``Join.directory_file``)."""
+        self.directory: Any = None
+        """The directory that admitted us; checked in with while it answers."""
+        self.directory_heard = 0.0
+        self.checkins = 0
+        self.checkins_acked = 0
+        self.rejoining = False
+        self.claimed_at = float("-inf")
         self._table: dict[type, Callable[[Any, Any], None]] = {
             Admitted: self.on_admitted,
             Refused: self.on_refused,
@@ -142,8 +166,9 @@ class Federation:
             Forwarded: self.serving.on_forwarded,
             ForwardedClose: self.serving.on_forwarded_close,
             ForwardedStatus: self.serving.on_forwarded_status,
-            Beat: self.serving.on_beat,
+            Beat: self.on_beat,
             BeatAck: self.on_beat_ack,
+            CheckinAck: self.on_checkin_ack,
             OriginLost: self.serving.on_origin_lost,
             Resolved: self.on_resolved,
         }
@@ -160,6 +185,7 @@ class Federation:
             ForwardedStatus,
             Beat,
             BeatAck,
+            CheckinAck,
             OriginLost,
             Resolved,
         )
@@ -172,20 +198,73 @@ class Federation:
     def join(self, reply_to: Any) -> None:
         """Claim our roots with the directory on the leader; answer ``reply_to`` when decided."""
         self.joiner = reply_to
+        self.claim()
+
+    def claim(self) -> None:
+        self.claimed_at = self.clock()
         claimant = self.host.createActor(Claimant, targetActorRequirements={CAP_LEADER: True})
-        self.host.send(claimant, Claim(member=self.me))
+        self.host.send(claimant, Claim(member=self.me, directory_file=self.directory_file))
 
     def on_admitted(self, msg: Admitted, sender: Any) -> None:
+        if self.rejoining:
+            self.version = -1  # the answer to our own claim is the table, whatever its number
         self.on_members(Members(version=msg.version, members=msg.members), sender)
+        self.directory = msg.directory
+        self.directory_heard = self.clock()
+        self.checkins_acked = self.checkins
+        if self.rejoining:
+            self.rejoining = False
+            log.warning("the convention's directory admitted this member again")
+            # A restarted leader's actor system knows no member until it registers (thespian
+            # re-registers every 7 minutes): a capability update makes it register now, so
+            # relays can be placed here again.
+            self.host.updateCapability(CAP_MEMBER, self.me.key)
         if self.joiner is not None:
             self.host.send(self.joiner, Joined(members=len(msg.members)))
             self.joiner = None
+        self.arm()
 
     def on_refused(self, msg: Refused, sender: Any) -> None:
         log.error("this member was refused by the convention: %s", msg.reason)
+        self.rejoining = False
+        self.directory = None  # nothing more to check in with; the operator must act
         if self.joiner is not None:
             self.host.send(self.joiner, JoinRefused(reason=msg.reason))
             self.joiner = None
+
+    def on_checkin_ack(self, msg: CheckinAck, sender: Any) -> None:
+        if msg.seq == self.checkins:
+            self.checkins_acked = msg.seq
+            self.directory_heard = self.clock()
+
+    def watch_directory(self, now: float) -> None:
+        """Check in with the directory; when it stays silent for ``member_timeout_ms`` (the
+        leader died, or restarted with a new directory), claim our roots again, once per
+        ``member_timeout_ms`` until answered."""
+        if self.rejoining:
+            if now - self.claimed_at >= self.timeout_ms:
+                self.claim()
+            return
+        if self.directory is None:
+            return
+        silent = now - self.directory_heard
+        if silent > self.timeout_ms:
+            log.warning(
+                "the convention's directory is silent for %.0f ms: claiming this member's"
+                " roots again",
+                silent,
+            )
+            self.rejoining = True
+            self.claim()
+        elif self.checkins_acked == self.checkins:
+            self.checkins += 1
+            checkin = Checkin(
+                key=self.me.key,
+                incarnation=self.me.incarnation,
+                registry=self.host.myAddress,
+                seq=self.checkins,
+            )
+            self.host.send(self.directory, checkin)
 
     def on_members(self, msg: Members, sender: Any) -> None:
         if msg.version < self.version:
@@ -199,6 +278,8 @@ class Federation:
             if incarnation not in current:
                 self.lose(remote, "it is no longer in the convention's table")
                 del self.remotes[incarnation]
+            else:
+                self.sign_of_life(remote)  # (re)admitted: it may be reachable again
         # Remember who served the roots nobody serves now: their paths are unavailable, not
         # outside every root.
         keys = {m.key for m in self.members}
@@ -255,6 +336,7 @@ class Federation:
                 lane_uid=call.lane.uid,
                 request_id=call.request.id,
                 canonical=call.canonical,
+                write=isinstance(call.request, Append | Rewrite),
             )
         hop = Forwarded(origin=self.host.myAddress, link=remote.link, seq=seq, call=call)
         self.host.send(remote.relay, hop)
@@ -312,6 +394,7 @@ class Federation:
     def connect(self, remote: _Remote, phase: Phase) -> None:
         """Create a relay on the member (thespian queues our messages until it is up)."""
         remote.phase = phase
+        remote.probed_at = self.clock()
         remote.link = next(self.links)
         remote.seq = 0
         remote.heard = self.clock()
@@ -343,7 +426,7 @@ class Federation:
     # Liveness (origin side) -----------------------------------------------------------------
 
     def arm(self) -> None:
-        if not self.ticking:
+        if not self.ticking and (self.remotes or self.directory is not None or self.rejoining):
             self.ticking = True
             self.host.wakeupAfter(self.timeout_ms / 4000.0, payload=_BEAT)
 
@@ -355,20 +438,42 @@ class Federation:
         """Every ``member_timeout_ms / 4`` while a relay is in use: beat, or declare lost."""
         self.ticking = False
         now = self.clock()
-        for remote in self.remotes.values():
+        self.watch_directory(now)
+        for remote in list(self.remotes.values()):
             if remote.phase == "lost":
+                self.maybe_probe(remote)  # heal without waiting for a request to fail first
                 continue
             silent = now - remote.heard
             if silent > self.timeout_ms:
                 self.lose(remote, f"no answer for {silent:.0f} ms")
             else:
                 self.beat(remote)
-        if any(r.phase != "lost" for r in self.remotes.values()):
-            self.arm()
+        self.arm()
+
+    def on_beat(self, msg: Beat, sender: Any) -> None:
+        """A member whose lanes use our paths beats: answer it, and if it is a member we lost,
+        it is alive: probe it at once."""
+        self.serving.on_beat(msg, sender)
+        for remote in self.remotes.values():
+            if remote.member.registry is not None and remote.member.registry == msg.origin:
+                self.sign_of_life(remote)
+
+    def sign_of_life(self, remote: _Remote) -> None:
+        """``remote`` was heard from while lost (a late ack, its own beat): the fault is over,
+        so its backoff restarts and it is probed now rather than when the backoff ends (at
+        most once per ``_BACKOFF_MIN_MS``: a member that beats but cannot host a relay yet is
+        not flooded with them)."""
+        if remote.phase == "lost" and self.clock() - remote.probed_at >= _BACKOFF_MIN_MS:
+            remote.backoff_ms = _BACKOFF_MIN_MS
+            remote.retry_at = self.clock()
+            self.maybe_probe(remote)
 
     def on_beat_ack(self, msg: BeatAck, sender: Any) -> None:
         remote = self.remotes.get(msg.incarnation)
-        if remote is None or remote.link != msg.link or remote.phase == "lost":
+        if remote is not None and remote.phase == "lost":
+            self.sign_of_life(remote)
+            return
+        if remote is None or remote.link != msg.link:
             return
         remote.heard = self.clock()
         for seq in [s for s in remote.unconfirmed if s < msg.seq]:
@@ -397,8 +502,12 @@ class Federation:
     def on_poison(self, message: Any) -> bool:
         """A message we sent could not be delivered; False if it is none of ours."""
         if isinstance(message, Claim):
+            if self.rejoining:
+                return True  # the leader is still away: the next tick claims again
             self.on_refused(Refused(reason="the convention leader could not be reached"), None)
             return True
+        if isinstance(message, Checkin):
+            return True  # an unanswered checkin is the sign itself
         if isinstance(message, RelayInit | Forwarded | ForwardedClose | ForwardedStatus | Beat):
             for remote in self.remotes.values():
                 if remote.link == message.link:
@@ -440,6 +549,9 @@ class Federation:
                 # The lane learns a path's canonical name from the first reply; until then
                 # FileRestarted cannot find this request, so it is answered here.
                 error = self.unavailable(remote, item.request_id, item.path)
+                if item.write:
+                    detail = f"{error.detail} after the write was sent: read the file to know"
+                    error = error.model_copy(update={"code": "unknown_outcome", "detail": detail})
                 reply = FileReply(path=item.path, message=error, lane=item.lane_uid)
                 self.host.send(item.lane, reply)
 

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
-from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
+from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
 from sessionlane.actors.links import Links
 from sessionlane.actors.timers import ChannelFlush, CloseTimeout, LinksDue
@@ -105,6 +105,7 @@ class Lane(ShellActor):
     def on_open(self, msg: OpenLane, sender: Any) -> None:
         ref = LaneRef(uid=msg.uid, name=msg.name, address=self.myAddress, priority=msg.priority)
         self.state = LaneState(ref, self)
+        retitle(self, f"lane {msg.name}")
         self.registry = msg.registry
         self.agent = sender
         self.send(sender, Opened(uid=msg.uid))

@@ -186,7 +186,8 @@ class LaneState:
         rid = reply.id
         if rid is None:  # an event
             if self.closing is None:
-                self.to_agent(reply)
+                for event in self.events(msg.path, reply):
+                    self.to_agent(event)
             return
         if (fan := self.fanouts.pop(rid, None)) is not None:
             self.pending.pop(rid, None)
@@ -200,6 +201,19 @@ class LaneState:
                 del self.pending[rid]
         if self.closing is None:
             self.to_agent(reply)
+
+    @staticmethod
+    def events(path: str, reply: Reply) -> list[Reply]:
+        """What the agent is told of an event from ``path``'s file.
+
+        An ``abandoned`` without id is the owner of a path in a convention dropping this lane's
+        leases because it stopped hearing this lane's member (``member_timeout_ms``): to the
+        agent, each of those leases was revoked (``member_lost``); ``abandoned`` is only ever
+        the answer to the agent's own ``abandon``.
+        """
+        if isinstance(reply, Abandoned):
+            return [Revoked(lease=lease, path=path, reason="member_lost") for lease in reply.leases]
+        return [reply]
 
     def fan_in(self, fan: _Fanout, reply: Reply) -> None:
         fan.remaining -= 1
@@ -233,8 +247,8 @@ class LaneState:
     ) -> None:
         """This lane's lease on ``path`` (``holder``, if it is this lane's) is revoked
         (``actor_restart``: the agent's remedy is the same), waiting acquires are sent again,
-        other unanswered requests are answered ``unavailable`` with ``detail``; ``aliases``:
-        the spellings of ``path`` used."""
+        unanswered writes are answered ``unknown_outcome`` and other unanswered requests
+        ``unavailable``, with ``detail``; ``aliases``: the spellings of ``path`` used."""
         if holder is not None and holder[0] == self.uid:
             self.to_agent(Revoked(lease=holder[1], path=path, reason="actor_restart"))
         for rid, pending in list(self.pending.items()):
@@ -248,6 +262,10 @@ class LaneState:
                 )
             elif isinstance(pending.request, Acquire | Recover):
                 self.call(pending.request, path, canonical=True)  # queue again
+            elif isinstance(pending.request, Append | Rewrite):
+                del self.pending[rid]
+                wrote = f"{detail}: the write may be in the file, read it to know"
+                self.to_agent(Error(id=rid, code="unknown_outcome", detail=wrote, path=path))
             else:
                 del self.pending[rid]
                 self.to_agent(Error(id=rid, code="unavailable", detail=detail, path=path))

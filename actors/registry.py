@@ -45,7 +45,7 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
-from sessionlane.actors._shell import Handler, ShellActor, addr_key, monotonic_ms
+from sessionlane.actors._shell import Handler, ShellActor, addr_key, monotonic_ms, retitle
 from sessionlane.actors.capacity import fd_headroom, never_started
 from sessionlane.actors.confined import containing_root
 from sessionlane.actors.federation import Federation
@@ -57,6 +57,7 @@ from sessionlane.messages.convention import Join, Member
 from sessionlane.messages.errors import ErrorCode, PathNotAllowed
 from sessionlane.messages.internal import (
     ActivationFailed,
+    AwaitHolders,
     ChannelOffer,
     Configure,
     Configured,
@@ -67,6 +68,7 @@ from sessionlane.messages.internal import (
     FileRestarted,
     FileStatusAnswer,
     FileStatusQuery,
+    HoldersAwaited,
     IdleNotice,
     LaneCall,
     LaneClosed,
@@ -113,6 +115,7 @@ class Registry(ShellActor):
             Join: self.on_join,
             PoisonMessage: self.on_poison,
             Configure: self.on_configure,
+            AwaitHolders: self.on_await_holders,
             LaneCall: self.on_call,
             OpenChannel: self.on_open_channel,
             IdleNotice: self.on_idle,
@@ -134,7 +137,36 @@ class Registry(ShellActor):
 
     def on_configure(self, msg: Configure, sender: Any) -> None:
         self.config = msg
+        retitle(self, f"registry {msg.file.owner.gateway if msg.file.owner else ''}".rstrip())
         self.send(sender, Configured())
+
+    def on_await_holders(self, msg: AwaitHolders, sender: Any) -> None:
+        """Activate the files whose holder may reclaim them (a start within the grace)."""
+        activated = 0
+        for path in msg.paths:
+            if self.preactivate(path):
+                activated += 1
+        self.send(sender, HoldersAwaited(activated=activated, skipped=len(msg.paths) - activated))
+
+    def preactivate(self, path: str) -> bool:
+        """Start the SessionFile of ``path`` with no request for it; False when it is not
+        (not serving, already active, outside the roots or another member's, no capacity)."""
+        if not self.serving():
+            return False
+        assert self.config is not None
+        try:
+            path = canonicalize(path, self.config.roots, self.config.suffixes)
+        except PathNotAllowed as exc:
+            log.info("not awaiting the holder of %s: %s", path, exc.detail)
+            return False
+        federation = self.federation
+        if path in self.files or (federation and federation.remote_owner(path) is not None):
+            return False
+        if (full := self.capacity_refusal(path)) is not None:
+            log.warning("not awaiting the holder of %s yet: %s", path, full)
+            return False
+        self.activate(path)
+        return True
 
     # Routing -------------------------------------------------------------------------------
 
@@ -414,7 +446,9 @@ class Registry(ShellActor):
             roots=list(self.config.roots),
             registry=self.myAddress,
         )
-        self.federation = Federation(self, me, msg.member_timeout_ms)
+        self.federation = Federation(
+            self, me, msg.member_timeout_ms, directory_file=msg.directory_file
+        )
         self.federation.join(sender)
 
     def on_federated(self, msg: Any, sender: Any) -> None:

@@ -10,16 +10,22 @@ from the ``FileInit`` (the open file and the parts working on it), or ``Broken``
 failed, or no ``FileInit`` yet), whose error answers every request. The parts of ``Serving``,
 each owning its state:
 
+* ``FileCore`` (``sessionlane.actors.session_file_core``): which part a call goes to, and what
+  the lease table's effects mean (replies, events, fence reservations, drains); pure;
 * ``LeaseTable`` (``sessionlane.actors.lease_table``): leases, waiters, fences; returns effects;
-* ``WritePath`` (``sessionlane.actors.session_file_writes``): accepting and performing writes, the
-  FIFO write queue, de-duplication, legacy interop; returns effects;
+* ``WritePath`` (``sessionlane.actors.session_file_writes``): accepting and checking writes, the
+  FIFO write queue, de-duplication, legacy interop; returns effects, does no I/O;
+* ``FileDisk`` (``sessionlane.actors.session_file_disk``): performs the write path's disk
+  effects (writes, fdatasync, the legacy lock) and reports their outcomes;
 * ``TranscriptSync`` and ``GroupCommit`` (``sessionlane.actors.session_file_commit``): what is not
   synced yet, and the acknowledgements held until an fdatasync covers them;
 * ``FileChannels`` (``sessionlane.actors.session_file_channels``): the gateway's direct channels.
 
 This module is the shell: the handler table, lifecycle, calls, effects, timers (typed:
-``sessionlane.actors.timers``), passivation and status. It also holds the one clock every part
-reads, ``now()`` (tests replace ``monotonic_ms`` here).
+``sessionlane.actors.timers``), passivation and status. It holds the one clock, ``now()``
+(tests replace ``monotonic_ms`` here): the parts get the time as ``now`` arguments and read
+no clock; only the shell's ``FileDisk``, which performs the disk effects, reads it to time
+the fdatasync it performs.
 
 Ownership follows the path: before every call or timer that may grant or write, ``own_path``
 checks that the owner lock at the file's path is still the one held (``Serving.keep_ownership``;
@@ -34,13 +40,13 @@ channels until a message from the Registry says it is not retired after all.
 from __future__ import annotations
 
 import logging
-import secrets
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
 from sessionlane.actors import lease_table as lt
-from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
+from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import named_disk_error
 from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed
@@ -48,6 +54,14 @@ from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.ownership import OwnedElsewhere
 from sessionlane.actors.passivation import Passivation
 from sessionlane.actors.session_file_channels import FLUSH_RETRY_S, channel_call, refused_offer
+from sessionlane.actors.session_file_core import (
+    Answer,
+    DrainWrites,
+    Event,
+    Handoff,
+    Reserve,
+    Warn,
+)
 from sessionlane.actors.session_file_outlet import Outlet
 from sessionlane.actors.session_file_serving import (
     NOT_STARTED,
@@ -59,9 +73,12 @@ from sessionlane.actors.session_file_serving import (
 from sessionlane.actors.session_file_writes import (
     Commit,
     Notify,
+    ReleaseLegacyLock,
     Reply,
+    Sync,
     TableEffects,
     WriteEffect,
+    WriteOut,
     Wrote,
     call_key,
 )
@@ -73,7 +90,6 @@ from sessionlane.messages.internal import (
     Drain,
     Drained,
     FileInit,
-    FileReply,
     FileStatusAnswer,
     FileStatusQuery,
     IdleNotice,
@@ -81,14 +97,10 @@ from sessionlane.messages.internal import (
     OpenChannel,
 )
 from sessionlane.messages.wire import (
-    Abandon,
     Acquire,
     Append,
     Error,
     FileStatus,
-    Recover,
-    Release,
-    Rewrite,
 )
 from sessionlane.messages.wire import Reply as ReplyMessage
 
@@ -191,6 +203,7 @@ class SessionFile(ShellActor):
 
     def on_init(self, msg: FileInit, sender: Any) -> None:
         self.path = self.out.path = msg.path
+        retitle(self, f"file {msg.path}")
         self.registry = sender
         self.incarnation = msg.incarnation
         self.restarted = msg.restarted
@@ -210,12 +223,14 @@ class SessionFile(ShellActor):
             log.log(level, "not serving %s: %s", msg.path, self.state.detail)
             return
         self.schedule_idle(self.state)
+        self.schedule(self.state)  # an awaited holder's grace ends even if nobody asks
 
     def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
         s = self.state
         if not isinstance(s, Serving):
             return
-        self.perform_writes(s, s.writes.fail_queued("unavailable", "the file's actor is exiting"))
+        failed = s.writes.fail_queued("unavailable", "the file's actor is exiting", self.now())
+        self.perform_writes(s, failed)
         self.commit(s)
         self.state = Broken("unavailable", "the file's actor is exiting")
         s.close()
@@ -225,7 +240,8 @@ class SessionFile(ShellActor):
         if isinstance(s, Serving):
             self.commit(s)
             self.perform(s, s.table.shutdown(self.now()))
-            self.perform_writes(s, s.writes.fail_queued("shutting_down", "the service is stopping"))
+            stopping = s.writes.fail_queued("shutting_down", "the service is stopping", self.now())
+            self.perform_writes(s, stopping)
             self.commit(s)
         self.send(sender, Drained(files=1))
 
@@ -253,43 +269,16 @@ class SessionFile(ShellActor):
             return
         if not self.own_path(s, call):
             return
-        now, key, lane, req = self.now(), call_key(call), call.lane.uid, call.request
-        match req:
-            case Acquire() if req.reclaim is not None:
-                effects = self.reclaim(s, key, lane, req.reclaim, now)
-            case Acquire():
-                in_grace = now < s.settings.reclaim_until_ms
-                effects = s.table.acquire(
-                    key,
-                    lane,
-                    req.purpose,
-                    now,
-                    priority=req.priority or "interactive",
-                    on_contention=req.on_contention,
-                    wait_timeout_ms=req.wait_timeout_ms,
-                    max_hold_ms=req.max_hold_ms,
-                    waited_ms=(req.waited_ms or 0) if in_grace else 0,
-                )
-            case Release():
-                effects = s.table.release(key, lane, req.lease, now)
-            case Abandon():
-                reason = req.reason or "requested by the lane"
-                effects = s.table.abandon(key, lane, now, reason=reason)
-            case Recover():
-                effects = s.table.recover(key, lane, req.grace_ms, now, reason=req.reason)
-            case Append() if (done := self.written_before(s, lane, req)) is not None:
-                self.reply(call, done)
-                effects = []
-            case Append() if req.lease is not None:
-                self.write(s, s.writes.append_under_lease(call, req))
-                effects = []
-            case Append():
-                self.write(s, s.writes.append_without_lease(call, req, now))
-                effects = []
-            case Rewrite():
-                self.write(s, s.writes.rewrite(call, req))
-                effects = []
-        self.perform(s, effects)
+        now, req = self.now(), call.request
+        if isinstance(req, Acquire) and req.reclaim is not None:
+            self.perform(s, self.reclaim(s, call_key(call), call.lane.uid, req.reclaim, now))
+            return
+        done = self.written_before(s, call.lane.uid, req) if isinstance(req, Append) else None
+        if done is not None:
+            self.reply(call, done)
+        else:
+            self.perform_writes(s, s.core.call(call, now))
+        self.perform(s, [])  # the lease record follows the holder; the next tick is armed
 
     def reclaim(
         self, s: Serving, key: Any, lane: str, ticket: wire.ReclaimTicket, now: float
@@ -355,7 +344,7 @@ class SessionFile(ShellActor):
             self.now(), code="unavailable", detail=broken.detail, reason="ownership_lost"
         )
         self.perform(s, lost)
-        self.perform_writes(s, s.writes.fail_queued(broken.code, broken.detail))
+        self.perform_writes(s, s.writes.fail_queued(broken.code, broken.detail, self.now()))
         if call is not None:
             rid = call.request.id
             self.reply(call, Error(id=rid, code=broken.code, detail=broken.detail, path=self.path))
@@ -367,62 +356,27 @@ class SessionFile(ShellActor):
     # Effects -------------------------------------------------------------------------------
 
     def perform(self, s: Serving, effects: list[lt.Effect]) -> None:
-        """Carry out the table's effects, in order (a fence reservation before its grant)."""
+        """Carry out the table's effects, in order, as the core reads them (a fence
+        reservation before its grant: one that fails stops the grant)."""
         started = self.now()
         for fx in effects:
-            if isinstance(fx, lt.Grant) and fx.waited_ms is not None:  # a hand-off to a waiter
-                self.metrics.observe("grant_wait", fx.waited_ms)
-                self.metrics.observe("handoff", self.now() - started)
-            match fx:
-                case lt.ReserveFences(ceiling=ceiling):
-                    if ceiling > s.fences.ceiling:
-                        s.fence_reservations += 1
-                    s.fences.reserve(ceiling)
-                case lt.Grant() if s.writes.is_pending(fx.req):
-                    s.writes.granted(fx.req, fx.lease, fx.fence)
-                    self.drain_writes(s)
-                case lt.Grant():
-                    secret = s.book.secret_of(fx.lease)
-                    if secret is None:
-                        secret = secrets.token_urlsafe(24)
-                        s.book.issue(fx.lease, secret)
-                    granted = wire.Granted(
-                        lease=fx.lease,
-                        fence=fx.fence,
-                        path=self.path,
-                        purpose=fx.purpose,
-                        secret=secret,
-                    )
-                    self.out.answer(s, fx.req, fx.lane, granted)
-                case lt.Queue() if s.writes.is_pending(fx.req):
-                    pass  # a short write answers once, with `appended`
-                case lt.Queue():
-                    self.out.answer(s, fx.req, fx.lane, wire.Queued(position=fx.position))
-                case lt.Skip():
-                    self.out.answer(s, fx.req, fx.lane, wire.Skipped(path=self.path))
-                case lt.Reject():
-                    s.writes.rejected(fx.req)
-                    error = Error(code=fx.code, detail=fx.detail, path=self.path)
-                    self.out.answer(s, fx.req, fx.lane, error)
-                case lt.Released() if s.writes.released_silently(fx.req):
-                    pass
-                case lt.Released():
-                    self.out.answer(s, fx.req, fx.lane, wire.Released(lease=fx.lease))
-                case lt.Abandoned():
-                    self.out.answer(s, fx.req, fx.lane, wire.Abandoned(leases=list(fx.leases)))
-                case lt.Revoke():
-                    event = wire.Revoked(lease=fx.lease, path=self.path, reason=fx.reason)
-                    self.out.event(
-                        s, fx.lane, FileReply(path=self.path, message=event, lane=fx.lane)
-                    )
-                case lt.AbortRequest():
-                    abort = wire.AbortRequested(
-                        lease=fx.lease, path=self.path, grace_ms=fx.grace_ms
-                    )
-                    reply = FileReply(path=self.path, message=abort, lane=fx.lane)
-                    self.out.event(s, fx.lane, reply)
-                case lt.Diagnostic(message=message):
-                    log.warning(message)
+            for out in s.core.meaning(fx):
+                match out:
+                    case Reserve(ceiling=ceiling):
+                        if ceiling > s.fences.ceiling:
+                            s.fence_reservations += 1
+                        s.fences.reserve(ceiling)
+                    case Handoff(waited_ms=waited_ms):
+                        self.metrics.observe("grant_wait", waited_ms)
+                        self.metrics.observe("handoff", self.now() - started)
+                    case DrainWrites():
+                        self.drain_writes(s)
+                    case Answer(req=req, lane=lane, message=message):
+                        self.out.answer(s, req, lane, message)
+                    case Event(lane=lane, message=event):
+                        self.out.event(s, lane, event)
+                    case Warn(message=message):
+                        log.warning(message)
         s.note_holder(self.out.name, self.now())
         self.schedule(s)
 
@@ -431,7 +385,7 @@ class SessionFile(ShellActor):
         self.perform_writes(s, effects)
         self.drain_writes(s)
 
-    def perform_writes(self, s: Serving, effects: list[WriteEffect]) -> None:
+    def perform_writes(self, s: Serving, effects: Sequence[WriteEffect | DrainWrites]) -> None:
         """Carry out the write path's effects, in order."""
         for fx in effects:
             match fx:
@@ -447,6 +401,16 @@ class SessionFile(ShellActor):
                     s.commit.wrote(lane, self.now())
                 case Commit():
                     self.commit(s)
+                case WriteOut(op=op, repair_tail=repair):
+                    fsync = op.kind == "append" and op.durability == "fsync"
+                    outcome = s.disk.write(op.kind, op.data, fsync, repair)
+                    self.perform_writes(s, s.writes.written(op, outcome, self.now()))
+                case Sync():
+                    s.disk.sync_now()
+                case ReleaseLegacyLock():
+                    s.disk.release_legacy()
+                case DrainWrites():
+                    self.drain_writes(s)
 
     def drain_writes(self, s: Serving) -> None:
         """Perform the queued writes in order, under the legacy lock when configured.
@@ -456,14 +420,16 @@ class SessionFile(ShellActor):
         """
         if not s.writes.may_drain():
             return
-        not_now = s.writes.begin_drain()
+        lease = s.writes.lock_for()
+        lock = s.disk.take_legacy(lease) if lease is not None else True
+        not_now = s.writes.begin_drain(self.now(), lock)
         if not_now is not None:
             self.perform_writes(s, not_now)
             if (delay := s.writes.retry_after()) is not None:
                 self.wakeupAfter(delay, payload=LegacyRetry())
             return
         try:
-            while (effects := s.writes.next_write()) is not None:
+            while (effects := s.writes.next_write(self.now())) is not None:
                 self.perform_writes(s, effects)
         finally:
             done = s.writes.end_drain()
@@ -475,7 +441,14 @@ class SessionFile(ShellActor):
         self.out.reply(self.state, call, message, needs_sync=needs_sync)
 
     def commit(self, s: Serving) -> None:
-        self.out.commit(s)
+        """Sync, then send what group commit held; acks a failed sync covered are errors,
+        and the write path forgets them (a retry must write again)."""
+        s.disk.sync_now()
+        done = s.commit.commit()
+        for key in done.failed_keys:
+            s.writes.forget(key)
+        for out in done.deliveries:
+            self.out.deliver(s, out.address, out.message)
 
     def decide(self, s: Serving) -> None:
         """The held batch's pass ended (or its wait timed out): sync, pass again, or wait."""

@@ -3,11 +3,11 @@
 Two parts of ``sessionlane.actors.session_file.SessionFile``, each with its own state:
 
 * ``TranscriptSync`` owns whether an fsync append is not covered by an fdatasync yet, and
-  the last sync failure; it syncs (and measures) when asked.
+  the last sync failure; the shell's ``FileDisk`` syncs (and measures) and reports to it.
 * ``GroupCommit`` owns the ``Outbox`` of held messages, the ``CommitPolicy`` and the phase of
   the current pass; it returns what to deliver and which timer to arm, and the actor does it.
 
-The decisions are the pure ``sessionlane.actors.group_commit``; these parts carry them out.
+The decisions are the pure ``sessionlane.actors.group_commit``; these parts keep their state.
 
 Group commit. An append is written at once but acknowledged only once durable: with
 ``durability="fsync"`` its reply is held in an ``Outbox`` until an fdatasync covers it, and
@@ -30,14 +30,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from sessionlane.actors.disk_errors import DiskEpisodes, disk_error_code
 from sessionlane.actors.group_commit import CommitPolicy, Outbox, Outgoing
 from sessionlane.actors.histogram import FileMetrics
-from sessionlane.actors.transcript import Transcript
 from sessionlane.messages.errors import ErrorCode
 from sessionlane.messages.wire import Error
 
@@ -47,64 +45,57 @@ log = logging.getLogger(__name__)
 
 
 class TranscriptSync:
-    """Whether the transcript holds fsync appends no fdatasync covers yet; the sync itself."""
+    """Whether the transcript holds fsync appends no fdatasync covers yet, and how syncs went.
 
-    def __init__(
-        self,
-        path: str,
-        transcript: Transcript,
-        policy: CommitPolicy,
-        metrics: FileMetrics,
-        clock: Callable[[], float],
-    ) -> None:
+    No I/O and no clock: the shell's ``FileDisk`` (``sessionlane.actors.session_file_disk``)
+    performs the fdatasync, times it and reports here (``measured``, ``synced``, ``failed``).
+    """
+
+    def __init__(self, path: str, policy: CommitPolicy, metrics: FileMetrics) -> None:
         self.path = path
-        self.transcript = transcript
         self.policy = policy
         self.metrics = metrics
-        self.clock = clock
         self.unsynced = False  # an fsync append was written and no fdatasync covers it yet
         self.error: SyncFailure | None = None  # the last failure, until ``take_error``
         self.disk = DiskEpisodes(path, log)
-        """The file's disk trouble, logged once per episode (the write path reports too)."""
+        """The file's disk trouble, logged once per episode (the disk performer reports)."""
         self.moved = 0
         """Syncs after which the file was no longer the one at the path (acks refused)."""
 
     def wrote(self) -> None:
-        """An fsync append was written: the next ``sync_now`` must sync."""
+        """An fsync append was written: the next sync must sync."""
         self.unsynced = True
 
-    def sync_now(self) -> None:
-        """fdatasync if an fsync append is not covered yet; a failure is kept for the commit.
+    def begin(self) -> bool:
+        """A sync is about to be performed: whether there is anything to sync."""
+        due, self.unsynced = self.unsynced, False
+        return due
 
-        Once durable, the file must still be the one at the path under the root (walked again):
+    def measured(self, elapsed_ms: float) -> None:
+        """The fdatasync took ``elapsed_ms`` (group commit's estimate of a sync's cost)."""
+        self.policy.synced(elapsed_ms)
+        self.metrics.observe("fsync", elapsed_ms)
+
+    def synced(self, at_path: bool) -> None:
+        """Durable. Once durable, the file must still be the one at the path under the root:
         if it was moved or replaced meanwhile, the appends went to the moved file, and the
-        acks this sync covers become ``file_moved`` errors.
-        """
-        if not self.unsynced:
-            return
-        self.unsynced = False
-        started = self.clock()
-        try:
-            self.transcript.sync("fsync")
-            elapsed = self.clock() - started
-            self.policy.synced(elapsed)
-            self.metrics.observe("fsync", elapsed)
-            at_path = self.transcript.still_at_path()
-        except OSError as exc:
-            detail = f"fdatasync failed: {exc}; nothing was acknowledged"
-            code = disk_error_code(exc)
-            if code is None:  # out of descriptors while walking the path again
-                self.error = SyncFailure("too_many_files", detail)
-                log.error("%s: %s", self.path, detail)
-            else:
-                self.error = SyncFailure(code, detail)
-                self.disk.failed(code, "fdatasync", exc)
-            return
+        acks this sync covers become ``file_moved`` errors."""
         self.disk.succeeded()
         if not at_path:
             self.moved += 1
             self.error = SyncFailure("file_moved", moved_detail(self.path))
             log.warning("%s: %s", self.path, self.error.detail)
+
+    def failed(self, exc: OSError) -> None:
+        """The sync (or the walk to the path after it) failed: nothing it covers is acked."""
+        detail = f"fdatasync failed: {exc}; nothing was acknowledged"
+        code = disk_error_code(exc)
+        if code is None:  # out of descriptors while walking the path again
+            self.error = SyncFailure("too_many_files", detail)
+            log.error("%s: %s", self.path, detail)
+        else:
+            self.error = SyncFailure(code, detail)
+            self.disk.failed(code, "fdatasync", exc)
 
     def take_error(self) -> SyncFailure | None:
         error, self.error = self.error, None
@@ -212,8 +203,9 @@ class GroupCommit:
         return due
 
     def commit(self) -> Committed:
-        """Sync, then release every held message; acks a failed sync covered become errors."""
-        self.sync.sync_now()
+        """Release every held message; acks the failed sync before it covered become errors.
+
+        The shell syncs first (``FileDisk.sync_now``)."""
         held = self.outbox.take_all()
         failure = self.sync.take_error()
         done = Committed()

@@ -91,11 +91,3 @@ class Outlet:
             s.channels.send(address, message)
         else:
             self.send(address, message)
-
-    def commit(self, s: Serving) -> None:
-        """Sync, then send every held message (acks a failed sync covered are errors)."""
-        done = s.commit.commit()
-        for key in done.failed_keys:
-            s.writes.forget(key)
-        for out in done.deliveries:
-            self.deliver(s, out.address, out.message)

@@ -3,7 +3,8 @@
 ``Serving`` is everything that exists only once the file is open, built complete by
 ``Serving.open`` when the actor gets its ``FileInit``: the directory, the ownership lock, the
 transcript, the fence store, the legacy lock, the lease table, and the parts that work on them
-(``WritePath``, ``TranscriptSync``, ``GroupCommit``, ``FileChannels``). An activation that
+(``WritePath`` and the ``FileDisk`` performing its writes, ``TranscriptSync``,
+``GroupCommit``, ``FileChannels``). An activation that
 fails leaves nothing open and gives a ``Broken`` instead (``activation_error``): every request
 then gets its error. So no part of the actor ever holds a half-open file.
 
@@ -34,6 +35,8 @@ from sessionlane.actors.paths import lease_route
 from sessionlane.actors.reclaim import DoneAppend, HeldRecord, ReclaimBook, digest
 from sessionlane.actors.session_file_channels import FileChannels
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
+from sessionlane.actors.session_file_core import FileCore
+from sessionlane.actors.session_file_disk import FileDisk
 from sessionlane.actors.session_file_writes import WritePath
 from sessionlane.actors.transcript import OpenReport, Transcript
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
@@ -125,20 +128,19 @@ class Serving:
         self.table = LeaseTable(
             msg.path, policy, fence_floor=opened.floor, lease_prefix=f"{lease_route(msg.path)}-"
         )
-        self.sync = TranscriptSync(msg.path, self.transcript, CommitPolicy(), metrics, clock)
+        self.sync = TranscriptSync(msg.path, CommitPolicy(), metrics)
         self.commit = GroupCommit(
             msg.path, self.sync, watch=switches.watch and switches.group_commit
         )
+        self.disk = FileDisk(msg.path, self.transcript, self.sync, opened.legacy, clock)
         self.writes = WritePath(
             msg.path,
             self.table,
-            self.transcript,
-            legacy=opened.legacy,
+            legacy=opened.legacy is not None,
             tail_unchecked=opened.tail_unchecked,
             durability=s.durability,
             max_record_bytes=s.max_record_bytes,
-            sync=self.sync,
-            clock=clock,
+            unsynced=lambda: self.sync.unsynced,
             sync_each_append=not switches.group_commit,
         )
         self.channels = FileChannels(
@@ -153,6 +155,9 @@ class Serving:
         self.fence_reservations = 0
         self.records = opened.records
         self.book = ReclaimBook()
+        self.core = FileCore(
+            msg.path, self.table, self.writes, self.book, reclaim_until_ms=s.reclaim_until_ms
+        )
         # Only the path's first actor of this service awaits a holder: a successor of one that
         # died while the service lives told its lanes ``actor_restart``; nobody will reclaim.
         self.await_holder(clock(), s.reclaim_until_ms if msg.incarnation == 1 else 0.0)
@@ -320,13 +325,22 @@ class Serving:
             "disk_error_episodes": self.sync.disk.episodes,
             "moved_writes": self.sync.moved,
             "channels": self.channels.connections(),
-            "in_grace": int(t.holder is not None and t.holder.state == "awaiting"),
+            **self.grace_counters(now),
             "lease_record_writes": self.records.writes,
             **extra,
         }
         return FileStatus(
             path=self.path, fence=t.fence, holder=holder, queue=queue, counters=counters
         )
+
+    def grace_counters(self, now: float) -> dict[str, int]:
+        """``in_grace`` 1 while the holder found in the lease record is awaited, with its
+        fence (``awaited_fence``) and what is left of the grace (``grace_left_ms``)."""
+        h = self.table.holder
+        if h is None or h.state != "awaiting":
+            return {"in_grace": 0, "awaited_fence": 0, "grace_left_ms": 0}
+        left = 0 if h.hold_deadline is None else max(0, int(h.hold_deadline - now))
+        return {"in_grace": 1, "awaited_fence": h.fence, "grace_left_ms": left}
 
     def keep_ownership(self, now: float) -> OwnerCheck:
         """Before a grant or a write: is the owner lock at the file's path still ours?

@@ -1,10 +1,12 @@
 """The write path of a SessionFile: accepting writes, the write queue, performing them.
 
 ``WritePath`` is a part of ``sessionlane.actors.session_file.SessionFile`` with its own state; like
-``LeaseTable`` it returns effects (``Reply``, ``Notify``, ``TableEffects``, ``Wrote``,
-``Commit``) that the actor performs in order, and it is tested without an actor
-(``tests/test_write_path.py``). It does the transcript I/O itself (appends, rewrites, the
-legacy lock): the effects are what the rest of the actor must do about them.
+``LeaseTable`` it decides and returns effects that the actor performs in order, and does no
+I/O and reads no clock (time comes in as ``now``). The disk effects (``WriteOut``: write these
+bytes; ``Sync``; ``ReleaseLegacyLock``) are performed by the shell's ``FileDisk``
+(``sessionlane.actors.session_file_disk``), whose ``WriteOutcome`` comes back through
+``written``; the others (``Reply``, ``Notify``, ``TableEffects``, ``Wrote``, ``Commit``) are
+what the rest of the actor must do. Tested without an actor (``tests/test_write_path.py``).
 
 A write under a lease (``append`` with ``lease`` + ``fence``, or ``rewrite``) is checked when
 it arrives and again when it is performed; a write that fails the check changes nothing.
@@ -21,10 +23,10 @@ write is re-checked against its lease and fence when it is finally performed. A 
 seen at activation while a legacy writer held the lock is repaired by the first write under
 the lock (it may have been that writer's line in progress).
 
-The drain is driven by the actor, one write at a time (``begin_drain``, ``next_write``,
-``end_drain``), because a write's effects can grant the next queued lease-less append: the
-actor performs them between two writes, and the append granted so joins the same drain, under
-the same lock.
+The drain is driven by the actor, one write at a time (``begin_drain`` with the outcome of
+taking the legacy lock, ``next_write``, ``written``, ``end_drain``), because a write's
+effects can grant the next queued lease-less append: the actor performs them between two
+writes, and the append granted so joins the same drain, under the same lock.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from typing import Any, Literal
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import disk_error_code
 from sessionlane.actors.lease_table import Effect, LeaseTable
-from sessionlane.actors.legacy_lock import LegacyLock
-from sessionlane.actors.session_file_commit import TranscriptSync, moved_detail
-from sessionlane.actors.transcript import Transcript, encode_records
+from sessionlane.actors.session_file_commit import moved_detail
+from sessionlane.actors.session_file_disk import LockOutcome, WriteOutcome
+from sessionlane.actors.transcript import encode_records
 from sessionlane.messages.errors import ErrorCode, FileMoved, SessionLaneError
 from sessionlane.messages.internal import FileReply, LaneCall
 from sessionlane.messages.wire import (
@@ -58,9 +60,13 @@ from sessionlane.messages.wire import Reply as ReplyMessage
 __all__ = [
     "Commit",
     "Notify",
+    "ReleaseLegacyLock",
     "Reply",
+    "Sync",
     "TableEffects",
     "WriteEffect",
+    "WriteOp",
+    "WriteOut",
     "WritePath",
     "Wrote",
     "call_key",
@@ -118,7 +124,26 @@ class Commit:
     """Sync and send what is held now (a drain under the legacy lock made the writes durable)."""
 
 
-WriteEffect = Reply | Notify | TableEffects | Wrote | Commit
+@dataclass(frozen=True, slots=True)
+class WriteOut:
+    """Write ``op``'s bytes (append, or replace the file), adopting an outside change first;
+    ``repair_tail``: quarantine a torn last line before. Its outcome goes to ``written``."""
+
+    op: WriteOp
+    repair_tail: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """fdatasync what no sync covers yet (before a rewrite, or an append without group commit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseLegacyLock:
+    """Release ``<file>.lock`` (the drain that took it is done and synced)."""
+
+
+WriteEffect = Reply | Notify | TableEffects | Wrote | Commit | WriteOut | Sync | ReleaseLegacyLock
 
 
 # State --------------------------------------------------------------------------------------
@@ -134,7 +159,7 @@ class _PendingWrite:
     durability: Durability
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class WriteOp:
     """A write accepted for the file: performed at once, or once the legacy lock is free."""
 
@@ -152,36 +177,33 @@ class WriteOp:
 class WritePath:
     """The write path of one open transcript: its queue, its de-duplication, the legacy lock.
 
-    ``sync`` is told of every fsync append written, and makes them durable when the write
-    path needs it (before a rewrite, before the legacy lock is released); ``clock`` is the
-    actor's clock (ms).
+    Pure: the disk is the shell's (``FileDisk``). ``legacy``: writes take ``<file>.lock``
+    (the shell takes it, for ``lock_for``'s lease, before ``begin_drain``); ``unsynced``
+    is asked whether an fsync append no fdatasync covers yet was written (a rewrite syncs it
+    first).
     """
 
     def __init__(
         self,
         path: str,
         table: LeaseTable,
-        transcript: Transcript,
         *,
-        legacy: LegacyLock | None,
+        legacy: bool,
         tail_unchecked: bool,
         durability: Durability,
         max_record_bytes: int,
-        sync: TranscriptSync,
-        clock: Callable[[], float],
+        unsynced: Callable[[], bool],
         sync_each_append: bool = False,
     ) -> None:
         self.path = path
         self.table = table
-        self.transcript = transcript
         self.legacy = legacy
         self.tail_unchecked = tail_unchecked
         """A torn last line seen at activation was left for the first write under the
         legacy lock to repair (it may have been a legacy writer's line in progress)."""
         self.durability = durability
         self.max_record_bytes = max_record_bytes
-        self.sync = sync
-        self.clock = clock
+        self.unsynced = unsynced
         self.sync_each_append = sync_each_append
         """No group commit: sync every append before answering it (the benchmarks' baseline)."""
         self.pending: dict[Any, _PendingWrite] = {}
@@ -289,24 +311,25 @@ class WritePath:
         """Are there writes to perform, and no drain in progress (that would take them)?"""
         return bool(self.queue) and not self.draining
 
-    def begin_drain(self) -> list[WriteEffect] | None:
-        """Start performing the queue: None when the writes may go (lock taken if configured).
+    def lock_for(self) -> str | None:
+        """The lease the shell takes the legacy lock for before ``begin_drain`` (the first
+        queued write's: a drop-in holder keeps ``<file>.lock`` for its lease, and its writes
+        go under it), or None when writes take no lock."""
+        return self.queue[0].lease if self.legacy and self.queue else None
 
-        Otherwise the effects of not draining now (every queued write failed: the lock file
-        cannot be used); a live legacy holder leaves the queue as it is, ``retry_after``
-        says when to try again.
+    def begin_drain(self, now: float, lock: LockOutcome = True) -> list[WriteEffect] | None:
+        """Start performing the queue: None when the writes may go.
+
+        ``lock``: the outcome of taking the legacy lock (for ``lock_for``'s lease). Otherwise the
+        effects of not draining now (every queued write failed: the lock file cannot be
+        used); a live legacy holder leaves the queue as it is, ``retry_after`` says when to
+        try again.
         """
-        if self.legacy is not None:
-            try:
-                # A drop-in holder keeps <file>.lock for its lease: its writes go under it.
-                self.locked = self.legacy.try_acquire(lease=self.queue[0].lease)
-            except SessionLaneError as exc:  # the directory's path became a symlink...
-                log.warning("cannot take legacy lock %s: %s", self.legacy.path, exc.detail)
-                return self.fail_queued(exc.code, exc.detail)
-            except OSError as exc:
-                log.error("cannot take legacy lock %s: %s", self.legacy.path, exc)
-                return self.fail_queued("internal", f"legacy lock: {exc}")
-            if not self.locked:
+        if self.legacy:
+            if isinstance(lock, tuple):
+                return self.fail_queued(*lock, now)
+            self.locked = lock
+            if not lock:
                 self.counters["legacy_lock_waits"] += 1
                 return []
             self.backoff = LEGACY_RETRY_MIN_S
@@ -325,133 +348,117 @@ class WritePath:
         """The retry armed by ``retry_after`` fired (the actor drains again)."""
         self.retry_armed = False
 
-    def next_write(self) -> list[WriteEffect] | None:
-        """Perform the next queued write: its effects, or None when the queue is empty."""
+    def next_write(self, now: float) -> list[WriteEffect] | None:
+        """The next queued write: its ``WriteOut`` (after a ``Sync`` for a rewrite), or its
+        refusal when it fails the check against the current lease and fence; None when the
+        queue is empty."""
         if not self.queue:
             return None
-        return self.perform(self.queue.popleft())
+        op = self.queue.popleft()
+        purpose: Purpose | None = "compaction" if op.kind == "rewrite" else None
+        refusal = self.table.check_write(op.call.lane.uid, op.lease, op.fence, purpose=purpose)
+        if refusal is not None:
+            return self.answer(op, self.refused(op.call, *refusal).message, now)
+        repair, self.tail_unchecked = self.tail_unchecked, False
+        out = WriteOut(op, repair_tail=repair)
+        if op.kind == "rewrite" and self.unsynced():
+            return [Sync(), out]  # what was acknowledged-to-be is durable before the replace
+        return [out]
+
+    def written(self, op: WriteOp, outcome: WriteOutcome, now: float) -> list[WriteEffect]:
+        """``op``'s ``WriteOut`` was performed: tell the holder of an outside change, answer."""
+        effects = self.adopted(op, outcome)
+        reply: ReplyMessage
+        if outcome.error is not None:
+            reply = self.failed(op, outcome.error)
+        elif outcome.moved:
+            log.warning("%s of %s refused: %s", op.kind, self.path, moved_detail(self.path))
+            moved = FileMoved(moved_detail(self.path), path=self.path)
+            reply = Error(
+                id=op.call.request.id, code=moved.code, detail=moved.detail, path=self.path
+            )
+        elif op.kind == "rewrite":
+            self.counters["rewrites"] += 1
+            reply = Rewritten(id=op.call.request.id, lines=op.lines, fence=op.fence)
+        else:
+            if op.durability == "fsync":
+                effects.append(Wrote(op.call.lane.uid))
+            if self.sync_each_append:
+                effects.append(Sync())  # the baseline benchmarks compare against
+            self.counters["appends"] += 1
+            self.counters["records"] += op.lines
+            reply = Appended(
+                id=op.call.request.id, offset=outcome.offset, lines=op.lines, fence=op.fence
+            )
+            self.remember(op.call, reply)
+            return effects + self.answer(op, reply, now, needs_sync=op.durability == "fsync")
+        return effects + self.answer(op, reply, now)
+
+    def answer(
+        self, op: WriteOp, reply: ReplyMessage, now: float, *, needs_sync: bool = False
+    ) -> list[WriteEffect]:
+        """The reply to a performed (or refused) write, after its short lease's release."""
+        effects: list[WriteEffect] = []
+        if op.auto_release:
+            effects.append(self.release_short_write(op, now))
+        effects.append(Reply(op.call, reply, needs_sync=needs_sync))
+        return effects
 
     def end_drain(self) -> list[WriteEffect]:
         """The queue is empty: sync and release the legacy lock if it was taken."""
         self.draining = False
         if not self.locked:
             return []
-        assert self.legacy is not None  # ``locked`` only ever comes from it
         self.locked = False
-        try:
-            self.sync.sync_now()  # durable before a legacy writer may append after us
-        finally:
-            try:
-                self.legacy.release()
-            except OSError:
-                log.exception("cannot release legacy lock %s", self.legacy.path)
-        return [Commit()]
-
-    def perform(self, op: WriteOp) -> list[WriteEffect]:
-        """Re-check ``op`` against the current lease and fence, then write it (or refuse)."""
-        purpose: Purpose | None = "compaction" if op.kind == "rewrite" else None
-        refusal = self.table.check_write(op.call.lane.uid, op.lease, op.fence, purpose=purpose)
-        effects: list[WriteEffect] = []
-        needs_sync = False
-        reply: ReplyMessage
-        if refusal is not None:
-            reply = self.refused(op.call, *refusal).message
-        else:
-            try:
-                if op.kind == "rewrite":
-                    reply = self.perform_rewrite(op, effects)
-                else:
-                    reply = self.perform_append(op, effects)
-                    needs_sync = op.durability == "fsync"
-                    self.remember(op.call, reply)
-            except SessionLaneError as exc:
-                # The name became unusable (a symlink, a second hard link...): refused, and
-                # refused again by every later write until the name is a plain file again.
-                log.warning("%s of %s refused: %s", op.kind, self.path, exc.detail)
-                reply = Error(
-                    id=op.call.request.id, code=exc.code, detail=exc.detail, path=self.path
-                )
-            except Exception as exc:
-                reply = self.failed(op, exc)
-        if op.auto_release:
-            effects.append(self.release_short_write(op))
-        effects.append(Reply(op.call, reply, needs_sync=needs_sync))
-        return effects
+        # durable before a legacy writer may append after us
+        return [Sync(), ReleaseLegacyLock(), Commit()]
 
     def failed(self, op: WriteOp, exc: Exception) -> Error:
-        """The answer to a write that raised: a disk error by name (logged once per episode),
-        ``too_many_files``, or ``internal`` for a bug (logged with its traceback)."""
+        """The answer to a write that raised: its refusal (a name that became unusable: a
+        symlink, a second hard link...), a disk error by name, ``too_many_files``, or
+        ``internal`` for a bug (logged with its traceback)."""
         code: ErrorCode
-        disk = disk_error_code(exc)
-        if disk is not None:
-            self.sync.disk.failed(disk, op.kind, exc)
+        if isinstance(exc, SessionLaneError):
+            # refused again by every later write until the name is a plain file again
+            log.warning("%s of %s refused: %s", op.kind, self.path, exc.detail)
+            code, detail = exc.code, exc.detail
+        elif (disk := disk_error_code(exc)) is not None:
             code, detail = disk, f"{op.kind} of {self.path} failed: {exc}; nothing was written"
         elif is_fd_exhaustion(exc):
             code, detail = "too_many_files", failure_detail(exc)
         else:
-            log.exception("%s of %s failed", op.kind, self.path)
+            log.error("%s of %s failed", op.kind, self.path, exc_info=exc)
             code, detail = "internal", failure_detail(exc)
         return Error(id=op.call.request.id, code=code, detail=detail, path=self.path)
 
-    def perform_append(self, op: WriteOp, effects: list[WriteEffect]) -> ReplyMessage:
-        effects.extend(self.adopt_external_change(op.lease, op.call.lane.uid))
-        offset = self.transcript.append(op.data)
-        if op.durability == "fsync":
-            self.sync.wrote()
-            effects.append(Wrote(op.call.lane.uid))
-        else:  # acknowledged now: the bytes must have gone to the file at the path
-            if not self.transcript.still_at_path():
-                self.sync.moved += 1
-                raise FileMoved(moved_detail(self.path), path=self.path)
-            self.sync.disk.succeeded()
-        if self.sync_each_append:
-            self.sync.sync_now()  # the baseline benchmarks compare against
-        self.counters["appends"] += 1
-        self.counters["records"] += op.lines
-        return Appended(id=op.call.request.id, offset=offset, lines=op.lines, fence=op.fence)
-
-    def perform_rewrite(self, op: WriteOp, effects: list[WriteEffect]) -> ReplyMessage:
-        effects.extend(self.adopt_external_change(op.lease, op.call.lane.uid))
-        self.sync.sync_now()  # what was acknowledged-to-be is durable before the file is replaced
-        self.transcript.rewrite(op.data)
-        if not self.transcript.still_at_path():  # the new file must be the one at the path
-            self.sync.moved += 1
-            raise FileMoved(moved_detail(self.path), path=self.path)
-        self.counters["rewrites"] += 1
-        return Rewritten(id=op.call.request.id, lines=op.lines, fence=op.fence)
-
-    def release_short_write(self, op: WriteOp) -> TableEffects:
+    def release_short_write(self, op: WriteOp, now: float) -> TableEffects:
         """Release the short write lease a lease-less append was granted (no reply for it)."""
         self.auto_ids += 1
         release_key = ("auto", self.auto_ids)
         self.auto_releases.add(release_key)
-        return TableEffects(
-            self.table.release(release_key, op.call.lane.uid, op.lease, self.clock())
-        )
+        return TableEffects(self.table.release(release_key, op.call.lane.uid, op.lease, now))
 
-    def fail_queued(self, code: ErrorCode, detail: str) -> list[WriteEffect]:
+    def fail_queued(self, code: ErrorCode, detail: str, now: float) -> list[WriteEffect]:
         """Answer every queued write with this error (the actor exits, the lock is unusable)."""
         effects: list[WriteEffect] = []
         while self.queue:
             op = self.queue.popleft()
             if op.auto_release:
-                effects.append(self.release_short_write(op))
+                effects.append(self.release_short_write(op, now))
             effects.append(self.refused(op.call, code, detail))
         return effects
 
-    def adopt_external_change(self, lease: str, lane_uid: str) -> list[WriteEffect]:
-        """Before our write: adopt what changed outside sessionlane and tell the holder."""
-        kind = self.transcript.check_external()
-        if self.tail_unchecked:  # left at activation: now we hold the legacy lock
-            self.tail_unchecked = False
-            self.transcript.repair_torn_tail()
+    def adopted(self, op: WriteOp, outcome: WriteOutcome) -> list[WriteEffect]:
+        """Before our write, a change outside sessionlane was adopted: tell the holder."""
+        kind = outcome.external
         if kind is None:
             return []
         self.counters["external_changes"] += 1
+        lane_uid = op.call.lane.uid
         # Legacy writers appending between our writes is what legacy interop is for.
-        level = logging.INFO if self.legacy is not None and kind == "append" else logging.WARNING
-        log.log(level, "external %s of %s adopted during lease %s", kind, self.path, lease)
-        event = ExternalChange(lease=lease, path=self.path, kind=kind)
+        level = logging.INFO if self.legacy and kind == "append" else logging.WARNING
+        log.log(level, "external %s of %s adopted during lease %s", kind, self.path, op.lease)
+        event = ExternalChange(lease=op.lease, path=self.path, kind=kind)
         return [Notify(lane_uid, FileReply(path=self.path, message=event, lane=lane_uid))]
 
     # Helpers -------------------------------------------------------------------------------

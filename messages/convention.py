@@ -17,6 +17,8 @@ __all__ = [
     "Admitted",
     "Beat",
     "BeatAck",
+    "Checkin",
+    "CheckinAck",
     "Claim",
     "ConventionMessage",
     "Forwarded",
@@ -59,6 +61,9 @@ class Join(_Msg):
     key: str
     incarnation: str
     member_timeout_ms: int
+    directory_file: str | None = None
+    """On the leader only: where its directory keeps the table of members across restarts
+    (``""``: nowhere)."""
 
 
 class Joined(_Msg):
@@ -78,12 +83,17 @@ class Claim(_Msg):
 
     kind: Literal["claim"] = "claim"
     member: Member
+    directory_file: str | None = None
+    """Set only by the leader's own Registry (see ``Join.directory_file``): the directory
+    answers no other claim before it has read the table it kept there."""
 
 
 class Admitted(_Msg):
     kind: Literal["admitted"] = "admitted"
     version: int
     members: list[Member]
+    directory: Any = None
+    """The directory's address: the member checks in with it (``Checkin``)."""
 
 
 class Refused(_Msg):
@@ -154,6 +164,22 @@ class BeatAck(_Msg):
     incarnation: str
 
 
+class Checkin(_Msg):
+    """From an admitted member's Registry to the directory, every ``member_timeout_ms / 4``: a
+    directory that stops answering (the leader died or was restarted) is claimed again."""
+
+    kind: Literal["checkin"] = "checkin"
+    key: str
+    incarnation: str
+    registry: Any
+    seq: int
+
+
+class CheckinAck(_Msg):
+    kind: Literal["checkin_ack"] = "checkin_ack"
+    seq: int
+
+
 class OriginLost(_Msg):
     """From a relay to its (owner's) Registry: the origin is gone; abandon its lanes' leases."""
 
@@ -187,6 +213,8 @@ ConventionMessage = (
     | ForwardedStatus
     | Beat
     | BeatAck
+    | Checkin
+    | CheckinAck
     | OriginLost
     | Resolved
 )

@@ -32,6 +32,7 @@ __all__ = [
     "TooManyFiles",
     "Unauthorized",
     "Unavailable",
+    "UnknownOutcome",
     "error_for",
 ]
 
@@ -56,6 +57,7 @@ ErrorCode = Literal[
     "file_moved",
     "reclaim_refused",
     "too_many_files",
+    "unknown_outcome",
     "internal",
 ]
 ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
@@ -132,6 +134,15 @@ def _rebuild_revoked(
     cls: type[LeaseRevoked], detail: str, path: str | None, code: str, reason: str | None
 ) -> LeaseRevoked:
     return cls(detail, path=path, code=code, reason=reason)
+
+
+class UnknownOutcome(LeaseRevoked):
+    """A write was sent and its answer can never come: the route to the file's member, the
+    file's actor or the client's own connection was lost after it left. It may or may not be
+    in the file: read the file to learn which (never assume it was not written, as
+    ``stale_fence`` would say). The lease it used, if any, is gone too (``reason``)."""
+
+    code: ErrorCode = "unknown_outcome"
 
 
 class StaleFence(LeaseRevoked):
@@ -262,6 +273,7 @@ _BY_CODE: dict[str, type[SessionLaneError]] = {
     "io_error": IOFailure,
     "file_moved": FileMoved,
     "too_many_files": TooManyFiles,
+    "unknown_outcome": UnknownOutcome,
     "reclaim_refused": LeaseRevoked,
     "internal": SessionLaneError,
 }

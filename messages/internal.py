@@ -32,6 +32,7 @@ from sessionlane.messages.wire import (
 __all__ = [
     "ActivationFailed",
     "AgentGone",
+    "AwaitHolders",
     "ChannelOffer",
     "Configure",
     "Configured",
@@ -45,6 +46,7 @@ __all__ = [
     "FileStatusQuery",
     "GatewayFailed",
     "GatewayStarted",
+    "HoldersAwaited",
     "IdleNotice",
     "InternalMessage",
     "LaneCall",
@@ -135,6 +137,24 @@ class Configure(_Internal):
 
 class Configured(_Internal):
     kind: Literal["configured"] = "configured"
+
+
+class AwaitHolders(_Internal):
+    """To the Registry, once configured, at a start within the reclaim grace: transcripts
+    whose lease record names a holder (``sessionlane.system.runtime.held_scan``). Each is
+    activated at once, within ``max_files``, so that it awaits its holder (issue 21)."""
+
+    kind: Literal["await_holders"] = "await_holders"
+    paths: list[str]
+
+
+class HoldersAwaited(_Internal):
+    """The Registry's answer to ``AwaitHolders``: files activated, and those not (already
+    active, outside the roots, or no capacity left)."""
+
+    kind: Literal["holders_awaited"] = "holders_awaited"
+    activated: int
+    skipped: int
 
 
 class OpenLane(_Internal):
@@ -370,6 +390,8 @@ class Drained(_Internal):
 InternalMessage = (
     Configure
     | Configured
+    | AwaitHolders
+    | HoldersAwaited
     | OpenLane
     | Opened
     | LaneCall

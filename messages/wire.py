@@ -68,7 +68,13 @@ Priority = Literal["recovery", "interactive", "background"]
 OnContention = Literal["wait", "fail", "skip"]
 Durability = Literal["fsync", "flush"]
 RevokeReason = Literal[
-    "max_hold", "recovery", "abandoned", "actor_restart", "shutdown", "ownership_lost"
+    "max_hold",
+    "recovery",
+    "abandoned",
+    "actor_restart",
+    "shutdown",
+    "ownership_lost",
+    "member_lost",
 ]
 ExternalChangeKind = Literal["append", "truncate", "replace"]
 RequestId = Annotated[str | int, Field(union_mode="left_to_right")]

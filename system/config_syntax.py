@@ -168,6 +168,29 @@ def parse_metrics_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
+def access_advice(what: str, path: str, recursive: bool = False) -> str:
+    """``what`` (a refusal of ``path`` to this process) with the owner and mode found and the
+    ``chown`` that lets this process's effective uid in: a file mounted from a host (a
+    container's token) is typically the host user's, 0600, and the service runs as another."""
+    uid = os.geteuid()
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"{what}: {exc.strerror or exc}"
+    return (
+        f"{what}: owned by uid {st.st_uid} mode {stat.S_IMODE(st.st_mode):04o}; this service"
+        f" runs as uid {uid}: chown {'-R ' if recursive else ''}{uid} {path}"
+        f" (or run the service as uid {st.st_uid})"
+    )
+
+
+def unreadable(what: str, path: str, exc: OSError) -> str:
+    """Why ``path`` could not be opened: for a permission refusal, :func:`access_advice`."""
+    if isinstance(exc, PermissionError):
+        return access_advice(what, path)
+    return f"{what}: {exc.strerror or exc}"
+
+
 def read_cluster_key_file(path: str) -> bytes:
     """The key material of a ``cluster_key_file``; raises :class:`ConfigError` (key
     ``cluster_key_file``) when it is unreadable, shared with other users, not base64 or short."""
@@ -180,7 +203,7 @@ def read_cluster_key_file(path: str) -> bytes:
             mode = os.fstat(fh.fileno()).st_mode
             text = fh.read()
     except OSError as exc:
-        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+        raise refuse(unreadable("cannot be read", path, exc)) from None
     if not stat.S_ISREG(mode):
         raise refuse("is not a regular file")
     if mode & 0o077:
@@ -217,7 +240,7 @@ def read_token_file(path: str) -> str:
             mode = os.fstat(fh.fileno()).st_mode
             data = fh.read(MAX_TOKEN_BYTES * 4 + 4096)
     except OSError as exc:
-        raise ConfigError("token_file", f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ConfigError("token_file", unreadable(f"cannot read {path}", path, exc)) from None
     if not stat.S_ISREG(mode):
         raise refuse("is not a regular file")
     if mode & 0o077:

@@ -23,7 +23,6 @@ import resource
 import select
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -32,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_serve import Serve as BaseServe
+from waiting import eventually
 
 from sessionlane.actors import procfs
 from sessionlane.messages.errors import LeaseRevoked, ShuttingDown, Unavailable
 from sessionlane.system.client import connect
-from sessionlane.system.config import NON_CONFIG_ENV
 from sessionlane.system.runtime import connection_auth, launch
 from sessionlane.system.runtime.launch import free_port
 
@@ -62,65 +62,21 @@ ATTACKERS = [
 ]
 
 
-def wait_for(predicate: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def limit_nofile() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-
-
-class Serve:
-    """``sessionlane serve`` in its own session, held to ``NOFILE`` open files (hard limit)."""
+class Serve(BaseServe):
+    """``sessionlane serve`` on a free port, held to ``NOFILE`` open files (hard limit), ready."""
 
     def __init__(self, tmp: Path) -> None:
         self.root = tmp / "sessions"
         self.root.mkdir()
-        run_dir = tmp / "run"
-        run_dir.mkdir()
-        self.output = tmp / "serve.out"
         self.log = tmp / "serve.log"
-        self.address = f"tcp://127.0.0.1:{free_port()}"
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("SESSIONLANE_") or k in NON_CONFIG_ENV
-        }
-        env.update(XDG_RUNTIME_DIR=str(run_dir), PYTHONUNBUFFERED="1")
-        args = ["serve", "--root", str(self.root), "--listen", self.address]
-        args += ["--log-file", str(self.log)]
-        with self.output.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "sessionlane.system.ops.cli",
-                    *args,
-                    "--log-file",
-                    str(self.log),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-                preexec_fn=limit_nofile,
-            )
-        wait_for(
-            lambda: (
-                "sessionlane serving" in self.output.read_text(errors="replace")
-                or self.proc.poll() is not None
-            ),
-            WAIT_S,
-            "sessionlane serve to start",
-        )
-        assert self.proc.poll() is None, self.output.read_text(errors="replace")
-        (state,) = run_dir.glob("sessionlane-*/serve-*.json")
-        self.state: dict[str, Any] = json.loads(state.read_text())
+        self.listen = f"tcp://127.0.0.1:{free_port()}"
+        args = ["--root", str(self.root), "--listen", self.listen, "--log-file", str(self.log)]
+        super().__init__(tmp, *args, nofile=NOFILE)
+        self.wait_ready()
+
+    @property
+    def address(self) -> str:
+        return self.listen
 
     def thespian_log(self) -> str:
         """thespian's own log, beside the service's: where the transport's warnings go."""
@@ -148,19 +104,6 @@ class Serve:
         assert len(ports) == 1, ports
         return pid, ports[0]
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(20)
-        for pgid in (self.proc.pid, self.state.get("pgid")):
-            if pgid:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Serve]:
@@ -168,7 +111,7 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
     try:
         yield service
     finally:
-        service.stop()
+        service.kill()
 
 
 class Attacker:
@@ -426,13 +369,13 @@ def test_a_registry_that_dies_is_restarted_and_its_holders_are_told_their_leases
         assert files, "the held file's actor"
         old_pgid = serve.state["pgid"]
         os.kill(registry, signal.SIGKILL)
-        wait_for(
+        eventually(
             lambda: "registry dead" in serve.output.read_text(errors="replace"),
-            WAIT_S,
             "the supervisor to see the Registry gone",
+            timeout=WAIT_S,
         )
-        wait_for(lambda: not launch.group_members(old_pgid), WAIT_S, "the old system to go")
-        wait_for(lambda: lease.revoked is not None, WAIT_S, "the holder to be told")
+        eventually(lambda: not launch.group_members(old_pgid), "the old system to go", WAIT_S)
+        eventually(lambda: lease.revoked is not None, "the holder to be told", WAIT_S)
         assert lease.revoked == "connection_lost"
         with pytest.raises(LeaseRevoked):
             lease.append({"n": 2})

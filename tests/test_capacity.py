@@ -12,12 +12,11 @@ import json
 import os
 import resource
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_serve import Serve, clean_env, sessionlane_command
+from test_serve import Serve
 from thespian.actors import Actor, ChildActorExited
 from waiting import eventually
 
@@ -188,7 +187,8 @@ def test_descriptors_per_live_file_match_what_the_cap_assumes(tmp_path: Path) ->
                 lane.append(str(root / f"f{n}.jsonl"), {"n": n})
             kids = _children(system.members())
             registry = max(kids, key=lambda pid: len(kids[pid]))  # the parent of every file
-            assert len(kids[registry]) == files + 1
+            # every file's actor (first.jsonl too) and the zygote they are forked from
+            assert len(kids[registry]) == files + 2
             grown = {"registry": _fds(registry) - base[registry]}
             grown["gateway"] = _fds(gateway) - base[gateway]
     print(
@@ -202,29 +202,11 @@ def test_descriptors_per_live_file_match_what_the_cap_assumes(tmp_path: Path) ->
 # A service under ulimit -n 1024 ------------------------------------------------------------
 
 
-def _ulimit_1024() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
-
-
 class LimitedServe(Serve):
     """``sessionlane serve`` started under ``ulimit -n 1024`` (soft and hard)."""
 
     def __init__(self, tmp: Path, *args: str, env: dict[str, str]) -> None:
-        self.run_dir = tmp / "run"
-        self.run_dir.mkdir(exist_ok=True)
-        self.output = tmp / "serve.out"
-        self.env = {**clean_env(self.run_dir), **env}
-        with self.output.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [*sessionlane_command(), "serve", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self.env,
-                start_new_session=True,
-                preexec_fn=_ulimit_1024,
-            )
-        self.state: dict[str, Any] = {}
+        super().__init__(tmp, *args, env=env, nofile=1024)
 
     def current_state(self) -> dict[str, Any]:
         (state_file,) = self.run_dir.glob("sessionlane-*/serve-*.json")

@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sessionlane.system.ops.running import Found, choose, found_services, is_serve_process
+from sessionlane.system.ops.running import (
+    Found,
+    choose,
+    found_services,
+    is_serve_process,
+    plan_stop,
+)
 from sessionlane.system.runtime.launch import free_port
 
 
@@ -28,8 +34,12 @@ def found(listen: str, *, live: bool = True, addresses: list[str] | None = None)
     return Found(Path(f"/run/serve-{abs(hash(listen))}.json"), state, live)
 
 
-def sessionlane(*args: str, run_dir: Path) -> subprocess.CompletedProcess[str]:
+def sessionlane(
+    *args: str, run_dir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONLANE_")}
+    env.update(extra)
     env["XDG_RUNTIME_DIR"] = str(run_dir)
     if "SESSIONLANE_TEST_TAG" in os.environ:
         env["SESSIONLANE_TEST_TAG"] = os.environ["SESSIONLANE_TEST_TAG"]
@@ -103,6 +113,23 @@ def test_unreadable_state_files_are_skipped(tmp_path: Path) -> None:
     assert [f.listen for f in found_services(tmp_path)] == ["tcp://h:1"]
 
 
+def test_stop_plans_the_one_live_service_and_every_dead_one_it_names() -> None:
+    a = found("tcp://127.0.0.1:1")
+    a_dead = found("tcp://127.0.0.1:1", live=False)
+    b_dead = found("tcp://127.0.0.1:2", live=False)
+    plan = plan_stop([a, a_dead, b_dead], None)
+    assert plan.live.kind == "one" and plan.live.found is a
+    assert plan.stale == (a_dead, b_dead)
+    named = plan_stop([a, a_dead, b_dead], "127.0.0.1:2")
+    assert named.live.kind == "none" and named.stale == (b_dead,)
+
+
+def test_stop_plans_nothing_to_clean_when_it_must_refuse_several_live_services() -> None:
+    plan = plan_stop([found("tcp://h:1"), found("tcp://h:2"), found("tcp://h:3", live=False)], None)
+    assert plan.live.kind == "several" and len(plan.live.candidates) == 2
+    assert plan.stale == ()
+
+
 # The commands -------------------------------------------------------------------------------
 
 
@@ -132,22 +159,29 @@ def test_a_malformed_address_exits_2_naming_the_accepted_forms(tmp_path: Path) -
         assert "HOST:PORT, tcp://HOST:PORT or unix:///abs/path" in result.stderr
 
 
-def test_status_and_stop_with_nothing_running_say_so_and_exit_1(tmp_path: Path) -> None:
-    for command in ("status", "stop"):
-        result = sessionlane(command, run_dir=tmp_path)
-        assert result.returncode == 1, result.stderr
-        assert "no service of this user is running" in result.stderr
+def test_status_with_nothing_running_says_so_and_exits_1_and_stop_says_so_and_exits_0(
+    tmp_path: Path,
+) -> None:
+    result = sessionlane("status", run_dir=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "no service of this user is running" in result.stderr
+    listen = f"tcp://127.0.0.1:{free_port()}"  # not the default port: another run's may be
+    for args in ([], ["--listen", listen]):  # stop is idempotent
+        result = sessionlane("stop", *args, run_dir=tmp_path, env={"SESSIONLANE_LISTEN": listen})
+        assert result.returncode == 0, result.stderr
+        assert "is running; nothing to stop" in result.stdout
 
 
-def test_stop_with_two_dead_services_lists_both_and_cleans_up_neither(tmp_path: Path) -> None:
+def test_stop_with_two_dead_services_cleans_up_after_both(tmp_path: Path) -> None:
     first = dead_state(tmp_path, "tcp://127.0.0.1:7421")
     second = dead_state(tmp_path, "unix:///tmp/sl-test.sock")
-    result = sessionlane("stop", run_dir=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "pass --listen ADDR" in result.stderr
-    assert "tcp://127.0.0.1:7421" in result.stderr and "unix:///tmp/sl-test.sock" in result.stderr
-    assert first.exists() and second.exists()
-
+    third = dead_state(tmp_path, "tcp://127.0.0.1:7422")
     result = sessionlane("stop", "--listen", "127.0.0.1:7421", run_dir=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert not first.exists() and second.exists()
+    assert not first.exists() and second.exists() and third.exists()
+
+    # Dead services are not a choice to make: a bare stop cleans up after every one.
+    result = sessionlane("stop", run_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("was not running; cleaned up after it") == 2
+    assert not second.exists() and not third.exists()

@@ -33,6 +33,7 @@ from sessionlane.messages.errors import (
     TooLarge,
     Unauthorized,
     Unavailable,
+    UnknownOutcome,
     error_for,
 )
 from sessionlane.messages.wire import (
@@ -60,6 +61,7 @@ from sessionlane.system.client import _ops as ops
 from sessionlane.system.client._core import (
     Answer,
     ClientCore,
+    ConnectionLost,
     Link,
     Send,
     Settings,
@@ -601,3 +603,23 @@ def test_every_wire_code_maps_to_its_exception() -> None:
         assert type(error) is expected.get(code, type(error))
         assert pickle.loads(pickle.dumps(error)).code == code
     assert set(expected) <= ERROR_CODES
+
+
+def test_a_write_whose_connection_ended_after_it_was_sent_has_an_unknown_outcome(
+    core: ClientCore[str, None],
+) -> None:
+    lease = ops.LeaseView(core.track(granted()), "lane")
+    op = ops.lease_append(core, lease, [{"n": 1}], None)
+    assert isinstance(ops.advance(op, None), ops.Call)
+    lease.state.revoked = "connection_lost"  # what ``lost`` does before the error arrives
+    with pytest.raises(UnknownOutcome, match="read it") as lost:
+        ops.advance(op, ConnectionLost("connection lost before the reply"))
+    assert (lost.value.code, lost.value.reason) == ("unknown_outcome", "connection_lost")
+    assert isinstance(lost.value, LeaseRevoked), "the lease is gone as well"
+    with pytest.raises(UnknownOutcome):
+        run(ops.lane_append(core, "lane", "/s/a.jsonl", [{"n": 2}], None), ConnectionLost("x"))
+    with pytest.raises(UnknownOutcome):
+        run(
+            ops.lease_append(core, ops.LeaseView(core.track(granted("L2")), "lane"), [{}], None),
+            Error(id=1, code="unknown_outcome", detail="route lost"),
+        )

@@ -307,6 +307,9 @@ class FakeHost:
     def wakeupAfter(self, timePeriod: Any, payload: Any = None) -> None:
         pass
 
+    def updateCapability(self, capabilityName: Any, capabilityValue: Any = None) -> None:
+        self.sent.append(("admin", (capabilityName, capabilityValue)))
+
     def serve(self, call: LaneCall) -> str | None:
         self.served.append(call)
         return call.path
@@ -532,6 +535,8 @@ def test_every_convention_message_has_a_handler_where_it_is_sent_and_survives_pi
         cm.ForwardedStatus(origin="o", link=1, seq=4, request=Status(path="/p"), reply_to="gw"),
         Beat(origin="o", link=1, seq=5),
         BeatAck(link=1, seq=5, incarnation="i"),
+        cm.Checkin(key="h:1", incarnation="i", registry="r", seq=1),
+        cm.CheckinAck(seq=1),
         OriginLost(origin="o", reason="r"),
         cm.Resolved(incarnation="i", lane="lane1", path="/p"),
     ]

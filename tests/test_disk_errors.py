@@ -24,7 +24,8 @@ from sessionlane.actors.group_commit import CommitPolicy
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.lease_table import Grant, LeasePolicy, LeaseTable
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
-from sessionlane.actors.session_file_writes import Notify, Reply, WriteEffect, WritePath
+from sessionlane.actors.session_file_disk import FileDisk
+from sessionlane.actors.session_file_writes import Notify, Reply, WriteEffect, WriteOut, WritePath
 from sessionlane.actors.transcript import Transcript
 from sessionlane.messages.errors import (
     DiskError,
@@ -46,19 +47,16 @@ class Rig:
         self.transcript = Transcript(self.path, root=str(root))
         self.transcript.open()
         self.table = LeaseTable(self.path, LeasePolicy())
-        self.sync = TranscriptSync(
-            self.path, self.transcript, CommitPolicy(), FileMetrics(), lambda: 0.0
-        )
+        self.sync = TranscriptSync(self.path, CommitPolicy(), FileMetrics())
+        self.disk = FileDisk(self.path, self.transcript, self.sync, None, lambda: 0.0)
         self.writes = WritePath(
             self.path,
             self.table,
-            self.transcript,
-            legacy=None,
+            legacy=False,
             tail_unchecked=False,
             durability="fsync",
             max_record_bytes=1000,
-            sync=self.sync,
-            clock=lambda: 0.0,
+            unsynced=lambda: self.sync.unsynced,
         )
         grant = self.table.acquire(("a", "acquire"), "a", "prompt", 0.0)[-1]
         assert isinstance(grant, Grant)
@@ -81,10 +79,11 @@ class Rig:
             request=request,
         )
         assert self.writes.append_under_lease(call, request) == []
-        assert self.writes.begin_drain() is None
-        effects = self.writes.next_write()
-        assert effects is not None
-        return effects + self.writes.end_drain()
+        assert self.writes.begin_drain(0.0) is None
+        [out] = self.writes.next_write(0.0) or []
+        assert isinstance(out, WriteOut)  # performed by the actor's disk, as here
+        outcome = self.disk.write("append", out.op.data, durability == "fsync", False)
+        return self.writes.written(out.op, outcome, 0.0) + self.writes.end_drain()
 
 
 @pytest.fixture
@@ -193,7 +192,7 @@ def test_a_failed_append_answers_its_disk_error_logs_once_and_is_no_external_cha
     code: str,
 ) -> None:
     assert isinstance(reply(rig.append(1)), Appended)
-    rig.sync.sync_now()
+    rig.disk.sync_now()
     before = Path(rig.path).read_bytes()
     disk = FillingDisk(number)
     fill(monkeypatch, disk)
@@ -212,7 +211,7 @@ def test_a_failed_append_answers_its_disk_error_logs_once_and_is_no_external_cha
         effects = rig.append(6)
         assert isinstance(reply(effects), Appended)
         assert not any(isinstance(fx, Notify) for fx in effects)
-        rig.sync.sync_now()
+        rig.disk.sync_now()
     assert rig.sync.take_error() is None
     assert Path(rig.path).read_bytes() == before + b'{"n":6}\n'
     assert rig.writes.counters["external_changes"] == 0
@@ -265,6 +264,7 @@ class GroupCommitProbe:
         message = FileReply(path=self.rig.path, message=ack, lane="a")
         out = Outgoing(lane="a", address="lane:a", message=message, needs_sync=True, key=("a", 1))
         assert self.commit.hold(out) is False
+        self.rig.disk.sync_now()  # the actor syncs, then commits
         done = self.commit.commit()
         assert done.failed_keys == [("a", 1)]
         (delivered,) = done.deliveries
@@ -358,10 +358,11 @@ def test_a_rewrite_whose_directory_moved_out_is_answered_file_moved(
         request=request,
     )
     assert rig.writes.rewrite(call, request) == []
-    assert rig.writes.begin_drain() is None
-    effects = rig.writes.next_write()
-    assert effects is not None
-    failed = reply(effects)
+    assert rig.writes.begin_drain(0.0) is None
+    [out] = rig.writes.next_write(0.0) or []
+    assert isinstance(out, WriteOut)
+    outcome = rig.disk.write("rewrite", out.op.data, True, False)
+    failed = reply(rig.writes.written(out.op, outcome, 0.0))
     assert isinstance(failed, Error) and failed.code == "file_moved"
     assert rig.writes.counters["rewrites"] == 0
     assert (outside / "team" / "t.jsonl").read_bytes() == b'{"n":9}\n'

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import pytest
 
 from sessionlane.actors.openclaw_lock import encode_lock_payload, pid_alive
 from sessionlane.system.ops import cli, doctor
-from sessionlane.system.runtime.launch import PingActor, start_tcp_system
+from sessionlane.system.runtime.launch import PingActor, free_port, start_tcp_system
 
 
 def dead_pid() -> int:
@@ -30,6 +32,8 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private state directory, and no process scan: other runs on this machine are theirs."""
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
     (tmp_path / "run").mkdir()
+    # Not the default port: another run's service on this machine may hold it.
+    monkeypatch.setenv("SESSIONLANE_LISTEN", f"tcp://127.0.0.1:{free_port()}")
     monkeypatch.setattr(doctor, "leftover_processes", lambda: [])
     return tmp_path / "run"
 
@@ -124,3 +128,22 @@ def test_doctor_finds_the_actor_processes_of_a_system_whose_admin_died(tmp_path:
     finally:
         os.killpg(system.pgid, signal.SIGKILL)
         system.stop()
+
+
+def test_doctor_names_the_process_holding_the_port_serve_wants_and_exits_1(
+    root: Path, isolated: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        monkeypatch.setenv("SESSIONLANE_LISTEN", f"127.0.0.1:{port}")
+        status, out = run(capsys, "--root", str(root), "--json")
+        status_text, text = run(capsys, "--root", str(root))
+    assert status == 1 and status_text == 1, out
+    (finding,) = [f for f in json.loads(out)["findings"] if f["check"] == "port"]
+    me = pwd.getpwuid(os.getuid()).pw_name
+    (holder,) = finding["data"]["holders"]
+    assert finding["problem"] and holder["pid"] == os.getpid() and holder["user"] == me
+    assert f"PROBLEM: tcp://127.0.0.1:{port} (listen), which serve wants, is held by pid" in text
+    assert f"pid {os.getpid()} (user {me}" in text

@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,11 +29,12 @@ from typing import Any
 import msgpack
 import pytest
 from test_gateway import Closed, RawConn
+from test_serve import Serve as BaseServe
 from waiting import eventually
 
 from sessionlane.messages.errors import Unauthorized
 from sessionlane.system.client import connect
-from sessionlane.system.config import NON_CONFIG_ENV, load_settings
+from sessionlane.system.config import load_settings
 from sessionlane.system.gateway import peercred
 from sessionlane.system.gateway.admission import NO_PROOF_REFUSAL, WRONG_PROOF_REFUSAL
 from sessionlane.system.runtime import launch
@@ -538,72 +538,22 @@ def raise_own_nofile(needed: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-def limit_nofile() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-
-
-class Serve:
-    """``sessionlane serve`` in its own session, held to ``NOFILE`` open files."""
+class Serve(BaseServe):
+    """``sessionlane serve`` on a free port, held to ``NOFILE`` open files, logging to
+    ``serve.log``."""
 
     def __init__(self, tmp: Path, root: Path, env: dict[str, str]) -> None:
-        self.run_dir = tmp / "run"
-        self.run_dir.mkdir()
-        self.output = tmp / "serve.out"
-        self.address = f"tcp://127.0.0.1:{free_port()}"
-        full_env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("SESSIONLANE_") or k in NON_CONFIG_ENV
-        }
-        full_env.update(env, XDG_RUNTIME_DIR=str(self.run_dir), PYTHONUNBUFFERED="1")
-        script = Path(sys.executable).with_name("sessionlane")
-        command = (
-            [str(script)]
-            if script.exists()
-            else [sys.executable, "-m", "sessionlane.system.ops.cli"]
-        )
-        args = ["serve", "--root", str(root), "--listen", self.address]
-        with self.output.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [*command, *args, "--log-file", str(tmp / "serve.log")],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=full_env,
-                start_new_session=True,
-                preexec_fn=limit_nofile,
-            )
+        self.listen = f"tcp://127.0.0.1:{free_port()}"
         self.log = tmp / "serve.log"
-        self.state: dict[str, Any] = {}
+        args = ["--root", str(root), "--listen", self.listen, "--log-file", str(self.log)]
+        super().__init__(tmp, *args, env=env, nofile=NOFILE)
 
-    def wait_ready(self) -> None:
-        eventually(
-            lambda: (
-                "sessionlane serving" in self.output.read_text(errors="replace")
-                or self.proc.poll() is not None
-            ),
-            "sessionlane serve to start",
-            timeout=30,
-        )
-        assert self.proc.poll() is None, self.output.read_text(errors="replace")
-        (state,) = self.run_dir.glob("sessionlane-*/serve-*.json")
-        self.state = json.loads(state.read_text())
+    @property
+    def address(self) -> str:
+        return self.listen
 
     def admin_pid(self) -> int | None:
         return launch._admin_pid(self.state["admin_port"])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(20)
-        for pgid in (self.proc.pid, self.state.get("pgid")):
-            if pgid:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
 
 
 @pytest.fixture

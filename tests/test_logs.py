@@ -12,9 +12,12 @@ from typing import Any
 
 import pytest
 from thespian.actors import Actor
+from waiting import eventually
 
+from sessionlane.system.client import connect
 from sessionlane.system.ops import logs
 from sessionlane.system.runtime.launch import log_config, tcp_system
+from sessionlane.system.runtime.service import embedded_service
 
 WAIT_S = 30.0
 
@@ -123,6 +126,110 @@ def test_at_info_an_actor_s_debug_line_stays_out_of_the_log_file(tmp_path: Path)
             assert time.monotonic() < deadline, "the INFO line never reached the log"
             time.sleep(0.02)
         assert "debug-marker" not in log_file.read_text()
+
+
+# Pruning: the log files of other addresses ------------------------------------------------
+
+DAY = 86400.0
+
+
+def test_beyond_the_newest_logs_and_past_the_age_limit_other_addresses_logs_go_with_rotations() -> (
+    None
+):
+    d = Path("/logs")
+    now = 100 * DAY
+    files = {
+        d / "serve-mine.log": now - 90 * DAY,  # ours: kept however old
+        d / "serve-a.log": now - 1 * DAY,
+        d / "serve-a.log.1": now - 2 * DAY,
+        d / "serve-b.log": now - 2 * DAY,
+        d / "serve-c.log": now - 3 * DAY,  # third newest other: beyond keep_logs=2
+        d / "serve-c.log.2": now - 4 * DAY,
+        d / "serve-old.log": now - 31 * DAY,  # past keep_days
+        d / "serve-live.log": now - 60 * DAY,  # a running service's: kept
+    }
+    stale = logs.stale_logs(
+        files, [d / "serve-mine.log", d / "serve-live.log"], now, keep_logs=2, keep_days=30
+    )
+    assert stale == [d / "serve-c.log", d / "serve-c.log.2", d / "serve-old.log"]
+
+
+def test_a_log_is_as_young_as_its_newest_rotation() -> None:
+    d = Path("/logs")
+    now = 100 * DAY
+    files = {d / "serve-a.log": now - 40 * DAY, d / "serve-a.log.1": now - 1 * DAY}
+    assert logs.stale_logs(files, [], now, keep_days=30) == []
+
+
+def test_prune_logs_removes_stale_files_only_in_the_directory_and_leaves_other_files(
+    tmp_path: Path,
+) -> None:
+    now = time.time()
+    for name, age in [
+        ("serve-new.log", 0),
+        ("serve-old.log", 40),
+        ("serve-old.log.1", 41),
+        ("thespian.log", 400),
+        ("serve-notes.txt", 400),
+    ]:
+        path = tmp_path / name
+        path.write_text("x\n")
+        os.utime(path, (now - age * DAY, now - age * DAY))
+    removed = logs.prune_logs([tmp_path / "serve-mine.log"], now, tmp_path)
+    assert sorted(p.name for p in removed) == ["serve-old.log", "serve-old.log.1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "serve-new.log",
+        "serve-notes.txt",
+        "thespian.log",
+    ]
+
+
+def test_the_start_line_is_appended_0600_in_the_actors_format(tmp_path: Path) -> None:
+    target = tmp_path / "serve-x.log"
+    logs.append_line(target, "sessionlane 0.1.0 starting")
+    logs.append_line(target, "again")
+    lines = target.read_text().splitlines()
+    assert len(lines) == 2 and lines[0].endswith(" INFO sessionlane: sessionlane 0.1.0 starting")
+    assert f" p{os.getpid()} " in lines[0]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_forgetting_the_start_line_removes_only_a_file_it_created_that_holds_nothing_else(
+    tmp_path: Path,
+) -> None:
+    fresh = tmp_path / "serve-fresh.log"
+    logs.append_line(fresh, "starting")()
+    assert not fresh.exists()  # a failed start leaves no file behind
+
+    used = tmp_path / "serve-used.log"
+    forget = logs.append_line(used, "starting")
+    with used.open("a") as f:
+        f.write("an actor's line\n")
+    forget()
+    assert used.exists()
+
+    old = tmp_path / "serve-old.log"
+    old.write_text("yesterday\n")
+    logs.append_line(old, "starting")()
+    assert old.read_text().startswith("yesterday\n")
+
+
+@pytest.mark.tcp
+def test_connection_churn_is_logged_at_debug(root: Path, tmp_path: Path) -> None:
+    log_file = tmp_path / "actors.log"
+    with embedded_service([str(root)], log_file=log_file, log_level="DEBUG") as svc:
+        with connect(svc.address) as sl:
+            sl.lane("churn").append(str(root / "c.jsonl"), {"a": 1})  # a lane: a close to log
+        eventually(
+            lambda: " closed (" in (log_file.read_text() if log_file.exists() else ""),
+            "the close to reach the log",
+            timeout=WAIT_S,
+        )
+    lines = log_file.read_text().splitlines()
+    opened = [line for line in lines if "sessionlane.system.gateway.clients: connection" in line]
+    closed = [line for line in lines if " closed (" in line and "lanes released" in line]
+    assert opened and closed, lines
+    assert all(" DEBUG " in line for line in opened + closed), opened + closed
 
 
 @pytest.fixture

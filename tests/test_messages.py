@@ -381,6 +381,7 @@ def test_one_unpack_reads_every_frame_and_names_what_it_refused() -> None:
 
 CONSUMED_OUTSIDE_ACTORS: dict[type, tuple[Any, ...]] = {
     internal.Configured: (driver, sessionlane.system.runtime.service),
+    internal.HoldersAwaited: (sessionlane.system.runtime.service,),
     internal.Opened: (driver,),
     internal.LaneOutput: (driver,),
     internal.Drained: (driver, sessionlane.system.runtime.service),

@@ -10,9 +10,11 @@ service's own queue (``status``), never with sleeps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import queue
+import resource
 import shutil
 import signal
 import stat
@@ -86,10 +88,19 @@ def is_alive(pid: int) -> bool:
     return st is not None and st.live
 
 
-class Serve:
-    """One ``sessionlane serve`` subprocess, in its own session."""
+def _limit_nofile(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
+
+class Serve:
+    """One ``sessionlane serve`` subprocess, in its own session.
+
+    ``nofile``: the open-file limit (soft and hard) it runs under, as ``ulimit -n`` would set
+    it; None keeps this process's."""
+
+    def __init__(
+        self, tmp: Path, *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+    ) -> None:
         self.run_dir = tmp / "run"
         self.run_dir.mkdir(exist_ok=True)
         self.output = tmp / f"serve-{time.monotonic_ns()}.out"
@@ -103,6 +114,7 @@ class Serve:
                 stdin=subprocess.DEVNULL,
                 env=self.env,
                 start_new_session=True,
+                preexec_fn=None if nofile is None else functools.partial(_limit_nofile, nofile),
             )
         self.state: dict[str, Any] = {}
 

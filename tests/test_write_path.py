@@ -21,12 +21,16 @@ from sessionlane.actors.lease_table import Grant, LeasePolicy, LeaseTable, Relea
 from sessionlane.actors.legacy_lock import LegacyLock
 from sessionlane.actors.openclaw_lock import encode_lock_payload, lock_path
 from sessionlane.actors.session_file_commit import TranscriptSync
+from sessionlane.actors.session_file_disk import FileDisk
 from sessionlane.actors.session_file_writes import (
     Commit,
     Notify,
+    ReleaseLegacyLock,
     Reply,
+    Sync,
     TableEffects,
     WriteEffect,
+    WriteOut,
     WritePath,
     Wrote,
     call_key,
@@ -45,19 +49,17 @@ class Rig:
         self.transcript = Transcript(self.path)
         self.transcript.open(repair=not tail_unchecked)
         self.table = LeaseTable(self.path, LeasePolicy(), fence_floor=0)
-        self.sync = TranscriptSync(
-            self.path, self.transcript, CommitPolicy(), FileMetrics(), lambda: self.now
-        )
+        self.sync = TranscriptSync(self.path, CommitPolicy(), FileMetrics())
+        lock = LegacyLock(self.path) if legacy else None
+        self.disk = FileDisk(self.path, self.transcript, self.sync, lock, lambda: self.now)
         self.writes = WritePath(
             self.path,
             self.table,
-            self.transcript,
-            legacy=LegacyLock(self.path) if legacy else None,
+            legacy=legacy,
             tail_unchecked=tail_unchecked,
             durability="fsync",
             max_record_bytes=200,
-            sync=self.sync,
-            clock=lambda: self.now,
+            unsynced=lambda: self.sync.unsynced,
         )
         self.ids = 0
 
@@ -74,17 +76,37 @@ class Rig:
         return grant
 
     def drain(self) -> list[WriteEffect]:
-        """Perform the queue as the actor does; a grant of a queued lease-less append joins."""
-        not_now = self.writes.begin_drain()
+        """Perform the queue as the actor does; a grant of a queued lease-less append joins.
+
+        The disk effects are performed here, as the actor's ``FileDisk`` does; the others are
+        returned, in order."""
+        lease = self.writes.lock_for()
+        lock = self.disk.take_legacy(lease) if lease is not None else True
+        not_now = self.writes.begin_drain(self.now, lock)
         if not_now is not None:
             return not_now
         done: list[WriteEffect] = []
-        while (effects := self.writes.next_write()) is not None:
-            done += effects
-            for fx in effects:
+        while (effects := self.writes.next_write(self.now)) is not None:
+            done += self.perform(effects)
+        return done + self.perform(self.writes.end_drain())
+
+    def perform(self, effects: list[WriteEffect]) -> list[WriteEffect]:
+        """Do the disk effects; the rest (and what the writes led to) in order."""
+        left: list[WriteEffect] = []
+        for fx in effects:
+            if isinstance(fx, WriteOut):
+                fsync = fx.op.kind == "append" and fx.op.durability == "fsync"
+                outcome = self.disk.write(fx.op.kind, fx.op.data, fsync, fx.repair_tail)
+                left += self.perform(self.writes.written(fx.op, outcome, self.now))
+            elif isinstance(fx, Sync):
+                self.disk.sync_now()
+            elif isinstance(fx, ReleaseLegacyLock):
+                self.disk.release_legacy()
+            else:
                 if isinstance(fx, TableEffects):
                     self.grant_pending(fx.effects)
-        return done + self.writes.end_drain()
+                left.append(fx)
+        return left
 
     def grant_pending(self, effects: list[Any]) -> None:
         for fx in effects:
@@ -249,7 +271,7 @@ def test_writes_failed_on_exit_are_answered_and_their_short_leases_released(rig:
     [asked] = rig.writes.append_without_lease(call, call.request, rig.now)
     assert isinstance(asked, TableEffects)
     rig.grant_pending(asked.effects)
-    effects = rig.writes.fail_queued("unavailable", "the file's actor is exiting")
+    effects = rig.writes.fail_queued("unavailable", "the file's actor is exiting", rig.now)
     assert [type(fx) for fx in effects] == [TableEffects, Reply]
     [error] = replies(effects)
     assert isinstance(error, Error) and error.code == "unavailable"

@@ -32,6 +32,7 @@ from sessionlane.messages.errors import (
     TooManyFiles,
     Unauthorized,
     Unavailable,
+    UnknownOutcome,
 )
 from sessionlane.system.client._core import AppendResult
 from sessionlane.system.client._sync import Lane, Lease, SessionLane, connect, connect_async
@@ -61,6 +62,7 @@ __all__ = [
     "TooManyFiles",
     "Unauthorized",
     "Unavailable",
+    "UnknownOutcome",
     "connect",
     "connect_async",
 ]

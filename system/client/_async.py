@@ -45,6 +45,7 @@ from sessionlane.messages.wire import (
     StatusReply,
 )
 from sessionlane.system.client import _ops as ops
+from sessionlane.system.client._checks import check_lane
 from sessionlane.system.client._core import (
     INCOMING_FRAME_BYTES,
     Answer,
@@ -373,6 +374,7 @@ class AsyncLane:
     """A named lane on one connection. The same name on two connections is two lanes."""
 
     def __init__(self, sl: AsyncSessionLane, name: str, priority: Priority):
+        check_lane(name, priority)  # at ``lane()``, not at the first request
         self.sl = sl
         self.name = name
         self.priority = priority

@@ -56,6 +56,7 @@ from sessionlane.messages.wire import (
     Revoked,
     Welcome,
 )
+from sessionlane.system.client._checks import check_options
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES, check_frame
 from sessionlane.system.config import ConfigError, parse_listen
 
@@ -63,6 +64,7 @@ __all__ = [
     "Answer",
     "AppendResult",
     "ClientCore",
+    "ConnectionLost",
     "LeaseState",
     "Link",
     "Send",
@@ -119,11 +121,12 @@ def parse_address(address: str) -> tuple[str, Any]:
     return "tcp", (parsed[1], parsed[2])
 
 
-def anchor(path: str) -> str:
+def anchor(path: str | os.PathLike[str]) -> str:
     """Relative paths are the caller's: anchor them at the caller's directory.
 
     No lexical ``..`` folding: the service resolves symlinks first, as the OS would.
     """
+    path = os.fspath(path)
     return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
@@ -178,6 +181,11 @@ def service_refusal(settings: Settings, owner: int | None) -> str | None:
     )
 
 
+class ConnectionLost(Unavailable):
+    """The connection a request was sent on ended before its reply (an ``Unavailable``; a
+    write's outcome is then unknown)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """What ``connect`` / ``connect_async`` were given (see ``connect`` for each one)."""
@@ -196,12 +204,13 @@ class Settings:
 
     @classmethod
     def of(cls, address: str | None, token: str | None, **options: Any) -> Settings:
-        """The settings of a new client; a malformed address or an unknown ``service_user``
-        raises ``ValueError`` here, not at the first call. The token is compared as the
-        service compares it: surrounding whitespace (a file's trailing newline) is not part
-        of it."""
+        """The settings of a new client; a malformed address, an unknown ``service_user`` or a
+        bad option (``sessionlane.system.client._checks``) raises ``ValueError`` here, not at
+        the first call. The token is compared as the service compares it: surrounding
+        whitespace (a file's trailing newline) is not part of it."""
         address = default_address() if address is None else address
         parse_address(address)
+        check_options(options)
         options["service_user"] = resolve_user(options.get("service_user"))
         return cls(address, None if token is None else token.strip(), **options)
 
@@ -431,8 +440,9 @@ class ClientCore(Generic[W, T]):
 
     @staticmethod
     def lost_error(link: Link[W, T]) -> Unavailable:
-        """What a request whose connection ended gets."""
-        return Unavailable(f"connection lost before the reply ({link.lost})")
+        """What a request whose connection ended gets (a write: ``UnknownOutcome``, see
+        ``_ops``)."""
+        return ConnectionLost(f"connection lost before the reply ({link.lost})")
 
     @staticmethod
     def no_reply(request: Any, limit: float) -> Unavailable:

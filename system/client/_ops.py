@@ -23,6 +23,7 @@ from sessionlane.messages.errors import (
     SessionLaneError,
     StaleFence,
     Unavailable,
+    UnknownOutcome,
     error_for,
 )
 from sessionlane.messages.wire import (
@@ -48,7 +49,21 @@ from sessionlane.messages.wire import (
     Status,
     StatusReply,
 )
-from sessionlane.system.client._core import AppendResult, ClientCore, LeaseState, anchor, log
+from sessionlane.system.client._checks import (
+    check_abandon,
+    check_acquire,
+    check_durability,
+    check_path,
+    check_recover,
+)
+from sessionlane.system.client._core import (
+    AppendResult,
+    ClientCore,
+    ConnectionLost,
+    LeaseState,
+    anchor,
+    log,
+)
 from sessionlane.system.client._records import check_records
 
 __all__ = [
@@ -122,6 +137,7 @@ def acquire(
     on_contention: OnContention,
 ) -> Op[LeaseState | None]:
     """``Lane.acquire``: the granted lease's state (tracked), or None when skipped."""
+    check_acquire(path, purpose, wait_timeout, max_hold, on_contention)
     path = anchor(path)
     request = Acquire(
         lane=lane,
@@ -189,14 +205,29 @@ def lane_append(
     core: Core, lane: str, path: str, records: Sequence[Any], durability: Durability | None
 ) -> Op[AppendResult]:
     """``Lane.append``: a short write queued like a ``write`` lease."""
+    check_path(path)
+    check_durability(durability)
     path = anchor(path)
     checked = check_records(records, max_record_bytes=core.settings.max_record_bytes)
     request = Append(lane=lane, path=path, records=checked, durability=durability)
-    return _appended(raise_if_error((yield Call(request)), path))
+    try:
+        reply = yield Call(request)
+    except ConnectionLost as exc:
+        raise _unknown(request, exc, path, None) from exc
+    return _appended(raise_if_error(reply, path))
+
+
+def _unknown(
+    request: Append | Rewrite, exc: ConnectionLost, path: str, reason: str | None
+) -> UnknownOutcome:
+    """A write whose connection ended after it was sent: it may or may not be in the file."""
+    detail = f"{exc.detail}: the {request.type} may or may not be in the file, read it to know"
+    return UnknownOutcome(detail, path=path, reason=reason)
 
 
 def abandon(core: Core, lane: str, path: str | None, reason: str | None) -> Op[list[str]]:
     """``Lane.abandon``: the ids of the leases the service dropped (now revoked here)."""
+    check_abandon(path, reason)
     request = Abandon(lane=lane, path=anchor(path) if path else None, reason=reason)
     reply = raise_if_error((yield Call(request)), path)
     assert isinstance(reply, Abandoned), reply
@@ -206,6 +237,7 @@ def abandon(core: Core, lane: str, path: str | None, reason: str | None) -> Op[l
 
 def recover(core: Core, path: str, reason: str, grace: float, lane: str) -> Op[LeaseState]:
     """``SessionLane.recover``: the recovery lease's state (tracked)."""
+    check_recover(path, reason, grace, lane)
     path = anchor(path)
     request = Recover(lane=lane, path=path, reason=reason, grace_ms=int(grace * 1000))
     timeout = grace + core.settings.timeout
@@ -289,6 +321,7 @@ def lease_append(
     core: Core, lease: LeaseView, records: Sequence[Any], durability: Durability | None
 ) -> Op[AppendResult]:
     """``Lease.append``: all or nothing, under the lease's fence."""
+    check_durability(durability)
     lease.check_usable()
     checked = check_records(records, max_record_bytes=core.settings.max_record_bytes)
     request = Append(
@@ -334,9 +367,10 @@ def release(core: Core, lease: LeaseView, quiet: bool) -> Op[None]:
 def _lease_call(core: Core, lease: LeaseView, request: Any) -> Op[Reply]:
     """The reply to a request of ``lease``, or its error.
 
-    No reply because the connection was lost: the lease went with it (``LeaseRevoked``), unless
-    it is suspended (``reconnect_for``): then it is reclaimed from the restarted service and the
-    request sent again if that cannot write twice (an append with its ``aid``, a release);
+    No reply because the connection was lost: the lease went with it (``LeaseRevoked``; for a
+    write, ``UnknownOutcome``: it may be in the file), unless it is suspended
+    (``reconnect_for``): then it is reclaimed from the restarted service and the request sent
+    again if that cannot write twice (an append with its ``aid``, a release);
     a reply that is only late stays ``Unavailable``. A ``stale_fence`` answer means the lease is
     gone even if its ``revoked`` event is still on the way.
     """
@@ -349,6 +383,9 @@ def _lease_call(core: Core, lease: LeaseView, request: Any) -> Op[Reply]:
         except Unavailable as exc:
             if lease.state.suspended and resendable and attempt < MAX_REVIVALS:
                 continue  # the service restarted: take the lease back, then send again
+            if isinstance(exc, ConnectionLost) and isinstance(request, Append | Rewrite):
+                reason = lease.state.revoked or "connection_lost"
+                raise _unknown(request, exc, lease.path, reason) from exc
             if lease.state.revoked is not None or lease.state.suspended:
                 reason = lease.state.revoked or "connection_lost"
                 raise LeaseRevoked(

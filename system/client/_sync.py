@@ -50,6 +50,7 @@ from sessionlane.messages.wire import (
     StatusReply,
 )
 from sessionlane.system.client import _ops as ops
+from sessionlane.system.client._checks import check_lane
 from sessionlane.system.client._core import (
     INCOMING_FRAME_BYTES,
     Answer,
@@ -395,6 +396,7 @@ class Lane:
     """A named lane on one connection. The same name on two connections is two lanes."""
 
     def __init__(self, sl: SessionLane, name: str, priority: Priority):
+        check_lane(name, priority)  # at ``lane()``, not at the first request
         self.sl = sl
         self.name = name
         self.priority = priority

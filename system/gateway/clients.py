@@ -254,6 +254,7 @@ class Clients:
         )
         self.conns[end.fd] = client
         self.by_id[client.id] = client
+        log.debug("connection %d opened (%s, uid %s)", client.id, peer, uid)
         self.hellos.add(client.id, now)
         self.schedule_sweep()
         if self.policy.is_stranger(client.peer_uid):

@@ -36,7 +36,7 @@ from thespian.actors import (
     WatchMessage,
 )
 
-from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms
+from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
 from sessionlane.actors.links import Links
 from sessionlane.messages.internal import (
@@ -177,6 +177,7 @@ class Gateway(ShellActor):
             else f"uid {policy.service_uid} only"
         )
         log.info("gateway listening on %s (admits %s)", ", ".join(bound), admits)
+        retitle(self, f"gateway {' '.join(bound)}")
         self.wake(KeepaliveSweep(), msg.keepalive_ms / 1000.0)
         self.send(sender, GatewayStarted(addresses=bound))
 
@@ -266,8 +267,8 @@ class Gateway(ShellActor):
         for name, lane in lanes.items():
             if lane.agent_gone(f"{reason} ({client.peer}, lane {name})"):
                 self.wake(LaneCloseDue(lane.uid), CLOSE_TIMEOUT_S)
-        if client.lanes:
-            log.info(
+        if client.lanes:  # churn: DEBUG (an agent fleet opens and closes connections all day)
+            log.debug(
                 "connection %d closed (%s); %d lanes released",
                 client.id,
                 reason,

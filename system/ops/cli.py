@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from sessionlane.messages.errors import SessionLaneError, Unavailable
 from sessionlane.system.config import ConfigError, load_settings
+from sessionlane.system.ops.notify import notify
 from sessionlane.system.ops.running import StateDirError
 
 if TYPE_CHECKING:
@@ -206,6 +207,9 @@ def _add_doctor(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from sessionlane.actors._shell import set_title
+    from sessionlane.system.ops.preflight import check_settings
+    from sessionlane.system.ops.startup import prepare_log, start_line
     from sessionlane.system.runtime.service import Service, ServiceError, install_signal_handlers
 
     overrides: dict[str, Any] = {
@@ -222,16 +226,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("roots", "no roots configured: pass --root DIR (or roots in the config)")
     for warning in warnings:
         print(f"sessionlane: warning: {warning}", file=sys.stderr)
+    problems = check_settings(settings)  # unreadable secrets, unwritable roots: say what to do
+    for problem in problems:
+        print(f"sessionlane: cannot start: {problem.message}", file=sys.stderr)
+    if problems:
+        return 2
     if not settings.allow_overlap and _refuse_overlap(settings.roots):
         return 2
     _await_leftovers(settings.listen)
+    set_title(f"serve {settings.listen}")  # `ps`; `status`/`stop` know the title (running.py)
     service = Service(settings, log_file=args.log_file)
     install_signal_handlers(service)
+    started = start_line(settings, args.config)
+    print(f"sessionlane: {started}", flush=True)
     print(f"sessionlane: logging to {service.log_file or 'stderr'}", flush=True)
+    forget_log = prepare_log(service.log_file, started) if service.log_file else lambda: None
     try:
         service.start()
     except ServiceError as exc:
         print(f"sessionlane: cannot start: {exc}", file=sys.stderr)
+        forget_log()
         return 2
     try:
         metrics = _start_metrics(service)
@@ -243,13 +257,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     state = service.write_state()
+    serving = ", ".join(service.running.addresses if service.running else [])
     print(
-        f"sessionlane serving {', '.join(service.running.addresses if service.running else [])}"
-        f" for {', '.join(settings.roots)} (pid {os.getpid()})",
+        f"sessionlane serving {serving} for {', '.join(settings.roots)} (pid {os.getpid()})",
         flush=True,
     )
+    notify("READY=1", f"STATUS=serving {serving}")  # Type=notify: the gateway listens now
+
+    def before_stop() -> None:
+        notify("STOPPING=1", "STATUS=stopping: draining")
+        if metrics is not None:
+            metrics.stop()
+
     try:
-        service.serve_forever(before_stop=metrics.stop if metrics is not None else None)
+        service.serve_forever(before_stop=before_stop)
     finally:
         state.unlink(missing_ok=True)
         print("sessionlane stopped", flush=True)
@@ -318,7 +339,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif named is not None:
         address = normalize_listen(named)  # not started by `serve` here: ask it directly
     else:
-        return _refuse_to_guess("status", choice)
+        hint = _other_users_service(None, "status")
+        return 1 if hint else _refuse_to_guess("status", choice)
     token_file = args.token_file or os.environ.get("SESSIONLANE_TOKEN_FILE") or None
     token = read_token_file(token_file) if token_file else None
     try:
@@ -328,9 +350,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         sl = connect(address, token, service_user=service_user)
     except Unavailable as exc:
+        if _other_users_service(address, "status"):
+            return 1
         cause = exc.__cause__
         why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc.detail
         print(f"sessionlane: no service answers at {address} ({why})", file=sys.stderr)
+        return 1
+    except SessionLaneError as exc:  # refused, either way: say whose the address is too
+        print(f"sessionlane: {exc}", file=sys.stderr)
+        _other_users_service(address, "status")
         return 1
     with sl:
         reply = sl.status(args.path)
@@ -347,7 +375,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         print(f"{f.path}\n  fence {f.fence}; holder: {holder}")
         if f.counters.get("in_grace") and f.holder:
-            print(f"  in the restart grace: nobody is granted until {f.holder.lane} is back")
+            awaited = f.holder.lane.removesuffix(" (awaiting reclaim)")
+            print(
+                f"  in the restart grace: awaiting {awaited}"
+                f" (lease {f.holder.lease}, fence {f.counters.get('awaited_fence')},"
+                f" {f.holder.purpose}) for {f.counters.get('grace_left_ms')} ms more;"
+                " nobody else is granted until it is back or the grace ends"
+            )
         for i, q in enumerate(f.queue, 1):
             print(f"  {i}. {q.lane} {q.purpose}/{q.priority} waiting {q.waited_ms} ms")
         shown = {k: v for k, v in f.counters.items() if v and not k.startswith("hist:")}
@@ -356,21 +390,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    named = args.listen
-    choice = _choose(named, live_only=False)
-    if choice.kind == "none":
-        what = f"started with --listen {named}" if named else "of this user"
-        print(f"sessionlane: no service {what} is running", file=sys.stderr)
-        return 1
-    if choice.kind == "several":
-        return _refuse_to_guess("stop", choice)
-    found = choice.found
-    state, pid = found.state, found.pid
-    if not found.live:  # its serve died without cleaning up (e.g. SIGKILLed)
-        _kill_actor_group(state)
-        found.path.unlink(missing_ok=True)
-        print(f"sessionlane: service pid {pid} was not running; cleaned up after it")
-        return 0
+    """Stop the service meant (see ``running``); idempotent: nothing running is exit 0.
+
+    State files left by dead services (a SIGKILLed serve) are cleaned up on the way: their
+    leftover actor group killed, the file removed. Several live services that could be meant
+    are refused (exit 2), never guessed between. A service of another user, which this user
+    cannot stop, is named with how to stop it (exit 1).
+    """
+    from sessionlane.system.ops.running import found_services, plan_stop
+    from sessionlane.system.runtime.service import state_dir
+
+    named = _named(args.listen)
+    plan = plan_stop(found_services(state_dir()), named)
+    if plan.live.kind == "several":
+        return _refuse_to_guess("stop", plan.live)
+    for stale in plan.stale:  # its serve died without cleaning up (e.g. SIGKILLed)
+        _kill_actor_group(stale.state)
+        stale.path.unlink(missing_ok=True)
+        print(f"sessionlane: service pid {stale.pid} was not running; cleaned up after it")
+    if plan.live.kind == "none":
+        return _nothing_to_stop(named)
+    state, pid = plan.live.found.state, plan.live.found.pid
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -390,18 +430,48 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 1
 
 
+def _other_users_service(address: str | None, command: str) -> bool:
+    """If ``address`` (default: the clients' default address) is served by another user's
+    process, print who and how to reach it (``systemctl``, or run as that user); whether so."""
+    from sessionlane.system.client._core import default_address
+    from sessionlane.system.ops.holders import service_hint
+
+    address = address or default_address()
+    hint = service_hint(address, f"{command} --listen {address}")
+    if hint is None:
+        return False
+    print(f"sessionlane: {hint}", file=sys.stderr)
+    return True
+
+
+def _nothing_to_stop(named: str | None) -> int:
+    """No live service of this user is meant: 0, unless another user's serves the address."""
+    if _other_users_service(named, "stop"):
+        return 1
+    what = f"started with --listen {named}" if named else "of this user"
+    print(f"sessionlane: no service {what} is running; nothing to stop")
+    return 0
+
+
+def _named(listen: str | None) -> str | None:
+    """The address the user named: ``--listen``, else ``$SESSIONLANE_LISTEN``; a malformed
+    one is a ``ConfigError``."""
+    from sessionlane.system.config import normalize_listen
+
+    named = listen or os.environ.get("SESSIONLANE_LISTEN") or None
+    if named is not None:
+        normalize_listen(named)
+    return named
+
+
 def _choose(named: str | None, *, live_only: bool) -> Choice:
     """The service a command means (``sessionlane.system.ops.running.choose``);
     ``$SESSIONLANE_LISTEN`` names one when the command line does not. A malformed address is a
     ``ConfigError``."""
-    from sessionlane.system.config import normalize_listen
     from sessionlane.system.ops.running import choose, found_services
     from sessionlane.system.runtime.service import state_dir
 
-    named = named or os.environ.get("SESSIONLANE_LISTEN") or None
-    if named is not None:
-        normalize_listen(named)
-    return choose(found_services(state_dir()), named, live_only=live_only)
+    return choose(found_services(state_dir()), _named(named), live_only=live_only)
 
 
 def _refuse_to_guess(command: str, choice: Choice) -> int:

@@ -9,6 +9,9 @@ Reports, and changes nothing:
   with their byte and tear counts: torn data waiting for a human), temp files of an interrupted
   compaction or fence reservation, unreadable fence sidecars, and legacy lock files
   (``<transcript>.lock``) with their stale reasons (``sessionlane.actors.openclaw_lock.inspect``);
+* the addresses ``serve`` would bind (``listen``, ``metrics_listen``, a fixed ``admin_port``):
+  a process other than this user's running service holding one is a problem, named by pid,
+  user and command line;
 * state files of ``sessionlane serve`` (``sessionlane.system.runtime.service.state_dir()``) whose
   process is dead,
   and the actor processes of that service still running;
@@ -26,10 +29,11 @@ every inherited socket, so the admin's port is not shared). While the admin live
 member is its child; when it dies they are re-parented (to PID 1 or a subreaper). The signal
 used is therefore: *a group led by a vanished session leader, whose members are Python
 processes each holding a listening TCP socket, and in which no member's parent is a member*.
-The cmdline is not enough on its own: forked actors keep the argv of whatever started the
-system (``python -m pytest``, ``sessionlane race``; no process titles without
-``setproctitle``). A system started by ``serve`` normally dies with it
-(``sessionlane.system.runtime.lifeline``);
+The cmdline is not enough on its own: a forked process keeps the argv of whatever started the
+system (``python -m pytest``, ``sessionlane race``) until it is titled (thespian titles its
+admin and logger ``MultiProcAdmin ActorAddr-...``, ``logger ActorAddr-...``; sessionlane's
+actors title themselves ``sessionlane: <role>``). A system started by ``serve`` normally dies
+with it (``sessionlane.system.runtime.lifeline``);
 what is found here outlived its lifeline (a starter killed in the instant before it armed it,
 or a system of an older version).
 
@@ -53,14 +57,15 @@ from sessionlane.actors import procfs
 from sessionlane.actors.fencestore import parse_fence_record
 from sessionlane.actors.openclaw_lock import inspect as inspect_lock
 from sessionlane.actors.openclaw_lock import parse_lock_payload, reclaimable
-from sessionlane.system.config import ConfigError, load_settings
+from sessionlane.system.config import ConfigError, Settings, load_settings
+from sessionlane.system.ops.holders import describe_holders, holders
 from sessionlane.system.ops.overlap import find_overlaps, live_services
-from sessionlane.system.ops.running import is_live
+from sessionlane.system.ops.running import Found, found_services, is_live
 from sessionlane.system.runtime.service import state_dir
 
 __all__ = ["Finding", "Report", "diagnose", "leftover_processes", "run_doctor"]
 
-Check = Literal["config", "torn", "quarantine", "temp", "fence", "lock", "state", "process"]
+Check = Literal["config", "port", "torn", "quarantine", "temp", "fence", "lock", "state", "process"]
 
 _TEMP = re.compile(r"\.(?P<base>.+)\.[0-9a-f]{12}\.tmp")
 _FENCE = re.compile(r"\.(?P<base>.+)\.fence")
@@ -105,6 +110,7 @@ class Report:
             lines.append(f"  warning: {warning}")
         titles: dict[Check, str] = {
             "config": "config",
+            "port": "addresses serve wants",
             "torn": "transcripts",
             "quarantine": "quarantine files",
             "temp": "leftover temp files",
@@ -157,6 +163,7 @@ def diagnose(
         scan_roots = list(settings.roots)
         if not scan_roots:
             findings.append(Finding("config", False, "no roots configured: nothing to scan"))
+        findings += check_ports(wanted_addresses(settings), state_dir())
     for root in scan_roots:
         findings += check_root(root, suffixes, now)
     findings += check_state_files(state_dir())
@@ -172,6 +179,61 @@ def diagnose(
         for g in leftover_processes()
     ]
     return Report(cfg, findings)
+
+
+# Addresses ---------------------------------------------------------------------------------
+
+
+def wanted_addresses(settings: Settings) -> list[tuple[str, str]]:
+    """``(what, address)`` of every address ``serve`` with ``settings`` would bind (port 0,
+    a fresh port each time, is never busy)."""
+    wanted = [("listen", settings.listen)]
+    if settings.metrics_listen:
+        metrics = settings.metrics_listen
+        wanted.append(("metrics_listen", metrics if "://" in metrics else f"tcp://{metrics}"))
+    if settings.admin_port:
+        wanted.append(("admin_port", f"tcp://{settings.bind_host}:{settings.admin_port}"))
+    return wanted
+
+
+def check_ports(wanted: Sequence[tuple[str, str]], directory: Path) -> list[Finding]:
+    """Who holds each wanted address: a running service of this user (information), or
+    anything else (a problem: ``serve`` would fail to bind), named by pid, user and command
+    line (``sessionlane.system.ops.holders``)."""
+    ours: dict[int, int] = {}  # pid -> the serve pid it belongs to
+    for found in live_services_found(directory):
+        ours[found.pid] = found.pid
+        pgid = found.state.get("pgid")
+        for pid, st in procfs.all_stats().items():
+            if isinstance(pgid, int) and st.pgrp == pgid:
+                ours[pid] = found.pid
+    findings = []
+    for what, address in wanted:
+        held = holders(address)
+        if not held:
+            continue
+        serving = {ours[h.pid] for h in held if h.pid in ours}
+        if serving:
+            detail = f"{address} ({what}) is served by this user's sessionlane pid {min(serving)}"
+            findings.append(Finding("port", False, detail, data={"address": address}))
+            continue
+        detail = (
+            f"{address} ({what}), which serve wants, is held by {describe_holders(held)}:"
+            " stop that, or choose another address"
+        )
+        data = {
+            "address": address,
+            "holders": [
+                {"pid": h.pid, "uid": h.uid, "user": h.user, "command": h.command, "unit": h.unit}
+                for h in held
+            ],
+        }
+        findings.append(Finding("port", True, detail, data=data))
+    return findings
+
+
+def live_services_found(directory: Path) -> list[Found]:
+    return [f for f in found_services(directory) if f.live]
 
 
 # Files under the roots ---------------------------------------------------------------------
@@ -348,4 +410,5 @@ def leftover_processes() -> list[dict[str, Any]]:
 
 def _is_python(cmdline: str) -> bool:
     argv0 = os.path.basename(cmdline.split(" ", 1)[0]) if cmdline else ""
-    return argv0.startswith("python") or "sessionlane" in cmdline
+    # Titled processes: ours (``sessionlane: file ...``), thespian's (``logger ActorAddr-...``).
+    return argv0.startswith("python") or "sessionlane" in cmdline or "ActorAddr-" in cmdline

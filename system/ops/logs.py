@@ -16,6 +16,11 @@ Where (:func:`log_target`):
 created private (0700). A file is opened at its first line only: a start that fails before
 logging anything leaves nothing behind.
 
+Pruning (:func:`stale_logs`, run by ``serve`` at start): every ad-hoc address leaves a file of
+its own, so in the log directory the files of other addresses beyond the :data:`KEEP_LOGS`
+most recent, or older than :data:`KEEP_DAYS` days, are removed with their rotations; never the
+starting service's own, nor one a running service names in its state file.
+
 Levels (:class:`LevelFilter`): sessionlane's own loggers at the configured ``log_level``,
 everything else (thespian's) at WARNING. The filter sits on the handler because the logger
 process hands each forwarded record straight to its logger's handlers, skipping the loggers'
@@ -24,28 +29,35 @@ levels; the actors forward everything down to the lowest level named in ``logDef
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import logging.handlers
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
 __all__ = [
     "BACKUPS",
     "FILE_MODE",
+    "KEEP_DAYS",
+    "KEEP_LOGS",
     "MAX_BYTES",
     "STDERR",
     "LevelFilter",
     "PrivateRotatingFileHandler",
+    "append_line",
     "filter_config",
     "handler_config",
     "log_dir",
     "log_file_for",
     "log_target",
     "open_private",
+    "prune_logs",
+    "stale_logs",
     "under_service_manager",
 ]
 
@@ -57,6 +69,11 @@ BACKUPS: Final = 3
 """Rotated files kept beside the current one (``.1`` newest ... ``.3`` oldest)."""
 FILE_MODE: Final = 0o600
 """Every log file, and every rotated one, is the owner's only: logs name paths and peers."""
+
+KEEP_LOGS: Final = 20
+"""Log files of other addresses kept in the log directory (the most recently written)."""
+KEEP_DAYS: Final = 30
+"""A log file of another address not written for this many days is removed at start."""
 
 _OWN_PACKAGES: Final = ("sessionlane",)
 _SLUG_MAX = 80
@@ -154,6 +171,72 @@ class LevelFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         own = record.name.split(".", 1)[0] in _OWN_PACKAGES
         return record.levelno >= (self.own if own else logging.WARNING)
+
+
+def stale_logs(
+    files: Mapping[Path, float],
+    keep: Iterable[Path],
+    now: float,
+    *,
+    keep_logs: int = KEEP_LOGS,
+    keep_days: float = KEEP_DAYS,
+) -> list[Path]:
+    """Which of ``files`` (``serve-*.log`` and their rotations ``.1``..., with their mtimes) to
+    remove: every file of a log beyond the ``keep_logs`` most recently written logs, or whose
+    newest file is older than ``keep_days``. The logs in ``keep`` (the starting service's,
+    the running services') stay, and do not count against ``keep_logs``. Pure."""
+    kept = {Path(p) for p in keep}
+    logs: dict[Path, list[Path]] = {}
+    for path in files:
+        base = path.with_suffix("") if path.suffix[1:].isdigit() else path
+        logs.setdefault(base, []).append(path)
+    newest = {base: max(files[p] for p in members) for base, members in logs.items()}
+    others = sorted((b for b in logs if b not in kept), key=lambda b: newest[b], reverse=True)
+    horizon = now - keep_days * 86400.0
+    stale = [b for i, b in enumerate(others) if i >= keep_logs or newest[b] < horizon]
+    return sorted(p for base in stale for p in logs[base])
+
+
+def prune_logs(keep: Iterable[Path], now: float, directory: Path | None = None) -> list[Path]:
+    """Remove the stale log files (:func:`stale_logs`) of ``directory`` (default
+    :func:`log_dir`); the files removed. A file that vanished or cannot be removed is skipped."""
+    directory = log_dir() if directory is None else directory
+    files: dict[Path, float] = {}
+    for path in directory.glob("serve-*.log*"):
+        if _LOG_NAME.fullmatch(path.name):
+            with contextlib.suppress(OSError):
+                files[path] = path.lstat().st_mtime
+    removed = []
+    for path in stale_logs(files, keep, now):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def append_line(target: Path, line: str) -> Callable[[], None]:
+    """Append one line to the log file ``target`` (:func:`open_private`: the owner's only),
+    formatted as the actors' lines are; the logger process appends to the same file.
+
+    Returns ``forget``: if this call created the file and nothing was written after the line,
+    ``forget()`` removes it again (a start that fails before logging leaves no file behind).
+    """
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    text = f"{stamp},{int(time.time() * 1000) % 1000:03d} p{os.getpid()} INFO sessionlane: {line}\n"
+    data = text.encode()
+    created = not target.exists()
+    with open_private(target, "ab") as fh:
+        fh.write(data)
+
+    def forget() -> None:
+        with contextlib.suppress(OSError):
+            if created and target.stat().st_size == len(data):
+                target.unlink()
+
+    return forget
+
+
+_LOG_NAME = re.compile(r"serve-.+\.log(\.[0-9]+)?")
 
 
 def _slug(listen: str) -> str:

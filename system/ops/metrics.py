@@ -184,7 +184,14 @@ class Totals:
 
 def _summed(key: str) -> bool:
     """Counters that only grow during an actor's life (not sizes, gauges or ids)."""
-    return key not in ("size", "channels", "incarnation", "in_grace")
+    return key not in (
+        "size",
+        "channels",
+        "incarnation",
+        "in_grace",
+        "awaited_fence",
+        "grace_left_ms",
+    )
 
 
 def _add(into: dict[str, int], counters: Mapping[str, int]) -> None:

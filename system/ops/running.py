@@ -38,10 +38,12 @@ __all__ = [
     "Choice",
     "Found",
     "StateDirError",
+    "StopPlan",
     "choose",
     "found_services",
     "is_live",
     "is_serve_process",
+    "plan_stop",
     "private_dir",
     "process_start",
     "read_states",
@@ -119,6 +121,27 @@ def choose(found: Sequence[Found], listen: str | None, *, live_only: bool) -> Ch
     if len(candidates) > 1:
         return Choice("several", tuple(candidates))
     return Choice("one", (candidates[0],))
+
+
+@dataclass(frozen=True)
+class StopPlan:
+    """What ``stop`` does (:func:`plan_stop`)."""
+
+    live: Choice
+    """The live service to stop (``one``), none, or several to refuse to guess between."""
+    stale: tuple[Found, ...]
+    """State files of dead services to clean up (none when refusing)."""
+
+
+def plan_stop(found: Sequence[Found], listen: str | None) -> StopPlan:
+    """``stop``'s decision (pure): among the services ``listen`` names (all, if ``None``), the
+    live one to stop and the dead ones to clean up after; several live ones are refused, and
+    nothing is cleaned then. Dead services are no choice to make: cleaning up after every one
+    of them is safe."""
+    meant = [f for f in found if listen is None or f.answers_to(listen)]
+    live = choose([f for f in meant if f.live], listen, live_only=True)
+    stale = () if live.kind == "several" else tuple(f for f in meant if not f.live)
+    return StopPlan(live, stale)
 
 
 class StateDirError(RuntimeError):
@@ -227,7 +250,14 @@ def is_serve_process(pid: int) -> bool:
         return False
     argv = procfs.cmdline(pid)
     stat = procfs.stat(pid)
-    return argv is not None and stat is not None and stat.live and "serve" in argv
+    if argv is None or stat is None or not stat.live:
+        return False
+    # Its argv (``sessionlane serve ...``), or the title ``serve`` gives itself.
+    return "serve" in argv or (bool(argv) and argv[0].startswith(SERVE_TITLE))
+
+
+SERVE_TITLE = "sessionlane: serve "
+"""How ``serve`` titles its process (``sessionlane.system.ops.cli``)."""
 
 
 def _canonical(address: str) -> str | None:

@@ -36,8 +36,17 @@ from typing import Any
 from thespian.actors import Actor, ActorSystem
 
 from sessionlane.actors import procfs
+from sessionlane.actors._shell import protect_environ
 from sessionlane.system.ops import logs
-from sessionlane.system.runtime import admin_fork, limits, loopback, poll_loop, transport_auth
+from sessionlane.system.runtime import (
+    admin_fork,
+    frozen_fork,
+    limits,
+    loopback,
+    poll_loop,
+    transport_auth,
+    zygote,
+)
 from sessionlane.system.runtime.lifeline import Lifeline
 
 __all__ = [
@@ -235,6 +244,7 @@ def start_tcp_system(
     secure_transport(bind_host, secret=secret, authenticate=authenticate)
     poll_loop.install()
     limits.raise_open_file_limit()  # inherited by the admin and every actor forked from it
+    protect_environ()  # before thespian titles the processes it forks
     log_path = _prepare_logs(log_file)
     port = free_port(bind_host) if admin_port is None else admin_port
     if _listener_inode(port) is not None:
@@ -301,7 +311,8 @@ def secure_transport(
 ) -> None:
     """Patch thespian in this process before it forks a system: listeners on ``bind_host``,
     frames authenticated with ``secret`` (``None``: this process's random secret), the admin
-    forked without our sockets.
+    forked without our sockets, every actor started with its inherited heap frozen, every
+    SessionFile forked from a frozen zygote.
 
     ``authenticate=False`` (``trusted_network`` without a key) leaves frames unauthenticated,
     unless an earlier system of this process installed the authentication: it is process-wide
@@ -313,6 +324,8 @@ def secure_transport(
     elif transport_auth.installed():
         log.info("thespian frames stay authenticated: an earlier system of this process uses it")
     admin_fork.install()
+    frozen_fork.install()
+    zygote.install()
 
 
 @contextlib.contextmanager

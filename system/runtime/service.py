@@ -41,6 +41,7 @@ from sessionlane.actors.convention import DIRECTORY_NAME, Directory, member_capa
 from sessionlane.actors.registry import REGISTRY_NAME, Registry
 from sessionlane.messages.convention import Join, Joined, JoinRefused
 from sessionlane.messages.internal import (
+    AwaitHolders,
     Configure,
     Configured,
     Drain,
@@ -48,6 +49,7 @@ from sessionlane.messages.internal import (
     FileSettings,
     GatewayFailed,
     GatewayStarted,
+    HoldersAwaited,
     Ping,
     Pong,
     ServiceIdentity,
@@ -65,6 +67,7 @@ from sessionlane.system.gateway.gateway import Gateway
 from sessionlane.system.ops import logs
 from sessionlane.system.ops.overlap import busy_listener_hint as _busy_listener_hint
 from sessionlane.system.ops.running import private_dir, process_start
+from sessionlane.system.runtime.held_scan import scan_held
 from sessionlane.system.runtime.launch import TcpSystem, start_tcp_system
 from sessionlane.system.runtime.limits import explain_create_failure, fit_max_files
 
@@ -189,6 +192,8 @@ class Service:
         self.restarts = 0
         self._cap_warned = False
         self._started_ms = 0.0
+        self._held: list[str] = []
+        """Transcripts found with a holder at this start (``_scan_held``)."""
         self._nonce = itertools.count(1)
         self._failures = 0
         self._stop = threading.Event()
@@ -243,6 +248,7 @@ class Service:
     def start(self) -> Service:
         self.incarnation = uuid.uuid4().hex
         self._started_ms = time.monotonic() * 1000.0  # the reclaim grace counts from here
+        self._held = self._scan_held()
         system = start_tcp_system(
             self.settings.admin_port,
             log_file=self.log_file or logs.STDERR,
@@ -295,6 +301,7 @@ class Service:
             raise ServiceError(answer.reason + busy_listener_hint(self.listen))
         if answer.addresses[0] != self.settings.listen:  # port 0: name the real one in sidecars
             self._configure(asys, registry, answer.addresses[0], system.admin_port)
+        self._await_holders(asys, registry)
         return _Running(
             system, registry, gateway, answer.addresses, _find_process(system, registry)
         )
@@ -315,12 +322,45 @@ class Service:
         asys.tell(registry, configure)
         self._expect(asys, Configured, "the registry")
 
+    def _scan_held(self) -> list[str]:
+        """Transcripts whose lease record names a holder, when this start has a reclaim grace
+        (walked here, before any actor takes requests; see ``held_scan``)."""
+        if self.settings.reclaim_grace_ms <= 0:
+            return []
+        limit = fit_max_files(self.settings.max_files, self.settings.max_connections).effective
+        found = scan_held(list(self.settings.roots), limit)
+        if found.truncated:
+            log.warning(
+                "looked for lease records under the roots and stopped early (%s): the files "
+                "not seen await their holder from their first request",
+                found.truncated,
+            )
+        return found.paths
+
+    def _await_holders(self, asys: Any, registry: Any) -> None:
+        """Have the Registry activate the files found with a holder: each awaits it now, and
+        ``status`` lists it in grace until the holder is back or the grace ends."""
+        if not self._held:
+            return
+        asys.tell(registry, AwaitHolders(paths=self._held))
+        done = self._expect(asys, HoldersAwaited, "the registry")
+        log.info(
+            "awaiting the holders of %d files for the reclaim grace (%d not activated)",
+            done.activated,
+            done.skipped,
+        )
+
     def _join(self, asys: Any, registry: Any) -> None:
         """Have the leader's directory admit our roots; a refusal stops the start."""
+        directory_file = None
+        if self.settings.leader is None:  # the leader keeps the convention's table
+            digest = hashlib.sha256(self.member_key.encode()).hexdigest()[:12]
+            directory_file = str(state_dir() / f"directory-{digest}.json")
         join = Join(
             key=self.member_key,
             incarnation=self.incarnation,
             member_timeout_ms=self.settings.member_timeout_ms,
+            directory_file=directory_file,
         )
         asys.tell(registry, join)
         leader = self.settings.leader or "this member (the leader)"

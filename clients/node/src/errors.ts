@@ -28,6 +28,7 @@ export type ErrorCode =
   | 'read_only'
   | 'io_error'
   | 'file_moved'
+  | 'unknown_outcome'
   | 'reclaim_refused'
   | 'internal';
 
@@ -52,6 +53,7 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
   'read_only',
   'io_error',
   'file_moved',
+  'unknown_outcome',
   'reclaim_refused',
   'internal',
 ]);
@@ -120,6 +122,15 @@ export class LeaseRevoked extends SessionLaneError {
 /** A write carried a fence that is no longer current; nothing was written. */
 export class StaleFence extends LeaseRevoked {
   static override defaultCode: ErrorCode = 'stale_fence';
+}
+
+/**
+ * A write was sent and its answer can never come (the route to the file's member or the file's
+ * actor was lost after it left): it may or may not be in the file, read the file to know. The
+ * lease it used is gone as well.
+ */
+export class UnknownOutcome extends LeaseRevoked {
+  static override defaultCode: ErrorCode = 'unknown_outcome';
 }
 
 /** A release came from a lane that does not hold the lease. */
@@ -225,6 +236,7 @@ const BY_CODE: Readonly<Record<ErrorCode, typeof SessionLaneError>> = {
   read_only: ReadOnly,
   io_error: IOFailure,
   file_moved: FileMoved,
+  unknown_outcome: UnknownOutcome,
   internal: SessionLaneError,
 };
 

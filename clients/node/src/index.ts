@@ -46,6 +46,7 @@ export {
   TooManyFiles,
   Unauthorized,
   Unavailable,
+  UnknownOutcome,
   errorFor,
   type ErrorCode,
   type SessionLaneErrorOptions,

@@ -43,6 +43,7 @@ export type LeaseLossReason =
   | 'abandoned'
   | 'actor_restart'
   | 'shutdown'
+  | 'member_lost'
   | 'stale_fence'
   | 'connection_lost'
   | 'connection_closed'

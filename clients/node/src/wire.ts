@@ -24,7 +24,13 @@ export type Purpose = 'prompt' | 'write' | 'compaction' | 'recovery';
 export type Priority = 'recovery' | 'interactive' | 'background';
 export type OnContention = 'wait' | 'fail' | 'skip';
 export type Durability = 'fsync' | 'flush';
-export type RevokeReason = 'max_hold' | 'recovery' | 'abandoned' | 'actor_restart' | 'shutdown';
+export type RevokeReason =
+  | 'max_hold'
+  | 'recovery'
+  | 'abandoned'
+  | 'actor_restart'
+  | 'shutdown'
+  | 'member_lost';
 export type ExternalChangeKind = 'append' | 'truncate' | 'replace';
 
 /**

@@ -77,6 +77,7 @@ describe('the error table', () => {
       read_only: 'ReadOnly',
       io_error: 'IOFailure',
       file_moved: 'FileMoved',
+      unknown_outcome: 'UnknownOutcome',
       reclaim_refused: 'LeaseRevoked',
       internal: 'SessionLaneError',
     };

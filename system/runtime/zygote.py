@@ -1,0 +1,326 @@
+"""Fork every SessionFile from a quiet, frozen copy of the Registry instead of the Registry.
+
+A forked child shares its parent's pages until one of the two writes to them. The Registry
+forks every SessionFile (thespian 4.0.1's ``MultiProcReplicator._startChildActor`` runs
+``multiprocessing.Process(target=startChild)``), and the Registry keeps working after each
+fork: every page it writes afterwards (its collector, its refcounts, its allocator reusing
+freed blocks) is copied into the Registry, and the child is left the only holder of the old
+page, which then counts in that child's private memory (USS). The more files the Registry
+holds, the more of its heap moves between two forks (``docs/cost-model.md``).
+
+:func:`install` makes the Registry fork, as its process starts, a
+*zygote*: a copy of itself that drops its sockets, freezes its heap (``gc.freeze``) and from
+then on only forks. Each SessionFile is then forked from the zygote (through a short-lived
+intermediate, so that it is re-parented to the Registry, which is made a child subreaper with
+``prctl(PR_SET_CHILD_SUBREAPER)``): the Registry is still the SessionFile's parent, receives
+its ``SIGCHLD`` and reaps it, so thespian still sends ``ChildActorExited`` when a file's process
+dies. Every SessionFile shares the zygote's unchanging pages with all the others: the file
+actor is still one process per file, and only what it writes itself is its own.
+
+The zygote reads requests from a pipe the Registry holds: when the Registry dies, the pipe
+closes and the zygote exits. If the zygote is gone or a request fails, the child is forked
+the ordinary way (and a warning is logged). Like ``sessionlane.system.runtime.admin_fork`` it
+runs before the system is created, is idempotent, and fails closed on another thespian or if
+what it relies on moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import gc
+import inspect
+import logging
+import multiprocessing
+import multiprocessing.process
+import os
+import pickle
+import signal
+import struct
+import threading
+from importlib import metadata
+from typing import Any
+
+from sessionlane.system.runtime.admin_fork import release_inherited_sockets
+from sessionlane.system.runtime.loopback import SUPPORTED_THESPIAN
+
+__all__ = ["FORKED_FROM_ZYGOTE", "install", "installed", "zygote_pid"]
+
+log = logging.getLogger(__name__)
+
+FORKED_FROM_ZYGOTE = frozenset({"sessionlane.actors.session_file.SessionFile"})
+"""Actor classes (``module.Class``) forked from the zygote; any other actor forks as before."""
+
+ZYGOTE_PARENTS = frozenset({"sessionlane.actors.registry.Registry"})
+"""Actor classes whose process forks its zygote as it starts (before its actor exists: the
+zygote is then as small as it can be, and the service's process count does not change when the
+first file opens). Any other process forks one when it first creates such a child."""
+
+_PR_SET_CHILD_SUBREAPER = 36
+_ARGS = 15  # startChild's positional parameters in thespian 4.0.1
+_CONTEXT_ARG = 13  # concurrency_context
+_CLOSE_ARG = 12  # fileNumsToClose
+_HEADER = struct.Struct("!I")
+_PID = struct.Struct("!q")
+
+_lock = threading.Lock()
+_installed = False
+_zygote: _Zygote | None = None
+
+
+def installed() -> bool:
+    return _installed
+
+
+def zygote_pid() -> int | None:
+    """The pid of this process's zygote, if it started one and it is usable."""
+    return _zygote.pid if _zygote is not None and not _zygote.broken else None
+
+
+def install() -> None:
+    """Fork the actors named in :data:`FORKED_FROM_ZYGOTE` from a zygote. Raises
+    ``RuntimeError`` on a thespian other than the pinned one or if what it wraps moved."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        version = metadata.version("thespian")
+        if version != SUPPORTED_THESPIAN:
+            raise RuntimeError(
+                f"{__name__} patches thespian {SUPPORTED_THESPIAN}'s actor start but"
+                f" thespian {version} is installed: re-verify multiprocCommon.py"
+            )
+        from thespian.system import multiprocCommon
+
+        replicator = getattr(multiprocCommon, "MultiProcReplicator", None)
+        start_actor = getattr(replicator, "_startChildActor", None)
+        start_child = getattr(multiprocCommon, "startChild", None)
+        if not inspect.isfunction(start_actor) or not inspect.isfunction(start_child):
+            raise RuntimeError("thespian's multiprocCommon._startChildActor moved: cannot patch it")
+        source = inspect.getsource(start_actor)
+        params = list(inspect.signature(start_child).parameters)
+        if (
+            "mp = self.mpcontext if self.mpcontext else multiprocessing" not in source
+            or "mp.Process(target=startChild" not in source
+            or len(params) != _ARGS
+            or params[_CONTEXT_ARG] != "concurrency_context"
+            or params[_CLOSE_ARG] != "fileNumsToClose"
+        ):
+            raise RuntimeError("thespian no longer starts actors as this module expects")
+
+        @functools.wraps(start_actor)
+        def start_child_actor(self: Any, addr: Any, child_class: Any, *a: Any, **k: Any) -> Any:
+            if _class_name(child_class) not in FORKED_FROM_ZYGOTE:
+                return start_actor(self, addr, child_class, *a, **k)
+            saved = self.mpcontext
+            self.mpcontext = _ZygoteContext(saved or multiprocessing.get_context("fork"))
+            try:
+                return start_actor(self, addr, child_class, *a, **k)
+            finally:
+                self.mpcontext = saved
+
+        @functools.wraps(start_child)
+        def start_child_with_zygote(*args: Any, **kwargs: Any) -> Any:
+            if args and _class_name(args[0]) in ZYGOTE_PARENTS:
+                _zygote_for_this_process()
+            return start_child(*args, **kwargs)
+
+        replicator._startChildActor = start_child_actor  # type: ignore[union-attr]
+        multiprocCommon.startChild = start_child_with_zygote
+        _installed = True
+
+
+def _class_name(child_class: Any) -> str:
+    if isinstance(child_class, str):
+        return child_class
+    return f"{getattr(child_class, '__module__', '')}.{getattr(child_class, '__name__', '')}"
+
+
+class _ZygoteContext:
+    """What ``_startChildActor`` takes for a multiprocessing context: ``.Process`` only."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def Process(self, *, target: Any, args: tuple[Any, ...], name: str) -> Any:
+        return _ZygoteProcess(self.real, target, args, name)
+
+
+class _ZygoteProcess:
+    """A child forked by the zygote, re-parented to this process; quacks like the
+    ``multiprocessing.Process`` thespian keeps (``start``, ``is_alive``, ``join``)."""
+
+    def __init__(self, real: Any, target: Any, args: tuple[Any, ...], name: str) -> None:
+        fixed = list(args)
+        fixed[_CONTEXT_ARG] = real  # the child's own children fork the ordinary way
+        self._real, self._target, self._args, self.name = real, target, fixed, name
+        self.pid: int | None = None
+        self.exitcode: int | None = None
+        self._fallback: Any = None
+
+    def start(self) -> None:
+        from thespian.system import multiprocCommon
+
+        zygote = _zygote_for_this_process()
+        if zygote is not None and self._target is multiprocCommon.startChild:
+            pid = zygote.spawn(self._args, self.name)
+            if pid is not None:
+                self.pid = pid
+                multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
+                return
+        log.warning("forking %s the ordinary way: no zygote", self.name)
+        self._fallback = self._real.Process(target=self._target, args=tuple(self._args))
+        self._fallback.start()
+        self.pid = self._fallback.pid
+        multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
+        with contextlib.suppress(KeyError):
+            multiprocessing.process._children.remove(self._fallback)  # type: ignore[attr-defined]
+
+    def is_alive(self) -> bool:
+        if self._fallback is not None:
+            return bool(self._fallback.is_alive())
+        if self.exitcode is not None or self.pid is None:
+            return False
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Not (or no longer) our child: reaped elsewhere, or never re-parented to us.
+            self.exitcode = -1
+            return False
+        if pid == 0:
+            return True
+        self.exitcode = os.waitstatus_to_exitcode(status)
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._fallback is not None:
+            self._fallback.join(timeout)
+        # thespian joins only a child is_alive() reported dead (already reaped)
+
+    def __str__(self) -> str:
+        return f"<zygote child {self.name} pid {self.pid}>"
+
+
+def _zygote_for_this_process() -> _Zygote | None:
+    """This process's zygote, started on first use (a forked child inherits its parent's
+    ``_zygote`` object, which is not its own: a new one is started for it)."""
+    global _zygote
+    if _zygote is not None and _zygote.owner == os.getpid():
+        return None if _zygote.broken else _zygote
+    try:
+        _zygote = _Zygote.start()
+    except OSError as exc:
+        log.warning("cannot start a zygote: %s", exc)
+        return None
+    return _zygote
+
+
+class _Zygote:
+    def __init__(self, pid: int, requests: int, replies: int) -> None:
+        self.owner = os.getpid()
+        self.pid, self.requests, self.replies = pid, requests, replies
+        self.broken = False
+
+    @classmethod
+    def start(cls) -> _Zygote:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the zygote
+            code = 1
+            try:
+                os.close(req_w)
+                os.close(rep_r)
+                _serve(req_r, rep_w)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(req_r)
+        os.close(rep_w)
+        return cls(pid, req_w, rep_r)
+
+    def spawn(self, args: list[Any], name: str) -> int | None:
+        """Have the zygote fork a child running ``startChild(*args)``; its pid, or None (and the
+        zygote is given up) if that failed."""
+        try:
+            payload = pickle.dumps((args, name))
+            os.write(self.requests, _HEADER.pack(len(payload)) + payload)
+            reply = _read_exact(self.replies, _PID.size)
+        except (OSError, pickle.PicklingError) as exc:
+            reply, detail = b"", str(exc)
+        else:
+            detail = "the zygote exited"
+        pid = _PID.unpack(reply)[0] if len(reply) == _PID.size else -1
+        if pid > 0:
+            return int(pid)
+        log.warning("zygote %d failed to fork %s (%s): giving it up", self.pid, name, detail)
+        self.broken = True
+        for fd in (self.requests, self.replies):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        return None
+
+
+def _serve(requests: int, replies: int) -> None:
+    """The zygote's loop: fork a child per request until the request pipe closes."""
+    from sessionlane.actors._shell import set_title
+
+    set_title("zygote (forks the file actors)")
+    for signum in range(1, signal.NSIG):
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            signal.signal(signum, signal.SIG_DFL)
+    release_inherited_sockets()
+    gc.freeze()
+    while True:
+        header = _read_exact(requests, _HEADER.size)
+        if len(header) < _HEADER.size:
+            return  # the Registry closed the pipe: it is gone
+        args, name = pickle.loads(_read_exact(requests, _HEADER.unpack(header)[0]))
+        args[_CLOSE_ARG] = [requests, replies]  # the child closes what it inherits from us
+        os.write(replies, _PID.pack(_fork_through_intermediate(args, name)))
+
+
+def _fork_through_intermediate(args: list[Any], name: str) -> int:
+    """Fork a child running ``startChild(*args)`` from an intermediate that exits at once; the
+    child's pid (or -1) once the intermediate is gone, so the child has been re-parented to the
+    nearest subreaper, the Registry, before the Registry knows its pid."""
+    from thespian.system import multiprocCommon
+
+    pid_r, pid_w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        code = 1
+        try:
+            os.close(pid_r)
+            args[_CLOSE_ARG] = [*args[_CLOSE_ARG], pid_w]
+            child = multiprocessing.get_context("fork").Process(
+                target=multiprocCommon.startChild, args=tuple(args), name=name
+            )
+            child.start()
+            os.write(pid_w, _PID.pack(child.pid or -1))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(pid_w)
+    try:
+        reply = _read_exact(pid_r, _PID.size)
+    finally:
+        os.close(pid_r)
+    _, status = os.waitpid(middle, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or len(reply) != _PID.size:
+        return -1
+    return int(_PID.unpack(reply)[0])
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
