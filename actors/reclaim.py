@@ -14,7 +14,10 @@ granted), until a client shows the lease, fence and secret (``Acquire.reclaim``)
 ends. ``ReclaimBook.refusal`` says why a reclaim cannot be honoured; the transcript must be
 the one the record names, with the size it had after the holder's last write, so a change
 made by anyone else (or a record older than the transcript, after a machine crash) refuses
-the reclaim rather than granting it over a file that moved on.
+the reclaim rather than granting it over a file that moved on. An empty transcript is the
+exception: found empty again, under any inode, nothing the holder wrote is lost (a lock-only
+holder may have removed the empty file the service created for it, as the OpenClaw drop-in
+does, and the restarted service created it anew).
 
 Appends are de-duplicated across the restart by their ``aid``: the record keeps the last
 ``MAX_APPENDS`` results of the holder, so an append whose answer was lost is answered as it
@@ -216,6 +219,11 @@ class ReclaimBook:
             return f"fence {ticket.fence} is not the fence of lease {ticket.lease} ({held.fence})"
         if not hmac.compare_digest(held.secret_digest, digest(ticket.secret)):
             return f"wrong reclaim secret for lease {ticket.lease}"
+        if self.record.size == 0 and size == 0:
+            # Nothing the holder wrote can be lost: an empty transcript removed and recreated
+            # empty (the OpenClaw drop-in removes the one a lock-only acquire created) is the
+            # same transcript, whatever its inode.
+            return None
         if self.record.ino != ino or self.record.size != size:
             return (
                 f"the file changed since the holder's last write (inode {self.record.ino} size "

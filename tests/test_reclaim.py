@@ -131,6 +131,19 @@ def test_only_the_right_lease_fence_secret_and_file_may_reclaim() -> None:
     assert "changed" in str(book.refusal(ticket(), ino=5, size=101))
 
 
+def test_an_empty_transcript_recreated_empty_is_the_same_and_any_other_change_refuses() -> None:
+    # A lock-only holder (the OpenClaw drop-in) removes the empty file the service created for
+    # it; the restarted service creates it anew, under another inode: nothing written is lost.
+    book = ReclaimBook()
+    book.activate(LeaseRecord(held=HELD, ino=5, size=0), 0, 1)
+    assert book.refusal(ticket(), ino=6, size=0) is None
+    assert "changed" in str(book.refusal(ticket(), ino=6, size=1))
+    assert "changed" in str(book.refusal(ticket(), ino=5, size=1))
+    assert "secret" in str(book.refusal(ticket(secret="t" * 32), ino=6, size=0))
+    book.activate(LeaseRecord(held=HELD, ino=5, size=100), 0, 1)
+    assert "changed" in str(book.refusal(ticket(), ino=6, size=0)), "written, then emptied"
+
+
 def test_the_record_follows_the_holder_and_remembers_its_last_appends() -> None:
     book = ReclaimBook()
     book.issue(HELD.lease, SECRET)

@@ -32,7 +32,7 @@ import net from 'node:net';
 import { EventEmitter } from 'node:events';
 
 import { anchor, defaultAddress, parseAddress, type Target } from './address.js';
-import { SessionLaneError, Unauthorized, Unavailable, errorFor } from './errors.js';
+import { LeaseRevoked, SessionLaneError, Unauthorized, Unavailable, errorFor } from './errors.js';
 import { reclaimFields, resendable, waitedFields } from './reclaim.js';
 import {
   Lane,
@@ -345,6 +345,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     track: (state) => this.#track(state),
     untrack: (state) => this.#untrack(state),
     abandoned: (leases) => this.#abandoned(leases),
+    leaseRequest: (state, type, fields) => this.#leaseRequest(state, type, fields),
   };
 
   /** Not for direct use: `connect()` makes connections. */
@@ -461,6 +462,21 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       return reviving.then(() => this.request(type, fields, options));
     }
     return this.#send(type, fields, options);
+  }
+
+  /**
+   * A request of the lease `state`: after a revival, only if its reclaim was granted (a
+   * refused one revoked it, reason `restart`: `LeaseRevoked`, and nothing reaches the service).
+   */
+  #leaseRequest(state: LeaseState, type: string, fields: Record<string, unknown>): Promise<Reply> {
+    const reviving = this.#reviving;
+    if (reviving !== null && !this.#closed) {
+      return reviving.then(() => {
+        state.checkUsable();
+        return this.#leaseRequest(state, type, fields);
+      });
+    }
+    return this.request(type, fields);
   }
 
   /** Send now, on the current connection (`revival`: a revival's own hello or reclaim). */
@@ -743,8 +759,8 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
         this.#attach(socket);
         const ask: Ask = (type, fields) => this.#send(type, fields, {}, true);
         this.server = await handshake(this.address, this.#options, ask);
-        await this.#reclaimAll();
-        this.#resendPending();
+        const refused = await this.#reclaimAll();
+        this.#resendPending(refused);
         this.#reviving = null;
         this.#refresh();
         return;
@@ -761,8 +777,12 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     this.#end(why, 'connection_lost');
   }
 
-  /** Take every suspended lease back (same lease and fence), or revoke it (`restart`). */
-  async #reclaimAll(): Promise<void> {
+  /**
+   * Take every suspended lease back (same lease and fence), or revoke it (`restart`): the
+   * leases refused, by id.
+   */
+  async #reclaimAll(): Promise<Map<string, LeaseState>> {
+    const refused = new Map<string, LeaseState>();
     for (const state of [...this.#leases.values()]) {
       if (!state.suspended || state.secret === null) continue;
       try {
@@ -773,14 +793,32 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
         this.#leases.delete(state.lease);
         state.suspended = false;
         state.revoke('restart');
+        refused.set(state.lease, state);
       }
     }
+    return refused;
   }
 
-  /** Send again, on the new connection, what was in flight and is safe to repeat. */
-  #resendPending(): void {
+  /**
+   * Send again, on the new connection, what was in flight and is safe to repeat; what a
+   * `refused` lease had in flight fails instead (`LeaseRevoked`, reason `restart`).
+   */
+  #resendPending(refused: ReadonlyMap<string, LeaseState>): void {
     const now = Date.now();
-    for (const [id, pending] of this.#pending) {
+    for (const [id, pending] of [...this.#pending.entries()]) {
+      const lease = pending.fields['lease'];
+      const lost = typeof lease === 'string' ? refused.get(lease) : undefined;
+      if (lost !== undefined) {
+        this.#settled(id);
+        pending.reject(
+          new LeaseRevoked(
+            `lease ${lost.lease} lost: the restarted service refused its reclaim before the ` +
+              `${pending.type} reply`,
+            { path: lost.path, reason: 'restart' },
+          ),
+        );
+        continue;
+      }
       if (pending.type === 'acquire') {
         pending.fields = waitedFields(pending.fields, now - pending.sentAt);
       }

@@ -131,6 +131,11 @@ export interface LeaseHost {
   track(state: LeaseState): LeaseState;
   untrack(state: LeaseState): void;
   abandoned(leases: readonly string[]): void;
+  /**
+   * `request` for a request of the lease `state`: one that waited for the connection to be
+   * revived is sent only if the lease was taken back (else `LeaseRevoked`, nothing sent).
+   */
+  leaseRequest(state: LeaseState, type: string, fields: Record<string, unknown>): Promise<Reply>;
 }
 
 /** What the client knows about one lease, updated by events as they arrive. */
@@ -464,7 +469,7 @@ export class Lease implements AsyncDisposable {
 
   async #call(type: string, fields: Record<string, unknown>): Promise<Reply> {
     try {
-      return await this.#host.request(type, fields);
+      return await this.#host.leaseRequest(this.#state, type, fields);
     } catch (err) {
       if (err instanceof StaleFence) {
         this.#state.revoke('stale_fence');

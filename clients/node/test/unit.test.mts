@@ -283,6 +283,66 @@ describe('riding out a restart (reconnectForMs)', () => {
   });
 });
 
+/**
+ * A service that restarts under its client and refuses the reclaim (the file changed, say):
+ * it grants a lease, drops the connection at the first append, and on the next connection
+ * hands the reclaim to `refuse` to answer when the test says so (recording what it was sent).
+ */
+function refusingService(
+  seen: Record<string, unknown>[],
+  reclaimed: (answer: () => void) => void,
+): Script {
+  let connections = 0;
+  let lastSocket: net.Socket | null = null;
+  return (request, send, socket) => {
+    if (socket !== lastSocket) {
+      lastSocket = socket;
+      connections += 1;
+    }
+    seen.push({ connection: connections, ...request });
+    const id = request['id'];
+    if (connections === 1 && request['type'] === 'acquire') {
+      send({ type: 'granted', id, lease: 'L1', fence: 7, path: request['path'],
+             purpose: 'prompt', secret: 'S'.repeat(32) });
+    } else if (connections === 1) {
+      socket.destroy(); // the service dies before the answer
+    } else if (request['type'] === 'acquire' && request['reclaim'] !== undefined) {
+      reclaimed(() => send({ type: 'error', id, code: 'reclaim_refused',
+                             detail: 'the file changed since the holder\'s last write' }));
+    } else {
+      send({ type: 'error', id, code: 'stale_fence', detail: 'must be reclaimed first' });
+    }
+  };
+}
+
+describe('a reclaim refused after a restart', () => {
+  it('fails the append in flight and one made meanwhile with LeaseRevoked, sending neither', async () => {
+    const seen: Record<string, unknown>[] = [];
+    const reclaim = deferred<() => void>();
+    const { address, server } = await scriptedService(refusingService(seen, reclaim.resolve));
+    try {
+      const sl = await connect(address, { keepaliveMs: 0, reconnectForMs: 5_000 });
+      const lease = await sl.lane('a').lease('/s/a.jsonl');
+      assert.ok(lease !== null);
+      const inFlight = lease.append({ n: 1 }).catch((err: unknown) => err);
+      const answer = await reclaim.promise; // the revival's reclaim reached the new service
+      const meanwhile = lease.append({ n: 2 }).catch((err: unknown) => err);
+      answer();
+      for (const err of [await inFlight, await meanwhile]) {
+        assert.ok(err instanceof LeaseRevoked, String(err));
+        assert.equal(err.reason, 'restart');
+      }
+      assert.equal(lease.revoked, 'restart');
+      const second = seen.filter((r) => r['connection'] === 2);
+      assert.deepEqual(second.map((r) => r['type']), ['acquire'], 'only the reclaim was sent');
+      await lease.release({ quiet: true });
+      await sl.close();
+    } finally {
+      server.close();
+    }
+  });
+});
+
 describe('connection loss', () => {
   it('rejects pending calls with Unavailable and revokes every lease, aborting its signal', async () => {
     const { address, server } = await scriptedService(grantOnceThenDrop());
