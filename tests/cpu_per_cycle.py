@@ -1,0 +1,100 @@
+"""CPU the service spends per contended lease cycle (acquire, append one record, release).
+
+Usage: ``python tests/cpu_per_cycle.py [CYCLES] [WORKERS]`` (default 300 and 2), with the
+``python`` of the install to measure; prints one JSON line. An embedded service runs in this
+process; ``WORKERS`` client processes loop on one file. The figure is the utime + stime of
+every process of the service's actor system plus this process, over the measured cycles,
+divided by the cycles: CPU time, so less sensitive to a busy machine than a rate. It imports
+the service from ``sessionlane.system`` or, for a version before the one namespace, from
+``system``, so the same script measures before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    from sessionlane.system.runtime.service import embedded_service
+except ImportError:  # a version before the one namespace
+    from system.runtime.service import embedded_service  # type: ignore[import-not-found,no-redef]
+
+WORKER = """
+import sys
+from sessionlane import connect
+address, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with connect(address) as sl:
+    lane = sl.lane("w")
+    with lane.lease(path, purpose="write") as lease:
+        lease.append({"warm": 1})
+    sys.stdout.write("ready\\n")
+    sys.stdout.flush()
+    sys.stdin.readline()
+    for i in range(n):
+        with lane.lease(path, purpose="write", wait_timeout=600) as lease:
+            lease.append({"i": i, "text": "x" * 160})
+"""
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime (and of waited-for children) of ``pids``, in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += sum(int(f) for f in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    cycles = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    workers = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "root"
+        root.mkdir()
+        with embedded_service([str(root)], log_file=Path(tmp) / "service.log") as service:
+            path = str(root / "a.jsonl")
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", WORKER, service.address, path, str(cycles)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(workers)
+            ]
+            for proc in procs:
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            members = service.running.system.members()
+            before, mine, began = cpu_seconds(members), os.times(), time.monotonic()
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            for proc in procs:
+                assert proc.wait(600) == 0
+            wall = time.monotonic() - began
+            after, now = cpu_seconds(service.running.system.members()), os.times()
+    own = (now.user - mine.user) + (now.system - mine.system)
+    n = cycles * workers
+    print(
+        json.dumps(
+            {
+                "cycles": n,
+                "service_cpu_ms_per_cycle": round((after - before + own) * 1000 / n, 3),
+                "cycles_per_s": round(n / wall, 1),
+                "loadavg": os.getloadavg()[0],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
