@@ -102,6 +102,10 @@ def test_a_lost_socket_revokes_the_lease_and_writes_nothing(
     assert lines(path) == [{"n": 1}, {"n": 3}]
 
 
+GRACE_MS = 1500
+"""The restarted service's reclaim grace in the restart tests here (short: nobody reclaims)."""
+
+
 def test_a_stopped_service_revokes_the_lease_and_a_new_one_is_reconnected_to(
     client: Surface, tmp_path: Path
 ) -> None:
@@ -119,9 +123,15 @@ def test_a_stopped_service_revokes_the_lease_and_a_new_one_is_reconnected_to(
         assert lease.revoked is not None
         assert lines(path) == [{"n": 1}]
     try:
-        with embedded_service(roots, listen=listen, log_file=tmp_path / "second.log"):
-            assert sl.status(path).files == []  # reconnected: a new service, nothing active
-            with sl.lane("agent").lease(path) as again:
+        with embedded_service(
+            roots, listen=listen, log_file=tmp_path / "second.log", reclaim_grace_ms=GRACE_MS
+        ):
+            # Reconnected to a new service, which keeps the file for its holder from before the
+            # restart until the grace ends: it cannot know this client gave the lease up.
+            (awaiting,) = sl.status(path).files
+            assert awaiting.holder is not None and awaiting.holder.lease == lease.id
+            assert awaiting.holder.lane.endswith("(awaiting reclaim)")
+            with sl.lane("agent").lease(path) as again:  # granted once the grace is over
                 assert again is not None
                 assert again.fence > lease.fence  # fences persist across services
                 again.append({"n": 3})
