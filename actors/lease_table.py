@@ -6,6 +6,12 @@ replies to send, events to deliver, fences to reserve durably before a grant goe
 table never sleeps and never reads a clock; ``next_deadline()`` says when the caller should
 call ``tick`` again.
 
+It is over 600 lines because its invariants span the holder, the queue, the timers and, since
+restarts are reclaimed, the awaited holder from before a restart: each transition checks all
+of them, and the Hypothesis model drives them together. The awaited holder is the part to move
+out next (into ``actors/reclaim.py``'s pure book) once the table's transitions take a
+"blocked by" predicate instead of knowing about restarts.
+
 Invariants (checked by the Hypothesis model in ``tests/test_lease_table_model.py``):
 
 - at most one holder; when there is no holder the queue is empty (a free path is granted at
