@@ -18,7 +18,7 @@ and the reclaims in progress; :class:`sessionlane.actors.lane_state.LaneState` d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sessionlane.messages.internal import LaneCall, LaneRequest
 from sessionlane.messages.wire import (
@@ -31,15 +31,33 @@ from sessionlane.messages.wire import (
     ReclaimTicket,
 )
 
-__all__ = ["RECLAIM_ID", "HeldReclaims", "HolderReclaims", "Reclaiming"]
+__all__ = ["RECLAIM_ID", "HeldReclaims", "HolderReclaims", "LaneLike", "Reclaiming"]
 
 RECLAIM_ID = "_reclaim"
 """The prefix of the ids of the lane's own reclaim acquires (never shown to its agent)."""
 
 
+class LaneLike(Protocol):
+    """What a reclaim needs of the lanes of one connection (``LaneState``)."""
+
+    @property
+    def uid(self) -> str: ...
+
+    def request(self, req: LaneRequest) -> None: ...
+
+    def resend(self, rid: Any, path: str) -> None:
+        """Send the pending request ``rid`` again (its lease is back)."""
+
+    def unknown(self, rid: Any, lease: str, path: str) -> None:
+        """Answer the pending write ``rid``: its outcome is unknown (its lease is gone)."""
+
+
 @dataclass
 class _Ticket:
     path: str
+    lane: str
+    """The name of the lane that holds the lease; ``uid``, its uid."""
+    uid: str
     purpose: Purpose
     priority: Priority | None
     fence: int
@@ -49,21 +67,44 @@ class _Ticket:
 
 @dataclass
 class Reclaiming:
-    """A lease of the lane whose owner was lost, being asked back."""
+    """A lease whose owner was lost, being asked back by the lane that holds it."""
 
     lease: str
     path: str
-    rid: str
-    """The id of the reclaim acquire in flight."""
-    resend: list[Any] = field(default_factory=list)
-    """Ids of the lane's appends (with an ``aid``) in flight at the loss: sent again once the
-    lease is back, answered ``unknown_outcome`` if it is not."""
-    held: list[LaneRequest] = field(default_factory=list)
+    acquire: Acquire
+    """The reclaim, sent by the holding lane (``holder``)."""
+    holder: str
+    sent: bool = False
+    waiting: list[tuple[LaneLike, Any]] = field(default_factory=list)
+    """The appends (with an ``aid``) of the connection's lanes in flight at the loss, by lane
+    and request id: sent again once the lease is back, answered ``unknown_outcome`` if not."""
+    held: list[tuple[LaneLike, LaneRequest]] = field(default_factory=list)
     """The agent's requests for the lease made meanwhile, in order: sent once it is decided."""
+
+    def wait(self, lane: LaneLike, rid: Any) -> None:
+        if not any(entry is lane and r == rid for entry, r in self.waiting):
+            self.waiting.append((lane, rid))
+
+    def back(self) -> None:
+        """The lease is back: what waited goes on."""
+        for lane, rid in self.waiting:
+            lane.resend(rid, self.path)
+        for lane, req in self.held:
+            lane.request(req)
+
+    def lost(self) -> None:
+        """The lease is gone: writes in flight have an unknown outcome; the requests made
+        meanwhile go on (the owner refuses them: nothing is written)."""
+        for lane, rid in self.waiting:
+            lane.unknown(rid, self.lease, self.path)
+        for lane, req in self.held:
+            lane.request(req)
 
 
 class HolderReclaims:
-    """The reclaim tickets of one lane's leases, and its reclaims in progress."""
+    """The reclaim tickets of the leases of one client connection's lanes (shared by them: a
+    request naming only a lease may come through another lane of the connection than the one
+    holding it), and the reclaims in progress."""
 
     def __init__(self) -> None:
         self.tickets: dict[str, _Ticket] = {}
@@ -71,8 +112,8 @@ class HolderReclaims:
         self.by_rid: dict[str, Reclaiming] = {}
         self.ids = 0
 
-    def granted(self, path: str, reply: Granted, request: Any) -> None:
-        """``reply`` answered the lane's ``request``: keep what a reclaim would show."""
+    def granted(self, lane: LaneLike, name: str, path: str, reply: Granted, request: Any) -> None:
+        """``reply`` answered ``lane``'s ``request``: keep what a reclaim would show."""
         known = self.tickets.get(reply.lease)
         if known is not None:
             known.depth += 1
@@ -81,7 +122,7 @@ class HolderReclaims:
             return  # a service that issues no secrets: nothing to reclaim with
         priority = getattr(request, "priority", None)
         self.tickets[reply.lease] = _Ticket(
-            path, reply.purpose, priority, reply.fence, reply.secret
+            path, name, lane.uid, reply.purpose, priority, reply.fence, reply.secret
         )
 
     def released(self, lease: str) -> None:
@@ -94,37 +135,32 @@ class HolderReclaims:
     def gone(self, lease: str) -> Reclaiming | None:
         """``lease`` ended (revoked, abandoned): forget it; its reclaim, if one was under way."""
         self.tickets.pop(lease, None)
-        return self.stop(lease)
-
-    def stop(self, lease: str) -> Reclaiming | None:
         found = self.reclaiming.pop(lease, None)
         if found is not None:
-            self.by_rid.pop(found.rid, None)
+            self.by_rid.pop(str(found.acquire.id), None)
         return found
 
-    def start(self, lease: str, lane: str) -> tuple[Reclaiming, Acquire] | None:
-        """Begin taking ``lease`` back (None: no secret known, it cannot be)."""
+    def start(self, lease: str) -> Reclaiming | None:
+        """The reclaim of ``lease``, begun now if it is not under way (None: no secret is
+        known, it cannot be taken back)."""
+        found = self.reclaiming.get(lease)
+        if found is not None:
+            return found
         ticket = self.tickets.get(lease)
         if ticket is None:
             return None
         self.ids += 1
-        rid = f"{RECLAIM_ID}{self.ids}"
-        found = self.reclaiming.get(lease)
-        if found is None:
-            found = self.reclaiming[lease] = Reclaiming(lease, ticket.path, rid)
-        else:
-            self.by_rid.pop(found.rid, None)
-            found.rid = rid
-        self.by_rid[rid] = found
         acquire = Acquire(
-            id=rid,
-            lane=lane,
+            id=f"{RECLAIM_ID}{self.ids}",
+            lane=ticket.lane,
             path=ticket.path,
             purpose=ticket.purpose,
             priority=ticket.priority,
             reclaim=ReclaimTicket(lease=lease, fence=ticket.fence, secret=ticket.secret),
         )
-        return found, acquire
+        found = self.reclaiming[lease] = Reclaiming(lease, ticket.path, acquire, ticket.uid)
+        self.by_rid[str(acquire.id)] = found
+        return found
 
     def answered(self, rid: Any) -> Reclaiming | None:
         """The reclaim ``rid`` answers, taken out of the ones in progress (None: an answer to

@@ -103,7 +103,9 @@ class _Fanout:
 
 
 class LaneState:
-    def __init__(self, ref: LaneRef, host: LaneHost) -> None:
+    def __init__(
+        self, ref: LaneRef, host: LaneHost, reclaims: HolderReclaims | None = None
+    ) -> None:
         self.ref = ref
         self.host = host
         self.pending: dict[Any, _Pending] = {}
@@ -112,8 +114,9 @@ class LaneState:
         self.internal_ids = 0
         self.closing: str | None = None
         self.finished = False
-        self.reclaims = HolderReclaims()
-        """Its leases' reclaim secrets, for when their file's member is lost (issue #22)."""
+        self.reclaims = HolderReclaims() if reclaims is None else reclaims
+        """Its leases' reclaim secrets, for when their file's member is lost (issue #22);
+        shared by the lanes of one client connection."""
 
     @property
     def uid(self) -> str:
@@ -143,7 +146,7 @@ class LaneState:
             case Release() | Append() | Rewrite():
                 assert req.lease is not None
                 if (reclaiming := self.reclaims.holding_back(req.lease)) is not None:
-                    reclaiming.held.append(req)  # sent once the lease is back (or not)
+                    reclaiming.held.append((self, req))  # sent once the lease is back (or not)
                     return
                 path = self.host.route_of(req.lease)
                 if path is not None:
@@ -198,7 +201,7 @@ class LaneState:
                     isinstance(event, Revoked)
                     and (ended := self.reclaims.gone(event.lease)) is not None
                 ):
-                    self.give_up(ended, None)  # told by the owner itself, not twice
+                    ended.lost()  # the owner told the holder itself: not twice
             if self.closing is None:
                 for event in events:
                     self.to_agent(event)
@@ -214,7 +217,7 @@ class LaneState:
         pending = self.pending.get(rid)
         if pending is not None:
             if isinstance(reply, Granted):
-                self.reclaims.granted(msg.path, reply, pending.request)
+                self.reclaims.granted(self, self.name, msg.path, reply, pending.request)
             elif isinstance(reply, Released):
                 self.reclaims.released(reply.lease)
             elif isinstance(reply, Abandoned):
@@ -285,48 +288,44 @@ class LaneState:
         lane knows is asked back instead (``sessionlane.actors.holder_reclaim``), and the
         appends it had in flight wait for the answer."""
         reclaiming: Reclaiming | None = None
-        if holder is not None and holder[0] == self.uid:
-            started = self.reclaims.start(holder[1], self.name) if reclaim else None
-            if started is None:
-                self.reclaims.gone(holder[1])
-                self.to_agent(Revoked(lease=holder[1], path=path, reason="actor_restart"))
-            else:
-                reclaiming, acquire = started
+        if holder is not None and reclaim:
+            reclaiming = self.reclaims.start(holder[1])
+        if holder is not None and holder[0] == self.uid and reclaiming is None:
+            self.reclaims.gone(holder[1])
+            self.to_agent(Revoked(lease=holder[1], path=path, reason="actor_restart"))
         for rid, pending in list(self.pending.items()):
             unanswered_here = pending.path is None and pending.raw in aliases
             if pending.path != path and not unanswered_here:
                 continue
             request = pending.request
-            if (
-                reclaiming is not None
-                and isinstance(request, Append)
-                and request.lease == reclaiming.lease
-                and request.aid is not None
-            ):
-                reclaiming.resend.append(rid)  # it may be written: sent again once reclaimed
-                continue
+            if isinstance(request, Append) and request.aid is not None:
+                waits = self.reclaims.holding_back(request.lease)
+                if waits is not None:
+                    waits.wait(self, rid)  # it may be written: sent again once reclaimed
+                    continue
             if rid in self.fanouts:
                 # An abandon the dead actor never answered: it held nothing there any more.
                 self.file_reply(
                     FileReply(path=path, message=Abandoned(id=rid, leases=[]), lane=self.uid)
                 )
-            elif isinstance(pending.request, Acquire | Recover):
-                self.call(pending.request, path, canonical=True)  # queue again
-            elif isinstance(pending.request, Append | Rewrite):
+            elif isinstance(request, Acquire | Recover):
+                self.call(request, path, canonical=True)  # queue again (a reclaim: ask again)
+            elif isinstance(request, Append | Rewrite):
                 del self.pending[rid]
                 wrote = f"{detail}: the write may be in the file, read it to know"
                 self.to_agent(Error(id=rid, code="unknown_outcome", detail=wrote, path=path))
             else:
                 del self.pending[rid]
                 self.to_agent(Error(id=rid, code="unavailable", detail=detail, path=path))
-        if reclaiming is not None:
+        if reclaiming is not None and reclaiming.holder == self.uid and not reclaiming.sent:
+            reclaiming.sent = True
             log.info(
                 "lane %s: the member of %s was lost; reclaiming lease %s",
                 self.name,
                 path,
                 reclaiming.lease,
             )
-            self.call(acquire, path, canonical=True)
+            self.call(reclaiming.acquire, path, canonical=True)
 
     def reclaim_answered(self, msg: FileReply) -> None:
         """The answer to a reclaim of the lane's own (see ``holder_reclaim``)."""
@@ -336,16 +335,7 @@ class LaneState:
         reply = msg.message
         if isinstance(reply, Granted):
             log.info("lane %s: lease %s reclaimed from %s", self.name, reply.lease, msg.path)
-            for rid in reclaiming.resend:
-                pending = self.pending.get(rid)
-                if pending is not None:
-                    self.host.call(
-                        LaneCall(
-                            lane=self.ref, path=msg.path, canonical=True, request=pending.request
-                        )
-                    )
-            for req in reclaiming.held:
-                self.request(req)
+            reclaiming.back()
             if self.closing is not None:
                 # The agent went while its lease was being reclaimed: let it go again.
                 self.internal_ids += 1
@@ -355,27 +345,24 @@ class LaneState:
         why = getattr(reply, "detail", type(reply).__name__)
         log.warning("lane %s: lease %s not reclaimed: %s", self.name, reclaiming.lease, why)
         self.reclaims.gone(reclaiming.lease)
-        self.give_up(
-            reclaiming, Revoked(lease=reclaiming.lease, path=msg.path, reason="actor_restart")
-        )
+        self.to_agent(Revoked(lease=reclaiming.lease, path=msg.path, reason="actor_restart"))
+        reclaiming.lost()
 
-    def give_up(self, reclaiming: Reclaiming, told: Revoked | None) -> None:
-        """A lease being reclaimed is lost after all: its holder is ``told`` (unless the owner
-        told it already), its appends in flight at the loss have an unknown outcome, and the
-        requests made meanwhile go on (the owner refuses them: the lease is not held)."""
-        if told is not None:
-            self.to_agent(told)
-        for rid in reclaiming.resend:
-            if self.pending.pop(rid, None) is not None:
-                detail = (
-                    f"lease {reclaiming.lease} could not be reclaimed after its member was lost:"
-                    " the write may be in the file, read it to know"
-                )
-                self.to_agent(
-                    Error(id=rid, code="unknown_outcome", detail=detail, path=reclaiming.path)
-                )
-        for req in reclaiming.held:
-            self.request(req)
+    def resend(self, rid: Any, path: str) -> None:
+        """Send the pending request ``rid`` again: its lease was reclaimed."""
+        pending = self.pending.get(rid)
+        if pending is not None:
+            call = LaneCall(lane=self.ref, path=path, canonical=True, request=pending.request)
+            self.host.call(call)
+
+    def unknown(self, rid: Any, lease: str, path: str) -> None:
+        """The pending write ``rid`` may be in the file: its lease could not be reclaimed."""
+        if self.pending.pop(rid, None) is not None:
+            detail = (
+                f"lease {lease} could not be reclaimed after its member was lost:"
+                " the write may be in the file, read it to know"
+            )
+            self.to_agent(Error(id=rid, code="unknown_outcome", detail=detail, path=path))
 
     def uses(self, path: str) -> bool:
         """Whether this lane waits for an answer from ``path`` (held leases: the links know)."""

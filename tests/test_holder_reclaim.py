@@ -11,6 +11,7 @@ from test_convention import HERE, THERE, Clock, FakeHost, acknowledge
 from test_lane_state import A, Host, lease
 
 from sessionlane.actors.federation import Federation
+from sessionlane.actors.holder_reclaim import HolderReclaims
 from sessionlane.actors.lane_state import LaneState
 from sessionlane.messages.convention import Members
 from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
@@ -62,7 +63,7 @@ def test_a_lease_whose_member_was_lost_is_asked_back_and_its_holder_never_told()
     assert host.agent == [], "no revoked, no error: the lease is being reclaimed"
     (reclaim,) = host.calls
     assert isinstance(reclaim.request, Acquire)
-    assert (reclaim.path, reclaim.canonical) == (A, True)
+    assert (reclaim.lane.uid, reclaim.path, reclaim.canonical) == (UID, A, True)
     assert reclaim.request.reclaim == ReclaimTicket(lease=lease(A), fence=3, secret=SECRET)
     assert (reclaim.request.lane, reclaim.request.purpose) == ("chat", "write")
     assert reclaim.request.priority == "background"
@@ -119,6 +120,32 @@ def test_the_owner_telling_the_holder_itself_ends_the_reclaim_and_it_is_told_onc
     refused = Error(id=reclaim.request.id, code="reclaim_refused", path=A)
     answer(lane, reclaim, refused)
     assert host.agent == [told]
+
+
+def test_an_append_through_another_lane_of_the_connection_waits_for_the_reclaim() -> None:
+    host, shared = Host(), HolderReclaims()
+    holder = LaneState(LaneRef(uid=UID, name="chat", address=None), host, shared)
+    own = LaneState(LaneRef(uid="c1/", name="(connection)", address=None), host, shared)
+    holder.request(Acquire(id=1, lane="chat", path=A, purpose="write"))
+    granted = Granted(id=1, lease=lease(A), fence=3, path=A, purpose="write", secret=SECRET)
+    holder.file_reply(FileReply(path=A, message=granted, lane=UID))
+    own.request(append(2, "aid-0002"))  # a request naming only the lease: the connection's lane
+    host.calls.clear()
+    host.agent.clear()
+
+    lost = FileRestarted(path=A, owner_lost=True)
+    own.file_restarted(lost, (UID, lease(A)))  # the connection's lane hears of it first
+    holder.file_restarted(lost, (UID, lease(A)))
+    assert host.agent == []
+    (reclaim,) = host.calls
+    assert reclaim.lane.uid == UID, "asked back by the lane that holds it"
+    own.request(append(3, "aid-0003"))
+    assert len(host.calls) == 1
+
+    back = granted.model_copy(update={"id": reclaim.request.id})
+    holder.file_reply(FileReply(path=A, message=back, lane=UID))
+    assert [(c.lane.uid, c.request.id) for c in host.calls[1:]] == [("c1/", 2), ("c1/", 3)]
+    assert host.agent == []
 
 
 def test_a_lost_actor_of_a_live_member_revokes_at_once_as_before() -> None:
