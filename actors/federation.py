@@ -31,6 +31,7 @@ from sessionlane.actors.convention import (
 )
 from sessionlane.actors.federation_serving import Serving, ServingHost
 from sessionlane.actors.holder_reclaim import HeldReclaims
+from sessionlane.messages import wire
 from sessionlane.messages.convention import (
     Admitted,
     Beat,
@@ -51,16 +52,7 @@ from sessionlane.messages.convention import (
     Resolved,
 )
 from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall
-from sessionlane.messages.wire import (
-    Abandon,
-    Acquire,
-    Append,
-    Error,
-    FileStatus,
-    Rewrite,
-    Status,
-    StatusReply,
-)
+from sessionlane.messages.wire import Append, Error, FileStatus, Rewrite, Status, StatusReply
 
 __all__ = ["Federation", "Host", "unavailable_status"]
 
@@ -337,7 +329,7 @@ class Federation:
     def route(self, call: LaneCall) -> bool:
         """Forward ``call`` if another member owns its path (or refuse it if that member is
         lost); False when it is ours to serve."""
-        if isinstance(call.request, Abandon) and self.parked:
+        if isinstance(call.request, wire.Abandon) and self.parked:
             for held in self.parked.cancel(call):
                 why = "the lane abandoned the path while its lease was being reclaimed"
                 self.host.refuse(held, self.parked.refusal(held, why))
@@ -345,7 +337,8 @@ class Federation:
         if remote is None:
             return False
         if not self.reachable(remote):
-            if self.reclaim_ms > 0 and isinstance(call.request, Acquire) and call.request.reclaim:
+            request = call.request
+            if self.reclaim_ms > 0 and isinstance(request, wire.Acquire) and request.reclaim:
                 # The lane asks its lease back from a lost member: held until it answers.
                 self.parked.hold(call, self.clock() + self.reclaim_ms + self.timeout_ms)
                 return True
