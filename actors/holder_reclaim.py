@@ -149,9 +149,8 @@ class HolderReclaims:
         ticket = self.tickets.get(lease)
         if ticket is None:
             return None
-        self.ids += 1
         acquire = Acquire(
-            id=f"{RECLAIM_ID}{self.ids}",
+            id=self.next_id(),
             lane=ticket.lane,
             path=ticket.path,
             purpose=ticket.purpose,
@@ -169,6 +168,11 @@ class HolderReclaims:
         if found is not None:
             self.reclaiming.pop(found.lease, None)
         return found
+
+    def next_id(self) -> str:
+        """An id for a request of the lane's own, answered to the lane, never to its agent."""
+        self.ids += 1
+        return f"{RECLAIM_ID}{self.ids}"
 
     @staticmethod
     def is_reclaim_id(rid: Any) -> bool:

@@ -330,9 +330,13 @@ class LaneState:
     def reclaim_answered(self, msg: FileReply) -> None:
         """The answer to a reclaim of the lane's own (see ``holder_reclaim``)."""
         reclaiming = self.reclaims.answered(msg.message.id)
-        if reclaiming is None:
-            return  # decided already (the lease ended meanwhile)
         reply = msg.message
+        if reclaiming is None:
+            if isinstance(reply, Granted):
+                # Given up on meanwhile (its holder was told): let it go, never leak it.
+                release = Release(id=self.reclaims.next_id(), lease=reply.lease)
+                self.call(release, msg.path, canonical=True)
+            return  # decided already (the lease ended meanwhile), or the answer to that
         if isinstance(reply, Granted):
             log.info("lane %s: lease %s reclaimed from %s", self.name, reply.lease, msg.path)
             reclaiming.back()

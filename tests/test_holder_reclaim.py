@@ -7,6 +7,11 @@ real ``kill -9``: ``tests/test_convention_faults.py``.
 
 from __future__ import annotations
 
+from typing import Any
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from test_convention import HERE, THERE, Clock, FakeHost, acknowledge
 from test_lane_state import A, Host, lease
 
@@ -19,6 +24,7 @@ from sessionlane.messages.wire import (
     Abandon,
     Acquire,
     Append,
+    Appended,
     Error,
     Granted,
     ReclaimTicket,
@@ -255,3 +261,111 @@ def test_without_a_reclaim_grace_lanes_are_told_at_once_and_reclaims_refused() -
     fed, host, _clock = lost_federation(grace_ms=0)
     fed.route(reclaim_call())
     assert [e.code for e in host.refused] == ["unavailable"]
+
+
+# Any interleaving: each write answered once, the holder told at most once ----------------------
+
+
+class HolderModel(RuleBasedStateMachine):
+    """A connection's two lanes (the holder's, and the connection's own through which its
+    lease's appends go) under losses of the owner member, reclaims granted or refused in any
+    order, the owner's own ``revoked``, and answers from the file. The file answers only calls
+    sent since the last loss (a lost member never answers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host, shared = Host(), HolderReclaims()
+        self.holder = LaneState(LaneRef(uid=UID, name="chat", address=None), self.host, shared)
+        self.own = LaneState(
+            LaneRef(uid="c1/", name="(connection)", address=None), self.host, shared
+        )
+        self.lanes = {UID: self.holder, "c1/": self.own}
+        self.holder.request(Acquire(id=1, lane="chat", path=A, purpose="write"))
+        granted = Granted(id=1, lease=lease(A), fence=3, path=A, purpose="write", secret=SECRET)
+        self.holder.file_reply(FileReply(path=A, message=granted, lane=UID))
+        self.host.agent.clear()
+        self.held = True  # as the gateway's links see it (the holder of a loss)
+        self.sent = len(self.host.calls)  # calls before this index went to a lost member
+        self.asked: list[int] = []
+        self.next_id = 10
+
+    def live(self) -> list[LaneCall]:
+        return self.host.calls[self.sent :]
+
+    def reply(self, call: LaneCall, message: Any) -> None:
+        self.host.calls.remove(call)  # a live one: after ``sent``, which stays valid
+        lane = self.lanes[call.lane.uid]
+        lane.file_reply(FileReply(path=A, message=message, lane=call.lane.uid))
+
+    @rule(aid=st.booleans())
+    def append(self, aid: bool) -> None:
+        self.next_id += 1
+        self.asked.append(self.next_id)
+        self.own.request(append(self.next_id, f"aid-{self.next_id:04d}" if aid else None))
+
+    @rule()
+    def member_lost(self) -> None:
+        self.sent = len(self.host.calls)
+        lost = FileRestarted(path=A, owner_lost=True)
+        holder = (UID, lease(A)) if self.held else None
+        self.held = False
+        for lane in (self.own, self.holder):
+            lane.file_restarted(lost, holder)
+
+    @rule(granted=st.booleans())
+    def reclaim_answered(self, granted: bool) -> None:
+        reclaims = [c for c in self.live() if isinstance(c.request, Acquire)]
+        if not reclaims:
+            return
+        call = reclaims[0]
+        # An owner that revoked the lease itself (owner_revokes) refuses its reclaim.
+        granted = granted and bool(self.holder.reclaims.reclaiming)
+        message: Any = (
+            Granted(id=call.request.id, lease=lease(A), fence=3, path=A, purpose="write")
+            if granted
+            else Error(id=call.request.id, code="reclaim_refused", path=A)
+        )
+        self.held = granted
+        self.reply(call, message)
+
+    @rule()
+    def owner_revokes(self) -> None:
+        if self.held or self.holder.reclaims.reclaiming:
+            self.held = False
+            event = Revoked(lease=lease(A), path=A, reason="member_lost")
+            self.holder.file_reply(FileReply(path=A, message=event, lane=UID))
+
+    @rule()
+    def file_answers_an_append(self) -> None:
+        appends = [c for c in self.live() if isinstance(c.request, Append)]
+        if appends:
+            call = appends[0]
+            self.reply(call, Appended(id=call.request.id, offset=0, lines=1, fence=3))
+
+    @invariant()
+    def nothing_internal_reaches_the_agent_and_the_holder_is_told_once(self) -> None:
+        ids = [getattr(m, "id", None) for m in self.host.agent]
+        assert not any(isinstance(i, str) and i.startswith("_") for i in ids)
+        answers = [i for i in ids if i is not None]
+        assert len(answers) == len(set(answers)), "no request answered twice"
+        revoked = [m for m in self.host.agent if isinstance(m, Revoked)]
+        assert len(revoked) <= 1, revoked
+
+    def teardown(self) -> None:
+        # Settle: the member is back and answers everything still asked of it.
+        for _ in range(50):
+            if not self.live():
+                break
+            call = self.live()[0]
+            if isinstance(call.request, Acquire):
+                self.reply(call, Error(id=call.request.id, code="reclaim_refused", path=A))
+            elif isinstance(call.request, Append):
+                self.reply(call, Appended(id=call.request.id, offset=0, lines=1, fence=3))
+            else:
+                self.reply(call, Error(id=call.request.id, code="stale_fence", path=A))
+        answered = [m.id for m in self.host.agent if getattr(m, "id", None) is not None]
+        assert sorted(answered) == sorted(self.asked), "every append answered exactly once"
+
+
+TestHolderModel = HolderModel.TestCase
+TestHolderModel.settings = settings(max_examples=150, stateful_step_count=25, deadline=None)
