@@ -11,8 +11,14 @@ flight at the loss are sent again with their ``aid`` (the owner answers one it a
 from its lease record), then the requests the agent made meanwhile. Refused, or too late: the
 holder is told ``revoked`` (``actor_restart``), as it was before this existed.
 
-:class:`HolderReclaims` keeps the tickets (one per lease granted to the lane with a secret)
-and the reclaims in progress; :class:`sessionlane.actors.lane_state.LaneState` drives it.
+The holder's agent is told nothing while it works; its requests on the lease wait in its
+member meanwhile. If the owner tells the holder itself (``revoked`` ``member_lost``), the
+reclaim ends there and that is the one event.
+
+:class:`HolderReclaims` keeps the tickets (one per lease granted with a secret to a lane of
+one client connection) and the reclaims in progress; the connection's lanes
+(:class:`sessionlane.actors.lane_state.LaneState`) drive it. :class:`HeldReclaims` is the
+Registry's part: the reclaims waiting for their member.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from sessionlane.messages.wire import (
 __all__ = ["RECLAIM_ID", "HeldReclaims", "HolderReclaims", "LaneLike", "Reclaiming"]
 
 RECLAIM_ID = "_reclaim"
-"""The prefix of the ids of the lane's own reclaim acquires (never shown to its agent)."""
+"""The prefix of the ids of the lane's own requests for a reclaim (the acquire, and the release
+of a reclaim granted too late): their answers go to the lane, never to its agent."""
 
 
 class LaneLike(Protocol):
