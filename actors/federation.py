@@ -148,7 +148,7 @@ class Federation:
         self.departed: dict[str, Member] = {}  # key -> a member that left; its roots unserved
         self.version = -1
         self.remotes: dict[str, _Remote] = {}  # incarnation -> state
-        self.serving = Serving(host, me)
+        self.serving = Serving(host, me, reclaim_grace_ms=reclaim_grace_ms)
         """The owner side: other members' lanes that use our paths."""
         self.links = itertools.count(1)
         self.ticking = False

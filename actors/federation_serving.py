@@ -2,8 +2,11 @@
 
 :class:`Serving` is part of :class:`sessionlane.actors.federation.Federation` (the Registry's side
 of a convention). It serves the calls other members forward here, acknowledges their beats, and
-when one of them is lost (``OriginLost``) abandons what its lanes held or waited for here, so
-a dead member's lanes never keep a path. It owns the table of origins; nothing else reads it.
+when one of them is lost (``OriginLost``) abandons what its lanes waited for here, and what
+they held too unless ``reclaim_grace_ms`` > 0: then each lease stays held for its holder's
+reclaim (through the restarted member, or any other) until the grace ends, when the file
+drops it as before. A dead member's lanes never keep a path past that. It owns the table of
+origins; nothing else reads it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from sessionlane.messages.convention import (
     OriginLost,
     Resolved,
 )
-from sessionlane.messages.internal import LaneCall, LaneRef
+from sessionlane.messages.internal import AbandonForReclaim, LaneCall, LaneRef
 from sessionlane.messages.wire import Abandon, Status
 
 __all__ = ["Serving", "ServingHost"]
@@ -58,9 +61,11 @@ class _Origin:
 class Serving:
     """The origins whose lanes use our paths, and the handlers of their messages."""
 
-    def __init__(self, host: ServingHost, me: Member) -> None:
+    def __init__(self, host: ServingHost, me: Member, *, reclaim_grace_ms: int = 0) -> None:
         self.host = host
         self.me = me
+        self.reclaim_ms = reclaim_grace_ms
+        """How long a lost origin's leases stay held for their holders' reclaim (0: none)."""
         self._origins: dict[str, _Origin] = {}  # addr_key(origin registry) -> state
 
     def _origin(self, msg: Hop) -> _Origin:
@@ -108,15 +113,24 @@ class Serving:
         origin = self._origins.pop(addr_key(msg.origin), None)
         if origin is None or not origin.lanes:
             return
+        kept = f"; their leases kept {self.reclaim_ms} ms for reclaim" if self.reclaim_ms else ""
         log.warning(
-            "origin %s lost (%s): abandoning what its %d lanes hold or wait for here",
+            "origin %s lost (%s): abandoning what its %d lanes wait for here%s",
             msg.origin,
             msg.reason,
             len(origin.lanes),
+            kept,
         )
         for ref, paths in origin.lanes.values():
             for path in sorted(paths):
                 if not self.host.is_active(path):
                     continue  # passivated: it held nothing
-                abandon = Abandon(lane=ref.name, path=path, reason=f"member lost: {msg.reason}")
+                abandon = self.abandon(ref, path, f"member lost: {msg.reason}")
                 self.host.serve(LaneCall(lane=ref, path=path, canonical=True, request=abandon))
+
+    def abandon(self, ref: LaneRef, path: str, reason: str) -> Abandon:
+        """What a lost origin's lane gives up on ``path``: its waits, and its lease unless it
+        is kept for its holder's reclaim (the file keeps only a lease its record names)."""
+        if self.reclaim_ms <= 0:
+            return Abandon(lane=ref.name, path=path, reason=reason)
+        return AbandonForReclaim(lane=ref.name, path=path, reason=reason, keep_ms=self.reclaim_ms)

@@ -473,12 +473,29 @@ class LeaseTable:
         self.holder = None
         return [Released(req, lane, lease, freed=True), *self._promote(now)]
 
-    def abandon(self, req: ReqKey, lane: Lane, now: float, *, reason: str) -> list[Effect]:
-        """Drop the lane's lease (all nesting) and cancel its waiters, at once."""
+    def abandon(
+        self,
+        req: ReqKey,
+        lane: Lane,
+        now: float,
+        *,
+        reason: str,
+        keep_as: Awaited | None = None,
+        until: float = 0.0,
+    ) -> list[Effect]:
+        """Drop the lane's lease (all nesting) and cancel its waiters, at once.
+
+        ``keep_as`` (for the lane of a lost convention member): the lease is not dropped but
+        awaited as ``keep_as`` until ``until``, as a restart's holder is (``await_reclaim``)."""
         effects: list[Effect] = []
         leases: tuple[str, ...] = ()
         holder = self.holder
-        if holder is not None and holder.lane == lane:
+        if holder is not None and holder.lane == lane and keep_as is not None:
+            left = None if holder.hold_deadline is None else holder.hold_deadline - now
+            holder.state, holder.lane, holder.reclaim_hold_ms = "awaiting", keep_as, left
+            holder.hold_deadline = until
+            effects.append(self._diagnostic("keep for reclaim", holder, now, reason))
+        elif holder is not None and holder.lane == lane:
             leases = (holder.lease,)
             self.holder = None
             self.counters["abandons"] += 1

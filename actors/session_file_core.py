@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sessionlane.actors import lease_table as lt
-from sessionlane.actors.lease_table import LeaseTable
+from sessionlane.actors.lease_table import Awaited, LeaseTable
 from sessionlane.actors.reclaim import ReclaimBook
 from sessionlane.actors.session_file_writes import (
     TableEffects,
@@ -38,7 +38,7 @@ from sessionlane.actors.session_file_writes import (
     call_key,
 )
 from sessionlane.messages import wire
-from sessionlane.messages.internal import FileReply, LaneCall
+from sessionlane.messages.internal import AbandonForReclaim, FileReply, LaneCall
 from sessionlane.messages.wire import (
     Abandon,
     Acquire,
@@ -140,6 +140,15 @@ class FileCore:
                 )
             case Release():
                 effects = self.table.release(key, lane, req.lease, now)
+            case AbandonForReclaim() if self.reclaimable(lane):
+                effects = self.table.abandon(
+                    key,
+                    lane,
+                    now,
+                    reason=req.reason or "",
+                    keep_as=Awaited(call.lane.name),
+                    until=now + req.keep_ms,
+                )
             case Abandon():
                 reason = req.reason or "requested by the lane"
                 effects = self.table.abandon(key, lane, now, reason=reason)
@@ -152,6 +161,16 @@ class FileCore:
             case Rewrite():
                 return [*self.writes.rewrite(call, req), DrainWrites()]
         return [TableEffects(effects)]
+
+    def reclaimable(self, lane: str) -> bool:
+        """Whether ``lane`` holds a lease its holder can reclaim: the lease record names it."""
+        holder, recorded = self.table.holder, self.book.record.held
+        return (
+            holder is not None
+            and holder.lane == lane
+            and recorded is not None
+            and recorded.lease == holder.lease
+        )
 
     def meaning(self, fx: lt.Effect) -> list[CoreEffect]:
         """What one effect of the lease table means for the lanes and the write path."""

@@ -30,6 +30,7 @@ from sessionlane.messages.wire import (
 )
 
 __all__ = [
+    "AbandonForReclaim",
     "ActivationFailed",
     "AgentGone",
     "AwaitHolders",
@@ -67,6 +68,17 @@ __all__ = [
 LaneRequest = Annotated[
     Acquire | Release | Abandon | Append | Rewrite | Recover, Field(discriminator="type")
 ]
+
+
+class AbandonForReclaim(Abandon):
+    """The ``Abandon`` an owner sends for a lane of a lost convention member (its origin):
+    the lane's waits end at once, but the lease it held is kept for ``keep_ms`` for its
+    holder's reclaim (``sessionlane.actors.reclaim``), as a restart's awaited holder is.
+
+    Never on the wire: only the owner's Registry makes it (``actors/federation_serving.py``);
+    the gateway parses clients' frames into the wire types, so no client can send one."""
+
+    keep_ms: int = Field(ge=1)
 
 
 class _Internal(BaseModel):

@@ -87,12 +87,12 @@ AGENT = """
 import json, sys, time
 from sessionlane.system.client import SessionLaneError, connect
 
-address, token, name = sys.argv[1:4]
+address, token, name, reconnect_for = *sys.argv[1:4], float(sys.argv[4])
 
 def out(**fields):
     print(json.dumps(fields), flush=True)
 
-with connect(address, token=token) as sl:
+with connect(address, token=token, reconnect_for=reconnect_for) as sl:
     lane, lease = sl.lane(name), None
     out(step="ready")
     for line in sys.stdin:
@@ -651,9 +651,12 @@ class MemberServe(Serve):
 class Agent:
     """A client process running :data:`AGENT` on the client host, connected to one member."""
 
-    def __init__(self, network: Network, address: str, name: str) -> None:
+    def __init__(
+        self, network: Network, address: str, name: str, reconnect_for: float = 0.0
+    ) -> None:
         self.name = name
-        argv = network.wrap("client", [sys.executable, "-c", AGENT, address, TOKEN, name])
+        command = [sys.executable, "-c", AGENT, address, TOKEN, name, str(reconnect_for)]
+        argv = network.wrap("client", command)
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -717,11 +720,13 @@ class Convention:
         leader: str | None,
         run: str,
         key: str | None = None,
+        listen: str | None = None,
     ) -> Any:
         """Start member ``name`` serving ``root`` (not waiting for it); returns it.
 
         ``key`` is the TOML line that decides how its frames are authenticated: by default the
-        convention's shared ``cluster_key_file``.
+        convention's shared ``cluster_key_file``. ``listen``: the gateway's address (by
+        default a free port; a restarted member given its old one is found by its clients).
         """
         host = self.network.hosts[name]
         config = self.tmp / f"{run}.toml"
@@ -731,7 +736,7 @@ class Convention:
             f'bind_host = "{host}"\n'
             f"{key}\n"
             f'token_file = "{self.token_file}"\n'
-            f'listen = "tcp://{host}:{self.network.port(7420)}"\n'
+            f'listen = "{listen or f"tcp://{host}:{self.network.port(7420)}"}"\n'
             f"{self.config_lines}"
         )
         args = ["--root", str(root), "--config", str(config), "--admin-port", str(admin_port)]
@@ -762,8 +767,8 @@ class Convention:
         print(f"network: {self.network.kind} {self.network.hosts}")
         return a, b, c
 
-    def agent(self, serve: MemberServe, name: str) -> Agent:
-        agent = Agent(self.network, serve.address, name)
+    def agent(self, serve: MemberServe, name: str, reconnect_for: float = 0.0) -> Agent:
+        agent = Agent(self.network, serve.address, name, reconnect_for)
         self.agents.append(agent)
         return agent
 
