@@ -587,7 +587,9 @@ class LeaseTable:
         self.closed = True
         effects: list[Effect] = [Reject(w.req, w.lane, code, detail) for w in self.waiters]
         self.waiters = []
-        if self.holder is not None:
+        if self.holder is not None and self.holder.state == "awaiting":
+            self.holder = None  # nobody to tell: its lease record stays for the next grace
+        elif self.holder is not None:
             effects += self._revoke(self.holder, reason, now)
         return effects
 

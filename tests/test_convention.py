@@ -949,6 +949,9 @@ def test_three_members_serve_one_file_from_its_owner_and_a_killed_owner_fails_fa
 def test_a_member_that_dies_gives_up_its_lanes_leases_elsewhere_and_an_owner_that_leaves_fails_fast(
     convention: Convention,
 ) -> None:
+    # Without a reclaim grace: the lease of a lost member's lane is abandoned at once (with
+    # one, c keeps it for its holder's reclaim first: test_convention_faults.py).
+    convention.config_lines = "reclaim_grace_ms = 0\n"
     a, b, c = convention.start_three()
     path = convention.roots["c"] / "elsewhere.jsonl"
     holder = convention.agent(b, "holder")

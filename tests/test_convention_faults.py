@@ -291,7 +291,7 @@ def test_a_lease_held_through_the_killed_leader_on_another_members_file_survives
     assert kept["holder"]["lane"].startswith("holder"), kept
     kept_at = time.monotonic()
     again = convention.serve(
-        "a", roots["a"], admin_port=ports["a"], leader=None, run="a2", listen=a.address
+        "a", roots["a"], admin_port=ports["a"], leader=None, run="a", listen=a.address
     )
     again.wait_ready()
     ready_at = time.monotonic()

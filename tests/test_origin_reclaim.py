@@ -1,0 +1,190 @@
+"""An owner keeps the leases of a lost convention member's lanes for their holders' reclaim.
+
+When the member a client is connected to dies (the leader, or any member), each owner of a
+file that client held sees that origin lost. With ``reclaim_grace_ms`` > 0 the owner's
+Registry sends the file ``AbandonForReclaim``: the lane's waits end, and the lease becomes
+the table's awaited holder, as after a restart, until its holder reclaims it (with its
+secret, through any member) or the grace ends. Driven here by message order and a plain
+number for the clock; the real ``kill -9`` is in ``test_convention_faults.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from test_convention import THERE, Clock, FakeHost, lane_call
+
+from sessionlane.actors import lease_table as lt
+from sessionlane.actors.federation import Federation
+from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.reclaim import HeldRecord, ReclaimBook, digest
+from sessionlane.actors.session_file_core import Answer, FileCore, Warn
+from sessionlane.actors.session_file_writes import Reply, TableEffects, WritePath
+from sessionlane.messages.convention import Forwarded, OriginLost
+from sessionlane.messages.internal import AbandonForReclaim, LaneCall, LaneRef
+from sessionlane.messages.wire import (
+    Abandon,
+    Abandoned,
+    Acquire,
+    Append,
+    Error,
+    Granted,
+    Queued,
+    ReclaimTicket,
+)
+
+PATH = "/srv/there/t.jsonl"
+NOW = 1_000.0
+GRACE = 10_000
+SECRET = "s3cret-0123456789abcdef"
+
+
+def core() -> FileCore:
+    table = LeaseTable(PATH, LeasePolicy(), fence_floor=0)
+    writes = WritePath(
+        PATH,
+        table,
+        legacy=False,
+        tail_unchecked=False,
+        durability="fsync",
+        max_record_bytes=100,
+        unsynced=lambda: False,
+    )
+    return FileCore(PATH, table, writes, ReclaimBook(), new_secret=lambda: SECRET)
+
+
+def call(uid: str, request: Any, rid: int) -> LaneCall:
+    ref = LaneRef(uid=uid, name="agent", address=f"lane:{uid}")  # one lane name, many routes
+    return LaneCall(
+        lane=ref, path=PATH, canonical=True, request=request.model_copy(update={"id": rid})
+    )
+
+
+def read(c: FileCore, effects: list[Any]) -> list[Any]:
+    """Every effect as the shell sees it: table effects read one at a time."""
+    out: list[Any] = []
+    for fx in effects:
+        for t in fx.effects if isinstance(fx, TableEffects) else [fx]:
+            out += c.meaning(t) if isinstance(fx, TableEffects) else [t]
+    return out
+
+
+def answers(effects: list[Any]) -> list[tuple[str, Any]]:
+    """(lane uid, reply) of every answer among ``effects``, the table's and the writes'."""
+    found = [(fx.lane, fx.message) for fx in effects if isinstance(fx, Answer)]
+    return found + [(fx.call.lane.uid, fx.message) for fx in effects if isinstance(fx, Reply)]
+
+
+def held_then_lost(*, recorded: bool = True) -> tuple[FileCore, Granted]:
+    """Lane ``far`` (of a member now lost) holds the file, ``near`` waits; the origin is lost.
+
+    ``recorded``: the lease record names the lease (the shell writes it after each grant)."""
+    c = core()
+    [(_, granted)] = answers(
+        read(c, c.call(call("far", Acquire(lane="agent", path=PATH, purpose="prompt"), 1), NOW))
+    )
+    assert isinstance(granted, Granted)
+    if recorded:
+        held = HeldRecord(
+            lease=granted.lease,
+            fence=granted.fence,
+            lane="agent",
+            purposes=("prompt",),
+            priority="interactive",
+            secret_digest=digest(SECRET),
+            hold_until_ms=None,
+        )
+        c.book.held(held, ino=1, size=0)
+    [(_, queued)] = answers(
+        read(c, c.call(call("near", Acquire(lane="agent", path=PATH, purpose="prompt"), 2), NOW))
+    )
+    assert isinstance(queued, Queued)
+    lost = AbandonForReclaim(lane="agent", path=PATH, reason="member lost", keep_ms=GRACE)
+    effects = read(c, c.call(call("far", lost, 3), NOW + 10))
+    [(lane, abandoned), *granted_next] = answers(effects)
+    assert lane == "far" and isinstance(abandoned, Abandoned)
+    assert bool(granted_next) != recorded, "the waiter is granted at once only if not kept"
+    assert abandoned.leases == ([] if recorded else [granted.lease]), "kept: not abandoned"
+    return c, granted
+
+
+def reclaim(c: FileCore, uid: str, granted: Granted, now: float) -> list[Any]:
+    """What the shell does with a reclaim (``SessionFile.reclaim``): the record, then the table."""
+    ticket = ReclaimTicket(lease=granted.lease, fence=granted.fence, secret=SECRET)
+    key = (uid, 9)
+    why = c.book.refusal(ticket, ino=1, size=0)
+    if why is not None:
+        return [c.table.refuse_reclaim(key, uid, why)]
+    c.book.issue(ticket.lease, ticket.secret)
+    return c.table.reclaim(key, uid, ticket.lease, ticket.fence, now)
+
+
+def test_a_lost_origins_lease_stays_held_for_the_grace_and_then_goes_to_the_next_waiter() -> None:
+    c, granted = held_then_lost()
+    holder = c.table.holder
+    assert (
+        holder is not None
+        and holder.state == "awaiting"
+        and str(holder.lane) == ("agent (awaiting reclaim)")
+    )
+    # Still held: nobody is granted, and nobody writes under it without a reclaim.
+    for uid in ("far", "near"):
+        write = Append(lease=granted.lease, fence=granted.fence, records=[{}])
+        [(_, refused), *_] = answers(read(c, c.call(call(uid, write, 4), NOW + 20)))
+        assert isinstance(refused, Error) and refused.code == "stale_fence"
+    assert c.table.next_deadline() == NOW + 10 + GRACE
+    assert c.table.tick(NOW + 10 + GRACE - 1) == []
+
+    effects = [out for fx in c.table.tick(NOW + 10 + GRACE) for out in c.meaning(fx)]
+    [(lane, next_grant)] = answers(effects)
+    assert lane == "near" and isinstance(next_grant, Granted)
+    assert next_grant.fence > granted.fence
+    assert any(isinstance(fx, Warn) and "not reclaimed" in fx.message for fx in effects)
+    assert c.table.counters["reclaims_expired"] == 1
+    late = reclaim(c, "again", granted, NOW + 10 + GRACE + 1)
+    assert isinstance(late[0], lt.Reject) and late[0].code == "reclaim_refused"
+
+
+def test_its_holder_reclaims_the_same_lease_and_fence_through_another_route() -> None:
+    c, granted = held_then_lost()
+    [grant, _] = reclaim(c, "via-restarted-member", granted, NOW + 500)
+    assert grant == lt.Grant(
+        ("via-restarted-member", 9), "via-restarted-member", granted.lease, granted.fence, "prompt"
+    )
+    assert c.table.check_write("via-restarted-member", granted.lease, granted.fence) is None
+    assert c.table.check_write("far", granted.lease, granted.fence) is not None
+    wrong = ReclaimTicket(
+        lease=granted.lease, fence=granted.fence, secret="a-guess-0123456789abcdef"
+    )
+    assert c.book.refusal(wrong, ino=1, size=0) is not None, "the secret is checked"
+    # The grace no longer applies: the waiter still waits for a release.
+    assert c.table.tick(NOW + 10 + GRACE) == []
+    assert [w.lane for w in c.table.waiters] == ["near"]
+
+
+def test_a_lease_its_record_does_not_name_cannot_be_reclaimed_and_is_abandoned_at_once() -> None:
+    c, _ = held_then_lost(recorded=False)
+    holder = c.table.holder
+    assert holder is not None and holder.lane == "near", "the waiter was granted at once"
+
+
+def test_a_stopping_file_drops_an_awaited_holder_without_telling_anyone() -> None:
+    c, _ = held_then_lost()
+    effects = c.table.shutdown(NOW + 20)
+    assert not any(isinstance(fx, lt.Revoke) for fx in effects), "nobody to tell"
+    assert c.table.holder is None and c.book.record.held is not None, "the record stays"
+
+
+def test_an_owner_keeps_a_lost_origins_leases_only_when_the_grace_is_set() -> None:
+    for grace, kind in ((GRACE, AbandonForReclaim), (0, Abandon)):
+        host, clock = FakeHost(), Clock()
+        owner = Federation(host, THERE, 2_000, clock=clock, reclaim_grace_ms=grace)
+        call_ = lane_call(PATH, 1, lane="l1")
+        owner.handle(Forwarded(origin="reg@a", link=1, seq=1, call=call_), "relay")
+        host.active = {PATH}
+        host.served.clear()
+        owner.handle(OriginLost(origin="reg@a", reason="silent"), "relay")
+        (abandon,) = host.served
+        assert type(abandon.request) is kind and abandon.canonical
+        if grace:
+            assert abandon.request.keep_ms == GRACE
