@@ -388,11 +388,16 @@ class LeaseTable:
             reclaim_hold_ms=hold_ms,
         )
 
-    def reclaim(self, req: ReqKey, lane: Lane, lease: str, fence: int, now: float) -> list[Effect]:
+    def reclaim(
+        self, req: ReqKey, lane: Lane, lease: str, fence: int, now: float, *, takeover: bool = False
+    ) -> list[Effect]:
         """``lane`` takes back the awaited ``lease``: the same lease, fence and nesting.
 
         A second reclaim of a lease ``lane`` already took back is granted again (a client
-        that lost the answer asks twice), with no nesting added. Anything else is refused.
+        that lost the answer asks twice), with no nesting added. ``takeover`` (the caller
+        showed the lease's secret under its lane name): a lease still held by another lane
+        moves to ``lane``, whose old lane is told ``member_lost``; its holder's member died
+        before this owner noticed. Anything else is refused.
         """
         holder = self.holder
         if holder is None or holder.lease != lease or holder.fence != fence:
@@ -405,6 +410,14 @@ class LeaseTable:
                         "the path is free" if holder is None else f"current fence is {holder.fence}"
                     ),
                 )
+            ]
+        if holder.state == "held" and holder.lane != lane and takeover:
+            old, holder.lane = holder.lane, lane
+            self.counters["reclaims"] += 1
+            return [
+                Revoke(old, lease, "member_lost"),
+                Grant(req, lane, lease, fence, holder.purpose),
+                Diagnostic(f"reclaimed path={self.path} lane={lane} lease={lease} from={old}"),
             ]
         if holder.state == "held":
             if holder.lane != lane:

@@ -94,6 +94,7 @@ from sessionlane.messages.internal import (
     FileStatusQuery,
     IdleNotice,
     LaneCall,
+    LaneRef,
     OpenChannel,
 )
 from sessionlane.messages.wire import (
@@ -271,7 +272,7 @@ class SessionFile(ShellActor):
             return
         now, req = self.now(), call.request
         if isinstance(req, Acquire) and req.reclaim is not None:
-            self.perform(s, self.reclaim(s, call_key(call), call.lane.uid, req.reclaim, now))
+            self.perform(s, self.reclaim(s, call_key(call), call.lane, req.reclaim, now))
             return
         done = self.written_before(s, call.lane.uid, req) if isinstance(req, Append) else None
         if done is not None:
@@ -281,15 +282,20 @@ class SessionFile(ShellActor):
         self.perform(s, [])  # the lease record follows the holder; the next tick is armed
 
     def reclaim(
-        self, s: Serving, key: Any, lane: str, ticket: wire.ReclaimTicket, now: float
+        self, s: Serving, key: Any, lane: LaneRef, ticket: wire.ReclaimTicket, now: float
     ) -> list[lt.Effect]:
-        """A lease held before a restart, asked back: the same lease, or ``reclaim_refused``."""
+        """A lease held before a restart, asked back: the same lease, or ``reclaim_refused``.
+
+        Shown with its secret under the lane name the record names, a lease still held by
+        another lane moves (its holder's member died before this owner noticed it)."""
         identity = s.transcript.identity
         why = s.book.refusal(ticket, identity.ino, identity.size)
         if why is not None:
-            return [s.table.refuse_reclaim(key, lane, why)]
+            return [s.table.refuse_reclaim(key, lane.uid, why)]
         s.book.issue(ticket.lease, ticket.secret)
-        return s.table.reclaim(key, lane, ticket.lease, ticket.fence, now)
+        held = s.book.record.held
+        takeover = held is not None and held.lane == lane.name
+        return s.table.reclaim(key, lane.uid, ticket.lease, ticket.fence, now, takeover=takeover)
 
     def written_before(self, s: Serving, lane: str, req: Append) -> wire.Appended | None:
         """The first answer of an append resent after a restart (same ``aid``), if written."""

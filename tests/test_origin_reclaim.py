@@ -188,3 +188,30 @@ def test_an_owner_keeps_a_lost_origins_leases_only_when_the_grace_is_set() -> No
         assert type(abandon.request) is kind and abandon.canonical
         if grace:
             assert abandon.request.keep_ms == GRACE
+
+
+def test_a_reclaim_that_comes_before_the_owner_saw_the_origin_lost_moves_the_lease() -> None:
+    """The client's reclaim through the restarted member can beat the owner's own watchdog
+    (both wait about ``member_timeout_ms``): shown with the secret under the recorded lane
+    name, the lease moves to the new lane; the old one is told, and can no longer write."""
+    c = core()
+    [(_, granted)] = answers(
+        read(c, c.call(call("far", Acquire(lane="agent", path=PATH, purpose="prompt"), 1), NOW))
+    )
+    assert isinstance(granted, Granted)
+    # Not the recorded lane name, or no takeover asked: refused as before.
+    refused = c.table.reclaim(("x", 1), "x", granted.lease, granted.fence, NOW + 1)
+    assert isinstance(refused[0], lt.Reject) and refused[0].code == "reclaim_refused"
+
+    moved = c.table.reclaim(("new", 2), "new", granted.lease, granted.fence, NOW + 2, takeover=True)
+    assert moved[:2] == [
+        lt.Revoke("far", granted.lease, "member_lost"),
+        lt.Grant(("new", 2), "new", granted.lease, granted.fence, "prompt"),
+    ]
+    assert c.table.check_write("new", granted.lease, granted.fence) is None
+    assert c.table.check_write("far", granted.lease, granted.fence) is not None
+    # The owner then sees the old origin lost: nothing of the lease is touched.
+    lost = AbandonForReclaim(lane="agent", path=PATH, reason="member lost", keep_ms=GRACE)
+    read(c, c.call(call("far", lost, 3), NOW + 3))
+    holder = c.table.holder
+    assert holder is not None and (holder.lane, holder.state) == ("new", "held")
