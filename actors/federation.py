@@ -98,6 +98,8 @@ class _Sent:
     write: bool = False
     status: Status | None = None
     reply_to: Any = None
+    reclaim: LaneCall | None = None
+    """A reclaim: held (``parked``) if the member is lost before it confirmed it."""
 
 
 @dataclass
@@ -355,6 +357,9 @@ class Federation:
                 request_id=call.request.id,
                 canonical=call.canonical,
                 write=isinstance(call.request, Append | Rewrite),
+                reclaim=call
+                if isinstance(call.request, wire.Acquire) and call.request.reclaim
+                else None,
             )
         hop = Forwarded(origin=self.host.myAddress, link=remote.link, seq=seq, call=call)
         self.host.send(remote.relay, hop)
@@ -581,6 +586,10 @@ class Federation:
         for _, item in sorted(sent.items()):
             if item.status is not None:
                 self.host.send(item.reply_to, unavailable_status(item.status, item.path))
+            elif item.reclaim is not None and not item.canonical and self.reclaim_ms > 0:
+                # Its lane cannot match it to FileRestarted yet (no canonical path): it waits
+                # here for the member, as a reclaim sent while the member is lost does.
+                self.parked.hold(item.reclaim, self.clock() + self.reclaim_ms + self.timeout_ms)
             elif not item.canonical and item.lane is not None:
                 # The lane learns a path's canonical name from the first reply; until then
                 # FileRestarted cannot find this request, so it is answered here.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from test_convention import THERE, Clock, FakeHost, lane_call
+from test_convention import HERE, THERE, Clock, FakeHost, acknowledge, lane_call
 
 from sessionlane.actors import lease_table as lt
 from sessionlane.actors.federation import Federation
@@ -20,8 +20,8 @@ from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
 from sessionlane.actors.reclaim import HeldRecord, ReclaimBook, digest
 from sessionlane.actors.session_file_core import Answer, FileCore, Warn
 from sessionlane.actors.session_file_writes import Reply, TableEffects, WritePath
-from sessionlane.messages.convention import Forwarded, OriginLost
-from sessionlane.messages.internal import AbandonForReclaim, LaneCall, LaneRef
+from sessionlane.messages.convention import Forwarded, Members, OriginLost
+from sessionlane.messages.internal import AbandonForReclaim, FileReply, LaneCall, LaneRef
 from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
@@ -215,3 +215,30 @@ def test_a_reclaim_that_comes_before_the_owner_saw_the_origin_lost_moves_the_lea
     read(c, c.call(call("far", lost, 3), NOW + 3))
     holder = c.table.holder
     assert holder is not None and (holder.lane, holder.state) == ("new", "held")
+
+
+def test_a_reclaim_in_flight_when_its_owner_is_lost_is_held_for_it_not_refused() -> None:
+    """A restarted member's first relay to an owner that has not registered with it yet
+    fails: the client's reclaim on it (no canonical path yet, so its lane cannot match it
+    to ``FileRestarted``) waits for the owner, as one sent while the owner is lost does."""
+    host, clock = FakeHost(), Clock()
+    fed = Federation(host, HERE, 2_000, clock=clock, reclaim_grace_ms=GRACE)
+    fed.on_members(Members(version=1, members=[HERE, THERE]), None)
+    ticket = ReclaimTicket(lease="r-1", fence=1, secret=SECRET)
+    request = Acquire(id="rc", lane="agent", path=PATH, purpose="prompt", reclaim=ticket)
+    reclaim_ = LaneCall(
+        lane=LaneRef(uid="u1", name="agent", address="lane1"),
+        path=PATH,
+        canonical=False,
+        request=request,
+    )
+    assert fed.route(reclaim_)
+    clock.now += 2_001
+    fed.tick()  # lost before it confirmed anything
+    answered = [m for _, m in host.sent if isinstance(m, FileReply)]
+    assert answered == [] and host.refused == [], "held, not answered unavailable"
+    clock.now += 3_000
+    fed.tick()  # probed again (a new relay) ...
+    acknowledge(fed, host)  # ... which answers: the reclaim goes to it
+    sent = [m.call.request.id for _, m in host.sent if isinstance(m, Forwarded)]
+    assert sent == ["rc", "rc"]
