@@ -231,6 +231,8 @@ class Awaited:
     """The lane of an awaited holder: nobody yet (``name`` is the lane name it had)."""
 
     name: str
+    kept_for: str = ""
+    """``abandon(keep_as=...)``: the lane of the lost member it was kept from."""
 
     def __str__(self) -> str:
         return f"{self.name} (awaiting reclaim)"
@@ -522,6 +524,21 @@ class LeaseTable:
         effects.append(Abandoned(req, lane, leases))
         self._forget_orphaned_abort()
         return effects + self._promote(now)
+
+    def came_back(self, lane: Lane, now: float) -> list[Effect]:
+        """``lane`` speaks again, whose lease was kept when its member was lost: that member
+        was only paused or cut off, and its lane is told the lease is gone (as it would
+        have been at the loss without a grace; its client may have moved on meanwhile), so
+        the lease is dropped now and the next waiter granted. Only another lane (its client,
+        reconnected elsewhere) reclaims a kept lease."""
+        holder = self.holder
+        if holder is None or holder.state != "awaiting" or not isinstance(holder.lane, Awaited):
+            return []
+        if not lane or holder.lane.kept_for != lane:
+            return []
+        self.holder = None
+        self.counters["abandons"] += 1
+        return [self._diagnostic("abandon", holder, now, "its lane came back"), *self._promote(now)]
 
     def tick(self, now: float) -> list[Effect]:
         """Apply every deadline that is due, in time order: wait timeouts, max hold, recovery

@@ -271,6 +271,7 @@ class SessionFile(ShellActor):
         if not self.own_path(s, call):
             return
         now, req = self.now(), call.request
+        self.perform(s, s.table.came_back(call.lane.uid, now))  # a lease kept for a reclaim
         if isinstance(req, Acquire) and req.reclaim is not None:
             self.perform(s, self.reclaim(s, call_key(call), call.lane, req.reclaim, now))
             return

@@ -146,7 +146,7 @@ class FileCore:
                     lane,
                     now,
                     reason=req.reason or "",
-                    keep_as=Awaited(call.lane.name),
+                    keep_as=Awaited(call.lane.name, kept_for=lane),
                     until=now + req.keep_ms,
                 )
             case Abandon():

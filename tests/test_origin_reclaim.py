@@ -242,3 +242,17 @@ def test_a_reclaim_in_flight_when_its_owner_is_lost_is_held_for_it_not_refused()
     acknowledge(fed, host)  # ... which answers: the reclaim goes to it
     sent = [m.call.request.id for _, m in host.sent if isinstance(m, Forwarded)]
     assert sent == ["rc", "rc"]
+
+
+def test_the_kept_lanes_own_return_drops_the_lease_and_grants_the_next_waiter() -> None:
+    """Its member was only paused or cut off: its lane speaks again (here, its member's
+    reclaim on its behalf). Its client may have given the lease up meanwhile, so the lane
+    gets it back never; the next waiter is granted at once, as without a grace."""
+    c, granted = held_then_lost()
+    assert c.table.came_back("near", NOW + 20) == [], "another lane: nothing changes"
+    effects = [out for fx in c.table.came_back("far", NOW + 20) for out in c.meaning(fx)]
+    [(lane, next_grant)] = answers(effects)
+    assert lane == "near" and isinstance(next_grant, Granted)
+    assert next_grant.fence > granted.fence
+    refused = reclaim(c, "far", granted, NOW + 21)
+    assert isinstance(refused[0], lt.Reject) and refused[0].code == "reclaim_refused"
