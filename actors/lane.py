@@ -26,6 +26,7 @@ from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
 from sessionlane.actors.links import Links
 from sessionlane.actors.timers import ChannelFlush, CloseTimeout, LinksDue
+from sessionlane.messages.carried import CarriedReplies
 from sessionlane.messages.errors import ErrorCode
 from sessionlane.messages.internal import (
     AgentGone,
@@ -83,6 +84,7 @@ class Lane(ShellActor):
             Rewrite: self.on_request,
             Recover: self.on_request,
             ChannelOffer: self.on_channel_offer,
+            CarriedReplies: self.on_carried,
             WatchMessage: self.on_watch,
             FileReply: self.on_file_reply,
             FileRestarted: self.on_file_restarted,
@@ -129,6 +131,9 @@ class Lane(ShellActor):
 
     def on_channel_offer(self, msg: ChannelOffer, sender: Any) -> None:
         self.links.on_offer(msg)
+
+    def on_carried(self, msg: CarriedReplies, sender: Any) -> None:
+        self.links.on_carried(msg)
 
     def on_watch(self, msg: WatchMessage, sender: Any) -> None:
         for fd in msg.ready:

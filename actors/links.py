@@ -51,9 +51,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from sessionlane.actors.carried import CarriedEnd, split_frames
 from sessionlane.actors.endpoint import OUT_OF_DESCRIPTORS, FramedSocket, connect_unix
 from sessionlane.actors.lane_state import ChannelLost
 from sessionlane.actors.paths import lease_route, route_of_lease
+from sessionlane.messages.carried import CarriedReplies
 from sessionlane.messages.channel import (
     ChannelReply,
     ChannelWelcome,
@@ -138,7 +140,7 @@ class _Link:
     asked_at: float = 0.0
     retry_at: float | None = None
     queue: list[LaneCall] = field(default_factory=list)
-    end: FramedSocket | None = None
+    end: FramedSocket | CarriedEnd | None = None
     incarnation: int = 0
     handled: int = 0
     """The latest incarnation whose death the lanes were told of."""
@@ -170,6 +172,8 @@ class Links:
         self.held: dict[str, list[LaneCall]] = {}
         """Lanes with a call on a link not yet resolved: their later calls, in order."""
         self.by_fd: dict[int, _Link] = {}
+        self.carried: dict[int, _Link] = {}
+        """Links whose channel is carried by messages (``sessionlane.actors.carried``), by id."""
         self.by_nonce: dict[int, _Link] = {}
         self.nonces = itertools.count(1)
         self.registry_lanes: set[str] = set()
@@ -313,8 +317,9 @@ class Links:
             link = self.resolve(link, offer.canonical)
             if link.mode != "opening":
                 return  # merged into a link that is past this
-        if offer.address is None or offer.canonical != link.path:
-            if offer.address is not None:
+        channel = offer.address is not None or offer.file is not None
+        if not channel or offer.canonical != link.path:
+            if channel:
                 log.warning(
                     "channel offer for %s names %s: routing it through the registry",
                     link.path,
@@ -343,6 +348,11 @@ class Links:
 
     def connect(self, link: _Link, offer: ChannelOffer) -> None:
         """Connect to the offered channel (without blocking) and queue the hello."""
+        if offer.file is not None:
+            end = CarriedEnd(offer.file, link.path, self.host.send)
+            self.carried[id(link)] = link
+            self.greet(link, end, offer)
+            return
         assert offer.address is not None
         try:
             sock = connect_unix(offer.address)
@@ -357,12 +367,17 @@ class Links:
             log.debug("channel to %s refused (%s): asking again", link.path, exc)
             link.retry_at = self.clock() + _RETRY_MS
             return
-        link.end = FramedSocket(sock, _MAX_CHANNEL_FRAME, read_budget=_RECV_BYTES)
-        link.end.queue(hello_frame(offer.token))
+        socket_end = FramedSocket(sock, _MAX_CHANNEL_FRAME, read_budget=_RECV_BYTES)
+        self.by_fd[socket_end.fd] = link
+        self.greet(link, socket_end, offer)
+
+    def greet(self, link: _Link, end: FramedSocket | CarriedEnd, offer: ChannelOffer) -> None:
+        """Queue the hello on ``link``'s new channel end; the welcome opens it."""
+        link.end = end
+        end.queue(hello_frame(offer.token))
         link.incarnation = offer.incarnation
         link.idle_ms = offer.idle_ms / 2 if offer.idle_ms else None
         link.mode = "connecting"
-        self.by_fd[link.end.fd] = link
 
     def refused(self, link: _Link, offer: ChannelOffer) -> None:
         """The Registry refused the path, or its file's actor could not activate (another
@@ -409,9 +424,29 @@ class Links:
     def owns(self, fd: int) -> bool:
         return fd in self.by_fd
 
+    def on_carried(self, msg: CarriedReplies) -> None:
+        """Frames a file's actor carried to us: handled exactly as a socket's."""
+        link = self.links.get(msg.path)
+        if link is None or not isinstance(link.end, CarriedEnd):
+            return  # a channel given up on (its frames answer nothing any more)
+        if msg.incarnation != link.incarnation:
+            return  # from an earlier actor of the file, whose death was handled
+        end = link.end
+        try:
+            for body in split_frames(msg.frames, _MAX_CHANNEL_FRAME):
+                if link.end is not end:
+                    return  # lost while handling an earlier frame
+                self.on_frame(link, decode_from_file(body))
+        except FrameDecodeError as exc:
+            log.error("bad frame on the carried channel to %s: %s", link.path, exc)
+            self.lost(link, "bad frame")
+            return
+        if msg.closed and link.end is end:
+            self.lost(link, f"channel closed by the file's actor: {msg.closed}")
+
     def on_ready(self, fd: int) -> None:
         link = self.by_fd.get(fd)
-        if link is None or link.end is None:
+        if link is None or not isinstance(link.end, FramedSocket):
             return
         end = link.end
         got = end.read()
@@ -472,8 +507,11 @@ class Links:
         self.host.channel_lost(lost)
 
     def close_socket(self, link: _Link) -> None:
-        if link.end is not None:
+        """Close ``link``'s channel end, whichever carries it."""
+        if isinstance(link.end, FramedSocket):
             self.by_fd.pop(link.end.fd, None)
+        self.carried.pop(id(link), None)
+        if link.end is not None:
             link.end.close()
         link.end = None
 
@@ -482,8 +520,11 @@ class Links:
     def flush(self) -> bool:
         """Write what the channels have queued; True when some output is left."""
         left = False
+        for link in list(self.carried.values()):
+            if isinstance(link.end, CarriedEnd):
+                link.end.flush()
         for link in list(self.by_fd.values()):
-            if link.end is None:
+            if not isinstance(link.end, FramedSocket):
                 continue
             error = link.end.flush()
             if error is not None:

@@ -49,7 +49,7 @@ from sessionlane.actors import lease_table as lt
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import named_disk_error
-from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed
+from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed, ChannelEvent
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.ownership import OwnedElsewhere
 from sessionlane.actors.passivation import Passivation
@@ -84,6 +84,7 @@ from sessionlane.actors.session_file_writes import (
 )
 from sessionlane.actors.timers import ChannelFlush, CommitDue, IdleCheck, LeaseTick, LegacyRetry
 from sessionlane.messages import wire
+from sessionlane.messages.carried import CarriedCalls, CarriedReplies
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import (
     ActivationFailed,
@@ -138,6 +139,7 @@ class SessionFile(ShellActor):
             FileInit: self.on_init,
             LaneCall: self.on_call,
             OpenChannel: self.on_open_channel,
+            CarriedCalls: self.on_carried,
             FileStatusQuery: self.on_status,
             WakeupMessage: self.on_wakeup,
             WatchMessage: self.on_watch,
@@ -177,6 +179,7 @@ class SessionFile(ShellActor):
                 log.exception("group commit of %s failed", self.path)
                 pass_end = False
             closed, arm = s.channels.flush()
+            self.send_carried(s)
             if arm:
                 self.wakeupAfter(FLUSH_RETRY_S, payload=ChannelFlush())
             if not closed:
@@ -234,6 +237,7 @@ class SessionFile(ShellActor):
         self.commit(s)
         self.state = Broken("unavailable", "the file's actor is exiting")
         s.close()
+        self.send_carried(s)
 
     def on_drain(self, msg: Drain, sender: Any) -> None:
         s = self.state
@@ -352,6 +356,7 @@ class SessionFile(ShellActor):
         s.channels.flush()  # the revocations go out before the channels close
         self.state = broken
         s.close()
+        self.send_carried(s)
 
     # Effects -------------------------------------------------------------------------------
 
@@ -466,27 +471,46 @@ class SessionFile(ShellActor):
         reply_to = msg.reply_to if msg.reply_to is not None else sender
         s = self.state
         if isinstance(s, Serving):
-            offer = s.channels.offer(msg)
+            offer = s.channels.offer(msg, self.myAddress)
         else:
-            code = None if s is NOT_STARTED else s.code
-            offer = refused_offer(msg, self.path or None, s.detail, code)
+            offer = refused_offer(msg, self.path or None, s.detail, s.code)
         self.send(reply_to, offer)
+
+    def on_carried(self, msg: CarriedCalls, sender: Any) -> None:
+        """Channel frames carried by a message: handled exactly as a socket's."""
+        s = self.state
+        if not isinstance(s, Serving):
+            if not msg.closing:
+                why = f"the file is not serving: {s.detail}"
+                self.send(sender, CarriedReplies(msg.path, self.incarnation, b"", closed=why))
+            return
+        self.on_channel_events(s, s.channels.on_carried(msg, sender))
+
+    def send_carried(self, s: Serving) -> None:
+        for address, message in s.channels.take_carried():
+            self.send(address, message)
 
     def on_watch(self, msg: WatchMessage, sender: Any) -> None:
         """Channel sockets first (their calls join this pass), then the end of the pass."""
         s = self.state
         if not isinstance(s, Serving):
             return
-        for event in s.channels.on_ready(msg.ready):
+        self.on_channel_events(s, s.channels.on_ready(msg.ready))
+        if self.state is not s:
+            return
+        ready_fd = s.commit.ready_fd
+        if ready_fd is not None and ready_fd in msg.ready and s.commit.pass_ended():
+            self.decide(s)
+
+    def on_channel_events(self, s: Serving, events: list[ChannelEvent]) -> None:
+        """Calls and closes from a channel, whichever carried them."""
+        for event in events:
             if self.state is not s:  # the file was lost to another owner: its channels closed
                 return
             if isinstance(event, ChannelCallEvent):
                 self.on_channel_call(s, event)
             else:
                 self.on_channel_closed(s, event)
-        ready_fd = s.commit.ready_fd
-        if ready_fd is not None and ready_fd in msg.ready and s.commit.pass_ended():
-            self.decide(s)
 
     def on_channel_call(self, s: Serving, event: ChannelCallEvent) -> None:
         """A call on a channel: served like a ``LaneCall`` but not counted in ``received``."""

@@ -24,7 +24,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sessionlane.actors._shell import addr_key
+from sessionlane.actors.carried import CarriedPeers, CarriedRef
 from sessionlane.actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
+from sessionlane.messages.carried import CarriedCalls, CarriedReplies
 from sessionlane.messages.channel import reply_frame
 from sessionlane.messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
 
@@ -73,17 +76,32 @@ class FileChannels:
         self.watch = watch
         self.accepting = accepting
         self.server: ChannelServer | None = None
+        self.carried = CarriedPeers(path, incarnation, addr_key, accepting)
+        """The carried connections (``sessionlane.actors.carried``): other hosts, and every
+        peer where no socket can be watched."""
+        self.carried_out: list[tuple[Any, CarriedReplies]] = []
+        """Carried messages the shell has still to send (``take_carried``)."""
         self.flush_armed = False
         self.closed = 0  # channels closed so far (numbers the abandons they cause)
         self.calls = 0  # calls served from channels (the ``channel_calls`` counter)
 
-    def offer(self, msg: OpenChannel) -> ChannelOffer:
-        """The answer to ``msg``: the listener's address (opened now if need be), or why not."""
-        if self.server is None:
+    def offer(self, msg: OpenChannel, me: Any) -> ChannelOffer:
+        """The answer to ``msg``: the listener's address (opened now if need be), or a
+        carried channel to ``me`` (this file's actor) where no socket can serve the asker."""
+        if self.server is None and not msg.carried:
             reason = self.cannot_open()
             if reason:
-                return refused_offer(msg, self.path, reason, None)
-        assert self.server is not None  # ``cannot_open`` opened it
+                log.debug("offering a carried channel to %s: %s", self.path, reason)
+        if self.server is None or msg.carried:
+            return ChannelOffer(
+                path=msg.path,
+                nonce=msg.nonce,
+                canonical=self.path,
+                file=me,
+                token=self.carried.token,
+                incarnation=self.incarnation,
+                idle_ms=self.idle_ms,
+            )
         return ChannelOffer(
             path=msg.path,
             nonce=msg.nonce,
@@ -106,6 +124,15 @@ class FileChannels:
             log.error("cannot open a channel listener for %s: %s", self.path, exc)
             return f"cannot open a channel listener: {exc}"
         return ""
+
+    def on_carried(self, msg: CarriedCalls, sender: Any) -> list[ChannelEvent]:
+        """What a carried message brought: calls, and its channel closed (if it did)."""
+        return self.carried.on_message(msg, sender)
+
+    def take_carried(self) -> list[tuple[Any, CarriedReplies]]:
+        """The carried messages to send now (``(address, message)``, in order)."""
+        out, self.carried_out = self.carried_out, []
+        return out + self.carried.take_output()
 
     def on_ready(self, ready: list[int]) -> list[ChannelEvent]:
         """What the ready channel sockets brought: calls, and channels that closed."""
@@ -135,7 +162,9 @@ class FileChannels:
         self.flush_armed = False
 
     def close(self) -> None:
-        """The actor is exiting: write what is left if the sockets take it, then close them."""
+        """The actor is exiting: write what is left if the sockets take it, then close them;
+        the carried peers' last output and their close wait in ``take_carried``."""
+        self.carried_out += self.carried.close("the file's actor closed the channel")
         if self.server is not None:
             with contextlib.suppress(OSError):
                 self.server.flush()  # best effort: the last replies of a passivated file
@@ -144,11 +173,14 @@ class FileChannels:
 
     def send(self, address: ChannelRef, message: FileReply) -> None:
         """``message`` as a reply frame on its channel (dropped if it closed)."""
-        if self.server is not None:
+        if isinstance(address, CarriedRef):
+            self.carried.send(address, reply_frame(message.lane, message.message))
+        elif self.server is not None:
             self.server.send(address, reply_frame(message.lane, message.message))
 
     def fds(self) -> list[int]:
         return self.server.fds() if self.server is not None else []
 
     def connections(self) -> int:
-        return self.server.connections() if self.server is not None else 0
+        sockets = self.server.connections() if self.server is not None else 0
+        return sockets + self.carried.connections()

@@ -287,6 +287,9 @@ class OpenChannel(_Internal):
     """Echoed in the offer: the gateway ignores offers for requests it gave up on."""
     reply_to: Any = None
     """Set by the Registry: the gateway that asked."""
+    carried: bool = False
+    """Offer a carried channel even where a socket could be offered: the asker is on another
+    host (a convention member's lane, ``sessionlane.messages.carried``)."""
 
 
 class ChannelOffer(_Internal):
@@ -298,8 +301,11 @@ class ChannelOffer(_Internal):
     nonce: int
     canonical: str | None = None
     address: str | None = None
-    """The SessionFile's channel listener (an abstract Unix socket name), or None: no channel
-    (refused when ``code`` is set; otherwise send this path's calls through the Registry)."""
+    """The SessionFile's channel listener (an abstract Unix socket name), or None: no socket
+    (a carried channel when ``file`` is set; refused when ``code`` is set)."""
+    file: Any = None
+    """The SessionFile's actor, for a carried channel: its frames go there in thespian
+    messages (``sessionlane.messages.carried``)."""
     token: str = ""
     incarnation: int = 0
     idle_ms: int = 0

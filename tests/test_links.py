@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 
+from sessionlane.actors.carried import split_frames
 from sessionlane.actors.lane_state import ChannelLost
 from sessionlane.actors.links import Links
 from sessionlane.actors.paths import lease_route
+from sessionlane.messages.carried import CarriedCalls, CarriedReplies
 from sessionlane.messages.channel import (
     ChannelCall,
     ChannelHello,
@@ -56,10 +58,13 @@ class FakeHost:
         self.restart_holders: list[tuple[str, str] | None] = []
         self.losses: list[ChannelLost] = []
         self.busy: set[str] = set()
+        self.to_files: list[tuple[Any, Any]] = []
 
     def send(self, target: Any, message: Any) -> None:
-        assert target == "registry"
-        self.sent.append(message)
+        if target == "registry":
+            self.sent.append(message)
+        else:
+            self.to_files.append((target, message))
 
     def deliver(self, reply: FileReply) -> None:
         self.delivered.append(reply)
@@ -421,3 +426,126 @@ def test_the_links_follow_the_one_lease_held_per_file_and_hand_it_over_when_the_
     links.on_restarted(FileRestarted(path=transcript, incarnation=1))
     assert host.restart_holders == [("b#1", second)], "the lost lease goes to its lane"
     assert transcript not in links.grants
+
+
+# Carried channels: the same frames in thespian messages ----------------------------------
+
+
+def carried_offer(links: Links, host: FakeHost, transcript: str, incarnation: int = 1) -> None:
+    ask = host.opens()[-1]
+    offer = ChannelOffer(
+        path=ask.path,
+        nonce=ask.nonce,
+        canonical=transcript,
+        file="file-actor",
+        token="tok",
+        incarnation=incarnation,
+    )
+    links.on_offer(offer)
+    links.flush()
+
+
+def carried_frames(host: FakeHost) -> list[Any]:
+    """The frames the links carried to the file since the last look, decoded."""
+    sent, host.to_files = host.to_files, []
+    frames = []
+    for target, message in sent:
+        assert target == "file-actor" and isinstance(message, CarriedCalls)
+        frames += [decode_from_gateway(body) for body in split_frames(message.frames)]
+    return frames
+
+
+def test_a_carried_offer_opens_a_channel_whose_frames_go_in_messages(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    (hello,) = carried_frames(host)
+    assert hello == ChannelHello(token="tok")
+    assert links.fds() == [], "nothing to watch"
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    links.flush()
+    (call,) = carried_frames(host)
+    assert isinstance(call, ChannelCall) and call.request.id == 1
+    granted = Granted(
+        id=1, lease=lease_route(transcript) + "-1", fence=1, path=transcript, purpose="prompt"
+    )
+    links.on_carried(CarriedReplies(transcript, 1, reply_frame("a#1", granted)))
+    assert [r.message for r in host.delivered] == [granted]
+    release = Release(id=2, lease=granted.lease)
+    links.call(LaneCall(lane=lane(), path=transcript, canonical=True, request=release))
+    links.flush()
+    assert [f.request.id for f in carried_frames(host)] == [2], "one message per turn"
+
+
+def test_a_carried_channel_the_file_closes_loses_the_lease_and_asks_again(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    granted = Granted(
+        id=1, lease=lease_route(transcript) + "-1", fence=1, path=transcript, purpose="prompt"
+    )
+    links.on_carried(CarriedReplies(transcript, 1, reply_frame("a#1", granted)))
+    asked = len(host.opens())
+    links.on_carried(CarriedReplies(transcript, 1, b"", closed="the file's actor is exiting"))
+    (lost,) = host.losses
+    assert lost.holder == ("a#1", granted.lease) and lost.incarnation == 1
+    assert len(host.opens()) == asked + 1
+    links.on_carried(CarriedReplies(transcript, 1, reply_frame("a#1", granted)))
+    assert len(host.delivered) == 1, "frames of a channel given up on answer nothing"
+
+
+def test_a_carried_hello_refused_by_a_retiring_file_is_asked_again_without_a_loss(
+    tmp_path: Path, transcript: str
+) -> None:
+    clock = Clock()
+    links, host = make(tmp_path, clock)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    carried_frames(host)
+    links.on_carried(CarriedReplies(transcript, 1, b"", closed="not accepting"))
+    assert host.losses == [] and host.delivered == []
+    clock.now += 25
+    links.tick()
+    carried_offer(links, host, transcript, incarnation=1)
+    assert isinstance(carried_frames(host)[-1], ChannelHello)
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    links.flush()
+    (call,) = carried_frames(host)
+    assert call.request.id == 1, "the queued call went out once, after the welcome"
+
+
+def test_frames_of_an_earlier_incarnation_are_ignored_and_a_bad_frame_loses_the_channel(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript, incarnation=2)
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    links.on_carried(CarriedReplies(transcript, 2, welcome_frame(transcript, 2)))
+    links.on_carried(CarriedReplies(transcript, 2, b"\x00\x00\x00\x02ab"))
+    (lost,) = host.losses
+    assert lost.reason == "bad frame"
+
+
+def test_an_idle_carried_channel_closes_by_telling_the_file(
+    tmp_path: Path, transcript: str
+) -> None:
+    clock = Clock()
+    links, host = make(tmp_path, clock)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    links.flush()
+    host.to_files.clear()
+    links.on_carried(
+        CarriedReplies(transcript, 1, reply_frame("a#1", Error(id=1, code="unavailable")))
+    )
+    clock.now += 10_000
+    links.tick()
+    ((target, closing),) = host.to_files
+    assert target == "file-actor" and closing == CarriedCalls(transcript, b"", closing=True)

@@ -39,6 +39,7 @@ from thespian.actors import (
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
 from sessionlane.actors.links import Links
+from sessionlane.messages.carried import CarriedReplies
 from sessionlane.messages.internal import (
     ChannelOffer,
     FileReply,
@@ -121,6 +122,7 @@ class Gateway(ShellActor):
             FileReply: self.on_file_reply,
             FileRestarted: self.on_file_restarted,
             ChannelOffer: self.on_channel_offer,
+            CarriedReplies: self.on_carried,
             StatusReply: self.on_status_reply,
             Error: self.on_status_reply,  # a status refused (e.g. a path outside the roots)
             WakeupMessage: self.on_wakeup,
@@ -328,6 +330,10 @@ class Gateway(ShellActor):
     def on_channel_offer(self, msg: ChannelOffer, sender: Any) -> None:
         if self.links is not None:
             self.links.on_offer(msg)
+
+    def on_carried(self, msg: CarriedReplies, sender: Any) -> None:
+        if self.links is not None:
+            self.links.on_carried(msg)
 
     def schedule_links(self) -> None:
         assert self.links is not None
