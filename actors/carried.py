@@ -24,7 +24,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,8 @@ class _Peer:
     key: str
     address: Any
     out: list[bytes] = field(default_factory=list)
+    closed: str = ""
+    """Set by ``close_peers``: its last output goes with this reason, then it is gone."""
 
 
 class _Refused(Exception):
@@ -160,10 +162,24 @@ class CarriedPeers:
         self._refusals.append((sender, reason))
 
     def _forget(self, peer: _Peer, events: list[ChannelEvent]) -> None:
-        self._peers.pop(peer.key, None)
+        if self._peers.get(peer.key) is peer:
+            del self._peers[peer.key]
         self._by_ref.pop(peer.ref, None)
         self._dirty.discard(peer.ref)
         events.append(ChannelClosed(peer.ref))
+
+    def close_peers(self, addresses: Iterable[Any], reason: str) -> list[CarriedRef]:
+        """Close the connections of ``addresses`` (their member is lost): what is queued for
+        them until the next ``take_output`` still goes, with the close and ``reason``."""
+        closing: list[CarriedRef] = []
+        for address in addresses:
+            for peer in [p for p in self._peers.values() if p.address == address]:
+                log.warning("carried channel to %s closed: %s", self._path, reason)
+                del self._peers[peer.key]  # a hello from it now opens a new connection
+                peer.closed = reason
+                self._dirty.add(peer.ref)
+                closing.append(peer.ref)
+        return closing
 
     def send(self, ref: CarriedRef, data: bytes) -> None:
         """Queue ``data`` for ``ref``; dropped if that connection is gone."""
@@ -180,9 +196,11 @@ class CarriedPeers:
         out: list[tuple[Any, CarriedReplies]] = []
         for ref in self._dirty:
             peer = self._by_ref.get(ref)
-            if peer is not None and peer.out:
+            if peer is not None and (peer.out or peer.closed):
                 frames, peer.out = b"".join(peer.out), []
-                out.append((peer.address, self._replies(frames)))
+                out.append((peer.address, self._replies(frames, peer.closed)))
+            if peer is not None and peer.closed:
+                del self._by_ref[ref]
         self._dirty.clear()
         refusals, self._refusals = self._refusals, []
         out += [(address, self._replies(b"", reason)) for address, reason in refusals]

@@ -1,8 +1,11 @@
-"""The Registry's side of a convention: routing calls to the member that owns their path.
+"""The Registry's side of a convention: sending first contacts to the member that owns a path.
 
 :class:`Federation` is a plain object the Registry holds (its :class:`Host`): it keeps the
 member table, a relay per remote member used, the beats that watch them, and what to answer
-when one is lost. The owner side (other members' lanes using our paths) is its part
+when one is lost. It carries no call: a lane's ``OpenChannel`` for a path another member owns
+goes to that member's Registry (``Forwarded``), whose file offers the lane's actor a carried
+channel; the lane's calls then go to the file directly (``sessionlane.actors.carried``).
+The owner side (other members' lanes using our paths) is its part
 :class:`sessionlane.actors.federation_serving.Serving`. The rules it follows are stated in
 :mod:`sessionlane.actors.convention`.
 """
@@ -49,8 +52,8 @@ from sessionlane.messages.convention import (
     RelayInit,
     Resolved,
 )
-from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall
-from sessionlane.messages.wire import Append, Error, FileStatus, Rewrite, Status, StatusReply
+from sessionlane.messages.internal import ChannelOffer, FileRestarted, OpenChannel
+from sessionlane.messages.wire import FileStatus, Status, StatusReply
 
 __all__ = ["Federation", "Host", "unavailable_status"]
 
@@ -78,8 +81,6 @@ class Host(ServingHost, Protocol):
 
     def updateCapability(self, capabilityName: Any, capabilityValue: Any = None) -> None: ...
 
-    def refuse(self, call: LaneCall, error: Error) -> None: ...
-
 
 Phase = Literal["starting", "up", "probing", "lost"]
 
@@ -90,10 +91,8 @@ class _Sent:
 
     path: str
     lane: Any = None
-    lane_uid: str = ""
-    request_id: Any = None
-    canonical: bool = False
-    write: bool = False
+    """The link actor whose ``OpenChannel`` this was (answered if the member is lost)."""
+    nonce: int = 0
     status: Status | None = None
     reply_to: Any = None
 
@@ -317,28 +316,22 @@ class Federation:
             self.maybe_probe(remote)
         return remote.phase in ("starting", "up")
 
-    def route(self, call: LaneCall) -> bool:
-        """Forward ``call`` if another member owns its path (or refuse it if that member is
-        lost); False when it is ours to serve."""
-        remote = self.remote_owner(call.path)
+    def route_open(self, msg: OpenChannel, asker: Any) -> bool:
+        """Send ``msg`` (from the link actor ``asker``) to the member that owns its path, whose
+        file then offers ``asker`` a carried channel (or refuse it if that member is lost);
+        False when the path is ours to serve."""
+        remote = self.remote_owner(msg.path)
         if remote is None:
             return False
         if not self.reachable(remote):
-            self.host.refuse(call, self.unavailable(remote, call.request.id, call.path))
+            self.host.send(asker, self.refused_offer(remote, msg.path, msg.nonce))
             return True
-        use = remote.lanes.setdefault(addr_key(call.lane.address), _Use(call.lane.address))
-        use.paths.update({call.path, os.path.normpath(call.path)})
+        use = remote.lanes.setdefault(addr_key(asker), _Use(asker))
+        use.paths.update({msg.path, os.path.normpath(msg.path)})
         seq = self.next_seq(remote)
-        if call.request.id is not None:
-            remote.unconfirmed[seq] = _Sent(
-                path=call.path,
-                lane=call.lane.address,
-                lane_uid=call.lane.uid,
-                request_id=call.request.id,
-                canonical=call.canonical,
-                write=isinstance(call.request, Append | Rewrite),
-            )
-        hop = Forwarded(origin=self.host.myAddress, link=remote.link, seq=seq, call=call)
+        remote.unconfirmed[seq] = _Sent(path=msg.path, lane=asker, nonce=msg.nonce)
+        ask = msg.model_copy(update={"reply_to": asker, "carried": True})
+        hop = Forwarded(origin=self.host.myAddress, link=remote.link, seq=seq, open=ask)
         self.host.send(remote.relay, hop)
         return True
 
@@ -541,28 +534,23 @@ class Federation:
         )
         for use in uses.values():
             for path in sorted(use.paths):
-                self.host.send(use.address, FileRestarted(path=path))
+                self.host.send(use.address, FileRestarted(path=path, aliases=[path]))
         for _, item in sorted(sent.items()):
             if item.status is not None:
                 self.host.send(item.reply_to, unavailable_status(item.status, item.path))
-            elif not item.canonical and item.lane is not None:
-                # The lane learns a path's canonical name from the first reply; until then
-                # FileRestarted cannot find this request, so it is answered here.
-                error = self.unavailable(remote, item.request_id, item.path)
-                if item.write:
-                    detail = f"{error.detail} after the write was sent: read the file to know"
-                    error = error.model_copy(update={"code": "unknown_outcome", "detail": detail})
-                reply = FileReply(path=item.path, message=error, lane=item.lane_uid)
-                self.host.send(item.lane, reply)
+            elif item.lane is not None:
+                # A first contact the member may never have received: its calls wait in the
+                # link for the offer, which is this refusal (sent nothing: ``unavailable``).
+                self.host.send(item.lane, self.refused_offer(remote, item.path, item.nonce))
 
     @staticmethod
-    def unavailable(remote: _Remote | Member, request_id: Any, path: str) -> Error:
-        """The refusal for a path of a lost (or departed) member."""
+    def refused_offer(remote: _Remote | Member, path: str, nonce: int) -> ChannelOffer:
+        """The answer to a first contact with a path of a lost (or departed) member."""
         if isinstance(remote, Member):
             detail = f"the member that served this path ({remote.key}) left the convention"
         else:
             detail = f"the member serving this path ({remote.member.key}) is unreachable"
-        return Error(id=request_id, code="unavailable", detail=detail, path=path)
+        return ChannelOffer(path=path, nonce=nonce, reason=detail, code="unavailable")
 
 
 def unavailable_status(request: Status, path: str) -> StatusReply:

@@ -5,19 +5,21 @@ The gateway never resolves a path itself: the Registry does, once, in answer to 
 ``OpenChannel``, and the link is keyed by that answer (see ``Links``).
 
 A link starts ``opening``: the gateway asks the Registry for a channel (``OpenChannel``; the
-Registry resolves, confines and activates exactly as for a call) and queues the path's calls
-meanwhile. The SessionFile answers with a ``ChannelOffer``; the gateway connects to it, says
-hello with the offer's token, and once welcomed sends the queued calls and every later one
-straight over the channel (``sessionlane.messages.channel``): one socket hop each way instead of
-five thespian messages. A path the Registry refuses (outside the roots, no capacity, the
-service draining) or whose file could not activate is answered from the refusal itself (the
-offer's ``code`` and ``reason``), and the next call for it asks again: a refused path has no
-route of its own. Only a path another convention member serves, or a base that cannot watch
-sockets (``simpleSystemBase``), gets a ``registry`` link: its calls go through the Registry as
-``LaneCall``.
+Registry resolves, confines and activates the file, or has the convention member that owns
+the path do so) and queues the path's calls meanwhile. The SessionFile answers with a
+``ChannelOffer``; the gateway connects to it, says hello with the offer's token, and once
+welcomed sends the queued calls and every later one straight over the channel
+(``sessionlane.messages.channel``): one socket hop each way instead of five thespian messages.
+The offer names a socket, or the file's actor for a *carried* channel (the same frames in
+thespian messages, ``sessionlane.actors.carried``): from another convention member's host, and
+on a base that cannot watch sockets (``simpleSystemBase``). Either way the link is the same
+state machine, and no call goes through the Registry. A path the Registry refuses (outside the
+roots, no capacity, the service draining, its member lost) or whose file could not activate
+is answered from the refusal itself (the offer's ``code`` and ``reason``), and the next call
+for it asks again: a refused path has no route of its own.
 
 Order per lane and file holds because a path's calls use one route at a time: queued while
-opening, then all on the channel (or all through the Registry). A link changes route only when
+opening, then all on the channel. A link changes route only when
 nothing of it is in flight: a channel the gateway closes is idle (no lane holds a lease on
 the path or waits for an answer from it), and a channel that breaks has lost whatever was in
 flight: the lanes are told so (``sessionlane.actors.lane_state.ChannelLost``, its own event):
@@ -55,7 +57,7 @@ from sessionlane.actors.carried import CarriedEnd, split_frames
 from sessionlane.actors.endpoint import OUT_OF_DESCRIPTORS, FramedSocket, connect_unix
 from sessionlane.actors.lane_state import ChannelLost
 from sessionlane.actors.paths import lease_route, route_of_lease
-from sessionlane.messages.carried import CarriedReplies
+from sessionlane.messages.carried import CarriedCalls, CarriedReplies
 from sessionlane.messages.channel import (
     ChannelReply,
     ChannelWelcome,
@@ -91,8 +93,8 @@ _RETRY_MS = 20.0
 _OPEN_TIMEOUT_MS = 2_000.0
 """Ask again if no offer came in this long (the request went to an actor that died)."""
 _MAX_SPELLINGS = 4096
-"""Spellings remembered (with their links); past it an unknown one's calls go through the
-Registry, which resolves each."""
+"""Spellings remembered (with their links); past it those of resolved links are forgotten
+(asked again when used again), and with that many still unresolved a new one is refused."""
 
 
 class LinkHost(Protocol):
@@ -116,7 +118,7 @@ class LinkHost(Protocol):
         """Whether any lane waits for an answer from ``path`` (held leases: ``grants``)."""
 
 
-Mode = Literal["opening", "connecting", "channel", "registry"]
+Mode = Literal["opening", "connecting", "channel"]
 
 
 @dataclass
@@ -134,8 +136,7 @@ class _Link:
     """The canonical path, the Registry's answer (until ``resolved``: the spelling asked)."""
     mode: Mode
     resolved: bool = True
-    """Whether the Registry answered: with the canonical path, or by refusing the spelling
-    (its calls then go through the Registry, which answers each)."""
+    """Whether the Registry answered with the canonical path."""
     nonce: int = 0
     asked_at: float = 0.0
     retry_at: float | None = None
@@ -176,8 +177,6 @@ class Links:
         """Links whose channel is carried by messages (``sessionlane.actors.carried``), by id."""
         self.by_nonce: dict[int, _Link] = {}
         self.nonces = itertools.count(1)
-        self.registry_lanes: set[str] = set()
-        """Lanes that sent a call through the Registry: it must hear when they close."""
         self.grants: dict[str, _Grant] = {}
         """Canonical path -> the lease held there, granted through these links."""
         self.routes: dict[str, str | None] = {}
@@ -217,11 +216,6 @@ class Links:
             case Abandoned(leases=leases) if grant is not None and grant.lease in leases:
                 del self.grants[path]
 
-    def on_reply(self, reply: FileReply) -> None:
-        """A file's reply that came through the Registry route: observed, then delivered."""
-        self.observe(reply)
-        self.host.deliver(reply)
-
     def lost_holder(self, path: str) -> tuple[str, str] | None:
         """Forget the lease held on ``path`` (its file or channel is gone): (lane, lease)."""
         grant = self.grants.pop(path, None)
@@ -248,7 +242,9 @@ class Links:
         if link is None:
             link = self.open(call)
             if link is None:
-                self.via_registry(call)  # too many spellings: the Registry resolves each call
+                detail = f"{_MAX_SPELLINGS} paths wait for their first answer: retry in a moment"
+                error = Error(id=call.request.id, code="unavailable", detail=detail, path=call.path)
+                self.host.deliver(FileReply(path=call.path, message=error, lane=call.lane.uid))
                 return
         link.last_used = self.clock()
         if not link.resolved:
@@ -261,7 +257,7 @@ class Links:
         """A new link for ``call``'s path, asking the Registry for a channel."""
         if call.canonical:
             link = self.links[call.path] = _Link(path=call.path, mode="opening")
-        elif len(self.spellings) >= _MAX_SPELLINGS:
+        elif len(self.spellings) >= _MAX_SPELLINGS and not self.prune_spellings():
             return None
         else:
             link = _Link(path=call.path, mode="opening", resolved=False, raws={call.path})
@@ -269,24 +265,25 @@ class Links:
         self.ask(link)
         return link
 
+    def prune_spellings(self) -> bool:
+        """Forget the spellings of resolved links (a spelling used again is asked again and
+        joins its link); whether any was forgotten."""
+        known = [raw for raw, link in self.spellings.items() if link.resolved]
+        for raw in known:
+            del self.spellings[raw]
+        return bool(known)
+
     def send_on(self, link: _Link, call: LaneCall) -> None:
-        match link.mode:
-            case "opening" | "connecting":
-                link.queue.append(call)
-            case "channel":
-                self.send_call(link, call)
-            case "registry":
-                self.via_registry(call)
+        if link.mode == "channel":
+            self.send_call(link, call)
+        else:
+            link.queue.append(call)
 
     def release(self, calls: list[LaneCall]) -> None:
         """A link was resolved: ``calls`` went on; their lanes' held-back calls follow."""
         for uid in dict.fromkeys(call.lane.uid for call in calls):
             for later in self.held.pop(uid, []):
                 self.call(later)
-
-    def via_registry(self, call: LaneCall) -> None:
-        self.registry_lanes.add(call.lane.uid)
-        self.host.send(self.host.registry, call)
 
     def send_call(self, link: _Link, call: LaneCall) -> None:
         lane = call.lane
@@ -319,13 +316,9 @@ class Links:
                 return  # merged into a link that is past this
         channel = offer.address is not None or offer.file is not None
         if not channel or offer.canonical != link.path:
-            if channel:
-                log.warning(
-                    "channel offer for %s names %s: routing it through the registry",
-                    link.path,
-                    offer.canonical,
-                )
-            self.to_registry(link)
+            log.error("an offer for %s names no channel to it: %s", link.path, offer)
+            detail = "the file's actor offered no usable channel: retry in a moment"
+            self.refused(link, offer.model_copy(update={"code": "unavailable", "reason": detail}))
             return
         self.connect(link, offer)
 
@@ -391,22 +384,12 @@ class Links:
             self.host.deliver(FileReply(path=call.path, message=error, lane=call.lane.uid))
         self.release(queued)
 
-    def to_registry(self, link: _Link) -> None:
-        """Route ``link``'s calls through the Registry (unresolved: the Registry refused the
-        spelling before resolving it; it answers each call the same way)."""
-        link.mode = "registry"
-        queued, link.queue = link.queue, []
-        link.resolved = True  # nothing more to learn: its calls no longer wait
-        for call in queued:
-            self.via_registry(call)
-        self.release(queued)
-
     def on_restarted(self, msg: FileRestarted) -> None:
         """The Registry restarted ``msg.path``'s actor (or lost its convention member)."""
         link = self.links.get(msg.path)
         if link is None:  # maybe one still waiting for its offer, by a spelling
             link = next((self.spellings[a] for a in msg.aliases if a in self.spellings), None)
-        if link is None or link.mode == "registry":
+        if link is None:
             self.host.restarted(msg, self.lost_holder(msg.path))
             return
         if link.mode == "opening":
@@ -443,6 +426,13 @@ class Links:
             return
         if msg.closed and link.end is end:
             self.lost(link, f"channel closed by the file's actor: {msg.closed}")
+
+    def undeliverable(self, msg: CarriedCalls) -> None:
+        """thespian could not deliver frames we carried: that channel is lost (the lanes learn
+        what was in flight, as for a socket that broke)."""
+        link = self.links.get(msg.path)
+        if link is not None and isinstance(link.end, CarriedEnd):
+            self.lost(link, "frames to the file's actor could not be delivered")
 
     def on_ready(self, fd: int) -> None:
         link = self.by_fd.get(fd)

@@ -19,7 +19,8 @@ each owning its state:
   effects (writes, fdatasync, the legacy lock) and reports their outcomes;
 * ``TranscriptSync`` and ``GroupCommit`` (``sessionlane.actors.session_file_commit``): what is not
   synced yet, and the acknowledgements held until an fdatasync covers them;
-* ``FileChannels`` (``sessionlane.actors.session_file_channels``): the gateway's direct channels.
+* ``FileChannels`` (``sessionlane.actors.session_file_channels``): the direct channels of the
+  gateway and the Lane actors, on a socket or carried in thespian messages.
 
 This module is the shell: the handler table, lifecycle, calls, effects, timers (typed:
 ``sessionlane.actors.timers``), passivation and status. It holds the one clock, ``now()``
@@ -31,6 +32,9 @@ Ownership follows the path: before every call or timer that may grant or write, 
 checks that the owner lock at the file's path is still the one held (``Serving.keep_ownership``;
 docs/security-files.md). A lock that moved is taken again; one another process holds ends the
 serving (``lose_file``): leases revoked ``ownership_lost``, the actor retires as a broken one.
+
+Over 600 lines: the channels' entry points (one for both carriers) joined the shell before
+the core/shell split moves the deciding parts out of it.
 
 Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires ``idle_ms`` after
 the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
@@ -84,7 +88,7 @@ from sessionlane.actors.session_file_writes import (
 )
 from sessionlane.actors.timers import ChannelFlush, CommitDue, IdleCheck, LeaseTick, LegacyRetry
 from sessionlane.messages import wire
-from sessionlane.messages.carried import CarriedCalls, CarriedReplies
+from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import (
     ActivationFailed,
@@ -140,6 +144,7 @@ class SessionFile(ShellActor):
             LaneCall: self.on_call,
             OpenChannel: self.on_open_channel,
             CarriedCalls: self.on_carried,
+            CarriedLost: self.on_carried_lost,
             FileStatusQuery: self.on_status,
             WakeupMessage: self.on_wakeup,
             WatchMessage: self.on_watch,
@@ -486,6 +491,15 @@ class SessionFile(ShellActor):
             return
         self.on_channel_events(s, s.channels.on_carried(msg, sender))
 
+    def on_carried_lost(self, msg: CarriedLost, sender: Any) -> None:
+        """From the Registry: these peers' member is lost; what their lanes held is let go."""
+        self.from_registry()
+        s = self.state
+        if not isinstance(s, Serving):
+            return
+        for ref in s.channels.on_carried_lost(msg):
+            self.on_channel_closed(s, ChannelClosed(ref), msg.reason, tell=True)
+
     def send_carried(self, s: Serving) -> None:
         for address, message in s.channels.take_carried():
             self.send(address, message)
@@ -502,15 +516,17 @@ class SessionFile(ShellActor):
         if ready_fd is not None and ready_fd in msg.ready and s.commit.pass_ended():
             self.decide(s)
 
-    def on_channel_events(self, s: Serving, events: list[ChannelEvent]) -> None:
-        """Calls and closes from a channel, whichever carried them."""
+    def on_channel_events(
+        self, s: Serving, events: list[ChannelEvent], why: str = "the gateway's channel closed"
+    ) -> None:
+        """Calls and closes from a channel, whichever carried them; ``why``: a close's reason."""
         for event in events:
             if self.state is not s:  # the file was lost to another owner: its channels closed
                 return
             if isinstance(event, ChannelCallEvent):
                 self.on_channel_call(s, event)
             else:
-                self.on_channel_closed(s, event)
+                self.on_channel_closed(s, event, why)
 
     def on_channel_call(self, s: Serving, event: ChannelCallEvent) -> None:
         """A call on a channel: served like a ``LaneCall`` but not counted in ``received``."""
@@ -526,12 +542,22 @@ class SessionFile(ShellActor):
             except Exception:
                 log.exception("answering the failed channel call to %s failed", self.path)
 
-    def on_channel_closed(self, s: Serving, event: ChannelClosed) -> None:
-        """Abandon every lane that was reached through the closed channel, and forget it."""
+    def on_channel_closed(
+        self,
+        s: Serving,
+        event: ChannelClosed,
+        reason: str = "the gateway's channel closed",
+        *,
+        tell: bool = False,
+    ) -> None:
+        """Abandon every lane that was reached through the closed channel, and forget it.
+
+        ``tell``: the channel's last output still goes (a lost member's carried channel), so
+        the abandon is an event (no id), which its lane reports as ``revoked``, ``member_lost``.
+        """
         for uid in self.out.through(event.conn):
             try:
-                key = ("closed", s.channels.next_closed())
-                reason = "the gateway's channel closed"
+                key = (uid, None) if tell else ("closed", s.channels.next_closed())
                 self.perform(s, s.table.abandon(key, uid, self.now(), reason=reason))
             except Exception:
                 log.exception("abandoning lane %s of %s failed", uid, self.path)

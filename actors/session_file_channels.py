@@ -8,9 +8,12 @@ abandons the lanes of the channels it reports closed.
 The gateway reaches a file over a direct channel (``sessionlane.messages.channel``) instead of the
 actor chain: it asks through the Registry (``OpenChannel``, counted like a call), and the file
 answers with a ``ChannelOffer`` naming its ``ChannelServer``, opened on the first such
-request. Channel calls run through exactly the code of a ``LaneCall``, with the connection (a
-``ChannelRef``) as the lane's address; every message to such a lane becomes a reply frame on
-that connection, queued, and written once at the end of the actor's turn. They are not
+request, or, where no socket can serve the asker (another host, a base that cannot watch
+sockets), the file's own actor: a carried channel (``sessionlane.actors.carried``), whose
+connections are served by the same code. Channel calls run through exactly the code of a
+``LaneCall``, with the connection (a ``ChannelRef``) as the lane's address; every message to
+such a lane becomes a reply frame on that connection, queued, and written once at the end of
+the actor's turn. They are not
 counted in ``received`` (that number is compared with what the Registry forwarded), so an
 open channel keeps the file from asking to be passivated, and a channel that closes abandons
 its lanes' leases and requests. The server's sockets are watched always; the always-readable
@@ -27,7 +30,7 @@ from typing import Any
 from sessionlane.actors._shell import addr_key
 from sessionlane.actors.carried import CarriedPeers, CarriedRef
 from sessionlane.actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
-from sessionlane.messages.carried import CarriedCalls, CarriedReplies
+from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.channel import reply_frame
 from sessionlane.messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
 
@@ -128,6 +131,11 @@ class FileChannels:
     def on_carried(self, msg: CarriedCalls, sender: Any) -> list[ChannelEvent]:
         """What a carried message brought: calls, and its channel closed (if it did)."""
         return self.carried.on_message(msg, sender)
+
+    def on_carried_lost(self, msg: CarriedLost) -> list[CarriedRef]:
+        """The convention member of some carried peers is lost: their channels close once
+        what is queued for them now (the abandons of their lanes) has gone."""
+        return self.carried.close_peers(msg.peers, msg.reason)
 
     def take_carried(self) -> list[tuple[Any, CarriedReplies]]:
         """The carried messages to send now (``(address, message)``, in order)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CarriedCalls", "CarriedReplies"]
+__all__ = ["CarriedCalls", "CarriedLost", "CarriedReplies"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +39,13 @@ class CarriedReplies:
     frames: bytes
     closed: str = ""
     """After ``frames``: the file closed this channel, and why (as a socket closed on it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CarriedLost:
+    """From the Registry to a SessionFile: the convention member of these peers (link actors)
+    is lost; close their carried channels, abandoning what their lanes hold or wait for."""
+
+    path: str
+    peers: tuple[object, ...]
+    reason: str

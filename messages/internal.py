@@ -275,10 +275,10 @@ class FileRestarted(_Internal):
 class OpenChannel(_Internal):
     """From the gateway, through the Registry, to a SessionFile: offer me a direct channel.
 
-    The Registry resolves and confines ``path`` and activates the file. A path it refuses is
-    answered with a ``ChannelOffer`` carrying the error ``code`` (the calls that waited get it);
-    one another convention member serves, with an offer without address or code: that path's
-    calls then go through the Registry, to that member.
+    The Registry resolves and confines ``path`` and activates the file (for a path another
+    convention member serves, that member's Registry does, and its file offers a carried
+    channel). A path it refuses is answered with a ``ChannelOffer`` carrying the error
+    ``code`` (the calls that waited get it).
     """
 
     kind: Literal["open_channel"] = "open_channel"

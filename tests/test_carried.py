@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 from driver import file_settings
+from thespian.actors import Actor
 
 from sessionlane.actors.carried import CarriedEnd, CarriedPeers, CarriedRef, split_frames
 from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed, ChannelRef
 from sessionlane.actors.session_file import SessionFile
-from sessionlane.messages.carried import CarriedCalls, CarriedReplies
+from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.channel import (
     ChannelReply,
     ChannelWelcome,
@@ -231,3 +232,58 @@ def test_lanes_on_one_carried_channel_contend_and_the_waiter_is_granted_on_relea
     got = f.carry(f.call("a", Release(id=2, lease=first.message.lease)))
     kinds = {(r.uid, type(r.message).__name__) for r in got}
     assert ("b", "Granted") in kinds and ("a", "Released") in kinds
+
+
+def test_dropping_a_lost_members_peers_closes_their_channels_and_tells_them(
+    peers: CarriedPeers,
+) -> None:
+    peers.on_message(CarriedCalls(PATH, hello_frame(peers.token)), "A")
+    peers.on_message(CarriedCalls(PATH, hello_frame(peers.token)), "B")
+    peers.take_output()
+    (ref,) = peers.close_peers(["A", "nobody"], "member lost: silent")
+    assert peers.connections() == 1
+    peers.send(ref, b"the abandons")
+    ((address, message),) = peers.take_output()
+    assert (address, message.frames, message.closed) == (
+        "A",
+        b"the abandons",
+        "member lost: silent",
+    )
+    peers.send(ref, b"late")
+    assert peers.take_output() == [], "gone once told"
+    later = peers.on_message(CarriedCalls(PATH, acquire("a")), "A")
+    assert later == [], "a dropped peer must say hello again: its old lanes are gone"
+
+
+class LinkActor(Actor):  # type: ignore[misc]
+    """Plays a link's actor: carries the test's frames to the file, and the file's back."""
+
+    def receiveMessage(self, msg: Any, sender: Any) -> None:
+        if isinstance(msg, tuple):
+            self.test, (file, carried) = sender, msg
+            self.send(file, carried)
+        elif isinstance(msg, CarriedReplies):
+            self.send(self.test, msg)
+
+
+def test_a_lost_members_channel_is_closed_by_the_registry_and_its_lease_abandoned(
+    simple_asys: Any, tmp_path: Path
+) -> None:
+    f = CarriedFile(simple_asys, tmp_path / "s.jsonl")
+    link = simple_asys.createActor(LinkActor)
+    frames = hello_frame(f.offer.token) + f.call(
+        "a", Acquire(id=1, lane="a", path=f.path, purpose="prompt")
+    )
+    answer = simple_asys.ask(link, (f.offer.file, CarriedCalls(f.path, frames)), TIMEOUT)
+    assert isinstance(answer, CarriedReplies)
+    assert isinstance(frames_of(answer)[-1].message, Granted)
+    lost = CarriedLost(path=f.path, peers=(link,), reason="member lost: silent")
+    simple_asys.tell(f.actor, lost)
+    told = simple_asys.listen(TIMEOUT)
+    assert isinstance(told, CarriedReplies) and told.closed == "member lost: silent"
+    (abandoned,) = frames_of(told)
+    assert abandoned.uid == "a" and abandoned.message.id is None, "an event: revoked to the agent"
+    assert abandoned.message.leases == [frames_of(answer)[-1].message.lease]
+    status = f.status()
+    assert status.holder is None and status.counters["channels"] == 0
+    assert status.counters["abandons"] == 1

@@ -284,19 +284,19 @@ def test_a_connection_refused_before_the_welcome_loses_nothing_and_is_retried(
     assert call.request.id == 1, "the queued call went out once the channel opened"
 
 
-def test_an_offer_without_an_address_routes_the_path_through_the_registry(
+def test_an_offer_naming_no_channel_answers_the_waiting_calls_and_routes_nothing_elsewhere(
     tmp_path: Path, transcript: str
 ) -> None:
     links, host = make(tmp_path)
     links.call(acquire(transcript, 1))
     links.call(acquire(transcript, 2))
     ask = host.opens()[-1]
-    links.on_offer(ChannelOffer(path=ask.path, nonce=ask.nonce, reason="another member"))
+    links.on_offer(ChannelOffer(path=ask.path, nonce=ask.nonce, canonical=transcript))
+    errors = [r.message for r in host.delivered]
+    assert [(e.id, e.code) for e in errors] == [(1, "unavailable"), (2, "unavailable")]
+    assert not any(isinstance(m, LaneCall) for m in host.sent), "no call through the registry"
     links.call(acquire(transcript, 3))
-    routed = [m.request.id for m in host.sent if isinstance(m, LaneCall)]
-    assert routed == [1, 2, 3]
-    links.on_restarted(FileRestarted(path=transcript, incarnation=2))
-    assert len(host.restarts) == 1, "a registry-routed path's lanes hear of restarts"
+    assert len(host.opens()) == 2, "the next call asks again"
 
 
 def test_a_path_the_registry_refuses_is_answered_from_the_refusal_and_asked_again_next_time(
@@ -399,7 +399,7 @@ def test_the_links_follow_the_one_lease_held_per_file_and_hand_it_over_when_the_
     lease = f"{lease_route(transcript)}-1"
 
     def reply(message: Any, lane: str = "a#1") -> None:
-        links.on_reply(FileReply(path=transcript, message=message, lane=lane))
+        links.observe(FileReply(path=transcript, message=message, lane=lane))
 
     granted = Granted(id=1, lease=lease, fence=1, path=transcript, purpose="prompt")
     reply(granted)
@@ -409,7 +409,6 @@ def test_the_links_follow_the_one_lease_held_per_file_and_hand_it_over_when_the_
     assert links.grants[transcript].lease == lease, "one level is still held"
     reply(Released(id=4, lease=lease), lane="c1.x/")
     assert transcript not in links.grants
-    assert len(host.delivered) == 4, "every reply is delivered, whatever it changes"
 
     for ending in (
         Revoked(lease=lease, path=transcript, reason="max_hold"),
@@ -549,3 +548,18 @@ def test_an_idle_carried_channel_closes_by_telling_the_file(
     links.tick()
     ((target, closing),) = host.to_files
     assert target == "file-actor" and closing == CarriedCalls(transcript, b"", closing=True)
+
+
+def test_carried_frames_thespian_could_not_deliver_lose_the_channel(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    links.flush()
+    ((_, sent),) = [m for m in host.to_files if not m[1].closing][-1:]
+    links.undeliverable(sent)
+    (lost,) = host.losses
+    assert "could not be delivered" in lost.reason
+    assert len(host.opens()) == 2, "asked again"
