@@ -1,7 +1,8 @@
 """SessionFile: the one actor of one canonical path. Every grant and every write goes through it.
 
-A thin shell: it turns ``LaneCall`` messages into calls on its parts and performs the effects
-they return (durable fence reservations, replies and events to lanes, syncs, wakeups).
+A thin shell: it turns channel calls (``on_channel_events``, from a socket or carried in a
+message) into calls on its parts and performs the effects they return (durable fence
+reservations, replies and events to lanes, syncs, wakeups).
 Writes are checked against the current lease and fence when they are performed; a write that
 fails the check changes nothing.
 
@@ -141,7 +142,6 @@ class SessionFile(ShellActor):
     def handlers(self) -> dict[type, Handler]:
         return {
             FileInit: self.on_init,
-            LaneCall: self.on_call,
             OpenChannel: self.on_open_channel,
             CarriedCalls: self.on_carried,
             CarriedLost: self.on_carried_lost,
@@ -255,10 +255,6 @@ class SessionFile(ShellActor):
         self.send(sender, Drained(files=1))
 
     # Calls ---------------------------------------------------------------------------------
-
-    def on_call(self, call: LaneCall, sender: Any) -> None:
-        self.from_registry()
-        self.serve(call)
 
     def from_registry(self, *, activity: bool = True) -> None:
         """Count a message the Registry forwarded; ``activity=False``: a status query."""

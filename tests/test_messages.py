@@ -389,9 +389,11 @@ CONSUMED_OUTSIDE_ACTORS: dict[type, tuple[Any, ...]] = {
     internal.GatewayStarted: (sessionlane.system.runtime.service,),
     internal.GatewayFailed: (sessionlane.system.runtime.service,),
     internal.Pong: (sessionlane.system.runtime.service,),
-    # A file's reply as the links hand it to their host, decoded from a channel frame: no
-    # actor sends it since every request goes over a channel.
+    # A lane's call and a file's reply as the links take them from and hand them to their
+    # host (encoded to and decoded from channel frames): no actor sends them since every
+    # request goes over a channel.
     internal.FileReply: (sessionlane.actors.links,),
+    internal.LaneCall: (sessionlane.actors.links,),
 }
 """Replies that end outside the actor system (or never leave a process), and the modules that
 take them."""
