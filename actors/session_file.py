@@ -123,8 +123,8 @@ class SessionFile(ShellActor):
     group_commit: ClassVar[bool] = True
     """Benchmarks set this to False (before the actor system forks) to sync every append."""
     channels: ClassVar[bool] = True
-    """Benchmarks set this to False (before the actor system forks) to measure the actor route:
-    every ``OpenChannel`` is then answered without an address."""
+    """Set to False (before the actor system forks) to offer no socket: every ``OpenChannel``
+    is then answered with a carried channel (the frames in thespian messages)."""
 
     def __init__(self, capabilities: dict[str, Any] | None = None, *args: Any, **kwargs: Any):
         # thespian passes ``capabilities`` by name only to a positional-or-keyword parameter.
