@@ -355,24 +355,17 @@ class Federation:
         self.host.send(remote.relay, hop)
         return True
 
-    def lane_closed(self, address: Any, uid: str = "") -> None:
-        """A lane of ours closed: the owners it used forget it.
-
-        A gateway's lane (``uid`` set) shares its address with the gateway's other lanes, so
-        the address stays known here (for ``FileRestarted``); only that lane is forgotten.
-        """
+    def lane_closed(self, address: Any) -> None:
+        """A Lane actor of ours closed (its channels closed themselves): the owners it used
+        forget it. A gateway's lanes never close this way: their channels are the gateway's."""
         key = addr_key(address)
         for remote in self.remotes.values():
-            used = remote.lanes.get(key) is not None
-            if used and not uid:
-                del remote.lanes[key]
-            if used and remote.phase in ("starting", "up"):
+            if remote.lanes.pop(key, None) is not None and remote.phase in ("starting", "up"):
                 hop = ForwardedClose(
                     origin=self.host.myAddress,
                     link=remote.link,
                     seq=self.next_seq(remote),
                     lane=address,
-                    uid=uid,
                 )
                 self.host.send(remote.relay, hop)
 

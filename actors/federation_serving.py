@@ -92,8 +92,6 @@ class Serving:
             self.host.send(msg.origin, resolved)
 
     def on_forwarded_close(self, msg: ForwardedClose, sender: Any) -> None:
-        if msg.uid:
-            return  # one of a gateway's lanes: its abandons went over the gateway's channel
         self._origin(msg).peers.pop(addr_key(msg.lane), None)
         self.host.lane_closed(msg.lane)
 

@@ -389,10 +389,9 @@ class Registry(ShellActor):
             self.send(lane, restarted)
 
     def on_lane_closed(self, msg: LaneClosed, sender: Any) -> None:
-        if not msg.uid:  # a gateway's lane: its address stays in use by its other lanes
-            self.lane_closed(msg.address)
+        self.lane_closed(msg.address)
         if self.federation is not None:
-            self.federation.lane_closed(msg.address, msg.uid)
+            self.federation.lane_closed(msg.address)
 
     def lane_closed(self, address: Any) -> None:
         key = addr_key(address)

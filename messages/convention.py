@@ -142,8 +142,7 @@ class ForwardedClose(Hop):
 
     kind: Literal["forwarded_close"] = "forwarded_close"
     lane: Any
-    uid: str = ""
-    """One lane of the gateway at ``lane`` (it hosts many); empty: the lane actor ``lane``."""
+    """The Lane actor that closed."""
 
 
 class ForwardedStatus(Hop):

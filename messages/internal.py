@@ -218,8 +218,6 @@ class LaneClosed(_Internal):
 
     kind: Literal["lane_closed"] = "lane_closed"
     address: Any
-    uid: str = ""
-    """Set by the gateway, which hosts many lanes at one address: forget only this lane."""
 
 
 class FileInit(_Internal):

@@ -478,19 +478,24 @@ def test_an_owner_closes_the_channels_of_a_lost_origins_lane_actors_on_its_activ
     assert len(host.dropped) == 1, "reported once"
 
 
-def test_an_owner_forgets_a_closed_lane_actor_but_not_a_gateway_for_one_of_its_lanes() -> None:
+def test_a_closed_lane_actor_is_forgotten_by_its_owners_and_not_dropped_on_origin_loss() -> None:
     host, clock = FakeHost(), Clock()
+    fed = federation(host, clock)
+    fed.route_open(open_channel("/srv/there/a.jsonl"), "lane@a1")
+    fed.lane_closed("lane@a1")
+    (close,) = [m for _, m in host.take() if isinstance(m, ForwardedClose)]
+    assert close.lane == "lane@a1"
+    fed.lane_closed("lane@a1")
+    assert not [m for _, m in host.take() if isinstance(m, ForwardedClose)], "once"
+
     owner = Federation(host, THERE, 2_000, clock=clock)
     owner.handle(forwarded("/srv/there/a.jsonl", "lane@a1"), "relay")
     owner.handle(forwarded("/srv/there/a.jsonl", "gateway@a", seq=2), "relay")
     host.active = {"/srv/there/a.jsonl"}
-
-    owner.handle(ForwardedClose(origin="reg@a", link=1, seq=3, lane="lane@a1"), "relay")
-    owner.handle(ForwardedClose(origin="reg@a", link=1, seq=4, lane="gateway@a", uid="u1"), "relay")
+    owner.handle(close.model_copy(update={"origin": "reg@a"}), "relay")
     owner.handle(OriginLost(origin="reg@a", reason="silent"), "relay")
-
     ((_, peers, _),) = host.dropped
-    assert peers == ["gateway@a"], "the gateway's channel still serves its other lanes"
+    assert peers == ["gateway@a"], "the closed lane actor closed its own channel"
 
 
 def test_an_owner_tells_the_origin_the_canonical_name_of_a_path_it_was_asked_by_another() -> None:
