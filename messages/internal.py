@@ -176,19 +176,20 @@ class Opened(_Internal):
 
 class LaneCall(_Internal):
     """A lane's request for the SessionFile of ``path``: what a channel call frame carries and
-    the file serves; sent as a thespian message (through the Registry) only for a path another
-    convention member serves, or on a base that cannot watch sockets."""
+    the file serves. Never a thespian message: it crosses processes only as a call frame (on a
+    socket, or carried: ``sessionlane.messages.carried``)."""
 
     kind: Literal["lane_call"] = "lane_call"
     lane: LaneRef
     path: str
     canonical: bool
-    """True when ``path`` came from a grant (already canonical): the Registry skips resolving."""
+    """True when ``path`` came from a grant (already canonical): the links skip resolving."""
     request: LaneRequest
 
 
 class FileReply(_Internal):
-    """From a SessionFile (or the Registry, for refusals) to a Lane."""
+    """A file's reply to a lane, as the links hand it to their host (decoded from a reply
+    frame), or their own answer (a refusal from the offer)."""
 
     kind: Literal["file_reply"] = "file_reply"
     path: str
