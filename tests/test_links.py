@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from sessionlane.actors import links as links_module
 from sessionlane.actors.carried import split_frames
 from sessionlane.actors.lane_state import ChannelLost
 from sessionlane.actors.links import Links
@@ -563,3 +564,23 @@ def test_carried_frames_thespian_could_not_deliver_lose_the_channel(
     (lost,) = host.losses
     assert "could not be delivered" in lost.reason
     assert len(host.opens()) == 2, "asked again"
+
+
+def test_past_the_spelling_cap_resolved_spellings_are_forgotten_and_unresolved_ones_refuse(
+    tmp_path: Path, transcript: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(links_module, "_MAX_SPELLINGS", 2)
+    links, host = make(tmp_path)
+    spelled = [f"{tmp_path}/{'./' * i}s.jsonl" for i in range(4)]
+    links.call(acquire(spelled[0], 1))
+    ask = host.opens()[-1]
+    carried = dict(file="file-actor", token="tok", incarnation=1)
+    links.on_offer(ChannelOffer(path=ask.path, nonce=ask.nonce, canonical=transcript, **carried))
+    links.call(acquire(spelled[1], 2, uid="b#1"))  # unresolved: waits for its offer
+    assert len(links.spellings) == 2
+    links.call(acquire(spelled[2], 3, uid="c#1"))  # the resolved spelling is forgotten
+    assert set(links.spellings) == {spelled[1], spelled[2]} and len(host.opens()) == 3
+    links.call(acquire(spelled[3], 4, uid="d#1"))  # two unresolved: refused, not routed
+    (refused,) = host.delivered
+    assert (refused.lane, refused.message.code) == ("d#1", "unavailable")
+    assert len(host.opens()) == 3
