@@ -33,6 +33,7 @@ from sessionlane.actors.convention import (
     roots_overlap,
 )
 from sessionlane.actors.federation_serving import Serving, ServingHost
+from sessionlane.actors.holder_reclaim import HeldReclaims
 from sessionlane.messages.convention import (
     Admitted,
     Beat,
@@ -134,6 +135,7 @@ class Federation:
         timeout_ms: int,
         clock: Callable[[], float] = monotonic_ms,
         directory_file: str | None = None,
+        reclaim_grace_ms: int = 0,
     ) -> None:
         self.host = host
         self.clock = clock
@@ -158,6 +160,11 @@ class Federation:
         self.checkins_acked = 0
         self.rejoining = False
         self.claimed_at = float("-inf")
+        self.reclaim_ms = float(reclaim_grace_ms)
+        """How long a lane's reclaim of a lease on a lost member's file waits for that member
+        (plus ``timeout_ms``); 0: lanes are told at once (``sessionlane.actors.holder_reclaim``)."""
+        self.parked = HeldReclaims()
+        """Those reclaims, with when they give up."""
         self._table: dict[type, Callable[[Any, Any], None]] = {
             Admitted: self.on_admitted,
             Refused: self.on_refused,
@@ -279,6 +286,7 @@ class Federation:
                 del self.remotes[incarnation]
             else:
                 self.sign_of_life(remote)  # (re)admitted: it may be reachable again
+        self.unpark()  # a member back under a new incarnation is reached by a new relay
         # Remember who served the roots nobody serves now: their paths are unavailable, not
         # outside every root.
         keys = {m.key for m in self.members}
@@ -319,12 +327,20 @@ class Federation:
     def route_open(self, msg: OpenChannel, asker: Any) -> bool:
         """Send ``msg`` (from the link actor ``asker``) to the member that owns its path, whose
         file then offers ``asker`` a carried channel (or refuse it if that member is lost);
-        False when the path is ours to serve."""
+        False when the path is ours to serve. A first contact whose first call is a reclaim
+        (``msg.reclaim``) of a lease on a lost member's file waits for that member instead."""
         remote = self.remote_owner(msg.path)
         if remote is None:
             return False
+        key = addr_key(asker)
+        if not msg.reclaim and self.parked.cancel(key, msg.path):
+            log.info("%s no longer waits to reclaim a lease on %s", asker, msg.path)
         if not self.reachable(remote):
+            if self.reclaim_ms > 0 and msg.reclaim:
+                self.parked.hold(key, msg, asker, self.clock() + self.reclaim_ms + self.timeout_ms)
+                return True
             self.host.send(asker, self.refused_offer(remote, msg.path, msg.nonce))
+            return True
             return True
         use = remote.lanes.setdefault(addr_key(asker), _Use(asker))
         use.paths.update({msg.path, os.path.normpath(msg.path)})
@@ -334,6 +350,21 @@ class Federation:
         hop = Forwarded(origin=self.host.myAddress, link=remote.link, seq=seq, open=ask)
         self.host.send(remote.relay, hop)
         return True
+
+    def unpark(self) -> None:
+        """Send the held first contacts whose member answers again; refuse those out of time."""
+        if not self.parked:
+            return
+        now = self.clock()
+        for until, msg, asker in self.parked.take():
+            remote = self.remote_owner(msg.path)
+            if remote is not None and self.reachable(remote):
+                self.route_open(msg, asker)
+            elif remote is not None and now < until:
+                self.parked.hold(addr_key(asker), msg, asker, until)
+            else:
+                why = "the member serving this path did not answer again in the reclaim grace"
+                self.host.send(asker, self.parked.refusal(msg, why))
 
     def route_status(self, request: Status, reply_to: Any) -> bool:
         remote = self.remote_owner(request.path)
@@ -434,6 +465,7 @@ class Federation:
                 self.lose(remote, f"no answer for {silent:.0f} ms")
             else:
                 self.beat(remote)
+        self.unpark()
         self.arm()
 
     def on_beat(self, msg: Beat, sender: Any) -> None:
@@ -469,6 +501,7 @@ class Federation:
                 log.warning("member %s answers again", remote.member.key)
             remote.phase = "up"
             remote.backoff_ms = _BACKOFF_MIN_MS
+            self.unpark()
 
     def on_resolved(self, msg: Resolved, sender: Any) -> None:
         remote = self.remotes.get(msg.incarnation)
@@ -527,7 +560,8 @@ class Federation:
         )
         for use in uses.values():
             for path in sorted(use.paths):
-                self.host.send(use.address, FileRestarted(path=path, aliases=[path]))
+                lost = FileRestarted(path=path, aliases=[path], owner_lost=self.reclaim_ms > 0)
+                self.host.send(use.address, lost)
         for _, item in sorted(sent.items()):
             if item.status is not None:
                 self.host.send(item.reply_to, unavailable_status(item.status, item.path))

@@ -76,6 +76,7 @@ from sessionlane.messages.internal import (
 from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
+    Acquire,
     Error,
     Granted,
     Released,
@@ -147,6 +148,8 @@ class _Link:
     """The latest incarnation whose death the lanes were told of."""
     raws: set[str] = field(default_factory=set)
     last_used: float = 0.0
+    asked_reclaim: bool = False
+    """Whether the last ``OpenChannel`` said a reclaim waits (``OpenChannel.reclaim``)."""
     idle_ms: float | None = None
     """Close the channel after this long unused: half the file's own idle time, from its
     offer (None: the links' default)."""
@@ -251,7 +254,26 @@ class Links:
             link.queue.append(call)
             self.held.setdefault(call.lane.uid, [])
             return
+        if isinstance(call.request, Abandon) and link.mode == "opening":
+            self.abandon_reclaims(link, call)
         self.send_on(link, call)
+        if link.mode == "opening" and _is_reclaim(call) and not link.asked_reclaim:
+            self.ask(link)  # asked before the reclaim came: a lost member would refuse it
+
+    def abandon_reclaims(self, link: _Link, abandon: LaneCall) -> None:
+        """``abandon``'s lane lets the path go while its reclaim waits for the link (for a lost
+        member): the reclaim is refused here, and the Registry asked again without it (which
+        ends the wait there)."""
+        mine = [c for c in link.queue if _is_reclaim(c) and c.lane.uid == abandon.lane.uid]
+        if not mine:
+            return
+        link.queue = [c for c in link.queue if c not in mine]
+        why = "the lane abandoned the path while its lease was being reclaimed"
+        for call in mine:
+            error = Error(id=call.request.id, code="unavailable", detail=why, path=call.path)
+            self.host.deliver(FileReply(path=call.path, message=error, lane=call.lane.uid))
+        if not any(_is_reclaim(c) for c in link.queue):
+            self.ask(link)
 
     def open(self, call: LaneCall) -> _Link | None:
         """A new link for ``call``'s path, asking the Registry for a channel."""
@@ -262,7 +284,7 @@ class Links:
         else:
             link = _Link(path=call.path, mode="opening", resolved=False, raws={call.path})
             self.spellings[call.path] = link
-        self.ask(link)
+        self.ask(link, call)
         return link
 
     def prune_spellings(self) -> bool:
@@ -290,14 +312,18 @@ class Links:
         assert link.end is not None
         link.end.queue(call_frame(lane.uid, lane.name, lane.priority, call.request))
 
-    def ask(self, link: _Link) -> None:
-        """Ask the Registry for a channel to ``link``'s file (again)."""
+    def ask(self, link: _Link, first: LaneCall | None = None) -> None:
+        """Ask the Registry for a channel to ``link``'s file (again); ``first``: a call about to
+        be queued on it. Whether a queued call is a reclaim is said (``OpenChannel.reclaim``)."""
         self.by_nonce.pop(link.nonce, None)
         link.mode, link.retry_at = "opening", None
         link.nonce = next(self.nonces)
         link.asked_at = self.clock()
         self.by_nonce[link.nonce] = link
-        self.host.send(self.host.registry, OpenChannel(path=link.path, nonce=link.nonce))
+        reclaim = any(_is_reclaim(call) for call in (*link.queue, *([first] if first else [])))
+        link.asked_reclaim = reclaim
+        ask = OpenChannel(path=link.path, nonce=link.nonce, reclaim=reclaim)
+        self.host.send(self.host.registry, ask)
 
     # From the Registry and the files -------------------------------------------------------
 
@@ -399,7 +425,7 @@ class Links:
             return
         if msg.incarnation and msg.incarnation < link.incarnation:
             return  # an older death, handled when it happened
-        self.lost(link, "the registry reports its actor restarted")
+        self.lost(link, "the registry reports its actor restarted", msg)
 
     def fds(self) -> list[int]:
         return list(self.by_fd)
@@ -473,8 +499,9 @@ class Links:
         self.observe(reply)
         self.host.deliver(reply)
 
-    def lost(self, link: _Link, reason: str) -> None:
-        """The channel broke (or was refused): close it; the lanes learn what was lost."""
+    def lost(self, link: _Link, reason: str, restarted: FileRestarted | None = None) -> None:
+        """The channel broke (or was refused, or ``restarted`` says its file's actor or member
+        is gone): close it; the lanes learn what was lost, then it is asked for again."""
         was = link.mode
         self.close_socket(link)
         if was == "connecting":
@@ -486,15 +513,21 @@ class Links:
         incarnation = link.incarnation
         log.warning("channel to %s (incarnation %d) lost: %s", link.path, incarnation, reason)
         link.handled = max(link.handled, incarnation)
+        link.mode = "opening"  # what the lanes send now (a reclaim, say) waits for the new one
+        holder = self.lost_holder(link.path)
+        if restarted is not None:  # the Registry's word: its file's actor (or member) is gone
+            names = {"path": link.path, "aliases": sorted(link.raws)}
+            self.host.restarted(restarted.model_copy(update=names), holder)
+        else:
+            lost = ChannelLost(
+                path=link.path,
+                aliases=sorted(link.raws),
+                incarnation=incarnation,
+                reason=reason,
+                holder=holder,
+            )
+            self.host.channel_lost(lost)
         self.ask(link)
-        lost = ChannelLost(
-            path=link.path,
-            aliases=sorted(link.raws),
-            incarnation=incarnation,
-            reason=reason,
-            holder=self.lost_holder(link.path),
-        )
-        self.host.channel_lost(lost)
 
     def close_socket(self, link: _Link) -> None:
         """Close ``link``'s channel end, whichever carries it."""
@@ -582,3 +615,7 @@ class Links:
 
     def __iter__(self) -> Iterator[_Link]:
         return iter(self.every())
+
+
+def _is_reclaim(call: LaneCall) -> bool:
+    return isinstance(call.request, Acquire) and call.request.reclaim is not None

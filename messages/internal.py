@@ -269,6 +269,10 @@ class FileRestarted(_Internal):
     incarnation: int = 0
     """The incarnation that died (0: unknown), so a gateway that already saw its channel
     break does not handle the same death twice."""
+    owner_lost: bool = False
+    """The convention member owning ``path`` was lost (not only the file's actor): its holder's
+    lane asks for the lease back when the member answers again
+    (``sessionlane.actors.holder_reclaim``)."""
 
 
 class OpenChannel(_Internal):
@@ -289,6 +293,10 @@ class OpenChannel(_Internal):
     carried: bool = False
     """Offer a carried channel even where a socket could be offered: the asker is on another
     host (a convention member's lane, ``sessionlane.messages.carried``)."""
+    reclaim: bool = False
+    """The link's first call is a lane's reclaim of its lease (``Acquire.reclaim``): in a
+    convention, wait for a lost owner member instead of refusing at once
+    (``sessionlane.actors.holder_reclaim``)."""
 
 
 class ChannelOffer(_Internal):
