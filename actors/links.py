@@ -40,6 +40,10 @@ the holder's lane reports it (``revoked``, ``actor_restart``), and why a channel
 is held is not closed as idle. A route two files collide on (64 bits: practically never) routes
 nothing: their lease-only requests are refused as not held here, never misrouted.
 
+Over 600 lines: one state machine for both carriers (the carried end itself is
+``sessionlane.actors.carried``) and for a reclaim's first contact; splitting it would split
+the link's life across modules.
+
 The channel's socket is an ``sessionlane.actors.endpoint.FramedSocket``; nothing here blocks: the
 connect is non-blocking (an ``AF_UNIX`` connect completes at once or fails, a full backlog
 included, and is then asked for again), and output is queued and written by ``flush``.

@@ -43,6 +43,7 @@ from sessionlane.messages.wire import (
     Acquire,
     Error,
     Granted,
+    ReclaimTicket,
     Release,
     Released,
     Revoked,
@@ -60,6 +61,8 @@ class FakeHost:
         self.losses: list[ChannelLost] = []
         self.busy: set[str] = set()
         self.to_files: list[tuple[Any, Any]] = []
+        self.reclaims_on_restart: list[LaneCall] = []
+        self.links: Any = None
 
     def send(self, target: Any, message: Any) -> None:
         if target == "registry":
@@ -73,6 +76,8 @@ class FakeHost:
     def restarted(self, msg: FileRestarted, holder: tuple[str, str] | None) -> None:
         self.restarts.append(msg)
         self.restart_holders.append(holder)
+        for call in self.reclaims_on_restart:
+            self.links.call(call)
 
     def channel_lost(self, msg: ChannelLost) -> None:
         self.losses.append(msg)
@@ -171,6 +176,7 @@ def pump(links: Links) -> None:
 def make(tmp_path: Path, clock: Clock | None = None) -> tuple[Links, FakeHost]:
     host = FakeHost()
     links = Links(host, idle_ms=500, clock=clock or Clock())
+    host.links = links
     return links, host
 
 
@@ -584,3 +590,47 @@ def test_past_the_spelling_cap_resolved_spellings_are_forgotten_and_unresolved_o
     (refused,) = host.delivered
     assert (refused.lane, refused.message.code) == ("d#1", "unavailable")
     assert len(host.opens()) == 3
+
+
+def reclaim(path: str, rid: str = "_reclaim1", uid: str = "a#1") -> LaneCall:
+    ticket = ReclaimTicket(lease=f"{lease_route(path)}-1", fence=1, secret="s" * 32)
+    req = Acquire(id=rid, lane="a", path=path, purpose="prompt", reclaim=ticket)
+    return LaneCall(lane=lane(uid), path=path, canonical=True, request=req)
+
+
+def test_a_channel_the_registry_reports_gone_is_asked_again_saying_a_reclaim_waits(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    assert host.opens()[-1].reclaim is False
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    granted = Granted(
+        id=1, lease=lease_route(transcript) + "-1", fence=1, path=transcript, purpose="prompt"
+    )
+    links.on_carried(CarriedReplies(transcript, 1, reply_frame("a#1", granted)))
+    host.reclaims_on_restart = [reclaim(transcript)]  # what the lane does when told
+    links.on_restarted(FileRestarted(path=transcript, owner_lost=True))
+    (told,) = host.restarts
+    assert told.owner_lost and host.restart_holders == [("a#1", granted.lease)]
+    assert host.opens()[-1].reclaim is True, "asked after the lane queued its reclaim"
+
+
+def test_a_reclaim_queued_after_a_plain_ask_asks_again_and_an_abandon_withdraws_it(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1, uid="b#1"))
+    assert [o.reclaim for o in host.opens()] == [False]
+    links.call(reclaim(transcript))
+    assert [o.reclaim for o in host.opens()] == [False, True]
+    gone = Abandon(id="_gone1", lane="a", path=transcript)
+    links.call(LaneCall(lane=lane(), path=transcript, canonical=True, request=gone))
+    (refused,) = host.delivered
+    assert (refused.lane, refused.message.id, refused.message.code) == (
+        "a#1",
+        "_reclaim1",
+        "unavailable",
+    )
+    assert [o.reclaim for o in host.opens()] == [False, True, False], "the hold is let go"
