@@ -35,6 +35,7 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
     cost = results.get("cost")
     if not isinstance(cost, dict) or "model" not in cost:
         return False
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -106,5 +107,8 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
         f" load average {load} at start ({meta.get('started', '')})"
     )
     figure.tight_layout()
-    figure.savefig(str(path), metadata={"Date": None} if str(path).endswith(".svg") else None)
+    svg = str(path).endswith(".svg")
+    # Text stays text in an SVG (smaller, searchable); no date, so a redraw diffs cleanly.
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "sessionlane"}):
+        figure.savefig(str(path), metadata={"Date": None} if svg else None)
     return True
