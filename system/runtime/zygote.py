@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 FORKED_FROM_ZYGOTE = frozenset({"sessionlane.actors.session_file.SessionFile"})
 """Actor classes (``module.Class``) forked from the zygote; any other actor forks as before."""
 
-PARKED_TITLE = "file actor (parked: forked ahead)"
+PARKED_TITLE = "parked (the next file's actor, forked ahead)"
 """How a parked child is titled (``sessionlane: <title>``) until it becomes a file's actor."""
 
 PARK_AHEAD = True
