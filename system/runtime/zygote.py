@@ -21,7 +21,7 @@ To take the forks off a new file's path, the zygote keeps one child forked ahead
 a process already forked the same way (so already the Registry's child), past
 ``multiprocessing``'s start, that waits on a pipe for its ``startChild`` arguments. A request
 writes them to the parked child and answers its pid at once; only then is the next child
-parked. The parked child costs about 2 MB, once per Registry, and takes two forks and a
+parked. The parked child costs 1.4 to 1.9 MB, once per Registry, and takes two forks and a
 process start off every first grant (``docs/cost-model.md``). If the parked child is gone
 (killed while it waited: a zombie of the Registry until the Registry exits, as thespian only
 reaps the children it started), the request forks one the ordinary way.
