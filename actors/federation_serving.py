@@ -1,12 +1,17 @@
 """The owner side of a convention: other members' lanes that use this member's paths.
 
 :class:`Serving` is part of :class:`sessionlane.actors.federation.Federation` (the Registry's side
-of a convention). It serves the calls other members forward here, acknowledges their beats, and
-when one of them is lost (``OriginLost``) abandons what its lanes waited for here, and what
-they held too unless ``reclaim_grace_ms`` > 0: then each lease stays held for its holder's
-reclaim (through the restarted member, or any other) until the grace ends, when the file
-drops it as before. A dead member's lanes never keep a path past that. It owns the table of
-origins; nothing else reads it.
+of a convention). It has the files other members' lanes first contact offer them a carried
+channel (``Forwarded``: the Registry activates the file, which answers the lane's actor with a
+``ChannelOffer``; the lane's calls then go to the file directly, as channel frames carried by
+thespian's authenticated transport), acknowledges their beats, and when an origin is lost
+(``OriginLost``) has each file close the channels of that origin's lanes, which abandons what
+they waited for there, and what they held too unless ``reclaim_grace_ms`` > 0: then each lease
+stays held for its holder's reclaim through another lane (the client reconnected to the
+restarted member, or to any other) until the grace ends, or until its own lane speaks again
+(the member was only paused or cut off), when the file drops it as before. A dead member's
+lanes never keep a path past that. It owns the table of origins (which link actors each
+origin's channels serve, on which paths); nothing else reads it.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from sessionlane.messages.convention import (
     OriginLost,
     Resolved,
 )
-from sessionlane.messages.internal import AbandonForReclaim, LaneCall, LaneRef
-from sessionlane.messages.wire import Abandon, Status
+from sessionlane.messages.internal import OpenChannel
+from sessionlane.messages.wire import Status
 
 __all__ = ["Serving", "ServingHost"]
 
@@ -40,8 +45,13 @@ class ServingHost(Protocol):
 
     def send(self, target: Any, message: Any) -> None: ...
 
-    def serve(self, call: LaneCall) -> str | None:
-        """Serve ``call`` here (never forward it); the canonical path, or None if refused."""
+    def open_here(self, msg: OpenChannel) -> str | None:
+        """Have the file offer ``msg.reply_to`` a channel here (never forward it); the
+        canonical path, or None if refused (and answered)."""
+
+    def drop_peers(self, path: str, peers: list[Any], reason: str, keep_ms: int = 0) -> None:
+        """Have the file of ``path`` close the channels of ``peers`` (link actors), keeping
+        their lanes' leases ``keep_ms`` for their holders' reclaim."""
 
     def status_to(self, request: Status, reply_to: Any) -> None: ...
 
@@ -55,7 +65,8 @@ class _Origin:
     """Another member's Registry whose lanes use our paths."""
 
     address: Any
-    lanes: dict[str, tuple[LaneRef, set[str]]] = field(default_factory=dict)
+    peers: dict[str, tuple[Any, set[str]]] = field(default_factory=dict)
+    """addr_key(link actor) -> (its address, the canonical paths it was offered)."""
 
 
 class Serving:
@@ -76,29 +87,19 @@ class Serving:
         return found
 
     def on_forwarded(self, msg: Forwarded, sender: Any) -> None:
-        call = msg.call
-        canonical = self.host.serve(call)
+        asker = msg.open.reply_to
+        canonical = self.host.open_here(msg.open)
         if canonical is None:
             return
-        # Keyed by lane, not by address: the gateway hosts many lanes at one address.
-        _, paths = self._origin(msg).lanes.setdefault(
-            f"{addr_key(call.lane.address)}|{call.lane.uid}", (call.lane, set())
-        )
+        # Keyed by the link's actor: a gateway's lanes share one channel per file.
+        _, paths = self._origin(msg).peers.setdefault(addr_key(asker), (asker, set()))
         paths.add(canonical)
-        if not call.canonical and canonical != call.path:
-            resolved = Resolved(
-                incarnation=self.me.incarnation, lane=call.lane.address, path=canonical
-            )
+        if canonical != msg.open.path:
+            resolved = Resolved(incarnation=self.me.incarnation, lane=asker, path=canonical)
             self.host.send(msg.origin, resolved)
 
     def on_forwarded_close(self, msg: ForwardedClose, sender: Any) -> None:
-        lanes = self._origin(msg).lanes
-        if msg.uid:
-            lanes.pop(f"{addr_key(msg.lane)}|{msg.uid}", None)
-            return  # the gateway's other lanes still use its address
-        prefix = f"{addr_key(msg.lane)}|"
-        for key in [k for k in lanes if k.startswith(prefix)]:
-            del lanes[key]
+        self._origin(msg).peers.pop(addr_key(msg.lane), None)
         self.host.lane_closed(msg.lane)
 
     def on_forwarded_status(self, msg: ForwardedStatus, sender: Any) -> None:
@@ -111,26 +112,21 @@ class Serving:
 
     def on_origin_lost(self, msg: OriginLost, sender: Any) -> None:
         origin = self._origins.pop(addr_key(msg.origin), None)
-        if origin is None or not origin.lanes:
+        if origin is None or not origin.peers:
             return
         kept = f"; their leases kept {self.reclaim_ms} ms for reclaim" if self.reclaim_ms else ""
         log.warning(
-            "origin %s lost (%s): abandoning what its %d lanes wait for here%s",
+            "origin %s lost (%s): closing the channels of its %d lane actors%s",
             msg.origin,
             msg.reason,
-            len(origin.lanes),
+            len(origin.peers),
             kept,
         )
-        for ref, paths in origin.lanes.values():
-            for path in sorted(paths):
-                if not self.host.is_active(path):
-                    continue  # passivated: it held nothing
-                abandon = self.abandon(ref, path, f"member lost: {msg.reason}")
-                self.host.serve(LaneCall(lane=ref, path=path, canonical=True, request=abandon))
-
-    def abandon(self, ref: LaneRef, path: str, reason: str) -> Abandon:
-        """What a lost origin's lane gives up on ``path``: its waits, and its lease unless it
-        is kept for its holder's reclaim (the file keeps only a lease its record names)."""
-        if self.reclaim_ms <= 0:
-            return Abandon(lane=ref.name, path=path, reason=reason)
-        return AbandonForReclaim(lane=ref.name, path=path, reason=reason, keep_ms=self.reclaim_ms)
+        by_path: dict[str, list[Any]] = {}
+        for address, paths in origin.peers.values():
+            for path in paths:
+                by_path.setdefault(path, []).append(address)
+        for path in sorted(by_path):
+            if self.host.is_active(path):  # a passivated file held nothing
+                reason = f"member lost: {msg.reason}"
+                self.host.drop_peers(path, by_path[path], reason, keep_ms=self.reclaim_ms)

@@ -38,7 +38,7 @@ from sessionlane.actors.session_file_writes import (
     call_key,
 )
 from sessionlane.messages import wire
-from sessionlane.messages.internal import AbandonForReclaim, FileReply, LaneCall
+from sessionlane.messages.internal import FileReply, LaneCall
 from sessionlane.messages.wire import (
     Abandon,
     Acquire,
@@ -140,15 +140,6 @@ class FileCore:
                 )
             case Release():
                 effects = self.table.release(key, lane, req.lease, now)
-            case AbandonForReclaim() if self.reclaimable(lane):
-                effects = self.table.abandon(
-                    key,
-                    lane,
-                    now,
-                    reason=req.reason or "",
-                    keep_as=Awaited(call.lane.name, kept_for=lane),
-                    until=now + req.keep_ms,
-                )
             case Abandon():
                 reason = req.reason or "requested by the lane"
                 effects = self.table.abandon(key, lane, now, reason=reason)
@@ -162,15 +153,27 @@ class FileCore:
                 return [*self.writes.rewrite(call, req), DrainWrites()]
         return [TableEffects(effects)]
 
-    def reclaimable(self, lane: str) -> bool:
-        """Whether ``lane`` holds a lease its holder can reclaim: the lease record names it."""
+    def abandon_lane(
+        self, key: Any, lane: str, name: str, now: float, *, reason: str, keep_ms: int
+    ) -> list[lt.Effect]:
+        """``lane`` (named ``name``) is gone (its channel closed, or the convention member it
+        was reached through is lost): its waits end, and so does its lease, unless ``keep_ms``
+        > 0 and the lease record names the lease (its holder can show the secret): then the
+        lease is kept for ``keep_ms`` for a reclaim through another lane, as a restart's
+        holder is awaited."""
         holder, recorded = self.table.holder, self.book.record.held
-        return (
-            holder is not None
+        if (
+            keep_ms > 0
+            and holder is not None
             and holder.lane == lane
             and recorded is not None
             and recorded.lease == holder.lease
-        )
+        ):
+            kept = Awaited(name, kept_for=lane)
+            return self.table.abandon(
+                key, lane, now, reason=reason, keep_as=kept, until=now + keep_ms
+            )
+        return self.table.abandon(key, lane, now, reason=reason)
 
     def meaning(self, fx: lt.Effect) -> list[CoreEffect]:
         """What one effect of the lease table means for the lanes and the write path."""

@@ -2,9 +2,10 @@
 
 When the member a client is connected to dies (the leader, or any member), each owner of a
 file that client held sees that origin lost. With ``reclaim_grace_ms`` > 0 the owner's
-Registry sends the file ``AbandonForReclaim``: the lane's waits end, and the lease becomes
-the table's awaited holder, as after a restart, until its holder reclaims it (with its
-secret, through any member) or the grace ends. Driven here by message order and a plain
+Registry tells the file so (``CarriedLost.keep_ms``) and the file's core
+(``FileCore.abandon_lane``) ends the lane's waits but keeps its lease as the table's awaited
+holder, as after a restart, until its holder reclaims it (with its secret, through another
+lane) or the grace ends. Driven here by message order and a plain
 number for the clock; the real ``kill -9`` is in ``test_convention_faults.py``.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from test_convention import HERE, THERE, Clock, FakeHost, acknowledge, lane_call
+from test_convention import HERE, THERE, Clock, FakeHost, acknowledge, forwarded
 
 from sessionlane.actors import lease_table as lt
 from sessionlane.actors.federation import Federation
@@ -20,10 +21,10 @@ from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
 from sessionlane.actors.reclaim import HeldRecord, ReclaimBook, digest
 from sessionlane.actors.session_file_core import Answer, FileCore, Warn
 from sessionlane.actors.session_file_writes import Reply, TableEffects, WritePath
+from sessionlane.messages.carried import CarriedLost
 from sessionlane.messages.convention import Forwarded, Members, OriginLost
-from sessionlane.messages.internal import AbandonForReclaim, FileReply, LaneCall, LaneRef
+from sessionlane.messages.internal import LaneCall, LaneRef, OpenChannel
 from sessionlane.messages.wire import (
-    Abandon,
     Abandoned,
     Acquire,
     Append,
@@ -99,8 +100,8 @@ def held_then_lost(*, recorded: bool = True) -> tuple[FileCore, Granted]:
         read(c, c.call(call("near", Acquire(lane="agent", path=PATH, purpose="prompt"), 2), NOW))
     )
     assert isinstance(queued, Queued)
-    lost = AbandonForReclaim(lane="agent", path=PATH, reason="member lost", keep_ms=GRACE)
-    effects = read(c, c.call(call("far", lost, 3), NOW + 10))
+    lost = c.abandon_lane(("far", None), "far", "agent", NOW + 10, reason="lost", keep_ms=GRACE)
+    effects = [out for fx in lost for out in c.meaning(fx)]
     [(lane, abandoned), *granted_next] = answers(effects)
     assert lane == "far" and isinstance(abandoned, Abandoned)
     assert bool(granted_next) != recorded, "the waiter is granted at once only if not kept"
@@ -176,18 +177,15 @@ def test_a_stopping_file_drops_an_awaited_holder_without_telling_anyone() -> Non
 
 
 def test_an_owner_keeps_a_lost_origins_leases_only_when_the_grace_is_set() -> None:
-    for grace, kind in ((GRACE, AbandonForReclaim), (0, Abandon)):
+    for grace in (GRACE, 0):
         host, clock = FakeHost(), Clock()
         owner = Federation(host, THERE, 2_000, clock=clock, reclaim_grace_ms=grace)
-        call_ = lane_call(PATH, 1, lane="l1")
-        owner.handle(Forwarded(origin="reg@a", link=1, seq=1, call=call_), "relay")
+        owner.handle(forwarded(PATH, "lane@a1"), "relay")
         host.active = {PATH}
-        host.served.clear()
         owner.handle(OriginLost(origin="reg@a", reason="silent"), "relay")
-        (abandon,) = host.served
-        assert type(abandon.request) is kind and abandon.canonical
-        if grace:
-            assert abandon.request.keep_ms == GRACE
+        ((path, peers, _),) = host.dropped
+        assert (path, peers, host.kept_ms) == (PATH, ["lane@a1"], [grace])
+    assert CarriedLost(path=PATH, peers=(), reason="r").keep_ms == 0, "none unless asked"
 
 
 def test_a_reclaim_that_comes_before_the_owner_saw_the_origin_lost_moves_the_lease() -> None:
@@ -211,37 +209,28 @@ def test_a_reclaim_that_comes_before_the_owner_saw_the_origin_lost_moves_the_lea
     assert c.table.check_write("new", granted.lease, granted.fence) is None
     assert c.table.check_write("far", granted.lease, granted.fence) is not None
     # The owner then sees the old origin lost: nothing of the lease is touched.
-    lost = AbandonForReclaim(lane="agent", path=PATH, reason="member lost", keep_ms=GRACE)
-    read(c, c.call(call("far", lost, 3), NOW + 3))
+    c.abandon_lane(("far", None), "far", "agent", NOW + 3, reason="lost", keep_ms=GRACE)
     holder = c.table.holder
     assert holder is not None and (holder.lane, holder.state) == ("new", "held")
 
 
 def test_a_reclaim_in_flight_when_its_owner_is_lost_is_held_for_it_not_refused() -> None:
     """A restarted member's first relay to an owner that has not registered with it yet
-    fails: the client's reclaim on it (no canonical path yet, so its lane cannot match it
-    to ``FileRestarted``) waits for the owner, as one sent while the owner is lost does."""
+    fails: the first contact of a client's reclaim sent on it waits for the owner, as one
+    sent while the owner is lost does, instead of being refused ``unavailable`` (which
+    revokes the lease)."""
     host, clock = FakeHost(), Clock()
     fed = Federation(host, HERE, 2_000, clock=clock, reclaim_grace_ms=GRACE)
     fed.on_members(Members(version=1, members=[HERE, THERE]), None)
-    ticket = ReclaimTicket(lease="r-1", fence=1, secret=SECRET)
-    request = Acquire(id="rc", lane="agent", path=PATH, purpose="prompt", reclaim=ticket)
-    reclaim_ = LaneCall(
-        lane=LaneRef(uid="u1", name="agent", address="lane1"),
-        path=PATH,
-        canonical=False,
-        request=request,
-    )
-    assert fed.route(reclaim_)
+    assert fed.route_open(OpenChannel(path=PATH, nonce=7, reclaim=True), "lane1")
     clock.now += 2_001
     fed.tick()  # lost before it confirmed anything
-    answered = [m for _, m in host.sent if isinstance(m, FileReply)]
-    assert answered == [] and host.refused == [], "held, not answered unavailable"
+    assert host.refused() == [], "held, not refused"
     clock.now += 3_000
     fed.tick()  # probed again (a new relay) ...
-    acknowledge(fed, host)  # ... which answers: the reclaim goes to it
-    sent = [m.call.request.id for _, m in host.sent if isinstance(m, Forwarded)]
-    assert sent == ["rc", "rc"]
+    acknowledge(fed, host)  # ... which answers: the first contact goes to it again
+    sent = [m.open.nonce for _, m in host.sent if isinstance(m, Forwarded)]
+    assert sent == [7, 7]
 
 
 def test_the_kept_lanes_own_return_drops_the_lease_and_grants_the_next_waiter() -> None:
