@@ -178,9 +178,9 @@ class FileCore:
             case lt.Skip():
                 return [Answer(fx.req, fx.lane, wire.Skipped(path=path))]
             case lt.Reject():
-                self.writes.rejected(fx.req)
+                copies = self.writes.rejected(fx.req)  # a lease-less append delivered again
                 error = Error(code=fx.code, detail=fx.detail, path=path)
-                return [Answer(fx.req, fx.lane, error)]
+                return [Answer(fx.req, fx.lane, error) for _ in range(1 + len(copies))]
             case lt.Released() if self.writes.released_silently(fx.req):
                 return []
             case lt.Released():
