@@ -48,6 +48,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sessionlane.messages.errors import ErrorCode
 from sessionlane.messages.wire import OnContention, Priority, Purpose, RevokeReason
 
 __all__ = [
@@ -159,7 +160,8 @@ class Reject:
 
     req: ReqKey
     lane: Lane
-    code: RejectCode
+    code: RejectCode | ErrorCode
+    """The table's own codes, or a disk error's (a fence reservation that failed)."""
     detail: str
 
 
@@ -573,6 +575,19 @@ class LeaseTable:
         if self.holder is not None:
             effects += self._revoke(self.holder, reason, now)
         return effects
+
+    def reservation_failed(
+        self, grant: Grant, code: ErrorCode, detail: str, now: float
+    ) -> list[Effect]:
+        """The fence reservation before ``grant`` failed (a full disk...): the grant is undone
+        (no holder, the fence counter as before it) and its request answered with the error;
+        the next waiter, if any, is granted in its place (which reserves again)."""
+        holder = self.holder
+        assert holder is not None and holder.lease == grant.lease, "only the grant just made"
+        self.holder = None
+        self.fence = self.fence_ceiling = grant.fence - 1
+        self.counters["grants"] -= 1
+        return [Reject(grant.req, grant.lane, code, detail), *self._promote(now)]
 
     def raise_floor(self, floor: int, now: float) -> list[Effect]:
         """Ownership moved to a sidecar whose fence store says ``floor``: grant above it; a

@@ -40,6 +40,7 @@ channels until a message from the Registry says it is not retired after all.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -359,13 +360,14 @@ class SessionFile(ShellActor):
         """Carry out the table's effects, in order, as the core reads them (a fence
         reservation before its grant: one that fails stops the grant)."""
         started = self.now()
-        for fx in effects:
-            for out in s.core.meaning(fx):
+        work = deque(effects)
+        while work:
+            for out in s.core.meaning(work.popleft()):
                 match out:
                     case Reserve(ceiling=ceiling):
-                        if ceiling > s.fences.ceiling:
-                            s.fence_reservations += 1
-                        s.fences.reserve(ceiling)
+                        self.reserve(s, ceiling)
+                    case TableEffects(effects=more):  # what undoing a grant did
+                        work.extendleft(reversed(more))
                     case Handoff(waited_ms=waited_ms):
                         self.metrics.observe("grant_wait", waited_ms)
                         self.metrics.observe("handoff", self.now() - started)
@@ -380,10 +382,17 @@ class SessionFile(ShellActor):
         s.note_holder(self.out.name, self.now())
         self.schedule(s)
 
-    def write(self, s: Serving, effects: list[WriteEffect]) -> None:
-        """A write was accepted (or answered): perform its effects, then the write queue."""
-        self.perform_writes(s, effects)
-        self.drain_writes(s)
+    def reserve(self, s: Serving, ceiling: int) -> None:
+        """Make the fences up to ``ceiling`` durable; a failure undoes the grant after it."""
+        grows = ceiling > s.fences.ceiling
+        try:
+            s.fences.reserve(ceiling)
+        except Exception as exc:
+            log.warning("fence reservation of %s failed: %s", self.path, exc)
+            s.core.reservation_failed(exc, self.now())
+            return
+        if grows:
+            s.fence_reservations += 1
 
     def perform_writes(self, s: Serving, effects: Sequence[WriteEffect | DrainWrites]) -> None:
         """Carry out the write path's effects, in order."""

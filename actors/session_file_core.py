@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sessionlane.actors import lease_table as lt
+from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
+from sessionlane.actors.disk_errors import disk_error_code
 from sessionlane.actors.lease_table import LeaseTable
 from sessionlane.actors.reclaim import ReclaimBook
 from sessionlane.actors.session_file_writes import (
@@ -38,6 +40,7 @@ from sessionlane.actors.session_file_writes import (
     call_key,
 )
 from sessionlane.messages import wire
+from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import FileReply, LaneCall
 from sessionlane.messages.wire import (
     Abandon,
@@ -96,7 +99,7 @@ class DrainWrites:
     """Perform the write queue (its first write may need the legacy lock)."""
 
 
-CoreEffect = Reserve | Answer | Event | Handoff | Warn | DrainWrites
+CoreEffect = Reserve | Answer | Event | Handoff | Warn | DrainWrites | TableEffects
 
 
 class FileCore:
@@ -120,6 +123,21 @@ class FileCore:
         self.reclaim_until_ms = reclaim_until_ms
         """Until then (the service's restart grace), an acquire keeps the wait it reports."""
         self.new_secret = new_secret
+        self.unreserved: tuple[ErrorCode, str, float] | None = None
+        """A fence reservation failed (``reservation_failed``): the grant after it is undone."""
+
+    def reservation_failed(self, exc: Exception, now: float) -> None:
+        """The shell could not perform a ``Reserve``: the grant that follows it (the next
+        table effect read) is undone and its request answered with this error instead."""
+        code: ErrorCode
+        if isinstance(exc, SessionLaneError):  # the fence sidecar became a symlink...
+            code = exc.code
+        elif is_fd_exhaustion(exc):
+            code = "too_many_files"
+        else:
+            code = disk_error_code(exc) or "internal"
+        detail = f"the fence reservation failed: {failure_detail(exc)}; nothing was granted"
+        self.unreserved = (code, detail, now)
 
     def call(self, call: LaneCall, now: float) -> list[WriteEffect | DrainWrites]:
         """What ``call`` does: the table's effects (``TableEffects``) or the write path's."""
@@ -159,6 +177,11 @@ class FileCore:
         match fx:
             case lt.ReserveFences(ceiling=ceiling):
                 return [Reserve(ceiling)]
+            case lt.Grant() if self.unreserved is not None:
+                # the reservation before this grant failed: undo it, answer with the error
+                code, detail, now = self.unreserved
+                self.unreserved = None
+                return [TableEffects(self.table.reservation_failed(fx, code, detail, now))]
             case lt.Grant() if self.writes.is_pending(fx.req):
                 self.writes.granted(fx.req, fx.lease, fx.fence)
                 return [*self.handoff(fx), DrainWrites()]
