@@ -135,10 +135,18 @@ class GroupCommit:
     every message that leaves something held is followed by a commit.
     """
 
-    def __init__(self, path: str, sync: TranscriptSync, *, watch: bool) -> None:
+    def __init__(
+        self,
+        path: str,
+        sync: TranscriptSync | None,
+        *,
+        watch: bool,
+        policy: CommitPolicy | None = None,
+    ) -> None:
         self.path = path
         self.sync = sync
-        self.policy = sync.policy
+        """Where ``commit`` takes the last sync failure from when it is not given one."""
+        self.policy = policy or (sync.policy if sync is not None else CommitPolicy())
         self.outbox = Outbox()
         self.phase: Literal["idle", "pass", "wait"] = "idle"
         self.wakeup: float | None = None  # the earliest pending CommitDue
@@ -202,12 +210,14 @@ class GroupCommit:
         self.wakeup = due
         return due
 
-    def commit(self) -> Committed:
-        """Release every held message; acks the failed sync before it covered become errors.
+    def commit(self, failure: SyncFailure | None = None) -> Committed:
+        """Release every held message; acks the failed sync before it covered (``failure``)
+        become errors.
 
-        The shell syncs first (``FileDisk.sync_now``)."""
+        The shell syncs first (``FileDisk.sync_now``) and hands over its failure."""
         held = self.outbox.take_all()
-        failure = self.sync.take_error()
+        if failure is None and self.sync is not None:
+            failure = self.sync.take_error()
         done = Committed()
         if held:
             self.commits += 1
