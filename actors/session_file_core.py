@@ -407,14 +407,21 @@ class FileCore:
     # The outbox ----------------------------------------------------------------------------
 
     def reply(self, call: LaneCall, message: ReplyMessage, *, needs_sync: bool = False) -> None:
-        """Answer ``call``; ``needs_sync``: only once an fdatasync covers the append it acks."""
+        """Answer ``call``; ``needs_sync``: only once an fdatasync covers the append it acks.
+
+        The first answer of an append delivered again while that answer is still held waits
+        for the same sync (a failed one turns both into its error)."""
         lane = call.lane.uid
+        key = None
+        if needs_sync or (self.commit.outbox.acks and isinstance(message, Appended)):
+            key = call_key(call)
+            needs_sync = needs_sync or key in self.commit.outbox.acks
         out = Outgoing(
             lane=lane,
             address=call.lane.address,
             message=FileReply(path=self.path, message=message, lane=lane),
             needs_sync=needs_sync,
-            key=call_key(call) if needs_sync else None,
+            key=key if needs_sync else None,
         )
         if self.commit.hold(out):
             self.work.appendleft(Deliver(out.address, out.message))

@@ -11,7 +11,9 @@ What is asserted, against a simple model of the requests and of the lease:
 - bytes go out (``WriteOut``) only under the holder's current lease and fence, and a rewrite
   only after a ``Sync`` whenever an fsync append is not synced yet;
 - an append whose reply was ``Appended`` is never written again when it is delivered again (it
-  gets its first reply), unless that acknowledgement was forgotten (its sync failed);
+  gets its first reply), unless that acknowledgement was forgotten (its sync failed); a copy
+  delivered while the first still waits (queued behind a legacy writer, or for its short write
+  lease) is answered with the first's reply;
 - an fsync ``Appended`` waits for a sync (``needs_sync``) and follows its ``Wrote``;
 - with the legacy lock busy nothing is written; a drain that took it ends with ``Sync``,
   ``ReleaseLegacyLock``, ``Commit``; an unusable lock answers every queued write with its error;
