@@ -183,8 +183,8 @@ class SessionFile(ShellActor):
     def watch(self, s: Serving, pass_end: bool) -> ThespianWatch | None:
         """The fds thespian should watch until the next message: channels, pass end."""
         fds = s.channels.fds()
-        if pass_end and s.commit.ready_fd is not None:
-            fds.append(s.commit.ready_fd)
+        if pass_end and s.ready_fd is not None:
+            fds.append(s.ready_fd)
         return ThespianWatch(fds) if fds else None
 
     # Lifecycle -----------------------------------------------------------------------------
@@ -434,7 +434,7 @@ class SessionFile(ShellActor):
                 self.on_channel_call(s, event)
             else:
                 self.on_channel_closed(s, event)
-        ready_fd = s.commit.ready_fd
+        ready_fd = s.ready_fd
         if ready_fd is not None and ready_fd in msg.ready:
             s.core.pass_ended(self.now())
             self.run(s)

@@ -27,9 +27,7 @@ zero wakeup runs before the next ``select``; both batch nothing. Bases without w
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -150,13 +148,9 @@ class GroupCommit:
         self.outbox = Outbox()
         self.phase: Literal["idle", "pass", "wait"] = "idle"
         self.wakeup: float | None = None  # the earliest pending CommitDue
-        self.ready_fd: int | None = _always_readable_fd() if watch else None
+        self.watch = watch
+        """The shell watches an always-readable fd for the end of each pass (``ready_fd``)."""
         self.commits = 0
-
-    def close(self) -> None:
-        if self.ready_fd is not None:
-            os.close(self.ready_fd)
-            self.ready_fd = None
 
     def hold(self, out: Outgoing) -> bool:
         """Hold ``out`` until the next commit if it must wait; True: send it now."""
@@ -171,7 +165,7 @@ class GroupCommit:
         if not self.outbox:
             self.phase = "idle"
             return False
-        if self.ready_fd is None:
+        if not self.watch:
             return None
         if self.phase == "wait":
             if not self.policy.grew():
@@ -235,15 +229,3 @@ class GroupCommit:
 
     def idle(self) -> bool:
         return not self.outbox
-
-
-def _always_readable_fd() -> int:
-    """The read end of a pipe holding one byte that nobody reads: ``select`` always returns it."""
-    read_end, write_end = os.pipe()
-    try:
-        os.write(write_end, b"!")
-    finally:
-        os.close(write_end)
-    with contextlib.suppress(OSError):
-        os.set_blocking(read_end, False)
-    return read_end

@@ -16,7 +16,9 @@ lock, another service must not open, quarantine or fence the file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,9 +132,10 @@ class Serving:
         )
         commit_policy = CommitPolicy()
         self.sync = TranscriptSync(msg.path, commit_policy, metrics)
-        self.commit = GroupCommit(
-            msg.path, None, watch=switches.watch and switches.group_commit, policy=commit_policy
-        )
+        watch = switches.watch and switches.group_commit
+        self.commit = GroupCommit(msg.path, None, watch=watch, policy=commit_policy)
+        self.ready_fd: int | None = _always_readable_fd() if watch else None
+        """Always readable: watched while acks are held, its ``WatchMessage`` ends the pass."""
         self.disk = FileDisk(msg.path, self.transcript, self.sync, opened.legacy, clock)
         self.writes = WritePath(
             msg.path,
@@ -200,7 +203,9 @@ class Serving:
         self.channels.close()
         self.records.close()
         self.transcript.close()
-        self.commit.close()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
         self.ownership.release()
         self.directory.close()
 
@@ -331,3 +336,15 @@ def _close_after_failure(
     if ownership is not None:
         ownership.release()
     directory.close()
+
+
+def _always_readable_fd() -> int:
+    """The read end of a pipe holding one byte that nobody reads: ``select`` always returns it."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"!")
+    finally:
+        os.close(write_end)
+    with contextlib.suppress(OSError):
+        os.set_blocking(read_end, False)
+    return read_end
