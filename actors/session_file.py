@@ -102,6 +102,9 @@ from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = ["Broken", "SessionFile", "activation_error"]
 
+_SLOW = frozenset({WriteOut, Commit, Sync, Reserve, TakeLegacyLock, WriteRecord})
+"""Effects that wait for the disk: the clock is read again after them."""
+
 log = logging.getLogger(__name__)
 
 
@@ -325,15 +328,22 @@ class SessionFile(ShellActor):
 
     def run(self, s: Serving) -> None:
         """Perform what the core asks, one effect at a time, feeding each outcome back; then
-        the lease record and the next tick (``FileCore.settle``), performed the same way."""
+        the lease record and the next tick (``FileCore.settle``), performed the same way.
+
+        The clock is read once, and again after each effect that waits for the disk."""
         core = s.core
-        started = self.now()
+        if not core.work and not core.unsettled:
+            return
+        now = started = self.now()
         try:
-            while (fx := core.next(self.now())) is not None:
-                self.perform(s, fx, started)
-            core.settle(self.now(), time.time() * 1000)
-            while (fx := core.next(self.now())) is not None:
-                self.perform(s, fx, started)
+            while True:
+                while (fx := core.next(now)) is not None:
+                    self.perform(s, fx, started)
+                    if type(fx) in _SLOW:
+                        now = self.now()
+                if not core.unsettled:
+                    return
+                core.settle(now, time.time() * 1000)
         except BaseException:
             left = core.interrupted()
             if left:

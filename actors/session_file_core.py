@@ -154,6 +154,8 @@ class FileCore:
         self.size = 0
         """The transcript as last written (the shell says so after every ``WriteOut``)."""
         self.work: deque[Any] = deque()
+        self.unsettled = True
+        """Something was pushed since the last ``settle`` (the shell settles after a run)."""
         self.next_tick: float | None = None  # the earliest LeaseTick armed
         self.closes = 0  # keys of the abandons a closed channel causes
         self.unreserved: tuple[ErrorCode, str, float] | None = None
@@ -324,6 +326,7 @@ class FileCore:
     def push(self, effects: list[Any]) -> None:
         """Read ``effects`` next, in order (before what was waiting)."""
         self.work.extendleft(reversed(effects))
+        self.unsettled = True
 
     def next(self, now: float) -> ShellEffect | None:
         """Read the worklist up to the next effect the shell must perform (None: done)."""
@@ -344,13 +347,13 @@ class FileCore:
     def read_table_effects(self, fx: TableEffects, now: float) -> None:
         self.push(fx.effects)
 
-    def read_answer(self, fx: Answer, now: float) -> None:
+    def read_answer(self, fx: Answer, now: float) -> Deliver | None:
         _, rid = fx.req
         message = fx.message.model_copy(update={"id": rid})
-        self.event(fx.lane, FileReply(path=self.path, message=message, lane=fx.lane))
+        return self.event(fx.lane, FileReply(path=self.path, message=message, lane=fx.lane))
 
-    def read_event(self, fx: Event | Notify, now: float) -> None:
-        self.event(fx.lane, fx.message)
+    def read_event(self, fx: Event | Notify, now: float) -> Deliver | None:
+        return self.event(fx.lane, fx.message)
 
     def read_reply(self, fx: Reply, now: float) -> ShellEffect | None:
         self.reply(fx.call, fx.message, needs_sync=fx.needs_sync)
@@ -426,15 +429,14 @@ class FileCore:
         if self.commit.hold(out):
             self.work.appendleft(Deliver(out.address, out.message))
 
-    def event(self, lane: Any, message: FileReply) -> None:
-        """Send ``message`` to the lane ``lane`` (dropped if the lane is unknown)."""
+    def event(self, lane: Any, message: FileReply) -> Deliver | None:
+        """Send ``message`` to the lane ``lane`` (dropped if the lane is unknown): the
+        ``Deliver`` to perform now, or None (held behind an unsynced ack, or dropped)."""
         address = self.lanes.get(lane)
         if address is None:
-            return
-        if self.commit.hold(
-            Outgoing(lane=lane, address=address, message=message, needs_sync=False)
-        ):
-            self.work.appendleft(Deliver(address, message))
+            return None
+        out = Outgoing(lane=lane, address=address, message=message, needs_sync=False)
+        return Deliver(address, message) if self.commit.hold(out) else None
 
     def committed(self, failure: SyncFailure | None = None) -> None:
         """``Commit`` was performed (synced): release what was held. The acks a failed sync
@@ -514,6 +516,7 @@ class FileCore:
     def settle(self, now: float, wall_ms: float) -> None:
         """After the effects of a message: the lease record follows the holder, and a
         ``LeaseTick`` is armed for the table's next deadline unless one as early is."""
+        self.unsettled = False
         record = self.note_holder(now, wall_ms)
         if record is not None:
             self.work.append(WriteRecord(record))

@@ -152,11 +152,12 @@ class FileCoreModel(RuleBasedStateMachine):
 
     def run(self) -> None:
         core = self.core
-        while (fx := core.next(self.now)) is not None:
-            self.perform(fx)
-        core.settle(self.now, 0.0)
-        while (fx := core.next(self.now)) is not None:
-            self.perform(fx)
+        while True:  # as the shell's ``run``
+            while (fx := core.next(self.now)) is not None:
+                self.perform(fx)
+            if not core.unsettled:
+                return
+            core.settle(self.now, 0.0)
 
     def perform(self, fx: Any) -> None:
         match fx:
