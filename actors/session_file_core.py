@@ -42,7 +42,7 @@ from sessionlane.actors.disk_errors import disk_error_code
 from sessionlane.actors.file_channels import ChannelRef
 from sessionlane.actors.group_commit import Outgoing
 from sessionlane.actors.lease_table import LeaseTable
-from sessionlane.actors.reclaim import DoneAppend, HeldRecord, LeaseRecord, ReclaimBook, digest
+from sessionlane.actors.reclaim import LeaseRecord, ReclaimBook
 from sessionlane.actors.session_file_commit import GroupCommit, SyncFailure
 from sessionlane.actors.session_file_disk import LockOutcome, WriteOutcome
 from sessionlane.actors.session_file_effects import (
@@ -559,48 +559,16 @@ class FileCore:
         return self.book.record
 
     def note_holder(self, now: float, wall_ms: float) -> LeaseRecord | None:
-        """The lease record naming the current holder, if it changed.
-
-        Only leases announced to a lane (they have a reclaim secret) are recorded; a stopping
-        file keeps its record, so a restart lets its holder reclaim.
-        """
+        """The lease record naming the current holder, if it changed (a stopping file, or one
+        still awaiting its holder, keeps its record)."""
         t = self.table
         h = t.holder
         if t.closed or (h is not None and h.state == "awaiting"):
             return None
-        recorded = self.book.record.held
-        if h is None and recorded is None:
-            return None  # the common case of a free file: nothing to compare
-        if (
-            h is not None
-            and recorded is not None
-            and (h.lease, tuple(h.purposes)) == (recorded.lease, recorded.purposes)
-            and self.name(h.lane) == recorded.lane
-        ):
-            return None  # the common case of a holder writing: nothing changed
-        held = None
-        if h is not None and (secret := self.book.secret_of(h.lease)) is not None:
-            until = None
-            if h.hold_deadline is not None:
-                until = wall_ms + (h.hold_deadline - now)
-            held = HeldRecord(
-                lease=h.lease,
-                fence=h.fence,
-                lane=self.name(h.lane),
-                purposes=tuple(h.purposes),
-                priority=h.priority,
-                secret_digest=digest(secret),
-                hold_until_ms=until,
-            )
-        return self.book.held(held, self.ino, self.size)
+        lane = "" if h is None else self.name(h.lane)
+        return self.book.holder_now(h, lane, self.ino, self.size, now, wall_ms)
 
     def note_write(self, request: Any, reply: Appended | Rewritten) -> WriteRecord | None:
         """A write was answered: the holder's record learns the new size (and the append id)."""
-        held = self.book.record.held
-        lease = getattr(request, "lease", None)
-        if held is None or lease != held.lease:
-            return None
-        done = None
-        if isinstance(request, Append) and isinstance(reply, Appended) and request.aid:
-            done = DoneAppend(request.aid, reply.offset, reply.lines, reply.fence)
-        return WriteRecord(self.book.appended(held.lease, done, self.ino, self.size))
+        record = self.book.wrote(request, reply, self.ino, self.size)
+        return None if record is None else WriteRecord(record)
