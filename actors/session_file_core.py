@@ -111,6 +111,8 @@ class Resent:
     message: ReplyMessage
 
 
+_WRITE_NEXT = WriteNext()
+
 _TABLE_EFFECTS = (
     lt.Grant,
     lt.Queue,
@@ -341,11 +343,21 @@ class FileCore:
                 return out
         return None
 
-    def read_table_effect(self, fx: Any, now: float) -> None:
-        self.push(self.meaning(fx))
+    def read_table_effect(self, fx: Any, now: float) -> ShellEffect | None:
+        return self.read_next(self.meaning(fx), now)
 
-    def read_table_effects(self, fx: TableEffects, now: float) -> None:
-        self.push(fx.effects)
+    def read_table_effects(self, fx: TableEffects, now: float) -> ShellEffect | None:
+        return self.read_next(fx.effects, now)
+
+    def read_next(self, effects: list[Any], now: float) -> ShellEffect | None:
+        """Read ``effects`` next: the one effect of most lists at once, else through the
+        worklist."""
+        if len(effects) != 1:
+            self.push(effects)
+            return None
+        fx = effects[0]
+        reader = self.read.get(type(fx))
+        return fx if reader is None else reader(fx, now)
 
     def read_answer(self, fx: Answer, now: float) -> Deliver | None:
         _, rid = fx.req
@@ -374,15 +386,17 @@ class FileCore:
         lease = self.writes.lock_for()
         if lease is not None:
             return TakeLegacyLock(lease)
-        self.locked(True, now)
-        return None
+        if self.writes.begin_drain(now) is not None:  # no lock to take: it always drains
+            raise AssertionError("a drain without the legacy lock was refused")
+        return self.read_write_next(_WRITE_NEXT, now)
 
-    def read_write_next(self, fx: WriteNext, now: float) -> None:
+    def read_write_next(self, fx: WriteNext, now: float) -> ShellEffect | None:
+        """The drain's next write (its consequences are read before the one after it)."""
         effects = self.writes.next_write(now)
         if effects is None:
-            self.push(self.writes.end_drain())
-        else:
-            self.push([*effects, WriteNext()])
+            return self.read_next(self.writes.end_drain(), now)
+        self.work.appendleft(_WRITE_NEXT)
+        return self.read_next(effects, now)
 
     # Outcomes ------------------------------------------------------------------------------
 
@@ -390,7 +404,7 @@ class FileCore:
         """The outcome of ``TakeLegacyLock`` (or no lock needed): drain, or retry later."""
         not_now = self.writes.begin_drain(now, lock)
         if not_now is None:
-            self.push([WriteNext()])
+            self.push([_WRITE_NEXT])
             return
         effects: list[Any] = list(not_now)
         if (delay := self.writes.retry_after()) is not None:
