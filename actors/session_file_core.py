@@ -157,7 +157,7 @@ class FileCore:
         """The transcript as last written (the shell says so after every ``WriteOut``)."""
         self.work: deque[Any] = deque()
         self.unsettled = True
-        """Something was pushed since the last ``settle`` (the shell settles after a run)."""
+        """A table effect was read since the last ``settle`` (the shell settles after a run)."""
         self.next_tick: float | None = None  # the earliest LeaseTick armed
         self.closes = 0  # keys of the abandons a closed channel causes
         self.unreserved: tuple[ErrorCode, str, float] | None = None
@@ -328,7 +328,6 @@ class FileCore:
     def push(self, effects: list[Any]) -> None:
         """Read ``effects`` next, in order (before what was waiting)."""
         self.work.extendleft(reversed(effects))
-        self.unsettled = True
 
     def next(self, now: float) -> ShellEffect | None:
         """Read the worklist up to the next effect the shell must perform (None: done)."""
@@ -344,9 +343,11 @@ class FileCore:
         return None
 
     def read_table_effect(self, fx: Any, now: float) -> ShellEffect | None:
+        self.unsettled = True  # the holder or a deadline may have changed
         return self.read_next(self.meaning(fx), now)
 
     def read_table_effects(self, fx: TableEffects, now: float) -> ShellEffect | None:
+        self.unsettled = True
         return self.read_next(fx.effects, now)
 
     def read_next(self, effects: list[Any], now: float) -> ShellEffect | None:
@@ -519,7 +520,9 @@ class FileCore:
             self.next_tick = None
 
     def tick(self, now: float) -> None:
+        """Apply the table's due deadlines; the next one is armed again even if none was."""
         self.push(self.table.tick(now))
+        self.unsettled = True
 
     def retry_due(self) -> None:
         """The legacy lock's retry fired: drain again (once ownership is checked)."""

@@ -141,6 +141,7 @@ class FileCoreModel(RuleBasedStateMachine):
         self.legacy_held = False
         self.draws: dict[str, list[Any]] = {"write": [], "reserve": [], "lock": [], "sync": []}
         self.armed_commit: float | None = None
+        self.armed_tick: float | None = None  # the earliest LeaseTick armed
         self.durable = 0  # the highest fence a successful reservation made durable
         self.record_holder: Any = None
 
@@ -212,7 +213,10 @@ class FileCoreModel(RuleBasedStateMachine):
                 self.record_holder = None if record.held is None else record.held.lease
             case ArmCommit(due=due):
                 self.armed_commit = due
-            case ArmTick() | ArmRetry() | Handoff() | Warn():
+            case ArmTick(due=due):
+                assert due == self.core.next_tick
+                self.armed_tick = due
+            case ArmRetry() | Handoff() | Warn():
                 pass
             case _:
                 raise AssertionError(f"the shell got an effect it cannot perform: {fx!r}")
@@ -388,10 +392,13 @@ class FileCoreModel(RuleBasedStateMachine):
 
     @rule(ms=st.integers(1, 400))
     def tick(self, ms: int) -> None:
+        """Time passes; the ``LeaseTick`` armed last fires if it is due (as the actor's)."""
         self.now += ms
-        due = self.table.next_deadline()
-        if due is not None and due <= self.now:
-            self.core.tick_due(due)
+        due = self.armed_tick
+        if due is None or due > self.now:
+            return
+        self.armed_tick = None
+        self.core.tick_due(due)
         self.core.tick(self.now)
         self.run()
         self.end_message()
@@ -445,6 +452,12 @@ class FileCoreModel(RuleBasedStateMachine):
         holder = self.table.holder
         assert holder is None or holder.fence <= self.durable
         assert self.table.fence <= self.durable
+
+    @invariant()
+    def the_next_deadline_is_armed(self) -> None:
+        due = self.table.next_deadline()
+        if due is not None:
+            assert self.armed_tick is not None and self.armed_tick <= due
 
     @invariant()
     def the_record_names_the_holder(self) -> None:
