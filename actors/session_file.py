@@ -2,12 +2,14 @@
 
 A thin shell around an I/O-free core. ``FileCore`` (``sessionlane.actors.session_file_core``)
 decides everything about the file and speaks only in effects
-(``sessionlane.actors.session_file_effects``); this module performs them, one at a time, in
-one worklist loop (``run``), and feeds each outcome back: ``Deliver`` (to a Lane actor, or a
-reply frame on a channel), the disk's ``WriteOut``, ``Sync``, ``Commit`` (sync, then release
-what group commit held), ``TakeLegacyLock``/``ReleaseLegacyLock``, a fence ``Reserve``, the
-lease record's ``WriteRecord``, the timers ``ArmTick``, ``ArmRetry``, ``ArmCommit``, and
-``Handoff``/``Warn`` for the metrics and the log. Writes are checked against the current lease
+(``sessionlane.actors.session_file_effects``); this module turns channel calls
+(``on_channel_events``, from a socket or carried in a message) into calls on the core,
+performs its effects one at a time in one worklist loop (``run``), and feeds each outcome
+back: ``Deliver`` (to a Lane actor, or a reply frame on a channel), the disk's ``WriteOut``,
+``Sync``, ``Commit`` (sync, then release what group commit held),
+``TakeLegacyLock``/``ReleaseLegacyLock``, a fence ``Reserve``, the lease record's
+``WriteRecord``, the timers ``ArmTick``, ``ArmRetry``, ``ArmCommit``, and ``Handoff``/``Warn``
+for the metrics and the log. Writes are checked against the current lease
 and fence when they are performed; a write that fails the check changes nothing.
 
 Its state is one of two (``sessionlane.actors.session_file_serving``): ``Serving``, built complete
@@ -23,7 +25,8 @@ from the ``FileInit`` (the open file, the core, and the performers working on th
   fdatasync, the legacy lock) and reports their outcomes; ``TranscriptSync``
   (``sessionlane.actors.session_file_commit``) keeps what is not synced yet;
 * the fence store, the lease record file, the ownership lock, and ``FileChannels``
-  (``sessionlane.actors.session_file_channels``): the gateway's direct channels.
+  (``sessionlane.actors.session_file_channels``): the direct channels of the gateway and the
+  Lane actors, on a socket or carried in thespian messages.
 
 This module is the shell: the handler table, lifecycle, the worklist loop, timers (typed:
 ``sessionlane.actors.timers``), passivation and status. It holds the one clock, ``now()``
@@ -52,7 +55,12 @@ from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, Watc
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import named_disk_error
-from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed, ChannelRef
+from sessionlane.actors.file_channels import (
+    ChannelCallEvent,
+    ChannelClosed,
+    ChannelEvent,
+    ChannelRef,
+)
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.ownership import OwnedElsewhere
 from sessionlane.actors.passivation import Passivation
@@ -84,6 +92,7 @@ from sessionlane.actors.session_file_writes import (
     WriteOut,
 )
 from sessionlane.actors.timers import ChannelFlush, CommitDue, IdleCheck, LeaseTick, LegacyRetry
+from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import (
     ActivationFailed,
@@ -116,8 +125,8 @@ class SessionFile(ShellActor):
     group_commit: ClassVar[bool] = True
     """Benchmarks set this to False (before the actor system forks) to sync every append."""
     channels: ClassVar[bool] = True
-    """Benchmarks set this to False (before the actor system forks) to measure the actor route:
-    every ``OpenChannel`` is then answered without an address."""
+    """Set to False (before the actor system forks) to offer no socket: every ``OpenChannel``
+    is then answered with a carried channel (the frames in thespian messages)."""
 
     def __init__(self, capabilities: dict[str, Any] | None = None, *args: Any, **kwargs: Any):
         # thespian passes ``capabilities`` by name only to a positional-or-keyword parameter.
@@ -134,8 +143,9 @@ class SessionFile(ShellActor):
     def handlers(self) -> dict[type, Handler]:
         return {
             FileInit: self.on_init,
-            LaneCall: self.on_call,
             OpenChannel: self.on_open_channel,
+            CarriedCalls: self.on_carried,
+            CarriedLost: self.on_carried_lost,
             FileStatusQuery: self.on_status,
             WakeupMessage: self.on_wakeup,
             WatchMessage: self.on_watch,
@@ -176,6 +186,7 @@ class SessionFile(ShellActor):
                 log.exception("group commit of %s failed", self.path)
                 pass_end = False
             closed, arm = s.channels.flush()
+            self.send_carried(s)
             if arm:
                 self.wakeupAfter(FLUSH_RETRY_S, payload=ChannelFlush())
             if not closed:
@@ -227,6 +238,7 @@ class SessionFile(ShellActor):
         self.run(s)
         self.state = Broken("unavailable", "the file's actor is exiting")
         s.close()
+        self.send_carried(s)
 
     def on_drain(self, msg: Drain, sender: Any) -> None:
         s = self.state
@@ -243,10 +255,6 @@ class SessionFile(ShellActor):
         self.send(sender, Drained(files=1))
 
     # Calls ---------------------------------------------------------------------------------
-
-    def on_call(self, call: LaneCall, sender: Any) -> None:
-        self.from_registry()
-        self.serve(call)
 
     def from_registry(self, *, activity: bool = True) -> None:
         """Count a message the Registry forwarded; ``activity=False``: a status query."""
@@ -323,6 +331,7 @@ class SessionFile(ShellActor):
         s.channels.flush()  # the revocations go out before the channels close
         self.state = broken
         s.close()
+        self.send_carried(s)
 
     # Effects -------------------------------------------------------------------------------
 
@@ -426,28 +435,58 @@ class SessionFile(ShellActor):
         reply_to = msg.reply_to if msg.reply_to is not None else sender
         s = self.state
         if isinstance(s, Serving):
-            offer = s.channels.offer(msg)
+            offer = s.channels.offer(msg, self.myAddress)
         else:
-            code = None if s is NOT_STARTED else s.code
-            offer = refused_offer(msg, self.path or None, s.detail, code)
+            offer = refused_offer(msg, self.path or None, s.detail, s.code)
         self.send(reply_to, offer)
+
+    def on_carried(self, msg: CarriedCalls, sender: Any) -> None:
+        """Channel frames carried by a message: handled exactly as a socket's."""
+        s = self.state
+        if not isinstance(s, Serving):
+            if not msg.closing:
+                why = f"the file is not serving: {s.detail}"
+                self.send(sender, CarriedReplies(msg.path, self.incarnation, b"", closed=why))
+            return
+        self.on_channel_events(s, s.channels.on_carried(msg, sender))
+
+    def on_carried_lost(self, msg: CarriedLost, sender: Any) -> None:
+        """From the Registry: these peers' member is lost; what their lanes held is let go."""
+        self.from_registry()
+        s = self.state
+        if not isinstance(s, Serving):
+            return
+        for ref in s.channels.on_carried_lost(msg):
+            self.on_channel_closed(s, ChannelClosed(ref), msg.reason, tell=True)
+
+    def send_carried(self, s: Serving) -> None:
+        for address, message in s.channels.take_carried():
+            self.send(address, message)
 
     def on_watch(self, msg: WatchMessage, sender: Any) -> None:
         """Channel sockets first (their calls join this pass), then the end of the pass."""
         s = self.state
         if not isinstance(s, Serving):
             return
-        for event in s.channels.on_ready(msg.ready):
+        self.on_channel_events(s, s.channels.on_ready(msg.ready))
+        if self.state is not s:
+            return
+        ready_fd = s.ready_fd
+        if ready_fd is not None and ready_fd in msg.ready:
+            s.core.pass_ended(self.now())
+            self.run(s)
+
+    def on_channel_events(
+        self, s: Serving, events: list[ChannelEvent], why: str = "the gateway's channel closed"
+    ) -> None:
+        """Calls and closes from a channel, whichever carried them; ``why``: a close's reason."""
+        for event in events:
             if self.state is not s:  # the file was lost to another owner: its channels closed
                 return
             if isinstance(event, ChannelCallEvent):
                 self.on_channel_call(s, event)
             else:
-                self.on_channel_closed(s, event)
-        ready_fd = s.ready_fd
-        if ready_fd is not None and ready_fd in msg.ready:
-            s.core.pass_ended(self.now())
-            self.run(s)
+                self.on_channel_closed(s, event, why)
 
     def on_channel_call(self, s: Serving, event: ChannelCallEvent) -> None:
         """A call on a channel: served like a ``LaneCall`` but not counted in ``received``."""
@@ -463,13 +502,26 @@ class SessionFile(ShellActor):
             except Exception:
                 log.exception("answering the failed channel call to %s failed", self.path)
 
-    def on_channel_closed(self, s: Serving, event: ChannelClosed) -> None:
-        """Abandon every lane that was reached through the closed channel, and forget it."""
-        try:
-            s.core.push(s.core.channel_closed(event.conn, self.now()))
-            self.run(s)
-        except Exception:
-            log.exception("abandoning the lanes of a closed channel of %s failed", self.path)
+    def on_channel_closed(
+        self,
+        s: Serving,
+        event: ChannelClosed,
+        reason: str = "the gateway's channel closed",
+        *,
+        tell: bool = False,
+    ) -> None:
+        """Abandon every lane that was reached through the closed channel, and forget it.
+
+        ``tell``: the channel's last output still goes (a lost member's carried channel), so
+        the abandon is an event (no id), which its lane reports as ``revoked``, ``member_lost``.
+        """
+        for uid in s.core.through(event.conn):
+            try:
+                s.core.abandon(uid, self.now(), reason, tell=tell)
+                self.run(s)
+            except Exception:
+                log.exception("abandoning lane %s of %s failed", uid, self.path)
+            s.core.forget(uid)
 
     # Timers --------------------------------------------------------------------------------
 

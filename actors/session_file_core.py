@@ -241,19 +241,24 @@ class FileCore:
         self.writes.counters["duplicates"] += 1
         return wire.Appended(id=req.id, offset=done.offset, lines=done.lines, fence=done.fence)
 
-    def channel_closed(self, conn: ChannelRef, now: float) -> list[Any]:
-        """Every lane reached through the closed channel ``conn`` is abandoned and forgotten."""
-        effects: list[Any] = []
-        through = [u for u, a in self.lanes.items() if isinstance(a, ChannelRef) and a == conn]
-        for uid in through:
+    def through(self, conn: ChannelRef) -> list[Any]:
+        """The lanes reached through the channel ``conn``."""
+        return [u for u, a in self.lanes.items() if isinstance(a, ChannelRef) and a == conn]
+
+    def abandon(self, uid: Any, now: float, reason: str, *, tell: bool = False) -> None:
+        """The lane ``uid`` is gone with its channel: its lease and requests are dropped.
+        ``tell``: its lane still hears of it (the abandon answered as an event, no id)."""
+        if tell:
+            key: Any = (uid, None)
+        else:
             self.closes += 1
-            reason = "the gateway's channel closed"
-            effects.append(
-                TableEffects(self.table.abandon(("closed", self.closes), uid, now, reason=reason))
-            )
-            del self.lanes[uid]
-            self.names.pop(uid, None)
-        return effects
+            key = ("closed", self.closes)
+        self.push([TableEffects(self.table.abandon(key, uid, now, reason=reason))])
+
+    def forget(self, uid: Any) -> None:
+        """The lane ``uid`` is unreachable: nothing more goes to it."""
+        self.lanes.pop(uid, None)
+        self.names.pop(uid, None)
 
     # The lease table's effects -------------------------------------------------------------
 

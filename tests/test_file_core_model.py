@@ -142,6 +142,7 @@ class FileCoreModel(RuleBasedStateMachine):
         self.draws: dict[str, list[Any]] = {"write": [], "reserve": [], "lock": [], "sync": []}
         self.armed_commit: float | None = None
         self.armed_tick: float | None = None  # the earliest LeaseTick armed
+        self.closing = False  # lane b's channel is closing
         self.durable = 0  # the highest fence a successful reservation made durable
         self.record_holder: Any = None
 
@@ -223,6 +224,8 @@ class FileCoreModel(RuleBasedStateMachine):
 
     def delivered(self, address: Any, lane: Any, message: Any) -> None:
         assert address == (CHANNEL if lane == "b" else f"lane:{lane}")
+        if self.closing and address == CHANNEL:
+            return
         if not isinstance(message, FINAL):
             assert isinstance(message, Queued) or message.type in (
                 "revoked",
@@ -427,8 +430,12 @@ class FileCoreModel(RuleBasedStateMachine):
         for key, n in self.deliveries.items():
             if key[0] == "b" and self.finals[key] < n:
                 self.cut_off.add(key)
-        self.core.push(self.core.channel_closed(CHANNEL, self.now))
-        self.run()
+        self.closing = True  # what goes to the closed channel now is dropped
+        for uid in self.core.through(CHANNEL):  # as the shell's ``on_channel_closed``
+            self.core.abandon(uid, self.now, "the gateway's channel closed")
+            self.run()
+            self.core.forget(uid)
+        self.closing = False
         self.leases.pop("b", None)
         self.end_message()
 

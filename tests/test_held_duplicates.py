@@ -19,7 +19,8 @@ import pytest
 from test_durability import Clock, Shell  # the hand-driven SessionFile harness
 
 from sessionlane.actors import session_file
-from sessionlane.messages.internal import LaneCall, LaneRef
+from sessionlane.messages.carried import CarriedCalls
+from sessionlane.messages.channel import call_frame, hello_frame
 from sessionlane.messages.wire import Append, Appended, Error
 
 
@@ -35,17 +36,12 @@ def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shell]:
 
 
 def twice_in_one_pass(shell: Shell) -> None:
-    """Lane ``w`` appends (fsync, no lease), and the same call arrives again before the pass
-    ends (a client resending on a new connection, say)."""
-    ref = LaneRef(uid="w", name="w", address="lane:w")
-    call = LaneCall(
-        lane=ref,
-        path=shell.path,
-        canonical=True,
-        request=Append(id=7, lane="w", path=shell.path, records=[{"n": 1}]),
-    )
-    shell.deliver(call)
-    shell.deliver(call)
+    """Lane ``w`` appends (fsync, no lease), and the same call arrives again in the same
+    message, so before the pass ends (a client resending on a new connection, say)."""
+    request = Append(id=7, lane="w", path=shell.path, records=[{"n": 1}])
+    frame = call_frame("w", "w", "interactive", request)
+    token = shell.serving.channels.carried.token
+    shell.deliver(CarriedCalls(shell.path, hello_frame(token) + frame + frame), sender="lane:w")
 
 
 def answers(shell: Shell) -> list[Any]:
