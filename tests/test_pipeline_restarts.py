@@ -1,0 +1,109 @@
+"""Pipelined appends across a crash of the service (``docs/restarts.md``), on both surfaces.
+
+The service's actor system is stopped (SIGSTOP) while a pipeline is in flight, so the client
+has sent its window and heard nothing; then it is SIGKILLed and a new service started on the
+same address and root. The client reclaims the lease and sends the unanswered appends again,
+in order, one at a time: each is written once, in order. On the raw wire, the restarted
+service goes on with a pipeline from the holder's last append in the lease record, answers a
+resent append as it was, and refuses one that does not follow the last one written.
+"""
+
+# ruff: noqa: F811  (the fixtures of client_surfaces are imported, then named as arguments)
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from client_surfaces import (  # noqa: F401 (fixtures)
+    CLIENT_KEEPALIVE,
+    Surface,
+    client,
+    eventually,
+    lines,
+    pool,
+)
+from test_gateway import RawConn
+from test_restarts import RECONNECT_FOR, Restarts, crash, restarts  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.tcp, pytest.mark.timeout(180)]
+
+
+def pending_requests(client: Surface, sl: Any) -> int:
+    core = sl.core if client.name == "sync" else sl.target.core
+    return 0 if core.link is None else len(core.link.pending)
+
+
+def test_a_pipeline_cut_by_a_crash_is_resent_in_order_and_written_once(
+    client: Surface, restarts: Restarts, pool: ThreadPoolExecutor
+) -> None:
+    path = str(restarts.root / "piped.jsonl")
+    first = restarts.start()
+    sl = client.connect(first.address, keepalive=CLIENT_KEEPALIVE, reconnect_for=RECONNECT_FOR)
+    try:
+        lease = sl.lane("agent").acquire(path, purpose="prompt")
+        assert lease is not None
+        lease.append_pipelined([{"n": n} for n in range(5)], window=4)
+        running = first.running
+        assert running is not None
+        os.killpg(running.system.pgid, signal.SIGSTOP)  # hears the window, answers nothing
+        piped = pool.submit(lease.append_pipelined, [{"n": n} for n in range(5, 40)], window=8)
+        eventually(lambda: pending_requests(client, sl) == 8 or None, "a window in flight")
+        crash(first)  # SIGKILL reaches stopped processes too
+        restarts.start()
+        results = piped.result(timeout=120)
+        assert len(results) == 35 and lease.revoked is None
+        assert [r.offset for r in results] == sorted({r.offset for r in results})
+        lease.release()
+    finally:
+        sl.close()
+    assert [r["n"] for r in lines(path)] == list(range(40))
+
+
+def test_the_restarted_service_goes_on_with_a_pipeline_from_the_lease_record(
+    restarts: Restarts,
+) -> None:
+    path = str(restarts.root / "record.jsonl")
+    first = restarts.start()
+    held = RawConn(first.address)  # kept open: closing it would abandon the lease
+    held.hello()
+    granted = held.request({"type": "acquire", "lane": "agent", "path": path} | PROMPT)
+    assert granted["type"] == "granted", granted
+    base = {"type": "append", "lease": granted["lease"], "fence": granted["fence"]}
+    # A pipeline of two, written before the crash (their aids go to the lease record).
+    for n, (aid, after) in enumerate([("aid-0000-a", None), ("aid-0001-b", "aid-0000-a")]):
+        piped = held.request(base | {"records": [{"n": n}], "aid": aid, "after": after})
+        assert piped["type"] == "appended", piped
+    crash(first)
+    held.close()
+    second = restarts.start()
+    raw = RawConn(second.address)
+    try:
+        raw.hello()
+        ticket = {k: granted[k] for k in ("lease", "fence", "secret")}
+        got = raw.request(
+            {"type": "acquire", "lane": "agent", "path": path, "reclaim": ticket} | PROMPT
+        )
+        assert got["type"] == "granted", got
+        resent = raw.request(
+            base | {"records": [{"n": 1}], "aid": "aid-0001-b", "after": "aid-0000-a"}
+        )
+        assert resent["type"] == "appended", resent  # answered as it was, not written again
+        assert resent["offset"] == piped["offset"]
+        stray = raw.request(
+            base | {"records": [{"n": "x"}], "aid": "aid-stray", "after": "aid-0000-a"}
+        )
+        assert stray["type"] == "error" and stray["code"] == "pipeline_broken", stray
+        going_on = raw.request(
+            base | {"records": [{"n": 2}], "aid": "aid-0002-c", "after": "aid-0001-b"}
+        )
+        assert going_on["type"] == "appended", going_on
+    finally:
+        raw.close()
+    assert lines(path) == [{"n": 0}, {"n": 1}, {"n": 2}]
+
+
+PROMPT = {"purpose": "prompt"}
