@@ -37,6 +37,7 @@ export {
   LeaseTimeout,
   NotHolder,
   PathNotAllowed,
+  PipelineBroken,
   QueueFull,
   ReadOnly,
   SessionLaneError,
@@ -49,6 +50,7 @@ export {
   UnknownOutcome,
   errorFor,
   type ErrorCode,
+  type PipelinedResult,
   type SessionLaneErrorOptions,
 } from './errors.js';
 export {
@@ -60,6 +62,7 @@ export {
   type LeaseEvents,
   type LeaseLossReason,
   type LeaseOptions,
+  type PipelineOptions,
   type RequestOptions,
   type RevokedEvent,
 } from './lease.js';

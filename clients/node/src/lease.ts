@@ -12,11 +12,15 @@ import { randomBytes } from 'node:crypto';
 import { anchor } from './address.js';
 import {
   AbortRequestedError,
+  DiskError,
   LeaseRevoked,
   NotHolder,
+  PipelineBroken,
   SessionLaneError,
   StaleFence,
   Unavailable,
+  UnknownOutcome,
+  errorFor,
 } from './errors.js';
 import {
   checkRecords,
@@ -106,6 +110,18 @@ export interface AppendOptions {
   durability?: Durability;
 }
 
+/** Options of `Lease.appendPipelined`. */
+export interface PipelineOptions extends AppendOptions {
+  /** How many appends may be in flight at once: 1 to 1024 (default 64). */
+  window?: number;
+}
+
+/** The largest `window` a pipeline may ask for. */
+export const MAX_WINDOW = 1024;
+
+/** How many lost connections one pipeline rides out (with `reconnectForMs`) before it fails. */
+const MAX_REVIVALS = 8;
+
 /** Options of a low-level request (`SessionLane.request`). */
 export interface RequestOptions<T = Reply> {
   /** How long the service may take on its own (an acquire's wait); `null`: no limit. */
@@ -119,6 +135,11 @@ export interface RequestOptions<T = Reply> {
   map?: (reply: Reply) => T;
   /** Stop waiting when this aborts (rejects with its reason); a late grant is released. */
   signal?: AbortSignal | undefined;
+  /**
+   * `false`: a lost connection fails it even when it could be sent again after a restart
+   * (a pipeline resends its own appends, in order, one at a time).
+   */
+  resend?: boolean;
 }
 
 /** What a `Lane` and a `Lease` need from their connection (implemented by `SessionLane`). */
@@ -135,7 +156,12 @@ export interface LeaseHost {
    * `request` for a request of the lease `state`: one that waited for the connection to be
    * revived is sent only if the lease was taken back (else `LeaseRevoked`, nothing sent).
    */
-  leaseRequest(state: LeaseState, type: string, fields: Record<string, unknown>): Promise<Reply>;
+  leaseRequest(
+    state: LeaseState,
+    type: string,
+    fields: Record<string, unknown>,
+    options?: RequestOptions,
+  ): Promise<Reply>;
 }
 
 /** What the client knows about one lease, updated by events as they arrive. */
@@ -418,6 +444,116 @@ export class Lease implements AsyncDisposable {
     return appendResult(reply);
   }
 
+  /**
+   * Append each record as its own append, up to `window` of them in flight at once. Written in
+   * order and acknowledged in order: resolves with one result per record. If one fails, none
+   * after it is written (the service refuses them, each naming the one before it): rejects with
+   * `PipelineBroken`, whose `written`, `failed`, `unknown` and `cause` say which were. A lost
+   * connection ridden out (`reconnectForMs`) takes the lease back and sends the unanswered
+   * appends again, one at a time (their append ids answer the ones already written), then goes
+   * on with the window.
+   */
+  async appendPipelined(
+    records: readonly TranscriptRecord[],
+    options: PipelineOptions = {},
+  ): Promise<AppendResult[]> {
+    const window = options.window ?? 64;
+    if (!Number.isInteger(window) || window < 1 || window > MAX_WINDOW) {
+      throw new RangeError(`window must be an integer from 1 to ${MAX_WINDOW}, got ${window}`);
+    }
+    this.#checkUsable();
+    checkRecords(records);
+    const aids = records.map(() => randomBytes(8).toString('hex'));
+    const fieldsOf = (index: number): Record<string, unknown> => ({
+      lease: this.id,
+      fence: this.fence,
+      records: [records[index]],
+      durability: options.durability,
+      aid: aids[index],
+      after: index === 0 ? undefined : aids[index - 1],
+    });
+    const results: AppendResult[] = [];
+    let resendUntil = 0; // appends before this index were sent before a restart: one at a time
+    let revivals = 0;
+    while (results.length < records.length) {
+      const start = results.length;
+      const careful = start < resendUntil;
+      const end = careful ? resendUntil : records.length;
+      const outcomes = await this.#batch(start, end, careful ? 1 : window, fieldsOf);
+      for (const outcome of outcomes) {
+        if (outcome instanceof Error) break;
+        results.push(outcome);
+      }
+      if (results.length === end) continue;
+      const rest = outcomes.slice(results.length - start);
+      const failed = rest[0] as SessionLaneError;
+      if (failed instanceof Unavailable && this.#state.suspended && revivals < MAX_REVIVALS) {
+        revivals += 1; // the connection is being revived: the lease is taken back first
+        resendUntil = Math.max(resendUntil, results.length + rest.length);
+        continue;
+      }
+      throw this.#broken(results, failed, rest, careful);
+    }
+    return results;
+  }
+
+  /** Send appends `start` to `end` with at most `window` in flight; their outcomes in order,
+   * up to the first failure and the ones already sent after it. */
+  async #batch(
+    start: number,
+    end: number,
+    window: number,
+    fieldsOf: (index: number) => Record<string, unknown>,
+  ): Promise<(AppendResult | SessionLaneError)[]> {
+    const send = (index: number): Promise<AppendResult | SessionLaneError> =>
+      this.#host
+        .leaseRequest(this.#state, 'append', fieldsOf(index), { resend: false })
+        .then(appendResult, (err: unknown) => {
+          if (err instanceof StaleFence) this.#state.revoke('stale_fence');
+          return err instanceof SessionLaneError ? err : errorFor('internal', String(err));
+        });
+    const inFlight: Promise<AppendResult | SessionLaneError>[] = [];
+    const outcomes: (AppendResult | SessionLaneError)[] = [];
+    let next = start;
+    let stopped = false;
+    for (;;) {
+      while (!stopped && next < end && inFlight.length < window) inFlight.push(send(next++));
+      const head = inFlight.shift();
+      if (head === undefined) return outcomes;
+      const outcome = await head;
+      outcomes.push(outcome);
+      if (outcome instanceof Error) stopped = true;
+    }
+  }
+
+  /** The error of a pipeline stopped at append `results.length`. */
+  #broken(
+    results: readonly AppendResult[],
+    failed: SessionLaneError,
+    rest: readonly (AppendResult | SessionLaneError)[],
+    careful: boolean,
+  ): PipelineBroken {
+    let cause: SessionLaneError = failed;
+    if (failed instanceof Unavailable) {
+      cause = new UnknownOutcome(
+        `${failed.detail}: the append may or may not be in the file, read it`,
+        { path: this.path, reason: this.#state.revoked ?? 'connection_lost', cause: failed },
+      );
+    }
+    const maybe = rest.flatMap((o, i) => (o instanceof Error && maybeWritten(o) ? [i] : []));
+    const unknown = careful ? rest.length : maybe.length > 0 ? maybe[maybe.length - 1]! + 1 : 0;
+    const index = results.length;
+    const what =
+      unknown > 0
+        ? `appends ${index} to ${index + unknown - 1} may or may not be in the file (read it), ` +
+          'and the ones after them were not written'
+        : `append ${index} and the ones after it were not written`;
+    return new PipelineBroken(
+      `pipeline stopped after ${index} appends written: ${cause.code}: ${cause.detail}; ${what}`,
+      { path: this.path, written: results, failed: index, unknown, cause },
+    );
+  }
+
   /** Replace the whole file atomically (compaction leases); resolves with the line count. */
   async rewrite(records: readonly TranscriptRecord[]): Promise<number> {
     this.#checkUsable();
@@ -507,6 +643,12 @@ export function grantedLease(
 function appendResult(reply: Reply): AppendResult {
   const { offset, lines, fence } = expectReply(reply, 'appended');
   return { offset, lines, fence };
+}
+
+/** Whether a failed append may be in the file all the same (its answer or its sync failed). */
+function maybeWritten(err: SessionLaneError): boolean {
+  if (err instanceof Unavailable || err instanceof DiskError) return true;
+  return err.code === 'internal' || err.code === 'unknown_outcome';
 }
 
 function withPath(err: SessionLaneError, path: string): SessionLaneError {
