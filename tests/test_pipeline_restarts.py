@@ -3,7 +3,8 @@
 The service's actor system is stopped (SIGSTOP) while a pipeline is in flight, so the client
 has sent its window and heard nothing; then it is SIGKILLed and a new service started on the
 same address and root. The client reclaims the lease and sends the unanswered appends again,
-in order, one at a time: each is written once, in order. On the raw wire, the restarted
+in order, one at a time: each is written once, in order. Without ``reconnect_for`` the same
+cut raises ``PipelineBroken`` naming the appends in flight as of unknown outcome. On the raw wire, the restarted
 service goes on with a pipeline from the holder's last append in the lease record, answers a
 resent append as it was, and refuses one that does not follow the last one written.
 """
@@ -28,6 +29,8 @@ from client_surfaces import (  # noqa: F401 (fixtures)
 )
 from test_gateway import RawConn
 from test_restarts import RECONNECT_FOR, Restarts, crash, restarts  # noqa: F401 (fixture)
+
+from sessionlane.messages.errors import PipelineBroken, UnknownOutcome
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(180)]
 
@@ -61,6 +64,34 @@ def test_a_pipeline_cut_by_a_crash_is_resent_in_order_and_written_once(
     finally:
         sl.close()
     assert [r["n"] for r in lines(path)] == list(range(40))
+
+
+def test_a_pipeline_whose_connection_is_lost_says_which_appends_have_an_unknown_outcome(
+    client: Surface, restarts: Restarts, pool: ThreadPoolExecutor
+) -> None:
+    path = str(restarts.root / "lost.jsonl")
+    first = restarts.start()
+    sl = client.connect(first.address, keepalive=CLIENT_KEEPALIVE)  # no reconnect_for
+    try:
+        lease = sl.lane("agent").acquire(path, purpose="prompt")
+        assert lease is not None
+        done = lease.append_pipelined([{"n": n} for n in range(3)])
+        running = first.running
+        assert running is not None
+        os.killpg(running.system.pgid, signal.SIGSTOP)
+        piped = pool.submit(lease.append_pipelined, [{"n": n} for n in range(3, 30)], window=8)
+        eventually(lambda: pending_requests(client, sl) == 8 or None, "a window in flight")
+        crash(first)
+        with pytest.raises(PipelineBroken) as caught:
+            piped.result(timeout=60)
+    finally:
+        sl.close()
+    error = caught.value
+    assert (error.written, error.failed, error.unknown) == ((), 0, 8)
+    assert isinstance(error.cause, UnknownOutcome) and "read it" in error.cause.detail
+    assert "appends 0 to 7 may or may not be in the file" in error.detail
+    assert lease.revoked == "connection_lost"
+    assert [r["n"] for r in lines(path)] == [0, 1, 2] and len(done) == 3
 
 
 def test_the_restarted_service_goes_on_with_a_pipeline_from_the_lease_record(
