@@ -4,9 +4,10 @@ The service's actor system is stopped (SIGSTOP) while a pipeline is in flight, s
 has sent its window and heard nothing; then it is SIGKILLed and a new service started on the
 same address and root. The client reclaims the lease and sends the unanswered appends again,
 in order, one at a time: each is written once, in order. Without ``reconnect_for`` the same
-cut raises ``PipelineBroken`` naming the appends in flight as of unknown outcome. On the raw wire, the restarted
-service goes on with a pipeline from the holder's last append in the lease record, answers a
-resent append as it was, and refuses one that does not follow the last one written.
+cut raises ``PipelineBroken`` naming the appends in flight as of unknown outcome. On the raw
+wire, the restarted service goes on with a pipeline from the holder's last append in the
+lease record, answers a resent append as it was, and refuses one that does not follow the last
+one written.
 """
 
 # ruff: noqa: F811  (the fixtures of client_surfaces are imported, then named as arguments)
