@@ -14,6 +14,7 @@ one written.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,14 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     pool,
 )
 from test_gateway import RawConn
-from test_restarts import RECONNECT_FOR, Restarts, crash, restarts  # noqa: F401 (fixture)
+from test_restarts import (  # noqa: F401 (fixture)
+    NODE_DIR,
+    RECONNECT_FOR,
+    Restarts,
+    crash,
+    node_or_skip,
+    restarts,
+)
 
 from sessionlane.messages.errors import PipelineBroken, UnknownOutcome
 
@@ -139,3 +147,61 @@ def test_the_restarted_service_goes_on_with_a_pipeline_from_the_lease_record(
 
 
 PROMPT = {"purpose": "prompt"}
+
+
+NODE_PIPELINE = """
+const { connect } = require(process.argv[1]);
+const [address, path] = process.argv.slice(2);
+const emit = (line) => process.stdout.write(JSON.stringify(line) + '\\n');
+(async () => {
+  const sl = await connect(address, { reconnectForMs: 60000, keepaliveMs: 1000 });
+  const lease = await sl.lane('node').lease(path);
+  await lease.appendPipelined([0, 1, 2, 3, 4].map((n) => ({ n })), { window: 4 });
+  emit({ step: 'held' });
+  await new Promise((go) => process.stdin.once('data', () => go(process.stdin.destroy())));
+  const records = Array.from({ length: 35 }, (_, i) => ({ n: i + 5 }));
+  const piped = lease.appendPipelined(records, { window: 8 }); // the first window is sent now
+  emit({ step: 'sent' });
+  const results = await piped;
+  const ordered = results.every((r, i) => i === 0 || r.offset > results[i - 1].offset);
+  emit({ step: 'appended', count: results.length, ordered, revoked: lease.revoked });
+  await lease.release();
+  await sl.close();
+})().catch((err) => { emit({ step: 'error', error: String(err) }); process.exit(1); });
+"""
+
+
+def test_a_node_pipeline_cut_by_a_crash_is_resent_in_order_and_written_once(
+    restarts: Restarts,
+) -> None:
+    import subprocess
+
+    node = node_or_skip()
+    path = str(restarts.root / "node-piped.jsonl")
+    first = restarts.start()
+    proc = subprocess.Popen(
+        [node, "-e", NODE_PIPELINE, str(NODE_DIR), first.address, path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert json.loads(proc.stdout.readline()) == {"step": "held"}
+        running = first.running
+        assert running is not None
+        os.killpg(running.system.pgid, signal.SIGSTOP)  # hears the window, answers nothing
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"step": "sent"}
+        crash(first)
+        restarts.start()
+        appended = json.loads(proc.stdout.readline())
+        assert appended == {"step": "appended", "count": 35, "ordered": True, "revoked": None}
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    assert [r["n"] for r in lines(path)] == list(range(40))
