@@ -32,9 +32,16 @@ from client_surfaces import (  # noqa: F401 (fixtures)
 from pydantic import ValidationError
 from waiting import eventually
 
-from sessionlane.messages.errors import InvalidRecord, LeaseRevoked, PipelineBroken, StaleFence
-from sessionlane.messages.wire import Append, Error
+from sessionlane.messages.errors import (
+    InvalidRecord,
+    LeaseRevoked,
+    PipelineBroken,
+    StaleFence,
+    TooLarge,
+)
+from sessionlane.messages.wire import Append, Appended, Error
 from sessionlane.system.client import AppendResult
+from sessionlane.system.client import _ops as ops
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
 
@@ -155,3 +162,36 @@ def test_status_counts_refused_pipelined_appends(sl: Any, path: str) -> None:
         lease.append_pipelined([{"n": n} for n in range(5)])
     counters = eventually(lambda: file_status(sl, path).counters, "status")
     assert counters["pipeline_broken"] == 0 and counters["records"] == 5
+
+
+# The window, without a service -------------------------------------------------------------
+
+
+def test_a_pipe_keeps_at_most_its_window_unanswered_and_stops_after_an_error() -> None:
+    pipe = ops.Pipe(ops.Batch(list(range(10)), window=4))
+    assert pipe.to_send() == [0, 1, 2, 3] and pipe.to_send() == []
+    pipe.answered(Appended(offset=0, lines=1, fence=1))
+    assert pipe.to_send() == [4] and pipe.waiting == 4
+    pipe.answered(Error(code="invalid_record", detail="too big"))
+    assert pipe.to_send() == [] and pipe.waiting == 3  # the ones sent are still awaited
+    for _ in range(3):
+        pipe.answered(Error(code="pipeline_broken"))
+    assert pipe.waiting == 0 and len(pipe.result()) == 5
+
+
+def test_a_pipe_whose_sending_failed_sends_nothing_more_and_ends_with_why() -> None:
+    pipe = ops.Pipe(ops.Batch(list(range(10)), window=4))
+    assert pipe.to_send() == [0, 1, 2, 3]
+    pipe.not_sent(2, TooLarge("frame too big"))  # 2 and 3 never left
+    assert pipe.waiting == 2 and pipe.to_send() == []
+    pipe.answered(Appended(offset=0, lines=1, fence=1))
+    pipe.answered(Appended(offset=9, lines=1, fence=1))
+    *acked, last = pipe.result()
+    assert len(acked) == 2 and isinstance(last, TooLarge)
+
+
+def test_frames_are_grouped_into_writes_of_about_the_size_never_split() -> None:
+    frames = [b"a" * 100, b"b" * 100, b"c" * 300, b"d" * 10]
+    assert list(ops.grouped(frames, 250)) == [b"a" * 100 + b"b" * 100, b"c" * 300, b"d" * 10]
+    assert list(ops.grouped([], 250)) == []
+    assert b"".join(ops.grouped(frames, 1)) == b"".join(frames)

@@ -67,6 +67,8 @@ __all__ = ["AsyncLane", "AsyncLease", "AsyncSessionLane", "connect_async"]
 
 R = TypeVar("R")
 _READ_BYTES = 256 * 1024
+_SEND_BYTES = 256 * 1024
+"""A pipeline's frames go out in writes of about this size."""
 _CLOSE_WAIT_S = 1.0
 
 
@@ -380,9 +382,9 @@ class AsyncSessionLane:
                         break
                     sent.append((rid, future, request))
                     frames.append(data)
-                if frames:
+                for group in ops.grouped(frames, _SEND_BYTES):
                     with contextlib.suppress(Unavailable):  # the lost link fails ``sent``
-                        await self._send(link, b"".join(frames))
+                        await self._send(link, group)
                 if not sent:
                     return pipe.result()
                 rid, future, request = sent[0]

@@ -12,7 +12,7 @@ unit tests with replies of their own. A surface must close a generator it stops 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -79,6 +79,7 @@ __all__ = [
     "abandon",
     "acquire",
     "advance",
+    "grouped",
     "lane_append",
     "lease_append",
     "lease_append_pipelined",
@@ -160,6 +161,20 @@ class Pipe:
 
     def result(self) -> list[Reply | SessionLaneError]:
         return self.outcomes + ([self.error] if self.error is not None else [])
+
+
+def grouped(frames: list[bytes], size: int) -> Iterator[bytes]:
+    """``frames`` joined into writes of about ``size`` bytes (a larger frame goes alone)."""
+    group: list[bytes] = []
+    length = 0
+    for data in frames:
+        if group and length + len(data) > size:
+            yield b"".join(group)
+            group, length = [], 0
+        group.append(data)
+        length += len(data)
+    if group:
+        yield b"".join(group)
 
 
 MAX_WINDOW = 1024

@@ -75,6 +75,8 @@ __all__ = ["Lane", "Lease", "SessionLane", "connect", "connect_async"]
 
 R = TypeVar("R")
 _READ_BYTES = 256 * 1024
+_SEND_BYTES = 256 * 1024
+"""A pipeline's frames go out in writes of about this size, the lock released between them."""
 
 
 def connect(
@@ -407,23 +409,26 @@ class SessionLane:
     def _send_window(
         self, link: _Link, pipe: ops.Pipe, sent: deque[tuple[Any, _Waiter, Any]]
     ) -> None:
-        """Send what fills ``pipe``'s window, in one write; record each in ``sent``."""
+        """Send what fills ``pipe``'s window, a few writes of whole frames (other threads'
+        frames may go between them, never inside one); record each in ``sent``."""
         chunk = pipe.to_send()
         if not chunk:
             return
         frames: list[bytes] = []
+        with self._lock:
+            for index, request in enumerate(chunk):
+                waiter = _Waiter()
+                try:
+                    rid, data = self.core.request(link, request, waiter, time.monotonic())
+                except SessionLaneError as exc:  # too large, or the link is gone
+                    pipe.not_sent(len(chunk) - index, exc)
+                    break
+                sent.append((rid, waiter, request))
+                frames.append(data)
         try:
-            with self._lock:
-                for index, request in enumerate(chunk):
-                    waiter = _Waiter()
-                    try:
-                        rid, data = self.core.request(link, request, waiter, time.monotonic())
-                    except SessionLaneError as exc:  # too large, or the link is gone
-                        pipe.not_sent(len(chunk) - index, exc)
-                        break
-                    sent.append((rid, waiter, request))
-                    frames.append(data)
-                link.transport.sendall(b"".join(frames))
+            for group in ops.grouped(frames, _SEND_BYTES):
+                with self._lock:
+                    link.transport.sendall(group)
         except OSError as exc:
             self._drop(link, f"send failed: {exc}")  # fails every request in ``sent``
 
