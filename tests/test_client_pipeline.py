@@ -42,6 +42,7 @@ from sessionlane.messages.errors import (
 from sessionlane.messages.wire import Append, Appended, Error
 from sessionlane.system.client import AppendResult
 from sessionlane.system.client import _ops as ops
+from sessionlane.system.client import _pipeline as pipelines
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
 
@@ -168,7 +169,7 @@ def test_status_counts_refused_pipelined_appends(sl: Any, path: str) -> None:
 
 
 def test_a_pipe_keeps_at_most_its_window_unanswered_and_stops_after_an_error() -> None:
-    pipe = ops.Pipe(ops.Batch(list(range(10)), window=4))
+    pipe = pipelines.Pipe(ops.Batch(list(range(10)), window=4))
     assert pipe.to_send() == [0, 1, 2, 3] and pipe.to_send() == []
     pipe.answered(Appended(offset=0, lines=1, fence=1))
     assert pipe.to_send() == [4] and pipe.waiting == 4
@@ -180,7 +181,7 @@ def test_a_pipe_keeps_at_most_its_window_unanswered_and_stops_after_an_error() -
 
 
 def test_a_pipe_whose_sending_failed_sends_nothing_more_and_ends_with_why() -> None:
-    pipe = ops.Pipe(ops.Batch(list(range(10)), window=4))
+    pipe = pipelines.Pipe(ops.Batch(list(range(10)), window=4))
     assert pipe.to_send() == [0, 1, 2, 3]
     pipe.not_sent(2, TooLarge("frame too big"))  # 2 and 3 never left
     assert pipe.waiting == 2 and pipe.to_send() == []
@@ -192,6 +193,6 @@ def test_a_pipe_whose_sending_failed_sends_nothing_more_and_ends_with_why() -> N
 
 def test_frames_are_grouped_into_writes_of_about_the_size_never_split() -> None:
     frames = [b"a" * 100, b"b" * 100, b"c" * 300, b"d" * 10]
-    assert list(ops.grouped(frames, 250)) == [b"a" * 100 + b"b" * 100, b"c" * 300, b"d" * 10]
-    assert list(ops.grouped([], 250)) == []
-    assert b"".join(ops.grouped(frames, 1)) == b"".join(frames)
+    assert list(pipelines.grouped(frames, 250)) == [b"a" * 100 + b"b" * 100, b"c" * 300, b"d" * 10]
+    assert list(pipelines.grouped([], 250)) == []
+    assert b"".join(pipelines.grouped(frames, 1)) == b"".join(frames)

@@ -46,6 +46,7 @@ from sessionlane.messages.wire import (
     StatusReply,
 )
 from sessionlane.system.client import _ops as ops
+from sessionlane.system.client import _pipeline as pipelines
 from sessionlane.system.client._checks import check_lane
 from sessionlane.system.client._core import (
     INCOMING_FRAME_BYTES,
@@ -360,7 +361,7 @@ class AsyncSessionLane:
 
     async def _pipeline(self, batch: ops.Batch) -> list[Reply | SessionLaneError]:
         """Send ``batch``'s requests, a window at a time; their outcomes in order."""
-        pipe = ops.Pipe(batch)
+        pipe = pipelines.Pipe(batch)
         try:
             link = self.core.link_for(reconnect=False)
         except Unavailable as exc:
@@ -382,7 +383,7 @@ class AsyncSessionLane:
                         break
                     sent.append((rid, future, request))
                     frames.append(data)
-                for group in ops.grouped(frames, _SEND_BYTES):
+                for group in pipelines.grouped(frames, _SEND_BYTES):
                     with contextlib.suppress(Unavailable):  # the lost link fails ``sent``
                         await self._send(link, group)
                 if not sent:
@@ -513,7 +514,7 @@ class AsyncLease(ops.LeaseView):
 
         The asyncio twin of ``Lease.append_pipelined``: results in order, and on a failure
         ``PipelineBroken`` saying which were written; none after the failed one is."""
-        op = ops.lease_append_pipelined(self.sl.core, self, records, window, durability)
+        op = pipelines.lease_append_pipelined(self.sl.core, self, records, window, durability)
         return await self.sl._run(op)
 
     async def rewrite(self, records: Sequence[dict[str, Any]]) -> int:

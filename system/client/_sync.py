@@ -51,6 +51,7 @@ from sessionlane.messages.wire import (
     StatusReply,
 )
 from sessionlane.system.client import _ops as ops
+from sessionlane.system.client import _pipeline as pipelines
 from sessionlane.system.client._checks import check_lane
 from sessionlane.system.client._core import (
     INCOMING_FRAME_BYTES,
@@ -383,7 +384,7 @@ class SessionLane:
 
     def _pipeline(self, batch: ops.Batch) -> list[Reply | SessionLaneError]:
         """Send ``batch``'s requests, a window at a time; their outcomes in order."""
-        pipe = ops.Pipe(batch)
+        pipe = pipelines.Pipe(batch)
         try:
             with self._lock:
                 link = self.core.link_for(reconnect=False)
@@ -407,7 +408,7 @@ class SessionLane:
             pipe.answered(waiter.error or waiter.reply or self.core.no_reply(request, limit))
 
     def _send_window(
-        self, link: _Link, pipe: ops.Pipe, sent: deque[tuple[Any, _Waiter, Any]]
+        self, link: _Link, pipe: pipelines.Pipe, sent: deque[tuple[Any, _Waiter, Any]]
     ) -> None:
         """Send what fills ``pipe``'s window, a few writes of whole frames (other threads'
         frames may go between them, never inside one); record each in ``sent``."""
@@ -426,7 +427,7 @@ class SessionLane:
                 sent.append((rid, waiter, request))
                 frames.append(data)
         try:
-            for group in ops.grouped(frames, _SEND_BYTES):
+            for group in pipelines.grouped(frames, _SEND_BYTES):
                 with self._lock:
                     link.transport.sendall(group)
         except OSError as exc:
@@ -542,7 +543,7 @@ class Lease(ops.LeaseView):
         none after it is written (the service refuses them): ``PipelineBroken`` says which
         were (``written``, ``failed``, ``unknown``, ``cause``). The records are checked before
         anything is sent (``InvalidRecord``)."""
-        op = ops.lease_append_pipelined(self.sl.core, self, records, window, durability)
+        op = pipelines.lease_append_pipelined(self.sl.core, self, records, window, durability)
         return self.sl._run(op)
 
     def rewrite(self, records: Sequence[dict[str, Any]]) -> int:

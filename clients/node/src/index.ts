@@ -62,10 +62,10 @@ export {
   type LeaseEvents,
   type LeaseLossReason,
   type LeaseOptions,
-  type PipelineOptions,
   type RequestOptions,
   type RevokedEvent,
 } from './lease.js';
+export { MAX_WINDOW, type PipelineOptions } from './pipeline.js';
 export {
   DEFAULT_ACQUIRE_TIMEOUT_MS,
   SESSION_WRITE_LOCK_TIMEOUT_CODE,

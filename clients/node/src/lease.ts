@@ -12,16 +12,13 @@ import { randomBytes } from 'node:crypto';
 import { anchor } from './address.js';
 import {
   AbortRequestedError,
-  DiskError,
   LeaseRevoked,
   NotHolder,
-  PipelineBroken,
   SessionLaneError,
   StaleFence,
   Unavailable,
-  UnknownOutcome,
-  errorFor,
 } from './errors.js';
+import { appendPipelined, type PipelineOptions } from './pipeline.js';
 import {
   checkRecords,
   type AppendResult,
@@ -109,18 +106,6 @@ export interface AppendOptions {
   /** `fsync` (the default: durable before the reply) or `flush` (written to the OS). */
   durability?: Durability;
 }
-
-/** Options of `Lease.appendPipelined`. */
-export interface PipelineOptions extends AppendOptions {
-  /** How many appends may be in flight at once: 1 to 1024 (default 64). */
-  window?: number;
-}
-
-/** The largest `window` a pipeline may ask for. */
-export const MAX_WINDOW = 1024;
-
-/** How many lost connections one pipeline rides out (with `reconnectForMs`) before it fails. */
-const MAX_REVIVALS = 8;
 
 /** Options of a low-level request (`SessionLane.request`). */
 export interface RequestOptions<T = Reply> {
@@ -457,100 +442,18 @@ export class Lease implements AsyncDisposable {
     records: readonly TranscriptRecord[],
     options: PipelineOptions = {},
   ): Promise<AppendResult[]> {
-    const window = options.window ?? 64;
-    if (!Number.isInteger(window) || window < 1 || window > MAX_WINDOW) {
-      throw new RangeError(`window must be an integer from 1 to ${MAX_WINDOW}, got ${window}`);
-    }
-    this.#checkUsable();
-    checkRecords(records);
-    const aids = records.map(() => randomBytes(8).toString('hex'));
-    const fieldsOf = (index: number): Record<string, unknown> => ({
-      lease: this.id,
-      fence: this.fence,
-      records: [records[index]],
-      durability: options.durability,
-      aid: aids[index],
-      after: index === 0 ? undefined : aids[index - 1],
-    });
-    const results: AppendResult[] = [];
-    let resendUntil = 0; // appends before this index were sent before a restart: one at a time
-    let revivals = 0;
-    while (results.length < records.length) {
-      const start = results.length;
-      const careful = start < resendUntil;
-      const end = careful ? resendUntil : records.length;
-      const outcomes = await this.#batch(start, end, careful ? 1 : window, fieldsOf);
-      for (const outcome of outcomes) {
-        if (outcome instanceof Error) break;
-        results.push(outcome);
-      }
-      if (results.length === end) continue;
-      const rest = outcomes.slice(results.length - start);
-      const failed = rest[0] as SessionLaneError;
-      if (failed instanceof Unavailable && this.#state.suspended && revivals < MAX_REVIVALS) {
-        revivals += 1; // the connection is being revived: the lease is taken back first
-        resendUntil = Math.max(resendUntil, results.length + rest.length);
-        continue;
-      }
-      throw this.#broken(results, failed, rest, careful);
-    }
-    return results;
-  }
-
-  /** Send appends `start` to `end` with at most `window` in flight; their outcomes in order,
-   * up to the first failure and the ones already sent after it. */
-  async #batch(
-    start: number,
-    end: number,
-    window: number,
-    fieldsOf: (index: number) => Record<string, unknown>,
-  ): Promise<(AppendResult | SessionLaneError)[]> {
-    const send = (index: number): Promise<AppendResult | SessionLaneError> =>
-      this.#host
-        .leaseRequest(this.#state, 'append', fieldsOf(index), { resend: false })
-        .then(appendResult, (err: unknown) => {
-          if (err instanceof StaleFence) this.#state.revoke('stale_fence');
-          return err instanceof SessionLaneError ? err : errorFor('internal', String(err));
-        });
-    const inFlight: Promise<AppendResult | SessionLaneError>[] = [];
-    const outcomes: (AppendResult | SessionLaneError)[] = [];
-    let next = start;
-    let stopped = false;
-    for (;;) {
-      while (!stopped && next < end && inFlight.length < window) inFlight.push(send(next++));
-      const head = inFlight.shift();
-      if (head === undefined) return outcomes;
-      const outcome = await head;
-      outcomes.push(outcome);
-      if (outcome instanceof Error) stopped = true;
-    }
-  }
-
-  /** The error of a pipeline stopped at append `results.length`. */
-  #broken(
-    results: readonly AppendResult[],
-    failed: SessionLaneError,
-    rest: readonly (AppendResult | SessionLaneError)[],
-    careful: boolean,
-  ): PipelineBroken {
-    let cause: SessionLaneError = failed;
-    if (failed instanceof Unavailable) {
-      cause = new UnknownOutcome(
-        `${failed.detail}: the append may or may not be in the file, read it`,
-        { path: this.path, reason: this.#state.revoked ?? 'connection_lost', cause: failed },
-      );
-    }
-    const maybe = rest.flatMap((o, i) => (o instanceof Error && maybeWritten(o) ? [i] : []));
-    const unknown = careful ? rest.length : maybe.length > 0 ? maybe[maybe.length - 1]! + 1 : 0;
-    const index = results.length;
-    const what =
-      unknown > 0
-        ? `appends ${index} to ${index + unknown - 1} may or may not be in the file (read it), ` +
-          'and the ones after them were not written'
-        : `append ${index} and the ones after it were not written`;
-    return new PipelineBroken(
-      `pipeline stopped after ${index} appends written: ${cause.code}: ${cause.detail}; ${what}`,
-      { path: this.path, written: results, failed: index, unknown, cause },
+    return appendPipelined(
+      {
+        id: this.id,
+        fence: this.fence,
+        path: this.path,
+        state: this.#state,
+        checkUsable: () => this.#checkUsable(),
+        send: (fields) =>
+          this.#host.leaseRequest(this.#state, 'append', fields, { resend: false }),
+      },
+      records,
+      options,
     );
   }
 
@@ -643,12 +546,6 @@ export function grantedLease(
 function appendResult(reply: Reply): AppendResult {
   const { offset, lines, fence } = expectReply(reply, 'appended');
   return { offset, lines, fence };
-}
-
-/** Whether a failed append may be in the file all the same (its answer or its sync failed). */
-function maybeWritten(err: SessionLaneError): boolean {
-  if (err instanceof Unavailable || err instanceof DiskError) return true;
-  return err.code === 'internal' || err.code === 'unknown_outcome';
 }
 
 function withPath(err: SessionLaneError, path: string): SessionLaneError {
