@@ -39,10 +39,11 @@ from sessionlane.messages.errors import (
     StaleFence,
     TooLarge,
 )
-from sessionlane.messages.wire import Append, Appended, Error
+from sessionlane.messages.wire import Append, Appended, Error, Granted
 from sessionlane.system.client import AppendResult
 from sessionlane.system.client import _ops as ops
 from sessionlane.system.client import _pipeline as pipelines
+from sessionlane.system.client._core import ClientCore, ConnectionLost, Settings
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
 
@@ -196,3 +197,39 @@ def test_frames_are_grouped_into_writes_of_about_the_size_never_split() -> None:
     assert list(pipelines.grouped(frames, 250)) == [b"a" * 100 + b"b" * 100, b"c" * 300, b"d" * 10]
     assert list(pipelines.grouped([], 250)) == []
     assert b"".join(pipelines.grouped(frames, 1)) == b"".join(frames)
+
+
+# Riding out a restart, without a service ----------------------------------------------------
+
+
+def test_a_resent_pipeline_stopped_by_a_forgotten_append_says_all_sent_before_are_unknown() -> None:
+    """Ten appends were in flight when the service died: two were answered before. After the
+    reclaim they are resent one at a time; the first is answered from the lease record, the
+    next refused (written before the crash, no longer remembered): every append sent before
+    the crash from there on may be in the file, whatever its resend was answered."""
+    core = ClientCore(Settings("tcp://127.0.0.1:7420", None, keepalive=5.0))
+    granted = Granted(id=1, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
+    state = core.track(granted, "agent")
+    state.secret = "s" * 32
+    lease = ops.LeaseView(state, "agent")
+    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(12)], 10, None)
+    batch = ops.advance(op, None)
+    assert isinstance(batch, ops.Batch) and (len(batch.requests), batch.window) == (12, 10)
+    assert [r.after for r in batch.requests[1:]] == [r.aid for r in batch.requests[:-1]]
+    state.suspended = True  # what a lost connection does to a lease it may take back
+    lost = ConnectionLost("connection lost before the reply")
+    outcomes: list[Any] = [Appended(offset=n, lines=1, fence=7) for n in range(2)] + [lost] * 8
+    reclaim = ops.advance(op, outcomes)
+    assert isinstance(reclaim, ops.Call) and reclaim.request.reclaim.lease == "L1"
+    resend = ops.advance(
+        op, Granted(id=2, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
+    )
+    assert isinstance(resend, ops.Batch) and resend.window == 1
+    assert resend.requests == batch.requests[2:10]  # only those sent before the crash
+    remembered = Appended(offset=2, lines=1, fence=7)
+    with pytest.raises(PipelineBroken) as caught:
+        ops.advance(op, [remembered, Error(code="pipeline_broken", detail="not the last")])
+    error = caught.value
+    assert (len(error.written), error.failed, error.unknown) == (3, 3, 7)
+    assert "appends 3 to 9 may or may not be in the file" in error.detail
+    assert error.cause is not None and error.cause.code == "pipeline_broken"

@@ -160,7 +160,10 @@ def lease_append_pipelined(
             revivals += 1
             resend_until = max(resend_until, len(results) + sent)
             continue
-        raise _broken(lease, results, failed, outcomes[len(results) - start :], careful)
+        rest = outcomes[len(results) - start :]
+        raise _broken(
+            lease, results, failed, rest, resend_until - len(results) if careful else None
+        )
     return results
 
 
@@ -171,7 +174,7 @@ def _revive_pipeline(
     try:
         yield from revive(core, lease.state)
     except LeaseRevoked as exc:
-        raise _broken(lease, results, exc, [], careful=False, unknown=max(0, unknown)) from exc
+        raise _broken(lease, results, exc, [], max(0, unknown)) from exc
 
 
 def _broken(
@@ -179,11 +182,12 @@ def _broken(
     results: list[AppendResult],
     failed: Reply | SessionLaneError,
     rest: list[Reply | SessionLaneError],
-    careful: bool,
-    unknown: int | None = None,
+    unknown: int | None,
 ) -> PipelineBroken:
     """The error of a pipeline stopped at append ``len(results)``: ``failed`` is its outcome,
-    ``rest`` the outcomes of it and the ones sent after it."""
+    ``rest`` the outcomes of it and the ones sent after it. ``unknown``: how many from it on
+    may be in the file whatever they were answered (sent before a restart), or None to tell
+    from ``rest``."""
     cause = failed if isinstance(failed, SessionLaneError) else None
     if cause is None:
         assert isinstance(failed, Error), failed
@@ -200,7 +204,7 @@ def _broken(
     if unknown is None:
         # A lost answer, a failed sync (it fails every ack it covered), a bug: maybe written.
         maybe = [i for i, o in enumerate(rest) if _maybe_written(o)]
-        unknown = len(rest) if careful else (maybe[-1] + 1 if maybe else 0)
+        unknown = maybe[-1] + 1 if maybe else 0
     index = len(results)
     if unknown:
         what = f"appends {index} to {index + unknown - 1} may or may not be in the file (read it)"

@@ -101,7 +101,7 @@ export async function appendPipelined(
       resendUntil = Math.max(resendUntil, results.length + rest.length);
       continue;
     }
-    throw broken(lease, results, failed, rest, careful);
+    throw broken(lease, results, failed, rest, careful ? resendUntil - results.length : null);
   }
   return results;
 }
@@ -148,7 +148,8 @@ function broken(
   results: readonly AppendResult[],
   failed: SessionLaneError,
   rest: readonly Outcome[],
-  careful: boolean,
+  /** How many from the failed one on were sent before a restart (maybe written), or null. */
+  sentBefore: number | null,
 ): PipelineBroken {
   let cause: SessionLaneError = failed;
   if (failed instanceof Unavailable) {
@@ -160,7 +161,8 @@ function broken(
     });
   }
   const maybe = rest.flatMap((o, i) => (o instanceof Error && maybeWritten(o) ? [i] : []));
-  const unknown = careful ? rest.length : maybe.length > 0 ? maybe[maybe.length - 1]! + 1 : 0;
+  const told = maybe.length > 0 ? maybe[maybe.length - 1]! + 1 : 0;
+  const unknown = sentBefore ?? told;
   const index = results.length;
   const what =
     unknown > 0
