@@ -96,7 +96,9 @@ export async function appendPipelined(
     if (results.length === end) continue;
     const rest = outcomes.slice(results.length - start);
     const failed = rest[0] as SessionLaneError;
-    if (failed instanceof Unavailable && lease.state.suspended && revivals < MAX_REVIVALS) {
+    // Its connection was lost (`UnknownOutcome` for a write, `Unavailable` before it left).
+    const lost = failed instanceof UnknownOutcome || failed instanceof Unavailable;
+    if (lost && lease.state.suspended && revivals < MAX_REVIVALS) {
       revivals += 1; // the connection is being revived: the lease is taken back first
       resendUntil = Math.max(resendUntil, results.length + rest.length);
       continue;
