@@ -233,3 +233,20 @@ def test_a_resent_pipeline_stopped_by_a_forgotten_append_says_all_sent_before_ar
     assert (len(error.written), error.failed, error.unknown) == (3, 3, 7)
     assert "appends 3 to 9 may or may not be in the file" in error.detail
     assert error.cause is not None and error.cause.code == "pipeline_broken"
+
+
+def test_an_append_acknowledged_after_the_stop_makes_the_ones_before_it_unknown() -> None:
+    """A convention's member that resent a restarted owner's appends for us, all at once,
+    can have one refused (written, no longer remembered) and a later one written: the client
+    never says a written append was not."""
+    core = ClientCore(Settings("tcp://127.0.0.1:7420", None, keepalive=5.0))
+    granted = Granted(id=1, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
+    lease = ops.LeaseView(core.track(granted, "agent"), "agent")
+    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(6)], 8, None)
+    assert isinstance(ops.advance(op, None), ops.Batch)
+    refused = Error(code="pipeline_broken", detail="not the last written")
+    outcomes = [Appended(offset=0, lines=1, fence=7), refused, refused]
+    outcomes += [Appended(offset=9, lines=1, fence=7), refused, refused]
+    with pytest.raises(PipelineBroken) as caught:
+        ops.advance(op, outcomes)
+    assert (len(caught.value.written), caught.value.failed, caught.value.unknown) == (1, 1, 3)

@@ -222,6 +222,12 @@ def _broken(
 
 
 def _maybe_written(outcome: Reply | SessionLaneError) -> bool:
+    """May the append answered ``outcome``, after the one that stopped its pipeline, be in the
+    file? An ``appended`` there can only come from appends resent for us in bulk (a
+    convention's member resending a restarted owner's appends): it is written, and so may be
+    every one before it."""
+    if isinstance(outcome, Appended):
+        return True
     if isinstance(outcome, Error):
         return outcome.code in ("io_error", "disk_full", "read_only", "internal", "unknown_outcome")
     return isinstance(outcome, Unavailable | DiskError) or type(outcome) is SessionLaneError

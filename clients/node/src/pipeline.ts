@@ -162,7 +162,9 @@ function broken(
       cause: failed,
     });
   }
-  const maybe = rest.flatMap((o, i) => (o instanceof Error && maybeWritten(o) ? [i] : []));
+  // An append answered `appended` after the failed one (resent for us in bulk by a
+  // convention's member after an owner's restart) is written, and may be every one before it.
+  const maybe = rest.flatMap((o, i) => (!(o instanceof Error) || maybeWritten(o) ? [i] : []));
   const told = maybe.length > 0 ? maybe[maybe.length - 1]! + 1 : 0;
   const unknown = sentBefore ?? told;
   const index = results.length;
