@@ -217,9 +217,12 @@ def render(result: dict[str, Any]) -> list[Table]:
     rows = []
     for key in result["ratios"]:
         m, r = result[key], result["ratios"][key]
+        label = key
+        if "window" in m:  # the pipelined writers: how many in flight, how many per turn
+            label = f"{key} ({m['window']} in flight, {m['per_lease']}/turn)"
         rows.append(
             [
-                key,
+                label,
                 fmt(m["records_per_s"], 0),
                 fmt(m["syncs_per_append"], 3),
                 fmt(m["append_ms_p50"]),
