@@ -30,6 +30,7 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     sl,
 )
 from pydantic import ValidationError
+from test_gateway import RawConn
 from waiting import eventually
 
 from sessionlane.messages.errors import (
@@ -146,6 +147,32 @@ def test_bad_pipeline_arguments_raise_before_anything_is_sent(sl: Any, path: str
             lease.append_pipelined([])
         lease.append({"n": 0})
     assert lines(path) == [{"n": 0}]
+
+
+def test_the_service_refuses_a_malformed_after_as_a_bad_frame_and_writes_nothing(
+    sl: Any, service: Any, path: str
+) -> None:
+    with sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        lease.append({"n": 0})
+    raw = RawConn(service.address)
+    try:
+        raw.hello()
+        granted = raw.request({"type": "acquire", "lane": "raw", "path": path, "purpose": "prompt"})
+        base = {"type": "append", "lease": granted["lease"], "fence": granted["fence"]}
+        aid = secrets.token_hex(8)
+        for bad in (
+            {"after": aid},  # no aid of its own
+            {"aid": aid, "after": aid},  # after itself
+            {"aid": aid, "after": "short"},  # not an aid
+        ):
+            reply = raw.request(base | {"records": [{"n": "bad"}]} | bad)
+            assert reply["type"] == "error" and reply["code"] == "bad_frame", (bad, reply)
+        fine = raw.request(base | {"records": [{"n": 1}], "aid": aid})
+        assert fine["type"] == "appended", fine
+    finally:
+        raw.close()
+    assert lines(path) == [{"n": 0}, {"n": 1}]
 
 
 def test_the_wire_refuses_an_after_without_its_own_aid_or_lease() -> None:
