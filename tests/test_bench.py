@@ -90,7 +90,7 @@ def test_the_bench_options_parse() -> None:
     assert parser.parse_args([]).suites is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--suite", "nope"])
-    assert set(SUITES) == {"handoff", "turn", "append", "scale", "gateway"}
+    assert set(SUITES) == {"handoff", "turn", "append", "scale", "gateway", "cost"}
 
 
 def positive(value: Any) -> bool:

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+import sessionlane.actors.links
 import sessionlane.system.runtime.service
 from sessionlane.actors.convention import Claimant, Directory, Relay
 from sessionlane.actors.lane import Lane
@@ -389,8 +390,14 @@ CONSUMED_OUTSIDE_ACTORS: dict[type, tuple[Any, ...]] = {
     internal.GatewayStarted: (sessionlane.system.runtime.service,),
     internal.GatewayFailed: (sessionlane.system.runtime.service,),
     internal.Pong: (sessionlane.system.runtime.service,),
+    # A lane's call and a file's reply as the links take them from and hand them to their
+    # host (encoded to and decoded from channel frames): no actor sends them since every
+    # request goes over a channel.
+    internal.FileReply: (sessionlane.actors.links,),
+    internal.LaneCall: (sessionlane.actors.links,),
 }
-"""Replies that end outside the actor system, and the modules that wait for them."""
+"""Replies that end outside the actor system (or never leave a process), and the modules that
+take them."""
 
 
 def actor_handlers() -> dict[str, set[type]]:
