@@ -375,10 +375,10 @@ class SessionFile(ShellActor):
                 identity = s.transcript.identity
                 s.core.written(op, outcome, self.now(), identity.ino, identity.size)
             case Commit():
-                s.disk.sync_now()
-                s.core.committed(s.sync.take_error())
+                took = s.disk.sync_now()  # first: its failure is the one the commit takes
+                s.core.committed(s.sync.take_error(), took)
             case Sync():
-                s.disk.sync_now()
+                s.core.synced(s.disk.sync_now())
             case WriteRecord(record=record):
                 s.records.write(record)
             case Reserve(ceiling=ceiling):

@@ -14,17 +14,15 @@ directory (uid to address and name). The shell
 ``next`` reads the worklist itself as far as it can: a lease-table effect is translated
 (``meaning``), a reply or an event goes to the outbox (held behind an unsynced ack, or handed
 out as ``Deliver``), a drain takes the next queued write. It stops at the first effect only
-the shell can perform (``sessionlane.actors.session_file_effects.ShellEffect``): the disk's
-``WriteOut``, ``Sync``, ``TakeLegacyLock``/``ReleaseLegacyLock``, a fence ``Reserve``,
-``Commit``, ``WriteRecord``, ``Deliver``, the timers. An outcome fed back goes to the front of
-the worklist, so a write's consequences (a short write lease released, the next queued
-lease-less append granted) are read before the drain's next write, and a failed fence
-reservation stops the grant that follows it. ``settle`` ends every run: the lease record
-follows the holder and the table's next deadline is armed.
+the shell can perform (``session_file_effects.ShellEffect``). An outcome fed back goes to
+the front of the worklist, so a write's consequences (a short write lease released, the next
+queued lease-less append granted) are read before the drain's next write, and a failed fence
+reservation stops the grant that follows it. ``settle`` ends a run that read a table effect:
+the lease record follows the holder and the table's next deadline is armed.
 
-Also decided here: a reclaim and an append resent after a restart (answered from the lease
-record, ``sessionlane.actors.reclaim``), the lanes reached through a channel that closed
-(abandoned), and whether other lanes may write before a held batch is synced.
+Also decided here: a reclaim and an append resent after a restart (from the lease record,
+``sessionlane.actors.reclaim``), the lanes of a closed channel (abandoned), and whether other
+lanes may write before a held batch is synced.
 """
 
 from __future__ import annotations
@@ -89,23 +87,14 @@ from sessionlane.messages.wire import (
 )
 from sessionlane.messages.wire import Reply as ReplyMessage
 
-__all__ = [
-    "Answer",
-    "CoreEffect",
-    "DrainWrites",
-    "Event",
-    "FileCore",
-    "Handoff",
-    "Reserve",
-    "Warn",
-]
+__all__ = ["Answer", "CoreEffect", "DrainWrites", "Event", "FileCore", "Handoff", "Reserve", "Warn"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Resent:
-    """Answer ``call`` (an append resent after a restart) with its first answer, as it was."""
+    """Answer ``call`` (an append resent after a restart) with its first answer."""
 
     call: LaneCall
     message: ReplyMessage
@@ -458,9 +447,16 @@ class FileCore:
         out = Outgoing(lane=lane, address=address, message=message, needs_sync=False)
         return Deliver(address, message) if self.commit.hold(out) else None
 
-    def committed(self, failure: SyncFailure | None = None) -> None:
-        """``Commit`` was performed (synced): release what was held. The acks a failed sync
-        covered are errors, and the write path forgets them (a retry must write again)."""
+    def synced(self, elapsed_ms: float | None) -> None:
+        """A sync took ``elapsed_ms`` (None: nothing to sync, or it failed): group commit's
+        estimate of a sync's cost."""
+        if elapsed_ms is not None:
+            self.commit.policy.synced(elapsed_ms)
+
+    def committed(self, failure: SyncFailure | None = None, took: float | None = None) -> None:
+        """``Commit`` was performed (synced, in ``took`` ms): release what was held; the acks
+        a failed sync covered are errors, forgotten by the write path (a retry writes again)."""
+        self.synced(took)
         done = self.commit.commit(failure)
         for key in done.failed_keys:
             self.writes.forget(key)

@@ -130,10 +130,9 @@ class Serving:
         self.table = LeaseTable(
             msg.path, policy, fence_floor=opened.floor, lease_prefix=f"{lease_route(msg.path)}-"
         )
-        commit_policy = CommitPolicy()
-        self.sync = TranscriptSync(msg.path, commit_policy, metrics)
+        self.sync = TranscriptSync(msg.path, None, metrics)  # the core learns a sync's cost
         watch = switches.watch and switches.group_commit
-        self.commit = GroupCommit(msg.path, None, watch=watch, policy=commit_policy)
+        self.commit = GroupCommit(msg.path, None, watch=watch, policy=CommitPolicy())
         self.ready_fd: int | None = _always_readable_fd() if watch else None
         """Always readable: watched while acks are held, its ``WatchMessage`` ends the pass."""
         self.disk = FileDisk(msg.path, self.transcript, self.sync, opened.legacy, clock)
