@@ -28,13 +28,14 @@ What is asserted, against a simple model of the calls and of the disk:
   the end of its pass, or waits for an armed ``CommitDue``; at the end the queue is drained;
 - each final answer fits its request (an append is never answered ``granted``).
 
-Each of these mutations makes it fail (tried with 200 examples): the grant after a failed
+Each of these mutations makes it fail (tried with 200 examples each): the grant after a failed
 reservation kept (``meaning``), the fence counter not set back (``reservation_failed``), acks a
 failed sync turned into errors not forgotten (``committed``), the legacy lock not taken before a
 drain, a drain that stops after one write, the lease record not written (``settle``), the outbox
 not holding an unsynced ack, a copy of an append whose first answer is still held not waiting
-for its sync, and de-duplication forgetting appends that wait in the queue. (Not telling group
-commit's policy about a write survives: it changes only when a batch is synced, not what is.)
+for its sync, de-duplication forgetting appends that wait in the queue, and no tick armed
+again after a tick that changed nothing. (Not telling group commit's policy about a write
+survives: it changes only when a batch is synced, not what is.)
 """
 
 from __future__ import annotations
