@@ -15,6 +15,14 @@ lease: the records are validated up front, written when the lease is granted, an
 released right after, so they never interleave with another lane's turn. An append that is
 delivered again is answered with its first reply (remembered by lane and request id).
 
+Pipelines. An append that names the one before it in its pipeline (``after``: that append's
+``aid``) is written only if the last append written under its lease is that one
+(``last_written``): otherwise it is refused ``pipeline_broken`` and nothing is written. The
+check is made when the write is performed, in queue order, so once an append of a pipeline is
+not written (refused, failed, or its sync failed) no later one is: each names a predecessor
+that is not the last written. ``last_written`` is forgotten when a sync fails (``forget``)
+and, after a service restart, taken from the holder's lease record (``resume``).
+
 Legacy interop (``legacy_lock``). Every write (and rewrite) goes through a FIFO write queue;
 with the legacy lock on, draining it first takes ``<file>.lock`` (never waiting: a live legacy
 holder means the queue is retried later, with backoff: ``retry_after``), performs the queued
@@ -172,6 +180,10 @@ class WriteOp:
     durability: Durability
     auto_release: bool = False
     """A lease-less append: release its short write lease once written."""
+    aid: str | None = None
+    """The append's id (``Append.aid``)."""
+    after: str | None = None
+    """The ``aid`` of the append before it in its pipeline (``Append.after``)."""
 
 
 class WritePath:
@@ -209,7 +221,12 @@ class WritePath:
         self.pending: dict[Any, _PendingWrite] = {}
         self.auto_releases: set[Any] = set()
         self.done: OrderedDict[Any, ReplyMessage] = OrderedDict()  # call key -> append reply
+        self.waiting: dict[Any, list[LaneCall]] = {}
+        """Appends queued or pending, by call key: the copies of each delivered again meanwhile
+        (answered with its reply when it is written or refused, never written twice)."""
         self.auto_ids = 0
+        self.last_written: tuple[str, str | None] | None = None
+        """(lease, aid) of the last append written, which a pipelined append must follow."""
         self.queue: deque[WriteOp] = deque()  # in order; waits only for the legacy lock
         self.draining = False
         self.locked = False
@@ -223,6 +240,7 @@ class WritePath:
             "duplicates": 0,
             "invalid_records": 0,
             "legacy_lock_waits": 0,
+            "pipeline_broken": 0,
         }
 
     # Accepting writes ----------------------------------------------------------------------
@@ -240,7 +258,19 @@ class WritePath:
             return [encoded]
         data, lines = encoded
         durability = req.durability or self.durability
-        self.queue.append(WriteOp("append", call, req.lease, req.fence, data, lines, durability))
+        op = WriteOp(
+            "append",
+            call,
+            req.lease,
+            req.fence,
+            data,
+            lines,
+            durability,
+            aid=req.aid,
+            after=req.after,
+        )
+        self.queue.append(op)
+        self.wait_for(call)
         return []
 
     def append_without_lease(self, call: LaneCall, req: Append, now: float) -> list[WriteEffect]:
@@ -253,6 +283,7 @@ class WritePath:
         data, lines = encoded
         key = call_key(call)
         self.pending[key] = _PendingWrite(call, data, lines, req.durability or self.durability)
+        self.wait_for(call)
         effects = self.table.acquire(key, call.lane.uid, "write", now, priority=call.lane.priority)
         return [TableEffects(effects)]
 
@@ -290,9 +321,11 @@ class WritePath:
             )
         )
 
-    def rejected(self, req: Any) -> None:
-        """The table refused ``req`` (the queue is full...): no write will follow."""
+    def rejected(self, req: Any) -> list[LaneCall]:
+        """The table refused ``req`` (the queue is full...): no write will follow. Returns the
+        copies of it delivered meanwhile (each gets the same refusal)."""
         self.pending.pop(req, None)
+        return self.waiting.pop(req, [])
 
     def released_silently(self, req: Any) -> bool:
         """Was ``req`` the release of a short write lease (answered by nobody)? Forgets it."""
@@ -302,8 +335,15 @@ class WritePath:
         return False
 
     def forget(self, key: Any) -> None:
-        """The acknowledgement of ``key`` turned into an error: a retry must write again."""
+        """The acknowledgement of ``key`` turned into an error: a retry must write again, and
+        no pipelined append may follow it (nor any append its failed sync covered)."""
         self.done.pop(key, None)
+        self.last_written = None
+
+    def resume(self, lease: str, aid: str | None) -> None:
+        """After a restart: the holder ``lease`` awaited from the lease record last wrote the
+        append ``aid`` (its pipeline resent may go on from there)."""
+        self.last_written = (lease, aid)
 
     # Performing writes ---------------------------------------------------------------------
 
@@ -359,6 +399,13 @@ class WritePath:
         refusal = self.table.check_write(op.call.lane.uid, op.lease, op.fence, purpose=purpose)
         if refusal is not None:
             return self.answer(op, self.refused(op.call, *refusal).message, now)
+        if op.after is not None and self.last_written != (op.lease, op.after):
+            self.counters["pipeline_broken"] += 1
+            detail = (
+                f"the append before it in its pipeline ({op.after}) was not the last one "
+                "written under this lease; nothing was written"
+            )
+            return self.answer(op, self.refused(op.call, "pipeline_broken", detail).message, now)
         repair, self.tail_unchecked = self.tail_unchecked, False
         out = WriteOut(op, repair_tail=repair)
         if op.kind == "rewrite" and self.unsynced():
@@ -369,6 +416,8 @@ class WritePath:
         """``op``'s ``WriteOut`` was performed: tell the holder of an outside change, answer."""
         effects = self.adopted(op, outcome)
         reply: ReplyMessage
+        if op.kind == "rewrite" or outcome.error is not None or outcome.moved:
+            self.last_written = None  # a pipeline cannot go on past a rewrite or a failure
         if outcome.error is not None:
             reply = self.failed(op, outcome.error)
         elif outcome.moved:
@@ -387,6 +436,7 @@ class WritePath:
                 effects.append(Sync())  # the baseline benchmarks compare against
             self.counters["appends"] += 1
             self.counters["records"] += op.lines
+            self.last_written = (op.lease, op.aid)
             reply = Appended(
                 id=op.call.request.id, offset=outcome.offset, lines=op.lines, fence=op.fence
             )
@@ -402,6 +452,8 @@ class WritePath:
         if op.auto_release:
             effects.append(self.release_short_write(op, now))
         effects.append(Reply(op.call, reply, needs_sync=needs_sync))
+        for copy in self.copies_of(op):
+            effects.append(Reply(copy, reply, needs_sync=needs_sync))
         return effects
 
     def end_drain(self) -> list[WriteEffect]:
@@ -446,6 +498,7 @@ class WritePath:
             if op.auto_release:
                 effects.append(self.release_short_write(op, now))
             effects.append(self.refused(op.call, code, detail))
+            effects += [self.refused(copy, code, detail) for copy in self.copies_of(op)]
         return effects
 
     def adopted(self, op: WriteOp, outcome: WriteOutcome) -> list[WriteEffect]:
@@ -464,12 +517,33 @@ class WritePath:
     # Helpers -------------------------------------------------------------------------------
 
     def duplicate(self, call: LaneCall) -> list[WriteEffect] | None:
-        """A re-delivered append's first reply (queued behind it, if held), or None."""
-        dup = self.done.get(call_key(call))
-        if dup is None or call.request.id is None:
+        """A re-delivered append's first reply (queued behind it, if held), nothing yet if its
+        first copy still waits to be written (it is answered with that one's reply), or None:
+        not a duplicate."""
+        if call.request.id is None:
+            return None
+        key = call_key(call)
+        copies = self.waiting.get(key)
+        if copies is not None:
+            self.counters["duplicates"] += 1
+            copies.append(call)
+            return []
+        dup = self.done.get(key)
+        if dup is None:
             return None
         self.counters["duplicates"] += 1
         return [Reply(call, dup)]
+
+    def wait_for(self, call: LaneCall) -> None:
+        """An append is queued or pending: a copy delivered meanwhile waits for its answer."""
+        if call.request.id is not None:
+            self.waiting[call_key(call)] = []
+
+    def copies_of(self, op: WriteOp) -> list[LaneCall]:
+        """``op`` is answered: the copies of it delivered while it waited (none for a rewrite)."""
+        if op.kind != "append" or not self.waiting:
+            return []
+        return self.waiting.pop(call_key(op.call), [])
 
     def encode(self, call: LaneCall, records: list[Any]) -> tuple[bytes, int] | Reply:
         """The records as lines, or the refusal of records that cannot be written."""

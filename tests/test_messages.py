@@ -105,6 +105,7 @@ REQUESTS: list[BaseModel] = [
     Abandon(id=3, lane="agent:main:cron", path="/srv/s.jsonl", reason="hung"),
     Append(id=4, lease="ab12cd34-7", fence=7, records=[{"n": 1, "nested": {"a": [1, "x"]}}]),
     Append(id=5, lane="agent:main:dm", path="s.jsonl", records=[{}], durability="flush"),
+    Append(id=11, lease="ab12cd34-7", fence=7, records=[{}], aid="aid-0002", after="aid-0001"),
     Rewrite(id=6, lease="ab12cd34-8", fence=8, records=[{"summary": "compacted"}]),
     Recover(id=7, lane="recovery", path="s.jsonl", reason="stuck", grace_ms=5000),
     Status(id=8, path="s.jsonl"),
