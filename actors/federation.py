@@ -30,6 +30,8 @@ from sessionlane.actors.convention import (
     roots_overlap,
 )
 from sessionlane.actors.federation_serving import Serving, ServingHost
+from sessionlane.actors.holder_reclaim import HeldReclaims
+from sessionlane.messages import wire
 from sessionlane.messages.convention import (
     Admitted,
     Beat,
@@ -135,6 +137,7 @@ class Federation:
         timeout_ms: int,
         clock: Callable[[], float] = monotonic_ms,
         directory_file: str | None = None,
+        reclaim_grace_ms: int = 0,
     ) -> None:
         self.host = host
         self.clock = clock
@@ -159,6 +162,11 @@ class Federation:
         self.checkins_acked = 0
         self.rejoining = False
         self.claimed_at = float("-inf")
+        self.reclaim_ms = float(reclaim_grace_ms)
+        """How long a lane's reclaim of a lease on a lost member's file waits for that member
+        (plus ``timeout_ms``); 0: lanes are told at once (``sessionlane.actors.holder_reclaim``)."""
+        self.parked = HeldReclaims()
+        """Those reclaims, with when they give up."""
         self._table: dict[type, Callable[[Any, Any], None]] = {
             Admitted: self.on_admitted,
             Refused: self.on_refused,
@@ -280,6 +288,7 @@ class Federation:
                 del self.remotes[incarnation]
             else:
                 self.sign_of_life(remote)  # (re)admitted: it may be reachable again
+        self.unpark()  # a member back under a new incarnation is reached by a new relay
         # Remember who served the roots nobody serves now: their paths are unavailable, not
         # outside every root.
         keys = {m.key for m in self.members}
@@ -320,10 +329,19 @@ class Federation:
     def route(self, call: LaneCall) -> bool:
         """Forward ``call`` if another member owns its path (or refuse it if that member is
         lost); False when it is ours to serve."""
+        if isinstance(call.request, wire.Abandon) and self.parked:
+            for held in self.parked.cancel(call):
+                why = "the lane abandoned the path while its lease was being reclaimed"
+                self.host.refuse(held, self.parked.refusal(held, why))
         remote = self.remote_owner(call.path)
         if remote is None:
             return False
         if not self.reachable(remote):
+            request = call.request
+            if self.reclaim_ms > 0 and isinstance(request, wire.Acquire) and request.reclaim:
+                # The lane asks its lease back from a lost member: held until it answers.
+                self.parked.hold(call, self.clock() + self.reclaim_ms + self.timeout_ms)
+                return True
             self.host.refuse(call, self.unavailable(remote, call.request.id, call.path))
             return True
         use = remote.lanes.setdefault(addr_key(call.lane.address), _Use(call.lane.address))
@@ -341,6 +359,21 @@ class Federation:
         hop = Forwarded(origin=self.host.myAddress, link=remote.link, seq=seq, call=call)
         self.host.send(remote.relay, hop)
         return True
+
+    def unpark(self) -> None:
+        """Send the held reclaims whose member answers again; refuse those out of time."""
+        if not self.parked:
+            return
+        now = self.clock()
+        for until, call in self.parked.take():
+            remote = self.remote_owner(call.path)
+            if remote is not None and self.reachable(remote):
+                self.route(call)
+            elif remote is not None and now < until:
+                self.parked.hold(call, until)
+            else:
+                why = "the member serving this path did not answer again in the reclaim grace"
+                self.host.refuse(call, self.parked.refusal(call, why))
 
     def route_status(self, request: Status, reply_to: Any) -> bool:
         remote = self.remote_owner(request.path)
@@ -448,6 +481,7 @@ class Federation:
                 self.lose(remote, f"no answer for {silent:.0f} ms")
             else:
                 self.beat(remote)
+        self.unpark()
         self.arm()
 
     def on_beat(self, msg: Beat, sender: Any) -> None:
@@ -483,6 +517,7 @@ class Federation:
                 log.warning("member %s answers again", remote.member.key)
             remote.phase = "up"
             remote.backoff_ms = _BACKOFF_MIN_MS
+            self.unpark()
 
     def on_resolved(self, msg: Resolved, sender: Any) -> None:
         remote = self.remotes.get(msg.incarnation)
@@ -541,7 +576,8 @@ class Federation:
         )
         for use in uses.values():
             for path in sorted(use.paths):
-                self.host.send(use.address, FileRestarted(path=path))
+                lost = FileRestarted(path=path, owner_lost=self.reclaim_ms > 0)
+                self.host.send(use.address, lost)
         for _, item in sorted(sent.items()):
             if item.status is not None:
                 self.host.send(item.reply_to, unavailable_status(item.status, item.path))

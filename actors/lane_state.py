@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sessionlane.actors.holder_reclaim import HolderReclaims, Reclaiming
 from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall, LaneRef, LaneRequest
 from sessionlane.messages.wire import (
     Abandon,
@@ -31,6 +32,7 @@ from sessionlane.messages.wire import (
     Queued,
     Recover,
     Release,
+    Released,
     Reply,
     Revoked,
     Rewrite,
@@ -101,7 +103,9 @@ class _Fanout:
 
 
 class LaneState:
-    def __init__(self, ref: LaneRef, host: LaneHost) -> None:
+    def __init__(
+        self, ref: LaneRef, host: LaneHost, reclaims: HolderReclaims | None = None
+    ) -> None:
         self.ref = ref
         self.host = host
         self.pending: dict[Any, _Pending] = {}
@@ -110,6 +114,9 @@ class LaneState:
         self.internal_ids = 0
         self.closing: str | None = None
         self.finished = False
+        self.reclaims = HolderReclaims() if reclaims is None else reclaims
+        """Its leases' reclaim secrets, for when their file's member is lost (issue #22);
+        shared by the lanes of one client connection."""
 
     @property
     def uid(self) -> str:
@@ -138,6 +145,9 @@ class LaneState:
                 self.call(req, req.path, canonical=False)
             case Release() | Append() | Rewrite():
                 assert req.lease is not None
+                if (reclaiming := self.reclaims.holding_back(req.lease)) is not None:
+                    reclaiming.held.append((self, req))  # sent once the lease is back (or not)
+                    return
                 path = self.host.route_of(req.lease)
                 if path is not None:
                     self.call(req, path, canonical=True)
@@ -185,9 +195,20 @@ class LaneState:
             self.paths[msg.path] = True  # abandoned by its canonical path when the agent goes
         rid = reply.id
         if rid is None:  # an event
+            events = self.events(msg.path, reply)
+            for event in events:
+                if (
+                    isinstance(event, Revoked)
+                    and (ended := self.reclaims.gone(event.lease)) is not None
+                ):
+                    ended.lost()  # the owner told the holder itself: not twice
             if self.closing is None:
-                for event in self.events(msg.path, reply):
+                for event in events:
                     self.to_agent(event)
+            return
+        if self.reclaims.is_reclaim_id(rid):
+            self.pending.pop(rid, None)
+            self.reclaim_answered(msg)
             return
         if (fan := self.fanouts.pop(rid, None)) is not None:
             self.pending.pop(rid, None)
@@ -195,6 +216,13 @@ class LaneState:
             return
         pending = self.pending.get(rid)
         if pending is not None:
+            if isinstance(reply, Granted):
+                self.reclaims.granted(self, self.name, msg.path, reply, pending.request)
+            elif isinstance(reply, Released):
+                self.reclaims.released(reply.lease)
+            elif isinstance(reply, Abandoned):
+                for lease in reply.leases:
+                    self.reclaims.gone(lease)
             if isinstance(reply, Queued):
                 pending.path = msg.path
             else:
@@ -231,7 +259,7 @@ class LaneState:
 
         ``holder``: (lane uid, lease) of the lease on the file the host saw granted, if any."""
         detail = "the file's actor restarted before answering; the outcome is unknown"
-        self.file_lost(msg.path, msg.aliases, detail, holder)
+        self.file_lost(msg.path, msg.aliases, detail, holder, reclaim=msg.owner_lost)
 
     def channel_lost(self, msg: ChannelLost) -> None:
         """The channel to the file broke: what was in flight on it is lost, and the file
@@ -243,32 +271,102 @@ class LaneState:
         self.file_lost(msg.path, msg.aliases, detail, msg.holder)
 
     def file_lost(
-        self, path: str, aliases: list[str], detail: str, holder: tuple[str, str] | None
+        self,
+        path: str,
+        aliases: list[str],
+        detail: str,
+        holder: tuple[str, str] | None,
+        *,
+        reclaim: bool = False,
     ) -> None:
         """This lane's lease on ``path`` (``holder``, if it is this lane's) is revoked
         (``actor_restart``: the agent's remedy is the same), waiting acquires are sent again,
         unanswered writes are answered ``unknown_outcome`` and other unanswered requests
-        ``unavailable``, with ``detail``; ``aliases``: the spellings of ``path`` used."""
-        if holder is not None and holder[0] == self.uid:
+        ``unavailable``, with ``detail``; ``aliases``: the spellings of ``path`` used.
+
+        ``reclaim``: the file's member was lost, not only its actor: a lease whose secret the
+        lane knows is asked back instead (``sessionlane.actors.holder_reclaim``), and the
+        appends it had in flight wait for the answer."""
+        reclaiming: Reclaiming | None = None
+        if holder is not None and reclaim:
+            reclaiming = self.reclaims.start(holder[1])
+        if holder is not None and holder[0] == self.uid and reclaiming is None:
+            self.reclaims.gone(holder[1])
             self.to_agent(Revoked(lease=holder[1], path=path, reason="actor_restart"))
         for rid, pending in list(self.pending.items()):
             unanswered_here = pending.path is None and pending.raw in aliases
             if pending.path != path and not unanswered_here:
                 continue
+            request = pending.request
+            if isinstance(request, Append) and request.aid is not None:
+                waits = self.reclaims.holding_back(request.lease)
+                if waits is not None:
+                    waits.wait(self, rid)  # it may be written: sent again once reclaimed
+                    continue
             if rid in self.fanouts:
                 # An abandon the dead actor never answered: it held nothing there any more.
                 self.file_reply(
                     FileReply(path=path, message=Abandoned(id=rid, leases=[]), lane=self.uid)
                 )
-            elif isinstance(pending.request, Acquire | Recover):
-                self.call(pending.request, path, canonical=True)  # queue again
-            elif isinstance(pending.request, Append | Rewrite):
+            elif isinstance(request, Acquire | Recover):
+                self.call(request, path, canonical=True)  # queue again (a reclaim: ask again)
+            elif isinstance(request, Append | Rewrite):
                 del self.pending[rid]
                 wrote = f"{detail}: the write may be in the file, read it to know"
                 self.to_agent(Error(id=rid, code="unknown_outcome", detail=wrote, path=path))
             else:
                 del self.pending[rid]
                 self.to_agent(Error(id=rid, code="unavailable", detail=detail, path=path))
+        if reclaiming is not None and reclaiming.holder == self.uid and not reclaiming.sent:
+            reclaiming.sent = True
+            log.info(
+                "lane %s: the member of %s was lost; reclaiming lease %s",
+                self.name,
+                path,
+                reclaiming.lease,
+            )
+            self.call(reclaiming.acquire, path, canonical=True)
+
+    def reclaim_answered(self, msg: FileReply) -> None:
+        """The answer to a reclaim of the lane's own (see ``holder_reclaim``)."""
+        reclaiming = self.reclaims.answered(msg.message.id)
+        reply = msg.message
+        if reclaiming is None:
+            if isinstance(reply, Granted):
+                # Given up on meanwhile (its holder was told): let it go, never leak it.
+                release = Release(id=self.reclaims.next_id(), lease=reply.lease)
+                self.call(release, msg.path, canonical=True)
+            return  # decided already (the lease ended meanwhile), or the answer to that
+        if isinstance(reply, Granted):
+            log.info("lane %s: lease %s reclaimed from %s", self.name, reply.lease, msg.path)
+            reclaiming.back()
+            if self.closing is not None:
+                # The agent went while its lease was being reclaimed: let it go again.
+                self.internal_ids += 1
+                gone = Abandon(id=f"_gone{self.internal_ids}", lane=self.name, path=msg.path)
+                self.call(gone, msg.path, canonical=True)
+            return
+        why = getattr(reply, "detail", type(reply).__name__)
+        log.warning("lane %s: lease %s not reclaimed: %s", self.name, reclaiming.lease, why)
+        self.reclaims.gone(reclaiming.lease)
+        self.to_agent(Revoked(lease=reclaiming.lease, path=msg.path, reason="actor_restart"))
+        reclaiming.lost()
+
+    def resend(self, rid: Any, path: str) -> None:
+        """Send the pending request ``rid`` again: its lease was reclaimed."""
+        pending = self.pending.get(rid)
+        if pending is not None:
+            call = LaneCall(lane=self.ref, path=path, canonical=True, request=pending.request)
+            self.host.call(call)
+
+    def unknown(self, rid: Any, lease: str, path: str) -> None:
+        """The pending write ``rid`` may be in the file: its lease could not be reclaimed."""
+        if self.pending.pop(rid, None) is not None:
+            detail = (
+                f"lease {lease} could not be reclaimed after its member was lost:"
+                " the write may be in the file, read it to know"
+            )
+            self.to_agent(Error(id=rid, code="unknown_outcome", detail=detail, path=path))
 
     def uses(self, path: str) -> bool:
         """Whether this lane waits for an answer from ``path`` (held leases: the links know)."""

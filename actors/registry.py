@@ -447,7 +447,11 @@ class Registry(ShellActor):
             registry=self.myAddress,
         )
         self.federation = Federation(
-            self, me, msg.member_timeout_ms, directory_file=msg.directory_file
+            self,
+            me,
+            msg.member_timeout_ms,
+            directory_file=msg.directory_file,
+            reclaim_grace_ms=msg.reclaim_grace_ms,
         )
         self.federation.join(sender)
 

@@ -61,6 +61,9 @@ class Join(_Msg):
     key: str
     incarnation: str
     member_timeout_ms: int
+    reclaim_grace_ms: int = 0
+    """The service's ``reclaim_grace_ms``: how long a lane's reclaim of a lease on a lost
+    member's file waits for that member (plus ``member_timeout_ms``); 0: no such reclaim."""
     directory_file: str | None = None
     """On the leader only: where its directory keeps the table of members across restarts
     (``""``: nowhere)."""

@@ -270,6 +270,10 @@ class FileRestarted(_Internal):
     incarnation: int = 0
     """The incarnation that died (0: unknown), so a gateway that already saw its channel
     break does not handle the same death twice."""
+    owner_lost: bool = False
+    """The convention member owning ``path`` was lost (not only the file's actor): its holder's
+    lane asks for the lease back when the member answers again
+    (``sessionlane.actors.holder_reclaim``)."""
 
 
 class OpenChannel(_Internal):

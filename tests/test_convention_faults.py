@@ -30,6 +30,7 @@ from test_convention import (
     queued,
 )
 from test_partitions import paused
+from test_serve import turns
 from waiting import eventually
 
 from sessionlane.actors.convention import load_table, save_table
@@ -134,6 +135,40 @@ def test_a_restarted_leader_refuses_a_live_members_root_and_routes_to_it_again_o
     assert again["fence"] > held["fence"]
     on_c.send("wait_revoked", timeout=0)
     assert on_c.expect("revoked")[1]["reason"] is None, "c's lease was released, never revoked"
+
+
+@pytest.mark.tcp
+@pytest.mark.parametrize("owner", ["a", "b"], ids=["the leader", "another member"])
+def test_a_lease_on_a_file_of_a_member_killed_and_restarted_survives_with_its_fence(
+    convention: Convention, owner: str
+) -> None:
+    a, b, c = convention.start_three()
+    roots, ports = convention.roots, convention.ports
+    path = roots[owner] / "kept.jsonl"
+    holder = convention.agent(c, "holder")  # its member c keeps the lease's reclaim secret
+    holder.expect("ready")
+    held = holder.do("acquire", "granted", path=str(path))
+    holder.do("append", "appended", count=2)
+
+    {"a": a, "b": b}[owner].hard_kill()
+    killed_at = time.monotonic()
+    holder.send("append", count=1)  # in flight as its owner is gone: sent again once reclaimed
+    leader = None if owner == "a" else convention.leader
+    again = convention.serve(owner, roots[owner], admin_port=ports[owner], leader=leader, run="2")
+    again.wait_ready()
+    ready_at = time.monotonic()
+
+    appended_at, _ = holder.expect("appended", timeout=LINE_TIMEOUT_S)
+    print(
+        f"owner {owner} killed and restarted ({ready_at - killed_at:.2f} s): the append in"
+        f" flight answered {appended_at - ready_at:.2f} s after it was ready"
+    )
+    holder.do("append", "appended", count=1)
+    holder.send("wait_revoked", timeout=0)
+    assert holder.expect("revoked")[1]["reason"] is None, "never revoked"
+    assert turns(path) == [("holder", held["fence"], [0, 1, 0, 0])], (
+        "one turn, one fence, the append in flight written once"
+    )
 
 
 # Healing, with a fake host and clock (test_convention's) -----------------------------------------

@@ -148,3 +148,15 @@ def test_the_link_checker_catches_what_it_is_for(tmp_path: Path) -> None:
     assert relative_links(page) == ["../outside/x.md"]
     assert anchors(page) == {"title-the-race-one", "title-the-race-one-1"}
     assert slug("Benchmarks (`sessionlane bench`)") == "benchmarks-sessionlane-bench"
+
+
+def test_the_pages_name_the_logger_the_client_logs_to() -> None:
+    """A user configures logging by the name the guide gives: it must be the client's own."""
+    from sessionlane.system.client import _core
+
+    logger = _core.log.name
+    named = re.compile(r"(?:logs to|logger) `(sessionlane[.\w]*)`")
+    for page in (README, REPO / "docs" / "clients.md"):
+        names = named.findall(page.read_text())
+        assert names, f"{page.name} does not say where the client logs"
+        assert set(names) == {logger}, f"{page.name} names {names}, the client logs to {logger}"

@@ -493,8 +493,10 @@ def test_a_silent_client_loses_its_lease_after_about_three_keepalive_periods(
         [str(root)], log_file=tmp_path / "actors.log", keepalive_ms=KEEPALIVE_MS
     ) as svc:
         silent = connect(svc)
-        granted = silent.acquire("silent", path)
-        last_sent = time.monotonic()  # from here on it sends nothing, and keeps the socket
+        # The service's silence clock starts when the acquire arrives: no earlier than it was
+        # sent. Timed from the reply instead, a slow reply would shorten the measured silence.
+        last_sent = time.monotonic()
+        granted = silent.acquire("silent", path)  # from here on it sends nothing, keeps the socket
 
         waiter = connect(svc)
         rid = 100

@@ -4,8 +4,8 @@ Each member is ``sessionlane serve`` in a network namespace of this test's own, 
 pairs to a bridge in another namespace of its own, on a random private 10.x subnet (only
 addresses inside those namespaces; see :func:`test_convention.member_network`), with a shared
 ``cluster_key_file``. Contending clients (:data:`WORKER`, in a fifth namespace) take turns on a
-file of member b and one of member c, through every member, and log every step with the wall
-clock (all namespaces share this machine's clock). Faults, in order:
+file of each member, through every member, and log every step with the wall clock (all
+namespaces share this machine's clock). Faults, in order:
 
 1. a two-way partition of c (its veth on the bridge down);
 2. a one-way partition of b (everything b sends is dropped: blackhole routes in its namespace);
@@ -18,7 +18,9 @@ granted twice, acknowledged records lost or written twice, and holders whose lea
 to another without their being told (a ``revoked`` or an error on their next use), and
 ``path_not_allowed`` answers (every path used is under a member's root). It prints
 the time from each fault to the first ``unavailable`` through another member and to the first
-grant after the fault ended (healed).
+grant after the fault ended (healed), and how many leases on the leader's file, held through b
+and c, the leader's restart took from their holders (none: b and c reclaim them for their
+holders).
 
 Runs as root where ``ip netns`` works (skipped otherwise, with the reason); bounded (about a
 minute) and cleaned up whatever happens: the convention fixture kills every process group and
@@ -218,6 +220,18 @@ def never_told(history: History, grants: list[dict[str, Any]]) -> int:
     return untold
 
 
+def leases_lost(
+    history: History, watched: Callable[[str], bool], began: float, until: float
+) -> int:
+    """Leases of ``watched`` workers that ended in an error between ``began`` and ``until``."""
+    lost = {
+        e["lease"]
+        for e in history.of("error")
+        if watched(e["w"]) and e.get("lease") and began <= e["t"] <= until
+    }
+    return len(lost)
+
+
 def first(
     events: list[dict[str, Any]], after: float, test: Callable[[dict[str, Any]], bool]
 ) -> Any:
@@ -295,7 +309,7 @@ def test_three_members_under_partitions_pauses_and_a_leader_restart_never_have_t
     one_way = True
     a, b, c = convention.start_three()
     members: dict[str, MemberServe] = {"a": a, "b": b, "c": c}
-    files = {"b": convention.roots["b"] / "contended.jsonl", "c": convention.roots["c"] / "x.jsonl"}
+    files = {key: convention.roots[key] / f"{key}.jsonl" for key in "abc"}
     stop = tmp_path / "stop"
     logs: list[Path] = []
     workers: list[subprocess.Popen[bytes]] = []
@@ -337,8 +351,12 @@ def test_three_members_under_partitions_pauses_and_a_leader_restart_never_have_t
             f"{fault.name}: first refusal after {refused} s,"
             f" first grant {healed[fault.name]} s after it ended"
         )
+    leader = faults[-1]
+    took = leases_lost(history, to_owner_through_others("a"), leader.began, leader.ended + HEAL_S)
+    print(f"{leader.name}: leases on a's file held through b and c lost: {took}")
     print("checker:", counts)
     assert counts == dict.fromkeys(counts, 0), counts
+    assert took == 0, "a restarted owner's file keeps its holders (reclaimed by their member)"
     assert len(acked) > 50, "the clients made progress"
     assert all(t is not None for t in healed.values()), healed
 

@@ -38,6 +38,7 @@ from thespian.actors import (
 )
 
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
+from sessionlane.actors.holder_reclaim import HolderReclaims
 from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
 from sessionlane.actors.links import Links
 from sessionlane.messages.internal import (
@@ -121,6 +122,7 @@ class Gateway(ShellActor):
         self.by_uid: dict[str, tuple[Client, LaneState]] = {}  # lane uid -> its client, lane
         self.connection_lanes: dict[int, LaneState] = {}  # client id -> its lease-only lane
         self.prefixes: dict[int, str] = {}  # client id -> its lanes' uid prefix
+        self.reclaims: dict[int, HolderReclaims] = {}  # client id -> its leases' secrets
         self.statuses: dict[str, tuple[int, Any]] = {}  # gateway status id -> (client id, id)
         self.status_ids = 0
         self.registry: Any = None
@@ -261,7 +263,8 @@ class Gateway(ShellActor):
                 address=self.myAddress,
                 priority="interactive",
             )
-            lane = self.connection_lanes[client.id] = LaneState(ref, self)
+            lane = LaneState(ref, self, self.holder_reclaims(client))
+            self.connection_lanes[client.id] = lane
             self.by_uid[ref.uid] = (client, lane)
         lane.request(request)
 
@@ -279,13 +282,22 @@ class Gateway(ShellActor):
             ref = LaneRef(
                 uid=uid, name=name, address=self.myAddress, priority=priority or "interactive"
             )
-            lane = client.lanes[name] = LaneState(ref, self)
+            lane = client.lanes[name] = LaneState(ref, self, self.holder_reclaims(client))
             self.by_uid[uid] = (client, lane)
         lane.request(request)
+
+    def holder_reclaims(self, client: Client) -> HolderReclaims:
+        """The reclaim secrets of the leases ``client``'s lanes hold, shared by its lanes (a
+        request naming a lease comes through the connection's own lane)."""
+        found = self.reclaims.get(client.id)
+        if found is None:
+            found = self.reclaims[client.id] = HolderReclaims()
+        return found
 
     def on_closed(self, client: Client, reason: str) -> None:
         """A connection closed: its lanes abandon everything they hold or wait for."""
         self.prefixes.pop(client.id, None)
+        self.reclaims.pop(client.id, None)
         lanes = dict(client.lanes)
         if (own := self.connection_lanes.pop(client.id, None)) is not None:
             lanes["(connection)"] = own

@@ -360,6 +360,7 @@ class Service:
             key=self.member_key,
             incarnation=self.incarnation,
             member_timeout_ms=self.settings.member_timeout_ms,
+            reclaim_grace_ms=max(0, self.settings.reclaim_grace_ms),
             directory_file=directory_file,
         )
         asys.tell(registry, join)

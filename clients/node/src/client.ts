@@ -32,7 +32,14 @@ import net from 'node:net';
 import { EventEmitter } from 'node:events';
 
 import { anchor, defaultAddress, parseAddress, type Target } from './address.js';
-import { LeaseRevoked, SessionLaneError, Unauthorized, Unavailable, errorFor } from './errors.js';
+import {
+  LeaseRevoked,
+  SessionLaneError,
+  Unauthorized,
+  Unavailable,
+  UnknownOutcome,
+  errorFor,
+} from './errors.js';
 import { reclaimFields, resendable, waitedFields } from './reclaim.js';
 import {
   Lane,
@@ -734,7 +741,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     for (const [id, pending] of [...this.#pending.entries()]) {
       if (resendable(pending.type, pending.fields)) continue;
       this.#settled(id);
-      pending.reject(new Unavailable(`${reason} before the ${pending.type} reply`));
+      pending.reject(lostBeforeReply(pending, reason, 'connection_lost'));
     }
     for (const state of [...this.#leases.values()]) {
       if (state.secret !== null) {
@@ -843,10 +850,31 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     // Leases first: a caller woken by the rejection must already see its lease revoked.
     for (const state of leases) state.revoke(leaseReason);
     for (const [, waiter] of pending) {
-      waiter.reject(new Unavailable(`${reason} before the ${waiter.type} reply`, { cause }));
+      waiter.reject(lostBeforeReply(waiter, reason, leaseReason, cause));
     }
     this.emit('close', reason);
   }
+}
+
+/**
+ * What a request whose connection ended before its reply gets: a write (`append`, `rewrite`)
+ * was sent and may be in the file (`UnknownOutcome`, never "not written"; under a lease, with
+ * the lease's `reason`); anything else is `Unavailable`. As the Python client.
+ */
+function lostBeforeReply(
+  pending: Pick<Pending, 'type' | 'fields' | 'path'>,
+  reason: string,
+  leaseReason: string,
+  cause?: unknown,
+): SessionLaneError {
+  if (pending.type === 'append' || pending.type === 'rewrite') {
+    const underLease = typeof pending.fields['lease'] === 'string';
+    return new UnknownOutcome(
+      `${reason} before the ${pending.type} reply: it may or may not be in the file, read it to know`,
+      { cause, path: pending.path, reason: underLease ? leaseReason : null },
+    );
+  }
+  return new Unavailable(`${reason} before the ${pending.type} reply`, { cause });
 }
 
 function statusReport(reply: Reply): StatusReport {

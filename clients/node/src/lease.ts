@@ -512,7 +512,14 @@ function appendResult(reply: Reply): AppendResult {
 function withPath(err: SessionLaneError, path: string): SessionLaneError {
   const cls = err.constructor as new (
     detail: string,
-    options: { path: string; code: SessionLaneError['code']; cause: unknown },
+    options: {
+      path: string;
+      code: SessionLaneError['code'];
+      cause: unknown;
+      reason?: string | null;
+    },
   ) => SessionLaneError;
-  return new cls(err.detail, { path, code: err.code, cause: err.cause });
+  // A LeaseRevoked (UnknownOutcome, StaleFence) keeps its reason.
+  const reason = err instanceof LeaseRevoked ? { reason: err.reason } : {};
+  return new cls(err.detail, { path, code: err.code, cause: err.cause, ...reason });
 }
