@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import select
 import uuid
 from typing import Any
 
@@ -101,18 +100,6 @@ record nested about 500 deep exceeds the recursion limit, and thespian then drop
 """
 
 
-_DRAIN_ROUNDS = 8
-"""After serving the sockets a ``WatchMessage`` named: how many more times the gateway looks
-(one ``poll`` that does not wait) for sockets that became readable meanwhile, and serves them,
-before it hands control back to thespian's loop.
-
-A pass of that loop (its selector rebuilt, every thespian socket and timer visited, the message
-dispatched) costs more CPU than most requests it carries (``docs/hot-path.md``); under load a
-client's next frame or a file's reply has often arrived while the last one was served. The
-rounds are bounded so that thespian's own messages and timers wait at most that many batches.
-"""
-
-
 class Gateway(ShellActor):
     log = log
 
@@ -146,25 +133,13 @@ class Gateway(ShellActor):
 
     def receiveMessage(self, msg: Any, sender: Any) -> Any:
         super().receiveMessage(msg, sender)
-        fds = self.settle()
-        if isinstance(msg, WatchMessage):
-            for _ in range(_DRAIN_ROUNDS):
-                ready = readable_now(fds)
-                if not ready:
-                    break
-                super().receiveMessage(WatchMessage(ready), sender)
-                fds = self.settle()
-        return ThespianWatch(fds) if fds else None
-
-    def settle(self) -> list[int]:
-        """After a message: send what the links queued, plan their timers; the fds to watch."""
         fds = self.clients.fds()
         if self.links is not None:
             if self.links.flush():
                 self.clients.schedule_flush()
             self.schedule_links()
             fds += self.links.fds()
-        return fds
+        return ThespianWatch(fds) if fds else None
 
     # Starting and stopping -----------------------------------------------------------------
 
@@ -437,11 +412,3 @@ def _too_deep(records: list[Any]) -> str | None:
             elif isinstance(value, list):
                 stack.extend((v, depth + 1) for v in value)
     return None
-
-
-def readable_now(fds: list[int]) -> list[int]:
-    """Which of ``fds`` are readable (or hung up, or in error) right now; never waits."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    return [fd for fd, _ in poller.poll(0)]
