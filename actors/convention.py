@@ -10,7 +10,7 @@ on the member whose root holds the path.
 **Never two SessionFile actors for one path.** Three rules make it so:
 
 1. Only the owner creates. A Registry creates a SessionFile only for a path that canonicalises
-   inside *its own* roots (``Registry.serve``, unchanged from one machine), and on one member
+   inside *its own* roots (``Registry.open_here``, unchanged from one machine), and on one member
    there is one Registry (a ``globalName``) with one child per canonical path.
 2. Roots never overlap between admitted members. The leader runs one :class:`Directory` actor
    that admits members one ``Claim`` at a time (its mailbox serialises them). A claim with a root
@@ -21,38 +21,42 @@ on the member whose root holds the path.
    thespian reporting its system left the convention (a clean shutdown; for a vanished one,
    thespian waits three missed check-ins, about 22 minutes). Suspicion is not proof: a silent
    member keeps its roots until one of those happens.
-3. Calls are forwarded, never served, by non-owners, and forwarded at most once. A Registry
-   that gets a call for a path under another member's root hands it to a :class:`Relay`: an actor
+3. First contacts are forwarded, never served, by non-owners, and forwarded at most once. A
+   Registry that gets an ``OpenChannel`` for a path under another member's root hands it to a
+   :class:`Relay`: an actor
    it created with ``targetActorRequirements`` naming the owner's incarnation and root, which
    :meth:`Relay.actorSystemCapabilityCheck` lets only that one actor system host (never a
    refused newcomer, never a stale registration of a restarted member). The relay, living on
-   the owner, passes the call to the owner's Registry (looked up there by ``globalName``), which
-   serves it or refuses it but never forwards a ``Forwarded`` call again: two Registries that
+   the owner, passes it to the owner's Registry (looked up there by ``globalName``), which
+   serves it or refuses it but never forwards a ``Forwarded`` one again: two Registries that
    briefly disagree about the table cause a refusal, never a second owner or a loop.
 
-Replies and events go from the SessionFile straight to the Lane, whose address travels in the
-``LaneCall``; order per lane holds because every hop (Lane, Registry, Relay, owner's Registry,
-SessionFile) is one sender/target pair, which thespian keeps in order.
+The owner's file answers the lane's actor (a Lane, a gateway; its address travels in the
+``OpenChannel``) with a carried channel (``sessionlane.actors.carried``): the lane's calls
+then go to the file directly as channel frames in thespian messages, and the replies come
+straight back; no Registry or relay is on that path. Order per lane holds because a channel
+is one sender/target pair, which thespian keeps in order.
 
 **Member loss.** Each Registry sends a ``Beat`` through every relay it uses every
 ``member_timeout_ms / 4``; the owner's Registry answers ``BeatAck`` directly. The owner is lost
 when it stays silent for ``member_timeout_ms``, when the relay exits (``ChildActorExited``: a
 member that shuts down or leaves), when the relay cannot be created or reached
 (``PoisonMessage``), or when the directory's table no longer names that incarnation. Then, at
-once: every lane that used the member gets ``FileRestarted`` for each path it used there (the
-Lane reports its leases there ``revoked``, reason ``actor_restart``, and re-sends its pending
-acquires, which are now answered ``unavailable``); the first requests on a path that the
-member may never have received (sent since its last ``BeatAck``, so the Lane cannot yet match
-them to a canonical path) are answered ``unavailable`` here; and new calls for its roots get
-``unavailable`` at once, with a background probe (a fresh relay, exponential backoff) in case
-the member was only slow. One window is left: a first request the member received and had not
-answered yet when it died (a millisecond or so) is ended by the client's own reply timeout.
+once: every link actor that used the member gets ``FileRestarted`` for each path it used there,
+which loses its channel there (the lane reports its lease there ``revoked``, reason
+``actor_restart``, unanswered writes ``unknown_outcome``, other requests ``unavailable``, and
+re-sends its pending acquires, which are now answered ``unavailable``); a first contact the
+member may never have received (sent since its last ``BeatAck``) is answered with a refused
+offer (``unavailable``); and new first contacts for its roots get ``unavailable`` at once, with
+a background probe (a fresh relay, exponential backoff capped at 3 s) in case the member was
+only slow.
 The old relay is told to exit: if the owner was alive after all, the relay's exit makes it
 abandon our lanes' leases, so nothing stays held for a lane that was told it lost it.
 
 The same watchdog runs the other way: a relay whose origin falls silent for
 ``member_timeout_ms`` (the origin member died with its lanes) tells its Registry
-``OriginLost``, and the leases and waits of that origin's lanes are abandoned. A member that
+``OriginLost``, and the owner's files close the carried channels of that origin's link actors,
+abandoning their lanes' leases and waits. A member that
 comes back is a new incarnation; once the directory admits it, every Registry gets the new
 table and its next call creates a new relay. Its fences continue upward: they are persisted per
 path in the fence sidecars (``sessionlane.actors.fencestore``), not kept in memory.

@@ -1,8 +1,11 @@
-"""The Registry's side of a convention: routing calls to the member that owns their path.
+"""The Registry's side of a convention: sending first contacts to the member that owns a path.
 
 :class:`Federation` is a plain object the Registry holds (its :class:`Host`): it keeps the
 member table, a relay per remote member used, the beats that watch them, and what to answer
-when one is lost. The owner side (other members' lanes using our paths) is its part
+when one is lost. It carries no call: a lane's ``OpenChannel`` for a path another member owns
+goes to that member's Registry (``Forwarded``), whose file offers the lane's actor a carried
+channel; the lane's calls then go to the file directly (``sessionlane.actors.carried``).
+The owner side (other members' lanes using our paths) is its part
 :class:`sessionlane.actors.federation_serving.Serving`. The rules it follows are stated in
 :mod:`sessionlane.actors.convention`.
 """
@@ -31,7 +34,6 @@ from sessionlane.actors.convention import (
 )
 from sessionlane.actors.federation_serving import Serving, ServingHost
 from sessionlane.actors.holder_reclaim import HeldReclaims
-from sessionlane.messages import wire
 from sessionlane.messages.convention import (
     Admitted,
     Beat,
@@ -51,8 +53,8 @@ from sessionlane.messages.convention import (
     RelayInit,
     Resolved,
 )
-from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall
-from sessionlane.messages.wire import Append, Error, FileStatus, Rewrite, Status, StatusReply
+from sessionlane.messages.internal import ChannelOffer, FileRestarted, OpenChannel
+from sessionlane.messages.wire import FileStatus, Status, StatusReply
 
 __all__ = ["Federation", "Host", "unavailable_status"]
 
@@ -80,8 +82,6 @@ class Host(ServingHost, Protocol):
 
     def updateCapability(self, capabilityName: Any, capabilityValue: Any = None) -> None: ...
 
-    def refuse(self, call: LaneCall, error: Error) -> None: ...
-
 
 Phase = Literal["starting", "up", "probing", "lost"]
 
@@ -92,10 +92,8 @@ class _Sent:
 
     path: str
     lane: Any = None
-    lane_uid: str = ""
-    request_id: Any = None
-    canonical: bool = False
-    write: bool = False
+    """The link actor whose ``OpenChannel`` this was (answered if the member is lost)."""
+    nonce: int = 0
     status: Status | None = None
     reply_to: Any = None
 
@@ -326,54 +324,47 @@ class Federation:
             self.maybe_probe(remote)
         return remote.phase in ("starting", "up")
 
-    def route(self, call: LaneCall) -> bool:
-        """Forward ``call`` if another member owns its path (or refuse it if that member is
-        lost); False when it is ours to serve."""
-        if isinstance(call.request, wire.Abandon) and self.parked:
-            for held in self.parked.cancel(call):
-                why = "the lane abandoned the path while its lease was being reclaimed"
-                self.host.refuse(held, self.parked.refusal(held, why))
-        remote = self.remote_owner(call.path)
+    def route_open(self, msg: OpenChannel, asker: Any) -> bool:
+        """Send ``msg`` (from the link actor ``asker``) to the member that owns its path, whose
+        file then offers ``asker`` a carried channel (or refuse it if that member is lost);
+        False when the path is ours to serve. A first contact whose first call is a reclaim
+        (``msg.reclaim``) of a lease on a lost member's file waits for that member instead."""
+        remote = self.remote_owner(msg.path)
         if remote is None:
             return False
+        key = addr_key(asker)
+        if not msg.reclaim and self.parked.cancel(key, msg.path):
+            log.info("%s no longer waits to reclaim a lease on %s", asker, msg.path)
         if not self.reachable(remote):
-            request = call.request
-            if self.reclaim_ms > 0 and isinstance(request, wire.Acquire) and request.reclaim:
-                # The lane asks its lease back from a lost member: held until it answers.
-                self.parked.hold(call, self.clock() + self.reclaim_ms + self.timeout_ms)
+            if self.reclaim_ms > 0 and msg.reclaim:
+                self.parked.hold(key, msg, asker, self.clock() + self.reclaim_ms + self.timeout_ms)
                 return True
-            self.host.refuse(call, self.unavailable(remote, call.request.id, call.path))
+            self.host.send(asker, self.refused_offer(remote, msg.path, msg.nonce))
             return True
-        use = remote.lanes.setdefault(addr_key(call.lane.address), _Use(call.lane.address))
-        use.paths.update({call.path, os.path.normpath(call.path)})
+            return True
+        use = remote.lanes.setdefault(addr_key(asker), _Use(asker))
+        use.paths.update({msg.path, os.path.normpath(msg.path)})
         seq = self.next_seq(remote)
-        if call.request.id is not None:
-            remote.unconfirmed[seq] = _Sent(
-                path=call.path,
-                lane=call.lane.address,
-                lane_uid=call.lane.uid,
-                request_id=call.request.id,
-                canonical=call.canonical,
-                write=isinstance(call.request, Append | Rewrite),
-            )
-        hop = Forwarded(origin=self.host.myAddress, link=remote.link, seq=seq, call=call)
+        remote.unconfirmed[seq] = _Sent(path=msg.path, lane=asker, nonce=msg.nonce)
+        ask = msg.model_copy(update={"reply_to": asker, "carried": True})
+        hop = Forwarded(origin=self.host.myAddress, link=remote.link, seq=seq, open=ask)
         self.host.send(remote.relay, hop)
         return True
 
     def unpark(self) -> None:
-        """Send the held reclaims whose member answers again; refuse those out of time."""
+        """Send the held first contacts whose member answers again; refuse those out of time."""
         if not self.parked:
             return
         now = self.clock()
-        for until, call in self.parked.take():
-            remote = self.remote_owner(call.path)
+        for until, msg, asker in self.parked.take():
+            remote = self.remote_owner(msg.path)
             if remote is not None and self.reachable(remote):
-                self.route(call)
+                self.route_open(msg, asker)
             elif remote is not None and now < until:
-                self.parked.hold(call, until)
+                self.parked.hold(addr_key(asker), msg, asker, until)
             else:
                 why = "the member serving this path did not answer again in the reclaim grace"
-                self.host.refuse(call, self.parked.refusal(call, why))
+                self.host.send(asker, self.parked.refusal(msg, why))
 
     def route_status(self, request: Status, reply_to: Any) -> bool:
         remote = self.remote_owner(request.path)
@@ -395,24 +386,17 @@ class Federation:
         self.host.send(remote.relay, hop)
         return True
 
-    def lane_closed(self, address: Any, uid: str = "") -> None:
-        """A lane of ours closed: the owners it used forget it.
-
-        A gateway's lane (``uid`` set) shares its address with the gateway's other lanes, so
-        the address stays known here (for ``FileRestarted``); only that lane is forgotten.
-        """
+    def lane_closed(self, address: Any) -> None:
+        """A Lane actor of ours closed (its channels closed themselves): the owners it used
+        forget it. A gateway's lanes never close this way: their channels are the gateway's."""
         key = addr_key(address)
         for remote in self.remotes.values():
-            used = remote.lanes.get(key) is not None
-            if used and not uid:
-                del remote.lanes[key]
-            if used and remote.phase in ("starting", "up"):
+            if remote.lanes.pop(key, None) is not None and remote.phase in ("starting", "up"):
                 hop = ForwardedClose(
                     origin=self.host.myAddress,
                     link=remote.link,
                     seq=self.next_seq(remote),
                     lane=address,
-                    uid=uid,
                 )
                 self.host.send(remote.relay, hop)
 
@@ -576,29 +560,24 @@ class Federation:
         )
         for use in uses.values():
             for path in sorted(use.paths):
-                lost = FileRestarted(path=path, owner_lost=self.reclaim_ms > 0)
+                lost = FileRestarted(path=path, aliases=[path], owner_lost=self.reclaim_ms > 0)
                 self.host.send(use.address, lost)
         for _, item in sorted(sent.items()):
             if item.status is not None:
                 self.host.send(item.reply_to, unavailable_status(item.status, item.path))
-            elif not item.canonical and item.lane is not None:
-                # The lane learns a path's canonical name from the first reply; until then
-                # FileRestarted cannot find this request, so it is answered here.
-                error = self.unavailable(remote, item.request_id, item.path)
-                if item.write:
-                    detail = f"{error.detail} after the write was sent: read the file to know"
-                    error = error.model_copy(update={"code": "unknown_outcome", "detail": detail})
-                reply = FileReply(path=item.path, message=error, lane=item.lane_uid)
-                self.host.send(item.lane, reply)
+            elif item.lane is not None:
+                # A first contact the member may never have received: its calls wait in the
+                # link for the offer, which is this refusal (sent nothing: ``unavailable``).
+                self.host.send(item.lane, self.refused_offer(remote, item.path, item.nonce))
 
     @staticmethod
-    def unavailable(remote: _Remote | Member, request_id: Any, path: str) -> Error:
-        """The refusal for a path of a lost (or departed) member."""
+    def refused_offer(remote: _Remote | Member, path: str, nonce: int) -> ChannelOffer:
+        """The answer to a first contact with a path of a lost (or departed) member."""
         if isinstance(remote, Member):
             detail = f"the member that served this path ({remote.key}) left the convention"
         else:
             detail = f"the member serving this path ({remote.member.key}) is unreachable"
-        return Error(id=request_id, code="unavailable", detail=detail, path=path)
+        return ChannelOffer(path=path, nonce=nonce, reason=detail, code="unavailable")
 
 
 def unavailable_status(request: Status, path: str) -> StatusReply:

@@ -1,9 +1,13 @@
 """The owner side of a convention: other members' lanes that use this member's paths.
 
 :class:`Serving` is part of :class:`sessionlane.actors.federation.Federation` (the Registry's side
-of a convention). It serves the calls other members forward here, acknowledges their beats, and
-when one of them is lost (``OriginLost``) abandons what its lanes held or waited for here, so
-a dead member's lanes never keep a path. It owns the table of origins; nothing else reads it.
+of a convention). It has the files other members' lanes first contact offer them a carried
+channel (``Forwarded``: the Registry activates the file, which answers the lane's actor with a
+``ChannelOffer``; the lane's calls then go to the file directly, as channel frames carried by
+thespian's authenticated transport), acknowledges their beats, and when an origin is lost
+(``OriginLost``) has each file close the channels of that origin's lanes, which abandons what
+they held or waited for there: a dead member's lanes never keep a path. It owns the table of
+origins (which link actors each origin's channels serve, on which paths); nothing else reads it.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from sessionlane.messages.convention import (
     OriginLost,
     Resolved,
 )
-from sessionlane.messages.internal import LaneCall, LaneRef
-from sessionlane.messages.wire import Abandon, Status
+from sessionlane.messages.internal import OpenChannel
+from sessionlane.messages.wire import Status
 
 __all__ = ["Serving", "ServingHost"]
 
@@ -37,8 +41,12 @@ class ServingHost(Protocol):
 
     def send(self, target: Any, message: Any) -> None: ...
 
-    def serve(self, call: LaneCall) -> str | None:
-        """Serve ``call`` here (never forward it); the canonical path, or None if refused."""
+    def open_here(self, msg: OpenChannel) -> str | None:
+        """Have the file offer ``msg.reply_to`` a channel here (never forward it); the
+        canonical path, or None if refused (and answered)."""
+
+    def drop_peers(self, path: str, peers: list[Any], reason: str) -> None:
+        """Have the file of ``path`` close the channels of ``peers`` (link actors)."""
 
     def status_to(self, request: Status, reply_to: Any) -> None: ...
 
@@ -52,7 +60,8 @@ class _Origin:
     """Another member's Registry whose lanes use our paths."""
 
     address: Any
-    lanes: dict[str, tuple[LaneRef, set[str]]] = field(default_factory=dict)
+    peers: dict[str, tuple[Any, set[str]]] = field(default_factory=dict)
+    """addr_key(link actor) -> (its address, the canonical paths it was offered)."""
 
 
 class Serving:
@@ -71,29 +80,19 @@ class Serving:
         return found
 
     def on_forwarded(self, msg: Forwarded, sender: Any) -> None:
-        call = msg.call
-        canonical = self.host.serve(call)
+        asker = msg.open.reply_to
+        canonical = self.host.open_here(msg.open)
         if canonical is None:
             return
-        # Keyed by lane, not by address: the gateway hosts many lanes at one address.
-        _, paths = self._origin(msg).lanes.setdefault(
-            f"{addr_key(call.lane.address)}|{call.lane.uid}", (call.lane, set())
-        )
+        # Keyed by the link's actor: a gateway's lanes share one channel per file.
+        _, paths = self._origin(msg).peers.setdefault(addr_key(asker), (asker, set()))
         paths.add(canonical)
-        if not call.canonical and canonical != call.path:
-            resolved = Resolved(
-                incarnation=self.me.incarnation, lane=call.lane.address, path=canonical
-            )
+        if canonical != msg.open.path:
+            resolved = Resolved(incarnation=self.me.incarnation, lane=asker, path=canonical)
             self.host.send(msg.origin, resolved)
 
     def on_forwarded_close(self, msg: ForwardedClose, sender: Any) -> None:
-        lanes = self._origin(msg).lanes
-        if msg.uid:
-            lanes.pop(f"{addr_key(msg.lane)}|{msg.uid}", None)
-            return  # the gateway's other lanes still use its address
-        prefix = f"{addr_key(msg.lane)}|"
-        for key in [k for k in lanes if k.startswith(prefix)]:
-            del lanes[key]
+        self._origin(msg).peers.pop(addr_key(msg.lane), None)
         self.host.lane_closed(msg.lane)
 
     def on_forwarded_status(self, msg: ForwardedStatus, sender: Any) -> None:
@@ -106,17 +105,18 @@ class Serving:
 
     def on_origin_lost(self, msg: OriginLost, sender: Any) -> None:
         origin = self._origins.pop(addr_key(msg.origin), None)
-        if origin is None or not origin.lanes:
+        if origin is None or not origin.peers:
             return
         log.warning(
-            "origin %s lost (%s): abandoning what its %d lanes hold or wait for here",
+            "origin %s lost (%s): closing the channels of its %d lane actors",
             msg.origin,
             msg.reason,
-            len(origin.lanes),
+            len(origin.peers),
         )
-        for ref, paths in origin.lanes.values():
-            for path in sorted(paths):
-                if not self.host.is_active(path):
-                    continue  # passivated: it held nothing
-                abandon = Abandon(lane=ref.name, path=path, reason=f"member lost: {msg.reason}")
-                self.host.serve(LaneCall(lane=ref, path=path, canonical=True, request=abandon))
+        by_path: dict[str, list[Any]] = {}
+        for address, paths in origin.peers.values():
+            for path in paths:
+                by_path.setdefault(path, []).append(address)
+        for path in sorted(by_path):
+            if self.host.is_active(path):  # a passivated file held nothing
+                self.host.drop_peers(path, by_path[path], f"member lost: {msg.reason}")

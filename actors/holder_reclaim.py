@@ -4,9 +4,11 @@ In a convention a lease on a file of another member is held through this lane's 
 that owner member is lost (killed, restarted, cut off), the file's actor with it, the lane
 does not give the lease up at once: it keeps the reclaim secret the grant carried and, as a
 client riding out a restart of its own service does (``docs/restarts.md``), asks the owner for
-the lease back (``Acquire.reclaim``) on its holder's behalf. The Registry's federation holds
-that acquire until the owner answers again (``Federation.route``), for at most the reclaim
-grace plus ``member_timeout_ms``. Granted: the same lease and fence, the appends that were in
+the lease back (``Acquire.reclaim``) on its holder's behalf. Its link asks for a channel
+again, saying its first call is a reclaim (``OpenChannel.reclaim``), and the Registry's
+federation holds that first contact until the owner answers again
+(``Federation.route_open``), for at most the reclaim grace plus ``member_timeout_ms``; the
+reclaim then goes over the new channel. Granted: the same lease and fence, the appends that were in
 flight at the loss are sent again with their ``aid`` (the owner answers one it already wrote
 from its lease record), then the requests the agent made meanwhile. Refused, or too late: the
 holder is told ``revoked`` (``actor_restart``), as it was before this existed.
@@ -18,7 +20,7 @@ reclaim ends there and that is the one event.
 :class:`HolderReclaims` keeps the tickets (one per lease granted with a secret to a lane of
 one client connection) and the reclaims in progress; the connection's lanes
 (:class:`sessionlane.actors.lane_state.LaneState`) drive it. :class:`HeldReclaims` is the
-Registry's part: the reclaims waiting for their member.
+Registry's part: the first contacts of those reclaims, waiting for their member.
 """
 
 from __future__ import annotations
@@ -26,11 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sessionlane.messages.internal import LaneCall, LaneRequest
+from sessionlane.messages.internal import ChannelOffer, LaneRequest, OpenChannel
 from sessionlane.messages.wire import (
-    Abandon,
     Acquire,
-    Error,
     Granted,
     Priority,
     Purpose,
@@ -190,39 +190,30 @@ class HolderReclaims:
 
 
 class HeldReclaims:
-    """The Registry's side (``Federation``): lanes' reclaims held until their lost member
-    answers again, or until they give up (in arrival order)."""
+    """The Registry's side (``Federation``): first contacts (``OpenChannel``) of links whose
+    first call is a reclaim, held until the lost member answers again, or until they give up.
+    One per link actor and path: a link asking again (its open timed out) replaces its own."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[float, LaneCall]] = []
+        self.opens: dict[tuple[str, str], tuple[float, OpenChannel, Any]] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.calls)
+        return bool(self.opens)
 
-    def hold(self, call: LaneCall, until: float) -> None:
-        self.calls.append((until, call))
+    def hold(self, key: str, msg: OpenChannel, asker: Any, until: float) -> None:
+        """Hold ``msg`` of ``asker`` (``key``: its ``addr_key``); a re-ask keeps the deadline."""
+        held = self.opens.get((key, msg.path))
+        self.opens[(key, msg.path)] = (held[0] if held else until, msg, asker)
 
-    def take(self) -> list[tuple[float, LaneCall]]:
+    def cancel(self, key: str, path: str) -> bool:
+        """The link asked again without a reclaim (its lane let the path go): drop its hold."""
+        return self.opens.pop((key, path), None) is not None
+
+    def take(self) -> list[tuple[float, OpenChannel, Any]]:
         """All of them, to be sent, held again or refused."""
-        calls, self.calls = self.calls, []
-        return calls
-
-    def cancel(self, abandon: LaneCall) -> list[LaneCall]:
-        """The lane of ``abandon`` lets the path go (its agent went): its reclaims there, taken
-        out, to be refused."""
-        assert isinstance(abandon.request, Abandon)
-        path, lane = abandon.request.path, abandon.lane
-        gone: list[LaneCall] = []
-        keep: list[tuple[float, LaneCall]] = []
-        for until, call in self.calls:
-            mine = call.lane.uid == lane.uid and call.lane.address == lane.address
-            if mine and (path is None or call.path == path):
-                gone.append(call)
-            else:
-                keep.append((until, call))
-        self.calls = keep
-        return gone
+        opens, self.opens = list(self.opens.values()), {}
+        return opens
 
     @staticmethod
-    def refusal(call: LaneCall, why: str) -> Error:
-        return Error(id=call.request.id, code="unavailable", detail=why, path=call.path)
+    def refusal(msg: OpenChannel, why: str) -> ChannelOffer:
+        return ChannelOffer(path=msg.path, nonce=msg.nonce, reason=why, code="unavailable")

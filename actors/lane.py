@@ -3,8 +3,10 @@
 A thin shell over ``LaneState`` (see there for what a lane does) and ``Links`` (how calls reach
 files): the lane's calls go to the path's SessionFile over that file's channel, exactly as the
 gateway's lanes' do. The Registry resolves the path and hands out the channel; it carries no
-call, except on a base that cannot watch sockets (``simpleSystemBase``) and for a path another
-convention member serves. Replies and events go back to the agent as ``LaneOutput``.
+call. Where no socket can go (a path another convention member serves, a base that cannot
+watch sockets such as ``simpleSystemBase``) the same frames are carried in thespian messages
+(``CarriedReplies`` here, ``sessionlane.actors.carried``). Replies and events go back to the
+agent as ``LaneOutput``.
 
 The actor returns a ``ThespianWatch`` on its channel sockets from every ``receiveMessage``, so
 thespian's select loop wakes it when a file answers; nothing blocks (see ``Links``).
@@ -20,12 +22,19 @@ import logging
 from typing import Any
 
 from pydantic import ValidationError
-from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
+from thespian.actors import (
+    ActorExitRequest,
+    PoisonMessage,
+    ThespianWatch,
+    WakeupMessage,
+    WatchMessage,
+)
 
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
 from sessionlane.actors.links import Links
 from sessionlane.actors.timers import ChannelFlush, CloseTimeout, LinksDue
+from sessionlane.messages.carried import CarriedCalls, CarriedReplies
 from sessionlane.messages.errors import ErrorCode
 from sessionlane.messages.internal import (
     AgentGone,
@@ -83,10 +92,11 @@ class Lane(ShellActor):
             Rewrite: self.on_request,
             Recover: self.on_request,
             ChannelOffer: self.on_channel_offer,
+            CarriedReplies: self.on_carried,
             WatchMessage: self.on_watch,
-            FileReply: self.on_file_reply,
             FileRestarted: self.on_file_restarted,
             AgentGone: self.on_agent_gone,
+            PoisonMessage: self.on_poison,
             WakeupMessage: self.on_wakeup,
             ActorExitRequest: self.on_exit,
         }
@@ -130,16 +140,21 @@ class Lane(ShellActor):
     def on_channel_offer(self, msg: ChannelOffer, sender: Any) -> None:
         self.links.on_offer(msg)
 
+    def on_carried(self, msg: CarriedReplies, sender: Any) -> None:
+        self.links.on_carried(msg)
+
     def on_watch(self, msg: WatchMessage, sender: Any) -> None:
         for fd in msg.ready:
             if self.links.owns(fd):
                 self.links.on_ready(fd)
 
-    def on_file_reply(self, msg: FileReply, sender: Any) -> None:
-        self.links.on_reply(msg)
-
     def on_file_restarted(self, msg: FileRestarted, sender: Any) -> None:
         self.links.on_restarted(msg)
+
+    def on_poison(self, msg: PoisonMessage, sender: Any) -> None:
+        log.error("undeliverable %s: %s", type(msg.poisonMessage).__name__, msg.details)
+        if isinstance(msg.poisonMessage, CarriedCalls):
+            self.links.undeliverable(msg.poisonMessage)
 
     def on_agent_gone(self, msg: AgentGone, sender: Any) -> None:
         if self.state is not None and self.state.agent_gone(msg.reason):

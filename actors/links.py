@@ -5,19 +5,21 @@ The gateway never resolves a path itself: the Registry does, once, in answer to 
 ``OpenChannel``, and the link is keyed by that answer (see ``Links``).
 
 A link starts ``opening``: the gateway asks the Registry for a channel (``OpenChannel``; the
-Registry resolves, confines and activates exactly as for a call) and queues the path's calls
-meanwhile. The SessionFile answers with a ``ChannelOffer``; the gateway connects to it, says
-hello with the offer's token, and once welcomed sends the queued calls and every later one
-straight over the channel (``sessionlane.messages.channel``): one socket hop each way instead of
-five thespian messages. A path the Registry refuses (outside the roots, no capacity, the
-service draining) or whose file could not activate is answered from the refusal itself (the
-offer's ``code`` and ``reason``), and the next call for it asks again: a refused path has no
-route of its own. Only a path another convention member serves, or a base that cannot watch
-sockets (``simpleSystemBase``), gets a ``registry`` link: its calls go through the Registry as
-``LaneCall``.
+Registry resolves, confines and activates the file, or has the convention member that owns
+the path do so) and queues the path's calls meanwhile. The SessionFile answers with a
+``ChannelOffer``; the gateway connects to it, says hello with the offer's token, and once
+welcomed sends the queued calls and every later one straight over the channel
+(``sessionlane.messages.channel``): one socket hop each way instead of five thespian messages.
+The offer names a socket, or the file's actor for a *carried* channel (the same frames in
+thespian messages, ``sessionlane.actors.carried``): from another convention member's host, and
+on a base that cannot watch sockets (``simpleSystemBase``). Either way the link is the same
+state machine, and no call goes through the Registry. A path the Registry refuses (outside the
+roots, no capacity, the service draining, its member lost) or whose file could not activate
+is answered from the refusal itself (the offer's ``code`` and ``reason``), and the next call
+for it asks again: a refused path has no route of its own.
 
 Order per lane and file holds because a path's calls use one route at a time: queued while
-opening, then all on the channel (or all through the Registry). A link changes route only when
+opening, then all on the channel. A link changes route only when
 nothing of it is in flight: a channel the gateway closes is idle (no lane holds a lease on
 the path or waits for an answer from it), and a channel that breaks has lost whatever was in
 flight: the lanes are told so (``sessionlane.actors.lane_state.ChannelLost``, its own event):
@@ -38,6 +40,10 @@ the holder's lane reports it (``revoked``, ``actor_restart``), and why a channel
 is held is not closed as idle. A route two files collide on (64 bits: practically never) routes
 nothing: their lease-only requests are refused as not held here, never misrouted.
 
+Over 600 lines: one state machine for both carriers (the carried end itself is
+``sessionlane.actors.carried``) and for a reclaim's first contact; splitting it would split
+the link's life across modules.
+
 The channel's socket is an ``sessionlane.actors.endpoint.FramedSocket``; nothing here blocks: the
 connect is non-blocking (an ``AF_UNIX`` connect completes at once or fails, a full backlog
 included, and is then asked for again), and output is queued and written by ``flush``.
@@ -51,9 +57,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from sessionlane.actors.carried import CarriedEnd, split_frames
 from sessionlane.actors.endpoint import OUT_OF_DESCRIPTORS, FramedSocket, connect_unix
 from sessionlane.actors.lane_state import ChannelLost
 from sessionlane.actors.paths import lease_route, route_of_lease
+from sessionlane.messages.carried import CarriedCalls, CarriedReplies
 from sessionlane.messages.channel import (
     ChannelReply,
     ChannelWelcome,
@@ -72,6 +80,7 @@ from sessionlane.messages.internal import (
 from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
+    Acquire,
     Error,
     Granted,
     Released,
@@ -89,8 +98,8 @@ _RETRY_MS = 20.0
 _OPEN_TIMEOUT_MS = 2_000.0
 """Ask again if no offer came in this long (the request went to an actor that died)."""
 _MAX_SPELLINGS = 4096
-"""Spellings remembered (with their links); past it an unknown one's calls go through the
-Registry, which resolves each."""
+"""Spellings remembered (with their links); past it those of resolved links are forgotten
+(asked again when used again), and with that many still unresolved a new one is refused."""
 
 
 class LinkHost(Protocol):
@@ -114,7 +123,7 @@ class LinkHost(Protocol):
         """Whether any lane waits for an answer from ``path`` (held leases: ``grants``)."""
 
 
-Mode = Literal["opening", "connecting", "channel", "registry"]
+Mode = Literal["opening", "connecting", "channel"]
 
 
 @dataclass
@@ -132,18 +141,19 @@ class _Link:
     """The canonical path, the Registry's answer (until ``resolved``: the spelling asked)."""
     mode: Mode
     resolved: bool = True
-    """Whether the Registry answered: with the canonical path, or by refusing the spelling
-    (its calls then go through the Registry, which answers each)."""
+    """Whether the Registry answered with the canonical path."""
     nonce: int = 0
     asked_at: float = 0.0
     retry_at: float | None = None
     queue: list[LaneCall] = field(default_factory=list)
-    end: FramedSocket | None = None
+    end: FramedSocket | CarriedEnd | None = None
     incarnation: int = 0
     handled: int = 0
     """The latest incarnation whose death the lanes were told of."""
     raws: set[str] = field(default_factory=set)
     last_used: float = 0.0
+    asked_reclaim: bool = False
+    """Whether the last ``OpenChannel`` said a reclaim waits (``OpenChannel.reclaim``)."""
     idle_ms: float | None = None
     """Close the channel after this long unused: half the file's own idle time, from its
     offer (None: the links' default)."""
@@ -170,10 +180,10 @@ class Links:
         self.held: dict[str, list[LaneCall]] = {}
         """Lanes with a call on a link not yet resolved: their later calls, in order."""
         self.by_fd: dict[int, _Link] = {}
+        self.carried: dict[int, _Link] = {}
+        """Links whose channel is carried by messages (``sessionlane.actors.carried``), by id."""
         self.by_nonce: dict[int, _Link] = {}
         self.nonces = itertools.count(1)
-        self.registry_lanes: set[str] = set()
-        """Lanes that sent a call through the Registry: it must hear when they close."""
         self.grants: dict[str, _Grant] = {}
         """Canonical path -> the lease held there, granted through these links."""
         self.routes: dict[str, str | None] = {}
@@ -213,11 +223,6 @@ class Links:
             case Abandoned(leases=leases) if grant is not None and grant.lease in leases:
                 del self.grants[path]
 
-    def on_reply(self, reply: FileReply) -> None:
-        """A file's reply that came through the Registry route: observed, then delivered."""
-        self.observe(reply)
-        self.host.deliver(reply)
-
     def lost_holder(self, path: str) -> tuple[str, str] | None:
         """Forget the lease held on ``path`` (its file or channel is gone): (lane, lease)."""
         grant = self.grants.pop(path, None)
@@ -244,35 +249,61 @@ class Links:
         if link is None:
             link = self.open(call)
             if link is None:
-                self.via_registry(call)  # too many spellings: the Registry resolves each call
+                detail = f"{_MAX_SPELLINGS} paths wait for their first answer: retry in a moment"
+                error = Error(id=call.request.id, code="unavailable", detail=detail, path=call.path)
+                self.host.deliver(FileReply(path=call.path, message=error, lane=call.lane.uid))
                 return
         link.last_used = self.clock()
         if not link.resolved:
             link.queue.append(call)
             self.held.setdefault(call.lane.uid, [])
             return
+        if isinstance(call.request, Abandon) and link.mode == "opening":
+            self.abandon_reclaims(link, call)
         self.send_on(link, call)
+        if link.mode == "opening" and _is_reclaim(call) and not link.asked_reclaim:
+            self.ask(link)  # asked before the reclaim came: a lost member would refuse it
+
+    def abandon_reclaims(self, link: _Link, abandon: LaneCall) -> None:
+        """``abandon``'s lane lets the path go while its reclaim waits for the link (for a lost
+        member): the reclaim is refused here, and the Registry asked again without it (which
+        ends the wait there)."""
+        mine = [c for c in link.queue if _is_reclaim(c) and c.lane.uid == abandon.lane.uid]
+        if not mine:
+            return
+        link.queue = [c for c in link.queue if c not in mine]
+        why = "the lane abandoned the path while its lease was being reclaimed"
+        for call in mine:
+            error = Error(id=call.request.id, code="unavailable", detail=why, path=call.path)
+            self.host.deliver(FileReply(path=call.path, message=error, lane=call.lane.uid))
+        if not any(_is_reclaim(c) for c in link.queue):
+            self.ask(link)
 
     def open(self, call: LaneCall) -> _Link | None:
         """A new link for ``call``'s path, asking the Registry for a channel."""
         if call.canonical:
             link = self.links[call.path] = _Link(path=call.path, mode="opening")
-        elif len(self.spellings) >= _MAX_SPELLINGS:
+        elif len(self.spellings) >= _MAX_SPELLINGS and not self.prune_spellings():
             return None
         else:
             link = _Link(path=call.path, mode="opening", resolved=False, raws={call.path})
             self.spellings[call.path] = link
-        self.ask(link)
+        self.ask(link, call)
         return link
 
+    def prune_spellings(self) -> bool:
+        """Forget the spellings of resolved links (a spelling used again is asked again and
+        joins its link); whether any was forgotten."""
+        known = [raw for raw, link in self.spellings.items() if link.resolved]
+        for raw in known:
+            del self.spellings[raw]
+        return bool(known)
+
     def send_on(self, link: _Link, call: LaneCall) -> None:
-        match link.mode:
-            case "opening" | "connecting":
-                link.queue.append(call)
-            case "channel":
-                self.send_call(link, call)
-            case "registry":
-                self.via_registry(call)
+        if link.mode == "channel":
+            self.send_call(link, call)
+        else:
+            link.queue.append(call)
 
     def release(self, calls: list[LaneCall]) -> None:
         """A link was resolved: ``calls`` went on; their lanes' held-back calls follow."""
@@ -280,23 +311,23 @@ class Links:
             for later in self.held.pop(uid, []):
                 self.call(later)
 
-    def via_registry(self, call: LaneCall) -> None:
-        self.registry_lanes.add(call.lane.uid)
-        self.host.send(self.host.registry, call)
-
     def send_call(self, link: _Link, call: LaneCall) -> None:
         lane = call.lane
         assert link.end is not None
         link.end.queue(call_frame(lane.uid, lane.name, lane.priority, call.request))
 
-    def ask(self, link: _Link) -> None:
-        """Ask the Registry for a channel to ``link``'s file (again)."""
+    def ask(self, link: _Link, first: LaneCall | None = None) -> None:
+        """Ask the Registry for a channel to ``link``'s file (again); ``first``: a call about to
+        be queued on it. Whether a queued call is a reclaim is said (``OpenChannel.reclaim``)."""
         self.by_nonce.pop(link.nonce, None)
         link.mode, link.retry_at = "opening", None
         link.nonce = next(self.nonces)
         link.asked_at = self.clock()
         self.by_nonce[link.nonce] = link
-        self.host.send(self.host.registry, OpenChannel(path=link.path, nonce=link.nonce))
+        reclaim = any(_is_reclaim(call) for call in (*link.queue, *([first] if first else [])))
+        link.asked_reclaim = reclaim
+        ask = OpenChannel(path=link.path, nonce=link.nonce, reclaim=reclaim)
+        self.host.send(self.host.registry, ask)
 
     # From the Registry and the files -------------------------------------------------------
 
@@ -313,14 +344,11 @@ class Links:
             link = self.resolve(link, offer.canonical)
             if link.mode != "opening":
                 return  # merged into a link that is past this
-        if offer.address is None or offer.canonical != link.path:
-            if offer.address is not None:
-                log.warning(
-                    "channel offer for %s names %s: routing it through the registry",
-                    link.path,
-                    offer.canonical,
-                )
-            self.to_registry(link)
+        channel = offer.address is not None or offer.file is not None
+        if not channel or offer.canonical != link.path:
+            log.error("an offer for %s names no channel to it: %s", link.path, offer)
+            detail = "the file's actor offered no usable channel: retry in a moment"
+            self.refused(link, offer.model_copy(update={"code": "unavailable", "reason": detail}))
             return
         self.connect(link, offer)
 
@@ -343,6 +371,11 @@ class Links:
 
     def connect(self, link: _Link, offer: ChannelOffer) -> None:
         """Connect to the offered channel (without blocking) and queue the hello."""
+        if offer.file is not None:
+            end = CarriedEnd(offer.file, link.path, self.host.send)
+            self.carried[id(link)] = link
+            self.greet(link, end, offer)
+            return
         assert offer.address is not None
         try:
             sock = connect_unix(offer.address)
@@ -357,12 +390,17 @@ class Links:
             log.debug("channel to %s refused (%s): asking again", link.path, exc)
             link.retry_at = self.clock() + _RETRY_MS
             return
-        link.end = FramedSocket(sock, _MAX_CHANNEL_FRAME, read_budget=_RECV_BYTES)
-        link.end.queue(hello_frame(offer.token))
+        socket_end = FramedSocket(sock, _MAX_CHANNEL_FRAME, read_budget=_RECV_BYTES)
+        self.by_fd[socket_end.fd] = link
+        self.greet(link, socket_end, offer)
+
+    def greet(self, link: _Link, end: FramedSocket | CarriedEnd, offer: ChannelOffer) -> None:
+        """Queue the hello on ``link``'s new channel end; the welcome opens it."""
+        link.end = end
+        end.queue(hello_frame(offer.token))
         link.incarnation = offer.incarnation
         link.idle_ms = offer.idle_ms / 2 if offer.idle_ms else None
         link.mode = "connecting"
-        self.by_fd[link.end.fd] = link
 
     def refused(self, link: _Link, offer: ChannelOffer) -> None:
         """The Registry refused the path, or its file's actor could not activate (another
@@ -376,22 +414,12 @@ class Links:
             self.host.deliver(FileReply(path=call.path, message=error, lane=call.lane.uid))
         self.release(queued)
 
-    def to_registry(self, link: _Link) -> None:
-        """Route ``link``'s calls through the Registry (unresolved: the Registry refused the
-        spelling before resolving it; it answers each call the same way)."""
-        link.mode = "registry"
-        queued, link.queue = link.queue, []
-        link.resolved = True  # nothing more to learn: its calls no longer wait
-        for call in queued:
-            self.via_registry(call)
-        self.release(queued)
-
     def on_restarted(self, msg: FileRestarted) -> None:
         """The Registry restarted ``msg.path``'s actor (or lost its convention member)."""
         link = self.links.get(msg.path)
         if link is None:  # maybe one still waiting for its offer, by a spelling
             link = next((self.spellings[a] for a in msg.aliases if a in self.spellings), None)
-        if link is None or link.mode == "registry":
+        if link is None:
             self.host.restarted(msg, self.lost_holder(msg.path))
             return
         if link.mode == "opening":
@@ -401,7 +429,7 @@ class Links:
             return
         if msg.incarnation and msg.incarnation < link.incarnation:
             return  # an older death, handled when it happened
-        self.lost(link, "the registry reports its actor restarted")
+        self.lost(link, "the registry reports its actor restarted", msg)
 
     def fds(self) -> list[int]:
         return list(self.by_fd)
@@ -409,9 +437,36 @@ class Links:
     def owns(self, fd: int) -> bool:
         return fd in self.by_fd
 
+    def on_carried(self, msg: CarriedReplies) -> None:
+        """Frames a file's actor carried to us: handled exactly as a socket's."""
+        link = self.links.get(msg.path)
+        if link is None or not isinstance(link.end, CarriedEnd):
+            return  # a channel given up on (its frames answer nothing any more)
+        if msg.incarnation != link.incarnation:
+            return  # from an earlier actor of the file, whose death was handled
+        end = link.end
+        try:
+            for body in split_frames(msg.frames, _MAX_CHANNEL_FRAME):
+                if link.end is not end:
+                    return  # lost while handling an earlier frame
+                self.on_frame(link, decode_from_file(body))
+        except FrameDecodeError as exc:
+            log.error("bad frame on the carried channel to %s: %s", link.path, exc)
+            self.lost(link, "bad frame")
+            return
+        if msg.closed and link.end is end:
+            self.lost(link, f"channel closed by the file's actor: {msg.closed}")
+
+    def undeliverable(self, msg: CarriedCalls) -> None:
+        """thespian could not deliver frames we carried: that channel is lost (the lanes learn
+        what was in flight, as for a socket that broke)."""
+        link = self.links.get(msg.path)
+        if link is not None and isinstance(link.end, CarriedEnd):
+            self.lost(link, "frames to the file's actor could not be delivered")
+
     def on_ready(self, fd: int) -> None:
         link = self.by_fd.get(fd)
-        if link is None or link.end is None:
+        if link is None or not isinstance(link.end, FramedSocket):
             return
         end = link.end
         got = end.read()
@@ -448,8 +503,9 @@ class Links:
         self.observe(reply)
         self.host.deliver(reply)
 
-    def lost(self, link: _Link, reason: str) -> None:
-        """The channel broke (or was refused): close it; the lanes learn what was lost."""
+    def lost(self, link: _Link, reason: str, restarted: FileRestarted | None = None) -> None:
+        """The channel broke (or was refused, or ``restarted`` says its file's actor or member
+        is gone): close it; the lanes learn what was lost, then it is asked for again."""
         was = link.mode
         self.close_socket(link)
         if was == "connecting":
@@ -461,19 +517,28 @@ class Links:
         incarnation = link.incarnation
         log.warning("channel to %s (incarnation %d) lost: %s", link.path, incarnation, reason)
         link.handled = max(link.handled, incarnation)
+        link.mode = "opening"  # what the lanes send now (a reclaim, say) waits for the new one
+        holder = self.lost_holder(link.path)
+        if restarted is not None:  # the Registry's word: its file's actor (or member) is gone
+            names = {"path": link.path, "aliases": sorted(link.raws)}
+            self.host.restarted(restarted.model_copy(update=names), holder)
+        else:
+            lost = ChannelLost(
+                path=link.path,
+                aliases=sorted(link.raws),
+                incarnation=incarnation,
+                reason=reason,
+                holder=holder,
+            )
+            self.host.channel_lost(lost)
         self.ask(link)
-        lost = ChannelLost(
-            path=link.path,
-            aliases=sorted(link.raws),
-            incarnation=incarnation,
-            reason=reason,
-            holder=self.lost_holder(link.path),
-        )
-        self.host.channel_lost(lost)
 
     def close_socket(self, link: _Link) -> None:
-        if link.end is not None:
+        """Close ``link``'s channel end, whichever carries it."""
+        if isinstance(link.end, FramedSocket):
             self.by_fd.pop(link.end.fd, None)
+        self.carried.pop(id(link), None)
+        if link.end is not None:
             link.end.close()
         link.end = None
 
@@ -482,8 +547,11 @@ class Links:
     def flush(self) -> bool:
         """Write what the channels have queued; True when some output is left."""
         left = False
+        for link in list(self.carried.values()):
+            if isinstance(link.end, CarriedEnd):
+                link.end.flush()
         for link in list(self.by_fd.values()):
-            if link.end is None:
+            if not isinstance(link.end, FramedSocket):
                 continue
             error = link.end.flush()
             if error is not None:
@@ -551,3 +619,7 @@ class Links:
 
     def __iter__(self) -> Iterator[_Link]:
         return iter(self.every())
+
+
+def _is_reclaim(call: LaneCall) -> bool:
+    return isinstance(call.request, Acquire) and call.request.reclaim is not None

@@ -5,8 +5,8 @@ contact with a file comes through here (``OpenChannel``): the path is resolved a
 the roots (refused in the ``ChannelOffer`` with ``path_not_allowed`` otherwise, nothing
 created), the SessionFile is created on first use as this actor's child (so a crash reaches us
 as ``ChildActorExited``), and the request is forwarded to it, which offers its channel; the
-lanes' requests then go over that channel. A ``LaneCall`` comes here only for a path another
-convention member serves (``Federation``) or on a base that cannot watch sockets. Passivation
+lanes' requests then go over that channel (a socket, or carried in thespian messages where no
+socket can go: ``sessionlane.actors.carried``), never through here. Passivation
 is race-free: a SessionFile that has been idle (no holder, queue, traffic or open channel)
 reports how many messages it received, and is retired only if that equals the number
 forwarded to it, so nothing can be in flight to an actor that exits.
@@ -31,9 +31,10 @@ one more file is refused ``too_many_files`` and the live files go on. Running ou
 descriptors here is a refusal too (``sessionlane.actors.capacity``): a file is activated only with
 descriptors to spare, and a child thespian could not start is never restarted in a loop.
 
-In a convention (``Join``, sent by the Service) the Registry also routes: a call for a path
-under another member's root is forwarded to that member's Registry, and calls forwarded to us
-are served here and never forwarded again. That part, and why no path ever gets two
+In a convention (``Join``, sent by the Service) the Registry also routes first contacts: an
+``OpenChannel`` for a path under another member's root goes to that member's Registry, whose
+file offers the asker a carried channel; first contacts forwarded to us are served here and
+never forwarded again. That part, and why no path ever gets two
 SessionFiles across the convention, is ``sessionlane.actors.federation.Federation``.
 """
 
@@ -53,6 +54,7 @@ from sessionlane.actors.paths import canonicalize
 from sessionlane.actors.registry_records import FileEntry, Gather, Gathers
 from sessionlane.actors.session_file import SessionFile
 from sessionlane.actors.timers import GatherTimeout, SuccessorWait
+from sessionlane.messages.carried import CarriedLost
 from sessionlane.messages.convention import Join, Member
 from sessionlane.messages.errors import ErrorCode, PathNotAllowed
 from sessionlane.messages.internal import (
@@ -64,18 +66,16 @@ from sessionlane.messages.internal import (
     Drain,
     Drained,
     FileInit,
-    FileReply,
     FileRestarted,
     FileStatusAnswer,
     FileStatusQuery,
     HoldersAwaited,
     IdleNotice,
-    LaneCall,
     LaneClosed,
     OpenChannel,
     StatusQuery,
 )
-from sessionlane.messages.wire import Abandon, Abandoned, Error, Status, StatusReply
+from sessionlane.messages.wire import Error, Status, StatusReply
 
 __all__ = ["REGISTRY_NAME", "Registry"]
 
@@ -116,7 +116,6 @@ class Registry(ShellActor):
             PoisonMessage: self.on_poison,
             Configure: self.on_configure,
             AwaitHolders: self.on_await_holders,
-            LaneCall: self.on_call,
             OpenChannel: self.on_open_channel,
             IdleNotice: self.on_idle,
             ActivationFailed: self.on_activation_failed,
@@ -170,89 +169,59 @@ class Registry(ShellActor):
 
     # Routing -------------------------------------------------------------------------------
 
-    def on_call(self, call: LaneCall, sender: Any) -> None:
-        if self.federation is not None and self.serving() and self.federation.route(call):
-            return
-        self.serve(call)
-
     def serving(self) -> bool:
         return self.config is not None and not self.draining
 
-    def serve(self, call: LaneCall) -> str | None:
-        """Serve ``call`` on this member (never forward it): resolve, activate, pass it on.
-
-        Returns the canonical path, or None when the call was refused (and answered).
-        """
-        rid = call.request.id
-        if self.config is None or self.draining:
-            code: ErrorCode = "shutting_down" if self.draining else "unavailable"
-            self.refuse(call, Error(id=rid, code=code, detail="the registry is not serving"))
-            return None
-        path = call.path
-        if not call.canonical:
-            try:
-                path = canonicalize(call.path, self.config.roots, self.config.suffixes)
-            except PathNotAllowed as exc:
-                err = Error(id=rid, code="path_not_allowed", detail=exc.detail, path=call.path)
-                self.refuse(call, err)
-                return None
-        entry = self.files.get(path)
-        if entry is None and isinstance(call.request, Abandon):
-            # Nothing is held on a file without a live actor: never start (or create) a file
-            # just to abandon nothing (a closing lane abandons every path it ever named).
-            done = FileReply(path=path, message=Abandoned(id=rid, leases=[]), lane=call.lane.uid)
-            self.send(call.lane.address, done)
-            return None
-        if entry is None:
-            if (full := self.capacity_refusal(path)) is not None:
-                self.refuse(call, Error(id=rid, code="too_many_files", detail=full, path=path))
-                return None
-            entry = self.activate(path)
-        entry.forwarded += 1
-        entry.lanes[addr_key(call.lane.address)] = call.lane.address
-        if not call.canonical and len(entry.aliases) < _MAX_ALIASES:
-            entry.aliases.add(call.path)
-        self.forward(entry, call.model_copy(update={"path": path, "canonical": True}))
-        return path
-
     def on_open_channel(self, msg: OpenChannel, sender: Any) -> None:
-        """Activate the file of ``msg.path`` and have it offer the gateway a direct channel.
+        """A lane's first contact with ``msg.path``: served here, or by its convention owner."""
+        federation = self.federation
+        if federation is not None and self.serving() and federation.route_open(msg, sender):
+            return
+        self.open_here(msg.model_copy(update={"reply_to": sender}))
 
-        Refused when this member does not serve the path: an offer without an address, whose
-        ``code`` and ``reason`` answer the calls that waited for it (not serving, a path outside
-        the roots, no capacity), or, for a path under another convention member's root, an
-        offer without a code: the lanes then reach that member through this Registry.
+    def open_here(self, msg: OpenChannel) -> str | None:
+        """Activate the file of ``msg.path`` and have it offer ``msg.reply_to`` a channel
+        (never forwarded again); the canonical path, or None when refused.
+
+        A refusal is an offer without a channel, whose ``code`` and ``reason`` answer the calls
+        that waited for it: not serving, a path outside the roots, no capacity.
         """
+        asker = msg.reply_to
 
-        def refuse(reason: str, code: ErrorCode | None) -> None:
+        def refuse(reason: str, code: ErrorCode) -> None:
             offer = ChannelOffer(path=msg.path, nonce=msg.nonce, reason=reason, code=code)
-            self.send(sender, offer)
+            self.send(asker, offer)
 
         if not self.serving():
             refuse(
                 "the registry is not serving", "shutting_down" if self.draining else "unavailable"
             )
-            return
+            return None
         assert self.config is not None
-        if self.federation is not None and self.federation.remote_owner(msg.path) is not None:
-            refuse("another member serves this path", None)
-            return
         try:
             path = canonicalize(msg.path, self.config.roots, self.config.suffixes)
         except PathNotAllowed as exc:
             refuse(exc.detail, "path_not_allowed")
-            return
+            return None
         entry = self.files.get(path)
         if entry is None:
             if (full := self.capacity_refusal(path)) is not None:
                 refuse(full, "too_many_files")
-                return
+                return None
             entry = self.activate(path)
         entry.forwarded += 1
-        entry.lanes[addr_key(sender)] = sender
+        entry.lanes[addr_key(asker)] = asker
         if path != msg.path and len(entry.aliases) < _MAX_ALIASES:
             entry.aliases.add(msg.path)
-        self.forward(entry, msg.model_copy(update={"reply_to": sender}))
+        self.forward(entry, msg)
+        return path
+
+    def drop_peers(self, path: str, peers: list[Any], reason: str) -> None:
+        """The convention member of ``peers`` is lost: the file closes their channels."""
+        entry = self.files.get(path)
+        if entry is not None:
+            entry.forwarded += 1
+            self.forward(entry, CarriedLost(path=path, peers=tuple(peers), reason=reason))
 
     def is_active(self, path: str) -> bool:
         return path in self.files
@@ -273,10 +242,6 @@ class Registry(ShellActor):
                 "descriptors or processes): retry in a moment"
             )
         return fd_headroom()
-
-    def refuse(self, call: LaneCall, error: Error) -> None:
-        reply = FileReply(path=call.path, message=error, lane=call.lane.uid)
-        self.send(call.lane.address, reply)
 
     def activate(self, path: str, restarts: deque[float] | None = None) -> FileEntry:
         """A new entry for ``path``; its actor starts now, or once its predecessor is gone."""
@@ -424,10 +389,9 @@ class Registry(ShellActor):
             self.send(lane, restarted)
 
     def on_lane_closed(self, msg: LaneClosed, sender: Any) -> None:
-        if not msg.uid:  # a gateway's lane: its address stays in use by its other lanes
-            self.lane_closed(msg.address)
+        self.lane_closed(msg.address)
         if self.federation is not None:
-            self.federation.lane_closed(msg.address, msg.uid)
+            self.federation.lane_closed(msg.address)
 
     def lane_closed(self, address: Any) -> None:
         key = addr_key(address)
@@ -516,11 +480,7 @@ class Registry(ShellActor):
         del self.files[entry.path]
         pending, entry.pending = entry.pending, []
         for message in pending:
-            if isinstance(message, LaneCall):
-                detail = "the service is stopping"
-                error = Error(id=message.request.id, code="shutting_down", detail=detail)
-                self.refuse(message, error)
-            elif isinstance(message, OpenChannel):
+            if isinstance(message, OpenChannel):
                 reason, code = "the service is stopping", "shutting_down"
                 offer = ChannelOffer(
                     path=message.path, nonce=message.nonce, reason=reason, code=code

@@ -1,7 +1,8 @@
 """SessionFile: the one actor of one canonical path. Every grant and every write goes through it.
 
-A thin shell: it turns ``LaneCall`` messages into calls on its parts and performs the effects
-they return (durable fence reservations, replies and events to lanes, syncs, wakeups).
+A thin shell: it turns channel calls (``on_channel_events``, from a socket or carried in a
+message) into calls on its parts and performs the effects they return (durable fence
+reservations, replies and events to lanes, syncs, wakeups).
 Writes are checked against the current lease and fence when they are performed; a write that
 fails the check changes nothing.
 
@@ -19,7 +20,8 @@ each owning its state:
   effects (writes, fdatasync, the legacy lock) and reports their outcomes;
 * ``TranscriptSync`` and ``GroupCommit`` (``sessionlane.actors.session_file_commit``): what is not
   synced yet, and the acknowledgements held until an fdatasync covers them;
-* ``FileChannels`` (``sessionlane.actors.session_file_channels``): the gateway's direct channels.
+* ``FileChannels`` (``sessionlane.actors.session_file_channels``): the direct channels of the
+  gateway and the Lane actors, on a socket or carried in thespian messages.
 
 This module is the shell: the handler table, lifecycle, calls, effects, timers (typed:
 ``sessionlane.actors.timers``), passivation and status. It holds the one clock, ``now()``
@@ -31,6 +33,9 @@ Ownership follows the path: before every call or timer that may grant or write, 
 checks that the owner lock at the file's path is still the one held (``Serving.keep_ownership``;
 docs/security-files.md). A lock that moved is taken again; one another process holds ends the
 serving (``lose_file``): leases revoked ``ownership_lost``, the actor retires as a broken one.
+
+Over 600 lines: the channels' entry points (one for both carriers) joined the shell before
+the core/shell split moves the deciding parts out of it.
 
 Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires ``idle_ms`` after
 the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
@@ -49,7 +54,7 @@ from sessionlane.actors import lease_table as lt
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import named_disk_error
-from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed
+from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed, ChannelEvent
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.ownership import OwnedElsewhere
 from sessionlane.actors.passivation import Passivation
@@ -84,6 +89,7 @@ from sessionlane.actors.session_file_writes import (
 )
 from sessionlane.actors.timers import ChannelFlush, CommitDue, IdleCheck, LeaseTick, LegacyRetry
 from sessionlane.messages import wire
+from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import (
     ActivationFailed,
@@ -117,8 +123,8 @@ class SessionFile(ShellActor):
     group_commit: ClassVar[bool] = True
     """Benchmarks set this to False (before the actor system forks) to sync every append."""
     channels: ClassVar[bool] = True
-    """Benchmarks set this to False (before the actor system forks) to measure the actor route:
-    every ``OpenChannel`` is then answered without an address."""
+    """Set to False (before the actor system forks) to offer no socket: every ``OpenChannel``
+    is then answered with a carried channel (the frames in thespian messages)."""
 
     def __init__(self, capabilities: dict[str, Any] | None = None, *args: Any, **kwargs: Any):
         # thespian passes ``capabilities`` by name only to a positional-or-keyword parameter.
@@ -136,8 +142,9 @@ class SessionFile(ShellActor):
     def handlers(self) -> dict[type, Handler]:
         return {
             FileInit: self.on_init,
-            LaneCall: self.on_call,
             OpenChannel: self.on_open_channel,
+            CarriedCalls: self.on_carried,
+            CarriedLost: self.on_carried_lost,
             FileStatusQuery: self.on_status,
             WakeupMessage: self.on_wakeup,
             WatchMessage: self.on_watch,
@@ -177,6 +184,7 @@ class SessionFile(ShellActor):
                 log.exception("group commit of %s failed", self.path)
                 pass_end = False
             closed, arm = s.channels.flush()
+            self.send_carried(s)
             if arm:
                 self.wakeupAfter(FLUSH_RETRY_S, payload=ChannelFlush())
             if not closed:
@@ -234,6 +242,7 @@ class SessionFile(ShellActor):
         self.commit(s)
         self.state = Broken("unavailable", "the file's actor is exiting")
         s.close()
+        self.send_carried(s)
 
     def on_drain(self, msg: Drain, sender: Any) -> None:
         s = self.state
@@ -246,10 +255,6 @@ class SessionFile(ShellActor):
         self.send(sender, Drained(files=1))
 
     # Calls ---------------------------------------------------------------------------------
-
-    def on_call(self, call: LaneCall, sender: Any) -> None:
-        self.from_registry()
-        self.serve(call)
 
     def from_registry(self, *, activity: bool = True) -> None:
         """Count a message the Registry forwarded; ``activity=False``: a status query."""
@@ -352,6 +357,7 @@ class SessionFile(ShellActor):
         s.channels.flush()  # the revocations go out before the channels close
         self.state = broken
         s.close()
+        self.send_carried(s)
 
     # Effects -------------------------------------------------------------------------------
 
@@ -466,27 +472,57 @@ class SessionFile(ShellActor):
         reply_to = msg.reply_to if msg.reply_to is not None else sender
         s = self.state
         if isinstance(s, Serving):
-            offer = s.channels.offer(msg)
+            offer = s.channels.offer(msg, self.myAddress)
         else:
-            code = None if s is NOT_STARTED else s.code
-            offer = refused_offer(msg, self.path or None, s.detail, code)
+            offer = refused_offer(msg, self.path or None, s.detail, s.code)
         self.send(reply_to, offer)
+
+    def on_carried(self, msg: CarriedCalls, sender: Any) -> None:
+        """Channel frames carried by a message: handled exactly as a socket's."""
+        s = self.state
+        if not isinstance(s, Serving):
+            if not msg.closing:
+                why = f"the file is not serving: {s.detail}"
+                self.send(sender, CarriedReplies(msg.path, self.incarnation, b"", closed=why))
+            return
+        self.on_channel_events(s, s.channels.on_carried(msg, sender))
+
+    def on_carried_lost(self, msg: CarriedLost, sender: Any) -> None:
+        """From the Registry: these peers' member is lost; what their lanes held is let go."""
+        self.from_registry()
+        s = self.state
+        if not isinstance(s, Serving):
+            return
+        for ref in s.channels.on_carried_lost(msg):
+            self.on_channel_closed(s, ChannelClosed(ref), msg.reason, tell=True)
+
+    def send_carried(self, s: Serving) -> None:
+        for address, message in s.channels.take_carried():
+            self.send(address, message)
 
     def on_watch(self, msg: WatchMessage, sender: Any) -> None:
         """Channel sockets first (their calls join this pass), then the end of the pass."""
         s = self.state
         if not isinstance(s, Serving):
             return
-        for event in s.channels.on_ready(msg.ready):
+        self.on_channel_events(s, s.channels.on_ready(msg.ready))
+        if self.state is not s:
+            return
+        ready_fd = s.commit.ready_fd
+        if ready_fd is not None and ready_fd in msg.ready and s.commit.pass_ended():
+            self.decide(s)
+
+    def on_channel_events(
+        self, s: Serving, events: list[ChannelEvent], why: str = "the gateway's channel closed"
+    ) -> None:
+        """Calls and closes from a channel, whichever carried them; ``why``: a close's reason."""
+        for event in events:
             if self.state is not s:  # the file was lost to another owner: its channels closed
                 return
             if isinstance(event, ChannelCallEvent):
                 self.on_channel_call(s, event)
             else:
-                self.on_channel_closed(s, event)
-        ready_fd = s.commit.ready_fd
-        if ready_fd is not None and ready_fd in msg.ready and s.commit.pass_ended():
-            self.decide(s)
+                self.on_channel_closed(s, event, why)
 
     def on_channel_call(self, s: Serving, event: ChannelCallEvent) -> None:
         """A call on a channel: served like a ``LaneCall`` but not counted in ``received``."""
@@ -502,12 +538,22 @@ class SessionFile(ShellActor):
             except Exception:
                 log.exception("answering the failed channel call to %s failed", self.path)
 
-    def on_channel_closed(self, s: Serving, event: ChannelClosed) -> None:
-        """Abandon every lane that was reached through the closed channel, and forget it."""
+    def on_channel_closed(
+        self,
+        s: Serving,
+        event: ChannelClosed,
+        reason: str = "the gateway's channel closed",
+        *,
+        tell: bool = False,
+    ) -> None:
+        """Abandon every lane that was reached through the closed channel, and forget it.
+
+        ``tell``: the channel's last output still goes (a lost member's carried channel), so
+        the abandon is an event (no id), which its lane reports as ``revoked``, ``member_lost``.
+        """
         for uid in self.out.through(event.conn):
             try:
-                key = ("closed", s.channels.next_closed())
-                reason = "the gateway's channel closed"
+                key = (uid, None) if tell else ("closed", s.channels.next_closed())
                 self.perform(s, s.table.abandon(key, uid, self.now(), reason=reason))
             except Exception:
                 log.exception("abandoning lane %s of %s failed", uid, self.path)

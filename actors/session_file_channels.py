@@ -8,9 +8,12 @@ abandons the lanes of the channels it reports closed.
 The gateway reaches a file over a direct channel (``sessionlane.messages.channel``) instead of the
 actor chain: it asks through the Registry (``OpenChannel``, counted like a call), and the file
 answers with a ``ChannelOffer`` naming its ``ChannelServer``, opened on the first such
-request. Channel calls run through exactly the code of a ``LaneCall``, with the connection (a
-``ChannelRef``) as the lane's address; every message to such a lane becomes a reply frame on
-that connection, queued, and written once at the end of the actor's turn. They are not
+request, or, where no socket can serve the asker (another host, a base that cannot watch
+sockets), the file's own actor: a carried channel (``sessionlane.actors.carried``), whose
+connections are served by the same code. Channel calls run through exactly the code of a
+``LaneCall``, with the connection (a ``ChannelRef``) as the lane's address; every message to
+such a lane becomes a reply frame on that connection, queued, and written once at the end of
+the actor's turn. They are not
 counted in ``received`` (that number is compared with what the Registry forwarded), so an
 open channel keeps the file from asking to be passivated, and a channel that closes abandons
 its lanes' leases and requests. The server's sockets are watched always; the always-readable
@@ -24,7 +27,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sessionlane.actors._shell import addr_key
+from sessionlane.actors.carried import CarriedPeers, CarriedRef
 from sessionlane.actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
+from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.channel import reply_frame
 from sessionlane.messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
 
@@ -73,17 +79,32 @@ class FileChannels:
         self.watch = watch
         self.accepting = accepting
         self.server: ChannelServer | None = None
+        self.carried = CarriedPeers(path, incarnation, addr_key, accepting)
+        """The carried connections (``sessionlane.actors.carried``): other hosts, and every
+        peer where no socket can be watched."""
+        self.carried_out: list[tuple[Any, CarriedReplies]] = []
+        """Carried messages the shell has still to send (``take_carried``)."""
         self.flush_armed = False
         self.closed = 0  # channels closed so far (numbers the abandons they cause)
         self.calls = 0  # calls served from channels (the ``channel_calls`` counter)
 
-    def offer(self, msg: OpenChannel) -> ChannelOffer:
-        """The answer to ``msg``: the listener's address (opened now if need be), or why not."""
-        if self.server is None:
+    def offer(self, msg: OpenChannel, me: Any) -> ChannelOffer:
+        """The answer to ``msg``: the listener's address (opened now if need be), or a
+        carried channel to ``me`` (this file's actor) where no socket can serve the asker."""
+        if self.server is None and not msg.carried:
             reason = self.cannot_open()
             if reason:
-                return refused_offer(msg, self.path, reason, None)
-        assert self.server is not None  # ``cannot_open`` opened it
+                log.debug("offering a carried channel to %s: %s", self.path, reason)
+        if self.server is None or msg.carried:
+            return ChannelOffer(
+                path=msg.path,
+                nonce=msg.nonce,
+                canonical=self.path,
+                file=me,
+                token=self.carried.token,
+                incarnation=self.incarnation,
+                idle_ms=self.idle_ms,
+            )
         return ChannelOffer(
             path=msg.path,
             nonce=msg.nonce,
@@ -106,6 +127,20 @@ class FileChannels:
             log.error("cannot open a channel listener for %s: %s", self.path, exc)
             return f"cannot open a channel listener: {exc}"
         return ""
+
+    def on_carried(self, msg: CarriedCalls, sender: Any) -> list[ChannelEvent]:
+        """What a carried message brought: calls, and its channel closed (if it did)."""
+        return self.carried.on_message(msg, sender)
+
+    def on_carried_lost(self, msg: CarriedLost) -> list[CarriedRef]:
+        """The convention member of some carried peers is lost: their channels close once
+        what is queued for them now (the abandons of their lanes) has gone."""
+        return self.carried.close_peers(msg.peers, msg.reason)
+
+    def take_carried(self) -> list[tuple[Any, CarriedReplies]]:
+        """The carried messages to send now (``(address, message)``, in order)."""
+        out, self.carried_out = self.carried_out, []
+        return out + self.carried.take_output()
 
     def on_ready(self, ready: list[int]) -> list[ChannelEvent]:
         """What the ready channel sockets brought: calls, and channels that closed."""
@@ -135,7 +170,9 @@ class FileChannels:
         self.flush_armed = False
 
     def close(self) -> None:
-        """The actor is exiting: write what is left if the sockets take it, then close them."""
+        """The actor is exiting: write what is left if the sockets take it, then close them;
+        the carried peers' last output and their close wait in ``take_carried``."""
+        self.carried_out += self.carried.close("the file's actor closed the channel")
         if self.server is not None:
             with contextlib.suppress(OSError):
                 self.server.flush()  # best effort: the last replies of a passivated file
@@ -144,11 +181,14 @@ class FileChannels:
 
     def send(self, address: ChannelRef, message: FileReply) -> None:
         """``message`` as a reply frame on its channel (dropped if it closed)."""
-        if self.server is not None:
+        if isinstance(address, CarriedRef):
+            self.carried.send(address, reply_frame(message.lane, message.message))
+        elif self.server is not None:
             self.server.send(address, reply_frame(message.lane, message.message))
 
     def fds(self) -> list[int]:
         return self.server.fds() if self.server is not None else []
 
     def connections(self) -> int:
-        return self.server.connections() if self.server is not None else 0
+        sockets = self.server.connections() if self.server is not None else 0
+        return sockets + self.carried.connections()

@@ -217,6 +217,8 @@ class Serving:
             until=until,
             hold_ms=left,
         )
+        if self.book.record.appends:  # a pipeline resent after the restart goes on from it
+            self.writes.resume(held.lease, self.book.record.appends[-1].aid)
         log.info(
             "%s: awaiting the reclaim of lease %s (lane %s, fence %d) for %d ms",
             self.path,

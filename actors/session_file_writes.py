@@ -15,6 +15,14 @@ lease: the records are validated up front, written when the lease is granted, an
 released right after, so they never interleave with another lane's turn. An append that is
 delivered again is answered with its first reply (remembered by lane and request id).
 
+Pipelines. An append that names the one before it in its pipeline (``after``: that append's
+``aid``) is written only if the last append written under its lease is that one
+(``last_written``): otherwise it is refused ``pipeline_broken`` and nothing is written. The
+check is made when the write is performed, in queue order, so once an append of a pipeline is
+not written (refused, failed, or its sync failed) no later one is: each names a predecessor
+that is not the last written. ``last_written`` is forgotten when a sync fails (``forget``)
+and, after a service restart, taken from the holder's lease record (``resume``).
+
 Legacy interop (``legacy_lock``). Every write (and rewrite) goes through a FIFO write queue;
 with the legacy lock on, draining it first takes ``<file>.lock`` (never waiting: a live legacy
 holder means the queue is retried later, with backoff: ``retry_after``), performs the queued
@@ -172,6 +180,10 @@ class WriteOp:
     durability: Durability
     auto_release: bool = False
     """A lease-less append: release its short write lease once written."""
+    aid: str | None = None
+    """The append's id (``Append.aid``)."""
+    after: str | None = None
+    """The ``aid`` of the append before it in its pipeline (``Append.after``)."""
 
 
 class WritePath:
@@ -210,6 +222,8 @@ class WritePath:
         self.auto_releases: set[Any] = set()
         self.done: OrderedDict[Any, ReplyMessage] = OrderedDict()  # call key -> append reply
         self.auto_ids = 0
+        self.last_written: tuple[str, str | None] | None = None
+        """(lease, aid) of the last append written, which a pipelined append must follow."""
         self.queue: deque[WriteOp] = deque()  # in order; waits only for the legacy lock
         self.draining = False
         self.locked = False
@@ -223,6 +237,7 @@ class WritePath:
             "duplicates": 0,
             "invalid_records": 0,
             "legacy_lock_waits": 0,
+            "pipeline_broken": 0,
         }
 
     # Accepting writes ----------------------------------------------------------------------
@@ -240,7 +255,18 @@ class WritePath:
             return [encoded]
         data, lines = encoded
         durability = req.durability or self.durability
-        self.queue.append(WriteOp("append", call, req.lease, req.fence, data, lines, durability))
+        op = WriteOp(
+            "append",
+            call,
+            req.lease,
+            req.fence,
+            data,
+            lines,
+            durability,
+            aid=req.aid,
+            after=req.after,
+        )
+        self.queue.append(op)
         return []
 
     def append_without_lease(self, call: LaneCall, req: Append, now: float) -> list[WriteEffect]:
@@ -302,8 +328,15 @@ class WritePath:
         return False
 
     def forget(self, key: Any) -> None:
-        """The acknowledgement of ``key`` turned into an error: a retry must write again."""
+        """The acknowledgement of ``key`` turned into an error: a retry must write again, and
+        no pipelined append may follow it (nor any append its failed sync covered)."""
         self.done.pop(key, None)
+        self.last_written = None
+
+    def resume(self, lease: str, aid: str | None) -> None:
+        """After a restart: the holder ``lease`` awaited from the lease record last wrote the
+        append ``aid`` (its pipeline resent may go on from there)."""
+        self.last_written = (lease, aid)
 
     # Performing writes ---------------------------------------------------------------------
 
@@ -359,6 +392,13 @@ class WritePath:
         refusal = self.table.check_write(op.call.lane.uid, op.lease, op.fence, purpose=purpose)
         if refusal is not None:
             return self.answer(op, self.refused(op.call, *refusal).message, now)
+        if op.after is not None and self.last_written != (op.lease, op.after):
+            self.counters["pipeline_broken"] += 1
+            detail = (
+                f"the append before it in its pipeline ({op.after}) was not the last one "
+                "written under this lease; nothing was written"
+            )
+            return self.answer(op, self.refused(op.call, "pipeline_broken", detail).message, now)
         repair, self.tail_unchecked = self.tail_unchecked, False
         out = WriteOut(op, repair_tail=repair)
         if op.kind == "rewrite" and self.unsynced():
@@ -369,6 +409,8 @@ class WritePath:
         """``op``'s ``WriteOut`` was performed: tell the holder of an outside change, answer."""
         effects = self.adopted(op, outcome)
         reply: ReplyMessage
+        if op.kind == "rewrite" or outcome.error is not None or outcome.moved:
+            self.last_written = None  # a pipeline cannot go on past a rewrite or a failure
         if outcome.error is not None:
             reply = self.failed(op, outcome.error)
         elif outcome.moved:
@@ -387,6 +429,7 @@ class WritePath:
                 effects.append(Sync())  # the baseline benchmarks compare against
             self.counters["appends"] += 1
             self.counters["records"] += op.lines
+            self.last_written = (op.lease, op.aid)
             reply = Appended(
                 id=op.call.request.id, offset=outcome.offset, lines=op.lines, fence=op.fence
             )

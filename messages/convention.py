@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from sessionlane.messages.internal import LaneCall
+from sessionlane.messages.internal import OpenChannel
 from sessionlane.messages.wire import Status
 
 __all__ = [
@@ -131,19 +131,21 @@ class Hop(_Msg):
 
 
 class Forwarded(Hop):
-    """A call for a path the owner serves, from another member's Registry."""
+    """A lane's first contact with a path the owner serves, from another member's Registry:
+    the owner's Registry has its file offer a carried channel to ``open.reply_to`` (the
+    lane's actor), whose calls then go to the file directly, never through a Registry."""
 
     kind: Literal["forwarded"] = "forwarded"
-    call: LaneCall
+    open: OpenChannel
 
 
 class ForwardedClose(Hop):
-    """A lane that used the owner closed."""
+    """A lane that used the owner closed (its channels closed themselves: the owner only
+    forgets it)."""
 
     kind: Literal["forwarded_close"] = "forwarded_close"
     lane: Any
-    uid: str = ""
-    """One lane of the gateway at ``lane`` (it hosts many); empty: the lane actor ``lane``."""
+    """The Lane actor that closed."""
 
 
 class ForwardedStatus(Hop):

@@ -7,7 +7,7 @@ survive pickling (thespian pickles what crosses an actor boundary).
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 __all__ = [
     "ERROR_CODES",
@@ -23,6 +23,7 @@ __all__ = [
     "LeaseTimeout",
     "NotHolder",
     "PathNotAllowed",
+    "PipelineBroken",
     "QueueFull",
     "ReadOnly",
     "SessionLaneError",
@@ -58,6 +59,7 @@ ErrorCode = Literal[
     "reclaim_refused",
     "too_many_files",
     "unknown_outcome",
+    "pipeline_broken",
     "internal",
 ]
 ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
@@ -253,6 +255,56 @@ class FileMoved(SessionLaneError):
     code = "file_moved"
 
 
+class PipelineBroken(SessionLaneError):
+    """A pipelined append was not written because the one before it in its pipeline was not.
+
+    The service refuses such an append with this code (nothing written). The clients raise it
+    for a whole pipeline (``Lease.append_pipelined``) that stopped: ``written`` holds the
+    results of its first ``len(written)`` appends, in order; append ``failed`` (that index)
+    failed with ``cause``; of the appends after ``written``, the first ``unknown`` may or may
+    not be in the file (their answers were lost: read the file), and every later one was not
+    written. ``failed`` is None on a bare refusal from the service.
+    """
+
+    code: ErrorCode = "pipeline_broken"
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        path: str | None = None,
+        code: str | None = None,
+        written: tuple[Any, ...] = (),
+        failed: int | None = None,
+        cause: SessionLaneError | None = None,
+        unknown: int = 0,
+    ):
+        super().__init__(detail, path=path, code=code)
+        self.written = written
+        self.failed = failed
+        self.cause = cause
+        self.unknown = unknown
+
+    def __reduce__(self) -> tuple[object, ...]:
+        fields = (self.written, self.failed, self.cause, self.unknown)
+        return (_rebuild_broken, (type(self), self.detail, self.path, self.code, *fields))
+
+
+def _rebuild_broken(
+    cls: type[PipelineBroken],
+    detail: str,
+    path: str | None,
+    code: str,
+    written: tuple[Any, ...],
+    failed: int | None,
+    cause: SessionLaneError | None,
+    unknown: int,
+) -> PipelineBroken:
+    return cls(
+        detail, path=path, code=code, written=written, failed=failed, cause=cause, unknown=unknown
+    )
+
+
 _BY_CODE: dict[str, type[SessionLaneError]] = {
     "lease_timeout": LeaseTimeout,
     "contended": Contended,
@@ -274,6 +326,7 @@ _BY_CODE: dict[str, type[SessionLaneError]] = {
     "file_moved": FileMoved,
     "too_many_files": TooManyFiles,
     "unknown_outcome": UnknownOutcome,
+    "pipeline_broken": PipelineBroken,
     "reclaim_refused": LeaseRevoked,
     "internal": SessionLaneError,
 }

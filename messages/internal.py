@@ -176,19 +176,20 @@ class Opened(_Internal):
 
 class LaneCall(_Internal):
     """A lane's request for the SessionFile of ``path``: what a channel call frame carries and
-    the file serves; sent as a thespian message (through the Registry) only for a path another
-    convention member serves, or on a base that cannot watch sockets."""
+    the file serves. Never a thespian message: it crosses processes only as a call frame (on a
+    socket, or carried: ``sessionlane.messages.carried``)."""
 
     kind: Literal["lane_call"] = "lane_call"
     lane: LaneRef
     path: str
     canonical: bool
-    """True when ``path`` came from a grant (already canonical): the Registry skips resolving."""
+    """True when ``path`` came from a grant (already canonical): the links skip resolving."""
     request: LaneRequest
 
 
 class FileReply(_Internal):
-    """From a SessionFile (or the Registry, for refusals) to a Lane."""
+    """A file's reply to a lane, as the links hand it to their host (decoded from a reply
+    frame), or their own answer (a refusal from the offer)."""
 
     kind: Literal["file_reply"] = "file_reply"
     path: str
@@ -218,8 +219,6 @@ class LaneClosed(_Internal):
 
     kind: Literal["lane_closed"] = "lane_closed"
     address: Any
-    uid: str = ""
-    """Set by the gateway, which hosts many lanes at one address: forget only this lane."""
 
 
 class FileInit(_Internal):
@@ -279,10 +278,10 @@ class FileRestarted(_Internal):
 class OpenChannel(_Internal):
     """From the gateway, through the Registry, to a SessionFile: offer me a direct channel.
 
-    The Registry resolves and confines ``path`` and activates the file. A path it refuses is
-    answered with a ``ChannelOffer`` carrying the error ``code`` (the calls that waited get it);
-    one another convention member serves, with an offer without address or code: that path's
-    calls then go through the Registry, to that member.
+    The Registry resolves and confines ``path`` and activates the file (for a path another
+    convention member serves, that member's Registry does, and its file offers a carried
+    channel). A path it refuses is answered with a ``ChannelOffer`` carrying the error
+    ``code`` (the calls that waited get it).
     """
 
     kind: Literal["open_channel"] = "open_channel"
@@ -291,6 +290,13 @@ class OpenChannel(_Internal):
     """Echoed in the offer: the gateway ignores offers for requests it gave up on."""
     reply_to: Any = None
     """Set by the Registry: the gateway that asked."""
+    carried: bool = False
+    """Offer a carried channel even where a socket could be offered: the asker is on another
+    host (a convention member's lane, ``sessionlane.messages.carried``)."""
+    reclaim: bool = False
+    """The link's first call is a lane's reclaim of its lease (``Acquire.reclaim``): in a
+    convention, wait for a lost owner member instead of refusing at once
+    (``sessionlane.actors.holder_reclaim``)."""
 
 
 class ChannelOffer(_Internal):
@@ -302,8 +308,11 @@ class ChannelOffer(_Internal):
     nonce: int
     canonical: str | None = None
     address: str | None = None
-    """The SessionFile's channel listener (an abstract Unix socket name), or None: no channel
-    (refused when ``code`` is set; otherwise send this path's calls through the Registry)."""
+    """The SessionFile's channel listener (an abstract Unix socket name), or None: no socket
+    (a carried channel when ``file`` is set; refused when ``code`` is set)."""
+    file: Any = None
+    """The SessionFile's actor, for a carried channel: its frames go there in thespian
+    messages (``sessionlane.messages.carried``)."""
     token: str = ""
     incarnation: int = 0
     idle_ms: int = 0

@@ -184,6 +184,10 @@ class Append(_Req):
     aid: str | None = Field(default=None, min_length=8, max_length=64)
     """Append id, unique per lease: an append resent after a service restart with the ``aid``
     of one already written is answered as it was, and not written again."""
+    after: str | None = Field(default=None, min_length=8, max_length=64)
+    """Pipelining: the ``aid`` of the append before this one in its pipeline. Written only if
+    the last append written under this lease is that one; otherwise refused
+    ``pipeline_broken``, nothing written. Needs ``lease`` and ``aid``."""
 
     @model_validator(mode="after")
     def _lease_or_lane(self) -> Append:
@@ -191,6 +195,10 @@ class Append(_Req):
         by_lane = self.lane is not None and self.path is not None
         if by_lease == by_lane:
             raise ValueError("append needs either lease and fence, or lane and path")
+        if self.after is not None and (not by_lease or self.aid is None):
+            raise ValueError("a pipelined append (after) needs lease, fence and aid")
+        if self.after is not None and self.after == self.aid:
+            raise ValueError("a pipelined append cannot come after itself")
         return self
 
 

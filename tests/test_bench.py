@@ -90,7 +90,7 @@ def test_the_bench_options_parse() -> None:
     assert parser.parse_args([]).suites is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--suite", "nope"])
-    assert set(SUITES) == {"handoff", "turn", "append", "scale", "gateway"}
+    assert set(SUITES) == {"handoff", "turn", "append", "scale", "gateway", "cost"}
 
 
 def positive(value: Any) -> bool:
@@ -165,7 +165,7 @@ def test_a_quick_run_reports_every_contender_and_leaves_nothing_running(tmp_path
         assert finite(turn[name]["overhead_ms_p50"]) and finite(turn[name]["overhead_ms_p99"])
 
     append = results["append"]
-    for key in ("sessionlane_1_file", "sessionlane_16_files"):
+    for key in ("sessionlane_1_file", "sessionlane_16_files", "sessionlane_pipelined"):
         assert positive(append[key]["records_per_s"]), key
         assert positive(append[key]["syncs_per_append"]), key
         assert positive(append["ratios"][key]["of_ceiling"]), key
@@ -175,6 +175,8 @@ def test_a_quick_run_reports_every_contender_and_leaves_nothing_running(tmp_path
     targets = {t["target"]: t for t in results["targets"]}
     assert len(targets) == 10
     assert not any("issue" in name for name in targets), "goals speak of the product"
+    piped = targets["pipelined durable appends, 8 writers on one file"]
+    assert piped["measured"] is None or positive(piped["measured"])  # K = 4 when quick
     turn_target = targets["uncontended turn overhead over the direct write (p50)"]
     assert finite(turn_target["measured"]) and isinstance(turn_target["met"], bool)
 

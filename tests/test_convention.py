@@ -71,8 +71,8 @@ from sessionlane.messages.convention import (
     Members,
     OriginLost,
 )
-from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
-from sessionlane.messages.wire import Abandon, Acquire, Error, Release, Status
+from sessionlane.messages.internal import ChannelOffer, FileRestarted, OpenChannel
+from sessionlane.messages.wire import Status
 from sessionlane.system.config import ConfigError, load_settings, read_cluster_key
 from sessionlane.system.runtime.launch import free_port
 
@@ -291,8 +291,8 @@ class FakeHost:
         self.myAddress = "registry@here"
         self.sent: list[tuple[Any, Any]] = []
         self.created: list[dict[str, Any]] = []
-        self.served: list[LaneCall] = []
-        self.refused: list[Error] = []
+        self.opened: list[OpenChannel] = []
+        self.dropped: list[tuple[str, list[Any], str]] = []
         self.active: set[str] = set()
 
     def send(self, target: Any, message: Any) -> None:
@@ -310,12 +310,16 @@ class FakeHost:
     def updateCapability(self, capabilityName: Any, capabilityValue: Any = None) -> None:
         self.sent.append(("admin", (capabilityName, capabilityValue)))
 
-    def serve(self, call: LaneCall) -> str | None:
-        self.served.append(call)
-        return call.path
+    def open_here(self, msg: OpenChannel) -> str | None:
+        self.opened.append(msg)
+        return msg.path
 
-    def refuse(self, call: LaneCall, error: Error) -> None:
-        self.refused.append(error)
+    def drop_peers(self, path: str, peers: list[Any], reason: str) -> None:
+        self.dropped.append((path, peers, reason))
+
+    def refused(self, asker: str = "lane1") -> list[ChannelOffer]:
+        """The refusals sent to ``asker`` so far (offers with an error code)."""
+        return [m for t, m in self.sent if t == asker and isinstance(m, ChannelOffer) and m.code]
 
     def status_to(self, request: Any, reply_to: Any) -> None:
         pass
@@ -343,14 +347,8 @@ HERE = member("here:1900", "/srv/here", incarnation="here-1")
 THERE = member("there:1900", "/srv/there", incarnation="there-1")
 
 
-def lane_call(path: str, rid: int | None, *, canonical: bool = False, lane: str = "lane1") -> Any:
-    ref = LaneRef(uid=f"uid-{lane}", name=lane, address=lane)
-    request: Any = (
-        Release(id=rid, lease="l-1")
-        if canonical
-        else Acquire(id=rid, lane=lane, path=path, purpose="prompt")
-    )
-    return LaneCall(lane=ref, path=path, canonical=canonical, request=request)
+def open_channel(path: str, nonce: int = 1) -> OpenChannel:
+    return OpenChannel(path=path, nonce=nonce)
 
 
 def federation(host: FakeHost, clock: Clock) -> Federation:
@@ -365,63 +363,71 @@ def acknowledge(fed: Federation, host: FakeHost) -> None:
     fed.on_beat_ack(BeatAck(link=beats[-1].link, seq=beats[-1].seq, incarnation="there-1"), None)
 
 
-def test_a_call_for_another_members_root_goes_through_a_relay_placed_on_that_incarnation() -> None:
+def test_a_first_contact_with_another_members_root_goes_through_a_relay_on_that_incarnation() -> (
+    None
+):
     host, clock = FakeHost(), Clock()
     fed = federation(host, clock)
 
-    assert not fed.route(lane_call("/srv/here/s.jsonl", 1)), "ours: served here"
-    assert fed.route(lane_call("/srv/there/s.jsonl", 2))
+    assert not fed.route_open(open_channel("/srv/here/s.jsonl"), "lane1"), "ours: served here"
+    assert fed.route_open(open_channel("/srv/there/s.jsonl", 2), "lane1")
 
     assert host.created == [{CAP_INCARNATION: "there-1", CAP_ROOT: "/srv/there"}]
-    hops = [type(m).__name__ for target, m in host.sent if target == "relay1"]
-    assert hops == ["RelayInit", "Beat", "Forwarded"]
-    assert fed.route(lane_call("/srv/there/t.jsonl", 3)) and len(host.created) == 1, "one relay"
+    hops = [m for target, m in host.sent if target == "relay1"]
+    assert [type(m).__name__ for m in hops] == ["RelayInit", "Beat", "Forwarded"]
+    ask = hops[-1].open
+    assert (ask.path, ask.nonce, ask.reply_to, ask.carried) == (
+        "/srv/there/s.jsonl",
+        2,
+        "lane1",
+        True,
+    )
+    assert fed.route_open(open_channel("/srv/there/t.jsonl", 3), "lane1")
+    assert len(host.created) == 1, "one relay"
 
 
 def test_a_silent_owner_is_lost_its_lanes_are_told_and_what_it_never_got_is_answered() -> None:
     host, clock = FakeHost(), Clock()
     fed = federation(host, clock)
-    fed.route(lane_call("/srv/there/a.jsonl", 1))
+    fed.route_open(open_channel("/srv/there/a.jsonl", 1), "lane1")
     fed.tick()
-    acknowledge(fed, host)  # call 1 arrived
-    fed.route(lane_call("/srv/there/b.jsonl", 2))  # raw path, never confirmed
-    fed.route(lane_call("/srv/there/a.jsonl", 3, canonical=True))  # the lane knows this path
+    acknowledge(fed, host)  # first contact 1 arrived
+    fed.route_open(open_channel("/srv/there/b.jsonl", 2), "lane1")  # never confirmed
     host.take()
 
     clock.now += 2_001
     fed.tick()
 
-    sent = host.take()
-    assert any(t == "relay1" and isinstance(m, ActorExitRequest) for t, m in sent), (
+    assert any(t == "relay1" and isinstance(m, ActorExitRequest) for t, m in host.sent), (
         "the relay is told to go: a merely slow owner then abandons our lanes' leases"
     )
-    told = sorted(m.path for t, m in sent if t == "lane1" and isinstance(m, FileRestarted))
+    told = sorted(m.path for t, m in host.sent if t == "lane1" and isinstance(m, FileRestarted))
     assert told == ["/srv/there/a.jsonl", "/srv/there/b.jsonl"]
-    answered = [m for t, m in sent if t == "lane1" and isinstance(m, FileReply)]
-    errors = [r.message for r in answered if isinstance(r.message, Error)]
-    assert [(e.id, e.code, e.path) for e in errors] == [(2, "unavailable", "/srv/there/b.jsonl")]
-    assert len(answered) == 1
+    (refused,) = host.refused()
+    assert (refused.nonce, refused.code, refused.path) == (2, "unavailable", "/srv/there/b.jsonl")
+    host.take()
 
-    assert fed.route(lane_call("/srv/there/c.jsonl", 4))
-    assert [e.code for e in host.refused] == ["unavailable"], "refused at once"
+    assert fed.route_open(open_channel("/srv/there/c.jsonl", 4), "lane1")
+    assert [o.code for o in host.refused()] == ["unavailable"], "refused at once"
     assert len(host.created) == 1, "no probe before the backoff is over"
 
 
 def test_a_lost_owner_is_probed_after_a_backoff_and_used_again_once_it_answers() -> None:
     host, clock = FakeHost(), Clock()
     fed = federation(host, clock)
-    fed.route(lane_call("/srv/there/a.jsonl", 1))
+    fed.route_open(open_channel("/srv/there/a.jsonl", 1), "lane1")
     clock.now += 2_001
     fed.tick()
     clock.now += 1_000
+    host.take()
 
-    fed.route(lane_call("/srv/there/a.jsonl", 2))  # refused, but starts a probe
-    assert [e.code for e in host.refused] == ["unavailable"]
+    fed.route_open(open_channel("/srv/there/a.jsonl", 2), "lane1")  # refused, starts a probe
+    assert [o.code for o in host.refused()] == ["unavailable"]
     assert len(host.created) == 2
     acknowledge(fed, host)
     host.take()
 
-    assert fed.route(lane_call("/srv/there/a.jsonl", 3))
+    assert fed.route_open(open_channel("/srv/there/a.jsonl", 3), "lane1")
     assert [type(m).__name__ for t, m in host.take() if t == "relay2"] == ["Forwarded"]
 
 
@@ -430,82 +436,78 @@ def test_a_member_missing_from_the_table_is_lost_and_its_paths_are_unavailable_n
 ):
     host, clock = FakeHost(), Clock()
     fed = federation(host, clock)
-    fed.route(lane_call("/srv/there/a.jsonl", 1))
+    fed.route_open(open_channel("/srv/there/a.jsonl", 1), "lane1")
+    acknowledge(fed, host)
     host.take()
 
     fed.on_members(Members(version=2, members=[HERE]), None)
     assert [m.path for t, m in host.take() if isinstance(m, FileRestarted)] == [
         "/srv/there/a.jsonl"
     ]
-    assert fed.route(lane_call("/srv/there/a.jsonl", 2))
-    assert "left the convention" in host.refused[-1].detail
+    assert fed.route_open(open_channel("/srv/there/a.jsonl", 2), "lane1")
+    assert "left the convention" in host.refused()[-1].reason
 
     back = member("there:1900", "/srv/there", incarnation="there-2")
     fed.on_members(Members(version=3, members=[HERE, back]), None)
-    assert fed.route(lane_call("/srv/there/a.jsonl", 3))
+    assert fed.route_open(open_channel("/srv/there/a.jsonl", 3), "lane1")
     assert host.created[-1] == {CAP_INCARNATION: "there-2", CAP_ROOT: "/srv/there"}
     fed.on_members(Members(version=2, members=[HERE]), None)
     assert fed.version == 3, "an older table never overrides a newer one"
 
 
-def test_an_owner_abandons_what_the_lanes_of_a_lost_origin_hold_or_wait_for() -> None:
+def forwarded(path: str, asker: str, seq: int = 1) -> Forwarded:
+    ask = OpenChannel(path=path, nonce=seq, reply_to=asker, carried=True)
+    return Forwarded(origin="reg@a", link=1, seq=seq, open=ask)
+
+
+def test_an_owner_closes_the_channels_of_a_lost_origins_lane_actors_on_its_active_files() -> None:
     host, clock = FakeHost(), Clock()
     owner = Federation(host, THERE, 2_000, clock=clock)
-    for path, lane in (("/srv/there/a.jsonl", "l1"), ("/srv/there/b.jsonl", "l2")):
-        call = lane_call(path, 1, lane=lane)
-        owner.handle(Forwarded(origin="reg@a", link=1, seq=1, call=call), "relay")
+    owner.handle(forwarded("/srv/there/a.jsonl", "lane@a1"), "relay")
+    owner.handle(forwarded("/srv/there/a.jsonl", "gateway@a", seq=2), "relay")
+    owner.handle(forwarded("/srv/there/b.jsonl", "lane@a2", seq=3), "relay")
+    assert [o.reply_to for o in host.opened] == ["lane@a1", "gateway@a", "lane@a2"]
     host.active = {"/srv/there/a.jsonl"}  # b.jsonl was passivated: nothing held there
-    host.served.clear()
 
     owner.handle(OriginLost(origin="reg@a", reason="silent"), "relay")
 
-    (abandon,) = host.served
-    assert isinstance(abandon.request, Abandon) and abandon.canonical
-    assert (abandon.path, abandon.lane.uid) == ("/srv/there/a.jsonl", "uid-l1")
+    ((path, peers, reason),) = host.dropped
+    assert path == "/srv/there/a.jsonl" and sorted(peers) == ["gateway@a", "lane@a1"]
+    assert reason == "member lost: silent"
     owner.handle(OriginLost(origin="reg@a", reason="again"), "relay")
-    assert len(host.served) == 1, "reported once"
+    assert len(host.dropped) == 1, "reported once"
 
 
-def gateway_call(path: str, uid: str) -> LaneCall:
-    """A call of one of the gateway's lanes: they all share the gateway's address."""
-    ref = LaneRef(uid=uid, name="chat", address="gateway@here")
-    request = Acquire(id=1, lane="chat", path=path, purpose="prompt")
-    return LaneCall(lane=ref, path=path, canonical=False, request=request)
-
-
-def test_an_owner_forgets_one_closed_gateway_lane_and_still_abandons_the_others() -> None:
-    host, clock = FakeHost(), Clock()
-    owner = Federation(host, THERE, 2_000, clock=clock)
-    for uid in ("u1", "u2"):
-        call = gateway_call("/srv/there/a.jsonl", uid)
-        owner.handle(Forwarded(origin="reg@a", link=1, seq=1, call=call), "relay")
-    host.active = {"/srv/there/a.jsonl"}
-    host.served.clear()
-
-    owner.handle(
-        ForwardedClose(origin="reg@a", link=1, seq=2, lane="gateway@here", uid="u1"), "relay"
-    )
-    owner.handle(OriginLost(origin="reg@a", reason="silent"), "relay")
-
-    assert [c.lane.uid for c in host.served] == ["u2"], "u1 closed; u2 still held or waited"
-
-
-def test_a_closed_gateway_lane_is_forwarded_to_its_owners_and_the_gateway_stays_known() -> None:
+def test_a_closed_lane_actor_is_forgotten_by_its_owners_and_not_dropped_on_origin_loss() -> None:
     host, clock = FakeHost(), Clock()
     fed = federation(host, clock)
-    fed.route(gateway_call("/srv/there/a.jsonl", "u1"))
-    fed.route(gateway_call("/srv/there/a.jsonl", "u2"))
-    host.take()
-
-    fed.lane_closed("gateway@here", "u1")
-
+    fed.route_open(open_channel("/srv/there/a.jsonl"), "lane@a1")
+    fed.lane_closed("lane@a1")
     (close,) = [m for _, m in host.take() if isinstance(m, ForwardedClose)]
-    assert (close.lane, close.uid) == ("gateway@here", "u1")
-    fed.tick()
-    clock.now += 10_000
-    fed.tick()  # the owner went silent: lost
-    told = [(t, m.path) for t, m in host.take() if isinstance(m, FileRestarted)]
-    assert ("gateway@here", "/srv/there/a.jsonl") in told, "u2 still hears of the loss"
+    assert close.lane == "lane@a1"
+    fed.lane_closed("lane@a1")
+    assert not [m for _, m in host.take() if isinstance(m, ForwardedClose)], "once"
+
+    owner = Federation(host, THERE, 2_000, clock=clock)
+    owner.handle(forwarded("/srv/there/a.jsonl", "lane@a1"), "relay")
+    owner.handle(forwarded("/srv/there/a.jsonl", "gateway@a", seq=2), "relay")
+    host.active = {"/srv/there/a.jsonl"}
+    owner.handle(close.model_copy(update={"origin": "reg@a"}), "relay")
+    owner.handle(OriginLost(origin="reg@a", reason="silent"), "relay")
+    ((_, peers, _),) = host.dropped
+    assert peers == ["gateway@a"], "the closed lane actor closed its own channel"
+
+
+def test_an_owner_tells_the_origin_the_canonical_name_of_a_path_it_was_asked_by_another() -> None:
+    host, clock = FakeHost(), Clock()
+    owner = Federation(host, THERE, 2_000, clock=clock)
+    host.open_here = lambda msg: "/srv/there/real.jsonl"  # type: ignore[method-assign]
+    owner.handle(forwarded("/srv/there/link.jsonl", "lane@a1"), "relay")
+    ((target, resolved),) = [(t, m) for t, m in host.sent if isinstance(m, cm.Resolved)]
+    assert target == "reg@a" and (resolved.lane, resolved.path) == (
+        "lane@a1",
+        "/srv/there/real.jsonl",
+    )
 
 
 def test_every_convention_message_has_a_handler_where_it_is_sent_and_survives_pickling() -> None:
@@ -520,7 +522,6 @@ def test_every_convention_message_has_a_handler_where_it_is_sent_and_survives_pi
     assert {cm.Claim, cm.Admitted, cm.Refused} <= set(
         conv.Claimant.handlers(conv.Claimant.__new__(conv.Claimant))
     )
-    call = lane_call("/srv/there/a.jsonl", 1)
     samples = [
         cm.Join(key="h:1", incarnation="i", member_timeout_ms=2_000),
         cm.Joined(members=3),
@@ -530,7 +531,7 @@ def test_every_convention_message_has_a_handler_where_it_is_sent_and_survives_pi
         cm.Refused(reason="r"),
         Members(version=1, members=[HERE]),
         cm.RelayInit(origin="o", link=1, timeout_ms=2_000),
-        Forwarded(origin="o", link=1, seq=2, call=call),
+        Forwarded(origin="o", link=1, seq=2, open=open_channel("/srv/there/a.jsonl")),
         cm.ForwardedClose(origin="o", link=1, seq=3, lane="lane1"),
         cm.ForwardedStatus(origin="o", link=1, seq=4, request=Status(path="/p"), reply_to="gw"),
         Beat(origin="o", link=1, seq=5),

@@ -26,7 +26,7 @@ from test_convention import (
     acknowledge,
     convention,
     federation,
-    lane_call,
+    open_channel,
     queued,
 )
 from test_partitions import paused
@@ -176,12 +176,12 @@ def test_a_lease_on_a_file_of_a_member_killed_and_restarted_survives_with_its_fe
 
 def lost_for_long(fed: Federation, host: FakeHost, clock: Clock) -> None:
     """THERE is used, falls silent, and every probe of it fails for a long time."""
-    fed.route(lane_call("/srv/there/a.jsonl", 1))
+    fed.route_open(open_channel("/srv/there/a.jsonl", 1), "lane1")
     clock.now += 2_001
     fed.tick()
     for _ in range(10):
         clock.now += 60_000
-        fed.route(lane_call("/srv/there/a.jsonl", None))  # refused; starts a probe
+        fed.route_open(open_channel("/srv/there/a.jsonl"), "lane1")  # refused; starts a probe
         clock.now += 2_001
         fed.tick()  # the probe goes unanswered
 
@@ -205,9 +205,9 @@ def test_a_late_ack_from_a_lost_member_probes_it_at_once() -> None:
     fed.on_beat_ack(BeatAck(link=beats[-1].link, seq=beats[-1].seq, incarnation="there-1"), None)
     assert len(host.created) == created + 1, "a new relay at once, no wait for the backoff"
     acknowledge(fed, host)
-    refused = len(host.refused)
-    assert fed.route(lane_call("/srv/there/b.jsonl", 2))
-    assert len(host.refused) == refused, "forwarded, not refused"
+    refused = len(host.refused())
+    assert fed.route_open(open_channel("/srv/there/b.jsonl", 2), "lane1")
+    assert len(host.refused()) == refused, "forwarded, not refused"
 
 
 def test_a_beat_from_a_lost_member_probes_it_at_once_but_not_more_than_once_a_second() -> None:

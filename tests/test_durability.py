@@ -23,11 +23,14 @@ from driver import file_settings
 from thespian.actors import ThespianWatch, WakeupMessage, WatchMessage
 
 from sessionlane.actors import session_file
+from sessionlane.actors.carried import split_frames
 from sessionlane.actors.group_commit import CommitPolicy
 from sessionlane.actors.session_file import SessionFile
 from sessionlane.actors.session_file_serving import Serving
 from sessionlane.actors.timers import CommitDue
-from sessionlane.messages.internal import FileInit, FileReply, LaneCall, LaneRef
+from sessionlane.messages.carried import CarriedCalls, CarriedReplies
+from sessionlane.messages.channel import ChannelReply, call_frame, decode_from_file, hello_frame
+from sessionlane.messages.internal import FileInit
 from sessionlane.messages.wire import Acquire, Append, Error, Granted, Release, Released
 from sessionlane.system.client import connect
 from sessionlane.system.runtime.service import embedded_service
@@ -146,6 +149,7 @@ class Shell:
 
         self.serving.transcript.sync = sync  # type: ignore[method-assign]
         self.ids = 0
+        self.greeted: set[str] = set()
 
     @property
     def serving(self) -> Serving:
@@ -155,18 +159,25 @@ class Shell:
         return state
 
     def _send(self, address: Any, message: Any) -> None:
-        if isinstance(message, FileReply):
-            self.events.append((address, message.message))
+        if isinstance(message, CarriedReplies):
+            for body in split_frames(message.frames):
+                frame = decode_from_file(body)
+                if isinstance(frame, ChannelReply):
+                    self.events.append((address, frame.message))
 
     def deliver(self, message: Any, sender: Any = "registry") -> ThespianWatch | None:
         result: ThespianWatch | None = self.actor.receiveMessage(message, sender)
         return result
 
     def call(self, lane: str, request: Any) -> ThespianWatch | None:
+        """``request`` from ``lane``, over a carried channel of its own (hello first)."""
         self.ids += 1
-        ref = LaneRef(uid=lane, name=lane, address=f"lane:{lane}")
         request = request.model_copy(update={"id": self.ids})
-        return self.deliver(LaneCall(lane=ref, path=self.path, canonical=True, request=request))
+        frames = call_frame(lane, lane, "interactive", request)
+        if lane not in self.greeted:
+            self.greeted.add(lane)
+            frames = hello_frame(self.serving.channels.carried.token) + frames
+        return self.deliver(CarriedCalls(self.path, frames), sender=f"lane:{lane}")
 
     def append(self, lane: str, n: int = 1, **kw: Any) -> ThespianWatch | None:
         records = [{"lane": lane, "n": i} for i in range(n)]

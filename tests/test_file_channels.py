@@ -607,11 +607,13 @@ def test_a_retiring_file_refuses_a_channel_until_the_registry_speaks_again(
         f.close()
 
 
-def test_a_base_without_socket_watching_offers_no_channel(simple_asys: Any, root: Path) -> None:
+def test_a_base_without_socket_watching_offers_a_carried_channel(
+    simple_asys: Any, root: Path
+) -> None:
     f = FileUnderTest(simple_asys, root / "s.jsonl")
     offer = f.offer()
-    assert offer.address is None and offer.canonical == f.path
-    assert "watch" in offer.reason
+    assert offer.address is None and offer.canonical == f.path and offer.code is None
+    assert offer.file is not None and offer.token, "frames go to the file's actor instead"
 
 
 def test_channel_refs_are_values() -> None:

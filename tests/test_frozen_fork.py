@@ -87,6 +87,68 @@ def test_actors_forked_by_actors_start_frozen_without_unused_modules(tmp_path: P
         )
 
 
+PARKING = """
+import json, os, signal, sys, time
+from sessionlane.actors import procfs
+from sessionlane.system.runtime import zygote
+from sessionlane.system.runtime.frozen_fork import ForkReport
+from sessionlane.system.runtime.launch import tcp_system
+
+zygote.FORKED_FROM_ZYGOTE = zygote.FORKED_FROM_ZYGOTE | {ForkReport.__module__ + ".ForkReport"}
+
+def parked(parent):
+    # The parent's children titled as parked (a killed one stays a zombie: not counted).
+    return [
+        pid for pid, st in procfs.all_stats().items()
+        if st.ppid == parent and st.live and zygote.PARKED_TITLE in procfs.command_line(pid)
+    ]
+
+def wait_parked(parent):
+    deadline = time.monotonic() + 10
+    while not (found := parked(parent)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
+
+with tcp_system(log_file=sys.argv[1]) as system:
+    parent = system.asys.createActor(ForkReport)
+    first = system.asys.ask(parent, "spawn", 10)
+    parent_pid = first["ppid"]
+    ahead = wait_parked(parent_pid)
+    second = system.asys.ask(parent, "spawn", 10)  # takes the parked child
+    again = wait_parked(parent_pid)  # and the next one is parked
+    os.kill(again[0], signal.SIGKILL)  # killed while it waits
+    while procfs.stat(again[0]).live:
+        time.sleep(0.01)
+    third = system.asys.ask(parent, "spawn", 10)  # forked the ordinary way
+print(json.dumps({"first": first, "ahead": ahead, "second": second, "again": again,
+                  "third": third}))
+"""
+
+
+def test_a_child_is_forked_ahead_and_one_killed_while_parked_is_forked_again(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PARKING, str(tmp_path / "actors.log")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    # One child waits, already the parent's (re-parented through its intermediate).
+    assert len(r["ahead"]) == 1 and len(r["again"]) == 1, r
+    # The next spawn became that parked process, and a new one was parked after it.
+    assert r["second"]["pid"] == r["ahead"][0]
+    assert r["second"]["ppid"] == r["first"]["ppid"]
+    assert r["again"][0] not in (r["ahead"][0], r["first"]["pid"])
+    # The parked child was gone: the request was served by an ordinary fork, as a child of
+    # the same parent, frozen like the others.
+    assert r["third"]["pid"] != r["again"][0]
+    assert r["third"]["ppid"] == r["first"]["ppid"]
+    assert r["third"]["frozen"] is not None
+
+
 def test_the_frozen_fork_path_is_not_taken_in_the_starting_process() -> None:
     frozen_fork.install()
     assert frozen_fork.installed()

@@ -19,9 +19,8 @@ from sessionlane.actors.federation import Federation
 from sessionlane.actors.holder_reclaim import HolderReclaims
 from sessionlane.actors.lane_state import LaneState
 from sessionlane.messages.convention import Members
-from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall, LaneRef
+from sessionlane.messages.internal import FileReply, FileRestarted, LaneCall, LaneRef, OpenChannel
 from sessionlane.messages.wire import (
-    Abandon,
     Acquire,
     Append,
     Appended,
@@ -178,11 +177,9 @@ def test_a_lease_granted_without_a_secret_is_revoked_when_its_member_is_lost() -
 THERE_PATH = "/srv/there/a.jsonl"
 
 
-def reclaim_call(rid: str = "_reclaim1") -> LaneCall:
-    ticket = ReclaimTicket(lease="r-1", fence=1, secret=SECRET)
-    request = Acquire(id=rid, lane="lane1", path=THERE_PATH, purpose="prompt", reclaim=ticket)
-    ref = LaneRef(uid="uid-lane1", name="lane1", address="lane1")
-    return LaneCall(lane=ref, path=THERE_PATH, canonical=True, request=request)
+def reclaim_open(nonce: int = 1, *, reclaim: bool = True) -> OpenChannel:
+    """A link's first contact whose first queued call is a reclaim (or not)."""
+    return OpenChannel(path=THERE_PATH, nonce=nonce, reclaim=reclaim)
 
 
 def lost_federation(grace_ms: int = 10_000) -> tuple[Federation, FakeHost, Clock]:
@@ -190,14 +187,7 @@ def lost_federation(grace_ms: int = 10_000) -> tuple[Federation, FakeHost, Clock
     host, clock = FakeHost(), Clock()
     fed = Federation(host, HERE, 2_000, clock=clock, reclaim_grace_ms=grace_ms)
     fed.on_members(Members(version=1, members=[HERE, THERE]), None)
-    fed.route(
-        LaneCall(
-            lane=reclaim_call().lane,
-            path=THERE_PATH,
-            canonical=False,
-            request=Acquire(id=1, lane="lane1", path=THERE_PATH, purpose="prompt"),
-        )
-    )
+    fed.route_open(reclaim_open(reclaim=False), "lane1")
     clock.now += 2_001
     fed.tick()
     lost = [m for t, m in host.take() if isinstance(m, FileRestarted)]
@@ -205,62 +195,67 @@ def lost_federation(grace_ms: int = 10_000) -> tuple[Federation, FakeHost, Clock
     return fed, host, clock
 
 
-def forwarded_reclaims(host: FakeHost) -> list[str]:
-    return [
-        m.call.request.id
-        for _, m in host.sent
-        if type(m).__name__ == "Forwarded" and isinstance(m.call.request, Acquire)
-    ]
+def forwarded_opens(host: FakeHost) -> list[tuple[int, bool]]:
+    """(nonce, reclaim) of the first contacts forwarded to the owner."""
+    return [(m.open.nonce, m.open.reclaim) for _, m in host.sent if type(m).__name__ == "Forwarded"]
 
 
-def test_a_reclaim_for_a_lost_member_is_held_and_sent_once_it_answers_again() -> None:
+def test_a_reclaims_first_contact_with_a_lost_member_is_held_and_sent_once_it_answers() -> None:
     fed, host, clock = lost_federation()
-    assert fed.route(reclaim_call())
-    assert host.refused == [], "held, not refused"
+    assert fed.route_open(reclaim_open(), "lane1")
+    assert host.refused() == [], "held, not refused"
     clock.now += 1_000
     fed.tick()  # the member is probed again (a new relay) ...
-    assert forwarded_reclaims(host) == [], "... but nothing is sent before it answers"
+    assert forwarded_opens(host) == [], "... but nothing is sent before it answers"
     acknowledge(fed, host)
-    assert forwarded_reclaims(host) == ["_reclaim1"]
+    assert forwarded_opens(host) == [(1, True)]
+
+
+def test_a_link_asking_again_replaces_its_held_first_contact_and_keeps_its_deadline() -> None:
+    fed, host, clock = lost_federation()
+    fed.route_open(reclaim_open(1), "lane1")
+    clock.now += 6_000
+    fed.route_open(reclaim_open(2), "lane1")  # its open timed out: asked again
+    clock.now += 5_999
+    fed.tick()
+    assert host.refused() == []
+    clock.now += 2
+    fed.tick()
+    assert [(o.nonce, o.code) for o in host.refused()] == [(2, "unavailable")], "one, the last"
 
 
 def test_a_reclaim_for_a_member_back_under_a_new_incarnation_goes_to_it() -> None:
     fed, host, _clock = lost_federation()
-    fed.route(reclaim_call())
+    fed.route_open(reclaim_open(), "lane1")
     again = THERE.model_copy(update={"incarnation": "there-2"})
     fed.on_members(Members(version=2, members=[HERE, again]), None)
-    assert forwarded_reclaims(host) == ["_reclaim1"]
+    assert forwarded_opens(host) == [(1, True)]
     assert host.created[-1]["sessionlane.incarnation"] == "there-2"
 
 
 def test_a_held_reclaim_gives_up_after_the_grace_and_the_member_timeout() -> None:
     fed, host, clock = lost_federation()
-    fed.route(reclaim_call())
+    fed.route_open(reclaim_open(), "lane1")
     clock.now += 11_999
     fed.tick()
-    assert host.refused == []
+    assert host.refused() == []
     clock.now += 2
     fed.tick()
-    assert [(e.id, e.code) for e in host.refused] == [("_reclaim1", "unavailable")]
+    assert [(o.nonce, o.code) for o in host.refused()] == [(1, "unavailable")]
 
 
-def test_an_abandon_of_its_lane_refuses_the_held_reclaim() -> None:
+def test_asking_again_without_the_reclaim_ends_the_hold_and_is_refused_at_once() -> None:
     fed, host, _clock = lost_federation()
-    fed.route(reclaim_call())
-    gone = reclaim_call().model_copy(
-        update={"request": Abandon(id="_gone1", lane="lane1", path=THERE_PATH)}
-    )
-    fed.route(gone)
-    assert [(e.id, e.code) for e in host.refused] == [
-        ("_reclaim1", "unavailable"),
-        ("_gone1", "unavailable"),
-    ]
+    fed.route_open(reclaim_open(1), "lane1")
+    fed.route_open(reclaim_open(2, reclaim=False), "lane1")  # its lane abandoned the path
+    assert [(o.nonce, o.code) for o in host.refused()] == [(2, "unavailable")]
+    assert not fed.parked, "nothing is held for it any more"
 
 
 def test_without_a_reclaim_grace_lanes_are_told_at_once_and_reclaims_refused() -> None:
     fed, host, _clock = lost_federation(grace_ms=0)
-    fed.route(reclaim_call())
-    assert [e.code for e in host.refused] == ["unavailable"]
+    fed.route_open(reclaim_open(), "lane1")
+    assert [o.code for o in host.refused()] == ["unavailable"]
 
 
 # Any interleaving: each write answered once, the holder told at most once ----------------------

@@ -15,9 +15,12 @@ from typing import Any
 
 import pytest
 
+from sessionlane.actors import links as links_module
+from sessionlane.actors.carried import split_frames
 from sessionlane.actors.lane_state import ChannelLost
 from sessionlane.actors.links import Links
 from sessionlane.actors.paths import lease_route
+from sessionlane.messages.carried import CarriedCalls, CarriedReplies
 from sessionlane.messages.channel import (
     ChannelCall,
     ChannelHello,
@@ -40,6 +43,7 @@ from sessionlane.messages.wire import (
     Acquire,
     Error,
     Granted,
+    ReclaimTicket,
     Release,
     Released,
     Revoked,
@@ -56,10 +60,15 @@ class FakeHost:
         self.restart_holders: list[tuple[str, str] | None] = []
         self.losses: list[ChannelLost] = []
         self.busy: set[str] = set()
+        self.to_files: list[tuple[Any, Any]] = []
+        self.reclaims_on_restart: list[LaneCall] = []
+        self.links: Any = None
 
     def send(self, target: Any, message: Any) -> None:
-        assert target == "registry"
-        self.sent.append(message)
+        if target == "registry":
+            self.sent.append(message)
+        else:
+            self.to_files.append((target, message))
 
     def deliver(self, reply: FileReply) -> None:
         self.delivered.append(reply)
@@ -67,6 +76,8 @@ class FakeHost:
     def restarted(self, msg: FileRestarted, holder: tuple[str, str] | None) -> None:
         self.restarts.append(msg)
         self.restart_holders.append(holder)
+        for call in self.reclaims_on_restart:
+            self.links.call(call)
 
     def channel_lost(self, msg: ChannelLost) -> None:
         self.losses.append(msg)
@@ -165,6 +176,7 @@ def pump(links: Links) -> None:
 def make(tmp_path: Path, clock: Clock | None = None) -> tuple[Links, FakeHost]:
     host = FakeHost()
     links = Links(host, idle_ms=500, clock=clock or Clock())
+    host.links = links
     return links, host
 
 
@@ -279,19 +291,19 @@ def test_a_connection_refused_before_the_welcome_loses_nothing_and_is_retried(
     assert call.request.id == 1, "the queued call went out once the channel opened"
 
 
-def test_an_offer_without_an_address_routes_the_path_through_the_registry(
+def test_an_offer_naming_no_channel_answers_the_waiting_calls_and_routes_nothing_elsewhere(
     tmp_path: Path, transcript: str
 ) -> None:
     links, host = make(tmp_path)
     links.call(acquire(transcript, 1))
     links.call(acquire(transcript, 2))
     ask = host.opens()[-1]
-    links.on_offer(ChannelOffer(path=ask.path, nonce=ask.nonce, reason="another member"))
+    links.on_offer(ChannelOffer(path=ask.path, nonce=ask.nonce, canonical=transcript))
+    errors = [r.message for r in host.delivered]
+    assert [(e.id, e.code) for e in errors] == [(1, "unavailable"), (2, "unavailable")]
+    assert not any(isinstance(m, LaneCall) for m in host.sent), "no call through the registry"
     links.call(acquire(transcript, 3))
-    routed = [m.request.id for m in host.sent if isinstance(m, LaneCall)]
-    assert routed == [1, 2, 3]
-    links.on_restarted(FileRestarted(path=transcript, incarnation=2))
-    assert len(host.restarts) == 1, "a registry-routed path's lanes hear of restarts"
+    assert len(host.opens()) == 2, "the next call asks again"
 
 
 def test_a_path_the_registry_refuses_is_answered_from_the_refusal_and_asked_again_next_time(
@@ -394,7 +406,7 @@ def test_the_links_follow_the_one_lease_held_per_file_and_hand_it_over_when_the_
     lease = f"{lease_route(transcript)}-1"
 
     def reply(message: Any, lane: str = "a#1") -> None:
-        links.on_reply(FileReply(path=transcript, message=message, lane=lane))
+        links.observe(FileReply(path=transcript, message=message, lane=lane))
 
     granted = Granted(id=1, lease=lease, fence=1, path=transcript, purpose="prompt")
     reply(granted)
@@ -404,7 +416,6 @@ def test_the_links_follow_the_one_lease_held_per_file_and_hand_it_over_when_the_
     assert links.grants[transcript].lease == lease, "one level is still held"
     reply(Released(id=4, lease=lease), lane="c1.x/")
     assert transcript not in links.grants
-    assert len(host.delivered) == 4, "every reply is delivered, whatever it changes"
 
     for ending in (
         Revoked(lease=lease, path=transcript, reason="max_hold"),
@@ -421,3 +432,205 @@ def test_the_links_follow_the_one_lease_held_per_file_and_hand_it_over_when_the_
     links.on_restarted(FileRestarted(path=transcript, incarnation=1))
     assert host.restart_holders == [("b#1", second)], "the lost lease goes to its lane"
     assert transcript not in links.grants
+
+
+# Carried channels: the same frames in thespian messages ----------------------------------
+
+
+def carried_offer(links: Links, host: FakeHost, transcript: str, incarnation: int = 1) -> None:
+    ask = host.opens()[-1]
+    offer = ChannelOffer(
+        path=ask.path,
+        nonce=ask.nonce,
+        canonical=transcript,
+        file="file-actor",
+        token="tok",
+        incarnation=incarnation,
+    )
+    links.on_offer(offer)
+    links.flush()
+
+
+def carried_frames(host: FakeHost) -> list[Any]:
+    """The frames the links carried to the file since the last look, decoded."""
+    sent, host.to_files = host.to_files, []
+    frames = []
+    for target, message in sent:
+        assert target == "file-actor" and isinstance(message, CarriedCalls)
+        frames += [decode_from_gateway(body) for body in split_frames(message.frames)]
+    return frames
+
+
+def test_a_carried_offer_opens_a_channel_whose_frames_go_in_messages(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    (hello,) = carried_frames(host)
+    assert hello == ChannelHello(token="tok")
+    assert links.fds() == [], "nothing to watch"
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    links.flush()
+    (call,) = carried_frames(host)
+    assert isinstance(call, ChannelCall) and call.request.id == 1
+    granted = Granted(
+        id=1, lease=lease_route(transcript) + "-1", fence=1, path=transcript, purpose="prompt"
+    )
+    links.on_carried(CarriedReplies(transcript, 1, reply_frame("a#1", granted)))
+    assert [r.message for r in host.delivered] == [granted]
+    release = Release(id=2, lease=granted.lease)
+    links.call(LaneCall(lane=lane(), path=transcript, canonical=True, request=release))
+    links.flush()
+    assert [f.request.id for f in carried_frames(host)] == [2], "one message per turn"
+
+
+def test_a_carried_channel_the_file_closes_loses_the_lease_and_asks_again(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    granted = Granted(
+        id=1, lease=lease_route(transcript) + "-1", fence=1, path=transcript, purpose="prompt"
+    )
+    links.on_carried(CarriedReplies(transcript, 1, reply_frame("a#1", granted)))
+    asked = len(host.opens())
+    links.on_carried(CarriedReplies(transcript, 1, b"", closed="the file's actor is exiting"))
+    (lost,) = host.losses
+    assert lost.holder == ("a#1", granted.lease) and lost.incarnation == 1
+    assert len(host.opens()) == asked + 1
+    links.on_carried(CarriedReplies(transcript, 1, reply_frame("a#1", granted)))
+    assert len(host.delivered) == 1, "frames of a channel given up on answer nothing"
+
+
+def test_a_carried_hello_refused_by_a_retiring_file_is_asked_again_without_a_loss(
+    tmp_path: Path, transcript: str
+) -> None:
+    clock = Clock()
+    links, host = make(tmp_path, clock)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    carried_frames(host)
+    links.on_carried(CarriedReplies(transcript, 1, b"", closed="not accepting"))
+    assert host.losses == [] and host.delivered == []
+    clock.now += 25
+    links.tick()
+    carried_offer(links, host, transcript, incarnation=1)
+    assert isinstance(carried_frames(host)[-1], ChannelHello)
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    links.flush()
+    (call,) = carried_frames(host)
+    assert call.request.id == 1, "the queued call went out once, after the welcome"
+
+
+def test_frames_of_an_earlier_incarnation_are_ignored_and_a_bad_frame_loses_the_channel(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript, incarnation=2)
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    links.on_carried(CarriedReplies(transcript, 2, welcome_frame(transcript, 2)))
+    links.on_carried(CarriedReplies(transcript, 2, b"\x00\x00\x00\x02ab"))
+    (lost,) = host.losses
+    assert lost.reason == "bad frame"
+
+
+def test_an_idle_carried_channel_closes_by_telling_the_file(
+    tmp_path: Path, transcript: str
+) -> None:
+    clock = Clock()
+    links, host = make(tmp_path, clock)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    links.flush()
+    host.to_files.clear()
+    links.on_carried(
+        CarriedReplies(transcript, 1, reply_frame("a#1", Error(id=1, code="unavailable")))
+    )
+    clock.now += 10_000
+    links.tick()
+    ((target, closing),) = host.to_files
+    assert target == "file-actor" and closing == CarriedCalls(transcript, b"", closing=True)
+
+
+def test_carried_frames_thespian_could_not_deliver_lose_the_channel(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    links.flush()
+    ((_, sent),) = [m for m in host.to_files if not m[1].closing][-1:]
+    links.undeliverable(sent)
+    (lost,) = host.losses
+    assert "could not be delivered" in lost.reason
+    assert len(host.opens()) == 2, "asked again"
+
+
+def test_past_the_spelling_cap_resolved_spellings_are_forgotten_and_unresolved_ones_refuse(
+    tmp_path: Path, transcript: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(links_module, "_MAX_SPELLINGS", 2)
+    links, host = make(tmp_path)
+    spelled = [f"{tmp_path}/{'./' * i}s.jsonl" for i in range(4)]
+    links.call(acquire(spelled[0], 1))
+    ask = host.opens()[-1]
+    carried = dict(file="file-actor", token="tok", incarnation=1)
+    links.on_offer(ChannelOffer(path=ask.path, nonce=ask.nonce, canonical=transcript, **carried))
+    links.call(acquire(spelled[1], 2, uid="b#1"))  # unresolved: waits for its offer
+    assert len(links.spellings) == 2
+    links.call(acquire(spelled[2], 3, uid="c#1"))  # the resolved spelling is forgotten
+    assert set(links.spellings) == {spelled[1], spelled[2]} and len(host.opens()) == 3
+    links.call(acquire(spelled[3], 4, uid="d#1"))  # two unresolved: refused, not routed
+    (refused,) = host.delivered
+    assert (refused.lane, refused.message.code) == ("d#1", "unavailable")
+    assert len(host.opens()) == 3
+
+
+def reclaim(path: str, rid: str = "_reclaim1", uid: str = "a#1") -> LaneCall:
+    ticket = ReclaimTicket(lease=f"{lease_route(path)}-1", fence=1, secret="s" * 32)
+    req = Acquire(id=rid, lane="a", path=path, purpose="prompt", reclaim=ticket)
+    return LaneCall(lane=lane(uid), path=path, canonical=True, request=req)
+
+
+def test_a_channel_the_registry_reports_gone_is_asked_again_saying_a_reclaim_waits(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    carried_offer(links, host, transcript)
+    assert host.opens()[-1].reclaim is False
+    links.on_carried(CarriedReplies(transcript, 1, welcome_frame(transcript, 1)))
+    granted = Granted(
+        id=1, lease=lease_route(transcript) + "-1", fence=1, path=transcript, purpose="prompt"
+    )
+    links.on_carried(CarriedReplies(transcript, 1, reply_frame("a#1", granted)))
+    host.reclaims_on_restart = [reclaim(transcript)]  # what the lane does when told
+    links.on_restarted(FileRestarted(path=transcript, owner_lost=True))
+    (told,) = host.restarts
+    assert told.owner_lost and host.restart_holders == [("a#1", granted.lease)]
+    assert host.opens()[-1].reclaim is True, "asked after the lane queued its reclaim"
+
+
+def test_a_reclaim_queued_after_a_plain_ask_asks_again_and_an_abandon_withdraws_it(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1, uid="b#1"))
+    assert [o.reclaim for o in host.opens()] == [False]
+    links.call(reclaim(transcript))
+    assert [o.reclaim for o in host.opens()] == [False, True]
+    gone = Abandon(id="_gone1", lane="a", path=transcript)
+    links.call(LaneCall(lane=lane(), path=transcript, canonical=True, request=gone))
+    (refused,) = host.delivered
+    assert (refused.lane, refused.message.id, refused.message.code) == (
+        "a#1",
+        "_reclaim1",
+        "unavailable",
+    )
+    assert [o.reclaim for o in host.opens()] == [False, True, False], "the hold is let go"

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+import sessionlane.actors.links
 import sessionlane.system.runtime.service
 from sessionlane.actors.convention import Claimant, Directory, Relay
 from sessionlane.actors.lane import Lane
@@ -104,6 +105,7 @@ REQUESTS: list[BaseModel] = [
     Abandon(id=3, lane="agent:main:cron", path="/srv/s.jsonl", reason="hung"),
     Append(id=4, lease="ab12cd34-7", fence=7, records=[{"n": 1, "nested": {"a": [1, "x"]}}]),
     Append(id=5, lane="agent:main:dm", path="s.jsonl", records=[{}], durability="flush"),
+    Append(id=11, lease="ab12cd34-7", fence=7, records=[{}], aid="aid-0002", after="aid-0001"),
     Rewrite(id=6, lease="ab12cd34-8", fence=8, records=[{"summary": "compacted"}]),
     Recover(id=7, lane="recovery", path="s.jsonl", reason="stuck", grace_ms=5000),
     Status(id=8, path="s.jsonl"),
@@ -388,8 +390,14 @@ CONSUMED_OUTSIDE_ACTORS: dict[type, tuple[Any, ...]] = {
     internal.GatewayStarted: (sessionlane.system.runtime.service,),
     internal.GatewayFailed: (sessionlane.system.runtime.service,),
     internal.Pong: (sessionlane.system.runtime.service,),
+    # A lane's call and a file's reply as the links take them from and hand them to their
+    # host (encoded to and decoded from channel frames): no actor sends them since every
+    # request goes over a channel.
+    internal.FileReply: (sessionlane.actors.links,),
+    internal.LaneCall: (sessionlane.actors.links,),
 }
-"""Replies that end outside the actor system, and the modules that wait for them."""
+"""Replies that end outside the actor system (or never leave a process), and the modules that
+take them."""
 
 
 def actor_handlers() -> dict[str, set[type]]:

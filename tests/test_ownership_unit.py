@@ -31,8 +31,7 @@ from sessionlane.actors.ownership import (
 from sessionlane.actors.registry import Registry
 from sessionlane.actors.session_file import Broken, activation_error
 from sessionlane.messages.errors import PathNotAllowed
-from sessionlane.messages.internal import ActivationFailed, Configure, IdleNotice, LaneCall, LaneRef
-from sessionlane.messages.wire import Acquire
+from sessionlane.messages.internal import ActivationFailed, Configure, IdleNotice, OpenChannel
 
 HOLDER = """
 import sys, time
@@ -234,10 +233,8 @@ class FakeRegistry(Registry):
         return names
 
 
-def lane_call(path: str, rid: int) -> LaneCall:
-    lane = LaneRef(uid="u1", name="a", address="lane-1")
-    request = Acquire(id=rid, lane="a", path=path, purpose="prompt")
-    return LaneCall(lane=lane, path=path, canonical=True, request=request)
+def open_channel(path: str, nonce: int) -> OpenChannel:
+    return OpenChannel(path=path, nonce=nonce, reply_to="lane-1")
 
 
 def configured(tmp_path: Path) -> FakeRegistry:
@@ -253,17 +250,17 @@ def test_a_path_whose_actor_is_still_exiting_gets_its_next_actor_only_once_the_o
 ) -> None:
     path = str(tmp_path / "s.jsonl")
     registry = configured(tmp_path)
-    registry.serve(lane_call(path, 1))
-    assert registry.to("file-1") == ["FileInit", "LaneCall"]
+    registry.open_here(open_channel(path, 1))
+    assert registry.to("file-1") == ["FileInit", "OpenChannel"]
     registry.on_idle(IdleNotice(path=path, received=1), "file-1")
     assert registry.to("file-1") == ["ActorExitRequest"]
 
-    registry.serve(lane_call(path, 2))  # the old actor still holds the file's lock
+    registry.open_here(open_channel(path, 2))  # the old actor still holds the file's lock
     assert registry.created == ["file-1"] and not registry.sent
 
     registry.on_child_exited(ChildActorExited("file-1"), "admin")
     assert registry.created == ["file-1", "file-2"]
-    assert registry.to("file-2") == ["FileInit", "LaneCall"]
+    assert registry.to("file-2") == ["FileInit", "OpenChannel"]
 
 
 def test_an_actor_that_failed_to_activate_is_retired_once_it_answered_all_forwarded_and_not_restarted(  # noqa: E501
@@ -271,8 +268,8 @@ def test_an_actor_that_failed_to_activate_is_retired_once_it_answered_all_forwar
 ) -> None:
     path = str(tmp_path / "s.jsonl")
     registry = configured(tmp_path)
-    registry.serve(lane_call(path, 1))
-    registry.serve(lane_call(path, 2))
+    registry.open_here(open_channel(path, 1))
+    registry.open_here(open_channel(path, 2))
     registry.sent.clear()
 
     def failed(received: int) -> ActivationFailed:
@@ -287,5 +284,5 @@ def test_an_actor_that_failed_to_activate_is_retired_once_it_answered_all_forwar
 
     registry.on_child_exited(ChildActorExited("file-1"), "admin")
     assert registry.created == ["file-1"], "a retired actor is not restarted"
-    registry.serve(lane_call(path, 3))
+    registry.open_here(open_channel(path, 3))
     assert registry.created == ["file-1", "file-2"], "the next call tries again"

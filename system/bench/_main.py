@@ -29,7 +29,7 @@ __all__ = ["SUITES", "add_bench_arguments", "run_bench"]
 
 log = logging.getLogger(__name__)
 
-SUITES = ("handoff", "turn", "append", "scale", "gateway")
+SUITES = ("handoff", "turn", "append", "scale", "gateway", "cost")
 """Every suite, in the order they run; each is the module ``sessionlane.system.bench.<name>``."""
 
 _DURATION_S = 4.0
@@ -59,6 +59,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"seconds per timed run (default {_DURATION_S:g}, quick {_QUICK_DURATION_S:g})",
     )
     parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="draw the cost model (the cost suite's points) into FILE (.svg, .png or .pdf)",
+    )
+    parser.add_argument(
         "--dir",
         metavar="DIR",
         help="where the transcripts go (default: the system temp dir); measures that disk",
@@ -76,6 +81,18 @@ def run_bench(args: argparse.Namespace) -> int:
     if duration <= 0:
         print("sessionlane bench: --duration must be positive", file=sys.stderr)
         return 2
+    plot = getattr(args, "plot", None)
+    if plot:
+        from sessionlane.system.bench._plot import PLOT_EXTRA_MISSING, plot_available
+
+        if "cost" not in selected:
+            print(
+                "sessionlane bench: --plot draws the cost suite: add --suite cost", file=sys.stderr
+            )
+            return 2
+        if not plot_available():
+            print(PLOT_EXTRA_MISSING, file=sys.stderr)
+            return 2
     workdir = Path(tempfile.mkdtemp(prefix="sessionlane-bench-", dir=args.dir))
     seconds: dict[str, float] = {}
     results: dict[str, Any] = {"meta": _meta(args, duration, workdir, seconds)}
@@ -106,6 +123,11 @@ def run_bench(args: argparse.Namespace) -> int:
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if plot and "cost" not in failed:
+        from sessionlane.system.bench._plot import write_plot
+
+        write_plot(results, Path(plot))
+        print(f"sessionlane bench: cost model drawn in {plot}", file=sys.stderr)
     if args.json:
         print(text)
     else:

@@ -74,6 +74,30 @@ def lane_appends(params: dict[str, Any], gate: Gate) -> dict[str, Any]:
     return {"latencies": latencies, "elapsed": done - start}
 
 
+def pipelined_appends(params: dict[str, Any], gate: Gate) -> dict[str, Any]:
+    """Turns on one file: take the lease, pipeline ``per_lease`` records (``window`` in
+    flight), release; repeat. One latency per turn."""
+    from sessionlane.system.client import connect
+
+    index: int = params["index"]
+    per_lease: int = params["per_lease"]
+    with connect(params["address"]) as sl:
+        lane = sl.lane(f"pipelined:{index}")
+        start = gate.wait()
+        end = start + params["duration"]
+        turns: list[float] = []
+        records = 0
+        done = start
+        while (began := time.monotonic()) < end:
+            batch = [record(index, records + i) for i in range(per_lease)]
+            with lane.lease(params["path"], purpose="write") as lease:
+                assert lease is not None
+                records += len(lease.append_pipelined(batch, window=params["window"]))
+            done = time.monotonic()
+            turns.append(done - began)
+    return {"records": records, "turns": turns, "elapsed": done - start}
+
+
 def direct_appends(params: dict[str, Any], gate: Gate) -> dict[str, Any]:
     """Plain appends: ``batch`` one-record writes, then one ``fdatasync``; repeat."""
     from sessionlane.system.bench._peers import encode

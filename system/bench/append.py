@@ -4,6 +4,9 @@
   lane-less appends of one record (the queued short write), into one file or round-robin over
   16. Several writers per file give group commit something to batch; ``syncs_per_append``
   (from the files' ``syncs`` and ``appends`` counters, before and after) shows how much it did.
+* ``sessionlane_pipelined``: W writer processes on one file, each in turn taking the lease and
+  pipelining ``PIPELINE_PER_LEASE`` records with up to ``PIPELINE_WINDOW`` appends in flight
+  (``Lease.append_pipelined``), then releasing it; ``turn_ms`` is one such turn.
 * ``sessionlane_1_file_no_group_commit``: the one-file run on a service whose SessionFiles
   sync every append (only when ``SessionFile.group_commit`` exists to switch it off).
 * ``fsync_each``: one process, one ``write`` and one ``fdatasync`` per record.
@@ -27,15 +30,27 @@ from sessionlane.system.bench._report import fmt, table
 from sessionlane.system.bench._stats import latency_ms, rate, ratio, rounded
 from sessionlane.system.bench._workers import record
 
-__all__ = ["CEILING_BATCH", "FILES", "NAME", "SESSIONLANE_KEYS", "render", "run"]
+__all__ = [
+    "CEILING_BATCH",
+    "FILES",
+    "NAME",
+    "PIPELINE_PER_LEASE",
+    "PIPELINE_WINDOW",
+    "SESSIONLANE_KEYS",
+    "render",
+    "run",
+]
 
 NAME = "append"
 FILES = 16
 CEILING_BATCH = 64
+PIPELINE_WINDOW = 64
+PIPELINE_PER_LEASE = 256
 _SLACK_S = 60.0
 SESSIONLANE_KEYS = (
     "sessionlane_1_file",
     "sessionlane_16_files",
+    "sessionlane_pipelined",
     "sessionlane_1_file_no_group_commit",
 )
 
@@ -49,6 +64,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             many = [str(root / f"many-{i:02d}.jsonl") for i in range(FILES)]
             for key, paths in (("sessionlane_1_file", one), ("sessionlane_16_files", many)):
                 result[key] = _lane_appends(ctx, pool, service.address, paths, writers)
+            piped = str(root / "piped.jsonl")
+            result["sessionlane_pipelined"] = _pipelined(ctx, pool, service.address, piped, writers)
             plain = (("fsync_each", 1), ("batched_w", writers), ("ceiling", CEILING_BATCH))
             for key, batch in plain:
                 ctx.progress.step(f"plain loop, {batch} record(s) per fdatasync")
@@ -101,6 +118,47 @@ def _lane_appends(
         )
         after = _counters(sl, paths)
     return _through_sessionlane(runs, before, after)
+
+
+def _pipelined(
+    ctx: BenchContext, pool: WorkerPool, address: str, path: str, writers: int
+) -> dict[str, Any]:
+    """``writers`` processes taking turns on ``path``, each turn one pipeline of records."""
+    from sessionlane.system.client import connect
+
+    with connect(address) as sl:
+        ctx.progress.step("opening the pipelined file")
+        sl.lane("bench:append-setup").append(path, record(0, 0))
+        ctx.progress.step(f"{writers} pipelining writers, 1 file")
+        before = _counters(sl, [path])
+        params = [
+            {
+                "address": address,
+                "path": path,
+                "index": i,
+                "duration": ctx.duration,
+                "window": PIPELINE_WINDOW,
+                "per_lease": PIPELINE_PER_LEASE,
+            }
+            for i in range(writers)
+        ]
+        runs = pool.run(
+            "sessionlane.system.bench._workers:pipelined_appends",
+            params,
+            timeout=ctx.duration + _SLACK_S,
+        )
+        after = _counters(sl, [path])
+    records = sum(r["records"] for r in runs)
+    appends = after["appends"] - before["appends"]
+    return {
+        "records_per_s": rate(records, max(r["elapsed"] for r in runs)),
+        "window": PIPELINE_WINDOW,
+        "per_lease": PIPELINE_PER_LEASE,
+        **latency_ms([t for r in runs for t in r["turns"]], "turn"),
+        "append_ms_p50": None,
+        "append_ms_p99": None,
+        "syncs_per_append": rounded((after["syncs"] - before["syncs"]) / max(1, appends), 3),
+    }
 
 
 def _group_commit_switch() -> Any:
@@ -159,9 +217,12 @@ def render(result: dict[str, Any]) -> list[Table]:
     rows = []
     for key in result["ratios"]:
         m, r = result[key], result["ratios"][key]
+        label = key
+        if "window" in m:  # the pipelined writers: how many in flight, how many per turn
+            label = f"{key} ({m['window']} in flight, {m['per_lease']}/turn)"
         rows.append(
             [
-                key,
+                label,
                 fmt(m["records_per_s"], 0),
                 fmt(m["syncs_per_append"], 3),
                 fmt(m["append_ms_p50"]),

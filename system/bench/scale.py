@@ -103,6 +103,9 @@ def _level(ctx: BenchContext, n: int) -> dict[str, Any]:
     return {
         "files": n,
         **latency_ms(firsts, "first_grant"),
+        # The least loaded activation: on a shared machine the p50 moves more between two runs
+        # of the same code than most changes to activation do.
+        "first_grant_ms_min": rounded(1000.0 * min(firsts), 3) if firsts else None,
         "files_per_s": rate(n, opened_s),
         "sessionfiles_found": len(files),
         "sessionfile_uss_mb_p50": _mb(percentile(per_file, 50)),
@@ -141,12 +144,13 @@ def render(result: dict[str, Any]) -> list[Table]:
         if not key.startswith("files"):
             continue
         if "skipped" in m:
-            rows.append([str(m["files"]), f"skipped: {m['skipped']}", *["-"] * 8])
+            rows.append([str(m["files"]), f"skipped: {m['skipped']}", *["-"] * 9])
             continue
         after = m["after_passivation"]
         rows.append(
             [
                 str(m["files"]),
+                fmt(m.get("first_grant_ms_min")),
                 fmt(m["first_grant_ms_p50"]),
                 fmt(m["first_grant_ms_p99"]),
                 fmt(m["sessionfile_uss_mb_p50"], 1),
@@ -163,7 +167,8 @@ def render(result: dict[str, Any]) -> list[Table]:
             f"scale: N files held at once (idle_ms {result['idle_ms']} for passivation)",
             [
                 "N",
-                "1st grant p50 ms",
+                "1st grant min ms",
+                "p50 ms",
                 "p99 ms",
                 "USS/file MB",
                 "marginal MB/file",

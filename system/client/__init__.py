@@ -4,7 +4,8 @@ This package's names are the public import path (also re-exported by ``sessionla
 modules are private. What both surfaces share is written once and does no I/O: ``_core`` (the
 ``ClientCore`` state machine: settings, connections, request ids, replies and events, leases,
 keepalives, reconnect policy), ``_ops`` (each public method as a generator that yields the
-calls it makes and returns its result) and ``_records`` (what is refused before sending).
+calls it makes and returns its result), ``_pipeline`` (pipelined appends: the same, with
+batches of calls in flight) and ``_records`` (what is refused before sending).
 ``_sync`` (a reader thread, blocking calls) and ``_async`` (a reader task, awaited calls) only
 move bytes and drive the operations.
 """
@@ -23,6 +24,7 @@ from sessionlane.messages.errors import (
     LeaseTimeout,
     NotHolder,
     PathNotAllowed,
+    PipelineBroken,
     QueueFull,
     ReadOnly,
     SessionLaneError,
@@ -52,6 +54,7 @@ __all__ = [
     "LeaseTimeout",
     "NotHolder",
     "PathNotAllowed",
+    "PipelineBroken",
     "QueueFull",
     "ReadOnly",
     "SessionLane",

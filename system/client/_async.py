@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -45,6 +46,7 @@ from sessionlane.messages.wire import (
     StatusReply,
 )
 from sessionlane.system.client import _ops as ops
+from sessionlane.system.client import _pipeline as pipelines
 from sessionlane.system.client._checks import check_lane
 from sessionlane.system.client._core import (
     INCOMING_FRAME_BYTES,
@@ -66,6 +68,8 @@ __all__ = ["AsyncLane", "AsyncLease", "AsyncSessionLane", "connect_async"]
 
 R = TypeVar("R")
 _READ_BYTES = 256 * 1024
+_SEND_BYTES = 256 * 1024
+"""A pipeline's frames go out in writes of about this size."""
 _CLOSE_WAIT_S = 1.0
 
 
@@ -311,14 +315,17 @@ class AsyncSessionLane:
         with contextlib.suppress(Unavailable):
             await self._send(link, data)
 
-    async def _run(self, op: ops.Op[R]) -> R:
+    async def _run(self, op: Generator[ops.Call | ops.Batch, Any, R]) -> R:
         """Drive ``op`` to its result, awaiting each of its calls in turn."""
-        outcome: Reply | SessionLaneError | None = None
+        outcome: Any = None
         try:
             while True:
                 step = ops.advance(op, outcome)
                 if isinstance(step, ops.Finished):
                     return step.value
+                if isinstance(step, ops.Batch):
+                    outcome = await self._pipeline(step)
+                    continue
                 try:
                     outcome = await self._call(step)
                 except SessionLaneError as exc:
@@ -351,6 +358,50 @@ class AsyncSessionLane:
         finally:
             if not future.done() or future.cancelled():
                 self.core.given_up(link, rid, call.request)
+
+    async def _pipeline(self, batch: ops.Batch) -> list[Reply | SessionLaneError]:
+        """Send ``batch``'s requests, a window at a time; their outcomes in order."""
+        pipe = pipelines.Pipe(batch)
+        try:
+            link = self.core.link_for(reconnect=False)
+        except Unavailable as exc:
+            return [exc]
+        assert link is not None
+        loop = asyncio.get_running_loop()
+        sent: deque[tuple[Any, asyncio.Future[Reply], Any]] = deque()
+        limit = self.settings.reply_limit(None)
+        try:
+            while True:
+                chunk = pipe.to_send()
+                frames: list[bytes] = []
+                for index, request in enumerate(chunk):
+                    future: asyncio.Future[Reply] = loop.create_future()
+                    try:
+                        rid, data = self.core.request(link, request, future, loop.time())
+                    except SessionLaneError as exc:  # too large, or the link is gone
+                        pipe.not_sent(len(chunk) - index, exc)
+                        break
+                    sent.append((rid, future, request))
+                    frames.append(data)
+                for group in pipelines.grouped(frames, _SEND_BYTES):
+                    with contextlib.suppress(Unavailable):  # the lost link fails ``sent``
+                        await self._send(link, group)
+                if not sent:
+                    return pipe.result()
+                rid, future, request = sent[0]
+                try:
+                    pipe.answered(await asyncio.wait_for(asyncio.shield(future), limit))
+                except SessionLaneError as exc:
+                    pipe.answered(exc)
+                except TimeoutError:
+                    for _, _, request_ in sent:
+                        pipe.answered(self.core.no_reply(request_, limit))
+                    return pipe.result()
+                sent.popleft()
+        finally:
+            for rid, future, request in sent:
+                if not future.done():
+                    self.core.given_up(link, rid, request)
 
     # Public API ----------------------------------------------------------------------------
 
@@ -451,6 +502,20 @@ class AsyncLease(ops.LeaseView):
     ) -> AppendResult:
         """Append records durably under this lease; all or nothing."""
         return await self.sl._run(ops.lease_append(self.sl.core, self, records, durability))
+
+    async def append_pipelined(
+        self,
+        records: Sequence[dict[str, Any]],
+        *,
+        window: int = 64,
+        durability: Durability | None = None,
+    ) -> list[AppendResult]:
+        """Append each record as its own append, up to ``window`` of them in flight at once.
+
+        The asyncio twin of ``Lease.append_pipelined``: results in order, and on a failure
+        ``PipelineBroken`` saying which were written; none after the failed one is."""
+        op = pipelines.lease_append_pipelined(self.sl.core, self, records, window, durability)
+        return await self.sl._run(op)
 
     async def rewrite(self, records: Sequence[dict[str, Any]]) -> int:
         """Replace the whole file atomically (compaction leases); returns the line count."""

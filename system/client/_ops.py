@@ -67,6 +67,7 @@ from sessionlane.system.client._core import (
 from sessionlane.system.client._records import check_records
 
 __all__ = [
+    "Batch",
     "Call",
     "Finished",
     "LeaseView",
@@ -100,6 +101,18 @@ class Call:
     """Reconnect first if the connection is down (never for a lease's own requests)."""
     after: float = 0.0
     """Seconds to let pass before sending (a retry while the service is stopping)."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Send ``requests`` in order on the connection, at most ``window`` unanswered at a time,
+    and return the outcomes of those sent, in order (a final reply, or the
+    ``SessionLaneError`` of one that got none). After the first outcome that is an error,
+    nothing more is sent; the ones already sent are still awaited. A surface drives it with a
+    ``Pipe``."""
+
+    requests: list[Any]
+    window: int
 
 
 RETRY_AFTER_S = 0.2
@@ -459,7 +472,7 @@ class Finished(Generic[R]):
     value: R
 
 
-def advance(op: Op[R], outcome: Reply | SessionLaneError | None) -> Call | Finished[R]:
+def advance(op: Generator[Call | Batch, Any, R], outcome: Any) -> Call | Batch | Finished[R]:
     """Resume ``op`` with the outcome of its last call (None: start it): its next call, or
     its result. Raises what ``op`` raises."""
     try:

@@ -34,7 +34,8 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenacity import Retrying
@@ -50,6 +51,7 @@ from sessionlane.messages.wire import (
     StatusReply,
 )
 from sessionlane.system.client import _ops as ops
+from sessionlane.system.client import _pipeline as pipelines
 from sessionlane.system.client._checks import check_lane
 from sessionlane.system.client._core import (
     INCOMING_FRAME_BYTES,
@@ -74,6 +76,8 @@ __all__ = ["Lane", "Lease", "SessionLane", "connect", "connect_async"]
 
 R = TypeVar("R")
 _READ_BYTES = 256 * 1024
+_SEND_BYTES = 256 * 1024
+"""A pipeline's frames go out in writes of about this size, the lock released between them."""
 
 
 def connect(
@@ -323,15 +327,18 @@ class SessionLane:
 
     # Requests ------------------------------------------------------------------------------
 
-    def _run(self, op: ops.Op[R]) -> R:
+    def _run(self, op: Generator[ops.Call | ops.Batch, Any, R]) -> R:
         """Drive ``op`` to its result, making each of its calls in turn."""
-        outcome: Reply | SessionLaneError | None = None
+        outcome: Any = None
         try:
             while True:
                 with self._lock:
                     step = ops.advance(op, outcome)
                 if isinstance(step, ops.Finished):
                     return step.value
+                if isinstance(step, ops.Batch):
+                    outcome = self._pipeline(step)
+                    continue
                 try:
                     outcome = self._call(step)
                 except SessionLaneError as exc:
@@ -374,6 +381,57 @@ class SessionLane:
         if waiter.reply is None:
             raise self.core.no_reply(call.request, limit)
         return waiter.reply
+
+    def _pipeline(self, batch: ops.Batch) -> list[Reply | SessionLaneError]:
+        """Send ``batch``'s requests, a window at a time; their outcomes in order."""
+        pipe = pipelines.Pipe(batch)
+        try:
+            with self._lock:
+                link = self.core.link_for(reconnect=False)
+        except Unavailable as exc:
+            return [exc]
+        assert link is not None
+        sent: deque[tuple[Any, _Waiter, Any]] = deque()
+        while True:
+            self._send_window(link, pipe, sent)
+            if not sent:
+                return pipe.result()
+            rid, waiter, request = sent.popleft()
+            limit = self.settings.reply_limit(None)
+            waiter.event.wait(limit)
+            with self._lock:
+                if not waiter.event.is_set():
+                    for rid_, _, request_ in [(rid, waiter, request), *sent]:
+                        self.core.given_up(link, rid_, request_)
+                        pipe.answered(self.core.no_reply(request_, limit))
+                    return pipe.result()
+            pipe.answered(waiter.error or waiter.reply or self.core.no_reply(request, limit))
+
+    def _send_window(
+        self, link: _Link, pipe: pipelines.Pipe, sent: deque[tuple[Any, _Waiter, Any]]
+    ) -> None:
+        """Send what fills ``pipe``'s window, a few writes of whole frames (other threads'
+        frames may go between them, never inside one); record each in ``sent``."""
+        chunk = pipe.to_send()
+        if not chunk:
+            return
+        frames: list[bytes] = []
+        with self._lock:
+            for index, request in enumerate(chunk):
+                waiter = _Waiter()
+                try:
+                    rid, data = self.core.request(link, request, waiter, time.monotonic())
+                except SessionLaneError as exc:  # too large, or the link is gone
+                    pipe.not_sent(len(chunk) - index, exc)
+                    break
+                sent.append((rid, waiter, request))
+                frames.append(data)
+        try:
+            for group in pipelines.grouped(frames, _SEND_BYTES):
+                with self._lock:
+                    link.transport.sendall(group)
+        except OSError as exc:
+            self._drop(link, f"send failed: {exc}")  # fails every request in ``sent``
 
     # Public API ----------------------------------------------------------------------------
 
@@ -471,6 +529,22 @@ class Lease(ops.LeaseView):
     ) -> AppendResult:
         """Append records durably under this lease; all or nothing."""
         return self.sl._run(ops.lease_append(self.sl.core, self, records, durability))
+
+    def append_pipelined(
+        self,
+        records: Sequence[dict[str, Any]],
+        *,
+        window: int = 64,
+        durability: Durability | None = None,
+    ) -> list[AppendResult]:
+        """Append each record as its own append, up to ``window`` of them in flight at once.
+
+        Written in order and acknowledged in order: the results, one per record. If one fails,
+        none after it is written (the service refuses them): ``PipelineBroken`` says which
+        were (``written``, ``failed``, ``unknown``, ``cause``). The records are checked before
+        anything is sent (``InvalidRecord``)."""
+        op = pipelines.lease_append_pipelined(self.sl.core, self, records, window, durability)
+        return self.sl._run(op)
 
     def rewrite(self, records: Sequence[dict[str, Any]]) -> int:
         """Replace the whole file atomically (compaction leases); returns the line count."""

@@ -40,6 +40,7 @@ from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.holder_reclaim import HolderReclaims
 from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
 from sessionlane.actors.links import Links
+from sessionlane.messages.carried import CarriedCalls, CarriedReplies
 from sessionlane.messages.internal import (
     ChannelOffer,
     FileReply,
@@ -47,7 +48,6 @@ from sessionlane.messages.internal import (
     GatewayFailed,
     GatewayStarted,
     LaneCall,
-    LaneClosed,
     LaneRef,
     Ping,
     Pong,
@@ -120,9 +120,9 @@ class Gateway(ShellActor):
         return {
             StartGateway: self.on_start,
             WatchMessage: self.on_watch,
-            FileReply: self.on_file_reply,
             FileRestarted: self.on_file_restarted,
             ChannelOffer: self.on_channel_offer,
+            CarriedReplies: self.on_carried,
             StatusReply: self.on_status_reply,
             Error: self.on_status_reply,  # a status refused (e.g. a path outside the roots)
             WakeupMessage: self.on_wakeup,
@@ -303,11 +303,6 @@ class Gateway(ShellActor):
 
     def closed(self, lane: LaneState) -> None:
         self.by_uid.pop(lane.uid, None)
-        if self.links is not None and lane.uid in self.links.registry_lanes:
-            # Calls through the Registry may have reached another convention member, which
-            # keeps the lane until told (its leases there are abandoned already).
-            self.links.registry_lanes.discard(lane.uid)
-            self.send(self.registry, LaneClosed(address=self.myAddress, uid=lane.uid))
 
     # LinkHost: what the links report -------------------------------------------------------
 
@@ -329,10 +324,6 @@ class Gateway(ShellActor):
 
     # From the actors -----------------------------------------------------------------------
 
-    def on_file_reply(self, msg: FileReply, sender: Any) -> None:
-        if self.links is not None:
-            self.links.on_reply(msg)
-
     def on_file_restarted(self, msg: FileRestarted, sender: Any) -> None:
         if self.links is not None:
             self.links.on_restarted(msg)
@@ -340,6 +331,10 @@ class Gateway(ShellActor):
     def on_channel_offer(self, msg: ChannelOffer, sender: Any) -> None:
         if self.links is not None:
             self.links.on_offer(msg)
+
+    def on_carried(self, msg: CarriedReplies, sender: Any) -> None:
+        if self.links is not None:
+            self.links.on_carried(msg)
 
     def schedule_links(self) -> None:
         assert self.links is not None
@@ -366,10 +361,8 @@ class Gateway(ShellActor):
         """
         call = msg.poisonMessage
         log.error("undeliverable %s: %s", type(call).__name__, msg.details)
-        if isinstance(call, LaneCall) and call.request.id is not None:
-            detail = "the request could not be delivered inside the service"
-            error = Error(id=call.request.id, code="internal", detail=detail)
-            self.deliver(FileReply(path=call.path, message=error, lane=call.lane.uid))
+        if isinstance(call, CarriedCalls) and self.links is not None:
+            self.links.undeliverable(call)
 
     def on_ping(self, msg: Ping, sender: Any) -> None:
         self.send(sender, Pong(nonce=msg.nonce, connections=len(self.clients.conns)))

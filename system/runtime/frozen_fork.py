@@ -15,12 +15,14 @@ up by name each time a child starts) so that, first thing in every forked actor,
 moves everything inherited into the permanent generation: the child's collector only walks
 what the child itself allocates. Nothing changes in the parent (its collector still frees
 its own garbage); the child keeps its copy of the parent's objects either way, frozen or not.
-``gc.freeze()`` only relinks the generation lists, so the cost per fork is a few microseconds.
+``gc.freeze()`` only relinks the generation lists, so the cost per fork is a few microseconds;
+counting what it froze (``gc.get_freeze_count()``) walks every inherited object and took 4 to
+17 ms of each new file's first grant, so it is left to :func:`frozen_at_start`, on demand.
 
 Like ``sessionlane.system.runtime.admin_fork`` it runs before the system is created, is
 idempotent, and fails closed (``RuntimeError``) on another thespian or if ``startChild`` moved.
 :func:`frozen_at_start` tells, inside an actor, whether this path was taken and how many
-objects it froze (tests read it through an actor message; ``docs/cost-model.md`` has the
+objects are frozen (tests read it through an actor message; ``docs/cost-model.md`` has the
 measurements).
 """
 
@@ -44,7 +46,7 @@ __all__ = ["ForkReport", "frozen_at_start", "install", "installed"]
 
 _lock = threading.Lock()
 _installed = False
-_frozen_at_start: int | None = None
+_frozen_at_start = False
 
 
 def installed() -> bool:
@@ -52,9 +54,10 @@ def installed() -> bool:
 
 
 def frozen_at_start() -> int | None:
-    """In an actor forked through the patched path: how many inherited objects were frozen
-    when it started. ``None`` in any other process (the path was not taken here)."""
-    return _frozen_at_start
+    """In an actor forked through the patched path: how many objects are frozen (what it
+    inherited, and anything frozen since). ``None`` in any other process (the path was not
+    taken here). Walks every frozen object: for tests and diagnosis, never on a hot path."""
+    return gc.get_freeze_count() if _frozen_at_start else None
 
 
 def install() -> None:
@@ -90,12 +93,11 @@ def install() -> None:
         _installed = True
 
 
-def freeze_inherited() -> int:
-    """Freeze every object this (freshly forked) process holds; how many are frozen now."""
+def freeze_inherited() -> None:
+    """Freeze every object this (freshly forked) process holds (O(1): no object is visited)."""
     global _frozen_at_start
     gc.freeze()
-    _frozen_at_start = gc.get_freeze_count()
-    return _frozen_at_start
+    _frozen_at_start = True
 
 
 class ForkReport(Actor):  # type: ignore[misc]

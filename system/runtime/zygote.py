@@ -17,11 +17,20 @@ its ``SIGCHLD`` and reaps it, so thespian still sends ``ChildActorExited`` when 
 dies. Every SessionFile shares the zygote's unchanging pages with all the others: the file
 actor is still one process per file, and only what it writes itself is its own.
 
+To take the forks off a new file's path, the zygote keeps one child forked ahead, *parked*:
+a process already forked the same way (so already the Registry's child), past
+``multiprocessing``'s start, that waits on a pipe for its ``startChild`` arguments. A request
+writes them to the parked child and answers its pid at once; only then is the next child
+parked. The parked child costs 1.4 to 1.9 MB, once per Registry, and takes two forks and a
+process start off every first grant (``docs/cost-model.md``). If the parked child is gone
+(killed while it waited: a zombie of the Registry until the Registry exits, as thespian only
+reaps the children it started), the request forks one the ordinary way.
+
 The zygote reads requests from a pipe the Registry holds: when the Registry dies, the pipe
-closes and the zygote exits. If the zygote is gone or a request fails, the child is forked
-the ordinary way (and a warning is logged). Like ``sessionlane.system.runtime.admin_fork`` it
-runs before the system is created, is idempotent, and fails closed on another thespian or if
-what it relies on moved.
+closes and the zygote exits, and so does its parked child (its pipe closes).
+If the zygote is gone or a request fails, the child is forked the ordinary way (and a warning
+is logged). Like ``sessionlane.system.runtime.admin_fork`` it runs before the system is
+created, is idempotent, and fails closed on another thespian or if what it relies on moved.
 """
 
 from __future__ import annotations
@@ -45,12 +54,19 @@ from typing import Any
 from sessionlane.system.runtime.admin_fork import release_inherited_sockets
 from sessionlane.system.runtime.loopback import SUPPORTED_THESPIAN
 
-__all__ = ["FORKED_FROM_ZYGOTE", "install", "installed", "zygote_pid"]
+__all__ = ["FORKED_FROM_ZYGOTE", "PARKED_TITLE", "PARK_AHEAD", "install", "installed", "zygote_pid"]
 
 log = logging.getLogger(__name__)
 
 FORKED_FROM_ZYGOTE = frozenset({"sessionlane.actors.session_file.SessionFile"})
 """Actor classes (``module.Class``) forked from the zygote; any other actor forks as before."""
+
+PARKED_TITLE = "parked (the next file's actor, forked ahead)"
+"""How a parked child is titled (``sessionlane: <title>``) until it becomes a file's actor."""
+
+PARK_AHEAD = True
+"""Whether the zygote keeps a child forked ahead (read in the zygote: set it before the system
+starts; ``False`` forks each child on request, for a before/after measurement)."""
 
 ZYGOTE_PARENTS = frozenset({"sessionlane.actors.registry.Registry"})
 """Actor classes whose process forks its zygote as it starts (before its actor exists: the
@@ -63,6 +79,7 @@ _CONTEXT_ARG = 13  # concurrency_context
 _CLOSE_ARG = 12  # fileNumsToClose
 _HEADER = struct.Struct("!I")
 _PID = struct.Struct("!q")
+_READY = b"R"
 
 _lock = threading.Lock()
 _installed = False
@@ -241,7 +258,13 @@ class _Zygote:
                 os._exit(code)
         os.close(req_r)
         os.close(rep_w)
-        return cls(pid, req_w, rep_r)
+        zygote = cls(pid, req_w, rep_r)
+        # The zygote says it is ready once its first child is parked: the service's processes
+        # are then all there when it reports itself started.
+        if _read_exact(rep_r, 1) != _READY:
+            zygote.close()
+            raise OSError(f"zygote {pid} exited before it was ready")
+        return zygote
 
     def spawn(self, args: list[Any], name: str) -> int | None:
         """Have the zygote fork a child running ``startChild(*args)``; its pid, or None (and the
@@ -258,30 +281,113 @@ class _Zygote:
         if pid > 0:
             return int(pid)
         log.warning("zygote %d failed to fork %s (%s): giving it up", self.pid, name, detail)
+        self.close()
+        return None
+
+    def close(self) -> None:
+        """Give the zygote up: it exits when it reads the end of its request pipe."""
         self.broken = True
         for fd in (self.requests, self.replies):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        return None
 
 
 def _serve(requests: int, replies: int) -> None:
-    """The zygote's loop: fork a child per request until the request pipe closes."""
+    """The zygote's loop: hand each request to the parked child (or fork one), park the next,
+    until the request pipe closes."""
     from sessionlane.actors._shell import set_title
 
     set_title("zygote (forks the file actors)")
     for signum in range(1, signal.NSIG):
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a parked child gone: EPIPE, not death
     release_inherited_sockets()
     gc.freeze()
+    parked = _Parked.park(requests, replies) if PARK_AHEAD else None
+    os.write(replies, _READY)
     while True:
         header = _read_exact(requests, _HEADER.size)
         if len(header) < _HEADER.size:
-            return  # the Registry closed the pipe: it is gone
-        args, name = pickle.loads(_read_exact(requests, _HEADER.unpack(header)[0]))
-        args[_CLOSE_ARG] = [requests, replies]  # the child closes what it inherits from us
-        os.write(replies, _PID.pack(_fork_through_intermediate(args, name)))
+            return  # the Registry closed the pipe: it is gone (the parked child sees its close)
+        payload = _read_exact(requests, _HEADER.unpack(header)[0])
+        pid = parked.assign(payload) if parked is not None else -1
+        if pid <= 0:
+            args, name = pickle.loads(payload)
+            args[_CLOSE_ARG] = [requests, replies]  # the child closes what it inherits from us
+            pid = _fork_through_intermediate(args, name)
+        os.write(replies, _PID.pack(pid))
+        parked = _Parked.park(requests, replies) if PARK_AHEAD else None
+
+
+class _Parked:
+    """A child forked ahead (through an intermediate that exited: it is already the Registry's
+    child) that waits for ``startChild``'s arguments on a pipe the zygote holds."""
+
+    def __init__(self, pid: int, args_w: int) -> None:
+        self.pid, self.args_w = pid, args_w
+
+    @classmethod
+    def park(cls, requests: int, replies: int) -> _Parked | None:
+        """Fork the next child ahead; None (each request then forks its own) if that failed."""
+        args_r, args_w = os.pipe()
+        pid_r, pid_w = os.pipe()
+        middle = os.fork()
+        if middle == 0:
+            code = 1
+            try:
+                for fd in (requests, replies, args_w, pid_r):
+                    os.close(fd)
+                child = multiprocessing.get_context("fork").Process(
+                    target=_parked_child, args=(args_r, pid_w), name="parked file actor"
+                )
+                child.start()
+                os.write(pid_w, _PID.pack(child.pid or -1))
+                code = 0
+            finally:
+                os._exit(code)
+        for fd in (args_r, pid_w):
+            os.close(fd)
+        try:
+            reply = _read_exact(pid_r, _PID.size)
+        finally:
+            os.close(pid_r)
+        _, status = os.waitpid(middle, 0)
+        pid = _PID.unpack(reply)[0] if len(reply) == _PID.size else -1
+        if os.waitstatus_to_exitcode(status) != 0 or pid <= 0:
+            os.close(args_w)
+            return None
+        return cls(pid, args_w)
+
+    def assign(self, payload: bytes) -> int:
+        """Hand the request (``startChild``'s arguments and the process's name, pickled) to the
+        parked child; its pid, or -1 if it is gone (it died while parked: no reader)."""
+        try:
+            os.write(self.args_w, _HEADER.pack(len(payload)) + payload)
+        except OSError:
+            return -1
+        finally:
+            os.close(self.args_w)
+        return self.pid
+
+
+def _parked_child(args_r: int, pid_w: int) -> None:
+    """A parked child: wait for ``startChild``'s arguments, then become that actor (exit if the
+    zygote closed the pipe instead)."""
+    from thespian.system import multiprocCommon
+
+    from sessionlane.actors._shell import set_title
+
+    os.close(pid_w)
+    set_title(PARKED_TITLE)
+    header = _read_exact(args_r, _HEADER.size)
+    if len(header) < _HEADER.size:
+        return
+    args, name = pickle.loads(_read_exact(args_r, _HEADER.unpack(header)[0]))
+    os.close(args_r)
+    args[_CLOSE_ARG] = []  # its intermediate closed what it inherited from the zygote
+    multiprocessing.current_process().name = name
+    multiprocCommon.startChild(*args)
 
 
 def _fork_through_intermediate(args: list[Any], name: str) -> int:

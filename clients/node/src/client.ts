@@ -164,6 +164,8 @@ interface Pending {
   readonly sentAt: number;
   /** A hello, proof or reclaim of a revival: fails with its connection, never sent again. */
   readonly revival: boolean;
+  /** May be sent again after a restart if safe (false: its caller resends, as a pipeline). */
+  readonly resend: boolean;
   readonly path: string | null;
   readonly resolve: (value: unknown) => void;
   readonly reject: (error: Error) => void;
@@ -352,7 +354,8 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     track: (state) => this.#track(state),
     untrack: (state) => this.#untrack(state),
     abandoned: (leases) => this.#abandoned(leases),
-    leaseRequest: (state, type, fields) => this.#leaseRequest(state, type, fields),
+    leaseRequest: (state, type, fields, options) =>
+      this.#leaseRequest(state, type, fields, options),
   };
 
   /** Not for direct use: `connect()` makes connections. */
@@ -475,15 +478,20 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
    * A request of the lease `state`: after a revival, only if its reclaim was granted (a
    * refused one revoked it, reason `restart`: `LeaseRevoked`, and nothing reaches the service).
    */
-  #leaseRequest(state: LeaseState, type: string, fields: Record<string, unknown>): Promise<Reply> {
+  #leaseRequest(
+    state: LeaseState,
+    type: string,
+    fields: Record<string, unknown>,
+    options: RequestOptions = {},
+  ): Promise<Reply> {
     const reviving = this.#reviving;
     if (reviving !== null && !this.#closed) {
       return reviving.then(() => {
         state.checkUsable();
-        return this.#leaseRequest(state, type, fields);
+        return this.#leaseRequest(state, type, fields, options);
       });
     }
-    return this.request(type, fields);
+    return this.request(type, fields, options);
   }
 
   /** Send now, on the current connection (`revival`: a revival's own hello or reclaim). */
@@ -527,6 +535,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
         fields,
         sentAt: Date.now(),
         revival,
+        resend: options.resend ?? true,
         path,
         // Without `map`, T is the reply itself (the default type argument).
         resolve: (value) => resolve(value as T),
@@ -739,7 +748,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
    */
   async #revive(reason: string): Promise<void> {
     for (const [id, pending] of [...this.#pending.entries()]) {
-      if (resendable(pending.type, pending.fields)) continue;
+      if (pending.resend && resendable(pending.type, pending.fields)) continue;
       this.#settled(id);
       pending.reject(lostBeforeReply(pending, reason, 'connection_lost'));
     }

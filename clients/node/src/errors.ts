@@ -29,6 +29,7 @@ export type ErrorCode =
   | 'io_error'
   | 'file_moved'
   | 'unknown_outcome'
+  | 'pipeline_broken'
   | 'reclaim_refused'
   | 'internal';
 
@@ -54,6 +55,7 @@ export const ERROR_CODES: readonly ErrorCode[] = Object.freeze([
   'io_error',
   'file_moved',
   'unknown_outcome',
+  'pipeline_broken',
   'reclaim_refused',
   'internal',
 ]);
@@ -215,6 +217,44 @@ export class FileMoved extends SessionLaneError {
   static override defaultCode: ErrorCode = 'file_moved';
 }
 
+/** Where one append of a pipeline landed (the `AppendResult` of `wire.ts`). */
+export interface PipelinedResult {
+  readonly offset: number;
+  readonly lines: number;
+  readonly fence: number;
+}
+
+/**
+ * A pipelined append was not written because the one before it in its pipeline was not.
+ *
+ * The service refuses such an append with this code (nothing written). `Lease.appendPipelined`
+ * rejects with it when a pipeline stops: `written` holds the results of its first
+ * `written.length` appends, in order; append `failed` (that index) failed with `cause`; of the
+ * appends after `written`, the first `unknown` may or may not be in the file (their answers were
+ * lost: read the file), and every later one was not written. `failed` is null on a bare refusal
+ * from the service.
+ */
+export class PipelineBroken extends SessionLaneError {
+  static override defaultCode: ErrorCode = 'pipeline_broken';
+  readonly written: readonly PipelinedResult[];
+  readonly failed: number | null;
+  readonly unknown: number;
+
+  constructor(
+    detail = '',
+    options: SessionLaneErrorOptions & {
+      written?: readonly PipelinedResult[];
+      failed?: number | null;
+      unknown?: number;
+    } = {},
+  ) {
+    super(detail, options);
+    this.written = Object.freeze([...(options.written ?? [])]);
+    this.failed = options.failed ?? null;
+    this.unknown = options.unknown ?? 0;
+  }
+}
+
 const BY_CODE: Readonly<Record<ErrorCode, typeof SessionLaneError>> = {
   lease_timeout: LeaseTimeout,
   contended: Contended,
@@ -237,6 +277,7 @@ const BY_CODE: Readonly<Record<ErrorCode, typeof SessionLaneError>> = {
   io_error: IOFailure,
   file_moved: FileMoved,
   unknown_outcome: UnknownOutcome,
+  pipeline_broken: PipelineBroken,
   internal: SessionLaneError,
 };
 

@@ -37,6 +37,7 @@ export {
   LeaseTimeout,
   NotHolder,
   PathNotAllowed,
+  PipelineBroken,
   QueueFull,
   ReadOnly,
   SessionLaneError,
@@ -49,6 +50,7 @@ export {
   UnknownOutcome,
   errorFor,
   type ErrorCode,
+  type PipelinedResult,
   type SessionLaneErrorOptions,
 } from './errors.js';
 export {
@@ -63,6 +65,7 @@ export {
   type RequestOptions,
   type RevokedEvent,
 } from './lease.js';
+export { MAX_WINDOW, type PipelineOptions } from './pipeline.js';
 export {
   DEFAULT_ACQUIRE_TIMEOUT_MS,
   SESSION_WRITE_LOCK_TIMEOUT_CODE,

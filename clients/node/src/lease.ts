@@ -18,6 +18,7 @@ import {
   StaleFence,
   Unavailable,
 } from './errors.js';
+import { appendPipelined, type PipelineOptions } from './pipeline.js';
 import {
   checkRecords,
   type AppendResult,
@@ -119,6 +120,11 @@ export interface RequestOptions<T = Reply> {
   map?: (reply: Reply) => T;
   /** Stop waiting when this aborts (rejects with its reason); a late grant is released. */
   signal?: AbortSignal | undefined;
+  /**
+   * `false`: a lost connection fails it even when it could be sent again after a restart
+   * (a pipeline resends its own appends, in order, one at a time).
+   */
+  resend?: boolean;
 }
 
 /** What a `Lane` and a `Lease` need from their connection (implemented by `SessionLane`). */
@@ -135,7 +141,12 @@ export interface LeaseHost {
    * `request` for a request of the lease `state`: one that waited for the connection to be
    * revived is sent only if the lease was taken back (else `LeaseRevoked`, nothing sent).
    */
-  leaseRequest(state: LeaseState, type: string, fields: Record<string, unknown>): Promise<Reply>;
+  leaseRequest(
+    state: LeaseState,
+    type: string,
+    fields: Record<string, unknown>,
+    options?: RequestOptions,
+  ): Promise<Reply>;
 }
 
 /** What the client knows about one lease, updated by events as they arrive. */
@@ -416,6 +427,34 @@ export class Lease implements AsyncDisposable {
       aid: randomBytes(8).toString('hex'),
     });
     return appendResult(reply);
+  }
+
+  /**
+   * Append each record as its own append, up to `window` of them in flight at once. Written in
+   * order and acknowledged in order: resolves with one result per record. If one fails, none
+   * after it is written (the service refuses them, each naming the one before it): rejects with
+   * `PipelineBroken`, whose `written`, `failed`, `unknown` and `cause` say which were. A lost
+   * connection ridden out (`reconnectForMs`) takes the lease back and sends the unanswered
+   * appends again, one at a time (their append ids answer the ones already written), then goes
+   * on with the window.
+   */
+  async appendPipelined(
+    records: readonly TranscriptRecord[],
+    options: PipelineOptions = {},
+  ): Promise<AppendResult[]> {
+    return appendPipelined(
+      {
+        id: this.id,
+        fence: this.fence,
+        path: this.path,
+        state: this.#state,
+        checkUsable: () => this.#checkUsable(),
+        send: (fields) =>
+          this.#host.leaseRequest(this.#state, 'append', fields, { resend: false }),
+      },
+      records,
+      options,
+    );
   }
 
   /** Replace the whole file atomically (compaction leases); resolves with the line count. */

@@ -9,6 +9,7 @@ import {
   Contended,
   InvalidRecord,
   LeaseRevoked,
+  PipelineBroken,
   LeaseTimeout,
   NotHolder,
   PathNotAllowed,
@@ -34,6 +35,52 @@ describe('a connection to a real service', needsService, () => {
   after(async () => {
     await sl.close();
     await other.close();
+  });
+
+  it('pipelines appends: acknowledged in order, written in order', async () => {
+    const path = freshPath('pipelined');
+    const lease = await sl.lane('agent').lease(path);
+    assert.ok(lease !== null);
+    const first = await lease.append({ n: -1 });
+    const records = Array.from({ length: 300 }, (_, n) => ({ n }));
+    const results = await lease.appendPipelined(records, { window: 16 });
+    await lease.release();
+    assert.equal(results.length, 300);
+    const offsets = [first.offset, ...results.map((r) => r.offset)];
+    assert.deepEqual(offsets, [...new Set(offsets)].sort((a, b) => a - b));
+    assert.ok(results.every((r) => r.lines === 1 && r.fence === lease.fence));
+    assert.deepEqual(
+      lines(path).map((record) => (record as { n: number }).n),
+      Array.from({ length: 301 }, (_, i) => i - 1),
+    );
+  });
+
+  it('stops a pipeline at a refused append: none after it is written, the error says which were', async () => {
+    const path = freshPath('pipeline-broken');
+    const lease = await sl.lane('agent').lease(path);
+    assert.ok(lease !== null);
+    const records: Record<string, unknown>[] = Array.from({ length: 100 }, (_, n) => ({ n }));
+    records[10] = { big: 'x'.repeat(1_048_576) }; // over the service's max_record_bytes
+    const err = await lease.appendPipelined(records, { window: 64 }).then(
+      () => assert.fail('the pipeline went through'),
+      (caught: unknown) => caught,
+    );
+    assert.ok(err instanceof PipelineBroken, String(err));
+    assert.equal(err.code, 'pipeline_broken');
+    assert.deepEqual([err.failed, err.unknown, err.written.length], [10, 0, 10]);
+    assert.ok(err.cause instanceof InvalidRecord);
+    assert.match(err.detail, /append 10 and the ones after it were not written/);
+    assert.equal(lease.revoked, null);
+    await lease.append({ n: 'after' }); // the lease is fine after a broken pipeline
+    const counters = (await sl.status(path)).files[0]!.counters;
+    assert.ok((counters['pipeline_broken'] ?? 0) >= 53, JSON.stringify(counters));
+    await lease.release();
+    assert.deepEqual(
+      lines(path).map((record) => (record as { n: unknown }).n),
+      [...Array.from({ length: 10 }, (_, n) => n), 'after'],
+    );
+    await assert.rejects(lease.appendPipelined([{ n: 1 }]), LeaseRevoked); // released
+    await assert.rejects(lease.appendPipelined([{ n: 1 }], { window: 0 }), RangeError);
   });
 
   it('takes a lease, appends durably under its fence and releases it', async () => {

@@ -78,6 +78,7 @@ describe('the error table', () => {
       io_error: 'IOFailure',
       file_moved: 'FileMoved',
       unknown_outcome: 'UnknownOutcome',
+      pipeline_broken: 'PipelineBroken',
       reclaim_refused: 'LeaseRevoked',
       internal: 'SessionLaneError',
     };

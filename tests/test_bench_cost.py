@@ -1,0 +1,199 @@
+"""``sessionlane bench --suite cost``: the model's arithmetic, the plot, and a quick real run.
+
+The real run is a subprocess tagged with its own ``SESSIONLANE_TEST_TAG`` (anything it leaves
+running is found and killed); its numbers are checked for shape and sanity only, never
+against a goal (this machine's load decides them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from leftovers import TAG_VARIABLE, find_leftovers, kill_leftovers
+
+from sessionlane.system.bench import add_bench_arguments, run_bench
+from sessionlane.system.bench._plot import write_plot
+from sessionlane.system.bench.cost import cpu_seconds, model, slope
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def points() -> dict[str, Any]:
+    """A cost result as the suite makes it: 3 MB per file over a 20 MB base, 12 KB per
+    connection after a first one that costs 500 KB."""
+    return {
+        "cycle_one_file": [
+            {
+                "lanes": k,
+                "files": 1,
+                "cycles": 100,
+                "cycles_per_s": 50.0,
+                "cpu_s": 0.1 * k,
+                "cpu_ms_per_cycle": float(k),
+            }
+            for k in (1, 2, 4)
+        ],
+        "cycle_own_file": [
+            {
+                "lanes": 2,
+                "files": 2,
+                "cycles": 10,
+                "cycles_per_s": 5.0,
+                "cpu_s": 0.02,
+                "cpu_ms_per_cycle": 2.0,
+            }
+        ],
+        "append_one_file": [
+            {
+                "writers": 1,
+                "appends": 10,
+                "appends_per_s": 5.0,
+                "cpu_s": 0.01,
+                "cpu_ms_per_append": 1.0,
+            },
+            {
+                "writers": 8,
+                "appends": 10,
+                "appends_per_s": 5.0,
+                "cpu_s": 0.005,
+                "cpu_ms_per_append": 0.5,
+            },
+        ],
+        "memory_files": [
+            {"files": n, "processes": 5 + n, "group_uss_mb": 20.0 + 3.0 * n} for n in (0, 1, 10, 50)
+        ],
+        "memory_connections": [
+            {"connections": 0, "gateway_uss_mb": 8.0, "group_uss_mb": 20.0},
+            *(
+                {"connections": c, "gateway_uss_mb": 8.5 + 12.0 * c / 1024.0, "group_uss_mb": 21.0}
+                for c in (1, 50, 200)
+            ),
+        ],
+    }
+
+
+def test_the_slope_is_least_squares_and_needs_two_distinct_points() -> None:
+    assert slope([(0, 1.0), (1, 3.0), (2, 5.0)]) == pytest.approx(2.0)
+    assert slope([(0, 0.0), (1, 1.0), (2, 1.0), (3, 3.0)]) == pytest.approx(0.9)
+    assert slope([(1, 1.0), (1, 2.0)]) is None
+    assert slope([]) is None
+
+
+def test_the_model_takes_per_unit_costs_as_slopes_not_averages() -> None:
+    m = model(points())
+    assert m["uss_mb_per_file"] == pytest.approx(3.0)
+    assert m["base_uss_mb"] == 20.0
+    # The first connection's 500 KB is a fixed cost, not spread over the others.
+    assert m["uss_kb_per_connection"] == pytest.approx(12.0)
+    assert m["cpu_ms_per_cycle"] == [1.0, 4.0]
+    assert m["cpu_ms_per_append"] == [0.5, 1.0]
+
+
+def test_cpu_seconds_counts_this_process_and_skips_a_pid_that_is_gone() -> None:
+    spent = cpu_seconds([os.getpid()])
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    assert cpu_seconds([os.getpid()]) > spent
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert cpu_seconds([int(gone.stdout)]) == 0.0
+
+
+def test_the_plot_draws_the_four_panels_into_an_svg(tmp_path: Path) -> None:
+    result = points()
+    result["model"] = model(result)
+    results = {"meta": {"cpus": 2, "python": "3.11", "loadavg_at_start": [1.5]}, "cost": result}
+    out = tmp_path / "cost.svg"
+    assert write_plot(results, out)
+    svg = out.read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    for title in (
+        "CPU per cycle",
+        "CPU per durable append",
+        "3.0 MB per live file",
+        "12.0 KB per connection",
+    ):
+        assert title in svg, title
+    assert not write_plot({"meta": {}}, tmp_path / "none.svg")
+    assert not (tmp_path / "none.svg").exists()
+
+
+def test_plot_without_the_cost_suite_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args(["--suite", "turn", "--plot", str(tmp_path / "x.svg")])
+    assert run_bench(args) == 2
+    assert "--suite cost" in capsys.readouterr().err
+    assert not (tmp_path / "x.svg").exists()
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.tcp
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_quick_cost_run_measures_every_point_draws_it_and_leaves_nothing(tmp_path: Path) -> None:
+    tag = f"bench-cost-{uuid.uuid4().hex[:12]}"
+    out, plot = tmp_path / "bench.json", tmp_path / "cost.svg"
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        completed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sessionlane.system.ops.cli",
+                "bench",
+                "--quick",
+                "--json",
+                "--suite",
+                "cost",
+                "--out",
+                str(out),
+                "--plot",
+                str(plot),
+                "--dir",
+                str(tmp_path),
+            ],
+            cwd=REPO,
+            env={**os.environ, TAG_VARIABLE: tag},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            timeout=150,
+        )
+    deadline = time.monotonic() + 3.0
+    while (left := find_leftovers(tag)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        kill_leftovers(left)
+    assert completed.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert not left, f"the bench left processes running: {left}"
+    cost = json.loads(out.read_text())["cost"]
+    for p in (*cost["cycle_one_file"], *cost["cycle_own_file"]):
+        assert p["cycles"] > 0 and positive(p["cpu_ms_per_cycle"]), p
+    for p in cost["append_one_file"]:
+        assert p["appends"] > 0 and positive(p["cpu_ms_per_append"]), p
+    files = cost["memory_files"]
+    assert [p["processes"] - files[0]["processes"] for p in files] == [p["files"] for p in files]
+    assert all(a["group_uss_mb"] < b["group_uss_mb"] for a, b in itertools.pairwise(files))
+    assert all(positive(p["gateway_uss_mb"]) for p in cost["memory_connections"])
+    assert positive(cost["model"]["uss_mb_per_file"])
+    assert "<svg" in plot.read_text()

@@ -1,0 +1,279 @@
+"""Pipelined appends (``Lease.append_pipelined``), on both client surfaces, against a real service.
+
+Many appends in flight on one lease are acknowledged in order and land in the file in order;
+when one fails, none after it is written, and ``PipelineBroken`` says which were. The failure
+is placed by the records themselves (an oversized one at a known index, checked only by the
+service) or by a lease that is already gone, never by timing. The pure rule is in
+``test_pipeline_model.py``.
+"""
+
+# ruff: noqa: F811  (the fixtures of client_surfaces are imported, then named as arguments)
+
+from __future__ import annotations
+
+import pickle
+import secrets
+from typing import Any
+
+import pytest
+from client_surfaces import (  # noqa: F401 (fixtures)
+    MAX_RECORD_BYTES,
+    Surface,
+    client,
+    clients,
+    file_status,
+    lines,
+    path,
+    pool,
+    root,
+    service,
+    sl,
+)
+from pydantic import ValidationError
+from test_gateway import RawConn
+from waiting import eventually
+
+from sessionlane.messages.errors import (
+    InvalidRecord,
+    LeaseRevoked,
+    PipelineBroken,
+    StaleFence,
+    TooLarge,
+)
+from sessionlane.messages.wire import Append, Appended, Error, Granted
+from sessionlane.system.client import AppendResult
+from sessionlane.system.client import _ops as ops
+from sessionlane.system.client import _pipeline as pipelines
+from sessionlane.system.client._core import ClientCore, ConnectionLost, Settings
+
+pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
+
+
+def test_a_pipeline_is_acknowledged_in_order_and_written_in_order(sl: Any, path: str) -> None:
+    with sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        first = lease.append({"n": -1})
+        results = lease.append_pipelined([{"n": n} for n in range(300)], window=16)
+        last = lease.append({"n": 300})
+    assert [r["n"] for r in lines(path)] == list(range(-1, 301))
+    assert len(results) == 300 and all(isinstance(r, AppendResult) for r in results)
+    assert all(r.lines == 1 and r.fence == lease.fence for r in results)
+    offsets = [first.offset, *(r.offset for r in results), last.offset]
+    assert offsets == sorted(set(offsets))  # in order, each after the one before
+    with open(path, "rb") as f:
+        data = f.read()
+    for n, result in enumerate(results):  # each offset is where its own record starts
+        assert data[result.offset :].startswith(f'{{"n":{n}}}\n'.encode())
+
+
+def test_a_failed_append_stops_the_ones_after_it_and_the_error_says_which_were_written(
+    client: Surface, service: Any, path: str
+) -> None:
+    records: list[dict[str, Any]] = [{"n": n} for n in range(100)]
+    records[10] = {"big": "x" * MAX_RECORD_BYTES}  # over the service's max_record_bytes
+    # max_record_bytes=None: the client leaves the size to the service, which refuses it.
+    sl = client.connect(service.address, timeout=10.0, max_record_bytes=None)
+    with sl, sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        with pytest.raises(PipelineBroken) as caught:
+            lease.append_pipelined(records, window=64)
+        error = caught.value
+        assert error.code == "pipeline_broken"
+        assert error.failed == 10 and error.unknown == 0
+        assert isinstance(error.cause, InvalidRecord)
+        assert [r.lines for r in error.written] == [1] * 10
+        assert "append 10 and the ones after it were not written" in error.detail
+        assert lease.revoked is None
+        lease.append({"n": "after"})  # the lease is fine after a broken pipeline
+        # Appends 11 to 63 left in the first write, before the answer to 10: refused.
+        assert file_status(sl, path).counters["pipeline_broken"] >= 53
+    assert [r["n"] for r in lines(path)] == [*range(10), "after"]
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.failed, copy.unknown, copy.written) == (10, 0, error.written)
+    assert isinstance(copy.cause, InvalidRecord)
+
+
+def test_a_pipeline_on_a_lease_that_is_gone_writes_nothing(
+    client: Surface, sl: Any, path: str
+) -> None:
+    lane = sl.lane("agent")
+    with lane.lease(path) as lease:
+        assert lease is not None
+        lease.append({"n": 0})
+    with lane.lease(path) as newer:
+        assert newer is not None
+        stale = client.forged(sl, lease, lane="agent")  # its holder has not heard yet
+        with pytest.raises(PipelineBroken) as caught:
+            stale.append_pipelined([{"n": n} for n in range(1, 40)], window=8)
+        assert isinstance(caught.value.cause, StaleFence)
+        assert caught.value.written == () and caught.value.failed == 0
+        assert caught.value.unknown == 0
+        assert newer.revoked is None
+    assert lines(path) == [{"n": 0}]
+    with pytest.raises(LeaseRevoked):  # released: refused before anything is sent
+        lease.append_pipelined([{"n": 1}])
+
+
+def test_a_pipelined_append_after_one_that_was_not_written_is_refused(
+    client: Surface, sl: Any, path: str
+) -> None:
+    with sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        lease.append({"n": 0})
+        orphan = Append(
+            lease=lease.id,
+            fence=lease.fence,
+            records=[{"n": 1}],
+            aid=secrets.token_hex(8),
+            after=secrets.token_hex(8),  # never written
+        )
+        reply = client.request(sl, orphan, 5.0)
+        assert isinstance(reply, Error) and reply.code == "pipeline_broken"
+        assert "nothing was written" in reply.detail
+        assert lease.revoked is None
+        lease.append({"n": 2})
+    assert lines(path) == [{"n": 0}, {"n": 2}]
+
+
+def test_bad_pipeline_arguments_raise_before_anything_is_sent(sl: Any, path: str) -> None:
+    with sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        for window in (0, -1, 1.5, True, 10_000):
+            with pytest.raises(ValueError, match="window"):
+                lease.append_pipelined([{"n": 1}], window=window)
+        with pytest.raises(InvalidRecord):
+            lease.append_pipelined([{"n": 1}, {"n": float("nan")}])
+        with pytest.raises(InvalidRecord):
+            lease.append_pipelined([])
+        lease.append({"n": 0})
+    assert lines(path) == [{"n": 0}]
+
+
+def test_the_service_refuses_a_malformed_after_as_a_bad_frame_and_writes_nothing(
+    sl: Any, service: Any, path: str
+) -> None:
+    with sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        lease.append({"n": 0})
+    raw = RawConn(service.address)
+    try:
+        raw.hello()
+        granted = raw.request({"type": "acquire", "lane": "raw", "path": path, "purpose": "prompt"})
+        base = {"type": "append", "lease": granted["lease"], "fence": granted["fence"]}
+        aid = secrets.token_hex(8)
+        for bad in (
+            {"after": aid},  # no aid of its own
+            {"aid": aid, "after": aid},  # after itself
+            {"aid": aid, "after": "short"},  # not an aid
+        ):
+            reply = raw.request(base | {"records": [{"n": "bad"}]} | bad)
+            assert reply["type"] == "error" and reply["code"] == "bad_frame", (bad, reply)
+        fine = raw.request(base | {"records": [{"n": 1}], "aid": aid})
+        assert fine["type"] == "appended", fine
+    finally:
+        raw.close()
+    assert lines(path) == [{"n": 0}, {"n": 1}]
+
+
+def test_the_wire_refuses_an_after_without_its_own_aid_or_lease() -> None:
+    aid = secrets.token_hex(8)
+    with pytest.raises(ValidationError, match="after"):
+        Append(lease="l-1", fence=1, records=[{}], after=aid)
+    with pytest.raises(ValidationError, match="after"):
+        Append(lane="a", path="/p.jsonl", records=[{}], aid=aid, after=secrets.token_hex(8))
+    with pytest.raises(ValidationError, match="itself"):
+        Append(lease="l-1", fence=1, records=[{}], aid=aid, after=aid)
+
+
+def test_status_counts_refused_pipelined_appends(sl: Any, path: str) -> None:
+    with sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        lease.append_pipelined([{"n": n} for n in range(5)])
+    counters = eventually(lambda: file_status(sl, path).counters, "status")
+    assert counters["pipeline_broken"] == 0 and counters["records"] == 5
+
+
+# The window, without a service -------------------------------------------------------------
+
+
+def test_a_pipe_keeps_at_most_its_window_unanswered_and_stops_after_an_error() -> None:
+    pipe = pipelines.Pipe(ops.Batch(list(range(10)), window=4))
+    assert pipe.to_send() == [0, 1, 2, 3] and pipe.to_send() == []
+    pipe.answered(Appended(offset=0, lines=1, fence=1))
+    assert pipe.to_send() == [4] and pipe.waiting == 4
+    pipe.answered(Error(code="invalid_record", detail="too big"))
+    assert pipe.to_send() == [] and pipe.waiting == 3  # the ones sent are still awaited
+    for _ in range(3):
+        pipe.answered(Error(code="pipeline_broken"))
+    assert pipe.waiting == 0 and len(pipe.result()) == 5
+
+
+def test_a_pipe_whose_sending_failed_sends_nothing_more_and_ends_with_why() -> None:
+    pipe = pipelines.Pipe(ops.Batch(list(range(10)), window=4))
+    assert pipe.to_send() == [0, 1, 2, 3]
+    pipe.not_sent(2, TooLarge("frame too big"))  # 2 and 3 never left
+    assert pipe.waiting == 2 and pipe.to_send() == []
+    pipe.answered(Appended(offset=0, lines=1, fence=1))
+    pipe.answered(Appended(offset=9, lines=1, fence=1))
+    *acked, last = pipe.result()
+    assert len(acked) == 2 and isinstance(last, TooLarge)
+
+
+def test_frames_are_grouped_into_writes_of_about_the_size_never_split() -> None:
+    frames = [b"a" * 100, b"b" * 100, b"c" * 300, b"d" * 10]
+    assert list(pipelines.grouped(frames, 250)) == [b"a" * 100 + b"b" * 100, b"c" * 300, b"d" * 10]
+    assert list(pipelines.grouped([], 250)) == []
+    assert b"".join(pipelines.grouped(frames, 1)) == b"".join(frames)
+
+
+# Riding out a restart, without a service ----------------------------------------------------
+
+
+def test_a_resent_pipeline_stopped_by_a_forgotten_append_says_all_sent_before_are_unknown() -> None:
+    """Ten appends were in flight when the service died: two were answered before. After the
+    reclaim they are resent one at a time; the first is answered from the lease record, the
+    next refused (written before the crash, no longer remembered): every append sent before
+    the crash from there on may be in the file, whatever its resend was answered."""
+    core = ClientCore(Settings("tcp://127.0.0.1:7420", None, keepalive=5.0))
+    granted = Granted(id=1, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
+    state = core.track(granted, "agent")
+    state.secret = "s" * 32
+    lease = ops.LeaseView(state, "agent")
+    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(12)], 10, None)
+    batch = ops.advance(op, None)
+    assert isinstance(batch, ops.Batch) and (len(batch.requests), batch.window) == (12, 10)
+    assert [r.after for r in batch.requests[1:]] == [r.aid for r in batch.requests[:-1]]
+    state.suspended = True  # what a lost connection does to a lease it may take back
+    lost = ConnectionLost("connection lost before the reply")
+    outcomes: list[Any] = [Appended(offset=n, lines=1, fence=7) for n in range(2)] + [lost] * 8
+    reclaim = ops.advance(op, outcomes)
+    assert isinstance(reclaim, ops.Call) and reclaim.request.reclaim.lease == "L1"
+    resend = ops.advance(
+        op, Granted(id=2, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
+    )
+    assert isinstance(resend, ops.Batch) and resend.window == 1
+    assert resend.requests == batch.requests[2:10]  # only those sent before the crash
+    remembered = Appended(offset=2, lines=1, fence=7)
+    with pytest.raises(PipelineBroken) as caught:
+        ops.advance(op, [remembered, Error(code="pipeline_broken", detail="not the last")])
+    error = caught.value
+    assert (len(error.written), error.failed, error.unknown) == (3, 3, 7)
+    assert "appends 3 to 9 may or may not be in the file" in error.detail
+    assert error.cause is not None and error.cause.code == "pipeline_broken"
+
+
+def test_an_append_acknowledged_after_the_stop_makes_the_ones_before_it_unknown() -> None:
+    """A convention's member that resent a restarted owner's appends for us, all at once,
+    can have one refused (written, no longer remembered) and a later one written: the client
+    never says a written append was not."""
+    core = ClientCore(Settings("tcp://127.0.0.1:7420", None, keepalive=5.0))
+    granted = Granted(id=1, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
+    lease = ops.LeaseView(core.track(granted, "agent"), "agent")
+    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(6)], 8, None)
+    assert isinstance(ops.advance(op, None), ops.Batch)
+    refused = Error(code="pipeline_broken", detail="not the last written")
+    outcomes = [Appended(offset=0, lines=1, fence=7), refused, refused]
+    outcomes += [Appended(offset=9, lines=1, fence=7), refused, refused]
+    with pytest.raises(PipelineBroken) as caught:
+        ops.advance(op, outcomes)
+    assert (len(caught.value.written), caught.value.failed, caught.value.unknown) == (1, 1, 3)
