@@ -51,6 +51,8 @@ class Outbox:
     def __init__(self) -> None:
         self._lanes: dict[str, deque[Outgoing]] = {}
         self.held = 0
+        self.acks: set[Any] = set()
+        """The de-duplication keys of the held acknowledgements (``Outgoing.key``)."""
 
     def __bool__(self) -> bool:
         return self.held > 0
@@ -62,6 +64,8 @@ class Outbox:
             return True
         self._lanes.setdefault(out.lane, deque()).append(out)
         self.held += 1
+        if out.key is not None:
+            self.acks.add(out.key)
         return False
 
     def take_all(self) -> list[Outgoing]:
@@ -69,6 +73,7 @@ class Outbox:
         taken = [out for queue in self._lanes.values() for out in queue]
         self._lanes.clear()
         self.held = 0
+        self.acks.clear()
         return taken
 
 

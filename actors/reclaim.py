@@ -32,7 +32,8 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sessionlane.messages.wire import Priority, Purpose, ReclaimTicket
+from sessionlane.actors.lease_types import Holder
+from sessionlane.messages.wire import Append, Appended, Priority, Purpose, ReclaimTicket
 
 __all__ = [
     "MAX_APPENDS",
@@ -255,6 +256,52 @@ class ReclaimBook:
         appends = current.appends if same_lease else ()
         self.record = LeaseRecord(held=held, ino=ino, size=size, appends=appends)
         return self.record
+
+    def holder_now(
+        self, h: Holder | None, lane: str, ino: int, size: int, now: float, wall_ms: float
+    ) -> LeaseRecord | None:
+        """The table's holder is ``h`` (its lane named ``lane``; ``now`` on the table's clock,
+        ``wall_ms`` the wall clock): the record to write, or None if it still names it.
+
+        Only leases announced to a lane (they have a reclaim secret) are recorded.
+        """
+        recorded = self.record.held
+        if h is None and recorded is None:
+            return None  # the common case of a free file: nothing to compare
+        if (
+            h is not None
+            and recorded is not None
+            and (h.lease, tuple(h.purposes)) == (recorded.lease, recorded.purposes)
+            and lane == recorded.lane
+        ):
+            return None  # the common case of a holder writing: nothing changed
+        held = None
+        if h is not None and (secret := self.secret_of(h.lease)) is not None:
+            until = None
+            if h.hold_deadline is not None:
+                until = wall_ms + (h.hold_deadline - now)
+            held = HeldRecord(
+                lease=h.lease,
+                fence=h.fence,
+                lane=lane,
+                purposes=tuple(h.purposes),
+                priority=h.priority,
+                secret_digest=digest(secret),
+                hold_until_ms=until,
+            )
+        return self.held(held, ino, size)
+
+    def wrote(self, request: Any, reply: Any, ino: int, size: int) -> LeaseRecord | None:
+        """A write under ``request.lease`` was answered ``reply``: if it is the holder's, the
+        record with the new size (and the append's id and result), else None."""
+        held = self.record.held
+        lease = getattr(request, "lease", None)
+        if held is None or lease != held.lease:
+            return None
+        done = None
+        if isinstance(request, Append) and isinstance(reply, Appended) and request.aid:
+            done = DoneAppend(request.aid, reply.offset, reply.lines, reply.fence)
+        return self.appended(held.lease, done, ino, size)
 
     def appended(self, lease: str, done: DoneAppend | None, ino: int, size: int) -> LeaseRecord:
         """The holder wrote (``done``: an append with an id); the record to write."""

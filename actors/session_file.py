@@ -1,31 +1,36 @@
 """SessionFile: the one actor of one canonical path. Every grant and every write goes through it.
 
-A thin shell: it turns channel calls (``on_channel_events``, from a socket or carried in a
-message) into calls on its parts and performs the effects they return (durable fence
-reservations, replies and events to lanes, syncs, wakeups).
-Writes are checked against the current lease and fence when they are performed; a write that
-fails the check changes nothing.
+A thin shell around an I/O-free core. ``FileCore`` (``sessionlane.actors.session_file_core``)
+decides everything about the file and speaks only in effects
+(``sessionlane.actors.session_file_effects``); this module turns channel calls
+(``on_channel_events``, from a socket or carried in a message) into calls on the core,
+performs its effects one at a time in one worklist loop (``run``), and feeds each outcome
+back: ``Deliver`` (to a Lane actor, or a reply frame on a channel), the disk's ``WriteOut``,
+``Sync``, ``Commit`` (sync, then release what group commit held),
+``TakeLegacyLock``/``ReleaseLegacyLock``, a fence ``Reserve``, the lease record's
+``WriteRecord``, the timers ``ArmTick``, ``ArmRetry``, ``ArmCommit``, and ``Handoff``/``Warn``
+for the metrics and the log. Writes are checked against the current lease
+and fence when they are performed; a write that fails the check changes nothing.
 
 Its state is one of two (``sessionlane.actors.session_file_serving``): ``Serving``, built complete
-from the ``FileInit`` (the open file and the parts working on it), or ``Broken`` (activation
-failed, or no ``FileInit`` yet), whose error answers every request. The parts of ``Serving``,
-each owning its state:
+from the ``FileInit`` (the open file, the core, and the performers working on them), or
+``Broken`` (activation failed, or no ``FileInit`` yet), whose error answers every request. What
+``Serving`` holds:
 
-* ``FileCore`` (``sessionlane.actors.session_file_core``): which part a call goes to, and what
-  the lease table's effects mean (replies, events, fence reservations, drains); pure;
-* ``LeaseTable`` (``sessionlane.actors.lease_table``): leases, waiters, fences; returns effects;
-* ``WritePath`` (``sessionlane.actors.session_file_writes``): accepting and checking writes, the
-  FIFO write queue, de-duplication, legacy interop; returns effects, does no I/O;
-* ``FileDisk`` (``sessionlane.actors.session_file_disk``): performs the write path's disk
-  effects (writes, fdatasync, the legacy lock) and reports their outcomes;
-* ``TranscriptSync`` and ``GroupCommit`` (``sessionlane.actors.session_file_commit``): what is not
-  synced yet, and the acknowledgements held until an fdatasync covers them;
-* ``FileChannels`` (``sessionlane.actors.session_file_channels``): the direct channels of the
-  gateway and the Lane actors, on a socket or carried in thespian messages.
+* ``FileCore``: the ``LeaseTable`` (``sessionlane.actors.lease_table``), the ``WritePath``
+  (``sessionlane.actors.session_file_writes``), the lease record's ``ReclaimBook``
+  (``sessionlane.actors.reclaim``), group commit's outbox and policy (``GroupCommit``) and the
+  lanes directory; pure;
+* ``FileDisk`` (``sessionlane.actors.session_file_disk``): performs the disk effects (writes,
+  fdatasync, the legacy lock) and reports their outcomes; ``TranscriptSync``
+  (``sessionlane.actors.session_file_commit``) keeps what is not synced yet;
+* the fence store, the lease record file, the ownership lock, and ``FileChannels``
+  (``sessionlane.actors.session_file_channels``): the direct channels of the gateway and the
+  Lane actors, on a socket or carried in thespian messages.
 
-This module is the shell: the handler table, lifecycle, calls, effects, timers (typed:
+This module is the shell: the handler table, lifecycle, the worklist loop, timers (typed:
 ``sessionlane.actors.timers``), passivation and status. It holds the one clock, ``now()``
-(tests replace ``monotonic_ms`` here): the parts get the time as ``now`` arguments and read
+(tests replace ``monotonic_ms`` here): the core gets the time as ``now`` arguments and reads
 no clock; only the shell's ``FileDisk``, which performs the disk effects, reads it to time
 the fdatasync it performs.
 
@@ -33,9 +38,6 @@ Ownership follows the path: before every call or timer that may grant or write, 
 checks that the owner lock at the file's path is still the one held (``Serving.keep_ownership``;
 docs/security-files.md). A lock that moved is taken again; one another process holds ends the
 serving (``lose_file``): leases revoked ``ownership_lost``, the actor retires as a broken one.
-
-Over 600 lines: the channels' entry points (one for both carriers) joined the shell before
-the core/shell split moves the deciding parts out of it.
 
 Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires ``idle_ms`` after
 the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
@@ -45,29 +47,37 @@ channels until a message from the Registry says it is not retired after all.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
 from typing import Any, ClassVar
 
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
-from sessionlane.actors import lease_table as lt
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import named_disk_error
-from sessionlane.actors.file_channels import ChannelCallEvent, ChannelClosed, ChannelEvent
+from sessionlane.actors.file_channels import (
+    ChannelCallEvent,
+    ChannelClosed,
+    ChannelEvent,
+    ChannelRef,
+)
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.ownership import OwnedElsewhere
 from sessionlane.actors.passivation import Passivation
 from sessionlane.actors.session_file_channels import FLUSH_RETRY_S, channel_call, refused_offer
-from sessionlane.actors.session_file_core import (
-    Answer,
+from sessionlane.actors.session_file_effects import (
+    ArmCommit,
+    ArmRetry,
+    ArmTick,
+    Deliver,
     DrainWrites,
-    Event,
     Handoff,
     Reserve,
+    ShellEffect,
+    TakeLegacyLock,
     Warn,
+    WriteRecord,
 )
-from sessionlane.actors.session_file_outlet import Outlet
 from sessionlane.actors.session_file_serving import (
     NOT_STARTED,
     Broken,
@@ -77,18 +87,11 @@ from sessionlane.actors.session_file_serving import (
 )
 from sessionlane.actors.session_file_writes import (
     Commit,
-    Notify,
     ReleaseLegacyLock,
-    Reply,
     Sync,
-    TableEffects,
-    WriteEffect,
     WriteOut,
-    Wrote,
-    call_key,
 )
 from sessionlane.actors.timers import ChannelFlush, CommitDue, IdleCheck, LeaseTick, LegacyRetry
-from sessionlane.messages import wire
 from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import (
@@ -96,21 +99,20 @@ from sessionlane.messages.internal import (
     Drain,
     Drained,
     FileInit,
+    FileReply,
     FileStatusAnswer,
     FileStatusQuery,
     IdleNotice,
     LaneCall,
     OpenChannel,
 )
-from sessionlane.messages.wire import (
-    Acquire,
-    Append,
-    Error,
-    FileStatus,
-)
+from sessionlane.messages.wire import Error, FileStatus
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = ["Broken", "SessionFile", "activation_error"]
+
+_SLOW = frozenset({WriteOut, Commit, Sync, Reserve, TakeLegacyLock, WriteRecord})
+"""Effects that wait for the disk: the clock is read again after them."""
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,6 @@ class SessionFile(ShellActor):
         self.restarted = False  # this incarnation replaced one that died (FileInit)
         self.metrics = FileMetrics()  # latency histograms, reported in the status counters
         self.idle = Passivation()
-        self.out = Outlet(lambda address, message: self.send(address, message))
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -179,7 +180,8 @@ class SessionFile(ShellActor):
         """
         while True:
             try:
-                pass_end = self.after_message(s)
+                pass_end = s.core.after_message()
+                self.run(s)
             except Exception:
                 log.exception("group commit of %s failed", self.path)
                 pass_end = False
@@ -192,25 +194,17 @@ class SessionFile(ShellActor):
             for event in closed:
                 self.on_channel_closed(s, event)
 
-    def after_message(self, s: Serving) -> bool:
-        """Commit now, or keep holding; True: watch for the end of the pass."""
-        watch = s.commit.after_message()
-        if watch is None:
-            self.commit(s)
-            return False
-        return watch
-
     def watch(self, s: Serving, pass_end: bool) -> ThespianWatch | None:
         """The fds thespian should watch until the next message: channels, pass end."""
         fds = s.channels.fds()
-        if pass_end and s.commit.ready_fd is not None:
-            fds.append(s.commit.ready_fd)
+        if pass_end and s.ready_fd is not None:
+            fds.append(s.ready_fd)
         return ThespianWatch(fds) if fds else None
 
     # Lifecycle -----------------------------------------------------------------------------
 
     def on_init(self, msg: FileInit, sender: Any) -> None:
-        self.path = self.out.path = msg.path
+        self.path = msg.path
         retitle(self, f"file {msg.path}")
         self.registry = sender
         self.incarnation = msg.incarnation
@@ -231,15 +225,17 @@ class SessionFile(ShellActor):
             log.log(level, "not serving %s: %s", msg.path, self.state.detail)
             return
         self.schedule_idle(self.state)
-        self.schedule(self.state)  # an awaited holder's grace ends even if nobody asks
+        self.run(self.state)  # an awaited holder's grace ends even if nobody asks
 
     def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
         s = self.state
         if not isinstance(s, Serving):
             return
-        failed = s.writes.fail_queued("unavailable", "the file's actor is exiting", self.now())
-        self.perform_writes(s, failed)
-        self.commit(s)
+        now = self.now()
+        s.core.fail_queued("unavailable", "the file's actor is exiting", now)
+        self.run(s)
+        s.core.push([Commit()])
+        self.run(s)
         self.state = Broken("unavailable", "the file's actor is exiting")
         s.close()
         self.send_carried(s)
@@ -247,11 +243,15 @@ class SessionFile(ShellActor):
     def on_drain(self, msg: Drain, sender: Any) -> None:
         s = self.state
         if isinstance(s, Serving):
-            self.commit(s)
-            self.perform(s, s.table.shutdown(self.now()))
-            stopping = s.writes.fail_queued("shutting_down", "the service is stopping", self.now())
-            self.perform_writes(s, stopping)
-            self.commit(s)
+            now = self.now()
+            s.core.push([Commit()])
+            self.run(s)
+            s.core.shutdown(now)
+            self.run(s)
+            s.core.fail_queued("shutting_down", "the service is stopping", now)
+            self.run(s)
+            s.core.push([Commit()])
+            self.run(s)
         self.send(sender, Drained(files=1))
 
     # Calls ---------------------------------------------------------------------------------
@@ -265,46 +265,17 @@ class SessionFile(ShellActor):
         self.idle.touch(self.now())
 
     def serve(self, call: LaneCall) -> None:
-        """One call, from the Registry or from a channel: lease table, writes, replies."""
-        self.out.met(call)
+        """One call, from the Registry or from a channel: the core decides, the shell performs."""
         s = self.state
         if isinstance(s, Broken):
             error = Error(id=call.request.id, code=s.code, detail=s.detail, path=call.path)
             self.reply(call, error)
             return
+        s.core.met(call)
         if not self.own_path(s, call):
             return
-        now, req = self.now(), call.request
-        if isinstance(req, Acquire) and req.reclaim is not None:
-            self.perform(s, self.reclaim(s, call_key(call), call.lane.uid, req.reclaim, now))
-            return
-        done = self.written_before(s, call.lane.uid, req) if isinstance(req, Append) else None
-        if done is not None:
-            self.reply(call, done)
-        else:
-            self.perform_writes(s, s.core.call(call, now))
-        self.perform(s, [])  # the lease record follows the holder; the next tick is armed
-
-    def reclaim(
-        self, s: Serving, key: Any, lane: str, ticket: wire.ReclaimTicket, now: float
-    ) -> list[lt.Effect]:
-        """A lease held before a restart, asked back: the same lease, or ``reclaim_refused``."""
-        identity = s.transcript.identity
-        why = s.book.refusal(ticket, identity.ino, identity.size)
-        if why is not None:
-            return [s.table.refuse_reclaim(key, lane, why)]
-        s.book.issue(ticket.lease, ticket.secret)
-        return s.table.reclaim(key, lane, ticket.lease, ticket.fence, now)
-
-    def written_before(self, s: Serving, lane: str, req: Append) -> wire.Appended | None:
-        """The first answer of an append resent after a restart (same ``aid``), if written."""
-        if req.lease is None or req.fence is None or req.aid is None:
-            return None
-        done = s.book.answered(req.lease, req.aid)
-        if done is None or s.table.check_write(lane, req.lease, req.fence) is not None:
-            return None
-        s.writes.counters["duplicates"] += 1
-        return wire.Appended(id=req.id, offset=done.offset, lines=done.lines, fence=done.fence)
+        s.core.push(s.core.call(call, self.now()))
+        self.run(s)
 
     def on_handler_error(self, msg: Any, sender: Any, exc: Exception) -> None:
         if isinstance(msg, LaneCall):
@@ -330,7 +301,9 @@ class SessionFile(ShellActor):
         A path that kept changing refuses ``call`` only (a timer goes on).
         """
         check = s.keep_ownership(self.now())
-        self.perform(s, check.effects)
+        if check.effects:
+            s.core.push(check.effects)
+            self.run(s)
         if check.lost is not None:
             self.lose_file(s, Broken(check.lost.code, check.lost.detail), call)
             return False
@@ -345,15 +318,16 @@ class SessionFile(ShellActor):
     def lose_file(self, s: Serving, broken: Broken, call: LaneCall | None) -> None:
         """Stop serving: every lease reported lost, queued writes refused, then ``Broken``."""
         log.warning("no longer serving %s: %s", self.path, broken.detail)
-        lost = s.table.shutdown(
-            self.now(), code="unavailable", detail=broken.detail, reason="ownership_lost"
-        )
-        self.perform(s, lost)
-        self.perform_writes(s, s.writes.fail_queued(broken.code, broken.detail, self.now()))
+        now = self.now()
+        s.core.shutdown(now, code="unavailable", detail=broken.detail, reason="ownership_lost")
+        self.run(s)
+        s.core.fail_queued(broken.code, broken.detail, now)
+        self.run(s)
         if call is not None:
             rid = call.request.id
             self.reply(call, Error(id=rid, code=broken.code, detail=broken.detail, path=self.path))
-        self.commit(s)
+        s.core.push([Commit()])
+        self.run(s)
         s.channels.flush()  # the revocations go out before the channels close
         self.state = broken
         s.close()
@@ -361,109 +335,98 @@ class SessionFile(ShellActor):
 
     # Effects -------------------------------------------------------------------------------
 
-    def perform(self, s: Serving, effects: list[lt.Effect]) -> None:
-        """Carry out the table's effects, in order, as the core reads them (a fence
-        reservation before its grant: one that fails stops the grant)."""
-        started = self.now()
-        for fx in effects:
-            for out in s.core.meaning(fx):
-                match out:
-                    case Reserve(ceiling=ceiling):
-                        if ceiling > s.fences.ceiling:
-                            s.fence_reservations += 1
-                        s.fences.reserve(ceiling)
-                    case Handoff(waited_ms=waited_ms):
-                        self.metrics.observe("grant_wait", waited_ms)
-                        self.metrics.observe("handoff", self.now() - started)
-                    case DrainWrites():
-                        self.drain_writes(s)
-                    case Answer(req=req, lane=lane, message=message):
-                        self.out.answer(s, req, lane, message)
-                    case Event(lane=lane, message=event):
-                        self.out.event(s, lane, event)
-                    case Warn(message=message):
-                        log.warning(message)
-        s.note_holder(self.out.name, self.now())
-        self.schedule(s)
+    def run(self, s: Serving) -> None:
+        """Perform what the core asks, one effect at a time, feeding each outcome back; then
+        the lease record and the next tick (``FileCore.settle``), performed the same way.
 
-    def write(self, s: Serving, effects: list[WriteEffect]) -> None:
-        """A write was accepted (or answered): perform its effects, then the write queue."""
-        self.perform_writes(s, effects)
-        self.drain_writes(s)
-
-    def perform_writes(self, s: Serving, effects: Sequence[WriteEffect | DrainWrites]) -> None:
-        """Carry out the write path's effects, in order."""
-        for fx in effects:
-            match fx:
-                case Reply(call=call, message=message, needs_sync=needs_sync):
-                    if isinstance(message, wire.Appended | wire.Rewritten):
-                        s.note_write(call.request, message)
-                    self.reply(call, message, needs_sync=needs_sync)
-                case Notify(lane=lane, message=event):
-                    self.out.event(s, lane, event)
-                case TableEffects(effects=table_effects):
-                    self.perform(s, table_effects)
-                case Wrote(lane=lane):
-                    s.commit.wrote(lane, self.now())
-                case Commit():
-                    self.commit(s)
-                case WriteOut(op=op, repair_tail=repair):
-                    fsync = op.kind == "append" and op.durability == "fsync"
-                    outcome = s.disk.write(op.kind, op.data, fsync, repair)
-                    self.perform_writes(s, s.writes.written(op, outcome, self.now()))
-                case Sync():
-                    s.disk.sync_now()
-                case ReleaseLegacyLock():
-                    s.disk.release_legacy()
-                case DrainWrites():
-                    self.drain_writes(s)
-
-    def drain_writes(self, s: Serving) -> None:
-        """Perform the queued writes in order, under the legacy lock when configured.
-
-        One write at a time: its effects may grant a queued lease-less append, which then
-        joins this drain (``drain_writes`` called meanwhile does nothing).
-        """
-        if not s.writes.may_drain():
+        The clock is read once, and again after each effect that waits for the disk."""
+        core = s.core
+        if not core.work and not core.unsettled:
             return
-        lease = s.writes.lock_for()
-        lock = s.disk.take_legacy(lease) if lease is not None else True
-        not_now = s.writes.begin_drain(self.now(), lock)
-        if not_now is not None:
-            self.perform_writes(s, not_now)
-            if (delay := s.writes.retry_after()) is not None:
-                self.wakeupAfter(delay, payload=LegacyRetry())
-            return
+        now = started = self.now()
         try:
-            while (effects := s.writes.next_write(self.now())) is not None:
-                self.perform_writes(s, effects)
-        finally:
-            done = s.writes.end_drain()
-        self.perform_writes(s, done)
+            while True:
+                while (fx := core.next(now)) is not None:
+                    self.perform(s, fx, started)
+                    if type(fx) in _SLOW:
+                        now = self.now()
+                if not core.unsettled:
+                    return
+                core.settle(now, time.time() * 1000)
+        except BaseException:
+            left = core.interrupted()
+            if left:
+                core.push(left)
+                while (fx := core.next(self.now())) is not None:
+                    self.perform(s, fx, started)
+            raise
+
+    def perform(self, s: Serving, fx: ShellEffect, started: float) -> None:
+        """One effect of the core; an outcome goes back to it."""
+        match fx:
+            case Deliver(address=address, message=message):
+                if isinstance(address, ChannelRef):
+                    s.channels.send(address, message)
+                else:
+                    self.send(address, message)
+            case WriteOut(op=op, repair_tail=repair):
+                fsync = op.kind == "append" and op.durability == "fsync"
+                outcome = s.disk.write(op.kind, op.data, fsync, repair)
+                identity = s.transcript.identity
+                s.core.written(op, outcome, self.now(), identity.ino, identity.size)
+            case Commit():
+                took = s.disk.sync_now()  # first: its failure is the one the commit takes
+                s.core.committed(s.sync.take_error(), took)
+            case Sync():
+                s.core.synced(s.disk.sync_now())
+            case WriteRecord(record=record):
+                s.records.write(record)
+            case Reserve(ceiling=ceiling):
+                self.reserve(s, ceiling)
+            case TakeLegacyLock(lease=lease):
+                s.core.locked(s.disk.take_legacy(lease), self.now())
+            case ReleaseLegacyLock():
+                s.disk.release_legacy()
+            case ArmTick(due=due):
+                self.wakeupAfter(max(0.0, due - self.now()) / 1000.0, payload=LeaseTick(due))
+            case ArmRetry(delay=delay):
+                self.wakeupAfter(delay, payload=LegacyRetry())
+            case ArmCommit(due=due):
+                self.wakeupAfter(max(0.0, due - self.now()) / 1000.0, payload=CommitDue(due))
+            case Handoff(waited_ms=waited_ms):
+                self.metrics.observe("grant_wait", waited_ms)
+                self.metrics.observe("handoff", self.now() - started)
+            case Warn(message=message):
+                log.warning(message)
+
+    def reserve(self, s: Serving, ceiling: int) -> None:
+        """Make the fences up to ``ceiling`` durable; a failure undoes the grant after it."""
+        grows = ceiling > s.fences.ceiling
+        try:
+            s.fences.reserve(ceiling)
+        except Exception as exc:
+            log.warning("fence reservation of %s failed: %s", self.path, exc)
+            s.core.reservation_failed(exc, self.now())
+            return
+        if grows:
+            s.fence_reservations += 1
 
     # Messages to lanes ---------------------------------------------------------------------
 
-    def reply(self, call: LaneCall, message: ReplyMessage, *, needs_sync: bool = False) -> None:
-        self.out.reply(self.state, call, message, needs_sync=needs_sync)
-
-    def commit(self, s: Serving) -> None:
-        """Sync, then send what group commit held; acks a failed sync covered are errors,
-        and the write path forgets them (a retry must write again)."""
-        s.disk.sync_now()
-        done = s.commit.commit()
-        for key in done.failed_keys:
-            s.writes.forget(key)
-        for out in done.deliveries:
-            self.out.deliver(s, out.address, out.message)
+    def reply(self, call: LaneCall, message: ReplyMessage) -> None:
+        """Answer ``call``: through the core's outbox while serving, else at once."""
+        s = self.state
+        if isinstance(s, Serving):
+            s.core.reply(call, message)
+            self.run(s)
+        else:
+            lane = call.lane.uid
+            self.send(call.lane.address, FileReply(path=self.path, message=message, lane=lane))
 
     def decide(self, s: Serving) -> None:
         """The held batch's pass ended (or its wait timed out): sync, pass again, or wait."""
-        now = self.now()
-        due = s.commit.decide(now, others_may_write=s.others_may_write())
-        if due == "sync":
-            self.commit(s)
-        elif due is not None:
-            self.wakeupAfter(max(0.0, due - now) / 1000.0, payload=CommitDue(due))
+        s.core.decide(self.now())
+        self.run(s)
 
     # Channels ------------------------------------------------------------------------------
 
@@ -508,9 +471,10 @@ class SessionFile(ShellActor):
         self.on_channel_events(s, s.channels.on_ready(msg.ready))
         if self.state is not s:
             return
-        ready_fd = s.commit.ready_fd
-        if ready_fd is not None and ready_fd in msg.ready and s.commit.pass_ended():
-            self.decide(s)
+        ready_fd = s.ready_fd
+        if ready_fd is not None and ready_fd in msg.ready:
+            s.core.pass_ended(self.now())
+            self.run(s)
 
     def on_channel_events(
         self, s: Serving, events: list[ChannelEvent], why: str = "the gateway's channel closed"
@@ -551,13 +515,13 @@ class SessionFile(ShellActor):
         ``tell``: the channel's last output still goes (a lost member's carried channel), so
         the abandon is an event (no id), which its lane reports as ``revoked``, ``member_lost``.
         """
-        for uid in self.out.through(event.conn):
+        for uid in s.core.through(event.conn):
             try:
-                key = (uid, None) if tell else ("closed", s.channels.next_closed())
-                self.perform(s, s.table.abandon(key, uid, self.now(), reason=reason))
+                s.core.abandon(uid, self.now(), reason, tell=tell)
+                self.run(s)
             except Exception:
                 log.exception("abandoning lane %s of %s failed", uid, self.path)
-            self.out.forget(uid)
+            s.core.forget(uid)
 
     # Timers --------------------------------------------------------------------------------
 
@@ -571,28 +535,22 @@ class SessionFile(ShellActor):
             return
         match msg.payload:
             case LeaseTick(due=due):
-                if s.next_tick is not None and due >= s.next_tick:
-                    s.next_tick = None
+                s.core.tick_due(due)
                 if self.own_path(s):  # a tick may grant the next waiter
-                    self.perform(s, s.table.tick(self.now()))
+                    s.core.tick(self.now())
+                    self.run(s)
             case CommitDue(due=due):
-                if s.commit.timer_fired(due):
-                    self.decide(s)
+                s.core.commit_due(due, self.now())
+                self.run(s)
             case LegacyRetry():
-                s.writes.retry_due()
+                s.core.retry_due()
                 if self.own_path(s):
-                    self.drain_writes(s)
+                    s.core.push([DrainWrites()])
+                    self.run(s)
             case IdleCheck(activity=seen):
                 self.on_idle(s, seen)
             case ChannelFlush():
                 s.channels.flush_due()  # end_turn writes what is left
-
-    def schedule(self, s: Serving) -> None:
-        """Arm a ``LeaseTick`` for the table's next deadline, unless one as early is armed."""
-        due = s.table.next_deadline()
-        if due is not None and (s.next_tick is None or due < s.next_tick):
-            s.next_tick = due
-            self.wakeupAfter(max(0.0, due - self.now()) / 1000.0, payload=LeaseTick(due))
 
     def schedule_idle(self, s: Serving) -> None:
         """Arm the idle timer, unless it is armed (or the file is retiring)."""
@@ -602,7 +560,7 @@ class SessionFile(ShellActor):
 
     def on_idle(self, s: Serving, seen: int) -> None:
         """The idle timer fired: ask to be passivated if nothing happened and nothing is open."""
-        quiet = s.quiet() and s.channels.connections() == 0
+        quiet = s.core.quiet() and s.channels.connections() == 0
         retire = self.idle.fired(seen, quiet=quiet)
         if retire:
             self.send(self.registry, IdleNotice(path=self.path, received=self.idle.received))
@@ -626,4 +584,4 @@ class SessionFile(ShellActor):
             "restarted": int(self.restarted),
             **self.metrics.counters(),
         }
-        return s.status(self.now(), self.out.name, extra)
+        return s.status(self.now(), s.core.name, extra)

@@ -27,9 +27,7 @@ zero wakeup runs before the next ``select``; both batch nothing. Bases without w
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -51,7 +49,7 @@ class TranscriptSync:
     performs the fdatasync, times it and reports here (``measured``, ``synced``, ``failed``).
     """
 
-    def __init__(self, path: str, policy: CommitPolicy, metrics: FileMetrics) -> None:
+    def __init__(self, path: str, policy: CommitPolicy | None, metrics: FileMetrics) -> None:
         self.path = path
         self.policy = policy
         self.metrics = metrics
@@ -73,7 +71,8 @@ class TranscriptSync:
 
     def measured(self, elapsed_ms: float) -> None:
         """The fdatasync took ``elapsed_ms`` (group commit's estimate of a sync's cost)."""
-        self.policy.synced(elapsed_ms)
+        if self.policy is not None:  # else the shell hands the duration to the core
+            self.policy.synced(elapsed_ms)
         self.metrics.observe("fsync", elapsed_ms)
 
     def synced(self, at_path: bool) -> None:
@@ -135,20 +134,27 @@ class GroupCommit:
     every message that leaves something held is followed by a commit.
     """
 
-    def __init__(self, path: str, sync: TranscriptSync, *, watch: bool) -> None:
+    def __init__(
+        self,
+        path: str,
+        sync: TranscriptSync | None,
+        *,
+        watch: bool,
+        policy: CommitPolicy | None = None,
+    ) -> None:
         self.path = path
         self.sync = sync
-        self.policy = sync.policy
+        """Where ``commit`` takes the last sync failure from when it is not given one."""
+        if policy is None:
+            shared = sync.policy if sync is not None else None
+            policy = shared if shared is not None else CommitPolicy()
+        self.policy: CommitPolicy = policy
         self.outbox = Outbox()
         self.phase: Literal["idle", "pass", "wait"] = "idle"
         self.wakeup: float | None = None  # the earliest pending CommitDue
-        self.ready_fd: int | None = _always_readable_fd() if watch else None
+        self.watch = watch
+        """The shell watches an always-readable fd for the end of each pass (``ready_fd``)."""
         self.commits = 0
-
-    def close(self) -> None:
-        if self.ready_fd is not None:
-            os.close(self.ready_fd)
-            self.ready_fd = None
 
     def hold(self, out: Outgoing) -> bool:
         """Hold ``out`` until the next commit if it must wait; True: send it now."""
@@ -163,7 +169,7 @@ class GroupCommit:
         if not self.outbox:
             self.phase = "idle"
             return False
-        if self.ready_fd is None:
+        if not self.watch:
             return None
         if self.phase == "wait":
             if not self.policy.grew():
@@ -202,12 +208,14 @@ class GroupCommit:
         self.wakeup = due
         return due
 
-    def commit(self) -> Committed:
-        """Release every held message; acks the failed sync before it covered become errors.
+    def commit(self, failure: SyncFailure | None = None) -> Committed:
+        """Release every held message; acks the failed sync before it covered (``failure``)
+        become errors.
 
-        The shell syncs first (``FileDisk.sync_now``)."""
+        The shell syncs first (``FileDisk.sync_now``) and hands over its failure."""
         held = self.outbox.take_all()
-        failure = self.sync.take_error()
+        if failure is None and self.sync is not None:
+            failure = self.sync.take_error()
         done = Committed()
         if held:
             self.commits += 1
@@ -225,15 +233,3 @@ class GroupCommit:
 
     def idle(self) -> bool:
         return not self.outbox
-
-
-def _always_readable_fd() -> int:
-    """The read end of a pipe holding one byte that nobody reads: ``select`` always returns it."""
-    read_end, write_end = os.pipe()
-    try:
-        os.write(write_end, b"!")
-    finally:
-        os.close(write_end)
-    with contextlib.suppress(OSError):
-        os.set_blocking(read_end, False)
-    return read_end

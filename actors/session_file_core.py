@@ -1,106 +1,123 @@
-"""The deciding core of a SessionFile: what a call does, and what the lease table's effects mean.
+"""The deciding core of a SessionFile: every decision about one file, spoken only in effects.
 
 Pure: no I/O, no clock (``now`` comes in), no actor. ``FileCore`` owns the file's
-``LeaseTable`` and ``WritePath`` and answers two questions for the shell
-(``sessionlane.actors.session_file.SessionFile``):
+``LeaseTable``, ``WritePath``, ``ReclaimBook`` (the lease record as this actor knows it), the
+pure part of group commit (``GroupCommit``: the outbox, the pass, the policy) and the lanes
+directory (uid to address and name). The shell
+(``sessionlane.actors.session_file.SessionFile``) keeps one worklist loop:
 
-* ``call(call, now)`` (a reclaim and an append resent after a restart excepted: the shell
-  answers those from the lease record, ``sessionlane.actors.reclaim``): which part a lane's
-  request goes to, and the effects it returns
-  (a lease request's table effects wrapped in ``TableEffects``; a write's effects followed by
-  ``DrainWrites``, the shell's cue to perform the write queue);
-* ``meaning(effect)``: what one effect of the lease table means, as effects the shell performs:
-  ``Reserve`` (make a fence ceiling durable), ``Answer`` (a table request's reply; a grant
-  carries the lease's reclaim secret, issued at its first grant),
-  ``Event`` (to a lane), ``Handoff`` (a grant to a waiter, for the metrics),
-  ``Warn``, and ``DrainWrites`` when the grant was a lease-less append's short write lease (the
-  write path queues it; the shell drains). Translated one effect at a time, as the shell
-  performs them: a fence reservation that fails stops the grant after it from being applied.
+    core.push(core.call(call, now))
+    while (fx := core.next(now)) is not None:
+        perform fx, and feed its outcome back (``written``, ``locked``, ``reservation_failed``,
+        ``committed``)
 
-The shell performs the effects in order and feeds back what the disk did
-(``WritePath.written``); see docs/architecture.md for what is still to move here.
+``next`` reads the worklist itself as far as it can: a lease-table effect is translated
+(``meaning``), a reply or an event goes to the outbox (held behind an unsynced ack, or handed
+out as ``Deliver``), a drain takes the next queued write. It stops at the first effect only
+the shell can perform (``session_file_effects.ShellEffect``). An outcome fed back goes to
+the front of the worklist, so a write's consequences (a short write lease released, the next
+queued lease-less append granted) are read before the drain's next write, and a failed fence
+reservation stops the grant that follows it. ``settle`` ends a run that read a table effect:
+the lease record follows the holder and the table's next deadline is armed.
+
+Also decided here: a reclaim and an append resent after a restart (from the lease record,
+``sessionlane.actors.reclaim``), the lanes of a closed channel (abandoned), and whether other
+lanes may write before a held batch is synced.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sessionlane.actors import lease_table as lt
+from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
+from sessionlane.actors.disk_errors import disk_error_code
+from sessionlane.actors.file_channels import ChannelRef
+from sessionlane.actors.group_commit import Outgoing
 from sessionlane.actors.lease_table import LeaseTable
-from sessionlane.actors.reclaim import ReclaimBook
+from sessionlane.actors.reclaim import LeaseRecord, ReclaimBook
+from sessionlane.actors.session_file_commit import GroupCommit, SyncFailure
+from sessionlane.actors.session_file_disk import LockOutcome, WriteOutcome
+from sessionlane.actors.session_file_effects import (
+    Answer,
+    ArmCommit,
+    ArmRetry,
+    ArmTick,
+    CoreEffect,
+    Deliver,
+    DrainWrites,
+    Event,
+    Handoff,
+    Reserve,
+    ShellEffect,
+    TakeLegacyLock,
+    Warn,
+    WriteNext,
+    WriteRecord,
+)
 from sessionlane.actors.session_file_writes import (
+    Commit,
+    Notify,
+    Reply,
     TableEffects,
     WriteEffect,
+    WriteOp,
     WritePath,
+    Wrote,
     call_key,
 )
 from sessionlane.messages import wire
+from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import FileReply, LaneCall
 from sessionlane.messages.wire import (
     Abandon,
     Acquire,
     Append,
+    Appended,
     Error,
     Recover,
     Release,
     Rewrite,
+    Rewritten,
 )
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = ["Answer", "CoreEffect", "DrainWrites", "Event", "FileCore", "Handoff", "Reserve", "Warn"]
 
-
-@dataclass(frozen=True, slots=True)
-class Reserve:
-    """Make fences up to ``ceiling`` durable before the grant that follows."""
-
-    ceiling: int
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class Answer:
-    """Answer the table request ``req`` (lane uid, request id) of ``lane`` with ``message``."""
+class Resent:
+    """Answer ``call`` (an append resent after a restart) with its first answer."""
 
-    req: Any
-    lane: Any
+    call: LaneCall
     message: ReplyMessage
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """Send ``message`` (a revocation, an abort request) to the lane ``lane``."""
+_WRITE_NEXT = WriteNext()
 
-    lane: Any
-    message: FileReply
-
-
-@dataclass(frozen=True, slots=True)
-class Handoff:
-    """A lease was handed to a waiter that waited ``waited_ms`` (observed by the metrics)."""
-
-    waited_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class Warn:
-    """Log ``message`` as a warning (the table's diagnostics)."""
-
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class DrainWrites:
-    """Perform the write queue (its first write may need the legacy lock)."""
-
-
-CoreEffect = Reserve | Answer | Event | Handoff | Warn | DrainWrites
+_TABLE_EFFECTS = (
+    lt.Grant,
+    lt.Queue,
+    lt.Skip,
+    lt.Reject,
+    lt.Released,
+    lt.Abandoned,
+    lt.Revoke,
+    lt.AbortRequest,
+    lt.Diagnostic,
+    lt.ReserveFences,
+)
 
 
 class FileCore:
-    """The lease table and the write path of one file, and how a call reaches them."""
+    """Lease table, write path, lease record, outbox and lanes of one file, and their rules."""
 
     def __init__(
         self,
@@ -109,6 +126,7 @@ class FileCore:
         writes: WritePath,
         book: ReclaimBook,
         *,
+        commit: GroupCommit | None = None,
         reclaim_until_ms: float = 0.0,
         new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(24),
     ) -> None:
@@ -116,15 +134,52 @@ class FileCore:
         self.table = table
         self.writes = writes
         self.book = book
-        """The reclaim secrets of the leases granted (``sessionlane.actors.reclaim``)."""
+        """The lease record and the reclaim secrets of the leases granted."""
+        self.commit = commit if commit is not None else GroupCommit(path, None, watch=False)
         self.reclaim_until_ms = reclaim_until_ms
         """Until then (the service's restart grace), an acquire keeps the wait it reports."""
         self.new_secret = new_secret
+        self.lanes: dict[Any, Any] = {}  # lane uid -> Lane address (or channel)
+        self.names: dict[Any, str] = {}  # lane uid -> the name its agent gave it
+        self.ino = 0
+        self.size = 0
+        """The transcript as last written (the shell says so after every ``WriteOut``)."""
+        self.work: deque[Any] = deque()
+        self.unsettled = True
+        """A table effect was read since the last ``settle`` (the shell settles after a run)."""
+        self.next_tick: float | None = None  # the earliest LeaseTick armed
+        self.closes = 0  # keys of the abandons a closed channel causes
+        self.unreserved: tuple[ErrorCode, str, float] | None = None
+        """A fence reservation failed (``reservation_failed``): the grant after it is undone."""
+        self.read: dict[type, Callable[[Any, float], ShellEffect | None]] = {
+            Reply: self.read_reply,
+            **dict.fromkeys(_TABLE_EFFECTS, self.read_table_effect),
+            TableEffects: self.read_table_effects,
+            Answer: self.read_answer,
+            Event: self.read_event,
+            Notify: self.read_event,
+            Wrote: self.read_wrote,
+            DrainWrites: self.read_drain,
+            WriteNext: self.read_write_next,
+            Resent: self.read_resent,
+        }
 
-    def call(self, call: LaneCall, now: float) -> list[WriteEffect | DrainWrites]:
+    # Calls ---------------------------------------------------------------------------------
+
+    def met(self, call: LaneCall) -> None:
+        """A call of ``call.lane``: where its replies and events go from now on."""
+        self.lanes[call.lane.uid] = call.lane.address
+        self.names[call.lane.uid] = call.lane.name
+
+    def name(self, uid: Any) -> str:
+        return self.names.get(uid, str(uid))
+
+    def call(self, call: LaneCall, now: float) -> list[Any]:
         """What ``call`` does: the table's effects (``TableEffects``) or the write path's."""
         key, lane, req = call_key(call), call.lane.uid, call.request
         match req:
+            case Acquire() if req.reclaim is not None:
+                effects = self.reclaim(key, lane, req.reclaim, now)
             case Acquire():
                 in_grace = now < self.reclaim_until_ms
                 effects = self.table.acquire(
@@ -146,6 +201,8 @@ class FileCore:
             case Recover():
                 effects = self.table.recover(key, lane, req.grace_ms, now, reason=req.reason)
             case Append() if req.lease is not None:
+                if (done := self.written_before(lane, req)) is not None:
+                    return [Resent(call, done)]
                 return [*self.writes.append_under_lease(call, req), DrainWrites()]
             case Append():
                 return [*self.writes.append_without_lease(call, req, now), DrainWrites()]
@@ -153,12 +210,58 @@ class FileCore:
                 return [*self.writes.rewrite(call, req), DrainWrites()]
         return [TableEffects(effects)]
 
-    def meaning(self, fx: lt.Effect) -> list[CoreEffect]:
+    def reclaim(
+        self, key: Any, lane: Any, ticket: wire.ReclaimTicket, now: float
+    ) -> list[lt.Effect]:
+        """A lease held before a restart, asked back: the same lease, or ``reclaim_refused``."""
+        why = self.book.refusal(ticket, self.ino, self.size)
+        if why is not None:
+            return [self.table.refuse_reclaim(key, lane, why)]
+        self.book.issue(ticket.lease, ticket.secret)
+        return self.table.reclaim(key, lane, ticket.lease, ticket.fence, now)
+
+    def written_before(self, lane: Any, req: Append) -> wire.Appended | None:
+        """The first answer of an append resent after a restart (same ``aid``), if written."""
+        if req.fence is None or req.aid is None or req.lease is None:
+            return None
+        done = self.book.answered(req.lease, req.aid)
+        if done is None or self.table.check_write(lane, req.lease, req.fence) is not None:
+            return None
+        self.writes.counters["duplicates"] += 1
+        return wire.Appended(id=req.id, offset=done.offset, lines=done.lines, fence=done.fence)
+
+    def through(self, conn: ChannelRef) -> list[Any]:
+        """The lanes reached through the channel ``conn``."""
+        return [u for u, a in self.lanes.items() if isinstance(a, ChannelRef) and a == conn]
+
+    def abandon(self, uid: Any, now: float, reason: str, *, tell: bool = False) -> None:
+        """The lane ``uid`` is gone with its channel: its lease and requests are dropped.
+        ``tell``: its lane still hears of it (the abandon answered as an event, no id)."""
+        if tell:
+            key: Any = (uid, None)
+        else:
+            self.closes += 1
+            key = ("closed", self.closes)
+        self.push([TableEffects(self.table.abandon(key, uid, now, reason=reason))])
+
+    def forget(self, uid: Any) -> None:
+        """The lane ``uid`` is unreachable: nothing more goes to it."""
+        self.lanes.pop(uid, None)
+        self.names.pop(uid, None)
+
+    # The lease table's effects -------------------------------------------------------------
+
+    def meaning(self, fx: lt.Effect) -> list[CoreEffect | TableEffects]:
         """What one effect of the lease table means for the lanes and the write path."""
         path = self.path
         match fx:
             case lt.ReserveFences(ceiling=ceiling):
                 return [Reserve(ceiling)]
+            case lt.Grant() if self.unreserved is not None:
+                # the reservation before this grant failed: undo it, answer with the error
+                code, detail, now = self.unreserved
+                self.unreserved = None
+                return [TableEffects(self.table.reservation_failed(fx, code, detail, now))]
             case lt.Grant() if self.writes.is_pending(fx.req):
                 self.writes.granted(fx.req, fx.lease, fx.fence)
                 return [*self.handoff(fx), DrainWrites()]
@@ -178,9 +281,9 @@ class FileCore:
             case lt.Skip():
                 return [Answer(fx.req, fx.lane, wire.Skipped(path=path))]
             case lt.Reject():
-                self.writes.rejected(fx.req)
+                copies = self.writes.rejected(fx.req)  # a lease-less append delivered again
                 error = Error(code=fx.code, detail=fx.detail, path=path)
-                return [Answer(fx.req, fx.lane, error)]
+                return [Answer(fx.req, fx.lane, error) for _ in range(1 + len(copies))]
             case lt.Released() if self.writes.released_silently(fx.req):
                 return []
             case lt.Released():
@@ -200,3 +303,292 @@ class FileCore:
     @staticmethod
     def handoff(fx: lt.Grant) -> list[CoreEffect]:
         return [Handoff(fx.waited_ms)] if fx.waited_ms is not None else []
+
+    def reservation_failed(self, exc: Exception, now: float) -> None:
+        """The shell could not perform a ``Reserve``: the grant that follows it (the next
+        table effect read) is undone and its request answered with this error instead."""
+        code: ErrorCode
+        if isinstance(exc, SessionLaneError):  # the fence sidecar became a symlink...
+            code = exc.code
+        elif is_fd_exhaustion(exc):
+            code = "too_many_files"
+        else:
+            code = disk_error_code(exc) or "internal"
+        detail = f"the fence reservation failed: {failure_detail(exc)}; nothing was granted"
+        self.unreserved = (code, detail, now)
+
+    # The worklist --------------------------------------------------------------------------
+
+    def push(self, effects: list[Any]) -> None:
+        """Read ``effects`` next, in order (before what was waiting)."""
+        self.work.extendleft(reversed(effects))
+
+    def next(self, now: float) -> ShellEffect | None:
+        """Read the worklist up to the next effect the shell must perform (None: done)."""
+        work, read = self.work, self.read
+        while work:
+            fx = work.popleft()
+            reader = read.get(type(fx))
+            if reader is None:
+                return fx  # type: ignore[no-any-return]
+            out = reader(fx, now)
+            if out is not None:
+                return out
+        return None
+
+    def read_table_effect(self, fx: Any, now: float) -> ShellEffect | None:
+        self.unsettled = True  # the holder or a deadline may have changed
+        return self.read_next(self.meaning(fx), now)
+
+    def read_table_effects(self, fx: TableEffects, now: float) -> ShellEffect | None:
+        self.unsettled = True
+        return self.read_next(fx.effects, now)
+
+    def read_next(self, effects: list[Any], now: float) -> ShellEffect | None:
+        """Read ``effects`` next: the one effect of most lists at once, else through the
+        worklist."""
+        if len(effects) != 1:
+            self.push(effects)
+            return None
+        fx = effects[0]
+        reader = self.read.get(type(fx))
+        return fx if reader is None else reader(fx, now)
+
+    def read_answer(self, fx: Answer, now: float) -> Deliver | None:
+        _, rid = fx.req
+        message = fx.message.model_copy(update={"id": rid})
+        return self.event(fx.lane, FileReply(path=self.path, message=message, lane=fx.lane))
+
+    def read_event(self, fx: Event | Notify, now: float) -> Deliver | None:
+        return self.event(fx.lane, fx.message)
+
+    def read_reply(self, fx: Reply, now: float) -> ShellEffect | None:
+        self.reply(fx.call, fx.message, needs_sync=fx.needs_sync)
+        if isinstance(fx.message, Appended | Rewritten):
+            return self.note_write(fx.call.request, fx.message)  # before its answer leaves
+        return None
+
+    def read_resent(self, fx: Resent, now: float) -> None:
+        self.reply(fx.call, fx.message)
+
+    def read_wrote(self, fx: Wrote, now: float) -> None:
+        self.commit.wrote(fx.lane, now)
+
+    def read_drain(self, fx: DrainWrites, now: float) -> ShellEffect | None:
+        """Start performing the write queue (under the legacy lock, when configured)."""
+        if not self.writes.may_drain():
+            return None  # nothing queued, or a drain in progress takes it
+        lease = self.writes.lock_for()
+        if lease is not None:
+            return TakeLegacyLock(lease)
+        if self.writes.begin_drain(now) is not None:  # no lock to take: it always drains
+            raise AssertionError("a drain without the legacy lock was refused")
+        return self.read_write_next(_WRITE_NEXT, now)
+
+    def read_write_next(self, fx: WriteNext, now: float) -> ShellEffect | None:
+        """The drain's next write (its consequences are read before the one after it)."""
+        effects = self.writes.next_write(now)
+        if effects is None:
+            return self.read_next(self.writes.end_drain(), now)
+        self.work.appendleft(_WRITE_NEXT)
+        return self.read_next(effects, now)
+
+    # Outcomes ------------------------------------------------------------------------------
+
+    def locked(self, lock: LockOutcome, now: float) -> None:
+        """The outcome of ``TakeLegacyLock`` (or no lock needed): drain, or retry later."""
+        not_now = self.writes.begin_drain(now, lock)
+        if not_now is None:
+            self.push([_WRITE_NEXT])
+            return
+        effects: list[Any] = list(not_now)
+        if (delay := self.writes.retry_after()) is not None:
+            effects.append(ArmRetry(delay))
+        self.push(effects)
+
+    def written(self, op: WriteOp, outcome: WriteOutcome, now: float, ino: int, size: int) -> None:
+        """The outcome of ``WriteOut``, and the transcript's inode and size after it."""
+        self.ino, self.size = ino, size
+        self.push(self.writes.written(op, outcome, now))
+
+    def interrupted(self) -> list[WriteEffect]:
+        """Performing failed (a bug): what was left is dropped, a drain ends."""
+        self.work.clear()
+        return self.writes.end_drain() if self.writes.draining else []
+
+    # The outbox ----------------------------------------------------------------------------
+
+    def reply(self, call: LaneCall, message: ReplyMessage, *, needs_sync: bool = False) -> None:
+        """Answer ``call``; ``needs_sync``: only once an fdatasync covers the append it acks.
+
+        The first answer of an append delivered again while that answer is still held waits
+        for the same sync (a failed one turns both into its error)."""
+        lane = call.lane.uid
+        key = None
+        if needs_sync or (self.commit.outbox.acks and isinstance(message, Appended)):
+            key = call_key(call)
+            needs_sync = needs_sync or key in self.commit.outbox.acks
+        out = Outgoing(
+            lane=lane,
+            address=call.lane.address,
+            message=FileReply(path=self.path, message=message, lane=lane),
+            needs_sync=needs_sync,
+            key=key if needs_sync else None,
+        )
+        if self.commit.hold(out):
+            self.work.appendleft(Deliver(out.address, out.message))
+
+    def event(self, lane: Any, message: FileReply) -> Deliver | None:
+        """Send ``message`` to the lane ``lane`` (dropped if the lane is unknown): the
+        ``Deliver`` to perform now, or None (held behind an unsynced ack, or dropped)."""
+        address = self.lanes.get(lane)
+        if address is None:
+            return None
+        out = Outgoing(lane=lane, address=address, message=message, needs_sync=False)
+        return Deliver(address, message) if self.commit.hold(out) else None
+
+    def synced(self, elapsed_ms: float | None) -> None:
+        """A sync took ``elapsed_ms`` (None: nothing to sync, or it failed): group commit's
+        estimate of a sync's cost."""
+        if elapsed_ms is not None:
+            self.commit.policy.synced(elapsed_ms)
+
+    def committed(self, failure: SyncFailure | None = None, took: float | None = None) -> None:
+        """``Commit`` was performed (synced, in ``took`` ms): release what was held; the acks
+        a failed sync covered are errors, forgotten by the write path (a retry writes again)."""
+        self.synced(took)
+        done = self.commit.commit(failure)
+        for key in done.failed_keys:
+            self.writes.forget(key)
+        self.push([Deliver(out.address, out.message) for out in done.deliveries])
+
+    def after_message(self) -> bool:
+        """After every message: True to watch for the end of the pass (a ``Commit`` is
+        pushed when the held batch goes now)."""
+        watch = self.commit.after_message()
+        if watch is None:
+            self.push([Commit()])
+            return False
+        return watch
+
+    def decide(self, now: float) -> None:
+        """The held batch's pass ended (or its wait timed out): sync, pass again, or wait."""
+        due = self.commit.decide(now, others_may_write=self.others_may_write())
+        if due == "sync":
+            self.push([Commit()])
+        elif due is not None:
+            self.push([ArmCommit(due)])
+
+    def others_may_write(self) -> bool:
+        """Could a lane other than the holder append before the holder's acks are released?
+
+        Not while a lane holds a lease it asked for: the others queue until it releases, and
+        it releases only once its appends are acknowledged, so waiting for them would only
+        delay the hand-off. A lease-less append's short write lease is released as soon as it
+        is written, so behind one (or none) the next writer may join the batch.
+        """
+        holder = self.table.holder
+        return holder is None or self.writes.others_may_join(holder.lease)
+
+    def quiet(self) -> bool:
+        """Nothing held, queued or waiting: the actor may be passivated."""
+        return self.table.idle() and self.commit.idle() and not self.writes.queue
+
+    def shutdown(self, now: float, **why: Any) -> None:
+        """Stop granting: every waiter answered, the holder revoked (``LeaseTable.shutdown``:
+        the service stops, or ``code``/``detail``/``reason`` say why)."""
+        self.push(self.table.shutdown(now, **why))
+
+    def fail_queued(self, code: ErrorCode, detail: str, now: float) -> None:
+        """Answer every queued write with this error (the actor exits, the file is lost)."""
+        self.push(self.writes.fail_queued(code, detail, now))
+
+    # Timers --------------------------------------------------------------------------------
+
+    def pass_ended(self, now: float) -> None:
+        """The transport delivered what it had read: decide about the held batch, if any."""
+        if self.commit.pass_ended():
+            self.decide(now)
+
+    def commit_due(self, due: float, now: float) -> None:
+        """The ``CommitDue`` armed for ``due`` fired: decide about the waiting batch, if any."""
+        if self.commit.timer_fired(due):
+            self.decide(now)
+
+    def tick_due(self, due: float) -> None:
+        """A ``LeaseTick`` armed for ``due`` fired (the shell then checks ownership: ``tick``)."""
+        if self.next_tick is not None and due >= self.next_tick:
+            self.next_tick = None
+
+    def tick(self, now: float) -> None:
+        """Apply the table's due deadlines; the next one is armed again even if none was."""
+        self.push(self.table.tick(now))
+        self.unsettled = True
+
+    def retry_due(self) -> None:
+        """The legacy lock's retry fired: drain again (once ownership is checked)."""
+        self.writes.retry_due()
+
+    # The lease record (``sessionlane.actors.reclaim``) -------------------------------------
+
+    def settle(self, now: float, wall_ms: float) -> None:
+        """After the effects of a message: the lease record follows the holder, and a
+        ``LeaseTick`` is armed for the table's next deadline unless one as early is."""
+        self.unsettled = False
+        record = self.note_holder(now, wall_ms)
+        if record is not None:
+            self.work.append(WriteRecord(record))
+        due = self.table.next_deadline()
+        if due is not None and (self.next_tick is None or due < self.next_tick):
+            self.next_tick = due
+            self.work.append(ArmTick(due))
+
+    def activate(
+        self, record: LeaseRecord, now: float, until: float, wall_ms: float
+    ) -> LeaseRecord | None:
+        """The lease record found at activation: a holder found there waits for its reclaim
+        until ``until`` (the end of the service's grace), or has lost the file (after it:
+        the record to write back)."""
+        held, lost = self.book.activate(record, now, until)
+        if held is not None:
+            left = None if held.hold_until_ms is None else held.hold_until_ms - wall_ms
+            self.table.await_reclaim(
+                held.lease,
+                held.fence,
+                held.lane,
+                list(held.purposes),
+                held.priority,
+                now,
+                until=until,
+                hold_ms=left,
+            )
+            if self.book.record.appends:  # a pipeline resent after the restart goes on from it
+                self.writes.resume(held.lease, self.book.record.appends[-1].aid)
+            log.info(
+                "%s: awaiting the reclaim of lease %s (lane %s, fence %d) for %d ms",
+                self.path,
+                held.lease,
+                held.lane,
+                held.fence,
+                max(0, int(until - now)),
+            )
+        if not lost:
+            return None
+        self.table.counters["reclaims_expired"] += 1
+        log.warning("%s: the lease of the last holder was not reclaimed in time", self.path)
+        return self.book.record
+
+    def note_holder(self, now: float, wall_ms: float) -> LeaseRecord | None:
+        """The lease record naming the current holder, if it changed (a stopping file, or one
+        still awaiting its holder, keeps its record)."""
+        t = self.table
+        h = t.holder
+        if t.closed or (h is not None and h.state == "awaiting"):
+            return None
+        lane = "" if h is None else self.name(h.lane)
+        return self.book.holder_now(h, lane, self.ino, self.size, now, wall_ms)
+
+    def note_write(self, request: Any, reply: Appended | Rewritten) -> WriteRecord | None:
+        """A write was answered: the holder's record learns the new size (and the append id)."""
+        record = self.book.wrote(request, reply, self.ino, self.size)
+        return None if record is None else WriteRecord(record)

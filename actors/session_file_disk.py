@@ -102,19 +102,22 @@ class FileDisk:
         self.sync.moved += 1
         return True
 
-    def sync_now(self) -> None:
-        """fdatasync what no sync covers yet (a failure is kept for the next commit)."""
+    def sync_now(self) -> float | None:
+        """fdatasync what no sync covers yet (a failure is kept for the next commit); how long
+        the fdatasync took (ms), or None when there was nothing to sync or it failed."""
         if not self.sync.begin():
-            return
+            return None
         started = self.clock()
         try:
             self.transcript.sync("fsync")
-            self.sync.measured(self.clock() - started)
+            elapsed = self.clock() - started
+            self.sync.measured(elapsed)
             at_path = self.transcript.still_at_path()
         except OSError as exc:
             self.sync.failed(exc)
-            return
+            return None
         self.sync.synced(at_path)
+        return elapsed
 
     def take_legacy(self, lease: str) -> LockOutcome:
         """Try ``<file>.lock`` once for the writes under ``lease``, never waiting (a drop-in

@@ -16,7 +16,9 @@ lock, another service must not open, quarantine or fence the file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from sessionlane.actors.legacy_lock import LegacyLock
 from sessionlane.actors.owner_check import OwnerCheck, keep_ownership
 from sessionlane.actors.ownership import Ownership
 from sessionlane.actors.paths import lease_route
-from sessionlane.actors.reclaim import DoneAppend, HeldRecord, ReclaimBook, digest
+from sessionlane.actors.reclaim import ReclaimBook
 from sessionlane.actors.session_file_channels import FileChannels
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
 from sessionlane.actors.session_file_core import FileCore
@@ -41,7 +43,7 @@ from sessionlane.actors.session_file_writes import WritePath
 from sessionlane.actors.transcript import OpenReport, Transcript
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import FileInit, FileSettings
-from sessionlane.messages.wire import Append, Appended, FileStatus, HolderStatus, QueueEntry
+from sessionlane.messages.wire import FileStatus, HolderStatus, QueueEntry
 
 __all__ = ["NOT_STARTED", "Broken", "Serving", "Switches", "activation_error"]
 
@@ -128,10 +130,11 @@ class Serving:
         self.table = LeaseTable(
             msg.path, policy, fence_floor=opened.floor, lease_prefix=f"{lease_route(msg.path)}-"
         )
-        self.sync = TranscriptSync(msg.path, CommitPolicy(), metrics)
-        self.commit = GroupCommit(
-            msg.path, self.sync, watch=switches.watch and switches.group_commit
-        )
+        self.sync = TranscriptSync(msg.path, None, metrics)  # the core learns a sync's cost
+        watch = switches.watch and switches.group_commit
+        self.commit = GroupCommit(msg.path, None, watch=watch, policy=CommitPolicy())
+        self.ready_fd: int | None = _always_readable_fd() if watch else None
+        """Always readable: watched while acks are held, its ``WatchMessage`` ends the pass."""
         self.disk = FileDisk(msg.path, self.transcript, self.sync, opened.legacy, clock)
         self.writes = WritePath(
             msg.path,
@@ -151,16 +154,25 @@ class Serving:
             watch=switches.watch,
             accepting=accepting,
         )
-        self.next_tick: float | None = None  # the earliest pending LeaseTick
         self.fence_reservations = 0
         self.records = opened.records
         self.book = ReclaimBook()
         self.core = FileCore(
-            msg.path, self.table, self.writes, self.book, reclaim_until_ms=s.reclaim_until_ms
+            msg.path,
+            self.table,
+            self.writes,
+            self.book,
+            commit=self.commit,
+            reclaim_until_ms=s.reclaim_until_ms,
         )
+        identity = self.transcript.identity
+        self.core.ino, self.core.size = identity.ino, identity.size
         # Only the path's first actor of this service awaits a holder: a successor of one that
         # died while the service lives told its lanes ``actor_restart``; nobody will reclaim.
-        self.await_holder(clock(), s.reclaim_until_ms if msg.incarnation == 1 else 0.0)
+        until = s.reclaim_until_ms if msg.incarnation == 1 else 0.0
+        lost = self.core.activate(self.records.load(), clock(), until, time.time() * 1000)
+        if lost is not None:
+            self.records.write(lost)
 
     @classmethod
     def open(
@@ -190,109 +202,11 @@ class Serving:
         self.channels.close()
         self.records.close()
         self.transcript.close()
-        self.commit.close()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
         self.ownership.release()
         self.directory.close()
-
-    # Restarts (``sessionlane.actors.reclaim``) ---------------------------------------------
-
-    def await_holder(self, now: float, until: float) -> None:
-        """Activation: a holder found in the lease record waits for its reclaim until
-        ``until`` (the end of the service's grace), or has lost the file (after it)."""
-        held, lost = self.book.activate(self.records.load(), now, until)
-        if lost:
-            self.table.counters["reclaims_expired"] += 1
-            log.warning("%s: the lease of the last holder was not reclaimed in time", self.path)
-            self.records.write(self.book.record)
-        if held is None:
-            return
-        left = None if held.hold_until_ms is None else held.hold_until_ms - time.time() * 1000
-        self.table.await_reclaim(
-            held.lease,
-            held.fence,
-            held.lane,
-            list(held.purposes),
-            held.priority,
-            now,
-            until=until,
-            hold_ms=left,
-        )
-        if self.book.record.appends:  # a pipeline resent after the restart goes on from it
-            self.writes.resume(held.lease, self.book.record.appends[-1].aid)
-        log.info(
-            "%s: awaiting the reclaim of lease %s (lane %s, fence %d) for %d ms",
-            self.path,
-            held.lease,
-            held.lane,
-            held.fence,
-            max(0, int(until - now)),
-        )
-
-    def note_holder(self, lane_name: Callable[[Any], str], now: float) -> None:
-        """After the table's effects: make the lease record name the current holder.
-
-        Only leases announced to a lane (they have a reclaim secret) are recorded; a stopping
-        file keeps its record, so a restart lets its holder reclaim.
-        """
-        t = self.table
-        h = t.holder
-        if t.closed or (h is not None and h.state == "awaiting"):
-            return
-        recorded = self.book.record.held
-        if h is None and recorded is None:
-            return  # the common case of a free file: nothing to compare
-        if (
-            h is not None
-            and recorded is not None
-            and (h.lease, tuple(h.purposes)) == (recorded.lease, recorded.purposes)
-            and lane_name(h.lane) == recorded.lane
-        ):
-            return  # the common case of a holder writing: nothing changed
-        held = None
-        if h is not None and (secret := self.book.secret_of(h.lease)) is not None:
-            until = None
-            if h.hold_deadline is not None:
-                until = time.time() * 1000 + (h.hold_deadline - now)
-            held = HeldRecord(
-                lease=h.lease,
-                fence=h.fence,
-                lane=lane_name(h.lane),
-                purposes=tuple(h.purposes),
-                priority=h.priority,
-                secret_digest=digest(secret),
-                hold_until_ms=until,
-            )
-        identity = self.transcript.identity
-        record = self.book.held(held, identity.ino, identity.size)
-        if record is not None:
-            self.records.write(record)
-
-    def note_write(self, request: Any, reply: Any) -> None:
-        """A write was answered: the holder's record learns the new size (and the append id)."""
-        held = self.book.record.held
-        lease = getattr(request, "lease", None)
-        if held is None or lease != held.lease:
-            return
-        done = None
-        if isinstance(request, Append) and isinstance(reply, Appended) and request.aid:
-            done = DoneAppend(request.aid, reply.offset, reply.lines, reply.fence)
-        identity = self.transcript.identity
-        self.records.write(self.book.appended(held.lease, done, identity.ino, identity.size))
-
-    def quiet(self) -> bool:
-        """Nothing held, queued or waiting: the actor may be passivated."""
-        return self.table.idle() and self.commit.idle() and not self.writes.queue
-
-    def others_may_write(self) -> bool:
-        """Could a lane other than the holder append before the holder's acks are released?
-
-        Not while a lane holds a lease it asked for: the others queue until it releases, and
-        it releases only once its appends are acknowledged, so waiting for them would only
-        delay the hand-off. A lease-less append's short write lease is released as soon as it
-        is written, so behind one (or none) the next writer may join the batch.
-        """
-        holder = self.table.holder
-        return holder is None or self.writes.others_may_join(holder.lease)
 
     def status(
         self, now: float, lane_name: Callable[[Any], str], extra: dict[str, int]
@@ -421,3 +335,15 @@ def _close_after_failure(
     if ownership is not None:
         ownership.release()
     directory.close()
+
+
+def _always_readable_fd() -> int:
+    """The read end of a pipe holding one byte that nobody reads: ``select`` always returns it."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"!")
+    finally:
+        os.close(write_end)
+    with contextlib.suppress(OSError):
+        os.set_blocking(read_end, False)
+    return read_end

@@ -221,6 +221,9 @@ class WritePath:
         self.pending: dict[Any, _PendingWrite] = {}
         self.auto_releases: set[Any] = set()
         self.done: OrderedDict[Any, ReplyMessage] = OrderedDict()  # call key -> append reply
+        self.waiting: dict[Any, list[LaneCall]] = {}
+        """Appends queued or pending, by call key: the copies of each delivered again meanwhile
+        (answered with its reply when it is written or refused, never written twice)."""
         self.auto_ids = 0
         self.last_written: tuple[str, str | None] | None = None
         """(lease, aid) of the last append written, which a pipelined append must follow."""
@@ -267,6 +270,7 @@ class WritePath:
             after=req.after,
         )
         self.queue.append(op)
+        self.wait_for(call)
         return []
 
     def append_without_lease(self, call: LaneCall, req: Append, now: float) -> list[WriteEffect]:
@@ -279,6 +283,7 @@ class WritePath:
         data, lines = encoded
         key = call_key(call)
         self.pending[key] = _PendingWrite(call, data, lines, req.durability or self.durability)
+        self.wait_for(call)
         effects = self.table.acquire(key, call.lane.uid, "write", now, priority=call.lane.priority)
         return [TableEffects(effects)]
 
@@ -316,9 +321,11 @@ class WritePath:
             )
         )
 
-    def rejected(self, req: Any) -> None:
-        """The table refused ``req`` (the queue is full...): no write will follow."""
+    def rejected(self, req: Any) -> list[LaneCall]:
+        """The table refused ``req`` (the queue is full...): no write will follow. Returns the
+        copies of it delivered meanwhile (each gets the same refusal)."""
         self.pending.pop(req, None)
+        return self.waiting.pop(req, [])
 
     def released_silently(self, req: Any) -> bool:
         """Was ``req`` the release of a short write lease (answered by nobody)? Forgets it."""
@@ -445,6 +452,8 @@ class WritePath:
         if op.auto_release:
             effects.append(self.release_short_write(op, now))
         effects.append(Reply(op.call, reply, needs_sync=needs_sync))
+        for copy in self.copies_of(op):
+            effects.append(Reply(copy, reply, needs_sync=needs_sync))
         return effects
 
     def end_drain(self) -> list[WriteEffect]:
@@ -489,6 +498,7 @@ class WritePath:
             if op.auto_release:
                 effects.append(self.release_short_write(op, now))
             effects.append(self.refused(op.call, code, detail))
+            effects += [self.refused(copy, code, detail) for copy in self.copies_of(op)]
         return effects
 
     def adopted(self, op: WriteOp, outcome: WriteOutcome) -> list[WriteEffect]:
@@ -507,12 +517,33 @@ class WritePath:
     # Helpers -------------------------------------------------------------------------------
 
     def duplicate(self, call: LaneCall) -> list[WriteEffect] | None:
-        """A re-delivered append's first reply (queued behind it, if held), or None."""
-        dup = self.done.get(call_key(call))
-        if dup is None or call.request.id is None:
+        """A re-delivered append's first reply (queued behind it, if held), nothing yet if its
+        first copy still waits to be written (it is answered with that one's reply), or None:
+        not a duplicate."""
+        if call.request.id is None:
+            return None
+        key = call_key(call)
+        copies = self.waiting.get(key)
+        if copies is not None:
+            self.counters["duplicates"] += 1
+            copies.append(call)
+            return []
+        dup = self.done.get(key)
+        if dup is None:
             return None
         self.counters["duplicates"] += 1
         return [Reply(call, dup)]
+
+    def wait_for(self, call: LaneCall) -> None:
+        """An append is queued or pending: a copy delivered meanwhile waits for its answer."""
+        if call.request.id is not None:
+            self.waiting[call_key(call)] = []
+
+    def copies_of(self, op: WriteOp) -> list[LaneCall]:
+        """``op`` is answered: the copies of it delivered while it waited (none for a rewrite)."""
+        if op.kind != "append" or not self.waiting:
+            return []
+        return self.waiting.pop(call_key(op.call), [])
 
     def encode(self, call: LaneCall, records: list[Any]) -> tuple[bytes, int] | Reply:
         """The records as lines, or the refusal of records that cannot be written."""

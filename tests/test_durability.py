@@ -184,7 +184,7 @@ class Shell:
         return self.call(lane, Append(lane=lane, path=self.path, records=records, **kw))
 
     def end_of_pass(self) -> ThespianWatch | None:
-        return self.deliver(WatchMessage([self.serving.commit.ready_fd]), sender=None)
+        return self.deliver(WatchMessage([self.serving.ready_fd]), sender=None)
 
     def settle(self) -> None:
         """Passes with nothing new until the batch is synced (or waits for a sibling)."""
@@ -216,7 +216,7 @@ def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shell]:
 
 def test_an_append_is_acknowledged_only_after_the_fdatasync_that_covers_it(shell: Shell) -> None:
     watch = shell.append("a")
-    assert isinstance(watch, ThespianWatch) and watch.filenos == [shell.serving.commit.ready_fd]
+    assert isinstance(watch, ThespianWatch) and watch.filenos == [shell.serving.ready_fd]
     assert shell.sent() == []  # written, not acknowledged: the reply waits for the pass end
     assert Path(shell.path).read_bytes().count(b"\n") == 1
     assert shell.end_of_pass() is None

@@ -177,6 +177,23 @@ class LeaseTableModel(RuleBasedStateMachine):
 
     # Rules -------------------------------------------------------------------------------
 
+    @rule(i=path_index, lane=lanes, purpose=purposes)
+    def acquire_whose_reservation_fails(self, i: int, lane: str, purpose: Purpose) -> None:
+        """A free path's grant needs a fence reservation and it fails (a full disk): the grant
+        is undone, the request gets the disk error, and the table is exactly as before."""
+        p = self.paths[i]
+        if p.closed or p.holder is not None or p.table.fence < p.table.fence_ceiling:
+            return
+        before = snapshot(p.table)
+        grants = p.table.counters["grants"]
+        req = self.new_req()
+        reserve, grant = p.table.acquire(req, lane, purpose, self.now)
+        assert isinstance(reserve, ReserveFences) and isinstance(grant, Grant)
+        effects = p.table.reservation_failed(grant, "disk_full", "no space", self.now)
+        assert effects == [Reject(req, lane, "disk_full", "no space")]
+        assert snapshot(p.table) == before and p.table.counters["grants"] == grants
+        self.answers[req] += 1
+
     @rule(
         i=path_index,
         lane=lanes,

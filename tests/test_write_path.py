@@ -310,6 +310,48 @@ def test_a_live_legacy_holder_keeps_writes_queued_and_retries_back_off(tmp_path:
         rig.close()
 
 
+def test_an_append_delivered_again_while_it_waits_for_a_legacy_writer_is_written_once(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path / "t.jsonl", legacy=True)
+    try:
+        lock = hold_legacy_lock(rig.path)
+        grant = rig.grant("a")
+        call = rig.call("a", Append(lease=grant.lease, fence=grant.fence, records=[{"n": 1}]))
+        rig.writes.append_under_lease(call, call.request)
+        assert rig.drain() == []  # the legacy writer holds the lock: queued
+        again = call.model_copy(update={"lane": call.lane.model_copy(update={"address": "x"})})
+        assert rig.writes.append_under_lease(again, again.request) == []  # waits for the first
+        assert len(rig.writes.queue) == 1 and rig.writes.counters["duplicates"] == 1
+        lock.unlink()
+        rig.writes.retry_due()
+        effects = rig.drain()
+        first, second = (fx for fx in effects if isinstance(fx, Reply))
+        assert first.call == call and second.call == again  # each delivery answered, in order
+        assert first.message == second.message and isinstance(first.message, Appended)
+        assert first.needs_sync and second.needs_sync
+        assert rig.lines() == [{"n": 1}]
+        [third] = rig.writes.append_under_lease(call, call.request)  # and after it: its reply
+        assert third == Reply(call, first.message)
+    finally:
+        rig.close()
+
+
+def test_a_lease_less_append_delivered_again_while_it_waits_for_its_lease_is_written_once(
+    rig: Rig,
+) -> None:
+    grant = rig.grant("a")
+    call = rig.call("w", Append(lane="w", path=rig.path, records=[{"n": 1}]))
+    [queued] = rig.writes.append_without_lease(call, call.request, rig.now)
+    assert isinstance(queued, TableEffects)
+    assert rig.writes.append_without_lease(call, call.request, rig.now) == []
+    release = rig.table.release(("a", "release"), "a", grant.lease, rig.now)
+    rig.grant_pending(release)
+    effects = rig.drain()
+    assert [fx.call for fx in effects if isinstance(fx, Reply)] == [call, call]
+    assert rig.lines() == [{"n": 1}]
+
+
 def test_a_torn_tail_left_at_activation_is_repaired_by_the_first_write_under_the_lock(
     tmp_path: Path,
 ) -> None:

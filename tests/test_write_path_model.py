@@ -11,7 +11,9 @@ What is asserted, against a simple model of the requests and of the lease:
 - bytes go out (``WriteOut``) only under the holder's current lease and fence, and a rewrite
   only after a ``Sync`` whenever an fsync append is not synced yet;
 - an append whose reply was ``Appended`` is never written again when it is delivered again (it
-  gets its first reply), unless that acknowledgement was forgotten (its sync failed);
+  gets its first reply), unless that acknowledgement was forgotten (its sync failed); a copy
+  delivered while the first still waits (queued behind a legacy writer, or for its short write
+  lease) is answered with the first's reply;
 - an fsync ``Appended`` waits for a sync (``needs_sync``) and follows its ``Wrote``;
 - with the legacy lock busy nothing is written; a drain that took it ends with ``Sync``,
   ``ReleaseLegacyLock``, ``Commit``; an unusable lock answers every queued write with its error;
@@ -158,31 +160,32 @@ class WritePathModel(RuleBasedStateMachine):
         self.answer(self.writes.rewrite(call, request))
 
     def redeliverable(self) -> list[int]:
-        """Appends under a lease whose deliveries were all answered."""
-        waiting = set(self.pending.values())
-        return [
-            rid
-            for rid, call in self.calls.items()
-            if isinstance(call.request, Append)
-            and call.request.lease is not None
-            and rid not in waiting
-        ]
+        """Appends delivered before: answered, queued, or waiting for a short write lease."""
+        return [rid for rid, call in self.calls.items() if isinstance(call.request, Append)]
 
     @precondition(lambda self: bool(self.redeliverable()))
     @rule(data=st.data())
     def redeliver(self, data: st.DataObject) -> None:
-        """An answered append delivered again, with the same lane and request id.
-
-        (Not one still queued: de-duplication remembers performed writes only, so a copy
-        delivered while the first waits in the queue is written too.)"""
+        """An append delivered again, with the same lane and request id: answered with its
+        first reply if it was acknowledged, with its first copy's if that still waits (in the
+        write queue behind a legacy writer, or for its short write lease)."""
         rid = data.draw(st.sampled_from(self.redeliverable()))
         call = self.calls[rid]
-        was_acked = call_key(call) in self.acked
+        key = call_key(call)
+        was_acked = key in self.acked
+        still_waiting = key in self.writes.pending or any(
+            call_key(op.call) == key for op in self.writes.queue
+        )
         call = self.deliver(call.lane.uid, call.request, rid=rid)
-        effects = self.writes.append_under_lease(call, call.request)
+        if call.request.lease is not None:
+            effects = self.writes.append_under_lease(call, call.request)
+        else:
+            effects = self.writes.append_without_lease(call, call.request, self.now)
         if was_acked:
             [reply] = effects
             assert isinstance(reply, Reply) and isinstance(reply.message, Appended)
+        if still_waiting:
+            assert effects == [], "a copy of a waiting append was not held for its answer"
         self.answer(effects)
 
     @precondition(lambda self: bool(self.acked))
@@ -289,8 +292,8 @@ class WritePathModel(RuleBasedStateMachine):
                 case Grant():
                     self.leases[fx.lane] = (fx.lease, fx.fence)
                 case Reject() if self.writes.is_pending(fx.req):
-                    self.writes.rejected(fx.req)
-                    self.answer_request(fx.req)
+                    for _ in range(1 + len(self.writes.rejected(fx.req))):
+                        self.answer_request(fx.req)
                 case Released() if self.writes.released_silently(fx.req):
                     pass
                 case Released(freed=True):

@@ -1,0 +1,165 @@
+"""What a SessionFile's core asks its shell to do: the effect records of ``FileCore``.
+
+``FileCore`` (``sessionlane.actors.session_file_core``) decides; the shell
+(``sessionlane.actors.session_file.SessionFile``) performs, one effect at a time, in order, and
+feeds outcomes back. Two kinds:
+
+* effects the core reads itself on its worklist (``Answer``, ``Event``, ``DrainWrites``,
+  ``WriteNext``, and the write path's ``Reply``, ``Notify``, ``TableEffects``, ``Wrote``): they
+  never reach the shell;
+* effects for the shell (``ShellEffect``): ``Deliver`` a message to a lane, the disk's
+  ``WriteOut``, ``Sync``, ``TakeLegacyLock``/``ReleaseLegacyLock``, ``Reserve`` (a fence
+  ceiling made durable), ``Commit`` (sync, then ``FileCore.committed``), ``WriteRecord`` (the
+  lease record), the timers ``ArmTick``, ``ArmRetry``, ``ArmCommit``, and ``Handoff``/``Warn``
+  (metrics and the log).
+
+Frozen records: no behaviour, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sessionlane.actors.reclaim import LeaseRecord
+from sessionlane.actors.session_file_writes import (
+    Commit,
+    ReleaseLegacyLock,
+    Sync,
+    WriteOut,
+)
+from sessionlane.messages.internal import FileReply
+from sessionlane.messages.wire import Reply as ReplyMessage
+
+__all__ = [
+    "Answer",
+    "ArmCommit",
+    "ArmRetry",
+    "ArmTick",
+    "CoreEffect",
+    "Deliver",
+    "DrainWrites",
+    "Event",
+    "Handoff",
+    "Reserve",
+    "ShellEffect",
+    "TakeLegacyLock",
+    "Warn",
+    "WriteNext",
+    "WriteRecord",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    """Make fences up to ``ceiling`` durable before the grant that follows (a failure goes
+    to ``FileCore.reservation_failed``: the grant is undone)."""
+
+    ceiling: int
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Answer the table request ``req`` (lane uid, request id) of ``lane`` with ``message``."""
+
+    req: Any
+    lane: Any
+    message: ReplyMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Send ``message`` (a revocation, an abort request) to the lane ``lane``."""
+
+    lane: Any
+    message: FileReply
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """A lease was handed to a waiter that waited ``waited_ms`` (observed by the metrics)."""
+
+    waited_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Warn:
+    """Log ``message`` as a warning (the table's diagnostics)."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class DrainWrites:
+    """Perform the write queue (its first write may need the legacy lock)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteNext:
+    """The drain goes on: the next queued write (read by the core, after what the last
+    write led to)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Send ``message`` to ``address`` now: a Lane actor, or a channel (a reply frame)."""
+
+    address: Any
+    message: FileReply
+
+
+@dataclass(frozen=True, slots=True)
+class TakeLegacyLock:
+    """Try ``<file>.lock`` once for the writes under ``lease``; the outcome goes to
+    ``FileCore.locked``."""
+
+    lease: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRecord:
+    """Write the file's durable lease record (``sessionlane.actors.lease_record_file``)."""
+
+    record: LeaseRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ArmTick:
+    """Arm a ``LeaseTick`` for ``due`` (the lease table's next deadline)."""
+
+    due: float
+
+
+@dataclass(frozen=True, slots=True)
+class ArmRetry:
+    """Arm a ``LegacyRetry`` in ``delay`` seconds (a live legacy writer holds the lock)."""
+
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class ArmCommit:
+    """Arm a ``CommitDue`` for ``due`` (a held batch waits for an expected sibling)."""
+
+    due: float
+
+
+CoreEffect = Reserve | Answer | Event | Handoff | Warn | DrainWrites
+"""What one lease-table effect means (``FileCore.meaning``)."""
+
+ShellEffect = (
+    Deliver
+    | WriteOut
+    | Sync
+    | Reserve
+    | TakeLegacyLock
+    | ReleaseLegacyLock
+    | Commit
+    | WriteRecord
+    | ArmTick
+    | ArmRetry
+    | ArmCommit
+    | Handoff
+    | Warn
+)
+"""What the shell performs (``FileCore.next``)."""
