@@ -1,8 +1,10 @@
 """CPU the service spends per contended lease cycle (acquire, append one record, release).
 
-Usage: ``python tests/cpu_per_cycle.py [CYCLES] [WORKERS]`` (default 300 and 2), with the
-``python`` of the install to measure; prints one JSON line. An embedded service runs in this
-process; ``WORKERS`` client processes loop on one file. The figure is the utime + stime of
+Usage: ``python tests/cpu_per_cycle.py [CYCLES] [WORKERS] [FILES]`` (default 300, 2 and
+``one``), with the ``python`` of the install to measure; prints one JSON line. An embedded
+service runs in this process; ``WORKERS`` client processes loop on one file (``FILES`` =
+``one``: they contend) or each on its own (``each``: nothing to hand off, as the bench's
+``files8``). The figure is the utime + stime of
 every process of the service's actor system plus this process, over the measured cycles,
 divided by the cycles: CPU time, so less sensitive to a busy machine than a rate. It imports
 the service from ``sessionlane.system`` or, for a version before the one namespace, from
@@ -59,11 +61,16 @@ def cpu_seconds(pids: list[int]) -> float:
 def main() -> None:
     cycles = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     workers = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    files = sys.argv[3] if len(sys.argv) > 3 else "one"
+    if files not in ("one", "each"):
+        raise SystemExit(f"FILES is one or each, not {files!r}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "root"
         root.mkdir()
         with embedded_service([str(root)], log_file=Path(tmp) / "service.log") as service:
-            path = str(root / "a.jsonl")
+            paths = [
+                str(root / ("a.jsonl" if files == "one" else f"a{i}.jsonl")) for i in range(workers)
+            ]
             procs = [
                 subprocess.Popen(
                     [sys.executable, "-c", WORKER, service.address, path, str(cycles)],
@@ -71,7 +78,7 @@ def main() -> None:
                     stdout=subprocess.PIPE,
                     text=True,
                 )
-                for _ in range(workers)
+                for path in paths
             ]
             for proc in procs:
                 assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -91,6 +98,7 @@ def main() -> None:
         json.dumps(
             {
                 "cycles": n,
+                "files": files,
                 "service_cpu_ms_per_cycle": round((after - before + own) * 1000 / n, 3),
                 "cycles_per_s": round(n / wall, 1),
                 "loadavg": os.getloadavg()[0],
