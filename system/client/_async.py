@@ -50,6 +50,7 @@ from sessionlane.system.client import _pipeline as pipelines
 from sessionlane.system.client._checks import check_lane
 from sessionlane.system.client._core import (
     INCOMING_FRAME_BYTES,
+    OWNER_LOOKUP_DELAYS,
     Answer,
     AppendResult,
     ClientCore,
@@ -58,6 +59,7 @@ from sessionlane.system.client._core import (
     Send,
     Settings,
     log,
+    owner_pending,
     parse_address,
     service_refusal,
 )
@@ -184,7 +186,13 @@ class AsyncSessionLane:
         reader, writer = await asyncio.wait_for(opening, self.settings.timeout)
         try:
             sock = writer.get_extra_info("socket")
-            refusal = service_refusal(self.settings, peercred.peer_uid(sock))
+            owner = peercred.peer_uid(sock)
+            for delay in OWNER_LOOKUP_DELAYS:
+                if not owner_pending(sock, owner):
+                    break
+                await asyncio.sleep(delay)
+                owner = peercred.peer_uid(sock)
+            refusal = service_refusal(self.settings, owner)
             if refusal is not None:
                 raise Unauthorized(refusal)
             link, hello = self.core.opened(

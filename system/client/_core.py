@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,8 +60,10 @@ from sessionlane.messages.wire import (
 from sessionlane.system.client._checks import check_options
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES, check_frame
 from sessionlane.system.config import ConfigError, parse_listen
+from sessionlane.system.gateway import peercred
 
 __all__ = [
+    "OWNER_LOOKUP_DELAYS",
     "Answer",
     "AppendResult",
     "ClientCore",
@@ -72,6 +75,7 @@ __all__ = [
     "anchor",
     "default_address",
     "log",
+    "owner_pending",
     "parse_address",
     "resolve_user",
     "service_refusal",
@@ -128,6 +132,19 @@ def anchor(path: str | os.PathLike[str]) -> str:
     """
     path = os.fspath(path)
     return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
+OWNER_LOOKUP_DELAYS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+"""Seconds to wait before each new look at who owns the service's end of a TCP connection
+that was not found yet. ``connect`` returns once the client's end is established; the
+service's end is a request socket, which no table shows with its owner, until the kernel has
+processed the client's last handshake packet: on a busy machine that can come a little later.
+At most about 0.2 s in all, and only while the owner cannot be told."""
+
+
+def owner_pending(sock: socket.socket, owner: int | None) -> bool:
+    """Whether the owner of ``sock``'s service end is worth looking for again."""
+    return owner is None and sock.family != socket.AF_UNIX and peercred.identifies_peers()
 
 
 ANY_USER = "*"

@@ -55,6 +55,7 @@ from sessionlane.system.client import _pipeline as pipelines
 from sessionlane.system.client._checks import check_lane
 from sessionlane.system.client._core import (
     INCOMING_FRAME_BYTES,
+    OWNER_LOOKUP_DELAYS,
     Answer,
     AppendResult,
     ClientCore,
@@ -63,6 +64,7 @@ from sessionlane.system.client._core import (
     Send,
     Settings,
     log,
+    owner_pending,
     parse_address,
     service_refusal,
 )
@@ -206,7 +208,13 @@ class SessionLane:
     def _open(self) -> None:
         sock = _dial(self.settings)
         try:
-            refusal = service_refusal(self.settings, peercred.peer_uid(sock))
+            owner = peercred.peer_uid(sock)
+            for delay in OWNER_LOOKUP_DELAYS:
+                if not owner_pending(sock, owner):
+                    break
+                time.sleep(delay)
+                owner = peercred.peer_uid(sock)
+            refusal = service_refusal(self.settings, owner)
             if refusal is not None:
                 raise Unauthorized(refusal)
             with self._lock:
