@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sessionlane.system.client import Unauthorized, connect, connect_async
-from sessionlane.system.client._core import OWNER_LOOKUP_DELAYS
+from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS
 from sessionlane.system.gateway import peercred
 from sessionlane.system.runtime.service import embedded_service
 

@@ -50,7 +50,6 @@ from sessionlane.system.client import _pipeline as pipelines
 from sessionlane.system.client._checks import check_lane
 from sessionlane.system.client._core import (
     INCOMING_FRAME_BYTES,
-    OWNER_LOOKUP_DELAYS,
     Answer,
     AppendResult,
     ClientCore,
@@ -59,11 +58,10 @@ from sessionlane.system.client._core import (
     Send,
     Settings,
     log,
-    owner_pending,
     parse_address,
-    service_refusal,
 )
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
+from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, owner_pending, service_refusal
 from sessionlane.system.gateway import peercred
 
 __all__ = ["AsyncLane", "AsyncLease", "AsyncSessionLane", "connect_async"]
