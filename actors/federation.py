@@ -96,6 +96,8 @@ class _Sent:
     nonce: int = 0
     status: Status | None = None
     reply_to: Any = None
+    reclaim: OpenChannel | None = None
+    """A reclaim's first contact: held (``parked``) if the member is lost before it answered."""
 
 
 @dataclass
@@ -146,7 +148,7 @@ class Federation:
         self.departed: dict[str, Member] = {}  # key -> a member that left; its roots unserved
         self.version = -1
         self.remotes: dict[str, _Remote] = {}  # incarnation -> state
-        self.serving = Serving(host, me)
+        self.serving = Serving(host, me, reclaim_grace_ms=reclaim_grace_ms)
         """The owner side: other members' lanes that use our paths."""
         self.links = itertools.count(1)
         self.ticking = False
@@ -345,7 +347,8 @@ class Federation:
         use = remote.lanes.setdefault(addr_key(asker), _Use(asker))
         use.paths.update({msg.path, os.path.normpath(msg.path)})
         seq = self.next_seq(remote)
-        remote.unconfirmed[seq] = _Sent(path=msg.path, lane=asker, nonce=msg.nonce)
+        reclaim = msg if msg.reclaim else None
+        remote.unconfirmed[seq] = _Sent(msg.path, asker, msg.nonce, reclaim=reclaim)
         ask = msg.model_copy(update={"reply_to": asker, "carried": True})
         hop = Forwarded(origin=self.host.myAddress, link=remote.link, seq=seq, open=ask)
         self.host.send(remote.relay, hop)
@@ -565,6 +568,11 @@ class Federation:
         for _, item in sorted(sent.items()):
             if item.status is not None:
                 self.host.send(item.reply_to, unavailable_status(item.status, item.path))
+            elif item.reclaim is not None and self.reclaim_ms > 0:
+                # A restarted member's first relay to an owner not yet registered with it
+                # fails: a reclaim waits for the owner, as one sent while it is lost does.
+                until = self.clock() + self.reclaim_ms + self.timeout_ms
+                self.parked.hold(addr_key(item.lane), item.reclaim, item.lane, until)
             elif item.lane is not None:
                 # A first contact the member may never have received: its calls wait in the
                 # link for the offer, which is this refusal (sent nothing: ``unavailable``).

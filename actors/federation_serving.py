@@ -6,8 +6,12 @@ channel (``Forwarded``: the Registry activates the file, which answers the lane'
 ``ChannelOffer``; the lane's calls then go to the file directly, as channel frames carried by
 thespian's authenticated transport), acknowledges their beats, and when an origin is lost
 (``OriginLost``) has each file close the channels of that origin's lanes, which abandons what
-they held or waited for there: a dead member's lanes never keep a path. It owns the table of
-origins (which link actors each origin's channels serve, on which paths); nothing else reads it.
+they waited for there, and what they held too unless ``reclaim_grace_ms`` > 0: then each lease
+stays held for its holder's reclaim through another lane (the client reconnected to the
+restarted member, or to any other) until the grace ends, or until its own lane speaks again
+(the member was only paused or cut off), when the file drops it as before. A dead member's
+lanes never keep a path past that. It owns the table of origins (which link actors each
+origin's channels serve, on which paths); nothing else reads it.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ class ServingHost(Protocol):
         """Have the file offer ``msg.reply_to`` a channel here (never forward it); the
         canonical path, or None if refused (and answered)."""
 
-    def drop_peers(self, path: str, peers: list[Any], reason: str) -> None:
-        """Have the file of ``path`` close the channels of ``peers`` (link actors)."""
+    def drop_peers(self, path: str, peers: list[Any], reason: str, keep_ms: int = 0) -> None:
+        """Have the file of ``path`` close the channels of ``peers`` (link actors), keeping
+        their lanes' leases ``keep_ms`` for their holders' reclaim."""
 
     def status_to(self, request: Status, reply_to: Any) -> None: ...
 
@@ -67,9 +72,11 @@ class _Origin:
 class Serving:
     """The origins whose lanes use our paths, and the handlers of their messages."""
 
-    def __init__(self, host: ServingHost, me: Member) -> None:
+    def __init__(self, host: ServingHost, me: Member, *, reclaim_grace_ms: int = 0) -> None:
         self.host = host
         self.me = me
+        self.reclaim_ms = reclaim_grace_ms
+        """How long a lost origin's leases stay held for their holders' reclaim (0: none)."""
         self._origins: dict[str, _Origin] = {}  # addr_key(origin registry) -> state
 
     def _origin(self, msg: Hop) -> _Origin:
@@ -107,11 +114,13 @@ class Serving:
         origin = self._origins.pop(addr_key(msg.origin), None)
         if origin is None or not origin.peers:
             return
+        kept = f"; their leases kept {self.reclaim_ms} ms for reclaim" if self.reclaim_ms else ""
         log.warning(
-            "origin %s lost (%s): closing the channels of its %d lane actors",
+            "origin %s lost (%s): closing the channels of its %d lane actors%s",
             msg.origin,
             msg.reason,
             len(origin.peers),
+            kept,
         )
         by_path: dict[str, list[Any]] = {}
         for address, paths in origin.peers.values():
@@ -119,4 +128,5 @@ class Serving:
                 by_path.setdefault(path, []).append(address)
         for path in sorted(by_path):
             if self.host.is_active(path):  # a passivated file held nothing
-                self.host.drop_peers(path, by_path[path], f"member lost: {msg.reason}")
+                reason = f"member lost: {msg.reason}"
+                self.host.drop_peers(path, by_path[path], reason, keep_ms=self.reclaim_ms)

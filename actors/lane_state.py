@@ -298,10 +298,16 @@ class LaneState:
             if pending.path != path and not unanswered_here:
                 continue
             request = pending.request
-            if isinstance(request, Append) and request.aid is not None:
+            # An append with an aid may be written, and a release must not be lost (answered
+            # ``unavailable``, its client moves on while the lease comes back: a leak): both
+            # are sent again once the lease is reclaimed.
+            resend = isinstance(request, Release) or (
+                isinstance(request, Append) and request.aid is not None
+            )
+            if resend and isinstance(request, Append | Release):
                 waits = self.reclaims.holding_back(request.lease)
                 if waits is not None:
-                    waits.wait(self, rid)  # it may be written: sent again once reclaimed
+                    waits.wait(self, rid)
                     continue
             if rid in self.fanouts:
                 # An abandon the dead actor never answered: it held nothing there any more.
@@ -360,8 +366,12 @@ class LaneState:
             self.host.call(call)
 
     def unknown(self, rid: Any, lease: str, path: str) -> None:
-        """The pending write ``rid`` may be in the file: its lease could not be reclaimed."""
-        if self.pending.pop(rid, None) is not None:
+        """The pending write ``rid`` may be in the file: its lease could not be reclaimed
+        (a pending release: the lease is not held here any more, so it is released)."""
+        pending = self.pending.pop(rid, None)
+        if pending is not None and isinstance(pending.request, Release):
+            self.to_agent(Released(id=rid, lease=lease))
+        elif pending is not None:
             detail = (
                 f"lease {lease} could not be reclaimed after its member was lost:"
                 " the write may be in the file, read it to know"

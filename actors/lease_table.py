@@ -200,11 +200,16 @@ class LeaseTable:
             reclaim_hold_ms=hold_ms,
         )
 
-    def reclaim(self, req: ReqKey, lane: Lane, lease: str, fence: int, now: float) -> list[Effect]:
+    def reclaim(
+        self, req: ReqKey, lane: Lane, lease: str, fence: int, now: float, *, takeover: bool = False
+    ) -> list[Effect]:
         """``lane`` takes back the awaited ``lease``: the same lease, fence and nesting.
 
         A second reclaim of a lease ``lane`` already took back is granted again (a client
-        that lost the answer asks twice), with no nesting added. Anything else is refused.
+        that lost the answer asks twice), with no nesting added. ``takeover`` (the caller
+        showed the lease's secret under its lane name): a lease still held by another lane
+        moves to ``lane``, whose old lane is told ``member_lost``; its holder's member died
+        before this owner noticed. Anything else is refused.
         """
         holder = self.holder
         if holder is None or holder.lease != lease or holder.fence != fence:
@@ -217,6 +222,14 @@ class LeaseTable:
                         "the path is free" if holder is None else f"current fence is {holder.fence}"
                     ),
                 )
+            ]
+        if holder.state == "held" and holder.lane != lane and takeover:
+            old, holder.lane = holder.lane, lane
+            self.counters["reclaims"] += 1
+            return [
+                Revoke(old, lease, "member_lost"),
+                Grant(req, lane, lease, fence, holder.purpose),
+                Diagnostic(f"reclaimed path={self.path} lane={lane} lease={lease} from={old}"),
             ]
         if holder.state == "held":
             if holder.lane != lane:
@@ -285,12 +298,29 @@ class LeaseTable:
         self.holder = None
         return [Released(req, lane, lease, freed=True), *self._promote(now)]
 
-    def abandon(self, req: ReqKey, lane: Lane, now: float, *, reason: str) -> list[Effect]:
-        """Drop the lane's lease (all nesting) and cancel its waiters, at once."""
+    def abandon(
+        self,
+        req: ReqKey,
+        lane: Lane,
+        now: float,
+        *,
+        reason: str,
+        keep_as: Awaited | None = None,
+        until: float = 0.0,
+    ) -> list[Effect]:
+        """Drop the lane's lease (all nesting) and cancel its waiters, at once.
+
+        ``keep_as`` (for the lane of a lost convention member): the lease is not dropped but
+        awaited as ``keep_as`` until ``until``, as a restart's holder is (``await_reclaim``)."""
         effects: list[Effect] = []
         leases: tuple[str, ...] = ()
         holder = self.holder
-        if holder is not None and holder.lane == lane:
+        if holder is not None and holder.lane == lane and keep_as is not None:
+            left = None if holder.hold_deadline is None else holder.hold_deadline - now
+            holder.state, holder.lane, holder.reclaim_hold_ms = "awaiting", keep_as, left
+            holder.hold_deadline = until
+            effects.append(self._diagnostic("keep for reclaim", holder, now, reason))
+        elif holder is not None and holder.lane == lane:
             leases = (holder.lease,)
             self.holder = None
             self.counters["abandons"] += 1
@@ -304,6 +334,21 @@ class LeaseTable:
         effects.append(Abandoned(req, lane, leases))
         self._forget_orphaned_abort()
         return effects + self._promote(now)
+
+    def came_back(self, lane: Lane, now: float) -> list[Effect]:
+        """``lane`` speaks again, whose lease was kept when its member was lost: that member
+        was only paused or cut off, and its lane is told the lease is gone (as it would
+        have been at the loss without a grace; its client may have moved on meanwhile), so
+        the lease is dropped now and the next waiter granted. Only another lane (its client,
+        reconnected elsewhere) reclaims a kept lease."""
+        holder = self.holder
+        if holder is None or holder.state != "awaiting" or not isinstance(holder.lane, Awaited):
+            return []
+        if not lane or holder.lane.kept_for != lane:
+            return []
+        self.holder = None
+        self.counters["abandons"] += 1
+        return [self._diagnostic("abandon", holder, now, "its lane came back"), *self._promote(now)]
 
     def tick(self, now: float) -> list[Effect]:
         """Apply every deadline that is due, in time order: wait timeouts, max hold, recovery
@@ -382,7 +427,9 @@ class LeaseTable:
         self.closed = True
         effects: list[Effect] = [Reject(w.req, w.lane, code, detail) for w in self.waiters]
         self.waiters = []
-        if self.holder is not None:
+        if self.holder is not None and self.holder.state == "awaiting":
+            self.holder = None  # nobody to tell: its lease record stays for the next grace
+        elif self.holder is not None:
             effects += self._revoke(self.holder, reason, now)
         return effects
 

@@ -200,6 +200,8 @@ class Awaited:
     """The lane of an awaited holder: nobody yet (``name`` is the lane name it had)."""
 
     name: str
+    kept_for: str = ""
+    """``LeaseTable.abandon(keep_as=...)``: the lane of the lost member it was kept from."""
 
     def __str__(self) -> str:
         return f"{self.name} (awaiting reclaim)"

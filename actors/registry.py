@@ -216,12 +216,13 @@ class Registry(ShellActor):
         self.forward(entry, msg)
         return path
 
-    def drop_peers(self, path: str, peers: list[Any], reason: str) -> None:
+    def drop_peers(self, path: str, peers: list[Any], reason: str, keep_ms: int = 0) -> None:
         """The convention member of ``peers`` is lost: the file closes their channels."""
         entry = self.files.get(path)
         if entry is not None:
             entry.forwarded += 1
-            self.forward(entry, CarriedLost(path=path, peers=tuple(peers), reason=reason))
+            lost = CarriedLost(path=path, peers=tuple(peers), reason=reason, keep_ms=keep_ms)
+            self.forward(entry, lost)
 
     def is_active(self, path: str) -> bool:
         return path in self.files

@@ -457,7 +457,7 @@ class SessionFile(ShellActor):
         if not isinstance(s, Serving):
             return
         for ref in s.channels.on_carried_lost(msg):
-            self.on_channel_closed(s, ChannelClosed(ref), msg.reason, tell=True)
+            self.on_channel_closed(s, ChannelClosed(ref), msg.reason, tell=True, keep=msg.keep_ms)
 
     def send_carried(self, s: Serving) -> None:
         for address, message in s.channels.take_carried():
@@ -509,15 +509,17 @@ class SessionFile(ShellActor):
         reason: str = "the gateway's channel closed",
         *,
         tell: bool = False,
+        keep: int = 0,
     ) -> None:
         """Abandon every lane that was reached through the closed channel, and forget it.
 
         ``tell``: the channel's last output still goes (a lost member's carried channel), so
         the abandon is an event (no id), which its lane reports as ``revoked``, ``member_lost``.
+        ``keep``: a lost member's lanes' leases are kept that long for a reclaim.
         """
         for uid in s.core.through(event.conn):
             try:
-                s.core.abandon(uid, self.now(), reason, tell=tell)
+                s.core.abandon(uid, self.now(), reason, tell=tell, keep_ms=keep)
                 self.run(s)
             except Exception:
                 log.exception("abandoning lane %s of %s failed", uid, self.path)

@@ -40,6 +40,7 @@ from sessionlane.actors.disk_errors import disk_error_code
 from sessionlane.actors.file_channels import ChannelRef
 from sessionlane.actors.group_commit import Outgoing
 from sessionlane.actors.lease_table import LeaseTable
+from sessionlane.actors.lease_types import Awaited
 from sessionlane.actors.reclaim import LeaseRecord, ReclaimBook
 from sessionlane.actors.session_file_commit import GroupCommit, SyncFailure
 from sessionlane.actors.session_file_disk import LockOutcome, WriteOutcome
@@ -177,6 +178,8 @@ class FileCore:
     def call(self, call: LaneCall, now: float) -> list[Any]:
         """What ``call`` does: the table's effects (``TableEffects``) or the write path's."""
         key, lane, req = call_key(call), call.lane.uid, call.request
+        if back := self.table.came_back(lane, now):  # its lease was kept for a reclaim
+            self.push([TableEffects(back)])
         match req:
             case Acquire() if req.reclaim is not None:
                 effects = self.reclaim(key, lane, req.reclaim, now)
@@ -213,12 +216,17 @@ class FileCore:
     def reclaim(
         self, key: Any, lane: Any, ticket: wire.ReclaimTicket, now: float
     ) -> list[lt.Effect]:
-        """A lease held before a restart, asked back: the same lease, or ``reclaim_refused``."""
+        """A lease held before a restart, asked back: the same lease, or ``reclaim_refused``.
+
+        Shown with its secret under the lane name the record names, a lease still held by
+        another lane moves (its holder's member died before this owner noticed it)."""
         why = self.book.refusal(ticket, self.ino, self.size)
         if why is not None:
             return [self.table.refuse_reclaim(key, lane, why)]
         self.book.issue(ticket.lease, ticket.secret)
-        return self.table.reclaim(key, lane, ticket.lease, ticket.fence, now)
+        held = self.book.record.held
+        takeover = held is not None and held.lane == self.name(lane)
+        return self.table.reclaim(key, lane, ticket.lease, ticket.fence, now, takeover=takeover)
 
     def written_before(self, lane: Any, req: Append) -> wire.Appended | None:
         """The first answer of an append resent after a restart (same ``aid``), if written."""
@@ -234,14 +242,26 @@ class FileCore:
         """The lanes reached through the channel ``conn``."""
         return [u for u, a in self.lanes.items() if isinstance(a, ChannelRef) and a == conn]
 
-    def abandon(self, uid: Any, now: float, reason: str, *, tell: bool = False) -> None:
+    def abandon(
+        self, uid: Any, now: float, reason: str, *, tell: bool = False, keep_ms: int = 0
+    ) -> None:
         """The lane ``uid`` is gone with its channel: its lease and requests are dropped.
-        ``tell``: its lane still hears of it (the abandon answered as an event, no id)."""
+        ``tell``: its lane still hears of it (the abandon answered as an event, no id).
+        ``keep_ms`` (its convention member was lost): a lease the lease record names (its
+        holder can show the secret) is kept that long for a reclaim through another lane,
+        as a restart's holder is awaited; its requests are dropped all the same."""
         if tell:
             key: Any = (uid, None)
         else:
             self.closes += 1
             key = ("closed", self.closes)
+        holder, recorded = self.table.holder, self.book.record.held
+        named = holder is not None and recorded is not None and recorded.lease == holder.lease
+        if keep_ms > 0 and named and holder is not None and holder.lane == uid:
+            kept, until = Awaited(self.name(uid), kept_for=uid), now + keep_ms
+            effects = self.table.abandon(key, uid, now, reason=reason, keep_as=kept, until=until)
+            self.push([TableEffects(effects)])
+            return
         self.push([TableEffects(self.table.abandon(key, uid, now, reason=reason))])
 
     def forget(self, uid: Any) -> None:

@@ -49,3 +49,6 @@ class CarriedLost:
     path: str
     peers: tuple[object, ...]
     reason: str
+    keep_ms: int = 0
+    """The owner's ``reclaim_grace_ms``: the leases those lanes hold are kept this long for
+    their holders' reclaim through another lane (``sessionlane.actors.reclaim``); 0: none."""

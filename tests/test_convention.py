@@ -87,12 +87,12 @@ AGENT = """
 import json, sys, time
 from sessionlane.system.client import SessionLaneError, connect
 
-address, token, name = sys.argv[1:4]
+address, token, name, reconnect_for = *sys.argv[1:4], float(sys.argv[4])
 
 def out(**fields):
     print(json.dumps(fields), flush=True)
 
-with connect(address, token=token) as sl:
+with connect(address, token=token, reconnect_for=reconnect_for) as sl:
     lane, lease = sl.lane(name), None
     out(step="ready")
     for line in sys.stdin:
@@ -288,6 +288,7 @@ class FakeHost:
     """Stands in for the Registry: records what the Federation sends, creates and serves."""
 
     def __init__(self) -> None:
+        self.kept_ms: list[int] = []  # the keep_ms of each drop_peers
         self.myAddress = "registry@here"
         self.sent: list[tuple[Any, Any]] = []
         self.created: list[dict[str, Any]] = []
@@ -314,8 +315,9 @@ class FakeHost:
         self.opened.append(msg)
         return msg.path
 
-    def drop_peers(self, path: str, peers: list[Any], reason: str) -> None:
+    def drop_peers(self, path: str, peers: list[Any], reason: str, keep_ms: int = 0) -> None:
         self.dropped.append((path, peers, reason))
+        self.kept_ms.append(keep_ms)
 
     def refused(self, asker: str = "lane1") -> list[ChannelOffer]:
         """The refusals sent to ``asker`` so far (offers with an error code)."""
@@ -652,9 +654,12 @@ class MemberServe(Serve):
 class Agent:
     """A client process running :data:`AGENT` on the client host, connected to one member."""
 
-    def __init__(self, network: Network, address: str, name: str) -> None:
+    def __init__(
+        self, network: Network, address: str, name: str, reconnect_for: float = 0.0
+    ) -> None:
         self.name = name
-        argv = network.wrap("client", [sys.executable, "-c", AGENT, address, TOKEN, name])
+        command = [sys.executable, "-c", AGENT, address, TOKEN, name, str(reconnect_for)]
+        argv = network.wrap("client", command)
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -718,11 +723,13 @@ class Convention:
         leader: str | None,
         run: str,
         key: str | None = None,
+        listen: str | None = None,
     ) -> Any:
         """Start member ``name`` serving ``root`` (not waiting for it); returns it.
 
         ``key`` is the TOML line that decides how its frames are authenticated: by default the
-        convention's shared ``cluster_key_file``.
+        convention's shared ``cluster_key_file``. ``listen``: the gateway's address (by
+        default a free port; a restarted member given its old one is found by its clients).
         """
         host = self.network.hosts[name]
         config = self.tmp / f"{run}.toml"
@@ -732,7 +739,7 @@ class Convention:
             f'bind_host = "{host}"\n'
             f"{key}\n"
             f'token_file = "{self.token_file}"\n'
-            f'listen = "tcp://{host}:{self.network.port(7420)}"\n'
+            f'listen = "{listen or f"tcp://{host}:{self.network.port(7420)}"}"\n'
             f"{self.config_lines}"
         )
         args = ["--root", str(root), "--config", str(config), "--admin-port", str(admin_port)]
@@ -763,8 +770,8 @@ class Convention:
         print(f"network: {self.network.kind} {self.network.hosts}")
         return a, b, c
 
-    def agent(self, serve: MemberServe, name: str) -> Agent:
-        agent = Agent(self.network, serve.address, name)
+    def agent(self, serve: MemberServe, name: str, reconnect_for: float = 0.0) -> Agent:
+        agent = Agent(self.network, serve.address, name, reconnect_for)
         self.agents.append(agent)
         return agent
 
@@ -945,6 +952,9 @@ def test_three_members_serve_one_file_from_its_owner_and_a_killed_owner_fails_fa
 def test_a_member_that_dies_gives_up_its_lanes_leases_elsewhere_and_an_owner_that_leaves_fails_fast(
     convention: Convention,
 ) -> None:
+    # Without a reclaim grace: the lease of a lost member's lane is abandoned at once (with
+    # one, c keeps it for its holder's reclaim first: test_convention_faults.py).
+    convention.config_lines = "reclaim_grace_ms = 0\n"
     a, b, c = convention.start_three()
     path = convention.roots["c"] / "elsewhere.jsonl"
     holder = convention.agent(b, "holder")

@@ -57,8 +57,9 @@ def test_a_holder_whose_member_stalled_past_the_timeout_is_told_its_lease_was_re
 
     with paused(c):
         other.send("acquire", path=str(path))
-        # b stops hearing c and abandons its lanes' leases: the other client is granted.
-        granted = other.expect("granted", timeout=15)[1]
+        # b stops hearing c, keeps its lanes' leases for their reclaim for reclaim_grace_ms
+        # (10 s), then abandons them: the other client is granted.
+        granted = other.expect("granted", timeout=30)[1]
         assert granted["fence"] > held["fence"]
         other.do("append", "appended", count=3)
     resumed_at = time.monotonic()
@@ -258,3 +259,59 @@ def test_a_member_whose_directory_falls_silent_claims_again_and_registers_when_a
     assert ("admin", ("sessionlane.member", HERE.key)) in host.take()
     fed.tick()
     assert [type(m).__name__ for t, m in host.take() if t == "dir2"] == ["Checkin"]
+
+
+def in_grace(probe: Agent, path: Path) -> dict[str, Any] | None:
+    """The status of ``path`` if its owner keeps its lease for a reclaim, else None."""
+    got = probe.do("status", "status", path=str(path))
+    files = [f for f in got["files"] if f["path"] == str(path)]
+    return files[0] if files and files[0]["counters"].get("in_grace") else None
+
+
+@pytest.mark.tcp
+@pytest.mark.parametrize("restart", ["kept", "at once"])
+def test_a_lease_held_through_the_killed_leader_on_another_members_file_survives_with_its_fence(
+    convention: Convention, restart: str
+) -> None:
+    """``kept``: the leader is restarted once b keeps the lease for a reclaim (b noticed the
+    loss first); ``at once``: right after the kill, so the reclaim may reach b before b's
+    watchdog does (then the lease moves to the reclaiming lane). The outcome is the same."""
+    a, _b, c = convention.start_three()
+    roots, ports = convention.roots, convention.ports
+    path = roots["b"] / "kept.jsonl"  # owned by b; its holder's member is the leader
+    holder = convention.agent(a, "holder", reconnect_for=60)
+    probe = convention.agent(c, "probe")
+    for agent in convention.agents:
+        agent.expect("ready")
+    held = holder.do("acquire", "granted", path=str(path))
+    holder.do("append", "appended", count=2)
+    assert in_grace(probe, path) is None  # c reaches b now (relays are placed by the leader)
+
+    a.hard_kill()
+    killed_at = time.monotonic()
+    holder.send("append", count=1)  # in flight as its member is gone: sent again once reclaimed
+    if restart == "kept":
+        # b sees its origin lost and keeps the lease for its holder's reclaim: held, in grace.
+        kept = eventually(lambda: in_grace(probe, path), "b to keep the lease", 30, every=0.1)
+        assert kept["counters"]["awaited_fence"] == held["fence"]
+        assert kept["holder"]["lane"] == "holder (awaiting reclaim)", kept
+    kept_at = time.monotonic()
+    again = convention.serve(
+        "a", roots["a"], admin_port=ports["a"], leader=None, run="a", listen=a.address
+    )
+    again.wait_ready()
+    ready_at = time.monotonic()
+
+    appended_at, _ = holder.expect("appended", timeout=LINE_TIMEOUT_S)
+    print(
+        f"leader killed ({restart}): restarted after {kept_at - killed_at:.2f} s, ready"
+        f" after {ready_at - killed_at:.2f} s; the append in flight answered"
+        f" {appended_at - ready_at:.2f} s after it was ready"
+    )
+    holder.do("append", "appended", count=1)
+    holder.send("wait_revoked", timeout=0)
+    assert holder.expect("revoked")[1]["reason"] is None, "never revoked"
+    assert turns(path) == [("holder", held["fence"], [0, 1, 0, 0])], (
+        "one turn, one fence, the append in flight written once"
+    )
+    assert in_grace(probe, path) is None, "reclaimed: out of the grace"

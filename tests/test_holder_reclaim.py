@@ -27,6 +27,7 @@ from sessionlane.messages.wire import (
     Error,
     Granted,
     ReclaimTicket,
+    Release,
     Revoked,
 )
 
@@ -364,3 +365,31 @@ class HolderModel(RuleBasedStateMachine):
 
 TestHolderModel = HolderModel.TestCase
 TestHolderModel.settings = settings(max_examples=150, stateful_step_count=25, deadline=None)
+
+
+def test_a_release_in_flight_when_the_member_is_lost_is_sent_again_once_reclaimed() -> None:
+    """Answered ``unavailable``, the client moves on while the lease comes back to its lane:
+    its next acquires are reentrant grants of a lease it never lets go (the partition suite
+    saw that as fences shared by many turns). It waits for the reclaim like a write."""
+    lane, host = holding_a_lease()
+    lane.request(Release(id=2, lease=lease(A)))  # in flight when the member is lost
+    host.calls.clear()
+    member_lost(lane)
+    assert host.agent == [], "not answered unavailable"
+    (reclaim,) = host.calls
+    back = Granted(
+        id=reclaim.request.id, lease=lease(A), fence=3, path=A, purpose="write", secret=SECRET
+    )
+    answer(lane, reclaim, back)
+    assert [(type(c.request).__name__, c.request.id) for c in host.calls[1:]] == [("Release", 2)]
+
+    lane, host = holding_a_lease()
+    lane.request(Release(id=2, lease=lease(A)))
+    host.calls.clear()
+    member_lost(lane)
+    (reclaim,) = host.calls
+    refused = Error(id=reclaim.request.id, code="reclaim_refused", detail="grace over", path=A)
+    answer(lane, reclaim, refused)
+    assert [(type(m).__name__, m.id) for m in host.agent if not isinstance(m, Revoked)] == [
+        ("Released", 2)
+    ], "not reclaimed: not held here any more, so released"
