@@ -331,11 +331,17 @@ class FileCore:
 
         A lease record a write changed goes first of the next ``Deliver``: one record for the
         answers of a whole batch of writes, but never an answer before the record it backs."""
-        fx = self.read_work(now)
-        if self.record_due and type(fx) is Deliver:
-            self.work.appendleft(fx)
-            return self.record_now()
-        return fx
+        work, read = self.work, self.read
+        while work:
+            fx = work.popleft()
+            reader = read.get(type(fx))
+            if reader is not None and (fx := reader(fx, now)) is None:
+                continue
+            if self.record_due and type(fx) is Deliver:
+                work.appendleft(fx)
+                return self.record_now()
+            return fx  # type: ignore[no-any-return]
+        return None
 
     def record_now(self) -> WriteRecord | None:
         """The lease record to write now, if a write changed it since it was last written."""
@@ -343,18 +349,6 @@ class FileCore:
             return None
         self.record_due = False
         return WriteRecord(self.book.record)
-
-    def read_work(self, now: float) -> ShellEffect | None:
-        work, read = self.work, self.read
-        while work:
-            fx = work.popleft()
-            reader = read.get(type(fx))
-            if reader is None:
-                return fx  # type: ignore[no-any-return]
-            out = reader(fx, now)
-            if out is not None:
-                return out
-        return None
 
     def read_table_effect(self, fx: Any, now: float) -> ShellEffect | None:
         self.unsettled = True  # the holder or a deadline may have changed
