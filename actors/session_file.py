@@ -187,7 +187,8 @@ class SessionFile(ShellActor):
             try:
                 pass_end = s.core.after_message()
                 self.run(s)
-                self.write_record(s)
+                if s.core.record_due:
+                    self.write_record(s)
             except Exception:
                 log.exception("group commit of %s failed", self.path)
                 pass_end = False
