@@ -65,9 +65,9 @@ from sessionlane.system.client._core import (
     Link,
     Send,
     Settings,
-    service_refusal,
 )
 from sessionlane.system.client._records import check_frame, check_records
+from sessionlane.system.client._verify import service_refusal
 
 SETTINGS = Settings("tcp://127.0.0.1:7420", None, keepalive=5.0, max_frame_bytes=1024)
 

@@ -206,6 +206,11 @@ def _memory_files(
                 {
                     "files": n,
                     "processes": len(members),
+                    # the group's count also holds the zygote's next file actor while it is
+                    # being forked ahead: the live files' own processes are counted apart
+                    "file_processes": sum(
+                        procfs.command_line(pid).startswith("sessionlane: file ") for pid in members
+                    ),
                     "group_uss_mb": rounded(_group_uss_mb(members), 1),
                 }
             )

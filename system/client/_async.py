@@ -59,9 +59,9 @@ from sessionlane.system.client._core import (
     Settings,
     log,
     parse_address,
-    service_refusal,
 )
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
+from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, owner_pending, service_refusal
 from sessionlane.system.gateway import peercred
 
 __all__ = ["AsyncLane", "AsyncLease", "AsyncSessionLane", "connect_async"]
@@ -184,7 +184,13 @@ class AsyncSessionLane:
         reader, writer = await asyncio.wait_for(opening, self.settings.timeout)
         try:
             sock = writer.get_extra_info("socket")
-            refusal = service_refusal(self.settings, peercred.peer_uid(sock))
+            owner = peercred.peer_uid(sock)
+            for delay in OWNER_LOOKUP_DELAYS:
+                if not owner_pending(sock, owner):
+                    break
+                await asyncio.sleep(delay)
+                owner = peercred.peer_uid(sock)
+            refusal = service_refusal(self.settings, owner)
             if refusal is not None:
                 raise Unauthorized(refusal)
             link, hello = self.core.opened(

@@ -18,7 +18,7 @@ Invariants:
   connection reclaims it (same lease, same fence) or, refused, revokes it (``restart``);
 - once closed, a client opens no connection again;
 - nothing is sent on a connection before its other end was found to be the expected service:
-  its socket's owner (:func:`service_refusal`; by default this user, unless a token is given)
+  its socket's owner (``_verify.service_refusal``; by default this user, unless a token is given)
   and, with a token, its proof of the token (:meth:`ClientCore.welcomed`). The token itself
   is never sent (``sessionlane.messages.handshake``).
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from sessionlane.messages.wire import (
 )
 from sessionlane.system.client._checks import check_options
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES, check_frame
+from sessionlane.system.client._verify import resolve_user
 from sessionlane.system.config import ConfigError, parse_listen
 
 __all__ = [
@@ -73,8 +73,6 @@ __all__ = [
     "default_address",
     "log",
     "parse_address",
-    "resolve_user",
-    "service_refusal",
 ]
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7420"
@@ -128,57 +126,6 @@ def anchor(path: str | os.PathLike[str]) -> str:
     """
     path = os.fspath(path)
     return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
-
-
-ANY_USER = "*"
-"""``service_user`` that trusts whoever listens at the address (no owner check)."""
-
-
-def resolve_user(user: int | str | None) -> int | str | None:
-    """``service_user`` as a uid (a name or a number), ``"*"``, or None (the default).
-
-    Raises ``ValueError`` for a name this machine does not know.
-    """
-    if user is None or isinstance(user, int) or user == ANY_USER:
-        return user
-    if user.isdigit():
-        return int(user)
-    try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        raise ValueError(f"service_user {user!r}: no such user on this machine") from None
-
-
-def service_refusal(settings: Settings, owner: int | None) -> str | None:
-    """Why the service whose socket belongs to ``owner`` (None: cannot be told) must not be
-    talked to, or None. Checked on the connected socket before anything is sent.
-
-    Without a token, its owner must be ``service_user``, by default this process's user:
-    anyone else listening at the address (another user who took the port while the service
-    was stopped) is refused. With a token, the service's proof of it decides, and the owner
-    is checked only if ``service_user`` names one.
-    """
-    wanted = settings.service_user
-    if wanted == ANY_USER or (wanted is None and settings.token is not None):
-        return None
-    expected = os.geteuid() if wanted is None else int(wanted)
-    where = f"the service at {settings.address}"
-    if owner is None:
-        if settings.token is not None:
-            return None
-        return (
-            f"cannot tell which user runs {where} (not a local connection, or not Linux):"
-            " nothing was sent; give the service a token_file and this client its token,"
-            " or pass service_user='*' to trust whoever listens there"
-        )
-    if owner == expected:
-        return None
-    default = " (this client's user)" if wanted is None else ""
-    return (
-        f"{where} runs as uid {owner}, not uid {expected}{default}: nothing was sent (another"
-        " user may hold the address while the service is stopped); if that user's service is"
-        f" meant, pass service_user={owner}"
-    )
 
 
 class ConnectionLost(Unavailable):

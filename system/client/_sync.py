@@ -64,9 +64,9 @@ from sessionlane.system.client._core import (
     Settings,
     log,
     parse_address,
-    service_refusal,
 )
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
+from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, owner_pending, service_refusal
 from sessionlane.system.gateway import peercred
 
 if TYPE_CHECKING:
@@ -206,7 +206,13 @@ class SessionLane:
     def _open(self) -> None:
         sock = _dial(self.settings)
         try:
-            refusal = service_refusal(self.settings, peercred.peer_uid(sock))
+            owner = peercred.peer_uid(sock)
+            for delay in OWNER_LOOKUP_DELAYS:
+                if not owner_pending(sock, owner):
+                    break
+                time.sleep(delay)
+                owner = peercred.peer_uid(sock)
+            refusal = service_refusal(self.settings, owner)
             if refusal is not None:
                 raise Unauthorized(refusal)
             with self._lock:

@@ -324,7 +324,7 @@ def _start_metrics(service: Any) -> Any:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from sessionlane.system.client import connect
-    from sessionlane.system.client._core import resolve_user
+    from sessionlane.system.client._verify import resolve_user
     from sessionlane.system.config import normalize_listen, read_token_file
 
     named = args.listen

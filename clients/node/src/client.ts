@@ -196,6 +196,9 @@ export async function connect(
   return sl;
 }
 
+/** Milliseconds before each new look at the owner of the service's end (about 0.2 s in all). */
+const OWNER_LOOKUP_DELAYS_MS = [1, 2, 5, 10, 20, 50, 100];
+
 /**
  * A connected socket to the service at `address`, its owner checked: rejects `Unavailable`
  * (nobody listens, after `reconnectForMs` of retries) or `Unauthorized` (another user's).
@@ -210,11 +213,21 @@ async function dialService(address: string, options: ConnectOptions): Promise<ne
     throw new Unavailable(`cannot reach sessionlane at ${address}: ${why}`, { cause: err });
   });
   if ('host' in target) socket.setNoDelay(true);
-  const owner = serviceOwner(
-    target,
-    { address: socket.localAddress, port: socket.localPort },
-    { address: socket.remoteAddress, port: socket.remotePort },
-  );
+  const lookOwner = (): number | null =>
+    serviceOwner(
+      target,
+      { address: socket.localAddress, port: socket.localPort },
+      { address: socket.remoteAddress, port: socket.remotePort },
+    );
+  let owner = lookOwner();
+  // The service's end of a TCP connection shows its owner only once the kernel has processed
+  // the client's last handshake packet, which on a busy machine can come just after
+  // `connect` resolved: look again, briefly, before calling the owner unknown.
+  for (const delayMs of OWNER_LOOKUP_DELAYS_MS) {
+    if (owner !== null || !('host' in target) || process.platform !== 'linux') break;
+    await new Promise((resolve) => setTimeout(resolve, delayMs));
+    owner = lookOwner();
+  }
   const refusal = serviceRefusal(address, owner, token, serviceUser);
   if (refusal !== null) {
     socket.destroy();

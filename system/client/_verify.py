@@ -1,0 +1,84 @@
+"""Which service a client may talk to: the owner of the socket it reached.
+
+Checked on the connected socket before anything is sent (docs/security-clients.md): without a
+token, the service's socket must belong to ``service_user`` (by default the client's own user);
+with one, the service's proof of it decides. The sync and asyncio clients share these rules.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+from typing import TYPE_CHECKING
+
+from sessionlane.system.gateway import peercred
+
+if TYPE_CHECKING:
+    from sessionlane.system.client._core import Settings
+
+__all__ = ["ANY_USER", "OWNER_LOOKUP_DELAYS", "owner_pending", "resolve_user", "service_refusal"]
+
+
+OWNER_LOOKUP_DELAYS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+"""Seconds to wait before each new look at who owns the service's end of a TCP connection
+that was not found yet. ``connect`` returns once the client's end is established; the
+service's end is a request socket, which no table shows with its owner, until the kernel has
+processed the client's last handshake packet: on a busy machine that can come a little later.
+At most about 0.2 s in all, and only while the owner cannot be told."""
+
+
+def owner_pending(sock: socket.socket, owner: int | None) -> bool:
+    """Whether the owner of ``sock``'s service end is worth looking for again."""
+    return owner is None and sock.family != socket.AF_UNIX and peercred.identifies_peers()
+
+
+ANY_USER = "*"
+"""``service_user`` that trusts whoever listens at the address (no owner check)."""
+
+
+def resolve_user(user: int | str | None) -> int | str | None:
+    """``service_user`` as a uid (a name or a number), ``"*"``, or None (the default).
+
+    Raises ``ValueError`` for a name this machine does not know.
+    """
+    if user is None or isinstance(user, int) or user == ANY_USER:
+        return user
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ValueError(f"service_user {user!r}: no such user on this machine") from None
+
+
+def service_refusal(settings: Settings, owner: int | None) -> str | None:
+    """Why the service whose socket belongs to ``owner`` (None: cannot be told) must not be
+    talked to, or None. Checked on the connected socket before anything is sent.
+
+    Without a token, its owner must be ``service_user``, by default this process's user:
+    anyone else listening at the address (another user who took the port while the service
+    was stopped) is refused. With a token, the service's proof of it decides, and the owner
+    is checked only if ``service_user`` names one.
+    """
+    wanted = settings.service_user
+    if wanted == ANY_USER or (wanted is None and settings.token is not None):
+        return None
+    expected = os.geteuid() if wanted is None else int(wanted)
+    where = f"the service at {settings.address}"
+    if owner is None:
+        if settings.token is not None:
+            return None
+        return (
+            f"cannot tell which user runs {where} (not a local connection, or not Linux):"
+            " nothing was sent; give the service a token_file and this client its token,"
+            " or pass service_user='*' to trust whoever listens there"
+        )
+    if owner == expected:
+        return None
+    default = " (this client's user)" if wanted is None else ""
+    return (
+        f"{where} runs as uid {owner}, not uid {expected}{default}: nothing was sent (another"
+        " user may hold the address while the service is stopped); if that user's service is"
+        f" meant, pass service_user={owner}"
+    )

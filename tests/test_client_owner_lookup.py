@@ -1,0 +1,81 @@
+"""The clients look again for the owner of the service's end of a TCP connection.
+
+``connect`` returns once the client's end of the handshake is done; until the kernel has
+processed the client's last handshake packet, the service's end is a request socket that no
+table shows with its owner. On a loaded machine a client that looked once then refused a
+real service of its own user ("cannot tell which user runs the service"), which a restart
+test caught. These tests hold the kernel's answer back for the first looks (the lookup is the
+one thing replaced; the service, the socket and the rest of the check are real) and check
+that the client waits for it, and still refuses when the owner can never be told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sessionlane.system.client import Unauthorized, connect, connect_async
+from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS
+from sessionlane.system.gateway import peercred
+from sessionlane.system.runtime.service import embedded_service
+
+pytestmark = pytest.mark.skipif(
+    not peercred.identifies_peers(), reason="the owner of a TCP peer is told on Linux only"
+)
+
+
+@pytest.fixture
+def address(tmp_path: Path) -> Iterator[str]:
+    root = tmp_path / "sessions"
+    root.mkdir()
+    with embedded_service([str(root)], log_file=tmp_path / "actors.log") as svc:
+        yield svc.address
+
+
+def late_owner(monkeypatch: pytest.MonkeyPatch, unknown_for: int) -> list[int | None]:
+    """Make the first ``unknown_for`` looks find no owner, as before the handshake settles."""
+    real: Callable[..., int | None] = peercred.peer_uid
+    seen: list[int | None] = []
+
+    def look(sock: object) -> int | None:
+        owner = None if len(seen) < unknown_for else real(sock)
+        seen.append(owner)
+        return owner
+
+    monkeypatch.setattr(peercred, "peer_uid", look)
+    return seen
+
+
+def test_the_sync_client_waits_for_the_owner_of_a_handshake_still_settling(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = late_owner(monkeypatch, unknown_for=3)
+    with connect(address) as sl:
+        assert sl.status() is not None
+    assert seen[:3] == [None, None, None] and isinstance(seen[3], int), seen
+
+
+def test_the_async_client_waits_for_the_owner_of_a_handshake_still_settling(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = late_owner(monkeypatch, unknown_for=3)
+
+    async def run() -> None:
+        async with connect_async(address) as sl:
+            assert await sl.status() is not None
+
+    asyncio.run(run())
+    assert seen[:3] == [None, None, None] and isinstance(seen[3], int), seen
+
+
+def test_an_owner_that_can_never_be_told_is_still_refused_after_a_bounded_wait(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = late_owner(monkeypatch, unknown_for=10**6)
+    with pytest.raises(Unauthorized, match="cannot tell which user runs"):
+        connect(address).close()
+    assert len(seen) == len(OWNER_LOOKUP_DELAYS) + 1
+    assert sum(OWNER_LOOKUP_DELAYS) < 0.5
