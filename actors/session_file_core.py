@@ -339,7 +339,8 @@ class FileCore:
                 continue
             if self.record_due and type(fx) is Deliver:
                 work.appendleft(fx)
-                return self.record_now()
+                self.record_due = False
+                return WriteRecord(self.book.record)
             return fx  # type: ignore[no-any-return]
         return None
 
