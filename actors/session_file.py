@@ -29,7 +29,8 @@ from the ``FileInit`` (the open file, the core, and the performers working on th
   Lane actors, on a socket or carried in thespian messages.
 
 This module is the shell: the handler table, lifecycle, the worklist loop, timers (typed:
-``sessionlane.actors.timers``), passivation and status. It holds the one clock, ``now()``
+``sessionlane.actors.timers``), passivation and status (a little over 600 lines: each part
+that stands alone is already in a ``session_file_*`` module). It holds the one clock, ``now()``
 (tests replace ``monotonic_ms`` here): the core gets the time as ``now`` arguments and reads
 no clock; only the shell's ``FileDisk``, which performs the disk effects, reads it to time
 the fdatasync it performs.
@@ -141,9 +142,7 @@ class SessionFile(ShellActor):
         self.restarted = False  # this incarnation replaced one that died (FileInit)
         self.metrics = FileMetrics()  # latency histograms, reported in the status counters
         self.idle = Passivation()
-        self.run_owned: bool | None = None
-        """In a run of calls (``on_channel_events``): was the owner lock checked in it yet?
-        None: no run, every call checks."""
+        self.run_owned: bool | None = None  # owner lock checked in this run? None: no run
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -374,8 +373,7 @@ class SessionFile(ShellActor):
             raise
 
     def write_record(self, s: Serving) -> None:
-        """The lease record a write changed, if no answer since took it out (``FileCore.next``
-        writes it before the first answer; this, at the end of a turn, when none left)."""
+        """A record a write changed that no answer took out (``FileCore.next``) yet."""
         if (record := s.core.record_now()) is not None:
             self.perform(s, record, self.now())
 
