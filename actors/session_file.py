@@ -29,15 +29,18 @@ from the ``FileInit`` (the open file, the core, and the performers working on th
   Lane actors, on a socket or carried in thespian messages.
 
 This module is the shell: the handler table, lifecycle, the worklist loop, timers (typed:
-``sessionlane.actors.timers``), passivation and status. It holds the one clock, ``now()``
+``sessionlane.actors.timers``), passivation and status (a little over 600 lines: each part
+that stands alone is already in a ``session_file_*`` module). It holds the one clock, ``now()``
 (tests replace ``monotonic_ms`` here): the core gets the time as ``now`` arguments and reads
 no clock; only the shell's ``FileDisk``, which performs the disk effects, reads it to time
 the fdatasync it performs.
 
-Ownership follows the path: before every call or timer that may grant or write, ``own_path``
-checks that the owner lock at the file's path is still the one held (``Serving.keep_ownership``;
-docs/security-files.md). A lock that moved is taken again; one another process holds ends the
-serving (``lose_file``): leases revoked ``ownership_lost``, the actor retires as a broken one.
+Ownership follows the path: before every run of calls (the frames of one channel read, or of
+one carried message: ``on_channel_events``) and every timer that may grant or write,
+``own_path`` checks that the owner lock at the file's path is still the one held
+(``Serving.keep_ownership``; docs/security-files.md). A lock that moved is taken again; one
+another process holds ends the serving (``lose_file``): leases revoked ``ownership_lost``, the
+actor retires as a broken one.
 
 Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires ``idle_ms`` after
 the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
@@ -139,6 +142,7 @@ class SessionFile(ShellActor):
         self.restarted = False  # this incarnation replaced one that died (FileInit)
         self.metrics = FileMetrics()  # latency histograms, reported in the status counters
         self.idle = Passivation()
+        self.run_owned: bool | None = None  # owner lock checked in this run? None: no run
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -182,6 +186,8 @@ class SessionFile(ShellActor):
             try:
                 pass_end = s.core.after_message()
                 self.run(s)
+                if s.core.record_due:
+                    self.write_record(s)
             except Exception:
                 log.exception("group commit of %s failed", self.path)
                 pass_end = False
@@ -236,6 +242,7 @@ class SessionFile(ShellActor):
         self.run(s)
         s.core.push([Commit()])
         self.run(s)
+        self.write_record(s)
         self.state = Broken("unavailable", "the file's actor is exiting")
         s.close()
         self.send_carried(s)
@@ -272,8 +279,11 @@ class SessionFile(ShellActor):
             self.reply(call, error)
             return
         s.core.met(call)
-        if not self.own_path(s, call):
-            return
+        if not self.run_owned:
+            if not self.own_path(s, call):
+                return
+            if self.run_owned is not None:
+                self.run_owned = True  # checked after this run's frames arrived: enough
         s.core.push(s.core.call(call, self.now()))
         self.run(s)
 
@@ -328,6 +338,7 @@ class SessionFile(ShellActor):
             self.reply(call, Error(id=rid, code=broken.code, detail=broken.detail, path=self.path))
         s.core.push([Commit()])
         self.run(s)
+        self.write_record(s)
         s.channels.flush()  # the revocations go out before the channels close
         self.state = broken
         s.close()
@@ -360,6 +371,11 @@ class SessionFile(ShellActor):
                 while (fx := core.next(self.now())) is not None:
                     self.perform(s, fx, started)
             raise
+
+    def write_record(self, s: Serving) -> None:
+        """A record a write changed that no answer took out (``FileCore.next``) yet."""
+        if (record := s.core.record_now()) is not None:
+            self.perform(s, record, self.now())
 
     def perform(self, s: Serving, fx: ShellEffect, started: float) -> None:
         """One effect of the core; an outcome goes back to it."""
@@ -479,14 +495,22 @@ class SessionFile(ShellActor):
     def on_channel_events(
         self, s: Serving, events: list[ChannelEvent], why: str = "the gateway's channel closed"
     ) -> None:
-        """Calls and closes from a channel, whichever carried them; ``why``: a close's reason."""
-        for event in events:
-            if self.state is not s:  # the file was lost to another owner: its channels closed
-                return
-            if isinstance(event, ChannelCallEvent):
-                self.on_channel_call(s, event)
-            else:
-                self.on_channel_closed(s, event, why)
+        """Calls and closes from a channel, whichever carried them; ``why``: a close's reason.
+
+        One run: the owner lock is checked once, before its first call (``serve``), all its
+        frames having arrived; a check that refused or failed is made again by the next call.
+        """
+        self.run_owned = False
+        try:
+            for event in events:
+                if self.state is not s:  # the file was lost to another owner: channels closed
+                    return
+                if isinstance(event, ChannelCallEvent):
+                    self.on_channel_call(s, event)
+                else:
+                    self.on_channel_closed(s, event, why)
+        finally:
+            self.run_owned = None
 
     def on_channel_call(self, s: Serving, event: ChannelCallEvent) -> None:
         """A call on a channel: served like a ``LaneCall`` but not counted in ``received``."""

@@ -154,6 +154,9 @@ class FileCore:
         self.unsettled = True
         """A table effect was read since the last ``settle`` (the shell settles after a run)."""
         self.next_tick: float | None = None  # the earliest LeaseTick armed
+        self.record_due = False
+        """A write changed the lease record since it was last written: it is written before
+        the next ``Deliver`` (the answer it backs cannot leave first), or by ``record_now``."""
         self.closes = 0  # keys of the abandons a closed channel causes
         self.unreserved: tuple[ErrorCode, str, float] | None = None
         """A fence reservation failed (``reservation_failed``): the grant after it is undone."""
@@ -349,17 +352,29 @@ class FileCore:
         self.work.extendleft(reversed(effects))
 
     def next(self, now: float) -> ShellEffect | None:
-        """Read the worklist up to the next effect the shell must perform (None: done)."""
+        """Read the worklist up to the next effect the shell must perform (None: done).
+
+        A lease record a write changed goes first of the next ``Deliver``: one record for the
+        answers of a whole batch of writes, but never an answer before the record it backs."""
         work, read = self.work, self.read
         while work:
             fx = work.popleft()
             reader = read.get(type(fx))
-            if reader is None:
-                return fx  # type: ignore[no-any-return]
-            out = reader(fx, now)
-            if out is not None:
-                return out
+            if reader is not None and (fx := reader(fx, now)) is None:
+                continue
+            if self.record_due and type(fx) is Deliver:
+                work.appendleft(fx)
+                self.record_due = False
+                return WriteRecord(self.book.record)
+            return fx  # type: ignore[no-any-return]
         return None
+
+    def record_now(self) -> WriteRecord | None:
+        """The lease record to write now, if a write changed it since it was last written."""
+        if not self.record_due:
+            return None
+        self.record_due = False
+        return WriteRecord(self.book.record)
 
     def read_table_effect(self, fx: Any, now: float) -> ShellEffect | None:
         self.unsettled = True  # the holder or a deadline may have changed
@@ -390,7 +405,7 @@ class FileCore:
     def read_reply(self, fx: Reply, now: float) -> ShellEffect | None:
         self.reply(fx.call, fx.message, needs_sync=fx.needs_sync)
         if isinstance(fx.message, Appended | Rewritten):
-            return self.note_write(fx.call.request, fx.message)  # before its answer leaves
+            self.note_write(fx.call.request, fx.message)  # written before its answer leaves
         return None
 
     def read_resent(self, fx: Resent, now: float) -> None:
@@ -562,6 +577,7 @@ class FileCore:
         self.unsettled = False
         record = self.note_holder(now, wall_ms)
         if record is not None:
+            self.record_due = False  # this one is the newest
             self.work.append(WriteRecord(record))
         due = self.table.next_deadline()
         if due is not None and (self.next_tick is None or due < self.next_tick):
@@ -613,7 +629,8 @@ class FileCore:
         lane = "" if h is None else self.name(h.lane)
         return self.book.holder_now(h, lane, self.ino, self.size, now, wall_ms)
 
-    def note_write(self, request: Any, reply: Appended | Rewritten) -> WriteRecord | None:
-        """A write was answered: the holder's record learns the new size (and the append id)."""
-        record = self.book.wrote(request, reply, self.ino, self.size)
-        return None if record is None else WriteRecord(record)
+    def note_write(self, request: Any, reply: Appended | Rewritten) -> None:
+        """A write was answered: the holder's record learns the new size (and the append id);
+        it is written before the next answer leaves (``next``)."""
+        if self.book.wrote(request, reply, self.ino, self.size) is not None:
+            self.record_due = True

@@ -23,7 +23,9 @@ What is asserted, against a simple model of the calls and of the disk:
 - a fence reservation that fails leaves no grant: the table has no holder with that fence and
   its fence counter is back where it was, the request gets the disk error;
 - fences of fresh grants only grow; a free table has no waiters;
-- after every run, the lease record names the table's holder (once it was announced);
+- after every run, the lease record names the table's holder (once it was announced); when
+  an ack of the holder's append is delivered, the record written last is the one the core
+  holds (its size and append ids include the write acknowledged);
 - a held batch is never left without a way out: after a message it is committed, watched for
   the end of its pass, or waits for an armed ``CommitDue``; at the end the queue is drained;
 - each final answer fits its request (an append is never answered ``granted``).
@@ -31,7 +33,8 @@ What is asserted, against a simple model of the calls and of the disk:
 Each of these mutations makes it fail (tried with 200 examples each): the grant after a failed
 reservation kept (``meaning``), the fence counter not set back (``reservation_failed``), acks a
 failed sync turned into errors not forgotten (``committed``), the legacy lock not taken before a
-drain, a drain that stops after one write, the lease record not written (``settle``), the outbox
+drain, a drain that stops after one write, the lease record not written (``settle``), or
+written after the acks it backs (``next``), the outbox
 not holding an unsynced ack, a copy of an append whose first answer is still held not waiting
 for its sync, de-duplication forgetting appends that wait in the queue, and no tick armed
 again after a tick that changed nothing. (Not telling group commit's policy about a write
@@ -146,6 +149,7 @@ class FileCoreModel(RuleBasedStateMachine):
         self.closing = False  # lane b's channel is closing
         self.durable = 0  # the highest fence a successful reservation made durable
         self.record_holder: Any = None
+        self.record_written: Any = None  # the lease record last written
 
     # The shell ---------------------------------------------------------------------------------
 
@@ -213,6 +217,7 @@ class FileCoreModel(RuleBasedStateMachine):
                 self.legacy_held = False
             case WriteRecord(record=record):
                 self.record_holder = None if record.held is None else record.held.lease
+                self.record_written = record
             case ArmCommit(due=due):
                 self.armed_commit = due
             case ArmTick(due=due):
@@ -262,6 +267,11 @@ class FileCoreModel(RuleBasedStateMachine):
                 if not self.table.held_by(lane):
                     self.leases.pop(lane, None)
             case Appended() if isinstance(request, Append):
+                held = self.core.book.record.held
+                if held is not None and held.lease == request.lease:
+                    assert self.record_written == self.core.book.record, (
+                        "an ack left before the lease record that backs it"
+                    )
                 if request.durability != "flush":
                     assert key in self.synced_writes, "an fsync ack before its sync"
                 self.acked.add(key)
@@ -297,6 +307,8 @@ class FileCoreModel(RuleBasedStateMachine):
             self.run()
             self.core.pass_ended(self.now)  # the transport had nothing more for us
         self.run()
+        if (record := self.core.record_now()) is not None:  # as the shell's ``write_record``
+            self.perform(record)
 
     @rule(
         lane=st.sampled_from(HOLDERS),
