@@ -70,6 +70,7 @@ from sessionlane.actors.session_file_writes import (
     Commit,
     Notify,
     Reply,
+    Sync,
     TableEffects,
     WriteEffect,
     WriteOp,
@@ -94,6 +95,9 @@ from sessionlane.messages.wire import (
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = ["Answer", "CoreEffect", "DrainWrites", "Event", "FileCore", "Handoff", "Reserve", "Warn"]
+
+_RECORD_FIRST = (Deliver, Sync, Commit)
+"""Effects a lease record that a write changed is written before (``FileCore.next``)."""
 
 log = logging.getLogger(__name__)
 
@@ -354,15 +358,17 @@ class FileCore:
     def next(self, now: float) -> ShellEffect | None:
         """Read the worklist up to the next effect the shell must perform (None: done).
 
-        A lease record a write changed goes first of the next ``Deliver``: one record for the
-        answers of a whole batch of writes, but never an answer before the record it backs."""
+        A lease record a write changed goes first of the next ``Deliver``, ``Sync`` or
+        ``Commit`` (group commit's fdatasync): one record for a whole batch of writes, never
+        an answer before the record it backs, and written before the batch's fdatasync, so a
+        kill -9 while the batch syncs leaves a record that already counts its writes."""
         work, read = self.work, self.read
         while work:
             fx = work.popleft()
             reader = read.get(type(fx))
             if reader is not None and (fx := reader(fx, now)) is None:
                 continue
-            if self.record_due and type(fx) is Deliver:
+            if self.record_due and type(fx) in _RECORD_FIRST:
                 work.appendleft(fx)
                 self.record_due = False
                 return WriteRecord(self.book.record)

@@ -193,9 +193,11 @@ class FileCoreModel(RuleBasedStateMachine):
                     self.synced_writes.add(key)  # a flush ack needs no sync
                 self.core.written(op, outcome, self.now, 1, sum(self.written.values()))
             case Sync():
+                assert not self.core.record_due, "a sync before the lease record of its writes"
                 self.synced_writes |= self.unsynced
                 self.unsynced.clear()
             case Commit():
+                assert not self.core.record_due, "a commit before the lease record of its writes"
                 failure = None
                 if self.unsynced and self.draw("sync", "ok") == "fail":
                     failure = SyncFailure("disk_full", "fdatasync failed")
