@@ -222,11 +222,27 @@ async function dialService(address: string, options: ConnectOptions): Promise<ne
   let owner = lookOwner();
   // The service's end of a TCP connection shows its owner only once the kernel has processed
   // the client's last handshake packet, which on a busy machine can come just after
-  // `connect` resolved: look again, briefly, before calling the owner unknown.
-  for (const delayMs of OWNER_LOOKUP_DELAYS_MS) {
-    if (owner !== null || !('host' in target) || process.platform !== 'linux') break;
-    await new Promise((resolve) => setTimeout(resolve, delayMs));
-    owner = lookOwner();
+  // `connect` resolved: look again, briefly, before calling the owner unknown. Nothing
+  // listens on the socket meanwhile: an error it gets (a reset) is kept, never thrown at
+  // the process as an unhandled 'error' event.
+  let lost: Error | undefined;
+  const keep = (err: Error): void => {
+    lost = err;
+  };
+  socket.on('error', keep);
+  try {
+    for (const delayMs of OWNER_LOOKUP_DELAYS_MS) {
+      if (owner !== null || lost || !('host' in target) || process.platform !== 'linux') break;
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
+      owner = lookOwner();
+    }
+  } finally {
+    socket.off('error', keep);
+  }
+  if (lost || socket.destroyed) {
+    socket.destroy();
+    const why = lost ? lost.message : 'the connection closed';
+    throw new Unavailable(`cannot reach sessionlane at ${address}: ${why}`, { cause: lost });
   }
   const refusal = serviceRefusal(address, owner, token, serviceUser);
   if (refusal !== null) {
