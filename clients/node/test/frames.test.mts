@@ -9,21 +9,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 
-import { Decoder, Encoder } from '@msgpack/msgpack';
 import { BadFrame, SessionLaneError, TooLarge, Unavailable, connect } from 'sessionlane';
+import { framed, scriptedService } from './helpers.mjs';
 
 const MiB = 1024 * 1024;
-const encoder = new Encoder();
-const decoder = new Decoder();
 const dir = mkdtempSync(join(tmpdir(), 'sl-frames-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
-
-function framed(message: Record<string, unknown>): Buffer {
-  const body = encoder.encode(message);
-  const header = Buffer.alloc(4);
-  header.writeUInt32BE(body.length, 0);
-  return Buffer.concat([header, body]);
-}
 
 /** Bytes `socket` could write of `data`, in 64 KiB pieces as the reader drains them. */
 async function trickle(socket: net.Socket, data: Buffer): Promise<number> {
@@ -49,37 +40,19 @@ async function trickle(socket: net.Socket, data: Buffer): Promise<number> {
 }
 
 /**
- * A peer that welcomes the hello, then answers the first request (its id) with
- * `attack(socket, id)`; resolves `bytesWritten` with what the attack got out.
+ * A peer that welcomes the hello, then answers each request (its id) with
+ * `attack(socket, id)`; resolves `written` with what the first attack got out.
  */
 async function hostile(
   attack: (socket: net.Socket, id: unknown) => Promise<number>,
 ): Promise<{ address: string; server: net.Server; written: Promise<number> }> {
-  const path = join(dir, `peer-${Math.random().toString(36).slice(2)}.sock`);
   let report: (bytes: number) => void = () => undefined;
   const written = new Promise<number>((resolve) => (report = resolve));
-  const server = net.createServer((socket) => {
-    let buffer = Buffer.alloc(0);
-    socket.on('error', () => undefined);
-    socket.on('data', (chunk) => {
-      buffer = Buffer.concat([buffer, chunk]);
-      while (buffer.length >= 4 && buffer.length >= 4 + buffer.readUInt32BE(0)) {
-        const length = buffer.readUInt32BE(0);
-        const request = decoder.decode(buffer.subarray(4, 4 + length)) as Record<string, unknown>;
-        buffer = buffer.subarray(4 + length);
-        if (request['type'] === 'hello') {
-          socket.write(
-            framed({ v: 1, type: 'welcome', id: request['id'], server: 'hostile', protocol: 1 }),
-          );
-        } else {
-          void attack(socket, request['id']).then(report);
-        }
-      }
-    });
-  });
-  server.listen(path);
-  await once(server, 'listening');
-  return { address: `unix://${path}`, server, written };
+  const { address, server } = await scriptedService(
+    (request, _send, socket) => void attack(socket, request['id']).then(report),
+    join(dir, `peer-${Math.random().toString(36).slice(2)}.sock`),
+  );
+  return { address, server, written };
 }
 
 /** The error a pending call got when the connection closed on a bad frame: its cause. */

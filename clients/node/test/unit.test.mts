@@ -8,7 +8,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 
-import { Decoder, Encoder } from '@msgpack/msgpack';
 import {
   DiskError,
   ERROR_CODES,
@@ -26,7 +25,7 @@ import {
   parseAddress,
 } from 'sessionlane';
 import { SessionWriteLockTimeoutError } from 'sessionlane/openclaw';
-import { deferred } from './helpers.mjs';
+import { type Script, deferred, scriptedService } from './helpers.mjs';
 
 describe('addresses', () => {
   it('accepts HOST:PORT, tcp://HOST:PORT and unix:///path', () => {
@@ -147,49 +146,6 @@ describe('record checks', () => {
     checkRecords([{ a: shared, b: shared, c: [shared, shared] }]);
   });
 });
-
-type Send = (message: object) => void;
-type Script = (request: Record<string, unknown>, send: Send, socket: net.Socket) => void;
-
-/** A scripted peer on a real socket: answers hello, hands every other request to `script`. */
-async function scriptedService(
-  script: Script,
-  unixPath?: string,
-): Promise<{ address: string; server: net.Server }> {
-  const encoder = new Encoder();
-  const decoder = new Decoder();
-  const server = net.createServer((socket) => {
-    let buffer = Buffer.alloc(0);
-    const send: Send = (message) => {
-      const body = encoder.encode({ v: 1, ...message });
-      const header = Buffer.alloc(4);
-      header.writeUInt32BE(body.byteLength);
-      socket.write(Buffer.concat([header, body]));
-    };
-    socket.on('data', (chunk) => {
-      buffer = Buffer.concat([buffer, chunk]);
-      while (buffer.length >= 4 && buffer.length >= 4 + buffer.readUInt32BE(0)) {
-        const length = buffer.readUInt32BE(0);
-        const request = decoder.decode(buffer.subarray(4, 4 + length)) as Record<string, unknown>;
-        buffer = buffer.subarray(4 + length);
-        if (request['type'] === 'hello') {
-          send({ type: 'welcome', id: request['id'], server: 'scripted', protocol: 1 });
-        } else {
-          script(request, send, socket);
-        }
-      }
-    });
-  });
-  if (unixPath !== undefined) {
-    server.listen(unixPath);
-    await once(server, 'listening');
-    return { address: `unix://${unixPath}`, server };
-  }
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const { port } = server.address() as net.AddressInfo;
-  return { address: `127.0.0.1:${port}`, server };
-}
 
 /** Grants the first acquire, queues the second and then drops the connection. */
 function grantOnceThenDrop(): Script {
