@@ -227,13 +227,6 @@ class Client:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "sessions"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
     """``start(*serve_args, env=...)``: a serve subprocess, always killed at teardown."""
     started: list[Serve] = []
