@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from members import file_processes
+from processes import file_processes
 
 from sessionlane.actors.fencestore import fence_path
 from sessionlane.system.client import PathNotAllowed, SessionLaneError, connect

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from members import file_processes
+from processes import file_processes
 from test_actor_scenarios import EVENT_TIMEOUT_S, MakeDriver, acquire, grant, refused
 from test_ownership_unit import Holder
 from waiting import eventually
