@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +17,7 @@ from test_bench import positive, quick_run
 
 from sessionlane.system.bench import add_bench_arguments, run_bench
 from sessionlane.system.bench._plot import write_plot
-from sessionlane.system.bench.cost import cpu_seconds, model, slope
+from sessionlane.system.bench.cost import model, slope
 
 
 def points() -> dict[str, Any]:
@@ -93,21 +89,6 @@ def test_the_model_takes_per_unit_costs_as_slopes_not_averages() -> None:
     assert m["uss_kb_per_connection"] == pytest.approx(12.0)
     assert m["cpu_ms_per_cycle"] == [1.0, 4.0]
     assert m["cpu_ms_per_append"] == [0.5, 1.0]
-
-
-def test_cpu_seconds_counts_this_process_and_skips_a_pid_that_is_gone() -> None:
-    spent = cpu_seconds([os.getpid()])
-    deadline = time.process_time() + 0.05
-    while time.process_time() < deadline:
-        pass
-    assert cpu_seconds([os.getpid()]) > spent
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert cpu_seconds([int(gone.stdout)]) == 0.0
 
 
 def test_the_plot_draws_the_four_panels_into_an_svg(tmp_path: Path) -> None:
