@@ -1,25 +1,20 @@
-"""The Node.js package (``clients/node``) for the tests that run it, and how they run it.
+"""The Node.js package (``clients/node``) for the tests that run it.
 
 ``built_node`` gives ``node`` with the package built from the sources under test, or skips the
 test with the reason when ``node``, ``npm`` or the package's dependencies (``npm ci`` in
-``clients/node``, as ``.ci/run`` does) are missing. ``run_in_session`` runs one process in a
-session of its own and kills its whole process group when it returns, so no ``node`` (or what
-``npm`` started) outlives the test.
+``clients/node``, as ``.ci/run`` does) are missing. Run what it builds with
+``processes.run_in_session``: no ``node`` (or what ``npm`` started) outlives the test.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import subprocess
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-__all__ = ["NODE_DIR", "built_node", "run_in_session"]
+__all__ = ["NODE_DIR", "built_node"]
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
 """The package's directory in the repository."""
@@ -48,42 +43,3 @@ def built_node(needed_by: str) -> str:
     )
     assert build.returncode == 0, build.stdout + build.stderr
     return node
-
-
-def run_in_session(
-    args: list[str],
-    *,
-    timeout: float,
-    cwd: Path | None = None,
-    env: Mapping[str, str] | None = None,
-    merge_stderr: bool = False,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``args`` in a session of its own, stdin empty, and return what it printed (with
-    ``merge_stderr``, its stderr in its stdout). ``env`` is added to this process's
-    environment. Its process group is killed once it has exited, and when it outlives
-    ``timeout`` seconds: then ``subprocess.TimeoutExpired`` is raised with what it printed as
-    ``output``."""
-    proc = subprocess.Popen(
-        args,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired as late:
-        _kill_group(proc)
-        out, err = proc.communicate(timeout=10)
-        raise subprocess.TimeoutExpired(args, timeout, out, err) from late
-    finally:
-        _kill_group(proc)
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)

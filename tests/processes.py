@@ -1,5 +1,5 @@
-"""What tests read about the processes of a service: which are file actors, how much memory
-one holds.
+"""Processes in tests: which of a service's are file actors, how much memory one holds, and
+running a command so that nothing it starts outlives the test.
 
 A test that means "no file actor was started" or "the refused actors retired" counts
 :func:`file_processes`, never the size of the system's process group: besides the actors, the
@@ -11,7 +11,11 @@ starts.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -19,7 +23,7 @@ from sessionlane.actors import procfs
 from sessionlane.actors._shell import TITLE_PREFIX
 from sessionlane.system.runtime.launch import TcpSystem
 
-__all__ = ["RssPeak", "file_processes", "rss_kb"]
+__all__ = ["RssPeak", "file_processes", "rss_kb", "run_in_session"]
 
 # A file actor's process as thespian titles it when it starts it (setproctitle installed),
 # then as the actor titles itself once it knows its path.
@@ -69,3 +73,42 @@ class RssPeak:
     ) -> None:
         self._done.set()
         self._sampler.join(5)
+
+
+def run_in_session(
+    args: list[str],
+    *,
+    timeout: float,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    merge_stderr: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` in a session of its own, stdin empty, with ``env`` as its environment
+    (default: this process's), and return what it printed (with ``merge_stderr``, its stderr
+    in its stdout). Its process group is killed once it has exited, and when it outlives
+    ``timeout`` seconds: then ``subprocess.TimeoutExpired`` is raised with what it printed as
+    ``output``."""
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=None if env is None else dict(env),
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as late:
+        _kill_group(proc)
+        out, err = proc.communicate(timeout=10)
+        raise subprocess.TimeoutExpired(args, timeout, out, err) from late
+    finally:
+        _kill_group(proc)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodejs import NODE_DIR, built_node, run_in_session
+from nodejs import NODE_DIR, built_node
+from processes import run_in_session
 from test_serve import Serve, queued_lanes, tcp_serve
 from waiting import eventually
 
@@ -115,6 +116,7 @@ def test_the_typescript_package_passes_npm_test_against_a_real_serve(
     root.mkdir()
     serve = tcp_serve(start, root, tmp_path)
     env = {
+        **os.environ,
         "NODE_TEST_SESSIONLANE_ADDRESS": serve.address,
         "NODE_TEST_SESSIONLANE_ROOT": str(root),
     }

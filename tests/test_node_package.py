@@ -11,13 +11,15 @@ the registry. Then ``examples/node/append.mjs`` runs from that project against a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nodejs import NODE_DIR, run_in_session
+from nodejs import NODE_DIR
+from processes import run_in_session
 
 from sessionlane import __version__
 from sessionlane.system.runtime.service import embedded_service
@@ -31,7 +33,7 @@ STEP_TIMEOUT_S = 300.0
 
 def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """``args`` in its own session, killed with its children if it outlives the timeout."""
-    return run_in_session(args, cwd=cwd, env=env, timeout=STEP_TIMEOUT_S)
+    return run_in_session(args, cwd=cwd, env={**os.environ, **env}, timeout=STEP_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
