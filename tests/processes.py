@@ -17,7 +17,6 @@ import subprocess
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 
 from sessionlane.actors import procfs
 from sessionlane.actors._shell import TITLE_PREFIX
@@ -65,12 +64,7 @@ class RssPeak:
         self._sampler.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._done.set()
         self._sampler.join(5)
 
