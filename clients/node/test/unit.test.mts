@@ -25,7 +25,7 @@ import {
   parseAddress,
 } from 'sessionlane';
 import { SessionWriteLockTimeoutError } from 'sessionlane/openclaw';
-import { type Script, deferred, scriptedService } from './helpers.mjs';
+import { type Script, type Send, deferred, scriptedService } from './helpers.mjs';
 
 describe('addresses', () => {
   it('accepts HOST:PORT, tcp://HOST:PORT and unix:///path', () => {
@@ -146,6 +146,32 @@ describe('record checks', () => {
     checkRecords([{ a: shared, b: shared, c: [shared, shared] }]);
   });
 });
+
+/**
+ * Holds back the grant of the last acquire (which `onAcquire` may answer meanwhile, say
+ * `queued`) until a keepalive arrives: then grants it, as lease `LATE`, before the keepalive's
+ * own reply. Answers a release, telling `released` which lease it named.
+ */
+function lateGrant(
+  released: (lease: unknown) => void,
+  onAcquire: (id: unknown, send: Send) => void = () => undefined,
+): Script {
+  let waiting: unknown = null;
+  let path: unknown = null;
+  return (request, send) => {
+    if (request['type'] === 'acquire') {
+      waiting = request['id'];
+      path = request['path'];
+      onAcquire(waiting, send);
+    } else if (request['type'] === 'keepalive') {
+      send({ type: 'granted', id: waiting, lease: 'LATE', fence: 3, path, purpose: 'prompt' });
+      send({ type: 'alive', id: request['id'] });
+    } else if (request['type'] === 'release') {
+      released(request['lease']);
+      send({ type: 'released', id: request['id'], lease: request['lease'] });
+    }
+  };
+}
 
 /** Grants the first acquire, queues the second and then drops the connection. */
 function grantOnceThenDrop(): Script {
@@ -335,28 +361,9 @@ describe('connection loss', () => {
   });
 
   it('releases a grant that arrives after its caller gave up waiting', async () => {
-    let waiting: unknown = null;
-    let released: (lease: unknown) => void = () => undefined;
-    const release = new Promise((resolve) => (released = resolve));
-    const { address, server } = await scriptedService((request, send) => {
-      if (request['type'] === 'acquire') {
-        waiting = request['id']; // no answer yet
-      } else if (request['type'] === 'keepalive') {
-        // Only now, after the caller gave up: the grant, then the keepalive's own reply.
-        send({
-          type: 'granted',
-          id: waiting,
-          lease: 'LATE',
-          fence: 3,
-          path: '/s/late.jsonl',
-          purpose: 'prompt',
-        });
-        send({ type: 'alive', id: request['id'] });
-      } else if (request['type'] === 'release') {
-        released(request['lease']);
-        send({ type: 'released', id: request['id'], lease: request['lease'] });
-      }
-    });
+    const release = deferred<unknown>();
+    // No answer to the acquire: the grant comes after the caller gave up.
+    const { address, server } = await scriptedService(lateGrant(release.resolve));
     try {
       const sl = await connect(address, { keepaliveMs: 0, timeoutMs: 100 });
       await assert.rejects(
@@ -368,7 +375,7 @@ describe('connection loss', () => {
         },
       );
       await sl.request('keepalive', {});
-      assert.equal(await release, 'LATE');
+      assert.equal(await release.promise, 'LATE');
       await sl.close();
     } finally {
       server.close();
@@ -392,32 +399,16 @@ describe('connection loss', () => {
 
 describe('giving up a queued acquire with a signal', () => {
   it('rejects with the reason at once and releases the grant that comes late', async () => {
-    let waiting: unknown = null;
     let acquires = 0;
-    let released: (lease: unknown) => void = () => undefined;
-    const release = new Promise((resolve) => (released = resolve));
+    const release = deferred<unknown>();
     const queued = deferred();
-    const { address, server } = await scriptedService((request, send) => {
-      if (request['type'] === 'acquire') {
+    // Queued; the grant comes once the holder before us released, after the caller gave up.
+    const { address, server } = await scriptedService(
+      lateGrant(release.resolve, (id, send) => {
         acquires += 1;
-        waiting = request['id'];
-        send({ type: 'queued', id: waiting, position: 1 });
-      } else if (request['type'] === 'keepalive') {
-        // The holder before us released: the service grants the acquire it still queues.
-        send({
-          type: 'granted',
-          id: waiting,
-          lease: 'LATE',
-          fence: 4,
-          path: '/s/q.jsonl',
-          purpose: 'prompt',
-        });
-        send({ type: 'alive', id: request['id'] });
-      } else if (request['type'] === 'release') {
-        released(request['lease']);
-        send({ type: 'released', id: request['id'], lease: request['lease'] });
-      }
-    });
+        send({ type: 'queued', id, position: 1 });
+      }),
+    );
     try {
       const sl = await connect(address, { keepaliveMs: 0 });
       const controller = new AbortController();
@@ -430,7 +421,7 @@ describe('giving up a queued acquire with a signal', () => {
       controller.abort(why);
       await assert.rejects(lease, (err: unknown) => err === why);
       await sl.request('keepalive', {});
-      assert.equal(await release, 'LATE');
+      assert.equal(await release.promise, 'LATE');
       // Aborted already: nothing is sent.
       await assert.rejects(
         sl.lane('a').lease('/s/q.jsonl', { signal: AbortSignal.abort() }),
