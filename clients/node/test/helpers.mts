@@ -103,3 +103,14 @@ export async function scriptedService(
   const { port } = server.address() as net.AddressInfo;
   return { address: `127.0.0.1:${port}`, server };
 }
+
+/** A loopback TCP port that nothing listens on: bound, then closed. */
+export async function closedPort(): Promise<number> {
+  const server = net.createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as net.AddressInfo;
+  server.close();
+  await once(server, 'close');
+  return port;
+}

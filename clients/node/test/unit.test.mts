@@ -25,7 +25,7 @@ import {
   parseAddress,
 } from 'sessionlane';
 import { SessionWriteLockTimeoutError } from 'sessionlane/openclaw';
-import { type Script, type Send, deferred, scriptedService } from './helpers.mjs';
+import { type Script, type Send, closedPort, deferred, scriptedService } from './helpers.mjs';
 
 describe('addresses', () => {
   it('accepts HOST:PORT, tcp://HOST:PORT and unix:///path', () => {
@@ -383,12 +383,7 @@ describe('connection loss', () => {
   });
 
   it('fails at once with Unavailable when nothing listens', async () => {
-    const server = net.createServer();
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    const { port } = server.address() as net.AddressInfo;
-    server.close();
-    await once(server, 'close');
+    const port = await closedPort();
     await assert.rejects(connect(`tcp://127.0.0.1:${port}`), (err: unknown) => {
       assert.ok(err instanceof Unavailable);
       assert.match(err.detail, /cannot reach sessionlane/);
@@ -455,12 +450,7 @@ describe('the default address', () => {
 
 describe('error causes', () => {
   it('keep what caused them: the socket error of a refused connect', async () => {
-    const server = net.createServer();
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    const { port } = server.address() as net.AddressInfo;
-    server.close();
-    await once(server, 'close');
+    const port = await closedPort();
     await assert.rejects(connect(`tcp://127.0.0.1:${port}`), (err: unknown) => {
       assert.ok(err instanceof Unavailable);
       assert.ok(err.cause instanceof Error);
