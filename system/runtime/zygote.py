@@ -296,6 +296,7 @@ def _serve(requests: int, replies: int) -> None:
     """The zygote's loop: hand each request to the parked child (or fork one), park the next,
     until the request pipe closes."""
     from sessionlane.actors._shell import set_title
+    from sessionlane.system.runtime import warmup
 
     set_title("zygote (forks the file actors)")
     for signum in range(1, signal.NSIG):
@@ -303,6 +304,9 @@ def _serve(requests: int, replies: int) -> None:
             signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a parked child gone: EPIPE, not death
     release_inherited_sockets()
+    if warmup.WARM_UP:
+        warmup.warm_up()  # a file's code run once here: its caches are then shared, frozen
+        gc.collect()  # the rehearsal's garbage, before it would be frozen with the rest
     gc.freeze()
     parked = _Parked.park(requests, replies) if PARK_AHEAD else None
     os.write(replies, _READY)

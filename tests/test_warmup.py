@@ -1,0 +1,92 @@
+"""The zygote's warm-up: a file actor's life rehearsed once, leaving nothing behind.
+
+``sessionlane.system.runtime.warmup`` runs a real SessionFile (no actor system) on a throwaway
+file, over a real socket and a carried channel, in the zygote before it freezes. Here it runs
+in the test's process: it must answer whether the whole script ran, and leave no descriptor,
+no directory, no changed title and no log switch behind, whether it succeeds or fails; and a
+service whose zygote's warm-up fails still serves its files (forked cold). What it saves is
+measured by ``sessionlane bench --suite scale`` (``docs/cost-model.md``), not here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import setproctitle
+
+from sessionlane.system.client import connect
+from sessionlane.system.runtime import warmup
+from sessionlane.system.runtime.service import embedded_service
+
+TITLE = "sessionlane: warm-up under test"  # a sessionlane title: FileInit would retitle it
+
+
+def leftovers() -> tuple[set[str], set[str]]:
+    """This process's open descriptors and the warm-up directories in the temp dir."""
+    fds = set(os.listdir("/proc/self/fd"))
+    dirs = {p.name for p in Path(tempfile.gettempdir()).glob("sessionlane-warm-up-*")}
+    return fds, dirs
+
+
+@pytest.fixture
+def titled() -> Iterator[None]:
+    before = setproctitle.getproctitle()
+    setproctitle.setproctitle(TITLE)
+    try:
+        yield
+    finally:
+        setproctitle.setproctitle(before)
+
+
+def test_the_rehearsal_runs_a_lease_cycle_and_leaves_nothing_behind(
+    titled: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    before = leftovers()
+    assert warmup.warm_up() is True  # every answer came as scripted: granted, queued, ...
+    assert leftovers() == before
+    assert setproctitle.getproctitle() == TITLE
+    assert logging.root.manager.disable == logging.NOTSET
+    assert caplog.records == []  # the rehearsal's file is nobody's business
+
+
+def test_a_failed_rehearsal_is_not_fatal_and_leaves_nothing_behind(
+    titled: None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=warmup.__name__)
+
+    def broken(self: object) -> None:
+        raise OSError("no carried channel today")
+
+    monkeypatch.setattr(warmup._Rehearsal, "carried", broken)  # after the socket's cycle
+    before = leftovers()
+    assert warmup.warm_up() is False
+    assert leftovers() == before  # the file actor exited, its socket and directory are gone
+    assert setproctitle.getproctitle() == TITLE
+    assert logging.root.manager.disable == logging.NOTSET
+    [record] = caplog.records
+    assert record.levelno == logging.DEBUG and "no carried channel today" in record.getMessage()
+
+
+def test_a_service_whose_zygote_cannot_warm_up_still_serves_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: object) -> None:
+        raise OSError("cannot rehearse")
+
+    # Set before the service starts: its processes are forks of this one.
+    monkeypatch.setattr(warmup._Rehearsal, "run", broken)
+    path = str(tmp_path / "t.jsonl")
+    with (
+        embedded_service([str(tmp_path)], idle_ms=60_000) as service,
+        connect(service.address) as sl,
+    ):
+        lease = sl.lane("a").acquire(path, purpose="prompt")
+        lease.append({"type": "x"})
+        lease.release()
+    assert Path(path).read_bytes().count(b"\n") == 1
