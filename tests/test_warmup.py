@@ -27,9 +27,10 @@ TITLE = "sessionlane: warm-up under test"  # a sessionlane title: FileInit would
 
 
 def leftovers() -> tuple[set[str], set[str]]:
-    """This process's open descriptors and the warm-up directories in the temp dir."""
+    """This process's open descriptors and the warm-up directories where they could be."""
     fds = set(os.listdir("/proc/self/fd"))
-    dirs = {p.name for p in Path(tempfile.gettempdir()).glob("sessionlane-warm-up-*")}
+    places = (Path(warmup.SCRATCH), Path(tempfile.gettempdir()))
+    dirs = {str(p) for place in places for p in place.glob("sessionlane-warm-up-*")}
     return fds, dirs
 
 

@@ -60,6 +60,9 @@ REHEARSALS = 10
 call (``QUICKENING_WARMUP_DELAY``) and specializes each instruction once its adaptive counter
 runs out: code run fewer times in the zygote is still written to by every child."""
 
+SCRATCH = "/dev/shm"
+"""The rehearsal's directory goes here if it is a writable directory (see ``_scratch``)."""
+
 _PASSES = 32
 """Turns at most to settle one exchange (each a ``WatchMessage`` of the ready descriptors)."""
 
@@ -70,7 +73,7 @@ def warm_up() -> bool:
     quiet = logging.root.manager.disable
     logging.disable(logging.CRITICAL)  # the rehearsal's file is nobody's business
     try:
-        with tempfile.TemporaryDirectory(prefix="sessionlane-warm-up-") as root:
+        with tempfile.TemporaryDirectory(prefix="sessionlane-warm-up-", dir=_scratch()) as root:
             for _ in range(REHEARSALS):
                 _Rehearsal(os.path.realpath(root)).run()
     except Exception as exc:  # never fatal: the children are then forked cold
@@ -83,6 +86,12 @@ def warm_up() -> bool:
     if failure is not None:
         log.debug("the zygote's warm-up failed: %r", failure, exc_info=failure)
     return failure is None
+
+
+def _scratch() -> str | None:
+    """Where the rehearsal's files go: memory (``/dev/shm``) where there is one, so that its
+    fsyncs cost nothing on a slow disk; else the system's temp dir."""
+    return SCRATCH if os.path.isdir(SCRATCH) and os.access(SCRATCH, os.W_OK | os.X_OK) else None
 
 
 class _Rehearsal:

@@ -26,6 +26,11 @@ process start off every first grant (``docs/cost-model.md``). If the parked chil
 (killed while it waited: a zombie of the Registry until the Registry exits, as thespian only
 reaps the children it started), the request forks one the ordinary way.
 
+Before it freezes, the zygote rehearses a file actor's life (``sessionlane.system.runtime.warmup``:
+a SessionFile, outside any actor system, through leases on a throwaway file), so that the code
+every file runs is already quickened and the caches it fills are already built, in pages all the
+files share (``docs/cost-model.md``, "Warming the zygote").
+
 The zygote reads requests from a pipe the Registry holds: when the Registry dies, the pipe
 closes and the zygote exits, and so does its parked child (its pipe closes).
 If the zygote is gone or a request fails, the child is forked the ordinary way (and a warning
