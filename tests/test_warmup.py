@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import setproctitle
 
+from sessionlane.actors.session_file import SessionFile
 from sessionlane.system.client import connect
 from sessionlane.system.runtime import warmup
 from sessionlane.system.runtime.service import embedded_service
@@ -91,3 +92,21 @@ def test_a_service_whose_zygote_cannot_warm_up_still_serves_its_files(
         lease.append({"type": "x"})
         lease.release()
     assert Path(path).read_bytes().count(b"\n") == 1
+
+
+def test_with_channels_off_the_rehearsal_runs_over_its_carried_channel_only(
+    titled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: list[str] = []
+    real = warmup._Rehearsal.carried
+
+    def carried(self: warmup._Rehearsal) -> None:
+        served.append("carried")
+        real(self)
+
+    monkeypatch.setattr(SessionFile, "channels", False)  # every offer is a carried channel
+    monkeypatch.setattr(warmup._Rehearsal, "carried", carried)
+    before = leftovers()
+    assert warmup.warm_up() is True
+    assert served == ["carried"] * warmup.REHEARSALS
+    assert leftovers() == before
