@@ -10,8 +10,11 @@ measured by ``sessionlane bench --suite scale`` (``docs/cost-model.md``), not he
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,3 +113,41 @@ def test_with_channels_off_the_rehearsal_runs_over_its_carried_channel_only(
     assert warmup.warm_up() is True
     assert served == ["carried"] * warmup.REHEARSALS
     assert leftovers() == before
+
+
+FOLLOWER = """
+import json, logging
+from sessionlane.actors import _shell
+from sessionlane.actors import session_file  # noqa: F401  (its loggers exist)
+
+ours = logging.getLogger("sessionlane.actors.session_file")
+_shell.follow_every_root()  # the zygote, before it freezes
+before = {"parent": ours.parent is _shell._EVERY_ROOT}
+
+# What thespian does in each actor process it starts: a root of its own, a new manager.
+seen = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        seen.append((record.name, record.levelname, record.getMessage()))
+logging.root = logging.RootLogger(logging.INFO)
+logging.root.addHandler(Keep())
+logging.Logger.root = logging.root
+logging.Logger.manager = logging.Manager(logging.root)
+
+_shell._rehome_loggers()  # what every ShellActor does as it starts
+ours.debug("below the new root's level")
+ours.info("reaches the new root")
+print(json.dumps({"before": before, "parent": ours.parent is _shell._EVERY_ROOT,
+                  "seen": seen}))
+"""
+
+
+def test_loggers_hung_off_the_current_root_reach_each_new_root_without_being_rewritten() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FOLLOWER], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["before"] == {"parent": True}
+    assert report["parent"] is True  # not rewritten: its pages stay shared with the zygote
+    assert report["seen"] == [["sessionlane.actors.session_file", "INFO", "reaches the new root"]]

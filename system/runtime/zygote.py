@@ -300,7 +300,7 @@ class _Zygote:
 def _serve(requests: int, replies: int) -> None:
     """The zygote's loop: hand each request to the parked child (or fork one), park the next,
     until the request pipe closes."""
-    from sessionlane.actors._shell import set_title
+    from sessionlane.actors._shell import follow_every_root, set_title
     from sessionlane.system.runtime import warmup
 
     set_title("zygote (forks the file actors)")
@@ -312,6 +312,7 @@ def _serve(requests: int, replies: int) -> None:
     if warmup.WARM_UP:
         warmup.warm_up()  # a file's code run once here: its caches are then shared, frozen
         gc.collect()  # the rehearsal's garbage, before it would be frozen with the rest
+    follow_every_root()  # each child's loggers reach its own root without being rewritten
     gc.freeze()
     parked = _Parked.park(requests, replies) if PARK_AHEAD else None
     os.write(replies, _READY)
