@@ -9,8 +9,9 @@ Done once in the zygote, all of that is in the frozen parent's pages, shared by 
 instead of being made again (and dirtying a page) in each file's process.
 
 :func:`warm_up` drives a real ``SessionFile`` outside any actor system (thespian is not
-started; its ``send`` and ``wakeupAfter`` are replaced) on a throwaway file in a private
-temporary directory: ``FileInit``, a channel offered on a socket and a client connected to it
+started; its ``send`` and ``wakeupAfter`` are replaced, and every message it receives or
+sends goes through ``pickle`` as thespian's transport would carry it) on a throwaway file in a
+private temporary directory (under ``/dev/shm`` where there is one), ten times: ``FileInit``, a channel offered on a socket and a client connected to it
 over that socket (hello, acquire, an append acknowledged after its ``fdatasync``, a second
 lane queued and granted on release), the same through a carried channel, then the actor's
 exit. Nothing reaches the service: the directory, the socket and the file are gone when it
@@ -43,7 +44,7 @@ from sessionlane.messages.channel import (
     decode_from_file,
     hello_frame,
 )
-from sessionlane.messages.codec import HEADER
+from sessionlane.messages.codec import FrameReader
 from sessionlane.messages.internal import ChannelOffer, FileInit, FileSettings, OpenChannel
 from sessionlane.messages.wire import Acquire, Append, Appended, Granted, Queued, Release, Released
 
@@ -62,6 +63,9 @@ runs out: code run fewer times in the zygote is still written to by every child.
 
 SCRATCH = "/dev/shm"
 """The rehearsal's directory goes here if it is a writable directory (see ``_scratch``)."""
+
+_MAX_FRAME = 1 << 20
+"""The largest reply frame the rehearsal's client takes (its replies are a few hundred bytes)."""
 
 _PASSES = 32
 """Turns at most to settle one exchange (each a ``WatchMessage`` of the ready descriptors)."""
@@ -220,29 +224,19 @@ class _SocketReplies:
 
     def __init__(self, client: socket.socket) -> None:
         self.client = client
-        self.buffer = bytearray()
+        self.frames = FrameReader(_MAX_FRAME)
         self.pending: list[Any] = []
 
     def take(self) -> Any:
         while not self.pending:
-            while (end := self.frame_end()) is None:
-                data = self.client.recv(65536)
-                if not data:
-                    raise RuntimeError("the warm-up channel closed")
-                self.buffer += data
-            body = bytes(self.buffer[HEADER.size : end])
-            del self.buffer[:end]
-            frame = decode_from_file(body)
-            if isinstance(frame, ChannelReply):
-                self.pending.append(frame.message)
+            data = self.client.recv(65536)
+            if not data:
+                raise RuntimeError("the warm-up channel closed")
+            for body in self.frames.feed(data):
+                frame = decode_from_file(body)
+                if isinstance(frame, ChannelReply):
+                    self.pending.append(frame.message)
         return self.pending.pop(0)
-
-    def frame_end(self) -> int | None:
-        """Where the first whole frame in the buffer ends, or None if it is not all here."""
-        if len(self.buffer) < HEADER.size:
-            return None
-        end = HEADER.size + int(HEADER.unpack_from(self.buffer)[0])
-        return end if len(self.buffer) >= end else None
 
 
 class _CarriedReplies:
