@@ -8,15 +8,16 @@ validators, caches and interned strings on first use, and the allocator carves f
 Done once in the zygote, all of that is in the frozen parent's pages, shared by every file,
 instead of being made again (and dirtying a page) in each file's process.
 
-:func:`warm_up` drives a real ``SessionFile`` outside any actor system (thespian is not
-started; its ``send`` and ``wakeupAfter`` are replaced, and every message it receives or
-sends goes through ``pickle`` as thespian's transport would carry it) on a throwaway file in a
-private temporary directory (under ``/dev/shm`` where there is one), ten times: ``FileInit``, a channel offered on a socket and a client connected to it
-over that socket (hello, acquire, an append acknowledged after its ``fdatasync``, a second
-lane queued and granted on release), the same through a carried channel, then the actor's
-exit. Nothing reaches the service: the directory, the socket and the file are gone when it
-returns, and the process's title is left as it was. It is best effort: any failure is logged
-at debug level and the zygote forks its children cold, as before.
+:func:`warm_up` drives a real ``SessionFile`` outside any actor system (thespian is not started;
+its ``send`` and ``wakeupAfter`` are replaced, and every message it receives or sends goes
+through ``pickle`` as thespian's transport would carry it) on a throwaway file in a private
+temporary directory (under ``/dev/shm`` where there is one), ten times: ``FileInit``, a channel
+offered on a socket and a client connected to it over that socket (hello, acquire, an append
+acknowledged after its ``fdatasync``, a second lane queued and granted on release), the same
+through a carried channel, then the actor's exit. Nothing reaches the service: the directory,
+the socket and the file are gone when it returns, and the process's title is left as it was. It
+is best effort: any failure is logged at debug level and the zygote forks its children cold, as
+before.
 
 Measured in ``docs/cost-model.md`` ("Warming the zygote").
 """
