@@ -109,7 +109,7 @@ from sessionlane.messages.internal import (
     LaneCall,
     OpenChannel,
 )
-from sessionlane.messages.wire import Error, FileStatus
+from sessionlane.messages.wire import Abandon, Direct, Error, FileStatus
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = ["Broken", "SessionFile", "activation_error"]
@@ -278,6 +278,15 @@ class SessionFile(ShellActor):
             error = Error(id=call.request.id, code=s.code, detail=s.detail, path=call.path)
             self.reply(call, error)
             return
+        if isinstance(call.request, Direct):
+            self.reply(call, s.channels.offer_direct(call))
+            return
+        if isinstance(call.request, Abandon):
+            # Its direct channels go first: their leases are abandoned with them.
+            for closed in s.channels.close_direct(call.lane.uid):
+                self.on_channel_closed(s, closed, "the client's gateway lane was abandoned")
+            if self.state is not s:
+                return
         s.core.met(call)
         if not self.run_owned:
             if not self.own_path(s, call):

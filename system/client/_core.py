@@ -148,6 +148,9 @@ class Settings:
     """Who must own the service's socket: a uid, ``"*"`` (anyone), or None: this process's
     user without a token, no owner check with one (its proof decides). See
     :func:`service_refusal`."""
+    direct: bool = True
+    """Ask for direct channels to the files this client leases (``docs/direct-channel.md``);
+    the service offers them only to a client on its own host."""
 
     @classmethod
     def of(cls, address: str | None, token: str | None, **options: Any) -> Settings:
@@ -279,6 +282,17 @@ class ClientCore(Generic[W, T]):
         """The leases held on ``link``, by lease id."""
         self._last_id = 0
         self._generation = 0
+        self.service_uid: int | None = None
+        """The uid the service's socket was found to run as (a direct channel's peer must be
+        the same), or None when unknown (no direct channel then)."""
+        self.direct_offered = False
+        """The last welcome offered direct channels."""
+        self.directs: dict[tuple[str, str], Link[W, T]] = {}
+        """The open direct channels, by (path, lane name) (``docs/direct-channel.md``)."""
+        self.direct_refused: set[tuple[str, str]] = set()
+        """(path, lane) whose direct channel could not be had on this connection."""
+        self.direct_leases: dict[str, Link[W, T]] = {}
+        """The leases granted on a direct channel, and that channel."""
         self.clock: Callable[[], float] = time.monotonic
         """What the operations read the time from (seconds; tests replace it)."""
 
@@ -294,7 +308,8 @@ class ClientCore(Generic[W, T]):
         link: Link[W, T] = Link(transport, self._generation, last_sent=now)
         if self.settings.token is not None:
             link.nonce = os.urandom(NONCE_BYTES)
-        return link, Hello(client=f"python:{os.getpid()}", nonce=link.nonce)
+        direct = True if self.settings.direct else None
+        return link, Hello(client=f"python:{os.getpid()}", nonce=link.nonce, direct=direct)
 
     def challenged(self, link: Link[W, T], reply: Reply) -> Proof | None:
         """The proof to send if ``reply`` (to the hello) is the service's ``challenge``; None
@@ -348,6 +363,8 @@ class ClientCore(Generic[W, T]):
                 )
         self.server = reply.server
         self.link = link
+        self.direct_offered = bool(reply.direct) and self.service_uid is not None
+        self.direct_refused.clear()
 
     def link_for(self, reconnect: bool) -> Link[W, T] | None:
         """The connection a request goes on, or None: reconnect first (only if ``reconnect``;
@@ -379,11 +396,76 @@ class ClientCore(Generic[W, T]):
         if self.link is link:
             self.link = None
             self._revoke_all(revoked, suspend=not self.closed and self.reconnects)
+        elif self._direct_lost(link, revoked):
+            log.debug("sessionlane %s: direct channel ended: %s", self.settings.address, reason)
+            return self._take_waiters(link)
         if not self.closed:
             log.warning("sessionlane %s: %s", self.settings.address, reason)
+        return self._take_waiters(link)
+
+    def _take_waiters(self, link: Link[W, T]) -> list[W]:
         waiters = list(link.pending.values())
         link.pending.clear()
         return waiters
+
+    # Direct channels -----------------------------------------------------------------------
+
+    def direct_key(self, request: Any) -> tuple[str, str] | None:
+        """The (path, lane) whose direct channel ``request`` would go on, if it may have one
+        and none is open: an acquire (not a reclaim) on a connection that offered them."""
+        if not self.direct_offered or not isinstance(request, Acquire):
+            return None
+        if request.reclaim is not None:
+            return None
+        key = (request.path, request.lane)
+        if key in self.directs or key in self.direct_refused:
+            return None
+        return key
+
+    def route(self, request: Any) -> Link[W, T] | None:
+        """The direct channel ``request`` goes on, or None (the gateway's connection)."""
+        if isinstance(request, Acquire):
+            if request.reclaim is not None:
+                return None
+            return self.directs.get((request.path, request.lane))
+        lease = getattr(request, "lease", None)
+        if lease is None:
+            return None
+        return self.direct_leases.get(lease)
+
+    def direct_opened(self, key: tuple[str, str], transport: T, now: float) -> Link[W, T]:
+        """A direct channel for ``key`` was opened and welcomed on ``transport``."""
+        self._generation += 1
+        link: Link[W, T] = Link(transport, self._generation, last_sent=now)
+        self.directs[key] = link
+        return link
+
+    def direct_refusal(self, key: tuple[str, str], reason: str) -> None:
+        """No direct channel for ``key`` on this connection: its requests use the gateway."""
+        log.debug("sessionlane %s: no direct channel to %s: %s", self.settings.address, key, reason)
+        self.direct_refused.add(key)
+
+    def _direct_lost(self, link: Link[W, T], revoked: str) -> bool:
+        """If ``link`` is a direct channel: forget it, its leases revoked (those the gateway's
+        loss did not already suspend or revoke). False for any other link."""
+        keys = [key for key, found in self.directs.items() if found is link]
+        if not keys:
+            return False
+        for key in keys:
+            del self.directs[key]
+        for lease, found in list(self.direct_leases.items()):
+            if found is not link:
+                continue
+            del self.direct_leases[lease]
+            state = self.leases.get(lease)
+            if state is not None and not state.suspended:
+                state.revoked = revoked
+                del self.leases[lease]
+        return True
+
+    def direct_links(self) -> list[Link[W, T]]:
+        """Every open direct channel (to close when the gateway's connection ends)."""
+        return list(self.directs.values())
 
     @staticmethod
     def lost_error(link: Link[W, T]) -> Unavailable:
@@ -439,6 +521,8 @@ class ClientCore(Generic[W, T]):
             return None
         waiter = link.pending.pop(reply.id, None)
         if waiter is not None:
+            if isinstance(reply, Granted) and link is not self.link:
+                self.direct_leases[reply.lease] = link
             return Answer(waiter, reply)
         if reply.id in link.orphans:
             link.orphans.discard(reply.id)
@@ -498,6 +582,7 @@ class ClientCore(Generic[W, T]):
         if state.holds > 0:
             return
         state.released = True
+        self.direct_leases.pop(state.lease, None)
         if self.leases.get(state.lease) is state:
             del self.leases[state.lease]
 
@@ -519,6 +604,7 @@ class ClientCore(Generic[W, T]):
                         del self.leases[event.lease]
                         state.revoked = event.reason
             case Revoked():
+                self.direct_leases.pop(event.lease, None)
                 if (state := self.leases.pop(event.lease, None)) is not None:
                     state.revoked = event.reason
             case AbortRequested():

@@ -130,6 +130,9 @@ class Client:
     parked: bool = False
     """Its proof waits for its turn (``ProofDelays``): nothing more is read from it."""
     closing: bool = False
+    direct: bool | None = None
+    """Its hello asked for direct channels (None: it did not ask); once admitted, whether
+    they are offered to it (``docs/direct-channel.md``)."""
     lanes: dict[str, LaneState] = field(default_factory=dict)
     """The lanes it opened, by name (the gateway's to manage)."""
 
@@ -141,6 +144,7 @@ class Limits:
     max_frame_bytes: int = 8 * 1024 * 1024
     keepalive_ms: float = 10_000
     max_connections: int = 512
+    direct_channels: bool = True
 
 
 class Clients:
@@ -439,6 +443,8 @@ class Clients:
         if refusal is not None:
             self.refuse(client, request.id, refusal)
             return
+        if request.direct is not None:
+            client.direct = request.direct
         if self.policy.token is not None:
             # Step two: our nonce; the client's proof decides. Its frame is held to the
             # hello's small limit too.
@@ -458,14 +464,36 @@ class Clients:
         client.admitted = True
         self.hellos.discard(client.id)
         self.release_stranger(client)
+        if client.direct is not None:
+            client.direct = client.direct and self.offers_direct(client)
         self.write(
             client,
-            Welcome(id=rid, server=SERVER_NAME, protocol=PROTOCOL_VERSION, proof=proof),
+            Welcome(
+                id=rid,
+                server=SERVER_NAME,
+                protocol=PROTOCOL_VERSION,
+                proof=proof,
+                direct=client.direct,
+            ),
         )
+
+    def offers_direct(self, client: Client) -> bool:
+        """Whether ``client`` (which asked) may have direct channels: the service offers them
+        and the peer is a process of this host whose uid is known (``SO_PEERCRED``, or the
+        loopback connection's owner)."""
+        if not self.limits.direct_channels:
+            return False
+        if client.peer_uid is None:
+            client.peer_uid = peercred.peer_uid(client.end.sock)
+        return client.peer_uid is not None
 
     def welcome(self, client: Client, request: Hello) -> None:
         """A repeated hello: welcomed again, nothing checked again."""
-        self.write(client, Welcome(id=request.id, server=SERVER_NAME, protocol=PROTOCOL_VERSION))
+        direct = client.direct if request.direct is not None else None
+        self.write(
+            client,
+            Welcome(id=request.id, server=SERVER_NAME, protocol=PROTOCOL_VERSION, direct=direct),
+        )
 
     # The token proof -----------------------------------------------------------------------
 
