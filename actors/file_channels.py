@@ -304,14 +304,18 @@ class ChannelServer:
         found = self._by_ref.get(conn)
         return found is not None and found.direct is not None
 
-    def close_direct(self, gateway_lane: str) -> list[ChannelClosed]:
+    def close_direct(self, gateway_lane: str | None) -> list[ChannelClosed]:
         """Close the direct channels (and forget the tickets) of ``gateway_lane``, which was
-        abandoned: its connection to the gateway is gone, or its client abandoned the path."""
-        self.tickets.drop_for(gateway_lane)
+        abandoned (its connection to the gateway is gone, or its client abandoned the path),
+        or every direct channel (None: the file is idle)."""
+        if gateway_lane is not None:
+            self.tickets.drop_for(gateway_lane)
+        why = "idle" if gateway_lane is None else "its gateway lane was abandoned"
         closed: list[ChannelClosed] = []
         for conn in list(self._by_ref.values()):
-            if conn.direct is not None and conn.direct.gateway_lane == gateway_lane:
-                event = self._close(conn, "its gateway lane was abandoned", logging.DEBUG)
+            binding = conn.direct
+            if binding is not None and gateway_lane in (None, binding.gateway_lane):
+                event = self._close(conn, why, logging.DEBUG)
                 if event is not None:
                     closed.append(event)
         return closed

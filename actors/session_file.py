@@ -594,7 +594,14 @@ class SessionFile(ShellActor):
             self.wakeupAfter(delay_ms / 1000.0, payload=IdleCheck(self.idle.activity))
 
     def on_idle(self, s: Serving, seen: int) -> None:
-        """The idle timer fired: ask to be passivated if nothing happened and nothing is open."""
+        """The idle timer fired: ask to be passivated if nothing happened and nothing is open.
+
+        Direct channels of clients (``docs/direct-channel.md``) idle that long, with nothing
+        held or waited for, are closed first: the client opens one again when it needs it, as
+        the gateway does its own channels."""
+        if seen == self.idle.activity and s.core.quiet():
+            for closed in s.channels.close_direct(None):
+                self.on_channel_closed(s, closed, "the direct channel was idle")
         quiet = s.core.quiet() and s.channels.connections() == 0
         retire = self.idle.fired(seen, quiet=quiet)
         if retire:

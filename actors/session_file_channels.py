@@ -154,8 +154,9 @@ class FileChannels:
             id=request.id, address=self.server.address, ticket=ticket, path=self.path
         )
 
-    def close_direct(self, gateway_lane: str) -> list[ChannelClosed]:
-        """The direct channels of ``gateway_lane`` closed now (it was abandoned)."""
+    def close_direct(self, gateway_lane: str | None) -> list[ChannelClosed]:
+        """The direct channels of ``gateway_lane`` (it was abandoned), or all of them (None:
+        the file is idle), closed now."""
         return self.server.close_direct(gateway_lane) if self.server is not None else []
 
     def on_carried(self, msg: CarriedCalls, sender: Any) -> list[ChannelEvent]:

@@ -463,6 +463,12 @@ class ClientCore(Generic[W, T]):
                 del self.leases[lease]
         return True
 
+    def resend_on_loss(self, link: Link[W, T], request: Any) -> bool:
+        """Whether ``request``, lost with the direct channel ``link`` before its answer, may be
+        sent again: an acquire (the file abandons whatever a closed channel was granted or
+        waited for, so a grant cannot have survived; a write's outcome stays unknown)."""
+        return isinstance(request, Acquire) and link is not self.link and link.lost is not None
+
     def direct_links(self) -> list[Link[W, T]]:
         """Every open direct channel (to close when the gateway's connection ends)."""
         return list(self.directs.values())

@@ -61,6 +61,7 @@ from sessionlane.system.client._core import (
     Answer,
     AppendResult,
     ClientCore,
+    ConnectionLost,
     LeaseState,
     Link,
     Send,
@@ -382,7 +383,17 @@ class SessionLane:
                 link = self.core.link_for(reconnect=False)
         assert link is not None
         direct = self._direct_for(link, call.request)
-        return self._exchange(direct or link, call)
+        if direct is None:
+            return self._exchange(link, call)
+        try:
+            return self._exchange(direct, call)
+        except ConnectionLost:
+            with self._lock:
+                again = self.core.resend_on_loss(direct, call.request)
+            if not again:
+                raise
+        # The file closed an idle channel as the acquire went: nothing came of it there.
+        return self._exchange(self._direct_for(link, call.request) or link, call)
 
     def _direct_for(self, link: _Link, request: Any) -> _Link | None:
         """The direct channel ``request`` goes on, opened now if it may have one; None: the
