@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -463,6 +463,19 @@ class ClientCore(Generic[W, T]):
                 del self.leases[lease]
         return True
 
+    def direct_held(self, lane: str, path: str | None) -> list[LeaseState]:
+        """The leases held on the direct channels of ``lane`` (to ``path`` only, if given)."""
+        links = [
+            link
+            for (where, name), link in self.directs.items()
+            if name == lane and (path is None or where == path)
+        ]
+        return [
+            self.leases[lease]
+            for lease, link in self.direct_leases.items()
+            if link in links and lease in self.leases
+        ]
+
     def resend_on_loss(self, link: Link[W, T], request: Any) -> bool:
         """Whether ``request``, lost with the direct channel ``link`` before its answer, may be
         sent again: an acquire (the file abandons whatever a closed channel was granted or
@@ -592,11 +605,14 @@ class ClientCore(Generic[W, T]):
         if self.leases.get(state.lease) is state:
             del self.leases[state.lease]
 
-    def abandoned(self, leases: list[str]) -> None:
-        """The service confirmed an ``abandon``: those leases are gone."""
+    def abandoned(self, leases: list[str], direct: Sequence[LeaseState] = ()) -> None:
+        """The service confirmed an ``abandon``: those leases are gone (``direct``: those of
+        its direct channels, which may already be gone with their channel)."""
         for lease in leases:
             if (state := self.leases.pop(lease, None)) is not None:
                 state.revoked = "abandoned"
+        for state in direct:
+            state.revoked = "abandoned"
 
     def _apply_event(self, event: Reply) -> None:
         """Apply an event (a message without id) to the lease it concerns."""
