@@ -8,6 +8,7 @@ becomes uid 65534 and tries a ticket it sniffed, and plays an impostor listener.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import Iterator
@@ -17,12 +18,12 @@ from typing import Any
 import pytest
 from test_gateway import HEADER, Closed, RawConn, records_of
 from test_gateway_trust import as_stranger, needs_root
-from waiting import eventually
+from waiting import eventually, eventually_async
 
 from sessionlane.actors.direct_channels import TICKET_TTL_MS, DirectTickets, direct_request
 from sessionlane.messages.errors import LeaseRevoked, UnknownOutcome
 from sessionlane.messages.wire import Acquire, Append, Direct, Error, Release, Status
-from sessionlane.system.client import connect
+from sessionlane.system.client import connect, connect_async
 from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(120)]
@@ -390,3 +391,47 @@ def test_a_service_with_direct_channels_off_offers_none(tmp_path: Path) -> None:
                 assert lease is not None
                 lease.append({"via": "gateway"})
             assert sl.core.directs == {}
+
+
+# The asyncio client -----------------------------------------------------------------------------
+
+
+def test_the_asyncio_client_takes_the_same_direct_channel_and_loses_it_the_same_way(
+    service: Service, transcript: Path
+) -> None:
+    async def run() -> None:
+        async with connect_async(service.address) as sl:
+            lane = sl.lane("agent")
+            async with lane.lease(transcript, purpose="write") as lease:
+                assert lease is not None
+                key = (str(transcript), "agent")
+                assert sl.core.direct_leases[lease.id] is sl.core.directs[key]
+                await lease.append({"n": 0})
+                results = await lease.append_pipelined([{"n": i} for i in range(1, 9)], window=4)
+                assert len(results) == 8
+            held = await lane.acquire(transcript, purpose="write")
+            assert held is not None
+            waiter = gateway(service, direct=None)
+            assert (
+                waiter.request(
+                    {"type": "acquire", "lane": "w", "path": str(transcript), "purpose": "write"},
+                    skip_queued=False,
+                )["type"]
+                == "queued"
+            )
+            sl.core.directs[key].transport.writer.transport.abort()  # the channel breaks
+
+            granted = await asyncio.to_thread(waiter.recv)
+            assert granted["type"] == "granted" and granted["fence"] > held.fence
+
+            async def revoked() -> bool:
+                return held.revoked == "connection_lost"
+
+            await eventually_async(revoked, "the holder's lease revoked")
+            with pytest.raises((LeaseRevoked, UnknownOutcome)):
+                await held.append({"lost": 1})
+            assert sl.connected
+            waiter.close()
+
+    asyncio.run(run())
+    assert records_of(transcript) == [f'{{"n":{i}}}' for i in range(9)]

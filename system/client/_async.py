@@ -35,9 +35,12 @@ from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying
 
+from sessionlane.messages.channel import decode_direct_welcome, direct_hello_frame
 from sessionlane.messages.codec import FrameReader, decode_reply
 from sessionlane.messages.errors import SessionLaneError, Unauthorized, Unavailable
 from sessionlane.messages.wire import (
+    Direct,
+    DirectOffer,
     Durability,
     OnContention,
     Priority,
@@ -53,6 +56,7 @@ from sessionlane.system.client._core import (
     Answer,
     AppendResult,
     ClientCore,
+    ConnectionLost,
     LeaseState,
     Link,
     Send,
@@ -63,6 +67,7 @@ from sessionlane.system.client._core import (
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
 from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, owner_pending, service_refusal
 from sessionlane.system.gateway import peercred
+from sessionlane.system.gateway.admission import MAX_HELLO_BYTES
 
 __all__ = ["AsyncLane", "AsyncLease", "AsyncSessionLane", "connect_async"]
 
@@ -83,6 +88,7 @@ def connect_async(
     max_record_bytes: int | None = MAX_RECORD_BYTES,
     max_frame_bytes: int | None = MAX_FRAME_BYTES,
     service_user: int | str | None = None,
+    direct: bool = True,
 ) -> AsyncSessionLane:
     """A client for ``address``; ``await`` it or enter it with ``async with`` to connect.
 
@@ -102,6 +108,7 @@ def connect_async(
             max_record_bytes=max_record_bytes,
             max_frame_bytes=max_frame_bytes,
             service_user=service_user,
+            direct=direct,
         )
     )
 
@@ -130,6 +137,7 @@ class AsyncSessionLane:
         self.settings = settings
         self.core: ClientCore[asyncio.Future[Reply], _Stream] = ClientCore(settings)
         self._connecting = asyncio.Lock()
+        self._opening = asyncio.Lock()  # one direct channel opened at a time
         self._revivals: set[asyncio.Task[None]] = set()  # reclaims running in the background
 
     def __repr__(self) -> str:
@@ -193,6 +201,7 @@ class AsyncSessionLane:
             refusal = service_refusal(self.settings, owner)
             if refusal is not None:
                 raise Unauthorized(refusal)
+            self.core.service_uid = owner
             link, hello = self.core.opened(
                 _Stream(reader, writer), asyncio.get_running_loop().time()
             )
@@ -220,6 +229,8 @@ class AsyncSessionLane:
         """Close the connection: the service abandons this connection's leases."""
         link = self.core.link
         waiters = self.core.close()
+        for direct in self.core.direct_links():
+            self._drop(direct, "closed by the client")
         if link is None:
             return
         self._fail(waiters, link)
@@ -292,7 +303,10 @@ class AsyncSessionLane:
     def _drop(self, link: _Link, reason: str) -> None:
         """``link`` is over: close it and report it lost. Idempotent."""
         link.transport.writer.close()
+        gateway = link is self.core.link
         self._fail(self.core.lost(link, reason), link)
+        for direct in self.core.direct_links() if gateway else []:  # they go with it
+            self._drop(direct, f"the gateway connection ended ({reason})")
 
     def _fail(self, waiters: list[asyncio.Future[Reply]], link: _Link) -> None:
         """Fail the requests that ``link``, now lost, will never answer."""
@@ -347,7 +361,67 @@ class AsyncSessionLane:
             await self.reconnect()
             link = self.core.link_for(reconnect=False)
         assert link is not None
-        return await self._exchange(link, call)
+        direct = await self._direct_for(link, call.request)
+        if direct is None:
+            return await self._exchange(link, call)
+        try:
+            return await self._exchange(direct, call)
+        except ConnectionLost:
+            if not self.core.resend_on_loss(direct, call.request):
+                raise
+        # The file closed an idle channel as the acquire went: nothing came of it there.
+        return await self._exchange(await self._direct_for(link, call.request) or link, call)
+
+    async def _direct_for(self, link: _Link, request: Any) -> _Link | None:
+        """The direct channel ``request`` goes on, opened now if it may have one; None: the
+        gateway's connection (also when one could not be opened: logged at debug)."""
+        found = self.core.route(request)
+        if found is not None or self.core.direct_key(request) is None:
+            return found
+        async with self._opening:
+            found = self.core.route(request)
+            key = self.core.direct_key(request)
+            if found is not None or key is None:
+                return found
+            try:
+                return await self._open_direct(link, key)
+            except (OSError, ValueError, TimeoutError, SessionLaneError) as exc:
+                self.core.direct_refusal(key, str(exc))
+                return None
+
+    async def _open_direct(self, link: _Link, key: tuple[str, str]) -> _Link:
+        """Ask the gateway for a ticket, connect to the file, show it (docs/direct-channel.md)."""
+        path, lane = key
+        offer = await self._exchange(link, ops.Call(Direct(lane=lane, path=path)))
+        if not isinstance(offer, DirectOffer):
+            raise Unavailable(f"direct channel not offered: {offer}")
+        opening = asyncio.open_unix_connection("\0" + offer.address)
+        reader, writer = await asyncio.wait_for(opening, self.settings.timeout)
+        try:
+            owner = peercred.peer_uid(writer.get_extra_info("socket"))
+            expected = self.core.service_uid
+            if owner is None or owner != expected:
+                raise Unauthorized(f"the direct channel's peer runs as uid {owner}, not {expected}")
+            writer.write(direct_hello_frame(offer.ticket))
+            frames = FrameReader(MAX_HELLO_BYTES)
+            bodies: list[bytes] = []
+            async with asyncio.timeout(self.settings.timeout):
+                while not bodies:
+                    data = await reader.read(MAX_HELLO_BYTES)
+                    if not data:
+                        raise Unavailable("the file closed the direct channel at its hello")
+                    bodies = frames.feed(data)
+            decode_direct_welcome(bodies[0])
+            direct = self.core.direct_opened(
+                key, _Stream(reader, writer), asyncio.get_running_loop().time()
+            )
+        except BaseException:
+            writer.close()
+            raise
+        direct.transport.task = asyncio.create_task(
+            self._read_loop(direct), name=f"sessionlane-direct-{direct.generation}"
+        )
+        return direct
 
     async def _exchange(self, link: _Link, call: ops.Call) -> Reply:
         """Send ``call``'s request on ``link``; await its final reply."""
@@ -373,6 +447,8 @@ class AsyncSessionLane:
         except Unavailable as exc:
             return [exc]
         assert link is not None
+        if batch.requests:
+            link = self.core.route(batch.requests[0]) or link
         loop = asyncio.get_running_loop()
         sent: deque[tuple[Any, asyncio.Future[Reply], Any]] = deque()
         limit = self.settings.reply_limit(None)
