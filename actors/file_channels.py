@@ -205,8 +205,15 @@ class ChannelServer:
 
     def _take(self, sock: socket.socket, accepted: list[_Conn]) -> None:
         # Another user's process may only show a direct ticket minted for its uid: its
-        # connection waits for its hello like any other (the cap below bounds them).
-        waiting = [c for c in self._by_ref.values() if not c.welcomed]
+        # connection waits for its hello like any other. The cap below counts the service's
+        # own user and the others apart, so strangers never push out the gateway's hello.
+        uid = _peer_uid(sock)
+        stranger = uid is not None and uid != os.getuid()
+        waiting = [
+            c
+            for c in self._by_ref.values()
+            if not c.welcomed and (c.peer_uid is not None and c.peer_uid != os.getuid()) == stranger
+        ]
         if len(waiting) >= _MAX_UNGREETED:
             self._close(waiting[0], "too many connections without a hello", logging.WARNING)
         self._serial += 1
@@ -217,7 +224,7 @@ class ChannelServer:
             read_budget=_READ_BUDGET,
             max_output=MAX_OUTPUT_BYTES,
         )
-        conn = _Conn(ChannelRef(self._serial), end, _peer_uid(sock))
+        conn = _Conn(ChannelRef(self._serial), end, uid)
         self._conns[end.fd] = conn
         self._by_ref[conn.ref] = conn
         accepted.append(conn)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from test_gateway_trust import as_stranger, needs_root
 from waiting import eventually, eventually_async
 
 from sessionlane.actors.direct_channels import TICKET_TTL_MS, DirectTickets, direct_request
+from sessionlane.actors.file_channels import ChannelServer
+from sessionlane.messages.channel import CHANNEL_VERSION, hello_frame
 from sessionlane.messages.errors import LeaseRevoked, UnknownOutcome
 from sessionlane.messages.wire import Acquire, Append, Direct, Error, Release, Status
 from sessionlane.system.client import connect, connect_async
@@ -435,3 +439,46 @@ def test_the_asyncio_client_takes_the_same_direct_channel_and_loses_it_the_same_
 
     asyncio.run(run())
     assert records_of(transcript) == [f'{{"n":{i}}}' for i in range(9)]
+
+
+@needs_root
+def test_a_stranger_on_a_files_listener_neither_poses_as_the_gateway_nor_crowds_it_out() -> None:
+    server = ChannelServer.open("/sessions/s.jsonl", incarnation=1)
+    stop = threading.Event()
+    events: list[Any] = []
+
+    def serve() -> None:  # the actor's loop, in a thread: nobody else touches the server
+        while not stop.is_set():
+            ready, _, _ = select.select(server.fds(), [], [], 0.02)
+            if ready:
+                events.extend(server.on_ready(ready))
+                server.flush()
+
+    own = abstract(server.address)  # the service's own user, its hello not read yet
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+
+        def attack() -> dict[str, Any]:
+            crowd = [abstract(server.address) for _ in range(12)]  # more than the cap
+            posing = abstract(server.address)
+            posing.send_raw(hello_frame(server.token))  # even with the right token
+            try:
+                return {"got": posing.recv(), "crowd": len(crowd)}
+            except (Closed, ConnectionResetError):
+                return {"closed": True}
+
+        assert as_stranger(attack) == {"closed": True}
+        own.send_raw(hello_frame(server.token))
+        assert own.recv() == {
+            "k": "welcome",
+            "v": CHANNEL_VERSION,
+            "path": "/sessions/s.jsonl",
+            "inc": 1,
+        }
+    finally:
+        stop.set()
+        thread.join()
+        own.close()
+        server.close()
+    assert events == []
