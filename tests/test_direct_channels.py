@@ -9,6 +9,7 @@ becomes uid 65534 and tries a ticket it sniffed, and plays an impostor listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import socket
@@ -110,20 +111,22 @@ def test_a_lease_cycle_and_a_pipelined_window_go_over_the_direct_channel(
     service: Service, transcript: Path
 ) -> None:
     with connect(service.address) as sl:
-        assert sl.core.direct_offered
+        assert sl.core.direct.offered
         lane = sl.lane("agent")
         with lane.lease(transcript, purpose="write") as lease:
             assert lease is not None
             # The grant came on the direct channel: its writes and release go there too.
-            assert sl.core.direct_leases[lease.id] is sl.core.directs[(str(transcript), "agent")]
+            assert (
+                sl.core.direct.leases[lease.id] is sl.core.direct.links[(str(transcript), "agent")]
+            )
             lease.append({"n": 0})
             results = lease.append_pipelined([{"n": i} for i in range(1, 33)], window=8)
             assert [r.offset for r in results] == sorted(r.offset for r in results)
-        assert lease.id not in sl.core.direct_leases
+        assert lease.id not in sl.core.direct.leases
         with lane.lease(transcript, purpose="write") as again:  # the same channel, reused
             assert again is not None and again.fence > lease.fence
             again.append({"n": 33})
-        assert len(sl.core.directs) == 1
+        assert len(sl.core.direct.links) == 1
     assert records_of(transcript) == [f'{{"n":{i}}}' for i in range(34)]
 
 
@@ -164,7 +167,7 @@ def test_a_direct_channel_cut_mid_lease_revokes_that_lease_and_grants_the_next_w
             skip_queued=False,
         )
         assert queued["type"] == "queued"
-        channel = sl.core.directs[(str(transcript), "holder")]
+        channel = sl.core.direct.links[(str(transcript), "holder")]
         channel.transport.shutdown(socket.SHUT_RDWR)  # the channel breaks, the gateway's not
 
         granted = waiter.recv()
@@ -316,8 +319,8 @@ def test_the_client_refuses_an_impostor_listener_and_falls_back_to_the_gateway(
             with sl.lane("a").lease(transcript, purpose="write") as lease:
                 assert lease is not None
                 lease.append({"via": "gateway"})
-            assert sl.core.directs == {}
-            assert (str(transcript), "a") in sl.core.direct_refused
+            assert sl.core.direct.links == {}
+            assert (str(transcript), "a") in sl.core.direct.refused
         assert os.read(read_end, 4096) == b"-"  # it got the connection, never the ticket
     finally:
         os.close(read_end)
@@ -390,11 +393,11 @@ def test_a_service_with_direct_channels_off_offers_none(tmp_path: Path) -> None:
         assert raw.request({"type": "hello", "client": "x", "direct": True})["direct"] is False
         raw.close()
         with connect(svc.address) as sl:
-            assert not sl.core.direct_offered
+            assert not sl.core.direct.offered
             with sl.lane("a").lease(root / "a.jsonl", purpose="write") as lease:
                 assert lease is not None
                 lease.append({"via": "gateway"})
-            assert sl.core.directs == {}
+            assert sl.core.direct.links == {}
 
 
 # The asyncio client -----------------------------------------------------------------------------
@@ -409,7 +412,7 @@ def test_the_asyncio_client_takes_the_same_direct_channel_and_loses_it_the_same_
             async with lane.lease(transcript, purpose="write") as lease:
                 assert lease is not None
                 key = (str(transcript), "agent")
-                assert sl.core.direct_leases[lease.id] is sl.core.directs[key]
+                assert sl.core.direct.leases[lease.id] is sl.core.direct.links[key]
                 await lease.append({"n": 0})
                 results = await lease.append_pipelined([{"n": i} for i in range(1, 9)], window=4)
                 assert len(results) == 8
@@ -423,7 +426,7 @@ def test_the_asyncio_client_takes_the_same_direct_channel_and_loses_it_the_same_
                 )["type"]
                 == "queued"
             )
-            sl.core.directs[key].transport.writer.transport.abort()  # the channel breaks
+            sl.core.direct.links[key].transport.writer.transport.abort()  # the channel breaks
 
             granted = await asyncio.to_thread(waiter.recv)
             assert granted["type"] == "granted" and granted["fence"] > held.fence
@@ -482,3 +485,41 @@ def test_a_stranger_on_a_files_listener_neither_poses_as_the_gateway_nor_crowds_
         own.close()
         server.close()
     assert events == []
+
+
+def test_a_client_connects_to_an_older_service_that_refuses_the_hellos_direct_field() -> None:
+    """An older gateway refuses an unknown hello field as ``bad_frame`` and closes: the client
+    says hello again without it (this stand-in answers as ``main`` before this change did)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    hellos: list[dict[str, Any]] = []
+
+    def serve() -> None:
+        for _ in range(2):
+            sock, _ = listener.accept()
+            conn = RawConn.__new__(RawConn)
+            conn.sock, conn.buf, conn.timeout = sock, bytearray(), 5.0
+            hello = conn.recv()
+            hellos.append(hello)
+            if "direct" in hello:
+                detail = "hello.direct: Extra inputs are not permitted"
+                conn.send({"v": 1, "type": "error", "id": 1, "code": "bad_frame", "detail": detail})
+                sock.close()
+                continue
+            welcome = {"v": 1, "type": "welcome", "id": hello["id"], "server": "old", "protocol": 1}
+            conn.send(welcome)
+            with contextlib.suppress(Closed, OSError):
+                conn.recv()  # until the client closes
+            sock.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        with connect(f"tcp://127.0.0.1:{port}") as sl:
+            assert sl.server == "old" and not sl.core.direct.offered
+    finally:
+        thread.join(10)
+        listener.close()
+    assert [("direct" in hello) for hello in hellos] == [True, False]

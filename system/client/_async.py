@@ -35,7 +35,6 @@ from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying
 
-from sessionlane.messages.channel import decode_direct_welcome, direct_hello_frame
 from sessionlane.messages.codec import FrameReader, decode_reply
 from sessionlane.messages.errors import SessionLaneError, Unauthorized, Unavailable
 from sessionlane.messages.wire import (
@@ -64,10 +63,10 @@ from sessionlane.system.client._core import (
     log,
     parse_address,
 )
+from sessionlane.system.client._direct import DirectUnknown, open_async
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
 from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, owner_pending, service_refusal
 from sessionlane.system.gateway import peercred
-from sessionlane.system.gateway.admission import MAX_HELLO_BYTES
 
 __all__ = ["AsyncLane", "AsyncLease", "AsyncSessionLane", "connect_async"]
 
@@ -179,7 +178,10 @@ class AsyncSessionLane:
             try:
                 async for attempt in AsyncRetrying(**self.settings.retry_policy()):
                     with attempt:
-                        await self._open()
+                        try:
+                            await self._open()
+                        except DirectUnknown:  # an older service: once more, not asking
+                            await self._open()
             except OSError as exc:
                 raise self.settings.unreachable(exc) from exc
 
@@ -220,7 +222,7 @@ class AsyncSessionLane:
         except BaseException as exc:
             lost = link.lost is not None
             self._drop(link, "hello failed")
-            if lost and isinstance(exc, Unavailable):
+            if lost and isinstance(exc, Unavailable) and not isinstance(exc, DirectUnknown):
                 # Dropped before the welcome: a service still starting, worth a retry.
                 raise ConnectionResetError(exc.detail) from exc
             raise
@@ -375,12 +377,12 @@ class AsyncSessionLane:
     async def _direct_for(self, link: _Link, request: Any) -> _Link | None:
         """The direct channel ``request`` goes on, opened now if it may have one; None: the
         gateway's connection (also when one could not be opened: logged at debug)."""
-        found = self.core.route(request)
-        if found is not None or self.core.direct_key(request) is None:
+        found = self.core.direct.route(request)
+        if found is not None or self.core.direct.key(request) is None:
             return found
         async with self._opening:
-            found = self.core.route(request)
-            key = self.core.direct_key(request)
+            found = self.core.direct.route(request)
+            key = self.core.direct.key(request)
             if found is not None or key is None:
                 return found
             try:
@@ -395,29 +397,9 @@ class AsyncSessionLane:
         offer = await self._exchange(link, ops.Call(Direct(lane=lane, path=path)))
         if not isinstance(offer, DirectOffer):
             raise Unavailable(f"direct channel not offered: {offer}")
-        opening = asyncio.open_unix_connection("\0" + offer.address)
-        reader, writer = await asyncio.wait_for(opening, self.settings.timeout)
-        try:
-            owner = peercred.peer_uid(writer.get_extra_info("socket"))
-            expected = self.core.service_uid
-            if owner is None or owner != expected:
-                raise Unauthorized(f"the direct channel's peer runs as uid {owner}, not {expected}")
-            writer.write(direct_hello_frame(offer.ticket))
-            frames = FrameReader(MAX_HELLO_BYTES)
-            bodies: list[bytes] = []
-            async with asyncio.timeout(self.settings.timeout):
-                while not bodies:
-                    data = await reader.read(MAX_HELLO_BYTES)
-                    if not data:
-                        raise Unavailable("the file closed the direct channel at its hello")
-                    bodies = frames.feed(data)
-            decode_direct_welcome(bodies[0])
-            direct = self.core.direct_opened(
-                key, _Stream(reader, writer), asyncio.get_running_loop().time()
-            )
-        except BaseException:
-            writer.close()
-            raise
+        reader, writer = await open_async(offer, self.core.service_uid, self.settings.timeout)
+        loop = asyncio.get_running_loop()
+        direct = self.core.direct_opened(key, _Stream(reader, writer), loop.time())
         direct.transport.task = asyncio.create_task(
             self._read_loop(direct), name=f"sessionlane-direct-{direct.generation}"
         )
@@ -448,7 +430,7 @@ class AsyncSessionLane:
             return [exc]
         assert link is not None
         if batch.requests:
-            link = self.core.route(batch.requests[0]) or link
+            link = self.core.direct.route(batch.requests[0]) or link
         loop = asyncio.get_running_loop()
         sent: deque[tuple[Any, asyncio.Future[Reply], Any]] = deque()
         limit = self.settings.reply_limit(None)

@@ -20,7 +20,12 @@ Invariants:
 - nothing is sent on a connection before its other end was found to be the expected service:
   its socket's owner (``_verify.service_refusal``; by default this user, unless a token is given)
   and, with a token, its proof of the token (:meth:`ClientCore.welcomed`). The token itself
-  is never sent (``sessionlane.messages.handshake``).
+  is never sent (``sessionlane.messages.handshake``);
+- a lease taken on a direct channel (``_direct``, ``docs/direct-channel.md``) is written and
+  released on that channel only, and ends with it, or with the gateway's connection.
+
+About 610 lines: the direct channels' routing is ``_direct.DirectRoutes``; what stays here is
+where it meets the leases and the links.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from sessionlane.messages.wire import (
     Welcome,
 )
 from sessionlane.system.client._checks import check_options
+from sessionlane.system.client._direct import DirectRoutes, DirectUnknown, Key
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES, check_frame
 from sessionlane.system.client._verify import resolve_user
 from sessionlane.system.config import ConfigError, parse_listen
@@ -285,14 +291,8 @@ class ClientCore(Generic[W, T]):
         self.service_uid: int | None = None
         """The uid the service's socket was found to run as (a direct channel's peer must be
         the same), or None when unknown (no direct channel then)."""
-        self.direct_offered = False
-        """The last welcome offered direct channels."""
-        self.directs: dict[tuple[str, str], Link[W, T]] = {}
-        """The open direct channels, by (path, lane name) (``docs/direct-channel.md``)."""
-        self.direct_refused: set[tuple[str, str]] = set()
-        """(path, lane) whose direct channel could not be had on this connection."""
-        self.direct_leases: dict[str, Link[W, T]] = {}
-        """The leases granted on a direct channel, and that channel."""
+        self.direct: DirectRoutes[Link[W, T]] = DirectRoutes(settings.direct)
+        """Which requests go on which direct channel (``docs/direct-channel.md``)."""
         self.clock: Callable[[], float] = time.monotonic
         """What the operations read the time from (seconds; tests replace it)."""
 
@@ -308,7 +308,7 @@ class ClientCore(Generic[W, T]):
         link: Link[W, T] = Link(transport, self._generation, last_sent=now)
         if self.settings.token is not None:
             link.nonce = os.urandom(NONCE_BYTES)
-        direct = True if self.settings.direct else None
+        direct = True if self.direct.ask else None
         return link, Hello(client=f"python:{os.getpid()}", nonce=link.nonce, direct=direct)
 
     def challenged(self, link: Link[W, T], reply: Reply) -> Proof | None:
@@ -342,6 +342,8 @@ class ClientCore(Generic[W, T]):
         closed meanwhile; the surface then drops the link.
         """
         if isinstance(reply, Error):
+            if self.direct.hello_refused(reply.code, reply.detail):
+                raise DirectUnknown(f"an older service: {reply.detail}")
             raise error_for(reply.code, reply.detail, reply.path)
         if self.closed or link.lost is not None:
             raise Unavailable("the connection was closed")
@@ -363,8 +365,7 @@ class ClientCore(Generic[W, T]):
                 )
         self.server = reply.server
         self.link = link
-        self.direct_offered = bool(reply.direct) and self.service_uid is not None
-        self.direct_refused.clear()
+        self.direct.welcomed(bool(reply.direct) and self.service_uid is not None)
 
     def link_for(self, reconnect: bool) -> Link[W, T] | None:
         """The connection a request goes on, or None: reconnect first (only if ``reconnect``;
@@ -410,53 +411,25 @@ class ClientCore(Generic[W, T]):
 
     # Direct channels -----------------------------------------------------------------------
 
-    def direct_key(self, request: Any) -> tuple[str, str] | None:
-        """The (path, lane) whose direct channel ``request`` would go on, if it may have one
-        and none is open: an acquire (not a reclaim) on a connection that offered them."""
-        if not self.direct_offered or not isinstance(request, Acquire):
-            return None
-        if request.reclaim is not None:
-            return None
-        key = (request.path, request.lane)
-        if key in self.directs or key in self.direct_refused:
-            return None
-        return key
-
-    def route(self, request: Any) -> Link[W, T] | None:
-        """The direct channel ``request`` goes on, or None (the gateway's connection)."""
-        if isinstance(request, Acquire):
-            if request.reclaim is not None:
-                return None
-            return self.directs.get((request.path, request.lane))
-        lease = getattr(request, "lease", None)
-        if lease is None:
-            return None
-        return self.direct_leases.get(lease)
-
-    def direct_opened(self, key: tuple[str, str], transport: T, now: float) -> Link[W, T]:
+    def direct_opened(self, key: Key, transport: T, now: float) -> Link[W, T]:
         """A direct channel for ``key`` was opened and welcomed on ``transport``."""
         self._generation += 1
         link: Link[W, T] = Link(transport, self._generation, last_sent=now)
-        self.directs[key] = link
+        self.direct.links[key] = link
         return link
 
-    def direct_refusal(self, key: tuple[str, str], reason: str) -> None:
+    def direct_refusal(self, key: Key, reason: str) -> None:
         """No direct channel for ``key`` on this connection: its requests use the gateway."""
         log.debug("sessionlane %s: no direct channel to %s: %s", self.settings.address, key, reason)
-        self.direct_refused.add(key)
+        self.direct.refused.add(key)
 
     def _direct_lost(self, link: Link[W, T], revoked: str) -> bool:
         """If ``link`` is a direct channel: forget it, its leases revoked (those the gateway's
         loss did not already suspend or revoke). False for any other link."""
-        keys = [key for key, found in self.directs.items() if found is link]
-        if not keys:
+        gone = self.direct.lost(link)
+        if gone is None:
             return False
-        for key in keys:
-            del self.directs[key]
-        for lease, found in list(self.direct_leases.items()):
-            if found is not link:
-                continue
-            del self.direct_leases[lease]
+        for lease in gone:
             state = self.leases.get(lease)
             if state is not None and not state.suspended:
                 state.revoked = revoked
@@ -465,16 +438,7 @@ class ClientCore(Generic[W, T]):
 
     def direct_held(self, lane: str, path: str | None) -> list[LeaseState]:
         """The leases held on the direct channels of ``lane`` (to ``path`` only, if given)."""
-        links = [
-            link
-            for (where, name), link in self.directs.items()
-            if name == lane and (path is None or where == path)
-        ]
-        return [
-            self.leases[lease]
-            for lease, link in self.direct_leases.items()
-            if link in links and lease in self.leases
-        ]
+        return [self.leases[x] for x in self.direct.held(lane, path) if x in self.leases]
 
     def resend_on_loss(self, link: Link[W, T], request: Any) -> bool:
         """Whether ``request``, lost with the direct channel ``link`` before its answer, may be
@@ -484,7 +448,7 @@ class ClientCore(Generic[W, T]):
 
     def direct_links(self) -> list[Link[W, T]]:
         """Every open direct channel (to close when the gateway's connection ends)."""
-        return list(self.directs.values())
+        return list(self.direct.links.values())
 
     @staticmethod
     def lost_error(link: Link[W, T]) -> Unavailable:
@@ -541,7 +505,7 @@ class ClientCore(Generic[W, T]):
         waiter = link.pending.pop(reply.id, None)
         if waiter is not None:
             if isinstance(reply, Granted) and link is not self.link:
-                self.direct_leases[reply.lease] = link
+                self.direct.leases[reply.lease] = link
             return Answer(waiter, reply)
         if reply.id in link.orphans:
             link.orphans.discard(reply.id)
@@ -601,7 +565,7 @@ class ClientCore(Generic[W, T]):
         if state.holds > 0:
             return
         state.released = True
-        self.direct_leases.pop(state.lease, None)
+        self.direct.leases.pop(state.lease, None)
         if self.leases.get(state.lease) is state:
             del self.leases[state.lease]
 
@@ -626,7 +590,7 @@ class ClientCore(Generic[W, T]):
                         del self.leases[event.lease]
                         state.revoked = event.reason
             case Revoked():
-                self.direct_leases.pop(event.lease, None)
+                self.direct.leases.pop(event.lease, None)
                 if (state := self.leases.pop(event.lease, None)) is not None:
                     state.revoked = event.reason
             case AbortRequested():

@@ -24,7 +24,9 @@ logger (``sessionlane.system.client``) only, never to the host's stderr.
 
 This module is the socket and thread half only: what to send and what a reply means are the
 shared ``ClientCore`` (``_core``) and the operations (``_ops``), driven here with blocking
-calls. Every use of the core holds ``SessionLane._lock``.
+calls. Every use of the core holds ``SessionLane._lock``. (About 630 lines: the opening and
+routing of direct channels, ``docs/direct-channel.md``, stay beside the connection code whose
+lock and reader thread they share.)
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenacity import Retrying
 
-from sessionlane.messages.channel import decode_direct_welcome, direct_hello_frame
 from sessionlane.messages.codec import FrameReader, decode_reply
 from sessionlane.messages.errors import SessionLaneError, Unauthorized, Unavailable
 from sessionlane.messages.wire import (
@@ -69,10 +70,10 @@ from sessionlane.system.client._core import (
     log,
     parse_address,
 )
+from sessionlane.system.client._direct import DirectUnknown, open_sync
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
 from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, owner_pending, service_refusal
 from sessionlane.system.gateway import peercred
-from sessionlane.system.gateway.admission import MAX_HELLO_BYTES
 
 if TYPE_CHECKING:
     from sessionlane.system.client._async import AsyncSessionLane
@@ -210,7 +211,10 @@ class SessionLane:
             try:
                 for attempt in Retrying(**self.settings.retry_policy()):
                     with attempt:
-                        self._open()
+                        try:
+                            self._open()
+                        except DirectUnknown:  # an older service: once more, not asking
+                            self._open()
             except OSError as exc:
                 raise self.settings.unreachable(exc) from exc
 
@@ -246,7 +250,7 @@ class SessionLane:
         except BaseException as exc:
             lost = link.lost is not None
             self._drop(link, "hello failed")
-            if lost and isinstance(exc, Unavailable):
+            if lost and isinstance(exc, Unavailable) and not isinstance(exc, DirectUnknown):
                 # Dropped before the welcome: a service still starting, worth a retry.
                 raise ConnectionResetError(exc.detail) from exc
             raise
@@ -399,14 +403,14 @@ class SessionLane:
         """The direct channel ``request`` goes on, opened now if it may have one; None: the
         gateway's connection (also when one could not be opened: logged at debug)."""
         with self._lock:
-            found = self.core.route(request)
-            key = self.core.direct_key(request)
+            found = self.core.direct.route(request)
+            key = self.core.direct.key(request)
         if found is not None or key is None:
             return found
         with self._opening:
             with self._lock:
-                found = self.core.route(request)
-                key = self.core.direct_key(request)
+                found = self.core.direct.route(request)
+                key = self.core.direct.key(request)
             if found is not None or key is None:
                 return found
             try:
@@ -422,30 +426,11 @@ class SessionLane:
         offer = self._exchange(link, ops.Call(Direct(lane=lane, path=path)))
         if not isinstance(offer, DirectOffer):
             raise Unavailable(f"direct channel not offered: {offer}")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.settings.timeout)
-            sock.connect("\0" + offer.address)
-            with self._lock:
-                expected = self.core.service_uid
-            owner = peercred.peer_uid(sock)
-            if owner is None or owner != expected:
-                raise Unauthorized(f"the direct channel's peer runs as uid {owner}, not {expected}")
-            sock.sendall(direct_hello_frame(offer.ticket))
-            frames = FrameReader(MAX_HELLO_BYTES)
-            bodies: list[bytes] = []
-            while not bodies:
-                data = sock.recv(MAX_HELLO_BYTES)
-                if not data:
-                    raise Unavailable("the file closed the direct channel at its hello")
-                bodies = frames.feed(data)
-            decode_direct_welcome(bodies[0])
-            sock.settimeout(None)
-            with self._lock:
-                direct = self.core.direct_opened(key, sock, time.monotonic())
-        except BaseException:
-            sock.close()
-            raise
+        with self._lock:
+            expected = self.core.service_uid
+        sock = open_sync(offer, expected, self.settings.timeout)
+        with self._lock:
+            direct = self.core.direct_opened(key, sock, time.monotonic())
         threading.Thread(
             target=self._read_loop, args=(direct,), name="sessionlane-direct", daemon=True
         ).start()
@@ -481,7 +466,7 @@ class SessionLane:
             with self._lock:
                 link = self.core.link_for(reconnect=False)
                 if batch.requests:
-                    link = self.core.route(batch.requests[0]) or link
+                    link = self.core.direct.route(batch.requests[0]) or link
         except Unavailable as exc:
             return [exc]
         assert link is not None
