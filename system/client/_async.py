@@ -378,11 +378,11 @@ class AsyncSessionLane:
         """The direct channel ``request`` goes on, opened now if it may have one; None: the
         gateway's connection (also when one could not be opened: logged at debug)."""
         found = self.core.direct.route(request)
-        if found is not None or self.core.direct.key(request) is None:
+        if found is not None or self.core.direct.key(request, self.core.clock()) is None:
             return found
         async with self._opening:
             found = self.core.direct.route(request)
-            key = self.core.direct.key(request)
+            key = self.core.direct.key(request, self.core.clock())
             if found is not None or key is None:
                 return found
             try:

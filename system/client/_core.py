@@ -421,19 +421,26 @@ class ClientCore(Generic[W, T]):
     def direct_refusal(self, key: Key, reason: str) -> None:
         """No direct channel for ``key`` on this connection: its requests use the gateway."""
         log.debug("sessionlane %s: no direct channel to %s: %s", self.settings.address, key, reason)
-        self.direct.refused.add(key)
+        self.direct.refuse(key, self.clock())
 
     def _direct_lost(self, link: Link[W, T], revoked: str) -> bool:
         """If ``link`` is a direct channel: forget it, its leases revoked (those the gateway's
-        loss did not already suspend or revoke). False for any other link."""
+        loss did not already suspend or revoke), or, with ``reconnect_for``, suspended as the
+        gateway's loss would (a crashed service may close the channel first: the reclaim
+        decides). False for any other link."""
         gone = self.direct.lost(link)
         if gone is None:
             return False
+        suspend = not self.closed and self.reconnects
         for lease in gone:
             state = self.leases.get(lease)
-            if state is not None and not state.suspended:
-                state.revoked = revoked
-                del self.leases[lease]
+            if state is None or state.suspended:
+                continue
+            if suspend and state.secret is not None:
+                state.suspended = True
+                continue
+            state.revoked = revoked
+            del self.leases[lease]
         return True
 
     def direct_held(self, lane: str, path: str | None) -> list[LeaseState]:

@@ -24,6 +24,9 @@ from sessionlane.system.gateway.admission import MAX_HELLO_BYTES
 __all__ = ["DirectRoutes", "DirectUnknown", "Key", "open_async", "open_sync"]
 
 L = TypeVar("L")
+RETRY_S = 30.0
+"""How long a (path, lane) whose direct channel could not be had uses the gateway before the
+client asks again (a file being passivated refuses, the next one may not)."""
 Key = tuple[str, str]
 """(path as the client sent it, lane name)."""
 
@@ -43,8 +46,8 @@ class DirectRoutes(Generic[L]):
         """The last welcome offered direct channels (and the service's uid is known)."""
         self.links: dict[Key, L] = {}
         """The open direct channels."""
-        self.refused: set[Key] = set()
-        """(path, lane) whose direct channel could not be had on this connection."""
+        self.refused: dict[Key, float] = {}
+        """(path, lane) whose direct channel could not be had, and until when not to ask."""
         self.leases: dict[str, L] = {}
         """The leases granted on a direct channel, and that channel."""
 
@@ -61,15 +64,19 @@ class DirectRoutes(Generic[L]):
         self.offered = offered
         self.refused.clear()
 
-    def key(self, request: Any) -> Key | None:
+    def key(self, request: Any, now: float) -> Key | None:
         """The (path, lane) whose direct channel ``request`` would go on, if it may have one
         and none is open: an acquire (not a reclaim) on a connection that offered them."""
         if not self.offered or not isinstance(request, Acquire) or request.reclaim is not None:
             return None
         key = (request.path, request.lane)
-        if key in self.links or key in self.refused:
+        if key in self.links or self.refused.get(key, now) > now:
             return None
         return key
+
+    def refuse(self, key: Key, now: float) -> None:
+        """No direct channel for ``key``: its requests use the gateway for :data:`RETRY_S`."""
+        self.refused[key] = now + RETRY_S
 
     def route(self, request: Any) -> L | None:
         """The direct channel ``request`` goes on, or None (the gateway's connection)."""

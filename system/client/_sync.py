@@ -404,13 +404,13 @@ class SessionLane:
         gateway's connection (also when one could not be opened: logged at debug)."""
         with self._lock:
             found = self.core.direct.route(request)
-            key = self.core.direct.key(request)
+            key = self.core.direct.key(request, self.core.clock())
         if found is not None or key is None:
             return found
         with self._opening:
             with self._lock:
                 found = self.core.direct.route(request)
-                key = self.core.direct.key(request)
+                key = self.core.direct.key(request, self.core.clock())
             if found is not None or key is None:
                 return found
             try:
