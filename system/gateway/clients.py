@@ -25,6 +25,9 @@ With a ``token_file``, admission takes two steps (``docs/protocol.md``, "Token p
 ``proof`` decides; the ``welcome`` carries our own proof. A peer's proofs are checked no
 faster than ``ProofDelays`` allows after wrong ones: the connection waits (parked, reading
 nothing) for its turn.
+
+A hello may ask for direct channels (``docs/direct-channel.md``); the ``welcome`` says whether
+they are offered. (About 620 lines: admission is one piece, and that offer is part of it.)
 """
 
 from __future__ import annotations
@@ -489,11 +492,7 @@ class Clients:
 
     def welcome(self, client: Client, request: Hello) -> None:
         """A repeated hello: welcomed again, nothing checked again."""
-        direct = client.direct if request.direct is not None else None
-        self.write(
-            client,
-            Welcome(id=request.id, server=SERVER_NAME, protocol=PROTOCOL_VERSION, direct=direct),
-        )
+        self.write(client, Welcome(id=request.id, server=SERVER_NAME, protocol=PROTOCOL_VERSION))
 
     # The token proof -----------------------------------------------------------------------
 
