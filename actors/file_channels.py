@@ -42,6 +42,7 @@ from sessionlane.messages.channel import (
     direct_welcome_frame,
     welcome_frame,
 )
+from sessionlane.messages.client_frames import MAX_CLIENT_OUTPUT_BYTES
 from sessionlane.messages.codec import FrameDecodeError, decode_request, frame
 from sessionlane.messages.wire import Alive, Error, Keepalive
 
@@ -57,8 +58,6 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 """The largest frame accepted after the hello."""
 MAX_OUTPUT_BYTES = 256 * 1024 * 1024
 """A connection whose unread output exceeds this is closed: its gateway stopped reading."""
-MAX_DIRECT_OUTPUT_BYTES = 32 * 1024 * 1024
-"""A direct channel whose unread output exceeds this is closed (the gateway's cap for clients)."""
 _BACKLOG = 64
 _READ_BUDGET = 4 * 1024 * 1024
 """Bytes read from one connection per ``on_ready``: the rest waits for the next select."""
@@ -285,7 +284,7 @@ class ChannelServer:
         conn.direct = binding
         conn.welcomed = True
         conn.end.reader.max_frame_bytes = binding.max_frame_bytes
-        conn.end.max_output = MAX_DIRECT_OUTPUT_BYTES
+        conn.end.max_output = MAX_CLIENT_OUTPUT_BYTES
         self._queue(conn, direct_welcome_frame(self._path, binding.lane))
 
     def _direct_frame(

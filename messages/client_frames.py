@@ -4,7 +4,8 @@ Two endpoints take frames from clients: the gateway (``sessionlane.system.gatewa
 SessionFile's direct channels (``sessionlane.actors.direct_channels``). Both decode with
 ``sessionlane.messages.codec.decode_request`` (unknown fields, types and sizes: ``bad_frame``),
 hold frames to ``max_frame_bytes`` (``too_large``, then the connection closes), and refuse
-records nested too deep with ``invalid_record`` here, before anything is written.
+records nested too deep with ``invalid_record`` here, before anything is written, and close
+a client that leaves more than :data:`MAX_CLIENT_OUTPUT_BYTES` of replies unread.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from typing import Any
 
 from sessionlane.messages.wire import Append, Error, Rewrite
 
-__all__ = ["MAX_RECORD_DEPTH", "record_refusal", "too_deep"]
+__all__ = ["MAX_CLIENT_OUTPUT_BYTES", "MAX_RECORD_DEPTH", "record_refusal", "too_deep"]
+
+MAX_CLIENT_OUTPUT_BYTES = 32 * 1024 * 1024
+"""A client connection whose unread output exceeds this is closed: it stopped reading."""
 
 MAX_RECORD_DEPTH = 100
 """Deepest nesting of maps and lists accepted in a record.

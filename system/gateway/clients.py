@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sessionlane.actors.endpoint import AcceptBackoff, Acceptor, FramedSocket
+from sessionlane.messages.client_frames import MAX_CLIENT_OUTPUT_BYTES
 from sessionlane.messages.codec import HEADER, FrameDecodeError, decode_request, frame
 from sessionlane.messages.errors import ErrorCode
 from sessionlane.messages.handshake import NONCE_BYTES, client_proof, matches, server_proof
@@ -86,7 +87,6 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "sessionlane/0.1"
 _RECV_BYTES = 256 * 1024
 """Read per connection per wake-up: a flood waits its turn behind the other clients."""
-_MAX_OUTBUF = 32 * 1024 * 1024
 _FLUSH_RETRY_S = 0.005
 _LINGER_MS = 1_000.0
 """How long a closed connection's last frames (an error) may take to be written."""
@@ -253,7 +253,7 @@ class Clients:
             self.limits.max_frame_bytes,
             first_frame=MAX_HELLO_BYTES,
             read_budget=_RECV_BYTES,
-            max_output=_MAX_OUTBUF,
+            max_output=MAX_CLIENT_OUTPUT_BYTES,
         )
         now = self.clock()
         client = Client(
