@@ -523,3 +523,28 @@ def test_a_client_connects_to_an_older_service_that_refuses_the_hellos_direct_fi
         thread.join(10)
         listener.close()
     assert [("direct" in hello) for hello in hellos] == [True, False]
+
+
+def test_an_idle_file_closes_the_direct_channel_and_the_next_acquire_opens_another(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "sessions"
+    root.mkdir()
+    path = root / "idle.jsonl"
+    with (
+        embedded_service([str(root)], log_file=tmp_path / "actors.log", idle_ms=300) as svc,
+        connect(svc.address) as sl,
+    ):
+        lane = sl.lane("a")
+        with lane.lease(path, purpose="write") as lease:
+            assert lease is not None
+            lease.append({"turn": 1})
+        first = sl.core.direct.links[(str(path), "a")]
+        eventually(lambda: first.lost is not None, "the idle file to close the channel")
+        assert lease.revoked is None  # released before: nothing was lost with it
+        with lane.lease(path, purpose="write") as again:
+            assert again is not None
+            again.append({"turn": 2})
+            second = sl.core.direct.links[(str(path), "a")]
+            assert second is not first and sl.core.direct.leases[again.id] is second
+    assert records_of(path) == ['{"turn":1}', '{"turn":2}']
