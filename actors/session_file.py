@@ -109,7 +109,7 @@ from sessionlane.messages.internal import (
     LaneCall,
     OpenChannel,
 )
-from sessionlane.messages.wire import Error, FileStatus
+from sessionlane.messages.wire import Abandon, Direct, Error, FileStatus
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = ["Broken", "SessionFile", "activation_error"]
@@ -278,6 +278,15 @@ class SessionFile(ShellActor):
             error = Error(id=call.request.id, code=s.code, detail=s.detail, path=call.path)
             self.reply(call, error)
             return
+        if isinstance(call.request, Direct):
+            self.reply(call, s.channels.offer_direct(call))
+            return
+        if isinstance(call.request, Abandon):
+            # Its direct channels go first: their leases are abandoned with them.
+            for closed in s.channels.close_direct(call.lane.uid):
+                self.on_channel_closed(s, closed, "the client's gateway lane was abandoned")
+            if self.state is not s:
+                return
         s.core.met(call)
         if not self.run_owned:
             if not self.own_path(s, call):
@@ -585,7 +594,14 @@ class SessionFile(ShellActor):
             self.wakeupAfter(delay_ms / 1000.0, payload=IdleCheck(self.idle.activity))
 
     def on_idle(self, s: Serving, seen: int) -> None:
-        """The idle timer fired: ask to be passivated if nothing happened and nothing is open."""
+        """The idle timer fired: ask to be passivated if nothing happened and nothing is open.
+
+        Direct channels of clients (``docs/direct-channel.md``) idle that long, with nothing
+        held or waited for, are closed first: the client opens one again when it needs it, as
+        the gateway does its own channels."""
+        if seen == self.idle.activity and s.core.quiet():
+            for closed in s.channels.close_direct(None):
+                self.on_channel_closed(s, closed, "the direct channel was idle")
         quiet = s.core.quiet() and s.channels.connections() == 0
         retire = self.idle.fired(seen, quiet=quiet)
         if retire:
