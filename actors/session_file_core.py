@@ -226,6 +226,22 @@ class FileCore:
                 return [*self.writes.rewrite(call, req), DrainWrites()]
         return [TableEffects(effects)]
 
+    def may_grant_or_write(self, call: LaneCall) -> bool:
+        """Could ``call`` grant a lease or write the transcript? Decided before it is served,
+        and False only when it surely cannot: an ``Acquire`` (no reclaim, no recovery) while
+        another lane holds the file (it can only queue, skip or be refused), or a ``Release``
+        with nobody waiting and no write queued (nothing to grant). The shell checks the
+        owner lock before every call for which this is True (``SessionFile.serve``); a call
+        it skips leaves the check to the next call of its run, or to the next run."""
+        req, table = call.request, self.table
+        holder = table.holder
+        match req:
+            case Acquire() if req.reclaim is None and req.purpose != "recovery":
+                return holder is None or holder.state != "held" or holder.lane == call.lane.uid
+            case Release():
+                return bool(table.waiters) or bool(self.writes.queue)
+        return True
+
     def reclaim(
         self, key: Any, lane: Any, ticket: wire.ReclaimTicket, now: float
     ) -> list[lt.Effect]:
