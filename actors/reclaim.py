@@ -326,7 +326,7 @@ class ReclaimBook:
         appends = current.appends
         if done is not None and current.held is not None and current.held.lease == lease:
             appends = (*appends, done)[-MAX_APPENDS:]
-        self.record = replace(current, ino=ino, size=size, appends=appends)
+        self.record = LeaseRecord(current.held, ino, size, appends)  # not replace(): 4x slower
         return self.record
 
     def answered(self, lease: str, aid: str | None) -> DoneAppend | None:
