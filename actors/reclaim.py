@@ -123,6 +123,8 @@ def encode_record(record: LeaseRecord) -> bytes:
 
 
 _string: Callable[[str], str] = json.encoder.encode_basestring  # as json.dumps, ensure_ascii=False
+_encode: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False).encode
+"""``json.dumps(o, ensure_ascii=False)`` without building an encoder per call."""
 _held_encoded: list[Any] = [None, "null"]  # the last HeldRecord encoded, and its JSON
 
 
@@ -141,7 +143,7 @@ def _held_json(h: HeldRecord | None) -> str:
         "secret": h.secret_digest,
         "hold_until": h.hold_until_ms,
     }
-    encoded = json.dumps(held, ensure_ascii=False)
+    encoded = _encode(held)
     _held_encoded[:] = [h, encoded]
     return encoded
 
