@@ -113,6 +113,13 @@ class Resent:
 
 _WRITE_NEXT = WriteNext()
 
+
+def _rid(req: Any) -> Any:
+    """The request id in a table request key, (lane uid, request id) (``call_key``)."""
+    _, rid = req
+    return rid
+
+
 _TABLE_EFFECTS = (
     lt.Grant,
     lt.Queue,
@@ -320,25 +327,31 @@ class FileCore:
                     secret = self.new_secret()
                     self.book.issue(fx.lease, secret)
                 granted = wire.Granted(
-                    lease=fx.lease, fence=fx.fence, path=path, purpose=fx.purpose, secret=secret
+                    id=_rid(fx.req),
+                    lease=fx.lease,
+                    fence=fx.fence,
+                    path=path,
+                    purpose=fx.purpose,
+                    secret=secret,
                 )
                 return [*self.handoff(fx), Answer(fx.req, fx.lane, granted)]
             case lt.Queue() if self.writes.is_pending(fx.req):
                 return []  # a short write answers once, with `appended`
             case lt.Queue():
-                return [Answer(fx.req, fx.lane, wire.Queued(position=fx.position))]
+                return [Answer(fx.req, fx.lane, wire.Queued(id=_rid(fx.req), position=fx.position))]
             case lt.Skip():
-                return [Answer(fx.req, fx.lane, wire.Skipped(path=path))]
+                return [Answer(fx.req, fx.lane, wire.Skipped(id=_rid(fx.req), path=path))]
             case lt.Reject():
                 copies = self.writes.rejected(fx.req)  # a lease-less append delivered again
-                error = Error(code=fx.code, detail=fx.detail, path=path)
+                error = Error(id=_rid(fx.req), code=fx.code, detail=fx.detail, path=path)
                 return [Answer(fx.req, fx.lane, error) for _ in range(1 + len(copies))]
             case lt.Released() if self.writes.released_silently(fx.req):
                 return []
             case lt.Released():
-                return [Answer(fx.req, fx.lane, wire.Released(lease=fx.lease))]
+                return [Answer(fx.req, fx.lane, wire.Released(id=_rid(fx.req), lease=fx.lease))]
             case lt.Abandoned():
-                return [Answer(fx.req, fx.lane, wire.Abandoned(leases=list(fx.leases)))]
+                abandoned = wire.Abandoned(id=_rid(fx.req), leases=list(fx.leases))
+                return [Answer(fx.req, fx.lane, abandoned)]
             case lt.Revoke():
                 event = wire.Revoked(lease=fx.lease, path=path, reason=fx.reason)
                 return [Event(fx.lane, FileReply(path=path, message=event, lane=fx.lane))]
@@ -419,7 +432,9 @@ class FileCore:
 
     def read_answer(self, fx: Answer, now: float) -> Deliver | None:
         _, rid = fx.req
-        message = fx.message.model_copy(update={"id": rid})
+        message = fx.message  # ``meaning`` builds it with its request's id: no copy
+        if message.id != rid:
+            message = message.model_copy(update={"id": rid})
         return self.event(fx.lane, FileReply(path=self.path, message=message, lane=fx.lane))
 
     def read_event(self, fx: Event | Notify, now: float) -> Deliver | None:
