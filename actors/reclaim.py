@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -128,22 +129,27 @@ _encode: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False).encode
 _held_encoded: list[Any] = [None, "null"]  # the last HeldRecord encoded, and its JSON
 
 
+def _number(x: float | None) -> str:
+    """A number (or None) as ``json.dumps`` writes it: ``repr`` of a finite one."""
+    if type(x) is int or (type(x) is float and math.isfinite(x)):
+        return repr(x)
+    return _encode(x)
+
+
 def _held_json(h: HeldRecord | None) -> str:
-    """The JSON of the record's ``held`` (remembered for the last holder encoded)."""
+    """The JSON of the record's ``held``, as ``json.dumps`` writes it (remembered for the last
+    holder encoded)."""
     if h is None:
         return "null"
     if _held_encoded[0] is h:
         return str(_held_encoded[1])
-    held = {
-        "lease": h.lease,
-        "fence": h.fence,
-        "lane": h.lane,
-        "purposes": list(h.purposes),
-        "priority": h.priority,
-        "secret": h.secret_digest,
-        "hold_until": h.hold_until_ms,
-    }
-    encoded = _encode(held)
+    purposes = ", ".join(_string(p) for p in h.purposes)
+    until = h.hold_until_ms
+    encoded = (
+        f'{{"lease": {_string(h.lease)}, "fence": {_number(h.fence)}, "lane": {_string(h.lane)}, '
+        f'"purposes": [{purposes}], "priority": {_string(h.priority)}, '
+        f'"secret": {_string(h.secret_digest)}, "hold_until": {_number(until)}}}'
+    )
     _held_encoded[:] = [h, encoded]
     return encoded
 
