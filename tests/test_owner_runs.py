@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 from driver import file_settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_durability import Clock, Shell  # the hand-driven SessionFile harness
 from test_ownership_unit import Holder  # another process holding an owner lock
 
@@ -262,3 +264,57 @@ def test_a_path_taken_by_another_process_while_an_acquire_queued_is_found_before
     assert {a.code for a in answers if a.type == "error"} == {"unavailable"}
     assert lines(shell.root / "d" / "t.jsonl") == 1
     assert lines(shell.root / "d.old" / "t.jsonl") == 1
+
+
+STEPS = st.lists(
+    st.tuples(st.sampled_from("abc"), st.sampled_from(["acquire", "append", "release"])),
+    max_size=14,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(STEPS)
+def test_no_run_grants_or_writes_without_an_owner_check_made_in_it(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, str]]
+) -> None:
+    root = tmp_path_factory.mktemp("root")
+    (root / "d").mkdir()
+    made: list[str] = []
+    real = session_file_serving.keep_ownership
+
+    def counted(path: str, *args: Any) -> Any:
+        made.append(path)
+        return real(path, *args)
+
+    clock = Clock()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(session_file, "monotonic_ms", clock)
+        patch.setattr(session_file_serving, "keep_ownership", counted)
+        shell = Rooted(root, clock)
+        held: dict[str, Granted] = {}
+        try:
+            for lane, what in steps:
+                g = held.get(lane)
+                if what == "acquire":
+                    request: Any = Acquire(lane=lane, path=shell.path, purpose="write")
+                elif g is None:
+                    continue  # nothing to append under or release
+                elif what == "append":
+                    request = Append(lease=g.lease, fence=g.fence, records=[{"l": lane}])
+                else:
+                    request = Release(lease=g.lease)
+                checks, size = len(made), Path(shell.path).stat().st_size
+                answers = shell.run(lane, shell.frames(lane, request))
+                granted = [a for a in answers if isinstance(a, Granted)]
+                if granted or Path(shell.path).stat().st_size != size:
+                    assert len(made) == checks + 1  # checked in this run, before
+                for answer in answers:
+                    if answer.type == "released" and g is not None and answer.lease == g.lease:
+                        held.pop(lane, None)
+                for a in granted:
+                    owner = next(x for x, y in shell.events if y is a)
+                    held[str(owner).removeprefix("lane:")] = a
+        finally:
+            shell.close()
