@@ -24,9 +24,11 @@ Also decided here: a reclaim and an append resent after a restart (from the leas
 ``sessionlane.actors.reclaim``), the lanes of a closed channel (abandoned), and whether other
 lanes may write before a held batch is synced.
 
-About 640 lines: keeping a dead member's leases for their reclaim (#22) added the
-``keep`` path of ``abandon`` and the takeover in ``reclaim``, and the lease record per batch
-(#18) its due-record rule in ``next``; the next part to move out is the
+About 670 lines: keeping a dead member's leases for their reclaim (#22) added the
+``keep`` path of ``abandon`` and the takeover in ``reclaim``, the lease record per batch
+(#18) its due-record rule in ``next``, and ``may_grant_or_write`` (#17: the owner check
+only before a call that may grant or write, ``docs/grantcost.md``); the next part to move out
+is the
 restart and reclaim deciding (``reclaim``, ``resent``, ``abandon``'s keep) into
 ``sessionlane.actors.reclaim``, next to the lease record's book.
 """
