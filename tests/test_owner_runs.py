@@ -267,7 +267,7 @@ def test_a_path_taken_by_another_process_while_an_acquire_queued_is_found_before
 
 
 STEPS = st.lists(
-    st.tuples(st.sampled_from("abc"), st.sampled_from(["acquire", "append", "release"])),
+    st.tuples(st.sampled_from("abc"), st.sampled_from(["acquire", "append", "release", "write"])),
     max_size=14,
 )
 
@@ -299,6 +299,8 @@ def test_no_run_grants_or_writes_without_an_owner_check_made_in_it(
                 g = held.get(lane)
                 if what == "acquire":
                     request: Any = Acquire(lane=lane, path=shell.path, purpose="write")
+                elif what == "write":  # lease-less: queued behind a holder, written at its release
+                    request = Append(lane=lane, path=shell.path, records=[{"w": lane}])
                 elif g is None:
                     continue  # nothing to append under or release
                 elif what == "append":
