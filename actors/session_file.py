@@ -35,8 +35,10 @@ that stands alone is already in a ``session_file_*`` module). It holds the one c
 no clock; only the shell's ``FileDisk``, which performs the disk effects, reads it to time
 the fdatasync it performs.
 
-Ownership follows the path: before every run of calls (the frames of one channel read, or of
-one carried message: ``on_channel_events``) and every timer that may grant or write,
+Ownership follows the path: before the first call of a run (the frames of one channel read,
+or of one carried message: ``on_channel_events``) that may grant or write
+(``FileCore.may_grant_or_write``: an acquire that can only queue behind another lane's lease,
+or a release with nobody waiting, is not such a call), and every timer that may grant or write,
 ``own_path`` checks that the owner lock at the file's path is still the one held
 (``Serving.keep_ownership``; docs/security-files.md). A lock that moved is taken again; one
 another process holds ends the serving (``lose_file``): leases revoked ``ownership_lost``, the
@@ -288,7 +290,7 @@ class SessionFile(ShellActor):
             if self.state is not s:
                 return
         s.core.met(call)
-        if not self.run_owned:
+        if not self.run_owned and s.core.may_grant_or_write(call):
             if not self.own_path(s, call):
                 return
             if self.run_owned is not None:
