@@ -24,9 +24,11 @@ Also decided here: a reclaim and an append resent after a restart (from the leas
 ``sessionlane.actors.reclaim``), the lanes of a closed channel (abandoned), and whether other
 lanes may write before a held batch is synced.
 
-About 640 lines: keeping a dead member's leases for their reclaim (#22) added the
-``keep`` path of ``abandon`` and the takeover in ``reclaim``, and the lease record per batch
-(#18) its due-record rule in ``next``; the next part to move out is the
+About 670 lines: keeping a dead member's leases for their reclaim (#22) added the
+``keep`` path of ``abandon`` and the takeover in ``reclaim``, the lease record per batch
+(#18) its due-record rule in ``next``, and ``may_grant_or_write`` (#17: the owner check
+only before a call that may grant or write, ``docs/grantcost.md``); the next part to move out
+is the
 restart and reclaim deciding (``reclaim``, ``resent``, ``abandon``'s keep) into
 ``sessionlane.actors.reclaim``, next to the lease record's book.
 """
@@ -112,6 +114,13 @@ class Resent:
 
 
 _WRITE_NEXT = WriteNext()
+
+
+def _rid(req: Any) -> Any:
+    """The request id in a table request key, (lane uid, request id) (``call_key``)."""
+    _, rid = req
+    return rid
+
 
 _TABLE_EFFECTS = (
     lt.Grant,
@@ -226,6 +235,22 @@ class FileCore:
                 return [*self.writes.rewrite(call, req), DrainWrites()]
         return [TableEffects(effects)]
 
+    def may_grant_or_write(self, call: LaneCall) -> bool:
+        """Could ``call`` grant a lease or write the transcript? Decided before it is served,
+        and False only when it surely cannot: an ``Acquire`` (no reclaim, no recovery) while
+        another lane holds the file (it can only queue, skip or be refused), or a ``Release``
+        with nobody waiting and no write queued (nothing to grant). The shell checks the
+        owner lock before every call for which this is True (``SessionFile.serve``); a call
+        it skips leaves the check to the next call of its run, or to the next run."""
+        req, table = call.request, self.table
+        holder = table.holder
+        match req:
+            case Acquire() if req.reclaim is None and req.purpose != "recovery":
+                return holder is None or holder.state != "held" or holder.lane == call.lane.uid
+            case Release():
+                return bool(table.waiters) or bool(self.writes.queue)
+        return True
+
     def reclaim(
         self, key: Any, lane: Any, ticket: wire.ReclaimTicket, now: float
     ) -> list[lt.Effect]:
@@ -304,25 +329,31 @@ class FileCore:
                     secret = self.new_secret()
                     self.book.issue(fx.lease, secret)
                 granted = wire.Granted(
-                    lease=fx.lease, fence=fx.fence, path=path, purpose=fx.purpose, secret=secret
+                    id=_rid(fx.req),
+                    lease=fx.lease,
+                    fence=fx.fence,
+                    path=path,
+                    purpose=fx.purpose,
+                    secret=secret,
                 )
                 return [*self.handoff(fx), Answer(fx.req, fx.lane, granted)]
             case lt.Queue() if self.writes.is_pending(fx.req):
                 return []  # a short write answers once, with `appended`
             case lt.Queue():
-                return [Answer(fx.req, fx.lane, wire.Queued(position=fx.position))]
+                return [Answer(fx.req, fx.lane, wire.Queued(id=_rid(fx.req), position=fx.position))]
             case lt.Skip():
-                return [Answer(fx.req, fx.lane, wire.Skipped(path=path))]
+                return [Answer(fx.req, fx.lane, wire.Skipped(id=_rid(fx.req), path=path))]
             case lt.Reject():
                 copies = self.writes.rejected(fx.req)  # a lease-less append delivered again
-                error = Error(code=fx.code, detail=fx.detail, path=path)
+                error = Error(id=_rid(fx.req), code=fx.code, detail=fx.detail, path=path)
                 return [Answer(fx.req, fx.lane, error) for _ in range(1 + len(copies))]
             case lt.Released() if self.writes.released_silently(fx.req):
                 return []
             case lt.Released():
-                return [Answer(fx.req, fx.lane, wire.Released(lease=fx.lease))]
+                return [Answer(fx.req, fx.lane, wire.Released(id=_rid(fx.req), lease=fx.lease))]
             case lt.Abandoned():
-                return [Answer(fx.req, fx.lane, wire.Abandoned(leases=list(fx.leases)))]
+                abandoned = wire.Abandoned(id=_rid(fx.req), leases=list(fx.leases))
+                return [Answer(fx.req, fx.lane, abandoned)]
             case lt.Revoke():
                 event = wire.Revoked(lease=fx.lease, path=path, reason=fx.reason)
                 return [Event(fx.lane, FileReply(path=path, message=event, lane=fx.lane))]
@@ -403,7 +434,9 @@ class FileCore:
 
     def read_answer(self, fx: Answer, now: float) -> Deliver | None:
         _, rid = fx.req
-        message = fx.message.model_copy(update={"id": rid})
+        message = fx.message  # ``meaning`` builds it with its request's id: no copy
+        if message.id != rid:
+            message = message.model_copy(update={"id": rid})
         return self.event(fx.lane, FileReply(path=self.path, message=message, lane=fx.lane))
 
     def read_event(self, fx: Event | Notify, now: float) -> Deliver | None:
