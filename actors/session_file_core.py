@@ -62,17 +62,21 @@ from sessionlane.actors.session_file_effects import (
     Handoff,
     Reserve,
     ShellEffect,
+    TableEffects,
     TakeLegacyLock,
     Warn,
     WriteNext,
     WriteRecord,
 )
 from sessionlane.actors.session_file_writes import (
+    AskWriteLease,
+    CheckLease,
     Commit,
     Notify,
+    ReleaseWriteLease,
     Reply,
     Sync,
-    TableEffects,
+    TableRequest,
     WriteEffect,
     WriteOp,
     WritePath,
@@ -169,6 +173,7 @@ class FileCore:
             Reply: self.read_reply,
             **dict.fromkeys(_TABLE_EFFECTS, self.read_table_effect),
             TableEffects: self.read_table_effects,
+            **dict.fromkeys((CheckLease, AskWriteLease, ReleaseWriteLease), self.read_request),
             Answer: self.read_answer,
             Event: self.read_event,
             Notify: self.read_event,
@@ -221,7 +226,7 @@ class FileCore:
                     return [Resent(call, done)]
                 return [*self.writes.append_under_lease(call, req), DrainWrites()]
             case Append():
-                return [*self.writes.append_without_lease(call, req, now), DrainWrites()]
+                return [*self.writes.append_without_lease(call, req), DrainWrites()]
             case Rewrite():
                 return [*self.writes.rewrite(call, req), DrainWrites()]
         return [TableEffects(effects)]
@@ -337,6 +342,22 @@ class FileCore:
     def handoff(fx: lt.Grant) -> list[CoreEffect]:
         return [Handoff(fx.waited_ms)] if fx.waited_ms is not None else []
 
+    def table_request(self, fx: TableRequest, now: float) -> list[Any]:
+        """What the write path asks of the lease table, performed: a check's verdict goes
+        back to it (``WritePath.checked``: an arriving write queued or refused, a queued one
+        performed or refused); a short write lease asked for or released is the table's
+        (its effects: granted, queued, the next waiter granted...)."""
+        match fx:
+            case CheckLease(call=call, lease=lease, fence=fence, purpose=purpose):
+                verdict = self.table.check_write(call.lane.uid, lease, fence, purpose=purpose)
+                return self.writes.checked(fx, verdict)
+            case AskWriteLease(req=req, lane=lane, priority=priority):
+                return [
+                    TableEffects(self.table.acquire(req, lane, "write", now, priority=priority))
+                ]
+            case ReleaseWriteLease(req=req, lane=lane, lease=lease):
+                return [TableEffects(self.table.release(req, lane, lease, now))]
+
     def reservation_failed(self, exc: Exception, now: float) -> None:
         """The shell could not perform a ``Reserve``: the grant that follows it (the next
         table effect read) is undone and its request answered with this error instead."""
@@ -401,6 +422,9 @@ class FileCore:
         reader = self.read.get(type(fx))
         return fx if reader is None else reader(fx, now)
 
+    def read_request(self, fx: TableRequest, now: float) -> ShellEffect | None:
+        return self.read_next(self.table_request(fx, now), now)
+
     def read_answer(self, fx: Answer, now: float) -> Deliver | None:
         _, rid = fx.req
         message = fx.message.model_copy(update={"id": rid})
@@ -428,13 +452,13 @@ class FileCore:
         lease = self.writes.lock_for()
         if lease is not None:
             return TakeLegacyLock(lease)
-        if self.writes.begin_drain(now) is not None:  # no lock to take: it always drains
+        if self.writes.begin_drain() is not None:  # no lock to take: it always drains
             raise AssertionError("a drain without the legacy lock was refused")
         return self.read_write_next(_WRITE_NEXT, now)
 
     def read_write_next(self, fx: WriteNext, now: float) -> ShellEffect | None:
         """The drain's next write (its consequences are read before the one after it)."""
-        effects = self.writes.next_write(now)
+        effects = self.writes.next_write()
         if effects is None:
             return self.read_next(self.writes.end_drain(), now)
         self.work.appendleft(_WRITE_NEXT)
@@ -444,7 +468,7 @@ class FileCore:
 
     def locked(self, lock: LockOutcome, now: float) -> None:
         """The outcome of ``TakeLegacyLock`` (or no lock needed): drain, or retry later."""
-        not_now = self.writes.begin_drain(now, lock)
+        not_now = self.writes.begin_drain(lock)
         if not_now is None:
             self.push([_WRITE_NEXT])
             return
@@ -456,7 +480,7 @@ class FileCore:
     def written(self, op: WriteOp, outcome: WriteOutcome, now: float, ino: int, size: int) -> None:
         """The outcome of ``WriteOut``, and the transcript's inode and size after it."""
         self.ino, self.size = ino, size
-        self.push(self.writes.written(op, outcome, now))
+        self.push(self.writes.written(op, outcome))
 
     def interrupted(self) -> list[WriteEffect]:
         """Performing failed (a bug): what was left is dropped, a drain ends."""
@@ -548,7 +572,7 @@ class FileCore:
 
     def fail_queued(self, code: ErrorCode, detail: str, now: float) -> None:
         """Answer every queued write with this error (the actor exits, the file is lost)."""
-        self.push(self.writes.fail_queued(code, detail, now))
+        self.push(self.writes.fail_queued(code, detail))
 
     # Timers --------------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@
 feeds outcomes back. Two kinds:
 
 * effects the core reads itself on its worklist (``Answer``, ``Event``, ``DrainWrites``,
-  ``WriteNext``, and the write path's ``Reply``, ``Notify``, ``TableEffects``, ``Wrote``): they
-  never reach the shell;
+  ``WriteNext``, ``TableEffects``, and the write path's ``Reply``, ``Notify``, ``Wrote`` and
+  table requests ``CheckLease``, ``AskWriteLease``, ``ReleaseWriteLease``): they never reach
+  the shell;
 * effects for the shell (``ShellEffect``): ``Deliver`` a message to a lane, the disk's
   ``WriteOut``, ``Sync``, ``TakeLegacyLock``/``ReleaseLegacyLock``, ``Reserve`` (a fence
   ceiling made durable), ``Commit`` (sync, then ``FileCore.committed``), ``WriteRecord`` (the
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sessionlane.actors.lease_types import Effect
 from sessionlane.actors.reclaim import LeaseRecord
 from sessionlane.actors.session_file_writes import (
     Commit,
@@ -43,6 +45,7 @@ __all__ = [
     "Handoff",
     "Reserve",
     "ShellEffect",
+    "TableEffects",
     "TakeLegacyLock",
     "Warn",
     "WriteNext",
@@ -87,6 +90,13 @@ class Warn:
     """Log ``message`` as a warning (the table's diagnostics)."""
 
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class TableEffects:
+    """Read these effects of the lease table next, in order."""
+
+    effects: list[Effect]
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,7 +138,6 @@ class Serving:
         self.disk = FileDisk(msg.path, self.transcript, self.sync, opened.legacy, clock)
         self.writes = WritePath(
             msg.path,
-            self.table,
             legacy=opened.legacy is not None,
             tail_unchecked=opened.tail_unchecked,
             durability=s.durability,

@@ -119,7 +119,6 @@ class FileCoreModel(RuleBasedStateMachine):
         self.table = LeaseTable(PATH, LeasePolicy(fence_block=block, max_hold_ms=500))
         writes = WritePath(
             PATH,
-            self.table,
             legacy=legacy,
             tail_unchecked=False,
             durability="fsync",
