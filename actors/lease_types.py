@@ -201,7 +201,7 @@ class Awaited:
 
     name: str
     kept_for: str = ""
-    """``LeaseTable.abandon(keep_as=...)``: the lane of the lost member it was kept from."""
+    """``AwaitingTable.abandon(keep_as=...)``: the lane of the lost member it was kept from."""
 
     def __str__(self) -> str:
         return f"{self.name} (awaiting reclaim)"

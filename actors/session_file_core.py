@@ -40,13 +40,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sessionlane.actors import awaited
 from sessionlane.actors import lease_table as lt
+from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import disk_error_code
 from sessionlane.actors.file_channels import ChannelRef
 from sessionlane.actors.group_commit import Outgoing
-from sessionlane.actors.lease_table import LeaseTable
-from sessionlane.actors.lease_types import Awaited
 from sessionlane.actors.reclaim import LeaseRecord, ReclaimBook
 from sessionlane.actors.session_file_commit import GroupCommit, SyncFailure
 from sessionlane.actors.session_file_disk import LockOutcome, WriteOutcome
@@ -137,7 +137,7 @@ class FileCore:
     def __init__(
         self,
         path: str,
-        table: LeaseTable,
+        table: AwaitingTable,
         writes: WritePath,
         book: ReclaimBook,
         *,
@@ -200,7 +200,10 @@ class FileCore:
             self.push([TableEffects(back)])
         match req:
             case Acquire() if req.reclaim is not None:
-                effects = self.reclaim(key, lane, req.reclaim, now)
+                name, ino, size = self.name(lane), self.ino, self.size
+                effects = awaited.reclaim(
+                    self.table, self.book, key, lane, name, req.reclaim, ino, size, now
+                )
             case Acquire():
                 in_grace = now < self.reclaim_until_ms
                 effects = self.table.acquire(
@@ -222,39 +225,18 @@ class FileCore:
             case Recover():
                 effects = self.table.recover(key, lane, req.grace_ms, now, reason=req.reason)
             case Append() if req.lease is not None:
-                if (done := self.written_before(lane, req)) is not None:
-                    return [Resent(call, done)]
+                if (done := awaited.resent(self.table, self.book, lane, req)) is not None:
+                    self.writes.counters["duplicates"] += 1
+                    first = Appended(
+                        id=req.id, offset=done.offset, lines=done.lines, fence=done.fence
+                    )
+                    return [Resent(call, first)]
                 return [*self.writes.append_under_lease(call, req), DrainWrites()]
             case Append():
                 return [*self.writes.append_without_lease(call, req), DrainWrites()]
             case Rewrite():
                 return [*self.writes.rewrite(call, req), DrainWrites()]
         return [TableEffects(effects)]
-
-    def reclaim(
-        self, key: Any, lane: Any, ticket: wire.ReclaimTicket, now: float
-    ) -> list[lt.Effect]:
-        """A lease held before a restart, asked back: the same lease, or ``reclaim_refused``.
-
-        Shown with its secret under the lane name the record names, a lease still held by
-        another lane moves (its holder's member died before this owner noticed it)."""
-        why = self.book.refusal(ticket, self.ino, self.size)
-        if why is not None:
-            return [self.table.refuse_reclaim(key, lane, why)]
-        self.book.issue(ticket.lease, ticket.secret)
-        held = self.book.record.held
-        takeover = held is not None and held.lane == self.name(lane)
-        return self.table.reclaim(key, lane, ticket.lease, ticket.fence, now, takeover=takeover)
-
-    def written_before(self, lane: Any, req: Append) -> wire.Appended | None:
-        """The first answer of an append resent after a restart (same ``aid``), if written."""
-        if req.fence is None or req.aid is None or req.lease is None:
-            return None
-        done = self.book.answered(req.lease, req.aid)
-        if done is None or self.table.check_write(lane, req.lease, req.fence) is not None:
-            return None
-        self.writes.counters["duplicates"] += 1
-        return wire.Appended(id=req.id, offset=done.offset, lines=done.lines, fence=done.fence)
 
     def through(self, conn: ChannelRef) -> list[Any]:
         """The lanes reached through the channel ``conn``."""
@@ -265,22 +247,17 @@ class FileCore:
     ) -> None:
         """The lane ``uid`` is gone with its channel: its lease and requests are dropped.
         ``tell``: its lane still hears of it (the abandon answered as an event, no id).
-        ``keep_ms`` (its convention member was lost): a lease the lease record names (its
-        holder can show the secret) is kept that long for a reclaim through another lane,
-        as a restart's holder is awaited; its requests are dropped all the same."""
+        ``keep_ms`` (its convention member was lost): a lease the lease record names is kept
+        that long for a reclaim through another lane (``awaited.keep_for_reclaim``)."""
         if tell:
             key: Any = (uid, None)
         else:
             self.closes += 1
             key = ("closed", self.closes)
-        holder, recorded = self.table.holder, self.book.record.held
-        named = holder is not None and recorded is not None and recorded.lease == holder.lease
-        if keep_ms > 0 and named and holder is not None and holder.lane == uid:
-            kept, until = Awaited(self.name(uid), kept_for=uid), now + keep_ms
-            effects = self.table.abandon(key, uid, now, reason=reason, keep_as=kept, until=until)
-            self.push([TableEffects(effects)])
-            return
-        self.push([TableEffects(self.table.abandon(key, uid, now, reason=reason))])
+        name = self.name(uid)
+        kept = awaited.keep_for_reclaim(self.table, self.book, key, uid, name, now, reason, keep_ms)
+        effects = kept if kept is not None else self.table.abandon(key, uid, now, reason=reason)
+        self.push([TableEffects(effects)])
 
     def forget(self, uid: Any) -> None:
         """The lane ``uid`` is unreachable: nothing more goes to it."""
@@ -621,19 +598,8 @@ class FileCore:
         """The lease record found at activation: a holder found there waits for its reclaim
         until ``until`` (the end of the service's grace), or has lost the file (after it:
         the record to write back)."""
-        held, lost = self.book.activate(record, now, until)
+        held, lost = awaited.await_recorded(self.table, self.book, record, now, until, wall_ms)
         if held is not None:
-            left = None if held.hold_until_ms is None else held.hold_until_ms - wall_ms
-            self.table.await_reclaim(
-                held.lease,
-                held.fence,
-                held.lane,
-                list(held.purposes),
-                held.priority,
-                now,
-                until=until,
-                hold_ms=left,
-            )
             if self.book.record.appends:  # a pipeline resent after the restart goes on from it
                 self.writes.resume(held.lease, self.book.record.appends[-1].aid)
             log.info(
@@ -646,7 +612,6 @@ class FileCore:
             )
         if not lost:
             return None
-        self.table.counters["reclaims_expired"] += 1
         log.warning("%s: the lease of the last holder was not reclaimed in time", self.path)
         return self.book.record
 

@@ -24,12 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.confined import ConfinedDir, failure_code, failure_detail
 from sessionlane.actors.fencestore import FenceStore
 from sessionlane.actors.group_commit import CommitPolicy
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.lease_record_file import LeaseRecordFile
-from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.legacy_lock import LegacyLock
 from sessionlane.actors.owner_check import OwnerCheck, keep_ownership
 from sessionlane.actors.ownership import Ownership
@@ -127,7 +128,7 @@ class Serving:
             aging_ms=s.aging_ms,
             max_queue=s.max_queue,
         )
-        self.table = LeaseTable(
+        self.table = AwaitingTable(
             msg.path, policy, fence_floor=opened.floor, lease_prefix=f"{lease_route(msg.path)}-"
         )
         self.sync = TranscriptSync(msg.path, None, metrics)  # the core learns a sync's cost

@@ -58,8 +58,9 @@ from hypothesis.stateful import (
     rule,
 )
 
+from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.file_channels import ChannelRef
-from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.reclaim import ReclaimBook
 from sessionlane.actors.session_file_commit import GroupCommit, SyncFailure
 from sessionlane.actors.session_file_core import FileCore
@@ -116,7 +117,7 @@ class FileCoreModel(RuleBasedStateMachine):
         self.now = 1_000.0
         self.legacy = legacy
         self.unsynced: set[Any] = set()  # keys of fsync appends written, not synced yet
-        self.table = LeaseTable(PATH, LeasePolicy(fence_block=block, max_hold_ms=500))
+        self.table = AwaitingTable(PATH, LeasePolicy(fence_block=block, max_hold_ms=500))
         writes = WritePath(
             PATH,
             legacy=legacy,

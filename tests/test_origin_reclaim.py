@@ -16,8 +16,9 @@ from typing import Any
 from test_convention import HERE, THERE, Clock, FakeHost, acknowledge, forwarded
 
 from sessionlane.actors import lease_table as lt
+from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.federation import Federation
-from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.reclaim import HeldRecord, ReclaimBook, digest
 from sessionlane.actors.session_file_core import Answer, FileCore, Warn
 from sessionlane.actors.session_file_effects import TableEffects
@@ -42,7 +43,7 @@ SECRET = "s3cret-0123456789abcdef"
 
 
 def core() -> FileCore:
-    table = LeaseTable(PATH, LeasePolicy(), fence_floor=0)
+    table = AwaitingTable(PATH, LeasePolicy(), fence_floor=0)
     writes = WritePath(
         PATH,
         legacy=False,

@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.lease_table import (
     Diagnostic,
     Grant,
     LeasePolicy,
-    LeaseTable,
     Queue,
     Reject,
     Skip,
@@ -164,8 +164,8 @@ def test_the_record_follows_the_holder_and_remembers_its_last_appends() -> None:
 # The lease table ---------------------------------------------------------------------------
 
 
-def awaiting_table(until: float = 1000.0, hold_ms: float | None = 500.0) -> LeaseTable:
-    table = LeaseTable("/p", LeasePolicy(aging_ms=10_000), fence_floor=1024)
+def awaiting_table(until: float = 1000.0, hold_ms: float | None = 500.0) -> AwaitingTable:
+    table = AwaitingTable("/p", LeasePolicy(aging_ms=10_000), fence_floor=1024)
     table.await_reclaim(
         "ab-7", 7, "agent", ["prompt", "write"], "interactive", 0.0, until=until, hold_ms=hold_ms
     )

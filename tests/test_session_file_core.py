@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from sessionlane.actors import lease_table as lt
-from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.awaited import AwaitingTable
+from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.reclaim import ReclaimBook
 from sessionlane.actors.session_file_core import (
     Answer,
@@ -46,7 +47,7 @@ NOW = 1_000.0
 
 
 def core() -> FileCore:
-    table = LeaseTable(PATH, LeasePolicy(), fence_floor=0)
+    table = AwaitingTable(PATH, LeasePolicy(), fence_floor=0)
     writes = WritePath(
         PATH,
         legacy=False,
