@@ -30,6 +30,8 @@ found in the record awaited at activation (``await_recorded``), a reclaim asked
 
 from __future__ import annotations
 
+import logging
+
 from sessionlane.actors.lease_table import LeaseTable
 from sessionlane.actors.lease_types import (
     Awaited,
@@ -49,6 +51,8 @@ from sessionlane.actors.reclaim import DoneAppend, HeldRecord, LeaseRecord, Recl
 from sessionlane.messages.wire import Append, Priority, Purpose, ReclaimTicket, RevokeReason
 
 __all__ = ["AwaitingTable", "await_recorded", "keep_for_reclaim", "reclaim", "resent"]
+
+log = logging.getLogger(__name__)
 
 
 class AwaitingTable(LeaseTable):
@@ -272,8 +276,17 @@ def await_recorded(
             until=until,
             hold_ms=left,
         )
+        log.info(
+            "%s: awaiting the reclaim of lease %s (lane %s, fence %d) for %d ms",
+            table.path,
+            held.lease,
+            held.lane,
+            held.fence,
+            max(0, int(until - now)),
+        )
     if lost:
         table.counters["reclaims_expired"] += 1
+        log.warning("%s: the lease of the last holder was not reclaimed in time", table.path)
     return held, lost
 
 

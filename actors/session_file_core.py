@@ -1,7 +1,9 @@
 """The deciding core of a SessionFile: every decision about one file, spoken only in effects.
 
 Pure: no I/O, no clock (``now`` comes in), no actor. ``FileCore`` owns the file's
-``LeaseTable``, ``WritePath``, ``ReclaimBook`` (the lease record as this actor knows it), the
+``AwaitingTable`` (the lease table, ``sessionlane.actors.awaited``), ``WritePath`` (which asks
+the table through the core: ``table_request``), ``ReclaimBook`` (the lease record as this
+actor knows it), the
 pure part of group commit (``GroupCommit``: the outbox, the pass, the policy) and the lanes
 directory (uid to address and name). The shell
 (``sessionlane.actors.session_file.SessionFile``) keeps one worklist loop:
@@ -20,15 +22,10 @@ queued lease-less append granted) are read before the drain's next write, and a 
 reservation stops the grant that follows it. ``settle`` ends a run that read a table effect:
 the lease record follows the holder and the table's next deadline is armed.
 
-Also decided here: a reclaim and an append resent after a restart (from the lease record,
-``sessionlane.actors.reclaim``), the lanes of a closed channel (abandoned), and whether other
-lanes may write before a held batch is synced.
-
-About 640 lines: keeping a dead member's leases for their reclaim (#22) added the
-``keep`` path of ``abandon`` and the takeover in ``reclaim``, and the lease record per batch
-(#18) its due-record rule in ``next``; the next part to move out is the
-restart and reclaim deciding (``reclaim``, ``resent``, ``abandon``'s keep) into
-``sessionlane.actors.reclaim``, next to the lease record's book.
+Also decided here: the lanes of a closed channel (abandoned), and whether other lanes may
+write before a held batch is synced. A reclaim, an append resent after a restart, a lost
+member's lease kept and the holder awaited at activation are decided by
+``sessionlane.actors.awaited`` (over this core's table and book).
 """
 
 from __future__ import annotations
@@ -37,8 +34,7 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from sessionlane.actors import awaited
 from sessionlane.actors import lease_table as lt
@@ -60,6 +56,7 @@ from sessionlane.actors.session_file_effects import (
     DrainWrites,
     Event,
     Handoff,
+    Resent,
     Reserve,
     ShellEffect,
     TableEffects,
@@ -107,28 +104,7 @@ _RECORD_FIRST = (Deliver, Sync, Commit)
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Resent:
-    """Answer ``call`` (an append resent after a restart) with its first answer."""
-
-    call: LaneCall
-    message: ReplyMessage
-
-
 _WRITE_NEXT = WriteNext()
-
-_TABLE_EFFECTS = (
-    lt.Grant,
-    lt.Queue,
-    lt.Skip,
-    lt.Reject,
-    lt.Released,
-    lt.Abandoned,
-    lt.Revoke,
-    lt.AbortRequest,
-    lt.Diagnostic,
-    lt.ReserveFences,
-)
 
 
 class FileCore:
@@ -171,7 +147,7 @@ class FileCore:
         """A fence reservation failed (``reservation_failed``): the grant after it is undone."""
         self.read: dict[type, Callable[[Any, float], ShellEffect | None]] = {
             Reply: self.read_reply,
-            **dict.fromkeys(_TABLE_EFFECTS, self.read_table_effect),
+            **dict.fromkeys(get_args(lt.Effect), self.read_table_effect),
             TableEffects: self.read_table_effects,
             **dict.fromkeys((CheckLease, AskWriteLease, ReleaseWriteLease), self.read_request),
             Answer: self.read_answer,
@@ -599,21 +575,10 @@ class FileCore:
         until ``until`` (the end of the service's grace), or has lost the file (after it:
         the record to write back)."""
         held, lost = awaited.await_recorded(self.table, self.book, record, now, until, wall_ms)
-        if held is not None:
-            if self.book.record.appends:  # a pipeline resent after the restart goes on from it
-                self.writes.resume(held.lease, self.book.record.appends[-1].aid)
-            log.info(
-                "%s: awaiting the reclaim of lease %s (lane %s, fence %d) for %d ms",
-                self.path,
-                held.lease,
-                held.lane,
-                held.fence,
-                max(0, int(until - now)),
-            )
-        if not lost:
-            return None
-        log.warning("%s: the lease of the last holder was not reclaimed in time", self.path)
-        return self.book.record
+        if held is not None and self.book.record.appends:
+            # a pipeline resent after the restart goes on from the last append recorded
+            self.writes.resume(held.lease, self.book.record.appends[-1].aid)
+        return self.book.record if lost else None
 
     def note_holder(self, now: float, wall_ms: float) -> LeaseRecord | None:
         """The lease record naming the current holder, if it changed (a stopping file, or one

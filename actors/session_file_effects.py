@@ -4,10 +4,10 @@
 (``sessionlane.actors.session_file.SessionFile``) performs, one effect at a time, in order, and
 feeds outcomes back. Two kinds:
 
-* effects the core reads itself on its worklist (``Answer``, ``Event``, ``DrainWrites``,
-  ``WriteNext``, ``TableEffects``, and the write path's ``Reply``, ``Notify``, ``Wrote`` and
-  table requests ``CheckLease``, ``AskWriteLease``, ``ReleaseWriteLease``): they never reach
-  the shell;
+* effects the core reads itself on its worklist (``Answer``, ``Event``, ``Resent``,
+  ``DrainWrites``, ``WriteNext``, ``TableEffects``, and the write path's ``Reply``,
+  ``Notify``, ``Wrote`` and table requests ``CheckLease``, ``AskWriteLease``,
+  ``ReleaseWriteLease``): they never reach the shell;
 * effects for the shell (``ShellEffect``): ``Deliver`` a message to a lane, the disk's
   ``WriteOut``, ``Sync``, ``TakeLegacyLock``/``ReleaseLegacyLock``, ``Reserve`` (a fence
   ceiling made durable), ``Commit`` (sync, then ``FileCore.committed``), ``WriteRecord`` (the
@@ -24,13 +24,13 @@ from typing import Any
 
 from sessionlane.actors.lease_types import Effect
 from sessionlane.actors.reclaim import LeaseRecord
-from sessionlane.actors.session_file_writes import (
+from sessionlane.actors.session_file_write_effects import (
     Commit,
     ReleaseLegacyLock,
     Sync,
     WriteOut,
 )
-from sessionlane.messages.internal import FileReply
+from sessionlane.messages.internal import FileReply, LaneCall
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "DrainWrites",
     "Event",
     "Handoff",
+    "Resent",
     "Reserve",
     "ShellEffect",
     "TableEffects",
@@ -67,6 +68,14 @@ class Answer:
 
     req: Any
     lane: Any
+    message: ReplyMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Resent:
+    """Answer ``call`` (an append resent after a restart) with its first answer."""
+
+    call: LaneCall
     message: ReplyMessage
 
 

@@ -8,12 +8,13 @@ shell's ``FileDisk`` (``sessionlane.actors.session_file_disk``), whose ``WriteOu
 back through ``written``; the others (``Reply``, ``Notify``, ``Wrote``, ``Commit``) are what
 the rest of the actor must do. Tested without an actor (``tests/test_write_path.py``).
 
-It does not hold the lease table either: what it needs of it are *table requests* that the
-core (``sessionlane.actors.session_file_core.FileCore``, which owns both) performs on the
-table: ``CheckLease`` (may this write go under its lease and fence? the verdict comes back
-through ``checked``), ``AskWriteLease`` (a lease-less append's short write lease) and
-``ReleaseWriteLease`` (that lease, once its append is written). The table's answers come back
-as they do for any request: ``granted``, ``rejected``, ``released_silently``.
+Its effect records (and ``WriteOp``) are in ``sessionlane.actors.session_file_write_effects``,
+re-exported here. It does not hold the lease table either: what it needs of it are *table
+requests* that the core (``sessionlane.actors.session_file_core.FileCore``, which owns both)
+performs on the table: ``CheckLease`` (may this write go under its lease and fence? the
+verdict comes back through ``checked``), ``AskWriteLease`` (a lease-less append's short write
+lease) and ``ReleaseWriteLease`` (that lease, once its append is written). The table's answers
+come back as they do for any request: ``granted``, ``rejected``, ``released_silently``.
 
 A write under a lease (``append`` with ``lease`` + ``fence``, or ``rewrite``) is checked when
 it arrives and again when it is performed; a write that fails the check changes nothing.
@@ -51,13 +52,28 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import disk_error_code
-from sessionlane.actors.lease_types import RejectCode
 from sessionlane.actors.session_file_commit import moved_detail
 from sessionlane.actors.session_file_disk import LockOutcome, WriteOutcome
+from sessionlane.actors.session_file_write_effects import (
+    AskWriteLease,
+    CheckLease,
+    Commit,
+    Notify,
+    ReleaseLegacyLock,
+    ReleaseWriteLease,
+    Reply,
+    Sync,
+    TableRequest,
+    Verdict,
+    WriteEffect,
+    WriteOp,
+    WriteOut,
+    Wrote,
+)
 from sessionlane.actors.transcript import encode_records
 from sessionlane.messages.errors import ErrorCode, FileMoved, SessionLaneError
 from sessionlane.messages.internal import FileReply, LaneCall
@@ -67,7 +83,6 @@ from sessionlane.messages.wire import (
     Durability,
     Error,
     ExternalChange,
-    Priority,
     Purpose,
     Rewrite,
     Rewritten,
@@ -106,103 +121,6 @@ def call_key(call: LaneCall) -> tuple[Any, Any]:
     return (call.lane.uid, call.request.id)
 
 
-# Effects ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """Answer ``call`` with ``message``; ``needs_sync``: only once an fdatasync covers it."""
-
-    call: LaneCall
-    message: ReplyMessage
-    needs_sync: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Notify:
-    """Send ``message`` (an event such as ``ExternalChange``) to the lane ``lane``."""
-
-    lane: str
-    message: FileReply
-
-
-Verdict = tuple[RejectCode, str] | None
-"""The lease table's check of a write (``LeaseTable.check_write``): why it must be refused,
-or None to accept it."""
-
-
-@dataclass(frozen=True, slots=True)
-class CheckLease:
-    """Ask the lease table whether ``call`` may write under ``lease`` and ``fence`` now
-    (``purpose="compaction"``: a rewrite, which needs a compaction level); the verdict goes to
-    ``WritePath.checked``. ``op``: the queued write to perform once checked; None: the write
-    arriving, queued if the verdict allows."""
-
-    call: LaneCall
-    lease: str
-    fence: int
-    purpose: Purpose | None = None
-    op: WriteOp | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AskWriteLease:
-    """Ask the lease table for a short ``write`` lease for the lease-less append ``req`` (its
-    call key) of ``lane``; the table's answer comes back as ``granted`` or ``rejected``."""
-
-    req: Any
-    lane: Any
-    priority: Priority
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseWriteLease:
-    """Release the short write lease ``lease`` of ``lane`` under the request key ``req``
-    (answered by nobody: ``released_silently``)."""
-
-    req: Any
-    lane: Any
-    lease: str
-
-
-TableRequest = CheckLease | AskWriteLease | ReleaseWriteLease
-"""What the write path asks of the lease table; the core performs it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Wrote:
-    """An ``fsync`` append of ``lane`` was written: its acknowledgement waits for a sync."""
-
-    lane: str
-
-
-@dataclass(frozen=True, slots=True)
-class Commit:
-    """Sync and send what is held now (a drain under the legacy lock made the writes durable)."""
-
-
-@dataclass(frozen=True, slots=True)
-class WriteOut:
-    """Write ``op``'s bytes (append, or replace the file), adopting an outside change first;
-    ``repair_tail``: quarantine a torn last line before. Its outcome goes to ``written``."""
-
-    op: WriteOp
-    repair_tail: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Sync:
-    """fdatasync what no sync covers yet (before a rewrite, or an append without group commit)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseLegacyLock:
-    """Release ``<file>.lock`` (the drain that took it is done and synced)."""
-
-
-WriteEffect = Reply | Notify | TableRequest | Wrote | Commit | WriteOut | Sync | ReleaseLegacyLock
-
-
 # State --------------------------------------------------------------------------------------
 
 
@@ -214,25 +132,6 @@ class _PendingWrite:
     data: bytes
     lines: int
     durability: Durability
-
-
-@dataclass(frozen=True, slots=True)
-class WriteOp:
-    """A write accepted for the file: performed at once, or once the legacy lock is free."""
-
-    kind: Literal["append", "rewrite"]
-    call: LaneCall
-    lease: str
-    fence: int
-    data: bytes
-    lines: int
-    durability: Durability
-    auto_release: bool = False
-    """A lease-less append: release its short write lease once written."""
-    aid: str | None = None
-    """The append's id (``Append.aid``)."""
-    after: str | None = None
-    """The ``aid`` of the append before it in its pipeline (``Append.after``)."""
 
 
 class WritePath:
