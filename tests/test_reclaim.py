@@ -179,6 +179,23 @@ def test_nobody_is_granted_a_file_whose_holder_is_awaited() -> None:
     assert table.check_write("B", "ab-7", 7) is not None
 
 
+def test_a_connection_lane_cannot_write_or_release_under_an_awaited_lease_of_its_prefix() -> None:
+    """A connection lane acts for the lanes its id prefixes (``acts_for``), and an awaited
+    holder's lane prints as its name: ``c1/`` matches ``c1/agent (awaiting reclaim)`` by
+    prefix, but nobody acts under an awaited lease before its reclaim."""
+    table = AwaitingTable("/p", LeasePolicy(), fence_floor=1024)
+    table.await_reclaim(
+        "ab-7", 7, "c1/agent", ["prompt"], "interactive", 0.0, until=1000.0, hold_ms=None
+    )
+    assert table.check_write("c1/", "ab-7", 7) == (
+        "stale_fence",
+        "lease ab-7 must be reclaimed first (the service restarted)",
+    )
+    [refused] = table.release("r", "c1/", "ab-7", 1.0)
+    assert isinstance(refused, Reject) and "must be reclaimed first" in refused.detail
+    assert table.holder is not None and table.holder.state == "awaiting"
+
+
 def test_the_awaited_holder_reclaims_its_lease_fence_nesting_and_max_hold() -> None:
     table = awaiting_table()
     table.acquire("r1", "B", "prompt", 1.0)
