@@ -58,6 +58,10 @@ class Broken:
     code: ErrorCode
     detail: str
 
+    def status(self, path: str) -> FileStatus:
+        """What a broken file reports: nothing held, nothing queued, ``broken`` 1."""
+        return FileStatus(path=path, fence=0, holder=None, queue=[], counters={"broken": 1})
+
 
 NOT_STARTED = Broken("unavailable", "the file actor is not initialised")
 """The state of a SessionFile before its ``FileInit``."""
@@ -207,6 +211,27 @@ class Serving:
             self.ready_fd = None
         self.ownership.release()
         self.directory.close()
+
+    def reserve(self, ceiling: int) -> Exception | None:
+        """Make the fences up to ``ceiling`` durable (``fence_reservations`` counts those that
+        grew the store's ceiling); the exception if it could not (the core undoes the grant
+        after it: ``FileCore.reservation_failed``)."""
+        grows = ceiling > self.fences.ceiling
+        try:
+            self.fences.reserve(ceiling)
+        except Exception as exc:
+            return exc
+        if grows:
+            self.fence_reservations += 1
+        return None
+
+    def watched(self, pass_end: bool) -> list[int]:
+        """The fds thespian should watch until the next message: the channels', and the
+        always-readable pipe when the end of the pass is awaited (``pass_end``)."""
+        fds = self.channels.fds()
+        if pass_end and self.ready_fd is not None:
+            fds.append(self.ready_fd)
+        return fds
 
     def status(
         self, now: float, lane_name: Callable[[Any], str], extra: dict[str, int]
