@@ -157,7 +157,7 @@ class AwaitingTable(LeaseTable):
             and acts_for(lane, holder.lane)
         ):
             return [Reject(req, lane, "not_holder", f"lease {lease} must be reclaimed first")]
-        return super().release(req, lane, lease, now)
+        return LeaseTable.release(self, req, lane, lease, now)  # once a lease cycle
 
     def abandon(
         self,
@@ -245,7 +245,7 @@ class AwaitingTable(LeaseTable):
             and holder.fence == fence
         ):
             return ("stale_fence", f"lease {lease} must be reclaimed first (the service restarted)")
-        return super().check_write(lane, lease, fence, purpose=purpose)
+        return LeaseTable.check_write(self, lane, lease, fence, purpose=purpose)  # twice a write
 
 
 # The core's restart deciding: over the table and the lease record's book it owns -----------

@@ -300,16 +300,15 @@ class FileCore:
         back to it (``WritePath.checked``: an arriving write queued or refused, a queued one
         performed or refused); a short write lease asked for or released is the table's
         (its effects: granted, queued, the next waiter granted...)."""
-        match fx:
-            case CheckLease(call=call, lease=lease, fence=fence, purpose=purpose):
-                verdict = self.table.check_write(call.lane.uid, lease, fence, purpose=purpose)
-                return self.writes.checked(fx, verdict)
-            case AskWriteLease(req=req, lane=lane, priority=priority):
-                return [
-                    TableEffects(self.table.acquire(req, lane, "write", now, priority=priority))
-                ]
-            case ReleaseWriteLease(req=req, lane=lane, lease=lease):
-                return [TableEffects(self.table.release(req, lane, lease, now))]
+        table = self.table
+        if isinstance(fx, CheckLease):  # twice a write: first
+            verdict = table.check_write(fx.call.lane.uid, fx.lease, fx.fence, purpose=fx.purpose)
+            return self.writes.checked(fx, verdict)
+        if isinstance(fx, AskWriteLease):
+            return [
+                TableEffects(table.acquire(fx.req, fx.lane, "write", now, priority=fx.priority))
+            ]
+        return [TableEffects(table.release(fx.req, fx.lane, fx.lease, now))]
 
     def reservation_failed(self, exc: Exception, now: float) -> None:
         """The shell could not perform a ``Reserve``: the grant that follows it (the next

@@ -6,7 +6,8 @@ re-exports): the answers (``Reply``, ``Notify`` an event), what group commit mus
 ``Sync``, ``ReleaseLegacyLock``), the table requests the core performs on the lease table it
 owns (``CheckLease``, whose ``Verdict`` goes back to ``WritePath.checked``; ``AskWriteLease``,
 ``ReleaseWriteLease``: a lease-less append's short write lease), and ``WriteOp``, a write
-accepted for the file. Frozen records: no behaviour, no I/O.
+accepted for the file. Records (frozen, but for ``CheckLease``: see why there): no behaviour,
+no I/O.
 """
 
 from __future__ import annotations
@@ -59,12 +60,15 @@ Verdict = tuple[RejectCode, str] | None
 or None to accept it."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckLease:
     """Ask the lease table whether ``call`` may write under ``lease`` and ``fence`` now
     (``purpose="compaction"``: a rewrite, which needs a compaction level); the verdict goes to
     ``WritePath.checked``. ``op``: the queued write to perform once checked; None: the write
-    arriving, queued if the verdict allows."""
+    arriving, queued if the verdict allows.
+
+    Not frozen, though never changed: two are made for every write (at arrival and when it
+    is performed), and a frozen dataclass takes about three times as long to make."""
 
     call: LaneCall
     lease: str
