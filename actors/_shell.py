@@ -59,6 +59,11 @@ def _rehome_loggers() -> None:
     global _rehomed_root
     root = logging.root
     manager = logging.Logger.manager
+    if _rehomed_root is _EVERY_ROOT:
+        # Forked after ``follow_every_root``: our loggers reach this root already, and their
+        # cached levels were empty at the fork. Rewriting each one would copy its pages.
+        _rehomed_root = root
+        return
     if _rehomed_root is root or _AT_IMPORT.manager is manager:
         _rehomed_root = root
         return
@@ -72,6 +77,45 @@ def _rehome_loggers() -> None:
         logger.manager = manager
         manager.loggerDict[logger.name] = logger
         logger._cache.clear()  # type: ignore[attr-defined]  # levels cached for the old root
+
+
+class _CurrentRoot(logging.Logger):
+    """The parent of our modules' loggers after ``follow_every_root``: whatever
+    ``logging.root`` is in this process when a record is logged (its level and handlers)."""
+
+    def __init__(self) -> None:
+        super().__init__("sessionlane: the current root")
+
+    @property
+    def parent(self) -> logging.Logger:
+        return logging.root
+
+    @parent.setter
+    def parent(self, value: Any) -> None:
+        pass  # Logger.__init__ sets it
+
+    @property
+    def level(self) -> int:
+        return logging.root.level
+
+    @level.setter
+    def level(self, value: int) -> None:
+        pass
+
+
+_EVERY_ROOT = _CurrentRoot()
+
+
+def follow_every_root() -> None:
+    """Hang our modules' loggers off whatever ``logging.root`` will be, and forget the levels
+    they cached; for a process that forks actors and logs nothing itself (the zygote, before it
+    freezes): a process forked after this need not rehome them (``_rehome_loggers``)."""
+    global _rehomed_root
+    for logger in list(_AT_IMPORT.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger) and logger.name.split(".")[0] in _OUR_PACKAGES:
+            logger.parent = _EVERY_ROOT
+            logger._cache.clear()  # type: ignore[attr-defined]  # levels of the root until now
+    _rehomed_root = _EVERY_ROOT
 
 
 def retitle(actor: Any, role: str) -> bool:

@@ -26,6 +26,11 @@ process start off every first grant (``docs/cost-model.md``). If the parked chil
 (killed while it waited: a zombie of the Registry until the Registry exits, as thespian only
 reaps the children it started), the request forks one the ordinary way.
 
+Before it freezes, the zygote rehearses a file actor's life (``sessionlane.system.runtime.warmup``:
+a SessionFile, outside any actor system, through leases on a throwaway file), so that the code
+every file runs is already quickened and the caches it fills are already built, in pages all the
+files share (``docs/cost-model.md``, "Warming the zygote").
+
 The zygote reads requests from a pipe the Registry holds: when the Registry dies, the pipe
 closes and the zygote exits, and so does its parked child (its pipe closes).
 If the zygote is gone or a request fails, the child is forked the ordinary way (and a warning
@@ -295,7 +300,8 @@ class _Zygote:
 def _serve(requests: int, replies: int) -> None:
     """The zygote's loop: hand each request to the parked child (or fork one), park the next,
     until the request pipe closes."""
-    from sessionlane.actors._shell import set_title
+    from sessionlane.actors._shell import follow_every_root, set_title
+    from sessionlane.system.runtime import warmup
 
     set_title("zygote (forks the file actors)")
     for signum in range(1, signal.NSIG):
@@ -303,6 +309,10 @@ def _serve(requests: int, replies: int) -> None:
             signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a parked child gone: EPIPE, not death
     release_inherited_sockets()
+    if warmup.WARM_UP:
+        warmup.warm_up()  # a file's code run once here: its caches are then shared, frozen
+        gc.collect()  # the rehearsal's garbage, before it would be frozen with the rest
+    follow_every_root()  # each child's loggers reach its own root without being rewritten
     gc.freeze()
     parked = _Parked.park(requests, replies) if PARK_AHEAD else None
     os.write(replies, _READY)
