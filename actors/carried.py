@@ -137,7 +137,7 @@ class CarriedPeers:
             self._forget(peer, events)
         return events
 
-    def _hello(self, key: str, sender: Any, frame: ChannelHello | ChannelCall) -> _Peer:
+    def _hello(self, key: str, sender: Any, frame: ChannelHello | ChannelCall | Any) -> _Peer:
         if not isinstance(frame, ChannelHello):
             raise _Refused("a call before the hello", logging.WARNING)
         if not hmac.compare_digest(frame.token.encode(), self.token.encode()):

@@ -105,6 +105,8 @@ class ConfinedDir:
         self._root = root
         self._root_fd = root_fd
         self._parts = list(parts)
+        self._identity: tuple[int, int] | None = None
+        """(device, inode) of ``fd``, read once (a descriptor's file never changes)."""
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -135,17 +137,27 @@ class ConfinedDir:
         Returns True when it switched (the directory was moved or replaced: entries are now
         looked up in the one at the path). Raises ``PathNotAllowed`` when the path no longer
         leads to a directory without a symlink; the old directory stays in use meanwhile.
-        Costs two system calls per component below the root.
+        Costs two system calls per component below the root, plus one ``fstat``; none for the
+        root itself, which is held open as configured (a walk of no component leads back to
+        the root's descriptor, always the directory ``fd`` was opened on).
         """
-        if self._root_fd < 0:
+        if self._root_fd < 0 or not self._parts:
             return False
         fd = _descend(self._root_fd, self._root, self._parts)
-        now, before = os.fstat(fd), os.fstat(self.fd)
-        if (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino):
+        try:
+            now = os.fstat(fd)
+            if self._identity is None:
+                before = os.fstat(self.fd)
+                self._identity = (before.st_dev, before.st_ino)
+        except BaseException:
+            os.close(fd)
+            raise
+        if (now.st_dev, now.st_ino) == self._identity:
             os.close(fd)
             return False
         os.close(self.fd)
         self.fd = fd
+        self._identity = (now.st_dev, now.st_ino)
         return True
 
     def leads_to(self, name: str, dev: int, ino: int) -> bool:
@@ -268,22 +280,27 @@ class ConfinedDir:
 
 
 def _descend(root_fd: int, root: str, parts: Sequence[str]) -> int:
-    """Open ``root/parts...`` from ``root_fd``, one component at a time, following no symlink."""
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
-    here = root
+    """Open ``root/parts...`` from ``root_fd``, one component at a time, following no symlink.
+
+    A new descriptor (the root's own ``.`` for no component); ``root_fd`` stays open. The first
+    component is opened from ``root_fd`` itself: two system calls per component, no more."""
+    if not parts:
+        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+    fd = root_fd
     try:
-        for part in parts:
-            here = os.path.join(here, part)
+        for i, part in enumerate(parts):
             try:
                 child = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno == errno.ENOTDIR and _is_symlink(part, fd):
                     exc = OSError(errno.ELOOP, exc.strerror)  # say what it is
-                raise _refusal(exc, here, "directory") from None
-            os.close(fd)
+                raise _refusal(exc, os.path.join(root, *parts[: i + 1]), "directory") from None
+            if fd != root_fd:
+                os.close(fd)
             fd = child
     except BaseException:
-        os.close(fd)
+        if fd != root_fd:
+            os.close(fd)
         raise
     return fd
 

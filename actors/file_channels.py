@@ -32,14 +32,19 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sessionlane.actors.direct_channels import DirectBinding, DirectTickets, direct_request
 from sessionlane.actors.endpoint import Acceptor, FramedSocket, close_level
 from sessionlane.messages.channel import (
     ChannelCall,
+    ChannelDirectHello,
     ChannelHello,
     decode_from_gateway,
+    direct_welcome_frame,
     welcome_frame,
 )
-from sessionlane.messages.codec import FrameDecodeError
+from sessionlane.messages.client_frames import MAX_CLIENT_OUTPUT_BYTES
+from sessionlane.messages.codec import FrameDecodeError, decode_request, frame
+from sessionlane.messages.wire import Alive, Error, Keepalive
 
 __all__ = ["ChannelCallEvent", "ChannelClosed", "ChannelEvent", "ChannelRef", "ChannelServer"]
 
@@ -93,7 +98,10 @@ ChannelEvent = ChannelCallEvent | ChannelClosed
 class _Conn:
     ref: ChannelRef
     end: FramedSocket
+    peer_uid: int | None = None
     welcomed: bool = False
+    direct: DirectBinding | None = None
+    """Set once a client's direct hello redeemed a ticket."""
 
 
 class ChannelServer:
@@ -107,6 +115,7 @@ class ChannelServer:
         path: str,
         incarnation: int,
         accepting: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = lambda: 0.0,
     ):
         self._acceptor = Acceptor(listener, _ACCEPT_BUDGET)
         self._open = True
@@ -122,10 +131,18 @@ class ChannelServer:
         self.accepting = accepting
         """Asked at each hello; False while the file is being passivated: the hello is
         answered by closing."""
+        self.tickets = DirectTickets()
+        """The direct-channel tickets minted for this file's clients."""
+        self.clock = clock
+        """Monotonic milliseconds, for the tickets' expiry."""
 
     @classmethod
     def open(
-        cls, path: str, incarnation: int, accepting: Callable[[], bool] = lambda: True
+        cls,
+        path: str,
+        incarnation: int,
+        accepting: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = lambda: 0.0,
     ) -> ChannelServer:
         """Listen on a fresh abstract name; ``OSError`` if no socket can be made."""
         name = NAME_PREFIX + secrets.token_hex(8)
@@ -137,7 +154,8 @@ class ChannelServer:
         except BaseException:
             listener.close()
             raise
-        return cls(listener, name, secrets.token_urlsafe(24), path, incarnation, accepting)
+        token = secrets.token_urlsafe(24)
+        return cls(listener, name, token, path, incarnation, accepting, clock)
 
     @property
     def address(self) -> str:
@@ -185,11 +203,16 @@ class ChannelServer:
         return accepted
 
     def _take(self, sock: socket.socket, accepted: list[_Conn]) -> None:
-        if not _same_user(sock):
-            log.warning("refused a channel to %s from another user", self._path)
-            sock.close()
-            return
-        waiting = [c for c in self._by_ref.values() if not c.welcomed]
+        # Another user's process may only show a direct ticket minted for its uid: its
+        # connection waits for its hello like any other. The cap below counts the service's
+        # own user and the others apart, so strangers never push out the gateway's hello.
+        uid = _peer_uid(sock)
+        stranger = uid is not None and uid != os.getuid()
+        waiting = [
+            c
+            for c in self._by_ref.values()
+            if not c.welcomed and (c.peer_uid is not None and c.peer_uid != os.getuid()) == stranger
+        ]
         if len(waiting) >= _MAX_UNGREETED:
             self._close(waiting[0], "too many connections without a hello", logging.WARNING)
         self._serial += 1
@@ -200,7 +223,7 @@ class ChannelServer:
             read_budget=_READ_BUDGET,
             max_output=MAX_OUTPUT_BYTES,
         )
-        conn = _Conn(ChannelRef(self._serial), end)
+        conn = _Conn(ChannelRef(self._serial), end, uid)
         self._conns[end.fd] = conn
         self._by_ref[conn.ref] = conn
         accepted.append(conn)
@@ -209,7 +232,10 @@ class ChannelServer:
         got = conn.end.read()
         try:
             for body in got.bodies:
-                self._frame(conn, body, events)
+                if conn.direct is not None:
+                    self._direct_frame(conn, conn.direct, body, events)
+                else:
+                    self._frame(conn, body, events)
         except FrameDecodeError as exc:
             self._drop(conn, events, f"FrameDecodeError: {exc}", logging.WARNING)
             return
@@ -217,6 +243,9 @@ class ChannelServer:
             self._drop(conn, events, exc.reason, exc.level)
             return
         if got.too_large is not None:
+            if conn.direct is not None:  # said, as the gateway says it, before the close
+                conn.end.queue(frame(Error(code="too_large", detail=got.too_large.detail)))
+                conn.end.flush()
             self._drop(conn, events, f"TooLarge: {got.too_large}", logging.WARNING)
         elif got.ended is not None:
             reason = "closed by the peer" if got.error is None else got.ended
@@ -231,15 +260,71 @@ class ChannelServer:
         else:
             raise FrameDecodeError("a second hello")
 
-    def _hello(self, conn: _Conn, frame: ChannelHello | ChannelCall) -> None:
-        if not isinstance(frame, ChannelHello):
+    def _hello(self, conn: _Conn, hello: ChannelHello | ChannelDirectHello | ChannelCall) -> None:
+        if isinstance(hello, ChannelDirectHello):
+            self._direct_hello(conn, hello)
+            return
+        if not isinstance(hello, ChannelHello):
             raise _Refused("a call before the hello", logging.WARNING)
-        if not hmac.compare_digest(frame.token.encode(), self._token.encode()):
+        if conn.peer_uid is not None and conn.peer_uid != os.getuid():
+            raise _Refused(f"a gateway hello from uid {conn.peer_uid}", logging.WARNING)
+        if not hmac.compare_digest(hello.token.encode(), self._token.encode()):
             raise _Refused("wrong token", logging.WARNING)
         if not self.accepting():
             raise _Refused("not accepting: the file is being passivated", logging.DEBUG)
         conn.welcomed = True
         self._queue(conn, welcome_frame(self._path, self._incarnation))
+
+    def _direct_hello(self, conn: _Conn, hello: ChannelDirectHello) -> None:
+        if not self.accepting():
+            raise _Refused("not accepting: the file is being passivated", logging.DEBUG)
+        binding = self.tickets.redeem(hello.ticket, conn.peer_uid, self.clock())
+        if isinstance(binding, str):
+            raise _Refused(f"direct channel refused: {binding}", logging.WARNING)
+        conn.direct = binding
+        conn.welcomed = True
+        conn.end.reader.max_frame_bytes = binding.max_frame_bytes
+        conn.end.max_output = MAX_CLIENT_OUTPUT_BYTES
+        self._queue(conn, direct_welcome_frame(self._path, binding.lane))
+
+    def _direct_frame(
+        self, conn: _Conn, binding: DirectBinding, body: bytes, events: list[ChannelEvent]
+    ) -> None:
+        """A client's frame on its direct channel: a call of its lane, or an error frame."""
+        try:
+            request = decode_request(body)
+        except FrameDecodeError as exc:
+            self._queue(conn, frame(Error(id=exc.request_id, code="bad_frame", detail=exc.detail)))
+            return
+        if isinstance(request, Keepalive):
+            self._queue(conn, frame(Alive(id=request.id)))
+            return
+        call = direct_request(binding, request)
+        if isinstance(call, Error):
+            self._queue(conn, frame(call))
+        else:
+            events.append(ChannelCallEvent(conn.ref, call))
+
+    def is_direct(self, conn: ChannelRef) -> bool:
+        """Whether ``conn`` is a client's direct channel (its replies are wire frames)."""
+        found = self._by_ref.get(conn)
+        return found is not None and found.direct is not None
+
+    def close_direct(self, gateway_lane: str | None) -> list[ChannelClosed]:
+        """Close the direct channels (and forget the tickets) of ``gateway_lane``, which was
+        abandoned (its connection to the gateway is gone, or its client abandoned the path),
+        or every direct channel (None: the file is idle)."""
+        if gateway_lane is not None:
+            self.tickets.drop_for(gateway_lane)
+        why = "idle" if gateway_lane is None else "its gateway lane was abandoned"
+        closed: list[ChannelClosed] = []
+        for conn in list(self._by_ref.values()):
+            binding = conn.direct
+            if binding is not None and gateway_lane in (None, binding.gateway_lane):
+                event = self._close(conn, why, logging.DEBUG)
+                if event is not None:
+                    closed.append(event)
+        return closed
 
     # Output --------------------------------------------------------------------------------
 
@@ -328,13 +413,13 @@ class _Refused(Exception):
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def _same_user(sock: socket.socket) -> bool:
-    """Is the peer process running as our user? (Abstract sockets have no file permissions.)"""
+def _peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the peer process (abstract sockets have no file permissions), or None where
+    the system does not say (not Linux: the token or ticket alone guards the channel)."""
     try:
         _, uid, _ = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         )
-    except (OSError, AttributeError):  # not Linux: the token alone guards the channel
-        return True
-    same: bool = uid == os.getuid()
-    return same
+    except (OSError, AttributeError):
+        return None
+    return int(uid)

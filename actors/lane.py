@@ -53,6 +53,7 @@ from sessionlane.messages.wire import (
     Abandon,
     Acquire,
     Append,
+    Direct,
     Error,
     Recover,
     Release,
@@ -91,6 +92,7 @@ class Lane(ShellActor):
             Append: self.on_request,
             Rewrite: self.on_request,
             Recover: self.on_request,
+            Direct: self.on_request,  # answered unavailable: only the gateway's clients get one
             ChannelOffer: self.on_channel_offer,
             CarriedReplies: self.on_carried,
             WatchMessage: self.on_watch,

@@ -27,6 +27,7 @@ from sessionlane.messages.wire import (
     Abandoned,
     Acquire,
     Append,
+    Direct,
     Error,
     Granted,
     Queued,
@@ -138,7 +139,7 @@ class LaneState:
                     default = "recovery" if req.purpose == "recovery" else self.ref.priority
                     req = req.model_copy(update={"priority": default})
                 self.call(req, req.path, canonical=False)
-            case Recover():
+            case Recover() | Direct():
                 self.call(req, req.path, canonical=False)
             case Append() if req.lease is None:
                 assert req.path is not None

@@ -35,8 +35,10 @@ the one clock, ``now()`` (tests replace ``monotonic_ms`` here): the core gets th
 ``now`` arguments and reads no clock; only the shell's ``FileDisk``, which performs the disk
 effects, reads it to time the fdatasync it performs.
 
-Ownership follows the path: before every run of calls (the frames of one channel read, or of
-one carried message: ``on_channel_events``) and every timer that may grant or write,
+Ownership follows the path: before the first call of a run (the frames of one channel read,
+or of one carried message: ``on_channel_events``) that may grant or write
+(``FileCore.may_grant_or_write``: an acquire that can only queue behind another lane's lease,
+or a release with nobody waiting, is not such a call), and every timer that may grant or write,
 ``own_path`` checks that the owner lock at the file's path is still the one held
 (``Serving.keep_ownership``; docs/security-files.md). A lock that moved is taken again; one
 another process holds ends the serving (``lose_file``): leases revoked ``ownership_lost``, the
@@ -109,7 +111,7 @@ from sessionlane.messages.internal import (
     LaneCall,
     OpenChannel,
 )
-from sessionlane.messages.wire import Error, FileStatus
+from sessionlane.messages.wire import Abandon, Direct, Error, FileStatus
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = ["Broken", "SessionFile", "activation_error"]
@@ -272,8 +274,17 @@ class SessionFile(ShellActor):
             error = Error(id=call.request.id, code=s.code, detail=s.detail, path=call.path)
             self.reply(call, error)
             return
+        if isinstance(call.request, Direct):
+            self.reply(call, s.channels.offer_direct(call))
+            return
+        if isinstance(call.request, Abandon):
+            # Its direct channels go first: their leases are abandoned with them.
+            for closed in s.channels.close_direct(call.lane.uid):
+                self.on_channel_closed(s, closed, "the client's gateway lane was abandoned")
+            if self.state is not s:
+                return
         s.core.met(call)
-        if not self.run_owned:
+        if not self.run_owned and s.core.may_grant_or_write(call):
             if not self.own_path(s, call):
                 return
             if self.run_owned is not None:
@@ -569,7 +580,14 @@ class SessionFile(ShellActor):
             self.wakeupAfter(delay_ms / 1000.0, payload=IdleCheck(self.idle.activity))
 
     def on_idle(self, s: Serving, seen: int) -> None:
-        """The idle timer fired: ask to be passivated if nothing happened and nothing is open."""
+        """The idle timer fired: ask to be passivated if nothing happened and nothing is open.
+
+        Direct channels of clients (``docs/direct-channel.md``) idle that long, with nothing
+        held or waited for, are closed first: the client opens one again when it needs it, as
+        the gateway does its own channels."""
+        if seen == self.idle.activity and s.core.quiet():
+            for closed in s.channels.close_direct(None):
+                self.on_channel_closed(s, closed, "the direct channel was idle")
         quiet = s.core.quiet() and s.channels.connections() == 0
         retire = self.idle.fired(seen, quiet=quiet)
         if retire:

@@ -32,7 +32,9 @@ from sessionlane.actors.carried import CarriedPeers, CarriedRef
 from sessionlane.actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
 from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.channel import reply_frame
+from sessionlane.messages.codec import frame
 from sessionlane.messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
+from sessionlane.messages.wire import Direct, DirectOffer, Error
 
 __all__ = ["FLUSH_RETRY_S", "FileChannels", "channel_call", "refused_offer"]
 
@@ -71,8 +73,12 @@ class FileChannels:
         enabled: bool,
         watch: bool,
         accepting: Callable[[], bool],
+        clock: Callable[[], float] = lambda: 0.0,
+        direct: bool = True,
     ) -> None:
         self.path = path
+        self.clock = clock
+        self.direct = direct
         self.incarnation = incarnation
         self.idle_ms = idle_ms
         self.enabled = enabled
@@ -122,11 +128,36 @@ class FileChannels:
         if not self.enabled:
             return "channels are turned off"
         try:
-            self.server = ChannelServer.open(self.path, self.incarnation, accepting=self.accepting)
+            self.server = ChannelServer.open(
+                self.path, self.incarnation, accepting=self.accepting, clock=self.clock
+            )
         except OSError as exc:
             log.error("cannot open a channel listener for %s: %s", self.path, exc)
             return f"cannot open a channel listener: {exc}"
         return ""
+
+    def offer_direct(self, call: LaneCall) -> DirectOffer | Error:
+        """The answer to a client's ``direct`` (forwarded by the gateway through its lane):
+        a ticket for this file's listener, or why there is none (``unavailable``)."""
+        request = call.request
+        assert isinstance(request, Direct)
+        reason = self.cannot_open() if self.server is None else ""
+        if not reason and not self.direct:
+            reason = "direct channels are turned off"
+        if not reason and (request.peer_uid is None or request.max_frame_bytes is None):
+            reason = "the request did not come through the gateway"
+        if self.server is None or reason:
+            detail = f"no direct channel to {self.path}: {reason}"
+            return Error(id=request.id, code="unavailable", detail=detail, path=self.path)
+        ticket = self.server.tickets.mint(call.lane.uid, request, self.path, self.clock())
+        return DirectOffer(
+            id=request.id, address=self.server.address, ticket=ticket, path=self.path
+        )
+
+    def close_direct(self, gateway_lane: str | None) -> list[ChannelClosed]:
+        """The direct channels of ``gateway_lane`` (it was abandoned), or all of them (None:
+        the file is idle), closed now."""
+        return self.server.close_direct(gateway_lane) if self.server is not None else []
 
     def on_carried(self, msg: CarriedCalls, sender: Any) -> list[ChannelEvent]:
         """What a carried message brought: calls, and its channel closed (if it did)."""
@@ -184,7 +215,10 @@ class FileChannels:
         if isinstance(address, CarriedRef):
             self.carried.send(address, reply_frame(message.lane, message.message))
         elif self.server is not None:
-            self.server.send(address, reply_frame(message.lane, message.message))
+            if self.server.is_direct(address):
+                self.server.send(address, frame(message.message))
+            else:
+                self.server.send(address, reply_frame(message.lane, message.message))
 
     def fds(self) -> list[int]:
         return self.server.fds() if self.server is not None else []

@@ -22,10 +22,11 @@ queued lease-less append granted) are read before the drain's next write, and a 
 reservation stops the grant that follows it. ``settle`` ends a run that read a table effect:
 the lease record follows the holder and the table's next deadline is armed.
 
-Also decided here: the lanes of a closed channel (abandoned), and whether other lanes may
-write before a held batch is synced. A reclaim, an append resent after a restart, a lost
-member's lease kept and the holder awaited at activation are decided by
-``sessionlane.actors.awaited`` (over this core's table and book).
+Also decided here: the lanes of a closed channel (abandoned), whether other lanes may write
+before a held batch is synced, and whether a call may grant or write (``may_grant_or_write``:
+the shell checks the owner lock only before those, ``docs/grantcost.md``). A reclaim, an
+append resent after a restart, a lost member's lease kept and the holder awaited at
+activation are decided by ``sessionlane.actors.awaited`` (over this core's table and book).
 """
 
 from __future__ import annotations
@@ -105,6 +106,12 @@ log = logging.getLogger(__name__)
 
 
 _WRITE_NEXT = WriteNext()
+
+
+def _rid(req: Any) -> Any:
+    """The request id in a table request key, (lane uid, request id) (``call_key``)."""
+    _, rid = req
+    return rid
 
 
 class FileCore:
@@ -214,6 +221,22 @@ class FileCore:
                 return [*self.writes.rewrite(call, req), DrainWrites()]
         return [TableEffects(effects)]
 
+    def may_grant_or_write(self, call: LaneCall) -> bool:
+        """Could ``call`` grant a lease or write the transcript? Decided before it is served,
+        and False only when it surely cannot: an ``Acquire`` (no reclaim, no recovery) while
+        another lane holds the file (it can only queue, skip or be refused), or a ``Release``
+        with nobody waiting and no write queued (nothing to grant). The shell checks the
+        owner lock before every call for which this is True (``SessionFile.serve``); a call
+        it skips leaves the check to the next call of its run, or to the next run."""
+        req, table = call.request, self.table
+        holder = table.holder
+        match req:
+            case Acquire() if req.reclaim is None and req.purpose != "recovery":
+                return holder is None or holder.state != "held" or holder.lane == call.lane.uid
+            case Release():
+                return bool(table.waiters) or bool(self.writes.queue)
+        return True
+
     def through(self, conn: ChannelRef) -> list[Any]:
         """The lanes reached through the channel ``conn``."""
         return [u for u, a in self.lanes.items() if isinstance(a, ChannelRef) and a == conn]
@@ -262,25 +285,31 @@ class FileCore:
                     secret = self.new_secret()
                     self.book.issue(fx.lease, secret)
                 granted = wire.Granted(
-                    lease=fx.lease, fence=fx.fence, path=path, purpose=fx.purpose, secret=secret
+                    id=_rid(fx.req),
+                    lease=fx.lease,
+                    fence=fx.fence,
+                    path=path,
+                    purpose=fx.purpose,
+                    secret=secret,
                 )
                 return [*self.handoff(fx), Answer(fx.req, fx.lane, granted)]
             case lt.Queue() if self.writes.is_pending(fx.req):
                 return []  # a short write answers once, with `appended`
             case lt.Queue():
-                return [Answer(fx.req, fx.lane, wire.Queued(position=fx.position))]
+                return [Answer(fx.req, fx.lane, wire.Queued(id=_rid(fx.req), position=fx.position))]
             case lt.Skip():
-                return [Answer(fx.req, fx.lane, wire.Skipped(path=path))]
+                return [Answer(fx.req, fx.lane, wire.Skipped(id=_rid(fx.req), path=path))]
             case lt.Reject():
                 copies = self.writes.rejected(fx.req)  # a lease-less append delivered again
-                error = Error(code=fx.code, detail=fx.detail, path=path)
+                error = Error(id=_rid(fx.req), code=fx.code, detail=fx.detail, path=path)
                 return [Answer(fx.req, fx.lane, error) for _ in range(1 + len(copies))]
             case lt.Released() if self.writes.released_silently(fx.req):
                 return []
             case lt.Released():
-                return [Answer(fx.req, fx.lane, wire.Released(lease=fx.lease))]
+                return [Answer(fx.req, fx.lane, wire.Released(id=_rid(fx.req), lease=fx.lease))]
             case lt.Abandoned():
-                return [Answer(fx.req, fx.lane, wire.Abandoned(leases=list(fx.leases)))]
+                abandoned = wire.Abandoned(id=_rid(fx.req), leases=list(fx.leases))
+                return [Answer(fx.req, fx.lane, abandoned)]
             case lt.Revoke():
                 event = wire.Revoked(lease=fx.lease, path=path, reason=fx.reason)
                 return [Event(fx.lane, FileReply(path=path, message=event, lane=fx.lane))]
@@ -379,7 +408,9 @@ class FileCore:
 
     def read_answer(self, fx: Answer, now: float) -> Deliver | None:
         _, rid = fx.req
-        message = fx.message.model_copy(update={"id": rid})
+        message = fx.message  # ``meaning`` builds it with its request's id: no copy
+        if message.id != rid:
+            message = message.model_copy(update={"id": rid})
         return self.event(fx.lane, FileReply(path=self.path, message=message, lane=fx.lane))
 
     def read_event(self, fx: Event | Notify, now: float) -> Deliver | None:

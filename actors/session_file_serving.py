@@ -157,6 +157,7 @@ class Serving:
             enabled=switches.channels,
             watch=switches.watch,
             accepting=accepting,
+            clock=lambda: time.monotonic() * 1000.0,
         )
         self.fence_reservations = 0
         self.records = opened.records

@@ -57,6 +57,10 @@ _OPEN_ATTEMPTS = 3
 """Create-or-open tries when the name keeps appearing and disappearing (then: unavailable)."""
 
 
+_encode_record = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+"""``json.dumps`` with these options, without building an encoder per record."""
+
+
 def encode_records(records: Sequence[object], max_record_bytes: int) -> bytes:
     """Encode a batch of records as JSONL: each a JSON object on one ``\\n``-terminated line.
 
@@ -71,7 +75,7 @@ def encode_records(records: Sequence[object], max_record_bytes: int) -> bytes:
         if not isinstance(record, dict):
             raise InvalidRecord(f"record {index}: not a JSON object (got {type(record).__name__})")
         try:
-            text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            text = _encode_record(record)
             line = text.encode("utf-8") + b"\n"
         except (TypeError, ValueError, RecursionError) as exc:
             # TypeError: unserialisable value or key; ValueError: NaN/Infinity, circular

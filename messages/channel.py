@@ -20,6 +20,12 @@ SessionFile -> gateway
 with the same models as a client's frames: both processes are ours, but a frame that does not
 validate is a bug to report, never something to act on. No pickle crosses a channel.
 
+A local client's direct channel (``docs/direct-channel.md``) reaches the same listener. Its
+first frame is ``{"k": "direct", "v": 1, "ticket": T}`` (the ticket of a ``direct_offer``),
+answered ``{"k": "welcome", "v": 1, "path": P, "lane": L}`` or by closing; after it, the client
+sends wire requests and the file answers wire replies and events, exactly as on the gateway's
+connection (``sessionlane.messages.codec``), never these frames.
+
 ``v`` is the channel's version (:data:`CHANNEL_VERSION`), in the hello and the welcome: a
 gateway and a SessionFile of different versions refuse each other at the handshake instead of
 misreading each other's frames.
@@ -39,13 +45,18 @@ from sessionlane.messages.wire import Priority, Reply
 
 __all__ = [
     "CHANNEL_VERSION",
+    "DIRECT_VERSION",
     "ChannelCall",
+    "ChannelDirectHello",
     "ChannelHello",
     "ChannelReply",
     "ChannelWelcome",
     "call_frame",
+    "decode_direct_welcome",
     "decode_from_file",
     "decode_from_gateway",
+    "direct_hello_frame",
+    "direct_welcome_frame",
     "hello_frame",
     "reply_frame",
     "welcome_frame",
@@ -55,11 +66,20 @@ _LANE_REQUEST: TypeAdapter[Any] = TypeAdapter(LaneRequest)
 _REPLY: TypeAdapter[Any] = TypeAdapter(Reply)
 _PRIORITIES = ("recovery", "interactive", "background")
 CHANNEL_VERSION = 2
+DIRECT_VERSION = 1
+"""The version of a client's direct-channel hello and welcome."""
 
 
 @dataclass(frozen=True, slots=True)
 class ChannelHello:
     token: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelDirectHello:
+    """A local client's first frame on a direct channel: the ticket it was given."""
+
+    ticket: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +130,22 @@ def reply_frame(uid: str, message: Any) -> bytes:
     return _pack({"k": "reply", "u": uid, "m": _dump(message)})
 
 
+def direct_hello_frame(ticket: str) -> bytes:
+    return _pack({"k": "direct", "v": DIRECT_VERSION, "ticket": ticket})
+
+
+def direct_welcome_frame(path: str, lane: str) -> bytes:
+    return _pack({"k": "welcome", "v": DIRECT_VERSION, "path": path, "lane": lane})
+
+
+def decode_direct_welcome(body: bytes) -> str:
+    """The path a direct channel's welcome names; ``FrameDecodeError`` on anything else."""
+    data = unpack_map(body, "a direct channel's welcome")
+    if data.get("k") != "welcome" or data.get("v") != DIRECT_VERSION:
+        raise FrameDecodeError("not a direct channel's welcome")
+    return _str(data, "path")
+
+
 def _check_version(data: dict[str, Any]) -> None:
     if data.get("v") != CHANNEL_VERSION:
         version = data.get("v")
@@ -123,13 +159,17 @@ def _str(data: dict[str, Any], key: str) -> str:
     return value
 
 
-def decode_from_gateway(body: bytes) -> ChannelHello | ChannelCall:
+def decode_from_gateway(body: bytes) -> ChannelHello | ChannelDirectHello | ChannelCall:
     """A frame the SessionFile received; ``FrameDecodeError`` on anything else."""
     data = unpack_map(body, "a channel frame")
     kind = data.get("k")
     if kind == "hello":
         _check_version(data)
         return ChannelHello(token=_str(data, "token"))
+    if kind == "direct":
+        if data.get("v") != DIRECT_VERSION:
+            raise FrameDecodeError(f"direct channel version {data.get('v')!r}")
+        return ChannelDirectHello(ticket=_str(data, "ticket"))
     if kind != "call":
         raise FrameDecodeError(f"unexpected channel frame kind {kind!r}")
     priority = data.get("pr")

@@ -20,6 +20,7 @@ from sessionlane.messages.wire import (
     Abandon,
     Acquire,
     Append,
+    Direct,
     FileStatus,
     Priority,
     Recover,
@@ -65,7 +66,7 @@ __all__ = [
 ]
 
 LaneRequest = Annotated[
-    Acquire | Release | Abandon | Append | Rewrite | Recover, Field(discriminator="type")
+    Acquire | Release | Abandon | Append | Rewrite | Recover | Direct, Field(discriminator="type")
 ]
 
 
@@ -363,6 +364,8 @@ class StartGateway(_Internal):
     """A connection that has not completed its hello this long after accept is closed."""
     allow_other_users: bool = False
     """Without a token, admit peers of any local user (else only the service's own)."""
+    direct_channels: bool = True
+    """Offer direct channels to files to local clients that ask (``docs/direct-channel.md``)."""
 
 
 class GatewayStarted(_Internal):

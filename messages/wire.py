@@ -29,6 +29,8 @@ __all__ = [
     "Append",
     "Appended",
     "Challenge",
+    "Direct",
+    "DirectOffer",
     "Durability",
     "Error",
     "ExternalChange",
@@ -122,6 +124,9 @@ class Hello(_Req):
     (it answers ``unauthorized``); clients send ``nonce`` and then a ``proof`` instead."""
     nonce: bytes | None = Field(default=None, min_length=NONCE_BYTES, max_length=NONCE_BYTES)
     """The client's fresh random nonce for the token proof (``docs/protocol.md``)."""
+    direct: bool | None = None
+    """The client would take direct channels to files (``docs/direct-channel.md``); a service
+    that offers them says so in its ``welcome``. Older clients never send it."""
 
 
 class ReclaimTicket(BaseModel):
@@ -235,6 +240,20 @@ class Proof(_Req):
     proof: bytes = Field(min_length=PROOF_BYTES, max_length=PROOF_BYTES)
 
 
+class Direct(_Req):
+    """Ask for a direct channel to ``path``'s file for lane ``lane`` (``docs/direct-channel.md``).
+
+    Only on a connection whose ``welcome`` said ``direct: true``; answered ``direct_offer``.
+    ``peer_uid`` and ``max_frame_bytes`` are the gateway's to fill in (a client's are
+    overwritten): the admitted uid and the frame limit the file holds the channel to."""
+
+    type: Literal["direct"] = "direct"
+    lane: str = _NAME
+    path: str = _PATH
+    peer_uid: int | None = None
+    max_frame_bytes: int | None = Field(default=None, gt=0)
+
+
 class Keepalive(_Req):
     """Liveness probe; also proves the client is still there."""
 
@@ -242,7 +261,17 @@ class Keepalive(_Req):
 
 
 Request = Annotated[
-    Hello | Proof | Acquire | Release | Abandon | Append | Rewrite | Recover | Status | Keepalive,
+    Hello
+    | Proof
+    | Acquire
+    | Release
+    | Abandon
+    | Append
+    | Rewrite
+    | Recover
+    | Status
+    | Keepalive
+    | Direct,
     Field(discriminator="type"),
 ]
 
@@ -256,6 +285,8 @@ class Welcome(_Rep):
     protocol: int
     proof: bytes | None = None
     """With a ``token_file``: the service's token proof, which the client checks."""
+    direct: bool | None = None
+    """Only when the hello asked: whether this connection may ask for direct channels."""
 
 
 class Challenge(_Rep):
@@ -263,6 +294,17 @@ class Challenge(_Rep):
 
     type: Literal["challenge"] = "challenge"
     nonce: bytes = Field(min_length=NONCE_BYTES, max_length=NONCE_BYTES)
+
+
+class DirectOffer(_Rep):
+    """The answer to ``direct``: connect to the abstract Unix name ``"\\0" + address`` and
+    say ``{"k": "direct", "v": 1, "ticket": ticket}`` within a few seconds (single use)."""
+
+    type: Literal["direct_offer"] = "direct_offer"
+    address: str
+    ticket: str
+    path: str
+    """The canonical path the channel serves."""
 
 
 class Queued(_Rep):
@@ -391,6 +433,7 @@ Reply = Annotated[
     | Alive
     | Revoked
     | AbortRequested
-    | ExternalChange,
+    | ExternalChange
+    | DirectOffer,
     Field(discriminator="type"),
 ]

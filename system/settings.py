@@ -110,6 +110,10 @@ class Settings(BaseModel):
     allow_other_users: bool = False
     """Without a ``token_file`` the gateway serves only peers running as the service's own
     user. ``true`` admits every local user without a token."""
+    direct_channels: bool = True
+    """Offer a local client that asks for them direct channels to the files it leases
+    (``docs/direct-channel.md``): its lease cycles skip the gateway. ``false``: every request
+    goes through the gateway."""
     allow_overlap: bool = False
     """Start even if another live service serves a root that equals, contains or lies inside
     one of ours. Files are still served by one owner at a time (kernel lock): the other

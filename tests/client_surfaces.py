@@ -56,6 +56,10 @@ class Surface:
         """The socket of ``sl``'s open connection."""
         raise NotImplementedError
 
+    def sockets_of(self, sl: Any) -> list[socket.socket]:
+        """The sockets of ``sl``'s open connection and of its direct channels."""
+        raise NotImplementedError
+
     def request(self, sl: Any, message: Any, timeout: float) -> Any:
         """Send ``message`` on ``sl`` and wait ``timeout`` (plus the margin) for its reply."""
         raise NotImplementedError
@@ -88,6 +92,9 @@ class SyncSurface(Surface):
         assert link is not None
         sock: socket.socket = link.transport
         return sock
+
+    def sockets_of(self, sl: Any) -> list[socket.socket]:
+        return [self.socket_of(sl)] + [link.transport for link in sl.core.direct_links()]
 
     def request(self, sl: Any, message: Any, timeout: float) -> Any:
         return sl._run(_one_call(message, timeout))
@@ -145,6 +152,10 @@ class AsyncSurface(Surface):
         assert link is not None
         sock: socket.socket = link.transport.writer.get_extra_info("socket")
         return sock
+
+    def sockets_of(self, sl: Any) -> list[socket.socket]:
+        directs = sl.target.core.direct_links()
+        return [self.socket_of(sl)] + [d.transport.writer.get_extra_info("socket") for d in directs]
 
     def request(self, sl: Any, message: Any, timeout: float) -> Any:
         return self.run(sl.target._run(_one_call(message, timeout)))

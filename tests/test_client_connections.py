@@ -87,9 +87,10 @@ def test_a_lost_socket_revokes_the_lease_and_writes_nothing(
     lease = sl.lane("agent").acquire(path)
     assert lease is not None
     lease.append({"n": 1})
-    # The connection breaks underneath the client, sending side first: the next send fails
-    # before the reader has heard of it (the harder case).
-    client.socket_of(sl).shutdown(socket.SHUT_WR)
+    # The connection (and the lease's direct channel) breaks underneath the client, sending
+    # side first: the next send fails before the reader has heard of it (the harder case).
+    for sock in reversed(client.sockets_of(sl)):  # the gateway's last: its loss closes the rest
+        sock.shutdown(socket.SHUT_WR)
     with pytest.raises(LeaseRevoked):
         lease.append({"n": 2})
     assert lease.revoked == "connection_lost"

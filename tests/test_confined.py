@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -324,3 +325,46 @@ def test_the_legacy_lock_is_taken_in_the_confined_directory_and_never_outside(
         lock.try_acquire()
     assert sorted(os.listdir(outside / "team")) == ["s.jsonl"]
     transcript.close()
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_walk_again_follows_each_replaced_directory_and_keeps_no_descriptor(
+    root: Path, depth: int
+) -> None:
+    parts = [f"d{i}" for i in range(depth)]
+    (root / Path(*parts)).mkdir(parents=True)
+    before = open_fds()
+    directory = ConfinedDir.walk(str(root), str(root / Path(*parts)))
+    with directory:
+        assert directory.revalidate() is False  # nothing moved
+        for level in range(depth):  # replace each directory on the way in turn, top first
+            moved = root / Path(*parts[: level + 1])
+            moved.rename(moved.with_name(moved.name + ".old"))
+            (root / Path(*parts)).mkdir(parents=True)
+            (root / Path(*parts) / f"new{level}").write_bytes(b"")
+            assert directory.revalidate() is True  # switched to the one at the path
+            assert directory.names() == [f"new{level}"]
+            assert directory.revalidate() is False  # and it stays there
+        (root / Path(*parts)).rename(root / "gone")
+        with pytest.raises(PathNotAllowed):
+            directory.revalidate()
+        assert directory.names() == [f"new{depth - 1}"]  # the old one stays in use meanwhile
+    assert open_fds() == before  # no descriptor left open by the walks, the switches, a refusal
+
+
+def test_a_walk_again_of_the_root_itself_opens_nothing(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = ConfinedDir.walk(str(root), str(root))
+    opens: list[Any] = []
+    real = os.open
+    monkeypatch.setattr(os, "open", lambda *a, **k: opens.append(a) or real(*a, **k))
+    with directory:
+        (root / "team").rename(root / "elsewhere")  # entries move; the root is held open
+        assert directory.revalidate() is False
+        assert opens == []
+        assert directory.names() == ["elsewhere"]

@@ -54,6 +54,8 @@ from sessionlane.messages.wire import (
     Append,
     Appended,
     Challenge,
+    Direct,
+    DirectOffer,
     Error,
     ExternalChange,
     FileStatus,
@@ -111,6 +113,7 @@ REQUESTS: list[BaseModel] = [
     Status(id=8, path="s.jsonl"),
     Status(id=9),
     Keepalive(id=10),
+    Direct(id=12, lane="agent:main:dm", path="s.jsonl"),
 ]
 
 REPLIES: list[BaseModel] = [
@@ -143,6 +146,7 @@ REPLIES: list[BaseModel] = [
     Revoked(lease="ab12cd34-10", path="/srv/s.jsonl", reason="max_hold"),
     AbortRequested(lease="ab12cd34-10", path="/srv/s.jsonl", grace_ms=250),
     ExternalChange(lease="ab12cd34-10", path="/srv/s.jsonl", kind="truncate"),
+    DirectOffer(id=13, address="sessionlane-0123456789abcdef", ticket="t" * 32, path="/srv/s"),
 ]
 
 

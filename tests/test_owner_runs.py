@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 from driver import file_settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_durability import Clock, Shell  # the hand-driven SessionFile harness
 from test_ownership_unit import Holder  # another process holding an owner lock
 
@@ -27,7 +29,7 @@ from sessionlane.actors.session_file_serving import Serving
 from sessionlane.messages.carried import CarriedCalls, CarriedReplies
 from sessionlane.messages.channel import call_frame, hello_frame
 from sessionlane.messages.internal import FileInit
-from sessionlane.messages.wire import Acquire, Append, Appended, Granted
+from sessionlane.messages.wire import Acquire, Append, Appended, Granted, Release
 
 
 class Rooted(Shell):
@@ -201,3 +203,120 @@ def test_a_batch_of_appends_writes_one_lease_record_holding_every_aid_before_its
     [record] = shell.records_seen  # on disk when the answers left
     assert [a.aid for a in record.appends] == [f"append-{i:04d}" for i in range(6)]
     assert record.size == Path(shell.path).stat().st_size
+
+
+def acquire(shell: Rooted, lane: str) -> Any:
+    request = Acquire(lane=lane, path=shell.path, purpose="write")
+    [answer] = shell.run(lane, shell.frames(lane, request))
+    return answer
+
+
+def test_an_acquire_that_can_only_queue_makes_no_owner_check_the_release_that_grants_does(
+    shell: Rooted, checks: list[str]
+) -> None:
+    g = granted(shell)
+    assert len(checks) == 1
+    assert acquire(shell, "b").type == "queued"
+    assert len(checks) == 1  # another lane holds the file: nothing to grant, nothing to write
+    answers = shell.run("a", shell.frames("a", Release(lease=g.lease)))
+    assert [a.type for a in answers] == ["released", "granted"]
+    assert len(checks) == 2  # the release grants b: checked first
+    # b holds now; its release with nobody waiting grants nothing: no check either.
+    assert shell.run("b", shell.frames("b", Release(lease=answers[1].lease)))[0].type == "released"
+    assert len(checks) == 2
+    assert granted(shell).fence == g.fence + 2  # a new grant of a free file: checked
+    assert len(checks) == 3
+
+
+def test_a_swap_before_a_queued_acquire_is_followed_before_the_grant_it_waits_for(
+    shell: Rooted, checks: list[str]
+) -> None:
+    g = granted(shell)
+    shell.run("a", shell.frames("a", *appends(g, 0, 1)))
+    swap(shell.root)  # the directory is restored from a backup, then b asks
+    assert acquire(shell, "b").type == "queued"  # no check: it can only queue
+    assert not (shell.root / "d" / ".t.jsonl.owner").exists()  # the lock has not moved yet
+    answers = shell.run("a", shell.frames("a", Release(lease=g.lease)))
+    assert [a.type for a in answers] == ["released", "granted"]
+    assert (shell.root / "d" / ".t.jsonl.owner").exists()  # followed before b was granted
+    b = answers[1]
+    answers = shell.run("b", shell.frames("b", *appends(b, 1, 1)))
+    assert [a.type for a in answers] == ["external_change", "appended"]  # the copy adopted
+    assert lines(shell.root / "d" / "t.jsonl") == 2  # b wrote to the file at the path
+    assert lines(shell.root / "d.old" / "t.jsonl") == 1
+
+
+def test_a_path_taken_by_another_process_while_an_acquire_queued_is_found_before_any_write(
+    shell: Rooted, checks: list[str]
+) -> None:
+    g = granted(shell)
+    shell.run("a", shell.frames("a", *appends(g, 0, 1)))
+    swap(shell.root)
+    other = Holder(shell.root / "d" / "t.jsonl")  # another service took the path meanwhile
+    try:
+        assert acquire(shell, "b").type == "queued"  # nothing granted, nothing written
+        answers = shell.run("a", shell.frames("a", *appends(g, 1, 1)))
+    finally:
+        other.kill()
+    # The holder's next write checks first: the file is lost, its holder revoked, the
+    # waiter and the append refused, nothing written anywhere.
+    assert sorted(a.type for a in answers) == ["error", "error", "revoked"]
+    assert {a.code for a in answers if a.type == "error"} == {"unavailable"}
+    assert lines(shell.root / "d" / "t.jsonl") == 1
+    assert lines(shell.root / "d.old" / "t.jsonl") == 1
+
+
+STEPS = st.lists(
+    st.tuples(st.sampled_from("abc"), st.sampled_from(["acquire", "append", "release", "write"])),
+    max_size=14,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(STEPS)
+def test_no_run_grants_or_writes_without_an_owner_check_made_in_it(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, str]]
+) -> None:
+    root = tmp_path_factory.mktemp("root")
+    (root / "d").mkdir()
+    made: list[str] = []
+    real = session_file_serving.keep_ownership
+
+    def counted(path: str, *args: Any) -> Any:
+        made.append(path)
+        return real(path, *args)
+
+    clock = Clock()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(session_file, "monotonic_ms", clock)
+        patch.setattr(session_file_serving, "keep_ownership", counted)
+        shell = Rooted(root, clock)
+        held: dict[str, Granted] = {}
+        try:
+            for lane, what in steps:
+                g = held.get(lane)
+                if what == "acquire":
+                    request: Any = Acquire(lane=lane, path=shell.path, purpose="write")
+                elif what == "write":  # lease-less: queued behind a holder, written at its release
+                    request = Append(lane=lane, path=shell.path, records=[{"w": lane}])
+                elif g is None:
+                    continue  # nothing to append under or release
+                elif what == "append":
+                    request = Append(lease=g.lease, fence=g.fence, records=[{"l": lane}])
+                else:
+                    request = Release(lease=g.lease)
+                checks, size = len(made), Path(shell.path).stat().st_size
+                answers = shell.run(lane, shell.frames(lane, request))
+                granted = [a for a in answers if isinstance(a, Granted)]
+                if granted or Path(shell.path).stat().st_size != size:
+                    assert len(made) == checks + 1  # checked in this run, before
+                for answer in answers:
+                    if answer.type == "released" and g is not None and answer.lease == g.lease:
+                        held.pop(lane, None)
+                for a in granted:
+                    owner = next(x for x, y in shell.events if y is a)
+                    held[str(owner).removeprefix("lane:")] = a
+        finally:
+            shell.close()

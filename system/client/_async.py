@@ -38,6 +38,8 @@ from tenacity import AsyncRetrying
 from sessionlane.messages.codec import FrameReader, decode_reply
 from sessionlane.messages.errors import SessionLaneError, Unauthorized, Unavailable
 from sessionlane.messages.wire import (
+    Direct,
+    DirectOffer,
     Durability,
     OnContention,
     Priority,
@@ -53,6 +55,7 @@ from sessionlane.system.client._core import (
     Answer,
     AppendResult,
     ClientCore,
+    ConnectionLost,
     LeaseState,
     Link,
     Send,
@@ -60,6 +63,7 @@ from sessionlane.system.client._core import (
     log,
     parse_address,
 )
+from sessionlane.system.client._direct import DirectUnknown, open_async
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
 from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, owner_pending, service_refusal
 from sessionlane.system.gateway import peercred
@@ -83,6 +87,7 @@ def connect_async(
     max_record_bytes: int | None = MAX_RECORD_BYTES,
     max_frame_bytes: int | None = MAX_FRAME_BYTES,
     service_user: int | str | None = None,
+    direct: bool = True,
 ) -> AsyncSessionLane:
     """A client for ``address``; ``await`` it or enter it with ``async with`` to connect.
 
@@ -102,6 +107,7 @@ def connect_async(
             max_record_bytes=max_record_bytes,
             max_frame_bytes=max_frame_bytes,
             service_user=service_user,
+            direct=direct,
         )
     )
 
@@ -130,6 +136,7 @@ class AsyncSessionLane:
         self.settings = settings
         self.core: ClientCore[asyncio.Future[Reply], _Stream] = ClientCore(settings)
         self._connecting = asyncio.Lock()
+        self._opening = asyncio.Lock()  # one direct channel opened at a time
         self._revivals: set[asyncio.Task[None]] = set()  # reclaims running in the background
 
     def __repr__(self) -> str:
@@ -171,7 +178,10 @@ class AsyncSessionLane:
             try:
                 async for attempt in AsyncRetrying(**self.settings.retry_policy()):
                     with attempt:
-                        await self._open()
+                        try:
+                            await self._open()
+                        except DirectUnknown:  # an older service: once more, not asking
+                            await self._open()
             except OSError as exc:
                 raise self.settings.unreachable(exc) from exc
 
@@ -193,6 +203,7 @@ class AsyncSessionLane:
             refusal = service_refusal(self.settings, owner)
             if refusal is not None:
                 raise Unauthorized(refusal)
+            self.core.service_uid = owner
             link, hello = self.core.opened(
                 _Stream(reader, writer), asyncio.get_running_loop().time()
             )
@@ -211,7 +222,7 @@ class AsyncSessionLane:
         except BaseException as exc:
             lost = link.lost is not None
             self._drop(link, "hello failed")
-            if lost and isinstance(exc, Unavailable):
+            if lost and isinstance(exc, Unavailable) and not isinstance(exc, DirectUnknown):
                 # Dropped before the welcome: a service still starting, worth a retry.
                 raise ConnectionResetError(exc.detail) from exc
             raise
@@ -220,6 +231,8 @@ class AsyncSessionLane:
         """Close the connection: the service abandons this connection's leases."""
         link = self.core.link
         waiters = self.core.close()
+        for direct in self.core.direct_links():
+            self._drop(direct, "closed by the client")
         if link is None:
             return
         self._fail(waiters, link)
@@ -292,7 +305,10 @@ class AsyncSessionLane:
     def _drop(self, link: _Link, reason: str) -> None:
         """``link`` is over: close it and report it lost. Idempotent."""
         link.transport.writer.close()
+        gateway = link is self.core.link
         self._fail(self.core.lost(link, reason), link)
+        for direct in self.core.direct_links() if gateway else []:  # they go with it
+            self._drop(direct, f"the gateway connection ended ({reason})")
 
     def _fail(self, waiters: list[asyncio.Future[Reply]], link: _Link) -> None:
         """Fail the requests that ``link``, now lost, will never answer."""
@@ -347,7 +363,47 @@ class AsyncSessionLane:
             await self.reconnect()
             link = self.core.link_for(reconnect=False)
         assert link is not None
-        return await self._exchange(link, call)
+        direct = await self._direct_for(link, call.request)
+        if direct is None:
+            return await self._exchange(link, call)
+        try:
+            return await self._exchange(direct, call)
+        except ConnectionLost:
+            if not self.core.resend_on_loss(direct, call.request):
+                raise
+        # The file closed an idle channel as the acquire went: nothing came of it there.
+        return await self._exchange(await self._direct_for(link, call.request) or link, call)
+
+    async def _direct_for(self, link: _Link, request: Any) -> _Link | None:
+        """The direct channel ``request`` goes on, opened now if it may have one; None: the
+        gateway's connection (also when one could not be opened: logged at debug)."""
+        found = self.core.direct.route(request)
+        if found is not None or self.core.direct.key(request, self.core.clock()) is None:
+            return found
+        async with self._opening:
+            found = self.core.direct.route(request)
+            key = self.core.direct.key(request, self.core.clock())
+            if found is not None or key is None:
+                return found
+            try:
+                return await self._open_direct(link, key)
+            except (OSError, ValueError, TimeoutError, SessionLaneError) as exc:
+                self.core.direct_refusal(key, str(exc))
+                return None
+
+    async def _open_direct(self, link: _Link, key: tuple[str, str]) -> _Link:
+        """Ask the gateway for a ticket, connect to the file, show it (docs/direct-channel.md)."""
+        path, lane = key
+        offer = await self._exchange(link, ops.Call(Direct(lane=lane, path=path)))
+        if not isinstance(offer, DirectOffer):
+            raise Unavailable(f"direct channel not offered: {offer}")
+        reader, writer = await open_async(offer, self.core.service_uid, self.settings.timeout)
+        loop = asyncio.get_running_loop()
+        direct = self.core.direct_opened(key, _Stream(reader, writer), loop.time())
+        direct.transport.task = asyncio.create_task(
+            self._read_loop(direct), name=f"sessionlane-direct-{direct.generation}"
+        )
+        return direct
 
     async def _exchange(self, link: _Link, call: ops.Call) -> Reply:
         """Send ``call``'s request on ``link``; await its final reply."""
@@ -373,6 +429,8 @@ class AsyncSessionLane:
         except Unavailable as exc:
             return [exc]
         assert link is not None
+        if batch.requests:
+            link = self.core.direct.route(batch.requests[0]) or link
         loop = asyncio.get_running_loop()
         sent: deque[tuple[Any, asyncio.Future[Reply], Any]] = deque()
         limit = self.settings.reply_limit(None)

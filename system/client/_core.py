@@ -20,7 +20,12 @@ Invariants:
 - nothing is sent on a connection before its other end was found to be the expected service:
   its socket's owner (``_verify.service_refusal``; by default this user, unless a token is given)
   and, with a token, its proof of the token (:meth:`ClientCore.welcomed`). The token itself
-  is never sent (``sessionlane.messages.handshake``).
+  is never sent (``sessionlane.messages.handshake``);
+- a lease taken on a direct channel (``_direct``, ``docs/direct-channel.md``) is written and
+  released on that channel only, and ends with it, or with the gateway's connection.
+
+About 610 lines: the direct channels' routing is ``_direct.DirectRoutes``; what stays here is
+where it meets the leases and the links.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -56,6 +61,7 @@ from sessionlane.messages.wire import (
     Welcome,
 )
 from sessionlane.system.client._checks import check_options
+from sessionlane.system.client._direct import DirectRoutes, DirectUnknown, Key
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES, check_frame
 from sessionlane.system.client._verify import resolve_user
 from sessionlane.system.config import ConfigError, parse_listen
@@ -148,6 +154,9 @@ class Settings:
     """Who must own the service's socket: a uid, ``"*"`` (anyone), or None: this process's
     user without a token, no owner check with one (its proof decides). See
     :func:`service_refusal`."""
+    direct: bool = True
+    """Ask for direct channels to the files this client leases (``docs/direct-channel.md``);
+    the service offers them only to a client on its own host."""
 
     @classmethod
     def of(cls, address: str | None, token: str | None, **options: Any) -> Settings:
@@ -279,6 +288,11 @@ class ClientCore(Generic[W, T]):
         """The leases held on ``link``, by lease id."""
         self._last_id = 0
         self._generation = 0
+        self.service_uid: int | None = None
+        """The uid the service's socket was found to run as (a direct channel's peer must be
+        the same), or None when unknown (no direct channel then)."""
+        self.direct: DirectRoutes[Link[W, T]] = DirectRoutes(settings.direct)
+        """Which requests go on which direct channel (``docs/direct-channel.md``)."""
         self.clock: Callable[[], float] = time.monotonic
         """What the operations read the time from (seconds; tests replace it)."""
 
@@ -294,7 +308,8 @@ class ClientCore(Generic[W, T]):
         link: Link[W, T] = Link(transport, self._generation, last_sent=now)
         if self.settings.token is not None:
             link.nonce = os.urandom(NONCE_BYTES)
-        return link, Hello(client=f"python:{os.getpid()}", nonce=link.nonce)
+        direct = True if self.direct.ask else None
+        return link, Hello(client=f"python:{os.getpid()}", nonce=link.nonce, direct=direct)
 
     def challenged(self, link: Link[W, T], reply: Reply) -> Proof | None:
         """The proof to send if ``reply`` (to the hello) is the service's ``challenge``; None
@@ -327,6 +342,8 @@ class ClientCore(Generic[W, T]):
         closed meanwhile; the surface then drops the link.
         """
         if isinstance(reply, Error):
+            if self.direct.hello_refused(reply.code, reply.detail):
+                raise DirectUnknown(f"an older service: {reply.detail}")
             raise error_for(reply.code, reply.detail, reply.path)
         if self.closed or link.lost is not None:
             raise Unavailable("the connection was closed")
@@ -348,6 +365,7 @@ class ClientCore(Generic[W, T]):
                 )
         self.server = reply.server
         self.link = link
+        self.direct.welcomed(bool(reply.direct) and self.service_uid is not None)
 
     def link_for(self, reconnect: bool) -> Link[W, T] | None:
         """The connection a request goes on, or None: reconnect first (only if ``reconnect``;
@@ -379,11 +397,65 @@ class ClientCore(Generic[W, T]):
         if self.link is link:
             self.link = None
             self._revoke_all(revoked, suspend=not self.closed and self.reconnects)
+        elif self._direct_lost(link, revoked):
+            log.debug("sessionlane %s: direct channel ended: %s", self.settings.address, reason)
+            return self._take_waiters(link)
         if not self.closed:
             log.warning("sessionlane %s: %s", self.settings.address, reason)
+        return self._take_waiters(link)
+
+    def _take_waiters(self, link: Link[W, T]) -> list[W]:
         waiters = list(link.pending.values())
         link.pending.clear()
         return waiters
+
+    # Direct channels -----------------------------------------------------------------------
+
+    def direct_opened(self, key: Key, transport: T, now: float) -> Link[W, T]:
+        """A direct channel for ``key`` was opened and welcomed on ``transport``."""
+        self._generation += 1
+        link: Link[W, T] = Link(transport, self._generation, last_sent=now)
+        self.direct.links[key] = link
+        return link
+
+    def direct_refusal(self, key: Key, reason: str) -> None:
+        """No direct channel for ``key`` on this connection: its requests use the gateway."""
+        log.debug("sessionlane %s: no direct channel to %s: %s", self.settings.address, key, reason)
+        self.direct.refuse(key, self.clock())
+
+    def _direct_lost(self, link: Link[W, T], revoked: str) -> bool:
+        """If ``link`` is a direct channel: forget it, its leases revoked (those the gateway's
+        loss did not already suspend or revoke), or, with ``reconnect_for``, suspended as the
+        gateway's loss would (a crashed service may close the channel first: the reclaim
+        decides). False for any other link."""
+        gone = self.direct.lost(link)
+        if gone is None:
+            return False
+        suspend = not self.closed and self.reconnects
+        for lease in gone:
+            state = self.leases.get(lease)
+            if state is None or state.suspended:
+                continue
+            if suspend and state.secret is not None:
+                state.suspended = True
+                continue
+            state.revoked = revoked
+            del self.leases[lease]
+        return True
+
+    def direct_held(self, lane: str, path: str | None) -> list[LeaseState]:
+        """The leases held on the direct channels of ``lane`` (to ``path`` only, if given)."""
+        return [self.leases[x] for x in self.direct.held(lane, path) if x in self.leases]
+
+    def resend_on_loss(self, link: Link[W, T], request: Any) -> bool:
+        """Whether ``request``, lost with the direct channel ``link`` before its answer, may be
+        sent again: an acquire (the file abandons whatever a closed channel was granted or
+        waited for, so a grant cannot have survived; a write's outcome stays unknown)."""
+        return isinstance(request, Acquire) and link is not self.link and link.lost is not None
+
+    def direct_links(self) -> list[Link[W, T]]:
+        """Every open direct channel (to close when the gateway's connection ends)."""
+        return list(self.direct.links.values())
 
     @staticmethod
     def lost_error(link: Link[W, T]) -> Unavailable:
@@ -439,6 +511,8 @@ class ClientCore(Generic[W, T]):
             return None
         waiter = link.pending.pop(reply.id, None)
         if waiter is not None:
+            if isinstance(reply, Granted) and link is not self.link:
+                self.direct.leases[reply.lease] = link
             return Answer(waiter, reply)
         if reply.id in link.orphans:
             link.orphans.discard(reply.id)
@@ -498,14 +572,18 @@ class ClientCore(Generic[W, T]):
         if state.holds > 0:
             return
         state.released = True
+        self.direct.leases.pop(state.lease, None)
         if self.leases.get(state.lease) is state:
             del self.leases[state.lease]
 
-    def abandoned(self, leases: list[str]) -> None:
-        """The service confirmed an ``abandon``: those leases are gone."""
+    def abandoned(self, leases: list[str], direct: Sequence[LeaseState] = ()) -> None:
+        """The service confirmed an ``abandon``: those leases are gone (``direct``: those of
+        its direct channels, which may already be gone with their channel)."""
         for lease in leases:
             if (state := self.leases.pop(lease, None)) is not None:
                 state.revoked = "abandoned"
+        for state in direct:
+            state.revoked = "abandoned"
 
     def _apply_event(self, event: Reply) -> None:
         """Apply an event (a message without id) to the lease it concerns."""
@@ -519,6 +597,7 @@ class ClientCore(Generic[W, T]):
                         del self.leases[event.lease]
                         state.revoked = event.reason
             case Revoked():
+                self.direct.leases.pop(event.lease, None)
                 if (state := self.leases.pop(event.lease, None)) is not None:
                     state.revoked = event.reason
             case AbortRequested():

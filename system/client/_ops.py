@@ -242,10 +242,14 @@ def abandon(core: Core, lane: str, path: str | None, reason: str | None) -> Op[l
     """``Lane.abandon``: the ids of the leases the service dropped (now revoked here)."""
     check_abandon(path, reason)
     request = Abandon(lane=lane, path=anchor(path) if path else None, reason=reason)
+    # The file drops the lane's direct channels with it, and their leases: those are its own
+    # lanes' (docs/direct-channel.md), not in its answer.
+    direct = core.direct_held(lane, request.path)
     reply = raise_if_error((yield Call(request)), path)
     assert isinstance(reply, Abandoned), reply
-    core.abandoned(reply.leases)
-    return reply.leases
+    leases = sorted(set(reply.leases) | {state.lease for state in direct})
+    core.abandoned(leases, direct)
+    return leases
 
 
 def recover(core: Core, path: str, reason: str, grace: float, lane: str) -> Op[LeaseState]:

@@ -30,7 +30,7 @@ MAX_FRAME_BYTES = 8_388_608
 """The service's default ``max_frame_bytes``: a bigger frame would make it close the connection."""
 MAX_RECORD_DEPTH = 100
 """The gateway's nesting limit for records
-(``sessionlane.system.gateway.gateway._MAX_RECORD_DEPTH``)."""
+(``sessionlane.messages.client_frames.MAX_RECORD_DEPTH``)."""
 _MSGPACK_INTS = (-(2**63), 2**64 - 1)
 
 

@@ -24,7 +24,9 @@ logger (``sessionlane.system.client``) only, never to the host's stderr.
 
 This module is the socket and thread half only: what to send and what a reply means are the
 shared ``ClientCore`` (``_core``) and the operations (``_ops``), driven here with blocking
-calls. Every use of the core holds ``SessionLane._lock``.
+calls. Every use of the core holds ``SessionLane._lock``. (About 630 lines: the opening and
+routing of direct channels, ``docs/direct-channel.md``, stay beside the connection code whose
+lock and reader thread they share.)
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from tenacity import Retrying
 from sessionlane.messages.codec import FrameReader, decode_reply
 from sessionlane.messages.errors import SessionLaneError, Unauthorized, Unavailable
 from sessionlane.messages.wire import (
+    Direct,
+    DirectOffer,
     Durability,
     OnContention,
     Priority,
@@ -58,6 +62,7 @@ from sessionlane.system.client._core import (
     Answer,
     AppendResult,
     ClientCore,
+    ConnectionLost,
     LeaseState,
     Link,
     Send,
@@ -65,6 +70,7 @@ from sessionlane.system.client._core import (
     log,
     parse_address,
 )
+from sessionlane.system.client._direct import DirectUnknown, open_sync
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
 from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, owner_pending, service_refusal
 from sessionlane.system.gateway import peercred
@@ -90,6 +96,7 @@ def connect(
     max_record_bytes: int | None = MAX_RECORD_BYTES,
     max_frame_bytes: int | None = MAX_FRAME_BYTES,
     service_user: int | str | None = None,
+    direct: bool = True,
 ) -> SessionLane:
     """Open a connection to ``address`` (default: ``$SESSIONLANE_LISTEN``, else
     ``tcp://127.0.0.1:7420``).
@@ -105,6 +112,9 @@ def connect(
     with a token nobody in particular (the service proves the token instead): see
     ``docs/security-clients.md``. A service that fails the check raises ``Unauthorized``
     before anything is sent. A malformed address or an unknown user raises ``ValueError``.
+    ``direct``: take the direct channels a local service offers (``docs/direct-channel.md``):
+    a lease's acquire, appends and release then go to the file's process, not through the
+    gateway; False keeps every request on the one connection.
     """
     sl = SessionLane(
         Settings.of(
@@ -116,6 +126,7 @@ def connect(
             max_record_bytes=max_record_bytes,
             max_frame_bytes=max_frame_bytes,
             service_user=service_user,
+            direct=direct,
         )
     )
     sl.reconnect()
@@ -172,6 +183,7 @@ class SessionLane:
         self.core: ClientCore[_Waiter, socket.socket] = ClientCore(settings)
         self._lock = threading.Lock()  # the core, and whole frames on the socket
         self._connecting = threading.Lock()  # one reconnect at a time
+        self._opening = threading.Lock()  # one direct channel opened at a time
 
     def __repr__(self) -> str:
         state = "closed" if self.core.closed else "connected" if self.connected else "idle"
@@ -199,7 +211,10 @@ class SessionLane:
             try:
                 for attempt in Retrying(**self.settings.retry_policy()):
                     with attempt:
-                        self._open()
+                        try:
+                            self._open()
+                        except DirectUnknown:  # an older service: once more, not asking
+                            self._open()
             except OSError as exc:
                 raise self.settings.unreachable(exc) from exc
 
@@ -216,6 +231,7 @@ class SessionLane:
             if refusal is not None:
                 raise Unauthorized(refusal)
             with self._lock:
+                self.core.service_uid = owner
                 link, hello = self.core.opened(sock, time.monotonic())
         except BaseException:
             sock.close()
@@ -234,7 +250,7 @@ class SessionLane:
         except BaseException as exc:
             lost = link.lost is not None
             self._drop(link, "hello failed")
-            if lost and isinstance(exc, Unavailable):
+            if lost and isinstance(exc, Unavailable) and not isinstance(exc, DirectUnknown):
                 # Dropped before the welcome: a service still starting, worth a retry.
                 raise ConnectionResetError(exc.detail) from exc
             raise
@@ -244,6 +260,9 @@ class SessionLane:
         with self._lock:
             link = self.core.link
             waiters = self.core.close()
+            directs = self.core.direct_links()
+        for direct in directs:
+            self._drop(direct, "closed by the client")
         if link is not None:
             self._fail(waiters, link)
             with contextlib.suppress(OSError):
@@ -323,7 +342,11 @@ class SessionLane:
         with contextlib.suppress(OSError):
             link.transport.shutdown(socket.SHUT_RDWR)
         with self._lock:
+            gateway = link is self.core.link
             self._fail(self.core.lost(link, reason), link)
+            directs = self.core.direct_links() if gateway else []
+        for direct in directs:  # they go with the gateway's connection
+            self._drop(direct, f"the gateway connection ended ({reason})")
 
     def _fail(self, waiters: list[_Waiter], link: _Link) -> None:
         """Wake the callers of requests that ``link``, now lost, will never answer."""
@@ -363,7 +386,55 @@ class SessionLane:
             with self._lock:
                 link = self.core.link_for(reconnect=False)
         assert link is not None
-        return self._exchange(link, call)
+        direct = self._direct_for(link, call.request)
+        if direct is None:
+            return self._exchange(link, call)
+        try:
+            return self._exchange(direct, call)
+        except ConnectionLost:
+            with self._lock:
+                again = self.core.resend_on_loss(direct, call.request)
+            if not again:
+                raise
+        # The file closed an idle channel as the acquire went: nothing came of it there.
+        return self._exchange(self._direct_for(link, call.request) or link, call)
+
+    def _direct_for(self, link: _Link, request: Any) -> _Link | None:
+        """The direct channel ``request`` goes on, opened now if it may have one; None: the
+        gateway's connection (also when one could not be opened: logged at debug)."""
+        with self._lock:
+            found = self.core.direct.route(request)
+            key = self.core.direct.key(request, self.core.clock())
+        if found is not None or key is None:
+            return found
+        with self._opening:
+            with self._lock:
+                found = self.core.direct.route(request)
+                key = self.core.direct.key(request, self.core.clock())
+            if found is not None or key is None:
+                return found
+            try:
+                return self._open_direct(link, key)
+            except (OSError, ValueError, SessionLaneError) as exc:
+                with self._lock:
+                    self.core.direct_refusal(key, str(exc))
+                return None
+
+    def _open_direct(self, link: _Link, key: tuple[str, str]) -> _Link:
+        """Ask the gateway for a ticket, connect to the file, show it (docs/direct-channel.md)."""
+        path, lane = key
+        offer = self._exchange(link, ops.Call(Direct(lane=lane, path=path)))
+        if not isinstance(offer, DirectOffer):
+            raise Unavailable(f"direct channel not offered: {offer}")
+        with self._lock:
+            expected = self.core.service_uid
+        sock = open_sync(offer, expected, self.settings.timeout)
+        with self._lock:
+            direct = self.core.direct_opened(key, sock, time.monotonic())
+        threading.Thread(
+            target=self._read_loop, args=(direct,), name="sessionlane-direct", daemon=True
+        ).start()
+        return direct
 
     def _exchange(self, link: _Link, call: ops.Call) -> Reply:
         """Send ``call``'s request on ``link``; wait for its final reply."""
@@ -394,6 +465,8 @@ class SessionLane:
         try:
             with self._lock:
                 link = self.core.link_for(reconnect=False)
+                if batch.requests:
+                    link = self.core.direct.route(batch.requests[0]) or link
         except Unavailable as exc:
             return [exc]
         assert link is not None

@@ -25,6 +25,9 @@ With a ``token_file``, admission takes two steps (``docs/protocol.md``, "Token p
 ``proof`` decides; the ``welcome`` carries our own proof. A peer's proofs are checked no
 faster than ``ProofDelays`` allows after wrong ones: the connection waits (parked, reading
 nothing) for its turn.
+
+A hello may ask for direct channels (``docs/direct-channel.md``); the ``welcome`` says whether
+they are offered. (About 620 lines: admission is one piece, and that offer is part of it.)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sessionlane.actors.endpoint import AcceptBackoff, Acceptor, FramedSocket
+from sessionlane.messages.client_frames import MAX_CLIENT_OUTPUT_BYTES
 from sessionlane.messages.codec import HEADER, FrameDecodeError, decode_request, frame
 from sessionlane.messages.errors import ErrorCode
 from sessionlane.messages.handshake import NONCE_BYTES, client_proof, matches, server_proof
@@ -83,7 +87,6 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "sessionlane/0.1"
 _RECV_BYTES = 256 * 1024
 """Read per connection per wake-up: a flood waits its turn behind the other clients."""
-_MAX_OUTBUF = 32 * 1024 * 1024
 _FLUSH_RETRY_S = 0.005
 _LINGER_MS = 1_000.0
 """How long a closed connection's last frames (an error) may take to be written."""
@@ -130,6 +133,9 @@ class Client:
     parked: bool = False
     """Its proof waits for its turn (``ProofDelays``): nothing more is read from it."""
     closing: bool = False
+    direct: bool | None = None
+    """Its hello asked for direct channels (None: it did not ask); once admitted, whether
+    they are offered to it (``docs/direct-channel.md``)."""
     lanes: dict[str, LaneState] = field(default_factory=dict)
     """The lanes it opened, by name (the gateway's to manage)."""
 
@@ -141,6 +147,7 @@ class Limits:
     max_frame_bytes: int = 8 * 1024 * 1024
     keepalive_ms: float = 10_000
     max_connections: int = 512
+    direct_channels: bool = True
 
 
 class Clients:
@@ -246,7 +253,7 @@ class Clients:
             self.limits.max_frame_bytes,
             first_frame=MAX_HELLO_BYTES,
             read_budget=_RECV_BYTES,
-            max_output=_MAX_OUTBUF,
+            max_output=MAX_CLIENT_OUTPUT_BYTES,
         )
         now = self.clock()
         client = Client(
@@ -439,6 +446,8 @@ class Clients:
         if refusal is not None:
             self.refuse(client, request.id, refusal)
             return
+        if request.direct is not None:
+            client.direct = request.direct
         if self.policy.token is not None:
             # Step two: our nonce; the client's proof decides. Its frame is held to the
             # hello's small limit too.
@@ -458,10 +467,28 @@ class Clients:
         client.admitted = True
         self.hellos.discard(client.id)
         self.release_stranger(client)
+        if client.direct is not None:
+            client.direct = client.direct and self.offers_direct(client)
         self.write(
             client,
-            Welcome(id=rid, server=SERVER_NAME, protocol=PROTOCOL_VERSION, proof=proof),
+            Welcome(
+                id=rid,
+                server=SERVER_NAME,
+                protocol=PROTOCOL_VERSION,
+                proof=proof,
+                direct=client.direct,
+            ),
         )
+
+    def offers_direct(self, client: Client) -> bool:
+        """Whether ``client`` (which asked) may have direct channels: the service offers them
+        and the peer is a process of this host whose uid is known (``SO_PEERCRED``, or the
+        loopback connection's owner)."""
+        if not self.limits.direct_channels:
+            return False
+        if client.peer_uid is None:
+            client.peer_uid = peercred.peer_uid(client.end.sock)
+        return client.peer_uid is not None
 
     def welcome(self, client: Client, request: Hello) -> None:
         """A repeated hello: welcomed again, nothing checked again."""

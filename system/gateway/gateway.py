@@ -41,6 +41,7 @@ from sessionlane.actors.holder_reclaim import HolderReclaims
 from sessionlane.actors.lane_state import CLOSE_TIMEOUT_S, ChannelLost, LaneState
 from sessionlane.actors.links import Links
 from sessionlane.messages.carried import CarriedCalls, CarriedReplies
+from sessionlane.messages.client_frames import record_refusal
 from sessionlane.messages.internal import (
     ChannelOffer,
     FileReply,
@@ -58,6 +59,7 @@ from sessionlane.messages.wire import (
     Abandon,
     Acquire,
     Append,
+    Direct,
     Error,
     Priority,
     Recover,
@@ -90,14 +92,6 @@ from sessionlane.system.gateway.timers import (
 __all__ = ["Gateway"]
 
 log = logging.getLogger(__name__)
-
-_MAX_RECORD_DEPTH = 100
-"""Deepest nesting of maps and lists accepted in a record.
-
-A record may travel pickled through actors (calls routed through the Registry); pickling a
-record nested about 500 deep exceeds the recursion limit, and thespian then drops the message
-(the request would never be answered). Real transcript records nest a dozen levels at most.
-"""
 
 
 class Gateway(ShellActor):
@@ -154,6 +148,7 @@ class Gateway(ShellActor):
         clients.policy = policy
         clients.limits.max_frame_bytes = msg.max_frame_bytes
         clients.limits.keepalive_ms = msg.keepalive_ms
+        clients.limits.direct_channels = msg.direct_channels
         clients.hellos = HelloDeadlines(msg.hello_timeout_ms)
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         cap = connection_cap(msg.max_connections, -1 if soft == resource.RLIM_INFINITY else soft)
@@ -214,14 +209,30 @@ class Gateway(ShellActor):
             case Acquire() | Recover() | Abandon():
                 priority = request.priority if isinstance(request, Acquire) else None
                 self.to_lane(client, request.lane, request, priority)
-            case Append() | Rewrite() if (refusal := _too_deep(request.records)) is not None:
-                self.clients.write(
-                    client, Error(id=request.id, code="invalid_record", detail=refusal)
-                )
+            case Append() | Rewrite() if (refusal := record_refusal(request)) is not None:
+                self.clients.write(client, refusal)
+            case Direct():
+                self.direct(client, request)
             case Append() if request.lane is not None:
                 self.to_lane(client, request.lane, request, None)
             case Release() | Append() | Rewrite():
                 self.by_lease(client, request)
+
+    def direct(self, client: Client, request: Direct) -> None:
+        """A ``direct``: the file mints the ticket (``docs/direct-channel.md``), asked through
+        the client's lane, so that lane's abandon (the connection closing) also closes the
+        channel. The admitted uid and the frame limit are ours to say, never the client's."""
+        if not client.direct or client.peer_uid is None:
+            detail = "direct channels are not offered on this connection"
+            self.clients.write(client, Error(id=request.id, code="unavailable", detail=detail))
+            return
+        forwarded = request.model_copy(
+            update={
+                "peer_uid": client.peer_uid,
+                "max_frame_bytes": self.clients.limits.max_frame_bytes,
+            }
+        )
+        self.to_lane(client, request.lane, forwarded, None)
 
     def by_lease(self, client: Client, request: Release | Append | Rewrite) -> None:
         """A request naming only a lease: sent by the connection's own lane.
@@ -390,18 +401,3 @@ class Gateway(ShellActor):
             case KeepaliveSweep():
                 self.clients.sweep_silent()
                 self.wake(KeepaliveSweep(), self.clients.limits.keepalive_ms / 1000.0)
-
-
-def _too_deep(records: list[Any]) -> str | None:
-    """Why ``records`` nest deeper than :data:`_MAX_RECORD_DEPTH`, or None (iterative)."""
-    for index, record in enumerate(records):
-        stack: list[tuple[Any, int]] = [(record, 1)]
-        while stack:
-            value, depth = stack.pop()
-            if depth > _MAX_RECORD_DEPTH:
-                return f"record {index}: nested deeper than {_MAX_RECORD_DEPTH} levels"
-            if isinstance(value, dict):
-                stack.extend((v, depth + 1) for v in value.values())
-            elif isinstance(value, list):
-                stack.extend((v, depth + 1) for v in value)
-    return None

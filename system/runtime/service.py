@@ -294,6 +294,7 @@ class Service:
                 max_connections=self.settings.max_connections,
                 hello_timeout_ms=self.settings.hello_timeout_ms,
                 allow_other_users=self.settings.allow_other_users,
+                direct_channels=self.settings.direct_channels,
             ),
         )
         answer = self._expect(asys, (GatewayStarted, GatewayFailed), "the gateway")
