@@ -7,10 +7,10 @@ table never sleeps and never reads a clock; ``next_deadline()`` says when the ca
 call ``tick`` again.
 
 Its vocabulary (the policy, the effect records, the ``Holder`` and ``Waiter`` records) lives in
-``sessionlane.actors.lease_types`` and is re-exported here; this module is the transitions.
-The awaited holder of a restart is the part to move out next (into ``actors/reclaim.py``'s
-pure book) once the table's transitions take a "blocked by" predicate instead of knowing about
-restarts.
+``sessionlane.actors.lease_types`` and is re-exported here; this module is the transitions of
+the queue and the holder. It knows nothing of restarts: a holder awaited after one (or kept
+for a lost member's lane) is ``sessionlane.actors.awaited.AwaitingTable``'s, which extends
+this table with those transitions (a SessionFile's table is one).
 
 Invariants (checked by the Hypothesis model in ``tests/test_lease_table_model.py``):
 
@@ -28,18 +28,13 @@ Invariants (checked by the Hypothesis model in ``tests/test_lease_table_model.py
   holder's connection: a lane id ending in ``/`` acts for every lane whose id it prefixes (a
   gateway connection's lanes are ``<connection>/<name>``, and a client's ``release`` or
   ``append`` names only its lease, not its lane: see :func:`acts_for`);
-- a holder found in the durable lease record after a restart is *awaited*
-  (``await_reclaim``): it holds the path for nobody until a lane reclaims it (same lease,
-  same fence) or its grace ends; nothing else is granted meanwhile, and nobody releases or
-  writes under it before its reclaim;
 - a grant whose fence reservation failed is undone (``reservation_failed``): no holder, the
   fence counter as before it, the request answered with the error.
 
-Why the transitions stay in one module: it is one state machine (the awaited holder of a
-restart included). Each transition (a public method) reads top to bottom with the private
-steps it shares (grant, enqueue, promote, revoke) a few lines away; the invariants above span
-all of it and the model test drives it as one unit; that is why it is slightly over 600
-lines since the awaited holder also stands for a lost member's kept lease (#22).
+Why the transitions stay in one module: it is one state machine. Each transition (a public
+method) reads top to bottom with the private steps it shares (grant, enqueue, promote,
+revoke) a few lines away; the invariants above span all of it and the model test drives it as
+one unit.
 """
 
 from __future__ import annotations
@@ -49,7 +44,6 @@ import itertools
 from sessionlane.actors.lease_types import (
     Abandoned,
     AbortRequest,
-    Awaited,
     Diagnostic,
     Effect,
     Grant,
@@ -129,9 +123,6 @@ class LeaseTable:
             "revoked_max_hold": 0,
             "revoked_recovery": 0,
             "revoked_shutdown": 0,
-            "reclaims": 0,
-            "reclaims_expired": 0,
-            "reclaims_refused": 0,
         }
 
     # Inputs --------------------------------------------------------------------------------
@@ -174,87 +165,6 @@ class LeaseTable:
             req, lane, purpose, priority, now, wait_timeout_ms, max_hold_ms, waited_ms=waited_ms
         )
 
-    def await_reclaim(
-        self,
-        lease: str,
-        fence: int,
-        lane_name: str,
-        purposes: list[Purpose],
-        priority: Priority,
-        now: float,
-        *,
-        until: float,
-        hold_ms: float | None,
-    ) -> None:
-        """Hold the path for the holder found in the lease record until ``until`` (the end of
-        the reclaim grace); ``hold_ms``: what is left of its max hold, once reclaimed."""
-        assert self.holder is None and fence <= self.fence, "await before any grant"
-        self.holder = Holder(
-            lease=lease,
-            fence=fence,
-            lane=Awaited(lane_name),
-            priority=priority,
-            granted_at=now,
-            hold_deadline=until,
-            purposes=list(purposes),
-            state="awaiting",
-            reclaim_hold_ms=hold_ms,
-        )
-
-    def reclaim(
-        self, req: ReqKey, lane: Lane, lease: str, fence: int, now: float, *, takeover: bool = False
-    ) -> list[Effect]:
-        """``lane`` takes back the awaited ``lease``: the same lease, fence and nesting.
-
-        A second reclaim of a lease ``lane`` already took back is granted again (a client
-        that lost the answer asks twice), with no nesting added. ``takeover`` (the caller
-        showed the lease's secret under its lane name): a lease still held by another lane
-        moves to ``lane``, whose old lane is told ``member_lost``; its holder's member died
-        before this owner noticed. Anything else is refused.
-        """
-        holder = self.holder
-        if holder is None or holder.lease != lease or holder.fence != fence:
-            return [
-                self.refuse_reclaim(
-                    req,
-                    lane,
-                    f"lease {lease} fence {fence} is not awaited; "
-                    + (
-                        "the path is free" if holder is None else f"current fence is {holder.fence}"
-                    ),
-                )
-            ]
-        if holder.state == "held" and holder.lane != lane and takeover:
-            old, holder.lane = holder.lane, lane
-            self.counters["reclaims"] += 1
-            return [
-                Revoke(old, lease, "member_lost"),
-                Grant(req, lane, lease, fence, holder.purpose),
-                Diagnostic(f"reclaimed path={self.path} lane={lane} lease={lease} from={old}"),
-            ]
-        if holder.state == "held":
-            if holder.lane != lane:
-                return [
-                    self.refuse_reclaim(req, lane, f"lease {lease} was reclaimed by another lane")
-                ]
-            return [Grant(req, lane, lease, fence, holder.purpose)]
-        holder.state = "held"
-        holder.lane = lane
-        holder.granted_at = now
-        left = holder.reclaim_hold_ms
-        holder.hold_deadline = None if left is None else now + max(0.0, left)
-        holder.reclaim_hold_ms = None
-        self.counters["reclaims"] += 1
-        return [
-            Grant(req, lane, lease, fence, holder.purpose),
-            Diagnostic(f"reclaimed path={self.path} lane={lane} lease={lease} fence={fence}"),
-        ]
-
-    def refuse_reclaim(self, req: ReqKey, lane: Lane, why: str) -> Reject:
-        """A reclaim that cannot be honoured, counted."""
-        self.counters["reclaims_refused"] += 1
-        return Reject(req, lane, "reclaim_refused", why)
-
     def recover(
         self, req: ReqKey, lane: Lane, grace_ms: int, now: float, *, reason: str = ""
     ) -> list[Effect]:
@@ -290,8 +200,6 @@ class LeaseTable:
         holder = self.holder
         if holder is None or holder.lease != lease or not acts_for(lane, holder.lane):
             return [Reject(req, lane, "not_holder", f"lease {lease} is not held by this lane")]
-        if holder.state == "awaiting":  # reclaimed first, by the lane that shows its secret
-            return [Reject(req, lane, "not_holder", f"lease {lease} must be reclaimed first")]
         holder.purposes.pop()
         self.counters["releases"] += 1
         if holder.purposes:
@@ -299,57 +207,31 @@ class LeaseTable:
         self.holder = None
         return [Released(req, lane, lease, freed=True), *self._promote(now)]
 
-    def abandon(
-        self,
-        req: ReqKey,
-        lane: Lane,
-        now: float,
-        *,
-        reason: str,
-        keep_as: Awaited | None = None,
-        until: float = 0.0,
-    ) -> list[Effect]:
-        """Drop the lane's lease (all nesting) and cancel its waiters, at once.
-
-        ``keep_as`` (for the lane of a lost convention member): the lease is not dropped but
-        awaited as ``keep_as`` until ``until``, as a restart's holder is (``await_reclaim``)."""
+    def abandon(self, req: ReqKey, lane: Lane, now: float, *, reason: str) -> list[Effect]:
+        """Drop the lane's lease (all nesting) and cancel its waiters, at once."""
         effects: list[Effect] = []
         leases: tuple[str, ...] = ()
         holder = self.holder
-        if holder is not None and holder.lane == lane and keep_as is not None:
-            left = None if holder.hold_deadline is None else holder.hold_deadline - now
-            holder.state, holder.lane, holder.reclaim_hold_ms = "awaiting", keep_as, left
-            holder.hold_deadline = until
-            effects.append(self._diagnostic("keep for reclaim", holder, now, reason))
-        elif holder is not None and holder.lane == lane:
+        if holder is not None and holder.lane == lane:
             leases = (holder.lease,)
             self.holder = None
             self.counters["abandons"] += 1
             effects.append(self._diagnostic("abandon", holder, now, reason))
+        return effects + self._cancel_lane(req, lane, now, reason, leases)
+
+    def _cancel_lane(
+        self, req: ReqKey, lane: Lane, now: float, reason: str, leases: tuple[str, ...]
+    ) -> list[Effect]:
+        """Cancel the lane's waiters and answer its abandon (``leases``: what it dropped)."""
         cancelled = [w for w in self.waiters if w.lane == lane]
         self.waiters = [w for w in self.waiters if w.lane != lane]
-        effects += [
+        effects: list[Effect] = [
             Reject(w.req, w.lane, "abandoned", f"lane abandoned its requests: {reason}")
             for w in cancelled
         ]
         effects.append(Abandoned(req, lane, leases))
         self._forget_orphaned_abort()
         return effects + self._promote(now)
-
-    def came_back(self, lane: Lane, now: float) -> list[Effect]:
-        """``lane`` speaks again, whose lease was kept when its member was lost: that member
-        was only paused or cut off, and its lane is told the lease is gone (as it would
-        have been at the loss without a grace; its client may have moved on meanwhile), so
-        the lease is dropped now and the next waiter granted. Only another lane (its client,
-        reconnected elsewhere) reclaims a kept lease."""
-        holder = self.holder
-        if holder is None or holder.state != "awaiting" or not isinstance(holder.lane, Awaited):
-            return []
-        if not lane or holder.lane.kept_for != lane:
-            return []
-        self.holder = None
-        self.counters["abandons"] += 1
-        return [self._diagnostic("abandon", holder, now, "its lane came back"), *self._promote(now)]
 
     def tick(self, now: float) -> list[Effect]:
         """Apply every deadline that is due, in time order: wait timeouts, max hold, recovery
@@ -361,14 +243,6 @@ class LeaseTable:
         """
         effects: list[Effect] = []
         holder = self.holder
-        if holder is not None and holder.state == "awaiting":
-            due = holder.hold_deadline
-            if holder.abort_deadline is not None and holder.abort_deadline <= now:
-                due = holder.abort_deadline  # a recovery does not wait for the grace
-            if due is not None and due <= now:
-                effects += self._expire_waiters(due, now, strictly_before=True)
-                effects += self._expire_awaited(holder, now)
-            return effects + self._expire_waiters(now, now) + self._promote(now)
         reason: RevokeReason | None = None
         revoke_at = now
         if holder is not None:
@@ -384,12 +258,6 @@ class LeaseTable:
             effects += self._promote(now)
         effects += self._expire_waiters(now, now)
         return effects + self._promote(now)
-
-    def _expire_awaited(self, holder: Holder, now: float) -> list[Effect]:
-        """The awaited holder did not come back in time: the path is free again."""
-        self.holder = None
-        self.counters["reclaims_expired"] += 1
-        return [self._diagnostic("reclaim grace ended for", holder, now, "not reclaimed")]
 
     def _expire_waiters(
         self, due: float, now: float, *, strictly_before: bool = False
@@ -428,9 +296,7 @@ class LeaseTable:
         self.closed = True
         effects: list[Effect] = [Reject(w.req, w.lane, code, detail) for w in self.waiters]
         self.waiters = []
-        if self.holder is not None and self.holder.state == "awaiting":
-            self.holder = None  # nobody to tell: its lease record stays for the next grace
-        elif self.holder is not None:
+        if self.holder is not None:
             effects += self._revoke(self.holder, reason, now)
         return effects
 
@@ -472,8 +338,6 @@ class LeaseTable:
             self.counters["stale_fence"] += 1
             current = f"current fence is {holder.fence}" if holder else "the path is free"
             return ("stale_fence", f"lease {lease} fence {fence} is not current; {current}")
-        if holder.state == "awaiting":
-            return ("stale_fence", f"lease {lease} must be reclaimed first (the service restarted)")
         if not acts_for(lane, holder.lane):
             return ("not_holder", f"lease {lease} belongs to another lane")
         if purpose == "compaction" and "compaction" not in holder.purposes:

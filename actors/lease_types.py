@@ -3,8 +3,9 @@
 ``sessionlane.actors.lease_table.LeaseTable`` is the state machine; this module holds what it
 speaks and keeps: the ``LeasePolicy`` it enforces, the effects its transitions return (``Grant``,
 ``Queue``, ``Skip``, ``Reject``, ``Released``, ``Abandoned``, ``Revoke``, ``AbortRequest``,
-``Diagnostic``, ``ReserveFences``), and its ``Holder`` and ``Waiter`` records (a holder found in
-the lease record after a restart is ``Awaited``). ``lease_table`` re-exports all of it.
+``Diagnostic``, ``ReserveFences``), and its ``Holder`` and ``Waiter`` records (a holder awaited
+after a restart, ``sessionlane.actors.awaited``, has an ``Awaited`` lane). ``lease_table``
+re-exports all of it.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ class Awaited:
 
     name: str
     kept_for: str = ""
-    """``LeaseTable.abandon(keep_as=...)``: the lane of the lost member it was kept from."""
+    """``AwaitingTable.abandon(keep_as=...)``: the lane of the lost member it was kept from."""
 
     def __str__(self) -> str:
         return f"{self.name} (awaiting reclaim)"

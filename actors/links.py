@@ -31,18 +31,15 @@ Each death of a SessionFile is handled once: the channel breaking and the Regist
 connection refused before the welcome (a file being passivated, or already gone) lost
 nothing: the link just asks again.
 
-Routing is stateless. A request names its path, or a lease whose id names its file's route
-(``sessionlane.actors.paths.lease_route``): ``route_of`` maps a route to the canonical path of
-a file these links reach, and the file itself checks that the lane holds the lease. What the
-links do keep per file is the one lease granted over them that is still held (``_Grant``, seen
-in the replies passing through): what a lost channel or a restarted file takes with it, so
-the holder's lane reports it (``revoked``, ``actor_restart``), and why a channel whose lease
-is held is not closed as idle. A route two files collide on (64 bits: practically never) routes
-nothing: their lease-only requests are refused as not held here, never misrouted.
+Routing is stateless. A request names its path, or a lease whose id names its file's route:
+``route_of`` maps a route to the canonical path of a file these links reach, and the file
+itself checks that the lane holds the lease. What the links keep of the leases granted through
+them (the routes, and per file the one lease still held: what a lost channel or a restarted
+file takes with it, and why a channel whose lease is held is not closed as idle) is
+``sessionlane.actors.link_leases.LinkLeases``, ``Links.leases``.
 
-Over 600 lines: one state machine for both carriers (the carried end itself is
-``sessionlane.actors.carried``) and for a reclaim's first contact; splitting it would split
-the link's life across modules.
+One state machine for both carriers (the carried end itself is
+``sessionlane.actors.carried``) and for a reclaim's first contact.
 
 The channel's socket is an ``sessionlane.actors.endpoint.FramedSocket``; nothing here blocks: the
 connect is non-blocking (an ``AF_UNIX`` connect completes at once or fails, a full backlog
@@ -60,7 +57,7 @@ from typing import Any, Literal, Protocol
 from sessionlane.actors.carried import CarriedEnd, split_frames
 from sessionlane.actors.endpoint import OUT_OF_DESCRIPTORS, FramedSocket, connect_unix
 from sessionlane.actors.lane_state import ChannelLost
-from sessionlane.actors.paths import lease_route, route_of_lease
+from sessionlane.actors.link_leases import LinkLeases
 from sessionlane.messages.carried import CarriedCalls, CarriedReplies
 from sessionlane.messages.channel import (
     ChannelReply,
@@ -82,9 +79,6 @@ from sessionlane.messages.wire import (
     Abandoned,
     Acquire,
     Error,
-    Granted,
-    Released,
-    Revoked,
 )
 
 __all__ = ["LinkHost", "Links"]
@@ -120,19 +114,10 @@ class LinkHost(Protocol):
         """Tell every lane that the channel to a file broke: what was in flight is lost."""
 
     def in_use(self, path: str) -> bool:
-        """Whether any lane waits for an answer from ``path`` (held leases: ``grants``)."""
+        """Whether any lane waits for an answer from ``path`` (held leases: ``Links.leases``)."""
 
 
 Mode = Literal["opening", "connecting", "channel"]
-
-
-@dataclass
-class _Grant:
-    """The lease held on a file, as the replies through the links said: who, which, how deep."""
-
-    lane: str
-    lease: str
-    depth: int = 1
 
 
 @dataclass(eq=False)
@@ -184,49 +169,12 @@ class Links:
         """Links whose channel is carried by messages (``sessionlane.actors.carried``), by id."""
         self.by_nonce: dict[int, _Link] = {}
         self.nonces = itertools.count(1)
-        self.grants: dict[str, _Grant] = {}
-        """Canonical path -> the lease held there, granted through these links."""
-        self.routes: dict[str, str | None] = {}
-        """Lease route -> the canonical path it names (None: two paths collide on it)."""
-
-    # Lease routes and grants ---------------------------------------------------------------
+        self.leases = LinkLeases()
+        """The lease routes, and the lease held on each file, granted through these links."""
 
     def route_of(self, lease: str) -> str | None:
         """The canonical path of the file that granted ``lease``, if these links reach it."""
-        route = route_of_lease(lease)
-        return self.routes.get(route) if route is not None else None
-
-    def learn_route(self, path: str) -> None:
-        route = lease_route(path)
-        known = self.routes.setdefault(route, path)
-        if known is not None and known != path:
-            log.error("lease routes of %s and %s collide: their leases are refused", known, path)
-            self.routes[route] = None
-
-    def observe(self, reply: FileReply) -> None:
-        """Follow the lease held on ``reply.path`` through the replies that pass."""
-        path, message = reply.path, reply.message
-        grant = self.grants.get(path)
-        match message:
-            case Granted(lease=lease):
-                if grant is not None and grant.lease == lease:
-                    grant.depth += 1
-                else:  # one holder per path: any other lease there is gone
-                    self.grants[path] = _Grant(reply.lane, lease)
-                    self.learn_route(path)
-            case Released(lease=lease) if grant is not None and grant.lease == lease:
-                grant.depth -= 1
-                if grant.depth <= 0:
-                    del self.grants[path]
-            case Revoked(lease=lease) if grant is not None and grant.lease == lease:
-                del self.grants[path]
-            case Abandoned(leases=leases) if grant is not None and grant.lease in leases:
-                del self.grants[path]
-
-    def lost_holder(self, path: str) -> tuple[str, str] | None:
-        """Forget the lease held on ``path`` (its file or channel is gone): (lane, lease)."""
-        grant = self.grants.pop(path, None)
-        return (grant.lane, grant.lease) if grant is not None else None
+        return self.leases.route_of(lease)
 
     # Calls from lanes ----------------------------------------------------------------------
 
@@ -339,7 +287,7 @@ class Links:
             self.refused(link, offer)
             return
         if offer.canonical is not None and offer.address is not None:
-            self.learn_route(offer.canonical)
+            self.leases.learn_route(offer.canonical)
         if not link.resolved and offer.canonical is not None:
             link = self.resolve(link, offer.canonical)
             if link.mode != "opening":
@@ -420,7 +368,7 @@ class Links:
         if link is None:  # maybe one still waiting for its offer, by a spelling
             link = next((self.spellings[a] for a in msg.aliases if a in self.spellings), None)
         if link is None:
-            self.host.restarted(msg, self.lost_holder(msg.path))
+            self.host.restarted(msg, self.leases.lost_holder(msg.path))
             return
         if link.mode == "opening":
             if msg.incarnation > link.handled:
@@ -500,7 +448,7 @@ class Links:
             raise FrameDecodeError("a reply before the welcome")
         link.last_used = self.clock()
         reply = FileReply(path=link.path, message=frame.message, lane=frame.uid)
-        self.observe(reply)
+        self.leases.observe(reply)
         self.host.deliver(reply)
 
     def lost(self, link: _Link, reason: str, restarted: FileRestarted | None = None) -> None:
@@ -518,7 +466,7 @@ class Links:
         log.warning("channel to %s (incarnation %d) lost: %s", link.path, incarnation, reason)
         link.handled = max(link.handled, incarnation)
         link.mode = "opening"  # what the lanes send now (a reclaim, say) waits for the new one
-        holder = self.lost_holder(link.path)
+        holder = self.leases.lost_holder(link.path)
         if restarted is not None:  # the Registry's word: its file's actor (or member) is gone
             names = {"path": link.path, "aliases": sorted(link.raws)}
             self.host.restarted(restarted.model_copy(update=names), holder)
@@ -572,7 +520,7 @@ class Links:
                 if now - link.asked_at > _OPEN_TIMEOUT_MS:
                     self.lost(link, "no welcome")
             elif now - link.last_used > self.idle_of(link):
-                if link.path in self.grants or self.host.in_use(link.path) or link.queue:
+                if self.leases.holds(link.path) or self.host.in_use(link.path) or link.queue:
                     link.last_used = now  # still in use: look again in idle_ms, not at once
                 else:
                     self.forget(link)
@@ -592,8 +540,7 @@ class Links:
         self.by_nonce.pop(link.nonce, None)
         if self.links.get(link.path) is link:
             del self.links[link.path]
-            if self.routes.get(lease_route(link.path)) == link.path:
-                del self.routes[lease_route(link.path)]
+            self.leases.forget_route(link.path)
         for raw in link.raws:
             if self.spellings.get(raw) is link:
                 del self.spellings[raw]

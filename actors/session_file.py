@@ -17,8 +17,8 @@ from the ``FileInit`` (the open file, the core, and the performers working on th
 ``Broken`` (activation failed, or no ``FileInit`` yet), whose error answers every request. What
 ``Serving`` holds:
 
-* ``FileCore``: the ``LeaseTable`` (``sessionlane.actors.lease_table``), the ``WritePath``
-  (``sessionlane.actors.session_file_writes``), the lease record's ``ReclaimBook``
+* ``FileCore``: the lease table (``AwaitingTable``, ``sessionlane.actors.awaited``), the
+  ``WritePath`` (``sessionlane.actors.session_file_writes``), the lease record's ``ReclaimBook``
   (``sessionlane.actors.reclaim``), group commit's outbox and policy (``GroupCommit``) and the
   lanes directory; pure;
 * ``FileDisk`` (``sessionlane.actors.session_file_disk``): performs the disk effects (writes,
@@ -29,11 +29,11 @@ from the ``FileInit`` (the open file, the core, and the performers working on th
   Lane actors, on a socket or carried in thespian messages.
 
 This module is the shell: the handler table, lifecycle, the worklist loop, timers (typed:
-``sessionlane.actors.timers``), passivation and status (a little over 600 lines: each part
-that stands alone is already in a ``session_file_*`` module). It holds the one clock, ``now()``
-(tests replace ``monotonic_ms`` here): the core gets the time as ``now`` arguments and reads
-no clock; only the shell's ``FileDisk``, which performs the disk effects, reads it to time
-the fdatasync it performs.
+``sessionlane.actors.timers``), passivation and status (what the serving state does with
+what it holds, a fence reservation, the fds to watch, its status, is ``Serving``'s). It holds
+the one clock, ``now()`` (tests replace ``monotonic_ms`` here): the core gets the time as
+``now`` arguments and reads no clock; only the shell's ``FileDisk``, which performs the disk
+effects, reads it to time the fdatasync it performs.
 
 Ownership follows the path: before the first call of a run (the frames of one channel read,
 or of one carried message: ``on_channel_events``) that may grant or write
@@ -198,16 +198,10 @@ class SessionFile(ShellActor):
             if arm:
                 self.wakeupAfter(FLUSH_RETRY_S, payload=ChannelFlush())
             if not closed:
-                return self.watch(s, pass_end)
+                fds = s.watched(pass_end)
+                return ThespianWatch(fds) if fds else None
             for event in closed:
                 self.on_channel_closed(s, event)
-
-    def watch(self, s: Serving, pass_end: bool) -> ThespianWatch | None:
-        """The fds thespian should watch until the next message: channels, pass end."""
-        fds = s.channels.fds()
-        if pass_end and s.ready_fd is not None:
-            fds.append(s.ready_fd)
-        return ThespianWatch(fds) if fds else None
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -409,7 +403,9 @@ class SessionFile(ShellActor):
             case WriteRecord(record=record):
                 s.records.write(record)
             case Reserve(ceiling=ceiling):
-                self.reserve(s, ceiling)
+                if (failed := s.reserve(ceiling)) is not None:  # the grant after it is undone
+                    log.warning("fence reservation of %s failed: %s", self.path, failed)
+                    s.core.reservation_failed(failed, self.now())
             case TakeLegacyLock(lease=lease):
                 s.core.locked(s.disk.take_legacy(lease), self.now())
             case ReleaseLegacyLock():
@@ -425,18 +421,6 @@ class SessionFile(ShellActor):
                 self.metrics.observe("handoff", self.now() - started)
             case Warn(message=message):
                 log.warning(message)
-
-    def reserve(self, s: Serving, ceiling: int) -> None:
-        """Make the fences up to ``ceiling`` durable; a failure undoes the grant after it."""
-        grows = ceiling > s.fences.ceiling
-        try:
-            s.fences.reserve(ceiling)
-        except Exception as exc:
-            log.warning("fence reservation of %s failed: %s", self.path, exc)
-            s.core.reservation_failed(exc, self.now())
-            return
-        if grows:
-            s.fence_reservations += 1
 
     # Messages to lanes ---------------------------------------------------------------------
 
@@ -620,9 +604,7 @@ class SessionFile(ShellActor):
     def status(self) -> FileStatus:
         s = self.state
         if isinstance(s, Broken):
-            return FileStatus(
-                path=self.path, fence=0, holder=None, queue=[], counters={"broken": 1}
-            )
+            return s.status(self.path)
         extra = {
             "incarnation": self.incarnation,
             "restarted": int(self.restarted),

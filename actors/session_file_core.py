@@ -1,7 +1,9 @@
 """The deciding core of a SessionFile: every decision about one file, spoken only in effects.
 
 Pure: no I/O, no clock (``now`` comes in), no actor. ``FileCore`` owns the file's
-``LeaseTable``, ``WritePath``, ``ReclaimBook`` (the lease record as this actor knows it), the
+``AwaitingTable`` (the lease table, ``sessionlane.actors.awaited``), ``WritePath`` (which asks
+the table through the core: ``table_request``), ``ReclaimBook`` (the lease record as this
+actor knows it), the
 pure part of group commit (``GroupCommit``: the outbox, the pass, the policy) and the lanes
 directory (uid to address and name). The shell
 (``sessionlane.actors.session_file.SessionFile``) keeps one worklist loop:
@@ -20,17 +22,11 @@ queued lease-less append granted) are read before the drain's next write, and a 
 reservation stops the grant that follows it. ``settle`` ends a run that read a table effect:
 the lease record follows the holder and the table's next deadline is armed.
 
-Also decided here: a reclaim and an append resent after a restart (from the lease record,
-``sessionlane.actors.reclaim``), the lanes of a closed channel (abandoned), and whether other
-lanes may write before a held batch is synced.
-
-About 670 lines: keeping a dead member's leases for their reclaim (#22) added the
-``keep`` path of ``abandon`` and the takeover in ``reclaim``, the lease record per batch
-(#18) its due-record rule in ``next``, and ``may_grant_or_write`` (#17: the owner check
-only before a call that may grant or write, ``docs/grantcost.md``); the next part to move out
-is the
-restart and reclaim deciding (``reclaim``, ``resent``, ``abandon``'s keep) into
-``sessionlane.actors.reclaim``, next to the lease record's book.
+Also decided here: the lanes of a closed channel (abandoned), whether other lanes may write
+before a held batch is synced, and whether a call may grant or write (``may_grant_or_write``:
+the shell checks the owner lock only before those, ``docs/grantcost.md``). A reclaim, an
+append resent after a restart, a lost member's lease kept and the holder awaited at
+activation are decided by ``sessionlane.actors.awaited`` (over this core's table and book).
 """
 
 from __future__ import annotations
@@ -39,16 +35,15 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
+from sessionlane.actors import awaited
 from sessionlane.actors import lease_table as lt
+from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import disk_error_code
 from sessionlane.actors.file_channels import ChannelRef
 from sessionlane.actors.group_commit import Outgoing
-from sessionlane.actors.lease_table import LeaseTable
-from sessionlane.actors.lease_types import Awaited
 from sessionlane.actors.reclaim import LeaseRecord, ReclaimBook
 from sessionlane.actors.session_file_commit import GroupCommit, SyncFailure
 from sessionlane.actors.session_file_disk import LockOutcome, WriteOutcome
@@ -62,19 +57,24 @@ from sessionlane.actors.session_file_effects import (
     DrainWrites,
     Event,
     Handoff,
+    Resent,
     Reserve,
     ShellEffect,
+    TableEffects,
     TakeLegacyLock,
     Warn,
     WriteNext,
     WriteRecord,
 )
 from sessionlane.actors.session_file_writes import (
+    AskWriteLease,
+    CheckLease,
     Commit,
     Notify,
+    ReleaseWriteLease,
     Reply,
     Sync,
-    TableEffects,
+    TableRequest,
     WriteEffect,
     WriteOp,
     WritePath,
@@ -105,14 +105,6 @@ _RECORD_FIRST = (Deliver, Sync, Commit)
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Resent:
-    """Answer ``call`` (an append resent after a restart) with its first answer."""
-
-    call: LaneCall
-    message: ReplyMessage
-
-
 _WRITE_NEXT = WriteNext()
 
 
@@ -122,27 +114,13 @@ def _rid(req: Any) -> Any:
     return rid
 
 
-_TABLE_EFFECTS = (
-    lt.Grant,
-    lt.Queue,
-    lt.Skip,
-    lt.Reject,
-    lt.Released,
-    lt.Abandoned,
-    lt.Revoke,
-    lt.AbortRequest,
-    lt.Diagnostic,
-    lt.ReserveFences,
-)
-
-
 class FileCore:
     """Lease table, write path, lease record, outbox and lanes of one file, and their rules."""
 
     def __init__(
         self,
         path: str,
-        table: LeaseTable,
+        table: AwaitingTable,
         writes: WritePath,
         book: ReclaimBook,
         *,
@@ -176,8 +154,9 @@ class FileCore:
         """A fence reservation failed (``reservation_failed``): the grant after it is undone."""
         self.read: dict[type, Callable[[Any, float], ShellEffect | None]] = {
             Reply: self.read_reply,
-            **dict.fromkeys(_TABLE_EFFECTS, self.read_table_effect),
+            **dict.fromkeys(get_args(lt.Effect), self.read_table_effect),
             TableEffects: self.read_table_effects,
+            **dict.fromkeys((CheckLease, AskWriteLease, ReleaseWriteLease), self.read_request),
             Answer: self.read_answer,
             Event: self.read_event,
             Notify: self.read_event,
@@ -204,7 +183,10 @@ class FileCore:
             self.push([TableEffects(back)])
         match req:
             case Acquire() if req.reclaim is not None:
-                effects = self.reclaim(key, lane, req.reclaim, now)
+                name, ino, size = self.name(lane), self.ino, self.size
+                effects = awaited.reclaim(
+                    self.table, self.book, key, lane, name, req.reclaim, ino, size, now
+                )
             case Acquire():
                 in_grace = now < self.reclaim_until_ms
                 effects = self.table.acquire(
@@ -226,11 +208,15 @@ class FileCore:
             case Recover():
                 effects = self.table.recover(key, lane, req.grace_ms, now, reason=req.reason)
             case Append() if req.lease is not None:
-                if (done := self.written_before(lane, req)) is not None:
-                    return [Resent(call, done)]
+                if (done := awaited.resent(self.table, self.book, lane, req)) is not None:
+                    self.writes.counters["duplicates"] += 1
+                    first = Appended(
+                        id=req.id, offset=done.offset, lines=done.lines, fence=done.fence
+                    )
+                    return [Resent(call, first)]
                 return [*self.writes.append_under_lease(call, req), DrainWrites()]
             case Append():
-                return [*self.writes.append_without_lease(call, req, now), DrainWrites()]
+                return [*self.writes.append_without_lease(call, req), DrainWrites()]
             case Rewrite():
                 return [*self.writes.rewrite(call, req), DrainWrites()]
         return [TableEffects(effects)]
@@ -251,31 +237,6 @@ class FileCore:
                 return bool(table.waiters) or bool(self.writes.queue)
         return True
 
-    def reclaim(
-        self, key: Any, lane: Any, ticket: wire.ReclaimTicket, now: float
-    ) -> list[lt.Effect]:
-        """A lease held before a restart, asked back: the same lease, or ``reclaim_refused``.
-
-        Shown with its secret under the lane name the record names, a lease still held by
-        another lane moves (its holder's member died before this owner noticed it)."""
-        why = self.book.refusal(ticket, self.ino, self.size)
-        if why is not None:
-            return [self.table.refuse_reclaim(key, lane, why)]
-        self.book.issue(ticket.lease, ticket.secret)
-        held = self.book.record.held
-        takeover = held is not None and held.lane == self.name(lane)
-        return self.table.reclaim(key, lane, ticket.lease, ticket.fence, now, takeover=takeover)
-
-    def written_before(self, lane: Any, req: Append) -> wire.Appended | None:
-        """The first answer of an append resent after a restart (same ``aid``), if written."""
-        if req.fence is None or req.aid is None or req.lease is None:
-            return None
-        done = self.book.answered(req.lease, req.aid)
-        if done is None or self.table.check_write(lane, req.lease, req.fence) is not None:
-            return None
-        self.writes.counters["duplicates"] += 1
-        return wire.Appended(id=req.id, offset=done.offset, lines=done.lines, fence=done.fence)
-
     def through(self, conn: ChannelRef) -> list[Any]:
         """The lanes reached through the channel ``conn``."""
         return [u for u, a in self.lanes.items() if isinstance(a, ChannelRef) and a == conn]
@@ -285,22 +246,17 @@ class FileCore:
     ) -> None:
         """The lane ``uid`` is gone with its channel: its lease and requests are dropped.
         ``tell``: its lane still hears of it (the abandon answered as an event, no id).
-        ``keep_ms`` (its convention member was lost): a lease the lease record names (its
-        holder can show the secret) is kept that long for a reclaim through another lane,
-        as a restart's holder is awaited; its requests are dropped all the same."""
+        ``keep_ms`` (its convention member was lost): a lease the lease record names is kept
+        that long for a reclaim through another lane (``awaited.keep_for_reclaim``)."""
         if tell:
             key: Any = (uid, None)
         else:
             self.closes += 1
             key = ("closed", self.closes)
-        holder, recorded = self.table.holder, self.book.record.held
-        named = holder is not None and recorded is not None and recorded.lease == holder.lease
-        if keep_ms > 0 and named and holder is not None and holder.lane == uid:
-            kept, until = Awaited(self.name(uid), kept_for=uid), now + keep_ms
-            effects = self.table.abandon(key, uid, now, reason=reason, keep_as=kept, until=until)
-            self.push([TableEffects(effects)])
-            return
-        self.push([TableEffects(self.table.abandon(key, uid, now, reason=reason))])
+        name = self.name(uid)
+        kept = awaited.keep_for_reclaim(self.table, self.book, key, uid, name, now, reason, keep_ms)
+        effects = kept if kept is not None else self.table.abandon(key, uid, now, reason=reason)
+        self.push([TableEffects(effects)])
 
     def forget(self, uid: Any) -> None:
         """The lane ``uid`` is unreachable: nothing more goes to it."""
@@ -368,6 +324,21 @@ class FileCore:
     def handoff(fx: lt.Grant) -> list[CoreEffect]:
         return [Handoff(fx.waited_ms)] if fx.waited_ms is not None else []
 
+    def table_request(self, fx: TableRequest, now: float) -> list[Any]:
+        """What the write path asks of the lease table, performed: a check's verdict goes
+        back to it (``WritePath.checked``: an arriving write queued or refused, a queued one
+        performed or refused); a short write lease asked for or released is the table's
+        (its effects: granted, queued, the next waiter granted...)."""
+        table = self.table
+        if isinstance(fx, CheckLease):  # twice a write: first
+            verdict = table.check_write(fx.call.lane.uid, fx.lease, fx.fence, purpose=fx.purpose)
+            return self.writes.checked(fx, verdict)
+        if isinstance(fx, AskWriteLease):
+            return [
+                TableEffects(table.acquire(fx.req, fx.lane, "write", now, priority=fx.priority))
+            ]
+        return [TableEffects(table.release(fx.req, fx.lane, fx.lease, now))]
+
     def reservation_failed(self, exc: Exception, now: float) -> None:
         """The shell could not perform a ``Reserve``: the grant that follows it (the next
         table effect read) is undone and its request answered with this error instead."""
@@ -432,6 +403,9 @@ class FileCore:
         reader = self.read.get(type(fx))
         return fx if reader is None else reader(fx, now)
 
+    def read_request(self, fx: TableRequest, now: float) -> ShellEffect | None:
+        return self.read_next(self.table_request(fx, now), now)
+
     def read_answer(self, fx: Answer, now: float) -> Deliver | None:
         _, rid = fx.req
         message = fx.message  # ``meaning`` builds it with its request's id: no copy
@@ -461,13 +435,13 @@ class FileCore:
         lease = self.writes.lock_for()
         if lease is not None:
             return TakeLegacyLock(lease)
-        if self.writes.begin_drain(now) is not None:  # no lock to take: it always drains
+        if self.writes.begin_drain() is not None:  # no lock to take: it always drains
             raise AssertionError("a drain without the legacy lock was refused")
         return self.read_write_next(_WRITE_NEXT, now)
 
     def read_write_next(self, fx: WriteNext, now: float) -> ShellEffect | None:
         """The drain's next write (its consequences are read before the one after it)."""
-        effects = self.writes.next_write(now)
+        effects = self.writes.next_write()
         if effects is None:
             return self.read_next(self.writes.end_drain(), now)
         self.work.appendleft(_WRITE_NEXT)
@@ -477,7 +451,7 @@ class FileCore:
 
     def locked(self, lock: LockOutcome, now: float) -> None:
         """The outcome of ``TakeLegacyLock`` (or no lock needed): drain, or retry later."""
-        not_now = self.writes.begin_drain(now, lock)
+        not_now = self.writes.begin_drain(lock)
         if not_now is None:
             self.push([_WRITE_NEXT])
             return
@@ -489,7 +463,7 @@ class FileCore:
     def written(self, op: WriteOp, outcome: WriteOutcome, now: float, ino: int, size: int) -> None:
         """The outcome of ``WriteOut``, and the transcript's inode and size after it."""
         self.ino, self.size = ino, size
-        self.push(self.writes.written(op, outcome, now))
+        self.push(self.writes.written(op, outcome))
 
     def interrupted(self) -> list[WriteEffect]:
         """Performing failed (a bug): what was left is dropped, a drain ends."""
@@ -581,7 +555,7 @@ class FileCore:
 
     def fail_queued(self, code: ErrorCode, detail: str, now: float) -> None:
         """Answer every queued write with this error (the actor exits, the file is lost)."""
-        self.push(self.writes.fail_queued(code, detail, now))
+        self.push(self.writes.fail_queued(code, detail))
 
     # Timers --------------------------------------------------------------------------------
 
@@ -630,34 +604,11 @@ class FileCore:
         """The lease record found at activation: a holder found there waits for its reclaim
         until ``until`` (the end of the service's grace), or has lost the file (after it:
         the record to write back)."""
-        held, lost = self.book.activate(record, now, until)
-        if held is not None:
-            left = None if held.hold_until_ms is None else held.hold_until_ms - wall_ms
-            self.table.await_reclaim(
-                held.lease,
-                held.fence,
-                held.lane,
-                list(held.purposes),
-                held.priority,
-                now,
-                until=until,
-                hold_ms=left,
-            )
-            if self.book.record.appends:  # a pipeline resent after the restart goes on from it
-                self.writes.resume(held.lease, self.book.record.appends[-1].aid)
-            log.info(
-                "%s: awaiting the reclaim of lease %s (lane %s, fence %d) for %d ms",
-                self.path,
-                held.lease,
-                held.lane,
-                held.fence,
-                max(0, int(until - now)),
-            )
-        if not lost:
-            return None
-        self.table.counters["reclaims_expired"] += 1
-        log.warning("%s: the lease of the last holder was not reclaimed in time", self.path)
-        return self.book.record
+        held, lost = awaited.await_recorded(self.table, self.book, record, now, until, wall_ms)
+        if held is not None and self.book.record.appends:
+            # a pipeline resent after the restart goes on from the last append recorded
+            self.writes.resume(held.lease, self.book.record.appends[-1].aid)
+        return self.book.record if lost else None
 
     def note_holder(self, now: float, wall_ms: float) -> LeaseRecord | None:
         """The lease record naming the current holder, if it changed (a stopping file, or one

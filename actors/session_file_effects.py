@@ -4,9 +4,10 @@
 (``sessionlane.actors.session_file.SessionFile``) performs, one effect at a time, in order, and
 feeds outcomes back. Two kinds:
 
-* effects the core reads itself on its worklist (``Answer``, ``Event``, ``DrainWrites``,
-  ``WriteNext``, and the write path's ``Reply``, ``Notify``, ``TableEffects``, ``Wrote``): they
-  never reach the shell;
+* effects the core reads itself on its worklist (``Answer``, ``Event``, ``Resent``,
+  ``DrainWrites``, ``WriteNext``, ``TableEffects``, and the write path's ``Reply``,
+  ``Notify``, ``Wrote`` and table requests ``CheckLease``, ``AskWriteLease``,
+  ``ReleaseWriteLease``): they never reach the shell;
 * effects for the shell (``ShellEffect``): ``Deliver`` a message to a lane, the disk's
   ``WriteOut``, ``Sync``, ``TakeLegacyLock``/``ReleaseLegacyLock``, ``Reserve`` (a fence
   ceiling made durable), ``Commit`` (sync, then ``FileCore.committed``), ``WriteRecord`` (the
@@ -21,14 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sessionlane.actors.lease_types import Effect
 from sessionlane.actors.reclaim import LeaseRecord
-from sessionlane.actors.session_file_writes import (
+from sessionlane.actors.session_file_write_effects import (
     Commit,
     ReleaseLegacyLock,
     Sync,
     WriteOut,
 )
-from sessionlane.messages.internal import FileReply
+from sessionlane.messages.internal import FileReply, LaneCall
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = [
@@ -41,8 +43,10 @@ __all__ = [
     "DrainWrites",
     "Event",
     "Handoff",
+    "Resent",
     "Reserve",
     "ShellEffect",
+    "TableEffects",
     "TakeLegacyLock",
     "Warn",
     "WriteNext",
@@ -68,6 +72,14 @@ class Answer:
 
 
 @dataclass(frozen=True, slots=True)
+class Resent:
+    """Answer ``call`` (an append resent after a restart) with its first answer."""
+
+    call: LaneCall
+    message: ReplyMessage
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """Send ``message`` (a revocation, an abort request) to the lane ``lane``."""
 
@@ -87,6 +99,13 @@ class Warn:
     """Log ``message`` as a warning (the table's diagnostics)."""
 
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class TableEffects:
+    """Read these effects of the lease table next, in order."""
+
+    effects: list[Effect]
 
 
 @dataclass(frozen=True, slots=True)

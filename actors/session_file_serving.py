@@ -24,12 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.confined import ConfinedDir, failure_code, failure_detail
 from sessionlane.actors.fencestore import FenceStore
 from sessionlane.actors.group_commit import CommitPolicy
 from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.lease_record_file import LeaseRecordFile
-from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.legacy_lock import LegacyLock
 from sessionlane.actors.owner_check import OwnerCheck, keep_ownership
 from sessionlane.actors.ownership import Ownership
@@ -56,6 +57,10 @@ class Broken:
 
     code: ErrorCode
     detail: str
+
+    def status(self, path: str) -> FileStatus:
+        """What a broken file reports: nothing held, nothing queued, ``broken`` 1."""
+        return FileStatus(path=path, fence=0, holder=None, queue=[], counters={"broken": 1})
 
 
 NOT_STARTED = Broken("unavailable", "the file actor is not initialised")
@@ -127,7 +132,7 @@ class Serving:
             aging_ms=s.aging_ms,
             max_queue=s.max_queue,
         )
-        self.table = LeaseTable(
+        self.table = AwaitingTable(
             msg.path, policy, fence_floor=opened.floor, lease_prefix=f"{lease_route(msg.path)}-"
         )
         self.sync = TranscriptSync(msg.path, None, metrics)  # the core learns a sync's cost
@@ -138,7 +143,6 @@ class Serving:
         self.disk = FileDisk(msg.path, self.transcript, self.sync, opened.legacy, clock)
         self.writes = WritePath(
             msg.path,
-            self.table,
             legacy=opened.legacy is not None,
             tail_unchecked=opened.tail_unchecked,
             durability=s.durability,
@@ -208,6 +212,27 @@ class Serving:
             self.ready_fd = None
         self.ownership.release()
         self.directory.close()
+
+    def reserve(self, ceiling: int) -> Exception | None:
+        """Make the fences up to ``ceiling`` durable (``fence_reservations`` counts those that
+        grew the store's ceiling); the exception if it could not (the core undoes the grant
+        after it: ``FileCore.reservation_failed``)."""
+        grows = ceiling > self.fences.ceiling
+        try:
+            self.fences.reserve(ceiling)
+        except Exception as exc:
+            return exc
+        if grows:
+            self.fence_reservations += 1
+        return None
+
+    def watched(self, pass_end: bool) -> list[int]:
+        """The fds thespian should watch until the next message: the channels', and the
+        always-readable pipe when the end of the pass is awaited (``pass_end``)."""
+        fds = self.channels.fds()
+        if pass_end and self.ready_fd is not None:
+            fds.append(self.ready_fd)
+        return fds
 
     def status(
         self, now: float, lane_name: Callable[[Any], str], extra: dict[str, int]

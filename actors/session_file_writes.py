@@ -2,11 +2,19 @@
 
 ``WritePath`` is a part of ``sessionlane.actors.session_file.SessionFile`` with its own state; like
 ``LeaseTable`` it decides and returns effects that the actor performs in order, and does no
-I/O and reads no clock (time comes in as ``now``). The disk effects (``WriteOut``: write these
-bytes; ``Sync``; ``ReleaseLegacyLock``) are performed by the shell's ``FileDisk``
-(``sessionlane.actors.session_file_disk``), whose ``WriteOutcome`` comes back through
-``written``; the others (``Reply``, ``Notify``, ``TableEffects``, ``Wrote``, ``Commit``) are
-what the rest of the actor must do. Tested without an actor (``tests/test_write_path.py``).
+I/O and needs no clock (the table's deadlines are the core's). The disk effects
+(``WriteOut``: write these bytes; ``Sync``; ``ReleaseLegacyLock``) are performed by the
+shell's ``FileDisk`` (``sessionlane.actors.session_file_disk``), whose ``WriteOutcome`` comes
+back through ``written``; the others (``Reply``, ``Notify``, ``Wrote``, ``Commit``) are what
+the rest of the actor must do. Tested without an actor (``tests/test_write_path.py``).
+
+Its effect records (and ``WriteOp``) are in ``sessionlane.actors.session_file_write_effects``,
+re-exported here. It does not hold the lease table either: what it needs of it are *table
+requests* that the core (``sessionlane.actors.session_file_core.FileCore``, which owns both)
+performs on the table: ``CheckLease`` (may this write go under its lease and fence? the
+verdict comes back through ``checked``), ``AskWriteLease`` (a lease-less append's short write
+lease) and ``ReleaseWriteLease`` (that lease, once its append is written). The table's answers
+come back as they do for any request: ``granted``, ``rejected``, ``released_silently``.
 
 A write under a lease (``append`` with ``lease`` + ``fence``, or ``rewrite``) is checked when
 it arrives and again when it is performed; a write that fails the check changes nothing.
@@ -32,7 +40,8 @@ seen at activation while a legacy writer held the lock is repaired by the first 
 the lock (it may have been that writer's line in progress).
 
 The drain is driven by the actor, one write at a time (``begin_drain`` with the outcome of
-taking the legacy lock, ``next_write``, ``written``, ``end_drain``), because a write's
+taking the legacy lock, ``next_write``, its ``CheckLease`` answered through ``checked``,
+``written``, ``end_drain``), because a write's
 effects can grant the next queued lease-less append: the actor performs them between two
 writes, and the append granted so joins the same drain, under the same lock.
 """
@@ -43,13 +52,28 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import disk_error_code
-from sessionlane.actors.lease_table import Effect, LeaseTable
 from sessionlane.actors.session_file_commit import moved_detail
 from sessionlane.actors.session_file_disk import LockOutcome, WriteOutcome
+from sessionlane.actors.session_file_write_effects import (
+    AskWriteLease,
+    CheckLease,
+    Commit,
+    Notify,
+    ReleaseLegacyLock,
+    ReleaseWriteLease,
+    Reply,
+    Sync,
+    TableRequest,
+    Verdict,
+    WriteEffect,
+    WriteOp,
+    WriteOut,
+    Wrote,
+)
 from sessionlane.actors.transcript import encode_records
 from sessionlane.messages.errors import ErrorCode, FileMoved, SessionLaneError
 from sessionlane.messages.internal import FileReply, LaneCall
@@ -66,12 +90,16 @@ from sessionlane.messages.wire import (
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = [
+    "AskWriteLease",
+    "CheckLease",
     "Commit",
     "Notify",
     "ReleaseLegacyLock",
+    "ReleaseWriteLease",
     "Reply",
     "Sync",
-    "TableEffects",
+    "TableRequest",
+    "Verdict",
     "WriteEffect",
     "WriteOp",
     "WriteOut",
@@ -93,67 +121,6 @@ def call_key(call: LaneCall) -> tuple[Any, Any]:
     return (call.lane.uid, call.request.id)
 
 
-# Effects ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """Answer ``call`` with ``message``; ``needs_sync``: only once an fdatasync covers it."""
-
-    call: LaneCall
-    message: ReplyMessage
-    needs_sync: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Notify:
-    """Send ``message`` (an event such as ``ExternalChange``) to the lane ``lane``."""
-
-    lane: str
-    message: FileReply
-
-
-@dataclass(frozen=True, slots=True)
-class TableEffects:
-    """Perform these effects of the lease table (a short write lease asked for or released)."""
-
-    effects: list[Effect]
-
-
-@dataclass(frozen=True, slots=True)
-class Wrote:
-    """An ``fsync`` append of ``lane`` was written: its acknowledgement waits for a sync."""
-
-    lane: str
-
-
-@dataclass(frozen=True, slots=True)
-class Commit:
-    """Sync and send what is held now (a drain under the legacy lock made the writes durable)."""
-
-
-@dataclass(frozen=True, slots=True)
-class WriteOut:
-    """Write ``op``'s bytes (append, or replace the file), adopting an outside change first;
-    ``repair_tail``: quarantine a torn last line before. Its outcome goes to ``written``."""
-
-    op: WriteOp
-    repair_tail: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Sync:
-    """fdatasync what no sync covers yet (before a rewrite, or an append without group commit)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseLegacyLock:
-    """Release ``<file>.lock`` (the drain that took it is done and synced)."""
-
-
-WriteEffect = Reply | Notify | TableEffects | Wrote | Commit | WriteOut | Sync | ReleaseLegacyLock
-
-
 # State --------------------------------------------------------------------------------------
 
 
@@ -167,29 +134,11 @@ class _PendingWrite:
     durability: Durability
 
 
-@dataclass(frozen=True, slots=True)
-class WriteOp:
-    """A write accepted for the file: performed at once, or once the legacy lock is free."""
-
-    kind: Literal["append", "rewrite"]
-    call: LaneCall
-    lease: str
-    fence: int
-    data: bytes
-    lines: int
-    durability: Durability
-    auto_release: bool = False
-    """A lease-less append: release its short write lease once written."""
-    aid: str | None = None
-    """The append's id (``Append.aid``)."""
-    after: str | None = None
-    """The ``aid`` of the append before it in its pipeline (``Append.after``)."""
-
-
 class WritePath:
     """The write path of one open transcript: its queue, its de-duplication, the legacy lock.
 
-    Pure: the disk is the shell's (``FileDisk``). ``legacy``: writes take ``<file>.lock``
+    Pure: the disk is the shell's (``FileDisk``), the lease table the core's (asked through
+    table requests: ``CheckLease``...). ``legacy``: writes take ``<file>.lock``
     (the shell takes it, for ``lock_for``'s lease, before ``begin_drain``); ``unsynced``
     is asked whether an fsync append no fdatasync covers yet was written (a rewrite syncs it
     first).
@@ -198,7 +147,6 @@ class WritePath:
     def __init__(
         self,
         path: str,
-        table: LeaseTable,
         *,
         legacy: bool,
         tail_unchecked: bool,
@@ -208,7 +156,6 @@ class WritePath:
         sync_each_append: bool = False,
     ) -> None:
         self.path = path
-        self.table = table
         self.legacy = legacy
         self.tail_unchecked = tail_unchecked
         """A torn last line seen at activation was left for the first write under the
@@ -246,13 +193,29 @@ class WritePath:
     # Accepting writes ----------------------------------------------------------------------
 
     def append_under_lease(self, call: LaneCall, req: Append) -> list[WriteEffect]:
-        """An append with ``lease`` + ``fence``: refused, a duplicate, or queued to write."""
+        """An append with ``lease`` + ``fence``: a duplicate, or its lease checked
+        (``CheckLease``, then ``checked``: refused, or queued to write)."""
         assert req.lease is not None and req.fence is not None  # the caller's match says so
         if (dup := self.duplicate(call)) is not None:
             return dup
-        refusal = self.table.check_write(call.lane.uid, req.lease, req.fence)
-        if refusal is not None:
-            return [self.refused(call, *refusal)]
+        return [CheckLease(call, req.lease, req.fence)]
+
+    def checked(self, check: CheckLease, verdict: Verdict) -> list[WriteEffect]:
+        """The table's ``verdict`` on ``check``: an arriving write refused or queued, a queued
+        one refused or performed (``perform``)."""
+        if check.op is not None:
+            return self.perform(check.op, verdict)
+        call, req = check.call, check.call.request
+        if verdict is not None:
+            return [self.refused(call, *verdict)]
+        if isinstance(req, Rewrite):
+            encoded = self.encode(call, req.records) if req.records else (b"", 0)
+            if isinstance(encoded, Reply):
+                return [encoded]
+            data, lines = encoded
+            self.queue.append(WriteOp("rewrite", call, req.lease, req.fence, data, lines, "fsync"))
+            return []
+        assert isinstance(req, Append) and req.lease is not None and req.fence is not None
         encoded = self.encode(call, req.records)
         if isinstance(encoded, Reply):
             return [encoded]
@@ -273,7 +236,7 @@ class WritePath:
         self.wait_for(call)
         return []
 
-    def append_without_lease(self, call: LaneCall, req: Append, now: float) -> list[WriteEffect]:
+    def append_without_lease(self, call: LaneCall, req: Append) -> list[WriteEffect]:
         """A lease-less append: validated now, written once its short write lease is granted."""
         if (dup := self.duplicate(call)) is not None:
             return dup
@@ -284,20 +247,12 @@ class WritePath:
         key = call_key(call)
         self.pending[key] = _PendingWrite(call, data, lines, req.durability or self.durability)
         self.wait_for(call)
-        effects = self.table.acquire(key, call.lane.uid, "write", now, priority=call.lane.priority)
-        return [TableEffects(effects)]
+        return [AskWriteLease(key, call.lane.uid, call.lane.priority)]
 
     def rewrite(self, call: LaneCall, req: Rewrite) -> list[WriteEffect]:
-        """A rewrite under a compaction lease: refused, or queued to write."""
-        refusal = self.table.check_write(call.lane.uid, req.lease, req.fence, purpose="compaction")
-        if refusal is not None:
-            return [self.refused(call, *refusal)]
-        encoded = self.encode(call, req.records) if req.records else (b"", 0)
-        if isinstance(encoded, Reply):
-            return [encoded]
-        data, lines = encoded
-        self.queue.append(WriteOp("rewrite", call, req.lease, req.fence, data, lines, "fsync"))
-        return []
+        """A rewrite under a compaction lease: its lease checked (``CheckLease``, then
+        ``checked``: refused, or queued to write)."""
+        return [CheckLease(call, req.lease, req.fence, purpose="compaction")]
 
     # What the lease table's effects mean for the write path --------------------------------
 
@@ -357,7 +312,7 @@ class WritePath:
         go under it), or None when writes take no lock."""
         return self.queue[0].lease if self.legacy and self.queue else None
 
-    def begin_drain(self, now: float, lock: LockOutcome = True) -> list[WriteEffect] | None:
+    def begin_drain(self, lock: LockOutcome = True) -> list[WriteEffect] | None:
         """Start performing the queue: None when the writes may go.
 
         ``lock``: the outcome of taking the legacy lock (for ``lock_for``'s lease). Otherwise the
@@ -367,7 +322,7 @@ class WritePath:
         """
         if self.legacy:
             if isinstance(lock, tuple):
-                return self.fail_queued(*lock, now)
+                return self.fail_queued(*lock)
             self.locked = lock
             if not lock:
                 self.counters["legacy_lock_waits"] += 1
@@ -388,31 +343,35 @@ class WritePath:
         """The retry armed by ``retry_after`` fired (the actor drains again)."""
         self.retry_armed = False
 
-    def next_write(self, now: float) -> list[WriteEffect] | None:
-        """The next queued write: its ``WriteOut`` (after a ``Sync`` for a rewrite), or its
-        refusal when it fails the check against the current lease and fence; None when the
-        queue is empty."""
+    def next_write(self) -> list[WriteEffect] | None:
+        """The next queued write, taken off the queue: the check of its lease and fence
+        against the table now (``CheckLease``, whose verdict ``checked`` hands to
+        ``perform``); None when the queue is empty."""
         if not self.queue:
             return None
         op = self.queue.popleft()
         purpose: Purpose | None = "compaction" if op.kind == "rewrite" else None
-        refusal = self.table.check_write(op.call.lane.uid, op.lease, op.fence, purpose=purpose)
-        if refusal is not None:
-            return self.answer(op, self.refused(op.call, *refusal).message, now)
+        return [CheckLease(op.call, op.lease, op.fence, purpose=purpose, op=op)]
+
+    def perform(self, op: WriteOp, verdict: Verdict) -> list[WriteEffect]:
+        """A write taken off the queue, checked: its ``WriteOut`` (after a ``Sync`` for a
+        rewrite), or its refusal when it fails the check or breaks its pipeline."""
+        if verdict is not None:
+            return self.answer(op, self.refused(op.call, *verdict).message)
         if op.after is not None and self.last_written != (op.lease, op.after):
             self.counters["pipeline_broken"] += 1
             detail = (
                 f"the append before it in its pipeline ({op.after}) was not the last one "
                 "written under this lease; nothing was written"
             )
-            return self.answer(op, self.refused(op.call, "pipeline_broken", detail).message, now)
+            return self.answer(op, self.refused(op.call, "pipeline_broken", detail).message)
         repair, self.tail_unchecked = self.tail_unchecked, False
         out = WriteOut(op, repair_tail=repair)
         if op.kind == "rewrite" and self.unsynced():
             return [Sync(), out]  # what was acknowledged-to-be is durable before the replace
         return [out]
 
-    def written(self, op: WriteOp, outcome: WriteOutcome, now: float) -> list[WriteEffect]:
+    def written(self, op: WriteOp, outcome: WriteOutcome) -> list[WriteEffect]:
         """``op``'s ``WriteOut`` was performed: tell the holder of an outside change, answer."""
         effects = self.adopted(op, outcome)
         reply: ReplyMessage
@@ -441,16 +400,16 @@ class WritePath:
                 id=op.call.request.id, offset=outcome.offset, lines=op.lines, fence=op.fence
             )
             self.remember(op.call, reply)
-            return effects + self.answer(op, reply, now, needs_sync=op.durability == "fsync")
-        return effects + self.answer(op, reply, now)
+            return effects + self.answer(op, reply, needs_sync=op.durability == "fsync")
+        return effects + self.answer(op, reply)
 
     def answer(
-        self, op: WriteOp, reply: ReplyMessage, now: float, *, needs_sync: bool = False
+        self, op: WriteOp, reply: ReplyMessage, *, needs_sync: bool = False
     ) -> list[WriteEffect]:
         """The reply to a performed (or refused) write, after its short lease's release."""
         effects: list[WriteEffect] = []
         if op.auto_release:
-            effects.append(self.release_short_write(op, now))
+            effects.append(self.release_short_write(op))
         effects.append(Reply(op.call, reply, needs_sync=needs_sync))
         for copy in self.copies_of(op):
             effects.append(Reply(copy, reply, needs_sync=needs_sync))
@@ -483,20 +442,20 @@ class WritePath:
             code, detail = "internal", failure_detail(exc)
         return Error(id=op.call.request.id, code=code, detail=detail, path=self.path)
 
-    def release_short_write(self, op: WriteOp, now: float) -> TableEffects:
+    def release_short_write(self, op: WriteOp) -> ReleaseWriteLease:
         """Release the short write lease a lease-less append was granted (no reply for it)."""
         self.auto_ids += 1
         release_key = ("auto", self.auto_ids)
         self.auto_releases.add(release_key)
-        return TableEffects(self.table.release(release_key, op.call.lane.uid, op.lease, now))
+        return ReleaseWriteLease(release_key, op.call.lane.uid, op.lease)
 
-    def fail_queued(self, code: ErrorCode, detail: str, now: float) -> list[WriteEffect]:
+    def fail_queued(self, code: ErrorCode, detail: str) -> list[WriteEffect]:
         """Answer every queued write with this error (the actor exits, the lock is unusable)."""
         effects: list[WriteEffect] = []
         while self.queue:
             op = self.queue.popleft()
             if op.auto_release:
-                effects.append(self.release_short_write(op, now))
+                effects.append(self.release_short_write(op))
             effects.append(self.refused(op.call, code, detail))
             effects += [self.refused(copy, code, detail) for copy in self.copies_of(op)]
         return effects

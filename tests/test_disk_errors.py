@@ -25,7 +25,14 @@ from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.lease_table import Grant, LeasePolicy, LeaseTable
 from sessionlane.actors.session_file_commit import GroupCommit, TranscriptSync
 from sessionlane.actors.session_file_disk import FileDisk
-from sessionlane.actors.session_file_writes import Notify, Reply, WriteEffect, WriteOut, WritePath
+from sessionlane.actors.session_file_writes import (
+    CheckLease,
+    Notify,
+    Reply,
+    WriteEffect,
+    WriteOut,
+    WritePath,
+)
 from sessionlane.actors.transcript import Transcript
 from sessionlane.messages.errors import (
     DiskError,
@@ -51,7 +58,6 @@ class Rig:
         self.disk = FileDisk(self.path, self.transcript, self.sync, None, lambda: 0.0)
         self.writes = WritePath(
             self.path,
-            self.table,
             legacy=False,
             tail_unchecked=False,
             durability="fsync",
@@ -78,12 +84,21 @@ class Rig:
             canonical=True,
             request=request,
         )
-        assert self.writes.append_under_lease(call, request) == []
-        assert self.writes.begin_drain(0.0) is None
-        [out] = self.writes.next_write(0.0) or []
+        assert self.check(self.writes.append_under_lease(call, request)) == []
+        assert self.writes.begin_drain() is None
+        [out] = self.check(self.writes.next_write() or [])
         assert isinstance(out, WriteOut)  # performed by the actor's disk, as here
         outcome = self.disk.write("append", out.op.data, durability == "fsync", False)
-        return self.writes.written(out.op, outcome, 0.0) + self.writes.end_drain()
+        return self.writes.written(out.op, outcome) + self.writes.end_drain()
+
+    def check(self, effects: list[WriteEffect]) -> list[WriteEffect]:
+        """The write path's one lease check, answered with the table's verdict (as the core
+        answers it); what that led to."""
+        [check] = effects
+        assert isinstance(check, CheckLease)
+        lane = check.call.lane.uid
+        verdict = self.table.check_write(lane, check.lease, check.fence, purpose=check.purpose)
+        return self.writes.checked(check, verdict)
 
 
 @pytest.fixture
@@ -357,12 +372,12 @@ def test_a_rewrite_whose_directory_moved_out_is_answered_file_moved(
         canonical=True,
         request=request,
     )
-    assert rig.writes.rewrite(call, request) == []
-    assert rig.writes.begin_drain(0.0) is None
-    [out] = rig.writes.next_write(0.0) or []
+    assert rig.check(rig.writes.rewrite(call, request)) == []
+    assert rig.writes.begin_drain() is None
+    [out] = rig.check(rig.writes.next_write() or [])
     assert isinstance(out, WriteOut)
     outcome = rig.disk.write("rewrite", out.op.data, True, False)
-    failed = reply(rig.writes.written(out.op, outcome, 0.0))
+    failed = reply(rig.writes.written(out.op, outcome))
     assert isinstance(failed, Error) and failed.code == "file_moved"
     assert rig.writes.counters["rewrites"] == 0
     assert (outside / "team" / "t.jsonl").read_bytes() == b'{"n":9}\n'

@@ -26,6 +26,8 @@ What is asserted, against a simple model of the calls and of the disk:
 - after every run, the lease record names the table's holder (once it was announced); when
   an ack of the holder's append is delivered, the record written last is the one the core
   holds (its size and append ids include the write acknowledged);
+- a lease-less append's short write lease is held only while its write is queued (the core
+  performs the write path's ``ReleaseWriteLease``);
 - a held batch is never left without a way out: after a message it is committed, watched for
   the end of its pass, or waits for an armed ``CommitDue``; at the end the queue is drained;
 - each final answer fits its request (an append is never answered ``granted``).
@@ -36,9 +38,11 @@ failed sync turned into errors not forgotten (``committed``), the legacy lock no
 drain, a drain that stops after one write, the lease record not written (``settle``), or
 written after the acks it backs (``next``), the outbox
 not holding an unsynced ack, a copy of an append whose first answer is still held not waiting
-for its sync, de-duplication forgetting appends that wait in the queue, and no tick armed
-again after a tick that changed nothing. (Not telling group commit's policy about a write
-survives: it changes only when a batch is synced, not what is.)
+for its sync, de-duplication forgetting appends that wait in the queue, no tick armed
+again after a tick that changed nothing, and the core answering every ``CheckLease`` of the
+write path "accept" or never performing its ``ReleaseWriteLease`` (``table_request``). (Not
+telling group commit's policy about a write survives: it changes only when a batch is
+synced, not what is.)
 """
 
 from __future__ import annotations
@@ -58,8 +62,9 @@ from hypothesis.stateful import (
     rule,
 )
 
+from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.file_channels import ChannelRef
-from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.reclaim import ReclaimBook
 from sessionlane.actors.session_file_commit import GroupCommit, SyncFailure
 from sessionlane.actors.session_file_core import FileCore
@@ -116,10 +121,9 @@ class FileCoreModel(RuleBasedStateMachine):
         self.now = 1_000.0
         self.legacy = legacy
         self.unsynced: set[Any] = set()  # keys of fsync appends written, not synced yet
-        self.table = LeaseTable(PATH, LeasePolicy(fence_block=block, max_hold_ms=500))
+        self.table = AwaitingTable(PATH, LeasePolicy(fence_block=block, max_hold_ms=500))
         writes = WritePath(
             PATH,
-            self.table,
             legacy=legacy,
             tail_unchecked=False,
             durability="fsync",
@@ -486,6 +490,15 @@ class FileCoreModel(RuleBasedStateMachine):
         holder = self.table.holder
         if holder is not None and self.core.book.secret_of(holder.lease) is not None:
             assert self.record_holder == holder.lease
+
+    @invariant()
+    def no_short_write_lease_outlives_its_write(self) -> None:
+        """A lease-less append's short write lease is held only while its write is queued
+        (the core released it, as the write path asked, once the write was done)."""
+        holder = self.table.holder
+        if holder is not None and holder.lane in WRITERS:
+            queued = self.core.writes.queue
+            assert any(op.auto_release and op.lease == holder.lease for op in queued)
 
     @invariant()
     def a_held_batch_has_a_way_out(self) -> None:

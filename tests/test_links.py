@@ -406,16 +406,16 @@ def test_the_links_follow_the_one_lease_held_per_file_and_hand_it_over_when_the_
     lease = f"{lease_route(transcript)}-1"
 
     def reply(message: Any, lane: str = "a#1") -> None:
-        links.observe(FileReply(path=transcript, message=message, lane=lane))
+        links.leases.observe(FileReply(path=transcript, message=message, lane=lane))
 
     granted = Granted(id=1, lease=lease, fence=1, path=transcript, purpose="prompt")
     reply(granted)
     reply(granted.model_copy(update={"id": 2}))  # reentrant: one more level
     assert links.route_of(lease) == transcript
     reply(Released(id=3, lease=lease), lane="c1.x/")
-    assert links.grants[transcript].lease == lease, "one level is still held"
+    assert links.leases.grants[transcript].lease == lease, "one level is still held"
     reply(Released(id=4, lease=lease), lane="c1.x/")
-    assert transcript not in links.grants
+    assert transcript not in links.leases.grants
 
     for ending in (
         Revoked(lease=lease, path=transcript, reason="max_hold"),
@@ -423,15 +423,15 @@ def test_the_links_follow_the_one_lease_held_per_file_and_hand_it_over_when_the_
     ):
         reply(granted)
         reply(ending)
-        assert transcript not in links.grants, ending
+        assert transcript not in links.leases.grants, ending
 
     reply(granted)
     second = f"{lease_route(transcript)}-2"
     reply(Granted(id=6, lease=second, fence=2, path=transcript, purpose="prompt"), lane="b#1")
-    assert links.grants[transcript].lane == "b#1", "one holder per path: the newer grant"
+    assert links.leases.grants[transcript].lane == "b#1", "one holder per path: the newer grant"
     links.on_restarted(FileRestarted(path=transcript, incarnation=1))
     assert host.restart_holders == [("b#1", second)], "the lost lease goes to its lane"
-    assert transcript not in links.grants
+    assert transcript not in links.leases.grants
 
 
 # Carried channels: the same frames in thespian messages ----------------------------------

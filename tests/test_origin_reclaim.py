@@ -16,11 +16,13 @@ from typing import Any
 from test_convention import HERE, THERE, Clock, FakeHost, acknowledge, forwarded
 
 from sessionlane.actors import lease_table as lt
+from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.federation import Federation
-from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.reclaim import HeldRecord, ReclaimBook, digest
 from sessionlane.actors.session_file_core import Answer, FileCore, Warn
-from sessionlane.actors.session_file_writes import Reply, TableEffects, WritePath
+from sessionlane.actors.session_file_effects import TableEffects
+from sessionlane.actors.session_file_writes import CheckLease, Reply, WritePath
 from sessionlane.messages.carried import CarriedLost
 from sessionlane.messages.convention import Forwarded, Members, OriginLost
 from sessionlane.messages.internal import LaneCall, LaneRef, OpenChannel
@@ -41,10 +43,9 @@ SECRET = "s3cret-0123456789abcdef"
 
 
 def core() -> FileCore:
-    table = LeaseTable(PATH, LeasePolicy(), fence_floor=0)
+    table = AwaitingTable(PATH, LeasePolicy(), fence_floor=0)
     writes = WritePath(
         PATH,
-        table,
         legacy=False,
         tail_unchecked=False,
         durability="fsync",
@@ -62,9 +63,13 @@ def call(uid: str, request: Any, rid: int) -> LaneCall:
 
 
 def read(c: FileCore, effects: list[Any]) -> list[Any]:
-    """Every effect as the shell sees it: table effects read one at a time."""
+    """Every effect as the shell sees it: table effects read one at a time, the write path's
+    lease checks performed by the core (``table_request``)."""
     out: list[Any] = []
     for fx in effects:
+        if isinstance(fx, CheckLease):
+            out += read(c, c.table_request(fx, NOW))
+            continue
         for t in fx.effects if isinstance(fx, TableEffects) else [fx]:
             out += c.meaning(t) if isinstance(fx, TableEffects) else [t]
     return out

@@ -2,8 +2,9 @@
 
 One holder sends pipelines of appends, each naming the one before it (``after``); between
 them it sends plain appends, loses and takes back its lease, and the disk fails writes and
-syncs. The write path is the real one over the real lease table; nothing performs its effects
-but this model, which keeps the log of what was written. What must hold:
+syncs. The write path is the real one, its lease checks answered by the real lease table;
+nothing performs its effects but this model, which keeps the log of what was written. What
+must hold:
 
 - a pipelined append is written only right after its predecessor in the log, under the same
   lease, with no failed write or sync between them;
@@ -26,6 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from sessionlane.actors.lease_table import Grant, LeasePolicy, LeaseTable, Released
 from sessionlane.actors.session_file_disk import WriteOutcome
 from sessionlane.actors.session_file_writes import (
+    CheckLease,
     Reply,
     WriteEffect,
     WriteOut,
@@ -49,7 +51,6 @@ class PipelineModel(RuleBasedStateMachine):
         self.table = LeaseTable(PATH, LeasePolicy(), fence_floor=0)
         self.writes = WritePath(
             PATH,
-            self.table,
             legacy=False,
             tail_unchecked=False,
             durability="fsync",
@@ -130,8 +131,8 @@ class PipelineModel(RuleBasedStateMachine):
         if not self.writes.may_drain():
             return
         self.failures = list(failures)
-        assert self.writes.begin_drain(self.now) is None
-        while (effects := self.writes.next_write(self.now)) is not None:
+        assert self.writes.begin_drain() is None
+        while (effects := self.writes.next_write()) is not None:
             self.perform(effects)
         self.perform(self.writes.end_drain())
 
@@ -166,7 +167,10 @@ class PipelineModel(RuleBasedStateMachine):
                     else:
                         outcome = WriteOutcome(offset=len(self.log))
                         self.log.append((op.lease, op.aid))
-                    self.perform(self.writes.written(op, outcome, self.now))
+                    self.perform(self.writes.written(op, outcome))
+                case CheckLease(call=call, lease=lease, fence=fence, purpose=purpose):
+                    verdict = self.table.check_write(call.lane.uid, lease, fence, purpose=purpose)
+                    self.perform(self.writes.checked(fx, verdict))
                 case Reply(message=Appended()):
                     self.outcome[str(fx.call.request.aid)] = "written"
                     self.acked.append(call_key(fx.call))

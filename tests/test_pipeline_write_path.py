@@ -24,7 +24,13 @@ from sessionlane.actors.histogram import FileMetrics
 from sessionlane.actors.lease_table import Grant, LeasePolicy, LeaseTable
 from sessionlane.actors.session_file_commit import TranscriptSync
 from sessionlane.actors.session_file_disk import FileDisk
-from sessionlane.actors.session_file_writes import Reply, WriteEffect, WriteOut, WritePath
+from sessionlane.actors.session_file_writes import (
+    CheckLease,
+    Reply,
+    WriteEffect,
+    WriteOut,
+    WritePath,
+)
 from sessionlane.actors.transcript import Transcript
 from sessionlane.messages.internal import LaneCall, LaneRef
 from sessionlane.messages.wire import Append, Appended
@@ -43,7 +49,6 @@ class Pipeline:
         self.disk = FileDisk(self.path, self.transcript, self.sync, None, lambda: 0.0)
         self.writes = WritePath(
             self.path,
-            self.table,
             legacy=False,
             tail_unchecked=False,
             durability="fsync",
@@ -79,14 +84,14 @@ class Pipeline:
                 canonical=True,
                 request=request,
             )
-            self.collect(self.writes.append_under_lease(call, request))
+            self.perform(self.writes.append_under_lease(call, request))
             sent.append(self.ids)
             after = aid
         return sent
 
     def drain(self) -> None:
-        assert self.writes.begin_drain(0.0) is None
-        while (effects := self.writes.next_write(0.0)) is not None:
+        assert self.writes.begin_drain() is None
+        while (effects := self.writes.next_write()) is not None:
             self.perform(effects)
         self.perform(self.writes.end_drain())
 
@@ -95,7 +100,11 @@ class Pipeline:
             if isinstance(fx, WriteOut):
                 fsync = fx.op.durability == "fsync"
                 outcome = self.disk.write("append", fx.op.data, fsync, fx.repair_tail)
-                self.perform(self.writes.written(fx.op, outcome, 0.0))
+                self.perform(self.writes.written(fx.op, outcome))
+            elif isinstance(fx, CheckLease):  # answered with the table's verdict, as the core does
+                lane, purpose = fx.call.lane.uid, fx.purpose
+                verdict = self.table.check_write(lane, fx.lease, fx.fence, purpose=purpose)
+                self.perform(self.writes.checked(fx, verdict))
             else:
                 self.collect([fx])
 

@@ -13,11 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.lease_table import (
     Diagnostic,
     Grant,
     LeasePolicy,
-    LeaseTable,
     Queue,
     Reject,
     Skip,
@@ -202,8 +202,8 @@ def test_the_record_follows_the_holder_and_remembers_its_last_appends() -> None:
 # The lease table ---------------------------------------------------------------------------
 
 
-def awaiting_table(until: float = 1000.0, hold_ms: float | None = 500.0) -> LeaseTable:
-    table = LeaseTable("/p", LeasePolicy(aging_ms=10_000), fence_floor=1024)
+def awaiting_table(until: float = 1000.0, hold_ms: float | None = 500.0) -> AwaitingTable:
+    table = AwaitingTable("/p", LeasePolicy(aging_ms=10_000), fence_floor=1024)
     table.await_reclaim(
         "ab-7", 7, "agent", ["prompt", "write"], "interactive", 0.0, until=until, hold_ms=hold_ms
     )
@@ -215,6 +215,23 @@ def test_nobody_is_granted_a_file_whose_holder_is_awaited() -> None:
     assert table.acquire("r1", "B", "prompt", 1.0) == [Queue("r1", "B", 1)]
     assert table.acquire("r2", "C", "prompt", 1.0, on_contention="fail")[0].code == "contended"
     assert table.check_write("B", "ab-7", 7) is not None
+
+
+def test_a_connection_lane_cannot_write_or_release_under_an_awaited_lease_of_its_prefix() -> None:
+    """A connection lane acts for the lanes its id prefixes (``acts_for``), and an awaited
+    holder's lane prints as its name: ``c1/`` matches ``c1/agent (awaiting reclaim)`` by
+    prefix, but nobody acts under an awaited lease before its reclaim."""
+    table = AwaitingTable("/p", LeasePolicy(), fence_floor=1024)
+    table.await_reclaim(
+        "ab-7", 7, "c1/agent", ["prompt"], "interactive", 0.0, until=1000.0, hold_ms=None
+    )
+    assert table.check_write("c1/", "ab-7", 7) == (
+        "stale_fence",
+        "lease ab-7 must be reclaimed first (the service restarted)",
+    )
+    [refused] = table.release("r", "c1/", "ab-7", 1.0)
+    assert isinstance(refused, Reject) and "must be reclaimed first" in refused.detail
+    assert table.holder is not None and table.holder.state == "awaiting"
 
 
 def test_the_awaited_holder_reclaims_its_lease_fence_nesting_and_max_hold() -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from sessionlane.actors import lease_table as lt
-from sessionlane.actors.lease_table import LeasePolicy, LeaseTable
+from sessionlane.actors.awaited import AwaitingTable
+from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.reclaim import ReclaimBook
 from sessionlane.actors.session_file_core import (
     Answer,
@@ -20,7 +21,15 @@ from sessionlane.actors.session_file_core import (
     Reserve,
     Warn,
 )
-from sessionlane.actors.session_file_writes import Reply, TableEffects, WritePath, call_key
+from sessionlane.actors.session_file_effects import TableEffects
+from sessionlane.actors.session_file_writes import (
+    AskWriteLease,
+    CheckLease,
+    ReleaseWriteLease,
+    Reply,
+    WritePath,
+    call_key,
+)
 from sessionlane.messages.internal import LaneCall, LaneRef
 from sessionlane.messages.wire import (
     Acquire,
@@ -38,10 +47,9 @@ NOW = 1_000.0
 
 
 def core() -> FileCore:
-    table = LeaseTable(PATH, LeasePolicy(), fence_floor=0)
+    table = AwaitingTable(PATH, LeasePolicy(), fence_floor=0)
     writes = WritePath(
         PATH,
-        table,
         legacy=False,
         tail_unchecked=False,
         durability="fsync",
@@ -63,12 +71,15 @@ def call(lane: str, request: Any, rid: int) -> LaneCall:
 
 
 def read(c: FileCore, effects: list[Any]) -> list[Any]:
-    """Every effect as the shell sees it: table effects read one at a time."""
+    """Every effect as the shell sees it: table effects read one at a time, the write path's
+    table requests performed by the core (``table_request``)."""
     out: list[Any] = []
     for fx in effects:
         if isinstance(fx, TableEffects):
             for t in fx.effects:
                 out += c.meaning(t)
+        elif isinstance(fx, CheckLease | AskWriteLease | ReleaseWriteLease):
+            out += read(c, c.table_request(fx, NOW))
         else:
             out.append(fx)
     return out

@@ -3,7 +3,10 @@
 ``WritePath`` decides and returns effects; here nothing performs them but this model: a
 ``WriteOut`` is answered with a drawn ``WriteOutcome`` (written, a disk error, moved, an
 outside change adopted first), a ``Sync`` clears the model's "unsynced" flag, the legacy lock's
-outcome is drawn too. The lease table is the real one (the write path checks against it).
+outcome is drawn too. The lease table is the real one: the model performs the write path's
+table requests on it (``CheckLease``: the verdict goes back through ``checked``;
+``AskWriteLease``, ``ReleaseWriteLease``: the short write lease of a lease-less append), as
+the core does.
 What is asserted, against a simple model of the requests and of the lease:
 
 - every call is answered exactly once (a redelivery is a call of its own), and only through a
@@ -41,12 +44,14 @@ from sessionlane.actors.lease_table import (
 )
 from sessionlane.actors.session_file_disk import WriteOutcome
 from sessionlane.actors.session_file_writes import (
+    AskWriteLease,
+    CheckLease,
     Commit,
     Notify,
     ReleaseLegacyLock,
+    ReleaseWriteLease,
     Reply,
     Sync,
-    TableEffects,
     WriteEffect,
     WriteOut,
     WritePath,
@@ -96,7 +101,6 @@ class WritePathModel(RuleBasedStateMachine):
     def make_writes(self) -> WritePath:
         return WritePath(
             PATH,
-            self.table,
             legacy=self.legacy,
             tail_unchecked=False,
             durability="fsync",
@@ -150,7 +154,7 @@ class WritePathModel(RuleBasedStateMachine):
         records: list[Any] = [{"pad": "x" * 200}] if too_big else [{"n": self.ids}]
         request = Append(lane=lane, path=PATH, records=records)
         call = self.deliver(lane, request)
-        self.answer(self.writes.append_without_lease(call, request, self.now))
+        self.answer(self.writes.append_without_lease(call, request))
 
     @rule(lane=st.sampled_from(HOLDERS))
     def rewrite(self, lane: str) -> None:
@@ -180,7 +184,7 @@ class WritePathModel(RuleBasedStateMachine):
         if call.request.lease is not None:
             effects = self.writes.append_under_lease(call, call.request)
         else:
-            effects = self.writes.append_without_lease(call, call.request, self.now)
+            effects = self.writes.append_without_lease(call, call.request)
         if was_acked:
             [reply] = effects
             assert isinstance(reply, Reply) and isinstance(reply.message, Appended)
@@ -210,7 +214,7 @@ class WritePathModel(RuleBasedStateMachine):
                 ("path_not_allowed", "the lock file cannot be used") if lock == "unusable" else lock
             )
         queued = len(self.writes.queue)
-        not_now = self.writes.begin_drain(self.now, outcome)
+        not_now = self.writes.begin_drain(outcome)
         if not_now is not None:
             if outcome is False:
                 assert not_now == [] and len(self.writes.queue) == queued  # waits, writes nothing
@@ -218,7 +222,7 @@ class WritePathModel(RuleBasedStateMachine):
                 assert not self.writes.queue
             self.perform(not_now)
             return
-        while (effects := self.writes.next_write(self.now)) is not None:
+        while (effects := self.writes.next_write()) is not None:
             self.perform(effects)
         done = self.writes.end_drain()
         if self.legacy:
@@ -233,7 +237,7 @@ class WritePathModel(RuleBasedStateMachine):
     def fail_queued(self) -> None:
         """The actor exits: every queued write refused (a release may grant a waiting one)."""
         while self.writes.queue:
-            self.perform(self.writes.fail_queued("unavailable", "the actor is exiting", self.now))
+            self.perform(self.writes.fail_queued("unavailable", "the actor is exiting"))
 
     @rule()
     def legacy_interop(self) -> None:
@@ -267,7 +271,7 @@ class WritePathModel(RuleBasedStateMachine):
                     result = outcome_of(kind, offset=sum(self.written.values()))
                     if kind in ("ok", "external") and fsync:
                         self.unsynced = True  # what the disk tells TranscriptSync
-                    self.perform(self.writes.written(op, result, self.now))
+                    self.perform(self.writes.written(op, result))
                 case Sync():
                     self.unsynced = False
                 case Reply(message=Appended(), needs_sync=needs_sync):
@@ -279,8 +283,15 @@ class WritePathModel(RuleBasedStateMachine):
                     self.answer([fx])
                 case Reply():
                     self.answer([fx])
-                case TableEffects(effects=table_effects):
-                    self.table_effects(table_effects)
+                case CheckLease(call=call, lease=lease, fence=fence, purpose=purpose):
+                    verdict = self.table.check_write(call.lane.uid, lease, fence, purpose=purpose)
+                    self.perform(self.writes.checked(fx, verdict))
+                case AskWriteLease(req=req, lane=lane, priority=priority):
+                    self.table_effects(
+                        self.table.acquire(req, lane, "write", self.now, priority=priority)
+                    )
+                case ReleaseWriteLease(req=req, lane=lane, lease=lease):
+                    self.table_effects(self.table.release(req, lane, lease, self.now))
                 case Notify() | Wrote() | Commit() | ReleaseLegacyLock():
                     pass
 

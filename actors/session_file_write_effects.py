@@ -1,0 +1,154 @@
+"""What the write path of a SessionFile speaks: its effects and the write it queues. Pure records.
+
+``sessionlane.actors.session_file_writes.WritePath`` decides; these are what it returns (and
+re-exports): the answers (``Reply``, ``Notify`` an event), what group commit must know
+(``Wrote``, ``Commit``), the disk effects the shell's ``FileDisk`` performs (``WriteOut``,
+``Sync``, ``ReleaseLegacyLock``), the table requests the core performs on the lease table it
+owns (``CheckLease``, whose ``Verdict`` goes back to ``WritePath.checked``; ``AskWriteLease``,
+``ReleaseWriteLease``: a lease-less append's short write lease), and ``WriteOp``, a write
+accepted for the file. Records (frozen, but for ``CheckLease``: see why there): no behaviour,
+no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sessionlane.actors.lease_types import RejectCode
+from sessionlane.messages.internal import FileReply, LaneCall
+from sessionlane.messages.wire import Durability, Priority, Purpose
+from sessionlane.messages.wire import Reply as ReplyMessage
+
+__all__ = [
+    "AskWriteLease",
+    "CheckLease",
+    "Commit",
+    "Notify",
+    "ReleaseLegacyLock",
+    "ReleaseWriteLease",
+    "Reply",
+    "Sync",
+    "TableRequest",
+    "Verdict",
+    "WriteEffect",
+    "WriteOp",
+    "WriteOut",
+    "Wrote",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer ``call`` with ``message``; ``needs_sync``: only once an fdatasync covers it."""
+
+    call: LaneCall
+    message: ReplyMessage
+    needs_sync: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Send ``message`` (an event such as ``ExternalChange``) to the lane ``lane``."""
+
+    lane: str
+    message: FileReply
+
+
+Verdict = tuple[RejectCode, str] | None
+"""The lease table's check of a write (``LeaseTable.check_write``): why it must be refused,
+or None to accept it."""
+
+
+@dataclass(slots=True)
+class CheckLease:
+    """Ask the lease table whether ``call`` may write under ``lease`` and ``fence`` now
+    (``purpose="compaction"``: a rewrite, which needs a compaction level); the verdict goes to
+    ``WritePath.checked``. ``op``: the queued write to perform once checked; None: the write
+    arriving, queued if the verdict allows.
+
+    Not frozen, though never changed: two are made for every write (at arrival and when it
+    is performed), and a frozen dataclass takes about three times as long to make."""
+
+    call: LaneCall
+    lease: str
+    fence: int
+    purpose: Purpose | None = None
+    op: WriteOp | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AskWriteLease:
+    """Ask the lease table for a short ``write`` lease for the lease-less append ``req`` (its
+    call key) of ``lane``; the table's answer comes back as ``granted`` or ``rejected``."""
+
+    req: Any
+    lane: Any
+    priority: Priority
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseWriteLease:
+    """Release the short write lease ``lease`` of ``lane`` under the request key ``req``
+    (answered by nobody: ``released_silently``)."""
+
+    req: Any
+    lane: Any
+    lease: str
+
+
+TableRequest = CheckLease | AskWriteLease | ReleaseWriteLease
+"""What the write path asks of the lease table; the core performs it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wrote:
+    """An ``fsync`` append of ``lane`` was written: its acknowledgement waits for a sync."""
+
+    lane: str
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Sync and send what is held now (a drain under the legacy lock made the writes durable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOut:
+    """Write ``op``'s bytes (append, or replace the file), adopting an outside change first;
+    ``repair_tail``: quarantine a torn last line before. Its outcome goes to ``written``."""
+
+    op: WriteOp
+    repair_tail: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """fdatasync what no sync covers yet (before a rewrite, or an append without group commit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseLegacyLock:
+    """Release ``<file>.lock`` (the drain that took it is done and synced)."""
+
+
+WriteEffect = Reply | Notify | TableRequest | Wrote | Commit | WriteOut | Sync | ReleaseLegacyLock
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOp:
+    """A write accepted for the file: performed at once, or once the legacy lock is free."""
+
+    kind: Literal["append", "rewrite"]
+    call: LaneCall
+    lease: str
+    fence: int
+    data: bytes
+    lines: int
+    durability: Durability
+    auto_release: bool = False
+    """A lease-less append: release its short write lease once written."""
+    aid: str | None = None
+    """The append's id (``Append.aid``)."""
+    after: str | None = None
+    """The ``aid`` of the append before it in its pipeline (``Append.after``)."""
