@@ -22,6 +22,7 @@ import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "all_stats",
     "cmdline",
     "command_line",
+    "cpu_seconds",
     "decode_host",
     "encode_address",
     "fd_numbers",
@@ -102,6 +104,19 @@ def start_time(pid: int) -> int | None:
     """``pid``'s start time in clock ticks since boot, or None when it is gone."""
     parsed = stat(pid)
     return parsed.start if parsed is not None else None
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of ``pids`` so far (those still there), in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cmdline(pid: int) -> list[str] | None:

@@ -191,6 +191,30 @@ def unreadable(what: str, path: str, exc: OSError) -> str:
     return f"{what}: {exc.strerror or exc}"
 
 
+def _read_private_file(
+    path: str, key: str, *, cannot_read: str, exposed: str, limit: int = -1
+) -> bytes:
+    """The first ``limit`` bytes (all by default) of ``path``, a regular file that only its
+    owner may read. Raises :class:`ConfigError` (``key``) when it cannot be read (saying
+    ``cannot_read`` and why), is not a regular file, or grants group or other bits (saying
+    what whoever reads it could do: ``exposed``)."""
+    try:
+        with open(path, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            data = fh.read(limit)
+    except OSError as exc:
+        raise ConfigError(key, unreadable(cannot_read, path, exc)) from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(key, f"{path} is not a regular file")
+    if mode & 0o077:
+        raise ConfigError(
+            key,
+            f"{path} is accessible to other users (mode {stat.S_IMODE(mode):04o}): {exposed};"
+            " chmod 600 it",
+        )
+    return data
+
+
 def read_cluster_key_file(path: str) -> bytes:
     """The key material of a ``cluster_key_file``; raises :class:`ConfigError` (key
     ``cluster_key_file``) when it is unreadable, shared with other users, not base64 or short."""
@@ -198,19 +222,12 @@ def read_cluster_key_file(path: str) -> bytes:
     def refuse(why: str) -> ConfigError:
         return ConfigError("cluster_key_file", f"{path} {why}")
 
-    try:
-        with open(path, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
-            text = fh.read()
-    except OSError as exc:
-        raise refuse(unreadable("cannot be read", path, exc)) from None
-    if not stat.S_ISREG(mode):
-        raise refuse("is not a regular file")
-    if mode & 0o077:
-        raise refuse(
-            f"is accessible to other users (mode {stat.S_IMODE(mode):04o}): whoever reads the"
-            " key can run code as this service's user; chmod 600 it"
-        )
+    text = _read_private_file(
+        path,
+        "cluster_key_file",
+        cannot_read=f"{path} cannot be read",
+        exposed="whoever reads the key can run code as this service's user",
+    )
     try:
         key = base64.b64decode(b"".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
@@ -235,19 +252,13 @@ def read_token_file(path: str) -> str:
     def refuse(why: str) -> ConfigError:
         return ConfigError("token_file", f"{path} {why}")
 
-    try:
-        with open(path, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
-            data = fh.read(MAX_TOKEN_BYTES * 4 + 4096)
-    except OSError as exc:
-        raise ConfigError("token_file", unreadable(f"cannot read {path}", path, exc)) from None
-    if not stat.S_ISREG(mode):
-        raise refuse("is not a regular file")
-    if mode & 0o077:
-        raise refuse(
-            f"is accessible to other users (mode {stat.S_IMODE(mode):04o}): whoever reads the"
-            " token is admitted as any client; chmod 600 it"
-        )
+    data = _read_private_file(
+        path,
+        "token_file",
+        cannot_read=f"cannot read {path}",
+        exposed="whoever reads the token is admitted as any client",
+        limit=MAX_TOKEN_BYTES * 4 + 4096,
+    )
     try:
         token = data.decode("utf-8").strip()
     except UnicodeDecodeError:

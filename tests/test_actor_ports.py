@@ -24,13 +24,13 @@ import select
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import RssPeak, rss_kb
 from test_serve import Serve as BaseServe
 from waiting import eventually
 
@@ -204,18 +204,6 @@ def raise_own_nofile(needed: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def new_file_gets_a_lease(serve: Serve, name: str) -> None:
     path = serve.root / name
     with connect(serve.address) as sl, sl.lane(f"new-{name}").lease(str(path)) as lease:
@@ -269,14 +257,14 @@ def test_1100_idle_connections_to_the_registry_neither_stop_new_files_nor_a_held
         assert lease is not None
         lease.append({"n": 1})
         registry, port = serve.registry()
-        before_kb, before_cpu = rss_kb(registry), cpu_seconds(registry)
+        before_kb, before_cpu = rss_kb(registry), procfs.cpu_seconds([registry])
         with attacker(flood(port), user) as child:
             opened = child.report()
             assert Path(f"/proc/{registry}").exists(), "the Registry died of the flood"
             print(
                 f"Registry during the flood: {len(os.listdir(f'/proc/{registry}/fd'))} open"
                 f" files, RSS {before_kb / 1024:.1f} -> {rss_kb(registry) / 1024:.1f} MB,"
-                f" CPU {cpu_seconds(registry) - before_cpu:.2f} s"
+                f" CPU {procfs.cpu_seconds([registry]) - before_cpu:.2f} s"
             )
             assert opened["opened"] + len(opened["failed"]) == FLOOD
             assert opened["opened"] >= NOFILE, "more connections than the Registry has files"
@@ -329,35 +317,21 @@ def test_a_10_gb_frame_announced_to_the_registry_is_refused_after_a_few_bytes(
         assert lease is not None
         lease.append({"n": 1})
         registry, port = serve.registry()
-        before_kb, before_cpu = rss_kb(registry), cpu_seconds(registry)
-        peak = [before_kb]
-        sampling = threading.Event()
-
-        def sample() -> None:
-            while not sampling.is_set():
-                with contextlib.suppress(OSError):
-                    peak[0] = max(peak[0], rss_kb(registry))
-                sampling.wait(0.01)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        before_cpu = procfs.cpu_seconds([registry])
         forged = connection_auth.hello(os.urandom(32)) if opening == "a forged hello" else b""
-        try:
-            with attacker(big_frame(port, forged), user) as child:
-                result = child.report()
-                child.go()
-        finally:
-            sampling.set()
-            sampler.join(5)
-        after_kb, after_cpu = rss_kb(registry), cpu_seconds(registry)
+        with RssPeak(registry) as rss, attacker(big_frame(port, forged), user) as child:
+            result = child.report()
+            child.go()
+        after_kb, after_cpu = rss_kb(registry), procfs.cpu_seconds([registry])
+        before_kb = rss.before
         print(
-            f"Registry RSS {before_kb / 1024:.1f} MB, peak {peak[0] / 1024:.1f} MB,"
+            f"Registry RSS {before_kb / 1024:.1f} MB, peak {rss.peak / 1024:.1f} MB,"
             f" after {after_kb / 1024:.1f} MB; CPU {after_cpu - before_cpu:.2f} s;"
             f" {result['sent'] / 2**20:.1f} MiB sent before {result['error']}"
         )
         assert result["error"] in ("ECONNRESET", "EPIPE"), "the Registry closed the connection"
         assert result["sent"] < 64 * 1024 * 1024, "closed long before 400 MB (socket buffers)"
-        assert (peak[0] - before_kb) < 20 * 1024, "the Registry's memory stayed flat"
+        assert (rss.peak - before_kb) < 20 * 1024, "the Registry's memory stayed flat"
         assert serve.registry()[0] == registry
         new_file_gets_a_lease(serve, "after.jsonl")
         assert lease.append({"n": 2}).lines == 1

@@ -105,41 +105,9 @@ def finite(value: Any) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_a_quick_run_reports_every_contender_and_leaves_nothing_running(tmp_path: Path) -> None:
-    tag = f"bench-test-{uuid.uuid4().hex[:12]}"
-    out = tmp_path / "bench.json"
-    env = {**os.environ, TAG_VARIABLE: tag}
-    with (tmp_path / "stderr.txt").open("w") as stderr:
-        completed = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sessionlane.system.ops.cli",
-                "bench",
-                "--quick",
-                "--json",
-                "--suite",
-                "handoff",
-                "--suite",
-                "turn",
-                "--suite",
-                "append",
-                "--out",
-                str(out),
-                "--dir",
-                str(tmp_path),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            timeout=120,
-        )
-    left = _leftovers(tag)
-    errors = (tmp_path / "stderr.txt").read_text()
-    assert completed.returncode == 0, errors[-3000:]
-    assert not left, f"the bench left processes running: {left}"
-
-    results = json.loads(out.read_text())
+    results = quick_run(
+        tmp_path, "--suite", "handoff", "--suite", "turn", "--suite", "append", timeout=120
+    )
     assert results["meta"]["quick"] is True
 
     handoff = results["handoff"]
@@ -179,6 +147,29 @@ def test_a_quick_run_reports_every_contender_and_leaves_nothing_running(tmp_path
     assert piped["measured"] is None or positive(piped["measured"])  # K = 4 when quick
     turn_target = targets["uncontended turn overhead over the direct write (p50)"]
     assert finite(turn_target["measured"]) and isinstance(turn_target["met"], bool)
+
+
+def quick_run(tmp_path: Path, *options: str, timeout: float) -> dict[str, Any]:
+    """What ``sessionlane bench --quick --json OPTIONS`` wrote (its ``--out``), run in a
+    subprocess whose ``SESSIONLANE_TEST_TAG`` is its own, working in ``tmp_path``. Fails the
+    test if it did not exit 0 or left a process running (what it left is killed)."""
+    tag = f"bench-{uuid.uuid4().hex[:12]}"
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "sessionlane.system.ops.cli", "bench", "--quick", "--json"]
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        completed = subprocess.run(
+            [*command, *options, "--out", str(out), "--dir", str(tmp_path)],
+            cwd=REPO,
+            env={**os.environ, TAG_VARIABLE: tag},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            timeout=timeout,
+        )
+    left = _leftovers(tag)
+    assert completed.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert not left, f"the bench left processes running: {left}"
+    results: dict[str, Any] = json.loads(out.read_text())
+    return results
 
 
 def _leftovers(tag: str) -> list[tuple[int, str]]:

@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import math
-import os
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from leftovers import TAG_VARIABLE, find_leftovers, kill_leftovers
+from test_bench import positive, quick_run
 
 from sessionlane.system.bench import add_bench_arguments, run_bench
 from sessionlane.system.bench._plot import write_plot
-from sessionlane.system.bench.cost import cpu_seconds, model, slope
-
-REPO = Path(__file__).resolve().parent.parent
+from sessionlane.system.bench.cost import model, slope
 
 
 def points() -> dict[str, Any]:
@@ -100,21 +91,6 @@ def test_the_model_takes_per_unit_costs_as_slopes_not_averages() -> None:
     assert m["cpu_ms_per_append"] == [0.5, 1.0]
 
 
-def test_cpu_seconds_counts_this_process_and_skips_a_pid_that_is_gone() -> None:
-    spent = cpu_seconds([os.getpid()])
-    deadline = time.process_time() + 0.05
-    while time.process_time() < deadline:
-        pass
-    assert cpu_seconds([os.getpid()]) > spent
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert cpu_seconds([int(gone.stdout)]) == 0.0
-
-
 def test_the_plot_draws_the_four_panels_into_an_svg(tmp_path: Path) -> None:
     result = points()
     result["model"] = model(result)
@@ -145,48 +121,12 @@ def test_plot_without_the_cost_suite_is_refused_before_anything_runs(
     assert not (tmp_path / "x.svg").exists()
 
 
-def positive(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value) and value > 0
-
-
 @pytest.mark.tcp
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_quick_cost_run_measures_every_point_draws_it_and_leaves_nothing(tmp_path: Path) -> None:
-    tag = f"bench-cost-{uuid.uuid4().hex[:12]}"
-    out, plot = tmp_path / "bench.json", tmp_path / "cost.svg"
-    with (tmp_path / "stderr.txt").open("w") as stderr:
-        completed = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sessionlane.system.ops.cli",
-                "bench",
-                "--quick",
-                "--json",
-                "--suite",
-                "cost",
-                "--out",
-                str(out),
-                "--plot",
-                str(plot),
-                "--dir",
-                str(tmp_path),
-            ],
-            cwd=REPO,
-            env={**os.environ, TAG_VARIABLE: tag},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            timeout=150,
-        )
-    deadline = time.monotonic() + 3.0
-    while (left := find_leftovers(tag)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if left:
-        kill_leftovers(left)
-    assert completed.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
-    assert not left, f"the bench left processes running: {left}"
-    cost = json.loads(out.read_text())["cost"]
+    plot = tmp_path / "cost.svg"
+    cost = quick_run(tmp_path, "--suite", "cost", "--plot", str(plot), timeout=150)["cost"]
     for p in (*cost["cycle_one_file"], *cost["cycle_own_file"]):
         assert p["cycles"] > 0 and positive(p["cpu_ms_per_cycle"]), p
     for p in cost["append_one_file"]:

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from sessionlane.system.client import Lease, StaleFence, connect
 from sessionlane.system.client._core import LeaseState
 from sessionlane.system.config import load_settings
 from sessionlane.system.runtime.launch import free_port
-from sessionlane.system.runtime.service import Service
+from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = pytest.mark.tcp
 
@@ -81,18 +80,9 @@ def kill_file_actor(path: str, timeout: float = 30.0) -> int:
     return pid
 
 
-@contextlib.contextmanager
-def service_on(root: Path, port: int, log_file: Path) -> Iterator[Service]:
+def service_on(root: Path, port: int, log_file: Path) -> contextlib.AbstractContextManager[Service]:
     """A service on a fixed address, so that it can be killed and restarted in place."""
-    settings, _ = load_settings(
-        None, env={}, overrides={"roots": [str(root)], "listen": f"tcp://127.0.0.1:{port}"}
-    )
-    service = Service(settings, log_file=log_file)
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
+    return embedded_service([str(root)], listen=f"tcp://127.0.0.1:{port}", log_file=log_file)
 
 
 def kill_service(service: Service) -> None:

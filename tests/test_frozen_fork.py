@@ -159,6 +159,8 @@ def test_the_frozen_fork_path_is_not_taken_in_the_starting_process() -> None:
 def test_the_fork_patches_fail_closed_on_another_thespian(
     monkeypatch: pytest.MonkeyPatch, patch: Any
 ) -> None:
+    # Each install() asks loopback.require_supported_thespian first (admin_fork's is tested in
+    # test_transport_auth.py): without that call in it, the install below succeeds.
     real = metadata.version
     monkeypatch.setattr(
         metadata, "version", lambda name: "4.0.2" if name == "thespian" else real(name)

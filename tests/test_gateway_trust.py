@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from processes import RssPeak
 from test_gateway import Closed, RawConn
 from test_serve import Serve as BaseServe
 from waiting import eventually
@@ -85,13 +86,6 @@ def gateway_pid(service: Service) -> int:
     pids = [pid for _, p, pid in service.running.system.listening_addresses() if p == port]
     assert len(pids) == 1, pids
     return pids[0]
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def log_has(service: Service, text: str) -> bool:
@@ -394,41 +388,27 @@ def test_forty_strangers_announcing_8_mib_frames_cost_the_gateway_almost_nothing
 ) -> None:
     body = b"\x00" * (8 * 1024 * 1024)
     with running_service(tmp_path) as (service, _):
-        pid = gateway_pid(service)
-        before = rss_kb(pid)
-        peak = [before]
-        sampling = threading.Event()
+        with RssPeak(gateway_pid(service)) as rss:
+            conns = [Raw(service.address) for _ in range(40)]
+            try:
 
-        def sample() -> None:
-            while not sampling.is_set():
-                with contextlib.suppress(OSError):
-                    peak[0] = max(peak[0], rss_kb(pid))
-                sampling.wait(0.01)
+                def flood(conn: RawConn) -> None:
+                    with contextlib.suppress(OSError):
+                        conn.sock.sendall(HEADER.pack(len(body)) + body)
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        conns = [Raw(service.address) for _ in range(40)]
-        try:
-
-            def flood(conn: RawConn) -> None:
-                with contextlib.suppress(OSError):
-                    conn.sock.sendall(HEADER.pack(len(body)) + body)
-
-            senders = [threading.Thread(target=flood, args=(c,)) for c in conns]
-            for sender in senders:
-                sender.start()
-            for conn in conns:
-                frames = closed_by_service(conn, 20)
-                assert all(f["code"] == "too_large" for f in frames), frames
-            for sender in senders:
-                sender.join(20)
-        finally:
-            sampling.set()
-            sampler.join(5)
-            for conn in conns:
-                conn.close()
-        grown_mb = (peak[0] - before) / 1024
-        print(f"gateway RSS {before / 1024:.1f} MB, peak {peak[0] / 1024:.1f} MB")
+                senders = [threading.Thread(target=flood, args=(c,)) for c in conns]
+                for sender in senders:
+                    sender.start()
+                for conn in conns:
+                    frames = closed_by_service(conn, 20)
+                    assert all(f["code"] == "too_large" for f in frames), frames
+                for sender in senders:
+                    sender.join(20)
+            finally:
+                for conn in conns:
+                    conn.close()
+        grown_mb = (rss.peak - rss.before) / 1024
+        print(f"gateway RSS {rss.before / 1024:.1f} MB, peak {rss.peak / 1024:.1f} MB")
         assert grown_mb < 20, f"the gateway grew by {grown_mb:.1f} MB"
         with connect(service.address) as sl:
             assert sl.status().files == [], "and it still serves"

@@ -140,6 +140,23 @@ def test_installing_the_patch_twice_is_harmless_but_a_second_host_is_refused() -
     assert loopback.installed_host() == "127.0.0.1"
 
 
+def test_the_patch_fails_closed_on_another_thespian_and_pins_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(
+        metadata, "version", lambda name: "4.0.2" if name == "thespian" else real(name)
+    )
+    monkeypatch.setattr(loopback, "_installed", None)
+    monkeypatch.delenv("THESPIAN_BASE_IPADDR", raising=False)
+    with pytest.raises(RuntimeError, match=r"bind address but thespian 4\.0\.2 is installed"):
+        loopback.install("127.0.0.1")
+    assert loopback.installed_host() is None
+    assert "THESPIAN_BASE_IPADDR" not in os.environ
+
+
 @pytest.mark.tcp
 def test_stop_leaves_no_process_of_the_system_and_can_be_repeated(tmp_path: Path) -> None:
     system = launch.start_tcp_system(log_file=tmp_path / "sl.log")

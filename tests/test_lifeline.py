@@ -80,13 +80,6 @@ def serves(tmp_path: Path) -> Iterator[Serves]:
             serve.kill()
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "sessions"
-    path.mkdir()
-    return path
-
-
 def watchdogs(parent: int) -> list[int]:
     """The lifeline watchdogs started by ``parent``."""
     found = []

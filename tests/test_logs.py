@@ -113,6 +113,15 @@ class ChattyActor(Actor):  # type: ignore[misc]
             self.send(sender, message)
 
 
+def wait_for_line(log_file: Path, text: str) -> None:
+    """Return once ``text`` is in ``log_file``; fail the test after ``WAIT_S``."""
+    eventually(
+        lambda: log_file.exists() and text in log_file.read_text(),
+        f"{text!r} to reach the log",
+        timeout=WAIT_S,
+    )
+
+
 @pytest.mark.tcp
 def test_at_info_an_actor_s_debug_line_stays_out_of_the_log_file(tmp_path: Path) -> None:
     log_file = tmp_path / "actors.log"
@@ -121,10 +130,7 @@ def test_at_info_an_actor_s_debug_line_stays_out_of_the_log_file(tmp_path: Path)
         assert system.asys.ask(actor, "marker", 10) == "marker"
         # One actor's records reach the logger in order: once the INFO line is there, the
         # DEBUG line logged before it would be too.
-        deadline = time.monotonic() + WAIT_S
-        while "info-marker" not in (log_file.read_text() if log_file.exists() else ""):
-            assert time.monotonic() < deadline, "the INFO line never reached the log"
-            time.sleep(0.02)
+        wait_for_line(log_file, "info-marker")
         assert "debug-marker" not in log_file.read_text()
 
 
@@ -220,11 +226,7 @@ def test_connection_churn_is_logged_at_debug(root: Path, tmp_path: Path) -> None
     with embedded_service([str(root)], log_file=log_file, log_level="DEBUG") as svc:
         with connect(svc.address) as sl:
             sl.lane("churn").append(str(root / "c.jsonl"), {"a": 1})  # a lane: a close to log
-        eventually(
-            lambda: " closed (" in (log_file.read_text() if log_file.exists() else ""),
-            "the close to reach the log",
-            timeout=WAIT_S,
-        )
+        wait_for_line(log_file, " closed (")  # the close
     lines = log_file.read_text().splitlines()
     opened = [line for line in lines if "sessionlane.system.gateway.clients: connection" in line]
     closed = [line for line in lines if " closed (" in line and "lanes released" in line]
@@ -265,10 +267,7 @@ def test_a_system_s_log_and_thespian_s_log_beside_it_are_created_0600(tmp_path: 
     with tcp_system(log_file=log_file, log_level="INFO") as system:
         actor = system.asys.createActor(ChattyActor)
         assert system.asys.ask(actor, "marker", 10) == "marker"
-        deadline = time.monotonic() + WAIT_S
-        while "info-marker" not in (log_file.read_text() if log_file.exists() else ""):
-            assert time.monotonic() < deadline, "the INFO line never reached the log"
-            time.sleep(0.02)
+        wait_for_line(log_file, "info-marker")
         from thespian.system.utilis import thesplog
 
         thesplog("a line of thespian's own", level=logging.WARNING)

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nodejs import NODE_DIR, built_node
+from processes import run_in_session
 from test_serve import Serve, queued_lanes, tcp_serve
 from waiting import eventually
 
@@ -33,7 +35,6 @@ from sessionlane.system.runtime.service import embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(900)]
 
-NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
 DEMO_TIMEOUT_S = 60.0
 NPM_TEST_TIMEOUT_S = 600.0
 
@@ -41,18 +42,7 @@ NPM_TEST_TIMEOUT_S = 600.0
 @pytest.fixture(scope="module")
 def node() -> str:
     """The ``node`` executable, with the package's dependencies installed and built."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are needed for the Node.js client tests")
-    for needed in ("@msgpack/msgpack", "typescript", "@types/node"):
-        if not (NODE_DIR / "node_modules" / needed).is_dir():
-            pytest.skip(f"{needed} is not installed: run `npm ci` in {NODE_DIR}")
-    # Build from the sources under test (no network): `npm ci` built them, maybe long ago.
-    build = subprocess.run(
-        [npm, "run", "build"], cwd=NODE_DIR, capture_output=True, text=True, timeout=300
-    )
-    assert build.returncode == 0, build.stdout + build.stderr
-    return node
+    return built_node("the Node.js client tests")
 
 
 @pytest.fixture
@@ -130,26 +120,14 @@ def test_the_typescript_package_passes_npm_test_against_a_real_serve(
         "NODE_TEST_SESSIONLANE_ADDRESS": serve.address,
         "NODE_TEST_SESSIONLANE_ROOT": str(root),
     }
-    proc = subprocess.Popen(
-        [npm, "test"],
-        cwd=NODE_DIR,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
     try:
-        out, _ = proc.communicate(timeout=NPM_TEST_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=10)
-        pytest.fail(f"npm test took over {NPM_TEST_TIMEOUT_S} s:\n{out[-20000:]}")
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, f"npm test failed:\n{out[-20000:]}"
+        done = run_in_session(
+            [npm, "test"], cwd=NODE_DIR, env=env, merge_stderr=True, timeout=NPM_TEST_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as late:
+        pytest.fail(f"npm test took over {NPM_TEST_TIMEOUT_S} s:\n{(late.output or '')[-20000:]}")
+    out = done.stdout
+    assert done.returncode == 0, f"npm test failed:\n{out[-20000:]}"
     totals = {
         key: int(n) for key, n in re.findall(r"^# (pass|fail|skipped|cancelled) (\d+)$", out, re.M)
     }
@@ -253,20 +231,12 @@ def test_the_node_client_presents_a_token_and_reports_a_max_hold_revocation(
         [str(root)], log_file=tmp_path / "actors.log", token_file=str(token_file)
     ) as svc:
         index = str(NODE_DIR / "dist" / "index.js")
-        proc = subprocess.Popen(
+        done = run_in_session(
             [node, "-e", EVENTS_SCRIPT, index, svc.address, str(path), "node-token-0123456789"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
+            timeout=DEMO_TIMEOUT_S,
         )
-        try:
-            out, err = proc.communicate(timeout=DEMO_TIMEOUT_S)
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err
-    result = json.loads(out)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
     assert result["refused"] == {"code": "unauthorized", "typed": True}
     assert result["revoked"] == {"lease": result["lease"], "path": str(path), "reason": "max_hold"}
     assert result["late"] == {"code": "revoked", "revoked": True}, "refused before sending"
@@ -325,20 +295,11 @@ def test_the_node_client_keeps_an_idle_connection_alive_and_a_silent_one_is_drop
     root.mkdir()
     with embedded_service([str(root)], log_file=tmp_path / "a.log", keepalive_ms=300) as svc:
         index = str(NODE_DIR / "dist" / "index.js")
-        proc = subprocess.Popen(
-            [node, "-e", KEEPALIVE_SCRIPT, index, svc.address, str(root)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
+        done = run_in_session(
+            [node, "-e", KEEPALIVE_SCRIPT, index, svc.address, str(root)], timeout=DEMO_TIMEOUT_S
         )
-        try:
-            out, err = proc.communicate(timeout=DEMO_TIMEOUT_S)
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err
-    result = json.loads(out)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
     assert result["held"] == {"revoked": None, "holder": True}
     assert result["dropped"]["reason"].startswith("connection closed by the service")
     assert result["dropped"]["revoked"] == "connection_lost"

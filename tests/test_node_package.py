@@ -10,16 +10,16 @@ the registry. Then ``examples/node/append.mjs`` runs from that project against a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nodejs import NODE_DIR
+from processes import run_in_session
 
 from sessionlane import __version__
 from sessionlane.system.runtime.service import embedded_service
@@ -27,29 +27,13 @@ from sessionlane.system.runtime.service import embedded_service
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parent.parent
-NODE_DIR = REPO / "clients" / "node"
 EXAMPLE = REPO / "examples" / "node" / "append.mjs"
 STEP_TIMEOUT_S = 300.0
 
 
 def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """``args`` in its own session, killed with its children if it outlives the timeout."""
-    proc = subprocess.Popen(
-        args,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, **env},
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=STEP_TIMEOUT_S)
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return run_in_session(args, cwd=cwd, env={**os.environ, **env}, timeout=STEP_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

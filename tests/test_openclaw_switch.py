@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nodejs import NODE_DIR, built_node
 from test_serve import Serve, clean_env
 from waiting import eventually
 
@@ -34,7 +34,6 @@ from sessionlane.system.runtime.launch import free_port
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parent.parent
-NODE_DIR = REPO / "clients" / "node"
 EXAMPLE = REPO / "examples" / "openclaw_switch"
 STEP_TIMEOUT_S = 60.0
 SHORT_BUDGET_MS = 1500  # what a waiter is given when it must time out behind a holder
@@ -43,17 +42,7 @@ SHORT_BUDGET_MS = 1500  # what a waiter is given when it must time out behind a 
 @pytest.fixture(scope="module")
 def node() -> str:
     """``node``, with the package built from the sources under test."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are needed for the OpenClaw drop-in tests")
-    for needed in ("@msgpack/msgpack", "typescript", "@types/node"):
-        if not (NODE_DIR / "node_modules" / needed).is_dir():
-            pytest.skip(f"{needed} is not installed: run `npm ci` in {NODE_DIR}")
-    build = subprocess.run(
-        [npm, "run", "build"], cwd=NODE_DIR, capture_output=True, text=True, timeout=300
-    )
-    assert build.returncode == 0, build.stdout + build.stderr
-    return node
+    return built_node("the OpenClaw drop-in tests")
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "legacy_lock"])

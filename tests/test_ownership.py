@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import file_processes
 from test_actor_scenarios import EVENT_TIMEOUT_S, MakeDriver, acquire, grant, refused
 from test_ownership_unit import Holder
 from waiting import eventually
@@ -133,7 +134,7 @@ def test_refusing_a_file_owned_elsewhere_is_quick_and_leaves_no_process_behind(
             with sl.lane("a").lease(str(path)) as lease:
                 assert lease is not None
         assert two.running is not None
-        members = len(two.running.system.members())
+        files = file_processes(two.running.system)
         timings = []
         with connect(two.address) as other:
             for path in paths * 3:
@@ -143,7 +144,7 @@ def test_refusing_a_file_owned_elsewhere_is_quick_and_leaves_no_process_behind(
                 timings.append(time.perf_counter() - started)
         system = two.running.system
         eventually(
-            lambda: len(system.members()) == members, "the refused actors to retire", timeout=POLL_S
+            lambda: file_processes(system) == files, "the refused actors to retire", timeout=POLL_S
         )
         timings.sort()
         print(
@@ -160,7 +161,7 @@ def test_a_file_that_cannot_be_opened_answers_its_error_and_its_actor_retires(
     with embedded_service([str(root)], log_file=tmp_path / "one.log") as one:
         assert one.running is not None
         system = one.running.system
-        members = len(system.members())
+        files = file_processes(system)
         with connect(one.address) as sl:
             for _ in range(3):
                 with pytest.raises(SessionLaneError) as failed:
@@ -170,7 +171,7 @@ def test_a_file_that_cannot_be_opened_answers_its_error_and_its_actor_retires(
             with pytest.raises(Unavailable):  # lease-less appends too
                 sl.lane("w").append(str(corrupt), {"x": 1})
         eventually(
-            lambda: len(system.members()) == members, "the broken actors to retire", timeout=POLL_S
+            lambda: file_processes(system) == files, "the broken actors to retire", timeout=POLL_S
         )
         assert not Path(owner_path(str(corrupt))).read_bytes(), "nobody named as the owner"
 
@@ -183,12 +184,11 @@ def test_a_name_too_long_for_its_sidecars_is_refused_at_admission_and_starts_no_
     with embedded_service([str(root)], log_file=tmp_path / "one.log") as one:
         assert one.running is not None
         system = one.running.system
-        members = len(system.members())
         with connect(one.address) as sl:
             for _ in range(3):
                 with pytest.raises(PathNotAllowed, match="NAME_MAX"):
                     sl.lane("a").acquire(str(long_name), wait_timeout=5.0)
-            assert len(system.members()) == members
+            assert file_processes(system) == [], "no file actor was started"
     assert not list(root.iterdir()), "nothing created beside a refused name"
 
 
@@ -207,7 +207,7 @@ def test_through_lane_actors_a_file_held_by_another_process_is_refused_and_then_
     try:
         d = driver_factory(asys)
         lane = d.open_lane("a")
-        members = len(system.members()) if system else 0
+        files = file_processes(system) if system else []
         for path in paths * 2:
             error = refused(acquire(d, lane, path), "unavailable")
             assert error.detail.startswith(
@@ -217,7 +217,7 @@ def test_through_lane_actors_a_file_held_by_another_process_is_refused_and_then_
             refused(d.call(lane, write), "unavailable")
         if system is not None:
             eventually(
-                lambda: len(system.members()) == members,
+                lambda: file_processes(system) == files,
                 "refused actors retired",
                 timeout=EVENT_TIMEOUT_S,
             )

@@ -38,6 +38,21 @@ def test_a_reaped_process_has_no_stat_cmdline_or_uid() -> None:
     assert procfs.memory_kb(child.pid) is None
 
 
+def test_cpu_seconds_counts_this_process_and_skips_a_pid_that_is_gone() -> None:
+    spent = procfs.cpu_seconds([os.getpid()])
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    assert procfs.cpu_seconds([os.getpid()]) > spent
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert procfs.cpu_seconds([int(gone.stdout)]) == 0.0
+
+
 def test_a_child_shows_its_argv_and_our_uid_and_a_zombie_is_not_live() -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", "import sys; sys.stdin.read()", "two words", ""],

@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from processes import file_processes
 from test_actor_scenarios import (
     EVENT_TIMEOUT_S,
     Base,
@@ -30,7 +31,6 @@ from test_actor_scenarios import (
 )
 from waiting import eventually
 
-from sessionlane.actors import procfs
 from sessionlane.actors.fencestore import fence_path, parse_fence_record
 from sessionlane.messages.errors import PathNotAllowed
 from sessionlane.messages.wire import Revoked
@@ -117,11 +117,6 @@ def test_an_in_system_lanes_requests_reach_the_file_over_its_channel_not_the_reg
     [status] = d.status(str(path)).files
     assert status.counters["channel_calls"] == 3, "acquire, append and release"
     assert status.counters["channels"] == 1, "the lane's one channel to the file"
-
-
-def file_processes(system: TcpSystem) -> list[int]:
-    """The system's processes that are a file's actor (titled ``sessionlane: file PATH``)."""
-    return [p for p in system.members() if procfs.command_line(p).startswith("sessionlane: file ")]
 
 
 @pytest.mark.tcp

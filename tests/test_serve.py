@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import run_in_session
 from waiting import eventually
 
 from sessionlane.actors import procfs
@@ -172,21 +173,7 @@ class Serve:
 
     def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run another ``sessionlane`` command against this service (same state dir)."""
-        proc = subprocess.Popen(
-            [*sessionlane_command(), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=self.env,
-            start_new_session=True,
-        )
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        return run_in_session([*sessionlane_command(), *args], env=self.env, timeout=timeout)
 
 
 class Client:
@@ -224,13 +211,6 @@ class Client:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "sessions"
-    path.mkdir()
-    return path
 
 
 @pytest.fixture

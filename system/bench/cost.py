@@ -21,7 +21,6 @@ service's base) is not spread over the units. ``sessionlane bench --plot FILE`` 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -35,7 +34,7 @@ from sessionlane.system.bench._report import fmt, table
 from sessionlane.system.bench._stats import rate, rounded
 from sessionlane.system.bench._workers import record
 
-__all__ = ["NAME", "cpu_seconds", "render", "run", "slope"]
+__all__ = ["NAME", "render", "run", "slope"]
 
 NAME = "cost"
 _IDLE_MS = 600_000  # nothing passivates while it is measured
@@ -84,19 +83,6 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     return result
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime + stime of ``pids`` (those still there), in seconds."""
-    ticks = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 @contextlib.contextmanager
 def _service_cpu(members: Any) -> Iterator[dict[str, float]]:
     """The service's CPU seconds spent inside the block, in the yielded dict's ``"cpu_s"``.
@@ -104,10 +90,10 @@ def _service_cpu(members: Any) -> Iterator[dict[str, float]]:
     Processes that exit inside the block are lost from the sum; none does here (nothing
     passivates, no file is retired)."""
     spent: dict[str, float] = {}
-    before = {pid: cpu_seconds([pid]) for pid in members()}
+    before = {pid: procfs.cpu_seconds([pid]) for pid in members()}
     yield spent
     after = members()
-    spent["cpu_s"] = sum(cpu_seconds([pid]) - before.get(pid, 0.0) for pid in after)
+    spent["cpu_s"] = sum(procfs.cpu_seconds([pid]) - before.get(pid, 0.0) for pid in after)
 
 
 def _prepare(address: str, paths: Sequence[str]) -> None:

@@ -28,11 +28,10 @@ import inspect
 import os
 import stat
 import threading
-from importlib import metadata
 from typing import Any
 
 from sessionlane.actors import procfs
-from sessionlane.system.runtime.loopback import SUPPORTED_THESPIAN
+from sessionlane.system.runtime.loopback import require_supported_thespian
 
 __all__ = ["install", "installed", "release_inherited_sockets"]
 
@@ -51,12 +50,7 @@ def install() -> None:
     with _lock:
         if _installed:
             return
-        version = metadata.version("thespian")
-        if version != SUPPORTED_THESPIAN:
-            raise RuntimeError(
-                f"{__name__} patches thespian {SUPPORTED_THESPIAN}'s admin start but"
-                f" thespian {version} is installed: re-verify multiprocCommon.py"
-            )
+        require_supported_thespian(__name__, "admin start", "multiprocCommon.py")
         from thespian.system import multiprocCommon
 
         start_admin = getattr(multiprocCommon, "startAdmin", None)

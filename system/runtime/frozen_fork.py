@@ -35,12 +35,11 @@ import multiprocessing
 import os
 import sys
 import threading
-from importlib import metadata
 from typing import Any
 
 from thespian.actors import Actor, ChildActorExited
 
-from sessionlane.system.runtime.loopback import SUPPORTED_THESPIAN
+from sessionlane.system.runtime.loopback import require_supported_thespian
 
 __all__ = ["ForkReport", "frozen_at_start", "install", "installed"]
 
@@ -68,12 +67,7 @@ def install() -> None:
     with _lock:
         if _installed:
             return
-        version = metadata.version("thespian")
-        if version != SUPPORTED_THESPIAN:
-            raise RuntimeError(
-                f"{__name__} patches thespian {SUPPORTED_THESPIAN}'s actor start but"
-                f" thespian {version} is installed: re-verify multiprocCommon.py"
-            )
+        require_supported_thespian(__name__, "actor start", "multiprocCommon.py")
         from thespian.system import multiprocCommon
 
         start_child = getattr(multiprocCommon, "startChild", None)

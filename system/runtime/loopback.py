@@ -34,12 +34,27 @@ import threading
 from importlib import metadata
 from typing import Any
 
-__all__ = ["SUPPORTED_THESPIAN", "install", "installed_host"]
+__all__ = ["SUPPORTED_THESPIAN", "install", "installed_host", "require_supported_thespian"]
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_THESPIAN = "4.0.1"
 """The thespian release whose bind code this patch was written against and verified on."""
+
+
+def require_supported_thespian(patcher: str, patches: str, verify: str) -> None:
+    """Fail closed before a patch touches a thespian other than :data:`SUPPORTED_THESPIAN`.
+
+    Raises ``RuntimeError`` naming the ``patcher`` (a module name), what it ``patches`` in
+    thespian and what to ``verify`` before trusting it on the installed release.
+    """
+    version = metadata.version("thespian")
+    if version != SUPPORTED_THESPIAN:
+        raise RuntimeError(
+            f"{patcher} patches thespian {SUPPORTED_THESPIAN}'s {patches} but"
+            f" thespian {version} is installed: re-verify {verify}"
+        )
+
 
 # Hosts that mean "every interface" to socket.bind: each is replaced by the patched host.
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "::0"})
@@ -70,12 +85,7 @@ def install(bind_host: str = "127.0.0.1") -> None:
                     f" refusing to re-pin them to {host}"
                 )
             return
-        version = metadata.version("thespian")
-        if version != SUPPORTED_THESPIAN:
-            raise RuntimeError(
-                f"{__name__} patches thespian {SUPPORTED_THESPIAN}'s bind address but"
-                f" thespian {version} is installed: re-verify IPBase.py before trusting it"
-            )
+        require_supported_thespian(__name__, "bind address", "IPBase.py before trusting it")
         from thespian.system.transport import IPBase
 
         original = IPBase.IPActorAddress.__dict__.get("bindArgs")

@@ -53,11 +53,10 @@ import pickle
 import signal
 import struct
 import threading
-from importlib import metadata
 from typing import Any
 
 from sessionlane.system.runtime.admin_fork import release_inherited_sockets
-from sessionlane.system.runtime.loopback import SUPPORTED_THESPIAN
+from sessionlane.system.runtime.loopback import require_supported_thespian
 
 __all__ = ["FORKED_FROM_ZYGOTE", "PARKED_TITLE", "PARK_AHEAD", "install", "installed", "zygote_pid"]
 
@@ -107,12 +106,7 @@ def install() -> None:
     with _lock:
         if _installed:
             return
-        version = metadata.version("thespian")
-        if version != SUPPORTED_THESPIAN:
-            raise RuntimeError(
-                f"{__name__} patches thespian {SUPPORTED_THESPIAN}'s actor start but"
-                f" thespian {version} is installed: re-verify multiprocCommon.py"
-            )
+        require_supported_thespian(__name__, "actor start", "multiprocCommon.py")
         from thespian.system import multiprocCommon
 
         replicator = getattr(multiprocCommon, "MultiProcReplicator", None)

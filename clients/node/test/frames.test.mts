@@ -9,21 +9,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 
-import { Decoder, Encoder } from '@msgpack/msgpack';
 import { BadFrame, SessionLaneError, TooLarge, Unavailable, connect } from 'sessionlane';
+import { framed, scriptedService } from './helpers.mjs';
 
 const MiB = 1024 * 1024;
-const encoder = new Encoder();
-const decoder = new Decoder();
 const dir = mkdtempSync(join(tmpdir(), 'sl-frames-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
-
-function framed(message: Record<string, unknown>): Buffer {
-  const body = encoder.encode(message);
-  const header = Buffer.alloc(4);
-  header.writeUInt32BE(body.length, 0);
-  return Buffer.concat([header, body]);
-}
 
 /** Bytes `socket` could write of `data`, in 64 KiB pieces as the reader drains them. */
 async function trickle(socket: net.Socket, data: Buffer): Promise<number> {
@@ -49,37 +40,19 @@ async function trickle(socket: net.Socket, data: Buffer): Promise<number> {
 }
 
 /**
- * A peer that welcomes the hello, then answers the first request (its id) with
- * `attack(socket, id)`; resolves `bytesWritten` with what the attack got out.
+ * A peer that welcomes the hello, then answers each request (its id) with
+ * `attack(socket, id)`; resolves `written` with what the first attack got out.
  */
 async function hostile(
   attack: (socket: net.Socket, id: unknown) => Promise<number>,
 ): Promise<{ address: string; server: net.Server; written: Promise<number> }> {
-  const path = join(dir, `peer-${Math.random().toString(36).slice(2)}.sock`);
   let report: (bytes: number) => void = () => undefined;
   const written = new Promise<number>((resolve) => (report = resolve));
-  const server = net.createServer((socket) => {
-    let buffer = Buffer.alloc(0);
-    socket.on('error', () => undefined);
-    socket.on('data', (chunk) => {
-      buffer = Buffer.concat([buffer, chunk]);
-      while (buffer.length >= 4 && buffer.length >= 4 + buffer.readUInt32BE(0)) {
-        const length = buffer.readUInt32BE(0);
-        const request = decoder.decode(buffer.subarray(4, 4 + length)) as Record<string, unknown>;
-        buffer = buffer.subarray(4 + length);
-        if (request['type'] === 'hello') {
-          socket.write(
-            framed({ v: 1, type: 'welcome', id: request['id'], server: 'hostile', protocol: 1 }),
-          );
-        } else {
-          void attack(socket, request['id']).then(report);
-        }
-      }
-    });
-  });
-  server.listen(path);
-  await once(server, 'listening');
-  return { address: `unix://${path}`, server, written };
+  const { address, server } = await scriptedService(
+    (request, _send, socket) => void attack(socket, request['id']).then(report),
+    join(dir, `peer-${Math.random().toString(36).slice(2)}.sock`),
+  );
+  return { address, server, written };
 }
 
 /** The error a pending call got when the connection closed on a bad frame: its cause. */
@@ -163,41 +136,35 @@ describe('bounded reads', () => {
   });
 
   it('refuses a frame that lies about its lengths, or is not a known message', async () => {
-    const frames: [string, Buffer][] = [
+    const raw = (body: Buffer): Buffer => {
+      const header = Buffer.alloc(4);
+      header.writeUInt32BE(body.length, 0);
+      return Buffer.concat([header, body]);
+    };
+    // Why the client refuses it, and the frame (given the request's id) that the peer answers.
+    const frames: [string, (id: unknown) => Buffer][] = [
       // a map announcing 2^32-1 entries in 5 bytes
-      ['items announced', Buffer.from([0xdf, 0xff, 0xff, 0xff, 0xff])],
+      ['items announced', () => raw(Buffer.from([0xdf, 0xff, 0xff, 0xff, 0xff]))],
       // a string announcing 255 bytes, holding 1
-      ['more bytes announced', Buffer.from([0xd9, 0xff, 0x41])],
+      ['more bytes announced', () => raw(Buffer.from([0xd9, 0xff, 0x41]))],
       // an extension type (a timestamp)
-      ['not allowed', Buffer.from([0xd6, 0xff, 0, 0, 0, 0])],
+      ['not allowed', () => raw(Buffer.from([0xd6, 0xff, 0, 0, 0, 0]))],
       // a map, then garbage
-      ['after the message', Buffer.from([0x80, 0x01])],
+      ['after the message', () => raw(Buffer.from([0x80, 0x01]))],
+      // well-formed msgpack, but not a message the client knows
+      ['unknown type', (id) => framed({ v: 1, type: 'surprise', id })],
+      [
+        'fence is a string',
+        (id) => framed({ v: 1, type: 'appended', id, offset: 0, lines: 1, fence: '7' }),
+      ],
+      [
+        'purpose is missing',
+        (id) => framed({ v: 1, type: 'granted', id, lease: 'L', fence: 1, path: '/p' }),
+      ],
     ];
-    for (const [why, body] of frames) {
-      const { address, server } = await hostile(async (socket) => {
-        const header = Buffer.alloc(4);
-        header.writeUInt32BE(body.length, 0);
-        socket.write(Buffer.concat([header, body]));
-        return body.length;
-      });
-      try {
-        const sl = await connect(address, { keepaliveMs: 0 });
-        await assert.rejects(sl.status(), (err: unknown) => {
-          causedBy(BadFrame)(err);
-          assert.match(String((err as Unavailable).cause), new RegExp(why));
-          return true;
-        });
-      } finally {
-        server.close();
-      }
-    }
-    for (const [why, message] of [
-      ['unknown type', { type: 'surprise', id: 1 }],
-      ['fence is a string', { type: 'appended', id: 1, offset: 0, lines: 1, fence: '7' }],
-      ['purpose is missing', { type: 'granted', id: 1, lease: 'L', fence: 1, path: '/p' }],
-    ] as const) {
+    for (const [why, frame] of frames) {
       const { address, server } = await hostile(async (socket, id) => {
-        const out = framed({ v: 1, ...message, id });
+        const out = frame(id);
         socket.write(out);
         return out.length;
       });
@@ -207,7 +174,7 @@ describe('bounded reads', () => {
           causedBy(BadFrame)(err);
           assert.match(String((err as Unavailable).cause), new RegExp(why));
           return true;
-        });
+        }, why);
       } finally {
         server.close();
       }

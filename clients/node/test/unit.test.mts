@@ -8,7 +8,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 
-import { Decoder, Encoder } from '@msgpack/msgpack';
 import {
   DiskError,
   ERROR_CODES,
@@ -26,7 +25,7 @@ import {
   parseAddress,
 } from 'sessionlane';
 import { SessionWriteLockTimeoutError } from 'sessionlane/openclaw';
-import { deferred } from './helpers.mjs';
+import { type Script, type Send, closedPort, deferred, scriptedService } from './helpers.mjs';
 
 describe('addresses', () => {
   it('accepts HOST:PORT, tcp://HOST:PORT and unix:///path', () => {
@@ -148,47 +147,30 @@ describe('record checks', () => {
   });
 });
 
-type Send = (message: object) => void;
-type Script = (request: Record<string, unknown>, send: Send, socket: net.Socket) => void;
-
-/** A scripted peer on a real socket: answers hello, hands every other request to `script`. */
-async function scriptedService(
-  script: Script,
-  unixPath?: string,
-): Promise<{ address: string; server: net.Server }> {
-  const encoder = new Encoder();
-  const decoder = new Decoder();
-  const server = net.createServer((socket) => {
-    let buffer = Buffer.alloc(0);
-    const send: Send = (message) => {
-      const body = encoder.encode({ v: 1, ...message });
-      const header = Buffer.alloc(4);
-      header.writeUInt32BE(body.byteLength);
-      socket.write(Buffer.concat([header, body]));
-    };
-    socket.on('data', (chunk) => {
-      buffer = Buffer.concat([buffer, chunk]);
-      while (buffer.length >= 4 && buffer.length >= 4 + buffer.readUInt32BE(0)) {
-        const length = buffer.readUInt32BE(0);
-        const request = decoder.decode(buffer.subarray(4, 4 + length)) as Record<string, unknown>;
-        buffer = buffer.subarray(4 + length);
-        if (request['type'] === 'hello') {
-          send({ type: 'welcome', id: request['id'], server: 'scripted', protocol: 1 });
-        } else {
-          script(request, send, socket);
-        }
-      }
-    });
-  });
-  if (unixPath !== undefined) {
-    server.listen(unixPath);
-    await once(server, 'listening');
-    return { address: `unix://${unixPath}`, server };
-  }
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const { port } = server.address() as net.AddressInfo;
-  return { address: `127.0.0.1:${port}`, server };
+/**
+ * Holds back the grant of the last acquire (which `onAcquire` may answer meanwhile, say
+ * `queued`) until a keepalive arrives: then grants it, as lease `LATE`, before the keepalive's
+ * own reply. Answers a release, telling `released` which lease it named.
+ */
+function lateGrant(
+  released: (lease: unknown) => void,
+  onAcquire: (id: unknown, send: Send) => void = () => undefined,
+): Script {
+  let waiting: unknown = null;
+  let path: unknown = null;
+  return (request, send) => {
+    if (request['type'] === 'acquire') {
+      waiting = request['id'];
+      path = request['path'];
+      onAcquire(waiting, send);
+    } else if (request['type'] === 'keepalive') {
+      send({ type: 'granted', id: waiting, lease: 'LATE', fence: 3, path, purpose: 'prompt' });
+      send({ type: 'alive', id: request['id'] });
+    } else if (request['type'] === 'release') {
+      released(request['lease']);
+      send({ type: 'released', id: request['id'], lease: request['lease'] });
+    }
+  };
 }
 
 /** Grants the first acquire, queues the second and then drops the connection. */
@@ -379,28 +361,9 @@ describe('connection loss', () => {
   });
 
   it('releases a grant that arrives after its caller gave up waiting', async () => {
-    let waiting: unknown = null;
-    let released: (lease: unknown) => void = () => undefined;
-    const release = new Promise((resolve) => (released = resolve));
-    const { address, server } = await scriptedService((request, send) => {
-      if (request['type'] === 'acquire') {
-        waiting = request['id']; // no answer yet
-      } else if (request['type'] === 'keepalive') {
-        // Only now, after the caller gave up: the grant, then the keepalive's own reply.
-        send({
-          type: 'granted',
-          id: waiting,
-          lease: 'LATE',
-          fence: 3,
-          path: '/s/late.jsonl',
-          purpose: 'prompt',
-        });
-        send({ type: 'alive', id: request['id'] });
-      } else if (request['type'] === 'release') {
-        released(request['lease']);
-        send({ type: 'released', id: request['id'], lease: request['lease'] });
-      }
-    });
+    const release = deferred<unknown>();
+    // No answer to the acquire: the grant comes after the caller gave up.
+    const { address, server } = await scriptedService(lateGrant(release.resolve));
     try {
       const sl = await connect(address, { keepaliveMs: 0, timeoutMs: 100 });
       await assert.rejects(
@@ -412,7 +375,7 @@ describe('connection loss', () => {
         },
       );
       await sl.request('keepalive', {});
-      assert.equal(await release, 'LATE');
+      assert.equal(await release.promise, 'LATE');
       await sl.close();
     } finally {
       server.close();
@@ -420,12 +383,7 @@ describe('connection loss', () => {
   });
 
   it('fails at once with Unavailable when nothing listens', async () => {
-    const server = net.createServer();
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    const { port } = server.address() as net.AddressInfo;
-    server.close();
-    await once(server, 'close');
+    const port = await closedPort();
     await assert.rejects(connect(`tcp://127.0.0.1:${port}`), (err: unknown) => {
       assert.ok(err instanceof Unavailable);
       assert.match(err.detail, /cannot reach sessionlane/);
@@ -436,32 +394,16 @@ describe('connection loss', () => {
 
 describe('giving up a queued acquire with a signal', () => {
   it('rejects with the reason at once and releases the grant that comes late', async () => {
-    let waiting: unknown = null;
     let acquires = 0;
-    let released: (lease: unknown) => void = () => undefined;
-    const release = new Promise((resolve) => (released = resolve));
+    const release = deferred<unknown>();
     const queued = deferred();
-    const { address, server } = await scriptedService((request, send) => {
-      if (request['type'] === 'acquire') {
+    // Queued; the grant comes once the holder before us released, after the caller gave up.
+    const { address, server } = await scriptedService(
+      lateGrant(release.resolve, (id, send) => {
         acquires += 1;
-        waiting = request['id'];
-        send({ type: 'queued', id: waiting, position: 1 });
-      } else if (request['type'] === 'keepalive') {
-        // The holder before us released: the service grants the acquire it still queues.
-        send({
-          type: 'granted',
-          id: waiting,
-          lease: 'LATE',
-          fence: 4,
-          path: '/s/q.jsonl',
-          purpose: 'prompt',
-        });
-        send({ type: 'alive', id: request['id'] });
-      } else if (request['type'] === 'release') {
-        released(request['lease']);
-        send({ type: 'released', id: request['id'], lease: request['lease'] });
-      }
-    });
+        send({ type: 'queued', id, position: 1 });
+      }),
+    );
     try {
       const sl = await connect(address, { keepaliveMs: 0 });
       const controller = new AbortController();
@@ -474,7 +416,7 @@ describe('giving up a queued acquire with a signal', () => {
       controller.abort(why);
       await assert.rejects(lease, (err: unknown) => err === why);
       await sl.request('keepalive', {});
-      assert.equal(await release, 'LATE');
+      assert.equal(await release.promise, 'LATE');
       // Aborted already: nothing is sent.
       await assert.rejects(
         sl.lane('a').lease('/s/q.jsonl', { signal: AbortSignal.abort() }),
@@ -508,12 +450,7 @@ describe('the default address', () => {
 
 describe('error causes', () => {
   it('keep what caused them: the socket error of a refused connect', async () => {
-    const server = net.createServer();
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    const { port } = server.address() as net.AddressInfo;
-    server.close();
-    await once(server, 'close');
+    const port = await closedPort();
     await assert.rejects(connect(`tcp://127.0.0.1:${port}`), (err: unknown) => {
       assert.ok(err instanceof Unavailable);
       assert.ok(err.cause instanceof Error);

@@ -3,67 +3,36 @@
 // Python client does (tests/test_unknown_outcome.py). The service here is a peer on a real Unix
 // socket that grants, then closes the connection the moment an append (or rewrite) arrives.
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 
-import { Decoder, Encoder } from '@msgpack/msgpack';
 import { LeaseRevoked, StaleFence, UnknownOutcome, Unavailable, connect } from 'sessionlane';
+import { scriptedService } from './helpers.mjs';
 
-const encoder = new Encoder();
-const decoder = new Decoder();
 const dir = mkdtempSync(join(tmpdir(), 'sl-unknown-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
 
-function framed(message: Record<string, unknown>): Buffer {
-  const body = encoder.encode(message);
-  const header = Buffer.alloc(4);
-  header.writeUInt32BE(body.length, 0);
-  return Buffer.concat([header, body]);
-}
-
 /** A service that grants every acquire and cuts the connection when a write arrives. */
 async function cutOnWrite(): Promise<{ address: string; server: net.Server; cut: Promise<string> }> {
-  const path = join(dir, `peer-${Math.random().toString(36).slice(2)}.sock`);
   let report: (type: string) => void = () => undefined;
   const cut = new Promise<string>((resolve) => (report = resolve));
-  const server = net.createServer((socket) => {
-    let buffer = Buffer.alloc(0);
-    socket.on('error', () => undefined);
-    socket.on('data', (chunk) => {
-      buffer = Buffer.concat([buffer, chunk]);
-      while (buffer.length >= 4 && buffer.length >= 4 + buffer.readUInt32BE(0)) {
-        const length = buffer.readUInt32BE(0);
-        const request = decoder.decode(buffer.subarray(4, 4 + length)) as Record<string, unknown>;
-        buffer = buffer.subarray(4 + length);
-        const id = request['id'];
-        if (request['type'] === 'hello') {
-          socket.write(framed({ v: 1, type: 'welcome', id, server: 'peer', protocol: 1 }));
-        } else if (request['type'] === 'acquire') {
-          const granted = {
-            v: 1,
-            type: 'granted',
-            id,
-            lease: 'l-1',
-            fence: 3,
-            path: request['path'],
-            purpose: request['purpose'],
-          };
-          socket.write(framed(granted));
-        } else if (request['type'] === 'append' || request['type'] === 'rewrite') {
-          socket.destroy(); // the write was received: its answer never comes
-          report(String(request['type']));
-          return;
-        }
+  const { address, server } = await scriptedService(
+    (request, send, socket) => {
+      const id = request['id'];
+      if (request['type'] === 'acquire') {
+        const { path, purpose } = request;
+        send({ type: 'granted', id, lease: 'l-1', fence: 3, path, purpose });
+      } else if (request['type'] === 'append' || request['type'] === 'rewrite') {
+        socket.destroy(); // the write was received: its answer never comes
+        report(String(request['type']));
       }
-    });
-  });
-  server.listen(path);
-  await once(server, 'listening');
-  return { address: `unix://${path}`, server, cut };
+    },
+    join(dir, `peer-${Math.random().toString(36).slice(2)}.sock`),
+  );
+  return { address, server, cut };
 }
 
 describe('a write whose connection is lost after it was sent', () => {

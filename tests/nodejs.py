@@ -1,0 +1,45 @@
+"""The Node.js package (``clients/node``) for the tests that run it.
+
+``built_node`` gives ``node`` with the package built from the sources under test, or skips the
+test with the reason when ``node``, ``npm`` or the package's dependencies (``npm ci`` in
+``clients/node``, as ``.ci/run`` does) are missing. Run what it builds with
+``processes.run_in_session``: no ``node`` (or what ``npm`` started) outlives the test.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+__all__ = ["NODE_DIR", "built_node"]
+
+NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
+"""The package's directory in the repository."""
+
+_NEEDED = ("@msgpack/msgpack", "typescript", "@types/node")
+_BUILD_TIMEOUT_S = 300.0
+
+
+def built_node(needed_by: str) -> str:
+    """The ``node`` executable, once ``npm run build`` has built the package from the sources
+    under test (no network). Skips, naming ``needed_by``, without node and npm; skips without
+    the package's dependencies; fails the test if the build fails."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip(f"node and npm are needed for {needed_by}")
+    for needed in _NEEDED:
+        if not (NODE_DIR / "node_modules" / needed).is_dir():
+            pytest.skip(f"{needed} is not installed: run `npm ci` in {NODE_DIR}")
+    # `npm ci` built the package too, maybe long ago: build what is being tested.
+    build = subprocess.run(
+        [npm, "run", "build"],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=_BUILD_TIMEOUT_S,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    return node
