@@ -40,6 +40,7 @@ from sessionlane.messages.wire import (
     Abandoned,
     AbortRequested,
     Acquire,
+    Alive,
     Append,
     Appended,
     Challenge,
@@ -623,3 +624,36 @@ def test_a_write_whose_connection_ended_after_it_was_sent_has_an_unknown_outcome
             ops.lease_append(core, ops.LeaseView(core.track(granted("L2")), "lane"), [{}], None),
             Error(id=1, code="unknown_outcome", detail="route lost"),
         )
+
+
+@pytest.mark.parametrize("gateway", ["answers", "is lost"])
+def test_a_direct_channel_closing_under_a_lease_asks_the_gateway_why(gateway: str) -> None:
+    """A direct channel that closes under a held lease, while the gateway's connection is up:
+    the file's process ended, or the whole service did and the gateway's connection has not
+    said so yet. The core asks the gateway (a keepalive); its answer means the service lives
+    on (``actor_restart``, as the gateway says of the leases it routed), its loss means the
+    service is gone (``connection_lost``). Nothing is decided before either."""
+    core: ClientCore[str, None] = ClientCore(SETTINGS)
+    link = welcomed(core)
+    channel = core.direct_opened(("/s/a.jsonl", "a"), None, 1.0)
+    rid, _ = core.request(channel, Acquire(lane="a", path="/s/a.jsonl", purpose="prompt"), "w", 1.0)
+    answer = core.received(channel, granted(rid=rid))
+    assert isinstance(answer, Answer)
+    state = core.track(answer.reply, lane="a")
+    assert core.probe() is None  # nothing orphaned: nothing to ask
+
+    core.lost(channel, "closed by the file")
+    assert state.revoked is None and "L1" in core.leases  # not decided yet
+    probe = core.probe()
+    assert probe is not None and core.probe() is None  # one question at a time
+    sent = decode_request(probe[HEADER.size :])
+    assert isinstance(sent, Keepalive)
+    core.received(link, Alive(id="ka-unrelated"))  # an answer to something else decides nothing
+    assert state.revoked is None
+    if gateway == "answers":
+        core.received(link, Alive(id=sent.id))
+        assert state.revoked == "actor_restart"
+    else:
+        core.lost(link, "connection closed by the service")
+        assert state.revoked == "connection_lost"
+    assert "L1" not in core.leases and not core.orphaned

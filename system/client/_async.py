@@ -307,6 +307,11 @@ class AsyncSessionLane:
         link.transport.writer.close()
         gateway = link is self.core.link
         self._fail(self.core.lost(link, reason), link)
+        probe = self.core.probe()  # a direct channel closed under held leases: ask why
+        if probe is not None and self.core.link is not None:
+            task = asyncio.create_task(self._send_quietly(self.core.link, probe))
+            self.core.link.transport.background.add(task)
+            task.add_done_callback(self.core.link.transport.background.discard)
         for direct in self.core.direct_links() if gateway else []:  # they go with it
             self._drop(direct, f"the gateway connection ended ({reason})")
 

@@ -288,6 +288,13 @@ class ClientCore(Generic[W, T]):
         """The leases held on ``link``, by lease id."""
         self._last_id = 0
         self._generation = 0
+        self.orphaned: set[str] = set()
+        """Leases whose direct channel closed under them while the gateway's connection was up:
+        the file's process ended, or the whole service did. ``probe`` asks the gateway; its
+        answer revokes them ``actor_restart`` (as the gateway says it of the leases it routed),
+        the gateway connection's loss ``connection_lost``."""
+        self._probe: str | None = None
+        self._probes = 0
         self.service_uid: int | None = None
         """The uid the service's socket was found to run as (a direct channel's peer must be
         the same), or None when unknown (no direct channel then)."""
@@ -439,9 +446,31 @@ class ClientCore(Generic[W, T]):
             if suspend and state.secret is not None:
                 state.suspended = True
                 continue
+            if self.link is not None and not self.closed:
+                self.orphaned.add(lease)  # the gateway's answer to ``probe`` says why
+                continue
             state.revoked = revoked
             del self.leases[lease]
         return True
+
+    def probe(self) -> bytes | None:
+        """A keepalive to send on the gateway's connection now, if a direct channel closed under
+        held leases (``orphaned``) and none is out yet: if the gateway answers, the service lives
+        and only the file's process ended under them."""
+        if not self.orphaned or self._probe is not None or self.link is None:
+            return None
+        self._probes += 1
+        self._probe = f"probe{self._probes}"
+        return frame(Keepalive(id=self._probe))
+
+    def _probed(self) -> None:
+        """The gateway answered ``probe``: the orphaned leases' file restarted under them."""
+        self._probe = None
+        for lease in self.orphaned:
+            state = self.leases.pop(lease, None)
+            if state is not None:
+                state.revoked = "actor_restart"
+        self.orphaned.clear()
 
     def direct_held(self, lane: str, path: str | None) -> list[LeaseState]:
         """The leases held on the direct channels of ``lane`` (to ``path`` only, if given)."""
@@ -506,6 +535,9 @@ class ClientCore(Generic[W, T]):
         """A reply or event arrived on ``link``: what to do with it."""
         if reply.id is None:
             self._apply_event(reply)
+            return None
+        if link is self.link and reply.id == self._probe:
+            self._probed()
             return None
         if reply.type == "queued":
             return None
@@ -617,3 +649,5 @@ class ClientCore(Generic[W, T]):
                 continue
             state.revoked = reason
             del self.leases[lease]
+        self.orphaned.clear()  # revoked or suspended with the rest
+        self._probe = None

@@ -345,8 +345,17 @@ class SessionLane:
             gateway = link is self.core.link
             self._fail(self.core.lost(link, reason), link)
             directs = self.core.direct_links() if gateway else []
+            probe = self.core.probe()  # a direct channel closed under held leases: ask why
+            unsent = None
+            if probe is not None and self.core.link is not None:
+                try:
+                    self.core.link.transport.sendall(probe)
+                except OSError as exc:  # the gateway's connection is gone too: that says why
+                    unsent = (self.core.link, f"send failed: {exc}")
         for direct in directs:  # they go with the gateway's connection
             self._drop(direct, f"the gateway connection ended ({reason})")
+        if unsent is not None:
+            self._drop(*unsent)
 
     def _fail(self, waiters: list[_Waiter], link: _Link) -> None:
         """Wake the callers of requests that ``link``, now lost, will never answer."""
