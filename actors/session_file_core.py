@@ -27,6 +27,10 @@ before a held batch is synced, and whether a call may grant or write (``may_gran
 the shell checks the owner lock only before those, ``docs/grantcost.md``). A reclaim, an
 append resent after a restart, a lost member's lease kept and the holder awaited at
 activation are decided by ``sessionlane.actors.awaited`` (over this core's table and book).
+
+About 630 lines: every decision that needs the table, the write path and the book together
+lives here; the parts that need one of them only have moved out (``awaited``, the write
+path, ``session_file_effects``), and what could go next is named in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
