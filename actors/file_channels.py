@@ -1,4 +1,4 @@
-"""The SessionFile's end of its direct channels: a non-blocking Unix socket server. No thespian.
+"""The SessionFile's end of its channels: a non-blocking Unix socket server. No thespian.
 
 The gateway connects to a SessionFile over an ``AF_UNIX`` stream socket in the abstract
 namespace (see ``sessionlane.messages.channel``). ``ChannelServer`` owns the listener and every
