@@ -12,13 +12,16 @@ that the client waits for it, and still refuses when the owner can never be told
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from waiting import eventually
 
-from sessionlane.system.client import Unauthorized, connect, connect_async
-from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS
+from sessionlane.system.client import Unauthorized, Unavailable, connect, connect_async
+from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, peer_gone
 from sessionlane.system.gateway import peercred
 from sessionlane.system.runtime.service import embedded_service
 
@@ -79,3 +82,56 @@ def test_an_owner_that_can_never_be_told_is_still_refused_after_a_bounded_wait(
         connect(address).close()
     assert len(seen) == len(OWNER_LOOKUP_DELAYS) + 1
     assert sum(OWNER_LOOKUP_DELAYS) < 0.5
+
+
+def test_a_connection_the_service_dropped_before_it_was_identified_is_unreachable_not_untrusted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A service killed or restarting as the client connects: the connection is reset or
+    closed before its owner could be told. That is ``Unavailable`` (and retried with
+    ``reconnect_for``), never ``Unauthorized`` (which says to configure trust)."""
+    dropped = threading.Semaphore(0)
+    looked: set[int] = set()
+
+    def look(sock: socket.socket) -> None:
+        if sock.fileno() not in looked:  # the first look waits for the service's close
+            looked.add(sock.fileno())
+            assert dropped.acquire(timeout=30)
+        return None
+
+    monkeypatch.setattr(peercred, "peer_uid", look)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        def drop_each() -> None:
+            for _ in range(2):
+                conn, _ = listener.accept()
+                conn.close()  # the service's end is gone before its owner was told
+                dropped.release()
+
+        dropper = threading.Thread(target=drop_each, daemon=True)
+        dropper.start()
+        with pytest.raises(Unavailable, match="closed the connection before it was identified"):
+            connect(address).close()
+        looked.clear()
+
+        async def run() -> None:
+            async with connect_async(address):
+                pass  # pragma: no cover - refused before
+
+        with pytest.raises(Unavailable, match="closed the connection before it was identified"):
+            asyncio.run(run())
+        dropper.join(timeout=10)
+
+
+def test_peer_gone_tells_a_closed_or_reset_connection_from_a_live_one() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        with socket.create_connection(listener.getsockname()) as live:
+            served, _ = listener.accept()
+            assert not peer_gone(live)
+            served.close()  # its FIN reaches the client's end
+            eventually(lambda: peer_gone(live), "the client's end sees the close")

@@ -65,7 +65,12 @@ from sessionlane.system.client._core import (
 )
 from sessionlane.system.client._direct import DirectUnknown, open_async
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
-from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, owner_pending, service_refusal
+from sessionlane.system.client._verify import (
+    OWNER_LOOKUP_DELAYS,
+    owner_pending,
+    peer_gone,
+    service_refusal,
+)
 from sessionlane.system.gateway import peercred
 
 __all__ = ["AsyncLane", "AsyncLease", "AsyncSessionLane", "connect_async"]
@@ -200,6 +205,10 @@ class AsyncSessionLane:
                     break
                 await asyncio.sleep(delay)
                 owner = peercred.peer_uid(sock)
+            if owner is None and peer_gone(sock):  # retried: nothing was sent
+                raise ConnectionResetError(
+                    "the service closed the connection before it was identified"
+                )
             refusal = service_refusal(self.settings, owner)
             if refusal is not None:
                 raise Unauthorized(refusal)

@@ -72,7 +72,12 @@ from sessionlane.system.client._core import (
 )
 from sessionlane.system.client._direct import DirectUnknown, open_sync
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
-from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, owner_pending, service_refusal
+from sessionlane.system.client._verify import (
+    OWNER_LOOKUP_DELAYS,
+    owner_pending,
+    peer_gone,
+    service_refusal,
+)
 from sessionlane.system.gateway import peercred
 
 if TYPE_CHECKING:
@@ -227,6 +232,10 @@ class SessionLane:
                     break
                 time.sleep(delay)
                 owner = peercred.peer_uid(sock)
+            if owner is None and peer_gone(sock):  # retried: nothing was sent
+                raise ConnectionResetError(
+                    "the service closed the connection before it was identified"
+                )
             refusal = service_refusal(self.settings, owner)
             if refusal is not None:
                 raise Unauthorized(refusal)

@@ -17,7 +17,14 @@ from sessionlane.system.gateway import peercred
 if TYPE_CHECKING:
     from sessionlane.system.client._core import Settings
 
-__all__ = ["ANY_USER", "OWNER_LOOKUP_DELAYS", "owner_pending", "resolve_user", "service_refusal"]
+__all__ = [
+    "ANY_USER",
+    "OWNER_LOOKUP_DELAYS",
+    "owner_pending",
+    "peer_gone",
+    "resolve_user",
+    "service_refusal",
+]
 
 
 OWNER_LOOKUP_DELAYS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
@@ -31,6 +38,24 @@ At most about 0.2 s in all, and only while the owner cannot be told."""
 def owner_pending(sock: socket.socket, owner: int | None) -> bool:
     """Whether the owner of ``sock``'s service end is worth looking for again."""
     return owner is None and sock.family != socket.AF_UNIX and peercred.identifies_peers()
+
+
+_GONE_STATES = frozenset({7, 8})  # the kernel's TCP_CLOSE (reset) and TCP_CLOSE_WAIT (FIN)
+
+
+def peer_gone(sock: object) -> bool:
+    """Whether the service already closed (or reset) a TCP connection whose owner could not be
+    told: a service killed or restarting as the client connected, whose end is gone, so nobody
+    is left to identify. That is an unreachable service (retried with ``reconnect_for``), not
+    an untrusted one. False where the kernel does not say (not Linux, not TCP)."""
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None:
+        return False
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, option, 1)  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        return False
+    return bool(state) and state[0] in _GONE_STATES
 
 
 ANY_USER = "*"
