@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from test_convention import HERE, THERE, Clock, FakeHost, acknowledge, forwarded
+from test_session_file_core import read  # the core's effects as the shell reads them
 
 from sessionlane.actors import lease_table as lt
 from sessionlane.actors.awaited import AwaitingTable
@@ -21,8 +22,7 @@ from sessionlane.actors.federation import Federation
 from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.reclaim import HeldRecord, ReclaimBook, digest
 from sessionlane.actors.session_file_core import Answer, FileCore, Warn
-from sessionlane.actors.session_file_effects import TableEffects
-from sessionlane.actors.session_file_writes import CheckLease, Reply, WritePath
+from sessionlane.actors.session_file_writes import Reply, WritePath
 from sessionlane.messages.carried import CarriedLost
 from sessionlane.messages.convention import Forwarded, Members, OriginLost
 from sessionlane.messages.internal import LaneCall, LaneRef, OpenChannel
@@ -60,19 +60,6 @@ def call(uid: str, request: Any, rid: int) -> LaneCall:
     return LaneCall(
         lane=ref, path=PATH, canonical=True, request=request.model_copy(update={"id": rid})
     )
-
-
-def read(c: FileCore, effects: list[Any]) -> list[Any]:
-    """Every effect as the shell sees it: table effects read one at a time, the write path's
-    lease checks performed by the core (``table_request``)."""
-    out: list[Any] = []
-    for fx in effects:
-        if isinstance(fx, CheckLease):
-            out += read(c, c.table_request(fx, NOW))
-            continue
-        for t in fx.effects if isinstance(fx, TableEffects) else [fx]:
-            out += c.meaning(t) if isinstance(fx, TableEffects) else [t]
-    return out
 
 
 def serve(c: FileCore, lane_call: LaneCall, now: float) -> list[Any]:
