@@ -642,7 +642,7 @@ def test_a_direct_channel_closing_under_a_lease_asks_the_gateway_why(gateway: st
     state = core.track(answer.reply, lane="a")
     assert core.probe() is None  # nothing orphaned: nothing to ask
 
-    core.lost(channel, "closed by the file")
+    core.lost(channel, "closed by the file", ask=True)
     assert state.revoked is None and "L1" in core.leases  # not decided yet
     probe = core.probe()
     assert probe is not None and core.probe() is None  # one question at a time
@@ -657,3 +657,18 @@ def test_a_direct_channel_closing_under_a_lease_asks_the_gateway_why(gateway: st
         core.lost(link, "connection closed by the service")
         assert state.revoked == "connection_lost"
     assert "L1" not in core.leases and not core.orphaned
+
+
+def test_a_direct_channel_our_send_failed_on_ends_its_lease_at_once() -> None:
+    """A send of ours that failed on a direct channel (``ask`` unset) asks nobody: the lease
+    ends ``connection_lost`` before the failed call returns, as a failed gateway send does."""
+    core: ClientCore[str, None] = ClientCore(SETTINGS)
+    welcomed(core)
+    channel = core.direct_opened(("/s/a.jsonl", "a"), None, 1.0)
+    rid, _ = core.request(channel, Acquire(lane="a", path="/s/a.jsonl", purpose="prompt"), "w", 1.0)
+    answer = core.received(channel, granted(rid=rid))
+    assert isinstance(answer, Answer)
+    state = core.track(answer.reply, lane="a")
+    core.lost(channel, "send failed: broken pipe")
+    assert state.revoked == "connection_lost" and "L1" not in core.leases
+    assert core.probe() is None and not core.orphaned

@@ -283,7 +283,7 @@ class AsyncSessionLane:
         except asyncio.CancelledError:
             self._drop(link, "reader cancelled")
             raise
-        self._drop(link, reason)
+        self._drop(link, reason, ask=True)  # the service's side ended it (or the reader failed)
         self._revive_soon()
 
     def _revive_soon(self) -> None:
@@ -311,11 +311,11 @@ class AsyncSessionLane:
             link.transport.background.add(task)
             task.add_done_callback(link.transport.background.discard)
 
-    def _drop(self, link: _Link, reason: str) -> None:
+    def _drop(self, link: _Link, reason: str, *, ask: bool = False) -> None:
         """``link`` is over: close it and report it lost. Idempotent."""
         link.transport.writer.close()
         gateway = link is self.core.link
-        self._fail(self.core.lost(link, reason), link)
+        self._fail(self.core.lost(link, reason, ask=ask), link)
         probe = self.core.probe()  # a direct channel closed under held leases: ask why
         if probe is not None and self.core.link is not None:
             task = asyncio.create_task(self._send_quietly(self.core.link, probe))

@@ -396,16 +396,21 @@ class ClientCore(Generic[W, T]):
         link.last_sent = now
         return self.settings.keepalive, frame(Keepalive(id=f"ka{link.generation}"))
 
-    def lost(self, link: Link[W, T], reason: str, revoked: str = "connection_lost") -> list[W]:
+    def lost(
+        self, link: Link[W, T], reason: str, revoked: str = "connection_lost", *, ask: bool = False
+    ) -> list[W]:
         """``link`` is over: its leases are revoked (if it was the client's link) and the
-        returned waiters must fail with :meth:`lost_error`. Idempotent (a second call: [])."""
+        returned waiters must fail with :meth:`lost_error`. Idempotent (a second call: []).
+        ``ask``: the service's side closed it (its reader saw the end), so a direct channel's
+        leases wait for the gateway's answer to :meth:`probe`; a send of ours that failed
+        decides at once."""
         if link.lost is not None:
             return []
         link.lost = reason
         if self.link is link:
             self.link = None
             self._revoke_all(revoked, suspend=not self.closed and self.reconnects)
-        elif self._direct_lost(link, revoked):
+        elif self._direct_lost(link, revoked, ask):
             log.debug("sessionlane %s: direct channel ended: %s", self.settings.address, reason)
             return self._take_waiters(link)
         if not self.closed:
@@ -431,7 +436,7 @@ class ClientCore(Generic[W, T]):
         log.debug("sessionlane %s: no direct channel to %s: %s", self.settings.address, key, reason)
         self.direct.refuse(key, self.clock())
 
-    def _direct_lost(self, link: Link[W, T], revoked: str) -> bool:
+    def _direct_lost(self, link: Link[W, T], revoked: str, ask: bool) -> bool:
         """If ``link`` is a direct channel: forget it, its leases revoked (those the gateway's
         loss did not already suspend or revoke), or, with ``reconnect_for``, suspended as the
         gateway's loss would (a crashed service may close the channel first: the reclaim
@@ -447,7 +452,7 @@ class ClientCore(Generic[W, T]):
             if suspend and state.secret is not None:
                 state.suspended = True
                 continue
-            if self.link is not None and not self.closed:
+            if ask and self.link is not None and not self.closed:
                 self.orphaned.add(lease)  # the gateway's answer to ``probe`` says why
                 continue
             state.revoked = revoked
@@ -463,6 +468,16 @@ class ClientCore(Generic[W, T]):
         self._probes += 1
         self._probe = f"probe{self._probes}"
         return frame(Keepalive(id=self._probe))
+
+    def settle_orphan(self, lease: str, reason: str) -> None:
+        """If ``lease`` waits for the gateway's answer (``orphaned``), end it now with
+        ``reason``: a request of its holder failed meanwhile, so the answer would come too late
+        to be told."""
+        if lease in self.orphaned:
+            self.orphaned.discard(lease)
+            state = self.leases.pop(lease, None)
+            if state is not None:
+                state.revoked = reason
 
     def _probed(self) -> None:
         """The gateway answered ``probe``: the orphaned leases' file restarted under them."""

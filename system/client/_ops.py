@@ -400,6 +400,9 @@ def _lease_call(core: Core, lease: LeaseView, request: Any) -> Op[Reply]:
         except Unavailable as exc:
             if lease.state.suspended and resendable and attempt < MAX_REVIVALS:
                 continue  # the service restarted: take the lease back, then send again
+            # Its direct channel ended and this request could not be answered either: no
+            # need to wait for the gateway's word (``ClientCore.probe``).
+            core.settle_orphan(lease.id, "connection_lost")
             if isinstance(exc, ConnectionLost) and isinstance(request, Append | Rewrite):
                 reason = lease.state.revoked or "connection_lost"
                 raise _unknown(request, exc, lease.path, reason) from exc

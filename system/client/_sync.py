@@ -314,7 +314,7 @@ class SessionLane:
             reason = f"reader failed: {exc!r}"
         finally:
             selector.close()
-        self._drop(link, reason)
+        self._drop(link, reason, ask=True)  # the service's side ended it (or the reader failed)
         sock.close()
         self._revive_soon()
 
@@ -342,7 +342,7 @@ class SessionLane:
                 with contextlib.suppress(OSError):
                     link.transport.sendall(action.data)
 
-    def _drop(self, link: _Link, reason: str) -> None:
+    def _drop(self, link: _Link, reason: str, *, ask: bool = False) -> None:
         """Shut ``link`` down for good and report it lost.
 
         Shut down, not closed: that wakes the reader thread, which closes the socket when it
@@ -352,7 +352,7 @@ class SessionLane:
             link.transport.shutdown(socket.SHUT_RDWR)
         with self._lock:
             gateway = link is self.core.link
-            self._fail(self.core.lost(link, reason), link)
+            self._fail(self.core.lost(link, reason, ask=ask), link)
             directs = self.core.direct_links() if gateway else []
             probe = self.core.probe()  # a direct channel closed under held leases: ask why
             unsent = None
