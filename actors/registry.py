@@ -46,7 +46,9 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
+from sessionlane.actors import ahead
 from sessionlane.actors._shell import Handler, ShellActor, addr_key, monotonic_ms, retitle
+from sessionlane.actors.ahead import BoundAhead
 from sessionlane.actors.capacity import fd_headroom, never_started
 from sessionlane.actors.confined import containing_root
 from sessionlane.actors.federation import Federation
@@ -204,6 +206,7 @@ class Registry(ShellActor):
             refuse(exc.detail, "path_not_allowed")
             return None
         entry = self.files.get(path)
+        fresh = entry is None
         if entry is None:
             if (full := self.capacity_refusal(path)) is not None:
                 refuse(full, "too_many_files")
@@ -213,8 +216,28 @@ class Registry(ShellActor):
         entry.lanes[addr_key(asker)] = asker
         if path != msg.path and len(entry.aliases) < _MAX_ALIASES:
             entry.aliases.add(msg.path)
+        bound, entry.bound = entry.bound if fresh else None, None
+        if bound is not None and not msg.carried and SessionFile.channels:
+            self.offer_ahead(msg, entry, bound)
+            msg = msg.model_copy(update={"offered": True})  # counted there, not answered
         self.forward(entry, msg)
         return path
+
+    def offer_ahead(self, msg: OpenChannel, entry: FileEntry, bound: BoundAhead) -> None:
+        """Answer the ask that activated ``entry`` with the listener bound ahead of its actor:
+        the asker's hello waits in its backlog while the actor starts and opens the file (which
+        accepts only once it holds the file's ownership lock)."""
+        assert self.config is not None
+        offer = ChannelOffer(
+            path=msg.path,
+            nonce=msg.nonce,
+            canonical=entry.path,
+            address=bound.name,
+            token=bound.token,
+            incarnation=entry.incarnation,
+            idle_ms=self.config.file.idle_ms,
+        )
+        self.send(msg.reply_to, offer)
 
     def drop_peers(self, path: str, peers: list[Any], reason: str, keep_ms: int = 0) -> None:
         """The convention member of ``peers`` is lost: the file closes their channels."""
@@ -263,10 +286,6 @@ class Registry(ShellActor):
     def start_file(self, entry: FileEntry) -> None:
         """Create ``entry``'s actor, initialise it, and hand it what waited for it."""
         assert self.config is not None and entry.address is None
-        address = self.createActor(SessionFile)
-        entry.address = address
-        self.children[entry.key] = address
-        self.by_address[entry.key] = entry.path
         init = FileInit(
             path=entry.path,
             settings=self.config.file,
@@ -274,7 +293,17 @@ class Registry(ShellActor):
             root=containing_root(entry.path, self.config.roots),
             restarted=bool(entry.restarts),  # only a restart after a death passes them
         )
-        self.send(address, init)
+        ahead.take_spawned()  # nothing left from a start that did not go through the zygote
+        ahead.first(init)  # a parked child opens its file before thespian has connected it
+        try:
+            address = self.createActor(SessionFile)
+        finally:
+            ahead.take_first()
+        entry.bound = ahead.take_spawned()
+        entry.address = address
+        self.children[entry.key] = address
+        self.by_address[entry.key] = entry.path
+        self.send(address, init)  # the only one if the child was not parked; else ignored
         pending, entry.pending = entry.pending, []
         for message in pending:
             self.send(address, message)

@@ -61,6 +61,7 @@ from typing import Any, ClassVar
 
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
+from sessionlane.actors import ahead
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import named_disk_error
@@ -210,6 +211,8 @@ class SessionFile(ShellActor):
     # Lifecycle -----------------------------------------------------------------------------
 
     def on_init(self, msg: FileInit, sender: Any) -> None:
+        if self.incarnation and msg.incarnation == self.incarnation and msg.path == self.path:
+            return  # handed to us ahead by the zygote, and now again by thespian (``ahead``)
         self.path = msg.path
         retitle(self, f"file {msg.path}")
         self.registry = sender
@@ -229,7 +232,11 @@ class SessionFile(ShellActor):
             self.state = activation_error(exc)
             level = logging.INFO if isinstance(exc, OwnedElsewhere) else logging.ERROR
             log.log(level, "not serving %s: %s", msg.path, self.state.detail)
+            ahead.close_inherited()  # its first askers ask again: the refusal answers
             return
+        listener = ahead.take_inherited()
+        if listener is not None:  # offered by the Registry already: served from now on
+            self.state.channels.adopt(*listener)
         self.schedule_idle(self.state)
         self.run(self.state)  # an awaited holder's grace ends even if nobody asks
 
@@ -447,6 +454,8 @@ class SessionFile(ShellActor):
 
     def on_open_channel(self, msg: OpenChannel, sender: Any) -> None:
         self.from_registry()
+        if msg.offered:
+            return  # the Registry answered it with our listener bound ahead
         reply_to = msg.reply_to if msg.reply_to is not None else sender
         s = self.state
         if isinstance(s, Serving):

@@ -51,10 +51,13 @@ import multiprocessing.process
 import os
 import pickle
 import signal
+import socket
 import struct
 import threading
 from typing import Any
 
+from sessionlane.actors import ahead
+from sessionlane.actors.ahead import BOUND_NAME_BYTES, BOUND_TOKEN_BYTES, BoundAhead
 from sessionlane.system.runtime.admin_fork import release_inherited_sockets
 from sessionlane.system.runtime.loopback import require_supported_thespian
 
@@ -81,8 +84,12 @@ _PR_SET_CHILD_SUBREAPER = 36
 _ARGS = 15  # startChild's positional parameters in thespian 4.0.1
 _CONTEXT_ARG = 13  # concurrency_context
 _CLOSE_ARG = 12  # fileNumsToClose
+_PARENT_ARG = 6  # parentAddr
 _HEADER = struct.Struct("!I")
 _PID = struct.Struct("!q")
+_SPAWNED = struct.Struct(f"!q?{BOUND_NAME_BYTES}s{BOUND_TOKEN_BYTES}s")
+"""The zygote's answer: the child's pid, whether a listener was bound ahead for it, its name's
+and token's bytes (``sessionlane.actors.ahead``)."""
 _READY = b"R"
 
 _lock = threading.Lock()
@@ -122,6 +129,8 @@ def install() -> None:
             or len(params) != _ARGS
             or params[_CONTEXT_ARG] != "concurrency_context"
             or params[_CLOSE_ARG] != "fileNumsToClose"
+            or params[_PARENT_ARG] != "parentAddr"
+            or not _first_deliverable(multiprocCommon)
         ):
             raise RuntimeError("thespian no longer starts actors as this module expects")
 
@@ -145,6 +154,21 @@ def install() -> None:
         replicator._startChildActor = start_child_actor  # type: ignore[union-attr]
         multiprocCommon.startChild = start_child_with_zygote
         _installed = True
+
+
+def _first_deliverable(multiprocCommon: Any) -> bool:
+    """Whether a parked child can hand its actor a first message (``_deliver_first``): the
+    manager runs its transport's loop, which takes its ``_incomingEnvelopes`` first."""
+    from thespian.system.transport import TCPTransport
+
+    manager = getattr(multiprocCommon, "MultiProcManager", None)
+    init = inspect.getsource(TCPTransport.TCPTransport.__init__)
+    loop = inspect.getsource(TCPTransport.TCPTransport._runWithExpiry)
+    return (
+        inspect.isfunction(getattr(manager, "run", None))
+        and "self._incomingEnvelopes = []" in init
+        and "rEnv = self._incomingEnvelopes.pop(0)" in loop
+    )
 
 
 def _class_name(child_class: Any) -> str:
@@ -178,9 +202,11 @@ class _ZygoteProcess:
     def start(self) -> None:
         from thespian.system import multiprocCommon
 
+        ahead.spawned(None)
+        first = ahead.take_first()
         zygote = _zygote_for_this_process()
         if zygote is not None and self._target is multiprocCommon.startChild:
-            pid = zygote.spawn(self._args, self.name)
+            pid = zygote.spawn(self._args, self.name, first)
             if pid is not None:
                 self.pid = pid
                 multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
@@ -265,19 +291,24 @@ class _Zygote:
             raise OSError(f"zygote {pid} exited before it was ready")
         return zygote
 
-    def spawn(self, args: list[Any], name: str) -> int | None:
+    def spawn(self, args: list[Any], name: str, first: Any = None) -> int | None:
         """Have the zygote fork a child running ``startChild(*args)``; its pid, or None (and the
-        zygote is given up) if that failed."""
+        zygote is given up) if that failed. The listener bound ahead for the child, if any, is
+        handed to ``ahead.spawned``. A parked child delivers ``first`` (if not None) to its
+        actor as its first message, from its parent; a child forked on request ignores it."""
         try:
-            payload = pickle.dumps((args, name))
+            payload = pickle.dumps((args, name, first))
             os.write(self.requests, _HEADER.pack(len(payload)) + payload)
-            reply = _read_exact(self.replies, _PID.size)
+            reply = _read_exact(self.replies, _SPAWNED.size)
         except (OSError, pickle.PicklingError) as exc:
             reply, detail = b"", str(exc)
         else:
             detail = "the zygote exited"
-        pid = _PID.unpack(reply)[0] if len(reply) == _PID.size else -1
+        pid, bound, bound_name, token = (
+            _SPAWNED.unpack(reply) if len(reply) == _SPAWNED.size else (-1, False, b"", b"")
+        )
         if pid > 0:
+            ahead.spawned(BoundAhead.from_bytes(bound_name, token) if bound else None)
             return int(pid)
         log.warning("zygote %d failed to fork %s (%s): giving it up", self.pid, name, detail)
         self.close()
@@ -316,24 +347,48 @@ def _serve(requests: int, replies: int) -> None:
             return  # the Registry closed the pipe: it is gone (the parked child sees its close)
         payload = _read_exact(requests, _HEADER.unpack(header)[0])
         pid = parked.assign(payload) if parked is not None else -1
-        if pid <= 0:
-            args, name = pickle.loads(payload)
-            args[_CLOSE_ARG] = [requests, replies]  # the child closes what it inherits from us
-            pid = _fork_through_intermediate(args, name)
-        os.write(replies, _PID.pack(pid))
+        if pid > 0 and parked is not None and parked.bound is not None:
+            os.write(replies, _SPAWNED.pack(pid, True, *parked.bound))
+        else:
+            if pid <= 0:
+                args, name, _ = pickle.loads(payload)
+                args[_CLOSE_ARG] = [requests, replies]  # the child closes what it inherits
+                pid = _fork_through_intermediate(args, name)
+            os.write(replies, _SPAWNED.pack(pid, False, b"", b""))
         parked = _Parked.park(requests, replies) if PARK_AHEAD else None
 
 
 class _Parked:
     """A child forked ahead (through an intermediate that exited: it is already the Registry's
-    child) that waits for ``startChild``'s arguments on a pipe the zygote holds."""
+    child) that waits for ``startChild``'s arguments on a pipe the zygote holds, with the
+    channel listener bound ahead for it (``bound``: its name's and token's bytes; None if none
+    could be bound)."""
 
-    def __init__(self, pid: int, args_w: int) -> None:
-        self.pid, self.args_w = pid, args_w
+    def __init__(self, pid: int, args_w: int, bound: tuple[bytes, bytes] | None) -> None:
+        self.pid, self.args_w, self.bound = pid, args_w, bound
 
     @classmethod
     def park(cls, requests: int, replies: int) -> _Parked | None:
         """Fork the next child ahead; None (each request then forks its own) if that failed."""
+        bound, name_bytes, token_bytes = BoundAhead.fresh()
+        try:
+            listener: socket.socket | None = ahead.bind(bound)
+        except OSError as exc:
+            log.warning("cannot bind a channel listener ahead: %s", exc)
+            listener = None
+        try:
+            parked = cls.fork(requests, replies, listener, bound)
+        finally:
+            if listener is not None:
+                listener.close()  # the parked child holds it now
+        if parked is not None and listener is not None:
+            parked.bound = (name_bytes, token_bytes)
+        return parked
+
+    @classmethod
+    def fork(
+        cls, requests: int, replies: int, listener: socket.socket | None, bound: BoundAhead
+    ) -> _Parked | None:
         args_r, args_w = os.pipe()
         pid_r, pid_w = os.pipe()
         middle = os.fork()
@@ -343,7 +398,9 @@ class _Parked:
                 for fd in (requests, replies, args_w, pid_r):
                     os.close(fd)
                 child = multiprocessing.get_context("fork").Process(
-                    target=_parked_child, args=(args_r, pid_w), name="parked file actor"
+                    target=_parked_child,
+                    args=(args_r, pid_w, listener, bound),
+                    name="parked file actor",
                 )
                 child.start()
                 os.write(pid_w, _PID.pack(child.pid or -1))
@@ -361,7 +418,7 @@ class _Parked:
         if os.waitstatus_to_exitcode(status) != 0 or pid <= 0:
             os.close(args_w)
             return None
-        return cls(pid, args_w)
+        return cls(pid, args_w, None)
 
     def assign(self, payload: bytes) -> int:
         """Hand the request (``startChild``'s arguments and the process's name, pickled) to the
@@ -375,9 +432,11 @@ class _Parked:
         return self.pid
 
 
-def _parked_child(args_r: int, pid_w: int) -> None:
-    """A parked child: wait for ``startChild``'s arguments, then become that actor (exit if the
-    zygote closed the pipe instead)."""
+def _parked_child(
+    args_r: int, pid_w: int, listener: socket.socket | None, bound: BoundAhead
+) -> None:
+    """A parked child: wait for ``startChild``'s arguments, then become that actor, serving
+    ``listener`` once it has opened its file (exit if the zygote closed the pipe instead)."""
     from thespian.system import multiprocCommon
 
     from sessionlane.actors._shell import set_title
@@ -387,11 +446,34 @@ def _parked_child(args_r: int, pid_w: int) -> None:
     header = _read_exact(args_r, _HEADER.size)
     if len(header) < _HEADER.size:
         return
-    args, name = pickle.loads(_read_exact(args_r, _HEADER.unpack(header)[0]))
+    args, name, first = pickle.loads(_read_exact(args_r, _HEADER.unpack(header)[0]))
     os.close(args_r)
     args[_CLOSE_ARG] = []  # its intermediate closed what it inherited from the zygote
     multiprocessing.current_process().name = name
+    if listener is not None:
+        ahead.inherit(listener, bound)
+    if first is not None:
+        _deliver_first(first, args[_PARENT_ARG])
     multiprocCommon.startChild(*args)
+
+
+def _deliver_first(message: Any, sender: Any) -> None:
+    """Have this process's actor receive ``message`` from ``sender`` before anything else,
+    without waiting for thespian to connect it (in the process that is about to run
+    ``startChild`` only: its manager's ``run`` is wrapped once)."""
+    from thespian.system import multiprocCommon
+    from thespian.system.transport import ReceiveEnvelope
+
+    manager = multiprocCommon.MultiProcManager
+    run = manager.run
+
+    @functools.wraps(run)
+    def run_first(self: Any) -> Any:
+        manager.run = run
+        self.transport._incomingEnvelopes.insert(0, ReceiveEnvelope(sender, message))
+        return run(self)
+
+    manager.run = run_first
 
 
 def _fork_through_intermediate(args: list[Any], name: str) -> int:
