@@ -6,9 +6,16 @@ the roots (refused in the ``ChannelOffer`` with ``path_not_allowed`` otherwise, 
 created), the SessionFile is created on first use as this actor's child (so a crash reaches us
 as ``ChildActorExited``), and the request is forwarded to it, which offers its channel; the
 lanes' requests then go over that channel (a socket, or carried in thespian messages where no
-socket can go: ``sessionlane.actors.carried``), never through here. Passivation
-is race-free: a SessionFile that has been idle (no holder, queue, traffic or open channel)
-reports how many messages it received, and is retired only if that equals the number
+socket can go: ``sessionlane.actors.carried``), never through here.
+
+A file activated by an ``OpenChannel`` is started from a child the zygote parked ahead with its
+listener already bound (``sessionlane.actors.ahead``): the Registry answers that ask itself with
+the listener, at once, and forwards it to the file marked ``offered`` (counted there, not
+answered again), so the asker connects while the file starts; the file accepts only once it
+holds its ownership lock.
+
+Passivation is race-free: a SessionFile that has been idle (no holder, queue, traffic or open
+channel) reports how many messages it received, and is retired only if that equals the number
 forwarded to it, so nothing can be in flight to an actor that exits.
 
 A SessionFile that dies otherwise is restarted at once; the lanes that used it are told

@@ -192,7 +192,7 @@ class Serving:
         """Open ``msg.path`` for serving; raises (with nothing left open) when it cannot."""
         opened = _open_file(msg)
         serving = cls(msg, opened, switches, metrics=metrics, clock=clock, accepting=accepting)
-        log.info(
+        log.debug(  # not info: a record sent to the logger's process on every activation
             "opened %s (incarnation %d, fence floor %d, size %d, torn bytes %d)",
             msg.path,
             msg.incarnation,
