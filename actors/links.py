@@ -78,6 +78,7 @@ from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
     Acquire,
+    Direct,
     Error,
 )
 
@@ -131,6 +132,9 @@ class _Link:
     asked_at: float = 0.0
     retry_at: float | None = None
     queue: list[LaneCall] = field(default_factory=list)
+    early: int = 0
+    """How many calls at the head of ``queue`` were written after the hello on this socket,
+    before its welcome (``_may_go_early``); they are sent again if the hello is refused."""
     end: FramedSocket | CarriedEnd | None = None
     incarnation: int = 0
     handled: int = 0
@@ -250,8 +254,20 @@ class Links:
     def send_on(self, link: _Link, call: LaneCall) -> None:
         if link.mode == "channel":
             self.send_call(link, call)
-        else:
-            link.queue.append(call)
+            return
+        link.queue.append(call)
+        self.send_early(link)
+
+    def send_early(self, link: _Link) -> None:
+        """On a socket whose welcome has not come yet, write the calls at the head of the
+        queue that may go before it (``_may_go_early``), in order: a new file's hello waits
+        in its listener's backlog while the file starts (``sessionlane.actors.ahead``), and
+        they wait there with it instead of a round trip after the welcome."""
+        if link.mode != "connecting" or not isinstance(link.end, FramedSocket):
+            return
+        while link.early < len(link.queue) and _may_go_early(link.queue[link.early]):
+            self.send_call(link, link.queue[link.early])
+            link.early += 1
 
     def release(self, calls: list[LaneCall]) -> None:
         """A link was resolved: ``calls`` went on; their lanes' held-back calls follow."""
@@ -349,6 +365,8 @@ class Links:
         link.incarnation = offer.incarnation
         link.idle_ms = offer.idle_ms / 2 if offer.idle_ms else None
         link.mode = "connecting"
+        link.early = 0
+        self.send_early(link)
 
     def refused(self, link: _Link, offer: ChannelOffer) -> None:
         """The Registry refused the path, or its file's actor could not activate (another
@@ -440,7 +458,8 @@ class Links:
             if link.mode != "connecting" or frame.incarnation != link.incarnation:
                 raise FrameDecodeError("unexpected welcome")
             link.mode = "channel"
-            queued, link.queue = link.queue, []
+            queued, link.queue = link.queue[link.early :], []
+            link.early = 0
             for call in queued:
                 self.send_call(link, call)
             return
@@ -456,8 +475,9 @@ class Links:
         is gone): close it; the lanes learn what was lost, then it is asked for again."""
         was = link.mode
         self.close_socket(link)
+        link.early = 0  # written on the end just closed: the next one sends them again
         if was == "connecting":
-            # Refused before the welcome (a retiring file): nothing was sent, ask again.
+            # Refused before the welcome (a retiring file): nothing was served, ask again.
             log.debug("channel to %s refused before the welcome: asking again", link.path)
             link.mode = "opening"
             link.retry_at = self.clock() + _RETRY_MS
@@ -566,6 +586,18 @@ class Links:
 
     def __iter__(self) -> Iterator[_Link]:
         return iter(self.every())
+
+
+def _may_go_early(call: LaneCall) -> bool:
+    """Whether ``call`` may be written before its channel's welcome: an acquire (not a
+    reclaim) or a client's ``direct``. Served or not, it can be sent again on the next channel
+    if the welcome never comes: a file that welcomed a connection and then lost it abandons
+    what the connection's lanes held or were offered there (its grant, its ticket), and one
+    that refused the hello read nothing after it."""
+    request = call.request
+    if isinstance(request, Acquire):
+        return request.reclaim is None
+    return isinstance(request, Direct)
 
 
 def _is_reclaim(call: LaneCall) -> bool:
