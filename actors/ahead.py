@@ -38,6 +38,7 @@ import base64
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,10 @@ __all__ = [
     "BoundAhead",
     "bind",
     "close_inherited",
+    "defer",
     "first",
     "inherit",
+    "run_deferred",
     "spawned",
     "take_first",
     "take_inherited",
@@ -155,3 +158,21 @@ def take_first() -> Any:
     global _first
     found, _first = _first, None
     return found
+
+
+_deferred: list[Callable[[], None]] = []
+
+
+def defer(action: Callable[[], None]) -> None:
+    """In the Registry's process: run ``action`` once the Registry has sent what the new
+    file's first contact waits for (``run_deferred``): the zygote's next fork, which would
+    otherwise take a core from it on a busy machine."""
+    _deferred.append(action)
+
+
+def run_deferred() -> None:
+    """Run what was deferred (the Registry calls this once it has answered a first contact)."""
+    actions = list(_deferred)
+    _deferred.clear()
+    for action in actions:
+        action()

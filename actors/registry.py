@@ -117,6 +117,10 @@ class Registry(ShellActor):
         self.federation: Federation | None = None
         self.start_failed_at: float | None = None
 
+    def receiveMessage(self, msg: Any, sender: Any) -> None:
+        super().receiveMessage(msg, sender)
+        ahead.run_deferred()  # the zygote parks the next child only once this is answered
+
     def handlers(self) -> dict[type, Handler]:
         federated: dict[type, Handler] = {t: self.on_federated for t in Federation.message_types()}
         return {

@@ -150,6 +150,7 @@ class SessionFile(ShellActor):
         self.metrics = FileMetrics()  # latency histograms, reported in the status counters
         self.idle = Passivation()
         self.run_owned: bool | None = None  # owner lock checked in this run? None: no run
+        self.ahead_due = False  # the first fences are to be reserved once a channel is answered
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -199,6 +200,8 @@ class SessionFile(ShellActor):
                 log.exception("group commit of %s failed", self.path)
                 pass_end = False
             closed, arm = s.channels.flush()
+            if self.ahead_due and s.channels.connections():
+                self.reserve_ahead(s)
             self.send_carried(s)
             if arm:
                 self.wakeupAfter(FLUSH_RETRY_S, payload=ChannelFlush())
@@ -237,8 +240,20 @@ class SessionFile(ShellActor):
         listener = ahead.take_inherited()
         if listener is not None:  # offered by the Registry already: served from now on
             self.state.channels.adopt(*listener)
+        self.ahead_due = True
         self.schedule_idle(self.state)
         self.run(self.state)  # an awaited holder's grace ends even if nobody asks
+
+    def reserve_ahead(self, s: Serving) -> None:
+        """Once, at the end of the first turn that answered a channel (its welcome is written):
+        make the first block of fences durable while the peer's next call is on its way (a
+        direct client's ticket goes back through the gateway first), so the first grant does
+        not wait for those fsyncs. A failure leaves the reservation to that grant, which
+        reports it."""
+        self.ahead_due = False
+        ceiling = s.table.reserve_ahead()
+        if ceiling is not None and s.reserve(ceiling) is None:
+            s.table.reserved(ceiling)
 
     def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
         s = self.state

@@ -284,6 +284,9 @@ class _Zygote:
         self.awaiting = False
         """A ``_PARK`` was asked and its notice not read yet."""
         self.parked: _Handed | None = None
+        self.park_wanted = False
+        """The next child is to be parked once the Registry has answered the first contact
+        (``ahead.defer``), or at the next spawn at the latest."""
 
     @classmethod
     def start(cls) -> _Zygote:
@@ -327,6 +330,8 @@ class _Zygote:
     def take_parked(self) -> _Handed | None:
         """The child parked ahead, reading the zygote's notice if it has not been read yet;
         None if none could be parked (or the zygote is gone: given up)."""
+        if self.parked is None and not self.awaiting and self.park_wanted:
+            self.ask_park()  # deferred, and not asked since: ask now, and wait for it
         if self.parked is None and self.awaiting:
             self.awaiting = False
             try:
@@ -347,8 +352,20 @@ class _Zygote:
         parked, self.parked = self.parked, None
         return parked
 
+    def park_later(self) -> None:
+        """Have the next child parked once the Registry has answered the first contact it is
+        starting a file for (``ahead.run_deferred``), not while it still has to."""
+        if not self.park_wanted:
+            self.park_wanted = True
+            ahead.defer(self.park_if_wanted)
+
+    def park_if_wanted(self) -> None:
+        if self.park_wanted and not self.broken and self.owner == os.getpid():
+            self.ask_park()
+
     def ask_park(self) -> None:
         """Have the zygote park the next child (its notice is read when it is needed)."""
+        self.park_wanted = False
         try:
             os.write(self.requests, _PARK)
         except OSError as exc:
@@ -372,7 +389,7 @@ class _Zygote:
         if parked is not None:
             if parked.assign(payload):
                 ahead.spawned(parked.bound)
-                self.ask_park()
+                self.park_later()
                 return parked.pid
             log.info("the parked child %d is gone: forking %s on request", parked.pid, name)
         if self.broken:
@@ -387,7 +404,7 @@ class _Zygote:
         if fd >= 0:
             os.close(fd)
         if tag == _FORK and pid > 0:
-            self.ask_park()
+            self.park_later()
             return pid
         log.warning("zygote %d failed to fork %s (%s): giving it up", self.pid, name, detail)
         self.close()
