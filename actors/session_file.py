@@ -309,6 +309,7 @@ class SessionFile(ShellActor):
                 self.on_channel_closed(s, closed, "the client's gateway lane was abandoned")
             if self.state is not s:
                 return
+        s.directory.sync_pending()  # a transcript created at activation: durable first
         s.core.met(call)
         if not self.run_owned and s.core.may_grant_or_write(call):
             if not self.own_path(s, call):

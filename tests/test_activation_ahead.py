@@ -154,3 +154,34 @@ def test_a_listener_bound_ahead_serves_nobody_while_another_service_owns_the_fil
         held.append({"by": "one"})
         held.release()
     assert path.read_bytes().count(b"\n") == 1
+
+
+def test_a_transcript_created_at_activation_is_durable_before_anything_is_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_durability import Clock, Shell
+
+    from sessionlane.actors import confined, session_file
+    from sessionlane.messages.wire import Acquire, Granted
+
+    synced: list[str] = []
+    granted_before: list[bool] = []
+    real = confined.ConfinedDir.fsync
+
+    def fsync(self: confined.ConfinedDir) -> None:
+        synced.append(self.path)
+        granted_before.append(any(isinstance(m, Granted) for _, m in shell.events))
+        real(self)
+
+    monkeypatch.setattr(confined.ConfinedDir, "fsync", fsync)
+    clock = Clock()
+    monkeypatch.setattr(session_file, "monotonic_ms", clock)
+    shell = Shell(tmp_path / "t.jsonl", clock)
+    try:
+        assert synced == [] and shell.serving.directory.unsynced  # not on the way to a welcome
+        shell.call("a", Acquire(lane="a", path=shell.path, purpose="prompt"))
+        assert synced and synced[0] == str(tmp_path) and granted_before[0] is False
+        assert not shell.serving.directory.unsynced
+        assert any(isinstance(m, Granted) for _, m in shell.events)
+    finally:
+        shell.close()
