@@ -141,6 +141,9 @@ class _Link:
     """The latest incarnation whose death the lanes were told of."""
     raws: set[str] = field(default_factory=set)
     last_used: float = 0.0
+    ahead: bool = True
+    """Whether the next ask may be answered with a listener bound ahead (``OpenChannel.ahead``):
+    not after one closed before its welcome, until a welcome comes."""
     asked_reclaim: bool = False
     """Whether the last ``OpenChannel`` said a reclaim waits (``OpenChannel.reclaim``)."""
     idle_ms: float | None = None
@@ -290,7 +293,7 @@ class Links:
         self.by_nonce[link.nonce] = link
         reclaim = any(_is_reclaim(call) for call in (*link.queue, *([first] if first else [])))
         link.asked_reclaim = reclaim
-        ask = OpenChannel(path=link.path, nonce=link.nonce, reclaim=reclaim)
+        ask = OpenChannel(path=link.path, nonce=link.nonce, reclaim=reclaim, ahead=link.ahead)
         self.host.send(self.host.registry, ask)
 
     # From the Registry and the files -------------------------------------------------------
@@ -352,7 +355,7 @@ class Links:
                 )
                 return
             log.debug("channel to %s refused (%s): asking again", link.path, exc)
-            link.retry_at = self.clock() + _RETRY_MS
+            link.retry_at, link.ahead = self.clock() + _RETRY_MS, False
             return
         socket_end = FramedSocket(sock, _MAX_CHANNEL_FRAME, read_budget=_RECV_BYTES)
         self.by_fd[socket_end.fd] = link
@@ -457,7 +460,7 @@ class Links:
         if isinstance(frame, ChannelWelcome):
             if link.mode != "connecting" or frame.incarnation != link.incarnation:
                 raise FrameDecodeError("unexpected welcome")
-            link.mode = "channel"
+            link.mode, link.ahead = "channel", True
             queued, link.queue = link.queue[link.early :], []
             link.early = 0
             for call in queued:
@@ -479,7 +482,7 @@ class Links:
         if was == "connecting":
             # Refused before the welcome (a retiring file): nothing was served, ask again.
             log.debug("channel to %s refused before the welcome: asking again", link.path)
-            link.mode = "opening"
+            link.mode, link.ahead = "opening", False  # the file's own answer says why
             link.retry_at = self.clock() + _RETRY_MS
             return
         incarnation = link.incarnation

@@ -228,7 +228,7 @@ class Registry(ShellActor):
         if path != msg.path and len(entry.aliases) < _MAX_ALIASES:
             entry.aliases.add(msg.path)
         bound, entry.bound = entry.bound if fresh else None, None
-        if bound is not None and not msg.carried and SessionFile.channels:
+        if bound is not None and msg.ahead and not msg.carried and SessionFile.channels:
             self.offer_ahead(msg, entry, bound)
             msg = msg.model_copy(update={"offered": True})  # counted there, not answered
         self.forward(entry, msg)

@@ -302,6 +302,10 @@ class OpenChannel(_Internal):
     """Set by the Registry on the ask it forwards after answering it itself, with the
     listener bound ahead of the file's actor (``sessionlane.actors.ahead``): the file
     counts it as forwarded and offers nothing."""
+    ahead: bool = True
+    """The asker may be answered with a listener bound ahead of a new file's actor. False
+    after such a listener closed before its welcome (the file could not activate, or retired):
+    the file's own answer is wanted, which says why."""
 
 
 class ChannelOffer(_Internal):

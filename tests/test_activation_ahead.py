@@ -185,3 +185,26 @@ def test_a_transcript_created_at_activation_is_durable_before_anything_is_served
         assert any(isinstance(m, Granted) for _, m in shell.events)
     finally:
         shell.close()
+
+
+@pytest.mark.tcp
+@pytest.mark.timeout(120)
+def test_a_file_that_cannot_activate_answers_every_ask_with_its_reason_not_a_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.jsonl"
+    with (
+        embedded_service([str(tmp_path)], idle_ms=60_000) as one,
+        embedded_service([str(tmp_path)], idle_ms=60_000) as two,
+        connect(one.address) as first,
+        connect(two.address) as second,
+    ):
+        held = first.lane("a").acquire(str(path), purpose="prompt")
+        assert held is not None
+        for attempt in range(3):  # each ask is answered, and starts at most one actor
+            with pytest.raises(Unavailable) as refused:
+                second.lane(f"b{attempt}").acquire(str(path), purpose="prompt", wait_timeout=5)
+            assert "served by another sessionlane service" in str(refused.value)
+        assert two.running is not None
+        assert len(file_processes(two.running.system)) <= 1
+        held.release()

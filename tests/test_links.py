@@ -288,6 +288,7 @@ def test_a_connection_refused_before_the_welcome_loses_nothing_and_is_retried(
     clock.now += 25
     links.tick()
     assert len(host.opens()) == 2, "asked again after the retry delay"
+    assert host.opens()[0].ahead and not host.opens()[-1].ahead, "the file's own answer"
     open_channel(links, host, fake_file, transcript)
     links.flush()
     (call,) = fake_file.read(1)
