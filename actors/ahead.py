@@ -10,20 +10,21 @@ things are now handed to the child before it is an actor, through the zygote
   child it parks. When the Registry creates the actor, the zygote answers with the child's
   pid, the listener's name and its token (``spawned`` here, in the Registry's process), and
   the Registry answers the ``OpenChannel`` that activated the file with an offer of that
-  listener at once. The gateway connects and says hello; its connection waits in the
-  listener's backlog while the child starts. The child (``inherited`` here, in its process)
-  serves the listener once ``FileInit`` has opened the file and taken its ownership lock, and
-  only then accepts: nothing is served before the lock, as before.
+  listener at once (and does not forward it). The gateway connects and says hello; its
+  connection waits in the listener's backlog while the child starts. The child
+  (``inherited`` here, in its process) serves the listener once ``FileInit`` has opened the
+  file and taken its ownership lock, and only then accepts: nothing is served before the lock,
+  as before.
 * **its ``FileInit``**: the Registry hands it to the zygote with the request (``first`` here),
   and the child delivers it to its actor as its first message, from the Registry's address,
-  before thespian has told the Registry where the child is. The Registry still sends it by
-  thespian once the child is connected; the file ignores a ``FileInit`` of the incarnation it
-  already has (a start that did not go through a parked child gets only that one).
+  before thespian has told the Registry where the child is. The Registry sends it by thespian
+  only to a child that was not parked (``spawned`` said no listener); the file ignores a
+  ``FileInit`` of the incarnation it already has.
 
 A child that cannot serve the listener (its activation failed, or it offers no sockets) closes
 it: the connection waiting in it is refused before its welcome, and the gateway asks the
-Registry again, which forwards the ask to the file as for any later contact (its refusal, or a
-carried channel, answers it).
+Registry again, saying so (``OpenChannel.ahead`` false): that ask goes to the file as any later
+contact does, and its refusal (or a carried channel) answers it.
 
 The listener is guarded like any other (``sessionlane.actors.file_channels``): its token
 travels only in the zygote's pipes and in the Registry's offer to the asker, as a file's own

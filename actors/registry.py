@@ -9,10 +9,13 @@ lanes' requests then go over that channel (a socket, or carried in thespian mess
 socket can go: ``sessionlane.actors.carried``), never through here.
 
 A file activated by an ``OpenChannel`` is started from a child the zygote parked ahead with its
-listener already bound (``sessionlane.actors.ahead``): the Registry answers that ask itself with
-the listener, at once, and forwards it to the file marked ``offered`` (counted there, not
-answered again), so the asker connects while the file starts; the file accepts only once it
-holds its ownership lock.
+listener already bound and its ``FileInit`` handed over (``sessionlane.actors.ahead``): the
+Registry answers that ask itself with the listener, at once, and sends the file nothing (the
+ask is not counted as forwarded: the asker's connection, not a message, is what keeps the file
+from idling), so the asker connects while the file starts; the file accepts only once it holds
+its ownership lock. A listener that closes before its welcome (the file could not activate, or
+retired) makes the asker ask again without ``ahead``: that ask goes to the file, whose answer
+says why.
 
 Passivation is race-free: a SessionFile that has been idle (no holder, queue, traffic or open
 channel) reports how many messages it received, and is retired only if that equals the number
@@ -223,14 +226,14 @@ class Registry(ShellActor):
                 refuse(full, "too_many_files")
                 return None
             entry = self.activate(path)
-        entry.forwarded += 1
         entry.lanes[addr_key(asker)] = asker
         if path != msg.path and len(entry.aliases) < _MAX_ALIASES:
             entry.aliases.add(msg.path)
         bound, entry.bound = entry.bound if fresh else None, None
         if bound is not None and msg.ahead and not msg.carried and SessionFile.channels:
-            self.offer_ahead(msg, entry, bound)
-            msg = msg.model_copy(update={"offered": True})  # counted there, not answered
+            self.offer_ahead(msg, entry, bound)  # answered: nothing goes to the file
+            return path
+        entry.forwarded += 1
         self.forward(entry, msg)
         return path
 
@@ -314,7 +317,8 @@ class Registry(ShellActor):
         entry.address = address
         self.children[entry.key] = address
         self.by_address[entry.key] = entry.path
-        self.send(address, init)  # the only one if the child was not parked; else ignored
+        if entry.bound is None:  # not a parked child (it had its FileInit with its arguments)
+            self.send(address, init)
         pending, entry.pending = entry.pending, []
         for message in pending:
             self.send(address, message)

@@ -215,7 +215,7 @@ class SessionFile(ShellActor):
 
     def on_init(self, msg: FileInit, sender: Any) -> None:
         if self.incarnation and msg.incarnation == self.incarnation and msg.path == self.path:
-            return  # handed to us ahead by the zygote, and now again by thespian (``ahead``)
+            return  # had with its start arguments (``sessionlane.actors.ahead``): nothing new
         self.path = msg.path
         retitle(self, f"file {msg.path}")
         self.registry = sender
@@ -470,8 +470,6 @@ class SessionFile(ShellActor):
 
     def on_open_channel(self, msg: OpenChannel, sender: Any) -> None:
         self.from_registry()
-        if msg.offered:
-            return  # the Registry answered it with our listener bound ahead
         reply_to = msg.reply_to if msg.reply_to is not None else sender
         s = self.state
         if isinstance(s, Serving):

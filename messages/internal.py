@@ -298,10 +298,6 @@ class OpenChannel(_Internal):
     """The link's first call is a lane's reclaim of its lease (``Acquire.reclaim``): in a
     convention, wait for a lost owner member instead of refusing at once
     (``sessionlane.actors.holder_reclaim``)."""
-    offered: bool = False
-    """Set by the Registry on the ask it forwards after answering it itself, with the
-    listener bound ahead of the file's actor (``sessionlane.actors.ahead``): the file
-    counts it as forwarded and offers nothing."""
     ahead: bool = True
     """The asker may be answered with a listener bound ahead of a new file's actor. False
     after such a listener closed before its welcome (the file could not activate, or retired):

@@ -13,8 +13,7 @@ its ``send`` and ``wakeupAfter`` are replaced, and every message it receives or 
 through ``pickle`` as thespian's transport would carry it) on a throwaway file in a private
 temporary directory (under ``/dev/shm`` where there is one), ten times: ``FileInit`` with a
 listener bound ahead (as the zygote binds one for each child it parks,
-``sessionlane.actors.ahead``), the Registry's ``OpenChannel`` marked ``offered`` and the
-``FileInit`` again, a client connected to that listener (hello, acquire, an append
+``sessionlane.actors.ahead``), a client connected to that listener (hello, acquire, an append
 acknowledged after its ``fdatasync``, a second lane queued and granted on release), the same
 through a carried channel, then the actor's exit. Nothing reaches the service: the directory,
 the socket and the file are gone when it returns, and the process's title is left as it was. It
@@ -50,7 +49,7 @@ from sessionlane.messages.channel import (
     hello_frame,
 )
 from sessionlane.messages.codec import FrameReader
-from sessionlane.messages.internal import FileInit, FileSettings, OpenChannel
+from sessionlane.messages.internal import FileInit, FileSettings
 from sessionlane.messages.wire import Acquire, Append, Appended, Granted, Queued, Release, Released
 
 __all__ = ["WARM_UP", "warm_up"]
@@ -129,7 +128,6 @@ class _Rehearsal:
             legacy_lock=False,
         )
         init = FileInit(path=self.path, settings=settings, incarnation=1, root=self.root)
-        self.init = init
         self.bound, _, _ = BoundAhead.fresh()
         ahead.inherit(ahead.bind(self.bound), self.bound)  # as the zygote parks each child
         try:
@@ -161,10 +159,7 @@ class _Rehearsal:
 
     def over_socket(self) -> None:
         """The gateway's way, as a first contact goes: the Registry offered the listener bound
-        ahead and forwards its ask (``offered``), the ``FileInit`` comes again by thespian;
-        then a connection, two lanes taking turns on one lease."""
-        self.deliver(OpenChannel(path=self.path, nonce=1, reply_to="gateway", offered=True))
-        self.deliver(self.init)  # the same again: ignored
+        ahead; a connection to it, two lanes taking turns on one lease."""
         state = self.actor.state
         if not isinstance(state, Serving) or state.channels.server is None:
             return  # channels are off in this service (``SessionFile.channels``): carried only
