@@ -45,6 +45,10 @@ end of its pipe).
 If the zygote is gone or a request fails, the child is forked the ordinary way (and a warning
 is logged). Like ``sessionlane.system.runtime.admin_fork`` it runs before the system is
 created, is idempotent, and fails closed on another thespian or if what it relies on moved.
+
+About 640 lines: the patch of thespian's actor start, the Registry's end of the zygote and the
+zygote's own loop speak one protocol (the pipes, the notices, the parked child's arguments) and
+are read together.
 """
 
 from __future__ import annotations
