@@ -464,10 +464,19 @@ class FileCore:
             effects.append(ArmRetry(delay))
         self.push(effects)
 
-    def written(self, op: WriteOp, outcome: WriteOutcome, now: float, ino: int, size: int) -> None:
-        """The outcome of ``WriteOut``, and the transcript's inode and size after it."""
+    def written(
+        self,
+        op: WriteOp,
+        outcome: WriteOutcome,
+        now: float,
+        ino: int,
+        size: int,
+        rest: tuple[WriteOp, ...] = (),
+    ) -> None:
+        """The outcome of ``WriteOut`` (of ``op`` and the ``rest`` of its pipeline), and the
+        transcript's inode and size after it."""
         self.ino, self.size = ino, size
-        self.push(self.writes.written(op, outcome))
+        self.push(self.writes.written(op, outcome, rest))
 
     def interrupted(self) -> list[WriteEffect]:
         """Performing failed (a bug): what was left is dropped, a drain ends."""
