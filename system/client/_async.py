@@ -455,7 +455,9 @@ class AsyncSessionLane:
                 for index, request in enumerate(chunk):
                     future: asyncio.Future[Reply] = loop.create_future()
                     try:
-                        rid, data = self.core.request(link, request, future, loop.time())
+                        rid, data = self.core.request(
+                            link, request, future, loop.time(), pipelines.append_frame
+                        )
                     except SessionLaneError as exc:  # too large, or the link is gone
                         pipe.not_sent(len(chunk) - index, exc)
                         break
@@ -476,6 +478,13 @@ class AsyncSessionLane:
                         pipe.answered(self.core.no_reply(request_, limit))
                     return pipe.result()
                 sent.popleft()
+                # and every answer already in after it (they come in groups)
+                while sent and sent[0][1].done():
+                    _, future, _ = sent.popleft()
+                    failure = future.exception()
+                    if failure is not None and not isinstance(failure, SessionLaneError):
+                        raise failure
+                    pipe.answered(failure if failure is not None else future.result())
         finally:
             for rid, future, request in sent:
                 if not future.done():

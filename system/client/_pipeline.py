@@ -16,6 +16,9 @@ import secrets
 from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
+import msgpack
+
+from sessionlane.messages.codec import HEADER
 from sessionlane.messages.errors import (
     DiskError,
     LeaseRevoked,
@@ -40,15 +43,20 @@ from sessionlane.system.client._ops import (
 )
 from sessionlane.system.client._records import check_records
 
-__all__ = ["MAX_WINDOW", "Pipe", "grouped", "lease_append_pipelined"]
+__all__ = ["MAX_WINDOW", "Pipe", "append_frame", "grouped", "lease_append_pipelined"]
 
 
 class Pipe:
-    """A ``Batch`` in progress: which requests to send next, the outcomes so far. Pure."""
+    """A ``Batch`` in progress: which requests to send next, the outcomes so far. Pure.
+
+    The window is refilled a quarter at a time (``refill``), not one request per answer:
+    the service then reads the appends in groups and writes each group at once
+    (``docs/pipelining.md``), and the client makes one send per group."""
 
     def __init__(self, batch: Batch) -> None:
         self.requests = batch.requests
         self.window = batch.window
+        self.refill = max(1, batch.window // 4)
         self.sent = 0
         self.outcomes: list[Reply | SessionLaneError] = []
         self.stopped = False
@@ -60,6 +68,8 @@ class Pipe:
         if self.stopped:
             return []
         upto = min(len(self.requests), len(self.outcomes) + self.window)
+        if self.waiting and upto - self.sent < self.refill and upto < len(self.requests):
+            return []  # wait for more room: the next answers come soon
         chunk = self.requests[self.sent : upto]
         self.sent = max(self.sent, upto)
         return chunk
@@ -83,6 +93,24 @@ class Pipe:
 
     def result(self) -> list[Reply | SessionLaneError]:
         return self.outcomes + ([self.error] if self.error is not None else [])
+
+
+def append_frame(request: Append, rid: int) -> bytes:
+    """The frame ``codec.frame`` makes of ``request`` with the id ``rid``, built from its
+    fields (a pipeline's appends: a seventh of the time of a dump of the model). The fields
+    left out are those ``codec.encode`` leaves out: the ones that are None."""
+    body: dict[str, Any] = {"v": request.v, "id": rid, "type": "append"}
+    body["records"] = request.records
+    for name in _APPEND_OPTIONAL:
+        value = getattr(request, name)
+        if value is not None:
+            body[name] = value
+    data: bytes = msgpack.packb(body, use_bin_type=True)
+    return HEADER.pack(len(data)) + data
+
+
+_APPEND_OPTIONAL = ("lease", "fence", "lane", "path", "durability", "aid", "after")
+"""``Append``'s fields after ``records`` (``test_client_pipeline`` checks they are all)."""
 
 
 def grouped(frames: list[bytes], size: int) -> Iterator[bytes]:

@@ -489,20 +489,23 @@ class SessionLane:
             return [exc]
         assert link is not None
         sent: deque[tuple[Any, _Waiter, Any]] = deque()
+        limit = self.settings.reply_limit(None)
         while True:
             self._send_window(link, pipe, sent)
             if not sent:
                 return pipe.result()
-            rid, waiter, request = sent.popleft()
-            limit = self.settings.reply_limit(None)
+            waiter = sent[0][1]
             waiter.event.wait(limit)
             with self._lock:
                 if not waiter.event.is_set():
-                    for rid_, _, request_ in [(rid, waiter, request), *sent]:
+                    for rid_, _, request_ in sent:
                         self.core.given_up(link, rid_, request_)
                         pipe.answered(self.core.no_reply(request_, limit))
                     return pipe.result()
-            pipe.answered(waiter.error or waiter.reply or self.core.no_reply(request, limit))
+            # the oldest, and every answer already in after it (they come in groups)
+            while sent and sent[0][1].event.is_set():
+                _, waiter, request = sent.popleft()
+                pipe.answered(waiter.error or waiter.reply or self.core.no_reply(request, limit))
 
     def _send_window(
         self, link: _Link, pipe: pipelines.Pipe, sent: deque[tuple[Any, _Waiter, Any]]
@@ -513,11 +516,14 @@ class SessionLane:
         if not chunk:
             return
         frames: list[bytes] = []
+        now = time.monotonic()
         with self._lock:
             for index, request in enumerate(chunk):
                 waiter = _Waiter()
                 try:
-                    rid, data = self.core.request(link, request, waiter, time.monotonic())
+                    rid, data = self.core.request(
+                        link, request, waiter, now, pipelines.append_frame
+                    )
                 except SessionLaneError as exc:  # too large, or the link is gone
                     pipe.not_sent(len(chunk) - index, exc)
                     break
