@@ -187,6 +187,41 @@ def test_a_lane_less_append_on_a_raw_direct_channel_is_answered_as_the_gateway_a
     assert not other.exists()
 
 
+class _PeerClosed:
+    """A direct channel's socket as the kernel has it once the file closed its end: a send
+    fails (EPIPE); everything else is the real socket's."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def sendall(self, data: bytes) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_a_lane_less_append_sent_as_the_file_closed_its_channel_goes_again(
+    service: Service, transcript: Path
+) -> None:
+    with connect(service.address) as sl:
+        lane = sl.lane("agent")
+        lane.append(transcript, {"n": 0})
+        key = (str(transcript), "agent")
+        first = sl.core.direct.links[key]
+        first.transport = _PeerClosed(first.transport)  # closed by the file, not noticed yet
+        assert lane.append(transcript, {"n": 1}).lines == 1  # nothing of it left: sent again
+        assert first.lost is not None and sl.core.direct.links[key] is not first
+        # A write by lease is not sent again: its lease went with the channel.
+        with lane.lease(transcript, purpose="write") as lease:
+            assert lease is not None
+            held = sl.core.direct.leases[lease.id]
+            held.transport = _PeerClosed(held.transport)
+            with pytest.raises(LeaseRevoked):
+                lease.append({"n": "lost"})
+    assert records_of(transcript) == ['{"n":0}', '{"n":1}']
+
+
 def _queued(sl: Any, path: Path) -> int:
     status = sl.status(str(path))
     return sum(len(f.queue) for f in status.files)

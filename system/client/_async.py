@@ -58,6 +58,7 @@ from sessionlane.system.client._core import (
     ConnectionLost,
     LeaseState,
     Link,
+    NotSent,
     Send,
     Settings,
     log,
@@ -345,7 +346,7 @@ class AsyncSessionLane:
                 # The stream is unusable: report it lost now, so its leases are revoked
                 # before this error surfaces.
                 self._drop(link, f"send failed: {exc}")
-                raise Unavailable(f"send failed: {exc}") from exc
+                raise NotSent(f"send failed: {exc}") from exc
 
     async def _send_quietly(self, link: _Link, data: bytes) -> None:
         with contextlib.suppress(Unavailable):
@@ -382,10 +383,13 @@ class AsyncSessionLane:
             return await self._exchange(link, call)
         try:
             return await self._exchange(direct, call)
+        except NotSent:
+            if not self.core.resend_unsent(direct, call.request):
+                raise
         except ConnectionLost:
             if not self.core.resend_on_loss(direct, call.request):
                 raise
-        # The file closed an idle channel as the acquire went: nothing came of it there.
+        # The file closed an idle channel as the request went: nothing came of it there.
         return await self._exchange(await self._direct_for(link, call.request) or link, call)
 
     async def _direct_for(self, link: _Link, request: Any) -> _Link | None:

@@ -74,6 +74,7 @@ __all__ = [
     "ConnectionLost",
     "LeaseState",
     "Link",
+    "NotSent",
     "Send",
     "Settings",
     "anchor",
@@ -138,6 +139,11 @@ def anchor(path: str | os.PathLike[str]) -> str:
 class ConnectionLost(Unavailable):
     """The connection a request was sent on ended before its reply (an ``Unavailable``; a
     write's outcome is then unknown)."""
+
+
+class NotSent(Unavailable):
+    """A request whose connection failed while it was being sent: the service served none
+    of it (a frame cut short is dropped with the connection, never read as a request)."""
 
 
 @dataclass(frozen=True)
@@ -491,6 +497,12 @@ class ClientCore(Generic[W, T]):
     def direct_held(self, lane: str, path: str | None) -> list[LeaseState]:
         """The leases held on the direct channels of ``lane`` (to ``path`` only, if given)."""
         return [self.leases[x] for x in self.direct.held(lane, path) if x in self.leases]
+
+    def resend_unsent(self, link: Link[W, T], request: Any) -> bool:
+        """Whether ``request``, which could not be sent on the direct channel ``link`` (the
+        file had just closed it), goes again: one that opens its (path, lane)'s channel (an
+        acquire, a lane-less append), which the gateway, or a new channel, then takes."""
+        return link is not self.link and self.direct.opens_channel(request)
 
     def resend_on_loss(self, link: Link[W, T], request: Any) -> bool:
         """Whether ``request``, lost with the direct channel ``link`` before its answer, may be

@@ -76,6 +76,12 @@ class DirectRoutes(Generic[L]):
             return None
         return key
 
+    @staticmethod
+    def opens_channel(request: Any) -> bool:
+        """Does ``request`` go on its (path, lane)'s channel (an acquire, a lane-less append)
+        rather than on the channel of a lease?"""
+        return _lane_path(request) is not None
+
     def refuse(self, key: Key, now: float) -> None:
         """No direct channel for ``key``: its requests use the gateway for :data:`RETRY_S`."""
         self.refused[key] = now + RETRY_S

@@ -65,6 +65,7 @@ from sessionlane.system.client._core import (
     ConnectionLost,
     LeaseState,
     Link,
+    NotSent,
     Send,
     Settings,
     log,
@@ -409,12 +410,17 @@ class SessionLane:
             return self._exchange(link, call)
         try:
             return self._exchange(direct, call)
+        except NotSent:
+            with self._lock:
+                again = self.core.resend_unsent(direct, call.request)
+            if not again:
+                raise
         except ConnectionLost:
             with self._lock:
                 again = self.core.resend_on_loss(direct, call.request)
             if not again:
                 raise
-        # The file closed an idle channel as the acquire went: nothing came of it there.
+        # The file closed an idle channel as the request went: nothing came of it there.
         return self._exchange(self._direct_for(link, call.request) or link, call)
 
     def _direct_for(self, link: _Link, request: Any) -> _Link | None:
@@ -465,7 +471,7 @@ class SessionLane:
             # The connection is unusable (and a partly sent frame would corrupt it): report
             # it lost now, so its leases are revoked before this error surfaces.
             self._drop(link, f"send failed: {exc}")
-            raise Unavailable(f"send failed: {exc}") from exc
+            raise NotSent(f"send failed: {exc}") from exc
         limit = self.settings.reply_limit(call.timeout)
         waiter.event.wait(limit)
         with self._lock:
