@@ -265,6 +265,22 @@ def test_a_pipelined_append_frame_is_the_frame_of_its_model(request_: Append) ->
     assert set(Append.model_fields) == fields  # a new field must be added to append_frame
 
 
+@pytest.mark.parametrize("after", [None, "c" * 16])
+@pytest.mark.parametrize("durability", [None, "fsync"])
+def test_a_pipelined_append_is_on_the_wire_the_append_model_the_service_validates(
+    after: str | None, durability: Any
+) -> None:
+    from sessionlane.messages.codec import decode_request, frame
+
+    fields: dict[str, Any] = {"lease": "L-9", "fence": 4, "records": [{"n": 1}], "aid": "d" * 16}
+    piped = pipelines.PipelinedAppend(after=after, durability=durability, **fields)
+    model = Append(after=after, durability=durability, **fields)
+    assert pipelines.append_frame(piped, 7) == frame(model.model_copy(update={"id": 7}))
+    assert decode_request(pipelines.append_frame(piped, 7)[4:]) == model.model_copy(
+        update={"id": 7}
+    )
+
+
 def test_frames_are_grouped_into_writes_of_about_the_size_never_split() -> None:
     frames = [b"a" * 100, b"b" * 100, b"c" * 300, b"d" * 10]
     assert list(pipelines.grouped(frames, 250)) == [b"a" * 100 + b"b" * 100, b"c" * 300, b"d" * 10]
