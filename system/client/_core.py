@@ -24,7 +24,7 @@ Invariants:
 - a lease taken on a direct channel (``_direct``, ``docs/direct-channel.md``) is written and
   released on that channel only, and ends with it, or with the gateway's connection.
 
-About 660 lines: the direct channels' routing is ``_direct.DirectRoutes``; what stays here is
+About 690 lines: the direct channels' routing is ``_direct.DirectRoutes``; what stays here is
 where it meets the leases and the links (and, when a direct channel closes under a lease, the
 question to the gateway that decides the reason the holder is told: ``probe``).
 """
