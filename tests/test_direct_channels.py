@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from test_gateway import HEADER, Closed, RawConn, records_of
 from test_gateway_trust import as_stranger, needs_root
@@ -128,6 +129,40 @@ def test_a_lease_cycle_and_a_pipelined_window_go_over_the_direct_channel(
             again.append({"n": 33})
         assert len(sl.core.direct.links) == 1
     assert records_of(transcript) == [f'{{"n":{i}}}' for i in range(34)]
+
+
+def test_a_pipeline_read_in_one_piece_is_written_in_one_write_and_answered_in_order(
+    service: Service, transcript: Path
+) -> None:
+    gw = gateway(service)
+    channel = direct(gw, "a", transcript)
+    granted = channel.acquire("a", transcript)
+    frames, after = [], None
+    for n in range(20):
+        aid = f"aid-{n:012d}"
+        append = {"v": 1, "type": "append", "id": 100 + n, "lease": granted["lease"]}
+        append.update(fence=granted["fence"], records=[{"n": n}], aid=aid)
+        if after is not None:
+            append["after"] = after
+        body = msgpack.packb(append, use_bin_type=True)
+        frames.append(HEADER.pack(len(body)) + body)
+        after = aid
+    before = _counters(gw, transcript)
+    channel.send_raw(b"".join(frames))  # one read brings them all to the file
+    replies = [channel.recv() for _ in frames]
+    assert [(r["type"], r["id"]) for r in replies] == [("appended", 100 + n) for n in range(20)]
+    assert [r["offset"] for r in replies] == sorted(r["offset"] for r in replies)
+    after_counters = _counters(gw, transcript)
+    assert after_counters["chained_appends"] - before.get("chained_appends", 0) == 19
+    assert after_counters["syncs"] - before["syncs"] == 1
+    gw.close()
+    assert records_of(transcript) == [f'{{"n":{n}}}' for n in range(20)]
+
+
+def _counters(gw: RawConn, path: Path) -> dict[str, int]:
+    status = gw.request({"type": "status", "path": str(path)})
+    (found,) = status["files"]
+    return dict(found["counters"])
 
 
 def test_a_lane_less_append_goes_over_its_lanes_direct_channel_queued_like_a_write_lease(
