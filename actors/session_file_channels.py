@@ -149,7 +149,8 @@ class FileChannels:
         if self.server is None or reason:
             detail = f"no direct channel to {self.path}: {reason}"
             return Error(id=request.id, code="unavailable", detail=detail, path=self.path)
-        ticket = self.server.tickets.mint(call.lane.uid, request, self.path, self.clock())
+        lane = call.lane
+        ticket = self.server.tickets.mint(lane.uid, request, self.path, self.clock(), lane.priority)
         return DirectOffer(
             id=request.id, address=self.server.address, ticket=ticket, path=self.path
         )
