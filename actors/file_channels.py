@@ -27,6 +27,7 @@ import hmac
 import logging
 import os
 import secrets
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -172,6 +173,16 @@ class ChannelServer:
         if not self._open:
             return []
         return [self._acceptor.fd, *self._conns]
+
+    def readable(self) -> bool:
+        """Whether the listener or a connection has input waiting now (a poll that does not
+        wait: the actor asks it to end a group-commit pass without a transport pass)."""
+        if not self._open:
+            return False
+        poller = select.poll()
+        for fd in self.fds():
+            poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def connections(self) -> int:
         """Authenticated connections (those that said hello and were welcomed)."""

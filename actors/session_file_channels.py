@@ -223,6 +223,13 @@ class FileChannels:
     def fds(self) -> list[int]:
         return self.server.fds() if self.server is not None else []
 
+    def input_waiting(self) -> bool:
+        """Whether input may be waiting for this pass: a socket is readable now, or a carried
+        connection is open (its frames come in thespian messages, which no poll can see)."""
+        if self.carried.connections():
+            return True
+        return self.server is not None and self.server.readable()
+
     def connections(self) -> int:
         sockets = self.server.connections() if self.server is not None else 0
         return sockets + self.carried.connections()
