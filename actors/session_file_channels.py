@@ -32,8 +32,8 @@ from sessionlane.actors.carried import CarriedPeers, CarriedRef
 from sessionlane.actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
 from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.channel import reply_frame
-from sessionlane.messages.codec import frame
 from sessionlane.messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
+from sessionlane.messages.reply_maps import reply_frame_bytes
 from sessionlane.messages.wire import Direct, DirectOffer, Error
 
 __all__ = ["FLUSH_RETRY_S", "FileChannels", "channel_call", "refused_offer"]
@@ -216,7 +216,7 @@ class FileChannels:
             self.carried.send(address, reply_frame(message.lane, message.message))
         elif self.server is not None:
             if self.server.is_direct(address):
-                self.server.send(address, frame(message.message))
+                self.server.send(address, reply_frame_bytes(message.message))
             else:
                 self.server.send(address, reply_frame(message.lane, message.message))
 
