@@ -538,7 +538,7 @@ class SessionFile(ShellActor):
 
     def on_channel_call(self, s: Serving, event: ChannelCallEvent) -> None:
         """A call on a channel: served like a ``LaneCall`` but not counted in ``received``."""
-        call = channel_call(self.path, event.conn, event.call)
+        call = channel_call(self.path, event.conn, event.call, s.channels.lane_refs)
         s.channels.calls += 1
         self.touch()
         try:

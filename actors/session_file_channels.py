@@ -51,9 +51,26 @@ def refused_offer(msg: OpenChannel, canonical: str | None, reason: str, code: An
     )
 
 
-def channel_call(path: str, conn: ChannelRef, call: Any) -> LaneCall:
-    """The ``LaneCall`` a channel call is served as (the connection is the lane's address)."""
-    lane = LaneRef(uid=call.uid, name=call.name, address=conn, priority=call.priority)
+_MAX_LANE_REFS = 4096
+"""Lane references kept for reuse (``channel_call``); past this many the cache starts over."""
+
+
+def channel_call(
+    path: str, conn: ChannelRef, call: Any, refs: dict[tuple[Any, ...], LaneRef] | None = None
+) -> LaneCall:
+    """The ``LaneCall`` a channel call is served as (the connection is the lane's address).
+
+    ``refs``: the ``LaneRef`` of each (connection, uid, name, priority) already made, reused
+    (it is frozen): a lane sends many calls on one channel, and each validated ``LaneRef``
+    costs about as much as the ``LaneCall`` around it."""
+    key = (conn, call.uid, call.name, call.priority)
+    lane = refs.get(key) if refs is not None else None
+    if lane is None:
+        lane = LaneRef(uid=call.uid, name=call.name, address=conn, priority=call.priority)
+        if refs is not None:
+            if len(refs) >= _MAX_LANE_REFS:
+                refs.clear()  # a serial is never reused: dropping old ones loses nothing
+            refs[key] = lane
     return LaneCall(lane=lane, path=path, canonical=True, request=call.request)
 
 
@@ -93,6 +110,8 @@ class FileChannels:
         self.flush_armed = False
         self.closed = 0  # channels closed so far (numbers the abandons they cause)
         self.calls = 0  # calls served from channels (the ``channel_calls`` counter)
+        self.lane_refs: dict[tuple[Any, ...], LaneRef] = {}
+        """The lanes of the channels' calls, made once (``channel_call``)."""
 
     def offer(self, msg: OpenChannel, me: Any) -> ChannelOffer:
         """The answer to ``msg``: the listener's address (opened now if need be), or a

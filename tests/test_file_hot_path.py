@@ -1,11 +1,14 @@
-"""A group-commit pass on socket channels ends in the turn that found no more input.
+"""The file process's hot path on socket channels: a pass's end, the lanes of its calls.
+
+A group-commit pass on socket channels ends in the turn that found no more input.
 
 A SessionFile instance driven by hand (its thespian ``send`` recorded, the transport's
 ``WatchMessage``s delivered by the test) with real channel sockets: Unix stream sockets hand
 data over synchronously, so what a peer sent is readable when ``sendall`` returns and nothing
 needs a sleep. With no socket readable, the append is synced and answered in the turn that
 read it (no thespian pass over the always-readable pipe); with another channel's frame
-waiting, the pass waits for the transport, and both appends share one fdatasync.
+waiting, the pass waits for the transport, and both appends share one fdatasync. A lane's
+calls on one channel share one ``LaneRef``.
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ from __future__ import annotations
 import select
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from driver import file_settings
 from test_file_channels import Peer
 from thespian.actors import ActorExitRequest, ThespianWatch, WatchMessage
 
+from sessionlane.actors.file_channels import ChannelRef
 from sessionlane.actors.session_file import SessionFile
+from sessionlane.actors.session_file_channels import channel_call
 from sessionlane.actors.session_file_serving import Serving
-from sessionlane.messages.channel import ChannelWelcome, hello_frame
-from sessionlane.messages.internal import FileInit, OpenChannel
+from sessionlane.messages.channel import ChannelCall, ChannelWelcome, hello_frame
+from sessionlane.messages.internal import FileInit, LaneRef, OpenChannel
 from sessionlane.messages.wire import Append, Appended
 
 
@@ -122,3 +128,24 @@ def test_a_pass_with_another_channels_frame_waiting_waits_for_it_and_shares_the_
     assert driven.syncs() == before + 1
     for peer in (a, b):
         assert isinstance(peer.reply().message, Appended)
+
+
+def test_the_calls_of_one_lane_on_one_channel_share_its_lane_ref() -> None:
+    refs: dict[tuple[Any, ...], LaneRef] = {}
+    append = _append("/s.jsonl", "a", 1)
+    first = channel_call(
+        "/s.jsonl", ChannelRef(1), ChannelCall("u", "a", "interactive", append), refs
+    )
+    again = channel_call(
+        "/s.jsonl", ChannelRef(1), ChannelCall("u", "a", "interactive", append), refs
+    )
+    assert again.lane is first.lane and again.request is append
+    assert first.lane == LaneRef(uid="u", name="a", address=ChannelRef(1), priority="interactive")
+    other_conn = channel_call(
+        "/s.jsonl", ChannelRef(2), ChannelCall("u", "a", "interactive", append), refs
+    )
+    other_class = channel_call(
+        "/s.jsonl", ChannelRef(1), ChannelCall("u", "a", "background", append), refs
+    )
+    assert other_conn.lane.address == ChannelRef(2) and other_class.lane.priority == "background"
+    assert len(refs) == 3
