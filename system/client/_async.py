@@ -69,6 +69,7 @@ from sessionlane.system.client._verify import (
     OWNER_LOOKUP_DELAYS,
     owner_pending,
     peer_gone,
+    refuse_self_connection,
     service_refusal,
 )
 from sessionlane.system.gateway import peercred
@@ -199,6 +200,7 @@ class AsyncSessionLane:
         reader, writer = await asyncio.wait_for(opening, self.settings.timeout)
         try:
             sock = writer.get_extra_info("socket")
+            refuse_self_connection(sock)
             owner = peercred.peer_uid(sock)
             for delay in OWNER_LOOKUP_DELAYS:
                 if not owner_pending(sock, owner):

@@ -76,6 +76,7 @@ from sessionlane.system.client._verify import (
     OWNER_LOOKUP_DELAYS,
     owner_pending,
     peer_gone,
+    refuse_self_connection,
     service_refusal,
 )
 from sessionlane.system.gateway import peercred
@@ -226,6 +227,7 @@ class SessionLane:
     def _open(self) -> None:
         sock = _dial(self.settings)
         try:
+            refuse_self_connection(sock)
             owner = peercred.peer_uid(sock)
             for delay in OWNER_LOOKUP_DELAYS:
                 if not owner_pending(sock, owner):
