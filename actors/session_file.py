@@ -48,7 +48,7 @@ Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires
 the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
 channels until a message from the Registry says it is not retired after all.
 
-About 615 lines: the worklist loop, the effects it performs and the actor's messages; the
+About 640 lines: the worklist loop, the effects it performs and the actor's messages; the
 serving state (``session_file_serving``), the channels (``session_file_channels``) and the disk
 (``session_file_disk``) are modules of their own.
 """
