@@ -34,7 +34,7 @@ from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedRepli
 from sessionlane.messages.channel import reply_frame
 from sessionlane.messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
 from sessionlane.messages.reply_maps import reply_frame_bytes
-from sessionlane.messages.wire import Direct, DirectOffer, Error
+from sessionlane.messages.wire import Direct, DirectOffer, Error, Granted
 
 __all__ = ["FLUSH_RETRY_S", "FileChannels", "channel_call", "refused_offer"]
 
@@ -234,10 +234,13 @@ class FileChannels:
         if isinstance(address, CarriedRef):
             self.carried.send(address, reply_frame(message.lane, message.message))
         elif self.server is not None:
+            # A grant is written before the turn's other replies: its holder's next request
+            # is the next step of the hand-off chain; a released reply, say, is not.
+            first = isinstance(message.message, Granted)
             if self.server.is_direct(address):
-                self.server.send(address, reply_frame_bytes(message.message))
+                self.server.send(address, reply_frame_bytes(message.message), first=first)
             else:
-                self.server.send(address, reply_frame(message.lane, message.message))
+                self.server.send(address, reply_frame(message.lane, message.message), first=first)
 
     def fds(self) -> list[int]:
         return self.server.fds() if self.server is not None else []

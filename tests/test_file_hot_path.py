@@ -8,7 +8,7 @@ data over synchronously, so what a peer sent is readable when ``sendall`` return
 needs a sleep. With no socket readable, the append is synced and answered in the turn that
 read it (no thespian pass over the always-readable pipe); with another channel's frame
 waiting, the pass waits for the transport, and both appends share one fdatasync. A lane's
-calls on one channel share one ``LaneRef``.
+calls on one channel share one ``LaneRef``. A grant is written before the turn's other replies.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from driver import file_settings
 from test_file_channels import Peer
 from thespian.actors import ActorExitRequest, ThespianWatch, WatchMessage
 
-from sessionlane.actors.file_channels import ChannelRef
+from sessionlane.actors.endpoint import FramedSocket
+from sessionlane.actors.file_channels import ChannelRef, ChannelServer
 from sessionlane.actors.session_file import SessionFile
 from sessionlane.actors.session_file_channels import channel_call
 from sessionlane.actors.session_file_serving import Serving
-from sessionlane.messages.channel import ChannelCall, ChannelWelcome, hello_frame
+from sessionlane.messages.channel import ChannelCall, ChannelWelcome, hello_frame, reply_frame
 from sessionlane.messages.internal import FileInit, LaneRef, OpenChannel
-from sessionlane.messages.wire import Append, Appended
+from sessionlane.messages.wire import Append, Appended, Queued, Released
 
 
 class Driven:
@@ -149,3 +150,40 @@ def test_the_calls_of_one_lane_on_one_channel_share_its_lane_ref() -> None:
     )
     assert other_conn.lane.address == ChannelRef(2) and other_class.lane.priority == "background"
     assert len(refs) == 3
+
+
+def test_a_grant_is_written_before_the_turns_other_replies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = ChannelServer.open(str(tmp_path / "s.jsonl"), incarnation=1)
+    peers: list[Peer] = []
+    try:
+        for _ in range(3):
+            peer = Peer(server.address)
+            peers.append(peer)
+            peer.send(hello_frame(server.token))
+            server.on_ready(select.select(server.fds(), [], [], 1)[0])
+        server.flush()
+        for peer in peers:
+            assert isinstance(peer.next(), ChannelWelcome)
+        a, b, c = (ChannelRef(serial) for serial in (1, 2, 3))
+        written: list[int] = []
+        flush = FramedSocket.flush
+
+        def spy(end: FramedSocket) -> Any:
+            written.append(end.fd)
+            return flush(end)
+
+        monkeypatch.setattr(FramedSocket, "flush", spy)
+        fds = server.fds()[1:]
+        server.send(a, reply_frame("a", Released(id=1, lease="l1")))
+        server.send(c, reply_frame("c", Queued(id=1, position=1)))
+        server.send(b, reply_frame("b", Queued(id=2, position=1)), first=True)
+        server.send(a, reply_frame("a", Queued(id=3, position=2)))
+        server.flush()
+        assert written == [fds[1], fds[0], fds[2]], "b first, then in the order queued"
+        assert [peers[0].reply().message.id for _ in range(2)] == [1, 3]  # a's own order kept
+    finally:
+        for peer in peers:
+            peer.close()
+        server.close()
