@@ -202,8 +202,10 @@ class SessionFile(ShellActor):
         """After every message: group commit, then one write of the channels' output.
 
         Channels the write found closed are handled here (their lanes abandoned), and the
-        commit logic runs again for what that changed.
+        commit logic runs again for what that changed. A pass awaited with no input waiting
+        is ended here, once per message (``end_pass_here``).
         """
+        ended_here = False
         while True:
             try:
                 pass_end = s.core.after_message()
@@ -217,11 +219,34 @@ class SessionFile(ShellActor):
             self.send_carried(s)
             if arm:
                 self.wakeupAfter(FLUSH_RETRY_S, payload=ChannelFlush())
-            if not closed:
-                fds = s.watched(pass_end)
-                return ThespianWatch(fds) if fds else None
-            for event in closed:
-                self.on_channel_closed(s, event)
+            if closed:
+                for event in closed:
+                    self.on_channel_closed(s, event)
+                continue
+            if pass_end and not ended_here and self.end_pass_here(s):
+                ended_here = True
+                continue
+            fds = s.watched(pass_end)
+            return ThespianWatch(fds) if fds else None
+
+    def end_pass_here(self, s: Serving) -> bool:
+        """End the group-commit pass now if no input waits: True if it was ended.
+
+        A pass ends once the transport delivered what it had read; the always-readable pipe
+        (``Serving.ready_fd``) says so through one more thespian pass, a whole turn of its
+        loop. When no channel socket is readable (a poll that does not wait) and no carried
+        connection is open, nothing can join this pass, so it ends here: with one writer (a
+        lease's holder, a file per client) that is one thespian pass fewer per append.
+        """
+        if s.ready_fd is None or s.channels.input_waiting():
+            return False
+        try:
+            s.core.pass_ended(self.now())
+            self.run(s)
+        except Exception:
+            log.exception("group commit of %s failed", self.path)
+            return False  # the pipe's pass tries again
+        return True
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -537,7 +562,7 @@ class SessionFile(ShellActor):
 
     def on_channel_call(self, s: Serving, event: ChannelCallEvent) -> None:
         """A call on a channel: served like a ``LaneCall`` but not counted in ``received``."""
-        call = channel_call(self.path, event.conn, event.call)
+        call = channel_call(self.path, event.conn, event.call, s.channels.lane_refs)
         s.channels.calls += 1
         self.touch()
         try:
