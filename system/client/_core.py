@@ -63,6 +63,7 @@ from sessionlane.messages.wire import (
 )
 from sessionlane.system.client._checks import check_options
 from sessionlane.system.client._direct import DirectRoutes, DirectUnknown, Key
+from sessionlane.system.client._frames import request_frame
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES, check_frame
 from sessionlane.system.client._verify import resolve_user
 from sessionlane.system.config import ConfigError, parse_listen
@@ -555,12 +556,7 @@ class ClientCore(Generic[W, T]):
             raise Unavailable(f"not connected ({link.lost})")
         self._last_id += 1
         rid = self._last_id
-        if encode is not None:
-            data = check_frame(encode(message, rid), self.settings.max_frame_bytes)
-        else:
-            data = check_frame(
-                frame(message.model_copy(update={"id": rid})), self.settings.max_frame_bytes
-            )
+        data = check_frame((encode or request_frame)(message, rid), self.settings.max_frame_bytes)
         link.pending[rid] = waiter
         link.last_sent = now
         return rid, data
