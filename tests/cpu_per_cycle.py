@@ -74,6 +74,7 @@ def main() -> None:
             procs = [
                 subprocess.Popen(
                     [sys.executable, "-c", WORKER, service.address, path, str(cycles)],
+                    cwd=tmp,  # ``-c`` imports from the working directory first: not a checkout
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
