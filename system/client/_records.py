@@ -52,8 +52,12 @@ def check_records(
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise InvalidRecord(f"record {index}: not a JSON object (got {type(record).__name__})")
-        if (why := _unstorable(record)) is not None:
+        why, bound = _unstorable(record)
+        if why is not None:
             raise InvalidRecord(f"record {index}: {why}")
+        if bound is not None and (max_record_bytes is None or bound <= max_record_bytes):
+            checked.append(record)  # it encodes, within the limit: no need to encode it here
+            continue
         try:
             text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
             size = len(text.encode("utf-8")) + 1
@@ -67,31 +71,82 @@ def check_records(
     return checked
 
 
-def _unstorable(record: dict[str, Any]) -> str | None:
-    """Why ``record`` is no strict JSON object, or None. Iterative: depth is bounded anyway."""
-    stack: list[tuple[Any, int, str]] = [(record, 1, "")]
+_CHARS_PER_CHAR = 6
+"""The most a string's character takes in a JSON line: ``\\u001f`` (UTF-8 takes at most 4)."""
+_INT_CHARS = 20
+"""The longest 64-bit integer in JSON: ``-9223372036854775808``, ``18446744073709551615``."""
+_FLOAT_CHARS = 32
+"""More than the longest ``repr`` of a finite float (24 characters)."""
+Where = tuple["Where | None", str | int]
+"""Where a value sits in a record: its parent's place and its key or index (built only to name
+it in an error)."""
+
+
+def _unstorable(record: dict[str, Any]) -> tuple[str | None, int | None]:
+    """Why ``record`` is no strict JSON object (or None), and an upper bound of its JSONL
+    line's bytes (None: a string that does not encode as UTF-8, for ``json.dumps`` to name).
+    Iterative: depth is bounded anyway."""
+    bound = 1  # the line's newline
+    stack: list[tuple[Any, int, Where | None]] = [(record, 1, None)]
     while stack:
         value, depth, where = stack.pop()
         if depth > MAX_RECORD_DEPTH:
-            return f"nested deeper than {MAX_RECORD_DEPTH} levels"
-        if isinstance(value, dict):
+            return f"nested deeper than {MAX_RECORD_DEPTH} levels", None
+        if isinstance(value, str):
+            if not value.isascii() and not _encodes(value):
+                return None, None
+            bound += 2 + _CHARS_PER_CHAR * len(value)
+        elif isinstance(value, dict):
+            bound += 2 + 2 * len(value)  # braces, a colon and at most a comma per member
             for key, item in value.items():
                 if not isinstance(key, str):
-                    return f"key {key!r} at {where or 'top level'} is not a string"
-                stack.append((item, depth + 1, f"{where}.{key}" if where else key))
+                    return f"key {key!r} at {_named(where) or 'top level'} is not a string", None
+                if not key.isascii() and not _encodes(key):
+                    return None, None
+                bound += 2 + _CHARS_PER_CHAR * len(key)
+                stack.append((item, depth + 1, (where, key)))
         elif isinstance(value, list | tuple):
-            stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value))
-        elif isinstance(value, bool) or value is None or isinstance(value, str):
-            continue
+            bound += 2 + len(value)
+            stack.extend((item, depth + 1, (where, i)) for i, item in enumerate(value))
+        elif isinstance(value, bool) or value is None:
+            bound += 5
         elif isinstance(value, int):
             if not _MSGPACK_INTS[0] <= value <= _MSGPACK_INTS[1]:
-                return f"integer at {where} is out of the 64-bit range"
+                return f"integer at {_named(where)} is out of the 64-bit range", None
+            bound += _INT_CHARS
         elif isinstance(value, float):
             if not math.isfinite(value):
-                return f"{value} at {where} is not a JSON number"
+                return f"{value} at {_named(where)} is not a JSON number", None
+            bound += _FLOAT_CHARS
         else:
-            return f"{type(value).__name__} at {where} is not a JSON value"
-    return None
+            return f"{type(value).__name__} at {_named(where)} is not a JSON value", None
+    return None, bound
+
+
+def _encodes(text: str) -> bool:
+    """``text`` encodes as UTF-8 (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _named(where: Where | None) -> str:
+    """``where`` as the errors name it: ``a.b[2].c``."""
+    steps: list[str | int] = []
+    while where is not None:
+        where, step = where
+        steps.append(step)
+    name = ""
+    for step in reversed(steps):
+        if isinstance(step, int):
+            name += f"[{step}]"
+        elif name:
+            name += f".{step}"
+        else:
+            name = step
+    return name
 
 
 def check_frame(data: bytes, max_frame_bytes: int | None) -> bytes:
