@@ -362,7 +362,8 @@ class AsyncSessionLane:
             while True:
                 step = ops.advance(op, outcome)
                 if isinstance(step, ops.Finished):
-                    return step.value
+                    result: R = step.value
+                    return result
                 if isinstance(step, ops.Batch):
                     outcome = await self._pipeline(step)
                     continue

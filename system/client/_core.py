@@ -264,16 +264,14 @@ class Link(Generic[W, T]):
     """With a token: the service's nonce, from its ``challenge``."""
 
 
-@dataclass(frozen=True)
-class Answer(Generic[W]):
+class Answer(NamedTuple, Generic[W]):
     """Wake ``waiter`` with ``reply``, the final reply to its request."""
 
     waiter: W
     reply: Reply
 
 
-@dataclass(frozen=True)
-class Send:
+class Send(NamedTuple):
     """Send ``data`` on the connection, expecting no answer (failures are the reader's)."""
 
     data: bytes

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from sessionlane.messages.errors import (
     LeaseRevoked,
@@ -89,10 +88,10 @@ __all__ = [
 R = TypeVar("R")
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     """Send ``request`` and return its final reply (or raise the ``SessionLaneError`` of a call
-    that got none: ``Unavailable``, ``TooLarge``)."""
+    that got none: ``Unavailable``, ``TooLarge``). (Named tuples, not frozen dataclasses, for
+    the records made on every call: a third of the cost to build.)"""
 
     request: Any
     timeout: float | None = None
@@ -103,8 +102,7 @@ class Call:
     """Seconds to let pass before sending (a retry while the service is stopping)."""
 
 
-@dataclass(frozen=True)
-class Batch:
+class Batch(NamedTuple):
     """Send ``requests`` in order on the connection, at most ``window`` unanswered at a time,
     and return the outcomes of those sent, in order (a final reply, or the
     ``SessionLaneError`` of one that got none). After the first outcome that is an error,
@@ -472,8 +470,7 @@ def revive_all(core: Core) -> Op[None]:
             log.warning("sessionlane %s: %s", core.settings.address, exc.detail)
 
 
-@dataclass(frozen=True)
-class Finished(Generic[R]):
+class Finished(NamedTuple, Generic[R]):
     """An operation's result."""
 
     value: R
