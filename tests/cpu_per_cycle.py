@@ -6,7 +6,9 @@ service runs in this process; ``WORKERS`` client processes loop on one file (``F
 ``one``: they contend) or each on its own (``each``: nothing to hand off, as the bench's
 ``files8``). The figure is the utime + stime of
 every process of the service's actor system plus this process, over the measured cycles,
-divided by the cycles: CPU time, so less sensitive to a busy machine than a rate. It imports
+divided by the cycles: CPU time, so less sensitive to a busy machine than a rate. The
+clients' figure is each worker's own CPU over its cycles (``os.times``: all its threads), summed
+and divided the same way. It imports
 the service from ``sessionlane.system`` or, for a version before the one namespace, from
 ``system``, so the same script measures before and after.
 """
@@ -30,7 +32,7 @@ except ImportError:
     embedded_service = importlib.import_module("system.runtime.service").embedded_service
 
 WORKER = """
-import sys
+import os, sys
 from sessionlane import connect
 address, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with connect(address) as sl:
@@ -40,9 +42,13 @@ with connect(address) as sl:
     sys.stdout.write("ready\\n")
     sys.stdout.flush()
     sys.stdin.readline()
+    began = os.times()
     for i in range(n):
         with lane.lease(path, purpose="write", wait_timeout=600) as lease:
             lease.append({"i": i, "text": "x" * 160})
+    ended = os.times()
+    # This process's CPU over its cycles (every thread: the caller's and the reader's).
+    sys.stdout.write(f"{(ended.user - began.user) + (ended.system - began.system)}\\n")
 """
 
 
@@ -89,7 +95,10 @@ def main() -> None:
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
+            clients = 0.0
             for proc in procs:
+                assert proc.stdout is not None
+                clients += float(proc.stdout.readline())
                 assert proc.wait(600) == 0
             wall = time.monotonic() - began
             after, now = cpu_seconds(service.running.system.members()), os.times()
@@ -101,6 +110,7 @@ def main() -> None:
                 "cycles": n,
                 "files": files,
                 "service_cpu_ms_per_cycle": round((after - before + own) * 1000 / n, 3),
+                "client_cpu_ms_per_cycle": round(clients * 1000 / n, 3),
                 "cycles_per_s": round(n / wall, 1),
                 "loadavg": os.getloadavg()[0],
             }
