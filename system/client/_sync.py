@@ -385,7 +385,8 @@ class SessionLane:
                 with self._lock:
                     step = ops.advance(op, outcome)
                 if isinstance(step, ops.Finished):
-                    return step.value
+                    result: R = step.value
+                    return result
                 if isinstance(step, ops.Batch):
                     outcome = self._pipeline(step)
                     continue
