@@ -84,7 +84,9 @@ def driver_factory(root: Path) -> Any:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     tag = os.environ.get("SESSIONLANE_TEST_TAG")
-    if not tag:
+    if not tag or hasattr(session.config, "workerinput"):
+        # An xdist worker: the others, which carry the same tag, may still be running their
+        # tests; the controller checks once every worker has finished.
         return
     left = find_leftovers(tag)
     if left:
