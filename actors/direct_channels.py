@@ -12,9 +12,10 @@ as one lane of the file's own (``DirectBinding.uid``: the gateway lane's uid plu
 serial), which ``lease_types.acts_for`` treats as a lane of the same client connection.
 
 What a bound connection may send (:func:`direct_request`): ``acquire`` of this path on the bound
-lane, ``append`` and ``rewrite`` by lease (pipelined ``after`` included), ``release``,
-``keepalive``. Everything else is refused with an error frame, changing nothing. Pure: no I/O,
-no clock of its own.
+lane, ``append`` and ``rewrite`` by lease (pipelined ``after`` included), a lane-less ``append``
+of this path by the bound lane (queued, as through the gateway, with the gateway lane's
+priority, which the ticket carries), ``release``, ``keepalive``. Everything else is refused
+with an error frame, changing nothing. Pure: no I/O, no clock of its own.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class DirectBinding:
     """The spellings of the path an acquire may name: the asked one and the canonical one."""
     peer_uid: int
     max_frame_bytes: int
+    priority: Priority = "interactive"
+    """The gateway lane's priority: what a lane-less append (a short write lease) queues with,
+    as it would through the gateway."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +83,17 @@ class DirectTickets:
         self._tickets: dict[str, _Ticket] = {}
         self._serial = 0
 
-    def mint(self, gateway_lane: str, request: Direct, canonical: str, now: float) -> str:
+    def mint(
+        self,
+        gateway_lane: str,
+        request: Direct,
+        canonical: str,
+        now: float,
+        priority: Priority = "interactive",
+    ) -> str:
         """A fresh ticket for ``request`` (forwarded by the gateway: ``peer_uid`` and
-        ``max_frame_bytes`` are set), valid until ``now`` + :data:`TICKET_TTL_MS`."""
+        ``max_frame_bytes`` are set), valid until ``now`` + :data:`TICKET_TTL_MS`;
+        ``priority``: the gateway lane's."""
         assert request.peer_uid is not None and request.max_frame_bytes is not None
         for key in [k for k, t in self._tickets.items() if t.expires <= now]:
             del self._tickets[key]
@@ -95,6 +107,7 @@ class DirectTickets:
             paths=frozenset({request.path, canonical}),
             peer_uid=request.peer_uid,
             max_frame_bytes=request.max_frame_bytes,
+            priority=priority,
         )
         ticket = secrets.token_urlsafe(24)
         self._tickets[ticket] = _Ticket(binding, now + TICKET_TTL_MS)
@@ -146,9 +159,14 @@ def direct_request(binding: DirectBinding, request: Request) -> ChannelCall | Er
                 "recovery" if request.purpose == "recovery" else "interactive"
             )
             return ChannelCall(binding.uid, binding.lane, priority, request)
-        case Append() if request.lease is None:
-            detail = "an append on a direct channel names its lease"
+        case Append() if request.lease is None and request.lane != binding.lane:
+            detail = f"this direct channel is bound to lane {binding.lane!r}, not {request.lane!r}"
             return Error(id=request.id, code="bad_frame", detail=detail)
+        case Append() if request.lease is None and request.path not in binding.paths:
+            detail = f"this direct channel serves {sorted(binding.paths)[0]}, not {request.path}"
+            return Error(id=request.id, code="bad_frame", detail=detail)
+        case Append() if request.lease is None:  # a short write lease, queued with the lane's
+            return ChannelCall(binding.uid, binding.lane, binding.priority, request)
         case Append() | Rewrite() | Release():
             return ChannelCall(binding.uid, binding.lane, "interactive", request)
     detail = f"{request.type} is not taken on a direct channel (send it to the gateway)"

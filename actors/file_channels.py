@@ -27,6 +27,7 @@ import hmac
 import logging
 import os
 import secrets
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -126,7 +127,7 @@ class ChannelServer:
         self._conns: dict[int, _Conn] = {}  # fd -> connection
         self._by_ref: dict[ChannelRef, _Conn] = {}
         self._serial = 0
-        self._dirty: set[ChannelRef] = set()  # connections with output to write
+        self._dirty: dict[ChannelRef, None] = {}  # connections with output, in writing order
         self._closed: list[ChannelClosed] = []  # closed by send/flush, not reported yet
         self.accepting = accepting
         """Asked at each hello; False while the file is being passivated: the hello is
@@ -172,6 +173,16 @@ class ChannelServer:
         if not self._open:
             return []
         return [self._acceptor.fd, *self._conns]
+
+    def readable(self) -> bool:
+        """Whether the listener or a connection has input waiting now (a poll that does not
+        wait: the actor asks it to end a group-commit pass without a transport pass)."""
+        if not self._open:
+            return False
+        poller = select.poll()
+        for fd in self.fds():
+            poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def connections(self) -> int:
         """Authenticated connections (those that said hello and were welcomed)."""
@@ -328,14 +339,23 @@ class ChannelServer:
 
     # Output --------------------------------------------------------------------------------
 
-    def send(self, conn: ChannelRef, data: bytes) -> None:
-        """Queue ``data`` for ``conn``; dropped silently if that connection is gone."""
+    def send(self, conn: ChannelRef, data: bytes, *, first: bool = False) -> None:
+        """Queue ``data`` for ``conn``; dropped silently if that connection is gone.
+
+        ``first``: ``flush`` writes this connection before the others (a grant: its holder's
+        next request is the hand-off's critical path, the other replies are not); otherwise
+        connections are written in the order their output was queued. Each connection's own
+        frames keep their order either way."""
         target = self._by_ref.get(conn)
         if target is not None and target.welcomed:
-            self._queue(target, data)
+            self._queue(target, data, first=first)
 
-    def _queue(self, conn: _Conn, data: bytes) -> None:
-        self._dirty.add(conn.ref)
+    def _queue(self, conn: _Conn, data: bytes, *, first: bool = False) -> None:
+        if first:
+            self._dirty.pop(conn.ref, None)
+            self._dirty = {conn.ref: None, **self._dirty}
+        else:
+            self._dirty.setdefault(conn.ref)
         if not conn.end.queue(data):
             self._close_later(conn, "the peer stopped reading", logging.WARNING)
 
@@ -348,7 +368,7 @@ class ChannelServer:
         for ref in list(self._dirty):
             conn = self._by_ref.get(ref)
             if conn is None:
-                self._dirty.discard(ref)
+                self._dirty.pop(ref, None)
                 continue
             error = conn.end.flush()
             if error is not None:
@@ -356,7 +376,7 @@ class ChannelServer:
             if conn.end.out and ref in self._by_ref:
                 left = True
             else:
-                self._dirty.discard(ref)
+                self._dirty.pop(ref, None)
         return left
 
     def closed_since_last(self) -> list[ChannelClosed]:
@@ -376,7 +396,7 @@ class ChannelServer:
         """Close ``conn``; the event that reports it, if it was authenticated."""
         if self._by_ref.pop(conn.ref, None) is None:
             return None
-        self._dirty.discard(conn.ref)
+        self._dirty.pop(conn.ref, None)
         self._conns.pop(conn.end.fd, None)
         conn.end.close()
         state = "after its hello" if conn.welcomed else "before its hello"

@@ -48,7 +48,7 @@ Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires
 the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
 channels until a message from the Registry says it is not retired after all.
 
-About 615 lines: the worklist loop, the effects it performs and the actor's messages; the
+About 640 lines: the worklist loop, the effects it performs and the actor's messages; the
 serving state (``session_file_serving``), the channels (``session_file_channels``) and the disk
 (``session_file_disk``) are modules of their own.
 """
@@ -115,7 +115,7 @@ from sessionlane.messages.internal import (
     LaneCall,
     OpenChannel,
 )
-from sessionlane.messages.wire import Abandon, Direct, Error, FileStatus
+from sessionlane.messages.wire import Abandon, Append, Direct, Error, FileStatus
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = ["Broken", "SessionFile", "activation_error"]
@@ -124,6 +124,22 @@ _SLOW = frozenset({WriteOut, Commit, Sync, Reserve, TakeLegacyLock, WriteRecord}
 """Effects that wait for the disk: the clock is read again after them."""
 
 log = logging.getLogger(__name__)
+
+
+def appends_follow(events: list[ChannelEvent], index: int) -> bool:
+    """Are events ``index`` and the one after it appends under a lease on one channel?"""
+    if index + 1 >= len(events):
+        return False
+    this, after = events[index], events[index + 1]
+    return (
+        isinstance(this, ChannelCallEvent)
+        and isinstance(after, ChannelCallEvent)
+        and this.conn == after.conn
+        and isinstance(this.call.request, Append)
+        and isinstance(after.call.request, Append)
+        and this.call.request.lease is not None
+        and after.call.request.lease is not None
+    )
 
 
 class SessionFile(ShellActor):
@@ -186,8 +202,10 @@ class SessionFile(ShellActor):
         """After every message: group commit, then one write of the channels' output.
 
         Channels the write found closed are handled here (their lanes abandoned), and the
-        commit logic runs again for what that changed.
+        commit logic runs again for what that changed. A pass awaited with no input waiting
+        is ended here, once per message (``end_pass_here``).
         """
+        ended_here = False
         while True:
             try:
                 pass_end = s.core.after_message()
@@ -201,11 +219,34 @@ class SessionFile(ShellActor):
             self.send_carried(s)
             if arm:
                 self.wakeupAfter(FLUSH_RETRY_S, payload=ChannelFlush())
-            if not closed:
-                fds = s.watched(pass_end)
-                return ThespianWatch(fds) if fds else None
-            for event in closed:
-                self.on_channel_closed(s, event)
+            if closed:
+                for event in closed:
+                    self.on_channel_closed(s, event)
+                continue
+            if pass_end and not ended_here and self.end_pass_here(s):
+                ended_here = True
+                continue
+            fds = s.watched(pass_end)
+            return ThespianWatch(fds) if fds else None
+
+    def end_pass_here(self, s: Serving) -> bool:
+        """End the group-commit pass now if no input waits: True if it was ended.
+
+        A pass ends once the transport delivered what it had read; the always-readable pipe
+        (``Serving.ready_fd``) says so through one more thespian pass, a whole turn of its
+        loop. When no channel socket is readable (a poll that does not wait) and no carried
+        connection is open, nothing can join this pass, so it ends here: with one writer (a
+        lease's holder, a file per client) that is one thespian pass fewer per append.
+        """
+        if s.ready_fd is None or s.channels.input_waiting():
+            return False
+        try:
+            s.core.pass_ended(self.now())
+            self.run(s)
+        except Exception:
+            log.exception("group commit of %s failed", self.path)
+            return False  # the pipe's pass tries again
+        return True
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -394,11 +435,11 @@ class SessionFile(ShellActor):
                     s.channels.send(address, message)
                 else:
                     self.send(address, message)
-            case WriteOut(op=op, repair_tail=repair):
+            case WriteOut(op=op, repair_tail=repair, rest=rest):
                 fsync = op.kind == "append" and op.durability == "fsync"
-                outcome = s.disk.write(op.kind, op.data, fsync, repair)
+                outcome = s.disk.write(op.kind, fx.data, fsync, repair)
                 identity = s.transcript.identity
-                s.core.written(op, outcome, self.now(), identity.ino, identity.size)
+                s.core.written(op, outcome, self.now(), identity.ino, identity.size, rest)
             case Commit():
                 took = s.disk.sync_now()  # first: its failure is the one the commit takes
                 s.core.committed(s.sync.take_error(), took)
@@ -500,20 +541,28 @@ class SessionFile(ShellActor):
         frames having arrived; a check that refused or failed is made again by the next call.
         """
         self.run_owned = False
+        writes = s.core.writes
         try:
-            for event in events:
+            for index, event in enumerate(events):
                 if self.state is not s:  # the file was lost to another owner: channels closed
                     return
                 if isinstance(event, ChannelCallEvent):
+                    # appends read together are written together: one write (pipelining.md)
+                    writes.gathering = appends_follow(events, index)
                     self.on_channel_call(s, event)
                 else:
                     self.on_channel_closed(s, event, why)
         finally:
             self.run_owned = None
+            if writes.gathering:
+                writes.gathering = False
+                if self.state is s:
+                    s.core.push([DrainWrites()])
+                    self.run(s)
 
     def on_channel_call(self, s: Serving, event: ChannelCallEvent) -> None:
         """A call on a channel: served like a ``LaneCall`` but not counted in ``received``."""
-        call = channel_call(self.path, event.conn, event.call)
+        call = channel_call(self.path, event.conn, event.call, s.channels.lane_refs)
         s.channels.calls += 1
         self.touch()
         try:

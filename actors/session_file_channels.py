@@ -32,9 +32,9 @@ from sessionlane.actors.carried import CarriedPeers, CarriedRef
 from sessionlane.actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
 from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.channel import reply_frame
-from sessionlane.messages.codec import frame
 from sessionlane.messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
-from sessionlane.messages.wire import Direct, DirectOffer, Error
+from sessionlane.messages.reply_maps import reply_frame_bytes
+from sessionlane.messages.wire import Direct, DirectOffer, Error, Granted
 
 __all__ = ["FLUSH_RETRY_S", "FileChannels", "channel_call", "refused_offer"]
 
@@ -51,9 +51,26 @@ def refused_offer(msg: OpenChannel, canonical: str | None, reason: str, code: An
     )
 
 
-def channel_call(path: str, conn: ChannelRef, call: Any) -> LaneCall:
-    """The ``LaneCall`` a channel call is served as (the connection is the lane's address)."""
-    lane = LaneRef(uid=call.uid, name=call.name, address=conn, priority=call.priority)
+_MAX_LANE_REFS = 4096
+"""Lane references kept for reuse (``channel_call``); past this many the cache starts over."""
+
+
+def channel_call(
+    path: str, conn: ChannelRef, call: Any, refs: dict[tuple[Any, ...], LaneRef] | None = None
+) -> LaneCall:
+    """The ``LaneCall`` a channel call is served as (the connection is the lane's address).
+
+    ``refs``: the ``LaneRef`` of each (connection, uid, name, priority) already made, reused
+    (it is frozen): a lane sends many calls on one channel, and each validated ``LaneRef``
+    costs about as much as the ``LaneCall`` around it."""
+    key = (conn, call.uid, call.name, call.priority)
+    lane = refs.get(key) if refs is not None else None
+    if lane is None:
+        lane = LaneRef(uid=call.uid, name=call.name, address=conn, priority=call.priority)
+        if refs is not None:
+            if len(refs) >= _MAX_LANE_REFS:
+                refs.clear()  # a serial is never reused: dropping old ones loses nothing
+            refs[key] = lane
     return LaneCall(lane=lane, path=path, canonical=True, request=call.request)
 
 
@@ -93,6 +110,8 @@ class FileChannels:
         self.flush_armed = False
         self.closed = 0  # channels closed so far (numbers the abandons they cause)
         self.calls = 0  # calls served from channels (the ``channel_calls`` counter)
+        self.lane_refs: dict[tuple[Any, ...], LaneRef] = {}
+        """The lanes of the channels' calls, made once (``channel_call``)."""
 
     def offer(self, msg: OpenChannel, me: Any) -> ChannelOffer:
         """The answer to ``msg``: the listener's address (opened now if need be), or a
@@ -149,7 +168,8 @@ class FileChannels:
         if self.server is None or reason:
             detail = f"no direct channel to {self.path}: {reason}"
             return Error(id=request.id, code="unavailable", detail=detail, path=self.path)
-        ticket = self.server.tickets.mint(call.lane.uid, request, self.path, self.clock())
+        lane = call.lane
+        ticket = self.server.tickets.mint(lane.uid, request, self.path, self.clock(), lane.priority)
         return DirectOffer(
             id=request.id, address=self.server.address, ticket=ticket, path=self.path
         )
@@ -215,13 +235,23 @@ class FileChannels:
         if isinstance(address, CarriedRef):
             self.carried.send(address, reply_frame(message.lane, message.message))
         elif self.server is not None:
+            # A grant is written before the turn's other replies: its holder's next request
+            # is the next step of the hand-off chain; a released reply, say, is not.
+            first = isinstance(message.message, Granted)
             if self.server.is_direct(address):
-                self.server.send(address, frame(message.message))
+                self.server.send(address, reply_frame_bytes(message.message), first=first)
             else:
-                self.server.send(address, reply_frame(message.lane, message.message))
+                self.server.send(address, reply_frame(message.lane, message.message), first=first)
 
     def fds(self) -> list[int]:
         return self.server.fds() if self.server is not None else []
+
+    def input_waiting(self) -> bool:
+        """Whether input may be waiting for this pass: a socket is readable now, or a carried
+        connection is open (its frames come in thespian messages, which no poll can see)."""
+        if self.carried.connections():
+            return True
+        return self.server is not None and self.server.readable()
 
     def connections(self) -> int:
         sockets = self.server.connections() if self.server is not None else 0

@@ -28,7 +28,7 @@ the shell checks the owner lock only before those, ``docs/grantcost.md``). A rec
 append resent after a restart, a lost member's lease kept and the holder awaited at
 activation are decided by ``sessionlane.actors.awaited`` (over this core's table and book).
 
-About 630 lines: every decision that needs the table, the write path and the book together
+About 640 lines: every decision that needs the table, the write path and the book together
 lives here; the parts that need one of them only have moved out (``awaited``, the write
 path, ``session_file_effects``), and what could go next is named in ``docs/architecture.md``.
 """
@@ -464,10 +464,19 @@ class FileCore:
             effects.append(ArmRetry(delay))
         self.push(effects)
 
-    def written(self, op: WriteOp, outcome: WriteOutcome, now: float, ino: int, size: int) -> None:
-        """The outcome of ``WriteOut``, and the transcript's inode and size after it."""
+    def written(
+        self,
+        op: WriteOp,
+        outcome: WriteOutcome,
+        now: float,
+        ino: int,
+        size: int,
+        rest: tuple[WriteOp, ...] = (),
+    ) -> None:
+        """The outcome of ``WriteOut`` (of ``op`` and the ``rest`` of its pipeline), and the
+        transcript's inode and size after it."""
         self.ino, self.size = ino, size
-        self.push(self.writes.written(op, outcome))
+        self.push(self.writes.written(op, outcome, rest))
 
     def interrupted(self) -> list[WriteEffect]:
         """Performing failed (a bug): what was left is dropped, a drain ends."""

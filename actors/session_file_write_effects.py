@@ -116,10 +116,26 @@ class Commit:
 @dataclass(frozen=True, slots=True)
 class WriteOut:
     """Write ``op``'s bytes (append, or replace the file), adopting an outside change first;
-    ``repair_tail``: quarantine a torn last line before. Its outcome goes to ``written``."""
+    ``repair_tail``: quarantine a torn last line before. Its outcome goes to ``written``.
+
+    ``rest``: the appends of ``op``'s pipeline queued right behind it, written in the same
+    ``write`` (``data`` is all their lines, in order); ``written`` gets them back."""
 
     op: WriteOp
     repair_tail: bool = False
+    rest: tuple[WriteOp, ...] = ()
+
+    @property
+    def ops(self) -> tuple[WriteOp, ...]:
+        """Every write this one performs, in file order."""
+        return (self.op, *self.rest)
+
+    @property
+    def data(self) -> bytes:
+        """The bytes to write: ``op``'s, then those of ``rest``."""
+        if not self.rest:
+            return self.op.data
+        return b"".join(op.data for op in self.ops)
 
 
 @dataclass(frozen=True, slots=True)

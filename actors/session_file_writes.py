@@ -43,7 +43,10 @@ The drain is driven by the actor, one write at a time (``begin_drain`` with the 
 taking the legacy lock, ``next_write``, its ``CheckLease`` answered through ``checked``,
 ``written``, ``end_drain``), because a write's
 effects can grant the next queued lease-less append: the actor performs them between two
-writes, and the append granted so joins the same drain, under the same lock.
+writes, and the append granted so joins the same drain, under the same lock. One exception:
+the appends of a pipeline queued one behind the other under the same lease go out in one
+``write`` (``chained``: one system call, one look for an outside change), because nothing
+performed between their writes could change what their checks find.
 """
 
 from __future__ import annotations
@@ -111,6 +114,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _DEDUP_SIZE = 1024
+MAX_CHAINED = 255
+MAX_CHAINED_BYTES = 4 << 20
+"""At most this many appends (this many bytes) join the one before them in one ``write``
+(``WritePath.chained``): a group commit's batch (``group_commit.MAX_BATCH_WRITES``)."""
 LEGACY_RETRY_MIN_S = 0.002
 LEGACY_RETRY_MAX_S = 0.05
 """Backoff bounds for retrying a legacy lock held by a live legacy writer."""
@@ -175,6 +182,10 @@ class WritePath:
         self.last_written: tuple[str, str | None] | None = None
         """(lease, aid) of the last append written, which a pipelined append must follow."""
         self.queue: deque[WriteOp] = deque()  # in order; waits only for the legacy lock
+        self.gathering = False
+        """Set by the shell while the call it serves is an append with more appends of the
+        same channel read right behind it: the queue is drained after the last of them, so
+        that a pipeline's appends go out in one write (``chained``)."""
         self.draining = False
         self.locked = False
         self.retry_armed = False
@@ -188,6 +199,7 @@ class WritePath:
             "invalid_records": 0,
             "legacy_lock_waits": 0,
             "pipeline_broken": 0,
+            "chained_appends": 0,
         }
 
     # Accepting writes ----------------------------------------------------------------------
@@ -303,8 +315,9 @@ class WritePath:
     # Performing writes ---------------------------------------------------------------------
 
     def may_drain(self) -> bool:
-        """Are there writes to perform, and no drain in progress (that would take them)?"""
-        return bool(self.queue) and not self.draining
+        """Are there writes to perform, no drain in progress (that would take them), and no
+        more appends of a pipeline about to be queued behind them (``gathering``)?"""
+        return bool(self.queue) and not self.draining and not self.gathering
 
     def lock_for(self) -> str | None:
         """The lease the shell takes the legacy lock for before ``begin_drain`` (the first
@@ -366,15 +379,62 @@ class WritePath:
             )
             return self.answer(op, self.refused(op.call, "pipeline_broken", detail).message)
         repair, self.tail_unchecked = self.tail_unchecked, False
-        out = WriteOut(op, repair_tail=repair)
-        if op.kind == "rewrite" and self.unsynced():
-            return [Sync(), out]  # what was acknowledged-to-be is durable before the replace
-        return [out]
+        if op.kind == "rewrite":
+            out = WriteOut(op, repair_tail=repair)
+            if self.unsynced():
+                return [Sync(), out]  # what was acknowledged-to-be is durable before the replace
+            return [out]
+        return [WriteOut(op, repair_tail=repair, rest=self.chained(op))]
 
-    def written(self, op: WriteOp, outcome: WriteOutcome) -> list[WriteEffect]:
-        """``op``'s ``WriteOut`` was performed: tell the holder of an outside change, answer."""
+    def chained(self, op: WriteOp) -> tuple[WriteOp, ...]:
+        """The appends queued right behind ``op`` that continue its pipeline, taken off the
+        queue to go in ``op``'s write.
+
+        Each would pass its checks when performed if ``op`` is written: the same lease and
+        fence (the table's verdict on ``op`` holds for them, nothing between their writes
+        changes the table) and, for each, ``after`` naming the one before it. Only ``fsync``
+        appends (a ``flush`` one is answered at once, by itself) and no lease-less append
+        (its short lease is released between writes). ``written`` puts them back in the queue,
+        as they were, when ``op``'s write fails."""
+        if op.aid is None or op.durability != "fsync" or op.auto_release:
+            return ()
+        queue = self.queue
+        rest: list[WriteOp] = []
+        prev, size = op, len(op.data)
+        while queue and len(rest) < MAX_CHAINED:
+            nxt = queue[0]
+            if (
+                nxt.after is None
+                or nxt.after != prev.aid
+                or nxt.kind != "append"
+                or nxt.lease != op.lease
+                or nxt.fence != op.fence
+                or nxt.durability != "fsync"
+                or nxt.auto_release
+                or nxt.call.lane.uid != op.call.lane.uid
+                or size + len(nxt.data) > MAX_CHAINED_BYTES
+            ):
+                break
+            rest.append(queue.popleft())
+            prev, size = nxt, size + len(nxt.data)
+        self.counters["chained_appends"] += len(rest)
+        return tuple(rest)
+
+    def written(
+        self, op: WriteOp, outcome: WriteOutcome, rest: tuple[WriteOp, ...] = ()
+    ) -> list[WriteEffect]:
+        """``op``'s ``WriteOut`` was performed: tell the holder of an outside change, answer.
+
+        ``rest``: the ``WriteOut``'s other appends (``chained``), answered in order, each at
+        its own offset; if the write failed, none of them is in the file: they go back to the
+        front of the queue, where each is refused ``pipeline_broken`` as it comes (``op``,
+        the one before it, was not written)."""
         effects = self.adopted(op, outcome)
         reply: ReplyMessage
+        if rest and (outcome.error is not None or outcome.moved):
+            self.queue.extendleft(reversed(rest))
+            self.counters["chained_appends"] -= len(rest)
+            rest = ()
         if op.kind == "rewrite" or outcome.error is not None or outcome.moved:
             self.last_written = None  # a pipeline cannot go on past a rewrite or a failure
         if outcome.error is not None:
@@ -389,19 +449,26 @@ class WritePath:
             self.counters["rewrites"] += 1
             reply = Rewritten(id=op.call.request.id, lines=op.lines, fence=op.fence)
         else:
-            if op.durability == "fsync":
-                effects.append(Wrote(op.call.lane.uid))
-            if self.sync_each_append:
-                effects.append(Sync())  # the baseline benchmarks compare against
-            self.counters["appends"] += 1
-            self.counters["records"] += op.lines
-            self.last_written = (op.lease, op.aid)
-            reply = Appended(
-                id=op.call.request.id, offset=outcome.offset, lines=op.lines, fence=op.fence
-            )
-            self.remember(op.call, reply)
-            return effects + self.answer(op, reply, needs_sync=op.durability == "fsync")
+            offset = outcome.offset
+            for each in (op, *rest):
+                effects += self.appended(each, offset)
+                offset += len(each.data)
+            return effects
         return effects + self.answer(op, reply)
+
+    def appended(self, op: WriteOp, offset: int) -> list[WriteEffect]:
+        """The append ``op`` is in the file at ``offset``: its answer (held for the next sync
+        when it is an ``fsync`` one)."""
+        fsync = op.durability == "fsync"
+        effects: list[WriteEffect] = [Wrote(op.call.lane.uid)] if fsync else []
+        if self.sync_each_append:
+            effects.append(Sync())  # the baseline benchmarks compare against
+        self.counters["appends"] += 1
+        self.counters["records"] += op.lines
+        self.last_written = (op.lease, op.aid)
+        reply = Appended(id=op.call.request.id, offset=offset, lines=op.lines, fence=op.fence)
+        self.remember(op.call, reply)
+        return effects + self.answer(op, reply, needs_sync=fsync)
 
     def answer(
         self, op: WriteOp, reply: ReplyMessage, *, needs_sync: bool = False

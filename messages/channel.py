@@ -41,6 +41,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from sessionlane.messages.codec import HEADER, FrameDecodeError, unpack_map
 from sessionlane.messages.internal import LaneRequest
+from sessionlane.messages.reply_maps import reply_map
 from sessionlane.messages.wire import Priority, Reply
 
 __all__ = [
@@ -110,8 +111,7 @@ def _pack(data: dict[str, Any]) -> bytes:
 
 
 def _dump(message: Any) -> dict[str, Any]:
-    data: dict[str, Any] = message.model_dump(mode="python", exclude_none=True)
-    return data
+    return reply_map(message)
 
 
 def hello_frame(token: str) -> bytes:

@@ -16,13 +16,16 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from waiting import eventually
 
 from sessionlane.system.client import Unauthorized, Unavailable, connect, connect_async
+from sessionlane.system.client import _sync as sync_client
 from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, peer_gone
 from sessionlane.system.gateway import peercred
+from sessionlane.system.runtime.launch import free_port
 from sessionlane.system.runtime.service import embedded_service
 
 pytestmark = pytest.mark.skipif(
@@ -135,3 +138,76 @@ def test_peer_gone_tells_a_closed_or_reset_connection_from_a_live_one() -> None:
             assert not peer_gone(live)
             served.close()  # its FIN reaches the client's end
             eventually(lambda: peer_gone(live), "the client's end sees the close")
+
+
+def self_connected_to(port: int) -> socket.socket:
+    """A socket connected to itself on loopback ``port``, as a connect to a port nobody
+    listens on gets when the kernel happens to pick that same port for the client's end."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", port))
+    sock.connect(("127.0.0.1", port))  # TCP's simultaneous open: the socket meets itself
+    assert sock.getsockname() == sock.getpeername()
+    return sock
+
+
+@pytest.mark.parametrize("surface", ["sync", "async"])
+def test_a_connect_that_met_itself_is_a_refusal_retried_and_frees_the_services_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, surface: str
+) -> None:
+    """A reconnecting client hitting a restarting service's port in the gap can connect to
+    itself: its "service" is then its own user, and it holds the port the service needs. The
+    kernel's pick of the client's port is the one thing forced here (first attempt only)."""
+    port = free_port()
+    met_itself: list[socket.socket] = []
+    if surface == "sync":
+        real_dial = sync_client._dial
+
+        def dial(settings: Any) -> socket.socket:
+            if met_itself:
+                return real_dial(settings)
+            met_itself.append(self_connected_to(port))
+            return met_itself[0]
+
+        monkeypatch.setattr(sync_client, "_dial", dial)
+    else:
+        real_open = asyncio.open_connection
+
+        async def open_connection(*args: Any, **kw: Any) -> Any:
+            if met_itself:
+                return await real_open(*args, **kw)
+            met_itself.append(self_connected_to(port))
+            return await real_open(sock=met_itself[0])
+
+        monkeypatch.setattr(asyncio, "open_connection", open_connection)
+
+    address = f"tcp://127.0.0.1:{port}"
+    outcome: dict[str, Any] = {}
+
+    def connect_and_ask() -> None:
+        try:
+            if surface == "sync":
+                with connect(address, reconnect_for=60) as sl:
+                    outcome["status"] = sl.status()
+            else:
+
+                async def ask() -> Any:
+                    async with await connect_async(address, reconnect_for=60) as sl:
+                        return await sl.status()
+
+                outcome["status"] = asyncio.run(ask())
+        except Exception as exc:  # the assertion below names it
+            outcome["error"] = exc
+
+    client = threading.Thread(target=connect_and_ask)
+    client.start()
+    try:
+        eventually(lambda: met_itself and met_itself[0].fileno() == -1, "the first attempt closed")
+        root = tmp_path / "sessions"
+        root.mkdir()
+        # The port is free again: the service binds it, and the client's retries reach it.
+        with embedded_service([str(root)], listen=address, log_file=tmp_path / "a.log"):
+            client.join(60)
+    finally:
+        client.join(60)
+    assert "error" not in outcome, outcome
+    assert outcome["status"] is not None

@@ -219,6 +219,68 @@ def test_a_pipe_whose_sending_failed_sends_nothing_more_and_ends_with_why() -> N
     assert len(acked) == 2 and isinstance(last, TooLarge)
 
 
+def test_a_wide_window_is_refilled_a_quarter_at_a_time_and_the_tail_sent_whole() -> None:
+    pipe = pipelines.Pipe(ops.Batch(list(range(70)), window=16))
+    assert pipe.to_send() == list(range(16))
+    for answered in range(1, 4):
+        pipe.answered(Appended(offset=0, lines=1, fence=1))
+        assert pipe.to_send() == [], f"refilled after {answered} answers"
+    pipe.answered(Appended(offset=0, lines=1, fence=1))
+    assert pipe.to_send() == [16, 17, 18, 19]  # a quarter of the window at once
+    for _ in range(16):
+        pipe.answered(Appended(offset=0, lines=1, fence=1))
+    assert pipe.to_send() == list(range(20, 36)) and pipe.waiting == 16
+    for _ in range(32):
+        pipe.answered(Appended(offset=0, lines=1, fence=1))
+        pipe.to_send()
+    assert pipe.sent == 68 and pipe.waiting == 16
+    pipe.answered(Appended(offset=0, lines=1, fence=1))
+    assert pipe.to_send() == []  # one of the last two fits: wait until both do
+    pipe.answered(Appended(offset=0, lines=1, fence=1))
+    assert pipe.to_send() == [68, 69] and pipe.waiting == 16
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        Append(lease="L-1", fence=3, records=[{"n": 1, "none": None, "t": [1, 2]}], aid="a" * 16),
+        Append(
+            lease="L-1",
+            fence=3,
+            records=[{"n": 1}, {"deep": [{"x": 1.5}]}],
+            aid="b" * 16,
+            after="a" * 16,
+            durability="flush",
+        ),
+        Append(lane="agent", path="/p/x.jsonl", records=[{"s": "ü"}]),
+    ],
+)
+def test_a_pipelined_append_frame_is_the_frame_of_its_model(request_: Append) -> None:
+    from sessionlane.messages.codec import decode_request, frame
+
+    made = pipelines.append_frame(request_, 41)
+    assert made == frame(request_.model_copy(update={"id": 41}))
+    assert decode_request(made[4:]) == request_.model_copy(update={"id": 41})
+    fields = {"v", "id", "type", "records", *pipelines._APPEND_OPTIONAL}
+    assert set(Append.model_fields) == fields  # a new field must be added to append_frame
+
+
+@pytest.mark.parametrize("after", [None, "c" * 16])
+@pytest.mark.parametrize("durability", [None, "fsync"])
+def test_a_pipelined_append_is_on_the_wire_the_append_model_the_service_validates(
+    after: str | None, durability: Any
+) -> None:
+    from sessionlane.messages.codec import decode_request, frame
+
+    fields: dict[str, Any] = {"lease": "L-9", "fence": 4, "records": [{"n": 1}], "aid": "d" * 16}
+    piped = pipelines.PipelinedAppend(after=after, durability=durability, **fields)
+    model = Append(after=after, durability=durability, **fields)
+    assert pipelines.append_frame(piped, 7) == frame(model.model_copy(update={"id": 7}))
+    assert decode_request(pipelines.append_frame(piped, 7)[4:]) == model.model_copy(
+        update={"id": 7}
+    )
+
+
 def test_frames_are_grouped_into_writes_of_about_the_size_never_split() -> None:
     frames = [b"a" * 100, b"b" * 100, b"c" * 300, b"d" * 10]
     assert list(pipelines.grouped(frames, 250)) == [b"a" * 100 + b"b" * 100, b"c" * 300, b"d" * 10]

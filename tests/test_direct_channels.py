@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from test_gateway import HEADER, Closed, RawConn, records_of
 from test_gateway_trust import as_stranger, needs_root
@@ -26,7 +27,7 @@ from waiting import eventually, eventually_async
 from sessionlane.actors.direct_channels import TICKET_TTL_MS, DirectTickets, direct_request
 from sessionlane.actors.file_channels import ChannelServer
 from sessionlane.messages.channel import CHANNEL_VERSION, hello_frame
-from sessionlane.messages.errors import LeaseRevoked, UnknownOutcome
+from sessionlane.messages.errors import InvalidRecord, LeaseRevoked, UnknownOutcome
 from sessionlane.messages.wire import Acquire, Append, Direct, Error, Release, Status
 from sessionlane.system.client import connect, connect_async
 from sessionlane.system.runtime.service import Service, embedded_service
@@ -128,6 +129,152 @@ def test_a_lease_cycle_and_a_pipelined_window_go_over_the_direct_channel(
             again.append({"n": 33})
         assert len(sl.core.direct.links) == 1
     assert records_of(transcript) == [f'{{"n":{i}}}' for i in range(34)]
+
+
+def test_a_pipeline_read_in_one_piece_is_written_in_one_write_and_answered_in_order(
+    service: Service, transcript: Path
+) -> None:
+    gw = gateway(service)
+    channel = direct(gw, "a", transcript)
+    granted = channel.acquire("a", transcript)
+    frames, after = [], None
+    for n in range(20):
+        aid = f"aid-{n:012d}"
+        append = {"v": 1, "type": "append", "id": 100 + n, "lease": granted["lease"]}
+        append.update(fence=granted["fence"], records=[{"n": n}], aid=aid)
+        if after is not None:
+            append["after"] = after
+        body = msgpack.packb(append, use_bin_type=True)
+        frames.append(HEADER.pack(len(body)) + body)
+        after = aid
+    before = _counters(gw, transcript)
+    channel.send_raw(b"".join(frames))  # one read brings them all to the file
+    replies = [channel.recv() for _ in frames]
+    assert [(r["type"], r["id"]) for r in replies] == [("appended", 100 + n) for n in range(20)]
+    assert [r["offset"] for r in replies] == sorted(r["offset"] for r in replies)
+    after_counters = _counters(gw, transcript)
+    assert after_counters["chained_appends"] - before.get("chained_appends", 0) == 19
+    assert after_counters["syncs"] - before["syncs"] == 1
+    gw.close()
+    assert records_of(transcript) == [f'{{"n":{n}}}' for n in range(20)]
+
+
+def _counters(gw: RawConn, path: Path) -> dict[str, int]:
+    status = gw.request({"type": "status", "path": str(path)})
+    (found,) = status["files"]
+    return dict(found["counters"])
+
+
+def test_a_lane_less_append_goes_over_its_lanes_direct_channel_queued_like_a_write_lease(
+    service: Service, transcript: Path
+) -> None:
+    with connect(service.address) as sl, connect(service.address) as other:
+        lane = sl.lane("agent", priority="background")
+        first = lane.append(transcript, {"n": 0})
+        key = (str(transcript), "agent")
+        channel = sl.core.direct.links[key]  # the first append opened the channel
+        second = lane.append(transcript, {"n": 1}, {"n": 2})
+        assert sl.core.direct.links[key] is channel and second.offset > first.offset
+        # Queued behind another connection's lease, and written once it is released.
+        holder = other.lane("holder")
+        with holder.lease(transcript, purpose="write") as lease:
+            assert lease is not None
+            done: list[Any] = []
+            writer = threading.Thread(target=lambda: done.append(lane.append(transcript, {"n": 4})))
+            writer.start()
+            eventually(lambda: _queued(other, transcript) == 1, "the append queued")
+            lease.append({"n": 3})
+        writer.join(10)
+        assert done and done[0].lines == 1
+        # Refused as through the gateway: a record the service refuses, nothing written.
+        deep: Any = 1
+        for _ in range(150):
+            deep = [deep]
+        with pytest.raises(InvalidRecord):
+            lane.append(transcript, {"deep": deep})
+    assert records_of(transcript) == [f'{{"n":{i}}}' for i in range(5)]
+
+
+def test_a_lane_less_append_on_a_raw_direct_channel_is_answered_as_the_gateway_answers_it(
+    service: Service, transcript: Path, roots: Path
+) -> None:
+    gw = gateway(service)
+    channel = direct(gw, "a", transcript)
+    deep: Any = 1
+    for _ in range(150):
+        deep = [deep]
+
+    def lane_append(conn: RawConn, lane: str, path: Path, record: Any) -> dict[str, Any]:
+        return conn.request(
+            {"type": "append", "lane": lane, "path": str(path), "records": [record]}
+        )
+
+    for conn in (channel, gw):  # the same answers either way
+        assert lane_append(conn, "a", transcript, {"deep": deep})["code"] == "invalid_record"
+        reply = lane_append(conn, "a", transcript, {"ok": 1})
+        assert (reply["type"], reply["lines"]) == ("appended", 1)
+    # What only a bound channel refuses: another lane's append, or another path's.
+    assert lane_append(channel, "b", transcript, {"no": 1})["code"] == "bad_frame"
+    other = roots / "other-lane-less.jsonl"
+    assert lane_append(channel, "a", other, {"no": 1})["code"] == "bad_frame"
+    gw.close()
+    assert records_of(transcript) == ['{"ok":1}', '{"ok":1}']
+    assert not other.exists()
+
+
+class _PeerClosed:
+    """A direct channel's socket as the kernel has it once the file closed its end: a send
+    fails (EPIPE); everything else is the real socket's."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def sendall(self, data: bytes) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_a_lane_less_append_sent_as_the_file_closed_its_channel_goes_again(
+    service: Service, transcript: Path
+) -> None:
+    with connect(service.address) as sl:
+        lane = sl.lane("agent")
+        lane.append(transcript, {"n": 0})
+        key = (str(transcript), "agent")
+        first = sl.core.direct.links[key]
+        first.transport = _PeerClosed(first.transport)  # closed by the file, not noticed yet
+        assert lane.append(transcript, {"n": 1}).lines == 1  # nothing of it left: sent again
+        assert first.lost is not None and sl.core.direct.links[key] is not first
+        # A write by lease is not sent again: its lease went with the channel.
+        with lane.lease(transcript, purpose="write") as lease:
+            assert lease is not None
+            held = sl.core.direct.leases[lease.id]
+            held.transport = _PeerClosed(held.transport)
+            with pytest.raises(LeaseRevoked):
+                lease.append({"n": "lost"})
+    assert records_of(transcript) == ['{"n":0}', '{"n":1}']
+
+
+def _queued(sl: Any, path: Path) -> int:
+    status = sl.status(str(path))
+    return sum(len(f.queue) for f in status.files)
+
+
+@pytest.mark.parametrize("direct_channels", [True, False])
+def test_lane_less_appends_answer_the_same_over_either_route(
+    service: Service, transcript: Path, direct_channels: bool
+) -> None:
+    with connect(service.address, direct=direct_channels) as sl:
+        lane = sl.lane("agent")
+        results = [lane.append(transcript, {"n": n}) for n in range(3)]
+        assert [r.lines for r in results] == [1, 1, 1]
+        assert [r.offset for r in results] == sorted({r.offset for r in results})
+        with pytest.raises(InvalidRecord):
+            lane.append(transcript, {"nan": float("nan")})
+        assert bool(sl.core.direct.links) == direct_channels
+    assert records_of(transcript) == [f'{{"n":{i}}}' for i in range(3)]
 
 
 def test_a_direct_holder_and_a_gateway_waiter_share_one_fair_queue(
@@ -372,7 +519,7 @@ def test_bad_frames_on_a_direct_channel_get_a_clear_error_and_change_nothing(
 def test_what_a_bound_channel_turns_each_request_into() -> None:
     tickets = DirectTickets()
     ask = Direct(lane="a", path="p.jsonl", peer_uid=1, max_frame_bytes=MAX_FRAME)
-    binding = tickets.redeem(tickets.mint("c1.x/a", ask, "/r/p.jsonl", 0.0), 1, 0.0)
+    binding = tickets.redeem(tickets.mint("c1.x/a", ask, "/r/p.jsonl", 0.0, "background"), 1, 0.0)
     assert not isinstance(binding, str)
     call = direct_request(binding, Acquire(id=1, lane="a", path="/r/p.jsonl", purpose="write"))
     assert not isinstance(call, Error)
@@ -380,8 +527,16 @@ def test_what_a_bound_channel_turns_each_request_into() -> None:
     recovery = direct_request(binding, Acquire(lane="a", path="p.jsonl", purpose="recovery"))
     assert not isinstance(recovery, Error) and recovery.priority == "recovery"
     assert not isinstance(direct_request(binding, Release(lease="l")), Error)
-    lane_append = Append(id=2, lane="a", path="p.jsonl", records=[{}])
-    assert isinstance(direct_request(binding, lane_append), Error)
+    # A lane-less append queues with the gateway lane's priority, as through the gateway.
+    lane_append = direct_request(binding, Append(id=2, lane="a", path="p.jsonl", records=[{}]))
+    assert not isinstance(lane_append, Error)
+    assert (lane_append.uid, lane_append.priority) == ("c1.x/a#d1", "background")
+    for other in (
+        Append(id=4, lane="b", path="p.jsonl", records=[{}]),
+        Append(id=5, lane="a", path="/r/q.jsonl", records=[{}]),
+    ):
+        refusal = direct_request(binding, other)
+        assert isinstance(refusal, Error) and (refusal.id, refusal.code) == (other.id, "bad_frame")
     assert isinstance(direct_request(binding, Status(id=3)), Error)
 
 

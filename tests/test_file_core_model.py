@@ -195,7 +195,7 @@ class FileCoreModel(RuleBasedStateMachine):
                     self.unsynced.add(key)
                 elif kind in ("ok", "external"):
                     self.synced_writes.add(key)  # a flush ack needs no sync
-                self.core.written(op, outcome, self.now, 1, sum(self.written.values()))
+                self.core.written(op, outcome, self.now, 1, sum(self.written.values()), fx.rest)
             case Sync():
                 assert not self.core.record_due, "a sync before the lease record of its writes"
                 self.synced_writes |= self.unsynced

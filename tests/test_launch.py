@@ -54,15 +54,15 @@ def is_running(pid: int) -> bool:
     return text[text.rindex(")") + 2 :].split()[0] not in ("Z", "X")
 
 
+def own_listeners() -> dict[str, tuple[str, int]]:
+    """The LISTEN sockets held by this (the test) process: inode -> (host, port)."""
+    inodes = procfs.socket_inodes(os.getpid())
+    return {inode: at for inode, at in procfs.listening_tcp().items() if inode in inodes}
+
+
 def own_listening_hosts() -> list[str]:
     """Hosts of the LISTEN sockets held by this (the test) process."""
-    inodes = {
-        os.readlink(f"/proc/self/fd/{fd}")[len("socket:[") : -1]
-        for fd in os.listdir("/proc/self/fd")
-        if os.path.exists(f"/proc/self/fd/{fd}")
-        and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:[")
-    }
-    return [host for inode, (host, _) in procfs.listening_tcp().items() if inode in inodes]
+    return [host for host, _ in own_listeners().values()]
 
 
 @pytest.fixture
@@ -192,17 +192,28 @@ def test_stop_after_the_admin_was_killed_still_leaves_nothing(tcp: TcpSystem) ->
 
 
 @pytest.mark.tcp
-def test_stop_kills_an_actor_stuck_in_its_handler(tcp: TcpSystem, tmp_path: Path) -> None:
-    marker = tmp_path / "handler-entered"
-    stuck = tcp.asys.createActor(BlockingActor)
-    tcp.asys.tell(stuck, str(marker))
-    eventually(marker.exists, "the handler never started")
+def test_stop_kills_an_actor_stuck_in_its_handler_and_closes_our_endpoint(
+    tmp_path: Path,
+) -> None:
+    ours = own_listeners()  # what earlier tests may have left in this process is not ours
+    tcp = launch.start_tcp_system(log_file=tmp_path / "logs" / "sessionlane.log")
+    try:
+        assert own_listeners().keys() - ours.keys(), "the caller's endpoint listens"
+        marker = tmp_path / "handler-entered"
+        stuck = tcp.asys.createActor(BlockingActor)
+        tcp.asys.tell(stuck, str(marker))
+        eventually(marker.exists, "the handler never started")
 
-    started = time.monotonic()
-    tcp.stop(timeout=1.0)
+        started = time.monotonic()
+        tcp.stop(timeout=1.0)
+    finally:
+        tcp.stop()
 
     assert time.monotonic() - started < 8.0, "shutdown()'s 10 s hang was cut short"
     assert tcp.members() == []
+    # The hung shutdown() is abandoned, not the caller's endpoint: a listener left open in
+    # this process would keep a dead system's port (and take a stranger's pickles on it).
+    assert own_listeners().keys() - ours.keys() == set()
 
 
 @pytest.mark.tcp

@@ -151,12 +151,8 @@ class PipelineModel(RuleBasedStateMachine):
     def perform(self, effects: list[WriteEffect]) -> None:
         for fx in effects:
             match fx:
-                case WriteOut(op=op):
-                    assert op.aid is not None
-                    if op.after is not None:
-                        assert self.last_written() == (op.lease, op.after), (
-                            f"{op.aid} written after {self.log[-1:]}, not after {op.after}"
-                        )
+                case WriteOut(op=op, rest=rest):
+                    # one write of ``op`` and the rest of its pipeline behind it: all or none
                     kind = self.failures.pop(0) if self.failures else "ok"
                     if kind == "disk_full":
                         outcome = WriteOutcome(error=OSError(errno.ENOSPC, "No space left"))
@@ -166,8 +162,15 @@ class PipelineModel(RuleBasedStateMachine):
                         self.log.append(BREAK)
                     else:
                         outcome = WriteOutcome(offset=len(self.log))
-                        self.log.append((op.lease, op.aid))
-                    self.perform(self.writes.written(op, outcome))
+                        for each in fx.ops:
+                            assert each.aid is not None
+                            if each.after is not None:
+                                assert self.last_written() == (each.lease, each.after), (
+                                    f"{each.aid} written after {self.log[-1:]}, "
+                                    f"not after {each.after}"
+                                )
+                            self.log.append((each.lease, each.aid))
+                    self.perform(self.writes.written(op, outcome, rest))
                 case CheckLease(call=call, lease=lease, fence=fence, purpose=purpose):
                     verdict = self.table.check_write(call.lane.uid, lease, fence, purpose=purpose)
                     self.perform(self.writes.checked(fx, verdict))

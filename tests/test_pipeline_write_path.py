@@ -58,6 +58,7 @@ class Pipeline:
         self.grant = self.acquire("a")
         self.ids = 0
         self.replies: dict[int, Any] = {}  # request id -> its reply
+        self.writes_out = 0  # WriteOuts performed (each one write of the transcript)
 
     def acquire(self, lane: str) -> Grant:
         grant = self.table.acquire((lane, "acquire"), lane, "prompt", 0.0)[-1]
@@ -98,9 +99,10 @@ class Pipeline:
     def perform(self, effects: list[WriteEffect]) -> None:
         for fx in effects:
             if isinstance(fx, WriteOut):
+                self.writes_out += 1
                 fsync = fx.op.durability == "fsync"
-                outcome = self.disk.write("append", fx.op.data, fsync, fx.repair_tail)
-                self.perform(self.writes.written(fx.op, outcome))
+                outcome = self.disk.write("append", fx.data, fsync, fx.repair_tail)
+                self.perform(self.writes.written(fx.op, outcome, fx.rest))
             elif isinstance(fx, CheckLease):  # answered with the table's verdict, as the core does
                 lane, purpose = fx.call.lane.uid, fx.purpose
                 verdict = self.table.check_write(lane, fx.lease, fx.fence, purpose=purpose)
@@ -202,3 +204,22 @@ def test_a_pipeline_is_written_in_order_each_append_right_after_the_one_before(
     offsets = [pipeline.replies[i].offset for i in sent]
     assert offsets == [sum(len(f'{{"n":{k}}}\n') for k in range(n)) for n in range(50)]
     assert pipeline.numbers() == list(range(50))
+
+
+def test_a_pipeline_queued_at_once_goes_out_in_one_write_each_append_at_its_own_offset(
+    pipeline: Pipeline,
+) -> None:
+    first = pipeline.send(range(1))
+    pipeline.drain()
+    rest = pipeline.send(range(1, 40), after="aid-00000")
+    plain = pipeline.send(range(40, 42))  # a new pipeline: its first append starts a write
+    pipeline.drain()
+    assert pipeline.writes_out == 3
+    assert pipeline.writes.counters["chained_appends"] == 38 + 1
+    assert pipeline.codes(first + rest + plain) == ["appended"] * 42
+    with open(pipeline.path, "rb") as f:
+        data = f.read()
+    for number, rid in enumerate(first + rest + plain):
+        reply = pipeline.replies[rid]
+        line = data[reply.offset : data.index(b"\n", reply.offset)]
+        assert json.loads(line) == {"n": number}

@@ -165,6 +165,8 @@ def test_a_waiter_queued_before_the_crash_is_granted_after_the_holder_releases(
         probe = client.connect(second.address)
 
         def both_back() -> bool:
+            if waiting.done():  # the waiter gave up: say why, not "timed out"
+                raise AssertionError(f"the waiter ended: {waiting.exception()!r}")
             s = status_of(probe, path)
             return s is not None and s.holder.lane == "holder" and len(s.queue) == 1
 

@@ -120,8 +120,8 @@ class Rig:
         for fx in effects:
             if isinstance(fx, WriteOut):
                 fsync = fx.op.kind == "append" and fx.op.durability == "fsync"
-                outcome = self.disk.write(fx.op.kind, fx.op.data, fsync, fx.repair_tail)
-                left += self.perform(self.writes.written(fx.op, outcome))
+                outcome = self.disk.write(fx.op.kind, fx.data, fsync, fx.repair_tail)
+                left += self.perform(self.writes.written(fx.op, outcome, fx.rest))
             elif isinstance(fx, Sync):
                 self.disk.sync_now()
             elif isinstance(fx, ReleaseLegacyLock):

@@ -261,9 +261,10 @@ class WritePathModel(RuleBasedStateMachine):
                     )
                     if op.kind == "rewrite":
                         assert not self.unsynced, "a rewrite before the appends were synced"
-                    key = call_key(op.call)
-                    assert key not in self.acked, "an acknowledged append written again"
-                    self.written[key] += 1
+                    for each in fx.ops:  # one write of op and the rest of its pipeline
+                        key = call_key(each.call)
+                        assert key not in self.acked, "an acknowledged append written again"
+                        self.written[key] += 1
                     kind = self.outcomes.pop(0) if self.outcomes else "ok"
                     fsync = op.kind == "append" and op.durability == "fsync"
                     if kind == "moved" and fsync:
@@ -271,7 +272,7 @@ class WritePathModel(RuleBasedStateMachine):
                     result = outcome_of(kind, offset=sum(self.written.values()))
                     if kind in ("ok", "external") and fsync:
                         self.unsynced = True  # what the disk tells TranscriptSync
-                    self.perform(self.writes.written(op, result))
+                    self.perform(self.writes.written(op, result, fx.rest))
                 case Sync():
                     self.unsynced = False
                 case Reply(message=Appended(), needs_sync=needs_sync):

@@ -21,7 +21,8 @@ Addresses, defaults, the refused-connection rule, the checks before sending (``I
 the shared ``ClientCore`` (``_core``) and operations (``_ops``); this module is the stream and task
 half, driving them with awaited calls.
 
-One client belongs to one event loop; it is not thread-safe.
+One client belongs to one event loop; it is not thread-safe. (About 620 lines: the asyncio
+twin of ``_sync``, the stream and task half of every call, pipelines and direct channels.)
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from sessionlane.system.client._core import (
     ConnectionLost,
     LeaseState,
     Link,
+    NotSent,
     Send,
     Settings,
     log,
@@ -69,6 +71,7 @@ from sessionlane.system.client._verify import (
     OWNER_LOOKUP_DELAYS,
     owner_pending,
     peer_gone,
+    refuse_self_connection,
     service_refusal,
 )
 from sessionlane.system.gateway import peercred
@@ -199,6 +202,7 @@ class AsyncSessionLane:
         reader, writer = await asyncio.wait_for(opening, self.settings.timeout)
         try:
             sock = writer.get_extra_info("socket")
+            refuse_self_connection(sock)
             owner = peercred.peer_uid(sock)
             for delay in OWNER_LOOKUP_DELAYS:
                 if not owner_pending(sock, owner):
@@ -345,7 +349,7 @@ class AsyncSessionLane:
                 # The stream is unusable: report it lost now, so its leases are revoked
                 # before this error surfaces.
                 self._drop(link, f"send failed: {exc}")
-                raise Unavailable(f"send failed: {exc}") from exc
+                raise NotSent(f"send failed: {exc}") from exc
 
     async def _send_quietly(self, link: _Link, data: bytes) -> None:
         with contextlib.suppress(Unavailable):
@@ -382,10 +386,13 @@ class AsyncSessionLane:
             return await self._exchange(link, call)
         try:
             return await self._exchange(direct, call)
+        except NotSent:
+            if not self.core.resend_unsent(direct, call.request):
+                raise
         except ConnectionLost:
             if not self.core.resend_on_loss(direct, call.request):
                 raise
-        # The file closed an idle channel as the acquire went: nothing came of it there.
+        # The file closed an idle channel as the request went: nothing came of it there.
         return await self._exchange(await self._direct_for(link, call.request) or link, call)
 
     async def _direct_for(self, link: _Link, request: Any) -> _Link | None:
@@ -455,7 +462,9 @@ class AsyncSessionLane:
                 for index, request in enumerate(chunk):
                     future: asyncio.Future[Reply] = loop.create_future()
                     try:
-                        rid, data = self.core.request(link, request, future, loop.time())
+                        rid, data = self.core.request(
+                            link, request, future, loop.time(), pipelines.append_frame
+                        )
                     except SessionLaneError as exc:  # too large, or the link is gone
                         pipe.not_sent(len(chunk) - index, exc)
                         break
@@ -476,6 +485,13 @@ class AsyncSessionLane:
                         pipe.answered(self.core.no_reply(request_, limit))
                     return pipe.result()
                 sent.popleft()
+                # and every answer already in after it (they come in groups)
+                while sent and sent[0][1].done():
+                    _, future, _ = sent.popleft()
+                    failure = future.exception()
+                    if failure is not None and not isinstance(failure, SessionLaneError):
+                        raise failure
+                    pipe.answered(failure if failure is not None else future.result())
         finally:
             for rid, future, request in sent:
                 if not future.done():

@@ -24,7 +24,7 @@ Invariants:
 - a lease taken on a direct channel (``_direct``, ``docs/direct-channel.md``) is written and
   released on that channel only, and ends with it, or with the gateway's connection.
 
-About 660 lines: the direct channels' routing is ``_direct.DirectRoutes``; what stays here is
+About 690 lines: the direct channels' routing is ``_direct.DirectRoutes``; what stays here is
 where it meets the leases and the links (and, when a direct channel closes under a lease, the
 question to the gateway that decides the reason the holder is told: ``probe``).
 """
@@ -74,6 +74,7 @@ __all__ = [
     "ConnectionLost",
     "LeaseState",
     "Link",
+    "NotSent",
     "Send",
     "Settings",
     "anchor",
@@ -138,6 +139,11 @@ def anchor(path: str | os.PathLike[str]) -> str:
 class ConnectionLost(Unavailable):
     """The connection a request was sent on ended before its reply (an ``Unavailable``; a
     write's outcome is then unknown)."""
+
+
+class NotSent(Unavailable):
+    """A request whose connection failed while it was being sent: the service served none
+    of it (a frame cut short is dropped with the connection, never read as a request)."""
 
 
 @dataclass(frozen=True)
@@ -492,6 +498,12 @@ class ClientCore(Generic[W, T]):
         """The leases held on the direct channels of ``lane`` (to ``path`` only, if given)."""
         return [self.leases[x] for x in self.direct.held(lane, path) if x in self.leases]
 
+    def resend_unsent(self, link: Link[W, T], request: Any) -> bool:
+        """Whether ``request``, which could not be sent on the direct channel ``link`` (the
+        file had just closed it), goes again: one that opens its (path, lane)'s channel (an
+        acquire, a lane-less append), which the gateway, or a new channel, then takes."""
+        return link is not self.link and self.direct.opens_channel(request)
+
     def resend_on_loss(self, link: Link[W, T], request: Any) -> bool:
         """Whether ``request``, lost with the direct channel ``link`` before its answer, may be
         sent again: an acquire (the file abandons whatever a closed channel was granted or
@@ -524,19 +536,31 @@ class ClientCore(Generic[W, T]):
 
     # Requests and replies ------------------------------------------------------------------
 
-    def request(self, link: Link[W, T], message: Any, waiter: W, now: float) -> tuple[Any, bytes]:
+    def request(
+        self,
+        link: Link[W, T],
+        message: Any,
+        waiter: W,
+        now: float,
+        encode: Callable[[Any, int], bytes] | None = None,
+    ) -> tuple[Any, bytes]:
         """The id and bytes of ``message`` sent on ``link``, its reply awaited by ``waiter``.
 
-        Raises ``TooLarge`` (nothing registered, nothing to send) for a frame the service would
-        refuse, ``Unavailable`` if ``link`` is already lost.
+        ``encode``: makes the frame of ``message`` with an id (the frame ``codec.frame`` makes
+        of it, built faster: a pipeline's appends). Raises ``TooLarge`` (nothing registered,
+        nothing to send) for a frame the service would refuse, ``Unavailable`` if ``link`` is
+        already lost.
         """
         if link.lost is not None:
             raise Unavailable(f"not connected ({link.lost})")
         self._last_id += 1
         rid = self._last_id
-        data = check_frame(
-            frame(message.model_copy(update={"id": rid})), self.settings.max_frame_bytes
-        )
+        if encode is not None:
+            data = check_frame(encode(message, rid), self.settings.max_frame_bytes)
+        else:
+            data = check_frame(
+                frame(message.model_copy(update={"id": rid})), self.settings.max_frame_bytes
+            )
         link.pending[rid] = waiter
         link.last_sent = now
         return rid, data

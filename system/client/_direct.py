@@ -1,8 +1,9 @@
 """The client's direct channels to the files' processes (``docs/direct-channel.md``).
 
 ``DirectRoutes`` is the part of ``ClientCore`` that knows which requests go on which direct
-channel: an acquire on the channel of its (path, lane), a lease's writes and release on the
-channel that granted it, everything else on the gateway's connection. No I/O. ``open_sync`` and
+channel: an acquire and a lane-less append on the channel of their (path, lane), a lease's
+writes and release on the channel that granted it, everything else on the gateway's
+connection. No I/O. ``open_sync`` and
 ``open_async`` open one channel for the two surfaces: connect to the file's abstract socket,
 check its process runs as the service's user (``SO_PEERCRED``) before anything is sent, show
 the ticket, read the welcome.
@@ -17,7 +18,7 @@ from typing import Any, Generic, TypeVar
 from sessionlane.messages.channel import decode_direct_welcome, direct_hello_frame
 from sessionlane.messages.codec import FrameReader
 from sessionlane.messages.errors import Unauthorized, Unavailable
-from sessionlane.messages.wire import Acquire, DirectOffer
+from sessionlane.messages.wire import Acquire, Append, DirectOffer
 from sessionlane.system.gateway import peercred
 from sessionlane.system.gateway.admission import MAX_HELLO_BYTES
 
@@ -66,13 +67,20 @@ class DirectRoutes(Generic[L]):
 
     def key(self, request: Any, now: float) -> Key | None:
         """The (path, lane) whose direct channel ``request`` would go on, if it may have one
-        and none is open: an acquire (not a reclaim) on a connection that offered them."""
-        if not self.offered or not isinstance(request, Acquire) or request.reclaim is not None:
+        and none is open: an acquire (not a reclaim) or a lane-less append, on a connection
+        that offered them."""
+        if not self.offered:
             return None
-        key = (request.path, request.lane)
-        if key in self.links or self.refused.get(key, now) > now:
+        key = _lane_path(request)
+        if key is None or key in self.links or self.refused.get(key, now) > now:
             return None
         return key
+
+    @staticmethod
+    def opens_channel(request: Any) -> bool:
+        """Does ``request`` go on its (path, lane)'s channel (an acquire, a lane-less append)
+        rather than on the channel of a lease?"""
+        return _lane_path(request) is not None
 
     def refuse(self, key: Key, now: float) -> None:
         """No direct channel for ``key``: its requests use the gateway for :data:`RETRY_S`."""
@@ -80,10 +88,9 @@ class DirectRoutes(Generic[L]):
 
     def route(self, request: Any) -> L | None:
         """The direct channel ``request`` goes on, or None (the gateway's connection)."""
-        if isinstance(request, Acquire):
-            if request.reclaim is not None:
-                return None
-            return self.links.get((request.path, request.lane))
+        key = _lane_path(request)
+        if key is not None:
+            return self.links.get(key)
         lease = getattr(request, "lease", None)
         return None if lease is None else self.leases.get(lease)
 
@@ -107,6 +114,18 @@ class DirectRoutes(Generic[L]):
             if name == lane and (path is None or where == path)
         ]
         return [lease for lease, link in self.leases.items() if link in links]
+
+
+def _lane_path(request: Any) -> Key | None:
+    """The (path, lane) of a request that goes on its lane's direct channel to its path: an
+    acquire (a reclaim goes through the gateway) or a lane-less append (a short write lease);
+    None for any other."""
+    if isinstance(request, Acquire):
+        return (request.path, request.lane) if request.reclaim is None else None
+    if isinstance(request, Append) and request.lease is None:
+        assert request.lane is not None and request.path is not None  # the wire says so
+        return (request.path, request.lane)
+    return None
 
 
 def _owner_refusal(sock: socket.socket, expected: int | None) -> None:

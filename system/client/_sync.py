@@ -24,7 +24,7 @@ logger (``sessionlane.system.client``) only, never to the host's stderr.
 
 This module is the socket and thread half only: what to send and what a reply means are the
 shared ``ClientCore`` (``_core``) and the operations (``_ops``), driven here with blocking
-calls. Every use of the core holds ``SessionLane._lock``. (About 630 lines: the opening and
+calls. Every use of the core holds ``SessionLane._lock``. (About 665 lines: the opening and
 routing of direct channels, ``docs/direct-channel.md``, stay beside the connection code whose
 lock and reader thread they share.)
 """
@@ -65,6 +65,7 @@ from sessionlane.system.client._core import (
     ConnectionLost,
     LeaseState,
     Link,
+    NotSent,
     Send,
     Settings,
     log,
@@ -76,6 +77,7 @@ from sessionlane.system.client._verify import (
     OWNER_LOOKUP_DELAYS,
     owner_pending,
     peer_gone,
+    refuse_self_connection,
     service_refusal,
 )
 from sessionlane.system.gateway import peercred
@@ -226,6 +228,7 @@ class SessionLane:
     def _open(self) -> None:
         sock = _dial(self.settings)
         try:
+            refuse_self_connection(sock)
             owner = peercred.peer_uid(sock)
             for delay in OWNER_LOOKUP_DELAYS:
                 if not owner_pending(sock, owner):
@@ -409,12 +412,17 @@ class SessionLane:
             return self._exchange(link, call)
         try:
             return self._exchange(direct, call)
+        except NotSent:
+            with self._lock:
+                again = self.core.resend_unsent(direct, call.request)
+            if not again:
+                raise
         except ConnectionLost:
             with self._lock:
                 again = self.core.resend_on_loss(direct, call.request)
             if not again:
                 raise
-        # The file closed an idle channel as the acquire went: nothing came of it there.
+        # The file closed an idle channel as the request went: nothing came of it there.
         return self._exchange(self._direct_for(link, call.request) or link, call)
 
     def _direct_for(self, link: _Link, request: Any) -> _Link | None:
@@ -465,7 +473,7 @@ class SessionLane:
             # The connection is unusable (and a partly sent frame would corrupt it): report
             # it lost now, so its leases are revoked before this error surfaces.
             self._drop(link, f"send failed: {exc}")
-            raise Unavailable(f"send failed: {exc}") from exc
+            raise NotSent(f"send failed: {exc}") from exc
         limit = self.settings.reply_limit(call.timeout)
         waiter.event.wait(limit)
         with self._lock:
@@ -489,20 +497,23 @@ class SessionLane:
             return [exc]
         assert link is not None
         sent: deque[tuple[Any, _Waiter, Any]] = deque()
+        limit = self.settings.reply_limit(None)
         while True:
             self._send_window(link, pipe, sent)
             if not sent:
                 return pipe.result()
-            rid, waiter, request = sent.popleft()
-            limit = self.settings.reply_limit(None)
+            waiter = sent[0][1]
             waiter.event.wait(limit)
             with self._lock:
                 if not waiter.event.is_set():
-                    for rid_, _, request_ in [(rid, waiter, request), *sent]:
+                    for rid_, _, request_ in sent:
                         self.core.given_up(link, rid_, request_)
                         pipe.answered(self.core.no_reply(request_, limit))
                     return pipe.result()
-            pipe.answered(waiter.error or waiter.reply or self.core.no_reply(request, limit))
+            # the oldest, and every answer already in after it (they come in groups)
+            while sent and sent[0][1].event.is_set():
+                _, waiter, request = sent.popleft()
+                pipe.answered(waiter.error or waiter.reply or self.core.no_reply(request, limit))
 
     def _send_window(
         self, link: _Link, pipe: pipelines.Pipe, sent: deque[tuple[Any, _Waiter, Any]]
@@ -513,11 +524,14 @@ class SessionLane:
         if not chunk:
             return
         frames: list[bytes] = []
+        now = time.monotonic()
         with self._lock:
             for index, request in enumerate(chunk):
                 waiter = _Waiter()
                 try:
-                    rid, data = self.core.request(link, request, waiter, time.monotonic())
+                    rid, data = self.core.request(
+                        link, request, waiter, now, pipelines.append_frame
+                    )
                 except SessionLaneError as exc:  # too large, or the link is gone
                     pipe.not_sent(len(chunk) - index, exc)
                     break

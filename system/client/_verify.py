@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 from sessionlane.system.gateway import peercred
@@ -22,6 +23,7 @@ __all__ = [
     "OWNER_LOOKUP_DELAYS",
     "owner_pending",
     "peer_gone",
+    "refuse_self_connection",
     "resolve_user",
     "service_refusal",
 ]
@@ -56,6 +58,23 @@ def peer_gone(sock: object) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(state) and state[0] in _GONE_STATES
+
+
+def refuse_self_connection(sock: socket.socket) -> None:
+    """Raise ``ConnectionRefusedError`` (retried like any refusal) if a TCP connect to a
+    loopback port nobody listens on met itself: the kernel picked that same port for the
+    client's end (TCP's simultaneous open). Kept, such a socket's "service" is the client's
+    own user, and it holds the port the restarting service needs; it is reset, since a
+    closed one would hold the port a minute longer in TIME_WAIT."""
+    if sock.family == socket.AF_UNIX:
+        return
+    try:
+        if sock.getsockname() != sock.getpeername():
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        return
+    raise ConnectionRefusedError("connected to itself: nothing listens there")
 
 
 ANY_USER = "*"

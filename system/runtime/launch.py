@@ -131,6 +131,7 @@ class TcpSystem:
     """The actors' log file; ``None``: they log to stderr."""
     _admin_start: int = field(default=0, repr=False)
     _stopped: bool = field(default=False, repr=False)
+    _endpoint_closed: bool = field(default=False, repr=False)
     lifeline: Lifeline | None = field(default=None, repr=False)
     """Kills the group if this process dies first; disarmed by ``stop()``."""
 
@@ -182,19 +183,24 @@ class TcpSystem:
             )
             done.start()
             done.join(timeout)
-            if done.is_alive():
+            hung = done.is_alive()
+            if hung:
                 log.warning("actor system on port %d: shutdown() hung, killing", self.admin_port)
             else:
                 # Give the members a moment to exit on their own (and flush their logs).
                 self._wait_for_no_members(_GRACE_S)
         else:
+            hung = True  # nothing to wait for: the endpoint is closed below
             log.warning("actor system on port %d: admin already dead", self.admin_port)
-            # Without an admin, shutdown() would only wait 10 s: just close our endpoint.
-            _close_external_endpoint(self.asys)
         if self.members():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pgid, signal.SIGKILL)
         left = self._wait_for_no_members(_STOP_WAIT_S)
+        if hung:
+            # The abandoned shutdown() (or a dead admin) leaves this process's own endpoint
+            # listening: close it, or the dead system's port stays held here.
+            self._endpoint_closed = True
+            _close_external_endpoint(self.asys)
         _release_lifeline(self.lifeline, gone=not left)
         if left:
             raise RuntimeError(f"actor system processes survived SIGKILL: {left}")
@@ -204,7 +210,8 @@ class TcpSystem:
         try:
             self.asys.shutdown()
         except Exception:
-            log.exception("actor system on port %d: shutdown() failed", self.admin_port)
+            if not self._endpoint_closed:  # else: abandoned, its endpoint closed under it
+                log.exception("actor system on port %d: shutdown() failed", self.admin_port)
 
     def _wait_for_no_members(self, seconds: float) -> list[int]:
         deadline = time.monotonic() + seconds

@@ -349,6 +349,20 @@ function dial(target: Target, timeoutMs: number): Promise<net.Socket> {
     socket.once('error', refused);
     socket.once('connect', () => {
       clearTimeout(timer);
+      const self =
+        socket.remotePort !== undefined &&
+        socket.localPort === socket.remotePort &&
+        socket.localAddress === socket.remoteAddress;
+      if (self) {
+        // A connect to a loopback port nobody listens on met itself (the kernel picked that
+        // port for our end): a refusal, retried like one. Reset, not closed, so no TIME_WAIT
+        // keeps the port the restarting service needs.
+        socket.resetAndDestroy();
+        reject(Object.assign(new Error('connected to itself: nothing listens there'), {
+          code: 'ECONNREFUSED',
+        }));
+        return;
+      }
       socket.off('error', refused);
       resolve(socket);
     });
