@@ -11,7 +11,6 @@ for transcript compaction (``sessionlane.actors.transcript``) and fence sidecars
 from __future__ import annotations
 
 import os
-import re
 import secrets
 
 from sessionlane.actors.confined import ConfinedDir
@@ -56,17 +55,25 @@ def replace_file(directory: ConfinedDir, name: str, data: bytes, *, mode: int = 
     return fd
 
 
-def _leftover_temp_pattern(path: str) -> re.Pattern[str]:
-    base = os.path.basename(path)
-    return re.compile(rf"\.{re.escape(base)}\.[0-9a-f]{{12}}{re.escape(_TEMP_SUFFIX)}")
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_leftover_temp(name: str, base: str) -> bool:
+    """Whether ``name`` is a temp file ``replace_file`` made for ``base``: ``.<base>.``, 12 hex
+    digits, the suffix. (Not a regular expression: one compiled per file name would cost each
+    file's activation about a millisecond, as its path is in the pattern.)"""
+    head = f".{base}."
+    if not (name.startswith(head) and name.endswith(_TEMP_SUFFIX)):
+        return False
+    digits = name[len(head) : len(name) - len(_TEMP_SUFFIX)]
+    return len(digits) == 12 and _HEX.issuperset(digits)
 
 
 def leftover_temps(path: str) -> list[str]:
     """Temp files of an interrupted ``replace_file`` of ``path`` (a crash before its rename)."""
-    directory = os.path.dirname(path) or "."
-    pattern = _leftover_temp_pattern(path)
+    directory, base = os.path.dirname(path) or ".", os.path.basename(path)
     with os.scandir(directory) as entries:
-        return [entry.path for entry in entries if pattern.fullmatch(entry.name)]
+        return [entry.path for entry in entries if _is_leftover_temp(entry.name, base)]
 
 
 def remove_leftover_temps(directory: ConfinedDir, name: str) -> list[str]:
@@ -76,9 +83,8 @@ def remove_leftover_temps(directory: ConfinedDir, name: str) -> list[str]:
     once its writer is gone, and the owner is the only writer). A symlink with a temp file's
     name is removed as a link; nothing is followed.
     """
-    pattern = _leftover_temp_pattern(name)
     removed = []
     for entry in directory.names():
-        if pattern.fullmatch(entry) and directory.unlink(entry):
+        if _is_leftover_temp(entry, name) and directory.unlink(entry):
             removed.append(directory.path_of(entry))
     return removed

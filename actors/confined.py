@@ -102,6 +102,8 @@ class ConfinedDir:
     ) -> None:
         self.fd = fd
         self.path = path
+        self.unsynced = False
+        """A create here waits for its directory fsync (``fsync_later``)."""
         self._root = root
         self._root_fd = root_fd
         self._parts = list(parts)
@@ -155,6 +157,9 @@ class ConfinedDir:
         if (now.st_dev, now.st_ino) == self._identity:
             os.close(fd)
             return False
+        if self.unsynced:  # what was created in the directory we leave is made durable
+            os.fsync(self.fd)
+            self.unsynced = False
         os.close(self.fd)
         self.fd = fd
         self._identity = (now.st_dev, now.st_ino)
@@ -277,6 +282,17 @@ class ConfinedDir:
     def fsync(self) -> None:
         """Make creates, renames and unlinks in this directory durable."""
         os.fsync(self.fd)
+        self.unsynced = False
+
+    def fsync_later(self) -> None:
+        """A create whose durability may wait: until ``sync_pending``, or any ``fsync`` of this
+        directory (a fence reservation's rename has one), whichever comes first."""
+        self.unsynced = True
+
+    def sync_pending(self) -> None:
+        """Make a create ``fsync_later`` left waiting durable now (nothing if none waits)."""
+        if self.unsynced:
+            self.fsync()
 
 
 def _descend(root_fd: int, root: str, parts: Sequence[str]) -> int:

@@ -26,13 +26,13 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import secrets
 import select
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sessionlane.actors.ahead import BACKLOG, BoundAhead, bind
 from sessionlane.actors.direct_channels import DirectBinding, DirectTickets, direct_request
 from sessionlane.actors.endpoint import Acceptor, FramedSocket, close_level
 from sessionlane.messages.channel import (
@@ -51,18 +51,15 @@ __all__ = ["ChannelCallEvent", "ChannelClosed", "ChannelEvent", "ChannelRef", "C
 
 log = logging.getLogger(__name__)
 
-NAME_PREFIX = "sessionlane-"
-"""Every channel listener's abstract name starts with this (then 16 random hex digits)."""
 MAX_HELLO_BYTES = 4 * 1024
 """The largest frame accepted before the hello: an unauthenticated peer buffers no more."""
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 """The largest frame accepted after the hello."""
 MAX_OUTPUT_BYTES = 256 * 1024 * 1024
 """A connection whose unread output exceeds this is closed: its gateway stopped reading."""
-_BACKLOG = 64
 _READ_BUDGET = 4 * 1024 * 1024
 """Bytes read from one connection per ``on_ready``: the rest waits for the next select."""
-_ACCEPT_BUDGET = _BACKLOG
+_ACCEPT_BUDGET = BACKLOG
 _MAX_UNGREETED = 8
 """Connections allowed to wait for their hello at once; the oldest goes when one more comes.
 
@@ -146,17 +143,22 @@ class ChannelServer:
         clock: Callable[[], float] = lambda: 0.0,
     ) -> ChannelServer:
         """Listen on a fresh abstract name; ``OSError`` if no socket can be made."""
-        name = NAME_PREFIX + secrets.token_hex(8)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind("\0" + name)
-            listener.listen(_BACKLOG)
-            listener.setblocking(False)
-        except BaseException:
-            listener.close()
-            raise
-        token = secrets.token_urlsafe(24)
-        return cls(listener, name, token, path, incarnation, accepting, clock)
+        bound, _, _ = BoundAhead.fresh()
+        return cls.adopt(bind(bound), bound, path, incarnation, accepting, clock)
+
+    @classmethod
+    def adopt(
+        cls,
+        listener: socket.socket,
+        bound: BoundAhead,
+        path: str,
+        incarnation: int,
+        accepting: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = lambda: 0.0,
+    ) -> ChannelServer:
+        """Serve ``listener``, bound ahead on ``bound.name`` (``sessionlane.actors.ahead``):
+        the connections already waiting in its backlog are accepted like any later one."""
+        return cls(listener, bound.name, bound.token, path, incarnation, accepting, clock)
 
     @property
     def address(self) -> str:

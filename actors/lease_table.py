@@ -313,6 +313,18 @@ class LeaseTable:
         self.counters["grants"] -= 1
         return [Reject(grant.req, grant.lane, code, detail), *self._promote(now)]
 
+    def reserve_ahead(self) -> int | None:
+        """The ceiling the next grant would reserve, to make durable before it is needed; None
+        when fences above the counter are reserved already."""
+        if self.fence < self.fence_ceiling:
+            return None
+        return self.fence + self.policy.fence_block
+
+    def reserved(self, ceiling: int) -> None:
+        """The fences up to ``ceiling`` were made durable ahead (``reserve_ahead``): grants up
+        to it reserve none."""
+        self.fence_ceiling = max(self.fence_ceiling, ceiling)
+
     def raise_floor(self, floor: int, now: float) -> list[Effect]:
         """Ownership moved to a sidecar whose fence store says ``floor``: grant above it; a
         holder not above it is revoked (``ownership_lost``: another service granted since)."""

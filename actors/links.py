@@ -44,6 +44,12 @@ One state machine for both carriers (the carried end itself is
 The channel's socket is an ``sessionlane.actors.endpoint.FramedSocket``; nothing here blocks: the
 connect is non-blocking (an ``AF_UNIX`` connect completes at once or fails, a full backlog
 included, and is then asked for again), and output is queued and written by ``flush``.
+
+A new channel's acquires (and a client's ``direct``) are written right after the hello, before
+the welcome (``send_early``): a new file's listener is offered before the file has started
+(``sessionlane.actors.ahead``), and they wait in its backlog with the hello.
+
+About 610 lines: one state machine, its two carriers and its timers.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
     Acquire,
+    Direct,
     Error,
 )
 
@@ -131,12 +138,18 @@ class _Link:
     asked_at: float = 0.0
     retry_at: float | None = None
     queue: list[LaneCall] = field(default_factory=list)
+    early: int = 0
+    """How many calls at the head of ``queue`` were written after the hello on this socket,
+    before its welcome (``_may_go_early``); they are sent again if the hello is refused."""
     end: FramedSocket | CarriedEnd | None = None
     incarnation: int = 0
     handled: int = 0
     """The latest incarnation whose death the lanes were told of."""
     raws: set[str] = field(default_factory=set)
     last_used: float = 0.0
+    ahead: bool = True
+    """Whether the next ask may be answered with a listener bound ahead (``OpenChannel.ahead``):
+    not after one closed before its welcome, until a welcome comes."""
     asked_reclaim: bool = False
     """Whether the last ``OpenChannel`` said a reclaim waits (``OpenChannel.reclaim``)."""
     idle_ms: float | None = None
@@ -250,8 +263,20 @@ class Links:
     def send_on(self, link: _Link, call: LaneCall) -> None:
         if link.mode == "channel":
             self.send_call(link, call)
-        else:
-            link.queue.append(call)
+            return
+        link.queue.append(call)
+        self.send_early(link)
+
+    def send_early(self, link: _Link) -> None:
+        """On a socket whose welcome has not come yet, write the calls at the head of the
+        queue that may go before it (``_may_go_early``), in order: a new file's hello waits
+        in its listener's backlog while the file starts (``sessionlane.actors.ahead``), and
+        they wait there with it instead of a round trip after the welcome."""
+        if link.mode != "connecting" or not isinstance(link.end, FramedSocket):
+            return
+        while link.early < len(link.queue) and _may_go_early(link.queue[link.early]):
+            self.send_call(link, link.queue[link.early])
+            link.early += 1
 
     def release(self, calls: list[LaneCall]) -> None:
         """A link was resolved: ``calls`` went on; their lanes' held-back calls follow."""
@@ -274,7 +299,7 @@ class Links:
         self.by_nonce[link.nonce] = link
         reclaim = any(_is_reclaim(call) for call in (*link.queue, *([first] if first else [])))
         link.asked_reclaim = reclaim
-        ask = OpenChannel(path=link.path, nonce=link.nonce, reclaim=reclaim)
+        ask = OpenChannel(path=link.path, nonce=link.nonce, reclaim=reclaim, ahead=link.ahead)
         self.host.send(self.host.registry, ask)
 
     # From the Registry and the files -------------------------------------------------------
@@ -336,7 +361,7 @@ class Links:
                 )
                 return
             log.debug("channel to %s refused (%s): asking again", link.path, exc)
-            link.retry_at = self.clock() + _RETRY_MS
+            link.retry_at, link.ahead = self.clock() + _RETRY_MS, False
             return
         socket_end = FramedSocket(sock, _MAX_CHANNEL_FRAME, read_budget=_RECV_BYTES)
         self.by_fd[socket_end.fd] = link
@@ -349,6 +374,8 @@ class Links:
         link.incarnation = offer.incarnation
         link.idle_ms = offer.idle_ms / 2 if offer.idle_ms else None
         link.mode = "connecting"
+        link.early = 0
+        self.send_early(link)
 
     def refused(self, link: _Link, offer: ChannelOffer) -> None:
         """The Registry refused the path, or its file's actor could not activate (another
@@ -439,8 +466,9 @@ class Links:
         if isinstance(frame, ChannelWelcome):
             if link.mode != "connecting" or frame.incarnation != link.incarnation:
                 raise FrameDecodeError("unexpected welcome")
-            link.mode = "channel"
-            queued, link.queue = link.queue, []
+            link.mode, link.ahead = "channel", True
+            queued, link.queue = link.queue[link.early :], []
+            link.early = 0
             for call in queued:
                 self.send_call(link, call)
             return
@@ -456,10 +484,11 @@ class Links:
         is gone): close it; the lanes learn what was lost, then it is asked for again."""
         was = link.mode
         self.close_socket(link)
+        link.early = 0  # written on the end just closed: the next one sends them again
         if was == "connecting":
-            # Refused before the welcome (a retiring file): nothing was sent, ask again.
+            # Refused before the welcome (a retiring file): nothing was served, ask again.
             log.debug("channel to %s refused before the welcome: asking again", link.path)
-            link.mode = "opening"
+            link.mode, link.ahead = "opening", False  # the file's own answer says why
             link.retry_at = self.clock() + _RETRY_MS
             return
         incarnation = link.incarnation
@@ -566,6 +595,18 @@ class Links:
 
     def __iter__(self) -> Iterator[_Link]:
         return iter(self.every())
+
+
+def _may_go_early(call: LaneCall) -> bool:
+    """Whether ``call`` may be written before its channel's welcome: an acquire (not a
+    reclaim) or a client's ``direct``. Served or not, it can be sent again on the next channel
+    if the welcome never comes: a file that welcomed a connection and then lost it abandons
+    what the connection's lanes held or were offered there (its grant, its ticket), and one
+    that refused the hello read nothing after it."""
+    request = call.request
+    if isinstance(request, Acquire):
+        return request.reclaim is None
+    return isinstance(request, Direct)
 
 
 def _is_reclaim(call: LaneCall) -> bool:

@@ -6,9 +6,19 @@ the roots (refused in the ``ChannelOffer`` with ``path_not_allowed`` otherwise, 
 created), the SessionFile is created on first use as this actor's child (so a crash reaches us
 as ``ChildActorExited``), and the request is forwarded to it, which offers its channel; the
 lanes' requests then go over that channel (a socket, or carried in thespian messages where no
-socket can go: ``sessionlane.actors.carried``), never through here. Passivation
-is race-free: a SessionFile that has been idle (no holder, queue, traffic or open channel)
-reports how many messages it received, and is retired only if that equals the number
+socket can go: ``sessionlane.actors.carried``), never through here.
+
+A file activated by an ``OpenChannel`` is started from a child the zygote parked ahead with its
+listener already bound and its ``FileInit`` handed over (``sessionlane.actors.ahead``): the
+Registry answers that ask itself with the listener, at once, and sends the file nothing (the
+ask is not counted as forwarded: the asker's connection, not a message, is what keeps the file
+from idling), so the asker connects while the file starts; the file accepts only once it holds
+its ownership lock. A listener that closes before its welcome (the file could not activate, or
+retired) makes the asker ask again without ``ahead``: that ask goes to the file, whose answer
+says why.
+
+Passivation is race-free: a SessionFile that has been idle (no holder, queue, traffic or open
+channel) reports how many messages it received, and is retired only if that equals the number
 forwarded to it, so nothing can be in flight to an actor that exits.
 
 A SessionFile that dies otherwise is restarted at once; the lanes that used it are told
@@ -46,7 +56,9 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
+from sessionlane.actors import ahead
 from sessionlane.actors._shell import Handler, ShellActor, addr_key, monotonic_ms, retitle
+from sessionlane.actors.ahead import BoundAhead
 from sessionlane.actors.capacity import fd_headroom, never_started
 from sessionlane.actors.confined import containing_root
 from sessionlane.actors.federation import Federation
@@ -107,6 +119,10 @@ class Registry(ShellActor):
         self.draining = False
         self.federation: Federation | None = None
         self.start_failed_at: float | None = None
+
+    def receiveMessage(self, msg: Any, sender: Any) -> None:
+        super().receiveMessage(msg, sender)
+        ahead.run_deferred()  # the zygote parks the next child only once this is answered
 
     def handlers(self) -> dict[type, Handler]:
         federated: dict[type, Handler] = {t: self.on_federated for t in Federation.message_types()}
@@ -204,17 +220,38 @@ class Registry(ShellActor):
             refuse(exc.detail, "path_not_allowed")
             return None
         entry = self.files.get(path)
+        fresh = entry is None
         if entry is None:
             if (full := self.capacity_refusal(path)) is not None:
                 refuse(full, "too_many_files")
                 return None
             entry = self.activate(path)
-        entry.forwarded += 1
         entry.lanes[addr_key(asker)] = asker
         if path != msg.path and len(entry.aliases) < _MAX_ALIASES:
             entry.aliases.add(msg.path)
+        bound, entry.bound = entry.bound if fresh else None, None
+        if bound is not None and msg.ahead and not msg.carried and SessionFile.channels:
+            self.offer_ahead(msg, entry, bound)  # answered: nothing goes to the file
+            return path
+        entry.forwarded += 1
         self.forward(entry, msg)
         return path
+
+    def offer_ahead(self, msg: OpenChannel, entry: FileEntry, bound: BoundAhead) -> None:
+        """Answer the ask that activated ``entry`` with the listener bound ahead of its actor:
+        the asker's hello waits in its backlog while the actor starts and opens the file (which
+        accepts only once it holds the file's ownership lock)."""
+        assert self.config is not None
+        offer = ChannelOffer(
+            path=msg.path,
+            nonce=msg.nonce,
+            canonical=entry.path,
+            address=bound.name,
+            token=bound.token,
+            incarnation=entry.incarnation,
+            idle_ms=self.config.file.idle_ms,
+        )
+        self.send(msg.reply_to, offer)
 
     def drop_peers(self, path: str, peers: list[Any], reason: str, keep_ms: int = 0) -> None:
         """The convention member of ``peers`` is lost: the file closes their channels."""
@@ -263,10 +300,6 @@ class Registry(ShellActor):
     def start_file(self, entry: FileEntry) -> None:
         """Create ``entry``'s actor, initialise it, and hand it what waited for it."""
         assert self.config is not None and entry.address is None
-        address = self.createActor(SessionFile)
-        entry.address = address
-        self.children[entry.key] = address
-        self.by_address[entry.key] = entry.path
         init = FileInit(
             path=entry.path,
             settings=self.config.file,
@@ -274,7 +307,18 @@ class Registry(ShellActor):
             root=containing_root(entry.path, self.config.roots),
             restarted=bool(entry.restarts),  # only a restart after a death passes them
         )
-        self.send(address, init)
+        ahead.take_spawned()  # nothing left from a start that did not go through the zygote
+        ahead.first(init)  # a parked child opens its file before thespian has connected it
+        try:
+            address = self.createActor(SessionFile)
+        finally:
+            ahead.take_first()
+        entry.bound = ahead.take_spawned()
+        entry.address = address
+        self.children[entry.key] = address
+        self.by_address[entry.key] = entry.path
+        if entry.bound is None:  # not a parked child (it had its FileInit with its arguments)
+            self.send(address, init)
         pending, entry.pending = entry.pending, []
         for message in pending:
             self.send(address, message)

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sessionlane.actors.ahead import BoundAhead
 from sessionlane.messages.wire import FileStatus
 
 __all__ = ["FileEntry", "Gather", "Gathers"]
@@ -42,6 +43,9 @@ class FileEntry:
     restarts: deque[float] = field(default_factory=deque)
     pending: list[Any] = field(default_factory=list)
     """Messages for this file held until its actor is started (``address`` is None)."""
+    bound: BoundAhead | None = None
+    """The channel listener bound ahead of its new actor (``sessionlane.actors.ahead``),
+    until the ask that activated the file is answered with it."""
 
     def died(self, now: float) -> int:
         """Its actor died at ``now``: how many times within the last ``RESTART_WINDOW_MS``."""

@@ -48,7 +48,7 @@ Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires
 the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
 channels until a message from the Registry says it is not retired after all.
 
-About 640 lines: the worklist loop, the effects it performs and the actor's messages; the
+About 690 lines: the worklist loop, the effects it performs and the actor's messages; the
 serving state (``session_file_serving``), the channels (``session_file_channels``) and the disk
 (``session_file_disk``) are modules of their own.
 """
@@ -61,6 +61,7 @@ from typing import Any, ClassVar
 
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
+from sessionlane.actors import ahead
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import named_disk_error
@@ -165,6 +166,7 @@ class SessionFile(ShellActor):
         self.metrics = FileMetrics()  # latency histograms, reported in the status counters
         self.idle = Passivation()
         self.run_owned: bool | None = None  # owner lock checked in this run? None: no run
+        self.ahead_due = False  # the first fences are to be reserved once a channel is answered
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -216,6 +218,8 @@ class SessionFile(ShellActor):
                 log.exception("group commit of %s failed", self.path)
                 pass_end = False
             closed, arm = s.channels.flush()
+            if self.ahead_due and s.channels.connections():
+                self.reserve_ahead(s)
             self.send_carried(s)
             if arm:
                 self.wakeupAfter(FLUSH_RETRY_S, payload=ChannelFlush())
@@ -251,6 +255,8 @@ class SessionFile(ShellActor):
     # Lifecycle -----------------------------------------------------------------------------
 
     def on_init(self, msg: FileInit, sender: Any) -> None:
+        if self.incarnation and msg.incarnation == self.incarnation and msg.path == self.path:
+            return  # had with its start arguments (``sessionlane.actors.ahead``): nothing new
         self.path = msg.path
         retitle(self, f"file {msg.path}")
         self.registry = sender
@@ -270,9 +276,25 @@ class SessionFile(ShellActor):
             self.state = activation_error(exc)
             level = logging.INFO if isinstance(exc, OwnedElsewhere) else logging.ERROR
             log.log(level, "not serving %s: %s", msg.path, self.state.detail)
+            ahead.close_inherited()  # its first askers ask again: the refusal answers
             return
+        listener = ahead.take_inherited()
+        if listener is not None:  # offered by the Registry already: served from now on
+            self.state.channels.adopt(*listener)
+        self.ahead_due = True
         self.schedule_idle(self.state)
         self.run(self.state)  # an awaited holder's grace ends even if nobody asks
+
+    def reserve_ahead(self, s: Serving) -> None:
+        """Once, at the end of the first turn that answered a channel (its welcome is written):
+        make the first block of fences durable while the peer's next call is on its way (a
+        direct client's ticket goes back through the gateway first), so the first grant does
+        not wait for those fsyncs. A failure leaves the reservation to that grant, which
+        reports it."""
+        self.ahead_due = False
+        ceiling = s.table.reserve_ahead()
+        if ceiling is not None and s.reserve(ceiling) is None:
+            s.table.reserved(ceiling)
 
     def on_exit(self, msg: ActorExitRequest, sender: Any) -> None:
         s = self.state
@@ -328,6 +350,7 @@ class SessionFile(ShellActor):
                 self.on_channel_closed(s, closed, "the client's gateway lane was abandoned")
             if self.state is not s:
                 return
+        s.directory.sync_pending()  # a transcript created at activation: durable first
         s.core.met(call)
         if not self.run_owned and s.core.may_grant_or_write(call):
             if not self.own_path(s, call):

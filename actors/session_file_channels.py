@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from sessionlane.actors._shell import addr_key
+from sessionlane.actors.ahead import BoundAhead
 from sessionlane.actors.carried import CarriedPeers, CarriedRef
 from sessionlane.actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
 from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
@@ -139,6 +141,18 @@ class FileChannels:
             incarnation=self.incarnation,
             idle_ms=self.idle_ms,
         )
+
+    def adopt(self, listener: socket.socket, bound: BoundAhead) -> bool:
+        """Serve ``listener``, bound ahead of this actor (``sessionlane.actors.ahead``),
+        whose first connections already wait in its backlog; False (and it is closed, so those
+        are refused and ask again) where no socket may be offered."""
+        if self.server is not None or not self.watch or not self.enabled:
+            listener.close()
+            return False
+        self.server = ChannelServer.adopt(
+            listener, bound, self.path, self.incarnation, self.accepting, self.clock
+        )
+        return True
 
     def cannot_open(self) -> str:
         """Open the listener; why it cannot be opened, or "" once it is."""

@@ -192,7 +192,7 @@ class Serving:
         """Open ``msg.path`` for serving; raises (with nothing left open) when it cannot."""
         opened = _open_file(msg)
         serving = cls(msg, opened, switches, metrics=metrics, clock=clock, accepting=accepting)
-        log.info(
+        log.debug(  # not info: a record sent to the logger's process on every activation
             "opened %s (incarnation %d, fence floor %d, size %d, torn bytes %d)",
             msg.path,
             msg.incarnation,
@@ -337,14 +337,18 @@ def _open_transcript(
     cut the line in two (the test of legacy interop lost a record that way). So the
     repair happens here only if the lock is free now, else before our first write, which
     always takes the lock (the returned flag: the tail is left unchecked).
+
+    A transcript created here is made durable (its directory's fsync) before anything is
+    served on it (``SessionFile.serve``), or earlier by the fence reservation made once a
+    channel is answered, whose rename fsyncs the same directory: not on the way to the welcome.
     """
     if not msg.settings.legacy_lock:
-        return None, False, transcript.open()
+        return None, False, transcript.open(durable_create=False)
     legacy = LegacyLock(msg.path, directory=directory)
     if not legacy.try_acquire():
-        return legacy, True, transcript.open(repair=False)
+        return legacy, True, transcript.open(repair=False, durable_create=False)
     try:
-        return legacy, False, transcript.open()
+        return legacy, False, transcript.open(durable_create=False)
     finally:
         legacy.release()
 

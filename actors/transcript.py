@@ -199,12 +199,16 @@ class Transcript:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def open(self, *, repair: bool = True) -> OpenReport:
+    def open(self, *, repair: bool = True, durable_create: bool = True) -> OpenReport:
         """Open (or create, mode 0o600) the file and repair a torn last line.
 
         ``repair=False`` leaves a torn last line alone (the caller repairs it later with
         :meth:`repair_torn_tail`): with legacy interop, an unterminated last line while a live
         legacy writer holds ``<file>.lock`` is a write in progress, not a tear.
+
+        ``durable_create=False`` leaves the directory fsync of a create to the caller (the
+        directory's ``sync_pending``, or any later fsync of it): it must be done before
+        anything written to the file is acknowledged.
 
         A torn tail is appended to ``<path>.torn`` (followed by ``\\n``) and fsynced, then the
         transcript is truncated to its last full line and fsynced; one WARNING is logged.
@@ -219,7 +223,7 @@ class Transcript:
             self._dir, self._name = ConfinedDir.open_parent(self.path, self.root)
         try:
             self._remove_leftover_temps()
-            fd, created = self._open_or_create()
+            fd, created = self._open_or_create(durable_create)
             self._fd = fd
             self._identity = FileIdentity.of(os.fstat(fd))
             torn = self._repair_torn_tail() if repair else 0
@@ -420,8 +424,9 @@ class Transcript:
             raise RuntimeError(f"transcript not open: {self.path}")
         return self._fd
 
-    def _open_or_create(self) -> tuple[int, bool]:
-        """Open the name read-write in append mode, creating it if needed; durable create.
+    def _open_or_create(self, durable: bool = True) -> tuple[int, bool]:
+        """Open the name read-write in append mode, creating it if needed; a durable create
+        (``durable=False``: the directory is only told its fsync is due, ``fsync_later``).
 
         A symlink at the name (dangling or not) is refused at once (``PathNotAllowed``):
         ``O_EXCL`` sees it as existing and ``O_NOFOLLOW`` will not open it. A name that keeps
@@ -437,6 +442,9 @@ class Transcript:
                     return directory.open(self._name, base), False
                 except FileNotFoundError:
                     continue  # deleted between the two opens: create it after all
+            if not durable:
+                directory.fsync_later()
+                return fd, True
             try:
                 directory.fsync()
             except BaseException:

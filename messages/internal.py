@@ -298,6 +298,10 @@ class OpenChannel(_Internal):
     """The link's first call is a lane's reclaim of its lease (``Acquire.reclaim``): in a
     convention, wait for a lost owner member instead of refusing at once
     (``sessionlane.actors.holder_reclaim``)."""
+    ahead: bool = True
+    """The asker may be answered with a listener bound ahead of a new file's actor. False
+    after such a listener closed before its welcome (the file could not activate, or retired):
+    the file's own answer is wanted, which says why."""
 
 
 class ChannelOffer(_Internal):

@@ -185,11 +185,17 @@ def test_descriptors_per_live_file_match_what_the_cap_assumes(tmp_path: Path) ->
             files = 20
             for n in range(files):
                 lane.append(str(root / f"f{n}.jsonl"), {"n": n})
-            kids = _children(system.members())
-            registry = max(kids, key=lambda pid: len(kids[pid]))  # the parent of every file
-            # every file's actor (first.jsonl too), the zygote they are forked from and the
-            # child it forked ahead for the next file
-            assert len(kids[registry]) == files + 3
+
+            def all_there() -> dict[int, list[int]] | None:
+                # every file's actor (first.jsonl too), the zygote they are forked from and the
+                # child it forks ahead for the next file (asked for once the Registry has
+                # answered the last first contact: it may still be forking it)
+                kids = _children(system.members())
+                parent = max(kids, key=lambda pid: len(kids[pid]))  # the parent of every file
+                return kids if len(kids[parent]) == files + 3 else None
+
+            kids = eventually(all_there, "every file's actor, the zygote and the parked child")
+            registry = max(kids, key=lambda pid: len(kids[pid]))
             grown = {"registry": _fds(registry) - base[registry]}
             grown["gateway"] = _fds(gateway) - base[gateway]
     print(

@@ -91,6 +91,18 @@ def test_a_free_path_is_granted_at_once_with_fence_floor_plus_one() -> None:
     assert holder is not None and (holder.lease, holder.fence) == ("p-42", 42)
 
 
+def test_fences_reserved_ahead_let_the_first_grants_go_without_a_reservation() -> None:
+    table = make_table(fence_floor=41)
+    ceiling = table.reserve_ahead()
+    assert ceiling == 41 + BLOCK  # what the first grant would have reserved
+    table.reserved(ceiling)
+    assert table.reserve_ahead() is None  # reserved already
+    effects = table.acquire("r1", A, "prompt", 0)
+    assert effects == [Grant("r1", A, "p-42", 42, "prompt")]
+    table.reserved(7)  # never lowers the ceiling
+    assert table.fence_ceiling == 41 + BLOCK
+
+
 def test_a_second_lane_waits_and_is_told_its_position() -> None:
     table = make_table()
     hold(table, A)

@@ -116,6 +116,8 @@ class FakeFile:
         self.listener.settimeout(5)
         self.conn, _ = self.listener.accept()
         self.conn.settimeout(5)
+        self.reader = FrameReader(1 << 20)  # a new connection: nothing read from the last one
+        self.frames = []
 
     def read(self, count: int) -> list[Any]:
         assert self.conn is not None
@@ -274,21 +276,53 @@ def test_a_connection_refused_before_the_welcome_loses_nothing_and_is_retried(
     links.on_offer(fake_file.offer(ask.nonce, ask.path, transcript))
     links.flush()
     fake_file.accept()
-    fake_file.read(1)
+    hello, early = fake_file.read(2)
+    assert isinstance(hello, ChannelHello) and early.request.id == 1, "the acquire went early"
     assert fake_file.conn is not None
-    fake_file.conn.close()  # a retiring file refuses: no welcome
+    fake_file.conn.close()  # a retiring file refuses: no welcome, nothing after it was read
     fake_file.conn = None
     wait_readable(links)
     pump(links)
-    assert host.restarts == [] and host.losses == [], "nothing was sent, nothing is lost"
+    assert host.restarts == [] and host.losses == [], "nothing was served, nothing is lost"
     assert len(host.opens()) == 1
     clock.now += 25
     links.tick()
     assert len(host.opens()) == 2, "asked again after the retry delay"
+    assert host.opens()[0].ahead and not host.opens()[-1].ahead, "the file's own answer"
     open_channel(links, host, fake_file, transcript)
     links.flush()
     (call,) = fake_file.read(1)
     assert call.request.id == 1, "the queued call went out once the channel opened"
+
+
+def test_acquires_go_with_the_hello_and_the_rest_waits_for_the_welcome_in_order(
+    tmp_path: Path, transcript: str, fake_file: FakeFile
+) -> None:
+    links, host = make(tmp_path)
+    lease = f"{lease_route(transcript)}-1"
+    links.call(acquire(transcript, 1))
+    ask = host.opens()[-1]
+    links.call(acquire(transcript, 2, uid="b#1"))
+    release = Release(id=3, lease=lease)
+    links.call(LaneCall(lane=lane("c#1"), path=transcript, canonical=False, request=release))
+    links.call(acquire(transcript, 4, uid="d#1"))  # behind the release: it keeps its place
+    links.on_offer(fake_file.offer(ask.nonce, ask.path, transcript))
+    links.flush()
+    fake_file.accept()
+    hello, first, second = fake_file.read(3)
+    assert isinstance(hello, ChannelHello)
+    assert [first.request.id, second.request.id] == [1, 2], "the acquires waited in the backlog"
+    assert fake_file.conn is not None
+    fake_file.conn.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        fake_file.conn.recv(1)  # the release has not gone: it waits for the welcome
+    fake_file.conn.setblocking(True)
+    fake_file.send(welcome_frame(transcript, 1))
+    wait_readable(links)
+    pump(links)
+    links.flush()
+    then = fake_file.read(2)
+    assert [c.request.id for c in then] == [3, 4], "the rest after the welcome, in order"
 
 
 def test_an_offer_naming_no_channel_answers_the_waiting_calls_and_routes_nothing_elsewhere(

@@ -30,12 +30,28 @@ from sessionlane.system.runtime.service import embedded_service
 TITLE = "sessionlane: warm-up under test"  # a sessionlane title: FileInit would retitle it
 
 
-def leftovers() -> tuple[set[str], set[str]]:
-    """This process's open descriptors and the warm-up directories where they could be."""
-    fds = set(os.listdir("/proc/self/fd"))
-    places = (Path(warmup.SCRATCH), Path(tempfile.gettempdir()))
-    dirs = {str(p) for place in places for p in place.glob("sessionlane-warm-up-*")}
-    return fds, dirs
+class Leftovers:
+    """This process's open descriptors and the warm-up directories where they could be.
+
+    Equal to an earlier reading when nothing was added since: another process's warm-up (any
+    service started on this machine meanwhile) may remove a directory of its own."""
+
+    def __init__(self) -> None:
+        self.fds = set(os.listdir("/proc/self/fd"))
+        places = (Path(warmup.SCRATCH), Path(tempfile.gettempdir()))
+        self.dirs = {str(p) for place in places for p in place.glob("sessionlane-warm-up-*")}
+
+    def __eq__(self, before: object) -> bool:
+        if not isinstance(before, Leftovers):
+            return NotImplemented
+        return self.fds == before.fds and self.dirs <= before.dirs
+
+    def __repr__(self) -> str:
+        return f"Leftovers(fds={sorted(self.fds)}, dirs={sorted(self.dirs)})"
+
+
+def leftovers() -> Leftovers:
+    return Leftovers()
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ import inspect
 import os
 import stat
 import threading
+from collections.abc import Collection
 from typing import Any
 
 from sessionlane.actors import procfs
@@ -82,8 +83,9 @@ def install() -> None:
         _installed = True
 
 
-def release_inherited_sockets() -> list[int]:
-    """Point every socket descriptor of this process at ``/dev/null``; the numbers released.
+def release_inherited_sockets(keep: Collection[int] = ()) -> list[int]:
+    """Point every socket descriptor of this process but ``keep`` at ``/dev/null``; the
+    numbers released.
 
     Only for a freshly forked child that must not keep its parent's sockets.
     """
@@ -95,7 +97,7 @@ def release_inherited_sockets() -> list[int]:
                 is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
             except OSError:
                 continue  # the directory listing's own descriptor, already closed
-            if is_socket and fd != null:
+            if is_socket and fd != null and fd not in keep:
                 os.dup2(null, fd)
                 released.append(fd)
     finally:

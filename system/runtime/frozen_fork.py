@@ -39,6 +39,7 @@ from typing import Any
 
 from thespian.actors import Actor, ChildActorExited
 
+from sessionlane.actors import ahead
 from sessionlane.system.runtime.loopback import require_supported_thespian
 
 __all__ = ["ForkReport", "frozen_at_start", "install", "installed"]
@@ -112,6 +113,7 @@ class ForkReport(Actor):  # type: ignore[misc]
         elif message == "spawn":
             self.watcher = sender
             self.send(self.createActor(ForkReport), ("report to", sender))
+            ahead.run_deferred()  # as the Registry does: the zygote parks the next child now
         elif isinstance(message, ChildActorExited):
             self.send(self.watcher, "child exited")
         elif isinstance(message, tuple) and message[:1] == ("report to",):

@@ -11,8 +11,9 @@ instead of being made again (and dirtying a page) in each file's process.
 :func:`warm_up` drives a real ``SessionFile`` outside any actor system (thespian is not started;
 its ``send`` and ``wakeupAfter`` are replaced, and every message it receives or sends goes
 through ``pickle`` as thespian's transport would carry it) on a throwaway file in a private
-temporary directory (under ``/dev/shm`` where there is one), ten times: ``FileInit``, a channel
-offered on a socket and a client connected to it over that socket (hello, acquire, an append
+temporary directory (under ``/dev/shm`` where there is one), ten times: ``FileInit`` with a
+listener bound ahead (as the zygote binds one for each child it parks,
+``sessionlane.actors.ahead``), a client connected to that listener (hello, acquire, an append
 acknowledged after its ``fdatasync``, a second lane queued and granted on release), the same
 through a carried channel, then the actor's exit. Nothing reaches the service: the directory,
 the socket and the file are gone when it returns, and the process's title is left as it was. It
@@ -35,6 +36,8 @@ from typing import Any
 import setproctitle
 from thespian.actors import ActorExitRequest, WatchMessage
 
+from sessionlane.actors import ahead
+from sessionlane.actors.ahead import BoundAhead
 from sessionlane.actors.carried import split_frames
 from sessionlane.actors.session_file import SessionFile
 from sessionlane.actors.session_file_serving import Serving
@@ -46,7 +49,7 @@ from sessionlane.messages.channel import (
     hello_frame,
 )
 from sessionlane.messages.codec import FrameReader
-from sessionlane.messages.internal import ChannelOffer, FileInit, FileSettings, OpenChannel
+from sessionlane.messages.internal import FileInit, FileSettings
 from sessionlane.messages.wire import Acquire, Append, Appended, Granted, Queued, Release, Released
 
 __all__ = ["WARM_UP", "warm_up"]
@@ -124,7 +127,13 @@ class _Rehearsal:
             max_record_bytes=1_048_576,
             legacy_lock=False,
         )
-        self.deliver(FileInit(path=self.path, settings=settings, incarnation=1, root=self.root))
+        init = FileInit(path=self.path, settings=settings, incarnation=1, root=self.root)
+        self.bound, _, _ = BoundAhead.fresh()
+        ahead.inherit(ahead.bind(self.bound), self.bound)  # as the zygote parks each child
+        try:
+            self.deliver(init)
+        finally:
+            ahead.close_inherited()  # not taken: the file did not activate
         try:
             self.over_socket()
             self.carried()
@@ -149,18 +158,15 @@ class _Rehearsal:
         raise RuntimeError("the warm-up's exchange never settled")
 
     def over_socket(self) -> None:
-        """The gateway's way: an offer, a connection, two lanes taking turns on one lease."""
-        self.deliver(OpenChannel(path=self.path, nonce=1, reply_to="gateway"))
-        offer = next(m for _, m in self.sent if isinstance(m, ChannelOffer))
-        self.sent.clear()
-        if offer.code is not None:
-            raise RuntimeError(f"the warm-up file refused a channel: {offer.reason}")
-        if not offer.address:
+        """The gateway's way, as a first contact goes: the Registry offered the listener bound
+        ahead; a connection to it, two lanes taking turns on one lease."""
+        state = self.actor.state
+        if not isinstance(state, Serving) or state.channels.server is None:
             return  # channels are off in this service (``SessionFile.channels``): carried only
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.settimeout(5.0)
-            client.connect("\0" + offer.address)
-            _Peer(self, client.sendall, _SocketReplies(client)).turns(offer.token)
+            client.connect("\0" + self.bound.name)
+            _Peer(self, client.sendall, _SocketReplies(client)).turns(self.bound.token)
 
     def carried(self) -> None:
         """A convention member's way: the same calls as frames inside thespian messages."""

@@ -19,12 +19,20 @@ actor is still one process per file, and only what it writes itself is its own.
 
 To take the forks off a new file's path, the zygote keeps one child forked ahead, *parked*:
 a process already forked the same way (so already the Registry's child), past
-``multiprocessing``'s start, that waits on a pipe for its ``startChild`` arguments. A request
-writes them to the parked child and answers its pid at once; only then is the next child
-parked. The parked child costs 1.4 to 1.9 MB, once per Registry, and takes two forks and a
-process start off every first grant (``docs/cost-model.md``). If the parked child is gone
-(killed while it waited: a zombie of the Registry until the Registry exits, as thespian only
-reaps the children it started), the request forks one the ordinary way.
+``multiprocessing``'s start, that waits on a pipe for its ``startChild`` arguments. The zygote
+sends the Registry the write end of that pipe (``SCM_RIGHTS``) with the child's pid, so a new
+file's actor is started by the Registry writing its arguments there itself, with no round
+trip through the zygote; the Registry then asks for the next child to be parked, and reads
+that notice only when it starts the next file. The parked child costs 1.4 to 1.9 MB, once per
+Registry, and takes two forks and a process start off every first grant
+(``docs/cost-model.md``). If the parked child is gone (killed while it waited: a zombie of the
+Registry until the Registry exits, as thespian only reaps the children it started), the
+zygote forks one on request.
+
+Each parked child is also given what takes the other hops off a first contact
+(``sessionlane.actors.ahead``): its channel listener, bound by the zygote before it forks it,
+whose name and token the Registry offers the asker at once; and its ``FileInit``, handed with
+its arguments, which it delivers to its actor as its first message.
 
 Before it freezes, the zygote rehearses a file actor's life (``sessionlane.system.runtime.warmup``:
 a SessionFile, outside any actor system, through leases on a throwaway file), so that the code
@@ -32,10 +40,15 @@ every file runs is already quickened and the caches it fills are already built, 
 files share (``docs/cost-model.md``, "Warming the zygote").
 
 The zygote reads requests from a pipe the Registry holds: when the Registry dies, the pipe
-closes and the zygote exits, and so does its parked child (its pipe closes).
+closes and the zygote exits, and so does its parked child (the Registry held the only write
+end of its pipe).
 If the zygote is gone or a request fails, the child is forked the ordinary way (and a warning
 is logged). Like ``sessionlane.system.runtime.admin_fork`` it runs before the system is
 created, is idempotent, and fails closed on another thespian or if what it relies on moved.
+
+About 640 lines: the patch of thespian's actor start, the Registry's end of the zygote and the
+zygote's own loop speak one protocol (the pipes, the notices, the parked child's arguments) and
+are read together.
 """
 
 from __future__ import annotations
@@ -51,10 +64,13 @@ import multiprocessing.process
 import os
 import pickle
 import signal
+import socket
 import struct
 import threading
 from typing import Any
 
+from sessionlane.actors import ahead
+from sessionlane.actors.ahead import BOUND_NAME_BYTES, BOUND_TOKEN_BYTES, BoundAhead
 from sessionlane.system.runtime.admin_fork import release_inherited_sockets
 from sessionlane.system.runtime.loopback import require_supported_thespian
 
@@ -81,9 +97,17 @@ _PR_SET_CHILD_SUBREAPER = 36
 _ARGS = 15  # startChild's positional parameters in thespian 4.0.1
 _CONTEXT_ARG = 13  # concurrency_context
 _CLOSE_ARG = 12  # fileNumsToClose
+_PARENT_ARG = 6  # parentAddr
 _HEADER = struct.Struct("!I")
 _PID = struct.Struct("!q")
-_READY = b"R"
+_MESSAGE = struct.Struct(f"!cq?{BOUND_NAME_BYTES}s{BOUND_TOKEN_BYTES}s")
+"""The zygote's message: its tag (``_PARK``: a child parked, pid 0 if none; ``_FORK``: a child
+forked on request, pid -1 if it failed), the child's pid, whether a listener was bound ahead
+for it, its name's and token's bytes (``sessionlane.actors.ahead``)."""
+_PARK = b"P"
+"""Request: park the next child (answered by its notice, with its argument pipe)."""
+_FORK = b"F"
+"""Request: fork a child with these arguments now (answered with its pid)."""
 
 _lock = threading.Lock()
 _installed = False
@@ -122,6 +146,8 @@ def install() -> None:
             or len(params) != _ARGS
             or params[_CONTEXT_ARG] != "concurrency_context"
             or params[_CLOSE_ARG] != "fileNumsToClose"
+            or params[_PARENT_ARG] != "parentAddr"
+            or not _first_deliverable(multiprocCommon)
         ):
             raise RuntimeError("thespian no longer starts actors as this module expects")
 
@@ -145,6 +171,21 @@ def install() -> None:
         replicator._startChildActor = start_child_actor  # type: ignore[union-attr]
         multiprocCommon.startChild = start_child_with_zygote
         _installed = True
+
+
+def _first_deliverable(multiprocCommon: Any) -> bool:
+    """Whether a parked child can hand its actor a first message (``_deliver_first``): the
+    manager runs its transport's loop, which takes its ``_incomingEnvelopes`` first."""
+    from thespian.system.transport import TCPTransport
+
+    manager = getattr(multiprocCommon, "MultiProcManager", None)
+    init = inspect.getsource(TCPTransport.TCPTransport.__init__)
+    loop = inspect.getsource(TCPTransport.TCPTransport._runWithExpiry)
+    return (
+        inspect.isfunction(getattr(manager, "run", None))
+        and "self._incomingEnvelopes = []" in init
+        and "rEnv = self._incomingEnvelopes.pop(0)" in loop
+    )
 
 
 def _class_name(child_class: Any) -> str:
@@ -178,9 +219,11 @@ class _ZygoteProcess:
     def start(self) -> None:
         from thespian.system import multiprocCommon
 
+        ahead.spawned(None)
+        first = ahead.take_first()
         zygote = _zygote_for_this_process()
         if zygote is not None and self._target is multiprocCommon.startChild:
-            pid = zygote.spawn(self._args, self.name)
+            pid = zygote.spawn(self._args, self.name, first)
             if pid is not None:
                 self.pid = pid
                 multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
@@ -233,10 +276,21 @@ def _zygote_for_this_process() -> _Zygote | None:
 
 
 class _Zygote:
-    def __init__(self, pid: int, requests: int, replies: int) -> None:
+    """The Registry's end of its zygote: requests go down a pipe (``_PARK``, ``_FORK``), and
+    the zygote answers on a ``SOCK_SEQPACKET`` socket, one message per request; a parked
+    child's notice carries the write end of that child's argument pipe, so the Registry hands
+    a child its arguments itself, without a round trip through the zygote."""
+
+    def __init__(self, pid: int, requests: int, replies: socket.socket) -> None:
         self.owner = os.getpid()
         self.pid, self.requests, self.replies = pid, requests, replies
         self.broken = False
+        self.awaiting = False
+        """A ``_PARK`` was asked and its notice not read yet."""
+        self.parked: _Handed | None = None
+        self.park_wanted = False
+        """The next child is to be parked once the Registry has answered the first contact
+        (``ahead.defer``), or at the next spawn at the latest."""
 
     @classmethod
     def start(cls) -> _Zygote:
@@ -244,56 +298,157 @@ class _Zygote:
         if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
         req_r, req_w = os.pipe()
-        rep_r, rep_w = os.pipe()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # the zygote
             code = 1
             try:
                 os.close(req_w)
-                os.close(rep_r)
-                _serve(req_r, rep_w)
+                mine.close()
+                _serve(req_r, theirs)
                 code = 0
             finally:
                 os._exit(code)
         os.close(req_r)
-        os.close(rep_w)
-        zygote = cls(pid, req_w, rep_r)
-        # The zygote says it is ready once its first child is parked: the service's processes
-        # are then all there when it reports itself started.
-        if _read_exact(rep_r, 1) != _READY:
-            zygote.close()
+        theirs.close()
+        zygote = cls(pid, req_w, mine)
+        # The zygote says it is ready with its first notice, once its first child is parked:
+        # the service's processes are then all there when it reports itself started.
+        zygote.awaiting = True
+        zygote.parked = zygote.take_parked()  # None if none could be parked, or it is gone
+        if zygote.broken:
             raise OSError(f"zygote {pid} exited before it was ready")
         return zygote
 
-    def spawn(self, args: list[Any], name: str) -> int | None:
-        """Have the zygote fork a child running ``startChild(*args)``; its pid, or None (and the
-        zygote is given up) if that failed."""
+    def receive(self) -> tuple[bytes, int, int, bool, bytes, bytes]:
+        """The zygote's next message: its tag, pid, the fd it carries (-1), and the listener
+        bound ahead (whether, its name's and token's bytes). ``OSError`` if it is gone."""
+        data, fds, _, _ = socket.recv_fds(self.replies, _MESSAGE.size, 1)
+        if len(data) != _MESSAGE.size:
+            for fd in fds:
+                os.close(fd)
+            raise OSError("the zygote exited")
+        tag, pid, bound, name, token = _MESSAGE.unpack(data)
+        return tag, int(pid), fds[0] if fds else -1, bool(bound), name, token
+
+    def take_parked(self) -> _Handed | None:
+        """The child parked ahead, reading the zygote's notice if it has not been read yet;
+        None if none could be parked (or the zygote is gone: given up)."""
+        if self.parked is None and not self.awaiting and self.park_wanted:
+            self.ask_park()  # deferred, and not asked since: ask now, and wait for it
+        if self.parked is None and self.awaiting:
+            self.awaiting = False
+            try:
+                tag, pid, fd, bound, name, token = self.receive()
+            except OSError as exc:
+                log.warning("zygote %d is gone (%s): giving it up", self.pid, exc)
+                self.close()
+                return None
+            if tag != _PARK or (pid > 0) != (fd >= 0):
+                if fd >= 0:
+                    os.close(fd)
+                log.warning("zygote %d answered out of turn: giving it up", self.pid)
+                self.close()
+                return None
+            if pid > 0:
+                listener = BoundAhead.from_bytes(name, token) if bound else None
+                self.parked = _Handed(pid, fd, listener)
+        parked, self.parked = self.parked, None
+        return parked
+
+    def park_later(self) -> None:
+        """Have the next child parked once the Registry has answered the first contact it is
+        starting a file for (``ahead.run_deferred``), not while it still has to."""
+        if not self.park_wanted:
+            self.park_wanted = True
+            ahead.defer(self.park_if_wanted)
+
+    def park_if_wanted(self) -> None:
+        if self.park_wanted and not self.broken and self.owner == os.getpid():
+            self.ask_park()
+
+    def ask_park(self) -> None:
+        """Have the zygote park the next child (its notice is read when it is needed)."""
+        self.park_wanted = False
         try:
-            payload = pickle.dumps((args, name))
-            os.write(self.requests, _HEADER.pack(len(payload)) + payload)
-            reply = _read_exact(self.replies, _PID.size)
-        except (OSError, pickle.PicklingError) as exc:
-            reply, detail = b"", str(exc)
+            os.write(self.requests, _PARK)
+        except OSError as exc:
+            log.warning("zygote %d is gone (%s): giving it up", self.pid, exc)
+            self.close()
+            return
+        self.awaiting = True
+
+    def spawn(self, args: list[Any], name: str, first: Any = None) -> int | None:
+        """Start a child running ``startChild(*args)``: the parked one, handed its arguments
+        here, or one the zygote forks on request. Its pid, or None (and the zygote is given up)
+        if that failed. The listener bound ahead for the child, if any, is handed to
+        ``ahead.spawned``. A parked child delivers ``first`` (if not None) to its actor as its
+        first message, from its parent; a child forked on request ignores it."""
+        try:
+            payload = pickle.dumps((args, name, first))
+        except pickle.PicklingError as exc:
+            log.warning("cannot hand %s to a zygote child: %s", name, exc)
+            return None
+        parked = self.take_parked()
+        if parked is not None:
+            if parked.assign(payload):
+                ahead.spawned(parked.bound)
+                self.park_later()
+                return parked.pid
+            log.info("the parked child %d is gone: forking %s on request", parked.pid, name)
+        if self.broken:
+            return None
+        try:
+            os.write(self.requests, _FORK + _HEADER.pack(len(payload)) + payload)
+            tag, pid, fd, _, _, _ = self.receive()
+        except OSError as exc:
+            tag, pid, fd, detail = b"", -1, -1, str(exc)
         else:
-            detail = "the zygote exited"
-        pid = _PID.unpack(reply)[0] if len(reply) == _PID.size else -1
-        if pid > 0:
-            return int(pid)
+            detail = "the zygote could not fork it"
+        if fd >= 0:
+            os.close(fd)
+        if tag == _FORK and pid > 0:
+            self.park_later()
+            return pid
         log.warning("zygote %d failed to fork %s (%s): giving it up", self.pid, name, detail)
         self.close()
         return None
 
     def close(self) -> None:
-        """Give the zygote up: it exits when it reads the end of its request pipe."""
+        """Give the zygote up: it exits when it reads the end of its request pipe (and a child
+        parked for us when it reads the end of its own)."""
         self.broken = True
-        for fd in (self.requests, self.replies):
+        parked, self.parked = self.parked, None
+        if parked is not None:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                os.close(parked.args_w)
+        with contextlib.suppress(OSError):
+            os.close(self.requests)
+        self.replies.close()
 
 
-def _serve(requests: int, replies: int) -> None:
-    """The zygote's loop: hand each request to the parked child (or fork one), park the next,
-    until the request pipe closes."""
+class _Handed:
+    """In the Registry: a child the zygote parked, by its pid, the write end of its argument
+    pipe, and the listener bound ahead for it."""
+
+    def __init__(self, pid: int, args_w: int, bound: BoundAhead | None) -> None:
+        self.pid, self.args_w, self.bound = pid, args_w, bound
+
+    def assign(self, payload: bytes) -> bool:
+        """Hand ``startChild``'s arguments (and the process's name and first message, pickled)
+        to the child; False if it is gone (it died while parked: no reader)."""
+        try:
+            os.write(self.args_w, _HEADER.pack(len(payload)) + payload)
+        except OSError:
+            return False
+        finally:
+            os.close(self.args_w)
+        return True
+
+
+def _serve(requests: int, replies: socket.socket) -> None:
+    """The zygote's loop: park a child (and send its notice) or fork one on request, until the
+    request pipe closes."""
     from sessionlane.actors._shell import follow_every_root, set_title
     from sessionlane.system.runtime import warmup
 
@@ -301,49 +456,88 @@ def _serve(requests: int, replies: int) -> None:
     for signum in range(1, signal.NSIG):
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a parked child gone: EPIPE, not death
-    release_inherited_sockets()
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # the Registry gone: EPIPE, not death
+    release_inherited_sockets(keep={replies.fileno()})
     if warmup.WARM_UP:
         warmup.warm_up()  # a file's code run once here: its caches are then shared, frozen
         gc.collect()  # the rehearsal's garbage, before it would be frozen with the rest
     follow_every_root()  # each child's loggers reach its own root without being rewritten
     gc.freeze()
-    parked = _Parked.park(requests, replies) if PARK_AHEAD else None
-    os.write(replies, _READY)
+    fds = (requests, replies.fileno())
+    _tell_parked(replies, _Parked.park(fds) if PARK_AHEAD else None)  # also says: ready
     while True:
-        header = _read_exact(requests, _HEADER.size)
+        tag = os.read(requests, 1)
+        if tag == _PARK:
+            _tell_parked(replies, _Parked.park(fds) if PARK_AHEAD else None)
+            continue
+        header = _read_exact(requests, _HEADER.size) if tag == _FORK else b""
         if len(header) < _HEADER.size:
-            return  # the Registry closed the pipe: it is gone (the parked child sees its close)
-        payload = _read_exact(requests, _HEADER.unpack(header)[0])
-        pid = parked.assign(payload) if parked is not None else -1
-        if pid <= 0:
-            args, name = pickle.loads(payload)
-            args[_CLOSE_ARG] = [requests, replies]  # the child closes what it inherits from us
-            pid = _fork_through_intermediate(args, name)
-        os.write(replies, _PID.pack(pid))
-        parked = _Parked.park(requests, replies) if PARK_AHEAD else None
+            return  # the Registry closed the pipe: it is gone (or spoke out of turn)
+        args, name, _ = pickle.loads(_read_exact(requests, _HEADER.unpack(header)[0]))
+        args[_CLOSE_ARG] = list(fds)  # the child closes what it inherits from us
+        pid = _fork_through_intermediate(args, name)
+        replies.send(_MESSAGE.pack(_FORK, pid, False, b"", b""))
+
+
+def _tell_parked(replies: socket.socket, parked: _Parked | None) -> None:
+    """Send the Registry the notice of ``parked`` (pid 0: none), with its argument pipe."""
+    if parked is None:
+        replies.send(_MESSAGE.pack(_PARK, 0, False, b"", b""))
+        return
+    try:
+        bound = parked.bound is not None
+        name, token = parked.bound if parked.bound is not None else (b"", b"")
+        notice = _MESSAGE.pack(_PARK, parked.pid, bound, name, token)
+        socket.send_fds(replies, [notice], [parked.args_w])
+    finally:
+        os.close(parked.args_w)  # the Registry holds it now: the child's only writer
 
 
 class _Parked:
-    """A child forked ahead (through an intermediate that exited: it is already the Registry's
-    child) that waits for ``startChild``'s arguments on a pipe the zygote holds."""
+    """In the zygote: a child forked ahead (through an intermediate that exited: it is already
+    the Registry's child) that waits for ``startChild``'s arguments on a pipe whose write end
+    the zygote sends the Registry, with the channel listener bound ahead for it (``bound``: its
+    name's and token's bytes; None if none could be bound)."""
 
-    def __init__(self, pid: int, args_w: int) -> None:
-        self.pid, self.args_w = pid, args_w
+    def __init__(self, pid: int, args_w: int, bound: tuple[bytes, bytes] | None) -> None:
+        self.pid, self.args_w, self.bound = pid, args_w, bound
 
     @classmethod
-    def park(cls, requests: int, replies: int) -> _Parked | None:
+    def park(cls, inherited: tuple[int, ...]) -> _Parked | None:
         """Fork the next child ahead; None (each request then forks its own) if that failed."""
+        bound, name_bytes, token_bytes = BoundAhead.fresh()
+        try:
+            listener: socket.socket | None = ahead.bind(bound)
+        except OSError as exc:
+            log.warning("cannot bind a channel listener ahead: %s", exc)
+            listener = None
+        try:
+            parked = cls.fork(inherited, listener, bound)
+        finally:
+            if listener is not None:
+                listener.close()  # the parked child holds it now
+        if parked is not None and listener is not None:
+            parked.bound = (name_bytes, token_bytes)
+        return parked
+
+    @classmethod
+    def fork(
+        cls, inherited: tuple[int, ...], listener: socket.socket | None, bound: BoundAhead
+    ) -> _Parked | None:
+        """Fork the child (through an intermediate); ``inherited``: the zygote's own pipes,
+        which it closes."""
         args_r, args_w = os.pipe()
         pid_r, pid_w = os.pipe()
         middle = os.fork()
         if middle == 0:
             code = 1
             try:
-                for fd in (requests, replies, args_w, pid_r):
+                for fd in (*inherited, args_w, pid_r):
                     os.close(fd)
                 child = multiprocessing.get_context("fork").Process(
-                    target=_parked_child, args=(args_r, pid_w), name="parked file actor"
+                    target=_parked_child,
+                    args=(args_r, pid_w, listener, bound),
+                    name="parked file actor",
                 )
                 child.start()
                 os.write(pid_w, _PID.pack(child.pid or -1))
@@ -361,23 +555,14 @@ class _Parked:
         if os.waitstatus_to_exitcode(status) != 0 or pid <= 0:
             os.close(args_w)
             return None
-        return cls(pid, args_w)
-
-    def assign(self, payload: bytes) -> int:
-        """Hand the request (``startChild``'s arguments and the process's name, pickled) to the
-        parked child; its pid, or -1 if it is gone (it died while parked: no reader)."""
-        try:
-            os.write(self.args_w, _HEADER.pack(len(payload)) + payload)
-        except OSError:
-            return -1
-        finally:
-            os.close(self.args_w)
-        return self.pid
+        return cls(pid, args_w, None)
 
 
-def _parked_child(args_r: int, pid_w: int) -> None:
-    """A parked child: wait for ``startChild``'s arguments, then become that actor (exit if the
-    zygote closed the pipe instead)."""
+def _parked_child(
+    args_r: int, pid_w: int, listener: socket.socket | None, bound: BoundAhead
+) -> None:
+    """A parked child: wait for ``startChild``'s arguments, then become that actor, serving
+    ``listener`` once it has opened its file (exit if the zygote closed the pipe instead)."""
     from thespian.system import multiprocCommon
 
     from sessionlane.actors._shell import set_title
@@ -387,11 +572,34 @@ def _parked_child(args_r: int, pid_w: int) -> None:
     header = _read_exact(args_r, _HEADER.size)
     if len(header) < _HEADER.size:
         return
-    args, name = pickle.loads(_read_exact(args_r, _HEADER.unpack(header)[0]))
+    args, name, first = pickle.loads(_read_exact(args_r, _HEADER.unpack(header)[0]))
     os.close(args_r)
     args[_CLOSE_ARG] = []  # its intermediate closed what it inherited from the zygote
     multiprocessing.current_process().name = name
+    if listener is not None:
+        ahead.inherit(listener, bound)
+    if first is not None:
+        _deliver_first(first, args[_PARENT_ARG])
     multiprocCommon.startChild(*args)
+
+
+def _deliver_first(message: Any, sender: Any) -> None:
+    """Have this process's actor receive ``message`` from ``sender`` before anything else,
+    without waiting for thespian to connect it (in the process that is about to run
+    ``startChild`` only: its manager's ``run`` is wrapped once)."""
+    from thespian.system import multiprocCommon
+    from thespian.system.transport import ReceiveEnvelope
+
+    manager = multiprocCommon.MultiProcManager
+    run = manager.run
+
+    @functools.wraps(run)
+    def run_first(self: Any) -> Any:
+        manager.run = run
+        self.transport._incomingEnvelopes.insert(0, ReceiveEnvelope(sender, message))
+        return run(self)
+
+    manager.run = run_first
 
 
 def _fork_through_intermediate(args: list[Any], name: str) -> int:
