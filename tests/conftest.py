@@ -26,6 +26,33 @@ os.environ.setdefault("THESPLOG_FILE", str(_THESPLOG / "thespian.log"))
 os.environ["XDG_STATE_HOME"] = str(_THESPLOG / "state")
 
 
+WHOLE_SUITE_WORKERS = 2
+"""xdist workers for a run of the whole suite (``pytest`` with no paths: ``.ci/run``, the
+README's command). Most of the suite's time is spent waiting on real processes, sockets and
+timers, so two workers on a 2-core machine take about half the time of one
+(``docs/test-suite.md`` has the measurements). Files stay whole on one worker (``loadfile``):
+module-scoped services start once."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Run the whole suite on ``WHOLE_SUITE_WORKERS`` xdist workers; a run given paths (one
+    file, one test), ``-n``, ``-p no:xdist`` or ``--pdb`` is left as asked."""
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    if (
+        not whole_suite
+        or hasattr(config, "workerinput")  # a worker runs what it is sent, on its own
+        or not config.pluginmanager.hasplugin("xdist")
+        or config.getoption("numprocesses", None) is not None
+        or config.getoption("usepdb", False)
+        or config.getoption("collectonly", False)
+    ):
+        return
+    config.option.numprocesses = WHOLE_SUITE_WORKERS
+    config.option.dist = "loadfile"
+    config.option.tx = ["popen"] * WHOLE_SUITE_WORKERS
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     """A configured root directory for transcripts."""
@@ -84,7 +111,9 @@ def driver_factory(root: Path) -> Any:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     tag = os.environ.get("SESSIONLANE_TEST_TAG")
-    if not tag:
+    if not tag or hasattr(session.config, "workerinput"):
+        # An xdist worker: the others, which carry the same tag, may still be running their
+        # tests; the controller checks once every worker has finished.
         return
     left = find_leftovers(tag)
     if left:

@@ -22,7 +22,7 @@ from sessionlane.actors import procfs
 from sessionlane.actors._shell import TITLE_PREFIX
 from sessionlane.system.runtime.launch import TcpSystem
 
-__all__ = ["RssPeak", "file_processes", "rss_kb", "run_in_session"]
+__all__ = ["RssPeak", "file_processes", "is_file_process", "rss_kb", "run_in_session"]
 
 # A file actor's process as thespian titles it when it starts it (setproctitle installed),
 # then as the actor titles itself once it knows its path.
@@ -33,7 +33,12 @@ def file_processes(system: TcpSystem) -> list[int]:
     """The system's live processes that are a file's actor (titled ``sessionlane: file PATH``,
     or still thespian's ``SessionFile ActorAddr-...`` before it has its path). Not the zygote,
     the child it parks ahead or the short-lived child it forks that one through."""
-    return [p for p in system.members() if procfs.command_line(p).startswith(_FILE_TITLES)]
+    return [p for p in system.members() if is_file_process(p)]
+
+
+def is_file_process(pid: int) -> bool:
+    """Whether ``pid`` is a file's actor (see :func:`file_processes`)."""
+    return procfs.command_line(pid).startswith(_FILE_TITLES)
 
 
 def rss_kb(pid: int) -> int:

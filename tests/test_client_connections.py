@@ -106,6 +106,11 @@ def test_a_lost_socket_revokes_the_lease_and_writes_nothing(
 GRACE_MS = 1500
 """The restarted service's reclaim grace in the restart tests here (short: nobody reclaims)."""
 
+STOPPED_RECONNECT_FOR = 2.0
+"""How long the client rides out the stopped service: a lease it cannot reclaim is lost only
+once that window has passed (three times over: the background reclaim, then the append's own
+tries), and the second service is listening before the client needs it again."""
+
 
 def test_a_stopped_service_revokes_the_lease_and_a_new_one_is_reconnected_to(
     client: Surface, tmp_path: Path
@@ -114,7 +119,9 @@ def test_a_stopped_service_revokes_the_lease_and_a_new_one_is_reconnected_to(
     listen = f"tcp://127.0.0.1:{free_port()}"
     path = str(tmp_path / "restart.jsonl")
     with embedded_service(roots, listen=listen, log_file=tmp_path / "first.log") as first:
-        sl = client.connect(first.address, keepalive=CLIENT_KEEPALIVE, reconnect_for=10.0)
+        sl = client.connect(
+            first.address, keepalive=CLIENT_KEEPALIVE, reconnect_for=STOPPED_RECONNECT_FOR
+        )
         lease = sl.lane("agent").acquire(path)
         assert lease is not None
         lease.append({"n": 1})

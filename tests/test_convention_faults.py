@@ -41,11 +41,15 @@ __all__ = ["convention"]  # the fixture, re-used
 
 pytestmark = pytest.mark.timeout(150)
 
+STALLED_GRACE_MS = 3_000
+"""The stalled-member test's reclaim grace: it only has to end while the member is paused."""
+
 
 @pytest.mark.tcp
 def test_a_holder_whose_member_stalled_past_the_timeout_is_told_its_lease_was_revoked(
     convention: Convention,
 ) -> None:
+    convention.config_lines = f"reclaim_grace_ms = {STALLED_GRACE_MS}\n"
     a, _b, c = convention.start_three()
     path = convention.roots["b"] / "stalled.jsonl"  # owned by b
     holder = convention.agent(c, "holder")  # its member c will stall
@@ -58,7 +62,8 @@ def test_a_holder_whose_member_stalled_past_the_timeout_is_told_its_lease_was_re
     with paused(c):
         other.send("acquire", path=str(path))
         # b stops hearing c, keeps its lanes' leases for their reclaim for reclaim_grace_ms
-        # (10 s), then abandons them: the other client is granted.
+        # (STALLED_GRACE_MS here; 10 s by default), then abandons them: the other client is
+        # granted.
         granted = other.expect("granted", timeout=30)[1]
         assert granted["fence"] > held["fence"]
         other.do("append", "appended", count=3)

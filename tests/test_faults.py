@@ -191,6 +191,7 @@ def test_sigkill_during_a_compaction_leaves_the_complete_old_or_new_file(
     path.write_bytes(old)
     temp = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.tmp")
     outcomes: list[str] = []
+    crashed_mid_rewrite: list[bool] = []
     with service_on(root, free_port(), tmp_path / "svc.log") as svc, connect(svc.address) as sl:
         lane = sl.lane("compactor")
         for attempt, delay in enumerate([0.0, 0.0005, 0.002, 0.005, 0.3]):
@@ -201,12 +202,18 @@ def test_sigkill_during_a_compaction_leaves_the_complete_old_or_new_file(
             assert lease is not None
             rewrite = threading.Thread(target=_try, args=(lease.rewrite, new_records))
             rewrite.start()
-            eventually(
-                lambda: any(temp.fullmatch(n) for n in os.listdir(root)),
-                "the rewrite's temp file",
-                timeout=30.0,
-                every=0.0002,
+
+            def temp_file_or_end(rewrite: threading.Thread = rewrite) -> str | None:
+                # A loaded machine may not look while the temp file exists: then the rewrite
+                # has ended (its outcome is checked all the same) before the kill lands.
+                if any(temp.fullmatch(n) for n in os.listdir(root)):
+                    return "temp file"
+                return None if rewrite.is_alive() else "end"
+
+            seen = eventually(
+                temp_file_or_end, "the rewrite's temp file (or its end)", timeout=30.0, every=0.0002
             )
+            crashed_mid_rewrite.append(seen == "temp file")
             time.sleep(delay)  # where in the rewrite the crash lands
             kill_file_actor(str(path))
             rewrite.join(timeout=60)
@@ -217,7 +224,8 @@ def test_sigkill_during_a_compaction_leaves_the_complete_old_or_new_file(
             with lane.lease(str(path), purpose="write") as again:  # the restarted actor opens it
                 assert again is not None
             assert not any(temp.fullmatch(n) for n in os.listdir(root)), "temp file left behind"
-    print(f"\ncompaction outcomes after SIGKILL: {outcomes}")
+    print(f"\ncompaction outcomes after SIGKILL: {outcomes}, temp file seen: {crashed_mid_rewrite}")
+    assert any(crashed_mid_rewrite), "no kill was aimed at a rewrite in progress"
 
 
 def _try(fn: Any, *args: Any) -> Any:

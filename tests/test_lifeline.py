@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import is_file_process
 from test_serve import Serve, live_pids
 from waiting import eventually
 
@@ -110,7 +111,10 @@ def test_kill_9_of_serve_ends_its_actor_system_clients_see_leases_lost_and_serve
         lease = sl.lane("holder").acquire(str(path))
         assert lease is not None
         lease.append({"before": "kill"})
-        assert len(live_pids(pgid)) == len(members) + 1, "the file's actor"
+        # Counted by title, not by the group's size: the zygote's child forked ahead for the
+        # next file comes and goes (tests/processes.py).
+        file_actors = [pid for pid in live_pids(pgid) if is_file_process(pid)]
+        assert len(file_actors) == 1, "the file's actor"
 
         killed_at = time.monotonic()
         os.kill(first.proc.pid, signal.SIGKILL)

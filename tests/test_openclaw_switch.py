@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "openclaw_switch"
 STEP_TIMEOUT_S = 60.0
 SHORT_BUDGET_MS = 1500  # what a waiter is given when it must time out behind a holder
+RECONNECT_FOR_MS = 2000  # how long the shutdown test's drop-ins ride out the lost service
 
 
 @pytest.fixture(scope="module")
@@ -109,19 +110,30 @@ class Proc:
 @pytest.fixture
 def run(node: str, serve: Serve) -> Iterator[Callable[..., Proc]]:
     """``run("dropin"|"legacy", session_file, timeout_ms, label[, "service"])``: a process,
-    always killed (``service``: the drop-in appends through its lease)."""
+    always killed (``service``: the drop-in appends through its lease). A drop-in started with
+    ``reconnect_for_ms`` rides out a lost service for that long instead of its default 60 s."""
     started: list[Proc] = []
     env = {
         **clean_env(serve.run_dir),
         "SESSIONLANE_OPENCLAW_MODULE": (NODE_DIR / "dist" / "openclaw.mjs").as_uri(),
     }
 
-    def make(kind: str, session_file: Path, timeout_ms: int, label: str, *more: str) -> Proc:
+    def make(
+        kind: str,
+        session_file: Path,
+        timeout_ms: int,
+        label: str,
+        *more: str,
+        reconnect_for_ms: int | None = None,
+    ) -> Proc:
         if kind == "dropin":
             argv = [node, str(EXAMPLE / "dropin.mjs"), serve.address]
         else:
             argv = [sys.executable, str(EXAMPLE / "legacy_openclaw.py")]
-        started.append(Proc([*argv, str(session_file), str(timeout_ms), label, *more], env))
+        own = dict(env)
+        if reconnect_for_ms is not None:
+            own["DROPIN_RECONNECT_FOR_MS"] = str(reconnect_for_ms)
+        started.append(Proc([*argv, str(session_file), str(timeout_ms), label, *more], own))
         return started[-1]
 
     yield make
@@ -241,14 +253,18 @@ def test_a_service_shutdown_reaches_the_drop_in_as_typed_errors(
     run: Callable[..., Proc], serve: Serve, tmp_path: Path
 ) -> None:
     """The holder is told (``LeaseRevoked``) and keeps the lock file; a waiter retries, then
-    gets OpenClaw's timeout error naming the service; OpenClaw processes keep waiting."""
+    gets OpenClaw's timeout error naming the service; OpenClaw processes keep waiting.
+
+    Both drop-ins ride out the lost service for ``RECONNECT_FOR_MS`` instead of the default
+    60 s: what they are told once that ends is the same, whatever the window (and a waiter
+    inside a ride-out gives up only when the ride-out ends, past its own 10 s budget)."""
     transcript = tmp_path / "sessions" / "shutdown.jsonl"
-    holder = run("dropin", transcript, 60_000, "holder")
+    holder = run("dropin", transcript, 60_000, "holder", reconnect_for_ms=RECONNECT_FOR_MS)
     held = holder.next()
     assert held["event"] == "held"
     lock = Path(held["lockPath"])
     before = lock.read_bytes()
-    waiter = run("dropin", transcript, 10_000, "waiter")
+    waiter = run("dropin", transcript, 10_000, "waiter", reconnect_for_ms=RECONNECT_FOR_MS)
     with connect(serve.address) as sl:
         eventually(
             lambda: len(sl.status(str(transcript)).files[0].queue) == 1,

@@ -12,6 +12,9 @@
 // {"event":"lost",...} if the lease is lost before that, {"event":"released"} after "release"
 // arrives on stdin. SESSIONLANE_OPENCLAW_MODULE names the
 // module when the package is not installed (the repository's tests point it at the build).
+// DROPIN_RECONNECT_FOR_MS, when set, is how long the locks ride out a lost service
+// (`connectOptions.reconnectForMs`; default the drop-in's 60 s): a test of what happens once
+// that ends sets it short.
 import { appendFile } from 'node:fs/promises';
 import { createInterface } from 'node:readline';
 
@@ -21,7 +24,12 @@ const { createSessionWriteLocks, isSessionWriteLockTimeoutError } = await import
 
 const [address, sessionFile, timeout, label, via] = process.argv.slice(2);
 const say = (event) => process.stdout.write(`${JSON.stringify(event)}\n`);
-const locks = createSessionWriteLocks({ address, lane: `openclaw:${label}` });
+const reconnectFor = process.env.DROPIN_RECONNECT_FOR_MS;
+const locks = createSessionWriteLocks({
+  address,
+  lane: `openclaw:${label}`,
+  connectOptions: reconnectFor ? { reconnectForMs: Number(reconnectFor) } : undefined,
+});
 try {
   let lock;
   try {

@@ -255,7 +255,12 @@ describe('the OpenClaw session write lock drop-in', needsService, () => {
     const port = (server.address() as { port: number }).port;
     await new Promise((resolve) => server.close(resolve));
     const away = `tcp://127.0.0.1:${port}`;
-    const lonely = createSessionWriteLocks({ address: away });
+    // Each connect is one attempt (the drop-in's default rides out a refusal for 60 s, past
+    // this budget): what is tested is the acquire's own retries, until its budget ends.
+    const lonely = createSessionWriteLocks({
+      address: away,
+      connectOptions: { reconnectForMs: 0 },
+    });
     try {
       const started = Date.now();
       const err = await lonely
