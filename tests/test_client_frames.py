@@ -93,7 +93,9 @@ requests = st.one_of(
     ),
     appends(),
     st.builds(Release, lease=leases),
-    st.builds(Rewrite, lease=leases, fence=st.integers(min_value=1), records=records),
+    st.builds(
+        Rewrite, lease=leases, fence=st.integers(min_value=1, max_value=2**40), records=records
+    ),
     st.builds(Abandon, lane=names, path=st.none() | paths, reason=st.none() | st.text()),
     st.builds(
         Recover,

@@ -30,6 +30,7 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     lines,
     pool,
 )
+from nodejs import NODE_DIR, built_node
 from test_gateway import RawConn
 
 from sessionlane.system.runtime.launch import free_port
@@ -388,8 +389,6 @@ def test_a_kill_9_of_serve_is_ridden_out_by_a_holder_in_mid_turn(
     assert lines(path) == [{"n": 1}, {"n": 2}]
 
 
-NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
-
 NODE_HOLDER = """
 const { connect } = require(process.argv[1]);
 const { createSessionWriteLocks } = require(process.argv[1] + '/dist/openclaw.js');
@@ -424,12 +423,8 @@ const nextLine = () =>
 
 
 def node_or_skip() -> str:
-    import shutil
-
-    node = shutil.which("node")
-    if node is None or not (NODE_DIR / "dist" / "index.js").exists():
-        pytest.skip("node and the built package (npm ci in clients/node) are needed")
-    return node
+    """``node``, the package built from the sources under test (skips without node)."""
+    return built_node("the Node holder's restart test")
 
 
 @pytest.mark.parametrize("mode", ["client", "openclaw"])
