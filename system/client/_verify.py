@@ -7,6 +7,7 @@ with one, the service's proof of it decides. The sync and asyncio clients share 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import socket
@@ -71,9 +72,10 @@ def refuse_self_connection(sock: socket.socket) -> None:
     try:
         if sock.getsockname() != sock.getpeername():
             return
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
-        return
+        return  # not connected after all: the hello's send will say so
+    with contextlib.suppress(OSError):  # refused all the same if it cannot be reset
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     raise ConnectionRefusedError("connected to itself: nothing listens there")
 
 
