@@ -34,6 +34,7 @@ import { EventEmitter } from 'node:events';
 import { anchor, defaultAddress, parseAddress, type Target } from './address.js';
 import {
   LeaseRevoked,
+  LeaseTimeout,
   SessionLaneError,
   Unauthorized,
   Unavailable,
@@ -97,6 +98,12 @@ export interface ConnectOptions {
    * a lost connection is ridden out: a restarted service gives the leases back.
    */
   reconnectForMs?: number;
+  /**
+   * How long (ms) the first connect keeps trying while nobody listens (default:
+   * `reconnectForMs`). A caller that retries within its own budget (the OpenClaw drop-in)
+   * sets it to 0 and keeps `reconnectForMs` for the restarts of a service once connected.
+   */
+  connectForMs?: number;
   /** Called before each retry of a refused connect, with the refusal and the wait (ms). */
   onRetry?: (error: Error, delayMs: number) => void;
   /**
@@ -167,6 +174,8 @@ interface Pending {
   /** May be sent again after a restart if safe (false: its caller resends, as a pipeline). */
   readonly resend: boolean;
   readonly path: string | null;
+  /** When an acquire's own wait ends (ms; null: none): it bounds a ride-out too. */
+  readonly budgetEnd: number | null;
   readonly resolve: (value: unknown) => void;
   readonly reject: (error: Error) => void;
   readonly onQueued: ((position: number) => void) | undefined;
@@ -320,7 +329,7 @@ async function dialWithin(
   timeoutMs: number,
   options: ConnectOptions,
 ): Promise<net.Socket> {
-  const deadline = Date.now() + Math.max(0, options.reconnectForMs ?? 0);
+  const deadline = Date.now() + Math.max(0, options.connectForMs ?? options.reconnectForMs ?? 0);
   for (let delay = 50; ; delay = Math.min(1_000, delay * 2)) {
     try {
       return await dial(target, timeoutMs);
@@ -391,6 +400,8 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
   #closed = false;
   /** The detail of an `error` the service sent without an id (it closes the connection next). */
   #farewell = '';
+  /** Why the connection under revival was lost (for the errors of calls that stop waiting). */
+  #lostBecause = '';
   /** What this connection's lanes and leases use (kept off the public surface). */
   readonly #host: LeaseHost = {
     request: (type, fields, options) => this.request(type, fields, options),
@@ -512,9 +523,68 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     const reviving = this.#reviving;
     if (reviving !== null) {
       // The service restarted: wait for the next connection (and the reclaims) first.
-      return reviving.then(() => this.request(type, fields, options));
+      return this.#afterRevival(reviving, type, fields, options).then((next) =>
+        this.request(type, next.fields, next.options),
+      );
     }
     return this.#send(type, fields, options);
+  }
+
+  /**
+   * Wait for the revival under way, then resolve with the request to send: an acquire waits
+   * no longer than its own wait (`LeaseTimeout` when that ends first, nothing sent) and is
+   * sent with what is left of it; a call's signal still aborts it meanwhile.
+   */
+  #afterRevival<T>(
+    reviving: Promise<void>,
+    type: string,
+    fields: Record<string, unknown>,
+    options: RequestOptions<T>,
+  ): Promise<{ fields: Record<string, unknown>; options: RequestOptions<T> }> {
+    const budget = acquireBudget(type, options.timeoutMs);
+    const signal = options.signal;
+    if (budget === null && signal === undefined) return reviving.then(() => ({ fields, options }));
+    const started = Date.now();
+    return new Promise((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      const finish = (): void => {
+        clearTimeout(timer);
+        signal?.removeEventListener('abort', onAbort);
+      };
+      const onAbort = (): void => {
+        finish();
+        reject(abortReason(signal as AbortSignal));
+      };
+      if (signal?.aborted) return reject(abortReason(signal));
+      signal?.addEventListener('abort', onAbort, { once: true });
+      if (budget !== null && budget <= MAX_TIMER_MS) {
+        timer = setTimeout(() => {
+          finish();
+          reject(this.#outOfBudget(budget, fields));
+        }, budget);
+      }
+      void reviving.then(() => {
+        finish();
+        if (budget === null) return resolve({ fields, options });
+        const left = Math.max(0, budget - (Date.now() - started));
+        resolve({
+          fields: { ...fields, wait_timeout_ms: Math.floor(left) },
+          options: { ...options, timeoutMs: left },
+        });
+      });
+    });
+  }
+
+  /** What an acquire whose wait ended while the service was away gets. */
+  #outOfBudget(budgetMs: number, fields: Record<string, unknown>): LeaseTimeout {
+    const path = typeof fields['path'] === 'string' ? fields['path'] : null;
+    const away = new Unavailable(
+      `cannot reach sessionlane at ${this.address}: ${this.#lostBecause}; still reconnecting`,
+    );
+    return new LeaseTimeout(
+      `not granted within ${Math.round(budgetMs)} ms: the service was away (${this.#lostBecause})`,
+      { path, cause: away },
+    );
   }
 
   /**
@@ -561,6 +631,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     const wait = options.timeoutMs === undefined ? 0 : options.timeoutMs;
     const limit = wait === null ? null : wait + this.#timeoutMs;
     const path = typeof fields['path'] === 'string' ? fields['path'] : null;
+    const budget = acquireBudget(type, options.timeoutMs);
     const map = options.map;
     return new Promise<T>((resolve, reject) => {
       const timer =
@@ -580,6 +651,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
         revival,
         resend: options.resend ?? true,
         path,
+        budgetEnd: budget === null ? null : Date.now() + budget,
         // Without `map`, T is the reply itself (the default type argument).
         resolve: (value) => resolve(value as T),
         reject,
@@ -778,6 +850,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       return;
     }
     if (leaseReason === 'connection_lost' && this.#reconnectForMs() > 0) {
+      this.#lostBecause = reason;
       this.#reviving = this.#revive(reason);
       return;
     }
@@ -803,12 +876,35 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
         state.revoke('connection_lost');
       }
     }
+    // An acquire waiting in the service when it went waits no longer than its own wait.
+    const budgets: NodeJS.Timeout[] = [];
+    for (const [id, pending] of this.#pending) {
+      const left = pending.budgetEnd === null ? null : pending.budgetEnd - Date.now();
+      if (left === null || left > MAX_TIMER_MS) continue;
+      const timer = setTimeout(() => {
+        this.#givenUp(id, this.#outOfBudget(pending.budgetEnd! - pending.sentAt, pending.fields));
+      }, Math.max(0, left));
+      budgets.push(timer);
+    }
+    try {
+      await this.#reconnectAndReclaim(reason);
+    } finally {
+      for (const timer of budgets) clearTimeout(timer);
+    }
+  }
+
+  /** The revival's loop: reconnect, reclaim, resend, until `reconnectForMs` has passed. */
+  async #reconnectAndReclaim(reason: string): Promise<void> {
     const deadline = Date.now() + this.#reconnectForMs();
     let delay = 50;
     let why = reason;
     while (!this.#closed) {
       try {
-        const socket = await dialService(this.address, { ...this.#options, reconnectForMs: 0 });
+        const socket = await dialService(this.address, {
+          ...this.#options,
+          connectForMs: 0,
+          reconnectForMs: 0,
+        });
         if (this.#closed) {
           socket.destroy();
           return;
@@ -913,6 +1009,11 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
  * was sent and may be in the file (`UnknownOutcome`, never "not written"; under a lease, with
  * the lease's `reason`); anything else is `Unavailable`. As the Python client.
  */
+/** An acquire's own wait (ms), which bounds everything it waits for; null: none. */
+function acquireBudget(type: string, timeoutMs: number | null | undefined): number | null {
+  return type === 'acquire' && typeof timeoutMs === 'number' ? Math.max(0, timeoutMs) : null;
+}
+
 function lostBeforeReply(
   pending: Pick<Pending, 'type' | 'fields' | 'path'>,
   reason: string,

@@ -13,6 +13,7 @@ import {
   ERROR_CODES,
   InvalidRecord,
   LeaseRevoked,
+  LeaseTimeout,
   ReadOnly,
   SessionLaneError,
   StaleFence,
@@ -322,6 +323,65 @@ describe('a reclaim refused after a restart', () => {
       await sl.close();
     } finally {
       server.close();
+    }
+  });
+});
+
+/**
+ * A service that grants lane `a` a lease with a reclaim secret and queues every other
+ * acquire; `stop()` stops it as a killed service would: its connection drops and nothing
+ * listens at its address any more.
+ */
+async function stoppableService(): Promise<{ address: string; stop: () => void }> {
+  let live: net.Socket | null = null;
+  const { address, server } = await scriptedService((request, send, socket) => {
+    live = socket;
+    const id = request['id'];
+    if (request['type'] !== 'acquire') return;
+    if (request['lane'] === 'a') {
+      send({ type: 'granted', id, lease: 'L1', fence: 7, path: request['path'],
+             purpose: 'prompt', secret: 'S'.repeat(32) });
+    } else {
+      send({ type: 'queued', id, position: 1 });
+    }
+  });
+  const stop = (): void => {
+    server.close();
+    (live as net.Socket | null)?.destroy();
+  };
+  return { address, stop };
+}
+
+describe('an acquire budget while the connection rides out a lost service', () => {
+  it('bounds an acquire queued before the loss and one made during it; the lease rides on', async () => {
+    const { address, stop } = await stoppableService();
+    const sl = await connect(address, { keepaliveMs: 0, reconnectForMs: 60_000 });
+    try {
+      const lease = await sl.lane('a').lease('/s/a.jsonl');
+      assert.ok(lease !== null);
+      const queued = deferred();
+      const started = Date.now();
+      const waiting = sl
+        .lane('b')
+        .lease('/s/a.jsonl', { waitTimeoutMs: 400, onQueued: () => queued.resolve() })
+        .catch((err: unknown) => err);
+      await queued.promise;
+      stop(); // the connection rides out for 60 s: far past either acquire's 400 ms
+      const queuedErr = await waiting;
+      const meanwhile = await sl
+        .lane('c')
+        .lease('/s/a.jsonl', { waitTimeoutMs: 400 })
+        .catch((err: unknown) => err);
+      for (const err of [queuedErr, meanwhile]) {
+        assert.ok(err instanceof LeaseTimeout, String(err));
+        assert.ok(err.cause instanceof Unavailable, 'the service was away');
+        assert.equal(err.path, '/s/a.jsonl');
+      }
+      assert.ok(Date.now() - started < 20_000, 'each acquire gave up at its own budget');
+      assert.equal(lease.revoked, null, 'the held lease still rides out the loss');
+      assert.equal(lease.signal.aborted, false);
+    } finally {
+      await sl.close();
     }
   });
 });
