@@ -76,6 +76,7 @@ __all__ = [
     "LeaseState",
     "Link",
     "NotSent",
+    "OutOfBudget",
     "Send",
     "Settings",
     "anchor",
@@ -147,6 +148,11 @@ class NotSent(Unavailable):
     of it (a frame cut short is dropped with the connection, never read as a request)."""
 
 
+class OutOfBudget(Unavailable):
+    """A reconnect cut short by its caller's own budget (an acquire's wait), not by
+    ``reconnect_for``: the service may still come back for others."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """What ``connect`` / ``connect_async`` were given (see ``connect`` for each one)."""
@@ -178,11 +184,12 @@ class Settings:
         options["service_user"] = resolve_user(options.get("service_user"))
         return cls(address, None if token is None else token.strip(), **options)
 
-    def retry_policy(self) -> dict[str, Any]:
+    def retry_policy(self, window: float | None = None) -> dict[str, Any]:
         """The arguments of the tenacity ``Retrying`` / ``AsyncRetrying`` of a connect: retry
-        a refusal for ``reconnect_for`` seconds (0: one attempt), backing off to 1 s."""
+        a refusal for ``window`` seconds (default ``reconnect_for``; 0: one attempt), backing
+        off to 1 s."""
         return {
-            "stop": stop_after_delay(self.reconnect_for),
+            "stop": stop_after_delay(self.reconnect_for if window is None else window),
             "wait": wait_exponential(multiplier=0.05, max=1.0),
             "retry": retry_if_exception_type(RETRYABLE),
             "reraise": True,
@@ -308,6 +315,12 @@ class ClientCore(Generic[W, T]):
         """Which requests go on which direct channel (``docs/direct-channel.md``)."""
         self.clock: Callable[[], float] = time.monotonic
         """What the operations read the time from (seconds; tests replace it)."""
+        self.connect_failures = 0
+        """How many reconnects tried for the whole ``reconnect_for`` and failed: a call that
+        waited for one of them (a reclaim, a lease's call) shares its outcome, never starting a
+        window of its own (:meth:`connect_plan`)."""
+        self._connect_failure = ""
+        """The detail of the last of those failures."""
 
     # Connections ---------------------------------------------------------------------------
 
@@ -379,6 +392,44 @@ class ClientCore(Generic[W, T]):
         self.server = reply.server
         self.link = link
         self.direct.welcomed(bool(reply.direct) and self.service_uid is not None)
+
+    def connect_plan(self, deadline: float | None, seen: int) -> tuple[float | None, bool]:
+        """How long a reconnect may keep trying (None: ``reconnect_for``), and whether that is
+        the whole ``reconnect_for`` (its failure is then shared: :meth:`reconnect_failed`).
+
+        ``deadline`` (``clock`` time): the caller's own budget ends then, and the reconnect with
+        it. ``seen``: ``connect_failures`` when the caller decided to call (under the surface's
+        lock, with the state it checked). Raises the shared failure if a reconnect failed since
+        (the caller waited for it: one ride-out window, not one more), ``OutOfBudget`` if the
+        budget is spent.
+        """
+        if self.connect_failures != seen:
+            raise Unavailable(self._connect_failure)
+        if deadline is None:
+            return None, True
+        left = deadline - self.clock()
+        if left <= 0:
+            raise self.out_of_budget()
+        if left >= self.settings.reconnect_for:
+            return None, True
+        return left, False
+
+    def out_of_budget(self) -> OutOfBudget:
+        """What a reconnect cut short by its caller's budget raises."""
+        return OutOfBudget(
+            f"cannot reach sessionlane at {self.settings.address} within the caller's budget"
+        )
+
+    def reconnect_failed(self, error: Unavailable) -> None:
+        """A reconnect tried for the whole ``reconnect_for`` and failed: the service did not
+        come back in time. Every suspended lease is lost now (``restart``), and the callers
+        that waited for that reconnect fail with ``error`` (:meth:`connect_plan`)."""
+        if not self.reconnects:
+            return
+        self.connect_failures += 1
+        self._connect_failure = error.detail
+        for state in self.suspended():
+            self.not_reclaimed(state)
 
     def link_for(self, reconnect: bool) -> Link[W, T] | None:
         """The connection a request goes on, or None: reconnect first (only if ``reconnect``;
