@@ -965,12 +965,19 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       const lost = typeof lease === 'string' ? refused.get(lease) : undefined;
       if (lost !== undefined) {
         this.#settled(id);
+        const why =
+          `lease ${lost.lease} lost: the restarted service refused its reclaim before the ` +
+          `${pending.type} reply`;
+        // A write that was sent may be in the file (a refusal can mean it changed since the
+        // lease record): its outcome is unknown, never "not written".
+        const write = pending.type === 'append' || pending.type === 'rewrite';
         pending.reject(
-          new LeaseRevoked(
-            `lease ${lost.lease} lost: the restarted service refused its reclaim before the ` +
-              `${pending.type} reply`,
-            { path: lost.path, reason: 'restart' },
-          ),
+          write
+            ? new UnknownOutcome(`${why}: read the file to know`, {
+                path: lost.path,
+                reason: 'restart',
+              })
+            : new LeaseRevoked(why, { path: lost.path, reason: 'restart' }),
         );
         continue;
       }
