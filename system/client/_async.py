@@ -21,7 +21,7 @@ Addresses, defaults, the refused-connection rule, the checks before sending (``I
 the shared ``ClientCore`` (``_core``) and operations (``_ops``); this module is the stream and task
 half, driving them with awaited calls.
 
-One client belongs to one event loop; it is not thread-safe. (About 620 lines: the asyncio
+One client belongs to one event loop; it is not thread-safe. (About 640 lines: the asyncio
 twin of ``_sync``, the stream and task half of every call, pipelines and direct channels.)
 """
 

@@ -15,7 +15,8 @@ Invariants:
 - a lease belongs to the connection that granted it: when that connection ends, every lease
   is revoked (``connection_lost``, or ``connection_closed`` by ``close()``), except that with
   ``reconnect_for`` a lease that has a reclaim secret is *suspended* instead: the next
-  connection reclaims it (same lease, same fence) or, refused, revokes it (``restart``);
+  connection reclaims it (same lease, same fence) or, refused, revokes it (``restart``), as
+  does a reconnect that tried for the whole ``reconnect_for`` in vain (one window per loss);
 - once closed, a client opens no connection again;
 - nothing is sent on a connection before its other end was found to be the expected service:
   its socket's owner (``_verify.service_refusal``; by default this user, unless a token is given)
@@ -24,9 +25,11 @@ Invariants:
 - a lease taken on a direct channel (``_direct``, ``docs/direct-channel.md``) is written and
   released on that channel only, and ends with it, or with the gateway's connection.
 
-About 690 lines: the direct channels' routing is ``_direct.DirectRoutes``; what stays here is
+About 740 lines: the direct channels' routing is ``_direct.DirectRoutes``; what stays here is
 where it meets the leases and the links (and, when a direct channel closes under a lease, the
-question to the gateway that decides the reason the holder is told: ``probe``).
+question to the gateway that decides the reason the holder is told: ``probe``), and the one
+ride-out window per lost connection, which ends the suspended leases (``connect_plan``,
+``reconnect_failed``).
 """
 
 from __future__ import annotations

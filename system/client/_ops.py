@@ -398,7 +398,9 @@ def _lease_call(core: Core, lease: LeaseView, request: Any) -> Op[Reply]:
     No reply because the connection was lost: the lease went with it (``LeaseRevoked``; for a
     write, ``UnknownOutcome``: it may be in the file), unless it is suspended
     (``reconnect_for``): then it is reclaimed from the restarted service and the request sent
-    again if that cannot write twice (an append with its ``aid``, a release);
+    again if that cannot write twice (an append with its ``aid``, a release). A reclaim that
+    fails (refused, or the service not back within the one ride-out window) ends it with
+    ``LeaseRevoked`` (``restart``), or ``UnknownOutcome`` for a write already sent once;
     a reply that is only late stays ``Unavailable``. A ``stale_fence`` answer means the lease is
     gone even if its ``revoked`` event is still on the way.
     """

@@ -23,7 +23,7 @@
  * The socket keeps the process alive only while a call is pending or a lease is held: an idle
  * connection holding nothing does not stop a script from exiting.
  *
- * Why one module of about 850 lines: a `SessionLane` is one connection's state (socket,
+ * Why one module of about 1,050 lines: a `SessionLane` is one connection's state (socket,
  * pending requests, leases), and the revival after a restart swaps the socket under that
  * state; what the revival decides without touching it is in `reclaim.ts`.
  */
@@ -41,7 +41,14 @@ import {
   UnknownOutcome,
   errorFor,
 } from './errors.js';
-import { reclaimFields, resendable, waitedFields } from './reclaim.js';
+import {
+  acquireBudget,
+  awaitWithin,
+  budgetFields,
+  reclaimFields,
+  resendable,
+  waitedFields,
+} from './reclaim.js';
 import {
   Lane,
   grantedLease,
@@ -523,56 +530,16 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     const reviving = this.#reviving;
     if (reviving !== null) {
       // The service restarted: wait for the next connection (and the reclaims) first.
-      return this.#afterRevival(reviving, type, fields, options).then((next) =>
-        this.request(type, next.fields, next.options),
+      // An acquire waits no longer than its own wait: LeaseTimeout, nothing sent.
+      const budget = acquireBudget(type, options.timeoutMs);
+      const expired = (): Error => this.#outOfBudget(budget ?? 0, fields);
+      return awaitWithin(reviving, budget, options.signal, expired, abortReason).then((left) =>
+        left === null
+          ? this.request(type, fields, options)
+          : this.request(type, budgetFields(fields, left), { ...options, timeoutMs: left }),
       );
     }
     return this.#send(type, fields, options);
-  }
-
-  /**
-   * Wait for the revival under way, then resolve with the request to send: an acquire waits
-   * no longer than its own wait (`LeaseTimeout` when that ends first, nothing sent) and is
-   * sent with what is left of it; a call's signal still aborts it meanwhile.
-   */
-  #afterRevival<T>(
-    reviving: Promise<void>,
-    type: string,
-    fields: Record<string, unknown>,
-    options: RequestOptions<T>,
-  ): Promise<{ fields: Record<string, unknown>; options: RequestOptions<T> }> {
-    const budget = acquireBudget(type, options.timeoutMs);
-    const signal = options.signal;
-    if (budget === null && signal === undefined) return reviving.then(() => ({ fields, options }));
-    const started = Date.now();
-    return new Promise((resolve, reject) => {
-      let timer: NodeJS.Timeout | undefined;
-      const finish = (): void => {
-        clearTimeout(timer);
-        signal?.removeEventListener('abort', onAbort);
-      };
-      const onAbort = (): void => {
-        finish();
-        reject(abortReason(signal as AbortSignal));
-      };
-      if (signal?.aborted) return reject(abortReason(signal));
-      signal?.addEventListener('abort', onAbort, { once: true });
-      if (budget !== null && budget <= MAX_TIMER_MS) {
-        timer = setTimeout(() => {
-          finish();
-          reject(this.#outOfBudget(budget, fields));
-        }, budget);
-      }
-      void reviving.then(() => {
-        finish();
-        if (budget === null) return resolve({ fields, options });
-        const left = Math.max(0, budget - (Date.now() - started));
-        resolve({
-          fields: { ...fields, wait_timeout_ms: Math.floor(left) },
-          options: { ...options, timeoutMs: left },
-        });
-      });
-    });
   }
 
   /** What an acquire whose wait ended while the service was away gets. */
@@ -1016,11 +983,6 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
  * was sent and may be in the file (`UnknownOutcome`, never "not written"; under a lease, with
  * the lease's `reason`); anything else is `Unavailable`. As the Python client.
  */
-/** An acquire's own wait (ms), which bounds everything it waits for; null: none. */
-function acquireBudget(type: string, timeoutMs: number | null | undefined): number | null {
-  return type === 'acquire' && typeof timeoutMs === 'number' ? Math.max(0, timeoutMs) : null;
-}
-
 function lostBeforeReply(
   pending: Pick<Pending, 'type' | 'fields' | 'path'>,
   reason: string,
