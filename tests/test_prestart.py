@@ -10,6 +10,7 @@ arguments that come is tested without processes.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,7 @@ def test_a_template_does_not_fit_a_child_it_was_not_built_for(changed: Any) -> N
 
 
 def test_a_template_leaves_out_what_names_the_child_it_came_from() -> None:
-    import pickle
-
-    kept = pickle.loads(prestart.template(_args(7)[:3] + [TCPEndpoint] + _args(7)[4:]))
+    kept = pickle.loads(prestart.template(_args(7)))
     assert kept[8] is None and kept[12] == []  # the notify target, the descriptors to close
     assert prestart.template(_args(7)[:-1]) == b""  # not startChild's arguments
 
@@ -129,7 +128,10 @@ def _parked(service: Service, besides: set[int] = frozenset()) -> int:  # type: 
 def test_once_a_file_started_the_next_child_listens_on_its_actor_port_before_it_is_asked(
     tmp_path: Path,
 ) -> None:
-    with embedded_service([str(tmp_path)], idle_ms=60_000) as service, connect(service.address) as sl:
+    with (
+        embedded_service([str(tmp_path)], idle_ms=60_000) as service,
+        connect(service.address) as sl,
+    ):
         first = _parked(service)
         assert _tcp_listening_ports(first) == set()  # nothing started yet: no template
         lane = sl.lane("a")
@@ -153,7 +155,10 @@ def test_once_a_file_started_the_next_child_listens_on_its_actor_port_before_it_
 def test_a_child_started_ahead_still_dies_of_sigterm_while_parked_and_the_next_file_opens(
     tmp_path: Path,
 ) -> None:
-    with embedded_service([str(tmp_path)], idle_ms=60_000) as service, connect(service.address) as sl:
+    with (
+        embedded_service([str(tmp_path)], idle_ms=60_000) as service,
+        connect(service.address) as sl,
+    ):
         first = _parked(service)
         lane = sl.lane("a")
         assert lane.acquire(str(tmp_path / "one.jsonl"), purpose="prompt") is not None
