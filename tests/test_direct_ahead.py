@@ -74,10 +74,15 @@ def test_a_ticket_minted_ahead_for_a_file_another_service_owns_opens_nothing(
         # Answered by the Registry before the file tried its ownership lock (the file itself
         # would have answered ``unavailable``)...
         given = offer(gw, "b", path)
-        # ...but the file never took the lock, so nobody is served on its listener.
-        channel = abstract(given["address"], timeout=10.0)
-        channel.send({"k": "direct", "v": 1, "ticket": given["ticket"]})
-        assert refused(channel)
+        # ...but the file never took the lock, so nobody is served on its listener: the hello
+        # is refused, or the listener is already gone (the file closed it as it failed).
+        try:
+            channel = abstract(given["address"], timeout=10.0)
+            channel.send({"k": "direct", "v": 1, "ticket": given["ticket"]})
+        except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
+            pass
+        else:
+            assert refused(channel)
         answer = gw.acquire("b", path)
         assert answer["type"] == "error" and answer["code"] == "unavailable", answer
         assert "served by another sessionlane service" in answer["detail"]

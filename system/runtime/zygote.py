@@ -33,6 +33,10 @@ Each parked child is also given what takes the other hops off a first contact
 (``sessionlane.actors.ahead``): its channel listener, bound by the zygote before it forks it,
 whose name and token the Registry offers the asker at once; and its ``FileInit``, handed with
 its arguments, which it delivers to its actor as its first message.
+And once the Registry has started a child, each request to park the next one carries the
+arguments it gave that child, as a template (kept as bytes here): the parked child does
+thespian's start of its actor from it before it is asked for
+(``sessionlane.system.runtime.prestart``).
 
 Before it freezes, the zygote rehearses a file actor's life (``sessionlane.system.runtime.warmup``:
 a SessionFile, outside any actor system, through leases on a throwaway file), so that the code
@@ -46,7 +50,7 @@ If the zygote is gone or a request fails, the child is forked the ordinary way (
 is logged). Like ``sessionlane.system.runtime.admin_fork`` it runs before the system is
 created, is idempotent, and fails closed on another thespian or if what it relies on moved.
 
-About 640 lines: the patch of thespian's actor start, the Registry's end of the zygote and the
+About 680 lines: the patch of thespian's actor start, the Registry's end of the zygote and the
 zygote's own loop speak one protocol (the pipes, the notices, the parked child's arguments) and
 are read together.
 """
