@@ -227,9 +227,9 @@ class LaneClosed(_Internal):
 class DirectAhead(_Internal):
     """A client's ``direct`` that activated a new file, with the ticket the Registry minted for
     it: the file takes the ticket as its own before it serves anything, and the gateway answers
-    the client with it at once (``docs/activation.md``)."""
+    the client with it at once (``docs/activation.md``). A part of ``OpenChannel`` and
+    ``FileInit``, never sent on its own."""
 
-    kind: Literal["direct_ahead"] = "direct_ahead"
     gateway_lane: str
     """The uid of the gateway lane that asked (its abandon closes the channel)."""
     priority: Priority
