@@ -283,6 +283,7 @@ class SessionFile(ShellActor):
         listener = ahead.take_inherited()
         if listener is not None:  # offered by the Registry already: served from now on
             self.state.channels.adopt(*listener)
+        self.state.channels.take_tickets(msg.tickets)  # before anything is accepted
         self.ahead_due = True
         self.schedule_idle(self.state)
         self.run(self.state)  # an awaited holder's grace ends even if nobody asks
