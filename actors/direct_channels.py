@@ -43,6 +43,7 @@ __all__ = [
     "DirectBinding",
     "DirectTickets",
     "direct_request",
+    "mint_ticket",
 ]
 
 TICKET_TTL_MS = 10_000.0
@@ -76,6 +77,11 @@ class _Ticket:
     expires: float
 
 
+def mint_ticket() -> str:
+    """A new ticket: 24 random bytes, URL-safe."""
+    return secrets.token_urlsafe(24)
+
+
 class DirectTickets:
     """The tickets a file minted and not yet redeemed. Not thread-safe."""
 
@@ -90,10 +96,12 @@ class DirectTickets:
         canonical: str,
         now: float,
         priority: Priority = "interactive",
+        ticket: str = "",
     ) -> str:
         """A fresh ticket for ``request`` (forwarded by the gateway: ``peer_uid`` and
         ``max_frame_bytes`` are set), valid until ``now`` + :data:`TICKET_TTL_MS`;
-        ``priority``: the gateway lane's."""
+        ``priority``: the gateway lane's. ``ticket``: one the Registry minted ahead for a new
+        file (``FileInit.tickets``), taken as this file's own; else a new one."""
         assert request.peer_uid is not None and request.max_frame_bytes is not None
         for key in [k for k, t in self._tickets.items() if t.expires <= now]:
             del self._tickets[key]
@@ -109,7 +117,7 @@ class DirectTickets:
             max_frame_bytes=request.max_frame_bytes,
             priority=priority,
         )
-        ticket = secrets.token_urlsafe(24)
+        ticket = ticket or mint_ticket()
         self._tickets[ticket] = _Ticket(binding, now + TICKET_TTL_MS)
         return ticket
 

@@ -49,7 +49,8 @@ A new channel's acquires (and a client's ``direct``) are written right after the
 the welcome (``send_early``): a new file's listener is offered before the file has started
 (``sessionlane.actors.ahead``), and they wait in its backlog with the hello.
 
-About 610 lines: one state machine, its two carriers and its timers.
+About 650 lines: one state machine, its two carriers and its timers (and the answer to a
+client's `direct` that the Registry gave with a new file's offer).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ from sessionlane.messages.channel import (
 from sessionlane.messages.codec import FrameDecodeError
 from sessionlane.messages.internal import (
     ChannelOffer,
+    DirectAhead,
     FileReply,
     FileRestarted,
     LaneCall,
@@ -85,6 +87,7 @@ from sessionlane.messages.wire import (
     Abandoned,
     Acquire,
     Direct,
+    DirectOffer,
     Error,
 )
 
@@ -152,6 +155,8 @@ class _Link:
     not after one closed before its welcome, until a welcome comes."""
     asked_reclaim: bool = False
     """Whether the last ``OpenChannel`` said a reclaim waits (``OpenChannel.reclaim``)."""
+    asked_direct: LaneCall | None = None
+    """The client's ``direct`` the last ``OpenChannel`` carried (``OpenChannel.direct``)."""
     idle_ms: float | None = None
     """Close the channel after this long unused: half the file's own idle time, from its
     offer (None: the links' default)."""
@@ -299,7 +304,11 @@ class Links:
         self.by_nonce[link.nonce] = link
         reclaim = any(_is_reclaim(call) for call in (*link.queue, *([first] if first else [])))
         link.asked_reclaim = reclaim
-        ask = OpenChannel(path=link.path, nonce=link.nonce, reclaim=reclaim, ahead=link.ahead)
+        direct = _direct_ahead(first) if first is not None else None
+        link.asked_direct = first if direct is not None else None
+        ask = OpenChannel(
+            path=link.path, nonce=link.nonce, reclaim=reclaim, ahead=link.ahead, direct=direct
+        )
         self.host.send(self.host.registry, ask)
 
     # From the Registry and the files -------------------------------------------------------
@@ -308,6 +317,7 @@ class Links:
         link = self.by_nonce.pop(offer.nonce, None)
         if link is None or link.mode != "opening":
             return  # an answer to a request given up on
+        asked_direct, link.asked_direct = link.asked_direct, None
         if offer.code is not None:
             self.refused(link, offer)
             return
@@ -323,7 +333,23 @@ class Links:
             detail = "the file's actor offered no usable channel: retry in a moment"
             self.refused(link, offer.model_copy(update={"code": "unavailable", "reason": detail}))
             return
+        if offer.direct_ticket and asked_direct is not None:
+            self.answer_direct(link, asked_direct, offer)
         self.connect(link, offer)
+
+    def answer_direct(self, link: _Link, asked: LaneCall, offer: ChannelOffer) -> None:
+        """The Registry activated ``link``'s file for a client's ``direct`` (``asked``) and
+        minted its ticket, which the file took with its ``FileInit``: answered here, from the
+        offer, instead of by the file after its welcome (one hop less on a first grant). The
+        client's hello with it waits in the listener's backlog behind ours."""
+        found = next((i for i, call in enumerate(link.queue) if call is asked), None)
+        if found is None or offer.address is None:
+            return  # answered, refused or moved since: the file answers it as any other
+        del link.queue[found]
+        reply = DirectOffer(
+            id=asked.request.id, address=offer.address, ticket=offer.direct_ticket, path=link.path
+        )
+        self.host.deliver(FileReply(path=link.path, message=reply, lane=asked.lane.uid))
 
     def resolve(self, link: _Link, canonical: str) -> _Link:
         """The Registry named ``link``'s canonical path: the link it is (maybe another one's,
@@ -607,6 +633,17 @@ def _may_go_early(call: LaneCall) -> bool:
     if isinstance(request, Acquire):
         return request.reclaim is None
     return isinstance(request, Direct)
+
+
+def _direct_ahead(call: LaneCall) -> DirectAhead | None:
+    """A client's ``direct`` the Registry may answer with a new file's offer: one the gateway
+    filled in (its uid and frame limit), for the ask that opens its link."""
+    request = call.request
+    if not isinstance(request, Direct) or request.peer_uid is None:
+        return None
+    if request.max_frame_bytes is None:
+        return None
+    return DirectAhead(gateway_lane=call.lane.uid, priority=call.lane.priority, request=request)
 
 
 def _is_reclaim(call: LaneCall) -> bool:

@@ -61,6 +61,7 @@ from sessionlane.actors._shell import Handler, ShellActor, addr_key, monotonic_m
 from sessionlane.actors.ahead import BoundAhead
 from sessionlane.actors.capacity import fd_headroom, never_started
 from sessionlane.actors.confined import containing_root
+from sessionlane.actors.direct_channels import mint_ticket
 from sessionlane.actors.federation import Federation
 from sessionlane.actors.paths import canonicalize
 from sessionlane.actors.registry_records import FileEntry, Gather, Gathers
@@ -75,6 +76,7 @@ from sessionlane.messages.internal import (
     ChannelOffer,
     Configure,
     Configured,
+    DirectAhead,
     Drain,
     Drained,
     FileInit,
@@ -220,27 +222,31 @@ class Registry(ShellActor):
             refuse(exc.detail, "path_not_allowed")
             return None
         entry = self.files.get(path)
-        fresh = entry is None
+        fresh, direct = entry is None, None
         if entry is None:
             if (full := self.capacity_refusal(path)) is not None:
                 refuse(full, "too_many_files")
                 return None
-            entry = self.activate(path)
+            direct = direct_ahead(msg)
+            entry = self.activate(path, tickets=(direct,) if direct is not None else ())
         entry.lanes[addr_key(asker)] = asker
         if path != msg.path and len(entry.aliases) < _MAX_ALIASES:
             entry.aliases.add(msg.path)
         bound, entry.bound = entry.bound if fresh else None, None
         if bound is not None and msg.ahead and not msg.carried and SessionFile.channels:
-            self.offer_ahead(msg, entry, bound)  # answered: nothing goes to the file
+            self.offer_ahead(msg, entry, bound, direct)  # answered: nothing goes to the file
             return path
         entry.forwarded += 1
         self.forward(entry, msg)
         return path
 
-    def offer_ahead(self, msg: OpenChannel, entry: FileEntry, bound: BoundAhead) -> None:
+    def offer_ahead(
+        self, msg: OpenChannel, entry: FileEntry, bound: BoundAhead, direct: DirectAhead | None
+    ) -> None:
         """Answer the ask that activated ``entry`` with the listener bound ahead of its actor:
         the asker's hello waits in its backlog while the actor starts and opens the file (which
-        accepts only once it holds the file's ownership lock)."""
+        accepts only once it holds the file's ownership lock). With the ticket minted for the
+        ask's ``direct`` (``direct``), which the file took with its ``FileInit``."""
         assert self.config is not None
         offer = ChannelOffer(
             path=msg.path,
@@ -250,6 +256,7 @@ class Registry(ShellActor):
             token=bound.token,
             incarnation=entry.incarnation,
             idle_ms=self.config.file.idle_ms,
+            direct_ticket=direct.ticket if direct is not None else "",
         )
         self.send(msg.reply_to, offer)
 
@@ -281,8 +288,14 @@ class Registry(ShellActor):
             )
         return fd_headroom()
 
-    def activate(self, path: str, restarts: deque[float] | None = None) -> FileEntry:
-        """A new entry for ``path``; its actor starts now, or once its predecessor is gone."""
+    def activate(
+        self,
+        path: str,
+        restarts: deque[float] | None = None,
+        tickets: tuple[DirectAhead, ...] = (),
+    ) -> FileEntry:
+        """A new entry for ``path``; its actor starts now (with ``tickets``: direct-channel
+        tickets minted for it), or once its predecessor is gone."""
         incarnation = self.incarnations.get(path, 0) + 1
         self.incarnations[path] = incarnation
         key = f"{incarnation}:{path}"
@@ -294,10 +307,10 @@ class Registry(ShellActor):
             log.debug("%s: waiting for the previous actor to exit", path)
             self.wakeupAfter(_SUCCESSOR_WAIT_S, payload=SuccessorWait(key))
         else:
-            self.start_file(entry)
+            self.start_file(entry, tickets)
         return entry
 
-    def start_file(self, entry: FileEntry) -> None:
+    def start_file(self, entry: FileEntry, tickets: tuple[DirectAhead, ...] = ()) -> None:
         """Create ``entry``'s actor, initialise it, and hand it what waited for it."""
         assert self.config is not None and entry.address is None
         init = FileInit(
@@ -306,6 +319,7 @@ class Registry(ShellActor):
             incarnation=entry.incarnation,
             root=containing_root(entry.path, self.config.roots),
             restarted=bool(entry.restarts),  # only a restart after a death passes them
+            tickets=tickets,
         )
         ahead.take_spawned()  # nothing left from a start that did not go through the zygote
         ahead.first(init)  # a parked child opens its file before thespian has connected it
@@ -567,3 +581,11 @@ class Registry(ShellActor):
             return
         files = sorted(gather.answers, key=lambda f: f.path)
         self.send(gather.reply_to, StatusReply(id=gather.request_id, files=files))
+
+
+def direct_ahead(msg: OpenChannel) -> DirectAhead | None:
+    """The ticket for the ``direct`` of an ask that activates a new file, if it may be
+    answered ahead (its listener is bound ahead, for a socket channel); None otherwise."""
+    if msg.direct is None or not msg.ahead or msg.carried or not SessionFile.channels:
+        return None
+    return msg.direct.model_copy(update={"ticket": mint_ticket()})

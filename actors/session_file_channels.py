@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sessionlane.actors._shell import addr_key
@@ -34,7 +34,14 @@ from sessionlane.actors.carried import CarriedPeers, CarriedRef
 from sessionlane.actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
 from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.channel import reply_frame
-from sessionlane.messages.internal import ChannelOffer, FileReply, LaneCall, LaneRef, OpenChannel
+from sessionlane.messages.internal import (
+    ChannelOffer,
+    DirectAhead,
+    FileReply,
+    LaneCall,
+    LaneRef,
+    OpenChannel,
+)
 from sessionlane.messages.reply_maps import reply_frame_bytes
 from sessionlane.messages.wire import Direct, DirectOffer, Error, Granted
 
@@ -187,6 +194,22 @@ class FileChannels:
         return DirectOffer(
             id=request.id, address=self.server.address, ticket=ticket, path=self.path
         )
+
+    def take_tickets(self, tickets: Iterable[DirectAhead]) -> None:
+        """Hold the tickets the Registry minted ahead for the asks that activated this file
+        (``FileInit.tickets``) as if this file had minted them; none where no direct channel
+        can be offered (the client's hello is then refused, and it uses the gateway)."""
+        if self.server is None or not self.direct:
+            return
+        for ahead in tickets:
+            self.server.tickets.mint(
+                ahead.gateway_lane,
+                ahead.request,
+                self.path,
+                self.clock(),
+                ahead.priority,
+                ticket=ahead.ticket,
+            )
 
     def close_direct(self, gateway_lane: str | None) -> list[ChannelClosed]:
         """The direct channels of ``gateway_lane`` (it was abandoned), or all of them (None:

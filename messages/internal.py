@@ -117,6 +117,8 @@ class FileSettings(_Internal):
     reclaim_until_ms: float = 0.0
     """End of the service's reclaim grace, on the machine's monotonic clock (ms): until then a
     lease found in the file's lease record waits for its holder (``actors/reclaim.py``)."""
+    memory_merge: bool = False
+    """Opt the file's process in to the kernel's samepage merging (``actors/page_merge.py``)."""
     owner: ServiceIdentity | None = None
     """Written into the file's owner sidecar (``sessionlane.actors.ownership``) while the
     SessionFile holds it, so a contender can name this service; None: only the actor's own pid is
@@ -222,6 +224,23 @@ class LaneClosed(_Internal):
     address: Any
 
 
+class DirectAhead(_Internal):
+    """A client's ``direct`` that activated a new file, with the ticket the Registry minted for
+    it: the file takes the ticket as its own before it serves anything, and the gateway answers
+    the client with it at once (``docs/activation.md``). A part of ``OpenChannel`` and
+    ``FileInit``, never sent on its own."""
+
+    gateway_lane: str
+    """The uid of the gateway lane that asked (its abandon closes the channel)."""
+    priority: Priority
+    """That lane's priority (a lane-less append on the channel queues with it)."""
+    request: Direct
+    """The client's ``direct``, as the gateway forwarded it (``peer_uid`` and
+    ``max_frame_bytes`` filled in)."""
+    ticket: str = ""
+    """Minted by the Registry (empty in the ask)."""
+
+
 class FileInit(_Internal):
     """From the Registry to a new SessionFile."""
 
@@ -235,6 +254,9 @@ class FileInit(_Internal):
     from it without following symlinks. None: the parent directory is taken as the root."""
     restarted: bool = False
     """This start replaces an actor of the path that died (not a passivated one)."""
+    tickets: tuple[DirectAhead, ...] = ()
+    """Direct-channel tickets minted by the Registry for the asks that activated the file: the
+    file holds them as its own (each redeemable once, by its uid, as a minted one)."""
 
 
 class IdleNotice(_Internal):
@@ -302,6 +324,9 @@ class OpenChannel(_Internal):
     """The asker may be answered with a listener bound ahead of a new file's actor. False
     after such a listener closed before its welcome (the file could not activate, or retired):
     the file's own answer is wanted, which says why."""
+    direct: DirectAhead | None = None
+    """The client's ``direct`` that opens this link, if that is its first call: a new file's
+    Registry answers it with the offer (``ChannelOffer.direct_ticket``), one hop less."""
 
 
 class ChannelOffer(_Internal):
@@ -327,6 +352,9 @@ class ChannelOffer(_Internal):
     code: ErrorCode | None = None
     """Set by a SessionFile that failed to activate: the calls waiting for this channel get
     this error (and ``reason`` as detail), and the next call asks again."""
+    direct_ticket: str = ""
+    """The ticket the Registry minted for the ask's ``direct`` (``OpenChannel.direct``) and
+    handed to the new file: the gateway answers that ``direct`` with it and ``address``."""
 
 
 class StatusQuery(_Internal):

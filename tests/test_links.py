@@ -41,6 +41,8 @@ from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
     Acquire,
+    Direct,
+    DirectOffer,
     Error,
     Granted,
     ReclaimTicket,
@@ -668,3 +670,49 @@ def test_a_reclaim_queued_after_a_plain_ask_asks_again_and_an_abandon_withdraws_
         "unavailable",
     )
     assert [o.reclaim for o in host.opens()] == [False, True, False], "the hold is let go"
+
+
+def _direct(path: str, rid: int, uid: str = "a#1", peer_uid: int | None = 1000) -> LaneCall:
+    request = Direct(id=rid, lane=uid.split("#")[0], path=path, peer_uid=peer_uid)
+    if peer_uid is not None:
+        request = request.model_copy(update={"max_frame_bytes": 65536})
+    return LaneCall(lane=lane(uid), path=path, canonical=False, request=request)
+
+
+def test_a_direct_that_opens_a_link_is_asked_with_it_and_answered_from_the_offers_ticket(
+    tmp_path: Path, transcript: str, fake_file: FakeFile
+) -> None:
+    links, host = make(tmp_path)
+    links.call(_direct(transcript, 1))
+    links.call(acquire(transcript, 2, uid="b#1"))
+    ask = host.opens()[-1]
+    assert ask.direct is not None and ask.direct.gateway_lane == "a#1"
+    assert ask.direct.request.peer_uid == 1000 and ask.direct.ticket == ""
+    offer = fake_file.offer(ask.nonce, ask.path, transcript)
+    links.on_offer(offer.model_copy(update={"direct_ticket": "minted"}))
+    # Answered at once from the offer, before any welcome...
+    [answer] = host.delivered
+    assert answer.lane == "a#1" and isinstance(answer.message, DirectOffer)
+    assert (answer.message.id, answer.message.ticket) == (1, "minted")
+    assert (answer.message.address, answer.message.path) == (fake_file.address, transcript)
+    # ...and never sent to the file: the hello and the other lane's acquire go, not the direct.
+    links.flush()
+    fake_file.accept()
+    hello, call = fake_file.read(2)
+    assert isinstance(hello, ChannelHello) and isinstance(call, ChannelCall)
+    assert call.request.id == 2
+
+
+def test_a_direct_is_sent_to_the_file_when_the_offer_brings_no_ticket_or_it_was_not_filled(
+    tmp_path: Path, transcript: str, fake_file: FakeFile
+) -> None:
+    links, host = make(tmp_path)
+    links.call(_direct(transcript, 1, peer_uid=None))  # not filled in by the gateway
+    ask = host.opens()[-1]
+    assert ask.direct is None
+    links.on_offer(fake_file.offer(ask.nonce, ask.path, transcript))  # and no ticket offered
+    assert host.delivered == []
+    links.flush()
+    fake_file.accept()
+    _, call = fake_file.read(2)
+    assert isinstance(call.request, Direct) and call.request.id == 1

@@ -33,6 +33,10 @@ Each parked child is also given what takes the other hops off a first contact
 (``sessionlane.actors.ahead``): its channel listener, bound by the zygote before it forks it,
 whose name and token the Registry offers the asker at once; and its ``FileInit``, handed with
 its arguments, which it delivers to its actor as its first message.
+And once the Registry has started a child, each request to park the next one carries the
+arguments it gave that child, as a template (kept as bytes here): the parked child does
+thespian's start of its actor from it before it is asked for
+(``sessionlane.system.runtime.prestart``).
 
 Before it freezes, the zygote rehearses a file actor's life (``sessionlane.system.runtime.warmup``:
 a SessionFile, outside any actor system, through leases on a throwaway file), so that the code
@@ -46,7 +50,7 @@ If the zygote is gone or a request fails, the child is forked the ordinary way (
 is logged). Like ``sessionlane.system.runtime.admin_fork`` it runs before the system is
 created, is idempotent, and fails closed on another thespian or if what it relies on moved.
 
-About 640 lines: the patch of thespian's actor start, the Registry's end of the zygote and the
+About 680 lines: the patch of thespian's actor start, the Registry's end of the zygote and the
 zygote's own loop speak one protocol (the pipes, the notices, the parked child's arguments) and
 are read together.
 """
@@ -69,8 +73,9 @@ import struct
 import threading
 from typing import Any
 
-from sessionlane.actors import ahead
+from sessionlane.actors import ahead, page_merge
 from sessionlane.actors.ahead import BOUND_NAME_BYTES, BOUND_TOKEN_BYTES, BoundAhead
+from sessionlane.system.runtime import frozen_fork, prestart
 from sessionlane.system.runtime.admin_fork import release_inherited_sockets
 from sessionlane.system.runtime.loopback import require_supported_thespian
 
@@ -87,6 +92,12 @@ PARKED_TITLE = "parked (the next file's actor, forked ahead)"
 PARK_AHEAD = True
 """Whether the zygote keeps a child forked ahead (read in the zygote: set it before the system
 starts; ``False`` forks each child on request, for a before/after measurement)."""
+
+MEMORY_MERGE = False
+"""Whether the zygote opts in to the kernel's samepage merging before it warms up and freezes
+(``memory_merge``; ``sessionlane.actors.page_merge``), so a file's copies of its pages can be
+merged back with the zygote's own. Read in the zygote: set before the system starts (the
+service sets it at every start from its settings)."""
 
 ZYGOTE_PARENTS = frozenset({"sessionlane.actors.registry.Registry"})
 """Actor classes whose process forks its zygote as it starts (before its actor exists: the
@@ -105,7 +116,9 @@ _MESSAGE = struct.Struct(f"!cq?{BOUND_NAME_BYTES}s{BOUND_TOKEN_BYTES}s")
 forked on request, pid -1 if it failed), the child's pid, whether a listener was bound ahead
 for it, its name's and token's bytes (``sessionlane.actors.ahead``)."""
 _PARK = b"P"
-"""Request: park the next child (answered by its notice, with its argument pipe)."""
+"""Request: park the next child, with the template it may start ahead from
+(``sessionlane.system.runtime.prestart``: its length, then its bytes; answered by its notice,
+with its argument pipe)."""
 _FORK = b"F"
 """Request: fork a child with these arguments now (answered with its pid)."""
 
@@ -291,6 +304,8 @@ class _Zygote:
         self.park_wanted = False
         """The next child is to be parked once the Registry has answered the first contact
         (``ahead.defer``), or at the next spawn at the latest."""
+        self.last_args: list[Any] | None = None
+        """The arguments of the child started last: the next parked child's template."""
 
     @classmethod
     def start(cls) -> _Zygote:
@@ -370,8 +385,9 @@ class _Zygote:
     def ask_park(self) -> None:
         """Have the zygote park the next child (its notice is read when it is needed)."""
         self.park_wanted = False
+        built_from = prestart.template(self.last_args) if self.last_args is not None else b""
         try:
-            os.write(self.requests, _PARK)
+            os.write(self.requests, _PARK + _HEADER.pack(len(built_from)) + built_from)
         except OSError as exc:
             log.warning("zygote %d is gone (%s): giving it up", self.pid, exc)
             self.close()
@@ -389,6 +405,7 @@ class _Zygote:
         except pickle.PicklingError as exc:
             log.warning("cannot hand %s to a zygote child: %s", name, exc)
             return None
+        self.last_args = args
         parked = self.take_parked()
         if parked is not None:
             if parked.assign(payload):
@@ -458,22 +475,25 @@ def _serve(requests: int, replies: socket.socket) -> None:
             signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # the Registry gone: EPIPE, not death
     release_inherited_sockets(keep={replies.fileno()})
+    if MEMORY_MERGE and (why := page_merge.opt_in()) is not None:
+        log.warning("memory_merge: the zygote's pages will not be merged: %s", why)
     if warmup.WARM_UP:
         warmup.warm_up()  # a file's code run once here: its caches are then shared, frozen
         gc.collect()  # the rehearsal's garbage, before it would be frozen with the rest
     follow_every_root()  # each child's loggers reach its own root without being rewritten
     gc.freeze()
     fds = (requests, replies.fileno())
-    _tell_parked(replies, _Parked.park(fds) if PARK_AHEAD else None)  # also says: ready
+    _tell_parked(replies, _Parked.park(fds, b"") if PARK_AHEAD else None)  # also says: ready
     while True:
         tag = os.read(requests, 1)
-        if tag == _PARK:
-            _tell_parked(replies, _Parked.park(fds) if PARK_AHEAD else None)
-            continue
-        header = _read_exact(requests, _HEADER.size) if tag == _FORK else b""
+        header = _read_exact(requests, _HEADER.size) if tag in (_PARK, _FORK) else b""
         if len(header) < _HEADER.size:
             return  # the Registry closed the pipe: it is gone (or spoke out of turn)
-        args, name, _ = pickle.loads(_read_exact(requests, _HEADER.unpack(header)[0]))
+        payload = _read_exact(requests, _HEADER.unpack(header)[0])
+        if tag == _PARK:  # the template stays bytes here: only the child unpickles it
+            _tell_parked(replies, _Parked.park(fds, payload) if PARK_AHEAD else None)
+            continue
+        args, name, _ = pickle.loads(payload)
         args[_CLOSE_ARG] = list(fds)  # the child closes what it inherits from us
         pid = _fork_through_intermediate(args, name)
         replies.send(_MESSAGE.pack(_FORK, pid, False, b"", b""))
@@ -503,8 +523,9 @@ class _Parked:
         self.pid, self.args_w, self.bound = pid, args_w, bound
 
     @classmethod
-    def park(cls, inherited: tuple[int, ...]) -> _Parked | None:
-        """Fork the next child ahead; None (each request then forks its own) if that failed."""
+    def park(cls, inherited: tuple[int, ...], built_from: bytes) -> _Parked | None:
+        """Fork the next child ahead, to start ahead from the template ``built_from`` (if not
+        empty); None (each request then forks its own) if that failed."""
         bound, name_bytes, token_bytes = BoundAhead.fresh()
         try:
             listener: socket.socket | None = ahead.bind(bound)
@@ -512,7 +533,7 @@ class _Parked:
             log.warning("cannot bind a channel listener ahead: %s", exc)
             listener = None
         try:
-            parked = cls.fork(inherited, listener, bound)
+            parked = cls.fork(inherited, listener, bound, built_from)
         finally:
             if listener is not None:
                 listener.close()  # the parked child holds it now
@@ -522,7 +543,11 @@ class _Parked:
 
     @classmethod
     def fork(
-        cls, inherited: tuple[int, ...], listener: socket.socket | None, bound: BoundAhead
+        cls,
+        inherited: tuple[int, ...],
+        listener: socket.socket | None,
+        bound: BoundAhead,
+        built_from: bytes,
     ) -> _Parked | None:
         """Fork the child (through an intermediate); ``inherited``: the zygote's own pipes,
         which it closes."""
@@ -536,7 +561,7 @@ class _Parked:
                     os.close(fd)
                 child = multiprocessing.get_context("fork").Process(
                     target=_parked_child,
-                    args=(args_r, pid_w, listener, bound),
+                    args=(args_r, pid_w, listener, bound, built_from),
                     name="parked file actor",
                 )
                 child.start()
@@ -559,16 +584,22 @@ class _Parked:
 
 
 def _parked_child(
-    args_r: int, pid_w: int, listener: socket.socket | None, bound: BoundAhead
+    args_r: int, pid_w: int, listener: socket.socket | None, bound: BoundAhead, built_from: bytes
 ) -> None:
-    """A parked child: wait for ``startChild``'s arguments, then become that actor, serving
-    ``listener`` once it has opened its file (exit if the zygote closed the pipe instead)."""
+    """A parked child: start its actor ahead from the template ``built_from`` (if any), wait
+    for ``startChild``'s arguments, then become that actor, serving ``listener`` once it has
+    opened its file (exit if the zygote closed the pipe instead)."""
     from thespian.system import multiprocCommon
 
     from sessionlane.actors._shell import set_title
 
     os.close(pid_w)
     set_title(PARKED_TITLE)
+    started = None
+    if built_from:
+        if frozen_fork.installed():
+            frozen_fork.freeze_inherited()  # as startChild's wrapper would, before the build
+        started = prestart.Prestarted.build(built_from)
     header = _read_exact(args_r, _HEADER.size)
     if len(header) < _HEADER.size:
         return
@@ -576,11 +607,17 @@ def _parked_child(
     os.close(args_r)
     args[_CLOSE_ARG] = []  # its intermediate closed what it inherited from the zygote
     multiprocessing.current_process().name = name
+    if started is not None and not started.fits(args):
+        started.discard()
+        started = None
     if listener is not None:
         ahead.inherit(listener, bound)
     if first is not None:
         _deliver_first(first, args[_PARENT_ARG])
-    multiprocCommon.startChild(*args)
+    if started is not None:
+        started.start(args)
+    else:
+        multiprocCommon.startChild(*args)
 
 
 def _deliver_first(message: Any, sender: Any) -> None:
