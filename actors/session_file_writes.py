@@ -179,6 +179,9 @@ class WritePath:
         """Appends queued or pending, by call key: the copies of each delivered again meanwhile
         (answered with its reply when it is written or refused, never written twice)."""
         self.auto_ids = 0
+        self.releasing: dict[Any, ReleaseWriteLease] = {}
+        """Appends that release their lease, written, their ack held for a sync: by call key,
+        the release to perform once that sync succeeds (``synced_releases``)."""
         self.last_written: tuple[str, str | None] | None = None
         """(lease, aid) of the last append written, which a pipelined append must follow."""
         self.queue: deque[WriteOp] = deque()  # in order; waits only for the legacy lock
@@ -243,6 +246,7 @@ class WritePath:
             durability,
             aid=req.aid,
             after=req.after,
+            release=bool(req.release),
         )
         self.queue.append(op)
         self.wait_for(call)
@@ -305,6 +309,7 @@ class WritePath:
         """The acknowledgement of ``key`` turned into an error: a retry must write again, and
         no pipelined append may follow it (nor any append its failed sync covered)."""
         self.done.pop(key, None)
+        self.releasing.pop(key, None)  # refused or failed: the lease stays held
         self.last_written = None
 
     def resume(self, lease: str, aid: str | None) -> None:
@@ -396,8 +401,8 @@ class WritePath:
         appends (a ``flush`` one is answered at once, by itself) and no lease-less append
         (its short lease is released between writes). ``written`` puts them back in the queue,
         as they were, when ``op``'s write fails."""
-        if op.aid is None or op.durability != "fsync" or op.auto_release:
-            return ()
+        if op.aid is None or op.durability != "fsync" or op.auto_release or op.release:
+            return ()  # nothing goes after an append that releases: it ends the turn
         queue = self.queue
         rest: list[WriteOp] = []
         prev, size = op, len(op.data)
@@ -417,6 +422,8 @@ class WritePath:
                 break
             rest.append(queue.popleft())
             prev, size = nxt, size + len(nxt.data)
+            if nxt.release:
+                break
         self.counters["chained_appends"] += len(rest)
         return tuple(rest)
 
@@ -466,8 +473,17 @@ class WritePath:
         self.counters["appends"] += 1
         self.counters["records"] += op.lines
         self.last_written = (op.lease, op.aid)
-        reply = Appended(id=op.call.request.id, offset=offset, lines=op.lines, fence=op.fence)
+        released = True if op.release else None
+        reply = Appended(
+            id=op.call.request.id, offset=offset, lines=op.lines, fence=op.fence, released=released
+        )
         self.remember(op.call, reply)
+        if op.release:
+            release = self.release_after(op, reply)
+            if fsync:  # once the sync that makes it durable succeeds (``synced_releases``)
+                self.releasing[call_key(op.call)] = release
+            else:
+                effects.append(release)  # before the answer: the next holder's grant first
         return effects + self.answer(op, reply, needs_sync=fsync)
 
     def answer(
@@ -515,6 +531,38 @@ class WritePath:
         release_key = ("auto", self.auto_ids)
         self.auto_releases.add(release_key)
         return ReleaseWriteLease(release_key, op.call.lane.uid, op.lease)
+
+    def release_after(self, op: WriteOp, reply: Appended) -> ReleaseWriteLease:
+        """The release of one level of ``op``'s lease, once its append is written and durable
+        (``Append.release``; answered by nobody: ``released_silently``)."""
+        return self.release_resent(op.call.lane.uid, op.lease, op.aid, reply)
+
+    def release_resent(
+        self, lane: Any, lease: str, aid: str | None, reply: Appended
+    ) -> ReleaseWriteLease:
+        """The release an append resent after a restart still owes: it was written before the
+        restart, its release was not (``FileCore.resent``)."""
+        self.auto_ids += 1
+        release_key = ("auto", self.auto_ids)
+        self.auto_releases.add(release_key)
+        return ReleaseWriteLease(release_key, lane, lease, aid, reply)
+
+    def release_pending(self, lease: str, aid: str | None) -> bool:
+        """Is the release of the append ``aid`` of ``lease`` waiting for its sync?"""
+        return any(r.lease == lease and r.aid == aid for r in self.releasing.values())
+
+    def synced_releases(self, keys: list[Any]) -> list[ReleaseWriteLease]:
+        """The acks of ``keys`` were delivered after a successful sync: the releases their
+        appends carry, in order."""
+        if not self.releasing:
+            return []
+        return [r for key in keys if (r := self.releasing.pop(key, None)) is not None]
+
+    def releases_pending(self, lease: str) -> int:
+        """How many levels of ``lease`` appends written but not yet synced will release."""
+        if not self.releasing:
+            return 0
+        return sum(1 for r in self.releasing.values() if r.lease == lease)
 
     def fail_queued(self, code: ErrorCode, detail: str) -> list[WriteEffect]:
         """Answer every queued write with this error (the actor exits, the lock is unusable)."""
