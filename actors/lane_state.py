@@ -27,6 +27,7 @@ from sessionlane.messages.wire import (
     Abandoned,
     Acquire,
     Append,
+    Appended,
     Direct,
     Error,
     Granted,
@@ -221,6 +222,13 @@ class LaneState:
                 self.reclaims.granted(self, self.name, msg.path, reply, pending.request)
             elif isinstance(reply, Released):
                 self.reclaims.released(reply.lease)
+            elif (
+                isinstance(reply, Appended)
+                and reply.released  # append and release
+                and isinstance(pending.request, Append)
+                and pending.request.lease is not None
+            ):
+                self.reclaims.released(pending.request.lease)
             elif isinstance(reply, Abandoned):
                 for lease in reply.leases:
                     self.reclaims.gone(lease)
