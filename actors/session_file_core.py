@@ -28,9 +28,11 @@ the shell checks the owner lock only before those, ``docs/grantcost.md``). A rec
 append resent after a restart, a lost member's lease kept and the holder awaited at
 activation are decided by ``sessionlane.actors.awaited`` (over this core's table and book).
 
-About 640 lines: every decision that needs the table, the write path and the book together
-lives here; the parts that need one of them only have moved out (``awaited``, the write
-path, ``session_file_effects``), and what could go next is named in ``docs/architecture.md``.
+About 680 lines: every decision that needs the table, the write path and the book together
+lives here (an append that releases its lease needs all three: ``resent``, ``committed``); the
+parts that need one of them only have moved out (``awaited``, the write path and its
+``append_release``, ``session_file_effects``), and what could go next is named in
+``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -79,7 +81,6 @@ from sessionlane.actors.session_file_writes import (
     Reply,
     Sync,
     TableRequest,
-    Verdict,
     WriteEffect,
     WriteOp,
     WritePath,
@@ -235,7 +236,7 @@ class FileCore:
         if req.release and (done := book.answered_released(req.lease, req.aid, req.fence)):
             release = None
         elif (done := awaited.resent(self.table, book, call.lane.uid, req)) is not None:
-            release = req.release and not writes.release_pending(req.lease, req.aid)
+            release = req.release and not writes.releasing.waiting(req.lease, req.aid)
         else:
             return None
         writes.counters["duplicates"] += 1
@@ -248,7 +249,7 @@ class FileCore:
         )
         if release:
             return [
-                writes.release_resent(call.lane.uid, req.lease, req.aid, first),
+                writes.releasing.release(call.lane.uid, req.lease, req.aid, first),
                 Resent(call, first),
             ]
         return [Resent(call, first)]
@@ -366,8 +367,8 @@ class FileCore:
         table = self.table
         if isinstance(fx, CheckLease):  # twice a write: first
             verdict = table.check_write(fx.call.lane.uid, fx.lease, fx.fence, purpose=fx.purpose)
-            if verdict is None and (pending := self.writes.releases_pending(fx.lease)):
-                verdict = self.released_ahead(fx.lease, pending)
+            if verdict is None and self.writes.releasing:  # as good as released?
+                verdict = self.writes.releasing.refusal(table.holder, fx.lease)
             return self.writes.checked(fx, verdict)
         if isinstance(fx, AskWriteLease):
             return [
@@ -380,14 +381,6 @@ class FileCore:
                 fx.lease, DoneAppend(fx.aid, reply.offset, reply.lines, reply.fence)
             )
         return [TableEffects(effects)]
-
-    def released_ahead(self, lease: str, pending: int) -> Verdict:
-        """A write under ``lease`` while ``pending`` appends written before it will release
-        it once synced: refused if they release its last level (it is as good as released)."""
-        holder = self.table.holder
-        if holder is None or holder.lease != lease or len(holder.purposes) > pending:
-            return None
-        return ("stale_fence", f"lease {lease} is released by an append before this write")
 
     def reservation_failed(self, exc: Exception, now: float) -> None:
         """The shell could not perform a ``Reserve``: the grant that follows it (the next
@@ -575,7 +568,7 @@ class FileCore:
             self.writes.forget(key)
         # appends that release their lease do so now that they are durable, before their acks
         # leave: the next holder's grant goes first (``Append.release``)
-        releases = self.writes.synced_releases([out.key for out in done.deliveries])
+        releases = self.writes.releasing.synced([out.key for out in done.deliveries])
         self.push([*releases, *(Deliver(out.address, out.message) for out in done.deliveries)])
 
     def after_message(self) -> bool:

@@ -31,6 +31,12 @@ not written (refused, failed, or its sync failed) no later one is: each names a 
 that is not the last written. ``last_written`` is forgotten when a sync fails (``forget``)
 and, after a service restart, taken from the holder's lease record (``resume``).
 
+Append and release. An append under a lease may carry its release (``Append.release``): once
+written and durable, one level of its lease is released (a ``ReleaseWriteLease`` the core
+performs on the table, answered by nobody), right after its write for a ``flush`` append,
+after the sync that covers it for an ``fsync`` one; a pipeline's chain ends with it. What is
+between the write and the release is kept by ``sessionlane.actors.append_release``.
+
 Legacy interop (``legacy_lock``). Every write (and rewrite) goes through a FIFO write queue;
 with the legacy lock on, draining it first takes ``<file>.lock`` (never waiting: a live legacy
 holder means the queue is retried later, with backoff: ``retry_after``), performs the queued
@@ -57,6 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sessionlane.actors.append_release import ReleasingAppends
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import disk_error_code
 from sessionlane.actors.session_file_commit import moved_detail
@@ -179,9 +186,8 @@ class WritePath:
         """Appends queued or pending, by call key: the copies of each delivered again meanwhile
         (answered with its reply when it is written or refused, never written twice)."""
         self.auto_ids = 0
-        self.releasing: dict[Any, ReleaseWriteLease] = {}
-        """Appends that release their lease, written, their ack held for a sync: by call key,
-        the release to perform once that sync succeeds (``synced_releases``)."""
+        self.releasing = ReleasingAppends()
+        """Appends that release their lease (``Append.release``), from write to release."""
         self.last_written: tuple[str, str | None] | None = None
         """(lease, aid) of the last append written, which a pipelined append must follow."""
         self.queue: deque[WriteOp] = deque()  # in order; waits only for the legacy lock
@@ -303,13 +309,13 @@ class WritePath:
         if req in self.auto_releases:
             self.auto_releases.discard(req)
             return True
-        return False
+        return self.releasing.silent(req)
 
     def forget(self, key: Any) -> None:
         """The acknowledgement of ``key`` turned into an error: a retry must write again, and
         no pipelined append may follow it (nor any append its failed sync covered)."""
         self.done.pop(key, None)
-        self.releasing.pop(key, None)  # refused or failed: the lease stays held
+        self.releasing.forget(key)  # its sync failed: the lease stays held
         self.last_written = None
 
     def resume(self, lease: str, aid: str | None) -> None:
@@ -479,9 +485,9 @@ class WritePath:
         )
         self.remember(op.call, reply)
         if op.release:
-            release = self.release_after(op, reply)
-            if fsync:  # once the sync that makes it durable succeeds (``synced_releases``)
-                self.releasing[call_key(op.call)] = release
+            release = self.releasing.release(op.call.lane.uid, op.lease, op.aid, reply)
+            if fsync:  # once the sync that makes it durable succeeds
+                self.releasing.hold(call_key(op.call), release)
             else:
                 effects.append(release)  # before the answer: the next holder's grant first
         return effects + self.answer(op, reply, needs_sync=fsync)
@@ -531,38 +537,6 @@ class WritePath:
         release_key = ("auto", self.auto_ids)
         self.auto_releases.add(release_key)
         return ReleaseWriteLease(release_key, op.call.lane.uid, op.lease)
-
-    def release_after(self, op: WriteOp, reply: Appended) -> ReleaseWriteLease:
-        """The release of one level of ``op``'s lease, once its append is written and durable
-        (``Append.release``; answered by nobody: ``released_silently``)."""
-        return self.release_resent(op.call.lane.uid, op.lease, op.aid, reply)
-
-    def release_resent(
-        self, lane: Any, lease: str, aid: str | None, reply: Appended
-    ) -> ReleaseWriteLease:
-        """The release an append resent after a restart still owes: it was written before the
-        restart, its release was not (``FileCore.resent``)."""
-        self.auto_ids += 1
-        release_key = ("auto", self.auto_ids)
-        self.auto_releases.add(release_key)
-        return ReleaseWriteLease(release_key, lane, lease, aid, reply)
-
-    def release_pending(self, lease: str, aid: str | None) -> bool:
-        """Is the release of the append ``aid`` of ``lease`` waiting for its sync?"""
-        return any(r.lease == lease and r.aid == aid for r in self.releasing.values())
-
-    def synced_releases(self, keys: list[Any]) -> list[ReleaseWriteLease]:
-        """The acks of ``keys`` were delivered after a successful sync: the releases their
-        appends carry, in order."""
-        if not self.releasing:
-            return []
-        return [r for key in keys if (r := self.releasing.pop(key, None)) is not None]
-
-    def releases_pending(self, lease: str) -> int:
-        """How many levels of ``lease`` appends written but not yet synced will release."""
-        if not self.releasing:
-            return 0
-        return sum(1 for r in self.releasing.values() if r.lease == lease)
 
     def fail_queued(self, code: ErrorCode, detail: str) -> list[WriteEffect]:
         """Answer every queued write with this error (the actor exits, the lock is unusable)."""
