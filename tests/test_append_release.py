@@ -1,0 +1,85 @@
+"""Append and release in the pure core (``FileCore``, ``ReclaimBook``), where a real service
+cannot force the moment: a service restarted between an append's write and its release.
+
+The end-to-end behaviour (real service, both surfaces, both routes) is in
+``tests/test_fused_release.py``; the resend after a kill -9 in ``tests/test_fused_restarts.py``;
+every interleaving of the core in ``tests/test_file_core_model.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from test_session_file_core import NOW, PATH, call, read
+
+from sessionlane.actors.awaited import AwaitingTable
+from sessionlane.actors.lease_table import LeasePolicy
+from sessionlane.actors.reclaim import DoneAppend, HeldRecord, LeaseRecord, ReclaimBook, digest
+from sessionlane.actors.session_file_core import FileCore
+from sessionlane.actors.session_file_effects import Answer, Resent
+from sessionlane.actors.session_file_writes import WritePath
+from sessionlane.messages.wire import Acquire, Append, Appended, Granted, ReclaimTicket
+
+LEASE, FENCE, AID = "ab-7", 7, "aid-00000001"
+
+
+def restarted(depth: int) -> Any:
+    """A core activated from a record whose holder (lane ``a``, ``depth`` levels) wrote the
+    append ``AID`` before the restart, and took its lease back."""
+    table = AwaitingTable(PATH, LeasePolicy(), fence_floor=FENCE)
+    writes = WritePath(
+        PATH,
+        legacy=False,
+        tail_unchecked=False,
+        durability="fsync",
+        max_record_bytes=100,
+        unsynced=lambda: False,
+    )
+    c = FileCore(PATH, table, writes, ReclaimBook(), new_secret=lambda: "s3cret-s3cret-s3cret")
+    c.ino, c.size = 1, 10
+    held = HeldRecord(LEASE, FENCE, "a", ("prompt",) * depth, "interactive", digest("s3cret-s3cret-s3cret"), None)
+    record = LeaseRecord(held, 1, 10, (DoneAppend(AID, 0, 1, FENCE),))
+    assert c.activate(record, NOW, NOW + 10_000, 0.0) is None
+    ticket = ReclaimTicket(lease=LEASE, fence=FENCE, secret="s3cret-s3cret-s3cret")
+    reclaim = Acquire(lane="a", path=PATH, purpose="prompt", reclaim=ticket)
+    effects = read(c, c.call(call("a", reclaim, 1), NOW))
+    assert any(isinstance(fx, Answer) and isinstance(fx.message, Granted) for fx in effects)
+    return c
+
+
+def resend(c: Any, rid: int, lane: str = "a") -> list[Any]:
+    append = Append(lease=LEASE, fence=FENCE, records=[{"n": 1}], aid=AID, release=True)
+    return read(c, c.call(call(lane, append, rid), NOW))
+
+
+def test_an_append_written_before_a_restart_but_not_released_releases_when_resent() -> None:
+    c = restarted(depth=1)
+    waiter = read(c, c.call(call("b", Acquire(lane="b", path=PATH, purpose="prompt"), 2), NOW))
+    assert not any(isinstance(fx, Answer) and isinstance(fx.message, Granted) for fx in waiter)
+    effects = resend(c, 3)
+    grants = [i for i, fx in enumerate(effects) if isinstance(fx, Answer) and fx.lane == "b"]
+    [answer] = [i for i, fx in enumerate(effects) if isinstance(fx, Resent)]
+    assert grants and grants[0] < answer, "the waiter is granted before the resend is answered"
+    first = effects[answer].message
+    assert isinstance(first, Appended) and first.released and (first.offset, first.lines) == (0, 1)
+    assert c.table.holder is not None and c.table.holder.lane == "b"
+    # Sent once more (its answer lost again): answered from the record, released once only.
+    again = [fx for fx in resend(c, 4) if isinstance(fx, Resent)]
+    assert again and again[0].message.released
+    assert c.table.holder is not None and c.table.holder.lane == "b"
+
+
+def test_an_append_that_released_one_level_is_not_released_again_when_resent() -> None:
+    c = restarted(depth=2)
+    resend(c, 2)
+    assert c.table.holder is not None and len(c.table.holder.purposes) == 1
+    assert c.book.record.released is not None and c.book.record.released.done.aid == AID
+    resend(c, 3)  # the record says it released: the outer level stays
+    assert c.table.holder is not None and len(c.table.holder.purposes) == 1
+
+
+def test_another_lane_cannot_resend_an_append_that_released_to_release_again() -> None:
+    c = restarted(depth=2)
+    effects = resend(c, 2, lane="intruder")
+    assert not any(isinstance(fx, Resent) for fx in effects)
+    assert c.table.holder is not None and len(c.table.holder.purposes) == 2
