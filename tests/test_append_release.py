@@ -21,6 +21,7 @@ from sessionlane.actors.session_file_writes import WritePath
 from sessionlane.messages.wire import Acquire, Append, Appended, Granted, ReclaimTicket
 
 LEASE, FENCE, AID = "ab-7", 7, "aid-00000001"
+SECRET = "s3cret-s3cret-s3cret"
 
 
 def restarted(depth: int) -> Any:
@@ -35,12 +36,12 @@ def restarted(depth: int) -> Any:
         max_record_bytes=100,
         unsynced=lambda: False,
     )
-    c = FileCore(PATH, table, writes, ReclaimBook(), new_secret=lambda: "s3cret-s3cret-s3cret")
+    c = FileCore(PATH, table, writes, ReclaimBook(), new_secret=lambda: SECRET)
     c.ino, c.size = 1, 10
-    held = HeldRecord(LEASE, FENCE, "a", ("prompt",) * depth, "interactive", digest("s3cret-s3cret-s3cret"), None)
+    held = HeldRecord(LEASE, FENCE, "a", ("prompt",) * depth, "interactive", digest(SECRET), None)
     record = LeaseRecord(held, 1, 10, (DoneAppend(AID, 0, 1, FENCE),))
     assert c.activate(record, NOW, NOW + 10_000, 0.0) is None
-    ticket = ReclaimTicket(lease=LEASE, fence=FENCE, secret="s3cret-s3cret-s3cret")
+    ticket = ReclaimTicket(lease=LEASE, fence=FENCE, secret=SECRET)
     reclaim = Acquire(lane="a", path=PATH, purpose="prompt", reclaim=ticket)
     effects = read(c, c.call(call("a", reclaim, 1), NOW))
     assert any(isinstance(fx, Answer) and isinstance(fx.message, Granted) for fx in effects)
