@@ -1,5 +1,7 @@
-"""Append and release in the pure core (``FileCore``, ``ReclaimBook``), where a real service
-cannot force the moment: a service restarted between an append's write and its release.
+"""Append and release where a real service cannot force the moment: in the pure core
+(``FileCore``, ``ReclaimBook``), a service restarted between an append's write and its
+release; in the client's pure operations, the answer of an append that released lost with
+the service, and its lease not reclaimed.
 
 The end-to-end behaviour (real service, both surfaces, both routes) is in
 ``tests/test_fused_release.py``; the resend after a kill -9 in ``tests/test_fused_restarts.py``;
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from test_client_core import SETTINGS, run
 from test_session_file_core import NOW, PATH, call, read
 
 from sessionlane.actors.awaited import AwaitingTable
@@ -18,7 +22,10 @@ from sessionlane.actors.reclaim import DoneAppend, HeldRecord, LeaseRecord, Recl
 from sessionlane.actors.session_file_core import FileCore
 from sessionlane.actors.session_file_effects import Answer, Resent
 from sessionlane.actors.session_file_writes import WritePath
-from sessionlane.messages.wire import Acquire, Append, Appended, Granted, ReclaimTicket
+from sessionlane.messages.errors import LeaseRevoked
+from sessionlane.messages.wire import Acquire, Append, Appended, Error, Granted, ReclaimTicket
+from sessionlane.system.client import _ops as ops
+from sessionlane.system.client._core import ClientCore
 
 LEASE, FENCE, AID = "ab-7", 7, "aid-00000001"
 SECRET = "s3cret-s3cret-s3cret"
@@ -84,3 +91,41 @@ def test_another_lane_cannot_resend_an_append_that_released_to_release_again() -
     effects = resend(c, 2, lane="intruder")
     assert not any(isinstance(fx, Resent) for fx in effects)
     assert c.table.holder is not None and len(c.table.holder.purposes) == 2
+
+
+# The client's side of a resend ----------------------------------------------------------------
+
+
+def suspended_lease() -> tuple[ClientCore[str, None], ops.LeaseView]:
+    """A lease of a client whose connection was lost with the service (``reconnect_for``)."""
+    client: ClientCore[str, None] = ClientCore(SETTINGS)
+    granted = Granted(
+        id=1, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt", secret="s" * 16
+    )
+    state = client.track(granted, lane="a")
+    state.suspended = True
+    return client, ops.LeaseView(state, "a")
+
+
+def test_the_client_resends_an_append_that_released_when_its_lease_is_not_reclaimed() -> None:
+    client, lease = suspended_lease()
+    refused = Error(id="r", code="reclaim_refused", detail="no longer held", path="/s/a.jsonl")
+    answered = Appended(id=2, offset=0, lines=1, fence=7, released=True)
+    op = ops.lease_append(client, lease, [{"n": 1}], None, True)
+    requests, result = run(op, refused, answered)
+    reclaim, resent = requests
+    assert isinstance(reclaim, Acquire) and reclaim.reclaim is not None
+    assert isinstance(resent, Append) and resent.release and resent.aid is not None
+    assert (result.offset, result.lines, result.fence) == (0, 1, 7)
+    assert lease.level_released and "L1" not in client.leases
+
+
+def test_a_plain_append_or_a_refused_resend_still_reports_the_lease_lost() -> None:
+    refused = Error(id="r", code="reclaim_refused", detail="no longer held", path="/s/a.jsonl")
+    stale = Error(id=2, code="stale_fence", detail="not current", path="/s/a.jsonl")
+    client, lease = suspended_lease()
+    with pytest.raises(LeaseRevoked):
+        run(ops.lease_append(client, lease, [{"n": 1}], None, True), refused, stale)
+    client, lease = suspended_lease()
+    with pytest.raises(LeaseRevoked):  # no release: not sent again
+        run(ops.lease_append(client, lease, [{"n": 1}], None, False), refused)
