@@ -6,8 +6,7 @@
   (from the files' ``syncs`` and ``appends`` counters, before and after) shows how much it did.
 * ``sessionlane_pipelined``: W writer processes on one file, each in turn taking the lease and
   pipelining ``PIPELINE_PER_LEASE`` records with up to ``PIPELINE_WINDOW`` appends in flight
-  (``Lease.append_pipelined``), the last append carrying the release (append and release);
-  ``turn_ms`` is one such turn.
+  (``Lease.append_pipelined``), then releasing it; ``turn_ms`` is one such turn.
 * ``sessionlane_1_file_no_group_commit``: the one-file run on a service whose SessionFiles
   sync every append (only when ``SessionFile.group_commit`` exists to switch it off).
 * ``fsync_each``: one process, one ``write`` and one ``fdatasync`` per record.
