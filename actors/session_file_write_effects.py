@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from sessionlane.actors.lease_types import RejectCode
 from sessionlane.messages.internal import FileReply, LaneCall
-from sessionlane.messages.wire import Durability, Priority, Purpose
+from sessionlane.messages.wire import Appended, Durability, Priority, Purpose
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = [
@@ -98,7 +98,7 @@ class ReleaseWriteLease:
     aid: str | None = None
     """For an append that releases its lease (``Append.release``): the append's id, and its
     answer (``appended``), which the lease record keeps once the lease is released."""
-    appended: Any = None
+    appended: Appended | None = None
 
 
 TableRequest = CheckLease | AskWriteLease | ReleaseWriteLease
