@@ -61,7 +61,7 @@ from typing import Any, ClassVar
 
 from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, WatchMessage
 
-from sessionlane.actors import ahead
+from sessionlane.actors import ahead, page_merge
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import named_disk_error
@@ -259,6 +259,8 @@ class SessionFile(ShellActor):
             return  # had with its start arguments (``sessionlane.actors.ahead``): nothing new
         self.path = msg.path
         retitle(self, f"file {msg.path}")
+        if msg.settings.memory_merge and (why := page_merge.opt_in()) is not None:
+            log.debug("%s: pages not merged: %s", msg.path, why)  # said once, at the start
         self.registry = sender
         self.incarnation = msg.incarnation
         self.restarted = msg.restarted

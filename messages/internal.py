@@ -117,6 +117,8 @@ class FileSettings(_Internal):
     reclaim_until_ms: float = 0.0
     """End of the service's reclaim grace, on the machine's monotonic clock (ms): until then a
     lease found in the file's lease record waits for its holder (``actors/reclaim.py``)."""
+    memory_merge: bool = False
+    """Opt the file's process in to the kernel's samepage merging (``actors/page_merge.py``)."""
     owner: ServiceIdentity | None = None
     """Written into the file's owner sidecar (``sessionlane.actors.ownership``) while the
     SessionFile holds it, so a contender can name this service; None: only the actor's own pid is

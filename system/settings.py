@@ -118,6 +118,11 @@ class Settings(BaseModel):
     """Start even if another live service serves a root that equals, contains or lies inside
     one of ours. Files are still served by one owner at a time (kernel lock): the other
     service's files answer ``unavailable`` here."""
+    memory_merge: bool = False
+    """Have each SessionFile's process opt in to the kernel's samepage merging (KSM), so the
+    pages the files' processes hold alike are kept once (``sessionlane.actors.page_merge``).
+    Needs Linux 6.4+ and ``/sys/kernel/mm/ksm/run`` = 1 (set by root); a timing side channel
+    to other local users who opt in too, so only for a machine they do not share."""
     metrics_listen: str | None = None
     """``HOST:PORT`` (or ``tcp://HOST:PORT``, or a bare port on 127.0.0.1) where the
     supervisor serves Prometheus metrics at ``/metrics``; ``None``: no metrics endpoint."""

@@ -30,6 +30,8 @@ class BenchContext:
     workdir: Path
     progress: Progress
     duration: float
+    memory_merge: bool = False
+    """Every service started with ``memory_merge = true`` (``--memory-merge``)."""
 
     def dir(self, *parts: str) -> Path:
         """A fresh directory under the run's work directory."""
@@ -46,6 +48,8 @@ class BenchContext:
         from sessionlane.system.runtime.service import embedded_service
 
         root = self.dir(name)
+        if self.memory_merge:
+            overrides = {"memory_merge": True, **overrides}
         self.progress.step("starting the service")
         with embedded_service(
             [str(root)], log_file=self.workdir / f"{name}.service.log", **overrides

@@ -25,6 +25,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from sessionlane.actors import page_merge
+
 __all__ = ["SUITES", "add_bench_arguments", "run_bench"]
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="draw the cost model (the cost suite's points) into FILE (.svg, .png or .pdf)",
     )
     parser.add_argument(
+        "--memory-merge",
+        action="store_true",
+        help="start every service with memory_merge = true (Linux 6.4+, ksmd running); the"
+        " scale suite then also measures its files once the kernel has merged their pages",
+    )
+    parser.add_argument(
         "--dir",
         metavar="DIR",
         help="where the transcripts go (default: the system temp dir); measures that disk",
@@ -93,6 +101,10 @@ def run_bench(args: argparse.Namespace) -> int:
         if not plot_available():
             print(PLOT_EXTRA_MISSING, file=sys.stderr)
             return 2
+    memory_merge = bool(getattr(args, "memory_merge", False))
+    if memory_merge and (why := page_merge.unavailable()) is not None:
+        print(f"sessionlane bench: --memory-merge: {why}", file=sys.stderr)
+        return 2
     workdir = Path(tempfile.mkdtemp(prefix="sessionlane-bench-", dir=args.dir))
     seconds: dict[str, float] = {}
     results: dict[str, Any] = {"meta": _meta(args, duration, workdir, seconds)}
@@ -100,7 +112,11 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         with Progress(len(selected)) as progress:
             ctx = BenchContext(
-                quick=bool(args.quick), workdir=workdir, progress=progress, duration=duration
+                quick=bool(args.quick),
+                workdir=workdir,
+                progress=progress,
+                duration=duration,
+                memory_merge=memory_merge,
             )
             for name in selected:
                 progress.suite(name)
@@ -161,7 +177,19 @@ def _meta(
         "lockfile": lockfile_source(),
         "loadavg_at_start": _loadavg(),
         "seconds": seconds,
+        "memory_merge": _ksm() if getattr(args, "memory_merge", False) else None,
     }
+
+
+def _ksm() -> dict[str, str]:
+    """The kernel's merging settings a ``--memory-merge`` run was measured with."""
+    found = {}
+    for name in ("run", "pages_to_scan", "sleep_millisecs"):
+        try:
+            found[name] = (page_merge.KSM_RUN.parent / name).read_text().strip()
+        except OSError:
+            found[name] = "?"
+    return found
 
 
 def _loadavg() -> list[float]:

@@ -118,6 +118,22 @@ _TARGETS: list[tuple[str, str, str, Callable[[dict[str, Any]], Any], Callable[[f
         lambda v: v < 1.5,
     ),
     (
+        "the same with memory_merge (--memory-merge), once the kernel merged their pages",
+        "< 1.5 GB",
+        "GB",
+        lambda r: _gb(_get(r, "scale", "files500", "merged", "group_uss_mb")),
+        lambda v: v < 1.5,
+    ),
+    (
+        "the same with memory_merge, right after one more append on every file",
+        "< 1.5 GB",
+        "GB",
+        lambda r: _gb(
+            _get(r, "scale", "files500", "merged", "after_one_append_each", "group_uss_mb")
+        ),
+        lambda v: v < 1.5,
+    ),
+    (
         "activation of a new file (first grant p50, 500 files)",
         "< 10 ms",
         "ms",

@@ -8,6 +8,10 @@ the file's actor), and holds them all, so all N SessionFile actors are live toge
   SessionFile actor (found as the process that holds the transcript open), USS and PSS summed
   over the group, and the group's USS before the first file (admin, logger, registry,
   gateway);
+* with ``--memory-merge`` (every file's process opted in to the kernel's samepage merging), the
+  same once the kernel's merging thread has scanned everything three times since the last file
+  opened (at most ``_MERGE_WAIT_S``), and again after one more append on each lease (a
+  merged page written again is copied back);
 * the leases are released, and a bounded poll waits until idle passivation has retired every
   SessionFile actor; the group's memory is measured again.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from rich.table import Table
@@ -34,15 +39,25 @@ __all__ = ["NAME", "render", "run"]
 
 NAME = "scale"
 _IDLE_MS = 1000
+_MERGE_IDLE_MS = 60_000
+"""With ``--memory-merge``, the default ``idle_ms``: a file checked for idleness every second
+runs code each second, which copies back the pages the kernel merged (passivation is then not
+measured)."""
 _FDS_PER_FILE = 4
 _FD_RESERVE = 512
 _POLL_S = 0.25
 _SPARE_FILES = 8
+_MERGE_SCANS = 3
+"""Full scans of the merging thread to wait for: a page is merged once its contents were the
+same at two of its scans and its twin was found in the same scan (the first one counted may
+have begun before the last file opened)."""
+_MERGE_WAIT_S = 300.0
+_KSM_FULL_SCANS = "/sys/kernel/mm/ksm/full_scans"
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
     levels = (10, 100) if ctx.quick else (10, 100, 500)
-    result: dict[str, Any] = {"idle_ms": _IDLE_MS}
+    result: dict[str, Any] = {"idle_ms": _MERGE_IDLE_MS if ctx.memory_merge else _IDLE_MS}
     for n in levels:
         fds_ok, fds_note = ensure_limit(resource.RLIMIT_NOFILE, _FDS_PER_FILE * n + _FD_RESERVE)
         procs_ok, procs_note = ensure_limit(resource.RLIMIT_NPROC, n + _FD_RESERVE)
@@ -60,7 +75,11 @@ def _level(ctx: BenchContext, n: int) -> dict[str, Any]:
 
     with (
         # max_files: every level's files live at once (the default, 256, would refuse 500).
-        ctx.service(f"{NAME}-{n}", idle_ms=_IDLE_MS, max_files=n + _SPARE_FILES) as (
+        ctx.service(
+            f"{NAME}-{n}",
+            idle_ms=_MERGE_IDLE_MS if ctx.memory_merge else _IDLE_MS,
+            max_files=n + _SPARE_FILES,
+        ) as (
             service,
             root,
         ),
@@ -88,18 +107,11 @@ def _level(ctx: BenchContext, n: int) -> dict[str, Any]:
         members = system.members()
         files = holders(members, canonical)
         active = _group(members)
-        per_file = [u.uss_kb for pid in files if (u := usage(pid)) is not None]
-        ctx.progress.step(f"{n} files: released, waiting for idle passivation")
+        per_file = _uss_kb(files)
+        merged = _merged(ctx, n, files, members, leases) if ctx.memory_merge else None
         for lease in leases:
             lease.release()
-        released = time.monotonic()
-        deadline = released + 3 * _IDLE_MS / 1000.0 + 10.0 + 0.05 * n
-        alive = files
-        while alive and time.monotonic() < deadline:
-            ctx.sleep(_POLL_S)
-            alive = holders(system.members(), canonical)
-        passivated_s = time.monotonic() - released
-        after = _group(system.members())
+        passivation = _passivation(ctx, n, system, canonical, files)
     return {
         "files": n,
         **latency_ms(firsts, "first_grant"),
@@ -115,14 +127,71 @@ def _level(ctx: BenchContext, n: int) -> dict[str, Any]:
         "group_pss_mb": active["pss_mb"],
         "idle_group_uss_mb": idle["uss_mb"],
         "uss_mb_per_file": rounded((active["uss_mb"] - idle["uss_mb"]) / n, 2),
-        "after_passivation": {
-            "sessionfiles_alive": len(alive),
-            "seconds": rounded(passivated_s, 2),
-            "group_processes": after["processes"],
-            "group_uss_mb": after["uss_mb"],
-            "group_pss_mb": after["pss_mb"],
+        **({"merged": merged} if merged is not None else {}),
+        "after_passivation": passivation,
+    }
+
+
+def _passivation(
+    ctx: BenchContext, n: int, system: Any, canonical: set[str], files: Iterable[int]
+) -> dict[str, Any]:
+    """The leases released: wait (bounded) until idle passivation retired every file."""
+    if ctx.memory_merge:
+        return {"skipped": f"idle_ms is {_MERGE_IDLE_MS} with --memory-merge"}
+    ctx.progress.step(f"{n} files: released, waiting for idle passivation")
+    released = time.monotonic()
+    deadline = released + 3 * _IDLE_MS / 1000.0 + 10.0 + 0.05 * n
+    alive = list(files)
+    while alive and time.monotonic() < deadline:
+        ctx.sleep(_POLL_S)
+        alive = list(holders(system.members(), canonical))
+    after = _group(system.members())
+    return {
+        "sessionfiles_alive": len(alive),
+        "seconds": rounded(time.monotonic() - released, 2),
+        "group_processes": after["processes"],
+        "group_uss_mb": after["uss_mb"],
+        "group_pss_mb": after["pss_mb"],
+    }
+
+
+def _merged(
+    ctx: BenchContext, n: int, files: Iterable[int], members: list[int], leases: list[Any]
+) -> dict[str, Any]:
+    """The files' memory once the kernel merged their pages, then after one more append each."""
+    ctx.progress.step(f"{n} files: waiting for the kernel to merge their pages")
+    began = time.monotonic()
+    first = _full_scans()
+    while _full_scans() < first + _MERGE_SCANS and time.monotonic() - began < _MERGE_WAIT_S:
+        ctx.sleep(_POLL_S)
+    waited = time.monotonic() - began
+    scans = _full_scans() - first
+    merged, merged_group = _uss_kb(files), _group(members)
+    for i, lease in enumerate(leases):
+        lease.append(record(1, i))
+    again, again_group = _uss_kb(files), _group(members)
+    return {
+        "waited_s": rounded(waited, 1),
+        "full_scans": scans,
+        "sessionfile_uss_mb_p50": _mb(percentile(merged, 50)),
+        "group_uss_mb": merged_group["uss_mb"],
+        "after_one_append_each": {
+            "sessionfile_uss_mb_p50": _mb(percentile(again, 50)),
+            "group_uss_mb": again_group["uss_mb"],
         },
     }
+
+
+def _full_scans() -> int:
+    try:
+        with open(_KSM_FULL_SCANS) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def _uss_kb(pids: Iterable[int]) -> list[float]:
+    return [u.uss_kb for pid in pids if (u := usage(pid)) is not None]
 
 
 def _group(pids: list[int]) -> dict[str, Any]:
@@ -147,6 +216,8 @@ def render(result: dict[str, Any]) -> list[Table]:
             rows.append([str(m["files"]), f"skipped: {m['skipped']}", *["-"] * 9])
             continue
         after = m["after_passivation"]
+        if "skipped" in after:
+            after = {"group_uss_mb": None, "sessionfiles_alive": "-", "seconds": None}
         rows.append(
             [
                 str(m["files"]),
@@ -162,7 +233,7 @@ def render(result: dict[str, Any]) -> list[Table]:
                 f"{after['sessionfiles_alive']} left, {fmt(after['seconds'], 1)} s",
             ]
         )
-    return [
+    tables = [
         table(
             f"scale: N files held at once (idle_ms {result['idle_ms']} for passivation)",
             [
@@ -181,3 +252,33 @@ def render(result: dict[str, Any]) -> list[Table]:
             rows,
         )
     ]
+    merged = [
+        [
+            str(m["files"]),
+            fmt(m["sessionfile_uss_mb_p50"], 1),
+            fmt(m["merged"]["sessionfile_uss_mb_p50"], 1),
+            fmt(m["merged"]["group_uss_mb"], 0),
+            fmt(m["merged"]["after_one_append_each"]["sessionfile_uss_mb_p50"], 1),
+            fmt(m["merged"]["after_one_append_each"]["group_uss_mb"], 0),
+            f"{m['merged']['full_scans']} in {fmt(m['merged']['waited_s'], 1)} s",
+        ]
+        for key, m in result.items()
+        if key.startswith("files") and "merged" in m
+    ]
+    if merged:
+        tables.append(
+            table(
+                "scale, memory_merge: the same files once the kernel merged their pages",
+                [
+                    "N",
+                    "USS/file MB before",
+                    "merged USS/file MB",
+                    "merged group USS MB",
+                    "after 1 append each USS/file MB",
+                    "group USS MB",
+                    "full scans",
+                ],
+                merged,
+            )
+        )
+    return tables

@@ -36,7 +36,7 @@ from typing import Any
 
 from thespian.actors import ActorSystemException
 
-from sessionlane.actors import procfs
+from sessionlane.actors import page_merge, procfs
 from sessionlane.actors.convention import DIRECTORY_NAME, Directory, member_capabilities
 from sessionlane.actors.registry import REGISTRY_NAME, Registry
 from sessionlane.messages.convention import Join, Joined, JoinRefused
@@ -67,6 +67,7 @@ from sessionlane.system.gateway.gateway import Gateway
 from sessionlane.system.ops import logs
 from sessionlane.system.ops.overlap import busy_listener_hint as _busy_listener_hint
 from sessionlane.system.ops.running import private_dir, process_start
+from sessionlane.system.runtime import zygote
 from sessionlane.system.runtime.held_scan import scan_held
 from sessionlane.system.runtime.launch import TcpSystem, start_tcp_system
 from sessionlane.system.runtime.limits import explain_create_failure, fit_max_files
@@ -127,6 +128,7 @@ def file_settings_from(
         durability=settings.durability,
         max_record_bytes=settings.max_record_bytes,
         legacy_lock=settings.legacy_lock,
+        memory_merge=settings.memory_merge,
     )
 
 
@@ -249,6 +251,9 @@ class Service:
         self.incarnation = uuid.uuid4().hex
         self._started_ms = time.monotonic() * 1000.0  # the reclaim grace counts from here
         self._held = self._scan_held()
+        if self.settings.memory_merge and (why := page_merge.unavailable()) is not None:
+            log.warning("memory_merge is set, but %s: no page will be merged", why)
+        zygote.MEMORY_MERGE = self.settings.memory_merge  # read in the zygote, forked below
         system = start_tcp_system(
             self.settings.admin_port,
             log_file=self.log_file or logs.STDERR,

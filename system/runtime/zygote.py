@@ -69,7 +69,7 @@ import struct
 import threading
 from typing import Any
 
-from sessionlane.actors import ahead
+from sessionlane.actors import ahead, page_merge
 from sessionlane.actors.ahead import BOUND_NAME_BYTES, BOUND_TOKEN_BYTES, BoundAhead
 from sessionlane.system.runtime.admin_fork import release_inherited_sockets
 from sessionlane.system.runtime.loopback import require_supported_thespian
@@ -87,6 +87,12 @@ PARKED_TITLE = "parked (the next file's actor, forked ahead)"
 PARK_AHEAD = True
 """Whether the zygote keeps a child forked ahead (read in the zygote: set it before the system
 starts; ``False`` forks each child on request, for a before/after measurement)."""
+
+MEMORY_MERGE = False
+"""Whether the zygote opts in to the kernel's samepage merging before it warms up and freezes
+(``memory_merge``; ``sessionlane.actors.page_merge``), so a file's copies of its pages can be
+merged back with the zygote's own. Read in the zygote: set before the system starts (the
+service sets it at every start from its settings)."""
 
 ZYGOTE_PARENTS = frozenset({"sessionlane.actors.registry.Registry"})
 """Actor classes whose process forks its zygote as it starts (before its actor exists: the
@@ -458,6 +464,8 @@ def _serve(requests: int, replies: socket.socket) -> None:
             signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # the Registry gone: EPIPE, not death
     release_inherited_sockets(keep={replies.fileno()})
+    if MEMORY_MERGE and (why := page_merge.opt_in()) is not None:
+        log.warning("memory_merge: the zygote's pages will not be merged: %s", why)
     if warmup.WARM_UP:
         warmup.warm_up()  # a file's code run once here: its caches are then shared, frozen
         gc.collect()  # the rehearsal's garbage, before it would be frozen with the rest
