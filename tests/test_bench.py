@@ -142,7 +142,7 @@ def test_a_quick_run_reports_every_contender_and_leaves_nothing_running(tmp_path
         assert positive(append[key]["records_per_s"]), key
 
     targets = {t["target"]: t for t in results["targets"]}
-    assert len(targets) == 12
+    assert len(targets) == 14
     assert not any("issue" in name for name in targets), "goals speak of the product"
     piped = targets["pipelined durable appends, 8 writers on one file"]
     assert piped["measured"] is None or positive(piped["measured"])  # K = 4 when quick
