@@ -27,6 +27,7 @@ from sessionlane.messages.wire import (
     Abandoned,
     Acquire,
     Append,
+    Appended,
     Direct,
     Error,
     Granted,
@@ -88,6 +89,10 @@ class _Pending:
     """The canonical path, once known."""
     raw: str = ""
     """The path as the agent wrote it."""
+    unknown_if_refused: bool = False
+    """Sent again though its lease was not reclaimed (an append that releases it, which the
+    owner answers as written if it released the lease before the loss): a refusal then means
+    its outcome is unknown, not that it was not written."""
 
 
 @dataclass
@@ -221,9 +226,22 @@ class LaneState:
                 self.reclaims.granted(self, self.name, msg.path, reply, pending.request)
             elif isinstance(reply, Released):
                 self.reclaims.released(reply.lease)
+            elif (
+                isinstance(reply, Appended)
+                and reply.released  # append and release
+                and isinstance(pending.request, Append)
+                and pending.request.lease is not None
+            ):
+                self.reclaims.released(pending.request.lease)
             elif isinstance(reply, Abandoned):
                 for lease in reply.leases:
                     self.reclaims.gone(lease)
+            elif isinstance(reply, Error) and pending.unknown_if_refused:
+                detail = (
+                    f"the lease could not be reclaimed after its member was lost: "
+                    f"the write may be in the file, read it to know ({reply.detail})"
+                )
+                reply = Error(id=rid, code="unknown_outcome", detail=detail, path=msg.path)
             if isinstance(reply, Queued):
                 pending.path = msg.path
             else:
@@ -369,6 +387,14 @@ class LaneState:
     def unknown(self, rid: Any, lease: str, path: str) -> None:
         """The pending write ``rid`` may be in the file: its lease could not be reclaimed
         (a pending release: the lease is not held here any more, so it is released)."""
+        pending = self.pending.get(rid)
+        request = None if pending is None else pending.request
+        if pending is not None and isinstance(request, Append) and request.release:
+            # It may have released the lease itself before the loss: the owner's lease record
+            # answers it as written if so (``docs/fused-release.md``).
+            pending.unknown_if_refused = True
+            self.resend(rid, path)
+            return
         pending = self.pending.pop(rid, None)
         if pending is not None and isinstance(pending.request, Release):
             self.to_agent(Released(id=rid, lease=lease))

@@ -10,7 +10,8 @@ never misrouted.
 
 What the links do keep per file is the one lease granted over them that is still held
 (``Grant``, followed by ``observe`` from the ``granted``, ``released``, ``revoked`` and
-``abandoned`` replies that pass; one holder per path, so one entry): what a lost channel or a
+``abandoned`` replies that pass, and the ``appended`` of an append that released its lease;
+one holder per path, so one entry): what a lost channel or a
 restarted file takes with it (``lost_holder``: the holder's lane reports it ``revoked``,
 ``actor_restart``), and why a channel whose lease is held is not closed as idle (``holds``).
 Kept by ``sessionlane.actors.links.Links``.
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 from sessionlane.actors.paths import lease_route, route_of_lease
 from sessionlane.messages.internal import FileReply
-from sessionlane.messages.wire import Abandoned, Granted, Released, Revoked
+from sessionlane.messages.wire import Abandoned, Appended, Granted, Released, Revoked
 
 __all__ = ["Grant", "LinkLeases"]
 
@@ -77,6 +78,12 @@ class LinkLeases:
                     self.grants[path] = Grant(reply.lane, lease)
                     self.learn_route(path)
             case Released(lease=lease) if grant is not None and grant.lease == lease:
+                grant.depth -= 1
+                if grant.depth <= 0:
+                    del self.grants[path]
+            case Appended(released=True) if grant is not None and grant.lane == reply.lane:
+                # an append released its lease: only its holder writes under it, so it is
+                # the lease held here (the answer names no lease)
                 grant.depth -= 1
                 if grant.depth <= 0:
                     del self.grants[path]

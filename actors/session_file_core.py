@@ -28,9 +28,11 @@ the shell checks the owner lock only before those, ``docs/grantcost.md``). A rec
 append resent after a restart, a lost member's lease kept and the holder awaited at
 activation are decided by ``sessionlane.actors.awaited`` (over this core's table and book).
 
-About 640 lines: every decision that needs the table, the write path and the book together
-lives here; the parts that need one of them only have moved out (``awaited``, the write
-path, ``session_file_effects``), and what could go next is named in ``docs/architecture.md``.
+About 680 lines: every decision that needs the table, the write path and the book together
+lives here (an append that releases its lease needs all three: ``resent``, ``committed``); the
+parts that need one of them only have moved out (``awaited``, the write path and its
+``append_release``, ``session_file_effects``), and what could go next is named in
+``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import disk_error_code
 from sessionlane.actors.file_channels import ChannelRef
 from sessionlane.actors.group_commit import Outgoing
-from sessionlane.actors.reclaim import LeaseRecord, ReclaimBook
+from sessionlane.actors.reclaim import DoneAppend, LeaseRecord, ReclaimBook
 from sessionlane.actors.session_file_commit import GroupCommit, SyncFailure
 from sessionlane.actors.session_file_disk import LockOutcome, WriteOutcome
 from sessionlane.actors.session_file_effects import (
@@ -212,18 +214,45 @@ class FileCore:
             case Recover():
                 effects = self.table.recover(key, lane, req.grace_ms, now, reason=req.reason)
             case Append() if req.lease is not None:
-                if (done := awaited.resent(self.table, self.book, lane, req)) is not None:
-                    self.writes.counters["duplicates"] += 1
-                    first = Appended(
-                        id=req.id, offset=done.offset, lines=done.lines, fence=done.fence
-                    )
-                    return [Resent(call, first)]
+                if (resent := self.resent(call, req)) is not None:
+                    return resent
                 return [*self.writes.append_under_lease(call, req), DrainWrites()]
             case Append():
                 return [*self.writes.append_without_lease(call, req), DrainWrites()]
             case Rewrite():
                 return [*self.writes.rewrite(call, req), DrainWrites()]
         return [TableEffects(effects)]
+
+    def resent(self, call: LaneCall, req: Append) -> list[Any] | None:
+        """An append with an ``aid`` already written under its lease (resent after a restart,
+        or delivered again): its first answer (``Resent``), None if it is not one.
+
+        One that released its lease (``Append.release``) is answered as written and released
+        even once its lease is gone (the lease record keeps it: ``ReclaimBook.released_by``);
+        one written whose release was not performed yet (the service restarted between the
+        write and the release) releases now, grant first."""
+        assert req.lease is not None
+        book, writes = self.book, self.writes
+        if req.release and (done := book.answered_released(req.lease, req.aid, req.fence)):
+            release = None
+        elif (done := awaited.resent(self.table, book, call.lane.uid, req)) is not None:
+            release = req.release and not writes.releasing.waiting(req.lease, req.aid)
+        else:
+            return None
+        writes.counters["duplicates"] += 1
+        first = Appended(
+            id=req.id,
+            offset=done.offset,
+            lines=done.lines,
+            fence=done.fence,
+            released=True if req.release else None,
+        )
+        if release:
+            return [
+                writes.releasing.release(call.lane.uid, req.lease, req.aid, first),
+                Resent(call, first),
+            ]
+        return [Resent(call, first)]
 
     def may_grant_or_write(self, call: LaneCall) -> bool:
         """Could ``call`` grant a lease or write the transcript? Decided before it is served,
@@ -303,6 +332,8 @@ class FileCore:
                 return [Answer(fx.req, fx.lane, wire.Queued(id=_rid(fx.req), position=fx.position))]
             case lt.Skip():
                 return [Answer(fx.req, fx.lane, wire.Skipped(id=_rid(fx.req), path=path))]
+            case lt.Reject() if self.writes.released_silently(fx.req):
+                return []  # the lease an append was to release is gone already: kept as is
             case lt.Reject():
                 copies = self.writes.rejected(fx.req)  # a lease-less append delivered again
                 error = Error(id=_rid(fx.req), code=fx.code, detail=fx.detail, path=path)
@@ -336,12 +367,20 @@ class FileCore:
         table = self.table
         if isinstance(fx, CheckLease):  # twice a write: first
             verdict = table.check_write(fx.call.lane.uid, fx.lease, fx.fence, purpose=fx.purpose)
+            if verdict is None and self.writes.releasing:  # as good as released?
+                verdict = self.writes.releasing.refusal(table.holder, fx.lease)
             return self.writes.checked(fx, verdict)
         if isinstance(fx, AskWriteLease):
             return [
                 TableEffects(table.acquire(fx.req, fx.lane, "write", now, priority=fx.priority))
             ]
-        return [TableEffects(table.release(fx.req, fx.lane, fx.lease, now))]
+        effects = table.release(fx.req, fx.lane, fx.lease, now)
+        if fx.appended is not None and fx.aid is not None and isinstance(effects[0], lt.Released):
+            reply = fx.appended  # an append that released its lease: the record keeps it
+            self.book.released_by(
+                fx.lease, DoneAppend(fx.aid, reply.offset, reply.lines, reply.fence)
+            )
+        return [TableEffects(effects)]
 
     def reservation_failed(self, exc: Exception, now: float) -> None:
         """The shell could not perform a ``Reserve``: the grant that follows it (the next
@@ -527,7 +566,10 @@ class FileCore:
         done = self.commit.commit(failure)
         for key in done.failed_keys:
             self.writes.forget(key)
-        self.push([Deliver(out.address, out.message) for out in done.deliveries])
+        # appends that release their lease do so now that they are durable, before their acks
+        # leave: the next holder's grant goes first (``Append.release``)
+        releases = self.writes.releasing.synced([out.key for out in done.deliveries])
+        self.push([*releases, *(Deliver(out.address, out.message) for out in done.deliveries)])
 
     def after_message(self) -> bool:
         """After every message: True to watch for the end of the pass (a ``Commit`` is

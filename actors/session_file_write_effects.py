@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from sessionlane.actors.lease_types import RejectCode
 from sessionlane.messages.internal import FileReply, LaneCall
-from sessionlane.messages.wire import Durability, Priority, Purpose
+from sessionlane.messages.wire import Appended, Durability, Priority, Purpose
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = [
@@ -95,6 +95,10 @@ class ReleaseWriteLease:
     req: Any
     lane: Any
     lease: str
+    aid: str | None = None
+    """For an append that releases its lease (``Append.release``): the append's id, and its
+    answer (``appended``), which the lease record keeps once the lease is released."""
+    appended: Appended | None = None
 
 
 TableRequest = CheckLease | AskWriteLease | ReleaseWriteLease
@@ -168,3 +172,6 @@ class WriteOp:
     """The append's id (``Append.aid``)."""
     after: str | None = None
     """The ``aid`` of the append before it in its pipeline (``Append.after``)."""
+    release: bool = False
+    """Append and release (``Append.release``): once written (and synced, for ``fsync``), one
+    level of its lease is released."""

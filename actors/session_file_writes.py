@@ -31,6 +31,12 @@ not written (refused, failed, or its sync failed) no later one is: each names a 
 that is not the last written. ``last_written`` is forgotten when a sync fails (``forget``)
 and, after a service restart, taken from the holder's lease record (``resume``).
 
+Append and release. An append under a lease may carry its release (``Append.release``): once
+written and durable, one level of its lease is released (a ``ReleaseWriteLease`` the core
+performs on the table, answered by nobody), right after its write for a ``flush`` append,
+after the sync that covers it for an ``fsync`` one; a pipeline's chain ends with it. What is
+between the write and the release is kept by ``sessionlane.actors.append_release``.
+
 Legacy interop (``legacy_lock``). Every write (and rewrite) goes through a FIFO write queue;
 with the legacy lock on, draining it first takes ``<file>.lock`` (never waiting: a live legacy
 holder means the queue is retried later, with backoff: ``retry_after``), performs the queued
@@ -57,6 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sessionlane.actors.append_release import ReleasingAppends
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import disk_error_code
 from sessionlane.actors.session_file_commit import moved_detail
@@ -179,6 +186,8 @@ class WritePath:
         """Appends queued or pending, by call key: the copies of each delivered again meanwhile
         (answered with its reply when it is written or refused, never written twice)."""
         self.auto_ids = 0
+        self.releasing = ReleasingAppends()
+        """Appends that release their lease (``Append.release``), from write to release."""
         self.last_written: tuple[str, str | None] | None = None
         """(lease, aid) of the last append written, which a pipelined append must follow."""
         self.queue: deque[WriteOp] = deque()  # in order; waits only for the legacy lock
@@ -243,6 +252,7 @@ class WritePath:
             durability,
             aid=req.aid,
             after=req.after,
+            release=bool(req.release),
         )
         self.queue.append(op)
         self.wait_for(call)
@@ -299,12 +309,13 @@ class WritePath:
         if req in self.auto_releases:
             self.auto_releases.discard(req)
             return True
-        return False
+        return self.releasing.silent(req)
 
     def forget(self, key: Any) -> None:
         """The acknowledgement of ``key`` turned into an error: a retry must write again, and
         no pipelined append may follow it (nor any append its failed sync covered)."""
         self.done.pop(key, None)
+        self.releasing.forget(key)  # its sync failed: the lease stays held
         self.last_written = None
 
     def resume(self, lease: str, aid: str | None) -> None:
@@ -396,8 +407,8 @@ class WritePath:
         appends (a ``flush`` one is answered at once, by itself) and no lease-less append
         (its short lease is released between writes). ``written`` puts them back in the queue,
         as they were, when ``op``'s write fails."""
-        if op.aid is None or op.durability != "fsync" or op.auto_release:
-            return ()
+        if op.aid is None or op.durability != "fsync" or op.auto_release or op.release:
+            return ()  # nothing goes after an append that releases: it ends the turn
         queue = self.queue
         rest: list[WriteOp] = []
         prev, size = op, len(op.data)
@@ -417,6 +428,8 @@ class WritePath:
                 break
             rest.append(queue.popleft())
             prev, size = nxt, size + len(nxt.data)
+            if nxt.release:
+                break
         self.counters["chained_appends"] += len(rest)
         return tuple(rest)
 
@@ -466,8 +479,17 @@ class WritePath:
         self.counters["appends"] += 1
         self.counters["records"] += op.lines
         self.last_written = (op.lease, op.aid)
-        reply = Appended(id=op.call.request.id, offset=offset, lines=op.lines, fence=op.fence)
+        released = True if op.release else None
+        reply = Appended(
+            id=op.call.request.id, offset=offset, lines=op.lines, fence=op.fence, released=released
+        )
         self.remember(op.call, reply)
+        if op.release:
+            release = self.releasing.release(op.call.lane.uid, op.lease, op.aid, reply)
+            if fsync:  # once the sync that makes it durable succeeds
+                self.releasing.hold(call_key(op.call), release)
+            else:
+                effects.append(release)  # before the answer: the next holder's grant first
         return effects + self.answer(op, reply, needs_sync=fsync)
 
     def answer(

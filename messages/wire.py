@@ -193,6 +193,11 @@ class Append(_Req):
     """Pipelining: the ``aid`` of the append before this one in its pipeline. Written only if
     the last append written under this lease is that one; otherwise refused
     ``pipeline_broken``, nothing written. Needs ``lease`` and ``aid``."""
+    release: bool | None = None
+    """Append and release: once the records are written (and durable, for ``fsync``), one level
+    of the lease is released in the same turn of the file, as a ``release`` would, and the next
+    waiter granted; the ``appended`` answer says ``released``. Refused or failed, the append
+    releases nothing. Needs ``lease`` + ``fence`` (not a lane's short write)."""
 
     @model_validator(mode="after")
     def _lease_or_lane(self) -> Append:
@@ -204,6 +209,8 @@ class Append(_Req):
             raise ValueError("a pipelined append (after) needs lease, fence and aid")
         if self.after is not None and self.after == self.aid:
             raise ValueError("a pipelined append cannot come after itself")
+        if self.release and not by_lease:
+            raise ValueError("an append that releases (release) needs lease and fence")
         return self
 
 
@@ -352,6 +359,8 @@ class Appended(_Rep):
     lines: int
     """Number of lines written."""
     fence: int
+    released: bool | None = None
+    """True when the append also released (one level of) its lease (``Append.release``)."""
 
 
 class Rewritten(_Rep):

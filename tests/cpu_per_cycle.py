@@ -1,7 +1,9 @@
 """CPU the service spends per contended lease cycle (acquire, append one record, release).
 
-Usage: ``python tests/cpu_per_cycle.py [CYCLES] [WORKERS] [FILES]`` (default 300, 2 and
-``one``), with the ``python`` of the install to measure; prints one JSON line. An embedded
+Usage: ``python tests/cpu_per_cycle.py [CYCLES] [WORKERS] [FILES] [CYCLE]`` (default 300, 2,
+``one`` and ``three``), with the ``python`` of the install to measure; prints one JSON line.
+``CYCLE`` = ``fused``: the append carries the release (``Lease.append(..., release=True)``,
+two requests per cycle instead of three). An embedded
 service runs in this process; ``WORKERS`` client processes loop on one file (``FILES`` =
 ``one``: they contend) or each on its own (``each``: nothing to hand off, as the bench's
 ``files8``). The figure is the utime + stime of
@@ -35,6 +37,7 @@ WORKER = """
 import os, sys
 from sessionlane import connect
 address, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fused = sys.argv[4] == "fused"
 with connect(address) as sl:
     lane = sl.lane("w")
     with lane.lease(path, purpose="write") as lease:
@@ -45,7 +48,10 @@ with connect(address) as sl:
     began = os.times()
     for i in range(n):
         with lane.lease(path, purpose="write", wait_timeout=600) as lease:
-            lease.append({"i": i, "text": "x" * 160})
+            if fused:
+                lease.append({"i": i, "text": "x" * 160}, release=True)
+            else:
+                lease.append({"i": i, "text": "x" * 160})
     ended = os.times()
     # This process's CPU over its cycles (every thread: the caller's and the reader's).
     sys.stdout.write(f"{(ended.user - began.user) + (ended.system - began.system)}\\n")
@@ -70,6 +76,9 @@ def main() -> None:
     files = sys.argv[3] if len(sys.argv) > 3 else "one"
     if files not in ("one", "each"):
         raise SystemExit(f"FILES is one or each, not {files!r}")
+    cycle = sys.argv[4] if len(sys.argv) > 4 else "three"
+    if cycle not in ("three", "fused"):
+        raise SystemExit(f"CYCLE is three or fused, not {cycle!r}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "root"
         root.mkdir()
@@ -79,7 +88,7 @@ def main() -> None:
             ]
             procs = [
                 subprocess.Popen(
-                    [sys.executable, "-c", WORKER, service.address, path, str(cycles)],
+                    [sys.executable, "-c", WORKER, service.address, path, str(cycles), cycle],
                     cwd=tmp,  # ``-c`` imports from the working directory first: not a checkout
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -109,6 +118,7 @@ def main() -> None:
             {
                 "cycles": n,
                 "files": files,
+                "cycle": cycle,
                 "service_cpu_ms_per_cycle": round((after - before + own) * 1000 / n, 3),
                 "client_cpu_ms_per_cycle": round(clients * 1000 / n, 3),
                 "cycles_per_s": round(n / wall, 1),

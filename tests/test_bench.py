@@ -31,7 +31,7 @@ from sessionlane.system.bench._stats import percentile, ratio
 from sessionlane.system.bench.handoff import analyse
 
 REPO = Path(__file__).resolve().parent.parent
-CONTENDERS = ("sessionlane", "filelock", "flock", "lockfile")
+CONTENDERS = ("sessionlane", "sessionlane_fused", "filelock", "flock", "lockfile")
 
 
 def stamps(*cycles: tuple[float, float, float, float]) -> list[tuple[float, float, float, float]]:
@@ -125,6 +125,7 @@ def test_a_quick_run_reports_every_contender_and_leaves_nothing_running(tmp_path
     for peer in ("filelock", "flock", "lockfile") + (("redis",) if redis_here else ()):
         for key in ("handoff_p50", "handoff_p99", "cycles"):
             assert positive(handoff["ratios"]["k2"][peer][key]), (peer, key)
+            assert positive(handoff["ratios_fused"]["k2"][peer][key]), (peer, key)
 
     turn = results["turn"]
     assert positive(turn["direct"]["ms_p50"]) and positive(turn["direct"]["ms_p99"])
@@ -141,7 +142,7 @@ def test_a_quick_run_reports_every_contender_and_leaves_nothing_running(tmp_path
         assert positive(append[key]["records_per_s"]), key
 
     targets = {t["target"]: t for t in results["targets"]}
-    assert len(targets) == 12
+    assert len(targets) == 14
     assert not any("issue" in name for name in targets), "goals speak of the product"
     piped = targets["pipelined durable appends, 8 writers on one file"]
     assert piped["measured"] is None or positive(piped["measured"])  # K = 4 when quick

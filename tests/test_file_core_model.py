@@ -30,7 +30,11 @@ What is asserted, against a simple model of the calls and of the disk:
   performs the write path's ``ReleaseWriteLease``);
 - a held batch is never left without a way out: after a message it is committed, watched for
   the end of its pass, or waits for an armed ``CommitDue``; at the end the queue is drained;
-- each final answer fits its request (an append is never answered ``granted``).
+- each final answer fits its request (an append is never answered ``granted``);
+- an append that releases its lease (``release``) says ``released`` and has released a level
+  of the table's lease by the time its ack is delivered, and a waiter it handed the file to
+  got its ``granted`` before that ack (grant first); refused or failed (its write or its
+  sync), it released nothing: the lease is still held (unless revoked or abandoned since).
 
 Each of these mutations makes it fail (tried with 200 examples each): the grant after a failed
 reservation kept (``meaning``), the fence counter not set back (``reservation_failed``), acks a
@@ -154,6 +158,8 @@ class FileCoreModel(RuleBasedStateMachine):
         self.durable = 0  # the highest fence a successful reservation made durable
         self.record_holder: Any = None
         self.record_written: Any = None  # the lease record last written
+        self.fused: dict[Any, tuple[str, int]] = {}  # key -> (lease, releases before it)
+        self.gone: set[str] = set()  # leases revoked, abandoned or released since granted
 
     # The shell ---------------------------------------------------------------------------------
 
@@ -246,6 +252,7 @@ class FileCoreModel(RuleBasedStateMachine):
             ), message
             if message.type == "revoked":
                 self.leases.pop(lane, None)
+                self.gone.add(message.lease)
             return
         key = (lane, message.id)
         if key not in self.deliveries:
@@ -271,20 +278,49 @@ class FileCoreModel(RuleBasedStateMachine):
                 self.leases[lane] = (message.lease, message.fence)
             case Released() | Abandoned():
                 if not self.table.held_by(lane):
-                    self.leases.pop(lane, None)
+                    self.gone.add(self.leases.pop(lane, ("", 0))[0])
             case Appended() if isinstance(request, Append):
                 held = self.core.book.record.held
-                if held is not None and held.lease == request.lease:
+                if message.released:  # as a release's answer: before the record that follows
+                    released = self.core.book.record.released
+                    assert released is not None and released.done.aid in (
+                        request.aid,
+                        *(a.aid for a in self.core.book.record.appends),
+                    )
+                elif held is not None and held.lease == request.lease:
                     assert self.record_written == self.core.book.record, (
                         "an ack left before the lease record that backs it"
                     )
                 if request.durability != "flush":
                     assert key in self.synced_writes, "an fsync ack before its sync"
                 self.acked.add(key)
+                if request.release:
+                    self.released_by_append(lane, key, request, message)
+            case Error() if key in self.fused and message.code not in ("stale_fence", "not_holder"):
+                lease, _ = self.fused[key]
+                if lease not in self.gone and self.finals[key] == 1:
+                    holder = self.table.holder
+                    assert holder is not None and holder.lease == lease, (
+                        "a refused or failed append released its lease"
+                    )
             case Error() if message.code == "disk_full" and isinstance(request, Append):
                 self.acked.discard(key)  # its sync failed: a retry writes again
                 self.written_ok.discard(key)
                 self.failed_acks.append(message.id)
+
+    def released_by_append(self, lane: str, key: Any, request: Append, ack: Appended) -> None:
+        """The ack of an append that releases its lease was delivered."""
+        assert ack.released, "an append that released did not say so"
+        lease, releases = self.fused[key]
+        if self.finals[key] > 1:
+            return  # a copy answered again: released once, by the first
+        assert self.table.counters["releases"] > releases, "acked before its lease was released"
+        holder = self.table.holder
+        granted = {lease for lease, _ in self.leases.values()}
+        if holder is not None and holder.lane in HOLDERS and holder.lease not in granted:
+            assert holder.lane == "b" and self.closing, "the next holder's grant came after"
+        if not self.table.held_by(lane):
+            self.gone.add(self.leases.pop(lane, (lease, 0))[0])
 
     # Lanes ---------------------------------------------------------------------------------------
 
@@ -339,9 +375,16 @@ class FileCoreModel(RuleBasedStateMachine):
         fsync=st.booleans(),
         writes=st.lists(WRITE_OUTCOMES, max_size=3),
         locks=st.lists(st.sampled_from([True, True, False, "unusable"]), max_size=2),
+        release=st.sampled_from([False, False, True]),
     )
     def append_under_lease(
-        self, lane: str, stale: bool, fsync: bool, writes: list[str], locks: list[Any]
+        self,
+        lane: str,
+        stale: bool,
+        fsync: bool,
+        writes: list[str],
+        locks: list[Any],
+        release: bool,
     ) -> None:
         lease, fence = self.leases.get(lane, ("none-1", 1))
         self.draw_outcomes(writes, locks)
@@ -350,7 +393,11 @@ class FileCoreModel(RuleBasedStateMachine):
             fence=fence + 1 if stale else fence,
             records=[{"n": self.ids}],
             durability="fsync" if fsync else "flush",
+            release=release or None,
+            aid=f"aid-{self.ids:05d}" if release else None,
         )
+        if release:
+            self.fused[(lane, self.ids + 1)] = (lease, self.table.counters["releases"])
         self.deliver(lane, request)
 
     @rule(

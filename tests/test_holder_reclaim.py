@@ -117,6 +117,31 @@ def test_a_refused_reclaim_revokes_the_lease_and_its_write_in_flight_has_an_unkn
     )
 
 
+def test_an_append_that_releases_is_sent_again_when_its_lease_is_not_reclaimed() -> None:
+    """It may have released the lease itself before the loss: the owner answers it as written
+    (its lease record keeps it); refused, its outcome is unknown, not "not written"."""
+    for outcome in ("released before the loss", "refused"):
+        lane, host = holding_a_lease()
+        fused = append(2, "aid-0002").model_copy(update={"release": True})
+        lane.request(fused)
+        host.calls.clear()
+        member_lost(lane)
+        (reclaim,) = host.calls
+        refused = Error(id=reclaim.request.id, code="reclaim_refused", detail="gone", path=A)
+        answer(lane, reclaim, refused)
+        resent = host.calls[-1]
+        assert resent.request == fused, "sent again as it was, with its aid"
+        host.agent.clear()
+        if outcome == "refused":
+            answer(lane, resent, Error(id=2, code="stale_fence", detail="not current", path=A))
+            [told] = host.agent
+            assert isinstance(told, Error) and (told.id, told.code) == (2, "unknown_outcome")
+        else:
+            written = Appended(id=2, offset=0, lines=1, fence=3, released=True)
+            answer(lane, resent, written)
+            assert host.agent == [written]
+
+
 def test_the_owner_telling_the_holder_itself_ends_the_reclaim_and_it_is_told_once() -> None:
     lane, host = holding_a_lease()
     member_lost(lane)

@@ -41,6 +41,7 @@ from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
     Acquire,
+    Appended,
     Direct,
     DirectOffer,
     Error,
@@ -467,6 +468,31 @@ def test_the_links_follow_the_one_lease_held_per_file_and_hand_it_over_when_the_
     assert links.leases.grants[transcript].lane == "b#1", "one holder per path: the newer grant"
     links.on_restarted(FileRestarted(path=transcript, incarnation=1))
     assert host.restart_holders == [("b#1", second)], "the lost lease goes to its lane"
+    assert transcript not in links.leases.grants
+
+
+def test_an_append_that_released_its_lease_counts_as_its_release_for_its_lane_only(
+    tmp_path: Path, transcript: str
+) -> None:
+    links, _ = make(tmp_path)
+    lease, nxt = f"{lease_route(transcript)}-1", f"{lease_route(transcript)}-2"
+
+    def reply(message: Any, lane: str) -> None:
+        links.leases.observe(FileReply(path=transcript, message=message, lane=lane))
+
+    granted = Granted(id=1, lease=lease, fence=1, path=transcript, purpose="prompt")
+    reply(granted, "a#1")
+    reply(granted.model_copy(update={"id": 2}), "a#1")  # reentrant: two levels
+    reply(Appended(id=3, offset=0, lines=1, fence=1, released=True), "a#1")
+    assert links.leases.grants[transcript].depth == 1, "one level released"
+    reply(Appended(id=4, offset=9, lines=1, fence=1), "a#1")  # a plain append releases nothing
+    assert links.leases.grants[transcript].depth == 1
+    # The file grants the next waiter before it answers the append that released: the new
+    # holder's grant is not the releasing lane's, and stays.
+    reply(Granted(id=5, lease=nxt, fence=2, path=transcript, purpose="prompt"), "b#1")
+    reply(Appended(id=6, offset=18, lines=1, fence=1, released=True), "a#1")
+    assert links.leases.grants[transcript].lease == nxt
+    reply(Appended(id=7, offset=27, lines=1, fence=2, released=True), "b#1")
     assert transcript not in links.leases.grants
 
 

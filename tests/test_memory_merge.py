@@ -46,8 +46,10 @@ def file_and_zygote(root: Path, merge: bool) -> tuple[str, str, str]:
         lease.append({"type": "probe"})
         members = service.running.system.members()
         (file_pid,) = holders(members, {os.path.realpath(path)})
-        zygotes = [p for p in members if "zygote" in Path(f"/proc/{p}/cmdline").read_text()]
-        assert len(zygotes) == 1, zygotes
+        titled = {p for p in members if "zygote" in Path(f"/proc/{p}/cmdline").read_text()}
+        # The zygote forks through short-lived intermediates, which carry its title too.
+        zygotes = [p for p in titled if _parent(p) not in titled]
+        assert len(zygotes) == 1, (titled, zygotes)
         registry = _parent(zygotes[0])  # the zygote is the Registry's fork
         return merge_any(file_pid), merge_any(zygotes[0]), merge_any(registry)
 

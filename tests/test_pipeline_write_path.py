@@ -65,8 +65,11 @@ class Pipeline:
         assert isinstance(grant, Grant)
         return grant
 
-    def send(self, numbers: range, *, after: str | None = None) -> list[int]:
-        """Accept a pipeline of one append per number (``after``: the one before its first)."""
+    def send(
+        self, numbers: range, *, after: str | None = None, release_at: int | None = None
+    ) -> list[int]:
+        """Accept a pipeline of one append per number (``after``: the one before its first;
+        ``release_at``: the number whose append carries the release of the lease)."""
         sent = []
         for n in numbers:
             self.ids += 1
@@ -78,6 +81,7 @@ class Pipeline:
                 records=[{"n": n}],
                 aid=aid,
                 after=after,
+                release=True if n == release_at else None,
             )
             call = LaneCall(
                 lane=LaneRef(uid="a", name="a", address="lane:a"),
@@ -223,3 +227,21 @@ def test_a_pipeline_queued_at_once_goes_out_in_one_write_each_append_at_its_own_
         reply = pipeline.replies[rid]
         line = data[reply.offset : data.index(b"\n", reply.offset)]
         assert json.loads(line) == {"n": number}
+
+
+def test_the_append_that_releases_ends_its_pipelines_write_and_waits_for_the_sync(
+    pipeline: Pipeline,
+) -> None:
+    first = pipeline.send(range(1))
+    pipeline.drain()
+    sent = pipeline.send(range(1, 10), after="aid-00000", release_at=5)
+    pipeline.drain()
+    # 1..5 in one write, ending with the one that releases; 6..9 in another (nothing chains
+    # after it: the core refuses them once it releases the last level, docs/fused-release.md)
+    assert pipeline.writes_out == 3
+    assert pipeline.codes(first + sent) == ["appended"] * 10
+    released = [pipeline.replies[i].released for i in sent]
+    assert released == [None, None, None, None, True, None, None, None, None]
+    held = list(pipeline.writes.releasing.held.values())
+    assert [r.aid for r in held] == ["aid-00005"], "released once its sync succeeds"
+    assert pipeline.numbers() == list(range(10))

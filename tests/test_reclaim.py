@@ -30,6 +30,7 @@ from sessionlane.actors.reclaim import (
     HeldRecord,
     LeaseRecord,
     ReclaimBook,
+    ReleasedAppend,
     digest,
     encode_record,
     parse_record,
@@ -77,6 +78,18 @@ records = st.builds(
         ),
         max_size=MAX_APPENDS,
     ).map(tuple),
+    released=st.none()
+    | st.builds(
+        ReleasedAppend,
+        st.text(min_size=1, max_size=16),
+        st.builds(
+            DoneAppend,
+            st.text(min_size=8, max_size=16),
+            st.integers(0, 2**40),
+            st.integers(1, 99),
+            st.integers(1, 2**40),
+        ),
+    ),
 )
 
 
@@ -107,6 +120,9 @@ def dumped(record: LeaseRecord) -> bytes:
         "size": record.size,
         "appends": [[a.aid, a.offset, a.lines, a.fence] for a in record.appends],
     }
+    if (r := record.released) is not None:
+        d = r.done
+        payload["released"] = [r.lease, d.aid, d.offset, d.lines, d.fence]
     return (json.dumps(payload, ensure_ascii=False) + "\n").encode().ljust(RECORD_BYTES, b" ")
 
 

@@ -28,6 +28,7 @@ from sessionlane.system.config import load_settings
 from sessionlane.system.runtime import admin_fork, connection_auth, launch, transport_auth
 from sessionlane.system.runtime.launch import PingActor, TcpSystem
 from sessionlane.system.runtime.service import Service, ServiceError, embedded_service
+from sessionlane.system.runtime.zygote import PARKED_TITLE
 
 ASK_TIMEOUT = 10.0
 REPLY_TIMEOUT_S = 10.0
@@ -137,6 +138,17 @@ def as_nobody(targets: list[tuple[str, int]], markers: Path, skip_reply: set[int
     assert (markers / "nobody-can-write").stat().st_uid == NOBODY
 
 
+def parked_ports(service: Service) -> set[int]:
+    """The actor ports of the service's parked children (bound ahead, not read yet)."""
+    running = service.running
+    assert running is not None
+    return {
+        port
+        for _, port, pid in running.system.listening_addresses()
+        if PARKED_TITLE in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    }
+
+
 def drive_until_readable(service: Service, socks: list[socket.socket]) -> None:
     """Let the supervisor's endpoint run (it reads only inside calls into the actor system,
     a frame's worth per pass) until each socket has its answer or was closed."""
@@ -175,17 +187,33 @@ def test_a_strangers_pickle_on_every_listener_runs_nothing_and_the_service_keeps
         # admin, logger, registry, gateway (thespian and client ports), 2 files, supervisor
         assert len(targets) >= 7, targets
 
+        # A parked child's actor port is bound ahead (system/runtime/prestart.py) and read only
+        # once the child is a file's actor: its answer comes when a new file makes it one.
+        parked = parked_ports(service)
+        later = {gateway_port, *supervisor, *parked}
+        parked_socks: list[socket.socket] = []
         if attacker == "same user":
-            answers, pending = attack(targets, markers, {gateway_port, *supervisor})
+            answers, pending = attack(targets, markers, later)
             assert answers and set(answers.values()) == {b""}, "closed without a reply"
             supervisor_socks = [s for s in pending if s.getpeername()[1] in supervisor]
+            parked_socks = [s for s in pending if s.getpeername()[1] in parked]
             drive_until_readable(service, supervisor_socks)
             assert all(closed_without_reply(sock) for sock in supervisor_socks)
             for sock in pending:
-                sock.close()
+                if sock not in parked_socks:
+                    sock.close()
         else:
-            as_nobody(targets, markers, {gateway_port, *supervisor})
+            as_nobody(targets, markers, later)
             assert service.healthy()
+        with (
+            connect(service.address) as client,
+            client.lane("next").lease(str(root / "c.jsonl")) as lease,
+        ):
+            assert lease is not None  # served by the child that was parked
+            lease.append({"after": "attack"})
+        for sock in parked_socks:
+            assert select.select([sock], [], [], REPLY_TIMEOUT_S)[0], "never read"
+            assert closed_without_reply(sock)
 
         assert not list(markers.glob("pwned-*")), "a listener unpickled the stranger's frame"
         with (

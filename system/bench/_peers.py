@@ -4,7 +4,13 @@ Each contender guards one transcript and does the same work per cycle: take the 
 the records durably (``os.write`` of the JSONL lines and one ``fdatasync``, which is what
 sessionlane's default ``durability="fsync"`` does server-side), release.
 
-* ``sessionlane``: a lane of the Python client; the service writes and syncs.
+* ``sessionlane``: a lane of the Python client; the service writes and syncs. Three requests
+  per cycle: acquire, append, release.
+* ``sessionlane_fused``: the same, with the turn's last append carrying its release
+  (``Lease.append(..., release=True)``, append and release): two requests per cycle. Its
+  ``append`` keeps the records and its ``release`` sends them with the release, so the bench's
+  "releasing" stamp is taken before the append is sent: its hand-off includes the write and
+  the ``fdatasync`` that the release waits for.
 * ``flock``: ``fcntl.flock(LOCK_EX)`` blocking on ``<file>.flock``: the kernel wakes the
   next waiter; the practical floor for a hand-off between processes.
 * ``filelock``: py-filelock's ``FileLock`` with its defaults (non-blocking ``flock`` polled
@@ -36,7 +42,9 @@ __all__ = [
     "open_contender",
 ]
 
-ContenderName = Literal["sessionlane", "filelock", "flock", "lockfile", "redis"]
+ContenderName = Literal[
+    "sessionlane", "sessionlane_fused", "filelock", "flock", "lockfile", "redis"
+]
 PEERS: tuple[ContenderName, ...] = ("filelock", "flock", "lockfile", "redis")
 """Every peer; ``redis`` is left out of a run where it cannot be measured (``_redis``)."""
 
@@ -68,6 +76,8 @@ def open_contender(name: ContenderName, path: str, *, address: str = "", lane: s
     Redis URL (redis), ``lane`` the sessionlane lane's name."""
     if name == "sessionlane":
         return _Sessionlane(address, lane, path)
+    if name == "sessionlane_fused":
+        return _SessionlaneFused(address, lane, path)
     if name == "redis":
         return _Redis(address, path)
     if name == "flock":
@@ -162,6 +172,19 @@ class _Sessionlane:
 
     def close(self) -> None:
         self.sl.close()
+
+
+class _SessionlaneFused(_Sessionlane):
+    """The turn's last append carries the release (append and release)."""
+
+    records: list[dict[str, Any]] = []
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        self.records = records  # sent with the release
+
+    def release(self) -> None:
+        self.lease.append(*self.records, release=True)
+        self.lease = None
 
 
 # The lock-file baseline -------------------------------------------------------------------

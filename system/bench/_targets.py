@@ -65,6 +65,20 @@ _TARGETS: list[tuple[str, str, str, Callable[[dict[str, Any]], Any], Callable[[f
         lambda v: v >= 3000.0,
     ),
     (
+        "lease cycles/s, 8 processes on one file, append and release",
+        ">= 1500/s",
+        "/s",
+        lambda r: _get(r, "handoff", "sessionlane_fused", "k8", "cycles_per_s"),
+        lambda v: v >= 1500.0,
+    ),
+    (
+        "lease cycles/s, 8 processes on 8 files, append and release",
+        ">= 3000/s",
+        "/s",
+        lambda r: _get(r, "handoff", "sessionlane_fused", "files8", "cycles_per_s"),
+        lambda v: v >= 3000.0,
+    ),
+    (
         "worst wait at K=8 vs the polling locks (worse of filelock, lockfile, redis)",
         ">= 20x lower",
         "x",

@@ -76,7 +76,9 @@ def lane_appends(params: dict[str, Any], gate: Gate) -> dict[str, Any]:
 
 def pipelined_appends(params: dict[str, Any], gate: Gate) -> dict[str, Any]:
     """Turns on one file: take the lease, pipeline ``per_lease`` records (``window`` in
-    flight), release; repeat. One latency per turn."""
+    flight), release (a ``release`` of its own; ``release`` True: carried by the last append,
+    append and release, which measured within the noise of it: docs/fused-release.md);
+    repeat. One latency per turn."""
     from sessionlane.system.client import connect
 
     index: int = params["index"]
@@ -92,7 +94,8 @@ def pipelined_appends(params: dict[str, Any], gate: Gate) -> dict[str, Any]:
             batch = [record(index, records + i) for i in range(per_lease)]
             with lane.lease(params["path"], purpose="write") as lease:
                 assert lease is not None
-                records += len(lease.append_pipelined(batch, window=params["window"]))
+                window, fused = params["window"], params.get("release", False)
+                records += len(lease.append_pipelined(batch, window=window, release=fused))
             done = time.monotonic()
             turns.append(done - began)
     return {"records": records, "turns": turns, "elapsed": done - start}

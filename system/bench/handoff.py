@@ -20,6 +20,9 @@ the release is sent), released. From the merged timeline:
 ``files{K}``: the same K processes, each on its own file (nothing to hand off): what the
 contender costs per cycle when it does not contend.
 
+``sessionlane_fused`` is sessionlane with the append carrying the release (two requests per
+cycle, ``_peers``); its ratios to the peers are ``ratios_fused``.
+
 The Redis peer runs where it can (``_redis``); where it cannot, ``skipped`` says why.
 """
 
@@ -38,7 +41,7 @@ from sessionlane.system.bench._stats import latency_ms, rate, ratio, rounded
 __all__ = ["CONTENDERS", "NAME", "analyse", "render", "run"]
 
 NAME = "handoff"
-CONTENDERS: tuple[ContenderName, ...] = ("sessionlane", *PEERS)
+CONTENDERS: tuple[ContenderName, ...] = ("sessionlane", "sessionlane_fused", *PEERS)
 _MAX_CYCLES = 200_000
 _SLACK_S = 60.0
 
@@ -84,7 +87,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 timeout=ctx.duration + _SLACK_S,
             )
             result[name][f"files{spread}"] = analyse_spread(runs)
-    result["ratios"] = ratios(result, [f"k{k}" for k in ks] + [f"files{spread}"])
+    keys = [f"k{k}" for k in ks] + [f"files{spread}"]
+    result["ratios"] = ratios(result, keys)
+    result["ratios_fused"] = ratios(result, keys, ours="sessionlane_fused")
     return result
 
 
@@ -156,15 +161,15 @@ def analyse_spread(runs: list[list[tuple[float, float, float, float]]]) -> dict[
     }
 
 
-def ratios(result: dict[str, Any], keys: list[str]) -> dict[str, Any]:
-    """Per configuration and peer: how many times better sessionlane does (> 1: better)."""
+def ratios(result: dict[str, Any], keys: list[str], ours: str = "sessionlane") -> dict[str, Any]:
+    """Per configuration and peer: how many times better ``ours`` does (> 1: better)."""
     out: dict[str, Any] = {}
-    ours = result["sessionlane"]
+    mine_all = result.get(ours, {})
     for key in keys:
         out[key] = {}
         for peer in (p for p in PEERS if p in result):
             theirs = result[peer].get(key, {})
-            mine = ours.get(key, {})
+            mine = mine_all.get(key, {})
             entry = {"cycles": ratio(mine.get("cycles_per_s"), theirs.get("cycles_per_s"))}
             if key.startswith("k"):
                 entry["handoff_p50"] = ratio(theirs["handoff_ms_p50"], mine["handoff_ms_p50"])
@@ -222,7 +227,7 @@ def render(result: dict[str, Any]) -> list[Table]:
     )
     ratio_rows = [
         [
-            key,
+            key + label,
             peer,
             fmt(r.get("handoff_p50"), 1, "x"),
             fmt(r.get("handoff_p99"), 1, "x"),
@@ -230,7 +235,8 @@ def render(result: dict[str, Any]) -> list[Table]:
             fmt(r.get("wait_max"), 1, "x"),
             fmt(r.get("cycles"), 2, "x"),
         ]
-        for key, peers in result["ratios"].items()
+        for label, name in (("", "ratios"), (" fused", "ratios_fused"))
+        for key, peers in result.get(name, {}).items()
         for peer, r in peers.items()
     ]
     return [
@@ -257,7 +263,8 @@ def render(result: dict[str, Any]) -> list[Table]:
             spread_rows,
         ),
         table(
-            "handoff: sessionlane's advantage (peer / sessionlane; > 1: sessionlane is better)",
+            "handoff: sessionlane's advantage (peer / sessionlane; > 1: sessionlane is better;"
+            " fused: append and release)",
             ["config", "peer", "hand-off p50", "hand-off p99", "wait p99", "wait max", "cycles/s"],
             ratio_rows,
         ),

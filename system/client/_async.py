@@ -612,10 +612,20 @@ class AsyncLease(ops.LeaseView):
         self.sl = sl
 
     async def append(
-        self, *records: dict[str, Any], durability: Durability | None = None
+        self,
+        *records: dict[str, Any],
+        durability: Durability | None = None,
+        release: bool = False,
     ) -> AppendResult:
-        """Append records durably under this lease; all or nothing."""
-        return await self.sl._run(ops.lease_append(self.sl.core, self, records, durability))
+        """Append records durably under this lease; all or nothing.
+
+        ``release``: append and release. Once the records are durable the service releases
+        this level of the lease in the same step and hands the file to the next waiter; the
+        lease then counts as released (the ``with`` block's exit and a later ``release()`` do
+        nothing). If the append fails (refused, or its write or sync failed), nothing was
+        released: the lease is still held, and released as usual."""
+        op = ops.lease_append(self.sl.core, self, records, durability, release)
+        return await self.sl._run(op)
 
     async def append_pipelined(
         self,
@@ -623,12 +633,17 @@ class AsyncLease(ops.LeaseView):
         *,
         window: int = 64,
         durability: Durability | None = None,
+        release: bool = False,
     ) -> list[AppendResult]:
         """Append each record as its own append, up to ``window`` of them in flight at once.
 
         The asyncio twin of ``Lease.append_pipelined``: results in order, and on a failure
-        ``PipelineBroken`` saying which were written; none after the failed one is."""
-        op = pipelines.lease_append_pipelined(self.sl.core, self, records, window, durability)
+        ``PipelineBroken`` saying which were written; none after the failed one is.
+        ``release``: the last append also releases this level of the lease once durable; a
+        pipeline that stops before it leaves the lease held."""
+        op = pipelines.lease_append_pipelined(
+            self.sl.core, self, records, window, durability, release
+        )
         return await self.sl._run(op)
 
     async def rewrite(self, records: Sequence[dict[str, Any]]) -> int:

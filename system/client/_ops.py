@@ -80,6 +80,7 @@ __all__ = [
     "raise_if_error",
     "recover",
     "release",
+    "released_by_append",
     "revive",
     "revive_all",
     "rewrite",
@@ -346,10 +347,18 @@ class LeaseView:
 
 
 def lease_append(
-    core: Core, lease: LeaseView, records: Sequence[Any], durability: Durability | None
+    core: Core,
+    lease: LeaseView,
+    records: Sequence[Any],
+    durability: Durability | None,
+    release: bool = False,
 ) -> Op[AppendResult]:
-    """``Lease.append``: all or nothing, under the lease's fence."""
+    """``Lease.append``: all or nothing, under the lease's fence. ``release``: the service
+    releases this level of the lease once the records are durable (append and release); it
+    then counts as released here. Refused or failed, the lease is still held."""
     check_durability(durability)
+    if not isinstance(release, bool):
+        raise TypeError(f"release must be a bool, got {release!r}")
     lease.check_usable()
     checked = check_records(records, max_record_bytes=core.settings.max_record_bytes)
     request = Append(
@@ -358,8 +367,18 @@ def lease_append(
         records=checked,
         durability=durability,
         aid=secrets.token_hex(8),  # resent after a restart, it is not written twice
+        release=release or None,
     )
-    return _appended((yield from _lease_call(core, lease, request)))
+    result = _appended((yield from _lease_call(core, lease, request)))
+    if release:
+        released_by_append(core, lease)
+    return result
+
+
+def released_by_append(core: Core, lease: LeaseView) -> None:
+    """The service released this level of ``lease`` with an append (``Append.release``)."""
+    lease.level_released = True
+    core.untrack(lease.state)
 
 
 def rewrite(core: Core, lease: LeaseView, records: Sequence[Any]) -> Op[int]:
@@ -411,9 +430,18 @@ def _lease_call(core: Core, lease: LeaseView, request: Any) -> Op[Reply]:
             try:
                 yield from revive(core, lease.state)
                 lease.check_usable()  # the reclaim another call waited for gave up
-            except LeaseRevoked as exc:
+            except LeaseRevoked as revoked:
+                if getattr(request, "release", None) and core.link is not None:
+                    # Refused by a live service: an append that releases may have done so
+                    # before the restart, and the lease record then answers it as written
+                    # and released (anything else: an error). A service still away after
+                    # the window is not asked again (one window per loss).
+                    reply = yield Call(request)
+                    if isinstance(reply, Error) and reply.code == "stale_fence":
+                        raise revoked from None
+                    return raise_if_error(reply, lease.path)
                 if sent is not None and isinstance(request, Append | Rewrite):
-                    raise _unknown(request, sent, lease.path, exc.reason) from exc
+                    raise _unknown(request, sent, lease.path, revoked.reason) from revoked
                 raise
         try:
             reply = yield Call(request, reconnect=False)

@@ -46,6 +46,7 @@ from sessionlane.system.client._ops import (
     Core,
     LeaseView,
     Op,
+    released_by_append,
     revive,
 )
 from sessionlane.system.client._records import check_records
@@ -121,6 +122,7 @@ class PipelinedAppend(NamedTuple):
     aid: str
     after: str | None
     durability: Durability | None
+    release: bool | None = None
     v: int = PROTOCOL_VERSION
     type: str = "append"
     lane: None = None
@@ -141,7 +143,7 @@ def append_frame(request: Append | PipelinedAppend, rid: int) -> bytes:
     return HEADER.pack(len(data)) + data
 
 
-_APPEND_OPTIONAL = ("lease", "fence", "lane", "path", "durability", "aid", "after")
+_APPEND_OPTIONAL = ("lease", "fence", "lane", "path", "durability", "aid", "after", "release")
 """``Append``'s fields after ``records`` (``test_client_pipeline`` checks they are all)."""
 
 
@@ -169,6 +171,7 @@ def lease_append_pipelined(
     records: Sequence[Any],
     window: int,
     durability: Durability | None,
+    release: bool = False,
 ) -> Generator[Call | Batch, Any, list[AppendResult]]:
     """``Lease.append_pipelined``: one append per record, up to ``window`` in flight, in order.
 
@@ -177,8 +180,14 @@ def lease_append_pipelined(
     connection of a suspended lease (``reconnect_for``) reclaims the lease and resends, one at
     a time, the appends that were sent and not answered (their ``aid`` answers the written ones
     as they were), then goes on with the window.
+
+    ``release``: the last append releases this level of the lease once durable (append and
+    release); then the lease counts as released. A pipeline that stops before it leaves the
+    lease held.
     """
     check_durability(durability)
+    if not isinstance(release, bool):
+        raise TypeError(f"release must be a bool, got {release!r}")
     if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
         raise ValueError(f"window must be an int from 1 to {MAX_WINDOW}, got {window!r}")
     lease.check_usable()
@@ -190,6 +199,8 @@ def lease_append_pipelined(
         aid = secrets.token_hex(8)
         requests.append(PipelinedAppend(lease_id, fence, [record], aid, before, durability))
         before = aid
+    if release and requests:
+        requests[-1] = requests[-1]._replace(release=True)
     results: list[AppendResult] = []
     resend_until = 0  # appends before this index were sent before a restart: one at a time
     revivals = 0
@@ -216,6 +227,8 @@ def lease_append_pipelined(
         raise _broken(
             lease, results, failed, rest, resend_until - len(results) if careful else None
         )
+    if release and requests:
+        released_by_append(core, lease)
     return results
 
 

@@ -657,10 +657,20 @@ class Lease(ops.LeaseView):
         self.sl = sl
 
     def append(
-        self, *records: dict[str, Any], durability: Durability | None = None
+        self,
+        *records: dict[str, Any],
+        durability: Durability | None = None,
+        release: bool = False,
     ) -> AppendResult:
-        """Append records durably under this lease; all or nothing."""
-        return self.sl._run(ops.lease_append(self.sl.core, self, records, durability))
+        """Append records durably under this lease; all or nothing.
+
+        ``release``: append and release. Once the records are durable the service releases
+        this level of the lease in the same step and hands the file to the next waiter; the
+        lease then counts as released (the ``with`` block's exit and a later ``release()`` do
+        nothing). If the append fails (refused, or its write or sync failed), nothing was
+        released: the lease is still held, and released as usual."""
+        op = ops.lease_append(self.sl.core, self, records, durability, release)
+        return self.sl._run(op)
 
     def append_pipelined(
         self,
@@ -668,14 +678,19 @@ class Lease(ops.LeaseView):
         *,
         window: int = 64,
         durability: Durability | None = None,
+        release: bool = False,
     ) -> list[AppendResult]:
         """Append each record as its own append, up to ``window`` of them in flight at once.
 
         Written in order and acknowledged in order: the results, one per record. If one fails,
         none after it is written (the service refuses them): ``PipelineBroken`` says which
         were (``written``, ``failed``, ``unknown``, ``cause``). The records are checked before
-        anything is sent (``InvalidRecord``)."""
-        op = pipelines.lease_append_pipelined(self.sl.core, self, records, window, durability)
+        anything is sent (``InvalidRecord``). ``release``: the last append also releases this
+        level of the lease once durable (as ``append(..., release=True)``); a pipeline that
+        stops before its last append leaves the lease held."""
+        op = pipelines.lease_append_pipelined(
+            self.sl.core, self, records, window, durability, release
+        )
         return self.sl._run(op)
 
     def rewrite(self, records: Sequence[dict[str, Any]]) -> int:

@@ -35,6 +35,7 @@ import { anchor, defaultAddress, parseAddress, type Target } from './address.js'
 import {
   LeaseRevoked,
   LeaseTimeout,
+  StaleFence,
   SessionLaneError,
   Unauthorized,
   Unavailable,
@@ -930,7 +931,23 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     for (const [id, pending] of [...this.#pending.entries()]) {
       const lease = pending.fields['lease'];
       const lost = typeof lease === 'string' ? refused.get(lease) : undefined;
-      if (lost !== undefined) {
+      if (lost !== undefined && pending.type === 'append' && pending.fields['release'] === true) {
+        // An append that releases may have released its lease itself before the restart: the
+        // service answers it as written if so; refused (`stale_fence`), the lease was lost.
+        this.#pending.set(id, {
+          ...pending,
+          reject: (err: Error) =>
+            pending.reject(
+              err instanceof StaleFence
+                ? new LeaseRevoked(
+                    `lease ${lost.lease} lost: the restarted service refused its reclaim ` +
+                      'before the append reply',
+                    { path: lost.path, reason: 'restart' },
+                  )
+                : err,
+            ),
+        });
+      } else if (lost !== undefined) {
         this.#settled(id);
         const why =
           `lease ${lost.lease} lost: the restarted service refused its reclaim before the ` +

@@ -105,6 +105,13 @@ export interface LeaseOptions {
 export interface AppendOptions {
   /** `fsync` (the default: durable before the reply) or `flush` (written to the OS). */
   durability?: Durability;
+  /**
+   * Append and release: once the records are durable the service releases this level of the
+   * lease in the same step and hands the file to the next waiter; the lease then counts as
+   * released (a later `release()` does nothing). If the append fails, nothing was released:
+   * the lease is still held.
+   */
+  release?: boolean;
 }
 
 /** Options of a low-level request (`SessionLane.request`). */
@@ -416,6 +423,7 @@ export class Lease implements AsyncDisposable {
     records: readonly TranscriptRecord[],
     options: AppendOptions = {},
   ): Promise<AppendResult> {
+    const release = checkRelease(options.release);
     this.#checkUsable();
     checkRecords(records);
     const reply = await this.#call('append', {
@@ -425,8 +433,19 @@ export class Lease implements AsyncDisposable {
       durability: options.durability,
       // An append id: resent after a service restart, the append is not written twice.
       aid: randomBytes(8).toString('hex'),
+      release: release ? true : undefined,
     });
-    return appendResult(reply);
+    const result = appendResult(reply);
+    if (release) this.#releasedByAppend();
+    return result;
+  }
+
+  /** The service released this level with an append (append and release). */
+  #releasedByAppend(): void {
+    if (this.#levelReleased) return;
+    this.#levelReleased = true;
+    this.#state.views.delete(this);
+    this.#host.untrack(this.#state);
   }
 
   /**
@@ -436,13 +455,15 @@ export class Lease implements AsyncDisposable {
    * `PipelineBroken`, whose `written`, `failed`, `unknown` and `cause` say which were. A lost
    * connection ridden out (`reconnectForMs`) takes the lease back and sends the unanswered
    * appends again, one at a time (their append ids answer the ones already written), then goes
-   * on with the window.
+   * on with the window. `release`: the last append also releases this level of the lease once
+   * durable (append and release); a pipeline that stops before it leaves the lease held.
    */
   async appendPipelined(
     records: readonly TranscriptRecord[],
     options: PipelineOptions = {},
   ): Promise<AppendResult[]> {
-    return appendPipelined(
+    const release = checkRelease(options.release);
+    const results = await appendPipelined(
       {
         id: this.id,
         fence: this.fence,
@@ -455,6 +476,8 @@ export class Lease implements AsyncDisposable {
       records,
       options,
     );
+    if (release && records.length > 0) this.#releasedByAppend();
+    return results;
   }
 
   /** Replace the whole file atomically (compaction leases); resolves with the line count. */
@@ -541,6 +564,13 @@ export function grantedLease(
   fresh.secret = granted.secret;
   const state = host.track(fresh);
   return new Lease(host, state, lane);
+}
+
+function checkRelease(release: unknown): boolean {
+  if (release !== undefined && typeof release !== 'boolean') {
+    throw new TypeError(`release must be a boolean, got ${String(release)}`);
+  }
+  return release === true;
 }
 
 function appendResult(reply: Reply): AppendResult {

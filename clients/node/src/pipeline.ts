@@ -37,6 +37,8 @@ export interface PipelineOptions {
   window?: number;
   /** `fsync` (the default: durable before the reply) or `flush` (written to the OS). */
   durability?: Durability;
+  /** The last append also releases the lease once durable (append and release). */
+  release?: boolean;
 }
 
 /** The largest `window` a pipeline may ask for. */
@@ -80,6 +82,7 @@ export async function appendPipelined(
     durability: options.durability,
     aid: aids[index],
     after: index === 0 ? undefined : aids[index - 1],
+    release: options.release === true && index === records.length - 1 ? true : undefined,
   });
   const results: AppendResult[] = [];
   let resendUntil = 0; // appends before this index were sent before a restart: one at a time

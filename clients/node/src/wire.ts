@@ -99,7 +99,10 @@ export type SkippedReply = Reply_<'skipped', { path: string | null }>;
 export type ErrorReply = Reply_<'error', { code: string; detail: string; path: string | null }>;
 export type ReleasedReply = Reply_<'released', { lease: string }>;
 export type AbandonedReply = Reply_<'abandoned', { leases: readonly string[] }>;
-export type AppendedReply = Reply_<'appended', { offset: number; lines: number; fence: number }>;
+export type AppendedReply = Reply_<
+  'appended',
+  { offset: number; lines: number; fence: number; released?: boolean }
+>;
 export type RewrittenReply = Reply_<'rewritten', { lines: number; fence: number }>;
 export type StatusReply = Reply_<'status', { files: readonly WireFileStatus[] }>;
 export type AliveReply = Reply_<'alive', object>;

@@ -83,6 +83,53 @@ describe('a connection to a real service', needsService, () => {
     await assert.rejects(lease.appendPipelined([{ n: 1 }], { window: 0 }), RangeError);
   });
 
+  it('appends and releases in one step: the waiter is granted, the lease counts as released', async () => {
+    const path = freshPath('fused');
+    const lease = await sl.lane('holder').lease(path);
+    assert.ok(lease !== null);
+    const waiting = other.lane('waiter').lease(path);
+    for (let i = 0; i < 1000; i += 1) {
+      const [file] = (await sl.status(path)).files;
+      if ((file?.queue.length ?? 0) > 0) break; // the waiter is queued (the service says so)
+    }
+    const result = await lease.append({ n: 0 }); // a plain append first
+    const fused = await lease.appendRecords([{ n: 1 }], { release: true });
+    assert.deepEqual([fused.lines, fused.fence], [1, lease.fence]);
+    assert.ok(fused.offset > result.offset);
+    assert.equal(lease.released, true);
+    const next = await waiting;
+    assert.ok(next !== null && next.fence > lease.fence);
+    await assert.rejects(lease.append({ n: 'late' }), LeaseRevoked); // released here too
+    await lease.release(); // nothing to do
+    const piped = await next.appendPipelined([{ n: 2 }, { n: 3 }], { window: 2, release: true });
+    assert.equal(piped.length, 2);
+    assert.equal(next.released, true);
+    assert.equal((await sl.status(path)).files[0]!.holder, null);
+    await assert.rejects(
+      lease.appendRecords([{ n: 1 }], { release: 'yes' as unknown as boolean }),
+      TypeError,
+    );
+    assert.deepEqual(
+      lines(path).map((record) => (record as { n: unknown }).n),
+      [0, 1, 2, 3],
+    );
+  });
+
+  it('keeps the lease when an append that would release is refused', async () => {
+    const path = freshPath('fused-refused');
+    const lease = await sl.lane('holder').lease(path);
+    assert.ok(lease !== null);
+    await assert.rejects(
+      lease.appendRecords([{ big: 'x'.repeat(1_048_576) }], { release: true }),
+      InvalidRecord,
+    );
+    assert.equal(lease.released, false);
+    assert.equal((await sl.status(path)).files[0]!.holder?.lease, lease.id);
+    await lease.appendRecords([{ n: 1 }], { release: true });
+    assert.equal((await sl.status(path)).files[0]!.holder, null);
+    assert.deepEqual(lines(path), [{ n: 1 }]);
+  });
+
   it('takes a lease, appends durably under its fence and releases it', async () => {
     const path = freshPath('basic');
     const lease = await sl.lane('agent:main').lease(path);

@@ -418,6 +418,65 @@ describe('a lease the stopped service cannot give back', () => {
   });
 });
 
+/**
+ * A service whose append with `release` released the lease before it died: the reclaim is
+ * refused (the lease is gone), the resent append answered as written from the lease record.
+ */
+function releasedBeforeTheCrash(seen: Record<string, unknown>[], written: boolean): Script {
+  let connections = 0;
+  let lastSocket: net.Socket | null = null;
+  return (request, send, socket) => {
+    if (socket !== lastSocket) {
+      lastSocket = socket;
+      connections += 1;
+    }
+    seen.push({ connection: connections, ...request });
+    const id = request['id'];
+    if (connections === 1 && request['type'] === 'acquire') {
+      send({ type: 'granted', id, lease: 'L1', fence: 7, path: request['path'],
+             purpose: 'prompt', secret: 'S'.repeat(32) });
+    } else if (connections === 1) {
+      socket.destroy(); // written and released, then the service dies before the answer
+    } else if (request['type'] === 'acquire') {
+      send({ type: 'error', id, code: 'reclaim_refused', detail: 'no longer held here' });
+    } else if (written) {
+      send({ type: 'appended', id, offset: 0, lines: 1, fence: 7, released: true });
+    } else {
+      send({ type: 'error', id, code: 'stale_fence', detail: 'not current' });
+    }
+  };
+}
+
+describe('an append that released before a restart', () => {
+  it('is sent again though its lease is not reclaimed, and answered as written', async () => {
+    for (const written of [true, false]) {
+      const seen: Record<string, unknown>[] = [];
+      const { address, server } = await scriptedService(releasedBeforeTheCrash(seen, written));
+      try {
+        const sl = await connect(address, { keepaliveMs: 0, reconnectForMs: 5_000 });
+        const lease = await sl.lane('a').lease('/s/a.jsonl');
+        assert.ok(lease !== null);
+        const outcome = await lease
+          .appendRecords([{ n: 1 }], { release: true })
+          .catch((err: unknown) => err);
+        const [before, after] = seen.filter((r) => r['type'] === 'append');
+        assert.equal(after?.['aid'], before?.['aid'], 'resent with its id');
+        assert.equal(after?.['release'], true);
+        if (written) {
+          assert.deepEqual(outcome, { offset: 0, lines: 1, fence: 7 });
+          assert.equal(lease.released, true);
+        } else {
+          assert.ok(outcome instanceof LeaseRevoked, String(outcome));
+          assert.equal(outcome.reason, 'restart');
+        }
+        await sl.close();
+      } finally {
+        server.close();
+      }
+    }
+  });
+});
+
 describe('connection loss', () => {
   it('rejects pending calls with Unavailable and revokes every lease, aborting its signal', async () => {
     const { address, server } = await scriptedService(grantOnceThenDrop());

@@ -1,0 +1,131 @@
+"""Append and release where a real service cannot force the moment: in the pure core
+(``FileCore``, ``ReclaimBook``), a service restarted between an append's write and its
+release; in the client's pure operations, the answer of an append that released lost with
+the service, and its lease not reclaimed.
+
+The end-to-end behaviour (real service, both surfaces, both routes) is in
+``tests/test_fused_release.py``; the resend after a kill -9 in ``tests/test_fused_restarts.py``;
+every interleaving of the core in ``tests/test_file_core_model.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from test_client_core import SETTINGS, run
+from test_session_file_core import NOW, PATH, call, read
+
+from sessionlane.actors.awaited import AwaitingTable
+from sessionlane.actors.lease_table import LeasePolicy
+from sessionlane.actors.reclaim import DoneAppend, HeldRecord, LeaseRecord, ReclaimBook, digest
+from sessionlane.actors.session_file_core import FileCore
+from sessionlane.actors.session_file_effects import Answer, Resent
+from sessionlane.actors.session_file_writes import WritePath
+from sessionlane.messages.errors import LeaseRevoked
+from sessionlane.messages.wire import Acquire, Append, Appended, Error, Granted, ReclaimTicket
+from sessionlane.system.client import _ops as ops
+from sessionlane.system.client._core import ClientCore
+
+LEASE, FENCE, AID = "ab-7", 7, "aid-00000001"
+SECRET = "s3cret-s3cret-s3cret"
+
+
+def restarted(depth: int) -> Any:
+    """A core activated from a record whose holder (lane ``a``, ``depth`` levels) wrote the
+    append ``AID`` before the restart, and took its lease back."""
+    table = AwaitingTable(PATH, LeasePolicy(), fence_floor=FENCE)
+    writes = WritePath(
+        PATH,
+        legacy=False,
+        tail_unchecked=False,
+        durability="fsync",
+        max_record_bytes=100,
+        unsynced=lambda: False,
+    )
+    c = FileCore(PATH, table, writes, ReclaimBook(), new_secret=lambda: SECRET)
+    c.ino, c.size = 1, 10
+    held = HeldRecord(LEASE, FENCE, "a", ("prompt",) * depth, "interactive", digest(SECRET), None)
+    record = LeaseRecord(held, 1, 10, (DoneAppend(AID, 0, 1, FENCE),))
+    assert c.activate(record, NOW, NOW + 10_000, 0.0) is None
+    ticket = ReclaimTicket(lease=LEASE, fence=FENCE, secret=SECRET)
+    reclaim = Acquire(lane="a", path=PATH, purpose="prompt", reclaim=ticket)
+    effects = read(c, c.call(call("a", reclaim, 1), NOW))
+    assert any(isinstance(fx, Answer) and isinstance(fx.message, Granted) for fx in effects)
+    return c
+
+
+def resend(c: Any, rid: int, lane: str = "a") -> list[Any]:
+    append = Append(lease=LEASE, fence=FENCE, records=[{"n": 1}], aid=AID, release=True)
+    return read(c, c.call(call(lane, append, rid), NOW))
+
+
+def test_an_append_written_before_a_restart_but_not_released_releases_when_resent() -> None:
+    c = restarted(depth=1)
+    waiter = read(c, c.call(call("b", Acquire(lane="b", path=PATH, purpose="prompt"), 2), NOW))
+    assert not any(isinstance(fx, Answer) and isinstance(fx.message, Granted) for fx in waiter)
+    effects = resend(c, 3)
+    grants = [i for i, fx in enumerate(effects) if isinstance(fx, Answer) and fx.lane == "b"]
+    [answer] = [i for i, fx in enumerate(effects) if isinstance(fx, Resent)]
+    assert grants and grants[0] < answer, "the waiter is granted before the resend is answered"
+    first = effects[answer].message
+    assert isinstance(first, Appended) and first.released and (first.offset, first.lines) == (0, 1)
+    assert c.table.holder is not None and c.table.holder.lane == "b"
+    # Sent once more (its answer lost again): answered from the record, released once only.
+    again = [fx for fx in resend(c, 4) if isinstance(fx, Resent)]
+    assert again and again[0].message.released
+    assert c.table.holder is not None and c.table.holder.lane == "b"
+
+
+def test_an_append_that_released_one_level_is_not_released_again_when_resent() -> None:
+    c = restarted(depth=2)
+    resend(c, 2)
+    assert c.table.holder is not None and len(c.table.holder.purposes) == 1
+    assert c.book.record.released is not None and c.book.record.released.done.aid == AID
+    resend(c, 3)  # the record says it released: the outer level stays
+    assert c.table.holder is not None and len(c.table.holder.purposes) == 1
+
+
+def test_another_lane_cannot_resend_an_append_that_released_to_release_again() -> None:
+    c = restarted(depth=2)
+    effects = resend(c, 2, lane="intruder")
+    assert not any(isinstance(fx, Resent) for fx in effects)
+    assert c.table.holder is not None and len(c.table.holder.purposes) == 2
+
+
+# The client's side of a resend ----------------------------------------------------------------
+
+
+def suspended_lease() -> tuple[ClientCore[str, None], ops.LeaseView]:
+    """A lease of a client whose connection was lost with the service (``reconnect_for``)."""
+    client: ClientCore[str, None] = ClientCore(SETTINGS)
+    granted = Granted(
+        id=1, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt", secret="s" * 16
+    )
+    state = client.track(granted, lane="a")
+    state.suspended = True
+    return client, ops.LeaseView(state, "a")
+
+
+def test_the_client_resends_an_append_that_released_when_its_lease_is_not_reclaimed() -> None:
+    client, lease = suspended_lease()
+    refused = Error(id="r", code="reclaim_refused", detail="no longer held", path="/s/a.jsonl")
+    answered = Appended(id=2, offset=0, lines=1, fence=7, released=True)
+    op = ops.lease_append(client, lease, [{"n": 1}], None, True)
+    requests, result = run(op, refused, answered)
+    reclaim, resent = requests
+    assert isinstance(reclaim, Acquire) and reclaim.reclaim is not None
+    assert isinstance(resent, Append) and resent.release and resent.aid is not None
+    assert (result.offset, result.lines, result.fence) == (0, 1, 7)
+    assert lease.level_released and "L1" not in client.leases
+
+
+def test_a_plain_append_or_a_refused_resend_still_reports_the_lease_lost() -> None:
+    refused = Error(id="r", code="reclaim_refused", detail="no longer held", path="/s/a.jsonl")
+    stale = Error(id=2, code="stale_fence", detail="not current", path="/s/a.jsonl")
+    client, lease = suspended_lease()
+    with pytest.raises(LeaseRevoked):
+        run(ops.lease_append(client, lease, [{"n": 1}], None, True), refused, stale)
+    client, lease = suspended_lease()
+    with pytest.raises(LeaseRevoked):  # no release: not sent again
+        run(ops.lease_append(client, lease, [{"n": 1}], None, False), refused)

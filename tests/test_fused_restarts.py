@@ -1,0 +1,110 @@
+"""An append that released its lease (``Append.release``), resent after a kill -9 of the
+service's actor system: answered as written and released, never written twice, never taken
+for a lost lease.
+
+Real services on one address and root (``test_restarts.Restarts``), raw frames, so that the
+resend is exactly the one a client makes after its answer was lost with the service: it asks
+for its lease back first (refused: the lease was released before the crash), then resends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from client_surfaces import lines
+from test_gateway import RawConn
+from test_restarts import Restarts, crash, status_of
+
+from sessionlane.system.client import connect
+
+pytestmark = [pytest.mark.tcp, pytest.mark.timeout(180)]
+
+
+@pytest.fixture
+def restarts(tmp_path: Path) -> Iterator[Restarts]:
+    root = tmp_path / "sessions"
+    root.mkdir()
+    made = Restarts(root, tmp_path)
+    yield made
+    made.stop_all()
+
+
+def acquire(raw: RawConn, path: str, lane: str, **extra: Any) -> dict[str, Any]:
+    return raw.request(
+        {"type": "acquire", "lane": lane, "path": path, "purpose": "prompt", **extra}
+    )
+
+
+def test_an_append_that_released_before_a_crash_is_answered_as_written_after_it(
+    restarts: Restarts,
+) -> None:
+    path = str(restarts.root / "fused.jsonl")
+    first = restarts.start()
+    raw = RawConn(first.address)
+    raw.hello()
+    granted = acquire(raw, path, "agent")
+    assert granted["type"] == "granted", granted
+    append = {
+        "type": "append",
+        "lease": granted["lease"],
+        "fence": granted["fence"],
+        "records": [{"n": 1}],
+        "aid": "aid-00000001",
+        "release": True,
+    }
+    written = raw.request(append)
+    assert written["type"] == "appended" and written["released"] is True, written
+    raw.close()
+    crash(first)  # the answer could have been lost with it: the client resends
+    second = restarts.start()
+    again = RawConn(second.address)
+    try:
+        again.hello()
+        ticket = {"lease": granted["lease"], "fence": granted["fence"], "secret": granted["secret"]}
+        reclaim = acquire(again, path, "agent", reclaim=ticket)
+        assert (reclaim["type"], reclaim["code"]) == ("error", "reclaim_refused"), reclaim
+        resent = again.request(append)
+        assert resent["type"] == "appended" and resent["released"] is True, resent
+        assert (resent["offset"], resent["lines"], resent["fence"]) == (
+            written["offset"],
+            written["lines"],
+            written["fence"],
+        )
+        # Not a lease: a plain append under it is refused, and the file is free.
+        plain = again.request({**append, "aid": "aid-00000002", "release": None})
+        assert (plain["type"], plain["code"]) == ("error", "stale_fence"), plain
+        with connect(second.address) as sl:
+            state = status_of(sl, path)
+            assert state is not None and state.holder is None
+            with sl.lane("next").lease(path) as nxt:
+                assert nxt is not None and nxt.fence > granted["fence"]
+                nxt.append({"n": 2}, release=True)
+    finally:
+        again.close()
+    assert lines(path) == [{"n": 1}, {"n": 2}]
+
+
+def test_an_append_that_releases_on_a_reclaimed_lease_releases_it_after_the_crash(
+    restarts: Restarts,
+) -> None:
+    """The holder's lease survives the crash; its next append releases it as usual."""
+    path = str(restarts.root / "reclaimed.jsonl")
+    first = restarts.start()
+    sl = connect(first.address, reconnect_for=60.0)
+    try:
+        lease = sl.lane("agent").acquire(path, purpose="prompt")
+        assert lease is not None
+        lease.append({"n": 1})
+        crash(first)
+        restarts.start()
+        result = lease.append({"n": 2}, release=True)  # reclaims, appends, releases
+        assert result.fence == lease.fence
+        state = status_of(sl, path)
+        assert state is not None and state.holder is None
+        lease.release()  # released by its append: nothing to do
+    finally:
+        sl.close()
+    assert lines(path) == [{"n": 1}, {"n": 2}]
