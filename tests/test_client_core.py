@@ -756,3 +756,17 @@ def test_a_write_sent_before_the_loss_is_of_unknown_outcome_when_the_reclaim_giv
     with pytest.raises(UnknownOutcome, match="read it") as caught:
         ops.advance(op, Unavailable("cannot reach sessionlane at x: Connection refused"))
     assert caught.value.reason == "restart" and lease.revoked == "restart"
+
+
+def test_an_append_that_releases_is_not_sent_again_to_a_service_still_away() -> None:
+    """Refused by a live service, it is asked again (the lease record may answer it); the
+    service not back within the window, it is not: that would be a second window."""
+    core, _ = riding_out()
+    lease = ops.LeaseView(core.track(granted_with_secret(), "lane"), "lane")
+    lease.state.suspended = True
+    op = ops.lease_append(core, lease, [{"n": 1}], None, True)
+    reclaim = ops.advance(op, None)
+    assert isinstance(reclaim, ops.Call) and reclaim.request.reclaim is not None
+    with pytest.raises(LeaseRevoked) as caught:
+        ops.advance(op, Unavailable("cannot reach sessionlane at x: Connection refused"))
+    assert caught.value.reason == "restart" and not isinstance(caught.value, UnknownOutcome)

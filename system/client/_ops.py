@@ -425,13 +425,17 @@ def _lease_call(core: Core, lease: LeaseView, request: Any) -> Op[Reply]:
     """
     resendable = isinstance(request, Release) or getattr(request, "aid", None) is not None
     sent: ConnectionLost | None = None  # a send of this write whose answer was lost
+    windows = core.connect_failures  # one more by the end: the service did not come back
     for attempt in range(MAX_REVIVALS + 1):
         if lease.state.suspended:
             try:
                 yield from revive(core, lease.state)
                 lease.check_usable()  # the reclaim another call waited for gave up
             except LeaseRevoked as revoked:
-                if getattr(request, "release", None) and core.link is not None:
+                away = isinstance(revoked.__cause__, Unavailable) or (
+                    core.connect_failures != windows
+                )
+                if getattr(request, "release", None) and not away:
                     # Refused by a live service: an append that releases may have done so
                     # before the restart, and the lease record then answers it as written
                     # and released (anything else: an error). A service still away after
