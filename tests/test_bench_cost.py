@@ -133,7 +133,9 @@ def test_a_quick_cost_run_measures_every_point_draws_it_and_leaves_nothing(tmp_p
         assert p["appends"] > 0 and positive(p["cpu_ms_per_append"]), p
     files = cost["memory_files"]
     assert [p["file_processes"] for p in files] == [p["files"] for p in files]
-    assert all(p["processes"] - files[0]["processes"] >= p["files"] for p in files)
+    # The group grows by a process per file, give or take the parked child: it may be
+    # between becoming the last file's process and its successor's fork when counted.
+    assert all(p["processes"] - files[0]["processes"] >= p["files"] - 1 for p in files)
     assert all(a["group_uss_mb"] < b["group_uss_mb"] for a, b in itertools.pairwise(files))
     assert all(positive(p["gateway_uss_mb"]) for p in cost["memory_connections"])
     assert positive(cost["model"]["uss_mb_per_file"])

@@ -162,6 +162,9 @@ def test_a_killed_file_actor_restarts_revokes_its_holder_and_fences_keep_rising(
                 fences.append(lease.fence)
                 lease.append({"turn": "after"})
             note_activation(sl)
+            # The file's log reaches the file through thespian's logger, which the kill below
+            # takes down with whatever it has not written yet.
+            eventually(lambda: "torn last line" in log_file.read_text(), "the quarantine's log")
         kill_service(svc)
         restart_service(svc)
         with connect(svc.address) as sl, sl.lane("agent:main:chat").lease(path) as lease:

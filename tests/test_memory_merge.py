@@ -46,16 +46,30 @@ def file_and_zygote(root: Path, merge: bool) -> tuple[str, str, str]:
         lease.append({"type": "probe"})
         members = service.running.system.members()
         (file_pid,) = holders(members, {os.path.realpath(path)})
-        titled = {p for p in members if "zygote" in Path(f"/proc/{p}/cmdline").read_text()}
+        titled = {p for p in members if "zygote" in cmdline(p)}
         # The zygote forks through short-lived intermediates, which carry its title too.
-        zygotes = [p for p in titled if _parent(p) not in titled]
+        zygotes = [p for p in titled if (up := _parent(p)) is not None and up not in titled]
         assert len(zygotes) == 1, (titled, zygotes)
         registry = _parent(zygotes[0])  # the zygote is the Registry's fork
+        assert registry is not None
         return merge_any(file_pid), merge_any(zygotes[0]), merge_any(registry)
 
 
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+def cmdline(pid: int) -> str:
+    """``pid``'s title ("" once it exited: the zygote's intermediates are short-lived)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def _parent(pid: int) -> int | None:
+    """``pid``'s parent, or None once it exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def test_with_memory_merge_the_file_processes_and_the_zygote_opt_in(root: Path) -> None:
