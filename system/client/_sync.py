@@ -112,6 +112,8 @@ def connect(
     is ignored). ``timeout`` bounds the connect and every reply (beyond a request's own wait).
     ``reconnect_for``: how long a connect (this one, and each reconnect after a lost
     connection) keeps retrying while refused; 0, the default, raises ``Unavailable`` at once.
+    An acquire waits for a reconnect no longer than its own ``wait_timeout`` (``LeaseTimeout``);
+    a lease the service cannot give back is lost after one such window.
     ``max_record_bytes`` / ``max_frame_bytes``: the limits checked before sending (the
     service's defaults; set them to the service's values if it raised its own, or None to
     leave the check to the service). ``service_user``: who must run the service (a uid, a
