@@ -107,9 +107,9 @@ GRACE_MS = 1500
 """The restarted service's reclaim grace in the restart tests here (short: nobody reclaims)."""
 
 STOPPED_RECONNECT_FOR = 2.0
-"""How long the client rides out the stopped service: a lease it cannot reclaim is lost only
-once that window has passed (three times over: the background reclaim, then the append's own
-tries), and the second service is listening before the client needs it again."""
+"""How long the client rides out the stopped service: a lease it cannot reclaim is lost once
+that window has passed (one window: the append waits for the background reclaim's outcome),
+and the second service is listening before the client needs it again."""
 
 
 def test_a_stopped_service_revokes_the_lease_and_a_new_one_is_reconnected_to(

@@ -672,3 +672,101 @@ def test_a_direct_channel_our_send_failed_on_ends_its_lease_at_once() -> None:
     core.lost(channel, "send failed: broken pipe")
     assert state.revoked == "connection_lost" and "L1" not in core.leases
     assert core.probe() is None and not core.orphaned
+
+
+# Budgets and ride-out windows (reconnect_for) ----------------------------------------------
+
+
+def riding_out() -> tuple[ClientCore[str, None], list[float]]:
+    """A core that rides out a lost service for 60 s, on a fake clock (``now[0]``, seconds)."""
+    core: ClientCore[str, None] = ClientCore(
+        Settings("tcp://127.0.0.1:7420", None, reconnect_for=60)
+    )
+    now = [100.0]
+    core.clock = lambda: now[0]
+    return core, now
+
+
+def test_an_acquire_whose_wait_ends_while_the_service_is_away_raises_lease_timeout() -> None:
+    core, now = riding_out()
+    op = ops.acquire(
+        core, "l", "interactive", "/s/a.jsonl", "prompt",
+        wait_timeout=0.4, max_hold=None, on_contention="wait",
+    )  # fmt: skip
+    first = ops.advance(op, None)
+    assert isinstance(first, ops.Call) and first.deadline == 100.4
+    again = ops.advance(op, ConnectionLost("connection lost before the reply"))
+    assert isinstance(again, ops.Call) and again.deadline == 100.4, "one budget across retries"
+    with pytest.raises(LeaseTimeout, match=r"0\.4 s") as caught:
+        ops.advance(op, core.out_of_budget())  # the reconnect, cut short at the deadline
+    assert caught.value.path == "/s/a.jsonl" and isinstance(caught.value.__cause__, Unavailable)
+    # A refusal that ends after the budget (the reconnect was not cut, the clock moved on).
+    late = ops.acquire(
+        core, "l", "interactive", "/s/a.jsonl", "prompt",
+        wait_timeout=0.4, max_hold=None, on_contention="wait",
+    )  # fmt: skip
+    assert isinstance(ops.advance(late, None), ops.Call)
+    now[0] += 1.0
+    with pytest.raises(LeaseTimeout):
+        ops.advance(late, Unavailable("cannot reach sessionlane at x: Connection refused"))
+
+
+def test_a_reconnect_is_cut_by_its_callers_budget_and_only_a_whole_window_is_shared() -> None:
+    core, now = riding_out()
+    assert core.connect_plan(None, 0) == (None, True)
+    assert core.connect_plan(now[0] + 0.4, 0) == (pytest.approx(0.4), False)
+    assert core.connect_plan(now[0] + 90, 0) == (None, True), "reconnect_for is the shorter"
+    with pytest.raises(Unavailable, match="budget"):
+        core.connect_plan(now[0] - 1, 0)
+    held = core.track(granted_with_secret())
+    held.suspended = True
+    core.reconnect_failed(Unavailable("cannot reach sessionlane at x: Connection refused"))
+    assert (held.suspended, held.revoked, core.leases) == (False, "restart", {})
+    with pytest.raises(Unavailable, match="cannot reach") as shared:
+        core.connect_plan(None, 0)  # a caller that waited for that reconnect: no window of its own
+    assert not isinstance(shared.value, LeaseTimeout)
+    assert core.connect_plan(None, core.connect_failures) == (None, True), "a later call tries"
+
+
+def granted_with_secret(lease: str = "L1") -> Granted:
+    return Granted(id=2, lease=lease, fence=7, path="/s/a.jsonl", purpose="prompt", secret="S" * 32)
+
+
+def test_a_lease_whose_reclaim_gave_up_meanwhile_fails_its_call_without_sending_it() -> None:
+    core, _ = riding_out()
+    lease = ops.LeaseView(core.track(granted_with_secret(), "lane"), "lane")
+    lease.state.suspended = True
+    op = ops.lease_append(core, lease, [{"n": 1}], None)
+    reclaim = ops.advance(op, None)
+    assert isinstance(reclaim, ops.Call) and reclaim.request.reclaim is not None
+    core.reconnect_failed(Unavailable("cannot reach sessionlane at x: Connection refused"))
+    with pytest.raises(LeaseRevoked) as caught:
+        ops.advance(op, Unavailable("cannot reach sessionlane at x: Connection refused"))
+    assert caught.value.reason == "restart" and not isinstance(caught.value, UnknownOutcome)
+
+
+def test_a_write_sent_before_the_loss_is_of_unknown_outcome_when_the_reclaim_gives_up() -> None:
+    core, _ = riding_out()
+    lease = ops.LeaseView(core.track(granted_with_secret(), "lane"), "lane")
+    op = ops.lease_append(core, lease, [{"n": 1}], None)
+    assert isinstance(ops.advance(op, None), ops.Call)
+    lease.state.suspended = True  # what ``lost`` does with reconnect_for, before the error
+    reclaim = ops.advance(op, ConnectionLost("connection lost before the reply"))
+    assert isinstance(reclaim, ops.Call) and reclaim.request.reclaim is not None
+    with pytest.raises(UnknownOutcome, match="read it") as caught:
+        ops.advance(op, Unavailable("cannot reach sessionlane at x: Connection refused"))
+    assert caught.value.reason == "restart" and lease.revoked == "restart"
+
+
+def test_an_append_that_releases_is_not_sent_again_to_a_service_still_away() -> None:
+    """Refused by a live service, it is asked again (the lease record may answer it); the
+    service not back within the window, it is not: that would be a second window."""
+    core, _ = riding_out()
+    lease = ops.LeaseView(core.track(granted_with_secret(), "lane"), "lane")
+    lease.state.suspended = True
+    op = ops.lease_append(core, lease, [{"n": 1}], None, True)
+    reclaim = ops.advance(op, None)
+    assert isinstance(reclaim, ops.Call) and reclaim.request.reclaim is not None
+    with pytest.raises(LeaseRevoked) as caught:
+        ops.advance(op, Unavailable("cannot reach sessionlane at x: Connection refused"))
+    assert caught.value.reason == "restart" and not isinstance(caught.value, UnknownOutcome)

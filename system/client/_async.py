@@ -21,7 +21,7 @@ Addresses, defaults, the refused-connection rule, the checks before sending (``I
 the shared ``ClientCore`` (``_core``) and operations (``_ops``); this module is the stream and task
 half, driving them with awaited calls.
 
-One client belongs to one event loop; it is not thread-safe. (About 620 lines: the asyncio
+One client belongs to one event loop; it is not thread-safe. (About 640 lines: the asyncio
 twin of ``_sync``, the stream and task half of every call, pipelines and direct channels.)
 """
 
@@ -176,22 +176,40 @@ class AsyncSessionLane:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def reconnect(self) -> None:
-        """(Re)open the connection if it is down, with bounded retries on refusal."""
-        async with self._connecting:
+    async def reconnect(self, deadline: float | None = None, seen: int | None = None) -> None:
+        """(Re)open the connection if it is down, with bounded retries on refusal.
+
+        ``deadline`` (``core.clock`` time): the caller's budget, which bounds the wait for
+        another task's reconnect and the retries (``OutOfBudget``). ``seen``: the failed
+        reconnects the caller knew of (``ClientCore.connect_plan``; None: now)."""
+        if seen is None:
+            seen = self.core.connect_failures
+        wait = None if deadline is None else max(0.0, deadline - self.core.clock())
+        try:
+            await asyncio.wait_for(self._connecting.acquire(), wait)
+        except TimeoutError:
+            raise self.core.out_of_budget() from None
+        try:
             if self.core.closed:
                 raise Unavailable("the connection was closed")
             if self.core.link is not None:
                 return
+            window, whole = self.core.connect_plan(deadline, seen)
             try:
-                async for attempt in AsyncRetrying(**self.settings.retry_policy()):
+                async for attempt in AsyncRetrying(**self.settings.retry_policy(window)):
                     with attempt:
                         try:
                             await self._open()
                         except DirectUnknown:  # an older service: once more, not asking
                             await self._open()
             except OSError as exc:
-                raise self.settings.unreachable(exc) from exc
+                if not whole:
+                    raise self.core.out_of_budget() from exc
+                error = self.settings.unreachable(exc)
+                self.core.reconnect_failed(error)
+                raise error from exc
+        finally:
+            self._connecting.release()
 
     async def _open(self) -> None:
         kind, where = parse_address(self.settings.address)
@@ -361,6 +379,7 @@ class AsyncSessionLane:
         try:
             while True:
                 step = ops.advance(op, outcome)
+                seen = self.core.connect_failures  # as the op saw the state it checked
                 if isinstance(step, ops.Finished):
                     result: R = step.value
                     return result
@@ -368,18 +387,18 @@ class AsyncSessionLane:
                     outcome = await self._pipeline(step)
                     continue
                 try:
-                    outcome = await self._call(step)
+                    outcome = await self._call(step, seen)
                 except SessionLaneError as exc:
                     outcome = exc
         finally:
             op.close()
 
-    async def _call(self, call: ops.Call) -> Reply:
+    async def _call(self, call: ops.Call, seen: int) -> Reply:
         if call.after:
             await asyncio.sleep(call.after)
         link = self.core.link_for(call.reconnect)
         if link is None:
-            await self.reconnect()
+            await self.reconnect(call.deadline, seen)
             link = self.core.link_for(reconnect=False)
         assert link is not None
         direct = await self._direct_for(link, call.request)

@@ -15,7 +15,8 @@ Invariants:
 - a lease belongs to the connection that granted it: when that connection ends, every lease
   is revoked (``connection_lost``, or ``connection_closed`` by ``close()``), except that with
   ``reconnect_for`` a lease that has a reclaim secret is *suspended* instead: the next
-  connection reclaims it (same lease, same fence) or, refused, revokes it (``restart``);
+  connection reclaims it (same lease, same fence) or, refused, revokes it (``restart``), as
+  does a reconnect that tried for the whole ``reconnect_for`` in vain (one window per loss);
 - once closed, a client opens no connection again;
 - nothing is sent on a connection before its other end was found to be the expected service:
   its socket's owner (``_verify.service_refusal``; by default this user, unless a token is given)
@@ -24,9 +25,11 @@ Invariants:
 - a lease taken on a direct channel (``_direct``, ``docs/direct-channel.md``) is written and
   released on that channel only, and ends with it, or with the gateway's connection.
 
-About 690 lines: the direct channels' routing is ``_direct.DirectRoutes``; what stays here is
+About 740 lines: the direct channels' routing is ``_direct.DirectRoutes``; what stays here is
 where it meets the leases and the links (and, when a direct channel closes under a lease, the
-question to the gateway that decides the reason the holder is told: ``probe``).
+question to the gateway that decides the reason the holder is told: ``probe``), and the one
+ride-out window per lost connection, which ends the suspended leases (``connect_plan``,
+``reconnect_failed``).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ __all__ = [
     "LeaseState",
     "Link",
     "NotSent",
+    "OutOfBudget",
     "Send",
     "Settings",
     "anchor",
@@ -147,6 +151,11 @@ class NotSent(Unavailable):
     of it (a frame cut short is dropped with the connection, never read as a request)."""
 
 
+class OutOfBudget(Unavailable):
+    """A reconnect cut short by its caller's own budget (an acquire's wait), not by
+    ``reconnect_for``: the service may still come back for others."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """What ``connect`` / ``connect_async`` were given (see ``connect`` for each one)."""
@@ -178,11 +187,12 @@ class Settings:
         options["service_user"] = resolve_user(options.get("service_user"))
         return cls(address, None if token is None else token.strip(), **options)
 
-    def retry_policy(self) -> dict[str, Any]:
+    def retry_policy(self, window: float | None = None) -> dict[str, Any]:
         """The arguments of the tenacity ``Retrying`` / ``AsyncRetrying`` of a connect: retry
-        a refusal for ``reconnect_for`` seconds (0: one attempt), backing off to 1 s."""
+        a refusal for ``window`` seconds (default ``reconnect_for``; 0: one attempt), backing
+        off to 1 s."""
         return {
-            "stop": stop_after_delay(self.reconnect_for),
+            "stop": stop_after_delay(self.reconnect_for if window is None else window),
             "wait": wait_exponential(multiplier=0.05, max=1.0),
             "retry": retry_if_exception_type(RETRYABLE),
             "reraise": True,
@@ -308,6 +318,12 @@ class ClientCore(Generic[W, T]):
         """Which requests go on which direct channel (``docs/direct-channel.md``)."""
         self.clock: Callable[[], float] = time.monotonic
         """What the operations read the time from (seconds; tests replace it)."""
+        self.connect_failures = 0
+        """How many reconnects tried for the whole ``reconnect_for`` and failed: a call that
+        waited for one of them (a reclaim, a lease's call) shares its outcome, never starting a
+        window of its own (:meth:`connect_plan`)."""
+        self._connect_failure = ""
+        """The detail of the last of those failures."""
 
     # Connections ---------------------------------------------------------------------------
 
@@ -379,6 +395,44 @@ class ClientCore(Generic[W, T]):
         self.server = reply.server
         self.link = link
         self.direct.welcomed(bool(reply.direct) and self.service_uid is not None)
+
+    def connect_plan(self, deadline: float | None, seen: int) -> tuple[float | None, bool]:
+        """How long a reconnect may keep trying (None: ``reconnect_for``), and whether that is
+        the whole ``reconnect_for`` (its failure is then shared: :meth:`reconnect_failed`).
+
+        ``deadline`` (``clock`` time): the caller's own budget ends then, and the reconnect with
+        it. ``seen``: ``connect_failures`` when the caller decided to call (under the surface's
+        lock, with the state it checked). Raises the shared failure if a reconnect failed since
+        (the caller waited for it: one ride-out window, not one more), ``OutOfBudget`` if the
+        budget is spent.
+        """
+        if self.connect_failures != seen:
+            raise Unavailable(self._connect_failure)
+        if deadline is None:
+            return None, True
+        left = deadline - self.clock()
+        if left <= 0:
+            raise self.out_of_budget()
+        if left >= self.settings.reconnect_for:
+            return None, True
+        return left, False
+
+    def out_of_budget(self) -> OutOfBudget:
+        """What a reconnect cut short by its caller's budget raises."""
+        return OutOfBudget(
+            f"cannot reach sessionlane at {self.settings.address} within the caller's budget"
+        )
+
+    def reconnect_failed(self, error: Unavailable) -> None:
+        """A reconnect tried for the whole ``reconnect_for`` and failed: the service did not
+        come back in time. Every suspended lease is lost now (``restart``), and the callers
+        that waited for that reconnect fail with ``error`` (:meth:`connect_plan`)."""
+        if not self.reconnects:
+            return
+        self.connect_failures += 1
+        self._connect_failure = error.detail
+        for state in self.suspended():
+            self.not_reclaimed(state)
 
     def link_for(self, reconnect: bool) -> Link[W, T] | None:
         """The connection a request goes on, or None: reconnect first (only if ``reconnect``;

@@ -60,6 +60,7 @@ from sessionlane.system.client._core import (
     ClientCore,
     ConnectionLost,
     LeaseState,
+    OutOfBudget,
     anchor,
     log,
 )
@@ -101,6 +102,9 @@ class Call(NamedTuple):
     """Reconnect first if the connection is down (never for a lease's own requests)."""
     after: float = 0.0
     """Seconds to let pass before sending (a retry while the service is stopping)."""
+    deadline: float | None = None
+    """When (``ClientCore.clock`` time) the caller's own budget ends: a reconnect for this call
+    tries no longer (``OutOfBudget``). None: ``reconnect_for`` alone bounds it."""
 
 
 class Batch(NamedTuple):
@@ -176,15 +180,24 @@ def _ride_out(
     connection lost, or ``shutting_down``) sends it again to the next one, saying how long it
     waited so far so that it keeps its place, with what is left of its wait timeout.
 
+    The wait timeout bounds the ride-out too: a service still away when it ends raises
+    ``LeaseTimeout`` (its cause the ``Unavailable``), however long ``reconnect_for`` is.
     Bounded: at most ``MAX_REVIVALS`` lost connections, and ``shutting_down`` answers for at
     most ``reconnect_for`` seconds."""
     started = core.clock()
+    deadline = None if wait_timeout is None else started + wait_timeout
     revivals = 0
     after = 0.0
     while True:
         try:
-            reply = yield Call(request, timeout=timeout, after=after)
+            reply = yield Call(request, timeout=timeout, after=after, deadline=deadline)
         except Unavailable as exc:
+            spent = deadline is not None and core.clock() >= deadline
+            if core.reconnects and (isinstance(exc, OutOfBudget) or spent):
+                raise LeaseTimeout(
+                    f"not granted within {wait_timeout:.1f} s: the service was away ({exc.detail})",
+                    path=request.path,
+                ) from exc
             revivals += 1
             if not core.reconnects or revivals > MAX_REVIVALS or _unreachable(exc):
                 raise
@@ -404,28 +417,42 @@ def _lease_call(core: Core, lease: LeaseView, request: Any) -> Op[Reply]:
     No reply because the connection was lost: the lease went with it (``LeaseRevoked``; for a
     write, ``UnknownOutcome``: it may be in the file), unless it is suspended
     (``reconnect_for``): then it is reclaimed from the restarted service and the request sent
-    again if that cannot write twice (an append with its ``aid``, a release);
+    again if that cannot write twice (an append with its ``aid``, a release). A reclaim that
+    fails (refused, or the service not back within the one ride-out window) ends it with
+    ``LeaseRevoked`` (``restart``), or ``UnknownOutcome`` for a write already sent once;
     a reply that is only late stays ``Unavailable``. A ``stale_fence`` answer means the lease is
     gone even if its ``revoked`` event is still on the way.
     """
     resendable = isinstance(request, Release) or getattr(request, "aid", None) is not None
+    sent: ConnectionLost | None = None  # a send of this write whose answer was lost
+    windows = core.connect_failures  # one more by the end: the service did not come back
     for attempt in range(MAX_REVIVALS + 1):
         if lease.state.suspended:
             try:
                 yield from revive(core, lease.state)
+                lease.check_usable()  # the reclaim another call waited for gave up
             except LeaseRevoked as revoked:
-                if not getattr(request, "release", None):
-                    raise
-                # An append that releases may have done so before the restart: the lease
-                # record then answers it as written and released (anything else: an error).
-                reply = yield Call(request)
-                if isinstance(reply, Error) and reply.code == "stale_fence":
-                    raise revoked from None
-                return raise_if_error(reply, lease.path)
+                away = isinstance(revoked.__cause__, Unavailable) or (
+                    core.connect_failures != windows
+                )
+                if getattr(request, "release", None) and not away:
+                    # Refused by a live service: an append that releases may have done so
+                    # before the restart, and the lease record then answers it as written
+                    # and released (anything else: an error). A service still away after
+                    # the window is not asked again (one window per loss).
+                    reply = yield Call(request)
+                    if isinstance(reply, Error) and reply.code == "stale_fence":
+                        raise revoked from None
+                    return raise_if_error(reply, lease.path)
+                if sent is not None and isinstance(request, Append | Rewrite):
+                    raise _unknown(request, sent, lease.path, revoked.reason) from revoked
+                raise
         try:
             reply = yield Call(request, reconnect=False)
         except Unavailable as exc:
             if lease.state.suspended and resendable and attempt < MAX_REVIVALS:
+                if isinstance(exc, ConnectionLost):
+                    sent = exc
                 continue  # the service restarted: take the lease back, then send again
             # Its direct channel ended and this request could not be answered either: no
             # need to wait for the gateway's word (``ClientCore.probe``).
@@ -451,7 +478,9 @@ def _lease_call(core: Core, lease: LeaseView, request: Any) -> Op[Reply]:
 def revive(core: Core, state: LeaseState) -> Op[None]:
     """Take a suspended lease back from the restarted service: the same lease and fence, or
     ``LeaseRevoked`` (reason ``restart``) when it is refused or the service is not back in
-    time. Safe to run twice at once: the service grants a second reclaim of a lease again."""
+    time. Safe to run twice at once: the service grants a second reclaim of a lease again.
+    One ride-out window in all: a reclaim that waited for another call's reconnect shares
+    its failure (``ClientCore.connect_plan``), which has already revoked the lease."""
     assert state.secret is not None
     ticket = ReclaimTicket(lease=state.lease, fence=state.fence, secret=state.secret)
     request = Acquire(

@@ -24,7 +24,7 @@ logger (``sessionlane.system.client``) only, never to the host's stderr.
 
 This module is the socket and thread half only: what to send and what a reply means are the
 shared ``ClientCore`` (``_core``) and the operations (``_ops``), driven here with blocking
-calls. Every use of the core holds ``SessionLane._lock``. (About 665 lines: the opening and
+calls. Every use of the core holds ``SessionLane._lock``. (About 690 lines: the opening and
 routing of direct channels, ``docs/direct-channel.md``, stay beside the connection code whose
 lock and reader thread they share.)
 """
@@ -112,6 +112,8 @@ def connect(
     is ignored). ``timeout`` bounds the connect and every reply (beyond a request's own wait).
     ``reconnect_for``: how long a connect (this one, and each reconnect after a lost
     connection) keeps retrying while refused; 0, the default, raises ``Unavailable`` at once.
+    An acquire waits for a reconnect no longer than its own ``wait_timeout`` (``LeaseTimeout``);
+    a lease the service cannot give back is lost after one such window.
     ``max_record_bytes`` / ``max_frame_bytes``: the limits checked before sending (the
     service's defaults; set them to the service's values if it raised its own, or None to
     leave the check to the service). ``service_user``: who must run the service (a uid, a
@@ -208,22 +210,41 @@ class SessionLane:
 
     # Connection ----------------------------------------------------------------------------
 
-    def reconnect(self) -> None:
-        """(Re)open the connection if it is down, with bounded retries on refusal."""
-        with self._connecting:
+    def reconnect(self, deadline: float | None = None, seen: int | None = None) -> None:
+        """(Re)open the connection if it is down, with bounded retries on refusal.
+
+        ``deadline`` (``core.clock`` time): the caller's budget, which bounds the wait for
+        another thread's reconnect and the retries (``OutOfBudget``). ``seen``: the failed
+        reconnects the caller knew of (``ClientCore.connect_plan``; None: now)."""
+        if seen is None:
+            with self._lock:
+                seen = self.core.connect_failures
+        wait = -1.0 if deadline is None else max(0.0, deadline - self.core.clock())
+        if not self._connecting.acquire(timeout=wait):
+            raise self.core.out_of_budget()
+        try:
             if self.core.closed:
                 raise Unavailable("the connection was closed")
             if self.core.link is not None:  # another thread reconnected meanwhile
                 return
+            with self._lock:
+                window, whole = self.core.connect_plan(deadline, seen)
             try:
-                for attempt in Retrying(**self.settings.retry_policy()):
+                for attempt in Retrying(**self.settings.retry_policy(window)):
                     with attempt:
                         try:
                             self._open()
                         except DirectUnknown:  # an older service: once more, not asking
                             self._open()
             except OSError as exc:
-                raise self.settings.unreachable(exc) from exc
+                if not whole:
+                    raise self.core.out_of_budget() from exc
+                error = self.settings.unreachable(exc)
+                with self._lock:
+                    self.core.reconnect_failed(error)
+                raise error from exc
+        finally:
+            self._connecting.release()
 
     def _open(self) -> None:
         sock = _dial(self.settings)
@@ -384,6 +405,7 @@ class SessionLane:
             while True:
                 with self._lock:
                     step = ops.advance(op, outcome)
+                    seen = self.core.connect_failures  # as the op saw the state it checked
                 if isinstance(step, ops.Finished):
                     result: R = step.value
                     return result
@@ -391,20 +413,20 @@ class SessionLane:
                     outcome = self._pipeline(step)
                     continue
                 try:
-                    outcome = self._call(step)
+                    outcome = self._call(step, seen)
                 except SessionLaneError as exc:
                     outcome = exc
         finally:
             with self._lock:
                 op.close()
 
-    def _call(self, call: ops.Call) -> Reply:
+    def _call(self, call: ops.Call, seen: int) -> Reply:
         if call.after:
             time.sleep(call.after)  # a retry while the service stops: not in a handler
         with self._lock:
             link = self.core.link_for(call.reconnect)
         if link is None:
-            self.reconnect()
+            self.reconnect(call.deadline, seen)
             with self._lock:
                 link = self.core.link_for(reconnect=False)
         assert link is not None

@@ -23,7 +23,7 @@
  * The socket keeps the process alive only while a call is pending or a lease is held: an idle
  * connection holding nothing does not stop a script from exiting.
  *
- * Why one module of about 850 lines: a `SessionLane` is one connection's state (socket,
+ * Why one module of about 1,050 lines: a `SessionLane` is one connection's state (socket,
  * pending requests, leases), and the revival after a restart swaps the socket under that
  * state; what the revival decides without touching it is in `reclaim.ts`.
  */
@@ -34,6 +34,7 @@ import { EventEmitter } from 'node:events';
 import { anchor, defaultAddress, parseAddress, type Target } from './address.js';
 import {
   LeaseRevoked,
+  LeaseTimeout,
   StaleFence,
   SessionLaneError,
   Unauthorized,
@@ -41,7 +42,14 @@ import {
   UnknownOutcome,
   errorFor,
 } from './errors.js';
-import { reclaimFields, resendable, waitedFields } from './reclaim.js';
+import {
+  acquireBudget,
+  awaitWithin,
+  budgetFields,
+  reclaimFields,
+  resendable,
+  waitedFields,
+} from './reclaim.js';
 import {
   Lane,
   grantedLease,
@@ -98,6 +106,12 @@ export interface ConnectOptions {
    * a lost connection is ridden out: a restarted service gives the leases back.
    */
   reconnectForMs?: number;
+  /**
+   * How long (ms) the first connect keeps trying while nobody listens (default:
+   * `reconnectForMs`). A caller that retries within its own budget (the OpenClaw drop-in)
+   * sets it to 0 and keeps `reconnectForMs` for the restarts of a service once connected.
+   */
+  connectForMs?: number;
   /** Called before each retry of a refused connect, with the refusal and the wait (ms). */
   onRetry?: (error: Error, delayMs: number) => void;
   /**
@@ -168,6 +182,8 @@ interface Pending {
   /** May be sent again after a restart if safe (false: its caller resends, as a pipeline). */
   readonly resend: boolean;
   readonly path: string | null;
+  /** When an acquire's own wait ends (ms; null: none): it bounds a ride-out too. */
+  readonly budgetEnd: number | null;
   readonly resolve: (value: unknown) => void;
   readonly reject: (error: Error) => void;
   readonly onQueued: ((position: number) => void) | undefined;
@@ -321,7 +337,7 @@ async function dialWithin(
   timeoutMs: number,
   options: ConnectOptions,
 ): Promise<net.Socket> {
-  const deadline = Date.now() + Math.max(0, options.reconnectForMs ?? 0);
+  const deadline = Date.now() + Math.max(0, options.connectForMs ?? options.reconnectForMs ?? 0);
   for (let delay = 50; ; delay = Math.min(1_000, delay * 2)) {
     try {
       return await dial(target, timeoutMs);
@@ -392,6 +408,8 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
   #closed = false;
   /** The detail of an `error` the service sent without an id (it closes the connection next). */
   #farewell = '';
+  /** Why the connection under revival was lost (for the errors of calls that stop waiting). */
+  #lostBecause = '';
   /** What this connection's lanes and leases use (kept off the public surface). */
   readonly #host: LeaseHost = {
     request: (type, fields, options) => this.request(type, fields, options),
@@ -513,9 +531,28 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     const reviving = this.#reviving;
     if (reviving !== null) {
       // The service restarted: wait for the next connection (and the reclaims) first.
-      return reviving.then(() => this.request(type, fields, options));
+      // An acquire waits no longer than its own wait: LeaseTimeout, nothing sent.
+      const budget = acquireBudget(type, options.timeoutMs);
+      const expired = (): Error => this.#outOfBudget(budget ?? 0, fields);
+      return awaitWithin(reviving, budget, options.signal, expired, abortReason).then((left) =>
+        left === null
+          ? this.request(type, fields, options)
+          : this.request(type, budgetFields(fields, left), { ...options, timeoutMs: left }),
+      );
     }
     return this.#send(type, fields, options);
+  }
+
+  /** What an acquire whose wait ended while the service was away gets. */
+  #outOfBudget(budgetMs: number, fields: Record<string, unknown>): LeaseTimeout {
+    const path = typeof fields['path'] === 'string' ? fields['path'] : null;
+    const away = new Unavailable(
+      `cannot reach sessionlane at ${this.address}: ${this.#lostBecause}; still reconnecting`,
+    );
+    return new LeaseTimeout(
+      `not granted within ${Math.round(budgetMs)} ms: the service was away (${this.#lostBecause})`,
+      { path, cause: away },
+    );
   }
 
   /**
@@ -562,6 +599,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     const wait = options.timeoutMs === undefined ? 0 : options.timeoutMs;
     const limit = wait === null ? null : wait + this.#timeoutMs;
     const path = typeof fields['path'] === 'string' ? fields['path'] : null;
+    const budget = acquireBudget(type, options.timeoutMs);
     const map = options.map;
     return new Promise<T>((resolve, reject) => {
       const timer =
@@ -581,6 +619,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
         revival,
         resend: options.resend ?? true,
         path,
+        budgetEnd: budget === null ? null : Date.now() + budget,
         // Without `map`, T is the reply itself (the default type argument).
         resolve: (value) => resolve(value as T),
         reject,
@@ -779,6 +818,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       return;
     }
     if (leaseReason === 'connection_lost' && this.#reconnectForMs() > 0) {
+      this.#lostBecause = reason;
       this.#reviving = this.#revive(reason);
       return;
     }
@@ -804,12 +844,35 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
         state.revoke('connection_lost');
       }
     }
+    // An acquire waiting in the service when it went waits no longer than its own wait.
+    const budgets: NodeJS.Timeout[] = [];
+    for (const [id, pending] of this.#pending) {
+      const left = pending.budgetEnd === null ? null : pending.budgetEnd - Date.now();
+      if (left === null || left > MAX_TIMER_MS) continue;
+      const timer = setTimeout(() => {
+        this.#givenUp(id, this.#outOfBudget(pending.budgetEnd! - pending.sentAt, pending.fields));
+      }, Math.max(0, left));
+      budgets.push(timer);
+    }
+    try {
+      await this.#reconnectAndReclaim(reason);
+    } finally {
+      for (const timer of budgets) clearTimeout(timer);
+    }
+  }
+
+  /** The revival's loop: reconnect, reclaim, resend, until `reconnectForMs` has passed. */
+  async #reconnectAndReclaim(reason: string): Promise<void> {
     const deadline = Date.now() + this.#reconnectForMs();
     let delay = 50;
     let why = reason;
     while (!this.#closed) {
       try {
-        const socket = await dialService(this.address, { ...this.#options, reconnectForMs: 0 });
+        const socket = await dialService(this.address, {
+          ...this.#options,
+          connectForMs: 0,
+          reconnectForMs: 0,
+        });
         if (this.#closed) {
           socket.destroy();
           return;
@@ -886,12 +949,19 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
         });
       } else if (lost !== undefined) {
         this.#settled(id);
+        const why =
+          `lease ${lost.lease} lost: the restarted service refused its reclaim before the ` +
+          `${pending.type} reply`;
+        // A write that was sent may be in the file (a refusal can mean it changed since the
+        // lease record): its outcome is unknown, never "not written".
+        const write = pending.type === 'append' || pending.type === 'rewrite';
         pending.reject(
-          new LeaseRevoked(
-            `lease ${lost.lease} lost: the restarted service refused its reclaim before the ` +
-              `${pending.type} reply`,
-            { path: lost.path, reason: 'restart' },
-          ),
+          write
+            ? new UnknownOutcome(`${why}: read the file to know`, {
+                path: lost.path,
+                reason: 'restart',
+              })
+            : new LeaseRevoked(why, { path: lost.path, reason: 'restart' }),
         );
         continue;
       }

@@ -22,7 +22,9 @@
  * 2. takes a lease (a `prompt` lease at `interactive` priority, both configurable) on the
  *    service, in its queue with every other sessionlane writer. An unreachable or restarting
  *    service is retried (50 ms, growing to 1 s) until the budget runs out; then the timeout
- *    error names the service and carries the last error as `cause`;
+ *    error names the service and carries the last error as `cause`. The budget bounds a
+ *    connection riding out a lost service too (`reconnectForMs` is how long a held lock
+ *    waits for its service to come back, never how long an acquire waits);
  * 3. then takes `<sessionFile>.lock` in OpenClaw's format with this process's pid and start
  *    time, waiting (50 ms polls) while a live OpenClaw process holds it: processes still on
  *    OpenClaw's lock wait for the drop-in, and the drop-in waits for them (the module
@@ -249,6 +251,8 @@ export function createSessionWriteLocks(options: SessionWriteLocksOptions = {}):
         client: `openclaw:${process.pid}`,
         // A restart of the service is invisible: locks are reclaimed, waits go on.
         reconnectForMs: DEFAULT_RECONNECT_FOR_MS,
+        // A first connect is tried once: the acquire retries it within its own budget.
+        connectForMs: 0,
         ...options.connectOptions,
         token: options.token,
       }).then((sl) => new LaneSlots(sl, base));
@@ -369,6 +373,10 @@ export function createSessionWriteLocks(options: SessionWriteLocksOptions = {}):
         });
       } catch (err) {
         slots.done(file, name);
+        if (err instanceof LeaseTimeout && err.cause instanceof Unavailable) {
+          // The budget ended while the connection rode out a lost service.
+          throw budget.timedOut(`owner=unknown (sessionlane service unreachable at ${address})`, err);
+        }
         if (err instanceof LeaseTimeout) {
           throw budget.timedOut(await describeHolder(slots.sl, file), err);
         }

@@ -255,12 +255,9 @@ describe('the OpenClaw session write lock drop-in', needsService, () => {
     const port = (server.address() as { port: number }).port;
     await new Promise((resolve) => server.close(resolve));
     const away = `tcp://127.0.0.1:${port}`;
-    // Each connect is one attempt (the drop-in's default rides out a refusal for 60 s, past
-    // this budget): what is tested is the acquire's own retries, until its budget ends.
-    const lonely = createSessionWriteLocks({
-      address: away,
-      connectOptions: { reconnectForMs: 0 },
-    });
+    // The drop-in rides out a lost service for 60 s by default: the acquire's budget bounds
+    // its connect all the same.
+    const lonely = createSessionWriteLocks({ address: away });
     try {
       const started = Date.now();
       const err = await lonely
@@ -270,7 +267,9 @@ describe('the OpenClaw session write lock drop-in', needsService, () => {
           (e: unknown) => e,
         );
       assert.ok(err instanceof SessionWriteLockTimeoutError, String(err));
-      assert.ok(Date.now() - started >= 400, 'the whole budget was used');
+      const took = Date.now() - started;
+      assert.ok(took >= 400, 'the whole budget was used');
+      assert.ok(took < 20_000, `the budget, not the 60 s ride-out, ended it (${took} ms)`);
       assert.ok(err.cause instanceof Unavailable);
       assert.ok(err.message.includes(`sessionlane service unreachable at ${away}`), err.message);
       assert.equal(err.code, 'OPENCLAW_SESSION_WRITE_LOCK_TIMEOUT');

@@ -13,12 +13,14 @@ import {
   ERROR_CODES,
   InvalidRecord,
   LeaseRevoked,
+  LeaseTimeout,
   ReadOnly,
   SessionLaneError,
   StaleFence,
   TooManyFiles,
   Unauthorized,
   Unavailable,
+  UnknownOutcome,
   checkRecords,
   connect,
   errorFor,
@@ -315,6 +317,8 @@ describe('a reclaim refused after a restart', () => {
         assert.ok(err instanceof LeaseRevoked, String(err));
         assert.equal(err.reason, 'restart');
       }
+      assert.ok(await inFlight instanceof UnknownOutcome, 'the append sent may be in the file');
+      assert.ok(!(await meanwhile instanceof UnknownOutcome), 'the one made meanwhile was not sent');
       assert.equal(lease.revoked, 'restart');
       const second = seen.filter((r) => r['connection'] === 2);
       assert.deepEqual(second.map((r) => r['type']), ['acquire'], 'only the reclaim was sent');
@@ -322,6 +326,94 @@ describe('a reclaim refused after a restart', () => {
       await sl.close();
     } finally {
       server.close();
+    }
+  });
+});
+
+/**
+ * A service that grants lane `a` a lease with a reclaim secret and queues every other
+ * acquire; `stop()` stops it as a killed service would: its connection drops and nothing
+ * listens at its address any more.
+ */
+async function stoppableService(
+  onAppend: () => void = () => undefined,
+): Promise<{ address: string; stop: () => void }> {
+  let live: net.Socket | null = null;
+  const { address, server } = await scriptedService((request, send, socket) => {
+    live = socket;
+    const id = request['id'];
+    if (request['type'] === 'append') onAppend(); // and never answered
+    if (request['type'] !== 'acquire') return;
+    if (request['lane'] === 'a') {
+      send({ type: 'granted', id, lease: 'L1', fence: 7, path: request['path'],
+             purpose: 'prompt', secret: 'S'.repeat(32) });
+    } else {
+      send({ type: 'queued', id, position: 1 });
+    }
+  });
+  const stop = (): void => {
+    server.close();
+    (live as net.Socket | null)?.destroy();
+  };
+  return { address, stop };
+}
+
+describe('an acquire budget while the connection rides out a lost service', () => {
+  it('bounds an acquire queued before the loss and one made during it; the lease rides on', async () => {
+    const { address, stop } = await stoppableService();
+    const sl = await connect(address, { keepaliveMs: 0, reconnectForMs: 60_000 });
+    try {
+      const lease = await sl.lane('a').lease('/s/a.jsonl');
+      assert.ok(lease !== null);
+      const queued = deferred();
+      const started = Date.now();
+      const waiting = sl
+        .lane('b')
+        .lease('/s/a.jsonl', { waitTimeoutMs: 400, onQueued: () => queued.resolve() })
+        .catch((err: unknown) => err);
+      await queued.promise;
+      stop(); // the connection rides out for 60 s: far past either acquire's 400 ms
+      const queuedErr = await waiting;
+      const meanwhile = await sl
+        .lane('c')
+        .lease('/s/a.jsonl', { waitTimeoutMs: 400 })
+        .catch((err: unknown) => err);
+      for (const err of [queuedErr, meanwhile]) {
+        assert.ok(err instanceof LeaseTimeout, String(err));
+        assert.ok(err.cause instanceof Unavailable, 'the service was away');
+        assert.equal(err.path, '/s/a.jsonl');
+      }
+      assert.ok(Date.now() - started < 20_000, 'each acquire gave up at its own budget');
+      assert.equal(lease.revoked, null, 'the held lease still rides out the loss');
+      assert.equal(lease.signal.aborted, false);
+    } finally {
+      await sl.close();
+    }
+  });
+});
+
+describe('a lease the stopped service cannot give back', () => {
+  it('is lost after one ride-out window; a call made meanwhile waits for it', async () => {
+    const arrived = deferred();
+    const { address, stop } = await stoppableService(arrived.resolve);
+    const windowMs = 1_500;
+    const sl = await connect(address, { keepaliveMs: 0, reconnectForMs: windowMs });
+    try {
+      const lease = await sl.lane('a').lease('/s/a.jsonl');
+      assert.ok(lease !== null);
+      const inFlight = lease.append({ n: 1 }).catch((err: unknown) => err);
+      await arrived.promise;
+      stop();
+      const stopped = Date.now();
+      const meanwhile = await lease.append({ n: 2 }).catch((err: unknown) => err);
+      const took = Date.now() - stopped;
+      // (Sent before the client saw the loss, it is of unknown outcome, a LeaseRevoked too.)
+      assert.ok(meanwhile instanceof LeaseRevoked, String(meanwhile));
+      assert.ok(took < 2 * windowMs, `${took} ms: more than one ${windowMs} ms window`);
+      assert.ok((await inFlight) instanceof UnknownOutcome, 'the append sent may be in the file');
+      assert.notEqual(lease.revoked, null);
+    } finally {
+      await sl.close();
     }
   });
 });
