@@ -53,6 +53,10 @@ writes, and the append granted so joins the same drain, under the same lock. One
 the appends of a pipeline queued one behind the other under the same lease go out in one
 ``write`` (``chained``: one system call, one look for an outside change), because nothing
 performed between their writes could change what their checks find.
+
+About 620 lines, a third of them this docstring: one queue and its drain, whose every step
+reads the same pending writes (the effect records and the append-and-release bookkeeping are
+in their own modules already).
 """
 
 from __future__ import annotations
