@@ -85,22 +85,9 @@ def test_thespians_start_child_still_reads_as_it_is_replicated() -> None:
 
 
 def _tcp_listening_ports(pid: int) -> set[int]:
-    """The TCP ports ``pid`` listens on (``/proc/net/tcp``: state ``0A``)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = fd.readlink().as_posix()
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            parts = line.split()
-            if len(parts) > 9 and parts[3] == "0A" and parts[9] in inodes:
-                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
-    return ports
+    """The TCP ports ``pid`` listens on."""
+    mine = procfs.socket_inodes(pid)
+    return {port for inode, (_, port) in procfs.listening_tcp().items() if inode in mine}
 
 
 def _parked(service: Service, besides: set[int] = frozenset()) -> int:  # type: ignore[assignment]
