@@ -283,7 +283,7 @@ class FileCoreModel(RuleBasedStateMachine):
                 held = self.core.book.record.held
                 if message.released:  # as a release's answer: before the record that follows
                     released = self.core.book.record.released
-                    assert released is not None and released.done.aid in (
+                    assert released and released[-1].done.aid in (
                         request.aid,
                         *(a.aid for a in self.core.book.record.appends),
                     )
