@@ -33,6 +33,7 @@ from sessionlane.messages.wire import (
     Error,
     Granted,
     ReclaimTicket,
+    Release,
 )
 from sessionlane.system.client import _ops as ops
 from sessionlane.system.client._core import ClientCore
@@ -214,6 +215,39 @@ def test_each_release_of_a_nested_lease_is_remembered_across_a_restart() -> None
         assert holder is not None and holder.lease == a.lease and len(holder.purposes) == 1, (
             f"the resend of {aid} released a level again"
         )
+
+
+def test_a_copy_under_another_call_key_waits_for_the_sync_its_release_waits_for() -> None:
+    s = Shell(new_core())
+    [a] = s.send("a", Acquire(lane="a", path=PATH, purpose="prompt"), 1)
+    s.send("b", Acquire(lane="b", path=PATH, purpose="prompt"), 2)
+    s.sync_fails = True
+    assert s.send("a", fused(a, "aid-a-000001"), 3, end=False) == []  # held for its sync
+    copy = s.send("a", fused(a, "aid-a-000001"), 4, end=False)  # after a reconnect
+    assert copy == [], "a copy answered before the sync its release waits for"
+    s.send("a", Release(lease="no-such-lease"), 5)  # the pass ends; its sync fails
+    answers = [m for m in s.answers("a") if m.id in (3, 4)]
+    assert sorted(m.id for m in answers) == [3, 4]
+    assert all(isinstance(m, Error) and m.code == "disk_full" for m in answers), answers
+    holder = s.c.table.holder
+    assert holder is not None and holder.lease == a.lease, "the lease is held: nothing released"
+    assert not any(isinstance(m, Granted) for m in s.answers("b"))
+
+
+def test_a_copy_under_another_call_key_is_answered_released_after_the_grant() -> None:
+    s = Shell(new_core())
+    [a] = s.send("a", Acquire(lane="a", path=PATH, purpose="prompt"), 1)
+    s.send("b", Acquire(lane="b", path=PATH, purpose="prompt"), 2)
+    s.send("a", fused(a, "aid-a-000001"), 3, end=False)
+    s.send("a", fused(a, "aid-a-000001"), 4)  # a copy after a reconnect; the sync succeeds
+    order = [(to, type(m).__name__) for to, m in s.out if m.id in (2, 3, 4)]
+    assert order == [("b", "Queued"), ("b", "Granted"), ("a", "Appended"), ("a", "Appended")]
+    acks = [m for to, m in s.out if to == "a" and m.id in (3, 4)]
+    assert [m.id for m in acks] == [3, 4] and all(
+        isinstance(m, Appended) and m.released for m in acks
+    )
+    assert s.c.table.holder is not None and s.c.table.holder.lane == "b"
+    assert s.c.table.counters["releases"] == 1, "released once for the two answers"
 
 
 # The client's side of a resend ----------------------------------------------------------------
