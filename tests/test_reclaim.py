@@ -52,6 +52,9 @@ HELD = HeldRecord(
 # The record ---------------------------------------------------------------------------------
 
 names = st.text(min_size=1, max_size=40)
+_ID_CHARS = 'abcXYZ019-_"\\é'
+"""Characters of the released appends' ids: letters, digits, JSON's escaped ones, a two-byte one
+(their length in the record is bounded; the other ids may take 6 bytes a character)."""
 held_records = st.builds(
     HeldRecord,
     lease=names,
@@ -79,13 +82,13 @@ records = st.builds(
         ),
         max_size=MAX_APPENDS,
     ).map(tuple),
-    released=st.lists(
+    released=st.lists(  # ids of few bytes: all of them fit beside the worst of the rest
         st.builds(
             ReleasedAppend,
-            st.text(min_size=1, max_size=16),
+            st.text(_ID_CHARS, min_size=1, max_size=16),
             st.builds(
                 DoneAppend,
-                st.text(min_size=8, max_size=16),
+                st.text(_ID_CHARS, min_size=8, max_size=16),
                 st.integers(0, 2**40),
                 st.integers(1, 99),
                 st.integers(1, 2**40),
