@@ -385,6 +385,20 @@ class ReclaimBook:
         self.record = LeaseRecord(current.held, ino, size, appends, current.released)
         return self.record
 
+    def unwrote(self, lease: str, aid: str) -> bool:
+        """The append ``aid`` of ``lease`` failed after its write (its sync failed): a resend
+        must write it again, not be answered from the record. Whether the record changed."""
+        current = self.record
+        if current.held is None or current.held.lease != lease:
+            return False
+        appends = tuple(a for a in current.appends if a.aid != aid)
+        if len(appends) == len(current.appends):
+            return False
+        self.record = LeaseRecord(
+            current.held, current.ino, current.size, appends, current.released
+        )
+        return True
+
     def released_by(self, lease: str, done: DoneAppend) -> None:
         """``lease`` (one level of it) was released by its append ``done``: kept in the record
         (written with the record that follows the release) for a resend, after a restart or

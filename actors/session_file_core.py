@@ -568,7 +568,12 @@ class FileCore:
         a failed sync covered are errors, forgotten by the write path (a retry writes again)."""
         self.synced(took)
         done = self.commit.commit(failure)
+        held = self.writes.releasing.held
         for key in done.failed_keys:
+            # an append and release whose sync failed released nothing: resent, it is
+            # written again (as the write path's copy of its answer, the record's is dropped)
+            if (r := held.get(key)) is not None and r.aid is not None:
+                self.record_due |= self.book.unwrote(r.lease, r.aid)
             self.writes.forget(key)
         # appends that release their lease do so now that they are durable, before their acks
         # leave: the next holder's grant goes first (``Append.release``)

@@ -234,6 +234,21 @@ def test_a_copy_under_another_call_key_waits_for_the_sync_its_release_waits_for(
     assert not any(isinstance(m, Granted) for m in s.answers("b"))
 
 
+def test_an_append_and_release_whose_sync_failed_is_written_again_when_resent() -> None:
+    s = Shell(new_core())
+    [a] = s.send("a", Acquire(lane="a", path=PATH, purpose="prompt"), 1)
+    s.send("b", Acquire(lane="b", path=PATH, purpose="prompt"), 2)
+    s.sync_fails = True
+    [failed] = s.send("a", fused(a, "aid-a-000001"), 3)
+    assert isinstance(failed, Error) and failed.code == "disk_full"
+    assert not any(d.aid == "aid-a-000001" for d in s.record.appends), "kept as written"
+    s.sync_fails = False
+    size = s.c.size
+    answers = s.send("a", fused(a, "aid-a-000001"), 4)  # the client retries it
+    assert s.c.size > size, "not written again: answered from the record, never synced"
+    assert [type(m) for m in answers] == [Granted, Appended] and answers[1].released
+
+
 def test_a_copy_under_another_call_key_is_answered_released_after_the_grant() -> None:
     s = Shell(new_core())
     [a] = s.send("a", Acquire(lane="a", path=PATH, purpose="prompt"), 1)
