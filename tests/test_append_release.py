@@ -22,10 +22,10 @@ from sessionlane.actors.reclaim import DoneAppend, HeldRecord, LeaseRecord, Recl
 from sessionlane.actors.session_file_core import FileCore
 from sessionlane.actors.session_file_effects import Answer, Resent
 from sessionlane.actors.session_file_writes import WritePath
-from sessionlane.messages.errors import LeaseRevoked
+from sessionlane.messages.errors import LeaseRevoked, UnknownOutcome
 from sessionlane.messages.wire import Acquire, Append, Appended, Error, Granted, ReclaimTicket
 from sessionlane.system.client import _ops as ops
-from sessionlane.system.client._core import ClientCore
+from sessionlane.system.client._core import ClientCore, ConnectionLost
 
 LEASE, FENCE, AID = "ab-7", 7, "aid-00000001"
 SECRET = "s3cret-s3cret-s3cret"
@@ -129,3 +129,25 @@ def test_a_plain_append_or_a_refused_resend_still_reports_the_lease_lost() -> No
     client, lease = suspended_lease()
     with pytest.raises(LeaseRevoked):  # no release: not sent again
         run(ops.lease_append(client, lease, [{"n": 1}], None, False), refused)
+
+
+def test_a_sent_append_that_releases_refused_after_a_loss_is_of_unknown_outcome() -> None:
+    """Its answer was lost with the service, the reclaim is refused and the resend is answered
+    ``stale_fence``: it may well be in the file (the lease record keeps only the file's last
+    appends that released; the next holder, granted by this one, may have released since), so
+    never "not written"."""
+    client, lease = suspended_lease()
+    lease.state.suspended = False
+    refused = Error(id="r", code="reclaim_refused", detail="no longer held", path="/s/a.jsonl")
+    stale = Error(id=2, code="stale_fence", detail="not current", path="/s/a.jsonl")
+    op = ops.lease_append(client, lease, [{"n": 1}], None, True)
+    step = ops.advance(op, None)
+    assert isinstance(step, ops.Call) and isinstance(step.request, Append)
+    lease.state.suspended = True  # the connection is lost with the service after the send
+    step = ops.advance(op, ConnectionLost("the service went away"))
+    assert isinstance(step, ops.Call) and isinstance(step.request, Acquire)  # the reclaim
+    step = ops.advance(op, refused)
+    assert isinstance(step, ops.Call) and isinstance(step.request, Append)  # sent once more
+    with pytest.raises(UnknownOutcome) as caught:
+        ops.advance(op, stale)
+    assert caught.value.reason == "restart"
