@@ -16,6 +16,7 @@ import pytest
 from test_client_core import SETTINGS, run
 from test_session_file_core import NOW, PATH, call, read
 
+from sessionlane.actors.append_release import ReleasingAppends
 from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.reclaim import DoneAppend, HeldRecord, LeaseRecord, ReclaimBook, digest
@@ -151,3 +152,12 @@ def test_a_sent_append_that_releases_refused_after_a_loss_is_of_unknown_outcome(
     with pytest.raises(UnknownOutcome) as caught:
         ops.advance(op, stale)
     assert caught.value.reason == "restart"
+
+
+def test_a_release_forgotten_after_a_failed_sync_leaves_nothing_behind() -> None:
+    releasing = ReleasingAppends()
+    for n in range(3):
+        reply = Appended(id=n, offset=0, lines=1, fence=7, released=True)
+        releasing.hold(("call", n), releasing.release("a", "L1", f"aid-{n:05d}", reply))
+        releasing.forget(("call", n))  # its sync failed: the lease stays held
+    assert not releasing and not releasing.held and not releasing.keys
