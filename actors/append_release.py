@@ -67,7 +67,9 @@ class ReleasingAppends:
 
     def forget(self, call_key: Any) -> None:
         """The append ``call_key`` failed after its write (its sync): it releases nothing."""
-        self.held.pop(call_key, None)
+        dropped = self.held.pop(call_key, None)
+        if dropped is not None:
+            self.keys.discard(dropped.req)  # never performed: nobody will answer it
 
     def silent(self, req: Any) -> bool:
         """Is ``req`` the key of one of these releases (answered by nobody)? Forgets it."""

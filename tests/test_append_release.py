@@ -16,6 +16,7 @@ import pytest
 from test_client_core import SETTINGS, run
 from test_session_file_core import NOW, PATH, call, read
 
+from sessionlane.actors.append_release import ReleasingAppends
 from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.reclaim import DoneAppend, HeldRecord, LeaseRecord, ReclaimBook, digest
@@ -25,7 +26,7 @@ from sessionlane.actors.session_file_disk import WriteOutcome
 from sessionlane.actors.session_file_effects import Answer, Deliver, Resent, WriteRecord
 from sessionlane.actors.session_file_write_effects import WriteOut
 from sessionlane.actors.session_file_writes import Commit, WritePath
-from sessionlane.messages.errors import LeaseRevoked
+from sessionlane.messages.errors import LeaseRevoked, UnknownOutcome
 from sessionlane.messages.wire import (
     Acquire,
     Append,
@@ -36,7 +37,7 @@ from sessionlane.messages.wire import (
     Release,
 )
 from sessionlane.system.client import _ops as ops
-from sessionlane.system.client._core import ClientCore
+from sessionlane.system.client._core import ClientCore, ConnectionLost
 
 LEASE, FENCE, AID = "ab-7", 7, "aid-00000001"
 SECRET = "s3cret-s3cret-s3cret"
@@ -301,3 +302,34 @@ def test_a_plain_append_or_a_refused_resend_still_reports_the_lease_lost() -> No
     client, lease = suspended_lease()
     with pytest.raises(LeaseRevoked):  # no release: not sent again
         run(ops.lease_append(client, lease, [{"n": 1}], None, False), refused)
+
+
+def test_a_sent_append_that_releases_refused_after_a_loss_is_of_unknown_outcome() -> None:
+    """Its answer was lost with the service, the reclaim is refused and the resend is answered
+    ``stale_fence``: it may well be in the file (the lease record keeps only the file's last
+    appends that released; the next holder, granted by this one, may have released since), so
+    never "not written"."""
+    client, lease = suspended_lease()
+    lease.state.suspended = False
+    refused = Error(id="r", code="reclaim_refused", detail="no longer held", path="/s/a.jsonl")
+    stale = Error(id=2, code="stale_fence", detail="not current", path="/s/a.jsonl")
+    op = ops.lease_append(client, lease, [{"n": 1}], None, True)
+    step = ops.advance(op, None)
+    assert isinstance(step, ops.Call) and isinstance(step.request, Append)
+    lease.state.suspended = True  # the connection is lost with the service after the send
+    step = ops.advance(op, ConnectionLost("the service went away"))
+    assert isinstance(step, ops.Call) and isinstance(step.request, Acquire)  # the reclaim
+    step = ops.advance(op, refused)
+    assert isinstance(step, ops.Call) and isinstance(step.request, Append)  # sent once more
+    with pytest.raises(UnknownOutcome) as caught:
+        ops.advance(op, stale)
+    assert caught.value.reason == "restart"
+
+
+def test_a_release_forgotten_after_a_failed_sync_leaves_nothing_behind() -> None:
+    releasing = ReleasingAppends()
+    for n in range(3):
+        reply = Appended(id=n, offset=0, lines=1, fence=7, released=True)
+        releasing.hold(("call", n), releasing.release("a", "L1", f"aid-{n:05d}", reply))
+        releasing.forget(("call", n))  # its sync failed: the lease stays held
+    assert not releasing and not releasing.held and not releasing.keys

@@ -442,6 +442,10 @@ def _lease_call(core: Core, lease: LeaseView, request: Any) -> Op[Reply]:
                     # the window is not asked again (one window per loss).
                     reply = yield Call(request)
                     if isinstance(reply, Error) and reply.code == "stale_fence":
+                        # Not "not written": the record keeps only the file's last appends
+                        # that released, and the next holder may have released since.
+                        if sent is not None:
+                            raise _unknown(request, sent, lease.path, revoked.reason) from None
                         raise revoked from None
                     return raise_if_error(reply, lease.path)
                 if sent is not None and isinstance(request, Append | Rewrite):

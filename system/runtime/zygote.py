@@ -387,7 +387,7 @@ class _Zygote:
         self.park_wanted = False
         built_from = prestart.template(self.last_args) if self.last_args is not None else b""
         try:
-            os.write(self.requests, _PARK + _HEADER.pack(len(built_from)) + built_from)
+            _write_all(self.requests, _PARK + _HEADER.pack(len(built_from)) + built_from)
         except OSError as exc:
             log.warning("zygote %d is gone (%s): giving it up", self.pid, exc)
             self.close()
@@ -416,7 +416,7 @@ class _Zygote:
         if self.broken:
             return None
         try:
-            os.write(self.requests, _FORK + _HEADER.pack(len(payload)) + payload)
+            _write_all(self.requests, _FORK + _HEADER.pack(len(payload)) + payload)
             tag, pid, fd, _, _, _ = self.receive()
         except OSError as exc:
             tag, pid, fd, detail = b"", -1, -1, str(exc)
@@ -455,7 +455,7 @@ class _Handed:
         """Hand ``startChild``'s arguments (and the process's name and first message, pickled)
         to the child; False if it is gone (it died while parked: no reader)."""
         try:
-            os.write(self.args_w, _HEADER.pack(len(payload)) + payload)
+            _write_all(self.args_w, _HEADER.pack(len(payload)) + payload)
         except OSError:
             return False
         finally:
@@ -669,6 +669,14 @@ def _fork_through_intermediate(args: list[Any], name: str) -> int:
     if os.waitstatus_to_exitcode(status) != 0 or len(reply) != _PID.size:
         return -1
     return int(_PID.unpack(reply)[0])
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the pipe ``fd``: a request longer than ``PIPE_BUF`` (a park
+    request carries a template) may be written in parts, and the other end reads it whole."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _read_exact(fd: int, size: int) -> bytes:

@@ -933,15 +933,18 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
       const lost = typeof lease === 'string' ? refused.get(lease) : undefined;
       if (lost !== undefined && pending.type === 'append' && pending.fields['release'] === true) {
         // An append that releases may have released its lease itself before the restart: the
-        // service answers it as written if so; refused (`stale_fence`), the lease was lost.
+        // service answers it as written if so. Refused (`stale_fence`), the lease was lost,
+        // and the append may still be in the file (the lease record keeps only the file's
+        // last appends that released; the next holder may have released since): its outcome
+        // is unknown, never "not written".
         this.#pending.set(id, {
           ...pending,
           reject: (err: Error) =>
             pending.reject(
               err instanceof StaleFence
-                ? new LeaseRevoked(
+                ? new UnknownOutcome(
                     `lease ${lost.lease} lost: the restarted service refused its reclaim ` +
-                      'before the append reply',
+                      'before the append reply: read the file to know',
                     { path: lost.path, reason: 'restart' },
                   )
                 : err,
