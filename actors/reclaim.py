@@ -136,14 +136,7 @@ def encode_record(record: LeaseRecord) -> bytes:
     appends = ", ".join(
         f"[{_string(a.aid)}, {a.offset}, {a.lines}, {a.fence}]" for a in record.appends
     )
-    released = ""
-    if record.released:
-        entries = ", ".join(
-            f"[{_string(r.lease)}, {_string(r.done.aid)}, {r.done.offset}, {r.done.lines}, "
-            f"{r.done.fence}]"
-            for r in record.released
-        )
-        released = f', "released": [{entries}]'
+    released = _released_json(record.released) if record.released else ""
     text = (
         f'{{"v": {RECORD_VERSION}, "held": {_held_json(record.held)}, "ino": {record.ino}, '
         f'"size": {record.size}, "appends": [{appends}]{released}}}\n'
@@ -160,6 +153,7 @@ _string: Callable[[str], str] = json.encoder.encode_basestring  # as json.dumps,
 _encode: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False).encode
 """``json.dumps(o, ensure_ascii=False)`` without building an encoder per call."""
 _held_encoded: list[Any] = [None, "null"]  # the last HeldRecord encoded, and its JSON
+_released_encoded: list[Any] = [(), ""]  # the last released appends encoded, and their JSON
 
 
 def _number(x: float | None) -> str:
@@ -167,6 +161,21 @@ def _number(x: float | None) -> str:
     if type(x) is int or (type(x) is float and math.isfinite(x)):
         return repr(x)
     return _encode(x)
+
+
+def _released_json(released: tuple[ReleasedAppend, ...]) -> str:
+    """The record's ``"released"`` key and value, after a comma (remembered for the last tuple
+    encoded: the holder's writes keep the same one)."""
+    if _released_encoded[0] is released:
+        return str(_released_encoded[1])
+    entries = ", ".join(
+        f"[{_string(r.lease)}, {_string(r.done.aid)}, {r.done.offset}, {r.done.lines}, "
+        f"{r.done.fence}]"
+        for r in released
+    )
+    encoded = f', "released": [{entries}]'
+    _released_encoded[:] = [released, encoded]
+    return encoded
 
 
 def _held_json(h: HeldRecord | None) -> str:
