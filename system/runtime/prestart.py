@@ -81,19 +81,38 @@ _REPLICATED = (
 )
 """What ``startChild`` must still say for its steps to be done here instead."""
 
+_INSTANCE_REPLICATED = (
+    "actorInst = withPossibleInitArgs(capabilities=self.capabilities,",
+    "requirements=self._childReqs)",
+    ".create(aClass)",
+    "self._sCBStats.inc('Actor.Instance Created')",
+    "self.actorInst = actorInst",
+    "self.actorInst._myRef = self",
+)
+"""What ``ActorManager._createInstance`` must still say for :func:`_create_instance` to make the
+actor instance as it would."""
+
 
 @functools.cache
 def supported() -> bool:
-    """Whether thespian's ``startChild`` reads as this module replicates it."""
+    """Whether thespian's ``startChild`` and ``_createInstance`` read as this module replicates
+    them."""
     from thespian.system import multiprocCommon
+    from thespian.system.actorManager import ActorManager
 
-    start_child = inspect.unwrap(multiprocCommon.startChild)
+    return _reads_as(multiprocCommon.startChild, _REPLICATED) and _reads_as(
+        ActorManager._createInstance, _INSTANCE_REPLICATED
+    )
+
+
+def _reads_as(function: Any, lines: tuple[str, ...]) -> bool:
+    """Whether ``function``'s source says each of ``lines`` (whitespace aside)."""
     try:
-        source = inspect.getsource(start_child)
+        source = inspect.getsource(inspect.unwrap(function))
     except (OSError, TypeError):
         return False
     flat = " ".join(source.split())
-    return all(" ".join(line.split()) in flat for line in _REPLICATED)
+    return all(" ".join(line.split()) in flat for line in lines)
 
 
 def template(args: list[Any] | tuple[Any, ...]) -> bytes:
