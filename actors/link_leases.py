@@ -10,8 +10,10 @@ never misrouted.
 
 What the links do keep per file is the one lease granted over them that is still held
 (``Grant``, followed by ``observe`` from the ``granted``, ``released``, ``revoked`` and
-``abandoned`` replies that pass, and the ``appended`` of an append that released its lease;
-one holder per path, so one entry): what a lost channel or a
+``abandoned`` replies that pass, and the ``appended`` of an append that released its lease,
+matched by lane and request id to the append sent (``sent``: its lease, its ``aid``), each
+append's release counted once however many answers it gets; one holder per path, so one
+entry): what a lost channel or a
 restarted file takes with it (``lost_holder``: the holder's lane reports it ``revoked``,
 ``actor_restart``), and why a channel whose lease is held is not closed as idle (``holds``).
 Kept by ``sessionlane.actors.links.Links``.
@@ -20,11 +22,12 @@ Kept by ``sessionlane.actors.links.Links``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sessionlane.actors.paths import lease_route, route_of_lease
 from sessionlane.messages.internal import FileReply
-from sessionlane.messages.wire import Abandoned, Appended, Granted, Released, Revoked
+from sessionlane.messages.wire import Abandoned, Append, Appended, Granted, Released, Revoked
 
 __all__ = ["Grant", "LinkLeases"]
 
@@ -38,6 +41,14 @@ class Grant:
     lane: str
     lease: str
     depth: int = 1
+    releasing: dict[tuple[str, Any], str | None] = field(default_factory=dict)
+    """(lane, request id) of the appends sent under this lease that release it: their ``aid``
+    (forgotten at their answer)."""
+    released: set[str] = field(default_factory=set)
+    """The ``aid`` of each append whose release was counted: a resend of it counts nothing."""
+
+
+_NOT_SENT = object()
 
 
 class LinkLeases:
@@ -66,10 +77,21 @@ class LinkLeases:
         if self.routes.get(lease_route(path)) == path:
             del self.routes[lease_route(path)]
 
+    def sent(self, path: str, lane: str, request: Any) -> None:
+        """``request`` of ``lane`` was sent to the file ``path``: an append that releases the
+        lease held there is remembered until its answer (which names no lease)."""
+        if type(request) is Append and request.release and request.lease is not None:
+            grant = self.grants.get(path)
+            if grant is not None and grant.lease == request.lease:
+                grant.releasing[(lane, request.id)] = request.aid
+
     def observe(self, reply: FileReply) -> None:
         """Follow the lease held on ``reply.path`` through the replies that pass."""
         path, message = reply.path, reply.message
         grant = self.grants.get(path)
+        sent: Any = _NOT_SENT
+        if grant is not None and grant.releasing and message.id is not None:
+            sent = grant.releasing.pop((reply.lane, message.id), _NOT_SENT)
         match message:
             case Granted(lease=lease):
                 if grant is not None and grant.lease == lease:
@@ -81,9 +103,14 @@ class LinkLeases:
                 grant.depth -= 1
                 if grant.depth <= 0:
                     del self.grants[path]
-            case Appended(released=True) if grant is not None and grant.lane == reply.lane:
-                # an append released its lease: only its holder writes under it, so it is
-                # the lease held here (the answer names no lease)
+            case Appended(released=True) if grant is not None and sent is not _NOT_SENT:
+                # an append sent under the lease held here released one level of it (the
+                # next holder's grant passed first: then ``sent`` is not this grant's); once
+                # per append, however many answers its resends get
+                if sent is not None:
+                    if sent in grant.released:
+                        return
+                    grant.released.add(sent)
                 grant.depth -= 1
                 if grant.depth <= 0:
                     del self.grants[path]

@@ -292,6 +292,7 @@ class Links:
     def send_call(self, link: _Link, call: LaneCall) -> None:
         lane = call.lane
         assert link.end is not None
+        self.leases.sent(link.path, lane.uid, call.request)
         link.end.queue(call_frame(lane.uid, lane.name, lane.priority, call.request))
 
     def ask(self, link: _Link, first: LaneCall | None = None) -> None:

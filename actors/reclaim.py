@@ -21,10 +21,11 @@ does, and the restarted service created it anew).
 
 Appends are de-duplicated across the restart by their ``aid``: the record keeps the last
 ``MAX_APPENDS`` results of the holder, so an append whose answer was lost is answered as it
-was, not written twice. An append that released its lease (``Append.release``) outlives its
-holder in the record (``released``, the last one only, written with the record that names the
-next holder): resent after a restart, it is answered as written and released, not as a lost
-lease.
+was, not written twice. The appends that released their lease (``Append.release``) outlive
+their holder in the record (``released``: the file's last ``MAX_RELEASED``, each with its lease,
+written with the record that names the next holder or the level left): resent, after a restart
+or not, each is answered as written and released, and releases nothing again, not even a level
+of a nested lease still held (its entry there is found before the holder's appends).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from sessionlane.messages.wire import Append, Appended, Priority, Purpose, Recla
 
 __all__ = [
     "MAX_APPENDS",
+    "MAX_RELEASED",
     "RECORD_BYTES",
     "RECORD_VERSION",
     "DoneAppend",
@@ -59,6 +61,10 @@ RECORD_BYTES = 4096
 """Every record is padded to this size: a rewrite in place never leaves a longer tail."""
 MAX_APPENDS = 16
 """Appends remembered per holder for de-duplication; a client resends at most this many."""
+MAX_RELEASED = 8
+"""Appends that released their lease remembered per file (any holder's, the last ones): a resend
+of one is answered as written until this many more have released (a client resends at once).
+Fewer are written when the record would not fit in ``RECORD_BYTES`` (the oldest go first)."""
 
 _PURPOSES: frozenset[str] = frozenset({"prompt", "write", "compaction", "recovery"})
 _PRIORITIES: frozenset[str] = frozenset({"recovery", "interactive", "background"})
@@ -81,7 +87,7 @@ class DoneAppend:
 
 @dataclass(frozen=True, slots=True)
 class ReleasedAppend:
-    """The last append that released its lease (``Append.release``), as it was answered."""
+    """An append that released (one level of) its lease (``Append.release``), as answered."""
 
     lease: str
     done: DoneAppend
@@ -111,8 +117,9 @@ class LeaseRecord:
     ino: int = 0
     size: int = 0
     appends: tuple[DoneAppend, ...] = ()
-    released: ReleasedAppend | None = None
-    """The last append that released its lease (the key is left out while there is none)."""
+    released: tuple[ReleasedAppend, ...] = ()
+    """The file's last appends that released their lease, oldest first, at most
+    ``MAX_RELEASED`` (the key is left out while there is none)."""
 
 
 FREE = LeaseRecord()
@@ -122,25 +129,22 @@ def encode_record(record: LeaseRecord) -> bytes:
     """The record as exactly ``RECORD_BYTES`` bytes (JSON, a newline, space padding).
 
     The bytes ``json.dumps`` gives for the record's object (``{"v", "held", "ino", "size",
-    "appends"}``, and ``"released"`` when there is one), put together from parts: the holder's
-    part is encoded once per holder (a write of the holder keeps the same ``HeldRecord``), an
-    append's from its four fields."""
+    "appends"}``, and ``"released"`` when there are some), put together from parts: the
+    holder's part is encoded once per holder (a write of the holder keeps the same
+    ``HeldRecord``), an append's from its four fields. Released appends that would not fit are
+    left out, the oldest first."""
     appends = ", ".join(
         f"[{_string(a.aid)}, {a.offset}, {a.lines}, {a.fence}]" for a in record.appends
     )
-    released = ""
-    if (r := record.released) is not None:
-        d = r.done
-        released = (
-            f', "released": [{_string(r.lease)}, {_string(d.aid)}, {d.offset}, {d.lines}, '
-            f"{d.fence}]"
-        )
+    released = _released_json(record.released) if record.released else ""
     text = (
         f'{{"v": {RECORD_VERSION}, "held": {_held_json(record.held)}, "ino": {record.ino}, '
         f'"size": {record.size}, "appends": [{appends}]{released}}}\n'
     )
     data = text.encode()
     if len(data) > RECORD_BYTES:
+        if record.released:
+            return encode_record(replace(record, released=record.released[1:]))
         raise ValueError(f"lease record of {len(data)} bytes exceeds {RECORD_BYTES}")
     return data.ljust(RECORD_BYTES, b" ")
 
@@ -149,6 +153,7 @@ _string: Callable[[str], str] = json.encoder.encode_basestring  # as json.dumps,
 _encode: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False).encode
 """``json.dumps(o, ensure_ascii=False)`` without building an encoder per call."""
 _held_encoded: list[Any] = [None, "null"]  # the last HeldRecord encoded, and its JSON
+_released_encoded: list[Any] = [(), ""]  # the last released appends encoded, and their JSON
 
 
 def _number(x: float | None) -> str:
@@ -156,6 +161,21 @@ def _number(x: float | None) -> str:
     if type(x) is int or (type(x) is float and math.isfinite(x)):
         return repr(x)
     return _encode(x)
+
+
+def _released_json(released: tuple[ReleasedAppend, ...]) -> str:
+    """The record's ``"released"`` key and value, after a comma (remembered for the last tuple
+    encoded: the holder's writes keep the same one)."""
+    if _released_encoded[0] is released:
+        return str(_released_encoded[1])
+    entries = ", ".join(
+        f"[{_string(r.lease)}, {_string(r.done.aid)}, {r.done.offset}, {r.done.lines}, "
+        f"{r.done.fence}]"
+        for r in released
+    )
+    encoded = f', "released": [{entries}]'
+    _released_encoded[:] = [released, encoded]
+    return encoded
 
 
 def _held_json(h: HeldRecord | None) -> str:
@@ -194,12 +214,20 @@ def parse_record(data: bytes) -> LeaseRecord:
     raw = payload.get("held")
     held = None if raw is None else _held(raw)
     released = payload.get("released")
-    last = None
-    if released is not None:
-        if not isinstance(released, list) or len(released) != 5 or not isinstance(released[0], str):
-            raise ValueError(f"not a released entry: {released!r}")
-        last = ReleasedAppend(released[0], _append(released[1:]))
+    if released is None:
+        released = []
+    elif isinstance(released, list) and released and isinstance(released[0], str):
+        released = [released]  # the first form of the key: the last released append only
+    if not isinstance(released, list):
+        raise ValueError(f"'released' is not a list: {released!r}")
+    last = tuple(_released(r) for r in released[-MAX_RELEASED:])
     return LeaseRecord(held=held, ino=ino, size=size, appends=done, released=last)
+
+
+def _released(raw: Any) -> ReleasedAppend:
+    if not isinstance(raw, list) or len(raw) != 5 or not isinstance(raw[0], str):
+        raise ValueError(f"not a released entry: {raw!r}")
+    return ReleasedAppend(raw[0], _append(raw[1:]))
 
 
 def _int(obj: dict[str, Any], key: str) -> int:
@@ -366,11 +394,26 @@ class ReclaimBook:
         self.record = LeaseRecord(current.held, ino, size, appends, current.released)
         return self.record
 
+    def unwrote(self, lease: str, aid: str) -> bool:
+        """The append ``aid`` of ``lease`` failed after its write (its sync failed): a resend
+        must write it again, not be answered from the record. Whether the record changed."""
+        current = self.record
+        if current.held is None or current.held.lease != lease:
+            return False
+        appends = tuple(a for a in current.appends if a.aid != aid)
+        if len(appends) == len(current.appends):
+            return False
+        self.record = LeaseRecord(
+            current.held, current.ino, current.size, appends, current.released
+        )
+        return True
+
     def released_by(self, lease: str, done: DoneAppend) -> None:
         """``lease`` (one level of it) was released by its append ``done``: kept in the record
-        (written with the record that follows the release) for a resend after a restart."""
+        (written with the record that follows the release) for a resend, after a restart or
+        not, among the file's last ``MAX_RELEASED``."""
         current = self.record
-        released = ReleasedAppend(lease, done)
+        released = (*current.released, ReleasedAppend(lease, done))[-MAX_RELEASED:]
         self.record = LeaseRecord(
             current.held, current.ino, current.size, current.appends, released
         )
@@ -378,11 +421,14 @@ class ReclaimBook:
     def answered_released(
         self, lease: str, aid: str | None, fence: int | None
     ) -> DoneAppend | None:
-        """The earlier answer of the append ``aid`` of ``lease`` that released it, if it did."""
-        r = self.record.released
-        if aid is None or r is None or r.lease != lease or r.done.aid != aid:
+        """The earlier answer of the append ``aid`` of ``lease`` that released it, if it did
+        (and is among the file's last ``MAX_RELEASED`` that did)."""
+        if aid is None:
             return None
-        return r.done if r.done.fence == fence else None
+        for r in self.record.released:
+            if r.lease == lease and r.done.aid == aid:
+                return r.done if r.done.fence == fence else None
+        return None
 
     def answered(self, lease: str, aid: str | None) -> DoneAppend | None:
         """The earlier answer of the append ``aid`` of ``lease``, if it was written."""

@@ -28,7 +28,7 @@ the shell checks the owner lock only before those, ``docs/grantcost.md``). A rec
 append resent after a restart, a lost member's lease kept and the holder awaited at
 activation are decided by ``sessionlane.actors.awaited`` (over this core's table and book).
 
-About 680 lines: every decision that needs the table, the write path and the book together
+About 690 lines: every decision that needs the table, the write path and the book together
 lives here (an append that releases its lease needs all three: ``resent``, ``committed``); the
 parts that need one of them only have moved out (``awaited``, the write path and its
 ``append_release``, ``session_file_effects``), and what could go next is named in
@@ -230,13 +230,17 @@ class FileCore:
         One that released its lease (``Append.release``) is answered as written and released
         even once its lease is gone (the lease record keeps it: ``ReclaimBook.released_by``);
         one written whose release was not performed yet (the service restarted between the
-        write and the release) releases now, grant first."""
+        write and the release) releases now, grant first; one whose release waits for the sync
+        of its first delivery (a copy under another call key, after a reconnect) is answered
+        after that sync, as that delivery is (``released`` only if it did)."""
         assert req.lease is not None
         book, writes = self.book, self.writes
+        waits = False
         if req.release and (done := book.answered_released(req.lease, req.aid, req.fence)):
-            release = None
+            release = False
         elif (done := awaited.resent(self.table, book, call.lane.uid, req)) is not None:
-            release = req.release and not writes.releasing.waiting(req.lease, req.aid)
+            waits = bool(req.release) and writes.releasing.waiting(req.lease, req.aid)
+            release = bool(req.release) and not waits
         else:
             return None
         writes.counters["duplicates"] += 1
@@ -252,7 +256,7 @@ class FileCore:
                 writes.releasing.release(call.lane.uid, req.lease, req.aid, first),
                 Resent(call, first),
             ]
-        return [Resent(call, first)]
+        return [Resent(call, first, after_sync=waits)]
 
     def may_grant_or_write(self, call: LaneCall) -> bool:
         """Could ``call`` grant a lease or write the transcript? Decided before it is served,
@@ -466,7 +470,7 @@ class FileCore:
         return None
 
     def read_resent(self, fx: Resent, now: float) -> None:
-        self.reply(fx.call, fx.message)
+        self.reply(fx.call, fx.message, needs_sync=fx.after_sync)
 
     def read_wrote(self, fx: Wrote, now: float) -> None:
         self.commit.wrote(fx.lane, now)
@@ -564,7 +568,12 @@ class FileCore:
         a failed sync covered are errors, forgotten by the write path (a retry writes again)."""
         self.synced(took)
         done = self.commit.commit(failure)
+        held = self.writes.releasing.held
         for key in done.failed_keys:
+            # an append and release whose sync failed released nothing: resent, it is
+            # written again (as the write path's copy of its answer, the record's is dropped)
+            if (r := held.get(key)) is not None and r.aid is not None:
+                self.record_due |= self.book.unwrote(r.lease, r.aid)
             self.writes.forget(key)
         # appends that release their lease do so now that they are durable, before their acks
         # leave: the next holder's grant goes first (``Append.release``)

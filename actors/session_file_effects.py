@@ -73,10 +73,13 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class Resent:
-    """Answer ``call`` (an append resent after a restart) with its first answer."""
+    """Answer ``call`` (an append resent after a restart) with its first answer;
+    ``after_sync``: once the pending sync that its first delivery waits for is done (a failed
+    one turns it into its error)."""
 
     call: LaneCall
     message: ReplyMessage
+    after_sync: bool = False
 
 
 @dataclass(frozen=True, slots=True)

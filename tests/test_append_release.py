@@ -20,11 +20,22 @@ from sessionlane.actors.append_release import ReleasingAppends
 from sessionlane.actors.awaited import AwaitingTable
 from sessionlane.actors.lease_table import LeasePolicy
 from sessionlane.actors.reclaim import DoneAppend, HeldRecord, LeaseRecord, ReclaimBook, digest
+from sessionlane.actors.session_file_commit import SyncFailure
 from sessionlane.actors.session_file_core import FileCore
-from sessionlane.actors.session_file_effects import Answer, Resent
-from sessionlane.actors.session_file_writes import WritePath
+from sessionlane.actors.session_file_disk import WriteOutcome
+from sessionlane.actors.session_file_effects import Answer, Deliver, Resent, WriteRecord
+from sessionlane.actors.session_file_write_effects import WriteOut
+from sessionlane.actors.session_file_writes import Commit, WritePath
 from sessionlane.messages.errors import LeaseRevoked, UnknownOutcome
-from sessionlane.messages.wire import Acquire, Append, Appended, Error, Granted, ReclaimTicket
+from sessionlane.messages.wire import (
+    Acquire,
+    Append,
+    Appended,
+    Error,
+    Granted,
+    ReclaimTicket,
+    Release,
+)
 from sessionlane.system.client import _ops as ops
 from sessionlane.system.client._core import ClientCore, ConnectionLost
 
@@ -82,7 +93,7 @@ def test_an_append_that_released_one_level_is_not_released_again_when_resent() -
     c = restarted(depth=2)
     resend(c, 2)
     assert c.table.holder is not None and len(c.table.holder.purposes) == 1
-    assert c.book.record.released is not None and c.book.record.released.done.aid == AID
+    assert c.book.record.released and c.book.record.released[-1].done.aid == AID
     resend(c, 3)  # the record says it released: the outer level stays
     assert c.table.holder is not None and len(c.table.holder.purposes) == 1
 
@@ -92,6 +103,167 @@ def test_another_lane_cannot_resend_an_append_that_released_to_release_again() -
     effects = resend(c, 2, lane="intruder")
     assert not any(isinstance(fx, Resent) for fx in effects)
     assert c.table.holder is not None and len(c.table.holder.purposes) == 2
+
+
+class Shell:
+    """The shell's loop over a ``FileCore`` (as ``tests/test_file_core_model.py``'s), every
+    write succeeding and every sync as ``sync_fails`` says; what it delivers, in order."""
+
+    def __init__(self, c: FileCore) -> None:
+        self.c = c
+        self.out: list[tuple[Any, Any]] = []
+        self.record = c.book.record
+        self.sync_fails = False
+
+    def send(self, lane: str, request: Any, rid: int, *, end: bool = True) -> list[Any]:
+        """Deliver ``request``; ``end``: the message ends the pass (its acks are synced)."""
+        c, before = self.c, len(self.out)
+        lane_call = call(lane, request, rid)
+        c.met(lane_call)
+        c.push(c.call(lane_call, NOW))
+        self.run()
+        if end:
+            if c.after_message():
+                self.run()
+                c.pass_ended(NOW)
+            self.run()
+            if (record := c.record_now()) is not None:
+                self.perform(record)
+        return [m for lane, m in self.out[before:]]
+
+    def answers(self, lane: str) -> list[Any]:
+        return [m for to, m in self.out if to == lane]
+
+    def run(self) -> None:
+        c = self.c
+        while True:
+            while (fx := c.next(NOW)) is not None:
+                self.perform(fx)
+            if not c.unsettled:
+                return
+            c.settle(NOW, 0.0)
+
+    def perform(self, fx: Any) -> None:
+        c = self.c
+        match fx:
+            case Deliver(message=reply):
+                self.out.append((reply.lane, reply.message))
+            case WriteOut(op=op, rest=rest):
+                size = c.size + 1 + len(rest)
+                c.written(op, WriteOutcome(offset=c.size), NOW, 1, size, rest)
+            case Commit():
+                failed = SyncFailure("disk_full", "fdatasync failed") if self.sync_fails else None
+                c.committed(failed)
+            case WriteRecord(record=record):
+                self.record = record
+
+
+def new_core(fence_floor: int = FENCE) -> FileCore:
+    table = AwaitingTable(PATH, LeasePolicy(), fence_floor=fence_floor)
+    writes = WritePath(
+        PATH,
+        legacy=False,
+        tail_unchecked=False,
+        durability="fsync",
+        max_record_bytes=100,
+        unsynced=lambda: False,
+    )
+    c = FileCore(PATH, table, writes, ReclaimBook(), new_secret=lambda: SECRET)
+    c.ino = 1
+    return c
+
+
+def fused(lease: Granted, aid: str) -> Append:
+    return Append(lease=lease.lease, fence=lease.fence, records=[{"n": 1}], aid=aid, release=True)
+
+
+def test_a_resend_after_the_next_holder_released_too_is_answered_as_written() -> None:
+    s = Shell(new_core())
+    [a] = s.send("a", Acquire(lane="a", path=PATH, purpose="prompt"), 1)
+    s.send("b", Acquire(lane="b", path=PATH, purpose="prompt"), 2)
+    [first] = [m for m in s.send("a", fused(a, "aid-a-000001"), 3) if isinstance(m, Appended)]
+    [b] = [m for m in s.answers("b") if isinstance(m, Granted)]
+    s.send("b", fused(b, "aid-b-000001"), 4)  # the next holder's own append and release
+    assert s.c.table.holder is None
+    # The slow client resends (its answer was lost): answered as written, nothing written.
+    size = s.c.size
+    [again] = s.send("a", fused(a, "aid-a-000001"), 5)
+    assert isinstance(again, Appended) and again.released
+    assert (again.offset, again.lines, again.fence) == (first.offset, first.lines, first.fence)
+    assert s.c.size == size and s.c.table.holder is None
+
+
+def test_each_release_of_a_nested_lease_is_remembered_across_a_restart() -> None:
+    s = Shell(new_core())
+    for rid in (1, 2, 3):  # three levels
+        [a] = s.send("a", Acquire(lane="a", path=PATH, purpose="prompt"), rid)
+    assert isinstance(a, Granted)
+    s.send("a", fused(a, "aid-a-000001"), 4)
+    s.send("a", fused(a, "aid-a-000002"), 5)
+    assert s.c.table.holder is not None and len(s.c.table.holder.purposes) == 1
+    record = s.record  # the service is killed: what the sidecar holds
+    assert record.held is not None and len(record.held.purposes) == 1
+    r = Shell(new_core(fence_floor=record.held.fence))  # the durable fence reservation
+    r.c.ino, r.c.size = record.ino, record.size
+    assert r.c.activate(record, NOW, NOW + 10_000, 0.0) is None
+    ticket = ReclaimTicket(lease=a.lease, fence=a.fence, secret=SECRET)
+    [back] = r.send("a", Acquire(lane="a", path=PATH, purpose="prompt", reclaim=ticket), 1)
+    assert isinstance(back, Granted)
+    for rid, aid in ((2, "aid-a-000001"), (3, "aid-a-000002")):
+        [again] = r.send("a", fused(a, aid), rid)  # both answers were lost
+        assert isinstance(again, Appended) and again.released
+        holder = r.c.table.holder
+        assert holder is not None and holder.lease == a.lease and len(holder.purposes) == 1, (
+            f"the resend of {aid} released a level again"
+        )
+
+
+def test_a_copy_under_another_call_key_waits_for_the_sync_its_release_waits_for() -> None:
+    s = Shell(new_core())
+    [a] = s.send("a", Acquire(lane="a", path=PATH, purpose="prompt"), 1)
+    s.send("b", Acquire(lane="b", path=PATH, purpose="prompt"), 2)
+    s.sync_fails = True
+    assert s.send("a", fused(a, "aid-a-000001"), 3, end=False) == []  # held for its sync
+    copy = s.send("a", fused(a, "aid-a-000001"), 4, end=False)  # after a reconnect
+    assert copy == [], "a copy answered before the sync its release waits for"
+    s.send("a", Release(lease="no-such-lease"), 5)  # the pass ends; its sync fails
+    answers = [m for m in s.answers("a") if m.id in (3, 4)]
+    assert sorted(m.id for m in answers) == [3, 4]
+    assert all(isinstance(m, Error) and m.code == "disk_full" for m in answers), answers
+    holder = s.c.table.holder
+    assert holder is not None and holder.lease == a.lease, "the lease is held: nothing released"
+    assert not any(isinstance(m, Granted) for m in s.answers("b"))
+
+
+def test_an_append_and_release_whose_sync_failed_is_written_again_when_resent() -> None:
+    s = Shell(new_core())
+    [a] = s.send("a", Acquire(lane="a", path=PATH, purpose="prompt"), 1)
+    s.send("b", Acquire(lane="b", path=PATH, purpose="prompt"), 2)
+    s.sync_fails = True
+    [failed] = s.send("a", fused(a, "aid-a-000001"), 3)
+    assert isinstance(failed, Error) and failed.code == "disk_full"
+    assert not any(d.aid == "aid-a-000001" for d in s.record.appends), "kept as written"
+    s.sync_fails = False
+    size = s.c.size
+    answers = s.send("a", fused(a, "aid-a-000001"), 4)  # the client retries it
+    assert s.c.size > size, "not written again: answered from the record, never synced"
+    assert [type(m) for m in answers] == [Granted, Appended] and answers[1].released
+
+
+def test_a_copy_under_another_call_key_is_answered_released_after_the_grant() -> None:
+    s = Shell(new_core())
+    [a] = s.send("a", Acquire(lane="a", path=PATH, purpose="prompt"), 1)
+    s.send("b", Acquire(lane="b", path=PATH, purpose="prompt"), 2)
+    s.send("a", fused(a, "aid-a-000001"), 3, end=False)
+    s.send("a", fused(a, "aid-a-000001"), 4)  # a copy after a reconnect; the sync succeeds
+    order = [(to, type(m).__name__) for to, m in s.out if m.id in (2, 3, 4)]
+    assert order == [("b", "Queued"), ("b", "Granted"), ("a", "Appended"), ("a", "Appended")]
+    acks = [m for to, m in s.out if to == "a" and m.id in (3, 4)]
+    assert [m.id for m in acks] == [3, 4] and all(
+        isinstance(m, Appended) and m.released for m in acks
+    )
+    assert s.c.table.holder is not None and s.c.table.holder.lane == "b"
+    assert s.c.table.counters["releases"] == 1, "released once for the two answers"
 
 
 # The client's side of a resend ----------------------------------------------------------------

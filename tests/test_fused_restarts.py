@@ -108,3 +108,52 @@ def test_an_append_that_releases_on_a_reclaimed_lease_releases_it_after_the_cras
     finally:
         sl.close()
     assert lines(path) == [{"n": 1}, {"n": 2}]
+
+
+def test_each_release_of_a_nested_lease_before_a_crash_is_answered_once_after_it(
+    restarts: Restarts,
+) -> None:
+    """A lease three levels deep, two appends that release a level each, a kill -9: resent
+    after the reclaim, both are answered as written and neither releases a level again."""
+    path = str(restarts.root / "nested.jsonl")
+    first = restarts.start()
+    raw = RawConn(first.address)
+    raw.hello()
+    for _ in range(3):
+        granted = acquire(raw, path, "agent")
+        assert granted["type"] == "granted", granted
+    appends = [
+        {
+            "type": "append",
+            "lease": granted["lease"],
+            "fence": granted["fence"],
+            "records": [{"n": n}],
+            "aid": f"aid-0000000{n}",
+            "release": True,
+        }
+        for n in (1, 2)
+    ]
+    written = [raw.request(append) for append in appends]
+    assert all(w["type"] == "appended" and w["released"] is True for w in written), written
+    raw.close()
+    crash(first)  # both answers could have been lost with it: the client resends them
+    second = restarts.start()
+    again = RawConn(second.address)
+    try:
+        again.hello()
+        ticket = {"lease": granted["lease"], "fence": granted["fence"], "secret": granted["secret"]}
+        reclaim = acquire(again, path, "agent", reclaim=ticket)
+        assert reclaim["type"] == "granted", reclaim  # one level is still held
+        for append, answer in zip(appends, written, strict=True):
+            resent = again.request(append)
+            assert resent["type"] == "appended" and resent["released"] is True, resent
+            assert resent["offset"] == answer["offset"], (resent, answer)
+        # The last level is still held: a third append and release is written and frees it.
+        third = again.request({**appends[0], "aid": "aid-00000003", "records": [{"n": 3}]})
+        assert third["type"] == "appended" and third["released"] is True, third
+        with connect(second.address) as sl:
+            state = status_of(sl, path)
+            assert state is not None and state.holder is None
+    finally:
+        again.close()
+    assert lines(path) == [{"n": 1}, {"n": 2}, {"n": 3}]

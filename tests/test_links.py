@@ -41,6 +41,7 @@ from sessionlane.messages.wire import (
     Abandon,
     Abandoned,
     Acquire,
+    Append,
     Appended,
     Direct,
     DirectOffer,
@@ -197,6 +198,13 @@ def open_channel(
     file.send(welcome_frame(transcript, incarnation))
     wait_readable(links)
     pump(links)
+
+
+def delivered(links: Links, host: FakeHost, count: int) -> None:
+    """Pump the channels until ``count`` replies were delivered to the lanes."""
+    while len(host.delivered) < count:
+        wait_readable(links)
+        pump(links)
 
 
 def wait_readable(links: Links) -> None:
@@ -480,20 +488,67 @@ def test_an_append_that_released_its_lease_counts_as_its_release_for_its_lane_on
     def reply(message: Any, lane: str) -> None:
         links.leases.observe(FileReply(path=transcript, message=message, lane=lane))
 
+    def sent(rid: int, lease: str, lane: str, *, release: bool = True) -> None:
+        append = Append(id=rid, lease=lease, fence=1, records=[{}], release=release)
+        links.leases.sent(transcript, lane, append)
+
     granted = Granted(id=1, lease=lease, fence=1, path=transcript, purpose="prompt")
     reply(granted, "a#1")
     reply(granted.model_copy(update={"id": 2}), "a#1")  # reentrant: two levels
+    sent(3, lease, "a#1")
     reply(Appended(id=3, offset=0, lines=1, fence=1, released=True), "a#1")
     assert links.leases.grants[transcript].depth == 1, "one level released"
+    sent(4, lease, "a#1", release=False)
     reply(Appended(id=4, offset=9, lines=1, fence=1), "a#1")  # a plain append releases nothing
     assert links.leases.grants[transcript].depth == 1
     # The file grants the next waiter before it answers the append that released: the new
-    # holder's grant is not the releasing lane's, and stays.
+    # holder's grant is not the lease the append was sent under, and stays.
+    sent(6, lease, "a#1")
     reply(Granted(id=5, lease=nxt, fence=2, path=transcript, purpose="prompt"), "b#1")
     reply(Appended(id=6, offset=18, lines=1, fence=1, released=True), "a#1")
     assert links.leases.grants[transcript].lease == nxt
+    sent(7, nxt, "b#1")
     reply(Appended(id=7, offset=27, lines=1, fence=2, released=True), "b#1")
     assert transcript not in links.leases.grants
+
+
+def test_one_appends_release_is_counted_once_however_many_answers_it_gets(
+    tmp_path: Path, transcript: str, fake_file: FakeFile
+) -> None:
+    links, host = make(tmp_path)
+    links.call(acquire(transcript, 1))
+    open_channel(links, host, fake_file, transcript)
+    links.call(acquire(transcript, 2))
+    links.flush()
+    fake_file.read(2)
+    lease = f"{lease_route(transcript)}-1"
+    for rid in (1, 2):  # a lease two levels deep
+        granted = Granted(id=rid, lease=lease, fence=1, path=transcript, purpose="prompt")
+        fake_file.send(reply_frame("a#1", granted))
+    delivered(links, host, 2)
+
+    def append(rid: int) -> None:
+        request = Append(
+            id=rid, lease=lease, fence=1, records=[{}], aid="aid-00000001", release=True
+        )
+        links.call(LaneCall(lane=lane(), path=transcript, canonical=False, request=request))
+        links.flush()
+        fake_file.read(1)
+
+    def answer(rid: int) -> None:
+        released = Appended(id=rid, offset=0, lines=1, fence=1, released=True)
+        fake_file.send(reply_frame("a#1", released))
+        delivered(links, host, len(host.delivered) + 1)
+
+    append(3)
+    answer(3)
+    assert links.leases.grants[transcript].depth == 1, "one level released"
+    answer(3)  # the same answer once more
+    append(4)  # the append resent (its answer was lost), answered again as written
+    answer(4)
+    grant = links.leases.grants.get(transcript)
+    assert grant is not None and grant.depth == 1, "the outer level is still held"
+    assert grant.releasing == {}, "nothing kept once answered"
 
 
 # Carried channels: the same frames in thespian messages ----------------------------------

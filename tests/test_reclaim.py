@@ -25,6 +25,7 @@ from sessionlane.actors.lease_table import (
 from sessionlane.actors.reclaim import (
     FREE,
     MAX_APPENDS,
+    MAX_RELEASED,
     RECORD_BYTES,
     DoneAppend,
     HeldRecord,
@@ -51,6 +52,9 @@ HELD = HeldRecord(
 # The record ---------------------------------------------------------------------------------
 
 names = st.text(min_size=1, max_size=40)
+_ID_CHARS = 'abcXYZ019-_"\\é'
+"""Characters of the released appends' ids: letters, digits, JSON's escaped ones, a two-byte one
+(their length in the record is bounded; the other ids may take 6 bytes a character)."""
 held_records = st.builds(
     HeldRecord,
     lease=names,
@@ -78,18 +82,20 @@ records = st.builds(
         ),
         max_size=MAX_APPENDS,
     ).map(tuple),
-    released=st.none()
-    | st.builds(
-        ReleasedAppend,
-        st.text(min_size=1, max_size=16),
+    released=st.lists(  # ids of few bytes: all of them fit beside the worst of the rest
         st.builds(
-            DoneAppend,
-            st.text(min_size=8, max_size=16),
-            st.integers(0, 2**40),
-            st.integers(1, 99),
-            st.integers(1, 2**40),
+            ReleasedAppend,
+            st.text(_ID_CHARS, min_size=1, max_size=16),
+            st.builds(
+                DoneAppend,
+                st.text(_ID_CHARS, min_size=8, max_size=16),
+                st.integers(0, 2**40),
+                st.integers(1, 99),
+                st.integers(1, 2**40),
+            ),
         ),
-    ),
+        max_size=MAX_RELEASED,
+    ).map(tuple),
 )
 
 
@@ -120,9 +126,11 @@ def dumped(record: LeaseRecord) -> bytes:
         "size": record.size,
         "appends": [[a.aid, a.offset, a.lines, a.fence] for a in record.appends],
     }
-    if (r := record.released) is not None:
-        d = r.done
-        payload["released"] = [r.lease, d.aid, d.offset, d.lines, d.fence]
+    if record.released:
+        payload["released"] = [
+            [r.lease, r.done.aid, r.done.offset, r.done.lines, r.done.fence]
+            for r in record.released
+        ]
     return (json.dumps(payload, ensure_ascii=False) + "\n").encode().ljust(RECORD_BYTES, b" ")
 
 
@@ -156,6 +164,45 @@ def test_an_empty_sidecar_is_a_free_file() -> None:
 def test_a_damaged_record_is_refused_with_a_reason(data: bytes) -> None:
     with pytest.raises(ValueError):
         parse_record(data)
+
+
+def test_a_record_of_the_first_form_keeps_its_one_released_append() -> None:
+    # Written before the record kept several: "released" was the last one alone.
+    data = b'{"v": 1, "held": null, "ino": 1, "size": 9, "appends": [], '
+    data += b'"released": ["ab-7", "aid-00000001", 0, 1, 7]}'
+    record = parse_record(data)
+    assert record.released == (ReleasedAppend("ab-7", DoneAppend("aid-00000001", 0, 1, 7)),)
+    assert parse_record(b'{"v": 1, "held": null, "ino": 1, "size": 9, "appends": []}') == (
+        LeaseRecord(None, 1, 9)
+    )
+    with pytest.raises(ValueError, match="released"):
+        parse_record(b'{"v": 1, "held": null, "ino": 1, "size": 9, "appends": [], "released": 3}')
+
+
+def test_the_book_keeps_the_files_last_released_appends_with_their_leases() -> None:
+    book = ReclaimBook()
+    for n in range(MAX_RELEASED + 1):
+        book.released_by(f"L-{n}", DoneAppend(f"aid-{n:04}", n, 1, n))
+    assert len(book.record.released) == MAX_RELEASED
+    assert book.answered_released("L-0", "aid-0000", 0) is None  # the oldest went
+    assert book.answered_released("L-1", "aid-0001", 1) == DoneAppend("aid-0001", 1, 1, 1)
+    assert book.answered_released("L-2", "aid-0001", 1) is None  # another lease's
+    assert book.answered_released("L-1", "aid-0001", 2) is None  # another fence
+
+
+def test_released_appends_that_do_not_fit_are_left_out_the_oldest_first() -> None:
+    # a long lane name and ids of three-byte characters leave no room for all of them
+    appends = tuple(DoneAppend(f"{'a' * 60}{n:04}", 2**40, 99, 2**40) for n in range(16))
+    released = tuple(
+        ReleasedAppend(f"{'r' * 16}-{2**40}", DoneAppend(f"{'€' * 60}{n:04}", 2**40, 99, 2**40))
+        for n in range(MAX_RELEASED)
+    )
+    assert parse_record(encode_record(LeaseRecord(HELD, 1, 1, appends, released[:4]))).released
+    record = LeaseRecord(replace(HELD, lane="ł" * 256), 2**40, 2**40, appends, released)
+    kept = parse_record(encode_record(record))
+    assert kept.appends == appends
+    assert 0 < len(kept.released) < MAX_RELEASED
+    assert kept.released == released[-len(kept.released) :]
 
 
 # The book ----------------------------------------------------------------------------------
