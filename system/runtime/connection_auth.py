@@ -237,7 +237,9 @@ def apply(tcp: Any, secret: bytes) -> None:
             if error.errno not in _OUT_OF_FDS or getattr(intent, "socket", None) is not None:
                 raise
             _make_room(self, 0)
-            _report(f"out of file descriptors: a send to {intent.targetAddr} will be retried")
+            _report_out_of_descriptors(
+                f"out of file descriptors: a send to {intent.targetAddr} will be retried"
+            )
             intent.backoffPause(True)
             intent.stage = self._XMITStepRetry
             return self._nextTransmitStep(intent)
@@ -302,7 +304,9 @@ def reserve_descriptor() -> None:
 def _out_of_descriptors(transport: Any, tcp: Any) -> None:
     """``accept`` failed for want of descriptors: free one, never die."""
     if _make_room(transport, 0):
-        _report("out of file descriptors: closed the connections waiting for their hello")
+        _report_out_of_descriptors(
+            "out of file descriptors: closed the connections waiting for their hello"
+        )
         return
     spare = _spare_fd.pop(os.getpid(), None)
     if spare is not None:
@@ -316,7 +320,7 @@ def _out_of_descriptors(transport: Any, tcp: Any) -> None:
             with contextlib.suppress(OSError):
                 reserve_descriptor()
     transport.close_oldest_idle_sockets(3)
-    _report("out of file descriptors: refused a connection")
+    _report_out_of_descriptors("out of file descriptors: refused a connection")
 
 
 def _peer(sock: Any) -> str:
@@ -329,6 +333,22 @@ def _peer(sock: Any) -> str:
 
 _reported: dict[tuple[int, str], float] = {}
 _suppressed: dict[tuple[int, str], int] = {}
+
+
+def _report_out_of_descriptors(message: str) -> None:
+    """:func:`_report` with the spare descriptor given up while it writes: thespian's log opens
+    its file for every line, and a line it could not write would still count as this minute's
+    report (the next ones suppressed)."""
+    spare = _spare_fd.pop(os.getpid(), None)
+    if spare is None:
+        _report(message)
+        return
+    os.close(spare)
+    try:
+        _report(message)
+    finally:
+        with contextlib.suppress(OSError):
+            reserve_descriptor()
 
 
 def _report(message: str) -> None:
