@@ -175,6 +175,32 @@ def test_stop_leaves_no_process_of_the_system_and_can_be_repeated(tmp_path: Path
 
 
 @pytest.mark.tcp
+def test_a_picked_admin_port_taken_before_the_admin_binds_it_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A free port is only free when it is looked at: another process may listen on it before
+    the admin binds it (seen in CI as thespian's ``InvalidActorAddress``). The race is forced:
+    the first port picked is one a socket of this test listens on, and the look that would
+    have seen it is skipped."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = iter([taken.getsockname()[1]])
+        real_pick = launch.free_port
+        monkeypatch.setattr(launch, "free_port", lambda host: next(picks, None) or real_pick(host))
+        seen = launch._listener_inode
+        busy = taken.getsockname()[1]
+        monkeypatch.setattr(launch, "_listener_inode", lambda p: None if p == busy else seen(p))
+        system = launch.start_tcp_system(log_file=tmp_path / "sl.log")
+        try:
+            assert system.admin_port != taken.getsockname()[1]
+            system.asys.ask(system.asys.createActor(PingActor), "up?", ASK_TIMEOUT)
+        finally:
+            system.stop()
+    assert system.members() == []
+
+
+@pytest.mark.tcp
 def test_stop_after_the_admin_was_killed_still_leaves_nothing(tcp: TcpSystem) -> None:
     actor = tcp.asys.createActor(PingActor)
     actor_pid = tcp.asys.ask(actor, "up?", ASK_TIMEOUT)[2]

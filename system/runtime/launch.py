@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thespian.actors import Actor, ActorSystem
+from thespian.actors import Actor, ActorSystem, InvalidActorAddress
 
 from sessionlane.actors import procfs
 from sessionlane.actors._shell import protect_environ
@@ -69,6 +69,10 @@ LOGGER_PACKAGES = ("sessionlane",)
 
 _STOP_WAIT_S = 5.0  # bound on waiting for killed members to disappear
 _GRACE_S = 1.0  # after a clean shutdown, how long members may take to exit on their own
+
+
+_PICKS = 3
+"""How many free ports are tried for an admin whose port was not given."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -253,28 +257,39 @@ def start_tcp_system(
     limits.raise_open_file_limit()  # inherited by the admin and every actor forked from it
     protect_environ()  # before thespian titles the processes it forks
     log_path = _prepare_logs(log_file)
-    port = free_port(bind_host) if admin_port is None else admin_port
-    if _listener_inode(port) is not None:
-        raise RuntimeError(f"port {port} is already in use: refusing to attach to it")
-    # Every actor is a fork of the admin, itself a fork of this process. Freezing what is
-    # loaded by now keeps the cyclic GC from writing to those objects in each child, so their
-    # pages stay shared instead of being copied into every actor process.
-    gc.freeze()
-    lifeline = Lifeline.spawn(log_path)
-    try:
-        with _no_inherited_log_handlers():
-            asys = ActorSystem(
-                "multiprocTCPBase",
-                {"Admin Port": port, **caps},
-                logDefs=log_config(log_path, log_level),
-                transientUnique=True,
-            )
-    except BaseException:
-        # The admin may have been forked before the failure: nobody else would ever stop it.
-        _kill_admin_group(port)
-        lifeline.close()
-        raise
-    return _adopt(asys, port, lifeline, log_path)
+    # A port we picked may be taken by another process before the admin binds it (a free port
+    # is only free when it is looked at): then another one is picked. A port we were given is
+    # tried once.
+    for attempt in range(_PICKS if admin_port is None else 1):
+        port = free_port(bind_host) if admin_port is None else admin_port
+        if _listener_inode(port) is not None:
+            if admin_port is None:
+                continue
+            raise RuntimeError(f"port {port} is already in use: refusing to attach to it")
+        # Every actor is a fork of the admin, itself a fork of this process. Freezing what is
+        # loaded by now keeps the cyclic GC from writing to those objects in each child, so
+        # their pages stay shared instead of being copied into every actor process.
+        gc.freeze()
+        lifeline = Lifeline.spawn(log_path)
+        try:
+            with _no_inherited_log_handlers():
+                asys = ActorSystem(
+                    "multiprocTCPBase",
+                    {"Admin Port": port, **caps},
+                    logDefs=log_config(log_path, log_level),
+                    transientUnique=True,
+                )
+        except BaseException as exc:
+            # The admin may have been forked before the failure: nobody else would stop it.
+            _kill_admin_group(port)
+            lifeline.close()
+            retry = admin_port is None and attempt + 1 < _PICKS
+            if retry and isinstance(exc, InvalidActorAddress):
+                log.warning("admin port %d was taken before the admin bound it", port)
+                continue
+            raise
+        return _adopt(asys, port, lifeline, log_path)
+    raise RuntimeError(f"no free port for the actor system's admin in {_PICKS} tries")
 
 
 def _prepare_logs(log_file: str | Path) -> Path | None:
