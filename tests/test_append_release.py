@@ -46,17 +46,8 @@ SECRET = "s3cret-s3cret-s3cret"
 def restarted(depth: int) -> Any:
     """A core activated from a record whose holder (lane ``a``, ``depth`` levels) wrote the
     append ``AID`` before the restart, and took its lease back."""
-    table = AwaitingTable(PATH, LeasePolicy(), fence_floor=FENCE)
-    writes = WritePath(
-        PATH,
-        legacy=False,
-        tail_unchecked=False,
-        durability="fsync",
-        max_record_bytes=100,
-        unsynced=lambda: False,
-    )
-    c = FileCore(PATH, table, writes, ReclaimBook(), new_secret=lambda: SECRET)
-    c.ino, c.size = 1, 10
+    c = new_core()
+    c.size = 10
     held = HeldRecord(LEASE, FENCE, "a", ("prompt",) * depth, "interactive", digest(SECRET), None)
     record = LeaseRecord(held, 1, 10, (DoneAppend(AID, 0, 1, FENCE),))
     assert c.activate(record, NOW, NOW + 10_000, 0.0) is None
