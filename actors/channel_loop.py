@@ -151,7 +151,10 @@ class ChannelLoop:
     """One actor's waits for its channel descriptors in its own turn (see the module docstring).
 
     ``rounds`` counts the waits that found channel input and were served in the turn (each one a
-    thespian pass saved); ``returns`` the turns given back to thespian, by reason.
+    thespian pass saved); ``returns`` the turns given back to thespian, by reason: ``thespian``
+    (one of its descriptors readable, or one ``poll`` called bad), ``received``, ``sending``,
+    ``receiving``, ``signalled`` (its queues and flags: ``busy``), ``timer`` (a wakeup due),
+    ``held`` (the turn's ``hold_ms`` spent), ``error`` (``poll`` failed).
     """
 
     def __init__(self, manager: Any, transport: Any, hold_ms: float) -> None:
@@ -182,6 +185,11 @@ class ChannelLoop:
         if why is not None and transport is not None:
             log.info("serving channels through thespian's loop only: %s", why)
         return None
+
+    def counters(self) -> dict[str, int]:
+        """``loop_rounds``, and ``loop_returned_<why>`` for each reason a turn went back."""
+        returned = {f"loop_returned_{why}": n for why, n in sorted(self.returns.items())}
+        return {"loop_rounds": self.rounds, **returned}
 
     def until(self) -> float:
         """The end of this turn's hold (``time.monotonic`` seconds)."""

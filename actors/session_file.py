@@ -48,9 +48,15 @@ Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires
 the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
 channels until a message from the Registry says it is not retired after all.
 
-About 690 lines: the worklist loop, the effects it performs and the actor's messages; the
-serving state (``session_file_serving``), the channels (``session_file_channels``) and the disk
-(``session_file_disk``) are modules of their own.
+Channels in the turn (``sessionlane.actors.channel_loop``): after a turn that ends watching
+channel sockets, the actor waits for them itself while thespian has nothing to do, and handles
+what they bring as the ``WatchMessage`` thespian would have delivered (``hold``); the wait is
+the transport's own, moved into the turn: thespian's descriptors are in it, and its queued
+work or a due timer ends it.
+
+About 730 lines: the worklist loop, the effects it performs and the actor's messages; the
+serving state (``session_file_serving``), the channels (``session_file_channels``), the disk
+(``session_file_disk``) and the channel loop (``channel_loop``) are modules of their own.
 """
 
 from __future__ import annotations
@@ -215,7 +221,11 @@ class SessionFile(ShellActor):
             ready = loop.wait(watch.filenos, s.ready_fd, until)
             if ready is None:
                 return watch
-            next_watch = self.turn(WatchMessage(ready), None)
+            try:
+                next_watch = self.turn(WatchMessage(ready), None)
+            except Exception:  # not out of this turn: thespian would deliver its message again
+                log.exception("serving the channels of %s in its turn failed", self.path)
+                return watch
             if next_watch is None:
                 return None
             watch = next_watch
@@ -720,7 +730,7 @@ class SessionFile(ShellActor):
             "incarnation": self.incarnation,
             "restarted": int(self.restarted),
             "deliveries": self.deliveries,
-            "loop_rounds": self.loop.rounds if self.loop is not None else 0,
+            **(self.loop.counters() if self.loop is not None else {"loop_rounds": 0}),
             **self.metrics.counters(),
         }
         return s.status(self.now(), s.core.name, extra)

@@ -1,0 +1,168 @@
+"""The channel loop (``docs/channel-loop.md``): a file's process serves its channel sockets in its
+own turn while thespian has nothing to do, and gives the turn back the moment it may.
+
+Real services, real sockets, the Python client on direct channels. The file's status counters
+say which way each frame went: ``deliveries`` (messages thespian's loop delivered to the actor),
+``loop_rounds`` (channel input served in the actor's own turn) and ``loop_returned_<why>`` (turns
+given back to thespian, by reason). The services that check promptness hold a turn as long as
+the setting allows (1 s), so a message or a timer the loop failed to notice would wait for the
+hold to run out, and its reason would be ``held``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_gateway import records_of
+
+from sessionlane.actors import channel_loop
+from sessionlane.actors.channel_loop import ChannelLoop
+from sessionlane.actors.session_file import SessionFile
+from sessionlane.messages.errors import LeaseRevoked, UnknownOutcome
+from sessionlane.system.client import connect
+from sessionlane.system.runtime.service import Service, embedded_service
+
+pytestmark = [pytest.mark.tcp, pytest.mark.timeout(120)]
+
+LONGEST_HOLD_MS = 1_000
+"""The most ``channel_loop_ms`` allows: a missed wake-up would show as a second's wait."""
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("loop") / "sessions"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def held(roots: Path) -> Iterator[Service]:
+    """A service whose files hold a turn as long as they may, and revoke a lease after 400 ms."""
+    with embedded_service(
+        [str(roots)],
+        log_file=roots.parent / "held.log",
+        channel_loop_ms=LONGEST_HOLD_MS,
+        max_hold_ms=400,
+    ) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def off(roots: Path) -> Iterator[Service]:
+    with embedded_service(
+        [str(roots)], log_file=roots.parent / "off.log", channel_loop_ms=0
+    ) as svc:
+        yield svc
+
+
+@pytest.fixture
+def transcript(roots: Path, request: pytest.FixtureRequest) -> Path:
+    return roots / f"{request.node.name}.jsonl"
+
+
+def counters(sl: Any, path: Path) -> dict[str, int]:
+    (found,) = sl.status(str(path)).files
+    return dict(found.counters)
+
+
+def grew(after: dict[str, int], before: dict[str, int], key: str) -> int:
+    return after.get(key, 0) - before.get(key, 0)
+
+
+CYCLES = 40
+
+
+def cycles(sl: Any, path: Path, first: int = 0) -> None:
+    lane = sl.lane("agent")
+    for n in range(first, first + CYCLES):
+        with lane.lease(path, purpose="write") as lease:
+            assert lease is not None
+            lease.append({"n": n})
+
+
+def test_the_thespian_internals_it_reads_are_those_of_the_pinned_version() -> None:
+    assert channel_loop.unsupported() is None
+
+
+def test_an_actor_outside_a_tcp_actor_system_or_with_the_loop_off_gets_no_loop() -> None:
+    actor = SessionFile({"Thespian Watch Supported": True})  # driven by hand, as tests do
+    assert ChannelLoop.attach(actor, 50) is None
+    assert ChannelLoop.attach(actor, 0) is None
+
+
+def test_a_direct_clients_cycles_take_thespian_passes_only_with_the_loop_off(
+    held: Service, off: Service, transcript: Path
+) -> None:
+    with connect(held.address) as sl:
+        cycles(sl, transcript)  # the channel opened, the file warm
+        before = counters(sl, transcript)
+        cycles(sl, transcript, CYCLES)
+        after = counters(sl, transcript)
+    # Three frames a cycle (acquire, append, release), served in the file's turn: thespian
+    # delivers the status queries and little else.
+    assert grew(after, before, "loop_rounds") >= 2 * CYCLES
+    assert grew(after, before, "deliveries") <= CYCLES // 4
+    assert grew(after, before, "loop_returned_held") == 0
+
+    other = transcript.with_name(f"off-{transcript.name}")
+    with connect(off.address) as sl:
+        cycles(sl, other)
+        before = counters(sl, other)
+        cycles(sl, other, CYCLES)
+        after = counters(sl, other)
+    assert grew(after, before, "deliveries") >= 2 * CYCLES, "a pass for every frame"
+    assert after["loop_rounds"] == 0
+    assert (
+        records_of(transcript) == records_of(other) == [f'{{"n":{n}}}' for n in range(2 * CYCLES)]
+    )
+
+
+def test_a_message_for_a_file_holding_its_turn_is_answered_at_once(
+    held: Service, transcript: Path
+) -> None:
+    with connect(held.address) as sl:
+        lane = sl.lane("agent")
+        lease = lane.acquire(transcript, purpose="write")
+        assert lease is not None
+        before = counters(sl, transcript)
+        for n in range(5):
+            # The append is answered in a turn that then waits for the channel again, up to a
+            # second; the status query (gateway, Registry, then a thespian message to the file)
+            # ends that wait: it is answered before the next frame is sent.
+            lease.append({"n": n})
+            started = time.monotonic()
+            counters(sl, transcript)
+            assert time.monotonic() - started < LONGEST_HOLD_MS / 2000.0
+        after = counters(sl, transcript)
+        lease.release()
+    assert grew(after, before, "loop_returned_thespian") >= 5
+    assert grew(after, before, "loop_returned_held") == 0
+    assert records_of(transcript) == [f'{{"n":{n}}}' for n in range(5)]
+
+
+def test_a_leases_expiry_fires_on_time_while_its_holder_keeps_the_file_busy(
+    held: Service, transcript: Path
+) -> None:
+    with connect(held.address) as sl:
+        lease = sl.lane("agent").acquire(transcript, purpose="write")
+        assert lease is not None
+        before = counters(sl, transcript)
+        written = 0
+        with pytest.raises((LeaseRevoked, UnknownOutcome)):
+            for n in range(100_000):  # bounded; max_hold_ms (400) ends it long before
+                lease.append({"n": n})
+                written += 1
+        assert lease.revoked == "max_hold"
+        after = counters(sl, transcript)
+    assert written > 0
+    assert grew(after, before, "revoked_max_hold") == 1
+    # The wakeup was due while the file served the appends in its turn: the turn went back for
+    # it, not when the hold ran out.
+    assert grew(after, before, "loop_returned_timer") >= 1
+    assert grew(after, before, "loop_returned_held") == 0
+    assert grew(after, before, "loop_rounds") >= written // 2
+    assert len(records_of(transcript)) == written
