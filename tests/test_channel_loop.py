@@ -41,10 +41,19 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def held(roots: Path) -> Iterator[Service]:
-    """A service whose files hold a turn as long as they may, and revoke a lease after 400 ms."""
+    """A service whose files hold a turn as long as they may."""
+    with embedded_service(
+        [str(roots)], log_file=roots.parent / "held.log", channel_loop_ms=LONGEST_HOLD_MS
+    ) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def expiring(roots: Path) -> Iterator[Service]:
+    """The same, revoking a lease held 400 ms."""
     with embedded_service(
         [str(roots)],
-        log_file=roots.parent / "held.log",
+        log_file=roots.parent / "expiring.log",
         channel_loop_ms=LONGEST_HOLD_MS,
         max_hold_ms=400,
     ) as svc:
@@ -147,9 +156,9 @@ def test_a_message_for_a_file_holding_its_turn_is_answered_at_once(
 
 
 def test_a_leases_expiry_fires_on_time_while_its_holder_keeps_the_file_busy(
-    held: Service, transcript: Path
+    expiring: Service, transcript: Path
 ) -> None:
-    with connect(held.address) as sl:
+    with connect(expiring.address) as sl:
         lease = sl.lane("agent").acquire(transcript, purpose="write")
         assert lease is not None
         before = counters(sl, transcript)
