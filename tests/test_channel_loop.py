@@ -11,13 +11,17 @@ hold to run out, and its reason would be ``held``.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from test_gateway import records_of
+from thespian.system.timing import ExpirationTimer
 
 from sessionlane.actors import channel_loop
 from sessionlane.actors.channel_loop import ChannelLoop
@@ -101,6 +105,95 @@ def test_an_actor_outside_a_tcp_actor_system_or_with_the_loop_off_gets_no_loop()
     actor = SessionFile({"Thespian Watch Supported": True})  # driven by hand, as tests do
     assert ChannelLoop.attach(actor, 50) is None
     assert ChannelLoop.attach(actor, 0) is None
+
+
+# One wait, against a transport's state -----------------------------------------------------
+
+
+class _Transport:
+    """The attributes of thespian 4.0.1's ``TCPTransport`` that ``ChannelLoop`` reads, with
+    real sockets: its listener's stand-in and one open socket."""
+
+    def __init__(self, listener: socket.socket, open_socket: socket.socket) -> None:
+        self.socket = listener
+        self._openSockets = {"peer": SimpleNamespace(socket=open_socket)}
+        self._incomingSockets: dict[int, Any] = {}
+        self._transmitIntents: dict[int, Any] = {}
+        self._waitingTransmits: list[Any] = []
+        self._finished_intents: list[Any] = []
+        self._incomingEnvelopes: list[Any] = []
+        self._aTB_queuedPendingTransmits: list[Any] = []
+        self._shutdownSignalled = self._checkChildren = False
+        self.run_time = ExpirationTimer(None)
+
+
+@pytest.fixture
+def wired() -> Iterator[tuple[ChannelLoop, _Transport, list[socket.socket]]]:
+    """A loop over a stand-in transport (listener, open socket) and one channel (socketpair):
+    ``ends`` are the far ends: [listener's, open socket's, channel's], then the channel."""
+    pairs = [socket.socketpair() for _ in range(3)]
+    transport = _Transport(pairs[0][0], pairs[1][0])
+    loop = ChannelLoop(SimpleNamespace(_receiveQueue=[]), transport, hold_ms=60_000)
+    try:
+        yield loop, transport, [pairs[0][1], pairs[1][1], pairs[2][1], pairs[2][0]]
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_a_readable_channel_is_served_and_thespians_own_socket_ends_the_wait(
+    wired: tuple[ChannelLoop, _Transport, list[socket.socket]],
+) -> None:
+    loop, _, (listener, peer, channel_peer, channel) = wired
+    channel_peer.send(b"x")
+    assert loop.wait([channel.fileno()], None, loop.until()) == [channel.fileno()]
+    listener.send(b"c")  # a connection to thespian's listener, the channel still readable
+    assert loop.wait([channel.fileno()], None, loop.until()) is None
+    loop.transport.socket.recv(1)
+    peer.send(b"a message for the actor")  # on a socket thespian keeps open
+    assert loop.wait([channel.fileno()], None, loop.until()) is None
+    assert loop.counters() == {"loop_rounds": 1, "loop_returned_thespian": 2}
+
+
+def test_queued_work_or_a_due_timer_ends_the_turn_without_waiting(
+    wired: tuple[ChannelLoop, _Transport, list[socket.socket]],
+) -> None:
+    loop, transport, (*_, channel) = wired
+    fds = [channel.fileno()]  # nothing readable: a wait would last the minute's hold
+    transport._transmitIntents[99] = object()  # the actor sent a message in its turn
+    assert loop.wait(fds, None, loop.until()) is None
+    transport._transmitIntents.clear()
+    manager_queue = loop.manager._receiveQueue
+    manager_queue.append(object())
+    assert loop.wait(fds, None, loop.until()) is None
+    manager_queue.clear()
+    transport.run_time = ExpirationTimer(0)  # a wakeupAfter is due
+    assert loop.wait(fds, None, loop.until()) is None
+    assert loop.counters() == {
+        "loop_rounds": 0,
+        "loop_returned_sending": 2,
+        "loop_returned_timer": 1,
+    }
+
+
+def test_the_pipe_of_a_pass_that_ends_is_reported_at_once_with_what_is_readable(
+    wired: tuple[ChannelLoop, _Transport, list[socket.socket]],
+) -> None:
+    loop, _, (*_, channel_peer, channel) = wired
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"!")
+        fds = [channel.fileno(), read_end]
+        assert loop.wait(fds, read_end, loop.until()) == [read_end]  # nothing waited for
+        channel_peer.send(b"x")
+        assert loop.wait(fds, read_end, loop.until()) == [channel.fileno(), read_end]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+# The real thing ---------------------------------------------------------------------------
 
 
 def test_a_direct_clients_cycles_take_thespian_passes_only_with_the_loop_off(
