@@ -52,9 +52,9 @@ import logging
 import math
 import select
 import time
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["DEFAULT_HOLD_MS", "SUPPORTED_THESPIAN", "ChannelLoop", "unsupported"]
+__all__ = ["DEFAULT_HOLD_MS", "SUPPORTED_THESPIAN", "ChannelLoop", "Returned", "unsupported"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,11 @@ pins; this layer may not import that one)."""
 
 DEFAULT_HOLD_MS = 50
 """How long one turn may serve channels before thespian gets a pass (``channel_loop_ms``)."""
+
+Returned = Literal[
+    "thespian", "received", "sending", "receiving", "signalled", "timer", "held", "error"
+]
+"""Why a turn went back to thespian (``ChannelLoop.returns``)."""
 
 _READ = select.POLLIN | select.POLLPRI
 _ANY = _READ | select.POLLERR | select.POLLHUP | select.POLLNVAL
@@ -162,7 +167,7 @@ class ChannelLoop:
         self.transport = transport
         self.hold_s = hold_ms / 1000.0
         self.rounds = 0
-        self.returns: dict[str, int] = {}
+        self.returns: dict[Returned, int] = {}
         self._key: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._poll: Any = None
         self._ours: frozenset[int] = frozenset()
@@ -195,7 +200,7 @@ class ChannelLoop:
         """The end of this turn's hold (``time.monotonic`` seconds)."""
         return time.monotonic() + self.hold_s
 
-    def busy(self) -> str | None:
+    def busy(self) -> Returned | None:
         """Why thespian may have something to do now (its queues and flags), or None."""
         t, m = self.transport, self.manager
         if t._incomingEnvelopes or getattr(t, "_activeWakeups", None):
@@ -231,7 +236,7 @@ class ChannelLoop:
 
     def _poll_once(
         self, fds: list[int], pipe: int | None, until: float
-    ) -> tuple[str | None, list[int]]:
+    ) -> tuple[Returned | None, list[int]]:
         now = time.monotonic()
         left = until - now
         remaining = self.transport.run_time.view().remainingSeconds()
