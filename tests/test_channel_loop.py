@@ -1,7 +1,10 @@
 """The channel loop (``docs/channel-loop.md``): a file's process serves its channel sockets in its
 own turn while thespian has nothing to do, and gives the turn back the moment it may.
 
-Real services, real sockets, the Python client on direct channels. The file's status counters
+One wait of the loop against a stand-in for thespian's transport with real sockets; a
+SessionFile driven by hand with real channel sockets (group commit in a held turn, and no hold
+while a carried connection is open); then real services, real sockets, the Python client on
+direct channels. The file's status counters
 say which way each frame went: ``deliveries`` (messages thespian's loop delivered to the actor),
 ``loop_rounds`` (channel input served in the actor's own turn) and ``loop_returned_<why>`` (turns
 given back to thespian, by reason). The services that check promptness hold a turn as long as
@@ -20,13 +23,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from test_file_hot_path import Driven
 from test_gateway import records_of
 from thespian.system.timing import ExpirationTimer
 
 from sessionlane.actors import channel_loop
 from sessionlane.actors.channel_loop import ChannelLoop
 from sessionlane.actors.session_file import SessionFile
+from sessionlane.messages.carried import CarriedCalls
+from sessionlane.messages.channel import hello_frame
 from sessionlane.messages.errors import LeaseRevoked, UnknownOutcome
+from sessionlane.messages.wire import Append, Appended
 from sessionlane.system.client import connect
 from sessionlane.system.runtime.service import Service, embedded_service
 
@@ -191,6 +198,65 @@ def test_the_pipe_of_a_pass_that_ends_is_reported_at_once_with_what_is_readable(
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+# A file's held turn, driven by hand -----------------------------------------------------------
+
+
+@pytest.fixture
+def driven(
+    tmp_path: Path, wired: tuple[ChannelLoop, _Transport, list[socket.socket]]
+) -> Iterator[Driven]:
+    """A SessionFile outside any actor system (``test_file_hot_path``) given the loop over the
+    stand-in transport, holding a turn 5 ms at most."""
+    made = Driven(tmp_path / "t.jsonl")
+    loop, transport, _ = wired
+    made.actor.loop = ChannelLoop(loop.manager, transport, hold_ms=5)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def _append(path: str, lane: str, rid: int) -> Append:
+    return Append(id=rid, lane=lane, path=path, records=[{"lane": lane, "i": rid}])
+
+
+def test_a_frame_that_arrives_while_a_pass_ends_joins_it_in_the_same_turn_and_sync(
+    driven: Driven,
+) -> None:
+    a, b = driven.channel(), driven.channel()
+    loop = driven.actor.loop
+    assert loop is not None
+    rounds, before = loop.rounds, driven.syncs()
+    a.call("a", _append(driven.path, "a", 1))
+    b.call("b", _append(driven.path, "b", 1))
+    first = driven.serving.channels.fds()[1]
+    watch = driven.pump([first])  # one delivery: a's frame; b's is read in the held turn
+    assert watch is not None and driven.serving.ready_fd not in watch.filenos
+    assert loop.rounds == rounds + 1
+    assert driven.syncs() == before + 1, "both appends in one fdatasync"
+    for peer in (a, b):
+        assert isinstance(peer.reply().message, Appended)
+    assert driven.readable() == []
+
+
+def test_a_file_with_a_carried_connection_open_does_not_hold_its_turn(driven: Driven) -> None:
+    carried = driven.serving.channels.carried
+    driven.actor.receiveMessage(CarriedCalls(driven.path, hello_frame(carried.token)), "member")
+    assert carried.connections() == 1
+    peer = driven.channel()  # a socket channel too: its frames alone could be waited for
+    loop = driven.actor.loop
+    assert loop is not None
+    waited = dict(loop.counters())
+    peer.call("a", _append(driven.path, "a", 1))
+    ready_fd = driven.serving.ready_fd
+    watch = driven.pump()
+    # The pass waits for thespian (a carried frame may join it), which reports the pipe:
+    assert watch is not None and ready_fd in watch.filenos
+    driven.pump([ready_fd])
+    assert isinstance(peer.reply().message, Appended)
+    assert loop.counters() == waited, "no wait: its frames come in thespian's messages"
 
 
 # The real thing ---------------------------------------------------------------------------
