@@ -1,0 +1,224 @@
+"""An append whose fdatasync failed is never answered as written from the lease record.
+
+The lease record (``actors/reclaim.py``) keeps the holder's last append ids so that an append
+resent after a lost connection or a restart is answered as it was, not written twice. An id
+enters the record when its append is written, before the fdatasync that makes it durable;
+if that sync fails, the append is answered with the sync's error and the record must forget
+the id again (and be rewritten before that error leaves), whatever the call: a plain append,
+a pipelined one, one that releases. A resend then writes it again. The same holds for a write
+that fails or is refused (its id never enters the record), and for a copy of the append
+resent under another call key while its first answer waits for the sync: it waits for the
+same sync.
+
+Two layers: the pure core (``FileCore``, driven by the ``Shell`` of
+``tests/test_append_release.py``, every effect in order) and a real service on a real file
+whose fdatasync fails (the transcript's ``sync`` made to fail in the test process, which the
+service's actor processes are forked from), killed with SIGKILL and restarted, its lease
+record read from the disk. The Hypothesis model of the core (``tests/test_file_core_model.py``)
+checks the same over every interleaving.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from test_append_release import FENCE, SECRET, Shell, new_core
+from test_session_file_core import NOW, PATH
+
+from sessionlane.actors.session_file_commit import SyncFailure
+from sessionlane.actors.session_file_disk import WriteOutcome
+from sessionlane.actors.session_file_effects import Deliver, WriteRecord
+from sessionlane.actors.session_file_write_effects import WriteOut
+from sessionlane.actors.session_file_writes import Commit
+from sessionlane.messages.wire import (
+    Acquire,
+    Append,
+    Appended,
+    Error,
+    Granted,
+    ReclaimTicket,
+    Release,
+)
+
+# The pure core ---------------------------------------------------------------------------------
+
+
+class Recording(Shell):
+    """The test shell, recording what it performs in order (``log``) and failing the writes
+    ``fail_writes`` says (``ENOSPC`` at ``write``: nothing of the append is in the file)."""
+
+    def __init__(self, fence_floor: int = FENCE) -> None:
+        super().__init__(new_core(fence_floor))
+        self.log: list[tuple[str, Any]] = []
+        self.fail_writes = False
+
+    def perform(self, fx: Any) -> None:
+        match fx:
+            case WriteRecord(record=record):
+                self.log.append(("record", aids(record)))
+            case Commit():
+                self.log.append(("sync", "failed" if self.sync_fails else "ok"))
+            case Deliver(message=reply):
+                self.log.append(("deliver", reply.message))
+            case WriteOut(op=op, rest=rest) if self.fail_writes:
+                error = OSError(errno.ENOSPC, "No space left on device")
+                self.c.written(op, WriteOutcome(error=error), 0.0, 1, self.c.size, rest)
+                return
+        super().perform(fx)
+
+    def acquire(self, lane: str = "a") -> Granted:
+        [granted] = self.send(lane, Acquire(lane=lane, path=PATH, purpose="prompt"), 1)
+        assert isinstance(granted, Granted)
+        return granted
+
+    def append(
+        self, lease: Granted, aid: str, rid: int, *, after: str | None = None, end: bool = True
+    ) -> list[Any]:
+        request = Append(
+            lease=lease.lease,
+            fence=lease.fence,
+            records=[{"aid": aid}],
+            aid=aid,
+            after=after,
+        )
+        return self.send("a", request, rid, end=end)
+
+
+def aids(record: Any) -> list[str]:
+    return [a.aid for a in record.appends]
+
+
+def test_a_plain_append_whose_sync_failed_is_forgotten_by_the_record_and_written_again() -> None:
+    s = Recording()
+    lease = s.acquire()
+    [first] = s.append(lease, "aid-00001", 2)
+    assert isinstance(first, Appended)
+    s.sync_fails = True
+    [failed] = s.append(lease, "aid-00002", 3)
+    assert isinstance(failed, Error) and failed.code == "disk_full"
+    assert aids(s.record) == ["aid-00001"], "the record on disk keeps an append never synced"
+    assert aids(s.c.book.record) == ["aid-00001"]
+    s.sync_fails = False
+    size = s.c.size
+    [again] = s.append(lease, "aid-00002", 4)  # resent by the client, as after a lost answer
+    assert isinstance(again, Appended) and again.offset == size, "answered from the record"
+    assert s.c.size > size and aids(s.record) == ["aid-00001", "aid-00002"]
+    [old] = s.append(lease, "aid-00001", 5)  # the synced one is still answered from the record
+    assert isinstance(old, Appended) and (old.offset, old.lines) == (first.offset, first.lines)
+    assert s.c.size == size + 1, "an append synced before the failure was written twice"
+
+
+def test_the_record_that_had_the_failed_append_is_rewritten_before_its_error_leaves() -> None:
+    s = Recording()
+    lease = s.acquire()
+    s.append(lease, "aid-00001", 2)
+    s.sync_fails = True
+    del s.log[:]
+    s.append(lease, "aid-00002", 3)
+    # Written with the append's id before the fdatasync (a kill -9 while it syncs leaves a
+    # record that counts the write); the sync fails; the record without it, then the error.
+    assert [what for what, _ in s.log] == ["record", "sync", "record", "deliver"], s.log
+    assert s.log[0][1] == ["aid-00001", "aid-00002"] and s.log[2][1] == ["aid-00001"]
+    assert isinstance(s.log[3][1], Error)
+
+
+def test_a_pipeline_whose_sync_failed_is_written_again_when_resent_after_a_restart() -> None:
+    """The client resends a pipeline's unanswered appends after a restart, one at a time,
+    each naming the one before it: the synced ones are answered from the record, the ones
+    whose sync failed are written again (the pipeline goes on from the last synced one)."""
+    p = [f"pipe-{n:04d}" for n in range(6)]  # p[n] names p[n - 1] (``after``)
+    s = Recording()
+    lease = s.acquire()
+    synced = [s.append(lease, p[1], 2)[0], s.append(lease, p[2], 3, after=p[1])[0]]
+    s.sync_fails = True
+    s.append(lease, p[3], 4, after=p[2], end=False)  # one pass, one sync
+    s.append(lease, p[4], 5, after=p[3], end=False)
+    assert [type(m) for m in s.append(lease, p[5], 6, after=p[4])] == [Error] * 3
+    assert aids(s.record) == p[1:3]
+    record = s.record  # the service is killed: what the sidecar holds
+    assert record.held is not None
+    r = Recording(fence_floor=record.held.fence)  # the durable fence reservation
+    r.c.ino, r.c.size = record.ino, record.size
+    assert r.c.activate(record, NOW, NOW + 10_000, 0.0) is None
+    ticket = ReclaimTicket(lease=lease.lease, fence=lease.fence, secret=SECRET)
+    [back] = r.send("a", Acquire(lane="a", path=PATH, purpose="prompt", reclaim=ticket), 1)
+    assert isinstance(back, Granted) and back.fence == lease.fence
+    for n in (1, 2):  # resent one at a time, as the client does after a restart
+        [ack] = r.append(lease, p[n], n + 1, after=p[n - 1] if n > 1 else None)
+        assert ack == synced[n - 1].model_copy(update={"id": n + 1}), "not from the record"
+    for n in (3, 4, 5):
+        size = r.c.size
+        [ack] = r.append(lease, p[n], n + 1, after=p[n - 1])
+        assert isinstance(ack, Appended), ack
+        assert ack.offset == size and r.c.size == size + 1, f"{p[n]} answered from the record"
+    assert aids(r.record) == p[1:]
+
+
+def test_an_append_whose_write_failed_or_was_refused_never_enters_the_record() -> None:
+    s = Recording()
+    lease = s.acquire()
+    s.fail_writes = True
+    [failed] = s.append(lease, "aid-00001", 2)
+    assert isinstance(failed, Error) and failed.code == "disk_full"
+    s.fail_writes = False
+    stale = Append(lease=lease.lease, fence=lease.fence + 1, records=[{"n": 1}], aid="aid-00002")
+    [refused] = s.send("a", stale, 3)
+    assert isinstance(refused, Error) and refused.code == "stale_fence"
+    assert aids(s.record) == [] and aids(s.c.book.record) == []
+    for rid, aid in ((4, "aid-00001"), (5, "aid-00002")):
+        size = s.c.size
+        [ack] = s.append(lease, aid, rid)
+        assert isinstance(ack, Appended) and ack.offset == size and s.c.size > size
+
+
+def test_a_copy_resent_while_the_first_waits_for_its_sync_waits_for_it_too() -> None:
+    """The first answer is held for the batch's sync when a copy comes under another call key
+    (a client that lost its connection resends it): the copy is answered from the record,
+    but only once the same sync succeeds; that sync failing, both get its error."""
+    for fails in (True, False):
+        s = Recording()
+        lease = s.acquire()
+        s.sync_fails = fails
+        assert s.append(lease, "aid-00001", 2, end=False) == []  # held for its sync
+        assert s.append(lease, "aid-00001", 3, end=False) == [], "the copy went before the sync"
+        s.send("a", Release(lease="no-such-lease"), 4)  # the pass ends: its sync
+        answers = {m.id: m for m in s.answers("a") if m.id in (2, 3)}
+        assert sorted(answers) == [2, 3]
+        if fails:
+            assert all(isinstance(m, Error) for m in answers.values()), answers
+            assert aids(s.record) == []
+        else:
+            assert all(isinstance(m, Appended) for m in answers.values()), answers
+            assert answers[2].offset == answers[3].offset and aids(s.record) == ["aid-00001"]
+
+
+def test_a_failed_sync_forgets_only_the_appends_it_covered() -> None:
+    s = Recording()
+    lease = s.acquire()
+    s.append(lease, "aid-00001", 2)
+    flush = Append(
+        lease=lease.lease,
+        fence=lease.fence,
+        records=[{"n": 2}],
+        aid="aid-00002",
+        durability="flush",
+    )
+    s.sync_fails = True
+    s.send("a", flush, 3, end=False)  # answered at once: no sync covers it
+    s.append(lease, "aid-00003", 4)
+    assert aids(s.record) == ["aid-00001", "aid-00002"]
+    held = s.c.book.answered(lease.lease, "aid-00003")
+    assert held is None and s.c.book.answered(lease.lease, "aid-00002") is not None
+
+
+def test_the_failure_dropped_from_the_record_is_the_sync_s_own() -> None:
+    """``SyncFailure`` given by the shell: every ack held is an error, every id forgotten."""
+    s = Recording()
+    lease = s.acquire()
+    s.append(lease, "aid-00001", 2, end=False)
+    s.append(lease, "aid-00002", 3, end=False)
+    s.c.committed(SyncFailure("io_error", "fdatasync failed"))
+    s.run()
+    assert aids(s.c.book.record) == []
+    assert {type(m) for m in s.answers("a") if m.id in (2, 3)} == {Error}
