@@ -21,16 +21,27 @@ checks the same over every interleaving.
 from __future__ import annotations
 
 import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
+from client_surfaces import lines
 from test_append_release import FENCE, SECRET, Shell, new_core
+from test_gateway import RawConn
+from test_restarts import Restarts, crash
 from test_session_file_core import NOW, PATH
 
+from sessionlane.actors.lease_record_file import lease_record_path
+from sessionlane.actors.reclaim import parse_record
 from sessionlane.actors.session_file_commit import SyncFailure
 from sessionlane.actors.session_file_disk import WriteOutcome
 from sessionlane.actors.session_file_effects import Deliver, WriteRecord
 from sessionlane.actors.session_file_write_effects import WriteOut
 from sessionlane.actors.session_file_writes import Commit
+from sessionlane.actors.transcript import Transcript
+from sessionlane.messages.errors import IOFailure, PipelineBroken
 from sessionlane.messages.wire import (
     Acquire,
     Append,
@@ -40,6 +51,7 @@ from sessionlane.messages.wire import (
     ReclaimTicket,
     Release,
 )
+from sessionlane.system.client import connect
 
 # The pure core ---------------------------------------------------------------------------------
 
@@ -222,3 +234,125 @@ def test_the_failure_dropped_from_the_record_is_the_sync_s_own() -> None:
     s.run()
     assert aids(s.c.book.record) == []
     assert {type(m) for m in s.answers("a") if m.id in (2, 3)} == {Error}
+
+
+# A real service on a real file whose fdatasync fails -----------------------------------------
+
+
+@pytest.fixture
+def failing_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """While the returned path exists, the transcript's fdatasync fails with EIO, as a disk
+    reports a lost write. Set in this process before a service starts: its actor processes
+    are forked from it and keep the change."""
+    flag = tmp_path / "fdatasync-fails"
+    real = Transcript.sync
+
+    def sync(self: Transcript, durability: Any) -> None:
+        if durability == "fsync" and flag.exists():
+            raise OSError(errno.EIO, "Input/output error (injected by the test)")
+        real(self, durability)
+
+    monkeypatch.setattr(Transcript, "sync", sync)
+    return flag
+
+
+@pytest.fixture
+def restarts(tmp_path: Path) -> Iterator[Restarts]:
+    root = tmp_path / "sessions"
+    root.mkdir()
+    made = Restarts(root, tmp_path)
+    yield made
+    made.stop_all()
+
+
+def recorded(path: str) -> list[str]:
+    """The append ids the lease record on disk answers as written."""
+    return aids(parse_record(Path(lease_record_path(path)).read_bytes()))
+
+
+@pytest.mark.tcp
+@pytest.mark.timeout(180)
+def test_an_append_whose_fdatasync_failed_is_written_again_when_resent_after_a_kill_9(
+    restarts: Restarts, failing_sync: Path
+) -> None:
+    """Raw frames, so that the resend is exactly the client's after its answers were lost
+    with the service: a reclaim, then the unanswered appends one at a time, each naming the
+    one before it."""
+    path = str(restarts.root / "t.jsonl")
+    first = restarts.start()
+    raw = RawConn(first.address)
+    raw.hello()
+    granted = raw.request({"type": "acquire", "lane": "agent", "path": path, "purpose": "prompt"})
+    assert granted["type"] == "granted", granted
+
+    def append(n: int, after: int | None) -> dict[str, Any]:
+        request = {"type": "append", "lease": granted["lease"], "fence": granted["fence"]}
+        request |= {"records": [{"n": n}], "aid": f"aid-{n:08d}"}
+        return request if after is None else {**request, "after": f"aid-{after:08d}"}
+
+    synced = raw.request(append(1, None))
+    assert synced["type"] == "appended", synced
+    failing_sync.touch()
+    failed = raw.request(append(2, 1))
+    assert (failed["type"], failed["code"]) == ("error", "io_error"), failed
+    assert "fdatasync failed" in failed["detail"]
+    assert recorded(path) == ["aid-00000001"], "the record answers a never synced append"
+    failing_sync.unlink()
+    crash(first)  # SIGKILL: the record on disk is all the next service knows
+    raw.close()
+    second = restarts.start()
+    again = RawConn(second.address)
+    try:
+        again.hello()
+        ticket = {"lease": granted["lease"], "fence": granted["fence"], "secret": granted["secret"]}
+        reclaim = again.request(
+            {
+                "type": "acquire",
+                "lane": "agent",
+                "path": path,
+                "purpose": "prompt",
+                "reclaim": ticket,
+            }
+        )
+        assert reclaim["type"] == "granted", reclaim
+        first_again = again.request(append(1, None))
+        assert first_again["type"] == "appended", first_again
+        assert first_again["offset"] == synced["offset"], "the synced append was written twice"
+        size = os.path.getsize(path)
+        second_again = again.request(append(2, 1))
+        assert second_again["type"] == "appended", second_again
+        assert second_again["offset"] == size, "answered from the record: never written again"
+        assert recorded(path) == ["aid-00000001", "aid-00000002"]
+    finally:
+        again.close()
+    # The failed sync's line is still in the file (it was answered an error: "may or may not
+    # be in the file"); the resend wrote it again.
+    assert lines(path) == [{"n": 1}, {"n": 2}, {"n": 2}]
+
+
+@pytest.mark.tcp
+@pytest.mark.timeout(120)
+def test_a_pipeline_whose_fdatasync_failed_breaks_and_its_ids_leave_the_record(
+    restarts: Restarts, failing_sync: Path
+) -> None:
+    """What the Python client sees: ``PipelineBroken`` with the appends written before the
+    failure, the rest of unknown outcome; the record on disk names the written ones only."""
+    path = str(restarts.root / "p.jsonl")
+    service = restarts.start()
+    with connect(service.address) as sl:
+        lease = sl.lane("agent").acquire(path, purpose="prompt")
+        assert lease is not None
+        written = lease.append_pipelined([{"n": 1}, {"n": 2}], window=2)
+        before = recorded(path)
+        assert len(before) == 2
+        failing_sync.touch()
+        with pytest.raises(PipelineBroken) as broken:
+            lease.append_pipelined([{"n": 3}, {"n": 4}, {"n": 5}], window=3)
+        assert broken.value.written == () and broken.value.failed == 0
+        assert isinstance(broken.value.cause, IOFailure) and broken.value.unknown == 3
+        assert recorded(path) == before, "the record answers appends whose sync failed"
+        failing_sync.unlink()
+        again = lease.append_pipelined([{"n": 3}, {"n": 4}, {"n": 5}], window=3)
+        assert [r.offset for r in again] == sorted(r.offset for r in again)
+        assert again[0].offset > written[-1].offset
+        lease.release()
