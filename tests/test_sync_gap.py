@@ -14,14 +14,19 @@ Two layers: the pure core (``FileCore``, driven by the ``Shell`` of
 ``tests/test_append_release.py``, every effect in order) and a real service on a real file
 whose fdatasync fails (the transcript's ``sync`` made to fail in the test process, which the
 service's actor processes are forked from), killed with SIGKILL and restarted, its lease
-record read from the disk. The Hypothesis model of the core (``tests/test_file_core_model.py``)
-checks the same over every interleaving.
+record read from the disk: raw frames resending as a client does, and the Python client's
+pipeline riding out a service that died between its failed sync and the errors. The
+Hypothesis model of the core (``tests/test_file_core_model.py``) checks the same over every
+interleaving.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,7 @@ from test_gateway import RawConn
 from test_restarts import Restarts, crash
 from test_session_file_core import NOW, PATH
 
-from sessionlane.actors.lease_record_file import lease_record_path
+from sessionlane.actors.lease_record_file import LeaseRecordFile, lease_record_path
 from sessionlane.actors.reclaim import parse_record
 from sessionlane.actors.session_file_commit import SyncFailure
 from sessionlane.actors.session_file_disk import WriteOutcome
@@ -356,3 +361,81 @@ def test_a_pipeline_whose_fdatasync_failed_breaks_and_its_ids_leave_the_record(
         assert [r.offset for r in again] == sorted(r.offset for r in again)
         assert again[0].offset > written[-1].offset
         lease.release()
+
+
+@pytest.mark.tcp
+@pytest.mark.timeout(180)
+def test_the_client_resends_a_pipeline_whose_sync_failed_and_the_service_died_and_it_is_written(
+    restarts: Restarts, failing_sync: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service dies (SIGKILL of its actor system) right after it handled a failed
+    fdatasync: the lease record without the failed appends is on disk, their errors never
+    reached the client. The Python client rides out the restart, reclaims its lease and
+    resends the pipeline's unanswered appends one at a time: the ones whose sync failed are
+    written again, so the pipeline completes with every record durable (the failed batch's
+    bytes stay in the file before them: they were never acknowledged)."""
+    failed = failing_sync.with_name("fdatasync-failed")
+    killed = failing_sync.with_name("killed")
+    real_sync, real_write = Transcript.sync, LeaseRecordFile.write
+
+    def sync(self: Transcript, durability: Any) -> None:
+        if durability == "fsync" and failing_sync.exists():
+            failed.touch()
+            raise OSError(errno.EIO, "Input/output error (injected by the test)")
+        real_sync(self, durability)
+
+    group = failing_sync.with_name("actor-system-pgid")
+
+    def write(self: LeaseRecordFile, record: Any) -> None:
+        real_write(self, record)
+        if failed.exists():  # the record that follows the failed sync: die before its errors
+            pgid = int(group.read_text())
+            if os.getpgrp() == pgid:  # the service's actor system, never anything else
+                killed.touch()
+                os.killpg(pgid, signal.SIGKILL)
+
+    monkeypatch.setattr(Transcript, "sync", sync)
+    monkeypatch.setattr(LeaseRecordFile, "write", write)
+    path = str(restarts.root / "p.jsonl")
+    first = restarts.start()
+    assert first.running is not None
+    group.write_text(str(first.running.system.pgid))
+    sl = connect(first.address, reconnect_for=60.0)
+    outcome: list[Any] = []
+    try:
+        lease = sl.lane("agent").acquire(path, purpose="prompt")
+        assert lease is not None
+        before = lease.append_pipelined([{"n": 1}, {"n": 2}], window=2)
+        failing_sync.touch()
+
+        def pipeline() -> None:
+            try:
+                outcome.append(lease.append_pipelined([{"n": n} for n in (3, 4, 5)], window=3))
+            except Exception as exc:  # reported by the assertion below
+                outcome.append(exc)
+
+        writer = threading.Thread(target=pipeline)
+        writer.start()
+        deadline = time.monotonic() + 15
+        while not killed.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # a bounded poll for the service's death
+        assert killed.exists(), "the failed sync's record was never written (or not by a file)"
+        crash(first)
+        for flag in (failing_sync, failed, killed):
+            flag.unlink()
+        restarts.start()
+        writer.join(timeout=90)
+        assert not writer.is_alive()
+        [results] = outcome
+        assert isinstance(results, list), results
+        lease.release()
+    finally:
+        sl.close()
+    found = lines(path)
+    assert found[:2] == [{"n": 1}, {"n": 2}] and found[-3:] == [{"n": 3}, {"n": 4}, {"n": 5}]
+    unacknowledged = found[2:-3]  # what the failed sync covered: written again after it
+    assert unacknowledged, "an append whose sync failed was answered from the record"
+    assert unacknowledged == [{"n": 3}, {"n": 4}, {"n": 5}][: len(unacknowledged)]
+    line, size = len(b'{"n":3}\n'), os.path.getsize(path)
+    assert [r.offset for r in results] == [size - (3 - i) * line for i in range(3)]
+    assert before[-1].offset < results[0].offset
