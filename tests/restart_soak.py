@@ -27,11 +27,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from ports import restart_port
 from test_serve import Serve
 
 from sessionlane.messages.errors import SessionLaneError
 from sessionlane.system.client import connect
-from sessionlane.system.runtime.launch import free_port
 
 
 def kill_9(serve: Serve) -> None:
@@ -96,7 +96,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         root = tmp / "sessions"
         root.mkdir()
-        listen = f"tcp://127.0.0.1:{free_port()}"
+        listen = f"tcp://127.0.0.1:{restart_port()}"
         # -1: leave the key unset (a service from before reclaim refuses unknown keys).
         env = {"SESSIONLANE_RECLAIM_GRACE_MS": str(args.grace_ms)} if args.grace_ms >= 0 else {}
         serves: list[Serve] = []

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import restart_port
 from test_serve import (
     READY_TIMEOUT_S,
     STOP_TIMEOUT_S,
@@ -74,7 +75,6 @@ from sessionlane.messages.convention import (
 from sessionlane.messages.internal import ChannelOffer, FileRestarted, OpenChannel
 from sessionlane.messages.wire import Status
 from sessionlane.system.config import ConfigError, load_settings, read_cluster_key
-from sessionlane.system.runtime.launch import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -567,7 +567,7 @@ class Network:
 
     def port(self, default: int) -> int:
         """In a namespace of its own every port is free; on loopback take a free one."""
-        return default if self.kind == "netns" else free_port()
+        return default if self.kind == "netns" else restart_port()
 
 
 def _ip(*args: str) -> None:

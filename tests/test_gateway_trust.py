@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from ports import restart_port
 from processes import RssPeak
 from test_gateway import Closed, RawConn
 from test_serve import Serve as BaseServe
@@ -39,7 +40,6 @@ from sessionlane.system.config import load_settings
 from sessionlane.system.gateway import peercred
 from sessionlane.system.gateway.admission import NO_PROOF_REFUSAL, WRONG_PROOF_REFUSAL
 from sessionlane.system.runtime import launch
-from sessionlane.system.runtime.launch import free_port
 from sessionlane.system.runtime.service import Service, ServiceError
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(120)]
@@ -523,7 +523,7 @@ class Serve(BaseServe):
     ``serve.log``."""
 
     def __init__(self, tmp: Path, root: Path, env: dict[str, str]) -> None:
-        self.listen = f"tcp://127.0.0.1:{free_port()}"
+        self.listen = f"tcp://127.0.0.1:{restart_port()}"
         self.log = tmp / "serve.log"
         args = ["--root", str(root), "--listen", self.listen, "--log-file", str(self.log)]
         super().__init__(tmp, *args, env=env, nofile=NOFILE)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import restart_port
 from processes import is_file_process
 from test_serve import Serve, live_pids
 from waiting import eventually
@@ -29,7 +30,6 @@ from sessionlane.actors import procfs
 from sessionlane.messages.errors import LeaseRevoked, SessionLaneError, Unavailable
 from sessionlane.system.client import connect
 from sessionlane.system.runtime import launch
-from sessionlane.system.runtime.launch import free_port
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(150)]
 
@@ -44,7 +44,7 @@ class Serves:
         self.started: list[Serve] = []
 
     def start(self, *roots: Path, listen: str | None = None, extra: tuple[str, ...] = ()) -> Serve:
-        listen = listen or f"tcp://127.0.0.1:{free_port()}"
+        listen = listen or f"tcp://127.0.0.1:{restart_port()}"
         args = [a for r in roots for a in ("--root", str(r))]
         log = self.tmp / f"actors-{len(self.started)}.log"
         serve = Serve(self.tmp, *args, "--listen", listen, "--log-file", str(log), *extra)
