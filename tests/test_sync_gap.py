@@ -20,6 +20,8 @@ Hypothesis model of the core (``tests/test_file_core_model.py``) checks the same
 interleaving.
 """
 
+# ruff: noqa: F811  (the client surface fixture is imported, then named as an argument)
+
 from __future__ import annotations
 
 import errno
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from client_surfaces import lines
+from client_surfaces import CLIENT_KEEPALIVE, Surface, client, lines  # noqa: F401 (fixture)
 from test_append_release import FENCE, SECRET, Shell, new_core
 from test_gateway import RawConn
 from test_restarts import Restarts, crash
@@ -366,14 +368,14 @@ def test_a_pipeline_whose_fdatasync_failed_breaks_and_its_ids_leave_the_record(
 @pytest.mark.tcp
 @pytest.mark.timeout(180)
 def test_the_client_resends_a_pipeline_whose_sync_failed_and_the_service_died_and_it_is_written(
-    restarts: Restarts, failing_sync: Path, monkeypatch: pytest.MonkeyPatch
+    client: Surface, restarts: Restarts, failing_sync: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The service dies (SIGKILL of its actor system) right after it handled a failed
     fdatasync: the lease record without the failed appends is on disk, their errors never
-    reached the client. The Python client rides out the restart, reclaims its lease and
-    resends the pipeline's unanswered appends one at a time: the ones whose sync failed are
-    written again, so the pipeline completes with every record durable (the failed batch's
-    bytes stay in the file before them: they were never acknowledged)."""
+    reached the client. The Python client (both surfaces) rides out the restart, reclaims its
+    lease and resends the pipeline's unanswered appends one at a time: the ones whose sync
+    failed are written again, so the pipeline completes with every record durable (the failed
+    batch's bytes stay in the file before them: they were never acknowledged)."""
     failed = failing_sync.with_name("fdatasync-failed")
     killed = failing_sync.with_name("killed")
     real_sync, real_write = Transcript.sync, LeaseRecordFile.write
@@ -400,7 +402,7 @@ def test_the_client_resends_a_pipeline_whose_sync_failed_and_the_service_died_an
     first = restarts.start()
     assert first.running is not None
     group.write_text(str(first.running.system.pgid))
-    sl = connect(first.address, reconnect_for=60.0)
+    sl = client.connect(first.address, keepalive=CLIENT_KEEPALIVE, reconnect_for=60.0)
     outcome: list[Any] = []
     try:
         lease = sl.lane("agent").acquire(path, purpose="prompt")
