@@ -14,8 +14,8 @@ Two layers: the pure core (``FileCore``, driven by the ``Shell`` of
 ``tests/test_append_release.py``, every effect in order) and a real service on a real file
 whose fdatasync fails (the transcript's ``sync`` made to fail in the test process, which the
 service's actor processes are forked from), killed with SIGKILL and restarted, its lease
-record read from the disk: raw frames resending as a client does, and the Python client's
-pipeline riding out a service that died between its failed sync and the errors. The
+record read from the disk: raw frames resending as a client does, and the Python and Node
+clients' pipelines riding out a service that died between its failed sync and the errors. The
 Hypothesis model of the core (``tests/test_file_core_model.py``) checks the same over every
 interleaving.
 """
@@ -25,6 +25,7 @@ interleaving.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import threading
@@ -37,7 +38,7 @@ import pytest
 from client_surfaces import CLIENT_KEEPALIVE, Surface, client, lines  # noqa: F401 (fixture)
 from test_append_release import FENCE, SECRET, Shell, new_core
 from test_gateway import RawConn
-from test_restarts import Restarts, crash
+from test_restarts import NODE_DIR, Restarts, crash, node_or_skip
 from test_session_file_core import NOW, PATH
 
 from sessionlane.actors.lease_record_file import LeaseRecordFile, lease_record_path
@@ -365,10 +366,76 @@ def test_a_pipeline_whose_fdatasync_failed_breaks_and_its_ids_leave_the_record(
         lease.release()
 
 
+class DeathAfterFailedSync:
+    """While ``failing`` exists, the transcript's fdatasync fails with EIO; the first lease
+    record written after a failure (the one without the failed appends, written before their
+    errors leave) is followed by a SIGKILL of the service's actor system (``arm``), so their
+    errors never reach the client. The actor processes are forked from this one when the
+    service starts: they keep the patches."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.failing = tmp_path / "fdatasync-fails"
+        self.failed = tmp_path / "fdatasync-failed"
+        self.killed = tmp_path / "killed"
+        self.group = tmp_path / "actor-system-pgid"
+        real_sync, real_write = Transcript.sync, LeaseRecordFile.write
+
+        def sync(transcript: Transcript, durability: Any) -> None:
+            if durability == "fsync" and self.failing.exists():
+                self.failed.touch()
+                raise OSError(errno.EIO, "Input/output error (injected by the test)")
+            real_sync(transcript, durability)
+
+        def write(records: LeaseRecordFile, record: Any) -> None:
+            real_write(records, record)
+            if self.failed.exists():  # the record after the failed sync: die before its errors
+                pgid = int(self.group.read_text())
+                if os.getpgrp() == pgid:  # the service's actor system, never anything else
+                    self.killed.touch()
+                    os.killpg(pgid, signal.SIGKILL)
+
+        monkeypatch.setattr(Transcript, "sync", sync)
+        monkeypatch.setattr(LeaseRecordFile, "write", write)
+
+    def arm(self, service: Any) -> None:
+        """The next fdatasync of ``service`` fails, and the service dies after handling it."""
+        assert service.running is not None
+        self.group.write_text(str(service.running.system.pgid))
+        self.failing.touch()
+
+    def wait_and_clear(self, service: Any) -> None:
+        """The service died after its failed sync: the rest of it is stopped, and the disk is
+        well again for the next one."""
+        deadline = time.monotonic() + 15
+        while not self.killed.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # a bounded poll for the service's death
+        assert self.killed.exists(), "no lease record was written after the failed sync"
+        crash(service)
+        for flag in (self.failing, self.failed, self.killed):
+            flag.unlink()
+
+
+@pytest.fixture
+def death(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> DeathAfterFailedSync:
+    return DeathAfterFailedSync(tmp_path, monkeypatch)
+
+
+def resent_after_the_failed_sync(path: str, offsets: list[int], before: int) -> None:
+    """The transcript after a pipeline of ``{"n": 3..5}`` whose first sync failed, resent
+    after the restart and answered at ``offsets``; ``before``: the offset of ``{"n": 2}``."""
+    found = lines(path)
+    assert found[:2] == [{"n": 1}, {"n": 2}] and found[-3:] == [{"n": 3}, {"n": 4}, {"n": 5}]
+    unacknowledged = found[2:-3]  # what the failed sync covered: written again after it
+    assert unacknowledged, "an append whose sync failed was answered from the record"
+    assert unacknowledged == [{"n": 3}, {"n": 4}, {"n": 5}][: len(unacknowledged)]
+    line, size = len(b'{"n":3}\n'), os.path.getsize(path)
+    assert offsets == [size - (3 - i) * line for i in range(3)] and before < offsets[0]
+
+
 @pytest.mark.tcp
 @pytest.mark.timeout(180)
 def test_the_client_resends_a_pipeline_whose_sync_failed_and_the_service_died_and_it_is_written(
-    client: Surface, restarts: Restarts, failing_sync: Path, monkeypatch: pytest.MonkeyPatch
+    client: Surface, restarts: Restarts, death: DeathAfterFailedSync
 ) -> None:
     """The service dies (SIGKILL of its actor system) right after it handled a failed
     fdatasync: the lease record without the failed appends is on disk, their errors never
@@ -376,39 +443,15 @@ def test_the_client_resends_a_pipeline_whose_sync_failed_and_the_service_died_an
     lease and resends the pipeline's unanswered appends one at a time: the ones whose sync
     failed are written again, so the pipeline completes with every record durable (the failed
     batch's bytes stay in the file before them: they were never acknowledged)."""
-    failed = failing_sync.with_name("fdatasync-failed")
-    killed = failing_sync.with_name("killed")
-    real_sync, real_write = Transcript.sync, LeaseRecordFile.write
-
-    def sync(self: Transcript, durability: Any) -> None:
-        if durability == "fsync" and failing_sync.exists():
-            failed.touch()
-            raise OSError(errno.EIO, "Input/output error (injected by the test)")
-        real_sync(self, durability)
-
-    group = failing_sync.with_name("actor-system-pgid")
-
-    def write(self: LeaseRecordFile, record: Any) -> None:
-        real_write(self, record)
-        if failed.exists():  # the record that follows the failed sync: die before its errors
-            pgid = int(group.read_text())
-            if os.getpgrp() == pgid:  # the service's actor system, never anything else
-                killed.touch()
-                os.killpg(pgid, signal.SIGKILL)
-
-    monkeypatch.setattr(Transcript, "sync", sync)
-    monkeypatch.setattr(LeaseRecordFile, "write", write)
     path = str(restarts.root / "p.jsonl")
     first = restarts.start()
-    assert first.running is not None
-    group.write_text(str(first.running.system.pgid))
     sl = client.connect(first.address, keepalive=CLIENT_KEEPALIVE, reconnect_for=60.0)
     outcome: list[Any] = []
     try:
         lease = sl.lane("agent").acquire(path, purpose="prompt")
         assert lease is not None
         before = lease.append_pipelined([{"n": 1}, {"n": 2}], window=2)
-        failing_sync.touch()
+        death.arm(first)
 
         def pipeline() -> None:
             try:
@@ -418,13 +461,7 @@ def test_the_client_resends_a_pipeline_whose_sync_failed_and_the_service_died_an
 
         writer = threading.Thread(target=pipeline)
         writer.start()
-        deadline = time.monotonic() + 15
-        while not killed.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)  # a bounded poll for the service's death
-        assert killed.exists(), "the failed sync's record was never written (or not by a file)"
-        crash(first)
-        for flag in (failing_sync, failed, killed):
-            flag.unlink()
+        death.wait_and_clear(first)
         restarts.start()
         writer.join(timeout=90)
         assert not writer.is_alive()
@@ -433,11 +470,59 @@ def test_the_client_resends_a_pipeline_whose_sync_failed_and_the_service_died_an
         lease.release()
     finally:
         sl.close()
-    found = lines(path)
-    assert found[:2] == [{"n": 1}, {"n": 2}] and found[-3:] == [{"n": 3}, {"n": 4}, {"n": 5}]
-    unacknowledged = found[2:-3]  # what the failed sync covered: written again after it
-    assert unacknowledged, "an append whose sync failed was answered from the record"
-    assert unacknowledged == [{"n": 3}, {"n": 4}, {"n": 5}][: len(unacknowledged)]
-    line, size = len(b'{"n":3}\n'), os.path.getsize(path)
-    assert [r.offset for r in results] == [size - (3 - i) * line for i in range(3)]
-    assert before[-1].offset < results[0].offset
+    resent_after_the_failed_sync(path, [r.offset for r in results], before[-1].offset)
+
+
+NODE_PIPELINE = """
+const { connect } = require(process.argv[1]);
+const [address, path] = process.argv.slice(2);
+const emit = (line) => process.stdout.write(JSON.stringify(line) + '\\n');
+(async () => {
+  const sl = await connect(address, { reconnectForMs: 60000, keepaliveMs: 1000 });
+  const lease = await sl.lane('node').lease(path);
+  const before = await lease.appendPipelined([{ n: 1 }, { n: 2 }], { window: 2 });
+  emit({ step: 'held', before: before[1].offset });
+  await new Promise((go) => process.stdin.once('data', () => go(process.stdin.destroy())));
+  const results = await lease.appendPipelined([3, 4, 5].map((n) => ({ n })), { window: 3 });
+  emit({ step: 'appended', offsets: results.map((r) => r.offset), revoked: lease.revoked });
+  await lease.release();
+  await sl.close();
+})().catch((err) => { emit({ step: 'error', error: String(err) }); process.exit(1); });
+"""
+
+
+@pytest.mark.tcp
+@pytest.mark.timeout(180)
+def test_the_node_client_resends_a_pipeline_whose_sync_failed_and_it_is_written(
+    restarts: Restarts, death: DeathAfterFailedSync
+) -> None:
+    """As the Python client's test above, with the Node client's ``appendPipelined``."""
+    import subprocess
+
+    node = node_or_skip()
+    path = str(restarts.root / "node-p.jsonl")
+    first = restarts.start()
+    proc = subprocess.Popen(
+        [node, "-e", NODE_PIPELINE, str(NODE_DIR), first.address, path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        held = json.loads(proc.stdout.readline())
+        assert held["step"] == "held", held
+        death.arm(first)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        death.wait_and_clear(first)
+        restarts.start()
+        appended = json.loads(proc.stdout.readline())
+        assert appended["step"] == "appended" and appended["revoked"] is None, appended
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    resent_after_the_failed_sync(path, appended["offsets"], held["before"])
