@@ -28,7 +28,7 @@ the shell checks the owner lock only before those, ``docs/grantcost.md``). A rec
 append resent after a restart, a lost member's lease kept and the holder awaited at
 activation are decided by ``sessionlane.actors.awaited`` (over this core's table and book).
 
-About 690 lines: every decision that needs the table, the write path and the book together
+About 700 lines: every decision that needs the table, the write path and the book together
 lives here (an append that releases its lease needs all three: ``resent``, ``committed``); the
 parts that need one of them only have moved out (``awaited``, the write path and its
 ``append_release``, ``session_file_effects``), and what could go next is named in
