@@ -29,7 +29,6 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from test_append_release import FENCE, SECRET, Shell, new_core
 from test_gateway import RawConn
 from test_restarts import NODE_DIR, Restarts, crash, node_or_skip
 from test_session_file_core import NOW, PATH
+from waiting import eventually
 
 from sessionlane.actors.lease_record_file import LeaseRecordFile, lease_record_path
 from sessionlane.actors.reclaim import parse_record
@@ -406,10 +406,7 @@ class DeathAfterFailedSync:
     def wait_and_clear(self, service: Any) -> None:
         """The service died after its failed sync: the rest of it is stopped, and the disk is
         well again for the next one."""
-        deadline = time.monotonic() + 15
-        while not self.killed.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)  # a bounded poll for the service's death
-        assert self.killed.exists(), "no lease record was written after the failed sync"
+        eventually(self.killed.exists, "the service's death after the record of its failed sync")
         crash(service)
         for flag in (self.failing, self.failed, self.killed):
             flag.unlink()
