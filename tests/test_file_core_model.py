@@ -320,6 +320,8 @@ class FileCoreModel(RuleBasedStateMachine):
                     # first by the copy's (when the copy came while the first was queued)
                     firsts = {key, self.copy_of.get(key)}
                     firsts |= {k for k, first in self.copy_of.items() if first == key}
+                    # ... or by any write of its aid (a resend after its first's sync failed)
+                    firsts |= {k for k, aid in self.aid_of.items() if aid == request.aid}
                     assert firsts & self.synced_writes, "an fsync ack before its sync"
                 if request.aid is not None:  # answered from the record, or by its own write
                     assert request.aid in self.durable_aids, (
