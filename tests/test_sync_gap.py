@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 from client_surfaces import CLIENT_KEEPALIVE, Surface, client, lines  # noqa: F401 (fixture)
 from test_append_release import FENCE, SECRET, Shell, new_core
+from test_disk_service import fill_up, small_tmpfs
 from test_gateway import RawConn
 from test_restarts import NODE_DIR, Restarts, crash, node_or_skip
 from test_session_file_core import NOW, PATH
@@ -60,6 +61,7 @@ from sessionlane.messages.wire import (
     Release,
 )
 from sessionlane.system.client import connect
+from sessionlane.system.runtime.service import embedded_service
 
 # The pure core ---------------------------------------------------------------------------------
 
@@ -364,6 +366,42 @@ def test_a_pipeline_whose_fdatasync_failed_breaks_and_its_ids_leave_the_record(
         assert [r.offset for r in again] == sorted(r.offset for r in again)
         assert again[0].offset > written[-1].offset
         lease.release()
+
+
+@pytest.mark.tcp
+@pytest.mark.timeout(120)
+def test_an_append_whose_write_failed_on_a_full_disk_is_not_in_the_record_and_is_written_again(
+    tmp_path: Path,
+) -> None:
+    """The other path of the same fault, on a real full file system (a 64 KiB tmpfs; root
+    only): the write itself fails (ENOSPC), nothing of it stays in the file, its id never
+    enters the lease record, and resent once space is freed it is written."""
+    with small_tmpfs(tmp_path / "small") as small, embedded_service([str(small)]) as service:
+        path = str(small / "s.jsonl")
+        raw = RawConn(service.address)
+        try:
+            raw.hello()
+            lease = raw.request({"type": "acquire", "lane": "a", "path": path, "purpose": "prompt"})
+            assert lease["type"] == "granted", lease
+            pad = "x" * 1500
+
+            def append(n: int) -> dict[str, Any]:
+                fields = {"lease": lease["lease"], "fence": lease["fence"], "aid": f"aid-{n:08d}"}
+                return raw.request({"type": "append", "records": [{"n": n, "pad": pad}]} | fields)
+
+            assert append(1)["type"] == "appended"  # the transcript and sidecars take pages
+            filler = fill_up(small)
+            answers = [append(n) for n in range(2, 6)]  # the transcript's page fills, then ENOSPC
+            failed = [n for n, a in zip(range(2, 6), answers, strict=True) if a["type"] == "error"]
+            assert failed and all(answers[n - 2]["code"] == "disk_full" for n in failed), answers
+            written = [f"aid-{n:08d}" for n in range(1, 6) if n not in failed]
+            assert recorded(path) == written, "an append whose write failed is in the record"
+            filler.unlink()  # space again: the resend of a failed one is written
+            size = os.path.getsize(path)
+            again = append(failed[0])
+            assert again["type"] == "appended" and again["offset"] == size, again
+        finally:
+            raw.close()
 
 
 class DeathAfterFailedSync:
