@@ -331,10 +331,10 @@ class Registry(ShellActor):
         entry.address = address
         self.children[entry.key] = address
         self.by_address[entry.key] = entry.path
-        if entry.bound is None:  # not a parked child (it had its FileInit with its arguments)
+        if entry.bound is None:  # no listener bound ahead: its FileInit goes by thespian
             # Nobody is offered a listener bound ahead, so no ticket minted for that offer
-            # may reach the file (a parked child whose listener could not be bound already
-            # has its FileInit: its ticket is single-use, the asker's uid and lane, 10 s).
+            # may reach the file (a parked child whose listener could not be bound is not
+            # handed the FileInit above either: ``_Zygote.spawn``).
             self.send(address, init.model_copy(update={"tickets": ()}) if tickets else init)
         pending, entry.pending = entry.pending, []
         for message in pending:

@@ -28,7 +28,7 @@ the shell checks the owner lock only before those, ``docs/grantcost.md``). A rec
 append resent after a restart, a lost member's lease kept and the holder awaited at
 activation are decided by ``sessionlane.actors.awaited`` (over this core's table and book).
 
-About 690 lines: every decision that needs the table, the write path and the book together
+About 700 lines: every decision that needs the table, the write path and the book together
 lives here (an append that releases its lease needs all three: ``resent``, ``committed``); the
 parts that need one of them only have moved out (``awaited``, the write path and its
 ``append_release``, ``session_file_effects``), and what could go next is named in
@@ -155,6 +155,9 @@ class FileCore:
         self.record_due = False
         """A write changed the lease record since it was last written: it is written before
         the next ``Deliver`` (the answer it backs cannot leave first), or by ``record_now``."""
+        self.syncing: dict[Any, tuple[str, str]] = {}
+        """By call key: (lease, aid) of each append with an id whose ack waits for a sync. The
+        lease record has it already (``note_write``); a failed sync drops it (``committed``)."""
         self.closes = 0  # keys of the abandons a closed channel causes
         self.unreserved: tuple[ErrorCode, str, float] | None = None
         """A fence reservation failed (``reservation_failed``): the grant after it is undone."""
@@ -232,15 +235,18 @@ class FileCore:
         one written whose release was not performed yet (the service restarted between the
         write and the release) releases now, grant first; one whose release waits for the sync
         of its first delivery (a copy under another call key, after a reconnect) is answered
-        after that sync, as that delivery is (``released`` only if it did)."""
+        after that sync, as that delivery is (``released`` only if it did); so is any append
+        whose first answer waits for a sync (a failed sync fails both: ``committed``)."""
         assert req.lease is not None
         book, writes = self.book, self.writes
         waits = False
         if req.release and (done := book.answered_released(req.lease, req.aid, req.fence)):
             release = False
         elif (done := awaited.resent(self.table, book, call.lane.uid, req)) is not None:
-            waits = bool(req.release) and writes.releasing.waiting(req.lease, req.aid)
-            release = bool(req.release) and not waits
+            releases_after = bool(req.release) and writes.releasing.waiting(req.lease, req.aid)
+            release = bool(req.release) and not releases_after
+            # written, not durable yet: answered by the sync its first answer waits for
+            waits = releases_after or (req.lease, req.aid) in self.syncing.values()
         else:
             return None
         writes.counters["duplicates"] += 1
@@ -466,7 +472,10 @@ class FileCore:
     def read_reply(self, fx: Reply, now: float) -> ShellEffect | None:
         self.reply(fx.call, fx.message, needs_sync=fx.needs_sync)
         if isinstance(fx.message, Appended | Rewritten):
-            self.note_write(fx.call.request, fx.message)  # written before its answer leaves
+            req = fx.call.request
+            self.note_write(req, fx.message)  # written before its answer leaves
+            if fx.needs_sync and isinstance(req, Append) and req.aid and req.lease is not None:
+                self.syncing[call_key(fx.call)] = (req.lease, req.aid)
         return None
 
     def read_resent(self, fx: Resent, now: float) -> None:
@@ -565,16 +574,18 @@ class FileCore:
 
     def committed(self, failure: SyncFailure | None = None, took: float | None = None) -> None:
         """``Commit`` was performed (synced, in ``took`` ms): release what was held; the acks
-        a failed sync covered are errors, forgotten by the write path (a retry writes again)."""
+        a failed sync covered are errors, forgotten by the write path and by the lease record
+        (a resend writes again; the record without them is written before those errors leave:
+        ``record_due``, ``next``)."""
         self.synced(took)
         done = self.commit.commit(failure)
-        held = self.writes.releasing.held
         for key in done.failed_keys:
-            # an append and release whose sync failed released nothing: resent, it is
-            # written again (as the write path's copy of its answer, the record's is dropped)
-            if (r := held.get(key)) is not None and r.aid is not None:
-                self.record_due |= self.book.unwrote(r.lease, r.aid)
+            # an append whose sync failed (plain, pipelined, or releasing: it released
+            # nothing) is not answered from the record when resent: it is written again
+            if (written := self.syncing.get(key)) is not None:
+                self.record_due |= self.book.unwrote(*written)
             self.writes.forget(key)
+        self.syncing.clear()  # every ack held was released (``GroupCommit.commit``)
         # appends that release their lease do so now that they are durable, before their acks
         # leave: the next holder's grant goes first (``Append.release``)
         releases = self.writes.releasing.synced([out.key for out in done.deliveries])

@@ -20,6 +20,10 @@ What is asserted, against a simple model of the calls and of the disk:
 - an acknowledged append is never written again, and an ``fsync`` append's ``appended`` is
   delivered only once a successful sync covers its write (a failed sync turns it into the
   sync's error, and a later delivery writes it again);
+- no append id is answered as written (by its own write, or from the lease record when
+  resent under another call key) unless a successful sync covered a write of it (or it was
+  written ``flush``), and when an append's write or sync fails, the lease record the core
+  holds and the one written last no longer name its id by the time its error is delivered;
 - a fence reservation that fails leaves no grant: the table has no holder with that fence and
   its fence counter is back where it was, the request gets the disk error;
 - fences of fresh grants only grow; a free table has no waiters;
@@ -38,12 +42,14 @@ What is asserted, against a simple model of the calls and of the disk:
 
 Each of these mutations makes it fail (tried with 200 examples each): the grant after a failed
 reservation kept (``meaning``), the fence counter not set back (``reservation_failed``), acks a
-failed sync turned into errors not forgotten (``committed``), the legacy lock not taken before a
-drain, a drain that stops after one write, the lease record not written (``settle``), or
-written after the acks it backs (``next``), the outbox
-not holding an unsynced ack, a copy of an append whose first answer is still held not waiting
-for its sync, de-duplication forgetting appends that wait in the queue, no tick armed
-again after a tick that changed nothing, and the core answering every ``CheckLease`` of the
+failed sync turned into errors not forgotten (``committed``), their ids kept in the lease
+record or the record not written again before their errors (``committed``), a copy under
+another call key answered from the record before its first's sync (``resent``), the legacy
+lock not taken before a drain, a drain that stops after one write, the lease record not
+written (``settle``), or written after the acks it backs (``next``), the outbox not holding
+an unsynced ack, a copy of an append whose first answer is still held not waiting for its
+sync, de-duplication forgetting appends that wait in the queue, no tick armed again after a
+tick that changed nothing, and the core answering every ``CheckLease`` of the
 write path "accept" or never performing its ``ReleaseWriteLease`` (``table_request``). (Not
 telling group commit's policy about a write survives: it changes only when a batch is
 synced, not what is.)
@@ -162,6 +168,8 @@ class FileCoreModel(RuleBasedStateMachine):
         self.fused: dict[Any, tuple[str, int]] = {}  # key -> (lease, releases before it)
         self.gone: set[str] = set()  # leases revoked, abandoned or released since granted
         self.copy_of: dict[Any, Any] = {}  # key of a copy under another call key -> the first's
+        self.aid_of: dict[Any, str] = {}  # key of an append written with an aid -> that aid
+        self.durable_aids: set[str] = set()  # aids a successful sync covered (or written flush)
 
     # The shell ---------------------------------------------------------------------------------
 
@@ -192,6 +200,8 @@ class FileCoreModel(RuleBasedStateMachine):
                 if op.kind == "rewrite":
                     assert not self.unsynced, "a rewrite before the appends were synced"
                 self.written[key] += 1
+                if op.aid is not None:
+                    self.aid_of[key] = op.aid
                 kind = self.draw("write", "ok")
                 fsync = op.kind == "append" and op.durability == "fsync"
                 if kind == "moved" and fsync:
@@ -203,10 +213,13 @@ class FileCoreModel(RuleBasedStateMachine):
                     self.unsynced.add(key)
                 elif kind in ("ok", "external"):
                     self.synced_writes.add(key)  # a flush ack needs no sync
+                    self.made_durable(key)
                 self.core.written(op, outcome, self.now, 1, sum(self.written.values()), fx.rest)
             case Sync():
                 assert not self.core.record_due, "a sync before the lease record of its writes"
                 self.synced_writes |= self.unsynced
+                for key in self.unsynced:
+                    self.made_durable(key)
                 self.unsynced.clear()
             case Commit():
                 assert not self.core.record_due, "a commit before the lease record of its writes"
@@ -215,6 +228,8 @@ class FileCoreModel(RuleBasedStateMachine):
                     failure = SyncFailure("disk_full", "fdatasync failed")
                 else:
                     self.synced_writes |= self.unsynced
+                    for key in self.unsynced:
+                        self.made_durable(key)
                 self.unsynced.clear()
                 self.core.committed(failure)
             case Reserve(ceiling=ceiling):
@@ -241,6 +256,11 @@ class FileCoreModel(RuleBasedStateMachine):
                 pass
             case _:
                 raise AssertionError(f"the shell got an effect it cannot perform: {fx!r}")
+
+    def made_durable(self, key: Any) -> None:
+        """The write of ``key`` is durable (synced, or a flush one written)."""
+        if (aid := self.aid_of.get(key)) is not None:
+            self.durable_aids.add(aid)
 
     def delivered(self, address: Any, lane: Any, message: Any) -> None:
         assert address == (CHANNEL if lane == "b" else f"lane:{lane}")
@@ -300,7 +320,13 @@ class FileCoreModel(RuleBasedStateMachine):
                     # first by the copy's (when the copy came while the first was queued)
                     firsts = {key, self.copy_of.get(key)}
                     firsts |= {k for k, first in self.copy_of.items() if first == key}
+                    # ... or by any write of its aid (a resend after its first's sync failed)
+                    firsts |= {k for k, aid in self.aid_of.items() if aid == request.aid}
                     assert firsts & self.synced_writes, "an fsync ack before its sync"
+                if request.aid is not None:  # answered from the record, or by its own write
+                    assert request.aid in self.durable_aids, (
+                        f"{request.aid} answered as written, and no successful sync covered it"
+                    )
                 self.acked.add(key)
                 if request.release:
                     self.released_by_append(lane, key, request, message)
@@ -317,7 +343,14 @@ class FileCoreModel(RuleBasedStateMachine):
                 self.sync_failed(key, message.id)
 
     def sync_failed(self, key: Any, rid: int) -> None:
-        """The append ``key`` was answered its sync's error: a retry writes again."""
+        """The append ``key`` was answered its sync's error: a retry writes again (and the
+        lease record on disk no longer names it as written, unless it was durable before)."""
+        aid = self.calls[rid].request.aid
+        if aid is not None and aid not in self.durable_aids:
+            for record in (self.record_written, self.core.book.record):
+                assert record is None or aid not in {a.aid for a in record.appends}, (
+                    f"the lease record keeps {aid} as written after its error left"
+                )
         self.acked.discard(key)
         self.written_ok.discard(key)
         self.failed_acks.append(rid)
@@ -395,6 +428,7 @@ class FileCoreModel(RuleBasedStateMachine):
         writes=st.lists(WRITE_OUTCOMES, max_size=3),
         locks=st.lists(st.sampled_from([True, True, False, "unusable"]), max_size=2),
         release=st.sampled_from([False, False, True]),
+        aid=st.booleans(),
     )
     def append_under_lease(
         self,
@@ -404,6 +438,7 @@ class FileCoreModel(RuleBasedStateMachine):
         writes: list[str],
         locks: list[Any],
         release: bool,
+        aid: bool,
     ) -> None:
         lease, fence = self.leases.get(lane, ("none-1", 1))
         self.draw_outcomes(writes, locks)
@@ -413,7 +448,7 @@ class FileCoreModel(RuleBasedStateMachine):
             records=[{"n": self.ids}],
             durability="fsync" if fsync else "flush",
             release=release or None,
-            aid=f"aid-{self.ids:05d}" if release else None,
+            aid=f"aid-{self.ids:05d}" if release or aid else None,
         )
         if release:
             self.fused[(lane, self.ids + 1)] = (lease, self.table.counters["releases"])
@@ -487,6 +522,43 @@ class FileCoreModel(RuleBasedStateMachine):
         self.fused[(lane, self.ids + 1)] = (lease, releases)
         self.copy_of[(lane, self.ids + 1)] = (lane, self.ids)
         self.deliver(lane, request)
+
+    @rule(lane=st.sampled_from(HOLDERS), sync=st.sampled_from(["ok", "fail"]))
+    def copy_under_another_key(self, lane: str, sync: str) -> None:
+        """An fsync append with an aid and a copy of it under another call key (sent again
+        after a reconnect) in the same transport pass; the pass's sync succeeds or fails. The
+        copy is answered from the record only by the sync its first waits for."""
+        self.draws["sync"] = [sync]
+        lease, fence = self.leases.get(lane, ("none-1", 1))
+        aid = f"aid-{self.ids:05d}"
+        request = Append(lease=lease, fence=fence, records=[{"n": self.ids}], aid=aid)
+        self.deliver(lane, request, end=False)
+        self.copy_of[(lane, self.ids + 1)] = (lane, self.ids)
+        self.deliver(lane, request)
+
+    def answered_with_aid(self) -> list[int]:
+        return [
+            rid
+            for rid, c in self.calls.items()
+            if isinstance(c.request, Append) and c.request.aid is not None
+            if self.finals[call_key(c)] > 0 and call_key(c) not in self.cut_off
+        ]
+
+    @precondition(lambda self: bool(self.answered_with_aid()))
+    @rule(data=st.data())
+    def resend_by_aid(self, data: st.DataObject) -> None:
+        """An append with an aid, answered (written, failed or refused), sent again under a
+        new request id, as a client resends it after a lost connection or a restart: written
+        again unless a successful sync covered it (then answered from the record)."""
+        rid = data.draw(st.sampled_from(self.answered_with_aid()[-4:]))
+        first = self.calls[rid]
+        key = (first.lane.uid, self.ids + 1)
+        if first.request.release:  # it releases once, by its first write that was synced
+            self.fused[key] = self.fused[call_key(first)]
+        writes = [k for k, aid in self.aid_of.items() if aid == first.request.aid]
+        if writes:  # answered from the record: by the last write of its aid
+            self.copy_of[key] = writes[-1]
+        self.deliver(first.lane.uid, first.request)
 
     @rule(reserves=st.lists(st.sampled_from(["ok", "fail"]), min_size=1, max_size=3))
     def reservations_fail(self, reserves: list[str]) -> None:

@@ -32,7 +32,9 @@ zygote forks one on request.
 Each parked child is also given what takes the other hops off a first contact
 (``sessionlane.actors.ahead``): its channel listener, bound by the zygote before it forks it,
 whose name and token the Registry offers the asker at once; and its ``FileInit``, handed with
-its arguments, which it delivers to its actor as its first message.
+its arguments, which it delivers to its actor as its first message (not to a child whose
+listener could not be bound: the ``FileInit`` carries the direct-channel tickets minted for
+the offer of that listener, and nobody is offered it; the Registry sends it one without them).
 And once the Registry has started a child, each request to park the next one carries the
 arguments it gave that child, as a template (kept as bytes here): the parked child does
 thespian's start of its actor from it before it is asked for
@@ -50,7 +52,7 @@ If the zygote is gone or a request fails, the child is forked the ordinary way (
 is logged). Like ``sessionlane.system.runtime.admin_fork`` it runs before the system is
 created, is idempotent, and fails closed on another thespian or if what it relies on moved.
 
-About 680 lines: the patch of thespian's actor start, the Registry's end of the zygote and the
+About 700 lines: the patch of thespian's actor start, the Registry's end of the zygote and the
 zygote's own loop speak one protocol (the pipes, the notices, the parked child's arguments) and
 are read together.
 """
@@ -399,7 +401,11 @@ class _Zygote:
         here, or one the zygote forks on request. Its pid, or None (and the zygote is given up)
         if that failed. The listener bound ahead for the child, if any, is handed to
         ``ahead.spawned``. A parked child delivers ``first`` (if not None) to its actor as its
-        first message, from its parent; a child forked on request ignores it."""
+        first message, from its parent; a child forked on request ignores it, and so is a
+        parked child whose listener could not be bound not handed it: nobody is offered that
+        listener, so what was minted for the offer (``FileInit.tickets``) must not reach its
+        actor, which gets the Registry's ``FileInit`` by thespian instead, as a child forked
+        on request does (``Registry.start_file``)."""
         try:
             payload = pickle.dumps((args, name, first))
         except pickle.PicklingError as exc:
@@ -408,6 +414,8 @@ class _Zygote:
         self.last_args = args
         parked = self.take_parked()
         if parked is not None:
+            if parked.bound is None and first is not None:
+                payload = pickle.dumps((args, name, None))  # pickled above: it pickles
             if parked.assign(payload):
                 ahead.spawned(parked.bound)
                 self.park_later()
