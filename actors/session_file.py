@@ -48,9 +48,15 @@ Passivation (``sessionlane.actors.passivation``). One idle timer at a time fires
 the last call of any route; a file quiet with no channel then sends ``IdleNotice`` and refuses new
 channels until a message from the Registry says it is not retired after all.
 
-About 690 lines: the worklist loop, the effects it performs and the actor's messages; the
-serving state (``session_file_serving``), the channels (``session_file_channels``) and the disk
-(``session_file_disk``) are modules of their own.
+Channels in the turn (``sessionlane.actors.channel_loop``): after a turn that ends watching
+channel sockets, the actor waits for them itself while thespian has nothing to do, and handles
+what they bring as the ``WatchMessage`` thespian would have delivered (``hold``); the wait is
+the transport's own, moved into the turn: thespian's descriptors are in it, and its queued
+work or a due timer ends it.
+
+About 730 lines: the worklist loop, the effects it performs and the actor's messages; the
+serving state (``session_file_serving``), the channels (``session_file_channels``), the disk
+(``session_file_disk``) and the channel loop (``channel_loop``) are modules of their own.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from thespian.actors import ActorExitRequest, ThespianWatch, WakeupMessage, Watc
 
 from sessionlane.actors import ahead, page_merge
 from sessionlane.actors._shell import Handler, ShellActor, monotonic_ms, retitle
+from sessionlane.actors.channel_loop import ChannelLoop
 from sessionlane.actors.confined import failure_detail, is_fd_exhaustion
 from sessionlane.actors.disk_errors import named_disk_error
 from sessionlane.actors.file_channels import (
@@ -167,6 +174,8 @@ class SessionFile(ShellActor):
         self.idle = Passivation()
         self.run_owned: bool | None = None  # owner lock checked in this run? None: no run
         self.ahead_due = False  # the first fences are to be reserved once a channel is answered
+        self.loop: ChannelLoop | None = None  # channels served in the turn (``channel_loop``)
+        self.deliveries = 0  # messages thespian delivered (its passes that reached this actor)
 
     def handlers(self) -> dict[type, Handler]:
         return {
@@ -182,6 +191,14 @@ class SessionFile(ShellActor):
         }
 
     def receiveMessage(self, msg: Any, sender: Any) -> ThespianWatch | None:
+        self.deliveries += 1
+        watch = self.turn(msg, sender)
+        if self.loop is None or watch is None:
+            return watch
+        return self.hold(self.loop, watch)
+
+    def turn(self, msg: Any, sender: Any) -> ThespianWatch | None:
+        """One message handled, then the end of the turn: what thespian should watch next."""
         super().receiveMessage(msg, sender)
         if isinstance(msg, ActorExitRequest):
             return None
@@ -189,6 +206,29 @@ class SessionFile(ShellActor):
             self.report_broken(self.state)
             return None
         return self.end_turn(self.state)
+
+    def hold(self, loop: ChannelLoop, watch: ThespianWatch) -> ThespianWatch | None:
+        """Serve the channels in this turn while thespian has nothing to do
+        (``sessionlane.actors.channel_loop``): each round is the ``WatchMessage`` thespian's
+        next pass would have delivered, handled as one. The turn goes back to thespian when it
+        may have work, a timer is due, or the hold's time is up; at once while a carried
+        connection is open (its frames come in thespian messages) or the file is retiring."""
+        until = loop.until()
+        while True:
+            s = self.state
+            if not isinstance(s, Serving) or self.idle.retiring or s.channels.carried.connections():
+                return watch
+            ready = loop.wait(watch.filenos, s.ready_fd, until)
+            if ready is None:
+                return watch
+            try:
+                next_watch = self.turn(WatchMessage(ready), None)
+            except Exception:  # not out of this turn: thespian would deliver its message again
+                log.exception("serving the channels of %s in its turn failed", self.path)
+                return watch
+            if next_watch is None:
+                return None
+            watch = next_watch
 
     def report_broken(self, broken: Broken) -> None:
         """Ask the Registry to retire us, once per count of forwarded messages answered."""
@@ -284,6 +324,8 @@ class SessionFile(ShellActor):
         if listener is not None:  # offered by the Registry already: served from now on
             self.state.channels.adopt(*listener)
         self.state.channels.take_tickets(msg.tickets)  # before anything is accepted
+        if self.watch_supported:
+            self.loop = ChannelLoop.attach(self, msg.settings.channel_loop_ms)
         self.ahead_due = True
         self.schedule_idle(self.state)
         self.run(self.state)  # an awaited holder's grace ends even if nobody asks
@@ -687,6 +729,8 @@ class SessionFile(ShellActor):
         extra = {
             "incarnation": self.incarnation,
             "restarted": int(self.restarted),
+            "deliveries": self.deliveries,
+            **(self.loop.counters() if self.loop is not None else {"loop_rounds": 0}),
             **self.metrics.counters(),
         }
         return s.status(self.now(), s.core.name, extra)

@@ -119,6 +119,9 @@ class FileSettings(_Internal):
     lease found in the file's lease record waits for its holder (``actors/reclaim.py``)."""
     memory_merge: bool = False
     """Opt the file's process in to the kernel's samepage merging (``actors/page_merge.py``)."""
+    channel_loop_ms: int = 50
+    """How long one turn of the file may serve its channel sockets itself while thespian has
+    nothing to do (``actors/channel_loop.py``); 0: a thespian pass for every readable socket."""
     owner: ServiceIdentity | None = None
     """Written into the file's owner sidecar (``sessionlane.actors.ownership``) while the
     SessionFile holds it, so a contender can name this service; None: only the actor's own pid is

@@ -123,6 +123,10 @@ class Settings(BaseModel):
     pages the files' processes hold alike are kept once (``sessionlane.actors.page_merge``).
     Needs Linux 6.4+ and ``/sys/kernel/mm/ksm/run`` = 1 (set by root); a timing side channel
     to other local users who opt in too, so only for a machine they do not share."""
+    channel_loop_ms: int = 50
+    """How long a SessionFile's process may serve its channel sockets in one turn, waiting for
+    them itself while thespian has nothing to do, before thespian's loop gets a pass
+    (``docs/channel-loop.md``); 0: a thespian pass for every readable socket, as before."""
     metrics_listen: str | None = None
     """``HOST:PORT`` (or ``tcp://HOST:PORT``, or a bare port on 127.0.0.1) where the
     supervisor serves Prometheus metrics at ``/metrics``; ``None``: no metrics endpoint."""
@@ -173,6 +177,13 @@ class Settings(BaseModel):
     def _grace(cls, value: int) -> int:
         if not 0 <= value <= 600_000:
             raise ValueError(f"must be 0..600000 (got {value})")
+        return value
+
+    @field_validator("channel_loop_ms")
+    @classmethod
+    def _channel_loop(cls, value: int) -> int:
+        if not 0 <= value <= 1_000:
+            raise ValueError(f"must be 0..1000 (got {value})")
         return value
 
     @field_validator("member_timeout_ms")

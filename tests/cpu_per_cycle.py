@@ -8,7 +8,9 @@ service runs in this process; ``WORKERS`` client processes loop on one file (``F
 ``one``: they contend) or each on its own (``each``: nothing to hand off, as the bench's
 ``files8``). The figure is the utime + stime of
 every process of the service's actor system plus this process, over the measured cycles,
-divided by the cycles: CPU time, so less sensitive to a busy machine than a rate. The
+divided by the cycles: CPU time, so less sensitive to a busy machine than a rate. The files'
+status counters give the messages thespian delivered to them per cycle and the channel input
+they served in their own turn (``docs/channel-loop.md``; absent from older versions: 0). The
 clients' figure is each worker's own CPU over its cycles (``os.times``: all its threads), summed
 and divided the same way. It imports
 the service from ``sessionlane.system`` or, for a version before the one namespace, from
@@ -70,6 +72,20 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def file_counters(address: str, paths: list[str]) -> dict[str, int]:
+    """``deliveries`` and ``loop_rounds`` summed over the files' status counters (0 where a
+    version has neither: thespian then delivers every channel frame)."""
+    from sessionlane import connect
+
+    summed = {"deliveries": 0, "loop_rounds": 0}
+    with connect(address) as sl:
+        for path in sorted(set(paths)):
+            for found in sl.status(path).files:
+                for key in summed:
+                    summed[key] += int(found.counters.get(key, 0))
+    return summed
+
+
 def main() -> None:
     cycles = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     workers = int(sys.argv[2]) if len(sys.argv) > 2 else 2
@@ -98,6 +114,7 @@ def main() -> None:
             ]
             for proc in procs:
                 assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            counted = file_counters(service.address, paths)
             members = service.running.system.members()
             before, mine, began = cpu_seconds(members), os.times(), time.monotonic()
             for proc in procs:
@@ -111,6 +128,7 @@ def main() -> None:
                 assert proc.wait(600) == 0
             wall = time.monotonic() - began
             after, now = cpu_seconds(service.running.system.members()), os.times()
+            counts = file_counters(service.address, paths)
     own = (now.user - mine.user) + (now.system - mine.system)
     n = cycles * workers
     print(
@@ -122,6 +140,14 @@ def main() -> None:
                 "service_cpu_ms_per_cycle": round((after - before + own) * 1000 / n, 3),
                 "client_cpu_ms_per_cycle": round(clients * 1000 / n, 3),
                 "cycles_per_s": round(n / wall, 1),
+                # messages thespian delivered to the files, and channel input they served in
+                # their own turn (``docs/channel-loop.md``), per cycle
+                "deliveries_per_cycle": round(
+                    (counts["deliveries"] - counted["deliveries"]) / n, 3
+                ),
+                "loop_rounds_per_cycle": round(
+                    (counts["loop_rounds"] - counted["loop_rounds"]) / n, 3
+                ),
                 "loadavg": os.getloadavg()[0],
             }
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from test_durability import Clock, Shell  # the hand-driven SessionFile harness
 from thespian.actors import WakeupMessage
+from waiting import eventually
 
 from sessionlane.actors import session_file
 from sessionlane.actors.openclaw_lock import encode_lock_payload, lock_path, pid_alive
@@ -163,6 +164,13 @@ def test_a_torn_line_with_no_legacy_writer_around_is_repaired_at_activation(
 # A real legacy writer ----------------------------------------------------------------------
 
 
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
 LEGACY_WRITER = r"""
 # OpenClaw's protocol: O_EXCL <file>.lock with its JSON payload, write, fsync, unlink. On
 # contention it re-reads the lock: a dead owner's lock is removed if unchanged, a live one is
@@ -266,6 +274,9 @@ def test_a_legacy_writer_and_sessionlane_lanes_share_one_file_without_tearing(
 
         threads = [threading.Thread(target=lane_writer, args=(n,)) for n in range(lanes)]
         try:
+            # The lanes start once the legacy writer writes: lanes that finish their appends
+            # before its interpreter is up never meet its lock (the waits asserted below).
+            eventually(lambda: b'"legacy"' in _read(path), "the legacy writer's first line")
             for t in threads:
                 t.start()
             for t in threads:

@@ -129,6 +129,7 @@ def file_settings_from(
         max_record_bytes=settings.max_record_bytes,
         legacy_lock=settings.legacy_lock,
         memory_merge=settings.memory_merge,
+        channel_loop_ms=settings.channel_loop_ms,
     )
 
 
