@@ -269,6 +269,7 @@ class Serving:
             "channels": self.channels.connections(),
             **self.grace_counters(now),
             "lease_record_writes": self.records.writes,
+            "lease_record_failures": self.records.failures,
             **extra,
         }
         return FileStatus(
