@@ -531,7 +531,9 @@ class FileCore:
         self.push(self.writes.written(op, outcome, rest))
 
     def interrupted(self) -> list[WriteEffect]:
-        """Performing failed (a bug): what was left is dropped, a drain ends."""
+        """Performing failed (a bug: every I/O failure is an outcome fed back, never raised,
+        ``docs/restarts.md``): what was left is dropped, decided by a state the bug may have
+        left wrong; a drain ends."""
         self.work.clear()
         return self.writes.end_drain() if self.writes.draining else []
 
