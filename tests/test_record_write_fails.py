@@ -22,12 +22,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_file_channels import Peer
 from test_file_hot_path import Driven
 
-from sessionlane.actors.lease_record_file import LeaseRecordFile
+from sessionlane.actors.lease_record_file import LeaseRecordFile, lease_record_path
 from sessionlane.actors.reclaim import parse_record
 from sessionlane.messages.wire import Acquire, Append, Appended, Error, Granted
 
@@ -122,3 +123,34 @@ def test_an_append_whose_record_write_fails_is_answered_and_the_record_catches_u
     assert any("succeed again" in r.getMessage() for r in caplog.records)
     with open(driven.path) as f:
         assert len(f.readlines()) == 3
+
+
+def test_a_record_the_disk_refuses_at_activation_leaves_the_file_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record of a holder whose grace is over is written back free at activation; the
+    disk refusing that write is counted and the file serves (before, it could not start)."""
+    first = Driven(tmp_path / "t.jsonl")
+    try:
+        granted(first)
+    finally:
+        first.close()  # a clean stop keeps the record naming its holder
+    with open(lease_record_path(first.path), "rb") as f:
+        assert parse_record(f.read()).held is not None
+    opened = LeaseRecordFile.__init__
+
+    def read_only(self: LeaseRecordFile, *args: Any) -> None:
+        opened(self, *args)
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    monkeypatch.setattr(LeaseRecordFile, "__init__", read_only)
+    second = Driven(tmp_path / "t.jsonl")  # no grace: the holder found is dropped
+    try:
+        counters = second.actor.status().counters
+        assert "broken" not in counters, "the file could not start"
+        assert counters["lease_record_failures"] == 1
+        _, grant = granted(second)
+        assert grant.fence > 0
+    finally:
+        second.close()
