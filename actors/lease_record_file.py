@@ -7,11 +7,12 @@ one hard link), reads the record, and rewrites it in place with one ``pwrite`` o
 No fsync: the record must outlive the service's process, which the page cache does; after a
 machine crash an old record is caught by the size check of a reclaim and refused.
 
-A write that fails (a file system remounted read-only after an I/O error, a full btrfs) is not
-an error of the call it follows: the answers it backs still leave, and the record on disk lags
-(``docs/restarts.md``, "A lease record that cannot be written"). The failure is counted
-(``failures``, the status counter ``lease_record_failures``) and logged once per episode
-(``DiskEpisodes``), as the transcript's own disk errors are.
+A write that fails (a file system remounted read-only after an I/O error, a full btrfs) is
+not an error of the call it follows (``try_write``, which the shell performs): the answers it
+backs still leave, and the record on disk lags (``docs/restarts.md``, "A lease record that
+cannot be written"). The failure is counted (``failures``, the status counter
+``lease_record_failures``) and logged once per episode (``DiskEpisodes``), as the
+transcript's own disk errors are.
 """
 
 from __future__ import annotations
@@ -56,18 +57,22 @@ class LeaseRecordFile:
             log.warning("ignoring the unreadable lease record %s: %s", self.path, exc)
             return FREE
 
-    def write(self, record: LeaseRecord) -> bool:
-        """Write ``record`` in place; False if the write failed (logged once per episode,
-        counted): never raised, so no answer waits for a record the disk refuses."""
+    def try_write(self, record: LeaseRecord) -> bool:
+        """``write``, its ``OSError`` logged once per episode and counted, never raised (False):
+        what the shell performs, so that no answer waits for a record the disk refuses."""
         try:
-            os.pwrite(self.fd, encode_record(record), 0)
+            self.write(record)
         except OSError as exc:
             self.failures += 1
             self.episodes.failed(disk_error_code(exc) or "io_error", "lease record write", exc)
             return False
+        return True
+
+    def write(self, record: LeaseRecord) -> None:
+        """Write ``record`` in place (raises what the ``pwrite`` raised)."""
+        os.pwrite(self.fd, encode_record(record), 0)
         self.writes += 1
         self.episodes.succeeded()
-        return True
 
     def close(self) -> None:
         if self.fd >= 0:

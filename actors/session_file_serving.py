@@ -177,7 +177,7 @@ class Serving:
         until = s.reclaim_until_ms if msg.incarnation == 1 else 0.0
         lost = self.core.activate(self.records.load(), clock(), until, time.time() * 1000)
         if lost is not None:
-            self.records.write(lost)
+            self.records.try_write(lost)  # a failure is logged: the file still serves
 
     @classmethod
     def open(

@@ -11,7 +11,8 @@ A SessionFile driven by hand over a real channel socket (``Driven``, as in
 ``tests/test_file_hot_path.py``), on a real file. The record write fails for real: the
 record's descriptor is swapped for a read-only one on the same sidecar, so its ``pwrite``
 fails (``EBADF``) as a read-only remount's would; the fdatasync fails as in
-``tests/test_sync_gap.py`` (the transcript's ``sync`` raises ``EIO``).
+``tests/test_sync_gap.py`` (the transcript's ``sync`` raises ``EIO``). At activation, a
+record written back free that the disk refuses no longer keeps the file from starting.
 """
 
 from __future__ import annotations
