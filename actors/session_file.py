@@ -514,7 +514,7 @@ class SessionFile(ShellActor):
             case Sync():
                 s.core.synced(s.disk.sync_now())
             case WriteRecord(record=record):
-                s.records.write(record)
+                s.records.try_write(record)  # a failure is logged: the answers still leave
             case Reserve(ceiling=ceiling):
                 if (failed := s.reserve(ceiling)) is not None:  # the grant after it is undone
                     log.warning("fence reservation of %s failed: %s", self.path, failed)

@@ -236,7 +236,9 @@ class FileCore:
         write and the release) releases now, grant first; one whose release waits for the sync
         of its first delivery (a copy under another call key, after a reconnect) is answered
         after that sync, as that delivery is (``released`` only if it did); so is any append
-        whose first answer waits for a sync (a failed sync fails both: ``committed``)."""
+        whose first answer waits for a sync (a failed sync fails both: ``committed``), and a
+        resend that adds a release to a first send without one releases only once that sync
+        succeeds (held by its own call key, ``ReleasingAppends.hold``), never if it fails."""
         assert req.lease is not None
         book, writes = self.book, self.writes
         waits = False
@@ -258,10 +260,11 @@ class FileCore:
             released=True if req.release else None,
         )
         if release:
-            return [
-                writes.releasing.release(call.lane.uid, req.lease, req.aid, first),
-                Resent(call, first),
-            ]
+            releases = writes.releasing.release(call.lane.uid, req.lease, req.aid, first)
+            if waits:  # its first send (no release) waits for its sync: release after it
+                writes.releasing.hold(call_key(call), releases)
+                return [Resent(call, first, after_sync=True)]
+            return [releases, Resent(call, first)]
         return [Resent(call, first, after_sync=waits)]
 
     def may_grant_or_write(self, call: LaneCall) -> bool:
@@ -531,7 +534,9 @@ class FileCore:
         self.push(self.writes.written(op, outcome, rest))
 
     def interrupted(self) -> list[WriteEffect]:
-        """Performing failed (a bug): what was left is dropped, a drain ends."""
+        """Performing failed (a bug: every I/O failure is an outcome fed back, never raised,
+        ``docs/restarts.md``): what was left is dropped, decided by a state the bug may have
+        left wrong; a drain ends."""
         self.work.clear()
         return self.writes.end_drain() if self.writes.draining else []
 

@@ -177,7 +177,7 @@ class Serving:
         until = s.reclaim_until_ms if msg.incarnation == 1 else 0.0
         lost = self.core.activate(self.records.load(), clock(), until, time.time() * 1000)
         if lost is not None:
-            self.records.write(lost)
+            self.records.try_write(lost)  # a failure is logged: the file still serves
 
     @classmethod
     def open(
@@ -269,6 +269,7 @@ class Serving:
             "channels": self.channels.connections(),
             **self.grace_counters(now),
             "lease_record_writes": self.records.writes,
+            "lease_record_failures": self.records.failures,
             **extra,
         }
         return FileStatus(

@@ -257,6 +257,35 @@ def test_a_copy_under_another_call_key_is_answered_released_after_the_grant() ->
     assert s.c.table.counters["releases"] == 1, "released once for the two answers"
 
 
+def test_a_release_resent_on_an_append_whose_first_send_waits_for_its_sync_waits_for_it() -> None:
+    """The first send had no release and its ack waits for its sync; a resend of the same
+    ``aid`` (another call key) asks to release too: it is answered, and releases, only after
+    that sync, and only if it succeeds (before, it released at once and said "written")."""
+    for fails in (True, False):
+        s = Shell(new_core())
+        [a] = s.send("a", Acquire(lane="a", path=PATH, purpose="prompt"), 1)
+        s.send("b", Acquire(lane="b", path=PATH, purpose="prompt"), 2)
+        s.sync_fails = fails
+        plain = Append(lease=a.lease, fence=a.fence, records=[{"n": 1}], aid="aid-a-000001")
+        assert s.send("a", plain, 3, end=False) == []  # held for its sync
+        resent = s.send("a", fused(a, "aid-a-000001"), 4, end=False)
+        assert resent == [], f"answered {resent} before the sync of the append"
+        assert s.c.table.holder is not None and s.c.table.holder.lease == a.lease
+        s.send("a", Release(lease="no-such-lease"), 5)  # the pass ends: its sync
+        answers = {m.id: m for m in s.answers("a") if m.id in (3, 4)}
+        assert sorted(answers) == [3, 4]
+        holder = s.c.table.holder
+        if fails:
+            assert all(isinstance(m, Error) for m in answers.values()), answers
+            assert holder is not None and holder.lease == a.lease, "released: sync failed"
+            assert not any(isinstance(m, Granted) for m in s.answers("b"))
+        else:
+            assert isinstance(answers[3], Appended) and not answers[3].released
+            assert isinstance(answers[4], Appended) and answers[4].released
+            assert holder is not None and holder.lane == "b"
+            assert s.c.table.counters["releases"] == 1
+
+
 # The client's side of a resend ----------------------------------------------------------------
 
 

@@ -44,7 +44,8 @@ Each of these mutations makes it fail (tried with 200 examples each): the grant 
 reservation kept (``meaning``), the fence counter not set back (``reservation_failed``), acks a
 failed sync turned into errors not forgotten (``committed``), their ids kept in the lease
 record or the record not written again before their errors (``committed``), a copy under
-another call key answered from the record before its first's sync (``resent``), the legacy
+another call key answered from the record before its first's sync (``resent``), a copy
+that adds a release releasing before that sync (``resent``), the legacy
 lock not taken before a drain, a drain that stops after one write, the lease record not
 written (``settle``), or written after the acks it backs (``next``), the outbox not holding
 an unsynced ack, a copy of an append whose first answer is still held not waiting for its
@@ -535,6 +536,20 @@ class FileCoreModel(RuleBasedStateMachine):
         self.deliver(lane, request, end=False)
         self.copy_of[(lane, self.ids + 1)] = (lane, self.ids)
         self.deliver(lane, request)
+
+    @rule(lane=st.sampled_from(HOLDERS), sync=st.sampled_from(["ok", "fail"]))
+    def copy_adds_a_release(self, lane: str, sync: str) -> None:
+        """An fsync append with an aid and no release, then a copy of it under another call
+        key that asks to release too, in the same transport pass; the pass's sync succeeds
+        or fails. The copy releases, and says so, only once that sync succeeded."""
+        self.draws["sync"] = [sync]
+        lease, fence = self.leases.get(lane, ("none-1", 1))
+        aid = f"aid-{self.ids:05d}"
+        request = Append(lease=lease, fence=fence, records=[{"n": self.ids}], aid=aid)
+        self.deliver(lane, request, end=False)
+        self.fused[(lane, self.ids + 1)] = (lease, self.table.counters["releases"])
+        self.copy_of[(lane, self.ids + 1)] = (lane, self.ids)
+        self.deliver(lane, request.model_copy(update={"release": True}))
 
     def answered_with_aid(self) -> list[int]:
         return [
