@@ -19,8 +19,11 @@ to do:
 * it has work queued: transmit intents (the actor sent a message in its turn: a send returns at
   once, it is never held up here), transmits waiting for a socket or for their turn, finished
   transmits to complete, received envelopes, realized wakeups, the actor manager's receive
-  queue, a socket with a partial incoming message (its timeout is thespian's to run), a
-  shutdown or child-exit signal noted, or the actor is exiting;
+  queue, a shutdown or child-exit signal noted, or the actor is exiting;
+* a connection thespian accepted but has not finished reading (``_incomingSockets``: a peer's
+  first message, half received, or a stranger's idle connection waiting for its key hello) is
+  readable or due: its socket is in the same ``poll`` unless thespian pauses it
+  (``backoffPause``), and the wait never outlasts its ``delay``, as in thespian's own wait;
 * a timer is due: the wait never outlasts the transport's ``run_time`` (the first pending
   ``wakeupAfter``; ``addWakeup`` lowers it as a turn arms a new one), so a lease's expiry or a
   commit timer fires on time while clients keep the file busy;
@@ -30,6 +33,12 @@ to do:
 
 What the actor itself must not hold the turn for (a carried connection's frames come in thespian
 messages; a retiring file) is the actor's to say before each round (``SessionFile.hold``).
+
+STYLE 11 would put thespian's internals in ``system/runtime``; this module stays in ``actors/``
+because ``SessionFile.hold`` drives it between rounds of its own turn, with its own fds and
+pipe: moving the transport-reading half out (installed and injected, as ``poll_loop`` is) would
+split one wait across two layers for no change in what is read, and was not judged small and
+safe enough for a fix round.
 
 It reads thespian 4.0.1's internals, so it checks them once per process (``unsupported``):
 the version, and that the transport's loop, its ``__init__``, the wakeup mixin and the actor
@@ -60,8 +69,9 @@ __all__ = ["DEFAULT_HOLD_MS", "SUPPORTED_THESPIAN", "ChannelLoop", "Returned", "
 log = logging.getLogger(__name__)
 
 SUPPORTED_THESPIAN = "4.0.1"
-"""The thespian whose internals this module reads (as ``sessionlane.system.runtime.loopback``
-pins; this layer may not import that one)."""
+"""The thespian whose internals this module reads: the one pin of the project's code, kept here
+because this layer may not import ``sessionlane.system`` (``system.runtime.loopback`` and the
+patches that check it import it from here)."""
 
 DEFAULT_HOLD_MS = 50
 """How long one turn may serve channels before thespian gets a pass (``channel_loop_ms``)."""
