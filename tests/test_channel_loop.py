@@ -383,6 +383,32 @@ def test_a_wait_that_raises_gives_the_turn_back_with_the_watch_not_the_message_a
     assert isinstance(peer.reply().message, Appended)
 
 
+def test_a_round_that_raises_returns_a_watch_with_the_pipe_so_the_held_ack_still_leaves(
+    driven: Driven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = driven.actor.loop
+    assert loop is not None
+    peer = driven.channel()
+    send_carried = driven.actor.send_carried
+
+    def raising_in_a_round(s: Any) -> None:
+        if loop.rounds:  # the first turn ends as ever; the round's end raises
+            raise RuntimeError("the end of a round failed")
+        send_carried(s)
+
+    monkeypatch.setattr(driven.actor, "send_carried", raising_in_a_round)
+    peer.call("a", _append(driven.path, "a", 1))
+    # A turn with nothing held (its watch has no pipe); the frame is read in a round of its
+    # hold, whose end raises with the append's ack held:
+    watch = driven.pump([])
+    assert loop.counters()["loop_returned_error"] == 1
+    ready_fd = driven.serving.ready_fd
+    assert watch is not None and ready_fd in watch.filenos, "the ack is held: its pass must end"
+    monkeypatch.setattr(driven.actor, "send_carried", send_carried)
+    driven.pump([ready_fd])
+    assert isinstance(peer.reply().message, Appended)
+
+
 # The real thing ---------------------------------------------------------------------------
 
 
