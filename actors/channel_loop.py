@@ -183,6 +183,7 @@ class ChannelLoop:
         hold_ms: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: seconds, monotonic (``attach`` gives the actor's ``now``; tests a fake)."""
         self.manager = manager
         self.transport = transport
         self.hold_s = hold_ms / 1000.0
@@ -206,7 +207,10 @@ class ChannelLoop:
             from thespian.system.transport.TCPTransport import TCPTransport
 
             if isinstance(transport, TCPTransport) and hasattr(manager, "_receiveQueue"):
-                return cls(manager, transport, hold_ms)
+                now_ms = getattr(actor, "now", None)  # the actor's one clock, if it has one
+                if now_ms is None:
+                    return cls(manager, transport, hold_ms)
+                return cls(manager, transport, hold_ms, clock=lambda: now_ms() / 1000.0)
             return None
         if why is not None and transport is not None:
             log.info("serving channels through thespian's loop only: %s", why)
