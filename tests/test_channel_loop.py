@@ -14,6 +14,7 @@ hold to run out, and its reason would be ``held``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -494,16 +495,29 @@ def test_a_strangers_idle_connection_to_the_files_port_does_not_turn_the_loop_of
             for n in range(3 * CYCLES, 3 * CYCLES + 5):
                 lease.append({"n": n})
                 counters(sl, transcript)
-            lease.release()
             last = counters(sl, transcript)
+            # An append answered in the file's turn, which then holds it for the channel: a
+            # byte on the stranger's connection (not the hello's magic) ends that hold at once,
+            # thespian reads it and closes the connection.
+            lease.append({"n": 3 * CYCLES + 5})
+            for stranger in strangers:
+                stranger.sendall(b"X")
+            for stranger in strangers:
+                stranger.settimeout(60.0)
+                with contextlib.suppress(ConnectionResetError):
+                    assert stranger.recv(1) == b""
+            refused = counters(sl, transcript)
+            lease.release()
         finally:
             for stranger in strangers:
                 stranger.close()
     assert ports, "the file's thespian port"
+    assert grew(refused, last, "loop_returned_held") == 0, "the hold ran out: the byte unseen"
+    assert grew(refused, last, "loop_returned_thespian") >= 1
     assert grew(after, before, "loop_rounds") >= 2 * CYCLES
     assert grew(after, before, "deliveries") <= CYCLES // 4
     assert grew(last, before, "loop_returned_held") == 0
-    assert records_of(transcript) == [f'{{"n":{n}}}' for n in range(3 * CYCLES + 5)]
+    assert records_of(transcript) == [f'{{"n":{n}}}' for n in range(3 * CYCLES + 6)]
 
 
 def test_a_leases_expiry_fires_on_time_while_its_holder_keeps_the_file_busy(
