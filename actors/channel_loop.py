@@ -19,8 +19,11 @@ to do:
 * it has work queued: transmit intents (the actor sent a message in its turn: a send returns at
   once, it is never held up here), transmits waiting for a socket or for their turn, finished
   transmits to complete, received envelopes, realized wakeups, the actor manager's receive
-  queue, a socket with a partial incoming message (its timeout is thespian's to run), a
-  shutdown or child-exit signal noted, or the actor is exiting;
+  queue, a shutdown or child-exit signal noted, or the actor is exiting;
+* a connection thespian accepted but has not finished reading (``_incomingSockets``: a peer's
+  first message, half received, or a stranger's idle connection waiting for its key hello) is
+  readable or due: its socket is in the same ``poll`` unless thespian pauses it
+  (``backoffPause``), and the wait never outlasts its ``delay``, as in thespian's own wait;
 * a timer is due: the wait never outlasts the transport's ``run_time`` (the first pending
   ``wakeupAfter``; ``addWakeup`` lowers it as a turn arms a new one), so a lease's expiry or a
   commit timer fires on time while clients keep the file busy;
@@ -30,6 +33,12 @@ to do:
 
 What the actor itself must not hold the turn for (a carried connection's frames come in thespian
 messages; a retiring file) is the actor's to say before each round (``SessionFile.hold``).
+
+STYLE 11 would put thespian's internals in ``system/runtime``; this module stays in ``actors/``
+because ``SessionFile.hold`` drives it between rounds of its own turn, with its own fds and
+pipe: moving the transport-reading half out (installed and injected, as ``poll_loop`` is) would
+split one wait across two layers for no change in what is read, and was not judged small and
+safe enough for a fix round.
 
 It reads thespian 4.0.1's internals, so it checks them once per process (``unsupported``):
 the version, and that the transport's loop, its ``__init__``, the wakeup mixin and the actor
@@ -52,6 +61,7 @@ import logging
 import math
 import select
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 __all__ = ["DEFAULT_HOLD_MS", "SUPPORTED_THESPIAN", "ChannelLoop", "Returned", "unsupported"]
@@ -59,8 +69,9 @@ __all__ = ["DEFAULT_HOLD_MS", "SUPPORTED_THESPIAN", "ChannelLoop", "Returned", "
 log = logging.getLogger(__name__)
 
 SUPPORTED_THESPIAN = "4.0.1"
-"""The thespian whose internals this module reads (as ``sessionlane.system.runtime.loopback``
-pins; this layer may not import that one)."""
+"""The thespian whose internals this module reads: the one pin of the project's code, kept here
+because this layer may not import ``sessionlane.system`` (``system.runtime.loopback`` and the
+patches that check it import it from here)."""
 
 DEFAULT_HOLD_MS = 50
 """How long one turn may serve channels before thespian gets a pass (``channel_loop_ms``)."""
@@ -93,6 +104,8 @@ _EXPECTED: dict[str, tuple[str, ...]] = {
         "_transmitIntents",
         "_waitingTransmits",
         "_incomingSockets",
+        "backoffPause",
+        "delay",
         "_openSockets",
         "socket",
         "fileno",
@@ -159,13 +172,22 @@ class ChannelLoop:
     thespian pass saved); ``returns`` the turns given back to thespian, by reason: ``thespian``
     (one of its descriptors readable, or one ``poll`` called bad), ``received``, ``sending``,
     ``receiving``, ``signalled`` (its queues and flags: ``busy``), ``timer`` (a wakeup due),
-    ``held`` (the turn's ``hold_ms`` spent), ``error`` (``poll`` failed).
+    ``held`` (the turn's ``hold_ms`` spent), ``error`` (``poll`` failed, or a wait or a round
+    raised: ``failed``).
     """
 
-    def __init__(self, manager: Any, transport: Any, hold_ms: float) -> None:
+    def __init__(
+        self,
+        manager: Any,
+        transport: Any,
+        hold_ms: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock``: seconds, monotonic (``attach`` gives the actor's ``now``; tests a fake)."""
         self.manager = manager
         self.transport = transport
         self.hold_s = hold_ms / 1000.0
+        self.clock = clock
         self.rounds = 0
         self.returns: dict[Returned, int] = {}
         self._key: tuple[tuple[int, ...], tuple[int, ...]] | None = None
@@ -185,7 +207,10 @@ class ChannelLoop:
             from thespian.system.transport.TCPTransport import TCPTransport
 
             if isinstance(transport, TCPTransport) and hasattr(manager, "_receiveQueue"):
-                return cls(manager, transport, hold_ms)
+                now_ms = getattr(actor, "now", None)  # the actor's one clock, if it has one
+                if now_ms is None:
+                    return cls(manager, transport, hold_ms)
+                return cls(manager, transport, hold_ms, clock=lambda: now_ms() / 1000.0)
             return None
         if why is not None and transport is not None:
             log.info("serving channels through thespian's loop only: %s", why)
@@ -197,8 +222,8 @@ class ChannelLoop:
         return {"loop_rounds": self.rounds, **returned}
 
     def until(self) -> float:
-        """The end of this turn's hold (``time.monotonic`` seconds)."""
-        return time.monotonic() + self.hold_s
+        """The end of this turn's hold (``clock`` seconds)."""
+        return self.clock() + self.hold_s
 
     def busy(self) -> Returned | None:
         """Why thespian may have something to do now (its queues and flags), or None."""
@@ -209,8 +234,6 @@ class ChannelLoop:
             return "sending"
         if t._aTB_queuedPendingTransmits or m._receiveQueue:
             return "sending"
-        if t._incomingSockets:
-            return "receiving"
         if t._shutdownSignalled or t._checkChildren or getattr(m, "_exiting", False):
             return "signalled"
         if hasattr(t, "_aborting_run"):
@@ -234,16 +257,24 @@ class ChannelLoop:
         self.returns[why] = self.returns.get(why, 0) + 1
         return None
 
+    def failed(self) -> None:
+        """A wait or a round raised: the turn goes back to thespian (counted as ``error``)."""
+        self.returns["error"] = self.returns.get("error", 0) + 1
+
     def _poll_once(
         self, fds: list[int], pipe: int | None, until: float
     ) -> tuple[Returned | None, list[int]]:
-        now = time.monotonic()
-        left = until - now
+        left = until - self.clock()
         remaining = self.transport.run_time.view().remainingSeconds()
         if remaining is not None:
             if remaining <= 0:
                 return "timer", []
             left = min(left, remaining)
+        incoming = self._incoming_due()
+        if incoming is not None:
+            if incoming <= 0:
+                return "receiving", []
+            left = min(left, incoming)
         if left <= 0:
             return "held", []
         channel = [fd for fd in fds if fd != pipe]
@@ -263,13 +294,33 @@ class ChannelLoop:
             assert pipe is not None
             ready.append(pipe)
         if not ready:
+            if incoming is not None and incoming <= left:
+                return "receiving", []
             return ("timer" if remaining is not None and remaining <= left else "held"), []
         return None, ready
 
+    def _incoming_due(self) -> float | None:
+        """Seconds until the first of thespian's incoming sockets (a connection not yet past
+        its first message, a stranger's idle one among them) is due for its own handling (its
+        deadline, or the end of a backoff pause), as thespian's wait caps itself; or None."""
+        incoming = self.transport._incomingSockets
+        if not incoming:
+            return None
+        from thespian.system.timing import currentTime
+
+        ct = currentTime()
+        for inc in incoming.values():
+            inc.backoffPause()  # as thespian's wait: a pause that is over is dropped first
+        return float(min(inc.delay(ct).total_seconds() for inc in incoming.values()))
+
     def _poller(self, channel: list[int]) -> Any:
-        """A ``poll`` object over ``channel`` and thespian's own sockets, kept while they stay."""
+        """A ``poll`` object over ``channel`` and the sockets thespian's own wait would watch,
+        kept while they stay: its listener, its open sockets, and its incoming sockets not in a
+        backoff pause. A socket already closed (fileno -1) is left to thespian's next pass."""
         t = self.transport
-        theirs = (t.socket.fileno(), *(s.socket.fileno() for s in t._openSockets.values()))
+        incoming = [fd for fd, inc in t._incomingSockets.items() if fd and not inc.backoffPause()]
+        opened = [s.socket.fileno() for s in t._openSockets.values()]
+        theirs = tuple(fd for fd in (t.socket.fileno(), *opened, *incoming) if fd >= 0)
         key = (tuple(channel), theirs)
         if key != self._key:
             poller = select.poll()

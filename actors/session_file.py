@@ -218,17 +218,32 @@ class SessionFile(ShellActor):
             s = self.state
             if not isinstance(s, Serving) or self.idle.retiring or s.channels.carried.connections():
                 return watch
-            ready = loop.wait(watch.filenos, s.ready_fd, until)
+            try:  # nothing out of this turn: thespian would deliver its message again
+                ready = loop.wait(watch.filenos, s.ready_fd, until)
+            except Exception:
+                log.exception("waiting for the channels of %s in its turn failed", self.path)
+                loop.failed()
+                return watch
             if ready is None:
                 return watch
             try:
                 next_watch = self.turn(WatchMessage(ready), None)
-            except Exception:  # not out of this turn: thespian would deliver its message again
+            except Exception:
                 log.exception("serving the channels of %s in its turn failed", self.path)
-                return watch
+                loop.failed()
+                return self.watch_after_failure(watch)
             if next_watch is None:
                 return None
             watch = next_watch
+
+    def watch_after_failure(self, watch: ThespianWatch) -> ThespianWatch | None:
+        """What thespian watches after a round that raised: the channels, and the pipe while
+        acks are held (their pass must still end), from the state the round left."""
+        s = self.state
+        if not isinstance(s, Serving):
+            return watch
+        fds = s.watched(not s.core.commit.idle())
+        return ThespianWatch(fds) if fds else None
 
     def report_broken(self, broken: Broken) -> None:
         """Ask the Registry to retire us, once per count of forwarded messages answered."""

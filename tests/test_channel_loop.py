@@ -14,20 +14,24 @@ hold to run out, and its reason would be ``held``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from processes import file_processes
 from test_file_hot_path import Driven
 from test_gateway import records_of
+from thespian.actors import WatchMessage
 from thespian.system.timing import ExpirationTimer
+from thespian.system.transport.TCPTransport import ActorAddress, TCPIncomingPersistent
 
-from sessionlane.actors import channel_loop
+from sessionlane.actors import channel_loop, procfs
 from sessionlane.actors.channel_loop import ChannelLoop
 from sessionlane.actors.session_file import SessionFile
 from sessionlane.messages.carried import CarriedCalls
@@ -184,6 +188,104 @@ def test_queued_work_or_a_due_timer_ends_the_turn_without_waiting(
     }
 
 
+BUSY: list[tuple[str, str, Any, str]] = [
+    # (on the transport or the manager, attribute, a value that means work, the reason)
+    ("transport", "_incomingEnvelopes", [object()], "received"),
+    ("transport", "_activeWakeups", [object()], "received"),
+    ("transport", "_transmitIntents", {99: object()}, "sending"),
+    ("transport", "_waitingTransmits", [object()], "sending"),
+    ("transport", "_finished_intents", [object()], "sending"),
+    ("transport", "_aTB_queuedPendingTransmits", [object()], "sending"),
+    ("manager", "_receiveQueue", [object()], "sending"),
+    ("transport", "_shutdownSignalled", True, "signalled"),
+    ("transport", "_checkChildren", True, "signalled"),
+    ("manager", "_exiting", True, "signalled"),
+    ("transport", "_aborting_run", True, "signalled"),
+]
+
+
+@pytest.mark.parametrize(
+    ("owner", "name", "value", "why"), BUSY, ids=[f"{o}.{n}" for o, n, _, _ in BUSY]
+)
+def test_each_queue_or_flag_of_thespians_ends_the_turn_though_a_channel_is_readable(
+    wired: tuple[ChannelLoop, _Transport, list[socket.socket]],
+    owner: str,
+    name: str,
+    value: Any,
+    why: str,
+) -> None:
+    loop, transport, (*_, channel_peer, channel) = wired
+    channel_peer.send(b"x")  # a round would be served at once but for thespian's work
+    setattr(transport if owner == "transport" else loop.manager, name, value)
+    assert loop.wait([channel.fileno()], None, loop.until()) is None
+    assert loop.counters() == {"loop_rounds": 0, f"loop_returned_{why}": 1}
+
+
+def _incoming(sock: socket.socket, expires_s: float) -> Any:
+    """thespian's own record of an accepted connection not past its first message (a
+    stranger's idle one: ``connection_auth`` gives it ``expires_s`` to prove the key)."""
+    inc = TCPIncomingPersistent(ActorAddress(None), sock)
+    inc._expires = ExpirationTimer(timedelta(seconds=expires_s))
+    return inc
+
+
+def test_an_idle_incoming_connection_does_not_end_the_turn_but_its_input_does(
+    wired: tuple[ChannelLoop, _Transport, list[socket.socket]],
+) -> None:
+    loop, transport, (*_, channel_peer, channel) = wired
+    stranger, ours = socket.socketpair()
+    try:
+        transport._incomingSockets[ours.fileno()] = _incoming(ours, 60.0)
+        channel_peer.send(b"x")
+        assert loop.wait([channel.fileno()], None, loop.until()) == [channel.fileno()]
+        stranger.send(b"0")  # a byte of a message (or a hello) on it: thespian's to read
+        assert loop.wait([channel.fileno()], None, loop.until()) is None
+        assert loop.counters() == {"loop_rounds": 1, "loop_returned_thespian": 1}
+    finally:
+        stranger.close()
+        ours.close()
+
+
+def test_an_incoming_connection_that_is_due_or_paused_is_left_to_thespian(
+    wired: tuple[ChannelLoop, _Transport, list[socket.socket]],
+) -> None:
+    loop, transport, (*_, channel_peer, channel) = wired
+    stranger, ours = socket.socketpair()
+    try:
+        due = _incoming(ours, 0.0)  # its deadline passed: thespian closes it in its pass
+        transport._incomingSockets[ours.fileno()] = due
+        channel_peer.send(b"x")
+        assert loop.wait([channel.fileno()], None, loop.until()) is None
+        paused = _incoming(ours, 60.0)
+        paused._pauseUntil = ExpirationTimer(timedelta(seconds=60))  # as ``backoffPause(True)``
+        transport._incomingSockets[ours.fileno()] = paused
+        stranger.send(b"0")  # thespian does not read it while it pauses: not waited for
+        assert loop.wait([channel.fileno()], None, loop.until()) == [channel.fileno()]
+        paused._pauseUntil = ExpirationTimer(timedelta(0))  # its pause is over: thespian's
+        assert loop.wait([channel.fileno()], None, loop.until()) is None
+        assert loop.counters() == {
+            "loop_rounds": 1,
+            "loop_returned_receiving": 1,
+            "loop_returned_thespian": 1,
+        }
+    finally:
+        stranger.close()
+        ours.close()
+
+
+def test_a_closed_socket_of_thespians_is_left_to_its_pass_and_a_raising_wait_counts_as_error(
+    wired: tuple[ChannelLoop, _Transport, list[socket.socket]],
+) -> None:
+    loop, transport, (*_, channel_peer, channel) = wired
+    gone = socket.socket()
+    gone.close()  # fileno -1: poll.register would raise ValueError
+    transport._openSockets["gone"] = SimpleNamespace(socket=gone)
+    channel_peer.send(b"x")
+    assert loop.wait([channel.fileno()], None, loop.until()) == [channel.fileno()]
+    loop.failed()
+    assert loop.counters() == {"loop_rounds": 1, "loop_returned_error": 1}
+
+
 def test_the_pipe_of_a_pass_that_ends_is_reported_at_once_with_what_is_readable(
     wired: tuple[ChannelLoop, _Transport, list[socket.socket]],
 ) -> None:
@@ -208,10 +310,12 @@ def driven(
     tmp_path: Path, wired: tuple[ChannelLoop, _Transport, list[socket.socket]]
 ) -> Iterator[Driven]:
     """A SessionFile outside any actor system (``test_file_hot_path``) given the loop over the
-    stand-in transport, holding a turn 5 ms at most."""
+    stand-in transport, holding a turn 5 ms at most by a clock that does not move: a wait with
+    nothing readable lasts 5 ms, however late the process runs, and the time is never spent
+    before a readable socket is seen."""
     made = Driven(tmp_path / "t.jsonl")
     loop, transport, _ = wired
-    made.actor.loop = ChannelLoop(loop.manager, transport, hold_ms=5)
+    made.actor.loop = ChannelLoop(loop.manager, transport, hold_ms=5, clock=lambda: 0.0)
     try:
         yield made
     finally:
@@ -259,6 +363,53 @@ def test_a_file_with_a_carried_connection_open_does_not_hold_its_turn(driven: Dr
     assert loop.counters() == waited, "no wait: its frames come in thespian's messages"
 
 
+def test_a_wait_that_raises_gives_the_turn_back_with_the_watch_not_the_message_again(
+    driven: Driven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = driven.actor.loop
+    assert loop is not None
+    peer = driven.channel()
+    peer.call("a", _append(driven.path, "a", 1))
+
+    def broken_poll(channel: list[int]) -> Any:
+        raise ValueError("a descriptor poll cannot take")
+
+    monkeypatch.setattr(loop, "_poller", broken_poll)
+    (fd,) = driven.readable()
+    watch = driven.actor.receiveMessage(WatchMessage([fd]), None)  # it does not raise
+    assert watch is not None and fd in watch.filenos
+    assert loop.counters()["loop_returned_error"] == 1
+    if driven.serving.ready_fd in watch.filenos:  # the pass of the held ack still ends
+        driven.pump([driven.serving.ready_fd])
+    assert isinstance(peer.reply().message, Appended)
+
+
+def test_a_round_that_raises_returns_a_watch_with_the_pipe_so_the_held_ack_still_leaves(
+    driven: Driven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = driven.actor.loop
+    assert loop is not None
+    peer = driven.channel()
+    send_carried = driven.actor.send_carried
+
+    def raising_in_a_round(s: Any) -> None:
+        if loop.rounds:  # the first turn ends as ever; the round's end raises
+            raise RuntimeError("the end of a round failed")
+        send_carried(s)
+
+    monkeypatch.setattr(driven.actor, "send_carried", raising_in_a_round)
+    peer.call("a", _append(driven.path, "a", 1))
+    # A turn with nothing held (its watch has no pipe); the frame is read in a round of its
+    # hold, whose end raises with the append's ack held:
+    watch = driven.pump([])
+    assert loop.counters()["loop_returned_error"] == 1
+    ready_fd = driven.serving.ready_fd
+    assert watch is not None and ready_fd in watch.filenos, "the ack is held: its pass must end"
+    monkeypatch.setattr(driven.actor, "send_carried", send_carried)
+    driven.pump([ready_fd])
+    assert isinstance(peer.reply().message, Appended)
+
+
 # The real thing ---------------------------------------------------------------------------
 
 
@@ -302,16 +453,71 @@ def test_a_message_for_a_file_holding_its_turn_is_answered_at_once(
             # second; the status query (gateway, Registry, then a thespian message to the file)
             # ends that wait: it is answered before the next frame is sent.
             lease.append({"n": n})
-            started = time.monotonic()
             counters(sl, transcript)
-            assert time.monotonic() - started < LONGEST_HOLD_MS / 1000.0  # before a hold ran out
         after = counters(sl, transcript)
         lease.release()
     # Each query ended a wait of the file's (or came while its answer's send was still in
-    # flight, which ends a turn too); none waited for the hold to run out.
+    # flight, which ends a turn too): the counters say why each turn went back, and none was
+    # the hold running out (a second: the client waits for each answer before it sends on,
+    # so a missed message would have left the file waiting in its hold that long).
     assert grew(after, before, "loop_returned_thespian") >= 1
     assert grew(after, before, "loop_returned_held") == 0
+    assert (
+        grew(after, before, "loop_returned_thespian") + grew(after, before, "loop_returned_sending")
+        >= 5
+    )
     assert records_of(transcript) == [f'{{"n":{n}}}' for n in range(5)]
+
+
+def test_a_strangers_idle_connection_to_the_files_port_does_not_turn_the_loop_off(
+    held: Service, roots: Path
+) -> None:
+    """Any local user may connect to a file's thespian port and say nothing (it has
+    ``HELLO_DEADLINE_S`` to prove the key, and may connect again): thespian keeps the
+    connection among its incoming sockets, which the loop waits for as thespian would."""
+    transcript = roots / "stranger.jsonl"  # a short name: the whole of it in the title
+    with connect(held.address) as sl:
+        cycles(sl, transcript)  # the channel opened, the file warm
+        system = held.running.system
+        titles = {p: procfs.command_line(p) for p in file_processes(system)}
+        (pid,) = [p for p, title in titles.items() if title.endswith(f"/{transcript.name}")]
+        ports = [p for _, p, owner in system.listening_addresses() if owner == pid]
+        strangers = [socket.create_connection(("127.0.0.1", port)) for port in ports]
+        try:
+            # thespian accepts them in its next pass (the listener readable ends a hold)
+            cycles(sl, transcript, CYCLES)
+            before = counters(sl, transcript)
+            cycles(sl, transcript, 2 * CYCLES)
+            after = counters(sl, transcript)
+            # and a message still ends a hold at once while the stranger waits
+            lease = sl.lane("agent").acquire(transcript, purpose="write")
+            assert lease is not None
+            for n in range(3 * CYCLES, 3 * CYCLES + 5):
+                lease.append({"n": n})
+                counters(sl, transcript)
+            last = counters(sl, transcript)
+            # An append answered in the file's turn, which then holds it for the channel: a
+            # byte on the stranger's connection (not the hello's magic) ends that hold at once,
+            # thespian reads it and closes the connection.
+            lease.append({"n": 3 * CYCLES + 5})
+            for stranger in strangers:
+                stranger.sendall(b"X")
+            for stranger in strangers:
+                stranger.settimeout(60.0)
+                with contextlib.suppress(ConnectionResetError):
+                    assert stranger.recv(1) == b""
+            refused = counters(sl, transcript)
+            lease.release()
+        finally:
+            for stranger in strangers:
+                stranger.close()
+    assert ports, "the file's thespian port"
+    assert grew(refused, last, "loop_returned_held") == 0, "the hold ran out: the byte unseen"
+    assert grew(refused, last, "loop_returned_thespian") >= 1
+    assert grew(after, before, "loop_rounds") >= 2 * CYCLES
+    assert grew(after, before, "deliveries") <= CYCLES // 4
+    assert grew(last, before, "loop_returned_held") == 0
+    assert records_of(transcript) == [f'{{"n":{n}}}' for n in range(3 * CYCLES + 6)]
 
 
 def test_a_leases_expiry_fires_on_time_while_its_holder_keeps_the_file_busy(

@@ -34,12 +34,15 @@ import threading
 from importlib import metadata
 from typing import Any
 
+from sessionlane.actors.channel_loop import SUPPORTED_THESPIAN
+
 __all__ = ["SUPPORTED_THESPIAN", "install", "installed_host", "require_supported_thespian"]
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_THESPIAN = "4.0.1"
-"""The thespian release whose bind code this patch was written against and verified on."""
+# SUPPORTED_THESPIAN: the thespian release whose bind code this patch was written against and
+# verified on. Kept once, in the lowest layer that reads thespian's internals (``actors/`` may
+# not import this one): ``sessionlane.actors.channel_loop``.
 
 
 def require_supported_thespian(patcher: str, patches: str, verify: str) -> None:
