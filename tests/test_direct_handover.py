@@ -17,8 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
-from test_gateway import RawConn
+from test_gateway import HEADER, RawConn
 from waiting import eventually
 
 from sessionlane.messages.errors import SessionLaneError
@@ -168,3 +169,49 @@ def test_eof_while_a_caller_reads_fails_its_call_through_the_reader_threads_loss
         assert link.lost is not None and "closed by the service" in link.lost
         assert side.dropped_by[0] == "sessionlane-direct", side.dropped_by
         assert lease.revoked
+
+
+def test_frames_read_by_a_caller_interrupted_while_delivering_still_reach_their_waiters(
+    service: Service, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    side = FileSide(monkeypatch)
+    interrupted = threading.Event()
+    spied = _sync.SessionLane._deliver  # the FileSide's spy
+
+    def deliver(sl: Any, link: Any, reply: Any) -> None:
+        spied(sl, link, reply)
+        if reply.type == "abort_requested" and not interrupted.is_set():
+            interrupted.set()
+            raise KeyboardInterrupt  # as a Ctrl-C landing in the caller that reads
+
+    monkeypatch.setattr(_sync.SessionLane, "_deliver", deliver)
+    with connect(service.address) as sl, ThreadPoolExecutor(2, "caller") as pool:
+        lane = sl.lane("a")
+        acquiring = pool.submit(lane.acquire, path, "write")
+        _granted(side, path, "L1")
+        lease = acquiring.result(10)
+        assert lease is not None
+
+        mine = pool.submit(lease.append, {"n": 1})
+        side.request()
+        reading = _reading(sl)
+        assert reading.lock.locked()
+        other = pool.submit(lane.append, path, {"n": 2})
+        short = side.request()
+        # One write: the caller reads both frames at once and is interrupted after the first.
+        event = {"v": 1, "type": "abort_requested", "lease": "L1", "path": str(path)}
+        answer = {"v": 1, "type": "appended", "id": short["id"], "offset": 0, "lines": 1}
+        side.conn.send_raw(
+            b"".join(
+                HEADER.pack(len(body)) + body
+                for body in (
+                    msgpack.packb({**event, "grace_ms": 1000}),
+                    msgpack.packb({**answer, "fence": 0}),
+                )
+            )
+        )
+        with pytest.raises(KeyboardInterrupt):
+            mine.result(10)
+        assert other.result(10).offset == 0  # delivered as the interrupted caller gave back
+        assert lease.abort_requested
+        assert not reading.lock.locked()

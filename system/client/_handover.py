@@ -28,6 +28,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from sessionlane.messages.codec import FrameReader
@@ -39,19 +40,37 @@ READ_BYTES = 256 * 1024
 
 
 class Reading:
-    """The read side of one link's socket: the read role's lock, the link's frame reader, and
-    the epoll its reader thread waits in."""
+    """The read side of one link's socket: the read role's lock, the link's frame reader and
+    the frames read but not delivered yet, and the epoll its reader thread waits in."""
 
-    __slots__ = ("broken", "caller_reads", "epoll", "fd", "frames", "lock", "own_poll", "sock")
+    __slots__ = (
+        "broken",
+        "caller_reads",
+        "deliver",
+        "epoll",
+        "fd",
+        "frames",
+        "lock",
+        "own_poll",
+        "pending",
+        "sock",
+    )
 
-    def __init__(self, sock: socket.socket, *, caller_reads: bool) -> None:
+    def __init__(
+        self, sock: socket.socket, deliver: Callable[[bytes], None], *, caller_reads: bool
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.deliver = deliver
+        """Decode a frame's body and act on it (``SessionLane._deliver``)."""
         self.caller_reads = caller_reads
         """A caller may take the read role (direct channels); else only the reader thread reads."""
         self.lock = threading.Lock()
         """Held by whoever ``recv``s, until what it read is delivered."""
         self.frames = FrameReader(INCOMING_FRAME_BYTES)
+        self.pending: deque[bytes] = deque()
+        """Whole frames read and not delivered yet (oldest first): left by a caller
+        interrupted while delivering, for the next reader."""
         self.epoll = select.epoll()
         """The reader thread's; a caller reading turns the socket's interest off in it."""
         self.epoll.register(self.fd, select.EPOLLIN)
@@ -69,21 +88,32 @@ class Reading:
         """The reader thread: True once the socket may be readable, False after ``timeout``."""
         return bool(self.epoll.poll(timeout))
 
-    def read_some(self, deliver: Callable[[bytes], None]) -> bool:
-        """Read what is there without blocking and ``deliver`` each whole frame's body, the
-        read lock held by the caller of this. False: the peer closed the connection (EOF).
-        ``OSError`` and ``ValueError`` (a closed socket) are the caller's, and so is a bad
-        frame met by a caller that read before (``broken``)."""
+    def _deliver_pending(self) -> None:
+        while self.pending:
+            self.deliver(self.pending.popleft())
+
+    def _break(self, exc: BaseException) -> None:
+        """A caller met ``exc`` delivering: the link is done for, the reader thread says why."""
+        self.broken = exc
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
+
+    def read_some(self) -> bool:
+        """The reader thread, holding the read lock: read what is there without blocking and
+        deliver each whole frame. False: the peer closed the connection (EOF). ``OSError``,
+        ``ValueError`` (a closed socket) and a bad frame are the reader thread's to report,
+        and so is one met by a caller before (``broken``)."""
         if self.broken is not None:
             raise self.broken
+        self._deliver_pending()
         try:
             data = self.sock.recv(READ_BYTES, socket.MSG_DONTWAIT)
-        except BlockingIOError:  # another reader took it first
+        except BlockingIOError:  # a caller read it first
             return True
         if not data:
             return False
-        for body in self.frames.feed(data):
-            deliver(body)
+        self.pending.extend(self.frames.feed(data))
+        self._deliver_pending()
         return True
 
     def try_take(self) -> bool:
@@ -99,17 +129,19 @@ class Reading:
 
     def give_back(self) -> None:
         """End the read role: the reader thread reads again (level-triggered: anything that
-        came meanwhile wakes it)."""
+        came meanwhile wakes it). Frames an interrupted caller left are delivered first."""
         try:
-            self.epoll.modify(self.fd, select.EPOLLIN)
-        except (OSError, ValueError):  # closed: the reader thread is leaving anyway
-            pass
+            if self.pending and self.broken is None:
+                try:
+                    self._deliver_pending()
+                except Exception as exc:
+                    self._break(exc)
         finally:
+            with contextlib.suppress(OSError, ValueError):  # closed: the reader is leaving
+                self.epoll.modify(self.fd, select.EPOLLIN)
             self.lock.release()
 
-    def read_until(
-        self, done: threading.Event, deadline: float | None, deliver: Callable[[bytes], None]
-    ) -> None:
+    def read_until(self, done: threading.Event, deadline: float | None) -> None:
         """Holding the read role, read and deliver until ``done`` is set, the peer closed the
         connection or failed, or ``deadline`` (``time.monotonic``) passed. Never raises for
         the socket: its end is the reader thread's to report once this gives the socket back."""
@@ -132,10 +164,8 @@ class Reading:
             if not data:
                 return
             try:
-                for body in self.frames.feed(data):
-                    deliver(body)
-            except Exception as exc:  # a bad frame: the link is done for, the reader says why
-                self.broken = exc
-                with contextlib.suppress(OSError):
-                    self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
+                self.pending.extend(self.frames.feed(data))
+                self._deliver_pending()
+            except Exception as exc:
+                self._break(exc)
                 return

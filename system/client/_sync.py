@@ -37,6 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenacity import Retrying
@@ -262,10 +263,10 @@ class SessionLane:
             refusal = service_refusal(self.settings, owner)
             if refusal is not None:
                 raise Unauthorized(refusal)
-            reading = Reading(sock, caller_reads=False)
             with self._lock:
                 self.core.service_uid = owner
                 link, hello = self.core.opened(sock, time.monotonic())
+                reading = Reading(sock, partial(self._deliver_body, link), caller_reads=False)
                 self._readings[link] = reading
         except BaseException:
             sock.close()
@@ -314,10 +315,6 @@ class SessionLane:
         On a direct channel a caller may read its own reply meanwhile (``_handover``)."""
         sock = link.transport
         reason = "connection closed by the service"
-
-        def deliver(body: bytes) -> None:
-            self._deliver(link, decode_reply(body))
-
         # Wait for input with epoll, not a socket timeout: the timeout would also cut sends
         # short (a large append would fail mid-frame after ``keepalive`` seconds).
         try:
@@ -330,7 +327,7 @@ class SessionLane:
                 if not reading.wait(wait):
                     continue
                 with reading.lock:
-                    if not reading.read_some(deliver):
+                    if not reading.read_some():
                         break
         except (OSError, ValueError, SessionLaneError) as exc:  # ValueError: a closed socket
             reason = f"connection lost: {exc}"
@@ -358,6 +355,9 @@ class SessionLane:
             self._run(ops.revive_all(self.core))
         except SessionLaneError as exc:
             log.warning("sessionlane %s: reclaim failed: %s", self.settings.address, exc)
+
+    def _deliver_body(self, link: _Link, body: bytes) -> None:
+        self._deliver(link, decode_reply(body))
 
     def _deliver(self, link: _Link, reply: Reply) -> None:
         with self._lock:
@@ -481,9 +481,9 @@ class SessionLane:
         with self._lock:
             expected = self.core.service_uid
         sock = open_sync(offer, expected, self.settings.timeout)
-        reading = Reading(sock, caller_reads=True)
         with self._lock:
             direct = self.core.direct_opened(key, sock, time.monotonic())
+            reading = Reading(sock, partial(self._deliver_body, direct), caller_reads=True)
             self._readings[direct] = reading
         threading.Thread(
             target=self._read_loop, args=(direct, reading), name="sessionlane-direct", daemon=True
@@ -517,9 +517,7 @@ class SessionLane:
         if reads:
             assert reading is not None
             try:
-                reading.read_until(
-                    waiter.event, deadline, lambda body: self._deliver(link, decode_reply(body))
-                )
+                reading.read_until(waiter.event, deadline)
             finally:
                 reading.give_back()
         waiter.event.wait(max(0.0, deadline - time.monotonic()))
