@@ -35,10 +35,11 @@ from typing import Any
 
 import pytest
 from client_surfaces import CLIENT_KEEPALIVE, Surface, client, lines  # noqa: F401 (fixture)
+from nodejs import node_script
 from test_append_release import FENCE, SECRET, Shell, new_core
 from test_disk_service import fill_up, small_tmpfs
 from test_gateway import RawConn
-from test_restarts import NODE_DIR, Restarts, crash, node_or_skip
+from test_restarts import Restarts, crash, node_or_skip
 from test_session_file_core import NOW, PATH
 from waiting import eventually
 
@@ -534,18 +535,10 @@ def test_the_node_client_resends_a_pipeline_whose_sync_failed_and_it_is_written(
     restarts: Restarts, death: DeathAfterFailedSync
 ) -> None:
     """As the Python client's test above, with the Node client's ``appendPipelined``."""
-    import subprocess
-
     node = node_or_skip()
     path = str(restarts.root / "node-p.jsonl")
     first = restarts.start()
-    proc = subprocess.Popen(
-        [node, "-e", NODE_PIPELINE, str(NODE_DIR), first.address, path],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = node_script(node, NODE_PIPELINE, first.address, path)
     try:
         assert proc.stdout is not None and proc.stdin is not None
         held = json.loads(proc.stdout.readline())
