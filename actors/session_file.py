@@ -54,9 +54,13 @@ what they bring as the ``WatchMessage`` thespian would have delivered (``hold``)
 the transport's own, moved into the turn: thespian's descriptors are in it, and its queued
 work or a due timer ends it.
 
-About 730 lines: the worklist loop, the effects it performs and the actor's messages; the
-serving state (``session_file_serving``), the channels (``session_file_channels``), the disk
-(``session_file_disk``) and the channel loop (``channel_loop``) are modules of their own.
+About 750 lines, read whole on purpose: this is the one place where the actor's turn is
+decided (a message, the worklist loop that performs the core's effects, the end of the turn and
+what thespian watches next, the channel loop's rounds), and each of those steps hands the
+next one the serving state; split, a reader would follow one turn across files (STYLE.md's
+"one class spread over several files"). Everything that owns state of its own is a module:
+the serving state (``session_file_serving``), the channels (``session_file_channels``), the
+disk (``session_file_disk``), the waits (``channel_loop``), and every decision (the core).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-__all__ = ["NODE_DIR", "built_node"]
+__all__ = ["NODE_DIR", "built_node", "node_script"]
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
 """The package's directory in the repository."""
@@ -62,3 +62,15 @@ def _run_key() -> str:
         if value := os.environ.get(name):
             return "".join(c if c.isalnum() or c in "-_" else "_" for c in value)
     return f"pid{os.getpid()}"
+
+
+def node_script(node: str, script: str, *args: str) -> subprocess.Popen[str]:
+    """``node -e SCRIPT NODE_DIR ARGS...`` in a session of its own, lines in and out: a holder
+    the restart tests drive step by step (the caller kills its session when done)."""
+    return subprocess.Popen(
+        [node, "-e", script, str(NODE_DIR), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )

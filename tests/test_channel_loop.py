@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from processes import file_processes
-from test_file_hot_path import Driven
+from test_file_hot_path import Driven, append_of
 from test_gateway import records_of
 from thespian.actors import WatchMessage
 from thespian.system.timing import ExpirationTimer
@@ -37,7 +37,7 @@ from sessionlane.actors.session_file import SessionFile
 from sessionlane.messages.carried import CarriedCalls
 from sessionlane.messages.channel import hello_frame
 from sessionlane.messages.errors import LeaseRevoked, UnknownOutcome
-from sessionlane.messages.wire import Append, Appended
+from sessionlane.messages.wire import Appended
 from sessionlane.system.client import connect
 from sessionlane.system.runtime.service import Service, embedded_service
 
@@ -322,10 +322,6 @@ def driven(
         made.close()
 
 
-def _append(path: str, lane: str, rid: int) -> Append:
-    return Append(id=rid, lane=lane, path=path, records=[{"lane": lane, "i": rid}])
-
-
 def test_a_frame_that_arrives_while_a_pass_ends_joins_it_in_the_same_turn_and_sync(
     driven: Driven,
 ) -> None:
@@ -333,8 +329,8 @@ def test_a_frame_that_arrives_while_a_pass_ends_joins_it_in_the_same_turn_and_sy
     loop = driven.actor.loop
     assert loop is not None
     rounds, before = loop.rounds, driven.syncs()
-    a.call("a", _append(driven.path, "a", 1))
-    b.call("b", _append(driven.path, "b", 1))
+    a.call("a", append_of(driven.path, "a", 1))
+    b.call("b", append_of(driven.path, "b", 1))
     first = driven.serving.channels.fds()[1]
     watch = driven.pump([first])  # one delivery: a's frame; b's is read in the held turn
     assert watch is not None and driven.serving.ready_fd not in watch.filenos
@@ -353,7 +349,7 @@ def test_a_file_with_a_carried_connection_open_does_not_hold_its_turn(driven: Dr
     loop = driven.actor.loop
     assert loop is not None
     waited = dict(loop.counters())
-    peer.call("a", _append(driven.path, "a", 1))
+    peer.call("a", append_of(driven.path, "a", 1))
     ready_fd = driven.serving.ready_fd
     watch = driven.pump()
     # The pass waits for thespian (a carried frame may join it), which reports the pipe:
@@ -369,7 +365,7 @@ def test_a_wait_that_raises_gives_the_turn_back_with_the_watch_not_the_message_a
     loop = driven.actor.loop
     assert loop is not None
     peer = driven.channel()
-    peer.call("a", _append(driven.path, "a", 1))
+    peer.call("a", append_of(driven.path, "a", 1))
 
     def broken_poll(channel: list[int]) -> Any:
         raise ValueError("a descriptor poll cannot take")
@@ -398,7 +394,7 @@ def test_a_round_that_raises_returns_a_watch_with_the_pipe_so_the_held_ack_still
         send_carried(s)
 
     monkeypatch.setattr(driven.actor, "send_carried", raising_in_a_round)
-    peer.call("a", _append(driven.path, "a", 1))
+    peer.call("a", append_of(driven.path, "a", 1))
     # A turn with nothing held (its watch has no pipe); the frame is read in a round of its
     # hold, whose end raises with the append's ack held:
     watch = driven.pump([])

@@ -92,7 +92,8 @@ def driven(tmp_path: Path) -> Iterator[Driven]:
         made.close()
 
 
-def _append(path: str, lane: str, rid: int) -> Append:
+def append_of(path: str, lane: str, rid: int) -> Append:
+    """An append of one record, tagged with its lane and id."""
     return Append(id=rid, lane=lane, path=path, records=[{"lane": lane, "i": rid}])
 
 
@@ -101,7 +102,7 @@ def test_an_append_with_nothing_else_to_read_is_synced_and_answered_in_its_own_t
 ) -> None:
     peer = driven.channel()
     before = driven.syncs()
-    peer.call("a", _append(driven.path, "a", 1))
+    peer.call("a", append_of(driven.path, "a", 1))
     watch = driven.pump()
     assert driven.readable() == []
     assert watch is not None and driven.serving.ready_fd not in watch.filenos
@@ -115,8 +116,8 @@ def test_a_pass_with_another_channels_frame_waiting_waits_for_it_and_shares_the_
 ) -> None:
     a, b = driven.channel(), driven.channel()
     before = driven.syncs()
-    a.call("a", _append(driven.path, "a", 1))
-    b.call("b", _append(driven.path, "b", 1))
+    a.call("a", append_of(driven.path, "a", 1))
+    b.call("b", append_of(driven.path, "b", 1))
     first = [fd for fd in driven.readable() if fd == driven.serving.channels.fds()[1]]
     watch = driven.pump(first)  # a's frame only: b's is still readable
     ready_fd = driven.serving.ready_fd
@@ -133,7 +134,7 @@ def test_a_pass_with_another_channels_frame_waiting_waits_for_it_and_shares_the_
 
 def test_the_calls_of_one_lane_on_one_channel_share_its_lane_ref() -> None:
     refs: dict[tuple[Any, ...], LaneRef] = {}
-    append = _append("/s.jsonl", "a", 1)
+    append = append_of("/s.jsonl", "a", 1)
     first = channel_call(
         "/s.jsonl", ChannelRef(1), ChannelCall("u", "a", "interactive", append), refs
     )

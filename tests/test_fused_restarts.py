@@ -7,29 +7,20 @@ resend is exactly the one a client makes after its answer was lost with the serv
 for its lease back first (refused: the lease was released before the crash), then resends.
 """
 
+# ruff: noqa: F811  (the restarts fixture is imported, then named as an argument)
+
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from client_surfaces import lines
 from test_gateway import RawConn
-from test_restarts import Restarts, crash, status_of
+from test_restarts import Restarts, crash, restarts, status_of  # noqa: F401 (fixture)
 
 from sessionlane.system.client import connect
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(180)]
-
-
-@pytest.fixture
-def restarts(tmp_path: Path) -> Iterator[Restarts]:
-    root = tmp_path / "sessions"
-    root.mkdir()
-    made = Restarts(root, tmp_path)
-    yield made
-    made.stop_all()
 
 
 def acquire(raw: RawConn, path: str, lane: str, **extra: Any) -> dict[str, Any]:

@@ -29,9 +29,9 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     lines,
     pool,
 )
+from nodejs import node_script
 from test_gateway import RawConn
 from test_restarts import (  # noqa: F401 (fixture)
-    NODE_DIR,
     RECONNECT_FOR,
     Restarts,
     crash,
@@ -175,18 +175,10 @@ const emit = (line) => process.stdout.write(JSON.stringify(line) + '\\n');
 def test_a_node_pipeline_cut_by_a_crash_is_resent_in_order_and_written_once(
     restarts: Restarts,
 ) -> None:
-    import subprocess
-
     node = node_or_skip()
     path = str(restarts.root / "node-piped.jsonl")
     first = restarts.start()
-    proc = subprocess.Popen(
-        [node, "-e", NODE_PIPELINE, str(NODE_DIR), first.address, path],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = node_script(node, NODE_PIPELINE, first.address, path)
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert json.loads(proc.stdout.readline()) == {"step": "held"}

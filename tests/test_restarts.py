@@ -30,7 +30,7 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     lines,
     pool,
 )
-from nodejs import NODE_DIR, built_node
+from nodejs import built_node, node_script
 from ports import restart_port
 from test_gateway import RawConn
 
@@ -431,18 +431,10 @@ def node_or_skip() -> str:
 def test_a_node_holder_rides_out_a_crash_and_under_the_openclaw_drop_in_sees_nothing(
     restarts: Restarts, mode: str
 ) -> None:
-    import subprocess
-
     node = node_or_skip()
     path = str(restarts.root / f"node-{mode}.jsonl")
     first = restarts.start()
-    proc = subprocess.Popen(
-        [node, "-e", NODE_HOLDER, str(NODE_DIR), first.address, path, mode],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = node_script(node, NODE_HOLDER, first.address, path, mode)
     try:
         assert proc.stdout is not None and proc.stdin is not None
         held = json.loads(proc.stdout.readline())

@@ -20,7 +20,7 @@ Hypothesis model of the core (``tests/test_file_core_model.py``) checks the same
 interleaving.
 """
 
-# ruff: noqa: F811  (the client surface fixture is imported, then named as an argument)
+# ruff: noqa: F811  (the client surface and restarts fixtures are imported, then named as arguments)
 
 from __future__ import annotations
 
@@ -29,16 +29,16 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from client_surfaces import CLIENT_KEEPALIVE, Surface, client, lines  # noqa: F401 (fixture)
+from nodejs import node_script
 from test_append_release import FENCE, SECRET, Shell, new_core
 from test_disk_service import fill_up, small_tmpfs
 from test_gateway import RawConn
-from test_restarts import NODE_DIR, Restarts, crash, node_or_skip
+from test_restarts import Restarts, crash, node_or_skip, restarts  # noqa: F401 (fixture)
 from test_session_file_core import NOW, PATH
 from waiting import eventually
 
@@ -264,15 +264,6 @@ def failing_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setattr(Transcript, "sync", sync)
     return flag
-
-
-@pytest.fixture
-def restarts(tmp_path: Path) -> Iterator[Restarts]:
-    root = tmp_path / "sessions"
-    root.mkdir()
-    made = Restarts(root, tmp_path)
-    yield made
-    made.stop_all()
 
 
 def recorded(path: str) -> list[str]:
@@ -534,18 +525,10 @@ def test_the_node_client_resends_a_pipeline_whose_sync_failed_and_it_is_written(
     restarts: Restarts, death: DeathAfterFailedSync
 ) -> None:
     """As the Python client's test above, with the Node client's ``appendPipelined``."""
-    import subprocess
-
     node = node_or_skip()
     path = str(restarts.root / "node-p.jsonl")
     first = restarts.start()
-    proc = subprocess.Popen(
-        [node, "-e", NODE_PIPELINE, str(NODE_DIR), first.address, path],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = node_script(node, NODE_PIPELINE, first.address, path)
     try:
         assert proc.stdout is not None and proc.stdin is not None
         held = json.loads(proc.stdout.readline())
