@@ -23,7 +23,7 @@ from test_gateway import HEADER, RawConn
 from waiting import eventually
 
 from sessionlane.messages.errors import SessionLaneError
-from sessionlane.system.client import _sync, connect
+from sessionlane.system.client import _core, _sync, connect
 from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
@@ -215,3 +215,27 @@ def test_frames_read_by_a_caller_interrupted_while_delivering_still_reach_their_
         assert other.result(10).offset == 0  # delivered as the interrupted caller gave back
         assert lease.abort_requested
         assert not reading.lock.locked()
+
+
+def test_a_caller_whose_reply_does_not_come_gives_the_socket_back_at_its_limit(
+    service: Service, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    side = FileSide(monkeypatch)
+    with connect(service.address) as sl, ThreadPoolExecutor(1, "caller") as pool:
+        acquiring = pool.submit(sl.lane("a").acquire, path, "write")
+        _granted(side, path, "L1")
+        lease = acquiring.result(10)
+        assert lease is not None
+        reading = _reading(sl)
+        monkeypatch.setattr(_core.Settings, "reply_limit", lambda self, timeout: 0.3)
+
+        appending = pool.submit(lease.append, {"n": 1})
+        late = side.request()
+        with pytest.raises(SessionLaneError):
+            appending.result(10)  # no reply within its limit: given up, as before
+        assert not reading.lock.locked()
+        # What comes after is the reader thread's: the late answer, then an event.
+        side.send(type="appended", id=late["id"], offset=0, lines=1, fence=7)
+        side.send(type="abort_requested", lease="L1", path=str(path), grace_ms=1000)
+        eventually(lambda: lease.abort_requested, "the event applied")
+        assert side.delivered[-1] == ("abort_requested", "sessionlane-direct")
