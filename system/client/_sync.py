@@ -24,7 +24,7 @@ logger (``sessionlane.system.client``) only, never to the host's stderr.
 
 This module is the socket and thread half only: what to send and what a reply means are the
 shared ``ClientCore`` (``_core``) and the operations (``_ops``), driven here with blocking
-calls. Every use of the core holds ``SessionLane._lock``. (About 690 lines: the opening and
+calls. Every use of the core holds ``SessionLane._lock``. (About 730 lines: the opening and
 routing of direct channels, ``docs/direct-channel.md``, stay beside the connection code whose
 lock and reader thread they share.)
 """
