@@ -24,7 +24,7 @@ logger (``sessionlane.system.client``) only, never to the host's stderr.
 
 This module is the socket and thread half only: what to send and what a reply means are the
 shared ``ClientCore`` (``_core``) and the operations (``_ops``), driven here with blocking
-calls. Every use of the core holds ``SessionLane._lock``. (About 690 lines: the opening and
+calls. Every use of the core holds ``SessionLane._lock``. (About 730 lines: the opening and
 routing of direct channels, ``docs/direct-channel.md``, stay beside the connection code whose
 lock and reader thread they share.)
 """
@@ -32,17 +32,17 @@ lock and reader thread they share.)
 from __future__ import annotations
 
 import contextlib
-import selectors
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenacity import Retrying
 
-from sessionlane.messages.codec import FrameReader, decode_reply
+from sessionlane.messages.codec import decode_reply
 from sessionlane.messages.errors import SessionLaneError, Unauthorized, Unavailable
 from sessionlane.messages.wire import (
     Direct,
@@ -58,7 +58,6 @@ from sessionlane.system.client import _ops as ops
 from sessionlane.system.client import _pipeline as pipelines
 from sessionlane.system.client._checks import check_lane
 from sessionlane.system.client._core import (
-    INCOMING_FRAME_BYTES,
     Answer,
     AppendResult,
     ClientCore,
@@ -72,6 +71,7 @@ from sessionlane.system.client._core import (
     parse_address,
 )
 from sessionlane.system.client._direct import DirectUnknown, open_sync
+from sessionlane.system.client._handover import Reading
 from sessionlane.system.client._records import MAX_FRAME_BYTES, MAX_RECORD_BYTES
 from sessionlane.system.client._verify import (
     OWNER_LOOKUP_DELAYS,
@@ -88,7 +88,6 @@ if TYPE_CHECKING:
 __all__ = ["Lane", "Lease", "SessionLane", "connect", "connect_async"]
 
 R = TypeVar("R")
-_READ_BYTES = 256 * 1024
 _SEND_BYTES = 256 * 1024
 """A pipeline's frames go out in writes of about this size, the lock released between them."""
 
@@ -193,6 +192,7 @@ class SessionLane:
         self._lock = threading.Lock()  # the core, and whole frames on the socket
         self._connecting = threading.Lock()  # one reconnect at a time
         self._opening = threading.Lock()  # one direct channel opened at a time
+        self._readings: dict[_Link, Reading] = {}  # who reads each open link (_handover)
 
     def __repr__(self) -> str:
         state = "closed" if self.core.closed else "connected" if self.connected else "idle"
@@ -266,11 +266,13 @@ class SessionLane:
             with self._lock:
                 self.core.service_uid = owner
                 link, hello = self.core.opened(sock, time.monotonic())
+                reading = Reading(sock, partial(self._deliver_body, link), caller_reads=False)
+                self._readings[link] = reading
         except BaseException:
             sock.close()
             raise
         threading.Thread(
-            target=self._read_loop, args=(link,), name="sessionlane-client", daemon=True
+            target=self._read_loop, args=(link, reading), name="sessionlane-client", daemon=True
         ).start()
         try:
             reply = self._exchange(link, ops.Call(hello))
@@ -308,15 +310,13 @@ class SessionLane:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _read_loop(self, link: _Link) -> None:
-        """The reader thread of ``link``: replies and events in, keepalives out, until lost."""
+    def _read_loop(self, link: _Link, reading: Reading) -> None:
+        """The reader thread of ``link``: replies and events in, keepalives out, until lost.
+        On a direct channel a caller may read its own reply meanwhile (``_handover``)."""
         sock = link.transport
-        frames = FrameReader(INCOMING_FRAME_BYTES)
         reason = "connection closed by the service"
-        # Wait for input with a selector, not a socket timeout: the timeout would also cut
-        # sends short (a large append would fail mid-frame after ``keepalive`` seconds).
-        selector = selectors.DefaultSelector()
-        selector.register(sock, selectors.EVENT_READ)
+        # Wait for input with epoll, not a socket timeout: the timeout would also cut sends
+        # short (a large append would fail mid-frame after ``keepalive`` seconds).
         try:
             while link.lost is None:
                 with self._lock:
@@ -324,22 +324,22 @@ class SessionLane:
                     if keepalive is not None:
                         with contextlib.suppress(OSError):
                             sock.sendall(keepalive)
-                if not selector.select(wait):
+                if not reading.wait(wait):
                     continue
-                data = sock.recv(_READ_BYTES)
-                if not data:
-                    break
-                for body in frames.feed(data):
-                    self._deliver(link, decode_reply(body))
+                with reading.lock:
+                    if not reading.read_some():
+                        break
         except (OSError, ValueError, SessionLaneError) as exc:  # ValueError: a closed socket
             reason = f"connection lost: {exc}"
         except Exception as exc:  # a bug must not leave requests waiting on a dead reader
             log.exception("sessionlane client reader failed")
             reason = f"reader failed: {exc!r}"
-        finally:
-            selector.close()
         self._drop(link, reason, ask=True)  # the service's side ended it (or the reader failed)
-        sock.close()
+        with self._lock:
+            self._readings.pop(link, None)
+        with reading.lock:  # a caller reading gives the socket back before it is closed
+            reading.close()
+            sock.close()
         self._revive_soon()
 
     def _revive_soon(self) -> None:
@@ -355,6 +355,9 @@ class SessionLane:
             self._run(ops.revive_all(self.core))
         except SessionLaneError as exc:
             log.warning("sessionlane %s: reclaim failed: %s", self.settings.address, exc)
+
+    def _deliver_body(self, link: _Link, body: bytes) -> None:
+        self._deliver(link, decode_reply(body))
 
     def _deliver(self, link: _Link, reply: Reply) -> None:
         with self._lock:
@@ -480,25 +483,44 @@ class SessionLane:
         sock = open_sync(offer, expected, self.settings.timeout)
         with self._lock:
             direct = self.core.direct_opened(key, sock, time.monotonic())
+            reading = Reading(sock, partial(self._deliver_body, direct), caller_reads=True)
+            self._readings[direct] = reading
         threading.Thread(
-            target=self._read_loop, args=(direct,), name="sessionlane-direct", daemon=True
+            target=self._read_loop, args=(direct, reading), name="sessionlane-direct", daemon=True
         ).start()
         return direct
 
     def _exchange(self, link: _Link, call: ops.Call) -> Reply:
-        """Send ``call``'s request on ``link``; wait for its final reply."""
+        """Send ``call``'s request on ``link``; wait for its final reply. On a direct channel
+        whose read role is free, read that reply here instead of being woken by the reader
+        thread (``_handover``): one thread wake-up and GIL hand-over less per request."""
         waiter = _Waiter()
+        with self._lock:
+            reading = self._readings.get(link)
+        reads = reading is not None and reading.try_take()
         try:
             with self._lock:
                 rid, data = self.core.request(link, call.request, waiter, time.monotonic())
                 link.transport.sendall(data)
-        except OSError as exc:
+        except BaseException as exc:
+            if reads:
+                assert reading is not None
+                reading.give_back()
+            if not isinstance(exc, OSError):
+                raise
             # The connection is unusable (and a partly sent frame would corrupt it): report
             # it lost now, so its leases are revoked before this error surfaces.
             self._drop(link, f"send failed: {exc}")
             raise NotSent(f"send failed: {exc}") from exc
         limit = self.settings.reply_limit(call.timeout)
-        waiter.event.wait(limit)
+        deadline = time.monotonic() + limit
+        if reads:
+            assert reading is not None
+            try:
+                reading.read_until(waiter.event, deadline)
+            finally:
+                reading.give_back()
+        waiter.event.wait(max(0.0, deadline - time.monotonic()))
         with self._lock:
             if not waiter.event.is_set():
                 self.core.given_up(link, rid, call.request)
