@@ -98,16 +98,22 @@ def _granted(side: FileSide, path: Path, lease: str) -> dict[str, Any]:
     return acquire
 
 
+def _held(sl: Any, pool: ThreadPoolExecutor, side: FileSide, path: Path) -> Any:
+    """Lane ``a``'s lease ``L1`` on ``path``, acquired in ``pool``, granted by the file side."""
+    acquiring = pool.submit(sl.lane("a").acquire, path, "write")
+    _granted(side, path, "L1")
+    lease = acquiring.result(10)
+    assert lease is not None and lease.id == "L1"
+    return lease
+
+
 def test_a_caller_reading_its_reply_applies_events_and_wakes_other_waiters(
     service: Service, path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     side = FileSide(monkeypatch)
     with connect(service.address) as sl, ThreadPoolExecutor(2, "caller") as pool:
         lane = sl.lane("a")
-        acquiring = pool.submit(lane.acquire, path, "write")
-        _granted(side, path, "L1")
-        lease = acquiring.result(10)
-        assert lease is not None and lease.id == "L1"
+        lease = _held(sl, pool, side, path)
 
         mine = pool.submit(lease.append, {"n": 1})
         append = side.request()
@@ -153,12 +159,9 @@ def test_eof_while_a_caller_reads_fails_its_call_through_the_reader_threads_loss
 ) -> None:
     side = FileSide(monkeypatch)
     with connect(service.address) as sl, ThreadPoolExecutor(1, "caller") as pool:
-        acquiring = pool.submit(sl.lane("a").acquire, path, "write")
-        _granted(side, path, "L1")
-        lease = acquiring.result(10)
-        assert lease is not None
+        lease = _held(sl, pool, side, path)
+        reading = _reading(sl)
         (link,) = sl.core.direct.links.values()
-        reading = sl._readings[link]
 
         appending = pool.submit(lease.append, {"n": 1})
         assert side.request()["type"] == "append"
@@ -189,10 +192,7 @@ def test_frames_read_by_a_caller_interrupted_while_delivering_still_reach_their_
     monkeypatch.setattr(_sync.SessionLane, "_deliver", deliver)
     with connect(service.address) as sl, ThreadPoolExecutor(2, "caller") as pool:
         lane = sl.lane("a")
-        acquiring = pool.submit(lane.acquire, path, "write")
-        _granted(side, path, "L1")
-        lease = acquiring.result(10)
-        assert lease is not None
+        lease = _held(sl, pool, side, path)
 
         mine = pool.submit(lease.append, {"n": 1})
         side.request()
@@ -224,10 +224,7 @@ def test_a_caller_whose_reply_does_not_come_gives_the_socket_back_at_its_limit(
 ) -> None:
     side = FileSide(monkeypatch)
     with connect(service.address) as sl, ThreadPoolExecutor(1, "caller") as pool:
-        acquiring = pool.submit(sl.lane("a").acquire, path, "write")
-        _granted(side, path, "L1")
-        lease = acquiring.result(10)
-        assert lease is not None
+        lease = _held(sl, pool, side, path)
         reading = _reading(sl)
         monkeypatch.setattr(_core.Settings, "reply_limit", lambda self, timeout: 0.3)
 
