@@ -70,7 +70,7 @@ def test_a_failed_append_stops_the_ones_after_it_and_the_error_says_which_were_w
     client: Surface, service: Any, path: str
 ) -> None:
     records: list[dict[str, Any]] = [{"n": n} for n in range(100)]
-    records[10] = {"big": "x" * MAX_RECORD_BYTES}  # over the service's max_record_bytes
+    records[40] = {"big": "x" * MAX_RECORD_BYTES}  # over the service's max_record_bytes
     # max_record_bytes=None: the client leaves the size to the service, which refuses it.
     sl = client.connect(service.address, timeout=10.0, max_record_bytes=None)
     with sl, sl.lane("agent").lease(path) as lease:
@@ -79,17 +79,19 @@ def test_a_failed_append_stops_the_ones_after_it_and_the_error_says_which_were_w
             lease.append_pipelined(records, window=64)
         error = caught.value
         assert error.code == "pipeline_broken"
-        assert error.failed == 10 and error.unknown == 0
+        # Groups of 16 records (a quarter of the window), each one append, all or nothing:
+        # the group of records 32 to 47 is refused whole, the two before it are written.
+        assert error.failed == 32 and error.unknown == 0
         assert isinstance(error.cause, InvalidRecord)
-        assert [r.lines for r in error.written] == [1] * 10
-        assert "append 10 and the ones after it were not written" in error.detail
+        assert [r.lines for r in error.written] == [1] * 32
+        assert "record 32 and the ones after it were not written" in error.detail
         assert lease.revoked is None
         lease.append({"n": "after"})  # the lease is fine after a broken pipeline
-        # Appends 11 to 63 left in the first write, before the answer to 10: refused.
-        assert file_status(sl, path).counters["pipeline_broken"] >= 53
-    assert [r["n"] for r in lines(path)] == [*range(10), "after"]
+        # The group of 48 to 63 left in the first window, before the answer to 32: refused.
+        assert file_status(sl, path).counters["pipeline_broken"] >= 1
+    assert [r["n"] for r in lines(path)] == [*range(32), "after"]
     copy = pickle.loads(pickle.dumps(error))
-    assert (copy.failed, copy.unknown, copy.written) == (10, 0, error.written)
+    assert (copy.failed, copy.unknown, copy.written) == (32, 0, error.written)
     assert isinstance(copy.cause, InvalidRecord)
 
 
@@ -292,35 +294,39 @@ def test_frames_are_grouped_into_writes_of_about_the_size_never_split() -> None:
 
 
 def test_a_resent_pipeline_stopped_by_a_forgotten_append_says_all_sent_before_are_unknown() -> None:
-    """Ten appends were in flight when the service died: two were answered before. After the
-    reclaim they are resent one at a time; the first is answered from the lease record, the
-    next refused (written before the crash, no longer remembered): every append sent before
-    the crash from there on may be in the file, whatever its resend was answered."""
+    """Four appends of two records each were in flight when the service died: one was
+    answered before. After the reclaim they are resent one at a time; the first is answered
+    from the lease record, the next refused (written before the crash, no longer remembered):
+    every record sent before the crash from there on may be in the file, whatever its
+    resend was answered."""
     core = ClientCore(Settings("tcp://127.0.0.1:7420", None, keepalive=5.0))
     granted = Granted(id=1, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
     state = core.track(granted, "agent")
     state.secret = "s" * 32
     lease = ops.LeaseView(state, "agent")
-    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(12)], 10, None)
+    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(12)], 8, None)
     batch = ops.advance(op, None)
-    assert isinstance(batch, ops.Batch) and (len(batch.requests), batch.window) == (12, 10)
+    # groups of two records (a quarter of the window), four groups (eight records) in flight
+    assert isinstance(batch, ops.Batch) and (len(batch.requests), batch.window) == (6, 4)
+    assert [len(r.records) for r in batch.requests] == [2] * 6
     assert [r.after for r in batch.requests[1:]] == [r.aid for r in batch.requests[:-1]]
     state.suspended = True  # what a lost connection does to a lease it may take back
     lost = ConnectionLost("connection lost before the reply")
-    outcomes: list[Any] = [Appended(offset=n, lines=1, fence=7) for n in range(2)] + [lost] * 8
+    outcomes: list[Any] = [Appended(offset=0, lines=2, fence=7, offsets=[0, 8]), *[lost] * 3]
     reclaim = ops.advance(op, outcomes)
     assert isinstance(reclaim, ops.Call) and reclaim.request.reclaim.lease == "L1"
     resend = ops.advance(
         op, Granted(id=2, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
     )
     assert isinstance(resend, ops.Batch) and resend.window == 1
-    assert resend.requests == batch.requests[2:10]  # only those sent before the crash
-    remembered = Appended(offset=2, lines=1, fence=7)
+    assert resend.requests == batch.requests[1:4]  # only those sent before the crash
+    remembered = Appended(offset=16, lines=2, fence=7, offsets=[16, 24])
     with pytest.raises(PipelineBroken) as caught:
         ops.advance(op, [remembered, Error(code="pipeline_broken", detail="not the last")])
     error = caught.value
-    assert (len(error.written), error.failed, error.unknown) == (3, 3, 7)
-    assert "appends 3 to 9 may or may not be in the file" in error.detail
+    assert [r.offset for r in error.written] == [0, 8, 16, 24]
+    assert (len(error.written), error.failed, error.unknown) == (4, 4, 4)
+    assert "records 4 to 7 may or may not be in the file" in error.detail
     assert error.cause is not None and error.cause.code == "pipeline_broken"
 
 
@@ -331,11 +337,12 @@ def test_an_append_acknowledged_after_the_stop_makes_the_ones_before_it_unknown(
     core = ClientCore(Settings("tcp://127.0.0.1:7420", None, keepalive=5.0))
     granted = Granted(id=1, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
     lease = ops.LeaseView(core.track(granted, "agent"), "agent")
-    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(6)], 8, None)
-    assert isinstance(ops.advance(op, None), ops.Batch)
+    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(12)], 8, None)
+    assert isinstance(ops.advance(op, None), ops.Batch)  # six appends of two records
     refused = Error(code="pipeline_broken", detail="not the last written")
-    outcomes = [Appended(offset=0, lines=1, fence=7), refused, refused]
-    outcomes += [Appended(offset=9, lines=1, fence=7), refused, refused]
+    outcomes = [Appended(offset=0, lines=2, fence=7, offsets=[0, 5]), refused, refused]
+    outcomes += [Appended(offset=9, lines=2, fence=7, offsets=[9, 14]), refused, refused]
     with pytest.raises(PipelineBroken) as caught:
         ops.advance(op, outcomes)
-    assert (len(caught.value.written), caught.value.failed, caught.value.unknown) == (1, 1, 3)
+    # records 2 to 7 (the appends refused, and the one written after them) may be in the file
+    assert (len(caught.value.written), caught.value.failed, caught.value.unknown) == (2, 2, 6)
