@@ -144,6 +144,8 @@ export interface LeaseHost {
   track(state: LeaseState): LeaseState;
   untrack(state: LeaseState): void;
   abandoned(leases: readonly string[]): void;
+  /** The largest frame body the service takes (`maxFrameBytes`: a larger one is refused). */
+  maxFrameBytes(): number;
   /**
    * `request` for a request of the lease `state`: one that waited for the connection to be
    * revived is sent only if the lease was taken back (else `LeaseRevoked`, nothing sent).
@@ -472,6 +474,7 @@ export class Lease implements AsyncDisposable {
         checkUsable: () => this.#checkUsable(),
         send: (fields) =>
           this.#host.leaseRequest(this.#state, 'append', fields, { resend: false }),
+        maxFrameBytes: this.#host.maxFrameBytes(),
       },
       records,
       options,
