@@ -11,8 +11,10 @@ service) or by a lease that is already gone, never by timing. The pure rule is i
 
 from __future__ import annotations
 
+import json
 import pickle
 import secrets
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,10 +32,12 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     sl,
 )
 from pydantic import ValidationError
+from test_disk_service import small_tmpfs
 from test_gateway import RawConn
 from waiting import eventually
 
 from sessionlane.messages.errors import (
+    DiskFull,
     InvalidRecord,
     LeaseRevoked,
     PipelineBroken,
@@ -45,6 +49,7 @@ from sessionlane.system.client import AppendResult
 from sessionlane.system.client import _ops as ops
 from sessionlane.system.client import _pipeline as pipelines
 from sessionlane.system.client._core import ClientCore, ConnectionLost, Settings
+from sessionlane.system.runtime.service import embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
 
@@ -167,6 +172,10 @@ def test_the_service_refuses_a_malformed_after_as_a_bad_frame_and_writes_nothing
             {"after": aid},  # no aid of its own
             {"aid": aid, "after": aid},  # after itself
             {"aid": aid, "after": "short"},  # not an aid
+            {"offsets": "yes"},  # not a bool
+            {"offsets": 1},
+            {"offsets": [0]},
+            {"offset": True},  # no such field
         ):
             reply = raw.request(base | {"records": [{"n": "bad"}]} | bad)
             assert reply["type"] == "error" and reply["code"] == "bad_frame", (bad, reply)
@@ -175,6 +184,73 @@ def test_the_service_refuses_a_malformed_after_as_a_bad_frame_and_writes_nothing
     finally:
         raw.close()
     assert lines(path) == [{"n": 0}, {"n": 1}]
+
+
+def test_an_append_that_asks_gets_the_offset_of_each_line_in_the_file(
+    sl: Any, service: Any, path: str
+) -> None:
+    """On the raw wire: an append of several records with ``offsets`` is answered where each
+    of its lines starts (multi-byte characters included), under a lease and without one; one
+    that does not ask is answered as before, with no ``offsets``."""
+    with sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        lease.append({"n": 0})
+    raw = RawConn(service.address)
+    records = [{"s": "ü" * n, "n": n} for n in range(5)]
+    try:
+        raw.hello()
+        granted = raw.request({"type": "acquire", "lane": "raw", "path": path, "purpose": "prompt"})
+        base = {"type": "append", "lease": granted["lease"], "fence": granted["fence"]}
+        plain = raw.request(base | {"records": records[:2]})
+        assert plain["type"] == "appended" and "offsets" not in plain, plain
+        asked = raw.request(base | {"records": records, "offsets": True})
+        assert asked["type"] == "appended" and asked["lines"] == 5, asked
+        assert asked["offsets"][0] == asked["offset"] > plain["offset"]
+        raw.request({"type": "release", "lease": granted["lease"]})
+        laneless = raw.request(
+            {"type": "append", "lane": "raw", "path": path, "records": records[3:], "offsets": True}
+        )
+        assert laneless["type"] == "appended" and len(laneless["offsets"]) == 2, laneless
+    finally:
+        raw.close()
+    data = Path(path).read_bytes()
+    for offsets, written in ((asked["offsets"], records), (laneless["offsets"], records[3:])):
+        for offset, record in zip(offsets, written, strict=True):
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+            assert data[offset:].startswith(line.encode()), (offset, record)
+    assert len(lines(path)) == 1 + 2 + 5 + 2
+
+
+def test_a_disk_that_fills_stops_a_grouped_pipeline_at_a_group_and_says_which_records_were(
+    client: Surface, tmp_path: Path
+) -> None:
+    """A 64 KiB file system fills in the middle of a pipeline of groups of 16 (window 64): the
+    group whose write failed and every one after it are not in the file (a partial write is
+    cut), the records of the groups acknowledged are, each at its offset; ``failed`` is the
+    first record of the failed group, whose 16 records are of unknown outcome to the client
+    (a failed write, as for one append), and the later groups were refused."""
+    with (
+        small_tmpfs(tmp_path / "small") as small,
+        embedded_service([str(small)], log_file=tmp_path / "service.log") as service,
+    ):
+        path = str(small / "full.jsonl")
+        records = [{"n": n, "pad": "x" * 480} for n in range(192)]  # 95 KB: more than fits
+        sl = client.connect(service.address, timeout=10.0)
+        with sl, sl.lane("agent").lease(path) as lease:
+            assert lease is not None
+            with pytest.raises(PipelineBroken) as caught:
+                lease.append_pipelined(records, window=64)
+            error = caught.value
+            assert isinstance(error.cause, DiskFull), error.cause
+            assert error.failed == len(error.written) and error.failed % 16 == 0
+            assert 0 < error.failed < 192 and error.unknown == 16
+            assert lease.revoked is None
+        data = Path(path).read_bytes()
+    written = [json.loads(line) for line in data.splitlines()]
+    assert written == records[: error.failed]
+    for record, result in zip(records, error.written, strict=False):
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        assert data[result.offset : result.offset + len(line)] == line
 
 
 def test_the_wire_refuses_an_after_without_its_own_aid_or_lease() -> None:
