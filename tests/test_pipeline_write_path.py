@@ -280,9 +280,9 @@ def test_a_disk_that_fills_at_group_k_leaves_exactly_the_groups_before_it(
     fail_once(monkeypatch, errno.ENOSPC)  # the next write only: half of it, then ENOSPC
     rest = pipeline.send(range(4, 10), after="aid-00003", group=4)
     pipeline.drain()  # 4..9 in one write, which fails: 4 answered disk_full, 5..9 refused
-    assert pipeline.codes(first + rest) == ["appended"] * 4 + ["disk_full"] + [
-        "pipeline_broken"
-    ] * 5
+    assert (
+        pipeline.codes(first + rest) == ["appended"] * 4 + ["disk_full"] + ["pipeline_broken"] * 5
+    )
     assert pipeline.numbers() == [n for n in range(4) for _ in range(4)]  # the half cut off
     offsets = [o for rid in first for o in pipeline.replies[rid].offsets]
     assert offsets == [i * len('{"n":0,"k":0}\n') for i in range(16)]
