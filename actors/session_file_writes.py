@@ -31,6 +31,11 @@ not written (refused, failed, or its sync failed) no later one is: each names a 
 that is not the last written. ``last_written`` is forgotten when a sync fails (``forget``)
 and, after a service restart, taken from the holder's lease record (``resume``).
 
+Offsets. An append that asks (``Append.offsets``: a pipeline's group of records) is answered
+with the offset of each of its lines (``Appended.offsets``), from the lengths of the lines it
+encodes anyway (``WriteOp.starts``); a resent one answered from the lease record, from the
+lines its records make (``resent_offsets``).
+
 Append and release. An append under a lease may carry its release (``Append.release``): once
 written and durable, one level of its lease is released (a ``ReleaseWriteLease`` the core
 performs on the table, answered by nobody), right after its write for a ``flush`` append,
@@ -54,7 +59,7 @@ the appends of a pipeline queued one behind the other under the same lease go ou
 ``write`` (``chained``: one system call, one look for an outside change), because nothing
 performed between their writes could change what their checks find.
 
-About 620 lines, a third of them this docstring: one queue and its drain, whose every step
+About 650 lines, a third of them this docstring: one queue and its drain, whose every step
 reads the same pending writes (the effect records and the append-and-release bookkeeping are
 in their own modules already).
 """
