@@ -221,6 +221,29 @@ def test_an_append_that_asks_gets_the_offset_of_each_line_in_the_file(
     assert len(lines(path)) == 1 + 2 + 5 + 2
 
 
+def test_a_pipeline_goes_in_groups_of_a_quarter_window_cut_short_at_the_frame_limit(
+    client: Surface, service: Any, path: str
+) -> None:
+    """The service counts appends and records: 64 records with window 16 go in 16 appends of
+    4; with a client held to frames of 4 KiB, 1 KiB records go 3 to an append. Each
+    record's result is where its line is."""
+    records = [{"n": n, "pad": "x" * 1000} for n in range(12)]
+    sl = client.connect(service.address, timeout=10.0, max_frame_bytes=4096)
+    with sl, sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        small = lease.append_pipelined([{"n": n} for n in range(64)], window=16)
+        counters = file_status(sl, path).counters
+        assert (counters["appends"], counters["records"]) == (16, 64)
+        big = lease.append_pipelined(records, window=64)
+        counters = file_status(sl, path).counters
+        assert (counters["appends"], counters["records"]) == (16 + 4, 64 + 12)  # groups of 3
+    data = Path(path).read_bytes()
+    expected = [{"n": n} for n in range(64)] + records
+    for record, result in zip(expected, small + big, strict=True):
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        assert data[result.offset : result.offset + len(line)] == line
+
+
 def test_a_disk_that_fills_stops_a_grouped_pipeline_at_a_group_and_says_which_records_were(
     client: Surface, tmp_path: Path
 ) -> None:
