@@ -451,10 +451,11 @@ export class Lease implements AsyncDisposable {
   }
 
   /**
-   * Append each record as its own append, up to `window` of them in flight at once. Written in
-   * order and acknowledged in order: resolves with one result per record. If one fails, none
-   * after it is written (the service refuses them, each naming the one before it): rejects with
-   * `PipelineBroken`, whose `written`, `failed`, `unknown` and `cause` say which were. A lost
+   * Append the records, up to `window` of them in flight at once, in groups (one append of up
+   * to a quarter of the window each, written all or nothing). Written in order and
+   * acknowledged in order: resolves with one result per record. If one fails, none after it
+   * is written (the service refuses them, each naming the one before it): rejects with
+   * `PipelineBroken`, whose `written`, `failed`, `unknown` and `cause` say which records were. A lost
    * connection ridden out (`reconnectForMs`) takes the lease back and sends the unanswered
    * appends again, one at a time (their append ids answer the ones already written), then goes
    * on with the window. `release`: the last append also releases this level of the lease once
