@@ -455,11 +455,12 @@ export class Lease implements AsyncDisposable {
    * to a quarter of the window each, written all or nothing). Written in order and
    * acknowledged in order: resolves with one result per record. If one fails, none after it
    * is written (the service refuses them, each naming the one before it): rejects with
-   * `PipelineBroken`, whose `written`, `failed`, `unknown` and `cause` say which records were. A lost
-   * connection ridden out (`reconnectForMs`) takes the lease back and sends the unanswered
-   * appends again, one at a time (their append ids answer the ones already written), then goes
-   * on with the window. `release`: the last append also releases this level of the lease once
-   * durable (append and release); a pipeline that stops before it leaves the lease held.
+   * `PipelineBroken`, whose `written`, `failed`, `unknown` and `cause` say which records were.
+   * A lost connection ridden out (`reconnectForMs`) takes the lease back and sends the
+   * unanswered appends again, one at a time (their append ids answer the ones already
+   * written), then goes on with the window. `release`: the last append also releases this
+   * level of the lease once durable (append and release); a pipeline that stops before it
+   * leaves the lease held.
    */
   async appendPipelined(
     records: readonly TranscriptRecord[],
