@@ -345,22 +345,16 @@ class SessionFile(ShellActor):
         self.state.channels.take_tickets(msg.tickets)  # before anything is accepted
         if self.watch_supported:
             self.loop = ChannelLoop.attach(self, msg.settings.channel_loop_ms)
+        self.ahead_due = True
         self.schedule_idle(self.state)
         self.run(self.state)  # an awaited holder's grace ends even if nobody asks
-        if listener is not None:  # the first contact's calls are on their way already
-            self.reserve_ahead(self.state)
-        else:
-            self.ahead_due = True
 
     def reserve_ahead(self, s: Serving) -> None:
-        """Once: make the first block of fences durable before a grant needs them, so the
-        first grant does not wait for those fsyncs. A file offered through a listener bound
-        ahead does it at the end of its ``FileInit``, before its listener is watched: its
-        first contact's hello and calls are on their way then (a direct client holds its
-        ticket from the Registry's offer), and the fsyncs overlap their journey instead of
-        following their turn. Any other file does it at the end of the first turn that
-        answered a channel (its welcome is written), while the peer's next call is on its
-        way. A failure leaves the reservation to the first grant, which reports it."""
+        """Once, at the end of the first turn that answered a channel (its welcome is written):
+        make the first block of fences durable while the peer's next call is on its way (a
+        direct client's ticket goes back through the gateway first), so the first grant does
+        not wait for those fsyncs. A failure leaves the reservation to that grant, which
+        reports it."""
         self.ahead_due = False
         ceiling = s.table.reserve_ahead()
         if ceiling is not None and s.reserve(ceiling) is None:

@@ -340,8 +340,8 @@ def _open_transcript(
     always takes the lock (the returned flag: the tail is left unchecked).
 
     A transcript created here is made durable (its directory's fsync) before anything is
-    served on it (``SessionFile.serve``), or earlier by the first fence reservation
-    (``SessionFile.reserve_ahead``), whose rename fsyncs the same directory.
+    served on it (``SessionFile.serve``), or earlier by the fence reservation made once a
+    channel is answered, whose rename fsyncs the same directory: not on the way to the welcome.
     """
     if not msg.settings.legacy_lock:
         return None, False, transcript.open(durable_create=False)
