@@ -37,6 +37,7 @@ from sessionlane.actors.atomic_file import (
 )
 from sessionlane.actors.confined import ConfinedDir
 from sessionlane.messages.errors import InvalidRecord, Unavailable
+from sessionlane.messages.lean_records import lean_record
 from sessionlane.messages.wire import Durability, ExternalChangeKind
 
 __all__ = [
@@ -90,7 +91,7 @@ def encode_records(records: Sequence[object], max_record_bytes: int) -> bytes:
     return b"".join(lines)
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class FileIdentity:
     """What ``stat`` says about a file, as far as change detection cares."""
 
