@@ -89,11 +89,11 @@ from sessionlane.actors.session_file_write_effects import (
     Wrote,
 )
 from sessionlane.actors.transcript import encode_records
+from sessionlane.messages import trusted
 from sessionlane.messages.errors import ErrorCode, FileMoved, SessionLaneError
 from sessionlane.messages.internal import FileReply, LaneCall
 from sessionlane.messages.wire import (
     Append,
-    Appended,
     Durability,
     Error,
     ExternalChange,
@@ -484,9 +484,7 @@ class WritePath:
         self.counters["records"] += op.lines
         self.last_written = (op.lease, op.aid)
         released = True if op.release else None
-        reply = Appended(
-            id=op.call.request.id, offset=offset, lines=op.lines, fence=op.fence, released=released
-        )
+        reply = trusted.appended(op.call.request.id, offset, op.lines, op.fence, released)
         self.remember(op.call, reply)
         if op.release:
             release = self.releasing.release(op.call.lane.uid, op.lease, op.aid, reply)
