@@ -3,19 +3,20 @@
 A SessionFile answers each call with a reply it makes itself from values it already holds as
 their types (``Appended``, ``Granted``, ``Released``), wraps each in a ``FileReply``, and
 serves each call as a ``LaneCall`` around a request that was validated as it was decoded.
-Validating those again cost about 1.2-2.3 us a model (``LaneCall`` the most: its ``request``
-is checked against every member of the request union), some 4 % of the file process's CPU
-per fused lease cycle (docs/hot-path.md, "Effect records and replies, the tenth session").
-Pydantic's own way around validation, ``model_construct``, measured slower than validating
-(2.6 against 1.3 us for an ``Appended``): it looks up every field's default.
+Validating those again costs 0.9-1.5 us a model (``LaneCall`` the most: its ``request`` is
+checked against the members of the request union), some 4 % of the file process's CPU per
+fused lease cycle in its profile (docs/hot-path.md, "Effect records and replies, the tenth
+session"). Pydantic's own way around validation, ``model_construct``, measured slower than
+validating (2.5 against 1.3 us for an ``Appended``): it looks up every field's default.
 
 So each function here builds its model as ``model_construct`` would, from a dict written
 out in the model's field order (the order its wire map and ``repr`` follow), with the
-defaults filled in: about 0.6 us. Only values the caller produced itself, typed by mypy
-through each function's signature, may be given: never a value read from a socket or a file
-that was not validated. ``tests/test_trusted.py`` checks, with Hypothesis, that each one is
-equal to the validated model, with the same field order, the same fields set, the same wire
-bytes and pickles, and that a field added to a model fails it until its builder is updated.
+defaults filled in: 0.55-0.65 us (``tests/record_cost.py``). Only values the caller produced
+itself, typed by mypy through each function's signature, may be given: never a value read
+from a socket or a file that was not validated. ``tests/test_trusted.py`` checks, with
+Hypothesis, that each one is equal to the validated model, with the same field order, the
+same fields set, the same wire bytes and pickles, and that a field added to a model fails it
+until its builder is updated.
 """
 
 from __future__ import annotations
