@@ -16,11 +16,12 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ports import listen_port
 
 TOKEN = "convention-append-token-0123456789"
 
@@ -54,13 +55,6 @@ print(json.dumps({"p50": took[len(took) // 2], "p99": took[int(len(took) * 0.99)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def main(binary: str, work: Path, appends: int) -> None:
     work.mkdir(parents=True, exist_ok=True)
     key, token = work / "cluster.key", work / "token"
@@ -74,7 +68,7 @@ def main(binary: str, work: Path, appends: int) -> None:
         root, run = work / f"root-{name}", work / f"run-{name}"
         root.mkdir(exist_ok=True)
         run.mkdir(exist_ok=True)
-        port, config, out = free_port(), work / f"{name}.toml", work / f"{name}.out"
+        port, config, out = listen_port(), work / f"{name}.toml", work / f"{name}.out"
         config.write_text(
             f'bind_host = "127.0.0.1"\ncluster_key_file = "{key}"\n'
             f'token_file = "{token}"\nlisten = "unix://{work / name}.sock"\n'

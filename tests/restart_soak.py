@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ports import restart_port
+from ports import listen_port
 from test_serve import Serve
 
 from sessionlane.messages.errors import SessionLaneError
@@ -96,7 +96,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         root = tmp / "sessions"
         root.mkdir()
-        listen = f"tcp://127.0.0.1:{restart_port()}"
+        listen = f"tcp://127.0.0.1:{listen_port()}"
         # -1: leave the key unset (a service from before reclaim refuses unknown keys).
         env = {"SESSIONLANE_RECLAIM_GRACE_MS": str(args.grace_ms)} if args.grace_ms >= 0 else {}
         serves: list[Serve] = []

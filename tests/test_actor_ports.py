@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import listen_port
 from processes import RssPeak, rss_kb
 from test_serve import Serve as BaseServe
 from waiting import eventually
@@ -38,7 +39,6 @@ from sessionlane.actors import procfs
 from sessionlane.messages.errors import LeaseRevoked, ShuttingDown, Unavailable
 from sessionlane.system.client import connect
 from sessionlane.system.runtime import connection_auth, launch
-from sessionlane.system.runtime.launch import free_port
 
 pytestmark = [
     pytest.mark.tcp,
@@ -69,7 +69,7 @@ class Serve(BaseServe):
         self.root = tmp / "sessions"
         self.root.mkdir()
         self.log = tmp / "serve.log"
-        self.listen = f"tcp://127.0.0.1:{free_port()}"
+        self.listen = f"tcp://127.0.0.1:{listen_port()}"
         args = ["--root", str(self.root), "--listen", self.listen, "--log-file", str(self.log)]
         super().__init__(tmp, *args, nofile=NOFILE)
         self.wait_ready()

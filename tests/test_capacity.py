@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import listen_port
 from test_serve import Serve
 from thespian.actors import Actor, ChildActorExited
 from waiting import eventually
@@ -23,7 +24,7 @@ from waiting import eventually
 from sessionlane.actors.capacity import FD_RESERVE, fd_headroom, never_started, open_fds
 from sessionlane.messages.errors import TooManyFiles
 from sessionlane.system.client import connect
-from sessionlane.system.runtime.launch import free_port, tcp_system
+from sessionlane.system.runtime.launch import tcp_system
 from sessionlane.system.runtime.limits import (
     GATEWAY_FDS_PER_FILE,
     REGISTRY_FDS_PER_FILE,
@@ -239,7 +240,7 @@ def test_a_service_under_ulimit_1024_refuses_what_does_not_fit_and_never_restart
 ) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    listen = f"tcp://127.0.0.1:{free_port()}"
+    listen = f"tcp://127.0.0.1:{listen_port()}"
     env = {"SESSIONLANE_MAX_FILES": "500", "SESSIONLANE_IDLE_MS": "12000"}
     serve = LimitedServe(
         tmp_path,

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ports import listen_port
+
 from sessionlane.system.ops.running import (
     Found,
     choose,
@@ -21,7 +23,6 @@ from sessionlane.system.ops.running import (
     is_serve_process,
     plan_stop,
 )
-from sessionlane.system.runtime.launch import free_port
 
 
 def found(listen: str, *, live: bool = True, addresses: list[str] | None = None) -> Found:
@@ -136,7 +137,7 @@ def test_stop_plans_nothing_to_clean_when_it_must_refuse_several_live_services()
 def test_status_of_an_address_where_nothing_listens_prints_one_line_and_exits_1(
     tmp_path: Path,
 ) -> None:
-    port = free_port()
+    port = listen_port()
     for args in (["--listen", f"127.0.0.1:{port}"], ["--connect", f"tcp://127.0.0.1:{port}"]):
         result = sessionlane("status", *args, run_dir=tmp_path)
         assert result.returncode == 1, result.stderr
@@ -148,7 +149,7 @@ def test_status_of_an_address_where_nothing_listens_prints_one_line_and_exits_1(
 
 
 def test_status_connect_is_a_deprecated_alias_of_listen(tmp_path: Path) -> None:
-    result = sessionlane("status", "--connect", f"127.0.0.1:{free_port()}", run_dir=tmp_path)
+    result = sessionlane("status", "--connect", f"127.0.0.1:{listen_port()}", run_dir=tmp_path)
     assert "status --connect is deprecated; use --listen" in result.stderr
 
 
@@ -165,7 +166,7 @@ def test_status_with_nothing_running_says_so_and_exits_1_and_stop_says_so_and_ex
     result = sessionlane("status", run_dir=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "no service of this user is running" in result.stderr
-    listen = f"tcp://127.0.0.1:{free_port()}"  # not the default port: another run's may be
+    listen = f"tcp://127.0.0.1:{listen_port()}"  # not the default port: another run's may be
     for args in ([], ["--listen", listen]):  # stop is idempotent
         result = sessionlane("stop", *args, run_dir=tmp_path, env={"SESSIONLANE_LISTEN": listen})
         assert result.returncode == 0, result.stderr

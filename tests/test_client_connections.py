@@ -40,6 +40,7 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     service,
     sl,
 )
+from ports import listen_port
 from waiting import eventually, eventually_async
 
 import sessionlane
@@ -56,7 +57,6 @@ from sessionlane.messages.wire import Acquire, Hello
 from sessionlane.system import client as client_package
 from sessionlane.system.client._async import AsyncSessionLane, connect_async
 from sessionlane.system.client._core import default_address
-from sessionlane.system.runtime.launch import free_port
 from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
@@ -116,7 +116,7 @@ def test_a_stopped_service_revokes_the_lease_and_a_new_one_is_reconnected_to(
     client: Surface, tmp_path: Path
 ) -> None:
     roots = [str(tmp_path)]
-    listen = f"tcp://127.0.0.1:{free_port()}"
+    listen = f"tcp://127.0.0.1:{listen_port()}"
     path = str(tmp_path / "restart.jsonl")
     with embedded_service(roots, listen=listen, log_file=tmp_path / "first.log") as first:
         sl = client.connect(
@@ -281,7 +281,7 @@ def test_a_batch_over_max_frame_bytes_raises_too_large_and_the_lease_keeps_holdi
 
 
 def test_connecting_to_nothing_fails_at_once_unless_asked_to_keep_trying(client: Surface) -> None:
-    address = f"127.0.0.1:{free_port()}"
+    address = f"127.0.0.1:{listen_port()}"
     started = time.monotonic()
     with pytest.raises(Unavailable, match=r"cannot reach sessionlane at 127\.0\.0\.1:.*refused"):
         client.connect(address)
@@ -291,14 +291,14 @@ def test_connecting_to_nothing_fails_at_once_unless_asked_to_keep_trying(client:
 def test_connecting_to_nothing_raises_unavailable_after_bounded_retries(client: Surface) -> None:
     started = time.monotonic()
     with pytest.raises(Unavailable):
-        client.connect(f"tcp://127.0.0.1:{free_port()}", reconnect_for=0.3)
+        client.connect(f"tcp://127.0.0.1:{listen_port()}", reconnect_for=0.3)
     assert time.monotonic() - started < 5.0
 
 
 def test_reconnect_for_keeps_trying_until_the_service_comes_up(
     client: Surface, tmp_path: Path, pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    listen = f"tcp://127.0.0.1:{free_port()}"
+    listen = f"tcp://127.0.0.1:{listen_port()}"
     refused = client.observe_refusals(monkeypatch)
     waiting = pool.submit(client.connect, listen, reconnect_for=60.0)
     assert refused.wait(30), "the first attempt was refused"

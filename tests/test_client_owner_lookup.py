@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import listen_port
 from waiting import eventually
 
 from sessionlane.system.client import Unauthorized, Unavailable, connect, connect_async
 from sessionlane.system.client import _sync as sync_client
 from sessionlane.system.client._verify import OWNER_LOOKUP_DELAYS, peer_gone
 from sessionlane.system.gateway import peercred
-from sessionlane.system.runtime.launch import free_port
 from sessionlane.system.runtime.service import embedded_service
 
 pytestmark = pytest.mark.skipif(
@@ -157,7 +157,7 @@ def test_a_connect_that_met_itself_is_a_refusal_retried_and_frees_the_services_p
     """A reconnecting client hitting a restarting service's port in the gap can connect to
     itself: its "service" is then its own user, and it holds the port the service needs. The
     kernel's pick of the client's port is the one thing forced here (first attempt only)."""
-    port = free_port()
+    port = listen_port()
     met_itself: list[socket.socket] = []
     if surface == "sync":
         real_dial = sync_client._dial

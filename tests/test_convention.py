@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ports import restart_port
+from ports import listen_port
 from test_serve import (
     READY_TIMEOUT_S,
     STOP_TIMEOUT_S,
@@ -567,7 +567,7 @@ class Network:
 
     def port(self, default: int) -> int:
         """In a namespace of its own every port is free; on loopback take a free one."""
-        return default if self.kind == "netns" else restart_port()
+        return default if self.kind == "netns" else listen_port()
 
 
 def _ip(*args: str) -> None:

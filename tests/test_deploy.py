@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ports import listen_port
 from test_serve import READY_TIMEOUT_S, STOP_TIMEOUT_S, Serve, sessionlane_command
 
 from sessionlane.system._version import __version__
@@ -25,7 +26,6 @@ from sessionlane.system.config import load_settings
 from sessionlane.system.ops.cli import build_parser
 from sessionlane.system.ops.notify import notify
 from sessionlane.system.ops.startup import start_line
-from sessionlane.system.runtime.launch import free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "sessionlane.service"
@@ -291,7 +291,7 @@ def test_the_units_steps_run_as_systemd_would_run_them_ready_found_by_status_and
             runtime = Path(under(f"/run/{name}"))
             runtime.parent.mkdir(exist_ok=True)
             runtime.mkdir(mode=int(keys["RuntimeDirectoryMode"][0], 8))
-        port, metrics = free_port(), free_port()
+        port, metrics = listen_port(), listen_port()
         config = (DEPLOY / "sessionlane.toml").read_text()
         config = config.replace('"/var/lib/', f'"{under("/var/lib/")}')
         config = config.replace("tcp://127.0.0.1:7420", f"tcp://127.0.0.1:{port}")

@@ -24,10 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ports import listen_port
 from waiting import eventually
 
 from sessionlane.system.client import connect
-from sessionlane.system.runtime.launch import free_port
 
 pytestmark = [pytest.mark.tcp, pytest.mark.slow]
 
@@ -149,7 +149,7 @@ def stop(proc: subprocess.Popen[bytes]) -> int | None:
 def test_a_host_owned_token_and_volume_are_refused_with_the_chown_that_fixes_them_then_it_serves(
     image: Path, tmp_path: Path
 ) -> None:
-    port, metrics = free_port(), free_port()
+    port, metrics = listen_port(), listen_port()
     configure(image, port, metrics)
     secrets = image / "run" / "secrets"
     secrets.mkdir(parents=True)

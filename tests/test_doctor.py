@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import listen_port
 
 from sessionlane.actors.openclaw_lock import encode_lock_payload, pid_alive
 from sessionlane.system.ops import cli, doctor
-from sessionlane.system.runtime.launch import PingActor, free_port, start_tcp_system
+from sessionlane.system.runtime.launch import PingActor, start_tcp_system
 
 
 def dead_pid() -> int:
@@ -33,7 +34,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
     (tmp_path / "run").mkdir()
     # Not the default port: another run's service on this machine may hold it.
-    monkeypatch.setenv("SESSIONLANE_LISTEN", f"tcp://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("SESSIONLANE_LISTEN", f"tcp://127.0.0.1:{listen_port()}")
     monkeypatch.setattr(doctor, "leftover_processes", lambda: [])
     return tmp_path / "run"
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import listen_port
 from waiting import eventually
 
 from sessionlane.actors.fencestore import FenceStore, fence_path
@@ -39,7 +40,6 @@ from sessionlane.messages.errors import SessionLaneError
 from sessionlane.system.client import Lease, StaleFence, connect
 from sessionlane.system.client._core import LeaseState
 from sessionlane.system.config import load_settings
-from sessionlane.system.runtime.launch import free_port
 from sessionlane.system.runtime.service import Service, embedded_service
 
 pytestmark = pytest.mark.tcp
@@ -127,7 +127,7 @@ def test_a_killed_file_actor_restarts_revokes_its_holder_and_fences_keep_rising(
         reservations.append(status.counters["fence_reservations"])
         ceilings.append(FenceStore(path).load())
 
-    with service_on(root, free_port(), log_file) as svc:
+    with service_on(root, listen_port(), log_file) as svc:
         with connect(svc.address) as sl:
             lane = sl.lane("agent:main:chat")
             for _ in range(3):
@@ -195,7 +195,7 @@ def test_sigkill_during_a_compaction_leaves_the_complete_old_or_new_file(
     temp = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.tmp")
     outcomes: list[str] = []
     crashed_mid_rewrite: list[bool] = []
-    with service_on(root, free_port(), tmp_path / "svc.log") as svc, connect(svc.address) as sl:
+    with service_on(root, listen_port(), tmp_path / "svc.log") as svc, connect(svc.address) as sl:
         lane = sl.lane("compactor")
         for attempt, delay in enumerate([0.0, 0.0005, 0.002, 0.005, 0.3]):
             new_records = [{"new": attempt, "i": i, "pad": "n" * 900} for i in range(3000)]
@@ -344,7 +344,7 @@ def test_random_sigkills_of_file_actors_and_services_lose_no_acknowledged_record
     # Separate interpreters running ``client_process`` from this module (no multiprocessing:
     # its resource tracker would outlive the test and count as a leftover process).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    with service_on(root, free_port(), tmp_path / "svc.log") as svc:
+    with service_on(root, listen_port(), tmp_path / "svc.log") as svc:
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", CLIENT, svc.address, path, str(log), str(stop_file), str(i)],

@@ -28,7 +28,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from ports import restart_port
+from ports import listen_port
 from processes import RssPeak
 from test_gateway import Closed, RawConn
 from test_serve import Serve as BaseServe
@@ -523,7 +523,7 @@ class Serve(BaseServe):
     ``serve.log``."""
 
     def __init__(self, tmp: Path, root: Path, env: dict[str, str]) -> None:
-        self.listen = f"tcp://127.0.0.1:{restart_port()}"
+        self.listen = f"tcp://127.0.0.1:{listen_port()}"
         self.log = tmp / "serve.log"
         args = ["--root", str(root), "--listen", self.listen, "--log-file", str(self.log)]
         super().__init__(tmp, *args, env=env, nofile=NOFILE)

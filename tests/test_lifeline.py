@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ports import restart_port
+from ports import listen_port
 from processes import is_file_process
 from test_serve import Serve, live_pids
 from waiting import eventually
@@ -44,7 +44,7 @@ class Serves:
         self.started: list[Serve] = []
 
     def start(self, *roots: Path, listen: str | None = None, extra: tuple[str, ...] = ()) -> Serve:
-        listen = listen or f"tcp://127.0.0.1:{restart_port()}"
+        listen = listen or f"tcp://127.0.0.1:{listen_port()}"
         args = [a for r in roots for a in ("--root", str(r))]
         log = self.tmp / f"actors-{len(self.started)}.log"
         serve = Serve(self.tmp, *args, "--listen", listen, "--log-file", str(log), *extra)

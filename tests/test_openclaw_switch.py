@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 from nodejs import NODE_DIR, built_node
+from ports import listen_port
 from test_serve import Serve, clean_env
 from waiting import eventually
 
 from sessionlane.actors.openclaw_lock import parse_lock_payload, process_starttime
 from sessionlane.system.client import connect
-from sessionlane.system.runtime.launch import free_port
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(300)]
 
@@ -59,7 +59,7 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Serve]:
     config.write_text(
         f'roots = ["{root}"]\nsuffixes = [".jsonl", ".json"]\nlegacy_lock = {legacy}\n'
     )
-    listen = f"tcp://127.0.0.1:{free_port()}"
+    listen = f"tcp://127.0.0.1:{listen_port()}"
     started = Serve(
         tmp_path, "--config", str(config), "--listen", listen, "--log-file", str(tmp_path / "a.log")
     )

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from ports import listen_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import Serve, sessionlane_command, start
 from waiting import eventually
 
 from sessionlane.actors import procfs
 from sessionlane.system.runtime import launch
-from sessionlane.system.runtime.launch import free_port
 
 __all__ = ["start"]  # the fixture, imported for pytest to find
 
@@ -61,7 +61,7 @@ def test_serve_logs_to_one_file_per_address_in_the_private_state_directory_acros
     start: Callable[..., Serve], root: Path, tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
-    port = free_port()
+    port = listen_port()
     expected = state / "sessionlane" / f"serve-tcp-127.0.0.1-{port}.log"
     for start_no in (1, 2):
         serve = start("--root", str(root), "--listen", f"tcp://127.0.0.1:{port}",
@@ -101,7 +101,7 @@ def test_under_systemd_serve_logs_to_stderr_and_writes_no_file(
 ) -> None:
     state = tmp_path / "state"
     env = {**not_under_systemd(state), "INVOCATION_ID": "0123456789abcdef"}
-    serve = start("--root", str(root), "--listen", f"tcp://127.0.0.1:{free_port()}", env=env)
+    serve = start("--root", str(root), "--listen", f"tcp://127.0.0.1:{listen_port()}", env=env)
     serve.wait_ready()
     assert logging_line(serve) == "stderr"
     eventually(
@@ -115,7 +115,7 @@ def test_under_systemd_serve_logs_to_stderr_and_writes_no_file(
 def test_a_running_serve_keeps_no_zombie_child_even_after_its_actor_system_restarts(
     start: Callable[..., Serve], root: Path, tmp_path: Path
 ) -> None:
-    serve = start("--root", str(root), "--listen", f"tcp://127.0.0.1:{free_port()}",
+    serve = start("--root", str(root), "--listen", f"tcp://127.0.0.1:{listen_port()}",
                   "--log-file", str(tmp_path / "a.log"))  # fmt: skip
     first = serve.wait_ready()
     assert not [c for c in children_states(serve.proc.pid) if c.endswith(" Z")]
@@ -136,7 +136,7 @@ def test_a_running_serve_keeps_no_zombie_child_even_after_its_actor_system_resta
 def test_serve_with_metrics_prints_the_url_and_answers_a_scrape(
     start: Callable[..., Serve], root: Path, tmp_path: Path
 ) -> None:
-    serve = start("--root", str(root), "--listen", f"tcp://127.0.0.1:{free_port()}",
+    serve = start("--root", str(root), "--listen", f"tcp://127.0.0.1:{listen_port()}",
                   "--log-file", str(tmp_path / "a.log"), "--metrics", "127.0.0.1:0")  # fmt: skip
     serve.wait_ready()
     found = re.search(r"sessionlane: metrics at (http://127\.0\.0\.1:\d+/metrics)", serve.text)

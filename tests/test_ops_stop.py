@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ports import listen_port
 from test_cli import dead_state
 from test_serve import STOP_TIMEOUT_S, Serve, sessionlane_command
 from waiting import eventually
 
 from sessionlane.system.ops import cli
-from sessionlane.system.runtime.launch import free_port
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(120)]
 
@@ -35,7 +35,7 @@ STRANGER = 65534
 
 @pytest.fixture
 def serve(tmp_path: Path, root: Path) -> Iterator[Serve]:
-    listen = f"tcp://127.0.0.1:{free_port()}"
+    listen = f"tcp://127.0.0.1:{listen_port()}"
     started = Serve(
         tmp_path, "--root", str(root), "--listen", listen, "--log-file", str(tmp_path / "a.log")
     )
@@ -50,7 +50,7 @@ def test_stop_stops_the_one_live_service_beside_stale_state_files_and_cleans_the
     serve: Serve,
 ) -> None:
     stale = [
-        dead_state(serve.run_dir, f"tcp://127.0.0.1:{free_port()}"),
+        dead_state(serve.run_dir, f"tcp://127.0.0.1:{listen_port()}"),
         dead_state(serve.run_dir, "unix:///tmp/sl-gone.sock"),
     ]
     result = serve.cli("stop")

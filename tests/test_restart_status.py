@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 from client_surfaces import eventually
+from ports import listen_port
 from test_serve import Serve
 
 from sessionlane.actors.reclaim import FREE, HeldRecord, LeaseRecord, encode_record
 from sessionlane.system.client import connect
 from sessionlane.system.runtime.held_scan import scan_held
-from sessionlane.system.runtime.launch import free_port
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(180)]
 
@@ -38,7 +38,7 @@ class Services:
         self.tmp = tmp
         self.root = tmp / "sessions"
         self.root.mkdir()
-        self.listen = f"tcp://127.0.0.1:{free_port()}"
+        self.listen = f"tcp://127.0.0.1:{listen_port()}"
         config = tmp / "sessionlane.toml"
         config.write_text(f"reclaim_grace_ms = {GRACE_MS}\nidle_ms = 300\n")
         self.args = ["--root", str(self.root), "--listen", self.listen, "--config", str(config)]

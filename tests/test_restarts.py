@@ -31,7 +31,7 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     pool,
 )
 from nodejs import built_node, node_script
-from ports import restart_port
+from ports import listen_port
 from test_gateway import RawConn
 
 from sessionlane.system.runtime.service import Service, embedded_service
@@ -59,7 +59,7 @@ class Restarts:
     def __init__(self, root: Path, tmp: Path) -> None:
         self.root = root
         self.tmp = tmp
-        self.listen = f"tcp://127.0.0.1:{restart_port()}"
+        self.listen = f"tcp://127.0.0.1:{listen_port()}"
         self.started: list[Any] = []
 
     def start(self, **overrides: Any) -> Service:
@@ -356,7 +356,7 @@ def test_a_kill_9_of_serve_is_ridden_out_by_a_holder_in_mid_turn(
 
     root = tmp_path / "sessions"
     root.mkdir()
-    listen = f"tcp://127.0.0.1:{restart_port()}"
+    listen = f"tcp://127.0.0.1:{listen_port()}"
     args = ["--root", str(root), "--listen", listen]
     made: list[Serve] = []
 

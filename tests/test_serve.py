@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import listen_port
 from processes import run_in_session
 from waiting import eventually
 
 from sessionlane.actors import procfs
 from sessionlane.system.client import connect
 from sessionlane.system.config import NON_CONFIG_ENV
-from sessionlane.system.runtime.launch import free_port
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(120)]
 
@@ -237,7 +237,7 @@ def clients() -> Iterator[list[Client]]:
 
 
 def tcp_serve(start: Callable[..., Serve], root: Path, tmp_path: Path) -> Serve:
-    listen = f"tcp://127.0.0.1:{free_port()}"
+    listen = f"tcp://127.0.0.1:{listen_port()}"
     serve = start("--root", str(root), "--listen", listen, "--log-file", str(tmp_path / "a.log"))
     serve.wait_ready()
     assert serve.address == listen
@@ -383,7 +383,7 @@ def test_stop_without_listen_finds_the_one_running_service_and_cleans_after_a_ki
 def test_serve_takes_host_port_and_status_and_stop_find_it_under_either_spelling(
     start: Callable[..., Serve], root: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
+    port = listen_port()
     serve = start("--root", str(root), "--listen", f"127.0.0.1:{port}")
     state = serve.wait_ready()
     assert state["listen"] == f"tcp://127.0.0.1:{port}", "stored in its canonical spelling"
@@ -415,7 +415,7 @@ def test_with_two_services_running_bare_status_and_stop_list_both_and_act_on_nei
     start: Callable[..., Serve], tmp_path: Path
 ) -> None:
     roots = [tmp_path / "one", tmp_path / "two"]
-    listens = [f"tcp://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    listens = [f"tcp://127.0.0.1:{listen_port()}", f"127.0.0.1:{listen_port()}"]
     serves = []
     for root, listen in zip(roots, listens, strict=True):
         root.mkdir()
@@ -477,7 +477,7 @@ def test_serve_refuses_a_bad_config_value_with_exit_code_2_naming_the_key(
     config: str | None,
     key: str,
 ) -> None:
-    args = ["--listen", f"tcp://127.0.0.1:{free_port()}"]
+    args = ["--listen", f"tcp://127.0.0.1:{listen_port()}"]
     if setting != "no root":
         args += ["--root", str(root)]
     if config is not None:
@@ -493,7 +493,7 @@ def test_a_wait_timeout_shorter_than_max_hold_is_warned_about(
     start: Callable[..., Serve], root: Path, tmp_path: Path
 ) -> None:
     env = {"SESSIONLANE_WAIT_TIMEOUT_MS": "1000", "SESSIONLANE_MAX_HOLD_MS": "60000"}
-    serve = start("--root", str(root), "--listen", f"tcp://127.0.0.1:{free_port()}", env=env)
+    serve = start("--root", str(root), "--listen", f"tcp://127.0.0.1:{listen_port()}", env=env)
     serve.wait_ready()
     assert "warning: wait_timeout_ms (1000) is shorter than max_hold_ms" in serve.text
     assert serve.terminate() == 0
