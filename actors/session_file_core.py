@@ -258,6 +258,7 @@ class FileCore:
             lines=done.lines,
             fence=done.fence,
             released=True if req.release else None,
+            offsets=writes.resent_offsets(req, done.offset, done.lines),
         )
         if release:
             releases = writes.releasing.release(call.lane.uid, req.lease, req.aid, first)

@@ -173,3 +173,6 @@ class WriteOp:
     release: bool = False
     """Append and release (``Append.release``): once written (and synced, for ``fsync``), one
     level of its lease is released."""
+    starts: tuple[int, ...] | None = None
+    """Where each line starts in ``data``, when the append asked for its lines' offsets
+    (``Append.offsets``)."""

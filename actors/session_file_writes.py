@@ -31,6 +31,11 @@ not written (refused, failed, or its sync failed) no later one is: each names a 
 that is not the last written. ``last_written`` is forgotten when a sync fails (``forget``)
 and, after a service restart, taken from the holder's lease record (``resume``).
 
+Offsets. An append that asks (``Append.offsets``: a pipeline's group of records) is answered
+with the offset of each of its lines (``Appended.offsets``), from the lengths of the lines it
+encodes anyway (``WriteOp.starts``); a resent one answered from the lease record, from the
+lines its records make (``resent_offsets``).
+
 Append and release. An append under a lease may carry its release (``Append.release``): once
 written and durable, one level of its lease is released (a ``ReleaseWriteLease`` the core
 performs on the table, answered by nobody), right after its write for a ``flush`` append,
@@ -54,7 +59,7 @@ the appends of a pipeline queued one behind the other under the same lease go ou
 ``write`` (``chained``: one system call, one look for an outside change), because nothing
 performed between their writes could change what their checks find.
 
-About 620 lines, a third of them this docstring: one queue and its drain, whose every step
+About 650 lines, a third of them this docstring: one queue and its drain, whose every step
 reads the same pending writes (the effect records and the append-and-release bookkeeping are
 in their own modules already).
 """
@@ -88,7 +93,7 @@ from sessionlane.actors.session_file_write_effects import (
     WriteOut,
     Wrote,
 )
-from sessionlane.actors.transcript import encode_records
+from sessionlane.actors.transcript import encode_lines, line_starts
 from sessionlane.messages import trusted
 from sessionlane.messages.errors import ErrorCode, FileMoved, SessionLaneError
 from sessionlane.messages.internal import FileReply, LaneCall
@@ -150,6 +155,7 @@ class _PendingWrite:
     data: bytes
     lines: int
     durability: Durability
+    starts: tuple[int, ...] | None
 
 
 class WritePath:
@@ -234,17 +240,17 @@ class WritePath:
         if verdict is not None:
             return [self.refused(call, *verdict)]
         if isinstance(req, Rewrite):
-            encoded = self.encode(call, req.records) if req.records else (b"", 0)
+            encoded = self.encode(call, req.records) if req.records else (b"", 0, None)
             if isinstance(encoded, Reply):
                 return [encoded]
-            data, lines = encoded
+            data, lines, _ = encoded
             self.queue.append(WriteOp("rewrite", call, req.lease, req.fence, data, lines, "fsync"))
             return []
         assert isinstance(req, Append) and req.lease is not None and req.fence is not None
-        encoded = self.encode(call, req.records)
+        encoded = self.encode(call, req.records, bool(req.offsets))
         if isinstance(encoded, Reply):
             return [encoded]
-        data, lines = encoded
+        data, lines, starts = encoded
         durability = req.durability or self.durability
         op = WriteOp(
             "append",
@@ -257,6 +263,7 @@ class WritePath:
             aid=req.aid,
             after=req.after,
             release=bool(req.release),
+            starts=starts,
         )
         self.queue.append(op)
         self.wait_for(call)
@@ -266,12 +273,13 @@ class WritePath:
         """A lease-less append: validated now, written once its short write lease is granted."""
         if (dup := self.duplicate(call)) is not None:
             return dup
-        encoded = self.encode(call, req.records)
+        encoded = self.encode(call, req.records, bool(req.offsets))
         if isinstance(encoded, Reply):
             return [encoded]
-        data, lines = encoded
+        data, lines, starts = encoded
         key = call_key(call)
-        self.pending[key] = _PendingWrite(call, data, lines, req.durability or self.durability)
+        durability = req.durability or self.durability
+        self.pending[key] = _PendingWrite(call, data, lines, durability, starts)
         self.wait_for(call)
         return [AskWriteLease(key, call.lane.uid, call.lane.priority)]
 
@@ -299,6 +307,7 @@ class WritePath:
                 pending.lines,
                 pending.durability,
                 auto_release=True,
+                starts=pending.starts,
             )
         )
 
@@ -484,7 +493,8 @@ class WritePath:
         self.counters["records"] += op.lines
         self.last_written = (op.lease, op.aid)
         released = True if op.release else None
-        reply = trusted.appended(op.call.request.id, offset, op.lines, op.fence, released)
+        offsets = None if op.starts is None else [offset + start for start in op.starts]
+        reply = trusted.appended(op.call.request.id, offset, op.lines, op.fence, released, offsets)
         self.remember(op.call, reply)
         if op.release:
             release = self.releasing.release(op.call.lane.uid, op.lease, op.aid, reply)
@@ -595,14 +605,31 @@ class WritePath:
             return []
         return self.waiting.pop(call_key(op.call), [])
 
-    def encode(self, call: LaneCall, records: list[Any]) -> tuple[bytes, int] | Reply:
-        """The records as lines, or the refusal of records that cannot be written."""
+    def encode(
+        self, call: LaneCall, records: list[Any], offsets: bool = False
+    ) -> tuple[bytes, int, tuple[int, ...] | None] | Reply:
+        """The records as lines, their number and (``offsets``: asked for) where each line
+        starts, or the refusal of records that cannot be written."""
         try:
-            data = encode_records(records, self.max_record_bytes)
+            lines = encode_lines(records, self.max_record_bytes)
         except SessionLaneError as exc:
             self.counters["invalid_records"] += 1
             return self.refused(call, exc.code, exc.detail)
-        return data, len(records)
+        return b"".join(lines), len(lines), line_starts(lines) if offsets else None
+
+    def resent_offsets(self, req: Append, offset: int, lines: int) -> list[int] | None:
+        """The offsets of the lines of ``req``, an append resent and already written at
+        ``offset`` (the lease record keeps no offsets of lines), when it asks for them: its
+        records encode to the lines written, none if they are not as many."""
+        if not req.offsets:
+            return None
+        try:
+            encoded = encode_lines(req.records, self.max_record_bytes)
+        except SessionLaneError:
+            return None
+        if len(encoded) != lines:
+            return None
+        return [offset + start for start in line_starts(encoded)]
 
     def refused(self, call: LaneCall, code: ErrorCode, detail: str) -> Reply:
         return Reply(call, Error(id=call.request.id, code=code, detail=detail, path=self.path))

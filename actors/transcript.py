@@ -5,7 +5,7 @@ message handlers, so nothing here waits on anything but the local file system: n
 retries, no locks. A transcript is an append-only JSONL file (docs/contract.md, "Transcript
 semantics"): one JSON object per line, UTF-8, ``\\n``-terminated.
 
-* ``encode_records`` turns a batch into bytes, all or nothing.
+* ``encode_records`` turns a batch into bytes, all or nothing (``encode_lines``: its lines).
 * ``Transcript.append`` writes those bytes at the end; ``sync`` makes them durable.
 * ``Transcript.rewrite`` replaces the whole file atomically (compaction).
 * A torn last line (no final newline) is never extended: its bytes are moved to
@@ -44,8 +44,10 @@ __all__ = [
     "FileIdentity",
     "OpenReport",
     "Transcript",
+    "encode_lines",
     "encode_records",
     "leftover_temps",
+    "line_starts",
     "quarantine_path",
     "remove_leftover_temps",
     "replace_file",
@@ -69,6 +71,12 @@ def encode_records(records: Sequence[object], max_record_bytes: int) -> bytes:
     encodable as UTF-8, or longer than ``max_record_bytes`` including its newline) raises
     ``InvalidRecord`` naming its index and the reason. An empty batch is refused as well.
     """
+    return b"".join(encode_lines(records, max_record_bytes))
+
+
+def encode_lines(records: Sequence[object], max_record_bytes: int) -> list[bytes]:
+    """``encode_records``'s lines, one per record (newline included), before they are joined:
+    their lengths give each line's offset (``Appended.offsets``)."""
     if len(records) == 0:
         raise InvalidRecord("empty batch: at least one record is required")
     lines: list[bytes] = []
@@ -88,7 +96,17 @@ def encode_records(records: Sequence[object], max_record_bytes: int) -> bytes:
                 f"({max_record_bytes})"
             )
         lines.append(line)
-    return b"".join(lines)
+    return lines
+
+
+def line_starts(lines: Sequence[bytes]) -> tuple[int, ...]:
+    """Where each of ``lines`` starts, from the start of the first, once they are joined."""
+    starts: list[int] = []
+    at = 0
+    for line in lines:
+        starts.append(at)
+        at += len(line)
+    return tuple(starts)
 
 
 @lean_record

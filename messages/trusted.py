@@ -47,7 +47,7 @@ def _built(cls: type[_M], values: dict[str, Any], given: frozenset[str]) -> _M:
     return model
 
 
-_APPENDED = frozenset({"id", "offset", "lines", "fence", "released"})
+_APPENDED = frozenset({"id", "offset", "lines", "fence", "released", "offsets"})
 _GRANTED = frozenset({"id", "lease", "fence", "path", "purpose", "secret"})
 _RELEASED = frozenset({"id", "lease"})
 _FILE_REPLY = frozenset({"path", "message", "lane"})
@@ -55,9 +55,15 @@ _LANE_CALL = frozenset({"lane", "path", "canonical", "request"})
 
 
 def appended(
-    id: RequestId | None, offset: int, lines: int, fence: int, released: bool | None
+    id: RequestId | None,
+    offset: int,
+    lines: int,
+    fence: int,
+    released: bool | None,
+    offsets: list[int] | None = None,
 ) -> Appended:
-    """``Appended(id=id, offset=offset, lines=lines, fence=fence, released=released)``."""
+    """``Appended(id=id, offset=offset, lines=lines, fence=fence, released=released,
+    offsets=offsets)``."""
     values = {
         "v": 1,
         "id": id,
@@ -66,6 +72,7 @@ def appended(
         "lines": lines,
         "fence": fence,
         "released": released,
+        "offsets": offsets,
     }
     return _built(Appended, values, _APPENDED)
 

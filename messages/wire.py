@@ -198,6 +198,9 @@ class Append(_Req):
     of the lease is released in the same turn of the file, as a ``release`` would, and the next
     waiter granted; the ``appended`` answer says ``released``. Refused or failed, the append
     releases nothing. Needs ``lease`` + ``fence`` (not a lane's short write)."""
+    offsets: bool | None = None
+    """Ask for the byte offset of each line written (``Appended.offsets``): a client that
+    sends several records in one append (a pipeline's group) learns where each one is."""
 
     @model_validator(mode="after")
     def _lease_or_lane(self) -> Append:
@@ -361,6 +364,9 @@ class Appended(_Rep):
     fence: int
     released: bool | None = None
     """True when the append also released (one level of) its lease (``Append.release``)."""
+    offsets: list[int] | None = None
+    """The byte offset of each line written, in order (``offsets[0] == offset``); only when
+    the append asked for them (``Append.offsets``)."""
 
 
 class Rewritten(_Rep):

@@ -11,8 +11,10 @@ service) or by a lease that is already gone, never by timing. The pure rule is i
 
 from __future__ import annotations
 
+import json
 import pickle
 import secrets
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,10 +32,12 @@ from client_surfaces import (  # noqa: F401 (fixtures)
     sl,
 )
 from pydantic import ValidationError
+from test_disk_service import small_tmpfs
 from test_gateway import RawConn
 from waiting import eventually
 
 from sessionlane.messages.errors import (
+    DiskFull,
     InvalidRecord,
     LeaseRevoked,
     PipelineBroken,
@@ -45,6 +49,7 @@ from sessionlane.system.client import AppendResult
 from sessionlane.system.client import _ops as ops
 from sessionlane.system.client import _pipeline as pipelines
 from sessionlane.system.client._core import ClientCore, ConnectionLost, Settings
+from sessionlane.system.runtime.service import embedded_service
 
 pytestmark = [pytest.mark.tcp, pytest.mark.timeout(60)]
 
@@ -70,7 +75,7 @@ def test_a_failed_append_stops_the_ones_after_it_and_the_error_says_which_were_w
     client: Surface, service: Any, path: str
 ) -> None:
     records: list[dict[str, Any]] = [{"n": n} for n in range(100)]
-    records[10] = {"big": "x" * MAX_RECORD_BYTES}  # over the service's max_record_bytes
+    records[40] = {"big": "x" * MAX_RECORD_BYTES}  # over the service's max_record_bytes
     # max_record_bytes=None: the client leaves the size to the service, which refuses it.
     sl = client.connect(service.address, timeout=10.0, max_record_bytes=None)
     with sl, sl.lane("agent").lease(path) as lease:
@@ -79,17 +84,19 @@ def test_a_failed_append_stops_the_ones_after_it_and_the_error_says_which_were_w
             lease.append_pipelined(records, window=64)
         error = caught.value
         assert error.code == "pipeline_broken"
-        assert error.failed == 10 and error.unknown == 0
+        # Groups of 16 records (a quarter of the window), each one append, all or nothing:
+        # the group of records 32 to 47 is refused whole, the two before it are written.
+        assert error.failed == 32 and error.unknown == 0
         assert isinstance(error.cause, InvalidRecord)
-        assert [r.lines for r in error.written] == [1] * 10
-        assert "append 10 and the ones after it were not written" in error.detail
+        assert [r.lines for r in error.written] == [1] * 32
+        assert "record 32 and the ones after it were not written" in error.detail
         assert lease.revoked is None
         lease.append({"n": "after"})  # the lease is fine after a broken pipeline
-        # Appends 11 to 63 left in the first write, before the answer to 10: refused.
-        assert file_status(sl, path).counters["pipeline_broken"] >= 53
-    assert [r["n"] for r in lines(path)] == [*range(10), "after"]
+        # The group of 48 to 63 left in the first window, before the answer to 32: refused.
+        assert file_status(sl, path).counters["pipeline_broken"] >= 1
+    assert [r["n"] for r in lines(path)] == [*range(32), "after"]
     copy = pickle.loads(pickle.dumps(error))
-    assert (copy.failed, copy.unknown, copy.written) == (10, 0, error.written)
+    assert (copy.failed, copy.unknown, copy.written) == (32, 0, error.written)
     assert isinstance(copy.cause, InvalidRecord)
 
 
@@ -165,6 +172,10 @@ def test_the_service_refuses_a_malformed_after_as_a_bad_frame_and_writes_nothing
             {"after": aid},  # no aid of its own
             {"aid": aid, "after": aid},  # after itself
             {"aid": aid, "after": "short"},  # not an aid
+            {"offsets": "yes"},  # not a bool
+            {"offsets": 1},
+            {"offsets": [0]},
+            {"offset": True},  # no such field
         ):
             reply = raw.request(base | {"records": [{"n": "bad"}]} | bad)
             assert reply["type"] == "error" and reply["code"] == "bad_frame", (bad, reply)
@@ -173,6 +184,96 @@ def test_the_service_refuses_a_malformed_after_as_a_bad_frame_and_writes_nothing
     finally:
         raw.close()
     assert lines(path) == [{"n": 0}, {"n": 1}]
+
+
+def test_an_append_that_asks_gets_the_offset_of_each_line_in_the_file(
+    sl: Any, service: Any, path: str
+) -> None:
+    """On the raw wire: an append of several records with ``offsets`` is answered where each
+    of its lines starts (multi-byte characters included), under a lease and without one; one
+    that does not ask is answered as before, with no ``offsets``."""
+    with sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        lease.append({"n": 0})
+    raw = RawConn(service.address)
+    records = [{"s": "ü" * n, "n": n} for n in range(5)]
+    try:
+        raw.hello()
+        granted = raw.request({"type": "acquire", "lane": "raw", "path": path, "purpose": "prompt"})
+        base = {"type": "append", "lease": granted["lease"], "fence": granted["fence"]}
+        plain = raw.request(base | {"records": records[:2]})
+        assert plain["type"] == "appended" and "offsets" not in plain, plain
+        asked = raw.request(base | {"records": records, "offsets": True})
+        assert asked["type"] == "appended" and asked["lines"] == 5, asked
+        assert asked["offsets"][0] == asked["offset"] > plain["offset"]
+        raw.request({"type": "release", "lease": granted["lease"]})
+        laneless = raw.request(
+            {"type": "append", "lane": "raw", "path": path, "records": records[3:], "offsets": True}
+        )
+        assert laneless["type"] == "appended" and len(laneless["offsets"]) == 2, laneless
+    finally:
+        raw.close()
+    data = Path(path).read_bytes()
+    for offsets, written in ((asked["offsets"], records), (laneless["offsets"], records[3:])):
+        for offset, record in zip(offsets, written, strict=True):
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+            assert data[offset:].startswith(line.encode()), (offset, record)
+    assert len(lines(path)) == 1 + 2 + 5 + 2
+
+
+def test_a_pipeline_goes_in_groups_of_a_quarter_window_cut_short_at_the_frame_limit(
+    client: Surface, service: Any, path: str
+) -> None:
+    """The service counts appends and records: 64 records with window 16 go in 16 appends of
+    4; with a client held to frames of 4 KiB, 1 KiB records go 3 to an append. Each
+    record's result is where its line is."""
+    records = [{"n": n, "pad": "x" * 1000} for n in range(12)]
+    sl = client.connect(service.address, timeout=10.0, max_frame_bytes=4096)
+    with sl, sl.lane("agent").lease(path) as lease:
+        assert lease is not None
+        small = lease.append_pipelined([{"n": n} for n in range(64)], window=16)
+        counters = file_status(sl, path).counters
+        assert (counters["appends"], counters["records"]) == (16, 64)
+        big = lease.append_pipelined(records, window=64)
+        counters = file_status(sl, path).counters
+        assert (counters["appends"], counters["records"]) == (16 + 4, 64 + 12)  # groups of 3
+    data = Path(path).read_bytes()
+    expected = [{"n": n} for n in range(64)] + records
+    for record, result in zip(expected, small + big, strict=True):
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        assert data[result.offset : result.offset + len(line)] == line
+
+
+def test_a_disk_that_fills_stops_a_grouped_pipeline_at_a_group_and_says_which_records_were(
+    client: Surface, tmp_path: Path
+) -> None:
+    """A 64 KiB file system fills in the middle of a pipeline of groups of 16 (window 64): the
+    group whose write failed and every one after it are not in the file (a partial write is
+    cut), the records of the groups acknowledged are, each at its offset; ``failed`` is the
+    first record of the failed group, whose 16 records are of unknown outcome to the client
+    (a failed write, as for one append), and the later groups were refused."""
+    with (
+        small_tmpfs(tmp_path / "small") as small,
+        embedded_service([str(small)], log_file=tmp_path / "service.log") as service,
+    ):
+        path = str(small / "full.jsonl")
+        records = [{"n": n, "pad": "x" * 480} for n in range(192)]  # 95 KB: more than fits
+        sl = client.connect(service.address, timeout=10.0)
+        with sl, sl.lane("agent").lease(path) as lease:
+            assert lease is not None
+            with pytest.raises(PipelineBroken) as caught:
+                lease.append_pipelined(records, window=64)
+            error = caught.value
+            assert isinstance(error.cause, DiskFull), error.cause
+            assert error.failed == len(error.written) and error.failed % 16 == 0
+            assert 0 < error.failed < 192 and error.unknown == 16
+            assert lease.revoked is None
+        data = Path(path).read_bytes()
+    written = [json.loads(line) for line in data.splitlines()]
+    assert written == records[: error.failed]
+    for record, result in zip(records, error.written, strict=False):
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        assert data[result.offset : result.offset + len(line)] == line
 
 
 def test_the_wire_refuses_an_after_without_its_own_aid_or_lease() -> None:
@@ -292,35 +393,39 @@ def test_frames_are_grouped_into_writes_of_about_the_size_never_split() -> None:
 
 
 def test_a_resent_pipeline_stopped_by_a_forgotten_append_says_all_sent_before_are_unknown() -> None:
-    """Ten appends were in flight when the service died: two were answered before. After the
-    reclaim they are resent one at a time; the first is answered from the lease record, the
-    next refused (written before the crash, no longer remembered): every append sent before
-    the crash from there on may be in the file, whatever its resend was answered."""
+    """Four appends of two records each were in flight when the service died: one was
+    answered before. After the reclaim they are resent one at a time; the first is answered
+    from the lease record, the next refused (written before the crash, no longer remembered):
+    every record sent before the crash from there on may be in the file, whatever its
+    resend was answered."""
     core = ClientCore(Settings("tcp://127.0.0.1:7420", None, keepalive=5.0))
     granted = Granted(id=1, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
     state = core.track(granted, "agent")
     state.secret = "s" * 32
     lease = ops.LeaseView(state, "agent")
-    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(12)], 10, None)
+    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(12)], 8, None)
     batch = ops.advance(op, None)
-    assert isinstance(batch, ops.Batch) and (len(batch.requests), batch.window) == (12, 10)
+    # groups of two records (a quarter of the window), four groups (eight records) in flight
+    assert isinstance(batch, ops.Batch) and (len(batch.requests), batch.window) == (6, 4)
+    assert [len(r.records) for r in batch.requests] == [2] * 6
     assert [r.after for r in batch.requests[1:]] == [r.aid for r in batch.requests[:-1]]
     state.suspended = True  # what a lost connection does to a lease it may take back
     lost = ConnectionLost("connection lost before the reply")
-    outcomes: list[Any] = [Appended(offset=n, lines=1, fence=7) for n in range(2)] + [lost] * 8
+    outcomes: list[Any] = [Appended(offset=0, lines=2, fence=7, offsets=[0, 8]), *[lost] * 3]
     reclaim = ops.advance(op, outcomes)
     assert isinstance(reclaim, ops.Call) and reclaim.request.reclaim.lease == "L1"
     resend = ops.advance(
         op, Granted(id=2, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
     )
     assert isinstance(resend, ops.Batch) and resend.window == 1
-    assert resend.requests == batch.requests[2:10]  # only those sent before the crash
-    remembered = Appended(offset=2, lines=1, fence=7)
+    assert resend.requests == batch.requests[1:4]  # only those sent before the crash
+    remembered = Appended(offset=16, lines=2, fence=7, offsets=[16, 24])
     with pytest.raises(PipelineBroken) as caught:
         ops.advance(op, [remembered, Error(code="pipeline_broken", detail="not the last")])
     error = caught.value
-    assert (len(error.written), error.failed, error.unknown) == (3, 3, 7)
-    assert "appends 3 to 9 may or may not be in the file" in error.detail
+    assert [r.offset for r in error.written] == [0, 8, 16, 24]
+    assert (len(error.written), error.failed, error.unknown) == (4, 4, 4)
+    assert "records 4 to 7 may or may not be in the file" in error.detail
     assert error.cause is not None and error.cause.code == "pipeline_broken"
 
 
@@ -331,11 +436,12 @@ def test_an_append_acknowledged_after_the_stop_makes_the_ones_before_it_unknown(
     core = ClientCore(Settings("tcp://127.0.0.1:7420", None, keepalive=5.0))
     granted = Granted(id=1, lease="L1", fence=7, path="/s/a.jsonl", purpose="prompt")
     lease = ops.LeaseView(core.track(granted, "agent"), "agent")
-    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(6)], 8, None)
-    assert isinstance(ops.advance(op, None), ops.Batch)
+    op = pipelines.lease_append_pipelined(core, lease, [{"n": n} for n in range(12)], 8, None)
+    assert isinstance(ops.advance(op, None), ops.Batch)  # six appends of two records
     refused = Error(code="pipeline_broken", detail="not the last written")
-    outcomes = [Appended(offset=0, lines=1, fence=7), refused, refused]
-    outcomes += [Appended(offset=9, lines=1, fence=7), refused, refused]
+    outcomes = [Appended(offset=0, lines=2, fence=7, offsets=[0, 5]), refused, refused]
+    outcomes += [Appended(offset=9, lines=2, fence=7, offsets=[9, 14]), refused, refused]
     with pytest.raises(PipelineBroken) as caught:
         ops.advance(op, outcomes)
-    assert (len(caught.value.written), caught.value.failed, caught.value.unknown) == (1, 1, 3)
+    # records 2 to 7 (the appends refused, and the one written after them) may be in the file
+    assert (len(caught.value.written), caught.value.failed, caught.value.unknown) == (2, 2, 6)

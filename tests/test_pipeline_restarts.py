@@ -18,6 +18,7 @@ import json
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,7 +65,8 @@ def test_a_pipeline_cut_by_a_crash_is_resent_in_order_and_written_once(
         assert running is not None
         os.killpg(running.system.pgid, signal.SIGSTOP)  # hears the window, answers nothing
         piped = pool.submit(lease.append_pipelined, [{"n": n} for n in range(5, 40)], window=8)
-        eventually(lambda: pending_requests(client, sl) == 8 or None, "a window in flight")
+        # a window of eight records: four appends of two (a quarter of the window each)
+        eventually(lambda: pending_requests(client, sl) == 4 or None, "a window in flight")
         crash(first)  # SIGKILL reaches stopped processes too
         restarts.start()
         results = piped.result(timeout=120)
@@ -74,6 +76,9 @@ def test_a_pipeline_cut_by_a_crash_is_resent_in_order_and_written_once(
     finally:
         sl.close()
     assert [r["n"] for r in lines(path)] == list(range(40))
+    data = Path(path).read_bytes()
+    for n, result in enumerate(results, start=5):  # resent or not, each where its line is
+        assert data[result.offset :].startswith(f'{{"n":{n}}}\n'.encode())
 
 
 def test_a_pipeline_whose_connection_is_lost_says_which_appends_have_an_unknown_outcome(
@@ -90,7 +95,7 @@ def test_a_pipeline_whose_connection_is_lost_says_which_appends_have_an_unknown_
         assert running is not None
         os.killpg(running.system.pgid, signal.SIGSTOP)
         piped = pool.submit(lease.append_pipelined, [{"n": n} for n in range(3, 30)], window=8)
-        eventually(lambda: pending_requests(client, sl) == 8 or None, "a window in flight")
+        eventually(lambda: pending_requests(client, sl) == 4 or None, "a window in flight")
         crash(first)
         with pytest.raises(PipelineBroken) as caught:
             piped.result(timeout=60)
@@ -99,7 +104,7 @@ def test_a_pipeline_whose_connection_is_lost_says_which_appends_have_an_unknown_
     error = caught.value
     assert (error.written, error.failed, error.unknown) == ((), 0, 8)
     assert isinstance(error.cause, UnknownOutcome) and "read it" in error.cause.detail
-    assert "appends 0 to 7 may or may not be in the file" in error.detail
+    assert "records 0 to 7 may or may not be in the file" in error.detail
     assert lease.revoked == "connection_lost"
     assert [r["n"] for r in lines(path)] == [0, 1, 2] and len(done) == 3
 
@@ -114,10 +119,13 @@ def test_the_restarted_service_goes_on_with_a_pipeline_from_the_lease_record(
     granted = held.request({"type": "acquire", "lane": "agent", "path": path} | PROMPT)
     assert granted["type"] == "granted", granted
     base = {"type": "append", "lease": granted["lease"], "fence": granted["fence"]}
-    # A pipeline of two, written before the crash (their aids go to the lease record).
-    for n, (aid, after) in enumerate([("aid-0000-a", None), ("aid-0001-b", "aid-0000-a")]):
-        piped = held.request(base | {"records": [{"n": n}], "aid": aid, "after": after})
-        assert piped["type"] == "appended", piped
+    # A pipeline of two, written before the crash (their aids go to the lease record); the
+    # second a group of two records that asks for its lines' offsets.
+    piped = held.request(base | {"records": [{"n": 0}], "aid": "aid-0000-a"})
+    assert piped["type"] == "appended" and "offsets" not in piped, piped
+    group = {"records": [{"n": 1}, {"n": 1.5}], "aid": "aid-0001-b", "after": "aid-0000-a"}
+    piped = held.request(base | group | {"offsets": True})
+    assert piped["type"] == "appended" and piped["offsets"] == [8, 16], piped
     crash(first)
     held.close()
     second = restarts.start()
@@ -129,11 +137,9 @@ def test_the_restarted_service_goes_on_with_a_pipeline_from_the_lease_record(
             {"type": "acquire", "lane": "agent", "path": path, "reclaim": ticket} | PROMPT
         )
         assert got["type"] == "granted", got
-        resent = raw.request(
-            base | {"records": [{"n": 1}], "aid": "aid-0001-b", "after": "aid-0000-a"}
-        )
+        resent = raw.request(base | group | {"offsets": True})
         assert resent["type"] == "appended", resent  # answered as it was, not written again
-        assert resent["offset"] == piped["offset"]
+        assert (resent["offset"], resent["offsets"]) == (piped["offset"], piped["offsets"])
         stray = raw.request(
             base | {"records": [{"n": "x"}], "aid": "aid-stray", "after": "aid-0000-a"}
         )
@@ -144,7 +150,7 @@ def test_the_restarted_service_goes_on_with_a_pipeline_from_the_lease_record(
         assert going_on["type"] == "appended", going_on
     finally:
         raw.close()
-    assert lines(path) == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert lines(path) == [{"n": 0}, {"n": 1}, {"n": 1.5}, {"n": 2}]
 
 
 PROMPT = {"purpose": "prompt"}

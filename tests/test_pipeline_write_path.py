@@ -66,10 +66,16 @@ class Pipeline:
         return grant
 
     def send(
-        self, numbers: range, *, after: str | None = None, release_at: int | None = None
+        self,
+        numbers: range,
+        *,
+        after: str | None = None,
+        release_at: int | None = None,
+        group: int = 1,
     ) -> list[int]:
         """Accept a pipeline of one append per number (``after``: the one before its first;
-        ``release_at``: the number whose append carries the release of the lease)."""
+        ``release_at``: the number whose append carries the release of the lease; ``group``:
+        records per append, asking for their offsets when more than one)."""
         sent = []
         for n in numbers:
             self.ids += 1
@@ -78,10 +84,11 @@ class Pipeline:
                 id=self.ids,
                 lease=self.grant.lease,
                 fence=self.grant.fence,
-                records=[{"n": n}],
+                records=[{"n": n}] if group == 1 else [{"n": n, "k": k} for k in range(group)],
                 aid=aid,
                 after=after,
                 release=True if n == release_at else None,
+                offsets=True if group > 1 else None,
             )
             call = LaneCall(
                 lane=LaneRef(uid="a", name="a", address="lane:a"),
@@ -245,3 +252,37 @@ def test_the_append_that_releases_ends_its_pipelines_write_and_waits_for_the_syn
     held = list(pipeline.writes.releasing.held.values())
     assert [r.aid for r in held] == ["aid-00005"], "released once its sync succeeds"
     assert pipeline.numbers() == list(range(10))
+
+
+def test_groups_of_records_go_out_in_one_write_each_line_at_the_offset_its_answer_says(
+    pipeline: Pipeline,
+) -> None:
+    first = pipeline.send(range(1), group=3)
+    pipeline.drain()
+    rest = pipeline.send(range(1, 20), after="aid-00000", group=3)
+    pipeline.drain()
+    assert pipeline.writes_out == 2 and pipeline.codes(first + rest) == ["appended"] * 20
+    data = Path(pipeline.path).read_bytes()
+    for number, rid in enumerate(first + rest):
+        reply = pipeline.replies[rid]
+        assert (reply.lines, len(reply.offsets), reply.offsets[0]) == (3, 3, reply.offset)
+        for k, offset in enumerate(reply.offsets):
+            line = data[offset : data.index(b"\n", offset)]
+            assert json.loads(line) == {"n": number, "k": k}
+    assert pipeline.writes.counters["records"] == 60
+
+
+def test_a_disk_that_fills_at_group_k_leaves_exactly_the_groups_before_it(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = pipeline.send(range(4), group=4)
+    pipeline.drain()
+    fail_once(monkeypatch, errno.ENOSPC)  # the next write only: half of it, then ENOSPC
+    rest = pipeline.send(range(4, 10), after="aid-00003", group=4)
+    pipeline.drain()  # 4..9 in one write, which fails: 4 answered disk_full, 5..9 refused
+    assert (
+        pipeline.codes(first + rest) == ["appended"] * 4 + ["disk_full"] + ["pipeline_broken"] * 5
+    )
+    assert pipeline.numbers() == [n for n in range(4) for _ in range(4)]  # the half cut off
+    offsets = [o for rid in first for o in pipeline.replies[rid].offsets]
+    assert offsets == [i * len('{"n":0,"k":0}\n') for i in range(16)]

@@ -635,7 +635,8 @@ class AsyncLease(ops.LeaseView):
         durability: Durability | None = None,
         release: bool = False,
     ) -> list[AppendResult]:
-        """Append each record as its own append, up to ``window`` of them in flight at once.
+        """Append the records, up to ``window`` of them in flight at once, in groups (one
+        append of up to a quarter of the window each, written all or nothing).
 
         The asyncio twin of ``Lease.append_pipelined``: results in order, and on a failure
         ``PipelineBroken`` saying which were written; none after the failed one is.

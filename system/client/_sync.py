@@ -730,13 +730,14 @@ class Lease(ops.LeaseView):
         durability: Durability | None = None,
         release: bool = False,
     ) -> list[AppendResult]:
-        """Append each record as its own append, up to ``window`` of them in flight at once.
+        """Append the records, up to ``window`` of them in flight at once, in groups (one
+        append of up to a quarter of the window each, written all or nothing).
 
         Written in order and acknowledged in order: the results, one per record. If one fails,
         none after it is written (the service refuses them): ``PipelineBroken`` says which
-        were (``written``, ``failed``, ``unknown``, ``cause``). The records are checked before
-        anything is sent (``InvalidRecord``). ``release``: the last append also releases this
-        level of the lease once durable (as ``append(..., release=True)``); a pipeline that
+        records were (``written``, ``failed``, ``unknown``, ``cause``). The records are checked
+        before anything is sent (``InvalidRecord``). ``release``: the last append also releases
+        this level of the lease once durable (as ``append(..., release=True)``); a pipeline that
         stops before its last append leaves the lease held."""
         op = pipelines.lease_append_pipelined(
             self.sl.core, self, records, window, durability, release

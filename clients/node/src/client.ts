@@ -416,6 +416,7 @@ export class SessionLane extends EventEmitter implements AsyncDisposable {
     track: (state) => this.#track(state),
     untrack: (state) => this.#untrack(state),
     abandoned: (leases) => this.#abandoned(leases),
+    maxFrameBytes: () => this.#maxFrameBytes,
     leaseRequest: (state, type, fields, options) =>
       this.#leaseRequest(state, type, fields, options),
   };

@@ -144,6 +144,8 @@ export interface LeaseHost {
   track(state: LeaseState): LeaseState;
   untrack(state: LeaseState): void;
   abandoned(leases: readonly string[]): void;
+  /** The largest frame body the service takes (`maxFrameBytes`: a larger one is refused). */
+  maxFrameBytes(): number;
   /**
    * `request` for a request of the lease `state`: one that waited for the connection to be
    * revived is sent only if the lease was taken back (else `LeaseRevoked`, nothing sent).
@@ -449,14 +451,16 @@ export class Lease implements AsyncDisposable {
   }
 
   /**
-   * Append each record as its own append, up to `window` of them in flight at once. Written in
-   * order and acknowledged in order: resolves with one result per record. If one fails, none
-   * after it is written (the service refuses them, each naming the one before it): rejects with
-   * `PipelineBroken`, whose `written`, `failed`, `unknown` and `cause` say which were. A lost
-   * connection ridden out (`reconnectForMs`) takes the lease back and sends the unanswered
-   * appends again, one at a time (their append ids answer the ones already written), then goes
-   * on with the window. `release`: the last append also releases this level of the lease once
-   * durable (append and release); a pipeline that stops before it leaves the lease held.
+   * Append the records, up to `window` of them in flight at once, in groups (one append of up
+   * to a quarter of the window each, written all or nothing). Written in order and
+   * acknowledged in order: resolves with one result per record. If one fails, none after it
+   * is written (the service refuses them, each naming the one before it): rejects with
+   * `PipelineBroken`, whose `written`, `failed`, `unknown` and `cause` say which records were.
+   * A lost connection ridden out (`reconnectForMs`) takes the lease back and sends the
+   * unanswered appends again, one at a time (their append ids answer the ones already
+   * written), then goes on with the window. `release`: the last append also releases this
+   * level of the lease once durable (append and release); a pipeline that stops before it
+   * leaves the lease held.
    */
   async appendPipelined(
     records: readonly TranscriptRecord[],
@@ -472,6 +476,7 @@ export class Lease implements AsyncDisposable {
         checkUsable: () => this.#checkUsable(),
         send: (fields) =>
           this.#host.leaseRequest(this.#state, 'append', fields, { resend: false }),
+        maxFrameBytes: this.#host.maxFrameBytes(),
       },
       records,
       options,

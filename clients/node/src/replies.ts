@@ -72,6 +72,7 @@ export function parseReply(decoded: unknown): Reply {
         offset: f.int('offset'),
         lines: f.int('lines'),
         fence: f.int('fence'),
+        offsets: f.optional('offsets', () => f.ints('offsets')),
       };
     case 'rewritten':
       return { ...base, type, lines: f.int('lines'), fence: f.int('fence') };
@@ -206,6 +207,14 @@ class Reader {
   list<T>(field: string, item: (value: unknown) => T): T[] {
     const value = this.fields[field];
     return Array.isArray(value) ? value.map(item) : this.#bad(field, 'a list');
+  }
+
+  ints(field: string): number[] {
+    return this.list(field, (item) =>
+      typeof item === 'number' && Number.isSafeInteger(item)
+        ? item
+        : this.#bad(field, 'a list of integers'),
+    );
   }
 
   strings(field: string): string[] {

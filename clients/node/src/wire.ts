@@ -101,7 +101,14 @@ export type ReleasedReply = Reply_<'released', { lease: string }>;
 export type AbandonedReply = Reply_<'abandoned', { leases: readonly string[] }>;
 export type AppendedReply = Reply_<
   'appended',
-  { offset: number; lines: number; fence: number; released?: boolean }
+  {
+    offset: number;
+    lines: number;
+    fence: number;
+    released?: boolean;
+    /** The offset of each line, when the append asked for them (`offsets`). */
+    offsets?: readonly number[] | null;
+  }
 >;
 export type RewrittenReply = Reply_<'rewritten', { lines: number; fence: number }>;
 export type StatusReply = Reply_<'status', { files: readonly WireFileStatus[] }>;
@@ -152,6 +159,11 @@ export type ReplyOf<T extends Reply['type']> = Extract<Reply, { type: T }>;
 export const MAX_MESSAGE_DEPTH = MAX_RECORD_DEPTH + 28;
 
 const encoder = new Encoder({ ignoreUndefined: true, useBigInt64: true });
+
+/** How many bytes `value` takes in a frame (msgpack, as `frame` encodes it). */
+export function packedBytes(value: unknown): number {
+  return encoder.encode(value).byteLength;
+}
 
 /** Frame one message: 4-byte big-endian length, then the msgpack map. */
 export function frame(message: WireMessage, maxFrameBytes = DEFAULT_MAX_FRAME_BYTES): Buffer {

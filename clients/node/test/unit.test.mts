@@ -14,6 +14,7 @@ import {
   InvalidRecord,
   LeaseRevoked,
   LeaseTimeout,
+  PipelineBroken,
   ReadOnly,
   SessionLaneError,
   StaleFence,
@@ -651,4 +652,110 @@ describe('reconnectForMs', () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+});
+
+/**
+ * A service that grants lane `a` a lease and writes its appends in memory: each is answered
+ * at the offset of its first line, with the offset of each line when it asks (`offsets`), and
+ * one whose records include `{ fail: code }` is answered with that error code, as is every
+ * append after it (`pipeline_broken`). `seen` gets each append's records and fields.
+ */
+function groupWritingService(seen: Record<string, unknown>[]) {
+  let size = 0;
+  let broken = false;
+  return (request: Record<string, unknown>, send: Send): void => {
+    const id = request['id'];
+    if (request['type'] === 'acquire') {
+      send({ type: 'granted', id, lease: 'L1', fence: 7, path: request['path'],
+             purpose: 'prompt' });
+      return;
+    }
+    if (request['type'] !== 'append') return;
+    seen.push(request);
+    const records = request['records'] as Record<string, unknown>[];
+    const failing = records.find((r) => typeof r['fail'] === 'string');
+    if (broken || failing !== undefined) {
+      const code = broken ? 'pipeline_broken' : (failing!['fail'] as string);
+      broken = true;
+      send({ type: 'error', id, code, detail: 'scripted' });
+      return;
+    }
+    const offsets: number[] = [];
+    for (const record of records) {
+      offsets.push(size);
+      size += Buffer.byteLength(JSON.stringify(record)) + 1;
+    }
+    const answer = { type: 'appended', id, offset: offsets[0], lines: records.length, fence: 7 };
+    send(request['offsets'] === true ? { ...answer, offsets } : answer);
+  };
+}
+
+describe('a pipeline in groups (against a scripted service)', () => {
+  it('sends a quarter of the window per append and answers each record at its own offset', async () => {
+    const seen: Record<string, unknown>[] = [];
+    const { address, server } = await scriptedService(groupWritingService(seen));
+    const sl = await connect(address, { keepaliveMs: 0 });
+    try {
+      const lease = await sl.lane('a').lease('/s/a.jsonl');
+      assert.ok(lease !== null);
+      const records = Array.from({ length: 50 }, (_, n) => ({ n }));
+      const results = await lease.appendPipelined(records, { window: 16 });
+      assert.deepEqual(seen.map((r) => (r['records'] as unknown[]).length), [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 2]);
+      assert.ok(seen.every((r) => r['offsets'] === true));
+      assert.deepEqual(seen.slice(1).map((r) => r['after']), seen.slice(0, -1).map((r) => r['aid']));
+      let at = 0;
+      results.forEach((result, n) => {
+        assert.deepEqual(result, { offset: at, lines: 1, fence: 7 });
+        at += Buffer.byteLength(JSON.stringify(records[n])) + 1;
+      });
+    } finally {
+      await sl.close();
+      server.close();
+    }
+  });
+
+  it('cuts a group short where its frame would pass maxFrameBytes', async () => {
+    const seen: Record<string, unknown>[] = [];
+    const { address, server } = await scriptedService(groupWritingService(seen));
+    const sl = await connect(address, { keepaliveMs: 0, maxFrameBytes: 2_000 });
+    try {
+      const lease = await sl.lane('a').lease('/s/a.jsonl');
+      assert.ok(lease !== null);
+      const records = Array.from({ length: 20 }, (_, n) => ({ n, pad: 'x'.repeat(300) }));
+      const results = await lease.appendPipelined(records, { window: 64 });
+      assert.equal(results.length, 20);
+      const sizes = seen.map((r) => (r['records'] as unknown[]).length);
+      assert.ok(sizes.every((k) => k >= 1 && k <= 4), JSON.stringify(sizes)); // 1,488 bytes
+      assert.equal(sizes.reduce((a, b) => a + b, 0), 20);
+    } finally {
+      await sl.close();
+      server.close();
+    }
+  });
+
+  for (const [code, unknown] of [['invalid_record', 0], ['disk_full', 4]] as const) {
+    it(`stops at the group that failed (${code}): written, failed, unknown in records`, async () => {
+      const seen: Record<string, unknown>[] = [];
+      const { address, server } = await scriptedService(groupWritingService(seen));
+      const sl = await connect(address, { keepaliveMs: 0 });
+      try {
+        const lease = await sl.lane('a').lease('/s/a.jsonl');
+        assert.ok(lease !== null);
+        const records: Record<string, unknown>[] = Array.from({ length: 40 }, (_, n) => ({ n }));
+        records[13] = { fail: code }; // in the group of records 12 to 15
+        const err = await lease.appendPipelined(records, { window: 16 }).then(
+          () => assert.fail('the pipeline went through'),
+          (caught: unknown) => caught,
+        );
+        assert.ok(err instanceof PipelineBroken, String(err));
+        assert.deepEqual([err.failed, err.unknown, err.written.length], [12, unknown, 12]);
+        assert.ok(err.cause instanceof SessionLaneError && err.cause.code === code, String(err.cause));
+        const what = unknown > 0 ? /records 12 to 15 may or may not be in the file/ : /record 12 and the ones after it were not written/;
+        assert.match(err.detail, what);
+      } finally {
+        await sl.close();
+        server.close();
+      }
+    });
+  }
 });
