@@ -35,7 +35,6 @@ import contextlib
 import socket
 import threading
 import time
-from _thread import allocate_lock as _allocate_lock
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from functools import partial
@@ -154,17 +153,17 @@ def connect_async(
 class _Waiter:
     """A caller blocked on one request: woken once, with its reply or its error.
 
-    One per request, so it is a bare lock held from the start rather than a
+    One per request, so it is a bare lock, held from the start, rather than a
     ``threading.Event`` (a ``Condition`` around a lock: 2.4 against 0.2 us to make, wake and
     wait on, ``tests/record_cost.py``; docs/hot-path.md, "Effect records and replies, the
-    tenth session"). ``wake`` is called
-    under the client's lock (a second call does nothing); only the caller waits and reads
-    ``done``, which is set after the reply or error and before the gate opens."""
+    tenth session"). ``wake`` is called under the client's lock (a second call does nothing);
+    only the caller waits and reads ``done``, which is set after the reply or error and
+    before the gate opens."""
 
     __slots__ = ("done", "error", "gate", "reply")
 
     def __init__(self) -> None:
-        self.gate = _allocate_lock()
+        self.gate = threading.Lock()
         self.gate.acquire()
         self.done = False
         self.reply: Reply | None = None
