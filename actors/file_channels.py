@@ -45,6 +45,7 @@ from sessionlane.messages.channel import (
 )
 from sessionlane.messages.client_frames import MAX_CLIENT_OUTPUT_BYTES
 from sessionlane.messages.codec import FrameDecodeError, decode_request, frame
+from sessionlane.messages.lean_records import lean_record
 from sessionlane.messages.wire import Alive, Error, Keepalive
 
 __all__ = ["ChannelCallEvent", "ChannelClosed", "ChannelEvent", "ChannelRef", "ChannelServer"]
@@ -74,7 +75,7 @@ class ChannelRef:
     serial: int
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class ChannelCallEvent:
     """A call frame arrived on an authenticated connection."""
 
@@ -82,7 +83,7 @@ class ChannelCallEvent:
     call: ChannelCall
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class ChannelClosed:
     """An authenticated connection is closed: nothing more comes from it or reaches it."""
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sessionlane.messages.errors import ErrorCode
+from sessionlane.messages.lean_records import lean_record
 from sessionlane.messages.wire import Priority, Purpose, RevokeReason
 
 __all__ = [
@@ -91,7 +92,7 @@ class LeasePolicy:
 # Effects -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@lean_record
 class Grant:
     """Answer ``req``: ``lane`` holds ``lease`` with ``fence`` (``reentrant``: nesting +1)."""
 
@@ -105,7 +106,7 @@ class Grant:
     """How long the request queued before this grant; ``None``: granted at once."""
 
 
-@dataclass(frozen=True)
+@lean_record
 class Queue:
     """Tell ``req`` it waits at ``position`` (1-based); its final answer comes later."""
 
@@ -114,7 +115,7 @@ class Queue:
     position: int
 
 
-@dataclass(frozen=True)
+@lean_record
 class Skip:
     """Answer ``req``: contended with ``on_contention="skip"``; no lease, no error."""
 
@@ -122,7 +123,7 @@ class Skip:
     lane: Lane
 
 
-@dataclass(frozen=True)
+@lean_record
 class Reject:
     """Answer ``req`` with an error code."""
 
@@ -133,7 +134,7 @@ class Reject:
     detail: str
 
 
-@dataclass(frozen=True)
+@lean_record
 class Released:
     """Answer a release: one nesting level of ``lease`` dropped (``freed``: the last one)."""
 
@@ -143,7 +144,7 @@ class Released:
     freed: bool
 
 
-@dataclass(frozen=True)
+@lean_record
 class Abandoned:
     """Answer an abandon: the leases dropped (at most one per path) and waiters cancelled."""
 
@@ -152,7 +153,7 @@ class Abandoned:
     leases: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@lean_record
 class Revoke:
     """Event for ``lane``: ``lease`` is no longer held, for ``reason``."""
 
@@ -161,7 +162,7 @@ class Revoke:
     reason: RevokeReason
 
 
-@dataclass(frozen=True)
+@lean_record
 class AbortRequest:
     """Event for ``lane``: a recovery wants the path; release within ``grace_ms``."""
 
@@ -170,14 +171,14 @@ class AbortRequest:
     grace_ms: int
 
 
-@dataclass(frozen=True)
+@lean_record
 class Diagnostic:
     """One line for the log (abandons and revocations, with held time and reason)."""
 
     message: str
 
 
-@dataclass(frozen=True)
+@lean_record
 class ReserveFences:
     """Persist ``ceiling`` durably BEFORE performing any effect that follows it."""
 

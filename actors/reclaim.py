@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sessionlane.actors.lease_types import Holder
+from sessionlane.messages.lean_records import lean_record
 from sessionlane.messages.wire import Append, Appended, Priority, Purpose, ReclaimTicket
 
 __all__ = [
@@ -75,7 +76,7 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class DoneAppend:
     """An append of the holder, as it was answered."""
 
@@ -85,7 +86,7 @@ class DoneAppend:
     fence: int
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class ReleasedAppend:
     """An append that released (one level of) its lease (``Append.release``), as answered."""
 
@@ -93,7 +94,7 @@ class ReleasedAppend:
     done: DoneAppend
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class HeldRecord:
     """The holder of a file, as far as a restarted actor needs to know it."""
 
@@ -109,7 +110,7 @@ class HeldRecord:
     """Wall-clock end of its max hold (epoch ms), or None."""
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class LeaseRecord:
     """The durable record of one file (``held`` None: nobody held it)."""
 

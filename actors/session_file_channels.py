@@ -32,6 +32,7 @@ from sessionlane.actors._shell import addr_key
 from sessionlane.actors.ahead import BoundAhead
 from sessionlane.actors.carried import CarriedPeers, CarriedRef
 from sessionlane.actors.file_channels import ChannelClosed, ChannelEvent, ChannelRef, ChannelServer
+from sessionlane.messages import trusted
 from sessionlane.messages.carried import CarriedCalls, CarriedLost, CarriedReplies
 from sessionlane.messages.channel import reply_frame
 from sessionlane.messages.internal import (
@@ -80,7 +81,7 @@ def channel_call(
             if len(refs) >= _MAX_LANE_REFS:
                 refs.clear()  # a serial is never reused: dropping old ones loses nothing
             refs[key] = lane
-    return LaneCall(lane=lane, path=path, canonical=True, request=call.request)
+    return trusted.lane_call(lane, path, True, call.request)
 
 
 class FileChannels:

@@ -87,7 +87,7 @@ from sessionlane.actors.session_file_writes import (
     Wrote,
     call_key,
 )
-from sessionlane.messages import wire
+from sessionlane.messages import trusted, wire
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
 from sessionlane.messages.internal import FileReply, LaneCall
 from sessionlane.messages.wire import (
@@ -331,13 +331,8 @@ class FileCore:
                 if secret is None:  # its first grant here (a reentrant one carries it too)
                     secret = self.new_secret()
                     self.book.issue(fx.lease, secret)
-                granted = wire.Granted(
-                    id=_rid(fx.req),
-                    lease=fx.lease,
-                    fence=fx.fence,
-                    path=path,
-                    purpose=fx.purpose,
-                    secret=secret,
+                granted = trusted.granted(
+                    _rid(fx.req), fx.lease, fx.fence, path, fx.purpose, secret
                 )
                 return [*self.handoff(fx), Answer(fx.req, fx.lane, granted)]
             case lt.Queue() if self.writes.is_pending(fx.req):
@@ -355,7 +350,7 @@ class FileCore:
             case lt.Released() if self.writes.released_silently(fx.req):
                 return []
             case lt.Released():
-                return [Answer(fx.req, fx.lane, wire.Released(id=_rid(fx.req), lease=fx.lease))]
+                return [Answer(fx.req, fx.lane, trusted.released(_rid(fx.req), fx.lease))]
             case lt.Abandoned():
                 abandoned = wire.Abandoned(id=_rid(fx.req), leases=list(fx.leases))
                 return [Answer(fx.req, fx.lane, abandoned)]
@@ -468,7 +463,7 @@ class FileCore:
         message = fx.message  # ``meaning`` builds it with its request's id: no copy
         if message.id != rid:
             message = message.model_copy(update={"id": rid})
-        return self.event(fx.lane, FileReply(path=self.path, message=message, lane=fx.lane))
+        return self.event(fx.lane, trusted.file_reply(self.path, message, fx.lane))
 
     def read_event(self, fx: Event | Notify, now: float) -> Deliver | None:
         return self.event(fx.lane, fx.message)
@@ -556,7 +551,7 @@ class FileCore:
         out = Outgoing(
             lane=lane,
             address=call.lane.address,
-            message=FileReply(path=self.path, message=message, lane=lane),
+            message=trusted.file_reply(self.path, message, lane),
             needs_sync=needs_sync,
             key=key if needs_sync else None,
         )

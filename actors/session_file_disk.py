@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from sessionlane.actors.disk_errors import disk_error_code
 from sessionlane.actors.legacy_lock import LegacyLock
 from sessionlane.actors.session_file_commit import TranscriptSync
 from sessionlane.actors.transcript import Transcript
 from sessionlane.messages.errors import ErrorCode, SessionLaneError
+from sessionlane.messages.lean_records import lean_record
 from sessionlane.messages.wire import ExternalChangeKind
 
 __all__ = ["FileDisk", "LockOutcome", "WriteOutcome"]
@@ -33,7 +33,7 @@ __all__ = ["FileDisk", "LockOutcome", "WriteOutcome"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class WriteOutcome:
     """What performing one ``WriteOut`` did.
 

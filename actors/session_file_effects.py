@@ -14,12 +14,11 @@ feeds outcomes back. Two kinds:
   lease record), the timers ``ArmTick``, ``ArmRetry``, ``ArmCommit``, and ``Handoff``/``Warn``
   (metrics and the log).
 
-Frozen records: no behaviour, no I/O.
+Records (``lean_record``: frozen to the type checker, cheap to build): no behaviour, no I/O.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from sessionlane.actors.lease_types import Effect
@@ -31,6 +30,7 @@ from sessionlane.actors.session_file_write_effects import (
     WriteOut,
 )
 from sessionlane.messages.internal import FileReply, LaneCall
+from sessionlane.messages.lean_records import lean_record
 from sessionlane.messages.wire import Reply as ReplyMessage
 
 __all__ = [
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class Reserve:
     """Make fences up to ``ceiling`` durable before the grant that follows (a failure goes
     to ``FileCore.reservation_failed``: the grant is undone)."""
@@ -62,7 +62,7 @@ class Reserve:
     ceiling: int
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class Answer:
     """Answer the table request ``req`` (lane uid, request id) of ``lane`` with ``message``."""
 
@@ -71,7 +71,7 @@ class Answer:
     message: ReplyMessage
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class Resent:
     """Answer ``call`` (an append resent after a restart) with its first answer;
     ``after_sync``: once the pending sync that its first delivery waits for is done (a failed
@@ -82,7 +82,7 @@ class Resent:
     after_sync: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class Event:
     """Send ``message`` (a revocation, an abort request) to the lane ``lane``."""
 
@@ -90,39 +90,39 @@ class Event:
     message: FileReply
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class Handoff:
     """A lease was handed to a waiter that waited ``waited_ms`` (observed by the metrics)."""
 
     waited_ms: float
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class Warn:
     """Log ``message`` as a warning (the table's diagnostics)."""
 
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class TableEffects:
     """Read these effects of the lease table next, in order."""
 
     effects: list[Effect]
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class DrainWrites:
     """Perform the write queue (its first write may need the legacy lock)."""
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class WriteNext:
     """The drain goes on: the next queued write (read by the core, after what the last
     write led to)."""
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class Deliver:
     """Send ``message`` to ``address`` now: a Lane actor, or a channel (a reply frame)."""
 
@@ -130,7 +130,7 @@ class Deliver:
     message: FileReply
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class TakeLegacyLock:
     """Try ``<file>.lock`` once for the writes under ``lease``; the outcome goes to
     ``FileCore.locked``."""
@@ -138,28 +138,28 @@ class TakeLegacyLock:
     lease: str
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class WriteRecord:
     """Write the file's durable lease record (``sessionlane.actors.lease_record_file``)."""
 
     record: LeaseRecord
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class ArmTick:
     """Arm a ``LeaseTick`` for ``due`` (the lease table's next deadline)."""
 
     due: float
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class ArmRetry:
     """Arm a ``LegacyRetry`` in ``delay`` seconds (a live legacy writer holds the lock)."""
 
     delay: float
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class ArmCommit:
     """Arm a ``CommitDue`` for ``due`` (a held batch waits for an expected sibling)."""
 

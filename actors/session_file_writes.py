@@ -94,11 +94,11 @@ from sessionlane.actors.session_file_write_effects import (
     Wrote,
 )
 from sessionlane.actors.transcript import encode_lines, line_starts
+from sessionlane.messages import trusted
 from sessionlane.messages.errors import ErrorCode, FileMoved, SessionLaneError
 from sessionlane.messages.internal import FileReply, LaneCall
 from sessionlane.messages.wire import (
     Append,
-    Appended,
     Durability,
     Error,
     ExternalChange,
@@ -494,14 +494,7 @@ class WritePath:
         self.last_written = (op.lease, op.aid)
         released = True if op.release else None
         offsets = None if op.starts is None else [offset + start for start in op.starts]
-        reply = Appended(
-            id=op.call.request.id,
-            offset=offset,
-            lines=op.lines,
-            fence=op.fence,
-            released=released,
-            offsets=offsets,
-        )
+        reply = trusted.appended(op.call.request.id, offset, op.lines, op.fence, released, offsets)
         self.remember(op.call, reply)
         if op.release:
             release = self.releasing.release(op.call.lane.uid, op.lease, op.aid, reply)

@@ -1,4 +1,4 @@
-"""The wakeup payloads of our actors: one small frozen type per timer kind, dispatched by type.
+"""The wakeup payloads of our actors: one small record per timer kind, dispatched by type.
 
 ``wakeupAfter(delay, payload=X(...))`` comes back as a ``WakeupMessage`` whose ``payload`` is
 that ``X``; the actor's ``on_wakeup`` is one ``match`` on these types, so a renamed or new
@@ -8,7 +8,7 @@ own process (thespian keeps wakeups in the transport), so they need not be wire 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from sessionlane.messages.lean_records import lean_record
 
 __all__ = [
     "ChannelFlush",
@@ -26,7 +26,7 @@ __all__ = [
 # SessionFile --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class LeaseTick:
     """The lease table's next deadline (a hold limit, an abort grace, a waiter's timeout)."""
 
@@ -34,7 +34,7 @@ class LeaseTick:
     """The actor clock's time (ms) it was armed for: an earlier re-arm supersedes it."""
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class CommitDue:
     """A group-commit batch waiting for a sibling writer is synced if nothing came by now."""
 
@@ -42,19 +42,19 @@ class CommitDue:
     """The actor clock's time (ms) it was armed for."""
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class LegacyRetry:
     """Try the legacy lock again: a live legacy writer held it when the write queue drained."""
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class IdleCheck:
     """Passivation: is the file still quiet? It was armed when ``activity`` calls had come."""
 
     activity: int
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class ChannelFlush:
     """Write the channels' output again: a full socket buffer refused part of it."""
 
@@ -62,14 +62,14 @@ class ChannelFlush:
 # Registry -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class GatherTimeout:
     """A status or drain fan-out answers with what it has (children that did not answer)."""
 
     query: int
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class SuccessorWait:
     """A path's retiring actor has not exited yet: start its successor anyway."""
 
@@ -80,12 +80,12 @@ class SuccessorWait:
 # Lane ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class CloseTimeout:
     """A lane whose agent went away stops waiting for its abandons to be answered."""
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class LinksDue:
     """The lane's links have something due (a retry, an idle channel to close)."""
 

@@ -37,6 +37,7 @@ from sessionlane.actors.atomic_file import (
 )
 from sessionlane.actors.confined import ConfinedDir
 from sessionlane.messages.errors import InvalidRecord, Unavailable
+from sessionlane.messages.lean_records import lean_record
 from sessionlane.messages.wire import Durability, ExternalChangeKind
 
 __all__ = [
@@ -108,7 +109,7 @@ def line_starts(lines: Sequence[bytes]) -> tuple[int, ...]:
     return tuple(starts)
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class FileIdentity:
     """What ``stat`` says about a file, as far as change detection cares."""
 

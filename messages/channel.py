@@ -41,6 +41,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from sessionlane.messages.codec import HEADER, FrameDecodeError, unpack_map
 from sessionlane.messages.internal import LaneRequest
+from sessionlane.messages.lean_records import lean_record
 from sessionlane.messages.reply_maps import reply_map
 from sessionlane.messages.wire import Priority, Reply
 
@@ -83,7 +84,7 @@ class ChannelDirectHello:
     ticket: str
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class ChannelCall:
     uid: str
     name: str
@@ -98,7 +99,7 @@ class ChannelWelcome:
     incarnation: int
 
 
-@dataclass(frozen=True, slots=True)
+@lean_record
 class ChannelReply:
     uid: str
     message: Any

@@ -30,13 +30,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from sessionlane.messages.codec import FrameReader
 from sessionlane.system.client._core import INCOMING_FRAME_BYTES
 
-__all__ = ["Reading"]
+__all__ = ["Done", "Reading"]
 
 READ_BYTES = 256 * 1024
+
+
+class Done(Protocol):
+    """What a caller reads until (``Reading.read_until``): a ``threading.Event`` will do."""
+
+    def is_set(self) -> bool: ...
 
 
 class Reading:
@@ -141,7 +148,7 @@ class Reading:
                 self.epoll.modify(self.fd, select.EPOLLIN)
             self.lock.release()
 
-    def read_until(self, done: threading.Event, deadline: float | None) -> None:
+    def read_until(self, done: Done, deadline: float | None) -> None:
         """Holding the read role, read and deliver until ``done`` is set, the peer closed the
         connection or failed, or ``deadline`` (``time.monotonic``) passed. Never raises for
         the socket: its end is the reader thread's to report once this gives the socket back."""

@@ -151,14 +151,39 @@ def connect_async(
 
 
 class _Waiter:
-    """A caller blocked on one request: woken with its reply or its error."""
+    """A caller blocked on one request: woken once, with its reply or its error.
 
-    __slots__ = ("error", "event", "reply")
+    One per request, so it is a bare lock, held from the start, rather than a
+    ``threading.Event`` (a ``Condition`` around a lock: 2.4 against 0.2 us to make, wake and
+    wait on, ``tests/record_cost.py``; docs/hot-path.md, "Effect records and replies, the
+    tenth session"). ``wake`` is called under the client's lock (a second call does nothing);
+    only the caller waits and reads ``done``, which is set after the reply or error and
+    before the gate opens."""
+
+    __slots__ = ("done", "error", "gate", "reply")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.gate = threading.Lock()
+        self.gate.acquire()
+        self.done = False
         self.reply: Reply | None = None
         self.error: SessionLaneError | None = None
+
+    def wake(self) -> None:
+        """The reply or error is in: let the caller go (again: nothing more happens)."""
+        if not self.done:
+            self.done = True
+            self.gate.release()
+
+    def is_set(self) -> bool:
+        """Woken (``Reading.read_until`` reads until then)."""
+        return self.done
+
+    def wait(self, timeout: float) -> bool:
+        """Block until woken or ``timeout`` seconds passed; whether it was woken."""
+        if not self.done and self.gate.acquire(timeout=max(0.0, timeout)):
+            self.gate.release()  # woken: the gate stays open for a later look
+        return self.done
 
 
 _Link = Link[_Waiter, socket.socket]
@@ -364,7 +389,7 @@ class SessionLane:
             action = self.core.received(link, reply)
             if isinstance(action, Answer):
                 action.waiter.reply = action.reply
-                action.waiter.event.set()
+                action.waiter.wake()
             elif isinstance(action, Send):
                 with contextlib.suppress(OSError):
                     link.transport.sendall(action.data)
@@ -397,7 +422,7 @@ class SessionLane:
         """Wake the callers of requests that ``link``, now lost, will never answer."""
         for waiter in waiters:
             waiter.error = self.core.lost_error(link)
-            waiter.event.set()
+            waiter.wake()
 
     # Requests ------------------------------------------------------------------------------
 
@@ -517,12 +542,12 @@ class SessionLane:
         if reads:
             assert reading is not None
             try:
-                reading.read_until(waiter.event, deadline)
+                reading.read_until(waiter, deadline)
             finally:
                 reading.give_back()
-        waiter.event.wait(max(0.0, deadline - time.monotonic()))
+        waiter.wait(deadline - time.monotonic())
         with self._lock:
-            if not waiter.event.is_set():
+            if not waiter.done:
                 self.core.given_up(link, rid, call.request)
         if waiter.error is not None:
             raise waiter.error
@@ -548,15 +573,15 @@ class SessionLane:
             if not sent:
                 return pipe.result()
             waiter = sent[0][1]
-            waiter.event.wait(limit)
+            waiter.wait(limit)
             with self._lock:
-                if not waiter.event.is_set():
+                if not waiter.done:
                     for rid_, _, request_ in sent:
                         self.core.given_up(link, rid_, request_)
                         pipe.answered(self.core.no_reply(request_, limit))
                     return pipe.result()
             # the oldest, and every answer already in after it (they come in groups)
-            while sent and sent[0][1].event.is_set():
+            while sent and sent[0][1].done:
                 _, waiter, request = sent.popleft()
                 pipe.answered(waiter.error or waiter.reply or self.core.no_reply(request, limit))
 
