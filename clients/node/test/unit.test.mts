@@ -12,6 +12,7 @@ import {
   DiskError,
   ERROR_CODES,
   InvalidRecord,
+  type Lease,
   LeaseRevoked,
   LeaseTimeout,
   PipelineBroken,
@@ -690,14 +691,28 @@ function groupWritingService(seen: Record<string, unknown>[]) {
   };
 }
 
+/** A lease on a scripted service that writes groups (``groupWritingService``): ``body`` gets it
+ * and the appends the service saw. */
+async function onGroupWritingService(
+  options: { maxFrameBytes?: number },
+  body: (lease: Lease, seen: Record<string, unknown>[]) => Promise<void>,
+): Promise<void> {
+  const seen: Record<string, unknown>[] = [];
+  const { address, server } = await scriptedService(groupWritingService(seen));
+  const sl = await connect(address, { keepaliveMs: 0, ...options });
+  try {
+    const lease = await sl.lane('a').lease('/s/a.jsonl');
+    assert.ok(lease !== null);
+    await body(lease, seen);
+  } finally {
+    await sl.close();
+    server.close();
+  }
+}
+
 describe('a pipeline in groups (against a scripted service)', () => {
   it('sends a quarter of the window per append and answers each record at its own offset', async () => {
-    const seen: Record<string, unknown>[] = [];
-    const { address, server } = await scriptedService(groupWritingService(seen));
-    const sl = await connect(address, { keepaliveMs: 0 });
-    try {
-      const lease = await sl.lane('a').lease('/s/a.jsonl');
-      assert.ok(lease !== null);
+    await onGroupWritingService({}, async (lease, seen) => {
       const records = Array.from({ length: 50 }, (_, n) => ({ n }));
       const results = await lease.appendPipelined(records, { window: 16 });
       assert.deepEqual(seen.map((r) => (r['records'] as unknown[]).length), [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 2]);
@@ -708,39 +723,23 @@ describe('a pipeline in groups (against a scripted service)', () => {
         assert.deepEqual(result, { offset: at, lines: 1, fence: 7 });
         at += Buffer.byteLength(JSON.stringify(records[n])) + 1;
       });
-    } finally {
-      await sl.close();
-      server.close();
-    }
+    });
   });
 
   it('cuts a group short where its frame would pass maxFrameBytes', async () => {
-    const seen: Record<string, unknown>[] = [];
-    const { address, server } = await scriptedService(groupWritingService(seen));
-    const sl = await connect(address, { keepaliveMs: 0, maxFrameBytes: 2_000 });
-    try {
-      const lease = await sl.lane('a').lease('/s/a.jsonl');
-      assert.ok(lease !== null);
+    await onGroupWritingService({ maxFrameBytes: 2_000 }, async (lease, seen) => {
       const records = Array.from({ length: 20 }, (_, n) => ({ n, pad: 'x'.repeat(300) }));
       const results = await lease.appendPipelined(records, { window: 64 });
       assert.equal(results.length, 20);
       const sizes = seen.map((r) => (r['records'] as unknown[]).length);
       assert.ok(sizes.every((k) => k >= 1 && k <= 4), JSON.stringify(sizes)); // 1,488 bytes
       assert.equal(sizes.reduce((a, b) => a + b, 0), 20);
-    } finally {
-      await sl.close();
-      server.close();
-    }
+    });
   });
 
   for (const [code, unknown] of [['invalid_record', 0], ['disk_full', 4]] as const) {
     it(`stops at the group that failed (${code}): written, failed, unknown in records`, async () => {
-      const seen: Record<string, unknown>[] = [];
-      const { address, server } = await scriptedService(groupWritingService(seen));
-      const sl = await connect(address, { keepaliveMs: 0 });
-      try {
-        const lease = await sl.lane('a').lease('/s/a.jsonl');
-        assert.ok(lease !== null);
+      await onGroupWritingService({}, async (lease) => {
         const records: Record<string, unknown>[] = Array.from({ length: 40 }, (_, n) => ({ n }));
         records[13] = { fail: code }; // in the group of records 12 to 15
         const err = await lease.appendPipelined(records, { window: 16 }).then(
@@ -752,10 +751,7 @@ describe('a pipeline in groups (against a scripted service)', () => {
         assert.ok(err.cause instanceof SessionLaneError && err.cause.code === code, String(err.cause));
         const what = unknown > 0 ? /records 12 to 15 may or may not be in the file/ : /record 12 and the ones after it were not written/;
         assert.match(err.detail, what);
-      } finally {
-        await sl.close();
-        server.close();
-      }
+      });
     });
   }
 });
