@@ -28,5 +28,8 @@ for order in "before after" "after before" "before after"; do
       || echo "$side: no fused cycle" >> "$out/log"
     (cd /tmp && "$dir/.venv/bin/python" "$cpu" 300 8 each fused \
       >> "$out/cpu-$side-each-fused.jsonl") || echo "$side: no fused cycle" >> "$out/log"
+    # CPU per pipelined record, file and client (one writer, 64 in flight).
+    (cd /tmp && "$dir/.venv/bin/python" "$after/tests/append_cost.py" pipelined 30000 64 \
+      >> "$out/append-$side.jsonl")
   done
 done
