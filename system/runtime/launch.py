@@ -41,6 +41,7 @@ from sessionlane.system.ops import logs
 from sessionlane.system.runtime import (
     admin_fork,
     frozen_fork,
+    idle_sockets,
     limits,
     loopback,
     poll_loop,
@@ -254,6 +255,7 @@ def start_tcp_system(
         raise ValueError("pass admin_port, not an 'Admin Port' capability")
     secure_transport(bind_host, secret=secret, authenticate=authenticate)
     poll_loop.install()
+    idle_sockets.install()  # a pass of thespian's loop that does not grow with live files
     limits.raise_open_file_limit()  # inherited by the admin and every actor forked from it
     protect_environ()  # before thespian titles the processes it forks
     log_path = _prepare_logs(log_file)
