@@ -101,8 +101,10 @@ def test_the_registry_keeps_a_bounded_number_of_connections_to_its_files(
             (registry,) = [
                 p for p, title in titles.items() if title.startswith("sessionlane: registry")
             ]
+            # Each file's process connected to the Registry as it started: unbounded, the
+            # Registry keeps all of them for 20 minutes (96 and more); bounded, it may have
+            # closed some already while the files opened (a slow machine: a second between).
             grown = _tcp_sockets(registry)
-            assert grown > 2 * KEPT, "each file's process connected to the Registry"
 
             def bounded() -> int | None:
                 # Registry traffic returns a socket to the idle set, which is when it trims
