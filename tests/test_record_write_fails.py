@@ -15,6 +15,8 @@ fails (``EBADF``) as a read-only remount's would; the fdatasync fails as in
 record written back free that the disk refuses no longer keeps the file from starting.
 """
 
+# ruff: noqa: F811  (the ``driven`` fixture of test_file_hot_path is imported, then named as arguments)
+
 from __future__ import annotations
 
 import errno
@@ -27,7 +29,7 @@ from typing import Any
 
 import pytest
 from test_file_channels import Peer
-from test_file_hot_path import Driven
+from test_file_hot_path import Driven, driven  # noqa: F401 (the fixture)
 
 from sessionlane.actors.lease_record_file import LeaseRecordFile, lease_record_path
 from sessionlane.actors.reclaim import parse_record
@@ -35,15 +37,6 @@ from sessionlane.messages.wire import Acquire, Append, Appended, Error, Granted
 
 REPLY_TIMEOUT_S = 5.0
 """The answer is written in the turn that read the call: this bounds only a failing run."""
-
-
-@pytest.fixture
-def driven(tmp_path: Path) -> Iterator[Driven]:
-    made = Driven(tmp_path / "t.jsonl")
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 @contextmanager
