@@ -18,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import setproctitle
@@ -31,15 +32,15 @@ TITLE = "sessionlane: warm-up under test"  # a sessionlane title: FileInit would
 
 
 class Leftovers:
-    """This process's open descriptors and the warm-up directories where they could be.
+    """This process's open descriptors and which of the warm-up directories it made are still
+    there (``made``: another process's warm-up, any service started on this machine meanwhile,
+    makes and removes directories of its own under the same prefix).
 
-    Equal to an earlier reading when nothing was added since: another process's warm-up (any
-    service started on this machine meanwhile) may remove a directory of its own."""
+    Equal to an earlier reading when nothing was added since."""
 
-    def __init__(self) -> None:
+    def __init__(self, made: list[str]) -> None:
         self.fds = set(os.listdir("/proc/self/fd"))
-        places = (Path(warmup.SCRATCH), Path(tempfile.gettempdir()))
-        self.dirs = {str(p) for place in places for p in place.glob("sessionlane-warm-up-*")}
+        self.dirs = {name for name in made if os.path.exists(name)}
 
     def __eq__(self, before: object) -> bool:
         if not isinstance(before, Leftovers):
@@ -50,8 +51,20 @@ class Leftovers:
         return f"Leftovers(fds={sorted(self.fds)}, dirs={sorted(self.dirs)})"
 
 
-def leftovers() -> Leftovers:
-    return Leftovers()
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The directories ``tempfile.TemporaryDirectory`` makes in this process during the test
+    (the warm-up makes its scratch directory with it)."""
+    names: list[str] = []
+    real = tempfile.TemporaryDirectory
+
+    class Recorded(real):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            names.append(self.name)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", Recorded)
+    return names
 
 
 @pytest.fixture
@@ -65,19 +78,23 @@ def titled() -> Iterator[None]:
 
 
 def test_the_rehearsal_runs_a_lease_cycle_and_leaves_nothing_behind(
-    titled: None, caplog: pytest.LogCaptureFixture
+    titled: None, made: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    before = leftovers()
+    before = Leftovers(made)
     assert warmup.warm_up() is True  # every answer came as scripted: granted, queued, ...
-    assert leftovers() == before
+    assert made, "the warm-up made its scratch directory"
+    assert Leftovers(made) == before
     assert setproctitle.getproctitle() == TITLE
     assert logging.root.manager.disable == logging.NOTSET
     assert caplog.records == []  # the rehearsal's file is nobody's business
 
 
 def test_a_failed_rehearsal_is_not_fatal_and_leaves_nothing_behind(
-    titled: None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    titled: None,
+    made: list[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=warmup.__name__)
 
@@ -85,9 +102,10 @@ def test_a_failed_rehearsal_is_not_fatal_and_leaves_nothing_behind(
         raise OSError("no carried channel today")
 
     monkeypatch.setattr(warmup._Rehearsal, "carried", broken)  # after the socket's cycle
-    before = leftovers()
+    before = Leftovers(made)
     assert warmup.warm_up() is False
-    assert leftovers() == before  # the file actor exited, its socket and directory are gone
+    assert made, "the warm-up made its scratch directory"
+    assert Leftovers(made) == before  # the file actor exited, its socket and directory are gone
     assert setproctitle.getproctitle() == TITLE
     assert logging.root.manager.disable == logging.NOTSET
     [record] = caplog.records
@@ -114,7 +132,7 @@ def test_a_service_whose_zygote_cannot_warm_up_still_serves_its_files(
 
 
 def test_with_channels_off_the_rehearsal_runs_over_its_carried_channel_only(
-    titled: None, monkeypatch: pytest.MonkeyPatch
+    titled: None, made: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     served: list[str] = []
     real = warmup._Rehearsal.carried
@@ -125,10 +143,11 @@ def test_with_channels_off_the_rehearsal_runs_over_its_carried_channel_only(
 
     monkeypatch.setattr(SessionFile, "channels", False)  # every offer is a carried channel
     monkeypatch.setattr(warmup._Rehearsal, "carried", carried)
-    before = leftovers()
+    before = Leftovers(made)
     assert warmup.warm_up() is True
     assert served == ["carried"] * warmup.REHEARSALS
-    assert leftovers() == before
+    assert made, "the warm-up made its scratch directory"
+    assert Leftovers(made) == before
 
 
 FOLLOWER = """
